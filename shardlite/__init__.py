@@ -1,0 +1,59 @@
+"""shardlite: one SQLite file per tenant, routed by consistent hashing.
+
+Public surface (pinned by tests/test_public_api.py)::
+
+    from shardlite import Router, AsyncRouter, pair_key
+"""
+
+from __future__ import annotations
+
+from .aio import AsyncRouter, AsyncTransaction
+from .catalog import Location
+from .engine import Settings
+from .errors import (
+    AuthenticationFailed,
+    Busy,
+    ConfigurationError,
+    EmailTaken,
+    IdentityMismatch,
+    InvalidEmail,
+    InvalidKey,
+    PayloadTooLarge,
+    ShardliteError,
+    StatementNotAllowed,
+    TenantMoving,
+    UnknownTenant,
+    UnsupportedSQLite,
+)
+from .keys import MAX_KEY_BYTES, canonical, pair_key
+from .router import Router
+from .transaction import Transaction, TransactionClosed
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Router",
+    "AsyncRouter",
+    "Transaction",
+    "AsyncTransaction",
+    "TransactionClosed",
+    "Location",
+    "Settings",
+    "pair_key",
+    "canonical",
+    "MAX_KEY_BYTES",
+    "ShardliteError",
+    "ConfigurationError",
+    "InvalidKey",
+    "UnknownTenant",
+    "TenantMoving",
+    "Busy",
+    "PayloadTooLarge",
+    "EmailTaken",
+    "InvalidEmail",
+    "AuthenticationFailed",
+    "StatementNotAllowed",
+    "IdentityMismatch",
+    "UnsupportedSQLite",
+    "__version__",
+]

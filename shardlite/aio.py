@@ -1,0 +1,444 @@
+"""The async front end: :class:`AsyncRouter`, over the same :class:`~shardlite.store.Store` core.
+
+Not a thread per connection. Two mechanisms make it fast (brief §6, §7):
+
+**Reads** run inline on the event loop when the tenant's read connection is already open and free, under
+a budget: a progress handler aborts a statement that runs past ``inline_read_steps`` virtual-machine steps,
+and that read is redone on a worker thread. Cold tenants (the file must be opened) go to a worker thread
+directly. Reads use the ``query_only`` read connection, so they never see an uncommitted write, including
+one inside an open group-commit batch.
+
+**Writes** are group-committed per tenant. The first transaction of a batch runs ``BEGIN IMMEDIATE`` (on
+the loop when the lock is free at once, else on a worker thread with the full busy timeout); every
+transaction then runs inside its own ``SAVEPOINT``, released on success or rolled back alone on error;
+the batch commits once no transaction is waiting (or at ``max_batch``), and each ``async with`` block
+returns only *after* the ``COMMIT`` that holds it. At ``synchronous=FULL`` the ``COMMIT`` (an fsync) runs
+on a worker thread so the loop keeps serving reads. Transactions of one tenant run one after another:
+keep their bodies short, since a body that awaits something slow holds the tenant's batch open.
+
+Cancellation: a transaction cancelled while it waits for its turn never executes. One cancelled inside
+its body rolls back its savepoint: nothing of it commits. One cancelled after its body finished, while
+waiting for the batch's ``COMMIT``, still commits with the batch: ``CancelledError`` propagates as asyncio
+requires and the outcome is *unknown to the caller*. Write such transactions idempotently (for example
+insert with a client-chosen unique id and ``INSERT ... ON CONFLICT DO NOTHING``) and re-run them when the
+outcome matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import warnings
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
+from typing import Any, TypeVar
+
+import apsw
+
+from .catalog import Location
+from .engine import Settings
+from .errors import Busy, ShardliteError, TenantMoving
+from .keys import canonical
+from .pool import Handle
+from .schema import Step
+from .store import Store
+from .transaction import Params, Transaction
+
+__all__ = ["AsyncRouter", "AsyncTransaction"]
+
+T = TypeVar("T")
+Schema = Sequence[Step] | Mapping[str, Sequence[Step]] | None
+
+_nesting: ContextVar[dict[str, tuple[asyncio.Task[Any] | None, "_Batch"]] | None] = ContextVar(
+    "shardlite_async_nesting", default=None)
+
+
+class AsyncTransaction:
+    """The async twin of :class:`~shardlite.Transaction`: ``await tx.execute(sql, params)``."""
+
+    __slots__ = ("_tx",)
+
+    def __init__(self, tx: Transaction) -> None:
+        self._tx = tx
+
+    @property
+    def key(self) -> str:
+        return self._tx.key
+
+    async def execute(self, sql: str, params: Params = ()) -> apsw.Cursor:
+        """Run ``sql`` inside the transaction (on the loop: statements of a batch share one connection)."""
+        return self._tx.execute(sql, params)
+
+    async def executemany(self, sql: str, seq_of_params: Sequence[Params]) -> apsw.Cursor:
+        return self._tx.executemany(sql, seq_of_params)
+
+    @property
+    def lastrowid(self) -> int:
+        return self._tx.lastrowid
+
+    @property
+    def changes(self) -> int:
+        return self._tx.changes
+
+
+class _Batch:
+    """Group-commit state of one tenant."""
+
+    __slots__ = ("key", "handle", "waiters", "busy", "count", "done", "committing", "commit_scheduled")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.handle: Handle | None = None
+        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.busy = False  # a transaction holds the connection (its savepoint is open)
+        self.count = 0
+        self.done: asyncio.Future[None] | None = None
+        self.committing = False
+        self.commit_scheduled = False
+
+
+class _AsyncScope:
+    __slots__ = ("_router", "_key", "_batch", "_tx", "_savepoint", "_nested", "_done")
+
+    def __init__(self, router: AsyncRouter, key: object) -> None:
+        self._router = router
+        self._key = key
+        self._batch: _Batch | None = None
+        self._tx: Transaction | None = None
+        self._savepoint = ""
+        self._nested = False
+        self._done: asyncio.Future[None] | None = None
+
+    async def __aenter__(self) -> AsyncTransaction:
+        router = self._router
+        canon = canonical(self._key)
+        nesting = _nesting.get()
+        task = asyncio.current_task()
+        if nesting is not None and canon in nesting and nesting[canon][0] is task:
+            batch = nesting[canon][1]
+            handle = batch.handle
+            assert handle is not None
+            handle.savepoints += 1
+            self._nested = True
+        else:
+            batch = await router._join(canon)
+            handle = batch.handle
+            assert handle is not None
+            handle.savepoints = 1
+            self._done = batch.done
+            new = dict(nesting or {})
+            new[canon] = (task, batch)
+            _nesting.set(new)
+        self._batch = batch
+        self._savepoint = f"shardlite_sp{handle.savepoints}"
+        try:
+            router._store.internal(handle, f"SAVEPOINT {self._savepoint}")
+        except BaseException:
+            handle.savepoints -= 1
+            if not self._nested:
+                router._leave(batch)
+            raise
+        self._tx = Transaction(canon, handle)
+        return AsyncTransaction(self._tx)
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        router = self._router
+        batch = self._batch
+        assert batch is not None and self._tx is not None
+        handle = batch.handle
+        assert handle is not None
+        self._tx._close()
+        store = router._store
+        failed = exc_type is not None
+        try:
+            if failed:
+                store.internal(handle, f"ROLLBACK TO {self._savepoint}")
+            store.internal(handle, f"RELEASE {self._savepoint}")
+        except BaseException:
+            failed = True
+            if not self._nested:
+                router._abort_batch(batch)
+            raise
+        finally:
+            handle.savepoints -= 1
+            if not self._nested:
+                nesting = dict(_nesting.get() or {})
+                nesting.pop(handle.key, None)
+                _nesting.set(nesting)
+                router._leave(batch)
+        if failed or self._nested:
+            return
+        assert self._done is not None
+        await asyncio.shield(self._done)
+
+
+class AsyncRouter:
+    """``AsyncRouter`` has the names of :class:`~shardlite.Router`, awaitable (brief §4)."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        nodes: Sequence[str] | None = None,
+        schema: Schema = None,
+        synchronous: str = "NORMAL",
+        busy_timeout_ms: int = 5000,
+        max_open: int = 256,
+        cache_kib: int = 512,
+        move_wait: float = 10.0,
+        max_batch: int = 64,
+        workers: int = 4,
+        inline_read_steps: int = 5000,
+    ) -> None:
+        settings = Settings(synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, max_open=max_open,
+                            cache_kib=cache_kib)
+        self._store = Store(os.fspath(root), nodes=nodes, schema=schema,  # type: ignore[arg-type]
+                            settings=settings, move_wait=move_wait)
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardlite")
+        self._batches: dict[str, _Batch] = {}
+        self._max_batch = max_batch
+        self._inline_steps = inline_read_steps
+        self._budgeted: weakref.WeakSet[Handle] = weakref.WeakSet()
+        self._loop_thread = 0
+        self._commit_offloaded = settings.synchronous != "NORMAL"
+
+    # -- plumbing -------------------------------------------------------------------------------------
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    def _interrupt_inline(self) -> bool:
+        """Progress handler: abort statements running inline on the loop thread past the budget."""
+        return threading.get_ident() == self._loop_thread
+
+    # -- group commit -----------------------------------------------------------------------------------
+
+    async def _join(self, canon: str) -> _Batch:
+        """Wait for this transaction's turn on ``canon`` and return the open batch it joins."""
+        batch = self._batches.get(canon)
+        if batch is None:
+            batch = self._batches[canon] = _Batch(canon)
+        if batch.busy or batch.committing or batch.waiters or batch.count >= self._max_batch:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            batch.waiters.append(fut)
+            try:
+                await fut
+            except BaseException:
+                if fut in batch.waiters:
+                    batch.waiters.remove(fut)  # never started: nothing executed
+                elif fut.done() and not fut.cancelled() and fut.exception() is None:
+                    batch.busy = False  # we were handed the turn but cannot take it: pass it on
+                    self._next(batch)
+                raise
+        batch.busy = True
+        if batch.handle is None:
+            try:
+                await self._open_batch(batch)
+            except BaseException:
+                batch.busy = False
+                self._next(batch)
+                raise
+        batch.count += 1
+        return batch
+
+    async def _open_batch(self, batch: _Batch) -> None:
+        store = self._store
+        loop = asyncio.get_running_loop()
+        handle = store.pool.get(batch.key, "w")
+        opened = False
+        if handle is not None and not handle.closed and handle.lock.acquire(blocking=False):
+            handle.owner, handle.depth = threading.get_ident(), 1
+            conn = handle.conn
+            conn.setbusytimeout(0)
+            try:
+                opened = store.begin(handle)
+            except Busy:
+                opened = False
+            finally:
+                conn.setbusytimeout(store.settings.busy_timeout_ms)
+            if not opened:
+                store.release(handle)
+        if not opened:
+            handle = await loop.run_in_executor(self._executor, store.begin_write, batch.key)
+            handle.owner = threading.get_ident()
+        assert handle is not None
+        batch.handle = handle
+        batch.count = 0
+        batch.done = loop.create_future()
+
+    def _next(self, batch: _Batch) -> None:
+        """Hand the connection to the next waiter, or schedule the batch's commit."""
+        if batch.busy or batch.committing:
+            return
+        if batch.waiters and (batch.handle is None or batch.count < self._max_batch):
+            while batch.waiters:
+                fut = batch.waiters.popleft()
+                if not fut.done():
+                    batch.busy = True
+                    fut.set_result(None)
+                    return
+        if batch.handle is not None and not batch.commit_scheduled:
+            batch.commit_scheduled = True
+            asyncio.get_running_loop().call_soon(self._maybe_commit, batch)
+        elif batch.handle is None and not batch.waiters:
+            self._batches.pop(batch.key, None)
+
+    def _leave(self, batch: _Batch) -> None:
+        batch.busy = False
+        self._next(batch)
+
+    def _maybe_commit(self, batch: _Batch) -> None:
+        batch.commit_scheduled = False
+        if batch.busy or batch.committing or batch.handle is None:
+            return
+        if batch.waiters and batch.count < self._max_batch:
+            self._next(batch)  # someone arrived meanwhile: let them join first
+            return
+        batch.committing = True
+        if self._commit_offloaded:
+            asyncio.get_running_loop().create_task(self._commit_offloaded_batch(batch))
+        else:
+            error: BaseException | None = None
+            try:
+                self._store.commit(batch.handle)
+            except BaseException as exc:  # noqa: BLE001 - delivered to every member of the batch
+                error = exc
+            self._finish(batch, error)
+
+    async def _commit_offloaded_batch(self, batch: _Batch) -> None:
+        error: BaseException | None = None
+        try:
+            assert batch.handle is not None
+            await asyncio.shield(self._call(self._store.commit, batch.handle))
+        except BaseException as exc:  # noqa: BLE001
+            error = exc
+        self._finish(batch, error)
+
+    def _finish(self, batch: _Batch, error: BaseException | None) -> None:
+        handle, done = batch.handle, batch.done
+        batch.handle, batch.done, batch.count = None, None, 0
+        batch.committing = False
+        if handle is not None:
+            handle.owner = threading.get_ident()
+            self._store.release(handle)
+        if done is not None and not done.done():
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+                done.exception()  # members that were cancelled never retrieve it
+        self._next(batch)
+
+    def _abort_batch(self, batch: _Batch) -> None:
+        """A savepoint could not be released: roll the whole batch back."""
+        if batch.handle is not None:
+            try:
+                self._store.rollback(batch.handle)
+            except apsw.Error:
+                pass
+            self._finish(batch, ShardliteError("the group-commit batch was rolled back: a savepoint failed"))
+
+    # -- the contract -----------------------------------------------------------------------------------
+
+    @property
+    def root(self) -> str:
+        return self._store.root
+
+    def transaction(self, key: object) -> _AsyncScope:
+        """``async with ar.transaction(key) as tx:`` a group-committed write transaction (see module doc)."""
+        return _AsyncScope(self, key)
+
+    async def run(self, key: object, fn: Callable[[AsyncTransaction], Awaitable[T] | T], *,
+                  timeout: float = 30.0) -> T:
+        """Call ``fn(tx)`` (sync or async) in a write transaction, retrying whole transactions on
+        ``Busy``/``TenantMoving`` for up to ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.002
+        while True:
+            try:
+                async with self.transaction(key) as tx:
+                    result = fn(tx)
+                    if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+                        result = await result
+                    return result  # type: ignore[return-value]
+            except (Busy, TenantMoving):
+                if loop.time() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
+    async def query(self, key: object, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
+        """Read-only statement on ``key``'s tenant, like :meth:`Router.query`."""
+        store = self._store
+        handle = store._fast.get(key)
+        if handle is not None and not handle.closed and handle.owner is None:
+            if self._loop_thread == 0:
+                self._loop_thread = threading.get_ident()
+            if handle not in self._budgeted:
+                handle.conn.setprogresshandler(self._interrupt_inline, self._inline_steps)
+                self._budgeted.add(handle)
+            try:
+                return store.read(key, sql, params)
+            except apsw.InterruptError:
+                pass  # over budget: redo it on a worker thread
+        return await self._call(store.read, key, sql, params)
+
+    async def locate(self, key: object) -> Location:
+        return await self._call(self._store.locate, key)
+
+    async def exists(self, key: object) -> bool:
+        return await self._call(self._store.exists, key)
+
+    async def tenants(self) -> AsyncIterator[str]:
+        """Every live tenant key, in key order."""
+        iterator = self._store.tenants()
+        sentinel = object()
+        while True:
+            key = await self._call(next, iterator, sentinel)
+            if key is sentinel:
+                return
+            yield key  # type: ignore[misc]
+
+    async def drop(self, key: object) -> None:
+        await self._call(self._store.drop, key)
+
+    async def migrate_all(self, *, parallel: int = 4) -> dict[str, str]:
+        return await self._call(lambda: self._store.migrate_all(parallel=parallel))
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Wait for open batches to commit, then close every connection. Idempotent."""
+        for batch in list(self._batches.values()):
+            if batch.done is not None:
+                try:
+                    await asyncio.shield(batch.done)
+                except Exception:  # noqa: BLE001 - their owners saw it
+                    pass
+        self._executor.shutdown(wait=True)
+        self._store.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._store.closed
+
+    async def __aenter__(self) -> AsyncRouter:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        store = getattr(self, "_store", None)
+        if store is not None and not store.closed:
+            warnings.warn(f"shardlite AsyncRouter for {store.root} was never closed", ResourceWarning,
+                          stacklevel=2)
+            self._executor.shutdown(wait=False)
+            store.close()
+

@@ -1,0 +1,106 @@
+"""The authorizer on tenant connections: what user SQL may not do (brief §4 Results, rule 5).
+
+User SQL may not run transaction control (BEGIN, COMMIT, ROLLBACK, SAVEPOINT: shardlite owns the
+transaction), ATTACH or DETACH (no API call on key A may reach key B's file), pragmas that change the
+connection or the file, or create, alter, drop or write shardlite's own ``_shardlite_*`` tables. Reads of
+any table and read-only pragmas (``table_info``, ``user_version`` without a value, ...) stay allowed.
+
+A refusal raises :class:`~shardlite.errors.StatementNotAllowed` from inside the authorizer, so the caller
+sees what was refused and why rather than SQLite's bare "not authorized". shardlite's own statements run
+with :attr:`Guard.trusted` set; they are executed uncached, so a prepared statement authorized in trusted
+mode is never reused for user SQL of the same text.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Final
+
+import apsw
+
+from .errors import StatementNotAllowed
+
+__all__ = ["Guard", "RESERVED_PREFIX", "READONLY_PRAGMAS", "INTERNAL_SQL"]
+
+RESERVED_PREFIX: Final = "_shardlite"
+
+#: Prefix for shardlite's own statements that write ``_shardlite_*`` tables. The per-process nonce keeps
+#: user SQL of the same text from ever reusing a statement prepared (and authorized) in trusted mode.
+INTERNAL_SQL: Final = f"/* shardlite {secrets.token_hex(8)} */ "
+
+#: Pragmas user SQL may run. Those in the first set take an argument that names something to inspect;
+#: the second set are allowed only without an argument (reading, never setting).
+_PRAGMAS_WITH_ARGUMENT: Final = frozenset(
+    {"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list",
+     "foreign_key_check", "integrity_check", "quick_check", "table_list"}
+)
+_PRAGMAS_READ_ONLY: Final = frozenset(
+    {"user_version", "schema_version", "data_version", "page_count", "page_size", "freelist_count",
+     "compile_options", "collation_list", "function_list", "module_list", "pragma_list", "table_list",
+     "database_list", "foreign_keys", "journal_mode", "synchronous", "encoding", "application_id",
+     "auto_vacuum", "cache_size", "integrity_check", "quick_check", "foreign_key_check", "max_page_count"}
+)
+READONLY_PRAGMAS: Final = _PRAGMAS_WITH_ARGUMENT | _PRAGMAS_READ_ONLY
+
+_WRITES: Final = frozenset({apsw.SQLITE_INSERT, apsw.SQLITE_UPDATE, apsw.SQLITE_DELETE})
+_SCHEMA_OPS: Final = frozenset(
+    {apsw.SQLITE_CREATE_TABLE, apsw.SQLITE_CREATE_INDEX, apsw.SQLITE_CREATE_TRIGGER, apsw.SQLITE_CREATE_VIEW,
+     apsw.SQLITE_CREATE_TEMP_TABLE, apsw.SQLITE_CREATE_TEMP_INDEX, apsw.SQLITE_CREATE_TEMP_TRIGGER,
+     apsw.SQLITE_CREATE_TEMP_VIEW, apsw.SQLITE_DROP_TABLE, apsw.SQLITE_DROP_INDEX, apsw.SQLITE_DROP_TRIGGER,
+     apsw.SQLITE_DROP_VIEW, apsw.SQLITE_DROP_TEMP_TABLE, apsw.SQLITE_DROP_TEMP_INDEX,
+     apsw.SQLITE_DROP_TEMP_TRIGGER, apsw.SQLITE_DROP_TEMP_VIEW, apsw.SQLITE_CREATE_VTABLE,
+     apsw.SQLITE_DROP_VTABLE, apsw.SQLITE_ALTER_TABLE}
+)
+
+
+def _reserved(name: str | None) -> bool:
+    return name is not None and name.lower().startswith(RESERVED_PREFIX)
+
+
+class Guard:
+    """A per-connection authorizer. Call it as SQLite's authorizer callback."""
+
+    __slots__ = ("trusted", "read_only")
+
+    def __init__(self, *, read_only: bool = False) -> None:
+        self.trusted = False
+        #: When set, refuse every write (``shardlite query`` and ``router.map`` run with it).
+        self.read_only = read_only
+
+    def __call__(self, op: int, p1: str | None, p2: str | None, db: str | None, trigger: str | None) -> int:
+        if self.trusted:
+            return apsw.SQLITE_OK
+        if op == apsw.SQLITE_READ or op == apsw.SQLITE_SELECT or op == apsw.SQLITE_FUNCTION:
+            if op == apsw.SQLITE_FUNCTION and p2 is not None and p2.lower() == "load_extension":
+                raise StatementNotAllowed("load_extension() is not allowed on tenant connections")
+            return apsw.SQLITE_OK
+        if op in _WRITES:
+            if _reserved(p1):
+                raise StatementNotAllowed(f"user SQL may not write shardlite's own table {p1}")
+            if self.read_only:
+                raise StatementNotAllowed("this statement writes, and only read-only statements are allowed here")
+            return apsw.SQLITE_OK
+        if op == apsw.SQLITE_TRANSACTION or op == apsw.SQLITE_SAVEPOINT:
+            raise StatementNotAllowed(
+                "transaction control (BEGIN/COMMIT/ROLLBACK/SAVEPOINT) is managed by shardlite: "
+                "use router.transaction(key); nested transactions become savepoints"
+            )
+        if op == apsw.SQLITE_ATTACH or op == apsw.SQLITE_DETACH:
+            raise StatementNotAllowed("ATTACH/DETACH is not allowed on tenant connections (tenant isolation)")
+        if op == apsw.SQLITE_PRAGMA:
+            name = (p1 or "").lower()
+            if name in _PRAGMAS_WITH_ARGUMENT or (p2 is None and name in _PRAGMAS_READ_ONLY):
+                return apsw.SQLITE_OK
+            shown = f"PRAGMA {name}" + (f"={p2}" if p2 is not None else "")
+            raise StatementNotAllowed(
+                f"{shown} is not allowed: pragmas that change the connection or the file are managed by shardlite"
+            )
+        if op in _SCHEMA_OPS:
+            if _reserved(p1) or _reserved(p2):
+                raise StatementNotAllowed(f"the {RESERVED_PREFIX}_* names are reserved for shardlite's own tables")
+            if self.read_only:
+                raise StatementNotAllowed("this statement changes the schema, and only reads are allowed here")
+            return apsw.SQLITE_OK
+        if self.read_only and op not in (apsw.SQLITE_RECURSIVE,):
+            raise StatementNotAllowed("only read-only statements are allowed here")
+        return apsw.SQLITE_OK

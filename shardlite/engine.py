@@ -1,0 +1,215 @@
+"""The SQLite engine layer: APSW only, the pragmas every connection gets, private files, fsync, fork safety.
+
+Rules enforced here:
+
+* APSW is the only SQLite library shardlite uses; at import it refuses SQLite builds affected by the
+  WAL-reset corruption bug (3.7.0 to 3.51.2, fixed in 3.51.3, 3.50.7 and 3.44.6).
+* Every connection runs in WAL mode with a documented ``synchronous`` setting (brief rule 13): ``NORMAL``
+  survives a process crash, ``FULL`` survives power loss. Busy timeout on, foreign keys on, trusted_schema
+  off, defensive mode on, extension loading off.
+* Directories shardlite creates are 0700 and every database-family file 0600 (rule 6). SQLite gives the
+  ``-wal`` and ``-shm`` files the database file's mode, so creating the main file 0600 ourselves is enough.
+* A forked child never uses (nor closes) a connection it inherited: :func:`abandon_after_fork` hooks keep
+  those objects alive forever in the child, because closing them would run SQLite's unlock and WAL cleanup
+  against locks that belong to the parent.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import apsw
+
+from .errors import ConfigurationError, UnsupportedSQLite
+
+__all__ = [
+    "Settings",
+    "SYNCHRONOUS_LEVELS",
+    "wal_reset_bug_affected",
+    "check_sqlite_version",
+    "open_connection",
+    "ensure_private_dir",
+    "create_private_file",
+    "fsync_path",
+    "fsync_dir",
+    "on_fork_in_child",
+]
+
+SYNCHRONOUS_LEVELS: Final = ("NORMAL", "FULL", "EXTRA")
+
+
+def wal_reset_bug_affected(version: tuple[int, int, int]) -> bool:
+    """True for SQLite versions with the WAL-reset corruption bug (3.7.0 .. 3.51.2 minus the backports)."""
+    if version < (3, 7, 0) or version >= (3, 51, 3):
+        return False
+    major_minor = version[:2]
+    if major_minor == (3, 50):
+        return version < (3, 50, 7)
+    if major_minor == (3, 44):
+        return version < (3, 44, 6)
+    return True
+
+
+def check_sqlite_version(version_text: str | None = None) -> tuple[int, int, int]:
+    """Raise :class:`UnsupportedSQLite` unless the linked SQLite is free of the WAL-reset bug."""
+    text = version_text if version_text is not None else apsw.sqlite_lib_version()
+    parts = tuple(int(p) for p in text.split(".")[:3])
+    version = (parts + (0, 0, 0))[:3]
+    assert len(version) == 3
+    if wal_reset_bug_affected(version):  # type: ignore[arg-type]
+        raise UnsupportedSQLite(
+            f"SQLite {text} (linked by APSW {apsw.apsw_version()}) has the WAL-reset corruption bug; "
+            "install an APSW wheel bundling SQLite >= 3.51.3 (pip install -U apsw)"
+        )
+    return version  # type: ignore[return-value]
+
+
+check_sqlite_version()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Engine settings shared by every connection a router opens.
+
+    ``synchronous``: ``"NORMAL"`` (default; an acknowledged write survives a crash of the process, and may
+    be lost on power loss) or ``"FULL"``/``"EXTRA"`` (an acknowledged write survives power loss; every commit
+    fsyncs). ``busy_timeout_ms``: how long a writer waits for another's lock before :class:`~shardlite.Busy`.
+    ``cache_kib``: page cache per tenant connection. ``max_open``: bound on this process's open tenant
+    connections.
+    """
+
+    synchronous: str = "NORMAL"
+    busy_timeout_ms: int = 5000
+    cache_kib: int = 512
+    max_open: int = 256
+
+    def __post_init__(self) -> None:
+        level = self.synchronous.upper()
+        if level not in SYNCHRONOUS_LEVELS:
+            raise ConfigurationError(f"synchronous must be one of {SYNCHRONOUS_LEVELS}, not {self.synchronous!r}")
+        object.__setattr__(self, "synchronous", level)
+        if self.busy_timeout_ms < 0:
+            raise ConfigurationError("busy_timeout_ms must be >= 0")
+        if self.max_open < 1:
+            raise ConfigurationError("max_open must be >= 1")
+        if self.cache_kib < 16:
+            raise ConfigurationError("cache_kib must be >= 16")
+
+    @property
+    def fsync_files(self) -> bool:
+        """Whether files we write outside SQLite (new tenants) are fsynced: yes unless NORMAL."""
+        return self.synchronous != "NORMAL"
+
+
+def ensure_private_dir(path: str) -> None:
+    """Create ``path`` (and parents) and make sure it is mode 0700."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if stat.S_IMODE(os.stat(path).st_mode) != 0o700:
+        os.chmod(path, 0o700)
+
+
+def create_private_file(path: str) -> None:
+    """Create ``path`` empty with mode 0600 if it does not exist (before SQLite creates it 0644)."""
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+    if stat.S_IMODE(os.stat(path).st_mode) != 0o600:
+        os.chmod(path, 0o600)
+
+
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory so that a rename or link inside it survives power loss."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+Authorizer = Callable[[int, str | None, str | None, str | None, str | None], int]
+
+
+def open_connection(
+    path: str,
+    settings: Settings,
+    *,
+    create: bool = False,
+    readonly: bool = False,
+    authorizer: Authorizer | None = None,
+    cache_kib: int | None = None,
+) -> apsw.Connection:
+    """Open ``path`` with APSW and apply shardlite's pragmas.
+
+    ``create=False`` never creates a file (a missing file raises ``apsw.CantOpenError``).
+    The journal mode is switched to WAL only when the file is not in WAL mode yet.
+    """
+    if readonly:
+        flags = apsw.SQLITE_OPEN_READONLY
+    else:
+        flags = apsw.SQLITE_OPEN_READWRITE | (apsw.SQLITE_OPEN_CREATE if create else 0)
+    flags |= apsw.SQLITE_OPEN_NOFOLLOW | apsw.SQLITE_OPEN_EXRESCODE
+    conn = apsw.Connection(path, flags=flags)
+    try:
+        conn.setbusytimeout(settings.busy_timeout_ms)
+        conn.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 1)
+        conn.config(apsw.SQLITE_DBCONFIG_TRUSTED_SCHEMA, 0)
+        conn.config(apsw.SQLITE_DBCONFIG_ENABLE_LOAD_EXTENSION, 0)
+        conn.enable_load_extension(False)
+        conn.limit(apsw.SQLITE_LIMIT_ATTACHED, 0)
+        if not readonly:
+            mode = conn.execute("PRAGMA journal_mode").fetchall()[0][0]
+            if str(mode).lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL").fetchall()
+        conn.execute(f"PRAGMA synchronous={settings.synchronous}")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute(f"PRAGMA cache_size=-{cache_kib or settings.cache_kib}")
+        if authorizer is not None:
+            conn.authorizer = authorizer
+    except BaseException:
+        conn.close()
+        raise
+    _track(conn)
+    return conn
+
+
+# --- fork safety -------------------------------------------------------------------------------------------
+
+_tracked: weakref.WeakSet[apsw.Connection] = weakref.WeakSet()
+_tracked_lock = threading.Lock()
+_abandoned: list[Any] = []  # inherited objects a child keeps alive forever and never touches
+_child_hooks: list[Callable[[], None]] = []
+
+
+def _track(conn: apsw.Connection) -> None:
+    with _tracked_lock:
+        _tracked.add(conn)
+
+
+def on_fork_in_child(hook: Callable[[], None]) -> None:
+    """Register ``hook`` to run in a forked child (after inherited connections are abandoned)."""
+    _child_hooks.append(hook)
+
+
+def _after_fork_in_child() -> None:
+    global _tracked_lock
+    _tracked_lock = threading.Lock()
+    _abandoned.extend(list(_tracked))
+    _tracked.clear()
+    for hook in list(_child_hooks):
+        hook()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

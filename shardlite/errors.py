@@ -1,0 +1,80 @@
+"""The one exception tree of shardlite.
+
+Every error shardlite raises on its own account derives from :class:`ShardliteError`. Errors raised by the
+caller's own SQL (syntax errors, constraint violations, ...) pass through unchanged as APSW's exceptions, so
+code that already handles ``apsw.ConstraintError`` keeps working.
+"""
+
+from __future__ import annotations
+
+import apsw
+
+__all__ = [
+    "ShardliteError",
+    "ConfigurationError",
+    "InvalidKey",
+    "UnknownTenant",
+    "TenantMoving",
+    "Busy",
+    "PayloadTooLarge",
+    "EmailTaken",
+    "InvalidEmail",
+    "AuthenticationFailed",
+    "StatementNotAllowed",
+    "IdentityMismatch",
+    "UnsupportedSQLite",
+]
+
+
+class ShardliteError(Exception):
+    """Base class of every error shardlite raises itself."""
+
+
+class ConfigurationError(ShardliteError):
+    """The router's configuration disagrees with the data root or is malformed."""
+
+
+class InvalidKey(ShardliteError, ValueError):
+    """A partition key is empty, too long, not text, or contains characters that are not allowed."""
+
+
+class UnknownTenant(ShardliteError, LookupError):
+    """A read or an operation addressed a tenant that does not exist (nothing was created)."""
+
+
+class TenantMoving(ShardliteError):
+    """The tenant kept moving past the bounded wait; retry later (retryable)."""
+
+
+class Busy(ShardliteError):
+    """A lock was held past the busy timeout (retryable; nothing was committed)."""
+
+
+class PayloadTooLarge(ShardliteError, ValueError):
+    """An outbox payload exceeds the configured size limit."""
+
+
+class EmailTaken(ShardliteError):
+    """An account already uses an address with the same canonical key."""
+
+
+class InvalidEmail(ShardliteError, ValueError):
+    """An e-mail address is malformed."""
+
+
+class AuthenticationFailed(ShardliteError):
+    """Unknown address or wrong password (deliberately not saying which)."""
+
+
+class StatementNotAllowed(ShardliteError, apsw.AuthError):
+    """User SQL tried something tenant connections refuse: transaction control, ATTACH, a pragma that
+    changes the connection or the file, or a write to shardlite's own ``_shardlite_*`` tables."""
+
+
+class IdentityMismatch(ShardliteError):
+    """A tenant file's stored key or incarnation differs from what the catalog expects: the file was
+    swapped, misplaced or restored by hand, and shardlite refuses to open it."""
+
+
+class UnsupportedSQLite(ShardliteError, ImportError):
+    """The SQLite library APSW links is affected by a known corruption bug (or too old)."""

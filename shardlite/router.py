@@ -1,0 +1,238 @@
+"""The sync front end: :class:`Router` (brief §4).
+
+A ``Router`` may be shared by threads. One thread's transaction never sees or interleaves with another's:
+each tenant connection is used by one thread at a time, and reads run on a separate ``query_only``
+connection that only ever sees committed data. Nested ``transaction()`` blocks on the same key in the same
+thread become savepoints.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+from .catalog import Location
+from .engine import Settings
+from .errors import Busy, TenantMoving
+from .keys import canonical
+from .pool import Handle
+from .schema import Step
+from .store import Store
+from .transaction import Params, Transaction
+
+__all__ = ["Router"]
+
+T = TypeVar("T")
+Schema = Sequence[Step] | Mapping[str, Sequence[Step]] | None
+
+
+class _Scope:
+    """``with router.transaction(key) as tx``: BEGIN IMMEDIATE (or a savepoint when nested)."""
+
+    __slots__ = ("_router", "_key", "_canon", "_handle", "_tx", "_savepoint")
+
+    def __init__(self, router: Router, key: object) -> None:
+        self._router = router
+        self._key = key
+        self._canon = ""
+        self._handle: Handle | None = None
+        self._tx: Transaction | None = None
+        self._savepoint: str | None = None
+
+    def __enter__(self) -> Transaction:
+        router = self._router
+        store = router._store
+        active = router._active()
+        canon = self._canon = canonical(self._key)
+        outer = active.get(canon)
+        if outer is not None:
+            handle = outer
+            handle.savepoints += 1
+            self._savepoint = f"shardlite_sp{handle.savepoints}"
+            try:
+                store.internal(handle, f"SAVEPOINT {self._savepoint}")
+            except BaseException:
+                handle.savepoints -= 1
+                raise
+        else:
+            handle = store.begin_write(canon)
+            active[canon] = handle
+        self._handle = handle
+        self._tx = Transaction(canon, handle)
+        return self._tx
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        handle = self._handle
+        assert handle is not None and self._tx is not None
+        store = self._router._store
+        self._tx._close()
+        if self._savepoint is not None:
+            try:
+                if exc_type is not None and not handle.conn.get_autocommit():
+                    store.internal(handle, f"ROLLBACK TO {self._savepoint}")
+                if not handle.conn.get_autocommit():
+                    store.internal(handle, f"RELEASE {self._savepoint}")
+            finally:
+                handle.savepoints -= 1
+            return
+        try:
+            if exc_type is None:
+                store.commit(handle)
+            else:
+                store.rollback(handle)
+        finally:
+            self._router._active().pop(self._canon, None)
+            store.release(handle)
+
+
+class Router:
+    """Routes partition keys to one SQLite file per tenant.
+
+    ``Router(root)`` is the embedded default: one node ``n1`` under ``root``. ``nodes=`` is used only when
+    the root is first created; afterwards the catalog owns the node list. ``schema`` is a list of steps for
+    every tenant or a mapping from key prefix to a list (brief §4, Schemas). ``synchronous`` is ``"NORMAL"``
+    (an acknowledged write survives a process crash) or ``"FULL"`` (it survives power loss).
+    ``max_open`` bounds this process's open tenant connections. ``move_wait`` bounds how long a
+    transaction waits for a tenant that is being moved before :class:`~shardlite.TenantMoving`.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        nodes: Sequence[str] | None = None,
+        schema: Schema = None,
+        synchronous: str = "NORMAL",
+        busy_timeout_ms: int = 5000,
+        max_open: int = 256,
+        cache_kib: int = 512,
+        move_wait: float = 10.0,
+    ) -> None:
+        settings = Settings(synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, max_open=max_open,
+                            cache_kib=cache_kib)
+        self._store = Store(os.fspath(root), nodes=nodes, schema=schema,  # type: ignore[arg-type]
+                            settings=settings, move_wait=move_wait)
+        self._local = threading.local()
+
+    # -- the contract -----------------------------------------------------------------------------------
+
+    @property
+    def root(self) -> str:
+        return self._store.root
+
+    @property
+    def settings(self) -> Settings:
+        return self._store.settings
+
+    def _active(self) -> dict[str, Handle]:
+        try:
+            return self._local.active  # type: ignore[no-any-return]
+        except AttributeError:
+            self._local.active = {}
+            return self._local.active  # type: ignore[no-any-return]
+
+    def transaction(self, key: object) -> _Scope:
+        """``with router.transaction(key) as tx:`` a write transaction on ``key``'s tenant.
+
+        Starts with BEGIN IMMEDIATE (creating the tenant on its first write), checks the move fence before
+        the body runs, commits when the block ends normally and rolls back when it raises. Nested on the
+        same key in the same thread it becomes a savepoint. Raises :class:`~shardlite.Busy` when the
+        tenant stays locked past the busy timeout.
+        """
+        return _Scope(self, key)
+
+    def run(self, key: object, fn: Callable[[Transaction], T], *, timeout: float = 30.0) -> T:
+        """Call ``fn(tx)`` in a write transaction, retrying the *whole* transaction on ``Busy`` and
+        ``TenantMoving`` (with jittered backoff) for up to ``timeout`` seconds. Returns ``fn``'s result.
+
+        ``fn`` may run more than once, so it must not have side effects outside the transaction.
+        """
+        if canonical(key) in self._active():
+            with self.transaction(key) as tx:  # nested: the outer transaction owns retries
+                return fn(tx)
+        deadline = time.monotonic() + timeout
+        delay = 0.002
+        while True:
+            try:
+                with self.transaction(key) as tx:
+                    return fn(tx)
+            except (Busy, TenantMoving):
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 0.5)
+
+    def query(self, key: object, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
+        """Run one read-only statement on ``key``'s tenant; a list of tuples.
+
+        Never creates anything: :class:`~shardlite.UnknownTenant` when the tenant does not exist. Sees only
+        committed data (also inside the caller's own open transaction: use ``tx.execute`` to read your own
+        uncommitted writes). A statement that writes is refused.
+        """
+        return self._store.read(key, sql, params)
+
+    def locate(self, key: object) -> Location:
+        """Where ``key`` lives (never creates): node, path, epoch and state; ``state="absent"`` and
+        ``path=None`` with the ring's proposal for a key not created yet."""
+        return self._store.locate(key)
+
+    def exists(self, key: object) -> bool:
+        return self._store.exists(key)
+
+    def tenants(self) -> Iterator[str]:
+        """Every live tenant key in the catalog, in key order (read in batches)."""
+        return self._store.tenants()
+
+    def drop(self, key: object) -> None:
+        """Delete a tenant's file (with its WAL and SHM); the catalog keeps a tombstone. A later write
+        to the same key creates a new tenant (new generation and incarnation)."""
+        self._store.drop(key)
+
+    def migrate_all(self, *, parallel: int = 4,
+                    progress: Callable[[str, BaseException | None], None] | None = None) -> dict[str, str]:
+        """Bring every tenant to the current schema (each atomically); ``{key: error}`` for failures,
+        which stay on their previous version."""
+        return self._store.migrate_all(parallel=parallel, progress=progress)
+
+    def status(self) -> dict[str, Any]:
+        """Tenants per node and per schema version, and this process's open connections."""
+        catalog = self._store.catalog
+        return {
+            "root": self.root,
+            "nodes": [{"name": n.name, "path": n.path, "weight": n.weight, "state": n.state}
+                      for n in catalog.nodes()],
+            "tenants_per_node": catalog.count_tenants(),
+            "schema_versions": catalog.schema_versions(),
+            "open_connections": len(self._store.pool),
+            "synchronous": self.settings.synchronous,
+        }
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every connection. Idempotent."""
+        self._store.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._store.closed
+
+    def __enter__(self) -> Router:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        store = getattr(self, "_store", None)
+        if store is not None and not store.closed:
+            warnings.warn(f"shardlite Router for {store.root} was never closed", ResourceWarning, stacklevel=2)
+            store.close()
+
+    def __repr__(self) -> str:
+        return f"<Router {self.root!r}{' closed' if self.closed else ''}>"

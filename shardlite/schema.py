@@ -1,0 +1,150 @@
+"""Schema migrations: the app's steps (per key prefix or for every tenant) and shardlite's own tables.
+
+A schema is an ordered list of steps; a step is SQL text (one or several statements, always run whole) or
+a callable taking an ``apsw.Cursor``. A tenant's app schema version is the number of steps applied, kept in
+``PRAGMA user_version``. shardlite's own tables (``_shardlite_*``) carry their own version in
+``_shardlite_meta.internal_version`` and are upgraded on open independently of the app's schema.
+
+Steps run inside the caller's transaction; a failing step rolls the whole migration back, so a tenant is
+always at one version or the next, never between.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Final, Union
+
+import apsw
+import xxhash
+
+from .authorizer import INTERNAL_SQL
+from .errors import ConfigurationError
+
+__all__ = [
+    "Step",
+    "SchemaSpec",
+    "INTERNAL_STEPS",
+    "INTERNAL_VERSION",
+    "run_step",
+    "read_versions",
+    "upgrade",
+]
+
+Step = Union[str, Callable[[apsw.Cursor], None]]
+
+#: shardlite's own tables, by version. Version 1: identity and the move/drop marker.
+INTERNAL_STEPS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """CREATE TABLE _shardlite_meta(
+               id INTEGER PRIMARY KEY CHECK (id = 1),
+               key TEXT NOT NULL,
+               incarnation TEXT NOT NULL,
+               internal_version INTEGER NOT NULL,
+               created REAL NOT NULL,
+               retired TEXT
+           )""",
+        "INSERT INTO _shardlite_meta(id, key, incarnation, internal_version, created) VALUES (1, '', '', 1, 0)",
+    ),
+)
+INTERNAL_VERSION: Final = len(INTERNAL_STEPS)
+
+
+def run_step(conn: apsw.Connection, step: Step) -> None:
+    """Run one step whole (every statement of a multi-statement text, see APSW's execute note)."""
+    if isinstance(step, str):
+        for _ in conn.execute(step):
+            pass
+    else:
+        step(conn.cursor())
+
+
+def _step_identity(step: Step) -> bytes:
+    if isinstance(step, str):
+        return b"sql:" + step.strip().encode("utf-8")
+    if not callable(step):
+        raise ConfigurationError(f"a schema step must be SQL text or a callable, not {type(step).__name__}")
+    name = f"{getattr(step, '__module__', '?')}.{getattr(step, '__qualname__', repr(step))}"
+    try:
+        source = inspect.getsource(step)
+    except (OSError, TypeError):
+        source = ""
+    return b"fn:" + name.encode() + b":" + source.encode("utf-8")
+
+
+class SchemaSpec:
+    """The app's schema: one list for every tenant, or a mapping from key prefix to list."""
+
+    def __init__(self, schema: Sequence[Step] | Mapping[str, Sequence[Step]] | None) -> None:
+        self.per_prefix: dict[str, tuple[Step, ...]] | None
+        self.every: tuple[Step, ...] | None
+        if schema is None:
+            self.every, self.per_prefix = (), None
+        elif isinstance(schema, Mapping):
+            self.every = None
+            self.per_prefix = {}
+            for prefix, steps in schema.items():
+                if not isinstance(prefix, str) or ":" in prefix or not prefix:
+                    raise ConfigurationError(f"schema prefixes are non-empty text without ':' (got {prefix!r})")
+                self.per_prefix[prefix] = self._steps(steps)
+        elif isinstance(schema, (list, tuple)):
+            self.every, self.per_prefix = self._steps(schema), None
+        else:
+            raise ConfigurationError("schema must be a list of steps or a mapping from key prefix to a list")
+        self._fingerprints: dict[str, str] = {}
+
+    @staticmethod
+    def _steps(steps: object) -> tuple[Step, ...]:
+        if isinstance(steps, str) or not isinstance(steps, (list, tuple)):
+            raise ConfigurationError("a schema is a list of steps (SQL text or callables), not a single string")
+        for step in steps:
+            _step_identity(step)
+        return tuple(steps)
+
+    def steps_for(self, prefix: str) -> tuple[Step, ...]:
+        """Steps for tenants whose key starts with ``prefix``; ConfigurationError when there is none."""
+        if self.per_prefix is None:
+            assert self.every is not None
+            return self.every
+        try:
+            return self.per_prefix[prefix]
+        except KeyError:
+            known = ", ".join(sorted(self.per_prefix)) or "none"
+            raise ConfigurationError(
+                f"no schema for key prefix {prefix!r} (prefixes with a schema: {known})"
+            ) from None
+
+    def version_for(self, prefix: str) -> int:
+        return len(self.steps_for(prefix))
+
+    def fingerprint(self, prefix: str) -> str:
+        """A digest of the steps for ``prefix`` (names the cached template)."""
+        fp = self._fingerprints.get(prefix)
+        if fp is None:
+            h = xxhash.xxh3_128()
+            for step in self.steps_for(prefix):
+                ident = _step_identity(step)
+                h.update(len(ident).to_bytes(8, "little"))
+                h.update(ident)
+            fp = self._fingerprints[prefix] = h.hexdigest()
+        return fp
+
+
+def read_versions(conn: apsw.Connection) -> tuple[int, int]:
+    """``(internal_version, app_version)`` of an open tenant file."""
+    internal = conn.execute("SELECT internal_version FROM _shardlite_meta WHERE id = 1").fetchall()
+    app = conn.execute("PRAGMA user_version").fetchall()[0][0]
+    return (int(internal[0][0]) if internal else 0), int(app)
+
+
+def upgrade(conn: apsw.Connection, steps: Sequence[Step], *, internal_from: int, app_from: int) -> None:
+    """Apply shardlite's missing internal steps, then the app's missing steps, in the open transaction."""
+    for version in range(internal_from, INTERNAL_VERSION):
+        for sql in INTERNAL_STEPS[version]:
+            run_step(conn, sql)
+    if internal_from < INTERNAL_VERSION:
+        conn.execute(INTERNAL_SQL + "UPDATE _shardlite_meta SET internal_version = ? WHERE id = 1", (INTERNAL_VERSION,))
+    for step in steps[app_from:]:
+        run_step(conn, step)
+    if app_from < len(steps):
+        conn.execute(f"PRAGMA user_version = {int(len(steps))}")

@@ -1,0 +1,495 @@
+"""The core both front ends share: resolve a key, open its file, run the fence, create tenants.
+
+Data flow (brief §2): key --canonical--> catalog lookup (cached) --miss/new--> ring --> node dir -->
+tenant file --> connection (bounded pool, pragmas, authorizer) --> transaction (BEGIN IMMEDIATE; fence
+check; commit).
+
+Rules kept here:
+
+* Rule 4: write transactions start with ``BEGIN IMMEDIATE`` under a busy timeout; a lock held past it
+  raises :class:`~shardlite.errors.Busy` (retryable, nothing committed).
+* Rule 8 (reader side): right after ``BEGIN IMMEDIATE`` the file's retired marker is checked, before the
+  caller's code runs. The check costs one ``SELECT`` only when the file changed since the last check
+  (``Connection.data_version()``, a file-control call, tells); a retired file makes the store forget the
+  cached location, ask the catalog again and retry at the new home within ``move_wait`` seconds, after
+  which :class:`~shardlite.errors.TenantMoving` is raised. Reads check the marker *after* the query when the
+  file changed: the marker is permanent, so a read whose snapshot preceded it is valid, and one that may
+  not have is retried at the new home.
+* Reads never create anything: a missing tenant raises :class:`~shardlite.errors.UnknownTenant`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import apsw
+
+from .authorizer import INTERNAL_SQL
+from .catalog import Location, Node, SqliteCatalog, TenantRecord
+from .engine import Settings, ensure_private_dir, fsync_dir, on_fork_in_child
+from .errors import (Busy, ConfigurationError, ShardliteError, StatementNotAllowed, TenantMoving,
+                     UnknownTenant)
+from .keys import canonical, prefix_of
+from .placement import tenant_relpath
+from .pool import Handle, HandlePool
+from .ring import Ring
+from .schema import SchemaSpec, Step
+from .tenant import build_template, open_tenant, personalise, write_new_file
+
+__all__ = ["Store", "NODE_NAME_RE"]
+
+NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+_LIVE = ("active", "moving")
+_BEGIN = INTERNAL_SQL + "BEGIN IMMEDIATE"
+_COMMIT = INTERNAL_SQL + "COMMIT"
+_ROLLBACK = INTERNAL_SQL + "ROLLBACK"
+_FENCE = "SELECT retired FROM _shardlite_meta WHERE id = 1"
+_stores: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for store in list(_stores):
+        store._abandon_after_fork()
+
+
+on_fork_in_child(_after_fork)
+
+
+class _Retired(Exception):
+    """Internal: the handle's file carries the retired marker."""
+
+
+class Store:
+    """Thread-safe core over one data root. See :class:`shardlite.Router` for the public face."""
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        nodes: Sequence[str] | None = None,
+        schema: Sequence[Step] | dict[str, Sequence[Step]] | None = None,
+        settings: Settings | None = None,
+        move_wait: float = 10.0,
+    ) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        self.settings = settings or Settings()
+        self.spec = SchemaSpec(schema)
+        self.move_wait = move_wait
+        if nodes is not None:
+            nodes = list(nodes)
+            if not nodes:
+                raise ConfigurationError("nodes= needs at least one node name")
+            for name in nodes:
+                if not isinstance(name, str) or not NODE_NAME_RE.match(name):
+                    raise ConfigurationError(f"invalid node name {name!r} (letters, digits, '_', '.', '-')")
+            if len(set(nodes)) != len(nodes):
+                raise ConfigurationError("node names must be unique")
+        self.catalog = SqliteCatalog(self.root, self.settings)
+        fresh = not self.catalog.exists
+        self.catalog.open(create=True, default_nodes=[(n, n, 1) for n in (nodes or ["n1"])])
+        self._node_paths: dict[str, str] = {}
+        self._ring: Ring | None = None
+        self._ring_source: tuple[tuple[str, int], ...] = ()
+        catalog_nodes = self._refresh_nodes()
+        if nodes is not None and not fresh and sorted(nodes) != sorted(n.name for n in catalog_nodes):
+            raise ConfigurationError(
+                f"nodes={sorted(nodes)} disagrees with the catalog at {self.root} "
+                f"({sorted(n.name for n in catalog_nodes)}); the catalog owns the node list after the root is "
+                "created: change it with `shardlite nodes add NAME` / `shardlite nodes remove NAME`"
+            )
+        for node in catalog_nodes:
+            ensure_private_dir(node.path)
+        self.pool = HandlePool(self.settings.max_open, self.settings.busy_timeout_ms / 1000)
+        self._records: dict[str, TenantRecord] = {}
+        self._fast: dict[Any, Handle] = {}
+        self._templates: dict[str, bytes] = {}
+        self._template_lock = threading.Lock()
+        self._closed = False
+        _stores.add(self)
+
+    # -- nodes and the ring -------------------------------------------------------------------------
+
+    def _refresh_nodes(self) -> list[Node]:
+        nodes = self.catalog.nodes()
+        self._node_paths = {n.name: n.path for n in nodes}
+        source = tuple((n.name, n.weight) for n in nodes if n.state == "active")
+        if source != self._ring_source:
+            self._ring = Ring(dict(source)) if source else None
+            self._ring_source = source
+        return nodes
+
+    def propose(self, key: str) -> str:
+        """The node the ring proposes for a new tenant (active nodes only)."""
+        self._refresh_nodes()
+        if self._ring is None:
+            raise ConfigurationError("no active node to place a new tenant on (`shardlite nodes add NAME`)")
+        return self._ring.node_for(key)
+
+    def node_path(self, name: str) -> str:
+        path = self._node_paths.get(name)
+        if path is None:
+            self._refresh_nodes()
+            path = self._node_paths.get(name)
+            if path is None:
+                raise ConfigurationError(f"the catalog names node {name!r} but does not know its path")
+        return path
+
+    def path_of(self, record: TenantRecord) -> str:
+        return os.path.join(self.node_path(record.node), tenant_relpath(record.key, record.generation))
+
+    # -- resolution -----------------------------------------------------------------------------------
+
+    def resolve(self, canon: str, *, create: bool) -> TenantRecord | None:
+        """The live record of ``canon`` (cached), creating the tenant when ``create``; None if absent."""
+        record = self._records.get(canon)
+        if record is not None:
+            return record
+        record = self.catalog.lookup(canon)
+        if record is not None and record.state in _LIVE:
+            if len(self._records) > 100_000:
+                self._records.clear()
+            self._records[canon] = record
+            return record
+        if record is not None and record.state == "dropping":
+            raise TenantMoving(f"tenant {canon!r} is being dropped")
+        if not create:
+            return None
+        return self._create(canon)
+
+    def forget(self, canon: str) -> None:
+        """Drop the cached location of ``canon`` (the next access asks the catalog)."""
+        self._records.pop(canon, None)
+
+    def template(self, prefix: str) -> bytes:
+        data = self._templates.get(prefix)
+        if data is None:
+            with self._template_lock:
+                data = self._templates.get(prefix)
+                if data is None:
+                    data = self._templates[prefix] = build_template(self.spec.steps_for(prefix))
+        return data
+
+    def _create(self, canon: str) -> TenantRecord:
+        prefix = prefix_of(canon)
+        steps = self.spec.steps_for(prefix)
+        node = self.propose(canon)
+        generation = self.catalog.allocate_generation(canon, node, "create")
+        incarnation = secrets.token_hex(16)
+        data = personalise(self.template(prefix), canon, incarnation)
+        path = os.path.join(self.node_path(node), tenant_relpath(canon, generation))
+        write_new_file(path, data, fsync=self.settings.fsync_files)
+        try:
+            winner = self.catalog.register(canon, node, generation, incarnation, len(steps))
+        except BaseException:
+            _unlink_quietly(path)
+            raise
+        if winner.generation != generation:
+            _unlink_quietly(path)  # another process registered first; ours was never routed to
+        self._records[canon] = winner
+        return winner
+
+    # -- handles --------------------------------------------------------------------------------------
+
+    def _open(self, canon: str, record: TenantRecord, role: str) -> Handle:
+        path = self.path_of(record)
+        try:
+            conn, guard, ident = open_tenant(
+                path, key=canon, incarnation=record.incarnation, settings=self.settings,
+                steps=self.spec.steps_for(prefix_of(canon)), read_only=role == "r")
+        except apsw.CantOpenError as exc:
+            self.forget(canon)
+            fresh = self.catalog.lookup(canon)
+            if fresh is not None and fresh.generation == record.generation and fresh.state in _LIVE:
+                raise ShardliteError(
+                    f"tenant {canon!r}: the catalog says {path} but the file is missing ({exc})") from exc
+            raise _Retired() from exc
+        if ident.retired is not None:
+            conn.close()
+            self.forget(canon)
+            raise _Retired()
+        if ident.app_version > record.schema_version:
+            self.catalog.set_schema_version(canon, ident.app_version)
+        handle = Handle(canon, role, conn, guard, path, record.generation, ident.incarnation)
+        return self.pool.add(handle)
+
+    def acquire(self, key: object, role: str, *, create: bool) -> Handle:
+        """An entered handle for ``key``: resolved, opened, identity-checked. The caller must release it."""
+        canon = canonical(key)
+        deadline = time.monotonic() + self.move_wait
+        while True:
+            if self._closed:
+                raise ShardliteError("the router is closed")
+            record = self.resolve(canon, create=create)
+            if record is None:
+                raise UnknownTenant(f"tenant {canon!r} does not exist")
+            handle = self.pool.get(canon, role)
+            try:
+                if handle is None or handle.generation != record.generation:
+                    handle = self._open(canon, record, role)
+            except _Retired:
+                self._wait_for_move(canon, record.generation, deadline)
+                continue
+            if not handle.enter(self.settings.busy_timeout_ms / 1000):
+                raise Busy(f"tenant {canon!r}: another thread held its connection past the busy timeout")
+            if handle.closed:
+                handle.exit()
+                continue
+            if role == "r":
+                if len(self._fast) > 4 * self.settings.max_open:
+                    self._fast.clear()
+                self._fast[key] = handle
+            return handle
+
+    def release(self, handle: Handle) -> None:
+        handle.exit()
+        self.pool.released()
+
+    def retire_handle(self, handle: Handle) -> None:
+        """The handle's file is retired: close it and forget its location. The caller holds it."""
+        self.forget(handle.key)
+        self.pool.discard(handle)
+
+    def _wait_for_move(self, canon: str, old_generation: int, deadline: float) -> None:
+        """Wait (bounded) until the catalog no longer points at ``old_generation``."""
+        self.forget(canon)
+        delay = 0.001
+        while True:
+            record = self.catalog.lookup(canon)
+            if record is None or record.generation != old_generation or record.state not in _LIVE:
+                return
+            if time.monotonic() + delay > deadline:
+                raise TenantMoving(f"tenant {canon!r} is being moved; retry later")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    # -- transactions -----------------------------------------------------------------------------------
+
+    def retired(self, handle: Handle) -> bool:
+        """Read the marker (inside the caller's transaction, or in its own read)."""
+        rows = handle.conn.execute(_FENCE).fetchall()
+        return bool(rows) and rows[0][0] is not None
+
+    def internal(self, handle: Handle, sql: str, params: Sequence[object] = ()) -> apsw.Cursor:
+        """Run one of shardlite's own statements (transaction control, writes to ``_shardlite_*``)."""
+        guard = handle.guard
+        guard.trusted = True
+        try:
+            return handle.conn.execute(INTERNAL_SQL + sql, params)
+        finally:
+            guard.trusted = False
+
+    def begin(self, handle: Handle) -> bool:
+        """BEGIN IMMEDIATE and the fence check. False (rolled back) when the file is retired."""
+        conn = handle.conn
+        guard = handle.guard
+        guard.trusted = True
+        try:
+            conn.execute(_BEGIN)
+        except apsw.BusyError as exc:
+            raise Busy(f"tenant {handle.key!r} stayed locked past the busy timeout ({exc})") from exc
+        finally:
+            guard.trusted = False
+        dv = conn.data_version()
+        if dv != handle.checked_dv:
+            try:
+                moved = self.retired(handle)
+            except BaseException:
+                self.rollback(handle)
+                raise
+            if moved:
+                self.rollback(handle)
+                return False
+            handle.checked_dv = dv
+        return True
+
+    def commit(self, handle: Handle) -> None:
+        conn = handle.conn
+        guard = handle.guard
+        guard.trusted = True
+        try:
+            conn.execute(_COMMIT)
+        except apsw.BusyError as exc:
+            if not conn.get_autocommit():
+                conn.execute(_ROLLBACK)
+            raise Busy(f"tenant {handle.key!r}: commit blocked ({exc}); nothing was committed") from exc
+        except BaseException:
+            if not conn.get_autocommit():
+                conn.execute(_ROLLBACK)
+            raise
+        finally:
+            guard.trusted = False
+        handle.checked_dv = conn.data_version()
+
+    def rollback(self, handle: Handle) -> None:
+        conn = handle.conn
+        if conn.get_autocommit():
+            return  # SQLite already rolled back (some errors do)
+        guard = handle.guard
+        guard.trusted = True
+        try:
+            conn.execute(_ROLLBACK)
+        finally:
+            guard.trusted = False
+
+    def begin_write(self, key: object, *, create: bool = True) -> Handle:
+        """An entered ``"w"`` handle inside ``BEGIN IMMEDIATE`` at the tenant's current home."""
+        deadline = time.monotonic() + self.move_wait
+        while True:
+            handle = self.acquire(key, "w", create=create)
+            try:
+                ok = self.begin(handle)
+            except BaseException:
+                self.release(handle)
+                raise
+            if ok:
+                return handle
+            generation = handle.generation
+            self.retire_handle(handle)
+            self.release(handle)
+            self._wait_for_move(handle.key, generation, deadline)
+
+    def read(self, key: object, sql: str, params: Sequence[object] | dict[str, object] = ()) -> list[tuple[Any, ...]]:
+        """Run one read-only statement on ``key``'s tenant and return every row."""
+        handle = self._fast.get(key)
+        if handle is not None and not handle.closed and handle.enter(self.settings.busy_timeout_ms / 1000):
+            if handle.closed:  # evicted between the lookup and the enter
+                handle.exit()
+                handle = self.acquire(key, "r", create=False)
+        else:
+            handle = self.acquire(key, "r", create=False)
+        deadline = time.monotonic() + self.move_wait
+        while True:
+            try:
+                conn = handle.conn
+                try:
+                    rows = conn.execute(sql, params).fetchall()
+                except apsw.ReadOnlyError as exc:
+                    raise StatementNotAllowed(
+                        "queries are read-only: write inside router.transaction(key)") from exc
+                dv = conn.data_version()
+                if dv == handle.checked_dv:
+                    return rows
+                if not self.retired(handle):
+                    handle.checked_dv = dv
+                    return rows
+                generation = handle.generation
+                self.retire_handle(handle)
+            finally:
+                self.release(handle)
+            self._wait_for_move(handle.key, generation, deadline)
+            handle = self.acquire(key, "r", create=False)
+
+    # -- catalog-level operations -------------------------------------------------------------------------
+
+    def locate(self, key: object) -> Location:
+        canon = canonical(key)
+        record = self.catalog.lookup(canon)
+        if record is None or record.state not in _LIVE:
+            return Location(canon, self.propose(canon), None, 0, "absent", 0)
+        return Location(canon, record.node, self.path_of(record), record.epoch, record.state, record.generation)
+
+    def exists(self, key: object) -> bool:
+        record = self.catalog.lookup(canonical(key))
+        return record is not None and record.state in _LIVE
+
+    def tenants(self) -> Iterator[str]:
+        for record in self.catalog.iter_tenants():
+            yield record.key
+
+    def drop(self, key: object) -> None:
+        """Drop a tenant: fence its file, record the tombstone, delete the file with its WAL and SHM."""
+        canon = canonical(key)
+        record = self.catalog.lookup(canon)
+        if record is None or record.state == "dropped":
+            raise UnknownTenant(f"tenant {canon!r} does not exist")
+        if record.state == "moving":
+            raise TenantMoving(f"tenant {canon!r} is being moved; drop it after the move")
+        if record.state == "active":
+            self.catalog.set_state(canon, "dropping", expect_generation=record.generation)
+        path = self.path_of(record)
+        self.forget(canon)
+        self._fence_file(record, path, "dropped")
+        self.catalog.set_state(canon, "dropped", expect_generation=record.generation)
+        for handle in self.pool.handles():
+            if handle.key == canon and handle.enter(self.settings.busy_timeout_ms / 1000):
+                try:
+                    self.pool.discard(handle)
+                finally:
+                    handle.exit()
+        for suffix in ("", "-wal", "-shm"):
+            _unlink_quietly(path + suffix)
+        fsync_dir(os.path.dirname(path))
+
+    def _fence_file(self, record: TenantRecord, path: str, marker: str) -> None:
+        """Write the retired marker into ``path`` inside its own write lock (idempotent)."""
+        if not os.path.exists(path):
+            return
+        conn, guard, _ = open_tenant(path, key=record.key, incarnation=record.incarnation,
+                                     settings=self.settings, steps=(), read_only=False)
+        handle = Handle(record.key, "x", conn, guard, path, record.generation, record.incarnation)
+        try:
+            if self.begin(handle):
+                self.internal(handle, "UPDATE _shardlite_meta SET retired = ? WHERE id = 1", (marker,))
+                self.commit(handle)
+        finally:
+            conn.close()
+
+    def migrate_all(self, *, parallel: int = 4,
+                    progress: Callable[[str, BaseException | None], None] | None = None) -> dict[str, str]:
+        """Open (and so migrate) every live tenant; return ``{key: error text}`` for those that failed."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        failures: dict[str, str] = {}
+
+        def one(key: str) -> None:
+            error: BaseException | None = None
+            try:
+                handle = self.acquire(key, "w", create=False)
+                self.release(handle)
+            except Exception as exc:  # noqa: BLE001 - reported per tenant, the run goes on
+                error = exc
+                failures[key] = f"{type(exc).__name__}: {exc}"
+            if progress is not None:
+                progress(key, error)
+
+        with ThreadPoolExecutor(max_workers=max(1, parallel)) as executor:
+            for _ in executor.map(one, self.tenants()):
+                pass
+        return failures
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._fast.clear()
+        self.pool.close_all()
+        self.catalog.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _abandon_after_fork(self) -> None:
+        self._fast = {}
+        self._records = {}
+        self._template_lock = threading.Lock()
+        self.pool.abandon()
+        self.catalog.abandon()
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
