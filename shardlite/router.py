@@ -99,6 +99,7 @@ class Router:
     (an acknowledged write survives a process crash) or ``"FULL"`` (it survives power loss).
     ``max_open`` bounds this process's open tenant connections. ``move_wait`` bounds how long a
     transaction waits for a tenant that is being moved before :class:`~shardlite.TenantMoving`.
+    ``create=False`` refuses to create a data root that does not exist yet (:class:`ConfigurationError`).
     """
 
     def __init__(
@@ -112,11 +113,12 @@ class Router:
         max_open: int = 256,
         cache_kib: int = 512,
         move_wait: float = 10.0,
+        create: bool = True,
     ) -> None:
         settings = Settings(synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, max_open=max_open,
                             cache_kib=cache_kib)
         self._store = Store(os.fspath(root), nodes=nodes, schema=schema,  # type: ignore[arg-type]
-                            settings=settings, move_wait=move_wait)
+                            settings=settings, move_wait=move_wait, create=create)
         self._local = threading.local()
 
     # -- the contract -----------------------------------------------------------------------------------

@@ -78,6 +78,7 @@ class Store:
         schema: Sequence[Step] | dict[str, Sequence[Step]] | None = None,
         settings: Settings | None = None,
         move_wait: float = 10.0,
+        create: bool = True,
     ) -> None:
         self.root = os.path.abspath(os.fspath(root))
         self.settings = settings or Settings()
@@ -94,7 +95,7 @@ class Store:
                 raise ConfigurationError("node names must be unique")
         self.catalog = SqliteCatalog(self.root, self.settings)
         fresh = not self.catalog.exists
-        self.catalog.open(create=True, default_nodes=[(n, n, 1) for n in (nodes or ["n1"])])
+        self.catalog.open(create=create, default_nodes=[(n, n, 1) for n in (nodes or ["n1"])])
         self._node_paths: dict[str, str] = {}
         self._ring: Ring | None = None
         self._ring_source: tuple[tuple[str, int], ...] = ()

@@ -1,0 +1,86 @@
+"""`shardlite init`, `status`, `locate`, `tenants`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict
+
+from ..errors import ConfigurationError
+from ..router import Router
+from .common import CliError, emit_json, open_router, print_table, root_of
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    root = root_of(args)
+    nodes = [n.strip() for n in args.nodes.split(",") if n.strip()] if args.nodes else None
+    existed = os.path.exists(os.path.join(root, "global.db"))
+    try:
+        with Router(root, nodes=nodes) as router:
+            names = [n["name"] for n in router.status()["nodes"]]
+    except ConfigurationError as exc:
+        raise CliError(str(exc)) from exc
+    if args.json:
+        emit_json({"root": root, "nodes": names, "created": not existed})
+    else:
+        print(f"{'existing' if existed else 'created'} data root {root} with nodes: {', '.join(names)}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with open_router(args) as router:
+        status = router.status()
+    if args.json:
+        emit_json(status)
+        return 0
+    counts = status["tenants_per_node"]
+    print_table(f"shardlite {status['root']} (synchronous={status['synchronous']})",
+                ["node", "state", "weight", "tenants", "path"],
+                [(n["name"], n["state"], n["weight"], counts.get(n["name"], 0), n["path"]) for n in status["nodes"]])
+    print_table("tenants per app schema version", ["schema version", "tenants"],
+                sorted(status["schema_versions"].items()))
+    return 0
+
+
+def cmd_locate(args: argparse.Namespace) -> int:
+    with open_router(args) as router:
+        location = router.locate(args.key)
+    if args.json:
+        emit_json(asdict(location))
+    else:
+        print_table(f"locate {location.key}", ["field", "value"],
+                    [(k, v) for k, v in asdict(location).items()])
+    return 0
+
+
+def cmd_tenants(args: argparse.Namespace) -> int:
+    with open_router(args) as router:
+        records = router._store.catalog.iter_tenants()
+        rows = []
+        for i, record in enumerate(records):
+            if args.limit is not None and i >= args.limit:
+                break
+            row = {"key": record.key, "node": record.node, "generation": record.generation,
+                   "epoch": record.epoch, "state": record.state, "schema_version": record.schema_version}
+            if args.json:
+                emit_json(row)
+            else:
+                rows.append(row)
+    if not args.json:
+        print_table("tenants", ["key", "node", "generation", "epoch", "state", "schema"],
+                    [tuple(r.values()) for r in rows])
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("init", help="create a data root (idempotent)")
+    p.add_argument("--nodes", help="comma-separated node names for a new root (default: n1)")
+    p.set_defaults(func=cmd_init)
+    p = sub.add_parser("status", help="nodes, tenants per node and per schema version")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("locate", help="where a key lives (never creates it)")
+    p.add_argument("key")
+    p.set_defaults(func=cmd_locate)
+    p = sub.add_parser("tenants", help="list live tenants")
+    p.add_argument("--limit", type=int, default=None, help="list at most N tenants")
+    p.set_defaults(func=cmd_tenants)
