@@ -75,6 +75,8 @@ class HandlePool:
         self._handles: OrderedDict[tuple[str, str], Handle] = OrderedDict()
         self._lock = threading.Lock()
         self._freed = threading.Condition(self._lock)
+        #: threads waiting in :meth:`add` for a handle to become idle
+        self.waiting = 0
 
     def __len__(self) -> int:
         return len(self._handles)
@@ -106,7 +108,11 @@ class HandlePool:
                             handle.closed = True
                             handle.conn.close()
                             raise Busy(f"all {self.max_open} tenant connections (max_open) stayed in use")
-                        self._freed.wait(left)
+                        self.waiting += 1
+                        try:
+                            self._freed.wait(left)
+                        finally:
+                            self.waiting -= 1
                         continue
                     victims.append(victim)
                 self._handles[(handle.key, handle.role)] = handle
@@ -149,10 +155,9 @@ class HandlePool:
         handle.conn.close()
 
     def released(self) -> None:
-        """Tell waiters a handle became idle (cheap when nobody waits)."""
-        if len(self._handles) >= self.max_open:
-            with self._lock:
-                self._freed.notify_all()
+        """Tell waiters a handle became idle."""
+        with self._lock:
+            self._freed.notify_all()
 
     def handles(self) -> list[Handle]:
         with self._lock:

@@ -34,7 +34,7 @@ Schema = Sequence[Step] | Mapping[str, Sequence[Step]] | None
 class _Scope:
     """``with router.transaction(key) as tx``: BEGIN IMMEDIATE (or a savepoint when nested)."""
 
-    __slots__ = ("_router", "_key", "_canon", "_handle", "_tx", "_savepoint")
+    __slots__ = ("_router", "_key", "_canon", "_handle", "_tx", "_savepoint", "_active")
 
     def __init__(self, router: Router, key: object) -> None:
         self._router = router
@@ -47,7 +47,10 @@ class _Scope:
     def __enter__(self) -> Transaction:
         router = self._router
         store = router._store
-        active = router._active()
+        try:
+            active = router._local.active
+        except AttributeError:
+            active = router._local.active = {}
         canon = self._canon = canonical(self._key)
         outer = active.get(canon)
         if outer is not None:
@@ -62,6 +65,7 @@ class _Scope:
         else:
             handle = store.begin_write(canon)
             active[canon] = handle
+        self._active = active
         self._handle = handle
         self._tx = Transaction(canon, handle)
         return self._tx
@@ -86,7 +90,7 @@ class _Scope:
             else:
                 store.rollback(handle)
         finally:
-            self._router._active().pop(self._canon, None)
+            del self._active[self._canon]
             store.release(handle)
 
 

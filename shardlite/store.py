@@ -110,7 +110,8 @@ class Store:
             ensure_private_dir(node.path)
         self.pool = HandlePool(self.settings.max_open, self.settings.busy_timeout_ms / 1000)
         self._records: dict[str, TenantRecord] = {}
-        self._fast: dict[Any, Handle] = {}
+        self._fast: dict[Any, Handle] = {}  # read handles by the caller's key object (skips canonical())
+        self._wfast: dict[str, Handle] = {}  # write handles by canonical key
         self._templates: dict[str, bytes] = {}
         self._template_lock = threading.Lock()
         self._closed = False
@@ -243,15 +244,16 @@ class Store:
             if handle.closed:
                 handle.exit()
                 continue
-            if role == "r":
-                if len(self._fast) > 4 * self.settings.max_open:
-                    self._fast.clear()
-                self._fast[key] = handle
+            fast = self._fast if role == "r" else self._wfast
+            if len(fast) > 4 * self.settings.max_open:
+                fast.clear()
+            fast[key if role == "r" else canon] = handle
             return handle
 
     def release(self, handle: Handle) -> None:
         handle.exit()
-        self.pool.released()
+        if self.pool.waiting:
+            self.pool.released()
 
     def retire_handle(self, handle: Handle) -> None:
         """The handle's file is retired: close it and forget its location. The caller holds it."""
@@ -340,11 +342,26 @@ class Store:
         finally:
             guard.trusted = False
 
-    def begin_write(self, key: object, *, create: bool = True) -> Handle:
-        """An entered ``"w"`` handle inside ``BEGIN IMMEDIATE`` at the tenant's current home."""
-        deadline = time.monotonic() + self.move_wait
+    def begin_write(self, canon: str, *, create: bool = True) -> Handle:
+        """An entered ``"w"`` handle inside ``BEGIN IMMEDIATE`` at the tenant's current home.
+
+        ``canon`` must already be canonical. Retries at the new home when the file turns out retired,
+        for up to ``move_wait`` seconds, then raises :class:`TenantMoving`.
+        """
+        handle: Handle | None = self._wfast.get(canon)
+        if handle is not None:
+            if handle.lock.acquire(False):
+                if handle.closed:
+                    handle.lock.release()
+                    handle = None
+                else:
+                    handle.owner, handle.depth = threading.get_ident(), 1
+            else:
+                handle = None
+        deadline = 0.0
         while True:
-            handle = self.acquire(key, "w", create=create)
+            if handle is None:
+                handle = self.acquire(canon, "w", create=create)
             try:
                 ok = self.begin(handle)
             except BaseException:
@@ -355,17 +372,39 @@ class Store:
             generation = handle.generation
             self.retire_handle(handle)
             self.release(handle)
-            self._wait_for_move(handle.key, generation, deadline)
+            deadline = deadline or time.monotonic() + self.move_wait
+            self._wait_for_move(canon, generation, deadline)
+            handle = None
 
     def read(self, key: object, sql: str, params: Sequence[object] | dict[str, object] = ()) -> list[tuple[Any, ...]]:
-        """Run one read-only statement on ``key``'s tenant and return every row."""
+        """Run one read-only statement on ``key``'s tenant and return every row.
+
+        Hot path: a warm, free read connection found by the caller's key object, one statement, one
+        ``data_version`` call. Everything else (cold tenants, contention, a changed file) takes
+        :meth:`_read_slow`.
+        """
         handle = self._fast.get(key)
-        if handle is not None and not handle.closed and handle.enter(self.settings.busy_timeout_ms / 1000):
-            if handle.closed:  # evicted between the lookup and the enter
-                handle.exit()
-                handle = self.acquire(key, "r", create=False)
-        else:
-            handle = self.acquire(key, "r", create=False)
+        if handle is not None and handle.lock.acquire(False):
+            try:
+                if not handle.closed:
+                    conn = handle.conn
+                    try:
+                        rows = conn.execute(sql, params).fetchall()
+                    except apsw.ReadOnlyError as exc:
+                        raise StatementNotAllowed(
+                            "queries are read-only: write inside router.transaction(key)") from exc
+                    dv = conn.data_version()
+                    if dv == handle.checked_dv:
+                        return rows
+                    if not self.retired(handle):
+                        handle.checked_dv = dv
+                        return rows
+            finally:
+                handle.lock.release()
+        return self._read_slow(key, sql, params)
+
+    def _read_slow(self, key: object, sql: str, params: Sequence[object] | dict[str, object]) -> list[tuple[Any, ...]]:
+        handle = self.acquire(key, "r", create=False)
         deadline = time.monotonic() + self.move_wait
         while True:
             try:
@@ -473,6 +512,7 @@ class Store:
             return
         self._closed = True
         self._fast.clear()
+        self._wfast.clear()
         self.pool.close_all()
         self.catalog.close()
 
@@ -482,6 +522,7 @@ class Store:
 
     def _abandon_after_fork(self) -> None:
         self._fast = {}
+        self._wfast = {}
         self._records = {}
         self._template_lock = threading.Lock()
         self.pool.abandon()
