@@ -451,7 +451,7 @@ class AsyncRouter:
             key = await self._call(next, iterator, sentinel)
             if key is sentinel:
                 return
-            yield key  # type: ignore[misc]
+            yield key
 
     async def drop(self, key: object) -> None:
         await self._call(self._store.drop, key)

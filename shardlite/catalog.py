@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import apsw
 
@@ -104,16 +104,18 @@ class Catalog(Protocol):
     def register(self, key: str, node: str, generation: int, incarnation: str, schema_version: int) -> TenantRecord: ...
     def set_state(self, key: str, state: str, *, expect_generation: int) -> None: ...
     def set_schema_version(self, key: str, version: int) -> None: ...
-    def iter_tenants(self, *, states: Sequence[str] = ("active", "moving"), batch: int = 1000) -> Iterator[TenantRecord]: ...
+    def iter_tenants(
+        self, *, states: Sequence[str] = ("active", "moving"), batch: int = 1000
+    ) -> Iterator[TenantRecord]: ...
     def count_tenants(self) -> dict[str, int]: ...
     def schema_versions(self) -> dict[int, int]: ...
     def close(self) -> None: ...
 
 
-def _row_to_record(row: Sequence[object]) -> TenantRecord:
+def _row_to_record(row: Sequence[Any]) -> TenantRecord:
     key, node, generation, epoch, state, incarnation, schema_version, created = row
-    return TenantRecord(str(key), str(node), int(generation), int(epoch), str(state),  # type: ignore[call-overload]
-                        str(incarnation), int(schema_version), float(created))  # type: ignore[arg-type]
+    return TenantRecord(str(key), str(node), int(generation), int(epoch), str(state),
+                        str(incarnation), int(schema_version), float(created))
 
 
 _RECORD_COLUMNS = "key, node, generation, epoch, state, incarnation, schema_version, created"
@@ -147,7 +149,8 @@ class SqliteCatalog:
         create_private_file(self.path)
         self._closed = False
         with self.write() as conn:
-            version = conn.execute("PRAGMA user_version").fetchall()[0][0]
+            found: Any = conn.execute("PRAGMA user_version").fetchall()[0][0]
+            version = int(found)
             for steps in CATALOG_STEPS[version:]:
                 for sql in steps:
                     run_step(conn, sql)
@@ -217,7 +220,7 @@ class SqliteCatalog:
         """``with catalog.write() as conn:`` a BEGIN IMMEDIATE transaction on the global DB."""
         return SqliteCatalog._Write(self)
 
-    def read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
+    def read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             return self.conn.execute(sql, params).fetchall()
 
@@ -225,7 +228,7 @@ class SqliteCatalog:
 
     def nodes(self) -> list[Node]:
         rows = self.read("SELECT name, path, weight, state FROM nodes ORDER BY name")
-        return [Node(str(n), self._abs(str(p)), int(w), str(s)) for n, p, w, s in rows]  # type: ignore[call-overload]
+        return [Node(str(n), self._abs(str(p)), int(w), str(s)) for n, p, w, s in rows]
 
     def _abs(self, path: str) -> str:
         return path if os.path.isabs(path) else os.path.join(self.root, path)
@@ -276,7 +279,9 @@ class SqliteCatalog:
             conn.execute("UPDATE tenants SET schema_version = ? WHERE key = ? AND schema_version < ?",
                          (version, key, version))
 
-    def iter_tenants(self, *, states: Sequence[str] = ("active", "moving"), batch: int = 1000) -> Iterator[TenantRecord]:
+    def iter_tenants(
+        self, *, states: Sequence[str] = ("active", "moving"), batch: int = 1000
+    ) -> Iterator[TenantRecord]:
         """Every tenant in the given states, in key order, read in batches (never all in memory)."""
         marks = ", ".join("?" for _ in states)
         after = ""
@@ -295,11 +300,11 @@ class SqliteCatalog:
         counts = {n.name: 0 for n in self.nodes()}
         for node, count in self.read(
                 "SELECT node, count(*) FROM tenants WHERE state IN ('active', 'moving') GROUP BY node"):
-            counts[str(node)] = int(count)  # type: ignore[call-overload]
+            counts[str(node)] = int(count)
         return counts
 
     def schema_versions(self) -> dict[int, int]:
         """Live tenants per recorded app schema version."""
         rows = self.read("SELECT schema_version, count(*) FROM tenants WHERE state IN ('active', 'moving') "
                          "GROUP BY schema_version ORDER BY schema_version")
-        return {int(v): int(c) for v, c in rows}  # type: ignore[call-overload]
+        return {int(v): int(c) for v, c in rows}

@@ -59,15 +59,14 @@ def wal_reset_bug_affected(version: tuple[int, int, int]) -> bool:
 def check_sqlite_version(version_text: str | None = None) -> tuple[int, int, int]:
     """Raise :class:`UnsupportedSQLite` unless the linked SQLite is free of the WAL-reset bug."""
     text = version_text if version_text is not None else apsw.sqlite_lib_version()
-    parts = tuple(int(p) for p in text.split(".")[:3])
-    version = (parts + (0, 0, 0))[:3]
-    assert len(version) == 3
-    if wal_reset_bug_affected(version):  # type: ignore[arg-type]
+    parts = [int(p) for p in text.split(".")[:3]] + [0, 0, 0]
+    version = (parts[0], parts[1], parts[2])
+    if wal_reset_bug_affected(version):
         raise UnsupportedSQLite(
             f"SQLite {text} (linked by APSW {apsw.apsw_version()}) has the WAL-reset corruption bug; "
             "install an APSW wheel bundling SQLite >= 3.51.3 (pip install -U apsw)"
         )
-    return version  # type: ignore[return-value]
+    return version
 
 
 check_sqlite_version()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from typing import Final, Union
+from typing import Any, Final
 
 import apsw
 import xxhash
@@ -31,7 +31,7 @@ __all__ = [
     "upgrade",
 ]
 
-Step = Union[str, Callable[[apsw.Cursor], None]]
+Step = str | Callable[[apsw.Cursor], None]
 
 #: shardlite's own tables, by version. Version 1: identity and the move/drop marker.
 INTERNAL_STEPS: Final[tuple[tuple[str, ...], ...]] = (
@@ -132,8 +132,8 @@ class SchemaSpec:
 
 def read_versions(conn: apsw.Connection) -> tuple[int, int]:
     """``(internal_version, app_version)`` of an open tenant file."""
-    internal = conn.execute("SELECT internal_version FROM _shardlite_meta WHERE id = 1").fetchall()
-    app = conn.execute("PRAGMA user_version").fetchall()[0][0]
+    internal: list[Any] = conn.execute("SELECT internal_version FROM _shardlite_meta WHERE id = 1").fetchall()
+    app: Any = conn.execute("PRAGMA user_version").fetchall()[0][0]
     return (int(internal[0][0]) if internal else 0), int(app)
 
 

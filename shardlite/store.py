@@ -34,8 +34,7 @@ import apsw
 from .authorizer import INTERNAL_SQL
 from .catalog import Location, Node, SqliteCatalog, TenantRecord
 from .engine import Settings, ensure_private_dir, fsync_dir, on_fork_in_child
-from .errors import (Busy, ConfigurationError, ShardliteError, StatementNotAllowed, TenantMoving,
-                     UnknownTenant)
+from .errors import Busy, ConfigurationError, ShardliteError, StatementNotAllowed, TenantMoving, UnknownTenant
 from .keys import canonical, prefix_of
 from .placement import tenant_relpath
 from .pool import Handle, HandlePool
@@ -244,10 +243,14 @@ class Store:
             if handle.closed:
                 handle.exit()
                 continue
-            fast = self._fast if role == "r" else self._wfast
-            if len(fast) > 4 * self.settings.max_open:
-                fast.clear()
-            fast[key if role == "r" else canon] = handle
+            if role == "r":
+                if len(self._fast) > 4 * self.settings.max_open:
+                    self._fast.clear()
+                self._fast[key] = handle
+            elif role == "w":
+                if len(self._wfast) > 4 * self.settings.max_open:
+                    self._wfast.clear()
+                self._wfast[canon] = handle
             return handle
 
     def release(self, handle: Handle) -> None:

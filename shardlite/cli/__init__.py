@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ..errors import ShardliteError
 from . import basics, migrate
@@ -34,9 +35,10 @@ class _WithParents:
     def __init__(self, sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
         self._sub, self._parent = sub, parent
 
-    def add_parser(self, name: str, **kwargs: object) -> argparse.ArgumentParser:
-        parents = list(kwargs.pop("parents", [])) + [self._parent]  # type: ignore[call-overload]
-        return self._sub.add_parser(name, parents=parents, **kwargs)  # type: ignore[no-any-return]
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parents = list(kwargs.pop("parents", [])) + [self._parent]
+        parser: argparse.ArgumentParser = self._sub.add_parser(name, parents=parents, **kwargs)
+        return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
