@@ -35,6 +35,7 @@ from .authorizer import INTERNAL_SQL
 from .catalog import Location, Node, SqliteCatalog, TenantRecord
 from .engine import Settings, ensure_private_dir, fsync_dir, on_fork_in_child
 from .errors import Busy, ConfigurationError, ShardliteError, StatementNotAllowed, TenantMoving, UnknownTenant
+from .globaldb import GlobalDB
 from .keys import canonical, prefix_of
 from .placement import tenant_relpath
 from .pool import Handle, HandlePool
@@ -92,7 +93,8 @@ class Store:
                     raise ConfigurationError(f"invalid node name {name!r} (letters, digits, '_', '.', '-')")
             if len(set(nodes)) != len(nodes):
                 raise ConfigurationError("node names must be unique")
-        self.catalog = SqliteCatalog(self.root, self.settings)
+        self.globaldb = GlobalDB(self.root, self.settings)
+        self.catalog = SqliteCatalog(self.globaldb)
         fresh = not self.catalog.exists
         self.catalog.open(create=create, default_nodes=[(n, n, 1) for n in (nodes or ["n1"])])
         self._node_paths: dict[str, str] = {}
@@ -529,7 +531,6 @@ class Store:
         self._records = {}
         self._template_lock = threading.Lock()
         self.pool.abandon()
-        self.catalog.abandon()
 
 
 def _unlink_quietly(path: str) -> None:

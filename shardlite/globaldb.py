@@ -1,0 +1,211 @@
+"""The global metadata DB (``<root>/global.db``): one writer connection, per-thread readers, versions.
+
+It holds the catalog, accounts, sessions and the app's own global tables (brief §1). Its write rate must
+stay low (it must never become the global write lock per-tenant files exist to avoid), so everything hot
+here is a read: reads go to a ``query_only`` connection per thread (no lock, WAL readers never block), and
+writes share one connection behind a re-entrant lock. A write inside a write on the same thread becomes a
+savepoint, so the catalog can be updated inside ``router.globals.transaction()``.
+
+shardlite's own tables are named ``_shardlite_*`` and versioned by ``PRAGMA user_version``; the app's
+global schema carries its own version in ``_shardlite_catalog_meta``. The writer connection carries the
+same :class:`~shardlite.authorizer.Guard` as tenant connections: user SQL run through ``router.globals``
+may not write ``_shardlite_*`` tables nor control transactions.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import apsw
+
+from .authorizer import INTERNAL_SQL, Guard
+from .engine import Settings, create_private_file, ensure_private_dir, on_fork_in_child, open_connection
+from .errors import Busy, ConfigurationError
+from .schema import Step, run_step
+
+__all__ = ["GlobalDB", "GLOBAL_DB_NAME"]
+
+GLOBAL_DB_NAME = "global.db"
+
+_BEGIN = INTERNAL_SQL + "BEGIN IMMEDIATE"
+_COMMIT = INTERNAL_SQL + "COMMIT"
+_ROLLBACK = INTERNAL_SQL + "ROLLBACK"
+
+
+class _Write:
+    """``with db.write(trusted=...) as conn``: BEGIN IMMEDIATE, or a savepoint when nested."""
+
+    __slots__ = ("db", "trusted", "savepoint", "was_trusted")
+
+    def __init__(self, db: GlobalDB, trusted: bool) -> None:
+        self.db, self.trusted = db, trusted
+        self.savepoint: str | None = None
+        self.was_trusted = True
+
+    def __enter__(self) -> apsw.Connection:
+        db = self.db
+        db._lock.acquire()
+        try:
+            conn = db.writer
+            guard = db.guard
+            self.was_trusted = guard.trusted
+            guard.trusted = True
+            if db._depth:
+                self.savepoint = f"shardlite_g{db._depth}"
+                conn.execute(f"{INTERNAL_SQL}SAVEPOINT {self.savepoint}")
+            else:
+                try:
+                    conn.execute(_BEGIN)
+                except apsw.BusyError as exc:
+                    raise Busy(f"the global DB stayed locked past the busy timeout ({exc})") from exc
+            db._depth += 1
+            guard.trusted = self.trusted
+        except BaseException:
+            db.guard.trusted = self.was_trusted
+            db._lock.release()
+            raise
+        return conn
+
+    def __exit__(self, et: object, ev: object, tb: object) -> None:
+        db = self.db
+        conn = db.writer
+        db.guard.trusted = True
+        try:
+            if self.savepoint is not None:
+                if et is not None:
+                    conn.execute(f"{INTERNAL_SQL}ROLLBACK TO {self.savepoint}")
+                conn.execute(f"{INTERNAL_SQL}RELEASE {self.savepoint}")
+            elif et is None:
+                try:
+                    conn.execute(_COMMIT)
+                except BaseException as exc:
+                    if not conn.get_autocommit():
+                        conn.execute(_ROLLBACK)
+                    if isinstance(exc, apsw.BusyError):
+                        raise Busy(f"the global DB commit was blocked ({exc}); nothing was committed") from exc
+                    raise
+            elif not conn.get_autocommit():
+                conn.execute(_ROLLBACK)
+        finally:
+            db._depth -= 1
+            db.guard.trusted = self.was_trusted
+            db._lock.release()
+
+
+class GlobalDB:
+    """Connections to ``<root>/global.db``. Thread-safe."""
+
+    def __init__(self, root: str, settings: Settings) -> None:
+        self.root = os.path.abspath(root)
+        self.path = os.path.join(self.root, GLOBAL_DB_NAME)
+        self.settings = settings
+        self.guard = Guard()
+        self.guard.trusted = True
+        self._lock = threading.RLock()
+        self._writer: apsw.Connection | None = None
+        self._depth = 0
+        self._local = threading.local()
+        self._readers: list[apsw.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = True
+        on_fork_in_child(self._abandon)
+
+    @property
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    def open(self, *, create: bool, internal_steps: Sequence[Sequence[str]]) -> None:
+        """Open (creating when ``create``) and bring shardlite's tables to ``len(internal_steps)``."""
+        if not create and not self.exists:
+            raise ConfigurationError(f"no shardlite data root at {self.root} (run `shardlite init` first)")
+        ensure_private_dir(self.root)
+        create_private_file(self.path)
+        self._closed = False
+        with self.write() as conn:
+            found: Any = conn.execute("PRAGMA user_version").fetchall()[0][0]
+            version = int(found)
+            for steps in internal_steps[version:]:
+                for sql in steps:
+                    run_step(conn, sql)
+            if version < len(internal_steps):
+                conn.execute(f"PRAGMA user_version = {len(internal_steps)}")
+
+    def migrate_app(self, steps: Sequence[Step]) -> None:
+        """Apply the app's missing global schema steps in one transaction (trusted: the app's own code)."""
+        with self.write() as conn:
+            rows: list[Any] = conn.execute(
+                "SELECT value FROM _shardlite_catalog_meta WHERE name = 'app_global_version'").fetchall()
+            version = int(rows[0][0]) if rows else 0
+            for step in steps[version:]:
+                run_step(conn, step)
+            if version < len(steps):
+                conn.execute(INTERNAL_SQL + "INSERT INTO _shardlite_catalog_meta(name, value) "
+                             "VALUES ('app_global_version', ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                             (str(len(steps)),))
+
+    @property
+    def writer(self) -> apsw.Connection:
+        if self._writer is None:
+            if self._closed:
+                raise ConfigurationError("the router is closed")
+            self._writer = open_connection(self.path, self.settings, create=False, cache_kib=4096,
+                                           authorizer=self.guard)
+        return self._writer
+
+    def write(self, *, trusted: bool = True) -> _Write:
+        """A write transaction on the writer connection (nested: a savepoint). ``trusted=False`` runs
+        the body under the authorizer (user SQL)."""
+        return _Write(self, trusted)
+
+    def reader(self) -> apsw.Connection:
+        """This thread's ``query_only`` connection (committed data only)."""
+        try:
+            conn: apsw.Connection = self._local.conn
+            return conn
+        except AttributeError:
+            pass
+        if self._closed:
+            raise ConfigurationError("the router is closed")
+        guard = Guard(read_only=True)
+        conn = open_connection(self.path, self.settings, create=False, cache_kib=2048, authorizer=guard)
+        guard.trusted = True
+        conn.execute("PRAGMA query_only = 1")
+        guard.trusted = False
+        self._local.conn = conn
+        with self._readers_lock:
+            self._readers.append(conn)
+        return conn
+
+    def read(self, sql: str, params: Sequence[object] | dict[str, object] = ()) -> list[tuple[Any, ...]]:
+        return self.reader().execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for conn in readers:
+            try:
+                conn.close()
+            except apsw.ThreadingViolationError:
+                pass  # in use by another thread right now; closed when that thread lets go of it
+        self._local = threading.local()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _abandon(self) -> None:
+        """After fork in a child: forget inherited connections without closing them (reopened lazily)."""
+        self._lock = threading.RLock()
+        self._readers_lock = threading.Lock()
+        self._writer = None
+        self._depth = 0
+        self._readers = []
+        self._local = threading.local()
