@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 import warnings
 import weakref
 from collections import deque
@@ -38,13 +39,17 @@ from typing import Any, TypeVar
 
 import apsw
 
+from .accounts import Accounts
+from .aio_globals import AsyncAccounts, AsyncGlobalTables, AsyncSessions
 from .authorizer import INTERNAL_SQL
 from .catalog import Location
 from .engine import Settings
 from .errors import Busy, ShardliteError, TenantMoving
+from .globals import GlobalTables
 from .keys import canonical
 from .pool import Handle
 from .schema import Step
+from .sessions import Sessions
 from .store import Store
 from .transaction import Params, Transaction
 
@@ -174,7 +179,7 @@ class _AsyncScope:
             self._done = router._loop.create_future()
             batch.members.append(self._done)
         self._batch = batch
-        self._tx = Transaction(canon, handle)
+        self._tx = Transaction(canon, handle.conn)
         return AsyncTransaction(self._tx)
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -227,11 +232,13 @@ class AsyncRouter:
         max_batch: int = 64,
         workers: int = 4,
         inline_read_steps: int = 5000,
+        global_schema: Sequence[Step] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         settings = Settings(synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, max_open=max_open,
                             cache_kib=cache_kib)
         self._store = Store(os.fspath(root), nodes=nodes, schema=schema,  # type: ignore[arg-type]
-                            settings=settings, move_wait=move_wait)
+                            global_schema=global_schema, settings=settings, move_wait=move_wait)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardlite")
         self._batches: dict[str, _Batch] = {}
         self._max_batch = max_batch
@@ -240,6 +247,13 @@ class AsyncRouter:
         self._loop_thread = 0
         self._commit_offloaded = settings.synchronous != "NORMAL"
         self._canon: dict[object, str] = {}
+        db = self._store.globaldb
+        #: Accounts (async twin of :class:`~shardlite.accounts.Accounts`).
+        self.accounts = AsyncAccounts(Accounts(db, clock), self._call)
+        #: Sessions (async twin of :class:`~shardlite.sessions.Sessions`).
+        self.sessions = AsyncSessions(Sessions(db, clock), self._call)
+        #: The app's global tables (async twin of :class:`~shardlite.globals.GlobalTables`).
+        self.globals = AsyncGlobalTables(GlobalTables(db))
 
     def _canonical(self, key: object) -> str:
         canon = self._canon.get(key)

@@ -24,7 +24,8 @@ from .globaldb import GLOBAL_DB_NAME, GlobalDB
 
 __all__ = ["Node", "TenantRecord", "Location", "Catalog", "SqliteCatalog", "GLOBAL_DB_NAME", "GLOBAL_STEPS"]
 
-#: shardlite's tables in the global DB, by version (PRAGMA user_version). Version 1: the catalog.
+#: shardlite's tables in the global DB, by version (PRAGMA user_version). Version 1: the catalog;
+#: version 2: accounts, password credentials and sessions.
 GLOBAL_STEPS: tuple[tuple[str, ...], ...] = (
     (
         """CREATE TABLE _shardlite_catalog_meta(name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID""",
@@ -54,6 +55,36 @@ GLOBAL_STEPS: tuple[tuple[str, ...], ...] = (
                purpose TEXT NOT NULL,
                at REAL NOT NULL
            )""",
+    ),
+    (
+        """CREATE TABLE _shardlite_accounts(
+               id INTEGER PRIMARY KEY AUTOINCREMENT,
+               email TEXT NOT NULL,
+               email_key TEXT NOT NULL UNIQUE,
+               name_key TEXT NOT NULL DEFAULT '',
+               profile TEXT NOT NULL DEFAULT '{}',
+               created REAL NOT NULL,
+               updated REAL NOT NULL
+           )""",
+        "CREATE INDEX _shardlite_accounts_by_name ON _shardlite_accounts(name_key)",
+        """CREATE TABLE _shardlite_credentials(
+               account_id INTEGER PRIMARY KEY REFERENCES _shardlite_accounts(id) ON DELETE CASCADE,
+               scheme TEXT NOT NULL,
+               salt BLOB NOT NULL,
+               hash BLOB NOT NULL,
+               updated REAL NOT NULL
+           )""",
+        """CREATE TABLE _shardlite_sessions(
+               token_hash BLOB PRIMARY KEY,
+               account_id INTEGER NOT NULL REFERENCES _shardlite_accounts(id) ON DELETE CASCADE,
+               created REAL NOT NULL,
+               expires REAL NOT NULL,
+               idle_ttl REAL,
+               last_seen REAL NOT NULL,
+               revoked REAL
+           ) WITHOUT ROWID""",
+        "CREATE INDEX _shardlite_sessions_by_account ON _shardlite_sessions(account_id)",
+        "CREATE INDEX _shardlite_sessions_by_expiry ON _shardlite_sessions(expires)",
     ),
 )
 

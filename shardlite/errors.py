@@ -20,6 +20,8 @@ __all__ = [
     "EmailTaken",
     "InvalidEmail",
     "AuthenticationFailed",
+    "InvalidPassword",
+    "UnknownAccount",
     "StatementNotAllowed",
     "IdentityMismatch",
     "UnsupportedSQLite",
@@ -64,6 +66,14 @@ class InvalidEmail(ShardliteError, ValueError):
 
 class AuthenticationFailed(ShardliteError):
     """Unknown address or wrong password (deliberately not saying which)."""
+
+
+class InvalidPassword(ShardliteError, ValueError):
+    """A password is empty, too short, too long or not text (nothing was changed)."""
+
+
+class UnknownAccount(ShardliteError, LookupError):
+    """No account has this id (nothing was changed)."""
 
 
 class StatementNotAllowed(ShardliteError, apsw.AuthError):

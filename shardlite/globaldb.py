@@ -47,7 +47,8 @@ class _Write:
 
     def __enter__(self) -> apsw.Connection:
         db = self.db
-        db._lock.acquire()
+        if not db._lock.acquire(timeout=db.settings.busy_timeout_ms / 1000):
+            raise Busy("another thread held the global DB's writer past the busy timeout")
         try:
             conn = db.writer
             guard = db.guard

@@ -16,12 +16,15 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
+from .accounts import Accounts
 from .catalog import Location
 from .engine import Settings
 from .errors import Busy, TenantMoving
+from .globals import GlobalTables
 from .keys import canonical
 from .pool import Handle
 from .schema import Step
+from .sessions import Sessions
 from .store import Store
 from .transaction import Params, Transaction
 
@@ -67,7 +70,7 @@ class _Scope:
             active[canon] = handle
         self._active = active
         self._handle = handle
-        self._tx = Transaction(canon, handle)
+        self._tx = Transaction(canon, handle.conn)
         return self._tx
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -104,6 +107,8 @@ class Router:
     ``max_open`` bounds this process's open tenant connections. ``move_wait`` bounds how long a
     transaction waits for a tenant that is being moved before :class:`~shardlite.TenantMoving`.
     ``create=False`` refuses to create a data root that does not exist yet (:class:`ConfigurationError`).
+    ``global_schema`` lists the steps of the app's own tables in the global DB (``router.globals``).
+    ``clock`` (seconds since the epoch) drives session and account timestamps; tests inject one.
     """
 
     def __init__(
@@ -112,18 +117,27 @@ class Router:
         *,
         nodes: Sequence[str] | None = None,
         schema: Schema = None,
+        global_schema: Sequence[Step] | None = None,
         synchronous: str = "NORMAL",
         busy_timeout_ms: int = 5000,
         max_open: int = 256,
         cache_kib: int = 512,
         move_wait: float = 10.0,
         create: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         settings = Settings(synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, max_open=max_open,
                             cache_kib=cache_kib)
         self._store = Store(os.fspath(root), nodes=nodes, schema=schema,  # type: ignore[arg-type]
-                            settings=settings, move_wait=move_wait, create=create)
+                            global_schema=global_schema, settings=settings, move_wait=move_wait, create=create)
         self._local = threading.local()
+        db = self._store.globaldb
+        #: Accounts with unique e-mail addresses (:class:`~shardlite.accounts.Accounts`).
+        self.accounts = Accounts(db, clock)
+        #: Sessions (:class:`~shardlite.sessions.Sessions`).
+        self.sessions = Sessions(db, clock)
+        #: The app's global tables (:class:`~shardlite.globals.GlobalTables`).
+        self.globals = GlobalTables(db)
 
     # -- the contract -----------------------------------------------------------------------------------
 

@@ -76,6 +76,7 @@ class Store:
         *,
         nodes: Sequence[str] | None = None,
         schema: Sequence[Step] | dict[str, Sequence[Step]] | None = None,
+        global_schema: Sequence[Step] | None = None,
         settings: Settings | None = None,
         move_wait: float = 10.0,
         create: bool = True,
@@ -97,6 +98,10 @@ class Store:
         self.catalog = SqliteCatalog(self.globaldb)
         fresh = not self.catalog.exists
         self.catalog.open(create=create, default_nodes=[(n, n, 1) for n in (nodes or ["n1"])])
+        if global_schema:
+            if isinstance(global_schema, str) or not isinstance(global_schema, (list, tuple)):
+                raise ConfigurationError("global_schema is a list of steps (SQL text or callables)")
+            self.globaldb.migrate_app(global_schema)
         self._node_paths: dict[str, str] = {}
         self._ring: Ring | None = None
         self._ring_source: tuple[tuple[str, int], ...] = ()

@@ -13,7 +13,6 @@ from typing import Any
 import apsw
 
 from .errors import ShardliteError
-from .pool import Handle
 
 __all__ = ["Transaction", "TransactionClosed"]
 
@@ -26,14 +25,13 @@ Params = Sequence[Any] | dict[str, Any]
 
 
 class Transaction:
-    """A write transaction (or a savepoint nested in one) on one tenant."""
+    """A write transaction (or a savepoint nested in one) on one tenant, or on the global DB."""
 
-    __slots__ = ("key", "_handle", "_conn", "_open")
+    __slots__ = ("key", "_conn", "_open")
 
-    def __init__(self, key: str, handle: Handle) -> None:
+    def __init__(self, key: str, conn: apsw.Connection) -> None:
         self.key = key
-        self._handle = handle
-        self._conn: apsw.Connection = handle.conn
+        self._conn = conn
         self._open = True
 
     def execute(self, sql: str, params: Params = ()) -> apsw.Cursor:

@@ -1,0 +1,152 @@
+"""Async twins of ``router.accounts``, ``router.sessions`` and ``router.globals`` for AsyncRouter.
+
+Password hashing (scrypt) and every write run on the router's worker threads, so the event loop never
+waits for a KDF or for the global write lock. ``sessions.resolve`` reads inline on the loop (it is a
+microsecond-scale indexed read on this thread's own read connection) and offloads only the throttled
+activity write.
+
+``globals.transaction()`` runs its body on the loop while holding the global DB's writer; transactions of
+different tasks are serialised by an ``asyncio.Lock``. Do not create tenants (first writes to new keys) from
+inside it: tenant creation records the new tenant in the same global DB from a worker thread, which waits
+for the transaction to end (and raises ``Busy`` past the busy timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from .accounts import Account, Accounts
+from .globals import GlobalTables
+from .sessions import Session, Sessions
+from .transaction import Params, Transaction
+
+__all__ = ["AsyncAccounts", "AsyncSessions", "AsyncGlobalTables"]
+
+T = TypeVar("T")
+Offload = Callable[..., Awaitable[Any]]
+
+
+class AsyncAccounts:
+    """``await ar.accounts.register(...)`` and friends; see :class:`~shardlite.accounts.Accounts`."""
+
+    def __init__(self, sync: Accounts, call: Offload) -> None:
+        self.sync = sync
+        self._call = call
+
+    async def register(self, email: str, *, password: str | None = None, **profile: Any) -> int:
+        return int(await self._call(lambda: self.sync.register(email, password=password, **profile)))
+
+    async def get(self, account_id: int) -> Account | None:
+        return self.sync.get(account_id)
+
+    async def by_email(self, email: str) -> Account | None:
+        return self.sync.by_email(email)
+
+    async def search(self, text: str, *, limit: int = 20) -> list[Account]:
+        return self.sync.search(text, limit=limit)
+
+    async def update_profile(self, account_id: int, **changes: Any) -> Account:
+        result: Account = await self._call(lambda: self.sync.update_profile(account_id, **changes))
+        return result
+
+    async def change_email(self, account_id: int, new_email: str) -> None:
+        await self._call(self.sync.change_email, account_id, new_email)
+
+    async def delete(self, account_id: int) -> None:
+        await self._call(self.sync.delete, account_id)
+
+    async def set_password(self, account_id: int, password: str) -> None:
+        await self._call(self.sync.set_password, account_id, password)
+
+    async def authenticate(self, email: str, password: str) -> int:
+        return int(await self._call(self.sync.authenticate, email, password))
+
+
+class AsyncSessions:
+    """``await ar.sessions.resolve(token)`` and friends; see :class:`~shardlite.sessions.Sessions`."""
+
+    def __init__(self, sync: Sessions, call: Offload) -> None:
+        self.sync = sync
+        self._call = call
+
+    async def create(self, account_id: int, *, ttl: float | None = None, idle_ttl: float | None = None) -> str:
+        return str(await self._call(lambda: self.sync.create(account_id, ttl=ttl, idle_ttl=idle_ttl)))
+
+    async def resolve(self, token: object) -> Session | None:
+        found = self.sync.lookup(token)
+        if found is None:
+            return None
+        session, touch = found
+        if touch is None:
+            return session
+        result: Session = await self._call(self.sync.touch, touch, session)
+        return result
+
+    async def revoke(self, token: object) -> bool:
+        return bool(await self._call(self.sync.revoke, token))
+
+    async def revoke_all(self, account_id: int) -> int:
+        return int(await self._call(self.sync.revoke_all, account_id))
+
+    async def rotate(self, token: object) -> str:
+        return str(await self._call(self.sync.rotate, token))
+
+    async def purge(self) -> int:
+        return int(await self._call(self.sync.purge))
+
+
+class _AsyncGlobalScope:
+    def __init__(self, owner: AsyncGlobalTables) -> None:
+        self._owner = owner
+        self._scope: Any = None
+
+    async def __aenter__(self) -> AsyncGlobalTransaction:
+        await self._owner._lock.acquire()
+        try:
+            self._scope = self._owner.sync.transaction()
+            return AsyncGlobalTransaction(self._scope.__enter__())
+        except BaseException:
+            self._owner._lock.release()
+            raise
+
+    async def __aexit__(self, et: Any, ev: Any, tb: Any) -> None:
+        try:
+            self._scope.__exit__(et, ev, tb)
+        finally:
+            self._owner._lock.release()
+
+
+class AsyncGlobalTransaction:
+    """``await tx.execute(sql, params)`` inside ``ar.globals.transaction()``."""
+
+    __slots__ = ("_tx",)
+
+    def __init__(self, tx: Transaction) -> None:
+        self._tx = tx
+
+    async def execute(self, sql: str, params: Params = ()) -> Any:
+        return self._tx.execute(sql, params)
+
+    @property
+    def lastrowid(self) -> int:
+        return self._tx.lastrowid
+
+    @property
+    def changes(self) -> int:
+        return self._tx.changes
+
+
+class AsyncGlobalTables:
+    """``async with ar.globals.transaction() as tx`` and ``await ar.globals.query(sql, params)``."""
+
+    def __init__(self, sync: GlobalTables) -> None:
+        self.sync = sync
+        self._lock = asyncio.Lock()
+
+    def transaction(self) -> _AsyncGlobalScope:
+        return _AsyncGlobalScope(self)
+
+    async def query(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
+        return self.sync.query(sql, params)

@@ -1,0 +1,170 @@
+"""Sessions in the global DB (brief rule 11).
+
+* A token is 32 random bytes (256 bits) from :mod:`secrets`, URL-safe base64 without padding (43
+  characters), returned once. The DB stores only its SHA-256, so a copy of the data root (DB, WAL,
+  backups) never reveals a usable token.
+* Expiry is absolute (``ttl``, from creation) and optionally idle (``idle_ttl``, from the last use).
+* ``resolve`` is a read. Recording activity for idle expiry is throttled: ``last_seen`` is written only when
+  it is older than ``min(touch_interval, idle_ttl / 4)``, so a busy session costs one write per interval,
+  not one per request.
+* Tokens never appear in reprs, logs or exceptions: :class:`Session` does not carry one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import apsw
+
+from .authorizer import INTERNAL_SQL as _I
+from .errors import AuthenticationFailed, UnknownAccount
+from .globaldb import GlobalDB
+
+__all__ = ["Session", "Sessions", "TOKEN_LENGTH"]
+
+#: Length of a token: base64url of 32 bytes without padding.
+TOKEN_LENGTH = 43
+_RESOLVE = ("SELECT account_id, created, expires, idle_ttl, last_seen, revoked FROM _shardlite_sessions "
+            "WHERE token_hash = ?")
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A live session (no token inside: it cannot leak through a repr or a log line)."""
+
+    account_id: int
+    created: float
+    expires: float
+    idle_ttl: float | None
+    last_seen: float
+
+    @property
+    def idle_expires(self) -> float | None:
+        return None if self.idle_ttl is None else self.last_seen + self.idle_ttl
+
+
+def _digest(token: object) -> bytes | None:
+    if type(token) is not str or len(token) != TOKEN_LENGTH:
+        return None
+    try:
+        return hashlib.sha256(token.encode("ascii")).digest()
+    except UnicodeEncodeError:
+        return None
+
+
+class Sessions:
+    """``router.sessions``: create, resolve, revoke, rotate and purge sessions."""
+
+    def __init__(self, db: GlobalDB, clock: Callable[[], float] = time.time, *,
+                 default_ttl: float = 30 * 24 * 3600, touch_interval: float = 60.0) -> None:
+        self._db = db
+        self.clock = clock
+        self.default_ttl = default_ttl
+        self.touch_interval = touch_interval
+
+    def create(self, account_id: int, *, ttl: float | None = None, idle_ttl: float | None = None) -> str:
+        """A new session for ``account_id``; returns the raw token (shown once, never stored)."""
+        ttl = self.default_ttl if ttl is None else ttl
+        if not ttl > 0 or (idle_ttl is not None and not idle_ttl > 0):
+            raise ValueError("ttl and idle_ttl must be positive numbers of seconds")
+        token = secrets.token_urlsafe(32)
+        digest = _digest(token)
+        assert digest is not None
+        now = self.clock()
+        try:
+            with self._db.write() as conn:
+                conn.execute(_I + "INSERT INTO _shardlite_sessions(token_hash, account_id, created, expires, "
+                             "idle_ttl, last_seen) VALUES (?, ?, ?, ?, ?, ?)",
+                             (digest, account_id, now, now + ttl, idle_ttl, now))
+        except apsw.ConstraintError:
+            raise UnknownAccount(f"no account {account_id!r}") from None
+        return token
+
+    def _live(self, row: tuple[Any, ...], now: float) -> bool:
+        _, _, expires, idle_ttl, last_seen, revoked = row
+        if revoked is not None or now >= expires:
+            return False
+        return idle_ttl is None or now - last_seen < idle_ttl
+
+    def resolve(self, token: object) -> Session | None:
+        """The live session for ``token``; None when unknown, malformed, expired, idle-expired or revoked."""
+        found = self.lookup(token)
+        if found is None:
+            return None
+        session, touch = found
+        if touch is not None:
+            return self.touch(touch, session)
+        return session
+
+    def lookup(self, token: object) -> tuple[Session, bytes | None] | None:
+        """The read half of :meth:`resolve`: ``(session, digest to touch or None)``, or None."""
+        digest = _digest(token)
+        if digest is None:
+            return None
+        rows: list[Any] = self._db.reader().execute(_RESOLVE, (digest,)).fetchall()
+        if not rows:
+            return None
+        row = rows[0]
+        now = self.clock()
+        if not self._live(row, now):
+            return None
+        account_id, created, expires, idle_ttl, last_seen, _ = row
+        session = Session(int(account_id), float(created), float(expires), idle_ttl, float(last_seen))
+        if idle_ttl is not None and now - last_seen >= min(self.touch_interval, idle_ttl / 4):
+            return session, digest
+        return session, None
+
+    def touch(self, digest: bytes, session: Session) -> Session:
+        """The write half of :meth:`resolve`: record activity (throttled by :meth:`lookup`)."""
+        now = self.clock()
+        with self._db.write() as conn:
+            conn.execute(_I + "UPDATE _shardlite_sessions SET last_seen = ? WHERE token_hash = ? "
+                         "AND last_seen < ?", (now, digest, now))
+        return Session(session.account_id, session.created, session.expires, session.idle_ttl, now)
+
+    def revoke(self, token: object) -> bool:
+        """Revoke one session; True if a live session was revoked."""
+        digest = _digest(token)
+        if digest is None:
+            return False
+        with self._db.write() as conn:
+            conn.execute(_I + "UPDATE _shardlite_sessions SET revoked = ? WHERE token_hash = ? AND revoked IS NULL",
+                         (self.clock(), digest))
+            return conn.changes() > 0
+
+    def revoke_all(self, account_id: int) -> int:
+        """Revoke every session of ``account_id``; returns how many."""
+        with self._db.write() as conn:
+            conn.execute(_I + "UPDATE _shardlite_sessions SET revoked = ? WHERE account_id = ? AND revoked IS NULL",
+                         (self.clock(), account_id))
+            return int(conn.changes())
+
+    def rotate(self, token: object) -> str:
+        """Replace a live session by a new token with the same absolute expiry and idle policy; the old
+        token stops working. :class:`AuthenticationFailed` when ``token`` is not a live session."""
+        digest = _digest(token)
+        now = self.clock()
+        new_token = secrets.token_urlsafe(32)
+        new_digest = _digest(new_token)
+        with self._db.write() as conn:
+            rows: list[Any] = conn.execute(_RESOLVE, (digest,)).fetchall() if digest is not None else []
+            if not rows or not self._live(rows[0], now):
+                raise AuthenticationFailed("the session is unknown, expired or revoked")
+            account_id, created, expires, idle_ttl, _, _ = rows[0]
+            conn.execute(_I + "UPDATE _shardlite_sessions SET revoked = ? WHERE token_hash = ?", (now, digest))
+            conn.execute(_I + "INSERT INTO _shardlite_sessions(token_hash, account_id, created, expires, idle_ttl, "
+                         "last_seen) VALUES (?, ?, ?, ?, ?, ?)", (new_digest, account_id, now, expires, idle_ttl, now))
+        return new_token
+
+    def purge(self) -> int:
+        """Delete expired, idle-expired and revoked sessions; returns how many rows went."""
+        now = self.clock()
+        with self._db.write() as conn:
+            conn.execute(_I + "DELETE FROM _shardlite_sessions WHERE revoked IS NOT NULL OR expires <= ? "
+                         "OR (idle_ttl IS NOT NULL AND last_seen + idle_ttl <= ?)", (now, now))
+            return int(conn.changes())
