@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ShardliteError
-from . import basics, migrate
+from . import accounts, basics, migrate
 from .common import CliError
 
 __all__ = ["main", "build_parser"]
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="machine-readable output (JSON lines), no progress bar")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub_with_common = _WithParents(sub, common)
-    for module in (basics, migrate):
+    for module in (basics, migrate, accounts):
         module.register(sub_with_common)
     return parser
 
@@ -38,6 +38,7 @@ class _WithParents:
     def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
         parents = list(kwargs.pop("parents", [])) + [self._parent]
         parser: argparse.ArgumentParser = self._sub.add_parser(name, parents=parents, **kwargs)
+        parser._shardlite_common = self._parent  # type: ignore[attr-defined]  # for nested subcommands
         return parser
 
 

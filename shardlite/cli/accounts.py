@@ -1,0 +1,50 @@
+"""`shardlite accounts show EMAIL` and `shardlite sessions purge`."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+
+from .common import CliError, emit_json, open_router, print_table
+
+
+def cmd_accounts_show(args: argparse.Namespace) -> int:
+    with open_router(args) as router:
+        account = router.accounts.by_email(args.email)
+        if account is None:
+            raise CliError(f"no account with an address matching {args.email!r}")
+        rows = router.globals.query(
+            "SELECT count(*) FROM _shardlite_sessions WHERE account_id = ? AND revoked IS NULL", (account.id,))
+        has_password = bool(router.globals.query(
+            "SELECT 1 FROM _shardlite_credentials WHERE account_id = ?", (account.id,)))
+    info = asdict(account) | {"email_key": router.accounts.key(account.email), "sessions": rows[0][0],
+                              "has_password": has_password}
+    if args.json:
+        emit_json(info)
+    else:
+        print_table(f"account {account.id}", ["field", "value"], list(info.items()))
+    return 0
+
+
+def cmd_sessions_purge(args: argparse.Namespace) -> int:
+    with open_router(args) as router:
+        removed = router.sessions.purge()
+    if args.json:
+        emit_json({"purged": removed})
+    else:
+        print(f"purged {removed} expired or revoked sessions")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("accounts", help="inspect accounts")
+    accounts = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = accounts.add_parser("show", help="show the account whose address matches EMAIL",
+                               parents=[p._shardlite_common])  # type: ignore[attr-defined]
+    show.add_argument("email")
+    show.set_defaults(func=cmd_accounts_show)
+    p = sub.add_parser("sessions", help="maintain sessions")
+    sessions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    purge = sessions.add_parser("purge", help="delete expired, idle-expired and revoked sessions",
+                                parents=[p._shardlite_common])  # type: ignore[attr-defined]
+    purge.set_defaults(func=cmd_sessions_purge)
