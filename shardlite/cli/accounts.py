@@ -40,11 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("accounts", help="inspect accounts")
     accounts = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     show = accounts.add_parser("show", help="show the account whose address matches EMAIL",
-                               parents=[p._shardlite_common])  # type: ignore[attr-defined]
+                               parents=[p._shardlite_common])
     show.add_argument("email")
     show.set_defaults(func=cmd_accounts_show)
     p = sub.add_parser("sessions", help="maintain sessions")
     sessions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     purge = sessions.add_parser("purge", help="delete expired, idle-expired and revoked sessions",
-                                parents=[p._shardlite_common])  # type: ignore[attr-defined]
+                                parents=[p._shardlite_common])
     purge.set_defaults(func=cmd_sessions_purge)
