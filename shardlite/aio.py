@@ -179,7 +179,7 @@ class _AsyncScope:
             self._done = router._loop.create_future()
             batch.members.append(self._done)
         self._batch = batch
-        self._tx = Transaction(canon, handle.conn)
+        self._tx = Transaction(canon, handle.conn, handle.guard, router._store.emitter, handle)
         return AsyncTransaction(self._tx)
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:

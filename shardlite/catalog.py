@@ -25,7 +25,8 @@ from .globaldb import GLOBAL_DB_NAME, GlobalDB
 __all__ = ["Node", "TenantRecord", "Location", "Catalog", "SqliteCatalog", "GLOBAL_DB_NAME", "GLOBAL_STEPS"]
 
 #: shardlite's tables in the global DB, by version (PRAGMA user_version). Version 1: the catalog;
-#: version 2: accounts, password credentials and sessions.
+#: version 2: accounts, password credentials and sessions; version 3: the relay's pending-work flags and
+#: dead letters.
 GLOBAL_STEPS: tuple[tuple[str, ...], ...] = (
     (
         """CREATE TABLE _shardlite_catalog_meta(name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID""",
@@ -85,6 +86,28 @@ GLOBAL_STEPS: tuple[tuple[str, ...], ...] = (
            ) WITHOUT ROWID""",
         "CREATE INDEX _shardlite_sessions_by_account ON _shardlite_sessions(account_id)",
         "CREATE INDEX _shardlite_sessions_by_expiry ON _shardlite_sessions(expires)",
+    ),
+    (
+        """CREATE TABLE _shardlite_pending(
+               key TEXT PRIMARY KEY,
+               version INTEGER NOT NULL,
+               due REAL NOT NULL,
+               since REAL NOT NULL
+           ) WITHOUT ROWID""",
+        "CREATE INDEX _shardlite_pending_by_due ON _shardlite_pending(due)",
+        """CREATE TABLE _shardlite_dead_letters(
+               source TEXT NOT NULL,
+               incarnation TEXT NOT NULL,
+               seq INTEGER NOT NULL,
+               dest TEXT NOT NULL,
+               topic TEXT NOT NULL,
+               payload TEXT NOT NULL,
+               created REAL NOT NULL,
+               attempts INTEGER NOT NULL,
+               error TEXT NOT NULL,
+               died REAL NOT NULL,
+               PRIMARY KEY (source, incarnation, seq)
+           ) WITHOUT ROWID""",
     ),
 )
 
@@ -267,3 +290,58 @@ class SqliteCatalog:
         rows = self.read("SELECT schema_version, count(*) FROM _shardlite_tenants WHERE state IN ('active', 'moving') "
                          "GROUP BY schema_version ORDER BY schema_version")
         return {int(v): int(c) for v, c in rows}
+
+    # -- relay: pending-work flags and dead letters ------------------------------------------------------
+
+    def flag_pending(self, key: str) -> None:
+        """Record that ``key`` has pending outbox events (bumps the row's version; see relay.py)."""
+        now = time.time()
+        with self.write() as conn:
+            conn.execute(_I + "INSERT INTO _shardlite_pending(key, version, due, since) VALUES (?, 1, ?, ?) "
+                         "ON CONFLICT(key) DO UPDATE SET version = version + 1, due = min(due, excluded.due)",
+                         (key, now, now))
+
+    def pending_due(self, now: float, limit: int) -> list[tuple[str, int, float]]:
+        """``(key, version, due)`` of flagged tenants whose work is due, oldest due first."""
+        rows = self.read("SELECT key, version, due FROM _shardlite_pending WHERE due <= ? ORDER BY due LIMIT ?",
+                         (now, limit))
+        return [(str(k), int(v), float(d)) for k, v, d in rows]
+
+    def pending_row(self, key: str) -> tuple[int, float] | None:
+        rows = self.read("SELECT version, due FROM _shardlite_pending WHERE key = ?", (key,))
+        return (int(rows[0][0]), float(rows[0][1])) if rows else None
+
+    def pending_all(self) -> list[tuple[str, float, float]]:
+        """``(key, due, since)`` of every flagged tenant."""
+        rows = self.read("SELECT key, due, since FROM _shardlite_pending ORDER BY key")
+        return [(str(k), float(d), float(s)) for k, d, s in rows]
+
+    def clear_pending(self, key: str, version: int) -> None:
+        """Drop ``key``'s flag unless an emitter re-flagged it since ``version`` was read."""
+        with self.write() as conn:
+            conn.execute(_I + "DELETE FROM _shardlite_pending WHERE key = ? AND version = ?", (key, version))
+
+    def set_pending_due(self, key: str, due: float) -> None:
+        now = time.time()
+        with self.write() as conn:
+            conn.execute(_I + "INSERT INTO _shardlite_pending(key, version, due, since) VALUES (?, 1, ?, ?) "
+                         "ON CONFLICT(key) DO UPDATE SET due = excluded.due", (key, due, now))
+
+    def add_dead_letter(self, source: str, incarnation: str, seq: int, dest: str, topic: str, payload: str,
+                        created: float, attempts: int, error: str) -> None:
+        with self.write() as conn:
+            conn.execute(_I + "INSERT INTO _shardlite_dead_letters(source, incarnation, seq, dest, topic, payload, "
+                         "created, attempts, error, died) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                         "ON CONFLICT DO NOTHING",
+                         (source, incarnation, seq, dest, topic, payload, created, attempts, error, time.time()))
+
+    def dead_letters(self, *, limit: int = 1000) -> list[dict[str, Any]]:
+        rows = self.read("SELECT source, incarnation, seq, dest, topic, payload, created, attempts, error, died "
+                         "FROM _shardlite_dead_letters ORDER BY died, source, seq LIMIT ?", (limit,))
+        names = ("source", "incarnation", "seq", "dest", "topic", "payload", "created", "attempts", "error", "died")
+        return [dict(zip(names, row, strict=True)) for row in rows]
+
+    def delete_dead_letter(self, source: str, incarnation: str, seq: int) -> None:
+        with self.write() as conn:
+            conn.execute(_I + "DELETE FROM _shardlite_dead_letters WHERE source = ? AND incarnation = ? AND seq = ?",
+                         (source, incarnation, seq))

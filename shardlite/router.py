@@ -16,13 +16,16 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
+from . import feed
 from .accounts import Accounts
 from .catalog import Location
 from .engine import Settings
 from .errors import Busy, TenantMoving
 from .globals import GlobalTables
 from .keys import canonical
+from .outbox import DEFAULT_MAX_PAYLOAD, RetryPolicy, check_topic
 from .pool import Handle
+from .relay import Handler, Relay
 from .schema import Step
 from .sessions import Sessions
 from .store import Store
@@ -70,7 +73,7 @@ class _Scope:
             active[canon] = handle
         self._active = active
         self._handle = handle
-        self._tx = Transaction(canon, handle.conn)
+        self._tx = Transaction(canon, handle.conn, handle.guard, router._store.emitter, handle)
         return self._tx
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -109,6 +112,8 @@ class Router:
     ``create=False`` refuses to create a data root that does not exist yet (:class:`ConfigurationError`).
     ``global_schema`` lists the steps of the app's own tables in the global DB (``router.globals``).
     ``clock`` (seconds since the epoch) drives session and account timestamps; tests inject one.
+    ``relay=True`` runs the outbox relay on a background thread for the router's lifetime; ``max_payload``
+    bounds an event's encoded payload; ``retry`` sets the relay's attempts and backoff.
     """
 
     def __init__(
@@ -125,11 +130,15 @@ class Router:
         move_wait: float = 10.0,
         create: bool = True,
         clock: Callable[[], float] = time.time,
+        relay: bool = False,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        retry: RetryPolicy | None = None,
     ) -> None:
         settings = Settings(synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, max_open=max_open,
                             cache_kib=cache_kib)
         self._store = Store(os.fspath(root), nodes=nodes, schema=schema,  # type: ignore[arg-type]
-                            global_schema=global_schema, settings=settings, move_wait=move_wait, create=create)
+                            global_schema=global_schema, settings=settings, move_wait=move_wait, create=create,
+                            max_payload=max_payload)
         self._local = threading.local()
         db = self._store.globaldb
         #: Accounts with unique e-mail addresses (:class:`~shardlite.accounts.Accounts`).
@@ -138,6 +147,12 @@ class Router:
         self.sessions = Sessions(db, clock)
         #: The app's global tables (:class:`~shardlite.globals.GlobalTables`).
         self.globals = GlobalTables(db)
+        self._handlers: dict[str, Handler] = {}
+        #: The outbox relay (:class:`~shardlite.relay.Relay`): ``start()``/``stop()``, ``run_once()``,
+        #: ``drain()``, ``status()``. Never started implicitly; ``relay=True`` runs it for the router's life.
+        self.relay = Relay(self._store, self._handlers, policy=retry)
+        if relay:
+            self.relay.start()
 
     # -- the contract -----------------------------------------------------------------------------------
 
@@ -232,10 +247,36 @@ class Router:
             "synchronous": self.settings.synchronous,
         }
 
+    # -- outbox ---------------------------------------------------------------------------------------------
+
+    def handler(self, topic: str) -> Callable[[Handler], Handler]:
+        """``@router.handler("message")`` registers ``fn(tx, event)`` for ``topic``: the relay runs it inside
+        a write transaction on the event's destination tenant."""
+        check_topic(topic)
+
+        def register(fn: Handler) -> Handler:
+            self._handlers[topic] = fn
+            return fn
+        return register
+
+    def use_feed(self, *topics: str) -> None:
+        """Deliver events of ``topics`` to the built-in activity feed of their destination."""
+        for topic in topics:
+            self.handler(topic)(feed.append)
+
+    def feed(self, key: object, *, limit: int = 50, before: int | None = None) -> list[feed.FeedItem]:
+        """``key``'s activity feed, newest first; ``before=item.id`` pages back. UnknownTenant if absent."""
+        limit = max(0, min(int(limit), 1000))
+        cursor = (1 << 62) if before is None else int(before)
+        return feed.items(self._store.read(key, feed.FEED_QUERY, (cursor, limit)))
+
     # -- lifecycle ----------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close every connection. Idempotent."""
+        """Stop the relay if running, close every connection. Idempotent."""
+        relay = getattr(self, "relay", None)
+        if relay is not None:
+            relay.stop()
         self._store.close()
 
     @property

@@ -33,7 +33,8 @@ __all__ = [
 
 Step = str | Callable[[apsw.Cursor], None]
 
-#: shardlite's own tables, by version. Version 1: identity and the move/drop marker.
+#: shardlite's own tables, by version. Version 1: identity and the move/drop marker. Version 2: the
+#: transactional outbox, the inbox (dedupe high-water marks), the relay's claim and the activity feed.
 INTERNAL_STEPS: Final[tuple[tuple[str, ...], ...]] = (
     (
         """CREATE TABLE _shardlite_meta(
@@ -45,6 +46,38 @@ INTERNAL_STEPS: Final[tuple[tuple[str, ...], ...]] = (
                retired TEXT
            )""",
         "INSERT INTO _shardlite_meta(id, key, incarnation, internal_version, created) VALUES (1, '', '', 1, 0)",
+    ),
+    (
+        """CREATE TABLE _shardlite_outbox(
+               seq INTEGER PRIMARY KEY AUTOINCREMENT,
+               dest TEXT NOT NULL,
+               topic TEXT NOT NULL,
+               payload TEXT NOT NULL,
+               created REAL NOT NULL,
+               attempts INTEGER NOT NULL DEFAULT 0,
+               next_at REAL NOT NULL DEFAULT 0,
+               last_error TEXT
+           )""",
+        """CREATE TABLE _shardlite_inbox(
+               source TEXT NOT NULL,
+               incarnation TEXT NOT NULL,
+               last_seq INTEGER NOT NULL,
+               PRIMARY KEY (source, incarnation)
+           ) WITHOUT ROWID""",
+        """CREATE TABLE _shardlite_relay(
+               id INTEGER PRIMARY KEY CHECK (id = 1),
+               claimed_by TEXT,
+               claimed_until REAL NOT NULL DEFAULT 0
+           )""",
+        "INSERT INTO _shardlite_relay(id) VALUES (1)",
+        """CREATE TABLE _shardlite_feed(
+               id INTEGER PRIMARY KEY AUTOINCREMENT,
+               source TEXT NOT NULL,
+               topic TEXT NOT NULL,
+               payload TEXT NOT NULL,
+               event TEXT NOT NULL,
+               at REAL NOT NULL
+           )""",
     ),
 )
 INTERNAL_VERSION: Final = len(INTERNAL_STEPS)

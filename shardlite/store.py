@@ -37,11 +37,13 @@ from .engine import Settings, ensure_private_dir, fsync_dir, on_fork_in_child
 from .errors import Busy, ConfigurationError, ShardliteError, StatementNotAllowed, TenantMoving, UnknownTenant
 from .globaldb import GlobalDB
 from .keys import canonical, prefix_of
+from .outbox import DEFAULT_MAX_PAYLOAD
 from .placement import tenant_relpath
 from .pool import Handle, HandlePool
 from .ring import Ring
 from .schema import SchemaSpec, Step
 from .tenant import build_template, open_tenant, personalise, write_new_file
+from .transaction import Emitter
 
 __all__ = ["Store", "NODE_NAME_RE"]
 
@@ -80,6 +82,7 @@ class Store:
         settings: Settings | None = None,
         move_wait: float = 10.0,
         create: bool = True,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
     ) -> None:
         self.root = os.path.abspath(os.fspath(root))
         self.settings = settings or Settings()
@@ -118,6 +121,8 @@ class Store:
         self._records: dict[str, TenantRecord] = {}
         self._fast: dict[Any, Handle] = {}  # read handles by the caller's key object (skips canonical())
         self._wfast: dict[str, Handle] = {}  # write handles by canonical key
+        #: Outbox hooks shared by every transaction of this store (``tx.emit``).
+        self.emitter = Emitter(self.catalog.flag_pending, max_payload)
         self._templates: dict[str, bytes] = {}
         self._template_lock = threading.Lock()
         self._closed = False
@@ -155,8 +160,10 @@ class Store:
 
     # -- resolution -----------------------------------------------------------------------------------
 
-    def resolve(self, canon: str, *, create: bool) -> TenantRecord | None:
-        """The live record of ``canon`` (cached), creating the tenant when ``create``; None if absent."""
+    def resolve(self, canon: str, *, create: bool, revive: bool = True) -> TenantRecord | None:
+        """The live record of ``canon`` (cached), creating the tenant when ``create``; None if absent.
+
+        ``revive=False`` never re-creates a dropped tenant (the relay delivers nothing to one)."""
         record = self._records.get(canon)
         if record is not None:
             return record
@@ -168,7 +175,7 @@ class Store:
             return record
         if record is not None and record.state == "dropping":
             raise TenantMoving(f"tenant {canon!r} is being dropped")
-        if not create:
+        if not create or (not revive and record is not None and record.state == "dropped"):
             return None
         return self._create(canon)
 
@@ -228,14 +235,14 @@ class Store:
         handle = Handle(canon, role, conn, guard, path, record.generation, ident.incarnation)
         return self.pool.add(handle)
 
-    def acquire(self, key: object, role: str, *, create: bool) -> Handle:
+    def acquire(self, key: object, role: str, *, create: bool, revive: bool = True) -> Handle:
         """An entered handle for ``key``: resolved, opened, identity-checked. The caller must release it."""
         canon = canonical(key)
         deadline = time.monotonic() + self.move_wait
         while True:
             if self._closed:
                 raise ShardliteError("the router is closed")
-            record = self.resolve(canon, create=create)
+            record = self.resolve(canon, create=create, revive=revive)
             if record is None:
                 raise UnknownTenant(f"tenant {canon!r} does not exist")
             handle = self.pool.get(canon, role)
@@ -340,8 +347,12 @@ class Store:
         finally:
             guard.trusted = False
         handle.checked_dv = conn.data_version()
+        if handle.emitted:
+            handle.emitted = False
+            self.emitter.wake(handle.key)
 
     def rollback(self, handle: Handle) -> None:
+        handle.emitted = False
         conn = handle.conn
         if conn.get_autocommit():
             return  # SQLite already rolled back (some errors do)
@@ -352,7 +363,7 @@ class Store:
         finally:
             guard.trusted = False
 
-    def begin_write(self, canon: str, *, create: bool = True) -> Handle:
+    def begin_write(self, canon: str, *, create: bool = True, revive: bool = True) -> Handle:
         """An entered ``"w"`` handle inside ``BEGIN IMMEDIATE`` at the tenant's current home.
 
         ``canon`` must already be canonical. Retries at the new home when the file turns out retired,
@@ -371,7 +382,7 @@ class Store:
         deadline = 0.0
         while True:
             if handle is None:
-                handle = self.acquire(canon, "w", create=create)
+                handle = self.acquire(canon, "w", create=create, revive=revive)
             try:
                 ok = self.begin(handle)
             except BaseException:

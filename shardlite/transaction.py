@@ -1,20 +1,28 @@
 """The transaction object handed to the caller's code (sync); the async twin wraps the same calls.
 
 ``tx.execute(sql, params=())`` returns an APSW cursor (iterable of tuples, ``fetchone``, ``fetchall``);
-``tx.lastrowid`` and ``tx.changes`` describe the last statement. A transaction object is only valid
-inside its ``with`` block: using it afterwards raises, so no statement can slip out in autocommit mode.
+``tx.lastrowid`` and ``tx.changes`` describe the last statement; ``tx.emit(dest, topic, payload)`` adds an
+outbox event that commits (or rolls back) with the transaction. A transaction object is only valid inside
+its ``with`` block: using it afterwards raises, so no statement can slip out in autocommit mode.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import apsw
 
+from .authorizer import INTERNAL_SQL, Guard
 from .errors import ShardliteError
+from .keys import canonical
+from .outbox import DEFAULT_MAX_PAYLOAD, check_topic, encode_payload
 
-__all__ = ["Transaction", "TransactionClosed"]
+__all__ = ["Transaction", "TransactionClosed", "Emitter"]
+
+_ANY_EVENT = "SELECT 1 FROM _shardlite_outbox LIMIT 1"
+_EMIT = INTERNAL_SQL + "INSERT INTO _shardlite_outbox(dest, topic, payload, created) VALUES (?, ?, ?, ?)"
 
 
 class TransactionClosed(ShardliteError):
@@ -24,15 +32,47 @@ class TransactionClosed(ShardliteError):
 Params = Sequence[Any] | dict[str, Any]
 
 
+class Emitter:
+    """What ``tx.emit`` needs from the router: the payload limit, the pending-work flag, wake-ups.
+
+    ``flag(key)`` records in the global DB that ``key`` has pending events. It is called *before* the
+    transaction that first makes an empty outbox non-empty commits (a spurious flag costs the relay one
+    look; a missing one would strand events). ``wake()`` runs after a commit that emitted, to wake
+    in-process relays at once.
+    """
+
+    def __init__(self, flag: Callable[[str], None], max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+        self.flag = flag
+        self.max_payload = max_payload
+        self._listeners: list[Callable[[str], None]] = []
+
+    def listen(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(source_key)`` after every commit that emitted (in the committing thread)."""
+        self._listeners.append(listener)
+
+    def unlisten(self, listener: Callable[[str], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def wake(self, source: str) -> None:
+        for listener in list(self._listeners):
+            listener(source)
+
+
 class Transaction:
     """A write transaction (or a savepoint nested in one) on one tenant, or on the global DB."""
 
-    __slots__ = ("key", "_conn", "_open")
+    __slots__ = ("key", "_conn", "_open", "_guard", "_emitter", "_flagged", "_handle")
 
-    def __init__(self, key: str, conn: apsw.Connection) -> None:
+    def __init__(self, key: str, conn: apsw.Connection, guard: Guard | None = None,
+                 emitter: Emitter | None = None, handle: Any = None) -> None:
         self.key = key
         self._conn = conn
         self._open = True
+        self._guard = guard
+        self._emitter = emitter
+        self._flagged = False
+        self._handle = handle  # a pool Handle: its ``emitted`` flag tells the committer to wake relays
 
     def execute(self, sql: str, params: Params = ()) -> apsw.Cursor:
         """Run ``sql`` (with ``params``) inside the transaction; returns the cursor."""
@@ -54,6 +94,46 @@ class Transaction:
     def changes(self) -> int:
         """Rows changed by the last INSERT, UPDATE or DELETE."""
         return int(self._conn.changes())
+
+    def emit(self, dest: object, topic: str, payload: Any) -> None:
+        """Add an event for ``dest`` to this tenant's outbox, atomically with the transaction.
+
+        A relay later runs the ``topic`` handler inside a write transaction on ``dest`` (exactly once in
+        effect, in order per source and destination). ``payload`` must be JSON-serialisable and at most
+        ``max_payload`` bytes once encoded (:class:`~shardlite.PayloadTooLarge`). Nothing is emitted if the
+        transaction rolls back.
+        """
+        if not self._open:
+            raise TransactionClosed(f"the transaction on {self.key!r} has ended")
+        emitter, guard = self._emitter, self._guard
+        if emitter is None or guard is None:
+            raise ShardliteError("emit() is only available in tenant transactions")
+        dest_key = canonical(dest)
+        check_topic(topic)
+        data = encode_payload(payload, emitter.max_payload)
+        conn = self._conn
+        if not self._flagged:
+            if not conn.execute(_ANY_EVENT).fetchall():
+                emitter.flag(self.key)
+            self._flagged = True
+        guard.trusted = True
+        try:
+            conn.execute(_EMIT, (dest_key, topic, data, time.time()))
+        finally:
+            guard.trusted = False
+        if self._handle is not None:
+            self._handle.emitted = True
+
+    def _internal(self, sql: str, params: Params = ()) -> apsw.Cursor:
+        """One of shardlite's own statements (writes to ``_shardlite_*`` tables), e.g. the feed handler."""
+        guard = self._guard
+        if guard is None or not self._open:
+            raise ShardliteError("not available in this transaction")
+        guard.trusted = True
+        try:
+            return self._conn.execute(INTERNAL_SQL + sql, params)
+        finally:
+            guard.trusted = False
 
     def _close(self) -> None:
         self._open = False

@@ -1,0 +1,45 @@
+"""The built-in activity feed: a standard handler that appends events to ``_shardlite_feed`` in the
+destination tenant, and a reader that returns them newest first with a cursor.
+
+``router.use_feed("message", ...)`` registers :func:`append` for those topics; ``router.feed(key,
+limit=50, before=None)`` returns :class:`FeedItem` objects, newest first; pass the last item's ``id`` as
+``before`` for the next page. Appending is exactly once in effect (the relay's inbox mark commits with it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .outbox import Event
+from .transaction import Transaction
+
+__all__ = ["FeedItem", "append", "FEED_QUERY"]
+
+FEED_QUERY = ("SELECT id, source, topic, payload, event, at FROM _shardlite_feed WHERE id < ? "
+              "ORDER BY id DESC LIMIT ?")
+
+
+@dataclass(frozen=True, slots=True)
+class FeedItem:
+    """One feed entry: ``id`` (the cursor), the event's source key, topic, payload and id, and when the
+    source emitted it."""
+
+    id: int
+    source: str
+    topic: str
+    payload: Any
+    event_id: str
+    at: float
+
+
+def append(tx: Transaction, event: Event) -> None:
+    """Handler: add ``event`` to the destination tenant's feed."""
+    tx._internal("INSERT INTO _shardlite_feed(source, topic, payload, event, at) VALUES (?, ?, ?, ?, ?)",
+                 (event.source, event.topic, json.dumps(event.payload, ensure_ascii=False, separators=(",", ":")),
+                  event.id, event.created))
+
+
+def items(rows: list[tuple[Any, ...]]) -> list[FeedItem]:
+    return [FeedItem(int(i), str(s), str(t), json.loads(p), str(e), float(a)) for i, s, t, p, e, a in rows]

@@ -1,0 +1,142 @@
+"""Outbox rules, pure (no I/O): events, payload encoding, delivery planning, retries (brief rule 9).
+
+* Events are numbered by an AUTOINCREMENT sequence in the source file (``_shardlite_outbox.seq``), never a
+  reusable rowid, so a drained outbox never hands out an old number again. Together with the source's
+  *incarnation* (new on create, restore and import; kept across moves) ``(source, incarnation, seq)``
+  identifies an event for ever.
+* Order is kept per (source, destination): :func:`plan` delivers, for each destination, the longest prefix
+  of its events that is due and has a handler; the first event that is waiting for a retry, or has no
+  handler in this process ("unhandled"), holds back the events behind it for that destination only.
+* Dead letters: after ``max_attempts`` failed attempts an event moves to the dead-letter table with its
+  error text, and **later events on the same (source, destination) pair go on** (they are not held back by
+  a dead event). ``shardlite relay retry`` re-emits a dead letter as a *new* event (a new seq), so it is
+  applied after the events that went on without it. Choose idempotent handlers where that order matters.
+* Retries back off exponentially: ``backoff_base * 2 ** (attempts - 1)``, capped at ``backoff_cap``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import PayloadTooLarge
+
+__all__ = ["Event", "OutboxRow", "RetryPolicy", "encode_payload", "plan", "Plan", "next_due", "DEFAULT_MAX_PAYLOAD"]
+
+DEFAULT_MAX_PAYLOAD = 64 * 1024
+MAX_TOPIC_LENGTH = 200
+
+
+def encode_payload(payload: Any, limit: int) -> str:
+    """Compact JSON of ``payload``; :class:`PayloadTooLarge` past ``limit`` UTF-8 bytes. Raises
+    ``TypeError``/``ValueError`` (from :mod:`json`) for values JSON cannot represent."""
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    size = len(text.encode("utf-8"))
+    if size > limit:
+        raise PayloadTooLarge(f"outbox payload is {size} bytes; the limit is {limit} (Router(max_payload=...))")
+    return text
+
+
+def check_topic(topic: object) -> str:
+    if not isinstance(topic, str) or not topic or len(topic) > MAX_TOPIC_LENGTH:
+        raise ValueError(f"an event topic is non-empty text of at most {MAX_TOPIC_LENGTH} characters")
+    return topic
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """What a handler receives. ``id`` is ``"<source>/<incarnation>/<seq>"``: unique for ever."""
+
+    source: str
+    dest: str
+    topic: str
+    payload: Any
+    seq: int
+    incarnation: str
+    created: float
+    attempts: int = 0
+
+    @property
+    def id(self) -> str:
+        return f"{self.source}/{self.incarnation}/{self.seq}"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One row of a source's outbox, as read by the relay."""
+
+    seq: int
+    dest: str
+    topic: str
+    payload: str
+    created: float
+    attempts: int
+    next_at: float
+
+    def event(self, source: str, incarnation: str) -> Event:
+        return Event(source, self.dest, self.topic, json.loads(self.payload), self.seq, incarnation,
+                     self.created, self.attempts)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    backoff_base: float = 0.05
+    backoff_cap: float = 30.0
+
+    def next_at(self, now: float, attempts: int) -> float:
+        delay: float = min(self.backoff_cap, self.backoff_base * (2.0 ** max(0, attempts - 1)))
+        return now + delay
+
+    def dead(self, attempts: int) -> bool:
+        return attempts >= self.max_attempts
+
+
+@dataclass
+class Plan:
+    """What one relay pass over a source will deliver, per destination, in seq order."""
+
+    deliver: dict[str, list[OutboxRow]] = field(default_factory=dict)
+    waiting: int = 0  # events held back by a retry delay (theirs or an earlier one's on the same pair)
+    unhandled: list[OutboxRow] = field(default_factory=list)  # first event of each pair with no handler
+    next_due: float | None = None
+
+
+def plan(rows: Iterable[OutboxRow], handlers: Mapping[str, Callable[..., Any]], now: float) -> Plan:
+    """Split a source's outbox (``rows`` in seq order) into what can be delivered now."""
+    result = Plan()
+    blocked: set[str] = set()
+    for row in rows:
+        if row.dest in blocked:
+            result.waiting += 1
+            continue
+        if row.next_at > now:
+            blocked.add(row.dest)
+            result.waiting += 1
+            result.next_due = row.next_at if result.next_due is None else min(result.next_due, row.next_at)
+            continue
+        if row.topic not in handlers:
+            blocked.add(row.dest)
+            result.unhandled.append(row)
+            continue
+        result.deliver.setdefault(row.dest, []).append(row)
+    return result
+
+
+def next_due(now: float, *, remaining: int, held: int, retry_due: float | None, unhandled: bool,
+             recheck: float) -> float:
+    """When a source with ``remaining`` events after a pass needs its next pass.
+
+    ``held`` events are known to wait (for a retry delay, behind one, or for a handler this process does
+    not have). Any other remaining event (emitted during the pass, beyond the batch, or behind a handler
+    that just failed) is due now; otherwise the earliest retry, and unhandled topics are looked at again
+    every ``recheck`` seconds (another process may handle them).
+    """
+    if remaining > held:
+        return now
+    candidates = [retry_due] if retry_due is not None else []
+    if unhandled:
+        candidates.append(now + recheck)
+    return min(candidates) if candidates else now

@@ -1,0 +1,419 @@
+"""The relay: delivers outbox events to their handlers on the destination tenants (brief rules 9, 12).
+
+Finding work. A tenant with pending events has a row in the global DB's ``_shardlite_pending`` table. The
+row is written only on transitions: by ``tx.emit`` when it finds the outbox empty (*before* that
+transaction commits), and by the relay when a pass leaves the outbox empty (deleted) or waiting for a retry
+(its due time moves). Relays read the table (a read, never every tenant file) to find due tenants.
+
+Claiming. A relay claims a source tenant inside the tenant's own file (``_shardlite_relay``, a lease of
+``lease`` seconds) so several relays never work one source at once and never fight over the global DB. A
+relay that dies leaves a lease that expires; another relay then takes over.
+
+One pass over a source ``S``:
+
+1. claim ``S`` and read up to ``batch`` outbox rows in seq order;
+2. :func:`~shardlite.outbox.plan` what is due and has a handler, per destination, in order;
+3. for each destination ``D``: one write transaction on ``D`` (created on first delivery unless it was
+   dropped: then the events become dead letters) reads the high-water mark for ``(S, incarnation)``
+   from ``_shardlite_inbox``, skips events at or below it (a redelivery has no effect), and runs each
+   handler in its own savepoint, advancing the mark in the same transaction as the handler's effect;
+   the first failing handler stops that destination for this pass (order per pair);
+4. acknowledge in ``S``: delete delivered events, count failures (backoff, or dead letter after
+   ``max_attempts``), release the claim; the pending flag's version is read inside this transaction,
+   under ``S``'s write lock, and the flag is deleted afterwards only if the outbox was empty *and* no
+   emitter re-flagged it since (an emitter that finds the outbox empty bumps the version). No event is
+   stranded: a crash anywhere leaves either the flag or nothing to deliver.
+
+A crash between ``D``'s commit and ``S``'s acknowledgement redelivers those events later; the inbox mark
+makes that a no-op. Handlers must keep their effects inside the transaction they are given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import apsw
+
+from .errors import Busy, ShardliteError, TenantMoving, UnknownTenant
+from .outbox import Event, OutboxRow, RetryPolicy, next_due, plan
+from .store import Store
+from .transaction import Transaction
+
+__all__ = ["Relay", "PassStats", "Handler", "LEASE_SECONDS"]
+
+log = logging.getLogger("shardlite.relay")
+
+Handler = Callable[[Transaction, Event], None]
+
+#: How long a relay's claim on a source tenant lasts; a relay that died is replaced after at most this.
+LEASE_SECONDS = 10.0
+
+_READ_OUTBOX = ("SELECT seq, dest, topic, payload, created, attempts, next_at FROM _shardlite_outbox "
+                "ORDER BY seq LIMIT ?")
+
+
+@dataclass
+class PassStats:
+    delivered: int = 0
+    failed: int = 0
+    dead: int = 0
+    unhandled: int = 0
+    waiting: int = 0
+    skipped: int = 0  # sources claimed by another relay
+    sources: int = 0
+    unhandled_topics: set[str] = field(default_factory=set)
+
+    def add(self, other: PassStats) -> None:
+        for name in ("delivered", "failed", "dead", "unhandled", "waiting", "skipped", "sources"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.unhandled_topics |= other.unhandled_topics
+
+
+class Relay:
+    """Delivers events for one store. ``start()``/``stop()`` run it on a background thread;
+    ``run_once()`` and ``drain()`` run it on the caller's thread."""
+
+    def __init__(self, store: Store, handlers: dict[str, Handler], *, policy: RetryPolicy | None = None,
+                 lease: float = LEASE_SECONDS, batch: int = 500, poll_interval: float = 0.05,
+                 unhandled_recheck: float = 5.0) -> None:
+        self.store = store
+        self.handlers = handlers
+        self.policy = policy or RetryPolicy()
+        self.lease = lease
+        self.batch = batch
+        self.poll_interval = poll_interval
+        self.unhandled_recheck = unhandled_recheck
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._skip_until: dict[str, float] = {}
+        self._hot: set[str] = set()  # sources this process just emitted from: passed at once
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_error: str | None = None
+        #: Test hook: called with a step name ("claimed", "delivered", "acknowledged") during each pass, so
+        #: crash tests can kill the process at an exact point of the protocol.
+        self.fault: Callable[[str], None] | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Run the relay on a daemon thread until :meth:`stop` (idempotent)."""
+        if self.running:
+            return
+        self._stop.clear()
+        self.store.emitter.listen(self.notify)
+        self._thread = threading.Thread(target=self._loop, name="shardlite-relay", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the thread after its current pass (idempotent)."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._stop.set()
+        self._wake.set()
+        thread.join(timeout)
+        self.store.emitter.unlisten(self.notify)
+        self._thread = None
+
+    def notify(self, source: str) -> None:
+        """``source`` committed new events in this process: pass over it at once, whatever its due time."""
+        self._hot.add(source)
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                stats = self.run_once()
+                busy = stats.delivered + stats.failed + stats.dead > 0
+            except Exception as exc:  # noqa: BLE001 - a relay thread must survive anything a pass throws
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("relay pass failed")
+                busy = False
+            if not busy:
+                self._wake.wait(self.poll_interval)
+                self._wake.clear()
+
+    # -- passes -----------------------------------------------------------------------------------------
+
+    def run_once(self, *, limit: int = 64) -> PassStats:
+        """One pass over every due, unclaimed source (at most ``limit``)."""
+        now = time.time()
+        total = PassStats()
+        hot, self._hot = self._hot, set()
+        keys = list(dict.fromkeys([*hot, *(key for key, _, _ in self.store.catalog.pending_due(now, limit))]))
+        for key in keys:
+            if self._skip_until.get(key, 0.0) > now:
+                total.skipped += 1
+                continue
+            try:
+                total.add(self.pass_over(key))
+            except (Busy, TenantMoving) as exc:
+                log.info("relay: source %r not available now (%s)", key, exc)
+        return total
+
+    def drain(self, *, timeout: float = 60.0) -> PassStats:
+        """Run passes until nothing deliverable is pending (waiting out retry delays and the leases of
+        relays that died), or ``timeout``. Events whose topic has no handler here stay pending."""
+        deadline = time.monotonic() + timeout
+        total = PassStats()
+        while time.monotonic() < deadline:
+            stats = self.run_once(limit=1000)
+            total.add(stats)
+            pending = self.store.catalog.pending_all()
+            if not pending:
+                break
+            if stats.delivered + stats.failed + stats.dead == 0:
+                if all(self._only_unhandled(key) for key, _, _ in pending):
+                    break
+                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        return total
+
+    def _only_unhandled(self, key: str) -> bool:
+        try:
+            rows = self.store.read(key, "SELECT DISTINCT topic FROM _shardlite_outbox")
+        except UnknownTenant:
+            return False
+        return bool(rows) and all(topic not in self.handlers for (topic,) in rows)
+
+    def pass_over(self, source: str) -> PassStats:
+        """Deliver what is due from ``source``'s outbox (see the module doc for the protocol)."""
+        stats = PassStats(sources=1)
+        store = self.store
+        now = time.time()
+        try:
+            handle = store.begin_write(source, create=False)
+        except UnknownTenant:
+            self._forget_source(source)
+            return stats
+        try:
+            claim: list[Any] = handle.conn.execute(
+                "SELECT claimed_by, claimed_until FROM _shardlite_relay WHERE id = 1").fetchall()
+            claimed_by, claimed_until = claim[0]
+            if claimed_by not in (None, self.id) and claimed_until > now:
+                store.rollback(handle)
+                self._skip_until[source] = float(claimed_until)
+                stats.skipped = 1
+                return stats
+            store.internal(handle, "UPDATE _shardlite_relay SET claimed_by = ?, claimed_until = ? WHERE id = 1",
+                           (self.id, now + self.lease))
+            found: list[Any] = handle.conn.execute(_READ_OUTBOX, (self.batch,)).fetchall()
+            rows = [OutboxRow(*row) for row in found]
+            incarnation = handle.incarnation
+            store.commit(handle)
+        except BaseException:
+            store.rollback(handle)
+            raise
+        finally:
+            store.release(handle)
+        if self.fault is not None:
+            self.fault("claimed")
+        work = plan(rows, self.handlers, now)
+        stats.waiting, stats.unhandled = work.waiting, len(work.unhandled)
+        stats.unhandled_topics = {row.topic for row in work.unhandled}
+        delivered: list[int] = []
+        failed: dict[int, tuple[OutboxRow, str]] = {}
+        dead: dict[int, tuple[OutboxRow, str]] = {}
+        for dest, dest_rows in work.deliver.items():
+            self._deliver(source, incarnation, dest, dest_rows, delivered, failed, dead)
+        if self.fault is not None:
+            self.fault("delivered")
+        self._acknowledge(source, rows, work.next_due, bool(work.unhandled), delivered, failed, dead, stats)
+        return stats
+
+    def _deliver(self, source: str, incarnation: str, dest: str, rows: list[OutboxRow], delivered: list[int],
+                 failed: dict[int, tuple[OutboxRow, str]], dead: dict[int, tuple[OutboxRow, str]]) -> None:
+        store = self.store
+        try:
+            handle = store.begin_write(dest, create=True, revive=False)
+        except UnknownTenant:
+            for row in rows:
+                dead[row.seq] = (row, f"destination {dest!r} was dropped")
+            return
+        except (Busy, TenantMoving) as exc:
+            failed[rows[0].seq] = (rows[0], f"{type(exc).__name__}: {exc}")
+            return
+        done: list[int] = []
+        try:
+            conn = handle.conn
+            found: list[Any] = conn.execute(
+                "SELECT last_seq FROM _shardlite_inbox WHERE source = ? AND incarnation = ?",
+                (source, incarnation)).fetchall()
+            high = int(found[0][0]) if found else 0
+            for row in rows:
+                if row.seq <= high:
+                    done.append(row.seq)  # applied before: the acknowledgement was lost
+                    continue
+                error = self._apply(handle, source, incarnation, row)
+                if error is not None:
+                    failed[row.seq] = (row, error)
+                    break
+                high = row.seq
+                done.append(row.seq)
+            store.commit(handle)
+        except BaseException:
+            store.rollback(handle)
+            raise
+        finally:
+            store.release(handle)
+        delivered.extend(done)
+
+    def _apply(self, handle: Any, source: str, incarnation: str, row: OutboxRow) -> str | None:
+        """Run one handler in a savepoint with the inbox mark; the error text when it failed."""
+        store = self.store
+        store.internal(handle, "SAVEPOINT shardlite_relay")
+        tx = Transaction(handle.key, handle.conn, handle.guard, store.emitter, handle)
+        try:
+            self.handlers[row.topic](tx, row.event(source, incarnation))
+            store.internal(handle, "INSERT INTO _shardlite_inbox(source, incarnation, last_seq) VALUES (?, ?, ?) "
+                           "ON CONFLICT(source, incarnation) DO UPDATE SET last_seq = excluded.last_seq",
+                           (source, incarnation, row.seq))
+        except Exception as exc:  # noqa: BLE001 - a failing handler is recorded, never fatal to the relay
+            store.internal(handle, "ROLLBACK TO shardlite_relay")
+            store.internal(handle, "RELEASE shardlite_relay")
+            return f"{type(exc).__name__}: {exc}"[:2000]
+        finally:
+            tx._close()
+        store.internal(handle, "RELEASE shardlite_relay")
+        return None
+
+    def _acknowledge(self, source: str, rows: list[OutboxRow], next_due_at: float | None, unhandled: bool,
+                     delivered: list[int], failed: dict[int, tuple[OutboxRow, str]],
+                     dead: dict[int, tuple[OutboxRow, str]], stats: PassStats) -> None:
+        store, catalog, policy = self.store, self.store.catalog, self.policy
+        now = time.time()
+        try:
+            handle = store.begin_write(source, create=False)
+        except UnknownTenant:
+            self._forget_source(source)
+            return
+        try:
+            version = catalog.pending_row(source)
+            conn = handle.conn
+            if delivered:
+                store.internal(handle, "DELETE FROM _shardlite_outbox WHERE seq IN (SELECT value FROM json_each(?))",
+                               (_json_list(delivered),))
+            for seq, (row, error) in failed.items():
+                attempts = row.attempts + 1
+                if policy.dead(attempts):
+                    dead[seq] = (row, error)
+                    continue
+                store.internal(handle, "UPDATE _shardlite_outbox SET attempts = ?, next_at = ?, last_error = ? "
+                               "WHERE seq = ?", (attempts, policy.next_at(now, attempts), error, seq))
+                retry_at = policy.next_at(now, attempts)
+                next_due_at = retry_at if next_due_at is None else min(next_due_at, retry_at)
+            for seq, (row, error) in dead.items():
+                catalog.add_dead_letter(source, handle.incarnation, seq, row.dest, row.topic, row.payload,
+                                        row.created, max(row.attempts + 1, 1), error)
+                store.internal(handle, "DELETE FROM _shardlite_outbox WHERE seq = ?", (seq,))
+            left: list[Any] = conn.execute("SELECT count(*) FROM _shardlite_outbox").fetchall()
+            remaining = int(left[0][0])
+            store.internal(handle, "UPDATE _shardlite_relay SET claimed_by = NULL, claimed_until = 0 WHERE id = 1")
+            store.commit(handle)
+        except BaseException:
+            store.rollback(handle)
+            raise
+        finally:
+            store.release(handle)
+        if self.fault is not None:
+            self.fault("acknowledged")
+        stats.delivered += len(delivered)
+        stats.dead += len(dead)
+        stats.failed += len(failed) - sum(1 for seq in failed if seq in dead)
+        if remaining == 0:
+            if version is not None:
+                catalog.clear_pending(source, version[0])
+            return
+        retrying = len(failed) - sum(1 for seq in failed if seq in dead)
+        held = stats.waiting + stats.unhandled + retrying
+        due = next_due(now, remaining=remaining, held=held, retry_due=next_due_at,
+                       unhandled=bool(unhandled), recheck=self.unhandled_recheck)
+        current = version[1] if version is not None else None
+        if current is None or (abs(current - due) > 1e-3 and not (current <= now and due <= now)):
+            catalog.set_pending_due(source, due)
+
+    def _forget_source(self, source: str) -> None:
+        row = self.store.catalog.pending_row(source)
+        if row is not None:
+            self.store.catalog.clear_pending(source, row[0])
+
+    # -- operations -------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Pending events, age of the oldest (lag), unhandled topics and dead letters, per node. Opens
+        only the tenants flagged as having pending events."""
+        store = self.store
+        now = time.time()
+        per_node: dict[str, dict[str, Any]] = {
+            n.name: {"pending": 0, "oldest_age": 0.0, "dead_letters": 0, "sources": 0} for n in
+            store.catalog.nodes()}
+        topics: dict[str, int] = {}
+        for key, _due, _since in store.catalog.pending_all():
+            try:
+                count, oldest = store.read(key, "SELECT count(*), min(created) FROM _shardlite_outbox")[0]
+                node = store.locate(key).node
+                for (topic, n) in store.read(key, "SELECT topic, count(*) FROM _shardlite_outbox GROUP BY topic"):
+                    topics[topic] = topics.get(topic, 0) + int(n)
+            except (UnknownTenant, ShardliteError, apsw.Error):
+                continue
+            entry = per_node.setdefault(node, {"pending": 0, "oldest_age": 0.0, "dead_letters": 0, "sources": 0})
+            entry["pending"] += int(count)
+            entry["sources"] += 1 if count else 0
+            if oldest is not None:
+                entry["oldest_age"] = max(entry["oldest_age"], now - float(oldest))
+        dead = store.catalog.dead_letters(limit=1_000_000)
+        for letter in dead:
+            node = store.locate(letter["source"]).node
+            per_node.setdefault(node, {"pending": 0, "oldest_age": 0.0, "dead_letters": 0, "sources": 0})
+            per_node[node]["dead_letters"] += 1
+        return {
+            "pending": sum(v["pending"] for v in per_node.values()),
+            "oldest_age": max([v["oldest_age"] for v in per_node.values()] or [0.0]),
+            "dead_letters": len(dead),
+            "unhandled_topics": sorted(t for t in topics if t not in self.handlers),
+            "nodes": per_node,
+            "running": self.running,
+            "last_error": self.last_error,
+        }
+
+    def retry_dead(self, *, source: str | None = None, seq: int | None = None) -> int:
+        """Re-emit dead letters (all, one source's, or one) as new events; returns how many."""
+        store = self.store
+        count = 0
+        for letter in store.catalog.dead_letters(limit=1_000_000):
+            if source is not None and letter["source"] != source:
+                continue
+            if seq is not None and letter["seq"] != seq:
+                continue
+            handle = store.begin_write(letter["source"], create=False)
+            try:
+                tx = Transaction(handle.key, handle.conn, handle.guard, store.emitter, handle)
+                tx._internal("INSERT INTO _shardlite_outbox(dest, topic, payload, created) VALUES (?, ?, ?, ?)",
+                             (letter["dest"], letter["topic"], letter["payload"], letter["created"]))
+                tx._close()
+                store.catalog.flag_pending(letter["source"])
+                store.commit(handle)
+            except BaseException:
+                store.rollback(handle)
+                raise
+            finally:
+                store.release(handle)
+            store.catalog.delete_dead_letter(letter["source"], letter["incarnation"], letter["seq"])
+            count += 1
+        return count
+
+
+def _json_list(values: list[int]) -> str:
+    return "[" + ",".join(str(int(v)) for v in values) + "]"
