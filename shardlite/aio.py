@@ -39,15 +39,19 @@ from typing import Any, TypeVar
 
 import apsw
 
+from . import feed
 from .accounts import Accounts
 from .aio_globals import AsyncAccounts, AsyncGlobalTables, AsyncSessions
+from .aio_relay import AsyncRelay
 from .authorizer import INTERNAL_SQL
 from .catalog import Location
 from .engine import Settings
 from .errors import Busy, ShardliteError, TenantMoving
 from .globals import GlobalTables
 from .keys import canonical
+from .outbox import DEFAULT_MAX_PAYLOAD, RetryPolicy, check_topic
 from .pool import Handle
+from .relay import Handler, Relay
 from .schema import Step
 from .sessions import Sessions
 from .store import Store
@@ -77,6 +81,10 @@ class AsyncTransaction:
 
     async def executemany(self, sql: str, seq_of_params: Sequence[Params]) -> apsw.Cursor:
         return self._tx.executemany(sql, seq_of_params)
+
+    async def emit(self, dest: object, topic: str, payload: Any) -> None:
+        """Add an outbox event, committed with this transaction (see :meth:`Transaction.emit`)."""
+        self._tx.emit(dest, topic, payload)
 
     @property
     def lastrowid(self) -> int:
@@ -234,11 +242,15 @@ class AsyncRouter:
         inline_read_steps: int = 5000,
         global_schema: Sequence[Step] | None = None,
         clock: Callable[[], float] = time.time,
+        relay: bool = False,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        retry: RetryPolicy | None = None,
     ) -> None:
         settings = Settings(synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, max_open=max_open,
                             cache_kib=cache_kib)
         self._store = Store(os.fspath(root), nodes=nodes, schema=schema,  # type: ignore[arg-type]
-                            global_schema=global_schema, settings=settings, move_wait=move_wait)
+                            global_schema=global_schema, settings=settings, move_wait=move_wait,
+                            max_payload=max_payload)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardlite")
         self._batches: dict[str, _Batch] = {}
         self._max_batch = max_batch
@@ -254,6 +266,11 @@ class AsyncRouter:
         self.sessions = AsyncSessions(Sessions(db, clock), self._call)
         #: The app's global tables (async twin of :class:`~shardlite.globals.GlobalTables`).
         self.globals = AsyncGlobalTables(GlobalTables(db))
+        self._handlers: dict[str, Handler] = {}
+        #: The outbox relay as an asyncio task (:class:`~shardlite.aio_relay.AsyncRelay`). Never started
+        #: implicitly; ``relay=True`` starts it when the router is entered (``async with``).
+        self.relay = AsyncRelay(Relay(self._store, self._handlers, policy=retry), self._call)
+        self._relay_for_life = relay
 
     def _canonical(self, key: object) -> str:
         canon = self._canon.get(key)
@@ -473,10 +490,34 @@ class AsyncRouter:
     async def migrate_all(self, *, parallel: int = 4) -> dict[str, str]:
         return await self._call(lambda: self._store.migrate_all(parallel=parallel))
 
+    # -- outbox ---------------------------------------------------------------------------------------
+
+    def handler(self, topic: str) -> Callable[[Handler], Handler]:
+        """``@ar.handler(topic)``: a plain function ``(tx, event)``, run by the relay on a worker thread
+        inside a write transaction on the destination (as under :class:`~shardlite.Router`)."""
+        check_topic(topic)
+
+        def register(fn: Handler) -> Handler:
+            self._handlers[topic] = fn
+            return fn
+        return register
+
+    def use_feed(self, *topics: str) -> None:
+        """Deliver events of ``topics`` to the built-in activity feed of their destination."""
+        for topic in topics:
+            self.handler(topic)(feed.append)
+
+    async def feed(self, key: object, *, limit: int = 50, before: int | None = None) -> list[feed.FeedItem]:
+        """``key``'s activity feed, newest first (see :meth:`Router.feed`)."""
+        limit = max(0, min(int(limit), 1000))
+        cursor = (1 << 62) if before is None else int(before)
+        return feed.items(await self.query(key, feed.FEED_QUERY, (cursor, limit)))
+
     # -- lifecycle --------------------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Wait for open batches to commit, then close every connection. Idempotent."""
+        """Stop the relay, wait for open batches to commit, then close every connection. Idempotent."""
+        await self.relay.stop()
         for batch in list(self._batches.values()):
             for done in list(batch.members):
                 try:
@@ -491,6 +532,8 @@ class AsyncRouter:
         return self._store.closed
 
     async def __aenter__(self) -> AsyncRouter:
+        if self._relay_for_life:
+            self.relay.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:

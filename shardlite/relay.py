@@ -352,8 +352,9 @@ class Relay:
     # -- operations -------------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """Pending events, age of the oldest (lag), unhandled topics and dead letters, per node. Opens
-        only the tenants flagged as having pending events."""
+        """Pending events, age of the oldest (lag) and dead letters, per node; pending events per topic and
+        the topics this process has no handler for. Opens only the tenants flagged as having pending
+        events."""
         store = self.store
         now = time.time()
         per_node: dict[str, dict[str, Any]] = {
@@ -382,6 +383,7 @@ class Relay:
             "pending": sum(v["pending"] for v in per_node.values()),
             "oldest_age": max([v["oldest_age"] for v in per_node.values()] or [0.0]),
             "dead_letters": len(dead),
+            "topics": dict(sorted(topics.items())),
             "unhandled_topics": sorted(t for t in topics if t not in self.handlers),
             "nodes": per_node,
             "running": self.running,
