@@ -7,7 +7,7 @@ Public surface (pinned by tests/test_public_api.py)::
 
 from __future__ import annotations
 
-from .aio import AsyncRouter, AsyncTransaction
+from .aio import AsyncRouter
 from .catalog import Location
 from .engine import Settings
 from .errors import (
@@ -27,7 +27,7 @@ from .errors import (
 )
 from .keys import MAX_KEY_BYTES, canonical, pair_key
 from .router import Router
-from .transaction import Transaction, TransactionClosed
+from .transaction import AsyncTransaction, Transaction, TransactionClosed
 
 __version__ = "0.1.0"
 

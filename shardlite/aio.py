@@ -43,7 +43,7 @@ from . import feed
 from .accounts import Accounts
 from .aio_globals import AsyncAccounts, AsyncGlobalTables, AsyncSessions
 from .aio_relay import AsyncRelay
-from .authorizer import INTERNAL_SQL
+from .authorizer import SAVEPOINT_PREFIX
 from .catalog import Location
 from .engine import Settings
 from .errors import Busy, ShardliteError, TenantMoving
@@ -55,7 +55,7 @@ from .relay import Handler, Relay
 from .schema import Step
 from .sessions import Sessions
 from .store import Store
-from .transaction import Params, Transaction
+from .transaction import AsyncTransaction, Params
 
 __all__ = ["AsyncRouter", "AsyncTransaction"]
 
@@ -63,46 +63,15 @@ T = TypeVar("T")
 Schema = Sequence[Step] | Mapping[str, Sequence[Step]] | None
 
 
-class AsyncTransaction:
-    """The async twin of :class:`~shardlite.Transaction`: ``await tx.execute(sql, params)``."""
-
-    __slots__ = ("_tx",)
-
-    def __init__(self, tx: Transaction) -> None:
-        self._tx = tx
-
-    @property
-    def key(self) -> str:
-        return self._tx.key
-
-    async def execute(self, sql: str, params: Params = ()) -> apsw.Cursor:
-        """Run ``sql`` inside the transaction (on the loop: statements of a batch share one connection)."""
-        return self._tx.execute(sql, params)
-
-    async def executemany(self, sql: str, seq_of_params: Sequence[Params]) -> apsw.Cursor:
-        return self._tx.executemany(sql, seq_of_params)
-
-    async def emit(self, dest: object, topic: str, payload: Any) -> None:
-        """Add an outbox event, committed with this transaction (see :meth:`Transaction.emit`)."""
-        self._tx.emit(dest, topic, payload)
-
-    @property
-    def lastrowid(self) -> int:
-        return self._tx.lastrowid
-
-    @property
-    def changes(self) -> int:
-        return self._tx.changes
-
-
 class _Batch:
     """Group-commit state of one tenant."""
 
-    __slots__ = ("key", "handle", "waiters", "busy", "holder", "count", "members", "committing",
+    __slots__ = ("key", "loop", "handle", "waiters", "busy", "holder", "count", "members", "committing",
                  "commit_scheduled")
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, loop: asyncio.AbstractEventLoop) -> None:
         self.key = key
+        self.loop = loop
         self.handle: Handle | None = None
         self.waiters: deque[asyncio.Future[None]] = deque()
         self.busy = False  # a transaction holds the connection (its savepoint is open)
@@ -115,30 +84,24 @@ class _Batch:
 
 
 # Each member of a batch runs inside its own savepoint, released on success (an unreleased stack costs
-# more per write than the RELEASE saves, measured) and rolled back alone on failure.
+# more per write than the RELEASE saves, measured) and rolled back alone on failure. The names carry the
+# authorizer's secret prefix, so these cached statements run without toggling trusted mode.
 _NESTED_SP: dict[int, tuple[str, str, str]] = {}
 
 
-_MEMBER_SP = (f"{INTERNAL_SQL}SAVEPOINT shardlite_m", f"{INTERNAL_SQL}ROLLBACK TO shardlite_m",
-              f"{INTERNAL_SQL}RELEASE shardlite_m")
+def _savepoint(name: str) -> tuple[str, str, str]:
+    name = SAVEPOINT_PREFIX + name
+    return f"SAVEPOINT {name}", f"ROLLBACK TO {name}", f"RELEASE {name}"
+
+
+_MEMBER_SP = _savepoint("m")
 
 
 def _nested_savepoint(depth: int) -> tuple[str, str, str]:
     found = _NESTED_SP.get(depth)
     if found is None:
-        name = f"shardlite_n{depth}"
-        found = _NESTED_SP[depth] = (f"{INTERNAL_SQL}SAVEPOINT {name}", f"{INTERNAL_SQL}ROLLBACK TO {name}",
-                                     f"{INTERNAL_SQL}RELEASE {name}")
+        found = _NESTED_SP[depth] = _savepoint(f"n{depth}")
     return found
-
-
-def _internal(handle: Handle, sql: str) -> None:
-    guard = handle.guard
-    guard.trusted = True
-    try:
-        handle.conn.execute(sql)
-    finally:
-        guard.trusted = False
 
 
 class _AsyncScope:
@@ -148,7 +111,7 @@ class _AsyncScope:
         self._router = router
         self._key = key
         self._batch: _Batch | None = None
-        self._tx: Transaction | None = None
+        self._tx: AsyncTransaction | None = None
         self._rollback = ""
         self._release = ""
         self._nested = False
@@ -166,17 +129,22 @@ class _AsyncScope:
             savepoint, self._rollback, self._release = _nested_savepoint(handle.savepoints)
             self._nested = True
             try:
-                _internal(handle, savepoint)
+                handle.conn.execute(savepoint)
             except BaseException:
                 handle.savepoints -= 1
                 raise
         else:
-            batch = await router._join(canon)
+            if (batch is not None and batch.handle is not None and not batch.busy and not batch.committing
+                    and not batch.waiters and batch.count < router._max_batch):
+                batch.busy = True  # fast path: join the open batch without waiting
+                batch.count += 1
+            else:
+                batch = await router._join(canon)
             handle = batch.handle
             assert handle is not None
             savepoint, self._rollback, release = _MEMBER_SP
             try:
-                _internal(handle, savepoint)
+                handle.conn.execute(savepoint)
             except BaseException:
                 batch.count -= 1
                 router._leave(batch)
@@ -184,11 +152,11 @@ class _AsyncScope:
             self._release = release
             batch.holder = task
             handle.savepoints = 0
-            self._done = router._loop.create_future()
+            self._done = batch.loop.create_future()
             batch.members.append(self._done)
         self._batch = batch
-        self._tx = Transaction(canon, handle.conn, handle.guard, router._store.emitter, handle)
-        return AsyncTransaction(self._tx)
+        tx = self._tx = AsyncTransaction(canon, handle.conn, handle.guard, router._store.emitter, handle)
+        return tx
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         router = self._router
@@ -200,9 +168,10 @@ class _AsyncScope:
         failed = exc_type is not None
         nested = self._nested
         try:
+            conn = handle.conn
             if failed:
-                _internal(handle, self._rollback)
-            _internal(handle, self._release)
+                conn.execute(self._rollback)
+            conn.execute(self._release)
         except BaseException:
             failed = True
             if not nested:
@@ -297,7 +266,7 @@ class AsyncRouter:
         """Wait for this transaction's turn on ``canon`` and return the open batch it joins."""
         batch = self._batches.get(canon)
         if batch is None:
-            batch = self._batches[canon] = _Batch(canon)
+            batch = self._batches[canon] = _Batch(canon, asyncio.get_running_loop())
         if batch.busy or batch.committing or batch.waiters or batch.count >= self._max_batch:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             batch.waiters.append(fut)
@@ -359,7 +328,7 @@ class AsyncRouter:
                     return
         if batch.handle is not None and not batch.commit_scheduled:
             batch.commit_scheduled = True
-            asyncio.get_running_loop().call_soon(self._maybe_commit, batch)
+            batch.loop.call_soon(self._maybe_commit, batch)
         elif batch.handle is None and not batch.waiters:
             self._batches.pop(batch.key, None)
 
@@ -423,10 +392,6 @@ class AsyncRouter:
     @property
     def root(self) -> str:
         return self._store.root
-
-    @property
-    def _loop(self) -> asyncio.AbstractEventLoop:
-        return asyncio.get_running_loop()
 
     def transaction(self, key: object) -> _AsyncScope:
         """``async with ar.transaction(key) as tx:`` a group-committed write transaction (see module doc)."""

@@ -19,7 +19,7 @@ from .errors import ShardliteError
 from .keys import canonical
 from .outbox import DEFAULT_MAX_PAYLOAD, check_topic, encode_payload
 
-__all__ = ["Transaction", "TransactionClosed", "Emitter"]
+__all__ = ["Transaction", "AsyncTransaction", "TransactionClosed", "Emitter"]
 
 _ANY_EVENT = "SELECT 1 FROM _shardlite_outbox LIMIT 1"
 _EMIT = INTERNAL_SQL + "INSERT INTO _shardlite_outbox(dest, topic, payload, created) VALUES (?, ?, ?, ?)"
@@ -59,8 +59,8 @@ class Emitter:
             listener(source)
 
 
-class Transaction:
-    """A write transaction (or a savepoint nested in one) on one tenant, or on the global DB."""
+class _TxCore:
+    """State and sync implementation shared by :class:`Transaction` and its async twin."""
 
     __slots__ = ("key", "_conn", "_open", "_guard", "_emitter", "_flagged", "_handle")
 
@@ -74,13 +74,12 @@ class Transaction:
         self._flagged = False
         self._handle = handle  # a pool Handle: its ``emitted`` flag tells the committer to wake relays
 
-    def execute(self, sql: str, params: Params = ()) -> apsw.Cursor:
-        """Run ``sql`` (with ``params``) inside the transaction; returns the cursor."""
+    def _execute(self, sql: str, params: Params = ()) -> apsw.Cursor:
         if not self._open:
             raise TransactionClosed(f"the transaction on {self.key!r} has ended")
         return self._conn.execute(sql, params)
 
-    def executemany(self, sql: str, seq_of_params: Sequence[Params]) -> apsw.Cursor:
+    def _executemany(self, sql: str, seq_of_params: Sequence[Params]) -> apsw.Cursor:
         if not self._open:
             raise TransactionClosed(f"the transaction on {self.key!r} has ended")
         return self._conn.executemany(sql, seq_of_params)
@@ -95,14 +94,7 @@ class Transaction:
         """Rows changed by the last INSERT, UPDATE or DELETE."""
         return int(self._conn.changes())
 
-    def emit(self, dest: object, topic: str, payload: Any) -> None:
-        """Add an event for ``dest`` to this tenant's outbox, atomically with the transaction.
-
-        A relay later runs the ``topic`` handler inside a write transaction on ``dest`` (exactly once in
-        effect, in order per source and destination). ``payload`` must be JSON-serialisable and at most
-        ``max_payload`` bytes once encoded (:class:`~shardlite.PayloadTooLarge`). Nothing is emitted if the
-        transaction rolls back.
-        """
+    def _emit(self, dest: object, topic: str, payload: Any) -> None:
         if not self._open:
             raise TransactionClosed(f"the transaction on {self.key!r} has ended")
         emitter, guard = self._emitter, self._guard
@@ -139,4 +131,45 @@ class Transaction:
         self._open = False
 
     def __repr__(self) -> str:
-        return f"<Transaction {self.key!r}{'' if self._open else ' ended'}>"
+        return f"<{type(self).__name__} {self.key!r}{'' if self._open else ' ended'}>"
+
+
+class Transaction(_TxCore):
+    """A write transaction (or a savepoint nested in one) on one tenant, or on the global DB."""
+
+    __slots__ = ()
+
+    def execute(self, sql: str, params: Params = ()) -> apsw.Cursor:
+        """Run ``sql`` (with ``params``) inside the transaction; returns the cursor."""
+        return self._execute(sql, params)
+
+    def executemany(self, sql: str, seq_of_params: Sequence[Params]) -> apsw.Cursor:
+        return self._executemany(sql, seq_of_params)
+
+    def emit(self, dest: object, topic: str, payload: Any) -> None:
+        """Add an event for ``dest`` to this tenant's outbox, atomically with the transaction.
+
+        A relay later runs the ``topic`` handler inside a write transaction on ``dest`` (exactly once in
+        effect, in order per source and destination). ``payload`` must be JSON-serialisable and at most
+        ``max_payload`` bytes once encoded (:class:`~shardlite.PayloadTooLarge`). Nothing is emitted if the
+        transaction rolls back.
+        """
+        self._emit(dest, topic, payload)
+
+
+class AsyncTransaction(_TxCore):
+    """The async twin of :class:`Transaction`: ``await tx.execute(sql, params)``, ``await tx.emit(...)``.
+
+    Statements run on the event loop: the transactions of a group-commit batch share one connection."""
+
+    __slots__ = ()
+
+    async def execute(self, sql: str, params: Params = ()) -> apsw.Cursor:
+        return self._execute(sql, params)
+
+    async def executemany(self, sql: str, seq_of_params: Sequence[Params]) -> apsw.Cursor:
+        return self._executemany(sql, seq_of_params)
+
+    async def emit(self, dest: object, topic: str, payload: Any) -> None:
+        """Add an outbox event, committed with this transaction (see :meth:`Transaction.emit`)."""
+        self._emit(dest, topic, payload)
