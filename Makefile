@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench lint typecheck clean
+.PHONY: venv demo quickstart test bench lint typecheck clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/python -m examples.chat --root ./data
+
+quickstart: $(STAMP)
 	$(BIN)/python examples/quickstart.py --root ./data
 
 test: $(STAMP)

@@ -434,10 +434,10 @@ class AsyncRouter:
         return await self._call(store.read, key, sql, params)
 
     async def locate(self, key: object) -> Location:
-        return await self._call(self._store.locate, key)
+        return self._store.locate(key)  # catalog reads: this thread's read connection, microseconds
 
     async def exists(self, key: object) -> bool:
-        return await self._call(self._store.exists, key)
+        return self._store.exists(key)
 
     async def tenants(self) -> AsyncIterator[str]:
         """Every live tenant key, in key order."""

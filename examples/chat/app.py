@@ -1,0 +1,229 @@
+"""The chat example's HTTP API (FastAPI) and static page. Run it with ``make demo`` or
+``uvicorn --factory examples.chat.app:create_app`` (several ``--workers`` share the same files).
+
+Routes (outside tests use these exact ones): POST /api/signup, /api/login, /api/logout; GET /api/me,
+/api/users?q=; POST/GET /api/dm/{user_id}; POST /api/rooms, /api/rooms/{id}/join, /api/rooms/{id}/messages;
+GET /api/rooms, /api/rooms/{id}/messages, /api/feed, /api/conversations.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from shardlite import (AsyncRouter, AuthenticationFailed, EmailTaken, InvalidEmail, InvalidPassword,
+                       ShardliteError)
+
+from .domain import GLOBAL_SCHEMA, MAX_TEXT, SCHEMA, Chat, Forbidden, Invalid, NotFound, User
+
+__all__ = ["create_app", "COOKIE", "MAX_BODY"]
+
+COOKIE = "shardlite_chat"
+MAX_BODY = 16 * 1024  # bytes; larger request bodies are refused before they reach the database
+SESSION_TTL = 7 * 24 * 3600
+IDLE_TTL = 24 * 3600
+STATIC = Path(__file__).with_name("static")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over ``limit`` bytes, by Content-Length or while streaming."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await self._refuse(send)
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b'{"detail":"request body too large"}'})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Signup(BaseModel):
+    email: str = Field(max_length=320)
+    password: str = Field(max_length=1024)
+    name: str = Field(min_length=1, max_length=80)
+
+
+class Login(BaseModel):
+    email: str = Field(max_length=320)
+    password: str = Field(max_length=1024)
+
+
+class Text(BaseModel):
+    text: str = Field(max_length=MAX_TEXT * 2)
+
+
+class RoomName(BaseModel):
+    name: str = Field(max_length=200)
+
+
+def create_app(root: str | None = None, *, relay: bool = True) -> FastAPI:
+    """The app on ``root`` (default ``$SHARDLITE_ROOT`` or ``./data``), running the relay in-process."""
+    data_root = root or os.environ.get("SHARDLITE_ROOT", "./data")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ar = AsyncRouter(data_root, schema=SCHEMA, global_schema=GLOBAL_SCHEMA, relay=relay)
+        await ar.__aenter__()
+        app.state.chat = Chat(ar)
+        try:
+            yield
+        finally:
+            await ar.aclose()
+
+    app = FastAPI(title="shardlite chat", lifespan=lifespan)
+
+    def chat(request: Request) -> Chat:
+        return request.app.state.chat  # type: ignore[no-any-return]
+
+    async def current_user(request: Request, service: Chat = Depends(chat)) -> User:
+        session = await service.ar.sessions.resolve(request.cookies.get(COOKIE))
+        if session is None:
+            raise HTTPException(401, "log in first")
+        try:
+            return await service.user(session.account_id)
+        except NotFound:
+            raise HTTPException(401, "log in first") from None
+
+    @app.exception_handler(NotFound)
+    async def not_found(_: Request, exc: NotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(Forbidden)
+    async def forbidden(_: Request, exc: Forbidden) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=403)
+
+    @app.exception_handler(Invalid)
+    async def invalid(_: Request, exc: Invalid) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def unreadable(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"detail": problems or "invalid request"}, status_code=422)
+
+    @app.post("/api/signup", status_code=201)
+    async def signup(body: Signup, service: Chat = Depends(chat)) -> dict[str, Any]:
+        try:
+            uid = await service.ar.accounts.register(body.email, password=body.password, name=body.name.strip())
+        except EmailTaken:
+            raise HTTPException(409, "this e-mail address is already registered") from None
+        except (InvalidEmail, InvalidPassword) as exc:
+            raise HTTPException(422, str(exc)) from None
+        return {"id": uid}
+
+    @app.post("/api/login")
+    async def login(body: Login, response: Response, service: Chat = Depends(chat)) -> dict[str, Any]:
+        try:
+            uid = await service.ar.accounts.authenticate(body.email, body.password)
+        except AuthenticationFailed:
+            raise HTTPException(401, "wrong e-mail address or password") from None
+        token = await service.ar.sessions.create(uid, ttl=SESSION_TTL, idle_ttl=IDLE_TTL)
+        response.set_cookie(COOKIE, token, max_age=SESSION_TTL, httponly=True, samesite="strict", path="/")
+        user = await service.user(uid)
+        return {"id": user.id, "name": user.name}
+
+    @app.post("/api/logout")
+    async def logout(request: Request, response: Response, service: Chat = Depends(chat)) -> dict[str, Any]:
+        await service.ar.sessions.revoke(request.cookies.get(COOKIE))
+        response.delete_cookie(COOKIE, path="/")
+        return {"ok": True}
+
+    @app.get("/api/me")
+    async def me(user: User = Depends(current_user)) -> dict[str, Any]:
+        return {"id": user.id, "name": user.name}
+
+    @app.get("/api/users")
+    async def users(q: str = "", user: User = Depends(current_user), service: Chat = Depends(chat)) -> list[Any]:
+        return [u for u in await service.find_users(q) if u["id"] != user.id]
+
+    @app.post("/api/dm/{user_id}", status_code=201)
+    async def send_dm(user_id: int, body: Text, user: User = Depends(current_user),
+                      service: Chat = Depends(chat)) -> dict[str, Any]:
+        return await service.send_dm(user, user_id, body.text)
+
+    @app.get("/api/dm/{user_id}")
+    async def dm_history(user_id: int, before: int | None = None, limit: int = 50,
+                         user: User = Depends(current_user), service: Chat = Depends(chat)) -> list[Any]:
+        return await service.dm_history(user, user_id, before=before, limit=limit)
+
+    @app.get("/api/rooms")
+    async def rooms(user: User = Depends(current_user), service: Chat = Depends(chat)) -> list[Any]:
+        return await service.rooms()
+
+    @app.post("/api/rooms", status_code=201)
+    async def create_room(body: RoomName, user: User = Depends(current_user),
+                          service: Chat = Depends(chat)) -> dict[str, Any]:
+        return await service.create_room(user, body.name)
+
+    @app.post("/api/rooms/{room_id}/join")
+    async def join_room(room_id: int, user: User = Depends(current_user),
+                        service: Chat = Depends(chat)) -> dict[str, Any]:
+        return await service.join_room(user, room_id)
+
+    @app.post("/api/rooms/{room_id}/messages", status_code=201)
+    async def post_room(room_id: int, body: Text, user: User = Depends(current_user),
+                        service: Chat = Depends(chat)) -> dict[str, Any]:
+        return await service.post_room(user, room_id, body.text)
+
+    @app.get("/api/rooms/{room_id}/messages")
+    async def room_history(room_id: int, before: int | None = None, limit: int = 50,
+                           user: User = Depends(current_user), service: Chat = Depends(chat)) -> list[Any]:
+        return await service.room_history(user, room_id, before=before, limit=limit)
+
+    @app.get("/api/feed")
+    async def feed(before: int | None = None, limit: int = 50, user: User = Depends(current_user),
+                   service: Chat = Depends(chat)) -> list[Any]:
+        return await service.feed(user, before=before, limit=limit)
+
+    @app.get("/api/conversations")
+    async def conversations(user: User = Depends(current_user), service: Chat = Depends(chat)) -> list[Any]:
+        return await service.conversations(user)
+
+    @app.exception_handler(ShardliteError)
+    async def shardlite_error(_: Request, exc: ShardliteError) -> JSONResponse:
+        return JSONResponse({"detail": f"{type(exc).__name__}: {exc}"}, status_code=503)
+
+    app.mount("/", StaticFiles(directory=STATIC, html=True), name="static")
+    app.add_middleware(BodyLimit, limit=MAX_BODY)  # type: ignore[arg-type]
+    return app
