@@ -20,8 +20,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from shardlite import (AsyncRouter, AuthenticationFailed, EmailTaken, InvalidEmail, InvalidPassword,
-                       ShardliteError)
+from shardlite import AsyncRouter, AuthenticationFailed, EmailTaken, InvalidEmail, InvalidPassword, ShardliteError
 
 from .domain import GLOBAL_SCHEMA, MAX_TEXT, SCHEMA, Chat, Forbidden, Invalid, NotFound, User
 
