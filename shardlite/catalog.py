@@ -26,7 +26,7 @@ __all__ = ["Node", "TenantRecord", "Location", "Catalog", "SqliteCatalog", "GLOB
 
 #: shardlite's tables in the global DB, by version (PRAGMA user_version). Version 1: the catalog;
 #: version 2: accounts, password credentials and sessions; version 3: the relay's pending-work flags and
-#: dead letters.
+#: dead letters; version 4: the rebalance journal (plans and per-tenant move steps).
 GLOBAL_STEPS: tuple[tuple[str, ...], ...] = (
     (
         """CREATE TABLE _shardlite_catalog_meta(name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID""",
@@ -107,6 +107,32 @@ GLOBAL_STEPS: tuple[tuple[str, ...], ...] = (
                error TEXT NOT NULL,
                died REAL NOT NULL,
                PRIMARY KEY (source, incarnation, seq)
+           ) WITHOUT ROWID""",
+    ),
+    (
+        """CREATE TABLE _shardlite_rebalance(
+               id INTEGER PRIMARY KEY AUTOINCREMENT,
+               created REAL NOT NULL,
+               state TEXT NOT NULL CHECK (state IN ('planned', 'applying', 'done', 'cancelled', 'completed',
+                                                     'superseded')),
+               fingerprint TEXT NOT NULL,
+               summary TEXT NOT NULL
+           )""",
+        """CREATE TABLE _shardlite_moves(
+               plan_id INTEGER NOT NULL REFERENCES _shardlite_rebalance(id),
+               key TEXT NOT NULL,
+               source TEXT NOT NULL,
+               target TEXT NOT NULL,
+               source_generation INTEGER NOT NULL,
+               target_generation INTEGER,
+               size INTEGER NOT NULL,
+               step TEXT NOT NULL,
+               owner TEXT,
+               lease REAL NOT NULL DEFAULT 0,
+               error TEXT,
+               pause_ms REAL,
+               updated REAL NOT NULL,
+               PRIMARY KEY (plan_id, key)
            ) WITHOUT ROWID""",
     ),
 )
@@ -345,3 +371,34 @@ class SqliteCatalog:
         with self.write() as conn:
             conn.execute(_I + "DELETE FROM _shardlite_dead_letters WHERE source = ? AND incarnation = ? AND seq = ?",
                          (source, incarnation, seq))
+
+    # -- nodes and moves (rebalancing) -----------------------------------------------------------------
+
+    def add_node(self, name: str, path: str, weight: int) -> None:
+        with self.write() as conn:
+            if conn.execute("SELECT 1 FROM _shardlite_nodes WHERE name = ?", (name,)).fetchall():
+                raise ConfigurationError(f"node {name!r} already exists")
+            conn.execute(_I + "INSERT INTO _shardlite_nodes(name, path, weight, state, added) "
+                         "VALUES (?, ?, ?, 'active', ?)", (name, path, weight, time.time()))
+
+    def set_node_state(self, name: str, state: str) -> None:
+        with self.write() as conn:
+            conn.execute(_I + "UPDATE _shardlite_nodes SET state = ? WHERE name = ?", (state, name))
+            if conn.changes() == 0:
+                raise ConfigurationError(f"unknown node {name!r}")
+
+    def delete_node(self, name: str) -> None:
+        with self.write() as conn:
+            if conn.execute("SELECT 1 FROM _shardlite_tenants WHERE node = ? AND state != 'dropped' LIMIT 1",
+                            (name,)).fetchall():
+                raise ConfigurationError(f"node {name!r} still holds tenants; drain it first")
+            conn.execute(_I + "DELETE FROM _shardlite_nodes WHERE name = ?", (name,))
+
+    def flip(self, key: str, *, from_generation: int, node: str, generation: int) -> None:
+        """The commit point of a move: point ``key`` at its new file (compare-and-set on the generation)."""
+        with self.write() as conn:
+            conn.execute(_I + "UPDATE _shardlite_tenants SET node = ?, generation = ?, epoch = epoch + 1, "
+                         "state = 'active', updated = ? WHERE key = ? AND generation = ?",
+                         (node, generation, time.time(), key, from_generation))
+            if conn.changes() != 1:
+                raise ConfigurationError(f"tenant {key!r} is no longer at generation {from_generation}")

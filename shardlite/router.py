@@ -23,8 +23,10 @@ from .engine import Settings
 from .errors import Busy, TenantMoving
 from .globals import GlobalTables
 from .keys import canonical
+from .nodes import Nodes
 from .outbox import DEFAULT_MAX_PAYLOAD, RetryPolicy, check_topic
 from .pool import Handle
+from .rebalance import Rebalancer
 from .relay import Handler, Relay
 from .schema import Step
 from .sessions import Sessions
@@ -151,6 +153,11 @@ class Router:
         #: The outbox relay (:class:`~shardlite.relay.Relay`): ``start()``/``stop()``, ``run_once()``,
         #: ``drain()``, ``status()``. Never started implicitly; ``relay=True`` runs it for the router's life.
         self.relay = Relay(self._store, self._handlers, policy=retry)
+        #: Storage nodes (:class:`~shardlite.nodes.Nodes`): ``list()``, ``add()``, ``drain()``, ``remove()``.
+        self.nodes = Nodes(self._store)
+        #: Online tenant moves (:class:`~shardlite.rebalance.Rebalancer`): ``plan()``, ``apply()``,
+        #: ``resume()``, ``cancel()``, ``complete()``, ``status()``.
+        self.rebalance = Rebalancer(self._store)
         if relay:
             self.relay.start()
 

@@ -1,0 +1,115 @@
+"""Copies of tenant files through SQLite (brief rule 7), and how they are verified.
+
+Copies never use ``cp`` or ``open()`` on a live file: they go through SQLite's online backup API from a
+*trusted* connection that user SQL never reaches (tenant connections refuse ATTACH, which would also refuse
+``VACUUM INTO``). The destination is created 0600 before SQLite opens it and fsynced (file and directory)
+before anything routes to it.
+
+Verification comes in two strengths:
+
+* :func:`checksums`: per-table row counts and a content digest of every row (xxh3-128 over the rows in
+  rowid/primary-key order), compared between the source snapshot and the copy, plus ``integrity_check``;
+* :func:`page_digest`: a digest of the whole database image as SQLite serializes it (header fields that a
+  backup legitimately changes are masked), the cheap check under the move fence.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import apsw
+import xxhash
+
+from .engine import create_private_file, fsync_dir, fsync_path
+
+__all__ = ["open_trusted", "backup_into", "checksums", "page_digest", "integrity_ok", "fsync_file_and_dir",
+           "remove_db_files"]
+
+# Header bytes a backup rewrites on the destination: file change counter (24..27), schema cookie (40..43:
+# set to the destination's old cookie + 1 so its readers reload) and the version-valid-for number (92..95).
+_VOLATILE_HEADER = ((24, 28), (40, 44), (92, 96))
+
+
+def open_trusted(path: str, *, create: bool = False, busy_timeout_ms: int = 5000) -> apsw.Connection:
+    """A connection for copying and verifying: no authorizer (never handed to user code)."""
+    if create:
+        create_private_file(path)
+    flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOFOLLOW
+    conn = apsw.Connection(path, flags=flags)
+    conn.setbusytimeout(busy_timeout_ms)
+    return conn
+
+
+def backup_into(dest: apsw.Connection, source: apsw.Connection) -> None:
+    """Copy ``source`` into ``dest`` in one backup step (pages=-1: one consistent snapshot that does
+    not restart when the source is written meanwhile)."""
+    with dest.backup("main", source, "main") as backup:
+        backup.step(-1)
+
+
+def _tables(conn: apsw.Connection) -> list[tuple[str, bool]]:
+    rows = conn.execute("SELECT name, sql FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+                        "ORDER BY name").fetchall()
+    return [(str(name), "WITHOUT ROWID" in str(sql or "").upper()) for name, sql in rows]
+
+
+def checksums(conn: apsw.Connection) -> dict[str, tuple[int, str]]:
+    """``{table: (rows, digest)}`` over every table of ``conn`` in one read (call it inside a transaction
+    to pin the snapshot)."""
+    result: dict[str, tuple[int, str]] = {}
+    for name, without_rowid in _tables(conn):
+        quoted = '"' + name.replace('"', '""') + '"'
+        order = "" if without_rowid else " ORDER BY rowid"
+        digest = xxhash.xxh3_128()
+        count = 0
+        for row in conn.execute(f"SELECT * FROM {quoted}{order}"):
+            digest.update(repr(row).encode("utf-8", "surrogatepass"))
+            count += 1
+        result[name] = (count, digest.hexdigest())
+    return result
+
+
+def page_digest(conn: apsw.Connection) -> str:
+    """xxh3-128 of the serialized database image, masking header fields a backup rewrites."""
+    image = conn.serialize("main")
+    if image is None:
+        return ""
+    digest = xxhash.xxh3_128()
+    start = 0
+    for low, high in _VOLATILE_HEADER:
+        digest.update(image[start:low])
+        start = high
+    digest.update(image[start:])
+    return digest.hexdigest()
+
+
+def integrity_ok(conn: apsw.Connection) -> bool:
+    rows = conn.execute("PRAGMA integrity_check").fetchall()
+    return rows == [("ok",)]
+
+
+def fsync_file_and_dir(path: str) -> None:
+    fsync_path(path)
+    fsync_dir(os.path.dirname(path))
+
+
+def remove_db_files(path: str) -> None:
+    """Delete a database file with its -wal and -shm (missing ones are fine)."""
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.unlink(path + suffix)
+        except FileNotFoundError:
+            pass
+
+
+@contextmanager
+def read_snapshot(conn: apsw.Connection) -> Iterator[apsw.Connection]:
+    """Pin one read snapshot of ``conn`` for the block (a backup from ``conn`` inside it uses it too)."""
+    conn.execute("BEGIN")
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_schema").fetchall()
+        yield conn
+    finally:
+        conn.execute("COMMIT")
