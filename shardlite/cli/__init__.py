@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ShardliteError
-from . import accounts, basics, migrate, relay
+from . import accounts, basics, migrate, rebalance, relay
 from .common import CliError
 
 __all__ = ["main", "build_parser"]
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="machine-readable output (JSON lines), no progress bar")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub_with_common = _WithParents(sub, common)
-    for module in (basics, migrate, accounts, relay):
+    for module in (basics, migrate, rebalance, accounts, relay):
         module.register(sub_with_common)
     return parser
 

@@ -1,0 +1,214 @@
+"""`shardlite nodes list|add|remove` and `shardlite rebalance plan|apply|status|resume|cancel|complete`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from ..rebalance import MoveRow
+from ..router import Router
+from .common import CliError, emit_json, open_router, print_table
+
+
+def _nodes_table(router: Router, title: str) -> None:
+    print_table(title, ["node", "state", "weight", "tenants", "path"],
+                [(n["name"], n["state"], n["weight"], n["tenants"], n["path"]) for n in router.nodes.counts()])
+
+
+def cmd_nodes_list(args: argparse.Namespace) -> int:
+    with open_router(args) as router:
+        if args.json:
+            for node in router.nodes.counts():
+                emit_json(node)
+        else:
+            _nodes_table(router, "nodes")
+    return 0
+
+
+def cmd_nodes_add(args: argparse.Namespace) -> int:
+    with open_router(args) as router:
+        node = router.nodes.add(args.name, path=args.path, weight=args.weight)
+        if args.json:
+            emit_json({"added": node.name, "path": node.path, "weight": node.weight})
+        else:
+            print(f"added node {node.name} at {node.path} (weight {node.weight}); "
+                  "`shardlite rebalance plan` shows what would move there")
+    return 0
+
+
+def cmd_nodes_remove(args: argparse.Namespace) -> int:
+    with open_router(args) as router:
+        router.nodes.drain(args.name)
+        plan_id, plan = router.rebalance.plan()
+        if plan.moves:
+            if not args.yes and not args.json:
+                _confirm(f"drain node {args.name}: move {len(plan.moves)} tenants ({plan.bytes} bytes)?")
+            _apply(router, args, lambda progress: router.rebalance.apply(plan_id, parallel=args.parallel,
+                                                                          pause_ms=args.pause_ms, progress=progress),
+                   len(plan.moves), plan.bytes)
+            router.rebalance.complete(plan_id)
+        remaining = {n["name"]: n for n in router.nodes.counts()}
+        if args.name in remaining:
+            router.nodes.remove(args.name)
+        if args.json:
+            emit_json({"removed": args.name, "moved": len(plan.moves)})
+        else:
+            print(f"node {args.name} drained ({len(plan.moves)} tenants moved) and removed")
+    return 0
+
+
+def _confirm(question: str) -> None:
+    if not sys.stdin.isatty():
+        raise CliError(f"{question} Pass --yes to confirm when not on a terminal")
+    if input(f"{question} [y/N] ").strip().lower() not in ("y", "yes"):
+        raise CliError("cancelled; nothing changed")
+
+
+def _plan_tables(summary: dict[str, Any], moves: list[tuple[str, str, str, int]]) -> None:
+    before, after = summary["before"], summary["after"]
+    print_table("tenants and bytes per node", ["node", "tenants before", "bytes before", "tenants after",
+                                               "bytes after"],
+                [(n, before[n][0], before[n][1], after.get(n, (0, 0))[0], after.get(n, (0, 0))[1]) for n in before])
+    print_table(f"{len(moves)} moves", ["key", "from", "to", "bytes"], moves[:200])
+    if len(moves) > 200:
+        print(f"... and {len(moves) - 200} more (--json lists them all)")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    with open_router(args) as router:
+        plan_id, plan = router.rebalance.plan()
+    summary = {"plan": plan_id, "moves": len(plan.moves), "bytes": plan.bytes, "before": plan.before,
+               "after": plan.after}
+    if args.json:
+        emit_json(summary | {"move_list": [{"key": m.key, "from": m.source, "to": m.target, "bytes": m.size}
+                                           for m in plan.moves]})
+    else:
+        _plan_tables(summary, [(m.key, m.source, m.target, m.size) for m in plan.moves])
+        print(f"plan {plan_id} recorded; `shardlite rebalance apply` runs it")
+    return 0
+
+
+def _apply(router: Router, args: argparse.Namespace, run: Any, total: int, total_bytes: int) -> dict[str, Any]:
+    if args.json or not sys.stderr.isatty():
+        def quiet(move: MoveRow) -> None:
+            if args.json:
+                emit_json({"key": move.key, "from": move.source, "to": move.target, "step": move.step,
+                           "bytes": move.size, "error": move.error, "at": time.time()})
+        return run(quiet)  # type: ignore[no-any-return]
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        tenants = bar.add_task("tenants", total=total)
+        size = bar.add_task("bytes", total=total_bytes)
+
+        def advance(move: MoveRow) -> None:
+            bar.advance(tenants)
+            bar.advance(size, move.size)
+        return run(advance)  # type: ignore[no-any-return]
+
+
+def _report(status: dict[str, Any], args: argparse.Namespace) -> int:
+    if args.json:
+        emit_json(status)
+    else:
+        if status.get("plan") is None:
+            print("no rebalance plan yet")
+            return 0
+        print(f"plan {status['plan']}: {status['state']}; steps: "
+              + ", ".join(f"{k} {v}" for k, v in sorted(status["steps"].items())))
+        pauses = status["pause_ms"]
+        if pauses["p50"] is not None:
+            print(f"write pause per tenant (ms): p50 {pauses['p50']:.1f}, p99 {pauses['p99']:.1f}, "
+                  f"max {pauses['max']:.1f}")
+        for key, error in status["errors"].items():
+            print(f"  {key}: {error}")
+    return 1 if status.get("errors") else 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    with open_router(args) as router:
+        planned = router.rebalance.status()
+        if planned.get("state") != "planned":
+            raise CliError("no planned rebalance (`shardlite rebalance plan` makes one)")
+        if not args.yes and not args.json:
+            _confirm(f"apply plan {planned['plan']}: {planned['moves']} moves, {planned['bytes']} bytes?")
+        status = _apply(router, args, lambda progress: router.rebalance.apply(
+            parallel=args.parallel, pause_ms=args.pause_ms, progress=progress), planned["moves"], planned["bytes"])
+    return _report(status, args)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    with open_router(args) as router:
+        current = router.rebalance.status()
+        left = sum(v for k, v in current.get("steps", {}).items() if k not in ("done", "skipped", "cancelled"))
+        status = _apply(router, args, lambda progress: router.rebalance.resume(
+            parallel=args.parallel, pause_ms=args.pause_ms, progress=progress), left, current.get("bytes", 0))
+    return _report(status, args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with open_router(args) as router:
+        return _report(router.rebalance.status(), args)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with open_router(args) as router:
+        return _report(router.rebalance.cancel(), args)
+
+
+def cmd_complete(args: argparse.Namespace) -> int:
+    with open_router(args) as router:
+        return _report(router.rebalance.complete(), args)
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("nodes", help="list, add and remove storage nodes")
+    common = p._shardlite_common
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("list", help="nodes with their state, weight and tenants", parents=[common])
+    a.set_defaults(func=cmd_nodes_list)
+    a = actions.add_parser("add", help="add a node (directory created 0700)", parents=[common])
+    a.add_argument("name")
+    a.add_argument("--path", help="directory for the node (default: <root>/<name>)")
+    a.add_argument("--weight", type=int, default=1, help="relative share of tenants (default 1)")
+    a.set_defaults(func=cmd_nodes_add)
+    a = actions.add_parser("remove", help="drain a node (its tenants move away), then remove it", parents=[common])
+    a.add_argument("name")
+    _throttle(a)
+    a.set_defaults(func=cmd_nodes_remove)
+
+    p = sub.add_parser("rebalance", help="move tenants to where the ring places them, online")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("plan", help="compute and record the moves", parents=[common])
+    a.set_defaults(func=cmd_plan)
+    a = actions.add_parser("apply", help="run the planned moves", parents=[common])
+    _throttle(a)
+    a.set_defaults(func=cmd_apply)
+    a = actions.add_parser("status", help="the latest plan's progress", parents=[common])
+    a.set_defaults(func=cmd_status)
+    a = actions.add_parser("resume", help="continue an interrupted apply", parents=[common])
+    _throttle(a)
+    a.set_defaults(func=cmd_resume)
+    a = actions.add_parser("cancel", help="undo unfinished moves", parents=[common])
+    a.set_defaults(func=cmd_cancel)
+    a = actions.add_parser("complete", help="delete retired copies; remove drained nodes", parents=[common])
+    a.set_defaults(func=cmd_complete)
+
+
+def _throttle(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    parser.add_argument("--parallel", type=int, default=1, help="tenants moved at once (default 1)")
+    parser.add_argument("--pause-ms", type=float, default=0.0, help="pause between tenants, to throttle")
