@@ -74,10 +74,14 @@ class OutboxRow:
     created: float
     attempts: int
     next_at: float
+    origin: str | None = None  # the emitting incarnation when it is not the file's current one
+
+    def incarnation(self, current: str) -> str:
+        return self.origin or current
 
     def event(self, source: str, incarnation: str) -> Event:
-        return Event(source, self.dest, self.topic, json.loads(self.payload), self.seq, incarnation,
-                     self.created, self.attempts)
+        return Event(source, self.dest, self.topic, json.loads(self.payload), self.seq,
+                     self.incarnation(incarnation), self.created, self.attempts)
 
 
 @dataclass(frozen=True)

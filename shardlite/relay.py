@@ -56,7 +56,7 @@ Handler = Callable[[Transaction, Event], None]
 #: How long a relay's claim on a source tenant lasts; a relay that died is replaced after at most this.
 LEASE_SECONDS = 10.0
 
-_READ_OUTBOX = ("SELECT seq, dest, topic, payload, created, attempts, next_at FROM _shardlite_outbox "
+_READ_OUTBOX = ("SELECT seq, dest, topic, payload, created, attempts, next_at, origin FROM _shardlite_outbox "
                 "ORDER BY seq LIMIT ?")
 
 
@@ -246,21 +246,24 @@ class Relay:
             failed[rows[0].seq] = (rows[0], f"{type(exc).__name__}: {exc}")
             return
         done: list[int] = []
+        marks: dict[str, int] = {}  # high-water mark per emitting incarnation
         try:
             conn = handle.conn
-            found: list[Any] = conn.execute(
-                "SELECT last_seq FROM _shardlite_inbox WHERE source = ? AND incarnation = ?",
-                (source, incarnation)).fetchall()
-            high = int(found[0][0]) if found else 0
             for row in rows:
-                if row.seq <= high:
+                emitter = row.incarnation(incarnation)
+                if emitter not in marks:
+                    found: list[Any] = conn.execute(
+                        "SELECT last_seq FROM _shardlite_inbox WHERE source = ? AND incarnation = ?",
+                        (source, emitter)).fetchall()
+                    marks[emitter] = int(found[0][0]) if found else 0
+                if row.seq <= marks[emitter]:
                     done.append(row.seq)  # applied before: the acknowledgement was lost
                     continue
-                error = self._apply(handle, source, incarnation, row)
+                error = self._apply(handle, source, emitter, row)
                 if error is not None:
                     failed[row.seq] = (row, error)
                     break
-                high = row.seq
+                marks[emitter] = row.seq
                 done.append(row.seq)
             store.commit(handle)
         except BaseException:
@@ -315,7 +318,8 @@ class Relay:
                 retry_at = policy.next_at(now, attempts)
                 next_due_at = retry_at if next_due_at is None else min(next_due_at, retry_at)
             for seq, (row, error) in dead.items():
-                catalog.add_dead_letter(source, handle.incarnation, seq, row.dest, row.topic, row.payload,
+                catalog.add_dead_letter(source, row.incarnation(handle.incarnation), seq, row.dest, row.topic,
+                                        row.payload,
                                         row.created, max(row.attempts + 1, 1), error)
                 store.internal(handle, "DELETE FROM _shardlite_outbox WHERE seq = ?", (seq,))
             left: list[Any] = conn.execute("SELECT count(*) FROM _shardlite_outbox").fetchall()

@@ -35,6 +35,9 @@ Step = str | Callable[[apsw.Cursor], None]
 
 #: shardlite's own tables, by version. Version 1: identity and the move/drop marker. Version 2: the
 #: transactional outbox, the inbox (dedupe high-water marks), the relay's claim and the activity feed.
+#: Version 3: ``_shardlite_outbox.origin``, the incarnation that emitted an event when it is not the file's
+#: current one (events carried over by a restore or an import keep their identity, so a destination that
+#: already applied them recognises them).
 INTERNAL_STEPS: Final[tuple[tuple[str, ...], ...]] = (
     (
         """CREATE TABLE _shardlite_meta(
@@ -79,6 +82,7 @@ INTERNAL_STEPS: Final[tuple[tuple[str, ...], ...]] = (
                at REAL NOT NULL
            )""",
     ),
+    ("ALTER TABLE _shardlite_outbox ADD COLUMN origin TEXT",),
 )
 INTERNAL_VERSION: Final = len(INTERNAL_STEPS)
 
