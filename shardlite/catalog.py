@@ -394,11 +394,14 @@ class SqliteCatalog:
                 raise ConfigurationError(f"node {name!r} still holds tenants; drain it first")
             conn.execute(_I + "DELETE FROM _shardlite_nodes WHERE name = ?", (name,))
 
-    def flip(self, key: str, *, from_generation: int, node: str, generation: int) -> None:
-        """The commit point of a move: point ``key`` at its new file (compare-and-set on the generation)."""
+    def flip(self, key: str, *, from_generation: int, node: str, generation: int,
+             incarnation: str | None = None) -> None:
+        """The commit point of a move (or a restore, which also brings a new ``incarnation``): point
+        ``key`` at its new file, compare-and-set on the old generation."""
         with self.write() as conn:
             conn.execute(_I + "UPDATE _shardlite_tenants SET node = ?, generation = ?, epoch = epoch + 1, "
-                         "state = 'active', updated = ? WHERE key = ? AND generation = ?",
-                         (node, generation, time.time(), key, from_generation))
+                         "state = 'active', updated = ?, incarnation = coalesce(?, incarnation) "
+                         "WHERE key = ? AND generation = ?",
+                         (node, generation, time.time(), incarnation, key, from_generation))
             if conn.changes() != 1:
                 raise ConfigurationError(f"tenant {key!r} is no longer at generation {from_generation}")

@@ -13,14 +13,16 @@ import random
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
-from . import feed
+from . import backup as backup_mod
+from . import feed, metrics
 from .accounts import Accounts
 from .catalog import Location
 from .engine import Settings
 from .errors import Busy, TenantMoving
+from .fanout import MapResult, run_map
 from .globals import GlobalTables
 from .keys import canonical
 from .nodes import Nodes
@@ -276,6 +278,37 @@ class Router:
         limit = max(0, min(int(limit), 1000))
         cursor = (1 << 62) if before is None else int(before)
         return feed.items(self._store.read(key, feed.FEED_QUERY, (cursor, limit)))
+
+    # -- operations -----------------------------------------------------------------------------------------
+
+    def map(self, sql: str, params: Params = (), *, keys: Iterable[object] | None = None,
+            parallel: int = 4) -> MapResult:
+        """Run a read-only statement on many tenants (all, or ``keys``); iterate for ``(key, rows)``.
+        Tenants are read as they are (no migration); see :mod:`shardlite.fanout`."""
+        return run_map(self._store, sql, params, keys=keys, parallel=parallel)
+
+    def backup(self, dest: str | os.PathLike[str], *, keys: Iterable[object] | None = None) -> dict[str, Any]:
+        """Back up tenants and the global DB into ``dest`` (incremental; see :mod:`shardlite.backup`)."""
+        return backup_mod.backup(self._store, os.fspath(dest), keys=keys)
+
+    def restore(self, src: str | os.PathLike[str], *, keys: Iterable[object] | None = None,
+                as_key: object | None = None, force: bool = False) -> list[str]:
+        """Restore tenants from a backup (new generation and incarnation each); see :mod:`shardlite.backup`."""
+        return backup_mod.restore(self._store, os.fspath(src), keys=keys, as_key=as_key, force=force)
+
+    def export(self, key: object, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Write ``key``'s tenant to a standalone SQLite file."""
+        return backup_mod.export_tenant(self._store, key, os.fspath(path))
+
+    def import_(self, path: str | os.PathLike[str], key: object, *, force: bool = False) -> Location:
+        """Create tenant ``key`` from an exported file (new generation and incarnation)."""
+        backup_mod.import_tenant(self._store, os.fspath(path), key, force=force)
+        return self.locate(key)
+
+    def stats(self) -> dict[str, Any]:
+        """Tenants and bytes per node, this process's open connections, schema versions, relay lag,
+        rebalance state (what ``shardlite status --json`` prints)."""
+        return metrics.stats(self)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ShardliteError
-from . import accounts, basics, migrate, rebalance, relay
+from . import accounts, basics, migrate, ops, rebalance, relay
 from .common import CliError
 
 __all__ = ["main", "build_parser"]
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="machine-readable output (JSON lines), no progress bar")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub_with_common = _WithParents(sub, common)
-    for module in (basics, migrate, rebalance, accounts, relay):
+    for module in (basics, migrate, rebalance, relay, accounts, ops):
         module.register(sub_with_common)
     return parser
 
@@ -50,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, ShardliteError) as exc:
         print(f"shardlite {args.command}: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `shardlite ... | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

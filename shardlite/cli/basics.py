@@ -9,6 +9,7 @@ from dataclasses import asdict
 from ..errors import ConfigurationError
 from ..router import Router
 from .common import CliError, emit_json, open_router, print_table, root_of
+from .ops import register_tenant_actions
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -29,16 +30,21 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     with open_router(args) as router:
-        status = router.status()
+        status = router.stats()
     if args.json:
         emit_json(status)
         return 0
     counts = status["tenants_per_node"]
+    sizes = status["bytes_per_node"]
     print_table(f"shardlite {status['root']} (synchronous={status['synchronous']})",
-                ["node", "state", "weight", "tenants", "path"],
-                [(n["name"], n["state"], n["weight"], counts.get(n["name"], 0), n["path"]) for n in status["nodes"]])
+                ["node", "state", "weight", "tenants", "bytes", "path"],
+                [(n["name"], n["state"], n["weight"], counts.get(n["name"], 0), sizes.get(n["name"], 0), n["path"])
+                 for n in status["nodes"]])
     print_table("tenants per app schema version", ["schema version", "tenants"],
                 sorted(status["schema_versions"].items()))
+    relay, rebalance = status["relay"], status["rebalance"]
+    print(f"relay: {relay['pending']} pending, lag {relay['lag_seconds']:.3f} s, {relay['dead_letters']} dead letters; "
+          f"rebalance: {rebalance['state'] or 'none'}")
     return 0
 
 
@@ -81,6 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("locate", help="where a key lives (never creates it)")
     p.add_argument("key")
     p.set_defaults(func=cmd_locate)
-    p = sub.add_parser("tenants", help="list live tenants")
+    p = sub.add_parser("tenants", help="list live tenants; drop, export or import one")
     p.add_argument("--limit", type=int, default=None, help="list at most N tenants")
     p.set_defaults(func=cmd_tenants)
+    register_tenant_actions(p, p._shardlite_common)

@@ -1,0 +1,147 @@
+"""Read-only queries across many tenants: ``router.map(sql, params, keys=None, parallel=N)``.
+
+Tenants are read *as they are*: no migration on the way (a tenant on an older schema version is reported
+in :attr:`MapResult.outdated`, and the statement runs on it anyway). Each tenant is opened on its own
+short-lived connection with ``query_only`` and the read-only authorizer, so a statement that writes is
+refused (:class:`~shardlite.StatementNotAllowed`, raised at the first tenant) and the pool of the router
+is left alone. Results stream: at most ``2 * parallel`` tenants are in flight, so memory does not grow
+with the number of tenants.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import apsw
+
+from .authorizer import Guard
+from .catalog import TenantRecord
+from .errors import ConfigurationError, StatementNotAllowed, UnknownTenant
+from .keys import canonical, prefix_of
+from .store import Store
+
+__all__ = ["MapResult", "run_map"]
+
+Row = tuple[Any, ...]
+
+
+class MapResult:
+    """Iterate for ``(key, rows)``. ``columns`` is set once a tenant answered; ``outdated`` maps keys on an
+    older app schema to their version; ``errors`` maps keys that could not be read to the reason."""
+
+    def __init__(self, iterator: Iterator[tuple[str, list[Row]]]) -> None:
+        self._iterator = iterator
+        self.columns: list[str] | None = None
+        self.outdated: dict[str, int] = {}
+        self.errors: dict[str, str] = {}
+        self.count = 0
+
+    def __iter__(self) -> MapResult:
+        return self
+
+    def __next__(self) -> tuple[str, list[Row]]:
+        item = next(self._iterator)
+        self.count += 1
+        return item
+
+
+def _read_one(store: Store, key: str, path: str, sql: str, params: Sequence[Any] | dict[str, Any],
+              current: int | None) -> tuple[list[Row], list[str], int]:
+    guard = Guard(read_only=True)
+    conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOFOLLOW)
+    try:
+        # A read-only visit must not checkpoint (a write) when it happens to close the last connection.
+        conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+        conn.setbusytimeout(store.settings.busy_timeout_ms)
+        conn.limit(apsw.SQLITE_LIMIT_ATTACHED, 0)
+        conn.execute("PRAGMA query_only = 1")
+        stored = conn.execute("SELECT key FROM _shardlite_meta WHERE id = 1").fetchall()
+        if not stored or stored[0][0] != key:
+            raise UnknownTenant(f"{path} does not hold {key!r}")
+        found: Any = conn.execute("PRAGMA user_version").fetchall()[0][0]
+        version = int(found)
+        conn.authorizer = guard
+        cursor = conn.execute(sql, params)
+        try:
+            columns = [d[0] for d in cursor.description]
+        except apsw.ExecutionCompleteError:  # the statement returned no row
+            columns = []
+        rows = cursor.fetchall()
+        return rows, columns, version if current is not None and version < current else -1
+    finally:
+        conn.close()
+
+
+def run_map(store: Store, sql: str, params: Sequence[Any] | dict[str, Any] = (), *,
+            keys: Iterable[object] | None = None, parallel: int = 4) -> MapResult:
+    """See the module doc. Keys that are not live tenants are reported in ``errors``."""
+    if parallel < 1:
+        raise ConfigurationError("parallel must be >= 1")
+    result: MapResult
+
+    def records() -> Iterator[tuple[str, TenantRecord | None]]:
+        if keys is None:
+            for record in store.catalog.iter_tenants():
+                yield record.key, record
+            return
+        for key in keys:
+            canon = canonical(key)
+            yield canon, store.catalog.lookup(canon)
+
+    versions: dict[str, int | None] = {}
+
+    def locations() -> Iterator[tuple[str, str | None, int | None]]:
+        for key, record in records():
+            if record is None or record.state not in ("active", "moving"):
+                yield key, None, None
+                continue
+            prefix = prefix_of(key)
+            if prefix not in versions:
+                try:
+                    versions[prefix] = store.spec.version_for(prefix)
+                except ConfigurationError:
+                    versions[prefix] = None
+            yield key, store.path_of(record), versions[prefix]
+
+    def generate() -> Iterator[tuple[str, list[Row]]]:
+        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="shardlite-map") as executor:
+            window: deque[tuple[str, Future[tuple[list[Row], list[str], int]] | None]] = deque()
+            todo = locations()
+            exhausted = False
+            while window or not exhausted:
+                while not exhausted and len(window) < 2 * parallel:
+                    try:
+                        key, path, current = next(todo)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    future = None if path is None else executor.submit(_read_one, store, key, path, sql, params,
+                                                                       current)
+                    window.append((key, future))
+                if not window:
+                    break
+                key, future = window.popleft()
+                if future is None:
+                    result.errors[key] = "no such tenant"
+                    continue
+                try:
+                    rows, columns, outdated = future.result()
+                except StatementNotAllowed:
+                    for _, pending in window:
+                        if pending is not None:
+                            pending.cancel()
+                    raise
+                except (apsw.Error, UnknownTenant, OSError) as exc:
+                    result.errors[key] = f"{type(exc).__name__}: {exc}"
+                    continue
+                if result.columns is None and columns:
+                    result.columns = columns
+                if outdated >= 0:
+                    result.outdated[key] = outdated
+                yield key, rows
+
+    result = MapResult(generate())
+    return result
