@@ -1,0 +1,42 @@
+"""Shared fixtures: a fresh data root and routers that are always closed.
+
+``root``          a path (``str``) under pytest's tmp dir that does not exist yet: the Router creates it.
+``make_router``   factory ``make_router(root=None, **kwargs) -> Router``; every router it made is closed at
+                  teardown (closing twice is harmless), so tests never trip the ResourceWarning filter.
+``router``        a single ``Router(root)`` with default settings.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from shardlite import Router
+
+
+@pytest.fixture
+def root(tmp_path: pathlib.Path) -> str:
+    return os.fspath(tmp_path / "data")
+
+
+@pytest.fixture
+def make_router(root: str) -> Iterator[Callable[..., Router]]:
+    made: list[Router] = []
+
+    def make(path: str | os.PathLike[str] | None = None, **kwargs: Any) -> Router:
+        router = Router(root if path is None else path, **kwargs)
+        made.append(router)
+        return router
+
+    yield make
+    for router in reversed(made):
+        router.close()
+
+
+@pytest.fixture
+def router(make_router: Callable[..., Router]) -> Router:
+    return make_router()
