@@ -74,6 +74,19 @@ class Account:
 
 
 _COLUMNS = "id, email, profile, created, updated"
+_MAX_ID = 2**63 - 1
+
+
+def valid_id(account_id: object) -> bool:
+    """Account ids are ints in SQLite's range: no bools, no text that SQLite's affinity would coerce."""
+    return type(account_id) is int and 0 < account_id <= _MAX_ID
+
+
+def _require_id(account_id: object) -> int:
+    if not valid_id(account_id):
+        raise UnknownAccount(f"no account {account_id!r}")
+    assert isinstance(account_id, int)
+    return account_id
 
 
 def _account(row: tuple[Any, ...]) -> Account:
@@ -150,7 +163,7 @@ class Accounts:
 
     def get(self, account_id: int) -> Account | None:
         """The account with this id, or None."""
-        if not isinstance(account_id, int) or isinstance(account_id, bool):
+        if not valid_id(account_id):
             return None
         rows = self._db.read(f"SELECT {_COLUMNS} FROM _shardlite_accounts WHERE id = ?", (account_id,))
         return _account(rows[0]) if rows else None
@@ -175,6 +188,7 @@ class Accounts:
 
     def update_profile(self, account_id: int, **changes: Any) -> Account:
         """Merge ``changes`` into the profile (a value of None removes the field)."""
+        account_id = _require_id(account_id)
         with self._db.write() as conn:
             rows: list[Any] = conn.execute("SELECT profile FROM _shardlite_accounts WHERE id = ?",
                                            (account_id,)).fetchall()
@@ -192,6 +206,7 @@ class Accounts:
 
     def change_email(self, account_id: int, new_email: str) -> None:
         """Change the address (stored as given). :class:`EmailTaken` if another account has its key."""
+        account_id = _require_id(account_id)
         key = self.key(new_email)
         try:
             with self._db.write() as conn:
@@ -206,6 +221,7 @@ class Accounts:
 
     def delete(self, account_id: int) -> None:
         """Delete the account with its credentials and sessions."""
+        account_id = _require_id(account_id)
         with self._db.write() as conn:
             conn.execute(_I + "DELETE FROM _shardlite_accounts WHERE id = ?", (account_id,))
             if conn.changes() == 0:
@@ -213,6 +229,7 @@ class Accounts:
 
     def set_password(self, account_id: int, password: str) -> None:
         """Set or replace the account's password."""
+        account_id = _require_id(account_id)
         credential = self._hash(self._check_password(password))
         with self._db.write() as conn:
             if not conn.execute("SELECT 1 FROM _shardlite_accounts WHERE id = ?", (account_id,)).fetchall():

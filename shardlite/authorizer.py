@@ -73,7 +73,9 @@ class Guard:
         self.read_only = read_only
 
     def __call__(self, op: int, p1: str | None, p2: str | None, db: str | None, trigger: str | None) -> int:
-        if self.trusted:
+        if self.trusted and trigger is None:
+            # Trusted mode covers shardlite's own top-level statements only: a user trigger fired by one of
+            # them (say through a cascade) is still user SQL and is checked like any other.
             return apsw.SQLITE_OK
         if op == apsw.SQLITE_READ or op == apsw.SQLITE_SELECT or op == apsw.SQLITE_FUNCTION:
             if op == apsw.SQLITE_FUNCTION and p2 is not None and p2.lower() == "load_extension":
@@ -102,6 +104,11 @@ class Guard:
             raise StatementNotAllowed(
                 f"{shown} is not allowed: pragmas that change the connection or the file are managed by shardlite"
             )
+        if op == apsw.SQLITE_ALTER_TABLE and not self.trusted:
+            # The authorizer is told the table's old name only, so a RENAME could move a table into the
+            # reserved namespace unseen: schema changes belong in the schema steps (which run trusted).
+            raise StatementNotAllowed("ALTER TABLE is not allowed in user SQL: put schema changes in the "
+                                      "router's schema steps (they run as migrations)")
         if op in _SCHEMA_OPS:
             if _reserved(p1) or _reserved(p2):
                 raise StatementNotAllowed(f"the {RESERVED_PREFIX}_* names are reserved for shardlite's own tables")

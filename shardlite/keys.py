@@ -102,6 +102,8 @@ def pair_key(prefix: str, a: object, b: object) -> str:
         text = str(part) if isinstance(part, int) and not isinstance(part, bool) else part
         if not isinstance(text, str) or not text:
             raise InvalidKey("pair_key ids must be non-empty str or int")
-        ids.append(_escape_id(unicodedata.normalize("NFC", text)))
+        # NFC again after escaping: an escape's final hex digit may compose with a following combining
+        # mark, and the parts must be sorted in the form the key ends up in.
+        ids.append(unicodedata.normalize("NFC", _escape_id(unicodedata.normalize("NFC", text))))
     first, second = sorted(ids)
     return canonical(f"{prefix}:{first}:{second}")

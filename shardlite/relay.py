@@ -70,11 +70,20 @@ class PassStats:
     skipped: int = 0  # sources claimed by another relay
     sources: int = 0
     unhandled_topics: set[str] = field(default_factory=set)
+    next_retry: float | None = None  # earliest time an event held by a retry delay becomes due
+    claimed_until: float | None = None  # latest lease of another relay that kept a source from us
+
+    @property
+    def progressed(self) -> bool:
+        return self.delivered + self.failed + self.dead > 0
 
     def add(self, other: PassStats) -> None:
         for name in ("delivered", "failed", "dead", "unhandled", "waiting", "skipped", "sources"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.unhandled_topics |= other.unhandled_topics
+        for name, pick in (("next_retry", min), ("claimed_until", max)):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            setattr(self, name, theirs if mine is None else mine if theirs is None else pick(mine, theirs))
 
 
 class Relay:
@@ -148,15 +157,19 @@ class Relay:
 
     # -- passes -----------------------------------------------------------------------------------------
 
-    def run_once(self, *, limit: int = 64) -> PassStats:
-        """One pass over every due, unclaimed source (at most ``limit``)."""
+    def run_once(self, *, limit: int = 64, every: bool = False) -> PassStats:
+        """One pass over every due, unclaimed source (at most ``limit``); ``every`` ignores due times."""
         now = time.time()
         total = PassStats()
         hot, self._hot = self._hot, set()
-        keys = list(dict.fromkeys([*hot, *(key for key, _, _ in self.store.catalog.pending_due(now, limit))]))
+        flagged = ((key for key, _, _ in self.store.catalog.pending_all()) if every else
+                   (key for key, _, _ in self.store.catalog.pending_due(now, limit)))
+        keys = list(dict.fromkeys([*hot, *flagged]))
         for key in keys:
             if self._skip_until.get(key, 0.0) > now:
                 total.skipped += 1
+                until = self._skip_until[key]
+                total.claimed_until = until if total.claimed_until is None else max(total.claimed_until, until)
                 continue
             try:
                 total.add(self.pass_over(key))
@@ -165,28 +178,23 @@ class Relay:
         return total
 
     def drain(self, *, timeout: float = 60.0) -> PassStats:
-        """Run passes until nothing deliverable is pending (waiting out retry delays and the leases of
-        relays that died), or ``timeout``. Events whose topic has no handler here stay pending."""
+        """Run passes over every flagged source until nothing more can be delivered: waiting out retry
+        delays and the leases of relays that died, or until ``timeout``. Events with no handler here (and
+        those behind them on the same pair) stay pending."""
         deadline = time.monotonic() + timeout
         total = PassStats()
         while time.monotonic() < deadline:
-            stats = self.run_once(limit=1000)
+            stats = self.run_once(every=True)
             total.add(stats)
-            pending = self.store.catalog.pending_all()
-            if not pending:
-                break
-            if stats.delivered + stats.failed + stats.dead == 0:
-                if all(self._only_unhandled(key) for key, _, _ in pending):
-                    break
-                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+            if stats.progressed:
+                continue
+            wake_at = [t for t in (stats.next_retry, stats.claimed_until) if t is not None]
+            if not wake_at:
+                break  # nothing left, or only events no handler here can take
+            pause = min(wake_at) - time.time()
+            time.sleep(min(max(pause, 0.005), 0.25, max(0.0, deadline - time.monotonic())))
+            self._skip_until = {k: v for k, v in self._skip_until.items() if v > time.time()}
         return total
-
-    def _only_unhandled(self, key: str) -> bool:
-        try:
-            rows = self.store.read(key, "SELECT DISTINCT topic FROM _shardlite_outbox")
-        except UnknownTenant:
-            return False
-        return bool(rows) and all(topic not in self.handlers for (topic,) in rows)
 
     def pass_over(self, source: str) -> PassStats:
         """Deliver what is due from ``source``'s outbox (see the module doc for the protocol)."""
@@ -206,6 +214,7 @@ class Relay:
                 store.rollback(handle)
                 self._skip_until[source] = float(claimed_until)
                 stats.skipped = 1
+                stats.claimed_until = float(claimed_until)
                 return stats
             store.internal(handle, "UPDATE _shardlite_relay SET claimed_by = ?, claimed_until = ? WHERE id = 1",
                            (self.id, now + self.lease))
@@ -222,6 +231,7 @@ class Relay:
             self.fault("claimed")
         work = plan(rows, self.handlers, now)
         stats.waiting, stats.unhandled = work.waiting, len(work.unhandled)
+        stats.next_retry = work.next_due
         stats.unhandled_topics = {row.topic for row in work.unhandled}
         delivered: list[int] = []
         failed: dict[int, tuple[OutboxRow, str]] = {}
@@ -317,6 +327,7 @@ class Relay:
                                "WHERE seq = ?", (attempts, policy.next_at(now, attempts), error, seq))
                 retry_at = policy.next_at(now, attempts)
                 next_due_at = retry_at if next_due_at is None else min(next_due_at, retry_at)
+                stats.next_retry = retry_at if stats.next_retry is None else min(stats.next_retry, retry_at)
             for seq, (row, error) in dead.items():
                 catalog.add_dead_letter(source, row.incarnation(handle.incarnation), seq, row.dest, row.topic,
                                         row.payload,

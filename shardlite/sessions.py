@@ -21,6 +21,7 @@ from typing import Any
 
 import apsw
 
+from .accounts import valid_id
 from .authorizer import INTERNAL_SQL as _I
 from .errors import AuthenticationFailed, UnknownAccount
 from .globaldb import GlobalDB
@@ -69,6 +70,8 @@ class Sessions:
 
     def create(self, account_id: int, *, ttl: float | None = None, idle_ttl: float | None = None) -> str:
         """A new session for ``account_id``; returns the raw token (shown once, never stored)."""
+        if not valid_id(account_id):
+            raise UnknownAccount(f"no account {account_id!r}")
         ttl = self.default_ttl if ttl is None else ttl
         if not ttl > 0 or (idle_ttl is not None and not idle_ttl > 0):
             raise ValueError("ttl and idle_ttl must be positive numbers of seconds")
@@ -139,6 +142,8 @@ class Sessions:
 
     def revoke_all(self, account_id: int) -> int:
         """Revoke every session of ``account_id``; returns how many."""
+        if not valid_id(account_id):
+            return 0
         with self._db.write() as conn:
             conn.execute(_I + "UPDATE _shardlite_sessions SET revoked = ? WHERE account_id = ? AND revoked IS NULL",
                          (self.clock(), account_id))

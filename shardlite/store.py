@@ -88,8 +88,8 @@ class Store:
         self.settings = settings or Settings()
         self.spec = SchemaSpec(schema)
         self.move_wait = move_wait
+        nodes = list(nodes) if nodes is not None else None
         if nodes is not None:
-            nodes = list(nodes)
             if not nodes:
                 raise ConfigurationError("nodes= needs at least one node name")
             for name in nodes:
@@ -100,6 +100,24 @@ class Store:
         self.globaldb = GlobalDB(self.root, self.settings)
         self.catalog = SqliteCatalog(self.globaldb)
         fresh = not self.catalog.exists
+        try:
+            self._open_catalog(create, nodes, fresh, global_schema)
+        except BaseException:
+            self.globaldb.close()
+            raise
+        self.pool = HandlePool(self.settings.max_open, self.settings.busy_timeout_ms / 1000)
+        self._records: dict[str, TenantRecord] = {}
+        self._fast: dict[Any, Handle] = {}  # read handles by the caller's key object (skips canonical())
+        self._wfast: dict[str, Handle] = {}  # write handles by canonical key
+        #: Outbox hooks shared by every transaction of this store (``tx.emit``).
+        self.emitter = Emitter(self.catalog.flag_pending, max_payload)
+        self._templates: dict[str, bytes] = {}
+        self._template_lock = threading.Lock()
+        self._closed = False
+        _stores.add(self)
+
+    def _open_catalog(self, create: bool, nodes: list[str] | None, fresh: bool,
+                      global_schema: Sequence[Step] | None) -> None:
         self.catalog.open(create=create, default_nodes=[(n, n, 1) for n in (nodes or ["n1"])])
         if global_schema:
             if isinstance(global_schema, str) or not isinstance(global_schema, (list, tuple)):
@@ -117,16 +135,6 @@ class Store:
             )
         for node in catalog_nodes:
             ensure_private_dir(node.path)
-        self.pool = HandlePool(self.settings.max_open, self.settings.busy_timeout_ms / 1000)
-        self._records: dict[str, TenantRecord] = {}
-        self._fast: dict[Any, Handle] = {}  # read handles by the caller's key object (skips canonical())
-        self._wfast: dict[str, Handle] = {}  # write handles by canonical key
-        #: Outbox hooks shared by every transaction of this store (``tx.emit``).
-        self.emitter = Emitter(self.catalog.flag_pending, max_payload)
-        self._templates: dict[str, bytes] = {}
-        self._template_lock = threading.Lock()
-        self._closed = False
-        _stores.add(self)
 
     # -- nodes and the ring -------------------------------------------------------------------------
 
@@ -404,7 +412,10 @@ class Store:
         ``data_version`` call. Everything else (cold tenants, contention, a changed file) takes
         :meth:`_read_slow`.
         """
-        handle = self._fast.get(key)
+        try:
+            handle = self._fast.get(key)
+        except TypeError:  # unhashable: not a key; canonical() in the slow path says so
+            handle = None
         if handle is not None and handle.lock.acquire(False):
             try:
                 if not handle.closed:

@@ -277,9 +277,6 @@ def test_user_trigger_on_own_tables_still_works(router: Router) -> None:
     assert router.query(KEY, "SELECT x FROM audit") == [("hello",)]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ALTER TABLE ... RENAME TO moves a user table into the reserved "
-                   "_shardlite_* namespace (the authorizer only sees the old name), e.g. squatting a name a later "
-                   "internal schema version will CREATE")
 def test_rename_into_reserved_namespace_refused(router: Router) -> None:
     assert_refused_in_transaction(router, "ALTER TABLE t RENAME TO _shardlite_squat")
 

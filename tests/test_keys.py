@@ -269,10 +269,6 @@ def test_pair_key_parts_are_sorted(a: str, b: str) -> None:
     assert parts[1] <= parts[2]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (minor): pair_key sorts the escaped ids *before* the final NFC, so an "
-                   "escape's 'A' composes with a following combining mark and the parts can end up unsorted: "
-                   "pair_key('dm', ':\\u0306', ':\\u0308') == 'dm:%3\\u0102:%3\\xc4' (order-free and injective "
-                   "still hold)")
 def test_pair_key_parts_are_sorted_with_combining_marks_after_colon() -> None:
     parts = pair_key("dm", ":\u0306", ":\u0308").split(":")
     assert parts[1] <= parts[2]
@@ -302,8 +298,6 @@ def test_pair_key_rejects_bad_input(args: tuple[Any, Any, Any]) -> None:
         pair_key(*args)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Router.query() looks the caller's key object up in a dict before "
-                   "canonicalising it, so an unhashable key raises TypeError instead of InvalidKey")
 def test_query_with_unhashable_key_raises_invalid_key(harness: Harness) -> None:
     with pytest.raises(InvalidKey):
         harness.router.query(["user", "1"], "SELECT 1")
