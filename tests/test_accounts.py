@@ -474,23 +474,30 @@ def test_unknown_ids_give_none_or_unknown_account(router: Router, bad_id: object
     assert snapshot(router) == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ids beyond 64 bits leak APSW's OverflowError instead of None / "
-                                       "UnknownAccount")
+def id_calls(router: Router, account_id: Any) -> list[Callable[[], object]]:
+    """Every call that takes an account id and must refuse an unknown one with UnknownAccount."""
+    return [lambda: router.accounts.delete(account_id), lambda: router.accounts.update_profile(account_id, x=1),
+            lambda: router.accounts.set_password(account_id, "new-password"),
+            lambda: router.accounts.change_email(account_id, "other@x.org"),
+            lambda: router.sessions.create(account_id)]
+
+
 def test_huge_ids_are_unknown_not_engine_errors(router: Router) -> None:
+    """Regression: ids beyond 64 bits used to leak APSW's OverflowError."""
     router.accounts.register("keep@x.org")
     before = snapshot(router)
-    assert router.accounts.get(2**70) is None
-    with pytest.raises(UnknownAccount):
-        router.accounts.delete(2**70)
-    with pytest.raises(UnknownAccount):
-        router.accounts.update_profile(-(2**70), name="x")
+    for huge in (2**63, 2**70, -(2**70)):
+        assert router.accounts.get(huge) is None
+        for call in id_calls(router, huge):
+            with pytest.raises(UnknownAccount):
+                call()
+        assert router.sessions.revoke_all(huge) == 0
     assert snapshot(router) == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: update_profile('1') matches account 1 through SQLite's integer "
-                                       "affinity, commits the change, then fails with AssertionError because "
-                                       "get('1') is None")
 def test_text_id_does_not_update_an_account(router: Router) -> None:
+    """Regression: update_profile('1') matched account 1 through SQLite's integer affinity, committed the
+    change, then failed with AssertionError because get('1') is None."""
     uid = router.accounts.register("keep@x.org", name="before")
     assert uid == 1
     before = snapshot(router)
@@ -500,14 +507,21 @@ def test_text_id_does_not_update_an_account(router: Router) -> None:
     assert snapshot(router) == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: delete('1') deletes account 1 (SQLite integer affinity) although "
-                                       "get('1') reports no such account")
-def test_text_id_does_not_delete_an_account(router: Router) -> None:
-    uid = router.accounts.register("keep@x.org")
-    assert uid == 1 and router.accounts.get("1") is None  # type: ignore[arg-type]
-    with pytest.raises(UnknownAccount):
-        router.accounts.delete("1")  # type: ignore[arg-type]
-    assert router.accounts.get(1) is not None
+def test_text_and_bool_ids_do_not_reach_account_1(router: Router) -> None:
+    """Regression: delete('1') deleted account 1 (SQLite integer affinity) although get('1') reported no such
+    account; True is not an id either."""
+    uid = router.accounts.register("keep@x.org", password="keep-password")
+    token = router.sessions.create(uid)
+    assert uid == 1
+    before = snapshot(router)
+    for fake in ("1", "01", " 1", "1.0", True, 1.0):
+        assert router.accounts.get(fake) is None  # type: ignore[arg-type]
+        for call in id_calls(router, fake):
+            with pytest.raises(UnknownAccount):
+                call()
+        assert router.sessions.revoke_all(fake) == 0  # type: ignore[arg-type]
+    assert snapshot(router) == before
+    assert router.sessions.resolve(token) is not None
 
 
 def test_profile_update_and_delete_cascade(router: Router, clock: Clock) -> None:

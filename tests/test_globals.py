@@ -241,20 +241,52 @@ def test_trigger_on_app_table_cannot_write_shardlite_tables(router: Router) -> N
     assert router.sessions.resolve(token) is not None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a trigger created through router.globals on an app table that "
-                                       "cascades from _shardlite_accounts runs in trusted mode during "
-                                       "accounts.delete and can rewrite _shardlite_* tables")
 def test_cascade_trigger_cannot_write_shardlite_tables(router: Router) -> None:
+    """Regression: a trigger created through router.globals on an app table that cascades from
+    _shardlite_accounts ran in trusted mode during accounts.delete and could rewrite _shardlite_* tables.
+    Whatever delete() does with such a trigger (refuse, or delete without running the write), the other
+    accounts must come out untouched."""
     victim = router.accounts.register("victim@example.com", password="victim-password")
     attacker = router.accounts.register("attacker@example.com")
+    token = router.sessions.create(victim)
     with router.globals.transaction() as tx:
         tx.execute("CREATE TABLE links(account_id INTEGER REFERENCES _shardlite_accounts(id) ON DELETE CASCADE)")
         tx.execute("CREATE TRIGGER links_gone AFTER DELETE ON links BEGIN "
                    "UPDATE _shardlite_accounts SET email = 'attacker+x@example.com', "
-                   "email_key = 'hijacked@example.com' WHERE id != OLD.account_id; END")
+                   "email_key = 'hijacked@example.com' WHERE id != OLD.account_id; "
+                   "UPDATE _shardlite_sessions SET revoked = 1 WHERE account_id != OLD.account_id; END")
         tx.execute("INSERT INTO links VALUES (?)", (attacker,))
-    router.accounts.delete(attacker)  # trusted internal write; the cascade fires the app trigger
-    assert router.accounts.get(victim).email == "victim@example.com"  # type: ignore[union-attr]
+    before = router.globals.query("SELECT * FROM _shardlite_accounts WHERE id = ?", (victim,))
+    try:
+        router.accounts.delete(attacker)  # trusted internal write; the cascade fires the app trigger
+    except StatementNotAllowed:
+        assert router.accounts.get(attacker) is not None  # refused whole
+    assert router.globals.query("SELECT * FROM _shardlite_accounts WHERE id = ?", (victim,)) == before
+    assert router.accounts.by_email("victim@example.com").id == victim  # type: ignore[union-attr]
+    assert router.sessions.resolve(token) is not None
+    assert router.accounts.authenticate("victim@example.com", "victim-password") == victim
+
+
+def test_plain_cascade_into_an_app_table_still_works(router: Router) -> None:
+    uid = router.accounts.register("linked@example.com")
+    with router.globals.transaction() as tx:
+        tx.execute("CREATE TABLE links(account_id INTEGER REFERENCES _shardlite_accounts(id) ON DELETE CASCADE)")
+        tx.execute("INSERT INTO links VALUES (?)", (uid,))
+    router.accounts.delete(uid)
+    assert router.globals.query("SELECT count(*) FROM links") == [(0,)]
+
+
+@pytest.mark.parametrize("sql", [
+    "ALTER TABLE members RENAME TO _shardlite_evil",
+    "ALTER TABLE members RENAME TO _SHARDLITE_accounts2",
+])
+def test_user_sql_cannot_rename_into_the_reserved_namespace(router: Router, sql: str) -> None:
+    before = snapshot(router)
+    with pytest.raises(StatementNotAllowed):
+        with router.globals.transaction() as tx:
+            tx.execute(sql)
+    assert snapshot(router) == before
+    assert app_tables(router) == ["members"]
 
 
 def test_later_router_migrates_added_steps(make_router: Callable[..., Router], root: str) -> None:
