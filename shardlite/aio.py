@@ -49,9 +49,9 @@ from .engine import Settings
 from .errors import Busy, ShardliteError, TenantMoving
 from .globals import GlobalTables
 from .keys import canonical
-from .outbox import DEFAULT_MAX_PAYLOAD, RetryPolicy, check_topic
+from .outbox import DEFAULT_MAX_PAYLOAD, RetryPolicy
 from .pool import Handle
-from .relay import Handler, Relay
+from .relay import Handler, HandlerRegistry, Relay
 from .schema import Step
 from .sessions import Sessions
 from .store import Store
@@ -192,7 +192,7 @@ class _AsyncScope:
         await self._done
 
 
-class AsyncRouter:
+class AsyncRouter(HandlerRegistry):
     """``AsyncRouter`` has the names of :class:`~shardlite.Router`, awaitable (brief §4)."""
 
     def __init__(
@@ -456,21 +456,6 @@ class AsyncRouter:
         return await self._call(lambda: self._store.migrate_all(parallel=parallel))
 
     # -- outbox ---------------------------------------------------------------------------------------
-
-    def handler(self, topic: str) -> Callable[[Handler], Handler]:
-        """``@ar.handler(topic)``: a plain function ``(tx, event)``, run by the relay on a worker thread
-        inside a write transaction on the destination (as under :class:`~shardlite.Router`)."""
-        check_topic(topic)
-
-        def register(fn: Handler) -> Handler:
-            self._handlers[topic] = fn
-            return fn
-        return register
-
-    def use_feed(self, *topics: str) -> None:
-        """Deliver events of ``topics`` to the built-in activity feed of their destination."""
-        for topic in topics:
-            self.handler(topic)(feed.append)
 
     async def feed(self, key: object, *, limit: int = 50, before: int | None = None) -> list[feed.FeedItem]:
         """``key``'s activity feed, newest first (see :meth:`Router.feed`)."""

@@ -43,11 +43,12 @@ from typing import Any
 import apsw
 
 from .errors import Busy, ShardliteError, TenantMoving, UnknownTenant
-from .outbox import Event, OutboxRow, RetryPolicy, next_due, plan
+from .feed import append as feed_append
+from .outbox import Event, OutboxRow, RetryPolicy, check_topic, next_due, plan
 from .store import Store
 from .transaction import Transaction
 
-__all__ = ["Relay", "PassStats", "Handler", "LEASE_SECONDS"]
+__all__ = ["Relay", "PassStats", "Handler", "HandlerRegistry", "LEASE_SECONDS"]
 
 log = logging.getLogger("shardlite.relay")
 
@@ -84,6 +85,36 @@ class PassStats:
         for name, pick in (("next_retry", min), ("claimed_until", max)):
             mine, theirs = getattr(self, name), getattr(other, name)
             setattr(self, name, theirs if mine is None else mine if theirs is None else pick(mine, theirs))
+
+
+class HandlerRegistry:
+    """``handler(topic)`` and ``use_feed(*topics)``, shared by :class:`~shardlite.Router` and
+    :class:`~shardlite.AsyncRouter` (both keep their handlers in ``self._handlers``)."""
+
+    _handlers: dict[str, Handler]
+
+    def handler(self, topic: str) -> Callable[[Handler], Handler]:
+        """``@router.handler("message")`` registers ``fn(tx, event)`` for ``topic``: the relay runs it inside
+        a write transaction on the event's destination tenant (a plain function, also under AsyncRouter)."""
+        check_topic(topic)
+
+        def register(fn: Handler) -> Handler:
+            self._handlers[topic] = fn
+            return fn
+        return register
+
+    def use_feed(self, *topics: str) -> None:
+        """Deliver events of ``topics`` to the built-in activity feed of their destination."""
+        for topic in topics:
+            self.handler(topic)(feed_append)
+
+
+class _ClaimedElsewhere(Exception):
+    """Internal: another live relay holds the source's lease until ``until``."""
+
+    def __init__(self, until: float) -> None:
+        super().__init__(until)
+        self.until = until
 
 
 class Relay:
@@ -199,34 +230,17 @@ class Relay:
     def pass_over(self, source: str) -> PassStats:
         """Deliver what is due from ``source``'s outbox (see the module doc for the protocol)."""
         stats = PassStats(sources=1)
-        store = self.store
         now = time.time()
         try:
-            handle = store.begin_write(source, create=False)
+            rows, incarnation = self._claim(source, now)
         except UnknownTenant:
             self._forget_source(source)
             return stats
-        try:
-            claim: list[Any] = handle.conn.execute(
-                "SELECT claimed_by, claimed_until FROM _shardlite_relay WHERE id = 1").fetchall()
-            claimed_by, claimed_until = claim[0]
-            if claimed_by not in (None, self.id) and claimed_until > now:
-                store.rollback(handle)
-                self._skip_until[source] = float(claimed_until)
-                stats.skipped = 1
-                stats.claimed_until = float(claimed_until)
-                return stats
-            store.internal(handle, "UPDATE _shardlite_relay SET claimed_by = ?, claimed_until = ? WHERE id = 1",
-                           (self.id, now + self.lease))
-            found: list[Any] = handle.conn.execute(_READ_OUTBOX, (self.batch,)).fetchall()
-            rows = [OutboxRow(*row) for row in found]
-            incarnation = handle.incarnation
-            store.commit(handle)
-        except BaseException:
-            store.rollback(handle)
-            raise
-        finally:
-            store.release(handle)
+        except _ClaimedElsewhere as other:
+            self._skip_until[source] = other.until
+            stats.skipped = 1
+            stats.claimed_until = other.until
+            return stats
         if self.fault is not None:
             self.fault("claimed")
         work = plan(rows, self.handlers, now)
@@ -243,11 +257,42 @@ class Relay:
         self._acknowledge(source, rows, work.next_due, bool(work.unhandled), delivered, failed, dead, stats)
         return stats
 
+    def _claim(self, source: str, now: float) -> tuple[list[OutboxRow], str]:
+        """Take the source's lease (in its own file) and read a batch of its outbox."""
+        with self.store.writing(source, create=False) as handle:
+            claim: list[Any] = handle.conn.execute(
+                "SELECT claimed_by, claimed_until FROM _shardlite_relay WHERE id = 1").fetchall()
+            claimed_by, claimed_until = claim[0]
+            if claimed_by not in (None, self.id) and claimed_until > now:
+                raise _ClaimedElsewhere(float(claimed_until))
+            self.store.internal(handle, "UPDATE _shardlite_relay SET claimed_by = ?, claimed_until = ? "
+                                "WHERE id = 1", (self.id, now + self.lease))
+            found: list[Any] = handle.conn.execute(_READ_OUTBOX, (self.batch,)).fetchall()
+            return [OutboxRow(*row) for row in found], handle.incarnation
+
     def _deliver(self, source: str, incarnation: str, dest: str, rows: list[OutboxRow], delivered: list[int],
                  failed: dict[int, tuple[OutboxRow, str]], dead: dict[int, tuple[OutboxRow, str]]) -> None:
-        store = self.store
+        """Apply ``rows`` (in order) to ``dest`` in one transaction; sort them into the three outcomes."""
+        done: list[int] = []
+        marks: dict[str, int] = {}  # high-water mark per emitting incarnation
         try:
-            handle = store.begin_write(dest, create=True, revive=False)
+            with self.store.writing(dest, create=True, revive=False) as handle:
+                for row in rows:
+                    emitter = row.incarnation(incarnation)
+                    if emitter not in marks:
+                        found: list[Any] = handle.conn.execute(
+                            "SELECT last_seq FROM _shardlite_inbox WHERE source = ? AND incarnation = ?",
+                            (source, emitter)).fetchall()
+                        marks[emitter] = int(found[0][0]) if found else 0
+                    if row.seq <= marks[emitter]:
+                        done.append(row.seq)  # applied before: the acknowledgement was lost
+                        continue
+                    error = self._apply(handle, source, emitter, row)
+                    if error is not None:
+                        failed[row.seq] = (row, error)
+                        break
+                    marks[emitter] = row.seq
+                    done.append(row.seq)
         except UnknownTenant:
             for row in rows:
                 dead[row.seq] = (row, f"destination {dest!r} was dropped")
@@ -255,32 +300,6 @@ class Relay:
         except (Busy, TenantMoving) as exc:
             failed[rows[0].seq] = (rows[0], f"{type(exc).__name__}: {exc}")
             return
-        done: list[int] = []
-        marks: dict[str, int] = {}  # high-water mark per emitting incarnation
-        try:
-            conn = handle.conn
-            for row in rows:
-                emitter = row.incarnation(incarnation)
-                if emitter not in marks:
-                    found: list[Any] = conn.execute(
-                        "SELECT last_seq FROM _shardlite_inbox WHERE source = ? AND incarnation = ?",
-                        (source, emitter)).fetchall()
-                    marks[emitter] = int(found[0][0]) if found else 0
-                if row.seq <= marks[emitter]:
-                    done.append(row.seq)  # applied before: the acknowledgement was lost
-                    continue
-                error = self._apply(handle, source, emitter, row)
-                if error is not None:
-                    failed[row.seq] = (row, error)
-                    break
-                marks[emitter] = row.seq
-                done.append(row.seq)
-            store.commit(handle)
-        except BaseException:
-            store.rollback(handle)
-            raise
-        finally:
-            store.release(handle)
         delivered.extend(done)
 
     def _apply(self, handle: Any, source: str, incarnation: str, row: OutboxRow) -> str | None:
@@ -308,40 +327,32 @@ class Relay:
         store, catalog, policy = self.store, self.store.catalog, self.policy
         now = time.time()
         try:
-            handle = store.begin_write(source, create=False)
+            with store.writing(source, create=False) as handle:
+                version = catalog.pending_row(source)
+                if delivered:
+                    store.internal(handle, "DELETE FROM _shardlite_outbox WHERE seq IN "
+                                   "(SELECT value FROM json_each(?))", (_json_list(delivered),))
+                for seq, (row, error) in failed.items():
+                    attempts = row.attempts + 1
+                    if policy.dead(attempts):
+                        dead[seq] = (row, error)
+                        continue
+                    retry_at = policy.next_at(now, attempts)
+                    store.internal(handle, "UPDATE _shardlite_outbox SET attempts = ?, next_at = ?, last_error = ? "
+                                   "WHERE seq = ?", (attempts, retry_at, error, seq))
+                    next_due_at = retry_at if next_due_at is None else min(next_due_at, retry_at)
+                    stats.next_retry = retry_at if stats.next_retry is None else min(stats.next_retry, retry_at)
+                for seq, (row, error) in dead.items():
+                    catalog.add_dead_letter(source, row.incarnation(handle.incarnation), seq, row.dest, row.topic,
+                                            row.payload, row.created, max(row.attempts + 1, 1), error)
+                    store.internal(handle, "DELETE FROM _shardlite_outbox WHERE seq = ?", (seq,))
+                left: list[Any] = handle.conn.execute("SELECT count(*) FROM _shardlite_outbox").fetchall()
+                remaining = int(left[0][0])
+                store.internal(handle, "UPDATE _shardlite_relay SET claimed_by = NULL, claimed_until = 0 "
+                               "WHERE id = 1")
         except UnknownTenant:
             self._forget_source(source)
             return
-        try:
-            version = catalog.pending_row(source)
-            conn = handle.conn
-            if delivered:
-                store.internal(handle, "DELETE FROM _shardlite_outbox WHERE seq IN (SELECT value FROM json_each(?))",
-                               (_json_list(delivered),))
-            for seq, (row, error) in failed.items():
-                attempts = row.attempts + 1
-                if policy.dead(attempts):
-                    dead[seq] = (row, error)
-                    continue
-                store.internal(handle, "UPDATE _shardlite_outbox SET attempts = ?, next_at = ?, last_error = ? "
-                               "WHERE seq = ?", (attempts, policy.next_at(now, attempts), error, seq))
-                retry_at = policy.next_at(now, attempts)
-                next_due_at = retry_at if next_due_at is None else min(next_due_at, retry_at)
-                stats.next_retry = retry_at if stats.next_retry is None else min(stats.next_retry, retry_at)
-            for seq, (row, error) in dead.items():
-                catalog.add_dead_letter(source, row.incarnation(handle.incarnation), seq, row.dest, row.topic,
-                                        row.payload,
-                                        row.created, max(row.attempts + 1, 1), error)
-                store.internal(handle, "DELETE FROM _shardlite_outbox WHERE seq = ?", (seq,))
-            left: list[Any] = conn.execute("SELECT count(*) FROM _shardlite_outbox").fetchall()
-            remaining = int(left[0][0])
-            store.internal(handle, "UPDATE _shardlite_relay SET claimed_by = NULL, claimed_until = 0 WHERE id = 1")
-            store.commit(handle)
-        except BaseException:
-            store.rollback(handle)
-            raise
-        finally:
-            store.release(handle)
         if self.fault is not None:
             self.fault("acknowledged")
         stats.delivered += len(delivered)
@@ -414,19 +425,11 @@ class Relay:
                 continue
             if seq is not None and letter["seq"] != seq:
                 continue
-            handle = store.begin_write(letter["source"], create=False)
-            try:
-                tx = Transaction(handle.key, handle.conn, handle.guard, store.emitter, handle)
-                tx._internal("INSERT INTO _shardlite_outbox(dest, topic, payload, created) VALUES (?, ?, ?, ?)",
-                             (letter["dest"], letter["topic"], letter["payload"], letter["created"]))
-                tx._close()
+            with store.writing(letter["source"], create=False) as handle:
+                store.internal(handle, "INSERT INTO _shardlite_outbox(dest, topic, payload, created) "
+                               "VALUES (?, ?, ?, ?)",
+                               (letter["dest"], letter["topic"], letter["payload"], letter["created"]))
                 store.catalog.flag_pending(letter["source"])
-                store.commit(handle)
-            except BaseException:
-                store.rollback(handle)
-                raise
-            finally:
-                store.release(handle)
             store.catalog.delete_dead_letter(letter["source"], letter["incarnation"], letter["seq"])
             count += 1
         return count

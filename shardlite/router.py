@@ -26,10 +26,10 @@ from .fanout import MapResult, run_map
 from .globals import GlobalTables
 from .keys import canonical
 from .nodes import Nodes
-from .outbox import DEFAULT_MAX_PAYLOAD, RetryPolicy, check_topic
+from .outbox import DEFAULT_MAX_PAYLOAD, RetryPolicy
 from .pool import Handle
 from .rebalance import Rebalancer
-from .relay import Handler, Relay
+from .relay import Handler, HandlerRegistry, Relay
 from .schema import Step
 from .sessions import Sessions
 from .store import Store
@@ -104,7 +104,7 @@ class _Scope:
             store.release(handle)
 
 
-class Router:
+class Router(HandlerRegistry):
     """Routes partition keys to one SQLite file per tenant.
 
     ``Router(root)`` is the embedded default: one node ``n1`` under ``root``. ``nodes=`` is used only when
@@ -257,21 +257,6 @@ class Router:
         }
 
     # -- outbox ---------------------------------------------------------------------------------------------
-
-    def handler(self, topic: str) -> Callable[[Handler], Handler]:
-        """``@router.handler("message")`` registers ``fn(tx, event)`` for ``topic``: the relay runs it inside
-        a write transaction on the event's destination tenant."""
-        check_topic(topic)
-
-        def register(fn: Handler) -> Handler:
-            self._handlers[topic] = fn
-            return fn
-        return register
-
-    def use_feed(self, *topics: str) -> None:
-        """Deliver events of ``topics`` to the built-in activity feed of their destination."""
-        for topic in topics:
-            self.handler(topic)(feed.append)
 
     def feed(self, key: object, *, limit: int = 50, before: int | None = None) -> list[feed.FeedItem]:
         """``key``'s activity feed, newest first; ``before=item.id`` pages back. UnknownTenant if absent."""

@@ -27,6 +27,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import apsw
@@ -409,7 +410,7 @@ class Store:
         """Run one read-only statement on ``key``'s tenant and return every row.
 
         Hot path: a warm, free read connection found by the caller's key object, one statement, one
-        ``data_version`` call. Everything else (cold tenants, contention, a changed file) takes
+        ``data_version`` call. Everything else (cold tenants, contention, a moved file) takes
         :meth:`_read_slow`.
         """
         try:
@@ -419,45 +420,55 @@ class Store:
         if handle is not None and handle.lock.acquire(False):
             try:
                 if not handle.closed:
-                    conn = handle.conn
-                    try:
-                        rows = conn.execute(sql, params).fetchall()
-                    except apsw.ReadOnlyError as exc:
-                        raise StatementNotAllowed(
-                            "queries are read-only: write inside router.transaction(key)") from exc
-                    dv = conn.data_version()
-                    if dv == handle.checked_dv:
-                        return rows
-                    if not self.retired(handle):
-                        handle.checked_dv = dv
+                    rows = self._query(handle, sql, params)
+                    if rows is not None:
                         return rows
             finally:
                 handle.lock.release()
         return self._read_slow(key, sql, params)
 
+    def _query(self, handle: Handle, sql: str, params: Sequence[object] | dict[str, object]) -> list[Any] | None:
+        """The rows, or None when the file turned out retired (the rows may predate a move: discard)."""
+        conn = handle.conn
+        try:
+            rows = conn.execute(sql, params).fetchall()
+        except apsw.ReadOnlyError as exc:
+            raise StatementNotAllowed("queries are read-only: write inside router.transaction(key)") from exc
+        dv = conn.data_version()
+        if dv == handle.checked_dv:
+            return rows
+        if self.retired(handle):
+            return None
+        handle.checked_dv = dv
+        return rows
+
     def _read_slow(self, key: object, sql: str, params: Sequence[object] | dict[str, object]) -> list[tuple[Any, ...]]:
-        handle = self.acquire(key, "r", create=False)
         deadline = time.monotonic() + self.move_wait
         while True:
+            handle = self.acquire(key, "r", create=False)
             try:
-                conn = handle.conn
-                try:
-                    rows = conn.execute(sql, params).fetchall()
-                except apsw.ReadOnlyError as exc:
-                    raise StatementNotAllowed(
-                        "queries are read-only: write inside router.transaction(key)") from exc
-                dv = conn.data_version()
-                if dv == handle.checked_dv:
-                    return rows
-                if not self.retired(handle):
-                    handle.checked_dv = dv
+                rows = self._query(handle, sql, params)
+                if rows is not None:
                     return rows
                 generation = handle.generation
                 self.retire_handle(handle)
             finally:
                 self.release(handle)
             self._wait_for_move(handle.key, generation, deadline)
-            handle = self.acquire(key, "r", create=False)
+
+    @contextmanager
+    def writing(self, key: str, *, create: bool = True, revive: bool = True) -> Iterator[Handle]:
+        """``with store.writing(key) as handle``: one of shardlite's own write transactions (commit on
+        success, rollback on error, the handle released either way)."""
+        handle = self.begin_write(key, create=create, revive=revive)
+        try:
+            yield handle
+            self.commit(handle)
+        except BaseException:
+            self.rollback(handle)
+            raise
+        finally:
+            self.release(handle)
 
     # -- catalog-level operations -------------------------------------------------------------------------
 
