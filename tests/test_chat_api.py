@@ -598,16 +598,12 @@ def test_oversized_chunked_body_is_refused_and_nothing_is_stored(trio: tuple[Any
     assert bob.get(f"/api/dm/{alice_id}").json() == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: BodyLimit raises _TooLarge from receive(); FastAPI's body reader "
-                                       "catches it and answers 400 'There was an error parsing the body', not 413")
 def test_oversized_chunked_body_is_413(trio: tuple[Any, ...]) -> None:
     (alice, _), (_, bob_id), _ = trio
     r = alice.post(f"/api/dm/{bob_id}", content=_chunks(MAX_BODY * 2), headers={"content-type": "application/json"})
     assert r.status_code == 413, r.text
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a room id of 2**63 or more reaches APSW as a query parameter and "
-                                       "raises OverflowError (HTTP 500) instead of 404")
 def test_huge_room_id_is_404(app: FastAPI, client: TestClient) -> None:
     member(client, "alice@example.com", "Alice")
     quiet = TestClient(app, raise_server_exceptions=False, cookies=client.cookies)

@@ -39,7 +39,10 @@ Send = Callable[[Message], Awaitable[None]]
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for a body over ``limit`` bytes, by Content-Length or while streaming."""
+    """ASGI middleware: 413 for a body over ``limit`` bytes, by Content-Length or while it streams in.
+
+    The body is read (up to the limit) before the app sees any of it, then replayed, so nothing past the
+    limit ever reaches a handler, and the refusal is a 413 however the body was framed."""
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -52,29 +55,29 @@ class BodyLimit:
             if name == b"content-length" and value.isdigit() and int(value) > self.limit:
                 await self._refuse(send)
                 return
+        buffered: list[Message] = []
         seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
+            buffered.append(message)
+            if message["type"] != "http.request":
+                break
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise _TooLarge()
-            return message
+                await self._refuse(send)
+                return
+            if not message.get("more_body", False):
+                break
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(send)
+        async def replay() -> Message:
+            return buffered.pop(0) if buffered else await receive()
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": b'{"detail":"request body too large"}'})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class Signup(BaseModel):

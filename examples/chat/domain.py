@@ -149,6 +149,8 @@ class Chat:
         return [{"id": r[0], "name": r[1]} for r in rows]
 
     async def _room_name(self, room_id: int) -> str:
+        if not 0 < room_id < 2**63:
+            raise NotFound(f"no room {room_id}")
         rows = await self.ar.globals.query("SELECT name FROM rooms WHERE id = ?", (room_id,))
         if not rows:
             raise NotFound(f"no room {room_id}")

@@ -23,8 +23,9 @@ function show(loggedIn) {
   $("me").textContent = loggedIn ? `${me.name} (#${me.id})` : "";
 }
 
-function el(tag, props = {}, ...children) {
+function el(tag, {dataset = {}, ...props} = {}, ...children) {
   const node = Object.assign(document.createElement(tag), props);
+  Object.assign(node.dataset, dataset); // dataset itself is read-only: copy its entries
   for (const child of children) node.append(child);
   return node;
 }
@@ -137,7 +138,7 @@ async function refreshAll() {
 
 setInterval(async () => {
   if (!me) return;
-  try { await Promise.all([refreshMessages(), refreshFeed()]); } catch { /* next tick */ }
+  try { await Promise.all([refreshMessages(), refreshFeed(), refreshConversations()]); } catch { /* next tick */ }
 }, 1000);
 
 start();
