@@ -60,6 +60,7 @@ class Side:
     run: Callable[[int], float]
     unit: int = 1  # n is always a multiple of this (the async sides: one op per task and round at least)
     max_n: int = 1_000_000
+    min_blocks: int = 16  # a timed block has at least this many units
     n: int = 0
     per_op: list[float] = field(default_factory=list)
 
@@ -68,16 +69,19 @@ class Side:
         return self.run(n)
 
     def calibrate(self, round_s: float) -> None:
-        """Grow n until one block is long enough to time, then size it to ``round_s`` (also a warm-up)."""
+        """Grow n until one block is long enough to time (and at least ``min_blocks`` units), then size it
+        to ``round_s``; this also warms the side up. The size never drops below ``min_blocks`` units, so one
+        stalled operation on a busy machine cannot shrink every later block to a handful of operations."""
         n = self.unit
+        floor = self.min_blocks * self.unit
         while True:
             elapsed = self.block(n)
-            if elapsed >= round_s / 4 or n >= self.max_n:
+            if (elapsed >= round_s / 4 and n >= floor) or n >= self.max_n:
                 break
             n = min(self.max_n, n * 4)
         per_op = max(elapsed, 1e-9) / n
         n = int(round_s / per_op) // self.unit * self.unit
-        self.n = max(self.unit, min(self.max_n // self.unit * self.unit, n))
+        self.n = max(min(floor, self.max_n), min(self.max_n // self.unit * self.unit, n))
 
     @property
     def median(self) -> float:
@@ -119,6 +123,17 @@ def figure(side: Side) -> str:
     return f"{fmt_time(side.median)}/op ({fmt_rate(side.median)})"
 
 
+def fmt_ratio(ratio: float, target: float | None, time_ratio: bool) -> str:
+    """Two decimals, or three when two would round a miss onto the target (0.797 shown as 0.80 but FAIL)."""
+    text = f"{ratio:.2f}"
+    if target is not None:
+        shown, real = float(text), ratio
+        passes = (lambda x: x <= target) if time_ratio else (lambda x: x >= target)
+        if passes(shown) != passes(real):
+            text = f"{ratio:.3f}"
+    return text
+
+
 def row(rid: str, what: str, shard: Side, base: Side, *, target: float | None, time_ratio: bool = False,
         target_text: str | None = None) -> dict[str, Any]:
     ratios = paired_ratios(shard, base, time_ratio=time_ratio)
@@ -137,7 +152,8 @@ def row(rid: str, what: str, shard: Side, base: Side, *, target: float | None, t
         "what": what,
         "shardlite": figure(shard),
         "baseline": f"{base.label}: {figure(base)}",
-        "ratio": f"{ratio:.2f}×" + (" time" if time_ratio else "") + f" ({min(ratios):.2f}–{max(ratios):.2f})",
+        "ratio": f"{fmt_ratio(ratio, target, time_ratio)}×" + (" time" if time_ratio else "")
+                 + f" ({min(ratios):.2f}–{max(ratios):.2f})",
         "target": target_text,
         "result": result,
         "data": {
