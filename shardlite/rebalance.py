@@ -59,7 +59,7 @@ from .placement import tenant_relpath
 from .planning import Placement, Plan, plan_moves
 from .store import Store
 
-__all__ = ["Rebalancer", "MoveRow", "MoveFailed", "STEPS"]
+__all__ = ["Rebalancer", "MoveRow", "MoveFailed", "LostClaim", "STEPS"]
 
 STEPS = ("pending", "copying", "fenced", "switched", "done")
 _FINISHED = ("done", "skipped", "cancelled", "completed")
@@ -87,11 +87,15 @@ class MoveFailed(ShardliteError):
     """A copy did not verify; the move stays at its step and can be resumed or cancelled."""
 
 
+class LostClaim(ShardliteError):
+    """Another rebalancer took over a move whose lease ran out; this one stops working on it."""
+
+
 class Rebalancer:
     """Plans and runs tenant moves for one data root. ``fault(step)`` is a test hook called after each
     journaled step ("copying", "copied", "fenced", "linked", "switched")."""
 
-    def __init__(self, store: Store, *, lease: float = 120.0) -> None:
+    def __init__(self, store: Store, *, lease: float = 300.0) -> None:
         self.store = store
         self.db = store.globaldb
         self.lease = lease
@@ -106,24 +110,42 @@ class Rebalancer:
         return [MoveRow(*row) for row in rows]
 
     def _set_step(self, move: MoveRow, step: str, **fields: Any) -> None:
-        move.step = step
-        sets = ", ".join(f"{name} = ?" for name in fields)
+        """Journal ``step`` (renewing our lease); :class:`LostClaim` if another rebalancer took the move."""
+        sets = "".join(f", {name} = ?" for name in fields)
+        now = time.time()
         with self.db.write() as conn:
-            conn.execute(_I + f"UPDATE _shardlite_moves SET step = ?, updated = ?{', ' if sets else ''}{sets} "
-                         "WHERE plan_id = ? AND key = ?",
-                         (step, time.time(), *fields.values(), move.plan_id, move.key))
+            conn.execute(_I + f"UPDATE _shardlite_moves SET step = ?, updated = ?, lease = ?{sets} "
+                         "WHERE plan_id = ? AND key = ? AND owner = ?",
+                         (step, now, now + self.lease, *fields.values(), move.plan_id, move.key, self.owner))
+            if conn.changes() != 1:
+                raise LostClaim(f"another rebalancer took over the move of {move.key!r}")
+        move.step = step
         for name, value in fields.items():
             setattr(move, name, value)
         if self.fault is not None:
             self.fault(step)
 
-    def _claim(self, move: MoveRow) -> bool:
+    def _renew(self, move: MoveRow) -> None:
+        """Check we still own ``move`` (and extend the lease) right before an irreversible action."""
+        self._set_step(move, move.step)
+
+    def _claim(self, move: MoveRow) -> MoveRow | None:
+        """Take ``move`` unless a live rebalancer holds it; the journal's current row, or None."""
         now = time.time()
         with self.db.write() as conn:
             conn.execute(_I + "UPDATE _shardlite_moves SET owner = ?, lease = ? WHERE plan_id = ? AND key = ? "
                          "AND (owner IS NULL OR owner = ? OR lease < ?)",
                          (self.owner, now + self.lease, move.plan_id, move.key, self.owner, now))
-            return conn.changes() == 1
+            if conn.changes() != 1:
+                return None
+            row = conn.execute(f"SELECT {_COLUMNS} FROM _shardlite_moves WHERE plan_id = ? AND key = ?",
+                               (move.plan_id, move.key)).fetchall()
+        return MoveRow(*row[0])
+
+    def _release(self, move: MoveRow) -> None:
+        with self.db.write() as conn:
+            conn.execute(_I + "UPDATE _shardlite_moves SET owner = NULL, lease = 0 WHERE plan_id = ? AND key = ? "
+                         "AND owner = ?", (move.plan_id, move.key, self.owner))
 
     def plans(self) -> list[dict[str, Any]]:
         rows = self.db.read("SELECT id, created, state, summary FROM _shardlite_rebalance ORDER BY id DESC LIMIT 20")
@@ -202,9 +224,12 @@ class Rebalancer:
              progress: Callable[[MoveRow], None] | None) -> dict[str, Any]:
         todo = [m for m in self._moves(plan_id) if m.step not in _FINISHED]
 
-        def one(move: MoveRow) -> None:
-            if not self._claim(move):
-                return  # another rebalancer owns it
+        def one(planned: MoveRow) -> None:
+            if self._plan_state(plan_id) != "applying":
+                return  # cancelled meanwhile: take no new move
+            move = self._claim(planned)
+            if move is None or move.step in _FINISHED:
+                return  # another rebalancer owns it, or finished it meanwhile
             try:
                 self.move(move)
             except Exception as exc:  # noqa: BLE001 - recorded in the journal; the others go on
@@ -217,14 +242,32 @@ class Rebalancer:
             if pause_ms > 0:
                 time.sleep(pause_ms / 1000)
 
-        with ThreadPoolExecutor(max_workers=max(1, parallel)) as executor:
-            list(executor.map(one, todo))
+        while True:
+            with ThreadPoolExecutor(max_workers=max(1, parallel)) as executor:
+                list(executor.map(one, todo))
+            todo = self._await_foreign_leases(plan_id)
+            if not todo or self._plan_state(plan_id) != "applying":
+                break
         moves = self._moves(plan_id)
         if all(m.step in _FINISHED for m in moves):
             with self.db.write() as conn:
                 conn.execute(_I + "UPDATE _shardlite_rebalance SET state = 'done' WHERE id = ? AND state = 'applying'",
                              (plan_id,))
         return self.status(plan_id)
+
+    def _await_foreign_leases(self, plan_id: int, until: float = float("inf")) -> list[MoveRow]:
+        """Unfinished moves held by other rebalancers: wait until the first lease runs out (a live owner
+        renews it at every step; a dead one's lapses) and return them to be tried again. Returns [] when
+        no held lease lapses before ``until`` (a wall-clock time)."""
+        held = [m for m in self._moves(plan_id)
+                if m.step not in _FINISHED and m.owner not in (None, self.owner) and m.lease > time.time()]
+        if not held or min(m.lease for m in held) > until:
+            return []
+        time.sleep(min(max(0.0, min(m.lease for m in held) - time.time()) + 0.01, 1.0))
+        return held
+
+    def _plan_state(self, plan_id: int) -> str:
+        return str(self.db.read("SELECT state FROM _shardlite_rebalance WHERE id = ?", (plan_id,))[0][0])
 
     def _paths(self, move: MoveRow) -> tuple[str, str]:
         store = self.store
@@ -258,6 +301,7 @@ class Rebalancer:
             if record is None or record.generation != move.target_generation:
                 # Not flipped yet (a resume may find the flip done: then the copy is live, never redo it).
                 self._final_copy(move)
+                self._renew(move)
                 catalog.flip(move.key, from_generation=move.source_generation, node=move.target,
                              generation=move.target_generation)
             self.store.forget(move.key)
@@ -265,6 +309,7 @@ class Rebalancer:
             self._set_step(move, "switched", pause_ms=pause)
         if move.step == "switched":
             self._set_step(move, "done")
+            self._release(move)
 
     def _copy_and_verify(self, move: MoveRow) -> None:
         source_path, target_path = self._paths(move)
@@ -336,29 +381,45 @@ class Rebalancer:
 
     # -- cancel, complete, status ------------------------------------------------------------------------
 
-    def cancel(self, plan_id: int | None = None) -> dict[str, Any]:
-        """Undo unfinished moves of a planned or applying plan; finished ones stay."""
+    def cancel(self, plan_id: int | None = None, *, wait: float = 15.0) -> dict[str, Any]:
+        """Stop a planned or applying plan and undo its unfinished moves; finished ones stay (``complete``
+        removes their retired copies). A move another live rebalancer is working on is left to it: it
+        finishes that move and takes no other. Moves held by a rebalancer that died are undone once its
+        lease lapses, if that happens within ``wait`` seconds (``cancel`` again later otherwise)."""
         plan_id, _, _ = self._plan_row(plan_id, ("applying", "planned"))
-        catalog = self.store.catalog
-        for move in self._moves(plan_id):
-            if move.step in _FINISHED:
-                continue
-            if move.step == "switched":
-                self._set_step(move, "done")
-                continue
-            if move.target_generation is not None:
-                source_path, target_path = self._paths(move)
-                remove_db_files(target_path + ".moving")
-                record = catalog.lookup(move.key)
-                if record is not None and record.generation == move.source_generation:
-                    remove_db_files(target_path)
-                    self._unfence(source_path)
-                    if record.state == "moving":
-                        catalog.set_state(move.key, "active", expect_generation=move.source_generation)
-            self._set_step(move, "cancelled")
         with self.db.write() as conn:
             conn.execute(_I + "UPDATE _shardlite_rebalance SET state = 'cancelled' WHERE id = ?", (plan_id,))
+        catalog = self.store.catalog
+        deadline = time.time() + wait
+        todo = self._moves(plan_id)
+        while todo:
+            for planned in todo:
+                self._cancel_one(planned, catalog)
+            todo = self._await_foreign_leases(plan_id, until=deadline)
         return self.status(plan_id)
+
+    def _cancel_one(self, planned: MoveRow, catalog: Any) -> None:
+        """Undo one unfinished move (unless another live rebalancer holds it)."""
+        if planned.step in _FINISHED:
+            return
+        move = self._claim(planned)
+        if move is None or move.step in _FINISHED:
+            return
+        if move.step == "switched":  # past the commit point: it is done, only the journal lagged
+            self._set_step(move, "done")
+            self._release(move)
+            return
+        if move.target_generation is not None:
+            source_path, target_path = self._paths(move)
+            remove_db_files(target_path + ".moving")
+            record = catalog.lookup(move.key)
+            if record is not None and record.generation == move.source_generation:
+                remove_db_files(target_path)
+                self._unfence(source_path)
+                if record.state == "moving":
+                    catalog.set_state(move.key, "active", expect_generation=move.source_generation)
+        self._set_step(move, "cancelled")
+        self._release(move)
 
     def _unfence(self, source_path: str) -> None:
         if not os.path.exists(source_path):
@@ -371,15 +432,18 @@ class Rebalancer:
 
     def complete(self, plan_id: int | None = None) -> dict[str, Any]:
         """Delete the retired source files of finished moves; remove drained nodes left empty."""
-        plan_id, _, _ = self._plan_row(plan_id, ("done",))
+        plan_id, _, _ = self._plan_row(plan_id, ("done", "cancelled"))
         removed = 0
         for move in self._moves(plan_id):
-            if move.step == "done":
-                source_path, _ = self._paths(move)
-                if os.path.exists(source_path):
-                    removed += 1
-                remove_db_files(source_path)
-                self._set_step(move, "completed")
+            if move.step != "done":
+                continue  # a finished move is final: no claim needed to drop its retired copy
+            source_path, _ = self._paths(move)
+            if os.path.exists(source_path):
+                removed += 1
+            remove_db_files(source_path)
+            with self.db.write() as conn:
+                conn.execute(_I + "UPDATE _shardlite_moves SET step = 'completed', updated = ? WHERE plan_id = ? "
+                             "AND key = ? AND step = 'done'", (time.time(), plan_id, move.key))
         with self.db.write() as conn:
             conn.execute(_I + "UPDATE _shardlite_rebalance SET state = 'completed' WHERE id = ?", (plan_id,))
         counts = self.store.catalog.count_tenants()

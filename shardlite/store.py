@@ -287,7 +287,8 @@ class Store:
         self.pool.discard(handle)
 
     def _wait_for_move(self, canon: str, old_generation: int, deadline: float) -> None:
-        """Wait (bounded) until the catalog no longer points at ``old_generation``."""
+        """Wait (bounded) until the catalog no longer points at ``old_generation``, or says the tenant is
+        plainly ``active`` there again (a move that was cancelled lifts its fence)."""
         self.forget(canon)
         delay = 0.001
         while True:
@@ -297,6 +298,8 @@ class Store:
             if time.monotonic() + delay > deadline:
                 raise TenantMoving(f"tenant {canon!r} is being moved; retry later")
             time.sleep(delay)
+            if record.state == "active":
+                return  # not (or no longer) moving: look at the file again
             delay = min(delay * 2, 0.05)
 
     # -- transactions -----------------------------------------------------------------------------------

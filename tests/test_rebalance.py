@@ -554,8 +554,6 @@ def test_cancel_a_planned_plan_changes_nothing_but_its_state(router: Router) -> 
         router.rebalance.apply(plan_id)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: after `rebalance cancel`, the retired sources of the moves that had "
-                                       "finished are never deleted: `complete` only accepts a 'done' plan")
 def test_retired_sources_of_finished_moves_can_be_removed_after_a_cancel(router: Router) -> None:
     populate(router, 30, rows=1)
     router.nodes.add("n3")
@@ -610,9 +608,6 @@ def test_two_rebalancers_in_one_process_never_move_a_tenant_twice(router: Router
     assert_no_orphans(router, retired=retired_sources(router, plan_id))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a rebalancer claims a move whose lease expired using the step it "
-                                       "read before claiming; a move another rebalancer finished meanwhile is "
-                                       "rewritten from 'done' to 'skipped' and its retired source is never deleted")
 def test_a_rebalancer_with_a_stale_journal_does_not_undo_finished_moves(router: Router, make_router: Any) -> None:
     populate(router, 30, rows=1)
     first = router.rebalance
@@ -642,8 +637,6 @@ def test_a_rebalancer_with_a_stale_journal_does_not_undo_finished_moves(router: 
     assert_no_orphans(router)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: leases are never renewed and a claim does not re-read the journal: "
-                                       "a move that outlives its lease is taken over and moved a second time")
 def test_a_move_that_outlives_its_lease_is_not_moved_twice(router: Router, make_router: Any) -> None:
     populate(router, 30, rows=1)
     slow = router.rebalance
@@ -684,9 +677,6 @@ def test_a_move_that_outlives_its_lease_is_not_moved_twice(router: Router, make_
     assert_no_orphans(router, retired=retired_sources(router, plan_id))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `rebalance cancel` ignores the lease of a rebalancer that is still "
-                                       "running: it deletes the linked copy and unfences the source, then the "
-                                       "running rebalancer flips the catalog to the deleted file")
 def test_cancel_while_another_rebalancer_is_applying_leaves_every_tenant_reachable(router: Router,
                                                                                    make_router: Any) -> None:
     populate(router, 30, rows=1)
@@ -1042,8 +1032,6 @@ def test_cli_stale_plan_is_refused(router: Router, capsys: Any) -> None:
     assert snapshot(router) == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `shardlite nodes remove` drains the node (and records a plan) "
-                                       "before it fails, so a refused remove leaves the node draining")
 @pytest.mark.parametrize("situation", ["no --yes off a terminal", "a rebalance is being applied"])
 def test_cli_nodes_remove_refused_changes_nothing(router: Router, capsys: Any, situation: str) -> None:
     populate(router, 20, rows=1)

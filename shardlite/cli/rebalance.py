@@ -51,11 +51,16 @@ def cmd_nodes_add(args: argparse.Namespace) -> int:
 
 def cmd_nodes_remove(args: argparse.Namespace) -> int:
     with open_router(args) as router:
+        if router.rebalance.status().get("state") == "applying":
+            raise CliError("a rebalance is being applied: `shardlite rebalance resume` or `cancel` it first")
+        if args.name not in {n.name for n in router.nodes.list()}:
+            raise CliError(f"unknown node {args.name!r}")
+        tenants = {n["name"]: n["tenants"] for n in router.nodes.counts()}.get(args.name, 0)
+        if tenants and not args.yes:
+            _confirm(f"drain node {args.name}: move its {tenants} tenants to the other nodes?")
         router.nodes.drain(args.name)
         plan_id, plan = router.rebalance.plan()
         if plan.moves:
-            if not args.yes and not args.json:
-                _confirm(f"drain node {args.name}: move {len(plan.moves)} tenants ({plan.bytes} bytes)?")
             _apply(router, args, lambda progress: router.rebalance.apply(plan_id, parallel=args.parallel,
                                                                           pause_ms=args.pause_ms, progress=progress),
                    len(plan.moves), plan.bytes)
@@ -143,7 +148,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         planned = router.rebalance.status()
         if planned.get("state") != "planned":
             raise CliError("no planned rebalance (`shardlite rebalance plan` makes one)")
-        if not args.yes and not args.json:
+        if not args.yes:
             _confirm(f"apply plan {planned['plan']}: {planned['moves']} moves, {planned['bytes']} bytes?")
         status = _apply(router, args, lambda progress: router.rebalance.apply(
             parallel=args.parallel, pause_ms=args.pause_ms, progress=progress), planned["moves"], planned["bytes"])
