@@ -420,17 +420,26 @@ class AsyncRouter(HandlerRegistry):
     async def query(self, key: object, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
         """Read-only statement on ``key``'s tenant, like :meth:`Router.query`."""
         store = self._store
-        handle = store._fast.get(key)
-        if handle is not None and not handle.closed and handle.owner is None:
-            if self._loop_thread == 0:
-                self._loop_thread = threading.get_ident()
-            if handle not in self._budgeted:
-                handle.conn.setprogresshandler(self._interrupt_inline, self._inline_steps)
-                self._budgeted.add(handle)
+        try:
+            handle = store._fast.get(key)
+        except TypeError:
+            handle = None
+        # Inline only on a warm read connection nobody holds: the loop never waits for a lock here.
+        if handle is not None and handle.lock.acquire(False):
             try:
-                return store.read(key, sql, params)
+                if not handle.closed:
+                    if self._loop_thread == 0:
+                        self._loop_thread = threading.get_ident()
+                    if handle not in self._budgeted:
+                        handle.conn.setprogresshandler(self._interrupt_inline, self._inline_steps)
+                        self._budgeted.add(handle)
+                    rows = store._query(handle, sql, params)
+                    if rows is not None:
+                        return rows
             except apsw.InterruptError:
                 pass  # over budget: redo it on a worker thread
+            finally:
+                handle.lock.release()
         return await self._call(store.read, key, sql, params)
 
     async def locate(self, key: object) -> Location:

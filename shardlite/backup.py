@@ -63,10 +63,15 @@ def _signature(path: str, generation: int) -> list[int]:
     return sig
 
 
-def _copy_standalone(source_path: str, dest_path: str) -> None:
-    """Snapshot ``source_path`` into a standalone (rollback-journal) file at ``dest_path``, fsynced."""
+def _copy_standalone(source_path: str, dest_path: str, *, private_dir: bool = True) -> None:
+    """Snapshot ``source_path`` into a standalone (rollback-journal) file at ``dest_path``, fsynced.
+    ``private_dir``: the destination's directory is ours (created 0700); otherwise it must exist and is
+    left as it is (an export into the user's own folder)."""
     temp = f"{dest_path}.tmp-{secrets.token_hex(4)}"
-    ensure_private_dir(os.path.dirname(dest_path))
+    if private_dir:
+        ensure_private_dir(os.path.dirname(dest_path))
+    elif not os.path.isdir(os.path.dirname(dest_path)):
+        raise ConfigurationError(f"no directory {os.path.dirname(dest_path)} to export into")
     source = open_trusted(source_path)
     try:
         dest = open_trusted(temp, create=True)
@@ -150,6 +155,8 @@ def backup(store: Store, dest: str, *, keys: Iterable[object] | None = None,
 def _bring_in(store: Store, source_file: str, key: str, *, purpose: str, keep_outbox: bool,
               force: bool) -> TenantRecord:
     """Install ``source_file`` (a standalone tenant copy) as tenant ``key``: new generation, incarnation."""
+    if not os.path.isfile(source_file):
+        raise ConfigurationError(f"{source_file} does not exist or is not a file")
     existing = store.catalog.lookup(key)
     if existing is not None and existing.state in ("active", "moving", "dropping") and not force:
         raise ConfigurationError(f"tenant {key!r} exists; pass force=True (--force) to replace it")
@@ -282,6 +289,8 @@ def restore_globals(store: Store, src: str) -> None:
             "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%'").fetchall()]
         copy = [t for t in tables if t in ("_shardlite_accounts", "_shardlite_credentials", "_shardlite_sessions")
                 or not t.startswith("_shardlite")]
+        version = source.execute("SELECT value FROM _shardlite_catalog_meta WHERE name = 'app_global_version'"
+                                 ).fetchall()
         with store.globaldb.write() as conn:
             for table in copy:
                 sql = str(source.execute("SELECT sql FROM sqlite_schema WHERE name = ?", (table,)).fetchall()[0][0])
@@ -292,6 +301,9 @@ def restore_globals(store: Store, src: str) -> None:
                 if rows:
                     marks = ", ".join("?" for _ in rows[0])
                     conn.executemany(f"INSERT OR REPLACE INTO {_quote(table)} VALUES ({marks})", rows)
+            if version:  # the app's global schema came along: so did its version
+                conn.execute("INSERT INTO _shardlite_catalog_meta(name, value) VALUES ('app_global_version', ?) "
+                             "ON CONFLICT(name) DO UPDATE SET value = excluded.value", (version[0][0],))
     finally:
         source.close()
 
@@ -309,7 +321,7 @@ def export_tenant(store: Store, key: object, path: str) -> dict[str, Any]:
     path = os.path.abspath(path)
     if os.path.exists(path):
         raise ConfigurationError(f"{path} exists; refusing to overwrite it")
-    _copy_standalone(store.path_of(record), path)
+    _copy_standalone(store.path_of(record), path, private_dir=False)
     return {"key": canon, "file": path, "size": os.path.getsize(path), "checksum": file_checksum(path)}
 
 

@@ -183,6 +183,7 @@ class Catalog(Protocol):
         self, *, states: Sequence[str] = ("active", "moving"), batch: int = 1000
     ) -> Iterator[TenantRecord]: ...
     def count_tenants(self) -> dict[str, int]: ...
+    def max_schema_version(self, prefix: str) -> int | None: ...
     def schema_versions(self) -> dict[int, int]: ...
     def close(self) -> None: ...
 
@@ -310,6 +311,20 @@ class SqliteCatalog:
                 "SELECT node, count(*) FROM _shardlite_tenants WHERE state IN ('active', 'moving') GROUP BY node"):
             counts[str(node)] = int(count)
         return counts
+
+    def max_schema_version(self, prefix: str) -> int | None:
+        """The newest app schema version recorded for live tenants whose key starts with ``prefix:``."""
+        upper = prefix + ";"  # ':' + 1: every key of the form 'prefix:...' sorts in [prefix:, prefix;)
+        rows = self.read("SELECT max(schema_version) FROM _shardlite_tenants WHERE key >= ? AND key < ? "
+                         "AND state IN ('active', 'moving')", (prefix + ":", upper))
+        return None if not rows or rows[0][0] is None else int(rows[0][0])
+
+    def max_schema_version(self, prefix: str) -> int | None:
+        """The newest app schema version recorded for live tenants whose key starts with ``prefix:``."""
+        upper = prefix + ";"  # ':' + 1: every key of the form 'prefix:...' sorts in [prefix:, prefix;)
+        rows = self.read("SELECT max(schema_version) FROM _shardlite_tenants WHERE key >= ? AND key < ? "
+                         "AND state IN ('active', 'moving')", (prefix + ":", upper))
+        return None if not rows or rows[0][0] is None else int(rows[0][0])
 
     def schema_versions(self) -> dict[int, int]:
         """Live tenants per recorded app schema version."""

@@ -107,8 +107,23 @@ class Settings:
 
 
 def ensure_private_dir(path: str) -> None:
-    """Create ``path`` (and parents) and make sure it is mode 0700."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    """Make sure ``path`` is a directory of mode 0700, creating it (and missing parents, each 0700 whatever
+    the umask) when needed. Directories that already exist above ``path`` are left as they are."""
+    path = os.path.abspath(path)
+    missing = []
+    probe = path
+    while not os.path.isdir(probe):
+        missing.append(probe)
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        os.chmod(directory, 0o700)
     if stat.S_IMODE(os.stat(path).st_mode) != 0o700:
         os.chmod(path, 0o700)
 
@@ -163,6 +178,9 @@ def open_connection(
     conn = apsw.Connection(path, flags=flags)
     try:
         conn.setbusytimeout(settings.busy_timeout_ms)
+        # Closing a connection (the pool evicting an idle tenant) must not turn into a checkpoint and an
+        # fsync: the WAL stays valid on disk and the next writer's autocheckpoint folds it in.
+        conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
         conn.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 1)
         conn.config(apsw.SQLITE_DBCONFIG_TRUSTED_SCHEMA, 0)
         conn.config(apsw.SQLITE_DBCONFIG_ENABLE_LOAD_EXTENSION, 0)

@@ -64,15 +64,33 @@ def _read_one(store: Store, key: str, path: str, sql: str, params: Sequence[Any]
         found: Any = conn.execute("PRAGMA user_version").fetchall()[0][0]
         version = int(found)
         conn.authorizer = guard
-        cursor = conn.execute(sql, params)
-        try:
-            columns = [d[0] for d in cursor.description]
-        except apsw.ExecutionCompleteError:  # the statement returned no row
-            columns = []
-        rows = cursor.fetchall()
+        columns: list[str] = []
+
+        def names(cur: apsw.Cursor, _sql: str, _bindings: Any) -> bool:
+            # Called once the statement is prepared, before it runs: the column names are known even
+            # when it returns no row (afterwards APSW no longer describes a finished statement).
+            if not columns:
+                columns.extend(d[0] for d in cur.description)
+            return True
+
+        cursor = conn.cursor()
+        cursor.exec_trace = names
+        rows = cursor.execute(sql, params).fetchall()
         return rows, columns, version if current is not None and version < current else -1
     finally:
         conn.close()
+
+
+def _current_version(store: Store, prefix: str) -> int | None:
+    """The app schema version tenants of ``prefix`` should be on: the router's schema when it declares
+    one for the prefix, else the newest version the catalog has seen among them (``shardlite query``
+    runs without the app's schema)."""
+    if store.spec.declared:
+        try:
+            return store.spec.version_for(prefix)
+        except ConfigurationError:
+            pass
+    return store.catalog.max_schema_version(prefix)
 
 
 def run_map(store: Store, sql: str, params: Sequence[Any] | dict[str, Any] = (), *,
@@ -100,10 +118,7 @@ def run_map(store: Store, sql: str, params: Sequence[Any] | dict[str, Any] = (),
                 continue
             prefix = prefix_of(key)
             if prefix not in versions:
-                try:
-                    versions[prefix] = store.spec.version_for(prefix)
-                except ConfigurationError:
-                    versions[prefix] = None
+                versions[prefix] = _current_version(store, prefix)
             yield key, store.path_of(record), versions[prefix]
 
     def generate() -> Iterator[tuple[str, list[Row]]]:

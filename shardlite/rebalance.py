@@ -138,7 +138,7 @@ class Rebalancer:
                          (self.owner, now + self.lease, move.plan_id, move.key, self.owner, now))
             if conn.changes() != 1:
                 return None
-            row = conn.execute(f"SELECT {_COLUMNS} FROM _shardlite_moves WHERE plan_id = ? AND key = ?",
+            row: list[Any] = conn.execute(f"SELECT {_COLUMNS} FROM _shardlite_moves WHERE plan_id = ? AND key = ?",
                                (move.plan_id, move.key)).fetchall()
         return MoveRow(*row[0])
 

@@ -115,6 +115,8 @@ class SchemaSpec:
     def __init__(self, schema: Sequence[Step] | Mapping[str, Sequence[Step]] | None) -> None:
         self.per_prefix: dict[str, tuple[Step, ...]] | None
         self.every: tuple[Step, ...] | None
+        #: False for a router opened without a schema (``shardlite`` commands): versions are unknown.
+        self.declared = schema is not None
         if schema is None:
             self.every, self.per_prefix = (), None
         elif isinstance(schema, Mapping):

@@ -422,8 +422,6 @@ def test_backup_copies_are_standalone_verified_and_private(make: Callable[..., R
     assert files == sorted(["manifest.json", "global.db", *(manifest["tenants"][k]["file"] for k in keys)])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: backup creates DEST/tenants with os.makedirs' default mode "
-                   "(0755 under umask 022); only DEST and the leaf DEST/tenants/<xx> are made 0700")
 def test_every_backup_directory_is_0700(make: Callable[..., Router], tmp_path: Path, umask022: None) -> None:
     router = make()
     add(router, "acct:1", 1)
@@ -773,10 +771,6 @@ def test_cli_restore_globals_into_a_fresh_root_with_the_same_schemas(make: Calla
     assert code == 2 and "empty" in err
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: restore_globals copies the app's global tables but not their "
-                   "schema version (_shardlite_catalog_meta 'app_global_version'), so a root made by "
-                   "`shardlite init` + `restore --globals` fails to open with the app's global_schema "
-                   "('table plans already exists')")
 def test_cli_init_then_restore_globals_then_open_with_the_app_schema(make: Callable[..., Router], tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     router = make(global_schema=GLOBAL_SCHEMA)

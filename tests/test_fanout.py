@@ -229,8 +229,6 @@ def test_map_reads_tenants_as_they_are_and_reports_outdated(make: Callable[..., 
     assert all(router.locate(k).path == paths[k] for k in keys)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `shardlite query` opens a Router without the app's schema, so "
-                   "MapResult.outdated is always empty and the CLI never reports tenants on an older version")
 def test_cli_query_reports_tenants_on_an_older_schema(make: Callable[..., Router],
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     old = make(schema=SCHEMA)
@@ -390,9 +388,6 @@ def test_cli_query_json_prints_one_object_per_tenant(make: Callable[..., Router]
     assert code == 0 and "org:3" in out  # the table form
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a tenant whose result has no rows is printed with \"columns\": [] "
-                   "(apsw raises ExecutionCompleteError for .description once the statement is done), and "
-                   "MapResult.columns stays None when no tenant has a row")
 def test_cli_query_json_names_columns_even_for_tenants_without_rows(make: Callable[..., Router],
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     router = make(schema=SCHEMA)

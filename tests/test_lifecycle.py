@@ -231,8 +231,6 @@ def test_export_writes_a_standalone_private_sqlite_file(make: Callable[..., Rout
     assert items(router, "acct:1") == ["one", "two"]  # the live tenant is untouched
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: export calls ensure_private_dir() on the target's directory, "
-                   "which chmods an existing user directory (e.g. a shared 0755 or 1777 one) to 0700")
 def test_export_leaves_the_target_directory_mode_alone(make: Callable[..., Router], tmp_path: Path,
                                                        umask022: None) -> None:
     router = make()
@@ -302,9 +300,6 @@ def test_import_refuses_files_that_are_not_tenants(make: Callable[..., Router], 
     assert node_files(router) == files_before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: importing a file that does not exist raises a bare "
-                   "apsw.CantOpenError (not a ShardliteError), so `shardlite tenants import` prints a traceback "
-                   "and exits 1 instead of a one-line error with exit status 2")
 def test_cli_import_of_a_missing_file_is_a_clean_error(make: Callable[..., Router], tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     router = make()
