@@ -319,13 +319,6 @@ class SqliteCatalog:
                          "AND state IN ('active', 'moving')", (prefix + ":", upper))
         return None if not rows or rows[0][0] is None else int(rows[0][0])
 
-    def max_schema_version(self, prefix: str) -> int | None:
-        """The newest app schema version recorded for live tenants whose key starts with ``prefix:``."""
-        upper = prefix + ";"  # ':' + 1: every key of the form 'prefix:...' sorts in [prefix:, prefix;)
-        rows = self.read("SELECT max(schema_version) FROM _shardlite_tenants WHERE key >= ? AND key < ? "
-                         "AND state IN ('active', 'moving')", (prefix + ":", upper))
-        return None if not rows or rows[0][0] is None else int(rows[0][0])
-
     def schema_versions(self) -> dict[int, int]:
         """Live tenants per recorded app schema version."""
         rows = self.read("SELECT schema_version, count(*) FROM _shardlite_tenants WHERE state IN ('active', 'moving') "
