@@ -12,7 +12,7 @@ One move, while application processes keep writing (steps as journaled):
     A new generation is issued for the target and the catalog marks the tenant ``moving``.
 ``copying``
     Copy through the backup API from a pinned snapshot of the source, then verify the copy fully:
-    ``integrity_check`` and per-table row counts and content digests equal to the snapshot's.
+    ``integrity_check``, per-table row counts and the content digest equal to the snapshot's.
 ``fenced``
     Inside the source's own write lock, write the retired marker into the source file. From its commit on,
     every writer (in any process) finds it right after ``BEGIN IMMEDIATE`` and waits for the catalog to
@@ -45,13 +45,13 @@ from typing import Any
 from .authorizer import INTERNAL_SQL as _I
 from .copying import (
     backup_into,
-    checksums,
     fsync_file_and_dir,
     integrity_ok,
     open_trusted,
     page_digest,
     read_snapshot,
     remove_db_files,
+    row_counts,
 )
 from .engine import ensure_private_dir
 from .errors import ConfigurationError, ShardliteError
@@ -321,9 +321,9 @@ class Rebalancer:
             dest = open_trusted(temp, create=True)
             try:
                 with read_snapshot(source):
-                    expected = checksums(source)
+                    expected = row_counts(source), page_digest(source)
                     backup_into(dest, source)
-                if not integrity_ok(dest) or checksums(dest) != expected:
+                if not integrity_ok(dest) or (row_counts(dest), page_digest(dest)) != expected:
                     raise MoveFailed(f"the copy of {move.key!r} does not match its source snapshot")
             finally:
                 dest.close()
