@@ -164,8 +164,7 @@ class GlobalDB:
     def reader(self) -> apsw.Connection:
         """This thread's ``query_only`` connection (committed data only)."""
         try:
-            conn: apsw.Connection = self._local.conn
-            return conn
+            return self._local.conn  # type: ignore[no-any-return]
         except AttributeError:
             pass
         if self._closed:
