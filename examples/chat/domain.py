@@ -81,14 +81,25 @@ class Chat:
     def __init__(self, ar: AsyncRouter) -> None:
         self.ar = ar
         ar.use_feed("message")
+        # Process-local caches of facts that never change once true: a user's id and name (the app has
+        # no rename), and "this DM pair already exists" (its conversations rows are written).
+        self._users: dict[int, User] = {}
+        self._pairs: set[str] = set()
 
     # -- users ------------------------------------------------------------------------------------------
 
     async def user(self, user_id: int) -> User:
+        found = self._users.get(user_id)
+        if found is not None:
+            return found
         account = await self.ar.accounts.get(user_id)
         if account is None:
             raise NotFound(f"no user {user_id}")
-        return User(account.id, account.name or account.email.split("@")[0])
+        user = User(account.id, account.name or account.email.split("@")[0])
+        if len(self._users) > 100_000:
+            self._users.clear()
+        self._users[user_id] = user
+        return user
 
     async def find_users(self, text: str, *, limit: int = 20) -> list[dict[str, Any]]:
         found = await self.ar.accounts.search(text[:100], limit=limit)
@@ -100,7 +111,7 @@ class Chat:
         text = clean_text(text)
         other = await self.user(other_id)
         key = pair_key("dm", me.id, other.id)
-        first = not await self.ar.exists(key)
+        first = key not in self._pairs and not await self.ar.exists(key)
         now = time.time()
         async with self.ar.transaction(key) as tx:
             await tx.execute("INSERT INTO messages(author_id, author, body, at) VALUES (?, ?, ?, ?)",
@@ -116,6 +127,7 @@ class Chat:
                 for uid, title in ((me.id, other.name), (other.id, me.name)):
                     await gtx.execute("INSERT OR IGNORE INTO conversations(user_id, conv, kind, title) "
                                       "VALUES (?, ?, 'dm', ?)", (uid, key, title))
+        self._pairs.add(key)
         return {"id": message_id, "author_id": me.id, "author": me.name, "text": text, "at": now}
 
     async def dm_history(self, me: User, other_id: int, *, before: int | None = None,
