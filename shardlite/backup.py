@@ -32,7 +32,7 @@ import xxhash
 
 from .catalog import TenantRecord
 from .copying import backup_into, fsync_file_and_dir, integrity_ok, open_trusted, remove_db_files
-from .engine import ensure_private_dir, fsync_dir
+from .engine import ensure_private_dir, fsync_dir, fsync_path
 from .errors import ConfigurationError, IdentityMismatch, ShardliteError, UnknownTenant
 from .keys import canonical, key_digest, prefix_of
 from .placement import tenant_relpath
@@ -63,10 +63,12 @@ def _signature(path: str, generation: int) -> list[int]:
     return sig
 
 
-def _copy_standalone(source_path: str, dest_path: str, *, private_dir: bool = True) -> None:
+def _copy_standalone(source_path: str, dest_path: str, *, private_dir: bool = True,
+                     dirty_dirs: set[str] | None = None) -> None:
     """Snapshot ``source_path`` into a standalone (rollback-journal) file at ``dest_path``, fsynced.
     ``private_dir``: the destination's directory is ours (created 0700); otherwise it must exist and is
-    left as it is (an export into the user's own folder)."""
+    left as it is (an export into the user's own folder). With ``dirty_dirs`` the directory fsync is left
+    to the caller (one per directory for a whole backup, before its manifest is written)."""
     temp = f"{dest_path}.tmp-{secrets.token_hex(4)}"
     if private_dir:
         ensure_private_dir(os.path.dirname(dest_path))
@@ -76,15 +78,19 @@ def _copy_standalone(source_path: str, dest_path: str, *, private_dir: bool = Tr
     try:
         dest = open_trusted(temp, create=True)
         try:
+            dest.execute("PRAGMA synchronous=OFF")  # a scratch file until fsynced and renamed below
             backup_into(dest, source)
             dest.execute("PRAGMA journal_mode=DELETE").fetchall()
         finally:
             dest.close()
     finally:
         source.close()
-    fsync_file_and_dir(temp)
+    fsync_path(temp)
     os.replace(temp, dest_path)
-    fsync_dir(os.path.dirname(dest_path))
+    if dirty_dirs is None:
+        fsync_dir(os.path.dirname(dest_path))
+    else:
+        dirty_dirs.add(os.path.dirname(dest_path))
 
 
 def _load_manifest(directory: str) -> dict[str, Any]:
@@ -115,6 +121,7 @@ def backup(store: Store, dest: str, *, keys: Iterable[object] | None = None,
             records.append(record)
     entries: dict[str, Any] = dict(previous) if keys is not None else {}
     copied = skipped = 0
+    dirty: set[str] = set()
     for record in records:
         path = store.path_of(record)
         digest = key_digest(record.key)
@@ -128,7 +135,7 @@ def backup(store: Store, dest: str, *, keys: Iterable[object] | None = None,
             if progress is not None:
                 progress(record.key, False)
             continue
-        _copy_standalone(path, target)
+        _copy_standalone(path, target, dirty_dirs=dirty)
         entries[record.key] = {"file": rel, "node": record.node, "generation": record.generation,
                                "incarnation": record.incarnation, "schema_version": record.schema_version,
                                "size": os.path.getsize(target), "checksum": file_checksum(target),
@@ -137,7 +144,9 @@ def backup(store: Store, dest: str, *, keys: Iterable[object] | None = None,
         if progress is not None:
             progress(record.key, True)
     global_target = os.path.join(dest, "global.db")
-    _copy_standalone(store.globaldb.path, global_target)
+    _copy_standalone(store.globaldb.path, global_target, dirty_dirs=dirty)
+    for directory in sorted(dirty):  # every copy is durable before the manifest names it
+        fsync_dir(directory)
     manifest = {"format": 1, "created": time.time(), "root": store.root, "tenants": entries,
                 "global": {"file": "global.db", "checksum": file_checksum(global_target)},
                 "copied": copied, "skipped": skipped}

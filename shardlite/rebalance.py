@@ -319,6 +319,7 @@ class Rebalancer:
         source = open_trusted(source_path)
         try:
             dest = open_trusted(temp, create=True)
+            dest.execute("PRAGMA synchronous=OFF")  # a scratch file: fsynced explicitly before it is linked
             try:
                 with read_snapshot(source):
                     expected = row_counts(source), page_digest(source)
@@ -359,6 +360,7 @@ class Rebalancer:
         source = open_trusted(source_path)
         try:
             dest = open_trusted(temp, create=True)
+            dest.execute("PRAGMA synchronous=OFF")  # a scratch file: fsynced explicitly before it is linked
             try:
                 with read_snapshot(source):
                     backup_into(dest, source)
