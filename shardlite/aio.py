@@ -104,6 +104,11 @@ def _nested_savepoint(depth: int) -> tuple[str, str, str]:
     return found
 
 
+def _retrieved(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class _AsyncScope:
     __slots__ = ("_router", "_key", "_batch", "_tx", "_rollback", "_release", "_nested", "_done")
 
@@ -308,12 +313,28 @@ class AsyncRouter(HandlerRegistry):
             if not opened:
                 store.release(handle)
         if not opened:
-            handle = await loop.run_in_executor(self._executor, store.begin_write, batch.key)
+            pending = loop.run_in_executor(self._executor, store.begin_write, batch.key)
+            try:
+                handle = await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                pending.add_done_callback(self._abandon_begin)  # the worker's BEGIN may still succeed
+                raise
             handle.owner = threading.get_ident()
         assert handle is not None
         batch.handle = handle
         batch.count = 0
         batch.members = []
+
+    def _abandon_begin(self, begun: asyncio.Future[Handle]) -> None:
+        """A batch was cancelled while its BEGIN ran on a worker: roll back and release what it got."""
+        if begun.cancelled() or begun.exception() is not None:
+            return
+        handle = begun.result()
+        try:
+            self._store.rollback(handle)
+        finally:
+            handle.owner = threading.get_ident()
+            self._store.release(handle)
 
     def _next(self, batch: _Batch) -> None:
         """Hand the connection to the next waiter, or schedule the batch's commit."""
@@ -376,6 +397,7 @@ class AsyncRouter(HandlerRegistry):
                     done.set_result(None)
                 else:
                     done.set_exception(error)
+                    done.add_done_callback(_retrieved)  # a member cancelled meanwhile never reads it
         self._next(batch)
 
     def _abort_batch(self, batch: _Batch) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -187,9 +188,7 @@ def open_connection(
         conn.enable_load_extension(False)
         conn.limit(apsw.SQLITE_LIMIT_ATTACHED, 0)
         if not readonly:
-            mode = conn.execute("PRAGMA journal_mode").fetchall()[0][0]
-            if str(mode).lower() != "wal":
-                conn.execute("PRAGMA journal_mode=WAL").fetchall()
+            _switch_to_wal(conn, settings.busy_timeout_ms / 1000)
         conn.execute(f"PRAGMA synchronous={settings.synchronous}")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute(f"PRAGMA cache_size=-{cache_kib or settings.cache_kib}")
@@ -200,6 +199,25 @@ def open_connection(
         raise
     _track(conn)
     return conn
+
+
+def _switch_to_wal(conn: apsw.Connection, timeout: float) -> None:
+    """Put the file in WAL mode if it is not. Changing the journal mode needs an exclusive lock and SQLite
+    does not run the busy handler for it, so another process initialising the same file at that moment
+    (several processes opening a fresh root) is waited out here, within the busy timeout."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            mode = conn.execute("PRAGMA journal_mode").fetchall()[0][0]
+            if str(mode).lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL").fetchall()
+            return
+        except apsw.BusyError:
+            if time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
 
 # --- fork safety -------------------------------------------------------------------------------------------

@@ -74,15 +74,23 @@ class _TxCore:
         self._flagged = False
         self._handle = handle  # a pool Handle: its ``emitted`` flag tells the committer to wake relays
 
-    def _execute(self, sql: str, params: Params = ()) -> apsw.Cursor:
+    def _check(self) -> apsw.Connection:
+        conn = self._conn
         if not self._open:
             raise TransactionClosed(f"the transaction on {self.key!r} has ended")
-        return self._conn.execute(sql, params)
+        if conn.get_autocommit():
+            # SQLite rolled the whole transaction back (INSERT OR ROLLBACK, RAISE(ROLLBACK), a fatal I/O
+            # error): a further statement would run, and commit, on its own. Refuse it; the block fails.
+            self._open = False
+            raise TransactionClosed(f"the transaction on {self.key!r} was rolled back by SQLite; "
+                                    "nothing more can run in it")
+        return conn
+
+    def _execute(self, sql: str, params: Params = ()) -> apsw.Cursor:
+        return self._check().execute(sql, params)
 
     def _executemany(self, sql: str, seq_of_params: Sequence[Params]) -> apsw.Cursor:
-        if not self._open:
-            raise TransactionClosed(f"the transaction on {self.key!r} has ended")
-        return self._conn.executemany(sql, seq_of_params)
+        return self._check().executemany(sql, seq_of_params)
 
     @property
     def lastrowid(self) -> int:
@@ -95,8 +103,7 @@ class _TxCore:
         return int(self._conn.changes())
 
     def _emit(self, dest: object, topic: str, payload: Any) -> None:
-        if not self._open:
-            raise TransactionClosed(f"the transaction on {self.key!r} has ended")
+        self._check()
         emitter, guard = self._emitter, self._guard
         if emitter is None or guard is None:
             raise ShardliteError("emit() is only available in tenant transactions")
@@ -119,11 +126,12 @@ class _TxCore:
     def _internal(self, sql: str, params: Params = ()) -> apsw.Cursor:
         """One of shardlite's own statements (writes to ``_shardlite_*`` tables), e.g. the feed handler."""
         guard = self._guard
-        if guard is None or not self._open:
+        if guard is None:
             raise ShardliteError("not available in this transaction")
+        conn = self._check()
         guard.trusted = True
         try:
-            return self._conn.execute(INTERNAL_SQL + sql, params)
+            return conn.execute(INTERNAL_SQL + sql, params)
         finally:
             guard.trusted = False
 

@@ -426,11 +426,6 @@ def test_random_cancellations_are_whole_or_nothing(checker: Checker, data_root: 
     run(main)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a transaction cancelled while its BEGIN IMMEDIATE runs on a worker "
-                   "thread (cold tenant, or the lock held by another connection) leaks the handle: the worker's "
-                   "BEGIN later succeeds and nobody rolls it back or releases it, so the tenant stays "
-                   "write-locked (Busy for every other connection; 'cannot start a transaction within a "
-                   "transaction' when the same worker thread picks it up again)")
 @pytest.mark.parametrize("connection", ["warm", "cold"])
 def test_cancelled_while_begin_runs_on_a_worker_never_executes(checker: Checker, data_root: str,
                                                                connection: str) -> None:
@@ -544,9 +539,6 @@ def test_whole_transaction_rollback_in_a_batch_never_acknowledges_uncommitted(ch
     _or_rollback_scenario(data_root, checker, keep_going=False)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: after a statement that rolls back the whole SQLite transaction "
-                   "(INSERT OR ROLLBACK conflict) the body's next statements run in autocommit mode and commit "
-                   "at once, although the transaction then fails (same in the sync Router)")
 def test_statements_after_a_whole_transaction_rollback_do_not_commit(checker: Checker, data_root: str) -> None:
     _or_rollback_scenario(data_root, checker, keep_going=True)
 

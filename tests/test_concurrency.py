@@ -7,7 +7,7 @@
   interleaves with another thread's transaction; ``max_open`` bounds the pool while many threads touch
   many tenants.
 * Fork: a child uses the router with its own connections, never closes the parent's, and the parent keeps
-  working on the connections it had; files stay sound. (Known bug: see the xfail test.)
+  working on the connections it had; files stay sound. (Known limitation: see the xfail test.)
 
 Workers are subprocesses (see ``helpers_procs``); waits are bounded loops or events, never timing
 assertions.
@@ -182,10 +182,6 @@ ack("ok")
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="BUG: opening a fresh root while another process is initialising it "
-                   "fails at once with a raw apsw.BusyError from `PRAGMA journal_mode=WAL` on global.db (the "
-                   "read-to-write lock upgrade is never retried by the busy handler) instead of waiting within "
-                   "the busy timeout")
 def test_opening_a_root_that_another_process_is_initialising_waits(data_root: str, tmp_path: Path) -> None:
     """Several processes starting on a fresh root at once race on global.db while it is still a
     rollback-journal file (seen failing about one run in five with four processes). Pinned
@@ -547,7 +543,7 @@ ack(json.dumps({"acknowledged": acknowledged, "present": present}))
 @pytest.mark.parametrize("child", [
     "spawn",
     pytest.param("fork", marks=pytest.mark.xfail(
-        strict=True, reason="BUG: a forked child's new connection to a file the parent had open shares "
+        strict=True, reason="KNOWN LIMITATION (README, Concurrency): a forked child's new connection to a file the parent had open shares "
         "SQLite's inherited in-process lock bookkeeping, so it holds no real POSIX lock; once the parent "
         "closed its router, the next connection closing without NO_CKPT_ON_CLOSE (router.backup's copy "
         "connection, any SQLite tool) checkpoints and deletes the WAL under the child, whose later "
