@@ -42,7 +42,7 @@ from typing import Any
 
 import apsw
 
-from .errors import Busy, ShardliteError, TenantMoving, UnknownTenant
+from .errors import Busy, ConfigurationError, ShardliteError, TenantMoving, UnknownTenant
 from .feed import append as feed_append
 from .outbox import Event, OutboxRow, RetryPolicy, check_topic, next_due, plan
 from .store import Store
@@ -297,6 +297,10 @@ class Relay:
             for row in rows:
                 dead[row.seq] = (row, f"destination {dest!r} was dropped")
             return
+        except ConfigurationError as exc:  # no schema for the destination here: it can never be created
+            for row in rows:
+                dead[row.seq] = (row, f"destination {dest!r} cannot be created: {exc}")
+            return
         except (Busy, TenantMoving) as exc:
             failed[rows[0].seq] = (rows[0], f"{type(exc).__name__}: {exc}")
             return
@@ -425,11 +429,14 @@ class Relay:
                 continue
             if seq is not None and letter["seq"] != seq:
                 continue
-            with store.writing(letter["source"], create=False) as handle:
-                store.internal(handle, "INSERT INTO _shardlite_outbox(dest, topic, payload, created) "
-                               "VALUES (?, ?, ?, ?)",
-                               (letter["dest"], letter["topic"], letter["payload"], letter["created"]))
-                store.catalog.flag_pending(letter["source"])
+            try:
+                with store.writing(letter["source"], create=False) as handle:
+                    store.internal(handle, "INSERT INTO _shardlite_outbox(dest, topic, payload, created) "
+                                   "VALUES (?, ?, ?, ?)",
+                                   (letter["dest"], letter["topic"], letter["payload"], letter["created"]))
+                    store.catalog.flag_pending(letter["source"])
+            except UnknownTenant:
+                continue  # its source was dropped: nothing can re-emit it (the letter stays listed)
             store.catalog.delete_dead_letter(letter["source"], letter["incarnation"], letter["seq"])
             count += 1
         return count

@@ -111,7 +111,8 @@ class Store:
         self._fast: dict[Any, Handle] = {}  # read handles by the caller's key object (skips canonical())
         self._wfast: dict[str, Handle] = {}  # write handles by canonical key
         #: Outbox hooks shared by every transaction of this store (``tx.emit``).
-        self.emitter = Emitter(self.catalog.flag_pending, max_payload)
+        self.emitter = Emitter(self.catalog.flag_pending, max_payload,
+                               check_dest=lambda key: self.spec.steps_for(prefix_of(key)))
         self._templates: dict[str, bytes] = {}
         self._template_lock = threading.Lock()
         self._closed = False

@@ -41,9 +41,12 @@ class Emitter:
     in-process relays at once.
     """
 
-    def __init__(self, flag: Callable[[str], None], max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+    def __init__(self, flag: Callable[[str], None], max_payload: int = DEFAULT_MAX_PAYLOAD,
+                 check_dest: Callable[[str], object] | None = None) -> None:
         self.flag = flag
         self.max_payload = max_payload
+        #: Raises (ConfigurationError) for a destination this router could never create.
+        self.check_dest = check_dest
         self._listeners: list[Callable[[str], None]] = []
 
     def listen(self, listener: Callable[[str], None]) -> None:
@@ -108,6 +111,8 @@ class _TxCore:
         if emitter is None or guard is None:
             raise ShardliteError("emit() is only available in tenant transactions")
         dest_key = canonical(dest)
+        if emitter.check_dest is not None:
+            emitter.check_dest(dest_key)
         check_topic(topic)
         data = encode_payload(payload, emitter.max_payload)
         conn = self._conn
