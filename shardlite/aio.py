@@ -446,8 +446,9 @@ class AsyncRouter(HandlerRegistry):
             handle = store._fast.get(key)
         except TypeError:
             handle = None
-        # Inline only on a warm read connection nobody holds: the loop never waits for a lock here.
-        if handle is not None and handle.lock.acquire(False):
+        # Inline on a warm read connection. If a worker is reading on it right now (microseconds), waiting
+        # briefly is far cheaper than a thread hop; past a few milliseconds the read goes to a worker.
+        if handle is not None and handle.lock.acquire(True, 0.005):
             try:
                 if not handle.closed:
                     if self._loop_thread == 0:
