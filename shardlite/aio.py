@@ -104,6 +104,9 @@ def _nested_savepoint(depth: int) -> tuple[str, str, str]:
     return found
 
 
+_BATCH_OWNER = -1  # no thread has this id: Handle.enter() from any thread waits for the lock
+
+
 def _retrieved(future: asyncio.Future[None]) -> None:
     if not future.cancelled():
         future.exception()
@@ -313,7 +316,7 @@ class AsyncRouter(HandlerRegistry):
             if not opened:
                 store.release(handle)
         if not opened:
-            pending = loop.run_in_executor(self._executor, store.begin_write, batch.key)
+            pending = loop.run_in_executor(self._executor, self._begin_for_batch, batch.key)
             try:
                 handle = await asyncio.shield(pending)
             except asyncio.CancelledError:
@@ -324,6 +327,13 @@ class AsyncRouter(HandlerRegistry):
         batch.handle = handle
         batch.count = 0
         batch.members = []
+
+    def _begin_for_batch(self, key: str) -> Handle:
+        """On a worker: BEGIN IMMEDIATE for a batch. The handle is owned by the batch (the loop), not by
+        this worker thread: a later job on this worker (a relay pass) must wait for it, not re-enter it."""
+        handle = self._store.begin_write(key)
+        handle.owner = _BATCH_OWNER
+        return handle
 
     def _abandon_begin(self, begun: asyncio.Future[Handle]) -> None:
         """A batch was cancelled while its BEGIN ran on a worker: roll back and release what it got."""

@@ -27,6 +27,7 @@ class AsyncRelay:
         self.sync = relay
         self._call = call
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._event: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -40,6 +41,7 @@ class AsyncRelay:
             return
         self._loop = asyncio.get_running_loop()
         self._event = asyncio.Event()
+        self._stopping = False
         self.sync.store.emitter.listen(self._notify)
         self._task = self._loop.create_task(self._run(), name="shardlite-relay")
 
@@ -48,6 +50,11 @@ class AsyncRelay:
         task, self._task = self._task, None
         self.sync.store.emitter.unlisten(self._notify)
         if task is not None:
+            # The flag, not only the cancellation: asyncio.wait_for can swallow a cancel that lands in
+            # the same loop iteration as a wake-up (CPython 3.11), and the task would run on.
+            self._stopping = True
+            if self._event is not None:
+                self._event.set()
             task.cancel()
             try:
                 await task
@@ -62,7 +69,7 @@ class AsyncRelay:
 
     async def _run(self) -> None:
         assert self._event is not None
-        while True:
+        while not self._stopping:
             try:
                 stats: PassStats = await self._call(self.sync.run_once)
                 busy = stats.delivered + stats.failed + stats.dead > 0
