@@ -543,7 +543,8 @@ ack(json.dumps({"acknowledged": acknowledged, "present": present}))
 @pytest.mark.parametrize("child", [
     "spawn",
     pytest.param("fork", marks=pytest.mark.xfail(
-        strict=True, reason="KNOWN LIMITATION (README, Concurrency): a forked child's new connection to a file the parent had open shares "
+        strict=True, reason="KNOWN LIMITATION (README, Concurrency): a forked child's new connection to a file "
+        "the parent had open shares "
         "SQLite's inherited in-process lock bookkeeping, so it holds no real POSIX lock; once the parent "
         "closed its router, the next connection closing without NO_CKPT_ON_CLOSE (router.backup's copy "
         "connection, any SQLite tool) checkpoints and deletes the WAL under the child, whose later "
