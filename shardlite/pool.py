@@ -112,7 +112,9 @@ class HandlePool:
                             raise Busy(f"all {self.max_open} tenant connections (max_open) stayed in use")
                         self.waiting += 1
                         try:
-                            self._freed.wait(left)
+                            # Short slices: a release that read ``waiting`` just before we raised it
+                            # (without the lock) cannot strand us until the deadline.
+                            self._freed.wait(min(left, 0.05))
                         finally:
                             self.waiting -= 1
                         continue

@@ -289,9 +289,11 @@ class Store:
 
     def _wait_for_move(self, canon: str, old_generation: int, deadline: float) -> None:
         """Wait (bounded) until the catalog no longer points at ``old_generation``, or says the tenant is
-        plainly ``active`` there again (a move that was cancelled lifts its fence)."""
+        plainly ``active`` there again (a move that was cancelled lifts its fence). Callers loop on it until
+        their deadline, so the pause between looks grows with the time already waited."""
         self.forget(canon)
-        delay = 0.001
+        waited = max(0.0, self.move_wait - (deadline - time.monotonic()))
+        delay = min(0.001 + waited / 10, 0.05)
         while True:
             record = self.catalog.lookup(canon)
             if record is None or record.generation != old_generation or record.state not in _LIVE:
