@@ -127,7 +127,10 @@ class _AsyncScope:
 
     async def __aenter__(self) -> AsyncTransaction:
         router = self._router
-        canon = router._canonical(self._key)
+        try:
+            canon = router._canon[self._key]
+        except (KeyError, TypeError):
+            canon = router._canonical(self._key)
         task = asyncio.current_task()
         batch = router._batches.get(canon)
         if batch is not None and batch.busy and batch.holder is task and task is not None:
@@ -192,7 +195,9 @@ class _AsyncScope:
                 batch.holder = None
                 if failed and self._done is not None and self._done in batch.members:
                     batch.members.remove(self._done)
-                router._leave(batch)
+                batch.busy = False
+                if batch.waiters or not batch.commit_scheduled:
+                    router._next(batch)  # otherwise the scheduled commit finds the batch free: nothing to do
         if failed or nested:
             return
         assert self._done is not None
