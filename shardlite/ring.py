@@ -1,8 +1,9 @@
 """Consistent hashing ring: uhashring with an xxhash hash function (brief rule 2).
 
 Python's built-in string hashing is salted per process (PYTHONHASHSEED); xxh3-64 of the UTF-8 text is
-not, so every process proposes the same node for the same key. Adding a node to N equally weighted nodes moves about 1/(N+1) of
-the keys, all of them onto the new node: a property of consistent hashing that the tests pin.
+not, so every process proposes the same node for the same key. Adding a node to N equally weighted nodes
+moves about 1/(N+1) of the keys, all of them onto the new node: a property of consistent hashing that the
+tests pin.
 
 Pure: no I/O.
 """
