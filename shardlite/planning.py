@@ -49,7 +49,9 @@ class Plan:
 
 
 def fingerprint(weights: Mapping[str, int], draining: Iterable[str], placements: Iterable[Placement]) -> str:
-    """A digest of what a plan was computed from; a plan whose fingerprint no longer matches is stale."""
+    """A digest of what a plan depends on: the node set and the placements of the tenants it moves. A plan
+    whose fingerprint no longer matches is stale; tenants created meanwhile do not make it stale (the ring
+    already places them over the same nodes)."""
     h = hashlib.sha256()
     for name, weight in sorted(weights.items()):
         h.update(f"n\0{name}\0{weight}\n".encode())
@@ -82,5 +84,7 @@ def plan_moves(placements: Iterable[Placement], weights: Mapping[str, int],
         if target != p.node:
             moves.append(Move(p.key, p.node, target, p.generation, p.size))
     moves.sort(key=lambda m: (m.source, m.key))
+    moved = {m.key for m in moves}
     return Plan(moves, {n: (v[0], v[1]) for n, v in sorted(before.items())},
-                {n: (v[0], v[1]) for n, v in sorted(after.items())}, fingerprint(weights, draining, placements))
+                {n: (v[0], v[1]) for n, v in sorted(after.items())},
+                fingerprint(weights, draining, [p for p in placements if p.key in moved]))

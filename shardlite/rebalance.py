@@ -56,7 +56,7 @@ from .copying import (
 from .engine import ensure_private_dir
 from .errors import ConfigurationError, ShardliteError
 from .placement import tenant_relpath
-from .planning import Placement, Plan, plan_moves
+from .planning import Placement, Plan, fingerprint, plan_moves
 from .store import Store
 
 __all__ = ["Rebalancer", "MoveRow", "MoveFailed", "LostClaim", "STEPS"]
@@ -184,6 +184,18 @@ class Rebalancer:
             raise ConfigurationError("no active node to move tenants to")
         return plan_moves(self._placements(), weights, [n.name for n in nodes if n.state == "draining"])
 
+    def _current_fingerprint(self, plan_id: int) -> str:
+        """The plan's fingerprint recomputed from the catalog as it is now (see planning.fingerprint)."""
+        catalog = self.store.catalog
+        nodes = catalog.nodes()
+        placements = []
+        for move in self._moves(plan_id):
+            record = catalog.lookup(move.key)
+            if record is not None and record.state in ("active", "moving"):
+                placements.append(Placement(record.key, record.node, record.generation))
+        return fingerprint({n.name: n.weight for n in nodes if n.state == "active"},
+                           [n.name for n in nodes if n.state == "draining"], placements)
+
     def plan(self) -> tuple[int, Plan]:
         """Compute and record a plan (older unapplied plans are superseded)."""
         if self.db.read("SELECT 1 FROM _shardlite_rebalance WHERE state = 'applying'"):
@@ -207,7 +219,7 @@ class Rebalancer:
               progress: Callable[[MoveRow], None] | None = None) -> dict[str, Any]:
         """Apply the latest planned plan (refused when the catalog changed since: the plan is stale)."""
         plan_id, _state, fp = self._plan_row(plan_id, ("planned",))
-        if self.compute().fingerprint != fp:
+        if self._current_fingerprint(plan_id) != fp:
             raise ConfigurationError("the plan is stale: the catalog changed since it was made; run "
                                      "`shardlite rebalance plan` again")
         with self.db.write() as conn:

@@ -855,16 +855,15 @@ def test_bad_node_paths_raise_and_change_nothing(router: Router, tmp_path: Any, 
     assert not os.path.exists(os.path.join(n1, "sub")) and not os.path.exists(os.path.join(n1, "deeper"))
 
 
-@pytest.mark.parametrize("change", ["tenant created", "tenant dropped", "node added", "node drained",
+@pytest.mark.parametrize("change", ["planned tenant dropped", "node added", "node drained",
                                     "tenant moved by another plan"])
 def test_a_stale_plan_is_refused_and_changes_nothing(router: Router, make_router: Any, change: str) -> None:
     keys = populate(router, 20, rows=1)
     router.nodes.add("n3")
     plan_id, plan = router.rebalance.plan()
-    if change == "tenant created":
-        populate(router, 1, prefix="late")
-    elif change == "tenant dropped":
-        router.drop(keys[0])
+    assert keys
+    if change == "planned tenant dropped":
+        router.drop(plan.moves[0].key)
     elif change == "node added":
         router.nodes.add("n4")
     elif change == "node drained":
@@ -881,6 +880,21 @@ def test_a_stale_plan_is_refused_and_changes_nothing(router: Router, make_router
     # a fresh plan reflects the change and applies
     new_id, _ = router.rebalance.plan()
     assert router.rebalance.apply(new_id)["state"] == "done"
+
+
+def test_tenants_created_after_the_plan_do_not_make_it_stale(router: Router) -> None:
+    """A live application creates tenants all the time; they land where the ring (with the new node)
+    places them, so a plan made a moment ago still applies."""
+    populate(router, 20, rows=1)
+    router.nodes.add("n3")
+    plan_id, plan = router.rebalance.plan()
+    late = populate(router, 5, prefix="late")
+    status = router.rebalance.apply(plan_id)
+    assert status["state"] == "done" and status["steps"] == {"done": len(plan.moves)}
+    moved = move_generations(router)
+    assert not any(key in moved for key in late)  # placed by the ring over n1..n3 when created: not moved
+    assert all(len(router.query(key, "SELECT v FROM t")) == 2 for key in late)
+    assert router.rebalance.plan()[1].moves == []  # nothing left to move
 
 
 def test_writes_inside_tenants_do_not_make_a_plan_stale(router: Router) -> None:
@@ -1024,7 +1038,7 @@ def test_cli_stale_plan_is_refused(router: Router, capsys: Any) -> None:
     assert cli_main(["nodes", "add", "n3", "--root", root, "--json"]) == 0
     assert cli_main(["rebalance", "plan", "--root", root, "--json"]) == 0
     capsys.readouterr()
-    populate(router, 1, prefix="late")
+    router.nodes.add("n4")  # the node set changed since the plan
     before = snapshot(router)
     code = cli_main(["rebalance", "apply", "--yes", "--root", root])
     err = capsys.readouterr().err
