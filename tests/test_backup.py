@@ -31,8 +31,8 @@ from typing import Any
 
 import apsw
 import pytest
+from helpers_routers import router_factory, run_cli
 
-import shardlite.cli
 from shardlite import ConfigurationError, Router, ShardliteError, UnknownTenant
 from shardlite import backup as backup_mod
 from shardlite.outbox import Event
@@ -116,29 +116,13 @@ def node_files(router: Router) -> list[str]:
     return sorted(out)
 
 
-def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = shardlite.cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+_cli = run_cli
 
 
 @pytest.fixture
 def make(tmp_path: Path) -> Iterator[Callable[..., Router]]:
-    """``make(name="data", **kwargs)``: a Router on ``tmp_path/name`` (schema SCHEMA unless given); closed at
-    teardown (closing twice is harmless)."""
-    made: list[Router] = []
-
-    def factory(name: str = "data", **kwargs: Any) -> Router:
-        kwargs.setdefault("schema", SCHEMA)
-        router = Router(tmp_path / name, **kwargs)
-        made.append(router)
-        return router
-
-    yield factory
-    for router in reversed(made):
-        router.close()
-
+    """``make(name="data", **kwargs)``: a Router on ``tmp_path/name`` (schema SCHEMA unless given)."""
+    yield from router_factory(tmp_path, SCHEMA)
 
 @pytest.fixture
 def umask022() -> Iterator[None]:

@@ -1,0 +1,36 @@
+"""Helpers shared by test files: run the CLI in-process, and a factory of Routers closed at teardown."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import shardlite.cli
+from shardlite import Router
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``shardlite argv...`` in this process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = shardlite.cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def router_factory(base: Path, schema: Any) -> Iterator[Callable[..., Router]]:
+    """For a fixture: ``make(name="data", **kwargs)`` opens a Router on ``base/name`` (``schema`` unless
+    given); every Router made is closed at teardown (closing twice is harmless)."""
+    made: list[Router] = []
+
+    def factory(name: str = "data", **kwargs: Any) -> Router:
+        kwargs.setdefault("schema", schema)
+        router = Router(base / name, **kwargs)
+        made.append(router)
+        return router
+
+    yield factory
+    for router in reversed(made):
+        router.close()
