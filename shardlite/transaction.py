@@ -15,7 +15,7 @@ from typing import Any
 import apsw
 
 from .authorizer import INTERNAL_SQL, Guard
-from .errors import ShardliteError
+from .errors import ShardliteError, StatementNotAllowed
 from .keys import canonical
 from .outbox import DEFAULT_MAX_PAYLOAD, check_topic, encode_payload
 
@@ -90,10 +90,20 @@ class _TxCore:
         return conn
 
     def _execute(self, sql: str, params: Params = ()) -> apsw.Cursor:
-        return self._check().execute(sql, params)
+        try:
+            return self._check().execute(sql, params)
+        except apsw.SQLError as exc:
+            if "cannot VACUUM" in str(exc):
+                raise _vacuum_refused() from exc
+            raise
 
     def _executemany(self, sql: str, seq_of_params: Sequence[Params]) -> apsw.Cursor:
-        return self._check().executemany(sql, seq_of_params)
+        try:
+            return self._check().executemany(sql, seq_of_params)
+        except apsw.SQLError as exc:
+            if "cannot VACUUM" in str(exc):
+                raise _vacuum_refused() from exc
+            raise
 
     @property
     def lastrowid(self) -> int:
@@ -145,6 +155,13 @@ class _TxCore:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.key!r}{'' if self._open else ' ended'}>"
+
+
+def _vacuum_refused() -> StatementNotAllowed:
+    """``VACUUM`` never reaches the authorizer: outside a transaction its internal ATTACH is refused, inside
+    one SQLite refuses it itself with a bare SQLError, reported as the refusal it is."""
+    return StatementNotAllowed("VACUUM (and VACUUM INTO) is not allowed on tenant connections: copies go "
+                               "through router.backup() or router.export()")
 
 
 class Transaction(_TxCore):

@@ -172,9 +172,6 @@ def test_vacuum_into_fails_in_transaction_and_copies_nothing(router: Router, tmp
     assert snapshot(router)[-2] == before[-2] + [("after",)]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (minor): inside router.transaction() VACUUM INTO is not refused by the "
-                   "authorizer; it surfaces as apsw.SQLError('cannot VACUUM from within a transaction') instead of "
-                   "StatementNotAllowed (nothing is copied either way)")
 def test_vacuum_into_in_transaction_is_statement_not_allowed(router: Router, tmp_path: Any) -> None:
     assert_refused_in_transaction(router, f"VACUUM INTO '{tmp_path / 'copy.db'}'")
 
