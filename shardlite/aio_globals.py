@@ -75,13 +75,16 @@ class AsyncSessions:
         return str(await self._call(lambda: self.sync.create(account_id, ttl=ttl, idle_ttl=idle_ttl)))
 
     async def resolve(self, token: object) -> Session | None:
-        found = self.sync.lookup(token)
-        if found is None:
-            return None
-        session, touch = found
-        if touch is None:
+        due: list[bytes] = []
+
+        def defer(digest: bytes, session: Session) -> Session:
+            due.append(digest)
             return session
-        result: Session = await self._call(self.sync.touch, touch, session)
+
+        session = self.sync.resolve(token, _touch=defer)
+        if session is None or not due:
+            return session
+        result: Session = await self._call(self.sync.touch, due[0], session)
         return result
 
     async def revoke(self, token: object) -> bool:
