@@ -60,7 +60,8 @@ except ImportError:  # pragma: no cover - other interpreters
 def _digest(token: object) -> bytes | None:
     if type(token) is not str or len(token) != TOKEN_LENGTH or not token.isascii():
         return None
-    return _sha256(token.encode()).digest()
+    digest: bytes = _sha256(token.encode()).digest()
+    return digest
 
 
 class Sessions:
