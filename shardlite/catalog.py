@@ -352,8 +352,13 @@ class SqliteCatalog:
 
     def clear_pending(self, key: str, version: int) -> None:
         """Drop ``key``'s flag unless an emitter re-flagged it since ``version`` was read."""
+        self.clear_pending_many([(key, version)])
+
+    def clear_pending_many(self, flags: list[tuple[str, int]]) -> None:
+        """:meth:`clear_pending` for several ``(key, version)`` pairs in one write transaction."""
         with self.write() as conn:
-            conn.execute(_I + "DELETE FROM _shardlite_pending WHERE key = ? AND version = ?", (key, version))
+            for key, version in flags:
+                conn.execute(_I + "DELETE FROM _shardlite_pending WHERE key = ? AND version = ?", (key, version))
 
     def set_pending_due(self, key: str, due: float) -> None:
         now = time.time()

@@ -9,20 +9,23 @@ Claiming. A relay claims a source tenant inside the tenant's own file (``_shardl
 ``lease`` seconds) so several relays never work one source at once and never fight over the global DB. A
 relay that dies leaves a lease that expires; another relay then takes over.
 
-One pass over a source ``S``:
+One pass over a set of sources (every due one, up to ``sources_per_pass``):
 
-1. claim ``S`` and read up to ``batch`` outbox rows in seq order;
-2. :func:`~shardlite.outbox.plan` what is due and has a handler, per destination, in order;
-3. for each destination ``D``: one write transaction on ``D`` (created on first delivery unless it was
-   dropped: then the events become dead letters) reads the high-water mark for ``(S, incarnation)``
-   from ``_shardlite_inbox``, skips events at or below it (a redelivery has no effect), and runs each
-   handler in its own savepoint, advancing the mark in the same transaction as the handler's effect;
-   the first failing handler stops that destination for this pass (order per pair);
-4. acknowledge in ``S``: delete delivered events, count failures (backoff, or dead letter after
+1. claim each source ``S`` and read up to ``batch`` of its outbox rows in seq order;
+2. :func:`~shardlite.outbox.plan` what is due and has a handler, per destination, in order, and group the
+   sources' plans by destination;
+3. for each destination ``D``: **one** write transaction on ``D`` for all the sources with events for it
+   (created on first delivery unless it was dropped: then the events become dead letters). For each
+   source it reads the high-water mark for ``(S, incarnation)`` from ``_shardlite_inbox``, skips events
+   at or below it (a redelivery has no effect), runs each handler in its own savepoint, and advances the
+   mark in the same transaction as the handlers' effects; the first failing handler stops that
+   (source, destination) pair for this pass (order per pair), not the other sources' events;
+4. acknowledge in each ``S``: delete delivered events, count failures (backoff, or dead letter after
    ``max_attempts``), release the claim; the pending flag's version is read inside this transaction,
-   under ``S``'s write lock, and the flag is deleted afterwards only if the outbox was empty *and* no
-   emitter re-flagged it since (an emitter that finds the outbox empty bumps the version). No event is
-   stranded: a crash anywhere leaves either the flag or nothing to deliver.
+   under ``S``'s write lock, and the flags of the sources left empty are deleted afterwards (one global
+   write for the pass), each only if no emitter re-flagged it since (an emitter that finds the outbox
+   empty bumps the version). No event is stranded: a crash anywhere leaves either the flag or nothing to
+   deliver.
 
 A crash between ``D``'s commit and ``S``'s acknowledgement redelivers those events later; the inbox mark
 makes that a no-op. Handlers must keep their effects inside the transaction they are given.
@@ -44,7 +47,7 @@ import apsw
 
 from .errors import Busy, ConfigurationError, ShardliteError, TenantMoving, UnknownTenant
 from .feed import append as feed_append
-from .outbox import Event, OutboxRow, RetryPolicy, check_topic, next_due, plan
+from .outbox import Event, OutboxRow, Plan, RetryPolicy, check_topic, next_due, plan
 from .store import Store
 from .transaction import Transaction
 
@@ -117,6 +120,19 @@ class _ClaimedElsewhere(Exception):
         self.until = until
 
 
+@dataclass
+class _Claim:
+    """A source claimed for one pass: its batch, the plan for it, and the outcomes as they come in."""
+
+    source: str
+    incarnation: str
+    rows: list[OutboxRow]
+    work: Plan
+    delivered: list[int] = field(default_factory=list)
+    failed: dict[int, tuple[OutboxRow, str]] = field(default_factory=dict)
+    dead: dict[int, tuple[OutboxRow, str]] = field(default_factory=dict)
+
+
 class Relay:
     """Delivers events for one store. ``start()``/``stop()`` run it on a background thread;
     ``run_once()`` and ``drain()`` run it on the caller's thread."""
@@ -131,6 +147,9 @@ class Relay:
         self.batch = batch
         self.poll_interval = poll_interval
         self.unhandled_recheck = unhandled_recheck
+        #: How many sources one pass claims before it delivers: their events for a destination are applied
+        #: in one transaction there. Claims last ``lease`` seconds, so keep a pass well inside it.
+        self.sources_per_pass = 256
         self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._skip_until: dict[str, float] = {}
         self._hot: set[str] = set()  # sources this process just emitted from: passed at once
@@ -191,21 +210,21 @@ class Relay:
     def run_once(self, *, limit: int = 64, every: bool = False) -> PassStats:
         """One pass over every due, unclaimed source (at most ``limit``); ``every`` ignores due times."""
         now = time.time()
-        total = PassStats()
         hot, self._hot = self._hot, set()
         flagged = ((key for key, _, _ in self.store.catalog.pending_all()) if every else
                    (key for key, _, _ in self.store.catalog.pending_due(now, limit)))
         keys = list(dict.fromkeys([*hot, *flagged]))
+        total = PassStats()
+        ready: list[str] = []
         for key in keys:
-            if self._skip_until.get(key, 0.0) > now:
+            until = self._skip_until.get(key, 0.0)
+            if until > now:
                 total.skipped += 1
-                until = self._skip_until[key]
                 total.claimed_until = until if total.claimed_until is None else max(total.claimed_until, until)
-                continue
-            try:
-                total.add(self.pass_over(key))
-            except (Busy, TenantMoving) as exc:
-                log.info("relay: source %r not available now (%s)", key, exc)
+            else:
+                ready.append(key)
+        for start in range(0, len(ready), self.sources_per_pass):
+            total.add(self._pass(ready[start:start + self.sources_per_pass]))
         return total
 
     def drain(self, *, timeout: float = 60.0) -> PassStats:
@@ -229,35 +248,60 @@ class Relay:
 
     def pass_over(self, source: str) -> PassStats:
         """Deliver what is due from ``source``'s outbox (see the module doc for the protocol)."""
-        stats = PassStats(sources=1)
+        return self._pass([source])
+
+    def _pass(self, sources: list[str]) -> PassStats:
+        """Claim ``sources``, deliver their due events grouped by destination (one write transaction per
+        destination, whatever the number of sources writing to it), then acknowledge each source."""
         now = time.time()
-        try:
-            rows, incarnation = self._claim(source, now)
-        except UnknownTenant:
-            self._forget_source(source)
-            return stats
-        except _ClaimedElsewhere as other:
-            self._skip_until[source] = other.until
-            stats.skipped = 1
-            stats.claimed_until = other.until
+        stats = PassStats()
+        claimed: list[_Claim] = []
+        for source in sources:
+            stats.sources += 1
+            try:
+                claim = self._claim(source, now)
+            except UnknownTenant:
+                self._forget_source(source)
+                continue
+            except _ClaimedElsewhere as other:
+                self._skip_until[source] = other.until
+                stats.skipped += 1
+                stats.claimed_until = other.until if stats.claimed_until is None else max(
+                    stats.claimed_until, other.until)
+                continue
+            except (Busy, TenantMoving) as exc:
+                log.info("relay: source %r not available now (%s)", source, exc)
+                continue
+            claimed.append(claim)
+        if not claimed:
             return stats
         if self.fault is not None:
             self.fault("claimed")
-        work = plan(rows, self.handlers, now)
-        stats.waiting, stats.unhandled = work.waiting, len(work.unhandled)
-        stats.next_retry = work.next_due
-        stats.unhandled_topics = {row.topic for row in work.unhandled}
-        delivered: list[int] = []
-        failed: dict[int, tuple[OutboxRow, str]] = {}
-        dead: dict[int, tuple[OutboxRow, str]] = {}
-        for dest, dest_rows in work.deliver.items():
-            self._deliver(source, incarnation, dest, dest_rows, delivered, failed, dead)
+        by_dest: dict[str, list[tuple[_Claim, list[OutboxRow]]]] = {}
+        for claim in claimed:
+            stats.waiting += claim.work.waiting
+            stats.unhandled += len(claim.work.unhandled)
+            stats.unhandled_topics |= {row.topic for row in claim.work.unhandled}
+            due = claim.work.next_due
+            if due is not None:
+                stats.next_retry = due if stats.next_retry is None else min(stats.next_retry, due)
+            for dest, dest_rows in claim.work.deliver.items():
+                by_dest.setdefault(dest, []).append((claim, dest_rows))
+        for dest, groups in by_dest.items():
+            self._deliver(dest, groups)
         if self.fault is not None:
             self.fault("delivered")
-        self._acknowledge(source, rows, work.next_due, bool(work.unhandled), delivered, failed, dead, stats)
+        emptied: list[tuple[str, int]] = []
+        for claim in claimed:
+            try:
+                self._acknowledge(claim, stats, emptied)
+            except (Busy, TenantMoving) as exc:  # delivered events are redelivered later: a no-op then
+                log.info("relay: could not acknowledge %r now (%s)", claim.source, exc)
+        if emptied:
+            self.store.catalog.clear_pending_many(emptied)
         return stats
 
-    def _claim(self, source: str, now: float) -> tuple[list[OutboxRow], str]:
+    def _claim(self, source: str, now: float) -> _Claim:
         """Take the source's lease (in its own file) and read a batch of its outbox."""
         with self.store.writing(source, create=False) as handle:
             claim: list[Any] = handle.conn.execute(
@@ -268,54 +312,73 @@ class Relay:
             self.store.internal(handle, "UPDATE _shardlite_relay SET claimed_by = ?, claimed_until = ? "
                                 "WHERE id = 1", (self.id, now + self.lease))
             found: list[Any] = handle.conn.execute(_READ_OUTBOX, (self.batch,)).fetchall()
-            return [OutboxRow(*row) for row in found], handle.incarnation
+            rows = [OutboxRow(*row) for row in found]
+            return _Claim(source, handle.incarnation, rows, plan(rows, self.handlers, now))
 
-    def _deliver(self, source: str, incarnation: str, dest: str, rows: list[OutboxRow], delivered: list[int],
-                 failed: dict[int, tuple[OutboxRow, str]], dead: dict[int, tuple[OutboxRow, str]]) -> None:
-        """Apply ``rows`` (in order) to ``dest`` in one transaction; sort them into the three outcomes."""
-        done: list[int] = []
-        marks: dict[str, int] = {}  # high-water mark per emitting incarnation
+    def _deliver(self, dest: str, groups: list[tuple[_Claim, list[OutboxRow]]]) -> None:
+        """Apply every source's ``rows`` for ``dest`` (each source's in seq order) in one transaction on
+        ``dest``, and sort them into the claims' outcomes. A handler that fails stops its own
+        (source, destination) pair for this pass; the other sources' events still go in."""
+        done: list[tuple[_Claim, list[int]]] = []
         try:
             with self.store.writing(dest, create=True, revive=False) as handle:
-                for row in rows:
-                    emitter = row.incarnation(incarnation)
-                    if emitter not in marks:
-                        found: list[Any] = handle.conn.execute(
-                            "SELECT last_seq FROM _shardlite_inbox WHERE source = ? AND incarnation = ?",
-                            (source, emitter)).fetchall()
-                        marks[emitter] = int(found[0][0]) if found else 0
-                    if row.seq <= marks[emitter]:
-                        done.append(row.seq)  # applied before: the acknowledgement was lost
-                        continue
-                    error = self._apply(handle, source, emitter, row)
-                    if error is not None:
-                        failed[row.seq] = (row, error)
-                        break
-                    marks[emitter] = row.seq
-                    done.append(row.seq)
+                for claim, rows in groups:
+                    done.append((claim, self._apply_group(handle, claim, rows)))
         except UnknownTenant:
-            for row in rows:
-                dead[row.seq] = (row, f"destination {dest!r} was dropped")
+            for claim, rows in groups:
+                for row in rows:
+                    claim.dead[row.seq] = (row, f"destination {dest!r} was dropped")
             return
         except ConfigurationError as exc:  # no schema for the destination here: it can never be created
-            for row in rows:
-                dead[row.seq] = (row, f"destination {dest!r} cannot be created: {exc}")
+            for claim, rows in groups:
+                for row in rows:
+                    claim.dead[row.seq] = (row, f"destination {dest!r} cannot be created: {exc}")
             return
         except (Busy, TenantMoving) as exc:
-            failed[rows[0].seq] = (rows[0], f"{type(exc).__name__}: {exc}")
+            for claim, rows in groups:
+                claim.failed[rows[0].seq] = (rows[0], f"{type(exc).__name__}: {exc}")
             return
-        delivered.extend(done)
+        for claim, seqs in done:
+            claim.delivered.extend(seqs)
+
+    def _apply_group(self, handle: Any, claim: _Claim, rows: list[OutboxRow]) -> list[int]:
+        """One source's events for the handle's tenant: skip those at or below the inbox mark of their
+        emitting incarnation (applied before: the acknowledgement was lost), run the others, and move the
+        marks in the same transaction. Returns the seqs that count as delivered."""
+        done: list[int] = []
+        marks: dict[str, int] = {}  # high-water mark per emitting incarnation, as read
+        moved: dict[str, int] = {}  # ... and as advanced by this pass
+        source = claim.source
+        for row in rows:
+            emitter = row.incarnation(claim.incarnation)
+            if emitter not in marks:
+                found: list[Any] = handle.conn.execute(
+                    "SELECT last_seq FROM _shardlite_inbox WHERE source = ? AND incarnation = ?",
+                    (source, emitter)).fetchall()
+                marks[emitter] = int(found[0][0]) if found else 0
+            if row.seq <= marks[emitter]:
+                done.append(row.seq)
+                continue
+            error = self._apply(handle, source, emitter, row)
+            if error is not None:
+                claim.failed[row.seq] = (row, error)
+                break
+            marks[emitter] = moved[emitter] = row.seq
+            done.append(row.seq)
+        for emitter, seq in moved.items():
+            self.store.internal(
+                handle, "INSERT INTO _shardlite_inbox(source, incarnation, last_seq) VALUES (?, ?, ?) "
+                "ON CONFLICT(source, incarnation) DO UPDATE SET last_seq = excluded.last_seq",
+                (source, emitter, seq))
+        return done
 
     def _apply(self, handle: Any, source: str, incarnation: str, row: OutboxRow) -> str | None:
-        """Run one handler in a savepoint with the inbox mark; the error text when it failed."""
+        """Run one handler in a savepoint; the error text when it failed (its effects rolled back)."""
         store = self.store
         store.internal(handle, "SAVEPOINT shardlite_relay")
         tx = Transaction(handle.key, handle.conn, handle.guard, store.emitter, handle)
         try:
             self.handlers[row.topic](tx, row.event(source, incarnation))
-            store.internal(handle, "INSERT INTO _shardlite_inbox(source, incarnation, last_seq) VALUES (?, ?, ?) "
-                           "ON CONFLICT(source, incarnation) DO UPDATE SET last_seq = excluded.last_seq",
-                           (source, incarnation, row.seq))
         except Exception as exc:  # noqa: BLE001 - a failing handler is recorded, never fatal to the relay
             store.internal(handle, "ROLLBACK TO shardlite_relay")
             store.internal(handle, "RELEASE shardlite_relay")
@@ -325,10 +388,13 @@ class Relay:
         store.internal(handle, "RELEASE shardlite_relay")
         return None
 
-    def _acknowledge(self, source: str, rows: list[OutboxRow], next_due_at: float | None, unhandled: bool,
-                     delivered: list[int], failed: dict[int, tuple[OutboxRow, str]],
-                     dead: dict[int, tuple[OutboxRow, str]], stats: PassStats) -> None:
+    def _acknowledge(self, claim: _Claim, stats: PassStats, emptied: list[tuple[str, int]]) -> None:
+        """In the source: delete what was delivered, count failures (backoff or dead letter), release the
+        claim. A source left empty goes into ``emptied`` with the flag version read under its write lock;
+        one whose remaining events are due later gets its flag's due time moved."""
         store, catalog, policy = self.store, self.store.catalog, self.policy
+        source, delivered, failed, dead = claim.source, claim.delivered, claim.failed, claim.dead
+        next_due_at = claim.work.next_due
         now = time.time()
         try:
             with store.writing(source, create=False) as handle:
@@ -359,17 +425,17 @@ class Relay:
             return
         if self.fault is not None:
             self.fault("acknowledged")
+        retrying = len(failed) - sum(1 for seq in failed if seq in dead)
         stats.delivered += len(delivered)
         stats.dead += len(dead)
-        stats.failed += len(failed) - sum(1 for seq in failed if seq in dead)
+        stats.failed += retrying
         if remaining == 0:
             if version is not None:
-                catalog.clear_pending(source, version[0])
+                emptied.append((source, version[0]))
             return
-        retrying = len(failed) - sum(1 for seq in failed if seq in dead)
-        held = stats.waiting + stats.unhandled + retrying
+        held = claim.work.waiting + len(claim.work.unhandled) + retrying
         due = next_due(now, remaining=remaining, held=held, retry_due=next_due_at,
-                       unhandled=bool(unhandled), recheck=self.unhandled_recheck)
+                       unhandled=bool(claim.work.unhandled), recheck=self.unhandled_recheck)
         current = version[1] if version is not None else None
         if current is None or (abs(current - due) > 1e-3 and not (current <= now and due <= now)):
             catalog.set_pending_due(source, due)
