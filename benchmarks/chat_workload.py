@@ -74,6 +74,7 @@ TARGET = 3.0
 #: 200 feeds) with a read and a write connection each, well over AsyncRouter's default max_open=256.
 MAX_OPEN = 4096
 DEFAULT_LABEL = "shardlite (default max_open=256)"
+RELAY_PROCESS_LABEL = "shardlite, relay process"
 DIAGNOSTIC_OPS = 3000
 
 KINDS = ("send_dm", "dm_history", "feed", "post_room")
@@ -235,14 +236,23 @@ class ShardliteBackend(Backend):
         self.name = f"shardlite {synchronous}"
         self.root, self.synchronous = root, synchronous
         self.extra = dict(options or {})  # more AsyncRouter keyword arguments (max_open)
+        #: Deliver through ``shardlite relay run --app examples.chat.relay:router`` in a process of its own
+        #: instead of the in-process relay.
+        self.relay_process = bool(self.extra.pop("relay_process", False))
+        self.relay_proc: subprocess.Popen[bytes] | None = None
 
     async def setup(self, users: int) -> None:
         from examples.chat.domain import GLOBAL_SCHEMA, SCHEMA, Chat, User
         from shardlite import AsyncRouter
 
-        self.ar = AsyncRouter(self.root, schema=SCHEMA, global_schema=GLOBAL_SCHEMA, relay=True,
+        self.ar = AsyncRouter(self.root, schema=SCHEMA, global_schema=GLOBAL_SCHEMA, relay=not self.relay_process,
                               synchronous=self.synchronous, **self.extra)
         await self.ar.__aenter__()
+        if self.relay_process:
+            env = dict(os.environ, SHARDLITE_ROOT=self.root, CHAT_MAX_OPEN=str(self.extra.get("max_open", 1024)))
+            self.relay_proc = subprocess.Popen(
+                [sys.executable, "-m", "shardlite", "relay", "run", "--json", "--app", "examples.chat.relay:router"],
+                env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
         self.chat = Chat(self.ar)
         self.users = []
         for u in range(users):
@@ -286,6 +296,9 @@ class ShardliteBackend(Backend):
 
     async def close(self) -> None:
         await self.ar.aclose()
+        if self.relay_proc is not None:
+            self.relay_proc.terminate()  # SIGTERM: the relay stops after its pass and gives up its leases
+            self.relay_proc.wait(timeout=60)
 
 
 SQLITE_SCHEMA = [
@@ -830,6 +843,11 @@ def report(workers: list[Worker], skipped: dict[str, str], args: argparse.Namesp
             else:
                 verdicts[label] = {"ratio": None, "met": None}
                 out.append(f"target shardlite ≥ {TARGET:.0f}× {label}: not measured ({skipped.get(label, 'skipped')})")
+            if label in by and RELAY_PROCESS_LABEL in by:
+                ratio = by[RELAY_PROCESS_LABEL]["median"]["ops_per_s"] / by[label]["median"]["ops_per_s"]
+                verdicts[f"{RELAY_PROCESS_LABEL} vs {label}"] = {"ratio": ratio, "met": ratio >= TARGET}
+                out.append(f"  the same with the relay in its own process ({RELAY_PROCESS_LABEL}): {ratio:.2f}× "
+                           f"{'MET' if ratio >= TARGET else 'MISSED'}")
         if "shardlite FULL" in by and "postgres (sync_commit=on)" in by:
             ratio = by["shardlite FULL"]["median"]["ops_per_s"] / by["postgres (sync_commit=on)"]["median"]["ops_per_s"]
             out.append(f"same durability class (fsync per commit): shardlite FULL ÷ postgres (sync_commit=on) = "
@@ -897,6 +915,11 @@ def driver(args: argparse.Namespace) -> None:
                           ("postgres (sync_commit=off)", ["--worker", "postgres", "--dsn", server.dsn("chat_off"),
                            "--synchronous-commit", "off", "--pool", str(args.pool)],
                            "fsync=on, no flush wait at commit", False)]
+            if not args.no_relay_process:
+                specs.append((RELAY_PROCESS_LABEL, ["--worker", "shardlite", "--path",
+                                                    os.path.join(tmp, "shardlite-relay-process"), "--router-options",
+                                                    json.dumps({"max_open": MAX_OPEN, "relay_process": True})],
+                              "WAL, synchronous=NORMAL", False))
             if not args.no_full:
                 specs.append(("shardlite FULL", ["--worker", "shardlite", "--synchronous", "FULL", "--path",
                                                  os.path.join(tmp, "shardlite-full"), "--router-options", sized],
@@ -981,6 +1004,8 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=16, help="asyncpg pool size")
     parser.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL rows")
     parser.add_argument("--no-full", action="store_true", help="skip the shardlite synchronous=FULL row")
+    parser.add_argument("--no-relay-process", action="store_true",
+                        help="skip the shardlite row whose relay runs in a process of its own")
     parser.add_argument("--no-default", action="store_true", help="skip the shardlite default max_open row")
     parser.add_argument("--only", nargs="*", help="run only these backends (labels)")
     parser.add_argument("--profile", action="store_true", help="cProfile one extra shardlite round")

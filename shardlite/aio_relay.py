@@ -46,7 +46,7 @@ class AsyncRelay:
         self._task = self._loop.create_task(self._run(), name="shardlite-relay")
 
     async def stop(self) -> None:
-        """Stop the task after its current pass (idempotent)."""
+        """Stop the task after its current pass and give up the leases it holds (idempotent)."""
         task, self._task = self._task, None
         self.sync.store.emitter.unlisten(self._notify)
         if task is not None:
@@ -60,6 +60,8 @@ class AsyncRelay:
                 await task
             except asyncio.CancelledError:
                 pass
+        if self.sync._held and not self.sync.store.closed:
+            await self._call(self.sync.release_claims)
 
     def _notify(self, source: str) -> None:
         self.sync._hot.add(source)

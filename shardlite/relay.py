@@ -7,7 +7,10 @@ transaction commits), and by the relay when a pass leaves the outbox empty (dele
 
 Claiming. A relay claims a source tenant inside the tenant's own file (``_shardlite_relay``, a lease of
 ``lease`` seconds) so several relays never work one source at once and never fight over the global DB. A
-relay that dies leaves a lease that expires; another relay then takes over.
+relay that dies leaves a lease that expires; another relay then takes over. Each acknowledgement renews
+the lease, and while more than half of it is left the next pass *reads* the source (claim row, incarnation
+and outbox in one snapshot on its write connection) instead of claiming it in a write transaction: a busy
+source costs one write per pass, not two. ``stop()`` and the end of ``drain()`` give the leases up.
 
 One pass over a set of sources (every due one, up to ``sources_per_pass``):
 
@@ -21,7 +24,7 @@ One pass over a set of sources (every due one, up to ``sources_per_pass``):
    mark in the same transaction as the handlers' effects; the first failing handler stops that
    (source, destination) pair for this pass (order per pair), not the other sources' events;
 4. acknowledge in each ``S``: delete delivered events, count failures (backoff, or dead letter after
-   ``max_attempts``), release the claim; the pending flag's version is read inside this transaction,
+   ``max_attempts``), renew the lease; the pending flag's version is read inside this transaction,
    under ``S``'s write lock, and the flags of the sources left empty are deleted afterwards (one global
    write for the pass), each only if no emitter re-flagged it since (an emitter that finds the outbox
    empty bumps the version). No event is stranded: a crash anywhere leaves either the flag or nothing to
@@ -62,6 +65,11 @@ LEASE_SECONDS = 10.0
 
 _READ_OUTBOX = ("SELECT seq, dest, topic, payload, created, attempts, next_at, origin FROM _shardlite_outbox "
                 "ORDER BY seq LIMIT ?")
+#: A source whose lease this relay still holds is read, not claimed: the claim row, the file's incarnation
+#: and a batch of its outbox in one snapshot (one row with NULL event columns when the outbox is empty).
+_PEEK = ("SELECT r.claimed_by, r.claimed_until, m.incarnation, o.seq, o.dest, o.topic, o.payload, o.created, "
+         "o.attempts, o.next_at, o.origin FROM _shardlite_meta AS m JOIN _shardlite_relay AS r ON r.id = 1 "
+         "LEFT JOIN (SELECT * FROM _shardlite_outbox ORDER BY seq LIMIT ?) AS o WHERE m.id = 1 ORDER BY o.seq")
 
 
 @dataclass
@@ -153,6 +161,7 @@ class Relay:
         self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._skip_until: dict[str, float] = {}
         self._hot: set[str] = set()  # sources this process just emitted from: passed at once
+        self._held: set[str] = set()  # sources whose lease this relay (probably) holds
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -177,15 +186,16 @@ class Relay:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop the thread after its current pass (idempotent)."""
+        """Stop the thread after its current pass and give up the leases this relay holds (idempotent)."""
         thread = self._thread
-        if thread is None:
-            return
-        self._stop.set()
-        self._wake.set()
-        thread.join(timeout)
-        self.store.emitter.unlisten(self.notify)
-        self._thread = None
+        if thread is not None:
+            self._stop.set()
+            self._wake.set()
+            thread.join(timeout)
+            self.store.emitter.unlisten(self.notify)
+            self._thread = None
+        if self._held and not self.store.closed:
+            self.release_claims()
 
     def notify(self, source: str) -> None:
         """``source`` committed new events in this process: pass over it at once, whatever its due time."""
@@ -244,6 +254,8 @@ class Relay:
             pause = min(wake_at) - time.time()
             time.sleep(min(max(pause, 0.005), 0.25, max(0.0, deadline - time.monotonic())))
             self._skip_until = {k: v for k, v in self._skip_until.items() if v > time.time()}
+        if not self.running:
+            self.release_claims()
         return total
 
     def pass_over(self, source: str) -> PassStats:
@@ -261,6 +273,7 @@ class Relay:
             try:
                 claim = self._claim(source, now)
             except UnknownTenant:
+                self._held.discard(source)
                 self._forget_source(source)
                 continue
             except _ClaimedElsewhere as other:
@@ -302,18 +315,40 @@ class Relay:
         return stats
 
     def _claim(self, source: str, now: float) -> _Claim:
-        """Take the source's lease (in its own file) and read a batch of its outbox."""
+        """Take the source's lease (in its own file) and read a batch of its outbox. While this relay's
+        lease on the source has more than half its time left (the acknowledgement renews it), a read does:
+        no other relay can take the source meanwhile, and emitters only add rows."""
+        if source in self._held:
+            found = self.store.read_on_writer(source, _PEEK, (self.batch,))
+            claimed_by, claimed_until, incarnation = found[0][:3]
+            if claimed_by == self.id and claimed_until - now > self.lease / 2:
+                rows = [OutboxRow(*row[3:]) for row in found if row[3] is not None]
+                return _Claim(source, str(incarnation), rows, plan(rows, self.handlers, now))
         with self.store.writing(source, create=False) as handle:
             claim: list[Any] = handle.conn.execute(
                 "SELECT claimed_by, claimed_until FROM _shardlite_relay WHERE id = 1").fetchall()
             claimed_by, claimed_until = claim[0]
             if claimed_by not in (None, self.id) and claimed_until > now:
+                self._held.discard(source)
                 raise _ClaimedElsewhere(float(claimed_until))
             self.store.internal(handle, "UPDATE _shardlite_relay SET claimed_by = ?, claimed_until = ? "
                                 "WHERE id = 1", (self.id, now + self.lease))
-            found: list[Any] = handle.conn.execute(_READ_OUTBOX, (self.batch,)).fetchall()
+            self._held.add(source)
+            found = handle.conn.execute(_READ_OUTBOX, (self.batch,)).fetchall()
             rows = [OutboxRow(*row) for row in found]
             return _Claim(source, handle.incarnation, rows, plan(rows, self.handlers, now))
+
+    def release_claims(self) -> None:
+        """Give up the leases this relay holds (its acknowledgements renew them, so that its next pass over
+        a busy source needs no claim transaction): another relay can take those sources at once."""
+        held, self._held = self._held, set()
+        for source in held:
+            try:
+                with self.store.writing(source, create=False) as handle:
+                    self.store.internal(handle, "UPDATE _shardlite_relay SET claimed_by = NULL, claimed_until = 0 "
+                                        "WHERE id = 1 AND claimed_by = ?", (self.id,))
+            except (UnknownTenant, Busy, TenantMoving) as exc:  # expires by itself within the lease
+                log.info("relay: could not release %r (%s)", source, exc)
 
     def _deliver(self, dest: str, groups: list[tuple[_Claim, list[OutboxRow]]]) -> None:
         """Apply every source's ``rows`` for ``dest`` (each source's in seq order) in one transaction on
@@ -418,9 +453,10 @@ class Relay:
                     store.internal(handle, "DELETE FROM _shardlite_outbox WHERE seq = ?", (seq,))
                 left: list[Any] = handle.conn.execute("SELECT count(*) FROM _shardlite_outbox").fetchall()
                 remaining = int(left[0][0])
-                store.internal(handle, "UPDATE _shardlite_relay SET claimed_by = NULL, claimed_until = 0 "
-                               "WHERE id = 1")
+                store.internal(handle, "UPDATE _shardlite_relay SET claimed_by = ?, claimed_until = ? WHERE id = 1",
+                               (self.id, time.time() + self.lease))
         except UnknownTenant:
+            self._held.discard(source)
             self._forget_source(source)
             return
         if self.fault is not None:

@@ -448,10 +448,11 @@ class Store:
         handle.checked_dv = dv
         return rows
 
-    def _read_slow(self, key: object, sql: str, params: Sequence[object] | dict[str, object]) -> list[tuple[Any, ...]]:
+    def _read_slow(self, key: object, sql: str, params: Sequence[object] | dict[str, object],
+                   role: str = "r") -> list[tuple[Any, ...]]:
         deadline = time.monotonic() + self.move_wait
         while True:
-            handle = self.acquire(key, "r", create=False)
+            handle = self.acquire(key, role, create=False)
             try:
                 rows = self._query(handle, sql, params)
                 if rows is not None:
@@ -461,6 +462,12 @@ class Store:
             finally:
                 self.release(handle)
             self._wait_for_move(handle.key, generation, deadline)
+
+    def read_on_writer(self, key: str, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        """:meth:`read` on the tenant's write connection, outside any transaction (committed data): for
+        shardlite's own reads of tenants it is about to write anyway (the relay), so that they do not
+        hold a second pooled connection per tenant."""
+        return self._read_slow(key, sql, params, "w")
 
     @contextmanager
     def writing(self, key: str, *, create: bool = True, revive: bool = True) -> Iterator[Handle]:

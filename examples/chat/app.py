@@ -99,9 +99,12 @@ class RoomName(BaseModel):
     name: str = Field(max_length=200)
 
 
-def create_app(root: str | None = None, *, relay: bool = True) -> FastAPI:
-    """The app on ``root`` (default ``$SHARDLITE_ROOT`` or ``./data``), running the relay in-process."""
+def create_app(root: str | None = None, *, relay: bool | None = None) -> FastAPI:
+    """The app on ``root`` (default ``$SHARDLITE_ROOT`` or ``./data``), running the relay in-process unless
+    ``relay=False`` (default: ``$CHAT_RELAY`` is not ``0``; then ``examples.chat.relay`` delivers instead)."""
     data_root = root or os.environ.get("SHARDLITE_ROOT", "./data")
+    if relay is None:
+        relay = os.environ.get("CHAT_RELAY", "1") != "0"
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
