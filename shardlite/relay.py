@@ -7,10 +7,11 @@ transaction commits), and by the relay when a pass leaves the outbox empty (dele
 
 Claiming. A relay claims a source tenant inside the tenant's own file (``_shardlite_relay``, a lease of
 ``lease`` seconds) so several relays never work one source at once and never fight over the global DB. A
-relay that dies leaves a lease that expires; another relay then takes over. Each acknowledgement renews
-the lease, and while more than half of it is left the next pass *reads* the source (claim row, incarnation
-and outbox in one snapshot on its write connection) instead of claiming it in a write transaction: a busy
-source costs one write per pass, not two. ``stop()`` and the end of ``drain()`` give the leases up.
+relay that dies leaves a lease that expires; another relay then takes over. An acknowledgement renews the
+lease when less than half of it is left, and while more than a quarter is left the next pass *reads* the
+source (claim row, incarnation and outbox in one snapshot on its write connection) instead of claiming it
+in a write transaction: a busy source costs one write per pass, not two. ``stop()`` and the end of
+``drain()`` give the leases up.
 
 One pass over a set of sources (every due one, up to ``sources_per_pass``):
 
@@ -24,10 +25,10 @@ One pass over a set of sources (every due one, up to ``sources_per_pass``):
    mark in the same transaction as the handlers' effects; the first failing handler stops that
    (source, destination) pair for this pass (order per pair), not the other sources' events;
 4. acknowledge in each ``S``: delete delivered events, count failures (backoff, or dead letter after
-   ``max_attempts``), renew the lease; the pending flag's version is read inside this transaction,
-   under ``S``'s write lock, and the flags of the sources left empty are deleted afterwards (one global
-   write for the pass), each only if no emitter re-flagged it since (an emitter that finds the outbox
-   empty bumps the version). No event is stranded: a crash anywhere leaves either the flag or nothing to
+   ``max_attempts``), renew the lease if it runs short; the pending flag's version is read inside this
+   transaction, under ``S``'s write lock, and the flags of the sources left empty are deleted afterwards
+   (one global write for the pass), each only if no emitter re-flagged it since (an emitter that finds
+   the outbox empty bumps the version). No event is stranded: a crash anywhere leaves either the flag or nothing to
    deliver.
 
 A crash between ``D``'s commit and ``S``'s acknowledgement redelivers those events later; the inbox mark
@@ -136,6 +137,7 @@ class _Claim:
     incarnation: str
     rows: list[OutboxRow]
     work: Plan
+    until: float  # when this relay's lease on the source ends (renewed by the acknowledgement when short)
     delivered: list[int] = field(default_factory=list)
     failed: dict[int, tuple[OutboxRow, str]] = field(default_factory=dict)
     dead: dict[int, tuple[OutboxRow, str]] = field(default_factory=dict)
@@ -316,14 +318,14 @@ class Relay:
 
     def _claim(self, source: str, now: float) -> _Claim:
         """Take the source's lease (in its own file) and read a batch of its outbox. While this relay's
-        lease on the source has more than half its time left (the acknowledgement renews it), a read does:
+        lease on the source has more than a quarter of its time left (acknowledgements renew it), a read does:
         no other relay can take the source meanwhile, and emitters only add rows."""
         if source in self._held:
             found = self.store.read_on_writer(source, _PEEK, (self.batch,))
             claimed_by, claimed_until, incarnation = found[0][:3]
-            if claimed_by == self.id and claimed_until - now > self.lease / 2:
+            if claimed_by == self.id and claimed_until - now > self.lease / 4:
                 rows = [OutboxRow(*row[3:]) for row in found if row[3] is not None]
-                return _Claim(source, str(incarnation), rows, plan(rows, self.handlers, now))
+                return _Claim(source, str(incarnation), rows, plan(rows, self.handlers, now), float(claimed_until))
         with self.store.writing(source, create=False) as handle:
             claim: list[Any] = handle.conn.execute(
                 "SELECT claimed_by, claimed_until FROM _shardlite_relay WHERE id = 1").fetchall()
@@ -336,7 +338,7 @@ class Relay:
             self._held.add(source)
             found = handle.conn.execute(_READ_OUTBOX, (self.batch,)).fetchall()
             rows = [OutboxRow(*row) for row in found]
-            return _Claim(source, handle.incarnation, rows, plan(rows, self.handlers, now))
+            return _Claim(source, handle.incarnation, rows, plan(rows, self.handlers, now), now + self.lease)
 
     def release_claims(self) -> None:
         """Give up the leases this relay holds (its acknowledgements renew them, so that its next pass over
@@ -424,16 +426,16 @@ class Relay:
         return None
 
     def _acknowledge(self, claim: _Claim, stats: PassStats, emptied: list[tuple[str, int]]) -> None:
-        """In the source: delete what was delivered, count failures (backoff or dead letter), release the
-        claim. A source left empty goes into ``emptied`` with the flag version read under its write lock;
-        one whose remaining events are due later gets its flag's due time moved."""
+        """In the source: delete what was delivered, count failures (backoff or dead letter), renew the
+        lease when less than half of it is left. A source left empty goes into ``emptied`` with the flag
+        version read under its write lock; one whose remaining events are due later gets its flag's due
+        time moved."""
         store, catalog, policy = self.store, self.store.catalog, self.policy
         source, delivered, failed, dead = claim.source, claim.delivered, claim.failed, claim.dead
         next_due_at = claim.work.next_due
         now = time.time()
         try:
             with store.writing(source, create=False) as handle:
-                version = catalog.pending_row(source)
                 if delivered:
                     store.internal(handle, "DELETE FROM _shardlite_outbox WHERE seq IN "
                                    "(SELECT value FROM json_each(?))", (_json_list(delivered),))
@@ -453,8 +455,12 @@ class Relay:
                     store.internal(handle, "DELETE FROM _shardlite_outbox WHERE seq = ?", (seq,))
                 left: list[Any] = handle.conn.execute("SELECT count(*) FROM _shardlite_outbox").fetchall()
                 remaining = int(left[0][0])
-                store.internal(handle, "UPDATE _shardlite_relay SET claimed_by = ?, claimed_until = ? WHERE id = 1",
-                               (self.id, time.time() + self.lease))
+                # read under the source's write lock: an emitter that re-flags it after this commit bumps it
+                version = catalog.pending_row(source) if remaining == 0 else None
+                if claim.until - time.time() < self.lease / 2:
+                    claim.until = time.time() + self.lease
+                    store.internal(handle, "UPDATE _shardlite_relay SET claimed_by = ?, claimed_until = ? "
+                                   "WHERE id = 1", (self.id, claim.until))
         except UnknownTenant:
             self._held.discard(source)
             self._forget_source(source)
@@ -472,6 +478,7 @@ class Relay:
         held = claim.work.waiting + len(claim.work.unhandled) + retrying
         due = next_due(now, remaining=remaining, held=held, retry_due=next_due_at,
                        unhandled=bool(claim.work.unhandled), recheck=self.unhandled_recheck)
+        version = catalog.pending_row(source)
         current = version[1] if version is not None else None
         if current is None or (abs(current - due) > 1e-3 and not (current <= now and due <= now)):
             catalog.set_pending_due(source, due)

@@ -615,3 +615,36 @@ def test_huge_room_id_is_404(app: FastAPI, client: TestClient) -> None:
                 assert r.status_code == 404, (unknown, r.request.method, r.request.url, r.status_code, r.text)
     finally:
         quiet.close()
+
+
+def test_feeds_are_filled_by_a_standalone_relay_process(tmp_path: pathlib.Path) -> None:
+    """`create_app(relay=False)` only emits; `shardlite relay run --app examples.chat.relay:router` in its own
+    process delivers the feed entries (what `python -m examples.chat --relay-process` runs)."""
+    import os
+    import signal
+    import subprocess
+
+    root = str(tmp_path / "data")
+    app = create_app(root, relay=False)
+    with TestClient(app) as alice:
+        bob = TestClient(app)
+        bob.portal = alice.portal
+        try:
+            member(alice, "alice@example.com", "Alice")
+            bob_id = member(bob, "bob@example.com", "Bob")
+            assert alice.post(f"/api/dm/{bob_id}", json={"text": "via the relay process"}).status_code == 201
+            assert feed(bob) == []  # nothing delivers in this process
+            env = dict(os.environ, SHARDLITE_ROOT=root)
+            relay = subprocess.Popen([sys.executable, "-m", "shardlite", "relay", "run", "--app",
+                                      "examples.chat.relay:router"], cwd=str(REPO), env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                items = poll(lambda: feed(bob), lambda items: len(items) == 1, "bob's feed from the relay process")
+                assert items[0]["text"] == "via the relay process" and items[0]["from"] == "Alice"
+                assert [i["text"] for i in feed(alice)] == ["via the relay process"]
+            finally:
+                relay.send_signal(signal.SIGTERM)
+                out, err = relay.communicate(timeout=60)
+            assert relay.returncode == 0, (out, err)
+        finally:
+            bob.close()

@@ -31,6 +31,7 @@ def main() -> None:
         return
     os.environ["CHAT_RELAY"] = "0"
     from shardlite import Router  # the root must exist before the relay process opens it
+
     from .domain import GLOBAL_SCHEMA, SCHEMA
 
     Router(os.environ["SHARDLITE_ROOT"], schema=SCHEMA, global_schema=GLOBAL_SCHEMA).close()
