@@ -42,4 +42,15 @@ def append(tx: Transaction, event: Event) -> None:
 
 
 def items(rows: list[tuple[Any, ...]]) -> list[FeedItem]:
-    return [FeedItem(int(i), str(s), str(t), json.loads(p), str(e), float(a)) for i, s, t, p, e, a in rows]
+    """Feed rows as :class:`FeedItem` objects. The payloads (JSON texts written by :func:`append`; user SQL
+    cannot write this table) are decoded in one ``json.loads`` of their array: per call, the decoder's
+    Python wrapper costs more than parsing a small payload does."""
+    if not rows:
+        return []
+    try:
+        payloads = json.loads("[" + ",".join([row[3] for row in rows]) + "]")
+    except ValueError:  # a payload that is not one JSON value: decode them one by one (same error)
+        payloads = [json.loads(row[3]) for row in rows]
+    if len(payloads) != len(rows):
+        payloads = [json.loads(row[3]) for row in rows]
+    return [FeedItem(i, s, t, p, e, float(a)) for (i, s, t, _, e, a), p in zip(rows, payloads, strict=True)]

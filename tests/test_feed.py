@@ -237,3 +237,21 @@ def test_async_relay_stop_returns_even_when_a_wake_up_arrives_with_it(root: str)
             # (asyncio.run cancels the surviving task at exit, so the test itself never hangs)
 
     asyncio.run(main())
+
+
+def test_feed_payloads_of_every_json_shape_read_back_as_emitted(router: Router) -> None:
+    # the reader decodes a page's payloads in one go: values whose text holds commas, brackets, quotes,
+    # big integers, non-ASCII or nothing but a scalar must still come back one per entry, unchanged
+    payloads: list[Any] = [
+        {"text": "a, b], [c", "q": "\"}{"}, [1, [2, [3]]], "just text, with a comma", 12345678901234567890123,
+        -0.5, None, True, {"emoji": "🙂 ünïcode", "nested": {"list": []}}, [], {}, "", 0,
+    ]
+    with router.transaction("dm:alice:bob") as tx:
+        for payload in payloads:
+            tx.emit("user:bob", "message", payload)
+    router.relay.drain(timeout=30)
+    items = router.feed("user:bob", limit=100)
+    assert [item.payload for item in reversed(items)] == payloads
+    assert [type(item.payload) for item in reversed(items)] == [type(p) for p in payloads]
+    page = router.feed("user:bob", limit=3, before=items[4].id)
+    assert [item.payload for item in page] == [it.payload for it in items[5:8]]
