@@ -506,9 +506,8 @@ class AsyncRouter(HandlerRegistry):
 
     async def feed(self, key: object, *, limit: int = 50, before: int | None = None) -> list[feed.FeedItem]:
         """``key``'s activity feed, newest first (see :meth:`Router.feed`)."""
-        limit = max(0, min(int(limit), 1000))
         cursor = (1 << 62) if before is None else int(before)
-        return feed.items(await self.query(key, feed.FEED_QUERY, (cursor, limit)))
+        return feed.items(await self.query(key, feed.page_query(limit), (cursor,)))
 
     # -- lifecycle --------------------------------------------------------------------------------------
 

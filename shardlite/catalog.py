@@ -337,8 +337,8 @@ class SqliteCatalog:
 
     def pending_due(self, now: float, limit: int) -> list[tuple[str, int, float]]:
         """``(key, version, due)`` of flagged tenants whose work is due, oldest due first."""
-        rows = self.read("SELECT key, version, due FROM _shardlite_pending WHERE due <= ? ORDER BY due LIMIT ?",
-                         (now, limit))
+        rows = self.read(f"SELECT key, version, due FROM _shardlite_pending WHERE due <= ? ORDER BY due "
+                         f"LIMIT {int(limit):d}", (now,))  # a literal LIMIT: see feed.page_query
         return [(str(k), int(v), float(d)) for k, v, d in rows]
 
     def pending_row(self, key: str) -> tuple[int, float] | None:

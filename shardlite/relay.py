@@ -64,13 +64,14 @@ Handler = Callable[[Transaction, Event], None]
 #: How long a relay's claim on a source tenant lasts; a relay that died is replaced after at most this.
 LEASE_SECONDS = 10.0
 
+# The batch size is written into the SQL text (see feed.page_query: a bound LIMIT re-prepares every run).
 _READ_OUTBOX = ("SELECT seq, dest, topic, payload, created, attempts, next_at, origin FROM _shardlite_outbox "
-                "ORDER BY seq LIMIT ?")
+                "ORDER BY seq LIMIT {batch:d}")
 #: A source whose lease this relay still holds is read, not claimed: the claim row, the file's incarnation
 #: and a batch of its outbox in one snapshot (one row with NULL event columns when the outbox is empty).
 _PEEK = ("SELECT r.claimed_by, r.claimed_until, m.incarnation, o.seq, o.dest, o.topic, o.payload, o.created, "
          "o.attempts, o.next_at, o.origin FROM _shardlite_meta AS m JOIN _shardlite_relay AS r ON r.id = 1 "
-         "LEFT JOIN (SELECT * FROM _shardlite_outbox ORDER BY seq LIMIT ?) AS o WHERE m.id = 1 ORDER BY o.seq")
+         "LEFT JOIN (SELECT * FROM _shardlite_outbox ORDER BY seq LIMIT {batch:d}) AS o WHERE m.id = 1 ORDER BY o.seq")
 
 
 @dataclass
@@ -321,7 +322,7 @@ class Relay:
         lease on the source has more than a quarter of its time left (acknowledgements renew it), a read does:
         no other relay can take the source meanwhile, and emitters only add rows."""
         if source in self._held:
-            found = self.store.read_on_writer(source, _PEEK, (self.batch,))
+            found = self.store.read_on_writer(source, _PEEK.format(batch=int(self.batch)))
             claimed_by, claimed_until, incarnation = found[0][:3]
             if claimed_by == self.id and claimed_until - now > self.lease / 4:
                 rows = [OutboxRow(*row[3:]) for row in found if row[3] is not None]
@@ -336,7 +337,7 @@ class Relay:
             self.store.internal(handle, "UPDATE _shardlite_relay SET claimed_by = ?, claimed_until = ? "
                                 "WHERE id = 1", (self.id, now + self.lease))
             self._held.add(source)
-            found = handle.conn.execute(_READ_OUTBOX, (self.batch,)).fetchall()
+            found = handle.conn.execute(_READ_OUTBOX.format(batch=int(self.batch))).fetchall()
             rows = [OutboxRow(*row) for row in found]
             return _Claim(source, handle.incarnation, rows, plan(rows, self.handlers, now), now + self.lease)
 

@@ -260,9 +260,8 @@ class Router(HandlerRegistry):
 
     def feed(self, key: object, *, limit: int = 50, before: int | None = None) -> list[feed.FeedItem]:
         """``key``'s activity feed, newest first; ``before=item.id`` pages back. UnknownTenant if absent."""
-        limit = max(0, min(int(limit), 1000))
         cursor = (1 << 62) if before is None else int(before)
-        return feed.items(self._store.read(key, feed.FEED_QUERY, (cursor, limit)))
+        return feed.items(self._store.read(key, feed.page_query(limit), (cursor,)))
 
     # -- operations -----------------------------------------------------------------------------------------
 

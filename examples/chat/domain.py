@@ -71,6 +71,12 @@ def clean_text(text: object, *, limit: int = MAX_TEXT, what: str = "message") ->
     return text
 
 
+def _history(limit: int) -> str:
+    """A page of messages before a cursor. The limit (an int, clamped by the callers) is part of the SQL
+    text rather than a bound parameter, which costs SQLite several µs more per run (see shardlite.feed.page_query)."""
+    return f"SELECT id, author_id, author, body, at FROM messages WHERE id < ? ORDER BY id DESC LIMIT {int(limit):d}"
+
+
 def _rows(rows: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
     return [{"id": r[0], "author_id": r[1], "author": r[2], "text": r[3], "at": r[4]} for r in rows]
 
@@ -136,8 +142,7 @@ class Chat:
         key = pair_key("dm", me.id, other.id)
         limit = max(1, min(limit, 200))
         try:
-            rows = await self.ar.query(key, "SELECT id, author_id, author, body, at FROM messages WHERE id < ? "
-                                            "ORDER BY id DESC LIMIT ?", (before or (1 << 62), limit))
+            rows = await self.ar.query(key, _history(limit), (before or (1 << 62),))
         except UnknownTenant:
             return []
         return _rows(rows)
@@ -211,8 +216,7 @@ class Chat:
                            limit: int = 50) -> list[dict[str, Any]]:
         await self._check_member(me, room_id)
         limit = max(1, min(limit, 200))
-        rows = await self.ar.query(f"room:{room_id}", "SELECT id, author_id, author, body, at FROM messages "
-                                   "WHERE id < ? ORDER BY id DESC LIMIT ?", (before or (1 << 62), limit))
+        rows = await self.ar.query(f"room:{room_id}", _history(limit), (before or (1 << 62),))
         return _rows(rows)
 
     # -- feed and conversations ---------------------------------------------------------------------------
