@@ -40,6 +40,7 @@ __all__ = [
     "fsync_path",
     "fsync_dir",
     "on_fork_in_child",
+    "abandon",
 ]
 
 SYNCHRONOUS_LEVELS: Final = ("NORMAL", "FULL", "EXTRA")
@@ -231,6 +232,12 @@ _child_hooks: list[Callable[[], None]] = []
 def _track(conn: apsw.Connection) -> None:
     with _tracked_lock:
         _tracked.add(conn)
+
+
+def abandon(objects: list[Any]) -> None:
+    """In a forked child: keep ``objects`` (SQLite handles of the parent) alive for ever, never used nor
+    closed (a close could wait on a mutex a parent thread held at the fork)."""
+    _abandoned.extend(objects)
 
 
 def on_fork_in_child(hook: Callable[[], None]) -> None:

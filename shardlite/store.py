@@ -34,7 +34,7 @@ import apsw
 
 from .authorizer import INTERNAL_SQL
 from .catalog import Location, Node, SqliteCatalog, TenantRecord
-from .engine import Settings, ensure_private_dir, fsync_dir, on_fork_in_child
+from .engine import Settings, abandon, ensure_private_dir, fsync_dir, on_fork_in_child
 from .errors import Busy, ConfigurationError, ShardliteError, StatementNotAllowed, TenantMoving, UnknownTenant
 from .globaldb import GlobalDB
 from .keys import canonical, prefix_of
@@ -43,7 +43,7 @@ from .placement import tenant_relpath
 from .pool import Handle, HandlePool
 from .ring import Ring
 from .schema import SchemaSpec, Step
-from .tenant import build_template, open_tenant, personalise, write_new_file
+from .tenant import Personaliser, build_template, open_tenant, write_new_file
 from .transaction import Emitter
 
 __all__ = ["Store", "NODE_NAME_RE"]
@@ -113,7 +113,7 @@ class Store:
         #: Outbox hooks shared by every transaction of this store (``tx.emit``).
         self.emitter = Emitter(self.catalog.flag_pending, max_payload,
                                check_dest=lambda key: self.spec.steps_for(prefix_of(key)))
-        self._templates: dict[str, bytes] = {}
+        self._templates: dict[str, Personaliser] = {}
         self._template_lock = threading.Lock()
         self._closed = False
         _stores.add(self)
@@ -193,14 +193,15 @@ class Store:
         """Drop the cached location of ``canon`` (the next access asks the catalog)."""
         self._records.pop(canon, None)
 
-    def template(self, prefix: str) -> bytes:
-        data = self._templates.get(prefix)
-        if data is None:
+    def template(self, prefix: str) -> Personaliser:
+        """The (cached) template for new tenants of ``prefix``: call it with a key and an incarnation."""
+        found = self._templates.get(prefix)
+        if found is None:
             with self._template_lock:
-                data = self._templates.get(prefix)
-                if data is None:
-                    data = self._templates[prefix] = build_template(self.spec.steps_for(prefix))
-        return data
+                found = self._templates.get(prefix)
+                if found is None:
+                    found = self._templates[prefix] = Personaliser(build_template(self.spec.steps_for(prefix)))
+        return found
 
     def _create(self, canon: str) -> TenantRecord:
         prefix = prefix_of(canon)
@@ -208,7 +209,7 @@ class Store:
         node = self.propose(canon)
         generation = self.catalog.allocate_generation(canon, node, "create")
         incarnation = secrets.token_hex(16)
-        data = personalise(self.template(prefix), canon, incarnation)
+        data = self.template(prefix)(canon, incarnation)
         path = os.path.join(self.node_path(node), tenant_relpath(canon, generation))
         write_new_file(path, data, fsync=self.settings.fsync_files)
         try:
@@ -569,6 +570,10 @@ class Store:
         self._closed = True
         self._fast.clear()
         self._wfast.clear()
+        with self._template_lock:
+            for personaliser in self._templates.values():
+                personaliser.close()
+            self._templates.clear()
         self.pool.close_all()
         self.catalog.close()
 
@@ -581,6 +586,8 @@ class Store:
         self._wfast = {}
         self._records = {}
         self._template_lock = threading.Lock()
+        abandon(list(self._templates.values()))  # may be mid-use by a parent thread: never touch them
+        self._templates = {}
         self.pool.abandon()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 import time
 from collections.abc import Sequence
 
@@ -24,7 +25,7 @@ from .engine import Settings, ensure_private_dir, fsync_dir, open_connection
 from .errors import IdentityMismatch
 from .schema import INTERNAL_STEPS, INTERNAL_VERSION, Step, read_versions, run_step, upgrade
 
-__all__ = ["build_template", "personalise", "write_new_file", "open_tenant", "FileIdentity"]
+__all__ = ["build_template", "personalise", "Personaliser", "write_new_file", "open_tenant", "FileIdentity"]
 
 _WAL_HEADER_OFFSETS = (18, 19)  # file format write/read version: 2 means WAL (what journal_mode=WAL writes)
 
@@ -49,17 +50,35 @@ def build_template(steps: Sequence[Step]) -> bytes:
 
 def personalise(template: bytes, key: str, incarnation: str) -> bytes:
     """The template with ``key`` and ``incarnation`` stored in ``_shardlite_meta``, in WAL format."""
-    mem = apsw.Connection(":memory:")
+    personaliser = Personaliser(template)
     try:
-        mem.deserialize("main", template)
-        mem.execute("UPDATE _shardlite_meta SET key = ?, incarnation = ?, created = ? WHERE id = 1",
-                    (key, incarnation, time.time()))
-        data = bytearray(mem.serialize("main"))
+        return personaliser(key, incarnation)
     finally:
-        mem.close()
-    for offset in _WAL_HEADER_OFFSETS:
-        data[offset] = 2
-    return bytes(data)
+        personaliser.close()
+
+
+class Personaliser:
+    """A template kept open in memory, personalised again for every new tenant: one UPDATE of the
+    identity row and one serialization, instead of loading the image and parsing its schema each time.
+    Thread-safe. Only the identity row changes between tenants, so every image is the template plus the
+    key, the incarnation and the creation time."""
+
+    def __init__(self, template: bytes) -> None:
+        self._lock = threading.Lock()
+        self._mem = apsw.Connection(":memory:")
+        self._mem.deserialize("main", template)
+
+    def __call__(self, key: str, incarnation: str) -> bytes:
+        with self._lock:
+            self._mem.execute("UPDATE _shardlite_meta SET key = ?, incarnation = ?, created = ? WHERE id = 1",
+                              (key, incarnation, time.time()))
+            data = bytearray(self._mem.serialize("main"))
+        for offset in _WAL_HEADER_OFFSETS:
+            data[offset] = 2
+        return bytes(data)
+
+    def close(self) -> None:
+        self._mem.close()
 
 
 def write_new_file(path: str, data: bytes, *, fsync: bool) -> None:
