@@ -63,12 +63,23 @@ def _signature(path: str, generation: int) -> list[int]:
     return sig
 
 
+#: Tenants up to this size (file plus WAL) are copied through ``sqlite3_serialize`` into memory and
+#: written out in one go; larger ones page by page through the backup API.
+SERIALIZE_LIMIT = 64 * 1024 * 1024
+_ROLLBACK_HEADER = ((18, 1), (19, 1))  # file format write/read version 1: a rollback-journal file
+
+
 def _copy_standalone(source_path: str, dest_path: str, *, private_dir: bool = True,
-                     dirty_dirs: set[str] | None = None) -> None:
-    """Snapshot ``source_path`` into a standalone (rollback-journal) file at ``dest_path``, fsynced.
-    ``private_dir``: the destination's directory is ours (created 0700); otherwise it must exist and is
-    left as it is (an export into the user's own folder). With ``dirty_dirs`` the directory fsync is left
-    to the caller (one per directory for a whole backup, before its manifest is written)."""
+                     dirty_dirs: set[str] | None = None) -> str:
+    """Snapshot ``source_path`` into a standalone (rollback-journal) file at ``dest_path``, fsynced, and
+    return the copy's checksum. ``private_dir``: the destination's directory is ours (created 0700);
+    otherwise it must exist and is left as it is (an export into the user's own folder). With
+    ``dirty_dirs`` the directory fsync is left to the caller (one per directory for a whole backup,
+    before its manifest is written).
+
+    Both ways of copying go through SQLite (rule 7): a small file is serialized by SQLite (every page
+    read through the pager inside one read transaction, the WAL included: a consistent snapshot) and the
+    image written to a private scratch file; a large one goes page by page through the backup API."""
     temp = f"{dest_path}.tmp-{secrets.token_hex(4)}"
     if private_dir:
         ensure_private_dir(os.path.dirname(dest_path))
@@ -76,21 +87,53 @@ def _copy_standalone(source_path: str, dest_path: str, *, private_dir: bool = Tr
         raise ConfigurationError(f"no directory {os.path.dirname(dest_path)} to export into")
     source = open_trusted(source_path)
     try:
-        dest = open_trusted(temp, create=True)
-        try:
-            dest.execute("PRAGMA synchronous=OFF")  # a scratch file until fsynced and renamed below
-            backup_into(dest, source)
-            dest.execute("PRAGMA journal_mode=DELETE").fetchall()
-        finally:
-            dest.close()
+        if _size_with_wal(source_path) <= SERIALIZE_LIMIT:
+            image = bytearray(source.serialize("main") or b"")
+            for offset, value in _ROLLBACK_HEADER:
+                if len(image) > offset:
+                    image[offset] = value
+            checksum = _write_private(temp, image)
+        else:
+            dest = open_trusted(temp, create=True)
+            try:
+                dest.execute("PRAGMA synchronous=OFF")  # a scratch file until fsynced and renamed below
+                backup_into(dest, source)
+                dest.execute("PRAGMA journal_mode=DELETE").fetchall()
+            finally:
+                dest.close()
+            fsync_path(temp)
+            checksum = file_checksum(temp)
     finally:
         source.close()
-    fsync_path(temp)
     os.replace(temp, dest_path)
     if dirty_dirs is None:
         fsync_dir(os.path.dirname(dest_path))
     else:
         dirty_dirs.add(os.path.dirname(dest_path))
+    return checksum
+
+
+def _size_with_wal(path: str) -> int:
+    total = 0
+    for suffix in ("", "-wal"):
+        try:
+            total += os.path.getsize(path + suffix)
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def _write_private(path: str, data: bytes | bytearray) -> str:
+    """Write ``data`` to a new file (mode 0600), fsync it, and return its checksum."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return xxhash.xxh3_128_hexdigest(data)
 
 
 def _load_manifest(directory: str) -> dict[str, Any]:
@@ -135,20 +178,19 @@ def backup(store: Store, dest: str, *, keys: Iterable[object] | None = None,
             if progress is not None:
                 progress(record.key, False)
             continue
-        _copy_standalone(path, target, dirty_dirs=dirty)
+        checksum = _copy_standalone(path, target, dirty_dirs=dirty)
         entries[record.key] = {"file": rel, "node": record.node, "generation": record.generation,
                                "incarnation": record.incarnation, "schema_version": record.schema_version,
-                               "size": os.path.getsize(target), "checksum": file_checksum(target),
-                               "signature": signature}
+                               "size": os.path.getsize(target), "checksum": checksum, "signature": signature}
         copied += 1
         if progress is not None:
             progress(record.key, True)
     global_target = os.path.join(dest, "global.db")
-    _copy_standalone(store.globaldb.path, global_target, dirty_dirs=dirty)
+    global_checksum = _copy_standalone(store.globaldb.path, global_target, dirty_dirs=dirty)
     for directory in sorted(dirty):  # every copy is durable before the manifest names it
         fsync_dir(directory)
     manifest = {"format": 1, "created": time.time(), "root": store.root, "tenants": entries,
-                "global": {"file": "global.db", "checksum": file_checksum(global_target)},
+                "global": {"file": "global.db", "checksum": global_checksum},
                 "copied": copied, "skipped": skipped}
     temp = os.path.join(dest, f".{MANIFEST}.tmp")
     with open(temp, "w", encoding="utf-8") as handle:
@@ -330,8 +372,8 @@ def export_tenant(store: Store, key: object, path: str) -> dict[str, Any]:
     path = os.path.abspath(path)
     if os.path.exists(path):
         raise ConfigurationError(f"{path} exists; refusing to overwrite it")
-    _copy_standalone(store.path_of(record), path, private_dir=False)
-    return {"key": canon, "file": path, "size": os.path.getsize(path), "checksum": file_checksum(path)}
+    checksum = _copy_standalone(store.path_of(record), path, private_dir=False)
+    return {"key": canon, "file": path, "size": os.path.getsize(path), "checksum": checksum}
 
 
 def import_tenant(store: Store, path: str, key: object, *, force: bool = False) -> TenantRecord:
