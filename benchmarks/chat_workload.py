@@ -36,6 +36,10 @@ loaded in a process that opens shardlite files):
   ``synchronous=NORMAL``: a crash of the machine may lose the last commits, never corrupts).
 * **shardlite FULL** (extra row): shardlite with ``synchronous=FULL`` (an fsync per commit, the durability
   class of PostgreSQL with ``synchronous_commit=on``).
+* **shardlite, relay process** (extra row): the same app process with ``relay=False``, and the relay as a
+  process of its own (``shardlite relay run --app examples.chat.relay:router``, what ``python -m
+  examples.chat --relay-process`` runs): the relay's work no longer shares the app process's GIL. Its ops/s
+  also count the time until that process has delivered every feed entry.
 
 The baselines issue the statements the domain issues (account lookup, history query, feed query, room
 name lookup, member list, message insert), except that ``send_dm`` folds the account lookup and the
