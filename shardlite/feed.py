@@ -15,7 +15,7 @@ from typing import Any
 from .outbox import Event
 from .transaction import Transaction
 
-__all__ = ["FeedItem", "append", "page_query", "MAX_PAGE"]
+__all__ = ["FeedItem", "append", "insert_values", "page_query", "INSERT", "MAX_PAGE"]
 
 #: The largest page :func:`page_query` (``router.feed(limit=...)``) returns.
 MAX_PAGE = 1000
@@ -45,11 +45,21 @@ class FeedItem:
     at: float
 
 
+INSERT = "INSERT INTO _shardlite_feed(source, topic, payload, event, at) VALUES (?, ?, ?, ?, ?)"
+
+
 def append(tx: Transaction, event: Event) -> None:
     """Handler: add ``event`` to the destination tenant's feed."""
-    tx._internal("INSERT INTO _shardlite_feed(source, topic, payload, event, at) VALUES (?, ?, ?, ?, ?)",
-                 (event.source, event.topic, json.dumps(event.payload, ensure_ascii=False, separators=(",", ":")),
-                  event.id, event.created))
+    tx._internal(INSERT, (event.source, event.topic,
+                          json.dumps(event.payload, ensure_ascii=False, separators=(",", ":")), event.id,
+                          event.created))
+
+
+def insert_values(source: str, incarnation: str, topic: str, payload_json: str, seq: int,
+                  created: float) -> tuple[str, str, str, str, float]:
+    """The :data:`INSERT` parameters for an outbox event as stored (its payload still JSON text): what
+    :func:`append` writes for that event, for a relay that applies the feed without decoding it."""
+    return source, topic, payload_json, f"{source}/{incarnation}/{seq}", created
 
 
 def items(rows: list[tuple[Any, ...]]) -> list[FeedItem]:

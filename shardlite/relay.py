@@ -50,7 +50,9 @@ from typing import Any
 import apsw
 
 from .errors import Busy, ConfigurationError, ShardliteError, TenantMoving, UnknownTenant
+from .feed import INSERT as feed_insert
 from .feed import append as feed_append
+from .feed import insert_values as feed_values
 from .outbox import Event, OutboxRow, Plan, RetryPolicy, check_topic, next_due, plan
 from .store import Store
 from .transaction import Transaction
@@ -411,12 +413,27 @@ class Relay:
         return done
 
     def _apply(self, handle: Any, source: str, incarnation: str, row: OutboxRow) -> str | None:
-        """Run one handler in a savepoint; the error text when it failed (its effects rolled back)."""
+        """Run one handler in a savepoint; the error text when it failed (its effects rolled back).
+
+        The built-in feed handler is applied directly: one INSERT of the payload as stored (no decoding
+        and re-encoding, no Event object) and no savepoint, as a single statement that fails leaves no
+        effect. If SQLite rolled the whole transaction back instead, the error propagates and the
+        destination's transaction fails as a whole."""
         store = self.store
+        handler = self.handlers[row.topic]
+        if handler is feed_append:
+            try:
+                store.internal(handle, feed_insert, feed_values(source, incarnation, row.topic, row.payload,
+                                                                row.seq, row.created))
+            except Exception as exc:  # noqa: BLE001 - recorded like any failing handler
+                if handle.conn.get_autocommit():
+                    raise
+                return f"{type(exc).__name__}: {exc}"[:2000]
+            return None
         store.internal(handle, "SAVEPOINT shardlite_relay")
         tx = Transaction(handle.key, handle.conn, handle.guard, store.emitter, handle)
         try:
-            self.handlers[row.topic](tx, row.event(source, incarnation))
+            handler(tx, row.event(source, incarnation))
         except Exception as exc:  # noqa: BLE001 - a failing handler is recorded, never fatal to the relay
             store.internal(handle, "ROLLBACK TO shardlite_relay")
             store.internal(handle, "RELEASE shardlite_relay")
