@@ -2,14 +2,15 @@
 
 ``tx.execute(sql, params=())`` returns an APSW cursor (iterable of tuples, ``fetchone``, ``fetchall``);
 ``tx.lastrowid`` and ``tx.changes`` describe the last statement; ``tx.emit(dest, topic, payload)`` adds an
-outbox event that commits (or rolls back) with the transaction. A transaction object is only valid inside
+outbox event that commits (or rolls back) with the transaction, ``tx.emit_many(dests, topic, payload)`` one
+per destination. A transaction object is only valid inside
 its ``with`` block: using it afterwards raises, so no statement can slip out in autocommit mode.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import apsw
@@ -116,23 +117,37 @@ class _TxCore:
         return int(self._conn.changes())
 
     def _emit(self, dest: object, topic: str, payload: Any) -> None:
+        self._emit_many((dest,), topic, payload)
+
+    def _emit_many(self, dests: Iterable[object], topic: str, payload: Any) -> None:
+        """Every destination is checked and the payload encoded (once) before anything is written: an
+        invalid one raises and emits nothing."""
         self._check()
         emitter, guard = self._emitter, self._guard
         if emitter is None or guard is None:
             raise ShardliteError("emit() is only available in tenant transactions")
-        dest_key = canonical(dest)
+        if isinstance(dests, (str, bytes)):
+            raise TypeError("emit_many() takes an iterable of destination keys, not one key")
+        dest_keys = [canonical(dest) for dest in dests]
         if emitter.check_dest is not None:
-            emitter.check_dest(dest_key)
+            for dest_key in dict.fromkeys(dest_keys):
+                emitter.check_dest(dest_key)
         check_topic(topic)
         data = encode_payload(payload, emitter.max_payload)
+        if not dest_keys:
+            return
         conn = self._conn
         if not self._flagged:
             if not conn.execute(_ANY_EVENT).fetchall():
                 emitter.flag(self.key)
             self._flagged = True
+        now = time.time()
         guard.trusted = True
         try:
-            conn.execute(_EMIT, (dest_key, topic, data, time.time()))
+            if len(dest_keys) == 1:
+                conn.execute(_EMIT, (dest_keys[0], topic, data, now))
+            else:
+                conn.executemany(_EMIT, [(dest_key, topic, data, now) for dest_key in dest_keys])
         finally:
             guard.trusted = False
         if self._handle is not None:
@@ -186,6 +201,11 @@ class Transaction(_TxCore):
         """
         self._emit(dest, topic, payload)
 
+    def emit_many(self, dests: Iterable[object], topic: str, payload: Any) -> None:
+        """:meth:`emit` the same ``payload`` to each of ``dests`` (in that order; one event each, the payload
+        encoded once): the fan-out to a room's members or a user's followers."""
+        self._emit_many(dests, topic, payload)
+
 
 class AsyncTransaction(_TxCore):
     """The async twin of :class:`Transaction`: ``await tx.execute(sql, params)``, ``await tx.emit(...)``.
@@ -203,3 +223,7 @@ class AsyncTransaction(_TxCore):
     async def emit(self, dest: object, topic: str, payload: Any) -> None:
         """Add an outbox event, committed with this transaction (see :meth:`Transaction.emit`)."""
         self._emit(dest, topic, payload)
+
+    async def emit_many(self, dests: Iterable[object], topic: str, payload: Any) -> None:
+        """The same event for each of ``dests`` (see :meth:`Transaction.emit_many`)."""
+        self._emit_many(dests, topic, payload)

@@ -176,6 +176,43 @@ def test_emit_commits_with_the_write_and_the_handler_sees_the_event(router: Rout
     assert pending_rows(router.root) == []  # the relay cleared the flag once the outbox was empty
 
 
+def test_emit_many_is_one_event_per_destination_in_order_with_the_payload_encoded_once(router: Router) -> None:
+    with router.transaction("room:1") as tx:
+        tx.emit("user:zed", "t", {"n": 0})
+        tx.emit_many(["user:bob", "user:carol", "user:bob"], "t", {"n": 1, "text": "to all"})
+        tx.emit_many([], "t", {"n": 99})  # nothing to send: no event
+    rows = outbox(router, "room:1")
+    assert [(seq, dest) for seq, dest, *_ in rows] == [(1, "user:zed"), (2, "user:bob"), (3, "user:carol"),
+                                                      (4, "user:bob")]
+    assert len({payload for *_, payload, _ in rows[1:]}) == 1
+    router.relay.drain(timeout=30)
+    assert applied(router, "user:bob") == [1, 1] and applied(router, "user:carol") == [1]
+    assert applied(router, "user:zed") == [0]
+
+
+def test_emit_many_with_one_invalid_destination_emits_nothing(router: Router) -> None:
+    with router.transaction("room:1") as tx:
+        with pytest.raises(InvalidKey):
+            tx.emit_many(["user:bob", "", "user:carol"], "t", {"n": 1})
+        with pytest.raises(TypeError):
+            tx.emit_many("user:bob", "t", {"n": 1})  # one key, not a list of keys
+        with pytest.raises(PayloadTooLarge):
+            tx.emit_many(["user:bob"], "t", {"text": "x" * (1 << 20)})
+    assert outbox(router, "room:1") == []
+    with router.transaction("room:1") as tx:  # the refusals left the transaction usable
+        tx.emit_many(["user:bob", "user:carol"], "t", {"n": 2})
+    assert [dest for _, dest, *_ in outbox(router, "room:1")] == ["user:bob", "user:carol"]
+
+
+def test_emit_many_rolled_back_with_its_transaction_emits_nothing(router: Router) -> None:
+    with pytest.raises(RuntimeError):
+        with router.transaction("room:1") as tx:
+            tx.emit_many(["user:bob", "user:carol"], "t", {"n": 1})
+            raise RuntimeError("abort")
+    assert router.exists("room:1") and outbox(router, "room:1") == []
+    assert pending_rows(router.root) in ([], [("room:1", 1)])  # at most a spurious flag, never a lost one
+
+
 def test_nothing_is_emitted_when_the_transaction_rolls_back(router: Router) -> None:
     with router.transaction("user:alice") as tx:
         tx.execute("INSERT INTO notes(body) VALUES ('kept')")

@@ -208,8 +208,7 @@ class Chat:
             message_id = tx.lastrowid
             event = {"kind": "room", "conv": f"room:{room_id}", "room_id": room_id, "room": name,
                      "from": me.name, "from_id": me.id, "text": text, "message_id": message_id}
-            for member in members:
-                await tx.emit(f"user:{member}", "message", event)
+            await tx.emit_many([f"user:{member}" for member in members], "message", event)
         return {"id": message_id, "author_id": me.id, "author": me.name, "text": text, "at": now}
 
     async def room_history(self, me: User, room_id: int, *, before: int | None = None,
