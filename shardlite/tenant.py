@@ -25,7 +25,7 @@ from .engine import Settings, ensure_private_dir, fsync_dir, open_connection
 from .errors import IdentityMismatch
 from .schema import INTERNAL_STEPS, INTERNAL_VERSION, Step, read_versions, run_step, upgrade
 
-__all__ = ["build_template", "personalise", "Personaliser", "write_new_file", "open_tenant", "FileIdentity"]
+__all__ = ["build_template", "Personaliser", "write_new_file", "open_tenant", "FileIdentity"]
 
 _WAL_HEADER_OFFSETS = (18, 19)  # file format write/read version: 2 means WAL (what journal_mode=WAL writes)
 
@@ -48,18 +48,10 @@ def build_template(steps: Sequence[Step]) -> bytes:
         mem.close()
 
 
-def personalise(template: bytes, key: str, incarnation: str) -> bytes:
-    """The template with ``key`` and ``incarnation`` stored in ``_shardlite_meta``, in WAL format."""
-    personaliser = Personaliser(template)
-    try:
-        return personaliser(key, incarnation)
-    finally:
-        personaliser.close()
-
-
 class Personaliser:
-    """A template kept open in memory, personalised again for every new tenant: one UPDATE of the
-    identity row and one serialization, instead of loading the image and parsing its schema each time.
+    """A template kept open in memory, personalised for every new tenant (``key`` and ``incarnation``
+    stored in ``_shardlite_meta``, the image in WAL format): one UPDATE of the identity row and one
+    serialization, instead of loading the image and parsing its schema each time.
     Thread-safe. Only the identity row changes between tenants, so every image is the template plus the
     key, the incarnation and the creation time."""
 

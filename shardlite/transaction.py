@@ -3,8 +3,8 @@
 ``tx.execute(sql, params=())`` returns an APSW cursor (iterable of tuples, ``fetchone``, ``fetchall``);
 ``tx.lastrowid`` and ``tx.changes`` describe the last statement; ``tx.emit(dest, topic, payload)`` adds an
 outbox event that commits (or rolls back) with the transaction, ``tx.emit_many(dests, topic, payload)`` one
-per destination. A transaction object is only valid inside
-its ``with`` block: using it afterwards raises, so no statement can slip out in autocommit mode.
+per destination. A transaction object is only valid inside its ``with`` block: using it afterwards raises,
+so no statement can slip out in autocommit mode.
 """
 
 from __future__ import annotations
