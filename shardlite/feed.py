@@ -70,8 +70,8 @@ def items(rows: list[tuple[Any, ...]]) -> list[FeedItem]:
         return []
     try:
         payloads = json.loads("[" + ",".join([row[3] for row in rows]) + "]")
-    except ValueError:  # a payload that is not one JSON value: decode them one by one (same error)
-        payloads = [json.loads(row[3]) for row in rows]
-    if len(payloads) != len(rows):
+        if len(payloads) != len(rows):
+            raise ValueError("a payload is not exactly one JSON value")
+    except ValueError:  # decode them one by one: the same values, or the error of the bad one
         payloads = [json.loads(row[3]) for row in rows]
     return [FeedItem(i, s, t, p, e, float(a)) for (i, s, t, _, e, a), p in zip(rows, payloads, strict=True)]

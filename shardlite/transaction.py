@@ -94,16 +94,14 @@ class _TxCore:
         try:
             return self._check().execute(sql, params)
         except apsw.SQLError as exc:
-            if "cannot VACUUM" in str(exc):
-                raise _vacuum_refused() from exc
+            _refuse_vacuum(exc)
             raise
 
     def _executemany(self, sql: str, seq_of_params: Sequence[Params]) -> apsw.Cursor:
         try:
             return self._check().executemany(sql, seq_of_params)
         except apsw.SQLError as exc:
-            if "cannot VACUUM" in str(exc):
-                raise _vacuum_refused() from exc
+            _refuse_vacuum(exc)
             raise
 
     @property
@@ -130,7 +128,7 @@ class _TxCore:
             raise TypeError("emit_many() takes an iterable of destination keys, not one key")
         dest_keys = [canonical(dest) for dest in dests]
         if emitter.check_dest is not None:
-            for dest_key in dict.fromkeys(dest_keys):
+            for dest_key in dest_keys:
                 emitter.check_dest(dest_key)
         check_topic(topic)
         data = encode_payload(payload, emitter.max_payload)
@@ -172,11 +170,12 @@ class _TxCore:
         return f"<{type(self).__name__} {self.key!r}{'' if self._open else ' ended'}>"
 
 
-def _vacuum_refused() -> StatementNotAllowed:
+def _refuse_vacuum(exc: apsw.SQLError) -> None:
     """``VACUUM`` never reaches the authorizer: outside a transaction its internal ATTACH is refused, inside
-    one SQLite refuses it itself with a bare SQLError, reported as the refusal it is."""
-    return StatementNotAllowed("VACUUM (and VACUUM INTO) is not allowed on tenant connections: copies go "
-                               "through router.backup() or router.export()")
+    one SQLite refuses it itself with a bare SQLError, raised here as the refusal it is."""
+    if "cannot VACUUM" in str(exc):
+        raise StatementNotAllowed("VACUUM (and VACUUM INTO) is not allowed on tenant connections: copies go "
+                                  "through router.backup() or router.export()") from exc
 
 
 class Transaction(_TxCore):
