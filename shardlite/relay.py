@@ -138,7 +138,6 @@ class _Claim:
 
     source: str
     incarnation: str
-    rows: list[OutboxRow]
     work: Plan
     until: float  # when this relay's lease on the source ends (renewed by the acknowledgement when short)
     delivered: list[int] = field(default_factory=list)
@@ -160,6 +159,9 @@ class Relay:
         self.batch = batch
         self.poll_interval = poll_interval
         self.unhandled_recheck = unhandled_recheck
+        #: Seconds before a source found under another relay's lease is looked at again (it may be released
+        #: long before the lease ends).
+        self.claimed_recheck = 0.5
         #: How many sources one pass claims before it delivers: their events for a destination are applied
         #: in one transaction there. Claims last ``lease`` seconds, so keep a pass well inside it.
         self.sources_per_pass = 256
@@ -282,7 +284,8 @@ class Relay:
                 self._forget_source(source)
                 continue
             except _ClaimedElsewhere as other:
-                self._skip_until[source] = other.until
+                # look again soon, not only when the lease ends: its holder may give it up at once (stop)
+                self._skip_until[source] = min(other.until, now + self.claimed_recheck)
                 stats.skipped += 1
                 stats.claimed_until = other.until if stats.claimed_until is None else max(
                     stats.claimed_until, other.until)
@@ -320,15 +323,18 @@ class Relay:
         return stats
 
     def _claim(self, source: str, now: float) -> _Claim:
-        """Take the source's lease (in its own file) and read a batch of its outbox. While this relay's
-        lease on the source has more than a quarter of its time left (acknowledgements renew it), a read does:
-        no other relay can take the source meanwhile, and emitters only add rows."""
-        if source in self._held:
-            found = self.store.read_on_writer(source, _PEEK.format(batch=int(self.batch)))
-            claimed_by, claimed_until, incarnation = found[0][:3]
-            if claimed_by == self.id and claimed_until - now > self.lease / 4:
-                rows = [OutboxRow(*row[3:]) for row in found if row[3] is not None]
-                return _Claim(source, str(incarnation), rows, plan(rows, self.handlers, now), float(claimed_until))
+        """Take the source's lease (in its own file) and read a batch of its outbox. It is read first: while
+        this relay's lease has more than a quarter of its time left (acknowledgements renew it) the read
+        is the claim (no other relay can take the source meanwhile, and emitters only add rows), and a
+        live lease of another relay is seen without taking the source's write lock."""
+        found = self.store.read_on_writer(source, _PEEK.format(batch=int(self.batch)))
+        claimed_by, claimed_until, incarnation = found[0][:3]
+        if claimed_by == self.id and claimed_until - now > self.lease / 4:
+            rows = [OutboxRow(*row[3:]) for row in found if row[3] is not None]
+            return _Claim(source, str(incarnation), plan(rows, self.handlers, now), float(claimed_until))
+        if claimed_by not in (None, self.id) and claimed_until > now:
+            self._held.discard(source)
+            raise _ClaimedElsewhere(float(claimed_until))
         with self.store.writing(source, create=False) as handle:
             claim: list[Any] = handle.conn.execute(
                 "SELECT claimed_by, claimed_until FROM _shardlite_relay WHERE id = 1").fetchall()
@@ -341,7 +347,7 @@ class Relay:
             self._held.add(source)
             found = handle.conn.execute(_READ_OUTBOX.format(batch=int(self.batch))).fetchall()
             rows = [OutboxRow(*row) for row in found]
-            return _Claim(source, handle.incarnation, rows, plan(rows, self.handlers, now), now + self.lease)
+            return _Claim(source, handle.incarnation, plan(rows, self.handlers, now), now + self.lease)
 
     def release_claims(self) -> None:
         """Give up the leases this relay holds (its acknowledgements renew them, so that its next pass over

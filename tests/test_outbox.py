@@ -623,6 +623,46 @@ def test_an_event_emitted_during_a_relay_pass_is_not_stranded(router: Router, st
     assert pending_rows(router.root) == []
 
 
+def claims(router: Router, key: str) -> tuple[Any, ...]:
+    return tuple(router.query(key, "SELECT claimed_by, claimed_until FROM _shardlite_relay")[0])
+
+
+def test_a_relay_keeps_its_lease_between_passes_and_gives_it_up_on_stop_and_after_drain(
+        make: Callable[..., Router]) -> None:
+    # acknowledgements keep the lease (the next pass reads instead of re-claiming); stop() and the end of
+    # drain() release it, so another relay can take the source at once instead of after the lease
+    first = make(retry=FAST)
+    first.handler("t")(record)
+    emit(first, "user:alice", "user:bob", 0)
+    first.relay.run_once()
+    claimed_by, claimed_until = claims(first, "user:alice")
+    assert claimed_by == first.relay.id and claimed_until > time.time()
+    emit(first, "user:alice", "user:bob", 1)
+    first.relay.run_once()  # delivered through the lease it holds
+    assert applied(first, "user:bob") == [0, 1] and claims(first, "user:alice")[0] == first.relay.id
+    first.relay.stop()
+    assert claims(first, "user:alice") == (None, 0)
+
+    emit(first, "user:alice", "user:bob", 2)
+    first.relay.drain(timeout=30)
+    assert claims(first, "user:alice") == (None, 0)
+
+    first.relay.run_once()  # nothing to do, but the source is not held either
+    emit(first, "user:alice", "user:bob", 3)
+    first.relay.run_once()
+    second = make(retry=FAST)
+    second.handler("t")(record)
+    emit(second, "user:alice", "user:bob", 4)
+    assert second.relay.run_once().skipped == 1  # the first relay still holds it
+    first.relay.stop()
+    # the second relay looks again within claimed_recheck, long before the 10 s lease would have ended
+    deadline = time.monotonic() + 8.0
+    while not second.relay.run_once().delivered:
+        assert time.monotonic() < deadline, "the released source was not taken over before the lease's end"
+        time.sleep(0.01)
+    assert applied(first, "user:bob") == [0, 1, 2, 3, 4]
+
+
 def test_in_process_relay_is_woken_by_a_commit(make: Callable[..., Router]) -> None:
     router = make(relay=True)
     router.handler("t")(record)
