@@ -718,6 +718,7 @@ async def worker(args: argparse.Namespace) -> None:
                         "(event-loop thread only)\n")
                 stats.sort_stats("tottime").print_stats(40)
                 stats.sort_stats("cumulative").print_stats(60)
+                stats.print_callers(r"method 'execute' of 'apsw")  # which statements cost what
             print("profile " + json.dumps(result), flush=True)
         else:
             print("result " + json.dumps(await run_ops(backend, per_task)), flush=True)
@@ -970,8 +971,8 @@ def driver(args: argparse.Namespace) -> None:
                 wk.send("totals 0 0")
                 wk.totals = wk.expect("totals")
             if args.profile:
-                for wk in live:
-                    if wk.label == "shardlite":
+                for wk in live[:1] if args.only else [w for w in live if w.label == "shardlite"]:
+                    if wk.label.startswith("shardlite"):  # with --only: the first row chosen
                         wk.send(f"cpu 998 {args.ops}")
                         cpu = wk.expect("cpu")
                         wk.info["cpu_split"] = cpu["cpu"]
@@ -1012,7 +1013,7 @@ def main() -> None:
                         help="skip the shardlite row whose relay runs in a process of its own")
     parser.add_argument("--no-default", action="store_true", help="skip the shardlite default max_open row")
     parser.add_argument("--only", nargs="*", help="run only these backends (labels)")
-    parser.add_argument("--profile", action="store_true", help="cProfile one extra shardlite round")
+    parser.add_argument("--profile", action="store_true", help="cProfile one extra shardlite round (of the first --only row if given)")
     parser.add_argument("--profile-out", default=os.path.join(tempfile.gettempdir(), "shardlite_chat_profile.txt"))
     # worker mode (internal)
     parser.add_argument("--worker", help=argparse.SUPPRESS)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import hashlib
 import json
 import logging
@@ -132,10 +131,12 @@ def test_resolve_returns_a_session_without_the_token(router: Router, uid: int, c
     assert session.created == T0 and session.expires == T0 + 3600
     assert session.idle_ttl == 600 and session.last_seen == T0 and session.idle_expires == T0 + 600
     digest = sha(token)
-    for text in (repr(session), str(session), repr(dataclasses.astuple(session))):
+    for text in (repr(session), str(session), repr(tuple(session)), repr(session._asdict())):
         assert token not in text and digest.hex() not in text and repr(digest) not in text
-    assert not any("token" in f.name for f in dataclasses.fields(Session))
+    assert not any("token" in name for name in Session._fields)
     assert not hasattr(session, "__dict__")
+    with pytest.raises(AttributeError):  # a snapshot: immutable
+        session.last_seen = 0  # type: ignore[misc]
 
 
 def test_default_ttl_and_invalid_ttls(router: Router, uid: int) -> None:
@@ -478,3 +479,42 @@ def test_cli_sessions_purge_json(router: Router, uid: int, root: str, clock: Clo
         assert again.globals.query("SELECT count(*) FROM _shardlite_sessions") == [(1,)]
     assert shardlite.cli.main(["sessions", "purge", "--root", root]) == 0
     assert "purged 0" in capsys.readouterr().out
+
+
+def test_remembered_digests_never_change_an_answer(router: Router, make_router: Callable[..., Router],
+                                                    uid: int, clock: Clock) -> None:
+    """resolve() remembers the digests of tokens it found; revocation (here by another router on the same
+    root, as another process would), rotation and expiry are still read from the DB every time."""
+    other = make_router(clock=clock)
+    tokens = [router.sessions.create(uid, ttl=100) for _ in range(3)]
+    assert all(router.sessions.resolve(t) is not None for t in tokens)  # now remembered
+    assert other.sessions.revoke(tokens[0])
+    assert router.sessions.resolve(tokens[0]) is None
+    renewed = other.sessions.rotate(tokens[1])
+    assert router.sessions.resolve(tokens[1]) is None and router.sessions.resolve(renewed) is not None
+    assert other.sessions.revoke_all(uid) == 2
+    assert router.sessions.resolve(tokens[2]) is None and router.sessions.resolve(renewed) is None
+    live = router.sessions.create(uid, ttl=100)
+    assert router.sessions.resolve(live) is not None
+    clock.now += 100
+    assert router.sessions.resolve(live) is None
+
+
+def test_digest_memory_is_bounded_and_holds_only_found_tokens(router: Router, uid: int) -> None:
+    sessions = router.sessions
+    sessions.digest_cache = 2
+    for _ in range(20):  # well-formed tokens no session has: looked up, never remembered
+        assert sessions.resolve(base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()) is None
+    assert len(sessions._digests) == 0
+    tokens = [sessions.create(uid) for _ in range(5)]
+    for token in tokens:
+        assert sessions.resolve(token) is not None
+        assert len(sessions._digests) <= 2
+    assert sessions.revoke(tokens[-1]) and tokens[-1] not in sessions._digests
+    sessions.digest_cache = 0
+    assert len(sessions._digests) == 0
+    assert all(sessions.resolve(t) is not None for t in tokens[:-1]) and len(sessions._digests) == 0
+    for bad in ([1], {"a": 1}, b"x" * TOKEN_LENGTH, None, 7):
+        assert sessions.resolve(bad) is None
+    with pytest.raises(ValueError):
+        sessions.digest_cache = -1
