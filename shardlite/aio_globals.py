@@ -71,6 +71,15 @@ class AsyncSessions:
         self.sync = sync
         self._call = call
 
+    @property
+    def digest_cache(self) -> int:
+        """See :attr:`Sessions.digest_cache <shardlite.sessions.Sessions.digest_cache>`."""
+        return self.sync.digest_cache
+
+    @digest_cache.setter
+    def digest_cache(self, entries: int) -> None:
+        self.sync.digest_cache = entries
+
     async def create(self, account_id: int, *, ttl: float | None = None, idle_ttl: float | None = None) -> str:
         return str(await self._call(lambda: self.sync.create(account_id, ttl=ttl, idle_ttl=idle_ttl)))
 

@@ -436,6 +436,10 @@ def test_async_sessions(root: str) -> None:
                 await ar.sessions.rotate(token)
             assert await ar.sessions.resolve("garbage") is None
             assert await ar.sessions.revoke("garbage") is False
+            assert ar.sessions.digest_cache == ar.sessions.sync.digest_cache > 0
+            ar.sessions.digest_cache = 0  # off: the same answers
+            assert ar.sessions.sync.digest_cache == 0
+            assert (await ar.sessions.resolve(rotated)) is not None and not ar.sessions.sync._digests
             assert await ar.sessions.revoke(rotated) is True
             assert await ar.sessions.resolve(rotated) is None
             others = [await ar.sessions.create(uid) for _ in range(3)]
