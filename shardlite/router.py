@@ -61,7 +61,12 @@ class _Scope:
             active = router._local.active
         except AttributeError:
             active = router._local.active = {}
-        canon = self._canon = canonical(self._key)
+        key = self._key
+        try:  # a warm write handle is filed under the canonical key, so its key is canonical(key)
+            warm = store._wfast.get(key)  # type: ignore[call-overload]  # any object may come in
+        except TypeError:  # unhashable: canonical() says why it is not a key
+            warm = None
+        canon = self._canon = warm.key if warm is not None else canonical(key)
         outer = active.get(canon)
         if outer is not None:
             handle = outer
@@ -84,7 +89,7 @@ class _Scope:
         handle = self._handle
         assert handle is not None and self._tx is not None
         store = self._router._store
-        self._tx._close()
+        self._tx._open = False
         if self._savepoint is not None:
             try:
                 if exc_type is not None and not handle.conn.get_autocommit():
