@@ -276,9 +276,11 @@ class Router(HandlerRegistry):
         Tenants are read as they are (no migration); see :mod:`shardlite.fanout`."""
         return run_map(self._store, sql, params, keys=keys, parallel=parallel)
 
-    def backup(self, dest: str | os.PathLike[str], *, keys: Iterable[object] | None = None) -> dict[str, Any]:
-        """Back up tenants and the global DB into ``dest`` (incremental; see :mod:`shardlite.backup`)."""
-        return backup_mod.backup(self._store, os.fspath(dest), keys=keys)
+    def backup(self, dest: str | os.PathLike[str], *, keys: Iterable[object] | None = None,
+               parallel: int = backup_mod.PARALLEL) -> dict[str, Any]:
+        """Back up tenants and the global DB into ``dest``, ``parallel`` copies at once (incremental; see
+        :mod:`shardlite.backup`)."""
+        return backup_mod.backup(self._store, os.fspath(dest), keys=keys, parallel=parallel)
 
     def restore(self, src: str | os.PathLike[str], *, keys: Iterable[object] | None = None,
                 as_key: object | None = None, force: bool = False) -> list[str]:

@@ -19,6 +19,7 @@ Files are inspected with APSW only (never the stdlib ``sqlite3``: brief §3).
 from __future__ import annotations
 
 import json
+import re
 import os
 import stat
 import subprocess
@@ -35,6 +36,7 @@ from helpers_routers import router_factory, run_cli
 
 from shardlite import ConfigurationError, Router, ShardliteError, UnknownTenant
 from shardlite import backup as backup_mod
+from shardlite.keys import key_digest
 from shardlite.outbox import Event
 
 SCHEMA = [
@@ -387,8 +389,10 @@ def test_backup_copies_are_standalone_verified_and_private(make: Callable[..., R
     assert on_disk["tenants"] == manifest["tenants"]
     assert mode(dest) == 0o700
     assert mode(dest / "manifest.json") == 0o600
-    assert mode(dest / "global.db") == 0o600
-    assert backup_mod.file_checksum(os.fspath(dest / "global.db")) == manifest["global"]["checksum"]
+    global_copy = dest / manifest["global"]["file"]
+    assert re.fullmatch(r"global\.[0-9a-f]{32}\.db", manifest["global"]["file"])
+    assert mode(global_copy) == 0o600
+    assert backup_mod.file_checksum(os.fspath(global_copy)) == manifest["global"]["checksum"]
     for key in keys:
         entry = manifest["tenants"][key]
         path = dest / entry["file"]
@@ -409,7 +413,11 @@ def test_backup_copies_are_standalone_verified_and_private(make: Callable[..., R
             conn.close()
     # nothing but the manifest, the global DB and the tenant copies (no temporaries left behind)
     files = sorted(os.path.relpath(f, dest) for f in walk(dest)[1])
-    assert files == sorted(["manifest.json", "global.db", *(manifest["tenants"][k]["file"] for k in keys)])
+    assert files == sorted(["manifest.json", manifest["global"]["file"],
+                            *(manifest["tenants"][k]["file"] for k in keys)])
+    for key in keys:  # named by the key's digest and the copy's checksum
+        assert manifest["tenants"][key]["file"] == (f"tenants/{key_digest(key)[:2]}/{key_digest(key)}."
+                                                   f"{manifest['tenants'][key]['checksum']}.db")
 
 
 def test_every_backup_directory_is_0700(make: Callable[..., Router], tmp_path: Path, umask022: None) -> None:
@@ -777,3 +785,156 @@ def test_cli_init_then_restore_globals_then_open_with_the_app_schema(make: Calla
     assert code == 0, err
     fresh = make("fresh", global_schema=GLOBAL_SCHEMA)
     assert fresh.globals.query("SELECT name, price FROM plans") == [("pro", 12)]
+
+
+# -- durability, supersession and locking -------------------------------------------------------------------------
+
+
+def _whole(dest: Path) -> dict[str, Any]:
+    """The manifest on disk, after checking that every file it names is there with its checksum."""
+    manifest = json.loads((dest / "manifest.json").read_text())
+    named = [*manifest["tenants"].values(), manifest["global"]]
+    for entry in named:
+        assert backup_mod.file_checksum(os.fspath(dest / entry["file"])) == entry["checksum"], entry["file"]
+    return manifest
+
+
+def test_superseded_copies_are_removed_after_the_new_manifest(make: Callable[..., Router], tmp_path: Path) -> None:
+    router = make()
+    keys = [f"acct:{i}" for i in range(6)]
+    for i, key in enumerate(keys):
+        add(router, key, i)
+    dest = tmp_path / "backup"
+    first = router.backup(dest)
+    (dest / "notes.txt").write_text("the operator's own file")  # not a name a backup writes: left alone
+    (dest / "tenants" / "zz").mkdir()
+    add(router, keys[1], 100)
+    second = router.backup(dest)
+    assert second["copied"] == 1
+    assert second["tenants"][keys[1]]["file"] != first["tenants"][keys[1]]["file"]
+    assert not (dest / first["tenants"][keys[1]]["file"]).exists()  # superseded: removed
+    assert first["global"]["file"] == second["global"]["file"] or not (dest / first["global"]["file"]).exists()
+    files = sorted(os.path.relpath(f, dest) for f in walk(dest)[1])
+    assert files == sorted(["manifest.json", "notes.txt", second["global"]["file"],
+                            *(e["file"] for e in second["tenants"].values())])
+    _whole(dest)
+
+
+def test_an_interrupted_backup_leaves_the_previous_one_whole(make: Callable[..., Router], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    router = make()
+    keys = [f"acct:{i}" for i in range(8)]
+    for i, key in enumerate(keys):
+        add(router, key, i)
+    dest = tmp_path / "backup"
+    first = router.backup(dest)
+    for i, key in enumerate(keys):
+        add(router, key, 100 + i)
+
+    def crash(*_: object) -> None:
+        raise OSError("simulated crash before the copies were durable")
+
+    monkeypatch.setattr(backup_mod, "_make_durable", crash)
+    with pytest.raises(OSError, match="simulated"):
+        router.backup(dest)
+    monkeypatch.undo()
+    assert _whole(dest)["tenants"] == first["tenants"]  # every file the old manifest names is intact
+    fresh = make("fresh")
+    fresh.restore(dest)
+    assert [ledger(fresh, k) for k in keys] == [[i] for i in range(len(keys))]
+    third = router.backup(dest)  # the next run copies everything again and sweeps the leftovers
+    assert third["copied"] == len(keys)
+    files = sorted(os.path.relpath(f, dest) for f in walk(dest)[1])
+    assert files == sorted(["manifest.json", third["global"]["file"], *(e["file"] for e in third["tenants"].values())])
+
+
+KILLED_BACKUP = r"""
+import sys
+
+from shardlite import Router
+
+root, dest, run = sys.argv[1], sys.argv[2], int(sys.argv[3])
+router = Router(root, schema={schema!r})
+n = run * 10_000
+while True:
+    n += 1
+    for i in range(40):
+        with router.transaction(f"acct:{{i}}") as tx:
+            tx.execute("INSERT INTO ledger(id, writer, pad) VALUES (?, 0, randomblob(2000))", (n * 1000 + i,))
+    router.backup(dest, parallel=2)
+    print(n, flush=True)
+"""
+
+
+def test_a_backup_killed_at_any_moment_leaves_a_whole_manifest(tmp_path: Path) -> None:
+    """kill -9 of a process that changes every tenant and backs up, over and over: whenever it dies, the
+    manifest on disk names only complete copies (and the next backup sweeps what the dead one left)."""
+    script = tmp_path / "backup_loop.py"
+    script.write_text(KILLED_BACKUP.format(schema=SCHEMA))
+    root, dest = tmp_path / "data", tmp_path / "backup"
+    for kill_after in (1, 2, 3):
+        proc = subprocess.Popen([sys.executable, os.fspath(script), os.fspath(root), os.fspath(dest),
+                                 str(kill_after)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        try:
+            for _ in range(kill_after):  # let it finish a few backups, then kill it during the next one
+                assert proc.stdout.readline(), "the backup loop died on its own"
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+        manifest = _whole(dest)
+        assert len(manifest["tenants"]) == 40
+    router = Router(os.fspath(root), schema=SCHEMA)
+    try:
+        final = router.backup(dest)
+    finally:
+        router.close()
+    files = sorted(os.path.relpath(f, dest) for f in walk(dest)[1])
+    assert files == sorted(["manifest.json", final["global"]["file"], *(e["file"] for e in final["tenants"].values())])
+
+
+def test_backup_and_restore_lock_the_backup_directory(make: Callable[..., Router], tmp_path: Path) -> None:
+    router = make()
+    add(router, "acct:1", 1)
+    dest = tmp_path / "backup"
+    router.backup(dest)
+    with backup_mod._locked(os.fspath(dest), shared=True):  # a restore reading from it
+        with pytest.raises(ConfigurationError, match="in use"):
+            router.backup(dest)
+        fresh = make("fresh")
+        assert fresh.restore(dest) == ["acct:1"]  # another restore (shared) is fine
+    with backup_mod._locked(os.fspath(dest), shared=False):  # a backup writing into it
+        with pytest.raises(ConfigurationError, match="in use"):
+            make("other").restore(dest)
+    assert router.backup(dest)["skipped"] == 1
+    with pytest.raises(ConfigurationError):
+        router.backup(dest, parallel=0)
+    with pytest.raises(ConfigurationError, match="holds no"):
+        router.restore(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_without_syncfs_every_copy_is_fsynced_before_the_manifest(make: Callable[..., Router], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  parallel: int) -> None:
+    router = make()
+    keys = [f"acct:{i}" for i in range(5)]
+    for i, key in enumerate(keys):
+        add(router, key, i)
+    synced: list[str] = []
+    manifest_seen: list[bool] = []
+    real_fsync = backup_mod.fsync_path
+
+    def fsync(path: str) -> None:
+        synced.append(os.path.relpath(path, dest))
+        manifest_seen.append((dest / "manifest.json").exists())
+        real_fsync(path)
+
+    dest = tmp_path / "backup"
+    monkeypatch.setattr(backup_mod, "sync_filesystem", lambda path: False)
+    monkeypatch.setattr(backup_mod, "fsync_path", fsync)
+    manifest = router.backup(dest, parallel=parallel)
+    assert sorted(synced) == sorted([manifest["global"]["file"], *(e["file"] for e in manifest["tenants"].values())])
+    assert not any(manifest_seen)  # all before the manifest was written
+    _whole(dest)

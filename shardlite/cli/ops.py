@@ -17,7 +17,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         keys = [args.key] if args.key else None
         total = 1 if keys else sum(router.status()["tenants_per_node"].values())
         with progress("backing up", total, quiet=args.json) as advance:
-            manifest = backup_mod.backup(router._store, args.dest, keys=keys, progress=lambda k, c: advance())
+            manifest = backup_mod.backup(router._store, args.dest, keys=keys, progress=lambda k, c: advance(),
+                                         parallel=args.parallel)
     summary = {"dest": os.path.abspath(args.dest), "tenants": len(manifest["tenants"]), "copied": manifest["copied"],
                "skipped_unchanged": manifest["skipped"]}
     if args.json:
@@ -95,6 +96,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("backup", help="consistent copies of every tenant and the global DB, with a manifest")
     p.add_argument("dest")
     p.add_argument("--key", help="back up one tenant")
+    p.add_argument("--parallel", type=int, default=backup_mod.PARALLEL,
+                   help=f"copies at once (default {backup_mod.PARALLEL})")
     p.set_defaults(func=cmd_backup)
     p = sub.add_parser("restore", help="restore tenants from a backup (checksums verified)")
     p.add_argument("src")
