@@ -43,7 +43,7 @@ import apsw
 import xxhash
 
 from .catalog import TenantRecord
-from .copying import backup_into, fsync_file_and_dir, integrity_ok, open_trusted, remove_db_files
+from .copying import backup_into, fsync_file_and_dir, integrity_ok, open_source, open_trusted, remove_db_files
 from .engine import ensure_private_dir, fsync_dir, fsync_path, sync_filesystem
 from .errors import ConfigurationError, IdentityMismatch, ShardliteError, UnknownTenant
 from .keys import canonical, key_digest, prefix_of
@@ -91,15 +91,6 @@ _OURS = re.compile(r"(?:[0-9a-f]{32}(?:\.[0-9a-f]{32})?\.db|global(?:\.[0-9a-f]{
                    r"|\.(?:[0-9a-f]{32}|global)\.tmp-[0-9a-f]{8})")
 
 
-def _open_source(path: str) -> apsw.Connection:
-    """A trusted connection to a live tenant (or the global DB) to copy it, closing as it found it: no
-    checkpoint of the WAL into the file on close (that is a fsynced write of the live file; ~0.9 ms of
-    a 50 KB copy). Tenant connections close the same way (engine.py)."""
-    source = open_trusted(path)
-    source.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
-    return source
-
-
 def _serialized(source: apsw.Connection) -> tuple[list[bytes | memoryview], str, int]:
     """SQLite's image of ``source`` (every page read through the pager in one read transaction, the WAL
     included: a consistent snapshot) as the parts of a standalone file, its header marked rollback-journal
@@ -121,7 +112,7 @@ def _snapshot_into(source_path: str, temp: str, *, durable: bool) -> tuple[str, 
 
     Both ways of copying go through SQLite (rule 7): a small file is serialized by SQLite
     (:func:`_serialized`); a large one goes page by page through the backup API."""
-    source = _open_source(source_path)
+    source = open_source(source_path)
     try:
         if _size_with_wal(source_path) <= SERIALIZE_LIMIT:
             parts, checksum, size = _serialized(source)
@@ -175,7 +166,7 @@ def _copy_into(source_path: str, directory: str, stem: str, durable_names: set[s
                 os.unlink(temp)
             raise
         return os.path.basename(final), checksum, size
-    source = _open_source(source_path)
+    source = open_source(source_path)
     try:
         parts, checksum, size = _serialized(source)
     finally:

@@ -47,6 +47,7 @@ from .copying import (
     backup_into,
     fsync_file_and_dir,
     integrity_ok,
+    open_source,
     open_trusted,
     page_digest,
     read_snapshot,
@@ -328,7 +329,7 @@ class Rebalancer:
         temp = target_path + ".moving"
         remove_db_files(temp)
         ensure_private_dir(os.path.dirname(temp))
-        source = open_trusted(source_path)
+        source = open_source(source_path)
         try:
             dest = open_trusted(temp, create=True)
             dest.execute("PRAGMA synchronous=OFF")  # a scratch file: fsynced explicitly before it is linked
@@ -347,7 +348,7 @@ class Rebalancer:
 
     def _fence(self, move: MoveRow) -> None:
         source_path, _ = self._paths(move)
-        conn = open_trusted(source_path, busy_timeout_ms=self.store.settings.busy_timeout_ms)
+        conn = open_source(source_path, busy_timeout_ms=self.store.settings.busy_timeout_ms)
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -369,7 +370,7 @@ class Rebalancer:
         source_path, target_path = self._paths(move)
         temp = target_path + ".moving"
         remove_db_files(temp)
-        source = open_trusted(source_path)
+        source = open_source(source_path)
         try:
             dest = open_trusted(temp, create=True)
             dest.execute("PRAGMA synchronous=OFF")  # a scratch file: fsynced explicitly before it is linked
