@@ -1013,7 +1013,8 @@ def main() -> None:
                         help="skip the shardlite row whose relay runs in a process of its own")
     parser.add_argument("--no-default", action="store_true", help="skip the shardlite default max_open row")
     parser.add_argument("--only", nargs="*", help="run only these backends (labels)")
-    parser.add_argument("--profile", action="store_true", help="cProfile one extra shardlite round (of the first --only row if given)")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile one extra shardlite round (of the first --only row if given)")
     parser.add_argument("--profile-out", default=os.path.join(tempfile.gettempdir(), "shardlite_chat_profile.txt"))
     # worker mode (internal)
     parser.add_argument("--worker", help=argparse.SUPPRESS)

@@ -28,7 +28,8 @@ class Handle:
     """One open connection to one generation of one tenant's file."""
 
     __slots__ = ("key", "role", "conn", "guard", "path", "generation", "incarnation", "checked_dv",
-                 "lock", "owner", "depth", "used", "closed", "aliases", "savepoints", "emitted", "__weakref__")
+                 "lock", "owner", "depth", "used", "closed", "aliases", "savepoints", "emitted", "budgeted",
+                 "__weakref__")
 
     def __init__(self, key: str, role: str, conn: apsw.Connection, guard: Guard, path: str,
                  generation: int, incarnation: str) -> None:
@@ -45,6 +46,8 @@ class Handle:
         self.savepoints = 0
         #: set by ``tx.emit`` in the open transaction; the committer wakes relays and clears it
         self.emitted = False
+        #: the AsyncRouter installed its inline-read budget (a progress handler) on this connection
+        self.budgeted = False
 
     def enter(self, timeout: float = -1) -> bool:
         """Take exclusive use for this thread (re-entrant). False on timeout."""

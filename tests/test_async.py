@@ -586,3 +586,34 @@ def test_nested_transaction_in_the_same_task_is_a_savepoint(checker: Checker, da
             assert checker.now(K, "SELECT count(*) FROM t WHERE tx = 'f'") == [(0,)]
 
     run(main)
+
+
+def test_cheap_reads_stay_inline_and_a_long_read_moves_to_a_worker(data_root: str) -> None:
+    """The inline-read budget counts the steps of one read, not the cumulative steps SQLite counts for a
+    cached statement: thousands of point reads on a warm connection never leave the loop, while a read
+    past the budget is interrupted and redone, whole, on a worker thread."""
+    async def main() -> None:
+        async with AsyncRouter(data_root, schema=SCHEMA, inline_read_steps=1000) as ar:
+            async with ar.transaction(K) as tx:
+                for i in range(50):
+                    await tx.execute("INSERT INTO t(who) VALUES (?)", (f"w{i}",))
+            offloaded: list[object] = []
+            plain = ar._call
+
+            async def counting(fn: Callable[..., Any], *args: Any) -> Any:
+                offloaded.append(fn)
+                return await plain(fn, *args)
+
+            ar._call = counting  # type: ignore[method-assign]
+            assert await ar.query(K, "SELECT who FROM t WHERE id = ?", (1,)) == [("w0",)]  # cold: a worker
+            offloaded.clear()
+            for i in range(3000):  # ~20 steps each: far more than the budget in all
+                assert await ar.query(K, "SELECT who FROM t WHERE id = ?", (i % 50 + 1,)) == [(f"w{i % 50}",)]
+            assert offloaded == []
+            heavy = ("WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 20000) "
+                     "SELECT count(*) FROM c, t WHERE t.id = 1")
+            assert await ar.query(K, heavy) == [(20000,)]
+            assert len(offloaded) == 1  # interrupted inline, redone on a worker
+            assert await ar.query(K, "SELECT count(*) FROM t") == [(50,)] and len(offloaded) == 1
+
+    run(main)

@@ -19,8 +19,8 @@ Files are inspected with APSW only (never the stdlib ``sqlite3``: brief §3).
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import stat
 import subprocess
 import sys
