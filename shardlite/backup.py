@@ -316,7 +316,9 @@ def _backup_locked(store: Store, dest: str, keys: Iterable[object] | None,
             directories.add(os.path.join(dest, folder))
         todo.append((record, path, folder, signature))
     written: list[str] = []
-    for (record, _, folder, signature), (name, checksum, size) in _copies(dest, todo, parallel, durable_names):
+    copied = 0
+    for record, folder, signature, (name, checksum, size) in _copies(store, dest, todo, parallel, durable_names):
+        copied += 1
         entries[record.key] = {"file": f"{folder}/{name}", "node": record.node, "generation": record.generation,
                                "incarnation": record.incarnation, "schema_version": record.schema_version,
                                "size": size, "checksum": checksum, "signature": signature}
@@ -328,7 +330,7 @@ def _backup_locked(store: Store, dest: str, keys: Iterable[object] | None,
     _make_durable(written, directories)  # every copy is durable before the manifest names it
     manifest = {"format": 1, "created": time.time(), "root": store.root, "tenants": entries,
                 "global": {"file": global_name, "checksum": global_checksum},
-                "copied": len(todo), "skipped": skipped}
+                "copied": copied, "skipped": skipped}
     temp = os.path.join(dest, f".{MANIFEST}.tmp")
     # one line per tenant, so the file stays readable; json's indent= would take its slow pure-Python path
     body = ",\n".join(f" {json.dumps(key)}: {json.dumps(entry, sort_keys=True)}" for key, entry in
@@ -347,25 +349,43 @@ def _backup_locked(store: Store, dest: str, keys: Iterable[object] | None,
 
 
 _Todo = tuple[TenantRecord, str, str, list[int]]  # record, live path, folder in the backup, signature
+_Copied = tuple[TenantRecord, str, list[int], tuple[str, str, int]]  # record, folder, signature, copy
 
 
-def _copies(dest: str, todo: list[_Todo], parallel: int,
-            durable_names: set[str]) -> Iterator[tuple[_Todo, tuple[str, str, int]]]:
-    """Each item of ``todo`` with its :func:`_copy_into` result, as copies finish (``parallel`` at once;
-    one runs inline). The first failure cancels the copies not started and is raised."""
-    def copy(item: _Todo) -> tuple[str, str, int]:
-        record, path, folder, _ = item
-        return _copy_into(path, os.path.join(dest, folder), key_digest(record.key), durable_names)
+def _copies(store: Store, dest: str, todo: list[_Todo], parallel: int,
+            durable_names: set[str]) -> Iterator[_Copied]:
+    """The copies of ``todo`` as they finish (``parallel`` at once; one runs inline), each with the record
+    and signature it was taken at. A tenant dropped since the catalog was read is left out; one moved
+    meanwhile is copied from its new home. The first failure cancels the copies not started and is
+    raised."""
+    def copy(item: _Todo) -> _Copied | None:
+        record, path, folder, signature = item
+        target, stem = os.path.join(dest, folder), key_digest(record.key)
+        try:
+            return record, folder, signature, _copy_into(path, target, stem, durable_names)
+        except apsw.CantOpenError:
+            now = store.catalog.lookup(record.key)
+            if now is None or now.state not in ("active", "moving"):
+                return None  # dropped meanwhile: not part of this backup
+            if now.generation == record.generation:
+                raise
+            path = store.path_of(now)  # moved meanwhile: its file has a new name
+            signature = _signature(path, now.generation)
+            return now, folder, signature, _copy_into(path, target, stem, durable_names)
 
     if parallel == 1 or len(todo) < 2:
         for item in todo:
-            yield item, copy(item)
+            done = copy(item)
+            if done is not None:
+                yield done
         return
     with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="shardlite-backup") as pool:
-        futures = {pool.submit(copy, item): item for item in todo}
+        futures = [pool.submit(copy, item) for item in todo]
         try:
             for future in as_completed(futures):
-                yield futures[future], future.result()
+                done = future.result()
+                if done is not None:
+                    yield done
         except BaseException:
             pool.shutdown(cancel_futures=True)
             raise

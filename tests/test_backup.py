@@ -938,3 +938,36 @@ def test_without_syncfs_every_copy_is_fsynced_before_the_manifest(make: Callable
     assert sorted(synced) == sorted([manifest["global"]["file"], *(e["file"] for e in manifest["tenants"].values())])
     assert not any(manifest_seen)  # all before the manifest was written
     _whole(dest)
+
+
+def test_a_tenant_dropped_or_replaced_during_the_backup(make: Callable[..., Router], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The catalog is read first and the files copied after: a tenant dropped in between is left out of the
+    backup, one given a new file in between (here: re-imported) is copied from its new home."""
+    router = make()
+    keys = ["acct:a", "acct:b", "acct:c"]
+    for i, key in enumerate(keys):
+        add(router, key, i)
+    exported = tmp_path / "b.db"
+    router.export("acct:b", exported)
+    add(router, "acct:b", 99)  # the live tenant moves on; the export keeps [1]
+    real = backup_mod._copy_into
+    stems = {key_digest("acct:a"): "drop", key_digest("acct:b"): "replace"}
+
+    def racing(source: str, directory: str, stem: str, durable: set[str]) -> tuple[str, str, int]:
+        action = stems.pop(stem, None)
+        if action == "drop":
+            router.drop("acct:a")
+        elif action == "replace":
+            router.import_(exported, "acct:b", force=True)  # a new generation; the old file is gone
+        return real(source, directory, stem, durable)
+
+    monkeypatch.setattr(backup_mod, "_copy_into", racing)
+    manifest = router.backup(tmp_path / "backup")
+    monkeypatch.undo()
+    assert sorted(manifest["tenants"]) == ["acct:b", "acct:c"] and manifest["copied"] == 2
+    assert manifest["tenants"]["acct:b"]["generation"] == router.locate("acct:b").generation
+    fresh = make("fresh")
+    fresh.restore(tmp_path / "backup")
+    assert (ledger(fresh, "acct:b"), ledger(fresh, "acct:c")) == ([1], [2])
+    assert not fresh.exists("acct:a")
