@@ -486,9 +486,9 @@ class AsyncRouter(HandlerRegistry):
         if handle is not None and handle.lock.acquire(True, 0.005):
             try:
                 if not handle.closed:
-                    if self._loop_thread == 0:
-                        self._loop_thread = threading.get_ident()
                     if not handle.budgeted:  # a flag on the handle: a WeakSet lookup cost 0.3 µs a read
+                        if self._loop_thread == 0:
+                            self._loop_thread = threading.get_ident()
                         handle.conn.setprogresshandler(self._interrupt_inline, self._inline_steps)
                         handle.budgeted = True
                     self._inline_ticks = 0
