@@ -140,10 +140,8 @@ class Sessions:
         checks written out here (each call and tuple saved is a measurable share of the read). When
         a throttled activity write is due it goes through ``_touch`` (default :meth:`touch`; the async twin
         passes its own, which defers the write to a worker thread)."""
-        try:
-            digest = self._digests.get(token)  # type: ignore[call-overload]  # any object may come in
-        except TypeError:  # unhashable: not a token
-            return None
+        # exactly str: a subclass could compare equal to a remembered token it is not
+        digest = self._digests.get(token) if type(token) is str else None
         if digest is None:
             digest = self._remember(token)
             if digest is None:

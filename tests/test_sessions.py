@@ -520,5 +520,12 @@ def test_digest_memory_is_bounded_and_holds_only_found_tokens(router: Router, ui
     assert all(sessions.resolve(t) is not None for t in tokens[:-1]) and len(sessions._digests) == 0
     for bad in ([1], {"a": 1}, b"x" * TOKEN_LENGTH, None, 7):
         assert sessions.resolve(bad) is None
+
+    class Lookalike(str):  # equal to a remembered token, but not a str: never taken for it
+        pass
+
+    sessions.digest_cache = 8
+    assert sessions.resolve(tokens[0]) is not None and tokens[0] in sessions._digests
+    assert sessions.resolve(Lookalike(tokens[0])) is None
     with pytest.raises(ValueError):
         sessions.digest_cache = -1
