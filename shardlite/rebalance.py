@@ -45,7 +45,6 @@ from typing import Any
 from .authorizer import INTERNAL_SQL as _I
 from .copying import (
     backup_into,
-    fsync_file_and_dir,
     integrity_ok,
     open_source,
     open_trusted,
@@ -54,7 +53,7 @@ from .copying import (
     remove_db_files,
     row_counts,
 )
-from .engine import ensure_private_dir
+from .engine import ensure_private_dir, fsync_dir, fsync_path
 from .errors import ConfigurationError, ShardliteError
 from .placement import tenant_relpath
 from .planning import Placement, Plan, fingerprint, plan_moves
@@ -385,12 +384,12 @@ class Rebalancer:
                 dest.close()
         finally:
             source.close()
-        fsync_file_and_dir(temp)
+        fsync_path(temp)  # the content is durable before any name points at it
         if os.path.exists(target_path):
             remove_db_files(target_path)  # a link from an attempt that died before the flip
         os.link(temp, target_path)
         os.unlink(temp)
-        fsync_file_and_dir(target_path)
+        fsync_dir(os.path.dirname(target_path))  # one directory sync makes the link (and the unlink) durable
         if self.fault is not None:
             self.fault("linked")
 
