@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from shardlite import AsyncRouter, Router, UnknownTenant
+from shardlite.feed import FeedItem
 from shardlite.outbox import Event
 
 SCHEMA = ["CREATE TABLE messages(id INTEGER PRIMARY KEY, author TEXT, body TEXT)",
@@ -54,6 +55,9 @@ def test_feed_is_newest_first_and_pages_back_without_overlap(router: Router) -> 
     assert first[1].topic == "like"
     assert item.event_id.startswith("dm:alice:bob/") and item.event_id.endswith("/7")
     assert item.at <= before  # when the source emitted it, not when the relay delivered it
+    assert isinstance(item, FeedItem) and item._fields == ("id", "source", "topic", "payload", "event_id", "at")
+    with pytest.raises(AttributeError):  # a snapshot: immutable
+        item.topic = "other"  # type: ignore[misc]
     pages = [first]
     while pages[-1] and len(pages) < 10:  # bounded: a cursor that never moves must fail, not hang
         pages.append(router.feed("user:bob", limit=2, before=pages[-1][-1].id))
