@@ -97,6 +97,9 @@ def pair_key(prefix: str, a: object, b: object) -> str:
     """
     if not isinstance(prefix, str) or not prefix or ":" in prefix:
         raise InvalidKey("pair_key prefix must be non-empty text without ':'")
+    if type(a) is int and type(b) is int:  # the common case (user ids): digits need no NFC nor escaping
+        first, second = sorted((str(a), str(b)))
+        return canonical(f"{prefix}:{first}:{second}")
     ids = []
     for part in (a, b):
         text = str(part) if isinstance(part, int) and not isinstance(part, bool) else part

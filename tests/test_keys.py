@@ -269,6 +269,17 @@ def test_pair_key_parts_are_sorted(a: str, b: str) -> None:
     assert parts[1] <= parts[2]
 
 
+@settings(max_examples=300, deadline=None)
+@given(a=st.integers(min_value=-(2**70), max_value=2**70), b=st.integers(min_value=-(2**70), max_value=2**70),
+       c=ids)
+def test_pair_key_of_int_ids_is_the_key_of_their_text(a: int, b: int, c: str) -> None:
+    """Integer ids (user ids) take a shortcut: the same key as their decimal text, mixed or not."""
+    assert pair_key("dm", a, b) == pair_key("dm", str(a), str(b)) == pair_key("dm", b, a)
+    assert pair_key("dm", a, c) == pair_key("dm", str(a), c)
+    with pytest.raises(InvalidKey):
+        pair_key("dm", True, b)
+
+
 def test_pair_key_parts_are_sorted_with_combining_marks_after_colon() -> None:
     parts = pair_key("dm", ":\u0306", ":\u0308").split(":")
     assert parts[1] <= parts[2]
