@@ -45,7 +45,7 @@ from .aio_globals import AsyncAccounts, AsyncGlobalTables, AsyncSessions
 from .aio_relay import AsyncRelay
 from .authorizer import SAVEPOINT_PREFIX
 from .catalog import Location
-from .engine import Settings
+from .engine import Settings, set_busy_timeout
 from .errors import Busy, ShardliteError, TenantMoving
 from .globals import GlobalTables
 from .keys import canonical
@@ -331,13 +331,13 @@ class AsyncRouter(HandlerRegistry):
         if handle is not None and not handle.closed and handle.lock.acquire(blocking=False):
             handle.owner, handle.depth = threading.get_ident(), 1
             conn = handle.conn
-            conn.setbusytimeout(0)
+            set_busy_timeout(conn, 0)
             try:
                 opened = store.begin(handle)
             except Busy:
                 opened = False
             finally:
-                conn.setbusytimeout(store.settings.busy_timeout_ms)
+                set_busy_timeout(conn, store.settings.busy_timeout_ms)
             if not opened:
                 store.release(handle)
         if not opened:

@@ -26,7 +26,7 @@ from typing import Any
 import apsw
 import xxhash
 
-from .engine import create_private_file, fsync_dir, fsync_path
+from .engine import create_private_file, fsync_dir, fsync_path, set_busy_timeout
 
 __all__ = ["open_trusted", "open_source", "backup_into", "row_counts", "page_digest", "integrity_ok",
            "fsync_file_and_dir", "remove_db_files"]
@@ -42,7 +42,7 @@ def open_trusted(path: str, *, create: bool = False, busy_timeout_ms: int = 5000
         create_private_file(path)
     flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOFOLLOW
     conn = apsw.Connection(path, flags=flags)
-    conn.setbusytimeout(busy_timeout_ms)
+    set_busy_timeout(conn, busy_timeout_ms)
     return conn
 
 

@@ -197,6 +197,44 @@ def sync_filesystem(path: str) -> bool:
     return True
 
 
+# Sleeps of a waiting writer, in seconds: short first, since shardlite's transactions hold a tenant's lock
+# for tens of microseconds; SQLite's own busy handler sleeps 1 ms, then 2, 5, 10 ... (its first wait
+# alone is twenty such transactions). After the last step, 10 ms sleeps until the timeout.
+_BUSY_STEPS = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01)
+_BUSY_WAITED = tuple(sum(_BUSY_STEPS[:i]) for i in range(len(_BUSY_STEPS)))
+
+
+def busy_delay(count: int, limit: float) -> float | None:
+    """How long a writer that found a lock taken for the ``count``-th time in a row (0 first) sleeps
+    before trying again, or None once it has waited ``limit`` seconds in all: the busy handler's schedule."""
+    if count < len(_BUSY_STEPS):
+        delay, slept = _BUSY_STEPS[count], _BUSY_WAITED[count]
+    else:
+        delay = _BUSY_STEPS[-1]
+        slept = _BUSY_WAITED[-1] + _BUSY_STEPS[-1] + (count - len(_BUSY_STEPS)) * delay
+    if slept >= limit:
+        return None
+    return min(delay, limit - slept)
+
+
+def set_busy_timeout(conn: apsw.Connection, timeout_ms: int) -> None:
+    """Let ``conn`` wait up to ``timeout_ms`` for another connection's lock (0: fail at once), sleeping
+    per :func:`busy_delay`. Replaces ``setbusytimeout``, whose handler is SQLite's own."""
+    if timeout_ms <= 0:
+        conn.setbusytimeout(0)
+        return
+    limit = timeout_ms / 1000
+
+    def wait(count: int) -> bool:
+        delay = busy_delay(count, limit)
+        if delay is None:
+            return False
+        time.sleep(delay)
+        return True
+
+    conn.setbusyhandler(wait)
+
+
 Authorizer = Callable[[int, str | None, str | None, str | None, str | None], int]
 
 
@@ -221,7 +259,7 @@ def open_connection(
     flags |= apsw.SQLITE_OPEN_NOFOLLOW | apsw.SQLITE_OPEN_EXRESCODE
     conn = apsw.Connection(path, flags=flags)
     try:
-        conn.setbusytimeout(settings.busy_timeout_ms)
+        set_busy_timeout(conn, settings.busy_timeout_ms)
         # Closing a connection (the pool evicting an idle tenant) must not turn into a checkpoint and an
         # fsync: the WAL stays valid on disk and the next writer's autocheckpoint folds it in.
         conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)

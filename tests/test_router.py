@@ -525,6 +525,47 @@ def test_busy_when_another_process_holds_the_write_lock(busy_router: Router, loc
     assert len(rows(busy_router)) == 3
 
 
+def test_a_writer_waits_out_a_lock_within_its_busy_timeout(busy_router: Router, locker: Any,
+                                                          make_router: Any) -> None:
+    """The busy handler itself (no run() retries): a writer with a long timeout blocks in BEGIN IMMEDIATE
+    while another process holds the lock, and goes on as soon as it is released."""
+    patient = make_router(schema=SCHEMA, busy_timeout_ms=60_000)
+    entered = threading.Event()
+    result: list[Any] = []
+
+    def write() -> None:
+        entered.set()
+        try:
+            with patient.transaction("user:1") as tx:
+                tx.execute("INSERT INTO t(v) VALUES ('patient')")
+            result.append("committed")
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            result.append(exc)
+
+    worker = threading.Thread(target=write)
+    worker.start()
+    assert entered.wait(timeout=60)
+    assert result == []  # still waiting for the lock (it cannot have committed while the locker holds it)
+    _release(locker)
+    worker.join(timeout=60)
+    assert result == ["committed"]
+    assert rows(busy_router) == [(1, "before"), (2, "patient")]
+
+
+def test_busy_delay_schedule_starts_short_and_adds_up_to_the_timeout() -> None:
+    from shardlite.engine import busy_delay
+
+    for limit in (0.0001, 0.003, 0.05, 1.0, 5.0):
+        delays = []
+        while (delay := busy_delay(len(delays), limit)) is not None:
+            delays.append(delay)
+            assert len(delays) < 10_000
+        assert delays[0] <= 0.0001
+        assert all(0 < d <= 0.01 for d in delays)
+        assert sum(delays) == pytest.approx(limit)
+        assert delays[:-1] == sorted(delays[:-1])  # never shorter than the one before (the last is clipped)
+
+
 def test_run_waits_out_a_lock_by_retrying(busy_router: Router, locker: Any) -> None:
     store = busy_router._store
     busy_seen = threading.Event()
