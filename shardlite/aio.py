@@ -45,7 +45,7 @@ from .aio_globals import AsyncAccounts, AsyncGlobalTables, AsyncSessions
 from .aio_relay import AsyncRelay
 from .authorizer import SAVEPOINT_PREFIX
 from .catalog import Location
-from .engine import Settings, set_busy_timeout
+from .engine import Settings
 from .errors import Busy, ShardliteError, TenantMoving
 from .globals import GlobalTables
 from .keys import canonical
@@ -330,14 +330,10 @@ class AsyncRouter(HandlerRegistry):
         opened = False
         if handle is not None and not handle.closed and handle.lock.acquire(blocking=False):
             handle.owner, handle.depth = threading.get_ident(), 1
-            conn = handle.conn
-            set_busy_timeout(conn, 0)
             try:
-                opened = store.begin(handle)
+                opened = store.begin(handle, wait_ms=0)
             except Busy:
                 opened = False
-            finally:
-                set_busy_timeout(conn, store.settings.busy_timeout_ms)
             if not opened:
                 store.release(handle)
         if not opened:

@@ -29,7 +29,8 @@ One pass over a set of sources (every due one, up to ``sources_per_pass``):
    transaction, under ``S``'s write lock, and the flags of the sources left empty are deleted afterwards
    (one global write for the pass), each only if no emitter re-flagged it since (an emitter that finds
    the outbox empty bumps the version). No event is stranded: a crash anywhere leaves either the flag or nothing to
-   deliver.
+   deliver. A source an application transaction holds locked is acknowledged after the free ones, waiting
+   at most ``ACK_WAIT_MS``; one still locked is acknowledged by a later pass (never counted as a failure).
 
 A crash between ``D``'s commit and ``S``'s acknowledgement redelivers those events later; the inbox mark
 makes that a no-op. Handlers must keep their effects inside the transaction they are given.
@@ -65,6 +66,8 @@ Handler = Callable[[Transaction, Event], None]
 
 #: How long a relay's claim on a source tenant lasts; a relay that died is replaced after at most this.
 LEASE_SECONDS = 10.0
+#: How long the second try at acknowledging a source that an application transaction had locked waits.
+ACK_WAIT_MS = 2
 
 # The batch size is written into the SQL text (see feed.page_query: a bound LIMIT re-prepares every run).
 _READ_OUTBOX = ("SELECT seq, dest, topic, payload, created, attempts, next_at, origin FROM _shardlite_outbox "
@@ -313,11 +316,22 @@ class Relay:
         if self.fault is not None:
             self.fault("delivered")
         emptied: list[tuple[str, int]] = []
+        # An application transaction may hold a source's lock for a while (a group-commit batch stays open
+        # for a loop iteration): acknowledge the free sources first, then those that were busy, waiting a
+        # little; one still locked is acknowledged by a later pass (its events redelivered: a no-op then).
+        busy: list[_Claim] = []
         for claim in claimed:
             try:
-                self._acknowledge(claim, stats, emptied)
-            except (Busy, TenantMoving) as exc:  # delivered events are redelivered later: a no-op then
+                self._acknowledge(claim, stats, emptied, wait_ms=0)
+            except Busy:
+                busy.append(claim)
+            except TenantMoving as exc:
                 log.info("relay: could not acknowledge %r now (%s)", claim.source, exc)
+        for claim in busy:
+            try:
+                self._acknowledge(claim, stats, emptied, wait_ms=ACK_WAIT_MS)
+            except (Busy, TenantMoving) as exc:
+                log.debug("relay: %r stays unacknowledged until a later pass (%s)", claim.source, exc)
         if emptied:
             self.store.catalog.clear_pending_many(emptied)
         return stats
@@ -449,7 +463,8 @@ class Relay:
         store.internal(handle, "RELEASE shardlite_relay")
         return None
 
-    def _acknowledge(self, claim: _Claim, stats: PassStats, emptied: list[tuple[str, int]]) -> None:
+    def _acknowledge(self, claim: _Claim, stats: PassStats, emptied: list[tuple[str, int]],
+                     wait_ms: int | None = None) -> None:
         """In the source: delete what was delivered, count failures (backoff or dead letter), renew the
         lease when less than half of it is left. A source left empty goes into ``emptied`` with the flag
         version read under its write lock; one whose remaining events are due later gets its flag's due
@@ -459,7 +474,7 @@ class Relay:
         next_due_at = claim.work.next_due
         now = time.time()
         try:
-            with store.writing(source, create=False) as handle:
+            with store.writing(source, create=False, wait_ms=wait_ms) as handle:
                 if delivered:
                     store.internal(handle, "DELETE FROM _shardlite_outbox WHERE seq IN "
                                    "(SELECT value FROM json_each(?))", (_json_list(delivered),))

@@ -34,7 +34,7 @@ import apsw
 
 from .authorizer import INTERNAL_SQL
 from .catalog import Location, Node, SqliteCatalog, TenantRecord
-from .engine import Settings, abandon, ensure_private_dir, fsync_dir, on_fork_in_child
+from .engine import Settings, abandon, ensure_private_dir, fsync_dir, on_fork_in_child, set_busy_timeout
 from .errors import Busy, ConfigurationError, ShardliteError, StatementNotAllowed, TenantMoving, UnknownTenant
 from .globaldb import GlobalDB
 from .keys import canonical, prefix_of
@@ -322,17 +322,22 @@ class Store:
         finally:
             guard.trusted = False
 
-    def begin(self, handle: Handle) -> bool:
-        """BEGIN IMMEDIATE and the fence check. False (rolled back) when the file is retired."""
+    def begin(self, handle: Handle, wait_ms: int | None = None) -> bool:
+        """BEGIN IMMEDIATE and the fence check. False (rolled back) when the file is retired. ``wait_ms``:
+        wait that long for another writer's lock instead of the busy timeout (0: not at all)."""
         conn = handle.conn
         guard = handle.guard
         guard.trusted = True
+        if wait_ms is not None:
+            set_busy_timeout(conn, wait_ms)
         try:
             conn.execute(_BEGIN)
         except apsw.BusyError as exc:
             raise Busy(f"tenant {handle.key!r} stayed locked past the busy timeout ({exc})") from exc
         finally:
             guard.trusted = False
+            if wait_ms is not None:
+                set_busy_timeout(conn, self.settings.busy_timeout_ms)
         dv = conn.data_version()
         if dv != handle.checked_dv:
             try:
@@ -379,7 +384,8 @@ class Store:
         finally:
             guard.trusted = False
 
-    def begin_write(self, canon: str, *, create: bool = True, revive: bool = True) -> Handle:
+    def begin_write(self, canon: str, *, create: bool = True, revive: bool = True,
+                    wait_ms: int | None = None) -> Handle:
         """An entered ``"w"`` handle inside ``BEGIN IMMEDIATE`` at the tenant's current home.
 
         ``canon`` must already be canonical. Retries at the new home when the file turns out retired,
@@ -400,7 +406,7 @@ class Store:
             if handle is None:
                 handle = self.acquire(canon, "w", create=create, revive=revive)
             try:
-                ok = self.begin(handle)
+                ok = self.begin(handle, wait_ms)
             except BaseException:
                 self.release(handle)
                 raise
@@ -471,10 +477,11 @@ class Store:
         return self._read_slow(key, sql, params, "w")
 
     @contextmanager
-    def writing(self, key: str, *, create: bool = True, revive: bool = True) -> Iterator[Handle]:
+    def writing(self, key: str, *, create: bool = True, revive: bool = True,
+                wait_ms: int | None = None) -> Iterator[Handle]:
         """``with store.writing(key) as handle``: one of shardlite's own write transactions (commit on
-        success, rollback on error, the handle released either way)."""
-        handle = self.begin_write(key, create=create, revive=revive)
+        success, rollback on error, the handle released either way). ``wait_ms``: see :meth:`begin`."""
+        handle = self.begin_write(key, create=create, revive=revive, wait_ms=wait_ms)
         try:
             yield handle
             self.commit(handle)

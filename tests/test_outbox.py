@@ -27,6 +27,7 @@ import pytest
 import shardlite.cli
 from shardlite import ConfigurationError, InvalidKey, PayloadTooLarge, Router, TransactionClosed, UnknownTenant
 from shardlite.outbox import Event, OutboxRow, RetryPolicy, encode_payload, next_due, plan
+from shardlite.relay import ACK_WAIT_MS
 
 SCHEMA = [
     "CREATE TABLE applied(id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, dest TEXT NOT NULL, "
@@ -807,3 +808,42 @@ def test_dead_letter_retry_for_an_unknown_dead_letter_is_zero(router: Router) ->
     assert router.relay.retry_dead(source="user:nobody") == 0
     with pytest.raises(UnknownTenant):
         router.feed("user:nobody")
+
+
+def test_a_source_locked_by_the_app_is_acknowledged_by_a_later_pass(router: Router) -> None:
+    """A pass does not wait out an application transaction holding the source: the delivery stands, the
+    acknowledgement is left to a later pass (which redelivers: a no-op), and nothing is lost or doubled.
+    A busy acknowledgement never counts as a failed attempt."""
+    for n in range(3):
+        emit(router, "user:alice", "user:bob", n)
+    holder = apsw.Connection(router.locate("user:alice").path)  # another connection: the app's writer
+    holder.setbusytimeout(5000)
+
+    def lock_source(at: str) -> None:
+        if at == "delivered":
+            holder.execute("BEGIN IMMEDIATE")
+
+    store = router._store
+    plain_begin = store.begin
+    waits: list[int | None] = []
+
+    def spying_begin(handle: Any, wait_ms: int | None = None) -> bool:
+        if handle.key == "user:alice" and holder.in_transaction:
+            waits.append(wait_ms)
+        return plain_begin(handle, wait_ms)
+
+    store.begin = spying_begin  # type: ignore[method-assign]
+    router.relay.fault = lock_source
+    stats = router.relay.run_once()
+    router.relay.fault = None
+    store.begin = plain_begin  # type: ignore[method-assign]
+    assert waits == [0, ACK_WAIT_MS]  # never the router's busy timeout (5 s) while the app holds the source
+    assert applied(router, "user:bob") == [0, 1, 2]  # delivered
+    assert stats.delivered == 0 and stats.failed == 0  # ... not acknowledged, and not a failure
+    holder.execute("ROLLBACK")
+    holder.close()
+    assert [row[4] for row in outbox(router, "user:alice")] == [0, 0, 0]  # still there, no attempt counted
+    assert pending_rows(router.root) != []  # and still flagged
+    router.relay.drain(timeout=30)
+    assert applied(router, "user:bob") == [0, 1, 2]  # exactly once
+    assert outbox(router, "user:alice") == [] and pending_rows(router.root) == []

@@ -571,9 +571,9 @@ def test_run_waits_out_a_lock_by_retrying(busy_router: Router, locker: Any) -> N
     busy_seen = threading.Event()
     original_begin = store.begin
 
-    def spying_begin(handle: Any) -> bool:
+    def spying_begin(handle: Any, wait_ms: int | None = None) -> bool:
         try:
-            return original_begin(handle)
+            return original_begin(handle, wait_ms)
         except Busy:
             busy_seen.set()
             raise
