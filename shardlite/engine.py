@@ -17,6 +17,7 @@ Rules enforced here:
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import stat
 import sys
@@ -222,7 +223,13 @@ def set_busy_timeout(conn: apsw.Connection, timeout_ms: int) -> None:
     per :func:`busy_delay`. Replaces ``setbusytimeout``, whose handler is SQLite's own."""
     if timeout_ms <= 0:
         conn.setbusytimeout(0)
-        return
+    else:
+        conn.setbusyhandler(_busy_handler(timeout_ms))
+
+
+@functools.lru_cache(maxsize=64)
+def _busy_handler(timeout_ms: int) -> Callable[[int], bool]:
+    """The busy handler for one timeout (shared by every connection: it holds no per-connection state)."""
     limit = timeout_ms / 1000
 
     def wait(count: int) -> bool:
@@ -232,7 +239,7 @@ def set_busy_timeout(conn: apsw.Connection, timeout_ms: int) -> None:
         time.sleep(delay)
         return True
 
-    conn.setbusyhandler(wait)
+    return wait
 
 
 Authorizer = Callable[[int, str | None, str | None, str | None, str | None], int]
