@@ -329,11 +329,15 @@ class SqliteCatalog:
 
     def flag_pending(self, key: str) -> None:
         """Record that ``key`` has pending outbox events (bumps the row's version; see relay.py)."""
+        self.flag_pending_many([key])
+
+    def flag_pending_many(self, keys: list[str]) -> None:
+        """:meth:`flag_pending` for several keys in one write transaction."""
         now = time.time()
         with self.write() as conn:
-            conn.execute(_I + "INSERT INTO _shardlite_pending(key, version, due, since) VALUES (?, 1, ?, ?) "
-                         "ON CONFLICT(key) DO UPDATE SET version = version + 1, due = min(due, excluded.due)",
-                         (key, now, now))
+            conn.executemany(_I + "INSERT INTO _shardlite_pending(key, version, due, since) VALUES (?, 1, ?, ?) "
+                             "ON CONFLICT(key) DO UPDATE SET version = version + 1, due = min(due, excluded.due)",
+                             [(key, now, now) for key in keys])
 
     def pending_due(self, now: float, limit: int) -> list[tuple[str, int, float]]:
         """``(key, version, due)`` of flagged tenants whose work is due, oldest due first."""

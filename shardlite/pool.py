@@ -28,8 +28,8 @@ class Handle:
     """One open connection to one generation of one tenant's file."""
 
     __slots__ = ("key", "role", "conn", "guard", "path", "generation", "incarnation", "checked_dv",
-                 "lock", "owner", "depth", "used", "closed", "aliases", "savepoints", "emitted", "budgeted",
-                 "__weakref__")
+                 "lock", "owner", "depth", "used", "closed", "aliases", "savepoints", "emitted", "needs_flag",
+                 "budgeted", "__weakref__")
 
     def __init__(self, key: str, role: str, conn: apsw.Connection, guard: Guard, path: str,
                  generation: int, incarnation: str) -> None:
@@ -46,6 +46,9 @@ class Handle:
         self.savepoints = 0
         #: set by ``tx.emit`` in the open transaction; the committer wakes relays and clears it
         self.emitted = False
+        #: ``tx.emit`` queued the tenant's pending-work flag (in the thread of this id; 0: not): the committer
+        #: makes sure it is written before the COMMIT
+        self.needs_flag = 0
         #: the AsyncRouter installed its inline-read budget (a progress handler) on this connection
         self.budgeted = False
 

@@ -111,7 +111,7 @@ class Store:
         self._fast: dict[Any, Handle] = {}  # read handles by the caller's key object (skips canonical())
         self._wfast: dict[str, Handle] = {}  # write handles by canonical key
         #: Outbox hooks shared by every transaction of this store (``tx.emit``).
-        self.emitter = Emitter(self.catalog.flag_pending, max_payload,
+        self.emitter = Emitter(self.catalog.flag_pending_many, max_payload,
                                check_dest=lambda key: self.spec.steps_for(prefix_of(key)))
         self._templates: dict[str, Personaliser] = {}
         self._template_lock = threading.Lock()
@@ -356,6 +356,9 @@ class Store:
         guard = handle.guard
         guard.trusted = True
         try:
+            if handle.needs_flag:  # the pending-work flag before the commit that needs it
+                self.emitter.flush(handle.key, queued_here=handle.needs_flag == threading.get_ident())
+                handle.needs_flag = 0
             conn.execute(_COMMIT)
         except apsw.BusyError as exc:
             if not conn.get_autocommit():
@@ -374,6 +377,7 @@ class Store:
 
     def rollback(self, handle: Handle) -> None:
         handle.emitted = False
+        handle.needs_flag = 0
         conn = handle.conn
         if conn.get_autocommit():
             return  # SQLite already rolled back (some errors do)

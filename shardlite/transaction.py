@@ -9,6 +9,7 @@ so no statement can slip out in autocommit mode.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -36,19 +37,64 @@ Params = Sequence[Any] | dict[str, Any]
 class Emitter:
     """What ``tx.emit`` needs from the router: the payload limit, the pending-work flag, wake-ups.
 
-    ``flag(key)`` records in the global DB that ``key`` has pending events. It is called *before* the
-    transaction that first makes an empty outbox non-empty commits (a spurious flag costs the relay one
-    look; a missing one would strand events). ``wake()`` runs after a commit that emitted, to wake
-    in-process relays at once.
+    The pending-work flag records in the global DB that a tenant has pending events. It must be there
+    before the transaction that first makes the tenant's empty outbox non-empty commits (a spurious flag
+    costs the relay one look; a missing one would strand events). ``tx.emit`` queues it (:meth:`flag`, in
+    a queue of the calling thread) and marks the transaction's handle; the store's commit of a marked
+    handle calls :meth:`flush` with its key first, which writes that key and whatever else this thread
+    has queued in one global transaction: the transactions an event loop runs in one iteration share one
+    global write. ``wake()`` runs after a commit that emitted, to wake in-process relays at once.
     """
 
-    def __init__(self, flag: Callable[[str], None], max_payload: int = DEFAULT_MAX_PAYLOAD,
+    def __init__(self, flag_many: Callable[[list[str]], None], max_payload: int = DEFAULT_MAX_PAYLOAD,
                  check_dest: Callable[[str], object] | None = None) -> None:
-        self.flag = flag
+        self._flag_many = flag_many
         self.max_payload = max_payload
         #: Raises (ConfigurationError) for a destination this router could never create.
         self.check_dest = check_dest
         self._listeners: list[Callable[[str], None]] = []
+        self._local = threading.local()
+
+    def _sets(self) -> tuple[set[str], set[str]]:
+        """This thread's queued flags, and the keys whose flag it wrote since their last :meth:`flag`."""
+        try:
+            return self._local.queued, self._local.written
+        except AttributeError:
+            queued: set[str] = set()
+            written: set[str] = set()
+            self._local.queued, self._local.written = queued, written
+            return queued, written
+
+    def flag(self, key: str) -> None:
+        """Queue ``key``'s pending-work flag in this thread (written by this thread's next :meth:`flush`)."""
+        queued, written = self._sets()
+        queued.add(key)
+        written.discard(key)
+
+    def flush(self, key: str | None = None, *, queued_here: bool = True) -> None:
+        """Make sure ``key``'s flag is in the global DB, writing it and every flag this thread has queued in
+        one global transaction, unless it was queued in this thread (``queued_here``) and a flush since
+        wrote it. On failure they stay queued, and the error propagates (the caller must not commit)."""
+        queued, written = self._sets()
+        if key is not None:
+            if queued_here and key in written and key not in queued:
+                written.discard(key)  # written by a flush after it was queued: nothing to do
+                return
+            queued.add(key)
+        if not queued:
+            return
+        keys = sorted(queued)
+        queued.clear()
+        try:
+            self._flag_many(keys)
+        except BaseException:
+            queued.update(keys)
+            raise
+        written.update(keys)
+        if key is not None:
+            written.discard(key)
+        if len(written) > 65536:  # keys whose transaction never committed (rolled back): forget them
+            written.clear()
 
     def listen(self, listener: Callable[[str], None]) -> None:
         """Call ``listener(source_key)`` after every commit that emitted (in the committing thread)."""
@@ -145,7 +191,11 @@ class _TxCore:
         conn = self._conn
         if not self._flagged:
             if not conn.execute(_ANY_EVENT).fetchall():
-                emitter.flag(self.key)
+                if self._handle is not None:
+                    emitter.flag(self.key)
+                    self._handle.needs_flag = threading.get_ident()  # the store's commit writes it first
+                else:  # no store commit will flush it: write it now
+                    emitter.flush(self.key)
             self._flagged = True
         now = time.time()
         guard.trusted = True

@@ -847,3 +847,89 @@ def test_a_source_locked_by_the_app_is_acknowledged_by_a_later_pass(router: Rout
     router.relay.drain(timeout=30)
     assert applied(router, "user:bob") == [0, 1, 2]  # exactly once
     assert outbox(router, "user:alice") == [] and pending_rows(router.root) == []
+
+
+# -- pending-work flags written in batches ------------------------------------------------------------------------
+
+
+def test_emitter_writes_queued_flags_together_and_each_before_its_commit() -> None:
+    from shardlite.transaction import Emitter
+
+    writes: list[list[str]] = []
+    fail = [False]
+
+    def flag_many(keys: list[str]) -> None:
+        if fail[0]:
+            raise OSError("global DB unavailable")
+        writes.append(keys)
+
+    em = Emitter(flag_many)
+    em.flag("a")
+    em.flag("b")
+    em.flush("a")  # a's commit: writes a, and b with it
+    assert writes == [["a", "b"]]
+    em.flush("b")  # b's commit: written since it was queued, nothing to do
+    assert writes == [["a", "b"]]
+    em.flag("b")  # a new transaction of b queues it again: its commit must write again
+    em.flush("b")
+    assert writes == [["a", "b"], ["b"]]
+    em.flush("c", queued_here=False)  # queued in another thread: always written here
+    assert writes[-1] == ["c"]
+    fail[0] = True
+    em.flag("d")
+    with pytest.raises(OSError):
+        em.flush("d")  # the commit must not go ahead: the flag stays queued
+    fail[0] = False
+    em.flush("e", queued_here=False)
+    assert writes[-1] == ["d", "e"]
+
+
+def test_a_commit_whose_flag_cannot_be_written_commits_nothing(router: Router,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    catalog = router._store.catalog
+
+    def unavailable(keys: list[str]) -> None:
+        raise OSError("global DB unavailable")
+
+    plain = catalog.flag_pending_many
+    monkeypatch.setattr(router._store.emitter, "_flag_many", unavailable)
+    with pytest.raises(OSError):
+        emit(router, "user:alice", "user:bob", 1)
+    assert outbox(router, "user:alice") == [] and pending_rows(router.root) == []
+    monkeypatch.setattr(router._store.emitter, "_flag_many", plain)
+    emit(router, "user:alice", "user:bob", 2)
+    router.relay.drain(timeout=30)
+    assert applied(router, "user:bob") == [2]
+    assert pending_rows(router.root) == []
+
+
+def test_concurrent_async_transactions_share_flag_writes_and_strand_nothing(root: str) -> None:
+    import asyncio
+
+    from shardlite import AsyncRouter
+
+    writes: list[list[str]] = []
+
+    async def main() -> None:
+        async with AsyncRouter(root, schema=SCHEMA) as ar:
+            ar.handler("t")(record)
+            plain = ar._store.emitter._flag_many
+
+            def counting(keys: list[str]) -> None:
+                writes.append(keys)
+                plain(keys)
+
+            ar._store.emitter._flag_many = counting  # type: ignore[method-assign]
+
+            async def send(i: int) -> None:
+                async with ar.transaction(f"user:s{i}") as tx:
+                    await tx.emit("user:sink", "t", {"n": i})
+
+            await asyncio.gather(*(send(i) for i in range(40)))
+            assert sum(len(keys) for keys in writes) >= 40  # every source flagged...
+            assert len(writes) < 40  # ...in fewer global writes than transactions
+            await ar.relay.drain(timeout=30)
+            assert sorted(n for (n,) in await ar.query("user:sink", "SELECT n FROM applied")) == list(range(40))
+
+    asyncio.run(main())
+    assert pending_rows(root) == []
