@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 
 import apsw
 
-from . import feed
+from . import feed, lifecycle
 from .accounts import Accounts
 from .aio_globals import AsyncAccounts, AsyncGlobalTables, AsyncSessions
 from .aio_relay import AsyncRelay
@@ -514,10 +514,10 @@ class AsyncRouter(HandlerRegistry):
             yield key
 
     async def drop(self, key: object) -> None:
-        await self._call(self._store.drop, key)
+        await self._call(lifecycle.drop, self._store, key)
 
     async def migrate_all(self, *, parallel: int = 4) -> dict[str, str]:
-        return await self._call(lambda: self._store.migrate_all(parallel=parallel))
+        return await self._call(lambda: lifecycle.migrate_all(self._store, parallel=parallel))
 
     # -- outbox ---------------------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ from .copying import backup_into, fsync_file_and_dir, integrity_ok, open_source,
 from .engine import ensure_private_dir, fsync_dir, fsync_path, sync_filesystem
 from .errors import ConfigurationError, IdentityMismatch, ShardliteError, UnknownTenant
 from .keys import canonical, key_digest, prefix_of
+from .lifecycle import fence_file
 from .placement import tenant_relpath
 from .schema import INTERNAL_VERSION, upgrade
 from .store import Store
@@ -449,7 +450,7 @@ def _bring_in(store: Store, source_file: str, key: str, *, purpose: str, keep_ou
     os.unlink(temp)
     fsync_dir(os.path.dirname(path))
     if existing is not None and existing.state in ("active", "dropping"):
-        store._fence_file(existing, store.path_of(existing), "replaced")
+        fence_file(store, existing, store.path_of(existing), "replaced")
         store.catalog.flip(key, from_generation=existing.generation, node=node, generation=generation,
                            incarnation=incarnation)
         remove_db_files(store.path_of(existing))

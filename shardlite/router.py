@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from . import backup as backup_mod
-from . import feed, metrics
+from . import feed, lifecycle, metrics
 from .accounts import Accounts
 from .catalog import Location
 from .engine import Settings
@@ -240,13 +240,13 @@ class Router(HandlerRegistry):
     def drop(self, key: object) -> None:
         """Delete a tenant's file (with its WAL and SHM); the catalog keeps a tombstone. A later write
         to the same key creates a new tenant (new generation and incarnation)."""
-        self._store.drop(key)
+        lifecycle.drop(self._store, key)
 
     def migrate_all(self, *, parallel: int = 4,
                     progress: Callable[[str, BaseException | None], None] | None = None) -> dict[str, str]:
         """Bring every tenant to the current schema (each atomically); ``{key: error}`` for failures,
         which stay on their previous version."""
-        return self._store.migrate_all(parallel=parallel, progress=progress)
+        return lifecycle.migrate_all(self._store, parallel=parallel, progress=progress)
 
     def status(self) -> dict[str, Any]:
         """Tenants per node and per schema version, and this process's open connections."""

@@ -26,7 +26,7 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,7 +34,8 @@ import apsw
 
 from .authorizer import INTERNAL_SQL
 from .catalog import Location, Node, SqliteCatalog, TenantRecord
-from .engine import Settings, abandon, ensure_private_dir, fsync_dir, on_fork_in_child, set_busy_timeout
+from .copying import remove_db_files
+from .engine import Settings, abandon, ensure_private_dir, on_fork_in_child, set_busy_timeout
 from .errors import Busy, ConfigurationError, ShardliteError, StatementNotAllowed, TenantMoving, UnknownTenant
 from .globaldb import GlobalDB
 from .keys import canonical, prefix_of
@@ -215,10 +216,10 @@ class Store:
         try:
             winner = self.catalog.register(canon, node, generation, incarnation, len(steps))
         except BaseException:
-            _unlink_quietly(path)
+            remove_db_files(path)
             raise
         if winner.generation != generation:
-            _unlink_quietly(path)  # another process registered first; ours was never routed to
+            remove_db_files(path)  # another process registered first; ours was never routed to
         self._records[canon] = winner
         return winner
 
@@ -512,67 +513,6 @@ class Store:
         for record in self.catalog.iter_tenants():
             yield record.key
 
-    def drop(self, key: object) -> None:
-        """Drop a tenant: fence its file, record the tombstone, delete the file with its WAL and SHM."""
-        canon = canonical(key)
-        record = self.catalog.lookup(canon)
-        if record is None or record.state == "dropped":
-            raise UnknownTenant(f"tenant {canon!r} does not exist")
-        if record.state == "moving":
-            raise TenantMoving(f"tenant {canon!r} is being moved; drop it after the move")
-        if record.state == "active":
-            self.catalog.set_state(canon, "dropping", expect_generation=record.generation)
-        path = self.path_of(record)
-        self.forget(canon)
-        self._fence_file(record, path, "dropped")
-        self.catalog.set_state(canon, "dropped", expect_generation=record.generation)
-        for handle in self.pool.handles():
-            if handle.key == canon and handle.enter(self.settings.busy_timeout_ms / 1000):
-                try:
-                    self.pool.discard(handle)
-                finally:
-                    handle.exit()
-        for suffix in ("", "-wal", "-shm"):
-            _unlink_quietly(path + suffix)
-        fsync_dir(os.path.dirname(path))
-
-    def _fence_file(self, record: TenantRecord, path: str, marker: str) -> None:
-        """Write the retired marker into ``path`` inside its own write lock (idempotent)."""
-        if not os.path.exists(path):
-            return
-        conn, guard, _ = open_tenant(path, key=record.key, incarnation=record.incarnation,
-                                     settings=self.settings, steps=(), read_only=False)
-        handle = Handle(record.key, "x", conn, guard, path, record.generation, record.incarnation)
-        try:
-            if self.begin(handle):
-                self.internal(handle, "UPDATE _shardlite_meta SET retired = ? WHERE id = 1", (marker,))
-                self.commit(handle)
-        finally:
-            conn.close()
-
-    def migrate_all(self, *, parallel: int = 4,
-                    progress: Callable[[str, BaseException | None], None] | None = None) -> dict[str, str]:
-        """Open (and so migrate) every live tenant; return ``{key: error text}`` for those that failed."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        failures: dict[str, str] = {}
-
-        def one(key: str) -> None:
-            error: BaseException | None = None
-            try:
-                handle = self.acquire(key, "w", create=False)
-                self.release(handle)
-            except Exception as exc:  # noqa: BLE001 - reported per tenant, the run goes on
-                error = exc
-                failures[key] = f"{type(exc).__name__}: {exc}"
-            if progress is not None:
-                progress(key, error)
-
-        with ThreadPoolExecutor(max_workers=max(1, parallel)) as executor:
-            for _ in executor.map(one, self.tenants()):
-                pass
-        return failures
-
     # -- lifecycle ---------------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -600,11 +540,4 @@ class Store:
         abandon(list(self._templates.values()))  # may be mid-use by a parent thread: never touch them
         self._templates = {}
         self.pool.abandon()
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
