@@ -71,6 +71,26 @@ finally:
 """
 
 
+def seeded(make: Callable[..., Router], count: int, **kwargs: Any) -> tuple[Router, list[str]]:
+    """A router whose tenants ``acct:0`` ... hold one ledger row each, its id the tenant's index."""
+    router = make(**kwargs)
+    keys = [f"acct:{i}" for i in range(count)]
+    for i, key in enumerate(keys):
+        add(router, key, i)
+    return router, keys
+
+
+def files_in(dest: Path) -> list[str]:
+    """Every file under ``dest``, relative to it, sorted."""
+    return sorted(os.path.relpath(f, dest) for f in walk(dest)[1])
+
+
+def backup_files(manifest: dict[str, Any], *others: str) -> list[str]:
+    """What a backup directory should hold: the manifest, the files it names, and ``others``, sorted."""
+    return sorted(["manifest.json", manifest["global"]["file"], *(e["file"] for e in manifest["tenants"].values()),
+                   *others])
+
+
 def mode(path: str | os.PathLike[str]) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
@@ -291,10 +311,7 @@ def test_backup_while_two_processes_write_then_restore_into_a_fresh_root(make: C
 
 
 def test_incremental_backup_copies_only_changed_tenants(make: Callable[..., Router], tmp_path: Path) -> None:
-    router = make()
-    keys = [f"acct:{i}" for i in range(10)]
-    for i, key in enumerate(keys):
-        add(router, key, i)
+    router, keys = seeded(make, 10)
     dest = tmp_path / "backup"
 
     def copies(manifest: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -379,10 +396,7 @@ def test_backup_copies_are_standalone_verified_and_private(make: Callable[..., R
     # must give the same kind of copy
     if path == "backup API":
         monkeypatch.setattr(backup_mod, "SERIALIZE_LIMIT", 0)
-    router = make(nodes=["n1", "n2"])
-    keys = [f"acct:{i}" for i in range(6)]
-    for i, key in enumerate(keys):
-        add(router, key, i)
+    router, keys = seeded(make, 6, nodes=["n1", "n2"])
     dest = tmp_path / "backup"
     manifest = router.backup(dest)
     on_disk = json.loads((dest / "manifest.json").read_text())
@@ -412,9 +426,8 @@ def test_backup_copies_are_standalone_verified_and_private(make: Callable[..., R
         finally:
             conn.close()
     # nothing but the manifest, the global DB and the tenant copies (no temporaries left behind)
-    files = sorted(os.path.relpath(f, dest) for f in walk(dest)[1])
-    assert files == sorted(["manifest.json", manifest["global"]["file"],
-                            *(manifest["tenants"][k]["file"] for k in keys)])
+    assert sorted(manifest["tenants"]) == sorted(keys)
+    assert files_in(dest) == backup_files(manifest)
     for key in keys:  # named by the key's digest and the copy's checksum
         assert manifest["tenants"][key]["file"] == (f"tenants/{key_digest(key)[:2]}/{key_digest(key)}."
                                                    f"{manifest['tenants'][key]['checksum']}.db")
@@ -593,10 +606,7 @@ def test_restore_force_while_a_client_writes_loses_nothing_acknowledged_after_th
 
 def test_restore_into_a_fresh_root_is_private_and_intact(make: Callable[..., Router], tmp_path: Path,
                                                          umask022: None) -> None:
-    router = make(nodes=["n1", "n2"])
-    keys = [f"acct:{i}" for i in range(8)]
-    for i, key in enumerate(keys):
-        add(router, key, i)
+    router, keys = seeded(make, 8, nodes=["n1", "n2"])
     dest = tmp_path / "backup"
     router.backup(dest)
     fresh = make("fresh", nodes=["x", "y", "z"])  # other node names: the fresh root's ring places them
@@ -800,10 +810,7 @@ def _whole(dest: Path) -> dict[str, Any]:
 
 
 def test_superseded_copies_are_removed_after_the_new_manifest(make: Callable[..., Router], tmp_path: Path) -> None:
-    router = make()
-    keys = [f"acct:{i}" for i in range(6)]
-    for i, key in enumerate(keys):
-        add(router, key, i)
+    router, keys = seeded(make, 6)
     dest = tmp_path / "backup"
     first = router.backup(dest)
     (dest / "notes.txt").write_text("the operator's own file")  # not a name a backup writes: left alone
@@ -814,18 +821,13 @@ def test_superseded_copies_are_removed_after_the_new_manifest(make: Callable[...
     assert second["tenants"][keys[1]]["file"] != first["tenants"][keys[1]]["file"]
     assert not (dest / first["tenants"][keys[1]]["file"]).exists()  # superseded: removed
     assert first["global"]["file"] == second["global"]["file"] or not (dest / first["global"]["file"]).exists()
-    files = sorted(os.path.relpath(f, dest) for f in walk(dest)[1])
-    assert files == sorted(["manifest.json", "notes.txt", second["global"]["file"],
-                            *(e["file"] for e in second["tenants"].values())])
+    assert files_in(dest) == backup_files(second, "notes.txt")
     _whole(dest)
 
 
 def test_an_interrupted_backup_leaves_the_previous_one_whole(make: Callable[..., Router], tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    router = make()
-    keys = [f"acct:{i}" for i in range(8)]
-    for i, key in enumerate(keys):
-        add(router, key, i)
+    router, keys = seeded(make, 8)
     dest = tmp_path / "backup"
     first = router.backup(dest)
     for i, key in enumerate(keys):
@@ -844,8 +846,7 @@ def test_an_interrupted_backup_leaves_the_previous_one_whole(make: Callable[...,
     assert [ledger(fresh, k) for k in keys] == [[i] for i in range(len(keys))]
     third = router.backup(dest)  # the next run copies everything again and sweeps the leftovers
     assert third["copied"] == len(keys)
-    files = sorted(os.path.relpath(f, dest) for f in walk(dest)[1])
-    assert files == sorted(["manifest.json", third["global"]["file"], *(e["file"] for e in third["tenants"].values())])
+    assert files_in(dest) == backup_files(third)
 
 
 KILLED_BACKUP = r"""
@@ -890,8 +891,7 @@ def test_a_backup_killed_at_any_moment_leaves_a_whole_manifest(tmp_path: Path) -
         final = router.backup(dest)
     finally:
         router.close()
-    files = sorted(os.path.relpath(f, dest) for f in walk(dest)[1])
-    assert files == sorted(["manifest.json", final["global"]["file"], *(e["file"] for e in final["tenants"].values())])
+    assert files_in(dest) == backup_files(final)
 
 
 def test_backup_and_restore_lock_the_backup_directory(make: Callable[..., Router], tmp_path: Path) -> None:
@@ -918,10 +918,7 @@ def test_backup_and_restore_lock_the_backup_directory(make: Callable[..., Router
 def test_without_syncfs_every_copy_is_fsynced_before_the_manifest(make: Callable[..., Router], tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch,
                                                                   parallel: int) -> None:
-    router = make()
-    keys = [f"acct:{i}" for i in range(5)]
-    for i, key in enumerate(keys):
-        add(router, key, i)
+    router, keys = seeded(make, 5)
     synced: list[str] = []
     manifest_seen: list[bool] = []
     real_fsync = backup_mod.fsync_path
