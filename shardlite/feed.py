@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any, NamedTuple
 
-from .outbox import Event
+from .outbox import Event, to_json
 from .transaction import Transaction
 
 __all__ = ["FeedItem", "append", "insert_values", "page_query", "INSERT", "MAX_PAGE"]
@@ -49,9 +49,7 @@ INSERT = "INSERT INTO _shardlite_feed(source, topic, payload, event, at) VALUES 
 
 def append(tx: Transaction, event: Event) -> None:
     """Handler: add ``event`` to the destination tenant's feed."""
-    tx._internal(INSERT, (event.source, event.topic,
-                          json.dumps(event.payload, ensure_ascii=False, separators=(",", ":")), event.id,
-                          event.created))
+    tx._internal(INSERT, (event.source, event.topic, to_json(event.payload), event.id, event.created))
 
 
 def insert_values(source: str, incarnation: str, topic: str, payload_json: str, seq: int,

@@ -29,14 +29,15 @@ DEFAULT_MAX_PAYLOAD = 64 * 1024
 MAX_TOPIC_LENGTH = 200
 
 
-# Built once: json.dumps with any option but the defaults builds a new encoder on every call (~2 µs).
-_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+#: Compact JSON as payloads are stored. Built once: json.dumps with any option but the defaults builds a
+#: new encoder on every call (~2 µs).
+to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
 def encode_payload(payload: Any, limit: int) -> str:
     """Compact JSON of ``payload``; :class:`PayloadTooLarge` past ``limit`` UTF-8 bytes. Raises
     ``TypeError``/``ValueError`` (from :mod:`json`) for values JSON cannot represent."""
-    text: str = _ENCODE(payload)
+    text: str = to_json(payload)
     if len(text) * 4 <= limit:  # a character is at most 4 bytes in UTF-8: no need to count them
         return text
     size = len(text.encode("utf-8"))
