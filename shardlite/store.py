@@ -210,9 +210,9 @@ class Store:
         node = self.propose(canon)
         generation = self.catalog.allocate_generation(canon, node, "create")
         incarnation = secrets.token_hex(16)
-        data = self.template(prefix)(canon, incarnation)
+        data, seed = self.template(prefix)(canon, incarnation)
         path = os.path.join(self.node_path(node), tenant_relpath(canon, generation))
-        write_new_file(path, data, fsync=self.settings.fsync_files)
+        write_new_file(path, data, fsync=self.settings.fsync_files, wal=seed)
         try:
             winner = self.catalog.register(canon, node, generation, incarnation, len(steps))
         except BaseException:

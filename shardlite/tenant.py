@@ -3,8 +3,9 @@
 Creation never leaves a half-made tenant: the template (shardlite's tables plus the app's whole schema,
 built once per process and prefix in memory) is personalised with the key and a fresh incarnation id,
 serialized by SQLite, written to a private temporary name in the node directory, optionally fsynced, and
-*linked* into place. ``link`` fails when the name exists, so two writers can never both create one path,
-and the name carries a catalog-issued generation that is never reused.
+*linked* into place, with a seed ``-wal`` written just before it (:mod:`shardlite.seedwal`: the first
+commit then skips SQLite's WAL-header fsync). ``link`` fails when the name exists, so two writers can never
+both create one path, and the name carries a catalog-issued generation that is never reused.
 
 Opening refuses a file whose stored key (or incarnation, when the catalog knows it) differs from the one
 requested: a swapped, misplaced or hand-restored file is never served as another tenant.
@@ -12,6 +13,7 @@ requested: a swapped, misplaced or hand-restored file is never served as another
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import threading
@@ -24,6 +26,7 @@ from .authorizer import INTERNAL_SQL, Guard
 from .engine import Settings, ensure_private_dir, fsync_dir, open_connection
 from .errors import IdentityMismatch
 from .schema import INTERNAL_STEPS, INTERNAL_VERSION, Step, read_versions, run_step, upgrade
+from .seedwal import SeedWal
 
 __all__ = ["build_template", "Personaliser", "write_new_file", "open_tenant", "FileIdentity"]
 
@@ -53,46 +56,83 @@ class Personaliser:
     stored in ``_shardlite_meta``, the image in WAL format): one UPDATE of the identity row and one
     serialization, instead of loading the image and parsing its schema each time.
     Thread-safe. Only the identity row changes between tenants, so every image is the template plus the
-    key, the incarnation and the creation time."""
+    key, the incarnation and the creation time.
+
+    Calling it returns the image and its seed WAL (``None`` when the image does not fit the seed, which
+    is then left to SQLite)."""
 
     def __init__(self, template: bytes) -> None:
         self._lock = threading.Lock()
         self._mem = apsw.Connection(":memory:")
         self._mem.deserialize("main", template)
+        self._seed = SeedWal(_in_wal_format(template))
 
-    def __call__(self, key: str, incarnation: str) -> bytes:
+    def __call__(self, key: str, incarnation: str) -> tuple[bytes, bytes | None]:
         with self._lock:
             self._mem.execute("UPDATE _shardlite_meta SET key = ?, incarnation = ?, created = ? WHERE id = 1",
                               (key, incarnation, time.time()))
-            data = bytearray(self._mem.serialize("main"))
-        for offset in _WAL_HEADER_OFFSETS:
-            data[offset] = 2
-        return bytes(data)
+            data = _in_wal_format(self._mem.serialize("main"))
+        return data, self._seed.for_image(data)
 
     def close(self) -> None:
         self._mem.close()
 
 
-def write_new_file(path: str, data: bytes, *, fsync: bool) -> None:
-    """Create ``path`` (mode 0600) holding ``data``, atomically; FileExistsError if it exists."""
+def _in_wal_format(image: bytes) -> bytes:
+    data = bytearray(image)
+    for offset in _WAL_HEADER_OFFSETS:
+        data[offset] = 2
+    return bytes(data)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _create_exclusive(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+
+
+def write_new_file(path: str, data: bytes, *, fsync: bool, wal: bytes | None = None) -> None:
+    """Create ``path`` (mode 0600) holding ``data``, atomically; FileExistsError if it exists.
+
+    ``wal`` (a seed WAL for ``data``) is written to ``path-wal`` before ``path`` is linked, so no
+    connection ever sees the database without it; it is not fsynced even when ``fsync`` is set (its one
+    frame repeats a page the file already holds, so losing it loses nothing). Paths carry a generation
+    that is never reused, so ``path`` never exists; if it does, nothing is written (a seed must never
+    reach another database). On any failure neither file is left behind.
+    """
     directory = os.path.dirname(path)
     if not os.path.isdir(directory):
         ensure_private_dir(directory)
         if fsync:
             fsync_dir(os.path.dirname(directory))
+    if os.path.lexists(path):
+        raise FileExistsError(errno.EEXIST, "tenant file exists", path)
     tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    fd = _create_exclusive(tmp)
+    wal_written = False
     try:
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            _write_all(fd, data)
             if fsync:
                 os.fsync(fd)
         finally:
             os.close(fd)
+        if wal is not None:
+            wal_fd = _create_exclusive(path + "-wal")
+            wal_written = True
+            try:
+                _write_all(wal_fd, wal)
+            finally:
+                os.close(wal_fd)
         os.link(tmp, path)
+    except BaseException:
+        if wal_written:
+            os.unlink(path + "-wal")
+        raise
     finally:
         os.unlink(tmp)
     if fsync:
