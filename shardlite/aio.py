@@ -152,7 +152,7 @@ class _AsyncScope:
             savepoint, self._rollback, self._release = _nested_savepoint(handle.savepoints)
             self._nested = True
             try:
-                handle.conn.execute(savepoint)
+                handle.cur.execute(savepoint)
             except BaseException:
                 handle.savepoints -= 1
                 raise
@@ -167,7 +167,7 @@ class _AsyncScope:
             assert handle is not None
             savepoint, self._rollback, release = _MEMBER_SP
             try:
-                handle.conn.execute(savepoint)
+                handle.cur.execute(savepoint)
             except BaseException:
                 batch.count -= 1
                 router._leave(batch)
@@ -191,10 +191,10 @@ class _AsyncScope:
         failed = exc_type is not None
         nested = self._nested
         try:
-            conn = handle.conn
+            cur = handle.cur
             if failed:
-                conn.execute(self._rollback)
-            conn.execute(self._release)
+                cur.execute(self._rollback)
+            cur.execute(self._release)
         except BaseException:
             failed = True
             if not nested:

@@ -27,13 +27,17 @@ __all__ = ["Handle", "HandlePool"]
 class Handle:
     """One open connection to one generation of one tenant's file."""
 
-    __slots__ = ("key", "role", "conn", "guard", "path", "generation", "incarnation", "checked_dv",
+    __slots__ = ("key", "role", "conn", "cur", "guard", "path", "generation", "incarnation", "checked_dv",
                  "lock", "owner", "depth", "used", "closed", "aliases", "savepoints", "emitted", "needs_flag",
                  "budgeted", "__weakref__")
 
     def __init__(self, key: str, role: str, conn: apsw.Connection, guard: Guard, path: str,
                  generation: int, incarnation: str) -> None:
         self.key, self.role, self.conn, self.guard, self.path = key, role, conn, guard, path
+        #: one cursor reused for every statement whose rows are consumed at once (transaction control,
+        #: the fence check, savepoints, ``query``): ``conn.execute`` makes a new cursor per call, which
+        #: costs about 0.4 µs, a third of a cheap statement. APSW refuses re-entrant use of a cursor.
+        self.cur = conn.cursor()
         self.generation, self.incarnation = generation, incarnation
         #: ``data_version`` at which the file was last seen not retired (see Store.check_fence).
         self.checked_dv = -1

@@ -311,7 +311,7 @@ class Store:
 
     def retired(self, handle: Handle) -> bool:
         """Read the marker (inside the caller's transaction, or in its own read)."""
-        rows = handle.conn.execute(_FENCE).fetchall()
+        rows = handle.cur.execute(_FENCE).fetchall()
         return bool(rows) and rows[0][0] is not None
 
     def internal(self, handle: Handle, sql: str, params: Sequence[object] = ()) -> apsw.Cursor:
@@ -332,7 +332,7 @@ class Store:
         if wait_ms is not None:
             set_busy_timeout(conn, wait_ms)
         try:
-            conn.execute(_BEGIN)
+            handle.cur.execute(_BEGIN)
         except apsw.BusyError as exc:
             raise Busy(f"tenant {handle.key!r} stayed locked past the busy timeout ({exc})") from exc
         finally:
@@ -360,7 +360,7 @@ class Store:
             if handle.needs_flag:  # the pending-work flag before the commit that needs it
                 self.emitter.flush(handle.key, queued_here=handle.needs_flag == threading.get_ident())
                 handle.needs_flag = 0
-            conn.execute(_COMMIT)
+            handle.cur.execute(_COMMIT)
         except apsw.BusyError as exc:
             if not conn.get_autocommit():
                 conn.execute(_ROLLBACK)
@@ -449,7 +449,7 @@ class Store:
         """The rows, or None when the file turned out retired (the rows may predate a move: discard)."""
         conn = handle.conn
         try:
-            rows = conn.execute(sql, params).fetchall()
+            rows = handle.cur.execute(sql, params).fetchall()
         except apsw.ReadOnlyError as exc:
             raise StatementNotAllowed("queries are read-only: write inside router.transaction(key)") from exc
         dv = conn.data_version()
