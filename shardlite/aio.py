@@ -94,7 +94,7 @@ def _savepoint(name: str) -> tuple[str, str, str]:
     return f"SAVEPOINT {name}", f"ROLLBACK TO {name}", f"RELEASE {name}"
 
 
-_MEMBER_SP = _savepoint("m")
+_MEMBER_SAVEPOINT, _MEMBER_ROLLBACK, _MEMBER_RELEASE = _savepoint("m")
 
 
 def _nested_savepoint(depth: int) -> tuple[str, str, str]:
@@ -124,33 +124,38 @@ def _retrieved(future: asyncio.Future[None]) -> None:
         future.exception()
 
 
-class _AsyncScope:
-    __slots__ = ("_router", "_key", "_batch", "_tx", "_rollback", "_release", "_nested", "_done")
+class _AsyncScope(AsyncTransaction):
+    """What ``AsyncRouter.transaction(key)`` returns: the ``async with`` scope and, once entered, the
+    transaction itself (one object per transaction instead of two: this is every async write's path).
+    It can be entered once; before that and after its block it refuses statements."""
+
+    __slots__ = ("_router", "_batch", "_rollback", "_release", "_nested", "_done", "_entered")
 
     def __init__(self, router: AsyncRouter, key: object) -> None:
         self._router = router
-        self._key = key
-        self._batch: _Batch | None = None
-        self._tx: AsyncTransaction | None = None
-        self._rollback = ""
-        self._release = ""
-        self._nested = False
-        self._done: asyncio.Future[None] | None = None
+        self.key = key  # type: ignore[assignment]  # the caller's key until entered, then the canonical one
+        self._conn = None  # type: ignore[assignment]  # never read while _open is False
+        self._open = False
+        self._entered = False
 
     async def __aenter__(self) -> AsyncTransaction:
         router = self._router
+        if self._entered:
+            raise ShardliteError("a transaction scope can be entered only once: call transaction(key) again")
+        self._entered = True
         try:
-            canon = router._canon[self._key]
+            canon = router._canon[self.key]
         except (KeyError, TypeError):
-            canon = router._canonical(self._key)
+            canon = router._canonical(self.key)
         batch = router._batches.get(canon)
-        task = _current_task(asyncio.get_running_loop())
+        task = _current_task(asyncio.get_running_loop() if batch is None else batch.loop)
         if batch is not None and batch.busy and batch.holder is task and task is not None:
             handle = batch.handle
             assert handle is not None
             handle.savepoints += 1
             savepoint, self._rollback, self._release = _nested_savepoint(handle.savepoints)
             self._nested = True
+            self._done = None
             try:
                 handle.cur.execute(savepoint)
             except BaseException:
@@ -165,29 +170,28 @@ class _AsyncScope:
                 batch = await router._join(canon)
             handle = batch.handle
             assert handle is not None
-            savepoint, self._rollback, release = _MEMBER_SP
             try:
-                handle.cur.execute(savepoint)
+                handle.cur.execute(_MEMBER_SAVEPOINT)
             except BaseException:
                 batch.count -= 1
                 router._leave(batch)
                 raise
-            self._release = release
+            self._rollback, self._release, self._nested = _MEMBER_ROLLBACK, _MEMBER_RELEASE, False
             batch.holder = task
             handle.savepoints = 0
-            self._done = batch.loop.create_future()
-            batch.members.append(self._done)
+            self._done = done = batch.loop.create_future()
+            batch.members.append(done)
         self._batch = batch
-        tx = self._tx = AsyncTransaction(canon, handle.conn, handle.guard, router._store.emitter, handle)
-        return tx
+        self.key, self._conn, self._guard, self._handle = canon, handle.conn, handle.guard, handle
+        self._emitter, self._flagged, self._open = router._store.emitter, False, True
+        return self
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         router = self._router
         batch = self._batch
-        assert batch is not None and self._tx is not None
         handle = batch.handle
         assert handle is not None
-        self._tx._close()
+        self._open = False
         failed = exc_type is not None
         nested = self._nested
         try:
@@ -212,9 +216,10 @@ class _AsyncScope:
                     router._next(batch)  # otherwise the scheduled commit finds the batch free: nothing to do
         if failed or nested:
             return
-        assert self._done is not None
+        done = self._done
+        assert done is not None
         # Our own future: cancelling this task cancels only it, never the batch (see module doc).
-        await self._done
+        await done
 
 
 class AsyncRouter(HandlerRegistry):

@@ -28,7 +28,8 @@ _EMIT = INTERNAL_SQL + "INSERT INTO _shardlite_outbox(dest, topic, payload, crea
 
 
 class TransactionClosed(ShardliteError):
-    """The transaction's block has ended; the object can no longer run statements."""
+    """The transaction's block has ended (or, for an async scope, has not begun); the object cannot run
+    statements."""
 
 
 Params = Sequence[Any] | dict[str, Any]
@@ -135,7 +136,7 @@ class _TxCore:
         (INSERT OR ROLLBACK, RAISE(ROLLBACK), a fatal I/O error), after which a further statement would
         run, and commit, on its own. The block fails."""
         if not self._open:
-            raise TransactionClosed(f"the transaction on {self.key!r} has ended")
+            raise TransactionClosed(f"the transaction on {self.key!r} is not open (its block has ended or not begun)")
         self._open = False
         raise TransactionClosed(f"the transaction on {self.key!r} was rolled back by SQLite; "
                                 "nothing more can run in it")
@@ -270,7 +271,14 @@ class AsyncTransaction(_TxCore):
     __slots__ = ()
 
     async def execute(self, sql: str, params: Params = ()) -> apsw.Cursor:
-        return self._execute(sql, params)
+        conn = self._conn  # _TxCore._execute written out: every async statement's path
+        if not self._open or conn.get_autocommit():
+            self._refuse()
+        try:
+            return conn.execute(sql, params)
+        except apsw.SQLError as exc:
+            _refuse_vacuum(exc)
+            raise
 
     async def executemany(self, sql: str, seq_of_params: Sequence[Params]) -> apsw.Cursor:
         return self._executemany(sql, seq_of_params)

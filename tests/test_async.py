@@ -163,6 +163,26 @@ def test_basic_contract(data_root: str) -> None:
     run(main)
 
 
+def test_transaction_object_refuses_statements_outside_its_block_and_a_second_entry(data_root: str) -> None:
+    from shardlite import TransactionClosed
+
+    async def main() -> None:
+        async with AsyncRouter(data_root, schema=SCHEMA) as ar:
+            scope = ar.transaction("user:9")
+            with pytest.raises(TransactionClosed):
+                await scope.execute("INSERT INTO t(who) VALUES ('before')")  # not entered yet
+            async with scope as tx:
+                await tx.execute("INSERT INTO t(who) VALUES ('inside')")
+            with pytest.raises(TransactionClosed):
+                await tx.execute("INSERT INTO t(who) VALUES ('after')")
+            with pytest.raises(ShardliteError, match="only once"):
+                async with scope:
+                    pass
+            assert await whos(ar, "user:9") == ["inside"]
+
+    run(main)
+
+
 # --- group commit --------------------------------------------------------------------------------------------
 
 
