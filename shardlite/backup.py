@@ -49,7 +49,7 @@ from .errors import ConfigurationError, IdentityMismatch, ShardliteError, Unknow
 from .keys import canonical, key_digest, prefix_of
 from .lifecycle import fence_file
 from .placement import tenant_relpath
-from .schema import INTERNAL_VERSION, upgrade
+from .schema import INTERNAL_VERSION, REMEMBER_LAST_SEQ, upgrade
 from .store import Store
 
 __all__ = ["backup", "restore", "export_tenant", "import_tenant", "file_checksum", "MANIFEST"]
@@ -437,6 +437,7 @@ def _bring_in(store: Store, source_file: str, key: str, *, purpose: str, keep_ou
             if keep_outbox and old_key == key:
                 dest.execute("UPDATE _shardlite_outbox SET origin = coalesce(origin, ?)", (old_incarnation,))
             else:
+                dest.execute(REMEMBER_LAST_SEQ)  # a new incarnation anyway; numbers still never go back
                 dest.execute("DELETE FROM _shardlite_outbox")
             dest.execute("UPDATE _shardlite_relay SET claimed_by = NULL, claimed_until = 0")
             dest.execute("COMMIT")

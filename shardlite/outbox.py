@@ -1,7 +1,8 @@
 """Outbox rules, pure (no I/O): events, payload encoding, delivery planning, retries (brief rule 9).
 
-* Events are numbered by an AUTOINCREMENT sequence in the source file (``_shardlite_outbox.seq``), never a
-  reusable rowid, so a drained outbox never hands out an old number again. Together with the source's
+* Events are numbered in the source file (``_shardlite_outbox.seq``) past every number it used before
+  (``schema.EMIT_SQL``; whoever deletes events first keeps the highest number in ``_shardlite_relay``), so a
+  drained outbox never hands out an old number again. Together with the source's
   *incarnation* (new on create, restore and import; kept across moves) ``(source, incarnation, seq)``
   identifies an event for ever.
 * Order is kept per (source, destination): :func:`plan` delivers, for each destination, the longest prefix

@@ -55,6 +55,7 @@ from .feed import INSERT as feed_insert
 from .feed import append as feed_append
 from .feed import insert_values as feed_values
 from .outbox import Event, OutboxRow, Plan, RetryPolicy, check_topic, next_due, plan
+from .schema import EMIT_SQL, REMEMBER_LAST_SEQ
 from .store import Store
 from .transaction import Transaction
 
@@ -475,6 +476,8 @@ class Relay:
         now = time.time()
         try:
             with store.writing(source, create=False, wait_ms=wait_ms) as handle:
+                if delivered or failed or dead:  # failed ones may turn dead (deleted) below
+                    store.internal(handle, REMEMBER_LAST_SEQ)  # before deleting: numbers never come back
                 if delivered:
                     store.internal(handle, "DELETE FROM _shardlite_outbox WHERE seq IN "
                                    "(SELECT value FROM json_each(?))", (_json_list(delivered),))
@@ -579,8 +582,7 @@ class Relay:
                 continue
             try:
                 with store.writing(letter["source"], create=False) as handle:
-                    store.internal(handle, "INSERT INTO _shardlite_outbox(dest, topic, payload, created) "
-                                   "VALUES (?, ?, ?, ?)",
+                    store.internal(handle, EMIT_SQL,
                                    (letter["dest"], letter["topic"], letter["payload"], letter["created"]))
                     store.catalog.flag_pending(letter["source"])
             except UnknownTenant:

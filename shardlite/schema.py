@@ -26,6 +26,8 @@ __all__ = [
     "SchemaSpec",
     "INTERNAL_STEPS",
     "INTERNAL_VERSION",
+    "EMIT_SQL",
+    "REMEMBER_LAST_SEQ",
     "run_step",
     "read_versions",
     "upgrade",
@@ -38,6 +40,12 @@ Step = str | Callable[[apsw.Cursor], None]
 #: Version 3: ``_shardlite_outbox.origin``, the incarnation that emitted an event when it is not the file's
 #: current one (events carried over by a restore or an import keep their identity, so a destination that
 #: already applied them recognises them).
+#: Version 4: the outbox and the feed without AUTOINCREMENT, which wrote ``sqlite_sequence`` on every
+#: insert (one more page per committing transaction, about a fifth of the chat workload's time). Outbox
+#: numbers still never go back: ``_shardlite_relay.last_seq`` keeps the highest number the outbox held
+#: before anything was deleted from it (:data:`REMEMBER_LAST_SEQ`, run by whoever deletes), and
+#: :data:`EMIT_SQL` numbers a new event past both it and the outbox's own highest. Feed rows are never
+#: deleted, so their rowids only grow.
 INTERNAL_STEPS: Final[tuple[tuple[str, ...], ...]] = (
     (
         """CREATE TABLE _shardlite_meta(
@@ -83,8 +91,53 @@ INTERNAL_STEPS: Final[tuple[tuple[str, ...], ...]] = (
            )""",
     ),
     ("ALTER TABLE _shardlite_outbox ADD COLUMN origin TEXT",),
+    (
+        "ALTER TABLE _shardlite_relay ADD COLUMN last_seq INTEGER NOT NULL DEFAULT 0",
+        """UPDATE _shardlite_relay SET last_seq = max(last_seq,
+               coalesce((SELECT seq FROM sqlite_sequence WHERE name = '_shardlite_outbox'), 0),
+               coalesce((SELECT max(seq) FROM _shardlite_outbox), 0)) WHERE id = 1""",
+        """CREATE TABLE _shardlite_outbox_v4(
+               seq INTEGER PRIMARY KEY,
+               dest TEXT NOT NULL,
+               topic TEXT NOT NULL,
+               payload TEXT NOT NULL,
+               created REAL NOT NULL,
+               attempts INTEGER NOT NULL DEFAULT 0,
+               next_at REAL NOT NULL DEFAULT 0,
+               last_error TEXT,
+               origin TEXT
+           )""",
+        "INSERT INTO _shardlite_outbox_v4 SELECT seq, dest, topic, payload, created, attempts, next_at, last_error, "
+        "origin FROM _shardlite_outbox",
+        "DROP TABLE _shardlite_outbox",
+        "ALTER TABLE _shardlite_outbox_v4 RENAME TO _shardlite_outbox",
+        """CREATE TABLE _shardlite_feed_v4(
+               id INTEGER PRIMARY KEY,
+               source TEXT NOT NULL,
+               topic TEXT NOT NULL,
+               payload TEXT NOT NULL,
+               event TEXT NOT NULL,
+               at REAL NOT NULL
+           )""",
+        "INSERT INTO _shardlite_feed_v4 SELECT id, source, topic, payload, event, at FROM _shardlite_feed",
+        "DROP TABLE _shardlite_feed",
+        "ALTER TABLE _shardlite_feed_v4 RENAME TO _shardlite_feed",
+        "DELETE FROM sqlite_sequence WHERE name IN ('_shardlite_outbox', '_shardlite_feed')",
+    ),
 )
 INTERNAL_VERSION: Final = len(INTERNAL_STEPS)
+
+#: Insert one outbox event (dest, topic, payload, created), numbered past every number used before.
+EMIT_SQL: Final = (
+    "INSERT INTO _shardlite_outbox(seq, dest, topic, payload, created) VALUES ("
+    "(SELECT max(last_seq, coalesce((SELECT max(seq) FROM _shardlite_outbox), 0)) + 1 FROM _shardlite_relay "
+    "WHERE id = 1), ?, ?, ?, ?)")
+
+#: Run before any DELETE from the outbox, in the same transaction, so its numbers are never handed out
+#: again (writes only when the outbox holds a number higher than the one kept).
+REMEMBER_LAST_SEQ: Final = (
+    "UPDATE _shardlite_relay SET last_seq = (SELECT max(seq) FROM _shardlite_outbox) "
+    "WHERE id = 1 AND (SELECT max(seq) FROM _shardlite_outbox) > last_seq")
 
 
 def run_step(conn: apsw.Connection, step: Step) -> None:

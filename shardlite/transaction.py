@@ -20,11 +20,12 @@ from .authorizer import INTERNAL_SQL, Guard
 from .errors import ShardliteError, StatementNotAllowed
 from .keys import canonical
 from .outbox import DEFAULT_MAX_PAYLOAD, check_topic, encode_payload
+from .schema import EMIT_SQL
 
 __all__ = ["Transaction", "AsyncTransaction", "TransactionClosed", "Emitter"]
 
 _ANY_EVENT = "SELECT 1 FROM _shardlite_outbox LIMIT 1"
-_EMIT = INTERNAL_SQL + "INSERT INTO _shardlite_outbox(dest, topic, payload, created) VALUES (?, ?, ?, ?)"
+_EMIT = INTERNAL_SQL + EMIT_SQL
 
 
 class TransactionClosed(ShardliteError):

@@ -344,6 +344,32 @@ def test_a_crash_between_the_destination_commit_and_the_acknowledgement_has_no_d
     assert applied(router, "user:bob") == list(range(6))
 
 
+def test_numbers_never_come_back_when_the_highest_event_is_delivered_before_a_lower_one(router: Router) -> None:
+    """Delivery is per destination, so the outbox's highest event can go while a lower one waits for its
+    retry; a plain rowid would then hand the delivered number out again and the destination's inbox
+    mark would swallow the new event as a duplicate."""
+    calls: list[int] = []
+
+    @router.handler("p")
+    def flaky(tx: Any, event: Event) -> None:
+        calls.append(event.payload["n"])
+        if event.payload["n"] == 0 and event.attempts == 0:
+            raise RuntimeError("first attempt fails")
+        record(tx, event)
+
+    emit(router, "user:alice", "user:bob", 0, topic="p")    # seq 1: fails once, waits for its retry
+    emit(router, "user:alice", "user:carol", 1, topic="p")  # seq 2: delivered and deleted at once
+    first = router.relay.run_once()
+    assert first.failed == 1 and applied(router, "user:carol") == [1]
+    assert [row[0] for row in outbox(router, "user:alice")] == [1]  # only the lower event is left
+    emit(router, "user:alice", "user:carol", 2, topic="p")
+    assert [row[0] for row in outbox(router, "user:alice")] == [1, 3]  # 2 is never handed out again
+    router.relay.drain(timeout=30)
+    assert applied(router, "user:carol") == [1, 2] and applied(router, "user:bob") == [0]
+    emit(router, "user:alice", "user:carol", 3, topic="p")  # drained: numbering still goes on
+    assert [row[0] for row in outbox(router, "user:alice")] == [4]
+
+
 def test_poison_event_is_dead_lettered_after_n_attempts_and_later_events_on_the_pair_go_on(
         router: Router) -> None:
     attempts: list[int] = []

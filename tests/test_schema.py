@@ -254,3 +254,53 @@ def test_status_counts_versions(make_router: Any) -> None:
     assert status["tenants_per_node"] == {"n1": 3}
     router.drop("user:1")
     assert router.status()["schema_versions"] == {1: 1, 2: 1}
+
+
+def _downgrade_to_internal_v3(path: str) -> None:
+    """Turn a tenant file into what shardlite's internal version 3 made: outbox and feed numbered with
+    AUTOINCREMENT, no ``_shardlite_relay.last_seq``."""
+    conn = apsw.Connection(path)
+    try:
+        conn.execute("BEGIN")
+        conn.execute("DROP TABLE _shardlite_outbox")
+        conn.execute("CREATE TABLE _shardlite_outbox(seq INTEGER PRIMARY KEY AUTOINCREMENT, dest TEXT NOT NULL, "
+                     "topic TEXT NOT NULL, payload TEXT NOT NULL, created REAL NOT NULL, attempts INTEGER NOT NULL "
+                     "DEFAULT 0, next_at REAL NOT NULL DEFAULT 0, last_error TEXT, origin TEXT)")
+        conn.execute("DROP TABLE _shardlite_feed")
+        conn.execute("CREATE TABLE _shardlite_feed(id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, "
+                     "topic TEXT NOT NULL, payload TEXT NOT NULL, event TEXT NOT NULL, at REAL NOT NULL)")
+        conn.execute("ALTER TABLE _shardlite_relay DROP COLUMN last_seq")
+        # five events were emitted and delivered (deleted) under v3; one is still waiting; a feed entry
+        conn.execute("INSERT INTO _shardlite_outbox(seq, dest, topic, payload, created) VALUES "
+                     "(4, 'user:b', 't', '{}', 0)")
+        conn.execute("UPDATE sqlite_sequence SET seq = 5 WHERE name = '_shardlite_outbox'")
+        conn.execute("INSERT INTO _shardlite_feed(id, source, topic, payload, event, at) VALUES "
+                     "(7, 'user:z', 't', '{}', 'user:z/x/1', 0)")
+        conn.execute("UPDATE _shardlite_meta SET internal_version = 3")
+        conn.execute("COMMIT")
+        assert conn.execute("SELECT seq FROM sqlite_sequence WHERE name = '_shardlite_outbox'").fetchall() == [(5,)]
+    finally:
+        conn.close()
+
+
+def test_internal_v3_tenant_is_migrated_on_open_and_keeps_its_numbers(make_router: Any, root: str) -> None:
+    router = make_router(schema=USER_V1)
+    with router.transaction("user:1") as tx:
+        tx.execute("INSERT INTO profile(name) VALUES ('a')")
+    path = str(router.locate("user:1").path)
+    router.close()
+    _downgrade_to_internal_v3(path)
+
+    again = make_router(root, schema=USER_V1)
+    with again.transaction("user:1") as tx:  # opening migrates, inside its own transaction first
+        tx.emit("user:b", "t", {"after": True})
+    assert again.query("user:1", "SELECT internal_version FROM _shardlite_meta") == [(INTERNAL_VERSION,)]
+    assert again.query("user:1", "SELECT seq, payload FROM _shardlite_outbox ORDER BY seq") == [
+        (4, "{}"), (6, '{"after":true}')]  # past the v3 sequence (5), not past the highest row left (4)
+    assert again.query("user:1", "SELECT id, event FROM _shardlite_feed") == [(7, "user:z/x/1")]
+    ddl = " ".join(sql for (sql,) in again.query(
+        "user:1", "SELECT sql FROM sqlite_master WHERE name IN ('_shardlite_outbox', '_shardlite_feed')"))
+    assert "AUTOINCREMENT" not in ddl.upper()
+    assert again.query("user:1", "SELECT count(*) FROM sqlite_sequence WHERE name LIKE '\\_shardlite%' "
+                                 "ESCAPE '\\'") == [(0,)]
+    assert again.query("user:1", "PRAGMA integrity_check") == [("ok",)]
