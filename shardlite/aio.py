@@ -116,6 +116,10 @@ def _task_lookup() -> Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | 
 
 _current_task = _task_lookup()
 
+#: asyncio's C future, made directly: ``loop.create_future()`` is a Python method around the same call
+#: (0.2 µs on every transaction's path); the group commit only needs a plain future.
+_Future = asyncio.Future
+
 _BATCH_OWNER = -1  # no thread has this id: Handle.enter() from any thread waits for the lock
 
 
@@ -179,7 +183,7 @@ class _AsyncScope(AsyncTransaction):
             self._rollback, self._release, self._nested = _MEMBER_ROLLBACK, _MEMBER_RELEASE, False
             batch.holder = task
             handle.savepoints = 0
-            self._done = done = batch.loop.create_future()
+            self._done = done = _Future(loop=batch.loop)
             batch.members.append(done)
         self._batch = batch
         self.key, self._conn, self._guard, self._handle = canon, handle.conn, handle.guard, handle
