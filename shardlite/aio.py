@@ -135,6 +135,8 @@ class _AsyncScope(AsyncTransaction):
 
     __slots__ = ("_router", "_batch", "_rollback", "_release", "_nested", "_done", "_entered")
 
+    _done: asyncio.Future[None] | None
+
     def __init__(self, router: AsyncRouter, key: object) -> None:
         self._router = router
         self.key = key  # type: ignore[assignment]  # the caller's key until entered, then the canonical one
@@ -183,7 +185,8 @@ class _AsyncScope(AsyncTransaction):
             self._rollback, self._release, self._nested = _MEMBER_ROLLBACK, _MEMBER_RELEASE, False
             batch.holder = task
             handle.savepoints = 0
-            self._done = done = _Future(loop=batch.loop)
+            done: asyncio.Future[None] = _Future(loop=batch.loop)
+            self._done = done
             batch.members.append(done)
         self._batch = batch
         self.key, self._conn, self._guard, self._handle = canon, handle.conn, handle.guard, handle
