@@ -21,7 +21,7 @@ from . import feed, lifecycle, metrics
 from .accounts import Accounts
 from .catalog import Location
 from .engine import Settings
-from .errors import Busy, TenantMoving
+from .errors import Busy, ShardliteError, TenantMoving
 from .fanout import MapResult, run_map
 from .globals import GlobalTables
 from .keys import canonical
@@ -41,32 +41,36 @@ T = TypeVar("T")
 Schema = Sequence[Step] | Mapping[str, Sequence[Step]] | None
 
 
-class _Scope:
-    """``with router.transaction(key) as tx``: BEGIN IMMEDIATE (or a savepoint when nested)."""
+class _Scope(Transaction):
+    """``with router.transaction(key) as tx``: BEGIN IMMEDIATE (or a savepoint when nested). The scope is
+    the transaction object itself (one object per transaction, not two: every sync write's path). It can
+    be entered once; before that and after its block it refuses statements."""
 
-    __slots__ = ("_router", "_key", "_canon", "_handle", "_tx", "_savepoint", "_active")
+    __slots__ = ("_router", "_savepoint", "_active")
 
     def __init__(self, router: Router, key: object) -> None:
         self._router = router
-        self._key = key
-        self._canon = ""
-        self._handle: Handle | None = None
-        self._tx: Transaction | None = None
+        self.key = key  # type: ignore[assignment]  # the caller's key until entered, then the canonical one
         self._savepoint: str | None = None
+        self._conn = None  # type: ignore[assignment]  # never read while _open is False
+        self._open = False
+        self._handle = None
 
     def __enter__(self) -> Transaction:
         router = self._router
         store = router._store
+        if self._handle is not None:
+            raise ShardliteError("a transaction scope can be entered only once: call transaction(key) again")
         try:
             active = router._local.active
         except AttributeError:
             active = router._local.active = {}
-        key = self._key
+        key: object = self.key  # any object may come in: canonical() checks it
         try:  # a warm write handle is filed under the canonical key, so its key is canonical(key)
-            warm = store._wfast.get(key)  # type: ignore[call-overload]  # any object may come in
+            warm = store._wfast.get(key)  # type: ignore[call-overload]
         except TypeError:  # unhashable: canonical() says why it is not a key
             warm = None
-        canon = self._canon = warm.key if warm is not None else canonical(key)
+        canon = warm.key if warm is not None else canonical(key)
         outer = active.get(canon)
         if outer is not None:
             handle = outer
@@ -81,15 +85,15 @@ class _Scope:
             handle = store.begin_write(canon)
             active[canon] = handle
         self._active = active
-        self._handle = handle
-        self._tx = Transaction(canon, handle.conn, handle.guard, router._store.emitter, handle)
-        return self._tx
+        self.key, self._conn, self._guard, self._handle = canon, handle.conn, handle.guard, handle
+        self._emitter, self._flagged, self._open = store.emitter, False, True
+        return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         handle = self._handle
-        assert handle is not None and self._tx is not None
+        assert handle is not None
         store = self._router._store
-        self._tx._open = False
+        self._open = False
         if self._savepoint is not None:
             try:
                 if exc_type is not None and not handle.conn.get_autocommit():
@@ -105,7 +109,7 @@ class _Scope:
             else:
                 store.rollback(handle)
         finally:
-            del self._active[self._canon]
+            del self._active[self.key]
             store.release(handle)
 
 

@@ -107,6 +107,20 @@ def test_cursor_lastrowid_and_changes(router: Router) -> None:
         assert tx.execute("SELECT v FROM t WHERE id = -1").fetchone() is None
 
 
+def test_transaction_object_refuses_statements_outside_its_block_and_a_second_entry(router: Router) -> None:
+    scope = router.transaction("user:1")
+    with pytest.raises(TransactionClosed):
+        scope.execute("INSERT INTO t(v) VALUES ('before')")  # not entered yet
+    with scope as tx:
+        assert isinstance(tx, Transaction)
+        tx.execute("INSERT INTO t(v) VALUES ('inside')")
+    with pytest.raises(TransactionClosed):
+        tx.execute("INSERT INTO t(v) VALUES ('after')")
+    with pytest.raises(ShardliteError, match="only once"), scope:
+        pass
+    assert rows(router) == [(1, "inside")]
+
+
 def test_nested_transaction_is_a_savepoint(router: Router) -> None:
     with router.transaction("user:1") as outer:
         outer.execute("INSERT INTO t(id, v) VALUES (1, 'outer')")
