@@ -8,10 +8,9 @@ limit=50, before=None)`` returns :class:`FeedItem` objects, newest first; pass t
 
 from __future__ import annotations
 
-import json
 from typing import Any, NamedTuple
 
-from .outbox import Event, to_json
+from .outbox import Event, from_json, to_json
 from .transaction import Transaction
 
 __all__ = ["FeedItem", "append", "insert_values", "page_query", "INSERT", "MAX_PAGE"]
@@ -61,16 +60,16 @@ def insert_values(source: str, incarnation: str, topic: str, payload_json: str, 
 
 def items(rows: list[tuple[Any, ...]]) -> list[FeedItem]:
     """Feed rows as :class:`FeedItem` objects. The payloads (JSON texts written by :func:`append`; user SQL
-    cannot write this table) are decoded in one ``json.loads`` of their array: per call, the decoder's
-    Python wrapper costs more than parsing a small payload does."""
+    cannot write this table) are decoded in one :func:`~shardlite.outbox.from_json` of their array: per
+    call, the decoder's overhead costs more than parsing a small payload does."""
     if not rows:
         return []
     try:
-        payloads = json.loads("[" + ",".join([row[3] for row in rows]) + "]")
-        if len(payloads) != len(rows):
+        payloads = from_json("[" + ",".join([row[3] for row in rows]) + "]")
+        if not isinstance(payloads, list) or len(payloads) != len(rows):
             raise ValueError("a payload is not exactly one JSON value")
     except ValueError:  # decode them one by one: the same values, or the error of the bad one
-        payloads = [json.loads(row[3]) for row in rows]
+        payloads = [from_json(row[3]) for row in rows]
     new = tuple.__new__
     return [new(FeedItem, (i, s, t, p, e, float(a)))
             for (i, s, t, _, e, a), p in zip(rows, payloads, strict=True)]

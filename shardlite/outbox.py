@@ -22,9 +22,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from .errors import PayloadTooLarge
 
-__all__ = ["Event", "OutboxRow", "RetryPolicy", "encode_payload", "plan", "Plan", "next_due", "DEFAULT_MAX_PAYLOAD"]
+__all__ = ["Event", "OutboxRow", "RetryPolicy", "encode_payload", "from_json", "to_json", "plan", "Plan", "next_due",
+           "DEFAULT_MAX_PAYLOAD"]
 
 DEFAULT_MAX_PAYLOAD = 64 * 1024
 MAX_TOPIC_LENGTH = 200
@@ -33,6 +36,21 @@ MAX_TOPIC_LENGTH = 200
 #: Compact JSON as payloads are stored. Built once: json.dumps with any option but the defaults builds a
 #: new encoder on every call (~2 µs).
 to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+_decode = msgspec.json.Decoder().decode
+
+
+def from_json(text: str) -> Any:
+    """Decode a payload as stored (JSON written by :data:`to_json`): the value ``json.loads`` gives.
+
+    msgspec's decoder, 2-3× faster than :mod:`json` (a feed page decodes fifty payloads), gives the same
+    values for everything :data:`to_json` writes: integers of any size, floats (correctly rounded),
+    strings; NaN and infinities are never written. A text it refuses goes to ``json.loads``, so what
+    that accepts still decodes, and what it refuses raises its ``ValueError`` as before."""
+    try:
+        return _decode(text)
+    except msgspec.DecodeError:
+        return json.loads(text)
 
 
 def encode_payload(payload: Any, limit: int) -> str:
@@ -88,7 +106,7 @@ class OutboxRow:
         return self.origin or current
 
     def event(self, source: str, incarnation: str) -> Event:
-        return Event(source, self.dest, self.topic, json.loads(self.payload), self.seq,
+        return Event(source, self.dest, self.topic, from_json(self.payload), self.seq,
                      self.incarnation(incarnation), self.created, self.attempts)
 
 
