@@ -26,6 +26,7 @@ __all__ = ["Transaction", "AsyncTransaction", "TransactionClosed", "Emitter"]
 
 _ANY_EVENT = "SELECT 1 FROM _shardlite_outbox LIMIT 1"
 _EMIT = INTERNAL_SQL + EMIT_SQL
+_KNOWN_MAX = 65536
 
 
 class TransactionClosed(ShardliteError):
@@ -54,8 +55,31 @@ class Emitter:
         self.max_payload = max_payload
         #: Raises (ConfigurationError) for a destination this router could never create.
         self.check_dest = check_dest
+        #: exact-str destinations and topics already checked, with the destinations' canonical keys: the
+        #: checks cost more than the rest of an emit (bounded; emptied when full)
+        self.known_dests: dict[str, str] = {}
+        self.known_topics: set[str] = set()
         self._listeners: list[Callable[[str], None]] = []
         self._local = threading.local()
+
+    def dest_key(self, dest: object) -> str:
+        """The canonical key of an event destination; raises for an invalid one (see ``check_dest``)."""
+        key = canonical(dest)
+        if self.check_dest is not None:
+            self.check_dest(key)
+        if type(dest) is str:
+            if len(self.known_dests) >= _KNOWN_MAX:
+                self.known_dests.clear()
+            self.known_dests[dest] = key
+        return key
+
+    def topic(self, topic: object) -> str:
+        """``topic`` when it is a valid event topic (see :func:`~shardlite.outbox.check_topic`)."""
+        checked = check_topic(topic)
+        if len(self.known_topics) >= _KNOWN_MAX:
+            self.known_topics.clear()
+        self.known_topics.add(checked)
+        return checked
 
     def _sets(self) -> tuple[set[str], set[str]]:
         """This thread's queued flags, and the keys whose flag it wrote since their last :meth:`flag`."""
@@ -171,26 +195,44 @@ class _TxCore:
         return int(self._conn.changes())
 
     def _emit(self, dest: object, topic: str, payload: Any) -> None:
-        self._emit_many((dest,), topic, payload)
+        emitter = self._prepare_emit()
+        key = emitter.known_dests.get(dest) if type(dest) is str else None
+        if key is None:
+            key = emitter.dest_key(dest)
+        if type(topic) is not str or topic not in emitter.known_topics:
+            emitter.topic(topic)
+        self._write_events((key,), topic, encode_payload(payload, emitter.max_payload))
 
     def _emit_many(self, dests: Iterable[object], topic: str, payload: Any) -> None:
         """Every destination is checked and the payload encoded (once) before anything is written: an
         invalid one raises and emits nothing."""
-        self._check()
-        emitter, guard = self._emitter, self._guard
-        if emitter is None or guard is None:
-            raise ShardliteError("emit() is only available in tenant transactions")
+        emitter = self._prepare_emit()
         if isinstance(dests, (str, bytes)):
             raise TypeError("emit_many() takes an iterable of destination keys, not one key")
-        dest_keys = [canonical(dest) for dest in dests]
-        if emitter.check_dest is not None:
-            for dest_key in dest_keys:
-                emitter.check_dest(dest_key)
-        check_topic(topic)
+        known = emitter.known_dests
+        dest_keys = []
+        for dest in dests:
+            key = known.get(dest) if type(dest) is str else None
+            dest_keys.append(emitter.dest_key(dest) if key is None else key)
+        if type(topic) is not str or topic not in emitter.known_topics:
+            emitter.topic(topic)
         data = encode_payload(payload, emitter.max_payload)
-        if not dest_keys:
-            return
-        conn = self._conn
+        if dest_keys:
+            self._write_events(dest_keys, topic, data)
+
+    def _prepare_emit(self) -> Emitter:
+        if not self._open or self._conn.get_autocommit():
+            self._refuse()
+        emitter = self._emitter
+        if emitter is None or self._guard is None:
+            raise ShardliteError("emit() is only available in tenant transactions")
+        return emitter
+
+    def _write_events(self, dest_keys: Sequence[str], topic: str, data: str) -> None:
+        """Insert one outbox row per destination (checked, canonical), queueing the pending-work flag when
+        this transaction is the first to make the outbox non-empty."""
+        conn, guard, emitter = self._conn, self._guard, self._emitter
+        assert guard is not None and emitter is not None
         if not self._flagged:
             if not conn.execute(_ANY_EVENT).fetchall():
                 if self._handle is not None:

@@ -294,6 +294,29 @@ def test_emit_validates_destination_and_topic_and_needs_an_open_transaction(rout
     assert outbox(router, "user:alice") == []
 
 
+def test_checked_destinations_and_topics_are_remembered_without_hiding_errors(
+        make: Callable[..., Router], monkeypatch: pytest.MonkeyPatch) -> None:
+    import shardlite.transaction as transaction_mod
+
+    monkeypatch.setattr(transaction_mod, "_KNOWN_MAX", 3)
+    router = make(schema={"user": SCHEMA, "room": SCHEMA})
+    emitter = router._store.emitter
+    for i in range(5):  # bounded: the remembered set is emptied when full, never grows past the bound
+        emit(router, "user:alice", f"user:b{i}", i)
+        assert len(emitter.known_dests) <= 3 and len(emitter.known_topics) <= 3
+    assert emitter.known_dests.get("user:b4") == "user:b4"
+    with router.transaction("user:alice") as tx:
+        for _ in range(2):  # refused every time: a failed check is never remembered
+            with pytest.raises(ConfigurationError):
+                tx.emit("org:nope", "t", {"n": 1})
+            with pytest.raises(ValueError):
+                tx.emit("user:b4", "", {"n": 1})
+        tx.emit("user:bo\u0301b", "t", {"n": 9})
+        tx.emit("user:bo\u0301b", "t", {"n": 10})  # remembered: still its canonical key
+    assert [row[1] for row in outbox(router, "user:alice")][-2:] == ["user:b\u00f3b", "user:b\u00f3b"]
+    assert "org:nope" not in emitter.known_dests
+
+
 def test_destination_key_is_canonicalised(router: Router) -> None:
     emit(router, "user:alice", "user:bo\u0301b", 1)  # decomposed: NFC gives "user:bób"
     router.relay.drain(timeout=30)
