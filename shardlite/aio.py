@@ -313,7 +313,7 @@ class AsyncRouter(HandlerRegistry):
         if batch is None:
             batch = self._batches[canon] = _Batch(canon, asyncio.get_running_loop())
         if batch.busy or batch.committing or batch.waiters or batch.count >= self._max_batch:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            fut: asyncio.Future[None] = _Future(loop=batch.loop)
             batch.waiters.append(fut)
             try:
                 await fut
@@ -337,7 +337,7 @@ class AsyncRouter(HandlerRegistry):
 
     async def _open_batch(self, batch: _Batch) -> None:
         store = self._store
-        loop = asyncio.get_running_loop()
+        loop = batch.loop
         handle = store.pool.get(batch.key, "w")
         opened = False
         if handle is not None and not handle.closed and handle.lock.acquire(blocking=False):
@@ -409,7 +409,7 @@ class AsyncRouter(HandlerRegistry):
             return
         batch.committing = True
         if self._commit_offloaded:
-            asyncio.get_running_loop().create_task(self._commit_offloaded_batch(batch))
+            batch.loop.create_task(self._commit_offloaded_batch(batch))
         else:
             error: BaseException | None = None
             try:
