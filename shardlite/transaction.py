@@ -30,8 +30,7 @@ _KNOWN_MAX = 65536
 
 
 class TransactionClosed(ShardliteError):
-    """The transaction's block has ended (or, for an async scope, has not begun); the object cannot run
-    statements."""
+    """The transaction's block has ended (or has not begun); the object cannot run statements."""
 
 
 Params = Sequence[Any] | dict[str, Any]
