@@ -118,7 +118,7 @@ class Emitter:
         written.update(keys)
         if key is not None:
             written.discard(key)
-        if len(written) > 65536:  # keys whose transaction never committed (rolled back): forget them
+        if len(written) > _KNOWN_MAX:  # keys whose transaction never committed (rolled back): forget them
             written.clear()
 
     def listen(self, listener: Callable[[str], None]) -> None:
@@ -220,8 +220,7 @@ class _TxCore:
             self._write_events(dest_keys, topic, data)
 
     def _prepare_emit(self) -> Emitter:
-        if not self._open or self._conn.get_autocommit():
-            self._refuse()
+        self._check()
         emitter = self._emitter
         if emitter is None or self._guard is None:
             raise ShardliteError("emit() is only available in tenant transactions")
@@ -313,14 +312,7 @@ class AsyncTransaction(_TxCore):
     __slots__ = ()
 
     async def execute(self, sql: str, params: Params = ()) -> apsw.Cursor:
-        conn = self._conn  # _TxCore._execute written out: every async statement's path
-        if not self._open or conn.get_autocommit():
-            self._refuse()
-        try:
-            return conn.execute(sql, params)
-        except apsw.SQLError as exc:
-            _refuse_vacuum(exc)
-            raise
+        return self._execute(sql, params)
 
     async def executemany(self, sql: str, seq_of_params: Sequence[Params]) -> apsw.Cursor:
         return self._executemany(sql, seq_of_params)
