@@ -33,7 +33,7 @@ import time
 import types
 import warnings
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -66,7 +66,7 @@ Schema = Sequence[Step] | Mapping[str, Sequence[Step]] | None
 class _Batch:
     """Group-commit state of one tenant."""
 
-    __slots__ = ("key", "loop", "handle", "waiters", "busy", "holder", "count", "members", "committing",
+    __slots__ = ("key", "loop", "handle", "waiters", "busy", "holder", "count", "round", "committing",
                  "commit_scheduled")
 
     def __init__(self, key: str, loop: asyncio.AbstractEventLoop) -> None:
@@ -77,8 +77,8 @@ class _Batch:
         self.busy = False  # a transaction holds the connection (its savepoint is open)
         self.holder: asyncio.Task[Any] | None = None  # the task whose transaction holds it
         self.count = 0
-        #: one future per released transaction of the open batch, resolved after its COMMIT
-        self.members: list[asyncio.Future[None]] = []
+        #: the open batch's outcome (None while no batch is open)
+        self.round: _Round | None = None
         self.committing = False
         self.commit_scheduled = False
 
@@ -123,9 +123,58 @@ _Future = asyncio.Future
 _BATCH_OWNER = -1  # no thread has this id: Handle.enter() from any thread waits for the lock
 
 
+@types.coroutine
+def _yield_once() -> Generator[None, None, None]:
+    """Give the loop one turn (a bare ``yield``: the task is rescheduled at the back of the ready queue,
+    no future involved)."""
+    yield
+
+
 def _retrieved(future: asyncio.Future[None]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+class _Round:
+    """The outcome of one group-commit batch (one ``BEGIN ... COMMIT``), shared by its members.
+
+    ``finished`` turns true once, after the batch's ``COMMIT`` (``error`` None) or its failure (``error``
+    set). Members that block for it each get their own future (:meth:`wait`), so a member's cancellation
+    cancels only its own wait."""
+
+    __slots__ = ("finished", "error", "_waiters")
+
+    def __init__(self) -> None:
+        self.finished = False
+        self.error: BaseException | None = None
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def wait(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """A future resolved (or failed with ``error``) when the batch finishes."""
+        fut: asyncio.Future[None] = _Future(loop=loop)
+        if self.finished:
+            _settle(fut, self.error)
+        elif self._waiters is None:
+            self._waiters = [fut]
+        else:
+            self._waiters.append(fut)
+        return fut
+
+    def finish(self, error: BaseException | None) -> None:
+        self.finished, self.error = True, error
+        waiters, self._waiters = self._waiters, None
+        for fut in waiters or ():
+            _settle(fut, error)
+
+
+def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
+    if fut.done():
+        return  # its member was cancelled meanwhile
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
+        fut.add_done_callback(_retrieved)  # a member cancelled later never reads it
 
 
 class _AsyncScope(AsyncTransaction):
@@ -133,9 +182,9 @@ class _AsyncScope(AsyncTransaction):
     transaction itself (one object per transaction instead of two: this is every async write's path).
     It can be entered once; before that and after its block it refuses statements."""
 
-    __slots__ = ("_router", "_batch", "_rollback", "_release", "_nested", "_done", "_entered")
+    __slots__ = ("_router", "_batch", "_rollback", "_release", "_nested", "_round", "_entered")
 
-    _done: asyncio.Future[None] | None
+    _round: _Round | None
 
     def __init__(self, router: AsyncRouter, key: object) -> None:
         self._router = router
@@ -161,7 +210,7 @@ class _AsyncScope(AsyncTransaction):
             handle.savepoints += 1
             savepoint, self._rollback, self._release = _nested_savepoint(handle.savepoints)
             self._nested = True
-            self._done = None
+            self._round = None
             try:
                 handle.cur.execute(savepoint)
             except BaseException:
@@ -185,9 +234,7 @@ class _AsyncScope(AsyncTransaction):
             self._rollback, self._release, self._nested = _MEMBER_ROLLBACK, _MEMBER_RELEASE, False
             batch.holder = task
             handle.savepoints = 0
-            done: asyncio.Future[None] = _Future(loop=batch.loop)
-            self._done = done
-            batch.members.append(done)
+            self._round = batch.round
         self._batch = batch
         self.key, self._conn, self._guard, self._handle = canon, handle.conn, handle.guard, handle
         self._emitter, self._flagged, self._open = router._store.emitter, False, True
@@ -216,17 +263,22 @@ class _AsyncScope(AsyncTransaction):
                 handle.savepoints -= 1
             else:
                 batch.holder = None
-                if failed and self._done is not None and self._done in batch.members:
-                    batch.members.remove(self._done)
                 batch.busy = False
                 if batch.waiters or not batch.commit_scheduled:
                     router._next(batch)  # otherwise the scheduled commit finds the batch free: nothing to do
         if failed or nested:
             return
-        done = self._done
-        assert done is not None
-        # Our own future: cancelling this task cancels only it, never the batch (see module doc).
-        await done
+        outcome = self._round
+        assert outcome is not None
+        if not router._commit_offloaded:
+            # The batch's commit runs on the loop, scheduled (call_soon) no later than this point: after one
+            # turn it has usually run, and no future is needed. A cancellation here raises CancelledError
+            # with the outcome unknown, as while waiting on the future (see module doc).
+            await _yield_once()
+        if not outcome.finished or outcome.error is not None:
+            # Our own future (which raises the batch's error): cancelling this task cancels only it, never
+            # the batch (see module doc).
+            await outcome.wait(batch.loop)
 
 
 class AsyncRouter(HandlerRegistry):
@@ -359,7 +411,7 @@ class AsyncRouter(HandlerRegistry):
         assert handle is not None
         batch.handle = handle
         batch.count = 0
-        batch.members = []
+        batch.round = _Round()
 
     def _begin_for_batch(self, key: str) -> Handle:
         """On a worker: BEGIN IMMEDIATE for a batch. The handle is owned by the batch (the loop), not by
@@ -428,19 +480,14 @@ class AsyncRouter(HandlerRegistry):
         self._finish(batch, error)
 
     def _finish(self, batch: _Batch, error: BaseException | None) -> None:
-        handle, members = batch.handle, batch.members
-        batch.handle, batch.members, batch.count = None, [], 0
+        handle, outcome = batch.handle, batch.round
+        batch.handle, batch.round, batch.count = None, None, 0
         batch.committing = False
         if handle is not None:
             handle.owner = threading.get_ident()
             self._store.release(handle)
-        for done in members:
-            if not done.done():
-                if error is None:
-                    done.set_result(None)
-                else:
-                    done.set_exception(error)
-                    done.add_done_callback(_retrieved)  # a member cancelled meanwhile never reads it
+        if outcome is not None:
+            outcome.finish(error)
         self._next(batch)
 
     def _abort_batch(self, batch: _Batch) -> None:
@@ -544,9 +591,9 @@ class AsyncRouter(HandlerRegistry):
         """Stop the relay, wait for open batches to commit, then close every connection. Idempotent."""
         await self.relay.stop()
         for batch in list(self._batches.values()):
-            for done in list(batch.members):
+            if batch.round is not None:
                 try:
-                    await asyncio.shield(done)
+                    await batch.round.wait(batch.loop)
                 except Exception:  # noqa: BLE001 - their owners saw it
                     pass
         self._executor.shutdown(wait=True)

@@ -244,6 +244,35 @@ def test_a_failing_transaction_in_a_batch_rolls_back_alone(checker: Checker, dat
     run(main)
 
 
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+def test_a_failed_commit_fails_every_member_of_its_batch(data_root: str, synchronous: str) -> None:
+    """A deferred foreign key is checked at COMMIT: one member's dangling row fails the batch's COMMIT,
+    and every member of that batch is told (none is acknowledged), nothing of it is kept, the next works."""
+    schema = ["CREATE TABLE parent(id INTEGER PRIMARY KEY)",
+              "CREATE TABLE child(id INTEGER PRIMARY KEY, parent_id INTEGER NOT NULL "
+              "REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)"]
+
+    async def main() -> None:
+        async with AsyncRouter(data_root, schema=schema, synchronous=synchronous) as ar:
+            async with ar.transaction(K) as tx:
+                await tx.execute("INSERT INTO parent VALUES (1)")
+            commits = count_commits(ar)
+
+            async def one(i: int) -> int:
+                async with ar.transaction(K) as tx:
+                    await tx.execute("INSERT INTO child VALUES (?, ?)", (i, 99 if i == 7 else 1))
+                return i
+
+            results = await asyncio.gather(*(one(i) for i in range(1, 33)), return_exceptions=True)
+            assert len(commits) == 1, "the 32 transactions were one batch"
+            assert all(isinstance(r, apsw.ConstraintError) for r in results), results
+            assert await ar.query(K, "SELECT count(*) FROM child") == [(0,)]
+            assert await one(100) == 100
+            assert await ar.query(K, "SELECT id FROM child") == [(100,)]
+
+    run(main)
+
+
 def test_reads_never_see_uncommitted_writes_of_an_open_batch(checker: Checker, data_root: str) -> None:
     async def main() -> None:
         async with AsyncRouter(data_root, schema=SCHEMA) as ar:
