@@ -29,7 +29,7 @@ class Handle:
 
     __slots__ = ("key", "role", "conn", "cur", "guard", "path", "generation", "incarnation", "checked_dv",
                  "lock", "owner", "depth", "used", "closed", "aliases", "savepoints", "emitted", "needs_flag",
-                 "budgeted", "__weakref__")
+                 "budgeted", "spare", "__weakref__")
 
     def __init__(self, key: str, role: str, conn: apsw.Connection, guard: Guard, path: str,
                  generation: int, incarnation: str) -> None:
@@ -38,6 +38,9 @@ class Handle:
         #: the fence check, savepoints, ``query``): ``conn.execute`` makes a new cursor per call, which
         #: costs about 0.4 µs, a third of a cheap statement. APSW refuses re-entrant use of a cursor.
         self.cur = conn.cursor()
+        #: the cursor the next statement of a transaction runs on, unless its caller still holds it (see
+        #: ``Transaction.execute``)
+        self.spare = conn.cursor()
         self.generation, self.incarnation = generation, incarnation
         #: ``data_version`` at which the file was last seen not retired (see Store.check_fence).
         self.checked_dv = -1
