@@ -67,11 +67,13 @@ class _Batch:
     """Group-commit state of one tenant."""
 
     __slots__ = ("key", "loop", "handle", "waiters", "busy", "holder", "count", "round", "committing",
-                 "commit_scheduled")
+                 "commit_scheduled", "commit_on_loop")
 
-    def __init__(self, key: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, key: str, loop: asyncio.AbstractEventLoop, commit_on_loop: bool) -> None:
         self.key = key
         self.loop = loop
+        #: the COMMIT runs on the loop thread (``synchronous=NORMAL``), not on a worker
+        self.commit_on_loop = commit_on_loop
         self.handle: Handle | None = None
         self.waiters: deque[asyncio.Future[None]] = deque()
         self.busy = False  # a transaction holds the connection (its savepoint is open)
@@ -182,16 +184,14 @@ class _AsyncScope(AsyncTransaction):
     transaction itself (one object per transaction instead of two: this is every async write's path).
     It can be entered once; before that and after its block it refuses statements."""
 
-    __slots__ = ("_router", "_batch", "_rollback", "_release", "_nested", "_round", "_entered")
+    __slots__ = ("_router", "_batch", "_depth", "_round", "_entered")
 
-    _round: _Round | None
+    _round: _Round
 
     def __init__(self, router: AsyncRouter, key: object) -> None:
         self._router = router
         self.key = key  # type: ignore[assignment]  # the caller's key until entered, then the canonical one
-        self._conn = None  # type: ignore[assignment]  # never read while _open is False
-        self._open = False
-        self._entered = False
+        self._open = self._entered = False
 
     async def __aenter__(self) -> AsyncTransaction:
         router = self._router
@@ -203,74 +203,79 @@ class _AsyncScope(AsyncTransaction):
         except (KeyError, TypeError):
             canon = router._canonical(self.key)
         batch = router._batches.get(canon)
-        task = _current_task(asyncio.get_running_loop() if batch is None else batch.loop)
-        if batch is not None and batch.busy and batch.holder is task and task is not None:
-            handle = batch.handle
-            assert handle is not None
-            handle.savepoints += 1
-            savepoint, self._rollback, self._release = _nested_savepoint(handle.savepoints)
-            self._nested = True
-            self._round = None
-            try:
-                handle.cur.execute(savepoint)
-            except BaseException:
-                handle.savepoints -= 1
-                raise
+        if batch is None:
+            task = _current_task(asyncio.get_running_loop())
+            batch = await router._join(canon)
         else:
-            if (batch is not None and batch.handle is not None and not batch.busy and not batch.committing
-                    and not batch.waiters and batch.count < router._max_batch):
+            task = _current_task(batch.loop)
+            if batch.busy:
+                if batch.holder is task and task is not None:
+                    return self._enter_nested(batch, canon)
+                batch = await router._join(canon)
+            elif batch.handle is None or batch.committing or batch.waiters or batch.count >= router._max_batch:
+                batch = await router._join(canon)
+            else:
                 batch.busy = True  # fast path: join the open batch without waiting
                 batch.count += 1
-            else:
-                batch = await router._join(canon)
-            handle = batch.handle
-            assert handle is not None
-            try:
-                handle.cur.execute(_MEMBER_SAVEPOINT)
-            except BaseException:
-                batch.count -= 1
-                router._leave(batch)
-                raise
-            self._rollback, self._release, self._nested = _MEMBER_ROLLBACK, _MEMBER_RELEASE, False
-            batch.holder = task
-            handle.savepoints = 0
-            self._round = batch.round
+        handle: Handle = batch.handle  # type: ignore[assignment]  # set while a batch is open
+        try:
+            handle.cur.execute(_MEMBER_SAVEPOINT)
+        except BaseException:
+            batch.count -= 1
+            router._leave(batch)
+            raise
+        batch.holder = task
         self._batch = batch
+        self._round = batch.round  # type: ignore[assignment]  # set while a batch is open
+        self._depth = 0
+        self._handle = handle
+        self._conn = handle.conn
+        self._guard = handle.guard
+        self._emitter = router._emitter
+        self._flagged = False
+        self.key = canon
+        self._open = True
+        return self
+
+    def _enter_nested(self, batch: _Batch, canon: str) -> AsyncTransaction:
+        """A transaction inside the running one, in the same task: a savepoint of its own."""
+        handle = batch.handle
+        assert handle is not None
+        depth = handle.savepoints = handle.savepoints + 1
+        try:
+            handle.cur.execute(_nested_savepoint(depth)[0])
+        except BaseException:
+            handle.savepoints -= 1
+            raise
+        self._batch, self._depth = batch, depth
         self.key, self._conn, self._guard, self._handle = canon, handle.conn, handle.guard, handle
-        self._emitter, self._flagged, self._open = router._store.emitter, False, True
+        self._emitter, self._flagged, self._open = self._router._emitter, False, True
         return self
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
-        router = self._router
-        batch = self._batch
-        handle = batch.handle
-        assert handle is not None
         self._open = False
-        failed = exc_type is not None
-        nested = self._nested
+        depth = self._depth
+        if depth:
+            self._exit_nested(self._handle, depth, exc_type is not None)
+            return
+        batch = self._batch
+        cur = self._handle.cur
         try:
-            cur = handle.cur
-            if failed:
-                cur.execute(self._rollback)
-            cur.execute(self._release)
+            if exc_type is not None:
+                cur.execute(_MEMBER_ROLLBACK)
+            cur.execute(_MEMBER_RELEASE)
         except BaseException:
-            failed = True
-            if not nested:
-                router._abort_batch(batch)
+            self._router._abort_batch(batch)
             raise
         finally:
-            if nested:
-                handle.savepoints -= 1
-            else:
-                batch.holder = None
-                batch.busy = False
-                if batch.waiters or not batch.commit_scheduled:
-                    router._next(batch)  # otherwise the scheduled commit finds the batch free: nothing to do
-        if failed or nested:
+            batch.holder = None
+            batch.busy = False
+            if batch.waiters or not batch.commit_scheduled:
+                self._router._next(batch)  # otherwise the scheduled commit finds the batch free: nothing to do
+        if exc_type is not None:
             return
         outcome = self._round
-        assert outcome is not None
-        if not router._commit_offloaded:
+        if batch.commit_on_loop:
             # The batch's commit runs on the loop, scheduled (call_soon) no later than this point: after one
             # turn it has usually run, and no future is needed. A cancellation here raises CancelledError
             # with the outcome unknown, as while waiting on the future (see module doc).
@@ -279,6 +284,16 @@ class _AsyncScope(AsyncTransaction):
             # Our own future (which raises the batch's error): cancelling this task cancels only it, never
             # the batch (see module doc).
             await outcome.wait(batch.loop)
+
+    @staticmethod
+    def _exit_nested(handle: Handle, depth: int, failed: bool) -> None:
+        _, rollback, release = _nested_savepoint(depth)
+        try:
+            if failed:
+                handle.cur.execute(rollback)
+            handle.cur.execute(release)
+        finally:
+            handle.savepoints -= 1
 
 
 class AsyncRouter(HandlerRegistry):
@@ -317,6 +332,7 @@ class AsyncRouter(HandlerRegistry):
         self._inline_ticks = 0  # progress-handler calls during the current inline read
         self._commit_offloaded = settings.synchronous != "NORMAL"
         self._canon: dict[object, str] = {}
+        self._emitter = self._store.emitter
         db = self._store.globaldb
         #: Accounts (async twin of :class:`~shardlite.accounts.Accounts`).
         self.accounts = AsyncAccounts(Accounts(db, clock), self._call)
@@ -363,7 +379,7 @@ class AsyncRouter(HandlerRegistry):
         """Wait for this transaction's turn on ``canon`` and return the open batch it joins."""
         batch = self._batches.get(canon)
         if batch is None:
-            batch = self._batches[canon] = _Batch(canon, asyncio.get_running_loop())
+            batch = self._batches[canon] = _Batch(canon, asyncio.get_running_loop(), not self._commit_offloaded)
         if batch.busy or batch.committing or batch.waiters or batch.count >= self._max_batch:
             fut: asyncio.Future[None] = _Future(loop=batch.loop)
             batch.waiters.append(fut)
@@ -412,6 +428,7 @@ class AsyncRouter(HandlerRegistry):
         batch.handle = handle
         batch.count = 0
         batch.round = _Round()
+        handle.savepoints = 0
 
     def _begin_for_batch(self, key: str) -> Handle:
         """On a worker: BEGIN IMMEDIATE for a batch. The handle is owned by the batch (the loop), not by

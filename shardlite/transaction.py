@@ -169,10 +169,16 @@ class _TxCore:
         self._handle = handle  # a pool Handle: its ``emitted`` flag tells the committer to wake relays
 
     def _check(self) -> apsw.Connection:
-        conn = self._conn
-        if not self._open or conn.get_autocommit():
+        if not self._open or self._conn.get_autocommit():
             self._refuse()
-        return conn
+        return self._conn
+
+    def _connection(self) -> apsw.Connection:
+        """The connection, also after the block ended; an async scope that was never entered has none."""
+        try:
+            return self._conn
+        except AttributeError:
+            raise TransactionClosed(f"the transaction on {self.key!r} has not begun") from None
 
     def _refuse(self) -> None:
         """Raise why no statement can run: the block ended, or SQLite rolled the whole transaction back
@@ -192,8 +198,10 @@ class _TxCore:
         nobody can tell it from a new one, and making a cursor costs a third of a cheap statement. A cursor
         the caller still holds (or closed, or configured) is never reused: it becomes the caller's own and
         a new one the spare."""
-        conn = self._conn  # _check() written out: this is every statement's path
-        if not self._open or conn.get_autocommit():
+        if not self._open:  # _check() written out: this is every statement's path
+            self._refuse()
+        conn = self._conn
+        if conn.get_autocommit():
             self._refuse()
         handle = self._handle
         try:
@@ -221,12 +229,12 @@ class _TxCore:
     @property
     def lastrowid(self) -> int:
         """Rowid of the last row inserted on this connection."""
-        return int(self._conn.last_insert_rowid())
+        return int(self._connection().last_insert_rowid())
 
     @property
     def changes(self) -> int:
         """Rows changed by the last INSERT, UPDATE or DELETE."""
-        return int(self._conn.changes())
+        return int(self._connection().changes())
 
     def _emit(self, dest: object, topic: str, payload: Any) -> None:
         emitter = self._prepare_emit()

@@ -171,6 +171,8 @@ def test_transaction_object_refuses_statements_outside_its_block_and_a_second_en
             scope = ar.transaction("user:9")
             with pytest.raises(TransactionClosed):
                 await scope.execute("INSERT INTO t(who) VALUES ('before')")  # not entered yet
+            with pytest.raises(TransactionClosed):
+                scope.lastrowid  # noqa: B018 - the property raises
             async with scope as tx:
                 await tx.execute("INSERT INTO t(who) VALUES ('inside')")
             with pytest.raises(TransactionClosed):
