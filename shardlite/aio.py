@@ -321,10 +321,14 @@ class AsyncRouter(HandlerRegistry):
     ) -> None:
         settings = Settings(synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, max_open=max_open,
                             cache_kib=cache_kib)
-        self._store = Store(os.fspath(root), nodes=nodes, schema=schema,  # type: ignore[arg-type]
-                            global_schema=global_schema, settings=settings, move_wait=move_wait,
-                            max_payload=max_payload)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardlite")
+        try:
+            self._store = Store(os.fspath(root), nodes=nodes, schema=schema,  # type: ignore[arg-type]
+                                global_schema=global_schema, settings=settings, move_wait=move_wait,
+                                max_payload=max_payload, checkpoint_submit=self._executor.submit)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            raise
         self._batches: dict[str, _Batch] = {}
         self._max_batch = max_batch
         self._inline_steps = inline_read_steps

@@ -19,6 +19,7 @@ from typing import Any
 import apsw
 
 from .authorizer import Guard
+from .checkpoints import WalWatch
 from .errors import Busy
 
 __all__ = ["Handle", "HandlePool"]
@@ -29,7 +30,7 @@ class Handle:
 
     __slots__ = ("key", "role", "conn", "cur", "guard", "path", "generation", "incarnation", "checked_dv",
                  "lock", "owner", "depth", "used", "closed", "aliases", "savepoints", "emitted", "needs_flag",
-                 "budgeted", "spare", "__weakref__")
+                 "budgeted", "spare", "wal", "__weakref__")
 
     def __init__(self, key: str, role: str, conn: apsw.Connection, guard: Guard, path: str,
                  generation: int, incarnation: str) -> None:
@@ -56,6 +57,8 @@ class Handle:
         #: ``tx.emit`` queued the tenant's pending-work flag (in the thread of this id; 0: not): the committer
         #: makes sure it is written before the COMMIT
         self.needs_flag = 0
+        #: the WAL hook of a write connection whose checkpoints a Checkpointer schedules (else None)
+        self.wal: WalWatch | None = None
         #: the AsyncRouter installed its inline-read budget (a progress handler) on this connection
         self.budgeted = False
 

@@ -34,6 +34,7 @@ import apsw
 
 from .authorizer import INTERNAL_SQL
 from .catalog import Location, Node, SqliteCatalog, TenantRecord
+from .checkpoints import DUE_FRAMES, Checkpointer, Submit
 from .copying import remove_db_files
 from .engine import Settings, abandon, ensure_private_dir, on_fork_in_child, set_busy_timeout
 from .errors import Busy, ConfigurationError, ShardliteError, StatementNotAllowed, TenantMoving, UnknownTenant
@@ -85,7 +86,10 @@ class Store:
         move_wait: float = 10.0,
         create: bool = True,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        checkpoint_submit: Submit | None = None,
     ) -> None:
+        """``checkpoint_submit``: an executor's ``submit``; when given, write connections checkpoint their
+        WAL on its workers instead of inside the committing ``COMMIT`` (see :mod:`shardlite.checkpoints`)."""
         self.root = os.path.abspath(os.fspath(root))
         self.settings = settings or Settings()
         self.spec = SchemaSpec(schema)
@@ -116,6 +120,8 @@ class Store:
                                check_dest=lambda key: self.spec.steps_for(prefix_of(key)))
         self._templates: dict[str, Personaliser] = {}
         self._template_lock = threading.Lock()
+        self.checkpoints = (None if checkpoint_submit is None
+                            else Checkpointer(checkpoint_submit, self._open_for_checkpoint))
         self._closed = False
         _stores.add(self)
 
@@ -245,7 +251,15 @@ class Store:
         if ident.app_version > record.schema_version:
             self.catalog.set_schema_version(canon, ident.app_version)
         handle = Handle(canon, role, conn, guard, path, record.generation, ident.incarnation)
+        if role == "w" and self.checkpoints is not None:
+            handle.wal = self.checkpoints.watch(conn)
         return self.pool.add(handle)
+
+    def _open_for_checkpoint(self, handle: Handle) -> apsw.Connection:
+        """A connection of its own on ``handle``'s file, identity-checked and ``query_only``."""
+        conn, _guard, _ident = open_tenant(handle.path, key=handle.key, incarnation=handle.incarnation,
+                                           settings=self.settings, steps=(), read_only=True)
+        return conn
 
     def acquire(self, key: object, role: str, *, create: bool, revive: bool = True) -> Handle:
         """An entered handle for ``key``: resolved, opened, identity-checked. The caller must release it."""
@@ -372,6 +386,9 @@ class Store:
         finally:
             guard.trusted = False
         handle.checked_dv = conn.data_version()
+        watch = handle.wal
+        if watch is not None and watch.frames >= DUE_FRAMES:
+            self.checkpoints.after_commit(handle, watch)  # type: ignore[union-attr]  # set with handle.wal
         if handle.emitted:
             handle.emitted = False
             self.emitter.wake(handle.key)

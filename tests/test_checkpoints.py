@@ -1,0 +1,157 @@
+"""WAL checkpoints under AsyncRouter run on worker threads, the log stays bounded, nothing is lost.
+
+``shardlite.checkpoints``: an AsyncRouter's write connections have no autocheckpoint; a WAL hook notes
+the log's size and the store's commit hands passive checkpoints to a worker, or checkpoints inline once
+the log is ``INLINE_FRAMES`` long. The sync Router keeps SQLite's autocheckpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import apsw
+import pytest
+
+from shardlite import AsyncRouter, Router
+from shardlite.checkpoints import DUE_FRAMES, INLINE_FRAMES, WalWatch, decide
+
+SCHEMA = ["CREATE TABLE t(id INTEGER PRIMARY KEY, blob BLOB NOT NULL)"]
+K = "room:wal"
+PAGE = 4096
+
+
+@pytest.mark.parametrize(("frames", "copied", "pending", "expected"), [
+    (0, 0, False, None),
+    (DUE_FRAMES - 1, 0, False, None),
+    (DUE_FRAMES, 0, False, "worker"),
+    (DUE_FRAMES, 0, True, None),  # one worker checkpoint at a time
+    (DUE_FRAMES + 500, 600, False, None),  # fewer than DUE_FRAMES added since the last checkpoint
+    (2 * DUE_FRAMES, DUE_FRAMES, False, "worker"),
+    (INLINE_FRAMES - 1, INLINE_FRAMES - 2, False, None),
+    (INLINE_FRAMES, INLINE_FRAMES - 1, False, "inline"),  # the log must restart: its committer copies
+    (INLINE_FRAMES, 0, True, "inline"),
+])
+def test_decide(frames: int, copied: int, pending: bool, expected: str | None) -> None:
+    assert decide(frames, copied, pending) == expected
+
+
+def test_the_watch_notices_a_restarted_log() -> None:
+    watch = WalWatch()
+    watch.copied = 1500
+    assert watch(None, "main", 1800) == apsw.SQLITE_OK  # type: ignore[arg-type]
+    assert (watch.frames, watch.copied) == (1800, 1500)
+    watch(None, "main", 3)  # type: ignore[arg-type]
+    assert (watch.frames, watch.copied) == (3, 0)
+
+
+def wal_frames(path: str) -> int:
+    """Frames the -wal file has room for (its size: SQLite reuses a restarted log from the start)."""
+    size = os.path.getsize(path + "-wal") if os.path.exists(path + "-wal") else 0
+    return max(0, size - 32) // (PAGE + 24)
+
+
+def autocheckpoint(handle: object) -> int:
+    """SQLite's autocheckpoint setting on a handle's connection (0: none; a WAL hook replaces it)."""
+    handle.guard.trusted = True  # type: ignore[attr-defined]
+    try:
+        return int(handle.conn.execute("PRAGMA wal_autocheckpoint").fetchall()[0][0])  # type: ignore[attr-defined]
+    finally:
+        handle.guard.trusted = False  # type: ignore[attr-defined]
+
+
+def run(coro: Callable[[], object]) -> None:
+    asyncio.run(coro())  # type: ignore[arg-type]
+
+
+def test_async_checkpoints_run_on_workers_and_keep_the_log_bounded(tmp_path: Path) -> None:
+    root = os.fspath(tmp_path / "data")
+    rows = 0
+
+    async def main() -> None:
+        nonlocal rows
+        async with AsyncRouter(root, schema=SCHEMA) as ar:
+            store = ar._store
+            checkpoints = store.checkpoints
+            assert checkpoints is not None
+
+            async def one(i: int) -> None:
+                async with ar.transaction(K) as tx:
+                    await tx.execute("INSERT INTO t(blob) VALUES (randomblob(3000))")
+
+            for _burst in range(12):  # ~12 x 400 frames: several checkpoints are due
+                await asyncio.gather(*(one(i) for i in range(400)))
+                rows += 400
+                handle = store.pool.get(K, "w")
+                assert handle is not None and handle.wal is not None
+                while handle.wal.pending:  # let the worker finish (bounded: a checkpoint takes ms)
+                    await asyncio.sleep(0.001)
+            path = handle.path
+            assert autocheckpoint(handle) == 0
+            assert checkpoints.worker_runs >= 3, "checkpoints were handed to workers"
+            assert checkpoints.inline_runs == 0, "with pauses between bursts no commit had to checkpoint itself"
+            assert wal_frames(path) < INLINE_FRAMES
+            assert await ar.query(K, "SELECT count(*) FROM t") == [(rows,)]
+
+    run(main)
+    with Router(root, schema=SCHEMA) as router:
+        assert router.query(K, "SELECT count(*) FROM t") == [(rows,)]
+        assert router.query(K, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_sustained_async_writes_bound_the_log_by_checkpointing_inline(tmp_path: Path) -> None:
+    """No pause for a worker to catch up: passive checkpoints cannot restart the log, so its committer
+    checkpoints once it is INLINE_FRAMES long, and the -wal file never grows much past that."""
+    root = os.fspath(tmp_path / "data")
+
+    async def main() -> None:
+        async with AsyncRouter(root, schema=SCHEMA) as ar:
+
+            async def writer() -> None:
+                for _ in range(200):
+                    async with ar.transaction(K) as tx:
+                        await tx.execute("INSERT INTO t(blob) VALUES (randomblob(3000))")
+
+            await asyncio.gather(*(writer() for _ in range(64)))  # 12,800 rows, ~25,000 frames
+            handle = ar._store.pool.get(K, "w")
+            assert handle is not None
+            assert wal_frames(handle.path) <= INLINE_FRAMES + 2 * 64 * 2, "the log stayed bounded"
+            assert ar._store.checkpoints is not None and ar._store.checkpoints.inline_runs >= 1
+            assert await ar.query(K, "SELECT count(*) FROM t") == [(12_800,)]
+
+    run(main)
+
+
+def test_a_checkpoint_of_a_dropped_tenant_is_skipped_and_leaves_no_files(tmp_path: Path) -> None:
+    root = os.fspath(tmp_path / "data")
+
+    async def main() -> None:
+        async with AsyncRouter(root, schema=SCHEMA) as ar:
+            async with ar.transaction(K) as tx:
+                await tx.execute("INSERT INTO t(blob) VALUES (x'00')")
+            store = ar._store
+            handle = store.pool.get(K, "w")
+            assert handle is not None and handle.wal is not None and store.checkpoints is not None
+            path = handle.path
+            await ar.drop(K)
+            store.checkpoints._run(handle, handle.wal)  # what a worker handed this handle would do
+            assert not handle.wal.pending
+            assert store.checkpoints.worker_runs == 0
+            leftovers = [n for n in os.listdir(os.path.dirname(path)) if n.startswith(os.path.basename(path))]
+            assert leftovers == []
+
+    run(main)
+
+
+def test_the_sync_router_keeps_sqlites_autocheckpoint(make_router: Callable[..., Router]) -> None:
+    router = make_router(schema=SCHEMA)
+    assert router._store.checkpoints is None
+    for _ in range(1500):
+        with router.transaction(K) as tx:
+            tx.execute("INSERT INTO t(blob) VALUES (randomblob(3000))")
+    handle = router._store.pool.get(K, "w")
+    assert handle is not None and handle.wal is None
+    assert autocheckpoint(handle) == 1000
+    assert wal_frames(handle.path) < 2 * DUE_FRAMES, "SQLite checkpointed and restarted the log"
