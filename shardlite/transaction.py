@@ -355,7 +355,29 @@ class AsyncTransaction(_TxCore):
     __slots__ = ()
 
     async def execute(self, sql: str, params: Params = ()) -> apsw.Cursor:
-        return self._execute(sql, params)
+        # The body of _TxCore._execute, written out on purpose: calling it from here costs a Python frame
+        # per statement, 4% of a group-committed write (measured). Change both together; the cursor and
+        # transaction-state tests run through both.
+        if not self._open:
+            self._refuse()
+        conn = self._conn
+        if conn.get_autocommit():
+            self._refuse()
+        handle = self._handle
+        try:
+            if handle is None:
+                return conn.execute(sql, params)
+            cur: apsw.Cursor = handle.spare
+            try:
+                if (_refs(cur) != _IDLE_REFS or cur.exec_trace is not None or cur.row_trace is not None
+                        or cur.convert_binding is not None or cur.convert_jsonb is not None):
+                    cur = handle.spare = conn.cursor()
+            except apsw.CursorClosedError:
+                cur = handle.spare = conn.cursor()
+            return cur.execute(sql, params)
+        except apsw.SQLError as exc:
+            _refuse_vacuum(exc)
+            raise
 
     async def executemany(self, sql: str, seq_of_params: Sequence[Params]) -> apsw.Cursor:
         return self._executemany(sql, seq_of_params)

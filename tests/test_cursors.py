@@ -115,3 +115,40 @@ def test_async_members_of_a_batch_never_share_a_held_cursor(router: Router) -> N
             assert await ar.query(K, "SELECT count(*) FROM t WHERE v LIKE 'm%'") == [(3,)]
 
     asyncio.run(main())
+
+
+def test_async_dropped_cursors_keep_no_caller_state(router: Router) -> None:
+    """The async twin of the test above (``AsyncTransaction.execute`` has its own copy of the path)."""
+    root = router.root
+    router.close()
+    seen: list[Any] = []
+
+    def tracer(cursor: apsw.Cursor, row: tuple[Any, ...]) -> tuple[Any, ...]:
+        seen.append(row)
+        return ("traced",)
+
+    async def main() -> None:
+        async with AsyncRouter(root, schema=SCHEMA) as ar:
+            async with ar.transaction(K) as tx:
+                cur = await tx.execute("SELECT v FROM t WHERE id = 1")
+                cur.row_trace = tracer
+                assert cur.fetchall() == [("traced",)]
+                del cur
+                assert (await tx.execute("SELECT v FROM t WHERE id = 2")).fetchall() == [("b",)]
+                cur = await tx.execute("SELECT 1")
+                cur.exec_trace = lambda *a: seen.append("exec") or True
+                del cur
+                assert (await tx.execute("SELECT v FROM t WHERE id = 3")).fetchall() == [("c",)]
+                cur = await tx.execute("SELECT 1")
+                cur.convert_binding = lambda *a: "converted"
+                del cur
+                with pytest.raises(TypeError):
+                    await tx.execute("SELECT ?", (object(),))
+                (await tx.execute("SELECT 1")).close()
+                held = await tx.execute("SELECT id FROM t ORDER BY id")
+                assert held.fetchone() == (1,)
+                assert (await tx.execute("SELECT count(*) FROM t")).fetchall() == [(3,)]
+                assert held.fetchall() == [(2,), (3,)]
+
+    asyncio.run(main())
+    assert seen == [("a",)]
