@@ -30,10 +30,8 @@ import asyncio
 import os
 import threading
 import time
-import types
 import warnings
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -43,7 +41,17 @@ from . import feed, lifecycle
 from .accounts import Accounts
 from .aio_globals import AsyncAccounts, AsyncGlobalTables, AsyncSessions
 from .aio_relay import AsyncRelay
-from .authorizer import SAVEPOINT_PREFIX
+from .batch import (
+    MEMBER_RELEASE,
+    MEMBER_ROLLBACK,
+    MEMBER_SAVEPOINT,
+    Batch,
+    Future,
+    Round,
+    current_task,
+    nested_savepoint,
+    yield_once,
+)
 from .catalog import Location
 from .engine import Settings
 from .errors import Busy, ShardliteError, TenantMoving
@@ -63,120 +71,7 @@ T = TypeVar("T")
 Schema = Sequence[Step] | Mapping[str, Sequence[Step]] | None
 
 
-class _Batch:
-    """Group-commit state of one tenant."""
-
-    __slots__ = ("key", "loop", "handle", "waiters", "busy", "holder", "count", "round", "committing",
-                 "commit_scheduled", "commit_on_loop")
-
-    def __init__(self, key: str, loop: asyncio.AbstractEventLoop, commit_on_loop: bool) -> None:
-        self.key = key
-        self.loop = loop
-        #: the COMMIT runs on the loop thread (``synchronous=NORMAL``), not on a worker
-        self.commit_on_loop = commit_on_loop
-        self.handle: Handle | None = None
-        self.waiters: deque[asyncio.Future[None]] = deque()
-        self.busy = False  # a transaction holds the connection (its savepoint is open)
-        self.holder: asyncio.Task[Any] | None = None  # the task whose transaction holds it
-        self.count = 0
-        #: the open batch's outcome (None while no batch is open)
-        self.round: _Round | None = None
-        self.committing = False
-        self.commit_scheduled = False
-
-
-# Each member of a batch runs inside its own savepoint, released on success (an unreleased stack costs
-# more per write than the RELEASE saves, measured) and rolled back alone on failure. The names carry the
-# authorizer's secret prefix, so these cached statements run without toggling trusted mode.
-_NESTED_SP: dict[int, tuple[str, str, str]] = {}
-
-
-def _savepoint(name: str) -> tuple[str, str, str]:
-    name = SAVEPOINT_PREFIX + name
-    return f"SAVEPOINT {name}", f"ROLLBACK TO {name}", f"RELEASE {name}"
-
-
-_MEMBER_SAVEPOINT, _MEMBER_ROLLBACK, _MEMBER_RELEASE = _savepoint("m")
-
-
-def _nested_savepoint(depth: int) -> tuple[str, str, str]:
-    found = _NESTED_SP.get(depth)
-    if found is None:
-        found = _NESTED_SP[depth] = _savepoint(f"n{depth}")
-    return found
-
-
-def _task_lookup() -> Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None]:
-    """The current task of a running loop, fast: Python 3.11's ``asyncio.current_task`` is a Python
-    function around a dict lookup (0.3 µs on the hot path of every transaction); later versions have
-    it in C."""
-    table = getattr(asyncio.tasks, "_current_tasks", None)
-    if isinstance(asyncio.current_task, types.BuiltinFunctionType) or not isinstance(table, dict):
-        return asyncio.current_task
-    return table.get
-
-
-_current_task = _task_lookup()
-
-#: asyncio's C future, made directly: ``loop.create_future()`` is a Python method around the same call
-#: (0.2 µs on every transaction's path); the group commit only needs a plain future.
-_Future = asyncio.Future
-
 _BATCH_OWNER = -1  # no thread has this id: Handle.enter() from any thread waits for the lock
-
-
-@types.coroutine
-def _yield_once() -> Generator[None, None, None]:
-    """Give the loop one turn (a bare ``yield``: the task is rescheduled at the back of the ready queue,
-    no future involved)."""
-    yield
-
-
-def _retrieved(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
-class _Round:
-    """The outcome of one group-commit batch (one ``BEGIN ... COMMIT``), shared by its members.
-
-    ``finished`` turns true once, after the batch's ``COMMIT`` (``error`` None) or its failure (``error``
-    set). Members that block for it each get their own future (:meth:`wait`), so a member's cancellation
-    cancels only its own wait."""
-
-    __slots__ = ("finished", "error", "_waiters")
-
-    def __init__(self) -> None:
-        self.finished = False
-        self.error: BaseException | None = None
-        self._waiters: list[asyncio.Future[None]] | None = None
-
-    def wait(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
-        """A future resolved (or failed with ``error``) when the batch finishes."""
-        fut: asyncio.Future[None] = _Future(loop=loop)
-        if self.finished:
-            _settle(fut, self.error)
-        elif self._waiters is None:
-            self._waiters = [fut]
-        else:
-            self._waiters.append(fut)
-        return fut
-
-    def finish(self, error: BaseException | None) -> None:
-        self.finished, self.error = True, error
-        waiters, self._waiters = self._waiters, None
-        for fut in waiters or ():
-            _settle(fut, error)
-
-
-def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
-    if fut.done():
-        return  # its member was cancelled meanwhile
-    if error is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(error)
-        fut.add_done_callback(_retrieved)  # a member cancelled later never reads it
 
 
 class _AsyncScope(AsyncTransaction):
@@ -186,7 +81,7 @@ class _AsyncScope(AsyncTransaction):
 
     __slots__ = ("_router", "_batch", "_depth", "_round", "_entered")
 
-    _round: _Round
+    _round: Round
 
     def __init__(self, router: AsyncRouter, key: object) -> None:
         self._router = router
@@ -204,10 +99,10 @@ class _AsyncScope(AsyncTransaction):
             canon = router._canonical(self.key)
         batch = router._batches.get(canon)
         if batch is None:
-            task = _current_task(asyncio.get_running_loop())
+            task = current_task(asyncio.get_running_loop())
             batch = await router._join(canon)
         else:
-            task = _current_task(batch.loop)
+            task = current_task(batch.loop)
             if batch.busy:
                 if batch.holder is task and task is not None:
                     return self._enter_nested(batch, canon)
@@ -219,7 +114,7 @@ class _AsyncScope(AsyncTransaction):
                 batch.count += 1
         handle: Handle = batch.handle  # type: ignore[assignment]  # set while a batch is open
         try:
-            handle.cur.execute(_MEMBER_SAVEPOINT)
+            handle.cur.execute(MEMBER_SAVEPOINT)
         except BaseException:
             batch.count -= 1
             router._leave(batch)
@@ -237,13 +132,13 @@ class _AsyncScope(AsyncTransaction):
         self._open = True
         return self
 
-    def _enter_nested(self, batch: _Batch, canon: str) -> AsyncTransaction:
+    def _enter_nested(self, batch: Batch, canon: str) -> AsyncTransaction:
         """A transaction inside the running one, in the same task: a savepoint of its own."""
         handle = batch.handle
         assert handle is not None
         depth = handle.savepoints = handle.savepoints + 1
         try:
-            handle.cur.execute(_nested_savepoint(depth)[0])
+            handle.cur.execute(nested_savepoint(depth)[0])
         except BaseException:
             handle.savepoints -= 1
             raise
@@ -262,8 +157,8 @@ class _AsyncScope(AsyncTransaction):
         cur = self._handle.cur
         try:
             if exc_type is not None:
-                cur.execute(_MEMBER_ROLLBACK)
-            cur.execute(_MEMBER_RELEASE)
+                cur.execute(MEMBER_ROLLBACK)
+            cur.execute(MEMBER_RELEASE)
         except BaseException:
             self._router._abort_batch(batch)
             raise
@@ -279,7 +174,7 @@ class _AsyncScope(AsyncTransaction):
             # The batch's commit runs on the loop, scheduled (call_soon) no later than this point: after one
             # turn it has usually run, and no future is needed. A cancellation here raises CancelledError
             # with the outcome unknown, as while waiting on the future (see module doc).
-            await _yield_once()
+            await yield_once()
         if not outcome.finished or outcome.error is not None:
             # Our own future (which raises the batch's error): cancelling this task cancels only it, never
             # the batch (see module doc).
@@ -287,7 +182,7 @@ class _AsyncScope(AsyncTransaction):
 
     @staticmethod
     def _exit_nested(handle: Handle, depth: int, failed: bool) -> None:
-        _, rollback, release = _nested_savepoint(depth)
+        _, rollback, release = nested_savepoint(depth)
         try:
             if failed:
                 handle.cur.execute(rollback)
@@ -329,7 +224,7 @@ class AsyncRouter(HandlerRegistry):
         except BaseException:
             self._executor.shutdown(wait=False)
             raise
-        self._batches: dict[str, _Batch] = {}
+        self._batches: dict[str, Batch] = {}
         self._max_batch = max_batch
         self._inline_steps = inline_read_steps
         self._loop_thread = 0
@@ -379,13 +274,13 @@ class AsyncRouter(HandlerRegistry):
 
     # -- group commit -----------------------------------------------------------------------------------
 
-    async def _join(self, canon: str) -> _Batch:
+    async def _join(self, canon: str) -> Batch:
         """Wait for this transaction's turn on ``canon`` and return the open batch it joins."""
         batch = self._batches.get(canon)
         if batch is None:
-            batch = self._batches[canon] = _Batch(canon, asyncio.get_running_loop(), not self._commit_offloaded)
+            batch = self._batches[canon] = Batch(canon, asyncio.get_running_loop(), not self._commit_offloaded)
         if batch.busy or batch.committing or batch.waiters or batch.count >= self._max_batch:
-            fut: asyncio.Future[None] = _Future(loop=batch.loop)
+            fut: asyncio.Future[None] = Future(loop=batch.loop)
             batch.waiters.append(fut)
             try:
                 await fut
@@ -407,7 +302,7 @@ class AsyncRouter(HandlerRegistry):
         batch.count += 1
         return batch
 
-    async def _open_batch(self, batch: _Batch) -> None:
+    async def _open_batch(self, batch: Batch) -> None:
         store = self._store
         loop = batch.loop
         handle = store.pool.get(batch.key, "w")
@@ -431,7 +326,7 @@ class AsyncRouter(HandlerRegistry):
         assert handle is not None
         batch.handle = handle
         batch.count = 0
-        batch.round = _Round()
+        batch.round = Round()
         handle.savepoints = 0
 
     def _begin_for_batch(self, key: str) -> Handle:
@@ -452,7 +347,7 @@ class AsyncRouter(HandlerRegistry):
             handle.owner = threading.get_ident()
             self._store.release(handle)
 
-    def _next(self, batch: _Batch) -> None:
+    def _next(self, batch: Batch) -> None:
         """Hand the connection to the next waiter, or schedule the batch's commit."""
         if batch.busy or batch.committing:
             return
@@ -469,11 +364,11 @@ class AsyncRouter(HandlerRegistry):
         elif batch.handle is None and not batch.waiters:
             self._batches.pop(batch.key, None)
 
-    def _leave(self, batch: _Batch) -> None:
+    def _leave(self, batch: Batch) -> None:
         batch.busy = False
         self._next(batch)
 
-    def _maybe_commit(self, batch: _Batch) -> None:
+    def _maybe_commit(self, batch: Batch) -> None:
         batch.commit_scheduled = False
         if batch.busy or batch.committing or batch.handle is None:
             return
@@ -491,7 +386,7 @@ class AsyncRouter(HandlerRegistry):
                 error = exc
             self._finish(batch, error)
 
-    async def _commit_offloaded_batch(self, batch: _Batch) -> None:
+    async def _commit_offloaded_batch(self, batch: Batch) -> None:
         error: BaseException | None = None
         try:
             assert batch.handle is not None
@@ -500,7 +395,7 @@ class AsyncRouter(HandlerRegistry):
             error = exc
         self._finish(batch, error)
 
-    def _finish(self, batch: _Batch, error: BaseException | None) -> None:
+    def _finish(self, batch: Batch, error: BaseException | None) -> None:
         handle, outcome = batch.handle, batch.round
         batch.handle, batch.round, batch.count = None, None, 0
         batch.committing = False
@@ -511,7 +406,7 @@ class AsyncRouter(HandlerRegistry):
             outcome.finish(error)
         self._next(batch)
 
-    def _abort_batch(self, batch: _Batch) -> None:
+    def _abort_batch(self, batch: Batch) -> None:
         """A savepoint could not be released: roll the whole batch back."""
         if batch.handle is not None:
             try:
