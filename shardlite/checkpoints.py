@@ -17,7 +17,9 @@ WAL at a write that finds every frame copied). The worker therefore runs a few r
 arriving, so a burst of writes ends with the whole log copied and the next write restarts it. Under
 sustained writes the log is bounded the way SQLite bounds it: once it
 holds ``INLINE_FRAMES`` frames, the committer checkpoints on its own connection between its transactions
-(what autocheckpoint would have done, a quarter as often), after which the next write restarts the log.
+(what autocheckpoint would have done, a quarter as often), after which the next write restarts the log;
+if a worker's checkpoint round is running then, the committer waits for it (SQLite would refuse a second
+checkpoint with SQLITE_BUSY, and the log would grow past the bound while writes keep coming).
 A checkpoint that fails (a file moved, dropped or busy) is skipped: the next commit asks again. Crash
 safety is SQLite's: a checkpoint only copies committed frames, and a crash during one is recovered on open.
 """
@@ -57,12 +59,16 @@ class WalWatch:
     Fields are written from the committing thread and the checkpointing worker; each write is a single
     attribute store, and a stale value only moves a checkpoint earlier or later."""
 
-    __slots__ = ("frames", "copied", "pending")
+    __slots__ = ("frames", "copied", "pending", "lock")
 
     def __init__(self) -> None:
         self.frames = 0  #: frames in the log after this connection's last commit
         self.copied = 0  #: frames the last checkpoint copied (0 after the log restarted)
         self.pending = False  #: a worker checkpoint was handed out and has not finished
+        #: held for each checkpoint of this file run through the watch: SQLite answers a checkpoint that
+        #: finds another one running with SQLITE_BUSY at once, so an inline checkpoint waits for the
+        #: worker's round instead of being skipped while the log keeps growing
+        self.lock = threading.Lock()
 
     def __call__(self, conn: apsw.Connection, dbname: str, frames: int) -> int:
         if frames < self.copied:
@@ -115,7 +121,8 @@ class Checkpointer:
         if action == "inline":
             with self._lock:
                 self.inline_runs += 1
-            _checkpoint(handle.conn, watch)
+            with watch.lock:  # a worker's round in flight: at most one checkpoint's wait
+                _checkpoint(handle.conn, watch)
 
     def _run(self, handle: Handle, watch: WalWatch) -> None:
         try:
@@ -125,7 +132,8 @@ class Checkpointer:
                 return  # moved, dropped or replaced meanwhile: nothing of ours to checkpoint
             try:
                 for _ in range(CHASE_ROUNDS):  # frames committed meanwhile: copy them too, a few times
-                    _log, copied = _checkpoint(conn, watch)
+                    with watch.lock:
+                        _log, copied = _checkpoint(conn, watch)
                     with self._lock:
                         self.worker_runs += 1
                     if copied < 0 or copied >= watch.frames:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import apsw
 import pytest
 
 from shardlite import AsyncRouter, Router
-from shardlite.checkpoints import DUE_FRAMES, INLINE_FRAMES, WalWatch, decide
+from shardlite.checkpoints import DUE_FRAMES, INLINE_FRAMES, Checkpointer, WalWatch, decide
 
 SCHEMA = ["CREATE TABLE t(id INTEGER PRIMARY KEY, blob BLOB NOT NULL)"]
 K = "room:wal"
@@ -122,6 +124,34 @@ def test_sustained_async_writes_bound_the_log_by_checkpointing_inline(tmp_path: 
             assert await ar.query(K, "SELECT count(*) FROM t") == [(12_800,)]
 
     run(main)
+
+
+def test_an_inline_checkpoint_waits_for_a_worker_round_in_flight(tmp_path: Path) -> None:
+    """SQLite refuses a checkpoint while another runs (SQLITE_BUSY at once): a committer whose log reached
+    INLINE_FRAMES while a worker round runs waits for that round, then copies the log itself, instead of
+    skipping and letting the log grow past the bound (the failure this replaced: 4,407 frames)."""
+    conn = apsw.Connection(os.fspath(tmp_path / "t.db"))
+    conn.execute("PRAGMA journal_mode=WAL")
+    checkpointer = Checkpointer(lambda *a: pytest.fail("no worker is due"), lambda h: pytest.fail("no open"))
+    watch = checkpointer.watch(conn)
+    conn.execute("CREATE TABLE t(x)")
+    conn.execute("INSERT INTO t VALUES (randomblob(40000))")
+    assert watch.frames > 10 and watch.copied == 0
+    watch.frames = INLINE_FRAMES  # what the hook reports once the log is that long
+    handle = types.SimpleNamespace(conn=conn)
+    watch.lock.acquire()  # a worker's checkpoint round is running
+    committer = threading.Thread(target=checkpointer.after_commit, args=(handle, watch))
+    committer.start()
+    committer.join(0.3)
+    try:
+        assert committer.is_alive(), "the committer did not wait for the worker's round"
+        assert watch.copied == 0
+    finally:
+        watch.lock.release()
+    committer.join()
+    assert checkpointer.inline_runs == 1
+    assert watch.copied == int(conn.wal_checkpoint()[0]) > 10, "then it copied the whole log"
+    conn.close()
 
 
 def test_a_checkpoint_of_a_dropped_tenant_is_skipped_and_leaves_no_files(tmp_path: Path) -> None:
