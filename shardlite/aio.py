@@ -279,6 +279,8 @@ class AsyncRouter(HandlerRegistry):
         batch = self._batches.get(canon)
         if batch is None:
             batch = self._batches[canon] = Batch(canon, asyncio.get_running_loop(), not self._commit_offloaded)
+            if self._store.checkpoints is not None:
+                self._store.checkpoints.defer_thread = threading.get_ident()  # the loop never checkpoints
         if batch.busy or batch.committing or batch.waiters or batch.count >= self._max_batch:
             fut: asyncio.Future[None] = Future(loop=batch.loop)
             batch.waiters.append(fut)
@@ -306,6 +308,8 @@ class AsyncRouter(HandlerRegistry):
         store = self._store
         loop = batch.loop
         handle = store.pool.get(batch.key, "w")
+        if handle is not None and handle.wal is not None and handle.wal.restart_due:
+            await self._restart_log(handle)
         opened = False
         if handle is not None and not handle.closed and handle.lock.acquire(blocking=False):
             handle.owner, handle.depth = threading.get_ident(), 1
@@ -328,6 +332,18 @@ class AsyncRouter(HandlerRegistry):
         batch.count = 0
         batch.round = Round()
         handle.savepoints = 0
+
+    async def _restart_log(self, handle: Handle) -> None:
+        """The tenant's log reached INLINE_FRAMES under the loop's commits: copy it on a worker before its
+        next batch begins (see :mod:`shardlite.checkpoints`), so that batch's first write restarts it.
+        Only this tenant's transactions wait; a cancelled wait leaves the worker to finish alone."""
+        checkpoints = self._store.checkpoints
+        assert checkpoints is not None and handle.wal is not None  # a watch is installed by checkpoints
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, checkpoints.restart, handle,
+                                                             handle.wal)
+        except RuntimeError:  # the executor is shutting down: the router is closing
+            handle.wal.restart_due = False
 
     def _begin_for_batch(self, key: str) -> Handle:
         """On a worker: BEGIN IMMEDIATE for a batch. The handle is owned by the batch (the loop), not by

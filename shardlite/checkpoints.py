@@ -15,13 +15,17 @@ blocks writers or readers and never waits for them.
 What a passive checkpoint cannot do is restart the log while writes keep arriving (SQLite restarts the
 WAL at a write that finds every frame copied). The worker therefore runs a few rounds while frames keep
 arriving, so a burst of writes ends with the whole log copied and the next write restarts it. Under
-sustained writes the log is bounded the way SQLite bounds it: once it
-holds ``INLINE_FRAMES`` frames, the committer checkpoints on its own connection between its transactions
-(what autocheckpoint would have done, a quarter as often), after which the next write restarts the log;
-if a worker's checkpoint round is running then, the committer waits for it (SQLite would refuse a second
-checkpoint with SQLITE_BUSY, and the log would grow past the bound while writes keep coming).
-A checkpoint that fails (a file moved, dropped or busy) is skipped: the next commit asks again. Crash
-safety is SQLite's: a checkpoint only copies committed frames, and a crash during one is recovered on open.
+sustained writes the log is bounded the way SQLite bounds it, by a checkpoint between two of the tenant's
+transactions once the log holds ``INLINE_FRAMES`` frames (what autocheckpoint would have done, a quarter
+as often), after which the next write restarts the log. Where that checkpoint runs depends on who
+committed: a worker thread (the sync paths, ``synchronous=FULL`` commits) runs it at once, on the
+committing connection; the event loop's thread (:attr:`Checkpointer.defer_thread`) never does (13-18 ms measured, a
+stall of every tenant on the loop): it marks the log ``restart_due`` and the router runs
+:meth:`Checkpointer.restart` on a worker before that tenant's next batch begins, so only that tenant's
+writers wait for it. Checkpoints of one file never overlap (SQLite would refuse the second with
+SQLITE_BUSY and the log would grow past the bound): :attr:`WalWatch.lock` serialises them. A checkpoint
+that fails (a file moved, dropped or busy) is skipped: the next commit asks again. Crash safety is
+SQLite's: a checkpoint only copies committed frames, and a crash during one is recovered on open.
 """
 
 from __future__ import annotations
@@ -59,14 +63,16 @@ class WalWatch:
     Fields are written from the committing thread and the checkpointing worker; each write is a single
     attribute store, and a stale value only moves a checkpoint earlier or later."""
 
-    __slots__ = ("frames", "copied", "pending", "lock")
+    __slots__ = ("frames", "copied", "pending", "restart_due", "lock")
 
     def __init__(self) -> None:
         self.frames = 0  #: frames in the log after this connection's last commit
         self.copied = 0  #: frames the last checkpoint copied (0 after the log restarted)
         self.pending = False  #: a worker checkpoint was handed out and has not finished
+        #: the log reached INLINE_FRAMES under the loop's commits: checkpoint before the next transaction
+        self.restart_due = False
         #: held for each checkpoint of this file run through the watch: SQLite answers a checkpoint that
-        #: finds another one running with SQLITE_BUSY at once, so an inline checkpoint waits for the
+        #: finds another one running with SQLITE_BUSY at once, so one due to restart the log waits for the
         #: worker's round instead of being skipped while the log keeps growing
         self.lock = threading.Lock()
 
@@ -98,8 +104,11 @@ class Checkpointer:
         self._submit = submit
         self._open_for = open_for
         self._lock = threading.Lock()
-        self.worker_runs = 0  #: checkpoints run on workers (for tests and metrics)
-        self.inline_runs = 0  #: checkpoints run by committers
+        #: the thread that must never checkpoint inline (the event loop's; 0: none): it sets
+        #: ``restart_due`` instead, and its router calls :meth:`restart` on a worker before the next batch
+        self.defer_thread = 0
+        self.worker_runs = 0  #: checkpoint rounds run on workers (for tests and metrics)
+        self.restart_runs = 0  #: checkpoints due to restart the log, wherever they ran
 
     def watch(self, conn: apsw.Connection) -> WalWatch:
         """Install a :class:`WalWatch` on ``conn`` (a tenant's write connection) and return it."""
@@ -119,29 +128,48 @@ class Checkpointer:
                 watch.pending = False
                 action = "inline"
         if action == "inline":
+            if threading.get_ident() == self.defer_thread:
+                watch.restart_due = True  # the router calls restart() before this tenant's next batch
+                return
             with self._lock:
-                self.inline_runs += 1
+                self.restart_runs += 1
             with watch.lock:  # a worker's round in flight: at most one checkpoint's wait
                 _checkpoint(handle.conn, watch)
 
+    def restart(self, handle: Handle, watch: WalWatch) -> None:
+        """On a worker, while no transaction of the loop's is open on ``handle``'s tenant: copy the whole
+        log (``restart_due``), so that the tenant's next write restarts it."""
+        try:
+            with self._lock:
+                self.restart_runs += 1
+            self._on_own_connection(handle, watch, rounds=1)
+        finally:
+            watch.restart_due = False
+
     def _run(self, handle: Handle, watch: WalWatch) -> None:
         try:
-            try:
-                conn = self._open_for(handle)
-            except (apsw.Error, ShardliteError):
-                return  # moved, dropped or replaced meanwhile: nothing of ours to checkpoint
-            try:
-                for _ in range(CHASE_ROUNDS):  # frames committed meanwhile: copy them too, a few times
-                    with watch.lock:
-                        _log, copied = _checkpoint(conn, watch)
-                    with self._lock:
-                        self.worker_runs += 1
-                    if copied < 0 or copied >= watch.frames:
-                        break  # failed, or caught up with the committer's last commit
-            finally:
-                conn.close()
+            self._on_own_connection(handle, watch, rounds=CHASE_ROUNDS)
         finally:
             watch.pending = False
+
+    def _on_own_connection(self, handle: Handle, watch: WalWatch, rounds: int) -> None:
+        """Up to ``rounds`` passive checkpoints of ``handle``'s file on a connection of the worker's own,
+        stopping once one caught up with the committer's last commit (frames committed meanwhile are
+        copied by the next round)."""
+        try:
+            conn = self._open_for(handle)
+        except (apsw.Error, ShardliteError):
+            return  # moved, dropped or replaced meanwhile: nothing of ours to checkpoint
+        try:
+            for _ in range(rounds):
+                with watch.lock:
+                    _log, copied = _checkpoint(conn, watch)
+                with self._lock:
+                    self.worker_runs += 1
+                if copied < 0 or copied >= watch.frames:
+                    break  # failed, or caught up
+        finally:
+            conn.close()
 
 
 def _checkpoint(conn: apsw.Connection, watch: WalWatch) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import apsw
 import pytest
 
-from shardlite import AsyncRouter, Router
+from shardlite import AsyncRouter, Router, checkpoints
 from shardlite.checkpoints import DUE_FRAMES, INLINE_FRAMES, Checkpointer, WalWatch, decide
 
 SCHEMA = ["CREATE TABLE t(id INTEGER PRIMARY KEY, blob BLOB NOT NULL)"]
@@ -93,7 +93,7 @@ def test_async_checkpoints_run_on_workers_and_keep_the_log_bounded(tmp_path: Pat
             path = handle.path
             assert autocheckpoint(handle) == 0
             assert checkpoints.worker_runs >= 3, "checkpoints were handed to workers"
-            assert checkpoints.inline_runs == 0, "with pauses between bursts no commit had to checkpoint itself"
+            assert checkpoints.restart_runs == 0, "with pauses between bursts no commit had to checkpoint itself"
             assert wal_frames(path) < INLINE_FRAMES
             assert await ar.query(K, "SELECT count(*) FROM t") == [(rows,)]
 
@@ -103,16 +103,29 @@ def test_async_checkpoints_run_on_workers_and_keep_the_log_bounded(tmp_path: Pat
         assert router.query(K, "PRAGMA integrity_check") == [("ok",)]
 
 
-def test_sustained_async_writes_bound_the_log_by_checkpointing_inline(tmp_path: Path) -> None:
-    """No pause for a worker to catch up: passive checkpoints cannot restart the log, so its committer
-    checkpoints once it is INLINE_FRAMES long, and the -wal file never grows much past that."""
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+def test_sustained_async_writes_bound_the_log_and_never_checkpoint_on_the_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, synchronous: str) -> None:
+    """No pause for a worker to catch up: passive checkpoints cannot restart the log, so once it is
+    INLINE_FRAMES long it is copied between two of the tenant's batches (on a worker before the next batch
+    at NORMAL, by the committing worker at FULL), and the -wal file never grows much past that. No
+    checkpoint ever runs on the event loop's thread."""
     root = os.fspath(tmp_path / "data")
+    threads: set[int] = set()
+    real = checkpoints._checkpoint
+
+    def recording(conn: apsw.Connection, watch: WalWatch) -> tuple[int, int]:
+        threads.add(threading.get_ident())
+        return real(conn, watch)
+
+    monkeypatch.setattr(checkpoints, "_checkpoint", recording)
+    rows = 200
 
     async def main() -> None:
-        async with AsyncRouter(root, schema=SCHEMA) as ar:
+        async with AsyncRouter(root, schema=SCHEMA, synchronous=synchronous) as ar:
 
             async def writer() -> None:
-                for _ in range(200):
+                for _ in range(rows):
                     async with ar.transaction(K) as tx:
                         await tx.execute("INSERT INTO t(blob) VALUES (randomblob(3000))")
 
@@ -120,8 +133,80 @@ def test_sustained_async_writes_bound_the_log_by_checkpointing_inline(tmp_path: 
             handle = ar._store.pool.get(K, "w")
             assert handle is not None
             assert wal_frames(handle.path) <= INLINE_FRAMES + 2 * 64 * 2, "the log stayed bounded"
-            assert ar._store.checkpoints is not None and ar._store.checkpoints.inline_runs >= 1
-            assert await ar.query(K, "SELECT count(*) FROM t") == [(12_800,)]
+            assert ar._store.checkpoints is not None and ar._store.checkpoints.restart_runs >= 1
+            assert await ar.query(K, "SELECT count(*) FROM t") == [(64 * rows,)]
+            assert threads and threading.get_ident() not in threads, "a checkpoint ran on the event loop"
+
+    run(main)
+
+
+def test_the_loop_marks_a_long_log_and_a_worker_restarts_it(tmp_path: Path) -> None:
+    """after_commit on the deferring thread (the loop's) only marks ``restart_due``; restart() copies the
+    whole log on a connection of its own and clears the mark."""
+    conn = apsw.Connection(os.fspath(tmp_path / "t.db"))
+    conn.execute("PRAGMA journal_mode=WAL")
+    opened: list[apsw.Connection] = []
+
+    def open_for(handle: object) -> apsw.Connection:
+        opened.append(apsw.Connection(os.fspath(tmp_path / "t.db")))
+        opened[-1].execute("SELECT count(*) FROM sqlite_schema").fetchall()  # as open_tenant reads it
+        return opened[-1]
+
+    checkpointer = Checkpointer(lambda *a: pytest.fail("no worker is due"), open_for)
+    checkpointer.defer_thread = threading.get_ident()
+    watch = checkpointer.watch(conn)
+    conn.execute("CREATE TABLE t(x)")
+    conn.execute("INSERT INTO t VALUES (randomblob(40000))")
+    watch.frames = INLINE_FRAMES  # what the hook reports once the log is that long
+    handle = types.SimpleNamespace(conn=conn)
+    checkpointer.after_commit(handle, watch)  # type: ignore[arg-type]
+    assert watch.restart_due and watch.copied == 0 and not opened, "the loop's thread did not checkpoint"
+    worker = threading.Thread(target=checkpointer.restart, args=(handle, watch))
+    worker.start()
+    worker.join()
+    assert not watch.restart_due and checkpointer.restart_runs == 1 and len(opened) == 1
+    log, copied = conn.wal_checkpoint()
+    assert watch.copied == copied == log > 10, "the worker copied the whole log"
+    conn.close()
+
+
+def test_a_transaction_cancelled_while_its_batch_waits_for_the_restart_never_runs(
+        tmp_path: Path) -> None:
+    root = os.fspath(tmp_path / "data")
+    started, release = threading.Event(), threading.Event()
+
+    async def main() -> None:
+        async with AsyncRouter(root, schema=SCHEMA) as ar:
+            async with ar.transaction(K) as tx:
+                await tx.execute("INSERT INTO t(blob) VALUES (x'01')")
+            store = ar._store
+            assert store.checkpoints is not None
+            handle = store.pool.get(K, "w")
+            assert handle is not None and handle.wal is not None
+            real_restart = store.checkpoints.restart
+
+            def slow_restart(h: object, watch: WalWatch) -> None:
+                started.set()
+                release.wait(30)
+                real_restart(h, watch)  # type: ignore[arg-type]
+
+            store.checkpoints.restart = slow_restart  # type: ignore[method-assign]
+            handle.wal.restart_due = True  # as a loop commit leaves a log of INLINE_FRAMES
+
+            async def doomed() -> None:
+                async with ar.transaction(K) as tx:
+                    await tx.execute("INSERT INTO t(blob) VALUES (x'02')")
+
+            task = asyncio.ensure_future(doomed())
+            while not started.is_set():
+                await asyncio.sleep(0.001)  # until the batch waits for the worker's restart
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            release.set()
+            async with ar.transaction(K) as tx:  # the tenant is usable at once
+                await tx.execute("INSERT INTO t(blob) VALUES (x'03')")
+            assert await ar.query(K, "SELECT hex(blob) FROM t ORDER BY id") == [("01",), ("03",)]
 
     run(main)
 
@@ -149,7 +234,7 @@ def test_an_inline_checkpoint_waits_for_a_worker_round_in_flight(tmp_path: Path)
     finally:
         watch.lock.release()
     committer.join()
-    assert checkpointer.inline_runs == 1
+    assert checkpointer.restart_runs == 1
     assert watch.copied == int(conn.wal_checkpoint()[0]) > 10, "then it copied the whole log"
     conn.close()
 
