@@ -19,10 +19,12 @@ sustained writes the log is bounded the way SQLite bounds it, by a checkpoint be
 transactions once the log holds ``INLINE_FRAMES`` frames (what autocheckpoint would have done, a quarter
 as often), after which the next write restarts the log. Where that checkpoint runs depends on who
 committed: a worker thread (the sync paths, ``synchronous=FULL`` commits) runs it at once, on the
-committing connection; the event loop's thread (:attr:`Checkpointer.defer_thread`) never does (13-18 ms measured, a
-stall of every tenant on the loop): it marks the log ``restart_due`` and the router runs
+committing connection; the event loop's thread (:attr:`Checkpointer.defer_thread`) never does (13-18 ms
+measured, a stall of every tenant on the loop): it marks the log ``restart_due`` and the router runs
 :meth:`Checkpointer.restart` on a worker before that tenant's next batch begins, so only that tenant's
-writers wait for it. Checkpoints of one file never overlap (SQLite would refuse the second with
+writers wait for it. A restart that could not copy everything (a reader in another process holds an old
+snapshot) is tried again only after ``RETRY_FRAMES`` more frames, so a long reader does not make every
+batch wait for a worker. Checkpoints of one file never overlap (SQLite would refuse the second with
 SQLITE_BUSY and the log would grow past the bound): :attr:`WalWatch.lock` serialises them. A checkpoint
 that fails (a file moved, dropped or busy) is skipped: the next commit asks again. Crash safety is
 SQLite's: a checkpoint only copies committed frames, and a crash during one is recovered on open.
@@ -41,12 +43,14 @@ from .errors import ShardliteError
 if TYPE_CHECKING:
     from .pool import Handle
 
-__all__ = ["Checkpointer", "WalWatch", "DUE_FRAMES", "INLINE_FRAMES", "decide"]
+__all__ = ["Checkpointer", "WalWatch", "DUE_FRAMES", "INLINE_FRAMES", "RETRY_FRAMES", "decide"]
 
 #: Frames added since the last checkpoint after which one is due (SQLite's default autocheckpoint).
 DUE_FRAMES = 1000
 #: A log this long is checkpointed by its committer, so that the next write restarts it.
 INLINE_FRAMES = 4 * DUE_FRAMES
+#: Frames added after a restart attempt that left the log unrestarted before the next attempt.
+RETRY_FRAMES = DUE_FRAMES // 4
 #: Passive checkpoints a worker runs in a row while frames keep arriving: once one copies the whole log,
 #: the tenant's next write restarts it (a burst of writes ends with the log caught up, not restarted only
 #: at INLINE_FRAMES).
@@ -63,7 +67,7 @@ class WalWatch:
     Fields are written from the committing thread and the checkpointing worker; each write is a single
     attribute store, and a stale value only moves a checkpoint earlier or later."""
 
-    __slots__ = ("frames", "copied", "pending", "restart_due", "lock")
+    __slots__ = ("frames", "copied", "pending", "restart_due", "restart_from", "lock")
 
     def __init__(self) -> None:
         self.frames = 0  #: frames in the log after this connection's last commit
@@ -71,14 +75,15 @@ class WalWatch:
         self.pending = False  #: a worker checkpoint was handed out and has not finished
         #: the log reached INLINE_FRAMES under the loop's commits: checkpoint before the next transaction
         self.restart_due = False
+        self.restart_from = 0  #: frames in the log at the last restart attempt (0 after the log restarted)
         #: held for each checkpoint of this file run through the watch: SQLite answers a checkpoint that
         #: finds another one running with SQLITE_BUSY at once, so one due to restart the log waits for the
         #: worker's round instead of being skipped while the log keeps growing
         self.lock = threading.Lock()
 
     def __call__(self, conn: apsw.Connection, dbname: str, frames: int) -> int:
-        if frames < self.copied:
-            self.copied = 0  # the log restarted
+        if frames < self.copied or frames < self.restart_from:
+            self.copied = self.restart_from = 0  # the log restarted
         self.frames = frames
         return apsw.SQLITE_OK
 
@@ -129,7 +134,8 @@ class Checkpointer:
                 action = "inline"
         if action == "inline":
             if threading.get_ident() == self.defer_thread:
-                watch.restart_due = True  # the router calls restart() before this tenant's next batch
+                if watch.frames >= watch.restart_from + RETRY_FRAMES:
+                    watch.restart_due = True  # the router calls restart() before this tenant's next batch
                 return
             with self._lock:
                 self.restart_runs += 1
@@ -140,6 +146,7 @@ class Checkpointer:
         """On a worker, while no transaction of the loop's is open on ``handle``'s tenant: copy the whole
         log (``restart_due``), so that the tenant's next write restarts it."""
         try:
+            watch.restart_from = watch.frames
             with self._lock:
                 self.restart_runs += 1
             self._on_own_connection(handle, watch, rounds=1)

@@ -18,7 +18,7 @@ import apsw
 import pytest
 
 from shardlite import AsyncRouter, Router, checkpoints
-from shardlite.checkpoints import DUE_FRAMES, INLINE_FRAMES, Checkpointer, WalWatch, decide
+from shardlite.checkpoints import DUE_FRAMES, INLINE_FRAMES, RETRY_FRAMES, Checkpointer, WalWatch, decide
 
 SCHEMA = ["CREATE TABLE t(id INTEGER PRIMARY KEY, blob BLOB NOT NULL)"]
 K = "room:wal"
@@ -168,6 +168,48 @@ def test_the_loop_marks_a_long_log_and_a_worker_restarts_it(tmp_path: Path) -> N
     log, copied = conn.wal_checkpoint()
     assert watch.copied == copied == log > 10, "the worker copied the whole log"
     conn.close()
+
+
+def test_a_restart_that_left_the_log_is_retried_only_after_more_frames(tmp_path: Path) -> None:
+    """A reader holding an old snapshot (another process, a backup) keeps a checkpoint from copying the
+    whole log: the loop's next commits do not make every batch wait for a worker; the next attempt comes
+    RETRY_FRAMES later, and a restarted log starts the count again."""
+    conn = apsw.Connection(os.fspath(tmp_path / "t.db"))
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE t(x)")
+    reader = apsw.Connection(os.fspath(tmp_path / "t.db"))
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM t").fetchall()  # a snapshot from before the rows below
+    opened: list[apsw.Connection] = []
+
+    def open_for(handle: object) -> apsw.Connection:
+        opened.append(apsw.Connection(os.fspath(tmp_path / "t.db")))
+        opened[-1].execute("SELECT count(*) FROM sqlite_schema").fetchall()
+        return opened[-1]
+
+    checkpointer = Checkpointer(lambda *a: pytest.fail("no worker is due"), open_for)
+    checkpointer.defer_thread = threading.get_ident()
+    watch = checkpointer.watch(conn)
+    conn.execute("INSERT INTO t VALUES (randomblob(40000))")
+    handle = types.SimpleNamespace(conn=conn)
+    watch.frames = INLINE_FRAMES
+    checkpointer.after_commit(handle, watch)  # type: ignore[arg-type]
+    assert watch.restart_due
+    checkpointer.restart(handle, watch)  # type: ignore[arg-type]
+    assert not watch.restart_due and watch.restart_from == INLINE_FRAMES
+    log, copied = conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+    assert copied < log, "the reader's snapshot kept the checkpoint from copying everything"
+    watch.frames = INLINE_FRAMES + RETRY_FRAMES - 1
+    checkpointer.after_commit(handle, watch)  # type: ignore[arg-type]
+    assert not watch.restart_due, "retried before RETRY_FRAMES more frames"
+    watch.frames = INLINE_FRAMES + RETRY_FRAMES
+    checkpointer.after_commit(handle, watch)  # type: ignore[arg-type]
+    assert watch.restart_due
+    watch(conn, "main", 5)  # the log restarted
+    assert watch.restart_from == 0
+    reader.execute("COMMIT")
+    for c in (*opened, reader, conn):
+        c.close()
 
 
 def test_a_transaction_cancelled_while_its_batch_waits_for_the_restart_never_runs(
