@@ -239,6 +239,12 @@ class Accounts:
                          "salt = excluded.salt, hash = excluded.hash, updated = excluded.updated",
                          (account_id, *credential, self.clock()))
 
+    def has_password(self, account_id: int) -> bool:
+        """Whether the account has a password set (False for an unknown id)."""
+        if not valid_id(account_id):
+            return False
+        return bool(self._db.read("SELECT 1 FROM _shardlite_credentials WHERE account_id = ?", (account_id,)))
+
     def authenticate(self, email: str, password: str) -> int:
         """The account id when ``password`` is right for ``email``; otherwise :class:`AuthenticationFailed`
         (unknown address, no password set, wrong password, malformed input: deliberately the same error)."""

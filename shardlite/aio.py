@@ -63,7 +63,7 @@ from .relay import Handler, HandlerRegistry, Relay
 from .schema import Step
 from .sessions import Sessions
 from .store import Store
-from .transaction import AsyncTransaction, Params
+from .transaction import AsyncTransaction, Params, TransactionClosed
 
 __all__ = ["AsyncRouter", "AsyncTransaction"]
 
@@ -71,6 +71,7 @@ T = TypeVar("T")
 Schema = Sequence[Step] | Mapping[str, Sequence[Step]] | None
 
 
+_ROLLED_BACK = "SQLite rolled it back for another transaction of the batch: OR ROLLBACK, RAISE(ROLLBACK), I/O"
 _BATCH_OWNER = -1  # no thread has this id: Handle.enter() from any thread waits for the lock
 
 
@@ -87,6 +88,7 @@ class _AsyncScope(AsyncTransaction):
         self._router = router
         self.key = key  # type: ignore[assignment]  # the caller's key until entered, then the canonical one
         self._open = self._entered = False
+        self._given = None
 
     async def __aenter__(self) -> AsyncTransaction:
         router = self._router
@@ -150,15 +152,30 @@ class _AsyncScope(AsyncTransaction):
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         self._open = False
         depth = self._depth
+        self._seal(not depth)  # a nested block's spare cursor is its enclosing transaction's too
         if depth:
             self._exit_nested(self._handle, depth, exc_type is not None)
             return
         batch = self._batch
         cur = self._handle.cur
         try:
+            if self._conn.get_autocommit():
+                # SQLite rolled the whole batch back (an OR ROLLBACK conflict, RAISE(ROLLBACK), an I/O error):
+                # every transaction in it is lost, this one included.
+                self._router._abort_batch(batch, _ROLLED_BACK)
+                if exc_type is None:
+                    raise TransactionClosed(f"the transaction on {self.key!r} was rolled back by SQLite "
+                                            "(an OR ROLLBACK conflict, RAISE(ROLLBACK) or an I/O error); "
+                                            "nothing of it was committed")
+                return
             if exc_type is not None:
                 cur.execute(MEMBER_ROLLBACK)
             cur.execute(MEMBER_RELEASE)
+        except apsw.Error:
+            self._router._abort_batch(batch)
+            # SQLite's text would name the batch's internal savepoint: the caller gets shardlite's own
+            raise ShardliteError(f"the transaction on {self.key!r} could not be completed: its group-commit "
+                                 "batch was rolled back; nothing of it was committed") from None
         except BaseException:
             self._router._abort_batch(batch)
             raise
@@ -180,13 +197,20 @@ class _AsyncScope(AsyncTransaction):
             # the batch (see module doc).
             await outcome.wait(batch.loop)
 
-    @staticmethod
-    def _exit_nested(handle: Handle, depth: int, failed: bool) -> None:
+    def _exit_nested(self, handle: Handle, depth: int, failed: bool) -> None:
         _, rollback, release = nested_savepoint(depth)
         try:
+            if handle.conn.get_autocommit():  # SQLite rolled everything back: the enclosing block fails too
+                if not failed:
+                    raise TransactionClosed(f"the transaction on {self.key!r} was rolled back by SQLite; "
+                                            "nothing of it was committed")
+                return
             if failed:
                 handle.cur.execute(rollback)
             handle.cur.execute(release)
+        except apsw.Error:
+            # SQLite's text would name the internal savepoint: the caller gets shardlite's own
+            raise ShardliteError(f"the nested transaction on {self.key!r} could not be completed") from None
         finally:
             handle.savepoints -= 1
 
@@ -238,7 +262,7 @@ class AsyncRouter(HandlerRegistry):
         #: Sessions (async twin of :class:`~shardlite.sessions.Sessions`).
         self.sessions = AsyncSessions(Sessions(db, clock), self._call)
         #: The app's global tables (async twin of :class:`~shardlite.globals.GlobalTables`).
-        self.globals = AsyncGlobalTables(GlobalTables(db))
+        self.globals = AsyncGlobalTables(GlobalTables(self._store.appdb))
         self._handlers: dict[str, Handler] = {}
         #: The outbox relay as an asyncio task (:class:`~shardlite.aio_relay.AsyncRelay`). Never started
         #: implicitly; ``relay=True`` starts it when the router is entered (``async with``).
@@ -422,14 +446,16 @@ class AsyncRouter(HandlerRegistry):
             outcome.finish(error)
         self._next(batch)
 
-    def _abort_batch(self, batch: Batch) -> None:
-        """A savepoint could not be released: roll the whole batch back."""
+    def _abort_batch(self, batch: Batch, why: str = "a savepoint failed") -> None:
+        """A savepoint could not be released, or SQLite rolled the transaction back: roll the whole batch
+        back; every transaction waiting for its commit gets the error."""
         if batch.handle is not None:
             try:
                 self._store.rollback(batch.handle)
             except apsw.Error:
                 pass
-            self._finish(batch, ShardliteError("the group-commit batch was rolled back: a savepoint failed"))
+            self._finish(batch, ShardliteError(f"the group-commit batch was rolled back ({why}); nothing of this "
+                                               "transaction was committed: retry it"))
 
     # -- the contract -----------------------------------------------------------------------------------
 
@@ -463,6 +489,11 @@ class AsyncRouter(HandlerRegistry):
 
     async def query(self, key: object, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
         """Read-only statement on ``key``'s tenant, like :meth:`Router.query`."""
+        return await self._read(key, sql, params, False)
+
+    async def _read(self, key: object, sql: str, params: Params, internal: bool) -> list[tuple[Any, ...]]:
+        """A read, inline on the loop when it can be (see the module doc); ``internal``: one of
+        shardlite's own reads, its text prefixed with INTERNAL_SQL."""
         store = self._store
         try:
             handle = store._fast.get(key)
@@ -479,14 +510,14 @@ class AsyncRouter(HandlerRegistry):
                         handle.conn.setprogresshandler(self._interrupt_inline, self._inline_steps)
                         handle.budgeted = True
                     self._inline_ticks = 0
-                    rows = store._query(handle, sql, params)
+                    rows = store._query(handle, sql, params, internal)
                     if rows is not None:
                         return rows
             except apsw.InterruptError:
                 pass  # over budget: redo it on a worker thread
             finally:
                 handle.lock.release()
-        return await self._call(store.read, key, sql, params)
+        return await self._call(store.read, key, sql, params, internal)
 
     async def locate(self, key: object) -> Location:
         return self._store.locate(key)  # catalog reads: this thread's read connection, microseconds
@@ -515,7 +546,7 @@ class AsyncRouter(HandlerRegistry):
     async def feed(self, key: object, *, limit: int = 50, before: int | None = None) -> list[feed.FeedItem]:
         """``key``'s activity feed, newest first (see :meth:`Router.feed`)."""
         cursor = (1 << 62) if before is None else int(before)
-        return feed.items(await self.query(key, feed.page_query(limit), (cursor,)))
+        return feed.items(await self._read(key, feed.page_query(limit), (cursor,), True))
 
     # -- lifecycle --------------------------------------------------------------------------------------
 

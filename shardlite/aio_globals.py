@@ -5,10 +5,8 @@ waits for a KDF or for the global write lock. ``sessions.resolve`` reads inline 
 microsecond-scale indexed read on this thread's own read connection) and offloads only the throttled
 activity write.
 
-``globals.transaction()`` runs its body on the loop while holding the global DB's writer; transactions of
-different tasks are serialised by an ``asyncio.Lock``. Do not create tenants (first writes to new keys) from
-inside it: tenant creation records the new tenant in the same global DB from a worker thread, which waits
-for the transaction to end (and raises ``Busy`` past the busy timeout).
+``globals.transaction()`` runs its body on the loop while holding ``app_global.db``'s writer; transactions
+of different tasks are serialised by an ``asyncio.Lock``.
 """
 
 from __future__ import annotations

@@ -1,14 +1,21 @@
-"""The authorizer on tenant connections: what user SQL may not do (brief §4 Results, rule 5).
+"""The authorizer on every connection user SQL reaches: what user SQL may not do (README, Isolation).
 
 User SQL may not run transaction control (BEGIN, COMMIT, ROLLBACK, SAVEPOINT: shardlite owns the
 transaction), ATTACH or DETACH (no API call on key A may reach key B's file), pragmas that change the
-connection or the file, or create, alter, drop or write shardlite's own ``_shardlite_*`` tables. Reads of
-any table and read-only pragmas (``table_info``, ``user_version`` without a value, ...) stay allowed.
+connection or the file, or create, alter, drop, read or write shardlite's own ``_shardlite_*`` tables
+(app SQL and outside files are untrusted: it never reads or writes shardlite's internal tables). Reads of
+the app's tables and read-only pragmas (``table_info``, ``user_version`` without a value, ...) stay
+allowed.
 
 A refusal raises :class:`~shardlite.errors.StatementNotAllowed` from inside the authorizer, so the caller
 sees what was refused and why rather than SQLite's bare "not authorized". shardlite's own statements run
-with :attr:`Guard.trusted` set; they are executed uncached, so a prepared statement authorized in trusted
-mode is never reused for user SQL of the same text.
+with :attr:`Guard.trusted` set, and their text starts with :data:`INTERNAL_SQL`: SQLite asks the
+authorizer only when it prepares a statement, and a prepared statement is reused from APSW's cache by its
+text, so user SQL can never reuse a statement authorized in trusted mode (it cannot know the nonce).
+
+A schema change made by user SQL sets :attr:`Guard.ddl`; the transaction's owner then checks, before the
+change can commit, that no user object references, shadows or constrains a shardlite table (a foreign
+key to ``_shardlite_relay`` would make shardlite's own writes fail with "foreign key mismatch").
 """
 
 from __future__ import annotations
@@ -63,21 +70,33 @@ def _reserved(name: str | None) -> bool:
 
 
 class Guard:
-    """A per-connection authorizer. Call it as SQLite's authorizer callback."""
+    """A per-connection authorizer. Call it as SQLite's authorizer callback.
 
-    __slots__ = ("trusted", "read_only")
+    ``member_savepoints``: allow the group commit's per-transaction savepoints (their names carry the
+    per-process secret :data:`SAVEPOINT_PREFIX`) without trusted mode; only tenant *write* connections
+    need them, so read connections refuse every savepoint whatever its name."""
 
-    def __init__(self, *, read_only: bool = False) -> None:
+    __slots__ = ("trusted", "read_only", "member_savepoints", "ddl")
+
+    def __init__(self, *, read_only: bool = False, member_savepoints: bool = False) -> None:
         self.trusted = False
         #: When set, refuse every write (``shardlite query`` and ``router.map`` run with it).
         self.read_only = read_only
+        self.member_savepoints = member_savepoints and not read_only
+        #: User SQL created, dropped or changed a schema object since the owner last cleared it.
+        self.ddl = False
 
     def __call__(self, op: int, p1: str | None, p2: str | None, db: str | None, trigger: str | None) -> int:
         if self.trusted and trigger is None:
             # Trusted mode covers shardlite's own top-level statements only: a user trigger fired by one of
             # them (say through a cascade) is still user SQL and is checked like any other.
             return apsw.SQLITE_OK
-        if op == apsw.SQLITE_READ or op == apsw.SQLITE_SELECT or op == apsw.SQLITE_FUNCTION:
+        if op == apsw.SQLITE_READ:
+            if _reserved(p1):
+                raise StatementNotAllowed(f"user SQL may not read shardlite's own table {p1}"
+                                          + (" (use router.feed())" if p1 == "_shardlite_feed" else ""))
+            return apsw.SQLITE_OK
+        if op == apsw.SQLITE_SELECT or op == apsw.SQLITE_FUNCTION:
             if op == apsw.SQLITE_FUNCTION and p2 is not None and p2.lower() == "load_extension":
                 raise StatementNotAllowed("load_extension() is not allowed on tenant connections")
             return apsw.SQLITE_OK
@@ -87,7 +106,8 @@ class Guard:
             if self.read_only:
                 raise StatementNotAllowed("this statement writes, and only read-only statements are allowed here")
             return apsw.SQLITE_OK
-        if op == apsw.SQLITE_SAVEPOINT and p2 is not None and p2.startswith(SAVEPOINT_PREFIX):
+        if (op == apsw.SQLITE_SAVEPOINT and self.member_savepoints and p2 is not None
+                and p2.startswith(SAVEPOINT_PREFIX)):
             return apsw.SQLITE_OK
         if op == apsw.SQLITE_TRANSACTION or op == apsw.SQLITE_SAVEPOINT:
             raise StatementNotAllowed(
@@ -114,6 +134,7 @@ class Guard:
                 raise StatementNotAllowed(f"the {RESERVED_PREFIX}_* names are reserved for shardlite's own tables")
             if self.read_only:
                 raise StatementNotAllowed("this statement changes the schema, and only reads are allowed here")
+            self.ddl = True
             return apsw.SQLITE_OK
         if self.read_only and op not in (apsw.SQLITE_RECURSIVE,):
             raise StatementNotAllowed("only read-only statements are allowed here")

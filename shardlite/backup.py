@@ -88,7 +88,7 @@ _ROLLBACK_VERSIONS = b"\x01\x01"
 #: inline and 103-105 ms with 2 or 4 threads. ``parallel`` > 1 is for storage where copies wait on I/O.
 PARALLEL = 1
 # The files a backup writes into its destination, and nothing else (the sweep removes only these).
-_OURS = re.compile(r"(?:[0-9a-f]{32}(?:\.[0-9a-f]{32})?\.db|global(?:\.[0-9a-f]{32})?\.db"
+_OURS = re.compile(r"(?:[0-9a-f]{32}(?:\.[0-9a-f]{32})?\.db|(?:app_)?global(?:\.[0-9a-f]{32})?\.db"
                    r"|\.(?:[0-9a-f]{32}|global)\.tmp-[0-9a-f]{8})")
 
 
@@ -242,6 +242,8 @@ def _sweep(dest: str, manifest: dict[str, Any]) -> None:
     """After the manifest is durable: remove the copies it no longer names (superseded by this run) and
     temporaries an interrupted run left behind; only names a backup writes."""
     keep = {entry["file"] for entry in manifest["tenants"].values()} | {manifest["global"]["file"]}
+    if "app_global" in manifest:
+        keep.add(manifest["app_global"]["file"])
     candidates = [name for name in os.listdir(dest) if _OURS.fullmatch(name)]
     tenants = os.path.join(dest, "tenants")
     if os.path.isdir(tenants):
@@ -284,8 +286,9 @@ def _backup_locked(store: Store, dest: str, keys: Iterable[object] | None,
     before = _load_manifest(dest)
     previous = before.get("tenants", {})
     durable_names = {os.path.join(dest, entry["file"]) for entry in previous.values()}
-    if "global" in before:
-        durable_names.add(os.path.join(dest, before["global"]["file"]))
+    for name in ("global", "app_global"):
+        if name in before:
+            durable_names.add(os.path.join(dest, before[name]["file"]))
     records: list[TenantRecord]
     if keys is None:
         records = list(store.catalog.iter_tenants())
@@ -328,9 +331,12 @@ def _backup_locked(store: Store, dest: str, keys: Iterable[object] | None,
             progress(record.key, True)
     global_name, global_checksum, _ = _copy_into(store.globaldb.path, dest, "global", durable_names)
     written.append(os.path.join(dest, global_name))
+    app_name, app_checksum, _ = _copy_into(store.appdb.path, dest, "app_global", durable_names)
+    written.append(os.path.join(dest, app_name))
     _make_durable(written, directories)  # every copy is durable before the manifest names it
     manifest = {"format": 1, "created": time.time(), "root": store.root, "tenants": entries,
                 "global": {"file": global_name, "checksum": global_checksum},
+                "app_global": {"file": app_name, "checksum": app_checksum},
                 "copied": copied, "skipped": skipped}
     temp = os.path.join(dest, f".{MANIFEST}.tmp")
     # one line per tenant, so the file stays readable; json's indent= would take its slow pure-Python path
@@ -460,7 +466,7 @@ def _bring_in(store: Store, source_file: str, key: str, *, purpose: str, keep_ou
     store.forget(key)
     record = store.catalog.lookup(key)
     assert record is not None
-    has_events = store.read(key, "SELECT 1 FROM _shardlite_outbox LIMIT 1")
+    has_events = store.read_internal(key, "SELECT 1 FROM _shardlite_outbox LIMIT 1")
     if has_events:
         store.catalog.flag_pending(key)
     return record
@@ -536,21 +542,44 @@ def restore_globals(store: Store, src: str) -> None:
 
 
 def _restore_globals(store: Store, src: str, manifest: dict[str, Any]) -> None:
-    path = os.path.join(src, manifest["global"]["file"])
-    if file_checksum(path) != manifest["global"]["checksum"]:
-        raise ShardliteError("checksum mismatch for the backup's global.db")
+    """Accounts, credentials and sessions from the backup's copy of global.db; the app's global tables
+    from its copy of app_global.db (backups made before the app's tables had a file of their own hold
+    them in the global copy)."""
+    copies = {}
+    for name in ("global", "app_global"):
+        if name in manifest:
+            path = os.path.join(src, manifest[name]["file"])
+            if file_checksum(path) != manifest[name]["checksum"]:
+                raise ShardliteError(f"checksum mismatch for the backup's {name}.db")
+            copies[name] = path
     if any(True for _ in store.catalog.iter_tenants()):
         raise ConfigurationError("restoring the global DB needs an empty data root")
+    own = ("_shardlite_accounts", "_shardlite_credentials", "_shardlite_sessions")
+    _copy_tables(copies["global"], store.globaldb, lambda t: t in own)
+    app_copy = copies.get("app_global", copies["global"])
+    _copy_tables(app_copy, store.appdb, lambda t: not t.startswith("_shardlite"))
+    source = open_trusted(app_copy)
+    try:
+        version: list[Any] = (source.execute("PRAGMA user_version") if "app_global" in copies else source.execute(
+            "SELECT value FROM _shardlite_catalog_meta WHERE name = 'app_global_version'")).fetchall()
+    finally:
+        source.close()
+    if version:  # the app's global schema came along: so did its version
+        with store.appdb.write() as conn:
+            conn.execute(f"PRAGMA user_version = {int(version[0][0])}")
+
+
+def _copy_tables(path: str, db: Any, wanted: Callable[[str], bool]) -> None:
+    """Copy the tables of the SQLite file at ``path`` for which ``wanted(name)`` holds into ``db`` (a
+    GlobalDB), creating those it lacks; rows replace rows with the same key."""
     source = open_trusted(path)
     try:
         tables = [str(r[0]) for r in source.execute(
             "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%'").fetchall()]
-        copy = [t for t in tables if t in ("_shardlite_accounts", "_shardlite_credentials", "_shardlite_sessions")
-                or not t.startswith("_shardlite")]
-        version = source.execute("SELECT value FROM _shardlite_catalog_meta WHERE name = 'app_global_version'"
-                                 ).fetchall()
-        with store.globaldb.write() as conn:
-            for table in copy:
+        with db.write() as conn:
+            for table in tables:
+                if not wanted(table):
+                    continue
                 sql = str(source.execute("SELECT sql FROM sqlite_schema WHERE name = ?", (table,)).fetchall()[0][0])
                 exists = conn.execute("SELECT 1 FROM sqlite_schema WHERE name = ?", (table,)).fetchall()
                 if not exists:
@@ -559,9 +588,6 @@ def _restore_globals(store: Store, src: str, manifest: dict[str, Any]) -> None:
                 if rows:
                     marks = ", ".join("?" for _ in rows[0])
                     conn.executemany(f"INSERT OR REPLACE INTO {_quote(table)} VALUES ({marks})", rows)
-            if version:  # the app's global schema came along: so did its version
-                conn.execute("INSERT INTO _shardlite_catalog_meta(name, value) VALUES ('app_global_version', ?) "
-                             "ON CONFLICT(name) DO UPDATE SET value = excluded.value", (version[0][0],))
     finally:
         source.close()
 

@@ -18,16 +18,19 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .app_tables import move_app_tables
 from .authorizer import INTERNAL_SQL as _I
 from .errors import ConfigurationError
 from .globaldb import GLOBAL_DB_NAME, GlobalDB
+from .schema import Step
 
 __all__ = ["Node", "TenantRecord", "Location", "Catalog", "SqliteCatalog", "GLOBAL_DB_NAME", "GLOBAL_STEPS"]
 
 #: shardlite's tables in the global DB, by version (PRAGMA user_version). Version 1: the catalog;
 #: version 2: accounts, password credentials and sessions; version 3: the relay's pending-work flags and
-#: dead letters; version 4: the rebalance journal (plans and per-tenant move steps).
-GLOBAL_STEPS: tuple[tuple[str, ...], ...] = (
+#: dead letters; version 4: the rebalance journal (plans and per-tenant move steps); version 5: the app's
+#: own global tables move out to ``app_global.db`` (:mod:`shardlite.app_tables`).
+GLOBAL_STEPS: tuple[tuple[Step, ...], ...] = (
     (
         """CREATE TABLE _shardlite_catalog_meta(name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID""",
         """CREATE TABLE _shardlite_nodes(
@@ -135,6 +138,7 @@ GLOBAL_STEPS: tuple[tuple[str, ...], ...] = (
                PRIMARY KEY (plan_id, key)
            ) WITHOUT ROWID""",
     ),
+    (move_app_tables,),
 )
 
 

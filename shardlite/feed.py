@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from .authorizer import INTERNAL_SQL
 from .outbox import Event, from_json, to_json
 from .transaction import Transaction
 
@@ -20,13 +21,14 @@ MAX_PAGE = 1000
 
 
 def page_query(limit: int) -> str:
-    """The feed page statement for ``limit`` entries (clamped to 0..MAX_PAGE) before a cursor (``?``).
+    """The feed page statement for ``limit`` entries (clamped to 0..MAX_PAGE) before a cursor (``?``): one
+    of shardlite's own reads (prefixed with INTERNAL_SQL, run trusted: user SQL may not read the feed table).
 
     The limit is written into the SQL text, not bound. Measured with APSW 3.54 (SQLite built with STAT4):
     a LIMIT bound as a parameter costs 3 to 9 µs more per run (it looks like a re-prepare after each
     bind; the statement cache still hits), as much as a small page read itself. The statement cache
     keeps one prepared statement per limit in use."""
-    return (f"SELECT id, source, topic, payload, event, at FROM _shardlite_feed WHERE id < ? "
+    return (f"{INTERNAL_SQL}SELECT id, source, topic, payload, event, at FROM _shardlite_feed WHERE id < ? "
             f"ORDER BY id DESC LIMIT {max(0, min(int(limit), MAX_PAGE))}")
 
 

@@ -1,15 +1,22 @@
-"""The global metadata DB (``<root>/global.db``): one writer connection, per-thread readers, versions.
+"""The root's shared SQLite DBs: one writer connection, per-thread readers, versions.
 
-It holds the catalog, accounts, sessions and the app's own global tables (brief §1). Its write rate must
-stay low (it must never become the global write lock per-tenant files exist to avoid), so everything hot
-here is a read: reads go to a ``query_only`` connection per thread (no lock, WAL readers never block), and
-writes share one connection behind a re-entrant lock. A write inside a write on the same thread becomes a
-savepoint, so the catalog can be updated inside ``router.globals.transaction()``.
+Two files use this class:
 
-shardlite's own tables are named ``_shardlite_*`` and versioned by ``PRAGMA user_version``; the app's
-global schema carries its own version in ``_shardlite_catalog_meta``. The writer connection carries the
-same :class:`~shardlite.authorizer.Guard` as tenant connections: user SQL run through ``router.globals``
-may not write ``_shardlite_*`` tables nor control transactions.
+* ``<root>/global.db`` (``GlobalDB(root, settings)``): shardlite's own metadata (the catalog, accounts,
+  credentials, sessions, the relay's pending-work flags, the move journal). Only shardlite's own statements
+  ever run on its connections: app SQL never reaches them (app SQL and outside files are untrusted).
+* ``<root>/app_global.db`` (``GlobalDB(root, settings, name=APP_DB_NAME, user_sql=True)``): the app's own
+  global tables (``router.globals``). User SQL runs there under the same authorizer as tenant SQL; it holds
+  no shardlite table, so no timing of a lazily stepped cursor, foreign key or trigger can reach a
+  credential, a session digest or a catalog row.
+
+Their write rate must stay low (they must never become the global write lock per-tenant files exist to
+avoid), so everything hot is a read: reads go to a ``query_only`` connection per thread (no lock, WAL
+readers never block), and writes share one connection behind a re-entrant lock. A write inside a write on
+the same thread becomes a savepoint.
+
+shardlite's tables in ``global.db`` are named ``_shardlite_*`` and versioned by ``PRAGMA user_version``;
+the app's global schema carries its version in ``app_global.db``'s ``PRAGMA user_version``.
 """
 
 from __future__ import annotations
@@ -23,12 +30,13 @@ import apsw
 
 from .authorizer import INTERNAL_SQL, Guard
 from .engine import Settings, create_private_file, ensure_private_dir, on_fork_in_child, open_connection
-from .errors import Busy, ConfigurationError
+from .errors import Busy, ConfigurationError, ShardliteError
 from .schema import Step, run_step
 
-__all__ = ["GlobalDB", "GLOBAL_DB_NAME"]
+__all__ = ["GlobalDB", "GLOBAL_DB_NAME", "APP_DB_NAME"]
 
 GLOBAL_DB_NAME = "global.db"
+APP_DB_NAME = "app_global.db"
 
 _BEGIN = INTERNAL_SQL + "BEGIN IMMEDIATE"
 _COMMIT = INTERNAL_SQL + "COMMIT"
@@ -75,7 +83,13 @@ class _Write:
         conn = db.writer
         db.guard.trusted = True
         try:
-            if self.savepoint is not None:
+            if conn.get_autocommit():
+                # SQLite rolled the whole transaction back (INSERT OR ROLLBACK, RAISE(ROLLBACK), a fatal I/O
+                # error): nothing of it (nor of an enclosing block) committed.
+                if et is None:
+                    raise ShardliteError("the global transaction was rolled back by SQLite (an OR ROLLBACK "
+                                         "conflict, RAISE(ROLLBACK) or an I/O error); nothing was committed")
+            elif self.savepoint is not None:
                 if et is not None:
                     conn.execute(f"{INTERNAL_SQL}ROLLBACK TO {self.savepoint}")
                 conn.execute(f"{INTERNAL_SQL}RELEASE {self.savepoint}")
@@ -88,7 +102,7 @@ class _Write:
                     if isinstance(exc, apsw.BusyError):
                         raise Busy(f"the global DB commit was blocked ({exc}); nothing was committed") from exc
                     raise
-            elif not conn.get_autocommit():
+            else:
                 conn.execute(_ROLLBACK)
         finally:
             db._depth -= 1
@@ -97,14 +111,20 @@ class _Write:
 
 
 class GlobalDB:
-    """Connections to ``<root>/global.db``. Thread-safe."""
+    """Connections to one of the root's shared DBs (see the module doc). Thread-safe.
 
-    def __init__(self, root: str, settings: Settings) -> None:
+    ``user_sql``: the DB user SQL may reach (``router.globals``): its writer runs bodies under the
+    authorizer (``write(trusted=False)``) and is never left in trusted mode between statements, and its
+    readers refuse writes, transaction control and shardlite's reserved names. Otherwise every connection
+    runs only shardlite's own statements."""
+
+    def __init__(self, root: str, settings: Settings, *, name: str = GLOBAL_DB_NAME, user_sql: bool = False) -> None:
         self.root = os.path.abspath(root)
-        self.path = os.path.join(self.root, GLOBAL_DB_NAME)
+        self.path = os.path.join(self.root, name)
         self.settings = settings
+        self.user_sql = user_sql
         self.guard = Guard()
-        self.guard.trusted = True
+        self.guard.trusted = not user_sql
         self._lock = threading.RLock()
         self._writer: apsw.Connection | None = None
         self._depth = 0
@@ -118,13 +138,16 @@ class GlobalDB:
     def exists(self) -> bool:
         return os.path.exists(self.path)
 
-    def open(self, *, create: bool, internal_steps: Sequence[Sequence[str]]) -> None:
-        """Open (creating when ``create``) and bring shardlite's tables to ``len(internal_steps)``."""
+    def open(self, *, create: bool, internal_steps: Sequence[Sequence[Step]] = ()) -> None:
+        """Open (creating when ``create``) and bring shardlite's tables to ``len(internal_steps)`` (steps
+        are SQL text or callables taking a cursor on the writer, run inside the upgrade's transaction)."""
         if not create and not self.exists:
             raise ConfigurationError(f"no shardlite data root at {self.root} (run `shardlite init` first)")
         ensure_private_dir(self.root)
         create_private_file(self.path)
         self._closed = False
+        if not internal_steps:
+            return
         with self.write() as conn:
             found: Any = conn.execute("PRAGMA user_version").fetchall()[0][0]
             version = int(found)
@@ -135,17 +158,15 @@ class GlobalDB:
                 conn.execute(f"PRAGMA user_version = {len(internal_steps)}")
 
     def migrate_app(self, steps: Sequence[Step]) -> None:
-        """Apply the app's missing global schema steps in one transaction (trusted: the app's own code)."""
+        """Apply the app's missing global schema steps in one transaction (trusted: the app's own code;
+        their number is the DB's ``PRAGMA user_version``)."""
         with self.write() as conn:
-            rows: list[Any] = conn.execute(
-                "SELECT value FROM _shardlite_catalog_meta WHERE name = 'app_global_version'").fetchall()
-            version = int(rows[0][0]) if rows else 0
+            found: Any = conn.execute(INTERNAL_SQL + "PRAGMA user_version").fetchall()[0][0]
+            version = int(found)
             for step in steps[version:]:
                 run_step(conn, step)
             if version < len(steps):
-                conn.execute(INTERNAL_SQL + "INSERT INTO _shardlite_catalog_meta(name, value) "
-                             "VALUES ('app_global_version', ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
-                             (str(len(steps)),))
+                conn.execute(f"{INTERNAL_SQL}PRAGMA user_version = {int(len(steps))}")
 
     @property
     def writer(self) -> apsw.Connection:
@@ -173,7 +194,7 @@ class GlobalDB:
         conn = open_connection(self.path, self.settings, create=False, cache_kib=2048, authorizer=guard)
         guard.trusted = True
         conn.execute("PRAGMA query_only = 1")
-        guard.trusted = False
+        guard.trusted = not self.user_sql  # global.db's readers run only shardlite's own reads
         self._local.conn = conn
         with self._readers_lock:
             self._readers.append(conn)

@@ -1,9 +1,11 @@
-"""``router.globals``: the app's own tables in the global DB (``Router(..., global_schema=[...])``).
+"""``router.globals``: the app's own global tables (``Router(..., global_schema=[...])``).
 
 For small global indexes an app needs (which conversations a user belongs to, say). Keep them small and
-their write rate low: every write here takes the one global write lock that per-tenant files exist to avoid.
-User SQL here runs under the same authorizer as tenant SQL: no transaction control, no ATTACH, no pragmas
-that change anything, no writes to shardlite's ``_shardlite_*`` tables.
+their write rate low: every write here takes the one write lock of ``<root>/app_global.db``, the file that
+holds them. That file holds nothing of shardlite's (credentials, sessions and the catalog are in
+``global.db``, which app SQL never reaches), and user SQL here runs under the same authorizer as tenant
+SQL: no transaction control, no ATTACH, no pragmas that change anything, no ``_shardlite_*`` names. As in
+tenant transactions, cursors returned inside ``transaction()`` are closed when its block ends.
 """
 
 from __future__ import annotations
@@ -42,10 +44,10 @@ class GlobalTables:
         self._db = db
 
     def transaction(self) -> _GlobalScope:
-        """``with router.globals.transaction() as tx:`` BEGIN IMMEDIATE on the global DB (a savepoint
+        """``with router.globals.transaction() as tx:`` BEGIN IMMEDIATE on ``app_global.db`` (a savepoint
         when nested); commits on success, rolls back on error."""
         return _GlobalScope(self._db)
 
     def query(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
-        """One read-only statement on the global DB (committed data only)."""
+        """One read-only statement on the app's global tables (committed data only)."""
         return self._db.read(sql, params)

@@ -351,8 +351,8 @@ class Relay:
             self._held.discard(source)
             raise _ClaimedElsewhere(float(claimed_until))
         with self.store.writing(source, create=False) as handle:
-            claim: list[Any] = handle.conn.execute(
-                "SELECT claimed_by, claimed_until FROM _shardlite_relay WHERE id = 1").fetchall()
+            claim: list[Any] = self.store.internal(
+                handle, "SELECT claimed_by, claimed_until FROM _shardlite_relay WHERE id = 1").fetchall()
             claimed_by, claimed_until = claim[0]
             if claimed_by not in (None, self.id) and claimed_until > now:
                 self._held.discard(source)
@@ -360,7 +360,7 @@ class Relay:
             self.store.internal(handle, "UPDATE _shardlite_relay SET claimed_by = ?, claimed_until = ? "
                                 "WHERE id = 1", (self.id, now + self.lease))
             self._held.add(source)
-            found = handle.conn.execute(_READ_OUTBOX.format(batch=int(self.batch))).fetchall()
+            found = self.store.internal(handle, _READ_OUTBOX.format(batch=int(self.batch))).fetchall()
             rows = [OutboxRow(*row) for row in found]
             return _Claim(source, handle.incarnation, plan(rows, self.handlers, now), now + self.lease)
 
@@ -413,8 +413,8 @@ class Relay:
         for row in rows:
             emitter = row.incarnation(claim.incarnation)
             if emitter not in marks:
-                found: list[Any] = handle.conn.execute(
-                    "SELECT last_seq FROM _shardlite_inbox WHERE source = ? AND incarnation = ?",
+                found: list[Any] = self.store.internal(
+                    handle, "SELECT last_seq FROM _shardlite_inbox WHERE source = ? AND incarnation = ?",
                     (source, emitter)).fetchall()
                 marks[emitter] = int(found[0][0]) if found else 0
             if row.seq <= marks[emitter]:
@@ -478,9 +478,9 @@ class Relay:
             with store.writing(source, create=False, wait_ms=wait_ms) as handle:
                 if delivered or failed or dead:  # failed ones may turn dead (deleted) below
                     store.internal(handle, REMEMBER_LAST_SEQ)  # before deleting: numbers never come back
-                if delivered:
-                    store.internal(handle, "DELETE FROM _shardlite_outbox WHERE seq IN "
-                                   "(SELECT value FROM json_each(?))", (_json_list(delivered),))
+                if delivered:  # one cached statement per seq: no table-valued function a user table could shadow
+                    store.internal_many(handle, "DELETE FROM _shardlite_outbox WHERE seq = ?",
+                                        [(seq,) for seq in delivered])
                 for seq, (row, error) in failed.items():
                     attempts = row.attempts + 1
                     if policy.dead(attempts):
@@ -495,7 +495,7 @@ class Relay:
                     catalog.add_dead_letter(source, row.incarnation(handle.incarnation), seq, row.dest, row.topic,
                                             row.payload, row.created, max(row.attempts + 1, 1), error)
                     store.internal(handle, "DELETE FROM _shardlite_outbox WHERE seq = ?", (seq,))
-                left: list[Any] = handle.conn.execute("SELECT count(*) FROM _shardlite_outbox").fetchall()
+                left: list[Any] = store.internal(handle, "SELECT count(*) FROM _shardlite_outbox").fetchall()
                 remaining = int(left[0][0])
                 # read under the source's write lock: an emitter that re-flags it after this commit bumps it
                 version = catalog.pending_row(source) if remaining == 0 else None
@@ -544,9 +544,10 @@ class Relay:
         topics: dict[str, int] = {}
         for key, _due, _since in store.catalog.pending_all():
             try:
-                count, oldest = store.read(key, "SELECT count(*), min(created) FROM _shardlite_outbox")[0]
+                count, oldest = store.read_internal(key, "SELECT count(*), min(created) FROM _shardlite_outbox")[0]
                 node = store.locate(key).node
-                for (topic, n) in store.read(key, "SELECT topic, count(*) FROM _shardlite_outbox GROUP BY topic"):
+                for (topic, n) in store.read_internal(key, "SELECT topic, count(*) FROM _shardlite_outbox "
+                                                      "GROUP BY topic"):
                     topics[topic] = topics.get(topic, 0) + int(n)
             except (UnknownTenant, ShardliteError, apsw.Error):
                 continue
@@ -591,6 +592,3 @@ class Relay:
             count += 1
         return count
 
-
-def _json_list(values: list[int]) -> str:
-    return "[" + ",".join(str(int(v)) for v in values) + "]"

@@ -55,6 +55,7 @@ class _Scope(Transaction):
         self._conn = None  # type: ignore[assignment]  # never read while _open is False
         self._open = False
         self._handle = None
+        self._given = None
 
     def __enter__(self) -> Transaction:
         router = self._router
@@ -94,6 +95,7 @@ class _Scope(Transaction):
         assert handle is not None
         store = self._router._store
         self._open = False
+        self._seal(self._savepoint is None)  # a nested block's spare cursor is its enclosing block's too
         if self._savepoint is not None:
             try:
                 if exc_type is not None and not handle.conn.get_autocommit():
@@ -123,7 +125,8 @@ class Router(HandlerRegistry):
     ``max_open`` bounds this process's open tenant connections. ``move_wait`` bounds how long a
     transaction waits for a tenant that is being moved before :class:`~shardlite.TenantMoving`.
     ``create=False`` refuses to create a data root that does not exist yet (:class:`ConfigurationError`).
-    ``global_schema`` lists the steps of the app's own tables in the global DB (``router.globals``).
+    ``global_schema`` lists the steps of the app's own global tables (``router.globals``, in
+    ``<root>/app_global.db``).
     ``clock`` (seconds since the epoch) drives session and account timestamps; tests inject one.
     ``relay=True`` runs the outbox relay on a background thread for the router's lifetime; ``max_payload``
     bounds an event's encoded payload; ``retry`` sets the relay's attempts and backoff.
@@ -159,7 +162,7 @@ class Router(HandlerRegistry):
         #: Sessions (:class:`~shardlite.sessions.Sessions`).
         self.sessions = Sessions(db, clock)
         #: The app's global tables (:class:`~shardlite.globals.GlobalTables`).
-        self.globals = GlobalTables(db)
+        self.globals = GlobalTables(self._store.appdb)
         self._handlers: dict[str, Handler] = {}
         #: The outbox relay (:class:`~shardlite.relay.Relay`): ``start()``/``stop()``, ``run_once()``,
         #: ``drain()``, ``status()``. Never started implicitly; ``relay=True`` runs it for the router's life.
@@ -270,7 +273,7 @@ class Router(HandlerRegistry):
     def feed(self, key: object, *, limit: int = 50, before: int | None = None) -> list[feed.FeedItem]:
         """``key``'s activity feed, newest first; ``before=item.id`` pages back. UnknownTenant if absent."""
         cursor = (1 << 62) if before is None else int(before)
-        return feed.items(self._store.read(key, feed.page_query(limit), (cursor,)))
+        return feed.items(self._store.read(key, feed.page_query(limit), (cursor,), True))
 
     # -- operations -----------------------------------------------------------------------------------------
 

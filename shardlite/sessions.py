@@ -224,6 +224,14 @@ class Sessions:
                          "last_seen) VALUES (?, ?, ?, ?, ?, ?)", (new_digest, account_id, now, expires, idle_ttl, now))
         return new_token
 
+    def count_live(self, account_id: int) -> int:
+        """Sessions of ``account_id`` not revoked (expired ones included until :meth:`purge`)."""
+        if not valid_id(account_id):
+            return 0
+        rows = self._db.read("SELECT count(*) FROM _shardlite_sessions WHERE account_id = ? AND revoked IS NULL",
+                             (account_id,))
+        return int(rows[0][0])
+
     def purge(self) -> int:
         """Delete expired, idle-expired and revoked sessions; returns how many rows went."""
         now = self.clock()

@@ -38,7 +38,7 @@ from .checkpoints import DUE_FRAMES, Checkpointer, Submit
 from .copying import remove_db_files
 from .engine import Settings, abandon, ensure_private_dir, on_fork_in_child, set_busy_timeout
 from .errors import Busy, ConfigurationError, ShardliteError, StatementNotAllowed, TenantMoving, UnknownTenant
-from .globaldb import GlobalDB
+from .globaldb import APP_DB_NAME, GlobalDB
 from .keys import canonical, prefix_of
 from .outbox import DEFAULT_MAX_PAYLOAD
 from .placement import tenant_relpath
@@ -46,7 +46,7 @@ from .pool import Handle, HandlePool
 from .ring import Ring
 from .schema import SchemaSpec, Step
 from .tenant import Personaliser, build_template, open_tenant, write_new_file
-from .transaction import Emitter
+from .transaction import Emitter, TransactionClosed
 
 __all__ = ["Store", "NODE_NAME_RE"]
 
@@ -56,7 +56,7 @@ _LIVE = ("active", "moving")
 _BEGIN = INTERNAL_SQL + "BEGIN IMMEDIATE"
 _COMMIT = INTERNAL_SQL + "COMMIT"
 _ROLLBACK = INTERNAL_SQL + "ROLLBACK"
-_FENCE = "SELECT retired FROM _shardlite_meta WHERE id = 1"
+_FENCE = INTERNAL_SQL + "SELECT retired FROM _shardlite_meta WHERE id = 1"
 _stores: weakref.WeakSet[Store] = weakref.WeakSet()
 
 
@@ -66,6 +66,16 @@ def _after_fork() -> None:
 
 
 on_fork_in_child(_after_fork)
+
+
+def _reset_spare(handle: Handle) -> None:
+    """The connection still has a read open after its transaction ended: a statement the caller left
+    unfinished on the spare cursor (say ``tx.execute("SELECT ...").fetchone()``), which would keep an old
+    snapshot, block checkpoints, and make the next ``BEGIN IMMEDIATE`` fail once another connection wrote.
+    Discard it (a cursor the caller still held was closed when the block ended)."""
+    spare = handle.spare
+    handle.spare = handle.conn.cursor()
+    spare.close(True)
 
 
 class _Retired(Exception):
@@ -104,12 +114,15 @@ class Store:
             if len(set(nodes)) != len(nodes):
                 raise ConfigurationError("node names must be unique")
         self.globaldb = GlobalDB(self.root, self.settings)
+        #: The app's own global tables (``router.globals``), in a file of their own (see globaldb.py).
+        self.appdb = GlobalDB(self.root, self.settings, name=APP_DB_NAME, user_sql=True)
         self.catalog = SqliteCatalog(self.globaldb)
         fresh = not self.catalog.exists
         try:
             self._open_catalog(create, nodes, fresh, global_schema)
         except BaseException:
             self.globaldb.close()
+            self.appdb.close()
             raise
         self.pool = HandlePool(self.settings.max_open, self.settings.busy_timeout_ms / 1000)
         self._records: dict[str, TenantRecord] = {}
@@ -128,10 +141,11 @@ class Store:
     def _open_catalog(self, create: bool, nodes: list[str] | None, fresh: bool,
                       global_schema: Sequence[Step] | None) -> None:
         self.catalog.open(create=create, default_nodes=[(n, n, 1) for n in (nodes or ["n1"])])
+        self.appdb.open(create=True)
         if global_schema:
             if isinstance(global_schema, str) or not isinstance(global_schema, (list, tuple)):
                 raise ConfigurationError("global_schema is a list of steps (SQL text or callables)")
-            self.globaldb.migrate_app(global_schema)
+            self.appdb.migrate_app(global_schema)
         self._node_paths: dict[str, str] = {}
         self._ring: Ring | None = None
         self._ring_source: tuple[tuple[str, int], ...] = ()
@@ -325,7 +339,12 @@ class Store:
 
     def retired(self, handle: Handle) -> bool:
         """Read the marker (inside the caller's transaction, or in its own read)."""
-        rows = handle.cur.execute(_FENCE).fetchall()
+        guard = handle.guard
+        guard.trusted = True
+        try:
+            rows = handle.cur.execute(_FENCE).fetchall()
+        finally:
+            guard.trusted = False
         return bool(rows) and rows[0][0] is not None
 
     def internal(self, handle: Handle, sql: str, params: Sequence[object] = ()) -> apsw.Cursor:
@@ -334,6 +353,15 @@ class Store:
         guard.trusted = True
         try:
             return handle.conn.execute(INTERNAL_SQL + sql, params)
+        finally:
+            guard.trusted = False
+
+    def internal_many(self, handle: Handle, sql: str, seq_of_params: Sequence[Sequence[object]]) -> None:
+        """:meth:`internal` for each parameter set of ``seq_of_params`` (``executemany``)."""
+        guard = handle.guard
+        guard.trusted = True
+        try:
+            handle.conn.executemany(INTERNAL_SQL + sql, seq_of_params)
         finally:
             guard.trusted = False
 
@@ -379,12 +407,21 @@ class Store:
             if not conn.get_autocommit():
                 conn.execute(_ROLLBACK)
             raise Busy(f"tenant {handle.key!r}: commit blocked ({exc}); nothing was committed") from exc
+        except apsw.SQLError:
+            if conn.get_autocommit():  # "cannot commit - no transaction is active"
+                raise TransactionClosed(f"the transaction on {handle.key!r} was rolled back by SQLite (an OR "
+                                        "ROLLBACK conflict, RAISE(ROLLBACK) or an I/O error); nothing of it was "
+                                        "committed") from None
+            conn.execute(_ROLLBACK)
+            raise
         except BaseException:
             if not conn.get_autocommit():
                 conn.execute(_ROLLBACK)
             raise
         finally:
             guard.trusted = False
+        if conn.txn_state():
+            _reset_spare(handle)
         handle.checked_dv = conn.data_version()
         watch = handle.wal
         if watch is not None and watch.frames >= DUE_FRAMES:
@@ -405,6 +442,8 @@ class Store:
             conn.execute(_ROLLBACK)
         finally:
             guard.trusted = False
+        if conn.txn_state():
+            _reset_spare(handle)
 
     def begin_write(self, canon: str, *, create: bool = True, revive: bool = True,
                     wait_ms: int | None = None) -> Handle:
@@ -441,8 +480,10 @@ class Store:
             self._wait_for_move(canon, generation, deadline)
             handle = None
 
-    def read(self, key: object, sql: str, params: Sequence[object] | dict[str, object] = ()) -> list[tuple[Any, ...]]:
-        """Run one read-only statement on ``key``'s tenant and return every row.
+    def read(self, key: object, sql: str, params: Sequence[object] | dict[str, object] = (),
+             internal: bool = False) -> list[tuple[Any, ...]]:
+        """Run one read-only statement on ``key``'s tenant and return every row. ``internal``: one of
+        shardlite's own reads, its text already prefixed with INTERNAL_SQL (see :meth:`read_internal`).
 
         Hot path: a warm, free read connection found by the caller's key object, one statement, one
         ``data_version`` call. Everything else (cold tenants, contention, a moved file) takes
@@ -455,18 +496,28 @@ class Store:
         if handle is not None and handle.lock.acquire(False):
             try:
                 if not handle.closed:
-                    rows = self._query(handle, sql, params)
+                    rows = self._query(handle, sql, params, internal)
                     if rows is not None:
                         return rows
             finally:
                 handle.lock.release()
-        return self._read_slow(key, sql, params)
+        return self._read_slow(key, sql, params, "r", internal)
 
-    def _query(self, handle: Handle, sql: str, params: Sequence[object] | dict[str, object]) -> list[Any] | None:
-        """The rows, or None when the file turned out retired (the rows may predate a move: discard)."""
+    def _query(self, handle: Handle, sql: str, params: Sequence[object] | dict[str, object],
+               internal: bool = False) -> list[Any] | None:
+        """The rows, or None when the file turned out retired (the rows may predate a move: discard).
+        ``internal``: one of shardlite's own reads (its text starts with INTERNAL_SQL), run trusted."""
         conn = handle.conn
         try:
-            rows = handle.cur.execute(sql, params).fetchall()
+            if internal:
+                guard = handle.guard
+                guard.trusted = True
+                try:
+                    rows = handle.cur.execute(sql, params).fetchall()
+                finally:
+                    guard.trusted = False
+            else:
+                rows = handle.cur.execute(sql, params).fetchall()
         except apsw.ReadOnlyError as exc:
             raise StatementNotAllowed("queries are read-only: write inside router.transaction(key)") from exc
         dv = conn.data_version()
@@ -478,12 +529,12 @@ class Store:
         return rows
 
     def _read_slow(self, key: object, sql: str, params: Sequence[object] | dict[str, object],
-                   role: str = "r") -> list[tuple[Any, ...]]:
+                   role: str = "r", internal: bool = False) -> list[tuple[Any, ...]]:
         deadline = time.monotonic() + self.move_wait
         while True:
             handle = self.acquire(key, role, create=False)
             try:
-                rows = self._query(handle, sql, params)
+                rows = self._query(handle, sql, params, internal)
                 if rows is not None:
                     return rows
                 generation = handle.generation
@@ -492,11 +543,20 @@ class Store:
                 self.release(handle)
             self._wait_for_move(handle.key, generation, deadline)
 
+    def read_internal(self, key: object, sql: str, params: Sequence[object] = (), *,
+                      on_writer: bool = False) -> list[tuple[Any, ...]]:
+        """One of shardlite's own reads (of ``_shardlite_*`` tables, which user SQL may not read) on
+        ``key``'s tenant: ``sql`` without the INTERNAL_SQL prefix (added here), run trusted.
+        ``on_writer``: on the tenant's write connection, outside any transaction (committed data), for
+        reads of tenants shardlite is about to write anyway (the relay), so that they do not hold a
+        second pooled connection per tenant."""
+        if on_writer:
+            return self._read_slow(key, INTERNAL_SQL + sql, params, "w", True)
+        return self.read(key, INTERNAL_SQL + sql, params, True)
+
     def read_on_writer(self, key: str, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
-        """:meth:`read` on the tenant's write connection, outside any transaction (committed data): for
-        shardlite's own reads of tenants it is about to write anyway (the relay), so that they do not
-        hold a second pooled connection per tenant."""
-        return self._read_slow(key, sql, params, "w")
+        """:meth:`read_internal` on the tenant's write connection."""
+        return self.read_internal(key, sql, params, on_writer=True)
 
     @contextmanager
     def writing(self, key: str, *, create: bool = True, revive: bool = True,
@@ -544,6 +604,7 @@ class Store:
             self._templates.clear()
         self.pool.close_all()
         self.catalog.close()
+        self.appdb.close()
 
     @property
     def closed(self) -> bool:

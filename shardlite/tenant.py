@@ -173,7 +173,7 @@ def open_tenant(
     :class:`IdentityMismatch` when it belongs to another key or incarnation. A retired file (moved or
     dropped) is returned as is, without migrating; the caller re-resolves.
     """
-    guard = Guard()
+    guard = Guard(member_savepoints=not read_only)
     guard.trusted = True  # shardlite's own statements while opening; user SQL only after we return
     conn = open_connection(path, settings, create=False, authorizer=guard)
     try:

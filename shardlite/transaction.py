@@ -4,7 +4,11 @@
 ``tx.lastrowid`` and ``tx.changes`` describe the last statement; ``tx.emit(dest, topic, payload)`` adds an
 outbox event that commits (or rolls back) with the transaction, ``tx.emit_many(dests, topic, payload)`` one
 per destination. A transaction object is only valid inside its ``with`` block: using it afterwards raises,
-so no statement can slip out in autocommit mode.
+so no statement can slip out in autocommit mode. Cursors live as long as their block: when it ends, every
+cursor the transaction handed out that the caller still holds is closed, so the statements of a
+multi-statement ``execute()`` that the caller had not reached never run (stepping the cursor afterwards
+raises ``apsw.CursorClosedError``), and no statement holds a snapshot of a pooled connection. Consume
+results inside the block.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from .schema import EMIT_SQL
 
 __all__ = ["Transaction", "AsyncTransaction", "TransactionClosed", "Emitter"]
 
-_ANY_EVENT = "SELECT 1 FROM _shardlite_outbox LIMIT 1"
+_ANY_EVENT = INTERNAL_SQL + "SELECT 1 FROM _shardlite_outbox LIMIT 1"
 
 
 class _Holder:
@@ -156,7 +160,7 @@ class Emitter:
 class _TxCore:
     """State and sync implementation shared by :class:`Transaction` and its async twin."""
 
-    __slots__ = ("key", "_conn", "_open", "_guard", "_emitter", "_flagged", "_handle")
+    __slots__ = ("key", "_conn", "_open", "_guard", "_emitter", "_flagged", "_handle", "_given")
 
     def __init__(self, key: str, conn: apsw.Connection, guard: Guard | None = None,
                  emitter: Emitter | None = None, handle: Any = None) -> None:
@@ -167,6 +171,8 @@ class _TxCore:
         self._emitter = emitter
         self._flagged = False
         self._handle = handle  # a pool Handle: its ``emitted`` flag tells the committer to wake relays
+        #: cursors handed to the caller other than the handle's spare (closed when the block ends)
+        self._given: list[apsw.Cursor] | None = None
 
     def _check(self) -> apsw.Connection:
         if not self._open or self._conn.get_autocommit():
@@ -206,22 +212,61 @@ class _TxCore:
         handle = self._handle
         try:
             if handle is None:
-                return conn.execute(sql, params)
-            cur: apsw.Cursor = handle.spare
+                cur = conn.cursor()
+                self._adopt(cur)
+                return cur.execute(sql, params)
+            cur = handle.spare
             try:
-                if (_refs(cur) != _IDLE_REFS or cur.exec_trace is not None or cur.row_trace is not None
-                        or cur.convert_binding is not None or cur.convert_jsonb is not None):
+                if _refs(cur) != _IDLE_REFS:  # the caller holds it: it becomes theirs until the block ends
+                    self._adopt(cur)
+                    cur = handle.spare = conn.cursor()
+                elif (cur.exec_trace is not None or cur.row_trace is not None or cur.convert_binding is not None
+                        or cur.convert_jsonb is not None):
                     cur = handle.spare = conn.cursor()
             except apsw.CursorClosedError:  # the caller closed it
                 cur = handle.spare = conn.cursor()
-            return cur.execute(sql, params)
+            try:
+                return cur.execute(sql, params)
+            except apsw.IncompleteExecutionError:
+                # A dropped cursor whose multi-statement text was not consumed: its remaining statements
+                # never run (dropping it discards them); this statement gets a fresh cursor.
+                cur = handle.spare = conn.cursor()
+                return cur.execute(sql, params)
         except apsw.SQLError as exc:
             _refuse_vacuum(exc)
             raise
 
+    def _adopt(self, cur: apsw.Cursor) -> None:
+        """``cur`` is the caller's until the block ends, when :meth:`_seal` closes it."""
+        given = self._given
+        if given is None:
+            self._given = [cur]
+        else:
+            given.append(cur)
+
+    def _seal(self, spare: bool = True) -> None:
+        """The block ended: close every cursor it handed out that the caller may still hold, so no
+        statement of it can run after the block (outside the transaction, without the lock or the fence
+        check, or inside another caller's transaction) and none keeps a snapshot of the connection open.
+        ``spare``: also the handle's spare cursor when the caller still holds it (not for a nested block,
+        whose spare belongs to the enclosing transaction too)."""
+        given = self._given
+        if given is not None:
+            self._given = None
+            for held in given:
+                held.close(True)
+        handle = self._handle
+        if spare and handle is not None:
+            cur = handle.spare
+            if _refs(cur) != _IDLE_REFS:
+                handle.spare = handle.conn.cursor()
+                cur.close(True)
+
     def _executemany(self, sql: str, seq_of_params: Sequence[Params]) -> apsw.Cursor:
+        cur = self._check().cursor()
+        self._adopt(cur)
         try:
-            return self._check().executemany(sql, seq_of_params)
+            return cur.executemany(sql, seq_of_params)
         except apsw.SQLError as exc:
             _refuse_vacuum(exc)
             raise
@@ -274,17 +319,17 @@ class _TxCore:
         this transaction is the first to make the outbox non-empty."""
         conn, guard, emitter = self._conn, self._guard, self._emitter
         assert guard is not None and emitter is not None
-        if not self._flagged:
-            if not conn.execute(_ANY_EVENT).fetchall():
-                if self._handle is not None:
-                    emitter.flag(self.key)
-                    self._handle.needs_flag = threading.get_ident()  # the store's commit writes it first
-                else:  # no store commit will flush it: write it now
-                    emitter.flush(self.key)
-            self._flagged = True
-        now = time.time()
         guard.trusted = True
         try:
+            if not self._flagged:
+                if not conn.execute(_ANY_EVENT).fetchall():
+                    if self._handle is not None:
+                        emitter.flag(self.key)
+                        self._handle.needs_flag = threading.get_ident()  # the store's commit writes it first
+                    else:  # no store commit will flush it: write it now
+                        emitter.flush(self.key)
+                self._flagged = True
+            now = time.time()
             if len(dest_keys) == 1:
                 conn.execute(_EMIT, (dest_keys[0], topic, data, now))
             else:
@@ -308,6 +353,7 @@ class _TxCore:
 
     def _close(self) -> None:
         self._open = False
+        self._seal()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.key!r}{'' if self._open else ' ended'}>"
@@ -366,15 +412,24 @@ class AsyncTransaction(_TxCore):
         handle = self._handle
         try:
             if handle is None:
-                return conn.execute(sql, params)
-            cur: apsw.Cursor = handle.spare
+                cur = conn.cursor()
+                self._adopt(cur)
+                return cur.execute(sql, params)
+            cur = handle.spare
             try:
-                if (_refs(cur) != _IDLE_REFS or cur.exec_trace is not None or cur.row_trace is not None
-                        or cur.convert_binding is not None or cur.convert_jsonb is not None):
+                if _refs(cur) != _IDLE_REFS:
+                    self._adopt(cur)
+                    cur = handle.spare = conn.cursor()
+                elif (cur.exec_trace is not None or cur.row_trace is not None or cur.convert_binding is not None
+                        or cur.convert_jsonb is not None):
                     cur = handle.spare = conn.cursor()
             except apsw.CursorClosedError:
                 cur = handle.spare = conn.cursor()
-            return cur.execute(sql, params)
+            try:
+                return cur.execute(sql, params)
+            except apsw.IncompleteExecutionError:
+                cur = handle.spare = conn.cursor()
+                return cur.execute(sql, params)
         except apsw.SQLError as exc:
             _refuse_vacuum(exc)
             raise

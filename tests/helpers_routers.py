@@ -34,3 +34,15 @@ def router_factory(base: Path, schema: Any) -> Iterator[Callable[..., Router]]:
     yield factory
     for router in reversed(made):
         router.close()
+
+
+def internal_rows(router: Any, key: str, sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
+    """Rows of shardlite's own ``_shardlite_*`` tables in ``key``'s tenant, read the way shardlite reads
+    them (user SQL, ``router.query`` included, may not read them). ``router``: a Router or AsyncRouter."""
+    return router._store.read_internal(key, sql, params)
+
+
+def global_rows(router: Any, sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
+    """Rows of shardlite's own tables in ``global.db`` (accounts, credentials, sessions, catalog), which
+    app SQL (``router.globals``) cannot reach."""
+    return router._store.globaldb.read(sql, params)

@@ -20,6 +20,7 @@ from typing import Any
 
 import apsw
 import pytest
+from helpers_routers import global_rows
 
 import shardlite.cli
 from shardlite import (
@@ -64,7 +65,7 @@ def router(make_router: Callable[..., Router], clock: Clock) -> Router:
 
 def snapshot(router: Router) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of the account/credential/session tables (committed data)."""
-    return {t: router.globals.query(f"SELECT * FROM {t} ORDER BY 1") for t in GLOBAL_TABLES}
+    return {t: global_rows(router, f"SELECT * FROM {t} ORDER BY 1") for t in GLOBAL_TABLES}
 
 
 def root_bytes(root: str) -> dict[str, bytes]:
@@ -151,7 +152,7 @@ def test_dotless_and_dotted_i_are_distinct_accounts(router: Router) -> None:
     assert router.accounts.by_email("alıce@X.org").id == dotless  # type: ignore[union-attr]
     assert router.accounts.by_email("ALİCE@x.org").id == dotted  # type: ignore[union-attr]
     assert router.accounts.by_email("Alice@x.org").id == plain  # type: ignore[union-attr]
-    assert len(router.globals.query("SELECT * FROM _shardlite_accounts")) == 3
+    assert len(global_rows(router, "SELECT * FROM _shardlite_accounts")) == 3
 
 
 def test_plus_addressing_is_not_folded_by_default(router: Router) -> None:
@@ -291,7 +292,7 @@ def test_four_processes_sign_up_variants_concurrently(tmp_path: Path, make_route
         assert len({email_key(s) for s in spellings}) == 1
 
     router = make_router()
-    rows = router.globals.query("SELECT id, email, email_key FROM _shardlite_accounts")
+    rows = global_rows(router, "SELECT id, email, email_key FROM _shardlite_accounts")
     assert len(rows) == n
     stored = {row[0]: (row[1], row[2]) for row in rows}
     for i, [(_, address, uid)] in wins.items():
@@ -310,7 +311,7 @@ def test_password_is_hashed_never_stored_in_profile_or_files(router: Router, roo
     assert account.profile == {"name": "P"}
     assert password not in json.dumps(account.profile)
     assert password not in repr(account)
-    rows = router.globals.query("SELECT account_id, scheme, salt, hash FROM _shardlite_credentials ORDER BY 1")
+    rows = global_rows(router, "SELECT account_id, scheme, salt, hash FROM _shardlite_credentials ORDER BY 1")
     assert [r[0] for r in rows] == [uid, other]
     for _, scheme, salt, digest in rows:
         assert scheme == FAST.scheme and scheme.startswith("scrypt:")
@@ -378,7 +379,7 @@ def test_set_password(router: Router) -> None:
         router.accounts.authenticate("np@x.org", "later-password")
     router.accounts.set_password(nopw, "later-password")
     assert router.accounts.authenticate("NP@X.ORG", "later-password") == nopw
-    stored = router.globals.query("SELECT hash FROM _shardlite_credentials WHERE account_id = ?", (nopw,))
+    stored = global_rows(router, "SELECT hash FROM _shardlite_credentials WHERE account_id = ?", (nopw,))
     assert stored[0][0] != b"later-password"
 
     before = snapshot(router)
@@ -536,7 +537,7 @@ def test_profile_update_and_delete_cascade(router: Router, clock: Clock) -> None
     assert router.accounts.get(uid) is None
     assert router.sessions.resolve(token) is None
     for table in GLOBAL_TABLES:
-        assert router.globals.query(f"SELECT count(*) FROM {table}") == [(0,)]
+        assert global_rows(router, f"SELECT count(*) FROM {table}") == [(0,)]
     with pytest.raises(UnknownAccount):
         router.accounts.delete(uid)
     with pytest.raises(AuthenticationFailed):

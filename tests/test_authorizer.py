@@ -7,6 +7,7 @@ from typing import Any
 
 import apsw
 import pytest
+from helpers_routers import internal_rows
 
 from shardlite import Router, ShardliteError, StatementNotAllowed
 
@@ -80,10 +81,10 @@ def snapshot(router: Router) -> tuple[Any, ...]:
     """Everything a refused statement could have changed, read on the committed state."""
     return (
         router.query(KEY, "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"),
-        router.query(KEY, "SELECT * FROM _shardlite_meta"),
-        router.query(KEY, "SELECT * FROM _shardlite_outbox"),
-        router.query(KEY, "SELECT * FROM _shardlite_inbox"),
-        router.query(KEY, "SELECT * FROM _shardlite_relay"),
+        internal_rows(router, KEY, "SELECT * FROM _shardlite_meta"),
+        internal_rows(router, KEY, "SELECT * FROM _shardlite_outbox"),
+        internal_rows(router, KEY, "SELECT * FROM _shardlite_inbox"),
+        internal_rows(router, KEY, "SELECT * FROM _shardlite_relay"),
         router.query(KEY, "PRAGMA user_version"),
         router.query(KEY, "PRAGMA journal_mode"),
         router.query(KEY, "SELECT x FROM t ORDER BY rowid"),
@@ -232,10 +233,39 @@ def test_reserved_tables_cannot_be_written_created_or_dropped(router: Router, sq
     assert_refused_in_query(router, sql)
 
 
-def test_reserved_tables_can_be_read(router: Router) -> None:
-    assert router.query(KEY, "SELECT key FROM _shardlite_meta") == [(KEY,)]
+RESERVED_READS = [
+    "SELECT key FROM _shardlite_meta",
+    "SELECT count(*) FROM _shardlite_outbox",
+    "SELECT * FROM main._shardlite_inbox",
+    "SELECT 1 WHERE EXISTS (SELECT 1 FROM _SHARDLITE_RELAY)",
+    "SELECT x FROM t UNION ALL SELECT payload FROM _shardlite_feed",
+    "WITH f AS (SELECT * FROM _shardlite_feed) SELECT count(*) FROM f",
+]
+
+
+@pytest.mark.parametrize("sql", RESERVED_READS)
+def test_user_sql_cannot_read_reserved_tables(router: Router, sql: str) -> None:
+    """App SQL never reads shardlite's own tables: not in a query, not in a transaction."""
+    assert internal_rows(router, KEY, "SELECT key FROM _shardlite_meta") == [(KEY,)]  # shardlite itself can
+    with pytest.raises(StatementNotAllowed, match="may not read shardlite's own table"):
+        router.query(KEY, sql)
+    with pytest.raises(StatementNotAllowed, match="may not read shardlite's own table"):
+        with router.transaction(KEY) as tx:
+            tx.execute(sql)
+
+
+def test_views_and_triggers_cannot_read_reserved_tables_either(router: Router) -> None:
+    with router.transaction(KEY) as tx:  # creating a view is not reading (SQLite resolves it when used)
+        tx.execute("CREATE VIEW spy AS SELECT payload FROM _shardlite_feed")
+    with pytest.raises(StatementNotAllowed):
+        router.query(KEY, "SELECT * FROM spy")
     with router.transaction(KEY) as tx:
-        assert tx.execute("SELECT key FROM _shardlite_meta").fetchall() == [(KEY,)]
+        tx.execute("CREATE TABLE copies(p)")
+        tx.execute("CREATE TRIGGER copier AFTER INSERT ON t BEGIN "
+                   "INSERT INTO copies SELECT payload FROM _shardlite_outbox; END")
+    with pytest.raises(StatementNotAllowed):
+        with router.transaction(KEY) as tx:
+            tx.execute("INSERT INTO t(x) VALUES ('fires the copier')")
 
 
 @pytest.mark.parametrize("body", [
@@ -263,7 +293,7 @@ def test_user_trigger_cannot_write_reserved_tables(router: Router, body: str) ->
             router.run(KEY, lambda tx: tx.execute("INSERT INTO t(x) VALUES ('via run')"))
     after = snapshot(router)
     assert after[1:] == before[1:], "a trigger managed to change shardlite's tables or the user's rows"
-    assert router.query(KEY, "SELECT key, retired FROM _shardlite_meta") == [(KEY, None)]
+    assert internal_rows(router, KEY, "SELECT key, retired FROM _shardlite_meta") == [(KEY, None)]
 
 
 def test_user_trigger_on_own_tables_still_works(router: Router) -> None:

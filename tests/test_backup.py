@@ -32,7 +32,7 @@ from typing import Any
 
 import apsw
 import pytest
-from helpers_routers import router_factory, run_cli
+from helpers_routers import internal_rows, router_factory, run_cli
 
 from shardlite import ConfigurationError, Router, ShardliteError, UnknownTenant
 from shardlite import backup as backup_mod
@@ -87,8 +87,8 @@ def files_in(dest: Path) -> list[str]:
 
 def backup_files(manifest: dict[str, Any], *others: str) -> list[str]:
     """What a backup directory should hold: the manifest, the files it names, and ``others``, sorted."""
-    return sorted(["manifest.json", manifest["global"]["file"], *(e["file"] for e in manifest["tenants"].values()),
-                   *others])
+    return sorted(["manifest.json", manifest["global"]["file"], manifest["app_global"]["file"],
+                   *(e["file"] for e in manifest["tenants"].values()), *others])
 
 
 def mode(path: str | os.PathLike[str]) -> int:
@@ -113,12 +113,12 @@ def integrity(path: str) -> list[Any]:
 
 def meta(router: Router, key: str) -> tuple[str, str]:
     """(stored key, incarnation) as the tenant file itself says (user SQL may read ``_shardlite_*``)."""
-    rows = router.query(key, "SELECT key, incarnation FROM _shardlite_meta")
+    rows = internal_rows(router, key, "SELECT key, incarnation FROM _shardlite_meta")
     return str(rows[0][0]), str(rows[0][1])
 
 
 def outbox_count(router: Router, key: str) -> int:
-    return int(router.query(key, "SELECT count(*) FROM _shardlite_outbox")[0][0])
+    return int(internal_rows(router, key, "SELECT count(*) FROM _shardlite_outbox")[0][0])
 
 
 def ledger(router: Router, key: str) -> list[int]:
@@ -300,9 +300,9 @@ def test_backup_while_two_processes_write_then_restore_into_a_fresh_root(make: C
 
     # every file passes integrity_check: the new root and the backup
     db_files = [f for f in walk(fresh.root)[1] if f.endswith(".db")]
-    assert len(db_files) == tenants + 1  # the tenants and global.db
+    assert len(db_files) == tenants + 2  # the tenants, global.db and app_global.db
     backup_files = [f for f in walk(dest)[1] if f.endswith(".db")]
-    assert len(backup_files) == tenants + 1
+    assert len(backup_files) == tenants + 2
     for path in db_files + backup_files:
         assert integrity(path) == [("ok",)], path
 
@@ -803,7 +803,7 @@ def test_cli_init_then_restore_globals_then_open_with_the_app_schema(make: Calla
 def _whole(dest: Path) -> dict[str, Any]:
     """The manifest on disk, after checking that every file it names is there with its checksum."""
     manifest = json.loads((dest / "manifest.json").read_text())
-    named = [*manifest["tenants"].values(), manifest["global"]]
+    named = [*manifest["tenants"].values(), manifest["global"], manifest["app_global"]]
     for entry in named:
         assert backup_mod.file_checksum(os.fspath(dest / entry["file"])) == entry["checksum"], entry["file"]
     return manifest
@@ -932,7 +932,8 @@ def test_without_syncfs_every_copy_is_fsynced_before_the_manifest(make: Callable
     monkeypatch.setattr(backup_mod, "sync_filesystem", lambda path: False)
     monkeypatch.setattr(backup_mod, "fsync_path", fsync)
     manifest = router.backup(dest, parallel=parallel)
-    assert sorted(synced) == sorted([manifest["global"]["file"], *(e["file"] for e in manifest["tenants"].values())])
+    assert sorted(synced) == sorted([manifest["global"]["file"], manifest["app_global"]["file"],
+                                     *(e["file"] for e in manifest["tenants"].values())])
     assert not any(manifest_seen)  # all before the manifest was written
     _whole(dest)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import apsw
 import pytest
+from helpers_routers import global_rows
 
 from shardlite import AsyncRouter, Router, StatementNotAllowed, TransactionClosed
 from shardlite.accounts import ScryptParams
@@ -30,11 +31,13 @@ def app_tables(router: Router) -> list[str]:
 
 
 def snapshot(router: Router) -> dict[str, Any]:
-    state: dict[str, Any] = {t: router.globals.query(f"SELECT * FROM {t} ORDER BY 1") for t in INTERNAL}
+    """shardlite's tables in global.db (which app SQL cannot reach) and the app's file as it stands."""
+    state: dict[str, Any] = {t: global_rows(router, f"SELECT * FROM {t} ORDER BY 1") for t in INTERNAL}
     state["members"] = router.globals.query("SELECT * FROM members ORDER BY 1, 2")
     state["schema"] = router.globals.query("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name")
     state["temp"] = router.globals.query("SELECT name FROM temp.sqlite_master ORDER BY name")
     state["user_version"] = router.globals.query("PRAGMA user_version")
+    state["global_schema"] = global_rows(router, "SELECT name, sql FROM sqlite_master ORDER BY name")
     return state
 
 
@@ -45,13 +48,17 @@ def router(make_router: Callable[..., Router]) -> Router:
     return r
 
 
+def app_version(router: Router) -> int:
+    """The app's global schema version: the number of global_schema steps applied."""
+    return int(router._store.appdb.read("PRAGMA user_version")[0][0])
+
+
 def test_global_schema_creates_the_app_tables(router: Router) -> None:
     assert app_tables(router) == ["members"]
     indexes = router.globals.query("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'members' "
                                    "AND name NOT LIKE 'sqlite_autoindex%'")
     assert indexes == [("members_by_room",)]
-    assert router.globals.query("SELECT value FROM _shardlite_catalog_meta WHERE name = 'app_global_version'") \
-        == [("2",)]
+    assert app_version(router) == 2
 
 
 def test_transaction_commits(router: Router) -> None:
@@ -100,16 +107,19 @@ def test_nested_transactions_are_savepoints(router: Router) -> None:
                 raise RuntimeError
         with router.globals.transaction() as inner:
             inner.execute("INSERT INTO members VALUES (3, 'inner-kept')")
-        # an account registered inside the app transaction commits or rolls back with it
         uid = router.accounts.register("nested@example.com")
         outer.execute("INSERT INTO members VALUES (?, 'acct')", (uid,))
     assert sorted(router.globals.query("SELECT account_id, room FROM members")) == \
         sorted([(1, "outer"), (3, "inner-kept"), (uid, "acct")])
+    # accounts live in shardlite's own global.db, apart from the app's tables: registering one inside an app
+    # transaction commits on its own (no deadlock; the app's rollback does not undo it)
     with pytest.raises(KeyError):
         with router.globals.transaction() as outer:
-            router.accounts.register("rolled.back@example.com")
+            outer.execute("INSERT INTO members VALUES (7, 'rolled back')")
+            kept = router.accounts.register("kept@example.com")
             raise KeyError
-    assert router.accounts.by_email("rolled.back@example.com") is None
+    assert router.accounts.get(kept) is not None
+    assert router.globals.query("SELECT count(*) FROM members WHERE account_id = 7") == [(0,)]
 
 
 WRITES = [
@@ -148,7 +158,7 @@ def test_query_is_read_only(router: Router, sql: str) -> None:
         tx.execute("INSERT INTO members VALUES (1, 'lobby')")
     router.accounts.register("someone@example.com", password="some-password")
     before = snapshot(router)
-    with pytest.raises(StatementNotAllowed):
+    with pytest.raises((StatementNotAllowed, apsw.SQLError)):  # SQLError: no shardlite table in the app's file
         router.globals.query(sql)
     assert snapshot(router) == before
     assert router.globals.query("SELECT * FROM members") == [(1, "lobby")]  # the reader still works
@@ -213,7 +223,8 @@ def test_user_sql_cannot_touch_shardlite_tables_through_globals(router: Router, 
     with router.globals.transaction() as tx:
         tx.execute("INSERT INTO members VALUES (?, 'lobby')", (uid,))
     before = snapshot(router)
-    with pytest.raises(StatementNotAllowed):
+    # refused by the authorizer, or (shardlite's tables are not in the app's file) by SQLite itself
+    with pytest.raises((StatementNotAllowed, apsw.SQLError)):
         with router.globals.transaction() as tx:
             tx.execute("INSERT INTO members VALUES (99, 'rolled back')")
             tx.execute(sql)
@@ -222,7 +233,7 @@ def test_user_sql_cannot_touch_shardlite_tables_through_globals(router: Router, 
     assert router.accounts.authenticate("victim@example.com", "victim-password") == uid
     with router.globals.transaction() as tx:  # the writer is healthy and untrusted state was restored
         tx.execute("INSERT INTO members VALUES (7, 'after')")
-        with pytest.raises(StatementNotAllowed):
+        with pytest.raises((StatementNotAllowed, apsw.SQLError)):
             tx.execute("DELETE FROM _shardlite_sessions")
 
 
@@ -234,18 +245,17 @@ def test_trigger_on_app_table_cannot_write_shardlite_tables(router: Router) -> N
         tx.execute("CREATE TRIGGER members_evil AFTER INSERT ON members "
                    "BEGIN DELETE FROM _shardlite_sessions; END")
     before = snapshot(router)
-    with pytest.raises(StatementNotAllowed):
+    with pytest.raises((StatementNotAllowed, apsw.SQLError)):
         with router.globals.transaction() as tx:
             tx.execute("INSERT INTO members VALUES (1, 'lobby')")
     assert snapshot(router) == before
     assert router.sessions.resolve(token) is not None
 
 
-def test_cascade_trigger_cannot_write_shardlite_tables(router: Router) -> None:
-    """Regression: a trigger created through router.globals on an app table that cascades from
-    _shardlite_accounts ran in trusted mode during accounts.delete and could rewrite _shardlite_* tables.
-    Whatever delete() does with such a trigger (refuse, or delete without running the write), the other
-    accounts must come out untouched."""
+def test_app_objects_cannot_reach_shardlite_tables(router: Router) -> None:
+    """Regression: an app table in the global DB could reference _shardlite_accounts with a cascading
+    foreign key and hang a trigger on it that ran during accounts.delete. The app's tables now live in a
+    file of their own: no app object can reference, constrain or be fired by a shardlite table."""
     victim = router.accounts.register("victim@example.com", password="victim-password")
     attacker = router.accounts.register("attacker@example.com")
     token = router.sessions.create(victim)
@@ -253,27 +263,16 @@ def test_cascade_trigger_cannot_write_shardlite_tables(router: Router) -> None:
         tx.execute("CREATE TABLE links(account_id INTEGER REFERENCES _shardlite_accounts(id) ON DELETE CASCADE)")
         tx.execute("CREATE TRIGGER links_gone AFTER DELETE ON links BEGIN "
                    "UPDATE _shardlite_accounts SET email = 'attacker+x@example.com', "
-                   "email_key = 'hijacked@example.com' WHERE id != OLD.account_id; "
-                   "UPDATE _shardlite_sessions SET revoked = 1 WHERE account_id != OLD.account_id; END")
-        tx.execute("INSERT INTO links VALUES (?)", (attacker,))
-    before = router.globals.query("SELECT * FROM _shardlite_accounts WHERE id = ?", (victim,))
-    try:
-        router.accounts.delete(attacker)  # trusted internal write; the cascade fires the app trigger
-    except StatementNotAllowed:
-        assert router.accounts.get(attacker) is not None  # refused whole
-    assert router.globals.query("SELECT * FROM _shardlite_accounts WHERE id = ?", (victim,)) == before
-    assert router.accounts.by_email("victim@example.com").id == victim  # type: ignore[union-attr]
+                   "email_key = 'hijacked@example.com' WHERE id != OLD.account_id; END")
+    with pytest.raises(apsw.SQLError):  # the referenced table is not in the app's file
+        with router.globals.transaction() as tx:
+            tx.execute("INSERT INTO links VALUES (?)", (attacker,))
+    before = global_rows(router, "SELECT * FROM _shardlite_accounts WHERE id = ?", (victim,))
+    router.accounts.delete(attacker)
+    assert router.accounts.get(attacker) is None
+    assert global_rows(router, "SELECT * FROM _shardlite_accounts WHERE id = ?", (victim,)) == before
     assert router.sessions.resolve(token) is not None
     assert router.accounts.authenticate("victim@example.com", "victim-password") == victim
-
-
-def test_plain_cascade_into_an_app_table_still_works(router: Router) -> None:
-    uid = router.accounts.register("linked@example.com")
-    with router.globals.transaction() as tx:
-        tx.execute("CREATE TABLE links(account_id INTEGER REFERENCES _shardlite_accounts(id) ON DELETE CASCADE)")
-        tx.execute("INSERT INTO links VALUES (?)", (uid,))
-    router.accounts.delete(uid)
-    assert router.globals.query("SELECT count(*) FROM links") == [(0,)]
 
 
 @pytest.mark.parametrize("sql", [
@@ -307,8 +306,7 @@ def test_later_router_migrates_added_steps(make_router: Callable[..., Router], r
     assert calls == [1]
     assert second.globals.query("SELECT account_id, room, role FROM members") == [(1, "lobby", "member")]
     assert second.globals.query("SELECT * FROM rooms") == [("lobby", None)]
-    assert second.globals.query("SELECT value FROM _shardlite_catalog_meta WHERE name = 'app_global_version'") \
-        == [("4",)]
+    assert app_version(second) == 4
     second.close()
 
     third = make_router(global_schema=steps)  # nothing left to run (ALTER would fail if re-run)
@@ -327,18 +325,23 @@ def test_failing_global_step_rolls_back_the_whole_migration(make_router: Callabl
         make_router(global_schema=[*SCHEMA, "CREATE TABLE extra(x)", "CREATE TABLE broken("])
     again = make_router(global_schema=SCHEMA)
     assert app_tables(again) == ["members"]  # 'extra' was rolled back with the failing step
-    assert again.globals.query("SELECT value FROM _shardlite_catalog_meta WHERE name = 'app_global_version'") \
-        == [("2",)]
+    assert app_version(again) == 2
 
 
-def test_globals_share_the_global_db_file(router: Router, root: str) -> None:
+def test_app_tables_live_in_their_own_file_apart_from_shardlites(router: Router, root: str) -> None:
+    """App SQL never shares a file (nor a connection) with credentials, sessions or the catalog."""
     with router.globals.transaction() as tx:
         tx.execute("INSERT INTO members VALUES (5, 'file')")
-    conn = apsw.Connection(os.path.join(root, "global.db"), flags=apsw.SQLITE_OPEN_READONLY)
+    app = apsw.Connection(os.path.join(root, "app_global.db"), flags=apsw.SQLITE_OPEN_READONLY)
+    meta = apsw.Connection(os.path.join(root, "global.db"), flags=apsw.SQLITE_OPEN_READONLY)
     try:
-        assert conn.execute("SELECT * FROM members").fetchall() == [(5, "file")]
+        assert app.execute("SELECT * FROM members").fetchall() == [(5, "file")]
+        names = "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite%'"
+        assert not [n for (n,) in app.execute(names) if n.startswith("_shardlite")]
+        assert all(n.startswith("_shardlite") for (n,) in meta.execute(names))
     finally:
-        conn.close()
+        app.close()
+        meta.close()
 
 
 def test_async_globals(root: str) -> None:
@@ -356,7 +359,7 @@ def test_async_globals(root: str) -> None:
                     await tx.execute("INSERT INTO members VALUES (2, 'gone')")
                     raise ValueError
             assert await ar.globals.query("SELECT count(*) FROM members") == [(1,)]
-            with pytest.raises(StatementNotAllowed):
+            with pytest.raises((StatementNotAllowed, apsw.SQLError)):
                 async with ar.globals.transaction() as tx:
                     await tx.execute("DELETE FROM _shardlite_accounts")
             with pytest.raises(StatementNotAllowed):

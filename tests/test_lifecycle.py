@@ -25,7 +25,7 @@ from typing import Any
 
 import apsw
 import pytest
-from helpers_routers import router_factory, run_cli
+from helpers_routers import internal_rows, router_factory, run_cli
 
 from shardlite import ConfigurationError, IdentityMismatch, Router, UnknownTenant
 from shardlite.metrics import prometheus_text, wsgi_app
@@ -53,12 +53,12 @@ def items(router: Router, key: str) -> list[str]:
 
 
 def meta(router: Router, key: str) -> tuple[str, str]:
-    rows = router.query(key, "SELECT key, incarnation FROM _shardlite_meta")
+    rows = internal_rows(router, key, "SELECT key, incarnation FROM _shardlite_meta")
     return str(rows[0][0]), str(rows[0][1])
 
 
 def outbox_count(router: Router, key: str) -> int:
-    return int(router.query(key, "SELECT count(*) FROM _shardlite_outbox")[0][0])
+    return int(internal_rows(router, key, "SELECT count(*) FROM _shardlite_outbox")[0][0])
 
 
 def node_files(router: Router) -> list[str]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import apsw
 import pytest
+from helpers_routers import internal_rows
 
 import shardlite.cli
 from shardlite import ConfigurationError, InvalidKey, PayloadTooLarge, Router, TransactionClosed, UnknownTenant
@@ -54,7 +55,7 @@ def applied(router: Router, dest: str, source: str | None = None) -> list[int]:
 
 
 def outbox(router: Router, key: str) -> list[tuple[Any, ...]]:
-    return router.query(key, "SELECT seq, dest, topic, payload, attempts FROM _shardlite_outbox ORDER BY seq")
+    return internal_rows(router, key, "SELECT seq, dest, topic, payload, attempts FROM _shardlite_outbox ORDER BY seq")
 
 
 def global_db(root: str) -> apsw.Connection:
@@ -621,7 +622,8 @@ def test_a_recreated_source_is_a_new_incarnation_and_its_events_are_applied(rout
     ids = [e for (e,) in router.query("user:dst", "SELECT event_id FROM applied ORDER BY id")]
     old_inc, new_inc = ids[0].split("/")[1], ids[3].split("/")[1]
     assert old_inc != new_inc and ids[3].endswith("/1")
-    marks = router.query("user:dst", "SELECT source, incarnation, last_seq FROM _shardlite_inbox ORDER BY last_seq")
+    marks = internal_rows(router, "user:dst",
+                          "SELECT source, incarnation, last_seq FROM _shardlite_inbox ORDER BY last_seq")
     assert sorted(marks) == sorted([("user:src", old_inc, 3), ("user:src", new_inc, 2)])
 
 
@@ -674,7 +676,7 @@ def test_an_event_emitted_during_a_relay_pass_is_not_stranded(router: Router, st
 
 
 def claims(router: Router, key: str) -> tuple[Any, ...]:
-    return tuple(router.query(key, "SELECT claimed_by, claimed_until FROM _shardlite_relay")[0])
+    return tuple(internal_rows(router, key, "SELECT claimed_by, claimed_until FROM _shardlite_relay")[0])
 
 
 def test_a_relay_keeps_its_lease_between_passes_and_gives_it_up_on_stop_and_after_drain(

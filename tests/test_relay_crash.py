@@ -30,6 +30,7 @@ from typing import Any
 
 import apsw
 import pytest
+from helpers_routers import internal_rows
 
 from shardlite import Busy, Router
 from shardlite.outbox import Event, RetryPolicy
@@ -171,7 +172,7 @@ def expect_exactly_once(router: Router, sent: dict[tuple[str, str], int]) -> dic
             by_pid[pid] = by_pid.get(pid, 0) + 1
     for source in SOURCES:
         if router.exists(source):
-            assert router.query(source, "SELECT count(*) FROM _shardlite_outbox") == [(0,)]
+            assert internal_rows(router, source, "SELECT count(*) FROM _shardlite_outbox") == [(0,)]
     assert router._store.catalog.dead_letters() == []
     return by_pid
 
@@ -241,7 +242,7 @@ def test_relay_killed_at_each_step_of_the_protocol_has_no_duplicate_effect(
 
     applied_before = {d: router.query(d, "SELECT count(*) FROM applied")[0][0] if router.exists(d) else 0
                       for d in DESTS}
-    left = sum(router.query(s, "SELECT count(*) FROM _shardlite_outbox")[0][0] for s in SOURCES
+    left = sum(internal_rows(router, s, "SELECT count(*) FROM _shardlite_outbox")[0][0] for s in SOURCES
                if router.exists(s))
     first_source_events = None
     if step == "claimed":

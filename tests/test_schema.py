@@ -7,6 +7,7 @@ from typing import Any
 
 import apsw
 import pytest
+from helpers_routers import internal_rows
 
 from shardlite import ConfigurationError, Router, UnknownTenant
 from shardlite.schema import INTERNAL_VERSION
@@ -54,7 +55,7 @@ def test_no_schema_means_version_zero_with_internal_tables(make_router: Any) -> 
     with router.transaction("user:1") as tx:
         tx.execute("CREATE TABLE mine(x)")
     assert version(router, "user:1") == 0
-    assert router.query("user:1", "SELECT internal_version FROM _shardlite_meta") == [(INTERNAL_VERSION,)]
+    assert internal_rows(router, "user:1", "SELECT internal_version FROM _shardlite_meta") == [(INTERNAL_VERSION,)]
 
 
 def test_mapping_schema_per_prefix(make_router: Any) -> None:
@@ -294,11 +295,11 @@ def test_internal_v3_tenant_is_migrated_on_open_and_keeps_its_numbers(make_route
     again = make_router(root, schema=USER_V1)
     with again.transaction("user:1") as tx:  # opening migrates, inside its own transaction first
         tx.emit("user:b", "t", {"after": True})
-    assert again.query("user:1", "SELECT internal_version FROM _shardlite_meta") == [(INTERNAL_VERSION,)]
-    assert again.query("user:1", "SELECT seq, payload FROM _shardlite_outbox ORDER BY seq") == [
+    assert internal_rows(again, "user:1", "SELECT internal_version FROM _shardlite_meta") == [(INTERNAL_VERSION,)]
+    assert internal_rows(again, "user:1", "SELECT seq, payload FROM _shardlite_outbox ORDER BY seq") == [
         (4, "{}"), (6, '{"after":true}')]  # past the v3 sequence (5), not past the highest row left (4)
-    assert again.query("user:1", "SELECT id, event FROM _shardlite_feed") == [(7, "user:z/x/1")]
-    ddl = " ".join(sql for (sql,) in again.query(
+    assert internal_rows(again, "user:1", "SELECT id, event FROM _shardlite_feed") == [(7, "user:z/x/1")]
+    ddl = " ".join(sql for (sql,) in internal_rows(again,
         "user:1", "SELECT sql FROM sqlite_master WHERE name IN ('_shardlite_outbox', '_shardlite_feed')"))
     assert "AUTOINCREMENT" not in ddl.upper()
     assert again.query("user:1", "SELECT count(*) FROM sqlite_sequence WHERE name LIKE '\\_shardlite%' "

@@ -17,6 +17,7 @@ from typing import Any
 
 import apsw
 import pytest
+from helpers_routers import global_rows
 
 import shardlite.cli
 from shardlite import AsyncRouter, AuthenticationFailed, Router, UnknownAccount
@@ -55,11 +56,11 @@ def uid(router: Router) -> int:
 
 
 def snapshot(router: Router) -> dict[str, list[tuple[Any, ...]]]:
-    return {t: router.globals.query(f"SELECT * FROM {t} ORDER BY 1") for t in TABLES}
+    return {t: global_rows(router, f"SELECT * FROM {t} ORDER BY 1") for t in TABLES}
 
 
 def session_row(router: Router, token: str) -> tuple[Any, ...] | None:
-    rows = router.globals.query("SELECT account_id, created, expires, idle_ttl, last_seen, revoked "
+    rows = global_rows(router, "SELECT account_id, created, expires, idle_ttl, last_seen, revoked "
                                 "FROM _shardlite_sessions WHERE token_hash = ?", (sha(token),))
     return rows[0] if rows else None
 
@@ -111,7 +112,7 @@ def test_token_has_256_bits_and_only_its_sha256_is_stored(router: Router, uid: i
         assert TOKEN_RE.match(token)
         raw = base64.urlsafe_b64decode(token + "=")
         assert len(raw) == 32  # 256 random bits
-    rows = router.globals.query("SELECT * FROM _shardlite_sessions")
+    rows = global_rows(router, "SELECT * FROM _shardlite_sessions")
     assert len(rows) == len(tokens)
     assert {row[0] for row in rows} == {hashlib.sha256(t.encode()).digest() for t in tokens}
     everything = repr(rows).encode()
@@ -300,7 +301,7 @@ def test_purge(router: Router, uid: int, clock: Clock) -> None:
     router.sessions.revoke(revoked)
     clock.now = T0 + 30
     assert router.sessions.purge() == 3
-    remaining = router.globals.query("SELECT token_hash FROM _shardlite_sessions")
+    remaining = global_rows(router, "SELECT token_hash FROM _shardlite_sessions")
     assert remaining == [(sha(live),)]
     assert router.sessions.resolve(live) is not None
     assert router.sessions.purge() == 0
@@ -480,7 +481,7 @@ def test_cli_sessions_purge_json(router: Router, uid: int, root: str, clock: Clo
     with Router(root) as again:
         assert again.sessions.resolve(live) is not None
         assert all(again.sessions.resolve(t) is None for t in expired + [revoked])
-        assert again.globals.query("SELECT count(*) FROM _shardlite_sessions") == [(1,)]
+        assert global_rows(again, "SELECT count(*) FROM _shardlite_sessions") == [(1,)]
     assert shardlite.cli.main(["sessions", "purge", "--root", root]) == 0
     assert "purged 0" in capsys.readouterr().out
 

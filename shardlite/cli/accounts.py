@@ -13,11 +13,9 @@ def cmd_accounts_show(args: argparse.Namespace) -> int:
         account = router.accounts.by_email(args.email)
         if account is None:
             raise CliError(f"no account with an address matching {args.email!r}")
-        rows = router.globals.query(
-            "SELECT count(*) FROM _shardlite_sessions WHERE account_id = ? AND revoked IS NULL", (account.id,))
-        has_password = bool(router.globals.query(
-            "SELECT 1 FROM _shardlite_credentials WHERE account_id = ?", (account.id,)))
-    info = asdict(account) | {"email_key": router.accounts.key(account.email), "sessions": rows[0][0],
+        sessions = router.sessions.count_live(account.id)
+        has_password = router.accounts.has_password(account.id)
+    info = asdict(account) | {"email_key": router.accounts.key(account.email), "sessions": sessions,
                               "has_password": has_password}
     if args.json:
         emit_json(info)
