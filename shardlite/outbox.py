@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import msgspec
 
 from .errors import PayloadTooLarge
+from .keys import edge_whitespace, invisible_character
 
 __all__ = ["Event", "OutboxRow", "RetryPolicy", "encode_payload", "from_json", "to_json", "plan", "Plan", "next_due",
            "DEFAULT_MAX_PAYLOAD"]
@@ -66,8 +68,31 @@ def encode_payload(payload: Any, limit: int) -> str:
 
 
 def check_topic(topic: object) -> str:
+    """``topic`` itself when it is a valid event topic, else ``ValueError`` naming what is wrong.
+
+    A topic follows the character rules of a partition key (:mod:`shardlite.keys`): text of 1 to
+    :data:`MAX_TOPIC_LENGTH` characters, no control, format, invisible or look-alike character
+    (:func:`~shardlite.keys.invisible_character`: NO-BREAK SPACE and the other space separators, variation
+    selectors, zero-width and bidi characters, Hangul fillers, U+2800 ...), no whitespace at either end.
+    Topics are compared as given (handlers are registered and events stored under the exact text), so a
+    topic that is not in Unicode NFC is refused rather than normalised: two spellings of one topic would
+    otherwise be two topics, one of them without a handler.
+    """
     if not isinstance(topic, str) or not topic or len(topic) > MAX_TOPIC_LENGTH:
         raise ValueError(f"an event topic is non-empty text of at most {MAX_TOPIC_LENGTH} characters")
+    if topic.isascii() and topic.isprintable():  # the common case: only the ends to check
+        if topic[0] != " " and topic[-1] != " ":
+            return topic
+    else:
+        bad = invisible_character(topic)
+        if bad is not None:
+            raise ValueError(f"an event topic cannot contain {bad} (control, invisible and look-alike "
+                             "characters are refused)")
+        if not unicodedata.is_normalized("NFC", topic):
+            raise ValueError(f"an event topic must be in Unicode NFC: use {unicodedata.normalize('NFC', topic)!r}")
+    edge = edge_whitespace(topic)
+    if edge is not None:
+        raise ValueError(f"an event topic cannot start or end with whitespace ({edge})")
     return topic
 
 

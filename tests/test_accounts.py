@@ -2,9 +2,10 @@
 bad input, the ``accounts show`` CLI.
 
 The e-mail policy under test is the one documented in ``shardlite/emails.py``: the uniqueness key is
-NFKC(casefold(NFKC(address))), the address is stored as given, case/fullwidth/compatibility variants share a
-key, the dotless ``ı`` and dotted capital ``İ`` are *not* folded onto ``i``, plus-addressing is folded only
-when ``fold_plus`` is on.
+NFKC(casefold(NFKC(address))) with the domain in its ASCII (A-label) form, the address is stored as given,
+case/fullwidth/compatibility variants and the Unicode and punycode forms of a domain share a key, the dotless
+``ı`` and dotted capital ``İ`` are *not* folded onto ``i``, plus-addressing is folded only when ``fold_plus``
+is on, invisible and look-alike characters are refused.
 """
 
 from __future__ import annotations
@@ -153,6 +154,37 @@ def test_dotless_and_dotted_i_are_distinct_accounts(router: Router) -> None:
     assert router.accounts.by_email("ALİCE@x.org").id == dotted  # type: ignore[union-attr]
     assert router.accounts.by_email("Alice@x.org").id == plain  # type: ignore[union-attr]
     assert len(global_rows(router, "SELECT * FROM _shardlite_accounts")) == 3
+
+
+def test_unicode_and_punycode_forms_of_one_domain_are_one_account(router: Router) -> None:
+    """Policy: the domain's key is its ASCII (A-label) form, so an IDN address is one account however the
+    domain is spelled; the address is stored as given."""
+    uid = router.accounts.register("Alice@B\u00fccher.example", password="correct horse")
+    assert router.accounts.get(uid).email == "Alice@B\u00fccher.example"  # type: ignore[union-attr]
+    assert router.accounts.key("Alice@B\u00fccher.example") == "alice@xn--bcher-kva.example"
+    before = snapshot(router)
+    for variant in ("alice@xn--bcher-kva.example", "ALICE@XN--BCHER-KVA.EXAMPLE", "alice@B\u00dcCHER.example",
+                    "alice@bu\u0308cher.example", fullwidth("alice@") + "b\u00fccher.example"):
+        with pytest.raises(EmailTaken):
+            router.accounts.register(variant)
+        assert router.accounts.by_email(variant).id == uid  # type: ignore[union-attr]
+        assert router.accounts.authenticate(variant, "correct horse") == uid
+    assert snapshot(router) == before
+    other = router.accounts.register("bob@xn--bcher-kva.example")
+    with pytest.raises(EmailTaken):
+        router.accounts.change_email(other, "ALICE@b\u00fccher.example")
+    rows = router.globals.query("SELECT email, email_key FROM _shardlite_accounts ORDER BY id")
+    assert rows == [("Alice@B\u00fccher.example", "alice@xn--bcher-kva.example"),
+                    ("bob@xn--bcher-kva.example", "bob@xn--bcher-kva.example")]
+
+
+def test_lookalike_addresses_are_not_a_second_account(router: Router) -> None:
+    router.accounts.register("alice@example.com")
+    for twin in ("alice\u00a0@example.com", "alice\ufe0f@example.com", "alice@example\u034f.com",
+                 "alice\u2800@example.com", "alice@exampl\u3164e.com"):
+        with pytest.raises(InvalidEmail):
+            router.accounts.register(twin)
+    assert len(router.globals.query("SELECT * FROM _shardlite_accounts")) == 1
 
 
 def test_plus_addressing_is_not_folded_by_default(router: Router) -> None:
@@ -411,6 +443,10 @@ MALFORMED = [
     "a" * 100_000 + "@x.org", "a\u200b@x.org", "a\u202e@x.org", "a@x.org\u200b", "\ud800@x.org",
     "a@\udfff.org", "a(b)@x.org", "a<b>@x.org", "a,b@x.org", "a;b@x.org", "a:b@x.org", "a\\b@x.org",
     "a[b]@x.org", "a@x\u3002org", "\u3000@x.org", "a\u00a0@x.org", "a@x.org\x7f",
+    # invisible and look-alike characters, invalid internationalized domains
+    "a\ufe0f@x.org", "a@x\ufe0f.org", "a@x\U000e0100.org", "a@b\u034fc.org", "a\u034f@x.org", "a@\u3164.org",
+    "a@x\uffa0.org", "a\u115f@x.org", "a\u2800@x.org", "a@x.org\u2800", "a\u2007@x.org", "a@xn--zz.org",
+    "a@\u0301x.org", "a@1\u05d0.org",
 ]
 
 

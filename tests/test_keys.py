@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import shardlite
+import shardlite.keys as keys_mod
 from shardlite import MAX_KEY_BYTES, InvalidKey, Router, UnknownTenant, canonical, pair_key
 from shardlite.keys import key_digest
 
@@ -314,3 +315,166 @@ def test_pair_key_rejects_bad_input(args: tuple[Any, Any, Any]) -> None:
 def test_query_with_unhashable_key_raises_invalid_key(harness: Harness) -> None:
     with pytest.raises(InvalidKey):
         harness.router.query(["user", "1"], "SELECT 1")
+
+
+# -- invisible and look-alike characters --------------------------------------------------------------------
+
+# Independent of shardlite.keys: the characters a reader cannot tell apart from nothing or from a space, by
+# class, with their Unicode names (the error message must name them).
+LOOKALIKES: dict[str, list[str]] = {
+    "variation selector": ["\ufe00", "\ufe0e", "\ufe0f", "\U000e0100", "\U000e01ef", "\u180b", "\u180f"],
+    "combining grapheme joiner": ["\u034f"],
+    "hangul filler": ["\u115f", "\u1160", "\u3164", "\uffa0"],
+    "braille blank": ["\u2800"],
+    "space separator": [chr(c) for c in range(0x10000) if unicodedata.category(chr(c)) == "Zs" and c != 0x20],
+    "other default-ignorable": ["\u00ad", "\u17b4", "\u17b5", "\u2065", "\ufff0", "\U000e0020", "\U000e0fff"],
+    "format": ["\u200b", "\u200c", "\u200d", "\u200e", "\u2060", "\u2066", "\ufeff", "\u061c", "\u180e"],
+    "control": ["\x00", "\t", "\n", "\x7f", "\x85"],
+    "line or paragraph separator": ["\u2028", "\u2029"],
+    "private use or unassigned": ["\ue000", "\U000f0000", "\u0378"],
+}
+LOOKALIKE_CHARS = [ch for chars in LOOKALIKES.values() for ch in chars]
+# The variation-selector ranges and the rest of Default_Ignorable_Code_Point, as named in the Unicode data.
+VARIATION_SELECTORS = [chr(c) for c in [*range(0x180B, 0x180E), 0x180F, *range(0xFE00, 0xFE10),
+                                        *range(0xE0100, 0xE01F0)]]
+
+
+def is_lookalike(ch: str) -> bool:
+    """The test's own statement of what no key may contain (the table is checked separately below)."""
+    return (unicodedata.category(ch) in {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+            or (unicodedata.category(ch) == "Zs" and ch != " ")
+            or ch in VARIATION_SELECTORS or ch in "\u034f\u115f\u1160\u3164\uffa0\u2800\u17b4\u17b5"
+            or keys_mod.is_default_ignorable(ch))
+
+
+def expected_name(ch: str) -> str:
+    """How the message names ``ch`` once the key is NFC (U+2000/U+2001 have canonical singletons)."""
+    nfc = unicodedata.normalize("NFC", ch)
+    return f"U+{ord(nfc):04X}" + (f" {unicodedata.name(nfc)}" if unicodedata.name(nfc, "") else "")
+
+
+@pytest.mark.parametrize("ch", LOOKALIKE_CHARS, ids=lambda c: f"U+{ord(c):04X}")
+def test_lookalike_characters_are_refused_anywhere_in_a_key_and_named(ch: str) -> None:
+    assert canonical("user:alice") == "user:alice"
+    for key in (f"user:ali{ch}ce", f"user:alice{ch}", f"{ch}user:alice"):
+        with pytest.raises(InvalidKey) as err:
+            canonical(key)
+        assert expected_name(ch) in str(err.value)
+
+
+def test_message_names_the_character() -> None:
+    with pytest.raises(InvalidKey, match="U\\+00A0 NO-BREAK SPACE"):
+        canonical("user:alice\u00a0smith")
+    with pytest.raises(InvalidKey, match="U\\+FE0F VARIATION SELECTOR-16"):
+        canonical("user:\u2764\ufe0f")
+    with pytest.raises(InvalidKey, match="U\\+3164 HANGUL FILLER"):
+        canonical("user:\u3164")
+    with pytest.raises(InvalidKey, match="U\\+0000 \\(a control character\\)"):
+        canonical("a\x00b")
+
+
+@pytest.mark.parametrize("key", [" user:1", "user:1 ", "  ", " ", "user:1\u3000", "\u00a0user:1", "user:1\t",
+                                 "\nuser:1", "user:1\u2028", "user:1\x1f"], ids=ascii)
+def test_leading_and_trailing_whitespace_is_refused(key: str) -> None:
+    with pytest.raises(InvalidKey):
+        canonical(key)
+
+
+def test_inner_ascii_space_and_visible_unicode_stay_valid() -> None:
+    for key in ["org:Acme Inc", "user:a b c", "user:\u00e9l\u00e8ve", "user:\u6771\u4eac", "dm:\u0430\u0431",
+                "user:\u2764", "user:\U0001f600", "room:\uac00\ub098", "user:\u1100\u1161",  # Hangul jamo, not fillers
+                "x:\u2801", "user:\u00b7", "user:\u2024"]:
+        assert canonical(key) == unicodedata.normalize("NFC", key)
+
+
+def test_lookalike_keys_never_reach_a_tenant(make_router: Any) -> None:
+    router = make_router(schema=["CREATE TABLE kv(k TEXT)"])
+    with router.transaction("user:alice") as tx:
+        tx.execute("INSERT INTO kv VALUES ('real')")
+    for twin in ["user:alice\u00a0", "user:alice ", " user:alice", "user:ali\u034fce", "user:alice\ufe0f",
+                 "user:alice\u3164", "user:alice\u2800", "user:\u2800alice", "user:alice\U000e0101"]:
+        with pytest.raises(InvalidKey):
+            with router.transaction(twin) as tx:
+                tx.execute("INSERT INTO kv VALUES ('twin')")
+        with pytest.raises(InvalidKey):
+            router.locate(twin)
+    assert list(router.tenants()) == ["user:alice"]
+    assert router.query("user:alice", "SELECT k FROM kv") == [("real",)]
+
+
+def test_default_ignorable_table_agrees_with_this_pythons_unicode_data() -> None:
+    """The hard-coded Default_Ignorable_Code_Point table against ``unicodedata`` (which lacks the property)."""
+    table = keys_mod._DEFAULT_IGNORABLE
+    assert all(lo <= hi for lo, hi in table)
+    assert all(a[1] < b[0] for a, b in zip(table, table[1:], strict=False)), "sorted, disjoint ranges"
+    members = {cp for lo, hi in table for cp in range(lo, hi + 1)}
+    if unicodedata.unidata_version == "14.0.0":
+        assert len(members) == 4174  # "Total code points" in DerivedCoreProperties-14.0.0.txt
+    # Derivation: Other_Default_Ignorable_Code_Point + Cf + Variation_Selector - White_Space - FFF9..FFFB
+    # - Egyptian hieroglyph format controls - Prepended_Concatenation_Mark.
+    not_ignorable_cf = {*range(0xFFF9, 0xFFFC), *range(0x13430, 0x13440), *range(0x0600, 0x0606), 0x06DD, 0x070F,
+                        0x0890, 0x0891, 0x08E2, 0x110BD, 0x110CD}
+    for cp in range(0x110000):
+        if unicodedata.category(chr(cp)) == "Cf":
+            assert (cp in members) == (cp not in not_ignorable_cf), f"U+{cp:04X}"
+    assert {ord(ch) for ch in VARIATION_SELECTORS} <= members
+    assert {0x034F, 0x115F, 0x1160, 0x3164, 0xFFA0} <= members
+    assert not any(chr(cp).isspace() for cp in members)
+    for cp in members:
+        assert unicodedata.category(chr(cp)) in {"Cf", "Mn", "Lo", "Cn"}, f"U+{cp:04X}"
+        assert keys_mod.is_default_ignorable(chr(cp))
+    for cp in (0x00AC, 0x00AE, 0x034E, 0x0350, 0x115E, 0x1161, 0x3163, 0x3165, 0xFFF9, 0xE1000, 0x10FFFF, 0):
+        assert not keys_mod.is_default_ignorable(chr(cp)), f"U+{cp:04X}"
+
+
+def test_every_whitespace_but_space_is_refused_as_invisible() -> None:
+    """``_validate`` checks only U+0020 at the ends of a key: every other whitespace is refused as a character."""
+    spaces = [chr(cp) for cp in range(0x110000) if chr(cp).isspace()]
+    assert " " in spaces and len(spaces) > 20
+    for ch in spaces:
+        assert (keys_mod.invisible_character(ch) is None) == (ch == " "), f"U+{ord(ch):04X}"
+
+
+ordinary = st.characters(codec="utf-8", categories=["L", "M", "N", "P", "S"])
+refused = st.sampled_from(LOOKALIKE_CHARS) | st.characters(categories=["Cc", "Cf", "Co", "Cn", "Cs", "Zs", "Zl",
+                                                                        "Zp"], exclude_characters=" ")
+mixed_keys = st.text(alphabet=ordinary | refused | st.just(" ") | st.just(":"), max_size=30)
+
+
+@settings(max_examples=400, deadline=None)
+@given(key=st.one_of(mixed_keys, st.text(max_size=40), hostile_keys))
+def test_valid_keys_are_free_of_every_lookalike_and_stable(key: str) -> None:
+    try:
+        canon = canonical(key)
+    except InvalidKey:
+        return
+    assert not any(is_lookalike(ch) for ch in canon), ascii(canon)
+    assert canon[0] != " " and canon[-1] != " "
+    assert canonical(canon) == canon
+    assert keys_mod.invisible_character(canon) is None
+
+
+valid_keys = st.text(alphabet=ordinary | st.just(" ") | st.just(":"), min_size=1, max_size=30).filter(
+    lambda k: k.strip() == k and k.strip() != "")
+
+
+@settings(max_examples=400, deadline=None)
+@given(key=valid_keys, ch=refused, where=st.integers(min_value=0, max_value=30))
+def test_inserting_a_lookalike_makes_any_valid_key_invalid(key: str, ch: str, where: int) -> None:
+    try:
+        canonical(key)
+    except InvalidKey:
+        return  # e.g. too long after NFC: not a valid key to start from
+    where = min(where, len(key))
+    with pytest.raises(InvalidKey) as err:
+        canonical(key[:where] + ch + key[where:])
+    if unicodedata.category(ch) != "Cs":
+        assert expected_name(ch) in str(err.value)
+
+
+@pytest.mark.parametrize("bad_id", [" bob", "bob ", "bob\u00a0", "b\ufe0fob", "\u3164"], ids=ascii)
+def test_pair_key_ids_follow_the_key_rules_in_either_order(bad_id: str) -> None:
+    for args in (("dm", bad_id, "alice"), ("dm", "alice", bad_id), ("dm", bad_id, "zed"), ("dm", "zed", bad_id)):
+        with pytest.raises(InvalidKey):
+            pair_key(*args)
+    assert pair_key("dm", "bob smith", "alice") == "dm:alice:bob smith"
