@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable
@@ -23,11 +24,13 @@ from typing import Any
 import apsw
 
 from .authorizer import INTERNAL_SQL as _I
-from .emails import email_key, text_key
+from .emails import email_key, text_key, upgrade_email_key
 from .errors import AuthenticationFailed, EmailTaken, InvalidEmail, InvalidPassword, UnknownAccount
 from .globaldb import GlobalDB
 
-__all__ = ["Account", "Accounts", "ScryptParams"]
+__all__ = ["Account", "Accounts", "ScryptParams", "upgrade_email_keys"]
+
+log = logging.getLogger("shardlite.accounts")
 
 
 @dataclass(frozen=True)
@@ -264,3 +267,24 @@ class Accounts:
         if not hmac.compare_digest(candidate, bytes(stored)):
             raise AuthenticationFailed("wrong e-mail address or password")
         return int(account_id)
+
+
+def upgrade_email_keys(cursor: apsw.Cursor) -> None:
+    """Global schema version 6: stored e-mail keys take today's form (the domain's ASCII form, see
+    :func:`shardlite.emails.upgrade_email_key`), inside the global DB's upgrade transaction. Two accounts
+    whose keys now coincide (an address registered once in Unicode and once in punycode form) cannot both
+    have it: the older account takes it, the other keeps its old key (a warning names both ids), so it is
+    no longer found by e-mail address until an operator merges or renames it."""
+    conn = cursor.connection
+    rows = conn.execute("SELECT id, email_key FROM _shardlite_accounts ORDER BY id").fetchall()
+    for account_id, old in rows:
+        new = upgrade_email_key(str(old))
+        if new == old:
+            continue
+        taken = conn.execute("SELECT id FROM _shardlite_accounts WHERE email_key = ?", (new,)).fetchall()
+        if taken:
+            log.warning("accounts %s and %s now share an e-mail key; %s keeps its old key", taken[0][0],
+                        account_id, account_id)
+            continue
+        conn.execute("UPDATE _shardlite_accounts SET email_key = ? WHERE id = ?", (new, account_id))
+

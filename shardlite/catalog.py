@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .accounts import upgrade_email_keys
 from .app_tables import move_app_tables
 from .authorizer import INTERNAL_SQL as _I
 from .errors import ConfigurationError
@@ -29,7 +30,8 @@ __all__ = ["Node", "TenantRecord", "Location", "Catalog", "SqliteCatalog", "GLOB
 #: shardlite's tables in the global DB, by version (PRAGMA user_version). Version 1: the catalog;
 #: version 2: accounts, password credentials and sessions; version 3: the relay's pending-work flags and
 #: dead letters; version 4: the rebalance journal (plans and per-tenant move steps); version 5: the app's
-#: own global tables move out to ``app_global.db`` (:mod:`shardlite.app_tables`).
+#: own global tables move out to ``app_global.db`` (:mod:`shardlite.app_tables`); version 6: stored e-mail
+#: keys take the domain's ASCII form (:func:`shardlite.accounts.upgrade_email_keys`).
 GLOBAL_STEPS: tuple[tuple[Step, ...], ...] = (
     (
         """CREATE TABLE _shardlite_catalog_meta(name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID""",
@@ -139,6 +141,7 @@ GLOBAL_STEPS: tuple[tuple[Step, ...], ...] = (
            ) WITHOUT ROWID""",
     ),
     (move_app_tables,),
+    (upgrade_email_keys,),
 )
 
 

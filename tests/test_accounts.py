@@ -173,7 +173,7 @@ def test_unicode_and_punycode_forms_of_one_domain_are_one_account(router: Router
     other = router.accounts.register("bob@xn--bcher-kva.example")
     with pytest.raises(EmailTaken):
         router.accounts.change_email(other, "ALICE@b\u00fccher.example")
-    rows = router.globals.query("SELECT email, email_key FROM _shardlite_accounts ORDER BY id")
+    rows = global_rows(router, "SELECT email, email_key FROM _shardlite_accounts ORDER BY id")
     assert rows == [("Alice@B\u00fccher.example", "alice@xn--bcher-kva.example"),
                     ("bob@xn--bcher-kva.example", "bob@xn--bcher-kva.example")]
 
@@ -184,7 +184,7 @@ def test_lookalike_addresses_are_not_a_second_account(router: Router) -> None:
                  "alice\u2800@example.com", "alice@exampl\u3164e.com"):
         with pytest.raises(InvalidEmail):
             router.accounts.register(twin)
-    assert len(router.globals.query("SELECT * FROM _shardlite_accounts")) == 1
+    assert len(global_rows(router, "SELECT * FROM _shardlite_accounts")) == 1
 
 
 def test_plus_addressing_is_not_folded_by_default(router: Router) -> None:
@@ -651,3 +651,35 @@ def test_concurrent_connections_see_constraint_not_precheck(router: Router, root
         conn.close()
     with pytest.raises(EmailTaken):
         router.accounts.register("GHOST@x.org")
+
+
+def test_stored_keys_of_idn_domains_are_upgraded_on_open(make_router: Callable[..., Router], root: str) -> None:
+    """Accounts registered before keys used the domain's ASCII form get it when a root at global schema
+    version 5 is opened: the Unicode and punycode spellings then find the same account; two accounts whose
+    keys now coincide keep the older one on the shared key."""
+    router = make_router()
+    router.accounts.scrypt = FAST
+    unicode_id = router.accounts.register("alice@bücher.example", password="alice-password")
+    ascii_id = router.accounts.register("bob@example.org")
+    later = router.accounts.register("carol@xn--bcher-kva.example")
+    twin = router.accounts.register("dave@example.net")
+    router.close()
+    conn = apsw.Connection(os.path.join(root, "global.db"))
+    try:  # the keys as the rules before version 6 stored them
+        for account_id, old in ((unicode_id, "alice@bücher.example"), (later, "carol@xn--bcher-kva.example"),
+                                (twin, "carol@bücher.example")):
+            conn.execute("UPDATE _shardlite_accounts SET email_key = ? WHERE id = ?", (old, account_id))
+        conn.execute("PRAGMA user_version = 5")
+    finally:
+        conn.close()
+    again = make_router()
+    again.accounts.scrypt = FAST
+    assert again.accounts.authenticate("alice@xn--bcher-kva.example", "alice-password") == unicode_id
+    assert again.accounts.authenticate("ALICE@BÜCHER.example", "alice-password") == unicode_id
+    assert again.accounts.by_email("bob@example.org").id == ascii_id  # type: ignore[union-attr]
+    assert again.accounts.by_email("carol@bücher.example").id == later  # type: ignore[union-attr]
+    keys = dict(global_rows(again, "SELECT id, email_key FROM _shardlite_accounts"))
+    assert keys[unicode_id] == "alice@xn--bcher-kva.example"
+    assert keys[twin] == "carol@bücher.example"  # the older account (later) holds the shared key
+    with pytest.raises(EmailTaken):
+        again.accounts.register("Alice@xn--BCHER-kva.example")

@@ -13,6 +13,7 @@ from helpers_routers import global_rows
 
 from shardlite import Router
 from shardlite.app_tables import app_objects
+from shardlite.catalog import GLOBAL_STEPS
 
 GLOBAL_SCHEMA = [
     "CREATE TABLE rooms(id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE)",
@@ -77,7 +78,7 @@ def _check_moved(router: Router, root: str) -> None:
     left = [n for _, n, _, _ in app_objects(router._store.globaldb.writer)]
     assert left == []
     assert global_rows(router, "SELECT value FROM _shardlite_catalog_meta WHERE name = 'app_global_version'") == []
-    assert global_rows(router, "PRAGMA user_version") == [(5,)]
+    assert global_rows(router, "PRAGMA user_version") == [(len(GLOBAL_STEPS),)]
     assert router.accounts.by_email("someone@example.com") is not None
 
 
