@@ -275,10 +275,12 @@ class Store:
                                            settings=self.settings, steps=(), read_only=True)
         return conn
 
-    def acquire(self, key: object, role: str, *, create: bool, revive: bool = True) -> Handle:
-        """An entered handle for ``key``: resolved, opened, identity-checked. The caller must release it."""
+    def acquire(self, key: object, role: str, *, create: bool, revive: bool = True,
+                move_wait: float | None = None) -> Handle:
+        """An entered handle for ``key``: resolved, opened, identity-checked. The caller must release it.
+        ``move_wait``: how long to wait for a tenant being moved (default: the router's ``move_wait``)."""
         canon = canonical(key)
-        deadline = time.monotonic() + self.move_wait
+        deadline = time.monotonic() + (self.move_wait if move_wait is None else move_wait)
         while True:
             if self._closed:
                 raise ShardliteError("the router is closed")
@@ -446,11 +448,11 @@ class Store:
             _reset_spare(handle)
 
     def begin_write(self, canon: str, *, create: bool = True, revive: bool = True,
-                    wait_ms: int | None = None) -> Handle:
+                    wait_ms: int | None = None, move_wait: float | None = None) -> Handle:
         """An entered ``"w"`` handle inside ``BEGIN IMMEDIATE`` at the tenant's current home.
 
         ``canon`` must already be canonical. Retries at the new home when the file turns out retired,
-        for up to ``move_wait`` seconds, then raises :class:`TenantMoving`.
+        for up to ``move_wait`` seconds (default: the router's), then raises :class:`TenantMoving`.
         """
         handle: Handle | None = self._wfast.get(canon)
         if handle is not None:
@@ -465,7 +467,7 @@ class Store:
         deadline = 0.0
         while True:
             if handle is None:
-                handle = self.acquire(canon, "w", create=create, revive=revive)
+                handle = self.acquire(canon, "w", create=create, revive=revive, move_wait=move_wait)
             try:
                 ok = self.begin(handle, wait_ms)
             except BaseException:
@@ -476,7 +478,7 @@ class Store:
             generation = handle.generation
             self.retire_handle(handle)
             self.release(handle)
-            deadline = deadline or time.monotonic() + self.move_wait
+            deadline = deadline or time.monotonic() + (self.move_wait if move_wait is None else move_wait)
             self._wait_for_move(canon, generation, deadline)
             handle = None
 
@@ -560,10 +562,11 @@ class Store:
 
     @contextmanager
     def writing(self, key: str, *, create: bool = True, revive: bool = True,
-                wait_ms: int | None = None) -> Iterator[Handle]:
+                wait_ms: int | None = None, move_wait: float | None = None) -> Iterator[Handle]:
         """``with store.writing(key) as handle``: one of shardlite's own write transactions (commit on
-        success, rollback on error, the handle released either way). ``wait_ms``: see :meth:`begin`."""
-        handle = self.begin_write(key, create=create, revive=revive, wait_ms=wait_ms)
+        success, rollback on error, the handle released either way). ``wait_ms``: see :meth:`begin`;
+        ``move_wait``: see :meth:`begin_write` (0: :class:`TenantMoving` at once for a moving tenant)."""
+        handle = self.begin_write(key, create=create, revive=revive, wait_ms=wait_ms, move_wait=move_wait)
         try:
             yield handle
             self.commit(handle)
