@@ -337,3 +337,20 @@ def test_a_restore_never_writes_into_the_backup_directory(scene: Scene) -> None:
     assert tree(scene.dest) == scene.backup_before  # no -journal, -wal or -shm, nothing rewritten
     assert [ledger(scene.fresh, k) for k in KEYS] == [[f"backed up {i}"] for i in range(3)]
     assert tree(scene.victim_root) == scene.victim_before
+
+
+def test_events_carried_by_a_restore_are_validated(scene: Scene, tmp_path: Path) -> None:
+    crafted = tmp_path / "events.db"
+    shutil.copyfile(scene.dest / scene.manifest["tenants"]["acct:1"]["file"], crafted)
+    conn = apsw.Connection(os.fspath(crafted))
+    conn.execute("INSERT INTO _shardlite_outbox(seq, dest, topic, payload, created) "
+                 "VALUES (7, 'acct:\u202evictim', 'note', '{}', 0)")
+    conn.close()
+    manifest = scene.copy()
+    manifest["tenants"]["acct:1"] = place(scene, "acct:1", crafted)
+    scene.write(manifest)
+    scene.refused(ShardliteError, "row 1 of _shardlite_outbox is invalid.*U\\+202E")
+    # under another key the events are dropped, so the copy restores (its numbers are still kept)
+    assert scene.fresh.restore(scene.dest, keys=["acct:1"], as_key="acct:9") == ["acct:9"]
+    assert scene.fresh.query("acct:9", "SELECT count(*) FROM _shardlite_outbox") == [(0,)]
+    assert scene.fresh.query("acct:9", "SELECT last_seq FROM _shardlite_relay") == [(7,)]
