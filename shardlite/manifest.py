@@ -199,6 +199,8 @@ def load(directory: str, *, what_to_do: str) -> dict[str, Any] | None:
         problem = "it is not UTF-8 text"
     except json.JSONDecodeError as exc:
         problem = f"it is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+    except ValueError as exc:  # an integer of thousands of digits
+        problem = f"it is not JSON shardlite reads ({exc})"
     except RecursionError:
         problem = "it nests too deeply"
     except _Bad as exc:

@@ -78,14 +78,14 @@ def open_copy(path: str, *, checksum: str | None, label: str) -> apsw.Connection
             raise ConfigurationError(f"{label} is not a regular file")
         with os.fdopen(fd, "rb", closefd=False) as handle:
             if info.st_size <= MEMORY_LIMIT:
-                data = bytearray(handle.read())
+                data = handle.read()
                 _check_sum(xxhash.xxh3_128_hexdigest(data), checksum, label)
-                _check_wal(path, bytes(data[_HEADER_JOURNAL]), label, in_memory=True)
-                if data[_HEADER_JOURNAL] == b"\x02\x02":
-                    data[_HEADER_JOURNAL] = b"\x01\x01"  # the image alone (the log is empty): a rollback file
+                _check_wal(path, data[_HEADER_JOURNAL], label, in_memory=True)
+                if data[_HEADER_JOURNAL] == b"\x02\x02":  # the image alone (its log is empty): a rollback file
+                    data = data[:_HEADER_JOURNAL.start] + b"\x01\x01" + data[_HEADER_JOURNAL.stop:]
                 conn = inert(apsw.Connection(":memory:"))
                 try:
-                    conn.deserialize("main", bytes(data))
+                    conn.deserialize("main", data)
                     conn.execute("PRAGMA query_only = 1")
                 except BaseException:
                     conn.close()
@@ -277,7 +277,7 @@ def restore(store: Store, src: str, *, keys: Iterable[object] | None = None, as_
 def _restore(store: Store, src: str, manifest: dict[str, Any], keys: Iterable[object] | None,
              as_key: object | None, force: bool, progress: Callable[[str], None] | None) -> list[str]:
     entries: dict[str, Any] = manifest["tenants"]
-    wanted = list(entries) if keys is None else [canonical(k) for k in keys]
+    wanted = list(entries) if keys is None else list(dict.fromkeys(canonical(k) for k in keys))
     if as_key is not None and len(wanted) != 1:
         raise ConfigurationError("as_key (--as) restores exactly one tenant (--key)")
     target_of = {key: canonical(as_key) if as_key is not None else key for key in wanted}
@@ -354,6 +354,8 @@ def _restore_globals(store: Store, src: str, manifest: dict[str, Any]) -> None:
         with store.globaldb.write() as conn:
             for source, label in sources:
                 _copy_global_tables(source, conn, label)
+    except apsw.Error as exc:  # a copy SQLite cannot read, a row the live tables refuse: nothing was committed
+        raise ShardliteError(f"restoring the global DB from {src} failed ({exc}); nothing was restored") from exc
     finally:
         for source, _ in sources:
             source.close()
