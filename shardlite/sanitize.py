@@ -52,6 +52,7 @@ __all__ = ["foreign_references", "refuse_foreign", "tenant_objects", "global_obj
 _RESERVED_WORD: Final = re.compile(r"(?<![0-9A-Za-z_$\u0080-\U0010ffff])" + RESERVED_PREFIX + r"[0-9A-Za-z_$]*",
                                    re.IGNORECASE)
 _HEX32: Final = re.compile(r"[0-9a-f]{32}")
+_IDENTIFIER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
 #: Sequence numbers and row ids kept from a file stay below this (emit adds one to the highest).
 _MAX_SEQ: Final = 1 << 62
 
@@ -63,6 +64,11 @@ def shown(text: object) -> str:
     """``text`` quoted for a message, with invisible and control characters escaped (names in a file
     from outside may hold bidi overrides)."""
     return repr(text) if isinstance(text, str) else f"<{type(text).__name__}>"
+
+
+def _plain(name: str) -> str:
+    """An object's name for a message: as it is when it is a plain identifier, else quoted and escaped."""
+    return name if _IDENTIFIER.fullmatch(name) else shown(name)
 
 
 def _objects_of(steps: Sequence[Sequence[str]]) -> frozenset[Object]:
@@ -96,7 +102,7 @@ def _describe(kind: str, name: str, table: str, sql: str | None, internal: Colle
     virtual = kind == "table" and sql is not None and sql.lstrip()[:14].upper().startswith("CREATE VIRTUAL")
     if (kind, name.lower(), table.lower()) in internal and not virtual:
         return None  # one of shardlite's own (its definition is shardlite's business, not this check's)
-    label = f"{'virtual table' if virtual else kind} {shown(name)}"
+    label = f"{'virtual table' if virtual else kind} {_plain(name)}"
     if kind in ("index", "trigger") and table.lower() in internal_tables:
         return f"{label} on {table}"
     if name.lower().startswith(RESERVED_PREFIX):
@@ -110,8 +116,9 @@ def _describe(kind: str, name: str, table: str, sql: str | None, internal: Colle
 def foreign_references(conn: apsw.Connection, schema: str = "main", *,
                        internal: Collection[Object] | None = None) -> list[str]:
     """Every object of ``schema`` ("main", "temp" or an attached name) on ``conn`` that is not shardlite's
-    own and touches a reserved name, described for people ("trigger 'spy' on _shardlite_feed", "table
-    'trap' references _shardlite_relay"); empty when there is none.
+    own and touches a reserved name, described for people ("trigger spy on _shardlite_feed", "table trap
+    references _shardlite_relay"; a name that is not a plain identifier is quoted with its invisible
+    characters escaped); empty when there is none.
 
     Foreign means: a name with the reserved prefix, SQL that mentions a reserved name anywhere, or an
     index or trigger attached to one of shardlite's tables. shardlite's own objects are ``internal``

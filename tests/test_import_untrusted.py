@@ -115,28 +115,28 @@ ATTACKS = {
     "spy trigger on the feed": (
         "CREATE TABLE loot(payload TEXT); CREATE TRIGGER spy AFTER INSERT ON _shardlite_feed "
         "BEGIN INSERT INTO loot VALUES (new.payload); END",
-        r"trigger 'spy' on _shardlite_feed"),
-    "index on an internal table": ("CREATE INDEX peek ON _shardlite_feed(payload)", r"index 'peek' on _shardlite_feed"),
+        r"trigger spy on _shardlite_feed"),
+    "index on an internal table": ("CREATE INDEX peek ON _shardlite_feed(payload)", r"index peek on _shardlite_feed"),
     "trigger blocking the fence": (
         "CREATE TRIGGER block BEFORE UPDATE OF retired ON _shardlite_meta WHEN new.retired IS NOT NULL "
         "BEGIN SELECT RAISE(ABORT, 'no fence'); END",
-        r"trigger 'block' on _shardlite_meta"),
+        r"trigger block on _shardlite_meta"),
     "meta replaced by a view": (
         "ALTER TABLE _shardlite_meta RENAME TO real_meta; "
         "CREATE VIEW _shardlite_meta AS SELECT id, key, incarnation, internal_version, created, NULL AS retired "
         "FROM real_meta; "
         "CREATE TRIGGER swallow INSTEAD OF UPDATE ON _shardlite_meta BEGIN UPDATE real_meta SET key = new.key, "
         "incarnation = new.incarnation WHERE id = 1; END",
-        r"view '_shardlite_meta' takes a reserved"),
+        r"view _shardlite_meta takes a reserved"),
     "foreign key onto the relay": (
         "CREATE TABLE trap(id INTEGER PRIMARY KEY REFERENCES _shardlite_relay(id) ON DELETE CASCADE)",
-        r"table 'trap' references _shardlite_relay"),
+        r"table trap references _shardlite_relay"),
     "trigger writing the outbox": (
         "CREATE TRIGGER forge AFTER INSERT ON items BEGIN INSERT INTO _SHARDLITE_OUTBOX(seq, dest, topic, "
         "payload, created) VALUES (99, 'acct:victim', 'note', '{}', 0); END",
-        r"trigger 'forge' references _SHARDLITE_OUTBOX"),
+        r"trigger forge references _SHARDLITE_OUTBOX"),
     "a table taking a reserved name": ("CREATE TABLE _shardlite_tenants(key TEXT)",
-                                       r"table '_shardlite_tenants' takes a reserved"),
+                                       r"table _shardlite_tenants takes a reserved"),
 }
 
 
@@ -169,10 +169,12 @@ def test_foreign_references_describes_each_object_and_reads_the_schema_only(tmp_
                  "VALUES (new.payload); END;"
                  'CREATE VIEW v AS SELECT * FROM "_ShardLite_Feed";'
                  "CREATE INDEX by_body ON notes(body);"
+                 'CREATE TRIGGER "sp\u202ey" AFTER DELETE ON notes BEGIN DELETE FROM _shardlite_feed; END;'
                  "CREATE TEMP TABLE scratch(x DEFAULT '_shardlite_meta')")
-    assert foreign_references(conn) == ["table 'trap' references _shardlite_relay",
-                                        "trigger 'spy' on _shardlite_feed", "view 'v' references _ShardLite_Feed"]
-    assert foreign_references(conn, "temp") == ["table 'scratch' references _shardlite_meta"]
+    assert foreign_references(conn) == ["table trap references _shardlite_relay",
+                                        "trigger spy on _shardlite_feed", "view v references _ShardLite_Feed",
+                                        "trigger 'sp\\u202ey' references _shardlite_feed"]
+    assert foreign_references(conn, "temp") == ["table scratch references _shardlite_meta"]
     conn.close()
 
 
