@@ -29,6 +29,7 @@ standalone SQLite file the same way a backup copies it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -252,10 +253,13 @@ def _undo(dest: str, keep: set[str], created: list[str]) -> None:
             os.rmdir(directory)  # only an empty one goes
 
 
-def _cause(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
+def _failure(dest: str, exc: BaseException, during: str = "") -> BackupFailed:
+    """The one-line error of a run that failed (``during`` says at what), with what to do."""
+    cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+    full = isinstance(exc, apsw.FullError) or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT))
+    advice = "free space there (or choose another destination)" if full else "fix the cause"
+    return BackupFailed(f"backup into {dest} failed{during}: {cause}. What this run wrote was removed and any "
+                        f"previous backup there is whole; {advice} and run the backup again")
 
 
 def backup(store: Store, dest: str, *, keys: Iterable[object] | None = None,
@@ -282,9 +286,7 @@ def backup(store: Store, dest: str, *, keys: Iterable[object] | None = None,
             with contextlib.suppress(OSError):
                 os.rmdir(directory)  # only an empty one goes
         if isinstance(exc, (OSError, apsw.Error)):
-            raise BackupFailed(f"backup into {dest} failed: {_cause(exc)}. What this run wrote was removed and any "
-                               "previous backup there is whole; free space there (or choose another destination) "
-                               "and run the backup again") from exc
+            raise _failure(dest, exc) from exc
         raise
 
 
@@ -314,8 +316,8 @@ def _backup_locked(store: Store, dest: str, keys: Iterable[object] | None,
         fsync_dir(dest)
         _sweep(dest, _names(manifest))
     except OSError as exc:
-        raise BackupFailed(f"backup into {dest} wrote its manifest but could not finish ({_cause(exc)}); run the "
-                           "backup again") from exc
+        raise BackupFailed(f"backup into {dest} wrote its manifest but could not finish ({exc.strerror or exc}); "
+                           "run the backup again") from exc
     return manifest
 
 
@@ -385,7 +387,7 @@ def _copies(store: Store, dest: str, todo: list[_Todo], parallel: int,
     and signature it was taken at. A tenant dropped since the catalog was read is left out; one moved
     meanwhile is copied from its new home. The first failure cancels the copies not started and is
     raised."""
-    def copy(item: _Todo) -> _Copied | None:
+    def copy_one(item: _Todo) -> _Copied | None:
         record, path, folder, signature = item
         target, stem = os.path.join(dest, folder), key_digest(record.key)
         try:
@@ -399,6 +401,12 @@ def _copies(store: Store, dest: str, todo: list[_Todo], parallel: int,
             path = store.path_of(now)  # moved meanwhile: its file has a new name
             signature = _signature(path, now.generation)
             return now, folder, signature, _copy_into(path, target, stem, durable_names)
+
+    def copy(item: _Todo) -> _Copied | None:
+        try:
+            return copy_one(item)
+        except (OSError, apsw.Error) as exc:
+            raise _failure(dest, exc, f" copying {item[0].key!r}") from exc
 
     if parallel == 1 or len(todo) < 2:
         for item in todo:
