@@ -400,8 +400,8 @@ def _has_table(conn: apsw.Connection, name: str) -> bool:
 
 
 def _one_create_table(table: str, sql: str, label: str) -> str:
-    """``sql`` when it is one statement creating the table ``table`` and nothing else (tried on a scratch
-    database first), else :class:`ShardliteError`."""
+    """``sql`` when it is one statement that creates the table ``table`` and nothing else, run whole
+    without error on an empty scratch database first; else :class:`ShardliteError`."""
     scratch = inert(apsw.Connection(":memory:"))
     statements: list[str] = []
 
@@ -413,13 +413,14 @@ def _one_create_table(table: str, sql: str, label: str) -> str:
         cursor = scratch.cursor()
         cursor.exec_trace = one
         try:
-            cursor.execute(sql)
-        except apsw.Error:
-            pass
+            cursor.execute(sql).fetchall()
+            failed = False
+        except apsw.Error:  # a second statement (refused by the tracer, or failing to prepare), bad SQL
+            failed = True
         made = scratch.execute("SELECT type, name FROM sqlite_schema WHERE sql IS NOT NULL").fetchall()
     finally:
         scratch.close()
-    if len(statements) != 1 or made != [("table", table)]:
+    if failed or len(statements) != 1 or made != [("table", table)]:
         raise ShardliteError(f"{label} is refused: the definition of its table {shown(table)} is not one CREATE "
                              "TABLE statement")
     return sql

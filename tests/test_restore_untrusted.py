@@ -354,3 +354,15 @@ def test_events_carried_by_a_restore_are_validated(scene: Scene, tmp_path: Path)
     assert scene.fresh.restore(scene.dest, keys=["acct:1"], as_key="acct:9") == ["acct:9"]
     assert scene.fresh.query("acct:9", "SELECT count(*) FROM _shardlite_outbox") == [(0,)]
     assert scene.fresh.query("acct:9", "SELECT last_seq FROM _shardlite_relay") == [(7,)]
+
+
+@pytest.mark.parametrize("sql", ["CREATE TABLE plans(a); DROP TABLE marker", "CREATE TABLE plans(a); CREATE TABLE b(c)",
+                                 "CREATE TABLE other(a)", "DELETE FROM marker"])
+def test_an_app_global_table_is_created_only_from_one_create_table_statement(sql: str) -> None:
+    """The app's global tables missing from the live DB are created from the copy's definitions: each must
+    be exactly one CREATE TABLE of that name (SQLite itself refuses to load most other texts)."""
+    from shardlite.restore import _one_create_table
+
+    assert _one_create_table("plans", "CREATE TABLE plans(a UNIQUE, b REFERENCES elsewhere(x))", "copy")
+    with pytest.raises(ShardliteError, match="not one CREATE TABLE"):
+        _one_create_table("plans", sql, "copy")
