@@ -255,6 +255,7 @@ def _failed(action: str, exc: BaseException, done: list[str]) -> ShardliteError:
 
 
 def _backup_dir(src: str) -> tuple[str, dict[str, Any]]:
+    """The backup directory ``src`` (absolute) and its validated manifest; call it under the lock."""
     src = os.path.abspath(src)
     manifest = mf.load(src, what_to_do=_DAMAGED) if os.path.isdir(src) else None
     if not manifest:
@@ -262,13 +263,19 @@ def _backup_dir(src: str) -> tuple[str, dict[str, Any]]:
     return src, manifest
 
 
+def _lockable(src: str) -> str:
+    src = os.path.abspath(src)
+    if not os.path.isdir(src):
+        raise ConfigurationError(f"{src} holds no {mf.MANIFEST}")
+    return src
+
+
 def restore(store: Store, src: str, *, keys: Iterable[object] | None = None, as_key: object | None = None,
             force: bool = False, progress: Callable[[str], None] | None = None) -> list[str]:
     """Restore tenants (all, or ``keys``) from the backup directory ``src``; returns the restored keys.
     Everything is checked, and every copy prepared, before anything is registered (module docstring).
     Holds a shared lock on the directory: a backup into it is refused meanwhile."""
-    src = os.path.abspath(src)
-    _backup_dir(src)
+    src = _lockable(src)
     with mf.locked(src, shared=True):
         src, manifest = _backup_dir(src)
         return _restore(store, src, manifest, keys, as_key, force, progress)
@@ -333,8 +340,7 @@ def restore_globals(store: Store, src: str) -> None:
     """Copy the backup's accounts, sessions and app global tables into an empty root's global DB, after
     checking the copy: its checksum, no schema object touching shardlite's tables, single CREATE TABLE
     statements for the app's tables."""
-    src = os.path.abspath(src)
-    _backup_dir(src)
+    src = _lockable(src)
     with mf.locked(src, shared=True):
         _restore_globals(store, *_backup_dir(src))
 
