@@ -12,13 +12,16 @@ from .catalog import Location
 from .engine import Settings
 from .errors import (
     AuthenticationFailed,
+    BackupFailed,
     Busy,
     ConfigurationError,
+    DirectoryModeWarning,
     EmailTaken,
     IdentityMismatch,
     InvalidEmail,
     InvalidKey,
     InvalidPassword,
+    ManifestInvalid,
     PayloadTooLarge,
     ShardliteError,
     StatementNotAllowed,
@@ -59,5 +62,8 @@ __all__ = [
     "StatementNotAllowed",
     "IdentityMismatch",
     "UnsupportedSQLite",
+    "ManifestInvalid",
+    "BackupFailed",
+    "DirectoryModeWarning",
     "__version__",
 ]

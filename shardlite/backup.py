@@ -1,10 +1,11 @@
-"""Backup and restore of a whole data root or single tenants; tenant export and import.
+"""Backup of a whole data root or single tenants, and tenant export (restore and import: :mod:`.restore`).
 
 Backup (``router.backup(dest, keys=None, parallel=4)``, ``shardlite backup DEST``) copies every tenant and
 the global DB through SQLite while the application keeps writing (each file is one consistent snapshot; the
 set is not one global snapshot: each tenant is consistent on its own, as tenants are independent), up to
 ``parallel`` copies at once. The destination holds ``manifest.json`` (key, node, schema version, size,
-xxh3-128 checksum of the copied file, and the source file's stat signature), ``global.<checksum>.db`` and
+xxh3-128 checksum of the copied file, and the source file's stat signature), ``global.<checksum>.db``,
+``app_global.<checksum>.db`` (the app's own global tables) and
 ``tenants/<2 hex>/<digest>.<checksum>.db``. Copies are standalone files (rollback journal mode), mode 0600.
 They are made durable together (one ``syncfs`` of the destination's filesystem, or an fsync of each file
 where there is none) before the manifest that names them is written and fsynced; their names carry their
@@ -16,26 +17,25 @@ rewrites the WAL, a checkpoint rewrites the file. A backup holds an exclusive lo
 a restore a shared one: a second backup into the same place, or one into a directory being restored
 from, is refused with :class:`~shardlite.ConfigurationError`.
 
-Restore (``router.restore(src, keys=None, as_key=None, force=False)``, ``shardlite restore SRC``) verifies
-checksums, then brings each tenant back as a *new* tenant file: a new generation and a new incarnation
-(brief §4, Identity). It never overwrites a live tenant without ``force``; with it, the live file is
-fenced (retired) first. Outbox events carried in the copy keep their original incarnation, so a
-destination that already applied them does not apply them again; restoring under another key
-(``as_key``) drops them (they were the original tenant's events).
+A backup that fails (a full destination, an unreadable tenant) removes what it wrote: the copies and
+directories of this run, never a file the previous manifest names, and raises a
+:class:`~shardlite.ShardliteError` naming the destination and the cause. The destination's previous
+manifest is untrusted like any other (:mod:`shardlite.manifest`): one that is not what a backup writes is
+refused before anything is written.
 
-Export and import move one tenant in or out as a standalone SQLite file with the same rules.
+Restore and import live in :mod:`shardlite.restore` (re-exported here); export writes one tenant to a
+standalone SQLite file the same way a backup copies it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
 import json
 import os
-import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
@@ -43,26 +43,17 @@ import apsw
 import xxhash
 
 from .catalog import TenantRecord
-from .copying import backup_into, fsync_file_and_dir, integrity_ok, open_source, open_trusted, remove_db_files
+from .copying import backup_into, open_source, open_trusted
 from .engine import ensure_private_dir, fsync_dir, fsync_path, sync_filesystem
-from .errors import ConfigurationError, IdentityMismatch, ShardliteError, UnknownTenant
-from .keys import canonical, key_digest, prefix_of
-from .lifecycle import fence_file
-from .placement import tenant_relpath
-from .schema import INTERNAL_VERSION, REMEMBER_LAST_SEQ, upgrade
+from .errors import BackupFailed, ConfigurationError, UnknownTenant
+from .keys import canonical, key_digest
+from .manifest import FORMAT, MANIFEST, OURS, file_checksum, load
+from .manifest import locked as _locked
+from .restore import import_tenant, restore, restore_globals
 from .store import Store
 
-__all__ = ["backup", "restore", "export_tenant", "import_tenant", "file_checksum", "MANIFEST"]
-
-MANIFEST = "manifest.json"
-
-
-def file_checksum(path: str) -> str:
-    digest = xxhash.xxh3_128()
-    with open(path, "rb") as handle:  # a closed, standalone copy: reading its bytes is fine
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+__all__ = ["backup", "restore", "restore_globals", "export_tenant", "import_tenant", "file_checksum", "MANIFEST",
+           "BackupFailed"]
 
 
 def _signature(path: str, generation: int) -> list[int]:
@@ -87,9 +78,6 @@ _ROLLBACK_VERSIONS = b"\x01\x01"
 #: small copy and does not scale with threads here: on a 2-core VM, 200 tenants of 57 KB took 74-80 ms
 #: inline and 103-105 ms with 2 or 4 threads. ``parallel`` > 1 is for storage where copies wait on I/O.
 PARALLEL = 1
-# The files a backup writes into its destination, and nothing else (the sweep removes only these).
-_OURS = re.compile(r"(?:[0-9a-f]{32}(?:\.[0-9a-f]{32})?\.db|(?:app_)?global(?:\.[0-9a-f]{32})?\.db"
-                   r"|\.(?:[0-9a-f]{32}|global)\.tmp-[0-9a-f]{8})")
 
 
 def _serialized(source: apsw.Connection) -> tuple[list[bytes | memoryview], str, int]:
@@ -222,47 +210,55 @@ def _make_durable(files: list[str], directories: set[str]) -> None:
         fsync_dir(directory)
 
 
-@contextlib.contextmanager
-def _locked(directory: str, *, shared: bool) -> Iterator[None]:
-    """Hold a lock on ``directory`` for the block: exclusive for a backup writing into it, shared for a
-    restore reading from it (so a backup's sweep never removes a file a restore is about to read)."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigurationError(f"{directory} is in use by another backup or restore; retry after it"
-                                     ) from None
-        yield
-    finally:
-        os.close(fd)
+_KEEP_PREVIOUS = "nothing was written; move it away or back up into another directory"
 
 
-def _sweep(dest: str, manifest: dict[str, Any]) -> None:
-    """After the manifest is durable: remove the copies it no longer names (superseded by this run) and
-    temporaries an interrupted run left behind; only names a backup writes."""
-    keep = {entry["file"] for entry in manifest["tenants"].values()} | {manifest["global"]["file"]}
+def _names(manifest: dict[str, Any] | None) -> set[str]:
+    """The files ``manifest`` names, relative to its directory."""
+    if not manifest:
+        return set()
+    names = {entry["file"] for entry in manifest["tenants"].values()} | {manifest["global"]["file"]}
     if "app_global" in manifest:
-        keep.add(manifest["app_global"]["file"])
-    candidates = [name for name in os.listdir(dest) if _OURS.fullmatch(name)]
+        names.add(manifest["app_global"]["file"])
+    return names
+
+
+def _sweep(dest: str, keep: set[str]) -> None:
+    """Remove the files a backup writes (:data:`~shardlite.manifest.OURS` names, at the top and in real
+    ``tenants/<2 hex>/`` directories, never through a symlink) that ``keep`` does not name."""
+    candidates = [name for name in os.listdir(dest) if OURS.fullmatch(name)]
     tenants = os.path.join(dest, "tenants")
-    if os.path.isdir(tenants):
+    if os.path.isdir(tenants) and not os.path.islink(tenants):
         for sub in os.listdir(tenants):
             folder = os.path.join(tenants, sub)
-            if len(sub) == 2 and os.path.isdir(folder):
-                candidates += [f"tenants/{sub}/{name}" for name in os.listdir(folder) if _OURS.fullmatch(name)]
+            if len(sub) == 2 and os.path.isdir(folder) and not os.path.islink(folder):
+                candidates += [f"tenants/{sub}/{name}" for name in os.listdir(folder) if OURS.fullmatch(name)]
     for rel in candidates:
         if rel not in keep:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(dest, rel))
 
 
-def _load_manifest(directory: str) -> dict[str, Any]:
-    path = os.path.join(directory, MANIFEST)
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)  # type: ignore[no-any-return]
+def _undo(dest: str, keep: set[str], created: list[str]) -> None:
+    """After a failed run: remove what it wrote (every file of ours that ``keep``, the manifest on disk,
+    does not name, its manifest temporary) and the directories it created, when empty. Best effort:
+    the failure being reported matters more than one of these."""
+    with contextlib.suppress(OSError):
+        _sweep(dest, keep)
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(dest, f".{MANIFEST}.tmp"))
+    for directory in reversed(created):
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)  # only an empty one goes
+
+
+def _failure(dest: str, exc: BaseException, during: str = "") -> BackupFailed:
+    """The one-line error of a run that failed (``during`` says at what), with what to do."""
+    cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+    full = isinstance(exc, apsw.FullError) or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT))
+    advice = "free space there (or choose another destination)" if full else "fix the cause"
+    return BackupFailed(f"backup into {dest} failed{during}: {cause}. What this run wrote was removed and any "
+                        f"previous backup there is whole; {advice} and run the backup again")
 
 
 def backup(store: Store, dest: str, *, keys: Iterable[object] | None = None,
@@ -270,25 +266,35 @@ def backup(store: Store, dest: str, *, keys: Iterable[object] | None = None,
     """Back up tenants (all, or ``keys``) and the global DB into ``dest``; returns the manifest.
 
     Up to ``parallel`` copies run at once. Every copy is made durable (one filesystem sync) before the
-    manifest that names it is written; copies the new manifest no longer names are removed after it."""
+    manifest that names it is written; copies the new manifest no longer names are removed after it.
+    Raises :class:`BackupFailed` when the run cannot finish (what it wrote is removed, the previous backup
+    in ``dest`` stays whole) and :class:`~shardlite.ConfigurationError` when ``dest`` holds a manifest that
+    is not a backup's (nothing is written)."""
     if parallel < 1:
         raise ConfigurationError("parallel must be at least 1")
     dest = os.path.abspath(dest)
     if os.path.commonpath([dest, store.root]) == store.root:
         raise ConfigurationError("the backup destination may not be inside the data root")
-    ensure_private_dir(dest)
-    with _locked(dest, shared=False):
-        return _backup_locked(store, dest, keys, progress, parallel)
+    created: list[str] = []
+    try:
+        created += ensure_private_dir(dest)
+        with _locked(dest, shared=False):
+            return _backup_locked(store, dest, keys, progress, parallel, created)
+    except BaseException as exc:
+        for directory in reversed(created):
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)  # only an empty one goes
+        if isinstance(exc, (OSError, apsw.Error)):
+            raise _failure(dest, exc) from exc
+        raise
 
 
 def _backup_locked(store: Store, dest: str, keys: Iterable[object] | None,
-                   progress: Callable[[str, bool], None] | None, parallel: int) -> dict[str, Any]:
-    before = _load_manifest(dest)
-    previous = before.get("tenants", {})
-    durable_names = {os.path.join(dest, entry["file"]) for entry in previous.values()}
-    for name in ("global", "app_global"):
-        if name in before:
-            durable_names.add(os.path.join(dest, before[name]["file"]))
+                   progress: Callable[[str, bool], None] | None, parallel: int, created: list[str]) -> dict[str, Any]:
+    before = load(dest, what_to_do=_KEEP_PREVIOUS)
+    on_disk = _names(before)
+    previous: dict[str, Any] = before["tenants"] if before else {}
+    durable_names = {os.path.join(dest, name) for name in on_disk}
     records: list[TenantRecord]
     if keys is None:
         records = list(store.catalog.iter_tenants())
@@ -299,7 +305,27 @@ def _backup_locked(store: Store, dest: str, keys: Iterable[object] | None,
             if record is None or record.state not in ("active", "moving"):
                 raise UnknownTenant(f"tenant {canonical(key)!r} does not exist")
             records.append(record)
-    entries: dict[str, Any] = dict(previous) if keys is not None else {}
+    try:
+        manifest = _write_backup(store, dest, records, previous, keys is not None, progress, parallel,
+                                 durable_names, created)
+    except BaseException:
+        _undo(dest, on_disk, created)
+        raise
+    try:  # the new manifest replaced the previous one: from here on, it is the one to keep
+        fsync_dir(dest)
+        _sweep(dest, _names(manifest))
+    except OSError as exc:
+        raise BackupFailed(f"backup into {dest} wrote its manifest but could not finish ({exc.strerror or exc}); "
+                           "run the backup again") from exc
+    return manifest
+
+
+def _write_backup(store: Store, dest: str, records: list[TenantRecord], previous: dict[str, Any], partial: bool,
+                  progress: Callable[[str, bool], None] | None, parallel: int, durable_names: set[str],
+                  created: list[str]) -> dict[str, Any]:
+    """Copy what changed, make it durable, write the manifest; returns it once it has replaced the
+    previous one (not yet fsynced in its directory)."""
+    entries: dict[str, Any] = dict(previous) if partial else {}
     skipped = 0
     todo: list[_Todo] = []
     directories = {dest}
@@ -308,7 +334,7 @@ def _backup_locked(store: Store, dest: str, keys: Iterable[object] | None,
         digest = key_digest(record.key)
         signature = _signature(path, record.generation)
         old = previous.get(record.key)
-        if old is not None and old.get("signature") == signature and os.path.exists(os.path.join(dest, old["file"])):
+        if old is not None and old["signature"] == signature and os.path.exists(os.path.join(dest, old["file"])):
             entries[record.key] = old
             skipped += 1
             if progress is not None:
@@ -316,25 +342,30 @@ def _backup_locked(store: Store, dest: str, keys: Iterable[object] | None,
             continue
         folder = f"tenants/{digest[:2]}"
         if os.path.join(dest, folder) not in directories:
-            ensure_private_dir(os.path.join(dest, folder))
+            created += ensure_private_dir(os.path.join(dest, folder))
             directories.add(os.path.join(dest, folder))
         todo.append((record, path, folder, signature))
     written: list[str] = []
     copied = 0
-    for record, folder, signature, (name, checksum, size) in _copies(store, dest, todo, parallel, durable_names):
-        copied += 1
-        entries[record.key] = {"file": f"{folder}/{name}", "node": record.node, "generation": record.generation,
-                               "incarnation": record.incarnation, "schema_version": record.schema_version,
-                               "size": size, "checksum": checksum, "signature": signature}
-        written.append(os.path.join(dest, folder, name))
-        if progress is not None:
-            progress(record.key, True)
+    copies = _copies(store, dest, todo, parallel, durable_names)
+    try:
+        for record, folder, signature, (name, checksum, size) in copies:
+            copied += 1
+            entries[record.key] = {"file": f"{folder}/{name}", "node": record.node,
+                                   "generation": record.generation, "incarnation": record.incarnation,
+                                   "schema_version": record.schema_version, "size": size, "checksum": checksum,
+                                   "signature": signature}
+            written.append(os.path.join(dest, folder, name))
+            if progress is not None:
+                progress(record.key, True)
+    finally:
+        copies.close()  # no copy still running on a worker thread once this returns or raises
     global_name, global_checksum, _ = _copy_into(store.globaldb.path, dest, "global", durable_names)
     written.append(os.path.join(dest, global_name))
     app_name, app_checksum, _ = _copy_into(store.appdb.path, dest, "app_global", durable_names)
     written.append(os.path.join(dest, app_name))
     _make_durable(written, directories)  # every copy is durable before the manifest names it
-    manifest = {"format": 1, "created": time.time(), "root": store.root, "tenants": entries,
+    manifest = {"format": FORMAT, "created": time.time(), "root": store.root, "tenants": entries,
                 "global": {"file": global_name, "checksum": global_checksum},
                 "app_global": {"file": app_name, "checksum": app_checksum},
                 "copied": copied, "skipped": skipped}
@@ -344,28 +375,21 @@ def _backup_locked(store: Store, dest: str, keys: Iterable[object] | None,
                        sorted(entries.items()))
     head = json.dumps({k: v for k, v in manifest.items() if k != "tenants"}, sort_keys=True)
     text = f'{head[:-1]}, "tenants": {{\n{body}\n}}}}\n' if entries else f'{head[:-1]}, "tenants": {{}}}}\n'
-    with open(temp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.chmod(temp, 0o600)
+    _write_private(temp, [text.encode("utf-8")], durable=True, replace=True)
     os.replace(temp, os.path.join(dest, MANIFEST))
-    fsync_dir(dest)
-    _sweep(dest, manifest)
     return manifest
-
 
 _Todo = tuple[TenantRecord, str, str, list[int]]  # record, live path, folder in the backup, signature
 _Copied = tuple[TenantRecord, str, list[int], tuple[str, str, int]]  # record, folder, signature, copy
 
 
 def _copies(store: Store, dest: str, todo: list[_Todo], parallel: int,
-            durable_names: set[str]) -> Iterator[_Copied]:
+            durable_names: set[str]) -> Generator[_Copied, None, None]:
     """The copies of ``todo`` as they finish (``parallel`` at once; one runs inline), each with the record
     and signature it was taken at. A tenant dropped since the catalog was read is left out; one moved
     meanwhile is copied from its new home. The first failure cancels the copies not started and is
     raised."""
-    def copy(item: _Todo) -> _Copied | None:
+    def copy_one(item: _Todo) -> _Copied | None:
         record, path, folder, signature = item
         target, stem = os.path.join(dest, folder), key_digest(record.key)
         try:
@@ -379,6 +403,12 @@ def _copies(store: Store, dest: str, todo: list[_Todo], parallel: int,
             path = store.path_of(now)  # moved meanwhile: its file has a new name
             signature = _signature(path, now.generation)
             return now, folder, signature, _copy_into(path, target, stem, durable_names)
+
+    def copy(item: _Todo) -> _Copied | None:
+        try:
+            return copy_one(item)
+        except (OSError, apsw.Error) as exc:
+            raise _failure(dest, exc, f" copying {item[0].key!r}") from exc
 
     if parallel == 1 or len(todo) < 2:
         for item in todo:
@@ -398,204 +428,6 @@ def _copies(store: Store, dest: str, todo: list[_Todo], parallel: int,
             raise
 
 
-def _bring_in(store: Store, source_file: str, key: str, *, purpose: str, keep_outbox: bool,
-              force: bool) -> TenantRecord:
-    """Install ``source_file`` (a standalone tenant copy) as tenant ``key``: new generation, incarnation."""
-    if not os.path.isfile(source_file):
-        raise ConfigurationError(f"{source_file} does not exist or is not a file")
-    existing = store.catalog.lookup(key)
-    if existing is not None and existing.state in ("active", "moving", "dropping") and not force:
-        raise ConfigurationError(f"tenant {key!r} exists; pass force=True (--force) to replace it")
-    if existing is not None and existing.state == "moving":
-        raise ConfigurationError(f"tenant {key!r} is being moved; retry after the rebalance")
-    probe = open_trusted(source_file)
-    try:
-        if not integrity_ok(probe):
-            raise ShardliteError(f"{source_file} fails integrity_check")
-        rows = probe.execute("SELECT key, incarnation FROM _shardlite_meta WHERE id = 1").fetchall()
-    except Exception as exc:
-        if isinstance(exc, ShardliteError):
-            raise
-        raise IdentityMismatch(f"{source_file} is not a shardlite tenant file ({exc})") from exc
-    finally:
-        probe.close()
-    if not rows:
-        raise IdentityMismatch(f"{source_file} is not a shardlite tenant file")
-    old_key, old_incarnation = str(rows[0][0]), str(rows[0][1])
-    node = existing.node if existing is not None and existing.state != "dropped" else store.propose(key)
-    generation = store.catalog.allocate_generation(key, node, purpose)
-    incarnation = secrets.token_hex(16)
-    path = os.path.join(store.node_path(node), tenant_relpath(key, generation))
-    temp = path + ".incoming"
-    ensure_private_dir(os.path.dirname(path))
-    remove_db_files(temp)
-    source = open_trusted(source_file)
-    try:
-        dest = open_trusted(temp, create=True)
-        try:
-            backup_into(dest, source)
-            dest.execute("PRAGMA journal_mode=WAL").fetchall()
-            dest.execute("BEGIN IMMEDIATE")
-            internal, app = _versions(dest)
-            upgrade(dest, (), internal_from=internal, app_from=app)
-            dest.execute("UPDATE _shardlite_meta SET key = ?, incarnation = ?, retired = NULL WHERE id = 1",
-                         (key, incarnation))
-            if keep_outbox and old_key == key:
-                dest.execute("UPDATE _shardlite_outbox SET origin = coalesce(origin, ?)", (old_incarnation,))
-            else:
-                dest.execute(REMEMBER_LAST_SEQ)  # a new incarnation anyway; numbers still never go back
-                dest.execute("DELETE FROM _shardlite_outbox")
-            dest.execute("UPDATE _shardlite_relay SET claimed_by = NULL, claimed_until = 0")
-            dest.execute("COMMIT")
-            dest.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        finally:
-            dest.close()
-    finally:
-        source.close()
-    fsync_file_and_dir(temp)
-    os.link(temp, path)
-    os.unlink(temp)
-    fsync_dir(os.path.dirname(path))
-    if existing is not None and existing.state in ("active", "dropping"):
-        fence_file(store, existing, store.path_of(existing), "replaced")
-        store.catalog.flip(key, from_generation=existing.generation, node=node, generation=generation,
-                           incarnation=incarnation)
-        remove_db_files(store.path_of(existing))
-    else:
-        store.catalog.register(key, node, generation, incarnation, _app_version(path))
-    store.forget(key)
-    record = store.catalog.lookup(key)
-    assert record is not None
-    has_events = store.read_internal(key, "SELECT 1 FROM _shardlite_outbox LIMIT 1")
-    if has_events:
-        store.catalog.flag_pending(key)
-    return record
-
-
-def _versions(conn: Any) -> tuple[int, int]:
-    internal = conn.execute("SELECT internal_version FROM _shardlite_meta WHERE id = 1").fetchall()
-    app = conn.execute("PRAGMA user_version").fetchall()
-    return int(internal[0][0]) if internal else INTERNAL_VERSION, int(app[0][0])
-
-
-def _app_version(path: str) -> int:
-    conn = open_trusted(path)
-    try:
-        version: Any = conn.execute("PRAGMA user_version").fetchall()[0][0]
-        return int(version)
-    finally:
-        conn.close()
-
-
-def _backup_dir(src: str) -> tuple[str, dict[str, Any]]:
-    src = os.path.abspath(src)
-    manifest = _load_manifest(src) if os.path.isdir(src) else {}
-    if not manifest:
-        raise ConfigurationError(f"{src} holds no {MANIFEST}")
-    return src, manifest
-
-
-def restore(store: Store, src: str, *, keys: Iterable[object] | None = None, as_key: object | None = None,
-            force: bool = False, progress: Callable[[str], None] | None = None) -> list[str]:
-    """Restore tenants from a backup directory (checksums verified first); returns the restored keys.
-    Holds a shared lock on the directory: a backup into it waits its turn (it is refused meanwhile)."""
-    src, _ = _backup_dir(src)
-    with _locked(src, shared=True):
-        return _restore(store, *_backup_dir(src), keys, as_key, force, progress)
-
-
-def _restore(store: Store, src: str, manifest: dict[str, Any], keys: Iterable[object] | None,
-             as_key: object | None, force: bool, progress: Callable[[str], None] | None) -> list[str]:
-    entries: dict[str, Any] = manifest["tenants"]
-    wanted = list(entries) if keys is None else [canonical(k) for k in keys]
-    if as_key is not None and len(wanted) != 1:
-        raise ConfigurationError("as_key (--as) restores exactly one tenant (--key)")
-    for key in wanted:
-        if key not in entries:
-            raise UnknownTenant(f"the backup holds no tenant {key!r}")
-        entry = entries[key]
-        if file_checksum(os.path.join(src, entry["file"])) != entry["checksum"]:
-            raise ShardliteError(f"checksum mismatch for {key!r} in {src}: the backup is damaged")
-    if not force:
-        for key in wanted:
-            target = canonical(as_key) if as_key is not None else key
-            record = store.catalog.lookup(target)
-            if record is not None and record.state in ("active", "moving"):
-                raise ConfigurationError(f"tenant {target!r} exists; pass force=True (--force) to replace it")
-    restored = []
-    for key in wanted:
-        target = canonical(as_key) if as_key is not None else key
-        store.spec.steps_for(prefix_of(target))
-        _bring_in(store, os.path.join(src, entries[key]["file"]), target, purpose="restore",
-                  keep_outbox=as_key is None, force=force)
-        restored.append(target)
-        if progress is not None:
-            progress(target)
-    return restored
-
-
-def restore_globals(store: Store, src: str) -> None:
-    """Copy the backup's accounts, sessions and app global tables into an empty root's global DB."""
-    src, _ = _backup_dir(src)
-    with _locked(src, shared=True):
-        _restore_globals(store, *_backup_dir(src))
-
-
-def _restore_globals(store: Store, src: str, manifest: dict[str, Any]) -> None:
-    """Accounts, credentials and sessions from the backup's copy of global.db; the app's global tables
-    from its copy of app_global.db (backups made before the app's tables had a file of their own hold
-    them in the global copy)."""
-    copies = {}
-    for name in ("global", "app_global"):
-        if name in manifest:
-            path = os.path.join(src, manifest[name]["file"])
-            if file_checksum(path) != manifest[name]["checksum"]:
-                raise ShardliteError(f"checksum mismatch for the backup's {name}.db")
-            copies[name] = path
-    if any(True for _ in store.catalog.iter_tenants()):
-        raise ConfigurationError("restoring the global DB needs an empty data root")
-    own = ("_shardlite_accounts", "_shardlite_credentials", "_shardlite_sessions")
-    _copy_tables(copies["global"], store.globaldb, lambda t: t in own)
-    app_copy = copies.get("app_global", copies["global"])
-    _copy_tables(app_copy, store.appdb, lambda t: not t.startswith("_shardlite"))
-    source = open_trusted(app_copy)
-    try:
-        version: list[Any] = (source.execute("PRAGMA user_version") if "app_global" in copies else source.execute(
-            "SELECT value FROM _shardlite_catalog_meta WHERE name = 'app_global_version'")).fetchall()
-    finally:
-        source.close()
-    if version:  # the app's global schema came along: so did its version
-        with store.appdb.write() as conn:
-            conn.execute(f"PRAGMA user_version = {int(version[0][0])}")
-
-
-def _copy_tables(path: str, db: Any, wanted: Callable[[str], bool]) -> None:
-    """Copy the tables of the SQLite file at ``path`` for which ``wanted(name)`` holds into ``db`` (a
-    GlobalDB), creating those it lacks; rows replace rows with the same key."""
-    source = open_trusted(path)
-    try:
-        tables = [str(r[0]) for r in source.execute(
-            "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%'").fetchall()]
-        with db.write() as conn:
-            for table in tables:
-                if not wanted(table):
-                    continue
-                sql = str(source.execute("SELECT sql FROM sqlite_schema WHERE name = ?", (table,)).fetchall()[0][0])
-                exists = conn.execute("SELECT 1 FROM sqlite_schema WHERE name = ?", (table,)).fetchall()
-                if not exists:
-                    conn.execute(sql)
-                rows = source.execute(f"SELECT * FROM {_quote(table)}").fetchall()
-                if rows:
-                    marks = ", ".join("?" for _ in rows[0])
-                    conn.executemany(f"INSERT OR REPLACE INTO {_quote(table)} VALUES ({marks})", rows)
-    finally:
-        source.close()
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def export_tenant(store: Store, key: object, path: str) -> dict[str, Any]:
     """Write ``key``'s tenant to ``path`` as a standalone SQLite file (mode 0600)."""
     canon = canonical(key)
@@ -607,11 +439,3 @@ def export_tenant(store: Store, key: object, path: str) -> dict[str, Any]:
         raise ConfigurationError(f"{path} exists; refusing to overwrite it")
     checksum = _copy_standalone(store.path_of(record), path)
     return {"key": canon, "file": path, "size": os.path.getsize(path), "checksum": checksum}
-
-
-def import_tenant(store: Store, path: str, key: object, *, force: bool = False) -> TenantRecord:
-    """Create tenant ``key`` from an exported file (new generation and incarnation). Its pending outbox
-    events are kept when the file was exported from the same key, dropped otherwise."""
-    canon = canonical(key)
-    store.spec.steps_for(prefix_of(canon))
-    return _bring_in(store, os.path.abspath(path), canon, purpose="import", keep_outbox=True, force=force)

@@ -2,8 +2,9 @@
 
 Copies never use ``cp`` or ``open()`` on a live file: they go through SQLite's online backup API from a
 *trusted* connection that user SQL never reaches (tenant connections refuse ATTACH, which would also refuse
-``VACUUM INTO``). The destination is created 0600 before SQLite opens it and fsynced (file and directory)
-before anything routes to it.
+``VACUUM INTO``). Trusted connections fire no trigger and expand no view (:func:`inert`): a file's schema
+cannot add effects to a copy, a check or the fence. The destination is created 0600 before SQLite opens
+it and fsynced (file and directory) before anything routes to it.
 
 Verification comes in two strengths:
 
@@ -28,7 +29,7 @@ import xxhash
 
 from .engine import create_private_file, fsync_dir, fsync_path, set_busy_timeout
 
-__all__ = ["open_trusted", "open_source", "backup_into", "row_counts", "page_digest", "integrity_ok",
+__all__ = ["open_trusted", "open_source", "inert", "backup_into", "row_counts", "page_digest", "integrity_ok",
            "fsync_file_and_dir", "remove_db_files"]
 
 # Header bytes a backup rewrites on the destination: file change counter (24..27), schema cookie (40..43:
@@ -37,12 +38,32 @@ _VOLATILE_HEADER = ((24, 28), (40, 44), (92, 96))
 
 
 def open_trusted(path: str, *, create: bool = False, busy_timeout_ms: int = 5000) -> apsw.Connection:
-    """A connection for copying and verifying: no authorizer (never handed to user code)."""
+    """A connection for copying and verifying: no authorizer (never handed to user code), and no schema
+    object of the file's runs on it (:func:`inert`)."""
     if create:
         create_private_file(path)
     flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOFOLLOW
     conn = apsw.Connection(path, flags=flags)
-    set_busy_timeout(conn, busy_timeout_ms)
+    try:
+        inert(conn)
+        set_busy_timeout(conn, busy_timeout_ms)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def inert(conn: apsw.Connection) -> apsw.Connection:
+    """Make ``conn`` run nothing the file's schema defines: triggers never fire and views never expand
+    (a statement on a view fails), functions in the schema must be innocuous (trusted_schema off), and
+    the SQL that corrupts files on purpose is refused (defensive). shardlite's own statements on a file
+    (copies, checks, the fence, the rebuild of its tables) then do exactly what they say, whatever a
+    file's schema holds. Returns ``conn``."""
+    conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 0)
+    conn.config(apsw.SQLITE_DBCONFIG_ENABLE_VIEW, 0)
+    conn.config(apsw.SQLITE_DBCONFIG_TRUSTED_SCHEMA, 0)
+    conn.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 1)
+    conn.config(apsw.SQLITE_DBCONFIG_ENABLE_LOAD_EXTENSION, 0)
     return conn
 
 

@@ -7,7 +7,8 @@ Rules enforced here:
 * Every connection runs in WAL mode with a documented ``synchronous`` setting (brief rule 13): ``NORMAL``
   survives a process crash, ``FULL`` survives power loss. Busy timeout on, foreign keys on, trusted_schema
   off, defensive mode on, extension loading off.
-* Directories shardlite creates are 0700 and every database-family file 0600 (rule 6). SQLite gives the
+* Directories shardlite creates are 0700 and every database-family file 0600 (rule 6); directories that
+  already exist keep their mode (a warning says when one is open to others). SQLite gives the
   ``-wal`` and ``-shm`` files the database file's mode, so creating the main file 0600 ourselves is enough.
 * A forked child never uses (nor closes) a connection it inherited: :func:`abandon_after_fork` hooks keep
   those objects alive forever in the child, because closing them would run SQLite's unlock and WAL cleanup
@@ -23,6 +24,7 @@ import stat
 import sys
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ from typing import Any, Final
 
 import apsw
 
-from .errors import ConfigurationError, UnsupportedSQLite
+from .errors import ConfigurationError, DirectoryModeWarning, UnsupportedSQLite
 
 __all__ = [
     "Settings",
@@ -39,6 +41,8 @@ __all__ = [
     "check_sqlite_version",
     "open_connection",
     "ensure_private_dir",
+    "DirectoryModeWarning",
+    "warn_if_open",
     "create_private_file",
     "fsync_path",
     "fsync_dir",
@@ -111,9 +115,30 @@ class Settings:
         return self.synchronous != "NORMAL"
 
 
-def ensure_private_dir(path: str) -> None:
-    """Make sure ``path`` is a directory of mode 0700, creating it (and missing parents, each 0700 whatever
-    the umask) when needed. Directories that already exist above ``path`` are left as they are."""
+#: Mode bits that make a directory open to others: group or other write, other read or search.
+_OPEN_TO_OTHERS: Final = stat.S_IWGRP | stat.S_IWOTH | stat.S_IROTH | stat.S_IXOTH
+
+
+def warn_if_open(path: str, *, stacklevel: int = 2) -> bool:
+    """Warn (:class:`DirectoryModeWarning`) when the existing directory ``path`` is open to others (group
+    or other write, other read or search); True when it warned. The mode is never changed."""
+    current = stat.S_IMODE(os.stat(path).st_mode)
+    if not current & _OPEN_TO_OTHERS:
+        return False
+    warnings.warn(DirectoryModeWarning(
+        f"{path} has mode {current:04o}: other users can list or change what shardlite keeps there; shardlite "
+        f"leaves the mode of directories it did not create alone: tighten it yourself (chmod 0700 {path}) "
+        "or use a directory of your own"), stacklevel=stacklevel + 1)
+    return True
+
+
+def ensure_private_dir(path: str) -> list[str]:
+    """Make sure ``path`` is a directory, creating it and any missing parents with mode 0700 (whatever the
+    umask); return the directories created, outermost first.
+
+    A directory that already exists keeps its mode (a shared parent such as ``/tmp`` or a group-writable
+    setgid directory must not lose its bits): when ``path`` itself exists and is open to others,
+    :func:`warn_if_open` warns instead."""
     path = os.path.abspath(path)
     missing = []
     probe = path
@@ -123,14 +148,17 @@ def ensure_private_dir(path: str) -> None:
         if parent == probe:
             break
         probe = parent
+    created = []
     for directory in reversed(missing):
         try:
             os.mkdir(directory, 0o700)
         except FileExistsError:
-            pass
-        os.chmod(directory, 0o700)
-    if stat.S_IMODE(os.stat(path).st_mode) != 0o700:
-        os.chmod(path, 0o700)
+            continue  # made meanwhile by someone else: theirs, left as it is
+        os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+        created.append(directory)
+    if not missing:
+        warn_if_open(path, stacklevel=2)
+    return created
 
 
 def create_private_file(path: str) -> None:

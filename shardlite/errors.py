@@ -25,6 +25,9 @@ __all__ = [
     "StatementNotAllowed",
     "IdentityMismatch",
     "UnsupportedSQLite",
+    "ManifestInvalid",
+    "BackupFailed",
+    "DirectoryModeWarning",
 ]
 
 
@@ -88,3 +91,18 @@ class IdentityMismatch(ShardliteError):
 
 class UnsupportedSQLite(ShardliteError, ImportError):
     """The SQLite library APSW links is affected by a known corruption bug (or too old)."""
+
+
+class ManifestInvalid(ConfigurationError):
+    """A backup's ``manifest.json`` is not what a backup writes (damaged, edited or crafted): refused whole,
+    before anything is restored."""
+
+
+class BackupFailed(ShardliteError):
+    """A backup could not finish (a full destination, a tenant that could not be read): what it wrote was
+    removed and the destination's previous backup is whole."""
+
+
+class DirectoryModeWarning(UserWarning):
+    """An existing directory shardlite uses (a data root, a node path, a backup destination) is open to
+    other users. shardlite never changes the mode of a directory it did not create."""

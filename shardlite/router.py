@@ -298,9 +298,13 @@ class Router(HandlerRegistry):
         """Write ``key``'s tenant to a standalone SQLite file."""
         return backup_mod.export_tenant(self._store, key, os.fspath(path))
 
-    def import_(self, path: str | os.PathLike[str], key: object, *, force: bool = False) -> Location:
-        """Create tenant ``key`` from an exported file (new generation and incarnation)."""
-        backup_mod.import_tenant(self._store, os.fspath(path), key, force=force)
+    def import_(self, path: str | os.PathLike[str], key: object, *, force: bool = False,
+                keep_events: bool = False) -> Location:
+        """Create tenant ``key`` from an exported file (new generation and incarnation). The file is untrusted:
+        checked whole and shardlite's tables rebuilt before anything is registered. Its pending outbox events
+        are dropped unless ``keep_events`` and the file holds ``key``'s own tenant (then they are validated
+        and kept)."""
+        backup_mod.import_tenant(self._store, os.fspath(path), key, force=force, keep_events=keep_events)
         return self.locate(key)
 
     def stats(self) -> dict[str, Any]:

@@ -837,10 +837,12 @@ def test_an_interrupted_backup_leaves_the_previous_one_whole(make: Callable[...,
         raise OSError("simulated crash before the copies were durable")
 
     monkeypatch.setattr(backup_mod, "_make_durable", crash)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(backup_mod.BackupFailed, match="simulated") as failed:
         router.backup(dest)
     monkeypatch.undo()
+    assert isinstance(failed.value.__cause__, OSError)
     assert _whole(dest)["tenants"] == first["tenants"]  # every file the old manifest names is intact
+    assert files_in(dest) == backup_files(first)  # and what the failed run wrote is gone
     fresh = make("fresh")
     fresh.restore(dest)
     assert [ledger(fresh, k) for k in keys] == [[i] for i in range(len(keys))]

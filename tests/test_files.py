@@ -1,4 +1,7 @@
-"""Private files (rule 6) and the identity check (rule 3). Files are inspected with APSW only."""
+"""Private files (rule 6) and the identity check (rule 3). Files are inspected with APSW only.
+
+Directories shardlite creates are 0700; directories that already exist (a root, a node path) keep their
+mode, with a :class:`~shardlite.engine.DirectoryModeWarning` when they are open to others."""
 
 from __future__ import annotations
 
@@ -6,13 +9,15 @@ import os
 import re
 import shutil
 import stat
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import apsw
 import pytest
 
-from shardlite import IdentityMismatch, Router, ShardliteError
+from shardlite import DirectoryModeWarning, IdentityMismatch, Router, ShardliteError
+from shardlite.engine import ensure_private_dir
 
 SCHEMA = ["CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"]
 
@@ -88,14 +93,60 @@ def test_recreated_tenant_file_is_private(make_router: Any) -> None:
         os.umask(old)
 
 
-def test_existing_root_with_loose_mode_is_tightened(make_router: Any, root: str) -> None:
-    os.makedirs(root, mode=0o755)
-    os.chmod(root, 0o755)
-    router = make_router()
+@pytest.mark.parametrize("existing", [0o1777, 0o2775, 0o755], ids=oct)
+def test_an_existing_root_keeps_its_mode_with_a_warning_when_open(make_router: Any, root: str, tmp_path: Any,
+                                                                  existing: int) -> None:
+    """Directories shardlite did not create keep every mode bit (sticky, setgid, group write): it warns
+    when one is open to others and never chmods it; what it creates inside is 0700."""
+    os.makedirs(root)
+    os.chmod(root, existing)
+    with pytest.warns(DirectoryModeWarning, match=re.escape(root)):
+        router = make_router()
     with router.transaction("user:1"):
         pass
-    assert mode(root) == 0o700
+    assert mode(root) == existing
     assert mode(os.path.join(root, "n1")) == 0o700
+    node = str(tmp_path / "node2")
+    os.makedirs(node)
+    os.chmod(node, existing)
+    with pytest.warns(DirectoryModeWarning, match=re.escape(node)):
+        router.nodes.add("n2", path=node)
+    assert mode(node) == existing
+    router.close()
+    with pytest.warns(DirectoryModeWarning):
+        make_router().close()  # every open warns again; the mode is still left alone
+    assert mode(root) == existing and mode(node) == existing
+
+
+@pytest.mark.parametrize("existing", [0o700, 0o750, 0o710], ids=oct)
+def test_an_existing_private_root_gives_no_warning(make_router: Any, root: str, existing: int) -> None:
+    os.makedirs(root)
+    os.chmod(root, existing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DirectoryModeWarning)
+        router = make_router()
+        with router.transaction("user:1"):
+            pass
+    assert mode(root) == existing
+
+
+def test_missing_parents_are_created_0700_and_existing_ones_left_alone(tmp_path: Any) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o2775)
+    old = os.umask(0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DirectoryModeWarning)  # the parent is not the target: no warning
+            created = ensure_private_dir(os.fspath(shared / "a" / "b"))
+    finally:
+        os.umask(old)
+    assert created == [os.fspath(shared / "a"), os.fspath(shared / "a" / "b")]
+    assert (mode(os.fspath(shared / "a")), mode(os.fspath(shared / "a" / "b"))) == (0o700, 0o700)
+    assert mode(os.fspath(shared)) == 0o2775
+    with pytest.warns(DirectoryModeWarning):
+        assert ensure_private_dir(os.fspath(shared)) == []
+    assert mode(os.fspath(shared)) == 0o2775
 
 
 # -- identity ---------------------------------------------------------------------------------------------------

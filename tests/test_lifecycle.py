@@ -306,9 +306,11 @@ def test_import_keeps_outbox_events_only_for_the_same_key(make: Callable[..., Ro
     router.relay.drain(timeout=DEADLINE)
     assert len(counter.seen) == 3
 
-    router.import_(exported, "src:copy")  # another key: the original's events are not carried
+    router.import_(exported, "src:copy", keep_events=True)  # another key: the original's events are not carried
     assert outbox_count(router, "src:copy") == 0
-    router.import_(exported, "src:1", force=True)  # the same key: carried, with their identity
+    router.import_(exported, "src:1", force=True)  # by default an imported file brings no pending event
+    assert outbox_count(router, "src:1") == 0
+    router.import_(exported, "src:1", force=True, keep_events=True)  # the same key, asked: carried, same identity
     assert outbox_count(router, "src:1") == 3
     router.relay.drain(timeout=DEADLINE)
     assert len(counter.seen) == 3  # the destination had applied them already

@@ -38,6 +38,9 @@ EXPECTED_ALL = [
     "StatementNotAllowed",
     "IdentityMismatch",
     "UnsupportedSQLite",
+    "ManifestInvalid",
+    "BackupFailed",
+    "DirectoryModeWarning",
     "__version__",
 ]
 
@@ -72,13 +75,15 @@ def test_error_tree() -> None:
     base = shardlite.ShardliteError
     assert issubclass(base, Exception)
     for name in BRIEF_ERRORS + ["StatementNotAllowed", "IdentityMismatch", "UnsupportedSQLite", "TransactionClosed",
-                                "InvalidPassword", "UnknownAccount"]:
+                                "InvalidPassword", "UnknownAccount", "ManifestInvalid", "BackupFailed"]:
         cls = getattr(shardlite, name)
         assert inspect.isclass(cls) and issubclass(cls, base), name
     # a refusal is also what APSW code already catches for "not authorized"
     assert issubclass(shardlite.StatementNotAllowed, apsw.AuthError)
     assert issubclass(shardlite.UnknownTenant, LookupError)
     assert issubclass(shardlite.InvalidKey, ValueError)
+    assert issubclass(shardlite.ManifestInvalid, shardlite.ConfigurationError)
+    assert issubclass(shardlite.DirectoryModeWarning, UserWarning)
 
 
 def test_location_fields() -> None:

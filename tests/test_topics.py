@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from helpers_routers import internal_rows
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -102,4 +103,4 @@ def test_handler_registration_and_emit_refuse_lookalike_topics(make_router: Call
     router.handler("message")(lambda tx, event: seen.append(event.topic))
     with router.transaction("user:alice") as tx:
         tx.emit("user:bob", "message", {"n": 1})
-    assert router.query("user:alice", "SELECT topic FROM _shardlite_outbox") == [("message",)]
+    assert internal_rows(router, "user:alice", "SELECT topic FROM _shardlite_outbox") == [("message",)]

@@ -84,7 +84,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     with open_router(args) as router:
-        location = router.import_(args.file, args.key, force=args.force)
+        backup_mod.import_tenant(router._store, args.file, args.key, force=args.force, keep_events=args.keep_events)
+        location = router.locate(args.key)
     if args.json:
         emit_json({"imported": args.key, "node": location.node, "path": location.path})
     else:
@@ -131,4 +132,7 @@ def register_tenant_actions(tenants: argparse.ArgumentParser, common: argparse.A
     a.add_argument("file")
     a.add_argument("key")
     a.add_argument("--force", action="store_true", help="replace a live tenant")
+    a.add_argument("--keep-events", action="store_true",
+                   help="keep the file's pending outbox events (checked; only when it holds KEY's own tenant); "
+                        "they are dropped by default")
     a.set_defaults(func=cmd_import)
