@@ -54,7 +54,7 @@ from .batch import (
 )
 from .catalog import Location
 from .engine import Settings
-from .errors import Busy, ShardliteError, TenantMoving
+from .errors import Busy, ShardliteError, StatementNotAllowed, TenantMoving
 from .globals import GlobalTables
 from .keys import canonical
 from .outbox import DEFAULT_MAX_PAYLOAD, RetryPolicy
@@ -158,6 +158,7 @@ class _AsyncScope(AsyncTransaction):
             return
         batch = self._batch
         cur = self._handle.cur
+        refused: StatementNotAllowed | None = None
         try:
             if self._conn.get_autocommit():
                 # SQLite rolled the whole batch back (an OR ROLLBACK conflict, RAISE(ROLLBACK), an I/O error):
@@ -168,7 +169,12 @@ class _AsyncScope(AsyncTransaction):
                                             "(an OR ROLLBACK conflict, RAISE(ROLLBACK) or an I/O error); "
                                             "nothing of it was committed")
                 return
-            if exc_type is not None:
+            if exc_type is None and self._guard.ddl:  # type: ignore[union-attr]  # set for tenant scopes
+                try:
+                    self._router._store.check_schema(self._handle)
+                except StatementNotAllowed as exc:
+                    refused = exc
+            if exc_type is not None or refused is not None:
                 cur.execute(MEMBER_ROLLBACK)
             cur.execute(MEMBER_RELEASE)
         except apsw.Error:
@@ -184,6 +190,8 @@ class _AsyncScope(AsyncTransaction):
             batch.busy = False
             if batch.waiters or not batch.commit_scheduled:
                 self._router._next(batch)  # otherwise the scheduled commit finds the batch free: nothing to do
+        if refused is not None:
+            raise refused
         if exc_type is not None:
             return
         outcome = self._round

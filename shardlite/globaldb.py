@@ -30,7 +30,7 @@ import apsw
 
 from .authorizer import INTERNAL_SQL, Guard
 from .engine import Settings, create_private_file, ensure_private_dir, on_fork_in_child, open_connection
-from .errors import Busy, ConfigurationError, ShardliteError
+from .errors import Busy, ConfigurationError, ShardliteError, StatementNotAllowed
 from .schema import Step, run_step
 
 __all__ = ["GlobalDB", "GLOBAL_DB_NAME", "APP_DB_NAME"]
@@ -95,6 +95,9 @@ class _Write:
                 conn.execute(f"{INTERNAL_SQL}RELEASE {self.savepoint}")
             elif et is None:
                 try:
+                    if db.guard.ddl:
+                        db.guard.ddl = False
+                        _refuse_foreign_objects(conn)
                     conn.execute(_COMMIT)
                 except BaseException as exc:
                     if not conn.get_autocommit():
@@ -108,6 +111,18 @@ class _Write:
             db._depth -= 1
             db.guard.trusted = self.was_trusted
             db._lock.release()
+
+
+def _refuse_foreign_objects(conn: apsw.Connection) -> None:
+    """User SQL changed the app DB's schema: no object of it may name a shardlite table (those live in
+    global.db; a reference would only ever fail, or reach a table of that name created later)."""
+    from .sanitize import foreign_references  # sanitize needs the catalog's steps, which import this module
+
+    found = foreign_references(conn, "main", internal=frozenset()) + foreign_references(conn, "temp",
+                                                                                         internal=frozenset())
+    if found:
+        raise StatementNotAllowed(f"the app's global tables may not reference shardlite's own tables "
+                                  f"({'; '.join(found)}); nothing of this transaction was committed")
 
 
 class GlobalDB:

@@ -13,14 +13,14 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import apsw
+
 from .catalog import TenantRecord
-from .copying import remove_db_files
+from .copying import open_source, remove_db_files
 from .engine import fsync_dir
-from .errors import TenantMoving, UnknownTenant
+from .errors import Busy, IdentityMismatch, TenantMoving, UnknownTenant
 from .keys import canonical
-from .pool import Handle
 from .store import Store
-from .tenant import open_tenant
 
 __all__ = ["drop", "fence_file", "migrate_all"]
 
@@ -50,16 +50,31 @@ def drop(store: Store, key: object) -> None:
 
 
 def fence_file(store: Store, record: TenantRecord, path: str, marker: str) -> None:
-    """Write the retired marker into ``path`` inside its own write lock (idempotent)."""
+    """Write the retired marker into ``path`` inside its own write lock (idempotent).
+
+    The connection is shardlite's own and inert (:func:`~shardlite.copying.inert`; foreign keys off): no
+    trigger, view or foreign key a file's schema holds can block the fence (a tenant that made itself
+    undroppable stayed in ``dropping`` for ever)."""
     if not os.path.exists(path):
         return
-    conn, guard, _ = open_tenant(path, key=record.key, incarnation=record.incarnation,
-                                 settings=store.settings, steps=(), read_only=False)
-    handle = Handle(record.key, "x", conn, guard, path, record.generation, record.incarnation)
+    conn = open_source(path, busy_timeout_ms=store.settings.busy_timeout_ms)
     try:
-        if store.begin(handle):
-            store.internal(handle, "UPDATE _shardlite_meta SET retired = ? WHERE id = 1", (marker,))
-            store.commit(handle)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except apsw.BusyError as exc:
+            raise Busy(f"tenant {record.key!r}: {path} stayed locked past the busy timeout ({exc}); "
+                       "nothing was changed: retry") from exc
+        try:
+            stored = conn.execute("SELECT key, incarnation FROM _shardlite_meta WHERE id = 1").fetchall()
+            if stored != [(record.key, record.incarnation)]:
+                raise IdentityMismatch(f"{path} does not hold incarnation {record.incarnation} of {record.key!r}: "
+                                       "refusing to fence it")
+            conn.execute("UPDATE _shardlite_meta SET retired = ? WHERE id = 1", (marker,))
+            conn.execute("COMMIT")
+        except BaseException:
+            if not conn.get_autocommit():
+                conn.execute("ROLLBACK")
+            raise
     finally:
         conn.close()
 

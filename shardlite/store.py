@@ -44,6 +44,7 @@ from .outbox import DEFAULT_MAX_PAYLOAD
 from .placement import tenant_relpath
 from .pool import Handle, HandlePool
 from .ring import Ring
+from .sanitize import foreign_references, tenant_objects
 from .schema import SchemaSpec, Step
 from .tenant import Personaliser, build_template, open_tenant, write_new_file
 from .transaction import Emitter, TransactionClosed
@@ -396,9 +397,28 @@ class Store:
             handle.checked_dv = dv
         return True
 
+    def check_schema(self, handle: Handle) -> None:
+        """User SQL changed the schema inside the open transaction: refuse it (:class:`StatementNotAllowed`,
+        the caller rolls back) when any user object now references, shadows or constrains one of
+        shardlite's tables (a foreign key into ``_shardlite_relay`` would make shardlite's own writes fail with
+        "foreign key mismatch"; the authorizer is not told what a REFERENCES clause names)."""
+        handle.guard.ddl = False
+        conn = handle.conn
+        found = (foreign_references(conn, "main", internal=tenant_objects())
+                 + foreign_references(conn, "temp", internal=tenant_objects()))
+        if found:
+            raise StatementNotAllowed(f"tenant {handle.key!r}: user schema objects may not reference shardlite's own "
+                                      f"tables ({'; '.join(found)}); nothing of this transaction was committed")
+
     def commit(self, handle: Handle) -> None:
         conn = handle.conn
         guard = handle.guard
+        if guard.ddl:
+            try:
+                self.check_schema(handle)
+            except BaseException:
+                self.rollback(handle)
+                raise
         guard.trusted = True
         try:
             if handle.needs_flag:  # the pending-work flag before the commit that needs it

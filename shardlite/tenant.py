@@ -24,7 +24,8 @@ import apsw
 
 from .authorizer import INTERNAL_SQL, Guard
 from .engine import Settings, ensure_private_dir, fsync_dir, open_connection
-from .errors import IdentityMismatch
+from .errors import ConfigurationError, IdentityMismatch
+from .sanitize import foreign_references, tenant_objects
 from .schema import INTERNAL_STEPS, INTERNAL_VERSION, Step, read_versions, run_step, upgrade
 from .seedwal import SeedWal
 
@@ -34,7 +35,8 @@ _WAL_HEADER_OFFSETS = (18, 19)  # file format write/read version: 2 means WAL (w
 
 
 def build_template(steps: Sequence[Step]) -> bytes:
-    """Serialized bytes of a fresh tenant database with shardlite's tables and the app's ``steps``."""
+    """Serialized bytes of a fresh tenant database with shardlite's tables and the app's ``steps``.
+    :class:`ConfigurationError` when the steps create objects that reference shardlite's tables."""
     mem = apsw.Connection(":memory:")
     try:
         mem.execute("BEGIN")
@@ -44,6 +46,10 @@ def build_template(steps: Sequence[Step]) -> bytes:
         mem.execute("UPDATE _shardlite_meta SET internal_version = ?", (INTERNAL_VERSION,))
         for step in steps:
             run_step(mem, step)
+        found = foreign_references(mem, "main", internal=tenant_objects())
+        if found:
+            raise ConfigurationError(f"the schema's steps create objects that reference shardlite's own tables "
+                                     f"({'; '.join(found)}): the _shardlite_* tables are not part of the app's schema")
         mem.execute(f"PRAGMA user_version = {len(steps)}")
         mem.execute("COMMIT")
         return bytes(mem.serialize("main"))
