@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Any
+from pathlib import Path as FilePath
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -30,7 +30,17 @@ COOKIE = "shardlite_chat"
 MAX_BODY = 16 * 1024  # bytes; larger request bodies are refused before they reach the database
 SESSION_TTL = 7 * 24 * 3600
 IDLE_TTL = 24 * 3600
-STATIC = Path(__file__).with_name("static")
+STATIC = FilePath(__file__).with_name("static")
+MAX_ID = 2**63 - 1  # SQLite's largest integer: user and room ids are rowids
+MAX_CURSOR = 2**62  # the largest ``before`` cursor; the library's own "from the newest" value
+MAX_PAGE = 200  # the largest ``limit`` of a history or feed page
+
+# Query and path parameters, bounded so that no value can reach SQLite out of its integer range: anything
+# outside these bounds (or not an integer) is a 422 with a readable message, never a 500.
+UserId = Annotated[int, Path(ge=1, le=MAX_ID, description="a user id")]
+RoomId = Annotated[int, Path(ge=1, le=MAX_ID, description="a room id")]
+Before = Annotated[int | None, Query(ge=1, le=MAX_CURSOR, description="only entries with a smaller id")]
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="the page size")]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -183,12 +193,12 @@ def create_app(root: str | None = None, *, relay: bool | None = None) -> FastAPI
         return [u for u in await service.find_users(q) if u["id"] != user.id]
 
     @app.post("/api/dm/{user_id}", status_code=201)
-    async def send_dm(user_id: int, body: Text, user: User = Depends(current_user),
+    async def send_dm(user_id: UserId, body: Text, user: User = Depends(current_user),
                       service: Chat = Depends(chat)) -> dict[str, Any]:
         return await service.send_dm(user, user_id, body.text)
 
     @app.get("/api/dm/{user_id}")
-    async def dm_history(user_id: int, before: int | None = None, limit: int = 50,
+    async def dm_history(user_id: UserId, before: Before = None, limit: Limit = 50,
                          user: User = Depends(current_user), service: Chat = Depends(chat)) -> list[Any]:
         return await service.dm_history(user, user_id, before=before, limit=limit)
 
@@ -202,22 +212,22 @@ def create_app(root: str | None = None, *, relay: bool | None = None) -> FastAPI
         return await service.create_room(user, body.name)
 
     @app.post("/api/rooms/{room_id}/join")
-    async def join_room(room_id: int, user: User = Depends(current_user),
+    async def join_room(room_id: RoomId, user: User = Depends(current_user),
                         service: Chat = Depends(chat)) -> dict[str, Any]:
         return await service.join_room(user, room_id)
 
     @app.post("/api/rooms/{room_id}/messages", status_code=201)
-    async def post_room(room_id: int, body: Text, user: User = Depends(current_user),
+    async def post_room(room_id: RoomId, body: Text, user: User = Depends(current_user),
                         service: Chat = Depends(chat)) -> dict[str, Any]:
         return await service.post_room(user, room_id, body.text)
 
     @app.get("/api/rooms/{room_id}/messages")
-    async def room_history(room_id: int, before: int | None = None, limit: int = 50,
+    async def room_history(room_id: RoomId, before: Before = None, limit: Limit = 50,
                            user: User = Depends(current_user), service: Chat = Depends(chat)) -> list[Any]:
         return await service.room_history(user, room_id, before=before, limit=limit)
 
     @app.get("/api/feed")
-    async def feed(before: int | None = None, limit: int = 50, user: User = Depends(current_user),
+    async def feed(before: Before = None, limit: Limit = 50, user: User = Depends(current_user),
                    service: Chat = Depends(chat)) -> list[Any]:
         return await service.feed(user, before=before, limit=limit)
 

@@ -1,0 +1,113 @@
+"""The chat example's defences (examples/chat/app.py, examples/chat/security.py), through FastAPI's TestClient
+against the real app on a fresh data root, as in tests/test_chat_api.py.
+
+* history and feed parameters and path ids are bounded: out-of-range values are 422, never a 500;
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `examples` is a top-level directory, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from fastapi import FastAPI  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+from test_chat_api import member, readable  # noqa: E402
+
+from examples.chat.app import MAX_CURSOR, MAX_ID, MAX_PAGE, create_app  # noqa: E402
+
+DEADLINE = 15.0
+
+
+@pytest.fixture
+def app(tmp_path: pathlib.Path) -> FastAPI:
+    return create_app(str(tmp_path / "data"))
+
+
+@pytest.fixture
+def client(app: FastAPI) -> Iterator[TestClient]:
+    """A client that reports a server error as a 500 response instead of raising it."""
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+def poll(fetch: Any, done: Any, what: str) -> Any:
+    end = time.monotonic() + DEADLINE
+    while True:
+        value = fetch()
+        if done(value):
+            return value
+        if time.monotonic() > end:
+            pytest.fail(f"{what}: not reached within {DEADLINE}s; last value {value!r}")
+        time.sleep(0.02)
+
+
+# -- query and path parameters -------------------------------------------------------------------------------
+
+BAD_PAGES: list[tuple[dict[str, Any], str]] = [
+    ({"before": 2**63}, "before"),  # one past SQLite's integers: was an OverflowError, HTTP 500
+    ({"before": 2**64}, "before"),
+    ({"before": MAX_CURSOR + 1}, "before"),
+    ({"before": 0}, "before"),
+    ({"before": -1}, "before"),
+    ({"before": "abc"}, "before"),
+    ({"before": "1.5"}, "before"),
+    ({"limit": 0}, "limit"),
+    ({"limit": -5}, "limit"),
+    ({"limit": MAX_PAGE + 1}, "limit"),
+    ({"limit": 10**30}, "limit"),
+    ({"limit": "many"}, "limit"),
+]
+
+
+def test_history_and_feed_parameters_out_of_range_are_422(client: TestClient) -> None:
+    """Every paged route, with its tenant present (so a bad value would reach SQLite): 422 naming the
+    parameter, and the server keeps answering."""
+    me = member(client, "alice@example.com", "Alice")
+    assert client.post(f"/api/dm/{me}", json={"text": "note to self"}).status_code == 201
+    room = client.post("/api/rooms", json={"name": "general"}).json()["id"]
+    assert client.post(f"/api/rooms/{room}/messages", json={"text": "hello room"}).status_code == 201
+    poll(lambda: client.get("/api/feed").json(), lambda items: len(items) == 2, "alice's feed")
+    paths = [f"/api/dm/{me}", f"/api/rooms/{room}/messages", "/api/feed"]
+    for path in paths:
+        for params, name in BAD_PAGES:
+            r = client.get(path, params=params)
+            assert r.status_code == 422, (path, params, r.status_code, r.text)
+            readable(r, name)
+        # the edges of the ranges are accepted
+        for params in ({"before": MAX_CURSOR}, {"before": 1}, {"limit": 1}, {"limit": MAX_PAGE},
+                       {"before": MAX_CURSOR, "limit": MAX_PAGE}):
+            r = client.get(path, params=params)
+            assert r.status_code == 200, (path, params, r.text)
+        assert len(client.get(path, params={"before": MAX_CURSOR, "limit": 1}).json()) == 1
+        assert client.get(path, params={"before": 1}).json() == []
+
+
+BAD_IDS: list[object] = [0, -1, 2**63, 2**64, 10**30, "abc", "1.5", "1e3"]
+
+
+def test_path_ids_out_of_range_are_422(client: TestClient) -> None:
+    member(client, "alice@example.com", "Alice")
+    room = client.post("/api/rooms", json={"name": "general"}).json()["id"]
+    for bad in BAD_IDS:
+        for method, path, body, name in (("GET", f"/api/dm/{bad}", None, "user_id"),
+                                         ("POST", f"/api/dm/{bad}", {"text": "hi"}, "user_id"),
+                                         ("POST", f"/api/rooms/{bad}/join", None, "room_id"),
+                                         ("GET", f"/api/rooms/{bad}/messages", None, "room_id"),
+                                         ("POST", f"/api/rooms/{bad}/messages", {"text": "hi"}, "room_id")):
+            r = client.request(method, path, json=body)
+            assert r.status_code == 422, (method, path, r.status_code, r.text)
+            readable(r, name)
+    # the largest possible id is a well-formed id of nobody
+    for method, path in (("GET", f"/api/dm/{MAX_ID}"), ("POST", f"/api/rooms/{MAX_ID}/join"),
+                         ("GET", f"/api/rooms/{MAX_ID}/messages")):
+        assert client.request(method, path).status_code == 404, (method, path)
+    assert client.get(f"/api/rooms/{room}/messages").json() == []
