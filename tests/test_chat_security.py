@@ -2,6 +2,7 @@
 against the real app on a fresh data root, as in tests/test_chat_api.py.
 
 * history and feed parameters and path ids are bounded: out-of-range values are 422, never a 500;
+* every response, API or static, error or not, carries the Content-Security-Policy and framing headers;
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from test_chat_api import member, readable  # noqa: E402
 
-from examples.chat.app import MAX_CURSOR, MAX_ID, MAX_PAGE, create_app  # noqa: E402
+from examples.chat.app import MAX_BODY, MAX_CURSOR, MAX_ID, MAX_PAGE, create_app  # noqa: E402
+from examples.chat.security import CONTENT_SECURITY_POLICY  # noqa: E402
 
 DEADLINE = 15.0
 
@@ -111,3 +113,62 @@ def test_path_ids_out_of_range_are_422(client: TestClient) -> None:
                          ("GET", f"/api/rooms/{MAX_ID}/messages")):
         assert client.request(method, path).status_code == 404, (method, path)
     assert client.get(f"/api/rooms/{room}/messages").json() == []
+
+
+# -- security headers ------------------------------------------------------------------------------------------
+
+def assert_security_headers(r: Any) -> None:
+    where = (r.request.method, str(r.request.url), r.status_code)
+    assert r.headers.get("content-security-policy") == CONTENT_SECURITY_POLICY, where
+    assert r.headers.get("x-frame-options") == "DENY", where
+    assert r.headers.get("x-content-type-options") == "nosniff", where
+    assert r.headers.get("referrer-policy") == "same-origin", where
+    assert len(r.headers.get_list("content-security-policy")) == 1, where
+
+
+def test_content_security_policy_is_strict() -> None:
+    """Only this origin, no inline code or eval, never framed."""
+    directives = {d.split()[0]: d.split()[1:] for d in CONTENT_SECURITY_POLICY.split(";")}
+    assert directives["default-src"] == ["'self'"]
+    assert directives["frame-ancestors"] == ["'none'"]
+    assert directives["object-src"] == ["'none'"]
+    assert directives["base-uri"] == ["'none'"]
+    for name, sources in directives.items():
+        assert not {"'unsafe-inline'", "'unsafe-eval'", "*", "data:", "http:", "https:"} & set(sources), name
+
+
+def test_every_response_carries_the_security_headers(app: FastAPI, client: TestClient) -> None:
+    responses = [client.get("/"), client.get("/index.html"), client.get("/app.js"), client.get("/style.css"),
+                 client.get("/no-such-file"), client.get("/api/me"), client.get("/openapi.json"),
+                 client.post("/api/login", json={"email": "nobody@example.com", "password": "wrong password"}),
+                 client.post("/api/signup", json={"email": "bad"}),
+                 client.post("/api/signup", content=b"x" * (MAX_BODY + 1)),
+                 client.get("/api/feed", params={"before": 2**63})]
+    assert [r.status_code for r in responses] == [200, 200, 200, 200, 404, 401, 200, 401, 422, 413, 401]
+    member(client, "alice@example.com", "Alice")
+    responses += [client.get("/api/me"), client.get("/api/feed", params={"before": 2**63}),
+                  client.post("/api/rooms", json={"name": "general"}), client.post("/api/logout")]
+    assert [r.status_code for r in responses[-4:]] == [200, 422, 201, 200]
+    for r in responses:
+        assert_security_headers(r)
+
+
+def test_an_unhandled_error_carries_the_security_headers(app: FastAPI, client: TestClient) -> None:
+    """Even the 500 written by Starlette's outermost error middleware."""
+    from fastapi.routing import APIRoute
+
+    def broken() -> None:
+        raise RuntimeError("a bug in a handler")
+
+    app.router.routes.insert(0, APIRoute("/api/broken", broken))  # ahead of the static mount at /
+    r = client.get("/api/broken")
+    assert r.status_code == 500
+    assert_security_headers(r)
+
+
+def test_the_interactive_docs_are_off(client: TestClient) -> None:
+    """/docs and /redoc would need inline and third-party scripts: they are not served (the page's own 404)."""
+    for path in ("/docs", "/redoc"):
+        r = client.get(path)
+        assert r.status_code == 404, (path, r.text[:200])
+        assert "swagger" not in r.text.lower() and "redoc" not in r.text.lower()

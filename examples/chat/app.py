@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 from shardlite import AsyncRouter, AuthenticationFailed, EmailTaken, InvalidEmail, InvalidPassword, ShardliteError
 
 from .domain import GLOBAL_SCHEMA, MAX_TEXT, SCHEMA, Chat, Forbidden, Invalid, NotFound, User
+from .security import SecurityHeaders
 
 __all__ = ["create_app", "COOKIE", "MAX_BODY"]
 
@@ -90,6 +91,14 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": b'{"detail":"request body too large"}'})
 
 
+class ChatApp(FastAPI):
+    """FastAPI with :class:`~examples.chat.security.SecurityHeaders` around its whole middleware stack,
+    Starlette's error middleware included, so that every response carries the security headers, a 500 too."""
+
+    def build_middleware_stack(self) -> Any:
+        return SecurityHeaders(super().build_middleware_stack())
+
+
 class Signup(BaseModel):
     email: str = Field(max_length=320)
     password: str = Field(max_length=1024)
@@ -126,7 +135,9 @@ def create_app(root: str | None = None, *, relay: bool | None = None) -> FastAPI
         finally:
             await ar.aclose()
 
-    app = FastAPI(title="shardlite chat", lifespan=lifespan)
+    # No interactive /docs or /redoc: their pages run inline and third-party scripts, which the page's
+    # Content-Security-Policy refuses. The schema stays at /openapi.json.
+    app = ChatApp(title="shardlite chat", lifespan=lifespan, docs_url=None, redoc_url=None)
 
     def chat(request: Request) -> Chat:
         return request.app.state.chat  # type: ignore[no-any-return]
