@@ -3,6 +3,7 @@ against the real app on a fresh data root, as in tests/test_chat_api.py.
 
 * history and feed parameters and path ids are bounded: out-of-range values are 422, never a 500;
 * every response, API or static, error or not, carries the Content-Security-Policy and framing headers;
+* ``secure_cookies`` (``--secure-cookies``, ``CHAT_SECURE_COOKIES=1``) marks the session cookie Secure;
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ if str(REPO) not in sys.path:  # `examples` is a top-level directory, not an ins
 
 from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
-from test_chat_api import member, readable  # noqa: E402
+from test_chat_api import PASSWORD, member, readable, set_cookie_attrs, signup  # noqa: E402
 
 from examples.chat.app import MAX_BODY, MAX_CURSOR, MAX_ID, MAX_PAGE, create_app  # noqa: E402
 from examples.chat.security import CONTENT_SECURITY_POLICY  # noqa: E402
@@ -172,3 +173,66 @@ def test_the_interactive_docs_are_off(client: TestClient) -> None:
         r = client.get(path)
         assert r.status_code == 404, (path, r.text[:200])
         assert "swagger" not in r.text.lower() and "redoc" not in r.text.lower()
+
+
+# -- the session cookie ----------------------------------------------------------------------------------------
+
+def deletion_attrs(response: Any) -> dict[str, str]:
+    attrs = set_cookie_attrs(response)
+    assert attrs.get("max-age") == "0" or "expires" in attrs, attrs  # a deletion
+    return attrs
+
+
+def test_secure_cookies_mark_the_session_cookie_secure(tmp_path: pathlib.Path) -> None:
+    app = create_app(str(tmp_path / "data"), secure_cookies=True)
+    with TestClient(app, base_url="https://testserver") as c:  # cookies marked Secure travel over https only
+        uid = signup(c, "alice@example.com", "Alice")
+        r = c.post("/api/login", json={"email": "alice@example.com", "password": PASSWORD})
+        assert r.status_code == 200, r.text
+        attrs = set_cookie_attrs(r)
+        assert "secure" in attrs and "httponly" in attrs, attrs
+        assert attrs.get("samesite", "").lower() == "strict" and attrs.get("path") == "/"
+        assert c.get("/api/me").json()["id"] == uid
+        r = c.post("/api/logout")
+        assert r.status_code == 200
+        attrs = deletion_attrs(r)
+        assert "secure" in attrs and "httponly" in attrs and attrs.get("samesite", "").lower() == "strict"
+        assert c.get("/api/me").status_code == 401
+
+
+def test_cookies_are_not_secure_by_default(client: TestClient) -> None:
+    """Plain http:// (``make demo``): a Secure cookie would never come back, so it is off unless asked for."""
+    signup(client, "alice@example.com", "Alice")
+    r = client.post("/api/login", json={"email": "alice@example.com", "password": PASSWORD})
+    attrs = set_cookie_attrs(r)
+    assert "secure" not in attrs and "httponly" in attrs and attrs.get("samesite", "").lower() == "strict"
+    attrs = deletion_attrs(client.post("/api/logout"))
+    assert "secure" not in attrs and "httponly" in attrs
+
+
+def test_secure_cookies_from_the_environment(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for value, secure in (("1", True), ("0", False)):
+        monkeypatch.setenv("CHAT_SECURE_COOKIES", value)
+        with TestClient(create_app(str(tmp_path / f"data{value}")), base_url="https://testserver") as c:
+            signup(c, "alice@example.com", "Alice")
+            r = c.post("/api/login", json={"email": "alice@example.com", "password": PASSWORD})
+            assert ("secure" in set_cookie_attrs(r)) is secure, (value, r.headers)
+
+
+@pytest.mark.slow
+def test_secure_cookies_flag_of_the_server(tmp_path: pathlib.Path) -> None:
+    """``python -m examples.chat --secure-cookies``: its (uvicorn worker) app sets Secure cookies."""
+    import httpx
+    from test_chat_workers import Server
+
+    server = Server(tmp_path / "data", tmp_path / "server.log", workers=1, args=("--secure-cookies",))
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=30, headers={"Origin": server.url}) as c:
+            assert c.post("/api/signup", json={"email": "a@example.com", "password": PASSWORD,
+                                              "name": "A"}).status_code == 201
+            r = c.post("/api/login", json={"email": "a@example.com", "password": PASSWORD})
+            assert r.status_code == 200, r.text
+            assert "secure" in set_cookie_attrs(r), r.headers
+    finally:
+        server.stop()

@@ -50,16 +50,19 @@ def poll(fetch: Callable[[], Any], done: Callable[[Any], bool], what: str, deadl
 
 
 class Server:
-    def __init__(self, root: pathlib.Path, log: pathlib.Path, workers: int) -> None:
+    """``python -m examples.chat --root root --workers workers *args`` on a free port, its output in ``log``."""
+
+    def __init__(self, root: pathlib.Path, log: pathlib.Path, workers: int, args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("SHARDLITE_ROOT", None)
+        env.pop("CHAT_SECURE_COOKIES", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "examples.chat", "--root", str(root), "--port", str(self.port),
-             "--workers", str(workers)],
+             "--workers", str(workers), *args],
             cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True)
 

@@ -118,12 +118,20 @@ class RoomName(BaseModel):
     name: str = Field(max_length=200)
 
 
-def create_app(root: str | None = None, *, relay: bool | None = None) -> FastAPI:
+def create_app(root: str | None = None, *, relay: bool | None = None, secure_cookies: bool | None = None) -> FastAPI:
     """The app on ``root`` (default ``$SHARDLITE_ROOT`` or ``./data``), running the relay in-process unless
-    ``relay=False`` (default: ``$CHAT_RELAY`` is not ``0``; then ``examples.chat.relay`` delivers instead)."""
+    ``relay=False`` (default: ``$CHAT_RELAY`` is not ``0``; then ``examples.chat.relay`` delivers instead).
+
+    ``secure_cookies=True`` (default: ``$CHAT_SECURE_COOKIES`` is ``1``) marks the session cookie ``Secure``,
+    so browsers send it over HTTPS only: set it whenever the app is served through TLS (a proxy in front
+    included), and not on plain http://, where browsers would then never send the session back. The cookie
+    is always HttpOnly and SameSite=Strict."""
     data_root = root or os.environ.get("SHARDLITE_ROOT", "./data")
     if relay is None:
         relay = os.environ.get("CHAT_RELAY", "1") != "0"
+    if secure_cookies is None:
+        secure_cookies = os.environ.get("CHAT_SECURE_COOKIES", "0") == "1"
+    cookie_flags: dict[str, Any] = {"path": "/", "httponly": True, "samesite": "strict", "secure": secure_cookies}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -185,14 +193,14 @@ def create_app(root: str | None = None, *, relay: bool | None = None) -> FastAPI
         except AuthenticationFailed:
             raise HTTPException(401, "wrong e-mail address or password") from None
         token = await service.ar.sessions.create(uid, ttl=SESSION_TTL, idle_ttl=IDLE_TTL)
-        response.set_cookie(COOKIE, token, max_age=SESSION_TTL, httponly=True, samesite="strict", path="/")
+        response.set_cookie(COOKIE, token, max_age=SESSION_TTL, **cookie_flags)
         user = await service.user(uid)
         return {"id": user.id, "name": user.name}
 
     @app.post("/api/logout")
     async def logout(request: Request, response: Response, service: Chat = Depends(chat)) -> dict[str, Any]:
         await service.ar.sessions.revoke(request.cookies.get(COOKIE))
-        response.delete_cookie(COOKIE, path="/")
+        response.delete_cookie(COOKIE, **cookie_flags)  # the same attributes, or a browser may keep it
         return {"ok": True}
 
     @app.get("/api/me")
