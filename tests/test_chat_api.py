@@ -27,6 +27,7 @@ from examples.chat.app import COOKIE, MAX_BODY, create_app  # noqa: E402
 from examples.chat.domain import MAX_ROOM_NAME, MAX_TEXT  # noqa: E402
 
 PASSWORD = "correct horse battery"
+ORIGIN = "http://testserver"  # TestClient's own origin: state-changing requests must name it (as browsers do)
 DEADLINE = 15.0  # seconds a relay delivery may take before a test gives up (never reached when healthy)
 
 
@@ -39,7 +40,7 @@ def app(tmp_path: pathlib.Path) -> FastAPI:
 
 @pytest.fixture
 def client(app: FastAPI) -> Iterator[TestClient]:
-    with TestClient(app) as c:  # runs the lifespan: router open, relay running
+    with TestClient(app, headers={"Origin": ORIGIN}) as c:  # runs the lifespan: router open, relay running
         yield c
 
 
@@ -49,7 +50,7 @@ def new_client(app: FastAPI, client: TestClient) -> Iterator[Callable[[], TestCl
     made: list[TestClient] = []
 
     def make() -> TestClient:
-        c = TestClient(app)
+        c = TestClient(app, headers={"Origin": ORIGIN})
         c.portal = client.portal  # the lifespan's event loop, where the router and the relay live
         made.append(c)
         return c
@@ -617,7 +618,7 @@ def test_oversized_chunked_body_is_413(trio: tuple[Any, ...]) -> None:
 def test_huge_room_id_is_422(app: FastAPI, client: TestClient) -> None:
     """Room ids past SQLite's integer range are refused as input, never bound (nor a 500)."""
     member(client, "alice@example.com", "Alice")
-    quiet = TestClient(app, raise_server_exceptions=False, cookies=client.cookies)
+    quiet = TestClient(app, raise_server_exceptions=False, cookies=client.cookies, headers={"Origin": ORIGIN})
     quiet.portal = client.portal  # the running lifespan's loop
     try:
         for unknown in (1 << 63, 1 << 70):
@@ -638,8 +639,8 @@ def test_feeds_are_filled_by_a_standalone_relay_process(tmp_path: pathlib.Path) 
 
     root = str(tmp_path / "data")
     app = create_app(root, relay=False)
-    with TestClient(app) as alice:
-        bob = TestClient(app)
+    with TestClient(app, headers={"Origin": ORIGIN}) as alice:
+        bob = TestClient(app, headers={"Origin": ORIGIN})
         bob.portal = alice.portal
         try:
             member(alice, "alice@example.com", "Alice")

@@ -214,18 +214,22 @@ def test_panels_follow_the_session(browser: Any, base_url: str) -> None:
 
 
 def test_page_runs_under_its_content_security_policy_and_cannot_be_framed(browser: Any, base_url: str) -> None:
-    """The page is served with its strict policy and works under it (sign-up, log-in, rooms: no violation
-    reported); a page of another origin that frames it gets nothing (frame-ancestors 'none', X-Frame-Options)."""
+    """The page is served with its strict policy and works under it (sign-up, log-in, rooms, log-out: no
+    violation reported). Chromium names the page's origin in every POST it sends, body-less ones (room join,
+    log-out) included, which the app requires. A page of another origin that frames it gets nothing
+    (frame-ancestors 'none', X-Frame-Options)."""
     from playwright.sync_api import expect
 
     from examples.chat.security import CONTENT_SECURITY_POLICY
 
     ctx = browser.new_context()
     errors: list[str] = []
+    posts: list[Any] = []  # the POST requests the page sent
     try:
         page = ctx.new_page()
         page.set_default_timeout(TIMEOUT_MS)
         page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on("request", lambda request: posts.append(request) if request.method == "POST" else None)
         watch_csp(page, errors)
         response = page.goto(base_url + "/")
         assert response is not None and response.status == 200
@@ -236,7 +240,18 @@ def test_page_runs_under_its_content_security_policy_and_cannot_be_framed(browse
         page.locator("#new-room-form button[type=submit]").click()
         expect(page.locator("#conv-title")).to_contain_text("csp room")
         expect(page.locator("#rooms button[data-room-id]", has_text="csp room")).to_have_count(1)
+        expect(page.locator("#chat-error")).to_have_text("")  # the room's join POST went through
+        page.locator("#logout").click()
+        expect(page.locator("#signup-form")).to_be_visible()
+        page.reload()  # the session really ended on the server: the page comes back logged out
+        expect(page.locator("#signup-form")).to_be_visible()
+        expect(page.locator("#chat")).to_be_hidden()
         assert not errors, errors
+        paths = [request.url.removeprefix(base_url) for request in posts]
+        assert paths[:2] == ["/api/signup", "/api/login"] and paths[-1] == "/api/logout", paths
+        assert any(p.endswith("/join") for p in paths), paths
+        sent = [(request.url, request.all_headers().get("origin")) for request in posts]  # as sent on the wire
+        assert all(origin == base_url for _, origin in sent), sent
 
         # a document of another origin (about:blank, no policy of its own) frames the page
         other = ctx.new_page()
@@ -255,7 +270,8 @@ def test_people_search_lists_buttons(browser: Any, base_url: str) -> None:
     import httpx
     from playwright.sync_api import expect
 
-    r = httpx.post(base_url + "/api/signup", json={"email": "dave@example.com", "password": PASSWORD, "name": "Dave"})
+    r = httpx.post(base_url + "/api/signup", json={"email": "dave@example.com", "password": PASSWORD, "name": "Dave"},
+                   headers={"Origin": base_url})  # the app refuses state changes from elsewhere
     assert r.status_code == 201, r.text
     ctx = browser.new_context()
     errors: list[str] = []

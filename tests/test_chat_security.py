@@ -4,6 +4,8 @@ against the real app on a fresh data root, as in tests/test_chat_api.py.
 * history and feed parameters and path ids are bounded: out-of-range values are 422, never a 500;
 * every response, API or static, error or not, carries the Content-Security-Policy and framing headers;
 * ``secure_cookies`` (``--secure-cookies``, ``CHAT_SECURE_COOKIES=1``) marks the session cookie Secure;
+* every POST/PUT/PATCH/DELETE must name this site in Origin (or Referer), with or without a body, else 403
+  and nothing changes;
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ if str(REPO) not in sys.path:  # `examples` is a top-level directory, not an ins
 
 from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
-from test_chat_api import PASSWORD, member, readable, set_cookie_attrs, signup  # noqa: E402
+from test_chat_api import COOKIE, ORIGIN, PASSWORD, member, readable, set_cookie_attrs, signup  # noqa: E402
 
 from examples.chat.app import MAX_BODY, MAX_CURSOR, MAX_ID, MAX_PAGE, create_app  # noqa: E402
-from examples.chat.security import CONTENT_SECURITY_POLICY  # noqa: E402
+from examples.chat.security import CONTENT_SECURITY_POLICY, origin_of, parse_origins  # noqa: E402
 
 DEADLINE = 15.0
+HTTPS = "https://testserver"
 
 
 @pytest.fixture
@@ -38,7 +41,7 @@ def app(tmp_path: pathlib.Path) -> FastAPI:
 @pytest.fixture
 def client(app: FastAPI) -> Iterator[TestClient]:
     """A client that reports a server error as a 500 response instead of raising it."""
-    with TestClient(app, raise_server_exceptions=False) as c:
+    with TestClient(app, raise_server_exceptions=False, headers={"Origin": ORIGIN}) as c:
         yield c
 
 
@@ -185,7 +188,7 @@ def deletion_attrs(response: Any) -> dict[str, str]:
 
 def test_secure_cookies_mark_the_session_cookie_secure(tmp_path: pathlib.Path) -> None:
     app = create_app(str(tmp_path / "data"), secure_cookies=True)
-    with TestClient(app, base_url="https://testserver") as c:  # cookies marked Secure travel over https only
+    with TestClient(app, base_url=HTTPS, headers={"Origin": HTTPS}) as c:  # Secure cookies: over https only
         uid = signup(c, "alice@example.com", "Alice")
         r = c.post("/api/login", json={"email": "alice@example.com", "password": PASSWORD})
         assert r.status_code == 200, r.text
@@ -213,7 +216,7 @@ def test_cookies_are_not_secure_by_default(client: TestClient) -> None:
 def test_secure_cookies_from_the_environment(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for value, secure in (("1", True), ("0", False)):
         monkeypatch.setenv("CHAT_SECURE_COOKIES", value)
-        with TestClient(create_app(str(tmp_path / f"data{value}")), base_url="https://testserver") as c:
+        with TestClient(create_app(str(tmp_path / f"data{value}")), base_url=HTTPS, headers={"Origin": HTTPS}) as c:
             signup(c, "alice@example.com", "Alice")
             r = c.post("/api/login", json={"email": "alice@example.com", "password": PASSWORD})
             assert ("secure" in set_cookie_attrs(r)) is secure, (value, r.headers)
@@ -236,3 +239,126 @@ def test_secure_cookies_flag_of_the_server(tmp_path: pathlib.Path) -> None:
             assert "secure" in set_cookie_attrs(r), r.headers
     finally:
         server.stop()
+
+
+# -- cross-site request forgery: the Origin check ---------------------------------------------------------------
+
+FOREIGN: list[dict[str, str]] = [
+    {},  # neither Origin nor Referer
+    {"Origin": "http://evil.example"},
+    {"Origin": "null"},  # sandboxed frame, file: page
+    {"Origin": "https://testserver"},  # another scheme
+    {"Origin": "http://testserver:8080"},  # another port
+    {"Origin": "http://testserver.evil.example"},
+    {"Origin": "http://evil.example", "Referer": "http://testserver/"},  # Origin wins when present
+    {"Origin": "http://testserver/some/path"},  # not an origin
+    {"Origin": "testserver"},
+    {"Referer": "http://evil.example/page"},
+    {"Referer": "http://evil.example/?u=http://testserver/"},
+    {"Referer": "not a url"},
+]
+
+
+def send(c: TestClient, method: str, path: str, headers: dict[str, str], body: Any = None) -> Any:
+    """``method path`` with exactly ``headers`` as Origin/Referer (the client's default Origin removed)."""
+    request = c.build_request(method, path, json=body, headers=headers)
+    if "Origin" not in headers:
+        del request.headers["Origin"]
+    return c.send(request)
+
+
+def test_state_changes_from_another_site_are_refused(app: FastAPI, client: TestClient) -> None:
+    """Each POST route (body-less logout and room join included), and the other unsafe methods on any path:
+    403 with a readable reason unless the request names this site, and nothing happened."""
+    alice_id = member(client, "alice@example.com", "Alice")
+    token = client.cookies[COOKIE]
+    room = client.post("/api/rooms", json={"name": "general"}).json()["id"]
+    bob = TestClient(app, headers={"Origin": ORIGIN})
+    bob.portal = client.portal
+    try:
+        bob_id = member(bob, "bob@example.com", "Bob")
+        attempts: list[tuple[TestClient, str, str, Any]] = [
+            (client, "POST", "/api/logout", None),
+            (bob, "POST", f"/api/rooms/{room}/join", None),
+            (client, "POST", f"/api/dm/{bob_id}", {"text": "forged"}),
+            (client, "POST", f"/api/rooms/{room}/messages", {"text": "forged"}),
+            (client, "POST", "/api/rooms", {"name": "forged"}),
+            (client, "POST", "/api/signup", {"email": "eve@example.com", "password": PASSWORD, "name": "Eve"}),
+            (bob, "POST", "/api/login", {"email": "alice@example.com", "password": PASSWORD}),
+            (client, "PUT", "/api/rooms", {"name": "forged"}),
+            (client, "PATCH", f"/api/rooms/{room}", {"name": "forged"}),
+            (client, "DELETE", f"/api/rooms/{room}", None),
+            (client, "POST", "/index.html", None),
+        ]
+        for headers in FOREIGN:
+            for who, method, path, body in attempts:
+                r = send(who, method, path, headers, body)
+                assert r.status_code == 403, (headers, method, path, r.status_code, r.text)
+                readable(r, "cross-site")
+                assert not r.headers.get_list("set-cookie"), (headers, path)
+        # nothing changed: Alice is still logged in with the same session, Bob never joined, nothing was sent
+        assert client.cookies[COOKIE] == token and client.get("/api/me").json()["id"] == alice_id
+        assert bob.get(f"/api/rooms/{room}/messages").status_code == 403
+        assert client.get(f"/api/dm/{bob_id}").json() == []
+        assert client.get(f"/api/rooms/{room}/messages").json() == []
+        assert client.get("/api/rooms").json() == [{"id": room, "name": "general"}]
+        assert client.get("/api/users", params={"q": "eve"}).json() == []
+        # reads need no Origin
+        assert send(client, "GET", "/api/me", {}).status_code == 200
+        assert send(client, "GET", "/", {"Origin": "http://evil.example"}).status_code == 200
+    finally:
+        bob.close()
+
+
+def test_state_changes_from_this_site_pass(client: TestClient) -> None:
+    """This site's origin in any spelling a browser may use, or only a same-site Referer."""
+    alice_id = member(client, "alice@example.com", "Alice")
+    room = client.post("/api/rooms", json={"name": "general"}).json()["id"]
+    for n, headers in enumerate([{"Origin": "http://testserver"}, {"Origin": "HTTP://TestServer"},
+                                 {"Origin": "http://testserver:80"}, {"Referer": "http://testserver/"},
+                                 {"Referer": "http://testserver/index.html?x=1#y"}]):
+        r = send(client, "POST", f"/api/dm/{alice_id}", headers, {"text": f"note {n}"})
+        assert r.status_code == 201, (headers, r.text)
+        assert send(client, "POST", f"/api/rooms/{room}/join", headers).status_code == 200, headers
+    assert len(client.get(f"/api/dm/{alice_id}").json()) == 5
+    r = send(client, "POST", "/api/logout", {"Referer": "http://testserver/"})
+    assert r.status_code == 200 and client.get("/api/me").status_code == 401
+
+
+def test_a_cross_site_body_is_refused_before_it_is_read(client: TestClient) -> None:
+    """403, not 413: the Origin check runs before the body limit reads anything."""
+    r = send(client, "POST", "/api/signup", {"Origin": "http://evil.example"}, {"padding": "p" * (MAX_BODY * 2)})
+    assert r.status_code == 403, r.text
+
+
+def test_allowed_origins(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The allow-list adds origins (a proxy's public one) to the request's own; nothing else passes."""
+    monkeypatch.setenv("CHAT_ALLOWED_ORIGINS", "https://env.example")
+    for app, extra in ((create_app(str(tmp_path / "a"), allowed_origins=["https://chat.example.com:443/"]),
+                        "https://chat.example.com"),
+                       (create_app(str(tmp_path / "b")), "https://env.example")):
+        with TestClient(app, headers={"Origin": ORIGIN}) as c:
+            for n, origin in enumerate((extra, ORIGIN)):
+                email = f"user{n}@example.com"
+                r = send(c, "POST", "/api/signup", {"Origin": origin}, {"email": email, "password": PASSWORD,
+                                                                     "name": "U"})
+                assert r.status_code == 201, (origin, r.text)
+            for origin in ("https://chat.example.org", "http://chat.example.com", "https://env.example.com"):
+                r = send(c, "POST", "/api/signup", {"Origin": origin}, {"email": "x@example.com",
+                                                                     "password": PASSWORD, "name": "X"})
+                assert r.status_code == 403, (origin, r.text)
+    for bad in ("chat.example.com", "https://chat.example.com/app", "ftp://chat.example.com", "null", ""):
+        with pytest.raises(ValueError, match="not an origin"):
+            create_app(str(tmp_path / "c"), allowed_origins=[bad])
+
+
+def test_origin_of() -> None:
+    assert origin_of("http://Example.COM") == "http://example.com"
+    assert origin_of("https://example.com:443/x?y#z") == "https://example.com"
+    assert origin_of("http://example.com:8000") == "http://example.com:8000"
+    assert origin_of("http://[::1]:8000/") == "http://[::1]:8000"
+    assert origin_of("http://user@example.com/") == "http://example.com"
+    for bad in ("null", "", "example.com", "javascript:alert(1)", "file:///etc/passwd", "http://example.com:99999",
+                "http://"):
+        assert origin_of(bad) is None, bad
+    assert parse_origins(["https://A.example", "https://a.example:443"]) == frozenset({"https://a.example"})

@@ -120,7 +120,7 @@ def test_two_workers_share_the_files(server: Server) -> None:
         assert len(server.workers()) == 2, f"expected two uvicorn workers:\n{server.log()}"
 
     n = 4
-    clients = [httpx.Client(base_url=server.url, timeout=30) for _ in range(n)]
+    clients = [httpx.Client(base_url=server.url, timeout=30, headers={"Origin": server.url}) for _ in range(n)]
     try:
         ids: list[int] = []
         for i, c in enumerate(clients):
@@ -209,7 +209,7 @@ def test_server_stops_on_sigterm(tmp_path: pathlib.Path) -> None:
     srv = Server(tmp_path / "data", tmp_path / "server.log", workers=2)
     try:
         srv.wait_ready()
-        with httpx.Client(base_url=srv.url, timeout=30) as c:
+        with httpx.Client(base_url=srv.url, timeout=30, headers={"Origin": srv.url}) as c:
             assert c.post("/api/signup", json={"email": "a@example.com", "password": PASSWORD,
                                               "name": "A"}).status_code == 201
         check_stops(srv, sig)

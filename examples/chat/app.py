@@ -9,7 +9,7 @@ GET /api/rooms, /api/rooms/{id}/messages, /api/feed, /api/conversations.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path as FilePath
 from typing import Annotated, Any
@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from shardlite import AsyncRouter, AuthenticationFailed, EmailTaken, InvalidEmail, InvalidPassword, ShardliteError
 
 from .domain import GLOBAL_SCHEMA, MAX_TEXT, SCHEMA, Chat, Forbidden, Invalid, NotFound, User
-from .security import SecurityHeaders
+from .security import OriginCheck, SecurityHeaders, parse_origins
 
 __all__ = ["create_app", "COOKIE", "MAX_BODY"]
 
@@ -118,9 +118,16 @@ class RoomName(BaseModel):
     name: str = Field(max_length=200)
 
 
-def create_app(root: str | None = None, *, relay: bool | None = None, secure_cookies: bool | None = None) -> FastAPI:
+def create_app(root: str | None = None, *, relay: bool | None = None, secure_cookies: bool | None = None,
+               allowed_origins: Iterable[str] | None = None) -> FastAPI:
     """The app on ``root`` (default ``$SHARDLITE_ROOT`` or ``./data``), running the relay in-process unless
     ``relay=False`` (default: ``$CHAT_RELAY`` is not ``0``; then ``examples.chat.relay`` delivers instead).
+
+    Every POST, PUT, PATCH and DELETE must name this site in its Origin header (or, without one, its
+    Referer), else 403 (:class:`~examples.chat.security.OriginCheck`): the request's own scheme and Host, or
+    one of ``allowed_origins`` (default: ``$CHAT_ALLOWED_ORIGINS``, comma-separated), e.g. the public
+    ``https://`` origin when a proxy in front changes the scheme or the host. Browsers send Origin by
+    themselves; other HTTP clients must set it (``examples/chat/load.py`` does).
 
     ``secure_cookies=True`` (default: ``$CHAT_SECURE_COOKIES`` is ``1``) marks the session cookie ``Secure``,
     so browsers send it over HTTPS only: set it whenever the app is served through TLS (a proxy in front
@@ -131,6 +138,9 @@ def create_app(root: str | None = None, *, relay: bool | None = None, secure_coo
         relay = os.environ.get("CHAT_RELAY", "1") != "0"
     if secure_cookies is None:
         secure_cookies = os.environ.get("CHAT_SECURE_COOKIES", "0") == "1"
+    if allowed_origins is None:
+        allowed_origins = [o for o in os.environ.get("CHAT_ALLOWED_ORIGINS", "").split(",") if o.strip()]
+    origins = parse_origins(allowed_origins)  # a malformed entry fails here, not at the first request
     cookie_flags: dict[str, Any] = {"path": "/", "httponly": True, "samesite": "strict", "secure": secure_cookies}
 
     @asynccontextmanager
@@ -260,4 +270,6 @@ def create_app(root: str | None = None, *, relay: bool | None = None, secure_coo
 
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="static")
     app.add_middleware(BodyLimit, limit=MAX_BODY)  # type: ignore[arg-type]
+    # added last, so it runs first: a cross-site request is refused before its body is read
+    app.add_middleware(OriginCheck, allowed_origins=origins)  # type: ignore[arg-type]
     return app
