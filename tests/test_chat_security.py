@@ -6,14 +6,19 @@ against the real app on a fresh data root, as in tests/test_chat_api.py.
 * ``secure_cookies`` (``--secure-cookies``, ``CHAT_SECURE_COOKIES=1``) marks the session cookie Secure;
 * every POST/PUT/PATCH/DELETE must name this site in Origin (or Referer), with or without a body, else 403
   and nothing changes;
+* logins are throttled per client address and per account before any password is hashed (429 with
+  Retry-After), on an injected clock; only failures count;
+* at most ``password_checks`` password checks run at once, so other requests are served during a flood.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import pathlib
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -27,7 +32,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from test_chat_api import COOKIE, ORIGIN, PASSWORD, member, readable, set_cookie_attrs, signup  # noqa: E402
 
 from examples.chat.app import MAX_BODY, MAX_CURSOR, MAX_ID, MAX_PAGE, create_app  # noqa: E402
-from examples.chat.security import CONTENT_SECURITY_POLICY, origin_of, parse_origins  # noqa: E402
+from examples.chat.security import CONTENT_SECURITY_POLICY, LoginThrottle, origin_of, parse_origins  # noqa: E402
 
 DEADLINE = 15.0
 HTTPS = "https://testserver"
@@ -362,3 +367,235 @@ def test_origin_of() -> None:
                 "http://"):
         assert origin_of(bad) is None, bad
     assert parse_origins(["https://A.example", "https://a.example:443"]) == frozenset({"https://a.example"})
+
+
+# -- login throttling ------------------------------------------------------------------------------------------
+
+class Clock:
+    """The throttle's clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@contextlib.contextmanager
+def throttled_app(tmp_path: pathlib.Path, **options: Any) -> Iterator[tuple[FastAPI, Clock,
+                                                                             Callable[[str], TestClient]]]:
+    """(app, its throttle's clock, ``at(address)``: a client on the running app from that address)."""
+    clock = Clock()
+    app = create_app(str(tmp_path / "data"), throttle_clock=clock, **options)
+    made: list[TestClient] = []
+    with TestClient(app, headers={"Origin": ORIGIN}, client=("192.0.2.1", 50000)) as first:
+        def at(address: str) -> TestClient:
+            c = TestClient(app, headers={"Origin": ORIGIN}, client=(address, 50000))
+            c.portal = first.portal  # the lifespan's event loop
+            made.append(c)
+            return c
+
+        try:
+            yield app, clock, at
+        finally:
+            for c in made:
+                c.close()
+
+
+def attempt(c: TestClient, email: str, password: str = PASSWORD) -> Any:
+    return c.post("/api/login", json={"email": email, "password": password})
+
+
+def assert_throttled(r: Any, seconds: int) -> None:
+    assert r.status_code == 429, r.text
+    assert r.headers["retry-after"] == str(seconds), r.headers
+    assert r.json()["retry_after"] == seconds
+    readable(r, "too many login attempts", f"try again in {seconds} second")
+    assert not r.headers.get_list("set-cookie")
+
+
+def checks(app: FastAPI) -> int:
+    """Password checks started so far (sign-ups and logins)."""
+    return int(app.state.password_gate.started)
+
+
+def test_guesses_at_one_account_are_throttled_before_hashing(tmp_path: pathlib.Path) -> None:
+    """10 per minute per account, whichever addresses they come from; the 11th is a 429 that hashes nothing,
+    even with the right password; one more attempt per 6 s after that."""
+    with throttled_app(tmp_path) as (app, clock, at):
+        signup(at("192.0.2.1"), "alice@example.com", "Alice")
+        for i in range(10):
+            assert attempt(at(f"198.51.100.{i}"), "alice@example.com", "wrong password").status_code == 401
+        before = checks(app)
+        for address, email, password in (("198.51.100.50", "alice@example.com", "wrong password"),
+                                         ("198.51.100.51", "ALICE@example.com", PASSWORD),  # same account key
+                                         ("198.51.100.52", "\uff41lice@example.com", "wrong password")):
+            assert_throttled(attempt(at(address), email, password), 6)
+        assert checks(app) == before  # refused before any scrypt ran
+        clock.now += 5.9
+        assert_throttled(attempt(at("198.51.100.53"), "alice@example.com"), 1)
+        clock.now += 0.1
+        c = at("198.51.100.54")
+        assert attempt(c, "alice@example.com").status_code == 200  # the owner, as soon as an attempt is free
+        assert c.get("/api/me").json()["name"] == "Alice"
+        # other accounts were never limited
+        signup(at("192.0.2.1"), "bob@example.com", "Bob")
+        assert attempt(at("198.51.100.55"), "bob@example.com").status_code == 200
+
+
+def test_guesses_from_one_address_are_throttled_before_hashing(tmp_path: pathlib.Path) -> None:
+    """30 per minute per client address across accounts, invalid addresses included; others unaffected."""
+    with throttled_app(tmp_path) as (app, clock, at):
+        signup(at("192.0.2.1"), "alice@example.com", "Alice")
+        mallory = at("203.0.113.9")
+        for i in range(30):
+            email = f"user{i}@example.com" if i % 3 else f"not an address {i}"
+            assert attempt(mallory, email, "wrong password").status_code == 401
+        before = checks(app)
+        assert_throttled(attempt(mallory, "someone@example.com", "wrong password"), 2)
+        assert_throttled(attempt(mallory, "not an address", "wrong password"), 2)
+        assert_throttled(attempt(mallory, "alice@example.com"), 2)
+        assert checks(app) == before
+        assert attempt(at("203.0.113.10"), "alice@example.com").status_code == 200  # another address
+        clock.now += 2
+        assert attempt(mallory, "nobody@example.com", "wrong password").status_code == 401
+        assert_throttled(attempt(mallory, "nobody2@example.com", "wrong password"), 2)
+        clock.now += 60
+        for i in range(30):  # the whole burst is back after a window
+            assert attempt(mallory, f"late{i}@example.com", "wrong password").status_code == 401
+
+
+def test_successful_logins_are_not_locked_out_by_typos(tmp_path: pathlib.Path) -> None:
+    with throttled_app(tmp_path) as (_, _, at):
+        c = at("192.0.2.7")
+        signup(c, "alice@example.com", "Alice")
+        for _ in range(3):
+            assert attempt(c, "alice@example.com", "typo typo typo").status_code == 401
+        assert attempt(c, "alice@example.com").status_code == 200
+        # the success forgot the typos: nine more and the right password still passes
+        for _ in range(9):
+            assert attempt(c, "alice@example.com", "typo typo typo").status_code == 401
+        assert attempt(c, "alice@example.com").status_code == 200
+        # successes never count: many logins from one address (a household, a load test) all pass
+        for _ in range(31):
+            assert attempt(c, "alice@example.com").status_code == 200
+
+
+def test_a_success_does_not_forgive_an_address_its_failures(tmp_path: pathlib.Path) -> None:
+    """Logging into one's own account between guesses at others gains no guesses."""
+    with throttled_app(tmp_path) as (_, _, at):
+        mallory = at("203.0.113.9")
+        signup(mallory, "mallory@example.com", "Mallory")
+        for i in range(29):
+            assert attempt(mallory, f"victim{i}@example.com", "guess guess").status_code == 401
+            if i % 10 == 0:
+                assert attempt(mallory, "mallory@example.com").status_code == 200
+        assert attempt(mallory, "victim29@example.com", "guess guess").status_code == 401
+        assert_throttled(attempt(mallory, "victim30@example.com", "guess guess"), 2)
+        assert_throttled(attempt(mallory, "mallory@example.com"), 2)
+
+
+def test_login_limits_are_configurable(tmp_path: pathlib.Path) -> None:
+    with throttled_app(tmp_path, login_attempts_per_account=2, login_attempts_per_client=3,
+                       login_window=10.0) as (_, clock, at):
+        c = at("192.0.2.7")
+        for _ in range(2):
+            assert attempt(c, "alice@example.com", "wrong password").status_code == 401
+        assert_throttled(attempt(at("192.0.2.8"), "alice@example.com", "wrong password"), 5)
+        assert attempt(c, "bob@example.com", "wrong password").status_code == 401
+        assert_throttled(attempt(c, "carol@example.com", "wrong password"), 4)  # 10 s / 3, rounded up
+        clock.now += 10
+        assert attempt(c, "alice@example.com", "wrong password").status_code == 401
+    for bad in ({"login_attempts_per_client": 0}, {"login_attempts_per_account": 0}, {"login_window": 0},
+                {"password_checks": 0}):
+        with pytest.raises(ValueError):
+            create_app(str(tmp_path / "other"), **bad)
+
+
+def test_the_throttle_forgets_full_buckets_and_bounds_its_memory() -> None:
+    clock = Clock()
+    throttle = LoginThrottle(per_client=2, per_account=2, window=10.0, clock=clock, max_keys=100)
+    for i in range(1000):
+        throttle.begin(f"client{i}", f"account{i}")
+    assert throttle.tracked() == (100, 100)
+    clock.now += 10  # every bucket refilled: nothing left to remember once touched
+    for i in range(900, 1000):
+        throttle.succeeded(throttle.begin(f"client{i}", f"account{i}"))
+    assert throttle.tracked() == (0, 0)
+
+
+# -- bounded password checks -------------------------------------------------------------------------------------
+
+FLOOD = 16
+
+
+def test_a_login_flood_leaves_workers_for_other_requests(tmp_path: pathlib.Path) -> None:
+    """FLOOD logins from FLOOD addresses at once (each a scrypt on the AsyncRouter's worker threads, 4 of
+    them): at most ``password_checks`` (2) run at once, the rest wait on the event loop, so a write that needs
+    a worker (a first DM: its tenant is created there) is served while the flood is still queued. Without
+    the bound every check sits in the workers' queue ahead of the write, which would then be answered only
+    after at least FLOOD - 4 of the logins. The assertion is on order, not on time."""
+    import httpx
+
+    with throttled_app(tmp_path) as (app, _, at):
+        alice = at("192.0.2.1")
+        member(alice, "alice@example.com", "Alice")
+        bob_id = signup(alice, "bob@example.com", "Bob")
+        gate = app.state.password_gate
+        assert gate.limit == 2
+
+        async def flood() -> tuple[int, int, list[int]]:
+            clients = [httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(f"198.51.100.{i}", 5000)),
+                                         base_url=ORIGIN, headers={"Origin": ORIGIN}) for i in range(FLOOD)]
+            writer = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=("192.0.2.1", 5000)),
+                                       base_url=ORIGIN, headers={"Origin": ORIGIN}, cookies=dict(alice.cookies))
+            try:
+                logins = [asyncio.ensure_future(c.post("/api/login", json={"email": f"nobody{i}@example.com",
+                                                                           "password": "wrong password"}))
+                          for i, c in enumerate(clients)]
+                while gate.active + gate.waiting < FLOOD:  # every login has reached the gate
+                    await asyncio.sleep(0.001)
+                    assert not any(t.done() for t in logins), [t.result() for t in logins if t.done()]
+                r = await writer.post(f"/api/dm/{bob_id}", json={"text": "during the flood"})
+                finished = sum(t.done() for t in logins)
+                statuses = [response.status_code for response in await asyncio.gather(*logins)]
+                return r.status_code, finished, statuses
+            finally:
+                for c in [*clients, writer]:
+                    await c.aclose()
+
+        status, finished, statuses = alice.portal.call(flood)
+        assert status == 201
+        assert statuses == [401] * FLOOD
+        assert finished < FLOOD - 4, f"the write waited for {finished} of {FLOOD} password checks"
+        assert gate.peak == 2 and gate.active == 0 and gate.waiting == 0
+        assert [m["text"] for m in alice.get(f"/api/dm/{bob_id}").json()] == ["during the flood"]
+
+
+def test_a_cancelled_login_keeps_its_slot_until_its_check_ends(tmp_path: pathlib.Path) -> None:
+    """A caller that stops waiting (client gone) does not free the slot while its scrypt still runs."""
+    with throttled_app(tmp_path, password_checks=1) as (app, _, at):
+        client = at("192.0.2.1")
+        chat = app.state.chat
+        gate = app.state.password_gate
+
+        async def scenario() -> tuple[int, int]:
+            first = asyncio.ensure_future(gate.run(lambda: chat.ar.accounts.authenticate("a@example.com",
+                                                                                         "wrong password")))
+            while gate.active == 0:
+                await asyncio.sleep(0.001)
+            first.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await first
+            held = gate.active  # the hash is still running on its worker
+            second = asyncio.ensure_future(gate.run(lambda: chat.ar.accounts.authenticate("b@example.com",
+                                                                                          "wrong password")))
+            await asyncio.sleep(0)
+            waiting = gate.waiting
+            with contextlib.suppress(Exception):
+                await second
+            return held, waiting
+
+        held, waiting = client.portal.call(scenario)
+        assert (held, waiting) == (1, 1)
+        assert gate.peak == 1 and gate.active == 0

@@ -9,6 +9,7 @@ GET /api/rooms, /api/rooms/{id}/messages, /api/feed, /api/conversations.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path as FilePath
@@ -23,7 +24,7 @@ from pydantic import BaseModel, Field
 from shardlite import AsyncRouter, AuthenticationFailed, EmailTaken, InvalidEmail, InvalidPassword, ShardliteError
 
 from .domain import GLOBAL_SCHEMA, MAX_TEXT, SCHEMA, Chat, Forbidden, Invalid, NotFound, User
-from .security import OriginCheck, SecurityHeaders, parse_origins
+from .security import LoginThrottle, OriginCheck, PasswordGate, SecurityHeaders, Throttled, parse_origins
 
 __all__ = ["create_app", "COOKIE", "MAX_BODY"]
 
@@ -119,9 +120,22 @@ class RoomName(BaseModel):
 
 
 def create_app(root: str | None = None, *, relay: bool | None = None, secure_cookies: bool | None = None,
-               allowed_origins: Iterable[str] | None = None) -> FastAPI:
+               allowed_origins: Iterable[str] | None = None, login_attempts_per_client: int = 30,
+               login_attempts_per_account: int = 10, login_window: float = 60.0, password_checks: int = 2,
+               throttle_clock: Callable[[], float] = time.monotonic) -> FastAPI:
     """The app on ``root`` (default ``$SHARDLITE_ROOT`` or ``./data``), running the relay in-process unless
     ``relay=False`` (default: ``$CHAT_RELAY`` is not ``0``; then ``examples.chat.relay`` delivers instead).
+
+    Logins are throttled (:class:`~examples.chat.security.LoginThrottle`) before any password is checked:
+    ``login_attempts_per_client`` per client address and ``login_attempts_per_account`` per account (its
+    canonical e-mail key) per ``login_window`` seconds, as token buckets, failed attempts only; past them
+    ``/api/login`` answers 429 with ``Retry-After`` and ``{"detail", "retry_after"}``. The counts live in
+    this process (each ``--workers`` process counts separately) and the address is the one uvicorn reports
+    (behind a proxy, run uvicorn with ``--proxy-headers --forwarded-allow-ips`` for the proxy, or every
+    client shares the proxy's address). ``throttle_clock`` is the throttle's clock (seconds, monotonic).
+    At most ``password_checks`` sign-up or login password checks (scrypt) run at once
+    (:class:`~examples.chat.security.PasswordGate`), so the AsyncRouter's other worker threads keep
+    serving everything else during a flood of logins.
 
     Every POST, PUT, PATCH and DELETE must name this site in its Origin header (or, without one, its
     Referer), else 403 (:class:`~examples.chat.security.OriginCheck`): the request's own scheme and Host, or
@@ -141,6 +155,10 @@ def create_app(root: str | None = None, *, relay: bool | None = None, secure_coo
     if allowed_origins is None:
         allowed_origins = [o for o in os.environ.get("CHAT_ALLOWED_ORIGINS", "").split(",") if o.strip()]
     origins = parse_origins(allowed_origins)  # a malformed entry fails here, not at the first request
+    throttle = LoginThrottle(per_client=login_attempts_per_client, per_account=login_attempts_per_account,
+                             window=login_window, clock=throttle_clock)
+    if password_checks < 1:
+        raise ValueError("password_checks must be at least 1")
     cookie_flags: dict[str, Any] = {"path": "/", "httponly": True, "samesite": "strict", "secure": secure_cookies}
 
     @asynccontextmanager
@@ -148,6 +166,7 @@ def create_app(root: str | None = None, *, relay: bool | None = None, secure_coo
         ar = AsyncRouter(data_root, schema=SCHEMA, global_schema=GLOBAL_SCHEMA, relay=relay)
         await ar.__aenter__()
         app.state.chat = Chat(ar)
+        app.state.password_gate = PasswordGate(password_checks)  # on the loop that serves the requests
         try:
             yield
         finally:
@@ -156,9 +175,13 @@ def create_app(root: str | None = None, *, relay: bool | None = None, secure_coo
     # No interactive /docs or /redoc: their pages run inline and third-party scripts, which the page's
     # Content-Security-Policy refuses. The schema stays at /openapi.json.
     app = ChatApp(title="shardlite chat", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.login_throttle = throttle
 
     def chat(request: Request) -> Chat:
         return request.app.state.chat  # type: ignore[no-any-return]
+
+    def password_gate(request: Request) -> PasswordGate:
+        return request.app.state.password_gate  # type: ignore[no-any-return]
 
     async def current_user(request: Request, service: Chat = Depends(chat)) -> User:
         session = await service.ar.sessions.resolve(request.cookies.get(COOKIE))
@@ -186,10 +209,17 @@ def create_app(root: str | None = None, *, relay: bool | None = None, secure_coo
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
         return JSONResponse({"detail": problems or "invalid request"}, status_code=422)
 
+    @app.exception_handler(Throttled)
+    async def throttled(_: Request, exc: Throttled) -> JSONResponse:
+        return JSONResponse({"detail": str(exc), "retry_after": exc.retry_after}, status_code=429,
+                            headers={"Retry-After": str(exc.retry_after)})
+
     @app.post("/api/signup", status_code=201)
-    async def signup(body: Signup, service: Chat = Depends(chat)) -> dict[str, Any]:
+    async def signup(body: Signup, service: Chat = Depends(chat),
+                     gate: PasswordGate = Depends(password_gate)) -> dict[str, Any]:
         try:
-            uid = await service.ar.accounts.register(body.email, password=body.password, name=body.name.strip())
+            uid = await gate.run(lambda: service.ar.accounts.register(body.email, password=body.password,
+                                                                      name=body.name.strip()))
         except EmailTaken:
             raise HTTPException(409, "this e-mail address is already registered") from None
         except (InvalidEmail, InvalidPassword) as exc:
@@ -197,11 +227,18 @@ def create_app(root: str | None = None, *, relay: bool | None = None, secure_coo
         return {"id": uid}
 
     @app.post("/api/login")
-    async def login(body: Login, response: Response, service: Chat = Depends(chat)) -> dict[str, Any]:
+    async def login(body: Login, request: Request, response: Response, service: Chat = Depends(chat),
+                    gate: PasswordGate = Depends(password_gate)) -> dict[str, Any]:
         try:
-            uid = await service.ar.accounts.authenticate(body.email, body.password)
+            account: str | None = service.ar.accounts.sync.key(body.email)
+        except InvalidEmail:
+            account = None  # counted against the client only
+        attempt = throttle.begin(request.client.host if request.client else "", account)  # or 429
+        try:
+            uid = await gate.run(lambda: service.ar.accounts.authenticate(body.email, body.password))
         except AuthenticationFailed:
             raise HTTPException(401, "wrong e-mail address or password") from None
+        throttle.succeeded(attempt)
         token = await service.ar.sessions.create(uid, ttl=SESSION_TTL, idle_ttl=IDLE_TTL)
         response.set_cookie(COOKIE, token, max_age=SESSION_TTL, **cookie_flags)
         user = await service.user(uid)

@@ -4,17 +4,31 @@
   sniffing and referrer headers on every response.
 * :class:`OriginCheck`: ASGI middleware refusing (403) a state-changing request that does not come from a
   page of this site, with or without a body (cross-site request forgery).
+* :class:`LoginThrottle`: token buckets limiting login attempts per client address and per account.
+* :class:`PasswordGate`: a bound on concurrent password checks (scrypt), so that they cannot occupy every
+  worker thread of the AsyncRouter, which every other offloaded operation needs too.
+
+The throttle and the gate live in one process's memory: under ``uvicorn --workers N`` (``python -m
+examples.chat --workers N``) each worker counts and bounds separately, so a client may get up to N times
+the limits, depending on which worker its connections reach.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-__all__ = ["CONTENT_SECURITY_POLICY", "SECURITY_HEADERS", "UNSAFE_METHODS", "OriginCheck", "SecurityHeaders",
-           "origin_of", "parse_origins"]
+__all__ = ["CONTENT_SECURITY_POLICY", "SECURITY_HEADERS", "UNSAFE_METHODS", "Attempt", "LoginThrottle",
+           "OriginCheck", "PasswordGate", "SecurityHeaders", "Throttled", "origin_of", "parse_origins"]
+
+T = TypeVar("T")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -155,3 +169,152 @@ def parse_origins(origins: Iterable[str]) -> frozenset[str]:
             raise ValueError(f"not an origin (scheme://host[:port]): {origin!r}")
         normal.add(parsed)
     return frozenset(normal)
+
+
+# -- login throttling -------------------------------------------------------------------------------------------
+
+class Throttled(Exception):
+    """Too many login attempts: refused before any password check; ``retry_after`` whole seconds (at least 1)
+    until the next attempt from the same client for the same account can be taken."""
+
+    def __init__(self, retry_after: int, scope: str) -> None:
+        super().__init__(f"too many login attempts {scope}; try again in {retry_after} "
+                         f"second{'s' if retry_after != 1 else ''}")
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Bucket:
+    tokens: float  # attempts left at time ``at``
+    at: float
+
+
+class _Buckets:
+    """Token buckets of ``capacity`` attempts refilled at ``capacity / window`` per second, by key; at most
+    ``max_keys`` kept, the least recently used dropped first (a full bucket carries nothing anyway)."""
+
+    def __init__(self, capacity: int, window: float, max_keys: int) -> None:
+        self.capacity, self.rate, self.max_keys = float(capacity), capacity / window, max_keys
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+
+    def level(self, key: str, now: float) -> float:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            return self.capacity
+        return min(self.capacity, bucket.tokens + max(0.0, now - bucket.at) * self.rate)
+
+    def wait(self, key: str, now: float) -> float:
+        """Seconds until ``key`` has an attempt (0 when it has one now)."""
+        return max(0.0, (1.0 - self.level(key, now)) / self.rate)
+
+    def add(self, key: str, now: float, tokens: float) -> None:
+        level = min(self.capacity, self.level(key, now) + tokens)
+        self._buckets.pop(key, None)
+        if level >= self.capacity:
+            return  # as if never seen
+        self._buckets[key] = _Bucket(level, now)
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One login attempt taken from the buckets of ``client`` and (when the address was valid) ``account``."""
+
+    client: str
+    account: str | None
+
+
+class LoginThrottle:
+    """Login attempts per client address and per account (canonical e-mail key), as token buckets in this
+    process's memory: a client may make ``per_client`` attempts, and an account receive ``per_account``, in a
+    burst, then one each ``window / limit`` seconds (defaults: 30 and 10 per minute).
+
+    :meth:`begin` takes an attempt from both buckets before the password is checked, or raises
+    :class:`Throttled` and takes nothing. Only failures keep counting: :meth:`succeeded` gives the client its
+    attempt back (earlier failures stay counted, so logging into one's own account between guesses at
+    others gains nothing) and refills the account's bucket (its owner proved the password; earlier typos
+    are forgotten). An attacker can still spend an account's attempts and slow its owner's logins to one
+    per ``window / per_account`` seconds: the price of bounding the guesses against any one account.
+
+    ``clock`` (default :func:`time.monotonic`) is read for every decision; ``max_keys`` bounds the memory
+    (per kind of key; past it the least recently used buckets are forgotten). Not thread-safe: call it from
+    the event loop."""
+
+    def __init__(self, *, per_client: int = 30, per_account: int = 10, window: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000) -> None:
+        if per_client < 1 or per_account < 1 or not window > 0 or max_keys < 1:
+            raise ValueError("login limits must be at least 1 attempt per a positive window")
+        self.clock = clock
+        self._clients = _Buckets(per_client, window, max_keys)
+        self._accounts = _Buckets(per_account, window, max_keys)
+
+    def begin(self, client: str, account: str | None) -> Attempt:
+        """Take one attempt for ``client`` and ``account`` (None: an address that is not valid, counted
+        against the client only); :class:`Throttled` when either has none left."""
+        now = self.clock()
+        waits = [(self._clients.wait(client, now), "from this address")]
+        if account is not None:
+            waits.append((self._accounts.wait(account, now), "for this account"))
+        wait, scope = max(waits)
+        if wait > 0:
+            raise Throttled(max(1, math.ceil(wait)), scope)
+        self._clients.add(client, now, -1.0)
+        if account is not None:
+            self._accounts.add(account, now, -1.0)
+        return Attempt(client, account)
+
+    def succeeded(self, attempt: Attempt) -> None:
+        """The attempt's password was right: give the client its attempt back, refill the account's bucket."""
+        now = self.clock()
+        self._clients.add(attempt.client, now, 1.0)
+        if attempt.account is not None:
+            self._accounts.add(attempt.account, now, float("inf"))
+
+    def tracked(self) -> tuple[int, int]:
+        """(client addresses, accounts) with a bucket that is not full: the memory in use."""
+        return len(self._clients), len(self._accounts)
+
+
+# -- bounded password checks ------------------------------------------------------------------------------------
+
+class PasswordGate:
+    """At most ``limit`` password checks (scrypt, run on the AsyncRouter's worker threads) at once in this
+    process; the others wait their turn here, on the event loop, rather than in the workers' queue, so
+    the remaining workers keep serving every other offloaded operation. Keep ``limit`` below the
+    AsyncRouter's ``workers`` (4 by default).
+
+    A check that has started keeps its place until its work ends, even when its caller stops waiting
+    (a cancelled request): its thread is still busy. A caller cancelled while waiting leaves the queue.
+    ``active``, ``waiting``, ``peak`` (most checks at once so far) and ``started`` (checks begun) are counts
+    for monitoring and tests. Create and use it on one event loop."""
+
+    def __init__(self, limit: int = 2) -> None:
+        if limit < 1:
+            raise ValueError("password checks need at least one slot")
+        self.limit = limit
+        self._slots = asyncio.Semaphore(limit)
+        self.active = self.waiting = self.peak = self.started = 0
+
+    async def run(self, check: Callable[[], Awaitable[T]]) -> T:
+        """``await check()`` once a slot is free; its result or its exception."""
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.active += 1
+        self.started += 1
+        self.peak = max(self.peak, self.active)
+        task = asyncio.ensure_future(check())
+        task.add_done_callback(self._release)
+        return await asyncio.shield(task)
+
+    def _release(self, task: asyncio.Future[Any]) -> None:
+        self.active -= 1
+        self._slots.release()
+        if not task.cancelled():
+            task.exception()  # retrieved here: a caller that stopped waiting never reads it
