@@ -4,6 +4,10 @@
 Routes (outside tests use these exact ones): POST /api/signup, /api/login, /api/logout; GET /api/me,
 /api/users?q=; POST/GET /api/dm/{user_id}; POST /api/rooms, /api/rooms/{id}/join, /api/rooms/{id}/messages;
 GET /api/rooms, /api/rooms/{id}/messages, /api/feed, /api/conversations.
+
+Defences (``security.py``; options of :func:`create_app`): login throttling and a bound on concurrent
+password checks, an Origin check on every state-changing request, security headers on every response, an
+optionally Secure session cookie, and bounds on every id and paging parameter.
 """
 
 from __future__ import annotations
@@ -306,7 +310,7 @@ def create_app(root: str | None = None, *, relay: bool | None = None, secure_coo
         return JSONResponse({"detail": f"{type(exc).__name__}: {exc}"}, status_code=503)
 
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="static")
-    app.add_middleware(BodyLimit, limit=MAX_BODY)  # type: ignore[arg-type]
+    app.add_middleware(BodyLimit, limit=MAX_BODY)
     # added last, so it runs first: a cross-site request is refused before its body is read
-    app.add_middleware(OriginCheck, allowed_origins=origins)  # type: ignore[arg-type]
+    app.add_middleware(OriginCheck, allowed_origins=origins)
     return app
