@@ -27,6 +27,7 @@ from examples.chat.app import COOKIE, MAX_BODY, create_app  # noqa: E402
 from examples.chat.domain import MAX_ROOM_NAME, MAX_TEXT  # noqa: E402
 
 PASSWORD = "correct horse battery"
+ORIGIN = "http://testserver"  # TestClient's own origin: state-changing requests must name it (as browsers do)
 DEADLINE = 15.0  # seconds a relay delivery may take before a test gives up (never reached when healthy)
 
 
@@ -39,7 +40,7 @@ def app(tmp_path: pathlib.Path) -> FastAPI:
 
 @pytest.fixture
 def client(app: FastAPI) -> Iterator[TestClient]:
-    with TestClient(app) as c:  # runs the lifespan: router open, relay running
+    with TestClient(app, headers={"Origin": ORIGIN}) as c:  # runs the lifespan: router open, relay running
         yield c
 
 
@@ -49,7 +50,7 @@ def new_client(app: FastAPI, client: TestClient) -> Iterator[Callable[[], TestCl
     made: list[TestClient] = []
 
     def make() -> TestClient:
-        c = TestClient(app)
+        c = TestClient(app, headers={"Origin": ORIGIN})
         c.portal = client.portal  # the lifespan's event loop, where the router and the relay live
         made.append(c)
         return c
@@ -409,10 +410,14 @@ def test_dm_longest_allowed_text(trio: tuple[Any, ...]) -> None:
 
 def test_dm_unknown_user_is_404(trio: tuple[Any, ...]) -> None:
     (alice, _), (_, bob_id), _ = trio
-    for uid in (bob_id + 1000, 0, -1, 1 << 63, 1 << 70):
+    for uid in (bob_id + 1000, (1 << 63) - 1):
         for r in (alice.post(f"/api/dm/{uid}", json={"text": "hello?"}), alice.get(f"/api/dm/{uid}")):
             assert r.status_code == 404, (uid, r.text)
             readable(r)
+    for uid in (0, -1, 1 << 63, 1 << 70):  # not a possible id at all (tests/test_chat_security.py)
+        for r in (alice.post(f"/api/dm/{uid}", json={"text": "hello?"}), alice.get(f"/api/dm/{uid}")):
+            assert r.status_code == 422, (uid, r.text)
+            readable(r, "user_id")
     for bad in ("abc", "1:2", "1.5", "%20"):
         r = alice.get(f"/api/dm/{bad}")
         assert r.status_code in (404, 422), (bad, r.text)
@@ -507,12 +512,18 @@ def test_unknown_room_is_404(client: TestClient) -> None:
     alice = client
     member(alice, "alice@example.com", "Alice")
     rid = alice.post("/api/rooms", json={"name": "general"}).json()["id"]
-    for unknown in (rid + 1, 0, -5, (1 << 63) - 1):
+    for unknown in (rid + 1, (1 << 63) - 1):
         for r in (alice.post(f"/api/rooms/{unknown}/join"),
                   alice.get(f"/api/rooms/{unknown}/messages"),
                   alice.post(f"/api/rooms/{unknown}/messages", json={"text": "anyone?"})):
             assert r.status_code == 404, (unknown, r.request.method, r.request.url, r.text)
             readable(r)
+    for impossible in (0, -5):
+        for r in (alice.post(f"/api/rooms/{impossible}/join"),
+                  alice.get(f"/api/rooms/{impossible}/messages"),
+                  alice.post(f"/api/rooms/{impossible}/messages", json={"text": "anyone?"})):
+            assert r.status_code == 422, (impossible, r.request.method, r.request.url, r.text)
+            readable(r, "room_id")
     for bad in ("abc", "1:2", "room:1"):
         assert alice.post(f"/api/rooms/{bad}/join").status_code in (404, 422)
         assert alice.get(f"/api/rooms/{bad}/messages").status_code in (404, 422)
@@ -604,15 +615,17 @@ def test_oversized_chunked_body_is_413(trio: tuple[Any, ...]) -> None:
     assert r.status_code == 413, r.text
 
 
-def test_huge_room_id_is_404(app: FastAPI, client: TestClient) -> None:
+def test_huge_room_id_is_422(app: FastAPI, client: TestClient) -> None:
+    """Room ids past SQLite's integer range are refused as input, never bound (nor a 500)."""
     member(client, "alice@example.com", "Alice")
-    quiet = TestClient(app, raise_server_exceptions=False, cookies=client.cookies)
+    quiet = TestClient(app, raise_server_exceptions=False, cookies=client.cookies, headers={"Origin": ORIGIN})
     quiet.portal = client.portal  # the running lifespan's loop
     try:
         for unknown in (1 << 63, 1 << 70):
             for r in (quiet.post(f"/api/rooms/{unknown}/join"), quiet.get(f"/api/rooms/{unknown}/messages"),
                       quiet.post(f"/api/rooms/{unknown}/messages", json={"text": "anyone?"})):
-                assert r.status_code == 404, (unknown, r.request.method, r.request.url, r.status_code, r.text)
+                assert r.status_code == 422, (unknown, r.request.method, r.request.url, r.status_code, r.text)
+                readable(r, "room_id")
     finally:
         quiet.close()
 
@@ -626,8 +639,8 @@ def test_feeds_are_filled_by_a_standalone_relay_process(tmp_path: pathlib.Path) 
 
     root = str(tmp_path / "data")
     app = create_app(root, relay=False)
-    with TestClient(app) as alice:
-        bob = TestClient(app)
+    with TestClient(app, headers={"Origin": ORIGIN}) as alice:
+        bob = TestClient(app, headers={"Origin": ORIGIN})
         bob.portal = alice.portal
         try:
             member(alice, "alice@example.com", "Alice")

@@ -106,6 +106,15 @@ def open_dm(page: Any, search: str, name: str) -> None:
     expect(page.locator("#send-form")).to_be_visible()
 
 
+def watch_csp(page: Any, errors: list[str]) -> None:
+    """Append every Content-Security-Policy violation chromium reports on ``page``'s console to ``errors``."""
+    def on_console(message: Any) -> None:
+        if "Content Security Policy" in message.text:
+            errors.append(message.text)
+
+    page.on("console", on_console)
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     require_chromium()
@@ -133,6 +142,7 @@ def test_two_users_exchange_a_direct_message(browser: Any, base_url: str) -> Non
     for page in (alice, bob):
         page.set_default_timeout(TIMEOUT_MS)
         page.on("pageerror", lambda exc: errors.append(str(exc)))
+        watch_csp(page, errors)
     try:
         sign_up(alice, base_url, "alice@example.com", "Alice")
         sign_up(bob, base_url, "bob@example.com", "Bob")
@@ -203,11 +213,65 @@ def test_panels_follow_the_session(browser: Any, base_url: str) -> None:
         ctx.close()
 
 
+def test_page_runs_under_its_content_security_policy_and_cannot_be_framed(browser: Any, base_url: str) -> None:
+    """The page is served with its strict policy and works under it (sign-up, log-in, rooms, log-out: no
+    violation reported). Chromium names the page's origin in every POST it sends, body-less ones (room join,
+    log-out) included, which the app requires. A page of another origin that frames it gets nothing
+    (frame-ancestors 'none', X-Frame-Options)."""
+    from playwright.sync_api import expect
+
+    from examples.chat.security import CONTENT_SECURITY_POLICY
+
+    ctx = browser.new_context()
+    errors: list[str] = []
+    posts: list[Any] = []  # the POST requests the page sent
+    try:
+        page = ctx.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on("request", lambda request: posts.append(request) if request.method == "POST" else None)
+        watch_csp(page, errors)
+        response = page.goto(base_url + "/")
+        assert response is not None and response.status == 200
+        assert response.headers.get("content-security-policy") == CONTENT_SECURITY_POLICY
+        assert response.headers.get("x-frame-options") == "DENY"
+        sign_up(page, base_url, "frank@example.com", "Frank")
+        page.locator("#new-room-form input[name=name]").fill("csp room")
+        page.locator("#new-room-form button[type=submit]").click()
+        expect(page.locator("#conv-title")).to_contain_text("csp room")
+        expect(page.locator("#rooms button[data-room-id]", has_text="csp room")).to_have_count(1)
+        expect(page.locator("#chat-error")).to_have_text("")  # the room's join POST went through
+        page.locator("#logout").click()
+        expect(page.locator("#signup-form")).to_be_visible()
+        page.reload()  # the session really ended on the server: the page comes back logged out
+        expect(page.locator("#signup-form")).to_be_visible()
+        expect(page.locator("#chat")).to_be_hidden()
+        assert not errors, errors
+        paths = [request.url.removeprefix(base_url) for request in posts]
+        assert paths[:2] == ["/api/signup", "/api/login"] and paths[-1] == "/api/logout", paths
+        assert any(p.endswith("/join") for p in paths), paths
+        sent = [(request.url, request.all_headers().get("origin")) for request in posts]  # as sent on the wire
+        assert all(origin == base_url for _, origin in sent), sent
+
+        # a document of another origin (about:blank, no policy of its own) frames the page
+        other = ctx.new_page()
+        other.evaluate("""(src) => new Promise((resolve) => {
+            const frame = document.createElement("iframe");
+            frame.onload = () => resolve(); frame.src = src; document.body.append(frame);
+        })""", base_url + "/")
+        framed = [f for f in other.frames if f is not other.main_frame]
+        assert len(framed) == 1
+        assert framed[0].locator("#signup-form").count() == 0, "the page rendered inside another origin's frame"
+    finally:
+        ctx.close()
+
+
 def test_people_search_lists_buttons(browser: Any, base_url: str) -> None:
     import httpx
     from playwright.sync_api import expect
 
-    r = httpx.post(base_url + "/api/signup", json={"email": "dave@example.com", "password": PASSWORD, "name": "Dave"})
+    r = httpx.post(base_url + "/api/signup", json={"email": "dave@example.com", "password": PASSWORD, "name": "Dave"},
+                   headers={"Origin": base_url})  # the app refuses state changes from elsewhere
     assert r.status_code == 201, r.text
     ctx = browser.new_context()
     errors: list[str] = []

@@ -50,16 +50,19 @@ def poll(fetch: Callable[[], Any], done: Callable[[Any], bool], what: str, deadl
 
 
 class Server:
-    def __init__(self, root: pathlib.Path, log: pathlib.Path, workers: int) -> None:
+    """``python -m examples.chat --root root --workers workers *args`` on a free port, its output in ``log``."""
+
+    def __init__(self, root: pathlib.Path, log: pathlib.Path, workers: int, args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("SHARDLITE_ROOT", None)
+        env.pop("CHAT_SECURE_COOKIES", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "examples.chat", "--root", str(root), "--port", str(self.port),
-             "--workers", str(workers)],
+             "--workers", str(workers), *args],
             cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True)
 
@@ -117,7 +120,7 @@ def test_two_workers_share_the_files(server: Server) -> None:
         assert len(server.workers()) == 2, f"expected two uvicorn workers:\n{server.log()}"
 
     n = 4
-    clients = [httpx.Client(base_url=server.url, timeout=30) for _ in range(n)]
+    clients = [httpx.Client(base_url=server.url, timeout=30, headers={"Origin": server.url}) for _ in range(n)]
     try:
         ids: list[int] = []
         for i, c in enumerate(clients):
@@ -206,7 +209,7 @@ def test_server_stops_on_sigterm(tmp_path: pathlib.Path) -> None:
     srv = Server(tmp_path / "data", tmp_path / "server.log", workers=2)
     try:
         srv.wait_ready()
-        with httpx.Client(base_url=srv.url, timeout=30) as c:
+        with httpx.Client(base_url=srv.url, timeout=30, headers={"Origin": srv.url}) as c:
             assert c.post("/api/signup", json={"email": "a@example.com", "password": PASSWORD,
                                               "name": "A"}).status_code == 201
         check_stops(srv, sig)

@@ -20,11 +20,17 @@ def main() -> None:
     parser.add_argument("--relay-process", action="store_true",
                         help="run the outbox relay as its own process (`shardlite relay run --app "
                              "examples.chat.relay:router`) instead of inside each web worker")
+    parser.add_argument("--secure-cookies", action="store_true",
+                        default=os.environ.get("CHAT_SECURE_COOKIES", "0") == "1",
+                        help="mark the session cookie Secure (HTTPS only): for deployments behind TLS "
+                             "(also CHAT_SECURE_COOKIES=1)")
     args = parser.parse_args()
     os.environ["SHARDLITE_ROOT"] = os.path.abspath(args.root)
+    os.environ["CHAT_SECURE_COOKIES"] = "1" if args.secure_cookies else "0"  # read by create_app in each worker
     where = "in its own process" if args.relay_process else "in-process"
+    cookies = "; session cookie Secure: serve it through HTTPS" if args.secure_cookies else ""
     print(f"shardlite chat: serving http://{args.host}:{args.port}/  (data under {os.environ['SHARDLITE_ROOT']}, "
-          f"{args.workers} worker(s), outbox relay running {where}). Ctrl-C stops it.", flush=True)
+          f"{args.workers} worker(s), outbox relay running {where}{cookies}). Ctrl-C stops it.", flush=True)
     if not args.relay_process:
         uvicorn.run("examples.chat.app:create_app", factory=True, host=args.host, port=args.port,
                     workers=args.workers, log_level="warning")

@@ -9,6 +9,8 @@ the others join it. Then, until ``--duration`` seconds have passed, every user l
 random other user (40%), read the DM history with a random other user (30%), read their activity feed
 (20%), post to the shared room (10%). At the end it prints ops/s and p50/p99 latency per kind of
 operation and overall, and the errors, if any (a non-2xx answer counts as an error, not as an operation).
+Every request names the server's own origin in its Origin header, as a browser would: the server refuses
+state-changing requests from elsewhere.
 
 The library-level benchmark of the same workload (no HTTP) is ``benchmarks/chat_workload.py``.
 """
@@ -21,6 +23,7 @@ import random
 import secrets
 import sys
 import time
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -37,9 +40,16 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, int(round(q * len(s) + 0.5)) - 1))]  # nearest rank
 
 
+def origin(base: str) -> str:
+    """``scheme://host[:port]`` of the server's URL: the Origin header the server requires on every POST
+    (browsers send it by themselves; see examples/chat/security.py)."""
+    parts = urlsplit(base)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 class SimUser:
     def __init__(self, base: str, index: int, run: str) -> None:
-        self.client = httpx.AsyncClient(base_url=base, timeout=30.0)
+        self.client = httpx.AsyncClient(base_url=base, timeout=30.0, headers={"Origin": origin(base)})
         self.email = f"load-{run}-{index}@example.com"
         self.name = f"load{index}-{run}"
         self.id = 0
