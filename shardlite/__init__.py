@@ -23,6 +23,8 @@ from .errors import (
     InvalidPassword,
     ManifestInvalid,
     PayloadTooLarge,
+    QueryTimeout,
+    ResultTooLarge,
     ShardliteError,
     StatementNotAllowed,
     TenantMoving,
@@ -65,5 +67,7 @@ __all__ = [
     "ManifestInvalid",
     "BackupFailed",
     "DirectoryModeWarning",
+    "QueryTimeout",
+    "ResultTooLarge",
     "__version__",
 ]

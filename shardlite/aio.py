@@ -27,26 +27,28 @@ outcome matters.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
-import threading
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from sys import getrefcount as _refs
 from typing import Any, TypeVar
 
 import apsw
 
 from . import feed, lifecycle
 from .accounts import Accounts
+from .aio_commit import GroupCommit
 from .aio_globals import AsyncAccounts, AsyncGlobalTables, AsyncSessions
+from .aio_reads import Reads, TenantGate
 from .aio_relay import AsyncRelay
 from .batch import (
     MEMBER_RELEASE,
     MEMBER_ROLLBACK,
     MEMBER_SAVEPOINT,
     Batch,
-    Future,
     Round,
     current_task,
     nested_savepoint,
@@ -54,7 +56,7 @@ from .batch import (
 )
 from .catalog import Location
 from .engine import Settings
-from .errors import Busy, ShardliteError, StatementNotAllowed, TenantMoving
+from .errors import Busy, ConfigurationError, ShardliteError, StatementNotAllowed, TenantMoving
 from .globals import GlobalTables
 from .keys import canonical
 from .outbox import DEFAULT_MAX_PAYLOAD, RetryPolicy
@@ -63,7 +65,7 @@ from .relay import Handler, HandlerRegistry, Relay
 from .schema import Step
 from .sessions import Sessions
 from .store import Store
-from .transaction import AsyncTransaction, Params, TransactionClosed
+from .transaction import IDLE_ATTR_REFS, AsyncTransaction, Params, TransactionClosed, seal_handle
 
 __all__ = ["AsyncRouter", "AsyncTransaction"]
 
@@ -72,7 +74,9 @@ Schema = Sequence[Step] | Mapping[str, Sequence[Step]] | None
 
 
 _ROLLED_BACK = "SQLite rolled it back for another transaction of the batch: OR ROLLBACK, RAISE(ROLLBACK), I/O"
-_BATCH_OWNER = -1  # no thread has this id: Handle.enter() from any thread waits for the lock
+#: VM steps between two looks at the clock on read connections: the inline budget is a few hundred µs.
+INLINE_CHECK_STEPS = 200
+log = logging.getLogger("shardlite.aio")
 
 
 class _AsyncScope(AsyncTransaction):
@@ -88,7 +92,6 @@ class _AsyncScope(AsyncTransaction):
         self._router = router
         self.key = key  # type: ignore[assignment]  # the caller's key until entered, then the canonical one
         self._open = self._entered = False
-        self._given = None
 
     async def __aenter__(self) -> AsyncTransaction:
         router = self._router
@@ -152,32 +155,33 @@ class _AsyncScope(AsyncTransaction):
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         self._open = False
         depth = self._depth
-        self._seal(not depth)  # a nested block's spare cursor is its enclosing transaction's too
-        if depth:
-            self._exit_nested(self._handle, depth, exc_type is not None)
+        handle = self._handle
+        if depth:  # a nested block's cursors are its enclosing transaction's too: closed with it
+            self._exit_nested(handle, depth, exc_type is not None)
             return
+        if handle.given or _refs(handle.spare) != IDLE_ATTR_REFS:  # the caller holds cursors: close them
+            seal_handle(handle)
         batch = self._batch
-        cur = self._handle.cur
-        refused: StatementNotAllowed | None = None
+        cur = handle.cur
+        refused = None
         try:
+            if exc_type is not None:
+                cur.execute(MEMBER_ROLLBACK)
+            elif handle.guard.ddl:
+                refused = self._router._schema_refusal(handle)
+                if refused is not None:
+                    cur.execute(MEMBER_ROLLBACK)
+            cur.execute(MEMBER_RELEASE)
+        except apsw.Error:
             if self._conn.get_autocommit():
                 # SQLite rolled the whole batch back (an OR ROLLBACK conflict, RAISE(ROLLBACK), an I/O error):
                 # every transaction in it is lost, this one included.
                 self._router._abort_batch(batch, _ROLLED_BACK)
-                if exc_type is None:
-                    raise TransactionClosed(f"the transaction on {self.key!r} was rolled back by SQLite "
-                                            "(an OR ROLLBACK conflict, RAISE(ROLLBACK) or an I/O error); "
-                                            "nothing of it was committed")
-                return
-            if exc_type is None and self._guard.ddl:  # type: ignore[union-attr]  # set for tenant scopes
-                try:
-                    self._router._store.check_schema(self._handle)
-                except StatementNotAllowed as exc:
-                    refused = exc
-            if exc_type is not None or refused is not None:
-                cur.execute(MEMBER_ROLLBACK)
-            cur.execute(MEMBER_RELEASE)
-        except apsw.Error:
+                if exc_type is not None:
+                    return
+                raise TransactionClosed(f"the transaction on {self.key!r} was rolled back by SQLite (an OR "
+                                        "ROLLBACK conflict, RAISE(ROLLBACK) or an I/O error); nothing of it was "
+                                        "committed") from None
             self._router._abort_batch(batch)
             # SQLite's text would name the batch's internal savepoint: the caller gets shardlite's own
             raise ShardliteError(f"the transaction on {self.key!r} could not be completed: its group-commit "
@@ -190,10 +194,10 @@ class _AsyncScope(AsyncTransaction):
             batch.busy = False
             if batch.waiters or not batch.commit_scheduled:
                 self._router._next(batch)  # otherwise the scheduled commit finds the batch free: nothing to do
-        if refused is not None:
-            raise refused
         if exc_type is not None:
             return
+        if refused is not None:
+            raise refused
         outcome = self._round
         if batch.commit_on_loop:
             # The batch's commit runs on the loop, scheduled (call_soon) no later than this point: after one
@@ -223,8 +227,20 @@ class _AsyncScope(AsyncTransaction):
             handle.savepoints -= 1
 
 
-class AsyncRouter(HandlerRegistry):
-    """``AsyncRouter`` has the names of :class:`~shardlite.Router`, awaitable (brief §4)."""
+class AsyncRouter(HandlerRegistry, GroupCommit, Reads):
+    """``AsyncRouter`` has the names of :class:`~shardlite.Router`, awaitable (brief §4).
+
+    Beyond :class:`~shardlite.Router`'s arguments: ``max_batch`` bounds a group-commit batch; ``workers``
+    threads run BEGINs that must wait, commits at ``synchronous="FULL"``, checkpoints, the relay and
+    metadata writes; ``read_workers`` threads run the reads that do not run inline (one tenant never takes
+    more than all but one of them); ``kdf_workers`` threads hash passwords (a flood of logins never
+    occupies the others). ``inline_read_ms`` / ``inline_read_steps``: the budget of a read on the event
+    loop, past which it is redone on a read worker. ``loop_statement_timeout``: seconds a statement of a
+    transaction (which runs on the event loop, stalling every task meanwhile) may run before it is
+    interrupted (:class:`~shardlite.QueryTimeout`); ``statement_timeout`` bounds the others.
+    ``close_timeout``: how long :meth:`aclose` waits for worker threads (their statements are interrupted
+    first).
+    """
 
     def __init__(
         self,
@@ -239,7 +255,15 @@ class AsyncRouter(HandlerRegistry):
         move_wait: float = 10.0,
         max_batch: int = 64,
         workers: int = 4,
+        read_workers: int = 4,
+        kdf_workers: int = 2,
         inline_read_steps: int = 5000,
+        inline_read_ms: float = 1.0,
+        statement_timeout: float | None = 30.0,
+        loop_statement_timeout: float = 1.0,
+        max_rows: int = 100_000,
+        max_result_bytes: int = 64 * 1024 * 1024,
+        close_timeout: float = 10.0,
         global_schema: Sequence[Step] | None = None,
         clock: Callable[[], float] = time.time,
         relay: bool = False,
@@ -247,26 +271,39 @@ class AsyncRouter(HandlerRegistry):
         retry: RetryPolicy | None = None,
     ) -> None:
         settings = Settings(synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, max_open=max_open,
-                            cache_kib=cache_kib)
+                            cache_kib=cache_kib, statement_timeout=statement_timeout, max_rows=max_rows,
+                            max_result_bytes=max_result_bytes)
+        for name, count in (("workers", workers), ("read_workers", read_workers), ("kdf_workers", kdf_workers)):
+            if type(count) is not int or count < 1:
+                raise ConfigurationError(f"{name} must be an int >= 1")
+        if not inline_read_ms > 0 or not loop_statement_timeout > 0 or not close_timeout > 0:
+            raise ConfigurationError("inline_read_ms, loop_statement_timeout and close_timeout must be > 0")
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardlite")
+        self._readers = ThreadPoolExecutor(max_workers=read_workers, thread_name_prefix="shardlite-read")
+        self._kdf = ThreadPoolExecutor(max_workers=kdf_workers, thread_name_prefix="shardlite-kdf")
         try:
             self._store = Store(os.fspath(root), nodes=nodes, schema=schema,  # type: ignore[arg-type]
                                 global_schema=global_schema, settings=settings, move_wait=move_wait,
-                                max_payload=max_payload, checkpoint_submit=self._executor.submit)
+                                max_payload=max_payload, checkpoint_submit=self._executor.submit,
+                                read_check_steps=INLINE_CHECK_STEPS)
         except BaseException:
-            self._executor.shutdown(wait=False)
+            for executor in (self._executor, self._readers, self._kdf):
+                executor.shutdown(wait=False)
             raise
         self._batches: dict[str, Batch] = {}
         self._max_batch = max_batch
-        self._inline_steps = inline_read_steps
-        self._loop_thread = 0
-        self._inline_ticks = 0  # progress-handler calls during the current inline read
+        self._budget = (inline_read_ms / 1000, max(2, -(-inline_read_steps // INLINE_CHECK_STEPS) + 1))
+        self._gate = TenantGate(read_workers - 1)
+        self._busy_s = busy_timeout_ms / 1000
+        self._move_wait = move_wait
+        self._loop_limit = float(loop_statement_timeout)
+        self._close_timeout = close_timeout
         self._commit_offloaded = settings.synchronous != "NORMAL"
         self._canon: dict[object, str] = {}
         self._emitter = self._store.emitter
         db = self._store.globaldb
         #: Accounts (async twin of :class:`~shardlite.accounts.Accounts`).
-        self.accounts = AsyncAccounts(Accounts(db, clock), self._call)
+        self.accounts = AsyncAccounts(Accounts(db, clock), self._call, self._call_kdf)
         #: Sessions (async twin of :class:`~shardlite.sessions.Sessions`).
         self.sessions = AsyncSessions(Sessions(db, clock), self._call)
         #: The app's global tables (async twin of :class:`~shardlite.globals.GlobalTables`).
@@ -276,6 +313,15 @@ class AsyncRouter(HandlerRegistry):
         #: implicitly; ``relay=True`` starts it when the router is entered (``async with``).
         self.relay = AsyncRelay(Relay(self._store, self._handlers, policy=retry), self._call)
         self._relay_for_life = relay
+
+    def _schema_refusal(self, handle: Handle) -> StatementNotAllowed | None:
+        """A transaction's user SQL changed the schema: the refusal when a user object now touches
+        shardlite's tables (see Store.check_schema), else None."""
+        try:
+            self._store.check_schema(handle)
+        except StatementNotAllowed as exc:
+            return exc
+        return None
 
     def _canonical(self, key: object) -> str:
         canon = self._canon.get(key)
@@ -292,178 +338,10 @@ class AsyncRouter(HandlerRegistry):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn, *args)
 
-    def _interrupt_inline(self) -> bool:
-        """Progress handler: abort a read running inline on the loop thread past its budget.
-
-        SQLite calls it every ``inline_read_steps`` steps *counted across the runs of a cached statement*,
-        so its first call during a read can come after a single step of that read; the second call proves
-        the read itself ran past the budget. (Aborting on the first call sent one cheap point read in ~150
-        to a worker thread.) ``query`` zeroes the count before each inline read."""
-        if threading.get_ident() != self._loop_thread:
-            return False
-        self._inline_ticks += 1
-        return self._inline_ticks > 1
-
-    # -- group commit -----------------------------------------------------------------------------------
-
-    async def _join(self, canon: str) -> Batch:
-        """Wait for this transaction's turn on ``canon`` and return the open batch it joins."""
-        batch = self._batches.get(canon)
-        if batch is None:
-            batch = self._batches[canon] = Batch(canon, asyncio.get_running_loop(), not self._commit_offloaded)
-            if self._store.checkpoints is not None:
-                self._store.checkpoints.defer_thread = threading.get_ident()  # the loop never checkpoints
-        if batch.busy or batch.committing or batch.waiters or batch.count >= self._max_batch:
-            fut: asyncio.Future[None] = Future(loop=batch.loop)
-            batch.waiters.append(fut)
-            try:
-                await fut
-            except BaseException:
-                if fut in batch.waiters:
-                    batch.waiters.remove(fut)  # never started: nothing executed
-                elif fut.done() and not fut.cancelled() and fut.exception() is None:
-                    batch.busy = False  # we were handed the turn but cannot take it: pass it on
-                    self._next(batch)
-                raise
-        batch.busy = True
-        if batch.handle is None:
-            try:
-                await self._open_batch(batch)
-            except BaseException:
-                batch.busy = False
-                self._next(batch)
-                raise
-        batch.count += 1
-        return batch
-
-    async def _open_batch(self, batch: Batch) -> None:
-        store = self._store
-        loop = batch.loop
-        handle = store.pool.get(batch.key, "w")
-        if handle is not None and handle.wal is not None and handle.wal.restart_due:
-            await self._restart_log(handle)
-        opened = False
-        if handle is not None and not handle.closed and handle.lock.acquire(blocking=False):
-            handle.owner, handle.depth = threading.get_ident(), 1
-            try:
-                opened = store.begin(handle, wait_ms=0)
-            except Busy:
-                opened = False
-            if not opened:
-                store.release(handle)
-        if not opened:
-            pending = loop.run_in_executor(self._executor, self._begin_for_batch, batch.key)
-            try:
-                handle = await asyncio.shield(pending)
-            except asyncio.CancelledError:
-                pending.add_done_callback(self._abandon_begin)  # the worker's BEGIN may still succeed
-                raise
-            handle.owner = threading.get_ident()
-        assert handle is not None
-        batch.handle = handle
-        batch.count = 0
-        batch.round = Round()
-        handle.savepoints = 0
-
-    async def _restart_log(self, handle: Handle) -> None:
-        """The tenant's log reached INLINE_FRAMES under the loop's commits: copy it on a worker before its
-        next batch begins (see :mod:`shardlite.checkpoints`), so that batch's first write restarts it.
-        Only this tenant's transactions wait; a cancelled wait leaves the worker to finish alone."""
-        checkpoints = self._store.checkpoints
-        assert checkpoints is not None and handle.wal is not None  # a watch is installed by checkpoints
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, checkpoints.restart, handle,
-                                                             handle.wal)
-        except RuntimeError:  # the executor is shutting down: the router is closing
-            handle.wal.restart_due = False
-
-    def _begin_for_batch(self, key: str) -> Handle:
-        """On a worker: BEGIN IMMEDIATE for a batch. The handle is owned by the batch (the loop), not by
-        this worker thread: a later job on this worker (a relay pass) must wait for it, not re-enter it."""
-        handle = self._store.begin_write(key)
-        handle.owner = _BATCH_OWNER
-        return handle
-
-    def _abandon_begin(self, begun: asyncio.Future[Handle]) -> None:
-        """A batch was cancelled while its BEGIN ran on a worker: roll back and release what it got."""
-        if begun.cancelled() or begun.exception() is not None:
-            return
-        handle = begun.result()
-        try:
-            self._store.rollback(handle)
-        finally:
-            handle.owner = threading.get_ident()
-            self._store.release(handle)
-
-    def _next(self, batch: Batch) -> None:
-        """Hand the connection to the next waiter, or schedule the batch's commit."""
-        if batch.busy or batch.committing:
-            return
-        if batch.waiters and (batch.handle is None or batch.count < self._max_batch):
-            while batch.waiters:
-                fut = batch.waiters.popleft()
-                if not fut.done():
-                    batch.busy = True
-                    fut.set_result(None)
-                    return
-        if batch.handle is not None and not batch.commit_scheduled:
-            batch.commit_scheduled = True
-            batch.loop.call_soon(self._maybe_commit, batch)
-        elif batch.handle is None and not batch.waiters:
-            self._batches.pop(batch.key, None)
-
-    def _leave(self, batch: Batch) -> None:
-        batch.busy = False
-        self._next(batch)
-
-    def _maybe_commit(self, batch: Batch) -> None:
-        batch.commit_scheduled = False
-        if batch.busy or batch.committing or batch.handle is None:
-            return
-        if batch.waiters and batch.count < self._max_batch:
-            self._next(batch)  # someone arrived meanwhile: let them join first
-            return
-        batch.committing = True
-        if self._commit_offloaded:
-            batch.loop.create_task(self._commit_offloaded_batch(batch))
-        else:
-            error: BaseException | None = None
-            try:
-                self._store.commit(batch.handle)
-            except BaseException as exc:  # noqa: BLE001 - delivered to every member of the batch
-                error = exc
-            self._finish(batch, error)
-
-    async def _commit_offloaded_batch(self, batch: Batch) -> None:
-        error: BaseException | None = None
-        try:
-            assert batch.handle is not None
-            await asyncio.shield(self._call(self._store.commit, batch.handle))
-        except BaseException as exc:  # noqa: BLE001
-            error = exc
-        self._finish(batch, error)
-
-    def _finish(self, batch: Batch, error: BaseException | None) -> None:
-        handle, outcome = batch.handle, batch.round
-        batch.handle, batch.round, batch.count = None, None, 0
-        batch.committing = False
-        if handle is not None:
-            handle.owner = threading.get_ident()
-            self._store.release(handle)
-        if outcome is not None:
-            outcome.finish(error)
-        self._next(batch)
-
-    def _abort_batch(self, batch: Batch, why: str = "a savepoint failed") -> None:
-        """A savepoint could not be released, or SQLite rolled the transaction back: roll the whole batch
-        back; every transaction waiting for its commit gets the error."""
-        if batch.handle is not None:
-            try:
-                self._store.rollback(batch.handle)
-            except apsw.Error:
-                pass
-            self._finish(batch, ShardliteError(f"the group-commit batch was rolled back ({why}); nothing of this "
-                                               "transaction was committed: retry it"))
+    async def _call_kdf(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn`` on a password-hashing thread (registration, login, password changes)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._kdf, fn, *args)
 
     # -- the contract -----------------------------------------------------------------------------------
 
@@ -497,35 +375,10 @@ class AsyncRouter(HandlerRegistry):
 
     async def query(self, key: object, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
         """Read-only statement on ``key``'s tenant, like :meth:`Router.query`."""
-        return await self._read(key, sql, params, False)
-
-    async def _read(self, key: object, sql: str, params: Params, internal: bool) -> list[tuple[Any, ...]]:
-        """A read, inline on the loop when it can be (see the module doc); ``internal``: one of
-        shardlite's own reads, its text prefixed with INTERNAL_SQL."""
-        store = self._store
-        try:
-            handle = store._fast.get(key)
-        except TypeError:
-            handle = None
-        # Inline on a warm read connection. If a worker is reading on it right now (microseconds), waiting
-        # briefly is far cheaper than a thread hop; past a few milliseconds the read goes to a worker.
-        if handle is not None and handle.lock.acquire(True, 0.005):
-            try:
-                if not handle.closed:
-                    if not handle.budgeted:  # a flag on the handle: a WeakSet lookup cost 0.3 µs a read
-                        if self._loop_thread == 0:
-                            self._loop_thread = threading.get_ident()
-                        handle.conn.setprogresshandler(self._interrupt_inline, self._inline_steps)
-                        handle.budgeted = True
-                    self._inline_ticks = 0
-                    rows = store._query(handle, sql, params, internal)
-                    if rows is not None:
-                        return rows
-            except apsw.InterruptError:
-                pass  # over budget: redo it on a worker thread
-            finally:
-                handle.lock.release()
-        return await self._call(store.read, key, sql, params, internal)
+        rows = self._inline(key, sql, params, False)
+        if rows is None:
+            return await self._offloaded(key, sql, params, False)
+        return rows
 
     async def locate(self, key: object) -> Location:
         return self._store.locate(key)  # catalog reads: this thread's read connection, microseconds
@@ -554,20 +407,46 @@ class AsyncRouter(HandlerRegistry):
     async def feed(self, key: object, *, limit: int = 50, before: int | None = None) -> list[feed.FeedItem]:
         """``key``'s activity feed, newest first (see :meth:`Router.feed`)."""
         cursor = (1 << 62) if before is None else int(before)
-        return feed.items(await self._read(key, feed.page_query(limit), (cursor,), True))
+        sql = feed.page_query(limit)
+        rows = self._inline(key, sql, (cursor,), True)
+        if rows is None:
+            rows = await self._offloaded(key, sql, (cursor,), True)
+        return feed.items(rows)
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Stop the relay, wait for open batches to commit, then close every connection. Idempotent."""
+        """Stop the relay, wait for open batches to commit, interrupt the statements still running on
+        worker threads, wait for those threads (at most ``close_timeout`` seconds, without blocking the
+        loop), then close every connection. Idempotent."""
+        if self._store.closed:
+            return
         await self.relay.stop()
+        deadline = asyncio.get_running_loop().time() + self._close_timeout
         for batch in list(self._batches.values()):
             if batch.round is not None:
                 try:
-                    await batch.round.wait(batch.loop)
-                except Exception:  # noqa: BLE001 - their owners saw it
+                    await asyncio.wait_for(batch.round.wait(batch.loop),
+                                           max(0.0, deadline - asyncio.get_running_loop().time()))
+                except Exception:  # noqa: BLE001 - their owners saw it (or the batch is stuck: closed below)
                     pass
-        self._executor.shutdown(wait=True)
+        executors = (self._executor, self._readers, self._kdf)
+        for executor in executors:
+            executor.shutdown(wait=False, cancel_futures=True)  # queued work never starts
+        for handle in self._store.pool.handles():
+            if handle.owner is not None:
+                handle.conn.interrupt()  # a statement running on a worker stops at its next step
+
+        def join() -> None:
+            for executor in executors:
+                executor.shutdown(wait=True)
+
+        try:
+            await asyncio.wait_for(asyncio.to_thread(join),
+                                   max(0.05, deadline - asyncio.get_running_loop().time()))
+        except TimeoutError:
+            log.warning("AsyncRouter for %s closed with worker threads still busy after %.1f s",
+                        self._store.root, self._close_timeout)
         self._store.close()
 
     @property
@@ -587,6 +466,7 @@ class AsyncRouter(HandlerRegistry):
         if store is not None and not store.closed:
             warnings.warn(f"shardlite AsyncRouter for {store.root} was never closed", ResourceWarning,
                           stacklevel=2)
-            self._executor.shutdown(wait=False)
+            for executor in (self._executor, self._readers, self._kdf):
+                executor.shutdown(wait=False)
             store.close()
 

@@ -1,7 +1,8 @@
 """Async twins of ``router.accounts``, ``router.sessions`` and ``router.globals`` for AsyncRouter.
 
-Password hashing (scrypt) and every write run on the router's worker threads, so the event loop never
-waits for a KDF or for the global write lock. ``sessions.resolve`` reads inline on the loop (it is a
+Password hashing (scrypt) runs on the router's password threads, every other write on its worker threads,
+so the event loop never waits for a KDF or for the global write lock, and logins never occupy the
+threads BEGINs, commits and session writes need. ``sessions.resolve`` reads inline on the loop (it is a
 microsecond-scale indexed read on this thread's own read connection) and offloads only the throttled
 activity write.
 
@@ -29,12 +30,15 @@ Offload = Callable[..., Awaitable[Any]]
 class AsyncAccounts:
     """``await ar.accounts.register(...)`` and friends; see :class:`~shardlite.accounts.Accounts`."""
 
-    def __init__(self, sync: Accounts, call: Offload) -> None:
+    def __init__(self, sync: Accounts, call: Offload, call_kdf: Offload | None = None) -> None:
         self.sync = sync
         self._call = call
+        #: runs what hashes a password (scrypt): a thread pool of its own, so a flood of logins never
+        #: occupies the threads every other offloaded operation needs
+        self._kdf = call_kdf or call
 
     async def register(self, email: str, *, password: str | None = None, **profile: Any) -> int:
-        return int(await self._call(lambda: self.sync.register(email, password=password, **profile)))
+        return int(await self._kdf(lambda: self.sync.register(email, password=password, **profile)))
 
     async def get(self, account_id: int) -> Account | None:
         return self.sync.get(account_id)
@@ -56,10 +60,10 @@ class AsyncAccounts:
         await self._call(self.sync.delete, account_id)
 
     async def set_password(self, account_id: int, password: str) -> None:
-        await self._call(self.sync.set_password, account_id, password)
+        await self._kdf(self.sync.set_password, account_id, password)
 
     async def authenticate(self, email: str, password: str) -> int:
-        return int(await self._call(self.sync.authenticate, email, password))
+        return int(await self._kdf(self.sync.authenticate, email, password))
 
 
 class AsyncSessions:

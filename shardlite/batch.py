@@ -16,15 +16,18 @@ from typing import Any
 from .authorizer import SAVEPOINT_PREFIX
 from .pool import Handle
 
-__all__ = ["Batch", "Round", "MEMBER_SAVEPOINT", "MEMBER_ROLLBACK", "MEMBER_RELEASE", "nested_savepoint",
+__all__ = ["Batch", "Waiter", "Round", "MEMBER_SAVEPOINT", "MEMBER_ROLLBACK", "MEMBER_RELEASE", "nested_savepoint",
            "current_task", "Future", "yield_once"]
+
+
+Waiter = tuple["asyncio.Future[None]", float]
 
 
 class Batch:
     """Group-commit state of one tenant."""
 
     __slots__ = ("key", "loop", "handle", "waiters", "busy", "holder", "count", "round", "committing",
-                 "commit_scheduled", "commit_on_loop")
+                 "commit_scheduled", "commit_on_loop", "watchdog", "opening_error")
 
     def __init__(self, key: str, loop: asyncio.AbstractEventLoop, commit_on_loop: bool) -> None:
         self.key = key
@@ -32,7 +35,8 @@ class Batch:
         #: the COMMIT runs on the loop thread (``synchronous=NORMAL``), not on a worker
         self.commit_on_loop = commit_on_loop
         self.handle: Handle | None = None
-        self.waiters: deque[asyncio.Future[None]] = deque()
+        #: transactions waiting for their turn, with the time each began to wait
+        self.waiters: deque[Waiter] = deque()
         self.busy = False  # a transaction holds the connection (its savepoint is open)
         self.holder: asyncio.Task[Any] | None = None  # the task whose transaction holds it
         self.count = 0
@@ -40,6 +44,10 @@ class Batch:
         self.round: Round | None = None
         self.committing = False
         self.commit_scheduled = False
+        #: fails transactions queued past their bound (see shardlite.aio_commit); None when not scheduled
+        self.watchdog: asyncio.TimerHandle | None = None
+        #: why the batch's BEGIN has not succeeded yet (Busy, TenantMoving), while it is being retried
+        self.opening_error: BaseException | None = None
 
 
 # Each member of a batch runs inside its own savepoint, released on success (an unreleased stack costs

@@ -89,13 +89,19 @@ class Settings:
     be lost on power loss) or ``"FULL"``/``"EXTRA"`` (an acknowledged write survives power loss; every commit
     fsyncs). ``busy_timeout_ms``: how long a writer waits for another's lock before :class:`~shardlite.Busy`.
     ``cache_kib``: page cache per tenant connection. ``max_open``: bound on this process's open tenant
-    connections.
+    connections. ``statement_timeout``: seconds one statement on a tenant connection may run before it is
+    interrupted (:class:`~shardlite.QueryTimeout`; ``None``: never). ``max_rows`` / ``max_result_bytes``: caps
+    on what one read (``query``, ``map``, the CLI) returns (:class:`~shardlite.ResultTooLarge`); bytes count
+    the values' data (a string's or blob's length, 9 bytes for a number).
     """
 
     synchronous: str = "NORMAL"
     busy_timeout_ms: int = 5000
     cache_kib: int = 512
     max_open: int = 256
+    statement_timeout: float | None = 30.0
+    max_rows: int = 100_000
+    max_result_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         level = self.synchronous.upper()
@@ -108,6 +114,17 @@ class Settings:
             raise ConfigurationError("max_open must be >= 1")
         if self.cache_kib < 16:
             raise ConfigurationError("cache_kib must be >= 16")
+        if self.statement_timeout is not None and not self.statement_timeout > 0:
+            raise ConfigurationError("statement_timeout is a number of seconds > 0, or None for no deadline")
+        if type(self.max_rows) is not int or self.max_rows < 1:
+            raise ConfigurationError("max_rows must be an int >= 1")
+        if type(self.max_result_bytes) is not int or not 1024 <= self.max_result_bytes <= 1 << 31:
+            raise ConfigurationError("max_result_bytes must be an int from 1024 to 2**31")
+
+    @property
+    def deadline(self) -> float:
+        """``statement_timeout`` as the progress handler uses it (infinite when there is none)."""
+        return float("inf") if self.statement_timeout is None else float(self.statement_timeout)
 
     @property
     def fsync_files(self) -> bool:

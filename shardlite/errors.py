@@ -28,6 +28,8 @@ __all__ = [
     "ManifestInvalid",
     "BackupFailed",
     "DirectoryModeWarning",
+    "QueryTimeout",
+    "ResultTooLarge",
 ]
 
 
@@ -106,3 +108,14 @@ class BackupFailed(ShardliteError):
 class DirectoryModeWarning(UserWarning):
     """An existing directory shardlite uses (a data root, a node path, a backup destination) is open to
     other users. shardlite never changes the mode of a directory it did not create."""
+
+
+class QueryTimeout(ShardliteError, TimeoutError):
+    """A statement ran past ``statement_timeout`` and was interrupted (nothing of a write transaction it
+    was part of was committed). Make the statement cheaper, or raise ``statement_timeout``."""
+
+
+class ResultTooLarge(ShardliteError):
+    """A read returned more rows than ``max_rows`` or more bytes than ``max_result_bytes``: nothing was
+    returned. Page through the result (``LIMIT``/a cursor column), or raise the caps."""
+

@@ -10,6 +10,7 @@ with the number of tenants.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,8 +20,9 @@ import apsw
 
 from .authorizer import Guard
 from .catalog import TenantRecord
-from .errors import ConfigurationError, StatementNotAllowed, UnknownTenant
+from .errors import ConfigurationError, QueryTimeout, ResultTooLarge, StatementNotAllowed, UnknownTenant
 from .keys import canonical, prefix_of
+from .limits import MEASURED, fetch
 from .store import Store
 
 __all__ = ["MapResult", "run_map"]
@@ -75,7 +77,19 @@ def _read_one(store: Store, key: str, path: str, sql: str, params: Sequence[Any]
 
         cursor = conn.cursor()
         cursor.exec_trace = names
-        rows = cursor.execute(sql, params).fetchall()
+        settings = store.settings
+        conn.limit(apsw.SQLITE_LIMIT_LENGTH, settings.max_result_bytes)
+        started = time.monotonic()
+        conn.setprogresshandler(lambda: time.monotonic() - started > settings.deadline, 1000)
+        try:
+            rows = fetch(cursor.execute(sql, params), max_rows=settings.max_rows,
+                         max_bytes=settings.max_result_bytes, value_cap=MEASURED, what=f"the read of tenant {key!r}")
+        except apsw.InterruptError:
+            raise QueryTimeout(f"the read of tenant {key!r} ran past statement_timeout={settings.statement_timeout} s "
+                               "and was interrupted") from None
+        except apsw.TooBigError:
+            raise ResultTooLarge(f"the read of tenant {key!r} builds a value larger than max_result_bytes="
+                                 f"{settings.max_result_bytes} bytes") from None
         return rows, columns, version if current is not None and version < current else -1
     finally:
         conn.close()
@@ -149,7 +163,7 @@ def run_map(store: Store, sql: str, params: Sequence[Any] | dict[str, Any] = (),
                         if pending is not None:
                             pending.cancel()
                     raise
-                except (apsw.Error, UnknownTenant, OSError) as exc:
+                except (apsw.Error, UnknownTenant, OSError, QueryTimeout, ResultTooLarge) as exc:
                     result.errors[key] = f"{type(exc).__name__}: {exc}"
                     continue
                 if result.columns is None and columns:

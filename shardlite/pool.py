@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from time import monotonic as _monotonic
 from typing import Any
 
 import apsw
@@ -30,7 +31,7 @@ class Handle:
 
     __slots__ = ("key", "role", "conn", "cur", "guard", "path", "generation", "incarnation", "checked_dv",
                  "lock", "owner", "depth", "used", "closed", "aliases", "savepoints", "emitted", "needs_flag",
-                 "budgeted", "spare", "wal", "__weakref__")
+                 "spare", "given", "wal", "calls", "started", "limit", "max_calls", "__weakref__")
 
     def __init__(self, key: str, role: str, conn: apsw.Connection, guard: Guard, path: str,
                  generation: int, incarnation: str) -> None:
@@ -42,6 +43,8 @@ class Handle:
         #: the cursor the next statement of a transaction runs on, unless its caller still holds it (see
         #: ``Transaction.execute``)
         self.spare = conn.cursor()
+        #: cursors the open transaction handed to its caller besides the spare one (closed when it ends)
+        self.given: list[apsw.Cursor] = []
         self.generation, self.incarnation = generation, incarnation
         #: ``data_version`` at which the file was last seen not retired (see Store.check_fence).
         self.checked_dv = -1
@@ -59,8 +62,26 @@ class Handle:
         self.needs_flag = 0
         #: the WAL hook of a write connection whose checkpoints a Checkpointer schedules (else None)
         self.wal: WalWatch | None = None
-        #: the AsyncRouter installed its inline-read budget (a progress handler) on this connection
-        self.budgeted = False
+        # The statement clock (see progress): calls of the progress handler since the statement began
+        # (whoever starts a statement sets it to 0), when the first came, the limit in seconds and, for a
+        # read on the event loop, in calls (0: none).
+        self.calls = 0
+        self.started = 0.0
+        self.limit = float("inf")
+        self.max_calls = 0
+
+    def progress(self) -> bool:
+        """SQLite's progress handler for this connection (every N virtual-machine steps): True interrupts the
+        running statement once it has run past ``limit`` seconds (or ``max_calls`` calls) since the first
+        call after it began. The first call can come up to N steps into the statement (SQLite counts
+        steps across runs of a cached statement), so the clock starts there."""
+        calls = self.calls + 1
+        self.calls = calls
+        now = _monotonic()
+        if calls == 1:
+            self.started = now
+            return False
+        return now - self.started > self.limit or 0 < self.max_calls < calls
 
     def enter(self, timeout: float = -1) -> bool:
         """Take exclusive use for this thread (re-entrant). False on timeout."""

@@ -14,6 +14,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from sys import getrefcount as _refs
 from typing import Any, TypeVar
 
 from . import backup as backup_mod
@@ -33,7 +34,7 @@ from .relay import Handler, HandlerRegistry, Relay
 from .schema import Step
 from .sessions import Sessions
 from .store import Store
-from .transaction import Params, Transaction
+from .transaction import IDLE_ATTR_REFS, Params, Transaction, seal_handle
 
 __all__ = ["Router"]
 
@@ -55,7 +56,6 @@ class _Scope(Transaction):
         self._conn = None  # type: ignore[assignment]  # never read while _open is False
         self._open = False
         self._handle = None
-        self._given = None
 
     def __enter__(self) -> Transaction:
         router = self._router
@@ -95,8 +95,7 @@ class _Scope(Transaction):
         assert handle is not None
         store = self._router._store
         self._open = False
-        self._seal(self._savepoint is None)  # a nested block's spare cursor is its enclosing block's too
-        if self._savepoint is not None:
+        if self._savepoint is not None:  # a nested block's cursors are its enclosing block's too
             try:
                 if exc_type is not None and not handle.conn.get_autocommit():
                     store.internal(handle, f"ROLLBACK TO {self._savepoint}")
@@ -106,6 +105,8 @@ class _Scope(Transaction):
                 handle.savepoints -= 1
             return
         try:
+            if handle.given or _refs(handle.spare) != IDLE_ATTR_REFS:  # the caller holds cursors: close them
+                seal_handle(handle)
             if exc_type is None:
                 store.commit(handle)
             else:

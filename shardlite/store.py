@@ -28,6 +28,7 @@ import time
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from itertools import islice
 from typing import Any
 
 import apsw
@@ -37,9 +38,19 @@ from .catalog import Location, Node, SqliteCatalog, TenantRecord
 from .checkpoints import DUE_FRAMES, Checkpointer, Submit
 from .copying import remove_db_files
 from .engine import Settings, abandon, ensure_private_dir, on_fork_in_child, set_busy_timeout
-from .errors import Busy, ConfigurationError, ShardliteError, StatementNotAllowed, TenantMoving, UnknownTenant
+from .errors import (
+    Busy,
+    ConfigurationError,
+    QueryTimeout,
+    ResultTooLarge,
+    ShardliteError,
+    StatementNotAllowed,
+    TenantMoving,
+    UnknownTenant,
+)
 from .globaldb import APP_DB_NAME, GlobalDB
 from .keys import canonical, prefix_of
+from .limits import FAST_VALUE, FIRST_CHUNK, MEASURED, Ticket, fetch
 from .outbox import DEFAULT_MAX_PAYLOAD
 from .placement import tenant_relpath
 from .pool import Handle, HandlePool
@@ -79,6 +90,14 @@ def _reset_spare(handle: Handle) -> None:
     spare.close(True)
 
 
+#: VM steps between two looks at the clock on write connections (a cheap write takes ~30).
+WRITE_CHECK_STEPS = 1000
+
+
+class Cancelled(Exception):
+    """Internal: the caller of a read handed to a worker thread gave up on it (see limits.Ticket)."""
+
+
 class _Retired(Exception):
     """Internal: the handle's file carries the retired marker."""
 
@@ -98,6 +117,7 @@ class Store:
         create: bool = True,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         checkpoint_submit: Submit | None = None,
+        read_check_steps: int = WRITE_CHECK_STEPS,
     ) -> None:
         """``checkpoint_submit``: an executor's ``submit``; when given, write connections checkpoint their
         WAL on its workers instead of inside the committing ``COMMIT`` (see :mod:`shardlite.checkpoints`)."""
@@ -134,6 +154,12 @@ class Store:
                                check_dest=lambda key: self.spec.steps_for(prefix_of(key)))
         self._templates: dict[str, Personaliser] = {}
         self._template_lock = threading.Lock()
+        #: VM steps between two looks at the clock on read connections (the AsyncRouter's inline budget
+        #: needs finer ones than the statement deadline)
+        self.read_check_steps = read_check_steps
+        self._deadline = self.settings.deadline
+        #: values a read may hold without being measured (see shardlite.limits)
+        self._free_values = self.settings.max_result_bytes // FAST_VALUE
         self.checkpoints = (None if checkpoint_submit is None
                             else Checkpointer(checkpoint_submit, self._open_for_checkpoint))
         self._closed = False
@@ -266,7 +292,11 @@ class Store:
         if ident.app_version > record.schema_version:
             self.catalog.set_schema_version(canon, ident.app_version)
         handle = Handle(canon, role, conn, guard, path, record.generation, ident.incarnation)
-        if role == "w" and self.checkpoints is not None:
+        handle.limit = self._deadline
+        conn.setprogresshandler(handle.progress, self.read_check_steps if role == "r" else WRITE_CHECK_STEPS)
+        if role == "r":
+            conn.limit(apsw.SQLITE_LIMIT_LENGTH, FAST_VALUE)  # larger values: the measured path (_query)
+        elif self.checkpoints is not None:
             handle.wal = self.checkpoints.watch(conn)
         return self.pool.add(handle)
 
@@ -503,9 +533,12 @@ class Store:
             handle = None
 
     def read(self, key: object, sql: str, params: Sequence[object] | dict[str, object] = (),
-             internal: bool = False) -> list[tuple[Any, ...]]:
+             internal: bool = False, ticket: Ticket | None = None,
+             move_wait: float | None = None) -> list[tuple[Any, ...]]:
         """Run one read-only statement on ``key``'s tenant and return every row. ``internal``: one of
         shardlite's own reads, its text already prefixed with INTERNAL_SQL (see :meth:`read_internal`).
+        ``ticket``, ``move_wait``: see :meth:`_query` and :meth:`acquire` (a read handed to a worker thread
+        by the event loop waits for nothing there: the loop waits instead).
 
         Hot path: a warm, free read connection found by the caller's key object, one statement, one
         ``data_version`` call. Everything else (cold tenants, contention, a moved file) takes
@@ -518,31 +551,52 @@ class Store:
         if handle is not None and handle.lock.acquire(False):
             try:
                 if not handle.closed:
-                    rows = self._query(handle, sql, params, internal)
+                    rows = self._query(handle, sql, params, internal, ticket)
                     if rows is not None:
                         return rows
             finally:
                 handle.lock.release()
-        return self._read_slow(key, sql, params, "r", internal)
+        return self._read_slow(key, sql, params, "r", internal, ticket, move_wait)
 
     def _query(self, handle: Handle, sql: str, params: Sequence[object] | dict[str, object],
-               internal: bool = False) -> list[Any] | None:
+               internal: bool = False, ticket: Ticket | None = None,
+               budget: tuple[float, int] | None = None) -> list[Any] | None:
         """The rows, or None when the file turned out retired (the rows may predate a move: discard).
-        ``internal``: one of shardlite's own reads (its text starts with INTERNAL_SQL), run trusted."""
-        conn = handle.conn
+
+        ``internal``: one of shardlite's own reads (its text starts with INTERNAL_SQL), run trusted and not
+        capped. Otherwise the result is capped (``max_rows``, ``max_result_bytes``: :class:`ResultTooLarge`)
+        and the statement interrupted past ``statement_timeout`` (:class:`QueryTimeout`). ``ticket``: the
+        read was handed to this thread and its caller may give up (:class:`Cancelled` then). ``budget``:
+        ``(seconds, progress calls)`` of a read on the event loop: past it (or on a value larger than
+        :data:`~shardlite.limits.FAST_VALUE`) ``apsw.InterruptError`` / ``apsw.TooBigError`` propagate and the
+        caller runs it again elsewhere.
+
+        Hot path (a point read): the statement clock reset, one ``islice`` of the cursor, one length check."""
+        handle.calls = 0
+        if budget is not None:
+            handle.limit, handle.max_calls = budget
+        elif handle.max_calls:  # the last read on this connection ran on the event loop, under its budget
+            handle.limit, handle.max_calls = self._deadline, 0
+        if ticket is not None and not ticket.attach(handle.conn):
+            raise Cancelled()
         try:
             if internal:
-                guard = handle.guard
-                guard.trusted = True
-                try:
-                    rows = handle.cur.execute(sql, params).fetchall()
-                finally:
-                    guard.trusted = False
-            else:
-                rows = handle.cur.execute(sql, params).fetchall()
-        except apsw.ReadOnlyError as exc:
-            raise StatementNotAllowed("queries are read-only: write inside router.transaction(key)") from exc
-        dv = conn.data_version()
+                rows = self._internal_rows(handle, sql, params)
+            else:  # a point read costs two fetchone(): no more than fetchall(), and nothing past the caps
+                cur = handle.cur.execute(sql, params)
+                row = cur.fetchone()
+                if row is None:
+                    rows = []
+                else:
+                    second = cur.fetchone()
+                    rows = [row] if second is None and len(row) <= self._free_values else \
+                        self._whole(handle, row, second)
+        except (apsw.Error, ResultTooLarge) as exc:
+            rows = self._read_failed(handle, exc, sql, params, internal, ticket, budget)
+        finally:
+            if ticket is not None:
+                ticket.detach()
+        dv = handle.conn.data_version()
         if dv == handle.checked_dv:
             return rows
         if self.retired(handle):
@@ -550,13 +604,85 @@ class Store:
         handle.checked_dv = dv
         return rows
 
+    @staticmethod
+    def _internal_rows(handle: Handle, sql: str, params: Sequence[object] | dict[str, object]) -> list[Any]:
+        guard = handle.guard
+        guard.trusted = True
+        try:
+            return handle.cur.execute(sql, params).fetchall()
+        finally:
+            guard.trusted = False
+
+    def _whole(self, handle: Handle, row: tuple[Any, ...], second: tuple[Any, ...] | None) -> list[Any]:
+        """The whole result of a user read that has a second row (``second``), or one row with values
+        enough to measure: the rest read in chunks under the caps (see shardlite.limits)."""
+        first = [row] if second is None else [row, second, *islice(handle.cur, FIRST_CHUNK - 2)]
+        n = len(first)
+        if n < FIRST_CHUNK and n <= self.settings.max_rows and sum(map(len, first)) <= self._free_values:
+            return first
+        return self._fetch_rest(handle, first)
+
+    def _read_failed(self, handle: Handle, exc: BaseException, sql: str, params: Sequence[object] | dict[str, object],
+                     internal: bool, ticket: Ticket | None, budget: tuple[float, int] | None) -> list[Any]:
+        """A read raised ``exc``: run it again with large values allowed, or say why it failed."""
+        if isinstance(exc, apsw.ReadOnlyError):
+            raise StatementNotAllowed("queries are read-only: write inside router.transaction(key)") from exc
+        self._reset_cursor(handle)
+        if isinstance(exc, apsw.TooBigError) and budget is None:
+            return self._measured(handle, sql, params, internal)
+        if isinstance(exc, apsw.InterruptError) and budget is None:
+            if ticket is not None and ticket.cancelled:
+                raise Cancelled() from None
+            raise QueryTimeout(f"tenant {handle.key!r}: the read ran past statement_timeout="
+                               f"{self.settings.statement_timeout} s and was interrupted; make it cheaper "
+                               "(an index, a LIMIT) or raise statement_timeout") from None
+        raise exc
+
+    def _fetch_rest(self, handle: Handle, first: list[Any]) -> list[Any]:
+        """The rest of a user read that did not fit the fast path, under the caps."""
+        return fetch(handle.cur, max_rows=self.settings.max_rows, max_bytes=self.settings.max_result_bytes,
+                     rows=first, what=f"the read of tenant {handle.key!r}")
+
+    def _measured(self, handle: Handle, sql: str, params: Sequence[object] | dict[str, object],
+                  internal: bool) -> list[Any]:
+        """A read that met a value over FAST_VALUE, run again with values up to the byte cap allowed and
+        every chunk measured (see shardlite.limits)."""
+        conn = handle.conn
+        cap = self.settings.max_result_bytes
+        conn.limit(apsw.SQLITE_LIMIT_LENGTH, cap)
+        guard = handle.guard
+        guard.trusted = internal
+        handle.calls = 0
+        try:
+            return fetch(handle.cur.execute(sql, params), max_rows=self.settings.max_rows, max_bytes=cap,
+                         value_cap=MEASURED, what=f"the read of tenant {handle.key!r}")
+        except apsw.TooBigError:
+            self._reset_cursor(handle)
+            raise ResultTooLarge(f"the read of tenant {handle.key!r} builds a value larger than max_result_bytes="
+                                 f"{cap} bytes; nothing was returned: read it in pieces (substr) or raise "
+                                 "max_result_bytes") from None
+        except BaseException:
+            self._reset_cursor(handle)
+            raise
+        finally:
+            guard.trusted = False
+            conn.limit(apsw.SQLITE_LIMIT_LENGTH, FAST_VALUE)
+
+    @staticmethod
+    def _reset_cursor(handle: Handle) -> None:
+        """Discard whatever the handle's own cursor had left (rows of a read that failed part-way)."""
+        cur = handle.cur
+        handle.cur = handle.conn.cursor()
+        cur.close(True)
+
     def _read_slow(self, key: object, sql: str, params: Sequence[object] | dict[str, object],
-                   role: str = "r", internal: bool = False) -> list[tuple[Any, ...]]:
-        deadline = time.monotonic() + self.move_wait
+                   role: str = "r", internal: bool = False, ticket: Ticket | None = None,
+                   move_wait: float | None = None) -> list[tuple[Any, ...]]:
+        deadline = time.monotonic() + (self.move_wait if move_wait is None else move_wait)
         while True:
-            handle = self.acquire(key, role, create=False)
+            handle = self.acquire(key, role, create=False, move_wait=move_wait)
             try:
-                rows = self._query(handle, sql, params, internal)
+                rows = self._query(handle, sql, params, internal, ticket)
                 if rows is not None:
                     return rows
                 generation = handle.generation

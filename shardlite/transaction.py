@@ -22,7 +22,7 @@ from typing import Any
 import apsw
 
 from .authorizer import INTERNAL_SQL, Guard
-from .errors import ShardliteError, StatementNotAllowed
+from .errors import QueryTimeout, ShardliteError, StatementNotAllowed
 from .keys import canonical
 from .outbox import DEFAULT_MAX_PAYLOAD, check_topic, encode_payload
 from .schema import EMIT_SQL
@@ -48,6 +48,18 @@ def _idle_refs() -> int:
 
 
 _IDLE_REFS = _idle_refs()
+
+
+def _idle_attr_refs() -> int:
+    """``sys.getrefcount(holder.spare)`` for a spare cursor nobody else holds: its slot and the argument
+    (what :func:`sealed` checks without a local name)."""
+    holder = _Holder()
+    holder.spare = object()
+    return _refs(holder.spare)
+
+
+#: see _idle_attr_refs
+IDLE_ATTR_REFS = _idle_attr_refs()
 _EMIT = INTERNAL_SQL + EMIT_SQL
 _KNOWN_MAX = 65536
 
@@ -215,6 +227,7 @@ class _TxCore:
                 cur = conn.cursor()
                 self._adopt(cur)
                 return cur.execute(sql, params)
+            handle.calls = 0  # the statement clock (see Handle.progress)
             cur = handle.spare
             try:
                 if _refs(cur) != _IDLE_REFS:  # the caller holds it: it becomes theirs until the block ends
@@ -235,41 +248,50 @@ class _TxCore:
         except apsw.SQLError as exc:
             _refuse_vacuum(exc)
             raise
+        except apsw.InterruptError:
+            raise _timed_out(self.key, handle) from None
 
     def _adopt(self, cur: apsw.Cursor) -> None:
-        """``cur`` is the caller's until the block ends, when :meth:`_seal` closes it."""
-        given = self._given
-        if given is None:
+        """``cur`` is the caller's until the block ends, when :meth:`_seal` closes it (kept on the handle:
+        a nested block's cursors close with its enclosing transaction)."""
+        handle = self._handle
+        if handle is not None:
+            handle.given.append(cur)
+        elif self._given is None:
             self._given = [cur]
         else:
-            given.append(cur)
+            self._given.append(cur)
 
     def _seal(self, spare: bool = True) -> None:
         """The block ended: close every cursor it handed out that the caller may still hold, so no
         statement of it can run after the block (outside the transaction, without the lock or the fence
         check, or inside another caller's transaction) and none keeps a snapshot of the connection open.
-        ``spare``: also the handle's spare cursor when the caller still holds it (not for a nested block,
-        whose spare belongs to the enclosing transaction too)."""
-        given = self._given
-        if given is not None:
-            self._given = None
-            for held in given:
-                held.close(True)
+        ``spare``: this is the outermost block on the handle (a nested block's cursors, the spare one
+        included, belong to the enclosing transaction too and are closed with it)."""
         handle = self._handle
-        if spare and handle is not None:
-            cur = handle.spare
-            if _refs(cur) != _IDLE_REFS:
-                handle.spare = handle.conn.cursor()
-                cur.close(True)
+        if handle is None:
+            given = self._given
+            if given is not None:
+                self._given = None
+                for held in given:
+                    held.close(True)
+            return
+        if spare:
+            seal_handle(handle)
+
 
     def _executemany(self, sql: str, seq_of_params: Sequence[Params]) -> apsw.Cursor:
         cur = self._check().cursor()
         self._adopt(cur)
+        if self._handle is not None:
+            self._handle.calls = 0
         try:
             return cur.executemany(sql, seq_of_params)
         except apsw.SQLError as exc:
             _refuse_vacuum(exc)
             raise
+        except apsw.InterruptError:
+            raise _timed_out(self.key, self._handle) from None
 
     @property
     def lastrowid(self) -> int:
@@ -359,6 +381,30 @@ class _TxCore:
         return f"<{type(self).__name__} {self.key!r}{'' if self._open else ' ended'}>"
 
 
+def _timed_out(key: str, handle: Any) -> QueryTimeout:
+    """A statement of a transaction ran past its deadline (see Handle.progress); SQLite rolled a write's
+    whole transaction back."""
+    limit = getattr(handle, "limit", None)
+    shown = f"{limit:g} s" if isinstance(limit, float) else "its deadline"
+    return QueryTimeout(f"tenant {key!r}: a statement ran past {shown} and was interrupted; nothing of this "
+                        "transaction is committed: make the statement cheaper (an index, a LIMIT) or raise the "
+                        "router's statement_timeout")
+
+
+def seal_handle(handle: Any) -> None:
+    """Close the cursors the outermost block on ``handle`` handed out that the caller still holds: the
+    adopted ones, and the spare one when it is held (see :meth:`_TxCore._seal`)."""
+    given = handle.given
+    if given:
+        for held in given:
+            held.close(True)
+        given.clear()
+    cur = handle.spare
+    if _refs(cur) != _IDLE_REFS:
+        handle.spare = handle.conn.cursor()
+        cur.close(True)
+
+
 def _refuse_vacuum(exc: apsw.SQLError) -> None:
     """``VACUUM`` never reaches the authorizer: outside a transaction its internal ATTACH is refused, inside
     one SQLite refuses it itself with a bare SQLError, raised here as the refusal it is."""
@@ -415,6 +461,7 @@ class AsyncTransaction(_TxCore):
                 cur = conn.cursor()
                 self._adopt(cur)
                 return cur.execute(sql, params)
+            handle.calls = 0
             cur = handle.spare
             try:
                 if _refs(cur) != _IDLE_REFS:
@@ -433,6 +480,8 @@ class AsyncTransaction(_TxCore):
         except apsw.SQLError as exc:
             _refuse_vacuum(exc)
             raise
+        except apsw.InterruptError:
+            raise _timed_out(self.key, handle) from None
 
     async def executemany(self, sql: str, seq_of_params: Sequence[Params]) -> apsw.Cursor:
         return self._executemany(sql, seq_of_params)

@@ -649,13 +649,13 @@ def test_cheap_reads_stay_inline_and_a_long_read_moves_to_a_worker(data_root: st
                 for i in range(50):
                     await tx.execute("INSERT INTO t(who) VALUES (?)", (f"w{i}",))
             offloaded: list[object] = []
-            plain = ar._call
+            plain = ar._offloaded
 
-            async def counting(fn: Callable[..., Any], *args: Any) -> Any:
-                offloaded.append(fn)
-                return await plain(fn, *args)
+            async def counting(*args: Any) -> Any:
+                offloaded.append(args)
+                return await plain(*args)
 
-            ar._call = counting  # type: ignore[method-assign]
+            ar._offloaded = counting  # type: ignore[method-assign]
             assert await ar.query(K, "SELECT who FROM t WHERE id = ?", (1,)) == [("w0",)]  # cold: a worker
             offloaded.clear()
             for i in range(3000):  # ~20 steps each: far more than the budget in all

@@ -41,6 +41,8 @@ EXPECTED_ALL = [
     "ManifestInvalid",
     "BackupFailed",
     "DirectoryModeWarning",
+    "QueryTimeout",
+    "ResultTooLarge",
     "__version__",
 ]
 
@@ -75,7 +77,8 @@ def test_error_tree() -> None:
     base = shardlite.ShardliteError
     assert issubclass(base, Exception)
     for name in BRIEF_ERRORS + ["StatementNotAllowed", "IdentityMismatch", "UnsupportedSQLite", "TransactionClosed",
-                                "InvalidPassword", "UnknownAccount", "ManifestInvalid", "BackupFailed"]:
+                                "InvalidPassword", "UnknownAccount", "ManifestInvalid", "BackupFailed",
+                                "QueryTimeout", "ResultTooLarge"]:
         cls = getattr(shardlite, name)
         assert inspect.isclass(cls) and issubclass(cls, base), name
     # a refusal is also what APSW code already catches for "not authorized"

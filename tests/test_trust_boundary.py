@@ -35,11 +35,11 @@ def router(make_router: Callable[..., Router]) -> Router:
 
 
 def _texts(exc: BaseException | None) -> str:
-    """Every message in an exception's chain (what a traceback would show)."""
+    """Every message of an exception's chain a traceback shows (a context raised ``from None`` is not)."""
     seen = []
     while exc is not None:
         seen.append(f"{type(exc).__name__}: {exc}")
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__ if exc.__cause__ is not None or exc.__suppress_context__ else exc.__context__
     return "\n".join(seen)
 
 
