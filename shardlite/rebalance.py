@@ -342,6 +342,29 @@ class Rebalancer:
             what = ", ".join(actions) or "nothing to roll back"
             notice(Notice(step, move.key, f"{move.key}: {error or 'cancelled'}; rolled back: {what}"))
 
+    def rescue(self, key: str) -> bool:
+        """Settle an unfinished move of ``key`` whose rebalancer stopped renewing its claim (its lease
+        lapsed): undo it, journaled ``failed`` ("abandoned"; ``resume`` moves it again), or finish it if it
+        had passed its commit point. For a process that finds the tenant frozen and cannot wait for an
+        operator's ``resume`` or ``cancel``. True when a move was settled."""
+        rows = self.db.read("SELECT plan_id FROM _shardlite_moves WHERE key = ? AND step IN ('copying', 'fenced', "
+                            "'switched') AND (owner IS NULL OR lease < ?)", (key, time.time()))
+        settled = False
+        for (plan_id,) in rows:
+            move = self.journal.claim(int(plan_id), key, self.owner, self.lease)
+            if move is None:
+                continue
+            cancelled = self.journal.plan_state(move.plan_id) == "cancelled"
+            with self._heartbeat() as heartbeat:
+                claim = heartbeat.hold(move)
+                try:
+                    self._settle(claim, "cancelled" if cancelled else "failed",
+                                 None if cancelled else "abandoned: its rebalancer stopped renewing its claim", None)
+                finally:
+                    self._let_go(claim, heartbeat)
+            settled = True
+        return settled
+
     # -- cancel, complete, status ------------------------------------------------------------------------
 
     def cancel(self, plan_id: int | None = None, *, wait: float | None = None,

@@ -702,3 +702,27 @@ def test_kill9_while_fenced_then_cancel_leaves_no_tenant_fenced_or_moving(router
 def gread_states(router: Router) -> dict[str, tuple[str, str, int]]:
     return {str(k): (str(s), str(n), int(g)) for k, s, n, g in
             gread(router, "SELECT key, state, node, generation FROM _shardlite_tenants")}
+
+
+def test_a_frozen_tenant_of_a_dead_rebalancer_can_be_rescued_without_the_operator(router: Router) -> None:
+    """``Rebalancer.rescue(key)``: what a process that finds a tenant frozen by a dead rebalancer can call
+    instead of waiting for `resume` or `cancel`."""
+    keys = populate(router, 16)
+    before = contents(router)
+    plan_id, plan = kill_rebalancer_at(router, "fenced")  # its lease is 0.5 s
+    (first,) = [m for m in journal(router, plan_id) if m["step"] == "fenced"]
+    assert file_info(source_path(router, first))[2] is not None
+    other = next(k for k in keys if k != first["key"])
+    assert not router.rebalance.rescue(other)  # nothing abandoned there
+    wait_for_dead_leases(router, plan_id)
+    assert router.rebalance.rescue(first["key"])
+    assert_reachable_now(router.root, [first["key"]], "after the rescue")
+    status = router.rebalance.status(plan_id)
+    assert status["state"] == "applying" and status["failed"] == {
+        first["key"]: "abandoned: its rebalancer stopped renewing its claim"}
+    assert "fence lifted" in status["rolled_back"][first["key"]]
+    assert not router.rebalance.rescue(first["key"])  # settled once
+    assert router.rebalance.resume(plan_id)["steps"] == {"done": len(plan.moves)}
+    before[first["key"]].append((before[first["key"]][-1][0] + 1, "after the rescue"))
+    assert contents(router) == before
+    assert_no_orphans(router, retired_sources(router, plan_id))
