@@ -284,7 +284,7 @@ class Rebalancer:
         claim = heartbeat.hold(move)
         try:
             try:
-                self.mover.run(claim)
+                self.move(claim)
             except LostClaim as exc:
                 self.mover.drop_own_copy(move)
                 self._lift_orphaned_fence(claim)
@@ -297,6 +297,10 @@ class Rebalancer:
         finally:
             self._let_go(claim, heartbeat)
         return move
+
+    def move(self, claim: Claim) -> None:
+        """Run one claimed move to its end (what the worker threads call; see Mover.run for what it raises)."""
+        self.mover.run(claim)
 
     def _lift_orphaned_fence(self, claim: Claim) -> None:
         try:
