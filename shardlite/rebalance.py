@@ -1,33 +1,26 @@
-"""Online tenant moves between nodes: plan, apply, resume, cancel, complete (brief rules 2, 7, 8, 12).
+"""Online tenant moves between nodes: plan, apply, resume, cancel, complete (brief rules 2, 7, 8, 12, 15).
 
-Every plan and every tenant's step is journaled in the global DB (``_shardlite_rebalance``,
-``_shardlite_moves``), so a rebalancer killed at any point resumes (or cancels) to a state with exactly one
-active copy of each tenant and no untracked file. Moves are claimed in the journal with a lease: two
-rebalancers never move the same tenant twice.
+Every plan and every tenant's step is journaled in the global DB (:mod:`shardlite.movejournal`), so a
+rebalancer killed at any point resumes (or cancels) to a state with exactly one active copy of each tenant
+and no untracked file. One move's steps and its undo are in :mod:`shardlite.mover`.
 
-One move, while application processes keep writing (steps as journaled):
+Claims are short leases (``lease``, 10 s by default) that a heartbeat thread renews while the rebalancer
+works (:mod:`shardlite.heartbeat`): two rebalancers never move the same tenant at once, a copy that takes
+longer than the lease keeps its claim, and the moves of a rebalancer that died are taken over once its
+lease lapses, within seconds.
 
-``pending``
-    The tenant must still be where the plan found it (same node and generation), else it is ``skipped``.
-    A new generation is issued for the target and the catalog marks the tenant ``moving``.
-``copying``
-    Copy through the backup API from a pinned snapshot of the source, then verify the copy fully:
-    ``integrity_check``, per-table row counts and the content digest equal to the snapshot's.
-``fenced``
-    Inside the source's own write lock, write the retired marker into the source file. From its commit on,
-    every writer (in any process) finds it right after ``BEGIN IMMEDIATE`` and waits for the catalog to
-    point elsewhere; the source is frozen. Then copy again (one backup step: a consistent snapshot), check
-    cheaply that the copy's page image equals the source's, clear the marker in the copy, fsync the copy
-    and its directory, and link it into place.
-``switched``
-    The catalog flips to the target node and generation (compare-and-set on the old generation): the
-    commit point. Stale writers re-resolve and retry at the new home; the write pause they saw is
-    recorded (``pause_ms``).
-``done``
-    The retired source file stays (its name is never reused) until ``rebalance complete``.
+Failures are confined: a move that fails for any reason (its copy did not verify, its target node is full,
+its source stayed locked) is undone at once (partial copies removed, fence lifted, catalog state back to
+``active``), journaled ``failed`` with its error, and its claim released; the other moves go on, and
+``resume`` tries the failed ones again.
 
-Resume redoes an interrupted step from its start (each is idempotent); cancel undoes unfinished moves
-(removes partial copies, lifts the fence while the catalog still points at the source).
+``cancel`` leaves no tenant fenced or moving: it undoes every unfinished move it can claim, waits (bounded)
+for live rebalancers to undo the moves they hold (they notice the cancel at their next step or heartbeat)
+and takes over the moves of dead ones once their lease lapses. It can be run again on a cancelled plan
+that still has moves to undo. Moves past their commit point are finished instead: they are done.
+
+``apply``, ``resume`` and ``cancel`` say what they wait for through ``notice`` (which tenant, which owner,
+until when), and what failed or was rolled back.
 """
 
 from __future__ import annotations
@@ -43,129 +36,109 @@ from dataclasses import dataclass
 from typing import Any
 
 from .authorizer import INTERNAL_SQL as _I
-from .copying import (
-    backup_into,
-    integrity_ok,
-    open_source,
-    open_trusted,
-    page_digest,
-    read_snapshot,
-    remove_db_files,
-    row_counts,
-)
-from .engine import ensure_private_dir, fsync_dir, fsync_path
-from .errors import ConfigurationError, ShardliteError
-from .placement import tenant_relpath
+from .copying import remove_db_files
+from .errors import ConfigurationError
+from .heartbeat import Claim, Heartbeat
+from .movejournal import MAX_LISTED, STEPS, Journal, LostClaim, MoveRow, PlanCancelled
+from .mover import MoveFailed, Mover, NodeFull
 from .planning import Placement, Plan, fingerprint, plan_moves
 from .store import Store
 
-__all__ = ["Rebalancer", "MoveRow", "MoveFailed", "LostClaim", "STEPS"]
+__all__ = ["Rebalancer", "MoveRow", "MoveFailed", "NodeFull", "LostClaim", "Notice", "STEPS", "DEFAULT_LEASE"]
 
-STEPS = ("pending", "copying", "fenced", "switched", "done")
-_FINISHED = ("done", "skipped", "cancelled", "completed")
-_COLUMNS = ("plan_id, key, source, target, source_generation, target_generation, size, step, owner, lease, "
-            "error, pause_ms")
+#: Seconds a claim on a move holds without renewal (a live rebalancer renews it every third of that).
+DEFAULT_LEASE = 10.0
+_POLL = 0.2  # seconds between looks at moves other rebalancers hold
 
 
-@dataclass
-class MoveRow:
-    plan_id: int
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something a long-running rebalance command reports as it happens (``str()`` is one line).
+
+    ``kind``: ``"waiting"`` (a move another rebalancer holds), ``"taking over"`` (a dead owner's move),
+    ``"failed"`` / ``"cancelled"`` (a move undone, and what was rolled back), ``"undo failed"``, ``"lost"``,
+    ``"gave up"`` (cancel stopped waiting for a move it could not undo yet).
+    """
+
+    kind: str
     key: str
-    source: str
-    target: str
-    source_generation: int
-    target_generation: int | None
-    size: int
-    step: str
-    owner: str | None
-    lease: float
-    error: str | None
-    pause_ms: float | None
+    text: str
+    owner: str | None = None
+    until: float | None = None
+
+    def __str__(self) -> str:
+        return self.text
 
 
-class MoveFailed(ShardliteError):
-    """A copy did not verify; the move stays at its step and can be resumed or cancelled."""
+NoticeFn = Callable[[Notice], None]
 
 
-class LostClaim(ShardliteError):
-    """Another rebalancer took over a move whose lease ran out; this one stops working on it."""
+def _clock(at: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(at)) + f" (in {max(0.0, at - time.time()):.1f} s)"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class _Waits:
+    """Reports each (move, owner) a command waits for once."""
+
+    def __init__(self, notice: NoticeFn | None, why: str) -> None:
+        self.notice = notice
+        self.why = why
+        self.seen: set[tuple[str, str | None]] = set()
+
+    def report(self, held: list[MoveRow]) -> None:
+        for move in held:
+            if self.notice is None or (move.key, move.owner) in self.seen:
+                continue
+            self.seen.add((move.key, move.owner))
+            self.notice(Notice("waiting", move.key, f"waiting for {move.key} (step {move.step}): held by "
+                               f"{move.owner}, lease until {_clock(move.lease)}; {self.why}",
+                               move.owner, move.lease))
 
 
 class Rebalancer:
-    """Plans and runs tenant moves for one data root. ``fault(step)`` is a test hook called after each
-    journaled step ("copying", "copied", "fenced", "linked", "switched")."""
+    """Plans and runs tenant moves for one data root.
 
-    def __init__(self, store: Store, *, lease: float = 300.0) -> None:
+    ``lease``: seconds a claim holds without renewal (renewed every ``lease / 3`` while working).
+    ``reserve``: bytes a target node keeps free after the moves planned onto it.
+    ``fault(step)``: a test hook called after each journaled step (see :class:`~shardlite.mover.Mover`).
+    """
+
+    def __init__(self, store: Store, *, lease: float = DEFAULT_LEASE) -> None:
         self.store = store
         self.db = store.globaldb
         self.lease = lease
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self.fault: Callable[[str], None] | None = None
+        self.journal = Journal(self.db)
+        self.mover = Mover(store, self.journal, self.owner)
 
-    # -- journal ----------------------------------------------------------------------------------------
+    @property
+    def fault(self) -> Callable[[str], None] | None:
+        return self.mover.fault
 
-    def _moves(self, plan_id: int) -> list[MoveRow]:
-        rows = self.db.read(f"SELECT {_COLUMNS} FROM _shardlite_moves WHERE plan_id = ? ORDER BY source, key",
-                            (plan_id,))
-        return [MoveRow(*row) for row in rows]
+    @fault.setter
+    def fault(self, hook: Callable[[str], None] | None) -> None:
+        self.mover.fault = hook
 
-    def _set_step(self, move: MoveRow, step: str, **fields: Any) -> None:
-        """Journal ``step`` (renewing our lease); :class:`LostClaim` if another rebalancer took the move."""
-        sets = "".join(f", {name} = ?" for name in fields)
-        now = time.time()
-        with self.db.write() as conn:
-            conn.execute(_I + f"UPDATE _shardlite_moves SET step = ?, updated = ?, lease = ?{sets} "
-                         "WHERE plan_id = ? AND key = ? AND owner = ?",
-                         (step, now, now + self.lease, *fields.values(), move.plan_id, move.key, self.owner))
-            if conn.changes() != 1:
-                raise LostClaim(f"another rebalancer took over the move of {move.key!r}")
-        move.step = step
-        for name, value in fields.items():
-            setattr(move, name, value)
-        if self.fault is not None:
-            self.fault(step)
+    @property
+    def reserve(self) -> int:
+        return self.mover.reserve
 
-    def _renew(self, move: MoveRow) -> None:
-        """Check we still own ``move`` (and extend the lease) right before an irreversible action."""
-        self._set_step(move, move.step)
+    @reserve.setter
+    def reserve(self, value: int) -> None:
+        self.mover.reserve = value
 
-    def _claim(self, move: MoveRow) -> MoveRow | None:
-        """Take ``move`` unless a live rebalancer holds it; the journal's current row, or None."""
-        now = time.time()
-        with self.db.write() as conn:
-            conn.execute(_I + "UPDATE _shardlite_moves SET owner = ?, lease = ? WHERE plan_id = ? AND key = ? "
-                         "AND (owner IS NULL OR owner = ? OR lease < ?)",
-                         (self.owner, now + self.lease, move.plan_id, move.key, self.owner, now))
-            if conn.changes() != 1:
-                return None
-            row: list[Any] = conn.execute(f"SELECT {_COLUMNS} FROM _shardlite_moves WHERE plan_id = ? AND key = ?",
-                               (move.plan_id, move.key)).fetchall()
-        return MoveRow(*row[0])
+    def _heartbeat(self) -> Heartbeat:
+        return Heartbeat(self.journal, self.owner, lambda: self.lease)
 
-    def _release(self, move: MoveRow) -> None:
-        with self.db.write() as conn:
-            conn.execute(_I + "UPDATE _shardlite_moves SET owner = NULL, lease = 0 WHERE plan_id = ? AND key = ? "
-                         "AND owner = ?", (move.plan_id, move.key, self.owner))
+    # -- planning ---------------------------------------------------------------------------------------
 
     def plans(self) -> list[dict[str, Any]]:
         rows = self.db.read("SELECT id, created, state, summary FROM _shardlite_rebalance ORDER BY id DESC LIMIT 20")
         return [{"id": r[0], "created": r[1], "state": r[2], **json.loads(r[3])} for r in rows]
-
-    def _plan_row(self, plan_id: int | None, states: tuple[str, ...]) -> tuple[int, str, str]:
-        marks = ", ".join("?" for _ in states)
-        if plan_id is None:
-            rows = self.db.read(f"SELECT id, state, fingerprint FROM _shardlite_rebalance WHERE state IN ({marks}) "
-                                "ORDER BY id DESC LIMIT 1", states)
-        else:
-            rows = self.db.read(f"SELECT id, state, fingerprint FROM _shardlite_rebalance WHERE id = ? AND state IN "
-                                f"({marks})", (plan_id, *states))
-        if not rows:
-            wanted = " or ".join(states)
-            raise ConfigurationError(f"no {wanted} rebalance plan{'' if plan_id is None else f' {plan_id}'} "
-                                     "(`shardlite rebalance plan` makes one)")
-        return int(rows[0][0]), str(rows[0][1]), str(rows[0][2])
-
-    # -- planning ---------------------------------------------------------------------------------------
 
     def _placements(self) -> list[Placement]:
         store = self.store
@@ -177,19 +150,31 @@ class Rebalancer:
         return result
 
     def compute(self) -> Plan:
-        """The plan for the catalog as it is now (nothing recorded)."""
+        """The plan for the catalog as it is now (nothing recorded). Moves that do not fit on their
+        target node's file system (``os.statvfs``, ``reserve`` kept free) are left out, with the reason."""
         nodes = self.store.catalog.nodes()
         weights = {n.name: n.weight for n in nodes if n.state == "active"}
         if not weights:
             raise ConfigurationError("no active node to move tenants to")
-        return plan_moves(self._placements(), weights, [n.name for n in nodes if n.state == "draining"])
+        free: dict[str, int] = {}
+        volumes: dict[str, int] = {}
+        for node in nodes:
+            if node.state == "active":
+                try:
+                    st = os.statvfs(node.path)
+                    free[node.name] = st.f_bavail * st.f_frsize
+                    volumes[node.name] = os.stat(node.path).st_dev
+                except OSError:
+                    pass  # unknown: not limited here; a move onto it fails with a clear error
+        return plan_moves(self._placements(), weights, [n.name for n in nodes if n.state == "draining"],
+                          free=free, volumes=volumes, reserve=self.reserve)
 
     def _current_fingerprint(self, plan_id: int) -> str:
         """The plan's fingerprint recomputed from the catalog as it is now (see planning.fingerprint)."""
         catalog = self.store.catalog
         nodes = catalog.nodes()
         placements = []
-        for move in self._moves(plan_id):
+        for move in self.journal.moves(plan_id):
             record = catalog.lookup(move.key)
             if record is not None and record.state in ("active", "moving"):
                 placements.append(Placement(record.key, record.node, record.generation))
@@ -200,8 +185,15 @@ class Rebalancer:
         """Compute and record a plan (older unapplied plans are superseded)."""
         if self.db.read("SELECT 1 FROM _shardlite_rebalance WHERE state = 'applying'"):
             raise ConfigurationError("a rebalance is being applied: `shardlite rebalance resume` or `cancel` it first")
+        unfinished = self.journal.unfinished_plans("cancelled")
+        if unfinished:
+            raise ConfigurationError(f"plan {unfinished[0]} was cancelled but some of its moves are not undone "
+                                     "yet: run `shardlite rebalance cancel` again first")
         plan = self.compute()
-        summary = {"moves": len(plan.moves), "bytes": plan.bytes, "before": plan.before, "after": plan.after}
+        left_out = [{"key": o.move.key, "from": o.move.source, "to": o.move.target, "bytes": o.move.size,
+                     "reason": o.reason} for o in plan.left_out[:MAX_LISTED]]
+        summary = {"moves": len(plan.moves), "bytes": plan.bytes, "before": plan.before, "after": plan.after,
+                   "left_out": left_out, "left_out_count": len(plan.left_out)}
         now = time.time()
         with self.db.write() as conn:
             conn.execute(_I + "UPDATE _shardlite_rebalance SET state = 'superseded' WHERE state = 'planned'")
@@ -216,250 +208,239 @@ class Rebalancer:
     # -- applying ---------------------------------------------------------------------------------------
 
     def apply(self, plan_id: int | None = None, *, parallel: int = 1, pause_ms: float = 0.0,
-              progress: Callable[[MoveRow], None] | None = None) -> dict[str, Any]:
-        """Apply the latest planned plan (refused when the catalog changed since: the plan is stale)."""
-        plan_id, _state, fp = self._plan_row(plan_id, ("planned",))
+              progress: Callable[[MoveRow], None] | None = None,
+              notice: NoticeFn | None = None) -> dict[str, Any]:
+        """Apply the latest planned plan (refused when the catalog changed since: the plan is stale).
+
+        Returns the plan's status: ``done`` when every move finished; still ``applying`` when some
+        failed (undone, with their error: ``resume`` tries them again). ``progress(move)`` is called
+        after each move this call worked on; ``notice`` gets what it waits for and what it undid."""
+        plan_id, _state, fp = self.journal.plan_row(plan_id, ("planned",))
         if self._current_fingerprint(plan_id) != fp:
             raise ConfigurationError("the plan is stale: the catalog changed since it was made; run "
                                      "`shardlite rebalance plan` again")
-        with self.db.write() as conn:
-            conn.execute(_I + "UPDATE _shardlite_rebalance SET state = 'applying' WHERE id = ?", (plan_id,))
-        return self._run(plan_id, parallel=parallel, pause_ms=pause_ms, progress=progress)
+        self.journal.set_plan_state(plan_id, "applying", only_from=("planned",))
+        return self._run(plan_id, parallel=parallel, pause_ms=pause_ms, progress=progress, notice=notice)
 
     def resume(self, plan_id: int | None = None, *, parallel: int = 1, pause_ms: float = 0.0,
-               progress: Callable[[MoveRow], None] | None = None) -> dict[str, Any]:
-        """Continue an interrupted apply from each move's journaled step."""
-        plan_id, _, _ = self._plan_row(plan_id, ("applying",))
-        return self._run(plan_id, parallel=parallel, pause_ms=pause_ms, progress=progress)
+               progress: Callable[[MoveRow], None] | None = None,
+               notice: NoticeFn | None = None) -> dict[str, Any]:
+        """Continue an applying plan: each unfinished move from its journaled step, failed moves from the
+        start. Moves a live rebalancer holds are left to it (this call waits for them to finish); a dead
+        one's moves are taken over once its lease lapses."""
+        try:
+            plan_id, _, _ = self.journal.plan_row(plan_id, ("applying",))
+        except ConfigurationError:
+            cancelled = self.journal.unfinished_plans("cancelled")
+            if cancelled:
+                raise ConfigurationError(f"plan {cancelled[0]} was cancelled and some of its moves are not undone "
+                                         "yet: `shardlite rebalance cancel` undoes them") from None
+            raise
+        return self._run(plan_id, parallel=parallel, pause_ms=pause_ms, progress=progress, notice=notice)
 
     def _run(self, plan_id: int, *, parallel: int, pause_ms: float,
-             progress: Callable[[MoveRow], None] | None) -> dict[str, Any]:
-        todo = [m for m in self._moves(plan_id) if m.step not in _FINISHED]
+             progress: Callable[[MoveRow], None] | None, notice: NoticeFn | None) -> dict[str, Any]:
+        tried: set[str] = set()  # each move is attempted once per call; a failed one waits for the next resume
+        waits = _Waits(notice, "a live rebalancer renews its lease while it works; a dead one's move is "
+                               "taken over when the lease lapses")
 
         def one(planned: MoveRow) -> None:
-            if self._plan_state(plan_id) != "applying":
+            if self.journal.plan_state(plan_id) != "applying":
                 return  # cancelled meanwhile: take no new move
-            move = self._claim(planned)
-            if move is None or move.step in _FINISHED:
-                return  # another rebalancer owns it, or finished it meanwhile
-            try:
-                self.move(move)
-            except Exception as exc:  # noqa: BLE001 - recorded in the journal; the others go on
-                with self.db.write() as conn:
-                    conn.execute(_I + "UPDATE _shardlite_moves SET error = ? WHERE plan_id = ? AND key = ?",
-                                 (f"{type(exc).__name__}: {exc}", move.plan_id, move.key))
-                move.error = f"{type(exc).__name__}: {exc}"
+            move = self._attempt(planned, heartbeat, notice)
+            if move is None:
+                return  # another rebalancer holds it, or finished it meanwhile
+            tried.add(move.key)
             if progress is not None:
                 progress(move)
             if pause_ms > 0:
                 time.sleep(pause_ms / 1000)
 
-        while True:
-            with ThreadPoolExecutor(max_workers=max(1, parallel)) as executor:
-                list(executor.map(one, todo))
-            todo = self._await_foreign_leases(plan_id)
-            if not todo or self._plan_state(plan_id) != "applying":
-                break
-        moves = self._moves(plan_id)
-        if all(m.step in _FINISHED for m in moves):
-            with self.db.write() as conn:
-                conn.execute(_I + "UPDATE _shardlite_rebalance SET state = 'done' WHERE id = ? AND state = 'applying'",
-                             (plan_id,))
+        with self._heartbeat() as heartbeat:
+            while self.journal.plan_state(plan_id) == "applying":
+                now = time.time()
+                left = [m for m in self.journal.moves(plan_id) if not m.finished and m.key not in tried]
+                free = [m for m in left if not m.held_by_other(self.owner, now)]
+                if free:
+                    with ThreadPoolExecutor(max_workers=max(1, parallel)) as executor:
+                        list(executor.map(one, free))
+                    continue
+                if not left:
+                    break
+                waits.report(left)
+                time.sleep(min(_POLL, max(0.0, min(m.lease for m in left) - now) + 0.01))
+        if all(m.finished for m in self.journal.moves(plan_id)):
+            self.journal.set_plan_state(plan_id, "done", only_from=("applying",))
         return self.status(plan_id)
 
-    def _await_foreign_leases(self, plan_id: int, until: float = float("inf")) -> list[MoveRow]:
-        """Unfinished moves held by other rebalancers: wait until the first lease runs out (a live owner
-        renews it at every step; a dead one's lapses) and return them to be tried again. Returns [] when
-        no held lease lapses before ``until`` (a wall-clock time)."""
-        held = [m for m in self._moves(plan_id)
-                if m.step not in _FINISHED and m.owner not in (None, self.owner) and m.lease > time.time()]
-        if not held or min(m.lease for m in held) > until:
-            return []
-        time.sleep(min(max(0.0, min(m.lease for m in held) - time.time()) + 0.01, 1.0))
-        return held
-
-    def _plan_state(self, plan_id: int) -> str:
-        return str(self.db.read("SELECT state FROM _shardlite_rebalance WHERE id = ?", (plan_id,))[0][0])
-
-    def _paths(self, move: MoveRow) -> tuple[str, str]:
-        store = self.store
-        source = os.path.join(store.node_path(move.source), tenant_relpath(move.key, move.source_generation))
-        assert move.target_generation is not None
-        target = os.path.join(store.node_path(move.target), tenant_relpath(move.key, move.target_generation))
-        return source, target
-
-    def move(self, move: MoveRow) -> None:
-        """Run one move from its journaled step to ``done``."""
-        catalog = self.store.catalog
-        if move.step == "pending":
-            record = catalog.lookup(move.key)
-            if (record is None or record.state not in ("active", "moving") or record.node != move.source
-                    or record.generation != move.source_generation):
-                self._set_step(move, "skipped", error="stale: the tenant changed since the plan")
-                return
-            generation = catalog.allocate_generation(move.key, move.target, "move")
-            if record.state == "active":
-                catalog.set_state(move.key, "moving", expect_generation=move.source_generation)
-            self._set_step(move, "copying", target_generation=generation)
-        fenced_at: float | None = None
-        if move.step == "copying":
-            self._copy_and_verify(move)
-            fenced_at = time.monotonic()
-            self._fence(move)
-            self._set_step(move, "fenced")
-        if move.step == "fenced":
-            record = catalog.lookup(move.key)
-            assert move.target_generation is not None
-            if record is None or record.generation != move.target_generation:
-                # Not flipped yet (a resume may find the flip done: then the copy is live, never redo it).
-                self._final_copy(move)
-                self._renew(move)
-                catalog.flip(move.key, from_generation=move.source_generation, node=move.target,
-                             generation=move.target_generation)
-            self.store.forget(move.key)
-            pause = None if fenced_at is None else (time.monotonic() - fenced_at) * 1000
-            self._set_step(move, "switched", pause_ms=pause)
-        if move.step == "switched":
-            self._set_step(move, "done")
-            self._release(move)
-
-    def _copy_and_verify(self, move: MoveRow) -> None:
-        source_path, target_path = self._paths(move)
-        temp = target_path + ".moving"
-        remove_db_files(temp)
-        ensure_private_dir(os.path.dirname(temp))
-        source = open_source(source_path)
+    def _attempt(self, planned: MoveRow, heartbeat: Heartbeat, notice: NoticeFn | None) -> MoveRow | None:
+        """Claim one move and run it to its end; a failure is undone and journaled ``failed``."""
+        move = self.journal.claim(planned.plan_id, planned.key, self.owner, self.lease)
+        if move is None:
+            return None
+        if notice is not None and planned.owner not in (None, self.owner):
+            notice(Notice("taking over", move.key, f"taking over {move.key} at step {move.step} from "
+                          f"{planned.owner} (its lease ran out)", planned.owner, planned.lease))
+        claim = heartbeat.hold(move)
         try:
-            dest = open_trusted(temp, create=True)
-            dest.execute("PRAGMA synchronous=OFF")  # a scratch file: fsynced explicitly before it is linked
             try:
-                with read_snapshot(source):
-                    expected = row_counts(source), page_digest(source)
-                    backup_into(dest, source)
-                if not integrity_ok(dest) or (row_counts(dest), page_digest(dest)) != expected:
-                    raise MoveFailed(f"the copy of {move.key!r} does not match its source snapshot")
-            finally:
-                dest.close()
+                self.move(claim)
+            except LostClaim as exc:
+                self.mover.drop_own_copy(move)
+                self._lift_orphaned_fence(claim)
+                if notice is not None:
+                    notice(Notice("lost", move.key, f"{move.key}: {exc}; left to the new owner"))
+            except PlanCancelled:
+                self._settle(claim, "cancelled", None, notice)
+            except Exception as exc:  # noqa: BLE001 - any failure is undone and journaled; the others go on
+                self._settle(claim, "failed", _describe(exc), notice)
         finally:
-            source.close()
-        if self.fault is not None:
-            self.fault("copied")
+            self._let_go(claim, heartbeat)
+        return move
 
-    def _fence(self, move: MoveRow) -> None:
-        source_path, _ = self._paths(move)
-        conn = open_source(source_path, busy_timeout_ms=self.store.settings.busy_timeout_ms)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                key = conn.execute("SELECT key FROM _shardlite_meta WHERE id = 1").fetchall()[0][0]
-                if key != move.key:
-                    raise MoveFailed(f"{source_path} holds {key!r}, not {move.key!r}")
-                conn.execute("UPDATE _shardlite_meta SET retired = ? WHERE id = 1",
-                             (f"moved:{move.target}:{move.target_generation}",))
-                conn.execute("COMMIT")
-            except BaseException:
-                if not conn.get_autocommit():
-                    conn.execute("ROLLBACK")
-                raise
-        finally:
-            conn.close()
+    def move(self, claim: Claim) -> None:
+        """Run one claimed move to its end (what the worker threads call; see Mover.run for what it raises)."""
+        self.mover.run(claim)
 
-    def _final_copy(self, move: MoveRow) -> None:
-        """Under the fence: copy the frozen source, check it cheaply, unmark the copy, fsync, link."""
-        source_path, target_path = self._paths(move)
-        temp = target_path + ".moving"
-        remove_db_files(temp)
-        source = open_source(source_path)
+    def _lift_orphaned_fence(self, claim: Claim) -> None:
         try:
-            dest = open_trusted(temp, create=True)
-            dest.execute("PRAGMA synchronous=OFF")  # a scratch file: fsynced explicitly before it is linked
+            self.mover.lift_orphaned_fence(claim, wait=self.lease)
+        except Exception:  # noqa: BLE001 - best effort: the new owner's undo or a later cancel lifts it
+            pass
+
+    def _let_go(self, claim: Claim, heartbeat: Heartbeat) -> None:
+        heartbeat.drop(claim)
+        try:
+            self.journal.release(claim.move, self.owner)
+        except Exception:  # noqa: BLE001 - a busy global DB: the lease lapses within seconds anyway
+            pass
+
+    def _settle(self, claim: Claim, step: str, error: str | None, notice: NoticeFn | None) -> None:
+        """Undo a claimed move and journal it as ``step`` (``failed`` with ``error``, or ``cancelled``)."""
+        move = claim.move
+        try:
+            actions = self.mover.undo(claim)
+        except LostClaim:
+            self.mover.drop_own_copy(move)
+            self._lift_orphaned_fence(claim)
+            return
+        except Exception as exc:  # noqa: BLE001 - recorded; resume or cancel tries the undo again
+            text = f"{error}; undo failed: {_describe(exc)}" if error else f"undo failed: {_describe(exc)}"
             try:
-                with read_snapshot(source):
-                    backup_into(dest, source)
-                    if page_digest(dest) != page_digest(source):
-                        raise MoveFailed(f"the final copy of {move.key!r} differs from its fenced source")
-                dest.execute("UPDATE _shardlite_meta SET retired = NULL WHERE id = 1")
-                dest.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-            finally:
-                dest.close()
-        finally:
-            source.close()
-        fsync_path(temp)  # the content is durable before any name points at it
-        if os.path.exists(target_path):
-            remove_db_files(target_path)  # a link from an attempt that died before the flip
-        os.link(temp, target_path)
-        os.unlink(temp)
-        fsync_dir(os.path.dirname(target_path))  # one directory sync makes the link (and the unlink) durable
-        if self.fault is not None:
-            self.fault("linked")
+                self.journal.record_error(move, self.owner, text)
+            except Exception:  # noqa: BLE001 - the move stays at its step: resume or cancel sees it
+                pass
+            if notice is not None:
+                notice(Notice("undo failed", move.key, f"{move.key}: {text}"))
+            return
+        if actions is None:
+            return  # past its commit point: finished (done) instead
+        fields: dict[str, object] = {} if error is None else {"error": error}
+        try:
+            self.journal.set_step(move, self.owner, step, applying=False, **fields)
+        except LostClaim:
+            return
+        if actions:
+            self.journal.note_rollback(move.plan_id, move.key, ", ".join(actions))
+        if notice is not None:
+            what = ", ".join(actions) or "nothing to roll back"
+            notice(Notice(step, move.key, f"{move.key}: {error or 'cancelled'}; rolled back: {what}"))
+
+    def rescue(self, key: str) -> bool:
+        """Settle an unfinished move of ``key`` whose rebalancer stopped renewing its claim (its lease
+        lapsed): undo it, journaled ``failed`` ("abandoned"; ``resume`` moves it again), or finish it if it
+        had passed its commit point. For a process that finds the tenant frozen and cannot wait for an
+        operator's ``resume`` or ``cancel``. True when a move was settled."""
+        rows = self.db.read("SELECT plan_id FROM _shardlite_moves WHERE key = ? AND step IN ('copying', 'fenced', "
+                            "'switched') AND (owner IS NULL OR lease < ?)", (key, time.time()))
+        settled = False
+        for (plan_id,) in rows:
+            move = self.journal.claim(int(plan_id), key, self.owner, self.lease)
+            if move is None:
+                continue
+            cancelled = self.journal.plan_state(move.plan_id) == "cancelled"
+            with self._heartbeat() as heartbeat:
+                claim = heartbeat.hold(move)
+                try:
+                    self._settle(claim, "cancelled" if cancelled else "failed",
+                                 None if cancelled else "abandoned: its rebalancer stopped renewing its claim", None)
+                finally:
+                    self._let_go(claim, heartbeat)
+            settled = True
+        return settled
 
     # -- cancel, complete, status ------------------------------------------------------------------------
 
-    def cancel(self, plan_id: int | None = None, *, wait: float = 15.0) -> dict[str, Any]:
+    def cancel(self, plan_id: int | None = None, *, wait: float | None = None,
+               notice: NoticeFn | None = None) -> dict[str, Any]:
         """Stop a planned or applying plan and undo its unfinished moves; finished ones stay (``complete``
-        removes their retired copies). A move another live rebalancer is working on is left to it: it
-        finishes that move and takes no other. Moves held by a rebalancer that died are undone once its
-        lease lapses, if that happens within ``wait`` seconds (``cancel`` again later otherwise)."""
-        plan_id, _, _ = self._plan_row(plan_id, ("applying", "planned"))
-        with self.db.write() as conn:
-            conn.execute(_I + "UPDATE _shardlite_rebalance SET state = 'cancelled' WHERE id = ?", (plan_id,))
-        catalog = self.store.catalog
-        deadline = time.time() + wait
-        todo = self._moves(plan_id)
-        while todo:
-            for planned in todo:
-                self._cancel_one(planned, catalog)
-            todo = self._await_foreign_leases(plan_id, until=deadline)
+        removes their retired copies). Also runs again on a cancelled plan with moves left to undo.
+
+        Moves no live rebalancer holds are undone here. A live rebalancer holding one notices the cancel
+        at its next step or heartbeat and undoes it itself; a dead one's moves are undone here once its
+        lease lapses. This call waits for both up to ``wait`` seconds (default: the larger of 30 s and
+        three leases), reporting what it waits for through ``notice``; the returned status lists under
+        ``held`` any move still held when it gave up (``cancel`` again later)."""
+        plan_id = self._cancellable(plan_id)
+        self.journal.set_plan_state(plan_id, "cancelled")
+        deadline = time.monotonic() + (max(30.0, 3 * self.lease) if wait is None else wait)
+        waits = _Waits(notice, "its owner undoes it when it notices the cancel; if the owner is dead it is "
+                               "undone here when the lease lapses")
+        with self._heartbeat() as heartbeat:
+            while True:
+                self.journal.cancel_unstarted(plan_id, self.owner)
+                now = time.time()
+                left = [m for m in self.journal.moves(plan_id) if not m.finished]
+                free = [m for m in left if not m.held_by_other(self.owner, now)]
+                for planned in free:
+                    move = self.journal.claim(planned.plan_id, planned.key, self.owner, self.lease)
+                    if move is not None:
+                        claim = heartbeat.hold(move)
+                        try:
+                            self._settle(claim, "cancelled", None, notice)
+                        finally:
+                            self._let_go(claim, heartbeat)
+                left = [m for m in self.journal.moves(plan_id) if not m.finished]
+                if not left:
+                    break
+                if time.monotonic() >= deadline:
+                    for move in left:
+                        if notice is not None:
+                            notice(Notice("gave up", move.key, f"not undone yet: {move.key} (step {move.step}): "
+                                          f"held by {move.owner}, lease until {_clock(move.lease)}; run "
+                                          "`shardlite rebalance cancel` again", move.owner, move.lease))
+                    break
+                waits.report([m for m in left if m.held_by_other(self.owner, time.time())])
+                time.sleep(_POLL)
         return self.status(plan_id)
 
-    def _cancel_one(self, planned: MoveRow, catalog: Any) -> None:
-        """Undo one unfinished move (unless another live rebalancer holds it)."""
-        if planned.step in _FINISHED:
-            return
-        move = self._claim(planned)
-        if move is None or move.step in _FINISHED:
-            return
-        if move.step == "switched":  # past the commit point: it is done, only the journal lagged
-            self._set_step(move, "done")
-            self._release(move)
-            return
-        if move.target_generation is not None:
-            source_path, target_path = self._paths(move)
-            remove_db_files(target_path + ".moving")
-            record = catalog.lookup(move.key)
-            if record is not None and record.generation == move.source_generation:
-                remove_db_files(target_path)
-                self._unfence(source_path)
-                if record.state == "moving":
-                    catalog.set_state(move.key, "active", expect_generation=move.source_generation)
-        self._set_step(move, "cancelled")
-        self._release(move)
-
-    def _unfence(self, source_path: str) -> None:
-        if not os.path.exists(source_path):
-            return
-        conn = open_trusted(source_path, busy_timeout_ms=self.store.settings.busy_timeout_ms)
-        try:
-            conn.execute("UPDATE _shardlite_meta SET retired = NULL WHERE id = 1 AND retired LIKE 'moved:%'")
-        finally:
-            conn.close()
+    def _cancellable(self, plan_id: int | None) -> int:
+        if plan_id is not None:
+            return self.journal.plan_row(plan_id, ("applying", "planned", "cancelled"))[0]
+        candidates = self.db.read("SELECT id FROM _shardlite_rebalance WHERE state IN ('applying', 'planned') "
+                                  "ORDER BY id DESC LIMIT 1")
+        found = [int(candidates[0][0])] if candidates else []
+        found += self.journal.unfinished_plans("cancelled")[:1]
+        if not found:
+            raise ConfigurationError("no applying or planned rebalance plan, and no cancelled one with moves left "
+                                     "to undo (`shardlite rebalance plan` makes one)")
+        return max(found)
 
     def complete(self, plan_id: int | None = None) -> dict[str, Any]:
         """Delete the retired source files of finished moves; remove drained nodes left empty."""
-        plan_id, _, _ = self._plan_row(plan_id, ("done", "cancelled"))
+        plan_id, _, _ = self.journal.plan_row(plan_id, ("done", "cancelled"))
         removed = 0
-        for move in self._moves(plan_id):
+        for move in self.journal.moves(plan_id):
             if move.step != "done":
                 continue  # a finished move is final: no claim needed to drop its retired copy
-            source_path, _ = self._paths(move)
+            source_path, _ = self.mover.paths(move)
             if os.path.exists(source_path):
                 removed += 1
             remove_db_files(source_path)
             with self.db.write() as conn:
                 conn.execute(_I + "UPDATE _shardlite_moves SET step = 'completed', updated = ? WHERE plan_id = ? "
                              "AND key = ? AND step = 'done'", (time.time(), plan_id, move.key))
-        with self.db.write() as conn:
-            conn.execute(_I + "UPDATE _shardlite_rebalance SET state = 'completed' WHERE id = ?", (plan_id,))
+        self.journal.set_plan_state(plan_id, "completed")
         counts = self.store.catalog.count_tenants()
         for node in self.store.catalog.nodes():
             if node.state == "draining" and counts.get(node.name, 0) == 0:
@@ -468,20 +449,34 @@ class Rebalancer:
         return self.status(plan_id) | {"retired_files_removed": removed}
 
     def status(self, plan_id: int | None = None) -> dict[str, Any]:
+        """The plan's state and summary, moves per step, and per key: ``errors`` (unfinished or skipped
+        moves with their error; ``failed`` ones were undone), ``rolled_back`` (what an undo did),
+        ``held`` (unfinished moves a rebalancer holds: owner, step, lease end), ``left_out`` (moves the
+        plan left out, with the reason)."""
         if plan_id is None:
             rows = self.db.read("SELECT id FROM _shardlite_rebalance ORDER BY id DESC LIMIT 1")
             if not rows:
                 return {"plan": None}
             plan_id = int(rows[0][0])
         row = self.db.read("SELECT state, summary, created FROM _shardlite_rebalance WHERE id = ?", (plan_id,))[0]
-        moves = self._moves(plan_id)
+        summary = json.loads(row[1])
+        moves = self.journal.moves(plan_id)
+        now = time.time()
         steps: dict[str, int] = {}
         for move in moves:
             steps[move.step] = steps.get(move.step, 0) + 1
         pauses = sorted(m.pause_ms for m in moves if m.pause_ms is not None)
         return {
-            "plan": plan_id, "state": row[0], "created": row[2], **json.loads(row[1]), "steps": steps,
-            "errors": {m.key: m.error for m in moves if m.error},
+            "plan": plan_id, "state": row[0], "created": row[2],
+            "moves": summary.get("moves", len(moves)), "bytes": summary.get("bytes", 0),
+            "before": summary.get("before", {}), "after": summary.get("after", {}),
+            "left_out": summary.get("left_out", []), "left_out_count": summary.get("left_out_count", 0),
+            "steps": steps,
+            "errors": {m.key: m.error for m in moves if m.error and m.step not in ("done", "completed", "cancelled")},
+            "failed": {m.key: m.error for m in moves if m.step == "failed"},
+            "rolled_back": summary.get("rolled_back", {}),
+            "held": {m.key: {"owner": m.owner, "step": m.step, "until": m.lease} for m in moves
+                     if not m.finished and m.owner is not None and m.lease > now},
             "pause_ms": {"p50": _percentile(pauses, 50), "p99": _percentile(pauses, 99),
                          "max": pauses[-1] if pauses else None},
         }
@@ -492,4 +487,3 @@ def _percentile(values: list[float], pct: float) -> float | None:
         return None
     index = min(len(values) - 1, max(0, round(pct / 100 * (len(values) - 1))))
     return values[index]
-

@@ -2,7 +2,9 @@
 
 Property tests (Hypothesis): adding a node moves tenants only onto it, about 1/(N+1) of them; draining a
 node moves exactly its tenants and none onto it; a plan for a catalog already where the ring wants it has no
-moves; the fingerprint changes with everything a plan depends on and with nothing else.
+moves; the fingerprint changes with everything a plan depends on and with nothing else; with the free
+bytes of the target nodes, the planned moves fit their file systems with the reserve kept and every other
+move is left out with its reason.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from shardlite.planning import Move, Placement, Plan, fingerprint, plan_moves
+from shardlite.planning import Move, Placement, Plan, fingerprint, plan_moves, space_needed
 from shardlite.ring import Ring
 
 KEYS = 2000
@@ -250,3 +252,100 @@ def test_moving_the_planned_tenants_reaches_a_fixed_point(names: list[str], pref
     counts = Counter(p.node for p in after)
     assert {node: counts.get(node, 0) for node in plan.after} == {node: t for node, (t, _) in plan.after.items()}
     assert new in counts or not any(m.target == new for m in plan.moves)
+
+
+# -- free space on the target nodes ------------------------------------------------------------------------------
+
+MB = 1 << 20
+
+
+@FAST
+@given(names=node_names, prefix=key_prefix, data=st.data())
+def test_planned_moves_fit_their_volumes_and_the_others_are_left_out_with_a_reason(
+        names: list[str], prefix: str, data: st.DataObject) -> None:
+    *old, new = names
+    rng = random.Random(data.draw(st.integers(0, 1000), label="seed"))
+    placements = [Placement(p.key, p.node, p.generation, rng.randrange(0, MB))
+                  for p in placed(keys_for(prefix, 300), {name: 1 for name in old})]
+    drained = data.draw(st.sampled_from(old), label="drained")
+    weights = {name: 1 for name in names if name != drained}
+    # nodes may share a file system; some report no free figure at all (not limited)
+    volumes = {name: data.draw(st.sampled_from(["vol-a", "vol-b", f"own-{name}"]), label=f"volume {name}")
+               for name in weights}
+    volume_free = {v: data.draw(st.integers(0, 40 * MB), label=f"free {v}") for v in set(volumes.values())}
+    measured = data.draw(st.lists(st.sampled_from(sorted(weights)), unique=True), label="measured nodes")
+    free = {name: volume_free[volumes[name]] for name in measured}
+    reserve = data.draw(st.integers(0, 4 * MB), label="reserve")
+
+    wanted = plan_moves(placements, weights, [drained])
+    plan = plan_moves(placements, weights, [drained], free=free, volumes=volumes, reserve=reserve)
+
+    # every move the ring asks for is planned or left out, never both, each list in the plan's order
+    left = [o.move for o in plan.left_out]
+    assert sorted(plan.moves + left, key=lambda m: (m.source, m.key)) == wanted.moves
+    assert plan.moves == [m for m in wanted.moves if m in set(plan.moves)]
+    assert not set(plan.moves) & set(left)
+    # nodes without a free figure are never limited
+    assert all(m.target in free for m in left)
+    # what is planned onto a volume fits in it with the reserve kept
+    for volume, budget in volume_free.items():
+        onto = [m for m in plan.moves if m.target in free and volumes[m.target] == volume]
+        if onto:
+            assert sum(space_needed(m.size) for m in onto) + reserve <= budget, volume
+    # a left-out move did not fit on top of the moves planned onto its volume before it; its reason says so
+    position = {m.key: i for i, m in enumerate(wanted.moves)}
+    for out in plan.left_out:
+        move = out.move
+        before = [m for m in plan.moves if position[m.key] < position[move.key]
+                  and m.target in free and volumes[m.target] == volumes[move.target]]
+        assert sum(space_needed(m.size) for m in before) + space_needed(move.size) + reserve > free[move.target]
+        assert f"node {move.target!r}" in out.reason and str(space_needed(move.size)) in out.reason
+    # the tenants of left-out moves stay where they are: the counts after the plan say so
+    home = {p.key: p.node for p in placements} | {m.key: m.target for m in plan.moves}
+    counts = Counter(home.values())
+    assert {n: t for n, (t, _) in plan.after.items()} == {n: counts.get(n, 0) for n in plan.after}
+    moved = {m.key for m in plan.moves}
+    assert plan.fingerprint == fingerprint(weights, [drained], [p for p in placements if p.key in moved])
+
+
+@FAST
+@given(names=node_names, prefix=key_prefix)
+def test_without_free_figures_or_with_ample_space_nothing_is_left_out(names: list[str], prefix: str) -> None:
+    *old, _new = names
+    placements = placed(keys_for(prefix, 200), {name: 1 for name in old})
+    weights = {name: 1 for name in names}
+    unlimited = plan_moves(placements, weights)
+    ample = plan_moves(placements, weights, free={name: 1 << 50 for name in names})
+    assert unlimited.left_out == ample.left_out == []
+    assert unlimited.moves == ample.moves and unlimited.after == ample.after
+    assert unlimited.fingerprint == ample.fingerprint
+
+
+def test_the_boundary_of_fitting_and_shared_volumes() -> None:
+    placements = [Placement("a:1", "n1", 1, 1000), Placement("a:2", "n1", 2, 1000)]
+    need = space_needed(1000)
+    assert need == 1100  # the size plus 10%
+    only_n2 = {"n2": 1}
+    # exactly enough for one move and the reserve: the first fits, the second is left out
+    plan = plan_moves(placements, only_n2, ["n1"], free={"n2": need + 500}, reserve=500)
+    assert [m.key for m in plan.moves] == ["a:1"]
+    assert [o.move.key for o in plan.left_out] == ["a:2"]
+    assert plan.left_out[0].reason == ("does not fit on node 'n2': needs 1100 bytes, the node has 1600 free, "
+                                       "1100 already planned onto its volume and 500 kept in reserve")
+    assert plan.after == {"n1": (1, 1000), "n2": (1, 1000)}
+    # one byte less and neither fits
+    assert plan_moves(placements, only_n2, ["n1"], free={"n2": need + 499}, reserve=500).moves == []
+    # two nodes on one file system share its free bytes; on separate ones each has its own
+    two = {"n2": 1, "n3": 1}
+    ring = Ring(two)
+    keys = keys_for("b", 50)
+    spread = [Placement(k, "n1", i + 1, 1000) for i, k in enumerate(keys)]
+    targets = Counter(ring.node_for(k) for k in keys)
+    assert set(targets) == {"n2", "n3"}
+    room = need * max(targets.values())  # what statvfs reports for a node: its file system's free bytes
+    free = {"n2": room, "n3": room}
+    separate = plan_moves(spread, two, ["n1"], free=free, reserve=0)
+    assert len(separate.moves) == len(keys) and not separate.left_out
+    shared = plan_moves(spread, two, ["n1"], free=free, volumes={"n2": "disk", "n3": "disk"}, reserve=0)
+    assert len(shared.moves) == max(targets.values()) and len(shared.left_out) == min(targets.values())
+    assert sum(space_needed(m.size) for m in shared.moves) == room

@@ -5,9 +5,8 @@ what a cached router sees across a move, outbox events travelling with their ten
 never reused, bad input that must change nothing, and the ``shardlite nodes``/``shardlite rebalance`` CLI.
 Multi-process, SIGSTOP and SIGKILL tests are in ``test_rebalance_procs.py``.
 
-Interruptions here are simulated with the ``fault`` hook raising an exception after a journaled step (the
-rebalancer records the error and goes on with the next tenant); the process-kill versions are in the
-``_procs`` file. Files are inspected only through APSW, read-only.
+Failures, undo, cancel and leases are in ``test_rebalance_recovery.py``; the process-kill versions are in
+the ``_procs`` file. Files are inspected only through APSW, read-only.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from shardlite.placement import tenant_relpath
 from shardlite.ring import Ring
 
 SCHEMA = ["CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)"]
-STEPS = ("copying", "copied", "fenced", "linked", "switched", "done")
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------
@@ -483,61 +481,7 @@ def test_pending_outbox_events_travel_with_the_tenant_and_the_relay_keeps_going(
         assert router.locate(key).node == "n3"
 
 
-# -- interruptions, resume and cancel (exception at a step; SIGKILL in _procs) ------------------------------------
-
-
-@pytest.mark.parametrize("step", STEPS)
-def test_interrupted_apply_resumes_to_one_copy_per_tenant(router: Router, step: str) -> None:
-    populate(router, 16)
-    before = contents(router)
-    router.nodes.add("n3")
-    plan_id, plan = router.rebalance.plan()
-    router.rebalance.fault = faulting(step)
-    status = router.rebalance.apply(plan_id)
-    router.rebalance.fault = None
-    if step == "done":  # every move reached done before the fault: the plan is finished
-        assert status["state"] == "done"
-    else:
-        assert status["state"] == "applying" and len(status["errors"]) == len(plan.moves)
-        status = router.rebalance.resume(plan_id)
-    assert status["state"] == "done" and status["steps"] == {"done": len(plan.moves)}
-    assert contents(router) == before
-    assert move_generations(router) == {m.key: 1 for m in plan.moves}
-    assert_no_orphans(router, retired=retired_sources(router, plan_id))
-    router.rebalance.complete(plan_id)
-    assert_no_orphans(router)
-
-
-@pytest.mark.parametrize("step", STEPS[:-1])
-def test_cancel_after_an_interruption(router: Router, step: str) -> None:
-    populate(router, 16)
-    before = contents(router)
-    router.nodes.add("n3")
-    plan_id, plan = router.rebalance.plan()
-    router.rebalance.fault = faulting(step)
-    router.rebalance.apply(plan_id)
-    router.rebalance.fault = None
-    status = router.rebalance.cancel(plan_id)
-    assert status["state"] == "cancelled"
-    switched = step == "switched"  # the commit point was passed: the move is kept
-    assert status["steps"] == ({"done": len(plan.moves)} if switched else {"cancelled": len(plan.moves)})
-    for m in plan.moves:
-        loc = router.locate(m.key)
-        assert loc.state == "active"
-        if switched:
-            assert loc.node == "n3"
-        else:
-            assert (loc.node, loc.generation) == (m.source, m.generation)
-            assert file_info(str(loc.path)) == (True, m.key, None)  # unfenced
-        with router.transaction(m.key) as tx:  # writable
-            tx.execute("INSERT INTO t(v) VALUES ('after cancel')")
-    expected = {k: v + ([(v[-1][0] + 1, "after cancel")] if k in {m.key for m in plan.moves} else [])
-                for k, v in before.items()}
-    assert contents(router) == expected
-    assert_no_orphans(router, retired=retired_sources(router, plan_id) if switched else set())
-    assert not any(name.endswith(".moving") for name in tenant_files(router.root)[1])
-    with pytest.raises(ConfigurationError):
-        router.rebalance.resume(plan_id)
+# -- cancel (failures, undo, leases and cancel with live rebalancers: test_rebalance_recovery.py; SIGKILL in _procs)
 
 
 def test_cancel_a_planned_plan_changes_nothing_but_its_state(router: Router) -> None:
@@ -627,7 +571,7 @@ def test_a_rebalancer_with_a_stale_journal_does_not_undo_finished_moves(router: 
             while True:
                 (lease,) = gread(router, "SELECT max(lease) FROM _shardlite_moves WHERE plan_id = ? AND owner = ?",
                                  (plan_id, first.owner))[0]
-                if lease < time.time():
+                if lease is None or lease < time.time():  # released, or lapsed
                     break
 
     second.fault = meanwhile
@@ -635,71 +579,6 @@ def test_a_rebalancer_with_a_stale_journal_does_not_undo_finished_moves(router: 
     assert [m["step"] for m in journal(router, plan_id)] == ["done"] * len(plan.moves)
     router.rebalance.complete(plan_id)
     assert_no_orphans(router)
-
-
-def test_a_move_that_outlives_its_lease_is_not_moved_twice(router: Router, make_router: Any) -> None:
-    populate(router, 30, rows=1)
-    slow = router.rebalance
-    slow.lease = 0.2  # stands for a big tenant whose copy takes longer than the (default 120 s) lease
-    other = make_router().rebalance
-    router.nodes.add("n3")
-    plan_id, plan = router.rebalance.plan()
-    release = threading.Event()
-    started: list[threading.Thread] = []
-
-    def slow_copy(step: str) -> None:
-        if step == "copied":
-            release.wait(60)
-
-    def start_the_slow_one(step: str) -> None:
-        # after the other rebalancer's first move, the slow one starts on the next move; once its lease
-        # has run out (it is still copying), the other one reaches that move
-        if step == "done" and not started:
-            thread = threading.Thread(target=slow.resume, args=(plan_id,))
-            started.append(thread)
-            thread.start()
-            while True:
-                rows = gread(router, "SELECT step, lease FROM _shardlite_moves WHERE plan_id = ? AND owner = ?",
-                             (plan_id, slow.owner))
-                if rows and rows[0][0] == "copying" and rows[0][1] < time.time():
-                    break
-
-    slow.fault = slow_copy
-    other.fault = start_the_slow_one
-    try:
-        other.apply(plan_id)
-    finally:
-        release.set()
-        for thread in started:
-            thread.join(60)
-    assert move_generations(router) == {m.key: 1 for m in plan.moves}
-    assert router.rebalance.status(plan_id)["steps"] == {"done": len(plan.moves)}
-    assert_no_orphans(router, retired=retired_sources(router, plan_id))
-
-
-def test_cancel_while_another_rebalancer_is_applying_leaves_every_tenant_reachable(router: Router,
-                                                                                   make_router: Any) -> None:
-    populate(router, 30, rows=1)
-    before = contents(router)
-    operator = make_router()
-    router.nodes.add("n3")
-    plan_id, _plan = router.rebalance.plan()
-    fired: list[bool] = []
-
-    def cancel_from_another_terminal(step: str) -> None:
-        if step == "linked" and not fired:
-            fired.append(True)
-            operator.rebalance.cancel(plan_id)
-
-    router.rebalance.fault = cancel_from_another_terminal
-    try:
-        router.rebalance.apply(plan_id)
-    except ConfigurationError:
-        pass
-    for key in router.tenants():
-        path = router.locate(key).path
-        assert path is not None and os.path.exists(path), f"{key} routed to a missing file"
-    assert contents(router) == before
 
 
 # -- private files, paths never reused -------------------------------------------------------------------------

@@ -7,7 +7,11 @@
   it was at its fence;
 * the rebalancer is killed with SIGKILL right after each journaled step, then resumed (or cancelled): one
   active copy per tenant, no orphan file, nothing acknowledged lost;
-* two rebalancer processes apply the same plan at once: no tenant is moved twice.
+* two rebalancer processes apply the same plan at once: no tenant is moved twice;
+* a rebalancer with the default lease killed while a tenant is fenced: ``shardlite rebalance resume`` in
+  another process takes its moves over within seconds while writer processes keep writing (every
+  acknowledged write present once), and ``shardlite rebalance cancel`` (also run again after giving up)
+  leaves no tenant fenced or moving.
 
 Subprocesses are plain ``python -c`` scripts; files are inspected through APSW, read-only. Waiting is done by
 polling with generous deadlines, never by asserting on time.
@@ -15,6 +19,7 @@ polling with generous deadlines, never by asserting on time.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -28,6 +33,7 @@ from typing import Any
 
 import apsw
 import pytest
+from helpers_rebalance import assert_reachable_now
 
 from shardlite import Router
 from shardlite.cli import main as cli_main
@@ -471,7 +477,8 @@ def test_rebalancer_killed_at_fenced_then_cancelled(router: Router, capsys: Any)
     plan_id, plan = kill_rebalancer_at(router, "fenced")
     (first,) = [m for m in journal(router, plan_id) if m["step"] == "fenced"]
     assert file_info(source_path(router, first))[2] is not None
-    assert os.path.exists(target_path(router, first) + ".moving")  # the verified copy, not linked yet
+    # the verified copy, not linked yet, under the dead rebalancer's own temporary name
+    assert len(glob.glob(glob.escape(target_path(router, first)) + ".moving-*")) == 1
 
     assert cli_main(["rebalance", "cancel", "--root", router.root, "--json"]) == 0
     status = json.loads(capsys.readouterr().out.splitlines()[-1])
@@ -480,7 +487,7 @@ def test_rebalancer_killed_at_fenced_then_cancelled(router: Router, capsys: Any)
     assert (loc.state, loc.node, loc.generation) == ("active", first["source"], first["source_generation"])
     assert file_info(str(loc.path)) == (True, first["key"], None)  # unfenced
     assert not os.path.exists(target_path(router, first))
-    assert not any(p.endswith(".moving") for p in tenant_files(router.root)[1])
+    assert not any(".moving" in p for p in tenant_files(router.root)[1])
     with router.transaction(first["key"]) as tx:  # writable at its source
         tx.execute("INSERT INTO t(v) VALUES ('after cancel')")
     assert router.query(first["key"], "SELECT v FROM t ORDER BY id")[-1] == ("after cancel",)
@@ -569,4 +576,153 @@ def test_two_rebalancer_processes_never_move_a_tenant_twice(make_router: Any, tm
     assert move_generations(router) == {m.key: 1 for m in plan.moves}
     assert contents(router) == before
     assert_all_files_intact(router.root)
+    assert_no_orphans(router, retired_sources(router, plan_id))
+
+
+# -- kill -9 with the default lease: taken over within seconds, cancel leaves nothing frozen ------------------------
+
+KILLED_WITH_THE_DEFAULT_LEASE = """
+root, step = sys.argv[1], sys.argv[2]
+router = Router(root)  # the default lease: what `shardlite rebalance apply` uses
+router.rebalance.fault = lambda name: os.kill(os.getpid(), signal.SIGKILL) if name == step else None
+router.rebalance.apply(parallel=2)
+print("not killed")
+"""
+
+
+def kill_with_the_default_lease_at_fenced(router: Router) -> tuple[int, Any, list[dict[str, Any]], str]:
+    """Plan a move onto n3 and apply it in a subprocess killed right after its first fence is journaled.
+    Returns the plan, the fenced moves and the dead rebalancer's name."""
+    router.nodes.add("n3")
+    plan_id, plan = router.rebalance.plan()
+    proc = subprocess.run([sys.executable, "-c", script(KILLED_WITH_THE_DEFAULT_LEASE), router.root, "fenced"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    fenced = [m for m in journal(router, plan_id) if m["step"] == "fenced"]
+    assert fenced
+    (owner, lease), = gread(router, "SELECT owner, lease FROM _shardlite_moves WHERE plan_id = ? AND key = ?",
+                            (plan_id, fenced[0]["key"]))
+    assert owner is not None and lease > time.time()  # the dead rebalancer's claim outlives it for a while
+    for move in fenced:
+        assert file_info(source_path(router, move))[2] is not None  # frozen: every write to it waits
+    return plan_id, plan, fenced, str(owner)
+
+
+def shardlite_cli(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run ``python -m shardlite ARGS`` in a process of its own; returns it and how long it took."""
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "shardlite", *args], capture_output=True, text=True, timeout=240)
+    return proc, time.monotonic() - start
+
+
+def test_kill9_while_fenced_then_resume_in_another_process_takes_over_within_seconds(
+        router: Router, tmp_path: Any, procs: list[Any]) -> None:
+    keys = populate(router, 24)
+    stopfile = os.fspath(tmp_path / "stop")
+    progress = {name: os.fspath(tmp_path / f"{name}.progress") for name in ("wA", "wB")}
+    for name in progress:
+        open(progress[name], "wb").close()
+        procs.append(spawn(WRITER, router.root, name, str(len(keys)), stopfile, progress[name]))
+    writers = tuple(procs)
+
+    def acks(name: str) -> int:
+        return os.path.getsize(progress[name])
+
+    wait_for("both writers to commit", lambda: all(acks(n) >= 30 for n in progress), procs=writers)
+    plan_id, plan, fenced, dead = kill_with_the_default_lease_at_fenced(router)
+
+    resume, took = shardlite_cli("rebalance", "resume", "--root", router.root)
+    assert resume.returncode == 0, resume.stderr[-3000:]
+    # A generous bound far from the old behaviour: the dead rebalancer's claim held for 300 s before; with
+    # the default lease (10 s) it is taken over within seconds.
+    assert took < 30, took
+    for move in fenced:  # it said what it waited for (tenant, owner, until when), then took the move over
+        assert f"waiting for {move['key']} (step fenced): held by {dead}, lease until" in resume.stderr, resume.stderr
+        assert f"taking over {move['key']} at step fenced from {dead}" in resume.stderr, resume.stderr
+    status = router.rebalance.status(plan_id)
+    assert status["state"] == "done" and status["steps"] == {"done": len(plan.moves)}, status
+    assert {router.locate(m.key).node for m in plan.moves} == {"n3"}
+    assert move_generations(router) == {m.key: 1 for m in plan.moves}  # taken over, not moved again
+
+    after = {n: acks(n) for n in progress}
+    wait_for("the writers to go on after the resume", lambda: all(acks(n) >= after[n] + 30 for n in progress),
+             procs=writers)
+    open(stopfile, "w").close()
+    results = {}
+    for name, proc in zip(progress, writers, strict=True):
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        results[name] = json.loads(out)
+    assert not any(r["errors"] for r in results.values()), [r["errors"][:3] for r in results.values()]
+    acked = Counter((name, key, seq) for name, r in results.items() for key, seq in r["acked"])
+    found: Counter[tuple[str, str, int]] = Counter()
+    for key in router.tenants():
+        for name, seq in router.query(key, "SELECT writer, seq FROM w"):
+            found[(name, key, seq)] += 1
+    assert found == acked  # every acknowledged write present exactly once, nothing else
+    assert_reachable_now(router.root, [m["key"] for m in fenced], "after the resume")
+    assert_all_files_intact(router.root)
+    assert_no_orphans(router, retired_sources(router, plan_id))
+
+
+def test_kill9_while_fenced_then_cancel_leaves_no_tenant_fenced_or_moving(router: Router) -> None:
+    keys = populate(router, 16)
+    before = contents(router)
+    plan_id, plan, fenced, dead = kill_with_the_default_lease_at_fenced(router)
+
+    # a cancel told not to wait gives up on the dead rebalancer's live-looking claims, and says so
+    gave_up, _ = shardlite_cli("rebalance", "cancel", "--wait", "0", "--root", router.root)
+    assert gave_up.returncode == 1, gave_up.stderr[-3000:]
+    for move in fenced:
+        assert f"{move['key']}: held by {dead} at step fenced" in gave_up.stdout, gave_up.stdout
+        assert f"not undone yet: {move['key']} (step fenced): held by {dead}, lease until" in gave_up.stderr, \
+            gave_up.stderr
+    assert router.rebalance.status(plan_id)["state"] == "cancelled"
+
+    # run again on the cancelled plan: it waits for the dead owner's lease, then undoes the moves
+    cancel, took = shardlite_cli("rebalance", "cancel", "--root", router.root)
+    assert cancel.returncode == 0, (cancel.stdout, cancel.stderr[-3000:])
+    # A generous bound far from the old behaviour (300 s claims; the old cancel gave up after 15 s and left
+    # the tenant fenced): with the default lease the dead owner's moves are undone within seconds.
+    assert took < 30, took
+    status = router.rebalance.status(plan_id)
+    assert status["state"] == "cancelled" and status["steps"] == {"cancelled": len(plan.moves)}, status
+    assert not status["held"] and not status["errors"]
+    for move in fenced:
+        assert "fence lifted" in status["rolled_back"][move["key"]]
+        assert f"{move['key']}: rolled back: " in cancel.stdout
+    assert {state for state, _node, _gen in gread_states(router).values()} == {"active"}
+    assert {router.locate(k).node for k in keys} <= {"n1", "n2"}
+    assert contents(router) == before
+    assert_no_orphans(router)
+    assert_all_files_intact(router.root)
+    assert_reachable_now(router.root, keys, "right after cancel")  # no wait: move_wait=0 would raise
+
+
+def gread_states(router: Router) -> dict[str, tuple[str, str, int]]:
+    return {str(k): (str(s), str(n), int(g)) for k, s, n, g in
+            gread(router, "SELECT key, state, node, generation FROM _shardlite_tenants")}
+
+
+def test_a_frozen_tenant_of_a_dead_rebalancer_can_be_rescued_without_the_operator(router: Router) -> None:
+    """``Rebalancer.rescue(key)``: what a process that finds a tenant frozen by a dead rebalancer can call
+    instead of waiting for `resume` or `cancel`."""
+    keys = populate(router, 16)
+    before = contents(router)
+    plan_id, plan = kill_rebalancer_at(router, "fenced")  # its lease is 0.5 s
+    (first,) = [m for m in journal(router, plan_id) if m["step"] == "fenced"]
+    assert file_info(source_path(router, first))[2] is not None
+    other = next(k for k in keys if k != first["key"])
+    assert not router.rebalance.rescue(other)  # nothing abandoned there
+    wait_for_dead_leases(router, plan_id)
+    assert router.rebalance.rescue(first["key"])
+    assert_reachable_now(router.root, [first["key"]], "after the rescue")
+    status = router.rebalance.status(plan_id)
+    assert status["state"] == "applying" and status["failed"] == {
+        first["key"]: "abandoned: its rebalancer stopped renewing its claim"}
+    assert "fence lifted" in status["rolled_back"][first["key"]]
+    assert not router.rebalance.rescue(first["key"])  # settled once
+    assert router.rebalance.resume(plan_id)["steps"] == {"done": len(plan.moves)}
+    before[first["key"]].append((before[first["key"]][-1][0] + 1, "after the rescue"))
+    assert contents(router) == before
     assert_no_orphans(router, retired_sources(router, plan_id))

@@ -18,7 +18,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from ..rebalance import MoveRow
+from ..movejournal import FINISHED
+from ..rebalance import MoveRow, Notice
 from ..router import Router
 from .common import CliError, emit_json, open_router, print_table
 
@@ -61,11 +62,20 @@ def cmd_nodes_remove(args: argparse.Namespace) -> int:
         router.nodes.drain(args.name)
         plan_id, plan = router.rebalance.plan()
         if plan.moves:
-            _apply(router, args, lambda progress: router.rebalance.apply(plan_id, parallel=args.parallel,
-                                                                          pause_ms=args.pause_ms, progress=progress),
-                   len(plan.moves), plan.bytes)
+            status = _apply(router, args, lambda progress, notice: router.rebalance.apply(
+                plan_id, parallel=args.parallel, pause_ms=args.pause_ms, progress=progress, notice=notice),
+                len(plan.moves), plan.bytes)
+            if status["state"] != "done":
+                key, error = next(iter(status["errors"].items()), ("?", "unfinished"))
+                raise CliError(f"node {args.name} is draining but {len(status['errors'])} of its moves failed "
+                               f"(undone; first: {key}: {error}); fix that, `shardlite rebalance resume`, then "
+                               f"`shardlite nodes remove {args.name}` again")
             router.rebalance.complete(plan_id)
         remaining = {n["name"]: n for n in router.nodes.counts()}
+        if remaining.get(args.name, {}).get("tenants"):
+            reason = plan.left_out[0].reason if plan.left_out else "tenants were created or moved meanwhile"
+            raise CliError(f"node {args.name} is draining but still holds {remaining[args.name]['tenants']} "
+                           f"tenants ({reason}); make room, then `shardlite nodes remove {args.name}` again")
         if args.name in remaining:
             router.nodes.remove(args.name)
         if args.json:
@@ -90,13 +100,24 @@ def _plan_tables(summary: dict[str, Any], moves: list[tuple[str, str, str, int]]
     print_table(f"{len(moves)} moves", ["key", "from", "to", "bytes"], moves[:200])
     if len(moves) > 200:
         print(f"... and {len(moves) - 200} more (--json lists them all)")
+    _left_out(summary)
+
+
+def _left_out(summary: dict[str, Any]) -> None:
+    left_out = summary.get("left_out") or []
+    if left_out:
+        print_table(f"{summary.get('left_out_count', len(left_out))} moves left out (not enough free space)",
+                    ["key", "from", "to", "bytes", "reason"],
+                    [(o["key"], o["from"], o["to"], o["bytes"], o["reason"]) for o in left_out[:200]])
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     with open_router(args) as router:
         plan_id, plan = router.rebalance.plan()
+    left_out = [{"key": o.move.key, "from": o.move.source, "to": o.move.target, "bytes": o.move.size,
+                 "reason": o.reason} for o in plan.left_out]
     summary = {"plan": plan_id, "moves": len(plan.moves), "bytes": plan.bytes, "before": plan.before,
-               "after": plan.after}
+               "after": plan.after, "left_out": left_out, "left_out_count": len(left_out)}
     if args.json:
         emit_json(summary | {"move_list": [{"key": m.key, "from": m.source, "to": m.target, "bytes": m.size}
                                            for m in plan.moves]})
@@ -106,26 +127,42 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _notices(args: argparse.Namespace, console: Console | None = None) -> Any:
+    """What a long command waits for or undid: one line each on stderr; nothing in --json mode."""
+    def say(notice: Notice) -> None:
+        if args.json:
+            return
+        if console is not None:
+            console.print(str(notice), markup=False, highlight=False)
+        else:
+            print(str(notice), file=sys.stderr, flush=True)
+    return say
+
+
 def _apply(router: Router, args: argparse.Namespace, run: Any, total: int, total_bytes: int) -> dict[str, Any]:
+    """``run(progress, notice)``: with a progress bar on a terminal, JSON lines with --json."""
     if args.json or not sys.stderr.isatty():
         def quiet(move: MoveRow) -> None:
             if args.json:
                 emit_json({"key": move.key, "from": move.source, "to": move.target, "step": move.step,
                            "bytes": move.size, "error": move.error, "at": time.time()})
-        return run(quiet)  # type: ignore[no-any-return]
+        return run(quiet, _notices(args))  # type: ignore[no-any-return]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True)) as bar:
+    console = Console(stderr=True)
+    with Progress(*columns, console=console) as bar:
         tenants = bar.add_task("tenants", total=total)
         size = bar.add_task("bytes", total=total_bytes)
 
         def advance(move: MoveRow) -> None:
             bar.advance(tenants)
             bar.advance(size, move.size)
-        return run(advance)  # type: ignore[no-any-return]
+        return run(advance, _notices(args, console))  # type: ignore[no-any-return]
 
 
-def _report(status: dict[str, Any], args: argparse.Namespace) -> int:
+def _report(status: dict[str, Any], args: argparse.Namespace, *, all_settled: bool = False) -> int:
+    """Print a plan's status. Exit status 1 when moves failed (or were skipped), and with ``all_settled``
+    also when some are not finished (a cancel that gave up waiting)."""
     if args.json:
         emit_json(status)
     else:
@@ -140,7 +177,16 @@ def _report(status: dict[str, Any], args: argparse.Namespace) -> int:
                   f"max {pauses['max']:.1f}")
         for key, error in status["errors"].items():
             print(f"  {key}: {error}")
-    return 1 if status.get("errors") else 0
+        for key, what in status.get("rolled_back", {}).items():
+            print(f"  {key}: rolled back: {what}")
+        for key, held in status.get("held", {}).items():
+            print(f"  {key}: held by {held['owner']} at step {held['step']} (lease until "
+                  f"{time.strftime('%H:%M:%S', time.localtime(held['until']))})")
+        if status.get("left_out_count"):
+            print(f"  {status['left_out_count']} moves were left out of the plan for lack of free space "
+                  "(`rebalance status --json` lists them)")
+    unsettled = any(step not in FINISHED for step in status.get("steps", {}))
+    return 1 if status.get("errors") or (all_settled and unsettled) else 0
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -150,17 +196,19 @@ def cmd_apply(args: argparse.Namespace) -> int:
             raise CliError("no planned rebalance (`shardlite rebalance plan` makes one)")
         if not args.yes:
             _confirm(f"apply plan {planned['plan']}: {planned['moves']} moves, {planned['bytes']} bytes?")
-        status = _apply(router, args, lambda progress: router.rebalance.apply(
-            parallel=args.parallel, pause_ms=args.pause_ms, progress=progress), planned["moves"], planned["bytes"])
+        status = _apply(router, args, lambda progress, notice: router.rebalance.apply(
+            parallel=args.parallel, pause_ms=args.pause_ms, progress=progress, notice=notice),
+            planned["moves"], planned["bytes"])
     return _report(status, args)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     with open_router(args) as router:
         current = router.rebalance.status()
-        left = sum(v for k, v in current.get("steps", {}).items() if k not in ("done", "skipped", "cancelled"))
-        status = _apply(router, args, lambda progress: router.rebalance.resume(
-            parallel=args.parallel, pause_ms=args.pause_ms, progress=progress), left, current.get("bytes", 0))
+        left = sum(v for k, v in current.get("steps", {}).items() if k not in FINISHED)
+        status = _apply(router, args, lambda progress, notice: router.rebalance.resume(
+            parallel=args.parallel, pause_ms=args.pause_ms, progress=progress, notice=notice),
+            left, current.get("bytes", 0))
     return _report(status, args)
 
 
@@ -171,7 +219,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     with open_router(args) as router:
-        return _report(router.rebalance.cancel(), args)
+        return _report(router.rebalance.cancel(wait=args.wait, notice=_notices(args)), args, all_settled=True)
 
 
 def cmd_complete(args: argparse.Namespace) -> int:
@@ -208,6 +256,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _throttle(a)
     a.set_defaults(func=cmd_resume)
     a = actions.add_parser("cancel", help="undo unfinished moves", parents=[common])
+    a.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                   help="how long to wait for other rebalancers' moves to be undone (default: 30 s or 3 leases)")
     a.set_defaults(func=cmd_cancel)
     a = actions.add_parser("complete", help="delete retired copies; remove drained nodes", parents=[common])
     a.set_defaults(func=cmd_complete)
