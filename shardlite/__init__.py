@@ -22,6 +22,8 @@ from .errors import (
     InvalidKey,
     InvalidPassword,
     ManifestInvalid,
+    MoveFailed,
+    NodeFull,
     PayloadTooLarge,
     QueryTimeout,
     ResultTooLarge,
@@ -69,5 +71,7 @@ __all__ = [
     "DirectoryModeWarning",
     "QueryTimeout",
     "ResultTooLarge",
+    "MoveFailed",
+    "NodeFull",
     "__version__",
 ]

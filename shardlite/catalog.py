@@ -31,7 +31,8 @@ __all__ = ["Node", "TenantRecord", "Location", "Catalog", "SqliteCatalog", "GLOB
 #: version 2: accounts, password credentials and sessions; version 3: the relay's pending-work flags and
 #: dead letters; version 4: the rebalance journal (plans and per-tenant move steps); version 5: the app's
 #: own global tables move out to ``app_global.db`` (:mod:`shardlite.app_tables`); version 6: stored e-mail
-#: keys take the domain's ASCII form (:func:`shardlite.accounts.upgrade_email_keys`).
+#: keys take the domain's ASCII form (:func:`shardlite.accounts.upgrade_email_keys`); version 7: moves found by
+#: key (a rebalancer settling one tenant's lapsed move).
 GLOBAL_STEPS: tuple[tuple[Step, ...], ...] = (
     (
         """CREATE TABLE _shardlite_catalog_meta(name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID""",
@@ -142,6 +143,7 @@ GLOBAL_STEPS: tuple[tuple[Step, ...], ...] = (
     ),
     (move_app_tables,),
     (upgrade_email_keys,),
+    ("CREATE INDEX IF NOT EXISTS _shardlite_moves_by_key ON _shardlite_moves(key)",),
 )
 
 

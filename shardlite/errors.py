@@ -30,6 +30,8 @@ __all__ = [
     "DirectoryModeWarning",
     "QueryTimeout",
     "ResultTooLarge",
+    "MoveFailed",
+    "NodeFull",
 ]
 
 
@@ -118,4 +120,13 @@ class QueryTimeout(ShardliteError, TimeoutError):
 class ResultTooLarge(ShardliteError):
     """A read returned more rows than ``max_rows`` or more bytes than ``max_result_bytes``: nothing was
     returned. Page through the result (``LIMIT``/a cursor column), or raise the caps."""
+
+
+class MoveFailed(ShardliteError):
+    """A tenant move could not go on (its copy did not verify, the source stayed locked, ...): it was
+    undone (the tenant stays where it was, unfenced) and ``rebalance resume`` tries it again."""
+
+
+class NodeFull(MoveFailed):
+    """A node has no room for a move: the message names the tenant, the node and the file."""
 

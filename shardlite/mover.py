@@ -55,7 +55,7 @@ from .copying import (
     row_counts,
 )
 from .engine import ensure_private_dir, fsync_dir, fsync_path
-from .errors import ShardliteError
+from .errors import MoveFailed, NodeFull
 from .heartbeat import Claim
 from .movejournal import STEPS, Journal, MoveRow
 from .placement import tenant_relpath
@@ -67,14 +67,6 @@ __all__ = ["Mover", "MoveFailed", "NodeFull", "COPY_PAGES"]
 #: Pages copied per backup step; between steps the copy checks whether it must stop (cancel, takeover).
 COPY_PAGES = 4096
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-
-
-class MoveFailed(ShardliteError):
-    """A move could not go on (its copy did not verify, the source stayed locked, ...); it is undone."""
-
-
-class NodeFull(MoveFailed):
-    """A node has no room for a move: the message names the tenant, the node and the file."""
 
 
 class Mover:

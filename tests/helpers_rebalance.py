@@ -87,7 +87,7 @@ def tenant_files(root: str) -> tuple[set[str], set[str]]:
     dbs, others = set(), set()
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
-            if dirpath == root and name.startswith("global.db"):
+            if dirpath == root and name.startswith(("global.db", "app_global.db")):
                 continue
             (dbs if name.endswith(".db") else others).add(os.path.join(dirpath, name))
     return dbs, others

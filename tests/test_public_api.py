@@ -43,6 +43,8 @@ EXPECTED_ALL = [
     "DirectoryModeWarning",
     "QueryTimeout",
     "ResultTooLarge",
+    "MoveFailed",
+    "NodeFull",
     "__version__",
 ]
 
@@ -78,7 +80,7 @@ def test_error_tree() -> None:
     assert issubclass(base, Exception)
     for name in BRIEF_ERRORS + ["StatementNotAllowed", "IdentityMismatch", "UnsupportedSQLite", "TransactionClosed",
                                 "InvalidPassword", "UnknownAccount", "ManifestInvalid", "BackupFailed",
-                                "QueryTimeout", "ResultTooLarge"]:
+                                "QueryTimeout", "ResultTooLarge", "MoveFailed", "NodeFull"]:
         cls = getattr(shardlite, name)
         assert inspect.isclass(cls) and issubclass(cls, base), name
     # a refusal is also what APSW code already catches for "not authorized"
