@@ -430,9 +430,9 @@ class Relay:
             stats.retry_at(trouble.until)
         try:
             self.store.catalog.set_pending_due(source, trouble.until)
-        except Exception as exc:  # noqa: BLE001 - the global DB's trouble: this relay's own backoff holds
-            self.errors.report(f"could not move the pending flag of {source!r}: {error_text(exc)}",
-                               kind=f"global: {error_text(exc)}", tenant=source)
+        except Exception as err:  # noqa: BLE001 - the global DB's trouble: this relay's own backoff holds
+            self.errors.report(f"could not move the pending flag of {source!r}: {error_text(err)}",
+                               kind=f"global: {error_text(err)}", tenant=source)
 
     def report(self, role: str, key: str, exc: BaseException, note: str = "") -> str:
         """Report an error about one tenant (rate-limited); returns its text (tenant, file, cause)."""
