@@ -8,15 +8,12 @@ every ``poll_interval``) and runs each pass on the router's worker threads, so h
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .relay import PassStats, Relay
 
 __all__ = ["AsyncRelay"]
-
-log = logging.getLogger("shardlite.relay")
 
 
 class AsyncRelay:
@@ -62,6 +59,7 @@ class AsyncRelay:
                 pass
         if self.sync._held and not self.sync.store.closed:
             await self._call(self.sync.release_claims)
+        self.sync.errors.flush()
 
     def _notify(self, source: str) -> None:
         self.sync._hot.add(source)
@@ -74,12 +72,11 @@ class AsyncRelay:
         while not self._stopping:
             try:
                 stats: PassStats = await self._call(self.sync.run_once)
-                busy = stats.delivered + stats.failed + stats.dead > 0
+                busy = stats.progressed
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the relay task must survive a failing pass
-                self.sync.last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("relay pass failed")
+                self.sync.pass_failed(exc)  # reported without flooding the log (Relay.errors)
                 busy = False
             if not busy:
                 try:

@@ -12,7 +12,13 @@
   error text, and **later events on the same (source, destination) pair go on** (they are not held back by
   a dead event). ``shardlite relay retry`` re-emits a dead letter as a *new* event (a new seq), so it is
   applied after the events that went on without it. Choose idempotent handlers where that order matters.
-* Retries back off exponentially: ``backoff_base * 2 ** (attempts - 1)``, capped at ``backoff_cap``.
+* Retries back off exponentially: ``backoff_base * 2 ** (attempts - 1)``, capped at ``backoff_cap``
+  (:func:`backoff`). A *source* that fails as a whole (its file cannot be claimed, read or acknowledged)
+  backs off by the same rule, counted in consecutive failures of that source.
+* A destination that is *unavailable* (being moved, or locked by another writer) is not a failure: its
+  events stay in the outbox, in order, without counting an attempt, and it is tried again after
+  :attr:`RetryPolicy.unavailable_delay`, which grows from ``unavailable_base`` to ``unavailable_cap`` while it
+  stays unavailable.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from .errors import PayloadTooLarge
 from .keys import edge_whitespace, invisible_character
 
 __all__ = ["Event", "OutboxRow", "RetryPolicy", "encode_payload", "from_json", "to_json", "plan", "Plan", "next_due",
-           "DEFAULT_MAX_PAYLOAD"]
+           "backoff", "DEFAULT_MAX_PAYLOAD"]
 
 DEFAULT_MAX_PAYLOAD = 64 * 1024
 MAX_TOPIC_LENGTH = 200
@@ -135,15 +141,31 @@ class OutboxRow:
                      self.incarnation(incarnation), self.created, self.attempts)
 
 
+def backoff(tries: int, base: float, cap: float) -> float:
+    """The pause after ``tries`` consecutive failures (1 for the first): ``base * 2 ** (tries - 1)``, at most
+    ``cap``."""
+    return min(cap, base * (2.0 ** max(0, tries - 1)))
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
+    """Attempts and backoff. Failed attempts of an event (and failures of a source as a whole) back off
+    from ``backoff_base`` to ``backoff_cap``; an event dies after ``max_attempts``. An unavailable
+    destination (moving, locked) is retried after ``unavailable_base`` growing to ``unavailable_cap``,
+    counting nothing."""
+
     max_attempts: int = 5
     backoff_base: float = 0.05
     backoff_cap: float = 30.0
+    unavailable_base: float = 0.2
+    unavailable_cap: float = 1.0
 
     def next_at(self, now: float, attempts: int) -> float:
-        delay: float = min(self.backoff_cap, self.backoff_base * (2.0 ** max(0, attempts - 1)))
-        return now + delay
+        return now + backoff(attempts, self.backoff_base, self.backoff_cap)
+
+    def unavailable_delay(self, tries: int) -> float:
+        """The pause before a tenant found unavailable ``tries`` times in a row is tried again."""
+        return backoff(tries, self.unavailable_base, self.unavailable_cap)
 
     def dead(self, attempts: int) -> bool:
         return attempts >= self.max_attempts

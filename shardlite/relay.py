@@ -1,4 +1,4 @@
-"""The relay: delivers outbox events to their handlers on the destination tenants (brief rules 9, 12).
+"""The relay: delivers outbox events to their handlers on the destination tenants (brief rules 9, 12, 15).
 
 Finding work. A tenant with pending events has a row in the global DB's ``_shardlite_pending`` table. The
 row is written only on transitions: by ``tx.emit`` when it finds the outbox empty (*before* that
@@ -19,11 +19,8 @@ One pass over a set of sources (every due one, up to ``sources_per_pass``):
 2. :func:`~shardlite.outbox.plan` what is due and has a handler, per destination, in order, and group the
    sources' plans by destination;
 3. for each destination ``D``: **one** write transaction on ``D`` for all the sources with events for it
-   (created on first delivery unless it was dropped: then the events become dead letters). For each
-   source it reads the high-water mark for ``(S, incarnation)`` from ``_shardlite_inbox``, skips events
-   at or below it (a redelivery has no effect), runs each handler in its own savepoint, and advances the
-   mark in the same transaction as the handlers' effects; the first failing handler stops that
-   (source, destination) pair for this pass (order per pair), not the other sources' events;
+   (:mod:`shardlite.delivery`: inbox marks make a redelivery a no-op, each handler runs in a savepoint,
+   the first failing handler stops its (source, destination) pair for this pass, not the other pairs);
 4. acknowledge in each ``S``: delete delivered events, count failures (backoff, or dead letter after
    ``max_attempts``), renew the lease if it runs short; the pending flag's version is read inside this
    transaction, under ``S``'s write lock, and the flags of the sources left empty are deleted afterwards
@@ -34,6 +31,24 @@ One pass over a set of sources (every due one, up to ``sources_per_pass``):
 
 A crash between ``D``'s commit and ``S``'s acknowledgement redelivers those events later; the inbox mark
 makes that a no-op. Handlers must keep their effects inside the transaction they are given.
+
+Confinement (rule 15). A failure in one tenant never stops the pass for the others:
+
+* a *source* that fails (an error while claiming, reading or acknowledging it: a hostile schema that
+  breaks shardlite's own statements, a file that cannot be opened or written) is skipped; its pending
+  flag's due time backs off exponentially (the policy's ``backoff_base`` to ``backoff_cap``, counted in
+  consecutive failures) and ``status()`` shows its error. ``drain()`` retries it ``max_attempts`` times,
+  then leaves it flagged;
+* a *destination* that fails is treated like a failing handler (:mod:`shardlite.delivery`): its events
+  count failed attempts and end as dead letters with the error text;
+* an *unavailable* tenant (being moved, or locked by another writer past ``LOCK_WAIT_MS``) is not a
+  failure: nothing is counted; a destination's events stay in the outbox, in order, and it is tried
+  again after a short backoff (``RetryPolicy.unavailable_delay``) without delaying other destinations;
+  a busy source is simply left for the next pass. No pass waits on one tenant longer than the lock wait
+  (a move is not waited for);
+* errors are reported naming the tenant, its file and the cause, logged at most once per
+  ``LOG_INTERVAL`` per kind with a count of those suppressed (:mod:`shardlite.relay_health`); the last
+  one is recorded in the global DB for ``shardlite relay status``.
 """
 
 from __future__ import annotations
@@ -48,27 +63,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import apsw
-
-from .errors import Busy, ConfigurationError, ShardliteError, TenantMoving, UnknownTenant
-from .feed import INSERT as feed_insert
-from .feed import append as feed_append
-from .feed import insert_values as feed_values
-from .outbox import Event, OutboxRow, Plan, RetryPolicy, check_topic, next_due, plan
-from .schema import EMIT_SQL, REMEMBER_LAST_SEQ
+from . import relay_ops
+from .delivery import DONE, UNAVAILABLE, Claim, Deliverer, Group, Handler, HandlerRegistry, describe_tenant
+from .errors import Busy, TenantMoving, UnknownTenant
+from .outbox import OutboxRow, RetryPolicy, backoff, next_due, plan
+from .relay_health import LOG_INTERVAL, ErrorLog, Troubles, describe, error_text
+from .schema import REMEMBER_LAST_SEQ
 from .store import Store
-from .transaction import Transaction
 
-__all__ = ["Relay", "PassStats", "Handler", "HandlerRegistry", "LEASE_SECONDS"]
+__all__ = ["Relay", "PassStats", "Handler", "HandlerRegistry", "LEASE_SECONDS", "ACK_WAIT_MS", "LOCK_WAIT_MS",
+           "LOG_INTERVAL"]
 
 log = logging.getLogger("shardlite.relay")
-
-Handler = Callable[[Transaction, Event], None]
 
 #: How long a relay's claim on a source tenant lasts; a relay that died is replaced after at most this.
 LEASE_SECONDS = 10.0
 #: How long the second try at acknowledging a source that an application transaction had locked waits.
 ACK_WAIT_MS = 2
+#: How long a claim or a delivery waits for another writer's lock on one tenant: a tenant still locked
+#: after it is tried again later, so that it never delays the others.
+LOCK_WAIT_MS = 5
 
 # The batch size is written into the SQL text (see feed.page_query: a bound LIMIT re-prepares every run).
 _READ_OUTBOX = ("SELECT seq, dest, topic, payload, created, attempts, next_at, origin FROM _shardlite_outbox "
@@ -82,50 +96,40 @@ _PEEK = ("SELECT r.claimed_by, r.claimed_until, m.incarnation, o.seq, o.dest, o.
 
 @dataclass
 class PassStats:
+    """What one pass (or a drain, summed) did. ``progressed``: something was delivered, failed or died."""
+
     delivered: int = 0
-    failed: int = 0
+    failed: int = 0  # failed attempts (a handler, or its destination as a whole)
     dead: int = 0
     unhandled: int = 0
     waiting: int = 0
     skipped: int = 0  # sources claimed by another relay
     sources: int = 0
+    deferred: int = 0  # events held back because their destination was unavailable (nothing counted)
+    tenant_errors: int = 0  # sources and destinations that failed as a whole
     unhandled_topics: set[str] = field(default_factory=set)
-    next_retry: float | None = None  # earliest time an event held by a retry delay becomes due
+    failing: set[str] = field(default_factory=set)  # those tenants, and the sources still backing off
+    next_retry: float | None = None  # earliest time something held back (a retry delay, a tenant) is due
     claimed_until: float | None = None  # latest lease of another relay that kept a source from us
 
     @property
     def progressed(self) -> bool:
         return self.delivered + self.failed + self.dead > 0
 
+    def retry_at(self, when: float) -> None:
+        """Something held back becomes due at ``when``."""
+        if self.next_retry is None or when < self.next_retry:
+            self.next_retry = when
+
     def add(self, other: PassStats) -> None:
-        for name in ("delivered", "failed", "dead", "unhandled", "waiting", "skipped", "sources"):
+        for name in ("delivered", "failed", "dead", "unhandled", "waiting", "skipped", "sources", "deferred",
+                     "tenant_errors"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.unhandled_topics |= other.unhandled_topics
+        self.failing |= other.failing
         for name, pick in (("next_retry", min), ("claimed_until", max)):
             mine, theirs = getattr(self, name), getattr(other, name)
             setattr(self, name, theirs if mine is None else mine if theirs is None else pick(mine, theirs))
-
-
-class HandlerRegistry:
-    """``handler(topic)`` and ``use_feed(*topics)``, shared by :class:`~shardlite.Router` and
-    :class:`~shardlite.AsyncRouter` (both keep their handlers in ``self._handlers``)."""
-
-    _handlers: dict[str, Handler]
-
-    def handler(self, topic: str) -> Callable[[Handler], Handler]:
-        """``@router.handler("message")`` registers ``fn(tx, event)`` for ``topic``: the relay runs it inside
-        a write transaction on the event's destination tenant (a plain function, also under AsyncRouter)."""
-        check_topic(topic)
-
-        def register(fn: Handler) -> Handler:
-            self._handlers[topic] = fn
-            return fn
-        return register
-
-    def use_feed(self, *topics: str) -> None:
-        """Deliver events of ``topics`` to the built-in activity feed of their destination."""
-        for topic in topics:
-            self.handler(topic)(feed_append)
 
 
 class _ClaimedElsewhere(Exception):
@@ -134,19 +138,6 @@ class _ClaimedElsewhere(Exception):
     def __init__(self, until: float) -> None:
         super().__init__(until)
         self.until = until
-
-
-@dataclass
-class _Claim:
-    """A source claimed for one pass: its batch, the plan for it, and the outcomes as they come in."""
-
-    source: str
-    incarnation: str
-    work: Plan
-    until: float  # when this relay's lease on the source ends (renewed by the acknowledgement when short)
-    delivered: list[int] = field(default_factory=list)
-    failed: dict[int, tuple[OutboxRow, str]] = field(default_factory=dict)
-    dead: dict[int, tuple[OutboxRow, str]] = field(default_factory=dict)
 
 
 class Relay:
@@ -173,13 +164,24 @@ class Relay:
         self._skip_until: dict[str, float] = {}
         self._hot: set[str] = set()  # sources this process just emitted from: passed at once
         self._held: set[str] = set()  # sources whose lease this relay (probably) holds
+        self._failing_sources = Troubles()  # backing off (see the module doc)
+        self._failing_dests = Troubles()  # for status() only: their events count the failed attempts
+        self._unavailable = Troubles()  # destinations moving or locked: tried again soon, nothing counted
+        self._moving_sources = Troubles()  # sources found moving: looked at again soon
+        #: Rate-limited error reports; ``errors.last`` is the newest error (see :mod:`~shardlite.relay_health`)
+        self.errors = ErrorLog(log, on_logged=self._record_error)
+        self._deliverer = Deliverer(store, handlers, self.report, LOCK_WAIT_MS)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.last_error: str | None = None
         #: Test hook: called with a step name ("claimed", "delivered", "acknowledged") during each pass, so
         #: crash tests can kill the process at an exact point of the protocol.
         self.fault: Callable[[str], None] | None = None
+
+    @property
+    def last_error(self) -> dict[str, Any] | None:
+        """The newest error this relay met: ``{"at", "tenant", "error"}`` (None if none)."""
+        return self.errors.last
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -207,6 +209,7 @@ class Relay:
             self._thread = None
         if self._held and not self.store.closed:
             self.release_claims()
+        self.errors.flush()
 
     def notify(self, source: str) -> None:
         """``source`` committed new events in this process: pass over it at once, whatever its due time."""
@@ -216,15 +219,18 @@ class Relay:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                stats = self.run_once()
-                busy = stats.delivered + stats.failed + stats.dead > 0
+                busy = self.run_once().progressed
             except Exception as exc:  # noqa: BLE001 - a relay thread must survive anything a pass throws
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("relay pass failed")
+                self.pass_failed(exc)
                 busy = False
             if not busy:
                 self._wake.wait(self.poll_interval)
                 self._wake.clear()
+
+    def pass_failed(self, exc: BaseException) -> None:
+        """A whole pass failed (not one tenant: the global DB, or a bug): report it, rate-limited, with
+        a traceback on the lines that are logged."""
+        self.errors.report(f"relay pass failed: {error_text(exc)}", kind=f"pass: {error_text(exc)}", exc_info=exc)
 
     # -- passes -----------------------------------------------------------------------------------------
 
@@ -250,23 +256,27 @@ class Relay:
 
     def drain(self, *, timeout: float = 60.0) -> PassStats:
         """Run passes over every flagged source until nothing more can be delivered: waiting out retry
-        delays and the leases of relays that died, or until ``timeout``. Events with no handler here (and
-        those behind them on the same pair) stay pending."""
+        delays, unavailable destinations and the leases of relays that died, or until ``timeout``. Events
+        with no handler here (and those behind them on the same pair) stay pending, and so do the events
+        of a source that failed ``max_attempts`` times in a row (``stats.failing``)."""
         deadline = time.monotonic() + timeout
         total = PassStats()
-        while time.monotonic() < deadline:
-            stats = self.run_once(every=True)
-            total.add(stats)
-            if stats.progressed:
-                continue
-            wake_at = [t for t in (stats.next_retry, stats.claimed_until) if t is not None]
-            if not wake_at:
-                break  # nothing left, or only events no handler here can take
-            pause = min(wake_at) - time.time()
-            time.sleep(min(max(pause, 0.005), 0.25, max(0.0, deadline - time.monotonic())))
-            self._skip_until = {k: v for k, v in self._skip_until.items() if v > time.time()}
-        if not self.running:
-            self.release_claims()
+        try:
+            while time.monotonic() < deadline:
+                stats = self.run_once(every=True)
+                total.add(stats)
+                if stats.progressed:
+                    continue
+                wake_at = [t for t in (stats.next_retry, stats.claimed_until) if t is not None]
+                if not wake_at:
+                    break  # nothing left, or only events no handler here can take
+                pause = min(wake_at) - time.time()
+                time.sleep(min(max(pause, 0.005), 0.25, max(0.0, deadline - time.monotonic())))
+                self._skip_until = {k: v for k, v in self._skip_until.items() if v > time.time()}
+        finally:
+            if not self.running:
+                self.release_claims()
+            self.errors.flush()
         return total
 
     def pass_over(self, source: str) -> PassStats:
@@ -278,13 +288,17 @@ class Relay:
         destination, whatever the number of sources writing to it), then acknowledge each source."""
         now = time.time()
         stats = PassStats()
-        claimed: list[_Claim] = []
+        claimed: list[Claim] = []
         for source in sources:
             stats.sources += 1
+            if (self._failing_sources or self._unavailable or self._moving_sources) and self._held_back(
+                    source, now, stats):
+                continue
             try:
                 claim = self._claim(source, now)
             except UnknownTenant:
                 self._held.discard(source)
+                self._failing_sources.clear(source)
                 self._forget_source(source)
                 continue
             except _ClaimedElsewhere as other:
@@ -294,40 +308,49 @@ class Relay:
                 stats.claimed_until = other.until if stats.claimed_until is None else max(
                     stats.claimed_until, other.until)
                 continue
-            except (Busy, TenantMoving) as exc:
-                log.info("relay: source %r not available now (%s)", source, exc)
+            except Busy as exc:  # an application transaction holds it: the next pass tries again
+                log.debug("relay: source %r is locked (%s)", source, exc)
+                stats.retry_at(now + self.poll_interval)
                 continue
+            except TenantMoving as exc:
+                self._set_unavailable(self._moving_sources, "source", source, exc, stats)
+                continue
+            except Exception as exc:  # noqa: BLE001 - confined to this source (module doc)
+                self._source_failed(source, exc, stats)
+                continue
+            if self._moving_sources:
+                self._moving_sources.clear(source)
             claimed.append(claim)
         if not claimed:
             return stats
         if self.fault is not None:
             self.fault("claimed")
-        by_dest: dict[str, list[tuple[_Claim, list[OutboxRow]]]] = {}
+        by_dest: dict[str, list[Group]] = {}
         for claim in claimed:
             stats.waiting += claim.work.waiting
             stats.unhandled += len(claim.work.unhandled)
             stats.unhandled_topics |= {row.topic for row in claim.work.unhandled}
             due = claim.work.next_due
             if due is not None:
-                stats.next_retry = due if stats.next_retry is None else min(stats.next_retry, due)
+                stats.retry_at(due)
             for dest, dest_rows in claim.work.deliver.items():
                 by_dest.setdefault(dest, []).append((claim, dest_rows))
         for dest, groups in by_dest.items():
-            self._deliver(dest, groups)
+            self._deliver(dest, groups, now, stats)
         if self.fault is not None:
             self.fault("delivered")
         emptied: list[tuple[str, int]] = []
         # An application transaction may hold a source's lock for a while (a group-commit batch stays open
         # for a loop iteration): acknowledge the free sources first, then those that were busy, waiting a
         # little; one still locked is acknowledged by a later pass (its events redelivered: a no-op then).
-        busy: list[_Claim] = []
+        busy: list[Claim] = []
         for claim in claimed:
             try:
                 self._acknowledge(claim, stats, emptied, wait_ms=0)
             except Busy:
                 busy.append(claim)
             except TenantMoving as exc:
-                log.info("relay: could not acknowledge %r now (%s)", claim.source, exc)
+                log.debug("relay: could not acknowledge %r now (%s)", claim.source, exc)
         for claim in busy:
             try:
                 self._acknowledge(claim, stats, emptied, wait_ms=ACK_WAIT_MS)
@@ -337,7 +360,87 @@ class Relay:
             self.store.catalog.clear_pending_many(emptied)
         return stats
 
-    def _claim(self, source: str, now: float) -> _Claim:
+    def _held_back(self, source: str, now: float, stats: PassStats) -> bool:
+        """True when ``source`` backs off after failing, or waits after being found moving (as a source or
+        as a destination: a source's first read would wait for the move)."""
+        trouble = self._moving_sources.waiting(source, now)
+        if trouble is None:
+            trouble = self._unavailable.waiting(source, now)
+            if trouble is not None and trouble.cause != TenantMoving.__name__:
+                trouble = None  # only locked: its claim waits a few ms at most
+        if trouble is not None:
+            stats.retry_at(trouble.until)
+            return True
+        trouble = self._failing_sources.waiting(source, now)
+        if trouble is None:
+            return False
+        stats.failing.add(source)
+        if trouble.tries < self.policy.max_attempts:  # drain() waits for a few tries, not for ever
+            stats.retry_at(trouble.until)
+        return True
+
+    def _deliver(self, dest: str, groups: list[Group], now: float, stats: PassStats) -> None:
+        """Deliver to ``dest`` unless it is known to be unavailable; defer its events if it is."""
+        if self._unavailable:
+            trouble = self._unavailable.waiting(dest, now)
+            if trouble is not None:
+                self._defer(groups, trouble.until, stats)
+                return
+        outcome = self._deliverer.deliver(dest, groups)
+        if outcome.state == DONE:
+            if self._unavailable:
+                self._unavailable.clear(dest)
+            if self._failing_dests:
+                self._failing_dests.clear(dest)
+        elif outcome.state == UNAVAILABLE:
+            assert outcome.exc is not None
+            self._defer(groups, self._set_unavailable(self._unavailable, "destination", dest, outcome.exc, stats),
+                        stats)
+        else:
+            assert outcome.exc is not None
+            self._failing_dests.add(dest, "destination", outcome.exc, outcome.text, time.time(), lambda _: 0.0)
+            stats.tenant_errors += 1
+            stats.failing.add(dest)
+
+    @staticmethod
+    def _defer(groups: list[Group], until: float, stats: PassStats) -> None:
+        for claim, rows in groups:
+            claim.defer(len(rows), until)
+            stats.deferred += len(rows)
+        stats.retry_at(until)
+
+    def _set_unavailable(self, troubles: Troubles, role: str, key: str, exc: BaseException,
+                         stats: PassStats) -> float:
+        """``key`` is moving or locked: not tried again before the returned time (nothing counted)."""
+        trouble = troubles.add(key, role, exc, describe(role, key, exc), time.time(), self.policy.unavailable_delay)
+        log.debug("relay: %s (try %d; again in %.2f s)", trouble.error, trouble.tries, trouble.until - time.time())
+        stats.retry_at(trouble.until)
+        return trouble.until
+
+    def _source_failed(self, source: str, exc: BaseException, stats: PassStats) -> None:
+        """An error while claiming, reading or acknowledging ``source``: report it and back off (here and in
+        its pending flag's due time, which every relay sees)."""
+        policy = self.policy
+        text = self.report("source", source, exc, "")
+        trouble = self._failing_sources.add(source, "source", exc, text, time.time(),
+                                            lambda tries: backoff(tries, policy.backoff_base, policy.backoff_cap))
+        stats.tenant_errors += 1
+        stats.failing.add(source)
+        if trouble.tries < policy.max_attempts:
+            stats.retry_at(trouble.until)
+        try:
+            self.store.catalog.set_pending_due(source, trouble.until)
+        except Exception as err:  # noqa: BLE001 - the global DB's trouble: this relay's own backoff holds
+            self.errors.report(f"could not move the pending flag of {source!r}: {error_text(err)}",
+                               kind=f"global: {error_text(err)}", tenant=source)
+
+    def report(self, role: str, key: str, exc: BaseException, note: str = "") -> str:
+        """Report an error about one tenant (rate-limited); returns its text (tenant, file, cause)."""
+        text = describe_tenant(self.store, role, key, exc, note)
+        self.errors.report(text, kind=f"{role}: {error_text(exc)}", tenant=key)
+        return text
+
+    def _claim(self, source: str, now: float) -> Claim:
         """Take the source's lease (in its own file) and read a batch of its outbox. It is read first: while
         this relay's lease has more than a quarter of its time left (acknowledgements renew it) the read
         is the claim (no other relay can take the source meanwhile, and emitters only add rows), and a
@@ -346,11 +449,11 @@ class Relay:
         claimed_by, claimed_until, incarnation = found[0][:3]
         if claimed_by == self.id and claimed_until - now > self.lease / 4:
             rows = [OutboxRow(*row[3:]) for row in found if row[3] is not None]
-            return _Claim(source, str(incarnation), plan(rows, self.handlers, now), float(claimed_until))
+            return Claim(source, str(incarnation), plan(rows, self.handlers, now), float(claimed_until))
         if claimed_by not in (None, self.id) and claimed_until > now:
             self._held.discard(source)
             raise _ClaimedElsewhere(float(claimed_until))
-        with self.store.writing(source, create=False) as handle:
+        with self.store.writing(source, create=False, wait_ms=LOCK_WAIT_MS, move_wait=0) as handle:
             claim: list[Any] = self.store.internal(
                 handle, "SELECT claimed_by, claimed_until FROM _shardlite_relay WHERE id = 1").fetchall()
             claimed_by, claimed_until = claim[0]
@@ -362,120 +465,38 @@ class Relay:
             self._held.add(source)
             found = self.store.internal(handle, _READ_OUTBOX.format(batch=int(self.batch))).fetchall()
             rows = [OutboxRow(*row) for row in found]
-            return _Claim(source, handle.incarnation, plan(rows, self.handlers, now), now + self.lease)
+            return Claim(source, handle.incarnation, plan(rows, self.handlers, now), now + self.lease)
 
     def release_claims(self) -> None:
         """Give up the leases this relay holds (its acknowledgements renew them, so that its next pass over
-        a busy source needs no claim transaction): another relay can take those sources at once."""
+        a busy source needs no claim transaction): another relay can take those sources at once. A source
+        that cannot be written now keeps the lease until it runs out."""
         held, self._held = self._held, set()
         for source in held:
             try:
-                with self.store.writing(source, create=False) as handle:
+                with self.store.writing(source, create=False, wait_ms=LOCK_WAIT_MS, move_wait=0) as handle:
                     self.store.internal(handle, "UPDATE _shardlite_relay SET claimed_by = NULL, claimed_until = 0 "
                                         "WHERE id = 1 AND claimed_by = ?", (self.id,))
             except (UnknownTenant, Busy, TenantMoving) as exc:  # expires by itself within the lease
-                log.info("relay: could not release %r (%s)", source, exc)
+                log.debug("relay: could not release %r (%s)", source, exc)
+            except Exception as exc:  # noqa: BLE001 - one source never keeps the others' leases
+                self.report("source", source, exc, " (releasing its lease)")
 
-    def _deliver(self, dest: str, groups: list[tuple[_Claim, list[OutboxRow]]]) -> None:
-        """Apply every source's ``rows`` for ``dest`` (each source's in seq order) in one transaction on
-        ``dest``, and sort them into the claims' outcomes. A handler that fails stops its own
-        (source, destination) pair for this pass; the other sources' events still go in."""
-        done: list[tuple[_Claim, list[int]]] = []
-        try:
-            with self.store.writing(dest, create=True, revive=False) as handle:
-                for claim, rows in groups:
-                    done.append((claim, self._apply_group(handle, claim, rows)))
-        except UnknownTenant:
-            for claim, rows in groups:
-                for row in rows:
-                    claim.dead[row.seq] = (row, f"destination {dest!r} was dropped")
-            return
-        except ConfigurationError as exc:  # no schema for the destination here: it can never be created
-            for claim, rows in groups:
-                for row in rows:
-                    claim.dead[row.seq] = (row, f"destination {dest!r} cannot be created: {exc}")
-            return
-        except (Busy, TenantMoving) as exc:
-            for claim, rows in groups:
-                claim.failed[rows[0].seq] = (rows[0], f"{type(exc).__name__}: {exc}")
-            return
-        for claim, seqs in done:
-            claim.delivered.extend(seqs)
-
-    def _apply_group(self, handle: Any, claim: _Claim, rows: list[OutboxRow]) -> list[int]:
-        """One source's events for the handle's tenant: skip those at or below the inbox mark of their
-        emitting incarnation (applied before: the acknowledgement was lost), run the others, and move the
-        marks in the same transaction. Returns the seqs that count as delivered."""
-        done: list[int] = []
-        marks: dict[str, int] = {}  # high-water mark per emitting incarnation, as read
-        moved: dict[str, int] = {}  # ... and as advanced by this pass
-        source = claim.source
-        for row in rows:
-            emitter = row.incarnation(claim.incarnation)
-            if emitter not in marks:
-                found: list[Any] = self.store.internal(
-                    handle, "SELECT last_seq FROM _shardlite_inbox WHERE source = ? AND incarnation = ?",
-                    (source, emitter)).fetchall()
-                marks[emitter] = int(found[0][0]) if found else 0
-            if row.seq <= marks[emitter]:
-                done.append(row.seq)
-                continue
-            error = self._apply(handle, source, emitter, row)
-            if error is not None:
-                claim.failed[row.seq] = (row, error)
-                break
-            marks[emitter] = moved[emitter] = row.seq
-            done.append(row.seq)
-        for emitter, seq in moved.items():
-            self.store.internal(
-                handle, "INSERT INTO _shardlite_inbox(source, incarnation, last_seq) VALUES (?, ?, ?) "
-                "ON CONFLICT(source, incarnation) DO UPDATE SET last_seq = excluded.last_seq",
-                (source, emitter, seq))
-        return done
-
-    def _apply(self, handle: Any, source: str, incarnation: str, row: OutboxRow) -> str | None:
-        """Run one handler in a savepoint; the error text when it failed (its effects rolled back).
-
-        The built-in feed handler is applied directly: one INSERT of the payload as stored (no decoding
-        and re-encoding, no Event object) and no savepoint, as a single statement that fails leaves no
-        effect. If SQLite rolled the whole transaction back instead, the error propagates and the
-        destination's transaction fails as a whole."""
-        store = self.store
-        handler = self.handlers[row.topic]
-        if handler is feed_append:
-            try:
-                store.internal(handle, feed_insert, feed_values(source, incarnation, row.topic, row.payload,
-                                                                row.seq, row.created))
-            except Exception as exc:  # noqa: BLE001 - recorded like any failing handler
-                if handle.conn.get_autocommit():
-                    raise
-                return f"{type(exc).__name__}: {exc}"[:2000]
-            return None
-        store.internal(handle, "SAVEPOINT shardlite_relay")
-        tx = Transaction(handle.key, handle.conn, handle.guard, store.emitter, handle)
-        try:
-            handler(tx, row.event(source, incarnation))
-        except Exception as exc:  # noqa: BLE001 - a failing handler is recorded, never fatal to the relay
-            store.internal(handle, "ROLLBACK TO shardlite_relay")
-            store.internal(handle, "RELEASE shardlite_relay")
-            return f"{type(exc).__name__}: {exc}"[:2000]
-        finally:
-            tx._close()
-        store.internal(handle, "RELEASE shardlite_relay")
-        return None
-
-    def _acknowledge(self, claim: _Claim, stats: PassStats, emptied: list[tuple[str, int]],
+    def _acknowledge(self, claim: Claim, stats: PassStats, emptied: list[tuple[str, int]],
                      wait_ms: int | None = None) -> None:
         """In the source: delete what was delivered, count failures (backoff or dead letter), renew the
         lease when less than half of it is left. A source left empty goes into ``emptied`` with the flag
         version read under its write lock; one whose remaining events are due later gets its flag's due
-        time moved."""
+        time moved. Busy and TenantMoving propagate (nothing was written); any other error is the source's
+        failure (reported, backed off)."""
         store, catalog, policy = self.store, self.store.catalog, self.policy
         source, delivered, failed, dead = claim.source, claim.delivered, claim.failed, claim.dead
         next_due_at = claim.work.next_due
+        if claim.deferred_until is not None:
+            next_due_at = claim.deferred_until if next_due_at is None else min(next_due_at, claim.deferred_until)
         now = time.time()
         try:
-            with store.writing(source, create=False, wait_ms=wait_ms) as handle:
+            with store.writing(source, create=False, wait_ms=wait_ms, move_wait=0) as handle:
                 if delivered or failed or dead:  # failed ones may turn dead (deleted) below
                     store.internal(handle, REMEMBER_LAST_SEQ)  # before deleting: numbers never come back
                 if delivered:  # one cached statement per seq: no table-valued function a user table could shadow
@@ -490,11 +511,12 @@ class Relay:
                     store.internal(handle, "UPDATE _shardlite_outbox SET attempts = ?, next_at = ?, last_error = ? "
                                    "WHERE seq = ?", (attempts, retry_at, error, seq))
                     next_due_at = retry_at if next_due_at is None else min(next_due_at, retry_at)
-                    stats.next_retry = retry_at if stats.next_retry is None else min(stats.next_retry, retry_at)
-                for seq, (row, error) in dead.items():
+                    stats.retry_at(retry_at)
+                for seq in dead:  # deleted first: a source whose own statements fail records no letter
+                    store.internal(handle, "DELETE FROM _shardlite_outbox WHERE seq = ?", (seq,))
+                for seq, (row, error) in dead.items():  # before the COMMIT: a crash never loses one
                     catalog.add_dead_letter(source, row.incarnation(handle.incarnation), seq, row.dest, row.topic,
                                             row.payload, row.created, max(row.attempts + 1, 1), error)
-                    store.internal(handle, "DELETE FROM _shardlite_outbox WHERE seq = ?", (seq,))
                 left: list[Any] = store.internal(handle, "SELECT count(*) FROM _shardlite_outbox").fetchall()
                 remaining = int(left[0][0])
                 # read under the source's write lock: an emitter that re-flags it after this commit bumps it
@@ -507,6 +529,13 @@ class Relay:
             self._held.discard(source)
             self._forget_source(source)
             return
+        except (Busy, TenantMoving):
+            raise
+        except Exception as exc:  # noqa: BLE001 - confined to this source (module doc)
+            self._source_failed(source, exc, stats)
+            return
+        if self._failing_sources:
+            self._failing_sources.clear(source)
         if self.fault is not None:
             self.fault("acknowledged")
         retrying = len(failed) - sum(1 for seq in failed if seq in dead)
@@ -517,7 +546,7 @@ class Relay:
             if version is not None:
                 emptied.append((source, version[0]))
             return
-        held = claim.work.waiting + len(claim.work.unhandled) + retrying
+        held = claim.work.waiting + len(claim.work.unhandled) + retrying + claim.deferred
         due = next_due(now, remaining=remaining, held=held, retry_due=next_due_at,
                        unhandled=bool(claim.work.unhandled), recheck=self.unhandled_recheck)
         version = catalog.pending_row(source)
@@ -530,65 +559,31 @@ class Relay:
         if row is not None:
             self.store.catalog.clear_pending(source, row[0])
 
-    # -- operations -------------------------------------------------------------------------------------
+    # -- operations (shardlite.relay_ops) ------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         """Pending events, age of the oldest (lag) and dead letters, per node; pending events per topic and
-        the topics this process has no handler for. Opens only the tenants flagged as having pending
-        events."""
-        store = self.store
-        now = time.time()
-        per_node: dict[str, dict[str, Any]] = {
-            n.name: {"pending": 0, "oldest_age": 0.0, "dead_letters": 0, "sources": 0} for n in
-            store.catalog.nodes()}
-        topics: dict[str, int] = {}
-        for key, _due, _since in store.catalog.pending_all():
-            try:
-                count, oldest = store.read_internal(key, "SELECT count(*), min(created) FROM _shardlite_outbox")[0]
-                node = store.locate(key).node
-                for (topic, n) in store.read_internal(key, "SELECT topic, count(*) FROM _shardlite_outbox "
-                                                      "GROUP BY topic"):
-                    topics[topic] = topics.get(topic, 0) + int(n)
-            except (UnknownTenant, ShardliteError, apsw.Error):
-                continue
-            entry = per_node.setdefault(node, {"pending": 0, "oldest_age": 0.0, "dead_letters": 0, "sources": 0})
-            entry["pending"] += int(count)
-            entry["sources"] += 1 if count else 0
-            if oldest is not None:
-                entry["oldest_age"] = max(entry["oldest_age"], now - float(oldest))
-        dead = store.catalog.dead_letters(limit=1_000_000)
-        for letter in dead:
-            node = store.locate(letter["source"]).node
-            per_node.setdefault(node, {"pending": 0, "oldest_age": 0.0, "dead_letters": 0, "sources": 0})
-            per_node[node]["dead_letters"] += 1
-        return {
-            "pending": sum(v["pending"] for v in per_node.values()),
-            "oldest_age": max([v["oldest_age"] for v in per_node.values()] or [0.0]),
-            "dead_letters": len(dead),
-            "topics": dict(sorted(topics.items())),
-            "unhandled_topics": sorted(t for t in topics if t not in self.handlers),
-            "nodes": per_node,
-            "running": self.running,
-            "last_error": self.last_error,
-        }
+        the topics this process has no handler for; the last error (this relay's, or the last one any relay
+        of the root recorded, whichever is newer); the tenants this relay sees failing or unavailable now.
+        Opens only the tenants flagged as having pending events."""
+        return relay_ops.status(self)
 
     def retry_dead(self, *, source: str | None = None, seq: int | None = None) -> int:
-        """Re-emit dead letters (all, one source's, or one) as new events; returns how many."""
-        store = self.store
-        count = 0
-        for letter in store.catalog.dead_letters(limit=1_000_000):
-            if source is not None and letter["source"] != source:
-                continue
-            if seq is not None and letter["seq"] != seq:
-                continue
-            try:
-                with store.writing(letter["source"], create=False) as handle:
-                    store.internal(handle, EMIT_SQL,
-                                   (letter["dest"], letter["topic"], letter["payload"], letter["created"]))
-                    store.catalog.flag_pending(letter["source"])
-            except UnknownTenant:
-                continue  # its source was dropped: nothing can re-emit it (the letter stays listed)
-            store.catalog.delete_dead_letter(letter["source"], letter["incarnation"], letter["seq"])
-            count += 1
-        return count
+        """Re-emit dead letters (all, one source's, or one) as new events; returns how many. A letter whose
+        source cannot be written now stays a dead letter (the error is reported) and the others go on."""
+        return relay_ops.retry_dead(self, source=source, seq=seq)
 
+    def recorded_error(self) -> dict[str, Any] | None:
+        """The last error any relay of this root logged: ``{"at", "tenant", "error", "relay"}`` (or None)."""
+        return relay_ops.recorded_error(self.store)
+
+    def troubles(self, now: float) -> dict[str, dict[str, Any]]:
+        """``{"failing": {key: ...}, "unavailable": {key: ...}}``: the sources this relay backs off from,
+        the destinations whose failure it met in the last minute, the tenants it found moving or locked,
+        with their last error, tries in a row and when they are tried again."""
+        self._failing_dests.forget_before(now - 2 * LOG_INTERVAL)  # no event of theirs failed for a while
+        return {"failing": self._failing_sources.snapshot(now) | self._failing_dests.snapshot(now),
+                "unavailable": self._moving_sources.snapshot(now) | self._unavailable.snapshot(now)}
+
+    def _record_error(self, record: dict[str, Any]) -> None:
+        relay_ops.record_error(self.store, record | {"relay": self.id})

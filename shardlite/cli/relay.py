@@ -3,25 +3,48 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
+import sys
 import threading
+import time
 from dataclasses import asdict
 from typing import Any
 
 from .common import emit_json, load_app, open_router, print_table
 
 
+def _log_errors() -> None:
+    """Relay errors (already one line each, rate-limited) go to stderr with a time stamp, unless the app
+    configured logging itself."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _some(keys: list[str], shown: int = 10) -> str:
+    if not keys:
+        return "none"
+    return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     router = load_app(args.app, args.root)
+    _log_errors()
     try:
         if args.once:
-            stats = router.relay.drain(timeout=args.timeout)
-            report: dict[str, Any] = asdict(stats) | {"unhandled_topics": sorted(stats.unhandled_topics)}
+            try:
+                stats = router.relay.drain(timeout=args.timeout)
+            except Exception as exc:  # noqa: BLE001 - not one tenant's error (those are confined): say it in one line
+                print(f"shardlite relay run: {type(exc).__name__}: {exc}", file=sys.stderr)
+                return 1
+            report: dict[str, Any] = asdict(stats) | {"unhandled_topics": sorted(stats.unhandled_topics),
+                                                      "failing": sorted(stats.failing)}
             if args.json:
                 emit_json(report)
             else:
                 print(f"delivered {stats.delivered}, dead-lettered {stats.dead}, failed attempts {stats.failed}, "
-                      f"unhandled {stats.unhandled} ({', '.join(report['unhandled_topics']) or 'none'})")
+                      f"unhandled {stats.unhandled} ({', '.join(report['unhandled_topics']) or 'none'}), "
+                      f"deferred {stats.deferred}, failing tenants {len(stats.failing)} ({_some(report['failing'])})")
             return 0
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -40,7 +63,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     with open_router(args) as router:
         status = router.relay.status()
-    del status["unhandled_topics"], status["running"], status["last_error"]  # about this process: meaningless here
+    # about this process, meaningless here; the last error is the one any relay of the root recorded
+    del status["unhandled_topics"], status["running"], status["failing"], status["unavailable"]
     if args.json:
         emit_json(status)
         return 0
@@ -50,6 +74,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"pending {status['pending']}, lag {status['oldest_age']:.3f} s, dead letters {status['dead_letters']}")
     if status["topics"]:
         print("pending per topic: " + ", ".join(f"{t} {n}" for t, n in status["topics"].items()))
+    last = status["last_error"]
+    if last:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(last.get("at", 0))))
+        print(f"last relay error ({when}): {last.get('error')}")
     return 0
 
 

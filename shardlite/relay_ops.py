@@ -1,0 +1,118 @@
+"""The relay's operations beside delivery: ``status()``, ``retry_dead()``, and the last error recorded in the
+global DB for ``shardlite relay status`` (run in any process).
+
+The last error a relay *logged* (at most one line per kind of error per interval, see
+:mod:`shardlite.relay_health`) is kept as one JSON value, ``{"at", "tenant", "error", "relay"}``, in the global
+DB's ``_shardlite_catalog_meta`` under ``relay_last_error``: a write per logged line, never per failure.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import apsw
+
+from .authorizer import INTERNAL_SQL
+from .errors import ShardliteError, UnknownTenant
+from .outbox import from_json, to_json
+from .schema import EMIT_SQL
+from .store import Store
+
+if TYPE_CHECKING:
+    from .relay import Relay
+
+__all__ = ["status", "retry_dead", "recorded_error", "record_error", "LAST_ERROR"]
+
+#: The name of the last logged relay error in ``_shardlite_catalog_meta``.
+LAST_ERROR = "relay_last_error"
+
+
+def record_error(store: Store, record: dict[str, Any]) -> None:
+    """Keep ``record`` (the last error a relay logged) in the global DB."""
+    if store.closed:
+        return
+    with store.catalog.write() as conn:
+        conn.execute(INTERNAL_SQL + "INSERT INTO _shardlite_catalog_meta(name, value) VALUES (?, ?) "
+                     "ON CONFLICT(name) DO UPDATE SET value = excluded.value", (LAST_ERROR, to_json(record)))
+
+
+def recorded_error(store: Store) -> dict[str, Any] | None:
+    """The last error any relay of the root logged, as recorded in the global DB; None if none was."""
+    rows = store.catalog.read("SELECT value FROM _shardlite_catalog_meta WHERE name = ?", (LAST_ERROR,))
+    if not rows:
+        return None
+    try:
+        found = from_json(str(rows[0][0]))
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _node_entry() -> dict[str, Any]:
+    return {"pending": 0, "oldest_age": 0.0, "dead_letters": 0, "sources": 0}
+
+
+def status(relay: Relay) -> dict[str, Any]:
+    """See :meth:`shardlite.relay.Relay.status`."""
+    store = relay.store
+    now = time.time()
+    per_node: dict[str, dict[str, Any]] = {n.name: _node_entry() for n in store.catalog.nodes()}
+    topics: dict[str, int] = {}
+    for key, _due, _since in store.catalog.pending_all():
+        try:
+            count, oldest = store.read_internal(key, "SELECT count(*), min(created) FROM _shardlite_outbox")[0]
+            node = store.locate(key).node
+            for (topic, n) in store.read_internal(key, "SELECT topic, count(*) FROM _shardlite_outbox "
+                                                  "GROUP BY topic"):
+                topics[topic] = topics.get(topic, 0) + int(n)
+        except (UnknownTenant, ShardliteError, apsw.Error):
+            continue
+        entry = per_node.setdefault(node, _node_entry())
+        entry["pending"] += int(count)
+        entry["sources"] += 1 if count else 0
+        if oldest is not None:
+            entry["oldest_age"] = max(entry["oldest_age"], now - float(oldest))
+    dead = store.catalog.dead_letters(limit=1_000_000)
+    for letter in dead:
+        node = store.locate(letter["source"]).node
+        per_node.setdefault(node, _node_entry())["dead_letters"] += 1
+    last, recorded = relay.errors.last, recorded_error(store)
+    if recorded is not None and (last is None or float(recorded.get("at", 0)) > float(last["at"])):
+        last = recorded
+    return {
+        "pending": sum(v["pending"] for v in per_node.values()),
+        "oldest_age": max([v["oldest_age"] for v in per_node.values()] or [0.0]),
+        "dead_letters": len(dead),
+        "topics": dict(sorted(topics.items())),
+        "unhandled_topics": sorted(t for t in topics if t not in relay.handlers),
+        "nodes": per_node,
+        "running": relay.running,
+        "last_error": last,
+        **relay.troubles(now),
+    }
+
+
+def retry_dead(relay: Relay, *, source: str | None = None, seq: int | None = None) -> int:
+    """See :meth:`shardlite.relay.Relay.retry_dead`."""
+    store = relay.store
+    count = 0
+    for letter in store.catalog.dead_letters(limit=1_000_000):
+        if source is not None and letter["source"] != source:
+            continue
+        if seq is not None and letter["seq"] != seq:
+            continue
+        try:
+            with store.writing(letter["source"], create=False) as handle:
+                store.internal(handle, EMIT_SQL,
+                               (letter["dest"], letter["topic"], letter["payload"], letter["created"]))
+                store.catalog.flag_pending(letter["source"])
+        except UnknownTenant:
+            continue  # its source was dropped: nothing can re-emit it (the letter stays listed)
+        except Exception as exc:  # noqa: BLE001 - one source never stops the retry of the others
+            relay.report("source", letter["source"], exc, " (re-emitting a dead letter)")
+            continue
+        store.catalog.delete_dead_letter(letter["source"], letter["incarnation"], letter["seq"])
+        count += 1
+    relay.errors.flush()
+    return count
