@@ -445,7 +445,8 @@ class Relay:
         this relay's lease has more than a quarter of its time left (acknowledgements renew it) the read
         is the claim (no other relay can take the source meanwhile, and emitters only add rows), and a
         live lease of another relay is seen without taking the source's write lock."""
-        found = self.store.read_on_writer(source, _PEEK.format(batch=int(self.batch)))
+        found = self.store.read_on_writer(source, _PEEK.format(batch=int(self.batch)), move_wait=0.0,
+                                          wait_ms=LOCK_WAIT_MS)
         claimed_by, claimed_until, incarnation = found[0][:3]
         if claimed_by == self.id and claimed_until - now > self.lease / 4:
             rows = [OutboxRow(*row[3:]) for row in found if row[3] is not None]

@@ -307,9 +307,10 @@ class Store:
         return conn
 
     def acquire(self, key: object, role: str, *, create: bool, revive: bool = True,
-                move_wait: float | None = None) -> Handle:
+                move_wait: float | None = None, wait_ms: int | None = None) -> Handle:
         """An entered handle for ``key``: resolved, opened, identity-checked. The caller must release it.
-        ``move_wait``: how long to wait for a tenant being moved (default: the router's ``move_wait``)."""
+        ``move_wait``: how long to wait for a tenant being moved (default: the router's ``move_wait``);
+        ``wait_ms``: for another thread of this process using the connection (default: the busy timeout)."""
         canon = canonical(key)
         deadline = time.monotonic() + (self.move_wait if move_wait is None else move_wait)
         while True:
@@ -325,8 +326,9 @@ class Store:
             except _Retired:
                 self._wait_for_move(canon, record.generation, deadline)
                 continue
-            if not handle.enter(self.settings.busy_timeout_ms / 1000):
-                raise Busy(f"tenant {canon!r}: another thread held its connection past the busy timeout")
+            if not handle.enter((self.settings.busy_timeout_ms if wait_ms is None else wait_ms) / 1000):
+                raise Busy(f"tenant {canon!r}: another thread of this process held its connection past the "
+                           f"{'busy timeout' if wait_ms is None else f'{wait_ms} ms wait'}")
             if handle.closed:
                 handle.exit()
                 continue
@@ -517,7 +519,8 @@ class Store:
         deadline = 0.0
         while True:
             if handle is None:
-                handle = self.acquire(canon, "w", create=create, revive=revive, move_wait=move_wait)
+                handle = self.acquire(canon, "w", create=create, revive=revive, move_wait=move_wait,
+                                      wait_ms=wait_ms)
             try:
                 ok = self.begin(handle, wait_ms)
             except BaseException:
@@ -677,10 +680,10 @@ class Store:
 
     def _read_slow(self, key: object, sql: str, params: Sequence[object] | dict[str, object],
                    role: str = "r", internal: bool = False, ticket: Ticket | None = None,
-                   move_wait: float | None = None) -> list[tuple[Any, ...]]:
+                   move_wait: float | None = None, wait_ms: int | None = None) -> list[tuple[Any, ...]]:
         deadline = time.monotonic() + (self.move_wait if move_wait is None else move_wait)
         while True:
-            handle = self.acquire(key, role, create=False, move_wait=move_wait)
+            handle = self.acquire(key, role, create=False, move_wait=move_wait, wait_ms=wait_ms)
             try:
                 rows = self._query(handle, sql, params, internal, ticket)
                 if rows is not None:
@@ -691,20 +694,21 @@ class Store:
                 self.release(handle)
             self._wait_for_move(handle.key, generation, deadline)
 
-    def read_internal(self, key: object, sql: str, params: Sequence[object] = (), *,
-                      on_writer: bool = False) -> list[tuple[Any, ...]]:
+    def read_internal(self, key: object, sql: str, params: Sequence[object] = (), *, on_writer: bool = False,
+                      move_wait: float | None = None, wait_ms: int | None = None) -> list[tuple[Any, ...]]:
         """One of shardlite's own reads (of ``_shardlite_*`` tables, which user SQL may not read) on
         ``key``'s tenant: ``sql`` without the INTERNAL_SQL prefix (added here), run trusted.
         ``on_writer``: on the tenant's write connection, outside any transaction (committed data), for
         reads of tenants shardlite is about to write anyway (the relay), so that they do not hold a
-        second pooled connection per tenant."""
+        second pooled connection per tenant. ``move_wait``, ``wait_ms``: see :meth:`acquire`."""
         if on_writer:
-            return self._read_slow(key, INTERNAL_SQL + sql, params, "w", True)
-        return self.read(key, INTERNAL_SQL + sql, params, True)
+            return self._read_slow(key, INTERNAL_SQL + sql, params, "w", True, move_wait=move_wait, wait_ms=wait_ms)
+        return self.read(key, INTERNAL_SQL + sql, params, True, move_wait=move_wait)
 
-    def read_on_writer(self, key: str, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+    def read_on_writer(self, key: str, sql: str, params: Sequence[object] = (), *,
+                       move_wait: float | None = None, wait_ms: int | None = None) -> list[tuple[Any, ...]]:
         """:meth:`read_internal` on the tenant's write connection."""
-        return self.read_internal(key, sql, params, on_writer=True)
+        return self.read_internal(key, sql, params, on_writer=True, move_wait=move_wait, wait_ms=wait_ms)
 
     @contextmanager
     def writing(self, key: str, *, create: bool = True, revive: bool = True,
