@@ -131,6 +131,9 @@ class Router(HandlerRegistry):
     ``clock`` (seconds since the epoch) drives session and account timestamps; tests inject one.
     ``relay=True`` runs the outbox relay on a background thread for the router's lifetime; ``max_payload``
     bounds an event's encoded payload; ``retry`` sets the relay's attempts and backoff.
+    ``statement_timeout`` (seconds, ``None``: none) interrupts a statement that runs longer
+    (:class:`~shardlite.QueryTimeout`); ``max_rows`` and ``max_result_bytes`` cap what one read returns
+    (:class:`~shardlite.ResultTooLarge`).
     """
 
     def __init__(
@@ -150,9 +153,13 @@ class Router(HandlerRegistry):
         relay: bool = False,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         retry: RetryPolicy | None = None,
+        statement_timeout: float | None = 30.0,
+        max_rows: int = 100_000,
+        max_result_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         settings = Settings(synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, max_open=max_open,
-                            cache_kib=cache_kib)
+                            cache_kib=cache_kib, statement_timeout=statement_timeout, max_rows=max_rows,
+                            max_result_bytes=max_result_bytes)
         self._store = Store(os.fspath(root), nodes=nodes, schema=schema,  # type: ignore[arg-type]
                             global_schema=global_schema, settings=settings, move_wait=move_wait, create=create,
                             max_payload=max_payload)
