@@ -132,7 +132,7 @@ class _AsyncScope(AsyncTransaction):
         self._conn = handle.conn
         self._guard = handle.guard
         self._emitter = router._emitter
-        self._flagged = False
+        self._outbox = 0
         self.key = canon
         self._open = True
         return self
@@ -149,7 +149,7 @@ class _AsyncScope(AsyncTransaction):
             raise
         self._batch, self._depth = batch, depth
         self.key, self._conn, self._guard, self._handle = canon, handle.conn, handle.guard, handle
-        self._emitter, self._flagged, self._open = self._router._emitter, False, True
+        self._emitter, self._outbox, self._open = self._router._emitter, 0, True
         return self
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -268,6 +268,7 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads):
         clock: Callable[[], float] = time.time,
         relay: bool = False,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        max_outbox_bytes: int = 64 * 1024 * 1024,
         retry: RetryPolicy | None = None,
     ) -> None:
         settings = Settings(synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, max_open=max_open,
@@ -284,7 +285,8 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads):
         try:
             self._store = Store(os.fspath(root), nodes=nodes, schema=schema,  # type: ignore[arg-type]
                                 global_schema=global_schema, settings=settings, move_wait=move_wait,
-                                max_payload=max_payload, checkpoint_submit=self._executor.submit,
+                                max_payload=max_payload, max_outbox=max_outbox_bytes,
+                                checkpoint_submit=self._executor.submit,
                                 read_check_steps=INLINE_CHECK_STEPS)
         except BaseException:
             for executor in (self._executor, self._readers, self._kdf):

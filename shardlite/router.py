@@ -87,7 +87,7 @@ class _Scope(Transaction):
             active[canon] = handle
         self._active = active
         self.key, self._conn, self._guard, self._handle = canon, handle.conn, handle.guard, handle
-        self._emitter, self._flagged, self._open = store.emitter, False, True
+        self._emitter, self._outbox, self._open = store.emitter, 0, True
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -130,7 +130,8 @@ class Router(HandlerRegistry):
     ``<root>/app_global.db``).
     ``clock`` (seconds since the epoch) drives session and account timestamps; tests inject one.
     ``relay=True`` runs the outbox relay on a background thread for the router's lifetime; ``max_payload``
-    bounds an event's encoded payload; ``retry`` sets the relay's attempts and backoff.
+    bounds an event's encoded payload and ``max_outbox_bytes`` what one transaction adds to its outbox
+    (:class:`~shardlite.PayloadTooLarge` past either); ``retry`` sets the relay's attempts and backoff.
     ``statement_timeout`` (seconds, ``None``: none) interrupts a statement that runs longer
     (:class:`~shardlite.QueryTimeout`); ``max_rows`` and ``max_result_bytes`` cap what one read returns
     (:class:`~shardlite.ResultTooLarge`).
@@ -152,6 +153,7 @@ class Router(HandlerRegistry):
         clock: Callable[[], float] = time.time,
         relay: bool = False,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        max_outbox_bytes: int = 64 * 1024 * 1024,
         retry: RetryPolicy | None = None,
         statement_timeout: float | None = 30.0,
         max_rows: int = 100_000,
@@ -162,7 +164,7 @@ class Router(HandlerRegistry):
                             max_result_bytes=max_result_bytes)
         self._store = Store(os.fspath(root), nodes=nodes, schema=schema,  # type: ignore[arg-type]
                             global_schema=global_schema, settings=settings, move_wait=move_wait, create=create,
-                            max_payload=max_payload)
+                            max_payload=max_payload, max_outbox=max_outbox_bytes)
         self._local = threading.local()
         db = self._store.globaldb
         #: Accounts with unique e-mail addresses (:class:`~shardlite.accounts.Accounts`).

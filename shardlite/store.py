@@ -58,7 +58,7 @@ from .ring import Ring
 from .sanitize import foreign_references, tenant_objects
 from .schema import SchemaSpec, Step
 from .tenant import Personaliser, build_template, open_tenant, write_new_file
-from .transaction import Emitter, TransactionClosed
+from .transaction import DEFAULT_MAX_OUTBOX, Emitter, TransactionClosed
 
 __all__ = ["Store", "NODE_NAME_RE"]
 
@@ -116,6 +116,7 @@ class Store:
         move_wait: float = 10.0,
         create: bool = True,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        max_outbox: int = DEFAULT_MAX_OUTBOX,
         checkpoint_submit: Submit | None = None,
         read_check_steps: int = WRITE_CHECK_STEPS,
     ) -> None:
@@ -150,8 +151,10 @@ class Store:
         self._fast: dict[Any, Handle] = {}  # read handles by the caller's key object (skips canonical())
         self._wfast: dict[str, Handle] = {}  # write handles by canonical key
         #: Outbox hooks shared by every transaction of this store (``tx.emit``).
+        if type(max_outbox) is not int or max_outbox < max_payload:
+            raise ConfigurationError("max_outbox_bytes must be an int no smaller than max_payload")
         self.emitter = Emitter(self.catalog.flag_pending_many, max_payload,
-                               check_dest=lambda key: self.spec.steps_for(prefix_of(key)))
+                               check_dest=lambda key: self.spec.steps_for(prefix_of(key)), max_outbox=max_outbox)
         self._templates: dict[str, Personaliser] = {}
         self._template_lock = threading.Lock()
         #: VM steps between two looks at the clock on read connections (the AsyncRouter's inline budget

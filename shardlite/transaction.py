@@ -22,7 +22,7 @@ from typing import Any
 import apsw
 
 from .authorizer import INTERNAL_SQL, Guard
-from .errors import QueryTimeout, ShardliteError, StatementNotAllowed
+from .errors import PayloadTooLarge, QueryTimeout, ShardliteError, StatementNotAllowed
 from .keys import canonical
 from .outbox import DEFAULT_MAX_PAYLOAD, check_topic, encode_payload
 from .schema import EMIT_SQL
@@ -30,6 +30,10 @@ from .schema import EMIT_SQL
 __all__ = ["Transaction", "AsyncTransaction", "TransactionClosed", "Emitter"]
 
 _ANY_EVENT = INTERNAL_SQL + "SELECT 1 FROM _shardlite_outbox LIMIT 1"
+#: Bytes counted per event for its row, besides its payload, topic and destination (see Emitter.max_outbox).
+EVENT_OVERHEAD = 64
+#: The default bound on what one transaction adds to its outbox.
+DEFAULT_MAX_OUTBOX = 64 * 1024 * 1024
 
 
 class _Holder:
@@ -84,9 +88,13 @@ class Emitter:
     """
 
     def __init__(self, flag_many: Callable[[list[str]], None], max_payload: int = DEFAULT_MAX_PAYLOAD,
-                 check_dest: Callable[[str], object] | None = None) -> None:
+                 check_dest: Callable[[str], object] | None = None,
+                 max_outbox: int = DEFAULT_MAX_OUTBOX) -> None:
         self._flag_many = flag_many
         self.max_payload = max_payload
+        #: what one transaction may add to its tenant's outbox, in bytes (payloads, topics, destinations and
+        #: EVENT_OVERHEAD per event)
+        self.max_outbox = max_outbox
         #: Raises (ConfigurationError) for a destination this router could never create.
         self.check_dest = check_dest
         #: exact-str destinations and topics already checked, with the destinations' canonical keys: the
@@ -172,7 +180,7 @@ class Emitter:
 class _TxCore:
     """State and sync implementation shared by :class:`Transaction` and its async twin."""
 
-    __slots__ = ("key", "_conn", "_open", "_guard", "_emitter", "_flagged", "_handle", "_given")
+    __slots__ = ("key", "_conn", "_open", "_guard", "_emitter", "_outbox", "_handle", "_given")
 
     def __init__(self, key: str, conn: apsw.Connection, guard: Guard | None = None,
                  emitter: Emitter | None = None, handle: Any = None) -> None:
@@ -181,7 +189,7 @@ class _TxCore:
         self._open = True
         self._guard = guard
         self._emitter = emitter
-        self._flagged = False
+        self._outbox = 0
         self._handle = handle  # a pool Handle: its ``emitted`` flag tells the committer to wake relays
         #: cursors handed to the caller other than the handle's spare (closed when the block ends)
         self._given: list[apsw.Cursor] | None = None
@@ -341,16 +349,24 @@ class _TxCore:
         this transaction is the first to make the outbox non-empty."""
         conn, guard, emitter = self._conn, self._guard, self._emitter
         assert guard is not None and emitter is not None
+        size = len(data) if data.isascii() else len(data.encode("utf-8"))
+        if len(dest_keys) == 1:
+            total = self._outbox + size + len(topic) + len(dest_keys[0]) + EVENT_OVERHEAD
+        else:
+            total = self._outbox + len(dest_keys) * (size + len(topic) + EVENT_OVERHEAD) + sum(map(len, dest_keys))
+        if total > emitter.max_outbox:
+            raise PayloadTooLarge(f"this transaction's outbox would hold {total} bytes, past the limit of "
+                                  f"{emitter.max_outbox} (Router(max_outbox_bytes=...)); nothing of this emit was "
+                                  "written: emit fewer or smaller events per transaction")
         guard.trusted = True
         try:
-            if not self._flagged:
+            if not self._outbox:
                 if not conn.execute(_ANY_EVENT).fetchall():
                     if self._handle is not None:
                         emitter.flag(self.key)
                         self._handle.needs_flag = threading.get_ident()  # the store's commit writes it first
                     else:  # no store commit will flush it: write it now
                         emitter.flush(self.key)
-                self._flagged = True
             now = time.time()
             if len(dest_keys) == 1:
                 conn.execute(_EMIT, (dest_keys[0], topic, data, now))
@@ -358,6 +374,7 @@ class _TxCore:
                 conn.executemany(_EMIT, [(dest_key, topic, data, now) for dest_key in dest_keys])
         finally:
             guard.trusted = False
+        self._outbox = total
         if self._handle is not None:
             self._handle.emitted = True
 

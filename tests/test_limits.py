@@ -15,6 +15,8 @@ import pytest
 
 from shardlite import (
     AsyncRouter,
+    ConfigurationError,
+    PayloadTooLarge,
     QueryTimeout,
     ResultTooLarge,
     Router,
@@ -179,3 +181,28 @@ def test_a_statement_of_an_async_transaction_is_bounded_on_the_loop(root: str) -
             assert await ar.query(KEY, "SELECT count(*) FROM t") == [(2,)]
 
     asyncio.run(main())
+
+
+# -- a transaction's outbox ----------------------------------------------------------------------------------------
+
+
+def test_a_transactions_outbox_is_capped(make_router: Callable[..., Router]) -> None:
+    """emit_many had no cap: one transaction wrote 1.2 GB of outbox."""
+    router = make_router(schema=SCHEMA, max_outbox_bytes=1024 * 1024)
+    dests = [f"user:{i}" for i in range(20_000)]
+    with pytest.raises(PayloadTooLarge, match="max_outbox_bytes"):
+        with router.transaction(KEY) as tx:
+            tx.emit_many(dests, "note", {"text": "x" * 100})
+    with pytest.raises(PayloadTooLarge, match="max_outbox_bytes"):
+        with router.transaction(KEY) as tx:
+            for i in range(2000):  # one by one adds up the same
+                tx.emit(f"user:{i}", "note", {"text": "é" * 300})
+    assert router.relay.status()["pending"] == 0  # nothing of either transaction was committed
+    with router.transaction(KEY) as tx:  # under the cap: fine
+        tx.emit_many(dests[:1000], "note", {"text": "x" * 100})
+    assert router.relay.status()["pending"] == 1000
+
+
+def test_max_outbox_bytes_is_checked(make_router: Callable[..., Router]) -> None:
+    with pytest.raises(ConfigurationError):
+        make_router(schema=SCHEMA, max_payload=4096, max_outbox_bytes=1024)
