@@ -29,6 +29,9 @@ from .errors import (
     ResultTooLarge,
     ShardliteError,
     StatementNotAllowed,
+    StorageError,
+    StorageFull,
+    StorageReadOnly,
     TenantMoving,
     UnknownAccount,
     UnknownTenant,
@@ -73,5 +76,8 @@ __all__ = [
     "ResultTooLarge",
     "MoveFailed",
     "NodeFull",
+    "StorageError",
+    "StorageFull",
+    "StorageReadOnly",
     "__version__",
 ]

@@ -18,6 +18,7 @@ Rules enforced here:
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import os
 import stat
@@ -32,7 +33,14 @@ from typing import Any, Final
 
 import apsw
 
-from .errors import ConfigurationError, DirectoryModeWarning, UnsupportedSQLite
+from .errors import (
+    ConfigurationError,
+    DirectoryModeWarning,
+    StorageError,
+    StorageFull,
+    StorageReadOnly,
+    UnsupportedSQLite,
+)
 
 __all__ = [
     "Settings",
@@ -387,3 +395,30 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# --- storage failures ---------------------------------------------------------------------------------------------
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_READ_ONLY_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def storage_error(exc: BaseException, key: str, path: str | None) -> StorageError | None:
+    """The shardlite error for a storage failure ``exc`` met while working on tenant ``key`` (file ``path``):
+    it names both and says what to do; None when ``exc`` is not a storage failure."""
+    where = f"tenant {key!r}" + (f" ({path})" if path else "")
+    if isinstance(exc, apsw.FullError) or (isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS):
+        return StorageFull(f"{where}: the disk holding it is full; nothing of this transaction was committed: free "
+                           "space there, or add a node and move tenants to it (shardlite nodes add, shardlite "
+                           "rebalance plan/apply)")
+    if (isinstance(exc, (apsw.ReadOnlyError, apsw.PermissionsError))
+            or (isinstance(exc, OSError) and exc.errno in _READ_ONLY_ERRNOS)):
+        return StorageReadOnly(f"{where}: the file or its directory cannot be written by this process ({exc}); "
+                               "nothing was committed: make them writable by this user (mode 0600/0700); the "
+                               "router opens the file again by itself on the next write")
+    if isinstance(exc, (apsw.IOError, apsw.CorruptError, apsw.NotADBError)) or isinstance(exc, OSError):
+        return StorageError(f"{where}: the storage failed ({type(exc).__name__}: {exc}); nothing of this "
+                            "transaction was committed: check the disk (dmesg) and the file "
+                            "(PRAGMA integrity_check on a copy)")
+    return None
+

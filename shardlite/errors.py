@@ -32,6 +32,9 @@ __all__ = [
     "ResultTooLarge",
     "MoveFailed",
     "NodeFull",
+    "StorageError",
+    "StorageFull",
+    "StorageReadOnly",
 ]
 
 
@@ -129,4 +132,18 @@ class MoveFailed(ShardliteError):
 
 class NodeFull(MoveFailed):
     """A node has no room for a move: the message names the tenant, the node and the file."""
+
+
+class StorageError(ShardliteError):
+    """The storage under a tenant failed (a full disk, a read-only file, an I/O error): the message names
+    the tenant and the file and says what to do; nothing of the transaction was committed."""
+
+
+class StorageFull(StorageError):
+    """The disk (or quota) holding a tenant's file or its node is full."""
+
+
+class StorageReadOnly(StorageError):
+    """A tenant's file (or its directory) cannot be written by this process: fix its permissions; the
+    router opens it again by itself on the next write."""
 

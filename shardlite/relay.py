@@ -67,7 +67,7 @@ from . import relay_ops
 from .delivery import DONE, UNAVAILABLE, Claim, Deliverer, Group, Handler, HandlerRegistry, describe_tenant
 from .errors import Busy, TenantMoving, UnknownTenant
 from .outbox import OutboxRow, RetryPolicy, backoff, next_due, plan
-from .relay_health import LOG_INTERVAL, ErrorLog, Troubles, describe, error_text
+from .relay_health import LOG_INTERVAL, ErrorLog, Troubles, describe, error_kind, error_text
 from .schema import REMEMBER_LAST_SEQ
 from .store import Store
 
@@ -230,7 +230,7 @@ class Relay:
     def pass_failed(self, exc: BaseException) -> None:
         """A whole pass failed (not one tenant: the global DB, or a bug): report it, rate-limited, with
         a traceback on the lines that are logged."""
-        self.errors.report(f"relay pass failed: {error_text(exc)}", kind=f"pass: {error_text(exc)}", exc_info=exc)
+        self.errors.report(f"relay pass failed: {error_text(exc)}", kind=f"pass: {error_kind(exc)}", exc_info=exc)
 
     # -- passes -----------------------------------------------------------------------------------------
 
@@ -432,12 +432,12 @@ class Relay:
             self.store.catalog.set_pending_due(source, trouble.until)
         except Exception as err:  # noqa: BLE001 - the global DB's trouble: this relay's own backoff holds
             self.errors.report(f"could not move the pending flag of {source!r}: {error_text(err)}",
-                               kind=f"global: {error_text(err)}", tenant=source)
+                               kind=f"global: {error_kind(err)}", tenant=source)
 
     def report(self, role: str, key: str, exc: BaseException, note: str = "") -> str:
         """Report an error about one tenant (rate-limited); returns its text (tenant, file, cause)."""
         text = describe_tenant(self.store, role, key, exc, note)
-        self.errors.report(text, kind=f"{role}: {error_text(exc)}", tenant=key)
+        self.errors.report(text, kind=f"{role}: {error_kind(exc)}", tenant=key)
         return text
 
     def _claim(self, source: str, now: float) -> Claim:

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import StorageError
+
 __all__ = ["Trouble", "Troubles", "ErrorLog", "describe", "error_text", "LOG_INTERVAL"]
 
 #: Seconds between two log lines for the same kind of error.
@@ -33,8 +35,21 @@ _MAX_TENANTS_PER_KIND = 1_000
 
 
 def error_text(exc: BaseException) -> str:
-    """``"Type: message"``, at most 2,000 characters (what dead letters and logs carry)."""
-    return f"{type(exc).__name__}: {exc}"[:2000]
+    """``"Type: message"``, at most 2,000 characters (what dead letters and logs carry); a shardlite
+    storage error also shows SQLite's error behind it (``StorageFull: ... (FullError: database or disk is
+    full)``)."""
+    cause = exc.__cause__
+    behind = f" ({type(cause).__name__}: {cause})" if isinstance(exc, StorageError) and cause is not None else ""
+    return f"{type(exc).__name__}: {exc}{behind}"[:2000]
+
+
+def error_kind(exc: BaseException) -> str:
+    """What groups repeated errors in the log: the error's class and, for a storage error (whose message
+    names the tenant and file), SQLite's error behind it; otherwise the whole text."""
+    cause = exc.__cause__
+    if isinstance(exc, StorageError):
+        return f"{type(exc).__name__}: {type(cause).__name__}: {cause}" if cause is not None else type(exc).__name__
+    return error_text(exc)
 
 
 def describe(role: str, key: str, exc: BaseException, path: str | None = None) -> str:

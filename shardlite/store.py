@@ -37,7 +37,7 @@ from .authorizer import INTERNAL_SQL
 from .catalog import Location, Node, SqliteCatalog, TenantRecord
 from .checkpoints import DUE_FRAMES, Checkpointer, Submit
 from .copying import remove_db_files
-from .engine import Settings, abandon, ensure_private_dir, on_fork_in_child, set_busy_timeout
+from .engine import Settings, abandon, ensure_private_dir, on_fork_in_child, set_busy_timeout, storage_error
 from .errors import (
     Busy,
     ConfigurationError,
@@ -45,6 +45,8 @@ from .errors import (
     ResultTooLarge,
     ShardliteError,
     StatementNotAllowed,
+    StorageFull,
+    StorageReadOnly,
     TenantMoving,
     UnknownTenant,
 )
@@ -88,6 +90,22 @@ def _reset_spare(handle: Handle) -> None:
     spare = handle.spare
     handle.spare = handle.conn.cursor()
     spare.close(True)
+
+
+#: A node whose disk has less free space than this gets no new tenant (see Store.propose).
+PLACEMENT_RESERVE = 1024 * 1024
+
+
+def _free_bytes(path: str | None) -> float:
+    """Free bytes (for this user) on the file system holding ``path``; infinite when unknown (a missing
+    directory fails later, with its own error)."""
+    if path is None:
+        return float("inf")
+    try:
+        found = os.statvfs(path)
+    except OSError:
+        return float("inf")
+    return float(found.f_bavail * found.f_frsize)
 
 
 #: VM steps between two looks at the clock on write connections (a cheap write takes ~30).
@@ -201,11 +219,22 @@ class Store:
         return nodes
 
     def propose(self, key: str) -> str:
-        """The node the ring proposes for a new tenant (active nodes only)."""
+        """The node the ring proposes for a new tenant (active nodes only). A node whose disk has less
+        than :data:`PLACEMENT_RESERVE` free gets no new tenant: the ring over the other active nodes
+        proposes one instead (:class:`StorageFull` when every one is full)."""
         self._refresh_nodes()
         if self._ring is None:
             raise ConfigurationError("no active node to place a new tenant on (`shardlite nodes add NAME`)")
-        return self._ring.node_for(key)
+        node = self._ring.node_for(key)
+        if _free_bytes(self._node_paths.get(node)) >= PLACEMENT_RESERVE:
+            return node
+        room = {name: weight for name, weight in self._ring_source
+                if name != node and _free_bytes(self._node_paths.get(name)) >= PLACEMENT_RESERVE}
+        if not room:
+            raise StorageFull(f"tenant {key!r} cannot be created: every active node's disk is full (less than "
+                              f"{PLACEMENT_RESERVE} bytes free); free space there, or add a node on another disk "
+                              "(shardlite nodes add NAME --path DIR)")
+        return Ring(room).node_for(key)
 
     def node_path(self, name: str) -> str:
         path = self._node_paths.get(name)
@@ -262,7 +291,13 @@ class Store:
         incarnation = secrets.token_hex(16)
         data, seed = self.template(prefix)(canon, incarnation)
         path = os.path.join(self.node_path(node), tenant_relpath(canon, generation))
-        write_new_file(path, data, fsync=self.settings.fsync_files, wal=seed)
+        try:
+            write_new_file(path, data, fsync=self.settings.fsync_files, wal=seed)
+        except OSError as exc:
+            found = storage_error(exc, canon, path)
+            if found is None:
+                raise
+            raise found from exc
         try:
             winner = self.catalog.register(canon, node, generation, incarnation, len(steps))
         except BaseException:
@@ -292,6 +327,14 @@ class Store:
             conn.close()
             self.forget(canon)
             raise _Retired()
+        if role == "w" and conn.readonly("main"):
+            # SQLite opens a file it may not write read-only, silently: such a connection must never be
+            # pooled for writes (it would refuse every write until the process restarts, even after the
+            # permissions are fixed); the next write opens the file again.
+            conn.close()
+            raise StorageReadOnly(f"tenant {canon!r} ({path}): the file or its directory cannot be written by this "
+                                  "process; nothing was committed: make them writable by this user (mode "
+                                  "0600/0700); the next write opens the file again")
         if ident.app_version > record.schema_version:
             self.catalog.set_schema_version(canon, ident.app_version)
         handle = Handle(canon, role, conn, guard, path, record.generation, ident.incarnation)
@@ -415,6 +458,10 @@ class Store:
             handle.cur.execute(_BEGIN)
         except apsw.BusyError as exc:
             raise Busy(f"tenant {handle.key!r} stayed locked past the busy timeout ({exc})") from exc
+        except (apsw.FullError, apsw.ReadOnlyError, apsw.IOError, apsw.CorruptError) as exc:
+            found = storage_error(exc, handle.key, handle.path)
+            assert found is not None
+            raise found from exc
         finally:
             guard.trusted = False
             if wait_ms is not None:
@@ -464,6 +511,12 @@ class Store:
             if not conn.get_autocommit():
                 conn.execute(_ROLLBACK)
             raise Busy(f"tenant {handle.key!r}: commit blocked ({exc}); nothing was committed") from exc
+        except (apsw.FullError, apsw.ReadOnlyError, apsw.IOError, apsw.CorruptError) as exc:
+            if not conn.get_autocommit():
+                conn.execute(_ROLLBACK)
+            found = storage_error(exc, handle.key, handle.path)
+            assert found is not None
+            raise found from exc
         except apsw.SQLError:
             if conn.get_autocommit():  # "cannot commit - no transaction is active"
                 raise TransactionClosed(f"the transaction on {handle.key!r} was rolled back by SQLite (an OR "

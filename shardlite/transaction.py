@@ -22,7 +22,8 @@ from typing import Any
 import apsw
 
 from .authorizer import INTERNAL_SQL, Guard
-from .errors import PayloadTooLarge, QueryTimeout, ShardliteError, StatementNotAllowed
+from .engine import storage_error
+from .errors import PayloadTooLarge, QueryTimeout, ShardliteError, StatementNotAllowed, StorageError
 from .keys import canonical
 from .outbox import DEFAULT_MAX_PAYLOAD, check_topic, encode_payload
 from .schema import EMIT_SQL
@@ -258,6 +259,8 @@ class _TxCore:
             raise
         except apsw.InterruptError:
             raise _timed_out(self.key, handle) from None
+        except _STORAGE as exc:
+            raise _storage(self.key, handle, exc) from exc
 
     def _adopt(self, cur: apsw.Cursor) -> None:
         """``cur`` is the caller's until the block ends, when :meth:`_seal` closes it (kept on the handle:
@@ -300,6 +303,8 @@ class _TxCore:
             raise
         except apsw.InterruptError:
             raise _timed_out(self.key, self._handle) from None
+        except _STORAGE as exc:
+            raise _storage(self.key, self._handle, exc) from exc
 
     @property
     def lastrowid(self) -> int:
@@ -396,6 +401,16 @@ class _TxCore:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.key!r}{'' if self._open else ' ended'}>"
+
+
+#: APSW errors that mean the storage failed, not the caller's SQL (see engine.storage_error).
+_STORAGE = (apsw.FullError, apsw.ReadOnlyError, apsw.IOError, apsw.CorruptError)
+
+
+def _storage(key: str, handle: Any, exc: BaseException) -> StorageError:
+    found = storage_error(exc, key, getattr(handle, "path", None))
+    assert found is not None  # every class of _STORAGE is a storage failure
+    return found
 
 
 def _timed_out(key: str, handle: Any) -> QueryTimeout:
@@ -499,6 +514,8 @@ class AsyncTransaction(_TxCore):
             raise
         except apsw.InterruptError:
             raise _timed_out(self.key, handle) from None
+        except _STORAGE as exc:
+            raise _storage(self.key, handle, exc) from exc
 
     async def executemany(self, sql: str, seq_of_params: Sequence[Params]) -> apsw.Cursor:
         return self._executemany(sql, seq_of_params)

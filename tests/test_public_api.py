@@ -45,6 +45,9 @@ EXPECTED_ALL = [
     "ResultTooLarge",
     "MoveFailed",
     "NodeFull",
+    "StorageError",
+    "StorageFull",
+    "StorageReadOnly",
     "__version__",
 ]
 
@@ -80,7 +83,8 @@ def test_error_tree() -> None:
     assert issubclass(base, Exception)
     for name in BRIEF_ERRORS + ["StatementNotAllowed", "IdentityMismatch", "UnsupportedSQLite", "TransactionClosed",
                                 "InvalidPassword", "UnknownAccount", "ManifestInvalid", "BackupFailed",
-                                "QueryTimeout", "ResultTooLarge", "MoveFailed", "NodeFull"]:
+                                "QueryTimeout", "ResultTooLarge", "MoveFailed", "NodeFull",
+                                "StorageError", "StorageFull", "StorageReadOnly"]:
         cls = getattr(shardlite, name)
         assert inspect.isclass(cls) and issubclass(cls, base), name
     # a refusal is also what APSW code already catches for "not authorized"
