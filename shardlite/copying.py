@@ -20,7 +20,7 @@ a backup legitimately rewrites; a backup is page-exact, so equal digests mean eq
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,8 +29,8 @@ import xxhash
 
 from .engine import create_private_file, fsync_dir, fsync_path, set_busy_timeout
 
-__all__ = ["open_trusted", "open_source", "inert", "backup_into", "row_counts", "page_digest", "integrity_ok",
-           "fsync_file_and_dir", "remove_db_files"]
+__all__ = ["write_locked", "open_trusted", "open_source", "inert", "backup_into", "row_counts", "page_digest",
+           "integrity_ok", "fsync_file_and_dir", "remove_db_files"]
 
 # Header bytes a backup rewrites on the destination: file change counter (24..27), schema cookie (40..43:
 # set to the destination's old cookie + 1 so its readers reload) and the version-valid-for number (92..95).
@@ -74,6 +74,31 @@ def open_source(path: str, *, busy_timeout_ms: int = 5000) -> apsw.Connection:
     conn = open_trusted(path, busy_timeout_ms=busy_timeout_ms)
     conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
     return conn
+
+
+@contextmanager
+def write_locked(path: str, *, busy_timeout_ms: int,
+                 busy: Callable[[apsw.BusyError], BaseException]) -> Iterator[apsw.Connection]:
+    """One of shardlite's own write transactions on a live file (the fence of a move, a drop or a
+    restore): an inert trusted connection (:func:`open_source`) inside ``BEGIN IMMEDIATE``, committed
+    when the block ends normally, rolled back when it raises (a block may roll back itself), closed
+    either way. ``busy(exc)`` is what to raise when the file stays locked past ``busy_timeout_ms``."""
+    conn = open_source(path, busy_timeout_ms=busy_timeout_ms)
+    try:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except apsw.BusyError as exc:
+            raise busy(exc) from exc
+        try:
+            yield conn
+            if not conn.get_autocommit():
+                conn.execute("COMMIT")
+        except BaseException:
+            if not conn.get_autocommit():
+                conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.close()
 
 
 def backup_into(dest: apsw.Connection, source: apsw.Connection) -> None:

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import apsw
 
 from .catalog import TenantRecord
-from .copying import open_source, remove_db_files
+from .copying import remove_db_files, write_locked
 from .engine import fsync_dir
 from .errors import Busy, IdentityMismatch, TenantMoving, UnknownTenant
 from .keys import canonical
@@ -57,26 +57,17 @@ def fence_file(store: Store, record: TenantRecord, path: str, marker: str) -> No
     undroppable stayed in ``dropping`` for ever)."""
     if not os.path.exists(path):
         return
-    conn = open_source(path, busy_timeout_ms=store.settings.busy_timeout_ms)
-    try:
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except apsw.BusyError as exc:
-            raise Busy(f"tenant {record.key!r}: {path} stayed locked past the busy timeout ({exc}); "
-                       "nothing was changed: retry") from exc
-        try:
-            stored = conn.execute("SELECT key, incarnation FROM _shardlite_meta WHERE id = 1").fetchall()
-            if stored != [(record.key, record.incarnation)]:
-                raise IdentityMismatch(f"{path} does not hold incarnation {record.incarnation} of {record.key!r}: "
-                                       "refusing to fence it")
-            conn.execute("UPDATE _shardlite_meta SET retired = ? WHERE id = 1", (marker,))
-            conn.execute("COMMIT")
-        except BaseException:
-            if not conn.get_autocommit():
-                conn.execute("ROLLBACK")
-            raise
-    finally:
-        conn.close()
+
+    def busy(exc: apsw.BusyError) -> Busy:
+        return Busy(f"tenant {record.key!r}: {path} stayed locked past the busy timeout ({exc}); nothing was "
+                    "changed: retry")
+
+    with write_locked(path, busy_timeout_ms=store.settings.busy_timeout_ms, busy=busy) as conn:
+        stored = conn.execute("SELECT key, incarnation FROM _shardlite_meta WHERE id = 1").fetchall()
+        if stored != [(record.key, record.incarnation)]:
+            raise IdentityMismatch(f"{path} does not hold incarnation {record.incarnation} of {record.key!r}: "
+                                   "refusing to fence it")
+        conn.execute("UPDATE _shardlite_meta SET retired = ? WHERE id = 1", (marker,))
 
 
 def migrate_all(store: Store, *, parallel: int = 4,

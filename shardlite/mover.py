@@ -53,6 +53,7 @@ from .copying import (
     read_snapshot,
     remove_db_files,
     row_counts,
+    write_locked,
 )
 from .engine import ensure_private_dir, fsync_dir, fsync_path
 from .errors import MoveFailed, NodeFull
@@ -233,28 +234,18 @@ class Mover:
         under that lock (an undo lifting the fence takes the same lock)."""
         move = claim.move
         source_path, _ = self.paths(move)
-        with self._space(move, move.source, source_path):
-            conn = open_source(source_path, busy_timeout_ms=self.store.settings.busy_timeout_ms)
-            try:
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                except apsw.BusyError as exc:
-                    raise MoveFailed(f"could not fence tenant {move.key!r}: {source_path} stayed locked by a "
-                                     "writer past the busy timeout") from exc
-                try:
-                    key = conn.execute("SELECT key FROM _shardlite_meta WHERE id = 1").fetchall()[0][0]
-                    if key != move.key:
-                        raise MoveFailed(f"{source_path} holds {key!r}, not {move.key!r}")
-                    self.journal.check(move, self.owner, applying=True)
-                    conn.execute("UPDATE _shardlite_meta SET retired = ? WHERE id = 1", (self._marker(move),))
-                    conn.execute("COMMIT")
-                    claim.wrote_fence = True
-                except BaseException:
-                    if not conn.get_autocommit():
-                        conn.execute("ROLLBACK")
-                    raise
-            finally:
-                conn.close()
+        def busy(exc: apsw.BusyError) -> MoveFailed:
+            return MoveFailed(f"could not fence tenant {move.key!r}: {source_path} stayed locked by a writer past "
+                              "the busy timeout")
+
+        with self._space(move, move.source, source_path), \
+                write_locked(source_path, busy_timeout_ms=self.store.settings.busy_timeout_ms, busy=busy) as conn:
+            key = conn.execute("SELECT key FROM _shardlite_meta WHERE id = 1").fetchall()[0][0]
+            if key != move.key:
+                raise MoveFailed(f"{source_path} holds {key!r}, not {move.key!r}")
+            self.journal.check(move, self.owner, applying=True)
+            conn.execute("UPDATE _shardlite_meta SET retired = ? WHERE id = 1", (self._marker(move),))
+        claim.wrote_fence = True
 
     @staticmethod
     def _marker(move: MoveRow) -> str:
@@ -352,32 +343,21 @@ class Mover:
         source_path, _ = self.paths(move)
         if not os.path.exists(source_path) or self._read_marker(source_path) != self._marker(move):
             return False
-        conn = open_source(source_path, busy_timeout_ms=self.store.settings.busy_timeout_ms)
-        try:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except apsw.BusyError as exc:
-                raise MoveFailed(f"could not lift the fence of tenant {move.key!r}: {source_path} stayed locked "
-                                 "past the busy timeout") from exc
-            try:
-                rows = conn.execute("SELECT retired FROM _shardlite_meta WHERE id = 1").fetchall()
-                if not rows or rows[0][0] != self._marker(move):
-                    conn.execute("ROLLBACK")
-                    return False
-                if own_claim:
-                    self.journal.check(move, self.owner, applying=False)
-                record = self.catalog.lookup(move.key)
-                if record is None or record.generation != move.source_generation:
-                    raise MoveFailed(f"tenant {move.key!r} is no longer routed to {source_path}: its fence stays")
-                conn.execute("UPDATE _shardlite_meta SET retired = NULL WHERE id = 1")
-                conn.execute("COMMIT")
-                return True
-            except BaseException:
-                if not conn.get_autocommit():
-                    conn.execute("ROLLBACK")
-                raise
-        finally:
-            conn.close()
+        def busy(exc: apsw.BusyError) -> MoveFailed:
+            return MoveFailed(f"could not lift the fence of tenant {move.key!r}: {source_path} stayed locked past "
+                              "the busy timeout")
+
+        with write_locked(source_path, busy_timeout_ms=self.store.settings.busy_timeout_ms, busy=busy) as conn:
+            rows = conn.execute("SELECT retired FROM _shardlite_meta WHERE id = 1").fetchall()
+            if not rows or rows[0][0] != self._marker(move):
+                return False  # rolled back: nothing to lift
+            if own_claim:
+                self.journal.check(move, self.owner, applying=False)
+            record = self.catalog.lookup(move.key)
+            if record is None or record.generation != move.source_generation:
+                raise MoveFailed(f"tenant {move.key!r} is no longer routed to {source_path}: its fence stays")
+            conn.execute("UPDATE _shardlite_meta SET retired = NULL WHERE id = 1")
+        return True
 
     @staticmethod
     def _read_marker(path: str) -> str | None:

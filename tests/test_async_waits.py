@@ -179,27 +179,37 @@ def test_the_inline_budget_bounds_time_on_the_loop(root: str) -> None:
 # -- item 12: every caller gets its error within one bound of when it began to wait -------------------------
 
 
-def test_queued_transactions_on_a_locked_tenant_all_fail_within_one_timeout(root: str) -> None:
-    _seed(root, "org:locked")
+def _queued_outcomes(root: str, count: int, **kwargs: Any) -> list[tuple[str, float]]:
+    """``count`` transactions queued at once on org:stuck: each one's outcome (the error's class name, or
+    "committed") and how long it took from when it began to wait."""
+    async def main() -> list[tuple[str, float]]:
+        async with AsyncRouter(root, schema=SCHEMA, **kwargs) as ar:
+            async def one() -> tuple[str, float]:
+                started = time.monotonic()
+                try:
+                    async with ar.transaction("org:stuck") as tx:
+                        await tx.execute("INSERT INTO t(v) VALUES ('x')")
+                except (Busy, TenantMoving) as exc:
+                    return type(exc).__name__, time.monotonic() - started
+                return "committed", time.monotonic() - started
+            return await asyncio.wait_for(asyncio.gather(*(one() for _ in range(count))), GUARD)
+
+    return asyncio.run(main())
+
+
+def _stuck_file(root: str) -> str:
+    _seed(root, "org:stuck")
     with Router(root, schema=SCHEMA) as r:
-        path = r.locate("org:locked").path
+        path = r.locate("org:stuck").path
     assert path is not None
-    holder = apsw.Connection(path)
+    return path
+
+
+def test_queued_transactions_on_a_locked_tenant_all_fail_within_one_timeout(root: str) -> None:
+    holder = apsw.Connection(_stuck_file(root))
     holder.execute("BEGIN IMMEDIATE")
     try:
-        async def main() -> list[tuple[str, float]]:
-            async with AsyncRouter(root, schema=SCHEMA, busy_timeout_ms=500) as ar:
-                async def one() -> tuple[str, float]:
-                    started = time.monotonic()
-                    try:
-                        async with ar.transaction("org:locked") as tx:
-                            await tx.execute("INSERT INTO t(v) VALUES ('x')")
-                    except Busy:
-                        return "Busy", time.monotonic() - started
-                    return "committed", time.monotonic() - started
-                return await asyncio.wait_for(asyncio.gather(*(one() for _ in range(10))), GUARD)
-
-        results = asyncio.run(main())
+        results = _queued_outcomes(root, 10, busy_timeout_ms=500)
     finally:
         holder.execute("ROLLBACK")
         holder.close()
@@ -209,26 +219,10 @@ def test_queued_transactions_on_a_locked_tenant_all_fail_within_one_timeout(root
 
 
 def test_queued_transactions_on_a_fenced_tenant_all_fail_within_move_wait(root: str) -> None:
-    _seed(root, "org:fenced")
-    with Router(root, schema=SCHEMA) as r:
-        path = r.locate("org:fenced").path
-    assert path is not None
-    fence = apsw.Connection(path)
+    fence = apsw.Connection(_stuck_file(root))
     fence.execute("UPDATE _shardlite_meta SET retired = 'moved:elsewhere:99' WHERE id = 1")
     try:
-        async def main() -> list[tuple[str, float]]:
-            async with AsyncRouter(root, schema=SCHEMA, move_wait=0.5) as ar:
-                async def one() -> tuple[str, float]:
-                    started = time.monotonic()
-                    try:
-                        async with ar.transaction("org:fenced") as tx:
-                            await tx.execute("INSERT INTO t(v) VALUES ('x')")
-                    except TenantMoving:
-                        return "TenantMoving", time.monotonic() - started
-                    return "committed", time.monotonic() - started
-                return await asyncio.wait_for(asyncio.gather(*(one() for _ in range(20))), GUARD)
-
-        results = asyncio.run(main())
+        results = _queued_outcomes(root, 20, move_wait=0.5)
     finally:
         fence.execute("UPDATE _shardlite_meta SET retired = NULL WHERE id = 1")
         fence.close()

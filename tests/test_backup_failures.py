@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers_fs import tmpfs
 from helpers_routers import router_factory, run_cli
 
 from shardlite import DirectoryModeWarning, Router, ShardliteError
@@ -37,24 +36,8 @@ def make(tmp_path: Path) -> Iterator[Callable[..., Router]]:
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs mounted under ``tmp_path`` for the test."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", os.fspath(mount)],
-                              capture_output=True, text=True, timeout=30)
-        problem = done.stderr.strip() if done.returncode else ""
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        problem = str(exc)
-    if problem:
-        message = f"cannot mount a 1 MiB tmpfs for the full-destination test (needs root): {problem}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        warnings.warn(message, stacklevel=1)
-        pytest.skip(message)
-    try:
+    with tmpfs(tmp_path / "small", "1m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", os.fspath(mount)], check=True, timeout=30)
 
 
 def grow(router: Router, kib: int) -> None:

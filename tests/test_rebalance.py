@@ -19,8 +19,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import apsw
 import pytest
+from helpers_rebalance import contents, ro
+from helpers_rebalance import populate as _populate
 
 from shardlite import ConfigurationError, Router, TenantMoving, UnknownTenant
 from shardlite.cli import main as cli_main
@@ -28,6 +29,11 @@ from shardlite.placement import tenant_relpath
 from shardlite.ring import Ring
 
 SCHEMA = ["CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)"]
+
+
+def populate(router: Router, count: int, *, prefix: str = "user", rows: int = 2) -> list[str]:
+    """helpers_rebalance.populate with two rows per tenant unless told."""
+    return _populate(router, count, prefix=prefix, rows=rows)
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------
@@ -38,21 +44,10 @@ def router(make_router: Any) -> Router:
     return make_router(nodes=["n1", "n2"], schema=SCHEMA)  # type: ignore[no-any-return]
 
 
-def populate(router: Router, count: int, *, prefix: str = "user", rows: int = 2) -> list[str]:
-    keys = [f"{prefix}:{i}" for i in range(count)]
-    for key in keys:
-        with router.transaction(key) as tx:
-            for j in range(rows):
-                tx.execute("INSERT INTO t(v) VALUES (?)", (f"{key}/{j}",))
-    return keys
 
 
-def contents(router: Router) -> dict[str, list[tuple[Any, ...]]]:
-    return {key: router.query(key, "SELECT id, v FROM t ORDER BY id") for key in router.tenants()}
 
 
-def ro(path: str) -> apsw.Connection:
-    return apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_NOFOLLOW)
 
 
 def gread(router: Router, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

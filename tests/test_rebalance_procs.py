@@ -31,9 +31,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import apsw
 import pytest
-from helpers_rebalance import assert_reachable_now
+from helpers_rebalance import assert_reachable_now, contents, populate, ro
 
 from shardlite import Router
 from shardlite.cli import main as cli_main
@@ -56,20 +55,10 @@ def router(make_router: Any) -> Router:
     return make_router(nodes=["n1", "n2"], schema=SCHEMA)  # type: ignore[no-any-return]
 
 
-def populate(router: Router, count: int) -> list[str]:
-    keys = [f"user:{i}" for i in range(count)]
-    for key in keys:
-        with router.transaction(key) as tx:
-            tx.execute("INSERT INTO t(v) VALUES (?)", (f"{key}/0",))
-    return keys
 
 
-def contents(router: Router) -> dict[str, list[tuple[Any, ...]]]:
-    return {key: router.query(key, "SELECT id, v FROM t ORDER BY id") for key in router.tenants()}
 
 
-def ro(path: str) -> apsw.Connection:
-    return apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_NOFOLLOW)
 
 
 def gread(router: Router, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
