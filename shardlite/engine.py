@@ -397,6 +397,13 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def free_bytes(path: str) -> int:
+    """Bytes an unprivileged process may still write on the file system holding ``path`` (``OSError`` when
+    it cannot be told: the path is missing, say)."""
+    found = os.statvfs(path)
+    return found.f_bavail * found.f_frsize
+
+
 # --- storage failures ---------------------------------------------------------------------------------------------
 
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})

@@ -55,7 +55,7 @@ from .copying import (
     row_counts,
     write_locked,
 )
-from .engine import ensure_private_dir, fsync_dir, fsync_path
+from .engine import ensure_private_dir, free_bytes, fsync_dir, fsync_path
 from .errors import MoveFailed, NodeFull
 from .heartbeat import Claim
 from .movejournal import STEPS, Journal, MoveRow
@@ -169,7 +169,7 @@ class Mover:
         source = os.path.join(self.store.node_path(move.source), tenant_relpath(move.key, move.source_generation))
         size = sum(os.path.getsize(source + s) for s in ("", "-wal") if os.path.exists(source + s))
         directory = self.store.node_path(move.target)
-        free = _free_bytes(directory)
+        free = free_bytes(directory)
         need = space_needed(size)
         if need + self.reserve > free:
             raise NodeFull(f"node {move.target!r} has no room for tenant {move.key!r} ({source}, {size} bytes): "
@@ -191,7 +191,7 @@ class Mover:
     def _full(self, move: MoveRow, node: str, path: str, exc: BaseException) -> NodeFull:
         directory = self.store.node_path(node)
         try:
-            free = f"{_free_bytes(directory)} bytes free now"
+            free = f"{free_bytes(directory)} bytes free now"
         except OSError:
             free = "free space unknown"
         return NodeFull(f"node {node!r} is full: no space left for tenant {move.key!r} ({move.size} bytes when "
@@ -386,9 +386,3 @@ class Mover:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
-
-
-def _free_bytes(directory: str) -> int:
-    """Bytes an unprivileged process may still write on the file system holding ``directory``."""
-    st = os.statvfs(directory)
-    return st.f_bavail * st.f_frsize

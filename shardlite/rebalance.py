@@ -37,6 +37,7 @@ from typing import Any
 
 from .authorizer import INTERNAL_SQL as _I
 from .copying import remove_db_files
+from .engine import free_bytes
 from .errors import ConfigurationError
 from .heartbeat import Claim, Heartbeat
 from .movejournal import MAX_LISTED, STEPS, Journal, LostClaim, MoveRow, PlanCancelled
@@ -161,8 +162,7 @@ class Rebalancer:
         for node in nodes:
             if node.state == "active":
                 try:
-                    st = os.statvfs(node.path)
-                    free[node.name] = st.f_bavail * st.f_frsize
+                    free[node.name] = free_bytes(node.path)
                     volumes[node.name] = os.stat(node.path).st_dev
                 except OSError:
                     pass  # unknown: not limited here; a move onto it fails with a clear error
