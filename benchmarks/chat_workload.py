@@ -295,7 +295,7 @@ class ShardliteBackend(Backend):
             if key.startswith(("dm:", "room:")):
                 messages += (await self.ar.query(key, "SELECT count(*) FROM messages"))[0][0]
             elif key.startswith("user:"):
-                feed += (await self.ar.query(key, "SELECT count(*) FROM _shardlite_feed"))[0][0]
+                feed += self.ar._store.read_internal(key, "SELECT count(*) FROM _shardlite_feed")[0][0]
         return {"messages": messages, "feed": feed}
 
     async def close(self) -> None:

@@ -118,6 +118,7 @@ class _AsyncScope(AsyncTransaction):
                 batch.busy = True  # fast path: join the open batch without waiting
                 batch.count += 1
         handle: Handle = batch.handle  # type: ignore[assignment]  # set while a batch is open
+        handle.calls = 0  # every statement starts its own clock (see Handle.progress)
         try:
             handle.cur.execute(MEMBER_SAVEPOINT)
         except BaseException:
@@ -142,6 +143,7 @@ class _AsyncScope(AsyncTransaction):
         handle = batch.handle
         assert handle is not None
         depth = handle.savepoints = handle.savepoints + 1
+        handle.calls = 0
         try:
             handle.cur.execute(nested_savepoint(depth)[0])
         except BaseException:
@@ -164,6 +166,7 @@ class _AsyncScope(AsyncTransaction):
         batch = self._batch
         cur = handle.cur
         refused = None
+        handle.calls = 0
         try:
             if exc_type is not None:
                 cur.execute(MEMBER_ROLLBACK)
@@ -211,6 +214,7 @@ class _AsyncScope(AsyncTransaction):
 
     def _exit_nested(self, handle: Handle, depth: int, failed: bool) -> None:
         _, rollback, release = nested_savepoint(depth)
+        handle.calls = 0
         try:
             if handle.conn.get_autocommit():  # SQLite rolled everything back: the enclosing block fails too
                 if not failed:

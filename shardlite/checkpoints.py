@@ -140,6 +140,7 @@ class Checkpointer:
             with self._lock:
                 self.restart_runs += 1
             with watch.lock:  # a worker's round in flight: at most one checkpoint's wait
+                handle.calls = 0  # the checkpoint statement has a clock of its own (see Handle.progress)
                 _checkpoint(handle.conn, watch)
 
     def restart(self, handle: Handle, watch: WalWatch) -> None:

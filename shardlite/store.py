@@ -343,6 +343,7 @@ class Store(TenantCreation, TenantReads):
 
     def retired(self, handle: Handle) -> bool:
         """Read the marker (inside the caller's transaction, or in its own read)."""
+        handle.calls = 0
         guard = handle.guard
         guard.trusted = True
         try:
@@ -353,6 +354,7 @@ class Store(TenantCreation, TenantReads):
 
     def internal(self, handle: Handle, sql: str, params: Sequence[object] = ()) -> apsw.Cursor:
         """Run one of shardlite's own statements (transaction control, writes to ``_shardlite_*``)."""
+        handle.calls = 0  # every statement starts its own clock (see Handle.progress)
         guard = handle.guard
         guard.trusted = True
         try:
@@ -362,6 +364,7 @@ class Store(TenantCreation, TenantReads):
 
     def internal_many(self, handle: Handle, sql: str, seq_of_params: Sequence[Sequence[object]]) -> None:
         """:meth:`internal` for each parameter set of ``seq_of_params`` (``executemany``)."""
+        handle.calls = 0
         guard = handle.guard
         guard.trusted = True
         try:
@@ -372,6 +375,7 @@ class Store(TenantCreation, TenantReads):
     def begin(self, handle: Handle, wait_ms: int | None = None) -> bool:
         """BEGIN IMMEDIATE and the fence check. False (rolled back) when the file is retired. ``wait_ms``:
         wait that long for another writer's lock instead of the busy timeout (0: not at all)."""
+        handle.calls = 0  # BEGIN and the fence check: a clock of their own (see Handle.progress)
         conn = handle.conn
         guard = handle.guard
         guard.trusted = True
@@ -416,6 +420,7 @@ class Store(TenantCreation, TenantReads):
                                       f"tables ({'; '.join(found)}); nothing of this transaction was committed")
 
     def commit(self, handle: Handle) -> None:
+        handle.calls = 0  # the COMMIT never inherits the clock of a statement before it
         conn = handle.conn
         guard = handle.guard
         if guard.ddl:
@@ -466,6 +471,7 @@ class Store(TenantCreation, TenantReads):
     def rollback(self, handle: Handle) -> None:
         handle.emitted = False
         handle.needs_flag = 0
+        handle.calls = 0
         conn = handle.conn
         if conn.get_autocommit():
             return  # SQLite already rolled back (some errors do)

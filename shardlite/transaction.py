@@ -363,6 +363,8 @@ class _TxCore:
             raise PayloadTooLarge(f"this transaction's outbox would hold {total} bytes, past the limit of "
                                   f"{emitter.max_outbox} (Router(max_outbox_bytes=...)); nothing of this emit was "
                                   "written: emit fewer or smaller events per transaction")
+        if self._handle is not None:
+            self._handle.calls = 0
         guard.trusted = True
         try:
             if not self._outbox:
@@ -389,6 +391,8 @@ class _TxCore:
         if guard is None:
             raise ShardliteError("not available in this transaction")
         conn = self._check()
+        if self._handle is not None:
+            self._handle.calls = 0
         guard.trusted = True
         try:
             return conn.execute(INTERNAL_SQL + sql, params)

@@ -7,6 +7,7 @@ cost 482 MiB before anything could refuse them).
 from __future__ import annotations
 
 import asyncio
+import time
 import tracemalloc
 from collections.abc import Callable
 
@@ -206,3 +207,23 @@ def test_a_transactions_outbox_is_capped(make_router: Callable[..., Router]) -> 
 def test_max_outbox_bytes_is_checked(make_router: Callable[..., Router]) -> None:
     with pytest.raises(ConfigurationError):
         make_router(schema=SCHEMA, max_payload=4096, max_outbox_bytes=1024)
+
+
+def test_shardlites_own_statements_never_inherit_an_old_clock(make_router: Callable[..., Router]) -> None:
+    """Regression: only user statements restarted the statement clock, so once a connection had lived
+    past statement_timeout, shardlite's own statements on it (BEGIN, COMMIT, the relay's deliveries and
+    acknowledgements, feed inserts) were interrupted: "InterruptError: interrupted" from the relay."""
+    router = make_router(schema=SCHEMA, statement_timeout=0.1, relay=False)
+    router.use_feed("note")
+    deadline = time.monotonic() + 1.0
+    sent = 0
+    while time.monotonic() < deadline:  # longer than ten timeouts, on the same connections
+        with router.transaction("src:1") as tx:
+            for _ in range(20):
+                tx.emit("user:dst", "note", {"n": sent})
+                sent += 1
+        stats = router.relay.run_once()
+        assert stats.failed == 0 and stats.dead == 0, router.relay.status()
+    router.relay.drain(timeout=30)
+    assert len(router.feed("user:dst", limit=1000)) == min(sent, 1000)
+    assert router.relay.status()["pending"] == 0
