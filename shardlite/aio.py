@@ -74,8 +74,11 @@ Schema = Sequence[Step] | Mapping[str, Sequence[Step]] | None
 
 
 _ROLLED_BACK = "SQLite rolled it back for another transaction of the batch: OR ROLLBACK, RAISE(ROLLBACK), I/O"
-#: VM steps between two looks at the clock on read connections: the inline budget is a few hundred µs.
-INLINE_CHECK_STEPS = 200
+#: VM steps between two looks at the clock on read connections (the inline budget). A look costs a Python
+#: call, so a page of fifty rows should not make several; no step on a read connection builds a value over
+#: 64 KiB (about 0.2 ms at worst, randomblob), so even a pathological read is looked at within ~0.2 s, and
+#: a budget of inline_read_ms ends it at the next look.
+INLINE_CHECK_STEPS = 1000
 log = logging.getLogger("shardlite.aio")
 
 
@@ -262,7 +265,7 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads):
         read_workers: int = 4,
         kdf_workers: int = 2,
         inline_read_steps: int = 5000,
-        inline_read_ms: float = 1.0,
+        inline_read_ms: float = 20.0,
         statement_timeout: float | None = 30.0,
         loop_statement_timeout: float = 1.0,
         max_rows: int = 100_000,

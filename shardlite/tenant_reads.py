@@ -145,7 +145,9 @@ class TenantReads:
         enough to measure: the rest read in chunks under the caps (see shardlite.limits)."""
         first = [row] if second is None else [row, second, *islice(handle.cur, FIRST_CHUNK - 2)]
         n = len(first)
-        if n < FIRST_CHUNK and n <= self.settings.max_rows and sum(map(len, first)) <= self._free_values:
+        # values counted by the first row's width: a multi-statement read whose later rows are wider is
+        # measured from the next chunk on (see shardlite.limits)
+        if n < FIRST_CHUNK and n <= self.settings.max_rows and n * len(row) <= self._free_values:
             return first
         return self._fetch_rest(handle, first)
 
