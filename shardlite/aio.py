@@ -32,14 +32,15 @@ import os
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from sys import getrefcount as _refs
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import apsw
 
 from . import feed, lifecycle
 from .accounts import Accounts
+from .aio_admin import ADMIN_WORKERS, Admin
 from .aio_commit import GroupCommit
 from .aio_globals import AsyncAccounts, AsyncGlobalTables, AsyncSessions
 from .aio_reads import Reads, TenantGate
@@ -56,12 +57,13 @@ from .batch import (
 )
 from .catalog import Location
 from .engine import Settings
-from .errors import Busy, ConfigurationError, ShardliteError, StatementNotAllowed, TenantMoving
+from .errors import ConfigurationError, ShardliteError, StatementNotAllowed
 from .globals import GlobalTables
 from .keys import canonical
 from .outbox import DEFAULT_MAX_PAYLOAD, RetryPolicy
 from .pool import Handle
 from .relay import Handler, HandlerRegistry, Relay
+from .retrying import RETRYABLE, Backoff
 from .schema import Step
 from .sessions import Sessions
 from .store import Store
@@ -81,6 +83,25 @@ _ROLLED_BACK = "SQLite rolled it back for another transaction of the batch: OR R
 INLINE_CHECK_STEPS = 1000
 log = logging.getLogger("shardlite.aio")
 
+
+#: The public names of :class:`~shardlite.Router` (``"name"``) and of its parts (``"part.name"``) whose
+#: AsyncRouter counterpart is not a coroutine function or does not exist, with the reason. Every other
+#: method is awaitable on AsyncRouter under the same name and parameters (tests/test_public_api.py
+#: derives the names from Router and checks both ways), and a part's settings are on its ``sync`` object.
+NOT_AWAITABLE: Final[Mapping[str, str]] = {
+    "close": "closing waits for worker threads: `await ar.aclose()` or `async with AsyncRouter(...)`",
+    "transaction": "an async context manager: `async with ar.transaction(key) as tx`",
+    "handler": "registers a function (a decorator), no I/O",
+    "use_feed": "registers topics, no I/O",
+    "globals.transaction": "an async context manager: `async with ar.globals.transaction() as tx`",
+    "accounts.key": "computes an address's key, no I/O",
+    "sessions.touch": "`await ar.sessions.resolve()` writes the activity stamp itself",
+    "relay.start": "schedules the relay task on the running loop, no I/O",
+    "rebalance.move": "one claimed move, what the rebalancer's own threads call inside apply()/resume()",
+    **{f"relay.{name}": "the relay task's own plumbing (reachable as `ar.relay.sync`)"
+       for name in ("notify", "pass_failed", "pass_over", "report", "release_claims")},
+    **{f"relay.{name}": "part of `await ar.relay.status()`" for name in ("recorded_error", "troubles")},
+}
 
 class _AsyncScope(AsyncTransaction):
     """What ``AsyncRouter.transaction(key)`` returns: the ``async with`` scope and, once entered, the
@@ -234,8 +255,11 @@ class _AsyncScope(AsyncTransaction):
             handle.savepoints -= 1
 
 
-class AsyncRouter(HandlerRegistry, GroupCommit, Reads):
-    """``AsyncRouter`` has the names of :class:`~shardlite.Router`, awaitable (brief §4).
+class AsyncRouter(HandlerRegistry, GroupCommit, Reads, Admin):
+    """``AsyncRouter`` has the names of :class:`~shardlite.Router`, awaitable where they do I/O; the
+    exceptions are listed in :data:`NOT_AWAITABLE` with the reason. ``nodes``, ``rebalance``, ``map``,
+    ``backup``, ``restore``, ``export``, ``import_``, ``migrate_all``, ``status`` and ``stats`` run on
+    admin threads of their own (:mod:`shardlite.aio_admin`).
 
     Beyond :class:`~shardlite.Router`'s arguments: ``max_batch`` bounds a group-commit batch; ``workers``
     threads run BEGINs that must wait, commits at ``synchronous="FULL"``, checkpoints, the relay and
@@ -289,6 +313,7 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads):
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardlite")
         self._readers = ThreadPoolExecutor(max_workers=read_workers, thread_name_prefix="shardlite-read")
         self._kdf = ThreadPoolExecutor(max_workers=kdf_workers, thread_name_prefix="shardlite-kdf")
+        self._admin = ThreadPoolExecutor(max_workers=ADMIN_WORKERS, thread_name_prefix="shardlite-admin")
         try:
             self._store = Store(os.fspath(root), nodes=nodes, schema=schema,  # type: ignore[arg-type]
                                 global_schema=global_schema, settings=settings, move_wait=move_wait,
@@ -296,7 +321,7 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads):
                                 checkpoint_submit=self._executor.submit,
                                 read_check_steps=INLINE_CHECK_STEPS)
         except BaseException:
-            for executor in (self._executor, self._readers, self._kdf):
+            for executor in self._executors():
                 executor.shutdown(wait=False)
             raise
         self._batches: dict[str, Batch] = {}
@@ -322,6 +347,10 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads):
         #: implicitly; ``relay=True`` starts it when the router is entered (``async with``).
         self.relay = AsyncRelay(Relay(self._store, self._handlers, policy=retry), self._call)
         self._relay_for_life = relay
+        self._init_admin()
+
+    def _executors(self) -> tuple[Executor, ...]:
+        return (self._executor, self._readers, self._kdf, self._admin)
 
     def _schema_refusal(self, handle: Handle) -> StatementNotAllowed | None:
         """A transaction's user SQL changed the schema: the refusal when a user object now touches
@@ -365,10 +394,9 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads):
     async def run(self, key: object, fn: Callable[[AsyncTransaction], Awaitable[T] | T], *,
                   timeout: float = 30.0) -> T:
         """Call ``fn(tx)`` (sync or async) in a write transaction, retrying whole transactions on
-        ``Busy``/``TenantMoving`` for up to ``timeout`` seconds."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        delay = 0.002
+        ``Busy``/``TenantMoving`` for up to ``timeout`` seconds, with :meth:`Router.run`'s policy
+        (:mod:`shardlite.retrying`)."""
+        backoff = Backoff(time.monotonic() + timeout)
         while True:
             try:
                 async with self.transaction(key) as tx:
@@ -376,11 +404,11 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads):
                     if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
                         result = await result
                     return result  # type: ignore[return-value]
-            except (Busy, TenantMoving):
-                if loop.time() + delay > deadline:
+            except RETRYABLE:
+                pause = backoff.pause(time.monotonic())
+                if pause is None:
                     raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.5)
+                await asyncio.sleep(pause)
 
     async def query(self, key: object, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
         """Read-only statement on ``key``'s tenant, like :meth:`Router.query`."""
@@ -407,9 +435,6 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads):
 
     async def drop(self, key: object) -> None:
         await self._call(lifecycle.drop, self._store, key)
-
-    async def migrate_all(self, *, parallel: int = 4) -> dict[str, str]:
-        return await self._call(lambda: lifecycle.migrate_all(self._store, parallel=parallel))
 
     # -- outbox ---------------------------------------------------------------------------------------
 
@@ -439,7 +464,7 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads):
                                            max(0.0, deadline - asyncio.get_running_loop().time()))
                 except Exception:  # noqa: BLE001 - their owners saw it (or the batch is stuck: closed below)
                     pass
-        executors = (self._executor, self._readers, self._kdf)
+        executors = self._executors()
         for executor in executors:
             executor.shutdown(wait=False, cancel_futures=True)  # queued work never starts
         for handle in self._store.pool.handles():
@@ -475,7 +500,10 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads):
         if store is not None and not store.closed:
             warnings.warn(f"shardlite AsyncRouter for {store.root} was never closed", ResourceWarning,
                           stacklevel=2)
-            for executor in (self._executor, self._readers, self._kdf):
+            for executor in self._executors():
                 executor.shutdown(wait=False)
             store.close()
+
+    def __repr__(self) -> str:
+        return f"<AsyncRouter {self.root!r}{' closed' if self.closed else ''}>"
 

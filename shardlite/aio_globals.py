@@ -37,6 +37,10 @@ class AsyncAccounts:
         #: occupies the threads every other offloaded operation needs
         self._kdf = call_kdf or call
 
+    def key(self, email: object) -> str:
+        """The canonical uniqueness key of ``email`` (pure, no I/O: not awaitable)."""
+        return self.sync.key(email)
+
     async def register(self, email: str, *, password: str | None = None, **profile: Any) -> int:
         return int(await self._kdf(lambda: self.sync.register(email, password=password, **profile)))
 
@@ -61,6 +65,9 @@ class AsyncAccounts:
 
     async def set_password(self, account_id: int, password: str) -> None:
         await self._kdf(self.sync.set_password, account_id, password)
+
+    async def has_password(self, account_id: int) -> bool:
+        return self.sync.has_password(account_id)
 
     async def authenticate(self, email: str, password: str) -> int:
         return int(await self._kdf(self.sync.authenticate, email, password))
@@ -106,6 +113,9 @@ class AsyncSessions:
 
     async def rotate(self, token: object) -> str:
         return str(await self._call(self.sync.rotate, token))
+
+    async def count_live(self, account_id: int) -> int:
+        return self.sync.count_live(account_id)
 
     async def purge(self) -> int:
         return int(await self._call(self.sync.purge))

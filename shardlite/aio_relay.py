@@ -85,8 +85,9 @@ class AsyncRelay:
                     pass
                 self._event.clear()
 
-    async def run_once(self) -> PassStats:
-        result: PassStats = await self._call(self.sync.run_once)
+    async def run_once(self, *, limit: int = 64, every: bool = False) -> PassStats:
+        """One pass on a worker thread (see :meth:`Relay.run_once <shardlite.relay.Relay.run_once>`)."""
+        result: PassStats = await self._call(lambda: self.sync.run_once(limit=limit, every=every))
         return result
 
     async def drain(self, *, timeout: float = 60.0) -> PassStats:

@@ -11,9 +11,12 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .rebalance import Rebalancer
+    from .relay import Relay
     from .router import Router
+    from .store import Store
 
-__all__ = ["stats", "prometheus_text", "wsgi_app", "node_bytes"]
+__all__ = ["status", "stats", "prometheus_text", "wsgi_app", "node_bytes"]
 
 
 def node_bytes(path: str) -> int:
@@ -29,21 +32,36 @@ def node_bytes(path: str) -> int:
     return total
 
 
-def stats(router: Router) -> dict[str, Any]:
-    status = router.status()
-    relay = router.relay.status()
-    rebalance = router.rebalance.status()
-    return status | {
-        "bytes_per_node": {n["name"]: node_bytes(n["path"]) for n in status["nodes"]},
-        "relay": {"pending": relay["pending"], "lag_seconds": relay["oldest_age"],
-                  "dead_letters": relay["dead_letters"], "topics": relay["topics"]},
+def status(store: Store) -> dict[str, Any]:
+    """Tenants per node and per schema version, and this process's open connections (``router.status()``)."""
+    catalog = store.catalog
+    return {
+        "root": store.root,
+        "nodes": [{"name": n.name, "path": n.path, "weight": n.weight, "state": n.state} for n in catalog.nodes()],
+        "tenants_per_node": catalog.count_tenants(),
+        "schema_versions": catalog.schema_versions(),
+        "open_connections": len(store.pool),
+        "synchronous": store.settings.synchronous,
+    }
+
+
+def stats(store: Store, relay: Relay, rebalancer: Rebalancer) -> dict[str, Any]:
+    """:func:`status` with bytes per node, relay lag and the rebalance state (``router.stats()``, what
+    ``shardlite status --json`` prints): the services, not a router, so both front ends use it."""
+    relay_status = relay.status()
+    rebalance = rebalancer.status()
+    return status(store) | {
+        "bytes_per_node": {n.name: node_bytes(n.path) for n in store.catalog.nodes()},
+        "relay": {"pending": relay_status["pending"], "lag_seconds": relay_status["oldest_age"],
+                  "dead_letters": relay_status["dead_letters"], "topics": relay_status["topics"]},
         "rebalance": {"plan": rebalance.get("plan"), "state": rebalance.get("state"),
                       "steps": rebalance.get("steps", {})},
     }
 
 
 def prometheus_text(router: Router) -> str:
-    s = stats(router)
+    """The Prometheus text exposition of ``router.stats()`` (a sync :class:`~shardlite.Router`)."""
+    s = router.stats()
     lines = [
         "# HELP shardlite_tenants Live tenants per node.", "# TYPE shardlite_tenants gauge",
         *(f'shardlite_tenants{{node="{n}"}} {v}' for n, v in s["tenants_per_node"].items()),

@@ -9,7 +9,6 @@ thread become savepoints.
 from __future__ import annotations
 
 import os
-import random
 import threading
 import time
 import warnings
@@ -22,7 +21,7 @@ from . import feed, lifecycle, metrics
 from .accounts import Accounts
 from .catalog import Location
 from .engine import Settings
-from .errors import Busy, ShardliteError, TenantMoving
+from .errors import ShardliteError
 from .fanout import MapResult, run_map
 from .globals import GlobalTables
 from .keys import canonical
@@ -31,6 +30,7 @@ from .outbox import DEFAULT_MAX_PAYLOAD, RetryPolicy
 from .pool import Handle
 from .rebalance import Rebalancer
 from .relay import Handler, HandlerRegistry, Relay
+from .retrying import RETRYABLE, Backoff
 from .schema import Step
 from .sessions import Sessions
 from .store import Store
@@ -214,24 +214,24 @@ class Router(HandlerRegistry):
 
     def run(self, key: object, fn: Callable[[Transaction], T], *, timeout: float = 30.0) -> T:
         """Call ``fn(tx)`` in a write transaction, retrying the *whole* transaction on ``Busy`` and
-        ``TenantMoving`` (with jittered backoff) for up to ``timeout`` seconds. Returns ``fn``'s result.
+        ``TenantMoving`` (jittered backoff, :mod:`shardlite.retrying`, the same policy as
+        :meth:`AsyncRouter.run`) for up to ``timeout`` seconds. Returns ``fn``'s result.
 
         ``fn`` may run more than once, so it must not have side effects outside the transaction.
         """
         if canonical(key) in self._active():
             with self.transaction(key) as tx:  # nested: the outer transaction owns retries
                 return fn(tx)
-        deadline = time.monotonic() + timeout
-        delay = 0.002
+        backoff = Backoff(time.monotonic() + timeout)
         while True:
             try:
                 with self.transaction(key) as tx:
                     return fn(tx)
-            except (Busy, TenantMoving):
-                if time.monotonic() + delay > deadline:
+            except RETRYABLE:
+                pause = backoff.pause(time.monotonic())
+                if pause is None:
                     raise
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 0.5)
+                time.sleep(pause)
 
     def query(self, key: object, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
         """Run one read-only statement on ``key``'s tenant; a list of tuples.
@@ -267,16 +267,7 @@ class Router(HandlerRegistry):
 
     def status(self) -> dict[str, Any]:
         """Tenants per node and per schema version, and this process's open connections."""
-        catalog = self._store.catalog
-        return {
-            "root": self.root,
-            "nodes": [{"name": n.name, "path": n.path, "weight": n.weight, "state": n.state}
-                      for n in catalog.nodes()],
-            "tenants_per_node": catalog.count_tenants(),
-            "schema_versions": catalog.schema_versions(),
-            "open_connections": len(self._store.pool),
-            "synchronous": self.settings.synchronous,
-        }
+        return metrics.status(self._store)
 
     # -- outbox ---------------------------------------------------------------------------------------------
 
@@ -320,7 +311,7 @@ class Router(HandlerRegistry):
     def stats(self) -> dict[str, Any]:
         """Tenants and bytes per node, this process's open connections, schema versions, relay lag,
         rebalance state (what ``shardlite status --json`` prints)."""
-        return metrics.stats(self)
+        return metrics.stats(self._store, self.relay, self.rebalance)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 

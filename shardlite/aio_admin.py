@@ -1,0 +1,210 @@
+"""Operations under :class:`~shardlite.AsyncRouter`: the async twins of ``router.nodes``, ``router.rebalance``,
+``map``, ``backup``, ``restore``, ``export``, ``import_``, ``status`` and ``stats``.
+
+Each runs the sync implementation on the router's *admin* threads (``asyncio`` must not wait for a copy,
+a move or a directory walk), never on the worker threads that BEGINs and commits need, so a backup or a
+rebalance running in the application's process does not slow its writes down. :meth:`AsyncRouter.aclose`
+interrupts and waits for them like the other threads; an operation cut short this way is left as a crash
+would leave it (a move resumes from its journal, a backup is not marked complete).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import os
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from . import backup as backup_mod
+from . import lifecycle, metrics
+from .aio_relay import AsyncRelay
+from .catalog import Location, Node
+from .engine import Settings
+from .fanout import MapResult, Row, run_map
+from .movejournal import MoveRow
+from .nodes import Nodes
+from .planning import Plan
+from .rebalance import NoticeFn, Rebalancer
+from .store import Store
+from .transaction import Params
+
+__all__ = ["Admin", "AsyncNodes", "AsyncRebalancer", "AsyncMapResult", "ADMIN_WORKERS"]
+
+T = TypeVar("T")
+
+#: Threads for these operations (started when first needed); each parallel copy or move has its own.
+ADMIN_WORKERS = 4
+
+
+async def _on(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+
+class AsyncNodes:
+    """``ar.nodes``: ``await list()``, ``counts()``, ``add()``, ``drain()``, ``remove()``; see
+    :class:`~shardlite.nodes.Nodes`. ``sync`` is the sync object."""
+
+    def __init__(self, sync: Nodes, executor: ThreadPoolExecutor) -> None:
+        self.sync = sync
+        self._executor = executor
+
+    async def list(self) -> list[Node]:
+        return await _on(self._executor, self.sync.list)
+
+    async def counts(self) -> builtins.list[dict[str, Any]]:
+        return await _on(self._executor, self.sync.counts)
+
+    async def add(self, name: str, *, path: str | None = None, weight: int = 1) -> Node:
+        return await _on(self._executor, lambda: self.sync.add(name, path=path, weight=weight))
+
+    async def drain(self, name: str) -> Node:
+        return await _on(self._executor, self.sync.drain, name)
+
+    async def remove(self, name: str) -> None:
+        await _on(self._executor, self.sync.remove, name)
+
+
+class AsyncRebalancer:
+    """``ar.rebalance``: every operation of :class:`~shardlite.rebalance.Rebalancer`, awaitable. ``progress``
+    and ``notice`` callbacks are called on the rebalancer's threads, not on the event loop. ``sync`` is the
+    sync object (its ``lease``, ``reserve`` and ``fault`` settings)."""
+
+    def __init__(self, sync: Rebalancer, executor: ThreadPoolExecutor) -> None:
+        self.sync = sync
+        self._executor = executor
+
+    async def plans(self) -> list[dict[str, Any]]:
+        return await _on(self._executor, self.sync.plans)
+
+    async def compute(self) -> Plan:
+        return await _on(self._executor, self.sync.compute)
+
+    async def plan(self) -> tuple[int, Plan]:
+        return await _on(self._executor, self.sync.plan)
+
+    async def apply(self, plan_id: int | None = None, *, parallel: int = 1, pause_ms: float = 0.0,
+                    progress: Callable[[MoveRow], None] | None = None,
+                    notice: NoticeFn | None = None) -> dict[str, Any]:
+        return await _on(self._executor, lambda: self.sync.apply(plan_id, parallel=parallel, pause_ms=pause_ms,
+                                                                 progress=progress, notice=notice))
+
+    async def resume(self, plan_id: int | None = None, *, parallel: int = 1, pause_ms: float = 0.0,
+                     progress: Callable[[MoveRow], None] | None = None,
+                     notice: NoticeFn | None = None) -> dict[str, Any]:
+        return await _on(self._executor, lambda: self.sync.resume(plan_id, parallel=parallel, pause_ms=pause_ms,
+                                                                  progress=progress, notice=notice))
+
+    async def rescue(self, key: str) -> bool:
+        return await _on(self._executor, self.sync.rescue, key)
+
+    async def cancel(self, plan_id: int | None = None, *, wait: float | None = None,
+                     notice: NoticeFn | None = None) -> dict[str, Any]:
+        return await _on(self._executor, lambda: self.sync.cancel(plan_id, wait=wait, notice=notice))
+
+    async def complete(self, plan_id: int | None = None) -> dict[str, Any]:
+        return await _on(self._executor, self.sync.complete, plan_id)
+
+    async def status(self, plan_id: int | None = None) -> dict[str, Any]:
+        return await _on(self._executor, self.sync.status, plan_id)
+
+
+class AsyncMapResult:
+    """What ``await ar.map(...)`` returns: ``async for key, rows in result``; each tenant is read on the
+    admin threads. ``columns``, ``outdated``, ``errors`` and ``count`` as on :class:`~shardlite.fanout.MapResult`
+    (complete once the iteration ended)."""
+
+    def __init__(self, sync: MapResult, executor: ThreadPoolExecutor) -> None:
+        self.sync = sync
+        self._executor = executor
+
+    @property
+    def columns(self) -> list[str] | None:
+        return self.sync.columns
+
+    @property
+    def outdated(self) -> dict[str, int]:
+        return self.sync.outdated
+
+    @property
+    def errors(self) -> dict[str, str]:
+        return self.sync.errors
+
+    @property
+    def count(self) -> int:
+        return self.sync.count
+
+    def __aiter__(self) -> AsyncIterator[tuple[str, list[Row]]]:
+        return self._items()
+
+    async def _items(self) -> AsyncIterator[tuple[str, list[Row]]]:
+        done = object()
+        while True:
+            item = await _on(self._executor, next, self.sync, done)
+            if item is done:
+                return
+            yield item
+
+
+class Admin:
+    """The operations of :class:`~shardlite.AsyncRouter` that run on its admin threads (a mixin: the router
+    sets ``_store``, ``_admin`` and ``relay`` and calls :meth:`_init_admin`)."""
+
+    _store: Store
+    _admin: ThreadPoolExecutor
+    relay: AsyncRelay
+
+    def _init_admin(self) -> None:
+        #: Storage nodes (async twin of :class:`~shardlite.nodes.Nodes`).
+        self.nodes = AsyncNodes(Nodes(self._store), self._admin)
+        #: Online tenant moves (async twin of :class:`~shardlite.rebalance.Rebalancer`).
+        self.rebalance = AsyncRebalancer(Rebalancer(self._store), self._admin)
+
+    @property
+    def settings(self) -> Settings:
+        return self._store.settings
+
+    async def status(self) -> dict[str, Any]:
+        """Tenants per node and per schema version, and this process's open connections (like
+        :meth:`Router.status`)."""
+        return await _on(self._admin, metrics.status, self._store)
+
+    async def stats(self) -> dict[str, Any]:
+        """Like :meth:`Router.stats`: :meth:`status` with bytes per node, relay lag and rebalance state."""
+        return await _on(self._admin, metrics.stats, self._store, self.relay.sync, self.rebalance.sync)
+
+    async def migrate_all(self, *, parallel: int = 4,
+                          progress: Callable[[str, BaseException | None], None] | None = None) -> dict[str, str]:
+        """Like :meth:`Router.migrate_all`; ``progress`` is called on the migration threads."""
+        return await _on(self._admin, lambda: lifecycle.migrate_all(self._store, parallel=parallel,
+                                                                    progress=progress))
+
+    async def map(self, sql: str, params: Params = (), *, keys: Iterable[object] | None = None,
+                  parallel: int = 4) -> AsyncMapResult:
+        """Like :meth:`Router.map`: ``async for key, rows in await ar.map(sql)``."""
+        result = await _on(self._admin, lambda: run_map(self._store, sql, params, keys=keys, parallel=parallel))
+        return AsyncMapResult(result, self._admin)
+
+    async def backup(self, dest: str | os.PathLike[str], *, keys: Iterable[object] | None = None,
+                     parallel: int = backup_mod.PARALLEL) -> dict[str, Any]:
+        """Like :meth:`Router.backup`."""
+        return await _on(self._admin, lambda: backup_mod.backup(self._store, os.fspath(dest), keys=keys,
+                                                                parallel=parallel))
+
+    async def restore(self, src: str | os.PathLike[str], *, keys: Iterable[object] | None = None,
+                      as_key: object | None = None, force: bool = False) -> list[str]:
+        """Like :meth:`Router.restore`."""
+        return await _on(self._admin, lambda: backup_mod.restore(self._store, os.fspath(src), keys=keys,
+                                                                 as_key=as_key, force=force))
+
+    async def export(self, key: object, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Like :meth:`Router.export`."""
+        return await _on(self._admin, backup_mod.export_tenant, self._store, key, os.fspath(path))
+
+    async def import_(self, path: str | os.PathLike[str], key: object, *, force: bool = False,
+                      keep_events: bool = False) -> Location:
+        """Like :meth:`Router.import_`."""
+        await _on(self._admin, lambda: backup_mod.import_tenant(self._store, os.fspath(path), key, force=force,
+                                                                keep_events=keep_events))
+        return self._store.locate(key)  # a catalog read on this thread's read connection, like ar.locate
