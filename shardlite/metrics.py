@@ -48,9 +48,10 @@ def status(store: Store) -> dict[str, Any]:
 def stats(store: Store, relay: Relay, rebalancer: Rebalancer) -> dict[str, Any]:
     """:func:`status` with bytes per node, relay lag and the rebalance state (``router.stats()``, what
     ``shardlite status --json`` prints): the services, not a router, so both front ends use it."""
+    first = status(store)  # before the relay's status, so open_connections counts only the application's
     relay_status = relay.status()
     rebalance = rebalancer.status()
-    return status(store) | {
+    return first | {
         "bytes_per_node": {n.name: node_bytes(n.path) for n in store.catalog.nodes()},
         "relay": {"pending": relay_status["pending"], "lag_seconds": relay_status["oldest_age"],
                   "dead_letters": relay_status["dead_letters"], "topics": relay_status["topics"]},
