@@ -30,6 +30,14 @@ def shardlite_schema() -> dict[str, list[str]]:
     return SCHEMA
 
 
+@pytest.fixture
+def pytester(pytester: pytest.Pytester) -> pytest.Pytester:
+    """The user projects these tests run configure pytest-asyncio's loop scope (a dev dependency: unset,
+    it warns in every inner run)."""
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    return pytester
+
+
 def send(router: Router, key: str, *events: tuple[str, str, Any]) -> None:
     with router.transaction(key) as tx:
         tx.execute("INSERT INTO messages(body) VALUES ('x')")
@@ -465,5 +473,5 @@ def test_async_tests_under_pytest_asyncio(pytester: pytest.Pytester) -> None:
     pytest.importorskip("pytest_asyncio")
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_app=ASYNC_TEST.format(mark="asyncio"))
-    result = pytester.runpytest("-W", "error::ResourceWarning", "-o", "asyncio_default_fixture_loop_scope=function")
+    result = pytester.runpytest("-W", "error::ResourceWarning")
     result.assert_outcomes(passed=2)
