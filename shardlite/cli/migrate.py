@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import emit_json, load_app, print_table, progress
+from .common import echo, emit_json, load_app, print_table, progress
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -19,7 +19,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"tenants": total, "failed": failures, "schema_versions": versions})
     else:
-        print(f"migrated {total - len(failures)} of {total} tenants")
+        echo(f"migrated {total - len(failures)} of {total} tenants")
         if failures:
             print_table("failures (these tenants stay on their previous version)", ["key", "error"],
                         sorted(failures.items()))
