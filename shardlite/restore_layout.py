@@ -124,8 +124,9 @@ def plan_layout(layout: list[tuple[str, str, int, str]], root: str, *, old_root:
             kept = _kept_place(was, old_root)
             target = os.path.join(root, kept if kept is not None else name)
         plans.append(NodePlan(name, target, weight, state, was))
-    for number, plan in enumerate(plans):
+    for plan in plans:
         _check_target(plan, root, backup)
+    for number, plan in enumerate(plans):
         for other in plans[number + 1:]:
             if _inside(plan.path, other.path) or _inside(other.path, plan.path):
                 raise ConfigurationError(f"nodes {plan.name} and {other.name} would overlap in the new root "
@@ -276,7 +277,11 @@ class RootUndo:
         for top in self.made:
             shutil.rmtree(top, ignore_errors=True)
         if not self.new:
-            ensure_private_dir(os.path.join(self.root, DEFAULT_LAYOUT[0][1]))
+            default = os.path.join(self.root, DEFAULT_LAYOUT[0][1])
+            ensure_private_dir(default)
+            for entry in os.listdir(default):  # the <2 hex> directories of copies prepared and discarded
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.join(default, entry))  # only an empty one goes
         return True
 
 
