@@ -172,8 +172,10 @@ def _prepare(store: Store, source: apsw.Connection, key: str, *, label: str, exp
             try:
                 backup_into(dest, source)
                 healthy = integrity_ok(dest)
-            except apsw.NotADBError as exc:
-                raise IdentityMismatch(f"{label} is not a shardlite tenant file ({exc})") from None
+            except apsw.NotADBError:
+                raise IdentityMismatch(f"{label} is not a shardlite tenant file (SQLite cannot read it as a "
+                                       "database); name a file `shardlite tenants export` wrote, or a backup's "
+                                       "copy") from None
             if not healthy:
                 raise ShardliteError(f"{label} fails integrity_check; {_DAMAGED}")
             version: Any = dest.execute("PRAGMA user_version").fetchall()[0][0]

@@ -36,7 +36,7 @@ from ..errors import ConfigurationError
 from ..router import Router
 
 __all__ = ["CliError", "root_of", "open_router", "load_app", "literal", "echo", "emit_json", "json_line",
-           "print_table", "console_line", "progress"]
+           "print_table", "console_line", "progress", "positive_int", "advice"]
 
 _SHORT = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
@@ -115,6 +115,27 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]
 def console_line(console: Console, text: object) -> None:
     """One line of plain text on a rich ``console`` (say, the one under a progress bar), shown literally."""
     console.print(_text(text))
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer of at least 1 (a usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+@contextmanager
+def advice(text: str, *kinds: type[BaseException]) -> Iterator[None]:
+    """Errors of ``kinds`` raised in the block become a :class:`CliError` whose message ends with ``text``
+    (what to do next, where the command knows better than the library)."""
+    try:
+        yield
+    except kinds as exc:
+        raise CliError(f"{exc}; {text}") from exc
 
 
 def root_of(args: argparse.Namespace) -> str:

@@ -10,12 +10,26 @@ from typing import Any
 
 from .. import backup as backup_mod
 from .. import restore as restore_mod
+from ..errors import StatementNotAllowed, UnknownTenant
 from ..restore_layout import root_state
-from .common import CliError, echo, emit_json, open_router, print_table, progress, root_of
+from .common import (
+    CliError,
+    advice,
+    echo,
+    emit_json,
+    open_router,
+    positive_int,
+    print_table,
+    progress,
+    root_of,
+)
+
+_LISTED = "`shardlite tenants` lists the live tenants"
+_READ_ONLY = "write through your app instead"
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    with open_router(args) as router:
+    with open_router(args) as router, advice(_LISTED, UnknownTenant):
         keys = [args.key] if args.key else None
         total = 1 if keys else sum(router.status()["tenants_per_node"].values())
         with progress("backing up", total, quiet=args.json) as advance:
@@ -104,11 +118,11 @@ def _params(text: str | None) -> Any:
 
 def cmd_query(args: argparse.Namespace) -> int:
     params = _params(args.params)
-    with open_router(args) as router:
+    table: list[tuple[Any, ...]] = []
+    with open_router(args) as router, advice(_READ_ONLY, StatementNotAllowed):
         keys = None if args.all else [args.key]
         total = sum(router.status()["tenants_per_node"].values()) if args.all else 1
         result = router.map(args.sql, params, keys=keys, parallel=args.parallel)
-        table: list[tuple[Any, ...]] = []
         with progress("querying", total, quiet=args.json) as advance:
             for key, rows in result:
                 advance()
@@ -126,14 +140,14 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_drop(args: argparse.Namespace) -> int:
-    with open_router(args) as router:
+    with open_router(args) as router, advice(_LISTED, UnknownTenant):
         router.drop(args.key)
     emit_json({"dropped": args.key}) if args.json else echo(f"dropped {args.key} (tombstone kept in the catalog)")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    with open_router(args) as router:
+    with open_router(args) as router, advice(_LISTED, UnknownTenant):
         info = router.export(args.key, args.file)
     emit_json(info) if args.json else echo(f"exported {args.key} to {info['file']} ({info['size']} bytes)")
     return 0
@@ -154,7 +168,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("backup", help="consistent copies of every tenant and the global DB, with a manifest")
     p.add_argument("dest", help="the backup directory (created 0700; a previous backup there is updated)")
     p.add_argument("--key", help="back up one tenant")
-    p.add_argument("--parallel", type=int, default=backup_mod.PARALLEL,
+    p.add_argument("--parallel", type=positive_int, default=backup_mod.PARALLEL,
                    help=f"copies at once (default {backup_mod.PARALLEL})")
     p.set_defaults(func=cmd_backup)
     p = sub.add_parser("restore", help="restore tenants from a backup (checksums verified); into a new or "
@@ -176,7 +190,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     target.add_argument("--all", action="store_true", help="read every tenant")
     p.add_argument("sql", help="one read-only SQL statement")
     p.add_argument("--params", help="JSON list of parameters (or an object for named ones)")
-    p.add_argument("--parallel", type=int, default=4, help="tenants read at once (default 4)")
+    p.add_argument("--parallel", type=positive_int, default=4, help="tenants read at once (default 4)")
     p.set_defaults(func=cmd_query)
 
 

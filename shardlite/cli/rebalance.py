@@ -21,7 +21,7 @@ from rich.progress import (
 from ..movejournal import FINISHED
 from ..rebalance import MoveRow, Notice
 from ..router import Router
-from .common import CliError, console_line, echo, emit_json, open_router, print_table
+from .common import CliError, console_line, echo, emit_json, open_router, positive_int, print_table
 
 
 def _nodes_table(router: Router, title: str) -> None:
@@ -264,5 +264,5 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def _throttle(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    parser.add_argument("--parallel", type=int, default=1, help="tenants moved at once (default 1)")
+    parser.add_argument("--parallel", type=positive_int, default=1, help="tenants moved at once (default 1)")
     parser.add_argument("--pause-ms", type=float, default=0.0, help="pause between tenants, to throttle")
