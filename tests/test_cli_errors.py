@@ -274,3 +274,13 @@ def _attempts(root: str, key: str) -> int:
 def test_an_account_that_exists_is_no_error(scene: Scene, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run_cli(capsys, "accounts", "show", EMAIL, "--root", scene.root, "--json")
     assert code == 0 and json.loads(out)["email"] == EMAIL
+
+
+def test_a_warning_is_one_line_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    code, out, err = run_cli(capsys, "init", "--root", os.fspath(shared))
+    assert code == 0 and out.startswith("created data root")
+    (line,) = err.splitlines()
+    assert line.startswith("shardlite init: warning: ") and "0755" in line and "chmod 0700" in line

@@ -7,9 +7,9 @@ Every parser of the tree gets its own copy of them (a dest per depth, default le
 parser never overwrites what an outer one read; :func:`_merge_shared` folds them into ``args.root``
 and ``args.json``.
 
-Errors are one line on stderr, ``shardlite COMMAND: what went wrong; what to do``, exit status 2 (130
-when interrupted); argparse's own usage errors exit 2 as well. ``SHARDLITE_TRACEBACK=1`` re-raises an
-unexpected exception instead, for a bug report.
+Warnings and errors are one line on stderr each. An error reads ``shardlite COMMAND: what went wrong;
+what to do`` and exits with status 2 (130 when interrupted); argparse's own usage errors exit 2 as well.
+``SHARDLITE_TRACEBACK=1`` re-raises an unexpected exception instead, for a bug report.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import argparse
 import errno
 import os
 import sys
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
 import apsw
@@ -118,6 +119,14 @@ def _os_error(exc: OSError) -> str:
     return f"{exc.strerror or exc}{where}; {advice}"
 
 
+def _one_line_warning(command: str) -> Callable[..., None]:
+    """``warnings.showwarning`` for a command: one literal line on stderr (not Python's two, with the
+    source line), e.g. a DirectoryModeWarning about a root open to others."""
+    def show(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+        echo(f"shardlite {command}: warning: {message}", err=True)
+    return show
+
+
 def _fail(command: str, message: object) -> int:
     echo(f"shardlite {command}: {message}", err=True)
     return 2
@@ -132,8 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     command = _command(args)
     try:
-        _merge_shared(args)
-        return int(args.func(args))
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(command)
+            _merge_shared(args)
+            return int(args.func(args))
     except KeyboardInterrupt:
         echo(f"shardlite {command}: interrupted; what finished stays done, run the command again for the rest",
              err=True)
@@ -148,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except apsw.Error as exc:
         return _fail(command, f"SQLite: {type(exc).__name__}: {exc}; check the statement or the file named, "
                               "then retry")
-    except (ValueError, TypeError) as exc:  # bad input that slipped past argparse (JSON, numbers, text)
+    except ValueError as exc:  # bad input that slipped past argparse (JSON, numbers, text encodings)
         return _fail(command, f"invalid input: {exc}; check the arguments (`shardlite {command} --help`)")
     except Exception as exc:
         if os.environ.get("SHARDLITE_TRACEBACK"):
