@@ -14,7 +14,7 @@ Restore (``router.restore(src, keys=None, as_key=None, force=False)``, ``shardli
    tables, shardlite's tables rebuilt from their current definitions with validated rows
    (:func:`shardlite.sanitize.rebuild_tenant_tables`). Any failure removes every temporary file and
    raises: nothing was registered.
-2. *Install*: each prepared tenant gets a new generation and a new incarnation (brief §4, Identity), its
+2. *Install*: each prepared tenant gets a new generation and a new incarnation (never a reused one), its
    file is linked into place and the catalog flipped (a live tenant replaced with ``force`` is fenced
    first) or registered.
 
