@@ -14,7 +14,7 @@ Restore (``router.restore(src, keys=None, as_key=None, force=False)``, ``shardli
    tables, shardlite's tables rebuilt from their current definitions with validated rows
    (:func:`shardlite.sanitize.rebuild_tenant_tables`). Any failure removes every temporary file and
    raises: nothing was registered.
-2. *Install*: each prepared tenant gets a new generation and a new incarnation (brief §4, Identity), its
+2. *Install*: each prepared tenant gets a new generation and a new incarnation (never a reused one), its
    file is linked into place and the catalog flipped (a live tenant replaced with ``force`` is fenced
    first) or registered.
 
@@ -24,7 +24,9 @@ drops them unless ``keep_events=True`` and the file holds that key's own tenant.
 validated (destination a canonical key, topic, JSON payload); a file with an invalid one is refused.
 
 :func:`restore_globals` copies the accounts, sessions and app global tables of the backup's global DB copy
-into an empty root, after the same checks on that copy.
+into an empty root, after the same checks on that copy. :func:`restore_root` restores a whole backup into a
+root that does not exist yet (or is empty): the backup's node layout (:mod:`shardlite.restore_layout`),
+the global data, then the tenants.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import os
 import secrets
 import stat
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,10 +50,12 @@ from .errors import ConfigurationError, IdentityMismatch, ShardliteError, Unknow
 from .keys import canonical, key_digest, prefix_of
 from .lifecycle import fence_file
 from .placement import tenant_relpath
+from .restore_layout import NodePlan, open_root_with_layout, plan_layout, read_layout
 from .sanitize import global_objects, rebuild_tenant_tables, refuse_foreign, shown
 from .store import Store
 
-__all__ = ["restore", "restore_globals", "import_tenant", "open_copy", "MEMORY_LIMIT"]
+__all__ = ["restore", "restore_globals", "restore_root", "RootRestore", "NodePlan", "import_tenant", "open_copy",
+           "MEMORY_LIMIT"]
 
 #: Copies up to this size are read into memory (checksum and SQLite see the same bytes); larger ones are
 #: opened in place, read-only and immutable.
@@ -146,12 +150,16 @@ class _Prepared:
 
 
 def _prepare(store: Store, source: apsw.Connection, key: str, *, label: str, expect_key: str | None,
-             keep_events: bool) -> _Prepared:
+             keep_events: bool, node: str | None = None) -> _Prepared:
     """Copy ``source`` into a private temporary file in ``key``'s node directory, check it and rebuild
     shardlite's tables in it (new incarnation); registers nothing. The temporary file is removed when
-    this raises."""
+    this raises. A live tenant stays on its node; a new one goes to ``node`` when given, else where the
+    ring proposes."""
     existing = store.catalog.lookup(key)
-    node = existing.node if existing is not None and existing.state != "dropped" else store.propose(key)
+    if existing is not None and existing.state != "dropped":
+        node = existing.node
+    elif node is None:
+        node = store.propose(key)
     digest = key_digest(key)
     directory = os.path.join(store.node_path(node), digest[:2])
     ensure_private_dir(directory)
@@ -164,8 +172,10 @@ def _prepare(store: Store, source: apsw.Connection, key: str, *, label: str, exp
             try:
                 backup_into(dest, source)
                 healthy = integrity_ok(dest)
-            except apsw.NotADBError as exc:
-                raise IdentityMismatch(f"{label} is not a shardlite tenant file ({exc})") from None
+            except apsw.NotADBError:
+                raise IdentityMismatch(f"{label} is not a shardlite tenant file (SQLite cannot read it as a "
+                                       "database); name a file `shardlite tenants export` wrote, or a backup's "
+                                       "copy") from None
             if not healthy:
                 raise ShardliteError(f"{label} fails integrity_check; {_DAMAGED}")
             version: Any = dest.execute("PRAGMA user_version").fetchall()[0][0]
@@ -259,14 +269,14 @@ def _backup_dir(src: str) -> tuple[str, dict[str, Any]]:
     src = os.path.abspath(src)
     manifest = mf.load(src, what_to_do=_DAMAGED) if os.path.isdir(src) else None
     if not manifest:
-        raise ConfigurationError(f"{src} holds no {mf.MANIFEST}")
+        raise ConfigurationError(f"{src} holds no {mf.MANIFEST}: name the backup directory (the one holding it)")
     return src, manifest
 
 
 def _lockable(src: str) -> str:
     src = os.path.abspath(src)
     if not os.path.isdir(src):
-        raise ConfigurationError(f"{src} holds no {mf.MANIFEST}")
+        raise ConfigurationError(f"{src} holds no {mf.MANIFEST}: name the backup directory (the one holding it)")
     return src
 
 
@@ -282,7 +292,9 @@ def restore(store: Store, src: str, *, keys: Iterable[object] | None = None, as_
 
 
 def _restore(store: Store, src: str, manifest: dict[str, Any], keys: Iterable[object] | None,
-             as_key: object | None, force: bool, progress: Callable[[str], None] | None) -> list[str]:
+             as_key: object | None, force: bool, progress: Callable[[str], None] | None,
+             placement: Callable[[str], str | None] | None = None) -> list[str]:
+    """``placement(key)``: the node a new tenant restored from ``key``'s copy goes to (None: the ring's)."""
     entries: dict[str, Any] = manifest["tenants"]
     wanted = list(entries) if keys is None else list(dict.fromkeys(canonical(k) for k in keys))
     if as_key is not None and len(wanted) != 1:
@@ -300,7 +312,8 @@ def _restore(store: Store, src: str, manifest: dict[str, Any], keys: Iterable[ob
             source = open_copy(paths[key], checksum=entries[key]["checksum"], label=label)
             try:
                 prepared.append(_prepare(store, source, target_of[key], label=label, expect_key=key,
-                                         keep_events=as_key is None))
+                                         keep_events=as_key is None,
+                                         node=placement(key) if placement is not None else None))
             finally:
                 source.close()
     except (OSError, apsw.Error) as exc:
@@ -339,46 +352,69 @@ def _global_copies(manifest: dict[str, Any]) -> list[tuple[str, str, str]]:
             if name in manifest]
 
 
-def restore_globals(store: Store, src: str) -> None:
+def restore_globals(store: Store, src: str) -> dict[str, int]:
     """Copy the backup's accounts, sessions and app global tables into an empty root, after checking each
     copy: its checksum, no schema object touching shardlite's tables, single CREATE TABLE statements for the
-    app's tables."""
+    app's tables. Returns the rows copied per table."""
     src = _lockable(src)
     with mf.locked(src, shared=True):
-        _restore_globals(store, *_backup_dir(src))
+        return _restore_globals(store, *_backup_dir(src))
 
 
-def _restore_globals(store: Store, src: str, manifest: dict[str, Any]) -> None:
-    if any(True for _ in store.catalog.iter_tenants()):
-        raise ConfigurationError("restoring the global DB needs an empty data root")
+def _open_global_copies(src: str, manifest: dict[str, Any]) -> dict[str, tuple[apsw.Connection, str]]:
+    """The backup's global DB copies (``global`` and, when the backup has one, ``app_global``), each opened
+    read-only and checked (checksum, integrity, no schema object touching shardlite's tables) before any
+    is used: name -> (connection, label). The caller closes them."""
     sources: dict[str, tuple[apsw.Connection, str]] = {}
     try:
-        for name, relative, checksum in _global_copies(manifest):  # every copy is checked before any is used
+        for name, relative, checksum in _global_copies(manifest):
             label = f"the {name} DB copy {relative} in {src}"
             source = open_copy(mf.member(src, relative), checksum=checksum, label=label)
             sources[name] = (source, label)
             if not integrity_ok(source):
                 raise ShardliteError(f"{label} fails integrity_check; {_DAMAGED}")
             refuse_foreign(source, label, internal=global_objects() if name == "global" else frozenset())
-        source, label = sources["global"]
-        with store.globaldb.write() as conn:
-            _copy_global_tables(source, conn, label, internal=True, app="app_global" not in sources)
-        app_source, app_label = sources.get("app_global", sources["global"])
-        with store.appdb.write() as conn:
-            _copy_global_tables(app_source, conn, app_label, internal=False, app=True)
-            _restore_app_version(app_source, conn, app_label)
-    except apsw.Error as exc:  # a copy SQLite cannot read, a row the live tables refuse: nothing was committed
-        raise ShardliteError(f"restoring the global DB from {src} failed ({exc}); nothing was restored") from exc
+    except BaseException:
+        for source, _ in sources.values():
+            source.close()
+        raise
+    return sources
+
+
+def _restore_globals(store: Store, src: str, manifest: dict[str, Any]) -> dict[str, int]:
+    if any(True for _ in store.catalog.iter_tenants()):
+        raise ConfigurationError("restoring the global DB needs an empty data root (no tenants); restore the whole "
+                                 "backup into a new root instead (`shardlite restore SRC --root NEW`)")
+    sources = _open_global_copies(src, manifest)
+    try:
+        return _copy_globals(store, src, sources)
     finally:
         for source, _ in sources.values():
             source.close()
 
 
+def _copy_globals(store: Store, src: str, sources: dict[str, tuple[apsw.Connection, str]]) -> dict[str, int]:
+    """Copy the checked global copies ``sources`` (:func:`_open_global_copies`) into the root's global DBs;
+    the rows copied per table."""
+    try:
+        source, label = sources["global"]
+        with store.globaldb.write() as conn:
+            copied = _copy_global_tables(source, conn, label, internal=True, app="app_global" not in sources)
+        app_source, app_label = sources.get("app_global", sources["global"])
+        with store.appdb.write() as conn:
+            copied |= _copy_global_tables(app_source, conn, app_label, internal=False, app=True)
+            _restore_app_version(app_source, conn, app_label)
+        return copied
+    except apsw.Error as exc:  # a copy SQLite cannot read, a row the live tables refuse
+        raise ShardliteError(f"restoring the global DB from {src} failed ({exc}); fix the cause and retry") from exc
+
+
 def _copy_global_tables(source: apsw.Connection, conn: apsw.Connection, label: str, *, internal: bool,
-                        app: bool) -> None:
+                        app: bool) -> dict[str, int]:
     """Copy tables of ``source`` into the DB open on ``conn``, by column name: with ``internal`` the
     accounts, credentials and sessions (into global.db), with ``app`` the app's own tables (created from
-    the copy's definitions when missing; skipped when ``app`` is false)."""
+    the copy's definitions when missing; skipped when ``app`` is false). Returns the rows copied per table."""
+    copied: dict[str, int] = {}
     rows = source.execute("SELECT name, sql FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite^_%' "
                           "ESCAPE '^'").fetchall()
     for name, sql in rows:
@@ -401,6 +437,8 @@ def _copy_global_tables(source: apsw.Connection, conn: apsw.Connection, label: s
         found = source.execute(f"SELECT {listed} FROM {_quote(table)}").fetchall()
         if found:
             conn.executemany(f"INSERT OR REPLACE INTO {_quote(table)}({listed}) VALUES ({marks})", found)
+        copied[table] = len(found)
+    return copied
 
 
 def _restore_app_version(source: apsw.Connection, conn: apsw.Connection, label: str) -> None:
@@ -452,6 +490,72 @@ def _one_create_table(table: str, sql: str, label: str) -> str:
 
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+# -- a whole backup into a new root ----------------------------------------------------------------------------
+
+
+@dataclass
+class RootRestore:
+    """What :func:`restore_root` did: the root, whether it was new (False: an empty root was filled), its
+    nodes, the tenants restored and the global rows copied per table."""
+
+    root: str
+    created: bool
+    nodes: list[NodePlan]
+    tenants: list[str]
+    globals: dict[str, int]
+
+
+def restore_root(src: str, root: str, *, node_paths: Mapping[str, str] | None = None,
+                 keys: Iterable[object] | None = None, progress: Callable[[str], None] | None = None) -> RootRestore:
+    """Restore the backup directory ``src`` into ``root``, a data root that does not exist yet (or holds no
+    ``global.db``) or is empty (:func:`~shardlite.restore_layout.root_state`); a live root is refused
+    (:class:`ConfigurationError`: :func:`restore` restores into one).
+
+    The root gets the backup's node layout (:mod:`shardlite.restore_layout`; ``node_paths`` maps node names
+    to directories), then the global data (accounts, credentials, sessions, the app's global tables), then
+    the tenants (all, or ``keys``), each on its node of the backup while that node is active, else where the
+    ring proposes, checked as :func:`restore` checks them. The manifest, the global copy and the layout are
+    all checked before anything is made. When it fails, what it made is taken back
+    (:class:`~shardlite.restore_layout.RootUndo`): a new root is removed again, an empty root gets its
+    default node list back, except once tenants were registered (the error says which)."""
+    src, root = _lockable(src), os.path.abspath(root)
+    if os.path.commonpath([src, root]) in (src, root):
+        raise ConfigurationError(f"the new root {root} and the backup {src} overlap; restore into another directory")
+    with mf.locked(src, shared=True):
+        src, manifest = _backup_dir(src)
+        entries: dict[str, Any] = manifest["tenants"]
+        for key in keys if keys is not None else ():
+            if canonical(key) not in entries:
+                raise UnknownTenant(f"the backup holds no tenant {canonical(key)!r}; `shardlite restore` without --key "
+                                    "restores all of them")
+        sources = _open_global_copies(src, manifest)
+        try:
+            conn, label = sources["global"]
+            plans = plan_layout(read_layout(conn, label, _DAMAGED), root, old_root=manifest.get("root"), backup=src,
+                                node_paths=node_paths)
+            active = {plan.name for plan in plans if plan.state == "active"}
+            return _fill_root(src, root, manifest, sources, plans, keys, progress,
+                              lambda key: entries[key]["node"] if entries[key]["node"] in active else None)
+        finally:
+            for source, _ in sources.values():
+                source.close()
+
+
+def _fill_root(src: str, root: str, manifest: dict[str, Any], sources: dict[str, tuple[apsw.Connection, str]],
+               plans: list[NodePlan], keys: Iterable[object] | None, progress: Callable[[str], None] | None,
+               placement: Callable[[str], str | None]) -> RootRestore:
+    store, undo = open_root_with_layout(root, plans)
+    try:
+        copied = _copy_globals(store, src, sources)
+        restored = _restore(store, src, manifest, keys, None, False, progress, placement)
+    except BaseException as exc:
+        if not undo.run(store) and isinstance(exc, ShardliteError):
+            raise ShardliteError(f"{exc} ({root} keeps the backup's node layout and global data)") from exc
+        raise
+    store.close()
+    return RootRestore(root, undo.new, plans, restored, copied)
 
 
 # -- import ----------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 from ..errors import ConfigurationError
 from ..router import Router
-from .common import CliError, emit_json, open_router, print_table, root_of
+from .common import CliError, echo, emit_json, open_router, print_table, root_of
 from .ops import register_tenant_actions
 
 
@@ -24,7 +24,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"root": root, "nodes": names, "created": not existed})
     else:
-        print(f"{'existing' if existed else 'created'} data root {root} with nodes: {', '.join(names)}")
+        echo(f"{'existing' if existed else 'created'} data root {root} with nodes: {', '.join(names)}")
     return 0
 
 
@@ -43,8 +43,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print_table("tenants per app schema version", ["schema version", "tenants"],
                 sorted(status["schema_versions"].items()))
     relay, rebalance = status["relay"], status["rebalance"]
-    print(f"relay: {relay['pending']} pending, lag {relay['lag_seconds']:.3f} s, {relay['dead_letters']} dead letters; "
-          f"rebalance: {rebalance['state'] or 'none'}")
+    echo(f"relay: {relay['pending']} pending, lag {relay['lag_seconds']:.3f} s, {relay['dead_letters']} dead letters; "
+         f"rebalance: {rebalance['state'] or 'none'}")
     return 0
 
 
@@ -82,12 +82,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("init", help="create a data root (idempotent)")
     p.add_argument("--nodes", help="comma-separated node names for a new root (default: n1)")
     p.set_defaults(func=cmd_init)
-    p = sub.add_parser("status", help="nodes, tenants per node and per schema version")
+    p = sub.add_parser("status", help="nodes, tenants per node and per schema version, relay lag, rebalance state")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("locate", help="where a key lives (never creates it)")
-    p.add_argument("key")
+    p.add_argument("key", help="the tenant's key (e.g. user:42)")
     p.set_defaults(func=cmd_locate)
     p = sub.add_parser("tenants", help="list live tenants; drop, export or import one")
     p.add_argument("--limit", type=int, default=None, help="list at most N tenants")
     p.set_defaults(func=cmd_tenants)
-    register_tenant_actions(p, p._shardlite_common)
+    register_tenant_actions(p)

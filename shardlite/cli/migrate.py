@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import emit_json, load_app, print_table, progress
+from .common import echo, emit_json, load_app, positive_int, print_table, progress
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -19,7 +19,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"tenants": total, "failed": failures, "schema_versions": versions})
     else:
-        print(f"migrated {total - len(failures)} of {total} tenants")
+        echo(f"migrated {total - len(failures)} of {total} tenants")
         if failures:
             print_table("failures (these tenants stay on their previous version)", ["key", "error"],
                         sorted(failures.items()))
@@ -30,5 +30,5 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("migrate", help="migrate every tenant to the app's schema (--app module:attr)")
     p.add_argument("--app", required=True, help="module:attr naming a Router or a callable returning one")
-    p.add_argument("--parallel", type=int, default=4, help="tenants migrated at once (default 4)")
+    p.add_argument("--parallel", type=positive_int, default=4, help="tenants migrated at once (default 4)")
     p.set_defaults(func=cmd_migrate)

@@ -5,15 +5,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
+from dataclasses import asdict
 from typing import Any
 
 from .. import backup as backup_mod
-from .common import CliError, emit_json, open_router, print_table, progress
+from .. import restore as restore_mod
+from ..errors import StatementNotAllowed, UnknownTenant
+from ..restore_layout import root_state
+from .common import (
+    CliError,
+    advice,
+    echo,
+    emit_json,
+    open_router,
+    positive_int,
+    print_table,
+    progress,
+    root_of,
+)
+
+_LISTED = "`shardlite tenants` lists the live tenants"
+_READ_ONLY = "write through your app instead"
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    with open_router(args) as router:
+    with open_router(args) as router, advice(_LISTED, UnknownTenant):
         keys = [args.key] if args.key else None
         total = 1 if keys else sum(router.status()["tenants_per_node"].values())
         with progress("backing up", total, quiet=args.json) as advance:
@@ -24,14 +40,38 @@ def cmd_backup(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(summary)
     else:
-        print(f"backed up {summary['tenants']} tenants and the global DB into {summary['dest']} "
-              f"({summary['copied']} copied, {summary['skipped_unchanged']} unchanged since the last backup)")
+        echo(f"backed up {summary['tenants']} tenants and the global DB into {summary['dest']} "
+             f"({summary['copied']} copied, {summary['skipped_unchanged']} unchanged since the last backup)")
     return 0
+
+
+def _node_paths(pairs: list[str]) -> dict[str, str]:
+    paths: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, directory = pair.partition("=")
+        if not sep or not name or not directory:
+            raise CliError(f"--node-path expects NAME=DIR, got {pair!r}")
+        if name in paths:
+            raise CliError(f"--node-path names node {name!r} twice; give it one directory")
+        paths[name] = directory
+    return paths
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
     if args.as_key and not args.key:
-        raise CliError("--as needs --key")
+        raise CliError("--as needs --key (it restores one tenant under another key)")
+    root = root_of(args)
+    node_paths = _node_paths(args.node_path or [])
+    if root_state(root) != "live":
+        if args.as_key:
+            raise CliError(f"--as restores into a live root; {root} is new or empty: restore without --as first")
+        with progress("restoring", None, quiet=args.json) as advance:
+            done = restore_mod.restore_root(args.src, root, node_paths=node_paths,
+                                            keys=[args.key] if args.key else None, progress=lambda key: advance())
+        _report_root(done, args)
+        return 0
+    if node_paths:
+        raise CliError(f"--node-path applies to a new root; {root} is a live data root that keeps its own nodes")
     with open_router(args) as router:
         if args.globals:
             backup_mod.restore_globals(router._store, args.src)
@@ -40,17 +80,49 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"restored": restored})
     else:
-        print(f"restored {len(restored)} tenants (each with a new generation and incarnation)")
+        echo(f"restored {len(restored)} tenants (each with a new generation and incarnation)")
     return 0
 
 
+def _report_root(done: restore_mod.RootRestore, args: argparse.Namespace) -> None:
+    if args.json:
+        emit_json({"root": done.root, "created": done.created, "restored": done.tenants,
+                   "nodes": [asdict(plan) for plan in done.nodes], "globals": done.globals})
+        return
+    echo(f"{'created' if done.created else 'filled the empty'} data root {done.root} with the backup's node "
+         f"layout ({len(done.nodes)} {'node' if len(done.nodes) == 1 else 'nodes'})")
+    print_table("nodes", ["node", "path", "weight", "state", "path in the backup"],
+                [(p.name, p.path, p.weight, p.state, p.was) for p in done.nodes])
+    echo(f"restored {len(done.tenants)} tenants (each with a new generation and incarnation)")
+    rows = ", ".join(f"{_shown_table(table)} {count}" for table, count in sorted(done.globals.items()))
+    echo(f"restored the global data (rows: {rows or 'none'})")
+
+
+def _shown_table(table: str) -> str:
+    internal = "_shardlite_"
+    return table[len(internal):] if table.startswith(internal) else f"app table {table}"
+
+
+def _params(text: str | None) -> Any:
+    if text is None:
+        return ()
+    try:
+        params = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise CliError(f"--params is not valid JSON ({exc}); pass a JSON list such as '[1, \"a\"]' or an object "
+                       "for named parameters") from None
+    if not isinstance(params, (list, dict)):
+        raise CliError("--params must be a JSON list (or an object for named parameters), such as '[1, \"a\"]'")
+    return params
+
+
 def cmd_query(args: argparse.Namespace) -> int:
-    with open_router(args) as router:
+    params = _params(args.params)
+    table: list[tuple[Any, ...]] = []
+    with open_router(args) as router, advice(_READ_ONLY, StatementNotAllowed):
         keys = None if args.all else [args.key]
         total = sum(router.status()["tenants_per_node"].values()) if args.all else 1
-        result = router.map(args.sql, json.loads(args.params) if args.params else (), keys=keys,
-                            parallel=args.parallel)
-        table: list[tuple[Any, ...]] = []
+        result = router.map(args.sql, params, keys=keys, parallel=args.parallel)
         with progress("querying", total, quiet=args.json) as advance:
             for key, rows in result:
                 advance()
@@ -61,24 +133,23 @@ def cmd_query(args: argparse.Namespace) -> int:
     if not args.json:
         print_table(f"{result.count} tenants", ["key", *(result.columns or [])], table)
     for key, version in sorted(result.outdated.items()):
-        print(f"note: {key} is on schema version {version} (older than the app's; read as it is)",
-              file=sys.stderr)
+        echo(f"note: {key} is on schema version {version} (older than the app's; read as it is)", err=True)
     for key, error in sorted(result.errors.items()):
-        print(f"error: {key}: {error}", file=sys.stderr)
+        echo(f"error: {key}: {error}", err=True)
     return 1 if result.errors else 0
 
 
 def cmd_drop(args: argparse.Namespace) -> int:
-    with open_router(args) as router:
+    with open_router(args) as router, advice(_LISTED, UnknownTenant):
         router.drop(args.key)
-    emit_json({"dropped": args.key}) if args.json else print(f"dropped {args.key} (tombstone kept in the catalog)")
+    emit_json({"dropped": args.key}) if args.json else echo(f"dropped {args.key} (tombstone kept in the catalog)")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    with open_router(args) as router:
+    with open_router(args) as router, advice(_LISTED, UnknownTenant):
         info = router.export(args.key, args.file)
-    emit_json(info) if args.json else print(f"exported {args.key} to {info['file']} ({info['size']} bytes)")
+    emit_json(info) if args.json else echo(f"exported {args.key} to {info['file']} ({info['size']} bytes)")
     return 0
 
 
@@ -89,48 +160,52 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"imported": args.key, "node": location.node, "path": location.path})
     else:
-        print(f"imported {args.file} as {args.key} on node {location.node}")
+        echo(f"imported {args.file} as {args.key} on node {location.node}")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("backup", help="consistent copies of every tenant and the global DB, with a manifest")
-    p.add_argument("dest")
+    p.add_argument("dest", help="the backup directory (created 0700; a previous backup there is updated)")
     p.add_argument("--key", help="back up one tenant")
-    p.add_argument("--parallel", type=int, default=backup_mod.PARALLEL,
+    p.add_argument("--parallel", type=positive_int, default=backup_mod.PARALLEL,
                    help=f"copies at once (default {backup_mod.PARALLEL})")
     p.set_defaults(func=cmd_backup)
-    p = sub.add_parser("restore", help="restore tenants from a backup (checksums verified)")
-    p.add_argument("src")
+    p = sub.add_parser("restore", help="restore tenants from a backup (checksums verified); into a new or "
+                                       "empty root: the whole root, nodes and global data included")
+    p.add_argument("src", help="the backup directory (holds manifest.json)")
     p.add_argument("--key", help="restore one tenant")
     p.add_argument("--as", dest="as_key", help="with --key: restore it under another key")
     p.add_argument("--force", action="store_true", help="replace live tenants")
     p.add_argument("--globals", action="store_true",
-                   help="also restore accounts, sessions and app global tables (into an empty root)")
+                   help="also restore accounts, sessions and app global tables into a root without tenants "
+                        "(a new or empty root gets them anyway)")
+    p.add_argument("--node-path", action="append", metavar="NAME=DIR",
+                   help="new root only: put the backup's node NAME in DIR (repeatable; default: its place "
+                        "under the new root, or <root>/NAME for a node that was outside the old root)")
     p.set_defaults(func=cmd_restore)
     p = sub.add_parser("query", help="a read-only statement on one tenant or all of them")
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--key")
-    target.add_argument("--all", action="store_true")
-    p.add_argument("sql")
-    p.add_argument("--params", help="JSON list of parameters")
-    p.add_argument("--parallel", type=int, default=4)
+    target.add_argument("--key", help="the tenant to read")
+    target.add_argument("--all", action="store_true", help="read every tenant")
+    p.add_argument("sql", help="one read-only SQL statement")
+    p.add_argument("--params", help="JSON list of parameters (or an object for named ones)")
+    p.add_argument("--parallel", type=positive_int, default=4, help="tenants read at once (default 4)")
     p.set_defaults(func=cmd_query)
 
 
-def register_tenant_actions(tenants: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+def register_tenant_actions(tenants: argparse.ArgumentParser) -> None:
     actions = tenants.add_subparsers(dest="action", required=False, metavar="ACTION")
-    a = actions.add_parser("drop", help="delete a tenant (with its WAL and SHM); the catalog keeps a tombstone",
-                           parents=[common])
-    a.add_argument("key")
+    a = actions.add_parser("drop", help="delete a tenant (with its WAL and SHM); the catalog keeps a tombstone")
+    a.add_argument("key", help="the tenant to drop")
     a.set_defaults(func=cmd_drop)
-    a = actions.add_parser("export", help="write a tenant to a standalone SQLite file", parents=[common])
-    a.add_argument("key")
-    a.add_argument("file")
+    a = actions.add_parser("export", help="write a tenant to a standalone SQLite file")
+    a.add_argument("key", help="the tenant to export")
+    a.add_argument("file", help="the file to write (must not exist)")
     a.set_defaults(func=cmd_export)
-    a = actions.add_parser("import", help="create a tenant from an exported file", parents=[common])
-    a.add_argument("file")
-    a.add_argument("key")
+    a = actions.add_parser("import", help="create a tenant from an exported file")
+    a.add_argument("file", help="a standalone SQLite file (an export)")
+    a.add_argument("key", help="the key of the tenant to create")
     a.add_argument("--force", action="store_true", help="replace a live tenant")
     a.add_argument("--keep-events", action="store_true",
                    help="keep the file's pending outbox events (checked; only when it holds KEY's own tenant); "

@@ -21,7 +21,7 @@ from rich.progress import (
 from ..movejournal import FINISHED
 from ..rebalance import MoveRow, Notice
 from ..router import Router
-from .common import CliError, emit_json, open_router, print_table
+from .common import CliError, console_line, echo, emit_json, open_router, positive_int, print_table
 
 
 def _nodes_table(router: Router, title: str) -> None:
@@ -45,7 +45,7 @@ def cmd_nodes_add(args: argparse.Namespace) -> int:
         if args.json:
             emit_json({"added": node.name, "path": node.path, "weight": node.weight})
         else:
-            print(f"added node {node.name} at {node.path} (weight {node.weight}); "
+            echo(f"added node {node.name} at {node.path} (weight {node.weight}); "
                   "`shardlite rebalance plan` shows what would move there")
     return 0
 
@@ -81,7 +81,7 @@ def cmd_nodes_remove(args: argparse.Namespace) -> int:
         if args.json:
             emit_json({"removed": args.name, "moved": len(plan.moves)})
         else:
-            print(f"node {args.name} drained ({len(plan.moves)} tenants moved) and removed")
+            echo(f"node {args.name} drained ({len(plan.moves)} tenants moved) and removed")
     return 0
 
 
@@ -99,7 +99,7 @@ def _plan_tables(summary: dict[str, Any], moves: list[tuple[str, str, str, int]]
                 [(n, before[n][0], before[n][1], after.get(n, (0, 0))[0], after.get(n, (0, 0))[1]) for n in before])
     print_table(f"{len(moves)} moves", ["key", "from", "to", "bytes"], moves[:200])
     if len(moves) > 200:
-        print(f"... and {len(moves) - 200} more (--json lists them all)")
+        echo(f"... and {len(moves) - 200} more (--json lists them all)")
     _left_out(summary)
 
 
@@ -123,7 +123,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                            for m in plan.moves]})
     else:
         _plan_tables(summary, [(m.key, m.source, m.target, m.size) for m in plan.moves])
-        print(f"plan {plan_id} recorded; `shardlite rebalance apply` runs it")
+        echo(f"plan {plan_id} recorded; `shardlite rebalance apply` runs it")
     return 0
 
 
@@ -133,9 +133,9 @@ def _notices(args: argparse.Namespace, console: Console | None = None) -> Any:
         if args.json:
             return
         if console is not None:
-            console.print(str(notice), markup=False, highlight=False)
+            console_line(console, notice)
         else:
-            print(str(notice), file=sys.stderr, flush=True)
+            echo(notice, err=True)
     return say
 
 
@@ -167,23 +167,23 @@ def _report(status: dict[str, Any], args: argparse.Namespace, *, all_settled: bo
         emit_json(status)
     else:
         if status.get("plan") is None:
-            print("no rebalance plan yet")
+            echo("no rebalance plan yet")
             return 0
-        print(f"plan {status['plan']}: {status['state']}; steps: "
+        echo(f"plan {status['plan']}: {status['state']}; steps: "
               + ", ".join(f"{k} {v}" for k, v in sorted(status["steps"].items())))
         pauses = status["pause_ms"]
         if pauses["p50"] is not None:
-            print(f"write pause per tenant (ms): p50 {pauses['p50']:.1f}, p99 {pauses['p99']:.1f}, "
+            echo(f"write pause per tenant (ms): p50 {pauses['p50']:.1f}, p99 {pauses['p99']:.1f}, "
                   f"max {pauses['max']:.1f}")
         for key, error in status["errors"].items():
-            print(f"  {key}: {error}")
+            echo(f"  {key}: {error}")
         for key, what in status.get("rolled_back", {}).items():
-            print(f"  {key}: rolled back: {what}")
+            echo(f"  {key}: rolled back: {what}")
         for key, held in status.get("held", {}).items():
-            print(f"  {key}: held by {held['owner']} at step {held['step']} (lease until "
+            echo(f"  {key}: held by {held['owner']} at step {held['step']} (lease until "
                   f"{time.strftime('%H:%M:%S', time.localtime(held['until']))})")
         if status.get("left_out_count"):
-            print(f"  {status['left_out_count']} moves were left out of the plan for lack of free space "
+            echo(f"  {status['left_out_count']} moves were left out of the plan for lack of free space "
                   "(`rebalance status --json` lists them)")
     unsettled = any(step not in FINISHED for step in status.get("steps", {}))
     return 1 if status.get("errors") or (all_settled and unsettled) else 0
@@ -229,41 +229,40 @@ def cmd_complete(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("nodes", help="list, add and remove storage nodes")
-    common = p._shardlite_common
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    a = actions.add_parser("list", help="nodes with their state, weight and tenants", parents=[common])
+    a = actions.add_parser("list", help="nodes with their state, weight and tenants")
     a.set_defaults(func=cmd_nodes_list)
-    a = actions.add_parser("add", help="add a node (directory created 0700)", parents=[common])
-    a.add_argument("name")
+    a = actions.add_parser("add", help="add a node (directory created 0700)")
+    a.add_argument("name", help="the node's name (letters, digits, '_', '.', '-')")
     a.add_argument("--path", help="directory for the node (default: <root>/<name>)")
     a.add_argument("--weight", type=int, default=1, help="relative share of tenants (default 1)")
     a.set_defaults(func=cmd_nodes_add)
-    a = actions.add_parser("remove", help="drain a node (its tenants move away), then remove it", parents=[common])
-    a.add_argument("name")
+    a = actions.add_parser("remove", help="drain a node (its tenants move away), then remove it")
+    a.add_argument("name", help="the node to drain and remove")
     _throttle(a)
     a.set_defaults(func=cmd_nodes_remove)
 
     p = sub.add_parser("rebalance", help="move tenants to where the ring places them, online")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    a = actions.add_parser("plan", help="compute and record the moves", parents=[common])
+    a = actions.add_parser("plan", help="compute and record the moves")
     a.set_defaults(func=cmd_plan)
-    a = actions.add_parser("apply", help="run the planned moves", parents=[common])
+    a = actions.add_parser("apply", help="run the planned moves")
     _throttle(a)
     a.set_defaults(func=cmd_apply)
-    a = actions.add_parser("status", help="the latest plan's progress", parents=[common])
+    a = actions.add_parser("status", help="the latest plan's progress")
     a.set_defaults(func=cmd_status)
-    a = actions.add_parser("resume", help="continue an interrupted apply", parents=[common])
+    a = actions.add_parser("resume", help="continue an interrupted apply")
     _throttle(a)
     a.set_defaults(func=cmd_resume)
-    a = actions.add_parser("cancel", help="undo unfinished moves", parents=[common])
+    a = actions.add_parser("cancel", help="undo unfinished moves")
     a.add_argument("--wait", type=float, default=None, metavar="SECONDS",
                    help="how long to wait for other rebalancers' moves to be undone (default: 30 s or 3 leases)")
     a.set_defaults(func=cmd_cancel)
-    a = actions.add_parser("complete", help="delete retired copies; remove drained nodes", parents=[common])
+    a = actions.add_parser("complete", help="delete retired copies; remove drained nodes")
     a.set_defaults(func=cmd_complete)
 
 
 def _throttle(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    parser.add_argument("--parallel", type=int, default=1, help="tenants moved at once (default 1)")
+    parser.add_argument("--parallel", type=positive_int, default=1, help="tenants moved at once (default 1)")
     parser.add_argument("--pause-ms", type=float, default=0.0, help="pause between tenants, to throttle")

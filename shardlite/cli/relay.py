@@ -11,14 +11,24 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from .common import emit_json, load_app, open_router, print_table
+from .common import echo, emit_json, literal, load_app, open_router, print_table
+
+
+class _LiteralFormatter(logging.Formatter):
+    """Log lines shown literally (:func:`~shardlite.cli.common.literal`): an error quoting a tenant's data
+    or topic cannot act on the terminal, and a multi-line message stays one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return literal(super().format(record))
 
 
 def _log_errors() -> None:
     """Relay errors (already one line each, rate-limited) go to stderr with a time stamp, unless the app
     configured logging itself."""
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_LiteralFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logging.basicConfig(level=logging.WARNING, handlers=[handler])
 
 
 def _some(keys: list[str], shown: int = 10) -> str:
@@ -35,14 +45,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             try:
                 stats = router.relay.drain(timeout=args.timeout)
             except Exception as exc:  # noqa: BLE001 - not one tenant's error (those are confined): say it in one line
-                print(f"shardlite relay run: {type(exc).__name__}: {exc}", file=sys.stderr)
+                echo(f"shardlite relay run: {type(exc).__name__}: {exc}; fix that and run the relay again", err=True)
                 return 1
             report: dict[str, Any] = asdict(stats) | {"unhandled_topics": sorted(stats.unhandled_topics),
                                                       "failing": sorted(stats.failing)}
             if args.json:
                 emit_json(report)
             else:
-                print(f"delivered {stats.delivered}, dead-lettered {stats.dead}, failed attempts {stats.failed}, "
+                echo(f"delivered {stats.delivered}, dead-lettered {stats.dead}, failed attempts {stats.failed}, "
                       f"unhandled {stats.unhandled} ({', '.join(report['unhandled_topics']) or 'none'}), "
                       f"deferred {stats.deferred}, failing tenants {len(stats.failing)} ({_some(report['failing'])})")
             return 0
@@ -51,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             signal.signal(sig, lambda *_: stop.set())
         router.relay.start()
         if not args.json:
-            print(f"relay running for {router.root} (handlers: {', '.join(sorted(router._handlers)) or 'none'}); "
+            echo(f"relay running for {router.root} (handlers: {', '.join(sorted(router._handlers)) or 'none'}); "
                   "Ctrl-C stops it")
         stop.wait()
         router.relay.stop()
@@ -71,13 +81,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     print_table("relay status", ["node", "pending", "oldest age (s)", "sources", "dead letters"],
                 [(n, v["pending"], f"{v['oldest_age']:.3f}", v["sources"], v["dead_letters"])
                  for n, v in sorted(status["nodes"].items())])
-    print(f"pending {status['pending']}, lag {status['oldest_age']:.3f} s, dead letters {status['dead_letters']}")
+    echo(f"pending {status['pending']}, lag {status['oldest_age']:.3f} s, dead letters {status['dead_letters']}")
     if status["topics"]:
-        print("pending per topic: " + ", ".join(f"{t} {n}" for t, n in status["topics"].items()))
+        echo("pending per topic: " + ", ".join(f"{t} {n}" for t, n in status["topics"].items()))
     last = status["last_error"]
     if last:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(last.get("at", 0))))
-        print(f"last relay error ({when}): {last.get('error')}")
+        echo(f"last relay error ({when}): {last.get('error')}")
     return 0
 
 
@@ -99,27 +109,25 @@ def cmd_retry(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"requeued": count})
     else:
-        print(f"requeued {count} dead letters as new events")
+        echo(f"requeued {count} dead letters as new events")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("relay", help="run the outbox relay; inspect and retry dead letters")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    common = p._shardlite_common
-    run = actions.add_parser("run", help="deliver events with the handlers of --app until stopped",
-                             parents=[common])
+    run = actions.add_parser("run", help="deliver events with the handlers of --app until stopped")
     run.add_argument("--app", required=True, help="module:attr naming a Router or a callable returning one")
     run.add_argument("--once", action="store_true",
                      help="drain everything pending (waiting out retries and dead relays' leases), then exit")
     run.add_argument("--timeout", type=float, default=300.0, help="with --once: give up after this many seconds")
     run.set_defaults(func=cmd_run)
-    status = actions.add_parser("status", help="pending events, lag and dead letters per node", parents=[common])
+    status = actions.add_parser("status", help="pending events, lag and dead letters per node")
     status.set_defaults(func=cmd_status)
-    dead = actions.add_parser("dead", help="list dead letters", parents=[common])
-    dead.add_argument("--limit", type=int, default=1000)
+    dead = actions.add_parser("dead", help="list dead letters")
+    dead.add_argument("--limit", type=int, default=1000, help="list at most N dead letters (default 1000)")
     dead.set_defaults(func=cmd_dead)
-    retry = actions.add_parser("retry", help="requeue dead letters as new events", parents=[common])
+    retry = actions.add_parser("retry", help="requeue dead letters as new events")
     retry.add_argument("--source", help="only dead letters from this source key")
     retry.add_argument("--seq", type=int, help="only this sequence number (with --source)")
     retry.set_defaults(func=cmd_retry)

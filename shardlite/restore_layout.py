@@ -1,0 +1,335 @@
+"""A backup's node layout, brought into a new data root (for :func:`shardlite.restore.restore_root`).
+
+The backup's copy of ``global.db`` lists the old root's nodes (``_shardlite_nodes``: name, path, weight,
+state). That copy is untrusted like the rest of the backup: :func:`read_layout` checks every row (a
+node name shardlite accepts, a path of printable text, a weight from 1 to 1000, ``active`` or
+``draining``, at least one active node) and :func:`plan_layout` decides where each node goes in the new
+root: a path inside the old root (relative, as shardlite records it, or absolute under the manifest's
+``root``) keeps its place under the new root; any other path (a disk outside the old root, or a path that
+tries to leave it) becomes ``<new root>/<name>``, unless the caller names a directory for that node. The
+result is refused whole (:class:`~shardlite.ConfigurationError`) when two nodes would overlap, a node
+would hold the root or the backup (or lie inside the backup), a node would take the name of the root's
+own files, or a path exists and is not a directory.
+
+:func:`root_state` tells a new root (no ``global.db``) from an empty one (nothing registered ever, only
+the default node, no account, session or row in the app's tables) and a live one, and
+:func:`install_layout` replaces the node list of a new or empty root in one transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import apsw
+
+from .catalog import SqliteCatalog
+from .engine import Settings, ensure_private_dir
+from .errors import ConfigurationError, ShardliteError
+from .globaldb import APP_DB_NAME, GLOBAL_DB_NAME, GlobalDB
+from .sanitize import shown
+from .store import NODE_NAME_RE, Store
+
+__all__ = ["NodePlan", "read_layout", "plan_layout", "stored_path", "root_state", "not_empty", "install_layout",
+           "reset_layout", "RootUndo", "open_root_with_layout", "DEFAULT_LAYOUT"]
+
+#: The node list of a root made without ``nodes=`` (``shardlite init``): (name, stored path, weight, state).
+DEFAULT_LAYOUT: Final = [("n1", "n1", 1, "active")]
+_MAX_NODES: Final = 1000
+_MAX_PATH: Final = 4096
+#: Names a node directory directly under the root may not take: the root's own files.
+_ROOT_FILES: Final = re.compile(rf"(?:{re.escape(GLOBAL_DB_NAME)}|{re.escape(APP_DB_NAME)})(?:-.*)?")
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """One node of the new root: ``path`` is its directory there (absolute), ``was`` the path the
+    backup recorded for it."""
+
+    name: str
+    path: str
+    weight: int
+    state: str
+    was: str
+
+
+def read_layout(conn: apsw.Connection, label: str, what_to_do: str) -> list[tuple[str, str, int, str]]:
+    """The checked rows (name, path, weight, state) of the backup's node list, read from the global DB
+    copy open on ``conn`` (``label`` names it in errors, ``what_to_do`` ends them)."""
+    try:
+        rows = conn.execute("SELECT name, path, weight, state FROM _shardlite_nodes ORDER BY name").fetchall()
+    except apsw.Error as exc:
+        raise ShardliteError(f"{label} has no readable node list ({exc}); {what_to_do}") from None
+    if not rows or len(rows) > _MAX_NODES:
+        raise ShardliteError(f"{label} lists {len(rows)} nodes, not 1 to {_MAX_NODES}; {what_to_do}")
+    layout = []
+    for name, path, weight, state in rows:
+        if type(name) is not str or not NODE_NAME_RE.fullmatch(name):
+            raise ShardliteError(f"{label} lists a node named {shown(name)}, not a node name; {what_to_do}")
+        if type(path) is not str or not path or len(path) > _MAX_PATH or not path.isprintable():
+            raise ShardliteError(f"{label} gives node {name} the path {shown(path)}; {what_to_do}")
+        if type(weight) is not int or not 1 <= weight <= 1000:
+            raise ShardliteError(f"{label} gives node {name} the weight {shown(weight)}; {what_to_do}")
+        if state not in ("active", "draining"):
+            raise ShardliteError(f"{label} gives node {name} the state {shown(state)}; {what_to_do}")
+        layout.append((name, path, weight, state))
+    if len({name for name, *_ in layout}) != len(layout):
+        raise ShardliteError(f"{label} lists a node twice; {what_to_do}")
+    if not any(state == "active" for *_, state in layout):
+        raise ShardliteError(f"{label} lists no active node; {what_to_do}")
+    return layout
+
+
+def _inside(path: str, other: str) -> bool:
+    """``path`` is ``other`` or lies under it (real paths, so a symlink does not hide an overlap)."""
+    path, other = os.path.realpath(path), os.path.realpath(other)
+    return path == other or path.startswith(other.rstrip(os.sep) + os.sep)
+
+
+def _kept_place(was: str, old_root: str | None) -> str | None:
+    """``was`` relative to the old root when it lies inside it (normalised, never leaving it); else None."""
+    if os.path.isabs(was):
+        if not old_root or not os.path.isabs(old_root):
+            return None
+        was, old_root = os.path.normpath(was), os.path.normpath(old_root)
+        if os.path.commonpath([was, old_root]) != old_root or was == old_root:
+            return None
+        return os.path.relpath(was, old_root)
+    norm = os.path.normpath(was)
+    if norm in (".", "..") or norm.startswith(".." + os.sep):
+        return None
+    return norm
+
+
+def plan_layout(layout: list[tuple[str, str, int, str]], root: str, *, old_root: str | None, backup: str,
+                node_paths: Mapping[str, str] | None = None) -> list[NodePlan]:
+    """Where each node of ``layout`` goes under the new ``root`` (module docstring); ``node_paths`` maps
+    node names to directories chosen by the caller. Checks everything before anything exists."""
+    given = dict(node_paths or {})
+    names = [name for name, *_ in layout]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise ConfigurationError(f"the backup has no node {', '.join(map(shown, unknown))} (its nodes: "
+                                 f"{', '.join(names)}); name one of those in --node-path NAME=DIR")
+    plans = []
+    for name, was, weight, state in layout:
+        if name in given:
+            target = os.path.abspath(given[name])
+        else:
+            kept = _kept_place(was, old_root)
+            target = os.path.join(root, kept if kept is not None else name)
+        plans.append(NodePlan(name, target, weight, state, was))
+    for plan in plans:
+        _check_target(plan, root, backup)
+    for number, plan in enumerate(plans):
+        for other in plans[number + 1:]:
+            if _inside(plan.path, other.path) or _inside(other.path, plan.path):
+                raise ConfigurationError(f"nodes {plan.name} and {other.name} would overlap in the new root "
+                                         f"({plan.path}, {other.path}); give one its own directory with "
+                                         f"--node-path {other.name}=DIR")
+    return plans
+
+
+def _check_target(plan: NodePlan, root: str, backup: str) -> None:
+    fix = f"give it another directory with --node-path {plan.name}=DIR"
+    if _inside(root, plan.path):
+        raise ConfigurationError(f"node {plan.name} would be at {plan.path}, which holds the data root {root}; {fix}")
+    if _inside(plan.path, backup) or _inside(backup, plan.path):
+        raise ConfigurationError(f"node {plan.name} would be at {plan.path}, which overlaps the backup {backup}; "
+                                 f"{fix}")
+    if _inside(plan.path, root):
+        first = os.path.relpath(os.path.realpath(plan.path), os.path.realpath(root)).split(os.sep)[0]
+        if _ROOT_FILES.fullmatch(first):
+            raise ConfigurationError(f"node {plan.name} would be at {plan.path}, a name the data root's own files "
+                                     f"take; {fix}")
+    if os.path.lexists(plan.path) and not os.path.isdir(plan.path):
+        raise ConfigurationError(f"node {plan.name} would be at {plan.path}, which exists and is not a directory; "
+                                 f"{fix}")
+
+
+def stored_path(path: str, root: str) -> str:
+    """How the catalog records a node directory: relative to the root when inside it (so the root can
+    move), else absolute (as :meth:`shardlite.nodes.Nodes.add` does)."""
+    return os.path.relpath(path, root) if _inside(path, root) else path
+
+
+def root_state(root: str) -> str:
+    """``"new"`` when ``root`` holds no ``global.db`` (it may not exist at all), ``"empty"`` for a root
+    where nothing was ever registered (no tenant row, not even a tombstone; only the default node; no
+    account, session or row in the app's global tables), else ``"live"``. Raises
+    :class:`ConfigurationError` when ``root`` exists and is not a directory."""
+    root = os.path.abspath(root)
+    if os.path.lexists(root) and not os.path.isdir(root):
+        raise ConfigurationError(f"{root} exists and is not a directory: choose another root")
+    if not os.path.lexists(os.path.join(root, GLOBAL_DB_NAME)):
+        return "new"
+    store = Store(root, create=False)
+    try:
+        return "live" if not_empty(store) else "empty"
+    finally:
+        store.close()
+
+
+def not_empty(store: Store) -> str | None:
+    """Why the root of ``store`` is not empty (:func:`root_state`), or None when it is."""
+    if store.catalog.read("SELECT 1 FROM _shardlite_tenants LIMIT 1"):
+        return "it holds tenants (or tombstones of dropped ones)"
+    nodes = [tuple(row) for row in store.catalog.read("SELECT name, path, weight, state FROM _shardlite_nodes "
+                                                      "ORDER BY name")]
+    if nodes != DEFAULT_LAYOUT:
+        return "its nodes are not the default one"
+    if store.globaldb.read("SELECT 1 FROM _shardlite_accounts UNION ALL SELECT 1 FROM _shardlite_sessions LIMIT 1"):
+        return "it holds accounts or sessions"
+    tables: Any = store.appdb.read("SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE "
+                                   "'sqlite^_%' ESCAPE '^'")
+    for (table,) in tables:
+        if store.appdb.read(f'SELECT 1 FROM "{str(table).replace(chr(34), chr(34) * 2)}" LIMIT 1'):
+            return f"its app table {shown(table)} holds rows"
+    return None
+
+
+def install_layout(catalog: SqliteCatalog, plans: list[NodePlan], root: str) -> None:
+    """Replace the node list of a new or empty root with ``plans``, in one transaction that first checks
+    the root still has no tenant and no node but the default one (another process may have used it)."""
+    with catalog.write() as conn:
+        if conn.execute("SELECT 1 FROM _shardlite_tenants LIMIT 1").fetchall():
+            raise ConfigurationError(f"{root} got tenants meanwhile; restore into another root")
+        existing = [tuple(row) for row in conn.execute("SELECT name, path, weight, state FROM _shardlite_nodes "
+                                                       "ORDER BY name").fetchall()]
+        if existing not in ([], DEFAULT_LAYOUT):
+            raise ConfigurationError(f"{root} got other nodes meanwhile; restore into another root")
+        for name, *_ in existing:
+            catalog.delete_node(name)
+        for plan in plans:
+            catalog.add_node(plan.name, stored_path(plan.path, root), plan.weight)
+            if plan.state != "active":
+                catalog.set_node_state(plan.name, plan.state)
+
+
+def reset_layout(catalog: SqliteCatalog) -> None:
+    """Put the default node list back in a root that holds no tenant (undoing :func:`install_layout`)."""
+    with catalog.write():
+        for node in catalog.nodes():
+            catalog.delete_node(node.name)
+        for name, path, weight, _state in DEFAULT_LAYOUT:
+            catalog.add_node(name, path, weight)
+
+
+#: The root's own files a restore into a new root creates (with SQLite's companions).
+_ROOT_FILE_NAMES: Final = tuple(f"{db}{suffix}" for db in (GLOBAL_DB_NAME, APP_DB_NAME)
+                                for suffix in ("", "-wal", "-shm", "-journal"))
+
+
+def _missing_top(path: str) -> str | None:
+    """The outermost directory of ``path`` that does not exist yet (None when ``path`` exists)."""
+    top = None
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe):
+        top = probe
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    return top
+
+
+class RootUndo:
+    """What filling a new or empty root adds, recorded before anything is made, to take back when the
+    restore fails: for a new root everything it created (the root itself, or its files and the node
+    directories), for an empty root the node list, accounts, credentials, sessions and app rows it
+    added (none were there), as long as no tenant was registered yet."""
+
+    def __init__(self, root: str, plans: list[NodePlan], *, new: bool, app_version: int = 0) -> None:
+        self.root, self.new, self.app_version = root, new, app_version
+        self.root_existed = os.path.lexists(root)
+        self.files = [name for name in _ROOT_FILE_NAMES if not os.path.lexists(os.path.join(root, name))]
+        tops = (_missing_top(plan.path) for plan in plans)
+        self.made = sorted({top for top in tops if top is not None and not (self.new and not self.root_existed
+                                                                          and _inside(top, root))})
+
+    def run(self, store: Store | None) -> bool:
+        """Take back what was added (``store``: open on the root, or None; closed here). False when it
+        cannot (an empty root where tenants were already registered): the root stays as it is."""
+        if not self.new:
+            try:
+                if store is None or store.closed:
+                    store = Store(self.root, create=False)
+                if store.catalog.read("SELECT 1 FROM _shardlite_tenants LIMIT 1"):
+                    return False
+                _clear_globals(store, self.app_version)
+                reset_layout(store.catalog)
+            finally:
+                if store is not None:
+                    store.close()
+        if store is not None:
+            store.close()
+        if self.new and not self.root_existed:
+            shutil.rmtree(self.root, ignore_errors=True)
+        elif self.new:
+            for name in self.files:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.root, name))
+        for top in self.made:
+            shutil.rmtree(top, ignore_errors=True)
+        if not self.new:
+            default = os.path.join(self.root, DEFAULT_LAYOUT[0][1])
+            ensure_private_dir(default)
+            for entry in os.listdir(default):  # the <2 hex> directories of copies prepared and discarded
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.join(default, entry))  # only an empty one goes
+        return True
+
+
+def _clear_globals(store: Store, app_version: int) -> None:
+    """Remove the accounts, credentials, sessions and app rows a restore added to an empty root."""
+    with store.globaldb.write() as conn:
+        for table in ("_shardlite_sessions", "_shardlite_credentials", "_shardlite_accounts"):
+            conn.execute(f"DELETE FROM {table}")
+    with store.appdb.write() as conn:
+        tables: Any = conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE "
+                                   "'sqlite^_%' ESCAPE '^'").fetchall()
+        for (table,) in tables:
+            conn.execute(f'DELETE FROM "{str(table).replace(chr(34), chr(34) * 2)}"')
+        conn.execute(f"PRAGMA user_version = {int(app_version)}")
+
+
+def open_root_with_layout(root: str, plans: list[NodePlan]) -> tuple[Store, RootUndo]:
+    """A Store on ``root`` made new, or found empty, with the node list ``plans`` (their directories
+    created), and the :class:`RootUndo` that takes it back. A live root is refused
+    (:class:`ConfigurationError`) and left alone; when this fails, what it made is taken back."""
+    new = root_state(root) == "new"
+    store: Store | None = None
+    if not new:
+        store = Store(root, create=False)
+        why = not_empty(store)
+        if why:
+            store.close()
+            raise ConfigurationError(f"{root} is a live data root ({why}); restore into it without creating it "
+                                     "(`shardlite restore SRC` keeps its nodes), or choose a new root")
+    app_version = 0 if store is None else int(store.appdb.read("PRAGMA user_version")[0][0])
+    undo = RootUndo(root, plans, new=new, app_version=app_version)
+    try:
+        if store is None:
+            catalog = SqliteCatalog(GlobalDB(root, Settings()))
+            try:
+                catalog.open(create=True)
+                install_layout(catalog, plans, root)
+            finally:
+                catalog.close()
+        else:
+            install_layout(store.catalog, plans, root)
+            store.close()
+            default = os.path.join(root, DEFAULT_LAYOUT[0][1])
+            if all(plan.path != default for plan in plans):
+                with contextlib.suppress(OSError):
+                    os.rmdir(default)  # the empty root's default node (only when empty), not in the backup's layout
+        store = Store(root, create=False)  # creates the node directories
+    except BaseException:
+        undo.run(store)
+        raise
+    return store, undo
