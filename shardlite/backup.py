@@ -274,7 +274,8 @@ def backup(store: Store, dest: str, *, keys: Iterable[object] | None = None,
         raise ConfigurationError("parallel must be at least 1")
     dest = os.path.abspath(dest)
     if os.path.commonpath([dest, store.root]) == store.root:
-        raise ConfigurationError("the backup destination may not be inside the data root")
+        raise ConfigurationError("the backup destination may not be inside the data root: choose a directory "
+                                 "outside it (ideally on another disk)")
     created: list[str] = []
     try:
         created += ensure_private_dir(dest)
@@ -303,7 +304,7 @@ def _backup_locked(store: Store, dest: str, keys: Iterable[object] | None,
         for key in keys:
             record = store.catalog.lookup(canonical(key))
             if record is None or record.state not in ("active", "moving"):
-                raise UnknownTenant(f"tenant {canonical(key)!r} does not exist")
+                raise UnknownTenant.for_key(canonical(key))
             records.append(record)
     try:
         manifest = _write_backup(store, dest, records, previous, keys is not None, progress, parallel,
@@ -433,7 +434,7 @@ def export_tenant(store: Store, key: object, path: str) -> dict[str, Any]:
     canon = canonical(key)
     record = store.catalog.lookup(canon)
     if record is None or record.state not in ("active", "moving"):
-        raise UnknownTenant(f"tenant {canon!r} does not exist")
+        raise UnknownTenant.for_key(canon)
     path = os.path.abspath(path)
     if os.path.exists(path):
         raise ConfigurationError(f"{path} exists; refusing to overwrite it")

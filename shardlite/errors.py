@@ -53,6 +53,12 @@ class InvalidKey(ShardliteError, ValueError):
 class UnknownTenant(ShardliteError, LookupError):
     """A read or an operation addressed a tenant that does not exist (nothing was created)."""
 
+    @classmethod
+    def for_key(cls, canon: str) -> UnknownTenant:
+        """The error for the canonical key ``canon``, with what to do next."""
+        return cls(f"tenant {canon!r} does not exist (check the key: `shardlite tenants` lists the live ones; "
+                   "a write transaction creates a tenant)")
+
 
 class TenantMoving(ShardliteError):
     """The tenant kept moving past the bounded wait; retry later (retryable)."""

@@ -10,9 +10,10 @@ with the number of tenants.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -34,7 +35,7 @@ class MapResult:
     """Iterate for ``(key, rows)``. ``columns`` is set once a tenant answered; ``outdated`` maps keys on an
     older app schema to their version; ``errors`` maps keys that could not be read to the reason."""
 
-    def __init__(self, iterator: Iterator[tuple[str, list[Row]]]) -> None:
+    def __init__(self, iterator: Generator[tuple[str, list[Row]], None, None]) -> None:
         self._iterator = iterator
         self.columns: list[str] | None = None
         self.outdated: dict[str, int] = {}
@@ -49,9 +50,20 @@ class MapResult:
         self.count += 1
         return item
 
+    def close(self) -> None:
+        """Stop early: reads in flight are interrupted, queued ones never start, and the reading threads
+        are gone when this returns. Also what an exception in the consumer's loop (Ctrl-C) leads to."""
+        self._iterator.close()
+
+    def __enter__(self) -> MapResult:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _read_one(store: Store, key: str, path: str, sql: str, params: Sequence[Any] | dict[str, Any],
-              current: int | None) -> tuple[list[Row], list[str], int]:
+              current: int | None, stop: threading.Event) -> tuple[list[Row], list[str], int]:
     guard = Guard(read_only=True)
     conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOFOLLOW)
     try:
@@ -80,11 +92,13 @@ def _read_one(store: Store, key: str, path: str, sql: str, params: Sequence[Any]
         settings = store.settings
         conn.limit(apsw.SQLITE_LIMIT_LENGTH, settings.max_result_bytes)
         started = time.monotonic()
-        conn.setprogresshandler(lambda: time.monotonic() - started > settings.deadline, 1000)
+        conn.setprogresshandler(lambda: stop.is_set() or time.monotonic() - started > settings.deadline, 1000)
         try:
             rows = fetch(cursor.execute(sql, params), max_rows=settings.max_rows,
                          max_bytes=settings.max_result_bytes, value_cap=MEASURED, what=f"the read of tenant {key!r}")
         except apsw.InterruptError:
+            if stop.is_set():
+                raise  # the map was stopped: nobody reads this result
             raise QueryTimeout(f"the read of tenant {key!r} ran past statement_timeout={settings.statement_timeout} s "
                                "and was interrupted") from None
         except apsw.TooBigError:
@@ -135,42 +149,49 @@ def run_map(store: Store, sql: str, params: Sequence[Any] | dict[str, Any] = (),
                 versions[prefix] = _current_version(store, prefix)
             yield key, store.path_of(record), versions[prefix]
 
-    def generate() -> Iterator[tuple[str, list[Row]]]:
-        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="shardlite-map") as executor:
-            window: deque[tuple[str, Future[tuple[list[Row], list[str], int]] | None]] = deque()
-            todo = locations()
-            exhausted = False
-            while window or not exhausted:
-                while not exhausted and len(window) < 2 * parallel:
-                    try:
-                        key, path, current = next(todo)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    future = None if path is None else executor.submit(_read_one, store, key, path, sql, params,
-                                                                       current)
-                    window.append((key, future))
-                if not window:
-                    break
-                key, future = window.popleft()
-                if future is None:
-                    result.errors[key] = "no such tenant"
-                    continue
+    def stream(executor: ThreadPoolExecutor, stop: threading.Event) -> Iterator[tuple[str, list[Row]]]:
+        window: deque[tuple[str, Future[tuple[list[Row], list[str], int]] | None]] = deque()
+        todo = locations()
+        exhausted = False
+        while window or not exhausted:
+            while not exhausted and len(window) < 2 * parallel:
                 try:
-                    rows, columns, outdated = future.result()
-                except StatementNotAllowed:
-                    for _, pending in window:
-                        if pending is not None:
-                            pending.cancel()
-                    raise
-                except (apsw.Error, UnknownTenant, OSError, QueryTimeout, ResultTooLarge) as exc:
-                    result.errors[key] = f"{type(exc).__name__}: {exc}"
-                    continue
-                if result.columns is None and columns:
-                    result.columns = columns
-                if outdated >= 0:
-                    result.outdated[key] = outdated
-                yield key, rows
+                    key, path, current = next(todo)
+                except StopIteration:
+                    exhausted = True
+                    break
+                future = None if path is None else executor.submit(_read_one, store, key, path, sql, params,
+                                                                   current, stop)
+                window.append((key, future))
+            if not window:
+                break
+            key, future = window.popleft()
+            if future is None:
+                result.errors[key] = "no such tenant"
+                continue
+            try:
+                rows, columns, outdated = future.result()
+            except StatementNotAllowed:
+                raise  # the statement writes: refused for every tenant (it is one of apsw's errors too)
+            except (apsw.Error, UnknownTenant, OSError, QueryTimeout, ResultTooLarge) as exc:
+                result.errors[key] = f"{type(exc).__name__}: {exc}"
+                continue
+            if result.columns is None and columns:
+                result.columns = columns
+            if outdated >= 0:
+                result.outdated[key] = outdated
+            yield key, rows
+
+    def generate() -> Generator[tuple[str, list[Row]], None, None]:
+        stop = threading.Event()
+        executor = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="shardlite-map")
+        try:
+            yield from stream(executor, stop)
+        finally:
+            # Finished, refused (StatementNotAllowed), closed early or interrupted (Ctrl-C in the consumer):
+            # queued reads never start and running ones stop at their next progress check.
+            stop.set()
+            executor.shutdown(wait=True, cancel_futures=True)
 
     result = MapResult(generate())
     return result

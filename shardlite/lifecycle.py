@@ -30,7 +30,7 @@ def drop(store: Store, key: object) -> None:
     canon = canonical(key)
     record = store.catalog.lookup(canon)
     if record is None or record.state == "dropped":
-        raise UnknownTenant(f"tenant {canon!r} does not exist")
+        raise UnknownTenant.for_key(canon)
     if record.state == "moving":
         raise TenantMoving(f"tenant {canon!r} is being moved; drop it after the move")
     if record.state == "active":

@@ -16,7 +16,7 @@ from typing import Any
 from .catalog import Node
 from .engine import ensure_private_dir
 from .errors import ConfigurationError
-from .store import NODE_NAME_RE, Store
+from .store import Store, check_node_name
 
 __all__ = ["Nodes"]
 
@@ -42,8 +42,7 @@ class Nodes:
     def add(self, name: str, *, path: str | None = None, weight: int = 1) -> Node:
         """Register a node (its directory is created 0700). ``path`` defaults to ``<root>/<name>``."""
         store = self._store
-        if not isinstance(name, str) or not NODE_NAME_RE.match(name):
-            raise ConfigurationError(f"invalid node name {name!r} (letters, digits, '_', '.', '-')")
+        check_node_name(name)
         if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= 1000:
             raise ConfigurationError("a node's weight is an integer from 1 to 1000")
         nodes = self.list()

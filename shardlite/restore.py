@@ -73,7 +73,7 @@ def open_copy(path: str, *, checksum: str | None, label: str) -> apsw.Connection
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise ConfigurationError(f"{label} does not exist") from None
+        raise ConfigurationError(f"{label} does not exist; check the path") from None
     except OSError as exc:
         raise ShardliteError(f"{label} cannot be opened ({exc.strerror}: a symlink is never followed)") from None
     try:

@@ -58,9 +58,18 @@ from .tenant_create import TenantCreation
 from .tenant_reads import TenantReads
 from .transaction import DEFAULT_MAX_OUTBOX, Emitter, TransactionClosed
 
-__all__ = ["Store", "NODE_NAME_RE"]
+__all__ = ["Store", "NODE_NAME_RE", "check_node_name"]
 
-NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: A node's name; use it with ``fullmatch`` (with ``match`` and ``$`` a final newline would pass).
+NODE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_node_name(name: object) -> str:
+    """``name`` if it is a valid node name, else :class:`ConfigurationError` saying what one looks like."""
+    if not isinstance(name, str) or not NODE_NAME_RE.fullmatch(name):
+        raise ConfigurationError(f"invalid node name {name!r}: use 1 to 64 letters, digits, '_', '.' or '-', "
+                                 "starting with a letter or digit")
+    return name
 
 _LIVE = ("active", "moving")
 _BEGIN = INTERNAL_SQL + "BEGIN IMMEDIATE"
@@ -125,8 +134,7 @@ class Store(TenantCreation, TenantReads):
             if not nodes:
                 raise ConfigurationError("nodes= needs at least one node name")
             for name in nodes:
-                if not isinstance(name, str) or not NODE_NAME_RE.match(name):
-                    raise ConfigurationError(f"invalid node name {name!r} (letters, digits, '_', '.', '-')")
+                check_node_name(name)
             if len(set(nodes)) != len(nodes):
                 raise ConfigurationError("node names must be unique")
         self.globaldb = GlobalDB(self.root, self.settings)
@@ -287,7 +295,7 @@ class Store(TenantCreation, TenantReads):
                 raise ShardliteError("the router is closed")
             record = self.resolve(canon, create=create, revive=revive)
             if record is None:
-                raise UnknownTenant(f"tenant {canon!r} does not exist")
+                raise UnknownTenant.for_key(canon)
             handle = self.pool.get(canon, role)
             try:
                 if handle is None or handle.generation != record.generation:

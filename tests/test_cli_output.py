@@ -71,6 +71,21 @@ def test_json_lines_escape_what_could_act_on_a_terminal_and_decode_to_the_same_v
     assert json_line("\U000e0041") == '"\\udb40\\udc41"'
 
 
+def test_json_lines_are_strict_json_even_for_infinite_numbers(root: Router,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    def strict(text: str) -> Any:
+        def refuse(name: str) -> None:
+            raise AssertionError(f"{name} is not JSON")
+        return json.loads(text, parse_constant=refuse)
+
+    assert strict(json_line({"rows": [[float("inf"), float("-inf"), float("nan"), 1.5]]})) == {
+        "rows": [["Infinity", "-Infinity", "NaN", 1.5]]}
+    code, out, err = run_cli(capsys, "query", "--root", root.root, "--json", "--all", "SELECT 1e999, -1e999, 2.5")
+    assert code == 0, err
+    lines = [strict(line) for line in out.splitlines()]
+    assert lines and all(line["rows"] == [["Infinity", "-Infinity", 2.5]] for line in lines)
+
+
 def test_markup_in_keys_is_shown_as_it_is(root: Router, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run_cli(capsys, "tenants", "--root", root.root)
     assert code == 0, err

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -399,3 +401,53 @@ def test_cli_query_json_names_columns_even_for_tenants_without_rows(make: Callab
     lines = _lines(out)
     assert [obj["rows"] for obj in lines] == [[], [[1, 1]], [[1, 2]]]
     assert [obj["columns"] for obj in lines] == [["id", "v"]] * 3
+
+
+#: fast on a tenant whose t.v is 1, endless (until interrupted) on one whose t.v is huge
+COUNT_TO_V = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < (SELECT max(v) FROM t)) "
+              "SELECT count(*) FROM c")
+
+
+def slow_tenants(make: Callable[..., Router]) -> Router:
+    router = make(schema=SCHEMA, statement_timeout=None)  # only stopping the map can end the slow reads
+    for key, v in (("org:fast", 1), ("org:slow1", 10**15), ("org:slow2", 10**15), ("org:slow3", 10**15)):
+        with router.transaction(key) as tx:
+            tx.execute("INSERT INTO t(v) VALUES (?)", (v,))
+    return router
+
+
+def map_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("shardlite-map")]
+
+
+def test_closing_a_map_early_interrupts_the_reads_in_flight(make: Callable[..., Router]) -> None:
+    router = slow_tenants(make)
+    result = router.map(COUNT_TO_V, keys=["org:fast", "org:slow1", "org:slow2", "org:slow3"], parallel=2)
+    assert next(result) == ("org:fast", [(1,)])
+    assert map_threads()  # two endless reads are running now
+    result.close()  # without the interrupt this never returns (the suite's timeout fails the test)
+    assert map_threads() == []
+    with pytest.raises(StopIteration):
+        next(result)
+
+
+def test_ctrl_c_in_the_consumer_stops_the_map(make: Callable[..., Router]) -> None:
+    """A real SIGINT while the consumer waits for an endless read (what `shardlite query` sees): the
+    KeyboardInterrupt reaches the caller, and the reading threads are gone."""
+    router = slow_tenants(make)
+    main = threading.get_ident()
+
+    def interrupt_once_reading() -> None:
+        while not map_threads():
+            time.sleep(0.001)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    sender = threading.Thread(target=interrupt_once_reading)
+    sender.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            for _ in router.map(COUNT_TO_V, keys=["org:slow1", "org:slow2"], parallel=2):
+                pass
+    finally:
+        sender.join()
+    assert map_threads() == []

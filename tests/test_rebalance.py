@@ -657,11 +657,12 @@ def test_old_paths_are_never_reused(router: Router) -> None:
     lambda r: r.nodes.add(""),
     lambda r: r.nodes.add("a/b"),
     lambda r: r.nodes.add("x" * 65),
+    lambda r: r.nodes.add("n3\n"),  # a regular expression's $ would let the newline through
     lambda r: r.nodes.add("n3", weight=0),
     lambda r: r.nodes.add("n3", weight=True),
     lambda r: r.nodes.add("n3", weight=1.5),
 ], ids=["drain-unknown", "remove-unknown", "remove-active", "add-existing", "add-dotdot", "add-empty",
-        "add-slash", "add-too-long", "weight-0", "weight-bool", "weight-float"])
+        "add-slash", "add-too-long", "add-newline", "weight-0", "weight-bool", "weight-float"])
 def test_bad_node_operations_raise_and_change_nothing(router: Router, call: Callable[[Router], Any]) -> None:
     populate(router, 10, rows=1)
     before = snapshot(router)

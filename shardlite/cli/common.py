@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -75,11 +76,26 @@ def json_line(obj: Any) -> str:
     """``obj`` as one line of JSON: non-ASCII printable text as it is, every character that is not
     printable (C1 controls, DEL, U+2028/U+2029, bidi and format characters, lone surrogates) as a
     ``\\uXXXX`` escape (a surrogate pair beyond the BMP), so the line is safe to show and decodes to the
-    same values."""
-    text = json.dumps(obj, ensure_ascii=False, default=str)
+    same values. Strict JSON has no infinities: a non-finite number (SQLite stores ``1e999`` as one) is
+    written as the string ``"Infinity"``, ``"-Infinity"`` or ``"NaN"``."""
+    try:
+        text = json.dumps(obj, ensure_ascii=False, default=str, allow_nan=False)
+    except ValueError:
+        text = json.dumps(_finite(obj), ensure_ascii=False, default=str, allow_nan=False)
     if text.isprintable():
         return text
     return "".join(ch if ch.isprintable() else _json_escape(ch) for ch in text)
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by its name (see :func:`json_line`)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, dict):
+        return {key: _finite(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(value) for value in obj]
+    return obj
 
 
 def _json_escape(ch: str) -> str:
