@@ -456,6 +456,7 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads, Admin):
         if self._store.closed:
             return
         await self.relay.stop()
+        await self._close_admin()
         deadline = asyncio.get_running_loop().time() + self._close_timeout
         for batch in list(self._batches.values()):
             if batch.round is not None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import os
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -22,6 +24,7 @@ from . import lifecycle, metrics
 from .aio_relay import AsyncRelay
 from .catalog import Location, Node
 from .engine import Settings
+from .errors import ShardliteError
 from .fanout import MapResult, Row, run_map
 from .movejournal import MoveRow
 from .nodes import Nodes
@@ -39,7 +42,11 @@ ADMIN_WORKERS = 4
 
 
 async def _on(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
-    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+    try:
+        future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+    except RuntimeError:  # "cannot schedule new futures after shutdown"
+        raise ShardliteError("the router is closed") from None
+    return await future
 
 
 class AsyncNodes:
@@ -113,11 +120,34 @@ class AsyncRebalancer:
 class AsyncMapResult:
     """What ``await ar.map(...)`` returns: ``async for key, rows in result``; each tenant is read on the
     admin threads. ``columns``, ``outdated``, ``errors`` and ``count`` as on :class:`~shardlite.fanout.MapResult`
-    (complete once the iteration ended)."""
+    (complete once the iteration ended). To stop early, leave an ``async with result:`` block or ``await
+    result.aclose()``: the reads in flight are interrupted (``break`` alone leaves them running until the
+    result is garbage-collected); :meth:`AsyncRouter.aclose` closes the results still open."""
 
     def __init__(self, sync: MapResult, executor: ThreadPoolExecutor) -> None:
         self.sync = sync
         self._executor = executor
+        self._closed = False
+        self._pending: asyncio.Future[Any] | None = None
+
+    async def aclose(self) -> None:
+        """Stop: reads in flight are interrupted, queued ones never start, the reading threads are gone
+        when this returns (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.sync.stop()  # on the loop: only a flag (closing may wait for reading threads)
+        pending = self._pending
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(pending)  # that next() sees the flag and ends the iteration
+        await asyncio.to_thread(self.sync.close)  # the generator is idle now: its threads are joined
+
+    async def __aenter__(self) -> AsyncMapResult:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     @property
     def columns(self) -> list[str] | None:
@@ -140,8 +170,12 @@ class AsyncMapResult:
 
     async def _items(self) -> AsyncIterator[tuple[str, list[Row]]]:
         done = object()
-        while True:
-            item = await _on(self._executor, next, self.sync, done)
+        while not self._closed:
+            self._pending = asyncio.ensure_future(_on(self._executor, next, self.sync, done))
+            try:
+                item = await self._pending
+            finally:
+                self._pending = None
             if item is done:
                 return
             yield item
@@ -156,6 +190,7 @@ class Admin:
     relay: AsyncRelay
 
     def _init_admin(self) -> None:
+        self._maps: weakref.WeakSet[AsyncMapResult] = weakref.WeakSet()
         #: Storage nodes (async twin of :class:`~shardlite.nodes.Nodes`).
         self.nodes = AsyncNodes(Nodes(self._store), self._admin)
         #: Online tenant moves (async twin of :class:`~shardlite.rebalance.Rebalancer`).
@@ -183,8 +218,15 @@ class Admin:
     async def map(self, sql: str, params: Params = (), *, keys: Iterable[object] | None = None,
                   parallel: int = 4) -> AsyncMapResult:
         """Like :meth:`Router.map`: ``async for key, rows in await ar.map(sql)``."""
-        result = await _on(self._admin, lambda: run_map(self._store, sql, params, keys=keys, parallel=parallel))
-        return AsyncMapResult(result, self._admin)
+        result = AsyncMapResult(await _on(self._admin, lambda: run_map(self._store, sql, params, keys=keys,
+                                                                       parallel=parallel)), self._admin)
+        self._maps.add(result)
+        return result
+
+    async def _close_admin(self) -> None:
+        """Stop what runs on the admin threads (for :meth:`AsyncRouter.aclose`): open map results."""
+        for result in list(self._maps):
+            await result.aclose()
 
     async def backup(self, dest: str | os.PathLike[str], *, keys: Iterable[object] | None = None,
                      parallel: int = backup_mod.PARALLEL) -> dict[str, Any]:

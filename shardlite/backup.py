@@ -351,6 +351,9 @@ def _write_backup(store: Store, dest: str, records: list[TenantRecord], previous
     copies = _copies(store, dest, todo, parallel, durable_names)
     try:
         for record, folder, signature, (name, checksum, size) in copies:
+            if store.closed:  # AsyncRouter.aclose() (or Router.close() from another thread) during the backup
+                raise BackupFailed(f"the router was closed during the backup into {dest}; the previous backup "
+                                   "there stays whole: run the backup again")
             copied += 1
             entries[record.key] = {"file": f"{folder}/{name}", "node": record.node,
                                    "generation": record.generation, "incarnation": record.incarnation,

@@ -35,8 +35,10 @@ class MapResult:
     """Iterate for ``(key, rows)``. ``columns`` is set once a tenant answered; ``outdated`` maps keys on an
     older app schema to their version; ``errors`` maps keys that could not be read to the reason."""
 
-    def __init__(self, iterator: Generator[tuple[str, list[Row]], None, None]) -> None:
+    def __init__(self, iterator: Generator[tuple[str, list[Row]], None, None],
+                 stop: threading.Event | None = None) -> None:
         self._iterator = iterator
+        self._stop = stop or threading.Event()
         self.columns: list[str] | None = None
         self.outdated: dict[str, int] = {}
         self.errors: dict[str, str] = {}
@@ -50,10 +52,20 @@ class MapResult:
         self.count += 1
         return item
 
+    def stop(self) -> None:
+        """Ask the iteration to end (reads in flight are interrupted) without waiting for it; :meth:`close`
+        waits."""
+        self._stop.set()
+
     def close(self) -> None:
         """Stop early: reads in flight are interrupted, queued ones never start, and the reading threads
-        are gone when this returns. Also what an exception in the consumer's loop (Ctrl-C) leads to."""
-        self._iterator.close()
+        are gone when this returns (also what an exception in the consumer's loop, Ctrl-C, leads to). Called
+        while another thread is inside ``next()``, it returns at once and that ``next()`` ends the iteration."""
+        self.stop()
+        try:
+            self._iterator.close()
+        except ValueError:  # "generator already executing" in another thread: it stops at the flag
+            pass
 
     def __enter__(self) -> MapResult:
         return self
@@ -153,7 +165,7 @@ def run_map(store: Store, sql: str, params: Sequence[Any] | dict[str, Any] = (),
         window: deque[tuple[str, Future[tuple[list[Row], list[str], int]] | None]] = deque()
         todo = locations()
         exhausted = False
-        while window or not exhausted:
+        while (window or not exhausted) and not stop.is_set():
             while not exhausted and len(window) < 2 * parallel:
                 try:
                     key, path, current = next(todo)
@@ -182,8 +194,9 @@ def run_map(store: Store, sql: str, params: Sequence[Any] | dict[str, Any] = (),
                 result.outdated[key] = outdated
             yield key, rows
 
+    stop = threading.Event()
+
     def generate() -> Generator[tuple[str, list[Row]], None, None]:
-        stop = threading.Event()
         executor = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="shardlite-map")
         try:
             yield from stream(executor, stop)
@@ -193,5 +206,5 @@ def run_map(store: Store, sql: str, params: Sequence[Any] | dict[str, Any] = (),
             stop.set()
             executor.shutdown(wait=True, cancel_futures=True)
 
-    result = MapResult(generate())
+    result = MapResult(generate(), stop)
     return result

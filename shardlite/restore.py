@@ -47,10 +47,11 @@ from .catalog import TenantRecord
 from .copying import backup_into, fsync_file_and_dir, inert, integrity_ok, open_trusted, remove_db_files
 from .engine import ensure_private_dir, fsync_dir
 from .errors import ConfigurationError, IdentityMismatch, ShardliteError, UnknownTenant
+from .global_copy import copy_globals
 from .keys import canonical, key_digest, prefix_of
 from .lifecycle import fence_file
 from .placement import tenant_relpath
-from .restore_layout import NodePlan, open_root_with_layout, plan_layout, read_layout
+from .restore_layout import NodePlan, RootChanged, claimed_root, open_root_with_layout, plan_layout, read_layout
 from .sanitize import global_objects, rebuild_tenant_tables, refuse_foreign, shown
 from .store import Store
 
@@ -204,9 +205,10 @@ def _prepare(store: Store, source: apsw.Connection, key: str, *, label: str, exp
     return _Prepared(key, node, temp, incarnation, rebuilt.events, int(version))
 
 
-def _install(store: Store, prepared: _Prepared, purpose: str) -> TenantRecord:
+def _install(store: Store, prepared: _Prepared, purpose: str, force: bool) -> TenantRecord:
     """Register a prepared copy: a new generation, the file linked into place, the catalog flipped (the
-    live tenant fenced first) or the tenant registered. The temporary file is gone afterwards."""
+    live tenant fenced first: only with ``force``, also when it was created since the first check) or the
+    tenant registered. The temporary file is gone afterwards."""
     key = prepared.key
     try:
         generation = store.catalog.allocate_generation(key, prepared.node, purpose)
@@ -218,6 +220,9 @@ def _install(store: Store, prepared: _Prepared, purpose: str) -> TenantRecord:
         fsync_dir(os.path.dirname(path))
         existing = store.catalog.lookup(key)
         if existing is not None and existing.state in ("active", "dropping"):
+            if not force:
+                raise ConfigurationError(f"tenant {key!r} was created meanwhile; pass force=True (--force) to "
+                                         "replace it")
             fence_file(store, existing, store.path_of(existing), "replaced")
             store.catalog.flip(key, from_generation=existing.generation, node=prepared.node, generation=generation,
                                incarnation=prepared.incarnation)
@@ -284,9 +289,10 @@ def restore(store: Store, src: str, *, keys: Iterable[object] | None = None, as_
             force: bool = False, progress: Callable[[str], None] | None = None) -> list[str]:
     """Restore tenants (all, or ``keys``) from the backup directory ``src``; returns the restored keys.
     Everything is checked, and every copy prepared, before anything is registered (module docstring).
-    Holds a shared lock on the directory: a backup into it is refused meanwhile."""
+    Holds a shared lock on the directory (a backup into it is refused meanwhile) and an exclusive one on
+    the data root (another restore into it is refused meanwhile)."""
     src = _lockable(src)
-    with mf.locked(src, shared=True):
+    with mf.locked(src, shared=True), mf.locked(store.root, shared=False):
         src, manifest = _backup_dir(src)
         return _restore(store, src, manifest, keys, as_key, force, progress)
 
@@ -326,7 +332,7 @@ def _restore(store: Store, src: str, manifest: dict[str, Any], keys: Iterable[ob
     try:
         for item in prepared:
             try:
-                _install(store, item, "restore")
+                _install(store, item, "restore", force)
             except (OSError, apsw.Error) as exc:
                 raise _failed(f"restoring {item.key!r} from {src}", exc, restored) from exc
             restored.append(item.key)
@@ -338,11 +344,6 @@ def _restore(store: Store, src: str, manifest: dict[str, Any], keys: Iterable[ob
 
 
 # -- the global DB -------------------------------------------------------------------------------------------------
-
-#: shardlite's own global tables a backup brings back (the catalog, nodes, relay and rebalance state
-#: describe the old root and are not).
-_RESTORED_INTERNAL = ("_shardlite_accounts", "_shardlite_credentials", "_shardlite_sessions")
-
 
 def _global_copies(manifest: dict[str, Any]) -> list[tuple[str, str, str]]:
     """``(name, file, checksum)`` of each global copy in the backup: ``global`` (shardlite's accounts,
@@ -387,109 +388,10 @@ def _restore_globals(store: Store, src: str, manifest: dict[str, Any]) -> dict[s
                                  "backup into a new root instead (`shardlite restore SRC --root NEW`)")
     sources = _open_global_copies(src, manifest)
     try:
-        return _copy_globals(store, src, sources)
+        return copy_globals(store, src, sources)
     finally:
         for source, _ in sources.values():
             source.close()
-
-
-def _copy_globals(store: Store, src: str, sources: dict[str, tuple[apsw.Connection, str]]) -> dict[str, int]:
-    """Copy the checked global copies ``sources`` (:func:`_open_global_copies`) into the root's global DBs;
-    the rows copied per table."""
-    try:
-        source, label = sources["global"]
-        with store.globaldb.write() as conn:
-            copied = _copy_global_tables(source, conn, label, internal=True, app="app_global" not in sources)
-        app_source, app_label = sources.get("app_global", sources["global"])
-        with store.appdb.write() as conn:
-            copied |= _copy_global_tables(app_source, conn, app_label, internal=False, app=True)
-            _restore_app_version(app_source, conn, app_label)
-        return copied
-    except apsw.Error as exc:  # a copy SQLite cannot read, a row the live tables refuse
-        raise ShardliteError(f"restoring the global DB from {src} failed ({exc}); fix the cause and retry") from exc
-
-
-def _copy_global_tables(source: apsw.Connection, conn: apsw.Connection, label: str, *, internal: bool,
-                        app: bool) -> dict[str, int]:
-    """Copy tables of ``source`` into the DB open on ``conn``, by column name: with ``internal`` the
-    accounts, credentials and sessions (into global.db), with ``app`` the app's own tables (created from
-    the copy's definitions when missing; skipped when ``app`` is false). Returns the rows copied per table."""
-    copied: dict[str, int] = {}
-    rows = source.execute("SELECT name, sql FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite^_%' "
-                          "ESCAPE '^'").fetchall()
-    for name, sql in rows:
-        table = str(name)
-        ours = table.lower().startswith("_shardlite")
-        if (ours and (not internal or table not in _RESTORED_INTERNAL)) or (not ours and not app):
-            continue
-        exists = conn.execute("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?", (table,)).fetchall()
-        if not exists:
-            if ours:
-                raise ShardliteError(f"the global DB has no {table}")
-            conn.execute(_one_create_table(table, str(sql or ""), label))
-        columns = [str(r[1]) for r in source.execute(f"PRAGMA table_info({_quote(table)})").fetchall()]
-        if ours:
-            mine = [str(r[1]) for r in conn.execute(f"PRAGMA table_info({_quote(table)})").fetchall()]
-            if sorted(map(str.lower, mine)) != sorted(map(str.lower, columns)):
-                raise ShardliteError(f"{label} is refused: its {table} has the columns {columns}, not {mine}")
-        listed = ", ".join(_quote(c) for c in columns)
-        marks = ", ".join("?" for _ in columns)
-        found = source.execute(f"SELECT {listed} FROM {_quote(table)}").fetchall()
-        if found:
-            conn.executemany(f"INSERT OR REPLACE INTO {_quote(table)}({listed}) VALUES ({marks})", found)
-        copied[table] = len(found)
-    return copied
-
-
-def _restore_app_version(source: apsw.Connection, conn: apsw.Connection, label: str) -> None:
-    """The app's global schema came along with its tables: so does its version (``PRAGMA user_version``
-    of app_global.db; an older backup's global copy kept it in ``_shardlite_catalog_meta``)."""
-    if _has_table(source, "_shardlite_catalog_meta"):
-        found: list[Any] = source.execute(
-            "SELECT value FROM _shardlite_catalog_meta WHERE name = 'app_global_version'").fetchall()
-    else:
-        found = source.execute("PRAGMA user_version").fetchall()
-    if not found:
-        return
-    version = found[0][0]
-    if not str(version).isdigit() or int(version) > 1 << 31:
-        raise ShardliteError(f"{label} is refused: its app global version is {shown(version)}")
-    conn.execute(f"PRAGMA user_version = {int(version)}")
-
-
-def _has_table(conn: apsw.Connection, name: str) -> bool:
-    return bool(conn.execute("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?", (name,)).fetchall())
-
-
-def _one_create_table(table: str, sql: str, label: str) -> str:
-    """``sql`` when it is one statement that creates the table ``table`` and nothing else, run whole
-    without error on an empty scratch database first; else :class:`ShardliteError`."""
-    scratch = inert(apsw.Connection(":memory:"))
-    statements: list[str] = []
-
-    def one(_cursor: apsw.Cursor, text: str, _bindings: Any) -> bool:
-        statements.append(text)
-        return len(statements) == 1
-
-    try:
-        cursor = scratch.cursor()
-        cursor.exec_trace = one
-        try:
-            cursor.execute(sql).fetchall()
-            failed = False
-        except apsw.Error:  # a second statement (refused by the tracer, or failing to prepare), bad SQL
-            failed = True
-        made = scratch.execute("SELECT type, name FROM sqlite_schema WHERE sql IS NOT NULL").fetchall()
-    finally:
-        scratch.close()
-    if failed or len(statements) != 1 or made != [("table", table)]:
-        raise ShardliteError(f"{label} is refused: the definition of its table {shown(table)} is not one CREATE "
-                             "TABLE statement")
-    return sql
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 # -- a whole backup into a new root ----------------------------------------------------------------------------
@@ -536,24 +438,31 @@ def restore_root(src: str, root: str, *, node_paths: Mapping[str, str] | None = 
             plans = plan_layout(read_layout(conn, label, _DAMAGED), root, old_root=manifest.get("root"), backup=src,
                                 node_paths=node_paths)
             active = {plan.name for plan in plans if plan.state == "active"}
-            return _fill_root(src, root, manifest, sources, plans, keys, progress,
-                              lambda key: entries[key]["node"] if entries[key]["node"] in active else None)
+            with claimed_root(root) as made_root:
+                return _fill_root(src, root, made_root, manifest, sources, plans, keys, progress,
+                                  lambda key: entries[key]["node"] if entries[key]["node"] in active else None)
         finally:
             for source, _ in sources.values():
                 source.close()
 
 
-def _fill_root(src: str, root: str, manifest: dict[str, Any], sources: dict[str, tuple[apsw.Connection, str]],
-               plans: list[NodePlan], keys: Iterable[object] | None, progress: Callable[[str], None] | None,
-               placement: Callable[[str], str | None]) -> RootRestore:
-    store, undo = open_root_with_layout(root, plans)
+def _fill_root(src: str, root: str, made_root: str | None, manifest: dict[str, Any],
+               sources: dict[str, tuple[apsw.Connection, str]], plans: list[NodePlan], keys: Iterable[object] | None,
+               progress: Callable[[str], None] | None, placement: Callable[[str], str | None]) -> RootRestore:
+    store, undo = open_root_with_layout(root, plans, made_root)
     try:
-        copied = _copy_globals(store, src, sources)
+        copied = copy_globals(store, src, sources)
         restored = _restore(store, src, manifest, keys, None, False, progress, placement)
     except BaseException as exc:
-        if not undo.run(store) and isinstance(exc, ShardliteError):
+        taken_back = undo.run(store)
+        if not isinstance(exc, ShardliteError) or isinstance(exc, RootChanged):
+            raise
+        if not taken_back:
             raise ShardliteError(f"{exc} ({root} keeps the backup's node layout and global data)") from exc
-        raise
+        cause = exc.__cause__ if isinstance(exc.__cause__, (OSError, apsw.Error)) else exc
+        what = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+        raise ShardliteError(f"restoring {src} into {root} failed ({what}); what the restore made there was "
+                             "taken back: fix the cause (free space?) and run it again") from exc
     store.close()
     return RootRestore(root, undo.new, plans, restored, copied)
 
@@ -578,6 +487,6 @@ def import_tenant(store: Store, path: str, key: object, *, force: bool = False,
     finally:
         source.close()
     try:
-        return _install(store, prepared, "import")
+        return _install(store, prepared, "import", force)
     except (OSError, apsw.Error) as exc:
         raise ShardliteError(f"importing {path} failed ({exc}); nothing was imported") from exc

@@ -22,12 +22,13 @@ import contextlib
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 import apsw
 
+from . import manifest as mf
 from .catalog import SqliteCatalog
 from .engine import Settings, ensure_private_dir
 from .errors import ConfigurationError, ShardliteError
@@ -36,7 +37,7 @@ from .sanitize import shown
 from .store import NODE_NAME_RE, Store
 
 __all__ = ["NodePlan", "read_layout", "plan_layout", "stored_path", "root_state", "not_empty", "install_layout",
-           "reset_layout", "RootUndo", "open_root_with_layout", "DEFAULT_LAYOUT"]
+           "reset_layout", "RootUndo", "RootChanged", "claimed_root", "open_root_with_layout", "DEFAULT_LAYOUT"]
 
 #: The node list of a root made without ``nodes=`` (``shardlite init``): (name, stored path, weight, state).
 DEFAULT_LAYOUT: Final = [("n1", "n1", 1, "active")]
@@ -150,6 +151,31 @@ def _check_target(plan: NodePlan, root: str, backup: str) -> None:
     if os.path.lexists(plan.path) and not os.path.isdir(plan.path):
         raise ConfigurationError(f"node {plan.name} would be at {plan.path}, which exists and is not a directory; "
                                  f"{fix}")
+    if _holds_files(plan.path):
+        raise ConfigurationError(f"node {plan.name} would be at {plan.path}, which already holds files (another "
+                                 f"root's node?); {fix} naming a new or empty directory")
+
+
+def _holds_files(path: str) -> bool:
+    """``path`` is a directory with anything but (empty) directories below it."""
+    if not os.path.isdir(path):
+        return False
+    for _, _, files in os.walk(path):
+        if files:
+            return True
+    return False
+
+
+def _clear(path: str) -> None:
+    """Remove everything below the directory ``path``, keeping ``path`` itself."""
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.listdir(path):
+            target = os.path.join(path, entry)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(target)
 
 
 def stored_path(path: str, root: str) -> str:
@@ -198,11 +224,11 @@ def install_layout(catalog: SqliteCatalog, plans: list[NodePlan], root: str) -> 
     the root still has no tenant and no node but the default one (another process may have used it)."""
     with catalog.write() as conn:
         if conn.execute("SELECT 1 FROM _shardlite_tenants LIMIT 1").fetchall():
-            raise ConfigurationError(f"{root} got tenants meanwhile; restore into another root")
+            raise RootChanged(f"{root} got tenants meanwhile (a router on it?); restore into another root")
         existing = [tuple(row) for row in conn.execute("SELECT name, path, weight, state FROM _shardlite_nodes "
                                                        "ORDER BY name").fetchall()]
         if existing not in ([], DEFAULT_LAYOUT):
-            raise ConfigurationError(f"{root} got other nodes meanwhile; restore into another root")
+            raise RootChanged(f"{root} got other nodes meanwhile (a router on it?); restore into another root")
         for name, *_ in existing:
             catalog.delete_node(name)
         for plan in plans:
@@ -244,13 +270,16 @@ class RootUndo:
     directories), for an empty root the node list, accounts, credentials, sessions and app rows it
     added (none were there), as long as no tenant was registered yet."""
 
-    def __init__(self, root: str, plans: list[NodePlan], *, new: bool, app_version: int = 0) -> None:
+    def __init__(self, root: str, plans: list[NodePlan], *, new: bool, made_root: str | None,
+                 app_version: int = 0) -> None:
         self.root, self.new, self.app_version = root, new, app_version
-        self.root_existed = os.path.lexists(root)
+        self.made_root = made_root  # the outermost directory of the root this restore created, if any
         self.files = [name for name in _ROOT_FILE_NAMES if not os.path.lexists(os.path.join(root, name))]
         tops = (_missing_top(plan.path) for plan in plans)
-        self.made = sorted({top for top in tops if top is not None and not (self.new and not self.root_existed
+        self.made = sorted({top for top in tops if top is not None and not (self.new and made_root is not None
                                                                           and _inside(top, root))})
+        #: node directories that were there already (without files: _check_target): emptied again
+        self.found = [plan.path for plan in plans if os.path.isdir(plan.path)]
 
     def run(self, store: Store | None) -> bool:
         """Take back what was added (``store``: open on the root, or None; closed here). False when it
@@ -268,14 +297,16 @@ class RootUndo:
                     store.close()
         if store is not None:
             store.close()
-        if self.new and not self.root_existed:
-            shutil.rmtree(self.root, ignore_errors=True)
+        if self.new and self.made_root is not None:
+            shutil.rmtree(self.made_root, ignore_errors=True)
         elif self.new:
             for name in self.files:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.root, name))
         for top in self.made:
             shutil.rmtree(top, ignore_errors=True)
+        for path in self.found:
+            _clear(path)
         if not self.new:
             default = os.path.join(self.root, DEFAULT_LAYOUT[0][1])
             ensure_private_dir(default)
@@ -298,10 +329,35 @@ def _clear_globals(store: Store, app_version: int) -> None:
         conn.execute(f"PRAGMA user_version = {int(app_version)}")
 
 
-def open_root_with_layout(root: str, plans: list[NodePlan]) -> tuple[Store, RootUndo]:
+class RootChanged(ConfigurationError):
+    """Another process (not a restore: those hold the root's lock) used the root while this restore was
+    filling it: nothing is taken back, since what is there now is not this restore's alone."""
+
+
+@contextlib.contextmanager
+def claimed_root(root: str) -> Iterator[str | None]:
+    """Create ``root`` (0700, with missing parents) unless it exists, and hold an exclusive lock on it for
+    the block, so no other restore fills it meanwhile (:class:`ConfigurationError` at once when one does).
+    Yields the outermost directory this call created (None when ``root`` was there): only that may be
+    removed again."""
+    if os.path.lexists(root) and not os.path.isdir(root):
+        raise ConfigurationError(f"{root} exists and is not a directory: choose another root")
+    top = _missing_top(root)
+    ensure_private_dir(root)
+    try:
+        with mf.locked(root, shared=False):
+            yield top
+    except BaseException:
+        if top is not None and not _holds_files(top):
+            shutil.rmtree(top, ignore_errors=True)
+        raise
+
+
+def open_root_with_layout(root: str, plans: list[NodePlan], made_root: str | None) -> tuple[Store, RootUndo]:
     """A Store on ``root`` made new, or found empty, with the node list ``plans`` (their directories
-    created), and the :class:`RootUndo` that takes it back. A live root is refused
-    (:class:`ConfigurationError`) and left alone; when this fails, what it made is taken back."""
+    created), and the :class:`RootUndo` that takes it back. Call it under :func:`claimed_root` (whose
+    ``made_root`` it takes). A live root is refused (:class:`ConfigurationError`) and left alone; when this
+    fails, what it made is taken back (not after :class:`RootChanged`)."""
     new = root_state(root) == "new"
     store: Store | None = None
     if not new:
@@ -312,7 +368,7 @@ def open_root_with_layout(root: str, plans: list[NodePlan]) -> tuple[Store, Root
             raise ConfigurationError(f"{root} is a live data root ({why}); restore into it without creating it "
                                      "(`shardlite restore SRC` keeps its nodes), or choose a new root")
     app_version = 0 if store is None else int(store.appdb.read("PRAGMA user_version")[0][0])
-    undo = RootUndo(root, plans, new=new, app_version=app_version)
+    undo = RootUndo(root, plans, new=new, made_root=made_root, app_version=app_version)
     try:
         if store is None:
             catalog = SqliteCatalog(GlobalDB(root, Settings()))
@@ -329,6 +385,10 @@ def open_root_with_layout(root: str, plans: list[NodePlan]) -> tuple[Store, Root
                 with contextlib.suppress(OSError):
                     os.rmdir(default)  # the empty root's default node (only when empty), not in the backup's layout
         store = Store(root, create=False)  # creates the node directories
+    except RootChanged:
+        if store is not None:
+            store.close()
+        raise
     except BaseException:
         undo.run(store)
         raise

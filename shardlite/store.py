@@ -60,8 +60,8 @@ from .transaction import DEFAULT_MAX_OUTBOX, Emitter, TransactionClosed
 
 __all__ = ["Store", "NODE_NAME_RE", "check_node_name"]
 
-#: A node's name; use it with ``fullmatch`` (with ``match`` and ``$`` a final newline would pass).
-NODE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: A node's name (``\Z``, not ``$``: ``$`` would let a final newline pass).
+NODE_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 
 def check_node_name(name: object) -> str:

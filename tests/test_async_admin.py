@@ -148,3 +148,78 @@ def test_aclose_waits_for_admin_threads(root: str) -> None:
 
     asyncio.run(main())
     assert not [t for t in threading.enumerate() if t.name.startswith("shardlite-admin")]
+
+
+#: endless (until interrupted) on a tenant whose t.v is huge
+COUNT_TO_V = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < (SELECT max(v) FROM t)) "
+              "SELECT count(*) FROM c")
+
+
+async def endless(ar: AsyncRouter) -> list[str]:
+    keys = ["org:fast", "org:slow1", "org:slow2", "org:slow3"]
+    for key in keys:
+        async with ar.transaction(key) as tx:
+            await tx.execute("INSERT INTO t(v) VALUES (?)", (1 if key == "org:fast" else 10**15,))
+    return keys
+
+
+def map_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("shardlite-map")]
+
+
+def test_leaving_an_async_map_early_interrupts_its_reads(root: str) -> None:
+    async def main() -> tuple[Any, ...]:
+        async with AsyncRouter(root, schema=SCHEMA, statement_timeout=None) as ar:
+            keys = await endless(ar)
+            async with await ar.map(COUNT_TO_V, keys=keys, parallel=2) as result:
+                async for key, rows in result:
+                    first = (key, rows)
+                    break
+                running = bool(map_threads())
+            return first, running, map_threads()
+
+    first, running, after = asyncio.run(main())  # without the interrupt this never ends (suite timeout)
+    assert first == ("org:fast", [(1,)]) and running and after == []
+
+
+def test_aclose_stops_a_map_another_task_is_reading(root: str) -> None:
+    async def main() -> tuple[Any, ...]:
+        ar = AsyncRouter(root, schema=SCHEMA, statement_timeout=None)
+        keys = await endless(ar)
+        result = await ar.map(COUNT_TO_V, keys=keys[1:], parallel=2)
+        started = asyncio.Event()
+
+        async def reader() -> list[Any]:
+            started.set()
+            return [item async for item in result]
+
+        task = asyncio.create_task(reader())
+        await started.wait()
+        while not map_threads():
+            await asyncio.sleep(0.001)
+        await ar.aclose()
+        items = await task
+        with pytest.raises(shardlite.ShardliteError, match="closed"):
+            await ar.stats()
+        return items, map_threads()
+
+    items, after = asyncio.run(main())
+    assert items == [] and after == []
+
+
+def test_a_backup_stops_when_the_router_closes(root: str, tmp_path: Path) -> None:
+    from shardlite import backup as backup_mod
+
+    dest = tmp_path / "backup"
+    with Router(root, schema=SCHEMA) as router:
+        for key in KEYS[:6]:
+            with router.transaction(key) as tx:
+                tx.execute("INSERT INTO t(v) VALUES (1)")
+        backup_mod.backup(router._store, os.fspath(dest), parallel=1)
+        with router.transaction(KEYS[0]) as tx:  # something to copy again
+            tx.execute("INSERT INTO t(v) VALUES (2)")
+        manifest = (dest / "manifest.json").read_bytes()
+        store = router._store
+        with pytest.raises(shardlite.BackupFailed, match="closed during the backup"):
+            backup_mod.backup(store, os.fspath(dest), parallel=1, progress=lambda key, copied: store.close())
+    assert (dest / "manifest.json").read_bytes() == manifest  # the previous backup stays whole

@@ -4,9 +4,11 @@ is made; a failed restore takes back what it made; a live root keeps its nodes."
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,8 @@ from helpers_cli import EMAIL
 from helpers_rebalance import gread
 from helpers_routers import run_cli
 
-from shardlite import Router
+import shardlite.restore
+from shardlite import ConfigurationError, Router, ShardliteError, restore_layout
 from shardlite.manifest import file_checksum, global_file
 from shardlite.restore import RootRestore, restore_root
 from shardlite.restore_layout import root_state
@@ -299,4 +302,161 @@ def test_a_bad_manifest_makes_nothing(old: Old, tmp_path: Path, capsys: pytest.C
     new = tmp_path / "new"
     code, out, err = run_cli(capsys, "restore", os.fspath(old.backup), "--root", os.fspath(new))
     assert code == 2 and "not a valid backup manifest" in err and len(err.splitlines()) == 1
+    assert not new.exists()
+
+
+# -- what the review of the first version found ------------------------------------------------------------------
+
+
+def test_a_second_restore_into_the_same_root_is_refused_while_the_first_runs(
+        old: Old, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The first restore holds the root's lock from before it makes anything until it ends: a second one
+    (which would see a new, an empty or, once tenants are in, a live root) is refused with one line instead
+    of filling the same root twice or taking back the first one's work."""
+    old.lose()
+    new = tmp_path / "new"
+    first_in, release = threading.Event(), threading.Event()
+    outcome: list[Any] = []
+
+    def slow(key: str) -> None:
+        first_in.set()
+        assert release.wait(60)
+
+    def first() -> None:
+        try:
+            outcome.append(restore_root(os.fspath(old.backup), os.fspath(new), progress=slow))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        assert first_in.wait(60)
+        assert root_state(os.fspath(new)) == "live"  # a tenant is in: the CLI takes the live-root path
+        for extra in ([], ["--force"]):
+            code, _, err = run_cli(capsys, "restore", os.fspath(old.backup), "--root", os.fspath(new), *extra)
+            assert code == 2 and "in use by another backup or restore" in err and len(err.splitlines()) == 1
+    finally:
+        release.set()
+        thread.join()
+    assert isinstance(outcome[0], RootRestore), outcome
+    with Router(new, schema=SCHEMA, global_schema=GLOBAL) as router:
+        assert contents(router) == old.contents
+        assert [g for (g,) in gread(os.fspath(new), "SELECT count(*) FROM _shardlite_tenants")] == [len(KEYS)]
+
+
+def test_a_restore_never_removes_what_another_process_put_in_the_root(
+        old: Old, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A router (not a restore: it takes no lock) writes into the new root while the restore sets its nodes
+    up: the restore stops with one line and leaves the root, with that router's tenant, alone."""
+    old.lose()
+    new = tmp_path / "new"
+    real = restore_layout.install_layout
+
+    def meanwhile(*args: Any, **kwargs: Any) -> None:
+        with Router(new, schema=SCHEMA) as other:
+            with other.transaction("acct:other") as tx:
+                tx.execute("INSERT INTO t(v) VALUES ('not the restore''s')")
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(restore_layout, "install_layout", meanwhile)
+    with pytest.raises(ConfigurationError, match="got tenants meanwhile"):
+        restore_root(os.fspath(old.backup), os.fspath(new))
+    monkeypatch.undo()
+    with Router(new, schema=SCHEMA) as router:
+        assert router.query("acct:other", "SELECT v FROM t") == [("not the restore's",)]
+
+
+def test_the_app_global_schema_comes_back_whole(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Indexes, views and triggers of the app's global tables come back with the tables and the version,
+    so the app (which does not run its applied global_schema steps again) finds them."""
+    schema = [*GLOBAL,
+              "CREATE INDEX plans_by_price ON plans(price)",
+              "CREATE TABLE audit(name TEXT, at INTEGER)",
+              "CREATE VIEW cheap AS SELECT name FROM plans WHERE price < 10",
+              "CREATE TRIGGER plans_audit AFTER INSERT ON plans BEGIN INSERT INTO audit VALUES (new.name, 1); END"]
+    root, backup, new = tmp_path / "old", tmp_path / "backup", tmp_path / "new"
+    with Router(root, global_schema=schema) as router:
+        with router.globals.transaction() as tx:
+            tx.execute("INSERT INTO plans VALUES ('free', 0), ('pro', 12)")
+        router.backup(backup)
+
+    def objects(at: Path) -> list[tuple[Any, ...]]:
+        conn = apsw.Connection(os.fspath(at / "app_global.db"), flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            return conn.execute("SELECT type, name, tbl_name, sql, (SELECT user_version FROM pragma_user_version) "
+                                "FROM sqlite_schema ORDER BY name").fetchall()
+        finally:
+            conn.close()
+
+    code, _, err = run_cli(capsys, "restore", os.fspath(backup), "--root", os.fspath(new))
+    assert code == 0, err
+    assert objects(new) == objects(root)
+    with Router(new, global_schema=schema) as router:
+        assert router.globals.query("SELECT name FROM cheap") == [("free",)]
+        with router.globals.transaction() as tx:
+            tx.execute("INSERT INTO plans VALUES ('team', 30)")
+        assert router.globals.query("SELECT name FROM audit ORDER BY name") == [("free",), ("pro",), ("team",)]
+
+
+def test_a_node_path_holding_files_is_refused(old: Old, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Pointing a node at another root's node directory (or anything holding files) would mix tenants."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "ab").mkdir(parents=True)
+    (elsewhere / "ab" / "someone.db").write_text("not ours")
+    new = tmp_path / "new"
+    code, _, err = run_cli(capsys, "restore", os.fspath(old.backup), "--root", os.fspath(new), "--node-path",
+                           f"n1={elsewhere}")
+    assert code == 2 and "already holds files" in err and len(err.splitlines()) == 1
+    assert not new.exists() and (elsewhere / "ab" / "someone.db").read_text() == "not ours"
+
+
+def test_a_failed_restore_empties_a_node_directory_that_was_there(
+        old: Old, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills on the fifth tenant: the new root goes, the existing (empty) node directory stays
+    empty, and the message does not claim that anything was kept."""
+    empty = tmp_path / "empty-disk"
+    empty.mkdir(mode=0o700)
+    real, calls = shardlite.restore._install, []
+
+    def filling(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args)
+
+    monkeypatch.setattr(shardlite.restore, "_install", filling)
+    new = tmp_path / "new"
+    with pytest.raises(ShardliteError) as info:
+        restore_root(os.fspath(old.backup), os.fspath(new), node_paths={"n1": os.fspath(empty), "ext": os.fspath(
+            empty.parent / "ext-disk")})
+    assert "No space left on device" in str(info.value) and "taken back" in str(info.value)
+    assert "after restoring" not in str(info.value)
+    assert not new.exists() and not (empty.parent / "ext-disk").exists()
+    assert empty.is_dir() and os.listdir(empty) == []
+
+
+def test_restore_options_for_a_live_root_are_refused_for_a_new_one(
+        old: Old, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for option in ("--force", "--globals"):
+        code, _, err = run_cli(capsys, "restore", os.fspath(old.backup), "--root", os.fspath(tmp_path / "new"),
+                               option)
+        assert code == 2 and f"{option} applies to a live root" in err and len(err.splitlines()) == 1
+        assert not (tmp_path / "new").exists()
+
+
+def test_ctrl_c_during_a_restore_into_a_new_root_says_it_was_taken_back(
+        old: Old, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    real, calls = shardlite.restore._install, []
+
+    def interrupted(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(shardlite.restore, "_install", interrupted)
+    new = tmp_path / "new"
+    code, _, err = run_cli(capsys, "restore", os.fspath(old.backup), "--root", os.fspath(new))
+    assert code == 130 and "was taken back: run the command again" in err and len(err.splitlines()) == 1
     assert not new.exists()

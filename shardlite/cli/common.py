@@ -16,6 +16,7 @@ import importlib
 import json
 import math
 import os
+import shlex
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -170,8 +171,8 @@ def open_router(args: argparse.Namespace) -> Router:
     """A Router on the existing root (never creates one; `shardlite init` does)."""
     root = root_of(args)
     if not os.path.isfile(os.path.join(root, "global.db")):
-        raise CliError(f"no shardlite data root at {root}: run `shardlite init --root {root}` first, or pass "
-                       "the right --root")
+        raise CliError(f"no shardlite data root at {root}: run `shardlite init --root {shlex.quote(root)}` first, "
+                       "or pass the right --root")
     try:
         return Router(root, create=False)
     except ConfigurationError as exc:

@@ -62,11 +62,20 @@ def cmd_restore(args: argparse.Namespace) -> int:
     root = root_of(args)
     node_paths = _node_paths(args.node_path or [])
     if root_state(root) != "live":
-        if args.as_key:
-            raise CliError(f"--as restores into a live root; {root} is new or empty: restore without --as first")
-        with progress("restoring", None, quiet=args.json) as advance:
-            done = restore_mod.restore_root(args.src, root, node_paths=node_paths,
-                                            keys=[args.key] if args.key else None, progress=lambda key: advance())
+        for given, option in ((args.as_key, "--as"), (args.force, "--force"), (args.globals, "--globals")):
+            if given:
+                raise CliError(f"{option} applies to a live root; {root} is new or empty (the whole backup, global "
+                               f"data included, goes into it): run the command without {option}")
+        try:
+            with progress("restoring", None, quiet=args.json) as advance:
+                done = restore_mod.restore_root(args.src, root, node_paths=node_paths,
+                                                keys=[args.key] if args.key else None, progress=lambda key: advance())
+        except KeyboardInterrupt:
+            kept = root_state(root) == "live"  # an empty root keeps the tenants registered before the interrupt
+            echo(f"shardlite restore: interrupted; {root} keeps the tenants restored so far: run the command again "
+                 "with --force" if kept else f"shardlite restore: interrupted; what the restore made in {root} was "
+                 "taken back: run the command again", err=True)
+            return 130
         _report_root(done, args)
         return 0
     if node_paths:
@@ -112,6 +121,10 @@ def _params(text: str | None) -> Any:
                        "for named parameters") from None
     if not isinstance(params, (list, dict)):
         raise CliError("--params must be a JSON list (or an object for named parameters), such as '[1, \"a\"]'")
+    values = params.values() if isinstance(params, dict) else params
+    if any(isinstance(value, (list, dict)) for value in values):
+        raise CliError("--params values are numbers, text, true/false or null, not lists or objects, such as "
+                       "'[1, \"a\"]'")
     return params
 
 
@@ -134,7 +147,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     for key, version in sorted(result.outdated.items()):
         echo(f"note: {key} is on schema version {version} (older than the app's; read as it is)", err=True)
     for key, error in sorted(result.errors.items()):
-        echo(f"error: {key}: {error}", err=True)
+        hint = "; `shardlite tenants` lists the live ones" if error == "no such tenant" else ""
+        echo(f"shardlite query: error: {key}: {error}{hint}", err=True)
     return 1 if result.errors else 0
 
 
