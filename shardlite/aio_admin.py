@@ -3,9 +3,12 @@
 
 Each runs the sync implementation on the router's *admin* threads (``asyncio`` must not wait for a copy,
 a move or a directory walk), never on the worker threads that BEGINs and commits need, so a backup or a
-rebalance running in the application's process does not slow its writes down. :meth:`AsyncRouter.aclose`
-interrupts and waits for them like the other threads; an operation cut short this way is left as a crash
-would leave it (a move resumes from its journal, a backup is not marked complete).
+rebalance running in the application's process does not slow its writes down.
+
+:meth:`AsyncRouter.aclose` closes the map results still open (their reads are interrupted) and waits for
+the admin threads up to ``close_timeout``: a backup stops before its next tenant (the previous backup in
+that directory stays whole); a rebalance or migration still running fails at its next step on the closed
+router, as after a crash (``rebalance resume`` finishes what its journal holds).
 """
 
 from __future__ import annotations
