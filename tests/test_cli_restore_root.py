@@ -436,15 +436,6 @@ def test_a_failed_restore_empties_a_node_directory_that_was_there(
     assert empty.is_dir() and os.listdir(empty) == []
 
 
-def test_restore_options_for_a_live_root_are_refused_for_a_new_one(
-        old: Old, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    for option in ("--force", "--globals"):
-        code, _, err = run_cli(capsys, "restore", os.fspath(old.backup), "--root", os.fspath(tmp_path / "new"),
-                               option)
-        assert code == 2 and f"{option} applies to a live root" in err and len(err.splitlines()) == 1
-        assert not (tmp_path / "new").exists()
-
-
 def test_ctrl_c_during_a_restore_into_a_new_root_says_it_was_taken_back(
         old: Old, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     real, calls = shardlite.restore._install, []

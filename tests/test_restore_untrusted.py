@@ -365,8 +365,15 @@ def test_events_carried_by_a_restore_are_validated(scene: Scene, tmp_path: Path)
 def test_an_app_global_table_is_created_only_from_one_create_table_statement(sql: str) -> None:
     """The app's global tables missing from the live DB are created from the copy's definitions: each must
     be exactly one CREATE TABLE of that name (SQLite itself refuses to load most other texts)."""
-    from shardlite.restore import _one_create_table
+    from shardlite.global_copy import _checked
 
-    assert _one_create_table("plans", "CREATE TABLE plans(a UNIQUE, b REFERENCES elsewhere(x))", "copy")
-    with pytest.raises(ShardliteError, match="not one CREATE TABLE"):
-        _one_create_table("plans", sql, "copy")
+    scratch = apsw.Connection(":memory:")
+    try:
+        scratch.execute("CREATE TABLE marker(x); INSERT INTO marker VALUES (1)")
+        with pytest.raises(ShardliteError, match="not one CREATE TABLE"):
+            _checked(scratch, "table", "plans", sql, "copy")
+        assert scratch.execute("SELECT name FROM sqlite_schema").fetchall() == [("marker",)]
+        assert scratch.execute("SELECT x FROM marker").fetchall() == [(1,)]  # nothing of it ran, or it was undone
+        assert _checked(scratch, "table", "plans", "CREATE TABLE plans(a UNIQUE, b REFERENCES elsewhere(x))", "copy")
+    finally:
+        scratch.close()

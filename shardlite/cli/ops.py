@@ -62,10 +62,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     root = root_of(args)
     node_paths = _node_paths(args.node_path or [])
     if root_state(root) != "live":
-        for given, option in ((args.as_key, "--as"), (args.force, "--force"), (args.globals, "--globals")):
-            if given:
-                raise CliError(f"{option} applies to a live root; {root} is new or empty (the whole backup, global "
-                               f"data included, goes into it): run the command without {option}")
+        if args.as_key:  # --globals and --force are implied here: the whole backup goes into a new or empty root
+            raise CliError(f"--as restores into a live root; {root} is new or empty: restore without --as first")
         try:
             with progress("restoring", None, quiet=args.json) as advance:
                 done = restore_mod.restore_root(args.src, root, node_paths=node_paths,
