@@ -22,6 +22,8 @@ from .errors import (
     InvalidKey,
     InvalidPassword,
     ManifestInvalid,
+    MetaConflict,
+    MetaUnavailable,
     MoveFailed,
     NodeFull,
     PayloadTooLarge,
@@ -79,5 +81,7 @@ __all__ = [
     "StorageError",
     "StorageFull",
     "StorageReadOnly",
+    "MetaConflict",
+    "MetaUnavailable",
     "__version__",
 ]

@@ -35,6 +35,8 @@ __all__ = [
     "StorageError",
     "StorageFull",
     "StorageReadOnly",
+    "MetaConflict",
+    "MetaUnavailable",
 ]
 
 
@@ -153,3 +155,14 @@ class StorageReadOnly(StorageError):
     """A tenant's file (or its directory) cannot be written by this process: fix its permissions; the
     router opens it again by itself on the next write."""
 
+
+class MetaConflict(ShardliteError):
+    """A compare-and-set on the metadata lost: what it expected (a tenant's generation or state, a move's
+    claim, a plan's state, a node list) changed meanwhile. Nothing of that call was written: read again and
+    decide again."""
+
+
+class MetaUnavailable(ShardliteError):
+    """The metadata store cannot be reached (its server is down, the connection was cut). Retryable: nothing
+    of that call was written, and shardlite reconnects by itself; what needs no metadata (reads and writes of
+    tenants already open) keeps working meanwhile."""

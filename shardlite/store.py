@@ -32,7 +32,7 @@ from typing import Any
 import apsw
 
 from .authorizer import INTERNAL_SQL
-from .catalog import Location, Node, SqliteCatalog, TenantRecord
+from .catalog import Location, Node, TenantRecord
 from .checkpoints import DUE_FRAMES, Checkpointer, Submit
 from .engine import Settings, abandon, ensure_private_dir, on_fork_in_child, set_busy_timeout, storage_error
 from .errors import (
@@ -44,9 +44,9 @@ from .errors import (
     TenantMoving,
     UnknownTenant,
 )
-from .globaldb import APP_DB_NAME, GlobalDB
 from .keys import canonical, prefix_of
 from .limits import FAST_VALUE
+from .meta.sqlite import SqliteMeta
 from .outbox import DEFAULT_MAX_PAYLOAD
 from .placement import tenant_relpath
 from .pool import Handle, HandlePool
@@ -137,16 +137,17 @@ class Store(TenantCreation, TenantReads):
                 check_node_name(name)
             if len(set(nodes)) != len(nodes):
                 raise ConfigurationError("node names must be unique")
-        self.globaldb = GlobalDB(self.root, self.settings)
-        #: The app's own global tables (``router.globals``), in a file of their own (see globaldb.py).
-        self.appdb = GlobalDB(self.root, self.settings, name=APP_DB_NAME, user_sql=True)
-        self.catalog = SqliteCatalog(self.globaldb)
-        fresh = not self.catalog.exists
+        #: The root's metadata (:mod:`shardlite.meta`); ``globaldb``, ``appdb`` and ``catalog`` are its
+        #: SQLite parts, used directly until every caller goes through the contracts.
+        self.meta = SqliteMeta(self.root, self.settings)
+        self.globaldb = self.meta.globaldb
+        self.appdb = self.meta.appdb
+        self.catalog = self.meta.catalog
+        fresh = not self.meta.exists
         try:
             self._open_catalog(create, nodes, fresh, global_schema)
         except BaseException:
-            self.globaldb.close()
-            self.appdb.close()
+            self.meta.close()
             raise
         self.pool = HandlePool(self.settings.max_open, self.settings.busy_timeout_ms / 1000)
         self._records: dict[str, TenantRecord] = {}
@@ -172,8 +173,7 @@ class Store(TenantCreation, TenantReads):
 
     def _open_catalog(self, create: bool, nodes: list[str] | None, fresh: bool,
                       global_schema: Sequence[Step] | None) -> None:
-        self.catalog.open(create=create, default_nodes=[(n, n, 1) for n in (nodes or ["n1"])])
-        self.appdb.open(create=True)
+        self.meta.open(create=create, default_nodes=[(n, n, 1) for n in (nodes or ["n1"])])
         if global_schema:
             if isinstance(global_schema, str) or not isinstance(global_schema, (list, tuple)):
                 raise ConfigurationError("global_schema is a list of steps (SQL text or callables)")
@@ -574,8 +574,7 @@ class Store(TenantCreation, TenantReads):
                 personaliser.close()
             self._templates.clear()
         self.pool.close_all()
-        self.catalog.close()
-        self.appdb.close()
+        self.meta.close()
 
     @property
     def closed(self) -> bool:

@@ -4,6 +4,8 @@
 ``make_router``   factory ``make_router(root=None, **kwargs) -> Router``; every router it made is closed at
                   teardown (closing twice is harmless), so tests never trip the ResourceWarning filter.
 ``router``        a single ``Router(root)`` with default settings.
+``meta``          a fresh, opened metadata store of each backend in turn (:data:`META_BACKENDS`): the
+                  conformance suite of the metadata contracts (``tests/test_meta_*.py``) runs over every backend.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from helpers_meta import META_BACKENDS, open_meta
 
 from shardlite import Router
+from shardlite.meta import MetaStore
 
 
 @pytest.fixture
@@ -40,3 +44,19 @@ def make_router(root: str) -> Iterator[Callable[..., Router]]:
 @pytest.fixture
 def router(make_router: Callable[..., Router]) -> Router:
     return make_router()
+
+
+# -- the metadata conformance suite (tests/test_meta_*.py) ---------------------------------------------------
+
+@pytest.fixture(params=META_BACKENDS)
+def meta_backend(request: pytest.FixtureRequest) -> str:
+    """Each metadata backend in turn."""
+    return str(request.param)
+
+
+@pytest.fixture
+def meta(meta_backend: str, root: str) -> Iterator[MetaStore]:
+    """A fresh, opened metadata store of each backend in turn (one node, ``n1``), closed afterwards."""
+    store = open_meta(meta_backend, root)
+    yield store
+    store.close()

@@ -48,6 +48,8 @@ EXPECTED_ALL = [
     "StorageError",
     "StorageFull",
     "StorageReadOnly",
+    "MetaConflict",
+    "MetaUnavailable",
     "__version__",
 ]
 
