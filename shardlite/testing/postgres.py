@@ -5,8 +5,8 @@ wins; with ``install=True``, the default, it installs the ``postgresql`` package
 missing and we are root), runs ``initdb`` into a fresh temporary directory (under /var/tmp when the
 ``postgres`` user cannot enter the temp dir), starts the server on a free 127.0.0.1 port and creates the
 databases, then yields a :class:`PgServer`. Afterwards, also on an error or Ctrl-C in the block, it stops
-the server and removes the directory; when the server did not stop by itself (its postmaster was killed,
-say) the processes left of it are killed and its shared memory segment removed first.
+the server (fast shutdown) and removes the directory; when the server does not stop (its postmaster was
+killed, say) the processes left of it are killed and its shared memory segment removed first.
 
 The server:
 
@@ -303,7 +303,7 @@ def postgres(databases: Sequence[str] = ("bench",), *, settings: dict[str, str] 
                 raise PgUnavailable(f"CREATE DATABASE {db} failed: {exc}") from exc
         yield server
     finally:
-        _shutdown(prefix, bindir, datadir)
+        _shutdown(datadir)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -317,7 +317,7 @@ def _start(prefix: list[str], bindir: str, datadir: str, logfile: str, opts: dic
                              "-w", "-t", "60", "start"])
         if done.returncode == 0:
             return port
-        _shutdown(prefix, bindir, datadir)  # pg_ctl may give up waiting on a server that is still starting
+        _shutdown(datadir)  # pg_ctl may give up waiting on a server that is still starting
     raise PgUnavailable(f"pg_ctl start failed: {_tail(logfile)}")
 
 
@@ -367,25 +367,38 @@ def server_processes(datadir: str) -> list[int]:
     return sorted(found)
 
 
-def _shutdown(prefix: list[str], bindir: str, datadir: str) -> None:
-    """Stop the server on ``datadir`` if anything of it runs: ``pg_ctl stop -m fast``; then SIGKILL to the
-    processes left (a postmaster killed before leaves its children for a moment, and a dead postmaster
-    cannot be stopped), and removal of the shared memory segment a killed postmaster leaves."""
+def _shutdown(datadir: str) -> None:
+    """Stop whatever runs of the server on ``datadir`` and wait until none of it is left: SIGINT to a live
+    postmaster (PostgreSQL's fast shutdown, what ``pg_ctl stop -m fast`` sends) and up to a minute for it;
+    then SIGKILL to every process of it still there (a postmaster killed before leaves its children for a
+    moment; a stuck one is not waited for longer). Last, the System V segment a killed postmaster leaves is
+    removed. Signals go only to processes :func:`server_processes` finds (so never to a recycled pid), and
+    a dead postmaster is not waited for (``pg_ctl stop`` would wait for its zombie to be reaped)."""
     pid, shmid = _pidfile(datadir)
-    if pid is None and not server_processes(datadir):
-        return
-    if pid is not None:
-        _run(prefix, [os.path.join(bindir, "pg_ctl"), "-D", datadir, "-m", "fast", "-w", "-t", "60", "stop"])
+    if pid is not None and pid in server_processes(datadir):
+        _signal([pid], signal.SIGINT)
+        _wait_gone(datadir, 60.0)
     deadline = time.monotonic() + _STOP_WAIT_S
     while (left := server_processes(datadir)) and time.monotonic() < deadline:
-        for p in left:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except OSError:
-                pass
+        _signal(left, signal.SIGKILL)
         time.sleep(0.01)
     if shmid is not None:
         _remove_segment(shmid)
+
+
+def _signal(pids: list[int], signum: signal.Signals) -> None:
+    for p in pids:
+        try:
+            os.kill(p, signum)
+        except OSError:  # gone meanwhile
+            pass
+
+
+def _wait_gone(datadir: str, timeout: float) -> None:
+    """Wait (polling) until no process of the server on ``datadir`` is left, or ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while server_processes(datadir) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _remove_segment(shmid: int) -> None:
