@@ -4,6 +4,10 @@
 ``make_router``   factory ``make_router(root=None, **kwargs) -> Router``; every router it made is closed at
                   teardown (closing twice is harmless), so tests never trip the ResourceWarning filter.
 ``router``        a single ``Router(root)`` with default settings.
+``pg_server``     (session) a real PostgreSQL server, started on first use; ``pg_dsn``: a fresh database on
+                  it per test (``helpers_pg``). Without PostgreSQL their tests skip loudly (fail under CI=true).
+
+The terminal summary lists the tests skipped because a real component is missing (``helpers_real``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from helpers_pg import pg_dsn as pg_dsn
+from helpers_pg import pg_server as pg_server
+from helpers_real import pytest_terminal_summary as pytest_terminal_summary
 
 from shardlite import Router
 
