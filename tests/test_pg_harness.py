@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psycopg
@@ -216,3 +217,43 @@ def test_without_postgres_under_ci_the_tests_that_need_it_fail(inner: pytest.Pyt
     result.stdout.fnmatch_lines(["*POSTGRESQL TESTS NOT RUN: *PG_BIN=/nonexistent*CI=true*"])
     result.stdout.no_fnmatch_line("*real components missing*")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
+
+
+# -- Ctrl-C ------------------------------------------------------------------------------------------------------
+
+
+CTRL_C_TEST = """
+import os, pathlib, signal
+
+def test_waits_for_ctrl_c(pg_server, pg_dsn):
+    pathlib.Path(os.environ["REPORT"]).write_text(pg_server.datadir)
+    signal.pause()  # until the SIGINT
+"""
+
+
+def test_ctrl_c_during_a_session_stops_and_removes_its_server(tmp_path: Path) -> None:
+    """A real SIGINT to a pytest process whose test holds ``pg_dsn``: pytest tears the session down and the
+    server is gone with its directory."""
+    (tmp_path / "conftest.py").write_text(INNER_CONFTEST)
+    (tmp_path / "test_inner.py").write_text(CTRL_C_TEST)
+    (tmp_path / "pytest.ini").write_text("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    report = tmp_path / "datadir.txt"
+    env = dict(os.environ, REPORT=os.fspath(report), PYTHONPATH=os.fspath(HERE))
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_inner.py"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not report.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert report.exists(), proc.communicate(timeout=60)[0] if proc.poll() is not None else "no report"
+        datadir = report.read_text()
+        assert server_processes(datadir)
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "KeyboardInterrupt" in out, out
+    assert not os.path.exists(os.path.dirname(datadir)), out
+    assert server_processes(datadir) == []

@@ -51,7 +51,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -116,8 +116,11 @@ class PgServer:
     @contextmanager
     def database(self, prefix: str = "test") -> Iterator[str]:
         """A fresh, empty database named ``<prefix>_<random>`` for the block: yields its DSN, drops it
-        afterwards (also on error), with whatever connections the block left open to it."""
+        afterwards (also on error), with whatever connections the block left open to it. ``ValueError`` when
+        the name would pass PostgreSQL's 63 bytes (it would cut it, and the drop would miss it)."""
         name = f"{prefix}_{uuid.uuid4().hex[:16]}"
+        if len(name.encode()) > 63:
+            raise ValueError(f"database prefix {prefix!r} is too long: at most 46 bytes")
         dsn = self.create_database(name)
         try:
             yield dsn
@@ -318,6 +321,8 @@ def _start(prefix: list[str], bindir: str, datadir: str, logfile: str, opts: dic
         if done.returncode == 0:
             return port
         _shutdown(datadir)  # pg_ctl may give up waiting on a server that is still starting
+        with suppress(FileNotFoundError):  # nothing of it runs now; a stale lock file would refuse the next try
+            os.unlink(os.path.join(datadir, "postmaster.pid"))
     raise PgUnavailable(f"pg_ctl start failed: {_tail(logfile)}")
 
 
