@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo quickstart test browser bench lint typecheck clean
+.PHONY: venv demo quickstart test browser postgres bench lint typecheck clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ demo: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/python examples/quickstart.py --root ./data
 
-test: $(STAMP) browser
+test: $(STAMP) browser postgres
 	$(BIN)/python -m pytest -q
 
 # Debian's chromium for the chat browser test (tests/test_chat_browser.py). Idempotent: nothing to do when it is
@@ -36,6 +36,22 @@ browser:
 	else \
 		echo "WARNING: /usr/bin/chromium is missing and cannot be installed here (needs root and apt-get);" \
 		     "the browser test will be skipped (fails under CI=true)"; \
+	fi
+
+# Debian's postgresql for the tests that need a real server (tests/helpers_pg.py starts a throwaway one from
+# /usr/lib/postgresql/<v>/bin; the package's own cluster is not used). Idempotent, like `browser`: nothing to do
+# when initdb is there; installed with apt-get when running as root where apt-get exists; otherwise a warning,
+# and those tests skip loudly (or fail under CI=true).
+postgres:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's postgresql for the PostgreSQL tests"; \
+		( export DEBIAN_FRONTEND=noninteractive TMPDIR=/var/tmp; \
+		  apt-get update -qq && apt-get install -y -qq postgresql >/dev/null ) || \
+		echo "WARNING: could not install postgresql; the PostgreSQL tests will be skipped (fail under CI=true)"; \
+	else \
+		echo "WARNING: /usr/lib/postgresql/*/bin/initdb is missing and cannot be installed here (needs root and" \
+		     "apt-get); the PostgreSQL tests will be skipped (fail under CI=true)"; \
 	fi
 
 bench: $(STAMP)

@@ -29,11 +29,12 @@ loaded in a process that opens shardlite files):
   advice for SQLite) and 4 reader connections. There is no outbox: each operation's writes (message
   plus a feed row per participant) happen in one ``BEGIN IMMEDIATE`` transaction, which favours the
   baseline (less work per message, and the feed is up to date at once).
-* **postgres**: PostgreSQL (Debian's package, started on loopback by ``pg.py``; ``fsync=on``) through an
-  asyncpg pool of 16 connections, the same schema and the same single transaction per operation as the
-  aiosqlite baseline; once with ``synchronous_commit=on`` (the default: every commit waits for a WAL
-  flush, stronger than the SQLite rows) and once with ``synchronous_commit=off`` (closer to WAL +
-  ``synchronous=NORMAL``: a crash of the machine may lose the last commits, never corrupts).
+* **postgres**: PostgreSQL (Debian's package, started on loopback by ``shardlite.testing.postgres``;
+  ``fsync=on``) through an asyncpg pool of 16 connections, the same schema and the same single
+  transaction per operation as the aiosqlite baseline; once with ``synchronous_commit=on`` (the default:
+  every commit waits for a WAL flush, stronger than the SQLite rows) and once with
+  ``synchronous_commit=off`` (closer to WAL + ``synchronous=NORMAL``: a crash of the machine may lose the
+  last commits, never corrupts).
 * **shardlite FULL** (extra row): shardlite with ``synchronous=FULL`` (an fsync per commit, the durability
   class of PostgreSQL with ``synchronous_commit=on``).
 * **shardlite, relay process** (extra row): the same app process with ``relay=False``, and the relay as a
@@ -887,7 +888,7 @@ def report(workers: list[Worker], skipped: dict[str, str], args: argparse.Namesp
 
 
 def driver(args: argparse.Namespace) -> None:
-    from pg import PgUnavailable, postgres
+    from shardlite.testing.postgres import PgUnavailable, postgres
 
     started = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="shardlite-chat-bench-")

@@ -6,6 +6,10 @@
 ``router``        a single ``Router(root)`` with default settings.
 ``meta``          a fresh, opened metadata store of each backend in turn (:data:`META_BACKENDS`): the
                   conformance suite of the metadata contracts (``tests/test_meta_*.py``) runs over every backend.
+``pg_server``     (session) a real PostgreSQL server, started on first use; ``pg_dsn``: a fresh database on
+                  it per test (``helpers_pg``). Without PostgreSQL their tests skip loudly (fail under CI=true).
+
+The terminal summary lists the tests skipped because a real component is missing (``helpers_real``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from typing import Any
 
 import pytest
 from helpers_meta import META_BACKENDS, open_meta
+from helpers_pg import pg_dsn as pg_dsn
+from helpers_pg import pg_server as pg_server
+from helpers_real import pytest_terminal_summary as pytest_terminal_summary
 
 from shardlite import Router
 from shardlite.meta import MetaStore

@@ -1,17 +1,16 @@
 """Small real file systems for tests about full and read-only disks: a tmpfs mounted under the test's
 temporary directory (needs root). Outside CI a machine that cannot mount one skips the test loudly; under
-``CI=true`` it fails."""
+``CI=true`` it fails (``helpers_real``)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
+from helpers_real import missing_component
 
 
 def _run(*argv: str) -> str:
@@ -29,11 +28,7 @@ def tmpfs(path: Path, size: str = "2m") -> Iterator[Path]:
     path.mkdir(parents=True, exist_ok=True)
     problem = _run("mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", os.fspath(path))
     if problem:
-        message = f"cannot mount a {size} tmpfs for this test (needs root): {problem}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        warnings.warn(message, stacklevel=3)
-        pytest.skip(message)
+        missing_component("TMPFS TEST", f"cannot mount a {size} tmpfs for this test (needs root): {problem}")
     try:
         yield path
     finally:

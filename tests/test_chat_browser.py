@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from helpers_real import MissingComponentWarning, missing_component
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `examples` is a top-level directory, not an installed package
@@ -40,12 +41,8 @@ pytestmark = pytest.mark.slow
 def require_chromium() -> None:
     if CHROMIUM.exists() and os.access(CHROMIUM, os.X_OK):
         return
-    reason = (f"!!! BROWSER TEST NOT RUN: {CHROMIUM} is missing. Install Debian's chromium "
-              "(`make browser` does it as root with apt-get: apt-get install chromium) !!!")
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason + " (CI=true: a missing browser is a failure)")
-    print("\n" + reason, file=sys.stderr)
-    pytest.skip(reason)
+    missing_component("BROWSER TEST", f"{CHROMIUM} is missing. Install Debian's chromium "
+                      "(`make browser` does it as root with apt-get: apt-get install chromium)")
 
 
 def free_port() -> int:
@@ -292,7 +289,7 @@ def test_missing_browser_skips_loudly_but_fails_under_ci(monkeypatch: pytest.Mon
     """The policy itself, without a browser: skip with a loud reason, or fail when CI=true."""
     monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", tmp_path / "no-chromium")
     monkeypatch.delenv("CI", raising=False)
-    with pytest.raises(pytest.skip.Exception, match="BROWSER TEST NOT RUN"):
+    with pytest.raises(pytest.skip.Exception, match="BROWSER TEST NOT RUN"), pytest.warns(MissingComponentWarning):
         require_chromium()
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI=true"):
