@@ -86,6 +86,41 @@ class PgServer:
     datadir: str
     pid: int
     directory: str
+    #: How to start it again on the same port (:meth:`start`): the run-as prefix, the bin directory and the
+    #: ``-c`` options.
+    launch: tuple[tuple[str, ...], str, tuple[tuple[str, str], ...]] = field(default=((), "", ()), repr=False)
+
+    def current_pid(self) -> int | None:
+        """The running postmaster's pid (``pid`` is the first one's; :meth:`start` makes a new one), or
+        ``None`` when it is not running."""
+        pid = _pidfile(self.datadir)[0]
+        return pid if pid is not None and pid in server_processes(self.datadir) else None
+
+    def kill(self) -> None:
+        """``kill -9`` of the postmaster, as a crash would; then its orphaned children are killed and its
+        shared memory segment removed (what an init system does before a restart), so :meth:`start` can
+        run."""
+        pid = self.current_pid()
+        if pid is not None:
+            _signal([pid], signal.SIGKILL)
+        _shutdown(self.datadir)
+
+    def start(self) -> None:
+        """Start the server again on its port after :meth:`kill` (crash recovery runs, as after a real crash);
+        :class:`PgUnavailable` when it does not come up."""
+        prefix, bindir, opts = self.launch
+        if not bindir:
+            raise PgUnavailable("this server was not started by postgres(): it cannot be started again")
+        if self.current_pid() is None:  # a killed postmaster's lock files; its zombie would pass PostgreSQL's check
+            for stale in (os.path.join(self.datadir, "postmaster.pid"),
+                          os.path.join(self.directory, f".s.PGSQL.{self.port}.lock")):
+                with suppress(FileNotFoundError):
+                    os.unlink(stale)
+        conf = " ".join(f"-c {k}={v}" for k, v in opts) + f" -p {self.port}"
+        done = _run(list(prefix), [os.path.join(bindir, "pg_ctl"), "-D", self.datadir, "-l", self.logfile,
+                                   "-o", conf, "-w", "-t", "60", "start"])
+        if done.returncode != 0:
+            raise PgUnavailable(f"pg_ctl start failed: {_tail(self.logfile)}")
 
     @property
     def logfile(self) -> str:
@@ -298,7 +333,8 @@ def postgres(databases: Sequence[str] = ("bench",), *, settings: dict[str, str] 
         pid = _pidfile(datadir)[0]
         if pid is None:
             raise PgUnavailable(f"the server started but wrote no postmaster.pid: {_tail(logfile)}")
-        server = PgServer("127.0.0.1", port, user, password, version, datadir, pid, tmp)
+        server = PgServer("127.0.0.1", port, user, password, version, datadir, pid, tmp,
+                          (tuple(prefix), bindir, tuple(opts.items())))
         for db in databases:
             try:
                 server.create_database(db)

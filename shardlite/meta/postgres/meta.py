@@ -1,0 +1,106 @@
+""":class:`PgMeta`: a :class:`~shardlite.meta.store.MetaStore` in a PostgreSQL database."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import psycopg
+
+from ...engine import Settings
+from ...errors import ConfigurationError
+from ..location import MetaLocation
+from ..store import MetaStore
+from .connect import Pool
+from .schema import upgrade
+
+__all__ = ["PgMeta"]
+
+#: Connections per store: metadata calls are short, and the hot paths never reach it for warm keys.
+POOL_SIZE = 4
+#: Seconds to wait for a connection (a server that is down gives MetaUnavailable after this).
+CONNECT_TIMEOUT = 5.0
+
+
+class PgMeta:
+    """The metadata of the root ``root`` (id ``root_id`` in the database) at ``location`` (see the package
+    doc). Every method may be called from any thread; each takes a pooled connection for its call."""
+
+    def __init__(self, root: str, location: MetaLocation, root_id: str, settings: Settings, *,
+                 pool_size: int = POOL_SIZE, connect_timeout: float = CONNECT_TIMEOUT) -> None:
+        if location.embedded:
+            raise ConfigurationError("PgMeta needs a postgresql:// location")
+        self.root = root
+        self.root_id = root_id
+        self._location = location
+        self.pool = Pool(location.dsn, location.printable, size=pool_size, timeout=connect_timeout,
+                         statement_timeout=settings.statement_timeout)
+        self._opened = False
+
+    @property
+    def location(self) -> str:
+        return self._location.printable
+
+    @property
+    def exists(self) -> bool:
+        if self.pool.closed and not self._opened:
+            with psycopg.connect(self._location.dsn, autocommit=True, connect_timeout=5) as conn:
+                return self._root_known(conn)
+        with self.pool.connection() as conn:
+            return self._root_known(conn)
+
+    def _root_known(self, conn: psycopg.Connection[tuple[object, ...]]) -> bool:
+        row = conn.execute("SELECT to_regclass('shardlite.roots') IS NOT NULL").fetchone()
+        if not row or not row[0]:
+            return False
+        return conn.execute("SELECT 1 FROM shardlite.roots WHERE id = %s", (self.root_id,)).fetchone() is not None
+
+    @property
+    def closed(self) -> bool:
+        return not self._opened or self.pool.closed
+
+    def open(self, *, create: bool, default_nodes: Sequence[tuple[str, str, int]] = ()) -> None:
+        self.pool.open()
+        try:
+            with self.pool.connection() as conn:
+                upgrade(conn)
+                with conn.transaction():
+                    if not self._root_known(conn):
+                        if not create:
+                            raise ConfigurationError(
+                                f"{self.root} is not a shardlite root in the metadata at {self.location}: "
+                                "create it first (shardlite init --root ROOT --meta URL)")
+                        conn.execute("INSERT INTO shardlite.roots(id, label, created) VALUES (%s, %s, %s) "
+                                     "ON CONFLICT (id) DO NOTHING", (self.root_id, self.root[:1000], time.time()))
+                    self._seed_nodes(conn, default_nodes)
+        except BaseException:
+            self.pool.close()
+            raise
+        self._opened = True
+
+    def _seed_nodes(self, conn: psycopg.Connection[tuple[object, ...]],
+                    default_nodes: Sequence[tuple[str, str, int]]) -> None:
+        """Register ``default_nodes`` for this root when it has none (under a lock on its roots row, so
+        several openers of a new root seed once). A name another root owns is refused: several roots share
+        one database only with distinct node names."""
+        conn.execute("SELECT 1 FROM shardlite.roots WHERE id = %s FOR UPDATE", (self.root_id,))
+        if conn.execute("SELECT 1 FROM shardlite.nodes WHERE root_id = %s LIMIT 1", (self.root_id,)).fetchone():
+            return
+        now = time.time()
+        for name, path, weight in default_nodes:
+            taken = conn.execute("INSERT INTO shardlite.nodes(name, root_id, path, weight, state, added) "
+                                 "VALUES (%s, %s, %s, %s, 'active', %s) ON CONFLICT (name) DO NOTHING "
+                                 "RETURNING name", (name, self.root_id, path, weight, now)).fetchone()
+            if taken is None:
+                raise ConfigurationError(
+                    f"node {name!r} belongs to another root in the metadata at {self.location}: roots that "
+                    "share one database need distinct node names (give this root its own, e.g. "
+                    "shardlite init --root ROOT --meta URL --nodes NAME...)")
+
+    def close(self) -> None:
+        self._opened = False
+        self.pool.close()
+
+
+def _conforms(meta: PgMeta) -> MetaStore:
+    return meta  # mypy checks here that PgMeta satisfies the MetaStore contract

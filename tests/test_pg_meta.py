@@ -1,0 +1,123 @@
+"""The PostgreSQL metadata store as a whole (``shardlite.meta.postgres``), on a real server: the versioned
+schema created once under concurrent openers, roots sharing one database with distinct nodes, no secret in
+what it prints, and :class:`~shardlite.MetaUnavailable` while the server is down, gone by itself after."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from helpers_pg import separate_server
+
+from shardlite import ConfigurationError, MetaUnavailable, Settings
+from shardlite.meta.location import parse_location
+from shardlite.meta.postgres import PgMeta
+from shardlite.meta.postgres.schema import STEPS
+from shardlite.meta.record import new_root_id
+
+
+def _meta(dsn: str, root: str, root_id: str | None = None, **kw: float) -> PgMeta:
+    return PgMeta(root, parse_location(dsn), root_id or new_root_id(), Settings(), **kw)  # type: ignore[arg-type]
+
+
+def test_open_creates_the_schema_and_the_root_once(pg_dsn: str, tmp_path: Path) -> None:
+    root = os.fspath(tmp_path)
+    root_id = new_root_id()
+    with pytest.raises(ConfigurationError, match="not a shardlite root"):
+        _meta(pg_dsn, root, root_id).open(create=False)
+    opened: list[PgMeta] = []
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        meta = _meta(pg_dsn, root, root_id)
+        try:
+            meta.open(create=True, default_nodes=[("n1", "n1", 1), ("n2", "n2", 2)])
+            opened.append(meta)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(opened) == 6
+    for meta in opened:
+        assert meta.exists and not meta.closed
+        meta.close()
+        assert meta.closed
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT version FROM shardlite.version").fetchall() == [(len(STEPS),)]
+        assert conn.execute("SELECT count(*) FROM shardlite.roots").fetchone() == (1,)
+        assert conn.execute("SELECT name, path, weight FROM shardlite.nodes ORDER BY name").fetchall() == [
+            ("n1", "n1", 1), ("n2", "n2", 2)]
+    again = _meta(pg_dsn, root, root_id)
+    again.open(create=False)
+    again.close()
+
+
+def test_a_newer_schema_is_refused(pg_dsn: str, tmp_path: Path) -> None:
+    _meta(pg_dsn, os.fspath(tmp_path)).open(create=True)
+    with psycopg.connect(pg_dsn) as conn:
+        conn.execute("UPDATE shardlite.version SET version = version + 1")
+    with pytest.raises(ConfigurationError, match="newer than this shardlite"):
+        _meta(pg_dsn, os.fspath(tmp_path)).open(create=True)
+
+
+def test_roots_share_a_database_only_with_distinct_node_names(pg_dsn: str, tmp_path: Path) -> None:
+    first = _meta(pg_dsn, os.fspath(tmp_path / "a"))
+    first.open(create=True, default_nodes=[("n1", "n1", 1)])
+    clash = _meta(pg_dsn, os.fspath(tmp_path / "b"))
+    with pytest.raises(ConfigurationError, match="distinct node names"):
+        clash.open(create=True, default_nodes=[("n1", "n1", 1)])
+    assert clash.closed
+    other = _meta(pg_dsn, os.fspath(tmp_path / "c"))
+    other.open(create=True, default_nodes=[("h2n1", "n1", 1)])
+    other.close()
+    first.close()
+
+
+def test_location_names_no_password(pg_dsn: str, tmp_path: Path) -> None:
+    meta = _meta(pg_dsn, os.fspath(tmp_path))
+    meta.open(create=True)
+    password = psycopg.conninfo.conninfo_to_dict(pg_dsn)["password"]
+    assert password and str(password) not in meta.location and meta.location.startswith("postgresql://")
+    meta.close()
+
+
+def test_no_server_is_metaunavailable_soon(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    meta = _meta(f"postgresql://u:pw@127.0.0.1:{port}/db", os.fspath(tmp_path), connect_timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(MetaUnavailable) as info:
+        meta.open(create=True)
+    assert time.monotonic() - started < 10
+    assert f"127.0.0.1:{port}" in str(info.value) and "pw" not in str(info.value).replace("postgresql", "")
+    assert meta.closed
+
+
+def test_server_killed_then_back_resumes_without_reopening(tmp_path: Path) -> None:
+    with separate_server() as server:
+        meta = _meta(server.dsn(), os.fspath(tmp_path), connect_timeout=1.0)
+        meta.open(create=True)
+        assert meta.exists
+        server.kill()
+        with pytest.raises(MetaUnavailable, match="cannot be reached"):
+            meta.exists  # noqa: B018 - the property reaches the server
+        server.start()
+        deadline = time.monotonic() + 30
+        while True:  # the pool reconnects in the background: the first calls may still see the old failure
+            try:
+                assert meta.exists
+                break
+            except MetaUnavailable:
+                assert time.monotonic() < deadline, "the store did not come back after the server did"
+        meta.close()
