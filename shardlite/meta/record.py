@@ -80,12 +80,15 @@ def read_record(root: str) -> RootRecord | None:
     return RootRecord(parsed, root_id)
 
 
-def write_record(root: str, location: MetaLocation) -> RootRecord:
-    """Record ``location`` as the root's metadata, unless the root has a record already: the first writer
-    wins (several processes opening a new root at once), and every caller gets the record that holds.
+def write_record(root: str, location: MetaLocation, *, root_id: str | None = None) -> RootRecord:
+    """Record ``location`` as the root's metadata (``root_id``, or a new id), unless the root has a record
+    already: the first writer wins (several processes opening a new root at once), and every caller gets
+    the record that holds.
     The file is complete or absent (written aside, fsynced, then linked into place), mode 0600."""
     path = _path(root)
-    record = RootRecord(location, new_root_id())
+    if root_id is not None and not _ROOT_ID.fullmatch(root_id):
+        raise ConfigurationError(f"invalid root id {root_id!r}")
+    record = RootRecord(location, root_id or new_root_id())
     body = json.dumps({"format": _FORMAT, "backend": "postgresql", "location": location.recordable,
                        "root_id": record.root_id}, indent=1) + "\n"
     temp = f"{path}.{record.root_id}.tmp"

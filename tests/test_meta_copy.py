@@ -1,0 +1,139 @@
+"""``meta copy`` (``shardlite.meta.copy``): a root's embedded metadata moves to PostgreSQL whole and
+verified, counters carried over, global.db fenced, the record written; refusals change nothing; a re-run
+after a kill -9 at any point ends with one authoritative store holding everything."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from shardlite import ConfigurationError, Router
+from shardlite.meta.copy import POINTS, TABLES, copy_to_postgres
+from shardlite.meta.record import read_record
+
+
+def _fill(root: str, tenants: int = 30, accounts: int = 10) -> None:
+    with Router(root, nodes=["n1", "n2"]) as router:
+        for i in range(tenants):
+            with router.transaction(f"u:{i}é") as tx:
+                tx.execute("CREATE TABLE IF NOT EXISTS t(x)")
+                tx.execute("INSERT INTO t VALUES (?)", (i,))
+                if i % 3 == 0:
+                    tx.emit(f"u:{(i + 1) % tenants}é", "hello", {"i": i})
+        router.drop(f"u:{tenants - 1}é")
+        for i in range(accounts):
+            aid = router.accounts.register(f"user{i}@example.com", password="pw-123456", name=f"Ünï {i}")
+            router.sessions.create(aid)
+        router.accounts.delete(aid)  # the highest id is burnt: never handed out again
+
+
+def _sqlite_rows(root: str) -> dict[str, list[tuple[object, ...]]]:
+    with sqlite3.connect(os.path.join(root, "global.db")) as db:
+        mine = " WHERE name NOT IN ('meta_copy_root_id', 'moved_to')"  # meta copy's own marks stay behind
+        return {t.pg: db.execute(f"SELECT count(*) FROM {t.sqlite}{mine if t.pg == 'kv' else ''}").fetchall()
+                for t in TABLES}
+
+
+def test_copy_moves_everything_verified_and_fences_global_db(pg_dsn: str, root: str) -> None:
+    _fill(root)
+    before = _sqlite_rows(root)
+    report = copy_to_postgres(root, pg_dsn)
+    assert not report.resumed
+    assert report.rows["tenants"] == before["tenants"][0][0] == 30
+    assert report.rows == {name: rows[0][0] for name, rows in before.items()}  # our own marks stay behind
+    record = read_record(root)
+    assert record is not None and record.root_id == report.root_id
+    with psycopg.connect(pg_dsn) as conn:
+        burnt = conn.execute("SELECT max(id) FROM shardlite.accounts").fetchone()
+        nxt = conn.execute("INSERT INTO shardlite.accounts(email, email_key, created, updated) "
+                           "VALUES ('x', 'x', 0, 0) RETURNING id").fetchone()
+        assert burnt and nxt and nxt[0] == burnt[0] + 2  # the deleted account's id is not reused
+        gens = conn.execute("SELECT max(generation) FROM shardlite.generations").fetchone()
+        assert gens and gens[0] >= 30
+    with sqlite3.connect(os.path.join(root, "global.db")) as db, pytest.raises(sqlite3.IntegrityError,
+                                                                                match="moved to PostgreSQL"):
+        db.execute("DELETE FROM _shardlite_sessions")
+    again = copy_to_postgres(root, pg_dsn)  # idempotent once done
+    assert again.resumed and again.root_id == report.root_id
+
+
+def test_refusals_change_nothing(pg_dsn: str, root: str, tmp_path: Path) -> None:
+    _fill(root, tenants=3, accounts=1)
+    with pytest.raises(ConfigurationError, match="postgresql://"):
+        copy_to_postgres(root, "sqlite")
+    other = os.fspath(tmp_path / "other")
+    _fill(other, tenants=2, accounts=1)
+    copy_to_postgres(other, pg_dsn)
+    with pytest.raises(ConfigurationError, match="another root"):
+        copy_to_postgres(root, pg_dsn)
+    assert read_record(root) is None
+    with sqlite3.connect(os.path.join(root, "global.db")) as db:  # not fenced
+        db.execute("DELETE FROM _shardlite_sessions")
+    with pytest.raises(ConfigurationError, match="not a shardlite root"):
+        copy_to_postgres(os.fspath(tmp_path / "nothing"), pg_dsn)
+
+
+def test_a_rebalance_in_flight_is_refused(pg_dsn: str, root: str) -> None:
+    _fill(root, tenants=2, accounts=2)
+    with sqlite3.connect(os.path.join(root, "global.db")) as db:  # a rebalancer died mid-move
+        db.execute("INSERT INTO _shardlite_rebalance(id, created, state, fingerprint, summary) "
+                   "VALUES (7, 0, 'applying', '', '{}')")
+        db.execute("INSERT INTO _shardlite_moves(plan_id, key, source, target, source_generation, size, step, "
+                   "updated) VALUES (7, 'u:0é', 'n1', 'n2', 1, 0, 'copying', 0)")
+    with pytest.raises(ConfigurationError, match="plan 7 is applying.*rebalance resume"):
+        copy_to_postgres(root, pg_dsn)
+    assert read_record(root) is None
+
+
+def test_nul_in_a_row_is_refused_by_name(pg_dsn: str, root: str) -> None:
+    _fill(root, tenants=1, accounts=2)
+    with sqlite3.connect(os.path.join(root, "global.db")) as db:
+        db.execute("UPDATE _shardlite_accounts SET name_key = 'a' || char(0) || 'b'")
+    with pytest.raises(ConfigurationError, match="NUL character in name_key"):
+        copy_to_postgres(root, pg_dsn)
+    assert read_record(root) is None
+
+
+_RUN = """
+import os, signal, sys
+from shardlite.meta.copy import copy_to_postgres
+step = sys.argv[3] if len(sys.argv) > 3 else None
+copy_to_postgres(sys.argv[1], sys.argv[2],
+                 fault=lambda name: os.kill(os.getpid(), signal.SIGKILL) if name == step else None)
+"""
+
+
+def _state(root: str) -> tuple[bool, bool]:
+    """(the record names PostgreSQL, global.db is fenced)"""
+    with sqlite3.connect(os.path.join(root, "global.db")) as db:
+        fenced = db.execute("SELECT count(*) FROM sqlite_schema WHERE name LIKE '_shardlite_moved_%'").fetchone()
+    return read_record(root) is not None, bool(fenced[0])
+
+
+@pytest.mark.parametrize("step", POINTS)
+def test_killed_at_each_point_then_rerun_ends_with_one_store(pg_dsn: str, root: str, step: str) -> None:
+    _fill(root, tenants=20, accounts=5)
+    expected = _sqlite_rows(root)
+    done = subprocess.run([sys.executable, "-c", _RUN, root, pg_dsn, step], capture_output=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    recorded, fenced = _state(root)
+    assert not recorded  # every point comes before the record
+    assert fenced == (step == "fenced")
+    if not fenced:  # the old store is still the authority, and writable
+        with Router(root) as router:
+            router.accounts.register("late@example.com")
+        expected = _sqlite_rows(root)
+    copy_to_postgres(root, pg_dsn)
+    assert _state(root) == (True, True)
+    with psycopg.connect(pg_dsn) as conn:
+        for table in TABLES:
+            count = conn.execute(f"SELECT count(*) FROM shardlite.{table.pg}").fetchone()
+            assert count and count[0] == expected[table.pg][0][0], table.pg
+        assert conn.execute("SELECT count(*) FROM shardlite.roots").fetchone() == (1,)
