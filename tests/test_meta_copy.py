@@ -4,6 +4,7 @@ after a kill -9 at any point ends with one authoritative store holding everythin
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from helpers_routers import run_cli
 
 from shardlite import ConfigurationError, Router
 from shardlite.meta.copy import POINTS, TABLES, copy_to_postgres
@@ -137,3 +139,21 @@ def test_killed_at_each_point_then_rerun_ends_with_one_store(pg_dsn: str, root: 
             count = conn.execute(f"SELECT count(*) FROM shardlite.{table.pg}").fetchone()
             assert count and count[0] == expected[table.pg][0][0], table.pg
         assert conn.execute("SELECT count(*) FROM shardlite.roots").fetchone() == (1,)
+
+
+def test_cli_meta_copy_and_show(pg_dsn: str, root: str, capsys: pytest.CaptureFixture[str],
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    _fill(root, tenants=3, accounts=2)
+    code, out, err = run_cli(capsys, "meta", "copy", "--root", root)
+    assert code == 2 and "no target" in err and "SHARDLITE_META" in err
+    monkeypatch.setenv("SHARDLITE_META", pg_dsn)
+    password = str(psycopg.conninfo.conninfo_to_dict(pg_dsn)["password"])
+    code, out, err = run_cli(capsys, "--json", "meta", "copy", "--root", root)
+    assert code == 0, err
+    (report,) = [json.loads(line) for line in out.splitlines()]
+    assert report["rows"]["tenants"] == 3 and not report["resumed"] and password not in out
+    code, out, err = run_cli(capsys, "meta", "show", "--root", root, "--json")
+    (shown,) = [json.loads(line) for line in out.splitlines()]
+    assert shown["backend"] == "postgresql" and shown["location"] == report["location"] and password not in out
+    code, out, err = run_cli(capsys, "meta", "copy", "--root", root)
+    assert code == 0 and "already" in out

@@ -35,6 +35,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import ConfigurationError
+from ..meta.record import RECORD_NAME
 from ..router import Router
 
 __all__ = ["CliError", "root_of", "open_router", "load_app", "literal", "echo", "emit_json", "json_line",
@@ -167,12 +168,18 @@ def root_of(args: argparse.Namespace) -> str:
     return root
 
 
+def require_root(root: str) -> None:
+    """Refuse (one line saying what to do) a directory that is not a data root: one with neither an embedded
+    ``global.db`` nor a ``meta.json`` naming its PostgreSQL metadata."""
+    if not (os.path.isfile(os.path.join(root, "global.db")) or os.path.isfile(os.path.join(root, RECORD_NAME))):
+        raise CliError(f"no shardlite data root at {root}: run `shardlite init --root {shlex.quote(root)}` first, "
+                       "or pass the right --root")
+
+
 def open_router(args: argparse.Namespace) -> Router:
     """A Router on the existing root (never creates one; `shardlite init` does)."""
     root = root_of(args)
-    if not os.path.isfile(os.path.join(root, "global.db")):
-        raise CliError(f"no shardlite data root at {root}: run `shardlite init --root {shlex.quote(root)}` first, "
-                       "or pass the right --root")
+    require_root(root)
     try:
         return Router(root, create=False)
     except ConfigurationError as exc:
