@@ -12,8 +12,9 @@ Rules every backend keeps:
   Reads return committed data. A method that raises wrote nothing.
 * **Claims.** A rebalancer works on a move only while it holds the move's claim: ``owner`` names it and
   ``lease`` (a wall-clock time, seconds since the epoch) says until when it holds. Times are the client's
-  ``time.time()``, taken by the implementation at the call (never the server's clock: the mover compares
-  leases with its own clock). A claim is *live* for ``owner`` when the row's owner is ``owner`` and its
+  ``time.time()``, read by the implementation once the unit holds its locks, after any wait (never the
+  server's clock: the mover compares leases with its own clock). So a :meth:`MoveJournal.claim` that waited
+  for a :meth:`MoveJournal.holding` block judges the lease as it is when the block ended. A claim is *live* for ``owner`` when the row's owner is ``owner`` and its
   lease is not before now (plus the ``margin`` asked for).
 * **Compare-and-set losers.** :class:`~shardlite.movejournal.LostClaim` (the claim is not ours, or lapsed)
   and :class:`~shardlite.movejournal.PlanCancelled` (the plan is no longer being applied) are

@@ -150,8 +150,8 @@ class SqliteJournal:
     # -- claims ----------------------------------------------------------------------------------------
 
     def claim(self, plan_id: int, key: str, owner: str, lease: float) -> MoveRow | None:
-        now = time.time()
         with self.db.write() as conn:
+            now = time.time()  # read once the write is ours: a claim that waited judges the lease now
             conn.execute(_I + "UPDATE _shardlite_moves SET owner = ?, lease = ?, updated = ?, "
                          "step = CASE step WHEN 'failed' THEN 'pending' ELSE step END, "
                          "error = CASE step WHEN 'failed' THEN NULL ELSE error END "
@@ -178,9 +178,9 @@ class SqliteJournal:
         move.error = error
 
     def renew(self, moves: Sequence[MoveRow], owner: str, lease: float) -> dict[str, str]:
-        now = time.time()
         stop: dict[str, str] = {}
         with self.db.write() as conn:
+            now = time.time()
             for move in moves:
                 conn.execute(_I + "UPDATE _shardlite_moves SET lease = ? WHERE plan_id = ? AND key = ? AND owner = ?",
                              (now + lease, move.plan_id, move.key, owner))
@@ -235,8 +235,8 @@ class SqliteJournal:
                 raise MetaConflict(str(exc)) from exc
 
     def cancel_unstarted(self, plan_id: int, owner: str) -> int:
-        now = time.time()
         with self.db.write() as conn:
+            now = time.time()
             conn.execute(_I + "UPDATE _shardlite_moves SET step = 'cancelled', owner = NULL, lease = 0, updated = ? "
                          "WHERE plan_id = ? AND step IN ('pending', 'failed') "
                          "AND (owner IS NULL OR owner = ? OR lease < ?)", (now, plan_id, owner, now))
