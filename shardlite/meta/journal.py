@@ -14,8 +14,9 @@ Rules every backend keeps:
   ``lease`` (a wall-clock time, seconds since the epoch) says until when it holds. Times are the client's
   ``time.time()``, read by the implementation once the unit holds its locks, after any wait (never the
   server's clock: the mover compares leases with its own clock). So a :meth:`MoveJournal.claim` that waited
-  for a :meth:`MoveJournal.holding` block judges the lease as it is when the block ended. A claim is *live* for ``owner`` when the row's owner is ``owner`` and its
-  lease is not before now (plus the ``margin`` asked for).
+  for a :meth:`MoveJournal.holding` block judges the lease as it is when the block ended. A claim is *live*
+  for ``owner`` when the row's owner is ``owner`` and its lease is not before now (plus the ``margin`` asked
+  for).
 * **Compare-and-set losers.** :class:`~shardlite.movejournal.LostClaim` (the claim is not ours, or lapsed)
   and :class:`~shardlite.movejournal.PlanCancelled` (the plan is no longer being applied) are
   :class:`~shardlite.MetaConflict`: nothing was written. Methods whose CAS loss is routine say so and
@@ -26,6 +27,15 @@ Rules every backend keeps:
 * At most one plan is ``applying`` or ``planned`` at a time, and a ``planned`` one exists only while no
   plan is ``applying``: :meth:`MoveJournal.create_plan` and :meth:`MoveJournal.set_plan_state` keep this
   between concurrent callers (PostgreSQL: both take one transaction-level lock on the journal).
+
+For a PostgreSQL implementer (READ COMMITTED, psycopg 3): the plan and move ids/keys are ``bigint`` and
+``text COLLATE "C"``; :meth:`MoveJournal.create_plan` and :meth:`MoveJournal.set_plan_state` take one
+``pg_advisory_xact_lock`` (else a concurrent apply can start between the "applying" check and the insert);
+the claim-checked methods lock the move row ``FOR UPDATE`` first, then the plan row ``FOR SHARE``, then read
+the clock and write (one lock order everywhere; a deadlock or serialisation failure is retried inside the
+method, never surfaced as a conflict); :meth:`MoveJournal.holding` keeps that transaction (and its
+connection) open for the block; :meth:`MoveJournal.flip_held` adds the tenant ``UPDATE ... WHERE
+generation = %s RETURNING`` to it; :meth:`MoveJournal.note_rollback` locks the plan row ``FOR UPDATE``.
 
 Plan states: ``planned`` -> ``applying`` -> ``done`` -> ``completed``; ``planned`` -> ``superseded`` (a newer
 plan was made); ``planned`` or ``applying`` -> ``cancelled`` -> ``completed``.
