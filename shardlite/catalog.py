@@ -421,9 +421,9 @@ class SqliteCatalog:
             conn.execute(_I + "DELETE FROM _shardlite_nodes WHERE name = ?", (name,))
 
     def flip(self, key: str, *, from_generation: int, node: str, generation: int,
-             incarnation: str | None = None) -> None:
+             incarnation: str | None = None) -> TenantRecord:
         """The commit point of a move (or a restore, which also brings a new ``incarnation``): point
-        ``key`` at its new file, compare-and-set on the old generation."""
+        ``key`` at its new file, compare-and-set on the old generation. Returns the tenant as flipped."""
         with self.write() as conn:
             conn.execute(_I + "UPDATE _shardlite_tenants SET node = ?, generation = ?, epoch = epoch + 1, "
                          "state = 'active', updated = ?, incarnation = coalesce(?, incarnation) "
@@ -431,3 +431,5 @@ class SqliteCatalog:
                          (node, generation, time.time(), incarnation, key, from_generation))
             if conn.changes() != 1:
                 raise ConfigurationError(f"tenant {key!r} is no longer at generation {from_generation}")
+            rows = conn.execute(f"SELECT {_RECORD_COLUMNS} FROM _shardlite_tenants WHERE key = ?", (key,)).fetchall()
+            return _row_to_record(rows[0])

@@ -17,7 +17,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from .movejournal import Journal, LostClaim, MoveRow, PlanCancelled
+from .meta.journal import MoveJournal
+from .movejournal import LostClaim, MoveRow, PlanCancelled
 
 __all__ = ["Claim", "Heartbeat"]
 
@@ -50,7 +51,7 @@ class Heartbeat:
     more tries before a lease lapses.
     """
 
-    def __init__(self, journal: Journal, owner: str, lease: Callable[[], float]) -> None:
+    def __init__(self, journal: MoveJournal, owner: str, lease: Callable[[], float]) -> None:
         self.journal = journal
         self.owner = owner
         self.lease = lease

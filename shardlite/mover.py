@@ -23,8 +23,9 @@ The steps as journaled (see :mod:`shardlite.movejournal`), while application pro
 
 Every step can be redone from its start. Each copy is written under a temporary name of its own
 (``<target>.moving-<owner>``), so two rebalancers never write one file. The actions that must not race a
-takeover or a cancel run while the move's claim is checked: linking the copy and the flip inside a global
-write transaction that checks it (:meth:`Journal.holding`), fencing and unfencing inside the source's write
+takeover or a cancel run while the move's claim is checked: linking the copy inside a block that keeps the
+checked claim locked (:meth:`MoveJournal.holding`), the flip atomically with the check
+(:meth:`MoveJournal.flip_held`), fencing and unfencing inside the source's write
 lock after checking it. A rebalancer taking over a move at ``fenced`` writes the fence again before its
 final copy, so a fence lifted by an undo that died before journaling is never copied past. A rebalancer
 that finds it lost the claim right after writing a fence lifts that fence again if the new owner undid the
@@ -58,7 +59,8 @@ from .copying import (
 from .engine import ensure_private_dir, free_bytes, fsync_dir, fsync_path
 from .errors import MoveFailed, NodeFull
 from .heartbeat import Claim
-from .movejournal import STEPS, Journal, MoveRow
+from .meta.journal import MoveJournal
+from .movejournal import STEPS, MoveRow
 from .placement import tenant_relpath
 from .planning import DEFAULT_RESERVE, space_needed
 from .store import Store
@@ -75,7 +77,7 @@ class Mover:
     hook called after each journaled step ("copying", "fenced", "switched", "done") and after the
     verified copy ("copied") and the link of the final copy ("linked")."""
 
-    def __init__(self, store: Store, journal: Journal, owner: str) -> None:
+    def __init__(self, store: Store, journal: MoveJournal, owner: str) -> None:
         self.store = store
         self.catalog = store.catalog
         self.journal = journal
@@ -140,10 +142,9 @@ class Mover:
             if not fenced_at:
                 self._fence(claim)  # taken over: an undo may have lifted the fence before journaling it
             self._final_copy(claim)
-            with self.journal.holding(move, self.owner, applying=True):
-                assert move.target_generation is not None
-                self.catalog.flip(move.key, from_generation=move.source_generation, node=move.target,
-                                  generation=move.target_generation)
+            assert move.target_generation is not None
+            self.journal.flip_held(move, self.owner, node=move.target, generation=move.target_generation,
+                                   from_generation=move.source_generation)
         self.store.forget(move.key)
         pause = (time.monotonic() - fenced_at[0]) * 1000 if fenced_at else None
         self._journal(claim, "switched", pause_ms=pause)

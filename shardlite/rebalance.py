@@ -1,6 +1,6 @@
 """Online tenant moves between nodes: plan, apply, resume, cancel, complete (brief rules 2, 7, 8, 12, 15).
 
-Every plan and every tenant's step is journaled in the global DB (:mod:`shardlite.movejournal`), so a
+Every plan and every tenant's step is journaled in the metadata store (``store.meta.journal``), so a
 rebalancer killed at any point resumes (or cancels) to a state with exactly one active copy of each tenant
 and no untracked file. One move's steps and its undo are in :mod:`shardlite.mover`.
 
@@ -25,7 +25,6 @@ until when), and what failed or was rolled back.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import socket
@@ -35,12 +34,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from .authorizer import INTERNAL_SQL as _I
 from .copying import remove_db_files
 from .engine import free_bytes
 from .errors import ConfigurationError
 from .heartbeat import Claim, Heartbeat
-from .movejournal import MAX_LISTED, STEPS, Journal, LostClaim, MoveRow, PlanCancelled
+from .movejournal import MAX_LISTED, STEPS, LostClaim, MoveRow, PlanCancelled
 from .mover import MoveFailed, Mover, NodeFull
 from .planning import Placement, Plan, fingerprint, plan_moves
 from .store import Store
@@ -50,6 +48,7 @@ __all__ = ["Rebalancer", "MoveRow", "MoveFailed", "NodeFull", "LostClaim", "Noti
 #: Seconds a claim on a move holds without renewal (a live rebalancer renews it every third of that).
 DEFAULT_LEASE = 10.0
 _POLL = 0.2  # seconds between looks at moves other rebalancers hold
+_CANCELLABLE = ("applying", "planned", "cancelled")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +109,9 @@ class Rebalancer:
 
     def __init__(self, store: Store, *, lease: float = DEFAULT_LEASE) -> None:
         self.store = store
-        self.db = store.globaldb
         self.lease = lease
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self.journal = Journal(self.db)
+        self.journal = store.meta.journal
         self.mover = Mover(store, self.journal, self.owner)
 
     @property
@@ -138,8 +136,7 @@ class Rebalancer:
     # -- planning ---------------------------------------------------------------------------------------
 
     def plans(self) -> list[dict[str, Any]]:
-        rows = self.db.read("SELECT id, created, state, summary FROM _shardlite_rebalance ORDER BY id DESC LIMIT 20")
-        return [{"id": r[0], "created": r[1], "state": r[2], **json.loads(r[3])} for r in rows]
+        return [{"id": p.id, "created": p.created, "state": p.state, **p.summary} for p in self.journal.plans(20)]
 
     def _placements(self) -> list[Placement]:
         store = self.store
@@ -182,28 +179,15 @@ class Rebalancer:
                            [n.name for n in nodes if n.state == "draining"], placements)
 
     def plan(self) -> tuple[int, Plan]:
-        """Compute and record a plan (older unapplied plans are superseded)."""
-        if self.db.read("SELECT 1 FROM _shardlite_rebalance WHERE state = 'applying'"):
-            raise ConfigurationError("a rebalance is being applied: `shardlite rebalance resume` or `cancel` it first")
-        unfinished = self.journal.unfinished_plans("cancelled")
-        if unfinished:
-            raise ConfigurationError(f"plan {unfinished[0]} was cancelled but some of its moves are not undone "
-                                     "yet: run `shardlite rebalance cancel` again first")
+        """Compute and record a plan (older unapplied plans are superseded). Refused while a plan is being
+        applied or a cancelled one still has moves to undo (:meth:`MoveJournal.create_plan` checks both in
+        the transaction that records the plan, so no apply can start in between)."""
         plan = self.compute()
         left_out = [{"key": o.move.key, "from": o.move.source, "to": o.move.target, "bytes": o.move.size,
                      "reason": o.reason} for o in plan.left_out[:MAX_LISTED]]
         summary = {"moves": len(plan.moves), "bytes": plan.bytes, "before": plan.before, "after": plan.after,
                    "left_out": left_out, "left_out_count": len(plan.left_out)}
-        now = time.time()
-        with self.db.write() as conn:
-            conn.execute(_I + "UPDATE _shardlite_rebalance SET state = 'superseded' WHERE state = 'planned'")
-            conn.execute(_I + "INSERT INTO _shardlite_rebalance(created, state, fingerprint, summary) "
-                         "VALUES (?, 'planned', ?, ?)", (now, plan.fingerprint, json.dumps(summary)))
-            plan_id = int(conn.last_insert_rowid())
-            conn.executemany(_I + "INSERT INTO _shardlite_moves(plan_id, key, source, target, source_generation, "
-                             "size, step, updated) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
-                             [(plan_id, m.key, m.source, m.target, m.generation, m.size, now) for m in plan.moves])
-        return plan_id, plan
+        return self.journal.create_plan(plan.fingerprint, summary, plan.moves), plan
 
     # -- applying ---------------------------------------------------------------------------------------
 
@@ -219,7 +203,11 @@ class Rebalancer:
         if self._current_fingerprint(plan_id) != fp:
             raise ConfigurationError("the plan is stale: the catalog changed since it was made; run "
                                      "`shardlite rebalance plan` again")
-        self.journal.set_plan_state(plan_id, "applying", only_from=("planned",))
+        if not self.journal.set_plan_state(plan_id, "applying", only_from=("planned",)):
+            now = self.journal.plan_state(plan_id)
+            if now != "applying":  # applying already: another rebalancer started it; work alongside it
+                raise ConfigurationError(f"plan {plan_id} is {now} now, no longer planned: run `shardlite "
+                                         "rebalance plan` again")
         return self._run(plan_id, parallel=parallel, pause_ms=pause_ms, progress=progress, notice=notice)
 
     def resume(self, plan_id: int | None = None, *, parallel: int = 1, pause_ms: float = 0.0,
@@ -270,6 +258,8 @@ class Rebalancer:
                 waits.report(left)
                 time.sleep(min(_POLL, max(0.0, min(m.lease for m in left) - now) + 0.01))
         if all(m.finished for m in self.journal.moves(plan_id)):
+            # A lost CAS here means the plan was cancelled (or finished by another rebalancer) meanwhile:
+            # the status returned below says which.
             self.journal.set_plan_state(plan_id, "done", only_from=("applying",))
         return self.status(plan_id)
 
@@ -351,11 +341,9 @@ class Rebalancer:
         lapsed): undo it, journaled ``failed`` ("abandoned"; ``resume`` moves it again), or finish it if it
         had passed its commit point. For a process that finds the tenant frozen and cannot wait for an
         operator's ``resume`` or ``cancel``. True when a move was settled."""
-        rows = self.db.read("SELECT plan_id FROM _shardlite_moves WHERE key = ? AND step IN ('copying', 'fenced', "
-                            "'switched') AND (owner IS NULL OR lease < ?)", (key, time.time()))
         settled = False
-        for (plan_id,) in rows:
-            move = self.journal.claim(int(plan_id), key, self.owner, self.lease)
+        for plan_id in self.journal.lapsed_moves(key, time.time()):
+            move = self.journal.claim(plan_id, key, self.owner, self.lease)
             if move is None:
                 continue
             cancelled = self.journal.plan_state(move.plan_id) == "cancelled"
@@ -382,7 +370,8 @@ class Rebalancer:
         three leases), reporting what it waits for through ``notice``; the returned status lists under
         ``held`` any move still held when it gave up (``cancel`` again later)."""
         plan_id = self._cancellable(plan_id)
-        self.journal.set_plan_state(plan_id, "cancelled")
+        if not self.journal.set_plan_state(plan_id, "cancelled", only_from=_CANCELLABLE):
+            raise ConfigurationError(f"plan {plan_id} is {self.journal.plan_state(plan_id)} now: nothing to cancel")
         deadline = time.monotonic() + (max(30.0, 3 * self.lease) if wait is None else wait)
         waits = _Waits(notice, "its owner undoes it when it notices the cancel; if the owner is dead it is "
                                "undone here when the lease lapses")
@@ -416,11 +405,12 @@ class Rebalancer:
 
     def _cancellable(self, plan_id: int | None) -> int:
         if plan_id is not None:
-            return self.journal.plan_row(plan_id, ("applying", "planned", "cancelled"))[0]
-        candidates = self.db.read("SELECT id FROM _shardlite_rebalance WHERE state IN ('applying', 'planned') "
-                                  "ORDER BY id DESC LIMIT 1")
-        found = [int(candidates[0][0])] if candidates else []
-        found += self.journal.unfinished_plans("cancelled")[:1]
+            return self.journal.plan_row(plan_id, _CANCELLABLE)[0]
+        found = self.journal.unfinished_plans("cancelled")[:1]
+        try:
+            found.append(self.journal.plan_row(None, ("applying", "planned"))[0])
+        except ConfigurationError:
+            pass
         if not found:
             raise ConfigurationError("no applying or planned rebalance plan, and no cancelled one with moves left "
                                      "to undo (`shardlite rebalance plan` makes one)")
@@ -437,10 +427,9 @@ class Rebalancer:
             if os.path.exists(source_path):
                 removed += 1
             remove_db_files(source_path)
-            with self.db.write() as conn:
-                conn.execute(_I + "UPDATE _shardlite_moves SET step = 'completed', updated = ? WHERE plan_id = ? "
-                             "AND key = ? AND step = 'done'", (time.time(), plan_id, move.key))
-        self.journal.set_plan_state(plan_id, "completed")
+            self.journal.mark_completed(plan_id, move.key)  # False: another `complete` got there first
+        if not self.journal.set_plan_state(plan_id, "completed", only_from=("done", "cancelled")):
+            raise ConfigurationError(f"plan {plan_id} is {self.journal.plan_state(plan_id)} now: not completed")
         counts = self.store.catalog.count_tenants()
         for node in self.store.catalog.nodes():
             if node.state == "draining" and counts.get(node.name, 0) == 0:
@@ -454,12 +443,13 @@ class Rebalancer:
         ``held`` (unfinished moves a rebalancer holds: owner, step, lease end), ``left_out`` (moves the
         plan left out, with the reason)."""
         if plan_id is None:
-            rows = self.db.read("SELECT id FROM _shardlite_rebalance ORDER BY id DESC LIMIT 1")
-            if not rows:
+            plan_id = self.journal.latest_plan_id()
+            if plan_id is None:
                 return {"plan": None}
-            plan_id = int(rows[0][0])
-        row = self.db.read("SELECT state, summary, created FROM _shardlite_rebalance WHERE id = ?", (plan_id,))[0]
-        summary = json.loads(row[1])
+        plan = self.journal.plan(plan_id)
+        if plan is None:
+            raise ConfigurationError(f"no rebalance plan {plan_id}")
+        summary = plan.summary
         moves = self.journal.moves(plan_id)
         now = time.time()
         steps: dict[str, int] = {}
@@ -467,7 +457,7 @@ class Rebalancer:
             steps[move.step] = steps.get(move.step, 0) + 1
         pauses = sorted(m.pause_ms for m in moves if m.pause_ms is not None)
         return {
-            "plan": plan_id, "state": row[0], "created": row[2],
+            "plan": plan_id, "state": plan.state, "created": plan.created,
             "moves": summary.get("moves", len(moves)), "bytes": summary.get("bytes", 0),
             "before": summary.get("before", {}), "after": summary.get("after", {}),
             "left_out": summary.get("left_out", []), "left_out_count": summary.get("left_out_count", 0),

@@ -17,6 +17,7 @@ Errors: :class:`~shardlite.MetaConflict` when a compare-and-set lost (nothing wr
 
 from __future__ import annotations
 
+from .journal import MoveJournal
 from .store import MetaStore
 
-__all__ = ["MetaStore"]
+__all__ = ["MetaStore", "MoveJournal"]

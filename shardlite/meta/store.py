@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from .journal import MoveJournal
+
 __all__ = ["MetaStore"]
 
 
@@ -14,6 +16,11 @@ class MetaStore(Protocol):
     Its parts (one attribute per concept, each with its own contract module in :mod:`shardlite.meta`) are
     usable between :meth:`open` and :meth:`close`.
     """
+
+    @property
+    def journal(self) -> MoveJournal:
+        """Rebalance plans and claim-checked move steps (:mod:`shardlite.meta.journal`)."""
+        ...
 
     @property
     def location(self) -> str:

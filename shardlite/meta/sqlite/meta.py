@@ -8,6 +8,7 @@ from ...catalog import SqliteCatalog
 from ...engine import Settings
 from ...globaldb import APP_DB_NAME, GlobalDB
 from ..store import MetaStore
+from .journal import SqliteJournal
 
 __all__ = ["SqliteMeta"]
 
@@ -21,6 +22,7 @@ class SqliteMeta:
         #: The app's own global tables (``router.globals``), in a file of their own (see globaldb.py).
         self.appdb = GlobalDB(root, settings, name=APP_DB_NAME, user_sql=True)
         self.catalog = SqliteCatalog(self.globaldb)
+        self.journal = SqliteJournal(self.globaldb, self.catalog)
 
     @property
     def location(self) -> str:
