@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .accounts import AccountStore, CredentialStore
+    from .app_globals import AppGlobals
+    from .sessions import SessionStore
 
 __all__ = ["MetaStore"]
 
@@ -14,6 +19,26 @@ class MetaStore(Protocol):
     Its parts (one attribute per concept, each with its own contract module in :mod:`shardlite.meta`) are
     usable between :meth:`open` and :meth:`close`.
     """
+
+    @property
+    def accounts(self) -> AccountStore:
+        """Account rows (:mod:`shardlite.meta.accounts`)."""
+        ...
+
+    @property
+    def credentials(self) -> CredentialStore:
+        """Password credentials (:mod:`shardlite.meta.accounts`)."""
+        ...
+
+    @property
+    def sessions(self) -> SessionStore:
+        """Session rows (:mod:`shardlite.meta.sessions`)."""
+        ...
+
+    @property
+    def app_globals(self) -> AppGlobals:
+        """The app's global tables (:mod:`shardlite.meta.app_globals`)."""
+        ...
 
     @property
     def location(self) -> str:

@@ -8,6 +8,9 @@ from ...catalog import SqliteCatalog
 from ...engine import Settings
 from ...globaldb import APP_DB_NAME, GlobalDB
 from ..store import MetaStore
+from .accounts import SqliteAccounts, SqliteCredentials
+from .app_globals import SqliteAppGlobals
+from .sessions import SqliteSessions
 
 __all__ = ["SqliteMeta"]
 
@@ -21,6 +24,10 @@ class SqliteMeta:
         #: The app's own global tables (``router.globals``), in a file of their own (see globaldb.py).
         self.appdb = GlobalDB(root, settings, name=APP_DB_NAME, user_sql=True)
         self.catalog = SqliteCatalog(self.globaldb)
+        self.accounts = SqliteAccounts(self.globaldb)
+        self.credentials = SqliteCredentials(self.globaldb)
+        self.sessions = SqliteSessions(self.globaldb)
+        self.app_globals = SqliteAppGlobals(self.appdb)
 
     @property
     def location(self) -> str:
