@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers_meta import open_meta
 from helpers_procs import FileBarrier, finish_all, spawn, write_script
+from helpers_threads import race
 
 from shardlite import EmailTaken, InvalidEmail, UnknownAccount
 from shardlite.meta import MetaStore
@@ -26,26 +25,6 @@ def make(meta: MetaStore, key: str, *, name: str = "", email: str | None = None,
          credential: Credential | None = None) -> int:
     profile = json.dumps({"name": name} if name else {})
     return meta.accounts.create(email or key, key, name.casefold(), profile, now, credential)
-
-
-def race(n: int, body: Callable[[int], Any]) -> list[Any]:
-    """Run ``body(i)`` on ``n`` threads released together; each result, or the exception it raised."""
-    gate = threading.Barrier(n)
-    results: list[Any] = [None] * n
-
-    def one(i: int) -> None:
-        gate.wait()
-        try:
-            results[i] = body(i)
-        except Exception as exc:  # noqa: BLE001 - the outcome is what is checked
-            results[i] = exc
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
 
 
 # -- create, read ------------------------------------------------------------------------------------------

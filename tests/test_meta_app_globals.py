@@ -3,11 +3,10 @@ fixture), through the contract only."""
 
 from __future__ import annotations
 
-import threading
-
 import apsw
 import pytest
 from helpers_meta import open_meta
+from helpers_threads import race
 
 from shardlite import ShardliteError, StatementNotAllowed
 from shardlite.meta import MetaStore
@@ -28,24 +27,12 @@ def test_migrate_and_version(meta: MetaStore) -> None:
 
 def test_concurrent_migrators_apply_each_step_once(meta_backend: str, root: str, meta: MetaStore) -> None:
     stores = [open_meta(meta_backend, root, create=False) for _ in range(4)]
-    errors: list[BaseException] = []
-    gate = threading.Barrier(4)
-
-    def one(store: MetaStore) -> None:
-        gate.wait()
-        try:
-            store.app_globals.migrate(STEPS)
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one, args=(s,)) for s in stores]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for store in stores:
-        store.close()
-    assert errors == [] and meta.app_globals.version() == 2
+    try:
+        results = race(4, lambda i: stores[i].app_globals.migrate(STEPS))
+    finally:
+        for store in stores:
+            store.close()
+    assert results == [None] * 4 and meta.app_globals.version() == 2
 
 
 def test_transaction_commits_or_rolls_back_whole(meta: MetaStore) -> None:
@@ -74,20 +61,14 @@ def test_a_nested_transaction_is_a_savepoint(meta: MetaStore) -> None:
 
 def test_writers_are_serialised(meta: MetaStore) -> None:
     meta.app_globals.migrate(STEPS)
-    gate = threading.Barrier(4)
 
-    def bump() -> None:
-        gate.wait()
+    def bump(_: int) -> None:
         for _ in range(25):
             with meta.app_globals.transaction() as tx:
                 (n,) = tx.execute("SELECT count(*) FROM notes").fetchone()
                 tx.execute("INSERT INTO notes(id, body) VALUES (?, 'x')", (n + 1,))
 
-    threads = [threading.Thread(target=bump) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    assert race(4, bump) == [None] * 4
     assert meta.app_globals.query("SELECT count(*), max(id) FROM notes") == [(100, 100)]
 
 

@@ -4,11 +4,9 @@ fixture), through the contract only."""
 from __future__ import annotations
 
 import os
-import threading
-from collections.abc import Callable
-from typing import Any
 
 import pytest
+from helpers_threads import race
 
 from shardlite import AuthenticationFailed, UnknownAccount
 from shardlite.meta import MetaStore
@@ -23,25 +21,6 @@ def digest(n: int) -> bytes:
 
 def account(meta: MetaStore, name: str = "a") -> int:
     return meta.accounts.create(f"{name}@x.io", f"{name}@x.io", name, "{}", T0)
-
-
-def race(n: int, body: Callable[[int], Any]) -> list[Any]:
-    gate = threading.Barrier(n)
-    results: list[Any] = [None] * n
-
-    def one(i: int) -> None:
-        gate.wait()
-        try:
-            results[i] = body(i)
-        except Exception as exc:  # noqa: BLE001 - the outcome is what is checked
-            results[i] = exc
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
 
 
 def test_insert_and_live(meta: MetaStore) -> None:
