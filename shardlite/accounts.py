@@ -19,14 +19,16 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import apsw
 
-from .authorizer import INTERNAL_SQL as _I
 from .emails import email_key, text_key, upgrade_email_key
-from .errors import AuthenticationFailed, EmailTaken, InvalidEmail, InvalidPassword, UnknownAccount
-from .globaldb import GlobalDB
+from .errors import AuthenticationFailed, InvalidEmail, InvalidPassword, UnknownAccount
+from .meta.accounts import Credential
+
+if TYPE_CHECKING:
+    from .meta.accounts import AccountStore, CredentialStore
 
 __all__ = ["Account", "Accounts", "ScryptParams", "upgrade_email_keys"]
 
@@ -76,7 +78,6 @@ class Account:
         return None if value is None else str(value)
 
 
-_COLUMNS = "id, email, profile, created, updated"
 _MAX_ID = 2**63 - 1
 
 
@@ -92,17 +93,17 @@ def _require_id(account_id: object) -> int:
     return account_id
 
 
-def _account(row: tuple[Any, ...]) -> Account:
-    return Account(int(row[0]), str(row[1]), json.loads(row[2]), float(row[3]), float(row[4]))
-
-
 class Accounts:
-    """``router.accounts``: register, look up, search, change and delete accounts; passwords."""
+    """``router.accounts``: register, look up, search, change and delete accounts; passwords.
 
-    def __init__(self, db: GlobalDB, clock: Callable[[], float] = time.time, *, fold_plus: bool = False,
-                 scrypt: ScryptParams | None = None, min_password_length: int = 8,
+    The policy lives here (canonical e-mail keys, the profile document, scrypt hashing before any write);
+    the rows live behind the contracts ``store`` and ``credentials`` (:mod:`shardlite.meta.accounts`)."""
+
+    def __init__(self, store: AccountStore, credentials: CredentialStore, clock: Callable[[], float] = time.time,
+                 *, fold_plus: bool = False, scrypt: ScryptParams | None = None, min_password_length: int = 8,
                  max_password_bytes: int = 1024) -> None:
-        self._db = db
+        self._store = store
+        self._credentials = credentials
         self.clock = clock
         #: Fold plus-addressing (``a+tag@x`` shares ``a@x``'s key). Off by default; changing it on a root
         #: with accounts does not rewrite existing keys.
@@ -144,109 +145,61 @@ class Accounts:
 
     def register(self, email: str, *, password: str | None = None, **profile: Any) -> int:
         """Create an account; returns its id. :class:`EmailTaken` when an account already has an address
-        with the same canonical key; :class:`InvalidEmail`, :class:`InvalidPassword` for bad input."""
+        with the same canonical key; :class:`InvalidEmail`, :class:`InvalidPassword` for bad input
+        (:class:`ValueError` for a name holding U+0000, which no backend stores)."""
         key = self.key(email)
-        credential = self._hash(self._check_password(password)) if password is not None else None
+        credential = Credential(*self._hash(self._check_password(password))) if password is not None else None
         document = self._profile_json(profile)
         name_key = text_key(str(profile.get("name", "")))
-        now = self.clock()
-        try:
-            with self._db.write() as conn:
-                conn.execute(_I + "INSERT INTO _shardlite_accounts(email, email_key, name_key, profile, created, "
-                             "updated) VALUES (?, ?, ?, ?, ?, ?)", (email, key, name_key, document, now, now))
-                account_id = int(conn.last_insert_rowid())
-                if credential is not None:
-                    conn.execute(_I + "INSERT INTO _shardlite_credentials(account_id, scheme, salt, hash, updated) "
-                                 "VALUES (?, ?, ?, ?, ?)", (account_id, *credential, now))
-        except apsw.ConstraintError as exc:
-            if "email_key" in str(exc):
-                raise EmailTaken("an account with this e-mail address already exists") from None
-            raise
-        return account_id
+        return self._store.create(email, key, name_key, document, self.clock(), credential)
 
     def get(self, account_id: int) -> Account | None:
         """The account with this id, or None."""
         if not valid_id(account_id):
             return None
-        rows = self._db.read(f"SELECT {_COLUMNS} FROM _shardlite_accounts WHERE id = ?", (account_id,))
-        return _account(rows[0]) if rows else None
+        return self._store.get(account_id)
 
     def by_email(self, email: str) -> Account | None:
         """The account whose address has the same canonical key as ``email``, or None."""
-        rows = self._db.read(f"SELECT {_COLUMNS} FROM _shardlite_accounts WHERE email_key = ?", (self.key(email),))
-        return _account(rows[0]) if rows else None
+        return self._store.by_email_key(self.key(email))
 
     def search(self, text: str, *, limit: int = 20) -> list[Account]:
         """Accounts whose name or address starts with ``text`` (caseless), by name; at most ``limit``."""
         if not isinstance(text, str):
             raise TypeError("search text must be str")
         limit = max(0, min(int(limit), 1000))
-        prefix = text_key(text.strip())
-        upper = prefix + "\U0010ffff"
-        rows = self._db.read(
-            f"SELECT {_COLUMNS}, name_key FROM _shardlite_accounts WHERE name_key >= ? AND name_key < ? "
-            f"UNION SELECT {_COLUMNS}, name_key FROM _shardlite_accounts WHERE email_key >= ? AND email_key < ? "
-            "ORDER BY name_key, id LIMIT ?", (prefix, upper, prefix, upper, limit))
-        return [_account(row) for row in rows]
+        return self._store.search(text_key(text.strip()), limit)
 
     def update_profile(self, account_id: int, **changes: Any) -> Account:
         """Merge ``changes`` into the profile (a value of None removes the field)."""
         account_id = _require_id(account_id)
-        with self._db.write() as conn:
-            rows: list[Any] = conn.execute("SELECT profile FROM _shardlite_accounts WHERE id = ?",
-                                           (account_id,)).fetchall()
-            if not rows:
-                raise UnknownAccount(f"no account {account_id!r}")
-            profile = json.loads(rows[0][0])
-            profile.update(changes)
-            profile = {k: v for k, v in profile.items() if v is not None}
-            conn.execute(_I + "UPDATE _shardlite_accounts SET profile = ?, name_key = ?, updated = ? WHERE id = ?",
-                         (self._profile_json(profile), text_key(str(profile.get("name", ""))), self.clock(),
-                          account_id))
-        account = self.get(account_id)
-        assert account is not None
-        return account
+
+        def merge(profile: dict[str, Any]) -> tuple[str, str]:
+            merged = {k: v for k, v in {**profile, **changes}.items() if v is not None}
+            return self._profile_json(merged), text_key(str(merged.get("name", "")))
+
+        return self._store.update_profile(account_id, merge, self.clock())
 
     def change_email(self, account_id: int, new_email: str) -> None:
         """Change the address (stored as given). :class:`EmailTaken` if another account has its key."""
         account_id = _require_id(account_id)
-        key = self.key(new_email)
-        try:
-            with self._db.write() as conn:
-                conn.execute(_I + "UPDATE _shardlite_accounts SET email = ?, email_key = ?, updated = ? WHERE id = ?",
-                             (new_email, key, self.clock(), account_id))
-                if conn.changes() == 0:
-                    raise UnknownAccount(f"no account {account_id!r}")
-        except apsw.ConstraintError as exc:
-            if "email_key" in str(exc):
-                raise EmailTaken("an account with this e-mail address already exists") from None
-            raise
+        self._store.change_email(account_id, new_email, self.key(new_email), self.clock())
 
     def delete(self, account_id: int) -> None:
         """Delete the account with its credentials and sessions."""
-        account_id = _require_id(account_id)
-        with self._db.write() as conn:
-            conn.execute(_I + "DELETE FROM _shardlite_accounts WHERE id = ?", (account_id,))
-            if conn.changes() == 0:
-                raise UnknownAccount(f"no account {account_id!r}")
+        self._store.delete(_require_id(account_id))
 
     def set_password(self, account_id: int, password: str) -> None:
         """Set or replace the account's password."""
         account_id = _require_id(account_id)
-        credential = self._hash(self._check_password(password))
-        with self._db.write() as conn:
-            if not conn.execute("SELECT 1 FROM _shardlite_accounts WHERE id = ?", (account_id,)).fetchall():
-                raise UnknownAccount(f"no account {account_id!r}")
-            conn.execute(_I + "INSERT INTO _shardlite_credentials(account_id, scheme, salt, hash, updated) "
-                         "VALUES (?, ?, ?, ?, ?) ON CONFLICT(account_id) DO UPDATE SET scheme = excluded.scheme, "
-                         "salt = excluded.salt, hash = excluded.hash, updated = excluded.updated",
-                         (account_id, *credential, self.clock()))
+        credential = Credential(*self._hash(self._check_password(password)))
+        self._credentials.set(account_id, credential, self.clock())
 
     def has_password(self, account_id: int) -> bool:
         """Whether the account has a password set (False for an unknown id)."""
         if not valid_id(account_id):
             return False
-        return bool(self._db.read("SELECT 1 FROM _shardlite_credentials WHERE account_id = ?", (account_id,)))
+        return self._credentials.has(account_id)
 
     def authenticate(self, email: str, password: str) -> int:
         """The account id when ``password`` is right for ``email``; otherwise :class:`AuthenticationFailed`
@@ -256,17 +209,15 @@ class Accounts:
             self._check_password(password)
         except (InvalidEmail, InvalidPassword):
             raise AuthenticationFailed("wrong e-mail address or password") from None
-        rows = self._db.read(
-            "SELECT a.id, c.scheme, c.salt, c.hash FROM _shardlite_accounts a "
-            "LEFT JOIN _shardlite_credentials c ON c.account_id = a.id WHERE a.email_key = ?", (key,))
-        if not rows or rows[0][1] is None:
+        login = self._credentials.for_login(key)
+        if login is None or login.credential is None:
             self.scrypt.derive(password, b"\0" * 16)  # same work as a real check: no timing oracle
             raise AuthenticationFailed("wrong e-mail address or password")
-        account_id, scheme, salt, stored = rows[0]
-        candidate = ScryptParams.parse(str(scheme)).derive(password, bytes(salt))
-        if not hmac.compare_digest(candidate, bytes(stored)):
+        scheme, salt, stored = login.credential
+        candidate = ScryptParams.parse(scheme).derive(password, salt)
+        if not hmac.compare_digest(candidate, stored):
             raise AuthenticationFailed("wrong e-mail address or password")
-        return int(account_id)
+        return login.account_id
 
 
 def upgrade_email_keys(cursor: apsw.Cursor) -> None:

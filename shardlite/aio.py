@@ -335,13 +335,13 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads, Admin):
         self._commit_offloaded = settings.synchronous != "NORMAL"
         self._canon: dict[object, str] = {}
         self._emitter = self._store.emitter
-        db = self._store.globaldb
+        meta = self._store.meta
         #: Accounts (async twin of :class:`~shardlite.accounts.Accounts`).
-        self.accounts = AsyncAccounts(Accounts(db, clock), self._call, self._call_kdf)
+        self.accounts = AsyncAccounts(Accounts(meta.accounts, meta.credentials, clock), self._call, self._call_kdf)
         #: Sessions (async twin of :class:`~shardlite.sessions.Sessions`).
-        self.sessions = AsyncSessions(Sessions(db, clock), self._call)
+        self.sessions = AsyncSessions(Sessions(meta.sessions, clock), self._call)
         #: The app's global tables (async twin of :class:`~shardlite.globals.GlobalTables`).
-        self.globals = AsyncGlobalTables(GlobalTables(self._store.appdb))
+        self.globals = AsyncGlobalTables(GlobalTables(meta.app_globals))
         self._handlers: dict[str, Handler] = {}
         #: The outbox relay as an asyncio task (:class:`~shardlite.aio_relay.AsyncRelay`). Never started
         #: implicitly; ``relay=True`` starts it when the router is entered (``async with``).

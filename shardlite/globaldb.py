@@ -172,17 +172,6 @@ class GlobalDB:
             if version < len(internal_steps):
                 conn.execute(f"PRAGMA user_version = {len(internal_steps)}")
 
-    def migrate_app(self, steps: Sequence[Step]) -> None:
-        """Apply the app's missing global schema steps in one transaction (trusted: the app's own code;
-        their number is the DB's ``PRAGMA user_version``)."""
-        with self.write() as conn:
-            found: Any = conn.execute(INTERNAL_SQL + "PRAGMA user_version").fetchall()[0][0]
-            version = int(found)
-            for step in steps[version:]:
-                run_step(conn, step)
-            if version < len(steps):
-                conn.execute(f"{INTERNAL_SQL}PRAGMA user_version = {int(len(steps))}")
-
     @property
     def writer(self) -> apsw.Connection:
         if self._writer is None:

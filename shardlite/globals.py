@@ -10,44 +10,27 @@ tenant transactions, cursors returned inside ``transaction()`` are closed when i
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any
 
-from .globaldb import GlobalDB
+from .meta.app_globals import AppGlobals
 from .transaction import Params, Transaction
 
 __all__ = ["GlobalTables"]
 
 
-class _GlobalScope:
-    __slots__ = ("_db", "_write", "_tx")
-
-    def __init__(self, db: GlobalDB) -> None:
-        self._db = db
-        self._write = db.write(trusted=False)
-        self._tx: Transaction | None = None
-
-    def __enter__(self) -> Transaction:
-        conn = self._write.__enter__()
-        self._tx = Transaction("<global>", conn)
-        return self._tx
-
-    def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
-        assert self._tx is not None
-        self._tx._close()
-        self._write.__exit__(et, ev, tb)
-
-
 class GlobalTables:
-    """Transactions and queries on the app's global tables."""
+    """Transactions and queries on the app's global tables (rows and SQL behind the contract
+    :class:`~shardlite.meta.app_globals.AppGlobals`)."""
 
-    def __init__(self, db: GlobalDB) -> None:
-        self._db = db
+    def __init__(self, app_globals: AppGlobals) -> None:
+        self._app = app_globals
 
-    def transaction(self) -> _GlobalScope:
+    def transaction(self) -> AbstractContextManager[Transaction]:
         """``with router.globals.transaction() as tx:`` BEGIN IMMEDIATE on ``app_global.db`` (a savepoint
         when nested); commits on success, rolls back on error."""
-        return _GlobalScope(self._db)
+        return self._app.transaction()
 
     def query(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
         """One read-only statement on the app's global tables (committed data only)."""
-        return self._db.read(sql, params)
+        return self._app.query(sql, params)

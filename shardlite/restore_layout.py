@@ -24,7 +24,7 @@ import re
 import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import apsw
 
@@ -209,13 +209,11 @@ def not_empty(store: Store) -> str | None:
                                                       "ORDER BY name")]
     if nodes != DEFAULT_LAYOUT:
         return "its nodes are not the default one"
-    if store.globaldb.read("SELECT 1 FROM _shardlite_accounts UNION ALL SELECT 1 FROM _shardlite_sessions LIMIT 1"):
+    if store.meta.accounts.has_rows():
         return "it holds accounts or sessions"
-    tables: Any = store.appdb.read("SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE "
-                                   "'sqlite^_%' ESCAPE '^'")
-    for (table,) in tables:
-        if store.appdb.read(f'SELECT 1 FROM "{str(table).replace(chr(34), chr(34) * 2)}" LIMIT 1'):
-            return f"its app table {shown(table)} holds rows"
+    table = store.meta.app_globals.table_with_rows()
+    if table is not None:
+        return f"its app table {shown(table)} holds rows"
     return None
 
 
@@ -318,15 +316,8 @@ class RootUndo:
 
 def _clear_globals(store: Store, app_version: int) -> None:
     """Remove the accounts, credentials, sessions and app rows a restore added to an empty root."""
-    with store.globaldb.write() as conn:
-        for table in ("_shardlite_sessions", "_shardlite_credentials", "_shardlite_accounts"):
-            conn.execute(f"DELETE FROM {table}")
-    with store.appdb.write() as conn:
-        tables: Any = conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE "
-                                   "'sqlite^_%' ESCAPE '^'").fetchall()
-        for (table,) in tables:
-            conn.execute(f'DELETE FROM "{str(table).replace(chr(34), chr(34) * 2)}"')
-        conn.execute(f"PRAGMA user_version = {int(app_version)}")
+    store.meta.accounts.clear()
+    store.meta.app_globals.clear(app_version)
 
 
 class RootChanged(ConfigurationError):
@@ -367,7 +358,7 @@ def open_root_with_layout(root: str, plans: list[NodePlan], made_root: str | Non
             store.close()
             raise ConfigurationError(f"{root} is a live data root ({why}); restore into it without creating it "
                                      "(`shardlite restore SRC` keeps its nodes), or choose a new root")
-    app_version = 0 if store is None else int(store.appdb.read("PRAGMA user_version")[0][0])
+    app_version = 0 if store is None else store.meta.app_globals.version()
     undo = RootUndo(root, plans, new=new, made_root=made_root, app_version=app_version)
     try:
         if store is None:

@@ -166,13 +166,13 @@ class Router(HandlerRegistry):
                             global_schema=global_schema, settings=settings, move_wait=move_wait, create=create,
                             max_payload=max_payload, max_outbox=max_outbox_bytes)
         self._local = threading.local()
-        db = self._store.globaldb
+        meta = self._store.meta
         #: Accounts with unique e-mail addresses (:class:`~shardlite.accounts.Accounts`).
-        self.accounts = Accounts(db, clock)
+        self.accounts = Accounts(meta.accounts, meta.credentials, clock)
         #: Sessions (:class:`~shardlite.sessions.Sessions`).
-        self.sessions = Sessions(db, clock)
+        self.sessions = Sessions(meta.sessions, clock)
         #: The app's global tables (:class:`~shardlite.globals.GlobalTables`).
-        self.globals = GlobalTables(self._store.appdb)
+        self.globals = GlobalTables(meta.app_globals)
         self._handlers: dict[str, Handler] = {}
         #: The outbox relay (:class:`~shardlite.relay.Relay`): ``start()``/``stop()``, ``run_once()``,
         #: ``drain()``, ``status()``. Never started implicitly; ``relay=True`` runs it for the router's life.

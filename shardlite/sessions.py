@@ -22,14 +22,13 @@ import hashlib
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
-
-import apsw
+from typing import TYPE_CHECKING, NamedTuple
 
 from .accounts import valid_id
-from .authorizer import INTERNAL_SQL as _I
 from .errors import AuthenticationFailed, UnknownAccount
-from .globaldb import GlobalDB
+
+if TYPE_CHECKING:
+    from .meta.sessions import SessionStore
 
 __all__ = ["Session", "Sessions", "TOKEN_LENGTH"]
 
@@ -37,11 +36,6 @@ __all__ = ["Session", "Sessions", "TOKEN_LENGTH"]
 TOKEN_LENGTH = 43
 #: Default number of token digests ``resolve`` remembers (about 4 MB when full).
 DIGEST_CACHE = 16384
-_RESOLVE = ("SELECT account_id, created, expires, idle_ttl, last_seen, revoked FROM _shardlite_sessions "
-            "WHERE token_hash = ?")
-#: Session's fields, in its order, of a session not revoked.
-_LIVE = ("SELECT account_id, created, expires, idle_ttl, last_seen FROM _shardlite_sessions "
-         "WHERE token_hash = ? AND revoked IS NULL")
 
 
 class Session(NamedTuple):
@@ -60,9 +54,6 @@ class Session(NamedTuple):
         return None if self.idle_ttl is None else self.last_seen + self.idle_ttl
 
 
-_session = tuple.__new__  # Session's fields are the row _LIVE returns: build it from the row as it is
-
-
 try:  # CPython's own SHA-256 (HACL*): for a 43-byte token it is ~20% faster than OpenSSL's object setup
     from _sha256 import sha256 as _sha256
 except ImportError:  # pragma: no cover - other interpreters
@@ -77,12 +68,16 @@ def _digest(token: object) -> bytes | None:
 
 
 class Sessions:
-    """``router.sessions``: create, resolve, revoke, rotate and purge sessions."""
+    """``router.sessions``: create, resolve, revoke, rotate and purge sessions.
 
-    def __init__(self, db: GlobalDB, clock: Callable[[], float] = time.time, *,
+    The policy lives here (tokens, TTLs, expiry, the digest cache, throttled activity writes); the rows
+    live behind the contract ``store`` (:mod:`shardlite.meta.sessions`), keyed by the token's SHA-256."""
+
+    def __init__(self, store: SessionStore, clock: Callable[[], float] = time.time, *,
                  default_ttl: float = 30 * 24 * 3600, touch_interval: float = 60.0,
                  digest_cache: int = DIGEST_CACHE) -> None:
-        self._db = db
+        self._store = store
+        self._live = store.live  # bound once: resolve is the hot path
         self.clock = clock
         self.default_ttl = default_ttl
         self.touch_interval = touch_interval
@@ -118,51 +113,37 @@ class Sessions:
         digest = _digest(token)
         assert digest is not None
         now = self.clock()
-        try:
-            with self._db.write() as conn:
-                conn.execute(_I + "INSERT INTO _shardlite_sessions(token_hash, account_id, created, expires, "
-                             "idle_ttl, last_seen) VALUES (?, ?, ?, ?, ?, ?)",
-                             (digest, account_id, now, now + ttl, idle_ttl, now))
-        except apsw.ConstraintError:
-            raise UnknownAccount(f"no account {account_id!r}") from None
+        self._store.insert(digest, account_id, now, now + ttl, idle_ttl)
         return token
-
-    def _live(self, row: tuple[Any, ...], now: float) -> bool:
-        _, _, expires, idle_ttl, last_seen, revoked = row
-        if revoked is not None or now >= expires:
-            return False
-        return idle_ttl is None or now - last_seen < idle_ttl
 
     def resolve(self, token: object, *, _touch: Callable[[bytes, Session], Session] | None = None) -> Session | None:
         """The live session for ``token``; None when unknown, malformed, expired, idle-expired or revoked.
 
-        The hot path of every authenticated request: one indexed read on this thread's read connection, its
-        checks written out here (each call and tuple saved is a measurable share of the read). When
-        a throttled activity write is due it goes through ``_touch`` (default :meth:`touch`; the async twin
-        passes its own, which defers the write to a worker thread)."""
+        The hot path of every authenticated request: one indexed read (:meth:`SessionStore.live
+        <shardlite.meta.sessions.SessionStore.live>`), its checks written out here (each call and tuple
+        saved is a measurable share of the read). When a throttled activity write is due it goes through
+        ``_touch`` (default :meth:`touch`; the async twin passes its own, which defers the write to a
+        worker thread)."""
         # exactly str: a subclass could compare equal to a remembered token it is not
         digest = self._digests.get(token) if type(token) is str else None
         if digest is None:
             digest = self._remember(token)
             if digest is None:
                 return None
-        try:
-            conn = self._db._local.conn  # this thread's reader without the call (GlobalDB.reader)
-        except AttributeError:
-            conn = self._db.reader()
-        for row in conn.execute(_LIVE, (digest,)):
-            now = self.clock()
-            if now >= row[2]:
+        session = self._live(digest)
+        if session is None:
+            return None
+        now = self.clock()
+        if now >= session[2]:  # expires
+            return None
+        idle_ttl = session[3]
+        if idle_ttl is not None:
+            idle = now - session[4]  # last_seen
+            if idle >= idle_ttl:
                 return None
-            idle_ttl = row[3]
-            if idle_ttl is not None:
-                idle = now - row[4]
-                if idle >= idle_ttl:
-                    return None
-                if idle >= self.touch_interval or idle >= idle_ttl / 4:
-                    return (_touch or self.touch)(digest, _session(Session, row))
-            return _session(Session, row)
-        return None
+            if idle >= self.touch_interval or idle >= idle_ttl / 4:
+                return (_touch or self.touch)(digest, session)
+        return session
 
     def _remember(self, token: object) -> bytes | None:
         """The digest of a well-formed token, remembered if a session row has it (a token seen for the
@@ -170,8 +151,7 @@ class Sessions:
         digest = _digest(token)
         if digest is None or not self._digest_cache:
             return digest
-        if not self._db.reader().execute("SELECT 1 FROM _shardlite_sessions WHERE token_hash = ?",
-                                         (digest,)).fetchall():
+        if not self._store.known(digest):
             return None
         if len(self._digests) >= self._digest_cache:
             self._digests.clear()
@@ -181,9 +161,7 @@ class Sessions:
     def touch(self, digest: bytes, session: Session) -> Session:
         """The write half of :meth:`resolve`: record activity (throttled by :meth:`resolve`)."""
         now = self.clock()
-        with self._db.write() as conn:
-            conn.execute(_I + "UPDATE _shardlite_sessions SET last_seen = ? WHERE token_hash = ? "
-                         "AND last_seen < ?", (now, digest, now))
+        self._store.touch(digest, now)
         return session._replace(last_seen=now)
 
     def revoke(self, token: object) -> bool:
@@ -192,50 +170,33 @@ class Sessions:
         digest = _digest(token)
         if digest is None:
             return False
-        with self._db.write() as conn:
-            conn.execute(_I + "UPDATE _shardlite_sessions SET revoked = ? WHERE token_hash = ? AND revoked IS NULL",
-                         (self.clock(), digest))
-            return conn.changes() > 0
+        return self._store.revoke(digest, self.clock())
 
     def revoke_all(self, account_id: int) -> int:
         """Revoke every session of ``account_id``; returns how many."""
         if not valid_id(account_id):
             return 0
-        with self._db.write() as conn:
-            conn.execute(_I + "UPDATE _shardlite_sessions SET revoked = ? WHERE account_id = ? AND revoked IS NULL",
-                         (self.clock(), account_id))
-            return int(conn.changes())
+        return self._store.revoke_all(account_id, self.clock())
 
     def rotate(self, token: object) -> str:
         """Replace a live session by a new token with the same absolute expiry and idle policy; the old
         token stops working. :class:`AuthenticationFailed` when ``token`` is not a live session."""
         self._forget(token)
         digest = _digest(token)
-        now = self.clock()
+        if digest is None:
+            raise AuthenticationFailed("the session is unknown, expired or revoked")
         new_token = secrets.token_urlsafe(32)
         new_digest = _digest(new_token)
-        with self._db.write() as conn:
-            rows: list[Any] = conn.execute(_RESOLVE, (digest,)).fetchall() if digest is not None else []
-            if not rows or not self._live(rows[0], now):
-                raise AuthenticationFailed("the session is unknown, expired or revoked")
-            account_id, created, expires, idle_ttl, _, _ = rows[0]
-            conn.execute(_I + "UPDATE _shardlite_sessions SET revoked = ? WHERE token_hash = ?", (now, digest))
-            conn.execute(_I + "INSERT INTO _shardlite_sessions(token_hash, account_id, created, expires, idle_ttl, "
-                         "last_seen) VALUES (?, ?, ?, ?, ?, ?)", (new_digest, account_id, now, expires, idle_ttl, now))
+        assert new_digest is not None
+        self._store.rotate(digest, new_digest, self.clock())
         return new_token
 
     def count_live(self, account_id: int) -> int:
         """Sessions of ``account_id`` not revoked (expired ones included until :meth:`purge`)."""
         if not valid_id(account_id):
             return 0
-        rows = self._db.read("SELECT count(*) FROM _shardlite_sessions WHERE account_id = ? AND revoked IS NULL",
-                             (account_id,))
-        return int(rows[0][0])
+        return self._store.count_live(account_id)
 
     def purge(self) -> int:
         """Delete expired, idle-expired and revoked sessions; returns how many rows went."""
-        now = self.clock()
-        with self._db.write() as conn:
-            conn.execute(_I + "DELETE FROM _shardlite_sessions WHERE revoked IS NOT NULL OR expires <= ? "
-                         "OR (idle_ttl IS NOT NULL AND last_seen + idle_ttl <= ?)", (now, now))
-            return int(conn.changes())
+        return self._store.purge(self.clock())

@@ -177,7 +177,7 @@ class Store(TenantCreation, TenantReads):
         if global_schema:
             if isinstance(global_schema, str) or not isinstance(global_schema, (list, tuple)):
                 raise ConfigurationError("global_schema is a list of steps (SQL text or callables)")
-            self.appdb.migrate_app(global_schema)
+            self.meta.app_globals.migrate(global_schema)
         self._node_paths: dict[str, str] = {}
         self._ring: Ring | None = None
         self._ring_source: tuple[tuple[str, int], ...] = ()

@@ -365,7 +365,7 @@ def test_events_carried_by_a_restore_are_validated(scene: Scene, tmp_path: Path)
 def test_an_app_global_table_is_created_only_from_one_create_table_statement(sql: str) -> None:
     """The app's global tables missing from the live DB are created from the copy's definitions: each must
     be exactly one CREATE TABLE of that name (SQLite itself refuses to load most other texts)."""
-    from shardlite.global_copy import _checked
+    from shardlite.meta.sqlite.app_globals import _checked
 
     scratch = apsw.Connection(":memory:")
     try:

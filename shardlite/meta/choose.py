@@ -21,7 +21,7 @@ from ..errors import ConfigurationError
 from ..globaldb import GLOBAL_DB_NAME
 from .location import MetaLocation, parse_location
 from .record import RECORD_NAME, read_record, write_record
-from .store import MetaStore
+from .store import MetaBase
 
 __all__ = ["ENV_VAR", "store_for"]
 
@@ -30,8 +30,9 @@ ENV_VAR = "SHARDLITE_META"
 
 
 def store_for(root: str, settings: Settings, meta: str | None = None, *, create: bool = True,
-              environ: Mapping[str, str] | None = None) -> MetaStore:
-    """The (unopened) metadata store of ``root``; see the module doc for the rules."""
+              environ: Mapping[str, str] | None = None) -> MetaBase:
+    """The (unopened) metadata store of ``root``; see the module doc for the rules. (A :class:`MetaBase`
+    until the PostgreSQL backend implements every part of :class:`~shardlite.meta.store.MetaStore`.)"""
     env = os.environ if environ is None else environ
     source = "meta=" if meta is not None else ENV_VAR
     given = meta if meta is not None else env.get(ENV_VAR) or None
@@ -63,7 +64,7 @@ def store_for(root: str, settings: Settings, meta: str | None = None, *, create:
     return _postgres(root, wanted, record.root_id, settings)
 
 
-def _postgres(root: str, location: MetaLocation, root_id: str, settings: Settings) -> MetaStore:
+def _postgres(root: str, location: MetaLocation, root_id: str, settings: Settings) -> MetaBase:
     from .postgres import PgMeta  # imported only for roots that use it: psycopg is not loaded otherwise
 
     return PgMeta(root, location, root_id, settings)

@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from .journal import MoveJournal
+if TYPE_CHECKING:
+    from .accounts import AccountStore, CredentialStore
+    from .app_globals import AppGlobals
+    from .journal import MoveJournal
+    from .sessions import SessionStore
 
-__all__ = ["MetaStore"]
+__all__ = ["MetaBase", "MetaStore"]
 
 
-class MetaStore(Protocol):
-    """One data root's metadata. Thread-safe: every method may be called from any thread.
-
-    Its parts (one attribute per concept, each with its own contract module in :mod:`shardlite.meta`) are
-    usable between :meth:`open` and :meth:`close`.
-    """
-
-    @property
-    def journal(self) -> MoveJournal:
-        """Rebalance plans and claim-checked move steps (:mod:`shardlite.meta.journal`)."""
-        ...
+class MetaBase(Protocol):
+    """What every metadata backend object does as a whole, before its parts: open, close, say where it is.
+    Thread-safe: every method may be called from any thread."""
 
     @property
     def location(self) -> str:
@@ -46,4 +42,37 @@ class MetaStore(Protocol):
     def close(self) -> None:
         """Release every connection (idempotent). A closed store raises
         :class:`~shardlite.ConfigurationError` ("the router is closed") on use."""
+        ...
+
+
+class MetaStore(MetaBase, Protocol):
+    """One data root's metadata. Thread-safe: every method may be called from any thread.
+
+    Its parts (one attribute per concept, each with its own contract module in :mod:`shardlite.meta`) are
+    usable between :meth:`open` and :meth:`close`.
+    """
+
+    @property
+    def journal(self) -> MoveJournal:
+        """Rebalance plans and claim-checked move steps (:mod:`shardlite.meta.journal`)."""
+        ...
+
+    @property
+    def accounts(self) -> AccountStore:
+        """Account rows (:mod:`shardlite.meta.accounts`)."""
+        ...
+
+    @property
+    def credentials(self) -> CredentialStore:
+        """Password credentials (:mod:`shardlite.meta.accounts`)."""
+        ...
+
+    @property
+    def sessions(self) -> SessionStore:
+        """Session rows (:mod:`shardlite.meta.sessions`)."""
+        ...
+
+    @property
+    def app_globals(self) -> AppGlobals:
+        """The app's global tables (:mod:`shardlite.meta.app_globals`)."""
         ...

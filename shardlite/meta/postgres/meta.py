@@ -10,7 +10,7 @@ import psycopg
 from ...engine import Settings
 from ...errors import ConfigurationError
 from ..location import MetaLocation
-from ..store import MetaStore
+from ..store import MetaBase
 from .connect import Pool
 from .schema import upgrade
 
@@ -102,5 +102,5 @@ class PgMeta:
         self.pool.close()
 
 
-def _conforms(meta: PgMeta) -> MetaStore:
-    return meta  # mypy checks here that PgMeta satisfies the MetaStore contract
+def _conforms(meta: PgMeta) -> MetaBase:
+    return meta  # mypy checks here that PgMeta satisfies the MetaBase part of the contract (its parts: to do)

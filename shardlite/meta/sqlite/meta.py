@@ -8,7 +8,10 @@ from ...catalog import SqliteCatalog
 from ...engine import Settings
 from ...globaldb import APP_DB_NAME, GlobalDB
 from ..store import MetaStore
+from .accounts import SqliteAccounts, SqliteCredentials
+from .app_globals import SqliteAppGlobals
 from .journal import SqliteJournal
+from .sessions import SqliteSessions
 
 __all__ = ["SqliteMeta"]
 
@@ -23,6 +26,10 @@ class SqliteMeta:
         self.appdb = GlobalDB(root, settings, name=APP_DB_NAME, user_sql=True)
         self.catalog = SqliteCatalog(self.globaldb)
         self.journal = SqliteJournal(self.globaldb, self.catalog)
+        self.accounts = SqliteAccounts(self.globaldb)
+        self.credentials = SqliteCredentials(self.globaldb)
+        self.sessions = SqliteSessions(self.globaldb)
+        self.app_globals = SqliteAppGlobals(self.appdb)
 
     @property
     def location(self) -> str:
