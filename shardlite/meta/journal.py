@@ -46,11 +46,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ..catalog import TenantRecord
 from ..movejournal import MoveRow
 from ..planning import Move
+
+if TYPE_CHECKING:  # catalog imports accounts, which imports this package: a type-only import breaks the cycle
+    from ..catalog import TenantRecord
 
 __all__ = ["MoveJournal", "PlanRow", "PLAN_STATES", "STEP_FIELDS"]
 
