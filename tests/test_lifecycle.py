@@ -119,7 +119,7 @@ def test_drop_deletes_the_file_with_wal_and_shm_and_records_a_tombstone(make: Ca
 
     for suffix in ("", "-wal", "-shm"):
         assert not os.path.exists(path + suffix), suffix
-    record = router._store.catalog.lookup(key)
+    record = router._store.meta.tenants.lookup(key)
     assert record is not None and record.state == "dropped" and record.generation == old.generation
     assert not router.exists(key)
     location = router.locate(key)

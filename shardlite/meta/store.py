@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from .nodes import NodeRegistry
+from .tenants import TenantCatalog
+
 __all__ = ["MetaStore"]
 
 
@@ -27,6 +30,16 @@ class MetaStore(Protocol):
 
     @property
     def closed(self) -> bool:
+        ...
+
+    @property
+    def tenants(self) -> TenantCatalog:
+        """The tenant catalog (:mod:`shardlite.meta.tenants`)."""
+        ...
+
+    @property
+    def nodes(self) -> NodeRegistry:
+        """The node registry (:mod:`shardlite.meta.nodes`)."""
         ...
 
     def open(self, *, create: bool, default_nodes: Sequence[tuple[str, str, int]] = ()) -> None:

@@ -8,6 +8,8 @@ from ...catalog import SqliteCatalog
 from ...engine import Settings
 from ...globaldb import APP_DB_NAME, GlobalDB
 from ..store import MetaStore
+from .nodes import SqliteNodes
+from .tenants import SqliteTenants
 
 __all__ = ["SqliteMeta"]
 
@@ -21,6 +23,8 @@ class SqliteMeta:
         #: The app's own global tables (``router.globals``), in a file of their own (see globaldb.py).
         self.appdb = GlobalDB(root, settings, name=APP_DB_NAME, user_sql=True)
         self.catalog = SqliteCatalog(self.globaldb)
+        self.tenants = SqliteTenants(self.globaldb)
+        self.nodes = SqliteNodes(self.globaldb)
 
     @property
     def location(self) -> str:
@@ -36,7 +40,8 @@ class SqliteMeta:
 
     def open(self, *, create: bool, default_nodes: Sequence[tuple[str, str, int]] = ()) -> None:
         try:
-            self.catalog.open(create=create, default_nodes=list(default_nodes))
+            self.catalog.open(create=create)
+            self.nodes.seed(default_nodes)
             self.appdb.open(create=True)
         except BaseException:
             self.close()
