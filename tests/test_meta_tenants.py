@@ -220,10 +220,10 @@ def test_a_drop_decided_on_a_stale_lookup_loses_to_a_move(meta: MetaStore) -> No
 
 
 def test_threads_racing_from_active_to_different_states_have_one_winner(meta: MetaStore) -> None:
+    targets = ("moving", "dropping")
     for round_ in range(10):
         key = f"t:{round_}"
         record = make(meta, key)
-        targets = ("moving", "dropping")
 
         def change(i: int, key: str = key, generation: int = record.generation) -> str:
             meta.tenants.set_state(key, targets[i % 2], expect_generation=generation, expect_states=("active",))
