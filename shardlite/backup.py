@@ -298,11 +298,11 @@ def _backup_locked(store: Store, dest: str, keys: Iterable[object] | None,
     durable_names = {os.path.join(dest, name) for name in on_disk}
     records: list[TenantRecord]
     if keys is None:
-        records = list(store.catalog.iter_tenants())
+        records = list(store.meta.tenants.iter_tenants())
     else:
         records = []
         for key in keys:
-            record = store.catalog.lookup(canonical(key))
+            record = store.meta.tenants.lookup(canonical(key))
             if record is None or record.state not in ("active", "moving"):
                 raise UnknownTenant.for_key(canonical(key))
             records.append(record)
@@ -399,7 +399,7 @@ def _copies(store: Store, dest: str, todo: list[_Todo], parallel: int,
         try:
             return record, folder, signature, _copy_into(path, target, stem, durable_names)
         except apsw.CantOpenError:
-            now = store.catalog.lookup(record.key)
+            now = store.meta.tenants.lookup(record.key)
             if now is None or now.state not in ("active", "moving"):
                 return None  # dropped meanwhile: not part of this backup
             if now.generation == record.generation:
@@ -435,7 +435,7 @@ def _copies(store: Store, dest: str, todo: list[_Todo], parallel: int,
 def export_tenant(store: Store, key: object, path: str) -> dict[str, Any]:
     """Write ``key``'s tenant to ``path`` as a standalone SQLite file (mode 0600)."""
     canon = canonical(key)
-    record = store.catalog.lookup(canon)
+    record = store.meta.tenants.lookup(canon)
     if record is None or record.state not in ("active", "moving"):
         raise UnknownTenant.for_key(canon)
     path = os.path.abspath(path)

@@ -5,27 +5,26 @@ wins and every other process adopts its record. The catalog also issues generati
 restore and import gets a new one, never reused, so no tenant path is ever reused) and keeps a row for a
 dropped tenant (its tombstone) so its history is not forgotten.
 
-:class:`Catalog` is the interface the router and relay use; :class:`SqliteCatalog` is today's
-implementation, in the global DB next to accounts and sessions. Keep SQLite specifics behind it (the
-multi-host mode will put the catalog on PostgreSQL).
+The tenant rows and the node list are reached through their contracts, ``store.meta.tenants``
+(:mod:`shardlite.meta.tenants`) and ``store.meta.nodes`` (:mod:`shardlite.meta.nodes`); this module keeps
+their row types, the global DB's schema (:data:`GLOBAL_STEPS`) and :class:`SqliteCatalog`, the parts of
+``global.db`` not behind a contract yet (pending-work flags, dead letters).
 """
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from .accounts import upgrade_email_keys
 from .app_tables import move_app_tables
 from .authorizer import INTERNAL_SQL as _I
-from .errors import ConfigurationError
 from .globaldb import GLOBAL_DB_NAME, GlobalDB
 from .schema import Step
 
-__all__ = ["Node", "TenantRecord", "Location", "Catalog", "SqliteCatalog", "GLOBAL_DB_NAME", "GLOBAL_STEPS"]
+__all__ = ["Node", "TenantRecord", "Location", "SqliteCatalog", "GLOBAL_DB_NAME", "GLOBAL_STEPS"]
 
 #: shardlite's tables in the global DB, by version (PRAGMA user_version). Version 1: the catalog;
 #: version 2: accounts, password credentials and sessions; version 3: the relay's pending-work flags and
@@ -179,33 +178,6 @@ class TenantRecord:
     created: float
 
 
-class Catalog(Protocol):
-    """What the router needs from a catalog (the SQLite implementation is :class:`SqliteCatalog`)."""
-
-    def nodes(self) -> list[Node]: ...
-    def lookup(self, key: str) -> TenantRecord | None: ...
-    def allocate_generation(self, key: str, node: str, purpose: str) -> int: ...
-    def register(self, key: str, node: str, generation: int, incarnation: str, schema_version: int) -> TenantRecord: ...
-    def set_state(self, key: str, state: str, *, expect_generation: int) -> None: ...
-    def set_schema_version(self, key: str, version: int) -> None: ...
-    def iter_tenants(
-        self, *, states: Sequence[str] = ("active", "moving"), batch: int = 1000
-    ) -> Iterator[TenantRecord]: ...
-    def count_tenants(self) -> dict[str, int]: ...
-    def max_schema_version(self, prefix: str) -> int | None: ...
-    def schema_versions(self) -> dict[int, int]: ...
-    def close(self) -> None: ...
-
-
-def _row_to_record(row: Sequence[Any]) -> TenantRecord:
-    key, node, generation, epoch, state, incarnation, schema_version, created = row
-    return TenantRecord(str(key), str(node), int(generation), int(epoch), str(state),
-                        str(incarnation), int(schema_version), float(created))
-
-
-_RECORD_COLUMNS = "key, node, generation, epoch, state, incarnation, schema_version, created"
-
-
 class SqliteCatalog:
     """The catalog in the global DB (``<root>/global.db``). Thread-safe."""
 
@@ -213,19 +185,10 @@ class SqliteCatalog:
         self.db = db
         self.root = db.root
 
-    def open(self, *, create: bool, default_nodes: Sequence[tuple[str, str, int]] | None = None) -> None:
-        """Open (creating when ``create``) and upgrade the global DB's tables.
-
-        ``default_nodes``: ``(name, path, weight)`` registered when the catalog is first created.
-        """
+    def open(self, *, create: bool) -> None:
+        """Open (creating when ``create``) and upgrade the global DB's tables (the default nodes are
+        seeded by :meth:`shardlite.meta.sqlite.nodes.SqliteNodes.seed`)."""
         self.db.open(create=create, internal_steps=GLOBAL_STEPS)
-        with self.write() as conn:
-            has_nodes = conn.execute("SELECT 1 FROM _shardlite_nodes LIMIT 1").fetchall()
-            if not has_nodes and default_nodes:
-                now = time.time()
-                for name, path, weight in default_nodes:
-                    conn.execute(_I + "INSERT INTO _shardlite_nodes(name, path, weight, state, added) "
-                                 "VALUES (?, ?, ?, 'active', ?)", (name, path, weight, now))
 
     @property
     def exists(self) -> bool:
@@ -239,100 +202,6 @@ class SqliteCatalog:
 
     def read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         return self.db.read(sql, params)
-
-    # -- nodes -----------------------------------------------------------------------------------------
-
-    def nodes(self) -> list[Node]:
-        rows = self.read("SELECT name, path, weight, state FROM _shardlite_nodes ORDER BY name")
-        return [Node(str(n), self._abs(str(p)), int(w), str(s)) for n, p, w, s in rows]
-
-    def _abs(self, path: str) -> str:
-        return path if os.path.isabs(path) else os.path.join(self.root, path)
-
-    # -- tenants ---------------------------------------------------------------------------------------
-
-    def lookup(self, key: str) -> TenantRecord | None:
-        rows = self.read(f"SELECT {_RECORD_COLUMNS} FROM _shardlite_tenants WHERE key = ?", (key,))
-        return _row_to_record(rows[0]) if rows else None
-
-    def allocate_generation(self, key: str, node: str, purpose: str) -> int:
-        with self.write() as conn:
-            conn.execute(_I + "INSERT INTO _shardlite_generations(key, node, purpose, at) VALUES (?, ?, ?, ?)",
-                         (key, node, purpose, time.time()))
-            return int(conn.last_insert_rowid())
-
-    def register(self, key: str, node: str, generation: int, incarnation: str, schema_version: int) -> TenantRecord:
-        """Record a freshly created tenant unless another process won; return the winning record.
-
-        A dropped key is re-created over its tombstone (new generation, new incarnation).
-        """
-        now = time.time()
-        with self.write() as conn:
-            rows = conn.execute(f"SELECT {_RECORD_COLUMNS} FROM _shardlite_tenants WHERE key = ?", (key,)).fetchall()
-            if rows and rows[0][4] != "dropped":
-                return _row_to_record(rows[0])
-            if rows:
-                conn.execute(
-                    _I + """UPDATE _shardlite_tenants SET node = ?, generation = ?, epoch = epoch + 1, state = 'active',
-                       incarnation = ?, schema_version = ?, created = ?, updated = ? WHERE key = ?""",
-                    (node, generation, incarnation, schema_version, now, now, key))
-            else:
-                conn.execute(
-                    _I + f"INSERT INTO _shardlite_tenants({_RECORD_COLUMNS}, updated) "
-                    "VALUES (?, ?, ?, 1, 'active', ?, ?, ?, ?)",
-                    (key, node, generation, incarnation, schema_version, now, now))
-            rows = conn.execute(f"SELECT {_RECORD_COLUMNS} FROM _shardlite_tenants WHERE key = ?", (key,)).fetchall()
-            return _row_to_record(rows[0])
-
-    def set_state(self, key: str, state: str, *, expect_generation: int) -> None:
-        with self.write() as conn:
-            conn.execute(_I + "UPDATE _shardlite_tenants SET state = ?, updated = ? WHERE key = ? AND generation = ?",
-                         (state, time.time(), key, expect_generation))
-            if conn.changes() != 1:
-                raise ConfigurationError(f"tenant {key!r} changed under us (generation {expect_generation} is gone)")
-
-    def set_schema_version(self, key: str, version: int) -> None:
-        with self.write() as conn:
-            conn.execute(_I + "UPDATE _shardlite_tenants SET schema_version = ? WHERE key = ? AND schema_version < ?",
-                         (version, key, version))
-
-    def iter_tenants(
-        self, *, states: Sequence[str] = ("active", "moving"), batch: int = 1000
-    ) -> Iterator[TenantRecord]:
-        """Every tenant in the given states, in key order, read in batches (never all in memory)."""
-        marks = ", ".join("?" for _ in states)
-        after = ""
-        while True:
-            rows = self.read(
-                f"SELECT {_RECORD_COLUMNS} FROM _shardlite_tenants WHERE key > ? AND state IN ({marks}) "
-                "ORDER BY key LIMIT ?",
-                (after, *states, batch))
-            for row in rows:
-                yield _row_to_record(row)
-            if len(rows) < batch:
-                return
-            after = str(rows[-1][0])
-
-    def count_tenants(self) -> dict[str, int]:
-        """Live tenants per node (every node listed, zero included)."""
-        counts = {n.name: 0 for n in self.nodes()}
-        for node, count in self.read(
-                "SELECT node, count(*) FROM _shardlite_tenants WHERE state IN ('active', 'moving') GROUP BY node"):
-            counts[str(node)] = int(count)
-        return counts
-
-    def max_schema_version(self, prefix: str) -> int | None:
-        """The newest app schema version recorded for live tenants whose key starts with ``prefix:``."""
-        upper = prefix + ";"  # ':' + 1: every key of the form 'prefix:...' sorts in [prefix:, prefix;)
-        rows = self.read("SELECT max(schema_version) FROM _shardlite_tenants WHERE key >= ? AND key < ? "
-                         "AND state IN ('active', 'moving')", (prefix + ":", upper))
-        return None if not rows or rows[0][0] is None else int(rows[0][0])
-
-    def schema_versions(self) -> dict[int, int]:
-        """Live tenants per recorded app schema version."""
-        rows = self.read("SELECT schema_version, count(*) FROM _shardlite_tenants WHERE state IN ('active', 'moving') "
-                         "GROUP BY schema_version ORDER BY schema_version")
-        return {int(v): int(c) for v, c in rows}
 
     # -- relay: pending-work flags and dead letters ------------------------------------------------------
 
@@ -397,39 +266,3 @@ class SqliteCatalog:
         with self.write() as conn:
             conn.execute(_I + "DELETE FROM _shardlite_dead_letters WHERE source = ? AND incarnation = ? AND seq = ?",
                          (source, incarnation, seq))
-
-    # -- nodes and moves (rebalancing) -----------------------------------------------------------------
-
-    def add_node(self, name: str, path: str, weight: int) -> None:
-        with self.write() as conn:
-            if conn.execute("SELECT 1 FROM _shardlite_nodes WHERE name = ?", (name,)).fetchall():
-                raise ConfigurationError(f"node {name!r} already exists")
-            conn.execute(_I + "INSERT INTO _shardlite_nodes(name, path, weight, state, added) "
-                         "VALUES (?, ?, ?, 'active', ?)", (name, path, weight, time.time()))
-
-    def set_node_state(self, name: str, state: str) -> None:
-        with self.write() as conn:
-            conn.execute(_I + "UPDATE _shardlite_nodes SET state = ? WHERE name = ?", (state, name))
-            if conn.changes() == 0:
-                raise ConfigurationError(f"unknown node {name!r}")
-
-    def delete_node(self, name: str) -> None:
-        with self.write() as conn:
-            if conn.execute("SELECT 1 FROM _shardlite_tenants WHERE node = ? AND state != 'dropped' LIMIT 1",
-                            (name,)).fetchall():
-                raise ConfigurationError(f"node {name!r} still holds tenants; drain it first")
-            conn.execute(_I + "DELETE FROM _shardlite_nodes WHERE name = ?", (name,))
-
-    def flip(self, key: str, *, from_generation: int, node: str, generation: int,
-             incarnation: str | None = None) -> TenantRecord:
-        """The commit point of a move (or a restore, which also brings a new ``incarnation``): point
-        ``key`` at its new file, compare-and-set on the old generation. Returns the tenant as flipped."""
-        with self.write() as conn:
-            conn.execute(_I + "UPDATE _shardlite_tenants SET node = ?, generation = ?, epoch = epoch + 1, "
-                         "state = 'active', updated = ?, incarnation = coalesce(?, incarnation) "
-                         "WHERE key = ? AND generation = ?",
-                         (node, generation, time.time(), incarnation, key, from_generation))
-            if conn.changes() != 1:
-                raise ConfigurationError(f"tenant {key!r} is no longer at generation {from_generation}")
-            rows = conn.execute(f"SELECT {_RECORD_COLUMNS} FROM _shardlite_tenants WHERE key = ?", (key,)).fetchall()
-            return _row_to_record(rows[0])

@@ -130,7 +130,7 @@ def _current_version(store: Store, prefix: str) -> int | None:
             return store.spec.version_for(prefix)
         except ConfigurationError:
             pass
-    return store.catalog.max_schema_version(prefix)
+    return store.meta.tenants.max_schema_version(prefix)
 
 
 def run_map(store: Store, sql: str, params: Sequence[Any] | dict[str, Any] = (), *,
@@ -142,12 +142,12 @@ def run_map(store: Store, sql: str, params: Sequence[Any] | dict[str, Any] = (),
 
     def records() -> Iterator[tuple[str, TenantRecord | None]]:
         if keys is None:
-            for record in store.catalog.iter_tenants():
+            for record in store.meta.tenants.iter_tenants():
                 yield record.key, record
             return
         for key in keys:
             canon = canonical(key)
-            yield canon, store.catalog.lookup(canon)
+            yield canon, store.meta.tenants.lookup(canon)
 
     versions: dict[str, int | None] = {}
 

@@ -28,17 +28,19 @@ __all__ = ["drop", "fence_file", "migrate_all"]
 def drop(store: Store, key: object) -> None:
     """Drop a tenant: fence its file, record the tombstone, delete the file with its WAL and SHM."""
     canon = canonical(key)
-    record = store.catalog.lookup(canon)
+    record = store.meta.tenants.lookup(canon)
     if record is None or record.state == "dropped":
         raise UnknownTenant.for_key(canon)
     if record.state == "moving":
         raise TenantMoving(f"tenant {canon!r} is being moved; drop it after the move")
     if record.state == "active":
-        store.catalog.set_state(canon, "dropping", expect_generation=record.generation)
+        # F3: only from active (a mover's active -> moving decided meanwhile makes this a MetaConflict)
+        store.meta.tenants.set_state(canon, "dropping", expect_generation=record.generation,
+                                     expect_states=("active",))
     path = store.path_of(record)
     store.forget(canon)
     fence_file(store, record, path, "dropped")
-    store.catalog.set_state(canon, "dropped", expect_generation=record.generation)
+    store.meta.tenants.set_state(canon, "dropped", expect_generation=record.generation, expect_states=("dropping",))
     for handle in store.pool.handles():
         if handle.key == canon and handle.enter(store.settings.busy_timeout_ms / 1000):
             try:

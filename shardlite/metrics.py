@@ -34,12 +34,13 @@ def node_bytes(path: str) -> int:
 
 def status(store: Store) -> dict[str, Any]:
     """Tenants per node and per schema version, and this process's open connections (``router.status()``)."""
-    catalog = store.catalog
+    tenants = store.meta.tenants
+    nodes = store.meta.nodes.list()
     return {
         "root": store.root,
-        "nodes": [{"name": n.name, "path": n.path, "weight": n.weight, "state": n.state} for n in catalog.nodes()],
-        "tenants_per_node": catalog.count_tenants(),
-        "schema_versions": catalog.schema_versions(),
+        "nodes": [{"name": n.name, "path": n.path, "weight": n.weight, "state": n.state} for n in nodes],
+        "tenants_per_node": {n.name: 0 for n in nodes} | tenants.count_by_node(),
+        "schema_versions": tenants.schema_versions(),
         "open_connections": len(store.pool),
         "synchronous": store.settings.synchronous,
     }
@@ -52,7 +53,7 @@ def stats(store: Store, relay: Relay, rebalancer: Rebalancer) -> dict[str, Any]:
     relay_status = relay.status()
     rebalance = rebalancer.status()
     return first | {
-        "bytes_per_node": {n.name: node_bytes(n.path) for n in store.catalog.nodes()},
+        "bytes_per_node": {n.name: node_bytes(n.path) for n in store.meta.nodes.list()},
         "relay": {"pending": relay_status["pending"], "lag_seconds": relay_status["oldest_age"],
                   "dead_letters": relay_status["dead_letters"], "topics": relay_status["topics"]},
         "rebalance": {"plan": rebalance.get("plan"), "state": rebalance.get("state"),

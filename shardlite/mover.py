@@ -79,7 +79,7 @@ class Mover:
 
     def __init__(self, store: Store, journal: MoveJournal, owner: str) -> None:
         self.store = store
-        self.catalog = store.catalog
+        self.tenants = store.meta.tenants
         self.journal = journal
         self.owner = owner
         self.token = owner.rsplit(":", 1)[-1]
@@ -113,22 +113,24 @@ class Mover:
 
     def _start(self, claim: Claim, _fenced_at: list[float]) -> None:
         move = claim.move
-        record = self.catalog.lookup(move.key)
+        record = self.tenants.lookup(move.key)
         if (record is None or record.state not in ("active", "moving") or record.node != move.source
                 or record.generation != move.source_generation):
             self._journal(claim, "skipped", error="stale: the tenant changed since the plan")
             return
         self._check_space(move)
-        generation = self.catalog.allocate_generation(move.key, move.target, "move")
+        generation = self.tenants.allocate_generation(move.key, move.target, "move")
         self._journal(claim, "copying", target_generation=generation)
 
     def _copy_and_fence(self, claim: Claim, fenced_at: list[float]) -> None:
         move = claim.move
-        record = self.catalog.lookup(move.key)
+        record = self.tenants.lookup(move.key)
         if record is None or record.generation != move.source_generation:
             raise MoveFailed(f"tenant {move.key!r} is no longer at generation {move.source_generation}")
         if record.state == "active":
-            self.catalog.set_state(move.key, "moving", expect_generation=move.source_generation)
+            # F3: only from active, so a drop decided meanwhile (active -> dropping) and this cannot both win
+            self.tenants.set_state(move.key, "moving", expect_generation=move.source_generation,
+                                   expect_states=("active",))
         self._copy_and_verify(claim)
         fenced_at.append(time.monotonic())
         self._fence(claim)
@@ -136,7 +138,7 @@ class Mover:
 
     def _switch(self, claim: Claim, fenced_at: list[float]) -> None:
         move = claim.move
-        record = self.catalog.lookup(move.key)
+        record = self.tenants.lookup(move.key)
         if record is None or record.generation != move.target_generation:
             # Not flipped yet (a resume may find the flip done: then the copy is live, never redo it).
             if not fenced_at:
@@ -312,7 +314,7 @@ class Mover:
         Returns what was rolled back, or None when the move had passed its commit point (then it is
         journaled ``done`` instead). Raises LostClaim when the claim is lost meanwhile."""
         move = claim.move
-        record = self.catalog.lookup(move.key)
+        record = self.tenants.lookup(move.key)
         if (move.target_generation is not None and record is not None
                 and record.generation == move.target_generation):
             self.journal.set_step(move, self.owner, "done", applying=False)
@@ -328,9 +330,10 @@ class Mover:
                     actions.append("unrouted target copy removed")
             if self._unfence(claim):
                 actions.append("fence lifted")
-        record = self.catalog.lookup(move.key)
+        record = self.tenants.lookup(move.key)
         if record is not None and record.generation == move.source_generation and record.state == "moving":
-            self.catalog.set_state(move.key, "active", expect_generation=move.source_generation)
+            self.tenants.set_state(move.key, "active", expect_generation=move.source_generation,
+                                   expect_states=("moving",))
             actions.append("catalog state back to active")
         self.store.forget(move.key)
         return actions
@@ -354,7 +357,7 @@ class Mover:
                 return False  # rolled back: nothing to lift
             if own_claim:
                 self.journal.check(move, self.owner, applying=False)
-            record = self.catalog.lookup(move.key)
+            record = self.tenants.lookup(move.key)
             if record is None or record.generation != move.source_generation:
                 raise MoveFailed(f"tenant {move.key!r} is no longer routed to {source_path}: its fence stays")
             conn.execute("UPDATE _shardlite_meta SET retired = NULL WHERE id = 1")

@@ -33,10 +33,10 @@ class Nodes:
         self._store = store
 
     def list(self) -> list[Node]:
-        return self._store.catalog.nodes()
+        return self._store.meta.nodes.list()
 
     def counts(self) -> builtins.list[dict[str, Any]]:
-        per_node = self._store.catalog.count_tenants()
+        per_node = self._store.meta.tenants.count_by_node()
         return [asdict(n) | {"tenants": per_node.get(n.name, 0)} for n in self.list()]
 
     def add(self, name: str, *, path: str | None = None, weight: int = 1) -> Node:
@@ -61,7 +61,7 @@ class Nodes:
         if not os.access(target, os.W_OK | os.X_OK):
             raise ConfigurationError(f"node directory {target} is not writable")
         stored = os.path.relpath(target, store.root) if _inside(target, store.root) else target
-        store.catalog.add_node(name, stored, weight)
+        store.meta.nodes.add(name, stored, weight)
         store._refresh_nodes()
         return next(n for n in self.list() if n.name == name)
 
@@ -73,7 +73,7 @@ class Nodes:
         active = [n for n in nodes.values() if n.state == "active"]
         if nodes[name].state == "active" and len(active) == 1:
             raise ConfigurationError(f"{name!r} is the last active node; add another before removing it")
-        self._store.catalog.set_node_state(name, "draining")
+        self._store.meta.nodes.set_state(name, "draining")
         self._store._refresh_nodes()
         return next(n for n in self.list() if n.name == name)
 
@@ -84,5 +84,5 @@ class Nodes:
             raise ConfigurationError(f"unknown node {name!r} (nodes: {', '.join(sorted(nodes))})")
         if nodes[name].state != "draining":
             raise ConfigurationError(f"drain node {name!r} first (`shardlite nodes remove` does both)")
-        self._store.catalog.delete_node(name)
+        self._store.meta.nodes.remove(name)  # F1: tombstones on it move to a remaining node
         self._store._refresh_nodes()

@@ -141,7 +141,7 @@ class Rebalancer:
     def _placements(self) -> list[Placement]:
         store = self.store
         result = []
-        for record in store.catalog.iter_tenants():
+        for record in store.meta.tenants.iter_tenants():
             path = store.path_of(record)
             size = sum(os.path.getsize(path + s) for s in ("", "-wal") if os.path.exists(path + s))
             result.append(Placement(record.key, record.node, record.generation, size))
@@ -150,7 +150,7 @@ class Rebalancer:
     def compute(self) -> Plan:
         """The plan for the catalog as it is now (nothing recorded). Moves that do not fit on their
         target node's file system (``os.statvfs``, ``reserve`` kept free) are left out, with the reason."""
-        nodes = self.store.catalog.nodes()
+        nodes = self.store.meta.nodes.list()
         weights = {n.name: n.weight for n in nodes if n.state == "active"}
         if not weights:
             raise ConfigurationError("no active node to move tenants to")
@@ -168,11 +168,11 @@ class Rebalancer:
 
     def _current_fingerprint(self, plan_id: int) -> str:
         """The plan's fingerprint recomputed from the catalog as it is now (see planning.fingerprint)."""
-        catalog = self.store.catalog
-        nodes = catalog.nodes()
+        meta = self.store.meta
+        nodes = meta.nodes.list()
         placements = []
         for move in self.journal.moves(plan_id):
-            record = catalog.lookup(move.key)
+            record = meta.tenants.lookup(move.key)
             if record is not None and record.state in ("active", "moving"):
                 placements.append(Placement(record.key, record.node, record.generation))
         return fingerprint({n.name: n.weight for n in nodes if n.state == "active"},
@@ -430,10 +430,10 @@ class Rebalancer:
             self.journal.mark_completed(plan_id, move.key)  # False: another `complete` got there first
         if not self.journal.set_plan_state(plan_id, "completed", only_from=("done", "cancelled")):
             raise ConfigurationError(f"plan {plan_id} is {self.journal.plan_state(plan_id)} now: not completed")
-        counts = self.store.catalog.count_tenants()
-        for node in self.store.catalog.nodes():
+        counts = self.store.meta.tenants.count_by_node()
+        for node in self.store.meta.nodes.list():
             if node.state == "draining" and counts.get(node.name, 0) == 0:
-                self.store.catalog.delete_node(node.name)
+                self.store.meta.nodes.remove(node.name)  # F1: its tombstones move to a remaining node
         self.store._refresh_nodes()
         return self.status(plan_id) | {"retired_files_removed": removed}
 

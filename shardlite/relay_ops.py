@@ -57,7 +57,7 @@ def status(relay: Relay) -> dict[str, Any]:
     """See :meth:`shardlite.relay.Relay.status`."""
     store = relay.store
     now = time.time()
-    per_node: dict[str, dict[str, Any]] = {n.name: _node_entry() for n in store.catalog.nodes()}
+    per_node: dict[str, dict[str, Any]] = {n.name: _node_entry() for n in store.meta.nodes.list()}
     topics: dict[str, int] = {}
     for key, _due, _since in store.catalog.pending_all():
         try:

@@ -156,7 +156,7 @@ def _prepare(store: Store, source: apsw.Connection, key: str, *, label: str, exp
     shardlite's tables in it (new incarnation); registers nothing. The temporary file is removed when
     this raises. A live tenant stays on its node; a new one goes to ``node`` when given, else where the
     ring proposes."""
-    existing = store.catalog.lookup(key)
+    existing = store.meta.tenants.lookup(key)
     if existing is not None and existing.state != "dropped":
         node = existing.node
     elif node is None:
@@ -211,41 +211,42 @@ def _install(store: Store, prepared: _Prepared, purpose: str, force: bool) -> Te
     tenant registered. The temporary file is gone afterwards."""
     key = prepared.key
     try:
-        generation = store.catalog.allocate_generation(key, prepared.node, purpose)
+        generation = store.meta.tenants.allocate_generation(key, prepared.node, purpose)
         path = os.path.join(store.node_path(prepared.node), tenant_relpath(key, generation))
         os.link(prepared.temp, path)
     finally:
         remove_db_files(prepared.temp)
     try:
         fsync_dir(os.path.dirname(path))
-        existing = store.catalog.lookup(key)
+        existing = store.meta.tenants.lookup(key)
         if existing is not None and existing.state in ("active", "dropping"):
             if not force:
                 raise ConfigurationError(f"tenant {key!r} was created meanwhile; pass force=True (--force) to "
                                          "replace it")
             fence_file(store, existing, store.path_of(existing), "replaced")
-            store.catalog.flip(key, from_generation=existing.generation, node=prepared.node, generation=generation,
-                               incarnation=prepared.incarnation)
+            store.meta.tenants.flip(key, from_generation=existing.generation, node=prepared.node,
+                                    generation=generation, incarnation=prepared.incarnation,
+                                    expect_states=("active", "dropping"))
             remove_db_files(store.path_of(existing))
-        elif store.catalog.register(key, prepared.node, generation, prepared.incarnation,
-                                    prepared.app_version).generation != generation:
+        elif store.meta.tenants.register(key, prepared.node, generation, prepared.incarnation,
+                                         prepared.app_version).generation != generation:
             raise ConfigurationError(f"tenant {key!r} was created meanwhile; pass force=True (--force) to replace it")
     except BaseException:
-        now = store.catalog.lookup(key)
+        now = store.meta.tenants.lookup(key)
         if now is None or now.generation != generation:
             remove_db_files(path)  # never routed to
         raise
     store.forget(key)
     if prepared.events:
         store.catalog.flag_pending(key)
-    record = store.catalog.lookup(key)
+    record = store.meta.tenants.lookup(key)
     assert record is not None
     return record
 
 
 def _check_target(store: Store, key: str, force: bool) -> None:
     store.spec.steps_for(prefix_of(key))  # ConfigurationError when the prefix has no schema
-    existing = store.catalog.lookup(key)
+    existing = store.meta.tenants.lookup(key)
     if existing is not None and existing.state == "moving":
         raise ConfigurationError(f"tenant {key!r} is being moved; retry after the rebalance")
     if existing is not None and existing.state in ("active", "dropping") and not force:
@@ -383,7 +384,7 @@ def _open_global_copies(src: str, manifest: dict[str, Any]) -> dict[str, tuple[a
 
 
 def _restore_globals(store: Store, src: str, manifest: dict[str, Any]) -> dict[str, int]:
-    if any(True for _ in store.catalog.iter_tenants()):
+    if any(True for _ in store.meta.tenants.iter_tenants(batch=1)):
         raise ConfigurationError("restoring the global DB needs an empty data root (no tenants); restore the whole "
                                  "backup into a new root instead (`shardlite restore SRC --root NEW`)")
     sources = _open_global_copies(src, manifest)

@@ -29,10 +29,12 @@ from typing import Final
 import apsw
 
 from . import manifest as mf
-from .catalog import SqliteCatalog
+from .catalog import Node
 from .engine import Settings, ensure_private_dir
-from .errors import ConfigurationError, ShardliteError
-from .globaldb import APP_DB_NAME, GLOBAL_DB_NAME, GlobalDB
+from .errors import ConfigurationError, MetaConflict, ShardliteError
+from .globaldb import APP_DB_NAME, GLOBAL_DB_NAME
+from .meta import MetaStore
+from .meta.sqlite import SqliteMeta
 from .sanitize import shown
 from .store import NODE_NAME_RE, Store
 
@@ -203,11 +205,9 @@ def root_state(root: str) -> str:
 
 def not_empty(store: Store) -> str | None:
     """Why the root of ``store`` is not empty (:func:`root_state`), or None when it is."""
-    if store.catalog.read("SELECT 1 FROM _shardlite_tenants LIMIT 1"):
+    if store.meta.tenants.has_rows():
         return "it holds tenants (or tombstones of dropped ones)"
-    nodes = [tuple(row) for row in store.catalog.read("SELECT name, path, weight, state FROM _shardlite_nodes "
-                                                      "ORDER BY name")]
-    if nodes != DEFAULT_LAYOUT:
+    if _recorded(store.meta, store.root) != _DEFAULT_NODES:
         return "its nodes are not the default one"
     if store.meta.accounts.has_rows():
         return "it holds accounts or sessions"
@@ -217,31 +217,30 @@ def not_empty(store: Store) -> str | None:
     return None
 
 
-def install_layout(catalog: SqliteCatalog, plans: list[NodePlan], root: str) -> None:
+_DEFAULT_NODES: Final = [Node(*row) for row in DEFAULT_LAYOUT]
+
+
+def _recorded(meta: MetaStore, root: str) -> list[Node]:
+    """The node list of ``meta`` as :func:`stored_path` records it (relative to ``root`` when inside it)."""
+    return [Node(n.name, stored_path(n.path, root), n.weight, n.state) for n in meta.nodes.list()]
+
+
+def install_layout(meta: MetaStore, plans: list[NodePlan], root: str) -> None:
     """Replace the node list of a new or empty root with ``plans``, in one transaction that first checks
-    the root still has no tenant and no node but the default one (another process may have used it)."""
-    with catalog.write() as conn:
-        if conn.execute("SELECT 1 FROM _shardlite_tenants LIMIT 1").fetchall():
-            raise RootChanged(f"{root} got tenants meanwhile (a router on it?); restore into another root")
-        existing = [tuple(row) for row in conn.execute("SELECT name, path, weight, state FROM _shardlite_nodes "
-                                                       "ORDER BY name").fetchall()]
-        if existing not in ([], DEFAULT_LAYOUT):
-            raise RootChanged(f"{root} got other nodes meanwhile (a router on it?); restore into another root")
-        for name, *_ in existing:
-            catalog.delete_node(name)
-        for plan in plans:
-            catalog.add_node(plan.name, stored_path(plan.path, root), plan.weight)
-            if plan.state != "active":
-                catalog.set_node_state(plan.name, plan.state)
+    the root still has no tenant and no node but the default one (another process may have used it:
+    :class:`RootChanged`)."""
+    nodes = [Node(plan.name, stored_path(plan.path, root), plan.weight, plan.state) for plan in plans]
+    try:
+        meta.nodes.replace_all(nodes, only_if_pristine=True, expect=[[], _DEFAULT_NODES])
+    except MetaConflict:
+        what = "tenants" if meta.tenants.has_rows() else "other nodes"
+        raise RootChanged(f"{root} got {what} meanwhile (a router on it?); restore into another root") from None
 
 
-def reset_layout(catalog: SqliteCatalog) -> None:
-    """Put the default node list back in a root that holds no tenant (undoing :func:`install_layout`)."""
-    with catalog.write():
-        for node in catalog.nodes():
-            catalog.delete_node(node.name)
-        for name, path, weight, _state in DEFAULT_LAYOUT:
-            catalog.add_node(name, path, weight)
+def reset_layout(meta: MetaStore) -> None:
+    """Put the default node list back in a root that holds no tenant (undoing :func:`install_layout`);
+    :class:`~shardlite.MetaConflict` when it holds one now."""
+    meta.nodes.replace_all(_DEFAULT_NODES, only_if_pristine=True)
 
 
 #: The root's own files a restore into a new root creates (with SQLite's companions).
@@ -286,10 +285,13 @@ class RootUndo:
             try:
                 if store is None or store.closed:
                     store = Store(self.root, create=False)
-                if store.catalog.read("SELECT 1 FROM _shardlite_tenants LIMIT 1"):
+                if store.meta.tenants.has_rows():
                     return False
                 _clear_globals(store, self.app_version)
-                reset_layout(store.catalog)
+                try:
+                    reset_layout(store.meta)
+                except MetaConflict:
+                    return False  # a tenant was registered meanwhile: the root stays as it is
             finally:
                 if store is not None:
                     store.close()
@@ -362,14 +364,14 @@ def open_root_with_layout(root: str, plans: list[NodePlan], made_root: str | Non
     undo = RootUndo(root, plans, new=new, made_root=made_root, app_version=app_version)
     try:
         if store is None:
-            catalog = SqliteCatalog(GlobalDB(root, Settings()))
+            meta = SqliteMeta(root, Settings())
             try:
-                catalog.open(create=True)
-                install_layout(catalog, plans, root)
+                meta.open(create=True)
+                install_layout(meta, plans, root)
             finally:
-                catalog.close()
+                meta.close()
         else:
-            install_layout(store.catalog, plans, root)
+            install_layout(store.meta, plans, root)
             store.close()
             default = os.path.join(root, DEFAULT_LAYOUT[0][1])
             if all(plan.path != default for plan in plans):

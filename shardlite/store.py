@@ -194,7 +194,7 @@ class Store(TenantCreation, TenantReads):
     # -- nodes and the ring -------------------------------------------------------------------------
 
     def _refresh_nodes(self) -> list[Node]:
-        nodes = self.catalog.nodes()
+        nodes = self.meta.nodes.list()
         self._node_paths = {n.name: n.path for n in nodes}
         source = tuple((n.name, n.weight) for n in nodes if n.state == "active")
         if source != self._ring_source:
@@ -223,7 +223,7 @@ class Store(TenantCreation, TenantReads):
         record = self._records.get(canon)
         if record is not None:
             return record
-        record = self.catalog.lookup(canon)
+        record = self.meta.tenants.lookup(canon)
         if record is not None and record.state in _LIVE:
             if len(self._records) > 100_000:
                 self._records.clear()
@@ -249,7 +249,7 @@ class Store(TenantCreation, TenantReads):
                 steps=self.spec.steps_for(prefix_of(canon)), read_only=role == "r")
         except apsw.CantOpenError as exc:
             self.forget(canon)
-            fresh = self.catalog.lookup(canon)
+            fresh = self.meta.tenants.lookup(canon)
             if fresh is not None and fresh.generation == record.generation and fresh.state in _LIVE:
                 raise ShardliteError(
                     f"tenant {canon!r}: the catalog says {path} but the file is missing ({exc})") from exc
@@ -267,7 +267,7 @@ class Store(TenantCreation, TenantReads):
                                   "process; nothing was committed: make them writable by this user (mode "
                                   "0600/0700); the next write opens the file again")
         if ident.app_version > record.schema_version:
-            self.catalog.set_schema_version(canon, ident.app_version)
+            self.meta.tenants.note_schema_version(canon, ident.app_version)
         handle = Handle(canon, role, conn, guard, path, record.generation, ident.incarnation)
         handle.limit = self._deadline
         conn.setprogresshandler(handle.progress, self.read_check_steps if role == "r" else WRITE_CHECK_STEPS)
@@ -337,7 +337,7 @@ class Store(TenantCreation, TenantReads):
         waited = max(0.0, self.move_wait - (deadline - time.monotonic()))
         delay = min(0.001 + waited / 10, 0.05)
         while True:
-            record = self.catalog.lookup(canon)
+            record = self.meta.tenants.lookup(canon)
             if record is None or record.generation != old_generation or record.state not in _LIVE:
                 return
             if time.monotonic() + delay > deadline:
@@ -548,17 +548,17 @@ class Store(TenantCreation, TenantReads):
 
     def locate(self, key: object) -> Location:
         canon = canonical(key)
-        record = self.catalog.lookup(canon)
+        record = self.meta.tenants.lookup(canon)
         if record is None or record.state not in _LIVE:
             return Location(canon, self.propose(canon), None, 0, "absent", 0)
         return Location(canon, record.node, self.path_of(record), record.epoch, record.state, record.generation)
 
     def exists(self, key: object) -> bool:
-        record = self.catalog.lookup(canonical(key))
+        record = self.meta.tenants.lookup(canonical(key))
         return record is not None and record.state in _LIVE
 
     def tenants(self) -> Iterator[str]:
-        for record in self.catalog.iter_tenants():
+        for record in self.meta.tenants.iter_tenants():
             yield record.key
 
     # -- lifecycle ---------------------------------------------------------------------------------------

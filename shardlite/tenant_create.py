@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import secrets
 import threading
+from typing import TYPE_CHECKING
 
-from .catalog import SqliteCatalog, TenantRecord
+from .catalog import TenantRecord
 from .copying import remove_db_files
 from .engine import Settings, free_bytes, storage_error
 from .errors import ConfigurationError, StorageFull
@@ -25,6 +26,9 @@ from .placement import tenant_relpath
 from .ring import Ring
 from .schema import SchemaSpec
 from .tenant import Personaliser, build_template, write_new_file
+
+if TYPE_CHECKING:
+    from .meta.sqlite import SqliteMeta
 
 __all__ = ["TenantCreation", "PLACEMENT_RESERVE"]
 
@@ -48,7 +52,7 @@ class TenantCreation:
 
     settings: Settings
     spec: SchemaSpec
-    catalog: SqliteCatalog
+    meta: SqliteMeta
     _ring: Ring | None
     _ring_source: tuple[tuple[str, int], ...]
     _node_paths: dict[str, str]
@@ -94,7 +98,7 @@ class TenantCreation:
         prefix = prefix_of(canon)
         steps = self.spec.steps_for(prefix)
         node = self.propose(canon)
-        generation = self.catalog.allocate_generation(canon, node, "create")
+        generation = self.meta.tenants.allocate_generation(canon, node, "create")
         incarnation = secrets.token_hex(16)
         data, seed = self.template(prefix)(canon, incarnation)
         path = os.path.join(self.node_path(node), tenant_relpath(canon, generation))
@@ -106,7 +110,7 @@ class TenantCreation:
                 raise
             raise found from exc
         try:
-            winner = self.catalog.register(canon, node, generation, incarnation, len(steps))
+            winner = self.meta.tenants.register(canon, node, generation, incarnation, len(steps))
         except BaseException:
             remove_db_files(path)
             raise

@@ -521,7 +521,7 @@ def test_restore_gives_a_new_generation_and_incarnation_and_never_overwrites_wit
         assert not os.path.exists(str(old.path) + suffix)
     stored_key, incarnation = meta(router, key)
     assert stored_key == key and incarnation != old_incarnation
-    record = router._store.catalog.lookup(key)
+    record = router._store.meta.tenants.lookup(key)
     assert record is not None and record.incarnation == incarnation
     assert ledger(router, key) == [1, 2]  # the backup's content; later writes were replaced
 

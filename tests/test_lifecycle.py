@@ -119,7 +119,7 @@ def test_drop_deletes_the_file_with_wal_and_shm_and_records_a_tombstone(make: Ca
 
     for suffix in ("", "-wal", "-shm"):
         assert not os.path.exists(path + suffix), suffix
-    record = router._store.catalog.lookup(key)
+    record = router._store.meta.tenants.lookup(key)
     assert record is not None and record.state == "dropped" and record.generation == old.generation
     assert not router.exists(key)
     location = router.locate(key)
@@ -479,3 +479,22 @@ def test_prometheus_text_and_wsgi_app(make: Callable[..., Router]) -> None:
     served = _parse_prometheus(body.decode())
     assert set(served) == set(samples)
     assert served["shardlite_relay_pending"] == 2
+
+
+def test_a_node_holding_only_tombstones_can_be_removed(make_router: Callable[..., Router]) -> None:
+    """Gap F1: draining and removing a node whose only tenants were dropped failed with a raw
+    ``apsw.ConstraintError`` (the tombstones' foreign key). The tombstone now moves to a remaining node:
+    the key keeps its history (a re-creation gets the next epoch and a new generation)."""
+    router = make_router(nodes=["n1", "n2"], schema=["CREATE TABLE t(v)"])
+    key = next(k for k in (f"t:{i}" for i in range(1000)) if router.locate(k).node == "n2")
+    with router.transaction(key) as tx:
+        tx.execute("INSERT INTO t VALUES (1)")
+    first = router.locate(key)
+    router.drop(key)
+    router.nodes.drain("n2")
+    router.nodes.remove("n2")
+    assert [n.name for n in router.nodes.list()] == ["n1"]
+    with router.transaction(key) as tx:
+        assert tx.execute("SELECT count(*) FROM t").fetchall() == [(0,)]
+    again = router.locate(key)
+    assert (again.node, again.epoch) == ("n1", first.epoch + 1) and again.generation > first.generation

@@ -14,7 +14,6 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import pytest
 from helpers_meta import open_meta
@@ -53,16 +52,8 @@ def row(journal: MoveJournal, plan_id: int, key: str) -> MoveRow:
     return found
 
 
-def tenants(meta: MetaStore) -> Any:
-    """The tenant catalog contract: ``meta.tenants`` once it exists (another branch of issue 15), until then
-    the store's ``catalog``, which has the same ``allocate_generation``/``register``/``lookup``."""
-    return getattr(meta, "tenants", None) or getattr(meta, "catalog")  # noqa: B009 - see the docstring
-
-
 def new_tenant(meta: MetaStore, key: str) -> TenantRecord:
-    catalog = tenants(meta)
-    record: TenantRecord = catalog.register(key, "n1", catalog.allocate_generation(key, "n1", "create"), "i1", 0)
-    return record
+    return meta.tenants.register(key, "n1", meta.tenants.allocate_generation(key, "n1", "create"), "i1", 0)
 
 
 def run_threads(count: int, body: Callable[[int], object]) -> list[object]:
@@ -474,7 +465,7 @@ def moving_tenant(meta: MetaStore, key: str = "t:1") -> tuple[MoveRow, TenantRec
     plan_id = journal.create_plan("fp", {}, [Move(key, "n1", "n1", record.generation, 1)])
     assert journal.set_plan_state(plan_id, "applying", only_from=("planned",))
     move = claimed(journal, plan_id, key, "a")
-    target = tenants(meta).allocate_generation(key, "n1", "move")
+    target = meta.tenants.allocate_generation(key, "n1", "move")
     journal.set_step(move, "a", "copying", applying=True, target_generation=target)
     return move, record, target
 
@@ -485,7 +476,7 @@ def test_flip_held_flips_with_the_claim_checked(meta: MetaStore) -> None:
                                      from_generation=record.generation, incarnation="i2")
     assert (flipped.key, flipped.node, flipped.generation, flipped.epoch, flipped.state, flipped.incarnation) == \
         (record.key, "n1", target, record.epoch + 1, "active", "i2")
-    assert tenants(meta).lookup(record.key) == flipped
+    assert meta.tenants.lookup(record.key) == flipped
     again = meta.journal.flip_held(move, "a", node="n1", generation=target + 1000, from_generation=target)
     assert again.incarnation == "i2" and again.epoch == record.epoch + 2  # no incarnation given: kept
 
@@ -495,7 +486,7 @@ def test_flip_held_compare_and_set_on_the_generation(meta: MetaStore) -> None:
     with pytest.raises(MetaConflict) as caught:
         meta.journal.flip_held(move, "a", node="n1", generation=target, from_generation=record.generation + 1000)
     assert not isinstance(caught.value, (LostClaim, PlanCancelled, ConfigurationError))
-    assert tenants(meta).lookup(record.key) == record
+    assert meta.tenants.lookup(record.key) == record
 
 
 def test_flip_held_compare_and_set_on_the_claim_and_the_plan(meta: MetaStore) -> None:
@@ -503,11 +494,11 @@ def test_flip_held_compare_and_set_on_the_claim_and_the_plan(meta: MetaStore) ->
     journal = meta.journal
     with pytest.raises(LostClaim):
         journal.flip_held(move, "b", node="n1", generation=target, from_generation=record.generation)
-    assert tenants(meta).lookup(record.key) == record
+    assert meta.tenants.lookup(record.key) == record
     assert journal.set_plan_state(move.plan_id, "cancelled")
     with pytest.raises(PlanCancelled):
         journal.flip_held(move, "a", node="n1", generation=target, from_generation=record.generation)
-    assert tenants(meta).lookup(record.key) == record
+    assert meta.tenants.lookup(record.key) == record
 
 
 # -- the rest ----------------------------------------------------------------------------------------------

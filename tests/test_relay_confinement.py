@@ -341,7 +341,7 @@ def test_relay_run_once_with_hostile_tenants_delivers_the_rest_and_exits_cleanly
 def set_fence(router: Router, key: str, marker: str | None) -> None:
     """Fence ``key``'s file with the rebalancer's fence (``marker``), or lift it (None)."""
     store = router._store
-    record_ = store.catalog.lookup(key)
+    record_ = store.meta.tenants.lookup(key)
     assert record_ is not None
     path = store.path_of(record_)
     if marker is not None:

@@ -61,7 +61,7 @@ def cmd_locate(args: argparse.Namespace) -> int:
 
 def cmd_tenants(args: argparse.Namespace) -> int:
     with open_router(args) as router:
-        records = router._store.catalog.iter_tenants()
+        records = router._store.meta.tenants.iter_tenants()
         rows = []
         for i, record in enumerate(records):
             if args.limit is not None and i >= args.limit:

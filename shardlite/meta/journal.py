@@ -203,7 +203,8 @@ class MoveJournal(Protocol):
                   incarnation: str | None = None) -> TenantRecord:
         """The commit point of a move: the :meth:`check` (``applying``) and the catalog flip of
         ``move.key`` to ``node``/``generation`` in ONE atomic unit. The flip is a compare-and-set on the
-        tenant's generation being ``from_generation``: it makes the tenant ``active`` at the new
+        tenant's generation being ``from_generation`` and its state ``active`` or ``moving`` (a resume after
+        an undo that crashed before journaling it finds the tenant active again): it makes it ``active`` at the new
         generation, ``epoch`` + 1, and takes ``incarnation`` when given. Returns the tenant as flipped.
         Raises LostClaim, PlanCancelled, or :class:`~shardlite.MetaConflict` when the generation moved
         on; nothing written in all three cases."""

@@ -9,7 +9,9 @@ if TYPE_CHECKING:
     from .accounts import AccountStore, CredentialStore
     from .app_globals import AppGlobals
     from .journal import MoveJournal
+    from .nodes import NodeRegistry
     from .sessions import SessionStore
+    from .tenants import TenantCatalog
 
 __all__ = ["MetaBase", "MetaStore"]
 
@@ -51,6 +53,16 @@ class MetaStore(MetaBase, Protocol):
     Its parts (one attribute per concept, each with its own contract module in :mod:`shardlite.meta`) are
     usable between :meth:`open` and :meth:`close`.
     """
+
+    @property
+    def tenants(self) -> TenantCatalog:
+        """The tenant catalog (:mod:`shardlite.meta.tenants`)."""
+        ...
+
+    @property
+    def nodes(self) -> NodeRegistry:
+        """The node registry (:mod:`shardlite.meta.nodes`)."""
+        ...
 
     @property
     def journal(self) -> MoveJournal:

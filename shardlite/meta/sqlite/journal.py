@@ -17,12 +17,13 @@ from typing import Any
 import apsw
 
 from ...authorizer import INTERNAL_SQL as _I
-from ...catalog import SqliteCatalog, TenantRecord
-from ...errors import ConfigurationError, MetaConflict
+from ...catalog import TenantRecord
+from ...errors import ConfigurationError
 from ...globaldb import GlobalDB
 from ...movejournal import FINISHED, MAX_LISTED, STEPS, LostClaim, MoveRow, PlanCancelled
 from ...planning import Move
 from ..journal import STEP_FIELDS, MoveJournal, PlanRow
+from .tenants import SqliteTenants
 
 __all__ = ["SqliteJournal"]
 
@@ -44,12 +45,12 @@ def _plan(row: Sequence[Any]) -> PlanRow:
 
 
 class SqliteJournal:
-    """The move journal in the global DB. ``catalog`` is the same global DB's tenant catalog (for
+    """The move journal in the global DB. ``tenants`` is the same global DB's tenant catalog (for
     :meth:`flip_held`, which joins the claim check and the flip in one transaction)."""
 
-    def __init__(self, db: GlobalDB, catalog: SqliteCatalog) -> None:
+    def __init__(self, db: GlobalDB, tenants: SqliteTenants) -> None:
         self.db = db
-        self._catalog = catalog
+        self._tenants = tenants
 
     # -- reading plans ---------------------------------------------------------------------------------
 
@@ -225,14 +226,10 @@ class SqliteJournal:
                   incarnation: str | None = None) -> TenantRecord:
         with self.db.write() as conn:
             _check(conn, move, owner, applying=True, margin=0.0)
-            try:
-                # Nested in this write (a savepoint): the flip commits with the check or not at all.
-                return self._catalog.flip(move.key, from_generation=from_generation, node=node,
-                                          generation=generation, incarnation=incarnation)
-            except ConfigurationError as exc:
-                if self.db.closed:
-                    raise
-                raise MetaConflict(str(exc)) from exc
+            # Nested in this write (a savepoint): the flip commits with the check or not at all. Active as well
+            # as moving: a resume after an undo that crashed before journaling it finds the tenant active.
+            return self._tenants.flip(move.key, from_generation=from_generation, node=node, generation=generation,
+                                      expect_states=("active", "moving"), incarnation=incarnation)
 
     def cancel_unstarted(self, plan_id: int, owner: str) -> int:
         with self.db.write() as conn:

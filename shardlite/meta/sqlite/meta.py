@@ -11,7 +11,9 @@ from ..store import MetaStore
 from .accounts import SqliteAccounts, SqliteCredentials
 from .app_globals import SqliteAppGlobals
 from .journal import SqliteJournal
+from .nodes import SqliteNodes
 from .sessions import SqliteSessions
+from .tenants import SqliteTenants
 
 __all__ = ["SqliteMeta"]
 
@@ -25,7 +27,9 @@ class SqliteMeta:
         #: The app's own global tables (``router.globals``), in a file of their own (see globaldb.py).
         self.appdb = GlobalDB(root, settings, name=APP_DB_NAME, user_sql=True)
         self.catalog = SqliteCatalog(self.globaldb)
-        self.journal = SqliteJournal(self.globaldb, self.catalog)
+        self.tenants = SqliteTenants(self.globaldb)
+        self.nodes = SqliteNodes(self.globaldb)
+        self.journal = SqliteJournal(self.globaldb, self.tenants)
         self.accounts = SqliteAccounts(self.globaldb)
         self.credentials = SqliteCredentials(self.globaldb)
         self.sessions = SqliteSessions(self.globaldb)
@@ -45,7 +49,8 @@ class SqliteMeta:
 
     def open(self, *, create: bool, default_nodes: Sequence[tuple[str, str, int]] = ()) -> None:
         try:
-            self.catalog.open(create=create, default_nodes=list(default_nodes))
+            self.catalog.open(create=create)
+            self.nodes.seed(default_nodes)
             self.appdb.open(create=True)
         except BaseException:
             self.close()

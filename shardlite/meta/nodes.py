@@ -1,0 +1,94 @@
+"""The node registry's contract: :class:`NodeRegistry` (the storage nodes of a data root).
+
+A node is a directory, possibly on its own disk: a name, a path (recorded relative to the root when it
+lies inside it, so the root can move, else absolute), a weight for the ring (1 and up) and a state,
+``active`` (the ring proposes it for new tenants) or ``draining`` (it is being emptied).
+
+Rules every backend keeps (each has a test in ``tests/test_meta_nodes.py``):
+
+* Every method is one atomic unit; a refused call writes nothing.
+* Names are ordered by code point. Names and recorded paths are unique: a duplicate raises
+  :class:`~shardlite.ConfigurationError`, never a backend's constraint error.
+* **Tombstones and removal** (gap F1): a dropped tenant's row (its tombstone) keeps its generation and
+  epoch for ever, but its node names no file any more (the drop deleted it) and routes nothing. So a
+  tombstone never blocks removing its node: :meth:`NodeRegistry.remove` moves the tombstones of the
+  removed node onto a remaining node (the first active one by name, else the first by name) in the same
+  transaction, keeping their generation, epoch and state. Live tenants (``active``, ``moving``) and a
+  drop under way (``dropping``) do block it.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Sequence
+from typing import Final, Protocol
+
+from ..catalog import Node
+from ..errors import ConfigurationError
+
+__all__ = ["NodeRegistry", "Node", "NODE_STATES", "check_node_row"]
+
+#: The states a node may have.
+NODE_STATES: Final = ("active", "draining")
+
+
+class NodeRegistry(Protocol):
+    """The node list of one data root (``meta.nodes``). Thread-safe, and safe across processes."""
+
+    def list(self) -> builtins.list[Node]:
+        """Every node, by name (code-point order), with its path made absolute (a recorded relative
+        path is joined to the root)."""
+        ...
+
+    def add(self, name: str, path: str, weight: int) -> None:
+        """Register an ``active`` node; ``path`` as it is to be recorded (relative to the root or absolute).
+
+        An existing name or an existing recorded path (compared as text: the caller compares real paths
+        for overlaps) raises :class:`~shardlite.ConfigurationError` naming it; nothing is written. A weight
+        below 1 raises :class:`~shardlite.ConfigurationError`."""
+        ...
+
+    def set_state(self, name: str, state: str) -> None:
+        """Set the state of ``name`` (``active`` or ``draining``; idempotent).
+
+        An unknown name, an unknown state, or draining the last ``active`` node (decided in the same
+        transaction, so two concurrent drains cannot leave none) raise
+        :class:`~shardlite.ConfigurationError`; nothing is written."""
+        ...
+
+    def remove(self, name: str) -> bool:
+        """Delete node ``name``; True when it was there, False when there was no such node (a no-op, so
+        two processes completing one rebalance both succeed).
+
+        Atomic check-and-delete: when a live tenant (``active``, ``moving``) or a drop under way
+        (``dropping``) is on it, :class:`~shardlite.ConfigurationError` says what to do (drain and
+        rebalance, or finish the drop) and nothing is written. Tombstones on it move to a remaining node
+        (module doc); when no other node remains to hold them, :class:`~shardlite.ConfigurationError`."""
+        ...
+
+    def replace_all(self, nodes: Sequence[Node], *, only_if_pristine: bool,
+                    expect: Sequence[Sequence[Node]] | None = None) -> None:
+        """Make the node list exactly ``nodes`` (each ``path`` as recorded: relative to the root or
+        absolute, not made absolute), in one transaction: nodes not named are deleted, named ones get the
+        given path, weight and state, new ones are inserted.
+
+        Compare-and-set, checked in that transaction: with ``only_if_pristine``, no tenant row may exist
+        (tombstones included); with ``expect``, the node list as recorded (by name) must equal one of
+        ``expect``. Otherwise :class:`~shardlite.MetaConflict` and nothing is written. Invalid ``nodes``
+        (a duplicate name or path, a weight below 1, an unknown state, no active node) and a node still
+        holding tenant rows that ``nodes`` leaves out raise :class:`~shardlite.ConfigurationError`;
+        nothing is written."""
+        ...
+
+
+def check_node_row(name: str, path: str, weight: int, state: str) -> None:
+    """:class:`~shardlite.ConfigurationError` unless a node row is storable (the checks every backend makes
+    before writing; the name's syntax is :func:`shardlite.store.check_node_name`'s business)."""
+    if not isinstance(name, str) or not name:
+        raise ConfigurationError(f"invalid node name {name!r}")
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise ConfigurationError(f"invalid path {path!r} for node {name!r}")
+    if type(weight) is not int or weight < 1:
+        raise ConfigurationError(f"node {name!r}: a weight is an integer of at least 1, not {weight!r}")
+    if state not in NODE_STATES:
+        raise ConfigurationError(f"node {name!r}: state {state!r} is not one of {', '.join(NODE_STATES)}")

@@ -1,0 +1,123 @@
+"""The tenant catalog's contract: :class:`TenantCatalog` (where every tenant lives, its generations and states).
+
+The ring *proposes* a node for a new tenant; the catalog *decides* (brief §1): the first registrant of a key
+wins and every other process adopts its record. Every create, move, restore and import gets a new
+generation, never reused (so no tenant path is ever reused, brief §4 Identity), and a dropped tenant keeps
+its row as a tombstone.
+
+Rules every backend keeps (each has a test in ``tests/test_meta_tenants.py``):
+
+* Every method is one atomic unit (one SQLite ``BEGIN IMMEDIATE``, one PostgreSQL transaction); reads
+  return committed data only.
+* States: ``active`` and ``moving`` are live; ``dropping`` (a drop under way: routes nowhere) and
+  ``dropped`` (the tombstone). Keys are canonical (:func:`shardlite.keys.canonical`); they are compared
+  and ordered by code point (SQLite's BINARY on UTF-8; PostgreSQL needs ``COLLATE "C"``).
+* A compare-and-set that lost raises :class:`~shardlite.MetaConflict` and writes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Sequence
+from typing import Final, Protocol
+
+from ..catalog import TenantRecord
+
+__all__ = ["TenantCatalog", "TenantRecord", "LIVE", "STATES", "check_states"]
+
+#: The states of a tenant that routes somewhere.
+LIVE: Final = ("active", "moving")
+#: Every state a tenant row may have.
+STATES: Final = ("active", "moving", "dropping", "dropped")
+
+
+class TenantCatalog(Protocol):
+    """The tenant rows of one data root (``meta.tenants``). Thread-safe, and safe across processes."""
+
+    def lookup(self, key: str) -> TenantRecord | None:
+        """The row of ``key`` in any state (a tombstone included), or None when the key was never registered.
+
+        HOT on a route-cache miss: one statement, no transaction of its own beyond that read."""
+        ...
+
+    def allocate_generation(self, key: str, node: str, purpose: str) -> int:
+        """A new generation for a file of ``key`` on ``node`` (``purpose``: ``create``, ``move``,
+        ``restore``, ``import``; recorded with the key and node for history).
+
+        Never reused: unique across all keys, greater than every generation an earlier completed call
+        returned (in any process) and than every generation any row holds, also after a crash, a rolled
+        back caller, a dropped tenant or a restore. Nothing else changes (the key's row is untouched)."""
+        ...
+
+    def register(self, key: str, node: str, generation: int, incarnation: str,
+                 schema_version: int) -> TenantRecord:
+        """Record a freshly created tenant unless another registrant won; returns the row that holds.
+
+        Atomic insert-or-adopt: when ``key`` has a row that is not a tombstone (``active``, ``moving`` or
+        ``dropping``), that row is returned unchanged and nothing is written (the caller compares
+        generations: it lost when the returned generation is not its own; losing never raises). When
+        ``key`` has no row, one is inserted: epoch 1, ``active``. Over a tombstone the row is re-created:
+        ``epoch + 1``, ``active``, the new node, generation, incarnation and schema version.
+
+        ``generation`` must come from :meth:`allocate_generation` for this key. ``node`` must be
+        registered: an unknown node raises :class:`~shardlite.ConfigurationError` (nothing written)."""
+        ...
+
+    def set_state(self, key: str, state: str, *, expect_generation: int, expect_states: Collection[str]) -> None:
+        """Set the state of ``key``: compare-and-set on its generation AND its current state.
+
+        Writes only when the row exists, is at ``expect_generation`` and its state is one of
+        ``expect_states``; otherwise raises :class:`~shardlite.MetaConflict` naming what it found, and
+        writes nothing (so a drop's ``active -> dropping`` cannot interleave with a mover's
+        ``active -> moving`` decided on a stale lookup: one of them loses). ``state`` (and every expected
+        state) is one of :data:`STATES`, else :class:`ValueError`."""
+        ...
+
+    def flip(self, key: str, *, from_generation: int, node: str, generation: int, expect_states: Collection[str],
+             incarnation: str | None = None) -> TenantRecord:
+        """Point ``key`` at its new file: the commit point of a move, or of a restore over a live tenant
+        (which brings a new ``incarnation``; None keeps the current one). Returns the new row.
+
+        Compare-and-set: writes only when the row is at ``from_generation`` and in one of
+        ``expect_states`` (never ``dropped``: a tombstone is re-created by :meth:`register`); otherwise
+        :class:`~shardlite.MetaConflict`, nothing written. The row becomes ``node``, ``generation``,
+        ``epoch + 1``, ``active``. An unknown ``node`` raises :class:`~shardlite.ConfigurationError`."""
+        ...
+
+    def note_schema_version(self, key: str, version: int) -> None:
+        """Record that ``key``'s file is at app schema ``version``: a monotonic maximum (a lower or equal
+        version changes nothing; an unknown key is a no-op). Never raises a conflict."""
+        ...
+
+    def iter_tenants(self, *, states: Collection[str] = LIVE, batch: int = 1000,
+                     after: str = "") -> Iterator[TenantRecord]:
+        """The rows in ``states`` whose key sorts after ``after``, in key order (code points), read in
+        pages of ``batch`` rows (never all in memory). Each page is one read: the whole is not a snapshot
+        (a row changed between pages is seen as it is when its page is read; none is seen twice)."""
+        ...
+
+    def count_by_node(self) -> dict[str, int]:
+        """Live tenants (``active``, ``moving``) per node; a node holding none is absent (the caller joins
+        :meth:`shardlite.meta.nodes.NodeRegistry.list`)."""
+        ...
+
+    def schema_versions(self) -> dict[int, int]:
+        """Live tenants per recorded app schema version, in ascending version order."""
+        ...
+
+    def max_schema_version(self, prefix: str) -> int | None:
+        """The newest app schema version recorded for a live tenant whose key is ``prefix:...``; None when
+        there is none."""
+        ...
+
+    def has_rows(self) -> bool:
+        """True when any tenant row exists, tombstones included (the root was used)."""
+        ...
+
+
+def check_states(state: str | None, expected: Sequence[str] | Collection[str]) -> None:
+    """:class:`ValueError` unless ``state`` (when given) and every expected state are tenant states."""
+    for found in ((state,) if state is not None else ()) + tuple(expected):
+        if found not in STATES:
+            raise ValueError(f"{found!r} is not a tenant state (one of {', '.join(STATES)})")
+    if not expected:
+        raise ValueError("expect_states is empty: nothing could match")
