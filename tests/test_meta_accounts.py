@@ -17,6 +17,10 @@ from shardlite import EmailTaken, InvalidEmail, UnknownAccount
 from shardlite.meta import MetaStore
 from shardlite.meta.accounts import AccountRows, Credential, Login
 
+#: The parts of the metadata store these tests exercise (helpers_meta.missing_parts).
+META_PART = ("accounts", "credentials", "sessions")
+
+
 T0 = 1_700_000_000.0
 CRED = Credential("scrypt:n=16,r=1,p=1", b"s" * 16, b"h" * 32)
 

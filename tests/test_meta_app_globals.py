@@ -11,6 +11,10 @@ from helpers_threads import race
 from shardlite import ShardliteError, StatementNotAllowed
 from shardlite.meta import MetaStore
 
+#: The parts of the metadata store these tests exercise (helpers_meta.missing_parts).
+META_PART = "app_globals"
+
+
 STEPS = ["CREATE TABLE members(conv TEXT, user TEXT, PRIMARY KEY(conv, user))",
          "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"]
 

@@ -24,6 +24,10 @@ from shardlite.meta import MetaStore, MoveJournal
 from shardlite.movejournal import LostClaim, MoveRow, PlanCancelled
 from shardlite.planning import Move
 
+#: The parts of the metadata store these tests exercise (helpers_meta.missing_parts).
+META_PART = ("tenants", "journal")
+
+
 LEASE = 30.0
 LAPSED = -1.0  # a claim whose lease is already over when it is taken
 

@@ -12,6 +12,9 @@ from shardlite import ConfigurationError, MetaConflict
 from shardlite.catalog import Node
 from shardlite.meta import MetaStore
 
+#: The parts of the metadata store these tests exercise (helpers_meta.missing_parts).
+META_PART = ("tenants", "nodes")
+
 
 def stored(meta: MetaStore, root: str) -> list[tuple[str, str, int, str]]:
     """The node list with paths inside the root made relative again (as recorded)."""

@@ -12,6 +12,10 @@ from shardlite import AuthenticationFailed, UnknownAccount
 from shardlite.meta import MetaStore
 from shardlite.sessions import Session
 
+#: The parts of the metadata store these tests exercise (helpers_meta.missing_parts).
+META_PART = ("accounts", "sessions")
+
+
 T0 = 1_700_000_000.0
 
 

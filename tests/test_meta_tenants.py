@@ -17,6 +17,10 @@ from shardlite import ConfigurationError, MetaConflict
 from shardlite.catalog import TenantRecord
 from shardlite.meta import MetaStore
 
+#: The parts of the metadata store these tests exercise (helpers_meta.missing_parts).
+META_PART = ("tenants", "nodes")
+
+
 TESTS = Path(__file__).resolve().parent
 
 

@@ -9,7 +9,9 @@ import psycopg
 
 from ...engine import Settings
 from ...errors import ConfigurationError
+from ...globaldb import APP_DB_NAME, GlobalDB
 from ..location import MetaLocation
+from ..sqlite.app_globals import SqliteAppGlobals
 from ..store import MetaBase
 from .connect import Pool
 from .schema import upgrade
@@ -35,6 +37,10 @@ class PgMeta:
         self._location = location
         self.pool = Pool(location.dsn, location.printable, size=pool_size, timeout=connect_timeout,
                          statement_timeout=settings.statement_timeout)
+        #: The app's own global tables stay in the root's ``app_global.db`` with this backend too: they are
+        #: the app's SQLite-dialect SQL under shardlite's authorizer (see :mod:`shardlite.meta.app_globals`).
+        self.appdb = GlobalDB(root, settings, name=APP_DB_NAME, user_sql=True)
+        self.app_globals = SqliteAppGlobals(self.appdb)
         self._opened = False
 
     @property
@@ -73,8 +79,9 @@ class PgMeta:
                         conn.execute("INSERT INTO shardlite.roots(id, label, created) VALUES (%s, %s, %s) "
                                      "ON CONFLICT (id) DO NOTHING", (self.root_id, self.root[:1000], time.time()))
                     self._seed_nodes(conn, default_nodes)
+            self.appdb.open(create=True)
         except BaseException:
-            self.pool.close()
+            self.close()
             raise
         self._opened = True
 
@@ -100,6 +107,7 @@ class PgMeta:
     def close(self) -> None:
         self._opened = False
         self.pool.close()
+        self.appdb.close()
 
 
 def _conforms(meta: PgMeta) -> MetaBase:
