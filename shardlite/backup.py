@@ -364,9 +364,10 @@ def _write_backup(store: Store, dest: str, records: list[TenantRecord], previous
                 progress(record.key, True)
     finally:
         copies.close()  # no copy still running on a worker thread once this returns or raises
-    global_name, global_checksum, _ = _copy_into(store.globaldb.path, dest, "global", durable_names)
+    with store.meta.export_global(dest) as global_path:
+        global_name, global_checksum, _ = _copy_into(global_path, dest, "global", durable_names)
     written.append(os.path.join(dest, global_name))
-    app_name, app_checksum, _ = _copy_into(store.appdb.path, dest, "app_global", durable_names)
+    app_name, app_checksum, _ = _copy_into(store.meta.app_global_path, dest, "app_global", durable_names)
     written.append(os.path.join(dest, app_name))
     _make_durable(written, directories)  # every copy is durable before the manifest names it
     manifest = {"format": FORMAT, "created": time.time(), "root": store.root, "tenants": entries,

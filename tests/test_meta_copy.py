@@ -7,16 +7,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
+import stat
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import apsw
 import psycopg
 import pytest
 from helpers_routers import run_cli
 
-from shardlite import ConfigurationError, Router
+from shardlite import ConfigurationError, Router, Settings
+from shardlite.meta.choose import store_for
 from shardlite.meta.copy import POINTS, TABLES, copy_to_postgres
 from shardlite.meta.record import read_record
 
@@ -36,8 +40,20 @@ def _fill(root: str, tenants: int = 30, accounts: int = 10) -> None:
         router.accounts.delete(aid)  # the highest id is burnt: never handed out again
 
 
+@contextmanager
+def _db(path: str) -> Iterator[apsw.Connection]:
+    """A connection to a live shardlite file through APSW, the SQLite library shardlite uses: a second copy
+    of SQLite in one process (Python's sqlite3) would release the other's POSIX locks when it closes a file
+    (https://www.sqlite.org/howtocorrupt.html, 2.2.1)."""
+    conn = apsw.Connection(path)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
 def _sqlite_rows(root: str) -> dict[str, list[tuple[object, ...]]]:
-    with sqlite3.connect(os.path.join(root, "global.db")) as db:
+    with _db(os.path.join(root, "global.db")) as db:
         mine = " WHERE name NOT IN ('meta_copy_root_id', 'moved_to')"  # meta copy's own marks stay behind
         return {t.pg: db.execute(f"SELECT count(*) FROM {t.sqlite}{mine if t.pg == 'kv' else ''}").fetchall()
                 for t in TABLES}
@@ -59,8 +75,7 @@ def test_copy_moves_everything_verified_and_fences_global_db(pg_dsn: str, root: 
         assert burnt and nxt and nxt[0] == burnt[0] + 2  # the deleted account's id is not reused
         gens = conn.execute("SELECT max(generation) FROM shardlite.generations").fetchone()
         assert gens and gens[0] >= 30
-    with sqlite3.connect(os.path.join(root, "global.db")) as db, pytest.raises(sqlite3.IntegrityError,
-                                                                                match="moved to PostgreSQL"):
+    with _db(os.path.join(root, "global.db")) as db, pytest.raises(apsw.ConstraintError, match="moved to PostgreSQL"):
         db.execute("DELETE FROM _shardlite_sessions")
     again = copy_to_postgres(root, pg_dsn)  # idempotent once done
     assert again.resumed and again.root_id == report.root_id
@@ -76,7 +91,7 @@ def test_refusals_change_nothing(pg_dsn: str, root: str, tmp_path: Path) -> None
     with pytest.raises(ConfigurationError, match="another root"):
         copy_to_postgres(root, pg_dsn)
     assert read_record(root) is None
-    with sqlite3.connect(os.path.join(root, "global.db")) as db:  # not fenced
+    with _db(os.path.join(root, "global.db")) as db:  # not fenced
         db.execute("DELETE FROM _shardlite_sessions")
     with pytest.raises(ConfigurationError, match="not a shardlite root"):
         copy_to_postgres(os.fspath(tmp_path / "nothing"), pg_dsn)
@@ -84,7 +99,7 @@ def test_refusals_change_nothing(pg_dsn: str, root: str, tmp_path: Path) -> None
 
 def test_a_rebalance_in_flight_is_refused(pg_dsn: str, root: str) -> None:
     _fill(root, tenants=2, accounts=2)
-    with sqlite3.connect(os.path.join(root, "global.db")) as db:  # a rebalancer died mid-move
+    with _db(os.path.join(root, "global.db")) as db:  # a rebalancer died mid-move
         db.execute("INSERT INTO _shardlite_rebalance(id, created, state, fingerprint, summary) "
                    "VALUES (7, 0, 'applying', '', '{}')")
         db.execute("INSERT INTO _shardlite_moves(plan_id, key, source, target, source_generation, size, step, "
@@ -96,7 +111,7 @@ def test_a_rebalance_in_flight_is_refused(pg_dsn: str, root: str) -> None:
 
 def test_nul_in_a_row_is_refused_by_name(pg_dsn: str, root: str) -> None:
     _fill(root, tenants=1, accounts=2)
-    with sqlite3.connect(os.path.join(root, "global.db")) as db:
+    with _db(os.path.join(root, "global.db")) as db:
         db.execute("UPDATE _shardlite_accounts SET name_key = 'a' || char(0) || 'b'")
     with pytest.raises(ConfigurationError, match="NUL character in name_key"):
         copy_to_postgres(root, pg_dsn)
@@ -114,7 +129,7 @@ copy_to_postgres(sys.argv[1], sys.argv[2],
 
 def _state(root: str) -> tuple[bool, bool]:
     """(the record names PostgreSQL, global.db is fenced)"""
-    with sqlite3.connect(os.path.join(root, "global.db")) as db:
+    with _db(os.path.join(root, "global.db")) as db:
         fenced = db.execute("SELECT count(*) FROM sqlite_schema WHERE name LIKE '_shardlite_moved_%'").fetchone()
     return read_record(root) is not None, bool(fenced[0])
 
@@ -157,3 +172,30 @@ def test_cli_meta_copy_and_show(pg_dsn: str, root: str, capsys: pytest.CaptureFi
     assert shown["backend"] == "postgresql" and shown["location"] == report["location"] and password not in out
     code, out, err = run_cli(capsys, "meta", "copy", "--root", root)
     assert code == 0 and "already" in out
+
+
+def test_a_postgresql_root_exports_global_db_as_it_was(pg_dsn: str, root: str, tmp_path: Path) -> None:
+    """What a backup of a PostgreSQL root copies: a global.db file with the same rows and counters as the
+    embedded store the metadata came from."""
+    _fill(root, tenants=12, accounts=4)
+    mine = "WHERE name NOT IN ('meta_copy_root_id', 'moved_to')"
+
+    def dump(path: str) -> dict[str, list[tuple[object, ...]]]:
+        with _db(path) as db:
+            found = {t.pg: db.execute(f"SELECT {', '.join(t.columns)} FROM {t.sqlite} "
+                                      f"{mine if t.pg == 'kv' else ''} ORDER BY {', '.join(t.key)}").fetchall()
+                     for t in TABLES}
+            found["sqlite_sequence"] = db.execute("SELECT name, seq FROM sqlite_sequence ORDER BY name").fetchall()
+            return found
+
+    before = dump(os.path.join(root, "global.db"))
+    copy_to_postgres(root, pg_dsn)
+    store = store_for(root, Settings(), pg_dsn)
+    store.open(create=False)
+    try:
+        with store.export_global(os.fspath(tmp_path)) as path:
+            assert dump(path) == before
+            assert stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0
+        assert not [n for n in os.listdir(tmp_path) if n.startswith(".meta-export")]
+    finally:
+        store.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -44,6 +45,17 @@ class MetaBase(Protocol):
     def close(self) -> None:
         """Release every connection (idempotent). A closed store raises
         :class:`~shardlite.ConfigurationError` ("the router is closed") on use."""
+        ...
+
+    def export_global(self, directory: str) -> AbstractContextManager[str]:
+        """For the block, the path of a SQLite file in ``global.db``'s own schema holding this root's
+        metadata as of one moment (what a backup copies, whichever backend made it); any scratch file is
+        made under ``directory`` and removed afterwards."""
+        ...
+
+    @property
+    def app_global_path(self) -> str:
+        """The root's ``app_global.db``: the app's own global tables stay in the root with every backend."""
         ...
 
 

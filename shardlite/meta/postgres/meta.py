@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 import psycopg
 
@@ -14,6 +15,7 @@ from ..location import MetaLocation
 from ..sqlite.app_globals import SqliteAppGlobals
 from ..store import MetaBase
 from .connect import Pool
+from .export import exported_global
 from .schema import upgrade
 
 __all__ = ["PgMeta"]
@@ -108,6 +110,13 @@ class PgMeta:
         self._opened = False
         self.pool.close()
         self.appdb.close()
+
+    def export_global(self, directory: str) -> AbstractContextManager[str]:
+        return exported_global(self.pool, self.root_id, directory)
+
+    @property
+    def app_global_path(self) -> str:
+        return self.appdb.path
 
 
 def _conforms(meta: PgMeta) -> MetaBase:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 from ...catalog import SqliteCatalog
 from ...engine import Settings
@@ -59,6 +60,13 @@ class SqliteMeta:
     def close(self) -> None:
         self.globaldb.close()
         self.appdb.close()
+
+    def export_global(self, directory: str) -> AbstractContextManager[str]:
+        return nullcontext(self.globaldb.path)  # the file itself: a backup copies it with SQLite's own API
+
+    @property
+    def app_global_path(self) -> str:
+        return self.appdb.path
 
 
 def _conforms(meta: SqliteMeta) -> MetaStore:
