@@ -2,8 +2,9 @@
 global DB for ``shardlite relay status`` (run in any process).
 
 The last error a relay *logged* (at most one line per kind of error per interval, see
-:mod:`shardlite.relay_health`) is kept as one JSON value, ``{"at", "tenant", "error", "relay"}``, in the global
-DB's ``_shardlite_catalog_meta`` under ``relay_last_error``: a write per logged line, never per failure.
+:mod:`shardlite.relay_health`) is kept as one JSON value, ``{"at", "tenant", "error", "relay"}``, in the root's
+metadata (:class:`~shardlite.meta.kv.MetaKV`) under ``relay_last_error``: a write per logged line, never per
+failure.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import apsw
 
-from .authorizer import INTERNAL_SQL
 from .errors import ShardliteError, UnknownTenant
 from .outbox import from_json, to_json
 from .schema import EMIT_SQL
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["status", "retry_dead", "recorded_error", "record_error", "LAST_ERROR"]
 
-#: The name of the last logged relay error in ``_shardlite_catalog_meta``.
+#: The name of the last logged relay error in the metadata's named values.
 LAST_ERROR = "relay_last_error"
 
 
@@ -32,18 +32,16 @@ def record_error(store: Store, record: dict[str, Any]) -> None:
     """Keep ``record`` (the last error a relay logged) in the global DB."""
     if store.closed:
         return
-    with store.catalog.write() as conn:
-        conn.execute(INTERNAL_SQL + "INSERT INTO _shardlite_catalog_meta(name, value) VALUES (?, ?) "
-                     "ON CONFLICT(name) DO UPDATE SET value = excluded.value", (LAST_ERROR, to_json(record)))
+    store.meta.kv.put(LAST_ERROR, to_json(record))
 
 
 def recorded_error(store: Store) -> dict[str, Any] | None:
     """The last error any relay of the root logged, as recorded in the global DB; None if none was."""
-    rows = store.catalog.read("SELECT value FROM _shardlite_catalog_meta WHERE name = ?", (LAST_ERROR,))
-    if not rows:
+    value = store.meta.kv.get(LAST_ERROR)
+    if value is None:
         return None
     try:
-        found = from_json(str(rows[0][0]))
+        found = from_json(value)
     except ValueError:
         return None
     return found if isinstance(found, dict) else None
@@ -59,7 +57,7 @@ def status(relay: Relay) -> dict[str, Any]:
     now = time.time()
     per_node: dict[str, dict[str, Any]] = {n.name: _node_entry() for n in store.catalog.nodes()}
     topics: dict[str, int] = {}
-    for key, _due, _since in store.catalog.pending_all():
+    for key, *_ in store.meta.pending.all():
         try:
             count, oldest = store.read_internal(key, "SELECT count(*), min(created) FROM _shardlite_outbox")[0]
             node = store.locate(key).node
@@ -73,9 +71,9 @@ def status(relay: Relay) -> dict[str, Any]:
         entry["sources"] += 1 if count else 0
         if oldest is not None:
             entry["oldest_age"] = max(entry["oldest_age"], now - float(oldest))
-    dead = store.catalog.dead_letters(limit=1_000_000)
+    dead = store.meta.dead_letters.list(limit=1_000_000)
     for letter in dead:
-        node = store.locate(letter["source"]).node
+        node = store.locate(letter.source).node
         per_node.setdefault(node, _node_entry())["dead_letters"] += 1
     last, recorded = relay.errors.last, recorded_error(store)
     if recorded is not None and (last is None or float(recorded.get("at", 0)) > float(last["at"])):
@@ -97,22 +95,24 @@ def retry_dead(relay: Relay, *, source: str | None = None, seq: int | None = Non
     """See :meth:`shardlite.relay.Relay.retry_dead`."""
     store = relay.store
     count = 0
-    for letter in store.catalog.dead_letters(limit=1_000_000):
-        if source is not None and letter["source"] != source:
+    letters = store.meta.dead_letters
+    for letter in letters.list(limit=1_000_000):
+        if source is not None and letter.source != source:
             continue
-        if seq is not None and letter["seq"] != seq:
+        if seq is not None and letter.seq != seq:
             continue
         try:
-            with store.writing(letter["source"], create=False) as handle:
-                store.internal(handle, EMIT_SQL,
-                               (letter["dest"], letter["topic"], letter["payload"], letter["created"]))
-                store.catalog.flag_pending(letter["source"])
+            with store.writing(letter.source, create=False) as handle:
+                store.internal(handle, EMIT_SQL, (letter.dest, letter.topic, letter.payload, letter.created))
+                store.meta.pending.flag_many([letter.source])
         except UnknownTenant:
             continue  # its source was dropped: nothing can re-emit it (the letter stays listed)
         except Exception as exc:  # noqa: BLE001 - one source never stops the retry of the others
-            relay.report("source", letter["source"], exc, " (re-emitting a dead letter)")
+            relay.report("source", letter.source, exc, " (re-emitting a dead letter)")
             continue
-        store.catalog.delete_dead_letter(letter["source"], letter["incarnation"], letter["seq"])
+        if relay.fault is not None:
+            relay.fault("re-emitted")
+        letters.delete(letter.source, letter.incarnation, letter.seq)
         count += 1
     relay.errors.flush()
     return count

@@ -237,7 +237,7 @@ def _install(store: Store, prepared: _Prepared, purpose: str, force: bool) -> Te
         raise
     store.forget(key)
     if prepared.events:
-        store.catalog.flag_pending(key)
+        store.meta.pending.flag_many([key])
     record = store.catalog.lookup(key)
     assert record is not None
     return record

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from .kv import MetaKV
+from .pending import DeadLetters, PendingWork
+
 __all__ = ["MetaStore"]
 
 
@@ -27,6 +30,21 @@ class MetaStore(Protocol):
 
     @property
     def closed(self) -> bool:
+        ...
+
+    @property
+    def pending(self) -> PendingWork:
+        """The relay's pending-work index (:mod:`shardlite.meta.pending`)."""
+        ...
+
+    @property
+    def dead_letters(self) -> DeadLetters:
+        """The relay's dead letters (:mod:`shardlite.meta.pending`)."""
+        ...
+
+    @property
+    def kv(self) -> MetaKV:
+        """Small named values (:mod:`shardlite.meta.kv`)."""
         ...
 
     def open(self, *, create: bool, default_nodes: Sequence[tuple[str, str, int]] = ()) -> None:

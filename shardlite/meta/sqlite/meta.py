@@ -8,6 +8,8 @@ from ...catalog import SqliteCatalog
 from ...engine import Settings
 from ...globaldb import APP_DB_NAME, GlobalDB
 from ..store import MetaStore
+from .kv import SqliteKV
+from .pending import SqliteDeadLetters, SqlitePending
 
 __all__ = ["SqliteMeta"]
 
@@ -21,6 +23,9 @@ class SqliteMeta:
         #: The app's own global tables (``router.globals``), in a file of their own (see globaldb.py).
         self.appdb = GlobalDB(root, settings, name=APP_DB_NAME, user_sql=True)
         self.catalog = SqliteCatalog(self.globaldb)
+        self.pending = SqlitePending(self.globaldb)
+        self.dead_letters = SqliteDeadLetters(self.globaldb)
+        self.kv = SqliteKV(self.globaldb)
 
     @property
     def location(self) -> str:
