@@ -16,8 +16,8 @@ from shardlite.meta.pending import DeadLetter
 
 #: Keys whose code-point order differs from a locale's (upper case before lower case, digits compared one
 #: by one, accented and fullwidth letters after ASCII, an astral character after every BMP one).
-ODD_KEYS = ["user:zoe", "user:Zoe", "user:émile", "user:eve", "user:\U0001f600", "user:ｚ", "user:ä", "user:E", "user:10",
-            "user:9"]
+ODD_KEYS = ["user:zoe", "user:Zoe", "user:émile", "user:eve", "user:\U0001f600", "user:ｚ", "user:ä", "user:E",
+            "user:10", "user:9"]
 
 
 def run_threads(count: int, body: Callable[[int], None]) -> None:
