@@ -176,8 +176,8 @@ class Relay:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         #: Test hook: called with a step name ("claimed", "delivered", "acknowledged") during each pass, and
-        #: ("re-emitted") by :meth:`retry_dead` between a letter's re-emit and its deletion, so crash tests
-        #: can kill the process at an exact point of the protocol.
+        #: by :meth:`retry_dead` ("re-emitting": before the source's commit of a re-emit; "re-emitted": between
+        #: that commit and the letter's deletion), so crash tests can kill the process at an exact point.
         self.fault: Callable[[str], None] | None = None
 
     @property

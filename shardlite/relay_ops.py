@@ -1,6 +1,14 @@
 """The relay's operations beside delivery: ``status()``, ``retry_dead()``, and the last error recorded in the
 global DB for ``shardlite relay status`` (run in any process).
 
+Retrying a dead letter re-emits it as a new event in its source, exactly once. The event commits in the source
+tenant and the letter is deleted from the metadata afterwards: two stores, so a crash between the two would
+leave the letter behind, and a second retry would emit it again under a new seq (a duplicate no inbox would
+catch). So the source's commit also writes a mark for the letter in the source's own inbox (its
+:data:`~shardlite.schema.EMIT_SQL` event's number under the letter's :func:`retry_mark`, an incarnation no
+file ever has), and a retry that finds the mark only deletes the letter. The pending-work flag is written
+before that commit, as for any emit.
+
 The last error a relay *logged* (at most one line per kind of error per interval, see
 :mod:`shardlite.relay_health`) is kept as one JSON value, ``{"at", "tenant", "error", "relay"}``, in the root's
 metadata (:class:`~shardlite.meta.kv.MetaKV`) under ``relay_last_error``: a write per logged line, never per
@@ -9,12 +17,14 @@ failure.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import TYPE_CHECKING, Any
 
 import apsw
 
 from .errors import ShardliteError, UnknownTenant
+from .meta.pending import DeadLetter
 from .outbox import from_json, to_json
 from .schema import EMIT_SQL
 from .store import Store
@@ -22,7 +32,7 @@ from .store import Store
 if TYPE_CHECKING:
     from .relay import Relay
 
-__all__ = ["status", "retry_dead", "recorded_error", "record_error", "LAST_ERROR"]
+__all__ = ["status", "retry_dead", "retry_mark", "recorded_error", "record_error", "LAST_ERROR"]
 
 #: The name of the last logged relay error in the metadata's named values.
 LAST_ERROR = "relay_last_error"
@@ -91,6 +101,18 @@ def status(relay: Relay) -> dict[str, Any]:
     }
 
 
+#: Whether the source's inbox holds a letter's :func:`retry_mark` (its re-emit committed there).
+_RETRIED = "SELECT 1 FROM _shardlite_inbox WHERE source = ? AND incarnation = ?"
+_MARK_RETRIED = "INSERT INTO _shardlite_inbox(source, incarnation, last_seq) VALUES (?, ?, ?)"
+
+
+def retry_mark(letter: DeadLetter) -> str:
+    """The incarnation under which a source's inbox remembers that ``letter`` was re-emitted (see the module
+    doc): 32 hex digits like an incarnation, derived from the letter's identity, so never a real one."""
+    text = f"shardlite dead letter {letter.incarnation} {letter.seq}"
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
 def retry_dead(relay: Relay, *, source: str | None = None, seq: int | None = None) -> int:
     """See :meth:`shardlite.relay.Relay.retry_dead`."""
     store = relay.store
@@ -101,10 +123,15 @@ def retry_dead(relay: Relay, *, source: str | None = None, seq: int | None = Non
             continue
         if seq is not None and letter.seq != seq:
             continue
+        mark = retry_mark(letter)
         try:
             with store.writing(letter.source, create=False) as handle:
-                store.internal(handle, EMIT_SQL, (letter.dest, letter.topic, letter.payload, letter.created))
-                store.meta.pending.flag_many([letter.source])
+                if not store.internal(handle, _RETRIED, (letter.source, mark)).fetchall():
+                    store.internal(handle, EMIT_SQL, (letter.dest, letter.topic, letter.payload, letter.created))
+                    store.internal(handle, _MARK_RETRIED, (letter.source, mark, handle.conn.last_insert_rowid()))
+                    store.meta.pending.flag_many([letter.source])  # before the commit, as for any emit
+                if relay.fault is not None:
+                    relay.fault("re-emitting")
         except UnknownTenant:
             continue  # its source was dropped: nothing can re-emit it (the letter stays listed)
         except Exception as exc:  # noqa: BLE001 - one source never stops the retry of the others
