@@ -41,8 +41,8 @@ Confinement (rule 15). A failure in one tenant never stops the pass for the othe
   then leaves it flagged;
 * a *destination* that fails is treated like a failing handler (:mod:`shardlite.delivery`): its events
   count failed attempts and end as dead letters with the error text;
-* an *unavailable* tenant (being moved, or locked by another writer past ``LOCK_WAIT_MS``) is not a
-  failure: nothing is counted; a destination's events stay in the outbox, in order, and it is tried
+* an *unavailable* tenant (being moved, locked by another writer past ``LOCK_WAIT_MS``, or a destination
+  whose metadata cannot be reached or written now: :mod:`shardlite.delivery`) is not a failure: nothing is counted; a destination's events stay in the outbox, in order, and it is tried
   again after a short backoff (``RetryPolicy.unavailable_delay``) without delaying other destinations;
   a busy source is simply left for the next pass. No pass waits on one tenant longer than the lock wait
   (a move is not waited for);
