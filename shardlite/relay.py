@@ -42,9 +42,10 @@ Confinement (rule 15). A failure in one tenant never stops the pass for the othe
 * a *destination* that fails is treated like a failing handler (:mod:`shardlite.delivery`): its events
   count failed attempts and end as dead letters with the error text;
 * an *unavailable* tenant (being moved, locked by another writer past ``LOCK_WAIT_MS``, or a destination
-  whose metadata cannot be reached or written now: :mod:`shardlite.delivery`) is not a failure: nothing is counted; a destination's events stay in the outbox, in order, and it is tried
-  again after a short backoff (``RetryPolicy.unavailable_delay``) without delaying other destinations;
-  a busy source is simply left for the next pass. No pass waits on one tenant longer than the lock wait
+  whose metadata cannot be reached or written now: :mod:`shardlite.delivery`) is not a failure: nothing
+  is counted; a destination's events stay in the outbox, in order, and it is tried again after a short
+  backoff (``RetryPolicy.unavailable_delay``) without delaying other destinations; a busy source is
+  simply left for the next pass. No pass waits on one tenant longer than the lock wait
   (a move is not waited for);
 * errors are reported naming the tenant, its file and the cause, logged at most once per
   ``LOG_INTERVAL`` per kind with a count of those suppressed (:mod:`shardlite.relay_health`); the last
