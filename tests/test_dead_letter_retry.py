@@ -34,10 +34,13 @@ router.close()
 """
 
 
-def _retry_in_a_process(root: str, tmp_path: Path, step: str) -> subprocess.CompletedProcess[str]:
+def _retry_killed_at(router: Router, tmp_path: Path, step: str) -> None:
+    """Run ``relay retry`` in a process killed (SIGKILL) at ``step``; the letter outlives it."""
     script = tmp_path / "retry.py"
-    script.write_text(textwrap.dedent(_RETRY.format(root=root, schema=SCHEMA, step=step)))
-    return subprocess.run([sys.executable, os.fspath(script)], capture_output=True, text=True, timeout=120)
+    script.write_text(textwrap.dedent(_RETRY.format(root=router.root, schema=SCHEMA, step=step)))
+    killed = subprocess.run([sys.executable, os.fspath(script)], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert [d.seq for d in router._store.meta.dead_letters.list()] == [1]
 
 
 def _dead_letter(router: Router, fail: dict[str, bool]) -> None:
@@ -57,10 +60,7 @@ def test_a_retry_killed_after_the_re_emit_commits_is_not_emitted_twice(root: str
     fail = {"on": True}
     with Router(root, schema=SCHEMA, retry=POLICY) as router:
         _dead_letter(router, fail)
-        killed = _retry_in_a_process(root, tmp_path, "re-emitted")
-        assert killed.returncode == -signal.SIGKILL, killed.stderr
-        # the new event committed in the source; the letter outlived the crash
-        assert [d.seq for d in router._store.meta.dead_letters.list()] == [1]
+        _retry_killed_at(router, tmp_path, "re-emitted")  # the new event committed in the source
         assert router._store.meta.pending.row("user:src") is not None  # and it is flagged
 
         assert router.relay.retry_dead() == 1  # the re-run finds the re-emit done and only deletes the letter
@@ -77,9 +77,7 @@ def test_a_retry_killed_before_the_re_emit_commits_emits_it_on_the_next_run(root
     fail = {"on": True}
     with Router(root, schema=SCHEMA, retry=POLICY) as router:
         _dead_letter(router, fail)
-        killed = _retry_in_a_process(root, tmp_path, "re-emitting")
-        assert killed.returncode == -signal.SIGKILL, killed.stderr
-        assert [d.seq for d in router._store.meta.dead_letters.list()] == [1]
+        _retry_killed_at(router, tmp_path, "re-emitting")
         fail["on"] = False
         router.relay.drain(timeout=30)
         assert router.query("user:dst", "SELECT n FROM applied") == []  # nothing was re-emitted
