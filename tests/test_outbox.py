@@ -973,6 +973,35 @@ def test_a_commit_whose_flag_cannot_be_written_commits_nothing(router: Router) -
     assert pending_rows(router.root) == []
 
 
+def test_an_async_emit_whose_flag_cannot_be_written_raises_meta_unavailable_and_commits_nothing(root: str) -> None:
+    import asyncio
+
+    from shardlite import AsyncRouter
+
+    async def main() -> None:
+        async with AsyncRouter(root, schema=SCHEMA) as ar:
+            ar.handler("t")(record)
+            async with ar.transaction("user:alice") as tx:
+                await tx.execute("INSERT INTO notes(body) VALUES ('before')")
+            writer = ar._store.meta.globaldb.writer
+            writer.execute("PRAGMA query_only = 1")
+            try:
+                with pytest.raises(MetaUnavailable):
+                    async with ar.transaction("user:alice") as tx:
+                        await tx.execute("INSERT INTO notes(body) VALUES ('lost')")
+                        await tx.emit("user:bob", "t", {"n": 1})
+            finally:
+                writer.execute("PRAGMA query_only = 0")
+            assert await ar.query("user:alice", "SELECT body FROM notes") == [("before",)]
+            async with ar.transaction("user:alice") as tx:
+                await tx.emit("user:bob", "t", {"n": 2})
+            await ar.relay.drain(timeout=30)
+            assert await ar.query("user:bob", "SELECT n FROM applied") == [(2,)]
+
+    asyncio.run(main())
+    assert pending_rows(root) == []
+
+
 def test_concurrent_async_transactions_share_flag_writes_and_strand_nothing(root: str) -> None:
     import asyncio
 
