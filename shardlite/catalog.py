@@ -13,14 +13,12 @@ their row types, the global DB's schema (:data:`GLOBAL_STEPS`) and :class:`Sqlit
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .accounts import upgrade_email_keys
 from .app_tables import move_app_tables
-from .authorizer import INTERNAL_SQL as _I
 from .globaldb import GLOBAL_DB_NAME, GlobalDB
 from .schema import Step
 
@@ -203,66 +201,3 @@ class SqliteCatalog:
     def read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         return self.db.read(sql, params)
 
-    # -- relay: pending-work flags and dead letters ------------------------------------------------------
-
-    def flag_pending(self, key: str) -> None:
-        """Record that ``key`` has pending outbox events (bumps the row's version; see relay.py)."""
-        self.flag_pending_many([key])
-
-    def flag_pending_many(self, keys: list[str]) -> None:
-        """:meth:`flag_pending` for several keys in one write transaction."""
-        now = time.time()
-        with self.write() as conn:
-            conn.executemany(_I + "INSERT INTO _shardlite_pending(key, version, due, since) VALUES (?, 1, ?, ?) "
-                             "ON CONFLICT(key) DO UPDATE SET version = version + 1, due = min(due, excluded.due)",
-                             [(key, now, now) for key in keys])
-
-    def pending_due(self, now: float, limit: int) -> list[tuple[str, int, float]]:
-        """``(key, version, due)`` of flagged tenants whose work is due, oldest due first."""
-        rows = self.read(f"SELECT key, version, due FROM _shardlite_pending WHERE due <= ? ORDER BY due "
-                         f"LIMIT {int(limit):d}", (now,))  # a literal LIMIT: see feed.page_query
-        return [(str(k), int(v), float(d)) for k, v, d in rows]
-
-    def pending_row(self, key: str) -> tuple[int, float] | None:
-        rows = self.read("SELECT version, due FROM _shardlite_pending WHERE key = ?", (key,))
-        return (int(rows[0][0]), float(rows[0][1])) if rows else None
-
-    def pending_all(self) -> list[tuple[str, float, float]]:
-        """``(key, due, since)`` of every flagged tenant."""
-        rows = self.read("SELECT key, due, since FROM _shardlite_pending ORDER BY key")
-        return [(str(k), float(d), float(s)) for k, d, s in rows]
-
-    def clear_pending(self, key: str, version: int) -> None:
-        """Drop ``key``'s flag unless an emitter re-flagged it since ``version`` was read."""
-        self.clear_pending_many([(key, version)])
-
-    def clear_pending_many(self, flags: list[tuple[str, int]]) -> None:
-        """:meth:`clear_pending` for several ``(key, version)`` pairs in one write transaction."""
-        with self.write() as conn:
-            for key, version in flags:
-                conn.execute(_I + "DELETE FROM _shardlite_pending WHERE key = ? AND version = ?", (key, version))
-
-    def set_pending_due(self, key: str, due: float) -> None:
-        now = time.time()
-        with self.write() as conn:
-            conn.execute(_I + "INSERT INTO _shardlite_pending(key, version, due, since) VALUES (?, 1, ?, ?) "
-                         "ON CONFLICT(key) DO UPDATE SET due = excluded.due", (key, due, now))
-
-    def add_dead_letter(self, source: str, incarnation: str, seq: int, dest: str, topic: str, payload: str,
-                        created: float, attempts: int, error: str) -> None:
-        with self.write() as conn:
-            conn.execute(_I + "INSERT INTO _shardlite_dead_letters(source, incarnation, seq, dest, topic, payload, "
-                         "created, attempts, error, died) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                         "ON CONFLICT DO NOTHING",
-                         (source, incarnation, seq, dest, topic, payload, created, attempts, error, time.time()))
-
-    def dead_letters(self, *, limit: int = 1000) -> list[dict[str, Any]]:
-        rows = self.read("SELECT source, incarnation, seq, dest, topic, payload, created, attempts, error, died "
-                         "FROM _shardlite_dead_letters ORDER BY died, source, seq LIMIT ?", (limit,))
-        names = ("source", "incarnation", "seq", "dest", "topic", "payload", "created", "attempts", "error", "died")
-        return [dict(zip(names, row, strict=True)) for row in rows]
-
-    def delete_dead_letter(self, source: str, incarnation: str, seq: int) -> None:
-        with self.write() as conn:
-            conn.execute(_I + "DELETE FROM _shardlite_dead_letters WHERE source = ? AND incarnation = ? AND seq = ?",
-                         (source, incarnation, seq))

@@ -15,9 +15,13 @@ The outcome is sorted into the claims (nothing is written to the sources here):
 * a handler's statement fails in a way after which SQLite rolled the whole transaction back (a full disk,
   an I/O error, ``OR ROLLBACK``, ``RAISE(ROLLBACK)``): the event counts a failed attempt with *that* error,
   and the transaction is run again without its pair, so the other sources' events still go in;
-* the destination was dropped, or its key has no schema in this process: its events become dead letters;
-* the destination is unavailable (being moved, or locked by another writer past ``wait_ms``): nothing is
-  attempted nor counted; the caller defers its events (they stay in the outbox, in order);
+* the destination was dropped, or its key has no schema in this process (it can never be created here):
+  its events become dead letters. Nothing else does at once: another :class:`~shardlite.ConfigurationError`
+  (no active node to place it on, a closed store) is a condition that passes;
+* the destination is unavailable (being moved, locked by another writer past ``wait_ms``, or the metadata
+  it needs cannot be reached or changed under it: :class:`~shardlite.MetaUnavailable`,
+  :class:`~shardlite.MetaConflict`, any ConfigurationError but the missing schema): nothing is attempted
+  nor counted; the caller defers its events (they stay in the outbox, in order) and tries again later;
 * any other error fails the destination as a whole (a hostile schema that breaks shardlite's own
   statements, a file that cannot be opened or written): the first event of each pair counts a failed
   attempt, with an error text naming the destination, its file and the cause, so a destination that keeps
@@ -35,10 +39,11 @@ from typing import Any, NamedTuple
 
 import apsw
 
-from .errors import Busy, ConfigurationError, TenantMoving, UnknownTenant
+from .errors import Busy, ConfigurationError, MetaConflict, MetaUnavailable, TenantMoving, UnknownTenant
 from .feed import INSERT as feed_insert
 from .feed import append as feed_append
 from .feed import insert_values as feed_values
+from .keys import prefix_of
 from .outbox import Event, OutboxRow, Plan, check_topic
 from .relay_health import describe, error_text
 from .store import Store
@@ -157,13 +162,16 @@ class Deliverer:
                 lost.claim.failed[lost.row.seq] = (lost.row, text)
                 pending = [group for group in pending if group[0] is not lost.claim]
                 continue
-            except (Busy, TenantMoving) as exc:
+            except (Busy, TenantMoving, MetaUnavailable, MetaConflict) as exc:
                 return Outcome(UNAVAILABLE, exc, describe("destination", dest, exc))
             except UnknownTenant:
                 self._dead(pending, f"destination {dest!r} was dropped")
                 return _DONE
-            except ConfigurationError as exc:  # no schema for the destination here: it can never be created
-                self._dead(pending, f"destination {dest!r} cannot be created: {exc}")
+            except ConfigurationError as exc:
+                never = self._never_created(dest)
+                if never is None:  # a passing condition (no active node, a closed store): retried later
+                    return Outcome(UNAVAILABLE, exc, describe("destination", dest, exc))
+                self._dead(pending, f"destination {dest!r} cannot be created: {never}")
                 return _DONE
             except Exception as exc:  # noqa: BLE001 - confined to this destination (module doc)
                 text = self.report("destination", dest, exc, "")
@@ -176,6 +184,14 @@ class Deliverer:
                     claim.failed[failure[0].seq] = failure
             break
         return _DONE
+
+    def _never_created(self, dest: str) -> ConfigurationError | None:
+        """Why ``dest`` can never be created by this process (its key prefix has no schema here), or None."""
+        try:
+            self.store.spec.steps_for(prefix_of(dest))
+        except ConfigurationError as exc:
+            return exc
+        return None
 
     @staticmethod
     def _dead(groups: list[Group], error: str) -> None:

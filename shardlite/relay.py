@@ -41,10 +41,11 @@ Confinement (rule 15). A failure in one tenant never stops the pass for the othe
   then leaves it flagged;
 * a *destination* that fails is treated like a failing handler (:mod:`shardlite.delivery`): its events
   count failed attempts and end as dead letters with the error text;
-* an *unavailable* tenant (being moved, or locked by another writer past ``LOCK_WAIT_MS``) is not a
-  failure: nothing is counted; a destination's events stay in the outbox, in order, and it is tried
-  again after a short backoff (``RetryPolicy.unavailable_delay``) without delaying other destinations;
-  a busy source is simply left for the next pass. No pass waits on one tenant longer than the lock wait
+* an *unavailable* tenant (being moved, locked by another writer past ``LOCK_WAIT_MS``, or a destination
+  whose metadata cannot be reached or written now: :mod:`shardlite.delivery`) is not a failure: nothing
+  is counted; a destination's events stay in the outbox, in order, and it is tried again after a short
+  backoff (``RetryPolicy.unavailable_delay``) without delaying other destinations; a busy source is
+  simply left for the next pass. No pass waits on one tenant longer than the lock wait
   (a move is not waited for);
 * errors are reported naming the tenant, its file and the cause, logged at most once per
   ``LOG_INTERVAL`` per kind with a count of those suppressed (:mod:`shardlite.relay_health`); the last
@@ -66,6 +67,7 @@ from typing import Any
 from . import relay_ops
 from .delivery import DONE, UNAVAILABLE, Claim, Deliverer, Group, Handler, HandlerRegistry, describe_tenant
 from .errors import Busy, TenantMoving, UnknownTenant
+from .meta.pending import DeadLetter
 from .outbox import OutboxRow, RetryPolicy, backoff, next_due, plan
 from .relay_health import LOG_INTERVAL, ErrorLog, Troubles, describe, error_kind, error_text
 from .schema import REMEMBER_LAST_SEQ
@@ -174,8 +176,9 @@ class Relay:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        #: Test hook: called with a step name ("claimed", "delivered", "acknowledged") during each pass, so
-        #: crash tests can kill the process at an exact point of the protocol.
+        #: Test hook: called with a step name ("claimed", "delivered", "acknowledged") during each pass, and
+        #: by :meth:`retry_dead` ("re-emitting": before the source's commit of a re-emit; "re-emitted": between
+        #: that commit and the letter's deletion), so crash tests can kill the process at an exact point.
         self.fault: Callable[[str], None] | None = None
 
     @property
@@ -238,8 +241,8 @@ class Relay:
         """One pass over every due, unclaimed source (at most ``limit``); ``every`` ignores due times."""
         now = time.time()
         hot, self._hot = self._hot, set()
-        flagged = ((key for key, _, _ in self.store.catalog.pending_all()) if every else
-                   (key for key, _, _ in self.store.catalog.pending_due(now, limit)))
+        pending = self.store.meta.pending
+        flagged = (row.key for row in (pending.all() if every else pending.due(now, limit)))
         keys = list(dict.fromkeys([*hot, *flagged]))
         total = PassStats()
         ready: list[str] = []
@@ -357,7 +360,7 @@ class Relay:
             except (Busy, TenantMoving) as exc:
                 log.debug("relay: %r stays unacknowledged until a later pass (%s)", claim.source, exc)
         if emptied:
-            self.store.catalog.clear_pending_many(emptied)
+            self.store.meta.pending.clear_many(emptied)
         return stats
 
     def _held_back(self, source: str, now: float, stats: PassStats) -> bool:
@@ -429,7 +432,7 @@ class Relay:
         if trouble.tries < policy.max_attempts:
             stats.retry_at(trouble.until)
         try:
-            self.store.catalog.set_pending_due(source, trouble.until)
+            self.store.meta.pending.set_due(source, trouble.until)
         except Exception as err:  # noqa: BLE001 - the global DB's trouble: this relay's own backoff holds
             self.errors.report(f"could not move the pending flag of {source!r}: {error_text(err)}",
                                kind=f"global: {error_kind(err)}", tenant=source)
@@ -490,7 +493,8 @@ class Relay:
         version read under its write lock; one whose remaining events are due later gets its flag's due
         time moved. Busy and TenantMoving propagate (nothing was written); any other error is the source's
         failure (reported, backed off)."""
-        store, catalog, policy = self.store, self.store.catalog, self.policy
+        store, policy = self.store, self.policy
+        pending, letters = store.meta.pending, store.meta.dead_letters
         source, delivered, failed, dead = claim.source, claim.delivered, claim.failed, claim.dead
         next_due_at = claim.work.next_due
         if claim.deferred_until is not None:
@@ -516,12 +520,13 @@ class Relay:
                 for seq in dead:  # deleted first: a source whose own statements fail records no letter
                     store.internal(handle, "DELETE FROM _shardlite_outbox WHERE seq = ?", (seq,))
                 for seq, (row, error) in dead.items():  # before the COMMIT: a crash never loses one
-                    catalog.add_dead_letter(source, row.incarnation(handle.incarnation), seq, row.dest, row.topic,
-                                            row.payload, row.created, max(row.attempts + 1, 1), error)
+                    letters.add(DeadLetter(source, row.incarnation(handle.incarnation), seq, row.dest, row.topic,
+                                           row.payload, row.created, max(row.attempts + 1, 1),
+                                           error.replace("\x00", "\ufffd"), time.time()))
                 left: list[Any] = store.internal(handle, "SELECT count(*) FROM _shardlite_outbox").fetchall()
                 remaining = int(left[0][0])
                 # read under the source's write lock: an emitter that re-flags it after this commit bumps it
-                version = catalog.pending_row(source) if remaining == 0 else None
+                flag = pending.row(source) if remaining == 0 else None
                 if claim.until - time.time() < self.lease / 2:
                     claim.until = time.time() + self.lease
                     store.internal(handle, "UPDATE _shardlite_relay SET claimed_by = ?, claimed_until = ? "
@@ -544,21 +549,21 @@ class Relay:
         stats.dead += len(dead)
         stats.failed += retrying
         if remaining == 0:
-            if version is not None:
-                emptied.append((source, version[0]))
+            if flag is not None:
+                emptied.append((source, flag.version))
             return
         held = claim.work.waiting + len(claim.work.unhandled) + retrying + claim.deferred
         due = next_due(now, remaining=remaining, held=held, retry_due=next_due_at,
                        unhandled=bool(claim.work.unhandled), recheck=self.unhandled_recheck)
-        version = catalog.pending_row(source)
-        current = version[1] if version is not None else None
+        flag = pending.row(source)
+        current = flag.due if flag is not None else None
         if current is None or (abs(current - due) > 1e-3 and not (current <= now and due <= now)):
-            catalog.set_pending_due(source, due)
+            pending.set_due(source, due)
 
     def _forget_source(self, source: str) -> None:
-        row = self.store.catalog.pending_row(source)
-        if row is not None:
-            self.store.catalog.clear_pending(source, row[0])
+        flag = self.store.meta.pending.row(source)
+        if flag is not None:
+            self.store.meta.pending.clear_many([(source, flag.version)])
 
     # -- operations (shardlite.relay_ops) ------------------------------------------------------------------
 

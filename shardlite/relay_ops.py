@@ -1,20 +1,30 @@
 """The relay's operations beside delivery: ``status()``, ``retry_dead()``, and the last error recorded in the
 global DB for ``shardlite relay status`` (run in any process).
 
+Retrying a dead letter re-emits it as a new event in its source, exactly once. The event commits in the source
+tenant and the letter is deleted from the metadata afterwards: two stores, so a crash between the two would
+leave the letter behind, and a second retry would emit it again under a new seq (a duplicate no inbox would
+catch). So the source's commit also writes a mark for the letter in the source's own inbox (its
+:data:`~shardlite.schema.EMIT_SQL` event's number under the letter's :func:`retry_mark`, an incarnation no
+file ever has), and a retry that finds the mark only deletes the letter. The pending-work flag is written
+before that commit, as for any emit.
+
 The last error a relay *logged* (at most one line per kind of error per interval, see
-:mod:`shardlite.relay_health`) is kept as one JSON value, ``{"at", "tenant", "error", "relay"}``, in the global
-DB's ``_shardlite_catalog_meta`` under ``relay_last_error``: a write per logged line, never per failure.
+:mod:`shardlite.relay_health`) is kept as one JSON value, ``{"at", "tenant", "error", "relay"}``, in the root's
+metadata (:class:`~shardlite.meta.kv.MetaKV`) under ``relay_last_error``: a write per logged line, never per
+failure.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import TYPE_CHECKING, Any
 
 import apsw
 
-from .authorizer import INTERNAL_SQL
 from .errors import ShardliteError, UnknownTenant
+from .meta.pending import DeadLetter
 from .outbox import from_json, to_json
 from .schema import EMIT_SQL
 from .store import Store
@@ -22,9 +32,9 @@ from .store import Store
 if TYPE_CHECKING:
     from .relay import Relay
 
-__all__ = ["status", "retry_dead", "recorded_error", "record_error", "LAST_ERROR"]
+__all__ = ["status", "retry_dead", "retry_mark", "recorded_error", "record_error", "LAST_ERROR"]
 
-#: The name of the last logged relay error in ``_shardlite_catalog_meta``.
+#: The name of the last logged relay error in the metadata's named values.
 LAST_ERROR = "relay_last_error"
 
 
@@ -32,18 +42,16 @@ def record_error(store: Store, record: dict[str, Any]) -> None:
     """Keep ``record`` (the last error a relay logged) in the global DB."""
     if store.closed:
         return
-    with store.catalog.write() as conn:
-        conn.execute(INTERNAL_SQL + "INSERT INTO _shardlite_catalog_meta(name, value) VALUES (?, ?) "
-                     "ON CONFLICT(name) DO UPDATE SET value = excluded.value", (LAST_ERROR, to_json(record)))
+    store.meta.kv.put(LAST_ERROR, to_json(record))
 
 
 def recorded_error(store: Store) -> dict[str, Any] | None:
     """The last error any relay of the root logged, as recorded in the global DB; None if none was."""
-    rows = store.catalog.read("SELECT value FROM _shardlite_catalog_meta WHERE name = ?", (LAST_ERROR,))
-    if not rows:
+    value = store.meta.kv.get(LAST_ERROR)
+    if value is None:
         return None
     try:
-        found = from_json(str(rows[0][0]))
+        found = from_json(value)
     except ValueError:
         return None
     return found if isinstance(found, dict) else None
@@ -59,7 +67,7 @@ def status(relay: Relay) -> dict[str, Any]:
     now = time.time()
     per_node: dict[str, dict[str, Any]] = {n.name: _node_entry() for n in store.meta.nodes.list()}
     topics: dict[str, int] = {}
-    for key, _due, _since in store.catalog.pending_all():
+    for key, *_ in store.meta.pending.all():
         try:
             count, oldest = store.read_internal(key, "SELECT count(*), min(created) FROM _shardlite_outbox")[0]
             node = store.locate(key).node
@@ -73,9 +81,9 @@ def status(relay: Relay) -> dict[str, Any]:
         entry["sources"] += 1 if count else 0
         if oldest is not None:
             entry["oldest_age"] = max(entry["oldest_age"], now - float(oldest))
-    dead = store.catalog.dead_letters(limit=1_000_000)
+    dead = store.meta.dead_letters.list(limit=1_000_000)
     for letter in dead:
-        node = store.locate(letter["source"]).node
+        node = store.locate(letter.source).node
         per_node.setdefault(node, _node_entry())["dead_letters"] += 1
     last, recorded = relay.errors.last, recorded_error(store)
     if recorded is not None and (last is None or float(recorded.get("at", 0)) > float(last["at"])):
@@ -93,26 +101,45 @@ def status(relay: Relay) -> dict[str, Any]:
     }
 
 
+#: Whether the source's inbox holds a letter's :func:`retry_mark` (its re-emit committed there).
+_RETRIED = "SELECT 1 FROM _shardlite_inbox WHERE source = ? AND incarnation = ?"
+_MARK_RETRIED = "INSERT INTO _shardlite_inbox(source, incarnation, last_seq) VALUES (?, ?, ?)"
+
+
+def retry_mark(letter: DeadLetter) -> str:
+    """The incarnation under which a source's inbox remembers that ``letter`` was re-emitted (see the module
+    doc): 32 hex digits like an incarnation, derived from the letter's identity, so never a real one."""
+    text = f"shardlite dead letter {letter.incarnation} {letter.seq}"
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
 def retry_dead(relay: Relay, *, source: str | None = None, seq: int | None = None) -> int:
     """See :meth:`shardlite.relay.Relay.retry_dead`."""
     store = relay.store
     count = 0
-    for letter in store.catalog.dead_letters(limit=1_000_000):
-        if source is not None and letter["source"] != source:
+    letters = store.meta.dead_letters
+    for letter in letters.list(limit=1_000_000):
+        if source is not None and letter.source != source:
             continue
-        if seq is not None and letter["seq"] != seq:
+        if seq is not None and letter.seq != seq:
             continue
+        mark = retry_mark(letter)
         try:
-            with store.writing(letter["source"], create=False) as handle:
-                store.internal(handle, EMIT_SQL,
-                               (letter["dest"], letter["topic"], letter["payload"], letter["created"]))
-                store.catalog.flag_pending(letter["source"])
+            with store.writing(letter.source, create=False) as handle:
+                if not store.internal(handle, _RETRIED, (letter.source, mark)).fetchall():
+                    store.internal(handle, EMIT_SQL, (letter.dest, letter.topic, letter.payload, letter.created))
+                    store.internal(handle, _MARK_RETRIED, (letter.source, mark, handle.conn.last_insert_rowid()))
+                    store.meta.pending.flag_many([letter.source])  # before the commit, as for any emit
+                if relay.fault is not None:
+                    relay.fault("re-emitting")
         except UnknownTenant:
             continue  # its source was dropped: nothing can re-emit it (the letter stays listed)
         except Exception as exc:  # noqa: BLE001 - one source never stops the retry of the others
-            relay.report("source", letter["source"], exc, " (re-emitting a dead letter)")
+            relay.report("source", letter.source, exc, " (re-emitting a dead letter)")
             continue
-        store.catalog.delete_dead_letter(letter["source"], letter["incarnation"], letter["seq"])
+        if relay.fault is not None:
+            relay.fault("re-emitted")
+        letters.delete(letter.source, letter.incarnation, letter.seq)
         count += 1
     relay.errors.flush()
     return count

@@ -218,6 +218,8 @@ def _install(store: Store, prepared: _Prepared, purpose: str, force: bool) -> Te
         remove_db_files(prepared.temp)
     try:
         fsync_dir(os.path.dirname(path))
+        if prepared.events:  # flagged before the catalog routes to the file, as an emit flags before its commit:
+            store.meta.pending.flag_many([key])  # a crash after the flip strands nothing (a spurious flag: one look)
         existing = store.meta.tenants.lookup(key)
         if existing is not None and existing.state in ("active", "dropping"):
             if not force:
@@ -237,8 +239,6 @@ def _install(store: Store, prepared: _Prepared, purpose: str, force: bool) -> Te
             remove_db_files(path)  # never routed to
         raise
     store.forget(key)
-    if prepared.events:
-        store.catalog.flag_pending(key)
     record = store.meta.tenants.lookup(key)
     assert record is not None
     return record

@@ -156,7 +156,7 @@ class Store(TenantCreation, TenantReads):
         #: Outbox hooks shared by every transaction of this store (``tx.emit``).
         if type(max_outbox) is not int or max_outbox < max_payload:
             raise ConfigurationError("max_outbox_bytes must be an int no smaller than max_payload")
-        self.emitter = Emitter(self.catalog.flag_pending_many, max_payload,
+        self.emitter = Emitter(self.meta.pending.flag_many, max_payload,
                                check_dest=lambda key: self.spec.steps_for(prefix_of(key)), max_outbox=max_outbox)
         self._templates: dict[str, Personaliser] = {}
         self._template_lock = threading.Lock()
@@ -440,8 +440,10 @@ class Store(TenantCreation, TenantReads):
         guard.trusted = True
         try:
             if handle.needs_flag:  # the pending-work flag before the commit that needs it
-                self.emitter.flush(handle.key, queued_here=handle.needs_flag == threading.get_ident())
-                handle.needs_flag = 0
+                try:
+                    self.emitter.flush(handle.key, queued_here=handle.needs_flag == threading.get_ident())
+                finally:  # written, or this transaction rolls back: the handle's next one needs none
+                    handle.needs_flag = 0
             handle.cur.execute(_COMMIT)
         except apsw.BusyError as exc:
             if not conn.get_autocommit():

@@ -26,7 +26,17 @@ import pytest
 from helpers_routers import internal_rows
 
 import shardlite.cli
-from shardlite import ConfigurationError, InvalidKey, PayloadTooLarge, Router, TransactionClosed, UnknownTenant
+from shardlite import (
+    Busy,
+    ConfigurationError,
+    InvalidKey,
+    MetaUnavailable,
+    PayloadTooLarge,
+    Router,
+    StorageError,
+    TransactionClosed,
+    UnknownTenant,
+)
 from shardlite.outbox import Event, OutboxRow, RetryPolicy, encode_payload, next_due, plan
 from shardlite.relay import ACK_WAIT_MS
 
@@ -212,7 +222,7 @@ def test_emit_many_rolled_back_with_its_transaction_emits_nothing(router: Router
             tx.emit_many(["user:bob", "user:carol"], "t", {"n": 1})
             raise RuntimeError("abort")
     assert router.exists("room:1") and outbox(router, "room:1") == []
-    assert pending_rows(router.root) in ([], [("room:1", 1)])  # at most a spurious flag, never a lost one
+    assert [k for k, _ in pending_rows(router.root)] in ([], ["room:1"])  # at most a spurious flag, never a lost one
 
 
 def test_nothing_is_emitted_when_the_transaction_rolls_back(router: Router) -> None:
@@ -421,11 +431,11 @@ def test_poison_event_is_dead_lettered_after_n_attempts_and_later_events_on_the_
     assert attempts == [0, 1, 2]  # three attempts (max_attempts=3), each saw its attempt count
     assert applied(router, "user:bob") == [0, 2]  # documented policy: later events go on
     assert outbox(router, "user:alice") == []
-    (letter,) = router._store.catalog.dead_letters()
-    assert (letter["source"], letter["dest"], letter["topic"], letter["seq"], letter["attempts"]) == (
+    (letter,) = router._store.meta.dead_letters.list()
+    assert (letter.source, letter.dest, letter.topic, letter.seq, letter.attempts) == (
         "user:alice", "user:bob", "p", 2, 3)
-    assert json.loads(letter["payload"]) == {"n": 1, "poison": True}
-    assert "RuntimeError: cannot handle 1" in letter["error"]
+    assert json.loads(letter.payload) == {"n": 1, "poison": True}
+    assert "RuntimeError: cannot handle 1" in letter.error
     status = router.relay.status()
     assert status["dead_letters"] == 1 and status["pending"] == 0
 
@@ -433,7 +443,7 @@ def test_poison_event_is_dead_lettered_after_n_attempts_and_later_events_on_the_
     emit(router, "user:alice", "user:bob", 3, topic="p")
     router.relay.drain(timeout=30)
     assert router.relay.retry_dead() == 1
-    assert router._store.catalog.dead_letters() == []
+    assert router._store.meta.dead_letters.list() == []
     (row,) = outbox(router, "user:alice")
     assert row[0] == 6 and row[1] == "user:bob"  # seqs 1..5 were used; never reused
     router.handler("p")(record)  # the bug is fixed
@@ -461,7 +471,7 @@ def test_failing_handler_stops_its_destination_for_the_pass_but_keeps_what_it_ap
     assert applied(router, "user:bob") == [0, 1]
     router.relay.drain(timeout=30)
     assert applied(router, "user:bob") == [0, 1, 2, 3, 4]
-    assert router._store.catalog.dead_letters() == []
+    assert router._store.meta.dead_letters.list() == []
 
 
 def test_events_for_a_dropped_destination_are_dead_letters_and_never_recreate_it(router: Router) -> None:
@@ -477,15 +487,15 @@ def test_events_for_a_dropped_destination_are_dead_letters_and_never_recreate_it
     assert not router.exists("user:gone")
     assert router.locate("user:gone").path is None
     assert applied(router, "user:bob") == [0]
-    letters = router._store.catalog.dead_letters()
-    assert sorted(d["seq"] for d in letters) == [1, 2]
-    assert all(d["dest"] == "user:gone" and "dropped" in d["error"] for d in letters)
+    letters = router._store.meta.dead_letters.list()
+    assert sorted(d.seq for d in letters) == [1, 2]
+    assert all(d.dest == "user:gone" and "dropped" in d.error for d in letters)
     assert outbox(router, "user:alice") == []
     # retrying does not bring it back either
     assert router.relay.retry_dead() == 2
     router.relay.drain(timeout=30)
     assert not router.exists("user:gone")
-    assert len(router._store.catalog.dead_letters()) == 2
+    assert len(router._store.meta.dead_letters.list()) == 2
 
 
 def test_emit_to_a_destination_without_a_schema_is_refused(make: Callable[..., Router]) -> None:
@@ -513,7 +523,7 @@ def test_an_event_for_a_destination_the_relay_cannot_create_does_not_wedge_the_r
     assert applied(relay, "user:bob", "user:alice") == [1]
     assert applied(relay, "user:bob", "user:carol") == [2]
     assert not relay.exists("nope:x")
-    assert [(d["source"], d["dest"]) for d in relay._store.catalog.dead_letters()] == [("user:alice", "nope:x")]
+    assert [(d.source, d.dest) for d in relay._store.meta.dead_letters.list()] == [("user:alice", "nope:x")]
     assert relay.relay.status()["pending"] == 0
 
 
@@ -526,13 +536,13 @@ def test_retry_of_dead_letters_is_not_blocked_by_one_from_a_dropped_source(route
     router.relay.drain(timeout=30)  # user:a's letter dies first, so it is listed first
     emit(router, "user:z", "user:bob", 1, topic="p")
     router.relay.drain(timeout=30)
-    assert [d["source"] for d in router._store.catalog.dead_letters()] == ["user:a", "user:z"]
+    assert [d.source for d in router._store.meta.dead_letters.list()] == ["user:a", "user:z"]
     router.drop("user:a")
     try:
         router.relay.retry_dead()
     except UnknownTenant:
         pass
-    assert "user:z" not in [d["source"] for d in router._store.catalog.dead_letters()]
+    assert "user:z" not in [d.source for d in router._store.meta.dead_letters.list()]
     assert not router.exists("user:a")
 
 
@@ -551,7 +561,7 @@ def test_unhandled_topic_stays_pending_is_reported_and_drain_returns(make: Calla
     assert status["unhandled_topics"] == ["later"]
     assert status["pending"] == 2 and status["topics"] == {"later": 2}
     assert [r[2] for r in outbox(router, "user:alice")] == ["later", "later"]
-    assert router._store.catalog.dead_letters() == []  # never dead-lettered for want of a handler
+    assert router._store.meta.dead_letters.list() == []  # never dead-lettered for want of a handler
 
     # a process that has the handler delivers them, in order
     router.handler("later")(record)
@@ -935,23 +945,61 @@ def test_emitter_writes_queued_flags_together_and_each_before_its_commit() -> No
     assert writes[-1] == ["d", "e"]
 
 
-def test_a_commit_whose_flag_cannot_be_written_commits_nothing(router: Router,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    catalog = router._store.catalog
+def _metadata_read_only(router: Router, on: bool) -> None:
+    """Make the root's global DB refuse writes (SQLITE_READONLY on its writer), or accept them again."""
+    router._store.meta.globaldb.writer.execute(f"PRAGMA query_only = {int(on)}")
 
-    def unavailable(keys: list[str]) -> None:
-        raise OSError("global DB unavailable")
 
-    plain = catalog.flag_pending_many
-    monkeypatch.setattr(router._store.emitter, "_flag_many", unavailable)
-    with pytest.raises(OSError):
-        emit(router, "user:alice", "user:bob", 1)
+def test_a_commit_whose_flag_cannot_be_written_commits_nothing(router: Router) -> None:
+    """The metadata refuses the pending flag: the emitting transaction fails with MetaUnavailable (not a
+    storage error of the tenant), nothing of it commits (no event, no business row), and once the metadata
+    is back the same write goes through and is delivered."""
+    with router.transaction("user:alice") as tx:
+        tx.execute("INSERT INTO notes(body) VALUES ('before')")
+    _metadata_read_only(router, True)
+    with pytest.raises(MetaUnavailable, match="global.db") as caught:
+        with router.transaction("user:alice") as tx:
+            tx.execute("INSERT INTO notes(body) VALUES ('lost')")
+            tx.emit("user:bob", "t", {"n": 1})
+    assert not isinstance(caught.value, (StorageError, ConfigurationError, Busy))
     assert outbox(router, "user:alice") == [] and pending_rows(router.root) == []
-    monkeypatch.setattr(router._store.emitter, "_flag_many", plain)
+    assert router.query("user:alice", "SELECT body FROM notes") == [("before",)]
+    with router.transaction("user:alice") as tx:  # a transaction that needs no flag still commits
+        tx.execute("INSERT INTO notes(body) VALUES ('no event')")
+    _metadata_read_only(router, False)
     emit(router, "user:alice", "user:bob", 2)
     router.relay.drain(timeout=30)
     assert applied(router, "user:bob") == [2]
     assert pending_rows(router.root) == []
+
+
+def test_an_async_emit_whose_flag_cannot_be_written_raises_meta_unavailable_and_commits_nothing(root: str) -> None:
+    import asyncio
+
+    from shardlite import AsyncRouter
+
+    async def main() -> None:
+        async with AsyncRouter(root, schema=SCHEMA) as ar:
+            ar.handler("t")(record)
+            async with ar.transaction("user:alice") as tx:
+                await tx.execute("INSERT INTO notes(body) VALUES ('before')")
+            writer = ar._store.meta.globaldb.writer
+            writer.execute("PRAGMA query_only = 1")
+            try:
+                with pytest.raises(MetaUnavailable):
+                    async with ar.transaction("user:alice") as tx:
+                        await tx.execute("INSERT INTO notes(body) VALUES ('lost')")
+                        await tx.emit("user:bob", "t", {"n": 1})
+            finally:
+                writer.execute("PRAGMA query_only = 0")
+            assert await ar.query("user:alice", "SELECT body FROM notes") == [("before",)]
+            async with ar.transaction("user:alice") as tx:
+                await tx.emit("user:bob", "t", {"n": 2})
+            await ar.relay.drain(timeout=30)
+            assert await ar.query("user:bob", "SELECT n FROM applied") == [(2,)]
+
+    asyncio.run(main())
+    assert pending_rows(root) == []
 
 
 def test_concurrent_async_transactions_share_flag_writes_and_strand_nothing(root: str) -> None:

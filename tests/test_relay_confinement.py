@@ -144,7 +144,7 @@ def test_a_hostile_source_is_recorded_and_backed_off_and_every_other_event_is_de
     assert_delivered(router, sent)
     for dest, n in (("dst:0", 100), ("dst:1", 101)):  # the hostile source's own events: at most once
         assert applied(router, dest, "bad:src") in ([], [n])
-    assert router._store.catalog.dead_letters() == []
+    assert router._store.meta.dead_letters.list() == []
     for source in SOURCES:
         assert outbox(router, source) == []
     assert "bad:src" in stats.failing
@@ -155,7 +155,7 @@ def test_a_hostile_source_is_recorded_and_backed_off_and_every_other_event_is_de
     assert failing["role"] == "source" and cause in failing["error"] and "'bad:src'" in failing["error"]
     assert router.locate("bad:src").path in failing["error"]  # the file, too
     assert failing["tries"] >= FAST.max_attempts  # drain() retried it a few times, then left it
-    assert router._store.catalog.pending_row("bad:src") is not None  # still flagged: nothing is stranded
+    assert router._store.meta.pending.row("bad:src") is not None  # still flagged: nothing is stranded
     assert status["last_error"] is not None and "'bad:src'" in status["last_error"]["error"]
     lines = [r.getMessage() for r in caplog.records if "'bad:src'" in r.getMessage()]
     assert lines and all(r.exc_info is None for r in caplog.records)  # a line each, no traceback
@@ -191,8 +191,9 @@ def test_a_failing_source_backs_off_exponentially_and_bounded(make: Callable[...
         before = time.time()
         stats = relay.pass_over("bad:src")
         assert stats.tenant_errors == 1 and stats.failing == {"bad:src"}
-        (due,) = router._store.catalog.read("SELECT due FROM _shardlite_pending WHERE key = 'bad:src'")
-        delays.append(round(due[0] - before, 1))
+        flag = router._store.meta.pending.row("bad:src")
+        assert flag is not None
+        delays.append(round(flag.due - before, 1))
     assert delays == [backoff(t, 0.5, 2.0) for t in range(1, 6)] == [0.5, 1.0, 2.0, 2.0, 2.0]
     # while it backs off, a pass does not touch it (and says when to look again)
     stats = relay.pass_over("bad:src")
@@ -222,13 +223,13 @@ def test_a_hostile_destination_fails_like_a_handler_and_its_events_become_dead_l
     stats = router.relay.drain(timeout=DEADLINE)
     assert_delivered(router, sent)
     assert stats.delivered == 20 and stats.dead == 3 and "bad:dst" in stats.failing
-    letters = router._store.catalog.dead_letters()
-    assert sorted((d["source"], d["seq"]) for d in letters) == [("src:0", 1), ("src:0", 2), ("src:1", 1)]
+    letters = router._store.meta.dead_letters.list()
+    assert sorted((d.source, d.seq) for d in letters) == [("src:0", 1), ("src:0", 2), ("src:1", 1)]
     cause = "hostile trigger" if trap.startswith("trigger") else "foreign key mismatch"
     path = router.locate("bad:dst").path
     for letter in letters:
-        assert letter["attempts"] == FAST.max_attempts and letter["dest"] == "bad:dst"
-        assert "destination 'bad:dst'" in letter["error"] and cause in letter["error"] and path in letter["error"]
+        assert letter.attempts == FAST.max_attempts and letter.dest == "bad:dst"
+        assert "destination 'bad:dst'" in letter.error and cause in letter.error and path in letter.error
     assert router.query("bad:dst", "SELECT count(*) FROM applied") == [(0,)]
     for source in SOURCES:
         assert outbox(router, source) == []
@@ -246,7 +247,7 @@ def test_the_relay_thread_keeps_delivering_beside_hostile_tenants(make: Callable
     sent = innocent_traffic(router)
     emit(router, "src:0", "bad:dst", 1)
     end = time.monotonic() + DEADLINE
-    while sum(len(applied(router, d)) for d in DESTS) < 20 or not router._store.catalog.dead_letters():
+    while sum(len(applied(router, d)) for d in DESTS) < 20 or not router._store.meta.dead_letters.list():
         assert time.monotonic() < end, router.relay.status()
         time.sleep(0.01)
     assert router.relay.running
@@ -332,7 +333,7 @@ def test_relay_run_once_with_hostile_tenants_delivers_the_rest_and_exits_cleanly
     assert "failing tenants" in line and "bad:src1" in line and "bad:src2" in line
     assert "bad:src1" in proc.stderr and "foreign key mismatch" in proc.stderr  # each error: one line
     assert_delivered(router, sent)
-    assert [d["dest"] for d in router._store.catalog.dead_letters()] == ["bad:dst"]
+    assert [d.dest for d in router._store.meta.dead_letters.list()] == ["bad:dst"]
 
 
 # -- unavailable destinations ----------------------------------------------------------------------------------
@@ -415,7 +416,7 @@ def test_an_unavailable_destination_waits_without_attempts_and_others_go_on(
                 unavailable_traffic(router, dest, 3)
             time.sleep(0.003)  # past the (tiny) backoff, so that the next pass tries the destination again
         assert spy.waits(dest) == {(LOCK_WAIT_MS, 0)}  # every try: a few ms for the lock, none for a move
-        assert router._store.catalog.dead_letters() == []
+        assert router._store.meta.dead_letters.list() == []
         for source in ("src:0", "src:1"):
             rows = outbox(router, source)
             assert [(d, a) for _, d, a in rows] == [(dest, 0)] * 6  # all still there, no attempt counted
@@ -437,7 +438,7 @@ def test_an_unavailable_destination_waits_without_attempts_and_others_go_on(
         assert applied(router, dest, source) == list(range(6))  # in order per pair
         assert applied(router, "dst:ok", source) == list(range(6))
         assert outbox(router, source) == []
-    assert router._store.catalog.dead_letters() == []
+    assert router._store.meta.dead_letters.list() == []
     assert router.relay.status()["unavailable"] == {}
 
 

@@ -173,7 +173,7 @@ def expect_exactly_once(router: Router, sent: dict[tuple[str, str], int]) -> dic
     for source in SOURCES:
         if router.exists(source):
             assert internal_rows(router, source, "SELECT count(*) FROM _shardlite_outbox") == [(0,)]
-    assert router._store.catalog.dead_letters() == []
+    assert router._store.meta.dead_letters.list() == []
     return by_pid
 
 

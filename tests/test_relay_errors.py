@@ -93,12 +93,12 @@ def test_a_handler_after_which_sqlite_rolled_back_the_transaction_is_recorded_wi
     assert applied(router, "user:d", "src:a") == [0, 1, 2] == applied(router, "user:d", "src:c")
     assert applied(router, "user:d", "src:b") == [1]
     assert stats.dead == 1
-    (letter,) = router._store.catalog.dead_letters()
-    assert (letter["source"], letter["seq"], letter["attempts"]) == ("src:b", 1, FAST.max_attempts)
-    assert "savepoint" not in letter["error"]
+    (letter,) = router._store.meta.dead_letters.list()
+    assert (letter.source, letter.seq, letter.attempts) == ("src:b", 1, FAST.max_attempts)
+    assert "savepoint" not in letter.error
     expected = ("ConstraintError: UNIQUE constraint failed" if handler_kind == "raises"
                 else "rolled its transaction back")
-    assert expected in letter["error"] and "destination 'user:d'" in letter["error"]
+    assert expected in letter.error and "destination 'user:d'" in letter.error
     assert router.query("user:d", "SELECT count(*) FROM uniq") == [(0,)]
 
 
@@ -142,9 +142,9 @@ def test_a_full_disk_names_the_real_error_and_the_tenant_and_logs_once(
     assert applied(router, fine, source) == [0, 1, 2]
     assert stats.dead == 3
     path = router.locate(full).path
-    for letter in router._store.catalog.dead_letters():
-        assert letter["dest"] == full and letter["attempts"] == FAST.max_attempts
-        error = letter["error"]
+    for letter in router._store.meta.dead_letters.list():
+        assert letter.dest == full and letter.attempts == FAST.max_attempts
+        error = letter.error
         assert "FullError: database or disk is full" in error and "savepoint" not in error
         assert f"destination {full!r}" in error and path is not None and path in error
     lines = [r.getMessage() for r in caplog.records if "FullError" in r.getMessage()]

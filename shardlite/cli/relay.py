@@ -93,13 +93,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_dead(args: argparse.Namespace) -> int:
     with open_router(args) as router:
-        letters = router._store.catalog.dead_letters(limit=args.limit)
+        letters = router._store.meta.dead_letters.list(limit=args.limit)
     if args.json:
         for letter in letters:
-            emit_json(letter)
+            emit_json(asdict(letter))
     else:
         print_table("dead letters", ["source", "seq", "dest", "topic", "attempts", "error"],
-                    [(d["source"], d["seq"], d["dest"], d["topic"], d["attempts"], d["error"]) for d in letters])
+                    [(d.source, d.seq, d.dest, d.topic, d.attempts, d.error) for d in letters])
     return 0
 
 

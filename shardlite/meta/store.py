@@ -10,7 +10,9 @@ if TYPE_CHECKING:
     from .accounts import AccountStore, CredentialStore
     from .app_globals import AppGlobals
     from .journal import MoveJournal
+    from .kv import MetaKV
     from .nodes import NodeRegistry
+    from .pending import DeadLetters, PendingWork
     from .sessions import SessionStore
     from .tenants import TenantCatalog
 
@@ -35,6 +37,11 @@ class MetaBase(Protocol):
     def closed(self) -> bool:
         ...
 
+    @property
+    def app_global_path(self) -> str:
+        """The root's ``app_global.db``: the app's own global tables stay in the root with every backend."""
+        ...
+
     def open(self, *, create: bool, default_nodes: Sequence[tuple[str, str, int]] = ()) -> None:
         """Open the store, creating it when ``create`` (else :class:`~shardlite.ConfigurationError` when it
         does not exist), and bring shardlite's schema to the current version (several processes may open a
@@ -53,11 +60,6 @@ class MetaBase(Protocol):
         made under ``directory`` and removed afterwards."""
         ...
 
-    @property
-    def app_global_path(self) -> str:
-        """The root's ``app_global.db``: the app's own global tables stay in the root with every backend."""
-        ...
-
 
 class MetaStore(MetaBase, Protocol):
     """One data root's metadata. Thread-safe: every method may be called from any thread.
@@ -65,6 +67,21 @@ class MetaStore(MetaBase, Protocol):
     Its parts (one attribute per concept, each with its own contract module in :mod:`shardlite.meta`) are
     usable between :meth:`open` and :meth:`close`.
     """
+
+    @property
+    def pending(self) -> PendingWork:
+        """The relay's pending-work index (:mod:`shardlite.meta.pending`)."""
+        ...
+
+    @property
+    def dead_letters(self) -> DeadLetters:
+        """The relay's dead letters (:mod:`shardlite.meta.pending`)."""
+        ...
+
+    @property
+    def kv(self) -> MetaKV:
+        """Small named values (:mod:`shardlite.meta.kv`)."""
+        ...
 
     @property
     def tenants(self) -> TenantCatalog:

@@ -126,7 +126,7 @@ async def adeliver(router: Router | AsyncRouter, *, timeout: float = 30.0, check
 
 
 def _dead(store: Store) -> set[tuple[str, str, int]]:
-    return {(d["source"], d["incarnation"], d["seq"]) for d in store.catalog.dead_letters(limit=_DEAD_LIMIT)}
+    return {(d.source, d.incarnation, d.seq) for d in store.meta.dead_letters.list(limit=_DEAD_LIMIT)}
 
 
 def _finish(relay: Relay, before: set[tuple[str, str, int]], stats: PassStats, check: bool) -> Delivery:
@@ -139,13 +139,12 @@ def _finish(relay: Relay, before: set[tuple[str, str, int]], stats: PassStats, c
 
 def _new_dead(store: Store, before: set[tuple[str, str, int]]) -> list[Undelivered]:
     found = []
-    for letter in store.catalog.dead_letters(limit=_DEAD_LIMIT):
-        if (letter["source"], letter["incarnation"], letter["seq"]) in before:
+    for letter in store.meta.dead_letters.list(limit=_DEAD_LIMIT):
+        if (letter.source, letter.incarnation, letter.seq) in before:
             continue
-        found.append(Undelivered("dead", letter["source"], letter["dest"], letter["topic"],
-                                 _payload(letter["payload"]), int(letter["seq"]),
-                                 f"dead letter after {letter['attempts']} attempt"
-                                 f"{'s' if letter['attempts'] != 1 else ''}: {letter['error']}"))
+        found.append(Undelivered("dead", letter.source, letter.dest, letter.topic, _payload(letter.payload),
+                                 letter.seq, f"dead letter after {letter.attempts} attempt"
+                                 f"{'s' if letter.attempts != 1 else ''}: {letter.error}"))
     return found
 
 
@@ -154,7 +153,7 @@ def _pending(relay: Relay) -> list[Undelivered]:
     store, handlers = relay.store, relay.handlers
     known = ", ".join(sorted(handlers)) or "none"
     found = []
-    for source, _, _ in store.catalog.pending_all():
+    for source, *_ in store.meta.pending.all():
         try:
             rows = store.read_internal(source, _PENDING)
         except UnknownTenant:

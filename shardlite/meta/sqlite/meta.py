@@ -12,7 +12,9 @@ from ..store import MetaStore
 from .accounts import SqliteAccounts, SqliteCredentials
 from .app_globals import SqliteAppGlobals
 from .journal import SqliteJournal
+from .kv import SqliteKV
 from .nodes import SqliteNodes
+from .pending import SqliteDeadLetters, SqlitePending
 from .sessions import SqliteSessions
 from .tenants import SqliteTenants
 
@@ -35,6 +37,9 @@ class SqliteMeta:
         self.credentials = SqliteCredentials(self.globaldb)
         self.sessions = SqliteSessions(self.globaldb)
         self.app_globals = SqliteAppGlobals(self.appdb)
+        self.pending = SqlitePending(self.globaldb)
+        self.dead_letters = SqliteDeadLetters(self.globaldb)
+        self.kv = SqliteKV(self.globaldb)
 
     @property
     def location(self) -> str:
