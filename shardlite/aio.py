@@ -301,6 +301,7 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads, Admin):
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         max_outbox_bytes: int = 64 * 1024 * 1024,
         retry: RetryPolicy | None = None,
+        meta: str | None = None,
     ) -> None:
         settings = Settings(synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, max_open=max_open,
                             cache_kib=cache_kib, statement_timeout=statement_timeout, max_rows=max_rows,
@@ -317,7 +318,7 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads, Admin):
         try:
             self._store = Store(os.fspath(root), nodes=nodes, schema=schema,  # type: ignore[arg-type]
                                 global_schema=global_schema, settings=settings, move_wait=move_wait,
-                                max_payload=max_payload, max_outbox=max_outbox_bytes,
+                                meta=meta, max_payload=max_payload, max_outbox=max_outbox_bytes,
                                 checkpoint_submit=self._executor.submit,
                                 read_check_steps=INLINE_CHECK_STEPS)
         except BaseException:
@@ -335,13 +336,14 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads, Admin):
         self._commit_offloaded = settings.synchronous != "NORMAL"
         self._canon: dict[object, str] = {}
         self._emitter = self._store.emitter
-        meta = self._store.meta
+        store_meta = self._store.meta
         #: Accounts (async twin of :class:`~shardlite.accounts.Accounts`).
-        self.accounts = AsyncAccounts(Accounts(meta.accounts, meta.credentials, clock), self._call, self._call_kdf)
+        self.accounts = AsyncAccounts(Accounts(store_meta.accounts, store_meta.credentials, clock), self._call,
+                                      self._call_kdf)
         #: Sessions (async twin of :class:`~shardlite.sessions.Sessions`).
-        self.sessions = AsyncSessions(Sessions(meta.sessions, clock), self._call)
+        self.sessions = AsyncSessions(Sessions(store_meta.sessions, clock), self._call)
         #: The app's global tables (async twin of :class:`~shardlite.globals.GlobalTables`).
-        self.globals = AsyncGlobalTables(GlobalTables(meta.app_globals))
+        self.globals = AsyncGlobalTables(GlobalTables(store_meta.app_globals))
         self._handlers: dict[str, Handler] = {}
         #: The outbox relay as an asyncio task (:class:`~shardlite.aio_relay.AsyncRelay`). Never started
         #: implicitly; ``relay=True`` starts it when the router is entered (``async with``).

@@ -135,6 +135,11 @@ class Router(HandlerRegistry):
     ``statement_timeout`` (seconds, ``None``: none) interrupts a statement that runs longer
     (:class:`~shardlite.QueryTimeout`); ``max_rows`` and ``max_result_bytes`` cap what one read returns
     (:class:`~shardlite.ResultTooLarge`).
+    ``meta`` says where the root's metadata lives: the embedded ``<root>/global.db`` (the default, or
+    ``"sqlite"``), or a PostgreSQL database (``"postgresql://user@host:port/dbname"``; default
+    ``$SHARDLITE_META``). The first router on a new root records it in ``<root>/meta.json`` (never with a
+    password); later routers find it there, and a ``meta`` naming another store raises
+    :class:`ConfigurationError`.
     """
 
     def __init__(
@@ -158,21 +163,22 @@ class Router(HandlerRegistry):
         statement_timeout: float | None = 30.0,
         max_rows: int = 100_000,
         max_result_bytes: int = 64 * 1024 * 1024,
+        meta: str | None = None,
     ) -> None:
         settings = Settings(synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, max_open=max_open,
                             cache_kib=cache_kib, statement_timeout=statement_timeout, max_rows=max_rows,
                             max_result_bytes=max_result_bytes)
         self._store = Store(os.fspath(root), nodes=nodes, schema=schema,  # type: ignore[arg-type]
                             global_schema=global_schema, settings=settings, move_wait=move_wait, create=create,
-                            max_payload=max_payload, max_outbox=max_outbox_bytes)
+                            meta=meta, max_payload=max_payload, max_outbox=max_outbox_bytes)
         self._local = threading.local()
-        meta = self._store.meta
+        store_meta = self._store.meta
         #: Accounts with unique e-mail addresses (:class:`~shardlite.accounts.Accounts`).
-        self.accounts = Accounts(meta.accounts, meta.credentials, clock)
+        self.accounts = Accounts(store_meta.accounts, store_meta.credentials, clock)
         #: Sessions (:class:`~shardlite.sessions.Sessions`).
-        self.sessions = Sessions(meta.sessions, clock)
+        self.sessions = Sessions(store_meta.sessions, clock)
         #: The app's global tables (:class:`~shardlite.globals.GlobalTables`).
-        self.globals = GlobalTables(meta.app_globals)
+        self.globals = GlobalTables(store_meta.app_globals)
         self._handlers: dict[str, Handler] = {}
         #: The outbox relay (:class:`~shardlite.relay.Relay`): ``start()``/``stop()``, ``run_once()``,
         #: ``drain()``, ``status()``. Never started implicitly; ``relay=True`` runs it for the router's life.

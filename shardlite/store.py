@@ -46,7 +46,8 @@ from .errors import (
 )
 from .keys import canonical, prefix_of
 from .limits import FAST_VALUE
-from .meta.sqlite import SqliteMeta
+from .meta.choose import store_for
+from .meta.store import MetaStore
 from .outbox import DEFAULT_MAX_PAYLOAD
 from .placement import tenant_relpath
 from .pool import Handle, HandlePool
@@ -118,6 +119,7 @@ class Store(TenantCreation, TenantReads):
         settings: Settings | None = None,
         move_wait: float = 10.0,
         create: bool = True,
+        meta: str | None = None,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         max_outbox: int = DEFAULT_MAX_OUTBOX,
         checkpoint_submit: Submit | None = None,
@@ -137,12 +139,8 @@ class Store(TenantCreation, TenantReads):
                 check_node_name(name)
             if len(set(nodes)) != len(nodes):
                 raise ConfigurationError("node names must be unique")
-        #: The root's metadata (:mod:`shardlite.meta`); ``globaldb``, ``appdb`` and ``catalog`` are its
-        #: SQLite parts, used directly until every caller goes through the contracts.
-        self.meta = SqliteMeta(self.root, self.settings)
-        self.globaldb = self.meta.globaldb
-        self.appdb = self.meta.appdb
-        self.catalog = self.meta.catalog
+        #: The root's metadata (:mod:`shardlite.meta`): the embedded SQLite files, or PostgreSQL.
+        self.meta: MetaStore = store_for(self.root, self.settings, meta, create=create)
         fresh = not self.meta.exists
         try:
             self._open_catalog(create, nodes, fresh, global_schema)

@@ -28,7 +28,7 @@ from .schema import SchemaSpec
 from .tenant import Personaliser, build_template, write_new_file
 
 if TYPE_CHECKING:
-    from .meta.sqlite import SqliteMeta
+    from .meta.store import MetaStore
 
 __all__ = ["TenantCreation", "PLACEMENT_RESERVE"]
 
@@ -52,7 +52,7 @@ class TenantCreation:
 
     settings: Settings
     spec: SchemaSpec
-    meta: SqliteMeta
+    meta: MetaStore
     _ring: Ring | None
     _ring_source: tuple[tuple[str, int], ...]
     _node_paths: dict[str, str]

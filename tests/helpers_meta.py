@@ -14,7 +14,7 @@ from typing import cast
 
 from shardlite import Settings
 from shardlite.meta import MetaStore
-from shardlite.meta.choose import ENV_VAR, store_for
+from shardlite.meta.choose import ENV_VAR, locate_store
 from shardlite.meta.sqlite import SqliteMeta
 
 #: The metadata backends every conformance test runs over. For "postgresql", the ``meta_backend`` fixture
@@ -29,7 +29,7 @@ def open_meta(backend: str, root: str, *, create: bool = True,
     if backend == "sqlite":
         store: object = SqliteMeta(root, Settings())
     elif backend == "postgresql":
-        store = store_for(root, Settings(), create=create)
+        store = locate_store(root, Settings(), create=create)
         if getattr(store, "root_id", None) is None:
             raise ValueError(f"{ENV_VAR} names no PostgreSQL database: use the meta_backend fixture")
     else:

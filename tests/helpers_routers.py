@@ -45,4 +45,4 @@ def internal_rows(router: Any, key: str, sql: str, params: Any = ()) -> list[tup
 def global_rows(router: Any, sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
     """Rows of shardlite's own tables in ``global.db`` (accounts, credentials, sessions, catalog), which
     app SQL (``router.globals``) cannot reach."""
-    return router._store.globaldb.read(sql, params)
+    return router._store.meta.globaldb.read(sql, params)

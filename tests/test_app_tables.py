@@ -73,9 +73,9 @@ def _check_moved(router: Router, root: str) -> None:
     assert router.globals.query("SELECT what FROM audit ORDER BY rowid")[-1] == ("room new",)  # the trigger too
     indexes = router.globals.query("SELECT name FROM sqlite_schema WHERE type = 'index' AND name = 'members_by_user'")
     assert indexes == [("members_by_user",)]
-    assert int(router._store.appdb.read("PRAGMA user_version")[0][0]) == len(GLOBAL_SCHEMA)
+    assert int(router._store.meta.appdb.read("PRAGMA user_version")[0][0]) == len(GLOBAL_SCHEMA)
     # nothing of the app is left in global.db, and shardlite's own tables are intact
-    left = [n for _, n, _, _ in app_objects(router._store.globaldb.writer)]
+    left = [n for _, n, _, _ in app_objects(router._store.meta.globaldb.writer)]
     assert left == []
     assert global_rows(router, "SELECT value FROM _shardlite_catalog_meta WHERE name = 'app_global_version'") == []
     assert global_rows(router, "PRAGMA user_version") == [(len(GLOBAL_STEPS),)]

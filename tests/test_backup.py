@@ -462,7 +462,7 @@ def test_damaged_backup_is_refused_and_changes_nothing(make: Callable[..., Route
 
     before = {k: (router.locate(k), meta(router, k), ledger(router, k)) for k in keys}
     files_before = node_files(router)
-    generations = router._store.catalog.read("SELECT count(*) FROM _shardlite_generations")
+    generations = router._store.meta.globaldb.read("SELECT count(*) FROM _shardlite_generations")
 
     with pytest.raises(ShardliteError, match="checksum"):
         router.restore(dest, force=True)
@@ -475,7 +475,7 @@ def test_damaged_backup_is_refused_and_changes_nothing(make: Callable[..., Route
     assert after == before
     assert not router.exists("acct:copy")
     assert node_files(router) == files_before
-    assert router._store.catalog.read("SELECT count(*) FROM _shardlite_generations") == generations
+    assert router._store.meta.globaldb.read("SELECT count(*) FROM _shardlite_generations") == generations
 
     fresh = make("fresh")
     with pytest.raises(ShardliteError, match="checksum"):

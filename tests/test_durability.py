@@ -21,7 +21,7 @@ def test_synchronous_reaches_every_connection(tmp_path: Path, level: str | None)
             assert tx.execute("PRAGMA synchronous").fetchall() == [(expected,)]
             assert tx.execute("PRAGMA journal_mode").fetchall() == [("wal",)]
         assert router.query("k:1", "PRAGMA synchronous") == [(expected,)]
-        assert router._store.globaldb.writer.execute("PRAGMA synchronous").fetchall() == [(expected,)]
+        assert router._store.meta.globaldb.writer.execute("PRAGMA synchronous").fetchall() == [(expected,)]
         assert router.settings.synchronous == (level or "NORMAL").upper()
 
 

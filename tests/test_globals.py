@@ -50,7 +50,7 @@ def router(make_router: Callable[..., Router]) -> Router:
 
 def app_version(router: Router) -> int:
     """The app's global schema version: the number of global_schema steps applied."""
-    return int(router._store.appdb.read("PRAGMA user_version")[0][0])
+    return int(router._store.meta.appdb.read("PRAGMA user_version")[0][0])
 
 
 def test_global_schema_creates_the_app_tables(router: Router) -> None:

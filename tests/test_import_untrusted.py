@@ -96,7 +96,7 @@ def exported(router: Router, tmp_path: Path, name: str = "export.db", key: str =
 
 
 def catalog_state(router: Router) -> tuple[Any, ...]:
-    return (sorted(router.tenants()), router._store.catalog.read("SELECT count(*) FROM _shardlite_generations"),
+    return (sorted(router.tenants()), router._store.meta.globaldb.read("SELECT count(*) FROM _shardlite_generations"),
             node_files(router))
 
 

@@ -20,7 +20,7 @@ import pytest
 from helpers_routers import run_cli
 
 from shardlite import ConfigurationError, Router, Settings
-from shardlite.meta.choose import store_for
+from shardlite.meta.choose import locate_store
 from shardlite.meta.copy import POINTS, TABLES, copy_to_postgres
 from shardlite.meta.record import read_record
 
@@ -190,7 +190,7 @@ def test_a_postgresql_root_exports_global_db_as_it_was(pg_dsn: str, root: str, t
 
     before = dump(os.path.join(root, "global.db"))
     copy_to_postgres(root, pg_dsn)
-    store = store_for(root, Settings(), pg_dsn)
+    store = locate_store(root, Settings(), pg_dsn)
     store.open(create=False)
     try:
         with store.export_global(os.fspath(tmp_path)) as path:

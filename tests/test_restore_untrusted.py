@@ -70,7 +70,7 @@ class Scene:
         self.victim_before = tree(self.victim_root)
         self.victim_sum = backup_mod.file_checksum(os.fspath(self.victim_file))
         self.fresh = make("fresh")
-        self.generations = self.fresh._store.catalog.read("SELECT count(*) FROM _shardlite_generations")
+        self.generations = self.fresh._store.meta.globaldb.read("SELECT count(*) FROM _shardlite_generations")
 
     def write(self, manifest: Any) -> None:
         text = manifest if isinstance(manifest, (str, bytes)) else json.dumps(manifest)
@@ -83,7 +83,7 @@ class Scene:
 
     def unchanged(self) -> None:
         assert list(self.fresh.tenants()) == []
-        assert self.fresh._store.catalog.read("SELECT count(*) FROM _shardlite_generations") == self.generations
+        assert self.fresh._store.meta.globaldb.read("SELECT count(*) FROM _shardlite_generations") == self.generations
         nodes = [n["path"] for n in self.fresh.status()["nodes"]]
         assert [f for n in nodes for f in tree(Path(n))] == []
         assert tree(self.victim_root) == self.victim_before

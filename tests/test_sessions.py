@@ -201,14 +201,14 @@ def test_activity_writes_are_throttled(router: Router, uid: int, clock: Clock,
     token = router.sessions.create(uid, ttl=10_000, idle_ttl=400)  # throttle = min(60, 400/4) = 60 s
     plain = router.sessions.create(uid, ttl=10_000)  # no idle expiry: never written by resolve
     version = data_version(observer)
-    changes = router._store.globaldb.writer.total_changes()
+    changes = router._store.meta.globaldb.writer.total_changes()
 
     for t in (0, 1, 30, 59.9):  # a resolve right after create, and a burst inside the interval
         clock.now = T0 + t
         assert router.sessions.resolve(token) is not None
         assert router.sessions.resolve(plain) is not None
     assert data_version(observer) == version  # nobody committed anything
-    assert router._store.globaldb.writer.total_changes() == changes
+    assert router._store.meta.globaldb.writer.total_changes() == changes
     assert session_row(router, token)[4] == T0  # type: ignore[index]  # last_seen unchanged
 
     clock.now = T0 + 60  # the throttle interval has passed: one write
@@ -216,7 +216,7 @@ def test_activity_writes_are_throttled(router: Router, uid: int, clock: Clock,
     assert session is not None and session.last_seen == T0 + 60
     assert session_row(router, token)[4] == T0 + 60  # type: ignore[index]
     assert data_version(observer) != version
-    assert router._store.globaldb.writer.total_changes() == changes + 1
+    assert router._store.meta.globaldb.writer.total_changes() == changes + 1
 
     version = data_version(observer)
     clock.now = T0 + 100
@@ -422,14 +422,14 @@ def test_async_sessions(root: str) -> None:
                 await ar.accounts.authenticate("async@example.com", "wrong-password")
             token = await ar.sessions.create(uid, ttl=1000, idle_ttl=100)
             assert TOKEN_RE.match(token)
-            stored = ar._store.globaldb.read("SELECT token_hash FROM _shardlite_sessions")
+            stored = ar._store.meta.globaldb.read("SELECT token_hash FROM _shardlite_sessions")
             assert stored == [(hashlib.sha256(token.encode()).digest(),)]
             session = await ar.sessions.resolve(token)
             assert session is not None and session.account_id == uid and session.last_seen == T0
             clock.now = T0 + 25  # past the throttle (100/4): resolve writes on a worker thread
             session = await ar.sessions.resolve(token)
             assert session is not None and session.last_seen == T0 + 25
-            assert ar._store.globaldb.read("SELECT last_seen FROM _shardlite_sessions") == [(T0 + 25,)]
+            assert ar._store.meta.globaldb.read("SELECT last_seen FROM _shardlite_sessions") == [(T0 + 25,)]
             rotated = await ar.sessions.rotate(token)
             assert await ar.sessions.resolve(token) is None
             assert (await ar.sessions.resolve(rotated)).expires == T0 + 1000  # type: ignore[union-attr]

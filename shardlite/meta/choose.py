@@ -21,18 +21,26 @@ from ..errors import ConfigurationError
 from ..globaldb import GLOBAL_DB_NAME
 from .location import MetaLocation, parse_location
 from .record import RECORD_NAME, read_record, write_record
-from .store import MetaBase
+from .store import PARTS, MetaBase, MetaStore
 
-__all__ = ["ENV_VAR", "store_for"]
+__all__ = ["ENV_VAR", "store_for", "locate_store", "complete"]
 
 #: The environment variable that gives ``meta=`` when the caller gives none.
 ENV_VAR = "SHARDLITE_META"
 
 
 def store_for(root: str, settings: Settings, meta: str | None = None, *, create: bool = True,
-              environ: Mapping[str, str] | None = None) -> MetaBase:
-    """The (unopened) metadata store of ``root``; see the module doc for the rules. (A :class:`MetaBase`
-    until the PostgreSQL backend implements every part of :class:`~shardlite.meta.store.MetaStore`.)"""
+              environ: Mapping[str, str] | None = None) -> MetaStore:
+    """The (unopened) metadata store of ``root``; see the module doc for the rules. A backend that does
+    not implement every part of :class:`~shardlite.meta.store.MetaStore` yet is refused before anything
+    is written."""
+    return complete(locate_store(root, settings, meta, create=create, environ=environ, require_parts=True))
+
+
+def locate_store(root: str, settings: Settings, meta: str | None = None, *, create: bool = True,
+                 environ: Mapping[str, str] | None = None, require_parts: bool = False) -> MetaBase:
+    """:func:`store_for`, without requiring every part unless ``require_parts`` (the conformance suite
+    opens a backend whose parts are still being built)."""
     env = os.environ if environ is None else environ
     source = "meta=" if meta is not None else ENV_VAR
     given = meta if meta is not None else env.get(ENV_VAR) or None
@@ -44,7 +52,8 @@ def store_for(root: str, settings: Settings, meta: str | None = None, *, create:
                 f"{root} keeps its metadata at {record.location.printable} (recorded in "
                 f"{os.path.join(root, RECORD_NAME)}), but {source} names {wanted.printable}: leave {source} "
                 "out, or give the recorded database")
-        return _postgres(root, wanted if given is not None else record.location, record.root_id, settings)
+        chosen = wanted if given is not None else record.location
+        return _postgres(root, chosen, record.root_id, settings)
     if wanted.embedded:
         from .sqlite import SqliteMeta
 
@@ -52,9 +61,11 @@ def store_for(root: str, settings: Settings, meta: str | None = None, *, create:
     if os.path.exists(os.path.join(root, GLOBAL_DB_NAME)):
         raise ConfigurationError(
             f"{root} keeps its metadata in {GLOBAL_DB_NAME} (embedded), but {source} names {wanted.printable}: "
-            f"an existing embedded root cannot move its metadata to PostgreSQL yet; leave {source} out")
+            f"move it with 'shardlite meta copy --root ROOT --to URL', or leave {source} out")
     if not create:
         raise ConfigurationError(f"{root} is not a shardlite root: create it first (shardlite init --root ROOT)")
+    if require_parts:
+        complete(_postgres(root, wanted, "0" * 32, settings))  # refused before the root is bound to it
     ensure_private_dir(root)
     record = write_record(root, wanted)
     if not wanted.same_store(record.location):  # another process made this root at the same moment, elsewhere
@@ -62,6 +73,16 @@ def store_for(root: str, settings: Settings, meta: str | None = None, *, create:
             f"{root} was just created by another process with its metadata at {record.location.printable}, "
             f"not {wanted.printable}")
     return _postgres(root, wanted, record.root_id, settings)
+
+
+def complete(store: MetaBase) -> MetaStore:
+    """``store`` as a :class:`MetaStore`, or :class:`~shardlite.ConfigurationError` naming the parts its
+    backend does not implement yet."""
+    if isinstance(store, MetaStore):
+        return store
+    missing = [f"meta.{name}" for name in PARTS if not hasattr(store, name)]
+    raise ConfigurationError(f"the metadata backend for {store.location} does not implement {', '.join(missing)} "
+                             "yet: use the embedded default (leave meta= and SHARDLITE_META out)")
 
 
 def _postgres(root: str, location: MetaLocation, root_id: str, settings: Settings) -> MetaBase:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from .accounts import AccountStore, CredentialStore
@@ -16,7 +16,11 @@ if TYPE_CHECKING:
     from .sessions import SessionStore
     from .tenants import TenantCatalog
 
-__all__ = ["MetaBase", "MetaStore"]
+__all__ = ["MetaBase", "MetaStore", "PARTS"]
+
+#: The parts of a :class:`MetaStore` (its attributes beyond :class:`MetaBase`), one contract each.
+PARTS = ("tenants", "nodes", "journal", "pending", "dead_letters", "kv", "accounts", "credentials", "sessions",
+         "app_globals")
 
 
 class MetaBase(Protocol):
@@ -61,6 +65,7 @@ class MetaBase(Protocol):
         ...
 
 
+@runtime_checkable
 class MetaStore(MetaBase, Protocol):
     """One data root's metadata. Thread-safe: every method may be called from any thread.
 
