@@ -22,6 +22,7 @@ from helpers_routers import run_cli
 from shardlite import ConfigurationError, Router, Settings
 from shardlite.meta.choose import locate_store
 from shardlite.meta.copy import POINTS, TABLES, copy_to_postgres
+from shardlite.meta.location import parse_location
 from shardlite.meta.record import read_record
 
 
@@ -199,3 +200,19 @@ def test_a_postgresql_root_exports_global_db_as_it_was(pg_dsn: str, root: str, t
         assert not [n for n in os.listdir(tmp_path) if n.startswith(".meta-export")]
     finally:
         store.close()
+
+
+def test_cli_init_meta_refuses_an_incomplete_backend_or_records_it(pg_dsn: str, root: str,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`shardlite init --meta URL`: a new root on PostgreSQL (recorded without the password), or, while the
+    backend lacks parts, one line naming them and no root bound to it."""
+    password = str(psycopg.conninfo.conninfo_to_dict(pg_dsn)["password"])
+    code, out, err = run_cli(capsys, "init", "--root", root, "--meta", pg_dsn, "--json")
+    assert password not in out + err
+    if code == 0:
+        (made,) = [json.loads(line) for line in out.splitlines()]
+        assert made["created"] and made["meta"].startswith("postgresql://")
+        record = read_record(root)
+        assert record is not None and record.location.same_store(parse_location(pg_dsn))
+    else:
+        assert "does not implement meta." in err and read_record(root) is None

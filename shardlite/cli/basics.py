@@ -7,6 +7,8 @@ import os
 from dataclasses import asdict
 
 from ..errors import ConfigurationError
+from ..meta.choose import ENV_VAR
+from ..meta.record import RECORD_NAME
 from ..router import Router
 from .common import CliError, echo, emit_json, open_router, print_table, root_of
 from .ops import register_tenant_actions
@@ -15,16 +17,18 @@ from .ops import register_tenant_actions
 def cmd_init(args: argparse.Namespace) -> int:
     root = root_of(args)
     nodes = [n.strip() for n in args.nodes.split(",") if n.strip()] if args.nodes else None
-    existed = os.path.exists(os.path.join(root, "global.db"))
+    existed = os.path.exists(os.path.join(root, "global.db")) or os.path.exists(os.path.join(root, RECORD_NAME))
     try:
-        with Router(root, nodes=nodes) as router:
+        with Router(root, nodes=nodes, meta=args.meta) as router:
             names = [n["name"] for n in router.status()["nodes"]]
+            where = router._store.meta.location
     except ConfigurationError as exc:
         raise CliError(str(exc)) from exc
     if args.json:
-        emit_json({"root": root, "nodes": names, "created": not existed})
+        emit_json({"root": root, "nodes": names, "created": not existed, "meta": where})
     else:
-        echo(f"{'existing' if existed else 'created'} data root {root} with nodes: {', '.join(names)}")
+        elsewhere = "" if where.startswith("sqlite:") else f"; metadata in {where}"
+        echo(f"{'existing' if existed else 'created'} data root {root} with nodes: {', '.join(names)}{elsewhere}")
     return 0
 
 
@@ -81,6 +85,9 @@ def cmd_tenants(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("init", help="create a data root (idempotent)")
     p.add_argument("--nodes", help="comma-separated node names for a new root (default: n1)")
+    p.add_argument("--meta", metavar="URL",
+                   help=f"where a new root keeps its metadata: postgresql://user@host:port/dbname (default: "
+                        f"${ENV_VAR}, else the embedded global.db); recorded in ROOT/meta.json without a password")
     p.set_defaults(func=cmd_init)
     p = sub.add_parser("status", help="nodes, tenants per node and per schema version, relay lag, rebalance state")
     p.set_defaults(func=cmd_status)
