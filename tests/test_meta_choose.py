@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,13 @@ def test_store_for_never_binds_a_root_to_an_incomplete_backend(tmp_path: Path) -
         assert not os.path.exists(os.path.join(root, RECORD_NAME))
     else:
         assert isinstance(store_for(root, Settings(), URL, environ={}), MetaStore)
+
+
+def test_an_embedded_root_never_loads_psycopg(tmp_path: Path) -> None:
+    """psycopg takes about 0.1 s to import: a process whose roots are embedded (and the CLI) never pays it."""
+    code = ("import sys, shardlite, shardlite.cli; from shardlite import Router\n"
+            f"Router({os.fspath(tmp_path / 'r')!r}).close()\n"
+            "assert 'psycopg' not in sys.modules, 'psycopg was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != ENV_VAR})
+    assert done.returncode == 0, done.stderr

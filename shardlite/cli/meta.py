@@ -7,7 +7,6 @@ import os
 
 from ..errors import ConfigurationError, MetaUnavailable
 from ..meta.choose import ENV_VAR
-from ..meta.copy import copy_to_postgres
 from ..meta.location import parse_location
 from ..meta.record import read_record
 from .common import CliError, echo, emit_json, require_root, root_of
@@ -20,6 +19,8 @@ def cmd_copy(args: argparse.Namespace) -> int:
     if not url:
         raise CliError(f"no target: pass --to postgresql://user@host:port/dbname or set {ENV_VAR} (a password "
                        "is better given by PGPASSWORD or ~/.pgpass than on the command line)")
+    from ..meta.copy import copy_to_postgres  # loads psycopg: only for this command
+
     try:
         report = copy_to_postgres(root, url)
     except MetaUnavailable as exc:

@@ -16,8 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from psycopg import conninfo
-
 from ..errors import ConfigurationError
 
 __all__ = ["EMBEDDED", "MetaLocation", "parse_location", "recorded_location"]
@@ -86,6 +84,8 @@ def recorded_location(text: str) -> MetaLocation:
 
 
 def _postgresql(text: str) -> MetaLocation:
+    from psycopg import conninfo  # here, not at import: psycopg costs ~0.1 s to load, and embedded roots never need it
+
     try:
         params = conninfo.conninfo_to_dict(text)
     except Exception as exc:  # psycopg.ProgrammingError: libpq's own parse error (it never holds the password)
