@@ -10,11 +10,15 @@ import psycopg
 from ...engine import Settings
 from ...errors import ConfigurationError
 from ...globaldb import APP_DB_NAME, GlobalDB
+from ..accounts import AccountStore, CredentialStore
 from ..location import MetaLocation
+from ..sessions import SessionStore
 from ..sqlite.app_globals import SqliteAppGlobals
 from ..store import MetaBase
+from .accounts import PgAccounts, PgCredentials
 from .connect import Pool
 from .schema import upgrade
+from .sessions import PgSessions
 
 __all__ = ["PgMeta"]
 
@@ -41,6 +45,9 @@ class PgMeta:
         #: the app's SQLite-dialect SQL under shardlite's authorizer (see :mod:`shardlite.meta.app_globals`).
         self.appdb = GlobalDB(root, settings, name=APP_DB_NAME, user_sql=True)
         self.app_globals = SqliteAppGlobals(self.appdb)
+        self.accounts = PgAccounts(self.pool)
+        self.credentials = PgCredentials(self.pool)
+        self.sessions = PgSessions(self.pool)
         self._opened = False
 
     @property
@@ -112,3 +119,7 @@ class PgMeta:
 
 def _conforms(meta: PgMeta) -> MetaBase:
     return meta  # mypy checks here that PgMeta satisfies the MetaBase part of the contract (its parts: to do)
+
+
+def _conforms_parts(meta: PgMeta) -> tuple[AccountStore, CredentialStore, SessionStore]:
+    return meta.accounts, meta.credentials, meta.sessions  # mypy: the parts PgMeta implements so far
