@@ -24,7 +24,7 @@ share one tenant key space (the schema has no root column on ``accounts``).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -47,7 +47,23 @@ from ..accounts import (
 from .connect import Pool
 from .txretry import constraint_of, retrying
 
-__all__ = ["PgAccounts", "PgCredentials", "EMAIL_CONSTRAINT", "ACCOUNT_FOREIGN_KEYS"]
+__all__ = ["PgAccounts", "PgCredentials", "EMAIL_CONSTRAINT", "ACCOUNT_FOREIGN_KEYS", "SESSION_HINTS",
+           "digest_hint", "account_hint", "ALL_HINT"]
+
+#: The channel of session hints: every write that ends sessions (a revoke, a rotation, an account deleted,
+#: the rows replaced) NOTIFYs it in its own transaction, so a cache of live sessions in any process drops
+#: them (:mod:`.session_cache`). Payloads: ``d:<digest hex>``, ``a:<account id>``, or :data:`ALL_HINT`.
+SESSION_HINTS = "shardlite_sessions"
+#: The hint that every cached session may have changed.
+ALL_HINT = "*"
+
+
+def digest_hint(digest: bytes) -> str:
+    return "d:" + digest.hex()
+
+
+def account_hint(account_id: int) -> str:
+    return f"a:{account_id}"
 
 #: The unique constraint that decides e-mail uniqueness (schema step 1).
 EMAIL_CONSTRAINT = "accounts_email_key"
@@ -91,10 +107,13 @@ def _checked_credential(credential: Credential) -> None:
 
 
 class PgAccounts:
-    """``meta.accounts`` on PostgreSQL (see :class:`~shardlite.meta.accounts.AccountStore` and the module doc)."""
+    """``meta.accounts`` on PostgreSQL (see :class:`~shardlite.meta.accounts.AccountStore` and the module doc).
+    ``hint(payload)`` runs after each write that ends sessions (this process's session cache; other
+    processes get the same payload by NOTIFY)."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, hint: Callable[[str], None] | None = None) -> None:
         self._pool = pool
+        self._hint = hint or (lambda payload: None)
 
     def create(self, email: str, email_key: str, name_key: str, profile: str, now: float,
                credential: Credential | None = None) -> int:
@@ -187,9 +206,15 @@ class PgAccounts:
     def delete(self, account_id: int) -> None:
         def unit() -> int:
             with self._pool.connection() as conn:  # credentials and sessions go by ON DELETE CASCADE
-                return conn.execute("DELETE FROM shardlite.accounts WHERE id = %s", (account_id,)).rowcount
+                return conn.execute("WITH gone AS (DELETE FROM shardlite.accounts WHERE id = %s RETURNING id) "
+                                    "SELECT pg_notify(%s, %s) FROM gone",
+                                    (account_id, SESSION_HINTS, account_hint(account_id))).rowcount
 
-        if retrying(unit) == 0:
+        try:
+            deleted = retrying(unit)
+        finally:
+            self._hint(account_hint(account_id))
+        if deleted == 0:
             raise UnknownAccount(f"no account {account_id!r}")
 
     # -- restore (cold) -----------------------------------------------------------------------------------
@@ -205,8 +230,12 @@ class PgAccounts:
             with self._pool.connection() as conn, conn.transaction():
                 for table in ("sessions", "credentials", "accounts"):  # the identity sequence is kept
                     conn.execute(f"DELETE FROM shardlite.{table}")
+                conn.execute("SELECT pg_notify(%s, %s)", (SESSION_HINTS, ALL_HINT))
 
-        retrying(unit)
+        try:
+            retrying(unit)
+        finally:
+            self._hint(ALL_HINT)
 
     def import_rows(self, rows: AccountRows) -> dict[str, int]:
         checked_rows(rows)
@@ -236,6 +265,7 @@ class PgAccounts:
                     cur.executemany(upsert("credentials", CREDENTIAL_COLUMNS), rows.credentials)
                 if rows.sessions:
                     cur.executemany(upsert("sessions", SESSION_COLUMNS), rows.sessions)
+                cur.execute("SELECT pg_notify(%s, %s)", (SESSION_HINTS, ALL_HINT))
 
         try:
             retrying(unit)
@@ -244,6 +274,8 @@ class PgAccounts:
                 raise UnknownAccount("a credential or session to import names an account that does not exist; "
                                      "nothing was imported") from None
             raise
+        finally:
+            self._hint(ALL_HINT)
         return dict(zip(_TABLES, (len(rows.accounts), len(rows.credentials), len(rows.sessions)), strict=True))
 
 

@@ -18,6 +18,7 @@ from ..store import MetaBase
 from .accounts import PgAccounts, PgCredentials
 from .connect import Pool
 from .schema import upgrade
+from .session_cache import CachedSessions
 from .sessions import PgSessions
 
 __all__ = ["PgMeta"]
@@ -45,9 +46,10 @@ class PgMeta:
         #: the app's SQLite-dialect SQL under shardlite's authorizer (see :mod:`shardlite.meta.app_globals`).
         self.appdb = GlobalDB(root, settings, name=APP_DB_NAME, user_sql=True)
         self.app_globals = SqliteAppGlobals(self.appdb)
-        self.accounts = PgAccounts(self.pool)
+        #: Sessions with a cache of live ones kept right by NOTIFY (issue 15 point 3: see .session_cache).
+        self.sessions = CachedSessions(PgSessions(self.pool), location.dsn, location.printable)
+        self.accounts = PgAccounts(self.pool, hint=self.sessions.hint)
         self.credentials = PgCredentials(self.pool)
-        self.sessions = PgSessions(self.pool)
         self._opened = False
 
     @property
@@ -87,6 +89,7 @@ class PgMeta:
                                      "ON CONFLICT (id) DO NOTHING", (self.root_id, self.root[:1000], time.time()))
                     self._seed_nodes(conn, default_nodes)
             self.appdb.open(create=True)
+            self.sessions.start()
         except BaseException:
             self.close()
             raise
@@ -113,6 +116,7 @@ class PgMeta:
 
     def close(self) -> None:
         self._opened = False
+        self.sessions.close()
         self.pool.close()
         self.appdb.close()
 

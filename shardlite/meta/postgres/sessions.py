@@ -8,6 +8,11 @@ waits for the first, then re-checks its ``WHERE`` on the row as the first left i
 rotations) of one session exactly one matches. "The account exists" is the foreign key
 ``sessions_account_id_fkey`` (:class:`~shardlite.UnknownAccount`). Multi-row writes (``revoke_all``,
 ``purge``) may deadlock with each other; :func:`.txretry.retrying` runs them again.
+
+Every write that ends a session that was live NOTIFYs :data:`.accounts.SESSION_HINTS` in its own
+transaction (:mod:`.session_cache`). :meth:`PgSessions.purge` does not: it deletes only sessions already
+revoked (hinted then) or expired at the caller's clock, which the policy's own checks refuse from any cached
+copy too (the cached ``expires`` never changes, the cached ``last_seen`` is never newer than the stored one).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import psycopg
 from ...errors import AuthenticationFailed, UnknownAccount
 from ...sessions import Session
 from ..sessions import SessionStore
-from .accounts import unknown_account
+from .accounts import SESSION_HINTS, account_hint, digest_hint, unknown_account
 from .connect import Pool
 from .txretry import retrying
 
@@ -76,17 +81,22 @@ class PgSessions:
 
     def revoke(self, digest: bytes, now: float) -> bool:
         def unit() -> bool:
-            with self._pool.connection() as conn:
-                return conn.execute("UPDATE shardlite.sessions SET revoked = %s WHERE token_hash = %s "
-                                    "AND revoked IS NULL", (now, digest)).rowcount > 0
+            with self._pool.connection() as conn:  # one statement: the compare-and-set and its hint
+                return conn.execute("WITH done AS (UPDATE shardlite.sessions SET revoked = %s WHERE token_hash = %s "
+                                    "AND revoked IS NULL RETURNING 1) SELECT pg_notify(%s, %s) FROM done",
+                                    (now, digest, SESSION_HINTS, digest_hint(digest))).rowcount > 0
 
         return retrying(unit)
 
     def revoke_all(self, account_id: int, now: float) -> int:
         def unit() -> int:
             with self._pool.connection() as conn:
-                return conn.execute("UPDATE shardlite.sessions SET revoked = %s WHERE account_id = %s "
-                                    "AND revoked IS NULL", (now, account_id)).rowcount
+                row = conn.execute(
+                    "WITH done AS (UPDATE shardlite.sessions SET revoked = %s WHERE account_id = %s "
+                    "AND revoked IS NULL RETURNING 1), n AS (SELECT count(*) AS n FROM done) "
+                    "SELECT n, CASE WHEN n > 0 THEN pg_notify(%s, %s) END FROM n",
+                    (now, account_id, SESSION_HINTS, account_hint(account_id))).fetchone()
+            return int(row[0]) if row else 0
 
         return retrying(unit)
 
@@ -98,6 +108,7 @@ class PgSessions:
                     raise AuthenticationFailed("the session is unknown, expired or revoked")
                 account_id, expires, idle_ttl = row
                 conn.execute(_INSERT, (new, account_id, now, expires, idle_ttl, now))
+                conn.execute("SELECT pg_notify(%s, %s)", (SESSION_HINTS, digest_hint(old)))
 
         retrying(unit)
 
