@@ -13,8 +13,8 @@ its own transaction (see :mod:`.sessions`); a :class:`~.listen.Listener` hands e
 * **A bounded age.** An entry is trusted for :data:`MAX_AGE` seconds at most, and at most half the
   session's ``idle_ttl``: the stored ``last_seen`` moves when another process touches the session, and the
   copy here must not make the policy judge a session idle-expired that is not (this process's own
-  :meth:`touch` refreshes its copy). The age also bounds what a hint lost with a silently dead listener
-  connection could cost, until the keepalives notice and the reconnect drops everything.
+  :meth:`touch` refreshes its copy's ``last_seen``, not its age). The age also bounds what a hint lost with
+  a silently dead listener connection could cost, until the keepalives notice and the reconnect drops all.
 * While the server is down, entries keep answering within their age (issue 15 point 4: sessions in cache
   keep working); nobody can revoke meanwhile, and the reconnect drops them all.
 
@@ -120,18 +120,16 @@ class CachedSessions:
     def touch(self, digest: bytes, now: float) -> None:
         epoch = self._epoch
         self.store.touch(digest, now)
-        entry = self._cache.get(digest)
-        if entry is not None:
-            self._fill(digest, entry[0]._replace(last_seen=now), epoch)
+        with self._lock:  # this process's copy follows its own touch; the entry keeps its deadline
+            entry = self._cache.get(digest)
+            if entry is not None and epoch == self._epoch and entry[0].last_seen < now:
+                self._cache[digest] = (entry[0]._replace(last_seen=now), entry[1])
 
     def _fill(self, digest: bytes, session: Session, epoch: int) -> None:
         age = self.max_age if session.idle_ttl is None else min(self.max_age, session.idle_ttl / 2)
         with self._lock:
             if epoch != self._epoch:
                 return  # a hint came while we read: what we read may predate the write it announced
-            entry = self._cache.get(digest)
-            if entry is not None and entry[0].last_seen > session.last_seen:
-                return  # a newer touch of this process is there already
             if len(self._cache) >= self.max_entries:
                 self._cache.clear()
             self._cache[digest] = (session, time.monotonic() + age)
