@@ -11,12 +11,17 @@ import psycopg
 from ...engine import Settings
 from ...errors import ConfigurationError
 from ...globaldb import APP_DB_NAME, GlobalDB
+from ..accounts import AccountStore, CredentialStore
 from ..location import MetaLocation
+from ..sessions import SessionStore
 from ..sqlite.app_globals import SqliteAppGlobals
 from ..store import MetaBase
+from .accounts import PgAccounts, PgCredentials
 from .connect import Pool
 from .export import exported_global
 from .schema import upgrade
+from .session_cache import CachedSessions
+from .sessions import PgSessions
 
 __all__ = ["PgMeta"]
 
@@ -43,6 +48,10 @@ class PgMeta:
         #: the app's SQLite-dialect SQL under shardlite's authorizer (see :mod:`shardlite.meta.app_globals`).
         self.appdb = GlobalDB(root, settings, name=APP_DB_NAME, user_sql=True)
         self.app_globals = SqliteAppGlobals(self.appdb)
+        #: Sessions with a cache of live ones kept right by NOTIFY (issue 15 point 3: see .session_cache).
+        self.sessions = CachedSessions(PgSessions(self.pool), location.dsn, location.printable)
+        self.accounts = PgAccounts(self.pool, hint=self.sessions.hint)
+        self.credentials = PgCredentials(self.pool)
         self._opened = False
 
     @property
@@ -82,6 +91,7 @@ class PgMeta:
                                      "ON CONFLICT (id) DO NOTHING", (self.root_id, self.root[:1000], time.time()))
                     self._seed_nodes(conn, default_nodes)
             self.appdb.open(create=True)
+            self.sessions.start()
         except BaseException:
             self.close()
             raise
@@ -108,6 +118,7 @@ class PgMeta:
 
     def close(self) -> None:
         self._opened = False
+        self.sessions.close()
         self.pool.close()
         self.appdb.close()
 
@@ -121,3 +132,7 @@ class PgMeta:
 
 def _conforms(meta: PgMeta) -> MetaBase:
     return meta  # mypy checks here that PgMeta satisfies the MetaBase part of the contract (its parts: to do)
+
+
+def _conforms_parts(meta: PgMeta) -> tuple[AccountStore, CredentialStore, SessionStore]:
+    return meta.accounts, meta.credentials, meta.sessions  # mypy: the parts PgMeta implements so far
