@@ -14,6 +14,7 @@ from ..location import MetaLocation
 from ..sqlite.app_globals import SqliteAppGlobals
 from ..store import MetaBase
 from .connect import Pool
+from .journal import PgJournal
 from .schema import upgrade
 
 __all__ = ["PgMeta"]
@@ -41,6 +42,8 @@ class PgMeta:
         #: the app's SQLite-dialect SQL under shardlite's authorizer (see :mod:`shardlite.meta.app_globals`).
         self.appdb = GlobalDB(root, settings, name=APP_DB_NAME, user_sql=True)
         self.app_globals = SqliteAppGlobals(self.appdb)
+        #: Rebalance plans and claim-checked move steps (:mod:`shardlite.meta.postgres.journal`).
+        self.journal = PgJournal(self.pool)
         self._opened = False
 
     @property
