@@ -110,7 +110,8 @@ CONTENDERS: dict[str, Callable[[MetaStore, int, MoveRow], object]] = {
     "renew": lambda meta, plan_id, move: meta.journal.renew([move], "a", LEASE),
     "cancel_unstarted": lambda meta, plan_id, move: meta.journal.cancel_unstarted(plan_id, "a"),
 }
-EXPECTED: dict[str, type] = {"claim": MoveRow, "set_step": type(None), "cancel": bool, "renew": dict, "cancel_unstarted": int}
+EXPECTED: dict[str, type] = {"claim": MoveRow, "set_step": type(None), "cancel": bool, "renew": dict,
+                             "cancel_unstarted": int}
 
 
 @pytest.mark.parametrize("contender", sorted(CONTENDERS))
