@@ -336,7 +336,8 @@ class PgJournal:
     def flip_held(self, move: MoveRow, owner: str, *, node: str, generation: int, from_generation: int,
                   incarnation: str | None = None) -> TenantRecord:
         plain_text(owner, "owner")
-        plain_text(node, "node name")
+        if "\0" in node:  # names no node (as in PgTenants.flip)
+            raise ConfigurationError(f"tenant {move.key!r} cannot be placed on node {node!r}: no such node")
         if incarnation is not None:
             plain_text(incarnation, "incarnation")
 
