@@ -560,3 +560,26 @@ def test_lapsed_moves_lists_started_moves_nobody_holds(meta: MetaStore) -> None:
     assert journal.lapsed_moves("t:1", later) == [plans["lapsed copying"], plans["live fenced"],
                                                  plans["lapsed switched"], plans["unowned copying"]]
     assert journal.lapsed_moves("t:2", later) == []
+
+
+def test_no_nul_is_stored(meta: MetaStore) -> None:
+    """The contract's "Text" rule: PostgreSQL cannot store U+0000, so no backend stores it."""
+    journal = meta.journal
+    with pytest.raises(ValueError, match="NUL"):
+        make_plan(journal, ["t:1"], fingerprint="f\0p")
+    with pytest.raises(ValueError, match="NUL"):
+        journal.create_plan("fp", {}, [Move("t:1", "n\0", "n2", 1, 1)])
+    assert journal.latest_plan_id() is None
+    plan_id = applying_plan(journal, ["t:1"])
+    with pytest.raises(ValueError, match="NUL"):
+        journal.claim(plan_id, "t:1", "a\0", LEASE)
+    assert journal.claim(plan_id, "t:\0", "a", LEASE) is None and journal.move(plan_id, "t:\0") is None
+    assert journal.lapsed_moves("t:\0", time.time()) == [] and journal.mark_completed(plan_id, "t:\0") is False
+    move = claimed(journal, plan_id, "t:1")
+    journal.record_error(move, "a", "bad\0byte")
+    assert move.error == "bad\ufffdbyte" and row(journal, plan_id, "t:1").error == "bad\ufffdbyte"
+    journal.set_step(move, "a", "failed", applying=False, error="again\0")
+    assert move.error == "again\ufffd" and row(journal, plan_id, "t:1") == move
+    with pytest.raises(ValueError, match="NUL"):
+        journal.set_step(move, "a\0", "copying", applying=True)
+    assert row(journal, plan_id, "t:1") == move

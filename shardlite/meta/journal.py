@@ -23,6 +23,12 @@ Rules every backend keeps:
   return ``None``, ``False`` or a count instead.
 * **Order.** Moves are listed by ``(source, key)`` and keys compare by Unicode code point (PostgreSQL:
   ``COLLATE "C"``), never by a locale.
+* **Text.** No stored text holds U+0000 (PostgreSQL cannot store it): an ``owner``, a ``fingerprint`` or a
+  planned move's key or node holding one is refused with :class:`ValueError` before anything is written (by
+  every backend alike); an error text (:meth:`MoveJournal.record_error`, ``set_step(..., error=...)``) is a
+  diagnostic, so it is stored, and set on the ``move`` passed in, with each NUL replaced by U+FFFD
+  (:func:`stored_error`). Keys never hold one (:mod:`shardlite.keys` refuses it), so a read or a claim
+  asking for such a key finds nothing.
 * **Plan ids** are positive, strictly increasing and never reused (PostgreSQL: an identity column).
 * At most one plan is ``applying`` or ``planned`` at a time, and a ``planned`` one exists only while no
   plan is ``applying``: :meth:`MoveJournal.create_plan` and :meth:`MoveJournal.set_plan_state` keep this
@@ -48,18 +54,55 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..movejournal import MoveRow
+from ..movejournal import STEPS, MoveRow
 from ..planning import Move
 
 if TYPE_CHECKING:  # catalog imports accounts, which imports this package: a type-only import breaks the cycle
     from ..catalog import TenantRecord
 
-__all__ = ["MoveJournal", "PlanRow", "PLAN_STATES", "STEP_FIELDS"]
+__all__ = ["MoveJournal", "PlanRow", "PLAN_STATES", "STEP_FIELDS", "plain_plan", "plain_text", "step_fields",
+           "stored_error"]
 
 #: Every state a plan can be in.
 PLAN_STATES = ("planned", "applying", "done", "cancelled", "completed", "superseded")
 #: The move fields :meth:`MoveJournal.set_step` may set along with the step.
 STEP_FIELDS = ("target_generation", "error", "pause_ms")
+
+
+def plain_text(value: str, what: str) -> str:
+    """``value`` if it holds no NUL (U+0000); else :class:`ValueError` naming ``what`` (see "Text")."""
+    if "\0" in value:
+        raise ValueError(f"the {what} contains U+0000 (NUL), which cannot be stored")
+    return value
+
+
+def stored_error(text: str | None) -> str | None:
+    """An error text as every backend stores it: each NUL replaced by U+FFFD (see "Text")."""
+    return None if text is None else text.replace("\0", "\ufffd")
+
+
+def step_fields(step: str, owner: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """The checked arguments of :meth:`~shardlite.meta.journal.MoveJournal.set_step` (every backend's):
+    ``fields`` with the error text as stored; :class:`ValueError` for an unknown step or field, or a NUL in
+    ``owner``."""
+    plain_text(owner, "owner")
+    if step not in STEPS:
+        raise ValueError(f"unknown move step {step!r}")
+    unknown = sorted(set(fields) - set(STEP_FIELDS))
+    if unknown:
+        raise ValueError(f"set_step cannot set {', '.join(unknown)} (only {', '.join(STEP_FIELDS)})")
+    if fields.get("error") is not None:
+        fields = fields | {"error": stored_error(fields["error"])}
+    return fields
+
+
+def plain_plan(fingerprint: str, moves: Sequence[Move]) -> None:
+    """:class:`ValueError` when the plan's text holds a NUL (see "Text")."""
+    plain_text(fingerprint, "plan fingerprint")
+    for move in moves:
+        plain_text(move.key, "planned key")
+        plain_text(move.source, "planned source node")
+        plain_text(move.target, "planned target node")
 
 
 @dataclass(frozen=True, slots=True)

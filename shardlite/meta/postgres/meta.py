@@ -19,9 +19,12 @@ from ..store import MetaBase
 from .accounts import PgAccounts, PgCredentials
 from .connect import Pool
 from .export import exported_global
+from .journal import PgJournal
+from .nodes import PgNodes
 from .schema import upgrade
 from .session_cache import CachedSessions
 from .sessions import PgSessions
+from .tenants import PgTenants
 
 __all__ = ["PgMeta"]
 
@@ -48,6 +51,12 @@ class PgMeta:
         #: the app's SQLite-dialect SQL under shardlite's authorizer (see :mod:`shardlite.meta.app_globals`).
         self.appdb = GlobalDB(root, settings, name=APP_DB_NAME, user_sql=True)
         self.app_globals = SqliteAppGlobals(self.appdb)
+        #: The tenant catalog: one key space per database; its enumerations cover this root's nodes.
+        self.tenants = PgTenants(self.pool, root_id)
+        #: This root's nodes (node names are unique across the database).
+        self.nodes = PgNodes(self.pool, root, root_id, location.printable)
+        #: Rebalance plans and claim-checked move steps (:mod:`shardlite.meta.postgres.journal`).
+        self.journal = PgJournal(self.pool)
         #: Sessions with a cache of live ones kept right by NOTIFY (issue 15 point 3: see .session_cache).
         self.sessions = CachedSessions(PgSessions(self.pool), location.dsn, location.printable)
         self.accounts = PgAccounts(self.pool, hint=self.sessions.hint)
@@ -89,32 +98,13 @@ class PgMeta:
                                 "create it first (shardlite init --root ROOT --meta URL)")
                         conn.execute("INSERT INTO shardlite.roots(id, label, created) VALUES (%s, %s, %s) "
                                      "ON CONFLICT (id) DO NOTHING", (self.root_id, self.root[:1000], time.time()))
-                    self._seed_nodes(conn, default_nodes)
+                    self.nodes.seed(conn, default_nodes)
             self.appdb.open(create=True)
             self.sessions.start()
         except BaseException:
             self.close()
             raise
         self._opened = True
-
-    def _seed_nodes(self, conn: psycopg.Connection[tuple[object, ...]],
-                    default_nodes: Sequence[tuple[str, str, int]]) -> None:
-        """Register ``default_nodes`` for this root when it has none (under a lock on its roots row, so
-        several openers of a new root seed once). A name another root owns is refused: several roots share
-        one database only with distinct node names."""
-        conn.execute("SELECT 1 FROM shardlite.roots WHERE id = %s FOR UPDATE", (self.root_id,))
-        if conn.execute("SELECT 1 FROM shardlite.nodes WHERE root_id = %s LIMIT 1", (self.root_id,)).fetchone():
-            return
-        now = time.time()
-        for name, path, weight in default_nodes:
-            taken = conn.execute("INSERT INTO shardlite.nodes(name, root_id, path, weight, state, added) "
-                                 "VALUES (%s, %s, %s, %s, 'active', %s) ON CONFLICT (name) DO NOTHING "
-                                 "RETURNING name", (name, self.root_id, path, weight, now)).fetchone()
-            if taken is None:
-                raise ConfigurationError(
-                    f"node {name!r} belongs to another root in the metadata at {self.location}: roots that "
-                    "share one database need distinct node names (give this root its own, e.g. "
-                    "shardlite init --root ROOT --meta URL --nodes NAME...)")
 
     def close(self) -> None:
         self._opened = False

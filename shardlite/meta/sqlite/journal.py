@@ -20,9 +20,9 @@ from ...authorizer import INTERNAL_SQL as _I
 from ...catalog import TenantRecord
 from ...errors import ConfigurationError
 from ...globaldb import GlobalDB
-from ...movejournal import FINISHED, MAX_LISTED, STEPS, LostClaim, MoveRow, PlanCancelled
+from ...movejournal import FINISHED, MAX_LISTED, LostClaim, MoveRow, PlanCancelled
 from ...planning import Move
-from ..journal import STEP_FIELDS, MoveJournal, PlanRow
+from ..journal import MoveJournal, PlanRow, plain_plan, plain_text, step_fields, stored_error
 from .tenants import SqliteTenants
 
 __all__ = ["SqliteJournal"]
@@ -106,6 +106,7 @@ class SqliteJournal:
     # -- writing plans ---------------------------------------------------------------------------------
 
     def create_plan(self, fingerprint: str, summary: dict[str, Any], moves: Sequence[Move]) -> int:
+        plain_plan(fingerprint, moves)
         now = time.time()
         with self.db.write() as conn:
             # The refusals are checked inside the write (BEGIN IMMEDIATE): no apply can start in between.
@@ -151,6 +152,7 @@ class SqliteJournal:
     # -- claims ----------------------------------------------------------------------------------------
 
     def claim(self, plan_id: int, key: str, owner: str, lease: float) -> MoveRow | None:
+        plain_text(owner, "owner")
         with self.db.write() as conn:
             now = time.time()  # read once the write is ours: a claim that waited judges the lease now
             conn.execute(_I + "UPDATE _shardlite_moves SET owner = ?, lease = ?, updated = ?, "
@@ -166,6 +168,7 @@ class SqliteJournal:
         return MoveRow(*rows[0])
 
     def release(self, move: MoveRow, owner: str) -> None:
+        plain_text(owner, "owner")
         with self.db.write() as conn:
             conn.execute(_I + "UPDATE _shardlite_moves SET owner = NULL, lease = 0 WHERE plan_id = ? AND key = ? "
                          "AND owner = ?", (move.plan_id, move.key, owner))
@@ -173,12 +176,15 @@ class SqliteJournal:
             move.owner, move.lease = None, 0.0
 
     def record_error(self, move: MoveRow, owner: str, error: str) -> None:
+        plain_text(owner, "owner")
+        error = stored_error(error) or ""
         with self.db.write() as conn:
             conn.execute(_I + "UPDATE _shardlite_moves SET error = ?, updated = ? WHERE plan_id = ? AND key = ? "
                          "AND owner = ?", (error, time.time(), move.plan_id, move.key, owner))
         move.error = error
 
     def renew(self, moves: Sequence[MoveRow], owner: str, lease: float) -> dict[str, str]:
+        plain_text(owner, "owner")
         stop: dict[str, str] = {}
         with self.db.write() as conn:
             now = time.time()
@@ -196,14 +202,11 @@ class SqliteJournal:
         return stop
 
     def check(self, move: MoveRow, owner: str, *, applying: bool, margin: float = 0.0) -> None:
+        plain_text(owner, "owner")
         _verdict(move, owner, self.db.read(_CHECK, (move.plan_id, move.key)), applying=applying, margin=margin)
 
     def set_step(self, move: MoveRow, owner: str, step: str, *, applying: bool, **fields: Any) -> None:
-        if step not in STEPS:
-            raise ValueError(f"unknown move step {step!r}")
-        unknown = sorted(set(fields) - set(STEP_FIELDS))
-        if unknown:
-            raise ValueError(f"set_step cannot set {', '.join(unknown)} (only {', '.join(STEP_FIELDS)})")
+        fields = step_fields(step, owner, fields)
         sets = "".join(f", {name} = ?" for name in fields)
         with self.db.write() as conn:
             _check(conn, move, owner, applying=applying, margin=0.0)
@@ -218,12 +221,14 @@ class SqliteJournal:
     def holding(self, move: MoveRow, owner: str, *, applying: bool, margin: float = 0.0) -> Iterator[None]:
         # The write transaction stays open for the block: no other global writer (in any thread or
         # process) can commit meanwhile, so the checked claim and plan state hold until the block ends.
+        plain_text(owner, "owner")
         with self.db.write() as conn:
             _check(conn, move, owner, applying=applying, margin=margin)
             yield
 
     def flip_held(self, move: MoveRow, owner: str, *, node: str, generation: int, from_generation: int,
                   incarnation: str | None = None) -> TenantRecord:
+        plain_text(owner, "owner")
         with self.db.write() as conn:
             _check(conn, move, owner, applying=True, margin=0.0)
             # Nested in this write (a savepoint): the flip commits with the check or not at all. Active as well
@@ -232,6 +237,7 @@ class SqliteJournal:
                                       expect_states=("active", "moving"), incarnation=incarnation)
 
     def cancel_unstarted(self, plan_id: int, owner: str) -> int:
+        plain_text(owner, "owner")
         with self.db.write() as conn:
             now = time.time()
             conn.execute(_I + "UPDATE _shardlite_moves SET step = 'cancelled', owner = NULL, lease = 0, updated = ? "
