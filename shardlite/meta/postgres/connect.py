@@ -36,10 +36,15 @@ def unavailable(where: str, exc: BaseException) -> MetaUnavailable:
 
 
 def is_unavailable(exc: BaseException) -> bool:
-    if isinstance(exc, (psycopg.OperationalError, PoolTimeout)):
+    """Whether ``exc`` means the server or the connection failed. A server error is judged by its SQLSTATE
+    class alone: psycopg makes a deadlock or a serialization failure (class 40, for the contract method to
+    run again) an ``OperationalError`` too, and they are not an outage."""
+    if isinstance(exc, PoolTimeout):
         return True
     sqlstate = getattr(exc, "sqlstate", None)
-    return isinstance(sqlstate, str) and sqlstate[:2] in _UNAVAILABLE_CLASSES
+    if isinstance(sqlstate, str) and sqlstate:
+        return sqlstate[:2] in _UNAVAILABLE_CLASSES
+    return isinstance(exc, psycopg.OperationalError)  # no SQLSTATE: the client lost or never had the connection
 
 
 class Pool:

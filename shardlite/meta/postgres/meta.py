@@ -16,6 +16,8 @@ from ..sqlite.app_globals import SqliteAppGlobals
 from ..store import MetaBase
 from .connect import Pool
 from .export import exported_global
+from .kv import PgKV
+from .pending import PgDeadLetters, PgPending
 from .schema import upgrade
 
 __all__ = ["PgMeta"]
@@ -43,6 +45,10 @@ class PgMeta:
         #: the app's SQLite-dialect SQL under shardlite's authorizer (see :mod:`shardlite.meta.app_globals`).
         self.appdb = GlobalDB(root, settings, name=APP_DB_NAME, user_sql=True)
         self.app_globals = SqliteAppGlobals(self.appdb)
+        #: The relay's pending-work flags, its dead letters and the root's named values.
+        self.pending = PgPending(self.pool)
+        self.dead_letters = PgDeadLetters(self.pool)
+        self.kv = PgKV(self.pool)
         self._opened = False
 
     @property
