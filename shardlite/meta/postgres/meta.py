@@ -11,16 +11,16 @@ import psycopg
 from ...engine import Settings
 from ...errors import ConfigurationError
 from ...globaldb import APP_DB_NAME, GlobalDB
-from ..accounts import AccountStore, CredentialStore
 from ..location import MetaLocation
-from ..sessions import SessionStore
 from ..sqlite.app_globals import SqliteAppGlobals
-from ..store import MetaBase
+from ..store import MetaStore
 from .accounts import PgAccounts, PgCredentials
 from .connect import Pool
 from .export import exported_global
 from .journal import PgJournal
+from .kv import PgKV
 from .nodes import PgNodes
+from .pending import PgDeadLetters, PgPending
 from .schema import upgrade
 from .session_cache import CachedSessions
 from .sessions import PgSessions
@@ -61,6 +61,10 @@ class PgMeta:
         self.sessions = CachedSessions(PgSessions(self.pool), location.dsn, location.printable)
         self.accounts = PgAccounts(self.pool, hint=self.sessions.hint)
         self.credentials = PgCredentials(self.pool)
+        #: The relay's pending-work flags, its dead letters and the root's named values.
+        self.pending = PgPending(self.pool)
+        self.dead_letters = PgDeadLetters(self.pool)
+        self.kv = PgKV(self.pool)
         self._opened = False
 
     @property
@@ -120,9 +124,5 @@ class PgMeta:
         return self.appdb.path
 
 
-def _conforms(meta: PgMeta) -> MetaBase:
-    return meta  # mypy checks here that PgMeta satisfies the MetaBase part of the contract (its parts: to do)
-
-
-def _conforms_parts(meta: PgMeta) -> tuple[AccountStore, CredentialStore, SessionStore]:
-    return meta.accounts, meta.credentials, meta.sessions  # mypy: the parts PgMeta implements so far
+def _conforms(meta: PgMeta) -> MetaStore:
+    return meta  # mypy checks here that PgMeta satisfies the whole MetaStore contract

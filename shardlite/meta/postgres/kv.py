@@ -1,0 +1,40 @@
+"""Named values in ``shardlite.kv``: the PostgreSQL side of :mod:`shardlite.meta.kv`.
+
+``put`` is one upsert (``INSERT ... ON CONFLICT (name) DO UPDATE``): concurrent writers serialise on the
+row and the last one wins; ``get`` one ``SELECT`` (committed data). Deadlocks and serialization failures are
+retried (:mod:`.txn`). NUL is refused before it reaches the server; a name with NUL was never put.
+"""
+
+from __future__ import annotations
+
+from ..kv import MetaKV
+from ..sqlite.failures import refuse_nul
+from .connect import Pool
+from .txn import has_nul, statement
+
+__all__ = ["PgKV"]
+
+_PUT = ("INSERT INTO shardlite.kv(name, value) VALUES (%s, %s) "
+        "ON CONFLICT (name) DO UPDATE SET value = excluded.value")
+
+
+class PgKV:
+    """:class:`~shardlite.meta.kv.MetaKV` in ``shardlite.kv``."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+    def get(self, name: str) -> str | None:
+        if has_nul(name):
+            return None
+        found = statement(self.pool, lambda conn: conn.execute("SELECT value FROM shardlite.kv WHERE name = %s",
+                                                               (name,)).fetchone())
+        return str(found[0]) if found else None
+
+    def put(self, name: str, value: str) -> None:
+        refuse_nul(name, value)
+        statement(self.pool, lambda conn: conn.execute(_PUT, (name, value)))
+
+
+def _conforms(kv: PgKV) -> MetaKV:
+    return kv  # mypy checks here that PgKV satisfies the MetaKV contract

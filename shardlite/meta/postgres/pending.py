@@ -1,0 +1,156 @@
+"""The pending-work index and the dead letters in PostgreSQL (``shardlite.pending``,
+``shardlite.dead_letters``): the PostgreSQL side of :mod:`shardlite.meta.pending`.
+
+How each rule holds without SQLite's one-writer lock (autocommit connections, READ COMMITTED):
+
+* :meth:`PgPending.flag_many` is one ``INSERT ... ON CONFLICT (key) DO UPDATE`` over the (deduplicated,
+  code-point sorted) keys: the upsert takes each row's lock and re-reads its committed version before it adds
+  1, so concurrent flaggers never lose a bump, and sorted keys mean two flaggers lock rows in one order. One
+  statement, one round trip, its own transaction: the hot path of the emit.
+* A new row's version starts at the client's clock in microseconds, as on SQLite (not a sequence: a flag
+  deleted and written again must not land on a version an older row of that key reached, and the same
+  rule on both backends keeps ``meta copy``'s versions meaningful).
+* :meth:`PgPending.clear_many` deletes ``WHERE key = %s AND version = %s``: a conditional delete that
+  re-checks the version of the row it locked, so a flag bumped meanwhile is left alone. Several pairs are one
+  transaction, deleted in key order (the flaggers' lock order), pipelined into one round trip.
+* :meth:`PgDeadLetters.add` is ``INSERT ... ON CONFLICT (source, incarnation, seq) DO NOTHING RETURNING 1``:
+  concurrent adders of one identity wait on the first and see its row, and exactly one gets True.
+
+Deadlocks and serialization failures are retried inside each method (:mod:`.txn`). Reads are single
+statements (committed data). Text with NUL is refused before it reaches the server (:class:`ValueError`);
+a key with NUL cannot be stored, so reads and deletes of one find nothing without asking.
+"""
+
+from __future__ import annotations
+
+import builtins
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from psycopg import Connection
+
+from ..pending import DeadLetter, DeadLetters, PendingRow, PendingWork
+from ..sqlite.failures import refuse_nul
+from .connect import Pool
+from .txn import has_nul, in_transaction, statement
+
+__all__ = ["PgPending", "PgDeadLetters"]
+
+_FLAG = ("INSERT INTO shardlite.pending AS p(key, version, due, since) "
+         "SELECT k, %s, %s, %s FROM unnest(%s::text[]) AS k "
+         "ON CONFLICT (key) DO UPDATE SET version = p.version + 1, due = LEAST(p.due, excluded.due)")
+_SET_DUE = ("INSERT INTO shardlite.pending AS p(key, version, due, since) VALUES (%s, %s, %s, %s) "
+            "ON CONFLICT (key) DO UPDATE SET due = excluded.due")
+_CLEAR = "DELETE FROM shardlite.pending WHERE key = %s AND version = %s"
+_ROW = "SELECT key, version, due, since FROM shardlite.pending"
+_LETTER = "source, incarnation, seq, dest, topic, payload, created, attempts, error, died"
+
+
+def _fresh_version() -> int:
+    return time.time_ns() // 1000
+
+
+def _limit(limit: int) -> int:
+    count = int(limit)
+    if count < 0:
+        raise ValueError(f"limit must be >= 0, not {limit!r}")
+    return count
+
+
+def _row(found: Sequence[Any]) -> PendingRow:
+    key, version, due, since = found
+    return PendingRow(str(key), int(version), float(due), float(since))
+
+
+class PgPending:
+    """:class:`~shardlite.meta.pending.PendingWork` in ``shardlite.pending``."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+    def _rows(self, sql: str, params: Sequence[object] = ()) -> list[PendingRow]:
+        return statement(self.pool, lambda conn: [_row(r) for r in conn.execute(sql, params).fetchall()])
+
+    def flag_many(self, keys: Sequence[str]) -> None:
+        wanted = sorted(set(keys))  # one row once per statement; code-point order = the "C" index order
+        if not wanted:
+            return
+        refuse_nul(*wanted)
+        now = time.time()
+        params = (_fresh_version(), now, now, wanted)
+        statement(self.pool, lambda conn: conn.execute(_FLAG, params))
+
+    def due(self, now: float, limit: int) -> builtins.list[PendingRow]:
+        count = _limit(limit)  # a literal LIMIT, as on SQLite (see feed.page_query)
+        return self._rows(f"{_ROW} WHERE due <= %s ORDER BY due, key LIMIT {count:d}", (float(now),))
+
+    def all(self) -> builtins.list[PendingRow]:
+        return self._rows(f"{_ROW} ORDER BY key")
+
+    def row(self, key: str) -> PendingRow | None:
+        if has_nul(key):
+            return None
+        rows = self._rows(f"{_ROW} WHERE key = %s", (key,))
+        return rows[0] if rows else None
+
+    def clear_many(self, pairs: Sequence[tuple[str, int]]) -> None:
+        wanted = sorted({(key, int(version)) for key, version in pairs if not has_nul(key)})
+        if not wanted:
+            return
+
+        def clear(conn: Connection[Any]) -> None:
+            with conn.cursor() as cur:
+                cur.executemany(_CLEAR, wanted)
+
+        if len(wanted) == 1:
+            statement(self.pool, lambda conn: conn.execute(_CLEAR, wanted[0]))
+        else:
+            in_transaction(self.pool, clear)
+
+    def set_due(self, key: str, due: float) -> None:
+        refuse_nul(key)
+        params = (key, _fresh_version(), float(due), time.time())
+        statement(self.pool, lambda conn: conn.execute(_SET_DUE, params))
+
+
+def _letter(found: Sequence[Any]) -> DeadLetter:
+    source, incarnation, seq, dest, topic, payload, created, attempts, error, died = found
+    return DeadLetter(str(source), str(incarnation), int(seq), str(dest), str(topic), str(payload), float(created),
+                      int(attempts), str(error), float(died))
+
+
+class PgDeadLetters:
+    """:class:`~shardlite.meta.pending.DeadLetters` in ``shardlite.dead_letters``."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+    def add(self, letter: DeadLetter) -> bool:
+        refuse_nul(letter.source, letter.incarnation, letter.dest, letter.topic, letter.payload, letter.error)
+        params = (letter.source, letter.incarnation, int(letter.seq), letter.dest, letter.topic, letter.payload,
+                  float(letter.created), int(letter.attempts), letter.error, float(letter.died))
+        sql = (f"INSERT INTO shardlite.dead_letters({_LETTER}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+               "ON CONFLICT (source, incarnation, seq) DO NOTHING RETURNING 1")
+        return statement(self.pool, lambda conn: conn.execute(sql, params).fetchone() is not None)
+
+    def list(self, limit: int = 1000) -> builtins.list[DeadLetter]:
+        sql = (f"SELECT {_LETTER} FROM shardlite.dead_letters "
+               f'ORDER BY died, source, seq, incarnation COLLATE "C" LIMIT {_limit(limit):d}')
+        return statement(self.pool, lambda conn: [_letter(r) for r in conn.execute(sql).fetchall()])
+
+    def count(self) -> int:
+        found = statement(self.pool, lambda conn: conn.execute("SELECT count(*) FROM shardlite.dead_letters")
+                          .fetchone())
+        return int(found[0]) if found else 0
+
+    def delete(self, source: str, incarnation: str, seq: int) -> bool:
+        if has_nul(source, incarnation):
+            return False
+        params = (source, incarnation, int(seq))
+        sql = "DELETE FROM shardlite.dead_letters WHERE source = %s AND incarnation = %s AND seq = %s RETURNING 1"
+        return statement(self.pool, lambda conn: conn.execute(sql, params).fetchone() is not None)
+
+
+def _conforms(pending: PgPending, letters: PgDeadLetters) -> tuple[PendingWork, DeadLetters]:
+    return pending, letters  # mypy checks here that both satisfy their contracts
