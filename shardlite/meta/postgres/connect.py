@@ -36,10 +36,14 @@ def unavailable(where: str, exc: BaseException) -> MetaUnavailable:
 
 
 def is_unavailable(exc: BaseException) -> bool:
-    if isinstance(exc, (psycopg.OperationalError, PoolTimeout)):
-        return True
+    """True when ``exc`` means the server or the connection. An error the server sent is judged by its
+    SQLSTATE class alone: psycopg makes a deadlock (40P01), a serialization failure (40001) or a lock not
+    available (55P03) ``OperationalError`` subclasses too, and those are the request's (the contract
+    method retries or translates them), not an outage."""
     sqlstate = getattr(exc, "sqlstate", None)
-    return isinstance(sqlstate, str) and sqlstate[:2] in _UNAVAILABLE_CLASSES
+    if isinstance(sqlstate, str) and sqlstate:
+        return sqlstate[:2] in _UNAVAILABLE_CLASSES
+    return isinstance(exc, (psycopg.OperationalError, PoolTimeout))
 
 
 class Pool:
