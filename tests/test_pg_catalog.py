@@ -10,15 +10,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from helpers_pg import separate_server
-from test_meta_tenants import race
+from test_meta_tenants import KEYS, race
 
 from shardlite import ConfigurationError, MetaConflict, MetaUnavailable, Settings
 from shardlite.catalog import Node, TenantRecord
 from shardlite.meta.location import parse_location
 from shardlite.meta.postgres import PgMeta
 from shardlite.meta.record import new_root_id
+from shardlite.testing.postgres import PgServer
 
 
 def _open(dsn: str, root: Path, nodes: list[tuple[str, str, int]], **kw: float) -> PgMeta:
@@ -134,6 +136,33 @@ def test_text_with_nul_never_reaches_the_server(pg_dsn: str, tmp_path: Path) -> 
         assert meta.nodes.remove("n\0") is False
     finally:
         meta.close()
+
+
+def test_code_point_order_in_a_database_with_a_locale_collation(pg_server: PgServer, tmp_path: Path) -> None:
+    """Keys and node names are ordered and ranged by code point even where the database's default collation
+    is a language's (ICU 'en' sorts 'a' before 'B'): the columns are COLLATE "C"."""
+    name = f"icu_{new_root_id()[:12]}"
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
+        try:
+            conn.execute(f"CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en' "
+                         "LOCALE 'C'")
+        except psycopg.Error as exc:
+            pytest.skip(f"this PostgreSQL cannot create an ICU database: {exc}")
+    try:
+        with psycopg.connect(pg_server.dsn(name)) as conn:
+            assert conn.execute("SELECT 'a' < 'B'").fetchone() == (True,)  # the locale's order, not ours
+        meta = _open(pg_server.dsn(name), tmp_path, [("a", "a", 1), ("B", "b", 1)])
+        try:
+            for key in reversed(KEYS):
+                _make(meta, key, "a", version=len(key))
+            _make(meta, "t;x", "B", version=99)  # ';' is ':' + 1: outside the range of prefix "t"
+            assert [r.key for r in meta.tenants.iter_tenants(batch=2) if r.key != "t;x"] == KEYS
+            assert [n.name for n in meta.nodes.list()] == ["B", "a"]
+            assert meta.tenants.max_schema_version("t") == max(len(k) for k in KEYS if k.startswith("t:"))
+        finally:
+            meta.close()
+    finally:
+        pg_server.drop_database(name)
 
 
 def test_crossed_removals_deadlock_and_are_retried_not_surfaced(pg_dsn: str, tmp_path: Path) -> None:
