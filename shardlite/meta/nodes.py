@@ -7,6 +7,13 @@ lies inside it, so the root can move, else absolute), a weight for the ring (1 a
 Rules every backend keeps (each has a test in ``tests/test_meta_nodes.py``):
 
 * Every method is one atomic unit; a refused call writes nothing.
+* **Scope.** A registry is one root's: :meth:`~NodeRegistry.list` returns this root's nodes (paths resolved
+  against this root), and :meth:`~NodeRegistry.set_state`, :meth:`~NodeRegistry.remove` and
+  :meth:`~NodeRegistry.replace_all` touch only them. Several roots may share one store (a PostgreSQL
+  database) only with distinct node names: a name is unique across the store, and :meth:`~NodeRegistry.add`
+  refuses a name another root owns (:class:`~shardlite.ConfigurationError` saying so). A recorded path is
+  unique per root (a relative path is a directory inside each root). With one root per store (SQLite) both
+  are the same thing.
 * Names are ordered by code point. Names and recorded paths are unique: a duplicate raises
   :class:`~shardlite.ConfigurationError`, never a backend's constraint error.
 * **Tombstones and removal** (gap F1): a dropped tenant's row (its tombstone) keeps its generation and
@@ -36,29 +43,32 @@ class NodeRegistry(Protocol):
     """The node list of one data root (``meta.nodes``). Thread-safe, and safe across processes."""
 
     def list(self) -> builtins.list[Node]:
-        """Every node, by name (code-point order), with its path made absolute (a recorded relative
-        path is joined to the root)."""
+        """Every node of this root, by name (code-point order), with its path made absolute (a recorded
+        relative path is joined to this root)."""
         ...
 
     def add(self, name: str, path: str, weight: int) -> None:
         """Register an ``active`` node; ``path`` as it is to be recorded (relative to the root or absolute).
 
-        An existing name or an existing recorded path (compared as text: the caller compares real paths
-        for overlaps) raises :class:`~shardlite.ConfigurationError` naming it; nothing is written. A weight
-        below 1 raises :class:`~shardlite.ConfigurationError`."""
+        An existing name (this root's, or another root's in a shared store) or an existing recorded path
+        of this root (compared as text: the caller compares real paths for overlaps) raises
+        :class:`~shardlite.ConfigurationError` naming it; nothing is written. A weight below 1 raises
+        :class:`~shardlite.ConfigurationError`."""
         ...
 
     def set_state(self, name: str, state: str) -> None:
-        """Set the state of ``name`` (``active`` or ``draining``; idempotent).
+        """Set the state of this root's node ``name`` (``active`` or ``draining``; idempotent).
 
-        An unknown name, an unknown state, or draining the last ``active`` node (decided in the same
+        An unknown name (another root's node is unknown here), an unknown state, or draining the last
+        ``active`` node of this root (decided in the same
         transaction, so two concurrent drains cannot leave none) raise
         :class:`~shardlite.ConfigurationError`; nothing is written."""
         ...
 
     def remove(self, name: str) -> bool:
-        """Delete node ``name``; True when it was there, False when there was no such node (a no-op, so
-        two processes completing one rebalance both succeed).
+        """Delete this root's node ``name``; True when it was there, False when this root has no such node
+        (a no-op, so two processes completing one rebalance both succeed; another root's node is never
+        touched).
 
         Atomic check-and-delete: when a live tenant (``active``, ``moving``) or a drop under way
         (``dropping``) is on it, :class:`~shardlite.ConfigurationError` says what to do (drain and
@@ -68,16 +78,16 @@ class NodeRegistry(Protocol):
 
     def replace_all(self, nodes: Sequence[Node], *, only_if_pristine: bool,
                     expect: Sequence[Sequence[Node]] | None = None) -> None:
-        """Make the node list exactly ``nodes`` (each ``path`` as recorded: relative to the root or
+        """Make this root's node list exactly ``nodes`` (each ``path`` as recorded: relative to the root or
         absolute, not made absolute), in one transaction: nodes not named are deleted, named ones get the
         given path, weight and state, new ones are inserted.
 
         Compare-and-set, checked in that transaction: with ``only_if_pristine``, no tenant row may exist
-        (tombstones included); with ``expect``, the node list as recorded (by name) must equal one of
-        ``expect``. Otherwise :class:`~shardlite.MetaConflict` and nothing is written. Invalid ``nodes``
-        (a duplicate name or path, a weight below 1, an unknown state, no active node) and a node still
-        holding tenant rows that ``nodes`` leaves out raise :class:`~shardlite.ConfigurationError`;
-        nothing is written."""
+        (tombstones included) on this root's nodes; with ``expect``, the node list as recorded (by name)
+        must equal one of ``expect``. Otherwise :class:`~shardlite.MetaConflict` and nothing is written.
+        Invalid ``nodes`` (a duplicate name or path, a weight below 1, an unknown state, no active node, a
+        name another root owns) and a node still holding tenant rows that ``nodes`` leaves out raise
+        :class:`~shardlite.ConfigurationError`; nothing is written."""
         ...
 
 

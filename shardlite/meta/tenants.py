@@ -13,6 +13,14 @@ Rules every backend keeps (each has a test in ``tests/test_meta_tenants.py``):
   ``dropped`` (the tombstone). Keys are canonical (:func:`shardlite.keys.canonical`); they are compared
   and ordered by code point (SQLite's BINARY on UTF-8; PostgreSQL needs ``COLLATE "C"``).
 * A compare-and-set that lost raises :class:`~shardlite.MetaConflict` and writes nothing.
+* **Scope.** The key space is the store's: one per SQLite root, one per PostgreSQL database (shared by
+  every root that uses it, each with its own nodes). :meth:`~TenantCatalog.lookup`,
+  :meth:`~TenantCatalog.allocate_generation`, :meth:`~TenantCatalog.register`,
+  :meth:`~TenantCatalog.set_state`, :meth:`~TenantCatalog.flip` and :meth:`~TenantCatalog.note_schema_version`
+  act by key. The enumerations (:meth:`~TenantCatalog.iter_tenants`, :meth:`~TenantCatalog.count_by_node`,
+  :meth:`~TenantCatalog.schema_versions`, :meth:`~TenantCatalog.max_schema_version`,
+  :meth:`~TenantCatalog.has_rows`) cover the tenants on this root's nodes. With one root per store (SQLite,
+  or a PostgreSQL database with one root) both are the same thing.
 """
 
 from __future__ import annotations
@@ -59,7 +67,8 @@ class TenantCatalog(Protocol):
         ``epoch + 1``, ``active``, the new node, generation, incarnation and schema version.
 
         ``generation`` must come from :meth:`allocate_generation` for this key. ``node`` must be
-        registered: an unknown node raises :class:`~shardlite.ConfigurationError` (nothing written)."""
+        registered (in the store, by any root using it): an unknown node raises
+        :class:`~shardlite.ConfigurationError` (nothing written)."""
         ...
 
     def set_state(self, key: str, state: str, *, expect_generation: int, expect_states: Collection[str]) -> None:
@@ -90,27 +99,28 @@ class TenantCatalog(Protocol):
 
     def iter_tenants(self, *, states: Collection[str] = LIVE, batch: int = 1000,
                      after: str = "") -> Iterator[TenantRecord]:
-        """The rows in ``states`` whose key sorts after ``after``, in key order (code points), read in
-        pages of ``batch`` rows (never all in memory). Each page is one read: the whole is not a snapshot
-        (a row changed between pages is seen as it is when its page is read; none is seen twice)."""
+        """The rows in ``states`` on this root's nodes whose key sorts after ``after``, in key order (code
+        points), read in pages of ``batch`` rows (never all in memory). Each page is one read: the whole is
+        not a snapshot (a row changed between pages is seen as it is when its page is read; none is seen
+        twice)."""
         ...
 
     def count_by_node(self) -> dict[str, int]:
-        """Live tenants (``active``, ``moving``) per node; a node holding none is absent (the caller joins
+        """Live tenants (``active``, ``moving``) per node of this root; a node holding none is absent (the caller joins
         :meth:`shardlite.meta.nodes.NodeRegistry.list`)."""
         ...
 
     def schema_versions(self) -> dict[int, int]:
-        """Live tenants per recorded app schema version, in ascending version order."""
+        """Live tenants on this root's nodes per recorded app schema version, in ascending version order."""
         ...
 
     def max_schema_version(self, prefix: str) -> int | None:
-        """The newest app schema version recorded for a live tenant whose key is ``prefix:...``; None when
-        there is none."""
+        """The newest app schema version recorded for a live tenant on this root's nodes whose key is
+        ``prefix:...``; None when there is none."""
         ...
 
     def has_rows(self) -> bool:
-        """True when any tenant row exists, tombstones included (the root was used)."""
+        """True when any tenant row exists on this root's nodes, tombstones included (the root was used)."""
         ...
 
 

@@ -36,15 +36,14 @@ def unavailable(where: str, exc: BaseException) -> MetaUnavailable:
 
 
 def is_unavailable(exc: BaseException) -> bool:
-    """Whether ``exc`` means the server or the connection failed. A server error is judged by its SQLSTATE
-    class alone: psycopg makes a deadlock or a serialization failure (class 40, for the contract method to
-    run again) an ``OperationalError`` too, and they are not an outage."""
-    if isinstance(exc, PoolTimeout):
-        return True
+    """True when ``exc`` means the server or the connection. An error the server sent is judged by its
+    SQLSTATE class alone: psycopg makes a deadlock (40P01), a serialization failure (40001) or a lock not
+    available (55P03) ``OperationalError`` subclasses too, and those are the request's (the contract
+    method retries or translates them), not an outage."""
     sqlstate = getattr(exc, "sqlstate", None)
     if isinstance(sqlstate, str) and sqlstate:
         return sqlstate[:2] in _UNAVAILABLE_CLASSES
-    return isinstance(exc, psycopg.OperationalError)  # no SQLSTATE: the client lost or never had the connection
+    return isinstance(exc, (psycopg.OperationalError, PoolTimeout))
 
 
 class Pool:
