@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import cast
 
 from ..engine import Settings, ensure_private_dir
 from ..errors import ConfigurationError
@@ -78,9 +79,9 @@ def locate_store(root: str, settings: Settings, meta: str | None = None, *, crea
 def complete(store: MetaBase) -> MetaStore:
     """``store`` as a :class:`MetaStore`, or :class:`~shardlite.ConfigurationError` naming the parts its
     backend does not implement yet."""
-    if isinstance(store, MetaStore):
-        return store
-    missing = [f"meta.{name}" for name in PARTS if not hasattr(store, name)]
+    missing = [f"meta.{name}" for name in PARTS if not hasattr(store, name)]  # plain attributes: no I/O
+    if not missing:
+        return cast(MetaStore, store)  # the parts are there; mypy checks each backend's whole class (_conforms)
     raise ConfigurationError(f"the metadata backend for {store.location} does not implement {', '.join(missing)} "
                              "yet: use the embedded default (leave meta= and SHARDLITE_META out)")
 

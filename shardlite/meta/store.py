@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from .accounts import AccountStore, CredentialStore
@@ -65,7 +65,6 @@ class MetaBase(Protocol):
         ...
 
 
-@runtime_checkable
 class MetaStore(MetaBase, Protocol):
     """One data root's metadata. Thread-safe: every method may be called from any thread.
 
