@@ -149,6 +149,7 @@ class Store(TenantCreation, TenantReads):
             raise
         self.pool = HandlePool(self.settings.max_open, self.settings.busy_timeout_ms / 1000)
         self._records: dict[str, TenantRecord] = {}
+        self.meta.watch_tenants(self._route_hint)  # routes changed by other processes (PostgreSQL: NOTIFY)
         self._fast: dict[Any, Handle] = {}  # read handles by the caller's key object (skips canonical())
         self._wfast: dict[str, Handle] = {}  # write handles by canonical key
         #: Outbox hooks shared by every transaction of this store (``tx.emit``).
@@ -236,6 +237,13 @@ class Store(TenantCreation, TenantReads):
     def forget(self, canon: str) -> None:
         """Drop the cached location of ``canon`` (the next access asks the catalog)."""
         self._records.pop(canon, None)
+
+    def _route_hint(self, canon: str | None) -> None:
+        """The metadata says ``canon``'s row changed elsewhere (None: anything may have): drop the route."""
+        if canon is None:
+            self._records.clear()
+        else:
+            self._records.pop(canon, None)
 
     # -- handles --------------------------------------------------------------------------------------
 

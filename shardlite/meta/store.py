@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Protocol
 
@@ -56,6 +56,14 @@ class MetaBase(Protocol):
     def close(self) -> None:
         """Release every connection (idempotent). A closed store raises
         :class:`~shardlite.ConfigurationError` ("the router is closed") on use."""
+        ...
+
+    def watch_tenants(self, callback: Callable[[str | None], None]) -> None:
+        """Call ``callback(key)`` when a tenant's catalog row changed in another process, and
+        ``callback(None)`` when anything may have changed (drop every cached route): the route cache's
+        invalidation across processes. A backend may call it late or never (SQLite: never): a cached route
+        is a hint, and the in-file fence stops a stale owner. The callback runs on any thread and must be
+        quick."""
         ...
 
     def export_global(self, directory: str) -> AbstractContextManager[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 
 import psycopg
@@ -19,9 +19,10 @@ from .connect import Pool
 from .export import exported_global
 from .journal import PgJournal
 from .kv import PgKV
+from .listen import Listener
 from .nodes import PgNodes
 from .pending import PgDeadLetters, PgPending
-from .schema import upgrade
+from .schema import TENANT_HINTS, upgrade
 from .session_cache import CachedSessions
 from .sessions import PgSessions
 from .tenants import PgTenants
@@ -65,6 +66,8 @@ class PgMeta:
         self.pending = PgPending(self.pool)
         self.dead_letters = PgDeadLetters(self.pool)
         self.kv = PgKV(self.pool)
+        self._route_watchers: list[Callable[[str | None], None]] = []
+        self._route_listener: Listener | None = None
         self._opened = False
 
     @property
@@ -110,7 +113,25 @@ class PgMeta:
             raise
         self._opened = True
 
+    def watch_tenants(self, callback: Callable[[str | None], None]) -> None:
+        """``callback(key)`` whenever a tenant's row changes in the database, by any process;
+        ``callback(None)`` after every (re)connect of the hints (NOTIFY is not durable: anything may have
+        changed meanwhile). Runs on the hints' thread. Until the first connect nothing is hinted: a route
+        cache is a hint too (the in-file fence stops a stale owner), so it is never wrong for long."""
+        self._route_watchers.append(callback)
+        if self._route_listener is None and self._opened:
+            self._route_listener = Listener(self._location.dsn, self.location, (TENANT_HINTS,),
+                                            lambda _channel, key: self._hint(key), lambda: self._hint(None))
+            self._route_listener.start()
+
+    def _hint(self, key: str | None) -> None:
+        for callback in list(self._route_watchers):
+            callback(key)
+
     def close(self) -> None:
+        listener, self._route_listener = self._route_listener, None
+        if listener is not None:
+            listener.close()
         self._opened = False
         self.sessions.close()
         self.pool.close()

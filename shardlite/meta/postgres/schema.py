@@ -25,7 +25,7 @@ from psycopg import Connection
 
 from ...errors import ConfigurationError
 
-__all__ = ["SCHEMA", "STEPS", "LOCK_KEY", "installed_version", "upgrade"]
+__all__ = ["SCHEMA", "STEPS", "LOCK_KEY", "TENANT_HINTS", "installed_version", "upgrade"]
 
 #: The PostgreSQL schema holding shardlite's tables.
 SCHEMA = "shardlite"
@@ -33,7 +33,8 @@ SCHEMA = "shardlite"
 #: The advisory lock every opener takes while it reads and upgrades the schema (one creator, one upgrader).
 LOCK_KEY = 0x5348_4152_444C  # "SHARDL"
 
-#: shardlite's tables by version (the row of ``shardlite.version``). Version 1 equals global.db version 7.
+#: shardlite's tables by version (the row of ``shardlite.version``). Version 1 equals global.db version 7;
+#: version 2 adds the route-cache hints.
 STEPS: tuple[tuple[str, ...], ...] = (
     (
         """CREATE TABLE shardlite.roots(
@@ -148,7 +149,20 @@ STEPS: tuple[tuple[str, ...], ...] = (
            )""",
         "CREATE INDEX moves_by_key ON shardlite.moves(key)",
     ),
+    (  # version 2: a changed or removed tenant row hints every process's route cache (see TENANT_HINTS)
+        """CREATE FUNCTION shardlite.tenant_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+               PERFORM pg_notify('shardlite_tenants', OLD.key);
+               RETURN NULL;
+           END $$""",
+        """CREATE TRIGGER tenants_hint AFTER UPDATE OR DELETE ON shardlite.tenants
+           FOR EACH ROW EXECUTE FUNCTION shardlite.tenant_changed()""",
+    ),
 )
+
+#: The channel a tenant's row change is NOTIFYed on (payload: the key), by a trigger of version 2, in the
+#: changing transaction: every writer (flip, set_state, register over a tombstone, meta copy) hints alike.
+TENANT_HINTS = "shardlite_tenants"
 
 
 def installed_version(conn: Connection[Any]) -> int:

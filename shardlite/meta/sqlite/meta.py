@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 from ...catalog import SqliteCatalog
@@ -65,6 +65,10 @@ class SqliteMeta:
     def close(self) -> None:
         self.globaldb.close()
         self.appdb.close()
+
+    def watch_tenants(self, callback: Callable[[str | None], None]) -> None:
+        """Never called: processes on one root share global.db, and a stale route is stopped by the in-file
+        fence (the cache is a hint, as always)."""
 
     def export_global(self, directory: str) -> AbstractContextManager[str]:
         return nullcontext(self.globaldb.path)  # the file itself: a backup copies it with SQLite's own API
