@@ -420,10 +420,14 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads, Admin):
         return rows
 
     async def locate(self, key: object) -> Location:
-        return self._store.locate(key)  # catalog reads: this thread's read connection, microseconds
+        if self._store.meta.local:
+            return self._store.locate(key)  # catalog reads: this thread's read connection, microseconds
+        return await self._call(self._store.locate, key)  # a round trip to PostgreSQL: off the loop
 
     async def exists(self, key: object) -> bool:
-        return self._store.exists(key)
+        if self._store.meta.local:
+            return self._store.exists(key)
+        return bool(await self._call(self._store.exists, key))
 
     async def tenants(self) -> AsyncIterator[str]:
         """Every live tenant key, in key order."""

@@ -99,7 +99,10 @@ class AsyncSessions:
             due.append(digest)
             return session
 
-        session = self.sync.resolve(token, _touch=defer)
+        if self.sync.local(token):  # warm: memory or a local file, microseconds
+            session = self.sync.resolve(token, _touch=defer)
+        else:  # a round trip to PostgreSQL: never on the event loop
+            session = await self._call(lambda: self.sync.resolve(token, _touch=defer))
         if session is None or not due:
             return session
         result: Session = await self._call(self.sync.touch, due[0], session)
@@ -115,7 +118,9 @@ class AsyncSessions:
         return str(await self._call(self.sync.rotate, token))
 
     async def count_live(self, account_id: int) -> int:
-        return self.sync.count_live(account_id)
+        if self.sync.local(None):
+            return self.sync.count_live(account_id)
+        return int(await self._call(self.sync.count_live, account_id))
 
     async def purge(self) -> int:
         return int(await self._call(self.sync.purge))

@@ -145,6 +145,12 @@ class Sessions:
                 return (_touch or self.touch)(digest, session)
         return session
 
+    def local(self, token: object) -> bool:
+        """True when :meth:`resolve` of ``token`` needs no network round trip (see
+        :meth:`SessionStore.local <shardlite.meta.sessions.SessionStore.local>`): the async twin then resolves
+        on its event loop."""
+        return self._store.local(self._digests.get(token) if type(token) is str else None)
+
     def _remember(self, token: object) -> bytes | None:
         """The digest of a well-formed token, remembered if a session row has it (a token seen for the
         first time costs one more indexed read); None for a malformed or unknown token."""

@@ -42,6 +42,12 @@ class SessionStore(Protocol):
         connection in autocommit, or a cache kept right by notifications, issue 15 point 3)."""
         ...
 
+    def local(self, digest: bytes | None) -> bool:
+        """True when :meth:`live` (and :meth:`known`) for ``digest`` (None: any digest) answer without a
+        network round trip, so the async front end may resolve on its event loop instead of a worker
+        thread. SQLite: always (a local read of microseconds). PostgreSQL: when a trusted cache entry holds it."""
+        ...
+
     def known(self, digest: bytes) -> bool:
         """Whether any session row (revoked or not) has this digest. On the path of a token's first
         sighting: one indexed read, no transaction."""

@@ -58,6 +58,12 @@ class MetaBase(Protocol):
         :class:`~shardlite.ConfigurationError` ("the router is closed") on use."""
         ...
 
+    @property
+    def local(self) -> bool:
+        """True when the metadata is in local files (a read takes microseconds: the async front end may read
+        it on its event loop); False when a read is a network round trip."""
+        ...
+
     def watch_tenants(self, callback: Callable[[str | None], None]) -> None:
         """Call ``callback(key)`` when a tenant's catalog row changed in another process, and
         ``callback(None)`` when anything may have changed (drop every cached route): the route cache's

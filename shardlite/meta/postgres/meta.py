@@ -113,6 +113,10 @@ class PgMeta:
             raise
         self._opened = True
 
+    @property
+    def local(self) -> bool:
+        return False
+
     def watch_tenants(self, callback: Callable[[str | None], None]) -> None:
         """``callback(key)`` whenever a tenant's row changes in the database, by any process;
         ``callback(None)`` after every (re)connect of the hints (NOTIFY is not durable: anything may have

@@ -117,6 +117,12 @@ class CachedSessions:
             self._fill(digest, session, epoch)
         return session
 
+    def local(self, digest: bytes | None) -> bool:
+        if digest is None:
+            return False
+        entry = self._cache.get(digest)
+        return entry is not None and entry[1] > time.monotonic()
+
     def touch(self, digest: bytes, now: float) -> None:
         epoch = self._epoch
         self.store.touch(digest, now)

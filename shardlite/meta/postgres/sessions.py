@@ -67,6 +67,9 @@ class PgSessions:
             row = conn.execute(_LIVE, (digest,)).fetchone()
         return None if row is None else _session(Session, row)
 
+    def local(self, digest: bytes | None) -> bool:
+        return False  # every read is a round trip (the cache in front of this, CachedSessions, says otherwise)
+
     def known(self, digest: bytes) -> bool:
         with self._pool.connection() as conn:
             return conn.execute(_KNOWN, (digest,)).fetchone() is not None

@@ -66,6 +66,10 @@ class SqliteMeta:
         self.globaldb.close()
         self.appdb.close()
 
+    @property
+    def local(self) -> bool:
+        return True
+
     def watch_tenants(self, callback: Callable[[str | None], None]) -> None:
         """Never called: processes on one root share global.db, and a stale route is stopped by the in-file
         fence (the cache is a hint, as always)."""

@@ -53,6 +53,9 @@ class SqliteSessions:
             return _session(Session, row)
         return None
 
+    def local(self, digest: bytes | None) -> bool:
+        return True
+
     def known(self, digest: bytes) -> bool:
         return bool(self._db.reader().execute(_KNOWN, (digest,)).fetchall())
 
