@@ -99,7 +99,7 @@ class AsyncSessions:
             due.append(digest)
             return session
 
-        if self.sync.local(token):  # warm: memory or a local file, microseconds
+        if self.sync._local(token):  # warm: memory or a local file, microseconds
             session = self.sync.resolve(token, _touch=defer)
         else:  # a round trip to PostgreSQL: never on the event loop
             session = await self._call(lambda: self.sync.resolve(token, _touch=defer))
@@ -118,7 +118,7 @@ class AsyncSessions:
         return str(await self._call(self.sync.rotate, token))
 
     async def count_live(self, account_id: int) -> int:
-        if self.sync.local(None):
+        if self.sync._local(None):
             return self.sync.count_live(account_id)
         return int(await self._call(self.sync.count_live, account_id))
 

@@ -145,7 +145,7 @@ class Sessions:
                 return (_touch or self.touch)(digest, session)
         return session
 
-    def local(self, token: object) -> bool:
+    def _local(self, token: object) -> bool:
         """True when :meth:`resolve` of ``token`` needs no network round trip (see
         :meth:`SessionStore.local <shardlite.meta.sessions.SessionStore.local>`): the async twin then resolves
         on its event loop."""

@@ -66,6 +66,6 @@ def test_cold_reads_leave_the_loop_free_while_the_server_stalls(root: str) -> No
                     assert ticks == 50 and not both.done()  # the loop ran on while both waited on the server
                 session, found = await asyncio.wait_for(both, 60)
                 assert session is not None and session.account_id == account and found is False
-                assert router.sessions.sync.local(token)  # warm now: the next resolve is a memory read
+                assert router.sessions.sync._local(token)  # warm now: the next resolve is a memory read
                 assert (await router.sessions.resolve(token)) == session
         asyncio.run(main())
