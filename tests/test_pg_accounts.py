@@ -19,7 +19,7 @@ from shardlite import EmailTaken, MetaUnavailable, Settings
 from shardlite.meta.accounts import AccountRows
 from shardlite.meta.location import parse_location
 from shardlite.meta.postgres import PgMeta
-from shardlite.meta.postgres.txretry import retrying
+from shardlite.meta.postgres.txn import retrying
 from shardlite.meta.record import new_root_id
 
 T0 = 1_700_000_000.0

@@ -15,7 +15,7 @@ How each rule of the contract is kept without SQLite's one-writer lock (inventor
   share lock on the account row, so a concurrent delete either comes first (the insert violates
   ``credentials_account_id_fkey``: :class:`~shardlite.UnknownAccount`) or waits and then cascades.
 * Deletes cascade by the schema's ``ON DELETE CASCADE``.
-* Deadlocks and serialization failures are retried by :func:`.txretry.retrying`.
+* Deadlocks and serialization failures are retried by :func:`.txn.retrying`.
 
 The accounts are the database's, not a root's: roots sharing one database share one account space, as they
 share one tenant key space (the schema has no root column on ``accounts``).
@@ -45,7 +45,7 @@ from ..accounts import (
     refuse_nul,
 )
 from .connect import Pool
-from .txretry import constraint_of, retrying
+from .txn import constraint_of, retrying
 
 __all__ = ["PgAccounts", "PgCredentials", "EMAIL_CONSTRAINT", "ACCOUNT_FOREIGN_KEYS", "SESSION_HINTS",
            "digest_hint", "account_hint", "ALL_HINT"]

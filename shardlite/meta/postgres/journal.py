@@ -23,28 +23,26 @@ transaction's order) is retried inside the method (:func:`_retrying`), never sur
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg import Connection, errors
+from psycopg import Connection
 
 from ...catalog import TenantRecord
-from ...errors import ConfigurationError, MetaConflict, MetaUnavailable
+from ...errors import ConfigurationError, MetaConflict
 from ...movejournal import FINISHED, MAX_LISTED, LostClaim, MoveRow, PlanCancelled
 from ...planning import Move
 from ..journal import MoveJournal, PlanRow, plain_plan, plain_text, step_fields, stored_error
 from .connect import Pool
+from .txn import ATTEMPTS, RETRYABLE, gave_up, in_transaction, pause
 
 __all__ = ["PgJournal", "LOCK_KEY"]
 
 #: The advisory lock ``create_plan`` and ``set_plan_state`` serialise on ("SHJRNL").
 LOCK_KEY = 0x5348_4A52_4E4C
-#: Attempts of a unit that deadlocked or hit a serialisation failure, before giving up.
-ATTEMPTS = 12
 
 _COLUMNS = ("plan_id, key, source, target, source_generation, target_generation, size, step, owner, lease, "
             "error, pause_ms")
@@ -52,20 +50,9 @@ _PLAN = "SELECT id, created, state, fingerprint, summary FROM shardlite.plans"
 _TENANT = "key, node, generation, epoch, state, incarnation, schema_version, created"
 _UNFINISHED = ("SELECT DISTINCT p.id FROM shardlite.plans p JOIN shardlite.moves m ON m.plan_id = p.id "
                "WHERE p.state = %s AND m.step <> ALL(%s) ORDER BY p.id DESC")
-_RETRYABLE = (errors.DeadlockDetected, errors.SerializationFailure)
 
 T = TypeVar("T")
 Conn = Connection[Any]
-
-
-def _pause(attempt: int) -> None:
-    time.sleep(random.uniform(0.002, 0.02) * (attempt + 1))
-
-
-def _gave_up(exc: Exception) -> MetaUnavailable:
-    return MetaUnavailable(f"the metadata store kept aborting a journal update ({type(exc).__name__}: "
-                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); nothing was "
-                           "written: retry")
 
 
 def _plan(row: Sequence[Any]) -> PlanRow:
@@ -88,15 +75,7 @@ class PgJournal:
     def _unit(self, body: Callable[[Conn], T]) -> T:
         """``body`` in one transaction on a pooled connection, retried on a deadlock or serialisation
         failure (each attempt a fresh transaction)."""
-        for attempt in range(ATTEMPTS):
-            try:
-                with self.pool.connection() as conn, conn.transaction():
-                    return body(conn)
-            except _RETRYABLE as exc:
-                if attempt == ATTEMPTS - 1:
-                    raise _gave_up(exc) from None
-            _pause(attempt)
-        raise AssertionError("unreachable")
+        return in_transaction(self.pool, body)
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """One statement, no explicit transaction (one round trip)."""
@@ -326,12 +305,12 @@ class PgJournal:
                     entered = True
                     yield
                 return
-            except _RETRYABLE as exc:
+            except RETRYABLE as exc:
                 if entered:
                     raise
                 if attempt == ATTEMPTS - 1:
-                    raise _gave_up(exc) from None
-            _pause(attempt)
+                    raise gave_up(exc) from None
+            pause(attempt)
 
     def flip_held(self, move: MoveRow, owner: str, *, node: str, generation: int, from_generation: int,
                   incarnation: str | None = None) -> TenantRecord:

@@ -33,7 +33,7 @@ from ...catalog import Node
 from ...errors import ConfigurationError, MetaConflict
 from ..nodes import NODE_STATES, NodeRegistry, check_node_row
 from .connect import Pool
-from .txn import has_nul, in_transaction, statement, violated
+from .txn import constraint_of, has_nul, in_transaction, statement
 
 __all__ = ["PgNodes"]
 
@@ -105,7 +105,7 @@ class PgNodes:
             raise self._taken(conn, exc, node) from None
 
     def _taken(self, conn: Connection[Any], exc: errors.UniqueViolation, node: Node) -> Exception:
-        constraint = violated(exc)
+        constraint = constraint_of(exc)
         if constraint == "nodes_pkey":
             row = conn.execute("SELECT root_id FROM shardlite.nodes WHERE name = %s", (node.name,)).fetchone()
             if row is not None and row[0] != self.root_id:

@@ -7,7 +7,7 @@ compare-and-set is the row lock of a conditional ``UPDATE``: at READ COMMITTED a
 waits for the first, then re-checks its ``WHERE`` on the row as the first left it, so of several revokes (or
 rotations) of one session exactly one matches. "The account exists" is the foreign key
 ``sessions_account_id_fkey`` (:class:`~shardlite.UnknownAccount`). Multi-row writes (``revoke_all``,
-``purge``) may deadlock with each other; :func:`.txretry.retrying` runs them again.
+``purge``) may deadlock with each other; :func:`.txn.retrying` runs them again.
 
 Every write that ends a session that was live NOTIFYs :data:`.accounts.SESSION_HINTS` in its own
 transaction (:mod:`.session_cache`). :meth:`PgSessions.purge` does not: it deletes only sessions already
@@ -24,7 +24,7 @@ from ...sessions import Session
 from ..sessions import SessionStore
 from .accounts import SESSION_HINTS, account_hint, digest_hint, unknown_account
 from .connect import Pool
-from .txretry import retrying
+from .txn import retrying
 
 __all__ = ["PgSessions"]
 

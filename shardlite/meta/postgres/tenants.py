@@ -34,7 +34,7 @@ from ...catalog import TenantRecord
 from ...errors import ConfigurationError, MetaConflict
 from ..tenants import LIVE, TenantCatalog, check_states
 from .connect import Pool
-from .txn import has_nul, in_transaction, statement, violated
+from .txn import constraint_of, has_nul, in_transaction, statement
 
 __all__ = ["PgTenants"]
 
@@ -54,7 +54,7 @@ def _record(row: Sequence[Any]) -> TenantRecord:
 
 def _translated(exc: errors.IntegrityError, key: str, node: str, generation: int) -> Exception:
     """The contract's error for a constraint ``shardlite.tenants`` refused, by constraint name."""
-    name = violated(exc)
+    name = constraint_of(exc)
     if name == "tenants_node_fkey":
         return ConfigurationError(f"tenant {key!r} cannot be placed on node {node!r}: no such node")
     if name == "tenants_generation_key":
