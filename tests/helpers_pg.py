@@ -49,3 +49,21 @@ def pg_server() -> Iterator[PgServer]:
 def pg_dsn(pg_server: PgServer) -> Iterator[str]:
     with pg_server.database("test") as dsn:
         yield dsn
+
+
+def wait_for_lock_waiter(dsn: str, what: str, timeout: float = 60.0) -> None:
+    """Return once some backend of ``dsn``'s database waits on a lock; fail (naming ``what`` was expected to
+    wait) after ``timeout`` seconds."""
+    import time
+
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while True:
+            row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                               "AND wait_event_type = 'Lock'").fetchone()
+            if row and row[0] >= 1:
+                return
+            assert time.monotonic() < deadline, f"{what} never waited on a lock"
+            time.sleep(0.005)

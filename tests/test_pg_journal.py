@@ -19,10 +19,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 from helpers_meta import open_meta
-from helpers_pg import separate_server
+from helpers_pg import separate_server, wait_for_lock_waiter
 
 from shardlite import MetaUnavailable, Settings
 from shardlite.meta import MetaStore, MoveJournal
@@ -75,18 +74,6 @@ def _holder(root: str, plan_id: int) -> subprocess.Popen[str]:
     return proc
 
 
-def _wait_for_lock_waiter(dsn: str) -> None:
-    """Return once some backend of this database waits on a lock (bounded: fails after 60 s)."""
-    deadline = time.monotonic() + 60
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        while True:
-            row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                               "AND wait_event_type = 'Lock'").fetchone()
-            if row and row[0] >= 1:
-                return
-            assert time.monotonic() < deadline, "the contender never waited on the holding block's locks"
-            time.sleep(0.01)
-
 
 def _in_thread(attempt: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
     outcome: list[object] = []
@@ -122,7 +109,7 @@ def test_a_holding_block_in_another_process_makes_contenders_wait(pg_meta: MetaS
     thread: threading.Thread | None = None
     try:
         thread, outcome = _in_thread(lambda: CONTENDERS[contender](pg_meta, plan_id, move))
-        _wait_for_lock_waiter(pg_dsn)
+        wait_for_lock_waiter(pg_dsn, "the contender (on the holding block's locks)")
         assert thread.is_alive() and not outcome  # blocked by the other process's row locks, not finished
         assert holder.stdin is not None
         holder.stdin.write("go\n")
@@ -145,7 +132,7 @@ def test_a_process_killed_inside_a_holding_block_leaves_nothing_locked(pg_meta: 
     thread: threading.Thread | None = None
     try:
         thread, outcome = _in_thread(lambda: pg_meta.journal.set_plan_state(plan_id, "cancelled"))
-        _wait_for_lock_waiter(pg_dsn)
+        wait_for_lock_waiter(pg_dsn, "the contender (on the holding block's locks)")
         holder.kill()  # SIGKILL inside the block: the server ends its transaction when the socket closes
         holder.communicate(timeout=60)
         thread.join(timeout=60)

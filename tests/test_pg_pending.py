@@ -22,7 +22,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from helpers_meta import open_meta
-from helpers_pg import separate_server
+from helpers_pg import separate_server, wait_for_lock_waiter
 from psycopg import sql
 
 from shardlite import MetaUnavailable, Settings
@@ -55,18 +55,6 @@ def pg_meta(pg_dsn: str, root: str, monkeypatch: pytest.MonkeyPatch) -> Iterator
     store.close()
 
 
-def _wait_for_lock_waiter(dsn: str) -> None:
-    """Return once some backend of this database waits on a lock (bounded: fails after 60 s)."""
-    deadline = time.monotonic() + 60
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        while True:
-            row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                               "AND wait_event_type = 'Lock'").fetchone()
-            if row and row[0] >= 1:
-                return
-            assert time.monotonic() < deadline, "the store's call never waited on the other session's lock"
-            time.sleep(0.005)
-
 
 def _deadlock(dsn: str, call: Callable[[], object]) -> list[object]:
     """Run ``call`` on a thread while another session holds ``user:b``'s row; once ``call`` waits for it,
@@ -87,7 +75,7 @@ def _deadlock(dsn: str, call: Callable[[], object]) -> list[object]:
         thread = threading.Thread(target=run)
         thread.start()
         try:
-            _wait_for_lock_waiter(dsn)
+            wait_for_lock_waiter(dsn, "the store's call (on the other session's lock)")
             other.execute(touch, ("user:a",))  # waits until the server aborts the store's transaction
             other.commit()
         finally:

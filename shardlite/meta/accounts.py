@@ -32,7 +32,8 @@ from ..errors import InvalidEmail
 if TYPE_CHECKING:
     from ..accounts import Account
 
-__all__ = ["AccountStore", "CredentialStore", "Credential", "Login", "AccountRows", "ProfileMerge",
+__all__ = ["checked_account", "checked_credential",
+           "AccountStore", "CredentialStore", "Credential", "Login", "AccountRows", "ProfileMerge",
            "ACCOUNT_COLUMNS", "CREDENTIAL_COLUMNS", "SESSION_COLUMNS", "refuse_nul", "checked_rows"]
 
 #: The columns of an account row as :meth:`AccountStore.import_rows` takes it (and as a backup keeps it).
@@ -88,6 +89,18 @@ _KINDS = {
     "credentials": (_INT, _TEXT, _BYTES, _BYTES, _NUMBER),
     "sessions": (_BYTES, _INT, _NUMBER, _NUMBER, _NUMBER + "?", _NUMBER, _NUMBER + "?"),
 }
+
+
+def checked_account(email: str, email_key: str, name_key: str, profile: str) -> None:
+    """Refuse (as :func:`refuse_nul` does) an account row whose text PostgreSQL could not store."""
+    refuse_nul(email, "address", email=True)
+    refuse_nul(email_key, "address key", email=True)
+    refuse_nul(name_key, "name")
+    refuse_nul(profile, "profile")
+
+
+def checked_credential(credential: Credential) -> None:
+    refuse_nul(credential.scheme, "password scheme")
 
 
 def _fits(value: object, kind: str) -> bool:

@@ -26,11 +26,11 @@ Rules every backend keeps (each has a test in ``tests/test_meta_tenants.py``):
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Sequence
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from ..catalog import TenantRecord
 
-__all__ = ["TenantCatalog", "TenantRecord", "LIVE", "STATES", "check_states"]
+__all__ = ["TenantCatalog", "TenantRecord", "LIVE", "STATES", "check_states", "record_of"]
 
 #: The states of a tenant that routes somewhere.
 LIVE: Final = ("active", "moving")
@@ -131,3 +131,11 @@ def check_states(state: str | None, expected: Sequence[str] | Collection[str]) -
             raise ValueError(f"{found!r} is not a tenant state (one of {', '.join(STATES)})")
     if not expected:
         raise ValueError("expect_states is empty: nothing could match")
+
+
+def record_of(row: Sequence[Any]) -> TenantRecord:
+    """A catalog row ``(key, node, generation, epoch, state, incarnation, schema_version, created)`` as a
+    :class:`TenantRecord`, whichever backend read it."""
+    key, node, generation, epoch, state, incarnation, schema_version, created = row
+    return TenantRecord(str(key), str(node), int(generation), int(epoch), str(state),
+                        str(incarnation), int(schema_version), float(created))

@@ -41,6 +41,8 @@ from ..accounts import (
     CredentialStore,
     Login,
     ProfileMerge,
+    checked_account,
+    checked_credential,
     checked_rows,
     refuse_nul,
 )
@@ -95,17 +97,6 @@ def _taken() -> EmailTaken:
     return EmailTaken("an account with this e-mail address already exists")
 
 
-def _checked_account(email: str, email_key: str, name_key: str, profile: str) -> None:
-    refuse_nul(email, "address", email=True)
-    refuse_nul(email_key, "address key", email=True)
-    refuse_nul(name_key, "name")
-    refuse_nul(profile, "profile")
-
-
-def _checked_credential(credential: Credential) -> None:
-    refuse_nul(credential.scheme, "password scheme")
-
-
 class PgAccounts:
     """``meta.accounts`` on PostgreSQL (see :class:`~shardlite.meta.accounts.AccountStore` and the module doc).
     ``hint(payload)`` runs after each write that ends sessions (this process's session cache; other
@@ -117,9 +108,9 @@ class PgAccounts:
 
     def create(self, email: str, email_key: str, name_key: str, profile: str, now: float,
                credential: Credential | None = None) -> int:
-        _checked_account(email, email_key, name_key, profile)
+        checked_account(email, email_key, name_key, profile)
         if credential is not None:
-            _checked_credential(credential)
+            checked_credential(credential)
 
         def unit() -> int:
             with self._pool.connection() as conn, conn.transaction():
@@ -287,7 +278,7 @@ class PgCredentials:
         self._pool = pool
 
     def set(self, account_id: int, credential: Credential, now: float) -> None:
-        _checked_credential(credential)
+        checked_credential(credential)
 
         def unit() -> None:
             # one statement: the upsert, and the foreign key's check that the account exists (under a key

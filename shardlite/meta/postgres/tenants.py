@@ -32,7 +32,7 @@ from psycopg import Connection, errors
 
 from ...catalog import TenantRecord
 from ...errors import ConfigurationError, MetaConflict
-from ..tenants import LIVE, TenantCatalog, check_states
+from ..tenants import LIVE, TenantCatalog, check_states, record_of
 from .connect import Pool
 from .txn import constraint_of, has_nul, in_transaction, statement
 
@@ -44,12 +44,6 @@ _LOOKUP = f"SELECT {_COLUMNS} FROM shardlite.tenants WHERE key = %s"
 #: The tenants on this root's nodes (the enumerations' scope); its one parameter is the root id.
 _MINE = "shardlite.tenants t JOIN shardlite.nodes n ON n.name = t.node WHERE n.root_id = %s"
 _LIVE_SQL = "t.state IN ('active', 'moving')"
-
-
-def _record(row: Sequence[Any]) -> TenantRecord:
-    key, node, generation, epoch, state, incarnation, schema_version, created = row
-    return TenantRecord(str(key), str(node), int(generation), int(epoch), str(state),
-                        str(incarnation), int(schema_version), float(created))
 
 
 def _translated(exc: errors.IntegrityError, key: str, node: str, generation: int) -> Exception:
@@ -85,7 +79,7 @@ class PgTenants:
             return None
         with self.pool.connection() as conn:  # the hot path: one statement, no transaction of its own
             row = conn.execute(_LOOKUP, (key,)).fetchone()
-        return _record(row) if row else None
+        return record_of(row) if row else None
 
     def allocate_generation(self, key: str, node: str, purpose: str) -> int:
         _refuse_nul("the key, node or purpose", key, node, purpose)
@@ -119,7 +113,7 @@ class PgTenants:
             if row is None:  # a live row holds: ON CONFLICT locked it, so this reads it as it stays
                 row = conn.execute(_LOOKUP, (key,)).fetchone()
             assert row is not None
-            return _record(row)
+            return record_of(row)
 
         return in_transaction(self.pool, body)
 
@@ -158,7 +152,7 @@ class PgTenants:
         row = None if has_nul(key) else statement(self.pool, body)
         if row is None:
             raise self._conflict(key, from_generation, expected)
-        return _record(row)
+        return record_of(row)
 
     def _conflict(self, key: str, generation: int, expected: Sequence[str]) -> MetaConflict:
         """The conflict's error, naming the row as it is now (read after the failed compare-and-set: for the
@@ -189,7 +183,7 @@ class PgTenants:
                 rows = conn.execute(f"SELECT {_T_COLUMNS} FROM {_MINE} AND t.key > %s AND t.state = ANY(%s) "
                                     "ORDER BY t.key LIMIT %s", (self.root_id, after, wanted, batch)).fetchall()
             for row in rows:
-                yield _record(row)
+                yield record_of(row)
             if len(rows) < batch:
                 return
             after = str(rows[-1][0])

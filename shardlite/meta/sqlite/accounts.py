@@ -31,6 +31,8 @@ from ..accounts import (
     CredentialStore,
     Login,
     ProfileMerge,
+    checked_account,
+    checked_credential,
     checked_rows,
     refuse_nul,
 )
@@ -55,17 +57,6 @@ def _email_taken(exc: apsw.ConstraintError) -> bool:
     return getattr(exc, "extendedresult", None) == _UNIQUE and bool(exc.args) and str(exc.args[0]) == _EMAIL_CONSTRAINT
 
 
-def _checked_account(email: str, email_key: str, name_key: str, profile: str) -> None:
-    refuse_nul(email, "address", email=True)
-    refuse_nul(email_key, "address key", email=True)
-    refuse_nul(name_key, "name")
-    refuse_nul(profile, "profile")
-
-
-def _checked_credential(credential: Credential) -> None:
-    refuse_nul(credential.scheme, "password scheme")
-
-
 class SqliteAccounts:
     """``meta.accounts`` on ``global.db`` (see :class:`~shardlite.meta.accounts.AccountStore`)."""
 
@@ -74,9 +65,9 @@ class SqliteAccounts:
 
     def create(self, email: str, email_key: str, name_key: str, profile: str, now: float,
                credential: Credential | None = None) -> int:
-        _checked_account(email, email_key, name_key, profile)
+        checked_account(email, email_key, name_key, profile)
         if credential is not None:
-            _checked_credential(credential)
+            checked_credential(credential)
         try:
             with self._db.write() as conn:
                 conn.execute(_I + "INSERT INTO _shardlite_accounts(email, email_key, name_key, profile, created, "
@@ -179,7 +170,7 @@ class SqliteCredentials:
         self._db = db
 
     def set(self, account_id: int, credential: Credential, now: float) -> None:
-        _checked_credential(credential)
+        checked_credential(credential)
         with self._db.write() as conn:
             if not conn.execute("SELECT 1 FROM _shardlite_accounts WHERE id = ?", (account_id,)).fetchall():
                 raise UnknownAccount(f"no account {account_id!r}")

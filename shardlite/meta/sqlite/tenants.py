@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection, Iterator, Sequence
-from typing import Any
 
 import apsw
 
@@ -20,19 +19,13 @@ from ...authorizer import INTERNAL_SQL as _I
 from ...catalog import TenantRecord
 from ...errors import ConfigurationError, MetaConflict
 from ...globaldb import GlobalDB
-from ..tenants import LIVE, TenantCatalog, check_states
+from ..tenants import LIVE, TenantCatalog, check_states, record_of
 
 __all__ = ["SqliteTenants"]
 
 _COLUMNS = "key, node, generation, epoch, state, incarnation, schema_version, created"
 _LOOKUP = f"SELECT {_COLUMNS} FROM _shardlite_tenants WHERE key = ?"
 _LIVE_SQL = "state IN ('active', 'moving')"
-
-
-def _record(row: Sequence[Any]) -> TenantRecord:
-    key, node, generation, epoch, state, incarnation, schema_version, created = row
-    return TenantRecord(str(key), str(node), int(generation), int(epoch), str(state),
-                        str(incarnation), int(schema_version), float(created))
 
 
 def _translated(exc: apsw.ConstraintError, key: str, node: str, generation: int) -> Exception:
@@ -51,7 +44,7 @@ class SqliteTenants:
 
     def lookup(self, key: str) -> TenantRecord | None:
         rows = self.db.read(_LOOKUP, (key,))
-        return _record(rows[0]) if rows else None
+        return record_of(rows[0]) if rows else None
 
     def allocate_generation(self, key: str, node: str, purpose: str) -> int:
         with self.db.write() as conn:
@@ -65,7 +58,7 @@ class SqliteTenants:
         with self.db.write() as conn:  # BEGIN IMMEDIATE: the read and the write below are one unit
             rows = conn.execute(_LOOKUP, (key,)).fetchall()
             if rows and rows[0][4] != "dropped":
-                return _record(rows[0])
+                return record_of(rows[0])
             try:
                 if rows:
                     conn.execute(
@@ -79,7 +72,7 @@ class SqliteTenants:
                         (key, node, generation, incarnation, schema_version, now, now))
             except apsw.ConstraintError as exc:
                 raise _translated(exc, key, node, generation) from None
-            return _record(conn.execute(_LOOKUP, (key,)).fetchall()[0])
+            return record_of(conn.execute(_LOOKUP, (key,)).fetchall()[0])
 
     def set_state(self, key: str, state: str, *, expect_generation: int, expect_states: Collection[str]) -> None:
         expected = tuple(expect_states)
@@ -108,7 +101,7 @@ class SqliteTenants:
                 raise _translated(exc, key, node, generation) from None
             if conn.changes() != 1:
                 raise self._conflict(conn, key, from_generation, expected)
-            return _record(conn.execute(_LOOKUP, (key,)).fetchall()[0])
+            return record_of(conn.execute(_LOOKUP, (key,)).fetchall()[0])
 
     @staticmethod
     def _conflict(conn: apsw.Connection, key: str, generation: int, expected: Sequence[str]) -> MetaConflict:
@@ -133,7 +126,7 @@ class SqliteTenants:
             rows = self.db.read(f"SELECT {_COLUMNS} FROM _shardlite_tenants WHERE key > ? AND state IN ({marks}) "
                                 "ORDER BY key LIMIT ?", (after, *wanted, batch))
             for row in rows:
-                yield _record(row)
+                yield record_of(row)
             if len(rows) < batch:
                 return
             after = str(rows[-1][0])
