@@ -5,6 +5,7 @@ Usage::
     .venv/bin/python benchmarks/chat_workload.py            # full run (a few minutes)
     .venv/bin/python benchmarks/chat_workload.py --quick    # short run (about a minute)
     .venv/bin/python benchmarks/chat_workload.py --profile  # + CPU split and cProfile of 2 extra shardlite rounds
+    .venv/bin/python benchmarks/chat_workload.py --meta     # + the shardlite row with metadata on PostgreSQL
 
 The workload. ``--users`` (200) accounts; every user has 8 DM contacts (a ring: the users 1 to 4 places
 either side, so 800 DM pairs) and belongs to one of 20 rooms of 10 members. ``--tasks`` (64) concurrent
@@ -35,6 +36,10 @@ loaded in a process that opens shardlite files):
   every commit waits for a WAL flush, stronger than the SQLite rows) and once with
   ``synchronous_commit=off`` (closer to WAL + ``synchronous=NORMAL``: a crash of the machine may lose the
   last commits, never corrupts).
+* **shardlite, metadata on PostgreSQL** (``--meta``): the shardlite row with ``AsyncRouter(..., meta=URL)``:
+  catalog, accounts, sessions and the relay's pending-work flags in the throwaway PostgreSQL server (a
+  database of its own, ``fsync=on``, ``synchronous_commit=on``); the tenants stay SQLite files. The URL
+  reaches the worker as ``SHARDLITE_META``. ``benchmarks/meta.py`` runs this row paired with the others.
 * **shardlite FULL** (extra row): shardlite with ``synchronous=FULL`` (an fsync per commit, the durability
   class of PostgreSQL with ``synchronous_commit=on``).
 * **shardlite, relay process** (extra row): the same app process with ``relay=False``, and the relay as a
@@ -80,6 +85,7 @@ TARGET = 3.0
 MAX_OPEN = 4096
 DEFAULT_LABEL = "shardlite (default max_open=256)"
 RELAY_PROCESS_LABEL = "shardlite, relay process"
+META_LABEL = "shardlite, metadata on PostgreSQL"
 DIAGNOSTIC_OPS = 3000
 
 KINDS = ("send_dm", "dm_history", "feed", "post_room")
@@ -732,9 +738,12 @@ async def worker(args: argparse.Namespace) -> None:
 
 
 class Worker:
-    def __init__(self, label: str, argv: list[str], durability: str) -> None:
+    """One backend's worker process; ``env`` adds to its environment (``SHARDLITE_META``: a DSN with its
+    password stays out of the command line)."""
+
+    def __init__(self, label: str, argv: list[str], durability: str, env: dict[str, str] | None = None) -> None:
         self.label, self.durability = label, durability
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ, **(env or {}), PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
         self.info: dict[str, Any] = {}
@@ -854,6 +863,14 @@ def report(workers: list[Worker], skipped: dict[str, str], args: argparse.Namesp
                 verdicts[f"{RELAY_PROCESS_LABEL} vs {label}"] = {"ratio": ratio, "met": ratio >= TARGET}
                 out.append(f"  the same with the relay in its own process ({RELAY_PROCESS_LABEL}): {ratio:.2f}× "
                            f"{'MET' if ratio >= TARGET else 'MISSED'}")
+        if META_LABEL in by:
+            meta_s = by[META_LABEL]["median"]["ops_per_s"]
+            out.append(f"{META_LABEL} ÷ shardlite (embedded metadata): {meta_s / hs['ops_per_s']:.2f}× "
+                       "(issue 15: ≥ 0.8×)")
+            for label in ("postgres (sync_commit=on)", "postgres (sync_commit=off)"):
+                if label in by:
+                    out.append(f"{META_LABEL} ÷ {label}: {meta_s / by[label]['median']['ops_per_s']:.2f}× "
+                               "(issue 15: ≥ 2×)")
         if "shardlite FULL" in by and "postgres (sync_commit=on)" in by:
             ratio = by["shardlite FULL"]["median"]["ops_per_s"] / by["postgres (sync_commit=on)"]["median"]["ops_per_s"]
             out.append(f"same durability class (fsync per commit): shardlite FULL ÷ postgres (sync_commit=on) = "
@@ -908,6 +925,7 @@ def driver(args: argparse.Namespace) -> None:
             else:
                 skipped["postgres (sync_commit=on)"] = skipped["postgres (sync_commit=off)"] = "--no-pg"
             sized = json.dumps({"max_open": MAX_OPEN})
+            envs: dict[str, dict[str, str]] = {}
             specs: list[tuple[str, list[str], str, bool]] = [
                 ("shardlite", ["--worker", "shardlite", "--path", os.path.join(tmp, "shardlite"),
                                "--router-options", sized], "WAL, synchronous=NORMAL", False),
@@ -921,6 +939,13 @@ def driver(args: argparse.Namespace) -> None:
                           ("postgres (sync_commit=off)", ["--worker", "postgres", "--dsn", server.dsn("chat_off"),
                            "--synchronous-commit", "off", "--pool", str(args.pool)],
                            "fsync=on, no flush wait at commit", False)]
+            if args.meta and server is not None:
+                envs[META_LABEL] = {"SHARDLITE_META": server.create_database("chat_meta")}
+                specs.append((META_LABEL, ["--worker", "shardlite", "--path", os.path.join(tmp, "shardlite-meta"),
+                                           "--router-options", sized],
+                              "WAL, synchronous=NORMAL; metadata: fsync=on, WAL flush per commit", False))
+            elif args.meta:
+                skipped[META_LABEL] = skipped.get("postgres (sync_commit=on)", "--no-pg")
             if not args.no_relay_process:
                 specs.append((RELAY_PROCESS_LABEL, ["--worker", "shardlite", "--path",
                                                     os.path.join(tmp, "shardlite-relay-process"), "--router-options",
@@ -937,7 +962,8 @@ def driver(args: argparse.Namespace) -> None:
                 specs = [s for s in specs if s[0] in args.only]
             for label, argv, durability, diagnostic in specs:
                 # the default-max_open row is ~20× slower: one short round after a short warm-up
-                wk = Worker(label, [*argv, *common, *(["--warmup", "1000"] if diagnostic else [])], durability)
+                wk = Worker(label, [*argv, *common, *(["--warmup", "1000"] if diagnostic else [])], durability,
+                            envs.get(label))
                 wk.diagnostic = diagnostic
                 wk.ops = min(args.ops, DIAGNOSTIC_OPS) if diagnostic else args.ops
                 workers.append(wk)
@@ -1009,6 +1035,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed operations after seeding (4000; quick 1000)")
     parser.add_argument("--pool", type=int, default=16, help="asyncpg pool size")
     parser.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL rows")
+    parser.add_argument("--meta", action="store_true",
+                        help="add the shardlite row with its metadata on the throwaway PostgreSQL server")
     parser.add_argument("--no-full", action="store_true", help="skip the shardlite synchronous=FULL row")
     parser.add_argument("--no-relay-process", action="store_true",
                         help="skip the shardlite row whose relay runs in a process of its own")

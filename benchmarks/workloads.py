@@ -229,19 +229,21 @@ class ShardliteCreator:
     ``max_open`` is above the block size, so no eviction (a close) lands in a timed block. After each block
     the router is closed and reopened, untimed, and one untimed tenant is created on the new router so its
     schema template is built (once per router and prefix) and its catalog connection is warm before the next
-    timed block. Only public API is used.
+    timed block. Only public API is used. ``router_options`` are more ``Router`` keyword arguments (``meta=``).
     """
 
-    def __init__(self, root: str, synchronous: str = "NORMAL", prefix: str = "org") -> None:
+    def __init__(self, root: str, synchronous: str = "NORMAL", prefix: str = "org", **router_options: Any) -> None:
         self.root = root
         self.synchronous = synchronous
         self.prefix = prefix
+        self.router_options = router_options
         self.count = 0
         self.warm = 0
         self.router = self._open()
 
     def _open(self) -> Router:
-        router = Router(self.root, schema=SIX_TABLES, synchronous=self.synchronous, max_open=4096)
+        router = Router(self.root, schema=SIX_TABLES, synchronous=self.synchronous, max_open=4096,
+                        **self.router_options)
         self.warm += 1
         with router.transaction(f"warm:{self.warm}") as tx:
             tx.execute(FIRST_INSERT, FIRST_PARAMS)
