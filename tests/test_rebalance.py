@@ -85,7 +85,7 @@ def tenant_files(root: str) -> tuple[set[str], set[str]]:
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
             path = os.path.join(dirpath, name)
-            if dirpath == root and name.startswith(("global.db", "app_global.db")):
+            if dirpath == root and name.startswith(("global.db", "app_global.db", "meta.json")):
                 continue
             (dbs if name.endswith(".db") else others).add(path)
     return dbs, others
