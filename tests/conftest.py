@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import pathlib
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import pytest
@@ -88,6 +89,9 @@ def meta(meta_backend: str, root: str) -> Iterator[MetaStore]:
 
 # -- the multi-process and crash suites over both backends (issue 15) ------------------------------------------
 
+_SECOND_DATABASES = pytest.StashKey[ExitStack]()
+
+
 @pytest.fixture(params=META_BACKENDS)
 def any_meta(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """The test's metadata backend, each in turn; see the module doc."""
@@ -98,8 +102,10 @@ def any_meta(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
         return
     dsn = request.getfixturevalue("pg_dsn")
     monkeypatch.setenv(ENV_VAR, dsn)
-    yield backend
-    if getattr(request.node, "rep_call_passed", False):  # a test that passed on "postgresql" must have used the database
+    with ExitStack() as later:  # second_meta's databases: dropped after every other fixture of the test
+        request.node.stash[_SECOND_DATABASES] = later
+        yield backend
+    if getattr(request.node, "rep_call_passed", False):  # passed on "postgresql": it must have used the database
         import psycopg
 
         with psycopg.connect(dsn, autocommit=True, connect_timeout=30) as conn:
@@ -109,13 +115,13 @@ def any_meta(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 
 
 @pytest.fixture
-def second_meta(any_meta: str, request: pytest.FixtureRequest) -> Iterator[str | None]:
+def second_meta(any_meta: str, request: pytest.FixtureRequest) -> str | None:
     """A second root's own metadata: a fresh database on PostgreSQL (dropped afterwards), None on SQLite."""
     if any_meta != "postgresql":
-        yield None
-        return
-    with request.getfixturevalue("pg_server").database("second") as dsn:
-        yield dsn
+        return None
+    server = request.getfixturevalue("pg_server")
+    # any_meta was set up before the test's routers, so it is torn down after them: the database goes then
+    return str(request.node.stash[_SECOND_DATABASES].enter_context(server.database("second")))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

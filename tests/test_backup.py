@@ -37,6 +37,7 @@ from helpers_routers import internal_rows, router_factory, run_cli
 from shardlite import ConfigurationError, Router, ShardliteError, UnknownTenant
 from shardlite import backup as backup_mod
 from shardlite.keys import key_digest
+from shardlite.meta.choose import ENV_VAR
 from shardlite.outbox import Event
 
 SCHEMA = [
@@ -762,8 +763,11 @@ def test_emit_drain_backup_cli_restore_force_drain_count_unchanged(make: Callabl
 # -- the global DB ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("any_meta")
 def test_cli_restore_globals_into_a_fresh_root_with_the_same_schemas(make: Callable[..., Router], tmp_path: Path,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+                                                                    capsys: pytest.CaptureFixture[str],
+                                                                    second_meta: str | None,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     router = make(global_schema=GLOBAL_SCHEMA)
     uid = router.accounts.register("someone@example.org", name="Someone")
     with router.globals.transaction() as tx:
@@ -772,6 +776,9 @@ def test_cli_restore_globals_into_a_fresh_root_with_the_same_schemas(make: Calla
     dest = tmp_path / "backup"
     router.backup(dest)
 
+    router.close()
+    if second_meta is not None:  # the same keys and accounts: the fresh root's metadata in a database of its own
+        monkeypatch.setenv(ENV_VAR, second_meta)
     fresh = make("fresh", global_schema=GLOBAL_SCHEMA)  # the fresh root, made by the app with its schemas
     code, out, err = _cli(capsys, "restore", os.fspath(dest), "--globals", "--json", "--root", fresh.root)
     assert code == 0, err
