@@ -11,8 +11,8 @@ result is refused whole (:class:`~shardlite.ConfigurationError`) when two nodes 
 would hold the root or the backup (or lie inside the backup), a node would take the name of the root's
 own files, or a path exists and is not a directory.
 
-:func:`root_state` tells a new root (no ``global.db``) from an empty one (nothing registered ever, only
-the default node, no account, session or row in the app's tables) and a live one, and
+:func:`root_state` tells a new root (no ``global.db``, no ``meta.json``) from an empty one (nothing registered
+ever, only the default node, no account, session or row in the app's tables) and a live one, and
 :func:`install_layout` replaces the node list of a new or empty root in one transaction.
 """
 
@@ -34,7 +34,8 @@ from .engine import Settings, ensure_private_dir
 from .errors import ConfigurationError, MetaConflict, ShardliteError
 from .globaldb import APP_DB_NAME, GLOBAL_DB_NAME
 from .meta import MetaStore
-from .meta.sqlite import SqliteMeta
+from .meta.choose import store_for
+from .meta.record import RECORD_NAME
 from .sanitize import shown
 from .store import NODE_NAME_RE, Store
 
@@ -46,7 +47,8 @@ DEFAULT_LAYOUT: Final = [("n1", "n1", 1, "active")]
 _MAX_NODES: Final = 1000
 _MAX_PATH: Final = 4096
 #: Names a node directory directly under the root may not take: the root's own files.
-_ROOT_FILES: Final = re.compile(rf"(?:{re.escape(GLOBAL_DB_NAME)}|{re.escape(APP_DB_NAME)})(?:-.*)?")
+_ROOT_FILES: Final = re.compile(
+    rf"(?:{re.escape(GLOBAL_DB_NAME)}|{re.escape(APP_DB_NAME)})(?:-.*)?|{re.escape(RECORD_NAME)}")
 
 
 @dataclass(frozen=True)
@@ -187,15 +189,16 @@ def stored_path(path: str, root: str) -> str:
 
 
 def root_state(root: str) -> str:
-    """``"new"`` when ``root`` holds no ``global.db`` (it may not exist at all), ``"empty"`` for a root
+    """``"new"`` when ``root`` holds no metadata (no ``global.db``, no ``meta.json``: it may not exist at
+    all), ``"empty"`` for a root
     where nothing was ever registered (no tenant row, not even a tombstone; only the default node; no
     account, session or row in the app's global tables), else ``"live"``. Raises
     :class:`ConfigurationError` when ``root`` exists and is not a directory."""
     root = os.path.abspath(root)
     if os.path.lexists(root) and not os.path.isdir(root):
         raise ConfigurationError(f"{root} exists and is not a directory: choose another root")
-    if not os.path.lexists(os.path.join(root, GLOBAL_DB_NAME)):
-        return "new"
+    if not any(os.path.lexists(os.path.join(root, name)) for name in (GLOBAL_DB_NAME, RECORD_NAME)):
+        return "new"  # a root on PostgreSQL has no global.db: its meta.json makes it an existing root
     store = Store(root, create=False)
     try:
         return "live" if not_empty(store) else "empty"
@@ -245,7 +248,7 @@ def reset_layout(meta: MetaStore) -> None:
 
 #: The root's own files a restore into a new root creates (with SQLite's companions).
 _ROOT_FILE_NAMES: Final = tuple(f"{db}{suffix}" for db in (GLOBAL_DB_NAME, APP_DB_NAME)
-                                for suffix in ("", "-wal", "-shm", "-journal"))
+                                for suffix in ("", "-wal", "-shm", "-journal")) + (RECORD_NAME,)
 
 
 def _missing_top(path: str) -> str | None:
@@ -363,8 +366,8 @@ def open_root_with_layout(root: str, plans: list[NodePlan], made_root: str | Non
     app_version = 0 if store is None else store.meta.app_globals.version()
     undo = RootUndo(root, plans, new=new, made_root=made_root, app_version=app_version)
     try:
-        if store is None:
-            meta = SqliteMeta(root, Settings())
+        if store is None:  # the new root's metadata where SHARDLITE_META says (the embedded one by default)
+            meta = store_for(root, Settings())
             try:
                 meta.open(create=True)
                 install_layout(meta, plans, root)

@@ -6,6 +6,13 @@
 ``router``        a single ``Router(root)`` with default settings.
 ``meta``          a fresh, opened metadata store of each backend in turn (:data:`META_BACKENDS`): the
                   conformance suite of the metadata contracts (``tests/test_meta_*.py``) runs over every backend.
+``any_meta``      the metadata backend of the test, each in turn (:data:`META_BACKENDS`): for "postgresql",
+                  ``SHARDLITE_META`` names a fresh database for the test, so every new root the test makes (in
+                  this process or in a child process: they inherit the environment) keeps its metadata there;
+                  for "sqlite" it is unset. Opt a module in with ``pytestmark = pytest.mark.usefixtures(
+                  "any_meta")`` (usefixtures run before the test's other fixtures, so its routers see it).
+``second_meta``   for a second root with the same keys (a restore into a new root): a database of its own on
+                  PostgreSQL (one database is one tenant key space), None on SQLite; pass it as ``meta=``.
 ``pg_server``     (session) a real PostgreSQL server, started on first use; ``pg_dsn``: a fresh database on
                   it per test (``helpers_pg``). Without PostgreSQL their tests skip loudly (fail under CI=true).
 
@@ -17,6 +24,7 @@ from __future__ import annotations
 import os
 import pathlib
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import pytest
@@ -77,3 +85,49 @@ def meta(meta_backend: str, root: str) -> Iterator[MetaStore]:
     store = open_meta(meta_backend, root)
     yield store
     store.close()
+
+
+# -- the multi-process and crash suites over both backends (issue 15) ------------------------------------------
+
+_SECOND_DATABASES = pytest.StashKey[ExitStack]()
+
+
+@pytest.fixture(params=META_BACKENDS)
+def any_meta(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The test's metadata backend, each in turn; see the module doc."""
+    backend = str(request.param)
+    if backend != "postgresql":
+        monkeypatch.delenv(ENV_VAR, raising=False)
+        yield backend
+        return
+    dsn = request.getfixturevalue("pg_dsn")
+    monkeypatch.setenv(ENV_VAR, dsn)
+    with ExitStack() as later:  # second_meta's databases: dropped after every other fixture of the test
+        request.node.stash[_SECOND_DATABASES] = later
+        yield backend
+    if getattr(request.node, "rep_call_passed", False):  # passed on "postgresql": it must have used the database
+        import psycopg
+
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=30) as conn:
+            row = conn.execute("SELECT to_regclass('shardlite.roots') IS NOT NULL").fetchone()
+            used = bool(row and row[0]) and conn.execute("SELECT count(*) FROM shardlite.roots").fetchone()
+        assert used and used[0] > 0, f"{request.node.nodeid} never put a root's metadata in PostgreSQL"
+
+
+@pytest.fixture
+def second_meta(any_meta: str, request: pytest.FixtureRequest) -> str | None:
+    """A second root's own metadata: a fresh database on PostgreSQL (dropped afterwards), None on SQLite."""
+    if any_meta != "postgresql":
+        return None
+    server = request.getfixturevalue("pg_server")
+    # any_meta was set up before the test's routers, so it is torn down after them: the database goes then
+    return str(request.node.stash[_SECOND_DATABASES].enter_context(server.database("second")))
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Records on the item whether its call phase passed (``any_meta`` checks its database only then)."""
+    report = yield
+    if report.when == "call":
+        item.rep_call_passed = report.passed  # type: ignore[attr-defined]
+    return report

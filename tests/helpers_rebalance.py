@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import apsw
+from helpers_meta import meta_rows
 
 from shardlite import Router, TenantMoving
 from shardlite.placement import tenant_relpath
@@ -41,13 +42,9 @@ def ro(path: str) -> apsw.Connection:
 
 
 def gread(root: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Read the global DB of ``root`` directly (read-only APSW)."""
-    conn = ro(os.path.join(root, "global.db"))
-    try:
-        conn.setbusytimeout(10_000)
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
+    """Read the metadata of ``root`` directly, in global.db's schema, whichever backend keeps it
+    (:func:`helpers_meta.meta_rows`: global.db through read-only APSW, or a PostgreSQL export)."""
+    return meta_rows(root, sql, params)
 
 
 def journal(root: str, plan_id: int) -> list[dict[str, Any]]:
@@ -87,7 +84,7 @@ def tenant_files(root: str) -> tuple[set[str], set[str]]:
     dbs, others = set(), set()
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
-            if dirpath == root and name.startswith(("global.db", "app_global.db")):
+            if dirpath == root and name.startswith(("global.db", "app_global.db", "meta.json")):
                 continue
             (dbs if name.endswith(".db") else others).add(os.path.join(dirpath, name))
     return dbs, others

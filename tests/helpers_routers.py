@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers_meta import exported_rows
 
 import shardlite.cli
 from shardlite import Router
@@ -43,6 +44,10 @@ def internal_rows(router: Any, key: str, sql: str, params: Any = ()) -> list[tup
 
 
 def global_rows(router: Any, sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
-    """Rows of shardlite's own tables in ``global.db`` (accounts, credentials, sessions, catalog), which
-    app SQL (``router.globals``) cannot reach."""
-    return router._store.meta.globaldb.read(sql, params)
+    """Rows of shardlite's own tables in ``global.db``'s schema (accounts, credentials, sessions, catalog),
+    which app SQL (``router.globals``) cannot reach; on PostgreSQL, from an export of the router's metadata
+    (:func:`helpers_meta.exported_rows`)."""
+    meta = router._store.meta
+    if hasattr(meta, "globaldb"):  # the embedded store: global.db itself, through its own connections
+        return meta.globaldb.read(sql, params)  # type: ignore[no-any-return]
+    return exported_rows(meta, sql, params)

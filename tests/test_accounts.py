@@ -273,6 +273,7 @@ print(json.dumps(results))
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("any_meta")  # the UNIQUE key decides on both metadata backends (issue 15)
 def test_four_processes_sign_up_variants_concurrently(tmp_path: Path, make_router: Callable[..., Router],
                                                       root: str) -> None:
     n, procs = 150, 4

@@ -37,6 +37,7 @@ from helpers_routers import internal_rows, router_factory, run_cli
 from shardlite import ConfigurationError, Router, ShardliteError, UnknownTenant
 from shardlite import backup as backup_mod
 from shardlite.keys import key_digest
+from shardlite.meta.choose import ENV_VAR
 from shardlite.outbox import Event
 
 SCHEMA = [
@@ -213,8 +214,10 @@ def _wait(condition: Callable[[], bool], what: str, procs: list[subprocess.Popen
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("any_meta")  # both metadata backends (issue 15)
 def test_backup_while_two_processes_write_then_restore_into_a_fresh_root(make: Callable[..., Router],
-                                                                          tmp_path: Path) -> None:
+                                                                          tmp_path: Path,
+                                                                          second_meta: str | None) -> None:
     tenants = 24
     router = make()
     for i in range(tenants):  # every tenant exists before the writers start
@@ -273,7 +276,7 @@ def test_backup_while_two_processes_write_then_restore_into_a_fresh_root(make: C
     assert len(everything) > len(before)  # they went on writing after the snapshot
     router.close()
 
-    fresh = make("fresh")
+    fresh = make("fresh", meta=second_meta)  # the same keys and accounts: a key space of its own
     backup_mod.restore_globals(fresh._store, os.fspath(dest))
     restored = fresh.restore(dest)
     assert sorted(restored) == sorted(manifest["tenants"]) == sorted(f"acct:{i}" for i in range(tenants))
@@ -300,7 +303,8 @@ def test_backup_while_two_processes_write_then_restore_into_a_fresh_root(make: C
 
     # every file passes integrity_check: the new root and the backup
     db_files = [f for f in walk(fresh.root)[1] if f.endswith(".db")]
-    assert len(db_files) == tenants + 2  # the tenants, global.db and app_global.db
+    embedded = os.path.exists(os.path.join(fresh.root, "global.db"))  # absent with PostgreSQL metadata
+    assert len(db_files) == tenants + 1 + embedded  # the tenants, app_global.db (and global.db)
     backup_files = [f for f in walk(dest)[1] if f.endswith(".db")]
     assert len(backup_files) == tenants + 2
     for path in db_files + backup_files:
@@ -310,7 +314,9 @@ def test_backup_while_two_processes_write_then_restore_into_a_fresh_root(make: C
 # -- incremental -------------------------------------------------------------------------------------------------
 
 
-def test_incremental_backup_copies_only_changed_tenants(make: Callable[..., Router], tmp_path: Path) -> None:
+@pytest.mark.usefixtures("any_meta")
+def test_incremental_backup_copies_only_changed_tenants(make: Callable[..., Router], tmp_path: Path,
+                                                       second_meta: str | None) -> None:
     router, keys = seeded(make, 10)
     dest = tmp_path / "backup"
 
@@ -354,7 +360,7 @@ def test_incremental_backup_copies_only_changed_tenants(make: Callable[..., Rout
     assert (fifth["copied"], fifth["skipped"]) == (1, 9)
 
     # the incrementally maintained backup restores to exactly the live data
-    fresh = make("fresh")
+    fresh = make("fresh", meta=second_meta)  # the same keys: a key space of its own
     fresh.restore(dest)
     assert sorted(fresh.tenants()) == sorted(router.tenants())
     for key in router.tenants():
@@ -490,6 +496,7 @@ def test_damaged_backup_is_refused_and_changes_nothing(make: Callable[..., Route
 # -- identity and live tenants ---------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("any_meta")
 def test_restore_gives_a_new_generation_and_incarnation_and_never_overwrites_without_force(
         make: Callable[..., Router], tmp_path: Path, umask022: None) -> None:
     router = make(nodes=["n1", "n2"])
@@ -550,6 +557,7 @@ def test_restore_gives_a_new_generation_and_incarnation_and_never_overwrites_wit
             assert mode(path + suffix) == 0o600
 
 
+@pytest.mark.usefixtures("any_meta")
 def test_restore_force_while_a_client_writes_loses_nothing_acknowledged_after_the_fence(
         make: Callable[..., Router], tmp_path: Path) -> None:
     router = make()
@@ -604,12 +612,14 @@ def test_restore_force_while_a_client_writes_loses_nothing_acknowledged_after_th
     assert ledger(client, key) == present
 
 
+@pytest.mark.usefixtures("any_meta")
 def test_restore_into_a_fresh_root_is_private_and_intact(make: Callable[..., Router], tmp_path: Path,
-                                                         umask022: None) -> None:
+                                                         umask022: None, second_meta: str | None) -> None:
     router, keys = seeded(make, 8, nodes=["n1", "n2"])
     dest = tmp_path / "backup"
     router.backup(dest)
-    fresh = make("fresh", nodes=["x", "y", "z"])  # other node names: the fresh root's ring places them
+    # other node names: the fresh root's ring places them; the same keys: a key space of its own
+    fresh = make("fresh", nodes=["x", "y", "z"], meta=second_meta)
     with pytest.raises(UnknownTenant):
         fresh.restore(dest, keys=["acct:404"])
     assert sorted(fresh.restore(dest)) == keys
@@ -684,6 +694,7 @@ def test_restore_as_a_new_key_leaves_the_original_untouched_and_carries_no_event
 # -- outbox identity across a same-key restore ---------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("any_meta")
 def test_events_carried_by_a_same_key_restore_are_not_applied_twice(make: Callable[..., Router],
                                                                     tmp_path: Path) -> None:
     counter = Counter()
@@ -752,8 +763,11 @@ def test_emit_drain_backup_cli_restore_force_drain_count_unchanged(make: Callabl
 # -- the global DB ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("any_meta")
 def test_cli_restore_globals_into_a_fresh_root_with_the_same_schemas(make: Callable[..., Router], tmp_path: Path,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+                                                                    capsys: pytest.CaptureFixture[str],
+                                                                    second_meta: str | None,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     router = make(global_schema=GLOBAL_SCHEMA)
     uid = router.accounts.register("someone@example.org", name="Someone")
     with router.globals.transaction() as tx:
@@ -762,6 +776,9 @@ def test_cli_restore_globals_into_a_fresh_root_with_the_same_schemas(make: Calla
     dest = tmp_path / "backup"
     router.backup(dest)
 
+    router.close()
+    if second_meta is not None:  # the same keys and accounts: the fresh root's metadata in a database of its own
+        monkeypatch.setenv(ENV_VAR, second_meta)
     fresh = make("fresh", global_schema=GLOBAL_SCHEMA)  # the fresh root, made by the app with its schemas
     code, out, err = _cli(capsys, "restore", os.fspath(dest), "--globals", "--json", "--root", fresh.root)
     assert code == 0, err
@@ -871,6 +888,7 @@ while True:
 """
 
 
+@pytest.mark.usefixtures("any_meta")
 def test_a_backup_killed_at_any_moment_leaves_a_whole_manifest(tmp_path: Path) -> None:
     """kill -9 of a process that changes every tenant and backs up, over and over: whenever it dies, the
     manifest on disk names only complete copies (and the next backup sweeps what the dead one left)."""

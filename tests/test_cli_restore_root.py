@@ -21,6 +21,7 @@ from helpers_routers import run_cli
 import shardlite.restore
 from shardlite import ConfigurationError, Router, ShardliteError, restore_layout
 from shardlite.manifest import file_checksum, global_file
+from shardlite.meta.choose import ENV_VAR
 from shardlite.restore import RootRestore, restore_root
 from shardlite.restore_layout import root_state
 
@@ -75,9 +76,13 @@ def nodes_of(root: Path) -> dict[str, tuple[str, int, str]]:
             gread(os.fspath(root), "SELECT name, path, weight, state FROM _shardlite_nodes")}
 
 
-def test_a_lost_root_comes_back_whole_in_a_new_place(old: Old, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.usefixtures("any_meta")  # both metadata backends (issue 15)
+def test_a_lost_root_comes_back_whole_in_a_new_place(old: Old, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     second_meta: str | None,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     old.lose()
+    if second_meta is not None:  # the lost root's metadata is still in its database: the new root gets its own
+        monkeypatch.setenv(ENV_VAR, second_meta)
     new = tmp_path / "srv" / "new"
     code, out, err = run_cli(capsys, "restore", os.fspath(old.backup), "--root", os.fspath(new), "--json")
     assert code == 0, err

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from helpers_meta import meta_rows
 from helpers_rebalance import contents, ro
 from helpers_rebalance import populate as _populate
 
@@ -51,12 +52,9 @@ def router(make_router: Any) -> Router:
 
 
 def gread(router: Router, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Read the global DB directly (read-only APSW), independent of the router's own connection."""
-    conn = ro(os.path.join(router.root, "global.db"))
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
+    """Read the metadata directly in global.db's schema (read-only APSW on global.db, or an export of the
+    PostgreSQL metadata: :func:`helpers_meta.meta_rows`), independent of the router's own connections."""
+    return meta_rows(router.root, sql, params)
 
 
 def file_info(path: str) -> tuple[bool, str | None, str | None]:
@@ -85,7 +83,7 @@ def tenant_files(root: str) -> tuple[set[str], set[str]]:
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
             path = os.path.join(dirpath, name)
-            if dirpath == root and name.startswith(("global.db", "app_global.db")):
+            if dirpath == root and name.startswith(("global.db", "app_global.db", "meta.json")):
                 continue
             (dbs if name.endswith(".db") else others).add(path)
     return dbs, others
@@ -206,6 +204,7 @@ def test_node_with_an_explicit_path_outside_the_root(router: Router, tmp_path: A
 # -- the happy path ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("any_meta")
 def test_adding_a_node_to_three_moves_about_a_quarter_all_onto_it(make_router: Any) -> None:
     router = make_router(nodes=["n1", "n2", "n3"], schema=SCHEMA)
     keys = populate(router, 120, rows=1)
@@ -297,6 +296,7 @@ def test_parallel_apply_and_throttle(router: Router) -> None:
 # -- writers and readers holding old locations (in process; the multi-process versions are in _procs) -------------
 
 
+@pytest.mark.usefixtures("any_meta")
 def test_a_router_with_cached_locations_follows_the_move(router: Router, make_router: Any) -> None:
     keys = populate(router, 30, rows=1)
     other = make_router(schema=SCHEMA)  # a second "process": its own handles and cached records
@@ -347,6 +347,7 @@ def test_a_write_between_the_verified_copy_and_the_fence_is_carried_over(router:
 
 
 @pytest.mark.parametrize("step", ["fenced", "linked"])
+@pytest.mark.usefixtures("any_meta")
 def test_a_write_while_fenced_waits_and_never_lands_in_the_source(router: Router, make_router: Any,
                                                                   step: str) -> None:
     populate(router, 20, rows=1)
@@ -410,6 +411,7 @@ def test_a_tenant_dropped_while_the_plan_runs_is_skipped_not_resurrected(router:
 # -- outbox events travel with the tenant -----------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("any_meta")
 def test_pending_outbox_events_travel_with_the_tenant_and_the_relay_keeps_going(make_router: Any) -> None:
     router = make_router(nodes=["n1", "n2"], schema=SCHEMA)
 
@@ -520,6 +522,7 @@ def test_retired_sources_of_finished_moves_can_be_removed_after_a_cancel(router:
 # -- several rebalancers ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("any_meta")
 def test_two_rebalancers_in_one_process_never_move_a_tenant_twice(router: Router, make_router: Any) -> None:
     populate(router, 40, rows=1)
     second = make_router()
@@ -547,6 +550,7 @@ def test_two_rebalancers_in_one_process_never_move_a_tenant_twice(router: Router
     assert_no_orphans(router, retired=retired_sources(router, plan_id))
 
 
+@pytest.mark.usefixtures("any_meta")
 def test_a_rebalancer_with_a_stale_journal_does_not_undo_finished_moves(router: Router, make_router: Any) -> None:
     populate(router, 30, rows=1)
     first = router.rebalance
@@ -732,6 +736,7 @@ def test_bad_node_paths_raise_and_change_nothing(router: Router, tmp_path: Any, 
 
 @pytest.mark.parametrize("change", ["planned tenant dropped", "node added", "node drained",
                                     "tenant moved by another plan"])
+@pytest.mark.usefixtures("any_meta")
 def test_a_stale_plan_is_refused_and_changes_nothing(router: Router, make_router: Any, change: str) -> None:
     keys = populate(router, 20, rows=1)
     router.nodes.add("n3")

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from helpers_meta import meta_rows
 from helpers_rebalance import assert_reachable_now, contents, populate, ro
 
 from shardlite import Router
@@ -39,7 +40,7 @@ from shardlite.cli import main as cli_main
 from shardlite.placement import tenant_relpath
 from shardlite.ring import Ring
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("any_meta")]  # both metadata backends (issue 15)
 
 SCHEMA = ["CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)",
           "CREATE TABLE w(id INTEGER PRIMARY KEY, writer TEXT, seq INTEGER)"]
@@ -62,11 +63,7 @@ def router(make_router: Any) -> Router:
 
 
 def gread(router: Router, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    conn = ro(os.path.join(router.root, "global.db"))
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
+    return meta_rows(router.root, sql, params)  # global.db, or an export of the PostgreSQL metadata
 
 
 def file_info(path: str) -> tuple[bool, str | None, str | None]:
@@ -99,7 +96,7 @@ def tenant_files(root: str) -> tuple[set[str], set[str]]:
     dbs, others = set(), set()
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
-            if dirpath == root and name.startswith(("global.db", "app_global.db")):
+            if dirpath == root and name.startswith(("global.db", "app_global.db", "meta.json")):
                 continue
             (dbs if name.endswith(".db") else others).add(os.path.join(dirpath, name))
     return dbs, others
@@ -148,7 +145,8 @@ def assert_no_orphans(router: Router, retired: set[str] | None = None) -> None:
 
 def assert_all_files_intact(root: str) -> None:
     dbs, _ = tenant_files(root)
-    for path in sorted(dbs) + [os.path.join(root, "global.db")]:
+    embedded = [os.path.join(root, "global.db")] if os.path.exists(os.path.join(root, "global.db")) else []
+    for path in sorted(dbs) + embedded:
         conn = ro(path)
         try:
             assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)], path

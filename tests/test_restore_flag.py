@@ -19,6 +19,8 @@ SCHEMA = ["CREATE TABLE applied(id INTEGER PRIMARY KEY, n INTEGER NOT NULL)"]
 
 # Kills the process as soon as a global-DB transaction that wrote the tenant catalog has committed (the WAL
 # hook runs after each commit): the moment the imported file becomes reachable.
+# Embedded metadata only: the kill point is global.db's own WAL hook; PostgreSQL has no such hook in the
+# client, and the order it relies on (pending flag before the catalog flip) is restore.py's, not the backend's.
 _IMPORT = """
 import os, signal
 from shardlite import Router
