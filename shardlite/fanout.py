@@ -10,6 +10,7 @@ with the number of tenants.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import deque
@@ -36,8 +37,9 @@ class MapResult:
     older app schema to their version; ``errors`` maps keys that could not be read to the reason."""
 
     def __init__(self, iterator: Generator[tuple[str, list[Row]], None, None],
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None, closing: threading.Event | None = None) -> None:
         self._iterator = iterator
+        self._closing = closing or threading.Event()
         self._stop = stop or threading.Event()
         self.columns: list[str] | None = None
         self.outdated: dict[str, int] = {}
@@ -62,6 +64,7 @@ class MapResult:
         are gone when this returns (also what an exception in the consumer's loop, Ctrl-C, leads to). Called
         while another thread is inside ``next()``, it returns at once and that ``next()`` ends the iteration."""
         self.stop()
+        self._closing.set()  # a close, not the garbage collector: the reading threads are joined
         try:
             self._iterator.close()
         except ValueError:  # "generator already executing" in another thread: it stops at the flag
@@ -195,6 +198,7 @@ def run_map(store: Store, sql: str, params: Sequence[Any] | dict[str, Any] = (),
             yield key, rows
 
     stop = threading.Event()
+    closing = threading.Event()
 
     def generate() -> Generator[tuple[str, list[Row]], None, None]:
         executor = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="shardlite-map")
@@ -202,9 +206,12 @@ def run_map(store: Store, sql: str, params: Sequence[Any] | dict[str, Any] = (),
             yield from stream(executor, stop)
         finally:
             # Finished, refused (StatementNotAllowed), closed early or interrupted (Ctrl-C in the consumer):
-            # queued reads never start and running ones stop at their next progress check.
+            # queued reads never start and running ones stop at their next progress check. The threads are
+            # joined unless the garbage collector is finalizing an abandoned map (GeneratorExit without
+            # close()): a finalizer may run inside another thread's start-up, where a join deadlocks.
             stop.set()
-            executor.shutdown(wait=True, cancel_futures=True)
+            abandoned = isinstance(sys.exc_info()[1], GeneratorExit) and not closing.is_set()
+            executor.shutdown(wait=not abandoned, cancel_futures=True)
 
-    result = MapResult(generate(), stop)
+    result = MapResult(generate(), stop, closing)
     return result

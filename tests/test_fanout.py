@@ -14,6 +14,7 @@ Files are inspected with APSW only (never the stdlib ``sqlite3``: brief §3).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -450,9 +451,11 @@ def test_ctrl_c_in_the_consumer_stops_the_map(make: Callable[..., Router]) -> No
                 pass
     finally:
         sender.join()
-    # A SIGINT landing inside ThreadPoolExecutor.submit, between a worker's start and its registration, leaves
-    # that one idle worker unjoined for a moment (it exits by itself on the shutdown sentinel): wait for it.
+    # A SIGINT landing outside next() leaves the map abandoned, not closed: its reads stop when it is collected
+    # (as a `break` without close() would); and one landing inside ThreadPoolExecutor.submit, between a
+    # worker's start and its registration, leaves that idle worker unjoined for a moment. Wait for both.
     deadline = time.monotonic() + 10
     while map_threads() and time.monotonic() < deadline:
+        gc.collect()
         time.sleep(0.005)
     assert map_threads() == []
