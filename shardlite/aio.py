@@ -198,7 +198,8 @@ class _AsyncScope(AsyncTransaction):
             else:
                 if handle.guard.ddl:
                     refused = self._router._schema_refusal(handle)
-                if refused is None and handle.needs_flag and not self._flagged and self._router._emitter.unavailable:
+                if (refused is None and handle.needs_flag and not self._flagged and self._router._remote_flags
+                        and self._router._emitter.unavailable):
                     refused = self._router._flag_refusal(handle, self.key)
                 if refused is not None:
                     cur.execute(MEMBER_ROLLBACK)
@@ -341,6 +342,10 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads, Admin):
         self._canon: dict[object, str] = {}
         self._emitter = self._store.emitter
         store_meta = self._store.meta
+        #: pending-work flags go over the network: once a write of one found the store unreachable, a batch
+        #: member that needs one is refused alone (see _flag_refusal); the embedded store's flag writes are
+        #: local, and are tried at each commit as before
+        self._remote_flags = not store_meta.local
         # The embedded metadata's reads are local microsecond reads, made inline on the loop; a remote
         # store's wait for the network, and up to its pool timeout while it is down: they go to workers, so
         # the loop keeps serving what needs no metadata (issue 15 point 4).
@@ -383,8 +388,8 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads, Admin):
 
     def _flag_refusal(self, handle: Handle, key: str) -> MetaUnavailable:
         """The error for a batch member that needs its tenant's pending-work flag written (it emitted the
-        first event of an empty outbox) while the last write of a flag found the metadata store unreachable
-        (issue 15 point 4: what needs no metadata keeps working). Its savepoint is rolled back by the
+        first event of an empty outbox) while the last write of a flag found the remote metadata store
+        unreachable (issue 15 point 4: what needs no metadata keeps working). Its savepoint is rolled back by the
         caller, so the batch's commit needs no flag for it and the batch's other members commit; the store
         is probed on a worker thread, and once a flag is written again such members go through as before.
         Only the batch whose commit first finds the store gone fails whole (nothing of it committed)."""
