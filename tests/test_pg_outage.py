@@ -69,6 +69,13 @@ def _eventually(fn: Callable[[], Any]) -> Any:
             time.sleep(0.05)
 
 
+def _hints_connected(router: Router | AsyncRouter) -> None:
+    """Wait until the route hints are connected: their first connect drops every cached route (anything
+    may have changed before it), which would make a tenant resolved earlier cold again."""
+    listener = router._store.meta._route_listener  # type: ignore[attr-defined]  # PgMeta's
+    assert listener is not None and listener.wait_connected(30)
+
+
 def _on_ev(tx: Transaction, event: Event) -> None:
     tx.execute("INSERT INTO got(w, i) VALUES (?, ?)", (event.payload["w"], event.payload["i"]))
 
@@ -93,8 +100,10 @@ def test_router_keeps_warm_tenants_while_postgres_is_down_and_resumes_by_itself(
     def count(key: str, table: str = "t") -> int:
         return int(router.query(key, f"SELECT count(*) FROM {table}")[0][0])
 
+    _hints_connected(router)
     write("a", 0, emit_to="b")  # a's outbox stays non-empty (no relay runs): its emits need no flag
     write("b", 0)
+    assert count("a") == 1 and count("b") == 1  # both open for reads and writes
     uid = router.accounts.register("ann@example.com", password=PASSWORD)
     warm_token, cold_token = router.sessions.create(uid), router.sessions.create(uid)
     assert router._store.meta.sessions.wait_listening(30)  # type: ignore[attr-defined]  # PgMeta's cache
@@ -169,8 +178,10 @@ async def _async_scenario(server: PgServer, tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, "the router did not come back after the server did"
                 await asyncio.sleep(0.05)
 
+    _hints_connected(router)
     await write("a", 0, emit_to="b")
     await write("b", 0)
+    assert await count("a") == 1 and await count("b") == 1  # both open for reads and writes
     uid = await router.accounts.register("ann@example.com", password=PASSWORD)
     warm_token, cold_token = await router.sessions.create(uid), await router.sessions.create(uid)
     assert router._store.meta.sessions.wait_listening(30)  # type: ignore[attr-defined]  # PgMeta's cache
