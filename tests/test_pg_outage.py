@@ -338,7 +338,10 @@ def _wait(what: str, ok: Callable[[], bool], procs: list[Any]) -> None:
     while not ok():
         for proc in procs:
             assert proc.poll() is None, f"a writer died while waiting for {what}: {close_pipes(proc)}"
-        assert time.monotonic() < deadline, f"never: {what}"
+        if time.monotonic() > deadline:
+            for proc in procs:
+                kill9(proc)
+            raise AssertionError(f"never: {what}; the writers' stderr:\n" + "\n".join(map(close_pipes, procs)))
         time.sleep(0.05)
 
 
