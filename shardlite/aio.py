@@ -57,7 +57,7 @@ from .batch import (
 )
 from .catalog import Location
 from .engine import Settings
-from .errors import ConfigurationError, ShardliteError, StatementNotAllowed
+from .errors import ConfigurationError, MetaUnavailable, ShardliteError, StatementNotAllowed
 from .globals import GlobalTables
 from .keys import canonical
 from .outbox import DEFAULT_MAX_PAYLOAD, RetryPolicy
@@ -108,7 +108,7 @@ class _AsyncScope(AsyncTransaction):
     transaction itself (one object per transaction instead of two: this is every async write's path).
     It can be entered once; before that and after its block it refuses statements."""
 
-    __slots__ = ("_router", "_batch", "_depth", "_round", "_entered")
+    __slots__ = ("_router", "_batch", "_depth", "_round", "_entered", "_flagged")
 
     _round: Round
 
@@ -158,6 +158,7 @@ class _AsyncScope(AsyncTransaction):
         self._guard = handle.guard
         self._emitter = router._emitter
         self._outbox = 0
+        self._flagged = handle.needs_flag  # whether the batch needed a pending-work flag before this member
         self.key = canon
         self._open = True
         return self
@@ -189,13 +190,17 @@ class _AsyncScope(AsyncTransaction):
             seal_handle(handle)
         batch = self._batch
         cur = handle.cur
-        refused = None
+        refused: ShardliteError | None = None
         handle.calls = 0
         try:
             if exc_type is not None:
                 cur.execute(MEMBER_ROLLBACK)
-            elif handle.guard.ddl:
-                refused = self._router._schema_refusal(handle)
+            else:
+                if handle.guard.ddl:
+                    refused = self._router._schema_refusal(handle)
+                if (refused is None and handle.needs_flag and not self._flagged and self._router._remote_flags
+                        and self._router._emitter.unavailable):
+                    refused = self._router._flag_refusal(handle, self.key)
                 if refused is not None:
                     cur.execute(MEMBER_ROLLBACK)
             cur.execute(MEMBER_RELEASE)
@@ -337,9 +342,16 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads, Admin):
         self._canon: dict[object, str] = {}
         self._emitter = self._store.emitter
         store_meta = self._store.meta
+        #: pending-work flags go over the network: once a write of one found the store unreachable, a batch
+        #: member that needs one is refused alone (see _flag_refusal); the embedded store's flag writes are
+        #: local, and are tried at each commit as before
+        self._remote_flags = not store_meta.local
+        # The embedded metadata's reads are local microsecond reads, made inline on the loop; a remote
+        # store's wait for the network, and up to its pool timeout while it is down: they go to workers, so
+        # the loop keeps serving what needs no metadata (issue 15 point 4).
         #: Accounts (async twin of :class:`~shardlite.accounts.Accounts`).
         self.accounts = AsyncAccounts(Accounts(store_meta.accounts, store_meta.credentials, clock), self._call,
-                                      self._call_kdf)
+                                      self._call_kdf, inline_reads=store_meta.local)
         #: Sessions (async twin of :class:`~shardlite.sessions.Sessions`).
         self.sessions = AsyncSessions(Sessions(store_meta.sessions, clock), self._call)
         #: The app's global tables (async twin of :class:`~shardlite.globals.GlobalTables`).
@@ -373,6 +385,23 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads, Admin):
         return canon
 
     # -- plumbing -------------------------------------------------------------------------------------
+
+    def _flag_refusal(self, handle: Handle, key: str) -> MetaUnavailable:
+        """The error for a batch member that needs its tenant's pending-work flag written (it emitted the
+        first event of an empty outbox) while the last write of a flag found the remote metadata store
+        unreachable (issue 15 point 4: what needs no metadata keeps working). Its savepoint is rolled back by the
+        caller, so the batch's commit needs no flag for it and the batch's other members commit; the store
+        is probed on a worker thread, and once a flag is written again such members go through as before.
+        Only the batch whose commit first finds the store gone fails whole (nothing of it committed)."""
+        handle.needs_flag = 0  # this member set it and is rolled back: the batch needs no flag now
+        emitter = self._emitter
+        try:
+            self._executor.submit(emitter.probe, key)
+        except RuntimeError:  # the executor is shutting down: the router is closing
+            pass
+        return MetaUnavailable(f"tenant {key!r}: this transaction emitted the first event of its outbox, whose "
+                               "pending-work flag must be written to the metadata first, and "
+                               f"{emitter.unavailable}; nothing of this transaction was committed")
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()

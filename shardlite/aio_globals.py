@@ -2,9 +2,11 @@
 
 Password hashing (scrypt) runs on the router's password threads, every other write on its worker threads,
 so the event loop never waits for a KDF or for the global write lock, and logins never occupy the
-threads BEGINs, commits and session writes need. ``sessions.resolve`` reads inline on the loop (it is a
-microsecond-scale indexed read on this thread's own read connection) and offloads only the throttled
-activity write.
+threads BEGINs, commits and session writes need. ``sessions.resolve`` reads inline on the loop when that
+needs no round trip (a warm token, or the embedded metadata: a microsecond-scale indexed read on this
+thread's own read connection) and offloads only the throttled activity write. The account reads run
+inline with the embedded metadata only; with a remote store (PostgreSQL) they go to a worker thread, so a
+slow or unreachable server never stalls the loop (issue 15 point 4).
 
 ``globals.transaction()`` runs its body on the loop while holding ``app_global.db``'s writer; transactions
 of different tasks are serialised by an ``asyncio.Lock``.
@@ -30,9 +32,12 @@ Offload = Callable[..., Awaitable[Any]]
 class AsyncAccounts:
     """``await ar.accounts.register(...)`` and friends; see :class:`~shardlite.accounts.Accounts`."""
 
-    def __init__(self, sync: Accounts, call: Offload, call_kdf: Offload | None = None) -> None:
+    def __init__(self, sync: Accounts, call: Offload, call_kdf: Offload | None = None, *,
+                 inline_reads: bool = True) -> None:
         self.sync = sync
         self._call = call
+        #: reads run on the loop (embedded metadata) rather than on a worker (a remote store)
+        self._inline = inline_reads
         #: runs what hashes a password (scrypt): a thread pool of its own, so a flood of logins never
         #: occupies the threads every other offloaded operation needs
         self._kdf = call_kdf or call
@@ -45,13 +50,22 @@ class AsyncAccounts:
         return int(await self._kdf(lambda: self.sync.register(email, password=password, **profile)))
 
     async def get(self, account_id: int) -> Account | None:
-        return self.sync.get(account_id)
+        if self._inline:
+            return self.sync.get(account_id)
+        found: Account | None = await self._call(self.sync.get, account_id)
+        return found
 
     async def by_email(self, email: str) -> Account | None:
-        return self.sync.by_email(email)
+        if self._inline:
+            return self.sync.by_email(email)
+        found: Account | None = await self._call(self.sync.by_email, email)
+        return found
 
     async def search(self, text: str, *, limit: int = 20) -> list[Account]:
-        return self.sync.search(text, limit=limit)
+        if self._inline:
+            return self.sync.search(text, limit=limit)
+        found: list[Account] = await self._call(lambda: self.sync.search(text, limit=limit))
+        return found
 
     async def update_profile(self, account_id: int, **changes: Any) -> Account:
         result: Account = await self._call(lambda: self.sync.update_profile(account_id, **changes))
@@ -67,7 +81,9 @@ class AsyncAccounts:
         await self._kdf(self.sync.set_password, account_id, password)
 
     async def has_password(self, account_id: int) -> bool:
-        return self.sync.has_password(account_id)
+        if self._inline:
+            return self.sync.has_password(account_id)
+        return bool(await self._call(self.sync.has_password, account_id))
 
     async def authenticate(self, email: str, password: str) -> int:
         return int(await self._kdf(self.sync.authenticate, email, password))

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 from .accounts import valid_id
-from .errors import AuthenticationFailed, UnknownAccount
+from .errors import AuthenticationFailed, MetaUnavailable, UnknownAccount
 
 if TYPE_CHECKING:
     from .meta.sessions import SessionStore
@@ -165,9 +165,15 @@ class Sessions:
         return digest
 
     def touch(self, digest: bytes, session: Session) -> Session:
-        """The write half of :meth:`resolve`: record activity (throttled by :meth:`resolve`)."""
+        """The write half of :meth:`resolve`: record activity (throttled by :meth:`resolve`). When the
+        metadata store cannot be reached, ``session`` is returned as it was: a session answered from a cache
+        keeps working (issue 15 point 4), and an unmoved stamp can only make it idle out sooner, never
+        later; the next resolve due a touch tries again."""
         now = self.clock()
-        self._store.touch(digest, now)
+        try:
+            self._store.touch(digest, now)
+        except MetaUnavailable:
+            return session
         return session._replace(last_seen=now)
 
     def revoke(self, token: object) -> bool:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from .catalog import TenantRecord
 from .copying import remove_db_files
 from .engine import Settings, free_bytes, storage_error
-from .errors import ConfigurationError, StorageFull
+from .errors import ConfigurationError, MetaUnavailable, StorageFull
 from .keys import prefix_of
 from .placement import tenant_relpath
 from .ring import Ring
@@ -111,6 +111,12 @@ class TenantCreation:
             raise found from exc
         try:
             winner = self.meta.tenants.register(canon, node, generation, incarnation, len(steps))
+        except MetaUnavailable:
+            # The registration's outcome is unknown: the connection may have been cut after it committed,
+            # and then the catalog routes to this file, so it stays (removing it stranded the tenant: "the
+            # catalog says PATH but the file is missing"). If it did not commit, nothing ever routes to it:
+            # its generation is never reused.
+            raise
         except BaseException:
             remove_db_files(path)
             raise

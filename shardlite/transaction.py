@@ -23,7 +23,7 @@ import apsw
 
 from .authorizer import INTERNAL_SQL, Guard
 from .engine import storage_error
-from .errors import PayloadTooLarge, QueryTimeout, ShardliteError, StatementNotAllowed, StorageError
+from .errors import MetaUnavailable, PayloadTooLarge, QueryTimeout, ShardliteError, StatementNotAllowed, StorageError
 from .keys import canonical
 from .outbox import DEFAULT_MAX_PAYLOAD, check_topic, encode_payload
 from .schema import EMIT_SQL
@@ -104,6 +104,11 @@ class Emitter:
         self.known_topics: set[str] = set()
         self._listeners: list[Callable[[str], None]] = []
         self._local = threading.local()
+        #: Why the last write of flags failed when it was because the metadata store could not be reached;
+        #: None again once a write succeeds (issue 15 point 4: the async group commit then refuses a
+        #: transaction that needs a flag at once, rather than let it fail its whole batch; see aio.py).
+        self.unavailable: MetaUnavailable | None = None
+        self._probing = False
 
     def dest_key(self, dest: object) -> str:
         """The canonical key of an event destination; raises for an invalid one (see ``check_dest``)."""
@@ -156,14 +161,31 @@ class Emitter:
         queued.clear()
         try:
             self._flag_many(keys)
-        except BaseException:
+        except BaseException as exc:
             queued.update(keys)
+            if isinstance(exc, MetaUnavailable):
+                self.unavailable = exc
             raise
+        self.unavailable = None
         written.update(keys)
         if key is not None:
             written.discard(key)
         if len(written) > _KNOWN_MAX:  # keys whose transaction never committed (rolled back): forget them
             written.clear()
+
+    def probe(self, key: str) -> None:
+        """Write ``key``'s flag to learn whether the metadata store is back (a spurious flag costs the relay
+        one look); one caller at a time, the others return at once. Never raises: the outcome is
+        :attr:`unavailable`."""
+        if self._probing:
+            return
+        self._probing = True
+        try:
+            self.flush(key, queued_here=False)
+        except Exception:  # noqa: BLE001 - recorded in self.unavailable (or a bug of the store: the next flush says)
+            pass
+        finally:
+            self._probing = False
 
     def listen(self, listener: Callable[[str], None]) -> None:
         """Call ``listener(source_key)`` after every commit that emitted (in the committing thread)."""

@@ -9,6 +9,7 @@ through for the contract method to translate.
 
 from __future__ import annotations
 
+import select
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -48,7 +49,17 @@ def is_unavailable(exc: BaseException) -> bool:
 
 class Pool:
     """The store's connections: autocommit connections (each contract method opens its own transaction with
-    ``conn.transaction()``), ``statement_timeout`` and ``connect_timeout`` set on each."""
+    ``conn.transaction()``), ``statement_timeout`` and ``connect_timeout`` set on each.
+
+    Back by itself, promptly (issue 15 point 4, "everything resumes by itself when the server is back"):
+
+    * psycopg_pool's reconnect pauses double without a cap (1, 2, 4, ... s), so after an outage of a minute
+      the pool would not try again for about another minute. Each reconnect attempt here gives up after
+      ``timeout`` seconds instead; the next caller that finds no connection starts a fresh one at once.
+    * A connection the server closed while it sat idle in the pool (the server was killed and restarted
+      between two calls) is seen before anything is sent on it (its socket is readable while idle) and
+      replaced; nothing was sent, so taking another is safe, and the first call after a restart succeeds.
+    """
 
     def __init__(self, dsn: str, where: str, *, size: int, timeout: float,
                  statement_timeout: float | None) -> None:
@@ -57,7 +68,7 @@ class Pool:
         self._timeout = timeout
         self._pool: ConnectionPool[Connection[Any]] = ConnectionPool(
             dsn, min_size=1, max_size=max(1, size), open=False, timeout=timeout, name="shardlite-meta",
-            reconnect_timeout=float("inf"),
+            reconnect_timeout=max(1.0, timeout),
             kwargs={"autocommit": True, "connect_timeout": max(1, round(timeout)), "options": options,
                     "application_name": "shardlite"})
 
@@ -81,6 +92,13 @@ class Pool:
         :class:`~shardlite.MetaUnavailable`, and the pool then drops its dead idle connections."""
         try:
             with self._pool.connection() as conn:
+                if _closed_while_idle(conn):
+                    conn.close()  # the pool replaces a closed connection when it comes back
+                    self._forget_dead()
+                    raise _Stale()
+                yield conn
+        except _Stale:
+            with self.connection() as conn:  # once more: the pool's other idle connections were checked
                 yield conn
         except PoolClosed:
             raise ConfigurationError("the router is closed") from None
@@ -91,7 +109,28 @@ class Pool:
             raise unavailable(self.where, exc) from None
 
     def _forget_dead(self) -> None:
+        """Have the pool test its idle connections now, dropping the dead ones and starting replacements."""
         try:
             self._pool.check()
         except Exception:  # noqa: BLE001 - best effort: a closed pool, or the check failing as the server is down
             pass
+
+
+class _Stale(Exception):
+    """An idle pooled connection turned out closed by the server (nothing was sent on it)."""
+
+
+def _closed_while_idle(conn: Connection[Any]) -> bool:
+    """True when the idle connection ``conn`` has something to read: an idle connection is sent nothing
+    but the server's goodbye (an EOF when it was killed, an error when it was shut down or the backend
+    terminated). One poll of the socket, no round trip. A false alarm (an asynchronous notice) costs only a
+    reconnect."""
+    if conn.closed:
+        return True
+    try:
+        fd = conn.fileno()
+    except psycopg.Error:
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
