@@ -66,10 +66,10 @@ from typing import Any
 import apsw
 
 import shardlite
-import shardlite.fanout
+import shardlite.services.fanout
 from shardlite import Router
-from shardlite.accounts import ScryptParams
-from shardlite.ring import Ring
+from shardlite.core.ring import Ring
+from shardlite.front.accounts import ScryptParams
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS_PATH = os.path.join(HERE, "last_extra_results.json")
@@ -1141,7 +1141,7 @@ def row8(ctx: Context) -> None:
     def shard() -> float:
         fresh = Router(root, schema=SCHEMA)
         try:
-            with ctx.profile("row8 map", wrap=(shardlite.fanout, "_read_one")):
+            with ctx.profile("row8 map", wrap=(shardlite.services.fanout, "_read_one")):
                 t0 = time.perf_counter()
                 result = fresh.map("SELECT count(*) FROM items", parallel=4)
                 total = sum(rows[0][0] for _, rows in result)

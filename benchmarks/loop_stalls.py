@@ -6,7 +6,7 @@ Usage::
     .venv/bin/python benchmarks/loop_stalls.py --runs 1 --tasks 64 --rows 200 --blob 3000
 
 Sustained writes of large rows to one tenant make the WAL reach its checkpoint thresholds over and over
-(``shardlite.checkpoints``): a checkpoint inside a commit on the loop (SQLite's autocheckpoint, or a
+(``shardlite.files.checkpoints``): a checkpoint inside a commit on the loop (SQLite's autocheckpoint, or a
 committer copying a 4,000-frame log) stalls every tenant served by that loop. A monitor task yields to the
 loop in a tight loop (``await asyncio.sleep(0)``) and records how long each turn took; the longest turn
 and the 99.9th percentile are the stalls every other tenant's request would have felt. Also reported:

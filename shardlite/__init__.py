@@ -7,9 +7,7 @@ Public surface (pinned by tests/test_public_api.py)::
 
 from __future__ import annotations
 
-from .aio import AsyncRouter
-from .catalog import Location
-from .engine import Settings
+from .core.keys import MAX_KEY_BYTES, canonical, pair_key
 from .errors import (
     AuthenticationFailed,
     BackupFailed,
@@ -39,9 +37,11 @@ from .errors import (
     UnknownTenant,
     UnsupportedSQLite,
 )
-from .keys import MAX_KEY_BYTES, canonical, pair_key
-from .router import Router
-from .transaction import AsyncTransaction, Transaction, TransactionClosed
+from .files.catalog import Location
+from .files.engine import Settings
+from .front.aio import AsyncRouter
+from .front.router import Router
+from .front.transaction import AsyncTransaction, Transaction, TransactionClosed
 
 __version__ = "0.1.0"
 

@@ -20,7 +20,7 @@ from typing import Any, cast
 import apsw
 
 from shardlite import Settings
-from shardlite.globaldb import GLOBAL_DB_NAME
+from shardlite.files.globaldb import GLOBAL_DB_NAME
 from shardlite.meta import MetaStore
 from shardlite.meta.choose import ENV_VAR, locate_store
 from shardlite.meta.record import read_record

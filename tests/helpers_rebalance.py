@@ -17,7 +17,7 @@ import apsw
 from helpers_meta import meta_rows
 
 from shardlite import Router, TenantMoving
-from shardlite.placement import tenant_relpath
+from shardlite.core.placement import tenant_relpath
 
 SCHEMA = ["CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)",
           "CREATE TABLE w(id INTEGER PRIMARY KEY, writer TEXT, seq INTEGER)"]

@@ -32,8 +32,8 @@ from shardlite import (
     Router,
     UnknownAccount,
 )
-from shardlite.accounts import Account, ScryptParams
-from shardlite.emails import email_key
+from shardlite.core.emails import email_key
+from shardlite.front.accounts import Account, ScryptParams
 
 FAST = ScryptParams(n=2**8)
 GLOBAL_TABLES = ("_shardlite_accounts", "_shardlite_credentials", "_shardlite_sessions")

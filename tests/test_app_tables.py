@@ -12,8 +12,8 @@ import pytest
 from helpers_routers import global_rows
 
 from shardlite import Router
-from shardlite.app_tables import app_objects
-from shardlite.catalog import GLOBAL_STEPS
+from shardlite.files.app_tables import app_objects
+from shardlite.files.catalog import GLOBAL_STEPS
 
 GLOBAL_SCHEMA = [
     "CREATE TABLE rooms(id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE)",

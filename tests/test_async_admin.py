@@ -1,4 +1,4 @@
-"""AsyncRouter's operations (shardlite.aio_admin): nodes, rebalance, map, backup, restore, export, import_,
+"""AsyncRouter's operations (shardlite.front.aio_admin): nodes, rebalance, map, backup, restore, export, import_,
 migrate_all, status and stats do what Router's do, run off the event loop on the admin threads, and leave
 the event loop free meanwhile."""
 
@@ -208,7 +208,7 @@ def test_aclose_stops_a_map_another_task_is_reading(root: str) -> None:
 
 
 def test_a_backup_stops_when_the_router_closes(root: str, tmp_path: Path) -> None:
-    from shardlite import backup as backup_mod
+    from shardlite.services import backup as backup_mod
 
     dest = tmp_path / "backup"
     with Router(root, schema=SCHEMA) as router:

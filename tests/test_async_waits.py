@@ -25,7 +25,7 @@ import apsw
 import pytest
 
 from shardlite import AsyncRouter, Busy, ResultTooLarge, Router, TenantMoving
-from shardlite.accounts import ScryptParams
+from shardlite.front.accounts import ScryptParams
 
 SCHEMA = ["CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)"]
 ENDLESS = "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c) SELECT count(*) FROM c"

@@ -1,4 +1,4 @@
-"""Backup and restore (``shardlite.backup``; brief §4 CLI ``backup DEST`` / ``restore SRC``; rules 6, 7, 12).
+"""Backup and restore (``shardlite.services.backup``; brief §4 CLI ``backup DEST`` / ``restore SRC``; rules 6, 7, 12).
 
 * a backup taken while two processes keep writing, restored into a fresh root: every write acknowledged
   before the backup started is present (in the right tenant, exactly once), nothing that was never written
@@ -35,10 +35,10 @@ import pytest
 from helpers_routers import internal_rows, router_factory, run_cli
 
 from shardlite import ConfigurationError, Router, ShardliteError, UnknownTenant
-from shardlite import backup as backup_mod
-from shardlite.keys import key_digest
+from shardlite.core.keys import key_digest
+from shardlite.core.outbox import Event
 from shardlite.meta.choose import ENV_VAR
-from shardlite.outbox import Event
+from shardlite.services import backup as backup_mod
 
 SCHEMA = [
     "CREATE TABLE ledger(id INTEGER PRIMARY KEY, writer INTEGER NOT NULL, pad BLOB)",

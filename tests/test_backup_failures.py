@@ -22,7 +22,7 @@ from helpers_fs import tmpfs
 from helpers_routers import router_factory, run_cli
 
 from shardlite import DirectoryModeWarning, Router, ShardliteError
-from shardlite import backup as backup_mod
+from shardlite.services import backup as backup_mod
 
 SCHEMA = ["CREATE TABLE ledger(id INTEGER PRIMARY KEY, pad BLOB)"]
 KEYS = [f"acct:{i}" for i in range(4)]

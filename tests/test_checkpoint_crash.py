@@ -1,6 +1,6 @@
 """kill -9 of an AsyncRouter writer while a worker thread checkpoints a tenant's WAL (brief rules 12, 13).
 
-``shardlite.checkpoints`` moves an AsyncRouter's checkpoints to worker threads with connections of their
+``shardlite.files.checkpoints`` moves an AsyncRouter's checkpoints to worker threads with connections of their
 own, so a crash can land while a worker copies the log into the database file and the event loop keeps
 committing to the same log. A writer subprocess commits large rows (a checkpoint every ~1,000 of them)
 from 16 tasks over two tenants and acknowledges each row after its ``async with`` block returned; the
@@ -33,7 +33,7 @@ _WRITER = """
 import asyncio
 import json
 
-import shardlite.checkpoints as checkpoints
+import shardlite.files.checkpoints as checkpoints
 from shardlite import AsyncRouter
 
 root, round_no, schema, keys = sys.argv[1], int(sys.argv[2]), *map(json.loads, sys.argv[3:5])

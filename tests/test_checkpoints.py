@@ -1,6 +1,6 @@
 """WAL checkpoints under AsyncRouter run on worker threads, the log stays bounded, nothing is lost.
 
-``shardlite.checkpoints``: an AsyncRouter's write connections have no autocheckpoint; a WAL hook notes
+``shardlite.files.checkpoints``: an AsyncRouter's write connections have no autocheckpoint; a WAL hook notes
 the log's size and the store's commit hands passive checkpoints to a worker, or checkpoints inline once
 the log is ``INLINE_FRAMES`` long. The sync Router keeps SQLite's autocheckpoint.
 """
@@ -17,8 +17,9 @@ from pathlib import Path
 import apsw
 import pytest
 
-from shardlite import AsyncRouter, Router, checkpoints
-from shardlite.checkpoints import DUE_FRAMES, INLINE_FRAMES, RETRY_FRAMES, Checkpointer, WalWatch, decide
+from shardlite import AsyncRouter, Router
+from shardlite.files import checkpoints
+from shardlite.files.checkpoints import DUE_FRAMES, INLINE_FRAMES, RETRY_FRAMES, Checkpointer, WalWatch, decide
 
 SCHEMA = ["CREATE TABLE t(id INTEGER PRIMARY KEY, blob BLOB NOT NULL)"]
 K = "room:wal"

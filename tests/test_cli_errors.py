@@ -231,7 +231,7 @@ def test_ctrl_c_is_one_line_and_exit_130(scene: Scene, tmp_path: Path) -> None:
     (tmp_path / "slowapp.py").write_text(
         "import os\n"
         "from shardlite import Router\n"
-        "from shardlite.outbox import RetryPolicy\n"
+        "from shardlite.core.outbox import RetryPolicy\n"
         "def make():\n"
         f"    router = Router({scene.root!r}, schema={SCHEMA!r}, retry=RetryPolicy(backoff_base=60, backoff_cap=60))\n"
         "    router.handler('note')(lambda tx, event: 1 / 0)\n"

@@ -20,7 +20,7 @@ from helpers_routers import run_cli
 from shardlite import Router
 from shardlite.cli.common import json_line, literal
 from shardlite.cli.relay import _LiteralFormatter
-from shardlite.outbox import Event, RetryPolicy
+from shardlite.core.outbox import Event, RetryPolicy
 
 SCHEMA = ["CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)"]
 MARKUP_KEYS = ["acct:[/]", "acct:[bold]x", "acct:[link=https://evil.example]y[/link]", "acct::smile:"]
@@ -164,7 +164,7 @@ def test_account_fields_are_shown_literally(root: Router, capsys: pytest.Capture
 
 
 def test_relay_log_lines_under_relay_run_are_literal() -> None:
-    record = logging.LogRecord("shardlite.relay", logging.WARNING, __file__, 1, "tenant %s failed: %s",
+    record = logging.LogRecord("shardlite.services.relay", logging.WARNING, __file__, 1, "tenant %s failed: %s",
                                ("acct:[/]", HOSTILE), None)
     line = _LiteralFormatter("%(levelname)s %(message)s").format(record)
     assert line == f"WARNING tenant acct:[/] failed: {HOSTILE_SHOWN}"

@@ -18,12 +18,13 @@ from helpers_cli import EMAIL
 from helpers_rebalance import gread
 from helpers_routers import run_cli
 
-import shardlite.restore
-from shardlite import ConfigurationError, Router, ShardliteError, restore_layout
-from shardlite.manifest import file_checksum, global_file
+import shardlite.services.restore
+from shardlite import ConfigurationError, Router, ShardliteError
 from shardlite.meta.choose import ENV_VAR
-from shardlite.restore import RootRestore, restore_root
-from shardlite.restore_layout import root_state
+from shardlite.services import restore_layout
+from shardlite.services.manifest import file_checksum, global_file
+from shardlite.services.restore import RootRestore, restore_root
+from shardlite.services.restore_layout import root_state
 
 SCHEMA = ["CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)"]
 GLOBAL = ["CREATE TABLE plans(name TEXT PRIMARY KEY, price INTEGER)"]
@@ -422,7 +423,7 @@ def test_a_failed_restore_empties_a_node_directory_that_was_there(
     empty, and the message does not claim that anything was kept."""
     empty = tmp_path / "empty-disk"
     empty.mkdir(mode=0o700)
-    real, calls = shardlite.restore._install, []
+    real, calls = shardlite.services.restore._install, []
 
     def filling(*args: Any) -> Any:
         calls.append(1)
@@ -430,7 +431,7 @@ def test_a_failed_restore_empties_a_node_directory_that_was_there(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args)
 
-    monkeypatch.setattr(shardlite.restore, "_install", filling)
+    monkeypatch.setattr(shardlite.services.restore, "_install", filling)
     new = tmp_path / "new"
     with pytest.raises(ShardliteError) as info:
         restore_root(os.fspath(old.backup), os.fspath(new), node_paths={"n1": os.fspath(empty), "ext": os.fspath(
@@ -443,7 +444,7 @@ def test_a_failed_restore_empties_a_node_directory_that_was_there(
 
 def test_ctrl_c_during_a_restore_into_a_new_root_says_it_was_taken_back(
         old: Old, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    real, calls = shardlite.restore._install, []
+    real, calls = shardlite.services.restore._install, []
 
     def interrupted(*args: Any) -> Any:
         calls.append(1)
@@ -451,7 +452,7 @@ def test_ctrl_c_during_a_restore_into_a_new_root_says_it_was_taken_back(
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(shardlite.restore, "_install", interrupted)
+    monkeypatch.setattr(shardlite.services.restore, "_install", interrupted)
     new = tmp_path / "new"
     code, _, err = run_cli(capsys, "restore", os.fspath(old.backup), "--root", os.fspath(new))
     assert code == 130 and "was taken back: run the command again" in err and len(err.splitlines()) == 1

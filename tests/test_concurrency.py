@@ -39,7 +39,7 @@ from helpers_procs import (
 )
 
 from shardlite import Router
-from shardlite.keys import key_digest
+from shardlite.core.keys import key_digest
 
 SCHEMA = [
     "CREATE TABLE counter(id INTEGER PRIMARY KEY, n INTEGER NOT NULL)",
@@ -315,7 +315,7 @@ def test_transactions_of_two_threads_never_interleave(routers: Callable[..., Rou
 
 def _open_tenant_connections(root: str) -> int:
     """Open APSW connections of this process to tenant files under ``root`` (closed ones excluded)."""
-    from shardlite import engine
+    from shardlite.files import engine
 
     count = 0
     for conn in list(engine._tracked):

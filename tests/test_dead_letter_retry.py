@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from shardlite import Router
-from shardlite.outbox import Event, RetryPolicy
+from shardlite.core.outbox import Event, RetryPolicy
 
 SCHEMA = ["CREATE TABLE applied(id INTEGER PRIMARY KEY, n INTEGER NOT NULL, seq INTEGER NOT NULL)"]
 POLICY = RetryPolicy(max_attempts=1, backoff_base=0.001, backoff_cap=0.01)
@@ -20,7 +20,7 @@ POLICY = RetryPolicy(max_attempts=1, backoff_base=0.001, backoff_cap=0.01)
 _RETRY = """
 import os, signal
 from shardlite import Router
-from shardlite.outbox import RetryPolicy
+from shardlite.core.outbox import RetryPolicy
 
 router = Router({root!r}, schema={schema!r}, retry=RetryPolicy(max_attempts=1, backoff_base=0.001, backoff_cap=0.01))
 

@@ -1,4 +1,4 @@
-"""E-mail addresses (``shardlite.emails``, pure): invisible and look-alike characters are refused, one IDN
+"""E-mail addresses (``shardlite.core.emails``, pure): invisible and look-alike characters are refused, one IDN
 domain in its Unicode and ASCII (punycode) forms is one key, and ``upgrade_email_key`` maps keys stored
 under the earlier rule (domain kept as given) to today's. Account-level behaviour is in test_accounts.py."""
 
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shardlite import InvalidEmail
-from shardlite.emails import email_key, text_key, upgrade_email_key, validate_email
+from shardlite.core.emails import email_key, text_key, upgrade_email_key, validate_email
 
 
 def old_email_key(address: str, fold_plus: bool = False) -> str:

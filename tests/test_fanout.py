@@ -31,7 +31,7 @@ import apsw
 import pytest
 
 import shardlite.cli
-import shardlite.fanout
+import shardlite.services.fanout
 from shardlite import ConfigurationError, Router, StatementNotAllowed
 
 SCHEMA = ["CREATE TABLE t(id INTEGER PRIMARY KEY, v INTEGER NOT NULL)"]
@@ -263,7 +263,7 @@ def test_map_streams_with_a_bounded_window(make: Callable[..., Router], monkeypa
 
     lock = threading.Lock()
     running = {"now": 0, "max": 0, "started": 0}
-    real = shardlite.fanout._read_one
+    real = shardlite.services.fanout._read_one
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         with lock:
@@ -276,7 +276,7 @@ def test_map_streams_with_a_bounded_window(make: Callable[..., Router], monkeypa
             with lock:
                 running["now"] -= 1
 
-    monkeypatch.setattr(shardlite.fanout, "_read_one", counting)
+    monkeypatch.setattr(shardlite.services.fanout, "_read_one", counting)
 
     parallel = 3
     pulled = 0

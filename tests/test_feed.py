@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from shardlite import AsyncRouter, Router, UnknownTenant
-from shardlite.feed import FeedItem
-from shardlite.outbox import Event
+from shardlite.core.outbox import Event
+from shardlite.front.feed import FeedItem
 
 SCHEMA = ["CREATE TABLE messages(id INTEGER PRIMARY KEY, author TEXT, body TEXT)",
           "CREATE TABLE applied(id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, n INTEGER NOT NULL)"]

@@ -1,7 +1,7 @@
 """Private files (rule 6) and the identity check (rule 3). Files are inspected with APSW only.
 
 Directories shardlite creates are 0700; directories that already exist (a root, a node path) keep their
-mode, with a :class:`~shardlite.engine.DirectoryModeWarning` when they are open to others."""
+mode, with a :class:`~shardlite.files.engine.DirectoryModeWarning` when they are open to others."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import apsw
 import pytest
 
 from shardlite import DirectoryModeWarning, IdentityMismatch, Router, ShardliteError
-from shardlite.engine import ensure_private_dir
+from shardlite.files.engine import ensure_private_dir
 
 SCHEMA = ["CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"]
 

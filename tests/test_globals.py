@@ -13,7 +13,7 @@ import pytest
 from helpers_routers import global_rows
 
 from shardlite import AsyncRouter, Router, StatementNotAllowed, TransactionClosed
-from shardlite.accounts import ScryptParams
+from shardlite.front.accounts import ScryptParams
 
 FAST = ScryptParams(n=2**8)
 SCHEMA = [

@@ -1,5 +1,5 @@
 """Imported files are untrusted (rule 14): crafted files are refused whole or neutralised, and the fence
-holds afterwards (``shardlite.restore.import_tenant``, ``shardlite.sanitize``).
+holds afterwards (``shardlite.services.restore.import_tenant``, ``shardlite.files.sanitize``).
 
 Each crafted file starts as a real export and is then edited with APSW as an attacker would:
 
@@ -29,10 +29,10 @@ import pytest
 from helpers_routers import internal_rows, router_factory, run_cli
 
 from shardlite import IdentityMismatch, Router, ShardliteError
-from shardlite.copying import open_trusted
-from shardlite.outbox import Event
-from shardlite.restore import import_tenant
-from shardlite.sanitize import foreign_references
+from shardlite.core.outbox import Event
+from shardlite.files.copying import open_trusted
+from shardlite.files.sanitize import foreign_references
+from shardlite.services.restore import import_tenant
 
 SCHEMA = ["CREATE TABLE items(id INTEGER PRIMARY KEY, body TEXT NOT NULL)",
           "CREATE TABLE applied(n INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL)"]

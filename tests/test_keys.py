@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import shardlite
-import shardlite.keys as keys_mod
+import shardlite.core.keys as keys_mod
 from shardlite import MAX_KEY_BYTES, InvalidKey, Router, UnknownTenant, canonical, pair_key
-from shardlite.keys import key_digest
+from shardlite.core.keys import key_digest
 
 NODES = ("n1", "n2", "n3")
 GLOBAL_RE = re.compile(r"^(app_)?global\.db(-wal|-shm|-journal)?$")
@@ -319,7 +319,7 @@ def test_query_with_unhashable_key_raises_invalid_key(harness: Harness) -> None:
 
 # -- invisible and look-alike characters --------------------------------------------------------------------
 
-# Independent of shardlite.keys: the characters a reader cannot tell apart from nothing or from a space, by
+# Independent of shardlite.core.keys: the characters a reader cannot tell apart from nothing or from a space, by
 # class, with their Unicode names (the error message must name them).
 LOOKALIKES: dict[str, list[str]] = {
     "variation selector": ["\ufe00", "\ufe0e", "\ufe0f", "\U000e0100", "\U000e01ef", "\u180b", "\u180f"],

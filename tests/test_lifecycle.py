@@ -28,8 +28,8 @@ import pytest
 from helpers_routers import internal_rows, router_factory, run_cli
 
 from shardlite import ConfigurationError, IdentityMismatch, Router, UnknownTenant
-from shardlite.metrics import prometheus_text, wsgi_app
-from shardlite.outbox import Event
+from shardlite.core.outbox import Event
+from shardlite.services.metrics import prometheus_text, wsgi_app
 
 SCHEMA = [
     "CREATE TABLE items(id INTEGER PRIMARY KEY, body TEXT NOT NULL)",

@@ -23,7 +23,7 @@ from shardlite import (
     Router,
     TransactionClosed,
 )
-from shardlite.limits import FAST_VALUE
+from shardlite.files.limits import FAST_VALUE
 
 SCHEMA = ["CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)"]
 KEY = "org:1"

@@ -19,10 +19,10 @@ import pytest
 from helpers_meta import open_meta
 
 from shardlite import ConfigurationError, MetaConflict
-from shardlite.catalog import TenantRecord
+from shardlite.core.movejournal import LostClaim, MoveRow, PlanCancelled
+from shardlite.core.planning import Move
+from shardlite.files.catalog import TenantRecord
 from shardlite.meta import MetaStore, MoveJournal
-from shardlite.movejournal import LostClaim, MoveRow, PlanCancelled
-from shardlite.planning import Move
 
 #: The parts of the metadata store these tests exercise (helpers_meta.missing_parts).
 META_PART = ("tenants", "journal")

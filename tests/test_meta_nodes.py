@@ -9,7 +9,7 @@ import pytest
 from test_meta_tenants import drop, make, race
 
 from shardlite import ConfigurationError, MetaConflict
-from shardlite.catalog import Node
+from shardlite.files.catalog import Node
 from shardlite.meta import MetaStore
 
 #: The parts of the metadata store these tests exercise (helpers_meta.missing_parts).

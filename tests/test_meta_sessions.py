@@ -9,8 +9,8 @@ import pytest
 from helpers_threads import race
 
 from shardlite import AuthenticationFailed, UnknownAccount
+from shardlite.front.sessions import Session
 from shardlite.meta import MetaStore
-from shardlite.sessions import Session
 
 #: The parts of the metadata store these tests exercise (helpers_meta.missing_parts).
 META_PART = ("accounts", "sessions")
@@ -159,8 +159,8 @@ def test_many_threads_read_and_write_sessions(meta: MetaStore) -> None:
 def test_the_policy_runs_on_the_contract_of_every_backend(meta: MetaStore) -> None:
     """``Accounts`` and ``Sessions`` (the policy) need nothing of a backend but its contracts (gap F9:
     ``Sessions.resolve`` used to read a private attribute of the SQLite connection holder)."""
-    from shardlite.accounts import Accounts, ScryptParams
-    from shardlite.sessions import Sessions
+    from shardlite.front.accounts import Accounts, ScryptParams
+    from shardlite.front.sessions import Sessions
 
     now = [T0]
     accounts = Accounts(meta.accounts, meta.credentials, lambda: now[0], scrypt=ScryptParams(n=16, r=1, p=1))

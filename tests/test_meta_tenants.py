@@ -14,7 +14,7 @@ from helpers_meta import open_meta
 from helpers_procs import FileBarrier, child_env, finish_all, spawn, write_script
 
 from shardlite import ConfigurationError, MetaConflict
-from shardlite.catalog import TenantRecord
+from shardlite.files.catalog import TenantRecord
 from shardlite.meta import MetaStore
 
 #: The parts of the metadata store these tests exercise (helpers_meta.missing_parts).

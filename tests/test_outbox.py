@@ -1,5 +1,5 @@
 """Transactional outbox and relay, in process (brief §4 tx.emit / router.handler / relay lifetime, rule 9,
-§7 "Finding pending outbox work"), plus the pure rules of ``shardlite.outbox`` and the ``relay`` CLI.
+§7 "Finding pending outbox work"), plus the pure rules of ``shardlite.core.outbox`` and the ``relay`` CLI.
 
 The multi-process crash tests (SIGKILL, two relays at once) are in ``test_relay_crash.py``; the built-in
 activity feed is in ``test_feed.py``.
@@ -37,8 +37,8 @@ from shardlite import (
     TransactionClosed,
     UnknownTenant,
 )
-from shardlite.outbox import Event, OutboxRow, RetryPolicy, encode_payload, next_due, plan
-from shardlite.relay import ACK_WAIT_MS
+from shardlite.core.outbox import Event, OutboxRow, RetryPolicy, encode_payload, next_due, plan
+from shardlite.services.relay import ACK_WAIT_MS
 
 SCHEMA = [
     "CREATE TABLE applied(id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, dest TEXT NOT NULL, "
@@ -307,7 +307,7 @@ def test_emit_validates_destination_and_topic_and_needs_an_open_transaction(rout
 
 def test_checked_destinations_and_topics_are_remembered_without_hiding_errors(
         make: Callable[..., Router], monkeypatch: pytest.MonkeyPatch) -> None:
-    import shardlite.transaction as transaction_mod
+    import shardlite.front.transaction as transaction_mod
 
     monkeypatch.setattr(transaction_mod, "_KNOWN_MAX", 3)
     router = make(schema={"user": SCHEMA, "room": SCHEMA})
@@ -813,7 +813,7 @@ def test_cli_relay_status_dead_and_retry_json(router: Router, capsys: pytest.Cap
 _APP = """
 import os
 from shardlite import Router
-from shardlite.outbox import RetryPolicy
+from shardlite.core.outbox import RetryPolicy
 
 ROOT = {root!r}
 SCHEMA = {schema!r}
@@ -914,7 +914,7 @@ def test_a_source_locked_by_the_app_is_acknowledged_by_a_later_pass(router: Rout
 
 
 def test_emitter_writes_queued_flags_together_and_each_before_its_commit() -> None:
-    from shardlite.transaction import Emitter
+    from shardlite.front.transaction import Emitter
 
     writes: list[list[str]] = []
     fail = [False]

@@ -1,4 +1,4 @@
-"""Stored payloads decode to exactly what ``json.loads`` gives (shardlite.outbox.from_json, msgspec)."""
+"""Stored payloads decode to exactly what ``json.loads`` gives (shardlite.core.outbox.from_json, msgspec)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardlite.feed import items
-from shardlite.outbox import from_json, to_json
+from shardlite.core.outbox import from_json, to_json
+from shardlite.front.feed import items
 
 json_values = st.recursive(
     st.none() | st.booleans()

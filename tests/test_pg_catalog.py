@@ -16,7 +16,7 @@ from helpers_pg import separate_server
 from test_meta_tenants import KEYS, race
 
 from shardlite import ConfigurationError, MetaConflict, MetaUnavailable, Settings
-from shardlite.catalog import Node, TenantRecord
+from shardlite.files.catalog import Node, TenantRecord
 from shardlite.meta.location import parse_location
 from shardlite.meta.postgres import PgMeta
 from shardlite.meta.record import new_root_id

@@ -24,13 +24,13 @@ from helpers_meta import open_meta
 from helpers_pg import separate_server, wait_for_lock_waiter
 
 from shardlite import MetaUnavailable, Settings
+from shardlite.core.movejournal import LostClaim, MoveRow
+from shardlite.core.planning import Move
 from shardlite.meta import MetaStore, MoveJournal
 from shardlite.meta.choose import ENV_VAR
 from shardlite.meta.location import parse_location
 from shardlite.meta.postgres import PgMeta
 from shardlite.meta.record import new_root_id
-from shardlite.movejournal import LostClaim, MoveRow
-from shardlite.planning import Move
 
 LEASE = 30.0
 

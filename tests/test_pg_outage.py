@@ -27,9 +27,9 @@ from helpers_pg import separate_server
 from helpers_procs import DEADLINE, LineReader, close_pipes, kill9, spawn, write_script
 
 from shardlite import AsyncRouter, MetaUnavailable, Router
-from shardlite.outbox import Event
+from shardlite.core.outbox import Event
+from shardlite.front.transaction import Transaction
 from shardlite.testing.postgres import PgServer
-from shardlite.transaction import Transaction
 
 SCHEMA = ["CREATE TABLE t(w INTEGER, i INTEGER, kind TEXT)", "CREATE TABLE got(w INTEGER, i INTEGER)"]
 PASSWORD = "correct horse battery staple"

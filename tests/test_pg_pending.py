@@ -6,7 +6,8 @@ conformance suite (``test_meta_pending.py``, ``test_meta_kv.py``) cannot say.
   holds; the server aborts the call's transaction, which runs again and succeeds once the other commits.
 * Code-point order holds in a database whose default collation is a locale's (ICU ``en-US``, where ``a``
   sorts before ``A``), also for the dead letters' ``incarnation``, which is not a ``COLLATE "C"`` column.
-* The server killed and restarted: the emit path's flag write (the router's :class:`~shardlite.transaction.Emitter`
+* The server killed and restarted: the emit path's flag write (the router's
+  :class:`~shardlite.front.transaction.Emitter`
   over ``pending.flag_many``) raises :class:`~shardlite.MetaUnavailable`, keeps its keys queued and writes
   nothing; every other call fails the same way; all work again by themselves once the server is back.
 """
@@ -26,6 +27,7 @@ from helpers_pg import separate_server, wait_for_lock_waiter
 from psycopg import sql
 
 from shardlite import MetaUnavailable, Settings
+from shardlite.front.transaction import Emitter
 from shardlite.meta import MetaStore
 from shardlite.meta.choose import ENV_VAR
 from shardlite.meta.location import parse_location
@@ -33,7 +35,6 @@ from shardlite.meta.pending import DeadLetter
 from shardlite.meta.postgres import PgMeta
 from shardlite.meta.record import new_root_id
 from shardlite.testing.postgres import PgServer
-from shardlite.transaction import Emitter
 
 #: The store's sessions detect a deadlock after this (the other session waits far longer, so the server
 #: always aborts the store's transaction: the one the test wants retried).

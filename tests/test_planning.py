@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from shardlite.planning import Move, Placement, Plan, fingerprint, plan_moves, space_needed
-from shardlite.ring import Ring
+from shardlite.core.planning import Move, Placement, Plan, fingerprint, plan_moves, space_needed
+from shardlite.core.ring import Ring
 
 KEYS = 2000
 

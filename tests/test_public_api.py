@@ -149,7 +149,7 @@ def _parity_gaps(sync: object, twin: object, prefix: str, *, signatures: bool) -
     """What ``twin`` lacks of ``sync``'s public names: a method must be a coroutine (or async generator)
     function of the same parameters unless NOT_AWAITABLE lists it; a setting must be on ``twin`` or on
     its ``sync`` object."""
-    from shardlite.aio import NOT_AWAITABLE
+    from shardlite.front.aio import NOT_AWAITABLE
 
     gaps = []
     for name in sorted(_public(sync)):
@@ -172,7 +172,7 @@ def test_async_router_has_every_public_name_of_router(root: str) -> None:
     """Derived from Router itself: every public method of Router and of each of its parts (accounts,
     sessions, globals, relay, nodes, rebalance) is awaitable on AsyncRouter under the same name and
     parameters, or NOT_AWAITABLE says why not; and NOT_AWAITABLE names nothing that does not exist."""
-    from shardlite.aio import NOT_AWAITABLE
+    from shardlite.front.aio import NOT_AWAITABLE
 
     router = shardlite.Router(root)
 

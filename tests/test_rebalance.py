@@ -26,8 +26,8 @@ from helpers_rebalance import populate as _populate
 
 from shardlite import ConfigurationError, Router, TenantMoving, UnknownTenant
 from shardlite.cli import main as cli_main
-from shardlite.placement import tenant_relpath
-from shardlite.ring import Ring
+from shardlite.core.placement import tenant_relpath
+from shardlite.core.ring import Ring
 
 SCHEMA = ["CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)"]
 

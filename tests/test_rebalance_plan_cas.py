@@ -14,8 +14,8 @@ import pytest
 from helpers_rebalance import populate
 
 from shardlite import ConfigurationError, Router
-from shardlite.planning import Plan
-from shardlite.rebalance import Rebalancer
+from shardlite.core.planning import Plan
+from shardlite.services.rebalance import Rebalancer
 
 SCHEMA = ["CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)"]
 

@@ -37,8 +37,8 @@ from helpers_rebalance import assert_reachable_now, contents, populate, ro
 
 from shardlite import Router
 from shardlite.cli import main as cli_main
-from shardlite.placement import tenant_relpath
-from shardlite.ring import Ring
+from shardlite.core.placement import tenant_relpath
+from shardlite.core.ring import Ring
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("any_meta")]  # both metadata backends (issue 15)
 

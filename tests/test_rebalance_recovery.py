@@ -46,8 +46,8 @@ from helpers_rebalance import (
 
 from shardlite import ConfigurationError, Router
 from shardlite.cli import main as cli_main
-from shardlite.planning import space_needed
-from shardlite.rebalance import Notice
+from shardlite.core.planning import space_needed
+from shardlite.services.rebalance import Notice
 
 REPO = Path(__file__).resolve().parents[1]
 BEFORE_COMMIT = ("copying", "copied", "fenced", "linked")

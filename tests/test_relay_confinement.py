@@ -31,10 +31,10 @@ import pytest
 from helpers_routers import internal_rows
 
 from shardlite import Router, UnknownTenant
-from shardlite.lifecycle import fence_file
-from shardlite.outbox import Event, RetryPolicy, backoff
-from shardlite.relay import LOCK_WAIT_MS
-from shardlite.tenant import open_tenant
+from shardlite.core.outbox import Event, RetryPolicy, backoff
+from shardlite.files.tenant import open_tenant
+from shardlite.services.lifecycle import fence_file
+from shardlite.services.relay import LOCK_WAIT_MS
 
 SCHEMA = ["CREATE TABLE applied(id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, n INTEGER NOT NULL, "
           "seq INTEGER NOT NULL)"]
@@ -298,7 +298,7 @@ def test_the_async_relay_task_keeps_delivering_beside_hostile_tenants(make: Call
 
 _APP = """
 from shardlite import Router, UnknownTenant
-from shardlite.outbox import RetryPolicy
+from shardlite.core.outbox import RetryPolicy
 
 def record(tx, event):
     tx.execute("INSERT INTO applied(source, n, seq) VALUES (?, ?, ?)", (event.source, event.payload["n"], event.seq))

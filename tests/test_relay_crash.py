@@ -33,7 +33,7 @@ import pytest
 from helpers_routers import internal_rows
 
 from shardlite import Busy, Router
-from shardlite.outbox import Event, RetryPolicy
+from shardlite.core.outbox import Event, RetryPolicy
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("any_meta")]  # both metadata backends (issue 15)
 
@@ -52,7 +52,7 @@ import signal
 import time
 
 from shardlite import Router
-from shardlite.outbox import RetryPolicy
+from shardlite.core.outbox import RetryPolicy
 
 ROOT = {root!r}
 SCHEMA = {schema!r}

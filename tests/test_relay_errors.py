@@ -6,7 +6,7 @@
 * A full disk, for real: a node on a 2 MB tmpfs mounted under the test's tmp dir (needs root; the test
   is skipped, with a warning, where mounting fails), filled up.
 * Repeated identical errors are logged once per interval with a count of those suppressed
-  (:class:`~shardlite.relay_health.ErrorLog`, with an injected clock); the last error is kept for
+  (:class:`~shardlite.services.relay_health.ErrorLog`, with an injected clock); the last error is kept for
   ``status()`` and recorded in the global DB, where ``shardlite relay status`` shows it.
 """
 
@@ -25,8 +25,8 @@ from helpers_fs import tmpfs
 from helpers_routers import run_cli
 
 from shardlite import Router
-from shardlite.outbox import Event, RetryPolicy
-from shardlite.relay_health import ErrorLog
+from shardlite.core.outbox import Event, RetryPolicy
+from shardlite.services.relay_health import ErrorLog
 
 SCHEMA = ["CREATE TABLE applied(id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, n INTEGER NOT NULL, "
           "blob TEXT)",

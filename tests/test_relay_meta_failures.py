@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from shardlite import ConfigurationError, MetaUnavailable, Router
-from shardlite.delivery import DONE, UNAVAILABLE, Claim
-from shardlite.outbox import Event, RetryPolicy
+from shardlite.core.outbox import Event, RetryPolicy
+from shardlite.services.delivery import DONE, UNAVAILABLE, Claim
 
 SCHEMA = ["CREATE TABLE applied(id INTEGER PRIMARY KEY, topic TEXT NOT NULL, n INTEGER NOT NULL)"]
 FAST = RetryPolicy(max_attempts=2, backoff_base=0.001, backoff_cap=0.01)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from shardlite import Router
-from shardlite.outbox import Event
+from shardlite.core.outbox import Event
 
 SCHEMA = ["CREATE TABLE applied(id INTEGER PRIMARY KEY, n INTEGER NOT NULL)"]
 

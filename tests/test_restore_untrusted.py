@@ -22,8 +22,8 @@ import pytest
 from helpers_routers import internal_rows, router_factory, run_cli
 
 from shardlite import ConfigurationError, Router, ShardliteError
-from shardlite import backup as backup_mod
-from shardlite.keys import key_digest
+from shardlite.core.keys import key_digest
+from shardlite.services import backup as backup_mod
 
 SCHEMA = ["CREATE TABLE ledger(id INTEGER PRIMARY KEY, note TEXT)"]
 GLOBAL_SCHEMA = ["CREATE TABLE plans(name TEXT PRIMARY KEY, price INTEGER)"]

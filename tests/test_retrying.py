@@ -1,4 +1,4 @@
-"""The one retry policy of Router.run and AsyncRouter.run (shardlite.retrying)."""
+"""The one retry policy of Router.run and AsyncRouter.run (shardlite.core.retrying)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import shardlite
 from shardlite import Busy, TenantMoving
-from shardlite.retrying import CAP, FIRST, Backoff
+from shardlite.core.retrying import CAP, FIRST, Backoff
 
 
 @given(seed=st.integers(0, 2**32), budget=st.floats(0.0, 5.0), start=st.floats(0.0, 1e6))

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardlite.keys import key_digest
-from shardlite.placement import parse_tenant_name, tenant_relpath
-from shardlite.ring import Ring
+from shardlite.core.keys import key_digest
+from shardlite.core.placement import parse_tenant_name, tenant_relpath
+from shardlite.core.ring import Ring
 
 # Pinned once from the implementation: changing any of these silently re-routes every existing deployment.
 GOLDEN_3 = {  # Ring({"n1": 1, "n2": 1, "n3": 1})
@@ -94,8 +94,8 @@ _CHILD = textwrap.dedent(
     """
     import json, sys
     from shardlite import Router
-    from shardlite.keys import key_digest
-    from shardlite.ring import Ring
+    from shardlite.core.keys import key_digest
+    from shardlite.core.ring import Ring
     keys = json.loads(sys.argv[1])
     ring = Ring({"n1": 1, "n2": 1, "n3": 1})
     with Router(sys.argv[2]) as router:

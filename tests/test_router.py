@@ -567,7 +567,7 @@ def test_a_writer_waits_out_a_lock_within_its_busy_timeout(busy_router: Router, 
 
 
 def test_busy_delay_schedule_starts_short_and_adds_up_to_the_timeout() -> None:
-    from shardlite.engine import busy_delay
+    from shardlite.files.engine import busy_delay
 
     for limit in (0.0001, 0.003, 0.05, 1.0, 5.0):
         delays = []

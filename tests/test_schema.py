@@ -10,7 +10,7 @@ import pytest
 from helpers_routers import internal_rows
 
 from shardlite import ConfigurationError, Router, UnknownTenant
-from shardlite.schema import INTERNAL_VERSION
+from shardlite.files.schema import INTERNAL_VERSION
 
 USER_V1 = ["CREATE TABLE profile(id INTEGER PRIMARY KEY, name TEXT)"]
 DM_V1 = ["CREATE TABLE messages(id INTEGER PRIMARY KEY, body TEXT)"]

@@ -9,8 +9,8 @@ from typing import Any
 import apsw
 import pytest
 
-from shardlite.seedwal import SeedWal, page_size_of
-from shardlite.tenant import Personaliser, build_template, write_new_file
+from shardlite.files.seedwal import SeedWal, page_size_of
+from shardlite.files.tenant import Personaliser, build_template, write_new_file
 
 SCHEMA = ["CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)", "CREATE INDEX notes_body ON notes(body)"]
 

@@ -21,8 +21,8 @@ from helpers_routers import global_rows
 
 import shardlite.cli
 from shardlite import AsyncRouter, AuthenticationFailed, Router, UnknownAccount
-from shardlite.accounts import ScryptParams
-from shardlite.sessions import TOKEN_LENGTH, Session
+from shardlite.front.accounts import ScryptParams
+from shardlite.front.sessions import TOKEN_LENGTH, Session
 
 FAST = ScryptParams(n=2**8)
 T0 = 1_000_000.0

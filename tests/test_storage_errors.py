@@ -16,7 +16,7 @@ import pytest
 from helpers_fs import fill, remount, tmpfs
 
 from shardlite import Router, StorageError, StorageFull, StorageReadOnly
-from shardlite.ring import Ring
+from shardlite.core.ring import Ring
 
 SCHEMA = ["CREATE TABLE t(id INTEGER PRIMARY KEY, pad BLOB)"]
 

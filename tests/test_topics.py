@@ -1,4 +1,4 @@
-"""Event topics follow the character rules of partition keys (``shardlite.outbox.check_topic``): what
+"""Event topics follow the character rules of partition keys (``shardlite.core.outbox.check_topic``): what
 ``Router.handler``, ``tx.emit`` and ``tx.emit_many`` accept or refuse with ``ValueError``."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shardlite import InvalidKey, Router, canonical
-from shardlite.keys import invisible_character
-from shardlite.outbox import MAX_TOPIC_LENGTH, check_topic
+from shardlite.core.keys import invisible_character
+from shardlite.core.outbox import MAX_TOPIC_LENGTH, check_topic
 
 # Same classes as the key tests: each character would make a topic that looks like "message".
 LOOKALIKES = [

@@ -18,8 +18,8 @@ import pytest
 from helpers_routers import global_rows
 
 from shardlite import AsyncRouter, Router, ShardliteError, StatementNotAllowed
-from shardlite.accounts import ScryptParams
-from shardlite.authorizer import INTERNAL_SQL, SAVEPOINT_PREFIX
+from shardlite.files.authorizer import INTERNAL_SQL, SAVEPOINT_PREFIX
+from shardlite.front.accounts import ScryptParams
 
 SCHEMA = ["CREATE TABLE t(id INTEGER PRIMARY KEY, x TEXT UNIQUE)"]
 GLOBAL_SCHEMA = ["CREATE TABLE members(account_id INTEGER NOT NULL, room TEXT NOT NULL)"]

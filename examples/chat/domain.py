@@ -73,7 +73,8 @@ def clean_text(text: object, *, limit: int = MAX_TEXT, what: str = "message") ->
 
 def _history(limit: int) -> str:
     """A page of messages before a cursor. The limit (an int, clamped by the callers) is part of the SQL
-    text rather than a bound parameter, which costs SQLite several µs more per run (see shardlite.feed.page_query)."""
+    text rather than a bound parameter, which costs SQLite several µs more per run
+    (see shardlite.front.feed.page_query)."""
     return f"SELECT id, author_id, author, body, at FROM messages WHERE id < ? ORDER BY id DESC LIMIT {int(limit):d}"
 
 

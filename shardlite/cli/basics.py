@@ -7,9 +7,9 @@ import os
 from dataclasses import asdict
 
 from ..errors import ConfigurationError
+from ..front.router import Router
 from ..meta.choose import ENV_VAR
 from ..meta.record import RECORD_NAME
-from ..router import Router
 from .common import CliError, echo, emit_json, open_router, print_table, root_of
 from .ops import register_tenant_actions
 

@@ -35,8 +35,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import ConfigurationError
+from ..front.router import Router
 from ..meta.record import RECORD_NAME
-from ..router import Router
 
 __all__ = ["CliError", "root_of", "open_router", "load_app", "literal", "echo", "emit_json", "json_line",
            "print_table", "console_line", "progress", "positive_int", "advice"]

@@ -8,10 +8,10 @@ import os
 from dataclasses import asdict
 from typing import Any
 
-from .. import backup as backup_mod
-from .. import restore as restore_mod
 from ..errors import StatementNotAllowed
-from ..restore_layout import root_state
+from ..services import backup as backup_mod
+from ..services import restore as restore_mod
+from ..services.restore_layout import root_state
 from .common import (
     CliError,
     advice,

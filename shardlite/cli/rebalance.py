@@ -18,9 +18,9 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from ..movejournal import FINISHED
-from ..rebalance import MoveRow, Notice
-from ..router import Router
+from ..core.movejournal import FINISHED
+from ..front.router import Router
+from ..services.rebalance import MoveRow, Notice
 from .common import CliError, console_line, echo, emit_json, open_router, positive_int, print_table
 
 

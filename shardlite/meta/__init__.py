@@ -7,7 +7,7 @@ folder per backend implements them:
 * :mod:`shardlite.meta.sqlite`: the embedded default, ``<root>/global.db`` and ``<root>/app_global.db``;
 * a PostgreSQL backend (planned: issue 15).
 
-A :class:`~shardlite.store.Store` holds one :class:`~shardlite.meta.store.MetaStore` (``store.meta``); the
+A :class:`~shardlite.front.store.Store` holds one :class:`~shardlite.meta.store.MetaStore` (``store.meta``); the
 router, the relay, the rebalancer, backup, restore and the CLI reach metadata through it. Every backend passes
 the same conformance suite (``tests/test_meta_*.py``, run over each backend by the ``meta`` fixture).
 

@@ -1,6 +1,6 @@
 """The contract of account and credential rows: :class:`AccountStore` and :class:`CredentialStore`.
 
-The backend stores rows; the policy stays in :mod:`shardlite.accounts` (e-mail canonicalisation, the
+The backend stores rows; the policy stays in :mod:`shardlite.front.accounts` (e-mail canonicalisation, the
 profile document, the name key, scrypt hashing computed *before* any write). Common rules of every method
 here (brief rule 10 and the common rules of :mod:`shardlite.meta`):
 
@@ -18,7 +18,7 @@ here (brief rule 10 and the common rules of :mod:`shardlite.meta`):
 * **No NUL** (U+0000) in stored text: PostgreSQL cannot store it. A write carrying one is refused before
   anything is written (:class:`~shardlite.InvalidEmail` for the address and its key,
   :class:`ValueError` for any other text); a lookup by a key holding one finds nothing.
-* Account ids passed in are ints in ``1 .. 2**63 - 1`` (the policy checks them, :func:`shardlite.accounts.
+* Account ids passed in are ints in ``1 .. 2**63 - 1`` (the policy checks them, :func:`shardlite.front.accounts.
   valid_id`); a backend may assume so.
 """
 
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from ..errors import InvalidEmail
 
 if TYPE_CHECKING:
-    from ..accounts import Account
+    from ..front.accounts import Account
 
 __all__ = ["checked_account", "checked_credential",
            "AccountStore", "CredentialStore", "Credential", "Login", "AccountRows", "ProfileMerge",

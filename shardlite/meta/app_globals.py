@@ -30,8 +30,8 @@ from typing import Any, Protocol
 
 import apsw
 
-from ..schema import Step
-from ..transaction import Params, Transaction
+from ..files.schema import Step
+from ..front.transaction import Params, Transaction
 
 __all__ = ["AppGlobals"]
 

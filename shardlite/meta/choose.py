@@ -17,9 +17,9 @@ import os
 from collections.abc import Mapping
 from typing import cast
 
-from ..engine import Settings, ensure_private_dir
 from ..errors import ConfigurationError
-from ..globaldb import GLOBAL_DB_NAME
+from ..files.engine import Settings, ensure_private_dir
+from ..files.globaldb import GLOBAL_DB_NAME
 from .location import MetaLocation, parse_location
 from .record import RECORD_NAME, read_record, write_record
 from .store import PARTS, MetaBase, MetaStore

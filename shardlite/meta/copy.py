@@ -32,9 +32,9 @@ import apsw
 import psycopg
 from psycopg import sql
 
-from ..engine import Settings
+from ..core.movejournal import FINISHED
 from ..errors import ConfigurationError
-from ..movejournal import FINISHED
+from ..files.engine import Settings
 from .location import MetaLocation, parse_location
 from .postgres.connect import unavailable
 from .postgres.schema import upgrade

@@ -2,8 +2,8 @@
 
 The journal is what makes rebalancing crash-safe (brief rules 12 and 15): one row per plan (its state and
 a JSON summary) and one row per planned move (its step, its claim and its last error). Its rows and their
-meaning (:class:`~shardlite.movejournal.MoveRow`, the steps in :data:`~shardlite.movejournal.STEPS`,
-:data:`~shardlite.movejournal.FINISHED`) are backend-free and live in :mod:`shardlite.movejournal`; this
+meaning (:class:`~shardlite.core.movejournal.MoveRow`, the steps in :data:`~shardlite.core.movejournal.STEPS`,
+:data:`~shardlite.core.movejournal.FINISHED`) are backend-free and live in :mod:`shardlite.core.movejournal`; this
 module says what every backend guarantees about storing them.
 
 Rules every backend keeps:
@@ -17,8 +17,8 @@ Rules every backend keeps:
   for a :meth:`MoveJournal.holding` block judges the lease as it is when the block ended. A claim is *live*
   for ``owner`` when the row's owner is ``owner`` and its lease is not before now (plus the ``margin`` asked
   for).
-* **Compare-and-set losers.** :class:`~shardlite.movejournal.LostClaim` (the claim is not ours, or lapsed)
-  and :class:`~shardlite.movejournal.PlanCancelled` (the plan is no longer being applied) are
+* **Compare-and-set losers.** :class:`~shardlite.core.movejournal.LostClaim` (the claim is not ours, or lapsed)
+  and :class:`~shardlite.core.movejournal.PlanCancelled` (the plan is no longer being applied) are
   :class:`~shardlite.MetaConflict`: nothing was written. Methods whose CAS loss is routine say so and
   return ``None``, ``False`` or a count instead.
 * **Order.** Moves are listed by ``(source, key)`` and keys compare by Unicode code point (PostgreSQL:
@@ -27,7 +27,7 @@ Rules every backend keeps:
   planned move's key or node holding one is refused with :class:`ValueError` before anything is written (by
   every backend alike); an error text (:meth:`MoveJournal.record_error`, ``set_step(..., error=...)``) is a
   diagnostic, so it is stored, and set on the ``move`` passed in, with each NUL replaced by U+FFFD
-  (:func:`stored_error`). Keys never hold one (:mod:`shardlite.keys` refuses it), so a read or a claim
+  (:func:`stored_error`). Keys never hold one (:mod:`shardlite.core.keys` refuses it), so a read or a claim
   asking for such a key finds nothing.
 * **Plan ids** are positive, strictly increasing and never reused (PostgreSQL: an identity column).
 * At most one plan is ``applying`` or ``planned`` at a time, and a ``planned`` one exists only while no
@@ -54,11 +54,11 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..movejournal import STEPS, MoveRow
-from ..planning import Move
+from ..core.movejournal import STEPS, MoveRow
+from ..core.planning import Move
 
 if TYPE_CHECKING:  # catalog imports accounts, which imports this package: a type-only import breaks the cycle
-    from ..catalog import TenantRecord
+    from ..files.catalog import TenantRecord
 
 __all__ = ["MoveJournal", "PlanRow", "PLAN_STATES", "STEP_FIELDS", "plain_plan", "plain_text", "step_fields",
            "stored_error"]
@@ -146,7 +146,7 @@ class MoveJournal(Protocol):
 
     def unfinished_plans(self, state: str) -> list[int]:
         """Ids of the plans in ``state`` that have at least one move whose step is not finished
-        (:data:`~shardlite.movejournal.FINISHED`), newest first."""
+        (:data:`~shardlite.core.movejournal.FINISHED`), newest first."""
         ...
 
     # -- reading moves ---------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ class MoveJournal(Protocol):
 
     def note_rollback(self, plan_id: int, key: str, text: str) -> None:
         """Record in the plan's summary what an undo rolled back for ``key`` (``summary["rolled_back"][key]``,
-        the latest note per key; past :data:`~shardlite.movejournal.MAX_LISTED` keys only
+        the latest note per key; past :data:`~shardlite.core.movejournal.MAX_LISTED` keys only
         ``summary["rolled_back_unlisted"]`` counts them). An atomic read-modify-write: concurrent notes
         on one plan are all kept. A missing plan: nothing happens."""
         ...
@@ -216,14 +216,14 @@ class MoveJournal(Protocol):
         ...
 
     def check(self, move: MoveRow, owner: str, *, applying: bool, margin: float = 0.0) -> None:
-        """Raise :class:`~shardlite.movejournal.LostClaim` unless ``owner`` holds the move with its lease
+        """Raise :class:`~shardlite.core.movejournal.LostClaim` unless ``owner`` holds the move with its lease
         good for ``margin`` more seconds, then, with ``applying``,
-        :class:`~shardlite.movejournal.PlanCancelled` unless its plan is ``applying``. A plain read (it
+        :class:`~shardlite.core.movejournal.PlanCancelled` unless its plan is ``applying``. A plain read (it
         runs inside a tenant file's write lock)."""
         ...
 
     def set_step(self, move: MoveRow, owner: str, step: str, *, applying: bool, **fields: Any) -> None:
-        """Journal ``step`` (one of :data:`~shardlite.movejournal.STEPS`) and ``fields`` (names from
+        """Journal ``step`` (one of :data:`~shardlite.core.movejournal.STEPS`) and ``fields`` (names from
         :data:`STEP_FIELDS`; else :class:`ValueError`) for a move ``owner`` holds: the :meth:`check` (margin
         0) and the update are one atomic unit (PostgreSQL: the move row ``FOR UPDATE``, the plan row
         ``FOR SHARE``), so a cancel or takeover cannot commit between them. Raises LostClaim or

@@ -2,7 +2,7 @@
 :mod:`shardlite.meta.sqlite.kv`, the global DB's ``_shardlite_catalog_meta``).
 
 For rare, small, last-writer-wins values that every process of the root must see, such as the last error a
-relay logged (``relay_last_error``, :mod:`shardlite.relay_ops`). Not for anything hot, and not for anything
+relay logged (``relay_last_error``, :mod:`shardlite.services.relay_ops`). Not for anything hot, and not for anything
 that needs a compare-and-set.
 """
 

@@ -30,8 +30,8 @@ import builtins
 from collections.abc import Sequence
 from typing import Final, Protocol
 
-from ..catalog import Node
 from ..errors import ConfigurationError
+from ..files.catalog import Node
 
 __all__ = ["NodeRegistry", "Node", "NODE_STATES", "check_node_row"]
 
@@ -93,7 +93,7 @@ class NodeRegistry(Protocol):
 
 def check_node_row(name: str, path: str, weight: int, state: str) -> None:
     """:class:`~shardlite.ConfigurationError` unless a node row is storable (the checks every backend makes
-    before writing; the name's syntax is :func:`shardlite.store.check_node_name`'s business)."""
+    before writing; the name's syntax is :func:`shardlite.front.store.check_node_name`'s business)."""
     if not isinstance(name, str) or not name:
         raise ConfigurationError(f"invalid node name {name!r}")
     if not isinstance(path, str) or not path or "\0" in path:

@@ -3,7 +3,7 @@
 
 **Pending work.** A tenant whose outbox may hold events has a *flag*: a row ``(key, version, due, since)``.
 Relays find work by reading flags (never by opening every tenant file), so a missing flag strands events
-while a spurious one costs a relay one look. The rules that keep it so (see :mod:`shardlite.relay`):
+while a spurious one costs a relay one look. The rules that keep it so (see :mod:`shardlite.services.relay`):
 
 * whoever makes a tenant's empty outbox non-empty writes the flag *before* the tenant commit that does it
   (``tx.emit``, a restore or an import that keeps events, a dead-letter retry): :meth:`PendingWork.flag_many`
@@ -20,7 +20,7 @@ newer flag that happens to carry the same number).
 **Dead letters.** An event a handler kept failing on (or whose destination can never be created or was
 dropped) leaves its source's outbox and becomes a dead letter, identified by the event's identity
 ``(source, incarnation, seq)``. ``shardlite relay dead`` lists them and ``shardlite relay retry`` re-emits them
-as new events (exactly once: see :func:`shardlite.relay_ops.retry_dead`).
+as new events (exactly once: see :func:`shardlite.services.relay_ops.retry_dead`).
 
 Common rules (every backend): each method is one atomic unit (all of it or nothing is written); reads
 return committed data; keys are canonical tenant keys; text never contains NUL (U+0000, which PostgreSQL

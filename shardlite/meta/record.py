@@ -18,8 +18,8 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from ..engine import fsync_dir
 from ..errors import ConfigurationError
+from ..files.engine import fsync_dir
 from .location import MetaLocation, recorded_location
 
 __all__ = ["RECORD_NAME", "RootRecord", "read_record", "write_record", "new_root_id"]

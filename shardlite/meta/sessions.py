@@ -1,7 +1,7 @@
 """The contract of session rows: :class:`SessionStore`.
 
 The backend stores rows keyed by the SHA-256 digest of a token (the token itself never reaches it: brief
-rule 11); the policy stays in :mod:`shardlite.sessions` (token minting, TTLs, expiry checks of
+rule 11); the policy stays in :mod:`shardlite.front.sessions` (token minting, TTLs, expiry checks of
 ``resolve``, the digest cache, the throttling of ``touch``). Common rules of every method:
 
 * Each method is one atomic unit; reads see committed data only.
@@ -10,7 +10,7 @@ rule 11); the policy stays in :mod:`shardlite.sessions` (token minting, TTLs, ex
 * Times are the caller's clock (the router's ``clock``), never the backend's: tests inject one.
 * A session is *live at* ``now`` when it is not revoked, ``now < expires``, and ``idle_ttl`` is None or
   ``now - last_seen < idle_ttl``.
-* Digests are bytes (32 of them from :mod:`shardlite.sessions`); a backend must not assume more.
+* Digests are bytes (32 of them from :mod:`shardlite.front.sessions`); a backend must not assume more.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from ..sessions import Session
+    from ..front.sessions import Session
 
 __all__ = ["SessionStore"]
 
@@ -34,7 +34,7 @@ class SessionStore(Protocol):
         ...
 
     def live(self, digest: bytes) -> Session | None:
-        """The session with this digest as a :class:`~shardlite.sessions.Session`, or None when there is
+        """The session with this digest as a :class:`~shardlite.front.sessions.Session`, or None when there is
         none or it is revoked. Expiry is *not* checked here (the caller's clock decides).
 
         **The hot path of every authenticated request**: one indexed read, no transaction, no lock, no

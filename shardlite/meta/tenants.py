@@ -10,7 +10,7 @@ Rules every backend keeps (each has a test in ``tests/test_meta_tenants.py``):
 * Every method is one atomic unit (one SQLite ``BEGIN IMMEDIATE``, one PostgreSQL transaction); reads
   return committed data only.
 * States: ``active`` and ``moving`` are live; ``dropping`` (a drop under way: routes nowhere) and
-  ``dropped`` (the tombstone). Keys are canonical (:func:`shardlite.keys.canonical`); they are compared
+  ``dropped`` (the tombstone). Keys are canonical (:func:`shardlite.core.keys.canonical`); they are compared
   and ordered by code point (SQLite's BINARY on UTF-8; PostgreSQL needs ``COLLATE "C"``).
 * A compare-and-set that lost raises :class:`~shardlite.MetaConflict` and writes nothing.
 * **Scope.** The key space is the store's: one per SQLite root, one per PostgreSQL database (shared by
@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator, Sequence
 from typing import Any, Final, Protocol
 
-from ..catalog import TenantRecord
+from ..files.catalog import TenantRecord
 
 __all__ = ["TenantCatalog", "TenantRecord", "LIVE", "STATES", "check_states", "record_of"]
 

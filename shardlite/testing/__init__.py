@@ -59,10 +59,10 @@ from typing import Any
 
 import pytest
 
-from ..accounts import ScryptParams
-from ..aio import AsyncRouter
-from ..router import Router
-from ..schema import Step
+from ..files.schema import Step
+from ..front.accounts import ScryptParams
+from ..front.aio import AsyncRouter
+from ..front.router import Router
 from .delivery import Delivery, Undelivered, adeliver, deliver
 from .events import ANY, EventRecorder, RecordedEvent
 from .routers import FAST_RETRY, FAST_SCRYPT, AsyncRouterFactory, LoopRunner, RouterFactory, Schema, router_options

@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..aio import AsyncRouter
+from ..core.outbox import from_json
 from ..errors import UnknownTenant
-from ..outbox import from_json
-from ..relay import PassStats, Relay
-from ..router import Router
-from ..store import Store
+from ..front.aio import AsyncRouter
+from ..front.router import Router
+from ..front.store import Store
+from ..services.relay import PassStats, Relay
 from .events import _shown
 
 __all__ = ["deliver", "adeliver", "Delivery", "Undelivered"]

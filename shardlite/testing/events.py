@@ -22,12 +22,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..aio import AsyncRouter
+from ..core.keys import canonical
+from ..core.outbox import from_json, to_json
 from ..errors import UnknownTenant
-from ..keys import canonical
-from ..outbox import from_json, to_json
-from ..router import Router
-from ..store import Store
+from ..front.aio import AsyncRouter
+from ..front.router import Router
+from ..front.store import Store
 
 __all__ = ["EventRecorder", "RecordedEvent", "ANY"]
 

@@ -15,11 +15,11 @@ import os
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
-from ..accounts import ScryptParams
-from ..aio import AsyncRouter
-from ..outbox import RetryPolicy
-from ..router import Router
-from ..schema import Step
+from ..core.outbox import RetryPolicy
+from ..files.schema import Step
+from ..front.accounts import ScryptParams
+from ..front.aio import AsyncRouter
+from ..front.router import Router
 
 __all__ = ["FAST_SCRYPT", "FAST_RETRY", "Schema", "router_options", "LoopRunner", "RouterFactory",
            "AsyncRouterFactory"]

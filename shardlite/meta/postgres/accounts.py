@@ -29,8 +29,8 @@ from typing import Any
 
 import psycopg
 
-from ...accounts import Account
 from ...errors import EmailTaken, UnknownAccount
+from ...front.accounts import Account
 from ..accounts import (
     ACCOUNT_COLUMNS,
     CREDENTIAL_COLUMNS,

@@ -19,8 +19,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from ...engine import Settings
-from ...globaldb import GLOBAL_DB_NAME
+from ...files.engine import Settings
+from ...files.globaldb import GLOBAL_DB_NAME
 from ..sqlite.meta import SqliteMeta
 from ..tables import TABLES, Table
 from .connect import Pool

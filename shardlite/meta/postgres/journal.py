@@ -31,10 +31,10 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import Connection
 
-from ...catalog import TenantRecord
+from ...core.movejournal import FINISHED, MAX_LISTED, LostClaim, MoveRow, PlanCancelled
+from ...core.planning import Move
 from ...errors import ConfigurationError, MetaConflict
-from ...movejournal import FINISHED, MAX_LISTED, LostClaim, MoveRow, PlanCancelled
-from ...planning import Move
+from ...files.catalog import TenantRecord
 from ..journal import MoveJournal, PlanRow, plain_plan, plain_text, step_fields, stored_error
 from .connect import Pool
 from .txn import ATTEMPTS, RETRYABLE, gave_up, in_transaction, pause

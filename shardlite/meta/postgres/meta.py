@@ -8,9 +8,9 @@ from contextlib import AbstractContextManager
 
 import psycopg
 
-from ...engine import Settings
 from ...errors import ConfigurationError
-from ...globaldb import APP_DB_NAME, GlobalDB
+from ...files.engine import Settings
+from ...files.globaldb import APP_DB_NAME, GlobalDB
 from ..location import MetaLocation
 from ..sqlite.app_globals import SqliteAppGlobals
 from ..store import MetaStore

@@ -29,8 +29,8 @@ from typing import Any
 
 from psycopg import Connection, errors
 
-from ...catalog import Node
 from ...errors import ConfigurationError, MetaConflict
+from ...files.catalog import Node
 from ..nodes import NODE_STATES, NodeRegistry, check_node_row
 from .connect import Pool
 from .txn import constraint_of, has_nul, in_transaction, statement

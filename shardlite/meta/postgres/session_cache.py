@@ -33,7 +33,7 @@ from .listen import Listener
 from .sessions import PgSessions
 
 if TYPE_CHECKING:
-    from ...sessions import Session
+    from ...front.sessions import Session
 
 __all__ = ["CachedSessions", "MAX_AGE", "MAX_ENTRIES"]
 

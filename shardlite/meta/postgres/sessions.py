@@ -20,7 +20,7 @@ from __future__ import annotations
 import psycopg
 
 from ...errors import AuthenticationFailed, UnknownAccount
-from ...sessions import Session
+from ...front.sessions import Session
 from ..sessions import SessionStore
 from .accounts import SESSION_HINTS, account_hint, digest_hint, unknown_account
 from .connect import Pool

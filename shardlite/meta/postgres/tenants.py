@@ -30,8 +30,8 @@ from typing import Any
 
 from psycopg import Connection, errors
 
-from ...catalog import TenantRecord
 from ...errors import ConfigurationError, MetaConflict
+from ...files.catalog import TenantRecord
 from ..tenants import LIVE, TenantCatalog, check_states, record_of
 from .connect import Pool
 from .txn import constraint_of, has_nul, in_transaction, statement

@@ -2,7 +2,7 @@
 
 ``<root>/global.db`` holds shardlite's own tables (only shardlite's statements ever run on it) and
 ``<root>/app_global.db`` the app's global tables (user SQL, under the authorizer); see
-:mod:`shardlite.globaldb`.
+:mod:`shardlite.files.globaldb`.
 """
 
 from __future__ import annotations

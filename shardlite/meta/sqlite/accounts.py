@@ -1,7 +1,7 @@
 """Accounts and credentials in ``<root>/global.db``: the SQLite :class:`~shardlite.meta.accounts.AccountStore`
 and :class:`~shardlite.meta.accounts.CredentialStore`.
 
-Every write is one ``BEGIN IMMEDIATE`` transaction on the global writer (:class:`~shardlite.globaldb.GlobalDB`),
+Every write is one ``BEGIN IMMEDIATE`` transaction on the global writer (:class:`~shardlite.files.globaldb.GlobalDB`),
 which also serialises the read-modify-write of :meth:`SqliteAccounts.update_profile`. E-mail uniqueness is
 the ``UNIQUE`` constraint on ``_shardlite_accounts.email_key``; a violation is told from others by the
 constraint it names (SQLite reports ``UNIQUE constraint failed: _shardlite_accounts.email_key``, the
@@ -17,10 +17,10 @@ from typing import Any
 
 import apsw
 
-from ...accounts import Account
-from ...authorizer import INTERNAL_SQL as _I
 from ...errors import EmailTaken, UnknownAccount
-from ...globaldb import GlobalDB
+from ...files.authorizer import INTERNAL_SQL as _I
+from ...files.globaldb import GlobalDB
+from ...front.accounts import Account
 from ..accounts import (
     ACCOUNT_COLUMNS,
     CREDENTIAL_COLUMNS,

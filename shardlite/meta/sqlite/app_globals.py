@@ -1,7 +1,7 @@
 """The app's global tables in ``<root>/app_global.db``: :class:`SqliteAppGlobals`, the
 :class:`~shardlite.meta.app_globals.AppGlobals` of every backend for now (see that module).
 
-Writes take the one writer of ``app_global.db`` (:class:`~shardlite.globaldb.GlobalDB` with ``user_sql``:
+Writes take the one writer of ``app_global.db`` (:class:`~shardlite.files.globaldb.GlobalDB` with ``user_sql``:
 BEGIN IMMEDIATE, a savepoint when nested, the body under the authorizer); reads run on this thread's
 ``query_only`` reader. The version is the file's ``PRAGMA user_version``.
 
@@ -19,13 +19,13 @@ from typing import Any
 
 import apsw
 
-from ...authorizer import INTERNAL_SQL as _I
-from ...copying import inert
 from ...errors import ShardliteError
-from ...globaldb import GlobalDB
-from ...sanitize import shown
-from ...schema import Step, run_step
-from ...transaction import Params, Transaction
+from ...files.authorizer import INTERNAL_SQL as _I
+from ...files.copying import inert
+from ...files.globaldb import GlobalDB
+from ...files.sanitize import shown
+from ...files.schema import Step, run_step
+from ...front.transaction import Params, Transaction
 from ..app_globals import AppGlobals
 
 __all__ = ["SqliteAppGlobals", "quote_name", "NOT_SQLITE"]

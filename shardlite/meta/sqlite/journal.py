@@ -1,7 +1,7 @@
 """:class:`SqliteJournal`: the :class:`~shardlite.meta.journal.MoveJournal` in ``<root>/global.db``.
 
-Tables ``_shardlite_rebalance`` and ``_shardlite_moves`` (created by :mod:`shardlite.catalog`). Every write
-is one ``BEGIN IMMEDIATE`` on the global DB (:mod:`shardlite.globaldb`), which admits one writer at a time
+Tables ``_shardlite_rebalance`` and ``_shardlite_moves`` (created by :mod:`shardlite.files.catalog`). Every write
+is one ``BEGIN IMMEDIATE`` on the global DB (:mod:`shardlite.files.globaldb`), which admits one writer at a time
 for the whole file: that is what makes each read-check-write below atomic, and what keeps a
 :meth:`~SqliteJournal.holding` block exclusive (its transaction stays open for the block).
 """
@@ -16,12 +16,12 @@ from typing import Any
 
 import apsw
 
-from ...authorizer import INTERNAL_SQL as _I
-from ...catalog import TenantRecord
+from ...core.movejournal import FINISHED, MAX_LISTED, LostClaim, MoveRow, PlanCancelled
+from ...core.planning import Move
 from ...errors import ConfigurationError
-from ...globaldb import GlobalDB
-from ...movejournal import FINISHED, MAX_LISTED, LostClaim, MoveRow, PlanCancelled
-from ...planning import Move
+from ...files.authorizer import INTERNAL_SQL as _I
+from ...files.catalog import TenantRecord
+from ...files.globaldb import GlobalDB
 from ..journal import MoveJournal, PlanRow, plain_plan, plain_text, step_fields, stored_error
 from .tenants import SqliteTenants
 

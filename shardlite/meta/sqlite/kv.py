@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ...authorizer import INTERNAL_SQL as _I
-from ...globaldb import GlobalDB
+from ...files.authorizer import INTERNAL_SQL as _I
+from ...files.globaldb import GlobalDB
 from ..kv import MetaKV
 from .failures import UNAVAILABLE, refuse_nul, unavailable
 

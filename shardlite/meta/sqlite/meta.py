@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
-from ...catalog import SqliteCatalog
-from ...engine import Settings
-from ...globaldb import APP_DB_NAME, GlobalDB
+from ...files.catalog import SqliteCatalog
+from ...files.engine import Settings
+from ...files.globaldb import APP_DB_NAME, GlobalDB
 from ..store import MetaStore
 from .accounts import SqliteAccounts, SqliteCredentials
 from .app_globals import SqliteAppGlobals

@@ -1,6 +1,6 @@
 """:class:`SqliteNodes`: the :class:`~shardlite.meta.nodes.NodeRegistry` in ``global.db`` (``_shardlite_nodes``).
 
-Each write is one ``BEGIN IMMEDIATE`` on the global writer (:class:`~shardlite.globaldb.GlobalDB`), so
+Each write is one ``BEGIN IMMEDIATE`` on the global writer (:class:`~shardlite.files.globaldb.GlobalDB`), so
 every check below and the write it guards are one unit. ``_shardlite_tenants.node`` references a node by
 name (a foreign key, ``PRAGMA foreign_keys=ON``): a node is deleted only after its tombstones moved away.
 """
@@ -15,10 +15,10 @@ from typing import Any
 
 import apsw
 
-from ...authorizer import INTERNAL_SQL as _I
-from ...catalog import Node
 from ...errors import ConfigurationError, MetaConflict
-from ...globaldb import GlobalDB
+from ...files.authorizer import INTERNAL_SQL as _I
+from ...files.catalog import Node
+from ...files.globaldb import GlobalDB
 from ..nodes import NODE_STATES, NodeRegistry, check_node_row
 
 __all__ = ["SqliteNodes"]

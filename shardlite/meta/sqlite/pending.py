@@ -18,8 +18,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ...authorizer import INTERNAL_SQL as _I
-from ...globaldb import GlobalDB
+from ...files.authorizer import INTERNAL_SQL as _I
+from ...files.globaldb import GlobalDB
 from ..pending import DeadLetter, DeadLetters, PendingRow, PendingWork
 from .failures import UNAVAILABLE, refuse_nul, unavailable
 

@@ -1,6 +1,6 @@
 """Sessions in ``<root>/global.db``: the SQLite :class:`~shardlite.meta.sessions.SessionStore`.
 
-Reads run on this thread's ``query_only`` reader of :class:`~shardlite.globaldb.GlobalDB` (no lock, WAL
+Reads run on this thread's ``query_only`` reader of :class:`~shardlite.files.globaldb.GlobalDB` (no lock, WAL
 readers never block); writes are one ``BEGIN IMMEDIATE`` transaction each on the global writer, which also
 makes :meth:`SqliteSessions.rotate`'s check and writes one unit. The revokes are compare-and-set updates
 (``revoked IS NULL``), judged by ``changes()``.
@@ -12,10 +12,10 @@ from typing import Any
 
 import apsw
 
-from ...authorizer import INTERNAL_SQL as _I
 from ...errors import AuthenticationFailed, UnknownAccount
-from ...globaldb import GlobalDB
-from ...sessions import Session
+from ...files.authorizer import INTERNAL_SQL as _I
+from ...files.globaldb import GlobalDB
+from ...front.sessions import Session
 from ..sessions import SessionStore
 
 __all__ = ["SqliteSessions"]

@@ -1,7 +1,7 @@
 """:class:`SqliteTenants`: the :class:`~shardlite.meta.tenants.TenantCatalog` in ``global.db``
 (``_shardlite_tenants``, and ``_shardlite_generations`` for the generation counter).
 
-Atomicity comes from :class:`~shardlite.globaldb.GlobalDB`: each write is one ``BEGIN IMMEDIATE`` (a
+Atomicity comes from :class:`~shardlite.files.globaldb.GlobalDB`: each write is one ``BEGIN IMMEDIATE`` (a
 savepoint when the caller already holds the global writer, as the mover's flip inside
 ``Journal.holding`` does), and reads run on the thread's ``query_only`` reader. Generations are the
 ``INTEGER PRIMARY KEY AUTOINCREMENT`` of ``_shardlite_generations``: never reused, even after a delete.
@@ -15,10 +15,10 @@ from collections.abc import Collection, Iterator, Sequence
 
 import apsw
 
-from ...authorizer import INTERNAL_SQL as _I
-from ...catalog import TenantRecord
 from ...errors import ConfigurationError, MetaConflict
-from ...globaldb import GlobalDB
+from ...files.authorizer import INTERNAL_SQL as _I
+from ...files.catalog import TenantRecord
+from ...files.globaldb import GlobalDB
 from ..tenants import LIVE, TenantCatalog, check_states, record_of
 
 __all__ = ["SqliteTenants"]

@@ -1,0 +1,595 @@
+"""The relay: delivers outbox events to their handlers on the destination tenants (brief rules 9, 12, 15).
+
+Finding work. A tenant with pending events has a row in the global DB's ``_shardlite_pending`` table. The
+row is written only on transitions: by ``tx.emit`` when it finds the outbox empty (*before* that
+transaction commits), and by the relay when a pass leaves the outbox empty (deleted) or waiting for a retry
+(its due time moves). Relays read the table (a read, never every tenant file) to find due tenants.
+
+Claiming. A relay claims a source tenant inside the tenant's own file (``_shardlite_relay``, a lease of
+``lease`` seconds) so several relays never work one source at once and never fight over the global DB. A
+relay that dies leaves a lease that expires; another relay then takes over. An acknowledgement renews the
+lease when less than half of it is left, and while more than a quarter is left the next pass *reads* the
+source (claim row, incarnation and outbox in one snapshot on its write connection) instead of claiming it
+in a write transaction: a busy source costs one write per pass, not two. ``stop()`` and the end of
+``drain()`` give the leases up.
+
+One pass over a set of sources (every due one, up to ``sources_per_pass``):
+
+1. claim each source ``S`` and read up to ``batch`` of its outbox rows in seq order;
+2. :func:`~shardlite.core.outbox.plan` what is due and has a handler, per destination, in order, and group the
+   sources' plans by destination;
+3. for each destination ``D``: **one** write transaction on ``D`` for all the sources with events for it
+   (:mod:`shardlite.services.delivery`: inbox marks make a redelivery a no-op, each handler runs in a savepoint,
+   the first failing handler stops its (source, destination) pair for this pass, not the other pairs);
+4. acknowledge in each ``S``: delete delivered events, count failures (backoff, or dead letter after
+   ``max_attempts``), renew the lease if it runs short; the pending flag's version is read inside this
+   transaction, under ``S``'s write lock, and the flags of the sources left empty are deleted afterwards
+   (one global write for the pass), each only if no emitter re-flagged it since (an emitter that finds
+   the outbox empty bumps the version). No event is stranded: a crash anywhere leaves either the flag or nothing to
+   deliver. A source an application transaction holds locked is acknowledged after the free ones, waiting
+   at most ``ACK_WAIT_MS``; one still locked is acknowledged by a later pass (never counted as a failure).
+
+A crash between ``D``'s commit and ``S``'s acknowledgement redelivers those events later; the inbox mark
+makes that a no-op. Handlers must keep their effects inside the transaction they are given.
+
+Confinement (rule 15). A failure in one tenant never stops the pass for the others:
+
+* a *source* that fails (an error while claiming, reading or acknowledging it: a hostile schema that
+  breaks shardlite's own statements, a file that cannot be opened or written) is skipped; its pending
+  flag's due time backs off exponentially (the policy's ``backoff_base`` to ``backoff_cap``, counted in
+  consecutive failures) and ``status()`` shows its error. ``drain()`` retries it ``max_attempts`` times,
+  then leaves it flagged;
+* a *destination* that fails is treated like a failing handler (:mod:`shardlite.services.delivery`): its events
+  count failed attempts and end as dead letters with the error text;
+* an *unavailable* tenant (being moved, locked by another writer past ``LOCK_WAIT_MS``, or a destination
+  whose metadata cannot be reached or written now: :mod:`shardlite.services.delivery`) is not a failure: nothing
+  is counted; a destination's events stay in the outbox, in order, and it is tried again after a short
+  backoff (``RetryPolicy.unavailable_delay``) without delaying other destinations; a busy source is
+  simply left for the next pass. No pass waits on one tenant longer than the lock wait
+  (a move is not waited for);
+* errors are reported naming the tenant, its file and the cause, logged at most once per
+  ``LOG_INTERVAL`` per kind with a count of those suppressed (:mod:`shardlite.services.relay_health`); the last
+  one is recorded in the global DB for ``shardlite relay status``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.outbox import OutboxRow, RetryPolicy, backoff, next_due, plan
+from ..errors import Busy, TenantMoving, UnknownTenant
+from ..files.schema import REMEMBER_LAST_SEQ
+from ..front.store import Store
+from ..meta.pending import DeadLetter
+from . import relay_ops
+from .delivery import DONE, UNAVAILABLE, Claim, Deliverer, Group, Handler, HandlerRegistry, describe_tenant
+from .relay_health import LOG_INTERVAL, ErrorLog, Troubles, describe, error_kind, error_text
+
+__all__ = ["Relay", "PassStats", "Handler", "HandlerRegistry", "LEASE_SECONDS", "ACK_WAIT_MS", "LOCK_WAIT_MS",
+           "LOG_INTERVAL"]
+
+log = logging.getLogger("shardlite.relay")
+
+#: How long a relay's claim on a source tenant lasts; a relay that died is replaced after at most this.
+LEASE_SECONDS = 10.0
+#: How long the second try at acknowledging a source that an application transaction had locked waits.
+ACK_WAIT_MS = 2
+#: How long a claim or a delivery waits for another writer's lock on one tenant: a tenant still locked
+#: after it is tried again later, so that it never delays the others.
+LOCK_WAIT_MS = 5
+
+# The batch size is written into the SQL text (see feed.page_query: a bound LIMIT re-prepares every run).
+_READ_OUTBOX = ("SELECT seq, dest, topic, payload, created, attempts, next_at, origin FROM _shardlite_outbox "
+                "ORDER BY seq LIMIT {batch:d}")
+#: A source whose lease this relay still holds is read, not claimed: the claim row, the file's incarnation
+#: and a batch of its outbox in one snapshot (one row with NULL event columns when the outbox is empty).
+_PEEK = ("SELECT r.claimed_by, r.claimed_until, m.incarnation, o.seq, o.dest, o.topic, o.payload, o.created, "
+         "o.attempts, o.next_at, o.origin FROM _shardlite_meta AS m JOIN _shardlite_relay AS r ON r.id = 1 "
+         "LEFT JOIN (SELECT * FROM _shardlite_outbox ORDER BY seq LIMIT {batch:d}) AS o WHERE m.id = 1 ORDER BY o.seq")
+
+
+@dataclass
+class PassStats:
+    """What one pass (or a drain, summed) did. ``progressed``: something was delivered, failed or died."""
+
+    delivered: int = 0
+    failed: int = 0  # failed attempts (a handler, or its destination as a whole)
+    dead: int = 0
+    unhandled: int = 0
+    waiting: int = 0
+    skipped: int = 0  # sources claimed by another relay
+    sources: int = 0
+    deferred: int = 0  # events held back because their destination was unavailable (nothing counted)
+    tenant_errors: int = 0  # sources and destinations that failed as a whole
+    unhandled_topics: set[str] = field(default_factory=set)
+    failing: set[str] = field(default_factory=set)  # those tenants, and the sources still backing off
+    next_retry: float | None = None  # earliest time something held back (a retry delay, a tenant) is due
+    claimed_until: float | None = None  # latest lease of another relay that kept a source from us
+
+    @property
+    def progressed(self) -> bool:
+        return self.delivered + self.failed + self.dead > 0
+
+    def retry_at(self, when: float) -> None:
+        """Something held back becomes due at ``when``."""
+        if self.next_retry is None or when < self.next_retry:
+            self.next_retry = when
+
+    def add(self, other: PassStats) -> None:
+        for name in ("delivered", "failed", "dead", "unhandled", "waiting", "skipped", "sources", "deferred",
+                     "tenant_errors"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.unhandled_topics |= other.unhandled_topics
+        self.failing |= other.failing
+        for name, pick in (("next_retry", min), ("claimed_until", max)):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            setattr(self, name, theirs if mine is None else mine if theirs is None else pick(mine, theirs))
+
+
+class _ClaimedElsewhere(Exception):
+    """Internal: another live relay holds the source's lease until ``until``."""
+
+    def __init__(self, until: float) -> None:
+        super().__init__(until)
+        self.until = until
+
+
+class Relay:
+    """Delivers events for one store. ``start()``/``stop()`` run it on a background thread;
+    ``run_once()`` and ``drain()`` run it on the caller's thread."""
+
+    def __init__(self, store: Store, handlers: dict[str, Handler], *, policy: RetryPolicy | None = None,
+                 lease: float = LEASE_SECONDS, batch: int = 500, poll_interval: float = 0.05,
+                 unhandled_recheck: float = 5.0) -> None:
+        self.store = store
+        self.handlers = handlers
+        self.policy = policy or RetryPolicy()
+        self.lease = lease
+        self.batch = batch
+        self.poll_interval = poll_interval
+        self.unhandled_recheck = unhandled_recheck
+        #: Seconds before a source found under another relay's lease is looked at again (it may be released
+        #: long before the lease ends).
+        self.claimed_recheck = 0.5
+        #: How many sources one pass claims before it delivers: their events for a destination are applied
+        #: in one transaction there. Claims last ``lease`` seconds, so keep a pass well inside it.
+        self.sources_per_pass = 256
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._skip_until: dict[str, float] = {}
+        self._hot: set[str] = set()  # sources this process just emitted from: passed at once
+        self._held: set[str] = set()  # sources whose lease this relay (probably) holds
+        self._failing_sources = Troubles()  # backing off (see the module doc)
+        self._failing_dests = Troubles()  # for status() only: their events count the failed attempts
+        self._unavailable = Troubles()  # destinations moving or locked: tried again soon, nothing counted
+        self._moving_sources = Troubles()  # sources found moving: looked at again soon
+        #: Rate-limited error reports; ``errors.last`` is the newest error (see :mod:`~shardlite.services.relay_health`)
+        self.errors = ErrorLog(log, on_logged=self._record_error)
+        self._deliverer = Deliverer(store, handlers, self.report, LOCK_WAIT_MS)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: Test hook: called with a step name ("claimed", "delivered", "acknowledged") during each pass, and
+        #: by :meth:`retry_dead` ("re-emitting": before the source's commit of a re-emit; "re-emitted": between
+        #: that commit and the letter's deletion), so crash tests can kill the process at an exact point.
+        self.fault: Callable[[str], None] | None = None
+
+    @property
+    def last_error(self) -> dict[str, Any] | None:
+        """The newest error this relay met: ``{"at", "tenant", "error"}`` (None if none)."""
+        return self.errors.last
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Run the relay on a daemon thread until :meth:`stop` (idempotent)."""
+        if self.running:
+            return
+        self._stop.clear()
+        self.store.emitter.listen(self.notify)
+        self._thread = threading.Thread(target=self._loop, name="shardlite-relay", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the thread after its current pass and give up the leases this relay holds (idempotent)."""
+        thread = self._thread
+        if thread is not None:
+            self._stop.set()
+            self._wake.set()
+            thread.join(timeout)
+            self.store.emitter.unlisten(self.notify)
+            self._thread = None
+        if self._held and not self.store.closed:
+            self.release_claims()
+        self.errors.flush()
+
+    def notify(self, source: str) -> None:
+        """``source`` committed new events in this process: pass over it at once, whatever its due time."""
+        self._hot.add(source)
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.run_once().progressed
+            except Exception as exc:  # noqa: BLE001 - a relay thread must survive anything a pass throws
+                self.pass_failed(exc)
+                busy = False
+            if not busy:
+                self._wake.wait(self.poll_interval)
+                self._wake.clear()
+
+    def pass_failed(self, exc: BaseException) -> None:
+        """A whole pass failed (not one tenant: the global DB, or a bug): report it, rate-limited, with
+        a traceback on the lines that are logged."""
+        self.errors.report(f"relay pass failed: {error_text(exc)}", kind=f"pass: {error_kind(exc)}", exc_info=exc)
+
+    # -- passes -----------------------------------------------------------------------------------------
+
+    def run_once(self, *, limit: int = 64, every: bool = False) -> PassStats:
+        """One pass over every due, unclaimed source (at most ``limit``); ``every`` ignores due times."""
+        now = time.time()
+        hot, self._hot = self._hot, set()
+        pending = self.store.meta.pending
+        flagged = (row.key for row in (pending.all() if every else pending.due(now, limit)))
+        keys = list(dict.fromkeys([*hot, *flagged]))
+        total = PassStats()
+        ready: list[str] = []
+        for key in keys:
+            until = self._skip_until.get(key, 0.0)
+            if until > now:
+                total.skipped += 1
+                total.claimed_until = until if total.claimed_until is None else max(total.claimed_until, until)
+            else:
+                ready.append(key)
+        for start in range(0, len(ready), self.sources_per_pass):
+            total.add(self._pass(ready[start:start + self.sources_per_pass]))
+        return total
+
+    def drain(self, *, timeout: float = 60.0) -> PassStats:
+        """Run passes over every flagged source until nothing more can be delivered: waiting out retry
+        delays, unavailable destinations and the leases of relays that died, or until ``timeout``. Events
+        with no handler here (and those behind them on the same pair) stay pending, and so do the events
+        of a source that failed ``max_attempts`` times in a row (``stats.failing``)."""
+        deadline = time.monotonic() + timeout
+        total = PassStats()
+        try:
+            while time.monotonic() < deadline:
+                stats = self.run_once(every=True)
+                total.add(stats)
+                if stats.progressed:
+                    continue
+                wake_at = [t for t in (stats.next_retry, stats.claimed_until) if t is not None]
+                if not wake_at:
+                    break  # nothing left, or only events no handler here can take
+                pause = min(wake_at) - time.time()
+                time.sleep(min(max(pause, 0.005), 0.25, max(0.0, deadline - time.monotonic())))
+                self._skip_until = {k: v for k, v in self._skip_until.items() if v > time.time()}
+        finally:
+            if not self.running:
+                self.release_claims()
+            self.errors.flush()
+        return total
+
+    def pass_over(self, source: str) -> PassStats:
+        """Deliver what is due from ``source``'s outbox (see the module doc for the protocol)."""
+        return self._pass([source])
+
+    def _pass(self, sources: list[str]) -> PassStats:
+        """Claim ``sources``, deliver their due events grouped by destination (one write transaction per
+        destination, whatever the number of sources writing to it), then acknowledge each source."""
+        now = time.time()
+        stats = PassStats()
+        claimed: list[Claim] = []
+        for source in sources:
+            stats.sources += 1
+            if (self._failing_sources or self._unavailable or self._moving_sources) and self._held_back(
+                    source, now, stats):
+                continue
+            try:
+                claim = self._claim(source, now)
+            except UnknownTenant:
+                self._held.discard(source)
+                self._failing_sources.clear(source)
+                self._forget_source(source)
+                continue
+            except _ClaimedElsewhere as other:
+                # look again soon, not only when the lease ends: its holder may give it up at once (stop)
+                self._skip_until[source] = min(other.until, now + self.claimed_recheck)
+                stats.skipped += 1
+                stats.claimed_until = other.until if stats.claimed_until is None else max(
+                    stats.claimed_until, other.until)
+                continue
+            except Busy as exc:  # an application transaction holds it: the next pass tries again
+                log.debug("relay: source %r is locked (%s)", source, exc)
+                stats.retry_at(now + self.poll_interval)
+                continue
+            except TenantMoving as exc:
+                self._set_unavailable(self._moving_sources, "source", source, exc, stats)
+                continue
+            except Exception as exc:  # noqa: BLE001 - confined to this source (module doc)
+                self._source_failed(source, exc, stats)
+                continue
+            if self._moving_sources:
+                self._moving_sources.clear(source)
+            claimed.append(claim)
+        if not claimed:
+            return stats
+        if self.fault is not None:
+            self.fault("claimed")
+        by_dest: dict[str, list[Group]] = {}
+        for claim in claimed:
+            stats.waiting += claim.work.waiting
+            stats.unhandled += len(claim.work.unhandled)
+            stats.unhandled_topics |= {row.topic for row in claim.work.unhandled}
+            due = claim.work.next_due
+            if due is not None:
+                stats.retry_at(due)
+            for dest, dest_rows in claim.work.deliver.items():
+                by_dest.setdefault(dest, []).append((claim, dest_rows))
+        for dest, groups in by_dest.items():
+            self._deliver(dest, groups, now, stats)
+        if self.fault is not None:
+            self.fault("delivered")
+        emptied: list[tuple[str, int]] = []
+        # An application transaction may hold a source's lock for a while (a group-commit batch stays open
+        # for a loop iteration): acknowledge the free sources first, then those that were busy, waiting a
+        # little; one still locked is acknowledged by a later pass (its events redelivered: a no-op then).
+        busy: list[Claim] = []
+        for claim in claimed:
+            try:
+                self._acknowledge(claim, stats, emptied, wait_ms=0)
+            except Busy:
+                busy.append(claim)
+            except TenantMoving as exc:
+                log.debug("relay: could not acknowledge %r now (%s)", claim.source, exc)
+        for claim in busy:
+            try:
+                self._acknowledge(claim, stats, emptied, wait_ms=ACK_WAIT_MS)
+            except (Busy, TenantMoving) as exc:
+                log.debug("relay: %r stays unacknowledged until a later pass (%s)", claim.source, exc)
+        if emptied:
+            self.store.meta.pending.clear_many(emptied)
+        return stats
+
+    def _held_back(self, source: str, now: float, stats: PassStats) -> bool:
+        """True when ``source`` backs off after failing, or waits after being found moving (as a source or
+        as a destination: a source's first read would wait for the move)."""
+        trouble = self._moving_sources.waiting(source, now)
+        if trouble is None:
+            trouble = self._unavailable.waiting(source, now)
+            if trouble is not None and trouble.cause != TenantMoving.__name__:
+                trouble = None  # only locked: its claim waits a few ms at most
+        if trouble is not None:
+            stats.retry_at(trouble.until)
+            return True
+        trouble = self._failing_sources.waiting(source, now)
+        if trouble is None:
+            return False
+        stats.failing.add(source)
+        if trouble.tries < self.policy.max_attempts:  # drain() waits for a few tries, not for ever
+            stats.retry_at(trouble.until)
+        return True
+
+    def _deliver(self, dest: str, groups: list[Group], now: float, stats: PassStats) -> None:
+        """Deliver to ``dest`` unless it is known to be unavailable; defer its events if it is."""
+        if self._unavailable:
+            trouble = self._unavailable.waiting(dest, now)
+            if trouble is not None:
+                self._defer(groups, trouble.until, stats)
+                return
+        outcome = self._deliverer.deliver(dest, groups)
+        if outcome.state == DONE:
+            if self._unavailable:
+                self._unavailable.clear(dest)
+            if self._failing_dests:
+                self._failing_dests.clear(dest)
+        elif outcome.state == UNAVAILABLE:
+            assert outcome.exc is not None
+            self._defer(groups, self._set_unavailable(self._unavailable, "destination", dest, outcome.exc, stats),
+                        stats)
+        else:
+            assert outcome.exc is not None
+            self._failing_dests.add(dest, "destination", outcome.exc, outcome.text, time.time(), lambda _: 0.0)
+            stats.tenant_errors += 1
+            stats.failing.add(dest)
+
+    @staticmethod
+    def _defer(groups: list[Group], until: float, stats: PassStats) -> None:
+        for claim, rows in groups:
+            claim.defer(len(rows), until)
+            stats.deferred += len(rows)
+        stats.retry_at(until)
+
+    def _set_unavailable(self, troubles: Troubles, role: str, key: str, exc: BaseException,
+                         stats: PassStats) -> float:
+        """``key`` is moving or locked: not tried again before the returned time (nothing counted)."""
+        trouble = troubles.add(key, role, exc, describe(role, key, exc), time.time(), self.policy.unavailable_delay)
+        log.debug("relay: %s (try %d; again in %.2f s)", trouble.error, trouble.tries, trouble.until - time.time())
+        stats.retry_at(trouble.until)
+        return trouble.until
+
+    def _source_failed(self, source: str, exc: BaseException, stats: PassStats) -> None:
+        """An error while claiming, reading or acknowledging ``source``: report it and back off (here and in
+        its pending flag's due time, which every relay sees)."""
+        policy = self.policy
+        text = self.report("source", source, exc, "")
+        trouble = self._failing_sources.add(source, "source", exc, text, time.time(),
+                                            lambda tries: backoff(tries, policy.backoff_base, policy.backoff_cap))
+        stats.tenant_errors += 1
+        stats.failing.add(source)
+        if trouble.tries < policy.max_attempts:
+            stats.retry_at(trouble.until)
+        try:
+            self.store.meta.pending.set_due(source, trouble.until)
+        except Exception as err:  # noqa: BLE001 - the global DB's trouble: this relay's own backoff holds
+            self.errors.report(f"could not move the pending flag of {source!r}: {error_text(err)}",
+                               kind=f"global: {error_kind(err)}", tenant=source)
+
+    def report(self, role: str, key: str, exc: BaseException, note: str = "") -> str:
+        """Report an error about one tenant (rate-limited); returns its text (tenant, file, cause)."""
+        text = describe_tenant(self.store, role, key, exc, note)
+        self.errors.report(text, kind=f"{role}: {error_kind(exc)}", tenant=key)
+        return text
+
+    def _claim(self, source: str, now: float) -> Claim:
+        """Take the source's lease (in its own file) and read a batch of its outbox. It is read first: while
+        this relay's lease has more than a quarter of its time left (acknowledgements renew it) the read
+        is the claim (no other relay can take the source meanwhile, and emitters only add rows), and a
+        live lease of another relay is seen without taking the source's write lock."""
+        found = self.store.read_on_writer(source, _PEEK.format(batch=int(self.batch)), move_wait=0.0,
+                                          wait_ms=LOCK_WAIT_MS)
+        claimed_by, claimed_until, incarnation = found[0][:3]
+        if claimed_by == self.id and claimed_until - now > self.lease / 4:
+            rows = [OutboxRow(*row[3:]) for row in found if row[3] is not None]
+            return Claim(source, str(incarnation), plan(rows, self.handlers, now), float(claimed_until))
+        if claimed_by not in (None, self.id) and claimed_until > now:
+            self._held.discard(source)
+            raise _ClaimedElsewhere(float(claimed_until))
+        with self.store.writing(source, create=False, wait_ms=LOCK_WAIT_MS, move_wait=0) as handle:
+            claim: list[Any] = self.store.internal(
+                handle, "SELECT claimed_by, claimed_until FROM _shardlite_relay WHERE id = 1").fetchall()
+            claimed_by, claimed_until = claim[0]
+            if claimed_by not in (None, self.id) and claimed_until > now:
+                self._held.discard(source)
+                raise _ClaimedElsewhere(float(claimed_until))
+            self.store.internal(handle, "UPDATE _shardlite_relay SET claimed_by = ?, claimed_until = ? "
+                                "WHERE id = 1", (self.id, now + self.lease))
+            self._held.add(source)
+            found = self.store.internal(handle, _READ_OUTBOX.format(batch=int(self.batch))).fetchall()
+            rows = [OutboxRow(*row) for row in found]
+            return Claim(source, handle.incarnation, plan(rows, self.handlers, now), now + self.lease)
+
+    def release_claims(self) -> None:
+        """Give up the leases this relay holds (its acknowledgements renew them, so that its next pass over
+        a busy source needs no claim transaction): another relay can take those sources at once. A source
+        that cannot be written now keeps the lease until it runs out."""
+        held, self._held = self._held, set()
+        for source in held:
+            try:
+                with self.store.writing(source, create=False, wait_ms=LOCK_WAIT_MS, move_wait=0) as handle:
+                    self.store.internal(handle, "UPDATE _shardlite_relay SET claimed_by = NULL, claimed_until = 0 "
+                                        "WHERE id = 1 AND claimed_by = ?", (self.id,))
+            except (UnknownTenant, Busy, TenantMoving) as exc:  # expires by itself within the lease
+                log.debug("relay: could not release %r (%s)", source, exc)
+            except Exception as exc:  # noqa: BLE001 - one source never keeps the others' leases
+                self.report("source", source, exc, " (releasing its lease)")
+
+    def _acknowledge(self, claim: Claim, stats: PassStats, emptied: list[tuple[str, int]],
+                     wait_ms: int | None = None) -> None:
+        """In the source: delete what was delivered, count failures (backoff or dead letter), renew the
+        lease when less than half of it is left. A source left empty goes into ``emptied`` with the flag
+        version read under its write lock; one whose remaining events are due later gets its flag's due
+        time moved. Busy and TenantMoving propagate (nothing was written); any other error is the source's
+        failure (reported, backed off)."""
+        store, policy = self.store, self.policy
+        pending, letters = store.meta.pending, store.meta.dead_letters
+        source, delivered, failed, dead = claim.source, claim.delivered, claim.failed, claim.dead
+        next_due_at = claim.work.next_due
+        if claim.deferred_until is not None:
+            next_due_at = claim.deferred_until if next_due_at is None else min(next_due_at, claim.deferred_until)
+        now = time.time()
+        try:
+            with store.writing(source, create=False, wait_ms=wait_ms, move_wait=0) as handle:
+                if delivered or failed or dead:  # failed ones may turn dead (deleted) below
+                    store.internal(handle, REMEMBER_LAST_SEQ)  # before deleting: numbers never come back
+                if delivered:  # one cached statement per seq: no table-valued function a user table could shadow
+                    store.internal_many(handle, "DELETE FROM _shardlite_outbox WHERE seq = ?",
+                                        [(seq,) for seq in delivered])
+                for seq, (row, error) in failed.items():
+                    attempts = row.attempts + 1
+                    if policy.dead(attempts):
+                        dead[seq] = (row, error)
+                        continue
+                    retry_at = policy.next_at(now, attempts)
+                    store.internal(handle, "UPDATE _shardlite_outbox SET attempts = ?, next_at = ?, last_error = ? "
+                                   "WHERE seq = ?", (attempts, retry_at, error, seq))
+                    next_due_at = retry_at if next_due_at is None else min(next_due_at, retry_at)
+                    stats.retry_at(retry_at)
+                for seq in dead:  # deleted first: a source whose own statements fail records no letter
+                    store.internal(handle, "DELETE FROM _shardlite_outbox WHERE seq = ?", (seq,))
+                for seq, (row, error) in dead.items():  # before the COMMIT: a crash never loses one
+                    letters.add(DeadLetter(source, row.incarnation(handle.incarnation), seq, row.dest, row.topic,
+                                           row.payload, row.created, max(row.attempts + 1, 1),
+                                           error.replace("\x00", "\ufffd"), time.time()))
+                left: list[Any] = store.internal(handle, "SELECT count(*) FROM _shardlite_outbox").fetchall()
+                remaining = int(left[0][0])
+                # read under the source's write lock: an emitter that re-flags it after this commit bumps it
+                flag = pending.row(source) if remaining == 0 else None
+                if claim.until - time.time() < self.lease / 2:
+                    claim.until = time.time() + self.lease
+                    store.internal(handle, "UPDATE _shardlite_relay SET claimed_by = ?, claimed_until = ? "
+                                   "WHERE id = 1", (self.id, claim.until))
+        except UnknownTenant:
+            self._held.discard(source)
+            self._forget_source(source)
+            return
+        except (Busy, TenantMoving):
+            raise
+        except Exception as exc:  # noqa: BLE001 - confined to this source (module doc)
+            self._source_failed(source, exc, stats)
+            return
+        if self._failing_sources:
+            self._failing_sources.clear(source)
+        if self.fault is not None:
+            self.fault("acknowledged")
+        retrying = len(failed) - sum(1 for seq in failed if seq in dead)
+        stats.delivered += len(delivered)
+        stats.dead += len(dead)
+        stats.failed += retrying
+        if remaining == 0:
+            if flag is not None:
+                emptied.append((source, flag.version))
+            return
+        held = claim.work.waiting + len(claim.work.unhandled) + retrying + claim.deferred
+        due = next_due(now, remaining=remaining, held=held, retry_due=next_due_at,
+                       unhandled=bool(claim.work.unhandled), recheck=self.unhandled_recheck)
+        flag = pending.row(source)
+        current = flag.due if flag is not None else None
+        if current is None or (abs(current - due) > 1e-3 and not (current <= now and due <= now)):
+            pending.set_due(source, due)
+
+    def _forget_source(self, source: str) -> None:
+        flag = self.store.meta.pending.row(source)
+        if flag is not None:
+            self.store.meta.pending.clear_many([(source, flag.version)])
+
+    # -- operations (shardlite.services.relay_ops) ------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Pending events, age of the oldest (lag) and dead letters, per node; pending events per topic and
+        the topics this process has no handler for; the last error (this relay's, or the last one any relay
+        of the root recorded, whichever is newer); the tenants this relay sees failing or unavailable now.
+        Opens only the tenants flagged as having pending events."""
+        return relay_ops.status(self)
+
+    def retry_dead(self, *, source: str | None = None, seq: int | None = None) -> int:
+        """Re-emit dead letters (all, one source's, or one) as new events; returns how many. A letter whose
+        source cannot be written now stays a dead letter (the error is reported) and the others go on."""
+        return relay_ops.retry_dead(self, source=source, seq=seq)
+
+    def recorded_error(self) -> dict[str, Any] | None:
+        """The last error any relay of this root logged: ``{"at", "tenant", "error", "relay"}`` (or None)."""
+        return relay_ops.recorded_error(self.store)
+
+    def troubles(self, now: float) -> dict[str, dict[str, Any]]:
+        """``{"failing": {key: ...}, "unavailable": {key: ...}}``: the sources this relay backs off from,
+        the destinations whose failure it met in the last minute, the tenants it found moving or locked,
+        with their last error, tries in a row and when they are tried again."""
+        self._failing_dests.forget_before(now - 2 * LOG_INTERVAL)  # no event of theirs failed for a while
+        return {"failing": self._failing_sources.snapshot(now) | self._failing_dests.snapshot(now),
+                "unavailable": self._moving_sources.snapshot(now) | self._unavailable.snapshot(now)}
+
+    def _record_error(self, record: dict[str, Any]) -> None:
+        relay_ops.record_error(self.store, record | {"relay": self.id})
