@@ -1,4 +1,5 @@
-"""E-mail addresses: validation and the canonical uniqueness key (brief rule 10). Pure: no I/O.
+"""E-mail addresses: validation and the canonical uniqueness key (rules: global uniqueness is decided by a
+constraint). Pure: no I/O.
 
 Policy (documented, tested):
 

@@ -1,6 +1,6 @@
 """Partition keys: one canonical form, validated once, and the digest that names tenant files.
 
-Rules enforced here (brief rule 1):
+Rules enforced here (rules: no key reaches outside its node directory):
 
 * A key is ``str``. It is canonicalised exactly once, to Unicode NFC, and *then* validated.
 * Invalid keys raise :class:`~shardlite.errors.InvalidKey`, naming the offending character

@@ -1,4 +1,4 @@
-"""The rebalance journal's rows and steps: plans and per-tenant move steps (brief rule 12).
+"""The rebalance journal's rows and steps: plans and per-tenant move steps (rules: crashes lose nothing acknowledged).
 
 The journal is stored by the metadata backend (``store.meta.journal``; its contract is
 :class:`shardlite.meta.journal.MoveJournal`): one row per plan (state and a JSON summary), one row per

@@ -1,4 +1,5 @@
-"""Outbox rules, pure (no I/O): events, payload encoding, delivery planning, retries (brief rule 9).
+"""Outbox rules, pure (no I/O): events, payload encoding, delivery planning, retries (rules: outbox effects happen
+exactly once).
 
 * Events are numbered in the source file (``_shardlite_outbox.seq``) past every number it used before
   (``schema.EMIT_SQL``; whoever deletes events first keeps the highest number in ``_shardlite_relay``), so a

@@ -1,11 +1,13 @@
-"""Rebalance planning, pure (no I/O): which tenants move where when the node set changes (brief rule 2).
+"""Rebalance planning, pure (no I/O): which tenants move where when the node set changes (rules: stable routing, the
+same key maps to the same node in every process).
 
 The target of every tenant is what the ring over the *active* nodes proposes (draining nodes take no
 tenants). A tenant moves when the catalog places it elsewhere. With consistent hashing, adding one node to
 N equally weighted ones moves about 1/(N+1) of the tenants, all of them onto the new node, and draining a
 node moves exactly its tenants, spread over the others.
 
-Free space (brief rule 15: a full node must not stop work elsewhere). When the caller passes the free bytes
+Free space (rule: failures stay in their tenant and waits are bounded: a full node must not stop work elsewhere).
+When the caller passes the free bytes
 of the target nodes (``free``; the caller measures them, e.g. ``os.statvfs`` of each node directory), a
 move is planned only if it fits: its :func:`space_needed` on top of what earlier moves of the plan put on
 the same volume (nodes sharing a file system share one budget, ``volumes``) leaves ``reserve`` bytes free.

@@ -1,4 +1,5 @@
-"""Consistent hashing ring: uhashring with an xxhash hash function (brief rule 2).
+"""Consistent hashing ring: uhashring with an xxhash hash function (rules: stable routing, the same key maps to the
+same node in every process).
 
 Python's built-in string hashing is salted per process (PYTHONHASHSEED); xxh3-64 of the UTF-8 text is
 not, so every process proposes the same node for the same key. Adding a node to N equally weighted nodes

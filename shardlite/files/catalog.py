@@ -1,4 +1,4 @@
-"""The catalog: where every tenant lives, in the global metadata DB (brief §1, §4 Nodes and Identity).
+"""The catalog: where every tenant lives, in the global metadata DB (README: How it works; Nodes and rebalancing).
 
 The ring *proposes* a node for a new tenant; the catalog *decides*: the first process to register a key
 wins and every other process adopts its record. The catalog also issues generations (every create, move,

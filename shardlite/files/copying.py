@@ -1,4 +1,5 @@
-"""Copies of tenant files through SQLite (brief rule 7), and how they are verified.
+"""Copies of tenant files through SQLite (rules: copies go through SQLite and are fsynced before anything routes to
+them), and how they are verified.
 
 Copies never use ``cp`` or ``open()`` on a live file: they go through SQLite's online backup API from a
 *trusted* connection that user SQL never reaches (tenant connections refuse ATTACH, which would also refuse

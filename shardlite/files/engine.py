@@ -4,7 +4,8 @@ Rules enforced here:
 
 * APSW is the only SQLite library shardlite uses; at import it refuses SQLite builds affected by the
   WAL-reset corruption bug (3.7.0 to 3.51.2, fixed in 3.51.3, 3.50.7 and 3.44.6).
-* Every connection runs in WAL mode with a documented ``synchronous`` setting (brief rule 13): ``NORMAL``
+* Every connection runs in WAL mode with a documented ``synchronous`` setting (rules: durability is explicit):
+  ``NORMAL``
   survives a process crash, ``FULL`` survives power loss. Busy timeout on, foreign keys on, trusted_schema
   off, defensive mode on, extension loading off.
 * Directories shardlite creates are 0700 and every database-family file 0600 (rule 6); directories that

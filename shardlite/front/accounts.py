@@ -1,4 +1,5 @@
-"""Accounts in the global DB: unique e-mail addresses, profiles, password credentials (brief rule 10).
+"""Accounts in the global DB: unique e-mail addresses, profiles, password credentials (rules: global uniqueness is
+decided by a constraint).
 
 Uniqueness is decided by a UNIQUE constraint on the canonical key of the address (see
 :mod:`shardlite.core.emails`), never by a read-then-write check, so concurrent sign-ups of variants of one

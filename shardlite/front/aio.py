@@ -1,6 +1,6 @@
 """The async front end: :class:`AsyncRouter`, over the same :class:`~shardlite.front.store.Store` core.
 
-Not a thread per connection. Two mechanisms make it fast (brief §6, §7):
+Not a thread per connection. Two mechanisms make it fast (README: Performance):
 
 **Reads** run inline on the event loop when the tenant's read connection is already open and free, under
 a budget: a progress handler aborts a statement that runs past ``inline_read_steps`` (up to twice that)

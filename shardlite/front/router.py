@@ -1,4 +1,4 @@
-"""The sync front end: :class:`Router` (brief §4).
+"""The sync front end: :class:`Router` (README: Sync).
 
 A ``Router`` may be shared by threads. One thread's transaction never sees or interleaves with another's:
 each tenant connection is used by one thread at a time, and reads run on a separate ``query_only``
@@ -122,7 +122,7 @@ class Router(HandlerRegistry):
 
     ``Router(root)`` is the embedded default: one node ``n1`` under ``root``. ``nodes=`` is used only when
     the root is first created; afterwards the catalog owns the node list. ``schema`` is a list of steps for
-    every tenant or a mapping from key prefix to a list (brief §4, Schemas). ``synchronous`` is ``"NORMAL"``
+    every tenant or a mapping from key prefix to a list (README: How it works, Schemas). ``synchronous`` is ``"NORMAL"``
     (an acknowledged write survives a process crash) or ``"FULL"`` (it survives power loss).
     ``max_open`` bounds this process's open tenant connections. ``move_wait`` bounds how long a
     transaction waits for a tenant that is being moved before :class:`~shardlite.TenantMoving`.

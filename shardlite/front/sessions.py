@@ -1,4 +1,4 @@
-"""Sessions in the global DB (brief rule 11).
+"""Sessions in the global DB (rules: session tokens never rest in plain text).
 
 * A token is 32 random bytes (256 bits) from :mod:`secrets`, URL-safe base64 without padding (43
   characters), returned once. The DB stores only its SHA-256, so a copy of the data root (DB, WAL,

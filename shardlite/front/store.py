@@ -1,6 +1,6 @@
 """The core both front ends share: resolve a key, open its file, run the fence, create tenants.
 
-Data flow (brief §2): key --canonical--> catalog lookup (cached) --miss/new--> ring --> node dir -->
+Data flow (README: How it works): key --canonical--> catalog lookup (cached) --miss/new--> ring --> node dir -->
 tenant file --> connection (bounded pool, pragmas, authorizer) --> transaction (BEGIN IMMEDIATE; fence
 check; commit).
 

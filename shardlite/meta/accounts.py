@@ -2,7 +2,7 @@
 
 The backend stores rows; the policy stays in :mod:`shardlite.front.accounts` (e-mail canonicalisation, the
 profile document, the name key, scrypt hashing computed *before* any write). Common rules of every method
-here (brief rule 10 and the common rules of :mod:`shardlite.meta`):
+here (rule: global uniqueness is decided by a constraint, and the common rules of :mod:`shardlite.meta`):
 
 * Each method is one atomic unit: it commits whole or writes nothing.
 * Reads see committed data only.

@@ -3,8 +3,9 @@
 Unlike every other metadata contract, this one takes the app's SQL text: the app declares its global
 tables (``Router(..., global_schema=[...])``) and reads and writes them with its own statements. That SQL
 is **SQLite dialect**, run under the same authorizer as tenant SQL (no transaction control, no ATTACH, no
-pragmas that change anything, no ``_shardlite_*`` names, no object referencing shardlite's tables: brief
-rule 14), on ``<root>/app_global.db``, a file that holds nothing of shardlite's.
+pragmas that change anything, no ``_shardlite_*`` names, no object referencing shardlite's tables:
+app SQL never touches shardlite's tables), on ``<root>/app_global.db``, a file that holds nothing of
+shardlite's.
 
 **Backends.** Whatever backend holds shardlite's own metadata, the app's global tables stay in the root's
 ``app_global.db`` (the SQLite implementation, :class:`shardlite.meta.sqlite.app_globals.SqliteAppGlobals`)

@@ -1,6 +1,7 @@
 """The contract of the move journal: :class:`MoveJournal` (``meta.journal``).
 
-The journal is what makes rebalancing crash-safe (brief rules 12 and 15): one row per plan (its state and
+The journal is what makes rebalancing crash-safe (rules: crashes lose nothing acknowledged; failures stay in their
+tenant and waits are bounded): one row per plan (its state and
 a JSON summary) and one row per planned move (its step, its claim and its last error). Its rows and their
 meaning (:class:`~shardlite.core.movejournal.MoveRow`, the steps in :data:`~shardlite.core.movejournal.STEPS`,
 :data:`~shardlite.core.movejournal.FINISHED`) are backend-free and live in :mod:`shardlite.core.movejournal`; this

@@ -1,8 +1,8 @@
 """The contract of session rows: :class:`SessionStore`.
 
-The backend stores rows keyed by the SHA-256 digest of a token (the token itself never reaches it: brief
-rule 11); the policy stays in :mod:`shardlite.front.sessions` (token minting, TTLs, expiry checks of
-``resolve``, the digest cache, the throttling of ``touch``). Common rules of every method:
+The backend stores rows keyed by the SHA-256 digest of a token (the token itself never reaches it:
+session tokens never rest in plain text); the policy stays in :mod:`shardlite.front.sessions` (token minting,
+TTLs, expiry checks of ``resolve``, the digest cache, the throttling of ``touch``). Common rules of every method:
 
 * Each method is one atomic unit; reads see committed data only.
 * A session belongs to an account; deleting the account deletes its sessions

@@ -1,8 +1,8 @@
 """The tenant catalog's contract: :class:`TenantCatalog` (where every tenant lives, its generations and states).
 
-The ring *proposes* a node for a new tenant; the catalog *decides* (brief §1): the first registrant of a key
+The ring *proposes* a node for a new tenant; the catalog *decides* (README: How it works): the first registrant of a key
 wins and every other process adopts its record. Every create, move, restore and import gets a new
-generation, never reused (so no tenant path is ever reused, brief §4 Identity), and a dropped tenant keeps
+generation, never reused (so no tenant path is ever reused), and a dropped tenant keeps
 its row as a tombstone.
 
 Rules every backend keeps (each has a test in ``tests/test_meta_tenants.py``):

@@ -1,4 +1,5 @@
-"""The destination half of a relay pass: applying events in one destination tenant (brief rules 9, 15),
+"""The destination half of a relay pass: applying events in one destination tenant (rules: outbox effects happen
+exactly once; failures stay in their tenant and waits are bounded),
 with the handlers registered by ``router.handler(topic)`` (:class:`HandlerRegistry`).
 
 A pass groups its sources' due events by destination (see :mod:`shardlite.services.relay`). :meth:`Deliverer.deliver`

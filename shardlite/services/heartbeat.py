@@ -1,4 +1,5 @@
-"""Claims on moves and the heartbeat that keeps them (brief rule 15: every claim is a short lease that a
+"""Claims on moves and the heartbeat that keeps them (rule: failures stay in their tenant and waits are bounded:
+every claim is a short lease that a
 live owner renews and a dead owner loses within seconds).
 
 A rebalancer holds a :class:`Claim` for every move it is working on. While it holds any, a

@@ -1,4 +1,5 @@
-"""One tenant move, step by step, and its undo (brief rules 6, 7, 8; §7 "Moves").
+"""One tenant move, step by step, and its undo (rules: files are private; copies go through SQLite and are fsynced
+before anything routes to them; a move fences the source inside its own write lock).
 
 The steps as journaled (see :mod:`shardlite.core.movejournal`), while application processes keep writing:
 

@@ -1,4 +1,7 @@
-"""Online tenant moves between nodes: plan, apply, resume, cancel, complete (brief rules 2, 7, 8, 12, 15).
+"""Online tenant moves between nodes: plan, apply, resume, cancel, complete (rules: stable routing, the same key maps
+to the same node in every process; copies go through SQLite and are fsynced before anything routes to them; a move
+fences the source inside its own write lock; crashes lose nothing acknowledged; failures stay in their tenant and
+waits are bounded).
 
 Every plan and every tenant's step is journaled in the metadata store (``store.meta.journal``), so a
 rebalancer killed at any point resumes (or cancels) to a state with exactly one active copy of each tenant

@@ -1,4 +1,5 @@
-"""The relay: delivers outbox events to their handlers on the destination tenants (brief rules 9, 12, 15).
+"""The relay: delivers outbox events to their handlers on the destination tenants (rules: outbox effects happen
+exactly once; crashes lose nothing acknowledged; failures stay in their tenant and waits are bounded).
 
 Finding work. A tenant with pending events has a row in the global DB's ``_shardlite_pending`` table. The
 row is written only on transitions: by ``tx.emit`` when it finds the outbox empty (*before* that

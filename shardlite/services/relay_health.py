@@ -1,4 +1,5 @@
-"""How the relay keeps one tenant's trouble to that tenant, and how it reports errors (brief rule 15).
+"""How the relay keeps one tenant's trouble to that tenant, and how it reports errors (rules: failures stay in their
+tenant and waits are bounded).
 
 * :class:`Troubles`: per tenant, how many times in a row it failed (or was unavailable), the last error's
   text, and the time before which it is not tried again. The relay keeps two: *failing* tenants (an error
