@@ -388,11 +388,19 @@ def print_markdown(info: dict[str, Any], rows: list[dict[str, Any]], notes: list
     print(f"Python {info['python']}, APSW {info['apsw']} (SQLite {info['sqlite_apsw']}), stdlib sqlite3 "
           f"{info['sqlite_stdlib_worker']}, {info['cpus']} CPUs, {info['platform']}, files under {info['data_dir']}; "
           f"load average {info['loadavg_start']} at start, {info['loadavg_end']} at end")
+    print_markdown_rows(rows, notes)
+
+
+def print_markdown_rows(rows: list[dict[str, Any]], notes: list[str], *, id_column: str | None = None) -> None:
+    """The rows as a markdown table (``id_column``: a first column headed so, holding each row's ``id``), then
+    the notes as a list; shared by the benchmark scripts."""
+    first = f"| {id_column} " if id_column else ""
     print()
-    print("| " + " | ".join(HEADERS) + " |")
-    print("|" + "|".join("---" for _ in HEADERS) + "|")
+    print(first + "| " + " | ".join(HEADERS) + " |")
+    print(("|---" if id_column else "") + "|" + "|".join("---" for _ in HEADERS) + "|")
     for r in rows:
-        print("| " + " | ".join(str(r[c]).replace("|", "\\|") for c in COLUMNS) + " |")
+        cells = " | ".join(str(r[c]).replace("|", "\\|") for c in COLUMNS)
+        print((f"| {r['id']} " if id_column else "") + "| " + cells + " |")
     print()
     for note in notes:
         print(f"- {note}")

@@ -60,7 +60,7 @@ if HERE not in sys.path:
 
 import chat_workload as chat  # noqa: E402
 import workloads as w  # noqa: E402
-from compare import COLUMNS, HEADERS, Side, fmt_time, interleave, loadavg, log, row  # noqa: E402
+from compare import Side, fmt_time, interleave, loadavg, log, print_markdown_rows, row  # noqa: E402
 
 import shardlite  # noqa: E402
 from shardlite import AsyncRouter, Router  # noqa: E402
@@ -437,14 +437,7 @@ def print_table(info: dict[str, Any], rows: list[dict[str, Any]], notes: list[st
     print(f"{info['when']}; Python {info['python']}, PostgreSQL {info['postgres']} (fsync=on, "
           f"synchronous_commit=on, loopback), {info['cpus']} CPUs, {info['platform']}; load average "
           f"{info['loadavg_start']} at start, {info['loadavg_end']} at end")
-    print()
-    print("| id | " + " | ".join(HEADERS) + " |")
-    print("|---|" + "|".join("---" for _ in HEADERS) + "|")
-    for r in rows:
-        print(f"| {r['id']} | " + " | ".join(str(r[c]).replace("|", "\\|") for c in COLUMNS) + " |")
-    print()
-    for note in notes:
-        print(f"- {note}")
+    print_markdown_rows(rows, notes, id_column="id")
 
 
 def main(argv: list[str] | None = None) -> int:
