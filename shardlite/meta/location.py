@@ -88,8 +88,9 @@ def _postgresql(text: str) -> MetaLocation:
 
     try:
         params = conninfo.conninfo_to_dict(text)
-    except Exception as exc:  # psycopg.ProgrammingError: libpq's own parse error (it never holds the password)
-        raise ConfigurationError(f"the metadata URL cannot be parsed: {exc}") from None
+    except Exception:  # psycopg.ProgrammingError: libpq's message may quote a piece of it, a password too
+        raise ConfigurationError("the metadata URL cannot be parsed (libpq refused its form): write it as "
+                                 "postgresql://user@host:port/dbname, with %XX escapes in the password") from None
     host = str(params.get("host") or "localhost")
     port = str(params.get("port") or "5432")
     dbname = str(params.get("dbname") or params.get("user") or "")
