@@ -29,7 +29,8 @@ __all__ = ["Node", "TenantRecord", "Location", "SqliteCatalog", "GLOBAL_DB_NAME"
 #: dead letters; version 4: the rebalance journal (plans and per-tenant move steps); version 5: the app's
 #: own global tables move out to ``app_global.db`` (:mod:`shardlite.files.app_tables`); version 6: stored e-mail
 #: keys take the domain's ASCII form (:func:`shardlite.front.accounts.upgrade_email_keys`); version 7: moves found by
-#: key (a rebalancer settling one tenant's lapsed move).
+#: key (a rebalancer settling one tenant's lapsed move); version 8: parked pending-work flags (``parked``: when
+#: the flag was parked, NULL while it is not; the due index leaves parked flags out).
 GLOBAL_STEPS: tuple[tuple[Step, ...], ...] = (
     (
         """CREATE TABLE _shardlite_catalog_meta(name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID""",
@@ -141,6 +142,11 @@ GLOBAL_STEPS: tuple[tuple[Step, ...], ...] = (
     (move_app_tables,),
     (upgrade_email_keys,),
     ("CREATE INDEX IF NOT EXISTS _shardlite_moves_by_key ON _shardlite_moves(key)",),
+    (
+        "ALTER TABLE _shardlite_pending ADD COLUMN parked REAL",
+        "DROP INDEX IF EXISTS _shardlite_pending_by_due",
+        "CREATE INDEX _shardlite_pending_by_due ON _shardlite_pending(due) WHERE parked IS NULL",
+    ),
 )
 
 

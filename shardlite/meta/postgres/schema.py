@@ -34,7 +34,7 @@ SCHEMA = "shardlite"
 LOCK_KEY = 0x5348_4152_444C  # "SHARDL"
 
 #: shardlite's tables by version (the row of ``shardlite.version``). Version 1 equals global.db version 7;
-#: version 2 adds the route-cache hints.
+#: version 2 adds the route-cache hints; version 3 parked pending-work flags (global.db version 8).
 STEPS: tuple[tuple[str, ...], ...] = (
     (
         """CREATE TABLE shardlite.roots(
@@ -157,6 +157,11 @@ STEPS: tuple[tuple[str, ...], ...] = (
            END $$""",
         """CREATE TRIGGER tenants_hint AFTER UPDATE OR DELETE ON shardlite.tenants
            FOR EACH ROW EXECUTE FUNCTION shardlite.tenant_changed()""",
+    ),
+    (  # version 3: parked pending-work flags (see shardlite.meta.pending); the due index leaves them out
+        "ALTER TABLE shardlite.pending ADD COLUMN parked double precision",
+        "DROP INDEX shardlite.pending_by_due",
+        "CREATE INDEX pending_by_due ON shardlite.pending(due) WHERE parked IS NULL",
     ),
 )
 
