@@ -75,7 +75,9 @@ def status(relay: Relay) -> dict[str, Any]:
     now = time.time()
     per_node: dict[str, dict[str, Any]] = {n.name: _node_entry() for n in store.meta.nodes.list()}
     topics: dict[str, int] = {}
-    for key, *_ in store.meta.pending.all():
+    for key, _version, _due, _since, parked in store.meta.pending.all():
+        if parked is not None:  # drained when parked; one whose wake-up was lost is woken by the sweep
+            continue
         try:
             count, oldest = store.read_internal(key, "SELECT count(*), min(created) FROM _shardlite_outbox")[0]
             node = _node_of(store, key)
