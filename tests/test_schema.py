@@ -259,7 +259,7 @@ def test_status_counts_versions(make_router: Any) -> None:
 
 def _downgrade_to_internal_v3(path: str) -> None:
     """Turn a tenant file into what shardlite's internal version 3 made: outbox and feed numbered with
-    AUTOINCREMENT, no ``_shardlite_relay.last_seq``."""
+    AUTOINCREMENT, no ``_shardlite_relay.last_seq`` (nor the later ``parked_version``)."""
     conn = apsw.Connection(path)
     try:
         conn.execute("BEGIN")
@@ -271,6 +271,7 @@ def _downgrade_to_internal_v3(path: str) -> None:
         conn.execute("CREATE TABLE _shardlite_feed(id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, "
                      "topic TEXT NOT NULL, payload TEXT NOT NULL, event TEXT NOT NULL, at REAL NOT NULL)")
         conn.execute("ALTER TABLE _shardlite_relay DROP COLUMN last_seq")
+        conn.execute("ALTER TABLE _shardlite_relay DROP COLUMN parked_version")
         # five events were emitted and delivered (deleted) under v3; one is still waiting; a feed entry
         conn.execute("INSERT INTO _shardlite_outbox(seq, dest, topic, payload, created) VALUES "
                      "(4, 'user:b', 't', '{}', 0)")

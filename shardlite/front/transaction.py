@@ -215,9 +215,17 @@ class Emitter:
 
     def parked(self, key: str, generation: int, version: int) -> bool:
         """True when the parked flag ``version`` that ``key``'s file (of ``generation``) records can stand in
-        for writing the flag (see :class:`~shardlite.front.wakes.Wakes`)."""
+        for writing the flag (see :class:`~shardlite.front.wakes.Wakes`). Raises
+        :class:`~shardlite.MetaUnavailable` when checking it found the store unreachable (writing the flag
+        would fail too: the emit fails at once, nothing written)."""
         wakes = self.wakes
-        return wakes is not None and wakes.verified(key, generation, version, skip_check=self.unavailable is not None)
+        if wakes is None:
+            return False
+        try:
+            return wakes.verified(key, generation, version, skip_check=self.unavailable is not None)
+        except MetaUnavailable as exc:
+            self.unavailable = exc
+            raise
 
 
 class _TxCore:

@@ -29,6 +29,7 @@ import time
 import weakref
 from collections.abc import Callable
 
+from ..errors import MetaUnavailable
 from ..meta.pending import PendingWork
 
 __all__ = ["Wakes", "WAKE_DELAY"]
@@ -71,7 +72,9 @@ class Wakes:
     def verified(self, key: str, generation: int, version: int, *, skip_check: bool = False) -> bool:
         """True when the marker ``version`` in ``key``'s file (of ``generation``) names a flag that exists:
         known from before, or read now (one read of the metadata). ``skip_check``: do not read now (the store
-        was found unreachable lately: the durable path then says so)."""
+        was found unreachable lately: the durable path then says so). :class:`~shardlite.MetaUnavailable`
+        propagates (the durable path could not write the flag either); any other failure of the read is a
+        False."""
         ident = (key, generation, version)
         if ident in self._verified:
             return True
@@ -79,6 +82,8 @@ class Wakes:
             return False
         try:
             row = self._pending.row(key)
+        except MetaUnavailable:
+            raise
         except Exception as exc:  # noqa: BLE001 - the durable path writes the flag, or raises the store's error
             log.debug("shardlite: could not check the parked flag of %r (%s)", key, exc)
             return False

@@ -89,6 +89,8 @@ class Sweeper:
         self.page = page
         self.lock_wait_ms = lock_wait_ms
         self._next = 0.0  # monotonic time of the next sweep (0: at the first chance)
+        #: Totals over this sweeper's life (what ``status`` and tests read)
+        self.woken = self.expired = 0
 
     def due(self) -> bool:
         return time.monotonic() >= self._next
@@ -137,6 +139,8 @@ class Sweeper:
                 break
             after = rows[-1].key
         self._next = time.monotonic() + self.interval
+        self.woken += stats.woken
+        self.expired += stats.expired
         if stats.woken:
             log.info("relay sweep: woke %d parked source(s) whose outbox held events (a lost wake-up)", stats.woken)
         return stats
