@@ -31,8 +31,7 @@ class Handle:
 
     __slots__ = ("key", "role", "conn", "cur", "guard", "path", "generation", "incarnation", "checked_dv",
                  "lock", "owner", "depth", "used", "closed", "aliases", "savepoints", "emitted", "needs_flag",
-                 "wake_version",
-                 "spare", "given", "wal", "calls", "started", "limit", "max_calls", "__weakref__")
+                 "wake_version", "spare", "given", "wal", "calls", "started", "limit", "max_calls", "__weakref__")
 
     def __init__(self, key: str, role: str, conn: apsw.Connection, guard: Guard, path: str,
                  generation: int, incarnation: str) -> None:

@@ -156,9 +156,8 @@ class Store(TenantCreation, TenantReads):
         #: Outbox hooks shared by every transaction of this store (``tx.emit``).
         if type(max_outbox) is not int or max_outbox < max_payload:
             raise ConfigurationError("max_outbox_bytes must be an int no smaller than max_payload")
-        self.emitter = Emitter(self.meta.pending.flag_many, max_payload,
-                               check_dest=lambda key: self.spec.steps_for(prefix_of(key)), max_outbox=max_outbox,
-                               wakes=Wakes(self.meta.pending))
+        self.emitter = Emitter(self.meta.pending.flag_many, max_payload, check_dest=lambda key: self.spec.steps_for(
+            prefix_of(key)), max_outbox=max_outbox, wakes=Wakes(self.meta.pending))
         self._templates: dict[str, Personaliser] = {}
         self._template_lock = threading.Lock()
         #: VM steps between two looks at the clock on read connections (the AsyncRouter's inline budget
@@ -583,8 +582,7 @@ class Store(TenantCreation, TenantReads):
                 personaliser.close()
             self._templates.clear()
         self.pool.close_all()
-        if self.emitter.wakes is not None:
-            self.emitter.wakes.close()  # before the metadata closes: the queued wake-ups are written
+        self.emitter.close()  # before the metadata: the queued wake-ups are written
         self.meta.close()
 
     @property

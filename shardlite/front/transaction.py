@@ -213,6 +213,11 @@ class Emitter:
         for listener in list(self._listeners):
             listener(source)
 
+    def close(self) -> None:
+        """Write the queued wake-ups and stop their flusher (the store closes)."""
+        if self.wakes is not None:
+            self.wakes.close()
+
     def parked(self, key: str, generation: int, version: int) -> bool:
         """True when the parked flag ``version`` that ``key``'s file (of ``generation``) records can stand in
         for writing the flag (see :class:`~shardlite.front.wakes.Wakes`). Raises

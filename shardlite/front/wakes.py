@@ -39,7 +39,7 @@ log = logging.getLogger("shardlite.relay")
 #: How long the flusher waits after the first queued wake-up before it writes the batch: more wake-ups share
 #: one write, and one whose source an in-process relay has settled meanwhile is dropped (see
 #: :meth:`Wakes.settled`). Relays in other processes poll every ``poll_interval`` anyway.
-WAKE_DELAY = 0.02
+WAKE_DELAY = 0.005
 #: Pause after a failed write of wake-ups, doubling up to :data:`_RETRY_CAP`.
 _RETRY_BASE = 0.05
 _RETRY_CAP = 2.0

@@ -560,7 +560,8 @@ class Relay:
         """Pending events, age of the oldest (lag) and dead letters, per node; pending events per topic and
         the topics this process has no handler for; the last error (this relay's, or the last one any relay
         of the root recorded, whichever is newer); the tenants this relay sees failing or unavailable now.
-        Opens only the tenants flagged as having pending events."""
+        Opens only the tenants whose flag is due (a parked flag's source was drained; events under one whose
+        wake-up was lost are counted once the sweep has woken it)."""
         return relay_ops.status(self)
 
     def retry_dead(self, *, source: str | None = None, seq: int | None = None) -> int:
