@@ -304,3 +304,28 @@ def test_an_async_emit_after_the_park_writes_no_flag(root: str, make_router: Cal
     assert asyncio.run(main()) == []
     router = make_router(schema=SCHEMA)
     assert applied(router) == [0, 1, 2]
+
+
+def test_a_moved_source_keeps_its_parked_flag_and_delivers(make_router: Callable[..., Router]) -> None:
+    """A move copies the file with its marker (same key, same flag): the first emit at the new home checks the
+    marker once more (a new generation) and writes no flag."""
+    router = make_router(schema=SCHEMA)
+    router.handler("t")(record)
+    sources = [f"src:{i}" for i in range(12)]
+    for i, source in enumerate(sources):
+        emit(router, i, source)
+    router.relay.drain(timeout=DEADLINE)
+    before = {s: router.locate(s).generation for s in sources}
+    router.nodes.add("n2")
+    _, plan = router.rebalance.plan()
+    assert plan.moves
+    router.rebalance.apply()
+    moved = [s for s in sources if router.locate(s).generation != before[s]]
+    assert moved, "the plan moves some of the sources"
+    flags = spy_flags(router)
+    for i, source in enumerate(moved):
+        assert marker(router, source) is not None
+        emit(router, 100 + i, source)
+    assert flags == []
+    router.relay.drain(timeout=DEADLINE)
+    assert sorted(applied(router)) == sorted([*range(12), *(100 + i for i in range(len(moved)))])

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import threading
 import time
 import weakref
 from collections.abc import Callable
 
 from ..errors import MetaUnavailable
+from ..files.engine import on_fork_in_child
 from ..meta.pending import PendingWork
 
 __all__ = ["Wakes", "WAKE_DELAY"]
@@ -59,8 +59,8 @@ class Wakes:
         self._ticket = 0
         self._event = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
         self._closed = False
+        _all.add(self)
         #: Test hook: called with ``"queued"`` after a wake-up is queued (in the committing thread): a crash
         #: test kills the process there, or raises to drop it.
         self.fault: Callable[[str], None] | None = None
@@ -98,8 +98,6 @@ class Wakes:
 
     def queue(self, key: str, version: int) -> None:
         """``key`` committed its first events after its flag (``version``) was parked: wake it soon."""
-        if os.getpid() != self._pid:
-            self._after_fork()
         with self._lock:
             self._ticket += 1
             self._queued[key] = (version, self._ticket)
@@ -217,13 +215,23 @@ class Wakes:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
-    def _after_fork(self) -> None:
+    def after_fork(self) -> None:
         """In a forked child: the parent's queue and thread are not ours (its wake-ups are its own)."""
-        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._queued, self._writing = {}, set()
         self._event = threading.Event()
         self._thread = None
+
+
+_all: weakref.WeakSet[Wakes] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for wakes in list(_all):
+        wakes.after_fork()
+
+
+on_fork_in_child(_after_fork)
 
 
 def _flush_at_exit(ref: weakref.ref[Wakes]) -> None:
