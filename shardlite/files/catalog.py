@@ -17,12 +17,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import apsw
+
 from ..front.accounts import upgrade_email_keys
 from .app_tables import move_app_tables
 from .globaldb import GLOBAL_DB_NAME, GlobalDB
 from .schema import Step
 
 __all__ = ["Node", "TenantRecord", "Location", "SqliteCatalog", "GLOBAL_DB_NAME", "GLOBAL_STEPS"]
+
+
+def park_pending(cursor: apsw.Cursor) -> None:
+    """Global version 8: ``_shardlite_pending.parked`` and the due index without parked flags. Safe to run
+    again on a file that has them (a version number set back by hand)."""
+    conn = cursor.connection
+    columns = {str(row[1]) for row in conn.execute("PRAGMA table_info(_shardlite_pending)").fetchall()}
+    if "parked" not in columns:
+        conn.execute("ALTER TABLE _shardlite_pending ADD COLUMN parked REAL")
+    conn.execute("DROP INDEX IF EXISTS _shardlite_pending_by_due")
+    conn.execute("CREATE INDEX _shardlite_pending_by_due ON _shardlite_pending(due) WHERE parked IS NULL")
+
 
 #: shardlite's tables in the global DB, by version (PRAGMA user_version). Version 1: the catalog;
 #: version 2: accounts, password credentials and sessions; version 3: the relay's pending-work flags and
@@ -142,12 +156,9 @@ GLOBAL_STEPS: tuple[tuple[Step, ...], ...] = (
     (move_app_tables,),
     (upgrade_email_keys,),
     ("CREATE INDEX IF NOT EXISTS _shardlite_moves_by_key ON _shardlite_moves(key)",),
-    (
-        "ALTER TABLE _shardlite_pending ADD COLUMN parked REAL",
-        "DROP INDEX IF EXISTS _shardlite_pending_by_due",
-        "CREATE INDEX _shardlite_pending_by_due ON _shardlite_pending(due) WHERE parked IS NULL",
-    ),
+    (park_pending,),
 )
+
 
 
 @dataclass(frozen=True, slots=True)
