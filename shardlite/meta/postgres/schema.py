@@ -2,7 +2,7 @@
 
 Everything lives in the schema ``shardlite`` of the database named by the metadata URL, so an application's
 own tables in that database never mix with ours. The tables hold what ``global.db`` holds at its version 7
-(:data:`shardlite.files.catalog.GLOBAL_STEPS`), translated:
+(:data:`shardlite.files.catalog.GLOBAL_STEPS`), and from schema version 3 at its version 8, translated:
 
 * keys that are ordered or ranged on (tenant keys, e-mail and name keys, pending keys, moved keys, dead-letter
   sources, node names) are ``COLLATE "C"``, code-point order, as SQLite's BINARY; a database created with a
