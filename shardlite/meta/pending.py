@@ -125,11 +125,12 @@ class PendingWork(Protocol):
 
     def park(self, key: str, version: int) -> bool:
         """Compare-and-set: when ``key``'s flag has version ``version`` (parked or not), it becomes parked
-        (not due: :meth:`due` never returns it; ``parked`` now; version, ``due`` and ``since`` kept) and
-        True is returned; False, nothing written, when the flag is gone or its version moved. May be
-        non-durable (PostgreSQL: ``synchronous_commit = off``): a park lost in a crash of the store leaves
-        the flag due, which costs a relay one look. Relays call it under the source's write lock, with the
-        outbox empty, before they record the version in the tenant file (module doc)."""
+        (not due: :meth:`due` never returns it; ``parked`` now, or kept when it was parked with that version
+        already; version, ``due`` and ``since`` kept) and True is returned; False, nothing written, when
+        the flag is gone or its version moved. May be non-durable (PostgreSQL: ``synchronous_commit =
+        off``): a park lost in a crash of the store leaves the flag due, which costs a relay one look.
+        Relays call it under the source's write lock, with the outbox empty, before they record the version
+        in the tenant file (module doc)."""
         ...
 
     def wake_many(self, pairs: Sequence[tuple[str, int]]) -> builtins.list[tuple[str, int]]:

@@ -60,6 +60,7 @@ Confinement (rule 15). A failure in one tenant never stops the pass for the othe
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import socket
@@ -222,7 +223,7 @@ class Relay:
         if wakes is not None:
             hot |= wakes.keys()  # committed here, their flags not woken yet: passed at once (and settled)
         pending = self.store.meta.pending
-        flagged = (row.key for row in (pending.all() if every else pending.due(now, limit)) if row.parked is None)
+        flagged = (row.key for row in pending.due(math.inf if every else now, 1_000_000 if every else limit))
         keys = list(dict.fromkeys([*hot, *flagged]))
         total = PassStats()
         ready: list[str] = []

@@ -11,19 +11,24 @@ Sweeping (:class:`Sweeper`). Wake-ups are best effort: one is lost when the writ
 commit, when the metadata store crashes before it wrote the (non-durable) wake-up, or when the store stays
 unreachable until the writer ends. So every ``interval`` seconds (:data:`SWEEP_INTERVAL`), after every
 reconnect of the metadata hints and after a pass that found the store unreachable, the relay lists the
-parked flags (``pending.parked``, by pages) and reads each parked source's outbox: one that holds events is
-woken. **An event whose wake-up was lost is delivered within** ``interval`` **seconds (5 s by default) plus
+parked flags (``pending.parked``, by pages) and reads each parked source's outbox (on its write connection,
+never waiting for it: one in use is read by the next sweep): one that holds events is woken. A source whose
+file and log have not changed (size and modification time, both last changed over a second before they were
+looked at, so that a later commit shows even with the file system's coarse clock) since a sweep found its
+outbox empty is not read again.
+**An event whose wake-up was lost is delivered within** ``interval`` **seconds (5 s by default) plus
 one pass** of a running relay (``drain()`` sweeps when it starts). The same sweep expires the flags of
 sources parked and idle for ``ttl`` seconds (:data:`PARK_TTL`): under the source's write lock, with its
 outbox empty, the marker is cleared and committed, then the flag is deleted if its version is unchanged (a
 crash between leaves a parked flag without a marker: harmless, expired by a later sweep). The set of
-parked flags is therefore the sources drained within the last ``ttl`` seconds, and a sweep reads each of
-them once: at most one read per parked source per ``interval``.
+parked flags is therefore the sources drained within the last ``ttl`` seconds, and a sweep reads those
+written since the previous one: at most one read per such source per ``interval``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -41,8 +46,11 @@ log = logging.getLogger("shardlite.relay")
 SWEEP_INTERVAL = 5.0
 #: Seconds a source stays parked and idle before its flag and marker are expired.
 PARK_TTL = 300.0
+#: Whether the outbox holds an event (a sweep's read).
+_ANY = "SELECT EXISTS (SELECT 1 FROM _shardlite_outbox)"
 #: Whether the outbox holds an event, and the file's parked-flag marker.
 _STATE = ("SELECT EXISTS (SELECT 1 FROM _shardlite_outbox), parked_version FROM _shardlite_relay WHERE id = 1")
+_SEEN_MAX = 1_000_000
 _SET_MARKER = "UPDATE _shardlite_relay SET parked_version = ? WHERE id = 1"
 _CLEAR_MARKER = "UPDATE _shardlite_relay SET parked_version = NULL WHERE id = 1 AND parked_version IS NOT NULL"
 
@@ -89,6 +97,8 @@ class Sweeper:
         self.page = page
         self.lock_wait_ms = lock_wait_ms
         self._next = 0.0  # monotonic time of the next sweep (0: at the first chance)
+        #: per source, the signature of its files when a sweep last found its outbox empty
+        self._seen: dict[str, tuple[int, ...]] = {}
         #: Totals over this sweeper's life (what ``status`` and tests read)
         self.woken = self.expired = 0
 
@@ -106,8 +116,9 @@ class Sweeper:
 
     def sweep(self, *, expire: bool = True) -> SweepStats:
         """Wake every parked source whose outbox holds events, and (``expire``) expire the sources parked and
-        idle for ``ttl`` seconds. A source that cannot be read now (locked, moving, failing) is woken: the
-        relay's passes deal with it. Errors of the metadata store propagate (the next chance sweeps again)."""
+        idle for ``ttl`` seconds. A source this process is using is left to the next sweep; one that cannot be
+        read (moving, failing) is woken: the relay's passes deal with it. Errors of the metadata store
+        propagate (the next chance sweeps again)."""
         self._next = 0.0  # until this one completes
         pending = self.store.meta.pending
         stats = SweepStats()
@@ -117,12 +128,18 @@ class Sweeper:
             rows = pending.parked(self.page, now, after)
             wake: list[tuple[str, int]] = []
             for row in rows:
+                idle = expire and row.parked is not None and row.parked <= now - self.ttl
+                signature = self._signature(row.key)
+                if signature is not None and not idle and self._seen.get(row.key) == signature:
+                    continue  # not written since its outbox was found empty
                 stats.looked += 1
-                try:
-                    state: list[Any] = self.store.read_on_writer(row.key, _STATE, move_wait=0.0,
-                                                                 wait_ms=self.lock_wait_ms)
+                try:  # on its write connection (open already if it was written lately), without waiting
+                    state: list[Any] = self.store.read_on_writer(row.key, _ANY, move_wait=0.0, wait_ms=0)
                 except UnknownTenant:
                     pending.clear_many([(row.key, row.version)])  # a dropped source: nothing to deliver
+                    self._seen.pop(row.key, None)
+                    continue
+                except Busy:  # in use by this process: read by the next sweep
                     continue
                 except Exception as exc:  # noqa: BLE001 - a pass looks at it and reports its trouble
                     log.debug("relay sweep: %r could not be read (%s); woken", row.key, exc)
@@ -130,8 +147,14 @@ class Sweeper:
                     continue
                 if state and state[0][0]:
                     wake.append((row.key, row.version))
-                elif expire and row.parked is not None and row.parked <= now - self.ttl:
+                    self._seen.pop(row.key, None)
+                elif idle:
                     stats.expired += self._expire(row.key, row.version)
+                    self._seen.pop(row.key, None)
+                elif signature is not None:
+                    if len(self._seen) >= _SEEN_MAX:
+                        self._seen.clear()
+                    self._seen[row.key] = signature
             if wake:
                 pending.wake_many(wake)  # a flag gone or flagged again since is due or deleted: nothing to do
                 stats.woken += len(wake)
@@ -144,6 +167,23 @@ class Sweeper:
         if stats.woken:
             log.info("relay sweep: woke %d parked source(s) whose outbox held events (a lost wake-up)", stats.woken)
         return stats
+
+    def _signature(self, source: str) -> tuple[int, ...] | None:
+        """Size and modification time of ``source``'s file and log, when both last changed over a second ago
+        (None: not known here, or changed lately). Every commit changes the log, and a checkpoint the file;
+        file times tick coarsely, so a signature taken right after a change could miss the next one."""
+        store = self.store
+        try:
+            record = store.resolve(source, create=False, revive=False)
+            if record is None:
+                return None
+            path = store.path_of(record)
+            main, log_ = os.stat(path), _stat(path + "-wal")
+        except Exception:  # noqa: BLE001 - read it instead
+            return None
+        if max(main.st_mtime_ns, log_[1]) > time.time_ns() - 1_000_000_000:
+            return None
+        return (record.generation, main.st_size, main.st_mtime_ns, *log_)
 
     def _expire(self, source: str, version: int) -> int:
         """Clear ``source``'s marker (under its write lock, its outbox empty) and then its flag, if its version
@@ -168,3 +208,11 @@ class Sweeper:
             return 0
         store.meta.pending.clear_many([(source, version)])  # after the marker's commit: marker => flag
         return 1
+
+
+def _stat(path: str) -> tuple[int, int]:
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return (-1, -1)
+    return (found.st_size, found.st_mtime_ns)

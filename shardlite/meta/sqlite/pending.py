@@ -12,7 +12,8 @@ rate). The upsert is the one statement the emit path pays for, as before.
 
 Parked flags (``parked`` not NULL) stay out of the due index (a partial index ``WHERE parked IS NULL``), so an
 idle relay's poll never walks them. ``park`` and ``wake_many`` are ordinary global-DB commits here
-(``synchronous=NORMAL`` already skips the fsync the PostgreSQL side turns off).
+(``synchronous=NORMAL`` already skips the fsync the PostgreSQL side turns off); ``park`` of a flag that is
+parked with that version already is a read, not a write (its parked time stays: it was idle since).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ _SET_DUE = (_I + "INSERT INTO _shardlite_pending(key, version, due, since) VALUE
 _CLEAR = _I + "DELETE FROM _shardlite_pending WHERE key = ? AND version = ?"
 _PARK = _I + "UPDATE _shardlite_pending SET parked = ? WHERE key = ? AND version = ?"
 _WAKE = _I + "UPDATE _shardlite_pending SET parked = NULL, due = ? WHERE key = ? AND version = ? AND parked IS NOT NULL"
+_IS_PARKED = "SELECT 1 FROM _shardlite_pending WHERE key = ? AND version = ? AND parked IS NOT NULL"
 _HAS = _I + "SELECT 1 FROM _shardlite_pending WHERE key = ? AND version = ?"
 _ROW = "SELECT key, version, due, since, parked FROM _shardlite_pending"
 _LETTER = "source, incarnation, seq, dest, topic, payload, created, attempts, error, died"
@@ -99,6 +101,9 @@ class SqlitePending:
             raise unavailable(exc, self.db.path, "moving a pending-work flag") from exc
 
     def park(self, key: str, version: int) -> bool:
+        found = self._read(_IS_PARKED, (key, int(version)), "reading a pending-work flag")
+        if found:  # parked with that version already (nobody woke it): a read instead of a write
+            return True
         try:
             with self.db.write() as conn:
                 conn.execute(_PARK, (time.time(), key, int(version)))
