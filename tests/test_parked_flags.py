@@ -329,3 +329,27 @@ def test_a_moved_source_keeps_its_parked_flag_and_delivers(make_router: Callable
     assert flags == []
     router.relay.drain(timeout=DEADLINE)
     assert sorted(applied(router)) == sorted([*range(12), *(100 + i for i in range(len(moved)))])
+
+
+def test_the_sweep_rereads_only_a_source_written_since_it_was_found_empty(make_router: Callable[..., Router]) -> None:
+    router = make_router(schema=SCHEMA)
+    router.handler("t")(record)
+    parked_source(router)
+    path = str(router.locate("src:1").path)
+    old = time.time() - 60
+    for name in (path, path + "-wal"):
+        if os.path.exists(name):
+            os.utime(name, (old, old))  # quiet for a minute: its signature can be trusted
+    sweeper = router.relay.sweeper
+    assert sweeper.sweep().looked == 1  # read once, found empty
+    assert sweeper.sweep().looked == 0  # unchanged since: not read again
+    wakes = router._store.emitter.wakes
+    assert wakes is not None
+    wakes.queue = lambda key, version: None  # type: ignore[method-assign]  # the wake-up is lost
+    emit(router, 1)
+    stats = sweeper.sweep()
+    assert (stats.looked, stats.woken) == (1, 1)  # the commit changed the log: read, and woken
+    flag = router._store.meta.pending.row("src:1")
+    assert flag is not None and flag.parked is None
+    router.relay.drain(timeout=DEADLINE)
+    assert applied(router) == [0, 1]
