@@ -12,7 +12,7 @@ commit, when the metadata store crashes before it wrote the (non-durable) wake-u
 unreachable until the writer ends. So every ``interval`` seconds (:data:`SWEEP_INTERVAL`), after every
 reconnect of the metadata hints and after a pass that found the store unreachable, the relay lists the
 parked flags (``pending.parked``, by pages) and reads each parked source's outbox (on its write connection,
-never waiting for it: one in use is read by the next sweep): one that holds events is woken. A source whose
+never waiting for it: on a read connection while it is in use): one that holds events is woken. A source whose
 file and log have not changed (size and modification time, both last changed over a second before they were
 looked at, so that a later commit shows even with the file system's coarse clock) since a sweep found its
 outbox empty is not read again.
@@ -116,8 +116,8 @@ class Sweeper:
 
     def sweep(self, *, expire: bool = True) -> SweepStats:
         """Wake every parked source whose outbox holds events, and (``expire``) expire the sources parked and
-        idle for ``ttl`` seconds. A source this process is using is left to the next sweep; one that cannot be
-        read (moving, failing) is woken: the relay's passes deal with it. Errors of the metadata store
+        idle for ``ttl`` seconds. A source that cannot be read (moving, failing) is woken: the relay's passes
+        deal with it. Errors of the metadata store
         propagate (the next chance sweeps again)."""
         self._next = 0.0  # until this one completes
         pending = self.store.meta.pending
@@ -133,13 +133,11 @@ class Sweeper:
                 if signature is not None and not idle and self._seen.get(row.key) == signature:
                     continue  # not written since its outbox was found empty
                 stats.looked += 1
-                try:  # on its write connection (open already if it was written lately), without waiting
-                    state: list[Any] = self.store.read_on_writer(row.key, _ANY, move_wait=0.0, wait_ms=0)
+                try:
+                    state = self._read(row.key)
                 except UnknownTenant:
                     pending.clear_many([(row.key, row.version)])  # a dropped source: nothing to deliver
                     self._seen.pop(row.key, None)
-                    continue
-                except Busy:  # in use by this process: read by the next sweep
                     continue
                 except Exception as exc:  # noqa: BLE001 - a pass looks at it and reports its trouble
                     log.debug("relay sweep: %r could not be read (%s); woken", row.key, exc)
@@ -167,6 +165,14 @@ class Sweeper:
         if stats.woken:
             log.info("relay sweep: woke %d parked source(s) whose outbox held events (a lost wake-up)", stats.woken)
         return stats
+
+    def _read(self, source: str) -> list[Any]:
+        """Whether ``source``'s outbox holds an event: on its write connection (open already when it was written
+        lately), without waiting for it; on a read connection when this process is using it."""
+        try:
+            return self.store.read_on_writer(source, _ANY, move_wait=0.0, wait_ms=0)
+        except Busy:
+            return self.store.read_internal(source, _ANY, move_wait=0.0)
 
     def _signature(self, source: str) -> tuple[int, ...] | None:
         """Size and modification time of ``source``'s file and log, when both last changed over a second ago
