@@ -98,10 +98,10 @@ def test_commit_boundaries_and_partial_commits(tmp_path: os.PathLike[str]) -> No
     wal = _read(path + "-wal")
     header = wf.parse_wal_header(wal)
     frames = _frames(wal, header, wf.parse_shm_header(_read(path + "-shm")[:96]).mx_frame)
-    ends = [f.index for f in frames if f.header.commit_size]
+    ends = [f.number for f in frames if f.header.commit_size]
     assert len(ends) == 2 and ends[-1] == len(frames)
     # the second commit cut before its last frame is no commit: replay stops at the first
-    assert wf.committed(frames[:-1])[-1].index == ends[0]
+    assert wf.committed(frames[:-1])[-1].number == ends[0]
     assert _image_of(wf.replay(bytearray(base), frames[:-1], 4096)) == first
 
 
@@ -182,7 +182,7 @@ def test_replay_of_any_prefix_of_commits_is_that_state(tmp_path_factory: pytest.
     header = wf.parse_wal_header(wal)
     frames = _frames(wal, header, shm.mx_frame)
     assert wf.verify_chain(header, frames) == len(frames) == shm.mx_frame
-    ends = [f.index for f in frames if f.header.commit_size]
+    ends = [f.number for f in frames if f.header.commit_size]
     assert len(ends) <= len(batches)
     upto = ends[cut % len(ends)]
     replayed = _image_of(wf.replay(bytearray(base), frames[:upto], page_size))

@@ -86,9 +86,9 @@ class ShmHeader(NamedTuple):
 
 
 class Frame(NamedTuple):
-    """One frame of the log: its 1-based index, its header, and the page image."""
+    """One frame of the log: its 1-based number, its header, and the page image."""
 
-    index: int
+    number: int
     header: FrameHeader
     page: bytes
 
@@ -231,9 +231,9 @@ def replay(image: bytearray, frames: Sequence[Frame], page_size: int) -> bytearr
     for frame in frames:
         pgno = frame.header.pgno
         if pgno < 1:
-            raise WalFormatError(f"frame {frame.index} names page {pgno}")
+            raise WalFormatError(f"frame {frame.number} names page {pgno}")
         if len(frame.page) != page_size:
-            raise WalFormatError(f"frame {frame.index} holds {len(frame.page)} bytes, not a {page_size}-byte page")
+            raise WalFormatError(f"frame {frame.number} holds {len(frame.page)} bytes, not a {page_size}-byte page")
         start = (pgno - 1) * page_size
         if len(image) < start:
             image.extend(bytes(start - len(image)))
