@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
 import sys
+from collections.abc import Iterator
 
 import apsw
 import pytest
@@ -236,7 +236,8 @@ def test_stage_and_checkpoint_run_under_the_write_lock(db: tuple[str, apsw.Conne
         seen.append(where)
 
     class Checkpointer(apsw.Connection):  # type: ignore[misc]
-        def wal_checkpoint(self, dbname: str | None = None, mode: int = apsw.SQLITE_CHECKPOINT_PASSIVE) -> tuple[int, int]:
+        def wal_checkpoint(self, dbname: str | None = None,
+                           mode: int = apsw.SQLITE_CHECKPOINT_PASSIVE) -> tuple[int, int]:
             try_write("checkpoint")
             return super().wal_checkpoint(dbname, mode)  # type: ignore[no-any-return]
 
