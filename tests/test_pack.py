@@ -36,6 +36,10 @@ def test_round_trip() -> None:
     assert [e.key for e in header.entries] == ["user:1", "dm:alice:bob", "org:ü"]
     for entry, (_given, data) in zip(header.entries, items, strict=True):
         assert pack.entry_bytes(blob, at, entry) == data
+    damaged = bytearray(blob)
+    damaged[at + 5] ^= 1
+    with pytest.raises(pack.PackError, match="digest"):
+        pack.entry_bytes(bytes(damaged), at, header.entries[0])
     # the header alone, with the pack's size, is enough to plan range reads
     again, at2 = pack.decode_header(blob[:at], size=len(blob))
     assert again == header and at2 == at
@@ -51,7 +55,7 @@ def _tamper(header: pack.Header, **changes: object) -> bytes:
     {"key": "a\x00b"}, {"key": " user:1"}, {"key": ""}, {"incarnation": ""}, {"generation": -1},
     {"page_size": 1000}, {"page_size": 256}, {"offset": -1}, {"length": 10**9}, {"kind": "other"},
     {"salt": "zz112233aabbccdd"}, {"salt": "00"}, {"first": 0}, {"last": 0}, {"commits": []},
-    {"commits": [(3, 1), (2, 1)]}, {"commits": [(9, 1)]}, {"commits": [(3, -1)]},
+    {"commits": [(3, 1), (2, 1)]}, {"commits": [(9, 1)]}, {"commits": [(3, -1)]}, {"digest": "00"},
 ])
 def test_hostile_entries_are_refused(changes: dict[str, object]) -> None:
     blob, _items = _sample()

@@ -24,11 +24,13 @@ import struct
 from typing import Literal
 
 import msgspec
+import xxhash
 
 from . import walformat as wf
 from .keys import canonical
 
-__all__ = ["MAGIC", "Entry", "Header", "PackError", "encode", "decode_header", "entry_bytes", "MAX_HEADER"]
+__all__ = ["MAGIC", "Entry", "Header", "PackError", "encode", "decode_header", "entry_bytes", "check_bytes",
+           "MAX_HEADER"]
 
 MAGIC = b"SLPACK1\n"
 _LEN = struct.Struct(">I")
@@ -56,6 +58,7 @@ class Entry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     captured_ns: int
     offset: int  #: of this entry's bytes in the payload
     length: int
+    digest: str = ""  #: xxh3-128 (hex) of this entry's bytes, filled in by :func:`encode`
 
 
 class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -72,7 +75,8 @@ def encode(node: str, seq: int, created_ns: int, items: list[tuple[Entry, bytes]
     """A pack of ``items`` (entries whose ``offset``/``length`` are filled in here, with their bytes)."""
     entries, chunks, at = [], [], 0
     for entry, data in items:
-        entries.append(msgspec.structs.replace(entry, offset=at, length=len(data)))
+        entries.append(msgspec.structs.replace(entry, offset=at, length=len(data),
+                                               digest=xxhash.xxh3_128_hexdigest(data)))
         chunks.append(data)
         at += len(data)
     header = msgspec.json.encode(Header(1, node, seq, created_ns, entries))
@@ -91,6 +95,8 @@ def _check_entry(entry: Entry, payload_size: int) -> None:
     size = entry.page_size
     if size < 512 or size > 65536 or size & (size - 1):
         raise PackError(f"the entry of {entry.key!r} has an impossible page size {size}")
+    if len(entry.digest) != 32:
+        raise PackError(f"the entry of {entry.key!r} has no valid digest")
     if entry.offset < 0 or entry.length < 0 or entry.offset + entry.length > payload_size:
         raise PackError(f"the entry of {entry.key!r} lies outside the pack")
     if entry.kind == "frames":
@@ -146,4 +152,11 @@ def entry_bytes(pack: bytes | memoryview, payload_at: int, entry: Entry) -> byte
     data = bytes(memoryview(pack)[start:start + entry.length])
     if len(data) != entry.length:
         raise PackError(f"the pack ends inside the entry of {entry.key!r}")
+    check_bytes(entry, data)
     return data
+
+
+def check_bytes(entry: Entry, data: bytes) -> None:
+    """:class:`PackError` unless ``data`` are the bytes ``entry`` describes (length and digest)."""
+    if len(data) != entry.length or xxhash.xxh3_128_hexdigest(data) != entry.digest:
+        raise PackError(f"the bytes of {entry.key!r}'s entry do not match its digest (a damaged pack)")
