@@ -20,7 +20,7 @@ def _frames_entry(key: str, first: int, last: int) -> tuple[pack.Entry, bytes]:
 
 
 def _snapshot_entry(key: str, pages: int) -> tuple[pack.Entry, bytes]:
-    entry = pack.Entry(key, "inc-2", 1, "snapshot", PS, "", 0, 7, [(7, 5)], 6, 0, 0)
+    entry = pack.Entry(key, "inc-2", 1, "snapshot", PS, "0011223344556677", 0, 7, [(7, 5)], 6, 0, 0)
     return entry, b"\x07" * (PS * pages)
 
 

@@ -50,7 +50,9 @@ class Entry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     generation: int
     kind: Literal["snapshot", "frames"]
     page_size: int
-    salt: str  #: hex of the log generation's 8 salt bytes ("" for a snapshot)
+    #: hex of the log generation's 8 salt bytes (a snapshot: of the generation it was taken in; "" when the
+    #: log held no commit then)
+    salt: str
     first: int  #: first frame number (frames), 0 for a snapshot
     last: int  #: last frame number (frames); the log's last commit frame a snapshot stands for
     #: (frame number, commit time in ns) of each commit this capture ends, in order; a snapshot has one
@@ -99,16 +101,19 @@ def _check_entry(entry: Entry, payload_size: int) -> None:
         raise PackError(f"the entry of {entry.key!r} has no valid digest")
     if entry.offset < 0 or entry.length < 0 or entry.offset + entry.length > payload_size:
         raise PackError(f"the entry of {entry.key!r} lies outside the pack")
-    if entry.kind == "frames":
-        if len(entry.salt) != 16 or entry.first < 1 or entry.last < entry.first:
-            raise PackError(f"the frames of {entry.key!r} have an invalid range or salt")
+    if entry.salt or entry.kind == "frames":
+        if len(entry.salt) != 16:
+            raise PackError(f"the entry of {entry.key!r} has an invalid salt")
         try:
             bytes.fromhex(entry.salt)
         except ValueError:
-            raise PackError(f"the frames of {entry.key!r} have an invalid salt") from None
+            raise PackError(f"the entry of {entry.key!r} has an invalid salt") from None
+    if entry.kind == "frames":
+        if entry.first < 1 or entry.last < entry.first:
+            raise PackError(f"the frames of {entry.key!r} have an invalid range")
         if entry.length != (entry.last - entry.first + 1) * (wf.FRAME_HEADER_SIZE + size):
             raise PackError(f"the frames of {entry.key!r} do not fill their range")
-    elif entry.length % size or entry.length == 0 or entry.salt or entry.first:
+    elif entry.length % size or entry.length == 0 or entry.first:
         raise PackError(f"the snapshot of {entry.key!r} is not a whole number of pages")
     frames = [frame for frame, _ in entry.commits]
     if not frames or frames != sorted(set(frames)) or any(t < 0 for _, t in entry.commits):
