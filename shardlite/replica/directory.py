@@ -73,6 +73,8 @@ class DirectoryTarget:
         try:
             created = ensure_private_dir(folder)
         except (FileExistsError, NotADirectoryError):
+            if os.path.lexists(self._root) and not os.path.isdir(self._root):
+                raise ConfigurationError(f"the replica directory {self.url} is not a directory") from None
             raise ValueError(f"replica object name {name!r} runs through an object of the same name: a name is "
                              "never also the folder of another name") from None
         except PermissionError as exc:
@@ -94,6 +96,8 @@ class DirectoryTarget:
             except FileNotFoundError:
                 continue  # the folder was pruned between its creation and this open: make it again
             except NotADirectoryError:
+                if not os.path.isdir(self._root):
+                    raise ConfigurationError(f"the replica directory {self.url} is not a directory") from None
                 raise ValueError(f"replica object name {name!r} runs through an object of the same name: a name "
                                  "is never also the folder of another name") from None
             try:

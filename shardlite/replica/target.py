@@ -295,7 +295,7 @@ def redact(url: object) -> str:
                 value = redact(value)
             elif key != "region":
                 value = "***"
-            query.append(f"{quote(key, safe='')}={quote(value, safe=':/[]*<>')}")
+            query.append(f"{quote(key, safe='')}={quote(value, safe=':/[]*<>@')}")
         netloc = parts.netloc
         if "@" in netloc:
             netloc = "***@" + netloc.rsplit("@", 1)[1]

@@ -9,15 +9,16 @@ server (SIGTERM, then SIGKILL after 15 s) and removes the directory.
 The server:
 
 * binds every port it opens to 127.0.0.1 only (``-ip=127.0.0.1 -ip.bind=127.0.0.1``): S3, master, volume,
-  filer and admin, each HTTP and gRPC, ten ports that were free when probed (it retries with other ports
-  when a probe raced another process); WebDAV, the Iceberg and Lance catalogs and the admin UI are off,
-  telemetry too (``-master.telemetry=false``); its logs and temporary files stay in its directory, and the
-  gRPC sockets it puts in /tmp whatever ``TMPDIR`` says (``seaweedfs-<service>-grpc-<port>.sock``) are
-  removed when it stops;
+  filer and admin, each HTTP and gRPC (HTTP + 10000, SeaweedFS's convention), ten ports that were free when
+  probed (it retries with other ports when a probe raced another process); WebDAV, the Iceberg and Lance
+  catalogs and the admin UI are off, telemetry too (``-master.telemetry=false``); its logs and temporary
+  files stay in its directory, and the gRPC sockets it puts in /tmp whatever ``TMPDIR`` says
+  (``seaweedfs-<service>-grpc-<port>.sock``) are removed when it stops;
 * knows one identity, with a random access key and secret (:attr:`S3Server.access_key`,
   :attr:`S3Server.secret_key`, given to clients through :meth:`S3Server.env`), from an ``-s3.config`` file
   (mode 0600) in its directory;
-* has the buckets asked for (``buckets``, default ``("replica",)``; S3 bucket names have 3 to 63 characters).
+* has the buckets asked for (``buckets``, default ``("replica",)``; S3 bucket names have 3 to 63 characters),
+  and no other: a request for another bucket is ``NoSuchBucket``, as on AWS (``-s3.autoCreateBucket=false``).
 
 :meth:`S3Server.stop` and :meth:`S3Server.start` stop it for a while and start it again on the same data
 and ports (a test of an outage); :meth:`S3Server.stop` with ``kill=True`` is a ``kill -9``.
@@ -33,6 +34,7 @@ URL, stops it.
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -198,7 +200,7 @@ class S3Server:
             f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
             f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
             f"-admin.port={p['admin']}", f"-admin.port.grpc={p['admin.grpc']}", "-admin.ui=false",
-            "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.autoCreateBucket=false",
             f"-s3.config={os.path.join(self.directory, 's3.json')}",
             f"-filer.localSocket={os.path.join(self.directory, 'filer.sock')}",
             f"-s3.localSocket={os.path.join(self.directory, 's3.sock')}",
@@ -258,15 +260,26 @@ def _tail(path: str, lines: int = 15) -> str:
         return "(no log)"
 
 
-def _free_ports(count: int) -> list[int]:
-    """``count`` distinct loopback ports that are free now (held open together while probing, so they differ)."""
+def _free_port_pairs(count: int, rng: random.Random | None = None) -> list[tuple[int, int]]:
+    """``count`` pairs ``(port, port + 10000)`` of loopback ports that are all free now (held open together
+    while probing, so they differ). SeaweedFS's gRPC port is its HTTP port + 10000 by convention, and some of
+    its parts assume it whatever the flags say (mini's maintenance worker dials the admin server there), so
+    every service gets such a pair."""
+    rng = rng or random.Random()
     with ExitStack() as stack:
-        found = []
-        for _ in range(count):
-            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            s.bind(("127.0.0.1", 0))
-            found.append(int(s.getsockname()[1]))
-        return found
+        found: list[tuple[int, int]] = []
+        for _ in range(200 * count):
+            if len(found) == count:
+                return found
+            port = rng.randrange(20000, 55000)
+            try:
+                for p in (port, port + 10000):
+                    s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    s.bind(("127.0.0.1", p))
+            except OSError:
+                continue  # taken (the pair's first socket stays bound until the end: harmless)
+            found.append((port, port + 10000))
+    raise S3Unavailable(f"could not find {count} free pairs of loopback ports (port and port + 10000)")
 
 
 def find_weed() -> str:
@@ -310,10 +323,9 @@ def seaweedfs(buckets: Sequence[str] = ("replica",), *, binary: str | None = Non
         os.makedirs(os.path.join(directory, "data"), mode=0o700)
         failure = "no attempt"
         for _attempt in range(3):  # a probed port can be taken before the server binds it
-            ports = _free_ports(2 * len(_SERVICES))
             named = {}
-            for i, service in enumerate(_SERVICES):
-                named[service], named[f"{service}.grpc"] = ports[2 * i], ports[2 * i + 1]
+            for service, (port, grpc) in zip(_SERVICES, _free_port_pairs(len(_SERVICES)), strict=True):
+                named[service], named[f"{service}.grpc"] = port, grpc
             server = S3Server("127.0.0.1", named["s3"], access_key, secret_key, tuple(buckets), directory, weed,
                               named)
             try:
