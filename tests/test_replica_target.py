@@ -385,6 +385,18 @@ def test_directory_root_that_is_a_file(tmp_path: Path) -> None:
 
 # -- the S3 backend: outages, errors, credentials -----------------------------------------------------------
 
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Credentials of no server in the AWS environment, and nowhere else to look (for loopback servers that
+    are not S3 servers)."""
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    for name, value in {"AWS_ACCESS_KEY_ID": "AKIDNOSERVER", "AWS_SECRET_ACCESS_KEY": "no-server-secret",
+                        "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull,
+                        "AWS_SHARED_CREDENTIALS_FILE": os.devnull}.items():
+        monkeypatch.setenv(name, value)
+
+
 def test_s3_outage_is_unavailable_then_recovers(s3_env: S3Server) -> None:
     """The server stopped: every call fails with ReplicaUnavailable within seconds (never a hang), naming the
     target and saying to retry; started again on its data, the same target works and the data is there."""
@@ -411,7 +423,7 @@ def test_s3_outage_is_unavailable_then_recovers(s3_env: S3Server) -> None:
     target.close()
 
 
-def test_s3_nothing_listening_is_unavailable(s3_env: S3Server) -> None:
+def test_s3_nothing_listening_is_unavailable(aws_env: None) -> None:
     import socket
 
     with socket.socket() as probe:  # a loopback port with nothing on it
@@ -425,7 +437,7 @@ def test_s3_nothing_listening_is_unavailable(s3_env: S3Server) -> None:
     target.close()
 
 
-def test_s3_server_that_never_answers_is_unavailable(s3_env: S3Server) -> None:
+def test_s3_server_that_never_answers_is_unavailable(aws_env: None) -> None:
     """A server that accepts connections and never answers: each attempt ends at the read timeout, the
     attempts are bounded, and the caller gets ReplicaUnavailable (short timeouts here to keep it quick)."""
     import socket
@@ -443,6 +455,94 @@ def test_s3_server_that_never_answers_is_unavailable(s3_env: S3Server) -> None:
             target.get("x")
         assert time.monotonic() - began < 10.0
         target.close()
+
+
+class _ErrorServer:
+    """A loopback HTTP server that answers every request with one S3 error (status and code), counting the
+    requests: how the S3 target treats throttling, 5xx and refusals, which SeaweedFS cannot be made to send."""
+
+    def __init__(self, status: int, code: str) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests = 0
+        owner = self
+        body = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>no</Message>"
+                "</Error>").encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # answers botocore's "Expect: 100-continue" (1.0 makes it wait 1 s)
+
+            def _answer(self) -> None:
+                owner.requests += 1
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body) if self.command != "HEAD" else 0))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _answer
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"s3://replica/p?endpoint=http://127.0.0.1:{self.httpd.server_address[1]}&region=us-east-1"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+@pytest.mark.parametrize(("status", "code", "error", "attempts"), [
+    (503, "SlowDown", ReplicaUnavailable, 3),
+    (500, "InternalError", ReplicaUnavailable, 3),
+    (429, "TooManyRequests", ReplicaUnavailable, 3),
+    (403, "AccessDenied", ConfigurationError, 1),
+    (400, "InvalidArgument", ReplicaError, 1),
+])
+def test_s3_server_errors(aws_env: None, status: int, code: str, error: type[Exception], attempts: int) -> None:
+    """Throttling and 5xx are retried a bounded number of times, then ReplicaUnavailable saying to retry;
+    refusals are not retried: credentials are a ConfigurationError, anything else a ReplicaError; every
+    message names the target, the operation, the code and the status."""
+    server = _ErrorServer(status, code)
+    target = open_target(server.url)
+    try:
+        began = time.monotonic()
+        with pytest.raises(error) as caught:
+            target.put("n1/seg", b"data")
+        assert time.monotonic() - began < 10.0
+        assert server.requests == attempts
+        message = str(caught.value)
+        assert target.url in message and "'n1/seg'" in message and code in message and f"HTTP {status}" in message
+        if error is ReplicaUnavailable:
+            assert "retry" in message
+        assert type(caught.value) is error
+    finally:
+        target.close()
+        server.close()
+
+
+def test_s3_conditional_write_conflicts_are_retried_then_unavailable(aws_env: None) -> None:
+    """409 ConditionalRequestConflict (AWS: a racing conditional write; try again) is retried by
+    put_if_absent itself, a bounded number of times, then ReplicaUnavailable."""
+    server = _ErrorServer(409, "ConditionalRequestConflict")
+    target = open_target(server.url)
+    try:
+        with pytest.raises(ReplicaUnavailable, match="ConditionalRequestConflict"):
+            target.put_if_absent("lease", b"me")
+        assert server.requests == 3
+    finally:
+        target.close()
+        server.close()
 
 
 def test_s3_missing_bucket_is_a_configuration_error(s3_env: S3Server) -> None:

@@ -93,7 +93,7 @@ class S3Target:
         options: dict[str, Any] = {
             "connect_timeout": connect_timeout,
             "read_timeout": read_timeout,
-            "retries": {"max_attempts": max_attempts, "mode": "standard"},
+            "retries": {"total_max_attempts": max_attempts, "mode": "standard"},  # the first one included
             "max_pool_connections": 16,
             "user_agent_extra": "shardlite",
         }

@@ -191,7 +191,7 @@ class S3Server:
         return boto3.session.Session().client(
             "s3", endpoint_url=self.endpoint, region_name=_REGION, aws_access_key_id=self.access_key,
             aws_secret_access_key=self.secret_key,
-            config=Config(connect_timeout=2, read_timeout=10, retries={"max_attempts": 3, "mode": "standard"},
+            config=Config(connect_timeout=2, read_timeout=10, retries={"total_max_attempts": 3, "mode": "standard"},
                           s3={"addressing_style": "path"}))
 
     # -- internals -------------------------------------------------------------------------------------------
