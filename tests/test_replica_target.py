@@ -610,7 +610,7 @@ def test_parse_locations() -> None:
 
 @pytest.mark.parametrize("url", [
     "file://relative/path", "file:relative", "file:///", "file:///a/../b", "file:///a?x=1", "/plain/path",
-    "relative", "http://host/bucket", "s3://ab", "s3://Bad_Bucket", "s3://-bucket", "s3://bucket:9000/p",
+    "relative", "http://host/bucket", "s3://ab", "s3://Bad_Bucket", "s3://MyBucket", "s3://my..bucket", "s3://-bucket", "s3://bucket:9000/p",
     "s3://bucket/a//b", "s3://bucket/.hidden", "s3://bucket?endpoint=ftp://h", "s3://bucket?unknown=1",
     "s3://bucket?endpoint=http://h:1/path", "s3://bucket?region=", "s3://bucket?region=a&region=b",
     "s3://bucket#frag", "s3://bucket?endpoint=http://h:notaport", "", "s3://", "s3://bucket/\x00",
