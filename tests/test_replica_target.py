@@ -342,16 +342,16 @@ def test_directory_puts_and_deletes_race_on_shared_folders(tmp_path: Path) -> No
     target = open_target("file://" + os.fspath(tmp_path / "replica"))
 
     def churn(worker: int) -> None:
-        for i in range(60):
-            name = f"shared/{i % 3}/deep/w{worker}"  # folders shared by all the writers
+        for i in range(100):
+            name = f"shared/{i % 2}/deep/w{worker}"  # folders shared by all the writers
             target.put(name, b"%d" % i)
             assert target.get(name) == b"%d" % i
             target.delete_many([name])
         target.put(f"shared/w{worker}/last", b"done")
 
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(churn, range(4)))
-    assert list(target.list()) == [(f"shared/w{w}/last", 4) for w in range(4)]
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(churn, range(6)))
+    assert list(target.list()) == [(f"shared/w{w}/last", 4) for w in range(6)]
 
 
 def test_directory_full_or_read_only_disk_is_unavailable(tmp_path: Path) -> None:

@@ -297,16 +297,19 @@ class DirectoryTarget:
         other entry (a folder with objects costs one entry or a few)."""
         stale = []
         cutoff = time.time() - STALE_TEMP_S
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if not entry.name.startswith(_TEMP):
-                    return False
-                try:
-                    if entry.stat(follow_symlinks=False).st_mtime > cutoff:
-                        return False  # a writer may still be filling it
-                except FileNotFoundError:
-                    continue
-                stale.append(entry.path)
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if not entry.name.startswith(_TEMP):
+                        return False
+                    try:
+                        if entry.stat(follow_symlinks=False).st_mtime > cutoff:
+                            return False  # a writer may still be filling it
+                    except FileNotFoundError:
+                        continue
+                    stale.append(entry.path)
+        except FileNotFoundError:
+            return True  # a concurrent delete_many removed it meanwhile
         for path in stale:
             _unlink_quietly(path)
         return True
