@@ -1,7 +1,8 @@
 """The replica target contract (:class:`shardlite.replica.target.ReplicaTarget`): one conformance suite over
 every backend (``file`` and ``s3``, the latter against a real SeaweedFS server), plus what is particular to
 one backend (the directory's atomic writes under ``kill -9`` and its file modes; the S3 target's outage and
-recovery) and the location rules (parsing, redaction, credentials never shown, boto3 loaded lazily)."""
+recovery, its error mapping) and the location rules (parsing, redaction, credentials never shown, the S3
+client loaded only for s3://)."""
 
 from __future__ import annotations
 
@@ -648,9 +649,9 @@ def test_errors_are_in_the_tree() -> None:
     assert str(ReplicaObjectMissing("no object 'x'")) == "no object 'x'"
 
 
-def test_boto3_is_imported_only_for_s3(tmp_path: Path) -> None:
-    """boto3 costs a few tenths of a second to import: a process whose roots do not replicate to S3 (and the
-    CLI) never loads it; an s3:// target loads it when it is opened."""
+def test_the_s3_client_is_imported_only_for_s3(tmp_path: Path) -> None:
+    """boto3/botocore cost about 0.2 s to import: a process whose roots do not replicate to S3 (and the CLI)
+    never loads them; an s3:// target loads botocore when it is opened."""
     code = textwrap.dedent(f"""
         import sys, shardlite, shardlite.cli, shardlite.replica
         from shardlite import Router
