@@ -19,7 +19,7 @@ from ...errors import ConfigurationError, MetaConflict
 from ...files.authorizer import INTERNAL_SQL as _I
 from ...files.catalog import TenantRecord
 from ...files.globaldb import GlobalDB
-from ..tenants import LIVE, TenantCatalog, check_states, record_of
+from ..tenants import LIVE, GenerationTaken, TenantCatalog, check_states, record_of
 
 __all__ = ["SqliteTenants"]
 
@@ -33,7 +33,7 @@ def _translated(exc: apsw.ConstraintError, key: str, node: str, generation: int)
     error reaches a caller)."""
     if "FOREIGN KEY" in str(exc):
         return ConfigurationError(f"tenant {key!r} cannot be placed on node {node!r}: no such node")
-    return ValueError(f"tenant {key!r}: generation {generation} is already used ({exc}); allocate one")
+    return GenerationTaken(f"tenant {key!r}: generation {generation} is already used ({exc}); allocate one")
 
 
 class SqliteTenants:
