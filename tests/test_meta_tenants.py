@@ -16,6 +16,7 @@ from helpers_procs import FileBarrier, child_env, finish_all, spawn, write_scrip
 from shardlite import ConfigurationError, MetaConflict
 from shardlite.files.catalog import TenantRecord
 from shardlite.meta import MetaStore
+from shardlite.meta.tenants import GenerationTaken
 
 #: The parts of the metadata store these tests exercise (helpers_meta.missing_parts).
 META_PART = ("tenants", "nodes")
@@ -115,6 +116,17 @@ def test_register_on_an_unknown_node_is_refused_and_writes_nothing(meta: MetaSto
     with pytest.raises(ConfigurationError, match="n9"):
         meta.tenants.register("t:1", "n9", generation, "inc", 1)
     assert meta.tenants.lookup("t:1") is None
+
+
+def test_register_with_a_generation_another_row_holds_is_refused_and_writes_nothing(meta: MetaStore) -> None:
+    held = make(meta, "t:1")
+    with pytest.raises(GenerationTaken, match="already used"):
+        meta.tenants.register("t:2", "n1", held.generation, "inc", 1)
+    assert meta.tenants.lookup("t:2") is None and meta.tenants.lookup("t:1") == held
+    drop(meta, "t:1")  # a tombstone keeps its generation (its old path is never reused either)
+    with pytest.raises(GenerationTaken):
+        meta.tenants.register("t:2", "n1", held.generation, "inc", 1)
+    assert meta.tenants.lookup("t:2") is None
 
 
 def test_generations_are_never_reused_and_increase(meta: MetaStore) -> None:
