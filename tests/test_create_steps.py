@@ -190,17 +190,24 @@ def test_a_registration_refused_for_a_taken_generation_removes_its_file_and_take
     router = made()
     store = router._store
     allocated: list[int] = []
-    allocate = store.meta.tenants.allocate_generation
+    allocate, lookup_or_allocate = store.meta.tenants.allocate_generation, store.meta.tenants.lookup_or_allocate
 
     def spy(key: str, node: str, purpose: str) -> int:
         allocated.append(allocate(key, node, purpose))
         return allocated[-1]
+
+    def spy_first(key: str, node: str) -> Any:
+        record, generation = lookup_or_allocate(key, node)
+        if generation is not None:
+            allocated.append(generation)
+        return record, generation
 
     def fault(step: str) -> None:
         if step == "written" and len(allocated) == 1:  # another key registered with the same generation first
             store.meta.tenants.register("thief:1", "n1", allocated[0], "inc", 0)
 
     store.meta.tenants.allocate_generation = spy  # type: ignore[method-assign]
+    store.meta.tenants.lookup_or_allocate = spy_first  # type: ignore[method-assign]
     store.create_fault = fault
     _create(router, "k:1")
     assert len(allocated) == 2

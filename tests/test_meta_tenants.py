@@ -129,6 +129,20 @@ def test_register_with_a_generation_another_row_holds_is_refused_and_writes_noth
     assert meta.tenants.lookup("t:2") is None
 
 
+def test_lookup_or_allocate_allocates_only_for_a_key_to_create(meta: MetaStore) -> None:
+    before = meta.tenants.allocate_generation("t:0", "n1", "create")
+    record, fresh = meta.tenants.lookup_or_allocate("t:1", "n1")
+    assert record is None and fresh is not None and fresh > before
+    live = meta.tenants.register("t:1", "n1", fresh, "inc", 1)
+    assert meta.tenants.lookup_or_allocate("t:1", "n1") == (live, None)
+    meta.tenants.set_state("t:1", "dropping", expect_generation=live.generation, expect_states=("active",))
+    assert meta.tenants.lookup_or_allocate("t:1", "n1") == (meta.tenants.lookup("t:1"), None)
+    meta.tenants.set_state("t:1", "dropped", expect_generation=live.generation, expect_states=("dropping",))
+    tombstone, again = meta.tenants.lookup_or_allocate("t:1", "n1")
+    assert tombstone is not None and tombstone.state == "dropped" and again is not None and again > fresh
+    assert meta.tenants.allocate_generation("t:2", "n1", "create") > again  # what it allocated is never reused
+
+
 def test_generations_are_never_reused_and_increase(meta: MetaStore) -> None:
     """Distinct and increasing across keys, purposes, tombstones and re-creations."""
     seen = [make(meta, "t:a").generation]

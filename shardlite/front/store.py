@@ -199,7 +199,7 @@ class Store(TenantCreation, TenantReads):
         record = self._records.get(canon)
         if record is not None:
             return record
-        record = self.meta.tenants.lookup(canon)
+        record, first = self._lookup_creating(canon) if create else (self.meta.tenants.lookup(canon), None)
         if record is not None and record.state in _LIVE:
             if len(self._records) > 100_000:
                 self._records.clear()
@@ -209,7 +209,7 @@ class Store(TenantCreation, TenantReads):
             raise TenantMoving(f"tenant {canon!r} is being dropped")
         if not create or (not revive and record is not None and record.state == "dropped"):
             return None
-        return self._create(canon)
+        return self._create(canon, first)
 
     def forget(self, canon: str) -> None:
         """Drop the cached location of ``canon`` (the next access asks the catalog)."""

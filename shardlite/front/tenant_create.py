@@ -161,14 +161,35 @@ class TenantCreation:
         if self.create_fault is not None:
             self.create_fault(step)
 
-    def _create(self, canon: str) -> TenantRecord:
-        """Create ``canon`` (or adopt the record of whoever registered it first); see the module doc."""
+    def _lookup_creating(self, canon: str) -> tuple[TenantRecord | None, tuple[str, int] | None]:
+        """The catalog's row of ``canon`` for a caller that creates it when absent, and then the node and
+        generation of its creation's first attempt. With a store whose reads are round trips
+        (``meta.local`` false) the lookup and the allocation are one call
+        (:meth:`~shardlite.meta.tenants.TenantCatalog.lookup_or_allocate`); the node is proposed before it
+        (from the cached ring: no round trip). A local store keeps the two calls, so a route-cache miss of
+        an existing tenant costs no proposal; so does a store with no node to propose (the creation, if
+        any, then fails as it did)."""
+        if self.meta.local:
+            return self.meta.tenants.lookup(canon), None
+        try:
+            node = self.propose(canon)
+        except (ConfigurationError, StorageFull):
+            return self.meta.tenants.lookup(canon), None
+        record, generation = self.meta.tenants.lookup_or_allocate(canon, node)
+        return record, None if generation is None else (node, generation)
+
+    def _create(self, canon: str, first: tuple[str, int] | None = None) -> TenantRecord:
+        """Create ``canon`` (or adopt the record of whoever registered it first); see the module doc.
+        ``first``: the node and generation of the first attempt, allocated already for ``canon``."""
         prefix = prefix_of(canon)
         version = len(self.spec.steps_for(prefix))
         node_retried = False
         for _attempt in range(CREATE_ATTEMPTS):
-            node = self.propose(canon)
-            generation = self.meta.tenants.allocate_generation(canon, node, "create")
+            if first is not None:
+                (node, generation), first = first, None
+            else:
+                node = self.propose(canon)
+                generation = self.meta.tenants.allocate_generation(canon, node, "create")
             self._fault("allocated")
             incarnation = secrets.token_hex(16)
             data, seed = self.template(prefix)(canon, incarnation)

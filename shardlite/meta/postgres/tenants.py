@@ -54,6 +54,15 @@ _ALLOCATE = "INSERT INTO shardlite.generations(key, node, purpose, at) VALUES (%
 _RELAXED = ("WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)) "
             "INSERT INTO shardlite.generations(key, node, purpose, at) SELECT %s, %s, %s, %s FROM relaxed "
             "RETURNING generation")
+#: The key's row (or a row of NULLs) and, when it has none or a tombstone, a creation's generation
+#: (``_RELAXED``'s insert, run only then: its ``WHERE`` is false otherwise), in one statement.
+_LOOKUP_OR_ALLOCATE = (
+    f"WITH found AS (SELECT {_COLUMNS} FROM shardlite.tenants WHERE key = %(key)s), "
+    "relaxed AS (SELECT set_config('synchronous_commit', 'off', true)), "
+    "alloc AS (INSERT INTO shardlite.generations(key, node, purpose, at) "
+    "SELECT %(key)s, %(node)s, 'create', %(at)s FROM relaxed "
+    "WHERE NOT EXISTS (SELECT 1 FROM found WHERE state <> 'dropped') RETURNING generation) "
+    f"SELECT (SELECT generation FROM alloc), {_COLUMNS} FROM (SELECT 1) one LEFT JOIN found ON true")
 #: Insert, re-create a tombstone, or meet a live row (written nothing) and read it, in one statement.
 _REGISTER = (
     f"WITH ins AS (INSERT INTO shardlite.tenants AS t({_COLUMNS}, updated) "
@@ -127,6 +136,21 @@ class PgTenants:
             row = conn.execute(sql, (key, node, purpose, time.time())).fetchone()
             assert row is not None
             return int(row[0])
+
+        return statement(self.pool, body)
+
+    def lookup_or_allocate(self, key: str, node: str) -> tuple[TenantRecord | None, int | None]:
+        """One statement (see :data:`_LOOKUP_OR_ALLOCATE`); the allocation commits as a ``create``'s does
+        (see :meth:`allocate_generation`)."""
+        if has_nul(key):
+            return None, None  # no row holds NUL, and none may: register refuses it before the server
+        _known_node(key, node)
+
+        def body(conn: Connection[Any]) -> tuple[TenantRecord | None, int | None]:
+            row = conn.execute(_LOOKUP_OR_ALLOCATE, {"key": key, "node": node, "at": time.time()}).fetchone()
+            assert row is not None
+            record = record_of(row[1:]) if row[1] is not None else None
+            return record, None if row[0] is None else int(row[0])
 
         return statement(self.pool, body)
 

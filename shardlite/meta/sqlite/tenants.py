@@ -52,6 +52,12 @@ class SqliteTenants:
                          (key, node, purpose, time.time()))
             return int(conn.last_insert_rowid())
 
+    def lookup_or_allocate(self, key: str, node: str) -> tuple[TenantRecord | None, int | None]:
+        record = self.lookup(key)
+        if record is not None and record.state != "dropped":
+            return record, None
+        return record, self.allocate_generation(key, node, "create")
+
     def register(self, key: str, node: str, generation: int, incarnation: str,
                  schema_version: int) -> TenantRecord:
         now = time.time()
