@@ -196,8 +196,8 @@ def test_a_registration_refused_for_a_taken_generation_removes_its_file_and_take
         allocated.append(allocate(key, node, purpose))
         return allocated[-1]
 
-    def spy_first(key: str, node: str) -> Any:
-        record, generation = lookup_or_allocate(key, node)
+    def spy_first(key: str, node: str, **kwargs: Any) -> Any:
+        record, generation = lookup_or_allocate(key, node, **kwargs)
         if generation is not None:
             allocated.append(generation)
         return record, generation

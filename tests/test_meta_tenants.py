@@ -131,15 +131,18 @@ def test_register_with_a_generation_another_row_holds_is_refused_and_writes_noth
 
 def test_lookup_or_allocate_allocates_only_for_a_key_to_create(meta: MetaStore) -> None:
     before = meta.tenants.allocate_generation("t:0", "n1", "create")
-    record, fresh = meta.tenants.lookup_or_allocate("t:1", "n1")
+    record, fresh = meta.tenants.lookup_or_allocate("t:1", "n1", revive=False)  # revive: over a tombstone only
     assert record is None and fresh is not None and fresh > before
     live = meta.tenants.register("t:1", "n1", fresh, "inc", 1)
     assert meta.tenants.lookup_or_allocate("t:1", "n1") == (live, None)
     meta.tenants.set_state("t:1", "dropping", expect_generation=live.generation, expect_states=("active",))
     assert meta.tenants.lookup_or_allocate("t:1", "n1") == (meta.tenants.lookup("t:1"), None)
     meta.tenants.set_state("t:1", "dropped", expect_generation=live.generation, expect_states=("dropping",))
-    tombstone, again = meta.tenants.lookup_or_allocate("t:1", "n1")
-    assert tombstone is not None and tombstone.state == "dropped" and again is not None and again > fresh
+    tombstone = meta.tenants.lookup("t:1")
+    assert tombstone is not None and tombstone.state == "dropped"
+    assert meta.tenants.lookup_or_allocate("t:1", "n1", revive=False) == (tombstone, None)
+    found, again = meta.tenants.lookup_or_allocate("t:1", "n1")
+    assert found == tombstone and again is not None and again > fresh
     assert meta.tenants.allocate_generation("t:2", "n1", "create") > again  # what it allocated is never reused
 
 

@@ -199,7 +199,7 @@ class Store(TenantCreation, TenantReads):
         record = self._records.get(canon)
         if record is not None:
             return record
-        record, first = self._lookup_creating(canon) if create else (self.meta.tenants.lookup(canon), None)
+        record, first = self._lookup_creating(canon, revive) if create else (self.meta.tenants.lookup(canon), None)
         if record is not None and record.state in _LIVE:
             if len(self._records) > 100_000:
                 self._records.clear()

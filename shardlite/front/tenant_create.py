@@ -8,7 +8,8 @@
   process), personalised with the key and a fresh incarnation, written to a private temporary name and
   linked into place (see :mod:`shardlite.files.tenant`); a storage failure is a shardlite error naming the
   tenant and the file.
-* The steps: allocate a generation, link the file at ``(key, generation)``, register. A process killed
+* The steps: allocate a generation (with a remote store, in the same call as the route's catalog lookup:
+  :meth:`_lookup_creating`), link the file at ``(key, generation)``, register. A process killed
   between them leaves an unregistered file that nothing routes to (an orphan) and no row; the next creation
   of the key allocates a new generation. A generation may be handed out again after a crash of the
   metadata store itself (see :meth:`TenantCatalog.allocate_generation
@@ -161,7 +162,7 @@ class TenantCreation:
         if self.create_fault is not None:
             self.create_fault(step)
 
-    def _lookup_creating(self, canon: str) -> tuple[TenantRecord | None, tuple[str, int] | None]:
+    def _lookup_creating(self, canon: str, revive: bool) -> tuple[TenantRecord | None, tuple[str, int] | None]:
         """The catalog's row of ``canon`` for a caller that creates it when absent, and then the node and
         generation of its creation's first attempt. With a store whose reads are round trips
         (``meta.local`` false) the lookup and the allocation are one call
@@ -175,7 +176,7 @@ class TenantCreation:
             node = self.propose(canon)
         except (ConfigurationError, StorageFull):
             return self.meta.tenants.lookup(canon), None
-        record, generation = self.meta.tenants.lookup_or_allocate(canon, node)
+        record, generation = self.meta.tenants.lookup_or_allocate(canon, node, revive=revive)
         return record, None if generation is None else (node, generation)
 
     def _create(self, canon: str, first: tuple[str, int] | None = None) -> TenantRecord:

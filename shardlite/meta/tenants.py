@@ -69,11 +69,12 @@ class TenantCatalog(Protocol):
         again" (:mod:`shardlite.front.tenant_create`)."""
         ...
 
-    def lookup_or_allocate(self, key: str, node: str) -> tuple[TenantRecord | None, int | None]:
-        """``(lookup(key), generation)``: the row of ``key`` in any state, and, when there is none or it is
-        a tombstone (``key`` is to be created), a new generation as ``allocate_generation(key, node,
-        "create")`` gives; otherwise None and nothing allocated. A creator's first two calls in one unit
-        (PostgreSQL: one round trip instead of two); the two parts are as if called one after the other."""
+    def lookup_or_allocate(self, key: str, node: str, *, revive: bool = True) -> tuple[TenantRecord | None, int | None]:
+        """``(lookup(key), generation)``: the row of ``key`` in any state, and, when there is none, or a
+        tombstone and ``revive`` (``key`` is to be created), a new generation as ``allocate_generation(key,
+        node, "create")`` gives; otherwise None and nothing allocated. A creator's first two calls in one
+        unit (PostgreSQL: one round trip instead of two); the two parts are as if called one after the
+        other."""
         ...
 
     def register(self, key: str, node: str, generation: int, incarnation: str,

@@ -8,7 +8,8 @@ How each write is atomic at READ COMMITTED (no global writer lock as SQLite's ``
 
 * :meth:`~PgTenants.allocate_generation`: the identity of ``shardlite.generations`` (a sequence: never
   hands a value out twice, even after a rollback), read back with ``RETURNING``, one statement. For a
-  ``create`` it commits without waiting for its WAL flush (:data:`_RELAXED`); see the method;
+  ``create`` it commits without waiting for its WAL flush (:data:`_RELAXED`); see the method.
+  :meth:`~PgTenants.lookup_or_allocate` is the lookup and that allocation in one statement;
 * :meth:`~PgTenants.register`: one statement (no ``BEGIN``/``COMMIT`` round trips):
   ``INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE state = 'dropped'``, which inserts, re-creates a
   tombstone, or (a live row) writes nothing; the same statement reads the live row it met. A row that was
@@ -54,14 +55,14 @@ _ALLOCATE = "INSERT INTO shardlite.generations(key, node, purpose, at) VALUES (%
 _RELAXED = ("WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)) "
             "INSERT INTO shardlite.generations(key, node, purpose, at) SELECT %s, %s, %s, %s FROM relaxed "
             "RETURNING generation")
-#: The key's row (or a row of NULLs) and, when it has none or a tombstone, a creation's generation
-#: (``_RELAXED``'s insert, run only then: its ``WHERE`` is false otherwise), in one statement.
+#: The key's row (or a row of NULLs) and, when it has none, or a tombstone and ``revive``, a creation's
+#: generation (``_RELAXED``'s insert, run only then: its ``WHERE`` is false otherwise), in one statement.
 _LOOKUP_OR_ALLOCATE = (
     f"WITH found AS (SELECT {_COLUMNS} FROM shardlite.tenants WHERE key = %(key)s), "
     "relaxed AS (SELECT set_config('synchronous_commit', 'off', true)), "
     "alloc AS (INSERT INTO shardlite.generations(key, node, purpose, at) "
     "SELECT %(key)s, %(node)s, 'create', %(at)s FROM relaxed "
-    "WHERE NOT EXISTS (SELECT 1 FROM found WHERE state <> 'dropped') RETURNING generation) "
+    "WHERE NOT EXISTS (SELECT 1 FROM found WHERE state <> 'dropped' OR NOT %(revive)s) RETURNING generation) "
     f"SELECT (SELECT generation FROM alloc), {_COLUMNS} FROM (SELECT 1) one LEFT JOIN found ON true")
 #: Insert, re-create a tombstone, or meet a live row (written nothing) and read it, in one statement.
 _REGISTER = (
@@ -139,7 +140,7 @@ class PgTenants:
 
         return statement(self.pool, body)
 
-    def lookup_or_allocate(self, key: str, node: str) -> tuple[TenantRecord | None, int | None]:
+    def lookup_or_allocate(self, key: str, node: str, *, revive: bool = True) -> tuple[TenantRecord | None, int | None]:
         """One statement (see :data:`_LOOKUP_OR_ALLOCATE`); the allocation commits as a ``create``'s does
         (see :meth:`allocate_generation`)."""
         if has_nul(key):
@@ -147,7 +148,8 @@ class PgTenants:
         _known_node(key, node)
 
         def body(conn: Connection[Any]) -> tuple[TenantRecord | None, int | None]:
-            row = conn.execute(_LOOKUP_OR_ALLOCATE, {"key": key, "node": node, "at": time.time()}).fetchone()
+            row = conn.execute(_LOOKUP_OR_ALLOCATE,
+                               {"key": key, "node": node, "at": time.time(), "revive": revive}).fetchone()
             assert row is not None
             record = record_of(row[1:]) if row[1] is not None else None
             return record, None if row[0] is None else int(row[0])

@@ -52,9 +52,9 @@ class SqliteTenants:
                          (key, node, purpose, time.time()))
             return int(conn.last_insert_rowid())
 
-    def lookup_or_allocate(self, key: str, node: str) -> tuple[TenantRecord | None, int | None]:
+    def lookup_or_allocate(self, key: str, node: str, *, revive: bool = True) -> tuple[TenantRecord | None, int | None]:
         record = self.lookup(key)
-        if record is not None and record.state != "dropped":
+        if record is not None and (record.state != "dropped" or not revive):
             return record, None
         return record, self.allocate_generation(key, node, "create")
 
