@@ -34,7 +34,6 @@ import apsw
 from ..core.keys import canonical, prefix_of
 from ..core.outbox import DEFAULT_MAX_PAYLOAD
 from ..core.placement import tenant_relpath
-from ..core.ring import Ring
 from ..errors import (
     Busy,
     ConfigurationError,
@@ -45,7 +44,7 @@ from ..errors import (
     UnknownTenant,
 )
 from ..files.authorizer import INTERNAL_SQL
-from ..files.catalog import Location, Node, TenantRecord
+from ..files.catalog import Location, TenantRecord
 from ..files.checkpoints import DUE_FRAMES, Checkpointer, Submit
 from ..files.engine import Settings, abandon, ensure_private_dir, on_fork_in_child, set_busy_timeout, storage_error
 from ..files.limits import FAST_VALUE
@@ -177,9 +176,7 @@ class Store(TenantCreation, TenantReads):
             if isinstance(global_schema, str) or not isinstance(global_schema, (list, tuple)):
                 raise ConfigurationError("global_schema is a list of steps (SQL text or callables)")
             self.meta.app_globals.migrate(global_schema)
-        self._node_paths: dict[str, str] = {}
-        self._ring: Ring | None = None
-        self._ring_source: tuple[tuple[str, int], ...] = ()
+        self._init_nodes()
         catalog_nodes = self._refresh_nodes()
         if nodes is not None and not fresh and sorted(nodes) != sorted(n.name for n in catalog_nodes):
             raise ConfigurationError(
@@ -189,26 +186,6 @@ class Store(TenantCreation, TenantReads):
             )
         for node in catalog_nodes:
             ensure_private_dir(node.path)
-
-    # -- nodes and the ring -------------------------------------------------------------------------
-
-    def _refresh_nodes(self) -> list[Node]:
-        nodes = self.meta.nodes.list()
-        self._node_paths = {n.name: n.path for n in nodes}
-        source = tuple((n.name, n.weight) for n in nodes if n.state == "active")
-        if source != self._ring_source:
-            self._ring = Ring(dict(source)) if source else None
-            self._ring_source = source
-        return nodes
-
-    def node_path(self, name: str) -> str:
-        path = self._node_paths.get(name)
-        if path is None:
-            self._refresh_nodes()
-            path = self._node_paths.get(name)
-            if path is None:
-                raise ConfigurationError(f"the catalog names node {name!r} but does not know its path")
-        return path
 
     def path_of(self, record: TenantRecord) -> str:
         return os.path.join(self.node_path(record.node), tenant_relpath(record.key, record.generation))
@@ -222,7 +199,7 @@ class Store(TenantCreation, TenantReads):
         record = self._records.get(canon)
         if record is not None:
             return record
-        record = self.meta.tenants.lookup(canon)
+        record, first = self._lookup_creating(canon, revive) if create else (self.meta.tenants.lookup(canon), None)
         if record is not None and record.state in _LIVE:
             if len(self._records) > 100_000:
                 self._records.clear()
@@ -232,7 +209,7 @@ class Store(TenantCreation, TenantReads):
             raise TenantMoving(f"tenant {canon!r} is being dropped")
         if not create or (not revive and record is not None and record.state == "dropped"):
             return None
-        return self._create(canon)
+        return self._create(canon, first)
 
     def forget(self, canon: str) -> None:
         """Drop the cached location of ``canon`` (the next access asks the catalog)."""
