@@ -17,6 +17,10 @@ local file system); and the lock is taken on the notes file only, never on a ten
 never opens a descriptor of a tenant's database or ``-shm`` file: closing one would drop the process's
 POSIX locks on it, SQLite's included (docs/replication.md, "the -shm trap").
 
+A file is rolled over once it passes :data:`ROLL_BYTES`: the next note goes to a new file, and the old one
+is closed (its lock released, so the replicator reads it to its end and removes it) at the following
+roll-over or when the writer closes, never while another thread may still be writing to it.
+
 When: :meth:`NotesWriter.hook` is the WAL hook of a tenant connection. SQLite calls it once after each
 commit that wrote to the log, with the log's frame count; installing it also turns SQLite's
 autocheckpoint off on that connection (a WAL hook replaces it), which a replicated root needs: its writers
@@ -45,11 +49,13 @@ import apsw
 from ..core import notes
 from .engine import ensure_private_dir, on_fork_in_child
 
-__all__ = ["NotesWriter", "notes_dir", "NOTES_SUFFIX", "WalHook"]
+__all__ = ["NotesWriter", "notes_dir", "NOTES_SUFFIX", "ROLL_BYTES", "WalHook"]
 
 log = logging.getLogger("shardlite.replication")
 
 NOTES_SUFFIX = ".notes"
+#: A notes file is rolled over once it is this long (about two million notes).
+ROLL_BYTES = 64 << 20
 
 WalHook = Callable[[apsw.Connection, str, int], int]
 
@@ -72,6 +78,8 @@ class NotesWriter:
         self._lock = threading.Lock()
         self._fds: dict[str, int] = {}  # node path -> descriptor (O_APPEND, flock held)
         self._paths: dict[str, str] = {}  # node path -> the notes file's path
+        self._sizes: dict[str, int] = {}  # node path -> bytes written to its file (roughly: not locked)
+        self._rolled: dict[str, int] = {}  # node path -> its file rolled over last, closed at the next roll-over
         self._failed: set[str] = set()  # node paths whose notes failed once (logged once)
         self._closed = False
         _writers.add(self)
@@ -118,11 +126,27 @@ class NotesWriter:
             fd = self._fd(node_path)
             if os.write(fd, data) != len(data):  # a short write on a regular file: the disk is full
                 raise OSError("short write of a change note (disk full?)")
+            size = self._sizes[node_path] = self._sizes.get(node_path, 0) + len(data)
+            if size > ROLL_BYTES:
+                self._roll(node_path, fd)
         except (OSError, ValueError) as exc:
             if node_path not in self._failed:
                 self._failed.add(node_path)
                 log.warning("could not write a change note for tenant %r under %s (%s); the replicator's sweep "
                             "of log sizes will find the commit", key, node_path, exc)
+
+    def _roll(self, node_path: str, fd: int) -> None:
+        """The next note of ``node_path`` goes to a new file; ``fd`` is closed at the next roll-over (a
+        thread that looked it up just before may still write to it)."""
+        with self._lock:
+            if self._fds.get(node_path) != fd:
+                return  # another thread rolled it
+            del self._fds[node_path]
+            self._sizes[node_path] = 0
+            old = self._rolled.pop(node_path, None)
+            self._rolled[node_path] = fd
+        if old is not None:
+            os.close(old)
 
     def hook(self, node_path: str, key: str, then: WalHook | None = None) -> WalHook:
         """The WAL hook that notes each commit of tenant ``key`` (in node ``node_path``); ``then``, when
@@ -152,17 +176,20 @@ class NotesWriter:
         removed by the replicator). Later notes are logged as failures."""
         with self._lock:
             self._closed = True
-            fds, self._fds = self._fds, {}
-        for fd in fds.values():
+            fds, self._fds = list(self._fds.values()) + list(self._rolled.values()), {}
+            self._rolled = {}
+        for fd in fds:
             os.close(fd)
 
     def _forget_after_fork(self) -> None:
-        for fd in self._fds.values():
+        for fd in list(self._fds.values()) + list(self._rolled.values()):
             try:
                 os.close(fd)  # our copy only: the parent's descriptor keeps its flock
             except OSError:
                 pass
         self._fds = {}
+        self._rolled = {}
+        self._sizes = {}
         self._paths = {}
         self._failed = set()
         self._lock = threading.Lock()
