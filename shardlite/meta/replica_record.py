@@ -41,6 +41,6 @@ def record_replica(kv: MetaKV, root: str, replicate: str | None) -> str | None:
     stored = recorded if recorded is not None else kv.put_if_absent(REPLICATE_NAME, wanted)
     if stored != wanted:
         raise ConfigurationError(
-            f"{root} replicates to {stored} (recorded in its metadata), but replicate= names {wanted}: leave "
-            "replicate= out, or give the recorded location")
+            f"{root} replicates to {stored} (recorded in its metadata), but replicate= (--replicate) names "
+            f"{wanted}: leave it out, or give the recorded location")
     return stored
