@@ -123,17 +123,29 @@ class NotesWriter:
         notes file of ``node_path``: one ``os.write``. Failures are logged (once per node) and swallowed."""
         try:
             data = notes.encode(key, frames, time.time_ns())
-            fd = self._fd(node_path)
+        except ValueError as exc:
+            self._failure(node_path, key, exc)
+            return
+        self._append(node_path, data, key)
+
+    def _append(self, node_path: str, data: bytes, key: str) -> None:
+        try:
+            fd = self._fds.get(node_path)
+            if fd is None:
+                fd = self._fd(node_path)
             if os.write(fd, data) != len(data):  # a short write on a regular file: the disk is full
                 raise OSError("short write of a change note (disk full?)")
             size = self._sizes[node_path] = self._sizes.get(node_path, 0) + len(data)
             if size > ROLL_BYTES:
                 self._roll(node_path, fd)
-        except (OSError, ValueError) as exc:
-            if node_path not in self._failed:
-                self._failed.add(node_path)
-                log.warning("could not write a change note for tenant %r under %s (%s); the replicator's sweep "
-                            "of log sizes will find the commit", key, node_path, exc)
+        except OSError as exc:
+            self._failure(node_path, key, exc)
+
+    def _failure(self, node_path: str, key: str, exc: Exception) -> None:
+        if node_path not in self._failed:
+            self._failed.add(node_path)
+            log.warning("could not write a change note for tenant %r under %s (%s); the replicator's sweep of log "
+                        "sizes will find the commit", key, node_path, exc)
 
     def _roll(self, node_path: str, fd: int) -> None:
         """The next note of ``node_path`` goes to a new file; ``fd`` is closed at the next roll-over (a
@@ -150,19 +162,20 @@ class NotesWriter:
 
     def hook(self, node_path: str, key: str, then: WalHook | None = None) -> WalHook:
         """The WAL hook that notes each commit of tenant ``key`` (in node ``node_path``); ``then``, when
-        given, is another WAL hook called after the note (its answer is returned)."""
-        note = self.note
+        given, is another WAL hook called after the note (its answer is returned). ``ValueError`` for a key
+        a note cannot carry (shardlite's keys always fit)."""
+        make, append, now, ok = notes.encoder(key), self._append, time.time_ns, apsw.SQLITE_OK
 
         if then is None:
             def noted(conn: apsw.Connection, dbname: str, frames: int) -> int:
-                note(node_path, key, frames)
-                return apsw.SQLITE_OK
+                append(node_path, make(frames, now()), key)
+                return ok
             return noted
 
         chained = then
 
         def noted_then(conn: apsw.Connection, dbname: str, frames: int) -> int:
-            note(node_path, key, frames)
+            append(node_path, make(frames, now()), key)
             return chained(conn, dbname, frames)
         return noted_then
 
