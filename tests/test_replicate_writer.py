@@ -368,3 +368,24 @@ def test_a_forked_child_notes_into_its_own_file(root: str, tmp_path: Path) -> No
         assert [n.key for n in by_name[parent_file].notes] == [K]
         (child_file,) = set(names) - {parent_file}
         assert by_name[child_file].dead and [n.key for n in by_name[child_file].notes] == ["user:child"]
+
+
+def test_fences_and_copies_never_checkpoint_a_live_tenant(root: str, tmp_path: Path) -> None:
+    """shardlite's own write transactions on a live file (a move's fence, a lifted fence, a drop's marker)
+    run on ``open_source`` connections, which never checkpoint: the log keeps what the replicator has not
+    captured yet."""
+    from shardlite.errors import Busy
+    from shardlite.files.copying import write_locked
+
+    with Router(root, schema=SCHEMA, replicate=replica_url(tmp_path)) as router:
+        for _ in range(700):  # more than SQLite's autocheckpoint threshold (1,000 frames)
+            with router.transaction(K) as tx:
+                tx.execute("INSERT INTO t(body) VALUES (?)", (BLOB,))
+        path = router.locate(K).path
+        assert path is not None
+        mx_frame, backfill, _wal, digest = probe(path)
+        assert mx_frame > 1000 and backfill == 0
+        with write_locked(path, busy_timeout_ms=5000, busy=lambda exc: Busy(str(exc))) as conn:
+            conn.execute("UPDATE _shardlite_meta SET created = created + 1 WHERE id = 1")
+        after, backfill, _wal, digest_after = probe(path)
+        assert after > mx_frame and backfill == 0 and digest_after == digest
