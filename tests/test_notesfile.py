@@ -7,6 +7,8 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,3 +137,35 @@ def test_a_linked_notes_directory_is_not_followed(tmp_path: Path, caplog: pytest
     os.symlink(elsewhere, other / ".replica")
     assert notesfile.list_notes(os.fspath(other)) == []
     assert notesfile.list_notes(os.fspath(tmp_path / "missing")) == []
+
+
+_POSIX_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a POSIX record lock, what SQLite takes on its files
+try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    print("flock granted")
+except BlockingIOError:
+    print("flock refused")
+"""
+
+
+def test_flock_and_posix_record_locks_do_not_interact(tmp_path: Path) -> None:
+    """The liveness lock of a notes file is a ``flock``; SQLite's locks are POSIX record locks (``fcntl``). On
+    Linux the two families never see each other: a process holding one does not block the other kind,
+    while a second ``flock`` is refused as the reader's liveness test needs."""
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 100)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        out = subprocess.run([sys.executable, "-c", _POSIX_LOCK, os.fspath(path)], capture_output=True, text=True,
+                             check=True).stdout
+        assert out.strip() == "flock refused"  # the POSIX lock was granted beside our flock; the flock was not
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        fcntl.lockf(fd, fcntl.LOCK_EX)  # now we hold a POSIX lock: another process's flock is still granted
+        probe = "import fcntl,os,sys; fd=os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX|fcntl.LOCK_NB)"
+        assert subprocess.run([sys.executable, "-c", probe, os.fspath(path)]).returncode == 0
+    finally:
+        os.close(fd)

@@ -12,8 +12,9 @@ Liveness: the process holds ``flock(LOCK_EX)`` on each of its notes files for as
 descriptor stays open); the replicator tells a dead writer's file by taking the lock
 (:mod:`shardlite.files.notesfile`). On Linux, ``flock`` locks and the POSIX record locks SQLite uses
 (``fcntl``) are separate lock families that never see each other (flock(2): "flock() and fcntl(2) locks do
-not interact"; NFS is the exception, where ``flock`` is emulated with ``fcntl`` locks: keep roots on a
-local file system); and the lock is taken on the notes file only, never on a tenant's files. This module
+not interact", checked by ``tests/test_notesfile.py``; NFS is the exception, where ``flock`` is emulated
+with ``fcntl`` locks: keep roots on a local file system); and the lock is taken on the notes file only,
+never on a tenant's files. This module
 never opens a descriptor of a tenant's database or ``-shm`` file: closing one would drop the process's
 POSIX locks on it, SQLite's included (docs/replication.md, "the -shm trap").
 

@@ -130,9 +130,8 @@ class Store(TenantCreation, TenantReads):
     ) -> None:
         """``checkpoint_submit``: an executor's ``submit``; when given, write connections checkpoint their
         WAL on its workers instead of inside the committing ``COMMIT`` (see :mod:`shardlite.files.checkpoints`).
-        ``replicate``: the replica location (:mod:`shardlite.meta.replica_record`). When the root replicates,
-        every tenant connection notes its commits (:mod:`shardlite.files.noteswriter`) and never checkpoints:
-        no autocheckpoint, no :class:`Checkpointer` (the replicator checkpoints after capturing)."""
+        ``replicate`` (:mod:`shardlite.meta.replica_record`): on a replicated root every tenant connection notes
+        its commits (:mod:`shardlite.files.noteswriter`) and never checkpoints (no autocheckpoint, no Checkpointer)."""
         self.root = os.path.abspath(os.fspath(root))
         self.settings = settings or Settings()
         self.spec = SchemaSpec(schema)
@@ -150,8 +149,7 @@ class Store(TenantCreation, TenantReads):
         fresh = not self.meta.exists
         try:
             self._open_catalog(create, nodes, fresh, global_schema)
-            #: the root's replica location (canonical URL, no secret), None when it does not replicate
-            self.replicate = record_replica(self.meta.kv, self.root, replicate)
+            self.replicate = record_replica(self.meta.kv, self.root, replicate)  #: canonical URL, or None
         except BaseException:
             self.meta.close()
             raise
