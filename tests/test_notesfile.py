@@ -169,3 +169,26 @@ def test_flock_and_posix_record_locks_do_not_interact(tmp_path: Path) -> None:
         assert subprocess.run([sys.executable, "-c", probe, os.fspath(path)]).returncode == 0
     finally:
         os.close(fd)
+
+
+def test_the_hook_composes_with_another_wal_hook_and_never_raises(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    import apsw
+
+    from shardlite.files.checkpoints import WalWatch
+
+    node = os.fspath(tmp_path / "n1")
+    writer = NotesWriter()
+    try:
+        watch = WalWatch()
+        hook = writer.hook(node, "user:1", then=watch)
+        assert hook(None, "main", 7) == apsw.SQLITE_OK  # type: ignore[arg-type]
+        assert watch.frames == 7
+        with caplog.at_level(logging.WARNING, logger="shardlite.replication"):
+            assert hook(None, "main", 1 << 40) == apsw.SQLITE_OK  # type: ignore[arg-type]  # logged, not raised
+        assert "could not write a change note" in caplog.text
+        (name,) = notesfile.list_notes(node)
+        assert notesfile.read_notes(node, name).notes == [notes.Note("user:1", 7, notesfile.read_notes(
+            node, name).notes[0].time_ns)]
+    finally:
+        writer.close()

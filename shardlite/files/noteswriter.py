@@ -166,17 +166,22 @@ class NotesWriter:
         given, is another WAL hook called after the note (its answer is returned). ``ValueError`` for a key
         a note cannot carry (shardlite's keys always fit)."""
         make, append, now, ok = notes.encoder(key), self._append, time.time_ns, apsw.SQLITE_OK
+        failure = self._failure
+
+        def noted(conn: apsw.Connection, dbname: str, frames: int) -> int:
+            # runs after the commit is durable: nothing raised here may reach the committer
+            try:
+                append(node_path, make(frames, now()), key)
+            except Exception as exc:  # noqa: BLE001 - a number out of range: logged, the commit stands
+                failure(node_path, key, exc)
+            return ok
 
         if then is None:
-            def noted(conn: apsw.Connection, dbname: str, frames: int) -> int:
-                append(node_path, make(frames, now()), key)
-                return ok
             return noted
-
         chained = then
 
         def noted_then(conn: apsw.Connection, dbname: str, frames: int) -> int:
-            append(node_path, make(frames, now()), key)
+            noted(conn, dbname, frames)
             return chained(conn, dbname, frames)
         return noted_then
 
