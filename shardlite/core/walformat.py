@@ -38,7 +38,7 @@ __all__ = [
     "WAL_HEADER_SIZE", "FRAME_HEADER_SIZE", "SHM_HEADER_SIZE", "WAL_MAGIC_LE", "WAL_MAGIC_BE", "WAL_VERSION",
     "WalHeader", "FrameHeader", "ShmHeader", "Frame", "WalFormatError",
     "checksum", "parse_wal_header", "parse_frame_header", "parse_shm_header", "frame_offset", "read_frames",
-    "committed", "replay", "verify_chain",
+    "committed", "replay", "verify_chain", "encode_frame",
 ]
 
 WAL_HEADER_SIZE = 32
@@ -192,6 +192,13 @@ def read_frames(data: bytes | memoryview, first_index: int, page_size: int, salt
         if header.salt != salt:
             return
         yield Frame(first_index + n, header, bytes(view[start + FRAME_HEADER_SIZE:start + step]))
+
+
+def encode_frame(frame: Frame) -> bytes:
+    """A frame's bytes as SQLite wrote them: its 24-byte header, then the page (:func:`read_frames` reads
+    them back)."""
+    h = frame.header
+    return struct.pack(">2I", h.pgno, h.commit_size) + h.salt + struct.pack(">2I", *h.checksum) + frame.page
 
 
 def committed(frames: Sequence[Frame]) -> list[Frame]:

@@ -45,7 +45,7 @@ import apsw
 from ..core import walformat as wf
 
 __all__ = ["Cursor", "Capture", "CaptureError", "LogFiles", "capture", "capture_then_checkpoint", "image_at",
-           "NO_CURSOR"]
+           "commit_times", "NO_CURSOR"]
 
 
 class CaptureError(Exception):
@@ -231,3 +231,21 @@ def image_at(captures: list[Capture]) -> bytearray:
     for got in captures[start + 1:]:
         wf.replay(image, got.frames, got.page_size)
     return image
+
+
+def commit_times(got: Capture, notes: list[tuple[int, int]], captured_ns: int,
+                 after_ns: int = 0) -> list[tuple[int, int]]:
+    """(frame, commit time) of each commit ``got`` ends: the time a writer noted for that frame count, else
+    the capture's time (later than the commit: a point-in-time restore then counts it a little late).
+
+    ``notes`` are (frames after a commit, its time); those at or before ``after_ns`` (the previous capture
+    of this file, taken under the write lock) belong to commits captured then, possibly of an older log
+    generation whose frame numbers come back, and are ignored."""
+    noted: dict[int, int] = {}
+    for frames, at in notes:
+        if at > after_ns:
+            noted[frames] = at
+    if got.snapshot is not None:
+        return [(got.cursor.frame, min(noted.get(got.cursor.frame, captured_ns), captured_ns))]
+    return [(f.number, min(noted.get(f.number, captured_ns), captured_ns))
+            for f in got.frames if f.header.commit_size]
