@@ -192,3 +192,19 @@ def test_the_hook_composes_with_another_wal_hook_and_never_raises(tmp_path: Path
             node, name).notes[0].time_ns)]
     finally:
         writer.close()
+
+
+def test_unfinished_files_of_dead_writers_are_removed(tmp_path: Path) -> None:
+    node, directory = make_node(tmp_path)
+    dead, live = ".7-0123456789abcdef.notes.tmp", ".8-0123456789abcdef.notes.tmp"
+    put(directory, dead, b"SLN")
+    put(directory, live, b"")
+    put(directory, ".other.tmp", b"")
+    fd = os.open(os.path.join(directory, live), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert notesfile.remove_stale_temps(node) == 1
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(directory)) == [live, ".other.tmp"]
+    assert notesfile.remove_stale_temps(os.fspath(tmp_path / "missing")) == 0

@@ -33,7 +33,7 @@ from ..core.keys import canonical
 from ..errors import InvalidKey
 from .noteswriter import NOTES_SUFFIX
 
-__all__ = ["NotesRead", "list_notes", "read_notes", "remove", "MAX_FILE_BYTES", "READ_BYTES"]
+__all__ = ["NotesRead", "list_notes", "read_notes", "remove", "remove_stale_temps", "MAX_FILE_BYTES", "READ_BYTES"]
 
 log = logging.getLogger("shardlite.replication")
 
@@ -43,6 +43,7 @@ MAX_FILE_BYTES = 1 << 30
 READ_BYTES = 4 << 20
 
 _NAME = re.compile(r"[0-9]{1,10}-[0-9a-f]{16}" + re.escape(NOTES_SUFFIX))
+_TEMP = re.compile(r"\.[0-9]{1,10}-[0-9a-f]{16}" + re.escape(NOTES_SUFFIX) + r"\.tmp")
 _MAGIC_SIZE = len(notes.MAGIC)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -90,7 +91,7 @@ def _notes_dir_fd(node_path: str) -> int | None:
 
 def list_notes(node_path: str) -> list[str]:
     """The names of the notes files in ``node_path`` (sorted), those that look like a writer's; other
-    entries are ignored (a writer's unfinished ``.<name>.tmp`` included)."""
+    entries are ignored (a writer's unfinished ``.<name>.tmp`` included: :func:`remove_stale_temps`)."""
     dfd = _notes_dir_fd(node_path)
     if dfd is None:
         return []
@@ -216,3 +217,38 @@ def remove(node_path: str, name: str) -> None:
         pass
     finally:
         os.close(dfd)
+
+
+def remove_stale_temps(node_path: str) -> int:
+    """Delete the unfinished notes files (``.<name>.tmp``) of writers that died while making them (nobody
+    holds their lock); a live writer's, locked for the moment it takes to finish it, is left. Returns how
+    many were removed."""
+    dfd = _notes_dir_fd(node_path)
+    if dfd is None:
+        return 0
+    removed = 0
+    try:
+        for name in os.listdir(dfd):
+            if not _TEMP.fullmatch(name):
+                continue
+            try:
+                fd = os.open(name, _FILE_FLAGS, dir_fd=dfd)
+            except OSError:
+                continue  # gone meanwhile (renamed by its writer), or not a plain file: left alone
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its writer is finishing it
+                try:
+                    os.unlink(name, dir_fd=dfd)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+            finally:
+                os.close(fd)
+    finally:
+        os.close(dfd)
+    return removed
