@@ -389,3 +389,16 @@ def test_fences_and_copies_never_checkpoint_a_live_tenant(root: str, tmp_path: P
             conn.execute("UPDATE _shardlite_meta SET created = created + 1 WHERE id = 1")
         after, backfill, _wal, digest_after = probe(path)
         assert after > mx_frame and backfill == 0 and digest_after == digest
+
+
+def test_shardlites_own_commits_on_a_live_tenant_are_noted_too(root: str, tmp_path: Path) -> None:
+    """A drop's retired marker (and a move's fence, through the same ``write_locked``) is a commit of the
+    tenant like any other: it is noted, so the replicator learns of it and of its time."""
+    with Router(root, schema=SCHEMA, replicate=replica_url(tmp_path)) as router:
+        with router.transaction(K) as tx:
+            tx.execute("INSERT INTO t(body) VALUES (?)", (b"",))
+        node = router._store.node_path("n1")
+        before = time.time_ns()
+        router.drop(K)
+        found = [n for n in all_notes(node) if n.key == K]
+    assert len(found) == 2 and found[1].frames > found[0].frames and found[1].time_ns >= before

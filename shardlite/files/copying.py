@@ -82,13 +82,16 @@ def open_source(path: str, *, busy_timeout_ms: int = 5000) -> apsw.Connection:
 
 
 @contextmanager
-def write_locked(path: str, *, busy_timeout_ms: int,
-                 busy: Callable[[apsw.BusyError], BaseException]) -> Iterator[apsw.Connection]:
+def write_locked(path: str, *, busy_timeout_ms: int, busy: Callable[[apsw.BusyError], BaseException],
+                 wal_hook: Callable[[apsw.Connection, str, int], int] | None = None) -> Iterator[apsw.Connection]:
     """One of shardlite's own write transactions on a live file (the fence of a move, a drop or a
     restore): an inert trusted connection (:func:`open_source`) inside ``BEGIN IMMEDIATE``, committed
     when the block ends normally, rolled back when it raises (a block may roll back itself), closed
-    either way. ``busy(exc)`` is what to raise when the file stays locked past ``busy_timeout_ms``."""
+    either way. ``busy(exc)`` is what to raise when the file stays locked past ``busy_timeout_ms``.
+    ``wal_hook``: the connection's WAL hook (a replicated root's notes: ``Store.note_hook``)."""
     conn = open_source(path, busy_timeout_ms=busy_timeout_ms)
+    if wal_hook is not None:
+        conn.set_wal_hook(wal_hook)
     try:
         try:
             conn.execute("BEGIN IMMEDIATE")

@@ -49,7 +49,7 @@ from ..files.catalog import Location, Node, TenantRecord
 from ..files.checkpoints import DUE_FRAMES, Checkpointer, Submit
 from ..files.engine import Settings, abandon, ensure_private_dir, on_fork_in_child, set_busy_timeout, storage_error
 from ..files.limits import FAST_VALUE
-from ..files.noteswriter import NotesWriter
+from ..files.noteswriter import NotesWriter, WalHook
 from ..files.pool import Handle, HandlePool
 from ..files.sanitize import foreign_references, tenant_objects
 from ..files.schema import SchemaSpec, Step
@@ -261,7 +261,7 @@ class Store(TenantCreation, TenantReads):
             conn, guard, ident = open_tenant(
                 path, key=canon, incarnation=record.incarnation, settings=self.settings,
                 steps=self.spec.steps_for(prefix_of(canon)), read_only=role == "r",
-                wal_hook=None if self.notes is None else self.notes.hook(self.node_path(record.node), canon))
+                wal_hook=self.note_hook(record.node, canon))
         except apsw.CantOpenError as exc:
             self.forget(canon)
             fresh = self.meta.tenants.lookup(canon)
@@ -291,6 +291,10 @@ class Store(TenantCreation, TenantReads):
         elif self.checkpoints is not None:
             handle.wal = self.checkpoints.watch(conn)
         return self.pool.add(handle)
+
+    def note_hook(self, node: str, canon: str) -> WalHook | None:
+        """The WAL hook that notes the commits of ``canon`` in ``node`` when the root replicates, else None."""
+        return None if self.notes is None else self.notes.hook(self.node_path(node), canon)
 
     def _open_for_checkpoint(self, handle: Handle) -> apsw.Connection:
         """A connection of its own on ``handle``'s file, identity-checked and ``query_only``."""
