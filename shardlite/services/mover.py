@@ -243,7 +243,8 @@ class Mover:
                               "the busy timeout")
 
         with self._space(move, move.source, source_path), \
-                write_locked(source_path, busy_timeout_ms=self.store.settings.busy_timeout_ms, busy=busy) as conn:
+                write_locked(source_path, busy_timeout_ms=self.store.settings.busy_timeout_ms, busy=busy,
+                             wal_hook=self.store.note_hook(move.source, move.key)) as conn:
             key = conn.execute("SELECT key FROM _shardlite_meta WHERE id = 1").fetchall()[0][0]
             if key != move.key:
                 raise MoveFailed(f"{source_path} holds {key!r}, not {move.key!r}")
@@ -352,7 +353,8 @@ class Mover:
             return MoveFailed(f"could not lift the fence of tenant {move.key!r}: {source_path} stayed locked past "
                               "the busy timeout")
 
-        with write_locked(source_path, busy_timeout_ms=self.store.settings.busy_timeout_ms, busy=busy) as conn:
+        with write_locked(source_path, busy_timeout_ms=self.store.settings.busy_timeout_ms, busy=busy,
+                          wal_hook=self.store.note_hook(move.source, move.key)) as conn:
             rows = conn.execute("SELECT retired FROM _shardlite_meta WHERE id = 1").fetchall()
             if not rows or rows[0][0] != self._marker(move):
                 return False  # rolled back: nothing to lift
