@@ -71,7 +71,7 @@ def _nodes(router: Router) -> list[str]:
 SAMPLES: dict[tuple[str, ...], Sample] = {
     ("init",): Sample(lambda r: [], check=lambda r, out, router: out == [
         {"root": r.root, "nodes": ["n1", "n2", "spare"], "created": False,
-         "meta": f"sqlite:{os.path.join(r.root, 'global.db')}"}]),
+         "meta": f"sqlite:{os.path.join(r.root, 'global.db')}", "replicate": None}]),
     ("status",): Sample(lambda r: [], check=lambda r, out, router: out[0]["root"] == r.root),
     ("locate",): Sample(lambda r: ["victim:1"], check=lambda r, out, router: out[0]["path"].startswith(r.root)),
     ("tenants",): Sample(lambda r: [], check=lambda r, out, router: [o["key"] for o in out] == KEYS),

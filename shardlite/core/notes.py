@@ -16,9 +16,10 @@ Pure: no I/O.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import NamedTuple
 
-__all__ = ["MAGIC", "Note", "encode", "decode", "MAX_KEY_BYTES"]
+__all__ = ["MAGIC", "Note", "encode", "encoder", "decode", "MAX_KEY_BYTES"]
 
 MAGIC = b"SLNOTES1"
 _HEAD = struct.Struct(">HIQ")
@@ -43,6 +44,20 @@ def encode(key: str, frames: int, time_ns: int) -> bytes:
         return _HEAD.pack(len(raw), frames, time_ns) + raw
     except struct.error as exc:
         raise ValueError(f"a note's frame count or time out of range: {exc}") from None
+
+
+def encoder(key: str) -> Callable[[int, int], bytes]:
+    """``(frames, time_ns) -> bytes``, the same as ``encode(key, frames, time_ns)``, for a writer that notes
+    one key many times (the key is encoded once). ``ValueError`` for a key that does not fit; the function
+    raises ``struct.error`` for a number out of range."""
+    raw = key.encode("utf-8")
+    if len(raw) > MAX_KEY_BYTES:
+        raise ValueError("a key of more than 65,535 bytes cannot be noted")
+    size, pack = len(raw), _HEAD.pack
+
+    def encode_one(frames: int, time_ns: int) -> bytes:
+        return pack(size, frames, time_ns) + raw
+    return encode_one
 
 
 def decode(data: bytes | memoryview) -> tuple[list[Note], int]:

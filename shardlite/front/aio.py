@@ -308,6 +308,7 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads, Admin):
         max_outbox_bytes: int = 64 * 1024 * 1024,
         retry: RetryPolicy | None = None,
         meta: str | None = None,
+        replicate: str | None = None,
     ) -> None:
         settings = Settings(synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, max_open=max_open,
                             cache_kib=cache_kib, statement_timeout=statement_timeout, max_rows=max_rows,
@@ -326,7 +327,7 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads, Admin):
                                 global_schema=global_schema, settings=settings, move_wait=move_wait,
                                 meta=meta, max_payload=max_payload, max_outbox=max_outbox_bytes,
                                 checkpoint_submit=self._executor.submit,
-                                read_check_steps=INLINE_CHECK_STEPS)
+                                read_check_steps=INLINE_CHECK_STEPS, replicate=replicate)
         except BaseException:
             for executor in self._executors():
                 executor.shutdown(wait=False)

@@ -141,6 +141,12 @@ class Router(HandlerRegistry):
     ``$SHARDLITE_META``). The first router on a new root records it in ``<root>/meta.json`` (never with a
     password); later routers find it there, and a ``meta`` naming another store raises
     :class:`ConfigurationError`.
+    ``replicate`` says where every tenant is replicated: ``"s3://bucket/prefix"`` (S3 API; ``?endpoint=``
+    and ``&region=`` allowed, credentials only from the AWS environment or config) or ``"file:///abs/dir"``.
+    The first router given one records it in the root's metadata (the canonical URL, never a secret); later
+    routers and CLI commands find it there, and a ``replicate`` naming another location raises
+    :class:`ConfigurationError`. The writers of a replicated root note each commit for the node's
+    replicator and never checkpoint a tenant (docs/replication.md).
     """
 
     def __init__(
@@ -165,13 +171,14 @@ class Router(HandlerRegistry):
         max_rows: int = 100_000,
         max_result_bytes: int = 64 * 1024 * 1024,
         meta: str | None = None,
+        replicate: str | None = None,
     ) -> None:
         settings = Settings(synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, max_open=max_open,
                             cache_kib=cache_kib, statement_timeout=statement_timeout, max_rows=max_rows,
                             max_result_bytes=max_result_bytes)
         self._store = Store(os.fspath(root), nodes=nodes, schema=schema,  # type: ignore[arg-type]
                             global_schema=global_schema, settings=settings, move_wait=move_wait, create=create,
-                            meta=meta, max_payload=max_payload, max_outbox=max_outbox_bytes)
+                            meta=meta, max_payload=max_payload, max_outbox=max_outbox_bytes, replicate=replicate)
         self._local = threading.local()
         store_meta = self._store.meta
         #: Accounts with unique e-mail addresses (:class:`~shardlite.front.accounts.Accounts`).

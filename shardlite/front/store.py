@@ -49,11 +49,13 @@ from ..files.catalog import Location, Node, TenantRecord
 from ..files.checkpoints import DUE_FRAMES, Checkpointer, Submit
 from ..files.engine import Settings, abandon, ensure_private_dir, on_fork_in_child, set_busy_timeout, storage_error
 from ..files.limits import FAST_VALUE
+from ..files.noteswriter import NotesWriter
 from ..files.pool import Handle, HandlePool
 from ..files.sanitize import foreign_references, tenant_objects
 from ..files.schema import SchemaSpec, Step
 from ..files.tenant import Personaliser, open_tenant
 from ..meta.choose import store_for
+from ..meta.replica_record import record_replica
 from ..meta.store import MetaStore
 from .tenant_create import TenantCreation
 from .tenant_reads import TenantReads
@@ -124,9 +126,13 @@ class Store(TenantCreation, TenantReads):
         max_outbox: int = DEFAULT_MAX_OUTBOX,
         checkpoint_submit: Submit | None = None,
         read_check_steps: int = WRITE_CHECK_STEPS,
+        replicate: str | None = None,
     ) -> None:
         """``checkpoint_submit``: an executor's ``submit``; when given, write connections checkpoint their
-        WAL on its workers instead of inside the committing ``COMMIT`` (see :mod:`shardlite.files.checkpoints`)."""
+        WAL on its workers instead of inside the committing ``COMMIT`` (see :mod:`shardlite.files.checkpoints`).
+        ``replicate``: the replica location (:mod:`shardlite.meta.replica_record`). When the root replicates,
+        every tenant connection notes its commits (:mod:`shardlite.files.noteswriter`) and never checkpoints:
+        no autocheckpoint, no :class:`Checkpointer` (the replicator checkpoints after capturing)."""
         self.root = os.path.abspath(os.fspath(root))
         self.settings = settings or Settings()
         self.spec = SchemaSpec(schema)
@@ -144,6 +150,8 @@ class Store(TenantCreation, TenantReads):
         fresh = not self.meta.exists
         try:
             self._open_catalog(create, nodes, fresh, global_schema)
+            #: the root's replica location (canonical URL, no secret), None when it does not replicate
+            self.replicate = record_replica(self.meta.kv, self.root, replicate)
         except BaseException:
             self.meta.close()
             raise
@@ -165,7 +173,9 @@ class Store(TenantCreation, TenantReads):
         self._deadline = self.settings.deadline
         #: values a read may hold without being measured (see shardlite.files.limits)
         self._free_values = self.settings.max_result_bytes // FAST_VALUE
-        self.checkpoints = (None if checkpoint_submit is None
+        #: this process's change notes, when the root replicates
+        self.notes = None if self.replicate is None else NotesWriter()
+        self.checkpoints = (None if checkpoint_submit is None or self.notes is not None
                             else Checkpointer(checkpoint_submit, self._open_for_checkpoint))
         self._closed = False
         _stores.add(self)
@@ -252,7 +262,8 @@ class Store(TenantCreation, TenantReads):
         try:
             conn, guard, ident = open_tenant(
                 path, key=canon, incarnation=record.incarnation, settings=self.settings,
-                steps=self.spec.steps_for(prefix_of(canon)), read_only=role == "r")
+                steps=self.spec.steps_for(prefix_of(canon)), read_only=role == "r",
+                wal_hook=None if self.notes is None else self.notes.hook(self.node_path(record.node), canon))
         except apsw.CantOpenError as exc:
             self.forget(canon)
             fresh = self.meta.tenants.lookup(canon)
@@ -582,6 +593,8 @@ class Store(TenantCreation, TenantReads):
                 personaliser.close()
             self._templates.clear()
         self.pool.close_all()
+        if self.notes is not None:
+            self.notes.close()
         self.meta.close()
 
     @property
