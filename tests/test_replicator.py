@@ -40,8 +40,9 @@ def _replicated(target: ReplicaTarget, key: str) -> list[tuple[object, ...]]:
 
 @pytest.fixture
 def setup(tmp_path: os.PathLike[str]) -> Iterator[tuple[shardlite.Router, NodeReplicator, ReplicaTarget]]:
-    router = shardlite.Router(os.path.join(tmp_path, "root"), schema=SCHEMA)
-    target = open_target("file://" + os.path.join(tmp_path, "replica"))
+    url = "file://" + os.path.join(tmp_path, "replica")
+    router = shardlite.Router(os.path.join(tmp_path, "root"), schema=SCHEMA, replicate=url)
+    target = open_target(url)
     node = router.nodes.list()[0].name
     replicator = NodeReplicator(router._store, node, target)
     yield router, replicator, target

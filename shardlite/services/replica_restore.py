@@ -36,13 +36,13 @@ def parse_time(text: str) -> int:
         raise ConfigurationError(f"--at {text[:64]!r} is not an ISO 8601 time (e.g. 2026-12-06T18:00:00Z)") from None
     if when.tzinfo is None:
         raise ConfigurationError(f"--at {text[:64]!r} has no time zone: add one (e.g. Z for UTC, or +01:00)")
-    delta = when - datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+    delta = when - datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
     return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
 
 
 def format_time(ns: int) -> str:
     """``ns`` since the epoch as ISO 8601 UTC with microseconds."""
-    when = datetime.datetime.fromtimestamp(ns / 1e9, tz=datetime.timezone.utc)
+    when = datetime.datetime.fromtimestamp(ns / 1e9, tz=datetime.UTC)
     return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 

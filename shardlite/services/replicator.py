@@ -58,7 +58,8 @@ _SAFE_NODE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 def pack_name(node: str, seq: int) -> str:
     """The object name of pack ``seq`` of ``node`` (a node name outside the safe characters is hashed)."""
-    part = node if _SAFE_NODE.fullmatch(node) and node not in (".", "..") else "x-" + xxhash.xxh3_64_hexdigest(node.encode("utf-8"))
+    safe = _SAFE_NODE.fullmatch(node) and node not in (".", "..")
+    part = node if safe else "x-" + xxhash.xxh3_64_hexdigest(node.encode("utf-8"))
     return f"v1/packs/{part}/{seq:020d}.pack"
 
 
@@ -108,6 +109,10 @@ class NodeReplicator:
     def mark(self, key: str, commits: Iterable[tuple[int, int]] = ()) -> None:
         """Capture ``key`` in the next round; ``commits``: (frames after the commit, commit time in ns)."""
         self._marked.setdefault(key, []).extend(commits)
+
+    def marked(self) -> list[str]:
+        """The tenants marked for the next round."""
+        return list(self._marked)
 
     def reconcile(self) -> int:
         """Mark every live tenant of this node that has no cursor, or a cursor of another file (a new
