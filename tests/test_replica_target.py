@@ -318,6 +318,63 @@ def test_directory_prunes_empty_folders(tmp_path: Path) -> None:
     assert root.is_dir()
 
 
+def test_directory_stale_temporary_files_do_not_keep_folders(tmp_path: Path) -> None:
+    """A killed writer's temporary file (``.tmp-*``, never listed) older than an hour goes with its folder
+    when the folder's last object is deleted; a fresh one (a writer at work) keeps the folder."""
+    from shardlite.replica.directory import STALE_TEMP_S
+
+    root = tmp_path / "replica"
+    target = open_target("file://" + os.fspath(root))
+    for folder in ("old", "fresh"):
+        target.put(f"{folder}/x", b"1")
+        (root / folder / ".tmp-0123456789abcdef").write_bytes(b"partial")
+    past = time.time() - STALE_TEMP_S - 60
+    os.utime(root / "old" / ".tmp-0123456789abcdef", (past, past))
+    assert list(target.list()) == [("fresh/x", 1), ("old/x", 1)]
+    target.delete_many(["old/x", "fresh/x"])
+    assert sorted(p.name for p in root.iterdir()) == ["fresh"]
+    assert [p.name for p in (root / "fresh").iterdir()] == [".tmp-0123456789abcdef"]
+
+
+def test_directory_puts_and_deletes_race_on_shared_folders(tmp_path: Path) -> None:
+    """Writers filling and emptying folders under one parent at once (each delete prunes the folders it
+    empties while others create them): every put lands, nothing fails."""
+    target = open_target("file://" + os.fspath(tmp_path / "replica"))
+
+    def churn(worker: int) -> None:
+        for i in range(60):
+            name = f"shared/{i % 3}/deep/w{worker}"  # folders shared by all the writers
+            target.put(name, b"%d" % i)
+            assert target.get(name) == b"%d" % i
+            target.delete_many([name])
+        target.put(f"shared/w{worker}/last", b"done")
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(churn, range(4)))
+    assert list(target.list()) == [(f"shared/w{w}/last", 4) for w in range(4)]
+
+
+def test_directory_full_or_read_only_disk_is_unavailable(tmp_path: Path) -> None:
+    """A full disk or a read-only mount under a directory target: ReplicaUnavailable naming the object and
+    the cause; a failed put leaves no temporary file, and the target works again once there is room."""
+    from helpers_fs import remount, tmpfs
+
+    with tmpfs(tmp_path / "disk", size="2m") as disk:
+        target = open_target("file://" + os.fspath(disk / "replica"))
+        target.put("a/small", b"1")
+        with pytest.raises(ReplicaUnavailable, match=r"'a/big'.*No space left on device"):
+            target.put("a/big", b"x" * (4 * 1024 * 1024))
+        assert sorted(p.name for p in (disk / "replica" / "a").iterdir()) == ["small"]
+        target.put("a/fits", b"y" * 1024)
+        remount(disk, "ro")
+        try:
+            with pytest.raises(ReplicaUnavailable, match=r"'a/more'.*Read-only file system"):
+                target.put("a/more", b"z")
+            assert target.get("a/fits") == b"y" * 1024  # reads go on
+        finally:
+            remount(disk, "rw")
+
+
 def test_directory_root_that_is_a_file(tmp_path: Path) -> None:
     (tmp_path / "replica").write_bytes(b"not a folder")
     target = open_target("file://" + os.fspath(tmp_path / "replica"))

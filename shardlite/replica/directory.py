@@ -10,7 +10,9 @@ How it keeps the contract of :class:`~shardlite.replica.target.ReplicaTarget`:
 * Folders it creates are 0700 and object files 0600, whatever the umask (files are private, as everywhere in
   shardlite); folders that already exist keep their mode.
 * ``delete_many`` removes the files, then the folders it left empty (up to the target's own directory), so
-  a name can later be used again as a folder and the reverse.
+  a name can later be used again as a folder and the reverse; temporary files older than an hour (a killed
+  writer's) do not keep a folder alive. A killed writer's temporary file in a folder that keeps objects
+  stays until then (it is never listed).
 * An ``OSError`` other than a missing file (a full or failing disk, a read-only mount) is
   :class:`~shardlite.ReplicaUnavailable`, naming the file and the cause.
 """
@@ -22,6 +24,7 @@ import errno
 import os
 import secrets
 import stat
+import time
 from collections.abc import Iterable, Iterator
 
 from ..errors import ConfigurationError, ReplicaObjectMissing, ReplicaUnavailable
@@ -31,6 +34,8 @@ from .target import TargetLocation, check_name, check_prefix
 __all__ = ["DirectoryTarget"]
 
 _TEMP = ".tmp-"
+STALE_TEMP_S = 3600.0
+"""A temporary file this old belongs to a writer that died: ``delete_many`` removes it with its folder."""
 _READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
@@ -89,12 +94,12 @@ class DirectoryTarget:
         Retries when a concurrent ``delete_many`` removed the folder it had just made."""
         final = self._path(name)
         for _attempt in range(5):
-            folder = self._folder(name)
-            temp = os.path.join(folder, f"{_TEMP}{secrets.token_hex(8)}")
             try:
+                folder = self._folder(name)
+                temp = os.path.join(folder, f"{_TEMP}{secrets.token_hex(8)}")
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
             except FileNotFoundError:
-                continue  # the folder was pruned between its creation and this open: make it again
+                continue  # a concurrent delete_many pruned a folder between its creation and here: again
             except NotADirectoryError:
                 if not os.path.isdir(self._root):
                     raise ConfigurationError(f"the replica directory {self.url} is not a directory") from None
@@ -129,7 +134,7 @@ class DirectoryTarget:
             except BaseException:
                 _unlink_quietly(temp)
                 raise
-            fsync_dir(os.path.dirname(final))
+            _fsync_folder(os.path.dirname(final))
         except OSError as exc:
             raise self._unavailable("write", name, exc) from exc
 
@@ -144,7 +149,7 @@ class DirectoryTarget:
                 won = False
             finally:
                 _unlink_quietly(temp)
-            fsync_dir(os.path.dirname(final))
+            _fsync_folder(os.path.dirname(final))
         except OSError as exc:
             raise self._unavailable("write", name, exc) from exc
         if won:
@@ -258,22 +263,64 @@ class DirectoryTarget:
 
     def _prune(self, folder: str) -> None:
         """fsync ``folder`` (its unlinks become durable), then remove it and its parents while they are
-        empty, up to the target's own directory."""
+        empty, up to the target's own directory. A folder that holds nothing but temporary files older than
+        :data:`STALE_TEMP_S` (left by writers killed midway) counts as empty: they are removed with it."""
         while folder != self._root and folder.startswith(self._root + os.sep):
             try:
                 fsync_dir(folder)
-                os.rmdir(folder)
             except FileNotFoundError:
                 pass
-            except OSError as exc:
-                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                    return
-                raise
+            if not self._remove_if_empty(folder):
+                return
             folder = os.path.dirname(folder)
         if folder == self._root and os.path.isdir(folder):
             fsync_dir(folder)
 
+    def _remove_if_empty(self, folder: str) -> bool:
+        """Remove ``folder`` if it is empty (or holds only stale temporary files); whether it is gone."""
+        for attempt in range(2):
+            try:
+                os.rmdir(folder)
+                return True
+            except FileNotFoundError:
+                return True
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+            if attempt == 0 and not self._only_stale_temps(folder):
+                return False
+        return False  # a writer put something there meanwhile
+
+    @staticmethod
+    def _only_stale_temps(folder: str) -> bool:
+        """Whether ``folder`` holds only stale temporary files; if so they are removed. Stops at the first
+        other entry (a folder with objects costs one entry or a few)."""
+        stale = []
+        cutoff = time.time() - STALE_TEMP_S
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if not entry.name.startswith(_TEMP):
+                    return False
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime > cutoff:
+                        return False  # a writer may still be filling it
+                except FileNotFoundError:
+                    continue
+                stale.append(entry.path)
+        for path in stale:
+            _unlink_quietly(path)
+        return True
+
     def close(self) -> None:
+        pass
+
+
+def _fsync_folder(folder: str) -> None:
+    """fsync ``folder`` after a rename or link into it; gone already means a concurrent ``delete_many``
+    removed the object and its folder, which is then what is durable."""
+    try:
+        fsync_dir(folder)
+    except FileNotFoundError:
         pass
 
 
