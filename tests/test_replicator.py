@@ -9,10 +9,11 @@ from collections.abc import Iterator
 
 import apsw
 import pytest
+from helpers_s3 import TargetFactory
 
 import shardlite
 from shardlite.core import timeline
-from shardlite.replica.target import ReplicaTarget, open_target
+from shardlite.replica.target import ReplicaTarget
 from shardlite.services import replica_read
 from shardlite.services.replicator import NodeReplicator
 
@@ -39,16 +40,16 @@ def _replicated(target: ReplicaTarget, key: str) -> list[tuple[object, ...]]:
 
 
 @pytest.fixture
-def setup(tmp_path: os.PathLike[str]) -> Iterator[tuple[shardlite.Router, NodeReplicator, ReplicaTarget]]:
-    url = "file://" + os.path.join(tmp_path, "replica")
+def setup(tmp_path: os.PathLike[str], make_replica_target: TargetFactory) -> Iterator[
+        tuple[shardlite.Router, NodeReplicator, ReplicaTarget]]:
+    url = make_replica_target.url()
     router = shardlite.Router(os.path.join(tmp_path, "root"), schema=SCHEMA, replicate=url)
-    target = open_target(url)
+    target = make_replica_target()
     node = router.nodes.list()[0].name
     replicator = NodeReplicator(router._store, node, target)
     yield router, replicator, target
     replicator.close()
     router.close()
-    target.close()
 
 
 def _write(router: shardlite.Router, key: str, body: str) -> None:
