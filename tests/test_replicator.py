@@ -167,3 +167,24 @@ def test_restore_a_tenant_latest_and_at_times(setup: tuple[shardlite.Router, Nod
     assert _live(router, "user:a") == live and done["from_key"] == "user:a"
     with pytest.raises(shardlite.ConfigurationError, match="time zone"):
         parse_time("2026-12-06T18:00:00")
+
+
+def test_a_moved_tenant_is_noted_on_its_new_node(tmp_path: os.PathLike[str],
+                                                make_replica_target: TargetFactory) -> None:
+    """After a move's flip, the destination node's replicator hears of the new file within one round,
+    without waiting for a write to it or for its reconcile pass."""
+    from shardlite.files import notesfile
+
+    url = make_replica_target.url()
+    keys = [f"user:{i}" for i in range(12)]
+    with shardlite.Router(os.path.join(tmp_path, "root"), schema=SCHEMA, replicate=url, nodes=["n1"]) as router:
+        for key in keys:
+            _write(router, key, "one")
+        router.nodes.add("n2")
+        router.rebalance.plan()
+        router.rebalance.apply()
+        moved = [key for key in keys if router._store.meta.tenants.lookup(key).node == "n2"]  # type: ignore[union-attr]
+        assert moved, "the ring moved nothing to the new node"
+        path = router._store.node_path("n2")
+        noted = {n.key for name in notesfile.list_notes(path) for n in notesfile.read_notes(path, name).notes}
+        assert noted == set(moved)  # nothing was written on n2: only the moves noted these

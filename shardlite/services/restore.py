@@ -247,6 +247,7 @@ def _install(store: Store, prepared: _Prepared, purpose: str, force: bool) -> Te
             remove_db_files(path)  # never routed to
         raise
     store.forget(key)
+    store.note_new_file(key, prepared.node)
     record = store.meta.tenants.lookup(key)
     assert record is not None
     return record
