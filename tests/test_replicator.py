@@ -188,3 +188,13 @@ def test_a_moved_tenant_is_noted_on_its_new_node(tmp_path: os.PathLike[str],
         path = router._store.node_path("n2")
         noted = {n.key for name in notesfile.list_notes(path) for n in notesfile.read_notes(path, name).notes}
         assert noted == set(moved)  # nothing was written on n2: only the moves noted these
+
+
+@pytest.mark.parametrize("node", ["n1", "Node-A", ".hidden", "-x", "ü", "a" * 80])
+def test_pack_names_are_valid_object_names(node: str) -> None:
+    from shardlite.replica.target import check_name
+    from shardlite.services.replicator import pack_name
+
+    name = pack_name(node, 7)
+    assert check_name(name) == name and name.endswith(f"{7:020d}.pack")
+    assert pack_name(node, 7) != pack_name(node + "2", 7)

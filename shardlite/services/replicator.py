@@ -53,12 +53,14 @@ KEEP_OPEN = 256
 LOCK_WAIT_MS = 200
 #: Staged bytes per pack (a larger backlog ships in several packs, one per round).
 PACK_BYTES = 64 * 1024 * 1024
-_SAFE_NODE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: Node names usable as they are in an object name (the replica's names are lowercase: module doc of
+#: shardlite.replica.target); any other is hashed.
+_SAFE_NODE = re.compile(r"[a-z0-9_][a-z0-9._-]{0,63}")
 
 
 def pack_name(node: str, seq: int) -> str:
     """The object name of pack ``seq`` of ``node`` (a node name outside the safe characters is hashed)."""
-    safe = _SAFE_NODE.fullmatch(node) and node not in (".", "..")
+    safe = _SAFE_NODE.fullmatch(node)
     part = node if safe else "x-" + xxhash.xxh3_64_hexdigest(node.encode("utf-8"))
     return f"v1/packs/{part}/{seq:020d}.pack"
 
