@@ -168,6 +168,15 @@ class Staging:
         assert row is not None
         return int(row[0]), int(row[1])
 
+    def pending_by_key(self) -> dict[str, int]:
+        """Per tenant with staged captures, the time of its oldest staged commit (ns)."""
+        oldest: dict[str, int] = {}
+        for key, commits in self.conn.execute("SELECT key, commits FROM staged ORDER BY id"):
+            times = [int(t) for _f, t in json.loads(commits)]
+            if times and key not in oldest:
+                oldest[key] = min(times)
+        return oldest
+
     def next_seq(self) -> int:
         row = self.conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM packs").fetchone()
         assert row is not None

@@ -195,6 +195,13 @@ class Store(TenantCreation, TenantReads):
         for node in catalog_nodes:
             ensure_private_dir(node.path)
 
+    def note_new_file(self, key: str, node: str) -> None:
+        """The catalog now routes ``key`` to a new file on ``node`` (a move's flip, a restore, an import): on a
+        replicated root, tell that node's replicator at once, so the new file's history starts within one
+        round (its first capture is a snapshot) rather than at the replicator's next reconcile pass."""
+        if self.notes is not None:
+            self.notes.note(self.node_path(node), key, 0)
+
     def path_of(self, record: TenantRecord) -> str:
         return os.path.join(self.node_path(record.node), tenant_relpath(record.key, record.generation))
 

@@ -149,6 +149,7 @@ class Mover:
             self.journal.flip_held(move, self.owner, node=move.target, generation=move.target_generation,
                                    from_generation=move.source_generation)
         self.store.forget(move.key)
+        self.store.note_new_file(move.key, move.target)  # the new file's history starts within one round
         pause = (time.monotonic() - fenced_at[0]) * 1000 if fenced_at else None
         self._journal(claim, "switched", pause_ms=pause)
 

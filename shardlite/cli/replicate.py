@@ -1,0 +1,120 @@
+"""`shardlite replicate run [--once]`, `replicate status`, and restoring from a replica
+(`shardlite restore --from URL --key K [--as K2] [--at TIME]`, wired into `restore` in cli/ops.py)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from dataclasses import asdict
+from typing import Any
+
+from ..errors import ConfigurationError
+from ..replica.target import open_target, parse_target
+from ..services import replica_restore
+from ..services.replication import INTERVAL, Replication
+from ..services.replication import status as replication_status
+from .common import CliError, echo, emit_json, literal, open_router, print_table
+
+
+def _log_warnings() -> None:
+    if not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logging.basicConfig(level=logging.WARNING, handlers=[handler])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _log_warnings()
+    with open_router(args) as router:
+        try:
+            replication = Replication(router._store)
+        except ConfigurationError as exc:
+            raise CliError(str(exc)) from exc
+        try:
+            if args.once:
+                rounds = replication.run_round()
+                report = {node: asdict(stats) for node, stats in rounds.items()}
+                if args.json:
+                    emit_json({"nodes": report, "standby": sorted(replication.standby)})
+                else:
+                    for node, stats in rounds.items():
+                        echo(f"node {literal(node)}: captured {stats.captured} ({stats.snapshots} snapshots), "
+                             f"checkpoints {stats.checkpoints}, busy {stats.busy}, failed {stats.failed}, "
+                             f"packs uploaded {stats.uploaded_packs} ({stats.uploaded_bytes} bytes)"
+                             + (f", upload failed: {literal(stats.upload_error)}" if stats.upload_error else ""))
+                    for node in sorted(replication.standby):
+                        echo(f"node {literal(node)}: replicated by another process (standby)")
+                return 0
+            stop = threading.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+            if not args.json:
+                echo(f"replicating {router.root} to {literal(router._store.replicate)} every {args.interval:g} s; "
+                     "Ctrl-C stops it")
+            replication.run(stop, interval=args.interval)
+            return 0
+        finally:
+            replication.close()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with open_router(args) as router:
+        if router._store.replicate is None:
+            raise CliError(f"{router.root} does not replicate (shardlite init --replicate URL)")
+        report: dict[str, Any] = replication_status(router._store)
+    if args.json:
+        emit_json(report)
+        return 0
+    total = report["total"]
+    echo(f"replica: {literal(report['target'])}; tenants {total['tenants']}, max lag {total['max_lag_s']:.1f} s, "
+         f"staged captures {total['staged']}, packs {total['packs']}")
+    print_table("nodes", ["node", "staged", "staged bytes", "packs", "pack bytes", "last pack"],
+                [[name, n["staged"], n["staged_bytes"], n["packs"], n["pack_bytes"], n["last_pack"] or "-"]
+                 for name, n in sorted(report["nodes"].items())])
+    print_table("tenants", ["key", "node", "last commit", "shipped", "lag (s)"],
+                [[key, t["node"], replica_restore.format_time(t["last_commit_ns"]) if t["last_commit_ns"] else "-",
+                  "yes" if t["shipped"] else "no", f"{t['lag_s']:.1f}"]
+                 for key, t in sorted(report["tenants"].items())])
+    return 0
+
+
+def restore_from_replica(args: argparse.Namespace) -> int:
+    """`shardlite restore --from URL --key K [--as K2] [--at TIME] [--force]` into a live root."""
+    if not args.key:
+        raise CliError("--from restores one tenant at a time for now: name it with --key (restoring a whole "
+                       "root from a replica is not built yet; a backup directory restores a whole root)")
+    try:
+        parse_target(args.from_url)
+        at_ns = replica_restore.parse_time(args.at) if args.at else None
+    except ConfigurationError as exc:
+        raise CliError(str(exc)) from exc
+    target = open_target(args.from_url)
+    try:
+        with open_router(args) as router:
+            done = replica_restore.restore_tenant(router._store, target, args.key, as_key=args.as_key,
+                                                  at_ns=at_ns, force=args.force)
+    finally:
+        target.close()
+    if args.json:
+        emit_json(done)
+    else:
+        echo(f"restored {literal(done['key'])} from the replica at its commit of {done['commit_time']} "
+             "(with a new generation and incarnation)")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("replicate", help="replicate every tenant to the root's replica (s3:// or file://)")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    run = actions.add_parser("run", help="capture and upload every tenant's commits until stopped (one process "
+                                         "per root; another one waits as a standby)")
+    run.add_argument("--once", action="store_true", help="run one round (capture, upload), then exit")
+    run.add_argument("--interval", type=float, default=INTERVAL,
+                     help=f"seconds between rounds (default {INTERVAL:g}): about the lag of a commit")
+    run.set_defaults(func=cmd_run)
+    status = actions.add_parser("status", help="per tenant and in total: last captured commit, lag, staged "
+                                               "captures, packs uploaded")
+    status.set_defaults(func=cmd_status)
