@@ -17,7 +17,7 @@ from helpers_procs import child_env, spawn, write_script
 from helpers_s3 import TargetFactory
 
 import shardlite
-from shardlite.services.replica_restore import restore_tenant
+from shardlite.services.replica_restore import restore_root_from_replica
 
 SCHEMA = {"user": ["CREATE TABLE log(n INTEGER PRIMARY KEY, body TEXT)"]}
 KEYS = [f"user:{i}" for i in range(4)]
@@ -91,9 +91,10 @@ def test_disk_loss_after_kill_9_loses_only_the_lag(tmp_path: Path, make_replica_
     shutil.rmtree(root)  # the disk is lost
 
     target = make_replica_target(f"crash{seed}")
-    with shardlite.Router(str(tmp_path / "new"), schema=SCHEMA) as router:
+    done = restore_root_from_replica(target, str(tmp_path / "new"))  # the whole root: nodes, metadata, tenants
+    assert sorted(done.tenants) == sorted(KEYS)
+    with shardlite.Router(str(tmp_path / "new"), schema=SCHEMA, create=False) as router:
         for key in KEYS:
-            restore_tenant(router._store, target, key)
             rows = [n for (n,) in router.query(key, "SELECT n FROM log ORDER BY n")]
             ordered = sorted(acked[key])
             known = [n for n in rows if n in acked[key]]

@@ -44,7 +44,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
-def _node_paths(pairs: list[str]) -> dict[str, str]:
+def parse_node_paths(pairs: list[str]) -> dict[str, str]:
     paths: dict[str, str] = {}
     for pair in pairs:
         name, sep, directory = pair.partition("=")
@@ -69,7 +69,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.at is not None:
         raise CliError("--at applies to a replica (--from URL); a backup holds one point in time")
     root = root_of(args)
-    node_paths = _node_paths(args.node_path or [])
+    node_paths = parse_node_paths(args.node_path or [])
     if root_state(root) != "live":
         if args.as_key:  # --globals and --force are implied here: the whole backup goes into a new or empty root
             raise CliError(f"--as restores into a live root; {root} is new or empty: restore without --as first")

@@ -16,7 +16,9 @@ from ..replica.target import open_target, parse_target
 from ..services import replica_restore
 from ..services.replication import INTERVAL, Replication
 from ..services.replication import status as replication_status
-from .common import CliError, echo, emit_json, literal, open_router, print_table
+from ..services.restore_layout import root_state
+from .common import CliError, echo, emit_json, literal, open_router, print_table, root_of
+from .ops import parse_node_paths
 
 
 def _log_warnings() -> None:
@@ -82,26 +84,43 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def restore_from_replica(args: argparse.Namespace) -> int:
-    """`shardlite restore --from URL --key K [--as K2] [--at TIME] [--force]` into a live root."""
-    if not args.key:
-        raise CliError("--from restores one tenant at a time for now: name it with --key (restoring a whole "
-                       "root from a replica is not built yet; a backup directory restores a whole root)")
+    """`shardlite restore --from URL [--key K [--as K2]] [--at TIME] [--force] [--node-path NAME=DIR]`: a
+    whole root into a new or empty root, or one tenant into a live one."""
     try:
         parse_target(args.from_url)
         at_ns = replica_restore.parse_time(args.at) if args.at else None
     except ConfigurationError as exc:
         raise CliError(str(exc)) from exc
+    root = root_of(args)
     target = open_target(args.from_url)
     try:
+        if root_state(root) != "live":
+            if args.as_key:
+                raise CliError(f"--as restores into a live root; {root} is new or empty: restore without --as first")
+            if args.key:
+                raise CliError(f"{root} is new or empty: restore the whole root first (without --key), then "
+                               "single tenants into it")
+            done = replica_restore.restore_root_from_replica(target, root, at_ns=at_ns,
+                                                             node_paths=parse_node_paths(args.node_path or []))
+            if args.json:
+                emit_json({"root": done.root, "created": done.created, "restored": done.tenants,
+                           "at": replica_restore.format_time(at_ns) if at_ns is not None else None})
+            else:
+                echo(f"restored {len(done.tenants)} tenants and the global data from {literal(target.url)} "
+                     f"into {literal(done.root)} (each tenant with a new generation and incarnation)")
+            return 0
+        if not args.key:
+            raise CliError(f"{root} is a live root: a whole root restores into a new or empty directory "
+                           "(--root NEW); name one tenant with --key to restore it here")
         with open_router(args) as router:
-            done = replica_restore.restore_tenant(router._store, target, args.key, as_key=args.as_key,
-                                                  at_ns=at_ns, force=args.force)
+            done_one = replica_restore.restore_tenant(router._store, target, args.key, as_key=args.as_key,
+                                                      at_ns=at_ns, force=args.force)
     finally:
         target.close()
     if args.json:
-        emit_json(done)
+        emit_json(done_one)
     else:
-        echo(f"restored {literal(done['key'])} from the replica at its commit of {done['commit_time']} "
+        echo(f"restored {literal(done_one['key'])} from the replica at its commit of {done_one['commit_time']} "
              "(with a new generation and incarnation)")
     return 0
 

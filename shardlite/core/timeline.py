@@ -35,6 +35,7 @@ class Capture(NamedTuple):
     order: tuple[int, int, int]  #: (capture time, pack sequence, position in the pack): the capture order
     entry: Entry
     data: bytes
+    node: str = ""  #: the node whose replicator took it
 
 
 class Point(NamedTuple):

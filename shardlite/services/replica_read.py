@@ -49,20 +49,21 @@ def read_header(target: ReplicaTarget, name: str, size: int) -> PackInfo:
     return PackInfo(name, size, header, payload_at)
 
 
-def captures_of(target: ReplicaTarget, keys: Iterable[str], *,
+def captures_of(target: ReplicaTarget, keys: Iterable[str] | None, *,
                 on_pack: Callable[[PackInfo], None] | None = None) -> dict[str, list[timeline.Capture]]:
-    """Every capture of each of ``keys`` in the replica, with its bytes (digest checked)."""
-    wanted = set(keys)
-    found: dict[str, list[timeline.Capture]] = {key: [] for key in wanted}
+    """Every capture of each of ``keys`` (None: of every tenant) in the replica, with its bytes (digest
+    checked)."""
+    wanted = set(keys) if keys is not None else None
+    found: dict[str, list[timeline.Capture]] = {key: [] for key in wanted or ()}
     for name, size in list_packs(target):
         info = read_header(target, name, size)
         if on_pack is not None:
             on_pack(info)
         for position, entry in enumerate(info.header.entries):
-            if entry.key not in wanted:
+            if wanted is not None and entry.key not in wanted:
                 continue
             data = target.get_range(name, info.payload_at + entry.offset, entry.length)
             pack.check_bytes(entry, data)
             order = (entry.captured_ns, info.header.seq, position)
-            found[entry.key].append(timeline.Capture(order, entry, data))
+            found.setdefault(entry.key, []).append(timeline.Capture(order, entry, data, info.header.node))
     return found

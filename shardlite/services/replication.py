@@ -17,6 +17,13 @@ Each interval, for each node this process owns:
 4. the notes' read offsets are stored, and notes files of dead writers read to their end removed, only
    when no marked tenant is left over (a busy tenant keeps the offsets where they were, so a crash never
    loses a note of a tenant not captured yet).
+
+The root's metadata (catalog, nodes, accounts, sessions: a ``global.db``-schema export, whichever backend
+holds it) and the app's global tables go to the replica as one snapshot object
+(:mod:`shardlite.core.metasnap`) at the first round and then every :data:`META_EVERY` seconds when they
+changed (with PostgreSQL metadata, whose changes a file's size and time do not show: every
+:data:`META_EVERY` seconds), uploaded by the one process that holds ``<root>/.replica/meta.lock``. A whole
+root restored from the replica takes its metadata from the last snapshot at or before the restore time.
 """
 
 from __future__ import annotations
@@ -24,20 +31,23 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core import metasnap
 from ..errors import ConfigurationError
 from ..files import notesfile
 from ..files.staging import STAGING_DIR
 from ..front.store import Store
 from ..replica.target import ReplicaTarget, open_target
+from .backup import standalone_image
 from .replicator import NodeReplicator, RoundStats
 
-__all__ = ["Replication", "INTERVAL", "RECONCILE_EVERY"]
+__all__ = ["Replication", "INTERVAL", "RECONCILE_EVERY", "META_EVERY"]
 
 log = logging.getLogger("shardlite.replicate")
 
@@ -45,6 +55,8 @@ log = logging.getLogger("shardlite.replicate")
 INTERVAL = 1.0
 #: Seconds between reconcile passes (tenants without a cursor, logs that changed without a note).
 RECONCILE_EVERY = 30.0
+#: Seconds between metadata snapshots (taken only when the metadata changed, where that can be seen).
+META_EVERY = 30.0
 
 
 @dataclass
@@ -74,31 +86,29 @@ class Replication:
         self.clock = clock
         self.nodes: dict[str, _Node] = {}
         self.standby: set[str] = set()
+        self._meta_fd: int | None = None
+        self._meta_at: float | None = None
+        self._meta_seen: tuple[int, ...] | None = None
+        self.meta_snapshots = 0  #: metadata snapshots this process uploaded
 
     def close(self) -> None:
         for node in self.nodes.values():
             node.replicator.close()
             os.close(node.lock_fd)  # releases the node for a standby
         self.nodes.clear()
+        if self._meta_fd is not None:
+            os.close(self._meta_fd)
+            self._meta_fd = None
         if self._owns_target:
             self.target.close()
 
     # -- ownership -------------------------------------------------------------------------------------
 
     def _claim(self, name: str, path: str) -> None:
-        directory = os.path.join(path, STAGING_DIR)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(directory, "replicator.lock"),
-                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = _try_lock(os.path.join(path, STAGING_DIR), "replicator.lock")
+        if fd is None:
             self.standby.add(name)
             return
-        except BaseException:
-            os.close(fd)
-            raise
         self.standby.discard(name)
         replicator = NodeReplicator(self.store, name, self.target)
         self.nodes[name] = _Node(name, path, fd, replicator, replicator.staging.notes_offsets())
@@ -112,12 +122,52 @@ class Replication:
     # -- rounds ----------------------------------------------------------------------------------------
 
     def run_round(self) -> dict[str, RoundStats]:
-        """One round on every node this process owns (claiming the ones free now)."""
+        """One round on every node this process owns (claiming the ones free now), then the metadata
+        snapshot when one is due."""
         self._claim_nodes()
         out = {}
         for node in self.nodes.values():
             out[node.name] = self._round(node)
+        self._meta_round()
         return out
+
+    def _meta_signature(self) -> tuple[int, ...] | None:
+        """Sizes and times of the files holding the metadata and the app's global tables; None when the
+        metadata is not in a local file (PostgreSQL)."""
+        paths = [self.store.meta.app_global_path]
+        if self.store.meta.local:
+            paths.append(os.path.join(self.store.root, "global.db"))
+        found: list[int] = []
+        for path in paths:
+            for suffix in ("", "-wal"):
+                try:
+                    info = os.stat(path + suffix)
+                    found += [info.st_size, info.st_mtime_ns]
+                except FileNotFoundError:
+                    found += [0, 0]
+        return tuple(found) if self.store.meta.local else None
+
+    def _meta_round(self) -> None:
+        if self._meta_fd is None:
+            self._meta_fd = _try_lock(os.path.join(self.store.root, STAGING_DIR), "meta.lock")
+            if self._meta_fd is None:
+                return  # another process uploads the metadata snapshots
+        now = self.clock()
+        if self._meta_at is not None and now - self._meta_at < META_EVERY:
+            return
+        seen = self._meta_signature()
+        if seen is not None and seen == self._meta_seen:
+            self._meta_at = now
+            return
+        with tempfile.TemporaryDirectory(dir=os.path.join(self.store.root, STAGING_DIR)) as scratch:
+            with self.store.meta.export_global(scratch) as path:
+                global_db = standalone_image(path)
+        app_global_db = standalone_image(self.store.meta.app_global_path)
+        created = time.time_ns()
+        self.target.put(metasnap.object_name(created),
+                        metasnap.encode(created, self.store.root, global_db, app_global_db))
+        self._meta_seen, self._meta_at = seen, now
+        self.meta_snapshots += 1
 
     def _read_notes(self, node: _Node) -> None:
         for name in notesfile.list_notes(node.path):
@@ -183,6 +233,22 @@ class Replication:
     def status(self, now_ns: int | None = None) -> dict[str, Any]:
         """Per node and per tenant: the last captured commit, what is staged, packs shipped."""
         return status(self.store, now_ns, owned=set(self.nodes), standby=set(self.standby))
+
+
+def _try_lock(directory: str, name: str) -> int | None:
+    """A descriptor holding ``flock(LOCK_EX)`` on ``directory/name`` (made 0600 in a 0700 directory), or None
+    when another process holds it."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def status(store: Store, now_ns: int | None = None, *, owned: set[str] | None = None,
