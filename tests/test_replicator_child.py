@@ -38,6 +38,18 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _ready(pid: int) -> bool:
+    """The child has its SIGTERM handler and its parent-death signal in place (it unblocks SIGTERM after both)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            masks = {line.split(":")[0]: int(line.split()[1], 16) for line in f
+                     if line.startswith(("SigBlk", "SigCgt"))}
+    except FileNotFoundError:
+        return False
+    bit = 1 << (signal.SIGTERM - 1)
+    return bool(masks["SigCgt"] & bit) and not masks["SigBlk"] & bit
+
+
 def _until(what: str, check: Callable[[], bool], deadline: float = DEADLINE) -> None:
     end = time.monotonic() + deadline
     while not check():
@@ -197,7 +209,7 @@ def test_the_child_exits_when_the_app_is_killed_9(tmp_path: Path) -> None:
     app = _App(script, str(tmp_path / "root"), "file://" + str(tmp_path / "replica"))
     try:
         assert app.say("write", "user:a", "x") == "ok"
-        assert not _gone(app.child)
+        _until("the child is in its run loop", lambda: _ready(app.child))
         app.proc.send_signal(signal.SIGKILL)
         app.proc.wait()
         _until("the child of a killed app exits", lambda: _gone(app.child))
@@ -292,3 +304,35 @@ def test_a_forked_copy_of_the_app_never_stops_the_child(tmp_path: Path) -> None:
         assert child.pid is not None and not _gone(child.pid)
         running = child.pid
     assert _gone(running)
+
+
+def test_a_router_made_in_a_thread_that_ends_keeps_its_child(tmp_path: Path) -> None:
+    """Linux sends the parent-death signal when the *thread* that started the child ends: the child checks
+    ``os.getppid()`` and goes on while the app lives."""
+    url = "file://" + str(tmp_path / "replica")
+    made: list[shardlite.Router] = []
+
+    def app_thread() -> None:
+        router = shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=url, replicator=True)
+        made.append(router)
+        pid = router._replicator.pid  # type: ignore[union-attr]
+        assert pid is not None
+        _until("the child asked for its parent-death signal", lambda: _ready(pid))  # then this thread ends
+
+    thread = threading.Thread(target=app_thread)
+    thread.start()
+    thread.join(DEADLINE)
+    router = made[0]
+    from shardlite.replica.target import open_target
+
+    target = open_target(url)
+    try:
+        child = router._replicator
+        assert child is not None
+        first = child.pid
+        _write(router, "user:a", "after the thread ended")
+        _until("the child ships the write", lambda: _replicated(target, "user:a") == ["after the thread ended"])
+        assert child.pid == first and child.crashes == 0
+    finally:
+        router.close()
+        target.close()
