@@ -336,3 +336,20 @@ def test_a_router_made_in_a_thread_that_ends_keeps_its_child(tmp_path: Path) -> 
     finally:
         router.close()
         target.close()
+
+
+def test_a_child_that_cannot_stay_up_is_given_up(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restarts are bounded: after MAX_CRASHES quick exits in a row the router logs an error and stops trying."""
+    caplog.set_level(logging.WARNING, logger="shardlite.replicator")
+    monkeypatch.setattr(replicator_child, "MAX_CRASHES", 2)
+    child = replicator_child.ReplicatorChild(str(tmp_path / "no-such-root"))  # `replicate run` exits with 2 there
+    child.start()
+    try:
+        _until("the router gives the child up", lambda: child.gave_up)
+    finally:
+        child.stop()
+    assert child.crashes == 2 and child.pid is None
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "starting it again" in m]) == 1
+    assert len([m for m in messages if "not restarting it" in m]) == 1
