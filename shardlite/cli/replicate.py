@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -16,6 +17,7 @@ from ..replica.target import open_target, parse_target
 from ..services import replica_restore
 from ..services.replication import INTERVAL, Replication
 from ..services.replication import status as replication_status
+from ..services.replicator_child import set_parent_death_signal
 from ..services.restore_layout import root_state
 from .common import CliError, echo, emit_json, literal, open_router, print_table, root_of
 from .ops import parse_node_paths
@@ -28,8 +30,27 @@ def _log_warnings() -> None:
         logging.basicConfig(level=logging.WARNING, handlers=[handler])
 
 
+def _watch_parent(parent: int, stop: threading.Event) -> bool:
+    """``--parent PID`` (a replicator started by an app's router, services/replicator_child.py): SIGINT is the app's
+    to handle and ignored here, SIGTERM stops, and the kernel's parent-death signal (Linux) stops once
+    ``os.getppid()`` is no longer ``parent``. False when the parent is gone already."""
+    def parent_died(*_: object) -> None:  # also sent when the parent's starting *thread* ends: check the process
+        if os.getppid() != parent:
+            stop.set()
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGUSR1, parent_died)
+    set_parent_death_signal(signal.SIGUSR1)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # the router blocked it until now
+    return os.getppid() == parent
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     _log_warnings()
+    stop = threading.Event()
+    if args.parent is not None and not _watch_parent(args.parent, stop):
+        return 0
     with open_router(args) as router:
         try:
             replication = Replication(router._store)
@@ -50,13 +71,19 @@ def cmd_run(args: argparse.Namespace) -> int:
                     for node in sorted(replication.standby):
                         echo(f"node {literal(node)}: replicated by another process (standby)")
                 return 0
-            stop = threading.Event()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: stop.set())
+            if args.parent is None:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(sig, lambda *_: stop.set())
             if not args.json:
                 echo(f"replicating {router.root} to {literal(router._store.replicate)} every {args.interval:g} s; "
                      "Ctrl-C stops it")
-            replication.run(stop, interval=args.interval)
+            replication.run(stop, interval=args.interval, parent=args.parent)
+            if args.parent is not None:  # the app closed its router: ship what it committed before that
+                try:
+                    replication.run_round()
+                except Exception as exc:  # noqa: BLE001 - the next replicator resumes from the staging
+                    logging.getLogger("shardlite.replicate").warning(
+                        "replicate: the last round failed (%s: %s)", type(exc).__name__, exc)
             return 0
         finally:
             replication.close()
@@ -133,6 +160,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     run.add_argument("--once", action="store_true", help="run one round (capture, upload), then exit")
     run.add_argument("--interval", type=float, default=INTERVAL,
                      help=f"seconds between rounds (default {INTERVAL:g}): about the lag of a commit")
+    run.add_argument("--parent", type=int, metavar="PID",
+                     help="exit when process PID is no longer this one's parent (set by Router(replicator=True), "
+                          "which starts and stops this command itself)")
     run.set_defaults(func=cmd_run)
     status = actions.add_parser("status", help="per tenant and in total: last captured commit, lag, staged "
                                                "captures, packs uploaded")

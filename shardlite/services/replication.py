@@ -216,10 +216,14 @@ class Replication:
             node.finished.clear()
         return stats
 
-    def run(self, stop: threading.Event, *, interval: float = INTERVAL) -> None:
-        """Rounds every ``interval`` seconds until ``stop`` is set. A round that fails as a whole (the
-        metadata unreachable) is logged and the next one tries again."""
+    def run(self, stop: threading.Event, *, interval: float = INTERVAL, parent: int | None = None) -> None:
+        """Rounds every ``interval`` seconds until ``stop`` is set, or, given ``parent``, until ``os.getppid()``
+        is no longer ``parent`` (checked before every round: a replicator started by an app never outlives it).
+        A round that fails as a whole (the metadata unreachable) is logged and the next one tries again."""
         while not stop.is_set():
+            if parent is not None and os.getppid() != parent:
+                log.warning("replicate: the process that started this replicator (pid %d) is gone: stopping", parent)
+                return
             started = self.clock()
             try:
                 self.run_round()
