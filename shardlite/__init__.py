@@ -26,6 +26,8 @@ from .errors import (
     NodeFull,
     PayloadTooLarge,
     QueryTimeout,
+    ReplicaError,
+    ReplicaUnavailable,
     ResultTooLarge,
     ShardliteError,
     StatementNotAllowed,
@@ -83,5 +85,7 @@ __all__ = [
     "StorageReadOnly",
     "MetaConflict",
     "MetaUnavailable",
+    "ReplicaError",
+    "ReplicaUnavailable",
     "__version__",
 ]

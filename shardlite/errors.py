@@ -37,6 +37,9 @@ __all__ = [
     "StorageReadOnly",
     "MetaConflict",
     "MetaUnavailable",
+    "ReplicaError",
+    "ReplicaUnavailable",
+    "ReplicaObjectMissing",
 ]
 
 
@@ -166,3 +169,22 @@ class MetaUnavailable(ShardliteError):
     """The metadata store cannot be reached (its server is down, the connection was cut). Retryable: nothing
     of that call was written, and shardlite reconnects by itself; what needs no metadata (reads and writes of
     tenants already open) keeps working meanwhile."""
+
+
+class ReplicaError(ShardliteError):
+    """A replica target (an S3 bucket or a directory that holds the tenants' replicas) refused an operation
+    for a reason a retry does not fix: the message names the target (without credentials), the operation,
+    the object and the server's error code."""
+
+
+class ReplicaUnavailable(ReplicaError):
+    """The replica target cannot be reached or is failing for now (connection refused, a timeout, a 5xx,
+    throttling, an I/O error of the replica's disk). Retryable: repeat the operation later; a ``put`` that
+    failed this way may or may not have landed, and repeating it is harmless."""
+
+
+class ReplicaObjectMissing(ReplicaError, KeyError):
+    """A replica object that was asked for does not exist (``get``, ``get_range``)."""
+
+    def __str__(self) -> str:  # KeyError's own str() would quote the message
+        return str(self.args[0]) if self.args else ""

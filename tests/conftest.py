@@ -15,6 +15,10 @@
                   PostgreSQL (one database is one tenant key space), None on SQLite; pass it as ``meta=``.
 ``pg_server``     (session) a real PostgreSQL server, started on first use; ``pg_dsn``: a fresh database on
                   it per test (``helpers_pg``). Without PostgreSQL their tests skip loudly (fail under CI=true).
+``s3_server``     (session) a real S3 server (SeaweedFS), started on first use; ``s3_env``: its credentials in
+                  the AWS environment for the test; ``make_replica_target``/``replica_target``: replica targets
+                  of each backend in turn, for the replica conformance suite (``helpers_s3``). Without
+                  SeaweedFS their tests skip loudly (fail under CI=true).
 
 The terminal summary lists the tests skipped because a real component is missing (``helpers_real``).
 """
@@ -32,6 +36,11 @@ from helpers_meta import META_BACKENDS, missing_parts, open_meta
 from helpers_pg import pg_dsn as pg_dsn
 from helpers_pg import pg_server as pg_server
 from helpers_real import pytest_terminal_summary as pytest_terminal_summary
+from helpers_s3 import make_replica_target as make_replica_target
+from helpers_s3 import replica_backend as replica_backend
+from helpers_s3 import replica_target as replica_target
+from helpers_s3 import s3_env as s3_env
+from helpers_s3 import s3_server as s3_server
 
 from shardlite import Router
 from shardlite.meta import MetaStore

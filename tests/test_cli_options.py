@@ -63,6 +63,11 @@ def _applied(router: Router) -> None:
     router.rebalance.apply(plan_id)
 
 
+def _replicated(router: Router) -> None:
+    """Record a directory replica for the root (the first router that names one records it)."""
+    Router(router.root, create=False, replicate="file://" + router.root + "-replica").close()
+
+
 def _nodes(router: Router) -> list[str]:
     return [n.name for n in router.nodes.list()]
 
@@ -71,7 +76,7 @@ def _nodes(router: Router) -> list[str]:
 SAMPLES: dict[tuple[str, ...], Sample] = {
     ("init",): Sample(lambda r: [], check=lambda r, out, router: out == [
         {"root": r.root, "nodes": ["n1", "n2", "spare"], "created": False,
-         "meta": f"sqlite:{os.path.join(r.root, 'global.db')}"}]),
+         "meta": f"sqlite:{os.path.join(r.root, 'global.db')}", "replicate": None}]),
     ("status",): Sample(lambda r: [], check=lambda r, out, router: out[0]["root"] == r.root),
     ("locate",): Sample(lambda r: ["victim:1"], check=lambda r, out, router: out[0]["path"].startswith(r.root)),
     ("tenants",): Sample(lambda r: [], check=lambda r, out, router: [o["key"] for o in out] == KEYS),
@@ -102,6 +107,11 @@ SAMPLES: dict[tuple[str, ...], Sample] = {
     ("relay", "status"): Sample(lambda r: [], check=lambda r, out, router: out[0]["pending"] == 0),
     ("relay", "dead"): Sample(lambda r: []),
     ("relay", "retry"): Sample(lambda r: [], check=lambda r, out, router: out == [{"requeued": 0}]),
+    ("replicate", "run"): Sample(lambda r: ["--once"], setup=_replicated,
+                                 check=lambda r, out, router: sum(
+                                     n["captured"] for n in out[0]["nodes"].values()) == len(KEYS)),
+    ("replicate", "status"): Sample(lambda r: [], setup=_replicated,
+                                    check=lambda r, out, router: out[0]["target"] == "file://" + r.root + "-replica"),
     ("accounts", "show"): Sample(lambda r: [EMAIL], check=lambda r, out, router: out[0]["email"] == EMAIL),
     ("sessions", "purge"): Sample(lambda r: [], check=lambda r, out, router: out == [{"purged": 0}]),
     ("backup",): Sample(lambda r: [os.fspath(r.dir / "backup")],

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 from helpers_meta import open_meta
@@ -61,3 +66,49 @@ def test_concurrent_writers_leave_one_of_their_values(meta: MetaStore) -> None:
     assert meta.kv.get("shared") in written
     meta.kv.put("shared", "final")  # the last writer wins
     assert meta.kv.get("shared") == "final"
+
+
+def test_put_if_absent_keeps_the_first_value(meta: MetaStore) -> None:
+    kv = meta.kv
+    assert kv.put_if_absent("replicate", "file:///a") == "file:///a"
+    assert kv.get("replicate") == "file:///a"
+    assert kv.put_if_absent("replicate", "file:///a") == "file:///a"  # the same value again: stored
+    assert kv.put_if_absent("replicate", "file:///b") == "file:///a"  # another one: the first stays
+    assert kv.get("replicate") == "file:///a"
+    assert kv.put_if_absent("empty", "") == ""  # an empty value is a value
+    assert kv.put_if_absent("empty", "x") == ""
+    with pytest.raises(ValueError):
+        kv.put_if_absent("nul", "a\x00b")
+    assert kv.get("nul") is None
+
+
+_RACER = r"""
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from helpers_meta import open_meta
+store = open_meta(sys.argv[2], sys.argv[3], create=False)
+go = sys.argv[4]
+while not os.path.exists(go):
+    time.sleep(0.001)
+print(store.kv.put_if_absent("replicate", sys.argv[5]), flush=True)
+store.close()
+"""
+
+
+def test_put_if_absent_race_of_processes_has_one_winner(meta: MetaStore, meta_backend: str, root: str,
+                                                        tmp_path: pathlib.Path) -> None:
+    go = tmp_path / "go"
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    values = [f"file:///replica/{i}" for i in range(6)]
+    children = [subprocess.Popen([sys.executable, "-c", _RACER, tests_dir, meta_backend, root, str(go), value],
+                                 stdout=subprocess.PIPE, text=True) for value in values]
+    time.sleep(1.0)  # every child opened its store and waits for the signal
+    go.touch()
+    answers = []
+    for child in children:
+        out, _ = child.communicate(timeout=60)
+        assert child.returncode == 0
+        answers.append(out.strip())
+    stored = meta.kv.get("replicate")
+    assert stored in values
+    assert answers == [stored] * len(values)  # every racer learned the one winner

@@ -16,6 +16,7 @@ from helpers_procs import FileBarrier, child_env, finish_all, spawn, write_scrip
 from shardlite import ConfigurationError, MetaConflict
 from shardlite.files.catalog import TenantRecord
 from shardlite.meta import MetaStore
+from shardlite.meta.tenants import GenerationTaken
 
 #: The parts of the metadata store these tests exercise (helpers_meta.missing_parts).
 META_PART = ("tenants", "nodes")
@@ -115,6 +116,34 @@ def test_register_on_an_unknown_node_is_refused_and_writes_nothing(meta: MetaSto
     with pytest.raises(ConfigurationError, match="n9"):
         meta.tenants.register("t:1", "n9", generation, "inc", 1)
     assert meta.tenants.lookup("t:1") is None
+
+
+def test_register_with_a_generation_another_row_holds_is_refused_and_writes_nothing(meta: MetaStore) -> None:
+    held = make(meta, "t:1")
+    with pytest.raises(GenerationTaken, match="already used"):
+        meta.tenants.register("t:2", "n1", held.generation, "inc", 1)
+    assert meta.tenants.lookup("t:2") is None and meta.tenants.lookup("t:1") == held
+    drop(meta, "t:1")  # a tombstone keeps its generation (its old path is never reused either)
+    with pytest.raises(GenerationTaken):
+        meta.tenants.register("t:2", "n1", held.generation, "inc", 1)
+    assert meta.tenants.lookup("t:2") is None
+
+
+def test_lookup_or_allocate_allocates_only_for_a_key_to_create(meta: MetaStore) -> None:
+    before = meta.tenants.allocate_generation("t:0", "n1", "create")
+    record, fresh = meta.tenants.lookup_or_allocate("t:1", "n1", revive=False)  # revive: over a tombstone only
+    assert record is None and fresh is not None and fresh > before
+    live = meta.tenants.register("t:1", "n1", fresh, "inc", 1)
+    assert meta.tenants.lookup_or_allocate("t:1", "n1") == (live, None)
+    meta.tenants.set_state("t:1", "dropping", expect_generation=live.generation, expect_states=("active",))
+    assert meta.tenants.lookup_or_allocate("t:1", "n1") == (meta.tenants.lookup("t:1"), None)
+    meta.tenants.set_state("t:1", "dropped", expect_generation=live.generation, expect_states=("dropping",))
+    tombstone = meta.tenants.lookup("t:1")
+    assert tombstone is not None and tombstone.state == "dropped"
+    assert meta.tenants.lookup_or_allocate("t:1", "n1", revive=False) == (tombstone, None)
+    found, again = meta.tenants.lookup_or_allocate("t:1", "n1")
+    assert found == tombstone and again is not None and again > fresh
+    assert meta.tenants.allocate_generation("t:2", "n1", "create") > again  # what it allocated is never reused
 
 
 def test_generations_are_never_reused_and_increase(meta: MetaStore) -> None:

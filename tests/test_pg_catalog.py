@@ -6,13 +6,14 @@ down, gone by itself after."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from helpers_pg import separate_server
+from helpers_pg import separate_server, wait_for_lock_waiter
 from test_meta_tenants import KEYS, race
 
 from shardlite import ConfigurationError, MetaConflict, MetaUnavailable, Settings
@@ -216,3 +217,27 @@ def test_server_down_is_metaunavailable_and_back_by_itself(tmp_path: Path) -> No
             assert [n.name for n in meta.nodes.list()] == ["n1"]
         finally:
             meta.close()
+
+
+def test_a_registration_that_waited_for_a_racing_registrant_returns_its_row(pg_dsn: str, tmp_path: Path) -> None:
+    """``register`` is one statement: a live row committed after its snapshot (by a registrant whose insert
+    it waited for) is not in that snapshot; the method reads it then and returns it (and writes nothing)."""
+    meta = _open(pg_dsn, tmp_path, [("n1", "n1", 1)])
+    try:
+        mine = meta.tenants.allocate_generation("t:race", "n1", "create")
+        theirs = meta.tenants.allocate_generation("t:race", "n1", "create")
+        results: list[TenantRecord] = []
+        with psycopg.connect(pg_dsn, autocommit=True) as other:
+            with other.transaction():
+                other.execute("INSERT INTO shardlite.tenants(key, node, generation, epoch, state, incarnation, "
+                              "schema_version, created, updated) VALUES ('t:race', 'n1', %s, 1, 'active', "
+                              "'theirs', 1, 0, 0)", (theirs,))
+                waiter = threading.Thread(
+                    target=lambda: results.append(meta.tenants.register("t:race", "n1", mine, "mine", 1)))
+                waiter.start()
+                wait_for_lock_waiter(pg_dsn, "the registration")
+            waiter.join(60)
+        assert [(r.generation, r.incarnation) for r in results] == [(theirs, "theirs")]
+        assert meta.tenants.lookup("t:race") == results[0]
+    finally:
+        meta.close()

@@ -121,3 +121,27 @@ def test_server_killed_then_back_resumes_without_reopening(tmp_path: Path) -> No
             except MetaUnavailable:
                 assert time.monotonic() < deadline, "the store did not come back after the server did"
         meta.close()
+
+
+def test_a_version_2_schema_is_upgraded_on_open_with_the_node_hints(pg_dsn: str, tmp_path: Path) -> None:
+    """Version 3 adds the node-list hints (a trigger NOTIFYing ``shardlite_nodes`` with the root id); a
+    database at version 2 gets it on the next open, and its node changes are hinted from then on."""
+    root_id = new_root_id()
+    first = _meta(pg_dsn, os.fspath(tmp_path), root_id)
+    first.open(create=True, default_nodes=[("n1", "n1", 1)])
+    first.close()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # back to version 2, as an older shardlite left it
+        conn.execute("DROP TRIGGER nodes_hint ON shardlite.nodes")
+        conn.execute("DROP FUNCTION shardlite.node_changed()")
+        conn.execute("UPDATE shardlite.version SET version = 2")
+    again = _meta(pg_dsn, os.fspath(tmp_path), root_id)
+    again.open(create=False)
+    try:
+        with psycopg.connect(pg_dsn, autocommit=True) as listener, psycopg.connect(pg_dsn, autocommit=True) as conn:
+            assert conn.execute("SELECT version FROM shardlite.version").fetchone() == (len(STEPS),) == (3,)
+            listener.execute("LISTEN shardlite_nodes")
+            again.nodes.add("n2", "n2", 1)
+            notes = [(n.channel, n.payload) for n in listener.notifies(timeout=30, stop_after=1)]
+            assert notes == [("shardlite_nodes", root_id)]
+    finally:
+        again.close()

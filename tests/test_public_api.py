@@ -50,6 +50,8 @@ EXPECTED_ALL = [
     "StorageReadOnly",
     "MetaConflict",
     "MetaUnavailable",
+    "ReplicaError",
+    "ReplicaUnavailable",
     "__version__",
 ]
 
@@ -86,7 +88,8 @@ def test_error_tree() -> None:
     for name in BRIEF_ERRORS + ["StatementNotAllowed", "IdentityMismatch", "UnsupportedSQLite", "TransactionClosed",
                                 "InvalidPassword", "UnknownAccount", "ManifestInvalid", "BackupFailed",
                                 "QueryTimeout", "ResultTooLarge", "MoveFailed", "NodeFull",
-                                "StorageError", "StorageFull", "StorageReadOnly"]:
+                                "StorageError", "StorageFull", "StorageReadOnly", "ReplicaError",
+                                "ReplicaUnavailable"]:
         cls = getattr(shardlite, name)
         assert inspect.isclass(cls) and issubclass(cls, base), name
     # a refusal is also what APSW code already catches for "not authorized"
@@ -95,6 +98,7 @@ def test_error_tree() -> None:
     assert issubclass(shardlite.InvalidKey, ValueError)
     assert issubclass(shardlite.ManifestInvalid, shardlite.ConfigurationError)
     assert issubclass(shardlite.DirectoryModeWarning, UserWarning)
+    assert issubclass(shardlite.ReplicaUnavailable, shardlite.ReplicaError)
 
 
 def test_location_fields() -> None:

@@ -25,7 +25,7 @@ from typing import NoReturn
 import apsw
 
 from ..errors import ShardliteError
-from . import accounts, basics, meta, migrate, ops, rebalance, relay
+from . import accounts, basics, meta, migrate, ops, rebalance, relay, replicate
 from .common import CliError, echo, literal
 
 __all__ = ["main", "build_parser", "walk", "SHARED"]
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="One SQLite file per tenant: inspect and operate a shardlite data root.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    for module in (basics, migrate, rebalance, relay, accounts, ops, meta):
+    for module in (basics, migrate, rebalance, relay, replicate, accounts, ops, meta):
         module.register(sub)
     for depth, _path, each in list(walk(parser)):
         _add_shared(each, depth)

@@ -19,16 +19,19 @@ def cmd_init(args: argparse.Namespace) -> int:
     nodes = [n.strip() for n in args.nodes.split(",") if n.strip()] if args.nodes else None
     existed = os.path.exists(os.path.join(root, "global.db")) or os.path.exists(os.path.join(root, RECORD_NAME))
     try:
-        with Router(root, nodes=nodes, meta=args.meta) as router:
+        with Router(root, nodes=nodes, meta=args.meta, replicate=args.replicate) as router:
             names = [n["name"] for n in router.status()["nodes"]]
             where = router._store.meta.location
+            replica = router._store.replicate
     except ConfigurationError as exc:
         raise CliError(str(exc)) from exc
     if args.json:
-        emit_json({"root": root, "nodes": names, "created": not existed, "meta": where})
+        emit_json({"root": root, "nodes": names, "created": not existed, "meta": where, "replicate": replica})
     else:
         elsewhere = "" if where.startswith("sqlite:") else f"; metadata in {where}"
-        echo(f"{'existing' if existed else 'created'} data root {root} with nodes: {', '.join(names)}{elsewhere}")
+        replicated = f"; replicated to {replica}" if replica else ""
+        echo(f"{'existing' if existed else 'created'} data root {root} with nodes: {', '.join(names)}{elsewhere}"
+             f"{replicated}")
     return 0
 
 
@@ -46,6 +49,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                  for n in status["nodes"]])
     print_table("tenants per app schema version", ["schema version", "tenants"],
                 sorted(status["schema_versions"].items()))
+    echo(f"replica: {status['replicate'] or 'none (not replicated)'}")
     relay, rebalance = status["relay"], status["rebalance"]
     echo(f"relay: {relay['pending']} pending, lag {relay['lag_seconds']:.3f} s, {relay['dead_letters']} dead letters; "
          f"rebalance: {rebalance['state'] or 'none'}")
@@ -88,6 +92,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--meta", metavar="URL",
                    help=f"where a new root keeps its metadata: postgresql://user@host:port/dbname (default: "
                         f"${ENV_VAR}, else the embedded global.db); recorded in ROOT/meta.json without a password")
+    p.add_argument("--replicate", metavar="URL",
+                   help="replicate every tenant to s3://bucket/prefix[?endpoint=http://host:port] (credentials from "
+                        "the AWS environment, never the URL) or file:///absolute/dir; recorded in the root's "
+                        "metadata on first use")
     p.set_defaults(func=cmd_init)
     p = sub.add_parser("status", help="nodes, tenants per node and per schema version, relay lag, rebalance state")
     p.set_defaults(func=cmd_status)

@@ -44,7 +44,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
-def _node_paths(pairs: list[str]) -> dict[str, str]:
+def parse_node_paths(pairs: list[str]) -> dict[str, str]:
     paths: dict[str, str] = {}
     for pair in pairs:
         name, sep, directory = pair.partition("=")
@@ -59,8 +59,17 @@ def _node_paths(pairs: list[str]) -> dict[str, str]:
 def cmd_restore(args: argparse.Namespace) -> int:
     if args.as_key and not args.key:
         raise CliError("--as needs --key (it restores one tenant under another key)")
+    if args.from_url is not None:
+        if args.src is not None:
+            raise CliError("name either a backup directory (SRC) or a replica (--from URL), not both")
+        from .replicate import restore_from_replica
+        return restore_from_replica(args)
+    if args.src is None:
+        raise CliError("name the backup directory (SRC) or a replica (--from URL)")
+    if args.at is not None:
+        raise CliError("--at applies to a replica (--from URL); a backup holds one point in time")
     root = root_of(args)
-    node_paths = _node_paths(args.node_path or [])
+    node_paths = parse_node_paths(args.node_path or [])
     if root_state(root) != "live":
         if args.as_key:  # --globals and --force are implied here: the whole backup goes into a new or empty root
             raise CliError(f"--as restores into a live root; {root} is new or empty: restore without --as first")
@@ -184,7 +193,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=cmd_backup)
     p = sub.add_parser("restore", help="restore tenants from a backup (checksums verified); into a new or "
                                        "empty root: the whole root, nodes and global data included")
-    p.add_argument("src", help="the backup directory (holds manifest.json)")
+    p.add_argument("src", nargs="?", help="the backup directory (holds manifest.json)")
+    p.add_argument("--from", dest="from_url", metavar="URL",
+                   help="restore from a replica (s3://bucket/prefix or file:///path) instead of a backup")
+    p.add_argument("--at", metavar="TIME",
+                   help="with --from: the tenant at its last commit at or before TIME (ISO 8601 with a time "
+                        "zone, e.g. 2026-12-06T18:00:00Z); default: the latest")
     p.add_argument("--key", help="restore one tenant")
     p.add_argument("--as", dest="as_key", help="with --key: restore it under another key")
     p.add_argument("--force", action="store_true", help="replace live tenants")

@@ -69,22 +69,29 @@ def inert(conn: apsw.Connection) -> apsw.Connection:
 
 
 def open_source(path: str, *, busy_timeout_ms: int = 5000) -> apsw.Connection:
-    """A trusted connection to a live file (a tenant, the global DB) to copy or fence it, which closes
-    leaving the file as it found it: no checkpoint of the WAL into the file on close (a fsynced write
-    of the live file, ~0.9 ms for a small tenant). Tenant connections close the same way (engine.py)."""
+    """A trusted connection to a live file (a tenant, the global DB) to copy or fence it, which leaves the
+    log as it found it: no checkpoint of the WAL into the file on close (a fsynced write of the live
+    file, ~0.9 ms for a small tenant; tenant connections close the same way, engine.py), and none after
+    its own commits (a fence, a lifted fence) either: the log of a replicated tenant is checkpointed only
+    by its replicator, after capturing it (nothing is checkpointed away before it is captured), and an
+    unreplicated tenant's own writers fold the log in at their next commit."""
     conn = open_trusted(path, busy_timeout_ms=busy_timeout_ms)
     conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+    conn.wal_autocheckpoint(0)
     return conn
 
 
 @contextmanager
-def write_locked(path: str, *, busy_timeout_ms: int,
-                 busy: Callable[[apsw.BusyError], BaseException]) -> Iterator[apsw.Connection]:
+def write_locked(path: str, *, busy_timeout_ms: int, busy: Callable[[apsw.BusyError], BaseException],
+                 wal_hook: Callable[[apsw.Connection, str, int], int] | None = None) -> Iterator[apsw.Connection]:
     """One of shardlite's own write transactions on a live file (the fence of a move, a drop or a
     restore): an inert trusted connection (:func:`open_source`) inside ``BEGIN IMMEDIATE``, committed
     when the block ends normally, rolled back when it raises (a block may roll back itself), closed
-    either way. ``busy(exc)`` is what to raise when the file stays locked past ``busy_timeout_ms``."""
+    either way. ``busy(exc)`` is what to raise when the file stays locked past ``busy_timeout_ms``.
+    ``wal_hook``: the connection's WAL hook (a replicated root's notes: ``Store.note_hook``)."""
     conn = open_source(path, busy_timeout_ms=busy_timeout_ms)
+    if wal_hook is not None:
+        conn.set_wal_hook(wal_hook)
     try:
         try:
             conn.execute("BEGIN IMMEDIATE")

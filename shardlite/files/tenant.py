@@ -18,7 +18,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import apsw
 
@@ -172,8 +172,13 @@ def open_tenant(
     settings: Settings,
     steps: Sequence[Step],
     read_only: bool,
+    wal_hook: Callable[[apsw.Connection, str, int], int] | None = None,
 ) -> tuple[apsw.Connection, Guard, FileIdentity]:
     """Open an existing tenant file, check its identity, and bring its schema up to date.
+
+    ``wal_hook``, when given, is installed before anything is read or migrated, so it sees every commit of
+    the connection (the migration's too) and SQLite's autocheckpoint never runs on it (a WAL hook replaces
+    it): what the connections of a replicated root need (:mod:`shardlite.files.noteswriter`).
 
     Raises ``apsw.CantOpenError`` when the file does not exist (it is never created here),
     :class:`IdentityMismatch` when it belongs to another key or incarnation. A retired file (moved or
@@ -183,6 +188,8 @@ def open_tenant(
     guard.trusted = True  # shardlite's own statements while opening; user SQL only after we return
     conn = open_connection(path, settings, create=False, authorizer=guard)
     try:
+        if wal_hook is not None:
+            conn.set_wal_hook(wal_hook)
         try:
             ident = _identity(conn)
         except apsw.SQLError as exc:

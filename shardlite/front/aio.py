@@ -48,6 +48,7 @@ from ..files.pool import Handle
 from ..files.schema import Step
 from ..services import lifecycle
 from ..services.relay import Handler, HandlerRegistry, Relay
+from ..services.replicator_child import ReplicatorChild, start_replicator
 from . import feed
 from .accounts import Accounts
 from .aio_admin import ADMIN_WORKERS, Admin
@@ -308,6 +309,8 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads, Admin):
         max_outbox_bytes: int = 64 * 1024 * 1024,
         retry: RetryPolicy | None = None,
         meta: str | None = None,
+        replicate: str | None = None,
+        replicator: bool = False,
     ) -> None:
         settings = Settings(synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, max_open=max_open,
                             cache_kib=cache_kib, statement_timeout=statement_timeout, max_rows=max_rows,
@@ -321,15 +324,21 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads, Admin):
         self._readers = ThreadPoolExecutor(max_workers=read_workers, thread_name_prefix="shardlite-read")
         self._kdf = ThreadPoolExecutor(max_workers=kdf_workers, thread_name_prefix="shardlite-kdf")
         self._admin = ThreadPoolExecutor(max_workers=ADMIN_WORKERS, thread_name_prefix="shardlite-admin")
+        self._replicator: ReplicatorChild | None = None
         try:
             self._store = Store(os.fspath(root), nodes=nodes, schema=schema,  # type: ignore[arg-type]
                                 global_schema=global_schema, settings=settings, move_wait=move_wait,
                                 meta=meta, max_payload=max_payload, max_outbox=max_outbox_bytes,
                                 checkpoint_submit=self._executor.submit,
-                                read_check_steps=INLINE_CHECK_STEPS)
+                                read_check_steps=INLINE_CHECK_STEPS, replicate=replicate)
+            if replicator:
+                self._replicator = start_replicator(self._store)
         except BaseException:
             for executor in self._executors():
                 executor.shutdown(wait=False)
+            store = getattr(self, "_store", None)
+            if store is not None:
+                store.close()
             raise
         self._batches: dict[str, Batch] = {}
         self._max_batch = max_batch
@@ -519,6 +528,8 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads, Admin):
             log.warning("AsyncRouter for %s closed with worker threads still busy after %.1f s",
                         self._store.root, self._close_timeout)
         self._store.close()
+        if self._replicator is not None:  # its last round ships what was committed; off the loop
+            await asyncio.to_thread(self._replicator.stop)
 
     @property
     def closed(self) -> bool:
@@ -540,6 +551,9 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads, Admin):
             for executor in self._executors():
                 executor.shutdown(wait=False)
             store.close()
+        child = getattr(self, "_replicator", None)
+        if child is not None:
+            child.stop()
 
     def __repr__(self) -> str:
         return f"<AsyncRouter {self.root!r}{' closed' if self.closed else ''}>"

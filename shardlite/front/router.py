@@ -30,6 +30,7 @@ from ..services.fanout import MapResult, run_map
 from ..services.nodes import Nodes
 from ..services.rebalance import Rebalancer
 from ..services.relay import Handler, HandlerRegistry, Relay
+from ..services.replicator_child import ReplicatorChild, start_replicator
 from . import feed
 from .accounts import Accounts
 from .globals import GlobalTables
@@ -141,6 +142,15 @@ class Router(HandlerRegistry):
     ``$SHARDLITE_META``). The first router on a new root records it in ``<root>/meta.json`` (never with a
     password); later routers find it there, and a ``meta`` naming another store raises
     :class:`ConfigurationError`.
+    ``replicate`` says where every tenant is replicated: ``"s3://bucket/prefix"`` (S3 API; ``?endpoint=``
+    and ``&region=`` allowed, credentials only from the AWS environment or config) or ``"file:///abs/dir"``.
+    The first router given one records it in the root's metadata (the canonical URL, never a secret); later
+    routers and CLI commands find it there, and a ``replicate`` naming another location raises
+    :class:`ConfigurationError`. The writers of a replicated root note each commit for the node's
+    replicator and never checkpoint a tenant (docs/replication.md).
+    ``replicator=True`` runs that replicator for the router's lifetime as a child process (``shardlite replicate
+    run``; :mod:`shardlite.services.replicator_child`), stopped by :meth:`close`; the root must replicate
+    (:class:`ConfigurationError` otherwise).
     """
 
     def __init__(
@@ -165,13 +175,22 @@ class Router(HandlerRegistry):
         max_rows: int = 100_000,
         max_result_bytes: int = 64 * 1024 * 1024,
         meta: str | None = None,
+        replicate: str | None = None,
+        replicator: bool = False,
     ) -> None:
         settings = Settings(synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, max_open=max_open,
                             cache_kib=cache_kib, statement_timeout=statement_timeout, max_rows=max_rows,
                             max_result_bytes=max_result_bytes)
+        self._replicator: ReplicatorChild | None = None
         self._store = Store(os.fspath(root), nodes=nodes, schema=schema,  # type: ignore[arg-type]
                             global_schema=global_schema, settings=settings, move_wait=move_wait, create=create,
-                            meta=meta, max_payload=max_payload, max_outbox=max_outbox_bytes)
+                            meta=meta, max_payload=max_payload, max_outbox=max_outbox_bytes, replicate=replicate)
+        if replicator:
+            try:
+                self._replicator = start_replicator(self._store)
+            except BaseException:
+                self._store.close()
+                raise
         self._local = threading.local()
         store_meta = self._store.meta
         #: Accounts with unique e-mail addresses (:class:`~shardlite.front.accounts.Accounts`).
@@ -323,11 +342,14 @@ class Router(HandlerRegistry):
     # -- lifecycle ----------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the relay if running, close every connection. Idempotent."""
+        """Stop the relay if running, close every connection, then stop the replicator child (after its last
+        round, which ships what was committed). Idempotent."""
         relay = getattr(self, "relay", None)
         if relay is not None:
             relay.stop()
         self._store.close()
+        if self._replicator is not None:
+            self._replicator.stop()
 
     @property
     def closed(self) -> bool:
@@ -344,6 +366,9 @@ class Router(HandlerRegistry):
         if store is not None and not store.closed:
             warnings.warn(f"shardlite Router for {store.root} was never closed", ResourceWarning, stacklevel=2)
             store.close()
+        child = getattr(self, "_replicator", None)
+        if child is not None:
+            child.stop()
 
     def __repr__(self) -> str:
         return f"<Router {self.root!r}{' closed' if self.closed else ''}>"

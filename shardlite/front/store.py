@@ -34,7 +34,6 @@ import apsw
 from ..core.keys import canonical, prefix_of
 from ..core.outbox import DEFAULT_MAX_PAYLOAD
 from ..core.placement import tenant_relpath
-from ..core.ring import Ring
 from ..errors import (
     Busy,
     ConfigurationError,
@@ -45,15 +44,17 @@ from ..errors import (
     UnknownTenant,
 )
 from ..files.authorizer import INTERNAL_SQL
-from ..files.catalog import Location, Node, TenantRecord
+from ..files.catalog import Location, TenantRecord
 from ..files.checkpoints import DUE_FRAMES, Checkpointer, Submit
 from ..files.engine import Settings, abandon, ensure_private_dir, on_fork_in_child, set_busy_timeout, storage_error
 from ..files.limits import FAST_VALUE
+from ..files.noteswriter import NotesWriter, WalHook
 from ..files.pool import Handle, HandlePool
 from ..files.sanitize import foreign_references, tenant_objects
 from ..files.schema import SchemaSpec, Step
 from ..files.tenant import Personaliser, open_tenant
 from ..meta.choose import store_for
+from ..meta.replica_record import record_replica
 from ..meta.store import MetaStore
 from .tenant_create import TenantCreation
 from .tenant_reads import TenantReads
@@ -125,9 +126,12 @@ class Store(TenantCreation, TenantReads):
         max_outbox: int = DEFAULT_MAX_OUTBOX,
         checkpoint_submit: Submit | None = None,
         read_check_steps: int = WRITE_CHECK_STEPS,
+        replicate: str | None = None,
     ) -> None:
         """``checkpoint_submit``: an executor's ``submit``; when given, write connections checkpoint their
-        WAL on its workers instead of inside the committing ``COMMIT`` (see :mod:`shardlite.files.checkpoints`)."""
+        WAL on its workers instead of inside the committing ``COMMIT`` (see :mod:`shardlite.files.checkpoints`).
+        ``replicate`` (:mod:`shardlite.meta.replica_record`): on a replicated root every tenant connection notes
+        its commits (:mod:`shardlite.files.noteswriter`) and never checkpoints (no autocheckpoint, no Checkpointer)."""
         self.root = os.path.abspath(os.fspath(root))
         self.settings = settings or Settings()
         self.spec = SchemaSpec(schema)
@@ -145,6 +149,7 @@ class Store(TenantCreation, TenantReads):
         fresh = not self.meta.exists
         try:
             self._open_catalog(create, nodes, fresh, global_schema)
+            self.replicate = record_replica(self.meta.kv, self.root, replicate)  #: canonical URL, or None
         except BaseException:
             self.meta.close()
             raise
@@ -166,7 +171,9 @@ class Store(TenantCreation, TenantReads):
         self._deadline = self.settings.deadline
         #: values a read may hold without being measured (see shardlite.files.limits)
         self._free_values = self.settings.max_result_bytes // FAST_VALUE
-        self.checkpoints = (None if checkpoint_submit is None
+        #: this process's change notes, when the root replicates
+        self.notes = None if self.replicate is None else NotesWriter()
+        self.checkpoints = (None if checkpoint_submit is None or self.notes is not None
                             else Checkpointer(checkpoint_submit, self._open_for_checkpoint))
         self._closed = False
         _stores.add(self)
@@ -178,9 +185,7 @@ class Store(TenantCreation, TenantReads):
             if isinstance(global_schema, str) or not isinstance(global_schema, (list, tuple)):
                 raise ConfigurationError("global_schema is a list of steps (SQL text or callables)")
             self.meta.app_globals.migrate(global_schema)
-        self._node_paths: dict[str, str] = {}
-        self._ring: Ring | None = None
-        self._ring_source: tuple[tuple[str, int], ...] = ()
+        self._init_nodes()
         catalog_nodes = self._refresh_nodes()
         if nodes is not None and not fresh and sorted(nodes) != sorted(n.name for n in catalog_nodes):
             raise ConfigurationError(
@@ -191,25 +196,12 @@ class Store(TenantCreation, TenantReads):
         for node in catalog_nodes:
             ensure_private_dir(node.path)
 
-    # -- nodes and the ring -------------------------------------------------------------------------
-
-    def _refresh_nodes(self) -> list[Node]:
-        nodes = self.meta.nodes.list()
-        self._node_paths = {n.name: n.path for n in nodes}
-        source = tuple((n.name, n.weight) for n in nodes if n.state == "active")
-        if source != self._ring_source:
-            self._ring = Ring(dict(source)) if source else None
-            self._ring_source = source
-        return nodes
-
-    def node_path(self, name: str) -> str:
-        path = self._node_paths.get(name)
-        if path is None:
-            self._refresh_nodes()
-            path = self._node_paths.get(name)
-            if path is None:
-                raise ConfigurationError(f"the catalog names node {name!r} but does not know its path")
-        return path
+    def note_new_file(self, key: str, node: str) -> None:
+        """The catalog now routes ``key`` to a new file on ``node`` (a move's flip, a restore, an import): on a
+        replicated root, tell that node's replicator at once, so the new file's history starts within one
+        round (its first capture is a snapshot) rather than at the replicator's next reconcile pass."""
+        if self.notes is not None:
+            self.notes.note(self.node_path(node), key, 0)
 
     def path_of(self, record: TenantRecord) -> str:
         return os.path.join(self.node_path(record.node), tenant_relpath(record.key, record.generation))
@@ -223,7 +215,7 @@ class Store(TenantCreation, TenantReads):
         record = self._records.get(canon)
         if record is not None:
             return record
-        record = self.meta.tenants.lookup(canon)
+        record, first = self._lookup_creating(canon, revive) if create else (self.meta.tenants.lookup(canon), None)
         if record is not None and record.state in _LIVE:
             if len(self._records) > 100_000:
                 self._records.clear()
@@ -233,7 +225,7 @@ class Store(TenantCreation, TenantReads):
             raise TenantMoving(f"tenant {canon!r} is being dropped")
         if not create or (not revive and record is not None and record.state == "dropped"):
             return None
-        return self._create(canon)
+        return self._create(canon, first)
 
     def forget(self, canon: str) -> None:
         """Drop the cached location of ``canon`` (the next access asks the catalog)."""
@@ -253,7 +245,8 @@ class Store(TenantCreation, TenantReads):
         try:
             conn, guard, ident = open_tenant(
                 path, key=canon, incarnation=record.incarnation, settings=self.settings,
-                steps=self.spec.steps_for(prefix_of(canon)), read_only=role == "r")
+                steps=self.spec.steps_for(prefix_of(canon)), read_only=role == "r",
+                wal_hook=self.note_hook(record.node, canon))
         except apsw.CantOpenError as exc:
             self.forget(canon)
             fresh = self.meta.tenants.lookup(canon)
@@ -283,6 +276,10 @@ class Store(TenantCreation, TenantReads):
         elif self.checkpoints is not None:
             handle.wal = self.checkpoints.watch(conn)
         return self.pool.add(handle)
+
+    def note_hook(self, node: str, canon: str) -> WalHook | None:
+        """The WAL hook that notes the commits of ``canon`` in ``node`` when the root replicates, else None."""
+        return None if self.notes is None else self.notes.hook(self.node_path(node), canon)
 
     def _open_for_checkpoint(self, handle: Handle) -> apsw.Connection:
         """A connection of its own on ``handle``'s file, identity-checked and ``query_only``."""
@@ -582,6 +579,8 @@ class Store(TenantCreation, TenantReads):
                 personaliser.close()
             self._templates.clear()
         self.pool.close_all()
+        if self.notes is not None:
+            self.notes.close()
         self.emitter.close()  # before the metadata: the queued wake-ups are written
         self.meta.close()
 

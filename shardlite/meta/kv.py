@@ -1,9 +1,10 @@
 """Small named values of the root's metadata: the contract :class:`MetaKV` (the SQLite backend:
 :mod:`shardlite.meta.sqlite.kv`, the global DB's ``_shardlite_catalog_meta``).
 
-For rare, small, last-writer-wins values that every process of the root must see, such as the last error a
-relay logged (``relay_last_error``, :mod:`shardlite.services.relay_ops`). Not for anything hot, and not for anything
-that needs a compare-and-set.
+For rare, small values that every process of the root must see: last-writer-wins ones such as the last error
+a relay logged (``relay_last_error``, :mod:`shardlite.services.relay_ops`), and first-writer-wins ones such as
+the root's replica location (``replicate``, recorded once by :meth:`MetaKV.put_if_absent`). Not for anything
+hot, and not for anything that needs a general compare-and-set.
 """
 
 from __future__ import annotations
@@ -24,4 +25,11 @@ class MetaKV(Protocol):
 
     def put(self, name: str, value: str) -> None:
         """Set ``name`` to ``value``, creating or replacing it: the last writer wins."""
+        ...
+
+    def put_if_absent(self, name: str, value: str) -> str:
+        """Set ``name`` to ``value`` only if it was never put, atomically: of several writers racing on one
+        name in any threads and processes, exactly one value is stored and every one of them gets it back.
+        Returns the value stored now (``value`` when this call stored it or an equal one was there; the
+        earlier value, left as it was, otherwise)."""
         ...

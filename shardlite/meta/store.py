@@ -72,6 +72,14 @@ class MetaBase(Protocol):
         quick."""
         ...
 
+    def node_list_token(self) -> object | None:
+        """A value that changes whenever this root's node list may have changed, in any process; None while
+        the backend cannot promise that (SQLite: always, its list is a local read; PostgreSQL: while its
+        change hints are not connected). A caller may keep a :meth:`nodes.list <shardlite.meta.nodes.
+        NodeRegistry.list>` result for as long as the token it read *before* that call is still the one
+        returned; a change made by another process shows within the hint's delivery (milliseconds)."""
+        ...
+
     def export_global(self, directory: str) -> AbstractContextManager[str]:
         """For the block, the path of a SQLite file in ``global.db``'s own schema holding this root's
         metadata as of one moment (what a backup copies, whichever backend made it); any scratch file is

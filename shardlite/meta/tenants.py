@@ -30,7 +30,11 @@ from typing import Any, Final, Protocol
 
 from ..files.catalog import TenantRecord
 
-__all__ = ["TenantCatalog", "TenantRecord", "LIVE", "STATES", "check_states", "record_of"]
+__all__ = ["TenantCatalog", "TenantRecord", "GenerationTaken", "LIVE", "STATES", "check_states", "record_of"]
+
+class GenerationTaken(ValueError):
+    """:meth:`TenantCatalog.register` was given a generation another tenant row holds (nothing written)."""
+
 
 #: The states of a tenant that routes somewhere.
 LIVE: Final = ("active", "moving")
@@ -53,7 +57,24 @@ class TenantCatalog(Protocol):
 
         Never reused: unique across all keys, greater than every generation an earlier completed call
         returned (in any process) and than every generation any row holds, also after a crash, a rolled
-        back caller, a dropped tenant or a restore. Nothing else changes (the key's row is untouched)."""
+        back caller, a dropped tenant or a restore. Nothing else changes (the key's row is untouched).
+
+        One exception, for ``purpose="create"`` only: after a crash of the store itself (its server or its
+        machine; not of the caller), a generation whose allocation no later durable write of the store
+        followed may be handed out again (PostgreSQL commits a creation's allocation without waiting for
+        its flush; an embedded ``global.db`` at ``synchronous=NORMAL`` loses its last commits on power
+        loss). No row holds such a generation, since a row's durable write would have made the allocation
+        durable too; at most an unregistered file at its path does. A creator therefore treats a file
+        already at its new path, and a :meth:`register` refused with :class:`GenerationTaken`, as "allocate
+        again" (:mod:`shardlite.front.tenant_create`)."""
+        ...
+
+    def lookup_or_allocate(self, key: str, node: str, *, revive: bool = True) -> tuple[TenantRecord | None, int | None]:
+        """``(lookup(key), generation)``: the row of ``key`` in any state, and, when there is none, or a
+        tombstone and ``revive`` (``key`` is to be created), a new generation as ``allocate_generation(key,
+        node, "create")`` gives; otherwise None and nothing allocated. A creator's first two calls in one
+        unit (PostgreSQL: one round trip instead of two); the two parts are as if called one after the
+        other."""
         ...
 
     def register(self, key: str, node: str, generation: int, incarnation: str,
@@ -66,9 +87,10 @@ class TenantCatalog(Protocol):
         ``key`` has no row, one is inserted: epoch 1, ``active``. Over a tombstone the row is re-created:
         ``epoch + 1``, ``active``, the new node, generation, incarnation and schema version.
 
-        ``generation`` must come from :meth:`allocate_generation` for this key. ``node`` must be
-        registered (in the store, by any root using it): an unknown node raises
-        :class:`~shardlite.ConfigurationError` (nothing written)."""
+        ``generation`` must come from :meth:`allocate_generation` for this key; one another row holds
+        raises :class:`GenerationTaken` (nothing written). ``node`` must be registered (in the store, by
+        any root using it): an unknown node raises :class:`~shardlite.ConfigurationError` (nothing
+        written)."""
         ...
 
     def set_state(self, key: str, state: str, *, expect_generation: int, expect_states: Collection[str]) -> None:

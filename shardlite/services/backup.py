@@ -94,6 +94,17 @@ def _serialized(source: apsw.Connection) -> tuple[list[bytes | memoryview], str,
     return parts, digest.hexdigest(), len(image)
 
 
+def standalone_image(path: str) -> bytes:
+    """A consistent standalone (rollback-journal) image of the SQLite file ``path``, read through SQLite in
+    one read transaction (what a backup copies of a small file)."""
+    source = open_source(path)
+    try:
+        parts, _checksum, _size = _serialized(source)
+    finally:
+        source.close()
+    return b"".join(parts)
+
+
 def _snapshot_into(source_path: str, temp: str, *, durable: bool) -> tuple[str, int]:
     """Write a standalone (rollback-journal) snapshot of ``source_path`` to the new file ``temp`` (0600);
     return its checksum and size. ``durable``: fsynced before returning; otherwise the caller makes it

@@ -64,7 +64,8 @@ def fence_file(store: Store, record: TenantRecord, path: str, marker: str) -> No
         return Busy(f"tenant {record.key!r}: {path} stayed locked past the busy timeout ({exc}); nothing was "
                     "changed: retry")
 
-    with write_locked(path, busy_timeout_ms=store.settings.busy_timeout_ms, busy=busy) as conn:
+    with write_locked(path, busy_timeout_ms=store.settings.busy_timeout_ms, busy=busy,
+                      wal_hook=store.note_hook(record.node, record.key)) as conn:
         stored = conn.execute("SELECT key, incarnation FROM _shardlite_meta WHERE id = 1").fetchall()
         if stored != [(record.key, record.incarnation)]:
             raise IdentityMismatch(f"{path} does not hold incarnation {record.incarnation} of {record.key!r}: "

@@ -43,6 +43,7 @@ def status(store: Store) -> dict[str, Any]:
         "schema_versions": tenants.schema_versions(),
         "open_connections": len(store.pool),
         "synchronous": store.settings.synchronous,
+        "replicate": store.replicate,  # the recorded replica location (no secret), None when not replicated
     }
 
 

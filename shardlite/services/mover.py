@@ -149,6 +149,7 @@ class Mover:
             self.journal.flip_held(move, self.owner, node=move.target, generation=move.target_generation,
                                    from_generation=move.source_generation)
         self.store.forget(move.key)
+        self.store.note_new_file(move.key, move.target)  # the new file's history starts within one round
         pause = (time.monotonic() - fenced_at[0]) * 1000 if fenced_at else None
         self._journal(claim, "switched", pause_ms=pause)
 
@@ -243,7 +244,8 @@ class Mover:
                               "the busy timeout")
 
         with self._space(move, move.source, source_path), \
-                write_locked(source_path, busy_timeout_ms=self.store.settings.busy_timeout_ms, busy=busy) as conn:
+                write_locked(source_path, busy_timeout_ms=self.store.settings.busy_timeout_ms, busy=busy,
+                             wal_hook=self.store.note_hook(move.source, move.key)) as conn:
             key = conn.execute("SELECT key FROM _shardlite_meta WHERE id = 1").fetchall()[0][0]
             if key != move.key:
                 raise MoveFailed(f"{source_path} holds {key!r}, not {move.key!r}")
@@ -352,7 +354,8 @@ class Mover:
             return MoveFailed(f"could not lift the fence of tenant {move.key!r}: {source_path} stayed locked past "
                               "the busy timeout")
 
-        with write_locked(source_path, busy_timeout_ms=self.store.settings.busy_timeout_ms, busy=busy) as conn:
+        with write_locked(source_path, busy_timeout_ms=self.store.settings.busy_timeout_ms, busy=busy,
+                          wal_hook=self.store.note_hook(move.source, move.key)) as conn:
             rows = conn.execute("SELECT retired FROM _shardlite_meta WHERE id = 1").fetchall()
             if not rows or rows[0][0] != self._marker(move):
                 return False  # rolled back: nothing to lift

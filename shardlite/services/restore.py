@@ -56,6 +56,7 @@ from .lifecycle import fence_file
 from .restore_layout import NodePlan, RootChanged, claimed_root, open_root_with_layout, plan_layout, read_layout
 
 __all__ = ["restore", "restore_globals", "restore_root", "RootRestore", "NodePlan", "import_tenant", "open_copy",
+           "open_image", "install_image",
            "MEMORY_LIMIT"]
 
 #: Copies up to this size are read into memory (checksum and SQLite see the same bytes); larger ones are
@@ -86,16 +87,7 @@ def open_copy(path: str, *, checksum: str | None, label: str) -> apsw.Connection
                 data = handle.read()
                 _check_sum(xxhash.xxh3_128_hexdigest(data), checksum, label)
                 _check_wal(path, data[_HEADER_JOURNAL], label, in_memory=True)
-                if data[_HEADER_JOURNAL] == b"\x02\x02":  # the image alone (its log is empty): a rollback file
-                    data = data[:_HEADER_JOURNAL.start] + b"\x01\x01" + data[_HEADER_JOURNAL.stop:]
-                conn = inert(apsw.Connection(":memory:"))
-                try:
-                    conn.deserialize("main", data)
-                    conn.execute("PRAGMA query_only = 1")
-                except BaseException:
-                    conn.close()
-                    raise
-                return conn
+                return open_image(data)
             digest = xxhash.xxh3_128()
             header = handle.read(100)
             digest.update(header)
@@ -113,6 +105,22 @@ def open_copy(path: str, *, checksum: str | None, label: str) -> apsw.Connection
         if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != (info.st_dev, info.st_ino, info.st_size,
                                                                       info.st_mtime_ns):
             raise ShardliteError(f"{label} changed while it was being checked; retry")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def open_image(data: bytes) -> apsw.Connection:
+    """A read-only, inert, in-memory connection to the database image ``data`` (a copy read into memory, or
+    an image rebuilt from a replica). An image whose header says WAL mode is opened as the image alone (its
+    log is empty or already applied): as a rollback-journal file, its content unchanged."""
+    if data[_HEADER_JOURNAL] == b"\x02\x02":
+        data = data[:_HEADER_JOURNAL.start] + b"\x01\x01" + data[_HEADER_JOURNAL.stop:]
+    conn = inert(apsw.Connection(":memory:"))
+    try:
+        conn.deserialize("main", data)
+        conn.execute("PRAGMA query_only = 1")
     except BaseException:
         conn.close()
         raise
@@ -239,6 +247,7 @@ def _install(store: Store, prepared: _Prepared, purpose: str, force: bool) -> Te
             remove_db_files(path)  # never routed to
         raise
     store.forget(key)
+    store.note_new_file(key, prepared.node)
     record = store.meta.tenants.lookup(key)
     assert record is not None
     return record
@@ -491,3 +500,28 @@ def import_tenant(store: Store, path: str, key: object, *, force: bool = False,
         return _install(store, prepared, "import", force)
     except (OSError, apsw.Error) as exc:
         raise ShardliteError(f"importing {path} failed ({exc}); nothing was imported") from exc
+
+
+def install_image(store: Store, image: bytes, key: str, *, as_key: object | None = None, force: bool = False,
+                  label: str, purpose: str = "restore") -> TenantRecord:
+    """Create or replace tenant ``as_key`` (default ``key``) from the database image ``image`` of tenant
+    ``key``, as a restore does: checked (integrity, the stored key, shardlite's tables rebuilt), a new
+    generation and incarnation, events kept only when restored under their own key. Holds the root's
+    restore lock."""
+    canon = canonical(key)
+    target = canonical(as_key) if as_key is not None else canon
+    with mf.locked(store.root, shared=False):
+        _check_target(store, target, force)
+        source = open_image(image)
+        try:
+            prepared = _prepare(store, source, target, label=label, expect_key=canon, keep_events=as_key is None)
+        except (OSError, apsw.Error) as exc:
+            raise _failed(f"restoring {label}", exc, []) from exc
+        finally:
+            source.close()
+        try:
+            return _install(store, prepared, purpose, force)
+        except (OSError, apsw.Error) as exc:
+            raise _failed(f"restoring {label}", exc, []) from exc
+        finally:
+            _discard([prepared])

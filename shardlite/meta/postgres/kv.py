@@ -2,7 +2,9 @@
 
 ``put`` is one upsert (``INSERT ... ON CONFLICT (name) DO UPDATE``): concurrent writers serialise on the
 row and the last one wins; ``get`` one ``SELECT`` (committed data). Deadlocks and serialization failures are
-retried (:mod:`.txn`). NUL is refused before it reaches the server; a name with NUL was never put.
+retried (:mod:`.txn`). ``put_if_absent`` is an insert that does nothing on a conflict and,
+when it did nothing, a read of the row that won (see ``_INSERT_NEW``).
+NUL is refused before it reaches the server; a name with NUL was never put.
 """
 
 from __future__ import annotations
@@ -16,6 +18,13 @@ __all__ = ["PgKV"]
 
 _PUT = ("INSERT INTO shardlite.kv(name, value) VALUES (%s, %s) "
         "ON CONFLICT (name) DO UPDATE SET value = excluded.value")
+
+
+# ON CONFLICT DO NOTHING waits for a concurrent inserter of the same name to commit, but the statement's
+# own snapshot (taken before) does not show that row: the value is read back in a second statement, whose
+# snapshot (READ COMMITTED) does.
+_INSERT_NEW = "INSERT INTO shardlite.kv(name, value) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING RETURNING value"
+_READ = "SELECT value FROM shardlite.kv WHERE name = %s"
 
 
 class PgKV:
@@ -34,6 +43,16 @@ class PgKV:
     def put(self, name: str, value: str) -> None:
         refuse_nul(name, value)
         statement(self.pool, lambda conn: conn.execute(_PUT, (name, value)))
+
+    def put_if_absent(self, name: str, value: str) -> str:
+        refuse_nul(name, value)
+        inserted = statement(self.pool, lambda conn: conn.execute(_INSERT_NEW, (name, value)).fetchone())
+        if inserted is not None:
+            return value
+        found = statement(self.pool, lambda conn: conn.execute(_READ, (name,)).fetchone())
+        if found is None:  # never deleted in practice; a vanished row is put again
+            return self.put_if_absent(name, value)
+        return str(found[0])
 
 
 def _conforms(kv: PgKV) -> MetaKV:

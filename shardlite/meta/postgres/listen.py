@@ -44,6 +44,8 @@ class Listener:
         self._on_reset = on_reset
         self._stop = threading.Event()
         self._connected = threading.Event()
+        #: Connects so far, counted before :attr:`connected` turns true (see :attr:`connects`).
+        self._connects = 0
         self._thread = threading.Thread(target=self._run, name="shardlite-meta-listen", daemon=True)
 
     def start(self) -> None:
@@ -53,6 +55,13 @@ class Listener:
     def connected(self) -> bool:
         """True while the connection is up and listening (every hint since the last reset arrives)."""
         return self._connected.is_set()
+
+    @property
+    def connects(self) -> int:
+        """How many times the connection came up. It grows before :attr:`connected` turns true, so a
+        reader that sees :attr:`connected` and then reads this tells a connection from the one before it
+        (hints may have been lost between them) even before ``on_reset`` has run."""
+        return self._connects
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
@@ -74,6 +83,7 @@ class Listener:
                                      application_name="shardlite-listen") as conn:
                     for channel in self._channels:
                         conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                    self._connects += 1
                     self._connected.set()
                     self._call(self._on_reset)
                     pause, failures = FIRST, 0

@@ -22,7 +22,7 @@ from .kv import PgKV
 from .listen import Listener
 from .nodes import PgNodes
 from .pending import PgDeadLetters, PgPending
-from .schema import TENANT_HINTS, upgrade
+from .schema import NODE_HINTS, TENANT_HINTS, upgrade
 from .session_cache import CachedSessions
 from .sessions import PgSessions
 from .tenants import PgTenants
@@ -67,7 +67,10 @@ class PgMeta:
         self.dead_letters = PgDeadLetters(self.pool)
         self.kv = PgKV(self.pool)
         self._route_watchers: list[Callable[[str | None], None]] = []
+        #: One listener for the route hints and the node-list hints (started by watch_tenants).
         self._route_listener: Listener | None = None
+        #: Bumped by every node-list hint for this root and every (re)connect of the hints.
+        self._node_epoch = 0
         self._opened = False
 
     @property
@@ -124,13 +127,33 @@ class PgMeta:
         cache is a hint too (the in-file fence stops a stale owner), so it is never wrong for long."""
         self._route_watchers.append(callback)
         if self._route_listener is None and self._opened:
-            self._route_listener = Listener(self._location.dsn, self.location, (TENANT_HINTS,),
-                                            lambda _channel, key: self._hint(key), lambda: self._hint(None))
+            self._route_listener = Listener(self._location.dsn, self.location, (TENANT_HINTS, NODE_HINTS),
+                                            self._on_notify, self._on_reset)
             self._route_listener.start()
+
+    def _on_notify(self, channel: str, payload: str) -> None:
+        if channel == NODE_HINTS:
+            if payload == self.root_id:
+                self._node_epoch += 1
+        else:
+            self._hint(payload)
+
+    def _on_reset(self) -> None:
+        self._node_epoch += 1  # NOTIFY is not durable: a node change may have gone unheard meanwhile
+        self._hint(None)
 
     def _hint(self, key: str | None) -> None:
         for callback in list(self._route_watchers):
             callback(key)
+
+    def node_list_token(self) -> object | None:
+        """``(connects, epoch)`` while the hints are connected, else None. ``connected`` is read before
+        ``connects`` (which grows before ``connected`` turns true), so a token read on a new connection
+        differs from every token of the one before it even before its reset has run."""
+        listener = self._route_listener
+        if listener is None or not listener.connected:
+            return None
+        return (listener.connects, self._node_epoch)
 
     def close(self) -> None:
         listener, self._route_listener = self._route_listener, None

@@ -2,7 +2,7 @@
 
 Everything lives in the schema ``shardlite`` of the database named by the metadata URL, so an application's
 own tables in that database never mix with ours. The tables hold what ``global.db`` holds at its version 7
-(:data:`shardlite.files.catalog.GLOBAL_STEPS`), and from schema version 3 at its version 8, translated:
+(:data:`shardlite.files.catalog.GLOBAL_STEPS`), and from schema version 4 at its version 8, translated:
 
 * keys that are ordered or ranged on (tenant keys, e-mail and name keys, pending keys, moved keys, dead-letter
   sources, node names) are ``COLLATE "C"``, code-point order, as SQLite's BINARY; a database created with a
@@ -25,7 +25,7 @@ from psycopg import Connection
 
 from ...errors import ConfigurationError
 
-__all__ = ["SCHEMA", "STEPS", "LOCK_KEY", "TENANT_HINTS", "installed_version", "upgrade"]
+__all__ = ["SCHEMA", "STEPS", "LOCK_KEY", "TENANT_HINTS", "NODE_HINTS", "installed_version", "upgrade"]
 
 #: The PostgreSQL schema holding shardlite's tables.
 SCHEMA = "shardlite"
@@ -34,7 +34,8 @@ SCHEMA = "shardlite"
 LOCK_KEY = 0x5348_4152_444C  # "SHARDL"
 
 #: shardlite's tables by version (the row of ``shardlite.version``). Version 1 equals global.db version 7;
-#: version 2 adds the route-cache hints; version 3 parked pending-work flags (global.db version 8).
+#: version 2 adds the route-cache hints, version 3 the node-list hints, version 4 parked pending-work flags
+#: (global.db version 8).
 STEPS: tuple[tuple[str, ...], ...] = (
     (
         """CREATE TABLE shardlite.roots(
@@ -158,7 +159,20 @@ STEPS: tuple[tuple[str, ...], ...] = (
         """CREATE TRIGGER tenants_hint AFTER UPDATE OR DELETE ON shardlite.tenants
            FOR EACH ROW EXECUTE FUNCTION shardlite.tenant_changed()""",
     ),
-    (  # version 3: parked pending-work flags (see shardlite.meta.pending); the due index leaves them out
+    (  # version 3: a node row added, changed or removed hints the node-list caches (see NODE_HINTS)
+        """CREATE FUNCTION shardlite.node_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+               IF TG_OP = 'DELETE' THEN
+                   PERFORM pg_notify('shardlite_nodes', OLD.root_id);
+               ELSE
+                   PERFORM pg_notify('shardlite_nodes', NEW.root_id);
+               END IF;
+               RETURN NULL;
+           END $$""",
+        """CREATE TRIGGER nodes_hint AFTER INSERT OR UPDATE OR DELETE ON shardlite.nodes
+           FOR EACH ROW EXECUTE FUNCTION shardlite.node_changed()""",
+    ),
+    (  # version 4: parked pending-work flags (see shardlite.meta.pending); the due index leaves them out
         "ALTER TABLE shardlite.pending ADD COLUMN parked double precision",
         "DROP INDEX shardlite.pending_by_due",
         "CREATE INDEX pending_by_due ON shardlite.pending(due) WHERE parked IS NULL",
@@ -168,6 +182,12 @@ STEPS: tuple[tuple[str, ...], ...] = (
 #: The channel a tenant's row change is NOTIFYed on (payload: the key), by a trigger of version 2, in the
 #: changing transaction: every writer (flip, set_state, register over a tombstone, meta copy) hints alike.
 TENANT_HINTS = "shardlite_tenants"
+
+
+#: The channel a node row's change is NOTIFYed on (payload: the node's root id), by a trigger of version 3, in
+#: the changing transaction: every writer of ``shardlite.nodes`` hints alike (the CLI, ``meta copy``, a
+#: restore). A router caches its node list for placing new tenants while these hints flow.
+NODE_HINTS = "shardlite_nodes"
 
 
 def installed_version(conn: Connection[Any]) -> int:

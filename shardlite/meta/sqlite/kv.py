@@ -32,6 +32,18 @@ class SqliteKV:
         except UNAVAILABLE as exc:
             raise unavailable(exc, self.db.path, f"writing {name!r}") from exc
 
+    def put_if_absent(self, name: str, value: str) -> str:
+        refuse_nul(name, value)
+        try:
+            with self.db.write() as conn:  # BEGIN IMMEDIATE: the insert and the read see one state
+                conn.execute(_I + "INSERT INTO _shardlite_catalog_meta(name, value) VALUES (?, ?) "
+                             "ON CONFLICT(name) DO NOTHING", (name, value))
+                rows = conn.execute(_I + "SELECT value FROM _shardlite_catalog_meta WHERE name = ?",
+                                    (name,)).fetchall()
+        except UNAVAILABLE as exc:
+            raise unavailable(exc, self.db.path, f"writing {name!r}") from exc
+        return str(rows[0][0])
+
 
 def _conforms(kv: SqliteKV) -> MetaKV:
     return kv  # mypy checks here that SqliteKV satisfies the MetaKV contract

@@ -74,6 +74,10 @@ class SqliteMeta:
         """Never called: processes on one root share global.db, and a stale route is stopped by the in-file
         fence (the cache is a hint, as always)."""
 
+    def node_list_token(self) -> object | None:
+        """None: the node list is a local read, taken afresh each time (no process is told of changes)."""
+        return None
+
     def export_global(self, directory: str) -> AbstractContextManager[str]:
         return nullcontext(self.globaldb.path)  # the file itself: a backup copies it with SQLite's own API
 

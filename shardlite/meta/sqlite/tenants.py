@@ -19,7 +19,7 @@ from ...errors import ConfigurationError, MetaConflict
 from ...files.authorizer import INTERNAL_SQL as _I
 from ...files.catalog import TenantRecord
 from ...files.globaldb import GlobalDB
-from ..tenants import LIVE, TenantCatalog, check_states, record_of
+from ..tenants import LIVE, GenerationTaken, TenantCatalog, check_states, record_of
 
 __all__ = ["SqliteTenants"]
 
@@ -33,7 +33,7 @@ def _translated(exc: apsw.ConstraintError, key: str, node: str, generation: int)
     error reaches a caller)."""
     if "FOREIGN KEY" in str(exc):
         return ConfigurationError(f"tenant {key!r} cannot be placed on node {node!r}: no such node")
-    return ValueError(f"tenant {key!r}: generation {generation} is already used ({exc}); allocate one")
+    return GenerationTaken(f"tenant {key!r}: generation {generation} is already used ({exc}); allocate one")
 
 
 class SqliteTenants:
@@ -51,6 +51,12 @@ class SqliteTenants:
             conn.execute(_I + "INSERT INTO _shardlite_generations(key, node, purpose, at) VALUES (?, ?, ?, ?)",
                          (key, node, purpose, time.time()))
             return int(conn.last_insert_rowid())
+
+    def lookup_or_allocate(self, key: str, node: str, *, revive: bool = True) -> tuple[TenantRecord | None, int | None]:
+        record = self.lookup(key)
+        if record is not None and (record.state != "dropped" or not revive):
+            return record, None
+        return record, self.allocate_generation(key, node, "create")
 
     def register(self, key: str, node: str, generation: int, incarnation: str,
                  schema_version: int) -> TenantRecord:

@@ -1,0 +1,167 @@
+"""Packs: the objects a node's replicator uploads, each holding the captures of many tenants.
+
+One pack per node per upload interval, so the number of objects (and PUTs) grows with time, not with the
+number of tenants. A pack is::
+
+    b"SLPACK1\\n" | header length (4 bytes, big-endian) | header (JSON) | payload
+
+The header names the node, the pack's sequence number on that node, when it was made, and one
+:class:`Entry` per capture: which tenant history it belongs to (key, incarnation, generation), whether it
+is a ``snapshot`` (a whole database image) or ``frames`` (WAL frames ``first``..``last`` of the log
+generation ``salt``, as SQLite wrote them: 24-byte header and page each), the commits it ends (frame
+number and commit time), and where its bytes lie in the payload. A restore reads the header, then only
+the byte ranges of the tenants it restores.
+
+Packs come back from storage as untrusted input: :func:`decode_header` validates every field, every range
+and every count before anything is used, and raises :class:`PackError` on anything else.
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Literal
+
+import msgspec
+import xxhash
+
+from . import walformat as wf
+from .keys import canonical
+
+__all__ = ["MAGIC", "Entry", "Header", "PackError", "encode", "decode_header", "entry_bytes", "check_bytes",
+           "MAX_HEADER"]
+
+MAGIC = b"SLPACK1\n"
+_LEN = struct.Struct(">I")
+#: A header larger than this is refused (a pack of ~100,000 captures stays well below it).
+MAX_HEADER = 64 * 1024 * 1024
+
+
+class PackError(ValueError):
+    """Bytes that are not a valid pack (damaged, truncated, or not written by shardlite)."""
+
+
+class Entry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One capture of one tenant's history inside a pack."""
+
+    key: str
+    incarnation: str
+    generation: int
+    kind: Literal["snapshot", "frames"]
+    page_size: int
+    #: hex of the log generation's 8 salt bytes (a snapshot: of the generation it was taken in; "" when the
+    #: log held no commit then)
+    salt: str
+    first: int  #: first frame number (frames), 0 for a snapshot
+    last: int  #: last frame number (frames); the log's last commit frame a snapshot stands for
+    #: (frame number, commit time in ns) of each commit this capture ends, in order; a snapshot has one
+    commits: list[tuple[int, int]]
+    captured_ns: int
+    offset: int  #: of this entry's bytes in the payload
+    length: int
+    digest: str = ""  #: xxh3-128 (hex) of this entry's bytes, filled in by :func:`encode`
+
+
+class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A pack's header."""
+
+    version: int
+    node: str
+    seq: int
+    created_ns: int
+    entries: list[Entry]
+
+
+def encode(node: str, seq: int, created_ns: int, items: list[tuple[Entry, bytes]]) -> bytes:
+    """A pack of ``items`` (entries whose ``offset``/``length`` are filled in here, with their bytes)."""
+    entries, chunks, at = [], [], 0
+    for entry, data in items:
+        entries.append(msgspec.structs.replace(entry, offset=at, length=len(data),
+                                               digest=xxhash.xxh3_128_hexdigest(data)))
+        chunks.append(data)
+        at += len(data)
+    header = msgspec.json.encode(Header(1, node, seq, created_ns, entries))
+    return b"".join([MAGIC, _LEN.pack(len(header)), header, *chunks])
+
+
+def _check_entry(entry: Entry, payload_size: int) -> None:
+    try:
+        canonical_ok = canonical(entry.key) == entry.key
+    except ValueError:
+        canonical_ok = False
+    if not canonical_ok:
+        raise PackError(f"an entry names {entry.key!r}, which is not a canonical key")
+    if not entry.incarnation or len(entry.incarnation) > 128 or entry.generation < 0:
+        raise PackError(f"the entry of {entry.key!r} has an invalid identity")
+    size = entry.page_size
+    if size < 512 or size > 65536 or size & (size - 1):
+        raise PackError(f"the entry of {entry.key!r} has an impossible page size {size}")
+    if len(entry.digest) != 32:
+        raise PackError(f"the entry of {entry.key!r} has no valid digest")
+    if entry.offset < 0 or entry.length < 0 or entry.offset + entry.length > payload_size:
+        raise PackError(f"the entry of {entry.key!r} lies outside the pack")
+    if entry.salt or entry.kind == "frames":
+        if len(entry.salt) != 16:
+            raise PackError(f"the entry of {entry.key!r} has an invalid salt")
+        try:
+            bytes.fromhex(entry.salt)
+        except ValueError:
+            raise PackError(f"the entry of {entry.key!r} has an invalid salt") from None
+    if entry.kind == "frames":
+        if entry.first < 1 or entry.last < entry.first:
+            raise PackError(f"the frames of {entry.key!r} have an invalid range")
+        if entry.length != (entry.last - entry.first + 1) * (wf.FRAME_HEADER_SIZE + size):
+            raise PackError(f"the frames of {entry.key!r} do not fill their range")
+    elif entry.length % size or entry.length == 0 or entry.first:
+        raise PackError(f"the snapshot of {entry.key!r} is not a whole number of pages")
+    frames = [frame for frame, _ in entry.commits]
+    if not frames or frames != sorted(set(frames)) or any(t < 0 for _, t in entry.commits):
+        raise PackError(f"the entry of {entry.key!r} lists its commits out of order")
+    if frames[-1] != entry.last or (entry.kind == "frames" and frames[0] < entry.first):
+        raise PackError(f"the commits of {entry.key!r} lie outside its frames")
+
+
+def decode_header(data: bytes | memoryview, size: int | None = None) -> tuple[Header, int]:
+    """The header of a pack whose first bytes are ``data`` (at least the magic, the length and the header),
+    validated whole, and the offset of the payload in the pack. ``size``: the pack's total size when
+    ``data`` is only its beginning (the entries' ranges are checked against it)."""
+    view = memoryview(data)
+    if len(view) < len(MAGIC) + _LEN.size or bytes(view[:len(MAGIC)]) != MAGIC:
+        raise PackError("not a shardlite pack (bad magic)")
+    (length,) = _LEN.unpack_from(view, len(MAGIC))
+    start = len(MAGIC) + _LEN.size
+    if length > MAX_HEADER:
+        raise PackError(f"a pack header of {length} bytes is past the limit")
+    if len(view) < start + length:
+        raise PackError("the pack is shorter than its header")
+    try:
+        header = msgspec.json.decode(view[start:start + length], type=Header)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise PackError(f"the pack header is invalid: {exc}") from None
+    if header.version != 1:
+        raise PackError(f"pack version {header.version} is not supported")
+    if header.seq < 0 or header.created_ns < 0 or not header.node or len(header.node) > 255:
+        raise PackError("the pack header names an invalid node or sequence")
+    payload = (size if size is not None else len(view)) - start - length
+    if payload < 0:
+        raise PackError("the pack is shorter than its header")
+    for entry in header.entries:
+        _check_entry(entry, payload)
+    return header, start + length
+
+
+def entry_bytes(pack: bytes | memoryview, payload_at: int, entry: Entry) -> bytes:
+    """The bytes of ``entry`` in a whole ``pack`` (validated by :func:`decode_header`)."""
+    start = payload_at + entry.offset
+    data = bytes(memoryview(pack)[start:start + entry.length])
+    if len(data) != entry.length:
+        raise PackError(f"the pack ends inside the entry of {entry.key!r}")
+    check_bytes(entry, data)
+    return data
+
+
+def check_bytes(entry: Entry, data: bytes) -> None:
+    """:class:`PackError` unless ``data`` are the bytes ``entry`` describes (length and digest)."""
+    if len(data) != entry.length or xxhash.xxh3_128_hexdigest(data) != entry.digest:
+        raise PackError(f"the bytes of {entry.key!r}'s entry do not match its digest (a damaged pack)")

@@ -1,0 +1,205 @@
+"""A node's replication staging: the captured-but-not-yet-uploaded changes and the per-tenant cursors.
+
+One SQLite file per node, ``<node>/.replica/staging.db``, written only by that node's replicator (one
+process at a time: :class:`~shardlite.services.replicator.NodeReplicator` holds the node's replicator
+lock). A capture and its tenant's new cursor are stored in one transaction, so a cursor never runs ahead of
+what is staged; the rows of a pack are deleted in the transaction that records the pack as uploaded, so a
+crash between the upload and that transaction re-uploads the same pack under the same name.
+
+Durability: ``synchronous=NORMAL``. A process crash loses nothing (the OS keeps written pages). A power
+loss may lose the last staged rows *and* the cursor rows written with them, while the tenant's checkpoint
+that followed reached its database file: the next capture then finds its cursor in an older log
+generation and takes a snapshot (:mod:`shardlite.files.walcapture`), so history has no silent hole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import apsw
+
+from ..core import walformat as wf
+from .engine import ensure_private_dir
+from .walcapture import Capture, Cursor
+
+__all__ = ["Staging", "Staged", "TenantCursor", "STAGING_DIR"]
+
+STAGING_DIR = ".replica"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cursors(
+    key TEXT PRIMARY KEY, incarnation TEXT NOT NULL, generation INTEGER NOT NULL,
+    salt BLOB NOT NULL, ckpt_seq INTEGER NOT NULL, frame INTEGER NOT NULL, c1 INTEGER NOT NULL,
+    c2 INTEGER NOT NULL, page_size INTEGER NOT NULL, closed INTEGER NOT NULL,
+    captured_ns INTEGER NOT NULL, last_commit_ns INTEGER NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS staged(
+    id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, incarnation TEXT NOT NULL,
+    generation INTEGER NOT NULL, kind TEXT NOT NULL, page_size INTEGER NOT NULL, salt TEXT NOT NULL,
+    first INTEGER NOT NULL, last INTEGER NOT NULL, commits TEXT NOT NULL, captured_ns INTEGER NOT NULL,
+    data BLOB NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS packs(
+    seq INTEGER PRIMARY KEY, name TEXT NOT NULL, created_ns INTEGER NOT NULL, uploaded_ns INTEGER NOT NULL,
+    bytes INTEGER NOT NULL, entries INTEGER NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS notes_read(file TEXT PRIMARY KEY, offset INTEGER NOT NULL) STRICT;
+"""
+
+
+class TenantCursor(NamedTuple):
+    """A tenant's cursor with the identity of the file it was taken on."""
+
+    incarnation: str
+    generation: int
+    cursor: Cursor
+    captured_ns: int
+    last_commit_ns: int
+
+
+class Staged(NamedTuple):
+    """One staged capture, as it goes into a pack."""
+
+    id: int
+    key: str
+    incarnation: str
+    generation: int
+    kind: str
+    page_size: int
+    salt: str
+    first: int
+    last: int
+    commits: list[tuple[int, int]]
+    captured_ns: int
+    data: bytes
+
+
+class Staging:
+    """The staging file of one node (module docstring). Not thread-safe: one replicator thread uses it."""
+
+    def __init__(self, node_path: str) -> None:
+        directory = os.path.join(node_path, STAGING_DIR)
+        ensure_private_dir(directory)
+        self.path = os.path.join(directory, "staging.db")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        os.close(fd)  # created 0600 before SQLite opens it (no SQLite connection of it exists yet)
+        self.conn = apsw.Connection(self.path, flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOFOLLOW)
+        self.conn.set_busy_timeout(5000)
+        self.conn.execute("PRAGMA journal_mode=WAL").fetchall()
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        with self.conn:
+            self.conn.execute(_SCHEMA)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- cursors ---------------------------------------------------------------------------------------
+
+    def cursor(self, key: str) -> TenantCursor | None:
+        for row in self.conn.execute("SELECT incarnation, generation, salt, ckpt_seq, frame, c1, c2, page_size, "
+                                     "closed, captured_ns, last_commit_ns FROM cursors WHERE key = ?", (key,)):
+            inc, gen, salt, seq, frame, c1, c2, size, closed, captured, last = row
+            return TenantCursor(inc, gen, Cursor(salt, seq, frame, (c1, c2), size, bool(closed)), captured, last)
+        return None
+
+    def cursors(self) -> dict[str, TenantCursor]:
+        return {key: found for key in self.keys() if (found := self.cursor(key)) is not None}
+
+    def keys(self) -> list[str]:
+        return [row[0] for row in self.conn.execute("SELECT key FROM cursors ORDER BY key")]
+
+    def _put_cursor(self, key: str, incarnation: str, generation: int, cursor: Cursor, captured_ns: int,
+                    last_commit_ns: int) -> None:
+        c1, c2 = cursor.checksum
+        self.conn.execute(
+            "INSERT OR REPLACE INTO cursors VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key, incarnation, generation, cursor.salt, cursor.checkpoint_seq, cursor.frame, c1, c2,
+             cursor.page_size, int(cursor.closed), captured_ns, last_commit_ns))
+
+    def set_cursor(self, key: str, incarnation: str, generation: int, cursor: Cursor, last_commit_ns: int) -> None:
+        """Store a cursor that moved without new data (a checkpoint closed its log generation)."""
+        old = self.cursor(key)
+        with self.conn:
+            self._put_cursor(key, incarnation, generation, cursor, old.captured_ns if old else 0, last_commit_ns)
+
+    def forget(self, key: str) -> None:
+        with self.conn:
+            self.conn.execute("DELETE FROM cursors WHERE key = ?", (key,))
+
+    # -- captures --------------------------------------------------------------------------------------
+
+    def stage(self, key: str, incarnation: str, generation: int, got: Capture, commits: list[tuple[int, int]],
+              captured_ns: int) -> None:
+        """Stage ``got`` (not empty) with its commits' (frame, time) and store its cursor, in one transaction."""
+        if got.snapshot is not None:
+            kind, salt, first, last, data = "snapshot", got.cursor.salt.hex(), 0, got.cursor.frame, got.snapshot
+        else:
+            kind, salt, first, last = "frames", got.cursor.salt.hex(), got.frames[0].number, got.frames[-1].number
+            data = b"".join(wf.encode_frame(frame) for frame in got.frames)
+        last_commit = commits[-1][1] if commits else captured_ns
+        with self.conn:
+            self.conn.execute(
+                "INSERT INTO staged(key, incarnation, generation, kind, page_size, salt, first, last, commits, "
+                "captured_ns, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, incarnation, generation, kind, got.page_size, salt, first, last, json.dumps(commits),
+                 captured_ns, data))
+            self._put_cursor(key, incarnation, generation, got.cursor, captured_ns, last_commit)
+
+    def staged(self, limit_bytes: int) -> list[Staged]:
+        """The oldest staged captures, at least one, stopping once ``limit_bytes`` are reached."""
+        out: list[Staged] = []
+        total = 0
+        for row in self.conn.execute("SELECT id, key, incarnation, generation, kind, page_size, salt, first, "
+                                     "last, commits, captured_ns, data FROM staged ORDER BY id"):
+            ident, key, inc, gen, kind, size, salt, first, last, commits_json, captured, data = row
+            commits = [(int(f), int(t)) for f, t in json.loads(commits_json)]
+            out.append(Staged(ident, key, inc, gen, kind, size, salt, first, last, commits, captured, data))
+            total += len(row[11])
+            if total >= limit_bytes:
+                break
+        return out
+
+    def staged_count(self) -> tuple[int, int]:
+        """(staged captures, their bytes)."""
+        row = self.conn.execute("SELECT count(*), coalesce(sum(length(data)), 0) FROM staged").fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    def pending_by_key(self) -> dict[str, int]:
+        """Per tenant with staged captures, the time of its oldest staged commit (ns)."""
+        oldest: dict[str, int] = {}
+        for key, commits in self.conn.execute("SELECT key, commits FROM staged ORDER BY id"):
+            times = [int(t) for _f, t in json.loads(commits)]
+            if times and key not in oldest:
+                oldest[key] = min(times)
+        return oldest
+
+    def next_seq(self) -> int:
+        row = self.conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM packs").fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def shipped(self, seq: int, name: str, created_ns: int, uploaded_ns: int, size: int, ids: list[int]) -> None:
+        """Record pack ``seq`` as uploaded and drop its staged rows, in one transaction."""
+        with self.conn:
+            self.conn.execute("INSERT INTO packs VALUES (?, ?, ?, ?, ?, ?)",
+                              (seq, name, created_ns, uploaded_ns, size, len(ids)))
+            self.conn.executemany("DELETE FROM staged WHERE id = ?", [(i,) for i in ids])
+
+    def packs(self) -> Iterator[tuple[int, str, int, int, int, int]]:
+        yield from self.conn.execute("SELECT seq, name, created_ns, uploaded_ns, bytes, entries FROM packs "
+                                     "ORDER BY seq")
+
+    # -- notes -----------------------------------------------------------------------------------------
+
+    def notes_offsets(self) -> dict[str, int]:
+        return {name: int(at) for name, at in self.conn.execute("SELECT file, offset FROM notes_read")}
+
+    def set_notes_offsets(self, offsets: dict[str, int], gone: list[str]) -> None:
+        with self.conn:
+            self.conn.executemany("INSERT OR REPLACE INTO notes_read VALUES (?, ?)", list(offsets.items()))
+            self.conn.executemany("DELETE FROM notes_read WHERE file = ?", [(name,) for name in gone])
+

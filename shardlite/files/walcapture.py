@@ -1,0 +1,251 @@
+"""Capture a tenant's new commits from its WAL, under the tenant's write lock, without a long-lived reader.
+
+Replication ships what SQLite already wrote: the frames of each commit (the page images it changed). A
+capture reads them straight from the ``-wal`` file, between a :class:`Cursor` (where the last capture of
+this tenant stopped) and the log's last commit, while its caller holds the tenant's write lock
+(``BEGIN IMMEDIATE`` on a connection of the tenant file): no commit can add frames meanwhile, and frames
+1 to the wal-index's ``mxFrame`` are exactly the committed log (:mod:`shardlite.core.walformat`). The lock
+is held for the reads only (microseconds for a few pages); no reader stays open between captures, so
+checkpoints are never held back.
+
+The rule that keeps a capture complete: **a tenant's log is never checkpointed before it was captured.**
+SQLite restarts a log (overwrites it from frame 1) at the first write after a checkpoint that copied
+every frame, so a frame not captured by then is gone from the log. Every checkpoint of a replicated tenant
+therefore runs through :func:`capture_then_checkpoint`: capture, hand the capture to ``stage`` (which
+must make it durable), then a passive checkpoint on a second connection *while the write lock is still
+held*, so no frame can be added between the capture and the checkpoint. When that checkpoint copied every
+frame, the cursor is marked ``closed``: the next log generation (salt 1 and the checkpoint sequence one
+higher) continues it from frame 1. Any other change of generation (a checkpoint that did not go through
+here, such as one run by hand with the ``sqlite3`` shell) is a gap: the capture then returns a snapshot
+(the whole database at the log's last commit, read inside the held transaction) instead of frames, and
+the history goes on from it. Autocheckpoint and checkpoint-on-close must be off on every connection of a
+replicated tenant (shardlite's connections close without checkpointing; see ``open_connection``).
+
+Reading ``-shm`` with a file descriptor of our own has one trap: POSIX record locks belong to a process
+and a file, and closing *any* descriptor of a file drops every lock the process holds on it, SQLite's
+included. SQLite locks ``-shm``; a process that closed a descriptor of it while one of its SQLite
+connections had the file open would silently lose that connection's locks, and another process could then
+re-initialise the wal-index under it. :class:`LogFiles` therefore holds the descriptors for as long as its
+owner keeps them and must be closed only after every SQLite connection of that file in the process is
+closed: captures run in a process that owns all its connections of the tenant files it captures (the
+replicator), never beside a router's pool. ``-wal`` carries no locks.
+
+The frames of a capture are verified as SQLite's recovery verifies them (salts, the checksum chain
+continued from the cursor), and the last one must carry the checksum the wal-index holds for ``mxFrame``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import NamedTuple
+
+import apsw
+
+from ..core import walformat as wf
+
+__all__ = ["Cursor", "Capture", "CaptureError", "LogFiles", "capture", "capture_then_checkpoint", "image_at",
+           "commit_times", "NO_CURSOR"]
+
+
+class CaptureError(Exception):
+    """The log did not read as SQLite wrote it although the write lock was held (a foreign writer, a
+    damaged file): nothing was captured; the caller retries or takes a snapshot."""
+
+
+class Cursor(NamedTuple):
+    """Where the captured history of one tenant file stands (stored by the caller between captures)."""
+
+    salt: bytes  #: the log generation of the last captured frame (b"": nothing captured yet)
+    checkpoint_seq: int
+    frame: int  #: the last captured frame (0: none of this generation)
+    checksum: tuple[int, int]  #: that frame's checksum (the header's when ``frame`` is 0)
+    page_size: int
+    #: this generation was captured whole right before a checkpoint that copied all of it: the next
+    #: generation continues the history from its frame 1
+    closed: bool = False
+
+
+NO_CURSOR = Cursor(b"", 0, 0, (0, 0), 0)
+
+
+class Capture(NamedTuple):
+    """What one capture found: new committed frames, or (``snapshot`` not None) the whole database."""
+
+    frames: list[wf.Frame]
+    snapshot: bytes | None  #: the database image at the log's last commit, when the history had a gap
+    cursor: Cursor  #: the cursor after this capture
+    page_size: int
+
+    @property
+    def empty(self) -> bool:
+        return not self.frames and self.snapshot is None
+
+
+def _pread_all(fd: int, size: int, offset: int) -> bytes:
+    chunks = []
+    while size > 0:
+        chunk = os.pread(fd, size, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size -= len(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def _open_ro(path: str) -> int | None:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+
+
+class LogFiles:
+    """Read-only descriptors of a tenant file's ``-shm`` and ``-wal``, opened when first needed.
+
+    Close it (:meth:`close`, or leave its ``with`` block) only after every SQLite connection of that file in
+    this process is closed: closing a descriptor of ``-shm`` drops the process's POSIX locks on it (module
+    docstring)."""
+
+    __slots__ = ("path", "_shm", "_wal")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._shm: int | None = None
+        self._wal: int | None = None
+
+    def shm(self) -> int | None:
+        if self._shm is None:
+            self._shm = _open_ro(self.path + "-shm")
+        return self._shm
+
+    def wal(self) -> int | None:
+        if self._wal is None:
+            self._wal = _open_ro(self.path + "-wal")
+        return self._wal
+
+    def close(self) -> None:
+        for fd in (self._shm, self._wal):
+            if fd is not None:
+                os.close(fd)
+        self._shm = self._wal = None
+
+    def __enter__(self) -> LogFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _snapshot(conn: apsw.Connection, shm: wf.ShmHeader, cursor_of: Cursor) -> Capture:
+    image = conn.serialize("main")  # the held transaction's view: the database at the log's last commit
+    if image is None:
+        raise CaptureError("the database could not be serialized")
+    cursor = Cursor(shm.salt, cursor_of.checkpoint_seq, shm.mx_frame, shm.frame_checksum, shm.page_size)
+    return Capture([], bytes(image), cursor, shm.page_size)
+
+
+def capture(conn: apsw.Connection, files: LogFiles, cursor: Cursor) -> Capture:
+    """The commits of the tenant file ``files.path`` after ``cursor``; ``conn`` is a connection of that file
+    that holds its write lock (``BEGIN IMMEDIATE``) for the whole call.
+
+    Returns new frames (possibly none) when the history continues from ``cursor``, or a snapshot when it
+    cannot (nothing captured yet, or a log generation was lost). Raises :class:`CaptureError` when the log
+    does not read consistently."""
+    if conn.txn_state("main") != apsw.SQLITE_TXN_WRITE:
+        raise ValueError("capture() needs the file's write lock held by conn (BEGIN IMMEDIATE)")
+    path = files.path
+    shm_fd = files.shm()
+    if shm_fd is None:
+        raise CaptureError(f"{path}-shm is missing although a connection holds the write lock")
+    try:
+        shm = wf.parse_shm_header(_pread_all(shm_fd, 2 * wf.SHM_HEADER_SIZE, 0))
+    except wf.WalFormatError as exc:
+        raise CaptureError(f"{path}-shm: {exc}") from None
+    if shm.mx_frame == 0:  # a log with no commit (new, or restarted): nothing new, the cursor stands
+        return _snapshot(conn, shm, cursor) if not cursor.salt else Capture([], None, cursor, shm.page_size)
+    wal_fd = files.wal()
+    if wal_fd is None:
+        raise CaptureError(f"{path}-wal is missing but the wal-index says it holds {shm.mx_frame} frames")
+    try:
+        header = wf.parse_wal_header(_pread_all(wal_fd, wf.WAL_HEADER_SIZE, 0))
+    except wf.WalFormatError as exc:
+        raise CaptureError(f"{path}-wal: {exc}") from None
+    if header.salt != shm.salt or header.page_size != shm.page_size:
+        raise CaptureError(f"{path}-wal: its header does not match the wal-index")
+    if cursor.salt and header.salt == cursor.salt and shm.mx_frame >= cursor.frame:
+        first, seed = cursor.frame + 1, cursor.checksum
+    elif (cursor.salt and header.salt != cursor.salt and cursor.closed
+          and header.checkpoint_seq == (cursor.checkpoint_seq + 1) & 0xFFFFFFFF
+          and header.page_size == cursor.page_size):
+        first, seed = 1, header.checksum
+    else:  # nothing captured yet, a generation went by uncaptured, or the log shrank: a snapshot
+        return _snapshot(conn, shm, cursor._replace(checkpoint_seq=header.checkpoint_seq))
+    if first > shm.mx_frame:
+        return Capture([], None, cursor, shm.page_size)
+    start = wf.frame_offset(first, header.page_size)
+    body = _pread_all(wal_fd, wf.frame_offset(shm.mx_frame + 1, header.page_size) - start, start)
+    frames = list(wf.read_frames(body, first, header.page_size, header.salt))
+    count = shm.mx_frame - first + 1
+    if len(frames) != count or wf.verify_chain(header, frames, seed) != count:
+        raise CaptureError(f"{path}-wal: frames {first}-{shm.mx_frame} do not verify")
+    if frames[-1].header.checksum != shm.frame_checksum or not frames[-1].header.commit_size:
+        raise CaptureError(f"{path}-wal: frame {shm.mx_frame} is not the commit the wal-index names")
+    after = Cursor(header.salt, header.checkpoint_seq, shm.mx_frame, shm.frame_checksum, header.page_size)
+    return Capture(frames, None, after, header.page_size)
+
+
+def capture_then_checkpoint(lock: apsw.Connection, checkpointer: apsw.Connection, files: LogFiles,
+                            cursor: Cursor, stage: Callable[[Capture], None]) -> Cursor:
+    """Capture ``files.path``'s new commits, ``stage`` them, then run a passive checkpoint, all under the write
+    lock taken on ``lock`` (``BEGIN IMMEDIATE``: SQLite's busy timeout of that connection applies; a
+    timeout raises ``apsw.BusyError`` with nothing done). ``checkpointer`` is a second connection of the
+    same file. Returns the cursor to store; when the checkpoint copied every frame it is ``closed``.
+
+    ``stage`` must have made the capture durable when it returns: the checkpoint that follows may let the
+    next writer overwrite those frames. When it raises, no checkpoint runs and the error propagates."""
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        got = capture(lock, files, cursor)
+        if not got.empty:
+            stage(got)
+        after = got.cursor
+        # a connection that has not read the file yet has not opened its log and checkpoints nothing
+        checkpointer.execute("PRAGMA schema_version").fetchall()
+        log, copied = checkpointer.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+        if log > 0 and copied == log and log == after.frame:
+            after = after._replace(closed=True)
+        return after
+    finally:
+        lock.execute("ROLLBACK")
+
+
+def image_at(captures: list[Capture]) -> bytearray:
+    """The database image a history of captures (oldest first) ends at: the latest snapshot with every later
+    capture's frames replayed onto it. Pure; :class:`CaptureError` when the history has no snapshot."""
+    start = max((i for i, c in enumerate(captures) if c.snapshot is not None), default=-1)
+    if start < 0:
+        raise CaptureError("a history starts with a snapshot")
+    image = bytearray(captures[start].snapshot or b"")
+    for got in captures[start + 1:]:
+        wf.replay(image, got.frames, got.page_size)
+    return image
+
+
+def commit_times(got: Capture, notes: list[tuple[int, int]], captured_ns: int,
+                 after_ns: int = 0) -> list[tuple[int, int]]:
+    """(frame, commit time) of each commit ``got`` ends: the time a writer noted for that frame count, else
+    the capture's time (later than the commit: a point-in-time restore then counts it a little late).
+
+    ``notes`` are (frames after a commit, its time); those at or before ``after_ns`` (the previous capture
+    of this file, taken under the write lock) belong to commits captured then, possibly of an older log
+    generation whose frame numbers come back, and are ignored."""
+    noted: dict[int, int] = {}
+    for frames, at in notes:
+        if at > after_ns:
+            noted[frames] = at
+    if got.snapshot is not None:
+        return [(got.cursor.frame, min(noted.get(got.cursor.frame, captured_ns), captured_ns))]
+    return [(f.number, min(noted.get(f.number, captured_ns), captured_ns))
+            for f in got.frames if f.header.commit_size]

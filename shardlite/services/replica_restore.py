@@ -1,0 +1,172 @@
+"""Restoring tenants from a root's replica: the latest state, or any commit inside the retention window.
+
+``restore_tenant`` reads one tenant's captures from the replica (:mod:`shardlite.services.replica_read`),
+rebuilds its database image at the requested time (:func:`shardlite.core.timeline.image_at`: its last commit
+at or before that time) and installs it the way a restore from a backup does
+(:func:`shardlite.services.restore.install_image`: checked whole, shardlite's tables rebuilt, a new
+generation and incarnation, events kept only under the tenant's own key). Nothing is registered when any
+step fails.
+
+``restore_root_from_replica`` restores a whole root into a new or empty directory: it writes the replica's
+state at the requested time as a backup directory (:func:`materialize`: the last metadata snapshot at or
+before the time, each tenant at its last commit at or before it) and restores that with every check of a
+restore from a backup (:func:`shardlite.services.restore.restore_root`).
+
+Times are ISO 8601 with a time zone (``2026-12-06T18:00:00Z``, ``...+01:00``): a time without one is
+refused rather than guessed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import apsw
+import xxhash
+
+from ..core import metasnap, timeline
+from ..core.keys import canonical
+from ..errors import ConfigurationError, UnknownTenant
+from ..front.store import Store
+from ..replica.target import ReplicaTarget
+from . import manifest as mf
+from . import replica_read
+from .restore import RootRestore, install_image, open_image, restore_root
+
+__all__ = ["restore_tenant", "restore_root_from_replica", "materialize", "parse_time", "format_time"]
+
+
+def parse_time(text: str) -> int:
+    """An ISO 8601 time with a time zone, as nanoseconds since the epoch (:class:`ConfigurationError`
+    otherwise)."""
+    try:
+        when = datetime.datetime.fromisoformat(text.strip().replace("z", "Z"))
+    except ValueError:
+        raise ConfigurationError(f"--at {text[:64]!r} is not an ISO 8601 time (e.g. 2026-12-06T18:00:00Z)") from None
+    if when.tzinfo is None:
+        raise ConfigurationError(f"--at {text[:64]!r} has no time zone: add one (e.g. Z for UTC, or +01:00)")
+    delta = when - datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
+
+
+def format_time(ns: int) -> str:
+    """``ns`` since the epoch as ISO 8601 UTC with microseconds."""
+    when = datetime.datetime.fromtimestamp(ns / 1e9, tz=datetime.UTC)
+    return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def restore_tenant(store: Store, target: ReplicaTarget, key: object, *, as_key: object | None = None,
+                   at_ns: int | None = None, force: bool = False) -> dict[str, Any]:
+    """Restore tenant ``key`` (as ``as_key`` when given) from ``target`` at its last commit at or before
+    ``at_ns`` (None: the latest). Returns what was restored: the key, the commit's time and frame, the
+    history it came from, the new generation and incarnation. :class:`~shardlite.UnknownTenant` when the
+    replica holds no commit of ``key`` at that time."""
+    canon = canonical(key)
+    captures = replica_read.captures_of(target, [canon])[canon]
+    found = timeline.image_at(captures, at_ns)
+    if found is None:
+        when = "" if at_ns is None else f" at or before {format_time(at_ns)}"
+        raise UnknownTenant(f"the replica {target.url} holds no commit of tenant {canon!r}{when}; "
+                            "`shardlite replicate status` lists what it holds")
+    image, point = found
+    record = install_image(store, bytes(image), canon, as_key=as_key, force=force,
+                           label=f"the replica of {canon!r} at {format_time(point.time_ns)}")
+    return {"key": record.key, "from_key": canon, "commit_time": format_time(point.time_ns),
+            "commit_ns": point.time_ns, "frame": point.frame, "from_incarnation": point.incarnation,
+            "from_generation": point.generation, "generation": record.generation,
+            "incarnation": record.incarnation}
+
+
+def _meta_snapshot(target: ReplicaTarget, at_ns: int | None) -> tuple[metasnap.Header, bytes, bytes]:
+    """The last metadata snapshot at or before ``at_ns`` (None: the last one), validated."""
+    best: tuple[int, str] | None = None
+    for name, _size in target.list(metasnap.PREFIX):
+        when = metasnap.time_of(name)
+        if when is not None and (at_ns is None or when <= at_ns) and (best is None or when > best[0]):
+            best = (when, name)
+    if best is None:
+        until = "" if at_ns is None else f" at or before {format_time(at_ns)}"
+        raise ConfigurationError(f"the replica {target.url} holds no metadata snapshot{until} (a replicator uploads "
+                                 "the first one in its first round); restore tenants one by one with --key")
+    try:
+        return metasnap.decode(target.get(best[1]))
+    except metasnap.MetaSnapError as exc:
+        raise ConfigurationError(f"the replica's metadata snapshot {best[1]} is damaged ({exc}); pick an earlier "
+                                 "time with --at") from None
+
+
+def _catalog(global_db: bytes) -> dict[str, tuple[str, int, str, int, str]]:
+    """key -> (node, generation, incarnation, schema_version, state) of the snapshot's catalog."""
+    conn = open_image(global_db)
+    try:
+        return {key: (node, gen, inc, version, state) for key, node, gen, inc, version, state in conn.execute(
+            "SELECT key, node, generation, incarnation, schema_version, state FROM _shardlite_tenants")}
+    except apsw.Error as exc:
+        raise ConfigurationError(f"the replica's metadata snapshot is not a shardlite catalog ({exc})") from None
+    finally:
+        conn.close()
+
+
+def _write(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def materialize(target: ReplicaTarget, dest: str, at_ns: int | None = None) -> dict[str, Any]:
+    """Write into the empty directory ``dest`` a backup (the layout :mod:`shardlite.services.manifest`
+    reads) of the root as the replica holds it at ``at_ns`` (None: the latest): the last metadata snapshot
+    at or before that time, and every tenant at its last commit at or before it. The tenants are those the
+    snapshot's catalog holds live, plus those whose history starts after the snapshot (created since);
+    a tenant dropped after the snapshot comes back (what the metadata said then). Returns the manifest."""
+    header, global_db, app_global_db = _meta_snapshot(target, at_ns)
+    catalog = _catalog(global_db)
+    limit = at_ns if at_ns is not None else time.time_ns()
+    entries: dict[str, Any] = {}
+    for key, captures in sorted(replica_read.captures_of(target, None).items()):
+        row = catalog.get(key)
+        if row is not None and row[4] not in ("active", "moving"):
+            continue  # dropped when the metadata was taken
+        found = timeline.image_at(captures, limit)
+        if found is None:
+            continue
+        image, point = found
+        if row is None and point.time_ns <= header.created_ns:
+            continue  # not in the catalog although it existed then: dropped before the snapshot
+        checksum = xxhash.xxh3_128_hexdigest(bytes(image))
+        name = mf.tenant_file(key, checksum)
+        os.makedirs(os.path.join(dest, os.path.dirname(name)), mode=0o700, exist_ok=True)
+        _write(os.path.join(dest, name), bytes(image))
+        node = row[0] if row is not None else next(c.node for c in reversed(captures) if c.node)
+        version = row[3] if row is not None else int.from_bytes(bytes(image[60:64]), "big")
+        entries[key] = {"file": name, "node": node, "generation": point.generation,
+                        "incarnation": point.incarnation, "schema_version": version, "size": len(image),
+                        "checksum": checksum, "signature": [point.generation, 0, 0, 0, 0]}
+    parts = {}
+    for stem, data in (("global", global_db), ("app_global", app_global_db)):
+        checksum = xxhash.xxh3_128_hexdigest(data)
+        _write(os.path.join(dest, mf.global_file(checksum, stem)), data)
+        parts[stem] = {"file": mf.global_file(checksum, stem), "checksum": checksum}
+    manifest = {"format": mf.FORMAT, "created": header.created_ns / 1e9, "root": header.root, "tenants": entries,
+                "global": parts["global"], "app_global": parts["app_global"], "copied": len(entries), "skipped": 0}
+    _write(os.path.join(dest, mf.MANIFEST), json.dumps(manifest, sort_keys=True).encode("utf-8"))
+    return manifest
+
+
+def restore_root_from_replica(target: ReplicaTarget, root: str, *, at_ns: int | None = None,
+                              node_paths: Mapping[str, str] | None = None) -> RootRestore:
+    """Restore a whole root (nodes, metadata, the app's global tables, every tenant) from the replica into
+    ``root``, a new or empty data root, as it was at ``at_ns`` (None: the latest; :func:`materialize`), with
+    every check of a restore from a backup (:func:`shardlite.services.restore.restore_root`)."""
+    root = os.path.abspath(root)
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".shardlite-replica-restore-", dir=parent) as scratch:
+        os.chmod(scratch, 0o700)
+        materialize(target, scratch, at_ns)
+        return restore_root(scratch, root, node_paths=node_paths)

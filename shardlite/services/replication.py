@@ -1,0 +1,292 @@
+"""Running replication for a root: one :class:`~shardlite.services.replicator.NodeReplicator` per node,
+fed by the writers' change notes, one round per interval (``shardlite replicate run``).
+
+A node is replicated by one process at a time: the process that holds ``flock`` on
+``<node>/.replica/replicator.lock`` (a file of its own: the lock never touches a tenant's files, and
+``flock`` locks do not interact with SQLite's POSIX locks on Linux). Another process started for the same
+root waits as a standby and takes a node over within one interval of its owner's death.
+
+Each interval, for each node this process owns:
+
+1. the notes written since the last round are read (:mod:`shardlite.files.notesfile`) and each noted
+   tenant is marked with its commits' frame counts and times;
+2. every :data:`RECONCILE_EVERY` seconds (and at start) every live tenant of the node without a cursor is
+   marked, and the size and time of every tenant's log are compared with the last look: a log that changed
+   without a note (its writer could not write one) is marked too;
+3. the round runs (capture, stage, checkpoint big logs, upload one pack);
+4. the notes' read offsets are stored, and notes files of dead writers read to their end removed, only
+   when no marked tenant is left over (a busy tenant keeps the offsets where they were, so a crash never
+   loses a note of a tenant not captured yet).
+
+The root's metadata (catalog, nodes, accounts, sessions: a ``global.db``-schema export, whichever backend
+holds it) and the app's global tables go to the replica as one snapshot object
+(:mod:`shardlite.core.metasnap`) at the first round and then every :data:`META_EVERY` seconds when they
+changed (with PostgreSQL metadata, whose changes a file's size and time do not show: every
+:data:`META_EVERY` seconds), uploaded by the one process that holds ``<root>/.replica/meta.lock``. A whole
+root restored from the replica takes its metadata from the last snapshot at or before the restore time.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core import metasnap
+from ..errors import ConfigurationError
+from ..files import notesfile
+from ..files.staging import STAGING_DIR
+from ..front.store import Store
+from ..replica.target import ReplicaTarget, open_target
+from .backup import standalone_image
+from .replicator import NodeReplicator, RoundStats
+
+__all__ = ["Replication", "INTERVAL", "RECONCILE_EVERY", "META_EVERY"]
+
+log = logging.getLogger("shardlite.replicate")
+
+#: Seconds between rounds: the lag of a commit is about one interval plus an upload.
+INTERVAL = 1.0
+#: Seconds between reconcile passes (tenants without a cursor, logs that changed without a note).
+RECONCILE_EVERY = 30.0
+#: Seconds between metadata snapshots (taken only when the metadata changed, where that can be seen).
+META_EVERY = 30.0
+
+
+@dataclass
+class _Node:
+    name: str
+    path: str
+    lock_fd: int
+    replicator: NodeReplicator
+    offsets: dict[str, int] = field(default_factory=dict)
+    finished: set[str] = field(default_factory=set)
+    seen_logs: dict[str, tuple[int, int]] = field(default_factory=dict)
+    reconciled_at: float = 0.0
+    last: RoundStats | None = None
+
+
+class Replication:
+    """Replicates the nodes of ``store``'s root that this process can own (module docstring)."""
+
+    def __init__(self, store: Store, target: ReplicaTarget | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if store.replicate is None:
+            raise ConfigurationError(f"{store.root} does not replicate: create it with `shardlite init "
+                                     "--replicate URL` (or Router(root, replicate=URL))")
+        self.store = store
+        self.target = target if target is not None else open_target(store.replicate)
+        self._owns_target = target is None
+        self.clock = clock
+        self.nodes: dict[str, _Node] = {}
+        self.standby: set[str] = set()
+        self._meta_fd: int | None = None
+        self._meta_at: float | None = None
+        self._meta_seen: tuple[int, ...] | None = None
+        self.meta_snapshots = 0  #: metadata snapshots this process uploaded
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            node.replicator.close()
+            os.close(node.lock_fd)  # releases the node for a standby
+        self.nodes.clear()
+        if self._meta_fd is not None:
+            os.close(self._meta_fd)
+            self._meta_fd = None
+        if self._owns_target:
+            self.target.close()
+
+    # -- ownership -------------------------------------------------------------------------------------
+
+    def _claim(self, name: str, path: str) -> None:
+        fd = _try_lock(os.path.join(path, STAGING_DIR), "replicator.lock")
+        if fd is None:
+            self.standby.add(name)
+            return
+        self.standby.discard(name)
+        replicator = NodeReplicator(self.store, name, self.target)
+        self.nodes[name] = _Node(name, path, fd, replicator, replicator.staging.notes_offsets())
+        log.info("replicate: this process replicates node %r", name)
+
+    def _claim_nodes(self) -> None:
+        for node in self.store.meta.nodes.list():
+            if node.name not in self.nodes:
+                self._claim(node.name, self.store.node_path(node.name))
+
+    # -- rounds ----------------------------------------------------------------------------------------
+
+    def run_round(self) -> dict[str, RoundStats]:
+        """One round on every node this process owns (claiming the ones free now), then the metadata
+        snapshot when one is due."""
+        self._claim_nodes()
+        out = {}
+        for node in self.nodes.values():
+            out[node.name] = self._round(node)
+        self._meta_round()
+        return out
+
+    def _meta_signature(self) -> tuple[int, ...] | None:
+        """Sizes and times of the files holding the metadata and the app's global tables; None when the
+        metadata is not in a local file (PostgreSQL)."""
+        paths = [self.store.meta.app_global_path]
+        if self.store.meta.local:
+            paths.append(os.path.join(self.store.root, "global.db"))
+        found: list[int] = []
+        for path in paths:
+            for suffix in ("", "-wal"):
+                try:
+                    info = os.stat(path + suffix)
+                    found += [info.st_size, info.st_mtime_ns]
+                except FileNotFoundError:
+                    found += [0, 0]
+        return tuple(found) if self.store.meta.local else None
+
+    def _meta_round(self) -> None:
+        if self._meta_fd is None:
+            self._meta_fd = _try_lock(os.path.join(self.store.root, STAGING_DIR), "meta.lock")
+            if self._meta_fd is None:
+                return  # another process uploads the metadata snapshots
+        now = self.clock()
+        if self._meta_at is not None and now - self._meta_at < META_EVERY:
+            return
+        seen = self._meta_signature()
+        if seen is not None and seen == self._meta_seen:
+            self._meta_at = now
+            return
+        with tempfile.TemporaryDirectory(dir=os.path.join(self.store.root, STAGING_DIR)) as scratch:
+            with self.store.meta.export_global(scratch) as path:
+                global_db = standalone_image(path)
+        app_global_db = standalone_image(self.store.meta.app_global_path)
+        created = time.time_ns()
+        self.target.put(metasnap.object_name(created),
+                        metasnap.encode(created, self.store.root, global_db, app_global_db))
+        self._meta_seen, self._meta_at = seen, now
+        self.meta_snapshots += 1
+
+    def _read_notes(self, node: _Node) -> None:
+        for name in notesfile.list_notes(node.path):
+            if name in node.finished:
+                continue
+            got = notesfile.read_notes(node.path, name, node.offsets.get(name, 0))
+            if got.bad:
+                node.finished.add(name)
+                continue
+            for note in got.notes:
+                node.replicator.mark(note.key, [(note.frames, note.time_ns)])
+            node.offsets[name] = got.offset
+            if got.finished:
+                node.finished.add(name)
+
+    def _reconcile(self, node: _Node) -> None:
+        replicator = node.replicator
+        replicator.reconcile()
+        for key in replicator.staging.keys():
+            record = self.store.meta.tenants.lookup(key)
+            if record is None or record.node != node.name:
+                continue
+            try:
+                info = os.stat(self.store.path_of(record) + "-wal")
+                look = (info.st_size, info.st_mtime_ns)
+            except FileNotFoundError:
+                look = (0, 0)
+            if node.seen_logs.get(key) != look:
+                replicator.mark(key)
+                node.seen_logs[key] = look
+        node.reconciled_at = self.clock()
+
+    def _round(self, node: _Node) -> RoundStats:
+        self._read_notes(node)
+        if not node.reconciled_at or self.clock() - node.reconciled_at >= RECONCILE_EVERY:
+            self._reconcile(node)
+        stats = node.replicator.run_round()
+        node.last = stats
+        if not node.replicator.marked():
+            gone = sorted(node.finished)
+            node.replicator.staging.set_notes_offsets(
+                {name: at for name, at in node.offsets.items() if name not in node.finished}, gone)
+            for name in gone:
+                notesfile.remove(node.path, name)
+                node.offsets.pop(name, None)
+            node.finished.clear()
+        return stats
+
+    def run(self, stop: threading.Event, *, interval: float = INTERVAL, parent: int | None = None) -> None:
+        """Rounds every ``interval`` seconds until ``stop`` is set, or, given ``parent``, until ``os.getppid()``
+        is no longer ``parent`` (checked before every round: a replicator started by an app never outlives it).
+        A round that fails as a whole (the metadata unreachable) is logged and the next one tries again."""
+        while not stop.is_set():
+            if parent is not None and os.getppid() != parent:
+                log.warning("replicate: the process that started this replicator (pid %d) is gone: stopping", parent)
+                return
+            started = self.clock()
+            try:
+                self.run_round()
+            except Exception as exc:  # noqa: BLE001 - one failed round never stops replication
+                log.warning("replicate: round failed (%s: %s); retrying in %.1f s", type(exc).__name__, exc,
+                            interval)
+            stop.wait(max(0.0, interval - (self.clock() - started)))
+
+    # -- status ----------------------------------------------------------------------------------------
+
+    def status(self, now_ns: int | None = None) -> dict[str, Any]:
+        """Per node and per tenant: the last captured commit, what is staged, packs shipped."""
+        return status(self.store, now_ns, owned=set(self.nodes), standby=set(self.standby))
+
+
+def _try_lock(directory: str, name: str) -> int | None:
+    """A descriptor holding ``flock(LOCK_EX)`` on ``directory/name`` (made 0600 in a 0700 directory), or None
+    when another process holds it."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def status(store: Store, now_ns: int | None = None, *, owned: set[str] | None = None,
+           standby: set[str] | None = None) -> dict[str, Any]:
+    """What every node's staging says (read from its file; no replicator needs to run in this process)."""
+    from ..files.staging import Staging
+
+    now = time.time_ns() if now_ns is None else now_ns
+    nodes: dict[str, Any] = {}
+    tenants: dict[str, Any] = {}
+    for node in store.meta.nodes.list():
+        path = os.path.join(store.node_path(node.name), STAGING_DIR, "staging.db")
+        if not os.path.exists(path):
+            nodes[node.name] = {"staged": 0, "staged_bytes": 0, "packs": 0, "pack_bytes": 0, "last_pack": None}
+            continue
+        staging = Staging(store.node_path(node.name))
+        try:
+            count, size = staging.staged_count()
+            packs = list(staging.packs())
+            pending = staging.pending_by_key()
+            nodes[node.name] = {"staged": count, "staged_bytes": size, "packs": len(packs),
+                                "pack_bytes": sum(p[4] for p in packs),
+                                "last_pack": packs[-1][1] if packs else None,
+                                "last_upload_ns": packs[-1][3] if packs else None}
+            for key, found in staging.cursors().items():
+                oldest = pending.get(key)
+                tenants[key] = {"node": node.name, "last_commit_ns": found.last_commit_ns,
+                                "captured_ns": found.captured_ns, "shipped": oldest is None,
+                                "lag_s": 0.0 if oldest is None else max(0, now - oldest) / 1e9}
+        finally:
+            staging.close()
+    lags = [t["lag_s"] for t in tenants.values()]
+    return {"target": store.replicate, "nodes": nodes, "tenants": tenants,
+            "total": {"tenants": len(tenants), "max_lag_s": max(lags, default=0.0),
+                      "staged": sum(n["staged"] for n in nodes.values()),
+                      "packs": sum(n["packs"] for n in nodes.values())},
+            "owned": sorted(owned or ()), "standby": sorted(standby or ())}

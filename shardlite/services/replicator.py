@@ -1,0 +1,249 @@
+"""A node's replicator: captures its tenants' commits, stages them, and uploads them in packs.
+
+One :class:`NodeReplicator` per node, in a process of its own (``shardlite replicate run``; see
+docs/replication.md). Each round:
+
+1. **Capture** every tenant marked changed (:meth:`NodeReplicator.mark`, fed by the writers' change notes,
+   and every tenant of the node without a cursor, found by :meth:`NodeReplicator.reconcile`): under the
+   tenant's write lock, its new commits are read from its WAL (:mod:`shardlite.files.walcapture`) and
+   staged with their commit times (:mod:`shardlite.files.staging`). A log that holds ``DUE_FRAMES`` frames
+   or more is then checkpointed with the lock still held: writers of a replicated root never checkpoint,
+   so nothing is checkpointed away before it is captured. A tenant whose lock is busy stays marked for the
+   next round; a tenant that fails (damaged file, moved away) is reported and skipped: one tenant never
+   stops the others.
+2. **Upload** what is staged as one pack per round (:mod:`shardlite.core.pack`) named
+   ``v1/packs/<node>/<seq>.pack``; the staged rows are dropped only after the upload succeeded. A target
+   that cannot be reached (:class:`~shardlite.ReplicaUnavailable`) leaves everything staged for the next
+   round: writes go on, the backlog ships when the target is back.
+
+Connections: the replicator keeps a bounded set of tenant connections open between rounds, each with the
+:class:`~shardlite.files.walcapture.LogFiles` of its file, and always closes a connection before that
+file's descriptors (closing a ``-shm`` descriptor while a connection of the file is open would drop the
+connection's locks).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import apsw
+import xxhash
+
+from ..core import pack
+from ..errors import ReplicaUnavailable, ShardliteError
+from ..files import walcapture as wc
+from ..files.checkpoints import DUE_FRAMES
+from ..files.engine import open_connection, set_busy_timeout
+from ..files.staging import Staging
+from ..front.store import Store
+from ..replica.target import ReplicaTarget
+
+__all__ = ["NodeReplicator", "RoundStats", "pack_name"]
+
+log = logging.getLogger("shardlite.replicate")
+
+#: Tenant connections kept open between rounds (each with its log descriptors).
+KEEP_OPEN = 256
+#: How long a capture waits for a tenant's write lock before leaving it for the next round.
+LOCK_WAIT_MS = 200
+#: Staged bytes per pack (a larger backlog ships in several packs, one per round).
+PACK_BYTES = 64 * 1024 * 1024
+#: Node names usable as they are in an object name (the replica's names are lowercase: module doc of
+#: shardlite.replica.target); any other is hashed.
+_SAFE_NODE = re.compile(r"[a-z0-9_][a-z0-9._-]{0,63}")
+
+
+def pack_name(node: str, seq: int) -> str:
+    """The object name of pack ``seq`` of ``node`` (a node name outside the safe characters is hashed)."""
+    safe = _SAFE_NODE.fullmatch(node)
+    part = node if safe else "x-" + xxhash.xxh3_64_hexdigest(node.encode("utf-8"))
+    return f"v1/packs/{part}/{seq:020d}.pack"
+
+
+@dataclass
+class RoundStats:
+    captured: int = 0  #: tenants with something new staged
+    snapshots: int = 0
+    checkpoints: int = 0
+    busy: int = 0  #: tenants left for the next round (lock busy)
+    failed: int = 0
+    uploaded_packs: int = 0
+    uploaded_bytes: int = 0
+    upload_error: str | None = None
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+class _Open:
+    __slots__ = ("conn", "files", "path")
+
+    def __init__(self, conn: apsw.Connection, files: wc.LogFiles, path: str) -> None:
+        self.conn, self.files, self.path = conn, files, path
+
+    def close(self) -> None:
+        self.conn.close()  # the connection first: then the -shm descriptor holds no lock of ours
+        self.files.close()
+
+
+class NodeReplicator:
+    """Replicates the tenants of node ``node`` of ``store``'s root to ``target`` (module docstring)."""
+
+    def __init__(self, store: Store, node: str, target: ReplicaTarget, *,
+                 clock: Callable[[], int] = time.time_ns) -> None:
+        self.store, self.node, self.target, self.clock = store, node, target, clock
+        self.staging = Staging(store.node_path(node))
+        self._open: OrderedDict[str, _Open] = OrderedDict()
+        #: tenants to capture, with the (frames, commit time) notes read for them since their last capture
+        self._marked: dict[str, list[tuple[int, int]]] = {}
+
+    def close(self) -> None:
+        while self._open:
+            _key, opened = self._open.popitem()
+            opened.close()
+        self.staging.close()
+
+    # -- what to capture -------------------------------------------------------------------------------
+
+    def mark(self, key: str, commits: Iterable[tuple[int, int]] = ()) -> None:
+        """Capture ``key`` in the next round; ``commits``: (frames after the commit, commit time in ns)."""
+        self._marked.setdefault(key, []).extend(commits)
+
+    def marked(self) -> list[str]:
+        """The tenants marked for the next round."""
+        return list(self._marked)
+
+    def reconcile(self) -> int:
+        """Mark every live tenant of this node that has no cursor, or a cursor of another file (a new
+        generation or incarnation); forget cursors of tenants no longer here. Returns how many it marked."""
+        cursors = self.staging.cursors()
+        here = set()
+        marked = 0
+        for record in self.store.meta.tenants.iter_tenants():
+            if record.node != self.node:
+                continue
+            here.add(record.key)
+            found = cursors.get(record.key)
+            if found is None or (found.incarnation, found.generation) != (record.incarnation, record.generation):
+                self.mark(record.key)
+                marked += 1
+        for key in set(cursors) - here:
+            self._close(key)
+            self.staging.forget(key)
+        return marked
+
+    # -- one round -------------------------------------------------------------------------------------
+
+    def run_round(self) -> RoundStats:
+        """Capture what is marked, then upload what is staged (module docstring)."""
+        stats = RoundStats()
+        marked, self._marked = self._marked, {}
+        for key, commits in marked.items():
+            try:
+                self._capture(key, commits, stats)
+            except apsw.BusyError:
+                stats.busy += 1
+                self.mark(key, commits)
+            except (apsw.Error, ShardliteError, wc.CaptureError, OSError) as exc:
+                stats.failed += 1
+                stats.errors[key] = f"{type(exc).__name__}: {exc}"
+                log.warning("replicate: tenant %r on node %r: %s (left for the next round)", key, self.node, exc)
+                self._close(key)
+                self.mark(key, commits)
+        self._upload(stats)
+        return stats
+
+    def _connection(self, key: str, path: str) -> _Open:
+        opened = self._open.get(key)
+        if opened is not None and opened.path == path:
+            self._open.move_to_end(key)
+            return opened
+        self._close(key)
+        conn = open_connection(path, self.store.settings)
+        set_busy_timeout(conn, LOCK_WAIT_MS)
+        opened = _Open(conn, wc.LogFiles(path), path)
+        self._open[key] = opened
+        while len(self._open) > KEEP_OPEN:
+            _old, evicted = self._open.popitem(last=False)
+            evicted.close()
+        return opened
+
+    def _close(self, key: str) -> None:
+        opened = self._open.pop(key, None)
+        if opened is not None:
+            opened.close()
+
+    def _capture(self, key: str, commits: list[tuple[int, int]], stats: RoundStats) -> None:
+        record = self.store.meta.tenants.lookup(key)
+        if record is None or record.node != self.node or record.state not in ("active", "moving"):
+            self._close(key)
+            return  # dropped or moved away: the node that holds it now captures it
+        opened = self._connection(key, self.store.path_of(record))
+        conn = opened.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            stored = conn.execute("SELECT key, incarnation FROM _shardlite_meta WHERE id = 1").fetchall()
+            if stored != [(key, record.incarnation)]:
+                raise ShardliteError(f"the file of {key!r} holds {stored!r}, not the catalog's tenant")
+            found = self.staging.cursor(key)
+            same_file = found is not None and (found.incarnation, found.generation) == (
+                record.incarnation, record.generation)
+            cursor = found.cursor if found is not None and same_file else wc.NO_CURSOR
+            last_commit = found.last_commit_ns if found is not None and same_file else 0
+            previous = found.captured_ns if found is not None and same_file else 0
+            got = wc.capture(conn, opened.files, cursor)
+            now = self.clock()
+            if not got.empty:
+                times = wc.commit_times(got, commits, now, previous)
+                self.staging.stage(key, record.incarnation, record.generation, got, times, now)
+                stats.captured += 1
+                stats.snapshots += got.snapshot is not None
+                last_commit = times[-1][1]
+            after = got.cursor
+            if after.frame >= DUE_FRAMES:
+                log_frames, copied = _checkpoint(opened.path, self.store)
+                if log_frames > 0 and copied == log_frames == after.frame:
+                    self.staging.set_cursor(key, record.incarnation, record.generation,
+                                            after._replace(closed=True), last_commit)
+                stats.checkpoints += 1
+        finally:
+            conn.execute("ROLLBACK")
+
+    # -- upload ----------------------------------------------------------------------------------------
+
+    def _upload(self, stats: RoundStats) -> None:
+        staged = self.staging.staged(PACK_BYTES)
+        if not staged:
+            return
+        seq, created = self.staging.next_seq(), self.clock()
+        items = [(pack.Entry(s.key, s.incarnation, s.generation, "snapshot" if s.kind == "snapshot" else "frames",
+                             s.page_size, s.salt, s.first, s.last, s.commits, s.captured_ns, 0, 0), s.data)
+                 for s in staged]
+        blob = pack.encode(self.node, seq, created, items)
+        name = pack_name(self.node, seq)
+        try:
+            self.target.put(name, blob)
+        except ReplicaUnavailable as exc:
+            stats.upload_error = str(exc)
+            log.warning("replicate: node %r: upload of %s failed (%s); %d captures stay staged", self.node,
+                        name, exc, len(staged))
+            return
+        self.staging.shipped(seq, name, created, self.clock(), len(blob), [s.id for s in staged])
+        stats.uploaded_packs += 1
+        stats.uploaded_bytes += len(blob)
+
+
+def _checkpoint(path: str, store: Store) -> tuple[int, int]:
+    """A passive checkpoint of ``path`` on a connection of its own (the caller holds the write lock on
+    another connection of the same file, so no frame can be added meanwhile)."""
+    conn = open_connection(path, store.settings)
+    try:
+        conn.execute("PRAGMA schema_version").fetchall()
+        log_frames, copied = conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+        return int(log_frames), int(copied)
+    finally:
+        conn.close()
+

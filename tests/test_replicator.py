@@ -1,0 +1,200 @@
+"""The node replicator end to end on a directory target: tenants captured, packed, uploaded, and read back
+into the exact database of each tenant; busy tenants wait for the next round; big logs are checkpointed
+by the replicator with the history continuing."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import apsw
+import pytest
+from helpers_s3 import TargetFactory
+
+import shardlite
+from shardlite.core import timeline
+from shardlite.replica.target import ReplicaTarget
+from shardlite.services import replica_read
+from shardlite.services.replicator import NodeReplicator
+
+SCHEMA = {"user": ["CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"]}
+
+
+def _rows_of(image: bytes | bytearray) -> list[tuple[object, ...]]:
+    data = bytearray(image)
+    data[18:20] = b"\x01\x01"  # a WAL-mode image opened in memory
+    conn = apsw.Connection(":memory:")
+    conn.deserialize("main", bytes(data))
+    assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    return list(conn.execute("SELECT id, body FROM notes ORDER BY id"))
+
+
+def _live(router: shardlite.Router, key: str) -> list[tuple[object, ...]]:
+    return [tuple(r) for r in router.query(key, "SELECT id, body FROM notes ORDER BY id")]
+
+
+def _replicated(target: ReplicaTarget, key: str) -> list[tuple[object, ...]]:
+    found = timeline.image_at(replica_read.captures_of(target, [key])[key])
+    assert found is not None, f"{key} has no history in the replica"
+    return _rows_of(found[0])
+
+
+@pytest.fixture
+def setup(tmp_path: os.PathLike[str], make_replica_target: TargetFactory) -> Iterator[
+        tuple[shardlite.Router, NodeReplicator, ReplicaTarget]]:
+    url = make_replica_target.url()
+    router = shardlite.Router(os.path.join(tmp_path, "root"), schema=SCHEMA, replicate=url)
+    target = make_replica_target()
+    node = router.nodes.list()[0].name
+    replicator = NodeReplicator(router._store, node, target)
+    yield router, replicator, target
+    replicator.close()
+    router.close()
+
+
+def _write(router: shardlite.Router, key: str, body: str) -> None:
+    with router.transaction(key) as tx:
+        tx.execute("INSERT INTO notes(body) VALUES (?)", (body,))
+
+
+def test_a_round_ships_every_tenant(setup: tuple[shardlite.Router, NodeReplicator, ReplicaTarget]) -> None:
+    router, replicator, target = setup
+    keys = ["user:a", "user:b", "user:ü"]
+    for i, key in enumerate(keys):
+        for n in range(i + 2):
+            _write(router, key, f"{key} {n}")
+    assert replicator.reconcile() == 3
+    stats = replicator.run_round()
+    assert (stats.captured, stats.snapshots, stats.uploaded_packs, stats.failed) == (3, 3, 1, 0)
+    assert [name for name, _size in replica_read.list_packs(target)] == [
+        f"v1/packs/{replicator.node}/{1:020d}.pack"]
+    for key in keys:
+        assert _replicated(target, key) == _live(router, key)
+    assert replicator.reconcile() == 0  # every tenant has its cursor now
+    _write(router, "user:b", "later")
+    replicator.mark("user:b")
+    stats = replicator.run_round()
+    assert (stats.captured, stats.snapshots, stats.uploaded_packs) == (1, 0, 1)  # frames, not a snapshot
+    assert _replicated(target, "user:b") == _live(router, "user:b")
+    assert replicator.staging.staged_count() == (0, 0)
+
+
+def test_a_busy_tenant_waits_for_the_next_round(setup: tuple[shardlite.Router, NodeReplicator,
+                                                             ReplicaTarget]) -> None:
+    router, replicator, target = setup
+    _write(router, "user:a", "one")
+    _write(router, "user:b", "one")
+    replicator.reconcile()
+    path = router._store.path_of(router._store.meta.tenants.lookup("user:a"))  # type: ignore[arg-type]
+    holder = apsw.Connection(path)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        stats = replicator.run_round()
+        assert (stats.busy, stats.captured) == (1, 1)  # user:b did not wait for user:a
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    stats = replicator.run_round()
+    assert (stats.busy, stats.captured) == (0, 1)
+    assert _replicated(target, "user:a") == _live(router, "user:a")
+
+
+def test_the_replicator_checkpoints_a_big_log_and_the_history_goes_on(
+        setup: tuple[shardlite.Router, NodeReplicator, ReplicaTarget]) -> None:
+    router, replicator, target = setup
+    _write(router, "user:a", "first")
+    replicator.reconcile()
+    replicator.run_round()
+    for n in range(1200):  # past DUE_FRAMES frames in the log
+        _write(router, "user:a", f"row {n}" + "x" * 200)
+    replicator.mark("user:a")
+    stats = replicator.run_round()
+    assert stats.checkpoints == 1 and stats.snapshots == 0
+    cursor = replicator.staging.cursor("user:a")
+    assert cursor is not None and cursor.cursor.closed
+    for n in range(3):  # the next log generation continues the history from frame 1
+        _write(router, "user:a", f"after {n}")
+    replicator.mark("user:a")
+    stats = replicator.run_round()
+    assert (stats.captured, stats.snapshots) == (1, 0)
+    assert _replicated(target, "user:a") == _live(router, "user:a")
+
+
+def test_a_dropped_tenant_is_forgotten(setup: tuple[shardlite.Router, NodeReplicator, ReplicaTarget]) -> None:
+    router, replicator, _target = setup
+    _write(router, "user:a", "one")
+    replicator.reconcile()
+    replicator.run_round()
+    router.drop("user:a")
+    replicator.mark("user:a")
+    stats = replicator.run_round()
+    assert (stats.captured, stats.failed) == (0, 0)
+    replicator.reconcile()
+    assert replicator.staging.cursor("user:a") is None
+
+
+def test_restore_a_tenant_latest_and_at_times(setup: tuple[shardlite.Router, NodeReplicator,
+                                                            ReplicaTarget]) -> None:
+    """Restores at several times give exactly the commits captured at or before each time (here without
+    writers' notes, a commit's time is its capture's); the latest restore equals the live tenant."""
+    from shardlite.services.replica_restore import format_time, parse_time, restore_tenant
+
+    router, replicator, target = setup
+    clock = iter(range(1_000_000_000_000, 2_000_000_000_000, 1_000_000_000))
+    replicator.clock = lambda: next(clock)
+    states = []
+    _write(router, "user:a", "zero")
+    replicator.reconcile()
+    for n in range(5):
+        replicator.mark("user:a")
+        replicator.run_round()
+        states.append((replicator.staging.cursor("user:a").last_commit_ns, _live(router, "user:a")))  # type: ignore[union-attr]
+        _write(router, "user:a", f"row {n}")
+    for when, rows in states:
+        done = restore_tenant(router._store, target, "user:a", as_key=f"user:at{when}", at_ns=when)
+        assert done["commit_ns"] == when and done["key"] == f"user:at{when}"
+        assert _live(router, f"user:at{when}") == rows
+        assert parse_time(format_time(when)) // 1000 == when // 1000
+    with pytest.raises(shardlite.UnknownTenant, match="no commit"):
+        restore_tenant(router._store, target, "user:a", as_key="user:early", at_ns=states[0][0] - 1)
+    with pytest.raises(shardlite.ConfigurationError, match="exists"):
+        restore_tenant(router._store, target, "user:a")  # the live tenant is not replaced without force
+    replicator.mark("user:a")
+    replicator.run_round()
+    live = _live(router, "user:a")
+    _write(router, "user:a", "not replicated yet")
+    done = restore_tenant(router._store, target, "user:a", force=True)
+    assert _live(router, "user:a") == live and done["from_key"] == "user:a"
+    with pytest.raises(shardlite.ConfigurationError, match="time zone"):
+        parse_time("2026-12-06T18:00:00")
+
+
+def test_a_moved_tenant_is_noted_on_its_new_node(tmp_path: os.PathLike[str],
+                                                make_replica_target: TargetFactory) -> None:
+    """After a move's flip, the destination node's replicator hears of the new file within one round,
+    without waiting for a write to it or for its reconcile pass."""
+    from shardlite.files import notesfile
+
+    url = make_replica_target.url()
+    keys = [f"user:{i}" for i in range(12)]
+    with shardlite.Router(os.path.join(tmp_path, "root"), schema=SCHEMA, replicate=url, nodes=["n1"]) as router:
+        for key in keys:
+            _write(router, key, "one")
+        router.nodes.add("n2")
+        router.rebalance.plan()
+        router.rebalance.apply()
+        moved = [key for key in keys if router._store.meta.tenants.lookup(key).node == "n2"]  # type: ignore[union-attr]
+        assert moved, "the ring moved nothing to the new node"
+        path = router._store.node_path("n2")
+        noted = {n.key for name in notesfile.list_notes(path) for n in notesfile.read_notes(path, name).notes}
+        assert noted == set(moved)  # nothing was written on n2: only the moves noted these
+
+
+@pytest.mark.parametrize("node", ["n1", "Node-A", ".hidden", "-x", "ü", "a" * 80])
+def test_pack_names_are_valid_object_names(node: str) -> None:
+    from shardlite.replica.target import check_name
+    from shardlite.services.replicator import pack_name
+
+    name = pack_name(node, 7)
+    assert check_name(name) == name and name.endswith(f"{7:020d}.pack")
+    assert pack_name(node, 7) != pack_name(node + "2", 7)
