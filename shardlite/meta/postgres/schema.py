@@ -173,8 +173,8 @@ STEPS: tuple[tuple[str, ...], ...] = (
            FOR EACH ROW EXECUTE FUNCTION shardlite.node_changed()""",
     ),
     (  # version 4: parked pending-work flags (see shardlite.meta.pending); the due index leaves them out
-        "ALTER TABLE shardlite.pending ADD COLUMN parked double precision",
-        "DROP INDEX shardlite.pending_by_due",
+        "ALTER TABLE shardlite.pending ADD COLUMN IF NOT EXISTS parked double precision",  # safe to run again
+        "DROP INDEX IF EXISTS shardlite.pending_by_due",
         "CREATE INDEX pending_by_due ON shardlite.pending(due) WHERE parked IS NULL",
     ),
 )
