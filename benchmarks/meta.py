@@ -25,9 +25,11 @@ the same code with ``meta`` left out (``<root>/global.db``, ``synchronous=NORMAL
 * m5: a ``revoke`` in this process seen by ``resolve`` in 2 reader processes (their own ``Router(root)``,
   warm cache): p99 of the delay from just before the revoke to the reader's first ``None`` (≤ 1 s);
 * m6a / m6b: write transactions that emit one event, sync (one thread) and async (64 tasks), each on a
-  source tenant whose outbox is empty, so every transaction writes the relay's pending-work flag first (the
-  metadata write of an emit; untimed, the relay drains after each block) (≥ 0.7×); m6r: the same when the
-  outbox already holds events (no flag write; reference);
+  source tenant whose outbox is empty (untimed, the relay drains after each block, which parks each source's
+  pending-work flag), so every transaction emits the first event of an empty outbox: the metadata work of an
+  emit (with a parked flag: a marker read in the tenant, and a wake-up of the flag after the commit, off the
+  caller's thread; without one: the flag written before the commit) (≥ 0.7×); m6r: the same when the outbox
+  already holds events (neither; reference);
 * m7: the chat workload of ``benchmarks/chat_workload.py`` (its worker processes: one ``--meta`` row, the
   embedded row, the asyncpg rows), rounds of the same operations paired like the others: ≥ 0.8× the
   embedded row and ≥ 2× PostgreSQL alone through asyncpg (``synchronous_commit=on``, the default, and
@@ -333,8 +335,8 @@ def row_m6(ctx: Context) -> None:
     finally:
         emb.close()
         pg.close()
-    ctx.rows.append(row("m6a", "sync write tx emitting one event, each on a drained source (writes the pending-work "
-                               "flag), PostgreSQL vs embedded metadata", *sides, target=0.7))
+    ctx.rows.append(row("m6a", "sync write tx emitting one event, each on a drained source (its pending-work flag "
+                               "parked: woken after the commit), PostgreSQL vs embedded metadata", *sides, target=0.7))
     ctx.rows.append(row("m6r", "sync write tx emitting one event to a source whose outbox holds events (no flag "
                                "write), PostgreSQL vs embedded metadata", *steady, target=None))
     # async: the same sources, 64 tasks; AsyncRouter opened on the roots the sync routers made

@@ -20,6 +20,7 @@ import pytest
 from helpers_routers import run_cli
 
 from shardlite import ConfigurationError, Router, Settings
+from shardlite.core.outbox import Event
 from shardlite.meta.choose import locate_store
 from shardlite.meta.copy import POINTS, TABLES, copy_to_postgres
 from shardlite.meta.location import parse_location
@@ -216,3 +217,33 @@ def test_cli_init_meta_refuses_an_incomplete_backend_or_records_it(pg_dsn: str, 
         assert record is not None and record.location.same_store(parse_location(pg_dsn))
     else:
         assert "does not implement meta." in err and read_record(root) is None
+
+
+def test_parked_flags_stay_parked_and_their_markers_valid_after_the_copy(pg_dsn: str, root: str) -> None:
+    """A drained source's flag is parked with its version recorded in the file: the copy keeps the flag's
+    version and parked state, so the marker still names it and the next emit on PostgreSQL writes no flag."""
+    applied: list[int] = []
+
+    def record(tx: object, event: Event) -> None:
+        applied.append(event.payload["n"])
+
+    with Router(root) as router:
+        router.handler("t")(record)
+        with router.transaction("src:1") as tx:
+            tx.emit("dst:1", "t", {"n": 0})
+        router.relay.drain(timeout=30)
+        before = router._store.meta.pending.row("src:1")
+        assert before is not None and before.parked is not None
+    copy_to_postgres(root, pg_dsn)
+    with Router(root, meta=pg_dsn) as router:
+        assert router._store.meta.location.startswith("postgresql://")
+        assert router._store.meta.pending.row("src:1") == before
+        router.handler("t")(record)
+        flags: list[list[str]] = []
+        real = router._store.emitter._flag_many
+        router._store.emitter._flag_many = lambda keys: (flags.append(list(keys)), real(keys))[1]
+        with router.transaction("src:1") as tx:
+            tx.emit("dst:1", "t", {"n": 1})
+        assert flags == [], "the copied parked flag stands in for the flag write"
+        router.relay.drain(timeout=30)
+    assert applied == [0, 1]

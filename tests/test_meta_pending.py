@@ -146,6 +146,108 @@ def test_clear_deletes_only_an_unchanged_flag(meta: MetaStore) -> None:
     assert pending.all() == []
 
 
+def test_park_is_a_compare_and_set_on_the_version_and_hides_the_flag_from_due(meta: MetaStore) -> None:
+    pending = meta.pending
+    pending.flag_many(["user:a", "user:b"])
+    a, b = pending.row("user:a"), pending.row("user:b")
+    assert a is not None and b is not None and a.parked is None
+    assert not pending.park("user:a", a.version + 1)  # the version moved: nothing written
+    assert not pending.park("user:none", 1)  # no flag at all
+    assert pending.row("user:a") == a
+    before = time.time()
+    assert pending.park("user:a", a.version)
+    parked = pending.row("user:a")
+    assert parked is not None and parked.parked is not None and before <= parked.parked <= time.time()
+    assert (parked.version, parked.due, parked.since) == (a.version, a.due, a.since)
+    assert [r.key for r in pending.due(time.time() + 10, 10)] == ["user:b"]  # never a parked flag
+    assert [r.key for r in pending.all()] == ["user:a", "user:b"]  # all() lists it, parked
+    assert pending.park("user:a", a.version)  # parking a parked flag again: still True, time renewed
+    again = pending.row("user:a")
+    assert again is not None and again.parked is not None and again.parked >= parked.parked
+
+
+def test_flag_many_and_set_due_un_park_a_parked_flag(meta: MetaStore) -> None:
+    pending = meta.pending
+    pending.set_due("user:a", time.time() + 3600)  # due far later, then parked
+    pending.flag_many(["user:b"])
+    for key in ("user:a", "user:b"):
+        row = pending.row(key)
+        assert row is not None and pending.park(key, row.version)
+    before = time.time()
+    pending.flag_many(["user:a"])
+    a = pending.row("user:a")
+    assert a is not None and a.parked is None and a.due <= time.time() and a.due >= before  # due now
+    assert [r.key for r in pending.due(time.time(), 10)] == ["user:a"]
+    pending.set_due("user:b", 5.0)
+    b = pending.row("user:b")
+    assert b is not None and b.parked is None and b.due == 5.0
+    assert [r.key for r in pending.due(time.time(), 10)] == ["user:b", "user:a"]
+
+
+def test_wake_many_makes_parked_flags_due_and_names_the_missing_ones(meta: MetaStore) -> None:
+    pending = meta.pending
+    pending.set_due("user:a", time.time() + 3600)
+    pending.flag_many(["user:b", "user:c"])
+    rows = {k: pending.row(k) for k in ("user:a", "user:b", "user:c")}
+    assert all(r is not None for r in rows.values())
+    a, b, c = rows["user:a"], rows["user:b"], rows["user:c"]
+    assert a is not None and b is not None and c is not None
+    assert pending.park("user:a", a.version) and pending.park("user:b", b.version)
+    pending.flag_many(["user:b"])  # flagged again since the park: its old version is gone
+    assert pending.wake_many([]) == []
+    before = time.time()
+    missing = pending.wake_many([("user:a", a.version), ("user:b", b.version), ("user:c", c.version),
+                                 ("user:none", 7)])
+    assert missing == [("user:b", b.version), ("user:none", 7)]
+    woken = pending.row("user:a")
+    assert woken is not None and woken.parked is None and woken.version == a.version
+    assert before <= woken.due <= time.time() and woken.since == a.since
+    assert pending.row("user:c") == c  # a due flag with that version is left as it is
+    b_now = pending.row("user:b")
+    assert b_now is not None and b_now.version == b.version + 1 and b_now.parked is None
+    assert {r.key for r in pending.due(time.time(), 10)} == {"user:a", "user:b", "user:c"}
+    assert pending.wake_many([("user:a", a.version)]) == []  # waking a due flag: no error, nothing missing
+
+
+def test_parked_lists_parked_flags_idle_since_a_time_in_key_order_by_pages(meta: MetaStore) -> None:
+    pending = meta.pending
+    keys = sorted(ODD_KEYS)
+    pending.flag_many(ODD_KEYS + ["user:due"])
+    for key in ODD_KEYS:
+        row = pending.row(key)
+        assert row is not None and pending.park(key, row.version)
+    assert [r.key for r in pending.parked(100, time.time())] == keys  # code points; the due flag left out
+    assert all(r.parked is not None for r in pending.parked(100, time.time()))
+    assert pending.parked(100, time.time() - 3600) == []  # none parked that long ago
+    assert pending.parked(0, time.time()) == []
+    pages: list[str] = []
+    after = ""
+    while True:
+        page = pending.parked(3, time.time(), after)
+        if not page:
+            break
+        assert len(page) <= 3
+        pages += [r.key for r in page]
+        after = page[-1].key
+    assert pages == keys
+    first = pending.row(keys[0])
+    assert first is not None
+    pending.wake_many([(first.key, first.version)])
+    assert [r.key for r in pending.parked(100, time.time())] == keys[1:]
+
+
+def test_clear_deletes_a_parked_flag_only_with_its_version(meta: MetaStore) -> None:
+    pending = meta.pending
+    pending.flag_many(["user:a"])
+    a = pending.row("user:a")
+    assert a is not None and pending.park("user:a", a.version)
+    pending.clear_many([("user:a", a.version + 1)])
+    assert pending.row("user:a") is not None
+    pending.clear_many([("user:a", a.version)])
+    assert pending.row("user:a") is None
+    assert pending.wake_many([("user:a", a.version)]) == [("user:a", a.version)]
+
+
 def test_versions_are_never_reused_for_a_key(meta: MetaStore) -> None:
     """A flag deleted and written again gets a version it never had: a relay still holding an old one
     cannot delete the new flag."""

@@ -138,7 +138,7 @@ def test_a_version_2_schema_is_upgraded_on_open_with_the_node_hints(pg_dsn: str,
     again.open(create=False)
     try:
         with psycopg.connect(pg_dsn, autocommit=True) as listener, psycopg.connect(pg_dsn, autocommit=True) as conn:
-            assert conn.execute("SELECT version FROM shardlite.version").fetchone() == (len(STEPS),) == (3,)
+            assert conn.execute("SELECT version FROM shardlite.version").fetchone() == (len(STEPS),) == (4,)
             listener.execute("LISTEN shardlite_nodes")
             again.nodes.add("n2", "n2", 1)
             notes = [(n.channel, n.payload) for n in listener.notifies(timeout=30, stop_after=1)]

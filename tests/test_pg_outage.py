@@ -145,6 +145,40 @@ def test_router_keeps_warm_tenants_while_postgres_is_down_and_resumes_by_itself(
     router.close()
 
 
+def test_a_parked_source_emits_while_postgres_is_down_and_its_events_follow(server: PgServer,
+                                                                              tmp_path: Path) -> None:
+    """A drained source whose parked flag this process checked needs no metadata to emit: its wake-up waits
+    for the server (retried), and nothing is lost."""
+    router = Router(tmp_path / "root", meta=server.dsn(), schema=SCHEMA)
+    router.handler("ev")(_on_ev)
+
+    def write(key: str, i: int, emit_to: str | None = None) -> None:
+        with router.transaction(key) as tx:
+            tx.execute("INSERT INTO t(w, i, kind) VALUES (0, ?, 'x')", (i,))
+            if emit_to is not None:
+                tx.emit(emit_to, "ev", {"w": 0, "i": i})
+
+    _hints_connected(router)
+    write("a", 0, emit_to="b")  # the first event of a's outbox: the flag is written
+    router.relay.drain(timeout=DEADLINE)  # ...and parked
+    write("a", 1, emit_to="b")  # the marker is checked once (one read), then the flag woken
+    router.relay.drain(timeout=DEADLINE)
+    flag = router._store.meta.pending.row("a")
+    assert flag is not None and flag.parked is not None
+
+    server.kill()
+    for i in range(2, 12):  # the first finds a's outbox empty: the parked flag stands in for the flag write
+        write("a", i, emit_to="b")
+    assert router.query("a", "SELECT count(*) FROM t") == [(12,)]
+    _unavailable(lambda: router.relay.drain(timeout=1))
+
+    server.start()
+    stats = _eventually(lambda: router.relay.drain(timeout=DEADLINE))
+    assert not stats.failing
+    assert router.query("b", "SELECT i FROM got ORDER BY i") == [(i,) for i in range(12)]  # each once
+    router.close()
+
+
 def test_async_router_serves_warm_tenants_while_a_metadata_call_waits(server: PgServer, tmp_path: Path) -> None:
     asyncio.run(_async_scenario(server, tmp_path))
 

@@ -259,7 +259,7 @@ def test_status_counts_versions(make_router: Any) -> None:
 
 def _downgrade_to_internal_v3(path: str) -> None:
     """Turn a tenant file into what shardlite's internal version 3 made: outbox and feed numbered with
-    AUTOINCREMENT, no ``_shardlite_relay.last_seq``."""
+    AUTOINCREMENT, no ``_shardlite_relay.last_seq`` (nor the later ``parked_version``)."""
     conn = apsw.Connection(path)
     try:
         conn.execute("BEGIN")
@@ -271,6 +271,7 @@ def _downgrade_to_internal_v3(path: str) -> None:
         conn.execute("CREATE TABLE _shardlite_feed(id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, "
                      "topic TEXT NOT NULL, payload TEXT NOT NULL, event TEXT NOT NULL, at REAL NOT NULL)")
         conn.execute("ALTER TABLE _shardlite_relay DROP COLUMN last_seq")
+        conn.execute("ALTER TABLE _shardlite_relay DROP COLUMN parked_version")
         # five events were emitted and delivered (deleted) under v3; one is still waiting; a feed entry
         conn.execute("INSERT INTO _shardlite_outbox(seq, dest, topic, payload, created) VALUES "
                      "(4, 'user:b', 't', '{}', 0)")
@@ -305,3 +306,29 @@ def test_internal_v3_tenant_is_migrated_on_open_and_keeps_its_numbers(make_route
     assert again.query("user:1", "SELECT count(*) FROM sqlite_sequence WHERE name LIKE '\\_shardlite%' "
                                  "ESCAPE '\\'") == [(0,)]
     assert again.query("user:1", "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_global_db_version_7_gets_parked_flags_on_open(make_router: Any, root: str) -> None:
+    """A root whose global.db predates parked pending-work flags (version 7): its flags come through the
+    upgrade due, and a drain parks them."""
+    router = make_router()
+    applied: list[int] = []
+    with router.transaction("user:a") as tx:
+        tx.emit("user:b", "t", {"n": 1})
+    router.close()
+    conn = apsw.Connection(os.path.join(root, "global.db"))
+    try:
+        conn.execute("DROP INDEX _shardlite_pending_by_due")
+        conn.execute("ALTER TABLE _shardlite_pending DROP COLUMN parked")
+        conn.execute("CREATE INDEX _shardlite_pending_by_due ON _shardlite_pending(due)")
+        conn.execute("PRAGMA user_version = 7")
+    finally:
+        conn.close()
+    again = make_router(root)
+    again.handler("t")(lambda tx, event: applied.append(event.payload["n"]))
+    (flag,) = again._store.meta.pending.all()
+    assert flag.key == "user:a" and flag.parked is None
+    again.relay.drain(timeout=30)
+    assert applied == [1]
+    parked = again._store.meta.pending.row("user:a")
+    assert parked is not None and parked.parked is not None

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import apsw
+
 from ..front.accounts import upgrade_email_keys
 from .app_tables import move_app_tables
 from .globaldb import GLOBAL_DB_NAME, GlobalDB
@@ -24,12 +26,25 @@ from .schema import Step
 
 __all__ = ["Node", "TenantRecord", "Location", "SqliteCatalog", "GLOBAL_DB_NAME", "GLOBAL_STEPS"]
 
+
+def park_pending(cursor: apsw.Cursor) -> None:
+    """Global version 8: ``_shardlite_pending.parked`` and the due index without parked flags. Safe to run
+    again on a file that has them (a version number set back by hand)."""
+    conn = cursor.connection
+    columns = {str(row[1]) for row in conn.execute("PRAGMA table_info(_shardlite_pending)").fetchall()}
+    if "parked" not in columns:
+        conn.execute("ALTER TABLE _shardlite_pending ADD COLUMN parked REAL")
+    conn.execute("DROP INDEX IF EXISTS _shardlite_pending_by_due")
+    conn.execute("CREATE INDEX _shardlite_pending_by_due ON _shardlite_pending(due) WHERE parked IS NULL")
+
+
 #: shardlite's tables in the global DB, by version (PRAGMA user_version). Version 1: the catalog;
 #: version 2: accounts, password credentials and sessions; version 3: the relay's pending-work flags and
 #: dead letters; version 4: the rebalance journal (plans and per-tenant move steps); version 5: the app's
 #: own global tables move out to ``app_global.db`` (:mod:`shardlite.files.app_tables`); version 6: stored e-mail
 #: keys take the domain's ASCII form (:func:`shardlite.front.accounts.upgrade_email_keys`); version 7: moves found by
-#: key (a rebalancer settling one tenant's lapsed move).
+#: key (a rebalancer settling one tenant's lapsed move); version 8: parked pending-work flags (``parked``: when
+#: the flag was parked, NULL while it is not; the due index leaves parked flags out).
 GLOBAL_STEPS: tuple[tuple[Step, ...], ...] = (
     (
         """CREATE TABLE _shardlite_catalog_meta(name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID""",
@@ -141,7 +156,9 @@ GLOBAL_STEPS: tuple[tuple[Step, ...], ...] = (
     (move_app_tables,),
     (upgrade_email_keys,),
     ("CREATE INDEX IF NOT EXISTS _shardlite_moves_by_key ON _shardlite_moves(key)",),
+    (park_pending,),
 )
+
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ class Handle:
 
     __slots__ = ("key", "role", "conn", "cur", "guard", "path", "generation", "incarnation", "checked_dv",
                  "lock", "owner", "depth", "used", "closed", "aliases", "savepoints", "emitted", "needs_flag",
-                 "spare", "given", "wal", "calls", "started", "limit", "max_calls", "__weakref__")
+                 "wake_version", "spare", "given", "wal", "calls", "started", "limit", "max_calls", "__weakref__")
 
     def __init__(self, key: str, role: str, conn: apsw.Connection, guard: Guard, path: str,
                  generation: int, incarnation: str) -> None:
@@ -60,6 +60,8 @@ class Handle:
         #: ``tx.emit`` queued the tenant's pending-work flag (in the thread of this id; 0: not): the committer
         #: makes sure it is written before the COMMIT
         self.needs_flag = 0
+        #: the parked flag's version a transaction relied on instead of writing the flag (woken after COMMIT)
+        self.wake_version: int | None = None
         #: the WAL hook of a write connection whose checkpoints a Checkpointer schedules (else None)
         self.wal: WalWatch | None = None
         # The statement clock (see progress): calls of the progress handler since the statement began

@@ -183,7 +183,8 @@ TENANT_TABLES: Final = ("_shardlite_meta", "_shardlite_outbox", "_shardlite_inbo
 #: are cleared anyway), and the value they take.
 _OPTIONAL: Final = {("_shardlite_outbox", "origin"): None, ("_shardlite_relay", "last_seq"): 0,
                     ("_shardlite_relay", "id"): 1, ("_shardlite_relay", "claimed_by"): None,
-                    ("_shardlite_relay", "claimed_until"): 0, ("_shardlite_meta", "retired"): None}
+                    ("_shardlite_relay", "claimed_until"): 0, ("_shardlite_relay", "parked_version"): None,
+                    ("_shardlite_meta", "retired"): None}
 
 
 @dataclass(frozen=True)
@@ -298,7 +299,8 @@ def rebuild_tenant_tables(conn: apsw.Connection, *, key: str, incarnation: str, 
                           max_payload: int = DEFAULT_MAX_PAYLOAD) -> Rebuilt:
     """Rebuild shardlite's tables of the tenant copy open on ``conn`` (a trusted, :func:`inert` connection
     inside the caller's write transaction) from shardlite's current definitions, as tenant ``key`` with
-    the new ``incarnation``; the retired marker and the relay's claim are cleared.
+    the new ``incarnation``; the retired marker, the relay's claim and its parked-flag marker are cleared
+    (the copy's marker names a flag of the root and the moment it came from).
 
     Refuses the file (:class:`ShardliteError`, nothing written) when :func:`refuse_foreign` finds objects
     touching shardlite's tables, when it is no shardlite tenant file (:class:`IdentityMismatch`), when it
@@ -348,7 +350,7 @@ def rebuild_tenant_tables(conn: apsw.Connection, *, key: str, incarnation: str, 
     for name in TENANT_TABLES:
         conn.execute(tables[name].create)
     _insert(conn, tables["_shardlite_meta"], [(1, key, incarnation, INTERNAL_VERSION, created, None)])
-    _insert(conn, tables["_shardlite_relay"], [(1, None, 0, last_seq)])
+    _insert(conn, tables["_shardlite_relay"], [(1, None, 0, last_seq, None)])  # no claim, no parked flag
     _insert(conn, tables["_shardlite_outbox"], outbox if kept else [])
     _insert(conn, tables["_shardlite_inbox"], inbox)
     _insert(conn, tables["_shardlite_feed"], feed)

@@ -46,6 +46,9 @@ Step = str | Callable[[apsw.Cursor], None]
 #: before anything was deleted from it (:data:`REMEMBER_LAST_SEQ`, run by whoever deletes), and
 #: :data:`EMIT_SQL` numbers a new event past both it and the outbox's own highest. Feed rows are never
 #: deleted, so their rowids only grow.
+#: Version 5: ``_shardlite_relay.parked_version``, the version of the relay's pending-work flag it parked
+#: when it left the outbox empty (:mod:`shardlite.meta.pending`): written only after the park succeeded, so
+#: an emitter that finds it set knows a flag exists and needs only a wake-up after its commit.
 INTERNAL_STEPS: Final[tuple[tuple[str, ...], ...]] = (
     (
         """CREATE TABLE _shardlite_meta(
@@ -124,6 +127,7 @@ INTERNAL_STEPS: Final[tuple[tuple[str, ...], ...]] = (
         "ALTER TABLE _shardlite_feed_v4 RENAME TO _shardlite_feed",
         "DELETE FROM sqlite_sequence WHERE name IN ('_shardlite_outbox', '_shardlite_feed')",
     ),
+    ("ALTER TABLE _shardlite_relay ADD COLUMN parked_version INTEGER",),
 )
 INTERNAL_VERSION: Final = len(INTERNAL_STEPS)
 

@@ -59,6 +59,7 @@ from ..meta.store import MetaStore
 from .tenant_create import TenantCreation
 from .tenant_reads import TenantReads
 from .transaction import DEFAULT_MAX_OUTBOX, Emitter, TransactionClosed
+from .wakes import Wakes
 
 __all__ = ["Store", "NODE_NAME_RE", "check_node_name"]
 
@@ -160,8 +161,8 @@ class Store(TenantCreation, TenantReads):
         #: Outbox hooks shared by every transaction of this store (``tx.emit``).
         if type(max_outbox) is not int or max_outbox < max_payload:
             raise ConfigurationError("max_outbox_bytes must be an int no smaller than max_payload")
-        self.emitter = Emitter(self.meta.pending.flag_many, max_payload,
-                               check_dest=lambda key: self.spec.steps_for(prefix_of(key)), max_outbox=max_outbox)
+        self.emitter = Emitter(self.meta.pending.flag_many, max_payload, check_dest=lambda key: self.spec.steps_for(
+            prefix_of(key)), max_outbox=max_outbox, wakes=Wakes(self.meta.pending))
         self._templates: dict[str, Personaliser] = {}
         self._template_lock = threading.Lock()
         #: VM steps between two looks at the clock on read connections (the AsyncRouter's inline budget
@@ -478,12 +479,11 @@ class Store(TenantCreation, TenantReads):
         if watch is not None and watch.frames >= DUE_FRAMES:
             self.checkpoints.after_commit(handle, watch)  # type: ignore[union-attr]  # set with handle.wal
         if handle.emitted:
-            handle.emitted = False
-            self.emitter.wake(handle.key)
+            handle.emitted, parked, handle.wake_version = False, handle.wake_version, None
+            self.emitter.wake(handle.key, parked)
 
     def rollback(self, handle: Handle) -> None:
-        handle.emitted = False
-        handle.needs_flag = 0
+        handle.emitted, handle.needs_flag, handle.wake_version = False, 0, None
         handle.calls = 0
         conn = handle.conn
         if conn.get_autocommit():
@@ -581,6 +581,7 @@ class Store(TenantCreation, TenantReads):
         self.pool.close_all()
         if self.notes is not None:
             self.notes.close()
+        self.emitter.close()  # before the metadata: the queued wake-ups are written
         self.meta.close()
 
     @property

@@ -27,10 +27,14 @@ from ..errors import MetaUnavailable, PayloadTooLarge, QueryTimeout, ShardliteEr
 from ..files.authorizer import INTERNAL_SQL, Guard
 from ..files.engine import storage_error
 from ..files.schema import EMIT_SQL
+from .wakes import Wakes
 
 __all__ = ["Transaction", "AsyncTransaction", "TransactionClosed", "Emitter"]
 
-_ANY_EVENT = INTERNAL_SQL + "SELECT 1 FROM _shardlite_outbox LIMIT 1"
+#: Whether the outbox holds an event, and the version of the relay's parked flag the file records (see
+#: :mod:`shardlite.front.wakes`), in one statement.
+_OUTBOX_STATE = (INTERNAL_SQL + "SELECT EXISTS (SELECT 1 FROM _shardlite_outbox), parked_version FROM _shardlite_relay "
+                 "WHERE id = 1")
 #: Bytes counted per event for its row, besides its payload, topic and destination (see Emitter.max_outbox).
 EVENT_OVERHEAD = 64
 #: The default bound on what one transaction adds to its outbox.
@@ -86,12 +90,18 @@ class Emitter:
     handle calls :meth:`flush` with its key first, which writes that key and whatever else this thread
     has queued in one global transaction: the transactions an event loop runs in one iteration share one
     global write. ``wake()`` runs after a commit that emitted, to wake in-process relays at once.
+
+    Parked flags (``wakes``, :mod:`shardlite.front.wakes`): when the outbox is empty but the file records the
+    version of the relay's parked flag, and that marker is verified, no flag is written before the commit:
+    the handle carries the version and ``wake()`` queues a wake-up of the flag after the commit.
     """
 
     def __init__(self, flag_many: Callable[[list[str]], None], max_payload: int = DEFAULT_MAX_PAYLOAD,
                  check_dest: Callable[[str], object] | None = None,
-                 max_outbox: int = DEFAULT_MAX_OUTBOX) -> None:
+                 max_outbox: int = DEFAULT_MAX_OUTBOX, wakes: Wakes | None = None) -> None:
         self._flag_many = flag_many
+        #: Parked flags: marker checks and wake-ups (None: every first event writes the flag)
+        self.wakes = wakes
         self.max_payload = max_payload
         #: what one transaction may add to its tenant's outbox, in bytes (payloads, topics, destinations and
         #: EVENT_OVERHEAD per event)
@@ -195,9 +205,32 @@ class Emitter:
         if listener in self._listeners:
             self._listeners.remove(listener)
 
-    def wake(self, source: str) -> None:
+    def wake(self, source: str, parked: int | None = None) -> None:
+        """After a commit that emitted from ``source``: wake in-process relays, and the parked flag (version
+        ``parked``) when the commit relied on it instead of writing the flag."""
+        if parked is not None and self.wakes is not None:
+            self.wakes.queue(source, parked)
         for listener in list(self._listeners):
             listener(source)
+
+    def close(self) -> None:
+        """Write the queued wake-ups and stop their flusher (the store closes)."""
+        if self.wakes is not None:
+            self.wakes.close()
+
+    def parked(self, key: str, generation: int, version: int) -> bool:
+        """True when the parked flag ``version`` that ``key``'s file (of ``generation``) records can stand in
+        for writing the flag (see :class:`~shardlite.front.wakes.Wakes`). Raises
+        :class:`~shardlite.MetaUnavailable` when checking it found the store unreachable (writing the flag
+        would fail too: the emit fails at once, nothing written)."""
+        wakes = self.wakes
+        if wakes is None:
+            return False
+        try:
+            return wakes.verified(key, generation, version, skip_check=self.unavailable is not None)
+        except MetaUnavailable as exc:
+            self.unavailable = exc
+            raise
 
 
 class _TxCore:
@@ -390,12 +423,17 @@ class _TxCore:
         guard.trusted = True
         try:
             if not self._outbox:
-                if not conn.execute(_ANY_EVENT).fetchall():
-                    if self._handle is not None:
-                        emitter.flag(self.key)
-                        self._handle.needs_flag = threading.get_ident()  # the store's commit writes it first
-                    else:  # no store commit will flush it: write it now
+                handle = self._handle
+                state = conn.execute(_OUTBOX_STATE).fetchall()
+                if not state or not state[0][0]:  # the first events of an empty outbox
+                    parked = state[0][1] if state else None
+                    if handle is None:  # no store commit will flush it: write it now
                         emitter.flush(self.key)
+                    elif parked is not None and emitter.parked(self.key, handle.generation, int(parked)):
+                        handle.wake_version = int(parked)  # a flag exists: the store's commit wakes it afterwards
+                    else:
+                        emitter.flag(self.key)
+                        handle.needs_flag = threading.get_ident()  # the store's commit writes it first
             now = time.time()
             if len(dest_keys) == 1:
                 conn.execute(_EMIT, (dest_keys[0], topic, data, now))

@@ -9,9 +9,19 @@ while a spurious one costs a relay one look. The rules that keep it so (see :mod
   (``tx.emit``, a restore or an import that keeps events, a dead-letter retry): :meth:`PendingWork.flag_many`
   is durable when it returns, and the caller must not commit the tenant when it raises;
 * a relay reads the flag's ``version`` under the source tenant's write lock, in the transaction that
-  leaves the outbox empty, and after that commit clears the flag only if the version is unchanged
-  (:meth:`PendingWork.clear_many`): an emitter that flagged it meanwhile changed the version, so its flag
-  survives.
+  leaves the outbox empty, and *parks* the flag if the version is unchanged (:meth:`PendingWork.park`): a
+  parked flag is kept but is not due, so relays stop looking at it. An emitter that flagged it meanwhile
+  changed the version, so its flag stays due;
+* a parked flag is made due again by a *wake-up* (:meth:`PendingWork.wake_many`), which need not be
+  durable: the tenant file records the version it parked (``_shardlite_relay.parked_version``, written
+  only after the park succeeded), and an emitter that finds its outbox empty and that marker set knows a
+  flag exists without asking, so it commits first and wakes the flag afterwards. A lost wake-up (the
+  writer killed after its commit, a store that crashed before it wrote the wake-up) leaves events under a
+  parked flag: relays sweep the parked flags (:meth:`PendingWork.parked`) every few seconds and wake the
+  ones whose outbox holds events;
+* a flag parked and idle for long is expired: the relay clears the tenant's marker first (in a tenant
+  commit, under its write lock, with the outbox empty), then the flag (:meth:`PendingWork.clear_many`, only
+  if the version is unchanged). A crash between leaves a parked flag without a marker: harmless.
 
 For that compare-and-set to be sound a version is a token that is never handed out twice for one key, even
 after the key's row was deleted and written again (a relay holding an old version must never delete a
@@ -50,6 +60,9 @@ class PendingRow(NamedTuple):
     due: float
     #: when the row was written first (the flag's age)
     since: float
+    #: when the flag was parked (:meth:`PendingWork.park`), None while it is not parked; a parked flag is
+    #: never due, whatever ``due`` says
+    parked: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,20 +89,21 @@ class PendingWork(Protocol):
     def flag_many(self, keys: Sequence[str]) -> None:
         """Flag every key in ``keys`` as one atomic unit: a key without a flag gets one (a fresh version,
         ``due`` and ``since`` now); a flagged key gets a new version (its old one plus 1) and ``due`` becomes
-        the earlier of its due time and now (``since`` is kept). Durable when it returns: the caller commits
-        the tenant transaction that needs the flag only afterwards. On any failure nothing is written and
+        the earlier of its due time and now (``since`` is kept); a parked flag is un-parked (due now).
+        Durable when it returns: the caller commits the tenant transaction that needs the flag only
+        afterwards. On any failure nothing is written and
         the error propagates (:class:`~shardlite.MetaUnavailable` when the store cannot be reached); the
         caller must then roll the tenant transaction back. Hot: one write per emitting transaction that
         found its outbox empty (batched per thread)."""
         ...
 
     def due(self, now: float, limit: int) -> builtins.list[PendingRow]:
-        """At most ``limit`` (>= 0) flags whose ``due <= now``, earliest due first (ties in key order). Warm:
-        an idle relay polls it every ``poll_interval``."""
+        """At most ``limit`` (>= 0) flags that are not parked and whose ``due <= now``, earliest due first
+        (ties in key order). Never a parked flag. Warm: an idle relay polls it every ``poll_interval``."""
         ...
 
     def all(self) -> builtins.list[PendingRow]:
-        """Every flag, in key order (code points)."""
+        """Every flag, parked ones included (``parked`` set), in key order (code points)."""
         ...
 
     def row(self, key: str) -> PendingRow | None:
@@ -97,15 +111,42 @@ class PendingWork(Protocol):
         ...
 
     def clear_many(self, pairs: Sequence[tuple[str, int]]) -> None:
-        """For each ``(key, version)``: delete ``key``'s flag if its version is still ``version``; a flag
-        that changed since (flagged again) or is gone is left as it is, silently (a lost compare-and-set is
-        no error here: that flag belongs to a newer emitter). One atomic unit for all pairs."""
+        """For each ``(key, version)``: delete ``key``'s flag (parked or not) if its version is still
+        ``version``; a flag that changed since (flagged again) or is gone is left as it is, silently (a lost
+        compare-and-set is no error here: that flag belongs to a newer emitter). One atomic unit for all
+        pairs. Durable when it returns."""
         ...
 
     def set_due(self, key: str, due: float) -> None:
         """Set ``key``'s due time to ``due`` (later or earlier), keeping its version; a key without a flag
-        gets one (a fresh version, ``since`` now). Used by relays to postpone a source that waits for a
-        retry or fails, and to bring one forward."""
+        gets one (a fresh version, ``since`` now); a parked flag is un-parked. Used by relays to postpone a
+        source that waits for a retry or fails, and to bring one forward."""
+        ...
+
+    def park(self, key: str, version: int) -> bool:
+        """Compare-and-set: when ``key``'s flag has version ``version`` (parked or not), it becomes parked
+        (not due: :meth:`due` never returns it; ``parked`` now, or kept when it was parked with that version
+        already; version, ``due`` and ``since`` kept) and True is returned; False, nothing written, when
+        the flag is gone or its version moved. May be non-durable (PostgreSQL: ``synchronous_commit =
+        off``): a park lost in a crash of the store leaves the flag due, which costs a relay one look.
+        Relays call it under the source's write lock, with the outbox empty, before they record the version
+        in the tenant file (module doc)."""
+        ...
+
+    def wake_many(self, pairs: Sequence[tuple[str, int]]) -> builtins.list[tuple[str, int]]:
+        """For each ``(key, version)``: a parked flag with that version becomes due now (un-parked; version
+        and ``since`` kept); a flag with that version that is not parked is left as it is. Returns the
+        pairs for which no flag with that version exists (gone, or flagged again since: the caller writes a
+        flag for those with :meth:`flag_many`), in the order given. Best effort, one atomic unit, and may be
+        non-durable (PostgreSQL: ``synchronous_commit = off``): a wake-up lost in a crash of the store leaves
+        the flag parked, which the relays' sweep of parked flags repairs (module doc). Called off the
+        emitters' threads, batched."""
+        ...
+
+    def parked(self, limit: int, idle_before: float, after: str = "") -> builtins.list[PendingRow]:
+        """At most ``limit`` (>= 0) parked flags whose ``parked`` time is at or before ``idle_before`` and
+        whose key sorts after ``after`` (code points: pass the last key of a page to get the next), in key
+        order. The relays' sweep: lost wake-ups and the expiry of flags parked long ago."""
         ...
 
 

@@ -35,7 +35,7 @@ TABLES: tuple[Table, ...] = (
           ("account_id",)),
     Table("_shardlite_sessions", "sessions", ("token_hash", "account_id", "created", "expires", "idle_ttl",
                                               "last_seen", "revoked"), ("token_hash",)),
-    Table("_shardlite_pending", "pending", ("key", "version", "due", "since"), ("key",)),
+    Table("_shardlite_pending", "pending", ("key", "version", "due", "since", "parked"), ("key",)),
     Table("_shardlite_dead_letters", "dead_letters", ("source", "incarnation", "seq", "dest", "topic", "payload",
                                                       "created", "attempts", "error", "died"),
           ("source", "incarnation", "seq")),

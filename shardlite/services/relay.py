@@ -1,10 +1,14 @@
 """The relay: delivers outbox events to their handlers on the destination tenants (rules: outbox effects happen
 exactly once; crashes lose nothing acknowledged; failures stay in their tenant and waits are bounded).
 
-Finding work. A tenant with pending events has a row in the global DB's ``_shardlite_pending`` table. The
-row is written only on transitions: by ``tx.emit`` when it finds the outbox empty (*before* that
-transaction commits), and by the relay when a pass leaves the outbox empty (deleted) or waiting for a retry
-(its due time moves). Relays read the table (a read, never every tenant file) to find due tenants.
+Finding work. A tenant with pending events has a flag in the metadata's pending-work index
+(:mod:`shardlite.meta.pending`). The flag is written only on transitions: by ``tx.emit`` when it finds the
+outbox empty (*before* that transaction commits), and by the relay when a pass leaves the outbox empty
+(*parked*: kept but not due, its version recorded in the source file, so the next emit only wakes it after
+its commit: :mod:`shardlite.services.relay_sweep`, :mod:`shardlite.front.wakes`) or waiting for a retry (its
+due time moves). Relays read the index (a read, never every tenant file) to find due tenants, and sweep the
+parked flags every ``Sweeper.interval`` seconds (5 s) for events whose wake-up was lost: such an event is
+delivered within that interval plus one pass.
 
 Claiming. A relay claims a source tenant inside the tenant's own file (``_shardlite_relay``, a lease of
 ``lease`` seconds) so several relays never work one source at once and never fight over the global DB. A
@@ -23,11 +27,11 @@ One pass over a set of sources (every due one, up to ``sources_per_pass``):
    (:mod:`shardlite.services.delivery`: inbox marks make a redelivery a no-op, each handler runs in a savepoint,
    the first failing handler stops its (source, destination) pair for this pass, not the other pairs);
 4. acknowledge in each ``S``: delete delivered events, count failures (backoff, or dead letter after
-   ``max_attempts``), renew the lease if it runs short; the pending flag's version is read inside this
-   transaction, under ``S``'s write lock, and the flags of the sources left empty are deleted afterwards
-   (one global write for the pass), each only if no emitter re-flagged it since (an emitter that finds
-   the outbox empty bumps the version). No event is stranded: a crash anywhere leaves either the flag or nothing to
-   deliver. A source an application transaction holds locked is acknowledged after the free ones, waiting
+   ``max_attempts``), renew the lease if it runs short; a source left empty has its flag parked inside this
+   transaction, under ``S``'s write lock, only if no emitter re-flagged it since (an emitter that finds the
+   outbox empty and no parked flag bumps the version). No event is stranded: a crash anywhere leaves either
+   the flag or nothing to deliver; a commit of ``S`` that fails after the park un-parks the flag. A source
+   an application transaction holds locked is acknowledged after the free ones, waiting
    at most ``ACK_WAIT_MS``; one still locked is acknowledged by a later pass (never counted as a failure).
 
 A crash between ``D``'s commit and ``S``'s acknowledgement redelivers those events later; the inbox mark
@@ -56,23 +60,24 @@ Confinement (rule 15). A failure in one tenant never stops the pass for the othe
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.outbox import OutboxRow, RetryPolicy, backoff, next_due, plan
-from ..errors import Busy, TenantMoving, UnknownTenant
+from ..errors import Busy, MetaUnavailable, TenantMoving, UnknownTenant
 from ..files.schema import REMEMBER_LAST_SEQ
 from ..front.store import Store
 from ..meta.pending import DeadLetter
 from . import relay_ops
 from .delivery import DONE, UNAVAILABLE, Claim, Deliverer, Group, Handler, HandlerRegistry, describe_tenant
-from .relay_health import LOG_INTERVAL, ErrorLog, Troubles, describe, error_kind, error_text
+from .relay_health import LOG_INTERVAL, ErrorLog, PassStats, Troubles, describe, error_kind, error_text
+from .relay_sweep import Sweeper, park_emptied
 
 __all__ = ["Relay", "PassStats", "Handler", "HandlerRegistry", "LEASE_SECONDS", "ACK_WAIT_MS", "LOCK_WAIT_MS",
            "LOG_INTERVAL"]
@@ -90,49 +95,13 @@ LOCK_WAIT_MS = 5
 # The batch size is written into the SQL text (see feed.page_query: a bound LIMIT re-prepares every run).
 _READ_OUTBOX = ("SELECT seq, dest, topic, payload, created, attempts, next_at, origin FROM _shardlite_outbox "
                 "ORDER BY seq LIMIT {batch:d}")
+#: What an acknowledgement left in the outbox, and the file's parked-flag marker.
+_LEFT = "SELECT (SELECT count(*) FROM _shardlite_outbox), parked_version FROM _shardlite_relay WHERE id = 1"
 #: A source whose lease this relay still holds is read, not claimed: the claim row, the file's incarnation
 #: and a batch of its outbox in one snapshot (one row with NULL event columns when the outbox is empty).
 _PEEK = ("SELECT r.claimed_by, r.claimed_until, m.incarnation, o.seq, o.dest, o.topic, o.payload, o.created, "
          "o.attempts, o.next_at, o.origin FROM _shardlite_meta AS m JOIN _shardlite_relay AS r ON r.id = 1 "
          "LEFT JOIN (SELECT * FROM _shardlite_outbox ORDER BY seq LIMIT {batch:d}) AS o WHERE m.id = 1 ORDER BY o.seq")
-
-
-@dataclass
-class PassStats:
-    """What one pass (or a drain, summed) did. ``progressed``: something was delivered, failed or died."""
-
-    delivered: int = 0
-    failed: int = 0  # failed attempts (a handler, or its destination as a whole)
-    dead: int = 0
-    unhandled: int = 0
-    waiting: int = 0
-    skipped: int = 0  # sources claimed by another relay
-    sources: int = 0
-    deferred: int = 0  # events held back because their destination was unavailable (nothing counted)
-    tenant_errors: int = 0  # sources and destinations that failed as a whole
-    unhandled_topics: set[str] = field(default_factory=set)
-    failing: set[str] = field(default_factory=set)  # those tenants, and the sources still backing off
-    next_retry: float | None = None  # earliest time something held back (a retry delay, a tenant) is due
-    claimed_until: float | None = None  # latest lease of another relay that kept a source from us
-
-    @property
-    def progressed(self) -> bool:
-        return self.delivered + self.failed + self.dead > 0
-
-    def retry_at(self, when: float) -> None:
-        """Something held back becomes due at ``when``."""
-        if self.next_retry is None or when < self.next_retry:
-            self.next_retry = when
-
-    def add(self, other: PassStats) -> None:
-        for name in ("delivered", "failed", "dead", "unhandled", "waiting", "skipped", "sources", "deferred",
-                     "tenant_errors"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.unhandled_topics |= other.unhandled_topics
-        self.failing |= other.failing
-        for name, pick in (("next_retry", min), ("claimed_until", max)):
-            mine, theirs = getattr(self, name), getattr(other, name)
-            setattr(self, name, theirs if mine is None else mine if theirs is None else pick(mine, theirs))
 
 
 class _ClaimedElsewhere(Exception):
@@ -174,6 +143,9 @@ class Relay:
         #: Rate-limited error reports; ``errors.last`` is the newest error (see :mod:`~shardlite.services.relay_health`)
         self.errors = ErrorLog(log, on_logged=self._record_error)
         self._deliverer = Deliverer(store, handlers, self.report, LOCK_WAIT_MS)
+        #: The sweep of parked flags (lost wake-ups, expiry): :mod:`shardlite.services.relay_sweep`
+        self.sweeper = Sweeper(store, lock_wait_ms=LOCK_WAIT_MS)
+        store.meta.watch_tenants(self.sweeper.hint)  # after every reconnect of the hints: sweep
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -235,15 +207,23 @@ class Relay:
         """A whole pass failed (not one tenant: the global DB, or a bug): report it, rate-limited, with
         a traceback on the lines that are logged."""
         self.errors.report(f"relay pass failed: {error_text(exc)}", kind=f"pass: {error_kind(exc)}", exc_info=exc)
+        if isinstance(exc, MetaUnavailable):
+            self.sweeper.request()  # wake-ups written while it was unreachable may be lost
 
     # -- passes -----------------------------------------------------------------------------------------
 
     def run_once(self, *, limit: int = 64, every: bool = False) -> PassStats:
-        """One pass over every due, unclaimed source (at most ``limit``); ``every`` ignores due times."""
+        """One pass over every due, unclaimed source (at most ``limit``); ``every`` ignores due times (parked
+        flags excepted: ``drain()`` sweeps them first). Sweeps the parked flags first when it is time."""
+        if not every and self.sweeper.due():
+            self.sweeper.sweep()
         now = time.time()
         hot, self._hot = self._hot, set()
+        wakes = self.store.emitter.wakes
+        if wakes is not None:
+            hot |= wakes.keys()  # committed here, their flags not woken yet: passed at once (and settled)
         pending = self.store.meta.pending
-        flagged = (row.key for row in (pending.all() if every else pending.due(now, limit)))
+        flagged = (row.key for row in pending.due(math.inf if every else now, 1_000_000 if every else limit))
         keys = list(dict.fromkeys([*hot, *flagged]))
         total = PassStats()
         ready: list[str] = []
@@ -265,6 +245,10 @@ class Relay:
         of a source that failed ``max_attempts`` times in a row (``stats.failing``)."""
         deadline = time.monotonic() + timeout
         total = PassStats()
+        wakes = self.store.emitter.wakes
+        if wakes is not None:
+            wakes.flush()  # this process's wake-ups first
+        self.sweeper.sweep(expire=False)  # and those lost elsewhere
         try:
             while time.monotonic() < deadline:
                 stats = self.run_once(every=True)
@@ -343,25 +327,22 @@ class Relay:
             self._deliver(dest, groups, now, stats)
         if self.fault is not None:
             self.fault("delivered")
-        emptied: list[tuple[str, int]] = []
         # An application transaction may hold a source's lock for a while (a group-commit batch stays open
         # for a loop iteration): acknowledge the free sources first, then those that were busy, waiting a
         # little; one still locked is acknowledged by a later pass (its events redelivered: a no-op then).
         busy: list[Claim] = []
         for claim in claimed:
             try:
-                self._acknowledge(claim, stats, emptied, wait_ms=0)
+                self._acknowledge(claim, stats, wait_ms=0)
             except Busy:
                 busy.append(claim)
             except TenantMoving as exc:
                 log.debug("relay: could not acknowledge %r now (%s)", claim.source, exc)
         for claim in busy:
             try:
-                self._acknowledge(claim, stats, emptied, wait_ms=ACK_WAIT_MS)
+                self._acknowledge(claim, stats, wait_ms=ACK_WAIT_MS)
             except (Busy, TenantMoving) as exc:
                 log.debug("relay: %r stays unacknowledged until a later pass (%s)", claim.source, exc)
-        if emptied:
-            self.store.meta.pending.clear_many(emptied)
         return stats
 
     def _held_back(self, source: str, now: float, stats: PassStats) -> bool:
@@ -487,13 +468,12 @@ class Relay:
             except Exception as exc:  # noqa: BLE001 - one source never keeps the others' leases
                 self.report("source", source, exc, " (releasing its lease)")
 
-    def _acknowledge(self, claim: Claim, stats: PassStats, emptied: list[tuple[str, int]],
-                     wait_ms: int | None = None) -> None:
+    def _acknowledge(self, claim: Claim, stats: PassStats, wait_ms: int | None = None) -> None:
         """In the source: delete what was delivered, count failures (backoff or dead letter), renew the
-        lease when less than half of it is left. A source left empty goes into ``emptied`` with the flag
-        version read under its write lock; one whose remaining events are due later gets its flag's due
-        time moved. Busy and TenantMoving propagate (nothing was written); any other error is the source's
-        failure (reported, backed off)."""
+        lease when less than half of it is left. A source left empty has its flag parked under its write
+        lock (:func:`~shardlite.services.relay_sweep.park_emptied`); one whose remaining events are due later
+        gets its flag's due time moved. Busy and TenantMoving propagate (nothing was written; a flag parked
+        is un-parked); any other error is the source's failure (reported, backed off: the flag due again)."""
         store, policy = self.store, self.policy
         pending, letters = store.meta.pending, store.meta.dead_letters
         source, delivered, failed, dead = claim.source, claim.delivered, claim.failed, claim.dead
@@ -501,6 +481,9 @@ class Relay:
         if claim.deferred_until is not None:
             next_due_at = claim.deferred_until if next_due_at is None else min(next_due_at, claim.deferred_until)
         now = time.time()
+        wakes = store.emitter.wakes
+        parked: int | None = None
+        ticket = 0
         try:
             with store.writing(source, create=False, wait_ms=wait_ms, move_wait=0) as handle:
                 if delivered or failed or dead:  # failed ones may turn dead (deleted) below
@@ -524,10 +507,11 @@ class Relay:
                     letters.add(DeadLetter(source, row.incarnation(handle.incarnation), seq, row.dest, row.topic,
                                            row.payload, row.created, max(row.attempts + 1, 1),
                                            error.replace("\x00", "\ufffd"), time.time()))
-                left: list[Any] = store.internal(handle, "SELECT count(*) FROM _shardlite_outbox").fetchall()
-                remaining = int(left[0][0])
-                # read under the source's write lock: an emitter that re-flags it after this commit bumps it
-                flag = pending.row(source) if remaining == 0 else None
+                left: list[Any] = store.internal(handle, _LEFT).fetchall()
+                remaining, marker = int(left[0][0]), left[0][1]
+                if remaining == 0:  # under the source's write lock: an emitter after this commit sees the marker
+                    ticket = wakes.ticket() if wakes is not None else 0
+                    parked = park_emptied(store, handle, source, marker)
                 if claim.until - time.time() < self.lease / 2:
                     claim.until = time.time() + self.lease
                     store.internal(handle, "UPDATE _shardlite_relay SET claimed_by = ?, claimed_until = ? "
@@ -537,10 +521,17 @@ class Relay:
             self._forget_source(source)
             return
         except (Busy, TenantMoving):
+            if parked is not None:  # parked, then the commit failed: the events are still there
+                try:
+                    pending.wake_many([(source, parked)])
+                except Exception as err:  # noqa: BLE001 - the sweep wakes it (a parked source holding events)
+                    log.debug("relay: could not un-park %r (%s)", source, err)
             raise
         except Exception as exc:  # noqa: BLE001 - confined to this source (module doc)
-            self._source_failed(source, exc, stats)
+            self._source_failed(source, exc, stats)  # its flag's due time moves: un-parked
             return
+        if parked is not None and wakes is not None:
+            wakes.settled(source, ticket)  # this process's wake-ups of it queued before are moot
         if self._failing_sources:
             self._failing_sources.clear(source)
         if self.fault is not None:
@@ -550,8 +541,6 @@ class Relay:
         stats.dead += len(dead)
         stats.failed += retrying
         if remaining == 0:
-            if flag is not None:
-                emptied.append((source, flag.version))
             return
         held = claim.work.waiting + len(claim.work.unhandled) + retrying + claim.deferred
         due = next_due(now, remaining=remaining, held=held, retry_due=next_due_at,
@@ -572,7 +561,8 @@ class Relay:
         """Pending events, age of the oldest (lag) and dead letters, per node; pending events per topic and
         the topics this process has no handler for; the last error (this relay's, or the last one any relay
         of the root recorded, whichever is newer); the tenants this relay sees failing or unavailable now.
-        Opens only the tenants flagged as having pending events."""
+        Opens only the tenants whose flag is due (a parked flag's source was drained; events under one whose
+        wake-up was lost are counted once the sweep has woken it)."""
         return relay_ops.status(self)
 
     def retry_dead(self, *, source: str | None = None, seq: int | None = None) -> int:

@@ -7,6 +7,7 @@ tenant and waits are bounded).
   destination's events count failed attempts) and *unavailable* ones (being moved, or locked by another
   writer: retried soon, nothing counted). They live in the relay's memory: another relay process keeps its
   own, and a source's backoff also moves its pending flag's due time (seen by every relay).
+* :class:`PassStats`: what a pass (or a drain) did, what it held back and until when.
 * :class:`ErrorLog`: one log line per error, naming the tenant (and its file, see :func:`describe`) and the
   cause, without a traceback; at most one line per ``interval`` seconds for each *kind* of error (its role
   and cause, whatever the tenant), saying how many like it were suppressed meanwhile and on how many
@@ -25,7 +26,7 @@ from typing import Any
 
 from ..errors import StorageError
 
-__all__ = ["Trouble", "Troubles", "ErrorLog", "describe", "error_text", "LOG_INTERVAL"]
+__all__ = ["PassStats", "Trouble", "Troubles", "ErrorLog", "describe", "error_text", "LOG_INTERVAL"]
 
 #: Seconds between two log lines for the same kind of error.
 LOG_INTERVAL = 30.0
@@ -33,6 +34,44 @@ LOG_INTERVAL = 30.0
 _MAX_TROUBLES = 100_000
 _MAX_KINDS = 1_000
 _MAX_TENANTS_PER_KIND = 1_000
+
+
+@dataclass
+class PassStats:
+    """What one pass (or a drain, summed) did. ``progressed``: something was delivered, failed or died."""
+
+    delivered: int = 0
+    failed: int = 0  # failed attempts (a handler, or its destination as a whole)
+    dead: int = 0
+    unhandled: int = 0
+    waiting: int = 0
+    skipped: int = 0  # sources claimed by another relay
+    sources: int = 0
+    deferred: int = 0  # events held back because their destination was unavailable (nothing counted)
+    tenant_errors: int = 0  # sources and destinations that failed as a whole
+    unhandled_topics: set[str] = field(default_factory=set)
+    failing: set[str] = field(default_factory=set)  # those tenants, and the sources still backing off
+    next_retry: float | None = None  # earliest time something held back (a retry delay, a tenant) is due
+    claimed_until: float | None = None  # latest lease of another relay that kept a source from us
+
+    @property
+    def progressed(self) -> bool:
+        return self.delivered + self.failed + self.dead > 0
+
+    def retry_at(self, when: float) -> None:
+        """Something held back becomes due at ``when``."""
+        if self.next_retry is None or when < self.next_retry:
+            self.next_retry = when
+
+    def add(self, other: PassStats) -> None:
+        for name in ("delivered", "failed", "dead", "unhandled", "waiting", "skipped", "sources", "deferred",
+                     "tenant_errors"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.unhandled_topics |= other.unhandled_topics
+        self.failing |= other.failing
+        for name, pick in (("next_retry", min), ("claimed_until", max)):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            setattr(self, name, theirs if mine is None else mine if theirs is None else pick(mine, theirs))
 
 
 def error_text(exc: BaseException) -> str:

@@ -18,6 +18,7 @@ failure.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,10 @@ def recorded_error(store: Store) -> dict[str, Any] | None:
     return found if isinstance(found, dict) else None
 
 
+#: At most this many sources are looked at by one status.
+_MAX_SOURCES = 1_000_000
+
+
 def _node_entry() -> dict[str, Any]:
     return {"pending": 0, "oldest_age": 0.0, "dead_letters": 0, "sources": 0}
 
@@ -75,7 +80,11 @@ def status(relay: Relay) -> dict[str, Any]:
     now = time.time()
     per_node: dict[str, dict[str, Any]] = {n.name: _node_entry() for n in store.meta.nodes.list()}
     topics: dict[str, int] = {}
-    for key, *_ in store.meta.pending.all():
+    wakes = store.emitter.wakes
+    waking = wakes.keys() if wakes is not None else set()  # committed here, their parked flags not woken yet
+    pending = store.meta.pending
+    due = [row.key for row in pending.due(math.inf, _MAX_SOURCES)]  # never the parked: drained (see the sweep)
+    for key in dict.fromkeys([*due, *sorted(waking)]):
         try:
             count, oldest = store.read_internal(key, "SELECT count(*), min(created) FROM _shardlite_outbox")[0]
             node = _node_of(store, key)

@@ -16,6 +16,13 @@ How each rule holds without SQLite's one-writer lock (autocommit connections, RE
 * :meth:`PgDeadLetters.add` is ``INSERT ... ON CONFLICT (source, incarnation, seq) DO NOTHING RETURNING 1``:
   concurrent adders of one identity wait on the first and see its row, and exactly one gets True.
 
+* :meth:`PgPending.park` and :meth:`PgPending.wake_many` may be lost in a server crash (the contract allows
+  it), so they commit with ``synchronous_commit`` off for their own transaction: ``set_config(...,
+  true)`` in the statement itself, evaluated before any row is written, so the commit that follows does
+  not wait for the WAL flush and the statement stays one round trip. ``wake_many`` un-parks and reports
+  the pairs without a flag in one statement (a CTE; its outer query sees the rows as they were, and an
+  update never removes a row).
+
 Deadlocks and serialization failures are retried inside each method (:mod:`.txn`). Reads are single
 statements (committed data). Text with NUL is refused before it reaches the server (:class:`ValueError`);
 a key with NUL cannot be stored, so reads and deletes of one find nothing without asking.
@@ -39,11 +46,22 @@ __all__ = ["PgPending", "PgDeadLetters"]
 
 _FLAG = ("INSERT INTO shardlite.pending AS p(key, version, due, since) "
          "SELECT k, %s, %s, %s FROM unnest(%s::text[]) AS k "
-         "ON CONFLICT (key) DO UPDATE SET version = p.version + 1, due = LEAST(p.due, excluded.due)")
+         "ON CONFLICT (key) DO UPDATE SET version = p.version + 1, "
+         "due = CASE WHEN p.parked IS NULL THEN LEAST(p.due, excluded.due) ELSE excluded.due END, parked = NULL")
 _SET_DUE = ("INSERT INTO shardlite.pending AS p(key, version, due, since) VALUES (%s, %s, %s, %s) "
-            "ON CONFLICT (key) DO UPDATE SET due = excluded.due")
+            "ON CONFLICT (key) DO UPDATE SET due = excluded.due, parked = NULL")
 _CLEAR = "DELETE FROM shardlite.pending WHERE key = %s AND version = %s"
-_ROW = "SELECT key, version, due, since FROM shardlite.pending"
+#: this statement's transaction commits without waiting for the WAL flush (see the module doc)
+_NOT_DURABLE = "(SELECT set_config('synchronous_commit', 'off', true)) AS nd"
+_PARK = (f"UPDATE shardlite.pending AS p SET parked = %s FROM {_NOT_DURABLE} "
+         "WHERE p.key = %s AND p.version = %s AND nd.set_config IS NOT NULL RETURNING 1")
+_WAKE = ("WITH w(k, v) AS (SELECT * FROM unnest(%s::text[], %s::bigint[])), "
+         f"woken AS (UPDATE shardlite.pending AS p SET parked = NULL, due = %s FROM w, {_NOT_DURABLE} "
+         "WHERE p.key = w.k AND p.version = w.v AND p.parked IS NOT NULL AND nd.set_config IS NOT NULL "
+         "RETURNING p.key) "
+         "SELECT w.k, w.v FROM w WHERE NOT EXISTS "
+         "(SELECT 1 FROM shardlite.pending AS q WHERE q.key = w.k AND q.version = w.v)")
+_ROW = "SELECT key, version, due, since, parked FROM shardlite.pending"
 _LETTER = "source, incarnation, seq, dest, topic, payload, created, attempts, error, died"
 
 
@@ -59,8 +77,8 @@ def _limit(limit: int) -> int:
 
 
 def _row(found: Sequence[Any]) -> PendingRow:
-    key, version, due, since = found
-    return PendingRow(str(key), int(version), float(due), float(since))
+    key, version, due, since, parked = found
+    return PendingRow(str(key), int(version), float(due), float(since), None if parked is None else float(parked))
 
 
 class PgPending:
@@ -83,7 +101,8 @@ class PgPending:
 
     def due(self, now: float, limit: int) -> builtins.list[PendingRow]:
         count = _limit(limit)  # a literal LIMIT, as on SQLite (see feed.page_query)
-        return self._rows(f"{_ROW} WHERE due <= %s ORDER BY due, key LIMIT {count:d}", (float(now),))
+        return self._rows(f"{_ROW} WHERE parked IS NULL AND due <= %s ORDER BY due, key LIMIT {count:d}",
+                          (float(now),))
 
     def all(self) -> builtins.list[PendingRow]:
         return self._rows(f"{_ROW} ORDER BY key")
@@ -112,6 +131,27 @@ class PgPending:
         refuse_nul(key)
         params = (key, _fresh_version(), float(due), time.time())
         statement(self.pool, lambda conn: conn.execute(_SET_DUE, params))
+
+    def park(self, key: str, version: int) -> bool:
+        if has_nul(key):
+            return False
+        params = (time.time(), key, int(version))
+        return statement(self.pool, lambda conn: conn.execute(_PARK, params).fetchone() is not None)
+
+    def wake_many(self, pairs: Sequence[tuple[str, int]]) -> builtins.list[tuple[str, int]]:
+        given = [(key, int(version)) for key, version in pairs]
+        wanted = sorted({pair for pair in given if not has_nul(pair[0])})  # the flaggers' lock order
+        if not wanted:
+            return given
+        params = ([k for k, _ in wanted], [v for _, v in wanted], time.time())
+        found = statement(self.pool, lambda conn: conn.execute(_WAKE, params).fetchall())
+        missing = {(str(k), int(v)) for k, v in found}
+        return [pair for pair in given if pair in missing or has_nul(pair[0])]
+
+    def parked(self, limit: int, idle_before: float, after: str = "") -> builtins.list[PendingRow]:
+        count = _limit(limit)
+        return self._rows(f"{_ROW} WHERE parked IS NOT NULL AND parked <= %s AND key > %s ORDER BY key "
+                          f"LIMIT {count:d}", (float(idle_before), after))
 
 
 def _letter(found: Sequence[Any]) -> DeadLetter:

@@ -2,7 +2,7 @@
 
 Everything lives in the schema ``shardlite`` of the database named by the metadata URL, so an application's
 own tables in that database never mix with ours. The tables hold what ``global.db`` holds at its version 7
-(:data:`shardlite.files.catalog.GLOBAL_STEPS`), translated:
+(:data:`shardlite.files.catalog.GLOBAL_STEPS`), and from schema version 4 at its version 8, translated:
 
 * keys that are ordered or ranged on (tenant keys, e-mail and name keys, pending keys, moved keys, dead-letter
   sources, node names) are ``COLLATE "C"``, code-point order, as SQLite's BINARY; a database created with a
@@ -34,7 +34,8 @@ SCHEMA = "shardlite"
 LOCK_KEY = 0x5348_4152_444C  # "SHARDL"
 
 #: shardlite's tables by version (the row of ``shardlite.version``). Version 1 equals global.db version 7;
-#: version 2 adds the route-cache hints, version 3 the node-list hints.
+#: version 2 adds the route-cache hints, version 3 the node-list hints, version 4 parked pending-work flags
+#: (global.db version 8).
 STEPS: tuple[tuple[str, ...], ...] = (
     (
         """CREATE TABLE shardlite.roots(
@@ -170,6 +171,11 @@ STEPS: tuple[tuple[str, ...], ...] = (
            END $$""",
         """CREATE TRIGGER nodes_hint AFTER INSERT OR UPDATE OR DELETE ON shardlite.nodes
            FOR EACH ROW EXECUTE FUNCTION shardlite.node_changed()""",
+    ),
+    (  # version 4: parked pending-work flags (see shardlite.meta.pending); the due index leaves them out
+        "ALTER TABLE shardlite.pending ADD COLUMN IF NOT EXISTS parked double precision",  # safe to run again
+        "DROP INDEX IF EXISTS shardlite.pending_by_due",
+        "CREATE INDEX pending_by_due ON shardlite.pending(due) WHERE parked IS NULL",
     ),
 )
 

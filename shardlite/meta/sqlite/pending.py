@@ -9,6 +9,11 @@ Versions. A new flag's version starts at the wall clock in microseconds and ever
 deleted and written again does not get a version a relay may still hold (that would need more flags of one
 key than microseconds passed between the two rows: flags are written on transitions only, far below that
 rate). The upsert is the one statement the emit path pays for, as before.
+
+Parked flags (``parked`` not NULL) stay out of the due index (a partial index ``WHERE parked IS NULL``), so an
+idle relay's poll never walks them. ``park`` and ``wake_many`` are ordinary global-DB commits here
+(``synchronous=NORMAL`` already skips the fsync the PostgreSQL side turns off); ``park`` of a flag that is
+parked with that version already is a read, not a write (its parked time stays: it was idle since).
 """
 
 from __future__ import annotations
@@ -26,11 +31,16 @@ from .failures import UNAVAILABLE, refuse_nul, unavailable
 __all__ = ["SqlitePending", "SqliteDeadLetters"]
 
 _FLAG = (_I + "INSERT INTO _shardlite_pending(key, version, due, since) VALUES (?, ?, ?, ?) "
-         "ON CONFLICT(key) DO UPDATE SET version = version + 1, due = min(due, excluded.due)")
+         "ON CONFLICT(key) DO UPDATE SET version = version + 1, "
+         "due = CASE WHEN parked IS NULL THEN min(due, excluded.due) ELSE excluded.due END, parked = NULL")
 _SET_DUE = (_I + "INSERT INTO _shardlite_pending(key, version, due, since) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT(key) DO UPDATE SET due = excluded.due")
+            "ON CONFLICT(key) DO UPDATE SET due = excluded.due, parked = NULL")
 _CLEAR = _I + "DELETE FROM _shardlite_pending WHERE key = ? AND version = ?"
-_ROW = "SELECT key, version, due, since FROM _shardlite_pending"
+_PARK = _I + "UPDATE _shardlite_pending SET parked = ? WHERE key = ? AND version = ?"
+_WAKE = _I + "UPDATE _shardlite_pending SET parked = NULL, due = ? WHERE key = ? AND version = ? AND parked IS NOT NULL"
+_IS_PARKED = "SELECT 1 FROM _shardlite_pending WHERE key = ? AND version = ? AND parked IS NOT NULL"
+_HAS = _I + "SELECT 1 FROM _shardlite_pending WHERE key = ? AND version = ?"
+_ROW = "SELECT key, version, due, since, parked FROM _shardlite_pending"
 _LETTER = "source, incarnation, seq, dest, topic, payload, created, attempts, error, died"
 
 
@@ -39,8 +49,8 @@ def _fresh_version() -> int:
 
 
 def _row(found: Sequence[Any]) -> PendingRow:
-    key, version, due, since = found
-    return PendingRow(str(key), int(version), float(due), float(since))
+    key, version, due, since, parked = found
+    return PendingRow(str(key), int(version), float(due), float(since), None if parked is None else float(parked))
 
 
 class SqlitePending:
@@ -65,7 +75,7 @@ class SqlitePending:
             raise unavailable(exc, self.db.path, "flagging pending outbox events") from exc
 
     def due(self, now: float, limit: int) -> builtins.list[PendingRow]:
-        rows = self._read(f"{_ROW} WHERE due <= ? ORDER BY due, key LIMIT {int(limit):d}", (now,),
+        rows = self._read(f"{_ROW} WHERE parked IS NULL AND due <= ? ORDER BY due, key LIMIT {int(limit):d}", (now,),
                           "looking for pending work")  # a literal LIMIT: see feed.page_query
         return [_row(r) for r in rows]
 
@@ -89,6 +99,38 @@ class SqlitePending:
                 conn.execute(_SET_DUE, (key, _fresh_version(), due, time.time()))
         except UNAVAILABLE as exc:
             raise unavailable(exc, self.db.path, "moving a pending-work flag") from exc
+
+    def park(self, key: str, version: int) -> bool:
+        found = self._read(_IS_PARKED, (key, int(version)), "reading a pending-work flag")
+        if found:  # parked with that version already (nobody woke it): a read instead of a write
+            return True
+        try:
+            with self.db.write() as conn:
+                conn.execute(_PARK, (time.time(), key, int(version)))
+                return bool(conn.changes())
+        except UNAVAILABLE as exc:
+            raise unavailable(exc, self.db.path, "parking a pending-work flag") from exc
+
+    def wake_many(self, pairs: Sequence[tuple[str, int]]) -> builtins.list[tuple[str, int]]:
+        wanted = [(key, int(version)) for key, version in pairs]
+        if not wanted:
+            return []
+        now = time.time()
+        missing: list[tuple[str, int]] = []
+        try:
+            with self.db.write() as conn:
+                for key, version in wanted:
+                    conn.execute(_WAKE, (now, key, version))
+                    if not conn.changes() and not conn.execute(_HAS, (key, version)).fetchall():
+                        missing.append((key, version))
+        except UNAVAILABLE as exc:
+            raise unavailable(exc, self.db.path, "waking pending-work flags") from exc
+        return missing
+
+    def parked(self, limit: int, idle_before: float, after: str = "") -> builtins.list[PendingRow]:
+        rows = self._read(f"{_ROW} WHERE parked IS NOT NULL AND parked <= ? AND key > ? ORDER BY key "
+                          f"LIMIT {int(limit):d}", (float(idle_before), after), "listing parked pending work")
+        return [_row(r) for r in rows]
 
 
 def _letter(found: Sequence[Any]) -> DeadLetter:
