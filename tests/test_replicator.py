@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import apsw
 import pytest
 from helpers_s3 import TargetFactory
+from helpers_wal import rows_of
 
 import shardlite
 from shardlite.core import timeline
@@ -20,15 +21,6 @@ from shardlite.services.replicator import NodeReplicator
 SCHEMA = {"user": ["CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"]}
 
 
-def _rows_of(image: bytes | bytearray) -> list[tuple[object, ...]]:
-    data = bytearray(image)
-    data[18:20] = b"\x01\x01"  # a WAL-mode image opened in memory
-    conn = apsw.Connection(":memory:")
-    conn.deserialize("main", bytes(data))
-    assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-    return list(conn.execute("SELECT id, body FROM notes ORDER BY id"))
-
-
 def _live(router: shardlite.Router, key: str) -> list[tuple[object, ...]]:
     return [tuple(r) for r in router.query(key, "SELECT id, body FROM notes ORDER BY id")]
 
@@ -36,7 +28,7 @@ def _live(router: shardlite.Router, key: str) -> list[tuple[object, ...]]:
 def _replicated(target: ReplicaTarget, key: str) -> list[tuple[object, ...]]:
     found = timeline.image_at(replica_read.captures_of(target, [key])[key])
     assert found is not None, f"{key} has no history in the replica"
-    return _rows_of(found[0])
+    return rows_of(found[0], "SELECT id, body FROM notes ORDER BY id")
 
 
 @pytest.fixture

@@ -10,28 +10,11 @@ from collections.abc import Iterator
 
 import apsw
 import pytest
+from helpers_wal import open_wal, rows_of
 
 from shardlite.core import pack, timeline
 from shardlite.files import walcapture as wc
 from shardlite.files.staging import Staging
-
-
-def _open(path: str) -> apsw.Connection:
-    conn = apsw.Connection(path)
-    conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
-    conn.execute("PRAGMA journal_mode=WAL").fetchall()
-    conn.execute("PRAGMA wal_autocheckpoint=0")
-    conn.set_busy_timeout(5000)
-    return conn
-
-
-def _rows_of(image: bytes | bytearray) -> list[tuple[object, ...]]:
-    data = bytearray(image)
-    data[18:20] = b"\x01\x01"
-    conn = apsw.Connection(":memory:")
-    conn.deserialize("main", bytes(data))
-    assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-    return list(conn.execute("SELECT id, v FROM t ORDER BY id"))
 
 
 class Clock:
@@ -47,7 +30,7 @@ class Clock:
 def world(tmp_path: os.PathLike[str]) -> Iterator[tuple[str, apsw.Connection, apsw.Connection, apsw.Connection,
                                                        wc.LogFiles, Staging]]:
     path = os.path.join(tmp_path, "t.db")
-    writer, lock, ckpt = _open(path), _open(path), _open(path)
+    writer, lock, ckpt = open_wal(path), open_wal(path), open_wal(path)
     writer.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
     files = wc.LogFiles(path)
     staging = Staging(str(tmp_path))
@@ -126,7 +109,7 @@ def test_every_restore_point_is_exactly_its_commits(world: tuple[str, apsw.Conne
                                              pack.entry_bytes(blob, at, entry)))
     latest = timeline.image_at(captures)
     assert latest is not None
-    assert _rows_of(latest[0]) == list(writer.execute("SELECT id, v FROM t ORDER BY id"))
+    assert rows_of(latest[0]) == list(writer.execute("SELECT id, v FROM t ORDER BY id"))
     points = timeline.points(captures)
     assert points == sorted(points)
     first_point = points[0].time_ns
@@ -137,7 +120,7 @@ def test_every_restore_point_is_exactly_its_commits(world: tuple[str, apsw.Conne
         assert found is not None
         image, point = found
         assert point.time_ns <= when
-        assert _rows_of(image) == rows, (seed, when)
+        assert rows_of(image) == rows, (seed, when)
     assert timeline.image_at(captures, first_point - 1) is None
 
 

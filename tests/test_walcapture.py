@@ -10,30 +10,13 @@ from collections.abc import Iterator
 
 import apsw
 import pytest
+from helpers_wal import open_wal, rows_of
 
 from shardlite.files import walcapture as wc
 
 
-def _open(path: str) -> apsw.Connection:
-    conn = apsw.Connection(path)
-    conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
-    conn.execute("PRAGMA journal_mode=WAL").fetchall()
-    conn.execute("PRAGMA wal_autocheckpoint=0")
-    conn.set_busy_timeout(5000)
-    return conn
-
-
 def _rows(conn: apsw.Connection) -> list[tuple[object, ...]]:
     return list(conn.execute("SELECT id, v FROM t ORDER BY id"))
-
-
-def _rows_of(image: bytes | bytearray) -> list[tuple[object, ...]]:
-    data = bytearray(image)
-    data[18:20] = b"\x01\x01"  # open a WAL-mode image in memory (rollback-journal mode, content unchanged)
-    conn = apsw.Connection(":memory:")
-    conn.deserialize("main", bytes(data))
-    assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-    return _rows(conn)
 
 
 _open_histories: list[History] = []
@@ -43,8 +26,8 @@ class History:
     def __init__(self, path: str) -> None:
         _open_histories.append(self)
         self.path = path
-        self.lock = _open(path)
-        self.ckpt = _open(path)
+        self.lock = open_wal(path)
+        self.ckpt = open_wal(path)
         self.files = wc.LogFiles(path)  # closed after every connection of the file (module docstring)
         self.cursor = wc.NO_CURSOR
         self.captures: list[wc.Capture] = []
@@ -68,7 +51,7 @@ class History:
         return self.cursor
 
     def rows(self) -> list[tuple[object, ...]]:
-        return _rows_of(wc.image_at(self.captures))
+        return rows_of(wc.image_at(self.captures))
 
     def close_connections(self) -> None:
         self.lock.close()
@@ -78,7 +61,7 @@ class History:
 @pytest.fixture
 def db(tmp_path: os.PathLike[str]) -> Iterator[tuple[str, apsw.Connection]]:
     path = os.path.join(tmp_path, "t.db")
-    conn = _open(path)
+    conn = open_wal(path)
     conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
     yield path, conn
     conn.close()
@@ -140,7 +123,7 @@ def test_a_reader_holding_the_log_back_keeps_the_generation(db: tuple[str, apsw.
     h = History(path)
     h.capture()
     conn.execute("INSERT INTO t(v) VALUES (randomblob(3000))")
-    reader = _open(path)
+    reader = open_wal(path)
     reader.execute("BEGIN")
     reader.execute("SELECT count(*) FROM t").fetchall()
     conn.execute("INSERT INTO t(v) VALUES (2)")  # after the reader's snapshot: not copied
@@ -226,7 +209,7 @@ def test_stage_and_checkpoint_run_under_the_write_lock(db: tuple[str, apsw.Conne
     seen: list[str] = []
 
     def try_write(where: str) -> None:
-        other = _open(path)  # a fresh connection: a failed statement leaves no reader behind
+        other = open_wal(path)  # a fresh connection: a failed statement leaves no reader behind
         other.set_busy_timeout(0)
         try:
             with pytest.raises(apsw.BusyError):

@@ -8,19 +8,11 @@ import struct
 
 import apsw
 import pytest
+from helpers_wal import open_wal, rows_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shardlite.core import walformat as wf
-
-
-def _open(path: str, page_size: int = 4096) -> apsw.Connection:
-    conn = apsw.Connection(path)
-    conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
-    conn.execute(f"PRAGMA page_size={page_size}")
-    conn.execute("PRAGMA journal_mode=WAL").fetchall()
-    conn.execute("PRAGMA wal_autocheckpoint=0")
-    return conn
 
 
 def _dump(conn: apsw.Connection) -> list[tuple[object, ...]]:
@@ -37,18 +29,9 @@ def _frames(wal: bytes, header: wf.WalHeader, upto: int) -> list[wf.Frame]:
     return list(wf.read_frames(body, 1, header.page_size, header.salt))
 
 
-def _image_of(data: bytes) -> list[tuple[object, ...]]:
-    image = bytearray(data)
-    image[18:20] = b"\x01\x01"  # a WAL-mode image opened in memory: rollback-journal mode, content unchanged
-    conn = apsw.Connection(":memory:")
-    conn.deserialize("main", bytes(image))
-    assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-    return _dump(conn)
-
-
 def _base(tmp_path: os.PathLike[str], page_size: int = 4096) -> tuple[str, apsw.Connection, bytes]:
     path = os.path.join(tmp_path, "t.db")
-    conn = _open(path, page_size)
+    conn = open_wal(path, page_size)
     conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
     conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
     return path, conn, _read(path)
@@ -69,7 +52,7 @@ def test_header_frames_and_shm_agree_with_sqlite(tmp_path: os.PathLike[str]) -> 
     assert wf.verify_chain(header, frames) == shm.mx_frame
     assert frames[-1].header.checksum == shm.frame_checksum
     assert frames[-1].header.commit_size == shm.n_page
-    assert _image_of(wf.replay(bytearray(base), frames, 4096)) == _dump(conn)
+    assert rows_of(wf.replay(bytearray(base), frames, 4096)) == _dump(conn)
 
 
 def test_a_flipped_bit_stops_the_chain_there(tmp_path: os.PathLike[str]) -> None:
@@ -102,7 +85,7 @@ def test_commit_boundaries_and_partial_commits(tmp_path: os.PathLike[str]) -> No
     assert len(ends) == 2 and ends[-1] == len(frames)
     # the second commit cut before its last frame is no commit: replay stops at the first
     assert wf.committed(frames[:-1])[-1].number == ends[0]
-    assert _image_of(wf.replay(bytearray(base), frames[:-1], 4096)) == first
+    assert rows_of(wf.replay(bytearray(base), frames[:-1], 4096)) == first
 
 
 def test_a_restarted_log_is_a_new_generation(tmp_path: os.PathLike[str]) -> None:
@@ -185,7 +168,7 @@ def test_replay_of_any_prefix_of_commits_is_that_state(tmp_path_factory: pytest.
     ends = [f.number for f in frames if f.header.commit_size]
     assert len(ends) <= len(batches)
     upto = ends[cut % len(ends)]
-    replayed = _image_of(wf.replay(bytearray(base), frames[:upto], page_size))
+    replayed = rows_of(wf.replay(bytearray(base), frames[:upto], page_size))
     assert replayed in states
-    assert _image_of(wf.replay(bytearray(base), frames, page_size)) == states[-1]
+    assert rows_of(wf.replay(bytearray(base), frames, page_size)) == states[-1]
     conn.close()

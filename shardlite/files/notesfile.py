@@ -32,6 +32,7 @@ from ..core import notes
 from ..core.keys import canonical
 from ..errors import InvalidKey
 from .noteswriter import NOTES_SUFFIX
+from .rawio import pread_all
 
 __all__ = ["NotesRead", "list_notes", "read_notes", "remove", "remove_stale_temps", "MAX_FILE_BYTES", "READ_BYTES"]
 
@@ -101,18 +102,6 @@ def list_notes(node_path: str) -> list[str]:
         os.close(dfd)
 
 
-def _pread_all(fd: int, size: int, offset: int) -> bytes:
-    chunks = []
-    while size > 0:
-        chunk = os.pread(fd, size, offset)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size -= len(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
-
-
 def _valid_prefix(found: list[notes.Note]) -> tuple[list[notes.Note], str | None]:
     """``found`` up to its first note whose key is not a canonical key, and why it stopped (None: all good)."""
     for i, note in enumerate(found):
@@ -157,11 +146,11 @@ def read_notes(node_path: str, name: str, offset: int = 0, *, max_bytes: int = R
         if size > MAX_FILE_BYTES:
             _warn(node_path, name, f"{size} bytes, more than a writer ever writes")
             return NotesRead([], offset, dead, False, True)
-        if _pread_all(fd, _MAGIC_SIZE, 0) != notes.MAGIC:
+        if pread_all(fd, _MAGIC_SIZE, 0) != notes.MAGIC:
             _warn(node_path, name, "it does not start with the notes magic")
             return NotesRead([], offset, dead, False, True)
         start = max(offset, _MAGIC_SIZE)
-        data = _pread_all(fd, max(0, min(size - start, max_bytes)), start)
+        data = pread_all(fd, max(0, min(size - start, max_bytes)), start)
         try:
             found, used = notes.decode(data)
             why = None

@@ -43,6 +43,7 @@ from typing import NamedTuple
 import apsw
 
 from ..core import walformat as wf
+from .rawio import pread_all
 
 __all__ = ["Cursor", "Capture", "CaptureError", "LogFiles", "capture", "capture_then_checkpoint", "image_at",
            "commit_times", "NO_CURSOR"]
@@ -80,18 +81,6 @@ class Capture(NamedTuple):
     @property
     def empty(self) -> bool:
         return not self.frames and self.snapshot is None
-
-
-def _pread_all(fd: int, size: int, offset: int) -> bytes:
-    chunks = []
-    while size > 0:
-        chunk = os.pread(fd, size, offset)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size -= len(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
 
 
 def _open_ro(path: str) -> int | None:
@@ -160,7 +149,7 @@ def capture(conn: apsw.Connection, files: LogFiles, cursor: Cursor) -> Capture:
     if shm_fd is None:
         raise CaptureError(f"{path}-shm is missing although a connection holds the write lock")
     try:
-        shm = wf.parse_shm_header(_pread_all(shm_fd, 2 * wf.SHM_HEADER_SIZE, 0))
+        shm = wf.parse_shm_header(pread_all(shm_fd, 2 * wf.SHM_HEADER_SIZE, 0))
     except wf.WalFormatError as exc:
         raise CaptureError(f"{path}-shm: {exc}") from None
     if shm.mx_frame == 0:  # a log with no commit (new, or restarted): nothing new, the cursor stands
@@ -169,7 +158,7 @@ def capture(conn: apsw.Connection, files: LogFiles, cursor: Cursor) -> Capture:
     if wal_fd is None:
         raise CaptureError(f"{path}-wal is missing but the wal-index says it holds {shm.mx_frame} frames")
     try:
-        header = wf.parse_wal_header(_pread_all(wal_fd, wf.WAL_HEADER_SIZE, 0))
+        header = wf.parse_wal_header(pread_all(wal_fd, wf.WAL_HEADER_SIZE, 0))
     except wf.WalFormatError as exc:
         raise CaptureError(f"{path}-wal: {exc}") from None
     if header.salt != shm.salt or header.page_size != shm.page_size:
@@ -185,7 +174,7 @@ def capture(conn: apsw.Connection, files: LogFiles, cursor: Cursor) -> Capture:
     if first > shm.mx_frame:
         return Capture([], None, cursor, shm.page_size)
     start = wf.frame_offset(first, header.page_size)
-    body = _pread_all(wal_fd, wf.frame_offset(shm.mx_frame + 1, header.page_size) - start, start)
+    body = pread_all(wal_fd, wf.frame_offset(shm.mx_frame + 1, header.page_size) - start, start)
     frames = list(wf.read_frames(body, first, header.page_size, header.salt))
     count = shm.mx_frame - first + 1
     if len(frames) != count or wf.verify_chain(header, frames, seed) != count:
