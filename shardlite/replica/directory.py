@@ -39,6 +39,11 @@ STALE_TEMP_S = 3600.0
 _READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
+#: Tries at making a temporary file while concurrent deletes keep pruning its new folder (each try is a
+#: mkdir and an open; under a busy machine five were not always enough for the shared-folders race test).
+_FOLDER_ATTEMPTS = 100
+
+
 class DirectoryTarget:
     """A replica target on a local directory (see the module doc)."""
 
@@ -93,7 +98,7 @@ class DirectoryTarget:
         """Write ``data`` to a fresh fsynced 0600 temporary file in ``name``'s folder; ``(temp, final)``.
         Retries when a concurrent ``delete_many`` removed the folder it had just made."""
         final = self._path(name)
-        for _attempt in range(5):
+        for _attempt in range(_FOLDER_ATTEMPTS):
             try:
                 folder = self._folder(name)
                 temp = os.path.join(folder, f"{_TEMP}{secrets.token_hex(8)}")
