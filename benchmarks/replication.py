@@ -232,6 +232,7 @@ def measure_window(rep: Replicator, seconds: float, count_objects: Callable[[], 
         "lists_per_min": delta.get("LIST", 0) / minutes,
         "new_objects": objects1 - objects0,
         "new_objects_per_min": (objects1 - objects0) / minutes,
+        "cpu_pct_per_second": [round(x, 1) for x in slices],
     }
 
 
@@ -531,7 +532,8 @@ def restore_rows(b: Bench, count: int) -> None:
             time.sleep(b.args.interval * 0.3)
         log(f"restore: waiting for the 2 MB tenant to ship ({len(times)} commits)")
         b.wait_synced(rep, root, count + 1, timeout=120)
-        size = os.path.getsize(router._store.path_of(router._store.meta.tenants.lookup("big:2mb")))
+        path = router._store.path_of(router._store.meta.tenants.lookup(big))
+        size = sum(os.path.getsize(path + s) for s in ("", "-wal") if os.path.exists(path + s))  # never checkpointed
         whole: list[float] = []
         one: list[float] = []
         pit: list[float] = []
