@@ -36,7 +36,8 @@ sends (botocore's ``before-send`` event, by kind). How each figure is taken:
   ``restore_tenant`` of one small tenant (``--as`` a new key); ``restore_tenant(at_ns=...)`` of a 2 MB
   tenant written in 20 commits over several rounds, at the time of its 10th commit (checked: the restored
   tenant holds exactly the first 10 commits' rows). Median of 3 runs each.
-* **100k**: 100,000 tenants, created by the same workers (4 processes), idle as above.
+* **100k**: 100,000 tenants, created by the same workers (2 processes, ~80 s), idle as above; then the
+  replicator is restarted on the same root and measured again (a process that did not run the first pass).
 
 No Litestream side is run (see the notes printed with the table): the ratio rows say "no baseline".
 This process never imports the stdlib ``sqlite3``. Results go to ``benchmarks/last_replication_results.json``.
