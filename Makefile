@@ -56,7 +56,8 @@ postgres:
 	fi
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/compare.py && $(BIN)/python benchmarks/meta.py && $(BIN)/python benchmarks/chat_workload.py
+	$(BIN)/python benchmarks/compare.py && $(BIN)/python benchmarks/meta.py && $(BIN)/python benchmarks/chat_workload.py \
+		&& $(BIN)/python benchmarks/replication.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check shardlite tests benchmarks examples

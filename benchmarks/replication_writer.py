@@ -52,43 +52,65 @@ from shardlite.files.noteswriter import NotesWriter  # noqa: E402
 TARGET = 0.85
 
 
-def run_all(args: argparse.Namespace, tmp: str) -> tuple[list[dict[str, Any]], list[str]]:
+def run_all(args: argparse.Namespace, tmp: str, *, replica: str | None = None,
+            replicator: Callable[[str], Callable[[], None]] | None = None,
+            ids: tuple[str, str] = ("r1", "r2")) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows. ``replica``: the replicated sides' location (default a ``file://`` directory under ``tmp``);
+    ``replicator(root)``: when given, called once each replicated root exists (before its side is measured)
+    to start a replicator on it, returning what stops it (``benchmarks/replication.py`` runs
+    ``shardlite replicate run`` there); ``ids``: the two rows' ids."""
     rows: list[dict[str, Any]] = []
     extra_notes: list[str] = []
-    replica = "file://" + os.path.join(tmp, "replica")
+    replica = replica or "file://" + os.path.join(tmp, "replica")
+    running = "a replicator running" if replicator is not None else "no replicator"
+    stops: list[Callable[[], None]] = []
     loop = asyncio.new_event_loop()
     try:
         plain = w.make_router(os.path.join(tmp, "plain"))
         replicated = w.make_router(os.path.join(tmp, "replicated"), replicate=replica)
+        if replicator is not None:
+            stops.append(replicator(os.path.join(tmp, "replicated")))
         try:
             a, b = Side("replicated", w.routed_writes(replicated)), Side("plain", w.routed_writes(plain))
             note = Side("one change note", note_cost(os.path.join(tmp, "notes-only")))
             interleave([a, b, note], args.rounds, args.round_time)
-            rows.append(row("r1", "routed sync single-row write tx, replicate= vs none (NORMAL)", a, b,
-                            target=TARGET))
+            rows.append(row(ids[0], f"routed sync single-row write tx, replicate= ({running}) vs none (NORMAL)",
+                            a, b, target=TARGET))
             alone = statistics.median(p / (p + n) for p, n in zip(b.per_op, note.per_op, strict=True))
-            extra_notes.append(f"r1n: one change note (the WAL hook's whole work, timed alone) takes "
+            extra_notes.append(f"{ids[0]}n: one change note (the WAL hook's whole work, timed alone) takes "
                                f"{note.median * 1e6:.2f} µs; added to a plain routed write it would give "
                                f"{alone:.2f}× (the note's own cost, without the checkpoints a replicated writer "
                                "leaves to the replicator).")
         finally:
+            while stops:
+                stops.pop()()
             plain.close()
             replicated.close()
         plain_ar = w.make_async_router(os.path.join(tmp, "aplain"), loop)
         replicated_ar = w.make_async_router(os.path.join(tmp, "areplicated"), loop, replicate=replica)
+        if replicator is not None:
+            stops.append(replicator(os.path.join(tmp, "areplicated")))
         try:
             a = Side("replicated", w.async_writes(loop, replicated_ar), unit=w.TASKS)
             b = Side("plain", w.async_writes(loop, plain_ar), unit=w.TASKS)
             interleave([a, b], args.rounds, args.round_time)
-            rows.append(row("r2", "async single-row write tx, 64 tasks on one tenant, replicate= vs none (NORMAL)",
-                            a, b, target=TARGET))
+            rows.append(row(ids[1], f"async single-row write tx, 64 tasks on one tenant, replicate= ({running}) "
+                                    "vs none (NORMAL)", a, b, target=TARGET))
         finally:
+            while stops:
+                stops.pop()()
             loop.run_until_complete(plain_ar.aclose())
             loop.run_until_complete(replicated_ar.aclose())
     finally:
+        while stops:
+            stops.pop()()
         loop.close()
-    notes = ["The replicated sides note every commit and never checkpoint (no replicator runs in this benchmark: "
-             "their logs grow through the run; the plain sides pay their own checkpoints).", *extra_notes]
+    if replicator is None:
+        notes = ["The replicated sides note every commit and never checkpoint (no replicator runs in this benchmark: "
+                 "their logs grow through the run; the plain sides pay their own checkpoints).", *extra_notes]
+    else:
+        notes = ["The replicated sides note every commit and never checkpoint; a replicator process on their root "
+                 "captures, uploads and checkpoints meanwhile (on the same CPUs).", *extra_notes]
     return rows, notes
 
 

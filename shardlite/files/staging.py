@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import apsw
 
@@ -98,15 +98,23 @@ class Staging:
 
     # -- cursors ---------------------------------------------------------------------------------------
 
+    _CURSOR_COLUMNS = ("incarnation, generation, salt, ckpt_seq, frame, c1, c2, page_size, closed, captured_ns, "
+                       "last_commit_ns")
+
+    @staticmethod
+    def _tenant_cursor(row: tuple[Any, ...]) -> TenantCursor:
+        inc, gen, salt, seq, frame, c1, c2, size, closed, captured, last = row
+        return TenantCursor(inc, gen, Cursor(salt, seq, frame, (c1, c2), size, bool(closed)), captured, last)
+
     def cursor(self, key: str) -> TenantCursor | None:
-        for row in self.conn.execute("SELECT incarnation, generation, salt, ckpt_seq, frame, c1, c2, page_size, "
-                                     "closed, captured_ns, last_commit_ns FROM cursors WHERE key = ?", (key,)):
-            inc, gen, salt, seq, frame, c1, c2, size, closed, captured, last = row
-            return TenantCursor(inc, gen, Cursor(salt, seq, frame, (c1, c2), size, bool(closed)), captured, last)
+        for row in self.conn.execute(f"SELECT {self._CURSOR_COLUMNS} FROM cursors WHERE key = ?", (key,)):
+            return self._tenant_cursor(row)
         return None
 
     def cursors(self) -> dict[str, TenantCursor]:
-        return {key: found for key in self.keys() if (found := self.cursor(key)) is not None}
+        """Every tenant's cursor, in one read (the replicator's reconcile pass reads them all)."""
+        return {row[0]: self._tenant_cursor(row[1:]) for row in self.conn.execute(
+            f"SELECT key, {self._CURSOR_COLUMNS} FROM cursors ORDER BY key")}
 
     def keys(self) -> list[str]:
         return [row[0] for row in self.conn.execute("SELECT key FROM cursors ORDER BY key")]

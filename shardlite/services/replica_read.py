@@ -2,7 +2,8 @@
 
 A pack's header is read with one ranged GET (a second when it is longer than the first read), and only
 the byte ranges of the tenants asked for are fetched after it, so restoring one tenant reads a few
-kilobytes per pack, not the packs. Everything read is untrusted: headers are validated whole
+kilobytes per pack, not the packs; reading every tenant (a whole root) fetches each pack's payload in one
+request instead. Everything read is untrusted: headers are validated whole
 (:func:`shardlite.core.pack.decode_header`) and every entry's bytes are checked against its digest.
 """
 
@@ -59,10 +60,15 @@ def captures_of(target: ReplicaTarget, keys: Iterable[str] | None, *,
         info = read_header(target, name, size)
         if on_pack is not None:
             on_pack(info)
+        # every tenant (a whole root): the payload in one read, not one request per capture
+        payload = target.get_range(name, info.payload_at, size - info.payload_at) if wanted is None else None
         for position, entry in enumerate(info.header.entries):
             if wanted is not None and entry.key not in wanted:
                 continue
-            data = target.get_range(name, info.payload_at + entry.offset, entry.length)
+            if payload is not None:
+                data = payload[entry.offset:entry.offset + entry.length]
+            else:
+                data = target.get_range(name, info.payload_at + entry.offset, entry.length)
             pack.check_bytes(entry, data)
             order = (entry.captured_ns, info.header.seq, position)
             found.setdefault(entry.key, []).append(timeline.Capture(order, entry, data, info.header.node))

@@ -37,6 +37,7 @@ import xxhash
 from ..core import pack
 from ..errors import ReplicaUnavailable, ShardliteError
 from ..files import walcapture as wc
+from ..files.catalog import TenantRecord
 from ..files.checkpoints import DUE_FRAMES
 from ..files.engine import open_connection, set_busy_timeout
 from ..files.staging import Staging
@@ -116,21 +117,23 @@ class NodeReplicator:
         """The tenants marked for the next round."""
         return list(self._marked)
 
-    def reconcile(self) -> int:
+    def reconcile(self, live: dict[str, TenantRecord] | None = None) -> int:
         """Mark every live tenant of this node that has no cursor, or a cursor of another file (a new
-        generation or incarnation); forget cursors of tenants no longer here. Returns how many it marked."""
+        generation or incarnation); forget cursors of tenants no longer here. Returns how many it marked.
+        ``live``, when given, receives the catalog record of every live tenant of this node (one pass over
+        the catalog serves the caller too)."""
         cursors = self.staging.cursors()
-        here = set()
+        here = live if live is not None else {}
         marked = 0
         for record in self.store.meta.tenants.iter_tenants():
             if record.node != self.node:
                 continue
-            here.add(record.key)
+            here[record.key] = record
             found = cursors.get(record.key)
             if found is None or (found.incarnation, found.generation) != (record.incarnation, record.generation):
                 self.mark(record.key)
                 marked += 1
-        for key in set(cursors) - here:
+        for key in set(cursors) - here.keys():
             self._close(key)
             self.staging.forget(key)
         return marked
