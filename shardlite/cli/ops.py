@@ -191,14 +191,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--parallel", type=positive_int, default=backup_mod.PARALLEL,
                    help=f"copies at once (default {backup_mod.PARALLEL})")
     p.set_defaults(func=cmd_backup)
-    p = sub.add_parser("restore", help="restore tenants from a backup (checksums verified); into a new or "
-                                       "empty root: the whole root, nodes and global data included")
+    p = sub.add_parser("restore", help="restore tenants from a backup (checksums verified) or from the replica "
+                                       "(--from URL); into a new or empty root: the whole root, nodes and "
+                                       "global data included")
     p.add_argument("src", nargs="?", help="the backup directory (holds manifest.json)")
     p.add_argument("--from", dest="from_url", metavar="URL",
-                   help="restore from a replica (s3://bucket/prefix or file:///path) instead of a backup")
+                   help="restore from a replica (s3://bucket/prefix or file:///path) instead of a backup: a whole "
+                        "root into a new or empty --root, or one tenant (--key) into a live one")
     p.add_argument("--at", metavar="TIME",
-                   help="with --from: the tenant at its last commit at or before TIME (ISO 8601 with a time "
-                        "zone, e.g. 2026-12-06T18:00:00Z); default: the latest")
+                   help="with --from: each tenant at its last commit at or before TIME, the metadata at its last "
+                        "snapshot before it (ISO 8601 with a time zone, e.g. 2026-12-06T18:00:00Z); default: the "
+                        "latest")
     p.add_argument("--key", help="restore one tenant")
     p.add_argument("--as", dest="as_key", help="with --key: restore it under another key")
     p.add_argument("--force", action="store_true", help="replace live tenants")
