@@ -137,3 +137,18 @@ def test_commit_times_ignore_notes_of_commits_captured_before() -> None:
     assert wc.commit_times(got, [(2, 150), (4, 160)], 200, after_ns=100) == [(2, 150), (4, 160)]
     assert wc.commit_times(got, [(2, 50), (4, 160)], 200, after_ns=100) == [(2, 200), (4, 160)]
     assert wc.commit_times(got, [(4, 900)], 200, after_ns=100) == [(2, 200), (4, 200)]  # never after the capture
+
+
+@pytest.mark.parametrize("pgno, commit_size", [(2**31, 1), (1, 2**32 - 1)])
+def test_a_crafted_page_number_or_size_is_refused_before_it_allocates(pgno: int, commit_size: int) -> None:
+    """Frames from a replica name page numbers and sizes; a crafted one must not make the image huge."""
+    from shardlite.core import walformat as wf
+
+    salt = b"\x01" * 8
+    snap = pack.Entry("user:1", "inc", 1, "snapshot", 512, salt.hex(), 0, 1, [(1, 10)], 10, 0, 512)
+    frame = wf.Frame(2, wf.FrameHeader(pgno, commit_size, salt, (0, 0)), b"\0" * 512)
+    frames = pack.Entry("user:1", "inc", 1, "frames", 512, salt.hex(), 2, 2, [(2, 20)], 20, 0, 536)
+    captures = [timeline.Capture((10, 1, 0), snap, b"\0" * 512),
+                timeline.Capture((20, 2, 0), frames, wf.encode_frame(frame))]
+    with pytest.raises(timeline.TimelineError, match="past"):
+        timeline.image_at(captures)

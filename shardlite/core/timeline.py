@@ -120,7 +120,13 @@ def image_at(captures: Sequence[Capture], at_ns: int | None = None) -> tuple[byt
         if len(frames) != entry.last - entry.first + 1:
             raise TimelineError(f"{entry.key!r}: frames {entry.first}-{entry.last} carry other salts")
         end = upto[-1]
-        wf.replay(image, [f for f in frames if f.number <= end], entry.page_size)
+        # a database grows only by pages its commits write: a size past the image plus the frames' bytes
+        # (with room to spare) is a crafted or damaged capture, refused before it allocates anything
+        bound = 2 * (len(image) + len(got.data)) + (1 << 20)
+        try:
+            wf.replay(image, [f for f in frames if f.number <= end], entry.page_size, max_bytes=bound)
+        except wf.WalFormatError as exc:
+            raise TimelineError(f"{entry.key!r}: {exc}") from None
         salt, last = entry.salt, entry.last
         point = point._replace(time_ns=dict(entry.commits)[end], frame=end)
         if end != entry.last:

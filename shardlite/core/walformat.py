@@ -228,13 +228,21 @@ def verify_chain(header: WalHeader, frames: Sequence[Frame], seed: tuple[int, in
     return good
 
 
-def replay(image: bytearray, frames: Sequence[Frame], page_size: int) -> bytearray:
+def replay(image: bytearray, frames: Sequence[Frame], page_size: int, *,
+           max_bytes: int | None = None) -> bytearray:
     """Apply committed ``frames`` in order to a database ``image`` (modified in place and returned): each
     page written at its place, the image cut or extended to the last commit's size, as a checkpoint of
-    those frames would leave the database file. Frames after the last commit frame are ignored."""
+    those frames would leave the database file. Frames after the last commit frame are ignored.
+
+    ``max_bytes``: frames from outside (a replica) name page numbers and sizes that could make the image
+    any size; a page or a commit size past this bound is :class:`WalFormatError` (checked before the image
+    grows)."""
     frames = committed(frames)
     if not frames:
         return image
+    limit = max_bytes if max_bytes is not None else 1 << 62
+    if any(f.header.pgno * page_size > limit for f in frames) or frames[-1].header.commit_size * page_size > limit:
+        raise WalFormatError(f"frames {frames[0].number}-{frames[-1].number} name pages past {limit} bytes")
     for frame in frames:
         pgno = frame.header.pgno
         if pgno < 1:

@@ -31,7 +31,7 @@ import xxhash
 
 from ..core import metasnap, timeline
 from ..core.keys import canonical
-from ..errors import ConfigurationError, UnknownTenant
+from ..errors import ConfigurationError, ShardliteError, UnknownTenant
 from ..front.store import Store
 from ..replica.target import ReplicaTarget
 from . import manifest as mf
@@ -60,6 +60,15 @@ def format_time(ns: int) -> str:
     return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+def _image_at(captures: list[timeline.Capture], at_ns: int | None, key: str) -> tuple[bytearray, timeline.Point] | None:
+    """:func:`shardlite.core.timeline.image_at`, a damaged history reported as what to do next."""
+    try:
+        return timeline.image_at(captures, at_ns)
+    except timeline.TimelineError as exc:
+        raise ShardliteError(f"the replica's history of {key!r} cannot be replayed ({exc}); nothing was restored: "
+                             "restore an earlier time with --at, or from a backup") from None
+
+
 def restore_tenant(store: Store, target: ReplicaTarget, key: object, *, as_key: object | None = None,
                    at_ns: int | None = None, force: bool = False) -> dict[str, Any]:
     """Restore tenant ``key`` (as ``as_key`` when given) from ``target`` at its last commit at or before
@@ -68,7 +77,7 @@ def restore_tenant(store: Store, target: ReplicaTarget, key: object, *, as_key: 
     replica holds no commit of ``key`` at that time."""
     canon = canonical(key)
     captures = replica_read.captures_of(target, [canon])[canon]
-    found = timeline.image_at(captures, at_ns)
+    found = _image_at(captures, at_ns, canon)
     if found is None:
         when = "" if at_ns is None else f" at or before {format_time(at_ns)}"
         raise UnknownTenant(f"the replica {target.url} holds no commit of tenant {canon!r}{when}; "
@@ -132,7 +141,7 @@ def materialize(target: ReplicaTarget, dest: str, at_ns: int | None = None) -> d
         row = catalog.get(key)
         if row is not None and row[4] not in ("active", "moving"):
             continue  # dropped when the metadata was taken
-        found = timeline.image_at(captures, limit)
+        found = _image_at(captures, limit, key)
         if found is None:
             continue
         image, point = found
