@@ -19,7 +19,7 @@ from helpers_routers import run_cli
 
 from shardlite import Router
 from shardlite.cli.common import json_line, literal
-from shardlite.cli.relay import _LiteralFormatter
+from shardlite.cli.common import _LiteralFormatter
 from shardlite.core.outbox import Event, RetryPolicy
 
 SCHEMA = ["CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)"]

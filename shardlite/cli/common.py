@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import math
 import os
 import shlex
@@ -228,3 +229,20 @@ def progress(description: str, total: int | None, *, quiet: bool) -> Iterator[An
     with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
+
+
+class _LiteralFormatter(logging.Formatter):
+    """Log lines shown literally (:func:`~shardlite.cli.common.literal`): an error quoting a tenant's data
+    or topic cannot act on the terminal, and a multi-line message stays one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return literal(super().format(record))
+
+
+def log_to_stderr() -> None:
+    """Warnings of a long-running command (relay, replicator; one line each) go to stderr with a time stamp,
+    written literally, unless the app configured logging itself."""
+    if not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_LiteralFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logging.basicConfig(level=logging.WARNING, handlers=[handler])

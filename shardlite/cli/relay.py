@@ -3,32 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
-import sys
 import threading
 import time
 from dataclasses import asdict
 from typing import Any
 
-from .common import echo, emit_json, literal, load_app, open_router, print_table
-
-
-class _LiteralFormatter(logging.Formatter):
-    """Log lines shown literally (:func:`~shardlite.cli.common.literal`): an error quoting a tenant's data
-    or topic cannot act on the terminal, and a multi-line message stays one line."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return literal(super().format(record))
-
-
-def _log_errors() -> None:
-    """Relay errors (already one line each, rate-limited) go to stderr with a time stamp, unless the app
-    configured logging itself."""
-    if not logging.getLogger().handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_LiteralFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-        logging.basicConfig(level=logging.WARNING, handlers=[handler])
+from .common import echo, emit_json, load_app, log_to_stderr, open_router, print_table
 
 
 def _some(keys: list[str], shown: int = 10) -> str:
@@ -39,7 +20,7 @@ def _some(keys: list[str], shown: int = 10) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     router = load_app(args.app, args.root)
-    _log_errors()
+    log_to_stderr()
     try:
         if args.once:
             try:

@@ -7,7 +7,6 @@ import argparse
 import logging
 import os
 import signal
-import sys
 import threading
 from dataclasses import asdict
 from typing import Any
@@ -19,15 +18,8 @@ from ..services.replication import INTERVAL, Replication
 from ..services.replication import status as replication_status
 from ..services.replicator_child import set_parent_death_signal
 from ..services.restore_layout import root_state
-from .common import CliError, echo, emit_json, literal, open_router, print_table, root_of
+from .common import CliError, echo, emit_json, literal, log_to_stderr, open_router, print_table, root_of
 from .ops import parse_node_paths
-
-
-def _log_warnings() -> None:
-    if not logging.getLogger().handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-        logging.basicConfig(level=logging.WARNING, handlers=[handler])
 
 
 def _watch_parent(parent: int, stop: threading.Event) -> bool:
@@ -47,7 +39,7 @@ def _watch_parent(parent: int, stop: threading.Event) -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _log_warnings()
+    log_to_stderr()
     stop = threading.Event()
     if args.parent is not None and not _watch_parent(args.parent, stop):
         return 0
