@@ -18,8 +18,7 @@ import pytest
 from helpers_routers import run_cli
 
 from shardlite import Router
-from shardlite.cli.common import json_line, literal
-from shardlite.cli.common import _LiteralFormatter
+from shardlite.cli.common import _LiteralFormatter, json_line, literal
 from shardlite.core.outbox import Event, RetryPolicy
 
 SCHEMA = ["CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)"]
