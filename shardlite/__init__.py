@@ -27,6 +27,7 @@ from .errors import (
     PayloadTooLarge,
     QueryTimeout,
     ReplicaError,
+    ReplicationUnavailable,
     ReplicaUnavailable,
     ResultTooLarge,
     ShardliteError,
@@ -87,5 +88,6 @@ __all__ = [
     "MetaUnavailable",
     "ReplicaError",
     "ReplicaUnavailable",
+    "ReplicationUnavailable",
     "__version__",
 ]

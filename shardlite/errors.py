@@ -39,6 +39,7 @@ __all__ = [
     "MetaUnavailable",
     "ReplicaError",
     "ReplicaUnavailable",
+    "ReplicationUnavailable",
     "ReplicaObjectMissing",
 ]
 
@@ -181,6 +182,16 @@ class ReplicaUnavailable(ReplicaError):
     """The replica target cannot be reached or is failing for now (connection refused, a timeout, a 5xx,
     throttling, an I/O error of the replica's disk). Retryable: repeat the operation later; a ``put`` that
     failed this way may or may not have landed, and repeating it is harmless."""
+
+
+class ReplicationUnavailable(ShardliteError):
+    """A write of a router with ``durability="replicated"`` could not be confirmed durable in the replica
+    within the router's ``durability_timeout`` (the replica unreachable, its upload failing, no replicator
+    running for the tenant's node). **The transaction is committed locally, not rolled back**: it ships when
+    the replica is reachable and a replicator runs, and until then it is not confirmed. Retryable in the sense
+    that waiting again is safe: ``router.wait_replicated(key)`` asks again; repeating the transaction itself
+    would apply it twice unless it is idempotent. Check ``shardlite replicate status`` and the replicator's
+    log."""
 
 
 class ReplicaObjectMissing(ReplicaError, KeyError):

@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS staged(
     first INTEGER NOT NULL, last INTEGER NOT NULL, commits TEXT NOT NULL, captured_ns INTEGER NOT NULL,
     data BLOB NOT NULL
 ) STRICT;
+CREATE INDEX IF NOT EXISTS staged_by_key ON staged(key);
 CREATE TABLE IF NOT EXISTS packs(
     seq INTEGER PRIMARY KEY, name TEXT NOT NULL, created_ns INTEGER NOT NULL, uploaded_ns INTEGER NOT NULL,
     bytes INTEGER NOT NULL, entries INTEGER NOT NULL
@@ -184,6 +185,11 @@ class Staging:
             if times and key not in oldest:
                 oldest[key] = min(times)
         return oldest
+
+    def has_staged(self, keys: set[str]) -> set[str]:
+        """Which of ``keys`` have captures staged (not uploaded yet)."""
+        return {key for key in keys
+                if self.conn.execute("SELECT 1 FROM staged WHERE key = ? LIMIT 1", (key,)).fetchone() is not None}
 
     def next_seq(self) -> int:
         row = self.conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM packs").fetchone()

@@ -41,7 +41,7 @@ import apsw
 from ..core.keys import canonical
 from ..core.outbox import DEFAULT_MAX_PAYLOAD, RetryPolicy
 from ..core.retrying import RETRYABLE, Backoff
-from ..errors import ConfigurationError, MetaUnavailable, ShardliteError, StatementNotAllowed
+from ..errors import ConfigurationError, MetaUnavailable, ReplicationUnavailable, ShardliteError, StatementNotAllowed
 from ..files.catalog import Location
 from ..files.engine import Settings
 from ..files.pool import Handle
@@ -66,6 +66,7 @@ from .batch import (
     nested_savepoint,
     yield_once,
 )
+from .durability import DEFAULT_TIMEOUT, Durability
 from .globals import GlobalTables
 from .sessions import Sessions
 from .store import Store
@@ -75,6 +76,11 @@ __all__ = ["AsyncRouter", "AsyncTransaction"]
 
 T = TypeVar("T")
 Schema = Sequence[Step] | Mapping[str, Sequence[Step]] | None
+
+
+def _retrieved_confirm(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # read: its members each raise their own copy
 
 
 _ROLLED_BACK = "SQLite rolled it back for another transaction of the batch: OR ROLLBACK, RAISE(ROLLBACK), I/O"
@@ -242,6 +248,8 @@ class _AsyncScope(AsyncTransaction):
             # Our own future (which raises the batch's error): cancelling this task cancels only it, never
             # the batch (see module doc).
             await outcome.wait(batch.loop)
+        if self._router._durability.replicated:
+            await self._router._confirm(outcome, self.key)
 
     def _exit_nested(self, handle: Handle, depth: int, failed: bool) -> None:
         _, rollback, release = nested_savepoint(depth)
@@ -277,7 +285,8 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads, Admin):
     transaction (which runs on the event loop, stalling every task meanwhile) may run before it is
     interrupted (:class:`~shardlite.QueryTimeout`); ``statement_timeout`` bounds the others.
     ``close_timeout``: how long :meth:`aclose` waits for worker threads (their statements are interrupted
-    first).
+    first). ``durability="replicated"``: as on :class:`~shardlite.Router`; the wait never blocks the loop, and
+    a group-commit batch asks the replicator once for all its members.
     """
 
     def __init__(
@@ -311,6 +320,8 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads, Admin):
         meta: str | None = None,
         replicate: str | None = None,
         replicator: bool = False,
+        durability: str = "local",
+        durability_timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         settings = Settings(synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, max_open=max_open,
                             cache_kib=cache_kib, statement_timeout=statement_timeout, max_rows=max_rows,
@@ -331,6 +342,7 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads, Admin):
                                 meta=meta, max_payload=max_payload, max_outbox=max_outbox_bytes,
                                 checkpoint_submit=self._executor.submit,
                                 read_check_steps=INLINE_CHECK_STEPS, replicate=replicate)
+            self._durability = Durability(self._store, durability, durability_timeout)
             if replicator:
                 self._replicator = start_replicator(self._store)
         except BaseException:
@@ -396,6 +408,18 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads, Admin):
 
     # -- plumbing -------------------------------------------------------------------------------------
 
+    async def _confirm(self, outcome: Round, canon: str) -> None:
+        """durability="replicated": wait until the committed batch ``outcome`` is in the replica. The batch
+        asks once for all its members (front.durability); a member's cancellation cancels only its own wait."""
+        task = outcome.confirm
+        if task is None:
+            task = outcome.confirm = asyncio.ensure_future(self._durability.wait_async(canon))
+            task.add_done_callback(_retrieved_confirm)
+        try:
+            await asyncio.shield(task)
+        except ReplicationUnavailable as exc:  # each member its own exception object (their tracebacks differ)
+            raise ReplicationUnavailable(str(exc)) from None
+
     def _flag_refusal(self, handle: Handle, key: str) -> MetaUnavailable:
         """The error for a batch member that needs its tenant's pending-work flag written (it emitted the
         first event of an empty outbox) while the last write of a flag found the remote metadata store
@@ -450,6 +474,12 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads, Admin):
                 if pause is None:
                     raise
                 await asyncio.sleep(pause)
+
+    async def wait_replicated(self, key: object, *, timeout: float | None = None) -> None:
+        """Like :meth:`Router.wait_replicated`; the event loop serves other tasks meanwhile."""
+        if self._store.replicate is None:
+            raise ConfigurationError(f"{self.root} does not replicate: there is no replica to wait for")
+        await self._durability.wait_async(self._canonical(key), timeout)
 
     async def query(self, key: object, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
         """Read-only statement on ``key``'s tenant, like :meth:`Router.query`."""

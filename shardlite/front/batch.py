@@ -108,12 +108,14 @@ class Round:
     set). Members that block for it each get their own future (:meth:`wait`), so a member's cancellation
     cancels only its own wait."""
 
-    __slots__ = ("finished", "error", "_waiters")
+    __slots__ = ("finished", "error", "_waiters", "confirm")
 
     def __init__(self) -> None:
         self.finished = False
         self.error: BaseException | None = None
         self._waiters: list[asyncio.Future[None]] | None = None
+        #: with durability="replicated": the batch's one wait for the replica, shared by its members
+        self.confirm: asyncio.Future[None] | None = None
 
     def wait(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
         """A future resolved (or failed with ``error``) when the batch finishes."""

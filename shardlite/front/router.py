@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from ..core.keys import canonical
 from ..core.outbox import DEFAULT_MAX_PAYLOAD, RetryPolicy
 from ..core.retrying import RETRYABLE, Backoff
-from ..errors import ShardliteError
+from ..errors import ConfigurationError, ShardliteError
 from ..files.catalog import Location
 from ..files.engine import Settings
 from ..files.pool import Handle
@@ -33,6 +33,7 @@ from ..services.relay import Handler, HandlerRegistry, Relay
 from ..services.replicator_child import ReplicatorChild, start_replicator
 from . import feed
 from .accounts import Accounts
+from .durability import DEFAULT_TIMEOUT, Durability
 from .globals import GlobalTables
 from .sessions import Sessions
 from .store import Store
@@ -116,6 +117,9 @@ class _Scope(Transaction):
         finally:
             del self._active[self.key]
             store.release(handle)
+        if exc_type is None and self._router._durability.replicated:
+            # committed and its connection released: now wait for the replica (front.durability)
+            self._router._durability.wait(self.key)
 
 
 class Router(HandlerRegistry):
@@ -151,6 +155,11 @@ class Router(HandlerRegistry):
     ``replicator=True`` runs that replicator for the router's lifetime as a child process (``shardlite replicate
     run``; :mod:`shardlite.services.replicator_child`), stopped by :meth:`close`; the root must replicate
     (:class:`ConfigurationError` otherwise).
+    ``durability`` is this router's acknowledgement policy (:mod:`shardlite.front.durability`): ``"local"``
+    (the default: a transaction returns once committed to its tenant's file; the replica follows within the
+    replicator's lag) or ``"replicated"`` (it returns once its commit is also durable in the replica, waiting
+    at most ``durability_timeout`` seconds, else :class:`~shardlite.ReplicationUnavailable`: committed
+    locally, not confirmed). ``"replicated"`` needs a root that replicates and a replicator running.
     """
 
     def __init__(
@@ -177,6 +186,8 @@ class Router(HandlerRegistry):
         meta: str | None = None,
         replicate: str | None = None,
         replicator: bool = False,
+        durability: str = "local",
+        durability_timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         settings = Settings(synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, max_open=max_open,
                             cache_kib=cache_kib, statement_timeout=statement_timeout, max_rows=max_rows,
@@ -185,12 +196,13 @@ class Router(HandlerRegistry):
         self._store = Store(os.fspath(root), nodes=nodes, schema=schema,  # type: ignore[arg-type]
                             global_schema=global_schema, settings=settings, move_wait=move_wait, create=create,
                             meta=meta, max_payload=max_payload, max_outbox=max_outbox_bytes, replicate=replicate)
-        if replicator:
-            try:
+        try:
+            self._durability = Durability(self._store, durability, durability_timeout)
+            if replicator:
                 self._replicator = start_replicator(self._store)
-            except BaseException:
-                self._store.close()
-                raise
+        except BaseException:
+            self._store.close()
+            raise
         self._local = threading.local()
         store_meta = self._store.meta
         #: Accounts with unique e-mail addresses (:class:`~shardlite.front.accounts.Accounts`).
@@ -267,6 +279,15 @@ class Router(HandlerRegistry):
         uncommitted writes). A statement that writes is refused.
         """
         return self._store.read(key, sql, params)
+
+    def wait_replicated(self, key: object, *, timeout: float | None = None) -> None:
+        """Block until every commit to ``key``'s tenant made so far is durable in the root's replica, at most
+        ``timeout`` seconds (default: the router's ``durability_timeout``), else
+        :class:`~shardlite.ReplicationUnavailable`. Works whatever this router's ``durability``: the way to
+        confirm a write that raised ReplicationUnavailable, or a batch of local-durability writes, later."""
+        if self._store.replicate is None:
+            raise ConfigurationError(f"{self.root} does not replicate: there is no replica to wait for")
+        self._durability.wait(canonical(key), timeout)
 
     def locate(self, key: object) -> Location:
         """Where ``key`` lives (never creates): node, path, epoch and state; ``state="absent"`` and

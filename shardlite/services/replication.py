@@ -48,6 +48,7 @@ from ..files.staging import STAGING_DIR
 from ..front.store import Store
 from ..replica.target import ReplicaTarget, open_target
 from .backup import standalone_image
+from .confirmations import ConfirmServer, Request
 from .replicator import NodeReplicator, RoundStats
 
 __all__ = ["Replication", "INTERVAL", "RECONCILE_EVERY", "META_EVERY"]
@@ -76,6 +77,9 @@ class _Node:
     seen_logs: dict[str, tuple[int, int]] = field(default_factory=dict)
     reconciled_at: float = 0.0
     last: RoundStats | None = None
+    confirm: ConfirmServer | None = None
+    #: confirmation requests taken into a round and not answered yet (their tenant stayed busy)
+    waiting: list[Request] = field(default_factory=list)
 
 
 class Replication:
@@ -96,9 +100,16 @@ class Replication:
         self._meta_at: float | None = None
         self._meta_seen: tuple[int, ...] | None = None
         self.meta_snapshots = 0  #: metadata snapshots this process uploaded
+        #: set when a writer asks for a confirmation (or the loop must stop): the next round starts at once
+        self._wake = threading.Event()
+        self.confirmed = 0  #: confirmation requests answered "shipped"
 
     def close(self) -> None:
         for node in self.nodes.values():
+            if node.confirm is not None:
+                node.confirm.close()
+                for request in node.waiting:
+                    request.conn.close()
             node.replicator.close()
             os.close(node.lock_fd)  # releases the node for a standby
         self.nodes.clear()
@@ -116,8 +127,13 @@ class Replication:
             self.standby.add(name)
             return
         self.standby.discard(name)
-        replicator = NodeReplicator(self.store, name, self.target)
-        self.nodes[name] = _Node(name, path, fd, replicator, replicator.staging.notes_offsets())
+        try:
+            replicator = NodeReplicator(self.store, name, self.target)
+            confirm = ConfirmServer(path, self._wake.set)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.nodes[name] = _Node(name, path, fd, replicator, replicator.staging.notes_offsets(), confirm=confirm)
         log.info("replicate: this process replicates node %r", name)
 
     def _claim_nodes(self) -> None:
@@ -220,11 +236,19 @@ class Replication:
         node.reconciled_at = self.clock()
 
     def _round(self, node: _Node) -> RoundStats:
+        # Confirmation requests received before this round: their tenants are captured in it, after the
+        # request arrived, so the capture holds the writer's commit (shardlite.services.confirmations).
+        requests = node.waiting + (node.confirm.take() if node.confirm is not None else [])
+        node.waiting = []
+        for request in requests:
+            node.replicator.mark(request.key)
         self._read_notes(node)
         if not node.reconciled_at or self.clock() - node.reconciled_at >= RECONCILE_EVERY:
             self._reconcile(node)
         stats = node.replicator.run_round()
         node.last = stats
+        if requests:
+            self._answer(node, requests, stats)
         if not node.replicator.marked():
             gone = sorted(node.finished)
             node.replicator.staging.set_notes_offsets(
@@ -235,10 +259,50 @@ class Replication:
             node.finished.clear()
         return stats
 
+    def _answer(self, node: _Node, requests: list[Request], stats: RoundStats) -> None:
+        """Answer the confirmation requests of a round: shipped once the tenant was captured in it and nothing
+        of it is left staged; an error when the upload or its capture failed, or it is no longer on this node;
+        kept for the next round (started at once) when its lock was busy or the backlog needs more packs."""
+        marked = set(node.replicator.marked())
+        staged = node.replicator.staging.has_staged({r.key for r in requests})
+        here: dict[str, bool] = {}
+        for request in requests:
+            key = request.key
+            error: str | None = None
+            if key in stats.errors:
+                error = f"the capture of the tenant failed ({stats.errors[key]})"
+            elif key in marked:
+                node.waiting.append(request)  # busy: the next round captures it
+                continue
+            elif key in staged:
+                if stats.upload_error is None:
+                    node.waiting.append(request)  # a backlog of more than one pack: the next round ships more
+                    continue
+                error = f"the upload to the replica failed ({stats.upload_error})"
+            else:
+                if key not in here:
+                    record = self.store.meta.tenants.lookup(key)
+                    here[key] = record is not None and record.node == node.name and record.state in (
+                        "active", "moving")
+                if not here[key]:
+                    error = (f"the tenant is not on node {node.name!r} any more (moved or dropped while the write "
+                             "waited): its commit may ship from its new node")
+            if error is None:
+                self.confirmed += 1
+            assert node.confirm is not None
+            node.confirm.answer(request, error)
+        if node.waiting:
+            self._wake.set()
+
     def run(self, stop: threading.Event, *, interval: float = INTERVAL, parent: int | None = None) -> None:
         """Rounds every ``interval`` seconds until ``stop`` is set, or, given ``parent``, until ``os.getppid()``
         is no longer ``parent`` (checked before every round: a replicator started by an app never outlives it).
-        A round that fails as a whole (the metadata unreachable) is logged and the next one tries again."""
+        A round that fails as a whole (the metadata unreachable) is logged and the next one tries again.
+        A confirmation request (:mod:`shardlite.services.confirmations`) starts the next round at once."""
+        def relay_stop() -> None:
+            stop.wait()
+            self._wake.set()
+        threading.Thread(target=relay_stop, name="shardlite-replicate-stop", daemon=True).start()
         while not stop.is_set():
             if parent is not None and os.getppid() != parent:
                 log.warning("replicate: the process that started this replicator (pid %d) is gone: stopping", parent)
@@ -249,7 +313,10 @@ class Replication:
             except Exception as exc:  # noqa: BLE001 - one failed round never stops replication
                 log.warning("replicate: round failed (%s: %s); retrying in %.1f s", type(exc).__name__, exc,
                             interval)
-            stop.wait(max(0.0, interval - (self.clock() - started)))
+            if stop.is_set():
+                break
+            self._wake.wait(max(0.0, interval - (self.clock() - started)))
+            self._wake.clear()
 
     # -- status ----------------------------------------------------------------------------------------
 

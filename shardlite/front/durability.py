@@ -1,0 +1,79 @@
+"""A router's acknowledgement policy: when a write transaction returns (``durability=`` on ``Router`` and
+``AsyncRouter``; docs/replication.md, "durability=replicated").
+
+- ``"local"`` (the default): a transaction returns once it is committed to its tenant's file (``synchronous``
+  says how durable that is on this machine). On a replicated root its commit ships with the replicator's next
+  round: ``shardlite replicate status`` reports the lag.
+- ``"replicated"``: a transaction returns only once its commit is also durable in the root's replica: after
+  ``COMMIT`` the writer asks the node's replicator to ship the tenant's commits and waits for its answer
+  (:mod:`shardlite.services.confirmations`; the replicator serves every request that arrived before a round in
+  that round: one upload per batch of writers, and the AsyncRouter asks once per group-commit batch). Past
+  ``durability_timeout`` seconds, or at once when the replicator reports a failed upload, the transaction
+  raises :class:`~shardlite.ReplicationUnavailable`: **committed locally, not confirmed in the replica**
+  (never rolled back). Needs a root that replicates (``ConfigurationError`` otherwise) and a replicator
+  running for its nodes (``replicator=True``, or ``shardlite replicate run``).
+
+The policy belongs to the router (this process's promise to its callers), not to the root: two processes on
+one root may acknowledge differently.
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigurationError, ReplicationUnavailable
+from ..services import confirmations
+from .store import Store
+
+__all__ = ["Durability", "DURABILITY_MODES", "DEFAULT_TIMEOUT"]
+
+DURABILITY_MODES = ("local", "replicated")
+#: Seconds a write of ``durability="replicated"`` waits for the replica before ReplicationUnavailable: a round
+#: and an upload take well under a second; the S3 client's own retries of a failing upload take a few.
+DEFAULT_TIMEOUT = 10.0
+
+
+class Durability:
+    """The acknowledgement policy of one router (module docstring)."""
+
+    __slots__ = ("store", "replicated", "timeout")
+
+    def __init__(self, store: Store, mode: str, timeout: float) -> None:
+        if mode not in DURABILITY_MODES:
+            raise ConfigurationError(f"durability must be one of {', '.join(map(repr, DURABILITY_MODES))} "
+                                     f"(got {mode!r})")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigurationError(f"durability_timeout must be a number of seconds > 0 (got {timeout!r})")
+        if mode == "replicated" and store.replicate is None:
+            raise ConfigurationError(f"durability='replicated' needs a root that replicates: {store.root} has no "
+                                     "replica; create it with replicate=URL (or `shardlite init --replicate URL`)")
+        self.store, self.replicated, self.timeout = store, mode == "replicated", float(timeout)
+
+    def _node_path(self, canon: str) -> tuple[str, str]:
+        record = self.store.resolve(canon, create=False)
+        if record is None:
+            raise self._error(canon, "?", "the tenant is gone (dropped meanwhile)")
+        return record.node, self.store.node_path(record.node)
+
+    def _error(self, canon: str, node: str, why: str) -> ReplicationUnavailable:
+        return ReplicationUnavailable(
+            f"tenant {canon!r}: the write is committed locally but not confirmed durable in the replica "
+            f"{self.store.replicate} (waited at most durability_timeout={self.timeout:g} s): {why}. It ships "
+            f"once the replica is reachable and a replicator runs for node {node!r}; check `shardlite replicate "
+            f"status --root {self.store.root}` and the replicator's log. Waiting again is safe "
+            "(wait_replicated); repeating the transaction applies it twice unless it is idempotent")
+
+    def wait(self, canon: str, timeout: float | None = None) -> None:
+        """Block until every commit to ``canon`` made so far is in the replica (ReplicationUnavailable past
+        ``timeout``, default the router's)."""
+        node, path = self._node_path(canon)
+        try:
+            confirmations.ask_shipped(path, canon, self.timeout if timeout is None else timeout)
+        except confirmations.Unconfirmed as exc:
+            raise self._error(canon, node, str(exc)) from None
+
+    async def wait_async(self, canon: str, timeout: float | None = None) -> None:
+        """:meth:`wait` for the event loop (it never blocks the loop)."""
+        node, path = self._node_path(canon)
+        try:
+            await confirmations.ask_shipped_async(path, canon, self.timeout if timeout is None else timeout)
+        except confirmations.Unconfirmed as exc:
+            raise self._error(canon, node, str(exc)) from None
