@@ -5,7 +5,7 @@ Usage::
 
     .venv/bin/python benchmarks/replication.py            # full run (10-20 minutes: 100,000 tenants)
     .venv/bin/python benchmarks/replication.py --quick    # small sizes (200 tenants; no 100,000 row)
-    .venv/bin/python benchmarks/replication.py --only idle,writes,cost,restore,100k
+    .venv/bin/python benchmarks/replication.py --only idle,writes,cost,durable,restore,100k
     .venv/bin/python benchmarks/replication.py --json     # JSON on stdout instead of the table
 
 The S3 server is ``shardlite.testing.s3.seaweedfs()`` (``weed mini`` on loopback, one bucket); every
@@ -32,6 +32,9 @@ sends (botocore's ``before-send`` event, by kind). How each figure is taken:
   resolution: the 50 ms poll plus one LIST and one ranged GET.
 * **cost**: ``benchmarks/replication_writer.py``'s rows (its code, imported), with a replicator process
   running on each replicated root, against ``s3://``.
+* **durable**: ``benchmarks/replication_durable.py``'s rows (imported): routed sync and async writes with
+  ``durability="replicated"`` against the default (replication on), each side on a root of its own with a
+  replicator process running, against ``s3://``: ops/s and per-write latency p50/p99.
 * **restore**: ``restore_root_from_replica`` of the 1,000-tenant root into a new directory;
   ``restore_tenant`` of one small tenant (``--as`` a new key); ``restore_tenant(at_ns=...)`` of a 2 MB
   tenant written in 20 commits over several rounds, at the time of its 10th commit (checked: the restored
@@ -79,7 +82,7 @@ ROWS_PER_TENANT = 3
 WRITE_RATE = 200
 POLL_S = 0.05
 TICK = os.sysconf("SC_CLK_TCK")
-ROW_NAMES = ("idle", "writes", "cost", "restore", "100k", "litestream")
+ROW_NAMES = ("idle", "writes", "cost", "durable", "restore", "100k", "litestream")
 
 
 def key_of(i: int) -> str:
@@ -564,6 +567,8 @@ def run(args: argparse.Namespace, tmp: str, server: Any) -> Bench:  # noqa: C901
                     log_row(b.rows[-1])
         if "cost" in args.only:
             cost_rows(b)
+        if "durable" in args.only:
+            durable_rows(b)
         if "100k" in args.only and not args.quick:
             count = args.big
             got = b.idle_row(f"idle {count}", count, window, procs=2, restart=True)
@@ -658,6 +663,21 @@ def cost_rows(b: Bench) -> None:
         log_row(r)
     b.rows += rows
     b.notes += notes
+
+
+def durable_rows(b: Bench) -> None:
+    """Rows d1/d2: durability="replicated" against the default, with replicators running
+    (``benchmarks/replication_durable.py``, imported)."""
+    import replication_durable as rd
+
+    def start(root: str) -> Callable[[], None]:
+        rep = Replicator(root, b.env, b.args.interval)
+        time.sleep(1.0)
+        rep.check()
+        return rep.stop
+
+    rounds = 3 if b.args.quick else 7
+    b.rows += rd.run_rows(os.path.join(b.tmp, "durable"), b.url, start, rounds=rounds, round_time=1.0)
 
 
 def restore_rows(b: Bench, count: int) -> None:
