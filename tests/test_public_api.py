@@ -52,6 +52,7 @@ EXPECTED_ALL = [
     "MetaUnavailable",
     "ReplicaError",
     "ReplicaUnavailable",
+    "ReplicationUnavailable",
     "__version__",
 ]
 
@@ -89,7 +90,7 @@ def test_error_tree() -> None:
                                 "InvalidPassword", "UnknownAccount", "ManifestInvalid", "BackupFailed",
                                 "QueryTimeout", "ResultTooLarge", "MoveFailed", "NodeFull",
                                 "StorageError", "StorageFull", "StorageReadOnly", "ReplicaError",
-                                "ReplicaUnavailable"]:
+                                "ReplicaUnavailable", "ReplicationUnavailable"]:
         cls = getattr(shardlite, name)
         assert inspect.isclass(cls) and issubclass(cls, base), name
     # a refusal is also what APSW code already catches for "not authorized"
@@ -99,6 +100,8 @@ def test_error_tree() -> None:
     assert issubclass(shardlite.ManifestInvalid, shardlite.ConfigurationError)
     assert issubclass(shardlite.DirectoryModeWarning, UserWarning)
     assert issubclass(shardlite.ReplicaUnavailable, shardlite.ReplicaError)
+    # committed locally, only not confirmed: never one of the errors Router.run retries (shardlite.core.retrying)
+    assert not issubclass(shardlite.ReplicationUnavailable, (shardlite.Busy, shardlite.TenantMoving))
 
 
 def test_location_fields() -> None:
