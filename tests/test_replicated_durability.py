@@ -236,3 +236,33 @@ def test_s3_outage_local_writes_go_on_replicated_writes_fail_then_recover(
             front.close(replicated)
             front.close(local)  # the replicator child's last round ships the last local writes
         assert _restored(url, tmp_path / "new", keys) == written  # nothing lost, nothing twice
+
+
+def test_the_async_wait_never_blocks_the_event_loop(tmp_path: Path) -> None:
+    url = "file://" + str(tmp_path / "replica")
+
+    async def main() -> tuple[int, shardlite.ReplicationUnavailable]:
+        async with shardlite.AsyncRouter(tmp_path / "root", schema=SCHEMA, replicate=url, durability="replicated",
+                                         durability_timeout=1.0) as router:
+            ticks = 0
+            waiting = True
+
+            async def ticker() -> None:
+                nonlocal ticks
+                while waiting:
+                    await asyncio.sleep(0.01)
+                    ticks += 1
+
+            running = asyncio.ensure_future(ticker())
+            try:
+                with pytest.raises(shardlite.ReplicationUnavailable) as caught:  # no replicator runs
+                    await _awrite(router, "user:a", 1)
+            finally:
+                waiting = False
+                await running
+            assert {n for (n,) in await router.query("user:a", "SELECT n FROM log")} == {1}
+            return ticks, caught.value
+
+    ticks, error = asyncio.run(main())
+    assert ticks >= 5, f"the loop ran {ticks} other steps during a 1 s wait: it was blocked"
+    assert "committed locally" in str(error)
