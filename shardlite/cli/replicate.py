@@ -151,7 +151,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                          "per root; another one waits as a standby)")
     run.add_argument("--once", action="store_true", help="run one round (capture, upload), then exit")
     run.add_argument("--interval", type=float, default=INTERVAL,
-                     help=f"seconds between rounds (default {INTERVAL:g}): about the lag of a commit")
+                     help=f"seconds between rounds (default {INTERVAL:g}): about the lag of a commit; a writer "
+                          "with durability=\"replicated\" starts a round at once (it waits on "
+                          "<node>/.replica/replicator.sock for its commit to be uploaded)")
     run.add_argument("--parent", type=int, metavar="PID",
                      help="exit when process PID is no longer this one's parent (set by Router(replicator=True), "
                           "which starts and stops this command itself)")
