@@ -12,7 +12,9 @@ Rows:
 
 * d1: routed sync single-row write transactions, one thread, one warm tenant per side;
 * d2: async single-row write transactions, 64 tasks on one tenant per side (group commit: the replicated side
-  asks the replicator once per batch).
+  asks the replicator once per batch);
+* d3: routed sync single-row write transactions, 8 threads, each on a tenant of its own (their waits overlap:
+  the replicator ships every request of a round in one upload).
 
 How: both sides are routers of this process, each on a replicated root of its own with a replicator process of
 its own (the local side ``Router(root)``, the replicated side ``Router(root2, durability="replicated")``; the
@@ -50,6 +52,7 @@ import shardlite  # noqa: E402
 
 SCHEMA = ["CREATE TABLE w(id INTEGER PRIMARY KEY, v TEXT NOT NULL)"]
 TASKS = 64
+THREADS = 8
 
 
 def pct(values: list[float], p: float) -> float:
@@ -70,6 +73,27 @@ def _sync_round(router: shardlite.Router, key: str, seconds: float, lat: list[fl
         lat.append(time.perf_counter() - t0)
         n += 1
     return n / (time.perf_counter() - began)
+
+
+def _threads_round(router: shardlite.Router, key: str, seconds: float, lat: list[float]) -> float:
+    """THREADS threads, each on a tenant of its own (``key:<i>``): their waits for the replica overlap, and the
+    replicator ships every request of a round in one upload."""
+    import threading
+
+    lats: list[list[float]] = [[] for _ in range(THREADS)]
+
+    def one(i: int) -> None:
+        _sync_round(router, f"{key}:{i}", seconds, lats[i])
+
+    began = time.perf_counter()
+    workers = [threading.Thread(target=one, args=(i,)) for i in range(THREADS)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    for part in lats:
+        lat.extend(part)
+    return sum(len(part) for part in lats) / (time.perf_counter() - began)
 
 
 async def _async_round(router: shardlite.AsyncRouter, key: str, seconds: float, lat: list[float]) -> float:
@@ -110,7 +134,7 @@ def _row(rid: str, what: str, ops: dict[str, list[float]], lat: dict[str, list[f
 
 
 def run_rows(tmp: str, url: Callable[[str], str], start_replicator: Callable[[str], Callable[[], None]], *,
-             rounds: int, round_time: float, ids: tuple[str, str] = ("d1", "d2")) -> list[dict[str, Any]]:
+             rounds: int, round_time: float, ids: tuple[str, str, str] = ("d1", "d2", "d3")) -> list[dict[str, Any]]:
     """The two rows, on two new roots under ``tmp`` (one per side), replicated to ``url(name)``;
     ``start_replicator(root)`` starts a replicator on a root and returns what stops it."""
     roots = {name: os.path.join(tmp, f"durable-{name}") for name in ("local", "replicated")}
@@ -125,25 +149,30 @@ def run_rows(tmp: str, url: Callable[[str], str], start_replicator: Callable[[st
             stop()
 
 
-def _measure(roots: dict[str, str], rounds: int, round_time: float, ids: tuple[str, str]) -> list[dict[str, Any]]:
+def _measure(roots: dict[str, str], rounds: int, round_time: float, ids: tuple[str, str, str]
+             ) -> list[dict[str, Any]]:
     local = shardlite.Router(roots["local"], schema=SCHEMA)
     durable = shardlite.Router(roots["replicated"], schema=SCHEMA, durability="replicated")
-    ops: dict[str, list[float]] = {"local": [], "replicated": []}
-    lat: dict[str, list[float]] = {"local": [], "replicated": []}
     sides = {"local": (local, "sync:t"), "replicated": (durable, "sync:t")}
+    rows = []
     try:
-        for router, key in sides.values():  # warm up: the tenant exists, the replicator answers
-            _sync_round(router, key, 0.3, [])
-        for r in range(rounds):
-            for name in (("local", "replicated") if r % 2 == 0 else ("replicated", "local")):
-                router, key = sides[name]
-                ops[name].append(_sync_round(router, key, round_time, lat[name]))
+        for rid, fn, what in (
+                (ids[0], _sync_round, "routed sync single-row write tx, one thread"),
+                (ids[2], _threads_round, f"routed sync single-row write tx, {THREADS} threads on a tenant each")):
+            ops: dict[str, list[float]] = {"local": [], "replicated": []}
+            lat: dict[str, list[float]] = {"local": [], "replicated": []}
+            for router, key in sides.values():  # warm up: the tenants exist, the replicator answers
+                fn(router, key, 0.3, [])
+            for r in range(rounds):
+                for name in (("local", "replicated") if r % 2 == 0 else ("replicated", "local")):
+                    router, key = sides[name]
+                    ops[name].append(fn(router, key, round_time, lat[name]))
+            rows.append(_row(rid, f"{what}, durability=\"replicated\" vs the default (replication on, a replicator "
+                                  "running, S3)", ops, lat))
+            log(f"  {rows[-1]['id']}: {rows[-1]['shardlite']} | {rows[-1]['baseline']} | {rows[-1]['ratio']}")
     finally:
         durable.close()
         local.close()
-    rows = [_row(ids[0], "routed sync single-row write tx, one thread, durability=\"replicated\" vs the default "
-                          "(replication on, a replicator running, S3)", ops, lat)]
-    log(f"  {rows[-1]['id']}: {rows[-1]['shardlite']} | {rows[-1]['baseline']} | {rows[-1]['ratio']}")
 
     async def both() -> tuple[dict[str, list[float]], dict[str, list[float]]]:
         aops: dict[str, list[float]] = {"local": [], "replicated": []}
