@@ -87,7 +87,10 @@ class _Address:
         self._dir_fd: int | None = None
         self.address = path
         if len(os.fsencode(path)) > _SUN_PATH_MAX:
-            self._dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                self._dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                return  # no directory yet (so no socket either): connecting to the path fails, and is retried
             self.address = f"/proc/self/fd/{self._dir_fd}/{os.path.basename(path)}"
 
     def close(self) -> None:
@@ -163,6 +166,8 @@ def ask_shipped(node_path: str, key: str, timeout: float) -> None:
                 why = "the node's replicator stopped while the write waited"
             except (ValueError, UnicodeError):
                 why = "the node's replicator answered something that is not a confirmation"
+            except OSError as exc:
+                why = f"the node's replicator socket cannot be reached ({exc})"
             finally:
                 sock.close()
             time.sleep(min(RETRY_PAUSE, max(0.0, deadline - time.monotonic())))
@@ -212,6 +217,8 @@ async def ask_shipped_async(node_path: str, key: str, timeout: float) -> None:
                 why = "the node's replicator stopped while the write waited"
             except (ValueError, UnicodeError):
                 why = "the node's replicator answered something that is not a confirmation"
+            except OSError as exc:
+                why = f"the node's replicator socket cannot be reached ({exc})"
             finally:
                 sock.close()
             await asyncio.sleep(min(RETRY_PAUSE, max(0.0, deadline - loop.time())))

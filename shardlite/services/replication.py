@@ -129,10 +129,15 @@ class Replication:
         self.standby.discard(name)
         try:
             replicator = NodeReplicator(self.store, name, self.target)
-            confirm = ConfirmServer(path, self._wake.set)
         except BaseException:
             os.close(fd)
             raise
+        confirm: ConfirmServer | None = None
+        try:
+            confirm = ConfirmServer(path, self._wake.set)
+        except OSError as exc:  # replication goes on; durability="replicated" writers get their error at the bound
+            log.warning("replicate: node %r: cannot serve confirmations on %s (%s); writers with "
+                        "durability='replicated' will not be confirmed", name, path, exc)
         self.nodes[name] = _Node(name, path, fd, replicator, replicator.staging.notes_offsets(), confirm=confirm)
         log.info("replicate: this process replicates node %r", name)
 
@@ -289,8 +294,8 @@ class Replication:
                              "waited): its commit may ship from its new node")
             if error is None:
                 self.confirmed += 1
-            assert node.confirm is not None
-            node.confirm.answer(request, error)
+            if node.confirm is not None:
+                node.confirm.answer(request, error)
         if node.waiting:
             self._wake.set()
 
