@@ -69,7 +69,11 @@ def _write_kill_restore(tmp_path: Path, factory: TargetFactory, seed: int, durab
     script = write_script(tmp_path, "writer.py", WRITER)
     writers = [spawn(script, root, ",".join(KEYS[i::2]), durability, env=env) for i in range(2)]
     replicator = _replicator(root, env)
+    first: list[str] = []
     try:
+        for proc in writers:  # the kill clock starts once both writers acknowledge (start-up is slow under load)
+            assert proc.stdout is not None
+            first.append(proc.stdout.readline())
         time.sleep(rng.uniform(0.8, 1.5))
         replicator.send_signal(signal.SIGKILL)  # the replicator dies mid-work and comes back
         replicator.wait()
@@ -86,9 +90,9 @@ def _write_kill_restore(tmp_path: Path, factory: TargetFactory, seed: int, durab
                 proc.kill()
             proc.wait()
     acked: dict[str, dict[int, int]] = {key: {} for key in KEYS}
-    for proc in writers:
+    for proc, line_one in zip(writers, first, strict=False):
         assert proc.stdout is not None
-        for line in proc.stdout.read().splitlines():
+        for line in [line_one, *proc.stdout.read().splitlines()]:
             parts = line.split()
             if len(parts) == 3:  # a torn last line is no acknowledgement
                 acked[parts[0]][int(parts[1])] = int(parts[2])
