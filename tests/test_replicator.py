@@ -91,6 +91,35 @@ def test_a_busy_tenant_waits_for_the_next_round(setup: tuple[shardlite.Router, N
     assert _replicated(target, "user:a") == _live(router, "user:a")
 
 
+def test_a_tenant_whose_write_lock_is_held_is_captured_without_it(
+        setup: tuple[shardlite.Router, NodeReplicator, ReplicaTarget]) -> None:
+    """After its first capture (a snapshot, under the lock) a tenant's commits are captured without its write
+    lock: a writer in the middle of a transaction neither waits for the replicator nor holds it up."""
+    router, replicator, target = setup
+    _write(router, "user:a", "one")
+    replicator.reconcile()
+    assert replicator.run_round().locked == 1  # the snapshot
+    _write(router, "user:a", "two")
+    path = router._store.path_of(router._store.meta.tenants.lookup("user:a"))  # type: ignore[arg-type]
+    holder = apsw.Connection(path)
+    holder.set_busy_timeout(0)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        holder.execute("INSERT INTO notes(body) VALUES ('uncommitted')")
+        replicator.mark("user:a")
+        stats = replicator.run_round()
+        assert (stats.busy, stats.captured, stats.locked, stats.snapshots) == (0, 1, 0, 0)
+        assert _replicated(target, "user:a") == _live(router, "user:a")
+        holder.execute("INSERT INTO notes(body) VALUES ('after the capture')")  # the lock stayed the writer's
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    replicator.mark("user:a")
+    assert replicator.run_round().captured == 1
+    assert _replicated(target, "user:a") == _live(router, "user:a")
+    assert [body for _id, body in _live(router, "user:a")][-2:] == ["uncommitted", "after the capture"]
+
+
 def test_the_replicator_checkpoints_a_big_log_and_the_history_goes_on(
         setup: tuple[shardlite.Router, NodeReplicator, ReplicaTarget]) -> None:
     router, replicator, target = setup
@@ -101,7 +130,7 @@ def test_the_replicator_checkpoints_a_big_log_and_the_history_goes_on(
         _write(router, "user:a", f"row {n}" + "x" * 200)
     replicator.mark("user:a")
     stats = replicator.run_round()
-    assert stats.checkpoints == 1 and stats.snapshots == 0
+    assert stats.checkpoints == 1 and stats.snapshots == 0 and stats.locked == 0  # the lock: checkpoint only
     cursor = replicator.staging.cursor("user:a")
     assert cursor is not None and cursor.cursor.closed
     for n in range(3):  # the next log generation continues the history from frame 1
