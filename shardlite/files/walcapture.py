@@ -59,7 +59,8 @@ from ..core import walformat as wf
 from .rawio import pread_all
 
 __all__ = ["Cursor", "Capture", "CaptureError", "LogFiles", "NeedsLock", "capture", "capture_unlocked",
-           "capture_then_checkpoint", "image_at", "commit_times", "NO_CURSOR", "SHM_READ_ATTEMPTS"]
+           "capture_then_checkpoint", "checkpoint_briefly_locked", "log_end", "LOCKED_FRAMES", "image_at",
+           "commit_times", "NO_CURSOR", "SHM_READ_ATTEMPTS"]
 
 
 class CaptureError(Exception):
@@ -276,6 +277,67 @@ def capture_unlocked(files: LogFiles, cursor: Cursor) -> Capture | NeedsLock:
     return got
 
 
+def log_end(files: LogFiles) -> tuple[bytes, int] | None:
+    """(salts, ``mxFrame``) of the wal-index header read without a lock (its two copies agreeing), or None
+    when it does not read consistently: how far the log goes, to judge what a locked capture would read."""
+    shm_fd = files.shm()
+    if shm_fd is None:
+        return None
+    try:
+        shm = _read_shm(files.path, shm_fd, SHM_READ_ATTEMPTS)
+    except CaptureError:
+        return None
+    return shm.salt, shm.mx_frame
+
+
+#: At most this many uncaptured frames are left for the capture made under the write lock before a
+#: checkpoint (verifying a frame takes ~60-170 µs here): with more, the checkpoint waits for a later round.
+LOCKED_FRAMES = 256
+
+
+def checkpoint_briefly_locked(lock: apsw.Connection, guard: apsw.Connection, checkpointer: apsw.Connection,
+                              files: LogFiles, cursor: Cursor, stage: Callable[[Capture], None], *,
+                              locked_frames: int = LOCKED_FRAMES) -> tuple[Cursor, bool]:
+    """A checkpoint of ``files.path`` that holds the write lock only for its last few frames. Returns (the
+    cursor to store, whether the checkpoint under the lock ran; the cursor is ``closed`` when it copied
+    every frame). ``lock``, ``guard`` and ``checkpointer`` are three connections of the file with no
+    transaction open.
+
+    1. Without the write lock: ``guard`` opens a read transaction, then a lock-free capture is staged and
+       ``checkpointer`` copies into the database what it can. SQLite backfills no frame past an open
+       reader's snapshot (a reader on read mark 0 lets it backfill none), and the capture, begun after that
+       snapshot, reaches at least to it: every frame copied was captured, and no restart of the log can
+       overwrite anything meanwhile (a restart waits for readers).
+    2. When at most ``locked_frames`` frames were committed since that capture, the write lock is taken on
+       ``lock`` (before ``guard`` lets go, so no writer can restart the log in between: that would make the
+       next capture a snapshot), and :func:`capture_then_checkpoint`'s steps run under it: the rest
+       captured and staged, a passive checkpoint. Otherwise (a writer outruns the capture) nothing more
+       is done: the log stays, the next round tries again.
+
+    ``apsw.BusyError`` when the write lock stays busy past ``lock``'s busy timeout (what was staged is
+    returned by the next call's capture anyway: the cursor is stored by ``stage``)."""
+    guard.execute("BEGIN")
+    try:
+        guard.execute("PRAGMA schema_version").fetchall()  # the read transaction (and its snapshot) begins
+        got = capture_unlocked(files, cursor)
+        if not isinstance(got, NeedsLock):
+            if not got.empty:
+                stage(got)
+            cursor = got.cursor
+            checkpointer.execute("PRAGMA schema_version").fetchall()
+            checkpointer.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+            end = log_end(files)
+            if end is not None and end[0] == cursor.salt and end[1] - cursor.frame > locked_frames:
+                return cursor, False
+        lock.execute("BEGIN IMMEDIATE")
+    finally:
+        guard.execute("COMMIT")
+    try:
+        return _locked_capture_and_checkpoint(lock, checkpointer, files, cursor, stage), True
+    finally:
+        lock.execute("ROLLBACK")
+
+
 def capture_then_checkpoint(lock: apsw.Connection, checkpointer: apsw.Connection, files: LogFiles,
                             cursor: Cursor, stage: Callable[[Capture], None]) -> Cursor:
     """Capture ``files.path``'s new commits, ``stage`` them, then run a passive checkpoint, all under the write
@@ -289,18 +351,23 @@ def capture_then_checkpoint(lock: apsw.Connection, checkpointer: apsw.Connection
     then reads only the commits made since."""
     lock.execute("BEGIN IMMEDIATE")
     try:
-        got = capture(lock, files, cursor)
-        if not got.empty:
-            stage(got)
-        after = got.cursor
-        # a connection that has not read the file yet has not opened its log and checkpoints nothing
-        checkpointer.execute("PRAGMA schema_version").fetchall()
-        log, copied = checkpointer.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
-        if log > 0 and copied == log and log == after.frame:
-            after = after._replace(closed=True)
-        return after
+        return _locked_capture_and_checkpoint(lock, checkpointer, files, cursor, stage)
     finally:
         lock.execute("ROLLBACK")
+
+
+def _locked_capture_and_checkpoint(lock: apsw.Connection, checkpointer: apsw.Connection, files: LogFiles,
+                                   cursor: Cursor, stage: Callable[[Capture], None]) -> Cursor:
+    got = capture(lock, files, cursor)
+    if not got.empty:
+        stage(got)
+    after = got.cursor
+    # a connection that has not read the file yet has not opened its log and checkpoints nothing
+    checkpointer.execute("PRAGMA schema_version").fetchall()
+    log, copied = checkpointer.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+    if log > 0 and copied == log and log == after.frame:
+        after = after._replace(closed=True)
+    return after
 
 
 def image_at(captures: list[Capture]) -> bytearray:

@@ -77,6 +77,7 @@ class RoundStats:
     locked: int = 0  #: tenants captured under the write lock (snapshots, a lock-free read that did not verify)
     checkpoints: int = 0
     busy: int = 0  #: tenants left for the next round (lock busy)
+    deferred: int = 0  #: checkpoints left for a later round (a writer committed faster than the capture)
     failed: int = 0
     uploaded_packs: int = 0
     uploaded_bytes: int = 0
@@ -216,16 +217,21 @@ class NodeReplicator:
         else:
             state.stage(got)
         if state.cursor.frame >= DUE_FRAMES:
-            # the write lock is held from the capture of the commits made since through the checkpoint:
-            # nothing is checkpointed away before it is captured
+            # most of the log is copied under a reader's snapshot, without the lock; the write lock is held
+            # only from the capture of the last commits through the checkpoint that may end the log's
+            # generation: nothing is checkpointed away before it is captured
+            guard = open_connection(opened.path, self.store.settings)
             checkpointer = open_connection(opened.path, self.store.settings)
             try:
-                after = wc.capture_then_checkpoint(conn, checkpointer, opened.files, state.cursor, state.stage)
+                after, done = wc.checkpoint_briefly_locked(conn, guard, checkpointer, opened.files, state.cursor,
+                                                           state.stage)
             finally:
                 checkpointer.close()
+                guard.close()
             if after.closed:
                 self.staging.set_cursor(key, record.incarnation, record.generation, after, state.last_commit)
-            stats.checkpoints += 1
+            stats.checkpoints += done
+            stats.deferred += not done
 
     # -- upload ----------------------------------------------------------------------------------------
 
