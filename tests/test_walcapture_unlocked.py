@@ -72,6 +72,15 @@ class History:
         self.cursor = wc.capture_then_checkpoint(self.lock, self.ckpt, self.files, self.cursor, self.keep)
         return self.cursor
 
+    def checkpoint_briefly_locked(self) -> bool:
+        guard = open_wal(self.path)
+        try:
+            self.cursor, done = wc.checkpoint_briefly_locked(self.lock, guard, self.ckpt, self.files, self.cursor,
+                                                             self.keep)
+        finally:
+            guard.close()
+        return done
+
     def rows(self) -> list[tuple[object, ...]]:
         return rows_of(wc.image_at(self.captures))
 
@@ -290,8 +299,8 @@ def _model(n: int) -> list[tuple[object, ...]]:
 
 def test_lock_free_captures_of_a_busy_writer_replay_every_captured_commit(
         db: tuple[str, apsw.Connection, list[History]]) -> None:
-    """A writer process commits continuously while captures run lock-free (a checkpoint, under the lock,
-    every few rounds): the history replayed to each captured commit is exactly the database after that
+    """A writer process commits continuously while captures run lock-free (a checkpoint every few rounds,
+    under the lock or mostly without it): the history replayed to each captured commit is exactly the database after that
     many of the writer's commits, and passes integrity_check."""
     path, conn, histories = db
     h = _history(histories, path)
@@ -304,6 +313,8 @@ def test_lock_free_captures_of_a_busy_writer_replay_every_captured_commit(
         while writer.poll() is None:
             if rounds % 10 == 9:
                 h.checkpoint()
+            elif rounds % 10 == 4:
+                h.checkpoint_briefly_locked()
             else:
                 h.capture()
             rounds += 1
@@ -334,3 +345,51 @@ def test_lock_free_captures_of_a_busy_writer_replay_every_captured_commit(
         wf.replay(image, frames, got.page_size)
     assert checked > 10
     assert rows_of(image) == _model(commits) == _rows(conn)
+
+
+def _backfilled(files: wc.LogFiles) -> int:
+    shm = files.shm()
+    assert shm is not None
+    return int.from_bytes(os.pread(shm, 4, 96), sys.byteorder)  # WalCkptInfo.nBackfill
+
+
+def test_a_briefly_locked_checkpoint_copies_only_what_was_captured(
+        db: tuple[str, apsw.Connection, list[History]]) -> None:
+    """Commits made after the lock-free capture read the log are not copied into the database by the
+    unlocked part of the checkpoint (they are not captured yet); with more of them than the lock is held
+    for, the checkpoint stops there, and the history goes on without a snapshot."""
+    path, conn, histories = db
+    h = _history(histories, path)
+    h.capture()
+    for _ in range(8):
+        conn.execute("INSERT INTO t(v) VALUES (randomblob(3000))")
+
+    def commit_more() -> None:
+        for _ in range(4):
+            conn.execute("INSERT INTO t(v) VALUES (randomblob(3000))")
+
+    h.files.on_wal = commit_more
+    guard = open_wal(path)
+    try:
+        cursor, done = wc.checkpoint_briefly_locked(h.lock, guard, h.ckpt, h.files, h.cursor, h.keep,
+                                                    locked_frames=1)
+    finally:
+        guard.close()
+    assert not done and not cursor.closed and cursor == h.cursor
+    end = wc.log_end(h.files)
+    assert end is not None and end[1] > cursor.frame  # the commits made during the capture ...
+    assert 0 < _backfilled(h.files) <= cursor.frame  # ... were not copied: only captured frames were
+    conn.execute("INSERT INTO t(v) VALUES (1)")  # no restart: the log goes on
+    got = h.capture()
+    assert got.snapshot is None and got.frames and h.rows() == _rows(conn)
+    guard = open_wal(path)
+    try:
+        cursor, done = wc.checkpoint_briefly_locked(h.lock, guard, h.ckpt, h.files, h.cursor, h.keep)
+    finally:
+        guard.close()
+    assert done and cursor.closed  # nobody wrote meanwhile: every frame captured and copied
+    h.cursor = cursor
+    conn.execute("INSERT INTO t(v) VALUES (2)")  # restarts the log: the next generation continues
+    got = h.capture()
+    assert got.snapshot is None and got.frames[0].number == 1 and h.rows() == _rows(conn)
+    assert h.fell_back == ["no history yet: a snapshot"]
