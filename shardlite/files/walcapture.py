@@ -21,9 +21,11 @@ back. Two ways:
 The rule that keeps a capture complete: **a tenant's log is never checkpointed before it was captured.**
 SQLite restarts a log (overwrites it from frame 1) at the first write after a checkpoint that copied
 every frame, so a frame not captured by then is gone from the log. Every checkpoint of a replicated tenant
-therefore runs through :func:`capture_then_checkpoint`: capture, hand the capture to ``stage`` (which
+therefore ends with :func:`capture_then_checkpoint`'s steps: capture, hand the capture to ``stage`` (which
 must make it durable), then a passive checkpoint on a second connection *while the write lock is still
-held*, so no frame can be added between the capture and the checkpoint. When that checkpoint copied every
+held*, so no frame can be added between the capture and the checkpoint. :func:`checkpoint_briefly_locked`
+does the bulk of it first without the lock (copying only captured frames, under a reader's snapshot), so
+the lock covers the last few commits only. When that checkpoint copied every
 frame, the cursor is marked ``closed``: the next log generation (salt 1 and the checkpoint sequence one
 higher) continues it from frame 1. Any other change of generation (a checkpoint that did not go through
 here, such as one run by hand with the ``sqlite3`` shell) is a gap: the capture then returns a snapshot
