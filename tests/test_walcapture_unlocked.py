@@ -300,8 +300,8 @@ def _model(n: int) -> list[tuple[object, ...]]:
 def test_lock_free_captures_of_a_busy_writer_replay_every_captured_commit(
         db: tuple[str, apsw.Connection, list[History]]) -> None:
     """A writer process commits continuously while captures run lock-free (a checkpoint every few rounds,
-    under the lock or mostly without it): the history replayed to each captured commit is exactly the database after that
-    many of the writer's commits, and passes integrity_check."""
+    under the lock or mostly without it): the history replayed to each captured commit is exactly the
+    database after that many of the writer's commits, and passes integrity_check."""
     path, conn, histories = db
     h = _history(histories, path)
     h.capture()
