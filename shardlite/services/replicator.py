@@ -9,12 +9,13 @@ docs/replication.md). Each round:
    and staged with their commit times (:mod:`shardlite.files.staging`), so a writer never waits for a
    capture. The tenant's write lock is taken only for a snapshot (a first capture, a gap), for a log that
    did not read consistently without it, and for a checkpoint: a log that holds ``DUE_FRAMES`` frames or
-   more is checkpointed by :func:`~shardlite.files.walcapture.capture_then_checkpoint`, which captures the
-   commits made since, stages them and checkpoints with the lock held. Writers of a replicated root never
-   checkpoint, so nothing is checkpointed away before it is captured, and no frame up to the log's last
-   commit changes under a lock-free read. A tenant whose lock is busy stays marked for the next round; a
-   tenant that fails (damaged file, moved away) is reported and skipped: one tenant never stops the
-   others.
+   more is checkpointed by :func:`~shardlite.files.walcapture.checkpoint_briefly_locked`: what was
+   captured is copied under a short read transaction, then the lock is held only to capture and stage the
+   last few commits and finish the checkpoint (with too many, it waits for a later round). Writers of a
+   replicated root never checkpoint, so nothing is checkpointed away before it is captured, and no frame
+   up to the log's last commit changes under a lock-free read. A tenant whose lock is busy stays marked
+   for the next round; a tenant that fails (damaged file, moved away) is reported and skipped: one tenant
+   never stops the others.
 2. **Upload** what is staged as one pack per round (:mod:`shardlite.core.pack`) named
    ``v1/packs/<node>/<seq>.pack``; the staged rows are dropped only after the upload succeeded. A target
    that cannot be reached (:class:`~shardlite.ReplicaUnavailable`) leaves everything staged for the next
