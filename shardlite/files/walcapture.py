@@ -316,8 +316,8 @@ def checkpoint_briefly_locked(lock: apsw.Connection, guard: apsw.Connection, che
        captured and staged, a passive checkpoint. Otherwise (a writer outruns the capture) nothing more
        is done: the log stays, the next round tries again.
 
-    ``apsw.BusyError`` when the write lock stays busy past ``lock``'s busy timeout (what was staged is
-    returned by the next call's capture anyway: the cursor is stored by ``stage``)."""
+    ``apsw.BusyError`` when the write lock stays busy past ``lock``'s busy timeout: what step 1 staged
+    stays staged (``stage`` stored it with its cursor); the rest of the checkpoint waits for a later call."""
     guard.execute("BEGIN")
     try:
         guard.execute("PRAGMA schema_version").fetchall()  # the read transaction (and its snapshot) begins
