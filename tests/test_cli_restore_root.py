@@ -457,3 +457,34 @@ def test_ctrl_c_during_a_restore_into_a_new_root_says_it_was_taken_back(
     code, _, err = run_cli(capsys, "restore", os.fspath(old.backup), "--root", os.fspath(new))
     assert code == 130 and "was taken back: run the command again" in err and len(err.splitlines()) == 1
     assert not new.exists()
+
+
+@pytest.mark.usefixtures("any_meta")  # both metadata backends (issue 15)
+def test_a_failed_restore_into_a_new_root_can_be_run_again(
+        old: Old, tmp_path: Path, second_meta: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restore that fails after registering tenants takes back what it made in the metadata too (on
+    PostgreSQL the rows live outside the root, so removing the root is not enough): the same command then
+    succeeds and brings every tenant, account and app row back exactly once."""
+    old.lose()
+    if second_meta is not None:
+        monkeypatch.setenv(ENV_VAR, second_meta)
+    real, calls = shardlite.services.restore._install, []
+
+    def filling(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args)
+
+    monkeypatch.setattr(shardlite.services.restore, "_install", filling)
+    new = tmp_path / "new"
+    with pytest.raises(ShardliteError, match="taken back"):
+        restore_root(os.fspath(old.backup), os.fspath(new))
+    assert not new.exists()
+    monkeypatch.setattr(shardlite.services.restore, "_install", real)
+    done = restore_root(os.fspath(old.backup), os.fspath(new))
+    assert sorted(done.tenants) == sorted(KEYS)
+    with Router(new, schema=SCHEMA, global_schema=GLOBAL) as router:
+        assert contents(router) == old.contents
+        assert router.accounts.authenticate(EMAIL, PASSWORD) is not None
+        assert router.globals.query("SELECT name, price FROM plans") == [("pro", 12)]

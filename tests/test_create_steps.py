@@ -298,7 +298,7 @@ def _reconnect_hints() -> None:
 
 
 def _listening(router: Router) -> None:
-    listener = getattr(router._store.meta, "_route_listener", None)
+    listener = getattr(router._store.meta, "_hints", None)
     assert listener is None or listener.wait_connected(DEADLINE)
 
 

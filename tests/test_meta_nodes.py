@@ -207,3 +207,16 @@ def test_replace_all_keeps_nodes_that_tenant_rows_name(meta: MetaStore, root: st
     assert meta.nodes.list() == before
     meta.nodes.replace_all([Node("n1", "moved/n1", 4, "active"), *NEW], only_if_pristine=False)
     assert stored(meta, root)[2] == ("n1", "moved/n1", 4, "active")
+
+
+def test_forget_all_removes_the_roots_tenants_and_nodes(meta: MetaStore) -> None:
+    """Taking back a restore into a new root: its tenant rows (tombstones too) and nodes go in one step."""
+    meta.nodes.add("n2", "n2", 1)
+    make(meta, "a")
+    make(meta, "b", "n2")
+    make(meta, "c")
+    drop(meta, "c")
+    assert meta.nodes.forget_all() == 3
+    assert meta.nodes.list() == [] and not meta.tenants.has_rows()
+    assert meta.tenants.lookup("a") is None and meta.tenants.lookup("c") is None
+    assert meta.nodes.forget_all() == 0  # again: nothing left, not an error

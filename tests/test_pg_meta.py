@@ -145,3 +145,24 @@ def test_a_version_2_schema_is_upgraded_on_open_with_the_node_hints(pg_dsn: str,
             assert notes == [("shardlite_nodes", root_id)]
     finally:
         again.close()
+
+
+def test_forget_all_leaves_another_root_in_the_database_alone(pg_dsn: str, tmp_path: Path) -> None:
+    """Two roots share a database (distinct node names): forgetting one removes its rows and its record only."""
+    first = _meta(pg_dsn, os.fspath(tmp_path / "a"))
+    first.open(create=True, default_nodes=[("fa1", "n1", 1)])
+    second = _meta(pg_dsn, os.fspath(tmp_path / "b"))
+    second.open(create=True, default_nodes=[("fb1", "n1", 1)])
+    try:
+        for meta, node, key in ((first, "fa1", "ka"), (second, "fb1", "kb")):
+            generation = meta.tenants.allocate_generation(key, node, "create")
+            meta.tenants.register(key, node, generation, "inc", 1)
+        assert second.nodes.forget_all() == 1
+        assert not second.exists
+        assert [n.name for n in first.nodes.list()] == ["fa1"] and first.tenants.lookup("ka") is not None
+        assert first.tenants.lookup("kb") is None
+        with psycopg.connect(pg_dsn) as conn:
+            assert conn.execute("SELECT id FROM shardlite.roots").fetchall() == [(first.root_id,)]
+    finally:
+        first.close()
+        second.close()

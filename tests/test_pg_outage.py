@@ -72,7 +72,7 @@ def _eventually(fn: Callable[[], Any]) -> Any:
 def _hints_connected(router: Router | AsyncRouter) -> None:
     """Wait until the route hints are connected: their first connect drops every cached route (anything
     may have changed before it), which would make a tenant resolved earlier cold again."""
-    listener = router._store.meta._route_listener  # type: ignore[attr-defined]  # PgMeta's
+    listener = router._store.meta._hints  # type: ignore[attr-defined]  # PgMeta's
     assert listener is not None and listener.wait_connected(30)
 
 

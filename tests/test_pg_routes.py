@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import psycopg
 from helpers_pg import separate_server
 
 from shardlite import Router
@@ -20,7 +21,7 @@ def _until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> N
 
 
 def _listening(router: Router) -> None:
-    listener = router._store.meta._route_listener  # type: ignore[attr-defined]
+    listener = router._store.meta._hints  # type: ignore[attr-defined]
     assert listener is not None and listener.wait_connected(30)
 
 
@@ -49,3 +50,20 @@ def test_every_reconnect_drops_every_cached_route(root: str) -> None:
         _until(lambda: "u:1" not in router._store._records, "the reconnect drops the cached routes")
         with router.transaction("u:1") as tx:  # re-read from the catalog, and working
             tx.execute("INSERT INTO t VALUES (1)")
+
+
+def test_one_listening_connection_carries_every_hint(pg_dsn: str, root: str) -> None:
+    """Route, node-list and session hints share one connection per router: a revoke in another router
+    is seen, a tenant change is hinted, and the database shows one LISTENing backend per router."""
+    with Router(root, meta=pg_dsn) as a, Router(root, meta=pg_dsn) as b:
+        _listening(a)
+        _listening(b)
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            listening = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                     "AND query ILIKE 'LISTEN%%'").fetchone()
+        assert listening == (2,)
+        uid = a.accounts.register("one@example.com", password="correct horse battery staple")
+        token = a.sessions.create(uid, ttl=3600)
+        assert a.sessions.resolve(token) is not None  # now in a's cache, trusted for up to 30 s without a hint
+        b.sessions.revoke(token)
+        _until(lambda: a.sessions.resolve(token) is None, "the revoke in b seen by a", timeout=5.0)

@@ -20,7 +20,7 @@ def test_status_reads_no_catalog_row_per_pending_source_it_has_routed(
     options = {"meta": request.getfixturevalue("pg_dsn")} if backend == "postgresql" else {}
     router = make_router(schema=["CREATE TABLE t(x)"], **options)
     if backend == "postgresql":  # the route hints' first connect drops every cached route: let it happen first
-        listener = router._store.meta._route_listener  # type: ignore[attr-defined]
+        listener = router._store.meta._hints  # type: ignore[attr-defined]
         assert listener is not None and listener.wait_connected(30)
     for k in range(SOURCES):
         with router.transaction(f"src:{k}") as tx:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import shardlite
+from shardlite.services import replication as replication_module
 from shardlite.services.replication import Replication
 
 SCHEMA = ["CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"]
@@ -141,3 +142,29 @@ def test_reading_every_tenant_reads_each_pack_payload_at_once(router: shardlite.
             replica_read.captures_of(target, None)
     finally:
         target.close()
+
+
+def test_a_costly_pass_spaces_the_next_ones_out(router: shardlite.Router, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The passes stay within their share of a core: after a pass that cost c seconds of CPU the next waits
+    c / RECONCILE_SHARE (at least RECONCILE_EVERY); a log changed without a note is still found then."""
+    now = [1000.0]
+    replication = Replication(router._store, clock=lambda: now[0])
+    try:
+        replication.run_round()  # the first pass, at start
+        node = next(iter(replication.nodes.values()))
+        assert node.reconcile_every == replication_module.RECONCILE_EVERY  # three tenants: a cheap pass
+        monkeypatch.setattr(replication_module, "RECONCILE_SHARE", 1e-12)  # as if a pass were costly
+        now[0] += replication_module.RECONCILE_EVERY
+        replication.run_round()  # a pass: its cost sets the spacing of the next
+        spaced = node.reconcile_every
+        assert spaced > 1000 * replication_module.RECONCILE_EVERY
+        node.replicator.staging.forget("user:a")  # no cursor: only a reconcile pass marks it again
+        now[0] += replication_module.RECONCILE_EVERY
+        replication._read_notes(node)
+        replication.run_round()
+        assert node.replicator.staging.cursor("user:a") is None  # not yet: the next pass is later
+        now[0] += spaced
+        replication.run_round()
+        assert node.replicator.staging.cursor("user:a") is not None
+    finally:
+        replication.close()

@@ -5,6 +5,8 @@ by the replicator with the history continuing."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import apsw
@@ -91,6 +93,79 @@ def test_a_busy_tenant_waits_for_the_next_round(setup: tuple[shardlite.Router, N
     assert _replicated(target, "user:a") == _live(router, "user:a")
 
 
+def test_a_tenant_whose_write_lock_is_held_is_captured_without_it(
+        setup: tuple[shardlite.Router, NodeReplicator, ReplicaTarget]) -> None:
+    """After its first capture (a snapshot, under the lock) a tenant's commits are captured without its write
+    lock: a writer in the middle of a transaction neither waits for the replicator nor holds it up."""
+    router, replicator, target = setup
+    _write(router, "user:a", "one")
+    replicator.reconcile()
+    assert replicator.run_round().locked == 1  # the snapshot
+    _write(router, "user:a", "two")
+    path = router._store.path_of(router._store.meta.tenants.lookup("user:a"))  # type: ignore[arg-type]
+    holder = apsw.Connection(path)
+    holder.set_busy_timeout(0)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        holder.execute("INSERT INTO notes(body) VALUES ('uncommitted')")
+        replicator.mark("user:a")
+        stats = replicator.run_round()
+        assert (stats.busy, stats.captured, stats.locked, stats.snapshots) == (0, 1, 0, 0)
+        assert _replicated(target, "user:a") == _live(router, "user:a")
+        holder.execute("INSERT INTO notes(body) VALUES ('after the capture')")  # the lock stayed the writer's
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    replicator.mark("user:a")
+    assert replicator.run_round().captured == 1
+    assert _replicated(target, "user:a") == _live(router, "user:a")
+    assert [body for _id, body in _live(router, "user:a")][-2:] == ["uncommitted", "after the capture"]
+
+
+_OLD_WRITER = r"""
+import sys, apsw
+conn = apsw.Connection(sys.argv[1])
+conn.execute("PRAGMA wal_autocheckpoint=40")  # a writer opened before the root replicated: it checkpoints
+conn.set_busy_timeout(10000)
+for i in range(int(sys.argv[2])):
+    with conn:
+        conn.execute("INSERT INTO notes(body) VALUES (?)", (f"old writer {i} " + "y" * (i % 5 * 900),))
+print("done", flush=True)
+"""
+
+
+def test_a_writer_that_still_checkpoints_leaves_no_hole(
+        setup: tuple[shardlite.Router, NodeReplicator, ReplicaTarget]) -> None:
+    """A writer process that checkpoints by itself (and so restarts the log under lock-free captures)
+    while rounds run: captures fall back to the lock and to snapshots, and the replica ends equal to the
+    tenant."""
+    router, replicator, target = setup
+    _write(router, "user:a", "first")
+    replicator.reconcile()
+    replicator.run_round()
+    path = router._store.path_of(router._store.meta.tenants.lookup("user:a"))  # type: ignore[arg-type]
+    writer = subprocess.Popen([sys.executable, "-c", _OLD_WRITER, path, "2000"], stdout=subprocess.PIPE, text=True)
+    locked = rounds = 0
+    try:
+        while writer.poll() is None:
+            replicator.mark("user:a")
+            stats = replicator.run_round()
+            assert stats.failed == 0, stats.errors
+            locked += stats.locked
+            rounds += 1
+        assert writer.stdout is not None and writer.stdout.read().strip() == "done"
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+        writer.wait()
+        assert writer.stdout is not None
+        writer.stdout.close()
+    replicator.mark("user:a")
+    assert replicator.run_round().failed == 0
+    assert rounds > 2 and locked > 0  # the restarted logs were caught (a gap: a snapshot under the lock)
+    assert _replicated(target, "user:a") == _live(router, "user:a")
+
+
 def test_the_replicator_checkpoints_a_big_log_and_the_history_goes_on(
         setup: tuple[shardlite.Router, NodeReplicator, ReplicaTarget]) -> None:
     router, replicator, target = setup
@@ -101,7 +176,7 @@ def test_the_replicator_checkpoints_a_big_log_and_the_history_goes_on(
         _write(router, "user:a", f"row {n}" + "x" * 200)
     replicator.mark("user:a")
     stats = replicator.run_round()
-    assert stats.checkpoints == 1 and stats.snapshots == 0
+    assert stats.checkpoints == 1 and stats.snapshots == 0 and stats.locked == 0  # the lock: checkpoint only
     cursor = replicator.staging.cursor("user:a")
     assert cursor is not None and cursor.cursor.closed
     for n in range(3):  # the next log generation continues the history from frame 1

@@ -57,7 +57,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 else:
                     for node, stats in rounds.items():
                         echo(f"node {literal(node)}: captured {stats.captured} ({stats.snapshots} snapshots), "
-                             f"checkpoints {stats.checkpoints}, busy {stats.busy}, failed {stats.failed}, "
+                             f"checkpoints {stats.checkpoints} ({stats.deferred} deferred), busy {stats.busy}, "
+                             f"failed {stats.failed}, "
                              f"packs uploaded {stats.uploaded_packs} ({stats.uploaded_bytes} bytes)"
                              + (f", upload failed: {literal(stats.upload_error)}" if stats.upload_error else ""))
                     for node in sorted(replication.standby):

@@ -22,7 +22,9 @@ The format, in short:
   generation never pass for frames of the new one;
 * the wal-index (``-shm``) starts with two copies of a 48-byte header in the machine's byte order that
   holds, among others, ``mxFrame``: the last frame of the last commit. While a connection holds the
-  database's write lock, frames 1 to ``mxFrame`` are exactly the committed log.
+  database's write lock, frames 1 to ``mxFrame`` are exactly the committed log; without the lock they
+  stay so until a checkpoint lets the log restart (a writer appends after ``mxFrame``), which
+  :mod:`shardlite.files.walcapture` relies on for its lock-free captures.
 
 Pure: no I/O; callers read the bytes.
 """

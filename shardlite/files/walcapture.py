@@ -1,19 +1,31 @@
-"""Capture a tenant's new commits from its WAL, under the tenant's write lock, without a long-lived reader.
+"""Capture a tenant's new commits from its WAL, mostly without a lock, and without a long-lived reader.
 
 Replication ships what SQLite already wrote: the frames of each commit (the page images it changed). A
 capture reads them straight from the ``-wal`` file, between a :class:`Cursor` (where the last capture of
-this tenant stopped) and the log's last commit, while its caller holds the tenant's write lock
-(``BEGIN IMMEDIATE`` on a connection of the tenant file): no commit can add frames meanwhile, and frames
-1 to the wal-index's ``mxFrame`` are exactly the committed log (:mod:`shardlite.core.walformat`). The lock
-is held for the reads only (microseconds for a few pages); no reader stays open between captures, so
-checkpoints are never held back.
+this tenant stopped) and the log's last commit, the wal-index's ``mxFrame``
+(:mod:`shardlite.core.walformat`). No reader stays open between captures, so checkpoints are never held
+back. Two ways:
+
+* :func:`capture_unlocked` takes no lock at all, so a writer committing tens of thousands of times a
+  second never waits for it. It rests on the rule below: only a checkpoint that went through
+  :func:`capture_then_checkpoint` lets SQLite restart a replicated tenant's log, so until then frames 1 to
+  ``mxFrame`` are committed and nobody writes over them (writers append after ``mxFrame``). The wal-index
+  header is read as SQLite's readers read it (both copies in one read, accepted only when they agree, are
+  initialised and carry their checksum; tried again a few times otherwise), and the frames are verified
+  (below). Anything that does not read consistently, and any capture that must be a snapshot, is
+  :class:`NeedsLock`: nothing captured, the caller takes the lock.
+* :func:`capture` runs while its caller holds the tenant's write lock (``BEGIN IMMEDIATE`` on a connection
+  of the tenant file): no commit can add frames meanwhile. It is the path for snapshots, for what a
+  lock-free capture could not read, and for the capture right before a checkpoint.
 
 The rule that keeps a capture complete: **a tenant's log is never checkpointed before it was captured.**
 SQLite restarts a log (overwrites it from frame 1) at the first write after a checkpoint that copied
 every frame, so a frame not captured by then is gone from the log. Every checkpoint of a replicated tenant
-therefore runs through :func:`capture_then_checkpoint`: capture, hand the capture to ``stage`` (which
+therefore ends with :func:`capture_then_checkpoint`'s steps: capture, hand the capture to ``stage`` (which
 must make it durable), then a passive checkpoint on a second connection *while the write lock is still
-held*, so no frame can be added between the capture and the checkpoint. When that checkpoint copied every
+held*, so no frame can be added between the capture and the checkpoint. :func:`checkpoint_briefly_locked`
+does the bulk of it first without the lock (copying only captured frames, under a reader's snapshot), so
+the lock covers the last few commits only. When that checkpoint copied every
 frame, the cursor is marked ``closed``: the next log generation (salt 1 and the checkpoint sequence one
 higher) continues it from frame 1. Any other change of generation (a checkpoint that did not go through
 here, such as one run by hand with the ``sqlite3`` shell) is a gap: the capture then returns a snapshot
@@ -32,6 +44,9 @@ replicator), never beside a router's pool. ``-wal`` carries no locks.
 
 The frames of a capture are verified as SQLite's recovery verifies them (salts, the checksum chain
 continued from the cursor), and the last one must carry the checksum the wal-index holds for ``mxFrame``.
+A log restarted under a lock-free capture (by a checkpoint that did not go through here: a writer
+process opened before the root replicated, the ``sqlite3`` shell) carries new salts: its frames fail these
+checks, so such a capture falls back to the lock and, the generation being lost, to a snapshot.
 """
 
 from __future__ import annotations
@@ -45,8 +60,9 @@ import apsw
 from ..core import walformat as wf
 from .rawio import pread_all
 
-__all__ = ["Cursor", "Capture", "CaptureError", "LogFiles", "capture", "capture_then_checkpoint", "image_at",
-           "commit_times", "NO_CURSOR"]
+__all__ = ["Cursor", "Capture", "CaptureError", "LogFiles", "NeedsLock", "capture", "capture_unlocked",
+           "capture_then_checkpoint", "checkpoint_briefly_locked", "log_end", "LOCKED_FRAMES", "image_at",
+           "commit_times", "NO_CURSOR", "SHM_READ_ATTEMPTS"]
 
 
 class CaptureError(Exception):
@@ -135,28 +151,38 @@ def _snapshot(conn: apsw.Connection, shm: wf.ShmHeader, cursor_of: Cursor) -> Ca
     return Capture([], bytes(image), cursor, shm.page_size)
 
 
-def capture(conn: apsw.Connection, files: LogFiles, cursor: Cursor) -> Capture:
-    """The commits of the tenant file ``files.path`` after ``cursor``; ``conn`` is a connection of that file
-    that holds its write lock (``BEGIN IMMEDIATE``) for the whole call.
+class _Gap(NamedTuple):
+    """The history cannot continue from the cursor (nothing captured yet, a log generation went by
+    uncaptured, or the log shrank): only a snapshot, taken under the write lock, can go on from here."""
 
-    Returns new frames (possibly none) when the history continues from ``cursor``, or a snapshot when it
-    cannot (nothing captured yet, or a log generation was lost). Raises :class:`CaptureError` when the log
-    does not read consistently."""
-    if conn.txn_state("main") != apsw.SQLITE_TXN_WRITE:
-        raise ValueError("capture() needs the file's write lock held by conn (BEGIN IMMEDIATE)")
-    path = files.path
-    shm_fd = files.shm()
-    if shm_fd is None:
-        raise CaptureError(f"{path}-shm is missing although a connection holds the write lock")
-    try:
-        shm = wf.parse_shm_header(pread_all(shm_fd, 2 * wf.SHM_HEADER_SIZE, 0))
-    except wf.WalFormatError as exc:
-        raise CaptureError(f"{path}-shm: {exc}") from None
-    if shm.mx_frame == 0:  # a log with no commit (new, or restarted): nothing new, the cursor stands
-        return _snapshot(conn, shm, cursor) if not cursor.salt else Capture([], None, cursor, shm.page_size)
-    wal_fd = files.wal()
-    if wal_fd is None:
-        raise CaptureError(f"{path}-wal is missing but the wal-index says it holds {shm.mx_frame} frames")
+    checkpoint_seq: int
+
+
+class NeedsLock(NamedTuple):
+    """:func:`capture_unlocked` could not capture without the write lock; ``reason`` says why. Nothing was
+    captured: the caller takes the lock and calls :func:`capture`."""
+
+    reason: str
+
+
+def _read_shm(path: str, shm_fd: int, attempts: int) -> wf.ShmHeader:
+    """The wal-index header, both copies read in one ``pread`` and accepted only when they agree, are
+    initialised and carry their checksum (:func:`~shardlite.core.walformat.parse_shm_header`); a writer
+    updating it meanwhile makes the copies differ, so a read is tried ``attempts`` times, as SQLite's
+    readers retry (``walIndexTryHdr``)."""
+    for attempt in range(attempts):
+        try:
+            return wf.parse_shm_header(pread_all(shm_fd, 2 * wf.SHM_HEADER_SIZE, 0))
+        except wf.WalFormatError as exc:
+            if attempt + 1 >= attempts:
+                raise CaptureError(f"{path}-shm: {exc}") from None
+            os.sched_yield()
+    raise AssertionError("unreachable")
+
+
+def _continue(path: str, wal_fd: int, cursor: Cursor, shm: wf.ShmHeader) -> Capture | _Gap:
+    """The frames after ``cursor`` up to the wal-index's ``mxFrame`` (``shm.mx_frame`` > 0), verified, or a
+    :class:`_Gap`. :class:`CaptureError` when the log does not read as the wal-index says it is."""
     try:
         header = wf.parse_wal_header(pread_all(wal_fd, wf.WAL_HEADER_SIZE, 0))
     except wf.WalFormatError as exc:
@@ -170,7 +196,7 @@ def capture(conn: apsw.Connection, files: LogFiles, cursor: Cursor) -> Capture:
           and header.page_size == cursor.page_size):
         first, seed = 1, header.checksum
     else:  # nothing captured yet, a generation went by uncaptured, or the log shrank: a snapshot
-        return _snapshot(conn, shm, cursor._replace(checkpoint_seq=header.checkpoint_seq))
+        return _Gap(header.checkpoint_seq)
     if first > shm.mx_frame:
         return Capture([], None, cursor, shm.page_size)
     start = wf.frame_offset(first, header.page_size)
@@ -185,6 +211,135 @@ def capture(conn: apsw.Connection, files: LogFiles, cursor: Cursor) -> Capture:
     return Capture(frames, None, after, header.page_size)
 
 
+def capture(conn: apsw.Connection, files: LogFiles, cursor: Cursor) -> Capture:
+    """The commits of the tenant file ``files.path`` after ``cursor``; ``conn`` is a connection of that file
+    that holds its write lock (``BEGIN IMMEDIATE``) for the whole call.
+
+    Returns new frames (possibly none) when the history continues from ``cursor``, or a snapshot when it
+    cannot (nothing captured yet, or a log generation was lost). Raises :class:`CaptureError` when the log
+    does not read consistently."""
+    if conn.txn_state("main") != apsw.SQLITE_TXN_WRITE:
+        raise ValueError("capture() needs the file's write lock held by conn (BEGIN IMMEDIATE)")
+    path = files.path
+    shm_fd = files.shm()
+    if shm_fd is None:
+        raise CaptureError(f"{path}-shm is missing although a connection holds the write lock")
+    shm = _read_shm(path, shm_fd, 1)  # nobody can change it while the write lock is held
+    if shm.mx_frame == 0:  # a log with no commit (new, or restarted): nothing new, the cursor stands
+        return _snapshot(conn, shm, cursor) if not cursor.salt else Capture([], None, cursor, shm.page_size)
+    wal_fd = files.wal()
+    if wal_fd is None:
+        raise CaptureError(f"{path}-wal is missing but the wal-index says it holds {shm.mx_frame} frames")
+    got = _continue(path, wal_fd, cursor, shm)
+    if isinstance(got, _Gap):
+        return _snapshot(conn, shm, cursor._replace(checkpoint_seq=got.checkpoint_seq))
+    return got
+
+
+#: Reads of the wal-index header before a lock-free capture gives up on copies that keep differing.
+SHM_READ_ATTEMPTS = 8
+
+
+def capture_unlocked(files: LogFiles, cursor: Cursor) -> Capture | NeedsLock:
+    """The commits of ``files.path`` after ``cursor``, read without any lock: the frames from the cursor up
+    to the wal-index's ``mxFrame``, or :class:`NeedsLock` (nothing captured) when only :func:`capture`
+    under the write lock can go on (a snapshot is due, or anything read inconsistently).
+
+    Why no lock is needed: writers of a replicated root never checkpoint, so only a checkpoint run by
+    :func:`capture_then_checkpoint` (after it captured everything) can let SQLite restart the log; until
+    then frames 1 to ``mxFrame`` are committed and no writer writes over them (a writer appends after
+    ``mxFrame``). A checkpoint that did not go through here (a writer opened before the root
+    replicated, the ``sqlite3`` shell) can restart the log under this read; the restarted log carries new
+    salts, so its frames fail the salt check against the cursor's generation, a torn frame fails the
+    checksum chain, and the last frame must carry the checksum of the header read first: any of these is
+    :class:`NeedsLock`, never a wrong frame. Only a cursor of the same log generation, or one ``closed``
+    by the checkpoint that ended its generation, is continued.
+
+    The caller must keep a SQLite connection of the file open in this process meanwhile (its ``-shm`` and
+    ``-wal`` then stay the files that SQLite uses) and must not close ``files`` before it (module docstring:
+    the ``-shm`` trap)."""
+    if not cursor.salt:
+        return NeedsLock("no history yet: a snapshot")
+    path = files.path
+    shm_fd = files.shm()
+    if shm_fd is None:
+        return NeedsLock(f"{path}-shm is missing")
+    try:
+        shm = _read_shm(path, shm_fd, SHM_READ_ATTEMPTS)
+        if shm.mx_frame == 0:  # no commit in the log (a restart not written to yet): the cursor stands
+            return Capture([], None, cursor, shm.page_size)
+        wal_fd = files.wal()
+        if wal_fd is None:
+            return NeedsLock(f"{path}-wal is missing")
+        got = _continue(path, wal_fd, cursor, shm)
+    except CaptureError as exc:
+        return NeedsLock(str(exc))
+    if isinstance(got, _Gap):
+        return NeedsLock("the history does not continue in this log: a snapshot")
+    return got
+
+
+def log_end(files: LogFiles) -> tuple[bytes, int] | None:
+    """(salts, ``mxFrame``) of the wal-index header read without a lock (its two copies agreeing), or None
+    when it does not read consistently: how far the log goes, to judge what a locked capture would read."""
+    shm_fd = files.shm()
+    if shm_fd is None:
+        return None
+    try:
+        shm = _read_shm(files.path, shm_fd, SHM_READ_ATTEMPTS)
+    except CaptureError:
+        return None
+    return shm.salt, shm.mx_frame
+
+
+#: At most this many uncaptured frames are left for the capture made under the write lock before a
+#: checkpoint (verifying a frame takes ~60-170 µs here): with more, the checkpoint waits for a later round.
+LOCKED_FRAMES = 256
+
+
+def checkpoint_briefly_locked(lock: apsw.Connection, guard: apsw.Connection, checkpointer: apsw.Connection,
+                              files: LogFiles, cursor: Cursor, stage: Callable[[Capture], None], *,
+                              locked_frames: int = LOCKED_FRAMES) -> tuple[Cursor, bool]:
+    """A checkpoint of ``files.path`` that holds the write lock only for its last few frames. Returns (the
+    cursor to store, whether the checkpoint under the lock ran; the cursor is ``closed`` when it copied
+    every frame). ``lock``, ``guard`` and ``checkpointer`` are three connections of the file with no
+    transaction open.
+
+    1. Without the write lock: ``guard`` opens a read transaction, then a lock-free capture is staged and
+       ``checkpointer`` copies into the database what it can. SQLite backfills no frame past an open
+       reader's snapshot (a reader on read mark 0 lets it backfill none), and the capture, begun after that
+       snapshot, reaches at least to it: every frame copied was captured, and no restart of the log can
+       overwrite anything meanwhile (a restart waits for readers).
+    2. When at most ``locked_frames`` frames were committed since that capture, the write lock is taken on
+       ``lock`` (before ``guard`` lets go, so no writer can restart the log in between: that would make the
+       next capture a snapshot), and :func:`capture_then_checkpoint`'s steps run under it: the rest
+       captured and staged, a passive checkpoint. Otherwise (a writer outruns the capture) nothing more
+       is done: the log stays, the next round tries again.
+
+    ``apsw.BusyError`` when the write lock stays busy past ``lock``'s busy timeout: what step 1 staged
+    stays staged (``stage`` stored it with its cursor); the rest of the checkpoint waits for a later call."""
+    guard.execute("BEGIN")
+    try:
+        guard.execute("PRAGMA schema_version").fetchall()  # the read transaction (and its snapshot) begins
+        got = capture_unlocked(files, cursor)
+        if not isinstance(got, NeedsLock):
+            if not got.empty:
+                stage(got)
+            cursor = got.cursor
+            checkpointer.execute("PRAGMA schema_version").fetchall()
+            checkpointer.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+            end = log_end(files)
+            if end is not None and end[0] == cursor.salt and end[1] - cursor.frame > locked_frames:
+                return cursor, False
+        lock.execute("BEGIN IMMEDIATE")
+    finally:
+        guard.execute("COMMIT")
+    try:
+        return _locked_capture_and_checkpoint(lock, checkpointer, files, cursor, stage), True
+    finally:
+        lock.execute("ROLLBACK")
+
+
 def capture_then_checkpoint(lock: apsw.Connection, checkpointer: apsw.Connection, files: LogFiles,
                             cursor: Cursor, stage: Callable[[Capture], None]) -> Cursor:
     """Capture ``files.path``'s new commits, ``stage`` them, then run a passive checkpoint, all under the write
@@ -193,21 +348,28 @@ def capture_then_checkpoint(lock: apsw.Connection, checkpointer: apsw.Connection
     same file. Returns the cursor to store; when the checkpoint copied every frame it is ``closed``.
 
     ``stage`` must have made the capture durable when it returns: the checkpoint that follows may let the
-    next writer overwrite those frames. When it raises, no checkpoint runs and the error propagates."""
+    next writer overwrite those frames. When it raises, no checkpoint runs and the error propagates.
+    To keep the lock short, capture lock-free first (:func:`capture_unlocked`) and stage that: this call
+    then reads only the commits made since."""
     lock.execute("BEGIN IMMEDIATE")
     try:
-        got = capture(lock, files, cursor)
-        if not got.empty:
-            stage(got)
-        after = got.cursor
-        # a connection that has not read the file yet has not opened its log and checkpoints nothing
-        checkpointer.execute("PRAGMA schema_version").fetchall()
-        log, copied = checkpointer.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
-        if log > 0 and copied == log and log == after.frame:
-            after = after._replace(closed=True)
-        return after
+        return _locked_capture_and_checkpoint(lock, checkpointer, files, cursor, stage)
     finally:
         lock.execute("ROLLBACK")
+
+
+def _locked_capture_and_checkpoint(lock: apsw.Connection, checkpointer: apsw.Connection, files: LogFiles,
+                                   cursor: Cursor, stage: Callable[[Capture], None]) -> Cursor:
+    got = capture(lock, files, cursor)
+    if not got.empty:
+        stage(got)
+    after = got.cursor
+    # a connection that has not read the file yet has not opened its log and checkpoints nothing
+    checkpointer.execute("PRAGMA schema_version").fetchall()
+    log, copied = checkpointer.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+    if log > 0 and copied == log and log == after.frame:
+        after = after._replace(closed=True)
+    return after
 
 
 def image_at(captures: list[Capture]) -> bytearray:

@@ -90,6 +90,17 @@ class NodeRegistry(Protocol):
         :class:`~shardlite.ConfigurationError`; nothing is written."""
         ...
 
+    def forget_all(self) -> int:
+        """Delete every tenant row on this root's nodes (tombstones included) and then the nodes themselves,
+        in one transaction, and return how many tenant rows went; a backend that records the root itself
+        (PostgreSQL's ``roots``) deletes that record too. Generations stay never reused; accounts,
+        sessions and named values (a database's, shared by the roots in it) are not touched; another
+        root's rows never are.
+
+        For taking back a restore into a new root before its directory is removed (the directory holds
+        the tenant files these rows describe). Afterwards this root has no node: it must not be used again."""
+        ...
+
 
 def check_node_row(name: str, path: str, weight: int, state: str) -> None:
     """:class:`~shardlite.ConfigurationError` unless a node row is storable (the checks every backend makes

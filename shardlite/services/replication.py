@@ -10,7 +10,8 @@ Each interval, for each node this process owns:
 
 1. the notes written since the last round are read (:mod:`shardlite.files.notesfile`) and each noted
    tenant is marked with its commits' frame counts and times;
-2. every :data:`RECONCILE_EVERY` seconds (and at start) every live tenant of the node without a cursor is
+2. every :data:`RECONCILE_EVERY` seconds (and at start; less often on a node so large that a pass would
+   take more than :data:`RECONCILE_SHARE` of a core) every live tenant of the node without a cursor is
    marked, and the size and time of every tenant's log are compared with the last look (at the first look
    in this process, its time with the tenant's last capture): a log that changed without a note (its
    writer could not write one) is marked too. The pass reads the catalog and the cursors once each and
@@ -51,14 +52,18 @@ from .backup import standalone_image
 from .confirmations import ConfirmServer, Request
 from .replicator import NodeReplicator, RoundStats
 
-__all__ = ["Replication", "INTERVAL", "RECONCILE_EVERY", "META_EVERY"]
+__all__ = ["Replication", "INTERVAL", "RECONCILE_EVERY", "RECONCILE_SHARE", "META_EVERY"]
 
 log = logging.getLogger("shardlite.replicate")
 
 #: Seconds between rounds: the lag of a commit is about one interval plus an upload.
 INTERVAL = 1.0
-#: Seconds between reconcile passes (tenants without a cursor, logs that changed without a note).
+#: Seconds between reconcile passes (tenants without a cursor, logs that changed without a note), at least.
 RECONCILE_EVERY = 30.0
+#: The share of a core the reconcile passes may take: after a pass that cost ``c`` seconds of CPU, the next
+#: waits ``max(RECONCILE_EVERY, c / RECONCILE_SHARE)`` (a pass stats every log of the node: ~0.8 s at 100,000
+#: tenants, so 200 s between passes there instead of 30).
+RECONCILE_SHARE = 0.004
 #: Seconds between metadata snapshots (taken only when the metadata changed, where that can be seen).
 META_EVERY = 30.0
 #: A log last written this long before its tenant's last capture is taken as captured at the reconcile
@@ -76,6 +81,8 @@ class _Node:
     finished: set[str] = field(default_factory=set)
     seen_logs: dict[str, tuple[int, int]] = field(default_factory=dict)
     reconciled_at: float = 0.0
+    #: seconds from one reconcile pass to the next (RECONCILE_EVERY, or longer when a pass costs more)
+    reconcile_every: float = RECONCILE_EVERY
     last: RoundStats | None = None
     confirm: ConfirmServer | None = None
     #: confirmation requests taken into a round and not answered yet (their tenant stayed busy)
@@ -211,6 +218,12 @@ class Replication:
                 node.finished.add(name)
 
     def _reconcile(self, node: _Node) -> None:
+        spent = time.thread_time()
+        self._reconcile_logs(node)
+        spent = time.thread_time() - spent
+        node.reconcile_every = max(RECONCILE_EVERY, spent / RECONCILE_SHARE)
+
+    def _reconcile_logs(self, node: _Node) -> None:
         replicator = node.replicator
         live: dict[str, TenantRecord] = {}
         replicator.reconcile(live)  # one pass over the catalog: no lookup per tenant below
@@ -248,7 +261,7 @@ class Replication:
         for request in requests:
             node.replicator.mark(request.key)
         self._read_notes(node)
-        if not node.reconciled_at or self.clock() - node.reconciled_at >= RECONCILE_EVERY:
+        if not node.reconciled_at or self.clock() - node.reconciled_at >= node.reconcile_every:
             self._reconcile(node)
         stats = node.replicator.run_round()
         node.last = stats

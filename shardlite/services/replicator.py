@@ -4,13 +4,18 @@ One :class:`NodeReplicator` per node, in a process of its own (``shardlite repli
 docs/replication.md). Each round:
 
 1. **Capture** every tenant marked changed (:meth:`NodeReplicator.mark`, fed by the writers' change notes,
-   and every tenant of the node without a cursor, found by :meth:`NodeReplicator.reconcile`): under the
-   tenant's write lock, its new commits are read from its WAL (:mod:`shardlite.files.walcapture`) and
-   staged with their commit times (:mod:`shardlite.files.staging`). A log that holds ``DUE_FRAMES`` frames
-   or more is then checkpointed with the lock still held: writers of a replicated root never checkpoint,
-   so nothing is checkpointed away before it is captured. A tenant whose lock is busy stays marked for the
-   next round; a tenant that fails (damaged file, moved away) is reported and skipped: one tenant never
-   stops the others.
+   and every tenant of the node without a cursor, found by :meth:`NodeReplicator.reconcile`): its new
+   commits are read from its WAL without any lock (:func:`~shardlite.files.walcapture.capture_unlocked`)
+   and staged with their commit times (:mod:`shardlite.files.staging`), so a writer never waits for a
+   capture. The tenant's write lock is taken only for a snapshot (a first capture, a gap), for a log that
+   did not read consistently without it, and for a checkpoint: a log that holds ``DUE_FRAMES`` frames or
+   more is checkpointed by :func:`~shardlite.files.walcapture.checkpoint_briefly_locked`: what was
+   captured is copied under a short read transaction, then the lock is held only to capture and stage the
+   last few commits and finish the checkpoint (with too many, it waits for a later round). Writers of a
+   replicated root never checkpoint, so nothing is checkpointed away before it is captured, and no frame
+   up to the log's last commit changes under a lock-free read. A tenant whose lock is busy stays marked
+   for the next round; a tenant that fails (damaged file, moved away) is reported and skipped: one tenant
+   never stops the others.
 2. **Upload** what is staged as one pack per round (:mod:`shardlite.core.pack`) named
    ``v1/packs/<node>/<seq>.pack``; the staged rows are dropped only after the upload succeeded. A target
    that cannot be reached (:class:`~shardlite.ReplicaUnavailable`) leaves everything staged for the next
@@ -70,8 +75,10 @@ def pack_name(node: str, seq: int) -> str:
 class RoundStats:
     captured: int = 0  #: tenants with something new staged
     snapshots: int = 0
+    locked: int = 0  #: tenants captured under the write lock (snapshots, a lock-free read that did not verify)
     checkpoints: int = 0
     busy: int = 0  #: tenants left for the next round (lock busy)
+    deferred: int = 0  #: checkpoints left for a later round (a writer committed faster than the capture)
     failed: int = 0
     uploaded_packs: int = 0
     uploaded_bytes: int = 0
@@ -186,34 +193,46 @@ class NodeReplicator:
             return  # dropped or moved away: the node that holds it now captures it
         opened = self._connection(key, self.store.path_of(record))
         conn = opened.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            stored = conn.execute("SELECT key, incarnation FROM _shardlite_meta WHERE id = 1").fetchall()
-            if stored != [(key, record.incarnation)]:
-                raise ShardliteError(f"the file of {key!r} holds {stored!r}, not the catalog's tenant")
-            found = self.staging.cursor(key)
-            same_file = found is not None and (found.incarnation, found.generation) == (
-                record.incarnation, record.generation)
-            cursor = found.cursor if found is not None and same_file else wc.NO_CURSOR
-            last_commit = found.last_commit_ns if found is not None and same_file else 0
-            previous = found.captured_ns if found is not None and same_file else 0
-            got = wc.capture(conn, opened.files, cursor)
-            now = self.clock()
-            if not got.empty:
-                times = wc.commit_times(got, commits, now, previous)
-                self.staging.stage(key, record.incarnation, record.generation, got, times, now)
-                stats.captured += 1
-                stats.snapshots += got.snapshot is not None
-                last_commit = times[-1][1]
-            after = got.cursor
-            if after.frame >= DUE_FRAMES:
-                log_frames, copied = _checkpoint(opened.path, self.store)
-                if log_frames > 0 and copied == log_frames == after.frame:
-                    self.staging.set_cursor(key, record.incarnation, record.generation,
-                                            after._replace(closed=True), last_commit)
-                stats.checkpoints += 1
-        finally:
-            conn.execute("ROLLBACK")
+        # a read of its own (no lock, no reader left open); it also opens the connection's log, so -shm and
+        # -wal stay the files SQLite uses while the capture reads them without a lock
+        stored = conn.execute("SELECT key, incarnation FROM _shardlite_meta WHERE id = 1").fetchall()
+        if stored != [(key, record.incarnation)]:
+            raise ShardliteError(f"the file of {key!r} holds {stored!r}, not the catalog's tenant")
+        found = self.staging.cursor(key)
+        same_file = found is not None and (found.incarnation, found.generation) == (
+            record.incarnation, record.generation)
+        cursor = found.cursor if found is not None and same_file else wc.NO_CURSOR
+        state = _Staged(self, key, record, commits, stats,
+                        found.last_commit_ns if found is not None and same_file else 0,
+                        found.captured_ns if found is not None and same_file else 0)
+        # writers of a replicated root never checkpoint: the frames up to the log's last commit stay put
+        # until this replicator's own checkpoint, so they are read and staged without the write lock
+        got = wc.capture_unlocked(opened.files, cursor)
+        if isinstance(got, wc.NeedsLock):  # a snapshot is due, or the log did not read consistently
+            stats.locked += 1
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                state.stage(wc.capture(conn, opened.files, cursor))
+            finally:
+                conn.execute("ROLLBACK")
+        else:
+            state.stage(got)
+        if state.cursor.frame >= DUE_FRAMES:
+            # most of the log is copied under a reader's snapshot, without the lock; the write lock is held
+            # only from the capture of the last commits through the checkpoint that may end the log's
+            # generation: nothing is checkpointed away before it is captured
+            guard = open_connection(opened.path, self.store.settings)
+            checkpointer = open_connection(opened.path, self.store.settings)
+            try:
+                after, done = wc.checkpoint_briefly_locked(conn, guard, checkpointer, opened.files, state.cursor,
+                                                           state.stage)
+            finally:
+                checkpointer.close()
+                guard.close()
+            if after.closed:
+                self.staging.set_cursor(key, record.incarnation, record.generation, after, state.last_commit)
+            stats.checkpoints += done
+            stats.deferred += not done
 
     # -- upload ----------------------------------------------------------------------------------------
 
@@ -239,14 +258,31 @@ class NodeReplicator:
         stats.uploaded_bytes += len(blob)
 
 
-def _checkpoint(path: str, store: Store) -> tuple[int, int]:
-    """A passive checkpoint of ``path`` on a connection of its own (the caller holds the write lock on
-    another connection of the same file, so no frame can be added meanwhile)."""
-    conn = open_connection(path, store.settings)
-    try:
-        conn.execute("PRAGMA schema_version").fetchall()
-        log_frames, copied = conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
-        return int(log_frames), int(copied)
-    finally:
-        conn.close()
 
+class _Staged:
+    """The captures of one tenant in one round, staged as they come (a lock-free one, then possibly the
+    one taken under the lock right before a checkpoint), each with its commits' times."""
+
+    __slots__ = ("rep", "key", "record", "commits", "stats", "last_commit", "previous", "cursor", "counted")
+
+    def __init__(self, rep: NodeReplicator, key: str, record: TenantRecord, commits: list[tuple[int, int]],
+                 stats: RoundStats, last_commit: int, previous: int) -> None:
+        self.rep, self.key, self.record, self.commits, self.stats = rep, key, record, commits, stats
+        self.last_commit, self.previous = last_commit, previous
+        self.cursor = wc.NO_CURSOR
+        self.counted = False  #: this tenant is counted in ``stats.captured``
+
+    def stage(self, got: wc.Capture) -> None:
+        """Stage ``got`` (durable when this returns) unless it is empty; its cursor becomes the current one."""
+        self.cursor = got.cursor
+        if got.empty:
+            return
+        # taken after the capture read the log: every commit it holds was made before this time
+        now = self.rep.clock()
+        times = wc.commit_times(got, self.commits, now, self.previous)
+        self.rep.staging.stage(self.key, self.record.incarnation, self.record.generation, got, times, now)
+        if not self.counted:
+            self.stats.captured += 1
+            self.counted = True
+        self.stats.snapshots += got.snapshot is not None
+        self.last_commit, self.previous = times[-1][1], now

@@ -36,7 +36,7 @@ from ..files.sanitize import shown
 from ..front.store import NODE_NAME_RE, Store
 from ..meta import MetaStore
 from ..meta.choose import store_for
-from ..meta.record import RECORD_NAME
+from ..meta.record import RECORD_NAME, read_record
 from . import manifest as mf
 
 __all__ = ["NodePlan", "read_layout", "plan_layout", "stored_path", "root_state", "not_empty", "install_layout",
@@ -273,6 +273,9 @@ class RootUndo:
     def __init__(self, root: str, plans: list[NodePlan], *, new: bool, made_root: str | None,
                  app_version: int = 0) -> None:
         self.root, self.new, self.app_version = root, new, app_version
+        #: a new root's metadata in a database shared with other roots (PostgreSQL) held no account or
+        #: session before the restore: taking back clears the account space too (set by the opener)
+        self.accounts_were_empty = False
         self.made_root = made_root  # the outermost directory of the root this restore created, if any
         self.files = [name for name in _ROOT_FILE_NAMES if not os.path.lexists(os.path.join(root, name))]
         tops = (_missing_top(plan.path) for plan in plans)
@@ -283,7 +286,8 @@ class RootUndo:
 
     def run(self, store: Store | None) -> bool:
         """Take back what was added (``store``: open on the root, or None; closed here). False when it
-        cannot (an empty root where tenants were already registered): the root stays as it is."""
+        cannot (an empty root where tenants were already registered, or a new root whose metadata database
+        cannot be reached to take its rows back): the root stays as it is."""
         if not self.new:
             try:
                 if store is None or store.closed:
@@ -300,6 +304,10 @@ class RootUndo:
                     store.close()
         if store is not None:
             store.close()
+        try:
+            self._forget_outside()
+        except ShardliteError:  # the database is unreachable: the root (its record) stays, to be removed later
+            return False
         if self.new and self.made_root is not None:
             shutil.rmtree(self.made_root, ignore_errors=True)
         elif self.new:
@@ -317,6 +325,22 @@ class RootUndo:
                 with contextlib.suppress(OSError):
                     os.rmdir(os.path.join(default, entry))  # only an empty one goes
         return True
+
+
+    def _forget_outside(self) -> None:
+        """A new root whose metadata lives outside it (a database: the root's record names it) leaves rows
+        there that removing the directory does not: its tenants, nodes and own record go first, and the
+        accounts and sessions it imported when the database had none."""
+        if not self.new or read_record(self.root) is None:
+            return
+        meta = store_for(self.root, Settings(), create=False)
+        try:
+            meta.open(create=False)
+            meta.nodes.forget_all()
+            if self.accounts_were_empty:
+                meta.accounts.clear()
+        finally:
+            meta.close()
 
 
 def _clear_globals(store: Store, app_version: int) -> None:
@@ -370,6 +394,7 @@ def open_root_with_layout(root: str, plans: list[NodePlan], made_root: str | Non
             meta = store_for(root, Settings())
             try:
                 meta.open(create=True)
+                undo.accounts_were_empty = not meta.accounts.has_rows()
                 install_layout(meta, plans, root)
             finally:
                 meta.close()

@@ -14,7 +14,7 @@ from ...files.globaldb import APP_DB_NAME, GlobalDB
 from ..location import MetaLocation
 from ..sqlite.app_globals import SqliteAppGlobals
 from ..store import MetaStore
-from .accounts import PgAccounts, PgCredentials
+from .accounts import SESSION_HINTS, PgAccounts, PgCredentials
 from .connect import Pool
 from .export import exported_global
 from .journal import PgJournal
@@ -59,7 +59,7 @@ class PgMeta:
         #: Rebalance plans and claim-checked move steps (:mod:`shardlite.meta.postgres.journal`).
         self.journal = PgJournal(self.pool)
         #: Sessions with a cache of live ones kept right by NOTIFY (issue 15 point 3: see .session_cache).
-        self.sessions = CachedSessions(PgSessions(self.pool), location.dsn, location.printable)
+        self.sessions = CachedSessions(PgSessions(self.pool))
         self.accounts = PgAccounts(self.pool, hint=self.sessions.hint)
         self.credentials = PgCredentials(self.pool)
         #: The relay's pending-work flags, its dead letters and the root's named values.
@@ -67,8 +67,8 @@ class PgMeta:
         self.dead_letters = PgDeadLetters(self.pool)
         self.kv = PgKV(self.pool)
         self._route_watchers: list[Callable[[str | None], None]] = []
-        #: One listener for the route hints and the node-list hints (started by watch_tenants).
-        self._route_listener: Listener | None = None
+        #: The one listening connection of this store: route, node-list and session hints (started by open).
+        self._hints: Listener | None = None
         #: Bumped by every node-list hint for this root and every (re)connect of the hints.
         self._node_epoch = 0
         self._opened = False
@@ -110,7 +110,10 @@ class PgMeta:
                                      "ON CONFLICT (id) DO NOTHING", (self.root_id, self.root[:1000], time.time()))
                     self.nodes.seed(conn, default_nodes)
             self.appdb.open(create=True)
-            self.sessions.start()
+            self._hints = Listener(self._location.dsn, self.location, (TENANT_HINTS, NODE_HINTS, SESSION_HINTS),
+                                   self._on_notify, self._on_reset)
+            self.sessions.attach(self._hints)
+            self._hints.start()
         except BaseException:
             self.close()
             raise
@@ -126,20 +129,19 @@ class PgMeta:
         changed meanwhile). Runs on the hints' thread. Until the first connect nothing is hinted: a route
         cache is a hint too (the in-file fence stops a stale owner), so it is never wrong for long."""
         self._route_watchers.append(callback)
-        if self._route_listener is None and self._opened:
-            self._route_listener = Listener(self._location.dsn, self.location, (TENANT_HINTS, NODE_HINTS),
-                                            self._on_notify, self._on_reset)
-            self._route_listener.start()
 
     def _on_notify(self, channel: str, payload: str) -> None:
-        if channel == NODE_HINTS:
+        if channel == SESSION_HINTS:
+            self.sessions.hint(payload)
+        elif channel == NODE_HINTS:
             if payload == self.root_id:
                 self._node_epoch += 1
         else:
             self._hint(payload)
 
     def _on_reset(self) -> None:
-        self._node_epoch += 1  # NOTIFY is not durable: a node change may have gone unheard meanwhile
+        self.sessions.reset()  # NOTIFY is not durable: anything may have changed unheard meanwhile
+        self._node_epoch += 1
         self._hint(None)
 
     def _hint(self, key: str | None) -> None:
@@ -150,13 +152,13 @@ class PgMeta:
         """``(connects, epoch)`` while the hints are connected, else None. ``connected`` is read before
         ``connects`` (which grows before ``connected`` turns true), so a token read on a new connection
         differs from every token of the one before it even before its reset has run."""
-        listener = self._route_listener
+        listener = self._hints
         if listener is None or not listener.connected:
             return None
         return (listener.connects, self._node_epoch)
 
     def close(self) -> None:
-        listener, self._route_listener = self._route_listener, None
+        listener, self._hints = self._hints, None
         if listener is not None:
             listener.close()
         self._opened = False

@@ -225,6 +225,18 @@ class PgNodes:
 
         in_transaction(self.pool, body)
 
+    def forget_all(self) -> int:
+        def body(conn: Connection[Any]) -> int:
+            self._lock_all(conn)  # a registration onto them waits (or committed before)
+            cur = conn.execute("DELETE FROM shardlite.tenants t USING shardlite.nodes n "
+                               "WHERE n.name = t.node AND n.root_id = %s", (self.root_id,))
+            gone = cur.rowcount
+            conn.execute("DELETE FROM shardlite.nodes WHERE root_id = %s", (self.root_id,))
+            conn.execute("DELETE FROM shardlite.roots WHERE id = %s", (self.root_id,))
+            return gone
+
+        return in_transaction(self.pool, body)
+
 
 def _conforms(nodes: PgNodes) -> NodeRegistry:
     return nodes  # mypy checks here that PgNodes satisfies the NodeRegistry contract

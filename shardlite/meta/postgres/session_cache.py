@@ -3,8 +3,9 @@
 ``Sessions.resolve`` of a warm token must not pay a round trip to PostgreSQL, and a revoke in any process
 must be seen by ``resolve`` in every other within a second. So :meth:`CachedSessions.live` answers from a
 dict of digests found live, and every write that ends a session NOTIFYs :data:`.accounts.SESSION_HINTS` in
-its own transaction (see :mod:`.sessions`); a :class:`~.listen.Listener` hands each hint to
-:meth:`CachedSessions.hint`, which drops the sessions it names. The rules that keep it right:
+its own transaction (see :mod:`.sessions`); the store's one :class:`~.listen.Listener` (shared with the
+route and node-list hints, :class:`~.meta.PgMeta`) hands each hint to :meth:`CachedSessions.hint`, which
+drops the sessions it names. The rules that keep it right:
 
 * **Only while hints flow.** An entry is filled only while the listener is connected, and every (re)connect
   drops the whole cache (NOTIFY is not durable: hints sent while it was down are gone).
@@ -28,7 +29,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..sessions import SessionStore
-from .accounts import ALL_HINT, SESSION_HINTS, account_hint, digest_hint
+from .accounts import ALL_HINT, account_hint, digest_hint
 from .listen import Listener
 from .sessions import PgSessions
 
@@ -45,15 +46,13 @@ MAX_ENTRIES = 100_000
 
 class CachedSessions:
     """``meta.sessions``: :class:`~.sessions.PgSessions` with a cache of live sessions in front of
-    :meth:`live` (see the module doc); every other method is the store's. :meth:`start` connects the
-    listener (the cache stays empty until it is connected), :meth:`close` stops it."""
+    :meth:`live` (see the module doc); every other method is the store's. :meth:`attach` names the listener
+    whose connection it trusts (the cache stays empty until it is connected), :meth:`close` forgets it."""
 
-    def __init__(self, store: PgSessions, dsn: str, where: str, *, max_age: float = MAX_AGE,
-                 max_entries: int = MAX_ENTRIES) -> None:
+    def __init__(self, store: PgSessions, *, max_age: float = MAX_AGE, max_entries: int = MAX_ENTRIES) -> None:
         self.store = store
         self.max_age = max_age
         self.max_entries = max_entries
-        self._dsn, self._where = dsn, where
         #: digest -> (the session, the monotonic time until which the entry is trusted)
         self._cache: dict[bytes, tuple[Session, float]] = {}
         self._epoch = 0
@@ -65,16 +64,15 @@ class CachedSessions:
         self.count_live = store.count_live
         self.purge = store.purge
 
-    def start(self) -> None:
-        """Start listening for hints (a new listener each time: the cache stays empty until it connects)."""
-        self.close()
-        self._listener = Listener(self._dsn, self._where, (SESSION_HINTS,), self._on_notify, self.reset)
-        self._listener.start()
+    def attach(self, listener: Listener) -> None:
+        """Take hints from ``listener`` (its owner hands each :data:`SESSION_HINTS` payload to :meth:`hint`
+        and each (re)connect to :meth:`reset`); the cache fills only while it is connected."""
+        self._listener = listener
+        self.reset()
 
     def close(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.close()
+        """Stop trusting the cache (the listener's owner closes the listener)."""
+        self._listener = None
         self.reset()
 
     @property
@@ -166,9 +164,6 @@ class CachedSessions:
                     del self._cache[digest]
                 return
             self._cache.clear()
-
-    def _on_notify(self, channel: str, payload: str) -> None:
-        self.hint(payload)
 
 
 def _conforms(sessions: CachedSessions) -> SessionStore:

@@ -150,6 +150,13 @@ class SqliteNodes:
                 if conn.changes() == 0:
                     conn.execute(_INSERT, (node.name, node.path, node.weight, node.state, now))
 
+    def forget_all(self) -> int:
+        with self.db.write() as conn:
+            conn.execute(_I + "DELETE FROM _shardlite_tenants")
+            gone = conn.changes()
+            conn.execute(_I + "DELETE FROM _shardlite_nodes")
+        return gone
+
 
 def _conforms(nodes: SqliteNodes) -> NodeRegistry:
     return nodes  # mypy checks here that SqliteNodes satisfies the NodeRegistry contract
