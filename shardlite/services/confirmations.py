@@ -9,7 +9,8 @@ request naming the tenant, and waits for one answer; one request per connection.
 The contract that makes an answer true: **a request is answered "shipped" only after a capture of its tenant
 that began after the request was received, and after every staged capture of that tenant (that one included)
 was uploaded.** The writer sends its request after its ``COMMIT`` returned, so such a capture holds the commit
-(a capture reads every committed frame under the tenant's write lock, :mod:`shardlite.files.walcapture`), and
+(a capture, lock-free or under the tenant's write lock, reads the log up to the wal-index header's last commit,
+``mxFrame``, which the writer's ``COMMIT`` wrote before returning: :mod:`shardlite.files.walcapture`), and
 the commit is in an uploaded pack when the answer comes. No log position needs to cross the channel: what the
 replicator captures after the request is at least the writer's commit, whichever log generation it lands in.
 The replicator takes every request received before a round into that round (one capture per tenant, one
