@@ -69,7 +69,7 @@ def parse_duration(text: object) -> int:
 
 def format_duration(ns: int) -> str:
     """The shortest exact form of ``ns`` in :func:`parse_duration`'s units (``7d``, ``36h``)."""
-    for unit in ("w", "d", "h", "m", "s"):
+    for unit in ("d", "h", "m", "s"):
         if ns % _UNITS[unit] == 0:
             return f"{ns // _UNITS[unit]}{unit}"
     return f"{ns // _NS}s"
@@ -110,7 +110,7 @@ class Windows(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def longest(self) -> int:
         """The longest window (what whole-root restores and metadata snapshots keep)."""
-        return max(self.default, *self.prefixes.values())
+        return max([self.default, *self.prefixes.values()])
 
 
 def window_for(windows: Windows, key: str) -> int:
