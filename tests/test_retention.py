@@ -21,7 +21,7 @@ from helpers_wal import rows_of
 
 import shardlite
 from shardlite.core import retention, timeline
-from shardlite.errors import ConfigurationError
+from shardlite.errors import ConfigurationError, UnknownTenant
 from shardlite.files.staging import Staging
 from shardlite.meta.replica_record import record_windows
 from shardlite.replica.target import ReplicaTarget
@@ -115,7 +115,8 @@ def test_compaction_keeps_every_restore_inside_the_window(world: World) -> None:
                 replica_restore.restore_tenant(store, target, key, as_key=f"{key}:old", at_ns=early[0])
     for t, _rows_dm in world.states["dm:1"]:  # a 30-day prefix window: everything is still there
         assert _rows(target, "dm:1", t) == before["dm:1"][t]
-    assert replica_read.captures_of(target, ["user:gone"])["user:gone"] == []  # dropped, past its window
+    with pytest.raises(UnknownTenant):  # dropped, past its window: nothing of it is restored
+        replica_restore.restore_tenant(store, target, "user:gone", as_key="user:gone-again")
     # through the real restore path, at the window start itself
     done = replica_restore.restore_tenant(store, target, "user:1", as_key="user:1:at-start", at_ns=start)
     expected = [rows for t, rows in world.states["user:1"] if t <= start][-1]
@@ -251,3 +252,23 @@ def test_metadata_snapshots_outside_the_window_go_but_the_base_one(tmp_path: os.
     assert replica_retention._prune_meta(target, 35 * DAY) == 2
     assert [metasnap.time_of(n) for n, _ in target.list(metasnap.PREFIX)] == [30 * DAY, 40 * DAY, 50 * DAY]
     target.close()
+
+
+def test_a_dropped_tenant_past_its_window_is_not_restored_from_a_pack_kept_for_another(world: World) -> None:
+    """The first captures of two tenants (snapshots) share a pack; one is dropped. Past the window the pack
+    stays (the other's snapshot is its base), but nothing of the dropped one is restored from it."""
+    world.write("user:1")
+    world.write("user:gone")
+    world.replication.run_round()
+    world.router.drop("user:gone")
+    world.replication.run_round()
+    store, target = world.router._store, world.target
+    assert len(list(replica_read.list_packs(target))) == 1
+    now = time.time_ns() + 8 * DAY
+    report = replica_retention.compact(store, target, now_ns=now)
+    assert report.deleted_packs == 0 and report.snapshots == 0
+    assert replica_read.captures_of(target, ["user:gone"])["user:gone"]  # still in the kept pack...
+    with pytest.raises(UnknownTenant):  # ...but not restored
+        replica_restore.restore_tenant(store, target, "user:gone", as_key="user:gone-again")
+    done = replica_restore.restore_tenant(store, target, "user:1", as_key="user:1-again")
+    assert done["from_key"] == "user:1"

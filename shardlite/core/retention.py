@@ -159,6 +159,7 @@ class Plan(NamedTuple):
     delete: list[str]  #: pack names, sorted
     keep: list[str]  #: pack names, sorted
     pinned: list[str]  #: keys whose history could not be compacted (kept whole; see the module doc)
+    expired: list[str]  #: keys dropped and past their window (nothing of them is kept)
 
 
 def snapshot_capture(snap: Snapshot, order_position: int, data: bytes = b"") -> Capture:
@@ -210,12 +211,14 @@ def plan(located: Iterable[Located], start_of: Callable[[str], int], *, live: It
     needed: dict[str, set[str]] = {}  # key -> packs it keeps
     through: dict[str, list[Located]] = {}  # key -> base..end captures a new snapshot stands for
     starts: dict[str, int] = {}
+    expired: list[str] = []
     for key, items in by_key.items():
         if key in erased_set:
             continue  # erased: nothing kept, never a snapshot (no resurrection)
         start = starts[key] = start_of(key)
         caps = [item.capture for item in items]
         if key not in live_set and max(c.entry.captured_ns for c in caps) < start:
+            expired.append(key)
             continue  # dropped and past its window
         keep: list[Capture] = []
         try:
@@ -266,5 +269,5 @@ def plan(located: Iterable[Located], start_of: Callable[[str], int], *, live: It
             needed[key] = {item.pack for item in by_key[key]}
     snapshots = [Snapshot(key, items) for key, items in sorted(through.items())]
     kept = set().union(*needed.values()) if needed else set()
-    return Plan(snapshots, sorted(all_packs - kept), sorted(kept), sorted(pinned))
+    return Plan(snapshots, sorted(all_packs - kept), sorted(kept), sorted(pinned), sorted(expired))
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 import msgspec
 import xxhash
 
-from ..core import retention
+from ..core import retention, timeline
 from ..errors import ConfigurationError, ReplicaError, ReplicaObjectMissing
 from ..replica.target import ReplicaTarget, check_name
 
 __all__ = ["INDEX_PREFIX", "HORIZON_NAME", "IndexPack", "Index", "Horizon", "key_digest", "encode_index",
            "decode_index", "read_index", "index_name", "read_horizon", "write_horizon", "check_time",
-           "retention_start", "Skip"]
+           "retention_start", "Skip", "without_expired"]
 
 INDEX_PREFIX = "v1/index/"
 HORIZON_NAME = "v1/retention/horizon.json"
@@ -52,6 +52,9 @@ class Horizon(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     version: int
     compacted_ns: int
     windows: retention.Windows
+    #: :func:`key_digest` of the incarnations of dropped tenants past their window whose captures a pack kept
+    #: for other tenants still holds: restores ignore them (what is left of such a history is not all of it)
+    expired: list[str] = msgspec.field(default_factory=list)
 
 
 def key_digest(key: str) -> str:
@@ -118,8 +121,17 @@ class Skip:
         return known is not None and known[0] == size and not known[1]
 
 
-def write_horizon(target: ReplicaTarget, compacted_ns: int, windows: retention.Windows) -> None:
-    target.put(HORIZON_NAME, msgspec.json.encode(Horizon(1, compacted_ns, windows.check())))
+def write_horizon(target: ReplicaTarget, compacted_ns: int, windows: retention.Windows,
+                  expired: list[str] | None = None) -> None:
+    target.put(HORIZON_NAME, msgspec.json.encode(Horizon(1, compacted_ns, windows.check(), sorted(expired or []))))
+
+
+def without_expired(horizon: Horizon | None, captures: list[timeline.Capture]) -> list[timeline.Capture]:
+    """``captures`` without those of histories the horizon names as expired."""
+    if horizon is None or not horizon.expired:
+        return captures
+    gone = set(horizon.expired)
+    return [c for c in captures if key_digest(c.entry.incarnation) not in gone]
 
 
 def read_horizon(target: ReplicaTarget) -> Horizon | None:
@@ -136,6 +148,8 @@ def read_horizon(target: ReplicaTarget) -> Horizon | None:
         if horizon.version != 1 or horizon.compacted_ns < 0:
             raise ValueError("unsupported version")
         horizon.windows.check()
+        if any(len(k) != 16 or k.strip("0123456789abcdef") for k in horizon.expired):
+            raise ValueError("an invalid incarnation digest")
     except (ValueError, msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise ConfigurationError(f"the replica's retention horizon {HORIZON_NAME} is damaged ({exc}); run "
                                  "`shardlite replicate compact` on the root to write it again") from None
@@ -150,14 +164,13 @@ def retention_start(horizon: Horizon, key: str | None) -> int:
     return horizon.compacted_ns - retention.window_for(horizon.windows, key)
 
 
-def check_time(target: ReplicaTarget, key: str | None, at_ns: int | None, shown: str) -> None:
+def check_time(target: ReplicaTarget, key: str | None, at_ns: int | None, shown: str) -> Horizon | None:
     """:class:`ConfigurationError` when ``at_ns`` lies before the retention window of ``key`` (None: of every
-    tenant) as of the replica's last compaction; ``shown``: the time as the caller shows it."""
-    if at_ns is None:
-        return
+    tenant) as of the replica's last compaction; ``shown``: the time as the caller shows it. Returns the
+    horizon (None: never compacted)."""
     horizon = read_horizon(target)
-    if horizon is None:
-        return
+    if horizon is None or at_ns is None:
+        return horizon
     start = retention_start(horizon, key)
     if at_ns < start:
         from .replica_restore import format_time
@@ -167,3 +180,4 @@ def check_time(target: ReplicaTarget, key: str | None, at_ns: int | None, shown:
             f"--at {shown} lies before the retention window of {what}: the replica {target.url} keeps history "
             f"from {format_time(start)} on (compacted at {format_time(horizon.compacted_ns)}); restore at or "
             "after that time, or from a backup")
+    return horizon

@@ -77,8 +77,8 @@ def restore_tenant(store: Store, target: ReplicaTarget, key: object, *, as_key: 
     replica holds no commit of ``key`` at that time; :class:`~shardlite.ConfigurationError` when the time lies
     before the key's retention window as of the replica's last compaction."""
     canon = canonical(key)
-    replica_index.check_time(target, canon, at_ns, format_time(at_ns) if at_ns is not None else "")
-    captures = replica_read.captures_of(target, [canon])[canon]
+    horizon = replica_index.check_time(target, canon, at_ns, format_time(at_ns) if at_ns is not None else "")
+    captures = replica_index.without_expired(horizon, replica_read.captures_of(target, [canon])[canon])
     found = _image_at(captures, at_ns, canon)
     if found is None:
         when = "" if at_ns is None else f" at or before {format_time(at_ns)}"
@@ -135,7 +135,7 @@ def materialize(target: ReplicaTarget, dest: str, at_ns: int | None = None) -> d
     at or before that time, and every tenant at its last commit at or before it. The tenants are those the
     snapshot's catalog holds live, plus those whose history starts after the snapshot (created since);
     a tenant dropped after the snapshot comes back (what the metadata said then). Returns the manifest."""
-    replica_index.check_time(target, None, at_ns, format_time(at_ns) if at_ns is not None else "")
+    horizon = replica_index.check_time(target, None, at_ns, format_time(at_ns) if at_ns is not None else "")
     header, global_db, app_global_db = _meta_snapshot(target, at_ns)
     catalog = _catalog(global_db)
     limit = at_ns if at_ns is not None else time.time_ns()
@@ -144,7 +144,7 @@ def materialize(target: ReplicaTarget, dest: str, at_ns: int | None = None) -> d
         row = catalog.get(key)
         if row is not None and row[4] not in ("active", "moving"):
             continue  # dropped when the metadata was taken
-        found = _image_at(captures, limit, key)
+        found = _image_at(replica_index.without_expired(horizon, captures), limit, key)
         if found is None:
             continue
         image, point = found

@@ -253,8 +253,12 @@ def compact(store: Store, target: ReplicaTarget, *, now_ns: int | None = None) -
         target.delete_many(report.written)
         raise Busy("an erase ran during the compaction: its snapshots were deleted and nothing else was; run "
                    "`shardlite replicate compact` again")
-    replica_index.write_horizon(target, now, windows)
     keep = set(planned.keep)
+    # dropped tenants past their window: whatever of their history stays in packs kept for others is ignored
+    gone_keys = set(planned.expired)
+    expired = {replica_index.key_digest(item.capture.entry.incarnation) for item in located
+               if item.pack in keep and item.capture.entry.key in gone_keys}
+    replica_index.write_horizon(target, now, windows, sorted(expired))
     items = [replica_index.IndexPack(name, info.size, sorted({replica_index.key_digest(e.key)
                                                               for e in info.header.entries}))
              for name, info in sorted(infos.items()) if name in keep]
