@@ -272,3 +272,27 @@ def test_a_dropped_tenant_past_its_window_is_not_restored_from_a_pack_kept_for_a
         replica_restore.restore_tenant(store, target, "user:gone", as_key="user:gone-again")
     done = replica_restore.restore_tenant(store, target, "user:1", as_key="user:1-again")
     assert done["from_key"] == "user:1"
+
+
+def test_compaction_never_writes_a_snapshot_of_an_erased_history(world: World) -> None:
+    """An erase tombstone (``v1/erased/<xxh3-128 of the incarnation>.erased``, tenants drop --erase) makes
+    compaction treat the history as gone: no base snapshot of it, its packs deleted once nothing else needs
+    them."""
+    import xxhash
+
+    from shardlite.core import pack
+
+    world.history(12)
+    store, target = world.router._store, world.target
+    incarnations = {c.entry.incarnation for c in replica_read.captures_of(target, ["user:2"])["user:2"]}
+    assert incarnations
+    for inc in incarnations:
+        target.put(f"v1/erased/{xxhash.xxh3_128_hexdigest(inc.encode('utf-8'))}.erased", b"{}")
+    report = replica_retention.compact(store, target, now_ns=time.time_ns() + 8 * DAY)
+    assert report.snapshots > 0
+    for name in report.written:
+        header, _at = pack.decode_header(target.get(name))
+        assert "user:2" not in {entry.key for entry in header.entries}
+        assert "user:1" in {entry.key for entry in header.entries}
+    left = replica_read.captures_of(target, ["user:2"])["user:2"]
+    assert all(c.entry.kind == "frames" or c.order[1] != 0 for c in left)  # nothing compaction wrote
