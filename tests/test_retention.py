@@ -59,7 +59,7 @@ class World:
             for _ in range(self.rng.randint(1, 4)):
                 key = self.rng.choice(KEYS[:3] if number > rounds // 4 else KEYS)
                 self.write(key)
-            if number == rounds // 4:
+            if number == rounds // 4 and self.states["user:gone"]:
                 self.router.drop("user:gone")
             self.replication.run_round()
         self.replication.run_round()
@@ -296,3 +296,21 @@ def test_compaction_never_writes_a_snapshot_of_an_erased_history(world: World) -
         assert "user:1" in {entry.key for entry in header.entries}
     left = replica_read.captures_of(target, ["user:2"])["user:2"]
     assert all(c.entry.kind == "frames" or c.order[1] != 0 for c in left)  # nothing compaction wrote
+
+
+def test_the_replicator_compacts_when_the_last_compaction_is_an_hour_old(world: World) -> None:
+    world.history(8)
+    target = world.target
+    assert world.replication.compactions == []  # a new replica: first compaction an hour after its first snapshot
+    old = time.time_ns() - int(replica_retention.COMPACT_EVERY * 1e9) - 1
+    replica_index.write_horizon(target, old, retention.Windows())
+    world.replication.run_round()
+    assert world.replication.compactions == []  # checked at most every COMPACT_EVERY / 12 seconds
+    world.replication._compact_checked = None
+    world.replication.run_round()
+    assert len(world.replication.compactions) == 1
+    horizon = replica_index.read_horizon(target)
+    assert horizon is not None and horizon.compacted_ns > old
+    world.replication._compact_checked = None
+    world.replication.run_round()
+    assert len(world.replication.compactions) == 1  # not due again for an hour
