@@ -181,10 +181,22 @@ def _critical_times(caps: Iterable[Capture], start: int) -> set[int]:
     return times
 
 
+#: Capture boundaries after the retention start at which :func:`plan` compares restores (see :func:`_same`).
+CHECKED_BOUNDARIES = 16
+
+
 def _same(before: list[Capture], after: list[Capture], start: int) -> bool:
-    """Whether restores at ``start`` and at every history start and capture boundary after it reach the same
-    commit from ``after`` as from ``before``."""
-    for when in sorted(_critical_times(before, start) | _critical_times(after, start)):
+    """Whether restores at ``start``, at the first :data:`CHECKED_BOUNDARIES` capture boundaries after it, at
+    every history start after it and at the last commit reach the same commit from ``after`` as from
+    ``before``. A compaction changes captures before the base only, so later boundaries of one history replay
+    the same captures; a history start is where another history may be chosen instead."""
+    bounds = sorted(_critical_times(before, start) | _critical_times(after, start))
+    starts = set()
+    for group in (*histories(before).values(), *histories(after).values()):
+        first = next((got for got in group if got.entry.kind == "snapshot"), None)
+        if first is not None and first.entry.commits[0][1] >= start:
+            starts.add(first.entry.commits[0][1])
+    for when in sorted({*bounds[:CHECKED_BOUNDARIES], *starts, bounds[-1]}):
         try:
             if point_at(before, when) != point_at(after, when):
                 return False
@@ -226,9 +238,11 @@ def plan(located: Iterable[Located], start_of: Callable[[str], int], *, live: It
         except TimelineError:
             needed[key] = {item.pack for item in items}  # a damaged history is left as it is
             continue
-        chosen = at_start.chosen if at_start is not None else None
-        for group in histories(caps).values():
-            if group is chosen:
+        chosen = None
+        if at_start is not None:
+            chosen = (at_start.chosen[0].entry.incarnation, at_start.chosen[0].entry.generation)
+        for ident, group in histories(caps).items():
+            if ident == chosen:
                 continue
             first = next((i for i, c in enumerate(group) if c.entry.kind == "snapshot"), None)
             if first is not None and group[first].entry.commits[0][1] > start:
