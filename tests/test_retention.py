@@ -179,8 +179,19 @@ def test_the_index_spares_a_one_tenant_restore_every_other_header(world: World) 
         holding = [p for p in index.packs if replica_index.key_digest(key) in p.keys]
         assert counting.headers == len(holding) + len(packs) - len(index.packs), key
     assert len(packs) - len(index.packs) == 1
+    # the replicator's refresh adds the packs uploaded since: then only packs holding the key are read
+    added = replica_retention.refresh_index(target, now_ns=now)
+    assert added == 1
+    refreshed = replica_index.read_index(target)
+    assert refreshed is not None and {p.name for p in refreshed.packs} == {name for name, _ in packs}
+    assert [name for name, _ in target.list(replica_index.INDEX_PREFIX)] == [replica_index.index_name(now + 1)]
+    assert replica_retention.refresh_index(target, now_ns=now) == 0
+    for key, rows in expected.items():
+        counting = CountingTarget(target)
+        assert _rows(counting, key, time.time_ns()) == rows  # type: ignore[arg-type]
+        assert counting.headers == sum(replica_index.key_digest(key) in p.keys for p in refreshed.packs), key
     # a damaged index is ignored: the same captures, every header read
-    target.put(replica_index.index_name(now + 1), b"SLINDEX1\n" + b"0" * 32 + b"\n{}")
+    target.put(replica_index.index_name(now + 2), b"SLINDEX1\n" + b"0" * 32 + b"\n{}")
     assert replica_index.read_index(target) is None
     for key, rows in expected.items():
         assert _rows(target, key, time.time_ns()) == rows

@@ -20,7 +20,10 @@ A compaction, in this order (each step safe to repeat: a kill -9 at any point, t
    at or before its start stays: a whole-root restore at the window's start needs it).
 7. **Prune** every node staging's pack list of the deleted packs (:meth:`Staging.forget_packs`).
 
-One compaction at a time per root: ``<root>/.replica/compact.lock`` (``flock``).
+One compaction at a time per root: ``<root>/.replica/compact.lock`` (``flock``). Between compactions the
+replicator refreshes the pack index every :data:`COMPACT_EVERY` / 12 seconds (:func:`refresh_index`: the
+headers of the packs uploaded since), so a one-tenant restore reads at most a few minutes of packs' headers
+besides those holding the tenant.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from . import replica_index, replica_read
 from .replicator import pack_name
 
 __all__ = ["compact", "CompactionReport", "COMPACT_EVERY", "ERASED_PREFIX", "erased_incarnations",
-           "compaction_due", "compact_lock"]
+           "compaction_due", "compact_lock", "refresh_index"]
 
 log = logging.getLogger("shardlite.replicate")
 
@@ -89,6 +92,37 @@ def compact_lock(store: Store) -> int | None:
     from .replication import _try_lock
 
     return _try_lock(os.path.join(store.root, STAGING_DIR), "compact.lock")
+
+
+def refresh_index(target: ReplicaTarget, now_ns: int | None = None) -> int | None:
+    """Bring the pack index up to date between compactions: packs uploaded (or rewritten by an erase) since
+    it was written are added from their headers, packs gone are dropped. None when the replica has no index
+    (a compaction writes the first), else how many packs were added. A pack whose header cannot be read is
+    left out (a restore reads its header and reports it). The caller holds the compaction lock."""
+    index = replica_index.read_index(target)
+    if index is None:
+        return None
+    listed = dict(replica_read.list_packs(target))
+    known = [item for item in index.packs if listed.get(item.name) == item.size]
+    have = {item.name for item in known}
+    new = [(name, size) for name, size in listed.items() if name not in have]
+    if not new and len(known) == len(index.packs):
+        return 0
+    items = list(known)
+    for name, size in new:
+        try:
+            info = replica_read.read_header(target, name, size)
+        except pack.PackError:
+            continue
+        items.append(replica_index.IndexPack(name, size, sorted({replica_index.key_digest(e.key)
+                                                                 for e in info.header.entries})))
+    created = max(time.time_ns() if now_ns is None else now_ns, index.created_ns + 1)
+    name = replica_index.index_name(created)
+    target.put(name, replica_index.encode_index(replica_index.Index(1, created, sorted(items, key=lambda i: i.name))))
+    older = [old for old, _ in target.list(replica_index.INDEX_PREFIX) if old < name]
+    if older:
+        target.delete_many(older)
+    return len(new)
 
 
 def compaction_due(target: ReplicaTarget, now_ns: int) -> bool:

@@ -184,8 +184,8 @@ class Replication:
         self.meta_snapshots += 1
 
     def _compact_round(self) -> None:
-        """Compact when due (checked every COMPACT_EVERY / 12 seconds by this process, which holds the root's
-        metadata lock, so one process per root does it)."""
+        """Compact when due, else refresh the pack index (checked every COMPACT_EVERY / 12 seconds by this
+        process, which holds the root's metadata lock, so one process per root does it)."""
         from . import replica_retention as rr
 
         now = self.clock()
@@ -195,12 +195,14 @@ class Replication:
         self._compact_checked = now
         fd: int | None = None
         try:
-            if not rr.compaction_due(self.target, time.time_ns()):
-                return
+            due = rr.compaction_due(self.target, time.time_ns())
             fd = rr.compact_lock(self.store)
             if fd is None:
                 return  # `replicate compact` is running
-            self.compactions.append(rr.compact(self.store, self.target))
+            if due:
+                self.compactions.append(rr.compact(self.store, self.target))
+            else:
+                rr.refresh_index(self.target)  # the packs uploaded since, for one-tenant restores
         except Exception as exc:  # noqa: BLE001 - a failed compaction never stops replication
             log.warning("replicate: compaction failed (%s: %s); trying again in %.0f s", type(exc).__name__, exc,
                         rr.COMPACT_EVERY / 12)
