@@ -201,6 +201,19 @@ class Staging:
         yield from self.conn.execute("SELECT seq, name, created_ns, uploaded_ns, bytes, entries FROM packs "
                                      "ORDER BY seq")
 
+    def forget_packs(self, names: list[str]) -> int:
+        """Forget the rows of packs a compaction deleted from the replica (the staging's pack list would
+        otherwise grow for ever); the row of the highest sequence stays, so a sequence number is never
+        reused. Returns how many rows went."""
+        with self.conn:
+            top = self.conn.execute("SELECT coalesce(max(seq), 0) FROM packs").fetchone()
+            assert top is not None
+            gone = 0
+            for name in names:
+                self.conn.execute("DELETE FROM packs WHERE name = ? AND seq < ?", (name, int(top[0])))
+                gone += self.conn.changes()
+        return gone
+
     # -- notes -----------------------------------------------------------------------------------------
 
     def notes_offsets(self) -> dict[str, int]:

@@ -3,7 +3,9 @@
 A pack's header is read with one ranged GET (a second when it is longer than the first read), and only
 the byte ranges of the tenants asked for are fetched after it, so restoring one tenant reads a few
 kilobytes per pack, not the packs; reading every tenant (a whole root) fetches each pack's payload in one
-request instead. Everything read is untrusted: headers are validated whole
+request instead. A one-tenant read skips the packs the replica's index (written by compaction,
+:mod:`shardlite.services.replica_index`) knows hold none of the keys, and reads the header of every other
+pack, so a missing or stale index costs time, never captures. Everything read is untrusted: headers are validated whole
 (:func:`shardlite.core.pack.decode_header`) and every entry's bytes are checked against its digest.
 """
 
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 from ..core import pack, timeline
 from ..replica.target import ReplicaTarget
+from . import replica_index
 
 __all__ = ["PackInfo", "list_packs", "read_header", "captures_of", "PACKS_PREFIX"]
 
@@ -56,7 +59,11 @@ def captures_of(target: ReplicaTarget, keys: Iterable[str] | None, *,
     checked)."""
     wanted = set(keys) if keys is not None else None
     found: dict[str, list[timeline.Capture]] = {key: [] for key in wanted or ()}
+    index = replica_index.read_index(target) if wanted is not None else None
+    skip = replica_index.Skip(index, wanted) if index is not None and wanted is not None else None
     for name, size in list_packs(target):
+        if skip is not None and skip(name, size):
+            continue
         info = read_header(target, name, size)
         if on_pack is not None:
             on_pack(info)
