@@ -14,8 +14,10 @@ generation and takes a snapshot (:mod:`shardlite.files.walcapture`), so history 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import time
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -25,9 +27,45 @@ from ..core import walformat as wf
 from .engine import ensure_private_dir
 from .walcapture import Capture, Cursor
 
-__all__ = ["Staging", "Staged", "TenantCursor", "STAGING_DIR"]
+__all__ = ["Staging", "Staged", "TenantCursor", "STAGING_DIR", "ERASE_LOCK", "erase_lock", "Erased"]
 
 STAGING_DIR = ".replica"
+#: The node's erase lock (``<node>/.replica/erase.lock``): an erase holds it while it removes a tenant from the
+#: staging and rewrites the replica's packs; the replicator holds it from reading what is staged to recording
+#: the pack as shipped, so no pack is built from rows an erase is removing (docs/replication.md, "Erase").
+ERASE_LOCK = "erase.lock"
+
+
+def erase_lock(node_path: str, *, wait: float | None) -> int | None:
+    """A descriptor holding ``flock(LOCK_EX)`` on the node's erase lock, or None when another process holds it
+    and ``wait`` seconds went by (``wait=None``: do not wait). Closing the descriptor releases it. The lock
+    file is a file of its own: ``flock`` never touches a tenant's files nor SQLite's POSIX locks."""
+    directory = os.path.join(node_path, STAGING_DIR)
+    ensure_private_dir(directory)
+    fd = os.open(os.path.join(directory, ERASE_LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    deadline = None if wait is None else time.monotonic() + wait
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if deadline is None or time.monotonic() >= deadline:
+                    os.close(fd)
+                    return None
+                time.sleep(0.02)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class Erased(NamedTuple):
+    """What :meth:`Staging.erase` removed of one key."""
+
+    incarnations: list[str]  #: of the staged captures and the cursor removed
+    captures: int
+    bytes: int
+    cursor: bool
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cursors(
@@ -47,6 +85,7 @@ CREATE TABLE IF NOT EXISTS packs(
     bytes INTEGER NOT NULL, entries INTEGER NOT NULL
 ) STRICT;
 CREATE TABLE IF NOT EXISTS notes_read(file TEXT PRIMARY KEY, offset INTEGER NOT NULL) STRICT;
+CREATE TABLE IF NOT EXISTS erased(incarnation TEXT PRIMARY KEY, erased_ns INTEGER NOT NULL) STRICT;
 """
 
 
@@ -200,6 +239,53 @@ class Staging:
     def packs(self) -> Iterator[tuple[int, str, int, int, int, int]]:
         yield from self.conn.execute("SELECT seq, name, created_ns, uploaded_ns, bytes, entries FROM packs "
                                      "ORDER BY seq")
+
+    # -- erase ----------------------------------------------------------------------------------------------
+
+    def erase(self, key: str, incarnations: list[str], erased_ns: int) -> Erased:
+        """Forget every staged capture and the cursor of ``key`` (any incarnation) and record ``incarnations``
+        (with those found here) as erased, in one transaction: the replicator never uploads a capture of an
+        erased incarnation staged later by a capture that was in flight (:meth:`discard_erased`). The caller
+        holds the node's erase lock."""
+        # secure_delete: the erased captures' bytes are overwritten, not left in free pages of this file; the
+        # checkpoint afterwards (best effort: a reader of the replicator may hold it back) empties the log.
+        self.conn.execute("PRAGMA secure_delete=ON")
+        with self.conn:
+            rows = self.conn.execute("SELECT incarnation, count(*), sum(length(data)) FROM staged WHERE key = ? "
+                                     "GROUP BY incarnation", (key,)).fetchall()
+            found = {str(inc) for inc, _n, _b in rows}
+            cursor = self.conn.execute("SELECT incarnation FROM cursors WHERE key = ?", (key,)).fetchall()
+            found.update(str(inc) for (inc,) in cursor)
+            self.conn.executemany("INSERT OR IGNORE INTO erased VALUES (?, ?)",
+                                  [(inc, erased_ns) for inc in sorted(found | set(incarnations))])
+            self.conn.execute("DELETE FROM staged WHERE key = ?", (key,))
+            self.conn.execute("DELETE FROM cursors WHERE key = ?", (key,))
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except apsw.BusyError:
+            pass
+        captures = sum(int(row[1]) for row in rows)
+        size = sum(int(row[2] or 0) for row in rows)
+        return Erased(sorted(found), captures, size, bool(cursor))
+
+    def erased(self) -> set[str]:
+        """The incarnations recorded as erased on this node."""
+        return {str(inc) for (inc,) in self.conn.execute("SELECT incarnation FROM erased")}
+
+    def discard_erased(self) -> int:
+        """Delete the staged captures and cursors of erased incarnations (captures staged after the erase by a
+        capture that was in flight); returns how many captures went. The caller holds the erase lock."""
+        with self.conn:
+            gone = self.conn.execute("DELETE FROM staged WHERE incarnation IN (SELECT incarnation FROM erased) "
+                                     "RETURNING id").fetchall()
+            self.conn.execute("DELETE FROM cursors WHERE incarnation IN (SELECT incarnation FROM erased)")
+        return len(gone)
+
+    def repacked(self, name: str, size: int, entries: int) -> None:
+        """Record that an erase rewrote pack ``name`` to ``size`` bytes and ``entries`` captures (0, 0: deleted).
+        The row stays, so a pack's sequence number is never reused."""
+        with self.conn:
+            self.conn.execute("UPDATE packs SET bytes = ?, entries = ? WHERE name = ?", (size, entries, name))
 
     # -- notes -----------------------------------------------------------------------------------------
 
