@@ -19,7 +19,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import apsw
 
@@ -66,6 +66,7 @@ class Erased(NamedTuple):
     captures: int
     bytes: int
     cursor: bool
+    scrubbed: bool  #: the file was rewritten without free pages and its log emptied (:meth:`Staging.scrub`)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cursors(
@@ -123,8 +124,14 @@ class Staging:
         directory = os.path.join(node_path, STAGING_DIR)
         ensure_private_dir(directory)
         self.path = os.path.join(directory, "staging.db")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        os.close(fd)  # created 0600 before SQLite opens it (no SQLite connection of it exists yet)
+        if not os.path.exists(self.path):
+            # created 0600 before SQLite opens it; an existing file is never opened raw here: another Staging of
+            # it in this process (an erase beside a replicator) would lose its POSIX locks on the close
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                os.close(fd)
+            except FileExistsError:
+                pass
         self.conn = apsw.Connection(self.path, flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOFOLLOW)
         self.conn.set_busy_timeout(5000)
         self.conn.execute("PRAGMA journal_mode=WAL").fetchall()
@@ -248,7 +255,7 @@ class Staging:
         erased incarnation staged later by a capture that was in flight (:meth:`discard_erased`). The caller
         holds the node's erase lock."""
         # secure_delete: the erased captures' bytes are overwritten, not left in free pages of this file; the
-        # checkpoint afterwards (best effort: a reader of the replicator may hold it back) empties the log.
+        # scrub afterwards removes what earlier deletes (shipped packs) left in free pages, and the log.
         self.conn.execute("PRAGMA secure_delete=ON")
         with self.conn:
             rows = self.conn.execute("SELECT incarnation, count(*), sum(length(data)) FROM staged WHERE key = ? "
@@ -260,13 +267,24 @@ class Staging:
                                   [(inc, erased_ns) for inc in sorted(found | set(incarnations))])
             self.conn.execute("DELETE FROM staged WHERE key = ?", (key,))
             self.conn.execute("DELETE FROM cursors WHERE key = ?", (key,))
+        scrubbed = self.scrub()
+        captures = size = 0
+        for _inc, count, length in rows:
+            captures += int(cast(int, count))
+            size += int(cast(int, length or 0))
+        return Erased(sorted(found), captures, size, bool(cursor), scrubbed)
+
+    def scrub(self) -> bool:
+        """Rewrite this file without free pages (``VACUUM``: rows deleted before, such as the captures of
+        packs already shipped, leave their bytes in free pages otherwise) and empty its log (a TRUNCATE
+        checkpoint). False when the checkpoint could not finish (a reader held the log; the next checkpoint
+        of the replicator overwrites it)."""
+        self.conn.execute("VACUUM")
         try:
-            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            busy, _log, _done = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0]
         except apsw.BusyError:
-            pass
-        captures = sum(int(row[1]) for row in rows)
-        size = sum(int(row[2] or 0) for row in rows)
-        return Erased(sorted(found), captures, size, bool(cursor))
+            return False
+        return not busy
 
     def erased(self) -> set[str]:
         """The incarnations recorded as erased on this node."""

@@ -11,9 +11,10 @@ to erase a person's data: the key is the person, so every history of the key goe
    pack is being built or uploaded, and every pack uploaded before is in the replica's listing.
 3. **Scan** the header of every pack for entries of the key (one ranged GET per pack).
 4. **Staging**: on every node, the key's staged captures and cursor are deleted and its incarnations recorded
-   as erased, in one transaction (``secure_delete`` on, then the staging's log checkpointed away: the bytes do
-   not linger in free pages). A capture that was in flight during the drop and stages the key's frames
-   afterwards is dropped by the replicator before its next upload (``Staging.discard_erased``).
+   as erased, in one transaction (``secure_delete`` on), then the staging file is vacuumed and its log
+   truncated: neither these captures nor those of packs shipped earlier linger in its free pages. A capture
+   that was in flight during the drop and stages the key's frames afterwards is dropped by the replicator
+   before its next upload (``Staging.discard_erased``).
 5. **Tombstones** ``v1/erased/<hash of the incarnation>.erased`` are written for every incarnation found,
    *before* any pack is touched: restores skip every capture of a tombstoned incarnation
    (:func:`shardlite.services.replica_read.captures_of`), so a restore during the erase, or after an erase
@@ -185,10 +186,12 @@ def erase(store: Store, key: object, *, target: ReplicaTarget | None = None,
                 got = staging.erase(canon, sorted(incarnations), started)
             finally:
                 staging.close()
-            if got.captures or got.cursor:
+            if got.captures or got.cursor or not got.scrubbed:
                 staged.append({"node": name, "captures_removed": got.captures, "bytes_removed": got.bytes,
-                               "cursor_removed": got.cursor, "incarnations": got.incarnations})
+                               "cursor_removed": got.cursor, "incarnations": got.incarnations,
+                               "staging_scrubbed": got.scrubbed})
                 incarnations.update(got.incarnations)
+            if got.captures or got.cursor:
                 nodes_hit.add(name)
         tombstones = []
         for incarnation in sorted(incarnations):
@@ -249,7 +252,9 @@ def describe(receipt: dict[str, Any]) -> list[str]:
     lines.append(f"  nodes: {', '.join(repr(n) for n in receipt['nodes']) or 'none'}")
     for found in receipt["staged"]:
         lines.append(f"  staging of node {found['node']!r}: {found['captures_removed']} staged captures "
-                     f"({found['bytes_removed']} bytes) removed, cursor removed: {found['cursor_removed']}")
+                     f"({found['bytes_removed']} bytes) removed, cursor removed: {found['cursor_removed']}"
+                     + ("" if found["staging_scrubbed"] else " (its log could not be emptied now: a reader held "
+                        "it; the replicator's next checkpoint overwrites it)"))
     for done in receipt["objects"]:
         lines.append(f"  {done['action']} {done['object']}: {done['captures_removed']} captures "
                      f"({done['bytes_removed']} bytes) removed, {done['size_before']} -> {done['size_after']} bytes")
