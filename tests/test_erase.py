@@ -258,3 +258,40 @@ def test_the_cli_prints_the_receipt_and_restore_refuses_the_key(tmp_path: Path,
     assert ran.returncode != 0 and "holds no commit of tenant" in ran.stderr
     ran = run_script("--root", root, "restore", "--from", url, "--key", "user:a", "--as", "user:copy", env=env)
     assert ran.returncode == 0, ran.stderr
+
+
+def test_metadata_snapshots_lose_the_tenants_dead_letters(tmp_path: Path, make_replica_target: TargetFactory) -> None:
+    """A dead letter holds an event's payload (tenant data): the live metadata and every metadata snapshot
+    taken before the erase lose the erased key's, and keep the others'."""
+    from shardlite.core import metasnap
+    from shardlite.meta.pending import DeadLetter
+    from shardlite.services.replication import Replication
+    from shardlite.services.restore import open_image
+
+    with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=make_replica_target.url()) as router:
+        target = make_replica_target()
+        for key in (VICTIM, "user:a"):
+            _write(router, key, "x")
+            secret = "LETTER-SECRET" if key == VICTIM else "kept letter"
+            router._store.meta.dead_letters.add(DeadLetter(key, "inc", 1, "user:z", "t", json.dumps(secret),
+                                                           1.0, 3, "boom", 2.0))
+        replication = Replication(router._store, target)
+        try:
+            replication.run_round()
+        finally:
+            replication.close()
+        assert holders(target, b"LETTER-SECRET")
+        receipt = router.drop(VICTIM, erase=True)
+        assert receipt["live"]["dead_letters_removed"] == 1
+        assert [s["dead_letters_removed"] for s in receipt["snapshots"]] == [1]
+        assert holders(target, b"LETTER-SECRET") == []
+        assert [letter.source for letter in router._store.meta.dead_letters.list()] == ["user:a"]
+        [(name, _size)] = list(target.list(metasnap.PREFIX))
+        _header, global_db, _app = metasnap.decode(target.get(name))
+        conn = open_image(global_db)
+        try:
+            assert conn.execute("SELECT source, payload FROM _shardlite_dead_letters").fetchall() == [
+                ("user:a", json.dumps("kept letter"))]
+            assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        finally:
+            conn.close()

@@ -4,11 +4,12 @@
 to erase a person's data: the key is the person, so every history of the key goes, whatever its incarnation
 (earlier tenants under the same key included). In order:
 
-1. **Drop** the live tenant as a plain drop does (fence, catalog tombstone, files deleted), unless it is
+1. **Lock** the root's and every node's erase lock (:func:`shardlite.files.staging.erase_lock`). A node's
+   replicator takes its node's lock from reading its staged captures to recording the pack as shipped, and
+   the metadata snapshots are taken under the root's, so while an erase holds them no pack or snapshot is
+   being built or uploaded, and every one uploaded before is in the replica's listing.
+2. **Drop** the live tenant as a plain drop does (fence, catalog tombstone, files deleted), unless it is
    already dropped; the key's dead letters (event payloads it emitted) go from the live metadata too.
-2. **Lock** every node's erase lock (:func:`shardlite.files.staging.erase_lock`). A node's replicator takes the
-   same lock from reading its staged captures to recording the pack as shipped, so while an erase holds it no
-   pack is being built or uploaded, and every pack uploaded before is in the replica's listing.
 3. **Scan** the header of every pack for entries of the key (one ranged GET per pack).
 4. **Staging**: on every node, the key's staged captures and cursor are deleted and its incarnations recorded
    as erased, in one transaction (``secure_delete`` on), then the staging file is vacuumed and its log
@@ -24,14 +25,16 @@ to erase a person's data: the key is the person, so every history of the key goe
    the old object under the same name (a target's ``put`` is atomic: a reader sees the whole old or the whole
    new pack, never both nor a duplicate), and is read back and compared before the next pack; a pack left
    with no entry is deleted and checked gone.
+7. **Metadata snapshots** holding dead letters or a pending-work row of the key are rewritten without them
+   (the image opened inert, the rows deleted, vacuumed; same name, read back and compared).
 
 Idempotent and crash-safe: each step can be repeated, so ``erase`` after a kill -9 at any point finishes the
 job; on a key already erased it reports what it finds (nothing left, its tombstone present). A damaged pack
 whose header cannot be read might hold the key: it is listed in the receipt as ``unreadable`` and the receipt
 is ``complete: False``.
 
-Not rewritten: metadata snapshots (``v1/meta/``) keep the key's catalog row (key, node, generation,
-incarnation, state: identifiers, no tenant data). The live catalog keeps the same row as the key's
+Kept: metadata snapshots (``v1/meta/``) keep the key's catalog row (key, node, generation, incarnation,
+state: identifiers, no tenant data). The live catalog keeps the same row as the key's
 tombstone (generations are never reused), so every later snapshot holds it anyway, and a restore registers
 only tenants that have captures, so the row never brings the tenant back. Objects a versioned bucket keeps
 as old versions are out of reach of the S3 API calls an erase makes: a bucket holding a replica should not
@@ -46,11 +49,13 @@ import os
 import time
 from typing import Any
 
+import apsw
 import xxhash
 
-from ..core import pack
+from ..core import metasnap, pack
 from ..core.keys import canonical
 from ..errors import Busy, ReplicaError
+from ..files.copying import inert
 from ..files.staging import Staging, erase_lock
 from ..front.store import Store
 from ..replica.target import ReplicaTarget, open_target, redact
@@ -106,8 +111,8 @@ def _lock_all(nodes: list[tuple[str, str]], wait: float) -> list[int]:
         for name, path in nodes:
             fd = erase_lock(path, wait=wait)
             if fd is None:
-                raise Busy(f"node {name!r}'s erase lock stayed taken for {wait:.0f} s (its replicator uploading a "
-                           "large backlog, or another erase); nothing was erased from the replica yet: retry")
+                raise Busy(f"{name}'s erase lock stayed taken for {wait:.0f} s (a replicator uploading a "
+                           "large backlog, or another erase); nothing was erased yet: retry")
             fds.append(fd)
     except BaseException:
         for fd in fds:
@@ -140,6 +145,60 @@ def _rewrite(target: ReplicaTarget, name: str, key: str) -> dict[str, Any]:
     return done
 
 
+def _without_key(global_db: bytes, key: str) -> tuple[bytes | None, int, int]:
+    """A metadata snapshot's ``global.db`` image without the key's dead letters and pending-work row
+    (vacuumed: no free page keeps their bytes), with how many of each went; ``None`` when it holds neither.
+    The image is untrusted: opened inert (no trigger of its schema fires)."""
+    data = bytearray(global_db)
+    if data[18:20] == b"\x02\x02":
+        data[18:20] = b"\x01\x01"  # a WAL-mode header: the image alone, as a rollback-journal file
+    conn = inert(apsw.Connection(":memory:"))
+    try:
+        conn.deserialize("main", bytes(data))
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
+        letters = pending = 0
+        if "_shardlite_dead_letters" in tables:
+            letters = len(conn.execute("DELETE FROM _shardlite_dead_letters WHERE source = ? RETURNING 1",
+                                       (key,)).fetchall())
+        if "_shardlite_pending" in tables:
+            pending = len(conn.execute("DELETE FROM _shardlite_pending WHERE key = ? RETURNING 1",
+                                       (key,)).fetchall())
+        if not letters and not pending:
+            return None, 0, 0
+        conn.execute("VACUUM")
+        return conn.serialize("main"), letters, pending
+    except apsw.Error as exc:
+        raise pack.PackError(f"the snapshot's metadata image cannot be read ({exc})") from None
+    finally:
+        conn.close()
+
+
+def _scrub_snapshots(target: ReplicaTarget, key: str, unreadable: list[dict[str, str]]) -> tuple[int, list[
+        dict[str, Any]]]:
+    """Step 7: every metadata snapshot holding dead letters or pending work of ``key`` rewritten without them
+    (same name, verified). Returns how many snapshots were read and what was rewritten."""
+    read, done = 0, []
+    for name, _size in target.list(metasnap.PREFIX):
+        if metasnap.time_of(name) is None:
+            continue
+        read += 1
+        try:
+            header, global_db, app_global_db = metasnap.decode(target.get(name))
+            new_global, letters, pending = _without_key(global_db, key)
+        except (metasnap.MetaSnapError, pack.PackError) as exc:
+            unreadable.append({"object": name, "error": str(exc)})
+            continue
+        if new_global is None:
+            continue
+        blob = metasnap.encode(header.created_ns, header.root, new_global, app_global_db)
+        target.put(name, blob)
+        if xxhash.xxh3_128_hexdigest(target.get(name)) != xxhash.xxh3_128_hexdigest(blob):
+            raise ReplicaError(f"{target.url}: {name} does not read back as written; run the erase again")
+        done.append({"object": name, "action": "rewritten", "dead_letters_removed": letters,
+                     "pending_removed": pending})
+    return read, done
+
+
 def erase(store: Store, key: object, *, target: ReplicaTarget | None = None,
           lock_wait: float = LOCK_WAIT) -> dict[str, Any]:
     """Drop tenant ``key`` and remove every capture of it from the root's replica (module docstring). Returns
@@ -148,11 +207,11 @@ def erase(store: Store, key: object, *, target: ReplicaTarget | None = None,
     canon = canonical(key)
     started = time.time_ns()
     receipt: dict[str, Any] = {"key": canon, "started": _iso(started)}
-    live = _drop_live(store, canon)
-    receipt["live"] = live
-    incarnations: set[str] = {live["incarnation"]} if "incarnation" in live else set()
-    nodes_hit: set[str] = {live["node"]} if "node" in live else set()
     if store.replicate is None:
+        live = _drop_live(store, canon)
+        receipt["live"] = live
+        incarnations: set[str] = {live["incarnation"]} if "incarnation" in live else set()
+        nodes_hit: set[str] = {live["node"]} if "node" in live else set()
         receipt.update(replica=None, incarnations=sorted(incarnations), nodes=sorted(nodes_hit), objects=[],
                        staged=[], tombstones=[], unreadable=[], complete=True,
                        note="this root does not replicate: there was no replica history to erase",
@@ -162,8 +221,14 @@ def erase(store: Store, key: object, *, target: ReplicaTarget | None = None,
     target = target if target is not None else open_target(store.replicate)
     receipt["replica"] = redact(target.url)
     nodes = _nodes(store)
-    fds = _lock_all(nodes, lock_wait)
+    # the root's erase lock first: a metadata snapshot being taken (it holds the lock from the export to the
+    # upload) is listed before the dead letters go, and every later one is taken without them
+    fds = _lock_all([("the root", store.root), *[(f"node {name!r}", path) for name, path in nodes]], lock_wait)
     try:
+        live = _drop_live(store, canon)
+        receipt["live"] = live
+        incarnations = {live["incarnation"]} if "incarnation" in live else set()
+        nodes_hit = {live["node"]} if "node" in live else set()
         hits: list[str] = []
         unreadable: list[dict[str, str]] = []
         packs = 0
@@ -201,6 +266,7 @@ def erase(store: Store, key: object, *, target: ReplicaTarget | None = None,
                 target.put_if_absent(stone, json.dumps({"version": 1, "erased": _iso(started)}).encode("utf-8"))
             tombstones.append({"object": stone, "action": "present" if existed else "written"})
         objects = [_rewrite(target, name, canon) for name in hits]
+        snapshots_read, snapshots = _scrub_snapshots(target, canon, unreadable)
         for _name, path in nodes:
             staging = Staging(path)
             try:
@@ -217,10 +283,12 @@ def erase(store: Store, key: object, *, target: ReplicaTarget | None = None,
     receipt.update(incarnations=sorted(incarnations), nodes=sorted(nodes_hit), packs_scanned=packs,
                    staged=staged, objects=objects, tombstones=tombstones, unreadable=unreadable,
                    complete=not unreadable, totals=_totals(objects, staged),
-                   metadata_snapshots="kept: they hold the key's catalog row only (identifiers, no tenant data), "
-                                      "as the live catalog's tombstone does",
+                   snapshots_scanned=snapshots_read, snapshots=snapshots,
+                   metadata_snapshots="the key's catalog row is kept (identifiers, no tenant data), as the live "
+                                      "catalog's tombstone keeps it",
                    finished=_iso(time.time_ns()))
-    receipt["already_erased"] = (live["action"] != "dropped" and not objects and not staged
+    receipt["already_erased"] = (live["action"] != "dropped" and not objects and not snapshots
+                                 and not any(s["captures_removed"] or s["cursor_removed"] for s in staged)
                                  and any(t["action"] == "present" for t in tombstones))
     return receipt
 
@@ -258,13 +326,17 @@ def describe(receipt: dict[str, Any]) -> list[str]:
     for done in receipt["objects"]:
         lines.append(f"  {done['action']} {done['object']}: {done['captures_removed']} captures "
                      f"({done['bytes_removed']} bytes) removed, {done['size_before']} -> {done['size_after']} bytes")
+    for done in receipt["snapshots"]:
+        lines.append(f"  {done['action']} {done['object']}: {done['dead_letters_removed']} dead letters, "
+                     f"{done['pending_removed']} pending-work rows of the tenant removed")
     for stone in receipt["tombstones"]:
         lines.append(f"  tombstone {stone['object']}: {stone['action']}")
     for bad in receipt["unreadable"]:
         lines.append(f"  UNREADABLE {bad['object']}: {bad['error']} (it may hold the tenant: inspect or delete it)")
     lines.append(f"  total: {totals['objects_rewritten']} objects rewritten, {totals['objects_deleted']} deleted, "
                  f"{totals['captures_removed']} captures ({totals['bytes_removed']} bytes of the tenant) removed")
-    lines.append(f"  metadata snapshots: {receipt['metadata_snapshots']}")
+    lines.append(f"  metadata snapshots: {receipt['snapshots_scanned']} scanned, {len(receipt['snapshots'])} "
+                 f"rewritten; {receipt['metadata_snapshots']}")
     if receipt["already_erased"]:
         lines.append("  (already erased: nothing of it was left)")
     if not receipt["complete"]:
