@@ -295,3 +295,20 @@ def test_metadata_snapshots_lose_the_tenants_dead_letters(tmp_path: Path, make_r
             assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         finally:
             conn.close()
+
+
+def test_a_damaged_pack_makes_the_receipt_incomplete(setup: tuple[shardlite.Router, NodeReplicator,
+                                                                   ReplicaTarget]) -> None:
+    """A pack whose header cannot be read might hold the tenant: the erase does the rest and says so."""
+    router, replicator, target = setup
+    _write(router, VICTIM, "DAMAGED-CASE-SECRET")
+    _write(router, "user:a", "a")
+    replicator.reconcile()
+    replicator.run_round()
+    bad = "v1/packs/n1/00000000000000000099.pack"
+    target.put(bad, b"SLPACK1\n\xff\xff\xff\xff garbage DAMAGED-CASE-SECRET")
+    receipt = router.drop(VICTIM, erase=True)
+    assert not receipt["complete"] and [u["object"] for u in receipt["unreadable"]] == [bad]
+    assert holders(target, b"DAMAGED-CASE-SECRET") == [bad]  # the good pack was rewritten all the same
+    from shardlite.services.erase import describe
+    assert any(line.startswith("  UNREADABLE " + bad) for line in describe(receipt))

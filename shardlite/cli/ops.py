@@ -170,8 +170,9 @@ def cmd_drop(args: argparse.Namespace) -> int:
             for line in erase_mod.describe(receipt):
                 echo(line)
         if not receipt["complete"]:
-            echo("shardlite tenants drop: error: some packs could not be read and may still hold the tenant "
-                 "(listed above as UNREADABLE): inspect or delete them, then run the erase again", err=True)
+            echo("shardlite tenants drop: error: the erase is not complete (the lines in capitals above say what "
+                 "is left: an unreadable pack may still hold the tenant, inspect or delete it): then run the erase "
+                 "again", err=True)
             return 1
         return 0
     with open_router(args) as router:

@@ -216,6 +216,9 @@ class Staging:
                 break
         return out
 
+    def has_staged(self) -> bool:
+        return bool(self.conn.execute("SELECT 1 FROM staged LIMIT 1").fetchall())
+
     def staged_count(self) -> tuple[int, int]:
         """(staged captures, their bytes)."""
         row = self.conn.execute("SELECT count(*), coalesce(sum(length(data)), 0) FROM staged").fetchone()
@@ -277,10 +280,10 @@ class Staging:
     def scrub(self) -> bool:
         """Rewrite this file without free pages (``VACUUM``: rows deleted before, such as the captures of
         packs already shipped, leave their bytes in free pages otherwise) and empty its log (a TRUNCATE
-        checkpoint). False when the checkpoint could not finish (a reader held the log; the next checkpoint
-        of the replicator overwrites it)."""
-        self.conn.execute("VACUUM")
+        checkpoint). False when either could not finish (the replicator held the file past the busy timeout,
+        or a reader held the log: its next checkpoint overwrites it)."""
         try:
+            self.conn.execute("VACUUM")
             busy, _log, _done = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0]
         except apsw.BusyError:
             return False

@@ -31,7 +31,7 @@ to erase a person's data: the key is the person, so every history of the key goe
 Idempotent and crash-safe: each step can be repeated, so ``erase`` after a kill -9 at any point finishes the
 job; on a key already erased it reports what it finds (nothing left, its tombstone present). A damaged pack
 whose header cannot be read might hold the key: it is listed in the receipt as ``unreadable`` and the receipt
-is ``complete: False``.
+is ``complete: False`` (so is one whose staging could not be vacuumed).
 
 Kept: metadata snapshots (``v1/meta/``) keep the key's catalog row (key, node, generation, incarnation,
 state: identifiers, no tenant data). The live catalog keeps the same row as the key's
@@ -249,6 +249,9 @@ def erase(store: Store, key: object, *, target: ReplicaTarget | None = None,
             staging = Staging(path)
             try:
                 got = staging.erase(canon, sorted(incarnations), started)
+            except apsw.BusyError:
+                raise Busy(f"node {name!r}'s staging stayed locked by its replicator; the tenant is dropped, its "
+                           "replica history not erased yet: run the erase again") from None
             finally:
                 staging.close()
             if got.captures or got.cursor or not got.scrubbed:
@@ -282,7 +285,8 @@ def erase(store: Store, key: object, *, target: ReplicaTarget | None = None,
             target.close()
     receipt.update(incarnations=sorted(incarnations), nodes=sorted(nodes_hit), packs_scanned=packs,
                    staged=staged, objects=objects, tombstones=tombstones, unreadable=unreadable,
-                   complete=not unreadable, totals=_totals(objects, staged),
+                   complete=not unreadable and all(s["staging_scrubbed"] for s in staged),
+                   totals=_totals(objects, staged),
                    snapshots_scanned=snapshots_read, snapshots=snapshots,
                    metadata_snapshots="the key's catalog row is kept (identifiers, no tenant data), as the live "
                                       "catalog's tombstone keeps it",
@@ -321,8 +325,8 @@ def describe(receipt: dict[str, Any]) -> list[str]:
     for found in receipt["staged"]:
         lines.append(f"  staging of node {found['node']!r}: {found['captures_removed']} staged captures "
                      f"({found['bytes_removed']} bytes) removed, cursor removed: {found['cursor_removed']}"
-                     + ("" if found["staging_scrubbed"] else " (its log could not be emptied now: a reader held "
-                        "it; the replicator's next checkpoint overwrites it)"))
+                     + ("" if found["staging_scrubbed"] else "; NOT VACUUMED: its replicator held the file (free "
+                        "pages may keep shipped captures): run the erase again"))
     for done in receipt["objects"]:
         lines.append(f"  {done['action']} {done['object']}: {done['captures_removed']} captures "
                      f"({done['bytes_removed']} bytes) removed, {done['size_before']} -> {done['size_after']} bytes")
@@ -340,6 +344,6 @@ def describe(receipt: dict[str, Any]) -> list[str]:
     if receipt["already_erased"]:
         lines.append("  (already erased: nothing of it was left)")
     if not receipt["complete"]:
-        lines.append("  INCOMPLETE: some packs could not be read (above)")
+        lines.append("  INCOMPLETE: see the lines in capitals above")
     return lines
 

@@ -222,7 +222,7 @@ class NodeReplicator:
     # -- upload ----------------------------------------------------------------------------------------
 
     def _upload(self, stats: RoundStats) -> None:
-        if not self.staging.staged_count()[0]:
+        if not self.staging.has_staged():
             return
         lock = erase_lock(self.staging_node_path, wait=None)
         if lock is None:
