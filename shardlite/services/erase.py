@@ -168,7 +168,7 @@ def _without_key(global_db: bytes, key: str) -> tuple[bytes | None, int, int]:
         conn.execute("VACUUM")
         return conn.serialize("main"), letters, pending
     except apsw.Error as exc:
-        raise pack.PackError(f"the snapshot's metadata image cannot be read ({exc})") from None
+        raise metasnap.MetaSnapError(f"the snapshot's metadata image cannot be read ({exc})") from None
     finally:
         conn.close()
 
@@ -185,7 +185,7 @@ def _scrub_snapshots(target: ReplicaTarget, key: str, unreadable: list[dict[str,
         try:
             header, global_db, app_global_db = metasnap.decode(target.get(name))
             new_global, letters, pending = _without_key(global_db, key)
-        except (metasnap.MetaSnapError, pack.PackError) as exc:
+        except metasnap.MetaSnapError as exc:
             unreadable.append({"object": name, "error": str(exc)})
             continue
         if new_global is None:
