@@ -293,8 +293,17 @@ def test_metadata_snapshots_lose_the_tenants_dead_letters(tmp_path: Path, make_r
             assert conn.execute("SELECT source, payload FROM _shardlite_dead_letters").fetchall() == [
                 ("user:a", json.dumps("kept letter"))]
             assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+            # the snapshot's catalog still lists the victim as live: a whole-root restore leaves it out all the
+            # same (it has no capture left), and brings back the others
+            assert conn.execute("SELECT state FROM _shardlite_tenants WHERE key = ?", (VICTIM,)).fetchall() == [
+                ("active",)]
         finally:
             conn.close()
+        from shardlite.services.replica_restore import restore_root_from_replica
+        done = restore_root_from_replica(target, str(tmp_path / "new"))
+        assert done.tenants == ["user:a"]
+        with shardlite.Router(tmp_path / "new", schema=SCHEMA, create=False) as back:
+            assert not back.exists(VICTIM) and _live(back, "user:a") == _live(router, "user:a")
 
 
 def test_a_damaged_pack_makes_the_receipt_incomplete(setup: tuple[shardlite.Router, NodeReplicator,
