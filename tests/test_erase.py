@@ -189,6 +189,7 @@ def test_a_capture_in_flight_during_the_erase_is_never_uploaded(setup: tuple[sha
     replicator.run_round()
     assert replicator.staging.staged_count() == (0, 0)
     assert holders(target, b"IN-FLIGHT-SECRET") == []
+    assert local_holders(replicator.staging_node_path, b"IN-FLIGHT-SECRET") == []  # nor the staging's free pages
     assert replicator.staging.cursor(VICTIM) is None
 
 

@@ -300,6 +300,8 @@ class Staging:
             gone = self.conn.execute("DELETE FROM staged WHERE incarnation IN (SELECT incarnation FROM erased) "
                                      "RETURNING id").fetchall()
             self.conn.execute("DELETE FROM cursors WHERE incarnation IN (SELECT incarnation FROM erased)")
+        if gone:
+            self.scrub()  # their bytes leave the file's free pages and its log too, as the erase's own did
         return len(gone)
 
     def repacked(self, name: str, size: int, entries: int) -> None:
