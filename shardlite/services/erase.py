@@ -15,7 +15,7 @@ to erase a person's data: the key is the person, so every history of the key goe
    as erased, in one transaction (``secure_delete`` on), then the staging file is vacuumed and its log
    truncated: neither these captures nor those of packs shipped earlier linger in its free pages. A capture
    that was in flight during the drop and stages the key's frames afterwards is dropped by the replicator
-   before its next upload (``Staging.discard_erased``).
+   before its next upload (``Staging.discard_erased``, which vacuums the staging file again).
 5. **Tombstones** ``v1/erased/<hash of the incarnation>.erased`` are written for every incarnation found,
    *before* any pack is touched: restores skip every capture of a tombstoned incarnation
    (:func:`shardlite.services.replica_read.captures_of`), so a restore during the erase, or after an erase
