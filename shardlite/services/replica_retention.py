@@ -34,26 +34,22 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import xxhash
-
 from ..core import metasnap, pack, retention, timeline
 from ..errors import Busy, ReplicaError
-from ..files.staging import STAGING_DIR, Staging
+from ..files.staging import STAGING_DIR, Staging, erase_lock
 from ..front.store import Store
 from ..meta.replica_record import recorded_windows
 from ..replica.target import ReplicaTarget
 from . import replica_index, replica_read
 from .replicator import pack_name
 
-__all__ = ["compact", "CompactionReport", "COMPACT_EVERY", "ERASED_PREFIX", "erased_incarnations",
+__all__ = ["compact", "CompactionReport", "COMPACT_EVERY", "erased_incarnations",
            "compaction_due", "compact_lock", "refresh_index"]
 
 log = logging.getLogger("shardlite.replicate")
 
 #: Seconds between compactions run by a replicator.
 COMPACT_EVERY = 3600.0
-#: Erase tombstones: one object per erased incarnation, named by a hash of it (``tenants drop --erase``).
-ERASED_PREFIX = "v1/erased/"
 #: Bytes of captures read at once to build snapshots (tenants are done in batches below it).
 READ_BUDGET = 256 * 1024 * 1024
 #: Bytes of snapshots per compaction pack.
@@ -77,14 +73,14 @@ class CompactionReport:
 
 
 def erased_incarnations(target: ReplicaTarget) -> set[str]:
-    """Hook for ``tenants drop --erase`` (services/erase.py): the names of the erase tombstones,
-    ``v1/erased/<xxh3-128 of the incarnation>.erased``. :func:`is_erased` tells whether a capture's
+    """The names of the erase tombstones in the replica (``tenants drop --erase``:
+    :func:`~shardlite.services.replica_read.erased_names`); :func:`is_erased` tells whether a capture's
     incarnation has one."""
-    return {name for name, _size in target.list(ERASED_PREFIX)}
+    return replica_read.erased_names(target)
 
 
 def is_erased(tombstones: set[str], incarnation: str) -> bool:
-    return f"{ERASED_PREFIX}{xxhash.xxh3_128_hexdigest(incarnation.encode('utf-8'))}.erased" in tombstones
+    return replica_read.tombstone_name(incarnation) in tombstones
 
 
 def compact_lock(store: Store) -> int | None:
@@ -251,7 +247,19 @@ def _prune_staging(store: Store, deleted: list[str]) -> int:
 
 def compact(store: Store, target: ReplicaTarget, *, now_ns: int | None = None) -> CompactionReport:
     """Compact ``target`` (``store``'s replica) as of ``now_ns`` (default: now); module docstring. The caller
-    holds the compaction lock (:func:`compact_lock`)."""
+    holds the compaction lock (:func:`compact_lock`). It holds the root's erase lock throughout (an erase
+    waits for it, and a compaction finding an erase under way is :class:`~shardlite.Busy`), so a snapshot
+    it writes never holds a tenant an erase has already scanned the replica for."""
+    fd = erase_lock(store.root, wait=None)
+    if fd is None:
+        raise Busy("an erase (tenants drop --erase) is running on this root: compact again once it is done")
+    try:
+        return _compact(store, target, now_ns)
+    finally:
+        os.close(fd)
+
+
+def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> CompactionReport:
     started = time.monotonic()
     now = time.time_ns() if now_ns is None else now_ns
     report = CompactionReport(now)

@@ -50,7 +50,7 @@ from ..core import metasnap
 from ..errors import ConfigurationError
 from ..files import notesfile
 from ..files.catalog import TenantRecord
-from ..files.staging import STAGING_DIR
+from ..files.staging import STAGING_DIR, erase_lock
 from ..front.store import Store
 from ..replica.target import ReplicaTarget, open_target
 from .backup import standalone_image
@@ -180,13 +180,21 @@ class Replication:
         if seen is not None and seen == self._meta_seen:
             self._meta_at = now
             return
-        with tempfile.TemporaryDirectory(dir=os.path.join(self.store.root, STAGING_DIR)) as scratch:
-            with self.store.meta.export_global(scratch) as path:
-                global_db = standalone_image(path)
-        app_global_db = standalone_image(self.store.meta.app_global_path)
-        created = time.time_ns()
-        self.target.put(metasnap.object_name(created),
-                        metasnap.encode(created, self.store.root, global_db, app_global_db))
+        # the root's erase lock from the export to the upload: an erase waits for a snapshot being taken (and
+        # then rewrites it), and the snapshot waits for an erase (module doc of shardlite.services.erase)
+        lock = erase_lock(self.store.root, wait=None)
+        if lock is None:
+            return  # an erase is running: the snapshot is taken at the next round
+        try:
+            with tempfile.TemporaryDirectory(dir=os.path.join(self.store.root, STAGING_DIR)) as scratch:
+                with self.store.meta.export_global(scratch) as path:
+                    global_db = standalone_image(path)
+            app_global_db = standalone_image(self.store.meta.app_global_path)
+            created = time.time_ns()
+            self.target.put(metasnap.object_name(created),
+                            metasnap.encode(created, self.store.root, global_db, app_global_db))
+        finally:
+            os.close(lock)
         self._meta_seen, self._meta_at = seen, now
         self.meta_snapshots += 1
 
