@@ -50,7 +50,7 @@ log = logging.getLogger("shardlite.relay")
 #: :meth:`Wakes.settled`). Relays in other processes poll every ``poll_interval`` anyway.
 WAKE_DELAY = 0.005
 #: The longest a wake-up of a source whose lease an in-process relay holds waits for that relay (see the
-#: module doc: held wake-ups).
+#: module doc: held wake-ups): the sweep's interval, so a held wake-up is never later than a lost one.
 HOLD_MAX = 5.0
 #: Pause after a failed write of wake-ups, doubling up to :data:`_RETRY_CAP`.
 _RETRY_BASE = 0.05

@@ -30,7 +30,11 @@ One pass over a set of sources (every due one, up to ``sources_per_pass``):
    ``max_attempts``), renew the lease if it runs short; a source left empty has its flag parked inside this
    transaction, under ``S``'s write lock, only if no emitter re-flagged it since (an emitter that finds the
    outbox empty and no parked flag bumps the version). No event is stranded: a crash anywhere leaves either
-   the flag or nothing to deliver; a commit of ``S`` that fails after the park un-parks the flag. A source
+   the flag or nothing to deliver; a commit of ``S`` that fails after the park un-parks the flag. The park
+   is skipped (no metadata round trip under the lock) when this relay parked that very version and no
+   wake-up of it was written by this process since, unless the index listed the source as due in this pass:
+   the flag is then still parked, or was woken by another process and costs one more look (held wake-ups,
+   :mod:`shardlite.front.wakes`). A source
    an application transaction holds locked is acknowledged after the free ones, waiting
    at most ``ACK_WAIT_MS``; one still locked is acknowledged by a later pass (never counted as a failure).
 
