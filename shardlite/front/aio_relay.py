@@ -41,7 +41,7 @@ class AsyncRelay:
         self._event = asyncio.Event()
         self._stopping = False
         self.sync.store.emitter.listen(self._notify)
-        self.sync.hold_wakes(True)
+        self.sync._hold_wakes(True)
         self._task = self._loop.create_task(self._run(), name="shardlite-relay")
 
     async def stop(self) -> None:
@@ -59,7 +59,7 @@ class AsyncRelay:
                 await task
             except asyncio.CancelledError:
                 pass
-            self.sync.hold_wakes(False)
+            self.sync._hold_wakes(False)
         if self.sync._held and not self.sync.store.closed:
             await self._call(self.sync.release_claims)
         self.sync.errors.flush()

@@ -182,7 +182,7 @@ class Relay:
             return
         self._stop.clear()
         self.store.emitter.listen(self.notify)
-        self.hold_wakes(True)
+        self._hold_wakes(True)
         self._thread = threading.Thread(target=self._loop, name="shardlite-relay", daemon=True)
         self._thread.start()
 
@@ -194,13 +194,13 @@ class Relay:
             self._wake.set()
             thread.join(timeout)
             self.store.emitter.unlisten(self.notify)
-            self.hold_wakes(False)
+            self._hold_wakes(False)
             self._thread = None
         if self._held and not self.store.closed:
             self.release_claims()
         self.errors.flush()
 
-    def hold_wakes(self, on: bool) -> None:
+    def _hold_wakes(self, on: bool) -> None:
         """While this relay runs (``on``), this process's wake-ups of the sources whose lease it holds wait for
         its passes (see :mod:`shardlite.front.wakes`, held wake-ups); ``on=False`` writes them."""
         wakes = self.store.emitter.wakes
