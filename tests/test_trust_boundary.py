@@ -271,7 +271,7 @@ def test_sync_rollback_by_sqlite_is_reported_without_internal_names(router: Rout
     f"SAVEPOINT {SAVEPOINT_PREFIX}m; SELECT 1",
     "SAVEPOINT x",
     "BEGIN",
-])
+], ids=["secret-savepoint", "secret-savepoint-then-select", "savepoint", "begin"])  # the secret differs per process
 def test_reads_cannot_open_a_transaction_even_with_the_secret(make_router: Callable[..., Router], sql: str) -> None:
     """With the secret, a query used to leave the shared read connection inside a transaction: every reader
     then saw a frozen snapshot and the WAL grew without bound."""

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import StatementNotAllowed
 from ..services import backup as backup_mod
+from ..services import erase as erase_mod
 from ..services import restore as restore_mod
 from ..services.restore_layout import root_state
 from .common import (
@@ -160,6 +161,20 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_drop(args: argparse.Namespace) -> int:
+    if args.erase:
+        with open_router(args) as router:
+            receipt = router.drop(args.key, erase=True)
+        if args.json:
+            emit_json(receipt)
+        else:
+            for line in erase_mod.describe(receipt):
+                echo(line)
+        if not receipt["complete"]:
+            echo("shardlite tenants drop: error: the erase is not complete (the lines in capitals above say what "
+                 "is left: an unreadable pack may still hold the tenant, inspect or delete it): then run the erase "
+                 "again", err=True)
+            return 1
+        return 0
     with open_router(args) as router:
         router.drop(args.key)
     emit_json({"dropped": args.key}) if args.json else echo(f"dropped {args.key} (tombstone kept in the catalog)")
@@ -224,8 +239,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def register_tenant_actions(tenants: argparse.ArgumentParser) -> None:
     actions = tenants.add_subparsers(dest="action", required=False, metavar="ACTION")
-    a = actions.add_parser("drop", help="delete a tenant (with its WAL and SHM); the catalog keeps a tombstone")
+    a = actions.add_parser("drop", help="delete a tenant (with its WAL and SHM); the catalog keeps a tombstone; a "
+                                        "replica keeps its history until retention expires, unless --erase")
     a.add_argument("key", help="the tenant to drop")
+    a.add_argument("--erase", action="store_true",
+                   help="also remove every capture of KEY (any incarnation) from the root's replica: packs holding "
+                        "it are rewritten without it or deleted, its staged captures go, a tombstone keeps restores "
+                        "from bringing it back; prints a receipt (what was deleted, where, when; --json for JSON). "
+                        "Safe to run again after an interruption, and on a key already dropped or erased")
     a.set_defaults(func=cmd_drop)
     a = actions.add_parser("export", help="write a tenant to a standalone SQLite file")
     a.add_argument("key", help="the tenant to export")

@@ -20,6 +20,7 @@ from ..services.replicator_child import set_parent_death_signal
 from ..services.restore_layout import root_state
 from .common import CliError, echo, emit_json, literal, log_to_stderr, open_router, print_table, root_of
 from .ops import parse_node_paths
+from .retention import register as register_retention
 
 
 def _watch_parent(parent: int, stop: threading.Event) -> bool:
@@ -162,3 +163,4 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     status = actions.add_parser("status", help="per tenant and in total: last captured commit, lag, staged "
                                                "captures, packs uploaded")
     status.set_defaults(func=cmd_status)
+    register_retention(actions)

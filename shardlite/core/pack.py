@@ -30,7 +30,7 @@ from . import walformat as wf
 from .keys import canonical
 
 __all__ = ["MAGIC", "Entry", "Header", "PackError", "encode", "decode_header", "entry_bytes", "check_bytes",
-           "MAX_HEADER"]
+           "MAX_HEADER", "without"]
 
 MAGIC = b"SLPACK1\n"
 _LEN = struct.Struct(">I")
@@ -165,3 +165,25 @@ def check_bytes(entry: Entry, data: bytes) -> None:
     """:class:`PackError` unless ``data`` are the bytes ``entry`` describes (length and digest)."""
     if len(data) != entry.length or xxhash.xxh3_128_hexdigest(data) != entry.digest:
         raise PackError(f"the bytes of {entry.key!r}'s entry do not match its digest (a damaged pack)")
+
+
+def without(blob: bytes, key: str) -> tuple[bytes | None, list[Entry]]:
+    """The pack ``blob`` rewritten without any entry of ``key`` (any incarnation), and the entries taken out.
+    Returns ``(None, removed)`` when no entry is left (the pack is to be deleted), ``(blob, [])`` unchanged
+    when it holds none. Every entry kept is checked against its digest before and after, and the new pack is
+    decoded whole again: a damaged pack raises :class:`PackError` rather than be rewritten into another."""
+    header, payload_at = decode_header(blob)
+    removed = [entry for entry in header.entries if entry.key == key]
+    if not removed:
+        return blob, []
+    kept = [(entry, entry_bytes(blob, payload_at, entry)) for entry in header.entries if entry.key != key]
+    if not kept:
+        return None, removed
+    out = encode(header.node, header.seq, header.created_ns, kept)
+    new_header, new_at = decode_header(out)
+    if len(new_header.entries) != len(kept) or any(e.key == key for e in new_header.entries):
+        raise PackError(f"the rewrite of pack {header.seq} of node {header.node!r} did not drop {key!r}")
+    for entry, (old, data) in zip(new_header.entries, kept, strict=True):
+        if entry.digest != old.digest or entry_bytes(out, new_at, entry) != data:
+            raise PackError(f"the rewrite of pack {header.seq} of node {header.node!r} changed another entry")
+    return out, removed

@@ -22,7 +22,8 @@ from typing import NamedTuple
 from . import walformat as wf
 from .pack import Entry
 
-__all__ = ["Capture", "TimelineError", "Point", "image_at", "histories", "points"]
+__all__ = ["Capture", "TimelineError", "Point", "Replay", "image_at", "histories", "points", "chosen_history",
+           "plan_replay", "point_at", "replay"]
 
 
 class TimelineError(ValueError):
@@ -78,12 +79,9 @@ def points(captures: Sequence[Capture]) -> list[Point]:
     return sorted(out)
 
 
-def image_at(captures: Sequence[Capture], at_ns: int | None = None) -> tuple[bytearray, Point] | None:
-    """The database image of the tenant at its last commit at or before ``at_ns`` (None: the latest), and
-    which commit that is; None when no history holds such a commit.
-
-    The history used is the newest file whose first snapshot is at or before the time; its captures are
-    replayed from its last snapshot at or before the time."""
+def chosen_history(captures: Sequence[Capture], at_ns: int | None) -> list[Capture] | None:
+    """The captures (in capture order) of the tenant file whose history :func:`image_at` replays for
+    ``at_ns``: the newest file whose first snapshot is at or before the time (None: the latest file)."""
     chosen: list[Capture] | None = None
     chosen_start = -1
     for group in histories(captures).values():
@@ -92,22 +90,53 @@ def image_at(captures: Sequence[Capture], at_ns: int | None = None) -> tuple[byt
             continue
         if start >= chosen_start:
             chosen, chosen_start = group, start
+    return chosen
+
+
+class Replay(NamedTuple):
+    """How :func:`image_at` reaches a commit: from snapshot ``chosen[base]``, the captures ``steps`` (index in
+    ``chosen``, last frame replayed from it), ending at ``point``; ``whole``: the last index of ``chosen``
+    replayed to its end (a capture ending at or before the time)."""
+
+    chosen: list[Capture]
+    base: int
+    steps: list[tuple[int, int]]
+    point: Point
+    whole: int
+
+
+def plan_replay(captures: Sequence[Capture], at_ns: int | None = None) -> Replay | None:
+    """What :func:`image_at` replays for ``at_ns`` (entries only: no bytes are read), continuity checked
+    (:class:`TimelineError`); None when no history holds a commit at or before the time.
+
+    A frames capture that a snapshot of the same log position already covers (same log generation, frames
+    ending at or before the snapshot's: compaction writes such snapshots, see
+    :mod:`shardlite.core.retention`) is skipped, whichever of the two sorts first."""
+    chosen = chosen_history(captures, at_ns)
     if chosen is None:
         return None
     limit = at_ns if at_ns is not None else max(t for got in chosen for _, t in got.entry.commits)
     base = max(i for i, got in enumerate(chosen)
                if got.entry.kind == "snapshot" and got.entry.commits[0][1] <= limit)
-    snap = chosen[base]
-    image = bytearray(snap.data)
-    salt, last = snap.entry.salt, snap.entry.last
-    point = Point(snap.entry.commits[0][1], snap.entry.incarnation, snap.entry.generation, snap.entry.last)
-    for got in chosen[base + 1:]:
-        entry = got.entry
+    snap = chosen[base].entry
+    salt, last = snap.salt, snap.last
+    point = Point(snap.commits[0][1], snap.incarnation, snap.generation, snap.last)
+    steps: list[tuple[int, int]] = []
+    whole = base
+    for index in range(base + 1, len(chosen)):
+        entry = chosen[index].entry
         if entry.kind == "snapshot":
             if entry.commits[0][1] > limit:
                 break
-            image, salt, last = bytearray(got.data), entry.salt, entry.last
+            if entry.salt == salt and entry.last == last:
+                whole = index  # the same log position again (a compaction's snapshot): nothing to replay
+                continue
+            steps = []
+            base, salt, last, whole = index, entry.salt, entry.last, index
             point = point._replace(time_ns=entry.commits[0][1], frame=entry.last)
+            continue
+        if entry.salt == salt and entry.last <= last:
+            whole = index  # covered by a snapshot of this log position (compaction)
             continue
         upto = [f for f, t in entry.commits if t <= limit]
         if not upto:
@@ -116,10 +145,32 @@ def image_at(captures: Sequence[Capture], at_ns: int | None = None) -> tuple[byt
             raise TimelineError(f"{entry.key!r}: frames {entry.first}-{entry.last} do not continue frame {last}")
         if entry.salt != salt and entry.first != 1:
             raise TimelineError(f"{entry.key!r}: a log generation starts at frame {entry.first}, not 1")
+        end = upto[-1]
+        steps.append((index, end))
+        salt, last = entry.salt, entry.last
+        point = point._replace(time_ns=dict(entry.commits)[end], frame=end)
+        if end != entry.last:
+            break  # the time falls inside this capture: later commits are after it
+        whole = index
+    return Replay(chosen, base, steps, point, whole)
+
+
+def point_at(captures: Sequence[Capture], at_ns: int | None = None) -> Point | None:
+    """The commit :func:`image_at` restores for ``at_ns`` (entries only)."""
+    found = plan_replay(captures, at_ns)
+    return None if found is None else found.point
+
+
+def replay(plan: Replay) -> bytearray:
+    """The image ``plan`` reaches (the captures' bytes, checked as SQLite's recovery checks frames)."""
+    chosen = plan.chosen
+    image = bytearray(chosen[plan.base].data)
+    for index, end in plan.steps:
+        got = chosen[index]
+        entry = got.entry
         frames = list(wf.read_frames(got.data, entry.first, entry.page_size, bytes.fromhex(entry.salt)))
         if len(frames) != entry.last - entry.first + 1:
             raise TimelineError(f"{entry.key!r}: frames {entry.first}-{entry.last} carry other salts")
-        end = upto[-1]
         # a database grows only by pages its commits write: a size past the image plus the frames' bytes
         # (with room to spare) is a crafted or damaged capture, refused before it allocates anything
         bound = 2 * (len(image) + len(got.data)) + (1 << 20)
@@ -127,8 +178,16 @@ def image_at(captures: Sequence[Capture], at_ns: int | None = None) -> tuple[byt
             wf.replay(image, [f for f in frames if f.number <= end], entry.page_size, max_bytes=bound)
         except wf.WalFormatError as exc:
             raise TimelineError(f"{entry.key!r}: {exc}") from None
-        salt, last = entry.salt, entry.last
-        point = point._replace(time_ns=dict(entry.commits)[end], frame=end)
-        if end != entry.last:
-            break  # the time falls inside this capture: later commits are after it
-    return image, point
+    return image
+
+
+def image_at(captures: Sequence[Capture], at_ns: int | None = None) -> tuple[bytearray, Point] | None:
+    """The database image of the tenant at its last commit at or before ``at_ns`` (None: the latest), and
+    which commit that is; None when no history holds such a commit.
+
+    The history used is the newest file whose first snapshot is at or before the time; its captures are
+    replayed from its last snapshot at or before the time (:func:`plan_replay`)."""
+    plan = plan_replay(captures, at_ns)
+    if plan is None:
+        return None
+    return replay(plan), plan.point

@@ -164,7 +164,9 @@ def parse_shm_header(data: bytes, byteorder: str = sys.byteorder) -> ShmHeader:
     mx_frame, n_page, f1, f2 = struct.unpack(order + "4I", first[16:32])
     if not is_init or version != WAL_VERSION:
         raise WalFormatError("the wal-index header is not initialised")
-    size = _page_size(raw_size)
+    # a log no frame was ever written to (a file installed whole: an import, a restore) has a wal-index
+    # with page size 0 until its first commit: no frame to read, so no page size is needed
+    size = 0 if raw_size == 0 and mx_frame == 0 else _page_size(raw_size)
     if size is None:
         raise WalFormatError(f"impossible page size {raw_size} in the wal-index header")
     stored = struct.unpack(order + "2I", first[40:48])

@@ -14,10 +14,12 @@ generation and takes a snapshot (:mod:`shardlite.files.walcapture`), so history 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import time
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import apsw
 
@@ -25,9 +27,46 @@ from ..core import walformat as wf
 from .engine import ensure_private_dir
 from .walcapture import Capture, Cursor
 
-__all__ = ["Staging", "Staged", "TenantCursor", "STAGING_DIR"]
+__all__ = ["Staging", "Staged", "TenantCursor", "STAGING_DIR", "ERASE_LOCK", "erase_lock", "Erased"]
 
 STAGING_DIR = ".replica"
+#: The node's erase lock (``<node>/.replica/erase.lock``): an erase holds it while it removes a tenant from the
+#: staging and rewrites the replica's packs; the replicator holds it from reading what is staged to recording
+#: the pack as shipped, so no pack is built from rows an erase is removing (docs/replication.md, "Erase").
+ERASE_LOCK = "erase.lock"
+
+
+def erase_lock(node_path: str, *, wait: float | None) -> int | None:
+    """A descriptor holding ``flock(LOCK_EX)`` on the node's erase lock, or None when another process holds it
+    and ``wait`` seconds went by (``wait=None``: do not wait). Closing the descriptor releases it. The lock
+    file is a file of its own: ``flock`` never touches a tenant's files nor SQLite's POSIX locks."""
+    directory = os.path.join(node_path, STAGING_DIR)
+    ensure_private_dir(directory)
+    fd = os.open(os.path.join(directory, ERASE_LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    deadline = None if wait is None else time.monotonic() + wait
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if deadline is None or time.monotonic() >= deadline:
+                    os.close(fd)
+                    return None
+                time.sleep(0.02)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class Erased(NamedTuple):
+    """What :meth:`Staging.erase` removed of one key."""
+
+    incarnations: list[str]  #: of the staged captures and the cursor removed
+    captures: int
+    bytes: int
+    cursor: bool
+    scrubbed: bool  #: the file was rewritten without free pages and its log emptied (:meth:`Staging.scrub`)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cursors(
@@ -48,6 +87,7 @@ CREATE TABLE IF NOT EXISTS packs(
     bytes INTEGER NOT NULL, entries INTEGER NOT NULL
 ) STRICT;
 CREATE TABLE IF NOT EXISTS notes_read(file TEXT PRIMARY KEY, offset INTEGER NOT NULL) STRICT;
+CREATE TABLE IF NOT EXISTS erased(incarnation TEXT PRIMARY KEY, erased_ns INTEGER NOT NULL) STRICT;
 """
 
 
@@ -85,8 +125,14 @@ class Staging:
         directory = os.path.join(node_path, STAGING_DIR)
         ensure_private_dir(directory)
         self.path = os.path.join(directory, "staging.db")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        os.close(fd)  # created 0600 before SQLite opens it (no SQLite connection of it exists yet)
+        if not os.path.exists(self.path):
+            # created 0600 before SQLite opens it; an existing file is never opened raw here: another Staging of
+            # it in this process (an erase beside a replicator) would lose its POSIX locks on the close
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                os.close(fd)
+            except FileExistsError:
+                pass
         self.conn = apsw.Connection(self.path, flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOFOLLOW)
         self.conn.set_busy_timeout(5000)
         self.conn.execute("PRAGMA journal_mode=WAL").fetchall()
@@ -171,6 +217,9 @@ class Staging:
                 break
         return out
 
+    def has_staged(self) -> bool:
+        return bool(self.conn.execute("SELECT 1 FROM staged LIMIT 1").fetchall())
+
     def staged_count(self) -> tuple[int, int]:
         """(staged captures, their bytes)."""
         row = self.conn.execute("SELECT count(*), coalesce(sum(length(data)), 0) FROM staged").fetchone()
@@ -186,7 +235,7 @@ class Staging:
                 oldest[key] = min(times)
         return oldest
 
-    def has_staged(self, keys: set[str]) -> set[str]:
+    def keys_staged(self, keys: set[str]) -> set[str]:
         """Which of ``keys`` have captures staged (not uploaded yet)."""
         return {key for key in keys
                 if self.conn.execute("SELECT 1 FROM staged WHERE key = ? LIMIT 1", (key,)).fetchone() is not None}
@@ -206,6 +255,79 @@ class Staging:
     def packs(self) -> Iterator[tuple[int, str, int, int, int, int]]:
         yield from self.conn.execute("SELECT seq, name, created_ns, uploaded_ns, bytes, entries FROM packs "
                                      "ORDER BY seq")
+
+    def forget_packs(self, names: list[str]) -> int:
+        """Forget the rows of packs a compaction deleted from the replica (the staging's pack list would
+        otherwise grow for ever); the row of the highest sequence stays, so a sequence number is never
+        reused. Returns how many rows went."""
+        with self.conn:
+            top = self.conn.execute("SELECT coalesce(max(seq), 0) FROM packs").fetchone()
+            assert top is not None
+            gone = 0
+            for name in names:
+                self.conn.execute("DELETE FROM packs WHERE name = ? AND seq < ?", (name, int(top[0])))
+                gone += self.conn.changes()
+        return gone
+
+    # -- erase ----------------------------------------------------------------------------------------------
+
+    def erase(self, key: str, incarnations: list[str], erased_ns: int) -> Erased:
+        """Forget every staged capture and the cursor of ``key`` (any incarnation) and record ``incarnations``
+        (with those found here) as erased, in one transaction: the replicator never uploads a capture of an
+        erased incarnation staged later by a capture that was in flight (:meth:`discard_erased`). The caller
+        holds the node's erase lock."""
+        # secure_delete: the erased captures' bytes are overwritten, not left in free pages of this file; the
+        # scrub afterwards removes what earlier deletes (shipped packs) left in free pages, and the log.
+        self.conn.execute("PRAGMA secure_delete=ON")
+        with self.conn:
+            rows = self.conn.execute("SELECT incarnation, count(*), sum(length(data)) FROM staged WHERE key = ? "
+                                     "GROUP BY incarnation", (key,)).fetchall()
+            found = {str(inc) for inc, _n, _b in rows}
+            cursor = self.conn.execute("SELECT incarnation FROM cursors WHERE key = ?", (key,)).fetchall()
+            found.update(str(inc) for (inc,) in cursor)
+            self.conn.executemany("INSERT OR IGNORE INTO erased VALUES (?, ?)",
+                                  [(inc, erased_ns) for inc in sorted(found | set(incarnations))])
+            self.conn.execute("DELETE FROM staged WHERE key = ?", (key,))
+            self.conn.execute("DELETE FROM cursors WHERE key = ?", (key,))
+        scrubbed = self.scrub()
+        captures = size = 0
+        for _inc, count, length in rows:
+            captures += int(cast(int, count))
+            size += int(cast(int, length or 0))
+        return Erased(sorted(found), captures, size, bool(cursor), scrubbed)
+
+    def scrub(self) -> bool:
+        """Rewrite this file without free pages (``VACUUM``: rows deleted before, such as the captures of
+        packs already shipped, leave their bytes in free pages otherwise) and empty its log (a TRUNCATE
+        checkpoint). False when either could not finish (the replicator held the file past the busy timeout,
+        or a reader held the log: its next checkpoint overwrites it)."""
+        try:
+            self.conn.execute("VACUUM")
+            busy, _log, _done = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0]
+        except apsw.BusyError:
+            return False
+        return not busy
+
+    def erased(self) -> set[str]:
+        """The incarnations recorded as erased on this node."""
+        return {str(inc) for (inc,) in self.conn.execute("SELECT incarnation FROM erased")}
+
+    def discard_erased(self) -> int:
+        """Delete the staged captures and cursors of erased incarnations (captures staged after the erase by a
+        capture that was in flight); returns how many captures went. The caller holds the erase lock."""
+        with self.conn:
+            gone = self.conn.execute("DELETE FROM staged WHERE incarnation IN (SELECT incarnation FROM erased) "
+                                     "RETURNING id").fetchall()
+            self.conn.execute("DELETE FROM cursors WHERE incarnation IN (SELECT incarnation FROM erased)")
+        if gone:
+            self.scrub()  # their bytes leave the file's free pages and its log too, as the erase's own did
+        return len(gone)
+
+    def repacked(self, name: str, size: int, entries: int) -> None:
+        """Record that an erase rewrote pack ``name`` to ``size`` bytes and ``entries`` captures (0, 0: deleted).
+        The row stays, so a pack's sequence number is never reused."""
+        with self.conn:
+            self.conn.execute("UPDATE packs SET bytes = ?, entries = ? WHERE name = ?", (size, entries, name))
 
     # -- notes -----------------------------------------------------------------------------------------
 

@@ -147,8 +147,11 @@ def _snapshot(conn: apsw.Connection, shm: wf.ShmHeader, cursor_of: Cursor) -> Ca
     image = conn.serialize("main")  # the held transaction's view: the database at the log's last commit
     if image is None:
         raise CaptureError("the database could not be serialized")
-    cursor = Cursor(shm.salt, cursor_of.checkpoint_seq, shm.mx_frame, shm.frame_checksum, shm.page_size)
-    return Capture([], bytes(image), cursor, shm.page_size)
+    # a log no frame was ever written to has page size 0 in its wal-index: the database header says it
+    page_size = shm.page_size or (int.from_bytes(image[16:18], "big") if len(image) >= 100 else 0)
+    page_size = 65536 if page_size == 1 else page_size
+    cursor = Cursor(shm.salt, cursor_of.checkpoint_seq, shm.mx_frame, shm.frame_checksum, page_size)
+    return Capture([], bytes(image), cursor, page_size)
 
 
 class _Gap(NamedTuple):

@@ -41,6 +41,7 @@ class AsyncRelay:
         self._event = asyncio.Event()
         self._stopping = False
         self.sync.store.emitter.listen(self._notify)
+        self.sync._hold_wakes(True)
         self._task = self._loop.create_task(self._run(), name="shardlite-relay")
 
     async def stop(self) -> None:
@@ -58,6 +59,7 @@ class AsyncRelay:
                 await task
             except asyncio.CancelledError:
                 pass
+            self.sync._hold_wakes(False)
         if self.sync._held and not self.sync.store.closed:
             await self._call(self.sync.release_claims)
         self.sync.errors.flush()

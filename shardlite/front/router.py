@@ -14,7 +14,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from sys import getrefcount as _refs
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from ..core.keys import canonical
 from ..core.outbox import DEFAULT_MAX_PAYLOAD, RetryPolicy
@@ -25,6 +25,7 @@ from ..files.engine import Settings
 from ..files.pool import Handle
 from ..files.schema import Step
 from ..services import backup as backup_mod
+from ..services import erase as erase_mod
 from ..services import lifecycle, metrics
 from ..services.fanout import MapResult, run_map
 from ..services.nodes import Nodes
@@ -301,10 +302,23 @@ class Router(HandlerRegistry):
         """Every live tenant key in the catalog, in key order (read in batches)."""
         return self._store.tenants()
 
-    def drop(self, key: object) -> None:
+    @overload
+    def drop(self, key: object, *, erase: Literal[False] = False) -> None: ...
+
+    @overload
+    def drop(self, key: object, *, erase: Literal[True]) -> dict[str, Any]: ...
+
+    def drop(self, key: object, *, erase: bool = False) -> dict[str, Any] | None:
         """Delete a tenant's file (with its WAL and SHM); the catalog keeps a tombstone. A later write
-        to the same key creates a new tenant (new generation and incarnation)."""
+        to the same key creates a new tenant (new generation and incarnation). A replicated root keeps the
+        tenant's history in the replica (until retention expires) unless ``erase=True``: then every capture
+        of the key (any incarnation) is removed from the replica too, and the receipt (what was deleted,
+        where, when) is returned (:func:`shardlite.services.erase.erase`; safe to repeat after a crash, and
+        on an already dropped or erased key)."""
+        if erase:
+            return erase_mod.erase(self._store, key)
         lifecycle.drop(self._store, key)
+        return None
 
     def migrate_all(self, *, parallel: int = 4,
                     progress: Callable[[str, BaseException | None], None] | None = None) -> dict[str, str]:

@@ -11,6 +11,15 @@ before writing it, a store unreachable until the process ends): the relays' swee
 every parked source whose outbox holds events (:mod:`shardlite.services.relay_sweep`), so such an event is
 delivered late, never lost.
 
+Held wake-ups. While a relay of this process runs and holds the source's lease (:attr:`Wakes.holder`), its
+wake-up waits for that relay, at most :data:`HOLD_MAX` seconds: no other relay can claim the source before
+the lease ends, and the relay passes over every source with a queued wake-up at once (:meth:`Wakes.keys`).
+When its pass leaves the outbox empty it settles the wake-up (:meth:`Wakes.settled`), which is then never
+written, and the flag was never un-parked, so the relay need not park it again either (it still parks it when
+a wake-up of it was written here since, :attr:`Wakes.written`, or the index lists it as due). A held wake-up is
+a late one, never a lost one: it is written after :data:`HOLD_MAX`, when the relay stops, and by
+:meth:`Wakes.flush`; a process killed meanwhile loses it like any queued wake-up (the sweep repairs that).
+
 Verified. A marker is trusted once per ``(key, generation, version)`` per process, after one read of the
 metadata found a flag with that version: a file restored or imported by hand, or copied from another root or
 from an older backup, may carry a marker whose flag is not there (a restore or an import through shardlite
@@ -32,7 +41,7 @@ from ..errors import MetaUnavailable
 from ..files.engine import on_fork_in_child
 from ..meta.pending import PendingWork
 
-__all__ = ["Wakes", "WAKE_DELAY"]
+__all__ = ["Wakes", "WAKE_DELAY", "HOLD_MAX"]
 
 log = logging.getLogger("shardlite.relay")
 
@@ -40,6 +49,9 @@ log = logging.getLogger("shardlite.relay")
 #: one write, and one whose source an in-process relay has settled meanwhile is dropped (see
 #: :meth:`Wakes.settled`). Relays in other processes poll every ``poll_interval`` anyway.
 WAKE_DELAY = 0.005
+#: The longest a wake-up of a source whose lease an in-process relay holds waits for that relay (see the
+#: module doc: held wake-ups): the sweep's interval, so a held wake-up is never later than a lost one.
+HOLD_MAX = 5.0
 #: Pause after a failed write of wake-ups, doubling up to :data:`_RETRY_CAP`.
 _RETRY_BASE = 0.05
 _RETRY_CAP = 2.0
@@ -54,7 +66,7 @@ class Wakes:
         self.delay = delay
         self._verified: set[tuple[str, int, int]] = set()
         self._lock = threading.Lock()
-        self._queued: dict[str, tuple[int, int]] = {}  # key -> (version, ticket)
+        self._queued: dict[str, tuple[int, int, float]] = {}  # key -> (version, ticket, monotonic time queued)
         self._writing: set[str] = set()  # keys whose wake-up the flusher is writing now
         self._ticket = 0
         self._event = threading.Event()
@@ -66,6 +78,11 @@ class Wakes:
         self.fault: Callable[[str], None] | None = None
         #: The last error of a write of wake-ups (None once one succeeds).
         self.error: BaseException | None = None
+        #: Set by a running in-process relay: True for a source whose lease it holds, whose wake-up then waits
+        #: for that relay's pass, at most :data:`HOLD_MAX` (module doc). None: every wake-up is written soon.
+        self.holder: Callable[[str], bool] | None = None
+        #: Called with the keys of every batch of wake-ups written (the relay forgets that it parked them).
+        self.written: list[Callable[[list[str]], None]] = []
 
     # -- the marker ----------------------------------------------------------------------------------------
 
@@ -100,7 +117,8 @@ class Wakes:
         """``key`` committed its first events after its flag (``version``) was parked: wake it soon."""
         with self._lock:
             self._ticket += 1
-            self._queued[key] = (version, self._ticket)
+            earlier = self._queued.get(key)  # held since the first one: a busy source is held no longer
+            self._queued[key] = (version, self._ticket, time.monotonic() if earlier is None else earlier[2])
             if self._thread is None and not self._closed:
                 self._thread = threading.Thread(target=self._run, name="shardlite-wakes", daemon=True)
                 self._thread.start()
@@ -129,12 +147,37 @@ class Wakes:
         with self._lock:
             return set(self._queued) | self._writing
 
-    def _take(self) -> list[tuple[str, int, int]]:
-        """The queued wake-ups: ``(key, version, ticket)``, in key order (the flaggers' lock order)."""
+    def queued(self, key: str) -> bool:
+        """Whether a wake-up of ``key`` is queued here and not being written."""
         with self._lock:
-            queued, self._queued = self._queued, {}
-            self._writing |= set(queued)
-        return sorted((key, version, ticket) for key, (version, ticket) in queued.items())
+            return key in self._queued
+
+    def release(self) -> None:
+        """The holding relay stops: write the held wake-ups soon (see :attr:`holder`)."""
+        self.holder = None
+        self._event.set()
+
+    def _take(self, force: bool = False) -> tuple[list[tuple[str, int, int]], float | None]:
+        """The queued wake-ups to write now: ``(key, version, ticket)``, in key order (the flaggers' lock
+        order), and the monotonic time when the first one held back stops being held (None: none is).
+        ``force``: all of them, held or not."""
+        holder = None if force else self.holder
+        until: float | None = None
+        with self._lock:
+            if holder is None:
+                taken, self._queued = self._queued, {}
+            else:
+                now = time.monotonic()
+                taken, kept = {}, {}
+                for key, entry in self._queued.items():
+                    if entry[2] > now - HOLD_MAX and holder(key):
+                        kept[key] = entry
+                        until = entry[2] + HOLD_MAX if until is None else min(until, entry[2] + HOLD_MAX)
+                    else:
+                        taken[key] = entry
+                self._queued = kept
+            self._writing |= set(taken)
+        return sorted((key, version, ticket) for key, (version, ticket, _) in taken.items()), until
 
     def _done(self, taken: list[tuple[str, int, int]]) -> None:
         with self._lock:
@@ -143,7 +186,7 @@ class Wakes:
     def flush(self) -> None:
         """Write every queued wake-up now, on the caller's thread (``relay.drain()``, closing); errors
         propagate and the wake-ups stay queued."""
-        taken = self._take()
+        taken, _ = self._take(force=True)
         if taken:
             try:
                 self._write(taken)
@@ -163,22 +206,26 @@ class Wakes:
             log.warning("shardlite: the parked pending-work flags of %d source(s) were gone (e.g. %r); written "
                         "again", len(keys), keys[0])
         self.error = None
+        for listener in list(self.written):
+            listener([key for key, _, _ in taken])
 
     def _requeue(self, taken: list[tuple[str, int, int]]) -> None:
         with self._lock:
+            now = time.monotonic() - HOLD_MAX  # written as soon as it can be, never held again
             for key, version, ticket in taken:
                 if key not in self._queued:  # a newer wake-up of the key supersedes this one
-                    self._queued[key] = (version, ticket)
+                    self._queued[key] = (version, ticket, now)
 
     def _run(self) -> None:
         pause = _RETRY_BASE
+        until: float | None = None  # when the first held wake-up is due (None: none is held)
         while True:
-            self._event.wait()
+            self._event.wait(None if until is None else max(until - time.monotonic(), 0.0))
             if self._closed:
                 return
             time.sleep(self.delay)
             self._event.clear()
-            taken = self._take()
+            taken, until = self._take()
             if not taken:
                 continue
             try:
@@ -221,6 +268,7 @@ class Wakes:
         self._queued, self._writing = {}, set()
         self._event = threading.Event()
         self._thread = None
+        self.holder = None  # the parent's relay thread is not running here
 
 
 _all: weakref.WeakSet[Wakes] = weakref.WeakSet()

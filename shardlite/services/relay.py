@@ -30,7 +30,11 @@ One pass over a set of sources (every due one, up to ``sources_per_pass``):
    ``max_attempts``), renew the lease if it runs short; a source left empty has its flag parked inside this
    transaction, under ``S``'s write lock, only if no emitter re-flagged it since (an emitter that finds the
    outbox empty and no parked flag bumps the version). No event is stranded: a crash anywhere leaves either
-   the flag or nothing to deliver; a commit of ``S`` that fails after the park un-parks the flag. A source
+   the flag or nothing to deliver; a commit of ``S`` that fails after the park un-parks the flag. The park
+   is skipped (no metadata round trip under the lock) when this relay parked that very version and no
+   wake-up of it was written by this process since, unless the index listed the source as due in this pass:
+   the flag is then still parked, or was woken by another process and costs one more look (held wake-ups,
+   :mod:`shardlite.front.wakes`). A source
    an application transaction holds locked is acknowledged after the free ones, waiting
    at most ``ACK_WAIT_MS``; one still locked is acknowledged by a later pass (never counted as a failure).
 
@@ -91,6 +95,7 @@ ACK_WAIT_MS = 2
 #: How long a claim or a delivery waits for another writer's lock on one tenant: a tenant still locked
 #: after it is tried again later, so that it never delays the others.
 LOCK_WAIT_MS = 5
+_PARKED_MAX = 65536
 
 # The batch size is written into the SQL text (see feed.page_query: a bound LIMIT re-prepares every run).
 _READ_OUTBOX = ("SELECT seq, dest, topic, payload, created, attempts, next_at, origin FROM _shardlite_outbox "
@@ -136,6 +141,10 @@ class Relay:
         self._skip_until: dict[str, float] = {}
         self._hot: set[str] = set()  # sources this process just emitted from: passed at once
         self._held: set[str] = set()  # sources whose lease this relay (probably) holds
+        #: source -> the version this relay parked its flag with, while no wake-up of it was written here since
+        #: (see _acknowledge: such a flag is still parked unless another process woke it)
+        self._parked: dict[str, int] = {}
+        self._due_now: set[str] = set()  # the sources the index listed as due for the current pass
         self._failing_sources = Troubles()  # backing off (see the module doc)
         self._failing_dests = Troubles()  # for status() only: their events count the failed attempts
         self._unavailable = Troubles()  # destinations moving or locked: tried again soon, nothing counted
@@ -146,6 +155,8 @@ class Relay:
         #: The sweep of parked flags (lost wake-ups, expiry): :mod:`shardlite.services.relay_sweep`
         self.sweeper = Sweeper(store, lock_wait_ms=LOCK_WAIT_MS)
         store.meta.watch_tenants(self.sweeper.hint)  # after every reconnect of the hints: sweep
+        if store.emitter.wakes is not None:
+            store.emitter.wakes.written.append(self._woken)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -171,6 +182,7 @@ class Relay:
             return
         self._stop.clear()
         self.store.emitter.listen(self.notify)
+        self._hold_wakes(True)
         self._thread = threading.Thread(target=self._loop, name="shardlite-relay", daemon=True)
         self._thread.start()
 
@@ -182,10 +194,28 @@ class Relay:
             self._wake.set()
             thread.join(timeout)
             self.store.emitter.unlisten(self.notify)
+            self._hold_wakes(False)
             self._thread = None
         if self._held and not self.store.closed:
             self.release_claims()
         self.errors.flush()
+
+    def _hold_wakes(self, on: bool) -> None:
+        """While this relay runs (``on``), this process's wake-ups of the sources whose lease it holds wait for
+        its passes (see :mod:`shardlite.front.wakes`, held wake-ups); ``on=False`` writes them."""
+        wakes = self.store.emitter.wakes
+        if wakes is None:
+            return
+        if on:
+            wakes.holder = lambda key: key in self._held  # self._held is replaced by release_claims
+        elif wakes.holder is not None:
+            wakes.release()
+
+    def _woken(self, keys: list[str]) -> None:
+        """This process wrote wake-ups of ``keys``: their flags are due, no longer parked by this relay."""
+        parked = self._parked
+        for key in keys:
+            parked.pop(key, None)
 
     def notify(self, source: str) -> None:
         """``source`` committed new events in this process: pass over it at once, whatever its due time."""
@@ -223,7 +253,8 @@ class Relay:
         if wakes is not None:
             hot |= wakes.keys()  # committed here, their flags not woken yet: passed at once (and settled)
         pending = self.store.meta.pending
-        flagged = (row.key for row in pending.due(math.inf if every else now, 1_000_000 if every else limit))
+        flagged = [row.key for row in pending.due(math.inf if every else now, 1_000_000 if every else limit)]
+        self._due_now = set(flagged)
         keys = list(dict.fromkeys([*hot, *flagged]))
         total = PassStats()
         ready: list[str] = []
@@ -406,6 +437,7 @@ class Relay:
         """An error while claiming, reading or acknowledging ``source``: report it and back off (here and in
         its pending flag's due time, which every relay sees)."""
         policy = self.policy
+        self._parked.pop(source, None)  # its flag is due again (below)
         text = self.report("source", source, exc, "")
         trouble = self._failing_sources.add(source, "source", exc, text, time.time(),
                                             lambda tries: backoff(tries, policy.backoff_base, policy.backoff_cap))
@@ -511,16 +543,24 @@ class Relay:
                 remaining, marker = int(left[0][0]), left[0][1]
                 if remaining == 0:  # under the source's write lock: an emitter after this commit sees the marker
                     ticket = wakes.ticket() if wakes is not None else 0
-                    parked = park_emptied(store, handle, source, marker)
+                    if marker is not None and self._parked.get(source) == marker and source not in self._due_now:
+                        # This relay parked the flag with the version the file records, no wake-up of it was
+                        # written here since and the index did not list it as due: it is still parked (or
+                        # woken by another process, and then due: one more look, whose pass parks it).
+                        parked = int(marker)
+                    else:
+                        parked = park_emptied(store, handle, source, marker)
                 if claim.until - time.time() < self.lease / 2:
                     claim.until = time.time() + self.lease
                     store.internal(handle, "UPDATE _shardlite_relay SET claimed_by = ?, claimed_until = ? "
                                    "WHERE id = 1", (self.id, claim.until))
         except UnknownTenant:
             self._held.discard(source)
+            self._parked.pop(source, None)
             self._forget_source(source)
             return
         except (Busy, TenantMoving):
+            self._parked.pop(source, None)
             if parked is not None:  # parked, then the commit failed: the events are still there
                 try:
                     pending.wake_many([(source, parked)])
@@ -528,10 +568,17 @@ class Relay:
                     log.debug("relay: could not un-park %r (%s)", source, err)
             raise
         except Exception as exc:  # noqa: BLE001 - confined to this source (module doc)
+            self._parked.pop(source, None)
             self._source_failed(source, exc, stats)  # its flag's due time moves: un-parked
             return
-        if parked is not None and wakes is not None:
-            wakes.settled(source, ticket)  # this process's wake-ups of it queued before are moot
+        if parked is not None:
+            if len(self._parked) >= _PARKED_MAX:
+                self._parked.clear()
+            self._parked[source] = parked
+            if wakes is not None:
+                wakes.settled(source, ticket)  # this process's wake-ups of it queued before are moot
+        elif remaining == 0:  # not parked: no flag, or flagged again since
+            self._parked.pop(source, None)
         if self._failing_sources:
             self._failing_sources.clear(source)
         if self.fault is not None:
@@ -545,12 +592,21 @@ class Relay:
         held = claim.work.waiting + len(claim.work.unhandled) + retrying + claim.deferred
         due = next_due(now, remaining=remaining, held=held, retry_due=next_due_at,
                        unhandled=bool(claim.work.unhandled), recheck=self.unhandled_recheck)
+        if due <= now and marker is not None and self._parked.get(source) == marker and wakes is not None \
+                and wakes.queued(source):
+            # The flag this relay parked, with a wake-up of it queued here and not settled (this ack left
+            # events): that wake-up un-parks it when written (HOLD_MAX at the latest) unless a later pass of
+            # this relay settles it, and no other relay can take the source meanwhile (the lease). The read
+            # below would find it parked and write nothing, or only bring that forward.
+            return
         flag = pending.row(source)
         current = flag.due if flag is not None else None
         if current is None or (abs(current - due) > 1e-3 and not (current <= now and due <= now)):
+            self._parked.pop(source, None)
             pending.set_due(source, due)
 
     def _forget_source(self, source: str) -> None:
+        self._parked.pop(source, None)
         flag = self.store.meta.pending.row(source)
         if flag is not None:
             self.store.meta.pending.clear_many([(source, flag.version)])

@@ -121,6 +121,7 @@ class Sweeper:
         propagate (the next chance sweeps again)."""
         self._next = 0.0  # until this one completes
         pending = self.store.meta.pending
+        wakes = self.store.emitter.wakes
         stats = SweepStats()
         now = time.time()
         after = ""
@@ -129,6 +130,8 @@ class Sweeper:
             wake: list[tuple[str, int]] = []
             for row in rows:
                 idle = expire and row.parked is not None and row.parked <= now - self.ttl
+                if not idle and wakes is not None and wakes.queued(row.key):
+                    continue  # its wake-up is queued here (held for this process's relay): not lost
                 signature = self._signature(row.key)
                 if signature is not None and not idle and self._seen.get(row.key) == signature:
                     continue  # not written since its outbox was found empty

@@ -3,8 +3,13 @@
 A pack's header is read with one ranged GET (a second when it is longer than the first read), and only
 the byte ranges of the tenants asked for are fetched after it, so restoring one tenant reads a few
 kilobytes per pack, not the packs; reading every tenant (a whole root) fetches each pack's payload in one
-request instead. Everything read is untrusted: headers are validated whole
-(:func:`shardlite.core.pack.decode_header`) and every entry's bytes are checked against its digest.
+request instead. A one-tenant read skips the packs the replica's index (written by compaction,
+:mod:`shardlite.services.replica_index`) knows hold none of the keys, and reads the header of every other
+pack, so a missing or stale index costs time, never captures. Captures of an erased incarnation (a tombstone
+``v1/erased/<hash>.erased`` names it: :func:`tombstone_name`) are never returned, so a restore never brings an
+erased tenant back, even from a pack an interrupted erase had not rewritten yet. Everything read is untrusted:
+headers are validated whole (:func:`shardlite.core.pack.decode_header`) and every entry's bytes are checked
+against its digest.
 """
 
 from __future__ import annotations
@@ -12,12 +17,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+import xxhash
+
 from ..core import pack, timeline
 from ..replica.target import ReplicaTarget
+from . import replica_index
 
-__all__ = ["PackInfo", "list_packs", "read_header", "captures_of", "PACKS_PREFIX"]
+__all__ = ["PackInfo", "list_packs", "read_header", "captures_of", "PACKS_PREFIX", "ERASED_PREFIX",
+           "tombstone_name", "erased_names"]
 
 PACKS_PREFIX = "v1/packs/"
+#: Tombstones of erased tenant histories, one object per incarnation (services/erase.py).
+ERASED_PREFIX = "v1/erased/"
 #: Bytes read first from a pack: the magic, the length and (for packs of up to a few hundred captures) the
 #: whole header.
 FIRST_READ = 64 * 1024
@@ -50,13 +61,30 @@ def read_header(target: ReplicaTarget, name: str, size: int) -> PackInfo:
     return PackInfo(name, size, header, payload_at)
 
 
+def tombstone_name(incarnation: str) -> str:
+    """The tombstone object of an erased incarnation. The name is a hash of the incarnation (a random id that
+    says nothing of the tenant; hashed so any text an entry holds makes a valid name): the replica keeps no
+    trace of the erased key itself."""
+    return f"{ERASED_PREFIX}{xxhash.xxh3_128_hexdigest(incarnation.encode('utf-8'))}.erased"
+
+
+def erased_names(target: ReplicaTarget) -> set[str]:
+    """The names of every tombstone in the replica."""
+    return {name for name, _size in target.list(ERASED_PREFIX)}
+
+
 def captures_of(target: ReplicaTarget, keys: Iterable[str] | None, *,
                 on_pack: Callable[[PackInfo], None] | None = None) -> dict[str, list[timeline.Capture]]:
     """Every capture of each of ``keys`` (None: of every tenant) in the replica, with its bytes (digest
     checked)."""
     wanted = set(keys) if keys is not None else None
+    erased = erased_names(target)
     found: dict[str, list[timeline.Capture]] = {key: [] for key in wanted or ()}
+    index = replica_index.read_index(target) if wanted is not None else None
+    skip = replica_index.Skip(index, wanted) if index is not None and wanted is not None else None
     for name, size in list_packs(target):
+        if skip is not None and skip(name, size):
+            continue
         info = read_header(target, name, size)
         if on_pack is not None:
             on_pack(info)
@@ -65,6 +93,8 @@ def captures_of(target: ReplicaTarget, keys: Iterable[str] | None, *,
         for position, entry in enumerate(info.header.entries):
             if wanted is not None and entry.key not in wanted:
                 continue
+            if erased and tombstone_name(entry.incarnation) in erased:
+                continue  # an erased history: never restored
             if payload is not None:
                 data = payload[entry.offset:entry.offset + entry.length]
             else:

@@ -35,7 +35,7 @@ from ..errors import ConfigurationError, ShardliteError, UnknownTenant
 from ..front.store import Store
 from ..replica.target import ReplicaTarget
 from . import manifest as mf
-from . import replica_read
+from . import replica_index, replica_read
 from .restore import RootRestore, install_image, open_image, restore_root
 
 __all__ = ["restore_tenant", "restore_root_from_replica", "materialize", "parse_time", "format_time"]
@@ -74,9 +74,11 @@ def restore_tenant(store: Store, target: ReplicaTarget, key: object, *, as_key: 
     """Restore tenant ``key`` (as ``as_key`` when given) from ``target`` at its last commit at or before
     ``at_ns`` (None: the latest). Returns what was restored: the key, the commit's time and frame, the
     history it came from, the new generation and incarnation. :class:`~shardlite.UnknownTenant` when the
-    replica holds no commit of ``key`` at that time."""
+    replica holds no commit of ``key`` at that time; :class:`~shardlite.ConfigurationError` when the time lies
+    before the key's retention window as of the replica's last compaction."""
     canon = canonical(key)
-    captures = replica_read.captures_of(target, [canon])[canon]
+    horizon = replica_index.check_time(target, canon, at_ns, format_time(at_ns) if at_ns is not None else "")
+    captures = replica_index.without_expired(horizon, replica_read.captures_of(target, [canon])[canon])
     found = _image_at(captures, at_ns, canon)
     if found is None:
         when = "" if at_ns is None else f" at or before {format_time(at_ns)}"
@@ -133,6 +135,7 @@ def materialize(target: ReplicaTarget, dest: str, at_ns: int | None = None) -> d
     at or before that time, and every tenant at its last commit at or before it. The tenants are those the
     snapshot's catalog holds live, plus those whose history starts after the snapshot (created since);
     a tenant dropped after the snapshot comes back (what the metadata said then). Returns the manifest."""
+    horizon = replica_index.check_time(target, None, at_ns, format_time(at_ns) if at_ns is not None else "")
     header, global_db, app_global_db = _meta_snapshot(target, at_ns)
     catalog = _catalog(global_db)
     limit = at_ns if at_ns is not None else time.time_ns()
@@ -141,7 +144,7 @@ def materialize(target: ReplicaTarget, dest: str, at_ns: int | None = None) -> d
         row = catalog.get(key)
         if row is not None and row[4] not in ("active", "moving"):
             continue  # dropped when the metadata was taken
-        found = _image_at(captures, limit, key)
+        found = _image_at(replica_index.without_expired(horizon, captures), limit, key)
         if found is None:
             continue
         image, point = found

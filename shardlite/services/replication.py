@@ -27,6 +27,11 @@ holds it) and the app's global tables go to the replica as one snapshot object
 changed (with PostgreSQL metadata, whose changes a file's size and time do not show: every
 :data:`META_EVERY` seconds), uploaded by the one process that holds ``<root>/.replica/meta.lock``. A whole
 root restored from the replica takes its metadata from the last snapshot at or before the restore time.
+
+The same process compacts the replica by its retention windows (:mod:`shardlite.services.replica_retention`)
+every :data:`~shardlite.services.replica_retention.COMPACT_EVERY` seconds (the time of the last compaction is
+in the replica, so restarts do not postpone it), under ``<root>/.replica/compact.lock``; a failed compaction
+is logged and tried again at the next interval.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from ..core import metasnap
 from ..errors import ConfigurationError
 from ..files import notesfile
 from ..files.catalog import TenantRecord
-from ..files.staging import STAGING_DIR
+from ..files.staging import STAGING_DIR, erase_lock
 from ..front.store import Store
 from ..replica.target import ReplicaTarget, open_target
 from .backup import standalone_image
@@ -110,6 +115,8 @@ class Replication:
         #: set when a writer asks for a confirmation (or the loop must stop): the next round starts at once
         self._wake = threading.Event()
         self.confirmed = 0  #: confirmation requests answered "shipped"
+        self._compact_checked: float | None = None
+        self.compactions: list[Any] = []  #: reports of the compactions this process ran
 
     def close(self) -> None:
         for node in self.nodes.values():
@@ -163,6 +170,7 @@ class Replication:
         for node in self.nodes.values():
             out[node.name] = self._round(node)
         self._meta_round()
+        self._compact_round()
         return out
 
     def _meta_signature(self) -> tuple[int, ...] | None:
@@ -193,15 +201,50 @@ class Replication:
         if seen is not None and seen == self._meta_seen:
             self._meta_at = now
             return
-        with tempfile.TemporaryDirectory(dir=os.path.join(self.store.root, STAGING_DIR)) as scratch:
-            with self.store.meta.export_global(scratch) as path:
-                global_db = standalone_image(path)
-        app_global_db = standalone_image(self.store.meta.app_global_path)
-        created = time.time_ns()
-        self.target.put(metasnap.object_name(created),
-                        metasnap.encode(created, self.store.root, global_db, app_global_db))
+        # the root's erase lock from the export to the upload: an erase waits for a snapshot being taken (and
+        # then rewrites it), and the snapshot waits for an erase (module doc of shardlite.services.erase)
+        lock = erase_lock(self.store.root, wait=None)
+        if lock is None:
+            return  # an erase is running: the snapshot is taken at the next round
+        try:
+            with tempfile.TemporaryDirectory(dir=os.path.join(self.store.root, STAGING_DIR)) as scratch:
+                with self.store.meta.export_global(scratch) as path:
+                    global_db = standalone_image(path)
+            app_global_db = standalone_image(self.store.meta.app_global_path)
+            created = time.time_ns()
+            self.target.put(metasnap.object_name(created),
+                            metasnap.encode(created, self.store.root, global_db, app_global_db))
+        finally:
+            os.close(lock)
         self._meta_seen, self._meta_at = seen, now
         self.meta_snapshots += 1
+
+    def _compact_round(self) -> None:
+        """Compact when due, else refresh the pack index (checked every COMPACT_EVERY / 12 seconds by this
+        process, which holds the root's metadata lock, so one process per root does it)."""
+        from . import replica_retention as rr
+
+        now = self.clock()
+        if self._meta_fd is None or (self._compact_checked is not None
+                                     and now - self._compact_checked < rr.COMPACT_EVERY / 12):
+            return
+        self._compact_checked = now
+        fd: int | None = None
+        try:
+            due = rr.compaction_due(self.target, time.time_ns())
+            fd = rr.compact_lock(self.store)
+            if fd is None:
+                return  # `replicate compact` is running
+            if due:
+                self.compactions.append(rr.compact(self.store, self.target))
+            else:
+                rr.refresh_index(self.target)  # the packs uploaded since, for one-tenant restores
+        except Exception as exc:  # noqa: BLE001 - a failed compaction never stops replication
+            log.warning("replicate: compaction failed (%s: %s); trying again in %.0f s", type(exc).__name__, exc,
+                        rr.COMPACT_EVERY / 12)
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def _read_notes(self, node: _Node) -> None:
         for name in notesfile.list_notes(node.path):
@@ -282,7 +325,7 @@ class Replication:
         of it is left staged; an error when the upload or its capture failed, or it is no longer on this node;
         kept for the next round (started at once) when its lock was busy or the backlog needs more packs."""
         marked = set(node.replicator.marked())
-        staged = node.replicator.staging.has_staged({r.key for r in requests})
+        staged = node.replicator.staging.keys_staged({r.key for r in requests})
         here: dict[str, bool] = {}
         for request in requests:
             key = request.key

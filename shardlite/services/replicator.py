@@ -17,7 +17,9 @@ docs/replication.md). Each round:
    for the next round; a tenant that fails (damaged file, moved away) is reported and skipped: one tenant
    never stops the others.
 2. **Upload** what is staged as one pack per round (:mod:`shardlite.core.pack`) named
-   ``v1/packs/<node>/<seq>.pack``; the staged rows are dropped only after the upload succeeded. A target
+   ``v1/packs/<node>/<seq>.pack``; the staged rows are dropped only after the upload succeeded. The upload
+   holds the node's erase lock (:func:`~shardlite.files.staging.erase_lock`; skipped for the round while an
+   erase holds it) and first drops staged captures of erased incarnations (:mod:`shardlite.services.erase`). A target
    that cannot be reached (:class:`~shardlite.ReplicaUnavailable`) leaves everything staged for the next
    round: writes go on, the backlog ships when the target is back.
 
@@ -30,6 +32,7 @@ connection's locks).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from collections import OrderedDict
@@ -45,7 +48,7 @@ from ..files import walcapture as wc
 from ..files.catalog import TenantRecord
 from ..files.checkpoints import DUE_FRAMES
 from ..files.engine import open_connection, set_busy_timeout
-from ..files.staging import Staging
+from ..files.staging import Staging, erase_lock
 from ..front.store import Store
 from ..replica.target import ReplicaTarget
 
@@ -103,7 +106,8 @@ class NodeReplicator:
     def __init__(self, store: Store, node: str, target: ReplicaTarget, *,
                  clock: Callable[[], int] = time.time_ns) -> None:
         self.store, self.node, self.target, self.clock = store, node, target, clock
-        self.staging = Staging(store.node_path(node))
+        self.staging_node_path = store.node_path(node)
+        self.staging = Staging(self.staging_node_path)
         self._open: OrderedDict[str, _Open] = OrderedDict()
         #: tenants to capture, with the (frames, commit time) notes read for them since their last capture
         self._marked: dict[str, list[tuple[int, int]]] = {}
@@ -237,6 +241,21 @@ class NodeReplicator:
     # -- upload ----------------------------------------------------------------------------------------
 
     def _upload(self, stats: RoundStats) -> None:
+        if not self.staging.has_staged():
+            return
+        lock = erase_lock(self.staging_node_path, wait=None)
+        if lock is None:
+            stats.upload_error = "an erase holds the node's erase lock; the captures stay staged for the next round"
+            return
+        try:
+            # A capture in flight when an erase ran may have staged frames of the erased tenant after it:
+            # they are dropped here, under the erase lock, never uploaded (docs/replication.md, "Erase").
+            self.staging.discard_erased()
+            self._upload_staged(stats)
+        finally:
+            os.close(lock)
+
+    def _upload_staged(self, stats: RoundStats) -> None:
         staged = self.staging.staged(PACK_BYTES)
         if not staged:
             return

@@ -1,0 +1,324 @@
+"""Compacting a root's replica by its retention windows (``shardlite replicate compact``, and the replicator
+every :data:`COMPACT_EVERY` seconds).
+
+A compaction, in this order (each step safe to repeat: a kill -9 at any point, then a rerun, is fine):
+
+1. **Read** every pack's header (validated whole), the root's windows (:mod:`shardlite.meta.replica_record`),
+   the live catalog, and the erase tombstones (:func:`erased_incarnations`).
+2. **Plan** (:func:`shardlite.core.retention.plan`): which packs go, and which tenants get a new base
+   snapshot (the image at the end of their last capture at or before their retention start).
+3. **Write** the snapshots, replayed from the captures they stand for (:mod:`shardlite.core.timeline`), into
+   new packs ``v1/packs/<node>/compact-<time>-<n>.pack`` (sequence 0: they sort before any capture of the same
+   time), then **verify** them: each is read back whole and every entry checked against its digest. Nothing has
+   been deleted yet, so a crash here leaves extra snapshots of positions the history already holds, which
+   restores skip (:func:`shardlite.core.timeline.plan_replay`) and the next compaction plans around.
+4. The tombstones are listed again: an erase that ran meanwhile makes this compaction delete the packs it just
+   wrote and stop (run it again), so a snapshot never brings back an erased history.
+5. **Horizon and index** (:mod:`shardlite.services.replica_index`): the windows and the compaction's time (a
+   restore before a tenant's window is refused from now on), then the index of the packs that stay.
+6. **Delete** the planned packs, older indexes, and metadata snapshots outside the longest window (the newest
+   at or before its start stays: a whole-root restore at the window's start needs it).
+7. **Prune** every node staging's pack list of the deleted packs (:meth:`Staging.forget_packs`).
+
+One compaction at a time per root: ``<root>/.replica/compact.lock`` (``flock``). Between compactions the
+replicator refreshes the pack index every :data:`COMPACT_EVERY` / 12 seconds (:func:`refresh_index`: the
+headers of the packs uploaded since), so a one-tenant restore reads at most a few minutes of packs' headers
+besides those holding the tenant.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ..core import metasnap, pack, retention, timeline
+from ..errors import Busy, ReplicaError
+from ..files.staging import STAGING_DIR, Staging, erase_lock
+from ..front.store import Store
+from ..meta.replica_record import recorded_windows
+from ..replica.target import ReplicaTarget
+from . import replica_index, replica_read
+from .replicator import pack_name
+
+__all__ = ["compact", "CompactionReport", "COMPACT_EVERY", "erased_incarnations",
+           "compaction_due", "compact_lock", "refresh_index"]
+
+log = logging.getLogger("shardlite.replicate")
+
+#: Seconds between compactions run by a replicator.
+COMPACT_EVERY = 3600.0
+#: Bytes of captures read at once to build snapshots (tenants are done in batches below it).
+READ_BUDGET = 256 * 1024 * 1024
+#: Bytes of snapshots per compaction pack.
+PACK_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class CompactionReport:
+    compacted_ns: int
+    packs: int = 0  #: packs before the compaction
+    deleted_packs: int = 0
+    deleted_bytes: int = 0
+    snapshots: int = 0  #: new base snapshots written
+    snapshot_bytes: int = 0
+    written: list[str] = field(default_factory=list)  #: compaction packs written
+    pinned: list[str] = field(default_factory=list)  #: tenants whose history could not be compacted
+    meta_deleted: int = 0
+    staging_rows: int = 0
+    index: str = ""
+    seconds: float = 0.0
+
+
+def erased_incarnations(target: ReplicaTarget) -> set[str]:
+    """The names of the erase tombstones in the replica (``tenants drop --erase``:
+    :func:`~shardlite.services.replica_read.erased_names`); :func:`is_erased` tells whether a capture's
+    incarnation has one."""
+    return replica_read.erased_names(target)
+
+
+def is_erased(tombstones: set[str], incarnation: str) -> bool:
+    return replica_read.tombstone_name(incarnation) in tombstones
+
+
+def compact_lock(store: Store) -> int | None:
+    """A descriptor holding the root's compaction lock, or None when another process holds it."""
+    from .replication import _try_lock
+
+    return _try_lock(os.path.join(store.root, STAGING_DIR), "compact.lock")
+
+
+def refresh_index(target: ReplicaTarget, now_ns: int | None = None) -> int | None:
+    """Bring the pack index up to date between compactions: packs uploaded (or rewritten by an erase) since
+    it was written are added from their headers, packs gone are dropped. None when the replica has no index
+    (a compaction writes the first), else how many packs were added. A pack whose header cannot be read is
+    left out (a restore reads its header and reports it). The caller holds the compaction lock."""
+    index = replica_index.read_index(target)
+    if index is None:
+        return None
+    listed = dict(replica_read.list_packs(target))
+    known = [item for item in index.packs if listed.get(item.name) == item.size]
+    have = {item.name for item in known}
+    new = [(name, size) for name, size in listed.items() if name not in have]
+    if not new and len(known) == len(index.packs):
+        return 0
+    items = list(known)
+    for name, size in new:
+        try:
+            info = replica_read.read_header(target, name, size)
+        except pack.PackError:
+            continue
+        items.append(replica_index.IndexPack(name, size, sorted({replica_index.key_digest(e.key)
+                                                                 for e in info.header.entries})))
+    created = max(time.time_ns() if now_ns is None else now_ns, index.created_ns + 1)
+    name = replica_index.index_name(created)
+    target.put(name, replica_index.encode_index(replica_index.Index(1, created, sorted(items, key=lambda i: i.name))))
+    older = [old for old, _ in target.list(replica_index.INDEX_PREFIX) if old < name]
+    if older:
+        target.delete_many(older)
+    return len(new)
+
+
+def compaction_due(target: ReplicaTarget, now_ns: int) -> bool:
+    """Whether a replicator should compact now: :data:`COMPACT_EVERY` after the last compaction, or, on a
+    replica never compacted, after its first metadata snapshot."""
+    try:
+        horizon = replica_index.read_horizon(target)
+    except Exception:  # noqa: BLE001 - a damaged horizon is rewritten by the next compaction
+        return True
+    if horizon is not None:
+        since = horizon.compacted_ns
+    else:
+        times = [t for name, _ in target.list(metasnap.PREFIX) if (t := metasnap.time_of(name)) is not None]
+        if not times:
+            return False
+        since = min(times)
+    return now_ns - since >= COMPACT_EVERY * 1e9
+
+
+def _compacted_name(node: str, created_ns: int, part: int) -> str:
+    return pack_name(node, 0).rsplit("/", 1)[0] + f"/compact-{created_ns:020d}-{part:04d}.pack"
+
+
+def _read_bytes(target: ReplicaTarget, infos: dict[str, replica_read.PackInfo],
+                wanted: Iterable[retention.Located]) -> dict[int, bytes]:
+    """The bytes of ``wanted`` captures (by ``id`` of the capture), one ranged GET per pack, digests checked."""
+    by_pack: dict[str, list[retention.Located]] = {}
+    for item in wanted:
+        by_pack.setdefault(item.pack, []).append(item)
+    out: dict[int, bytes] = {}
+    for name, items in by_pack.items():
+        info = infos[name]
+        low = min(i.capture.entry.offset for i in items)
+        high = max(i.capture.entry.offset + i.capture.entry.length for i in items)
+        blob = target.get_range(name, info.payload_at + low, high - low)
+        for item in items:
+            entry = item.capture.entry
+            data = blob[entry.offset - low:entry.offset - low + entry.length]
+            pack.check_bytes(entry, data)
+            out[id(item.capture)] = data
+    return out
+
+
+def _build(target: ReplicaTarget, infos: dict[str, replica_read.PackInfo],
+           snapshots: list[retention.Snapshot]) -> list[tuple[str, pack.Entry, bytes]]:
+    """(node, entry, image) of each planned snapshot, in batches of :data:`READ_BUDGET` bytes read."""
+    out: list[tuple[str, pack.Entry, bytes]] = []
+    batch: list[retention.Snapshot] = []
+    size = 0
+    for snap in [*snapshots, None]:
+        if snap is not None:
+            batch.append(snap)
+            size += sum(item.capture.entry.length for item in snap.through)
+            if size < READ_BUDGET:
+                continue
+        data = _read_bytes(target, infos, [item for s in batch for item in s.through])
+        for done in batch:
+            caps = [c._replace(data=data[id(c)]) for c in (item.capture for item in done.through)]
+            end = caps[-1].entry
+            plan = timeline.plan_replay(caps)
+            if plan is None or (plan.point.frame, plan.point.time_ns) != (end.last, end.commits[-1][1]):
+                raise ReplicaError(f"the history of {done.key!r} did not replay to its capture's end; nothing was "
+                                   "deleted")
+            image = bytes(timeline.replay(plan))
+            entry = retention.snapshot_capture(done, 0, image).entry
+            out.append((caps[-1].node, entry, image))
+        batch, size = [], 0
+    return out
+
+
+def _write_packs(target: ReplicaTarget, built: list[tuple[str, pack.Entry, bytes]], now_ns: int) -> list[
+        tuple[str, int, list[str]]]:
+    """Write the snapshots as packs per node, read each back and check it; (name, size, keys) of each."""
+    by_node: dict[str, list[tuple[pack.Entry, bytes]]] = {}
+    for node, entry, image in built:
+        by_node.setdefault(node, []).append((entry, image))
+    written: list[tuple[str, int, list[str]]] = []
+    for node, items in sorted(by_node.items()):
+        part, chunk, size = 0, [], 0
+        for item in [*items, None]:
+            if item is not None:
+                chunk.append(item)
+                size += len(item[1])
+                if size < PACK_BYTES:
+                    continue
+            if not chunk:
+                break
+            name = _compacted_name(node, now_ns, part)
+            blob = pack.encode(node, 0, now_ns, chunk)
+            target.put(name, blob)
+            back = target.get(name)
+            header, payload_at = pack.decode_header(back)
+            if len(header.entries) != len(chunk):
+                raise ReplicaError(f"the compaction pack {name} read back differs from what was written")
+            for entry, (_planned, image) in zip(header.entries, chunk, strict=True):
+                if pack.entry_bytes(back, payload_at, entry) != image:
+                    raise ReplicaError(f"the compaction pack {name} read back differs from what was written")
+            written.append((name, len(blob), [entry.key for entry, _ in chunk]))
+            part, chunk, size = part + 1, [], 0
+    return written
+
+
+def _prune_meta(target: ReplicaTarget, start_ns: int) -> int:
+    """Delete metadata snapshots before ``start_ns`` but the newest of them."""
+    times = sorted((t, name) for name, _ in target.list(metasnap.PREFIX) if (t := metasnap.time_of(name)) is not None)
+    old = [name for t, name in times if t <= start_ns]
+    gone = old[:-1]
+    if gone:
+        target.delete_many(gone)
+    return len(gone)
+
+
+def _prune_staging(store: Store, deleted: list[str]) -> int:
+    rows = 0
+    for node in store.meta.nodes.list():
+        path = store.node_path(node.name)
+        if not os.path.exists(os.path.join(path, STAGING_DIR, "staging.db")):
+            continue
+        staging = Staging(path)
+        try:
+            rows += staging.forget_packs(deleted)
+        finally:
+            staging.close()
+    return rows
+
+
+def compact(store: Store, target: ReplicaTarget, *, now_ns: int | None = None) -> CompactionReport:
+    """Compact ``target`` (``store``'s replica) as of ``now_ns`` (default: now); module docstring. The caller
+    holds the compaction lock (:func:`compact_lock`). It holds the root's erase lock throughout (an erase
+    waits for it, and a compaction finding an erase under way is :class:`~shardlite.Busy`), so a snapshot
+    it writes never holds a tenant an erase has already scanned the replica for."""
+    fd = erase_lock(store.root, wait=None)
+    if fd is None:
+        raise Busy("an erase (tenants drop --erase) is running on this root: compact again once it is done")
+    try:
+        return _compact(store, target, now_ns)
+    finally:
+        os.close(fd)
+
+
+def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> CompactionReport:
+    started = time.monotonic()
+    now = time.time_ns() if now_ns is None else now_ns
+    report = CompactionReport(now)
+    windows = recorded_windows(store.meta.kv)
+    tombstones = erased_incarnations(target)
+    infos: dict[str, replica_read.PackInfo] = {}
+    located: list[retention.Located] = []
+    for name, size in replica_read.list_packs(target):
+        info = replica_read.read_header(target, name, size)
+        infos[name] = info
+        for position, entry in enumerate(info.header.entries):
+            if tombstones and is_erased(tombstones, entry.incarnation):
+                continue  # an erased history: never kept, never snapshotted
+            located.append(retention.Located(name, timeline.Capture(
+                (entry.captured_ns, info.header.seq, position), entry, b"", info.header.node)))
+    report.packs = len(infos)
+    live = {record.key for record in store.meta.tenants.iter_tenants() if record.state in ("active", "moving")}
+    starts: dict[str, int] = {}
+
+    def start_of(key: str) -> int:
+        if key not in starts:
+            starts[key] = now - retention.window_for(windows, key)
+        return starts[key]
+
+    planned = retention.plan(located, start_of, live=live, packs=infos)
+    report.pinned = planned.pinned
+    built = _build(target, infos, planned.snapshots)
+    written = _write_packs(target, built, now)
+    report.written = [name for name, _size, _keys in written]
+    report.snapshots = len(built)
+    report.snapshot_bytes = sum(len(image) for _node, _entry, image in built)
+    if erased_incarnations(target) != tombstones:
+        target.delete_many(report.written)
+        raise Busy("an erase ran during the compaction: its snapshots were deleted and nothing else was; run "
+                   "`shardlite replicate compact` again")
+    keep = set(planned.keep)
+    # dropped tenants past their window: whatever of their history stays in packs kept for others is ignored
+    gone_keys = set(planned.expired)
+    expired = {replica_index.key_digest(item.capture.entry.incarnation) for item in located
+               if item.pack in keep and item.capture.entry.key in gone_keys}
+    replica_index.write_horizon(target, now, windows, sorted(expired))
+    items = [replica_index.IndexPack(name, info.size, sorted({replica_index.key_digest(e.key)
+                                                              for e in info.header.entries}))
+             for name, info in sorted(infos.items()) if name in keep]
+    items += [replica_index.IndexPack(name, size, sorted({replica_index.key_digest(k) for k in keys}))
+              for name, size, keys in written]
+    report.index = replica_index.index_name(now)
+    target.put(report.index, replica_index.encode_index(replica_index.Index(1, now, items)))
+    if planned.delete:
+        target.delete_many(planned.delete)
+    report.deleted_packs = len(planned.delete)
+    report.deleted_bytes = sum(infos[name].size for name in planned.delete)
+    old_indexes = [name for name, _ in target.list(replica_index.INDEX_PREFIX) if name < report.index]
+    if old_indexes:
+        target.delete_many(old_indexes)
+    report.meta_deleted = _prune_meta(target, now - windows.longest())
+    report.staging_rows = _prune_staging(store, planned.delete)
+    report.seconds = time.monotonic() - started
+    log.info("replicate: compaction deleted %d of %d packs, wrote %d snapshots in %d packs", report.deleted_packs,
+             report.packs, report.snapshots, len(report.written))
+    return report
+

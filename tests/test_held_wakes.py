@@ -1,0 +1,176 @@
+"""Held wake-ups (:mod:`shardlite.front.wakes`) and the relay's re-park that needs no metadata write
+(:meth:`shardlite.services.relay.Relay._acknowledge`), over both metadata backends.
+
+* with a relay of this process running and holding a parked source's lease, an emit on that source writes
+  nothing to the metadata (no flag before its commit, no wake-up after it, no park when the relay drains it
+  again): the relay settles the held wake-up, the event is delivered, the flag stays parked with its version;
+* a held wake-up is late, never lost: it is written when the relay stops, or after ``HOLD_MAX``;
+* a flag woken behind the relay's back (another process's wake-up) is listed as due and parked again by the
+  relay's next look, not left due for ever;
+* the sweep does not take a held wake-up for a lost one.
+
+No timing assertions: waits poll with a deadline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from helpers_routers import internal_rows
+
+from shardlite import Router, UnknownTenant
+from shardlite.core.outbox import Event
+from shardlite.front import wakes as wakes_module
+
+pytestmark = pytest.mark.usefixtures("any_meta")  # both metadata backends
+
+SCHEMA = ["CREATE TABLE applied(id INTEGER PRIMARY KEY, source TEXT NOT NULL, n INTEGER NOT NULL)"]
+DEADLINE = 30.0
+
+
+def record(tx: Any, event: Event) -> None:
+    tx.execute("INSERT INTO applied(source, n) VALUES (?, ?)", (event.source, event.payload["n"]))
+
+
+def applied(router: Router, dest: str = "dst:1") -> list[int]:
+    try:
+        return [n for (n,) in router.query(dest, "SELECT n FROM applied ORDER BY id")]
+    except UnknownTenant:  # before the first delivery creates it
+        return []
+
+
+def marker(router: Router, key: str) -> int | None:
+    (row,) = internal_rows(router, key, "SELECT parked_version FROM _shardlite_relay WHERE id = 1")
+    return None if row[0] is None else int(row[0])
+
+
+def emit(router: Router, n: int, source: str = "src:1", dest: str = "dst:1", topic: str = "t") -> None:
+    with router.transaction(source) as tx:
+        tx.emit(dest, topic, {"n": n})
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def parked(router: Router, key: str = "src:1") -> bool:
+    flag = router._store.meta.pending.row(key)
+    return flag is not None and flag.parked is not None
+
+
+def spy_writes(router: Router) -> list[str]:
+    """Record every metadata write of the pending-work index that an emit or a relay pass can make."""
+    pending = router._store.meta.pending
+    calls: list[str] = []
+    for name in ("flag_many", "park", "wake_many", "set_due", "clear_many"):
+        real = getattr(pending, name)
+
+        def spy(*args: Any, _name: str = name, _real: Any = real) -> Any:
+            calls.append(_name)
+            return _real(*args)
+
+        setattr(pending, name, spy)
+    return calls
+
+
+def running_relay_with_parked_source(make_router: Callable[..., Router]) -> Router:
+    """A router whose relay runs, holds ``src:1``'s lease, and has parked its flag (the file records it)."""
+    router = make_router(schema=SCHEMA)
+    router.handler("t")(record)
+    router.relay.start()
+    emit(router, 0)
+    wait_for(lambda: applied(router) == [0] and parked(router), "the first event and the park")
+    flag = router._store.meta.pending.row("src:1")
+    assert flag is not None
+    wait_for(lambda: marker(router, "src:1") == flag.version, "the marker")
+    assert "src:1" in router.relay._held
+    return router
+
+
+def test_a_relay_holding_the_lease_delivers_a_parked_source_without_metadata_writes(
+        make_router: Callable[..., Router]) -> None:
+    router = running_relay_with_parked_source(make_router)
+    try:
+        version = marker(router, "src:1")
+        writes = spy_writes(router)
+        for n in (1, 2, 3):
+            emit(router, n)
+            wait_for(lambda n=n: applied(router)[-1:] == [n], f"event {n}")  # type: ignore[misc]
+        wakes = router._store.emitter.wakes
+        assert wakes is not None
+        wait_for(lambda: not wakes.keys(), "the relay settling the held wake-ups")
+        assert writes == [], "nothing written to the pending-work index: the flag was never un-parked"
+        flag = router._store.meta.pending.row("src:1")
+        assert flag is not None and flag.parked is not None and flag.version == version
+        assert marker(router, "src:1") == version
+    finally:
+        router.relay.stop()
+    assert applied(router) == [0, 1, 2, 3]
+
+
+def test_a_held_wake_up_is_written_when_the_relay_stops(make_router: Callable[..., Router]) -> None:
+    router = running_relay_with_parked_source(make_router)
+    wakes = router._store.emitter.wakes
+    assert wakes is not None
+    writes = spy_writes(router)
+    try:
+        emit(router, 1, topic="unhandled")  # no handler here: it stays in the outbox, its wake-up unsettled
+        assert wakes.queued("src:1"), "held while the relay runs and holds the lease"
+    finally:
+        router.relay.stop()
+    wait_for(lambda: wakes.pending_count() == 0 and "wake_many" in writes,
+             "the held wake-up, written once the relay stopped")
+
+
+def test_a_held_wake_up_is_written_after_hold_max(make_router: Callable[..., Router],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wakes_module, "HOLD_MAX", 0.2)
+    router = running_relay_with_parked_source(make_router)
+    wakes = router._store.emitter.wakes
+    assert wakes is not None
+    writes = spy_writes(router)
+    try:
+        emit(router, 1, topic="unhandled")
+        wait_for(lambda: wakes.pending_count() == 0 and "wake_many" in writes,
+                 "the held wake-up, written after HOLD_MAX with the relay running")
+        assert router.relay.running
+    finally:
+        router.relay.stop()
+
+
+def test_a_flag_woken_elsewhere_is_parked_again(make_router: Callable[..., Router]) -> None:
+    router = running_relay_with_parked_source(make_router)
+    other = make_router(schema=SCHEMA)  # another process's view of the root: its wake-up is not this relay's
+    try:
+        flag = router._store.meta.pending.row("src:1")
+        assert flag is not None
+        assert other._store.meta.pending.wake_many([("src:1", flag.version)]) == []
+        assert not parked(router)
+        router.relay.notify("src:1")
+        wait_for(lambda: parked(router), "the relay parking the flag woken behind its back")
+        again = router._store.meta.pending.row("src:1")
+        assert again is not None and again.version == flag.version and marker(router, "src:1") == flag.version
+    finally:
+        router.relay.stop()
+
+
+def test_the_sweep_does_not_wake_a_held_wake_up(make_router: Callable[..., Router]) -> None:
+    router = running_relay_with_parked_source(make_router)
+    router.relay.stop()  # its passes would deliver the event; here only the sweep runs
+    wakes = router._store.emitter.wakes
+    assert wakes is not None
+    wakes.holder = lambda key: True  # held, as for a running relay holding the lease
+    try:
+        emit(router, 1, topic="unhandled")
+        assert wakes.queued("src:1")
+        stats = router.relay.sweeper.sweep(expire=False)
+        assert stats.woken == 0 and parked(router), "a queued wake-up is not a lost one"
+    finally:
+        wakes.release()
+    wait_for(lambda: not parked(router), "the wake-up, written once released")

@@ -1,0 +1,183 @@
+"""Retention windows and the compaction plan (shardlite.core.retention), over random histories (Hypothesis):
+restores at every commit from the retention start on reach the same commit after the plan as before; deleted
+packs hold nothing kept; erased tenants never get a snapshot; a second plan over the compacted replica writes
+no snapshot and changes nothing a restore sees."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shardlite.core import retention as rt
+from shardlite.core import timeline
+from shardlite.core.pack import Entry
+
+PAGE = 512
+KEYS = ["a:1", "a:2", "dm:1", "b"]
+
+
+def _entry(key: str, inc: str, gen: int, kind: str, salt: str, first: int, last: int,
+           commits: list[tuple[int, int]], captured: int) -> Entry:
+    length = PAGE if kind == "snapshot" else (last - first + 1) * (24 + PAGE)
+    return Entry(key, inc, gen, kind, PAGE, salt, first, last, commits, captured, 0, length, "0" * 32)  # type: ignore[arg-type]
+
+
+@st.composite
+def replicas(draw: st.DrawFn) -> tuple[list[rt.Located], int]:
+    """Captures of a few tenants over time, packed a few per pack, as replicators write them: each history
+    (incarnation, generation) starts with a snapshot, frames continue their log generation, a new log
+    generation starts at frame 1, a gap is a new snapshot; a key's next history starts after the last."""
+    clock = 1000
+    per_pack: list[list[timeline.Capture]] = [[]]
+    state: dict[str, tuple[str, int, str, int]] = {}  # key -> (inc, gen, salt, last frame)
+    gens: dict[str, int] = {}
+    salts = 0
+    for _step in range(draw(st.integers(1, 40))):
+        key = draw(st.sampled_from(KEYS))
+        clock += draw(st.integers(0, 50))
+        action = draw(st.sampled_from(["frames", "frames", "frames", "newlog", "gap", "newfile"]))
+        current = state.get(key)
+        if current is None or action in ("gap", "newfile"):
+            if current is None or action == "newfile":
+                gens[key] = gens.get(key, 0) + 1
+                inc = f"i{gens[key] // 3}"
+            else:
+                inc = current[0]
+            salts += 1
+            salt = f"{salts:016x}"
+            frame = draw(st.integers(0, 5))
+            captured = clock + 1
+            entry = _entry(key, inc, gens[key], "snapshot", salt if frame else "", 0, frame, [(frame, clock)],
+                           captured)
+            state[key] = (inc, gens[key], salt if frame else "", frame)
+        else:
+            inc, gen, salt, last = current
+            if action == "newlog" or not salt:
+                salts += 1
+                salt, last = f"{salts:016x}", 0
+            count = draw(st.integers(1, 4))
+            frames = list(range(last + 1, last + 1 + count * 2, 2))
+            commits = []
+            for frame in frames:
+                commits.append((frame + 1, clock))
+                clock += draw(st.integers(0, 20))
+            captured = clock + 1
+            entry = _entry(key, inc, gen, "frames", salt, last + 1, frames[-1] + 1, commits, captured)
+            state[key] = (inc, gen, salt, frames[-1] + 1)
+        per_pack[-1].append(timeline.Capture((captured, len(per_pack), len(per_pack[-1])), entry, b"", "n1"))
+        clock = captured + 1
+        if draw(st.booleans()):
+            per_pack.append([])
+    located = [rt.Located(f"v1/packs/n1/{seq + 1:020d}.pack", got) for seq, caps in enumerate(per_pack)
+               for got in caps]
+    return located, clock
+
+
+def _start_of(now: int, windows: rt.Windows, scale: int) -> dict[str, int]:
+    return {key: now - rt.window_for(windows, key) // scale for key in KEYS}
+
+
+def _after(located: list[rt.Located], result: rt.Plan) -> list[rt.Located]:
+    gone = set(result.delete)
+    out = [item for item in located if item.pack not in gone]
+    for position, snap in enumerate(result.snapshots):
+        out.append(rt.Located("v1/packs/compacted", rt.snapshot_capture(snap, position)))
+    return out
+
+
+def _points(located: list[rt.Located], key: str, times: list[int]) -> list[timeline.Point | None]:
+    caps = [item.capture for item in located if item.capture.entry.key == key]
+    return [timeline.point_at(caps, t) for t in times]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(replicas(), st.integers(0, 100), st.data())
+def test_restores_inside_the_window_reach_the_same_commits(replica: tuple[list[rt.Located], int], back: int,
+                                                           data: st.DataObject) -> None:
+    located, now = replica
+    # windows of "7d" and "30d" scaled down to the drawn clock (1 day = 1 unit of the scale)
+    windows = rt.Windows(default=rt.parse_duration("7d"), prefixes={"dm:": rt.parse_duration("30d")})
+    scale = rt.DAY_NS // max(1, back)
+    starts = _start_of(now, windows, scale)
+    live = set(data.draw(st.sets(st.sampled_from(KEYS))))
+    erased = set(data.draw(st.sets(st.sampled_from(KEYS), max_size=1)))
+    result = rt.plan(located, starts.__getitem__, live=live, erased=erased)
+    assert set(result.delete).isdisjoint(result.keep)
+    after = _after(located, result)
+    for snap in result.snapshots:
+        assert snap.key not in erased
+        assert snap.through[0].capture.entry.kind == "snapshot"
+    for key in KEYS:
+        caps = [item.capture for item in located if item.capture.entry.key == key]
+        if not caps or key in erased:
+            continue
+        if key not in live and max(c.entry.captured_ns for c in caps) < starts[key]:
+            continue  # dropped and expired: nothing is promised
+        times = sorted({starts[key]} | {t for c in caps for _f, t in c.entry.commits if t >= starts[key]}
+                       | {now + 10})
+        try:
+            expected = _points(located, key, times)
+        except timeline.TimelineError:
+            continue
+        assert _points(after, key, times) == expected, key
+    # a second compaction over the compacted replica: no new snapshot, restores unchanged
+    again = rt.plan(after, starts.__getitem__, live=live, erased=erased)
+    assert again.snapshots == []
+    final = _after(after, again)
+    for key in set(KEYS) - erased:
+        caps = [item.capture for item in after if item.capture.entry.key == key]
+        if not caps or (key not in live and max(c.entry.captured_ns for c in caps) < starts[key]):
+            continue
+        times = sorted({starts[key]} | {t for c in caps for _f, t in c.entry.commits if t >= starts[key]})
+        assert _points(final, key, times) == _points(after, key, times)
+
+
+def test_everything_old_goes_and_one_snapshot_stands_for_it() -> None:
+    """A tenant with 10 packs of frames, all older than its window: one snapshot replaces them all."""
+    snap = _entry("a:1", "i", 1, "snapshot", "00000000000000aa", 0, 3, [(3, 100)], 101)
+    located = [rt.Located("p0", timeline.Capture((101, 1, 0), snap, b""))]
+    last = 3
+    for seq in range(2, 12):
+        entry = _entry("a:1", "i", 1, "frames", "00000000000000aa", last + 1, last + 2,
+                       [(last + 2, seq * 100)], seq * 100 + 1)
+        located.append(rt.Located(f"p{seq}", timeline.Capture((seq * 100 + 1, seq, 0), entry, b"")))
+        last += 2
+    result = rt.plan(located, lambda _key: 5000, live={"a:1"})
+    assert len(result.snapshots) == 1 and result.keep == []
+    assert len(result.delete) == 11
+    assert [i.pack for i in result.snapshots[0].through] == ["p0"] + [f"p{s}" for s in range(2, 12)]
+    # a dropped tenant past its window leaves nothing, and gets no snapshot
+    dropped = rt.plan(located, lambda _key: 5000, live=set())
+    assert dropped.snapshots == [] and len(dropped.delete) == 11
+    # an erase tombstone: nothing kept, whatever the catalog says
+    erased = rt.plan(located, lambda _key: 5000, live={"a:1"}, erased={"a:1"})
+    assert erased.snapshots == [] and len(erased.delete) == 11
+
+
+@pytest.mark.parametrize("text,ns", [("7d", 7 * rt.DAY_NS), ("12h", 12 * 3600 * 10**9), ("2w", 14 * rt.DAY_NS),
+                                     ("90m", 5400 * 10**9), (" 30d ", 30 * rt.DAY_NS)])
+def test_durations(text: str, ns: int) -> None:
+    assert rt.parse_duration(text) == ns
+    assert rt.parse_duration(rt.format_duration(ns)) == ns
+
+
+@pytest.mark.parametrize("text", ["", "7", "d", "-1d", "7 d", "1s", "59s", "3651d", "1e3d", "7D", "7d\n1d",
+                                  "x" * 100, "９d", None, 7])
+def test_bad_durations_are_refused(text: object) -> None:
+    with pytest.raises(rt.RetentionError):
+        rt.parse_duration(text)
+
+
+def test_longest_prefix_wins_and_hostile_records_are_refused() -> None:
+    windows = rt.Windows(prefixes={"dm:": 30 * rt.DAY_NS, "dm:vip:": 90 * rt.DAY_NS, "x": rt.DAY_NS}).check()
+    assert rt.window_for(windows, "dm:vip:1") == 90 * rt.DAY_NS
+    assert rt.window_for(windows, "dm:1") == 30 * rt.DAY_NS
+    assert rt.window_for(windows, "user:1") == rt.DEFAULT_WINDOW_NS
+    assert rt.decode_windows(rt.encode_windows(windows)) == windows
+    assert rt.decode_windows(None) == rt.Windows()
+    for bad in ['{"default": 1}', '{"default": "7d"}', '{"prefixes": {"\\u0000": 86400000000000}}',
+                '{"prefixes": {" a": 86400000000000}}', '{"other": 1}', "[", '{"default": 1e30}',
+                '{"prefixes": {"a\\u200b": 86400000000000}}']:
+        with pytest.raises(rt.RetentionError):
+            rt.decode_windows(bad)
