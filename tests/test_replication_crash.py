@@ -18,6 +18,9 @@ from helpers_procs import child_env, spawn, write_script
 from helpers_s3 import TargetFactory
 
 import shardlite
+from shardlite.core import metasnap
+from shardlite.replica.target import ReplicaTarget
+from shardlite.services import replica_read
 from shardlite.services.replica_restore import restore_root_from_replica
 
 SCHEMA = {"user": ["CREATE TABLE log(n INTEGER PRIMARY KEY, body TEXT)"]}
@@ -50,6 +53,15 @@ while True:
 """
 
 
+def _until_shipped(target: ReplicaTarget, prefix: str, before: set[str], timeout: float = 120.0) -> None:
+    """Wait until ``target`` holds an object under ``prefix`` not in ``before`` (a replicator's start is slow
+    on a loaded machine: waiting for it is not what the lag bound measures)."""
+    deadline = time.monotonic() + timeout
+    while not {name for name, _size in target.list(prefix)} - before:
+        assert time.monotonic() < deadline, f"nothing new under {prefix} within {timeout} s"
+        time.sleep(0.05)
+
+
 def _replicator(root: str, env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen([*shardlite_command(), "--root", root, "replicate", "run", "--interval", "0.2"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
@@ -70,16 +82,22 @@ def _write_kill_restore(tmp_path: Path, factory: TargetFactory, seed: int, durab
     writers = [spawn(script, root, ",".join(KEYS[i::2]), durability, env=env) for i in range(2)]
     replicator = _replicator(root, env)
     first: list[str] = []
+    target = factory(f"crash{seed}")
     try:
         for proc in writers:  # the kill clock starts once both writers acknowledge (start-up is slow under load)
             assert proc.stdout is not None
             first.append(proc.stdout.readline())
+        # ... and the replicator has shipped its first round (the metadata snapshot a restore needs)
+        _until_shipped(target, metasnap.PREFIX, set())
         time.sleep(rng.uniform(0.8, 1.5))
         replicator.send_signal(signal.SIGKILL)  # the replicator dies mid-work and comes back
         replicator.wait()
         assert replicator.stderr is not None
         replicator.stderr.close()
+        shipped = {name for name, _size in replica_read.list_packs(target)}
         replicator = _replicator(root, env)
+        # the lag bound is a running replicator's: its clock starts once the new one has shipped a round
+        _until_shipped(target, replica_read.PACKS_PREFIX, shipped)
         time.sleep(rng.uniform(3.5, 4.5))
         for proc in [*writers, replicator]:  # then everything dies at once
             proc.send_signal(signal.SIGKILL)
@@ -103,7 +121,6 @@ def _write_kill_restore(tmp_path: Path, factory: TargetFactory, seed: int, durab
     replicator.stderr.close()
     shutil.rmtree(root)  # the disk is lost
 
-    target = factory(f"crash{seed}")
     done = restore_root_from_replica(target, str(tmp_path / "new"))  # the whole root: nodes, metadata, tenants
     assert sorted(done.tenants) == sorted(KEYS)
     with shardlite.Router(str(tmp_path / "new"), schema=SCHEMA, create=False) as router:
