@@ -129,6 +129,17 @@ _NOBODY = (FileNotFoundError, ConnectionRefusedError)
 _LOST = (ConnectionResetError, BrokenPipeError, EOFError)
 
 
+def _why_not(exc: BaseException) -> str:
+    """What a failed attempt to ask the replicator says (kept for the error if the bound passes)."""
+    if isinstance(exc, _NOBODY):
+        return "no replicator is running for this node (start `shardlite replicate run`, or use replicator=True)"
+    if isinstance(exc, _LOST):
+        return "the node's replicator stopped while the write waited"
+    if isinstance(exc, ValueError):  # UnicodeError included
+        return "the node's replicator answered something that is not a confirmation"
+    return f"the node's replicator socket cannot be reached ({exc})"
+
+
 def ask_shipped(node_path: str, key: str, timeout: float) -> None:
     """Ask the replicator of ``node_path`` to ship ``key``'s commits made so far and wait for its answer, at
     most ``timeout`` seconds (module docstring). Returns once they are in the replica; :class:`Unconfirmed`
@@ -161,14 +172,8 @@ def ask_shipped(node_path: str, key: str, timeout: float) -> None:
                         return
             except TimeoutError:
                 raise Unconfirmed(f"{why} within {timeout:g} s" if why.startswith("no ") else why) from None
-            except _NOBODY:
-                why = "no replicator is running for this node (start `shardlite replicate run`, or use replicator=True)"
-            except _LOST:
-                why = "the node's replicator stopped while the write waited"
-            except (ValueError, UnicodeError):
-                why = "the node's replicator answered something that is not a confirmation"
-            except OSError as exc:
-                why = f"the node's replicator socket cannot be reached ({exc})"
+            except (OSError, EOFError, ValueError) as exc:  # TimeoutError (an OSError) is caught above
+                why = _why_not(exc)
             finally:
                 sock.close()
             time.sleep(min(RETRY_PAUSE, max(0.0, deadline - time.monotonic())))
@@ -212,14 +217,8 @@ async def ask_shipped_async(node_path: str, key: str, timeout: float) -> None:
                 return
             except TimeoutError:
                 raise Unconfirmed(f"{why} within {timeout:g} s" if why.startswith("no ") else why) from None
-            except _NOBODY:
-                why = "no replicator is running for this node (start `shardlite replicate run`, or use replicator=True)"
-            except _LOST:
-                why = "the node's replicator stopped while the write waited"
-            except (ValueError, UnicodeError):
-                why = "the node's replicator answered something that is not a confirmation"
-            except OSError as exc:
-                why = f"the node's replicator socket cannot be reached ({exc})"
+            except (OSError, EOFError, ValueError) as exc:  # TimeoutError (an OSError) is caught above
+                why = _why_not(exc)
             finally:
                 sock.close()
             await asyncio.sleep(min(RETRY_PAUSE, max(0.0, deadline - loop.time())))
