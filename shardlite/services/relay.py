@@ -75,11 +75,10 @@ from typing import Any
 
 from ..core.outbox import OutboxRow, RetryPolicy, backoff, next_due, plan
 from ..errors import Busy, MetaUnavailable, TenantMoving, UnknownTenant
-from ..files.schema import REMEMBER_LAST_SEQ
 from ..front.store import Store
-from ..meta.pending import DeadLetter
 from . import relay_ops
 from .delivery import DONE, UNAVAILABLE, Claim, Deliverer, Group, Handler, HandlerRegistry, describe_tenant
+from .relay_ack import settle_outbox
 from .relay_health import LOG_INTERVAL, ErrorLog, PassStats, Troubles, describe, error_kind, error_text
 from .relay_sweep import Sweeper, park_emptied
 
@@ -518,27 +517,7 @@ class Relay:
         ticket = 0
         try:
             with store.writing(source, create=False, wait_ms=wait_ms, move_wait=0) as handle:
-                if delivered or failed or dead:  # failed ones may turn dead (deleted) below
-                    store.internal(handle, REMEMBER_LAST_SEQ)  # before deleting: numbers never come back
-                if delivered:  # one cached statement per seq: no table-valued function a user table could shadow
-                    store.internal_many(handle, "DELETE FROM _shardlite_outbox WHERE seq = ?",
-                                        [(seq,) for seq in delivered])
-                for seq, (row, error) in failed.items():
-                    attempts = row.attempts + 1
-                    if policy.dead(attempts):
-                        dead[seq] = (row, error)
-                        continue
-                    retry_at = policy.next_at(now, attempts)
-                    store.internal(handle, "UPDATE _shardlite_outbox SET attempts = ?, next_at = ?, last_error = ? "
-                                   "WHERE seq = ?", (attempts, retry_at, error, seq))
-                    next_due_at = retry_at if next_due_at is None else min(next_due_at, retry_at)
-                    stats.retry_at(retry_at)
-                for seq in dead:  # deleted first: a source whose own statements fail records no letter
-                    store.internal(handle, "DELETE FROM _shardlite_outbox WHERE seq = ?", (seq,))
-                for seq, (row, error) in dead.items():  # before the COMMIT: a crash never loses one
-                    letters.add(DeadLetter(source, row.incarnation(handle.incarnation), seq, row.dest, row.topic,
-                                           row.payload, row.created, max(row.attempts + 1, 1),
-                                           error.replace("\x00", "\ufffd"), time.time()))
+                next_due_at = settle_outbox(store, handle, claim, policy, letters, now, next_due_at, stats)
                 left: list[Any] = store.internal(handle, _LEFT).fetchall()
                 remaining, marker = int(left[0][0]), left[0][1]
                 if remaining == 0:  # under the source's write lock: an emitter after this commit sees the marker
