@@ -34,7 +34,7 @@ import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from sys import getrefcount as _refs
-from typing import Any, Final, Literal, TypeVar, overload
+from typing import Any, Final, TypeVar
 
 import apsw
 
@@ -46,8 +46,6 @@ from ..files.catalog import Location
 from ..files.engine import Settings
 from ..files.pool import Handle
 from ..files.schema import Step
-from ..services import erase as erase_mod
-from ..services import lifecycle
 from ..services.relay import Handler, HandlerRegistry, Relay
 from ..services.replicator_child import ReplicatorChild, start_replicator
 from . import feed
@@ -508,20 +506,6 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads, Admin):
             if key is sentinel:
                 return
             yield key
-
-    @overload
-    async def drop(self, key: object, *, erase: Literal[False] = False) -> None: ...
-
-    @overload
-    async def drop(self, key: object, *, erase: Literal[True]) -> dict[str, Any]: ...
-
-    async def drop(self, key: object, *, erase: bool = False) -> dict[str, Any] | None:
-        """See :meth:`Router.drop` (``erase=True``: the replica's history too, with a receipt)."""
-        if erase:
-            receipt: dict[str, Any] = await self._call(erase_mod.erase, self._store, key)
-            return receipt
-        await self._call(lifecycle.drop, self._store, key)
-        return None
 
     # -- outbox ---------------------------------------------------------------------------------------
 

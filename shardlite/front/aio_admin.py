@@ -1,5 +1,5 @@
 """Operations under :class:`~shardlite.AsyncRouter`: the async twins of ``router.nodes``, ``router.rebalance``,
-``map``, ``backup``, ``restore``, ``export``, ``import_``, ``status`` and ``stats``.
+``map``, ``backup``, ``restore``, ``export``, ``import_``, ``drop``, ``status`` and ``stats``.
 
 Each runs the sync implementation on the router's *admin* threads (``asyncio`` must not wait for a copy,
 a move or a directory walk), never on the worker threads that BEGINs and commits need, so a backup or a
@@ -20,7 +20,7 @@ import os
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from ..core.movejournal import MoveRow
 from ..core.planning import Plan
@@ -28,6 +28,7 @@ from ..errors import ShardliteError
 from ..files.catalog import Location, Node
 from ..files.engine import Settings
 from ..services import backup as backup_mod
+from ..services import erase as erase_mod
 from ..services import lifecycle, metrics
 from ..services.fanout import MapResult, Row, run_map
 from ..services.nodes import Nodes
@@ -203,6 +204,21 @@ class Admin:
     @property
     def settings(self) -> Settings:
         return self._store.settings
+
+    @overload
+    async def drop(self, key: object, *, erase: Literal[False] = False) -> None: ...
+
+    @overload
+    async def drop(self, key: object, *, erase: Literal[True]) -> dict[str, Any]: ...
+
+    async def drop(self, key: object, *, erase: bool = False) -> dict[str, Any] | None:
+        """See :meth:`Router.drop` (``erase=True``: the replica's history too, with a receipt). On an admin
+        thread: an erase rewrites replica objects for seconds, which must not hold a thread BEGINs need."""
+        if erase:
+            receipt: dict[str, Any] = await _on(self._admin, erase_mod.erase, self._store, key)
+            return receipt
+        await _on(self._admin, lifecycle.drop, self._store, key)
+        return None
 
     async def status(self) -> dict[str, Any]:
         """Tenants per node and per schema version, and this process's open connections (like

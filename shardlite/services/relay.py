@@ -73,13 +73,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..core.outbox import OutboxRow, RetryPolicy, backoff, next_due, plan
+from ..core.outbox import RetryPolicy, backoff, next_due
 from ..errors import Busy, MetaUnavailable, TenantMoving, UnknownTenant
 from ..front.store import Store
 from . import relay_ops
 from .delivery import DONE, UNAVAILABLE, Claim, Deliverer, Group, Handler, HandlerRegistry, describe_tenant
 from .relay_ack import settle_outbox
 from .relay_health import LOG_INTERVAL, ErrorLog, PassStats, Troubles, describe, error_kind, error_text
+from .relay_lease import ClaimedElsewhere, claim_source, release_leases
 from .relay_sweep import Sweeper, park_emptied
 
 __all__ = ["Relay", "PassStats", "Handler", "HandlerRegistry", "LEASE_SECONDS", "ACK_WAIT_MS", "LOCK_WAIT_MS",
@@ -96,24 +97,8 @@ ACK_WAIT_MS = 2
 LOCK_WAIT_MS = 5
 _PARKED_MAX = 65536
 
-# The batch size is written into the SQL text (see feed.page_query: a bound LIMIT re-prepares every run).
-_READ_OUTBOX = ("SELECT seq, dest, topic, payload, created, attempts, next_at, origin FROM _shardlite_outbox "
-                "ORDER BY seq LIMIT {batch:d}")
 #: What an acknowledgement left in the outbox, and the file's parked-flag marker.
 _LEFT = "SELECT (SELECT count(*) FROM _shardlite_outbox), parked_version FROM _shardlite_relay WHERE id = 1"
-#: A source whose lease this relay still holds is read, not claimed: the claim row, the file's incarnation
-#: and a batch of its outbox in one snapshot (one row with NULL event columns when the outbox is empty).
-_PEEK = ("SELECT r.claimed_by, r.claimed_until, m.incarnation, o.seq, o.dest, o.topic, o.payload, o.created, "
-         "o.attempts, o.next_at, o.origin FROM _shardlite_meta AS m JOIN _shardlite_relay AS r ON r.id = 1 "
-         "LEFT JOIN (SELECT * FROM _shardlite_outbox ORDER BY seq LIMIT {batch:d}) AS o WHERE m.id = 1 ORDER BY o.seq")
-
-
-class _ClaimedElsewhere(Exception):
-    """Internal: another live relay holds the source's lease until ``until``."""
-
-    def __init__(self, until: float) -> None:
-        super().__init__(until)
-        self.until = until
 
 
 class Relay:
@@ -319,7 +304,7 @@ class Relay:
                 self._failing_sources.clear(source)
                 self._forget_source(source)
                 continue
-            except _ClaimedElsewhere as other:
+            except ClaimedElsewhere as other:
                 # look again soon, not only when the lease ends: its holder may give it up at once (stop)
                 self._skip_until[source] = min(other.until, now + self.claimed_recheck)
                 stats.skipped += 1
@@ -457,47 +442,16 @@ class Relay:
         return text
 
     def _claim(self, source: str, now: float) -> Claim:
-        """Take the source's lease (in its own file) and read a batch of its outbox. It is read first: while
-        this relay's lease has more than a quarter of its time left (acknowledgements renew it) the read
-        is the claim (no other relay can take the source meanwhile, and emitters only add rows), and a
-        live lease of another relay is seen without taking the source's write lock."""
-        found = self.store.read_on_writer(source, _PEEK.format(batch=int(self.batch)), move_wait=0.0,
-                                          wait_ms=LOCK_WAIT_MS)
-        claimed_by, claimed_until, incarnation = found[0][:3]
-        if claimed_by == self.id and claimed_until - now > self.lease / 4:
-            rows = [OutboxRow(*row[3:]) for row in found if row[3] is not None]
-            return Claim(source, str(incarnation), plan(rows, self.handlers, now), float(claimed_until))
-        if claimed_by not in (None, self.id) and claimed_until > now:
-            self._held.discard(source)
-            raise _ClaimedElsewhere(float(claimed_until))
-        with self.store.writing(source, create=False, wait_ms=LOCK_WAIT_MS, move_wait=0) as handle:
-            claim: list[Any] = self.store.internal(
-                handle, "SELECT claimed_by, claimed_until FROM _shardlite_relay WHERE id = 1").fetchall()
-            claimed_by, claimed_until = claim[0]
-            if claimed_by not in (None, self.id) and claimed_until > now:
-                self._held.discard(source)
-                raise _ClaimedElsewhere(float(claimed_until))
-            self.store.internal(handle, "UPDATE _shardlite_relay SET claimed_by = ?, claimed_until = ? "
-                                "WHERE id = 1", (self.id, now + self.lease))
-            self._held.add(source)
-            found = self.store.internal(handle, _READ_OUTBOX.format(batch=int(self.batch))).fetchall()
-            rows = [OutboxRow(*row) for row in found]
-            return Claim(source, handle.incarnation, plan(rows, self.handlers, now), now + self.lease)
+        """Take the source's lease and read a batch of its outbox (:func:`~.relay_lease.claim_source`)."""
+        return claim_source(self.store, source, now, relay_id=self.id, lease=self.lease, batch=self.batch,
+                            handlers=self.handlers, held=self._held, wait_ms=LOCK_WAIT_MS)
 
     def release_claims(self) -> None:
         """Give up the leases this relay holds (its acknowledgements renew them, so that its next pass over
         a busy source needs no claim transaction): another relay can take those sources at once. A source
         that cannot be written now keeps the lease until it runs out."""
         held, self._held = self._held, set()
-        for source in held:
-            try:
-                with self.store.writing(source, create=False, wait_ms=LOCK_WAIT_MS, move_wait=0) as handle:
-                    self.store.internal(handle, "UPDATE _shardlite_relay SET claimed_by = NULL, claimed_until = 0 "
-                                        "WHERE id = 1 AND claimed_by = ?", (self.id,))
-            except (UnknownTenant, Busy, TenantMoving) as exc:  # expires by itself within the lease
-                log.debug("relay: could not release %r (%s)", source, exc)
-            except Exception as exc:  # noqa: BLE001 - one source never keeps the others' leases
-                self.report("source", source, exc, " (releasing its lease)")
+        release_leases(self.store, held, relay_id=self.id, wait_ms=LOCK_WAIT_MS, report=self.report)
 
     def _acknowledge(self, claim: Claim, stats: PassStats, wait_ms: int | None = None) -> None:
         """In the source: delete what was delivered, count failures (backoff or dead letter), renew the
