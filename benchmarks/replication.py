@@ -461,7 +461,9 @@ class Bench:
         lags, missing = sampler.lags(written["writes"])
         got.update(tenants=count, writes=len(written["writes"]), writer_behind=written["behind"],
                    writer_elapsed_s=written["elapsed_s"], missing=missing, sampler_lists=sampler.lists,
-                   sampler_poll_s=POLL_S, packs_seen=len(sampler.seen))
+                   sampler_poll_s=POLL_S, packs_seen=len(sampler.seen),
+                   lag_max_by_second=[round(sampler.by_second.get(i, 0.0), 3) for i in range(
+                       int(max(sampler.by_second, default=-1)) + 1)])
         if lags:
             lags.sort()
             got.update(lag_p50_s=pct(lags, 50), lag_p99_s=pct(lags, 99), lag_max_s=lags[-1])
@@ -524,12 +526,16 @@ class LagSampler:
     def lags(self, writes: list[list[Any]]) -> tuple[list[float], int]:
         lags: list[float] = []
         missing = 0
+        self.by_second: dict[int, float] = {}  #: the largest lag of the writes acknowledged in each second
+        began = writes[0][2] if writes else 0
         for key, start, acked in writes:
             firsts = [seen for seen, newest in self.by_key.get(key, ()) if newest >= start]
             if not firsts:
                 missing += 1
                 continue
             lags.append((min(firsts) - acked) / 1e9)
+            second = (acked - began) // 1_000_000_000
+            self.by_second[second] = max(self.by_second.get(second, 0.0), lags[-1])
         return lags, missing
 
 
@@ -542,7 +548,7 @@ def fmt_s(seconds: float) -> str:
 
 def run(args: argparse.Namespace, tmp: str, server: Any) -> Bench:  # noqa: C901 - one scenario after another
     b = Bench(args, tmp, server)
-    sizes = [200] if args.quick else [1_000, 5_000]
+    sizes = args.sizes or ([200] if args.quick else [1_000, 5_000])
     window = args.window
     try:
         if "idle" in args.only or "writes" in args.only or "restore" in args.only:
@@ -814,6 +820,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(ROW_NAMES), help=f"comma-separated ({', '.join(ROW_NAMES)})")
     parser.add_argument("--window", type=float, default=None, help="seconds per idle window (default 60, quick 20)")
     parser.add_argument("--interval", type=float, default=1.0, help="the replicator's --interval (default 1)")
+    parser.add_argument("--sizes", default=None, help="tenants of the idle/writes rows, comma-separated (default "
+                        "1000,5000; quick 200)")
     parser.add_argument("--big", type=int, default=100_000, help="tenants of the 100k row")
     parser.add_argument("--rounds", type=int, default=None, help="paired rounds of the cost rows (21, quick 7)")
     parser.add_argument("--round-time", type=float, default=None, help="seconds per side per round (0.15, quick 0.05)")
@@ -824,6 +832,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in args.only if r not in ROW_NAMES]
     if unknown:
         parser.error(f"unknown rows {unknown}; rows are {', '.join(ROW_NAMES)}")
+    args.sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else None
     args.window = args.window or (20.0 if args.quick else 60.0)
     args.rounds = args.rounds or (7 if args.quick else 21)
     args.round_time = args.round_time or (0.05 if args.quick else 0.15)
