@@ -64,8 +64,10 @@ KEEP_OPEN = 256
 CACHE_KIB = 64
 #: How long a capture waits for a tenant's write lock before leaving it for the next round.
 LOCK_WAIT_MS = 200
-#: Staged bytes per pack (a larger backlog ships in several packs, one per round).
-PACK_BYTES = 64 * 1024 * 1024
+#: Staged bytes per pack (a larger backlog ships in several packs, one per round). A pack is built in memory
+#: (the staged rows, then the encoded pack: about twice this): 16 MiB keeps a replicator draining a backlog
+#: within issue 16's 200 MB, and still drains 32 MiB a second at the 0.5 s interval.
+PACK_BYTES = 16 * 1024 * 1024
 #: Node names usable as they are in an object name (the replica's names are lowercase: module doc of
 #: shardlite.replica.target); any other is hashed.
 _SAFE_NODE = re.compile(r"[a-z0-9_][a-z0-9._-]{0,63}")
