@@ -1,0 +1,77 @@
+"""The run loop's ticks (``Replication.run``): between two uploads (one per interval) the noted tenants are
+captured and staged, so an upload waits only for the last tick's captures; the reconcile pass of a loop runs
+after its tick's upload; an idle tick writes nothing to the staging file. Ticks are called directly here (no
+timing): ``Replication._tick`` is what each turn of the loop runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import shardlite
+from shardlite.services.replication import Replication
+
+SCHEMA = ["CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"]
+KEYS = ["user:a", "user:b", "user:c"]
+
+
+def _write(router: shardlite.Router, key: str, body: str) -> None:
+    with router.transaction(key) as tx:
+        tx.execute("INSERT INTO notes(body) VALUES (?)", (body,))
+
+
+@pytest.fixture
+def replication(tmp_path: Path) -> tuple[shardlite.Router, Replication]:
+    router = shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate="file://" + str(tmp_path / "replica"))
+    for key in KEYS:
+        _write(router, key, "first")
+    replication = Replication(router._store)
+    replication.run_round()  # the first pass: every tenant's snapshot shipped
+    yield router, replication
+    replication.close()
+    router.close()
+
+
+def test_a_tick_between_uploads_captures_and_stages_and_the_upload_tick_ships(
+        replication: tuple[shardlite.Router, Replication]) -> None:
+    router, rep = replication
+    (node,) = rep.nodes.values()
+    staging = node.replicator.staging
+    assert staging.staged_count() == (0, 0)
+    _write(router, "user:a", "second")  # noted by the writer
+    stats = rep._tick(upload=False, budget=1.0, loop=True)[node.name]
+    assert (stats.captured, stats.uploaded_packs) == (1, 0)
+    assert staging.staged_count()[0] == 1 and not node.replicator.marked()
+    packs = len(list(staging.packs()))
+    stats = rep._tick(upload=True, budget=1.0, loop=True)[node.name]
+    assert (stats.captured, stats.uploaded_packs) == (0, 1)  # nothing left to capture: only the upload
+    assert staging.staged_count() == (0, 0) and len(list(staging.packs())) == packs + 1
+
+
+def test_the_loop_reconciles_after_the_upload_and_only_on_upload_ticks(
+        replication: tuple[shardlite.Router, Replication]) -> None:
+    router, rep = replication
+    (node,) = rep.nodes.values()
+    node.reconcile_every = 0.0  # due at every tick
+    before = node.reconciled_at
+    _write(router, "user:b", "second")
+    stats = rep._tick(upload=False, budget=1.0, loop=True)[node.name]
+    assert "reconcile" not in stats.phases and node.reconciled_at == before
+    _write(router, "user:c", "second")
+    stats = rep._tick(upload=True, budget=1.0, loop=True)[node.name]
+    phases = list(stats.phases)
+    assert stats.uploaded_packs == 1 and node.reconciled_at > before
+    assert phases.index("reconcile") > phases.index("upload.put")  # the pass never delays the upload
+
+
+def test_an_idle_tick_writes_nothing_to_the_staging_file(replication: tuple[shardlite.Router, Replication]) -> None:
+    router, rep = replication
+    (node,) = rep.nodes.values()
+    _write(router, "user:a", "second")
+    rep._tick(upload=True, budget=1.0, loop=True)  # captures, ships, stores the notes' offsets
+    changes = node.replicator.staging.conn.total_changes()
+    for upload in (False, True, False):
+        stats = rep._tick(upload=upload, budget=1.0, loop=True)[node.name]
+        assert (stats.captured, stats.uploaded_packs) == (0, 0)
+    assert node.replicator.staging.conn.total_changes() == changes
