@@ -6,20 +6,30 @@ A node is replicated by one process at a time: the process that holds ``flock`` 
 ``flock`` locks do not interact with SQLite's POSIX locks on Linux). Another process started for the same
 root waits as a standby and takes a node over within one interval of its owner's death.
 
-Each interval, for each node this process owns:
+The loop (:meth:`Replication.run`) ticks :data:`CAPTURE_TICKS` times per interval; at each tick, for each node
+this process owns:
 
-1. the notes written since the last round are read (:mod:`shardlite.files.notesfile`) and each noted
+1. the notes written since the last tick are read (:mod:`shardlite.files.notesfile`) and each noted
    tenant is marked with its commits' frame counts and times;
-2. every :data:`RECONCILE_EVERY` seconds (and at start; less often on a node so large that a pass would
-   take more than :data:`RECONCILE_SHARE` of a core) every live tenant of the node without a cursor is
-   marked, and the size and time of every tenant's log are compared with the last look (at the first look
-   in this process, its time with the tenant's last capture): a log that changed without a note (its
-   writer could not write one) is marked too. The pass reads the catalog and the cursors once each and
-   stats each log: no query per tenant;
-3. the round runs (capture, stage, checkpoint big logs, upload one pack);
-4. the notes' read offsets are stored, and notes files of dead writers read to their end removed, only
-   when no marked tenant is left over (a busy tenant keeps the offsets where they were, so a crash never
-   loses a note of a tenant not captured yet).
+2. the marked tenants are captured and staged (checkpointing big logs), for at most one interval of work
+   (a first pass over a large node ships as it goes; the tenants not reached stay marked);
+3. once per interval (and at once when a writer asks for a confirmation) what is staged is uploaded as one
+   pack: an upload waits only for the captures of the last tick, so a commit's lag is at most about one
+   interval, one tick's captures and the upload, and PUTs stay one per interval;
+4. the notes' read offsets are stored when they moved, and notes files of dead writers read to their end
+   removed, only when no marked tenant is left over (a busy tenant keeps the offsets where they were, so a
+   crash never loses a note of a tenant not captured yet);
+5. after an upload, every :data:`RECONCILE_EVERY` seconds (and at start; less often on a node so large that a
+   pass would take more than :data:`RECONCILE_SHARE` of a core) every live tenant of the node without a
+   cursor is marked, and the size and time of every tenant's log are compared with the last look (at the
+   first look in this process, its time with the tenant's last capture): a log that changed without a note
+   (its writer could not write one) is marked too, for the next tick. The pass reads the catalog and the
+   cursors once each and stats each log: no query per tenant; it runs after the upload so that its cost
+   (~0.1 s at 5,000 tenants) never delays one.
+
+:meth:`Replication.run_round` (``replicate run --once``) is one whole round: the reconcile pass when due,
+every marked tenant captured, one upload. A round or tick whose wall time exceeds the interval is logged
+(INFO) with the seconds of each of its phases (``RoundStats.phases``).
 
 The root's metadata (catalog, nodes, accounts, sessions: a ``global.db``-schema export, whichever backend
 holds it) and the app's global tables go to the replica as one snapshot object
@@ -90,7 +100,9 @@ class _Node:
     #: the offsets last written to the staging file
     stored_offsets: dict[str, int] = field(default_factory=dict)
     finished: set[str] = field(default_factory=set)
-    seen_logs: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: per tenant, its log's time and size at the last look, as one int (``_look``: at 100,000 tenants a
+    #: tuple of two per tenant held 23 MB)
+    seen_logs: dict[str, int] = field(default_factory=dict)
     reconciled_at: float = 0.0
     #: seconds from one reconcile pass to the next (RECONCILE_EVERY, or longer when a pass costs more)
     reconcile_every: float = RECONCILE_EVERY
@@ -298,9 +310,9 @@ class Replication:
                 continue
             try:
                 info = os.stat(self.store.path_of(record) + "-wal")
-                look = (info.st_size, info.st_mtime_ns)
+                look = _look(info.st_size, info.st_mtime_ns)
             except FileNotFoundError:
-                look = (0, 0)
+                look = 0
             seen = node.seen_logs.get(key)
             if seen == look:
                 continue
@@ -311,7 +323,7 @@ class Replication:
                 # times are coarse: FIRST_LOOK_MARGIN_NS). Marking it anyway re-captured every tenant of
                 # the node once after each start (a full pass: ~0.5 ms of CPU per tenant).
                 found = cursors.get(key)
-                if look != (0, 0) and found is not None and look[1] < found.captured_ns - FIRST_LOOK_MARGIN_NS:
+                if look and found is not None and look >> _SIZE_BITS < found.captured_ns - FIRST_LOOK_MARGIN_NS:
                     continue
             replicator.mark(key)
         node.reconciled_at = self.clock()
@@ -395,10 +407,11 @@ class Replication:
             self._wake.set()
 
     def run(self, stop: threading.Event, *, interval: float = INTERVAL, parent: int | None = None) -> None:
-        """Rounds every ``interval`` seconds until ``stop`` is set, or, given ``parent``, until ``os.getppid()``
-        is no longer ``parent`` (checked before every round: a replicator started by an app never outlives it).
-        A round that fails as a whole (the metadata unreachable) is logged and the next one tries again.
-        A confirmation request (:mod:`shardlite.services.confirmations`) starts the next round at once."""
+        """Ticks every ``interval / CAPTURE_TICKS`` seconds, with an upload every ``interval`` (module
+        docstring), until ``stop`` is set, or, given ``parent``, until ``os.getppid()`` is no longer ``parent``
+        (checked before every tick: a replicator started by an app never outlives it). A tick that fails as a
+        whole (the metadata unreachable) is logged and the next one tries again. A confirmation request
+        (:mod:`shardlite.services.confirmations`) starts the next tick at once, and its node uploads in it."""
         def relay_stop() -> None:
             stop.wait()
             self._wake.set()
@@ -432,6 +445,15 @@ class Replication:
     def status(self, now_ns: int | None = None) -> dict[str, Any]:
         """Per node and per tenant: the last captured commit, what is staged, packs shipped."""
         return status(self.store, now_ns, owned=set(self.nodes), standby=set(self.standby))
+
+
+_SIZE_BITS = 48
+
+
+def _look(size: int, mtime_ns: int) -> int:
+    """A log's size and time in one int (time in the high bits: ``look >> _SIZE_BITS`` is the time); 0 for
+    no log. Sizes of 2**48 bytes and more share their low bits, which a changed time still tells apart."""
+    return (mtime_ns << _SIZE_BITS) | (size & ((1 << _SIZE_BITS) - 1)) or 1
 
 
 def _log_slow_round(took: float, stats: dict[str, RoundStats], extra: dict[str, float]) -> None:
