@@ -59,7 +59,6 @@ from typing import Any
 from ..core import metasnap
 from ..errors import ConfigurationError
 from ..files import notesfile
-from ..files.catalog import TenantRecord
 from ..files.staging import STAGING_DIR, erase_lock
 from ..front.store import Store
 from ..replica.target import ReplicaTarget, open_target
@@ -300,16 +299,12 @@ class Replication:
 
     def _reconcile_logs(self, node: _Node) -> None:
         replicator = node.replicator
-        live: dict[str, TenantRecord] = {}
+        live: dict[str, str] = {}
         replicator.reconcile(live)  # one pass over the catalog: no lookup per tenant below
-        keys = replicator.staging.keys()
-        cursors = replicator.staging.cursors() if any(k not in node.seen_logs for k in keys) else {}
-        for key in keys:
-            record = live.get(key)
-            if record is None:
-                continue
+        captured = replicator.staging.captured_times() if live.keys() - node.seen_logs.keys() else {}
+        for key, path in live.items():
             try:
-                info = os.stat(self.store.path_of(record) + "-wal")
+                info = os.stat(path + "-wal")
                 look = _look(info.st_size, info.st_mtime_ns)
             except FileNotFoundError:
                 look = 0
@@ -322,10 +317,12 @@ class Replication:
                 # as its cursor's capture saw it when it was last written well before that capture (file
                 # times are coarse: FIRST_LOOK_MARGIN_NS). Marking it anyway re-captured every tenant of
                 # the node once after each start (a full pass: ~0.5 ms of CPU per tenant).
-                found = cursors.get(key)
-                if look and found is not None and look >> _SIZE_BITS < found.captured_ns - FIRST_LOOK_MARGIN_NS:
+                at = captured.get(key)
+                if look and at is not None and look >> _SIZE_BITS < at - FIRST_LOOK_MARGIN_NS:
                     continue
             replicator.mark(key)
+        for key in node.seen_logs.keys() - live.keys():  # dropped, moved away, or marked for a new file
+            del node.seen_logs[key]
         node.reconciled_at = self.clock()
 
     def _round(self, node: _Node, *, upload: bool, budget: float | None, loop: bool) -> RoundStats:

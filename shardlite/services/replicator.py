@@ -152,23 +152,25 @@ class NodeReplicator:
         """The tenants marked for the next round."""
         return list(self._marked)
 
-    def reconcile(self, live: dict[str, TenantRecord] | None = None) -> int:
+    def reconcile(self, live: dict[str, str] | None = None) -> int:
         """Mark every live tenant of this node that has no cursor, or a cursor of another file (a new
         generation or incarnation); forget cursors of tenants no longer here. Returns how many it marked.
-        ``live``, when given, receives the catalog record of every live tenant of this node (one pass over
-        the catalog serves the caller too)."""
-        cursors = self.staging.cursors()
-        here = live if live is not None else {}
+        ``live``, when given, receives the file path of every live tenant of this node whose cursor is of its
+        file (one pass over the catalog serves the caller too; paths, not records: at 100,000 tenants a pass
+        holds them all at once)."""
+        cursors = self.staging.identities()
+        here: set[str] = set()
         marked = 0
         for record in self.store.meta.tenants.iter_tenants():
             if record.node != self.node:
                 continue
-            here[record.key] = record
-            found = cursors.get(record.key)
-            if found is None or (found.incarnation, found.generation) != (record.incarnation, record.generation):
+            here.add(record.key)
+            if cursors.get(record.key) != (record.incarnation, record.generation):
                 self.mark(record.key)
                 marked += 1
-        for key in set(cursors) - here.keys():
+            elif live is not None:
+                live[record.key] = self.store.path_of(record)
+        for key in cursors.keys() - here:
             self._close(key)
             self.staging.forget(key)
         return marked
