@@ -10,8 +10,8 @@ Usage::
 
 The S3 server is ``shardlite.testing.s3.seaweedfs()`` (``weed mini`` on loopback, one bucket); every
 scenario replicates to a prefix of its own. The replicator runs as ``shardlite --root R replicate run``
-(default ``--interval 1``) through ``benchmarks/replication_counted.py``, which counts the S3 requests it
-sends (botocore's ``before-send`` event, by kind). How each figure is taken:
+(``replicate run``'s default ``--interval``, 0.5 s) through ``benchmarks/replication_counted.py``, which
+counts the S3 requests it sends (botocore's ``before-send`` event, by kind). How each figure is taken:
 
 * **tenants**: created through a ``Router(root, replicate=URL)`` (one table ``w``, three rows each, one
   transaction per tenant) in worker processes of this file (``_create``), 2 of them; the replicator starts
@@ -172,7 +172,7 @@ def proc_fds(pid: int) -> int:
 class Replicator:
     """``shardlite --root R replicate run`` in a process of its own, its S3 requests counted."""
 
-    def __init__(self, root: str, env: dict[str, str], interval: float = 1.0) -> None:
+    def __init__(self, root: str, env: dict[str, str], interval: float) -> None:
         self.root = root
         self.counts_path = os.path.join(os.path.dirname(root), os.path.basename(root) + ".counts.json")
         self.logfile = open(os.path.join(os.path.dirname(root), os.path.basename(root) + ".replicator.log"), "wb")  # noqa: SIM115
@@ -819,7 +819,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--only", default=",".join(ROW_NAMES), help=f"comma-separated ({', '.join(ROW_NAMES)})")
     parser.add_argument("--window", type=float, default=None, help="seconds per idle window (default 60, quick 20)")
-    parser.add_argument("--interval", type=float, default=1.0, help="the replicator's --interval (default 1)")
+    parser.add_argument("--interval", type=float, default=None,
+                        help="the replicator's --interval (default: replicate run's, INTERVAL)")
     parser.add_argument("--sizes", default=None, help="tenants of the idle/writes rows, comma-separated (default "
                         "1000,5000; quick 200)")
     parser.add_argument("--big", type=int, default=100_000, help="tenants of the 100k row")
@@ -833,6 +834,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown rows {unknown}; rows are {', '.join(ROW_NAMES)}")
     args.sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else None
+    if args.interval is None:
+        from shardlite.services.replication import INTERVAL
+
+        args.interval = INTERVAL
     args.window = args.window or (20.0 if args.quick else 60.0)
     args.rounds = args.rounds or (7 if args.quick else 21)
     args.round_time = args.round_time or (0.05 if args.quick else 0.15)
