@@ -173,8 +173,9 @@ def proc_fds(pid: int) -> int:
 class Replicator:
     """``shardlite --root R replicate run`` in a process of its own, its S3 requests counted."""
 
-    def __init__(self, root: str, env: dict[str, str], interval: float) -> None:
+    def __init__(self, root: str, env: dict[str, str], interval: float, keep_log: str | None = None) -> None:
         self.root = root
+        self.keep_log = keep_log
         self.counts_path = os.path.join(os.path.dirname(root), os.path.basename(root) + ".counts.json")
         self.logfile = open(os.path.join(os.path.dirname(root), os.path.basename(root) + ".replicator.log"), "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -199,6 +200,10 @@ class Replicator:
                 self.proc.kill()
                 self.proc.wait()
         self.logfile.close()
+        if self.keep_log:
+            os.makedirs(self.keep_log, exist_ok=True)
+            shutil.copy(self.logfile.name, os.path.join(self.keep_log, f"{os.path.basename(self.logfile.name)}."
+                                                         f"{self.pid}"))
 
     def check(self) -> None:
         if self.proc.poll() is not None:
@@ -354,7 +359,7 @@ class Bench:
         return time.perf_counter() - t0
 
     def replicator(self, root: str) -> Replicator:
-        rep = Replicator(root, self.env, self.args.interval)
+        rep = Replicator(root, self.env, self.args.interval, self.args.logs)
         self.stops.append(rep.stop)
         return rep
 
@@ -875,6 +880,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big", type=int, default=100_000, help="tenants of the 100k row")
     parser.add_argument("--rounds", type=int, default=None, help="paired rounds of the cost rows (21, quick 7)")
     parser.add_argument("--round-time", type=float, default=None, help="seconds per side per round (0.15, quick 0.05)")
+    parser.add_argument("--logs", default=None, help="copy each replicator's log (its slow rounds: where their "
+                        "time went) into this directory when it stops")
     parser.add_argument("--dir", default=None, help="where to put the roots (default: the temp dir)")
     parser.add_argument("--results", default=RESULTS_PATH, help="the JSON results file (default %(default)s)")
     args = parser.parse_args(argv)
