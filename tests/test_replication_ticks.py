@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import apsw
 import pytest
 
 import shardlite
+from shardlite.services import replication as replication_module
 from shardlite.services.replication import Replication
 
 SCHEMA = ["CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"]
@@ -75,3 +77,35 @@ def test_an_idle_tick_writes_nothing_to_the_staging_file(replication: tuple[shar
         stats = rep._tick(upload=upload, budget=1.0, loop=True)[node.name]
         assert (stats.captured, stats.uploaded_packs) == (0, 0)
     assert node.replicator.staging.conn.total_changes() == changes
+
+
+def test_the_loop_reconciles_in_slices_and_a_slice_finds_a_log_changed_without_a_note(
+        replication: tuple[shardlite.Router, Replication], monkeypatch: pytest.MonkeyPatch) -> None:
+    """One slice of the pass per upload tick (a pass over 5,000 tenants held a tick's captures up 0.6 s at load
+    8): slices in turn cover the catalog, and the slice holding a tenant whose log changed without a note marks
+    it."""
+    router, rep = replication
+    (node,) = rep.nodes.values()
+    monkeypatch.setattr(replication_module, "RECONCILE_SLICE", 1)
+    store = router._store
+    record = store.meta.tenants.lookup("user:c")
+    assert record is not None
+    conn = apsw.Connection(store.path_of(record))  # a writer that writes no note
+    try:
+        with conn:
+            conn.execute("INSERT INTO notes(body) VALUES ('without a note')")
+    finally:
+        conn.close()
+    node.reconcile_every = 0.0
+    finished = node.reconciled_at
+    starts, captured = [], []
+    for _ in range(len(KEYS) + 1):
+        stats = rep._tick(upload=True, budget=1.0, loop=True)[node.name]
+        starts.append(node.pass_after)
+        captured.append(stats.captured)
+        if node.reconciled_at != finished:
+            break
+    assert starts == ["user:a", "user:b", "user:c", None]  # one tenant a slice, then the end of the catalog
+    # the slice of user:c marked it (after that tick's captures); the next tick captured it
+    assert captured == [0, 0, 0, 1] and not node.replicator.marked()
+    assert node.replicator.staging.staged_count() == (0, 0)

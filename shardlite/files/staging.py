@@ -163,15 +163,18 @@ class Staging:
         return {row[0]: self._tenant_cursor(row[1:]) for row in self.conn.execute(
             f"SELECT key, {self._CURSOR_COLUMNS} FROM cursors ORDER BY key")}
 
-    def identities(self) -> dict[str, tuple[str, int]]:
-        """Per tenant with a cursor, the (incarnation, generation) of the file it was taken on, in one read (the
-        reconcile pass; a third of the memory of :meth:`cursors` at 100,000 tenants)."""
+    def identities(self, after: str = "", upto: str | None = None) -> dict[str, tuple[str, int]]:
+        """Per tenant with a cursor whose key sorts after ``after`` and not after ``upto`` (None: no bound; code
+        point order, as the catalog's ``iter_tenants``), the (incarnation, generation) of the file it was taken
+        on, in one read (the reconcile pass; a third of the memory of :meth:`cursors` at 100,000 tenants)."""
         return {str(key): (str(inc), int(gen)) for key, inc, gen in self.conn.execute(
-            "SELECT key, incarnation, generation FROM cursors")}
+            "SELECT key, incarnation, generation FROM cursors WHERE key > ? AND (? IS NULL OR key <= ?)",
+            (after, upto, upto))}
 
-    def captured_times(self) -> dict[str, int]:
-        """Per tenant with a cursor, when it was last captured (ns), in one read."""
-        return {str(key): int(at) for key, at in self.conn.execute("SELECT key, captured_ns FROM cursors")}
+    def captured_times(self, after: str = "", upto: str | None = None) -> dict[str, int]:
+        """Per tenant with a cursor in the key range of :meth:`identities`, when it was last captured (ns)."""
+        return {str(key): int(at) for key, at in self.conn.execute(
+            "SELECT key, captured_ns FROM cursors WHERE key > ? AND (? IS NULL OR key <= ?)", (after, upto, upto))}
 
     def keys(self) -> list[str]:
         return [row[0] for row in self.conn.execute("SELECT key FROM cursors ORDER BY key")]

@@ -158,22 +158,40 @@ class NodeReplicator:
         ``live``, when given, receives the file path of every live tenant of this node whose cursor is of its
         file (one pass over the catalog serves the caller too; paths, not records: at 100,000 tenants a pass
         holds them all at once)."""
-        cursors = self.staging.identities()
+        marked, after = self.reconcile_slice("", None, live)
+        assert after is None
+        return marked
+
+    def reconcile_slice(self, after: str, limit: int | None, live: dict[str, str] | None = None) -> tuple[
+            int, str | None]:
+        """:meth:`reconcile` for the catalog's tenants whose keys sort after ``after``, at most ``limit`` of them
+        (None: all): returns how many it marked and the key to continue after, or None when the catalog is
+        done. Cursors are compared (and forgotten) in the same key range, so slices in turn make one pass."""
         here: set[str] = set()
+        seen: list[tuple[str, str, int, str]] = []
+        last: str | None = None
+        count = 0
+        for record in self.store.meta.tenants.iter_tenants(after=after, batch=min(limit or 1000, 1000)):
+            count += 1
+            last = record.key
+            if record.node == self.node:
+                here.add(record.key)
+                seen.append((record.key, record.incarnation, record.generation, self.store.path_of(record)))
+            if limit is not None and count >= limit:
+                break
+        done = limit is None or count < limit
+        cursors = self.staging.identities(after, None if done else last)
         marked = 0
-        for record in self.store.meta.tenants.iter_tenants():
-            if record.node != self.node:
-                continue
-            here.add(record.key)
-            if cursors.get(record.key) != (record.incarnation, record.generation):
-                self.mark(record.key)
+        for key, incarnation, generation, path in seen:
+            if cursors.get(key) != (incarnation, generation):
+                self.mark(key)
                 marked += 1
             elif live is not None:
-                live[record.key] = self.store.path_of(record)
+                live[key] = path
         for key in cursors.keys() - here:
             self._close(key)
             self.staging.forget(key)
-        return marked
+        return marked, None if done else last
 
     # -- one round -------------------------------------------------------------------------------------
 
