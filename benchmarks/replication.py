@@ -577,6 +577,8 @@ def fmt_s(seconds: float) -> str:
 
 
 def run(args: argparse.Namespace, tmp: str, server: Any) -> Bench:  # noqa: C901 - one scenario after another
+    from shardlite.errors import ShardliteError
+
     b = Bench(args, tmp, server)
     sizes = args.sizes or ([200] if args.quick else [1_000, 5_000])
     window = args.window
@@ -596,7 +598,7 @@ def run(args: argparse.Namespace, tmp: str, server: Any) -> Bench:  # noqa: C901
                     ours = b.extra[f"idle_{count}"]
                     try:
                         theirs = b.litestream_idle(count, window)
-                    except (OSError, RuntimeError) as exc:
+                    except (OSError, RuntimeError, ShardliteError) as exc:  # e.g. S3 listing timed out under it
                         log(f"litestream {count}: not measured ({exc})")
                         continue
                     b.rows.append(litestream_row(f"l{count}", count, ours, theirs))
