@@ -14,9 +14,11 @@ generation and takes a snapshot (:mod:`shardlite.files.walcapture`), so history 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from typing import Any, NamedTuple, cast
@@ -89,6 +91,8 @@ CREATE TABLE IF NOT EXISTS packs(
 CREATE TABLE IF NOT EXISTS notes_read(file TEXT PRIMARY KEY, offset INTEGER NOT NULL) STRICT;
 CREATE TABLE IF NOT EXISTS erased(incarnation TEXT PRIMARY KEY, erased_ns INTEGER NOT NULL) STRICT;
 """
+#: The tables :data:`_SCHEMA` makes.
+_TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _SCHEMA))
 
 
 class TenantCursor(NamedTuple):
@@ -137,8 +141,10 @@ class Staging:
         self.conn.set_busy_timeout(5000)
         self.conn.execute("PRAGMA journal_mode=WAL").fetchall()
         self.conn.execute("PRAGMA synchronous=NORMAL")
-        with self.conn:
-            self.conn.execute(_SCHEMA)
+        have = {str(name) for (name,) in self.conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
+        if not have >= _TABLES:  # a reader (`replicate status`) of a complete file writes nothing
+            with self._write():
+                self.conn.execute(_SCHEMA)
 
     def close(self) -> None:
         self.conn.close()
@@ -177,11 +183,11 @@ class Staging:
     def set_cursor(self, key: str, incarnation: str, generation: int, cursor: Cursor, last_commit_ns: int) -> None:
         """Store a cursor that moved without new data (a checkpoint closed its log generation)."""
         old = self.cursor(key)
-        with self.conn:
+        with self._write():
             self._put_cursor(key, incarnation, generation, cursor, old.captured_ns if old else 0, last_commit_ns)
 
     def forget(self, key: str) -> None:
-        with self.conn:
+        with self._write():
             self.conn.execute("DELETE FROM cursors WHERE key = ?", (key,))
 
     # -- captures --------------------------------------------------------------------------------------
@@ -195,7 +201,7 @@ class Staging:
             kind, salt, first, last = "frames", got.cursor.salt.hex(), got.frames[0].number, got.frames[-1].number
             data = b"".join(wf.encode_frame(frame) for frame in got.frames)
         last_commit = commits[-1][1] if commits else captured_ns
-        with self.conn:
+        with self._write():
             self.conn.execute(
                 "INSERT INTO staged(key, incarnation, generation, kind, page_size, salt, first, last, commits, "
                 "captured_ns, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -247,10 +253,23 @@ class Staging:
 
     def shipped(self, seq: int, name: str, created_ns: int, uploaded_ns: int, size: int, ids: list[int]) -> None:
         """Record pack ``seq`` as uploaded and drop its staged rows, in one transaction."""
-        with self.conn:
+        with self._write():
             self.conn.execute("INSERT INTO packs VALUES (?, ?, ?, ?, ?, ?)",
                               (seq, name, created_ns, uploaded_ns, size, len(ids)))
             self.conn.executemany("DELETE FROM staged WHERE id = ?", [(i,) for i in ids])
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        """A write transaction begun as one (``BEGIN IMMEDIATE``, waiting up to the busy timeout): a deferred
+        one that read first would fail at its first write, without waiting, whenever another process (the
+        replicator, an erase, a compaction) committed since its read began (SQLITE_BUSY_SNAPSHOT)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
 
     def packs(self) -> Iterator[tuple[int, str, int, int, int, int]]:
         yield from self.conn.execute("SELECT seq, name, created_ns, uploaded_ns, bytes, entries FROM packs "
@@ -260,7 +279,7 @@ class Staging:
         """Forget the rows of packs a compaction deleted from the replica (the staging's pack list would
         otherwise grow for ever); the row of the highest sequence stays, so a sequence number is never
         reused. Returns how many rows went."""
-        with self.conn:
+        with self._write():
             top = self.conn.execute("SELECT coalesce(max(seq), 0) FROM packs").fetchone()
             assert top is not None
             gone = 0
@@ -279,7 +298,7 @@ class Staging:
         # secure_delete: the erased captures' bytes are overwritten, not left in free pages of this file; the
         # scrub afterwards removes what earlier deletes (shipped packs) left in free pages, and the log.
         self.conn.execute("PRAGMA secure_delete=ON")
-        with self.conn:
+        with self._write():
             rows = self.conn.execute("SELECT incarnation, count(*), sum(length(data)) FROM staged WHERE key = ? "
                                      "GROUP BY incarnation", (key,)).fetchall()
             found = {str(inc) for inc, _n, _b in rows}
@@ -315,7 +334,7 @@ class Staging:
     def discard_erased(self) -> int:
         """Delete the staged captures and cursors of erased incarnations (captures staged after the erase by a
         capture that was in flight); returns how many captures went. The caller holds the erase lock."""
-        with self.conn:
+        with self._write():
             gone = self.conn.execute("DELETE FROM staged WHERE incarnation IN (SELECT incarnation FROM erased) "
                                      "RETURNING id").fetchall()
             self.conn.execute("DELETE FROM cursors WHERE incarnation IN (SELECT incarnation FROM erased)")
@@ -326,7 +345,7 @@ class Staging:
     def repacked(self, name: str, size: int, entries: int) -> None:
         """Record that an erase rewrote pack ``name`` to ``size`` bytes and ``entries`` captures (0, 0: deleted).
         The row stays, so a pack's sequence number is never reused."""
-        with self.conn:
+        with self._write():
             self.conn.execute("UPDATE packs SET bytes = ?, entries = ? WHERE name = ?", (size, entries, name))
 
     # -- notes -----------------------------------------------------------------------------------------
@@ -335,7 +354,7 @@ class Staging:
         return {name: int(at) for name, at in self.conn.execute("SELECT file, offset FROM notes_read")}
 
     def set_notes_offsets(self, offsets: dict[str, int], gone: list[str]) -> None:
-        with self.conn:
+        with self._write():
             self.conn.executemany("INSERT OR REPLACE INTO notes_read VALUES (?, ?)", list(offsets.items()))
             self.conn.executemany("DELETE FROM notes_read WHERE file = ?", [(name,) for name in gone])
 
