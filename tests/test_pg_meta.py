@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -133,18 +134,76 @@ def test_a_version_2_schema_is_upgraded_on_open_with_the_node_hints(pg_dsn: str,
     with psycopg.connect(pg_dsn, autocommit=True) as conn:  # back to version 2, as an older shardlite left it
         conn.execute("DROP TRIGGER nodes_hint ON shardlite.nodes")
         conn.execute("DROP FUNCTION shardlite.node_changed()")
+        _rewind_kv(conn)
         conn.execute("UPDATE shardlite.version SET version = 2")
     again = _meta(pg_dsn, os.fspath(tmp_path), root_id)
     again.open(create=False)
     try:
         with psycopg.connect(pg_dsn, autocommit=True) as listener, psycopg.connect(pg_dsn, autocommit=True) as conn:
-            assert conn.execute("SELECT version FROM shardlite.version").fetchone() == (len(STEPS),) == (4,)
+            assert conn.execute("SELECT version FROM shardlite.version").fetchone() == (len(STEPS),) == (5,)
             listener.execute("LISTEN shardlite_nodes")
             again.nodes.add("n2", "n2", 1)
             notes = [(n.channel, n.payload) for n in listener.notifies(timeout=30, stop_after=1)]
             assert notes == [("shardlite_nodes", root_id)]
     finally:
         again.close()
+
+
+def _rewind_kv(conn: psycopg.Connection[Any]) -> None:
+    """``shardlite.kv`` back to its shape before version 5 (one name space for the whole database)."""
+    conn.execute("ALTER TABLE shardlite.kv DROP CONSTRAINT kv_root_fkey")
+    conn.execute("ALTER TABLE shardlite.kv DROP CONSTRAINT kv_pkey")
+    conn.execute("ALTER TABLE shardlite.kv DROP COLUMN root_id")
+    conn.execute("ALTER TABLE shardlite.kv ADD PRIMARY KEY (name)")
+
+
+def test_roots_sharing_a_database_have_their_own_named_values(pg_dsn: str, tmp_path: Path) -> None:
+    """One root's replica location (a named value) is not another's: before version 5 a second root on the
+    database found the first one's and could not record its own. A forgotten root's values go with it."""
+    first = _meta(pg_dsn, os.fspath(tmp_path / "a"))
+    first.open(create=True, default_nodes=[("ka1", "n1", 1)])
+    second = _meta(pg_dsn, os.fspath(tmp_path / "b"))
+    second.open(create=True, default_nodes=[("kb1", "n1", 1)])
+    try:
+        first.kv.put("replicate", "file:///a")
+        assert second.kv.get("replicate") is None
+        assert second.kv.put_if_absent("replicate", "file:///b") == "file:///b"
+        assert first.kv.put_if_absent("replicate", "file:///x") == "file:///a"
+        second.kv.put("replicate", "file:///b2")
+        assert (first.kv.get("replicate"), second.kv.get("replicate")) == ("file:///a", "file:///b2")
+        second.nodes.forget_all()
+        with psycopg.connect(pg_dsn) as conn:
+            assert conn.execute("SELECT root_id, name, value FROM shardlite.kv").fetchall() == [
+                (first.root_id, "replicate", "file:///a")]
+    finally:
+        first.close()
+        second.close()
+
+
+def test_version_5_gives_every_root_the_values_put_before(pg_dsn: str, tmp_path: Path) -> None:
+    """A database at version 4 had one name space: each root it held then keeps seeing the values, and from
+    the upgrade on each root's puts are its own."""
+    first = _meta(pg_dsn, os.fspath(tmp_path / "a"))
+    first.open(create=True, default_nodes=[("va1", "n1", 1)])
+    second = _meta(pg_dsn, os.fspath(tmp_path / "b"))
+    second.open(create=True, default_nodes=[("vb1", "n1", 1)])
+    first.close()
+    second.close()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        _rewind_kv(conn)
+        conn.execute("INSERT INTO shardlite.kv(name, value) VALUES ('replicate_retention', '{\"default\": 5}')")
+        conn.execute("UPDATE shardlite.version SET version = 4")
+    first = _meta(pg_dsn, os.fspath(tmp_path / "a"), first.root_id)
+    first.open(create=False)
+    second = _meta(pg_dsn, os.fspath(tmp_path / "b"), second.root_id)
+    second.open(create=False)
+    try:
+        assert first.kv.get("replicate_retention") == second.kv.get("replicate_retention") == '{"default": 5}'
+        first.kv.put("replicate_retention", "{}")
+        assert second.kv.get("replicate_retention") == '{"default": 5}'
+    finally:
+        first.close()
+        second.close()
 
 
 def test_forget_all_leaves_another_root_in_the_database_alone(pg_dsn: str, tmp_path: Path) -> None:

@@ -65,7 +65,7 @@ class PgMeta:
         #: The relay's pending-work flags, its dead letters and the root's named values.
         self.pending = PgPending(self.pool)
         self.dead_letters = PgDeadLetters(self.pool)
-        self.kv = PgKV(self.pool)
+        self.kv = PgKV(self.pool, root_id)
         self._route_watchers: list[Callable[[str | None], None]] = []
         #: The one listening connection of this store: route, node-list and session hints (started by open).
         self._hints: Listener | None = None
