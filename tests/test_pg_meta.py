@@ -140,7 +140,7 @@ def test_a_version_2_schema_is_upgraded_on_open_with_the_node_hints(pg_dsn: str,
     again.open(create=False)
     try:
         with psycopg.connect(pg_dsn, autocommit=True) as listener, psycopg.connect(pg_dsn, autocommit=True) as conn:
-            assert conn.execute("SELECT version FROM shardlite.version").fetchone() == (len(STEPS),) == (5,)
+            assert conn.execute("SELECT version FROM shardlite.version").fetchone() == (len(STEPS),) == (6,)
             listener.execute("LISTEN shardlite_nodes")
             again.nodes.add("n2", "n2", 1)
             notes = [(n.channel, n.payload) for n in listener.notifies(timeout=30, stop_after=1)]
@@ -149,8 +149,16 @@ def test_a_version_2_schema_is_upgraded_on_open_with_the_node_hints(pg_dsn: str,
         again.close()
 
 
+def _rewind_plans(conn: psycopg.Connection[Any]) -> None:
+    """``shardlite.plans`` back to its shape before version 6 (plans of the whole database)."""
+    conn.execute("DROP INDEX shardlite.plans_by_root")
+    conn.execute("ALTER TABLE shardlite.plans DROP COLUMN root_id")
+
+
 def _rewind_kv(conn: psycopg.Connection[Any]) -> None:
-    """``shardlite.kv`` back to its shape before version 5 (one name space for the whole database)."""
+    """``shardlite.kv`` and ``plans`` back to their shape before version 5 (one name space for the whole
+    database)."""
+    _rewind_plans(conn)
     conn.execute("ALTER TABLE shardlite.kv DROP CONSTRAINT kv_root_fkey")
     conn.execute("ALTER TABLE shardlite.kv DROP CONSTRAINT kv_pkey")
     conn.execute("ALTER TABLE shardlite.kv DROP COLUMN root_id")
@@ -222,6 +230,67 @@ def test_forget_all_leaves_another_root_in_the_database_alone(pg_dsn: str, tmp_p
         assert first.tenants.lookup("kb") is None
         with psycopg.connect(pg_dsn) as conn:
             assert conn.execute("SELECT id FROM shardlite.roots").fetchall() == [(first.root_id,)]
+    finally:
+        first.close()
+        second.close()
+
+
+def test_roots_sharing_a_database_rebalance_independently(pg_dsn: str, tmp_path: Path) -> None:
+    """Each root plans, applies and lists its own rebalances: before version 6 a plan of the second root
+    superseded the first one's, and each saw the other's as its own."""
+    import shardlite
+
+    routers = {name: shardlite.Router(tmp_path / name, meta=pg_dsn, nodes=[f"{name}1"], schema=["CREATE TABLE t(x)"])
+               for name in ("ra", "rb")}
+    try:
+        for name, router in routers.items():
+            for i in range(12):
+                with router.transaction(f"{name}:{i}") as tx:
+                    tx.execute("INSERT INTO t VALUES (1)")
+            router.nodes.add(f"{name}2")
+        first, plan = routers["ra"].rebalance.plan()
+        assert plan.moves, "the ring moved nothing to the new node"
+        second, _ = routers["rb"].rebalance.plan()
+        assert routers["ra"].rebalance.status()["plan"] == first  # still planned, not superseded by rb's
+        assert routers["rb"].rebalance.status()["plan"] == second
+        assert routers["ra"].rebalance.apply()["state"] == "done"
+        assert {routers["ra"].locate(m.key).node for m in plan.moves} == {"ra2"}
+        assert [p.id for p in routers["rb"]._store.meta.journal.plans()] == [second]
+        with pytest.raises(ConfigurationError, match="no .*rebalance plan 1"):
+            routers["rb"]._store.meta.journal.plan_row(first, ["planned", "applying", "done"])
+    finally:
+        for router in routers.values():
+            router.close()
+
+
+def test_version_6_gives_each_plan_the_root_of_its_moves(pg_dsn: str, tmp_path: Path) -> None:
+    first = _meta(pg_dsn, os.fspath(tmp_path / "a"))
+    first.open(create=True, default_nodes=[("pa1", "n1", 1)])
+    second = _meta(pg_dsn, os.fspath(tmp_path / "b"))
+    second.open(create=True, default_nodes=[("pb1", "n1", 1)])
+    first.close()
+    second.close()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # back to version 5: plans of the database
+        _rewind_plans(conn)
+        made = [conn.execute("INSERT INTO shardlite.plans(created, state, fingerprint, summary) VALUES "
+                             "(1, 'done', 'f', '{}') RETURNING id").fetchone()[0] for _ in range(3)]
+        for plan_id, source in ((made[0], "pb1"), (made[1], "pa1")):
+            conn.execute("INSERT INTO shardlite.moves(plan_id, key, source, target, source_generation, size, "
+                         "step, updated) VALUES (%s, %s, %s, 'x', 1, 1, 'done', 1)", (plan_id, f"k{plan_id}", source))
+        conn.execute("UPDATE shardlite.version SET version = 5")
+    first = _meta(pg_dsn, os.fspath(tmp_path / "a"), first.root_id)
+    first.open(create=False)
+    second = _meta(pg_dsn, os.fspath(tmp_path / "b"), second.root_id)
+    second.open(create=False)
+    try:
+        # the plan without moves goes to the oldest root: the first one
+        assert sorted(p.id for p in first.journal.plans()) == [made[1], made[2]]
+        assert [p.id for p in second.journal.plans()] == [made[0]]
+        second.nodes.forget_all()
+        with psycopg.connect(pg_dsn) as conn:
+            gone = conn.execute("SELECT count(*) FROM shardlite.moves WHERE plan_id = %s", (made[0],)).fetchone()
+            assert gone == (0,)
+        assert sorted(p.id for p in first.journal.plans()) == [made[1], made[2]]
     finally:
         first.close()
         second.close()

@@ -209,7 +209,7 @@ def _rows(conn: apsw.Connection, table: Table) -> Iterator[tuple[Any, ...]]:
 
 
 #: The PostgreSQL tables whose rows carry their root's id (a column global.db does not have).
-_ROOT_OWNED = ("nodes", "kv")
+_ROOT_OWNED = ("nodes", "kv", "plans")
 
 
 def _copy_table(conn: apsw.Connection, pg: psycopg.Connection[Any], table: Table, root_id: str) -> None:

@@ -57,7 +57,7 @@ class PgMeta:
         #: This root's nodes (node names are unique across the database).
         self.nodes = PgNodes(self.pool, root, root_id, location.printable)
         #: Rebalance plans and claim-checked move steps (:mod:`shardlite.meta.postgres.journal`).
-        self.journal = PgJournal(self.pool)
+        self.journal = PgJournal(self.pool, root_id)
         #: Sessions with a cache of live ones kept right by NOTIFY (issue 15 point 3: see .session_cache).
         self.sessions = CachedSessions(PgSessions(self.pool))
         self.accounts = PgAccounts(self.pool, hint=self.sessions.hint)
