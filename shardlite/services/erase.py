@@ -124,11 +124,12 @@ def _lock_all(nodes: list[tuple[str, str]], wait: float) -> list[int]:
 def _rewrite(target: ReplicaTarget, name: str, key: str) -> dict[str, Any]:
     """Step 6 for one pack: rewrite or delete it, verified. What was done."""
     blob = target.get(name)
-    new, removed = pack.without(blob, key)
+    new, removed, dropped = pack.without_key(blob, key)
     done: dict[str, Any] = {"object": name, "captures_removed": len(removed),
                             "bytes_removed": sum(entry.length for entry in removed), "size_before": len(blob),
-                            "incarnations": sorted({entry.incarnation for entry in removed})}
-    if not removed:
+                            "drop_records_removed": len(dropped),
+                            "incarnations": sorted({e.incarnation for e in removed} | {d.incarnation for d in dropped})}
+    if not removed and not dropped:
         done.update(action="unchanged", size_after=len(blob), entries_after=-1)
         return done
     if new is None:
@@ -240,9 +241,10 @@ def erase(store: Store, key: object, *, target: ReplicaTarget | None = None,
                 unreadable.append({"object": name, "error": str(exc)})
                 continue
             mine = [entry for entry in info.header.entries if entry.key == canon]
-            if mine:
+            mine_dropped = [drop for drop in info.header.drops if drop.key == canon]  # identifiers: they go too
+            if mine or mine_dropped:
                 hits.append(name)
-                incarnations.update(entry.incarnation for entry in mine)
+                incarnations.update([e.incarnation for e in mine] + [d.incarnation for d in mine_dropped])
                 nodes_hit.add(info.header.node)
         staged: list[dict[str, Any]] = []
         for name, path in nodes:
@@ -254,12 +256,12 @@ def erase(store: Store, key: object, *, target: ReplicaTarget | None = None,
                            "replica history not erased yet: run the erase again") from None
             finally:
                 staging.close()
-            if got.captures or got.cursor or not got.scrubbed:
+            if got.captures or got.cursor or got.drops or not got.scrubbed:
                 staged.append({"node": name, "captures_removed": got.captures, "bytes_removed": got.bytes,
-                               "cursor_removed": got.cursor, "incarnations": got.incarnations,
-                               "staging_scrubbed": got.scrubbed})
+                               "cursor_removed": got.cursor, "drop_records_removed": got.drops,
+                               "incarnations": got.incarnations, "staging_scrubbed": got.scrubbed})
                 incarnations.update(got.incarnations)
-            if got.captures or got.cursor:
+            if got.captures or got.cursor or got.drops:
                 nodes_hit.add(name)
         tombstones = []
         for incarnation in sorted(incarnations):
