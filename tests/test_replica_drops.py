@@ -280,6 +280,11 @@ def test_hostile_drop_records_are_refused(changes: dict[str, object]) -> None:
 def test_a_version_1_header_with_drops_and_too_many_drops_are_refused() -> None:
     with pytest.raises(pack.PackError, match="version-1"):
         pack.decode_header(_tampered({}, version=1))
+    plain = _pack_with([])
+    _header, at = pack.decode_header(plain)
+    head = plain[len(pack.MAGIC) + 4:at].replace(b'"version":1', b'"version":2')
+    with pytest.raises(pack.PackError, match="version-2"):
+        pack.decode_header(pack.MAGIC + len(head).to_bytes(4, "big") + head + plain[at:])
     with pytest.raises(ValueError, match="at most"):
         _pack_with([pack.Drop("user:2", "inc", 1, 1)] * (pack.MAX_DROPS + 1))
 

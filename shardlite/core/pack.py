@@ -180,6 +180,8 @@ def decode_header(data: bytes | memoryview, size: int | None = None) -> tuple[He
         raise PackError(f"pack version {header.version} is not supported")
     if header.version == 1 and header.drops:
         raise PackError("a version-1 pack header carries drop records")
+    if header.version == 2 and not header.drops:
+        raise PackError("a version-2 pack header carries no drop records (shardlite writes those as version 1)")
     if len(header.drops) > MAX_DROPS:
         raise PackError(f"a pack header carries more than {MAX_DROPS} drop records")
     if header.seq < 0 or header.created_ns < 0 or not header.node or len(header.node) > 255:

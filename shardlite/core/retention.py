@@ -221,14 +221,16 @@ def _same(before: list[Capture], after: list[Capture], start: int) -> bool:
 
 
 def _with_drops(kept: set[str], by_key: dict[str, list[Located]], through: dict[str, list[Located]],
-                drops: list[LocatedDrop]) -> set[str]:
+                drops: list[LocatedDrop], expired: list[str]) -> set[str]:
     """``kept`` plus the packs of the drop records whose incarnation keeps a capture in a kept pack or a new
-    snapshot (module doc), until nothing more is added (a pack kept for a drop record keeps its captures)."""
+    snapshot (module doc), until nothing more is added (a pack kept for a drop record keeps its captures).
+    Captures of ``expired`` keys left in kept packs do not count: restores ignore them (the horizon)."""
     if not drops:
         return kept
+    gone = set(expired)
     while True:
-        alive = {(key, item.capture.entry.incarnation) for key, items in by_key.items() for item in items
-                 if item.pack in kept}
+        alive = {(key, item.capture.entry.incarnation) for key, items in by_key.items() if key not in gone
+                 for item in items if item.pack in kept}
         alive |= {(key, items[-1].capture.entry.incarnation) for key, items in through.items()}
         extra = {drop.pack for drop in drops if (drop.key, drop.incarnation) in alive} - kept
         if not extra:
@@ -295,7 +297,7 @@ def plan(located: Iterable[Located], start_of: Callable[[str], int], *, live: It
         needed[key] = {where[id(c)] for c in keep}
     pinned: set[str] = set()
     while True:
-        kept = _with_drops(set().union(*needed.values()) if needed else set(), by_key, through, drop_list)
+        kept = _with_drops(set().union(*needed.values()) if needed else set(), by_key, through, drop_list, expired)
         deletable = all_packs - kept
         for key in list(through):
             if not any(item.pack in deletable for item in through[key]):
@@ -317,6 +319,6 @@ def plan(located: Iterable[Located], start_of: Callable[[str], int], *, live: It
             through.pop(key, None)
             needed[key] = {item.pack for item in by_key[key]}
     snapshots = [Snapshot(key, items) for key, items in sorted(through.items())]
-    kept = _with_drops(set().union(*needed.values()) if needed else set(), by_key, through, drop_list)
+    kept = _with_drops(set().union(*needed.values()) if needed else set(), by_key, through, drop_list, expired)
     return Plan(snapshots, sorted(all_packs - kept), sorted(kept), sorted(pinned), sorted(expired))
 
