@@ -8,6 +8,7 @@ replicator and of a dropping process."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import signal
 import subprocess
@@ -190,6 +191,29 @@ def test_a_drop_while_no_replicator_runs_ships_when_one_starts(
     assert _restored(target, tmp_path / "after", after_drop) == {"user:a": expected["user:a"]}
     assert _restored(target, tmp_path / "before", before_drop) == expected
     assert _restored(target, tmp_path / "latest") == {"user:a": expected["user:a"]}
+
+
+def test_the_async_router_drop_records_the_drop_too(tmp_path: Path, make_replica_target: TargetFactory) -> None:
+    root = tmp_path / "root"
+
+    async def main() -> None:
+        async with shardlite.AsyncRouter(root, schema=SCHEMA, replicate=make_replica_target.url()) as router:
+            for key in ("user:a", "user:gone"):
+                async with router.transaction(key) as tx:
+                    await tx.execute("INSERT INTO notes(body) VALUES (?)", (f"{key} one",))
+            with shardlite.Router(root, schema=SCHEMA, create=False) as sync:
+                run = Replication(sync._store)
+                try:
+                    run.run_round()
+                    await router.drop("user:gone")
+                    run.run_round()
+                finally:
+                    run.close()
+
+    asyncio.run(main())
+    target = make_replica_target()
+    assert [d.key for d in _drops(target)] == ["user:gone"]
+    assert _restored(target, tmp_path / "back") == {"user:a": [(1, "user:a one")]}
 
 
 def test_compaction_keeps_the_drop_records_its_window_needs(
