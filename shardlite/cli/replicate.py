@@ -161,6 +161,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                           "which starts and stops this command itself)")
     run.set_defaults(func=cmd_run)
     status = actions.add_parser("status", help="per tenant and in total: last captured commit, lag, staged "
-                                               "captures, packs uploaded")
+                                               "captures and drops, packs uploaded")
     status.set_defaults(func=cmd_status)
     register_retention(actions)
