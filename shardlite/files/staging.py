@@ -1,10 +1,19 @@
 """A node's replication staging: the captured-but-not-yet-uploaded changes and the per-tenant cursors.
 
-One SQLite file per node, ``<node>/.replica/staging.db``, written only by that node's replicator (one
-process at a time: :class:`~shardlite.services.replicator.NodeReplicator` holds the node's replicator
-lock). A capture and its tenant's new cursor are stored in one transaction, so a cursor never runs ahead of
-what is staged; the rows of a pack are deleted in the transaction that records the pack as uploaded, so a
-crash between the upload and that transaction re-uploads the same pack under the same name.
+One SQLite file per node, ``<node>/.replica/staging.db``, whose captures and cursors are written by that
+node's replicator (one process at a time: :class:`~shardlite.services.replicator.NodeReplicator` holds the
+node's replicator lock), besides an erase and a drop (below), each in transactions of its own. A capture
+and its tenant's new cursor are stored in one transaction, so a cursor never runs ahead of what is staged;
+the rows of a pack are deleted in the transaction that records the pack as uploaded, so a crash between the
+upload and that transaction re-uploads the same pack under the same name.
+
+Drops: a plain drop of a tenant on a replicated root stages a **drop record** here (table ``drops``: key,
+incarnation, generation, when), written by the dropping process itself (:meth:`Staging.stage_drop`, called by
+:func:`shardlite.services.lifecycle.drop`) in one transaction with ``synchronous=FULL``, so it survives a crash
+of either process and a power loss once the drop goes on, and is there whether a replicator runs or not. The
+replicator ships it in its next pack (:meth:`staged_drops`, then :meth:`shipped`, which deletes the rows in
+the transaction that records the pack), never before a capture of the same key staged earlier: a drop record
+reaches the replica no earlier than the history it ends.
 
 Durability: ``synchronous=NORMAL``. A process crash loses nothing (the OS keeps written pages). A power
 loss may lose the last staged rows *and* the cursor rows written with them, while the tenant's checkpoint
@@ -29,13 +38,16 @@ from ..core import walformat as wf
 from .engine import ensure_private_dir
 from .walcapture import Capture, Cursor
 
-__all__ = ["Staging", "Staged", "TenantCursor", "STAGING_DIR", "ERASE_LOCK", "erase_lock", "Erased"]
+__all__ = ["Staging", "Staged", "StagedDrop", "TenantCursor", "STAGING_DIR", "ERASE_LOCK", "erase_lock", "Erased",
+           "DROPS_PER_PACK"]
 
 STAGING_DIR = ".replica"
 #: The node's erase lock (``<node>/.replica/erase.lock``): an erase holds it while it removes a tenant from the
 #: staging and rewrites the replica's packs; the replicator holds it from reading what is staged to recording
 #: the pack as shipped, so no pack is built from rows an erase is removing (docs/replication.md, "Erase").
 ERASE_LOCK = "erase.lock"
+#: Drop records shipped in one pack at most (a larger backlog goes in the next packs).
+DROPS_PER_PACK = 10_000
 
 
 def erase_lock(node_path: str, *, wait: float | None) -> int | None:
@@ -69,6 +81,7 @@ class Erased(NamedTuple):
     bytes: int
     cursor: bool
     scrubbed: bool  #: the file was rewritten without free pages and its log emptied (:meth:`Staging.scrub`)
+    drops: int = 0  #: staged drop records of the key removed
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cursors(
@@ -90,6 +103,10 @@ CREATE TABLE IF NOT EXISTS packs(
 ) STRICT;
 CREATE TABLE IF NOT EXISTS notes_read(file TEXT PRIMARY KEY, offset INTEGER NOT NULL) STRICT;
 CREATE TABLE IF NOT EXISTS erased(incarnation TEXT PRIMARY KEY, erased_ns INTEGER NOT NULL) STRICT;
+CREATE TABLE IF NOT EXISTS drops(
+    id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, incarnation TEXT NOT NULL,
+    generation INTEGER NOT NULL, dropped_ns INTEGER NOT NULL, UNIQUE(key, incarnation)
+) STRICT;
 """
 #: The tables :data:`_SCHEMA` makes.
 _TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _SCHEMA))
@@ -120,6 +137,16 @@ class Staged(NamedTuple):
     commits: list[tuple[int, int]]
     captured_ns: int
     data: bytes
+
+
+class StagedDrop(NamedTuple):
+    """One staged drop record, as it goes into a pack (:class:`shardlite.core.pack.Drop`)."""
+
+    id: int
+    key: str
+    incarnation: str
+    generation: int
+    dropped_ns: int
 
 
 class Staging:
@@ -224,7 +251,8 @@ class Staging:
         return out
 
     def has_staged(self) -> bool:
-        return bool(self.conn.execute("SELECT 1 FROM staged LIMIT 1").fetchall())
+        """Whether anything waits for an upload: a capture or a drop record."""
+        return bool(self.conn.execute("SELECT 1 FROM staged UNION ALL SELECT 1 FROM drops LIMIT 1").fetchall())
 
     def staged_count(self) -> tuple[int, int]:
         """(staged captures, their bytes)."""
@@ -251,12 +279,48 @@ class Staging:
         assert row is not None
         return int(row[0])
 
-    def shipped(self, seq: int, name: str, created_ns: int, uploaded_ns: int, size: int, ids: list[int]) -> None:
-        """Record pack ``seq`` as uploaded and drop its staged rows, in one transaction."""
+    def shipped(self, seq: int, name: str, created_ns: int, uploaded_ns: int, size: int, ids: list[int],
+                drop_ids: list[int] | None = None) -> None:
+        """Record pack ``seq`` as uploaded and drop its staged rows (captures ``ids``, drop records
+        ``drop_ids``), in one transaction."""
         with self._write():
             self.conn.execute("INSERT INTO packs VALUES (?, ?, ?, ?, ?, ?)",
                               (seq, name, created_ns, uploaded_ns, size, len(ids)))
             self.conn.executemany("DELETE FROM staged WHERE id = ?", [(i,) for i in ids])
+            self.conn.executemany("DELETE FROM drops WHERE id = ?", [(i,) for i in drop_ids or ()])
+
+    # -- drop records --------------------------------------------------------------------------------------
+
+    def stage_drop(self, key: str, incarnation: str, generation: int, dropped_ns: int) -> bool:
+        """Stage the drop record of incarnation ``incarnation`` of ``key`` and forget its cursor (the tenant
+        is no longer on this node), in one transaction with ``synchronous=FULL``: durable when this returns
+        (module docstring). A record of the same incarnation already staged is kept, with its time (a drop
+        run again after a crash). Returns whether a record was added."""
+        self.conn.execute("PRAGMA synchronous=FULL")
+        try:
+            with self._write():
+                self.conn.execute("INSERT OR IGNORE INTO drops(key, incarnation, generation, dropped_ns) "
+                                  "VALUES (?, ?, ?, ?)", (key, incarnation, generation, dropped_ns))
+                added = self.conn.changes() > 0
+                self.conn.execute("DELETE FROM cursors WHERE key = ? AND incarnation = ?", (key, incarnation))
+        finally:
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+        return added
+
+    def staged_drops(self, shipping: list[Staged], limit: int = DROPS_PER_PACK) -> list[StagedDrop]:
+        """The oldest staged drop records (at most ``limit``) that may ship in a pack with the captures
+        ``shipping`` (the oldest staged, from :meth:`staged`): those whose key has no capture staged after
+        them, so a drop record never reaches the replica before the history it ends."""
+        after = max((s.id for s in shipping), default=0)
+        return [StagedDrop(*row) for row in self.conn.execute(
+            "SELECT id, key, incarnation, generation, dropped_ns FROM drops AS d WHERE NOT EXISTS "
+            "(SELECT 1 FROM staged AS s WHERE s.key = d.key AND s.id > ?) ORDER BY id LIMIT ?", (after, limit))]
+
+    def drops_count(self) -> int:
+        """Staged drop records (not uploaded yet)."""
+        row = self.conn.execute("SELECT count(*) FROM drops").fetchone()
+        assert row is not None
+        return int(row[0])
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
@@ -308,12 +372,14 @@ class Staging:
                                   [(inc, erased_ns) for inc in sorted(found | set(incarnations))])
             self.conn.execute("DELETE FROM staged WHERE key = ?", (key,))
             self.conn.execute("DELETE FROM cursors WHERE key = ?", (key,))
+            self.conn.execute("DELETE FROM drops WHERE key = ?", (key,))
+            drops = self.conn.changes()
         scrubbed = self.scrub()
         captures = size = 0
         for _inc, count, length in rows:
             captures += int(cast(int, count))
             size += int(cast(int, length or 0))
-        return Erased(sorted(found), captures, size, bool(cursor), scrubbed)
+        return Erased(sorted(found), captures, size, bool(cursor), scrubbed, drops)
 
     def scrub(self) -> bool:
         """Rewrite this file without free pages (``VACUUM``: rows deleted before, such as the captures of
@@ -338,6 +404,7 @@ class Staging:
             gone = self.conn.execute("DELETE FROM staged WHERE incarnation IN (SELECT incarnation FROM erased) "
                                      "RETURNING id").fetchall()
             self.conn.execute("DELETE FROM cursors WHERE incarnation IN (SELECT incarnation FROM erased)")
+            self.conn.execute("DELETE FROM drops WHERE incarnation IN (SELECT incarnation FROM erased)")
         if gone:
             self.scrub()  # their bytes leave the file's free pages and its log too, as the erase's own did
         return len(gone)

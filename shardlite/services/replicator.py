@@ -257,13 +257,16 @@ class NodeReplicator:
 
     def _upload_staged(self, stats: RoundStats) -> None:
         staged = self.staging.staged(PACK_BYTES)
-        if not staged:
+        # drop records of plain drops (files/staging.py, "Drops") go in the same pack as their key's last captures
+        drops = self.staging.staged_drops(staged)
+        if not staged and not drops:
             return
         seq, created = self.staging.next_seq(), self.clock()
         items = [(pack.Entry(s.key, s.incarnation, s.generation, "snapshot" if s.kind == "snapshot" else "frames",
                              s.page_size, s.salt, s.first, s.last, s.commits, s.captured_ns, 0, 0), s.data)
                  for s in staged]
-        blob = pack.encode(self.node, seq, created, items)
+        blob = pack.encode(self.node, seq, created, items,
+                           [pack.Drop(d.key, d.incarnation, d.generation, d.dropped_ns) for d in drops])
         name = pack_name(self.node, seq)
         try:
             self.target.put(name, blob)
@@ -272,7 +275,8 @@ class NodeReplicator:
             log.warning("replicate: node %r: upload of %s failed (%s); %d captures stay staged", self.node,
                         name, exc, len(staged))
             return
-        self.staging.shipped(seq, name, created, self.clock(), len(blob), [s.id for s in staged])
+        self.staging.shipped(seq, name, created, self.clock(), len(blob), [s.id for s in staged],
+                             [d.id for d in drops])
         stats.uploaded_packs += 1
         stats.uploaded_bytes += len(blob)
 
