@@ -448,7 +448,8 @@ def test_kill_9_of_the_replicator_and_of_a_dropping_process_loses_no_drop(
                        if router._store.meta.tenants.lookup(key).state == "dropped"]  # type: ignore[union-attr]
             assert set(acked) <= set(dropped)
             deadline = time.monotonic() + 120
-            while replication.status(router._store)["total"]["drops_staged"]:
+            # its first round ships the drop records, then takes its metadata snapshot: wait for both
+            while replication.status(router._store)["total"]["drops_staged"] or len(_snapshot_times(target)) < 2:
                 assert time.monotonic() < deadline, "the restarted replicator did not ship the drop records"
                 time.sleep(0.05)
     finally:
