@@ -33,7 +33,11 @@ the same code with ``meta`` left out (``<root>/global.db``, ``synchronous=NORMAL
 * m7: the chat workload of ``benchmarks/chat_workload.py`` (its worker processes: one ``--meta`` row, the
   embedded row, the asyncpg rows), rounds of the same operations paired like the others: ≥ 0.8× the
   embedded row and ≥ 2× PostgreSQL alone through asyncpg (``synchronous_commit=on``, the default, and
-  ``off``).
+  ``off``);
+* m7d / m7e (``m7r``): the same chat workload with the relay in a process of its own (``shardlite relay run
+  --app examples.chat.relay:router``, what ``python -m examples.chat --relay-process`` runs; PostgreSQL
+  metadata; a round ends when that process has delivered every feed entry) vs the two asyncpg rows (≥ 2×,
+  the same target): a deployment, not a redefinition of m7b/m7c, which keep the relay in the app process.
 
 Results go to ``benchmarks/last_meta_results.json``. This process never imports the stdlib ``sqlite3``.
 """
@@ -375,23 +379,23 @@ def chat_side(wk: chat.Worker, label: str) -> Side:
     return Side(label, run, unit=w.TASKS, max_n=ops, min_blocks=ops // w.TASKS)
 
 
-def row_m7(ctx: Context) -> None:
-    """The chat workload: PostgreSQL metadata vs embedded, and vs PostgreSQL alone (asyncpg)."""
+def asyncpg_specs(ctx: Context, tag: str) -> list[tuple[str, list[str], dict[str, str]]]:
+    """The two PostgreSQL-alone workers (a database each, named after ``tag``)."""
+    server = ctx.server
+    return [
+        ("asyncpg (synchronous_commit=on)", ["--worker", "postgres", "--dsn", server.create_database(f"{tag}_on"),
+                                             "--synchronous-commit", "on", "--pool", "16"], {}),
+        ("asyncpg (synchronous_commit=off)", ["--worker", "postgres", "--dsn", server.create_database(f"{tag}_off"),
+                                              "--synchronous-commit", "off", "--pool", "16"], {}),
+    ]
+
+
+def chat_rounds(ctx: Context, specs: list[tuple[str, list[str], dict[str, str]]]) -> tuple[list[Side], dict[str, Any]]:
+    """Start one chat worker per spec (label, argv, environment), pair their rounds; the sides and the rows
+    each holds afterwards (messages / feed entries)."""
     ops = 2048 if ctx.args.quick else 6144
     warmup = "1000" if ctx.args.quick else "4000"
     common = ["--users", "200", "--tasks", str(w.TASKS), "--warmup", warmup]
-    sized = json.dumps({"max_open": chat.MAX_OPEN})
-    server = ctx.server
-    specs = [
-        ("shardlite, PostgreSQL metadata", ["--worker", "shardlite", "--path", ctx.root("chat-pg"),
-                                            "--router-options", sized], {"SHARDLITE_META": ctx.dsn()}),
-        ("shardlite, embedded metadata", ["--worker", "shardlite", "--path", ctx.root("chat-embedded"),
-                                          "--router-options", sized], {}),
-        ("asyncpg (synchronous_commit=on)", ["--worker", "postgres", "--dsn", server.create_database("chat_on"),
-                                             "--synchronous-commit", "on", "--pool", "16"], {}),
-        ("asyncpg (synchronous_commit=off)", ["--worker", "postgres", "--dsn", server.create_database("chat_off"),
-                                              "--synchronous-commit", "off", "--pool", "16"], {}),
-    ]
     workers = [chat.Worker(label, [*argv, *common], "", env) for label, argv, env in specs]
     try:
         for wk in workers:  # set up in parallel (untimed)
@@ -411,6 +415,27 @@ def row_m7(ctx: Context) -> None:
             if wk.proc.poll() is None:
                 wk.proc.kill()
                 wk.proc.wait()
+    return sides, totals
+
+
+def totals_note(row_id: str, n: int, totals: dict[str, Any]) -> str:
+    agree = len({json.dumps(t, sort_keys=True) for t in totals.values()}) == 1
+    return (f"{row_id}: {n:,} operations per round; messages / feed entries held afterwards "
+            f"{'agree' if agree else 'DIFFER'}: " + ", ".join(f"{k} {v['messages']}/{v['feed']}"
+                                                            for k, v in totals.items()))
+
+
+def row_m7(ctx: Context) -> None:
+    """The chat workload: PostgreSQL metadata vs embedded, and vs PostgreSQL alone (asyncpg)."""
+    sized = json.dumps({"max_open": chat.MAX_OPEN})
+    specs = [
+        ("shardlite, PostgreSQL metadata", ["--worker", "shardlite", "--path", ctx.root("chat-pg"),
+                                            "--router-options", sized], {"SHARDLITE_META": ctx.dsn()}),
+        ("shardlite, embedded metadata", ["--worker", "shardlite", "--path", ctx.root("chat-embedded"),
+                                          "--router-options", sized], {}),
+        *asyncpg_specs(ctx, "chat"),
+    ]
+    sides, totals = chat_rounds(ctx, specs)
     pg, emb, on, off = sides
     ctx.rows.append(row("m7a", "chat workload (200 users, 64 tasks, 40% DM / 30% history / 20% feed / 10% room), "
                                "PostgreSQL vs embedded metadata", pg, emb, target=0.8))
@@ -418,15 +443,33 @@ def row_m7(ctx: Context) -> None:
                                "asyncpg (synchronous_commit=on)", pg, on, target=2.0))
     ctx.rows.append(row("m7c", "chat workload, shardlite with PostgreSQL metadata vs PostgreSQL alone through "
                                "asyncpg (synchronous_commit=off)", pg, off, target=2.0))
-    agree = len({json.dumps(t, sort_keys=True) for t in totals.values()}) == 1
     ctx.extra["chat_totals"] = totals
-    ctx.notes.append(f"m7: {pg.n:,} operations per round; messages / feed entries held afterwards "
-                     f"{'agree' if agree else 'DIFFER'}: "
-                     + ", ".join(f"{k} {v['messages']}/{v['feed']}" for k, v in totals.items()))
+    ctx.notes.append(totals_note("m7", pg.n, totals))
+
+
+def row_m7r(ctx: Context) -> None:
+    """The chat workload with the relay in a process of its own (PostgreSQL metadata) vs asyncpg."""
+    options = json.dumps({"max_open": chat.MAX_OPEN, "relay_process": True})
+    specs = [
+        ("shardlite, PostgreSQL metadata, relay process", ["--worker", "shardlite", "--path", ctx.root("chat-rp"),
+                                                           "--router-options", options],
+         {"SHARDLITE_META": ctx.dsn()}),
+        *asyncpg_specs(ctx, "chat_rp"),
+    ]
+    sides, totals = chat_rounds(ctx, specs)
+    rp, on, off = sides
+    what = ("chat workload, the relay in a process of its own (`shardlite relay run --app "
+            "examples.chat.relay:router`: the app process emits, that process delivers every feed entry; "
+            "each round counts until it has delivered them), PostgreSQL metadata, vs PostgreSQL alone through "
+            "asyncpg")
+    ctx.rows.append(row("m7d", f"{what} (synchronous_commit=on)", rp, on, target=2.0))
+    ctx.rows.append(row("m7e", f"{what} (synchronous_commit=off)", rp, off, target=2.0))
+    ctx.extra["chat_relay_process_totals"] = totals
+    ctx.notes.append(totals_note("m7d/m7e", rp.n, totals))
 
 
 ROWS: dict[str, Callable[[Context], None]] = {"m1": row_m1_m2, "m3": row_m3, "m4": row_m4, "m5": row_m5,
-                                              "m6": row_m6, "m7": row_m7}
+                                              "m6": row_m6, "m7": row_m7, "m7r": row_m7r}
 
 
 # -- output ---------------------------------------------------------------------------------------------------

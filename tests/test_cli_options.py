@@ -131,8 +131,8 @@ SAMPLES: dict[tuple[str, ...], Sample] = {
 }
 
 #: Commands that need a PostgreSQL server: their options are tested where one is started
-#: (tests/test_meta_copy.py), not here.
-NEEDS_SERVER = {("meta", "copy")}
+#: (tests/test_meta_copy.py, tests/test_cli_meta_roots.py), not here.
+NEEDS_SERVER = {("meta", "copy"), ("meta", "roots"), ("meta", "forget")}
 
 
 def positions(path: tuple[str, ...], args: list[str]) -> list[int]:

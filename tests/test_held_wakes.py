@@ -174,3 +174,24 @@ def test_the_sweep_does_not_wake_a_held_wake_up(make_router: Callable[..., Route
     finally:
         wakes.release()
     wait_for(lambda: not parked(router), "the wake-up, written once released")
+
+
+def test_a_held_wake_up_queued_while_the_flusher_is_timed_is_written_after_hold_max(
+        make_router: Callable[..., Router], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second held wake-up does not signal the flusher (it is timed for the first one already): it is
+    still written within HOLD_MAX of the source's first queuing, with the relay running."""
+    monkeypatch.setattr(wakes_module, "HOLD_MAX", 0.3)
+    router = running_relay_with_parked_source(make_router)
+    wakes = router._store.emitter.wakes
+    assert wakes is not None
+    writes = spy_writes(router)
+    try:
+        emit(router, 1, topic="unhandled")  # no handler here: it stays in the outbox, its wake-up unsettled
+        wait_for(lambda: wakes._until is not None or "wake_many" in writes, "the flusher timing the held wake-up")
+        emit(router, 2, topic="unhandled")  # held, and the flusher is timed: queued without a signal
+        wait_for(lambda: wakes.pending_count() == 0 and "wake_many" in writes,
+                 "the held wake-ups, written after HOLD_MAX with the relay running")
+        assert not parked(router), "the wake-up un-parked the flag: the events are due"
+        assert router.relay.running
+    finally:
+        router.relay.stop()

@@ -361,6 +361,42 @@ def test_import_rows_refuses_orphans_whole(meta: MetaStore) -> None:
     assert not meta.accounts.has_rows() and meta.accounts.get(7) is None
 
 
+def test_import_rows_keeping_existing_accounts_adds_only_the_missing_ones(meta: MetaStore) -> None:
+    """A restore into a shared account space: the store's accounts (newer) stay with their credentials and
+    sessions; the backup's session of a kept account does not come back (it may have been revoked)."""
+    ours = make(meta, "ours@x.io", name="now", credential=CRED)
+    meta.sessions.insert(b"o" * 32, ours, T0, T0 + 60, None)
+    meta.sessions.revoke(b"o" * 32, T0 + 1)
+    rows = AccountRows(
+        accounts=[(ours, "ours@x.io", "ours@x.io", "then", '{"name": "then"}', 1, 2),
+                  (ours + 50, "new@x.io", "new@x.io", "", "{}", 1, 2)],
+        credentials=[(ours, "scrypt:n=16,r=1,p=1", b"old", b"old", 1),
+                     (ours + 50, "scrypt:n=16,r=1,p=1", b"n", b"n", 1)],
+        sessions=[(b"o" * 32, ours, T0, T0 + 60, None, T0, None), (b"b" * 32, ours, T0, T0 + 60, None, T0, None),
+                  (b"n" * 32, ours + 50, T0, T0 + 60, None, T0, None)])
+    copied = meta.accounts.import_rows(rows, keep_existing=True)
+    assert copied == {"_shardlite_accounts": 1, "_shardlite_credentials": 1, "_shardlite_sessions": 1,
+                      "_shardlite_accounts_kept": 1}
+    account = meta.accounts.get(ours)
+    assert account is not None and account.profile == {"name": "now"}
+    assert meta.credentials.for_login("ours@x.io") == Login(ours, CRED)
+    assert meta.sessions.live(b"o" * 32) is None and not meta.sessions.known(b"b" * 32)
+    session = meta.sessions.live(b"n" * 32)
+    assert session is not None and session.account_id == ours + 50
+    assert make(meta, "later@x.io") > ours + 50  # the counter moved past the imported id
+
+
+def test_import_rows_keeping_existing_refuses_an_email_key_of_another_account_whole(meta: MetaStore) -> None:
+    theirs = make(meta, "taken@x.io")
+    rows = AccountRows([(theirs + 7, "new@x.io", "new@x.io", "", "{}", 1, 2),
+                        (theirs + 9, "Taken@x.io", "taken@x.io", "", "{}", 1, 2)], [], [])
+    with pytest.raises(EmailTaken, match=f"account {theirs}\\b") as caught:
+        meta.accounts.import_rows(rows, keep_existing=True)
+    assert "@" not in str(caught.value)  # ids only: an error message is no place for addresses
+    assert meta.accounts.get(theirs + 7) is None and meta.accounts.get(theirs + 9) is None
+    assert meta.accounts.import_rows(AccountRows([], [], []), keep_existing=True)["_shardlite_accounts_kept"] == 0
+
+
 def test_the_store_reopens_with_its_rows(meta_backend: str, root: str, meta: MetaStore) -> None:
     uid = make(meta, "a@x.io", credential=CRED)
     other = open_meta(meta_backend, root, create=False)

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -133,12 +134,13 @@ def test_a_version_2_schema_is_upgraded_on_open_with_the_node_hints(pg_dsn: str,
     with psycopg.connect(pg_dsn, autocommit=True) as conn:  # back to version 2, as an older shardlite left it
         conn.execute("DROP TRIGGER nodes_hint ON shardlite.nodes")
         conn.execute("DROP FUNCTION shardlite.node_changed()")
+        _rewind_kv(conn)
         conn.execute("UPDATE shardlite.version SET version = 2")
     again = _meta(pg_dsn, os.fspath(tmp_path), root_id)
     again.open(create=False)
     try:
         with psycopg.connect(pg_dsn, autocommit=True) as listener, psycopg.connect(pg_dsn, autocommit=True) as conn:
-            assert conn.execute("SELECT version FROM shardlite.version").fetchone() == (len(STEPS),) == (4,)
+            assert conn.execute("SELECT version FROM shardlite.version").fetchone() == (len(STEPS),) == (6,)
             listener.execute("LISTEN shardlite_nodes")
             again.nodes.add("n2", "n2", 1)
             notes = [(n.channel, n.payload) for n in listener.notifies(timeout=30, stop_after=1)]
@@ -147,12 +149,80 @@ def test_a_version_2_schema_is_upgraded_on_open_with_the_node_hints(pg_dsn: str,
         again.close()
 
 
+def _two_roots(dsn: str, tmp_path: Path, nodes: tuple[str, str] = ("x", "y"),
+               ids: tuple[str, str] | None = None) -> tuple[PgMeta, PgMeta]:
+    """Roots ``a`` and ``b`` on one database, open: new ones with the node names ``nodes``, or (``ids``) the
+    ones made before, reopened."""
+    opened = []
+    for n, name in enumerate("ab"):
+        meta = _meta(dsn, os.fspath(tmp_path / name), None if ids is None else ids[n])
+        if ids is None:
+            meta.open(create=True, default_nodes=[(nodes[n], "n1", 1)])
+        else:
+            meta.open(create=False)
+        opened.append(meta)
+    return opened[0], opened[1]
+
+
+def _rewind_plans(conn: psycopg.Connection[Any]) -> None:
+    """``shardlite.plans`` back to its shape before version 6 (plans of the whole database)."""
+    conn.execute("DROP INDEX shardlite.plans_by_root")
+    conn.execute("ALTER TABLE shardlite.plans DROP COLUMN root_id")
+
+
+def _rewind_kv(conn: psycopg.Connection[Any]) -> None:
+    """``shardlite.kv`` and ``plans`` back to their shape before version 5 (one name space for the whole
+    database)."""
+    _rewind_plans(conn)
+    conn.execute("ALTER TABLE shardlite.kv DROP CONSTRAINT kv_root_fkey")
+    conn.execute("ALTER TABLE shardlite.kv DROP CONSTRAINT kv_pkey")
+    conn.execute("ALTER TABLE shardlite.kv DROP COLUMN root_id")
+    conn.execute("ALTER TABLE shardlite.kv ADD PRIMARY KEY (name)")
+
+
+def test_roots_sharing_a_database_have_their_own_named_values(pg_dsn: str, tmp_path: Path) -> None:
+    """One root's replica location (a named value) is not another's: before version 5 a second root on the
+    database found the first one's and could not record its own. A forgotten root's values go with it."""
+    first, second = _two_roots(pg_dsn, tmp_path, ("ka1", "kb1"))
+    try:
+        first.kv.put("replicate", "file:///a")
+        assert second.kv.get("replicate") is None
+        assert second.kv.put_if_absent("replicate", "file:///b") == "file:///b"
+        assert first.kv.put_if_absent("replicate", "file:///x") == "file:///a"
+        second.kv.put("replicate", "file:///b2")
+        assert (first.kv.get("replicate"), second.kv.get("replicate")) == ("file:///a", "file:///b2")
+        second.nodes.forget_all()
+        with psycopg.connect(pg_dsn) as conn:
+            assert conn.execute("SELECT root_id, name, value FROM shardlite.kv").fetchall() == [
+                (first.root_id, "replicate", "file:///a")]
+    finally:
+        first.close()
+        second.close()
+
+
+def test_version_5_gives_every_root_the_values_put_before(pg_dsn: str, tmp_path: Path) -> None:
+    """A database at version 4 had one name space: each root it held then keeps seeing the values, and from
+    the upgrade on each root's puts are its own."""
+    first, second = _two_roots(pg_dsn, tmp_path, ("va1", "vb1"))
+    first.close()
+    second.close()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        _rewind_kv(conn)
+        conn.execute("INSERT INTO shardlite.kv(name, value) VALUES ('replicate_retention', '{\"default\": 5}')")
+        conn.execute("UPDATE shardlite.version SET version = 4")
+    first, second = _two_roots(pg_dsn, tmp_path, ids=(first.root_id, second.root_id))
+    try:
+        assert first.kv.get("replicate_retention") == second.kv.get("replicate_retention") == '{"default": 5}'
+        first.kv.put("replicate_retention", "{}")
+        assert second.kv.get("replicate_retention") == '{"default": 5}'
+    finally:
+        first.close()
+        second.close()
+
+
 def test_forget_all_leaves_another_root_in_the_database_alone(pg_dsn: str, tmp_path: Path) -> None:
     """Two roots share a database (distinct node names): forgetting one removes its rows and its record only."""
-    first = _meta(pg_dsn, os.fspath(tmp_path / "a"))
-    first.open(create=True, default_nodes=[("fa1", "n1", 1)])
-    second = _meta(pg_dsn, os.fspath(tmp_path / "b"))
-    second.open(create=True, default_nodes=[("fb1", "n1", 1)])
+    first, second = _two_roots(pg_dsn, tmp_path, ("fa1", "fb1"))
     try:
         for meta, node, key in ((first, "fa1", "ka"), (second, "fb1", "kb")):
             generation = meta.tenants.allocate_generation(key, node, "create")
@@ -163,6 +233,61 @@ def test_forget_all_leaves_another_root_in_the_database_alone(pg_dsn: str, tmp_p
         assert first.tenants.lookup("kb") is None
         with psycopg.connect(pg_dsn) as conn:
             assert conn.execute("SELECT id FROM shardlite.roots").fetchall() == [(first.root_id,)]
+    finally:
+        first.close()
+        second.close()
+
+
+def test_roots_sharing_a_database_rebalance_independently(pg_dsn: str, tmp_path: Path) -> None:
+    """Each root plans, applies and lists its own rebalances: before version 6 a plan of the second root
+    superseded the first one's, and each saw the other's as its own."""
+    import shardlite
+
+    routers = {name: shardlite.Router(tmp_path / name, meta=pg_dsn, nodes=[f"{name}1"], schema=["CREATE TABLE t(x)"])
+               for name in ("ra", "rb")}
+    try:
+        for name, router in routers.items():
+            for i in range(12):
+                with router.transaction(f"{name}:{i}") as tx:
+                    tx.execute("INSERT INTO t VALUES (1)")
+            router.nodes.add(f"{name}2")
+        first, plan = routers["ra"].rebalance.plan()
+        assert plan.moves, "the ring moved nothing to the new node"
+        second, _ = routers["rb"].rebalance.plan()
+        assert routers["ra"].rebalance.status()["plan"] == first  # still planned, not superseded by rb's
+        assert routers["rb"].rebalance.status()["plan"] == second
+        assert routers["ra"].rebalance.apply()["state"] == "done"
+        assert {routers["ra"].locate(m.key).node for m in plan.moves} == {"ra2"}
+        assert [p.id for p in routers["rb"]._store.meta.journal.plans()] == [second]
+        with pytest.raises(ConfigurationError, match=f"no .*rebalance plan {first}"):
+            routers["rb"]._store.meta.journal.plan_row(first, ["planned", "applying", "done"])
+    finally:
+        for router in routers.values():
+            router.close()
+
+
+def test_version_6_gives_each_plan_the_root_of_its_moves(pg_dsn: str, tmp_path: Path) -> None:
+    first, second = _two_roots(pg_dsn, tmp_path, ("pa1", "pb1"))
+    first.close()
+    second.close()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # back to version 5: plans of the database
+        _rewind_plans(conn)
+        made = [conn.execute("INSERT INTO shardlite.plans(created, state, fingerprint, summary) VALUES "
+                             "(1, 'done', 'f', '{}') RETURNING id").fetchone()[0] for _ in range(3)]
+        for plan_id, source in ((made[0], "pb1"), (made[1], "pa1")):
+            conn.execute("INSERT INTO shardlite.moves(plan_id, key, source, target, source_generation, size, "
+                         "step, updated) VALUES (%s, %s, %s, 'x', 1, 1, 'done', 1)", (plan_id, f"k{plan_id}", source))
+        conn.execute("UPDATE shardlite.version SET version = 5")
+    first, second = _two_roots(pg_dsn, tmp_path, ids=(first.root_id, second.root_id))
+    try:
+        # the plan without moves goes to the oldest root: the first one
+        assert sorted(p.id for p in first.journal.plans()) == [made[1], made[2]]
+        assert [p.id for p in second.journal.plans()] == [made[0]]
+        second.nodes.forget_all()
+        with psycopg.connect(pg_dsn) as conn:
+            gone = conn.execute("SELECT count(*) FROM shardlite.moves WHERE plan_id = %s", (made[0],)).fetchone()
+            assert gone == (0,)
+        assert sorted(p.id for p in first.journal.plans()) == [made[1], made[2]]
     finally:
         first.close()
         second.close()

@@ -266,3 +266,48 @@ def test_the_async_wait_never_blocks_the_event_loop(tmp_path: Path) -> None:
     ticks, error = asyncio.run(main())
     assert ticks >= 5, f"the loop ran {ticks} other steps during a 1 s wait: it was blocked"
     assert "committed locally" in str(error)
+
+
+# -- moved or dropped while a write waits ---------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("any_meta")  # on PostgreSQL the async wait looks a forgotten route up off the loop
+def test_a_tenant_moved_or_dropped_meanwhile_gets_a_clear_answer(tmp_path: Path, front: Front) -> None:
+    """The replicator of the node a write asked answers only for tenants still on that node: after a move it
+    says where to look (and waiting again, which asks the new node, confirms the write), after a drop the
+    wait says the tenant is gone; neither answer is a confirmation, and neither hangs."""
+    from shardlite.services import confirmations
+
+    url = (tmp_path / "replica").as_uri()
+    router = front.router(tmp_path / "root", replicate=url, replicator=True, durability="replicated",
+                          durability_timeout=DEADLINE, nodes=["n1"])
+    try:
+        keys = [f"user:{i}" for i in range(12)]
+        for n, key in enumerate(keys):
+            front.write(router, key, n)
+        store = router._store
+        old_path = store.node_path("n1")
+        admin = shardlite.Router(tmp_path / "root", schema=SCHEMA)  # the rebalance: another router
+        try:
+            admin.nodes.add("n2")
+            admin.rebalance.plan()
+            admin.rebalance.apply()
+            moved = [key for key in keys if admin.locate(key).node == "n2"]
+            assert moved, "the ring moved nothing to the new node"
+            with pytest.raises(confirmations.Unconfirmed, match="not on node 'n1' any more"):
+                confirmations.ask_shipped(old_path, moved[0], DEADLINE)
+            for key in moved:
+                store.forget(key)  # the route this process cached is a hint: the next look asks the catalog
+                front.wait_replicated(router, key, DEADLINE)  # asks n2's replicator now
+                assert keys.index(key) in _in_replica(open_target(url), key)
+            gone = moved[0]
+            admin.drop(gone)
+        finally:
+            admin.close()
+        with pytest.raises(confirmations.Unconfirmed, match="moved or dropped"):
+            confirmations.ask_shipped(store.node_path("n2"), gone, DEADLINE)
+        store.forget(gone)
+        error, took = _raises_unavailable(lambda: front.wait_replicated(router, gone, DEADLINE))
+        assert "the tenant is gone" in str(error) and "committed locally" in str(error) and took < DEADLINE
+    finally:
+        front.close(router)

@@ -267,17 +267,20 @@ def test_metadata_snapshots_outside_the_window_go_but_the_base_one(tmp_path: os.
 
 def test_a_dropped_tenant_past_its_window_is_not_restored_from_a_pack_kept_for_another(world: World) -> None:
     """The first captures of two tenants (snapshots) share a pack; one is dropped. Past the window the pack
-    stays (the other's snapshot is its base), but nothing of the dropped one is restored from it."""
+    stays (the other's snapshot is its base), but nothing of the dropped one is restored from it; the pack
+    that holds only the drop's record goes (nothing it ends is restorable any more)."""
     world.write("user:1")
     world.write("user:gone")
     world.replication.run_round()
     world.router.drop("user:gone")
     world.replication.run_round()
     store, target = world.router._store, world.target
-    assert len(list(replica_read.list_packs(target))) == 1
+    packs = [name for name, _size in replica_read.list_packs(target)]
+    assert len(packs) == 2  # the second holds the drop record alone
     now = time.time_ns() + 8 * DAY
     report = replica_retention.compact(store, target, now_ns=now)
-    assert report.deleted_packs == 0 and report.snapshots == 0
+    assert report.deleted_packs == 1 and report.snapshots == 0
+    assert [name for name, _size in replica_read.list_packs(target)] == packs[:1]
     assert replica_read.captures_of(target, ["user:gone"])["user:gone"]  # still in the kept pack...
     with pytest.raises(UnknownTenant):  # ...but not restored
         replica_restore.restore_tenant(store, target, "user:gone", as_key="user:gone-again")

@@ -5,7 +5,10 @@
 With ``create_app(relay=False)`` (or ``python -m examples.chat --relay-process``) the web processes only
 emit, and this process delivers every feed entry. Under the GIL a relay thread and the event loop of a web
 process share one core; in its own process the relay has a core of its own (the headline benchmark's
-"relay process" row measures the difference). Importing this module starts nothing.
+"relay process" row measures the difference). With the metadata on PostgreSQL it is slower today than the
+in-process relay: each pass parks every source it empties with one round trip to the server, under that
+source's write lock, and the web processes wake those flags again at their next message (README, rows
+m7d/m7e and the note "m7a, chat"). Importing this module starts nothing.
 """
 
 from __future__ import annotations

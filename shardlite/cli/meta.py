@@ -1,15 +1,21 @@
-"""`shardlite meta copy --to URL`: move a root's embedded metadata to PostgreSQL; `shardlite meta show`."""
+"""`shardlite meta copy --to URL`: move a root's embedded metadata to PostgreSQL; `shardlite meta show`;
+`shardlite meta roots` and `meta forget ROOT_ID` for the roots of a shared PostgreSQL database."""
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError, MetaUnavailable
 from ..meta.choose import ENV_VAR
-from ..meta.location import parse_location
+from ..meta.location import MetaLocation, parse_location
 from ..meta.record import read_record
-from .common import CliError, echo, emit_json, require_root, root_of
+from .common import CliError, echo, emit_json, print_table, require_root, root_of
+
+if TYPE_CHECKING:
+    from ..meta.postgres.roots import RootRow
 
 
 def cmd_copy(args: argparse.Namespace) -> int:
@@ -55,8 +61,68 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _location(args: argparse.Namespace) -> MetaLocation:
+    url = args.meta or os.environ.get(ENV_VAR)
+    if not url:
+        raise CliError(f"no database: pass --meta postgresql://user@host:port/dbname or set {ENV_VAR}")
+    try:
+        return parse_location(url)
+    except ConfigurationError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _shown(row: RootRow) -> dict[str, Any]:
+    return {"id": row.id, "label": row.label, "created": row.created, "nodes": row.nodes, "tenants": row.tenants}
+
+
+def cmd_roots(args: argparse.Namespace) -> int:
+    location = _location(args)
+    from ..meta.postgres.roots import list_roots  # loads psycopg: only for this command
+
+    try:
+        rows = list_roots(location)
+    except (ConfigurationError, MetaUnavailable) as exc:
+        raise CliError(str(exc)) from exc
+    if args.json:
+        emit_json({"location": location.printable, "roots": [_shown(row) for row in rows]})
+        return 0
+    print_table(f"roots in {location.printable}", ["id", "created in", "created", "nodes", "tenant rows"],
+                [(row.id, row.label, _when(row.created), ", ".join(row.nodes), row.tenants) for row in rows])
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    location = _location(args)
+    from ..meta.postgres.roots import forget_root, list_roots  # loads psycopg: only for this command
+
+    try:
+        if not args.yes:
+            found = {row.id: row for row in list_roots(location)}.get(args.root_id)
+            if found is None:
+                raise CliError(f"the database at {location.printable} holds no root {args.root_id!r}: "
+                               "`shardlite meta roots` lists them")
+            echo(f"would forget root {found.id} (created in {found.label}): its {found.tenants} tenant rows, nodes "
+                 f"{', '.join(found.nodes) or 'none'}, named values and rebalance plans; accounts and sessions "
+                 "stay. Run again with --yes to do it", err=True)
+            return 1
+        gone = forget_root(location, args.root_id)
+    except (ConfigurationError, MetaUnavailable) as exc:
+        raise CliError(str(exc)) from exc
+    if args.json:
+        emit_json({"location": location.printable, "forgotten": _shown(gone)})
+    else:
+        echo(f"forgot root {gone.id} (created in {gone.label}): {gone.tenants} tenant rows and nodes "
+             f"{', '.join(gone.nodes) or 'none'}; restore its backup or replica into a new root now")
+    return 0
+
+
+def _when(epoch: float) -> str:
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).isoformat(timespec="seconds")
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("meta", help="where the root's metadata lives; move it to PostgreSQL")
+    p = sub.add_parser("meta", help="where the root's metadata lives; move it to PostgreSQL; the roots of a shared "
+                                     "PostgreSQL database")
     actions = p.add_subparsers(dest="meta_command", required=True, metavar="ACTION")
     c = actions.add_parser(
         "copy", help="move the root's metadata (catalog, nodes, journal, pending work, dead letters, accounts, "
@@ -72,3 +138,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.set_defaults(func=cmd_copy)
     s = actions.add_parser("show", help="where the root's metadata lives (embedded global.db, or PostgreSQL)")
     s.set_defaults(func=cmd_show)
+    r = actions.add_parser("roots", help="the roots a PostgreSQL database holds (id, where each was created, "
+                                         "nodes, tenant rows)")
+    r.add_argument("--meta", metavar="URL", help=f"postgresql://user@host:port/dbname (default: ${ENV_VAR})")
+    r.set_defaults(func=cmd_roots)
+    f = actions.add_parser(
+        "forget", help="remove a lost root's rows from a shared PostgreSQL database (its tenants, nodes, named "
+                       "values, rebalance plans), so its backup or replica can be restored into a new root there",
+        description="For a root whose directory is lost: its tenant keys and node names stay taken in the "
+                    "database until its rows go. Refused for a root alive on this machine (the directory it was "
+                    "created in holds its meta.json). Accounts and sessions are the database's and stay. Without "
+                    "--yes it only says what would go.")
+    f.add_argument("root_id", metavar="ROOT_ID", help="the root's id (`shardlite meta roots` lists them)")
+    f.add_argument("--meta", metavar="URL", help=f"postgresql://user@host:port/dbname (default: ${ENV_VAR})")
+    f.add_argument("--yes", action="store_true", help="do it (without: only say what would go)")
+    f.set_defaults(func=cmd_forget)

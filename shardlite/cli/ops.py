@@ -214,9 +214,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="restore from a replica (s3://bucket/prefix or file:///path) instead of a backup: a whole "
                         "root into a new or empty --root, or one tenant (--key) into a live one")
     p.add_argument("--at", metavar="TIME",
-                   help="with --from: each tenant at its last commit at or before TIME, the metadata at its last "
-                        "snapshot before it (ISO 8601 with a time zone, e.g. 2026-12-06T18:00:00Z); default: the "
-                        "latest")
+                   help="with --from: each tenant at its last commit at or before TIME (a whole root: the tenants "
+                        "live at TIME, so none dropped before it), the metadata at its last snapshot before it "
+                        "(ISO 8601 with a time zone, e.g. 2026-12-06T18:00:00Z); default: the latest")
     p.add_argument("--key", help="restore one tenant")
     p.add_argument("--as", dest="as_key", help="with --key: restore it under another key")
     p.add_argument("--force", action="store_true", help="replace live tenants")

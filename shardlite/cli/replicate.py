@@ -93,10 +93,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     total = report["total"]
     echo(f"replica: {literal(report['target'])}; tenants {total['tenants']}, max lag {total['max_lag_s']:.1f} s, "
-         f"staged captures {total['staged']}, packs {total['packs']}")
-    print_table("nodes", ["node", "staged", "staged bytes", "packs", "pack bytes", "last pack"],
-                [[name, n["staged"], n["staged_bytes"], n["packs"], n["pack_bytes"], n["last_pack"] or "-"]
-                 for name, n in sorted(report["nodes"].items())])
+         f"staged captures {total['staged']}, staged drops {total['drops_staged']}, packs {total['packs']}")
+    print_table("nodes", ["node", "staged", "staged bytes", "staged drops", "packs", "pack bytes", "last pack"],
+                [[name, n["staged"], n["staged_bytes"], n["drops_staged"], n["packs"], n["pack_bytes"],
+                  n["last_pack"] or "-"] for name, n in sorted(report["nodes"].items())])
     print_table("tenants", ["key", "node", "last commit", "shipped", "lag (s)"],
                 [[key, t["node"], replica_restore.format_time(t["last_commit_ns"]) if t["last_commit_ns"] else "-",
                   "yes" if t["shipped"] else "no", f"{t['lag_s']:.1f}"]
@@ -162,6 +162,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                           "which starts and stops this command itself)")
     run.set_defaults(func=cmd_run)
     status = actions.add_parser("status", help="per tenant and in total: last captured commit, lag, staged "
-                                               "captures, packs uploaded")
+                                               "captures and drops, packs uploaded")
     status.set_defaults(func=cmd_status)
     register_retention(actions)

@@ -12,6 +12,13 @@ generation ``salt``, as SQLite wrote them: 24-byte header and page each), the co
 number and commit time), and where its bytes lie in the payload. A restore reads the header, then only
 the byte ranges of the tenants it restores.
 
+A pack may also carry **drop records** (:class:`Drop`: key, incarnation, generation, when it was dropped), one
+per plain drop of a tenant on the node (``tenants drop KEY``), so that a whole-root restore at a time after
+the drop leaves the tenant out (:func:`shardlite.services.replica_restore.materialize`). They are identifiers
+only, never tenant data. A pack with drop records is version 2 (its header has a ``drops`` list); a pack
+without is written as version 1, byte for byte as before, so readers of version 1 read every pack of a replica
+without drops, and refuse a version-2 header whole (an unknown field) rather than misread it.
+
 Packs come back from storage as untrusted input: :func:`decode_header` validates every field, every range
 and every count before anything is used, and raises :class:`PackError` on anything else.
 
@@ -29,13 +36,17 @@ import xxhash
 from . import walformat as wf
 from .keys import canonical
 
-__all__ = ["MAGIC", "Entry", "Header", "PackError", "encode", "decode_header", "entry_bytes", "check_bytes",
-           "MAX_HEADER", "without"]
+__all__ = ["MAGIC", "Entry", "Drop", "Header", "PackError", "encode", "decode_header", "entry_bytes", "check_bytes",
+           "MAX_HEADER", "MAX_DROPS", "without", "without_key"]
 
 MAGIC = b"SLPACK1\n"
 _LEN = struct.Struct(">I")
 #: A header larger than this is refused (a pack of ~100,000 captures stays well below it).
 MAX_HEADER = 64 * 1024 * 1024
+#: A pack carries at most this many drop records (a replicator ships more in its next packs).
+MAX_DROPS = 100_000
+#: Drop records up to this time (ns since the epoch: the year 2262) are accepted; later ones are damage.
+_MAX_NS = (1 << 63) - 1
 
 
 class PackError(ValueError):
@@ -63,37 +74,63 @@ class Entry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     digest: str = ""  #: xxh3-128 (hex) of this entry's bytes, filled in by :func:`encode`
 
 
-class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A pack's header."""
+class Drop(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A plain drop of one tenant file's history: from ``dropped_ns`` on, incarnation ``incarnation`` of
+    ``key`` (last at generation ``generation``) is no longer live. Taken after the drop fenced the file, so
+    every commit of that incarnation is older."""
+
+    key: str
+    incarnation: str
+    generation: int
+    dropped_ns: int
+
+
+class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """A pack's header (``drops``: version 2 only; left out of a version-1 header)."""
 
     version: int
     node: str
     seq: int
     created_ns: int
     entries: list[Entry]
+    drops: list[Drop] = msgspec.field(default_factory=list)
 
 
-def encode(node: str, seq: int, created_ns: int, items: list[tuple[Entry, bytes]]) -> bytes:
-    """A pack of ``items`` (entries whose ``offset``/``length`` are filled in here, with their bytes)."""
+def encode(node: str, seq: int, created_ns: int, items: list[tuple[Entry, bytes]],
+           drops: list[Drop] | None = None) -> bytes:
+    """A pack of ``items`` (entries whose ``offset``/``length`` are filled in here, with their bytes) and
+    ``drops`` (version 2 when there are any, else version 1)."""
     entries, chunks, at = [], [], 0
     for entry, data in items:
         entries.append(msgspec.structs.replace(entry, offset=at, length=len(data),
                                                digest=xxhash.xxh3_128_hexdigest(data)))
         chunks.append(data)
         at += len(data)
-    header = msgspec.json.encode(Header(1, node, seq, created_ns, entries))
+    if drops and len(drops) > MAX_DROPS:
+        raise ValueError(f"a pack carries at most {MAX_DROPS} drop records")
+    header = msgspec.json.encode(Header(2 if drops else 1, node, seq, created_ns, entries, list(drops or [])))
     return b"".join([MAGIC, _LEN.pack(len(header)), header, *chunks])
 
 
-def _check_entry(entry: Entry, payload_size: int) -> None:
+def _check_identity(what: str, key: str, incarnation: str, generation: int) -> None:
     try:
-        canonical_ok = canonical(entry.key) == entry.key
+        canonical_ok = canonical(key) == key
     except ValueError:
         canonical_ok = False
     if not canonical_ok:
-        raise PackError(f"an entry names {entry.key!r}, which is not a canonical key")
-    if not entry.incarnation or len(entry.incarnation) > 128 or entry.generation < 0:
-        raise PackError(f"the entry of {entry.key!r} has an invalid identity")
+        raise PackError(f"{what} names {key[:80]!r}, which is not a canonical key")
+    if not incarnation or len(incarnation) > 128 or generation < 0:
+        raise PackError(f"{what} of {key!r} has an invalid identity")
+
+
+def _check_drop(drop: Drop) -> None:
+    _check_identity("a drop record", drop.key, drop.incarnation, drop.generation)
+    if not 0 <= drop.dropped_ns <= _MAX_NS:
+        raise PackError(f"the drop record of {drop.key!r} has an impossible time")
+
+
+def _check_entry(entry: Entry, payload_size: int) -> None:
+    _check_identity("an entry", entry.key, entry.incarnation, entry.generation)
     size = entry.page_size
     if size < 512 or size > 65536 or size & (size - 1):
         raise PackError(f"the entry of {entry.key!r} has an impossible page size {size}")
@@ -139,8 +176,14 @@ def decode_header(data: bytes | memoryview, size: int | None = None) -> tuple[He
         header = msgspec.json.decode(view[start:start + length], type=Header)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise PackError(f"the pack header is invalid: {exc}") from None
-    if header.version != 1:
+    if header.version not in (1, 2):
         raise PackError(f"pack version {header.version} is not supported")
+    if header.version == 1 and header.drops:
+        raise PackError("a version-1 pack header carries drop records")
+    if header.version == 2 and not header.drops:
+        raise PackError("a version-2 pack header carries no drop records (shardlite writes those as version 1)")
+    if len(header.drops) > MAX_DROPS:
+        raise PackError(f"a pack header carries more than {MAX_DROPS} drop records")
     if header.seq < 0 or header.created_ns < 0 or not header.node or len(header.node) > 255:
         raise PackError("the pack header names an invalid node or sequence")
     payload = (size if size is not None else len(view)) - start - length
@@ -148,6 +191,8 @@ def decode_header(data: bytes | memoryview, size: int | None = None) -> tuple[He
         raise PackError("the pack is shorter than its header")
     for entry in header.entries:
         _check_entry(entry, payload)
+    for drop in header.drops:
+        _check_drop(drop)
     return header, start + length
 
 
@@ -168,22 +213,32 @@ def check_bytes(entry: Entry, data: bytes) -> None:
 
 
 def without(blob: bytes, key: str) -> tuple[bytes | None, list[Entry]]:
-    """The pack ``blob`` rewritten without any entry of ``key`` (any incarnation), and the entries taken out.
-    Returns ``(None, removed)`` when no entry is left (the pack is to be deleted), ``(blob, [])`` unchanged
-    when it holds none. Every entry kept is checked against its digest before and after, and the new pack is
-    decoded whole again: a damaged pack raises :class:`PackError` rather than be rewritten into another."""
+    """:func:`without_key` without the drop records it took out: the pack and the entries."""
+    out, removed, _dropped = without_key(blob, key)
+    return out, removed
+
+
+def without_key(blob: bytes, key: str) -> tuple[bytes | None, list[Entry], list[Drop]]:
+    """The pack ``blob`` rewritten without any entry or drop record of ``key`` (any incarnation), and the
+    entries and drop records taken out. Returns ``(None, ...)`` when nothing is left (the pack is to be
+    deleted), ``(blob, [], [])`` unchanged when it holds nothing of the key. Every entry kept is checked
+    against its digest before and after, and the new pack is decoded whole again: a damaged pack raises
+    :class:`PackError` rather than be rewritten into another."""
     header, payload_at = decode_header(blob)
     removed = [entry for entry in header.entries if entry.key == key]
-    if not removed:
-        return blob, []
+    dropped = [drop for drop in header.drops if drop.key == key]
+    if not removed and not dropped:
+        return blob, [], []
     kept = [(entry, entry_bytes(blob, payload_at, entry)) for entry in header.entries if entry.key != key]
-    if not kept:
-        return None, removed
-    out = encode(header.node, header.seq, header.created_ns, kept)
+    drops = [drop for drop in header.drops if drop.key != key]
+    if not kept and not drops:
+        return None, removed, dropped
+    out = encode(header.node, header.seq, header.created_ns, kept, drops)
     new_header, new_at = decode_header(out)
-    if len(new_header.entries) != len(kept) or any(e.key == key for e in new_header.entries):
+    if (len(new_header.entries) != len(kept) or any(e.key == key for e in new_header.entries)
+            or new_header.drops != drops):
         raise PackError(f"the rewrite of pack {header.seq} of node {header.node!r} did not drop {key!r}")
     for entry, (old, data) in zip(new_header.entries, kept, strict=True):
         if entry.digest != old.digest or entry_bytes(out, new_at, entry) != data:
             raise PackError(f"the rewrite of pack {header.seq} of node {header.node!r} changed another entry")
-    return out, removed
+    return out, removed, dropped

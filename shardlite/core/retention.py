@@ -15,9 +15,15 @@ for every tenant, at the retention start and at every history start and commit a
 restore reaches after the compaction must be the one it reached before; a tenant that fails keeps all its
 captures and gets no snapshot (its packs stay), until nothing fails.
 
-Not kept at all: a tenant that is no longer live (dropped) and whose last capture is older than its
-retention start, and a tenant with an erase tombstone (``erased``: compaction never writes a snapshot of
-it, so it cannot come back).
+Not kept at all: a tenant that is no longer live (dropped) and whose last capture and last drop record
+are older than its retention start (a tenant dropped inside the window was live at its start, so its history
+there stays), and a tenant with an erase tombstone (``erased``: compaction never writes a snapshot of it, so
+it cannot come back).
+
+**Drop records** (:class:`~shardlite.core.pack.Drop`, located by :class:`LocatedDrop`) are what keeps a
+whole-root restore after a drop from bringing the tenant back, so a pack holding the drop record of an
+incarnation is kept as long as any capture of that incarnation is (or a new snapshot stands for some), and
+may go with the rest once none is.
 
 Pure: no I/O.
 """
@@ -34,7 +40,7 @@ from .keys import canonical
 from .timeline import Capture, TimelineError, histories, plan_replay, point_at
 
 __all__ = ["Windows", "DEFAULT_WINDOW_NS", "RetentionError", "parse_duration", "format_duration", "window_for",
-           "encode_windows", "decode_windows", "Located", "Snapshot", "Plan", "plan", "snapshot_capture",
+           "encode_windows", "decode_windows", "Located", "LocatedDrop", "Snapshot", "Plan", "plan", "snapshot_capture",
            "MIN_WINDOW_NS", "MAX_WINDOW_NS", "MAX_PREFIXES"]
 
 _NS = 1_000_000_000
@@ -146,6 +152,15 @@ class Located(NamedTuple):
     capture: Capture
 
 
+class LocatedDrop(NamedTuple):
+    """A drop record (:class:`~shardlite.core.pack.Drop`) and the pack that holds it."""
+
+    pack: str
+    key: str
+    incarnation: str
+    dropped_ns: int
+
+
 class Snapshot(NamedTuple):
     """A snapshot the compaction writes: the image of ``through[-1]``'s end, replayed from ``through``
     (the captures of one history from its base snapshot on), standing in for them."""
@@ -205,12 +220,34 @@ def _same(before: list[Capture], after: list[Capture], start: int) -> bool:
     return True
 
 
+def _with_drops(kept: set[str], by_key: dict[str, list[Located]], through: dict[str, list[Located]],
+                drops: list[LocatedDrop], expired: list[str]) -> set[str]:
+    """``kept`` plus the packs of the drop records whose incarnation keeps a capture in a kept pack or a new
+    snapshot (module doc), until nothing more is added (a pack kept for a drop record keeps its captures).
+    Captures of ``expired`` keys left in kept packs do not count: restores ignore them (the horizon)."""
+    if not drops:
+        return kept
+    gone = set(expired)
+    while True:
+        alive = {(key, item.capture.entry.incarnation) for key, items in by_key.items() if key not in gone
+                 for item in items if item.pack in kept}
+        alive |= {(key, items[-1].capture.entry.incarnation) for key, items in through.items()}
+        extra = {drop.pack for drop in drops if (drop.key, drop.incarnation) in alive} - kept
+        if not extra:
+            return kept
+        kept = kept | extra
+
+
 def plan(located: Iterable[Located], start_of: Callable[[str], int], *, live: Iterable[str] = (),
-         erased: Iterable[str] = (), packs: Iterable[str] = ()) -> Plan:
+         erased: Iterable[str] = (), packs: Iterable[str] = (), drops: Iterable[LocatedDrop] = ()) -> Plan:
     """What a compaction does (module doc). ``start_of(key)``: the key's retention start (ns); ``live``: the
     keys the catalog holds now; ``erased``: keys with an erase tombstone; ``packs``: every pack name (packs
-    with no entry are deleted too)."""
+    with no entry are deleted too); ``drops``: the drop records in the packs."""
     live_set, erased_set = set(live), set(erased)
+    drop_list = [drop for drop in drops if drop.key not in erased_set]
+    dropped_at: dict[str, int] = {}
+    for drop in drop_list:
+        dropped_at[drop.key] = max(dropped_at.get(drop.key, 0), drop.dropped_ns)
     by_key: dict[str, list[Located]] = {}
     all_packs = set(packs)
     for item in located:
@@ -229,9 +266,9 @@ def plan(located: Iterable[Located], start_of: Callable[[str], int], *, live: It
             continue  # erased: nothing kept, never a snapshot (no resurrection)
         start = starts[key] = start_of(key)
         caps = [item.capture for item in items]
-        if key not in live_set and max(c.entry.captured_ns for c in caps) < start:
+        if key not in live_set and max(c.entry.captured_ns for c in caps) < start and dropped_at.get(key, -1) < start:
             expired.append(key)
-            continue  # dropped and past its window
+            continue  # dropped before its window began
         keep: list[Capture] = []
         try:
             at_start = plan_replay(caps, start)
@@ -260,7 +297,7 @@ def plan(located: Iterable[Located], start_of: Callable[[str], int], *, live: It
         needed[key] = {where[id(c)] for c in keep}
     pinned: set[str] = set()
     while True:
-        kept = set().union(*needed.values()) if needed else set()
+        kept = _with_drops(set().union(*needed.values()) if needed else set(), by_key, through, drop_list, expired)
         deletable = all_packs - kept
         for key in list(through):
             if not any(item.pack in deletable for item in through[key]):
@@ -282,6 +319,6 @@ def plan(located: Iterable[Located], start_of: Callable[[str], int], *, live: It
             through.pop(key, None)
             needed[key] = {item.pack for item in by_key[key]}
     snapshots = [Snapshot(key, items) for key, items in sorted(through.items())]
-    kept = set().union(*needed.values()) if needed else set()
+    kept = _with_drops(set().union(*needed.values()) if needed else set(), by_key, through, drop_list, expired)
     return Plan(snapshots, sorted(all_packs - kept), sorted(kept), sorted(pinned), sorted(expired))
 

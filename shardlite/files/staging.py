@@ -1,10 +1,19 @@
 """A node's replication staging: the captured-but-not-yet-uploaded changes and the per-tenant cursors.
 
-One SQLite file per node, ``<node>/.replica/staging.db``, written only by that node's replicator (one
-process at a time: :class:`~shardlite.services.replicator.NodeReplicator` holds the node's replicator
-lock). A capture and its tenant's new cursor are stored in one transaction, so a cursor never runs ahead of
-what is staged; the rows of a pack are deleted in the transaction that records the pack as uploaded, so a
-crash between the upload and that transaction re-uploads the same pack under the same name.
+One SQLite file per node, ``<node>/.replica/staging.db``, whose captures and cursors are written by that
+node's replicator (one process at a time: :class:`~shardlite.services.replicator.NodeReplicator` holds the
+node's replicator lock), besides an erase and a drop (below), each in transactions of its own. A capture
+and its tenant's new cursor are stored in one transaction, so a cursor never runs ahead of what is staged;
+the rows of a pack are deleted in the transaction that records the pack as uploaded, so a crash between the
+upload and that transaction re-uploads the same pack under the same name.
+
+Drops: a plain drop of a tenant on a replicated root stages a **drop record** here (table ``drops``: key,
+incarnation, generation, when), written by the dropping process itself (:meth:`Staging.stage_drop`, called by
+:func:`shardlite.services.lifecycle.drop`) in one transaction with ``synchronous=FULL``, so it survives a crash
+of either process and a power loss once the drop goes on, and is there whether a replicator runs or not. The
+replicator ships it in its next pack (:meth:`staged_drops`, then :meth:`shipped`, which deletes the rows in
+the transaction that records the pack), never before a capture of the same key staged earlier: a drop record
+reaches the replica no earlier than the history it ends.
 
 Durability: ``synchronous=NORMAL``. A process crash loses nothing (the OS keeps written pages). A power
 loss may lose the last staged rows *and* the cursor rows written with them, while the tenant's checkpoint
@@ -14,9 +23,11 @@ generation and takes a snapshot (:mod:`shardlite.files.walcapture`), so history 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from typing import Any, NamedTuple, cast
@@ -27,13 +38,16 @@ from ..core import walformat as wf
 from .engine import ensure_private_dir
 from .walcapture import Capture, Cursor
 
-__all__ = ["Staging", "Staged", "TenantCursor", "STAGING_DIR", "ERASE_LOCK", "erase_lock", "Erased"]
+__all__ = ["Staging", "Staged", "StagedDrop", "TenantCursor", "STAGING_DIR", "ERASE_LOCK", "erase_lock", "Erased",
+           "DROPS_PER_PACK"]
 
 STAGING_DIR = ".replica"
 #: The node's erase lock (``<node>/.replica/erase.lock``): an erase holds it while it removes a tenant from the
 #: staging and rewrites the replica's packs; the replicator holds it from reading what is staged to recording
 #: the pack as shipped, so no pack is built from rows an erase is removing (docs/replication.md, "Erase").
 ERASE_LOCK = "erase.lock"
+#: Drop records shipped in one pack at most (a larger backlog goes in the next packs).
+DROPS_PER_PACK = 10_000
 
 
 def erase_lock(node_path: str, *, wait: float | None) -> int | None:
@@ -67,6 +81,7 @@ class Erased(NamedTuple):
     bytes: int
     cursor: bool
     scrubbed: bool  #: the file was rewritten without free pages and its log emptied (:meth:`Staging.scrub`)
+    drops: int = 0  #: staged drop records of the key removed
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cursors(
@@ -88,7 +103,13 @@ CREATE TABLE IF NOT EXISTS packs(
 ) STRICT;
 CREATE TABLE IF NOT EXISTS notes_read(file TEXT PRIMARY KEY, offset INTEGER NOT NULL) STRICT;
 CREATE TABLE IF NOT EXISTS erased(incarnation TEXT PRIMARY KEY, erased_ns INTEGER NOT NULL) STRICT;
+CREATE TABLE IF NOT EXISTS drops(
+    id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, incarnation TEXT NOT NULL,
+    generation INTEGER NOT NULL, dropped_ns INTEGER NOT NULL, UNIQUE(key, incarnation)
+) STRICT;
 """
+#: The tables :data:`_SCHEMA` makes.
+_TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _SCHEMA))
 
 
 class TenantCursor(NamedTuple):
@@ -118,6 +139,16 @@ class Staged(NamedTuple):
     data: bytes
 
 
+class StagedDrop(NamedTuple):
+    """One staged drop record, as it goes into a pack (:class:`shardlite.core.pack.Drop`)."""
+
+    id: int
+    key: str
+    incarnation: str
+    generation: int
+    dropped_ns: int
+
+
 class Staging:
     """The staging file of one node (module docstring). Not thread-safe: one replicator thread uses it."""
 
@@ -137,8 +168,10 @@ class Staging:
         self.conn.set_busy_timeout(5000)
         self.conn.execute("PRAGMA journal_mode=WAL").fetchall()
         self.conn.execute("PRAGMA synchronous=NORMAL")
-        with self.conn:
-            self.conn.execute(_SCHEMA)
+        have = {str(name) for (name,) in self.conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
+        if not have >= _TABLES:  # a reader (`replicate status`) of a complete file writes nothing
+            with self._write():
+                self.conn.execute(_SCHEMA)
 
     def close(self) -> None:
         self.conn.close()
@@ -195,11 +228,11 @@ class Staging:
     def set_cursor(self, key: str, incarnation: str, generation: int, cursor: Cursor, last_commit_ns: int) -> None:
         """Store a cursor that moved without new data (a checkpoint closed its log generation)."""
         old = self.cursor(key)
-        with self.conn:
+        with self._write():
             self._put_cursor(key, incarnation, generation, cursor, old.captured_ns if old else 0, last_commit_ns)
 
     def forget(self, key: str) -> None:
-        with self.conn:
+        with self._write():
             self.conn.execute("DELETE FROM cursors WHERE key = ?", (key,))
 
     # -- captures --------------------------------------------------------------------------------------
@@ -213,7 +246,7 @@ class Staging:
             kind, salt, first, last = "frames", got.cursor.salt.hex(), got.frames[0].number, got.frames[-1].number
             data = b"".join(wf.encode_frame(frame) for frame in got.frames)
         last_commit = commits[-1][1] if commits else captured_ns
-        with self.conn:
+        with self._write():
             self.conn.execute(
                 "INSERT INTO staged(key, incarnation, generation, kind, page_size, salt, first, last, commits, "
                 "captured_ns, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -236,7 +269,8 @@ class Staging:
         return out
 
     def has_staged(self) -> bool:
-        return bool(self.conn.execute("SELECT 1 FROM staged LIMIT 1").fetchall())
+        """Whether anything waits for an upload: a capture or a drop record."""
+        return bool(self.conn.execute("SELECT 1 FROM staged UNION ALL SELECT 1 FROM drops LIMIT 1").fetchall())
 
     def staged_count(self) -> tuple[int, int]:
         """(staged captures, their bytes)."""
@@ -263,12 +297,61 @@ class Staging:
         assert row is not None
         return int(row[0])
 
-    def shipped(self, seq: int, name: str, created_ns: int, uploaded_ns: int, size: int, ids: list[int]) -> None:
-        """Record pack ``seq`` as uploaded and drop its staged rows, in one transaction."""
-        with self.conn:
+    def shipped(self, seq: int, name: str, created_ns: int, uploaded_ns: int, size: int, ids: list[int],
+                drop_ids: list[int] | None = None) -> None:
+        """Record pack ``seq`` as uploaded and drop its staged rows (captures ``ids``, drop records
+        ``drop_ids``), in one transaction."""
+        with self._write():
             self.conn.execute("INSERT INTO packs VALUES (?, ?, ?, ?, ?, ?)",
                               (seq, name, created_ns, uploaded_ns, size, len(ids)))
             self.conn.executemany("DELETE FROM staged WHERE id = ?", [(i,) for i in ids])
+            self.conn.executemany("DELETE FROM drops WHERE id = ?", [(i,) for i in drop_ids or ()])
+
+    # -- drop records --------------------------------------------------------------------------------------
+
+    def stage_drop(self, key: str, incarnation: str, generation: int, dropped_ns: int) -> bool:
+        """Stage the drop record of incarnation ``incarnation`` of ``key`` and forget its cursor (the tenant
+        is no longer on this node), in one transaction with ``synchronous=FULL``: durable when this returns
+        (module docstring). A record of the same incarnation already staged is kept, with its time (a drop
+        run again after a crash). Returns whether a record was added."""
+        self.conn.execute("PRAGMA synchronous=FULL")
+        try:
+            with self._write():
+                self.conn.execute("INSERT OR IGNORE INTO drops(key, incarnation, generation, dropped_ns) "
+                                  "VALUES (?, ?, ?, ?)", (key, incarnation, generation, dropped_ns))
+                added = self.conn.changes() > 0
+                self.conn.execute("DELETE FROM cursors WHERE key = ? AND incarnation = ?", (key, incarnation))
+        finally:
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+        return added
+
+    def staged_drops(self, shipping: list[Staged], limit: int = DROPS_PER_PACK) -> list[StagedDrop]:
+        """The oldest staged drop records (at most ``limit``) that may ship in a pack with the captures
+        ``shipping`` (the oldest staged, from :meth:`staged`): those whose key has no capture staged after
+        them, so a drop record never reaches the replica before the history it ends."""
+        after = max((s.id for s in shipping), default=0)
+        return [StagedDrop(*row) for row in self.conn.execute(
+            "SELECT id, key, incarnation, generation, dropped_ns FROM drops AS d WHERE NOT EXISTS "
+            "(SELECT 1 FROM staged AS s WHERE s.key = d.key AND s.id > ?) ORDER BY id LIMIT ?", (after, limit))]
+
+    def drops_count(self) -> int:
+        """Staged drop records (not uploaded yet)."""
+        row = self.conn.execute("SELECT count(*) FROM drops").fetchone()
+        assert row is not None
+        return int(row[0])
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        """A write transaction begun as one (``BEGIN IMMEDIATE``, waiting up to the busy timeout): a deferred
+        one that read first would fail at its first write, without waiting, whenever another process (the
+        replicator, an erase, a compaction) committed since its read began (SQLITE_BUSY_SNAPSHOT)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
 
     def packs(self) -> Iterator[tuple[int, str, int, int, int, int]]:
         yield from self.conn.execute("SELECT seq, name, created_ns, uploaded_ns, bytes, entries FROM packs "
@@ -278,7 +361,7 @@ class Staging:
         """Forget the rows of packs a compaction deleted from the replica (the staging's pack list would
         otherwise grow for ever); the row of the highest sequence stays, so a sequence number is never
         reused. Returns how many rows went."""
-        with self.conn:
+        with self._write():
             top = self.conn.execute("SELECT coalesce(max(seq), 0) FROM packs").fetchone()
             assert top is not None
             gone = 0
@@ -297,7 +380,7 @@ class Staging:
         # secure_delete: the erased captures' bytes are overwritten, not left in free pages of this file; the
         # scrub afterwards removes what earlier deletes (shipped packs) left in free pages, and the log.
         self.conn.execute("PRAGMA secure_delete=ON")
-        with self.conn:
+        with self._write():
             rows = self.conn.execute("SELECT incarnation, count(*), sum(length(data)) FROM staged WHERE key = ? "
                                      "GROUP BY incarnation", (key,)).fetchall()
             found = {str(inc) for inc, _n, _b in rows}
@@ -307,12 +390,14 @@ class Staging:
                                   [(inc, erased_ns) for inc in sorted(found | set(incarnations))])
             self.conn.execute("DELETE FROM staged WHERE key = ?", (key,))
             self.conn.execute("DELETE FROM cursors WHERE key = ?", (key,))
+            self.conn.execute("DELETE FROM drops WHERE key = ?", (key,))
+            drops = self.conn.changes()
         scrubbed = self.scrub()
         captures = size = 0
         for _inc, count, length in rows:
             captures += int(cast(int, count))
             size += int(cast(int, length or 0))
-        return Erased(sorted(found), captures, size, bool(cursor), scrubbed)
+        return Erased(sorted(found), captures, size, bool(cursor), scrubbed, drops)
 
     def scrub(self) -> bool:
         """Rewrite this file without free pages (``VACUUM``: rows deleted before, such as the captures of
@@ -333,10 +418,11 @@ class Staging:
     def discard_erased(self) -> int:
         """Delete the staged captures and cursors of erased incarnations (captures staged after the erase by a
         capture that was in flight); returns how many captures went. The caller holds the erase lock."""
-        with self.conn:
+        with self._write():
             gone = self.conn.execute("DELETE FROM staged WHERE incarnation IN (SELECT incarnation FROM erased) "
                                      "RETURNING id").fetchall()
             self.conn.execute("DELETE FROM cursors WHERE incarnation IN (SELECT incarnation FROM erased)")
+            self.conn.execute("DELETE FROM drops WHERE incarnation IN (SELECT incarnation FROM erased)")
         if gone:
             self.scrub()  # their bytes leave the file's free pages and its log too, as the erase's own did
         return len(gone)
@@ -344,7 +430,7 @@ class Staging:
     def repacked(self, name: str, size: int, entries: int) -> None:
         """Record that an erase rewrote pack ``name`` to ``size`` bytes and ``entries`` captures (0, 0: deleted).
         The row stays, so a pack's sequence number is never reused."""
-        with self.conn:
+        with self._write():
             self.conn.execute("UPDATE packs SET bytes = ?, entries = ? WHERE name = ?", (size, entries, name))
 
     # -- notes -----------------------------------------------------------------------------------------
@@ -353,7 +439,7 @@ class Staging:
         return {name: int(at) for name, at in self.conn.execute("SELECT file, offset FROM notes_read")}
 
     def set_notes_offsets(self, offsets: dict[str, int], gone: list[str]) -> None:
-        with self.conn:
+        with self._write():
             self.conn.executemany("INSERT OR REPLACE INTO notes_read VALUES (?, ?)", list(offsets.items()))
             self.conn.executemany("DELETE FROM notes_read WHERE file = ?", [(name,) for name in gone])
 

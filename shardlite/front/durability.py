@@ -19,6 +19,8 @@ one root may acknowledge differently.
 
 from __future__ import annotations
 
+import asyncio
+
 from ..errors import ConfigurationError, ReplicationUnavailable
 from ..services import confirmations
 from .store import Store
@@ -71,8 +73,12 @@ class Durability:
             raise self._error(canon, node, str(exc)) from None
 
     async def wait_async(self, canon: str, timeout: float | None = None) -> None:
-        """:meth:`wait` for the event loop (it never blocks the loop)."""
-        node, path = self._node_path(canon)
+        """:meth:`wait` for the event loop (it never blocks the loop: a route not cached in this process is
+        looked up on a worker thread when the metadata is a network round trip away)."""
+        if self.store.meta.local or self.store.cached(canon):
+            node, path = self._node_path(canon)
+        else:
+            node, path = await asyncio.get_running_loop().run_in_executor(None, self._node_path, canon)
         try:
             await confirmations.ask_shipped_async(path, canon, self.timeout if timeout is None else timeout)
         except confirmations.Unconfirmed as exc:

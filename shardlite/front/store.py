@@ -227,6 +227,10 @@ class Store(TenantCreation, TenantReads):
             return None
         return self._create(canon, first)
 
+    def cached(self, canon: str) -> bool:
+        """Whether this process has ``canon``'s route cached (:meth:`resolve` answers without the metadata)."""
+        return canon in self._records
+
     def forget(self, canon: str) -> None:
         """Drop the cached location of ``canon`` (the next access asks the catalog)."""
         self._records.pop(canon, None)

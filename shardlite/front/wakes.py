@@ -69,6 +69,8 @@ class Wakes:
         self._queued: dict[str, tuple[int, int, float]] = {}  # key -> (version, ticket, monotonic time queued)
         self._writing: set[str] = set()  # keys whose wake-up the flusher is writing now
         self._ticket = 0
+        #: When the flusher next wakes by itself for a held wake-up (monotonic; None: only when signalled)
+        self._until: float | None = None
         self._event = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -114,7 +116,13 @@ class Wakes:
     # -- wake-ups ------------------------------------------------------------------------------------------
 
     def queue(self, key: str, version: int) -> None:
-        """``key`` committed its first events after its flag (``version``) was parked: wake it soon."""
+        """``key`` committed its first events after its flag (``version``) was parked: wake it soon.
+
+        A wake-up the in-process relay holds (:attr:`holder`) does not signal the flusher when it is already
+        timed to wake for an earlier held one: this one's hold ends no sooner (a source's first queuing time
+        stays), and the flusher looks at every queued wake-up whenever it wakes. Otherwise every emit on a
+        parked source would make the flusher scan the held ones again, for nothing."""
+        holder = self.holder
         with self._lock:
             self._ticket += 1
             earlier = self._queued.get(key)  # held since the first one: a busy source is held no longer
@@ -123,7 +131,9 @@ class Wakes:
                 self._thread = threading.Thread(target=self._run, name="shardlite-wakes", daemon=True)
                 self._thread.start()
                 atexit.register(_flush_at_exit, weakref.ref(self))  # a process that ends without close()
-        self._event.set()
+            quiet = self._until is not None and holder is not None and holder(key)
+        if not quiet:
+            self._event.set()
         if self.fault is not None:
             self.fault("queued")
 
@@ -176,6 +186,8 @@ class Wakes:
                     else:
                         taken[key] = entry
                 self._queued = kept
+            if not force:
+                self._until = until  # the flusher's own timer (see queue)
             self._writing |= set(taken)
         return sorted((key, version, ticket) for key, (version, ticket, _) in taken.items()), until
 
@@ -266,6 +278,7 @@ class Wakes:
         """In a forked child: the parent's queue and thread are not ours (its wake-ups are its own)."""
         self._lock = threading.Lock()
         self._queued, self._writing = {}, set()
+        self._until = None
         self._event = threading.Event()
         self._thread = None
         self.holder = None  # the parent's relay thread is not running here

@@ -27,14 +27,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from ..errors import InvalidEmail
+from ..errors import EmailTaken, InvalidEmail
 
 if TYPE_CHECKING:
     from ..front.accounts import Account
 
 __all__ = ["checked_account", "checked_credential",
            "AccountStore", "CredentialStore", "Credential", "Login", "AccountRows", "ProfileMerge",
-           "ACCOUNT_COLUMNS", "CREDENTIAL_COLUMNS", "SESSION_COLUMNS", "refuse_nul", "checked_rows"]
+           "ACCOUNT_COLUMNS", "CREDENTIAL_COLUMNS", "SESSION_COLUMNS", "refuse_nul", "checked_rows",
+           "without_present", "KEPT"]
 
 #: The columns of an account row as :meth:`AccountStore.import_rows` takes it (and as a backup keeps it).
 ACCOUNT_COLUMNS = ("id", "email", "email_key", "name_key", "profile", "created", "updated")
@@ -130,6 +131,29 @@ def checked_rows(rows: AccountRows) -> AccountRows:
     return rows
 
 
+#: The key of :meth:`AccountStore.import_rows`'s result that counts the accounts kept (``keep_existing``).
+KEPT = "_shardlite_accounts_kept"
+
+
+def without_present(rows: AccountRows, present: Sequence[Sequence[Any]]) -> tuple[AccountRows, int]:
+    """The policy of ``import_rows(..., keep_existing=True)``, pure: ``rows`` without the accounts whose id
+    is among ``present`` (the store's ``(id, email_key)`` rows whose id or e-mail key an imported account
+    has), nor their credentials and sessions; and how many accounts were left out. An imported account
+    whose e-mail key belongs to a present account of another id raises :class:`~shardlite.EmailTaken`
+    (naming ids only, never addresses)."""
+    ids = {int(row[0]) for row in present}
+    owners = {str(row[1]): int(row[0]) for row in present}
+    for row in rows.accounts:
+        owner = owners.get(str(row[2]))
+        if owner is not None and owner != row[0] and row[0] not in ids:
+            raise EmailTaken(f"the imported account {row[0]} has the e-mail key of account {owner}, which the "
+                             "account space already holds; nothing was imported (restore into a metadata "
+                             "database of its own, or delete or rename one of the two accounts first)")
+    accounts = [row for row in rows.accounts if row[0] not in ids]
+    return (AccountRows(accounts, [row for row in rows.credentials if row[0] not in ids],
+                        [row for row in rows.sessions if row[1] not in ids]), len(rows.accounts) - len(accounts))
+
+
 class AccountStore(Protocol):
     """Account rows (``meta.accounts``). See the module doc for the rules every method keeps."""
 
@@ -184,13 +208,20 @@ class AccountStore(Protocol):
         stay never reused)."""
         ...
 
-    def import_rows(self, rows: AccountRows) -> dict[str, int]:
+    def import_rows(self, rows: AccountRows, *, keep_existing: bool = False) -> dict[str, int]:
         """Insert ``rows`` (checked first with :func:`checked_rows`: :class:`ValueError`, nothing written)
         in one atomic unit, replacing a row with the same primary key (id, account id, digest) and, for
         accounts, a row with the same e-mail key. The id counter moves past every imported id. Returns
         the rows imported per table (``_shardlite_accounts``, ``_shardlite_credentials``,
         ``_shardlite_sessions``). A credential or session whose account is in neither ``rows`` nor the
-        store is refused (:class:`~shardlite.UnknownAccount`, nothing written)."""
+        store is refused (:class:`~shardlite.UnknownAccount`, nothing written).
+
+        ``keep_existing=True`` (a restore into an account space other roots share, whose rows are newer
+        than a backup's): the store's accounts win. An imported account whose id the store holds is not
+        imported, nor are its credential and sessions (a backup's session may have been revoked since);
+        one whose e-mail key belongs to a stored account of another id raises
+        :class:`~shardlite.EmailTaken` (nothing written). The check and the insert are one atomic unit
+        (:func:`without_present`); the result also counts the accounts kept (:data:`KEPT`)."""
         ...
 
 

@@ -208,14 +208,19 @@ def _rows(conn: apsw.Connection, table: Table) -> Iterator[tuple[Any, ...]]:
     yield from conn.execute(f"SELECT {cols} FROM {table.sqlite}{where} ORDER BY {', '.join(table.key)}")
 
 
+#: The PostgreSQL tables whose rows carry their root's id (a column global.db does not have).
+_ROOT_OWNED = ("nodes", "kv", "plans")
+
+
 def _copy_table(conn: apsw.Connection, pg: psycopg.Connection[Any], table: Table, root_id: str) -> None:
-    columns = table.columns + (("root_id",) if table.pg == "nodes" else ())
+    owned = table.pg in _ROOT_OWNED
+    columns = table.columns + (("root_id",) if owned else ())
     statement = sql.SQL("COPY shardlite.{} ({}) FROM STDIN").format(
         sql.Identifier(table.pg), sql.SQL(", ").join(sql.Identifier(c) for c in columns))
     with pg.cursor() as cur, cur.copy(statement) as copy:
         for row in _rows(conn, table):
             _refuse_nul(table, row)
-            copy.write_row(row + ((root_id,) if table.pg == "nodes" else ()))
+            copy.write_row(row + ((root_id,) if owned else ()))
 
 
 def _refuse_nul(table: Table, row: Sequence[Any]) -> None:
@@ -264,10 +269,11 @@ def _verify(conn: apsw.Connection, pg: psycopg.Connection[Any], table: Table, ro
         if next(theirs, None) is not None:
             raise ConfigurationError(f"meta copy: {table.pg} has more rows in PostgreSQL than in global.db; "
                                      "nothing was switched: run meta copy again")
-    if table.pg == "nodes":
-        owned = pg.execute("SELECT count(*) FROM shardlite.nodes WHERE root_id = %s", (root_id,)).fetchone()
+    if table.pg in _ROOT_OWNED:
+        owned = pg.execute(sql.SQL("SELECT count(*) FROM shardlite.{} WHERE root_id = %s").format(
+            sql.Identifier(table.pg)), (root_id,)).fetchone()
         if not owned or owned[0] != count:
-            raise ConfigurationError("meta copy: the nodes in PostgreSQL belong to another root")
+            raise ConfigurationError(f"meta copy: the {table.pg} rows in PostgreSQL belong to another root")
     return count
 
 

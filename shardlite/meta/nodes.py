@@ -93,9 +93,9 @@ class NodeRegistry(Protocol):
     def forget_all(self) -> int:
         """Delete every tenant row on this root's nodes (tombstones included) and then the nodes themselves,
         in one transaction, and return how many tenant rows went; a backend that records the root itself
-        (PostgreSQL's ``roots``) deletes that record too. Generations stay never reused; accounts,
-        sessions and named values (a database's, shared by the roots in it) are not touched; another
-        root's rows never are.
+        (PostgreSQL's ``roots``) deletes that record too, with the root's named values and rebalance plans.
+        Generations stay never reused; accounts and sessions (shared by the roots of a database) are not
+        touched; another root's rows never are.
 
         For taking back a restore into a new root before its directory is removed (the directory holds
         the tenant files these rows describe). Afterwards this root has no node: it must not be used again."""

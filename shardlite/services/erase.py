@@ -10,21 +10,22 @@ to erase a person's data: the key is the person, so every history of the key goe
    being built or uploaded, and every one uploaded before is in the replica's listing.
 2. **Drop** the live tenant as a plain drop does (fence, catalog tombstone, files deleted), unless it is
    already dropped; the key's dead letters (event payloads it emitted) go from the live metadata too.
-3. **Scan** the header of every pack for entries of the key (one ranged GET per pack).
-4. **Staging**: on every node, the key's staged captures and cursor are deleted and its incarnations recorded
-   as erased, in one transaction (``secure_delete`` on), then the staging file is vacuumed and its log
-   truncated: neither these captures nor those of packs shipped earlier linger in its free pages. A capture
-   that was in flight during the drop and stages the key's frames afterwards is dropped by the replicator
-   before its next upload (``Staging.discard_erased``, which vacuums the staging file again).
+3. **Scan** the header of every pack for entries and drop records of the key (one ranged GET per pack).
+4. **Staging**: on every node, the key's staged captures, drop records (``lifecycle.stage_drop``) and cursor
+   are deleted and its incarnations recorded as erased, in one transaction (``secure_delete`` on), then the
+   staging file is vacuumed and its log truncated: neither these captures nor those of packs shipped earlier
+   linger in its free pages. A capture that was in flight during the drop and stages the key's frames
+   afterwards is dropped by the replicator before its next upload (``Staging.discard_erased``, which vacuums
+   the staging file again).
 5. **Tombstones** ``v1/erased/<hash of the incarnation>.erased`` are written for every incarnation found,
    *before* any pack is touched: restores skip every capture of a tombstoned incarnation
    (:func:`shardlite.services.replica_read.captures_of`), so a restore during the erase, or after an erase
    interrupted half-way, never brings the tenant back. Tombstones hold no key, only when the erase ran.
-6. **Rewrite** every pack holding an entry of the key: the pack without those entries
-   (:func:`shardlite.core.pack.without`: kept entries checked against their digests before and after) replaces
+6. **Rewrite** every pack holding an entry or a drop record of the key: the pack without them
+   (:func:`shardlite.core.pack.without_key`: kept entries checked against their digests before and after) replaces
    the old object under the same name (a target's ``put`` is atomic: a reader sees the whole old or the whole
    new pack, never both nor a duplicate), and is read back and compared before the next pack; a pack left
-   with no entry is deleted and checked gone.
+   with no entry and no drop record is deleted and checked gone.
 7. **Metadata snapshots** holding dead letters or a pending-work row of the key are rewritten without them
    (the image opened inert, the rows deleted, vacuumed; same name, read back and compared).
 
@@ -124,11 +125,12 @@ def _lock_all(nodes: list[tuple[str, str]], wait: float) -> list[int]:
 def _rewrite(target: ReplicaTarget, name: str, key: str) -> dict[str, Any]:
     """Step 6 for one pack: rewrite or delete it, verified. What was done."""
     blob = target.get(name)
-    new, removed = pack.without(blob, key)
+    new, removed, dropped = pack.without_key(blob, key)
     done: dict[str, Any] = {"object": name, "captures_removed": len(removed),
                             "bytes_removed": sum(entry.length for entry in removed), "size_before": len(blob),
-                            "incarnations": sorted({entry.incarnation for entry in removed})}
-    if not removed:
+                            "drop_records_removed": len(dropped),
+                            "incarnations": sorted({e.incarnation for e in removed} | {d.incarnation for d in dropped})}
+    if not removed and not dropped:
         done.update(action="unchanged", size_after=len(blob), entries_after=-1)
         return done
     if new is None:
@@ -240,9 +242,10 @@ def erase(store: Store, key: object, *, target: ReplicaTarget | None = None,
                 unreadable.append({"object": name, "error": str(exc)})
                 continue
             mine = [entry for entry in info.header.entries if entry.key == canon]
-            if mine:
+            mine_dropped = [drop for drop in info.header.drops if drop.key == canon]  # identifiers: they go too
+            if mine or mine_dropped:
                 hits.append(name)
-                incarnations.update(entry.incarnation for entry in mine)
+                incarnations.update([e.incarnation for e in mine] + [d.incarnation for d in mine_dropped])
                 nodes_hit.add(info.header.node)
         staged: list[dict[str, Any]] = []
         for name, path in nodes:
@@ -254,12 +257,12 @@ def erase(store: Store, key: object, *, target: ReplicaTarget | None = None,
                            "replica history not erased yet: run the erase again") from None
             finally:
                 staging.close()
-            if got.captures or got.cursor or not got.scrubbed:
+            if got.captures or got.cursor or got.drops or not got.scrubbed:
                 staged.append({"node": name, "captures_removed": got.captures, "bytes_removed": got.bytes,
-                               "cursor_removed": got.cursor, "incarnations": got.incarnations,
-                               "staging_scrubbed": got.scrubbed})
+                               "cursor_removed": got.cursor, "drop_records_removed": got.drops,
+                               "incarnations": got.incarnations, "staging_scrubbed": got.scrubbed})
                 incarnations.update(got.incarnations)
-            if got.captures or got.cursor:
+            if got.captures or got.cursor or got.drops:
                 nodes_hit.add(name)
         tombstones = []
         for incarnation in sorted(incarnations):

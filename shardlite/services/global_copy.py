@@ -1,7 +1,10 @@
 """Copying a backup's checked global DB copies into a root (for :mod:`shardlite.services.restore`).
 
 What comes back: shardlite's accounts, credentials and sessions (through the root's
-:class:`~shardlite.meta.accounts.AccountStore`, whatever its backend), and the app's whole global schema
+:class:`~shardlite.meta.accounts.AccountStore`, whatever its backend; into an account space that already
+holds rows, such as a PostgreSQL database other roots share, only the accounts it lacks, with their
+credentials and sessions: the space's own accounts are newer and stay, and an imported account whose e-mail
+key another account holds there refuses the restore), and the app's whole global schema
 with its rows (:meth:`~shardlite.meta.app_globals.AppGlobals.import_sqlite`): its tables, then its
 indexes, views and triggers, then its version.
 
@@ -17,7 +20,7 @@ from typing import Any, Final
 
 import apsw
 
-from ..errors import ShardliteError, UnknownAccount
+from ..errors import EmailTaken, ShardliteError, UnknownAccount
 from ..front.store import Store
 from ..meta.accounts import ACCOUNT_COLUMNS, CREDENTIAL_COLUMNS, SESSION_COLUMNS, AccountRows
 from ..meta.sqlite.app_globals import NOT_SQLITE, quote_name
@@ -37,7 +40,12 @@ def copy_globals(store: Store, src: str, sources: dict[str, tuple[apsw.Connectio
     try:
         source, label = sources["global"]
         try:
-            copied = store.meta.accounts.import_rows(_account_rows(source, label))
+            # an account space that already holds rows is shared with other roots (PostgreSQL), or was used
+            # since: its accounts are newer than the backup's and stay (AccountStore.import_rows)
+            shared = store.meta.accounts.has_rows()
+            copied = store.meta.accounts.import_rows(_account_rows(source, label), keep_existing=shared)
+        except EmailTaken as exc:
+            raise ShardliteError(f"{label} is refused: {exc}") from None
         except (ValueError, UnknownAccount) as exc:
             raise ShardliteError(f"{label} is refused: {exc}") from None
         app_source, app_label = sources.get("app_global", sources["global"])

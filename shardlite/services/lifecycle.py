@@ -2,7 +2,10 @@
 
 * :func:`drop` fences the file (the retired marker, written inside its own write lock, so a process that
   still has it open finds it in its next transaction), records the tombstone in the catalog, closes this
-  process's handles and deletes the file with its WAL and SHM. The key's generation is never reused.
+  process's handles and deletes the file with its WAL and SHM. The key's generation is never reused. On a
+  replicated root it stages a drop record in the node's staging between the fence and the tombstone
+  (:meth:`shardlite.files.staging.Staging.stage_drop`), which the node's replicator ships in its next pack:
+  a whole-root restore at a time after the drop leaves the tenant out.
 * :func:`fence_file` is that fence, also used when a restore replaces a live tenant.
 * :func:`migrate_all` opens every live tenant (opening migrates a tenant that is behind), in parallel.
 """
@@ -10,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,9 +24,10 @@ from ..errors import Busy, IdentityMismatch, TenantMoving, UnknownTenant
 from ..files.catalog import TenantRecord
 from ..files.copying import remove_db_files, write_locked
 from ..files.engine import fsync_dir
+from ..files.staging import Staging
 from ..front.store import Store
 
-__all__ = ["drop", "fence_file", "migrate_all"]
+__all__ = ["drop", "stage_drop", "fence_file", "migrate_all"]
 
 
 def drop(store: Store, key: object) -> None:
@@ -40,6 +45,8 @@ def drop(store: Store, key: object) -> None:
     path = store.path_of(record)
     store.forget(canon)
     fence_file(store, record, path, "dropped")
+    if store.replicate is not None:
+        stage_drop(store, record)
     store.meta.tenants.set_state(canon, "dropped", expect_generation=record.generation, expect_states=("dropping",))
     for handle in store.pool.handles():
         if handle.key == canon and handle.enter(store.settings.busy_timeout_ms / 1000):
@@ -49,6 +56,24 @@ def drop(store: Store, key: object) -> None:
                 handle.exit()
     remove_db_files(path)
     fsync_dir(os.path.dirname(path))
+
+
+def stage_drop(store: Store, record: TenantRecord) -> None:
+    """Record the drop of ``record``'s incarnation in its node's staging, for the replica. Called after the
+    fence: every commit of the incarnation is older than the record's time. Before the tombstone: a drop
+    killed in between is left ``dropping`` and run again, which stages the record then (a record already
+    staged keeps its time). :class:`~shardlite.Busy` when the staging stayed locked (the drop stays
+    ``dropping``: run it again)."""
+    try:
+        staging = Staging(store.node_path(record.node))
+        try:
+            staging.conn.set_busy_timeout(max(5000, store.settings.busy_timeout_ms))
+            staging.stage_drop(record.key, record.incarnation, record.generation, time.time_ns())
+        finally:
+            staging.close()
+    except apsw.BusyError as exc:
+        raise Busy(f"tenant {record.key!r}: the replication staging of node {record.node!r} stayed locked ({exc}); "
+                   "the tenant is fenced and left 'dropping': run the drop again") from None
 
 
 def fence_file(store: Store, record: TenantRecord, path: str, marker: str) -> None:

@@ -9,8 +9,14 @@ step fails.
 
 ``restore_root_from_replica`` restores a whole root into a new or empty directory: it writes the replica's
 state at the requested time as a backup directory (:func:`materialize`: the last metadata snapshot at or
-before the time, each tenant at its last commit at or before it) and restores that with every check of a
-restore from a backup (:func:`shardlite.services.restore.restore_root`).
+before the time, each tenant live at that time at its last commit at or before it) and restores that with
+every check of a restore from a backup (:func:`shardlite.services.restore.restore_root`). Which tenants were
+live at the time is :func:`live_at`'s: the snapshot's catalog, corrected by what happened between the
+snapshot and the time: tenants created since, and tenants dropped since (the drop records a plain drop
+ships in the node's packs, :class:`shardlite.core.pack.Drop`).
+
+A one-tenant restore (``restore_tenant``) ignores drop records: it finds a dropped tenant's history (inside
+the retention window) at its last commit before the drop, which is how a drop is undone.
 
 Times are ISO 8601 with a time zone (``2026-12-06T18:00:00Z``, ``...+01:00``): a time without one is
 refused rather than guessed.
@@ -29,7 +35,7 @@ from typing import Any
 import apsw
 import xxhash
 
-from ..core import metasnap, timeline
+from ..core import metasnap, pack, timeline
 from ..core.keys import canonical
 from ..errors import ConfigurationError, ShardliteError, UnknownTenant
 from ..front.store import Store
@@ -38,7 +44,7 @@ from . import manifest as mf
 from . import replica_index, replica_read
 from .restore import RootRestore, install_image, open_image, restore_root
 
-__all__ = ["restore_tenant", "restore_root_from_replica", "materialize", "parse_time", "format_time"]
+__all__ = ["restore_tenant", "restore_root_from_replica", "materialize", "live_at", "parse_time", "format_time"]
 
 
 def parse_time(text: str) -> int:
@@ -129,33 +135,82 @@ def _write(path: str, data: bytes) -> None:
         handle.write(data)
 
 
+def live_at(row: tuple[str, int, str, int, str] | None, incarnation: str, started_ns: int, snapshot_ns: int,
+            drops: list[pack.Drop], at_ns: int) -> bool:
+    """Whether a whole-root restore at ``at_ns`` holds a key whose history to replay there is incarnation
+    ``incarnation`` (first restorable at ``started_ns``), given the key's row in the metadata snapshot taken at
+    ``snapshot_ns`` (``row``: node, generation, incarnation, schema version, state; None: no row) and the key's
+    drop records in the replica (``drops``):
+
+    * a drop record of that incarnation at or before the time: dropped then, so absent (a drop after the
+      snapshot, which its catalog cannot show);
+    * else the snapshot's row of that incarnation decides: live (``active``, ``moving``) or not;
+    * no row at all: registered after the snapshot's catalog was read, so present;
+    * a row of another incarnation: present when the history started after the snapshot (created again, or
+      restored, since), absent when it started before (superseded before the snapshot)."""
+    if any(drop.incarnation == incarnation and drop.dropped_ns <= at_ns for drop in drops):
+        return False
+    if row is None:
+        return True
+    if row[2] == incarnation:
+        return row[4] in ("active", "moving")
+    return started_ns > snapshot_ns
+
+
+def _plan(captures: list[timeline.Capture], at_ns: int, key: str) -> timeline.Replay | None:
+    """:func:`shardlite.core.timeline.plan_replay`, a damaged history reported as what to do next."""
+    try:
+        return timeline.plan_replay(captures, at_ns)
+    except timeline.TimelineError as exc:
+        raise ShardliteError(f"the replica's history of {key!r} cannot be replayed ({exc}); nothing was restored: "
+                             "restore an earlier time with --at, or from a backup") from None
+
+
+def _replay(plan: timeline.Replay, key: str) -> bytearray:
+    try:
+        return timeline.replay(plan)
+    except timeline.TimelineError as exc:
+        raise ShardliteError(f"the replica's history of {key!r} cannot be replayed ({exc}); nothing was restored: "
+                             "restore an earlier time with --at, or from a backup") from None
+
+
 def materialize(target: ReplicaTarget, dest: str, at_ns: int | None = None) -> dict[str, Any]:
     """Write into the empty directory ``dest`` a backup (the layout :mod:`shardlite.services.manifest`
     reads) of the root as the replica holds it at ``at_ns`` (None: the latest): the last metadata snapshot
-    at or before that time, and every tenant at its last commit at or before it. The tenants are those the
-    snapshot's catalog holds live, plus those whose history starts after the snapshot (created since);
-    a tenant dropped after the snapshot comes back (what the metadata said then). Returns the manifest."""
+    at or before that time, and every tenant live at that time (:func:`live_at`: the snapshot's catalog, the
+    histories created since, and the drop records of plain drops, also those after the snapshot) at its last
+    commit at or before it, on the node whose replicator captured that commit. Returns the manifest."""
     horizon = replica_index.check_time(target, None, at_ns, format_time(at_ns) if at_ns is not None else "")
     header, global_db, app_global_db = _meta_snapshot(target, at_ns)
     catalog = _catalog(global_db)
     limit = at_ns if at_ns is not None else time.time_ns()
+    drops: dict[str, list[pack.Drop]] = {}
+
+    def drops_in(info: replica_read.PackInfo) -> None:
+        for drop in info.header.drops:
+            drops.setdefault(drop.key, []).append(drop)
+
+    everything = replica_read.captures_of(target, None, on_pack=drops_in)
     entries: dict[str, Any] = {}
-    for key, captures in sorted(replica_read.captures_of(target, None).items()):
-        row = catalog.get(key)
-        if row is not None and row[4] not in ("active", "moving"):
-            continue  # dropped when the metadata was taken
-        found = _image_at(replica_index.without_expired(horizon, captures), limit, key)
-        if found is None:
+    for key, captures in sorted(everything.items()):
+        plan = _plan(replica_index.without_expired(horizon, captures), limit, key)
+        if plan is None:
             continue
-        image, point = found
-        if row is None and point.time_ns <= header.created_ns:
-            continue  # not in the catalog although it existed then: dropped before the snapshot
+        point = plan.point
+        started = next(c.entry.commits[0][1] for c in plan.chosen if c.entry.kind == "snapshot")
+        row = catalog.get(key)
+        if not live_at(row, point.incarnation, started, header.created_ns, drops.get(key, []), limit):
+            continue
+        image = _replay(plan, key)
         checksum = xxhash.xxh3_128_hexdigest(bytes(image))
         name = mf.tenant_file(key, checksum)
         os.makedirs(os.path.join(dest, os.path.dirname(name)), mode=0o700, exist_ok=True)
         _write(os.path.join(dest, name), bytes(image))
-        node = row[0] if row is not None else next(c.node for c in reversed(captures) if c.node)
-        version = row[3] if row is not None else int.from_bytes(bytes(image[60:64]), "big")
+        # where the history lived at that time (a move since the snapshot: the new node); the restore places
+        # it there while that node is active in the snapshot's node list, else where the ring proposes
+        node = next((c.node for c in reversed(plan.chosen) if c.node), row[0] if row is not None else "")
+        same = row is not None and row[2] == point.incarnation
+        version = row[3] if same and row is not None else int.from_bytes(bytes(image[60:64]), "big")
         entries[key] = {"file": name, "node": node, "generation": point.generation,
                         "incarnation": point.incarnation, "schema_version": version, "size": len(image),
                         "checksum": checksum, "signature": [point.generation, 0, 0, 0, 0]}

@@ -6,7 +6,9 @@ A compaction, in this order (each step safe to repeat: a kill -9 at any point, t
 1. **Read** every pack's header (validated whole), the root's windows (:mod:`shardlite.meta.replica_record`),
    the live catalog, and the erase tombstones (:func:`erased_incarnations`).
 2. **Plan** (:func:`shardlite.core.retention.plan`): which packs go, and which tenants get a new base
-   snapshot (the image at the end of their last capture at or before their retention start).
+   snapshot (the image at the end of their last capture at or before their retention start). A pack holding
+   the drop record of a plain drop stays while any capture of the dropped incarnation does (a whole-root
+   restore after the drop needs the record to leave the tenant out).
 3. **Write** the snapshots, replayed from the captures they stand for (:mod:`shardlite.core.timeline`), into
    new packs ``v1/packs/<node>/compact-<time>-<n>.pack`` (sequence 0: they sort before any capture of the same
    time), then **verify** them: each is read back whole and every entry checked against its digest. Nothing has
@@ -267,9 +269,12 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
     tombstones = erased_incarnations(target)
     infos: dict[str, replica_read.PackInfo] = {}
     located: list[retention.Located] = []
+    drops: list[retention.LocatedDrop] = []
     for name, size in replica_read.list_packs(target):
         info = replica_read.read_header(target, name, size)
         infos[name] = info
+        drops.extend(retention.LocatedDrop(name, drop.key, drop.incarnation, drop.dropped_ns)
+                     for drop in info.header.drops if not (tombstones and is_erased(tombstones, drop.incarnation)))
         for position, entry in enumerate(info.header.entries):
             if tombstones and is_erased(tombstones, entry.incarnation):
                 continue  # an erased history: never kept, never snapshotted
@@ -284,7 +289,7 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
             starts[key] = now - retention.window_for(windows, key)
         return starts[key]
 
-    planned = retention.plan(located, start_of, live=live, packs=infos)
+    planned = retention.plan(located, start_of, live=live, packs=infos, drops=drops)
     report.pinned = planned.pinned
     built = _build(target, infos, planned.snapshots)
     written = _write_packs(target, built, now)

@@ -513,7 +513,8 @@ def status(store: Store, now_ns: int | None = None, *, owned: set[str] | None = 
     for node in store.meta.nodes.list():
         path = os.path.join(store.node_path(node.name), STAGING_DIR, "staging.db")
         if not os.path.exists(path):
-            nodes[node.name] = {"staged": 0, "staged_bytes": 0, "packs": 0, "pack_bytes": 0, "last_pack": None}
+            nodes[node.name] = {"staged": 0, "staged_bytes": 0, "packs": 0, "pack_bytes": 0, "last_pack": None,
+                                "drops_staged": 0}
             continue
         staging = Staging(store.node_path(node.name))
         try:
@@ -523,7 +524,10 @@ def status(store: Store, now_ns: int | None = None, *, owned: set[str] | None = 
             nodes[node.name] = {"staged": count, "staged_bytes": size, "packs": len(packs),
                                 "pack_bytes": sum(p[4] for p in packs),
                                 "last_pack": packs[-1][1] if packs else None,
-                                "last_upload_ns": packs[-1][3] if packs else None}
+                                "last_upload_ns": packs[-1][3] if packs else None,
+                                # drop records of plain drops waiting for the next pack (a dropped tenant has no
+                                # cursor: it is not listed below)
+                                "drops_staged": staging.drops_count()}
             for key, found in staging.cursors().items():
                 oldest = pending.get(key)
                 tenants[key] = {"node": node.name, "last_commit_ns": found.last_commit_ns,
@@ -535,5 +539,6 @@ def status(store: Store, now_ns: int | None = None, *, owned: set[str] | None = 
     return {"target": store.replicate, "nodes": nodes, "tenants": tenants,
             "total": {"tenants": len(tenants), "max_lag_s": max(lags, default=0.0),
                       "staged": sum(n["staged"] for n in nodes.values()),
+                      "drops_staged": sum(n["drops_staged"] for n in nodes.values()),
                       "packs": sum(n["packs"] for n in nodes.values())},
             "owned": sorted(owned or ()), "standby": sorted(standby or ())}

@@ -370,14 +370,17 @@ class NodeReplicator:
     def _upload_staged(self, stats: RoundStats) -> None:
         t = time.perf_counter()
         staged = self.staging.staged(PACK_BYTES)
+        # drop records of plain drops (files/staging.py, "Drops") go in the same pack as their key's last captures
+        drops = self.staging.staged_drops(staged)
         t = stats.timed("upload.read", t)
-        if not staged:
+        if not staged and not drops:
             return
         seq, created = self.staging.next_seq(), self.clock()
         items = [(pack.Entry(s.key, s.incarnation, s.generation, "snapshot" if s.kind == "snapshot" else "frames",
                              s.page_size, s.salt, s.first, s.last, s.commits, s.captured_ns, 0, 0), s.data)
                  for s in staged]
-        blob = pack.encode(self.node, seq, created, items)
+        blob = pack.encode(self.node, seq, created, items,
+                           [pack.Drop(d.key, d.incarnation, d.generation, d.dropped_ns) for d in drops])
         name = pack_name(self.node, seq)
         t = stats.timed("upload.encode", t)
         try:
@@ -388,7 +391,8 @@ class NodeReplicator:
                         name, exc, len(staged))
             return
         t = stats.timed("upload.put", t)
-        self.staging.shipped(seq, name, created, self.clock(), len(blob), [s.id for s in staged])
+        self.staging.shipped(seq, name, created, self.clock(), len(blob), [s.id for s in staged],
+                             [d.id for d in drops])
         stats.timed("upload.shipped", t)
         stats.uploaded_packs += 1
         stats.uploaded_bytes += len(blob)

@@ -34,6 +34,7 @@ from ...front.accounts import Account
 from ..accounts import (
     ACCOUNT_COLUMNS,
     CREDENTIAL_COLUMNS,
+    KEPT,
     SESSION_COLUMNS,
     AccountRows,
     AccountStore,
@@ -45,6 +46,7 @@ from ..accounts import (
     checked_credential,
     checked_rows,
     refuse_nul,
+    without_present,
 )
 from .connect import Pool
 from .txn import constraint_of, retrying
@@ -228,8 +230,9 @@ class PgAccounts:
         finally:
             self._hint(ALL_HINT)
 
-    def import_rows(self, rows: AccountRows) -> dict[str, int]:
+    def import_rows(self, rows: AccountRows, *, keep_existing: bool = False) -> dict[str, int]:
         checked_rows(rows)
+        given, kept = rows, 0
         columns = {table: ", ".join(names) for table, names in
                    (("accounts", ACCOUNT_COLUMNS), ("credentials", CREDENTIAL_COLUMNS), ("sessions", SESSION_COLUMNS))}
 
@@ -239,11 +242,21 @@ class PgAccounts:
                     f"ON CONFLICT ({names[0]}) DO UPDATE SET {updates}")
 
         def unit() -> None:
+            nonlocal rows, kept
             with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                rows, kept = given, 0
+                if keep_existing:
+                    # the rows read here stay as they are until the commit: the same rows' locks
+                    cur.execute("SELECT id, email_key FROM shardlite.accounts WHERE id = ANY(%s) OR "
+                                "email_key = ANY(%s) FOR UPDATE", ([row[0] for row in given.accounts],
+                                                                    [row[2] for row in given.accounts]))
+                    rows, kept = without_present(given, cur.fetchall())
                 for row in rows.accounts:
                     # as SQLite's INSERT OR REPLACE: the row with this id and the row with this e-mail key go,
                     # with their credentials and sessions (ON DELETE CASCADE), then the imported row comes in
-                    cur.execute("DELETE FROM shardlite.accounts WHERE id = %s OR email_key = %s", (row[0], row[2]))
+                    if not keep_existing:  # kept: no row to replace (one that came since fails the insert)
+                        cur.execute("DELETE FROM shardlite.accounts WHERE id = %s OR email_key = %s",
+                                    (row[0], row[2]))
                     cur.execute(f"INSERT INTO shardlite.accounts({columns['accounts']}) "
                                 f"VALUES ({', '.join('%s' for _ in ACCOUNT_COLUMNS)})", row)
                 if rows.accounts:
@@ -265,9 +278,15 @@ class PgAccounts:
                 raise UnknownAccount("a credential or session to import names an account that does not exist; "
                                      "nothing was imported") from None
             raise
+        except psycopg.errors.UniqueViolation as exc:
+            if keep_existing and email_taken(exc):  # an account with an imported e-mail key came meanwhile
+                raise EmailTaken("an imported account's e-mail key was taken by an account registered while the "
+                                 "import ran; nothing was imported: run it again") from None
+            raise
         finally:
             self._hint(ALL_HINT)
-        return dict(zip(_TABLES, (len(rows.accounts), len(rows.credentials), len(rows.sessions)), strict=True))
+        copied = dict(zip(_TABLES, (len(rows.accounts), len(rows.credentials), len(rows.sessions)), strict=True))
+        return copied | ({KEPT: kept} if keep_existing else {})
 
 
 class PgCredentials:

@@ -62,8 +62,11 @@ def _rows(pg: psycopg.Connection[Any], table: Table, root_id: str) -> list[tuple
                                else sql.Identifier(k) for k in table.key)
     where = sql.SQL("")
     params: tuple[Any, ...] = ()
-    if table.pg == "nodes":
+    if table.pg in ("nodes", "kv", "plans"):  # rows of the root's own (several roots may share the database)
         where, params = sql.SQL(" WHERE root_id = %s"), (root_id,)
+    elif table.pg == "moves":
+        where = sql.SQL(" WHERE plan_id IN (SELECT id FROM shardlite.plans WHERE root_id = %s)")
+        params = (root_id,)
     elif table.pg == "tenants":
         where = sql.SQL(" WHERE node IN (SELECT name FROM shardlite.nodes WHERE root_id = %s)")
         params = (root_id,)

@@ -46,10 +46,10 @@ LOCK_KEY = 0x5348_4A52_4E4C
 
 _COLUMNS = ("plan_id, key, source, target, source_generation, target_generation, size, step, owner, lease, "
             "error, pause_ms")
-_PLAN = "SELECT id, created, state, fingerprint, summary FROM shardlite.plans"
+_PLAN = "SELECT id, created, state, fingerprint, summary FROM shardlite.plans WHERE root_id = %s"
 _TENANT = "key, node, generation, epoch, state, incarnation, schema_version, created"
 _UNFINISHED = ("SELECT DISTINCT p.id FROM shardlite.plans p JOIN shardlite.moves m ON m.plan_id = p.id "
-               "WHERE p.state = %s AND m.step <> ALL(%s) ORDER BY p.id DESC")
+               "WHERE p.root_id = %s AND p.state = %s AND m.step <> ALL(%s) ORDER BY p.id DESC")
 
 T = TypeVar("T")
 Conn = Connection[Any]
@@ -66,11 +66,13 @@ def _record(row: Sequence[Any]) -> TenantRecord:
 
 
 class PgJournal:
-    """The move journal of the database behind ``pool`` (one per database: plans are not per root, as the
-    tenant key space is not; see :mod:`shardlite.meta.postgres.schema`)."""
+    """The move journal of root ``root_id`` in the database behind ``pool``: its plans carry the root's id
+    (schema version 6), so roots sharing a database plan, apply and cancel their rebalances independently
+    and never see each other's plans (a plan id of another root is unknown here). Plan creation and state
+    changes serialise on one advisory lock for the whole database (:data:`LOCK_KEY`)."""
 
-    def __init__(self, pool: Pool) -> None:
-        self.pool = pool
+    def __init__(self, pool: Pool, root_id: str) -> None:
+        self.pool, self.root_id = pool, root_id
 
     def _unit(self, body: Callable[[Conn], T]) -> T:
         """``body`` in one transaction on a pooled connection, retried on a deadlock or serialisation
@@ -86,28 +88,29 @@ class PgJournal:
 
     def plans(self, limit: int = 20) -> list[PlanRow]:
         return [_plan(r) for r in self._read(f"{_PLAN} ORDER BY id DESC LIMIT %s",
-                                             (limit if limit >= 0 else None,))]
+                                             (self.root_id, limit if limit >= 0 else None))]
 
     def latest_plan_id(self) -> int | None:
-        rows = self._read("SELECT max(id) FROM shardlite.plans")
+        rows = self._read("SELECT max(id) FROM shardlite.plans WHERE root_id = %s", (self.root_id,))
         return None if rows[0][0] is None else int(rows[0][0])
 
     def plan(self, plan_id: int) -> PlanRow | None:
-        rows = self._read(f"{_PLAN} WHERE id = %s", (plan_id,))
+        rows = self._read(f"{_PLAN} AND id = %s", (self.root_id, plan_id))
         return _plan(rows[0]) if rows else None
 
     def plan_state(self, plan_id: int) -> str | None:
-        rows = self._read("SELECT state FROM shardlite.plans WHERE id = %s", (plan_id,))
+        rows = self._read("SELECT state FROM shardlite.plans WHERE root_id = %s AND id = %s",
+                          (self.root_id, plan_id))
         return str(rows[0][0]) if rows else None
 
     def plan_row(self, plan_id: int | None, states: Sequence[str]) -> tuple[int, str, str]:
         states = list(states)
         if plan_id is None:
-            rows = self._read("SELECT id, state, fingerprint FROM shardlite.plans WHERE state = ANY(%s) "
-                              "ORDER BY id DESC LIMIT 1", (states,))
+            rows = self._read("SELECT id, state, fingerprint FROM shardlite.plans WHERE root_id = %s "
+                              "AND state = ANY(%s) ORDER BY id DESC LIMIT 1", (self.root_id, states))
         else:
-            rows = self._read("SELECT id, state, fingerprint FROM shardlite.plans WHERE id = %s "
-                              "AND state = ANY(%s)", (plan_id, states))
+            rows = self._read("SELECT id, state, fingerprint FROM shardlite.plans WHERE root_id = %s AND id = %s "
+                              "AND state = ANY(%s)", (self.root_id, plan_id, states))
         if not rows:
             wanted = " or ".join(states)
             raise ConfigurationError(f"no {wanted} rebalance plan{'' if plan_id is None else f' {plan_id}'} "
@@ -115,7 +118,7 @@ class PgJournal:
         return int(rows[0][0]), str(rows[0][1]), str(rows[0][2])
 
     def unfinished_plans(self, state: str) -> list[int]:
-        return [int(r[0]) for r in self._read(_UNFINISHED, (state, list(FINISHED)))]
+        return [int(r[0]) for r in self._read(_UNFINISHED, (self.root_id, state, list(FINISHED)))]
 
     # -- reading moves ---------------------------------------------------------------------------------
 
@@ -148,16 +151,19 @@ class PgJournal:
             # Under the journal lock: no set_plan_state can start an apply between the check and the insert.
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
             now = time.time()
-            if conn.execute("SELECT 1 FROM shardlite.plans WHERE state = 'applying' LIMIT 1").fetchone():
+            if conn.execute("SELECT 1 FROM shardlite.plans WHERE root_id = %s AND state = 'applying' LIMIT 1",
+                            (self.root_id,)).fetchone():
                 raise ConfigurationError("a rebalance is being applied: `shardlite rebalance resume` or `cancel` "
                                          "it first")
-            unfinished = conn.execute(_UNFINISHED, ("cancelled", list(FINISHED))).fetchone()
+            unfinished = conn.execute(_UNFINISHED, (self.root_id, "cancelled", list(FINISHED))).fetchone()
             if unfinished:
                 raise ConfigurationError(f"plan {unfinished[0]} was cancelled but some of its moves are not "
                                          "undone yet: run `shardlite rebalance cancel` again first")
-            conn.execute("UPDATE shardlite.plans SET state = 'superseded' WHERE state = 'planned'")
-            row = conn.execute("INSERT INTO shardlite.plans(created, state, fingerprint, summary) "
-                               "VALUES (%s, 'planned', %s, %s) RETURNING id", (now, fingerprint, text)).fetchone()
+            conn.execute("UPDATE shardlite.plans SET state = 'superseded' WHERE root_id = %s AND state = 'planned'",
+                         (self.root_id,))
+            row = conn.execute("INSERT INTO shardlite.plans(root_id, created, state, fingerprint, summary) "
+                               "VALUES (%s, %s, 'planned', %s, %s) RETURNING id",
+                               (self.root_id, now, fingerprint, text)).fetchone()
             assert row is not None
             plan_id = int(row[0])
             with conn.cursor() as cur:
@@ -175,8 +181,9 @@ class PgJournal:
         def body(conn: Conn) -> bool:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
             # The UPDATE waits for a holding block's FOR SHARE on the plan row, then re-checks the state.
-            return conn.execute(f"UPDATE shardlite.plans SET state = %s WHERE id = %s{where} RETURNING id",
-                                (state, plan_id, *([only] if only else []))).fetchone() is not None
+            return conn.execute(f"UPDATE shardlite.plans SET state = %s WHERE root_id = %s AND id = %s{where} "
+                                "RETURNING id", (state, self.root_id, plan_id, *([only] if only else []))
+                                ).fetchone() is not None
 
         return self._unit(body)
 

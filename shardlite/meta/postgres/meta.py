@@ -57,7 +57,7 @@ class PgMeta:
         #: This root's nodes (node names are unique across the database).
         self.nodes = PgNodes(self.pool, root, root_id, location.printable)
         #: Rebalance plans and claim-checked move steps (:mod:`shardlite.meta.postgres.journal`).
-        self.journal = PgJournal(self.pool)
+        self.journal = PgJournal(self.pool, root_id)
         #: Sessions with a cache of live ones kept right by NOTIFY (issue 15 point 3: see .session_cache).
         self.sessions = CachedSessions(PgSessions(self.pool))
         self.accounts = PgAccounts(self.pool, hint=self.sessions.hint)
@@ -65,7 +65,7 @@ class PgMeta:
         #: The relay's pending-work flags, its dead letters and the root's named values.
         self.pending = PgPending(self.pool)
         self.dead_letters = PgDeadLetters(self.pool)
-        self.kv = PgKV(self.pool)
+        self.kv = PgKV(self.pool, root_id)
         self._route_watchers: list[Callable[[str | None], None]] = []
         #: The one listening connection of this store: route, node-list and session hints (started by open).
         self._hints: Listener | None = None

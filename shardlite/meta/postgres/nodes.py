@@ -231,8 +231,11 @@ class PgNodes:
             cur = conn.execute("DELETE FROM shardlite.tenants t USING shardlite.nodes n "
                                "WHERE n.name = t.node AND n.root_id = %s", (self.root_id,))
             gone = cur.rowcount
+            conn.execute("DELETE FROM shardlite.moves WHERE plan_id IN (SELECT id FROM shardlite.plans "
+                         "WHERE root_id = %s)", (self.root_id,))
+            conn.execute("DELETE FROM shardlite.plans WHERE root_id = %s", (self.root_id,))
             conn.execute("DELETE FROM shardlite.nodes WHERE root_id = %s", (self.root_id,))
-            conn.execute("DELETE FROM shardlite.roots WHERE id = %s", (self.root_id,))
+            conn.execute("DELETE FROM shardlite.roots WHERE id = %s", (self.root_id,))  # and its kv (cascade)
             return gone
 
         return in_transaction(self.pool, body)

@@ -11,7 +11,9 @@ own tables in that database never mix with ours. The tables hold what ``global.d
   value out twice, even after a rollback or a delete), as ``AUTOINCREMENT`` is in SQLite;
 * timestamps stay epoch seconds (``double precision``), as ``time.time()`` gives them;
 * nodes belong to a root (``roots``): several roots may share one database only with distinct node names
-  (the primary key of ``nodes``), so that each root (later: each host) owns its nodes.
+  (the primary key of ``nodes``), so that each root (later: each host) owns its nodes; so do the named
+  values of ``kv`` (from version 5: a root's replica location and retention windows are its own) and the
+  rebalance plans (from version 6: each root rebalances its own nodes).
 
 Global version 5 (the app's tables leave global.db) and 6 (e-mail keys in ASCII form) are not steps here: a
 PostgreSQL store starts past them, and ``shardlite meta copy`` copies stored keys verbatim.
@@ -35,7 +37,7 @@ LOCK_KEY = 0x5348_4152_444C  # "SHARDL"
 
 #: shardlite's tables by version (the row of ``shardlite.version``). Version 1 equals global.db version 7;
 #: version 2 adds the route-cache hints, version 3 the node-list hints, version 4 parked pending-work flags
-#: (global.db version 8).
+#: (global.db version 8), version 5 gives named values (``kv``) a root, version 6 rebalance plans.
 STEPS: tuple[tuple[str, ...], ...] = (
     (
         """CREATE TABLE shardlite.roots(
@@ -176,6 +178,32 @@ STEPS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE shardlite.pending ADD COLUMN IF NOT EXISTS parked double precision",  # safe to run again
         "DROP INDEX IF EXISTS shardlite.pending_by_due",
         "CREATE INDEX pending_by_due ON shardlite.pending(due) WHERE parked IS NULL",
+    ),
+    (  # version 5: named values belong to a root (each root's replica, retention windows, relay error), like
+        # its nodes; a value put before is kept for every root the database held then (each saw it so far)
+        "ALTER TABLE shardlite.kv ADD COLUMN root_id text",
+        "ALTER TABLE shardlite.kv DROP CONSTRAINT kv_pkey",
+        """INSERT INTO shardlite.kv(root_id, name, value)
+           SELECT r.id, k.name, k.value FROM shardlite.kv k CROSS JOIN shardlite.roots r WHERE k.root_id IS NULL""",
+        "DELETE FROM shardlite.kv WHERE root_id IS NULL",
+        "ALTER TABLE shardlite.kv ALTER COLUMN root_id SET NOT NULL",
+        "ALTER TABLE shardlite.kv ADD PRIMARY KEY (root_id, name)",
+        """ALTER TABLE shardlite.kv ADD CONSTRAINT kv_root_fkey FOREIGN KEY (root_id)
+           REFERENCES shardlite.roots(id) ON DELETE CASCADE""",
+    ),
+    (  # version 6: rebalance plans belong to a root (its moves are between its nodes); a plan made before
+        # goes to the root owning its moves' source nodes, a plan without moves to the oldest root
+        "ALTER TABLE shardlite.plans ADD COLUMN root_id text REFERENCES shardlite.roots(id)",
+        """UPDATE shardlite.plans p SET root_id = owner.root_id FROM (
+               SELECT DISTINCT ON (m.plan_id) m.plan_id, n.root_id FROM shardlite.moves m
+               JOIN shardlite.nodes n ON n.name = m.source ORDER BY m.plan_id, n.root_id) owner
+           WHERE owner.plan_id = p.id""",
+        """UPDATE shardlite.plans SET root_id = (SELECT id FROM shardlite.roots ORDER BY created, id LIMIT 1)
+           WHERE root_id IS NULL""",
+        "DELETE FROM shardlite.moves WHERE plan_id IN (SELECT id FROM shardlite.plans WHERE root_id IS NULL)",
+        "DELETE FROM shardlite.plans WHERE root_id IS NULL",  # no root at all: nothing to rebalance
+        "ALTER TABLE shardlite.plans ALTER COLUMN root_id SET NOT NULL",
+        "CREATE INDEX plans_by_root ON shardlite.plans(root_id, state)",
     ),
 )
 

@@ -24,6 +24,7 @@ from ...front.accounts import Account
 from ..accounts import (
     ACCOUNT_COLUMNS,
     CREDENTIAL_COLUMNS,
+    KEPT,
     SESSION_COLUMNS,
     AccountRows,
     AccountStore,
@@ -35,6 +36,7 @@ from ..accounts import (
     checked_credential,
     checked_rows,
     refuse_nul,
+    without_present,
 )
 
 __all__ = ["SqliteAccounts", "SqliteCredentials"]
@@ -141,11 +143,18 @@ class SqliteAccounts:
             for table in ("_shardlite_sessions", "_shardlite_credentials", "_shardlite_accounts"):
                 conn.execute(f"{_I}DELETE FROM {table}")
 
-    def import_rows(self, rows: AccountRows) -> dict[str, int]:
+    def import_rows(self, rows: AccountRows, *, keep_existing: bool = False) -> dict[str, int]:
         checked_rows(rows)
         copied: dict[str, int] = {}
         try:
             with self._db.write() as conn:
+                if keep_existing:
+                    present = conn.execute(
+                        f"{_I}SELECT id, email_key FROM _shardlite_accounts WHERE id IN (SELECT value FROM "
+                        "json_each(?)) OR email_key IN (SELECT value FROM json_each(?))",
+                        (json.dumps([row[0] for row in rows.accounts]),
+                         json.dumps([row[2] for row in rows.accounts]))).fetchall()
+                    rows, copied[KEPT] = without_present(rows, present)
                 for table, columns, found in (("_shardlite_accounts", ACCOUNT_COLUMNS, rows.accounts),
                                               ("_shardlite_credentials", CREDENTIAL_COLUMNS, rows.credentials),
                                               ("_shardlite_sessions", SESSION_COLUMNS, rows.sessions)):
