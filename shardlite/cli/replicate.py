@@ -153,7 +153,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                          "per root; another one waits as a standby)")
     run.add_argument("--once", action="store_true", help="run one round (capture, upload), then exit")
     run.add_argument("--interval", type=float, default=INTERVAL,
-                     help=f"seconds between rounds (default {INTERVAL:g}): about the lag of a commit; a writer "
+                     help=f"seconds between uploads (default {INTERVAL:g}; noted tenants are captured four times "
+                          "per interval): about the lag of a commit; a writer "
                           "with durability=\"replicated\" starts a round at once (it waits on "
                           "<node>/.replica/replicator.sock for its commit to be uploaded)")
     run.add_argument("--parent", type=int, metavar="PID",

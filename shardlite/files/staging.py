@@ -196,6 +196,24 @@ class Staging:
         return {row[0]: self._tenant_cursor(row[1:]) for row in self.conn.execute(
             f"SELECT key, {self._CURSOR_COLUMNS} FROM cursors ORDER BY key")}
 
+    def identities(self, after: str = "", upto: str | None = None) -> dict[str, tuple[str, int]]:
+        """Per tenant with a cursor whose key sorts after ``after`` and not after ``upto`` (None: no bound; code
+        point order, as the catalog's ``iter_tenants``), the (incarnation, generation) of the file it was taken
+        on, in one read (the reconcile pass; a third of the memory of :meth:`cursors` at 100,000 tenants)."""
+        return {str(key): (str(inc), int(gen)) for key, inc, gen in self._key_range(
+            "key, incarnation, generation", after, upto)}
+
+    def captured_times(self, after: str = "", upto: str | None = None) -> dict[str, int]:
+        """Per tenant with a cursor in the key range of :meth:`identities`, when it was last captured (ns)."""
+        return {str(key): int(at) for key, at in self._key_range("key, captured_ns", after, upto)}
+
+    def _key_range(self, columns: str, after: str, upto: str | None) -> apsw.Cursor:
+        # two statements, not "? IS NULL OR key <= ?": SQLite plans that as a scan of every cursor, which made
+        # each slice of a reconcile pass read all 100,000 (a pass: 100 slices)
+        if upto is None:
+            return self.conn.execute(f"SELECT {columns} FROM cursors WHERE key > ?", (after,))
+        return self.conn.execute(f"SELECT {columns} FROM cursors WHERE key > ? AND key <= ?", (after, upto))
+
     def keys(self) -> list[str]:
         return [row[0] for row in self.conn.execute("SELECT key FROM cursors ORDER BY key")]
 

@@ -258,9 +258,12 @@ def capture_unlocked(files: LogFiles, cursor: Cursor) -> Capture | NeedsLock:
     :class:`NeedsLock`, never a wrong frame. Only a cursor of the same log generation, or one ``closed``
     by the checkpoint that ended its generation, is continued.
 
-    The caller must keep a SQLite connection of the file open in this process meanwhile (its ``-shm`` and
-    ``-wal`` then stay the files that SQLite uses) and must not close ``files`` before it (module docstring:
-    the ``-shm`` trap)."""
+    The caller either keeps a SQLite connection of the file open in this process meanwhile (its ``-shm`` and
+    ``-wal`` then stay the files that SQLite uses) and does not close ``files`` before it (module docstring:
+    the ``-shm`` trap), or holds no connection of the file at all, continues a cursor of an open log
+    generation (its salts and checksum chain tie the frames to that log) and closes ``files`` after the call
+    (the replicator's captures of tenants it keeps no connection of: a wal-index being rebuilt reads
+    inconsistently, files replaced meanwhile yield fewer frames, never a wrong one)."""
     if not cursor.salt:
         return NeedsLock("no history yet: a snapshot")
     path = files.path

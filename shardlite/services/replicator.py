@@ -26,7 +26,13 @@ docs/replication.md). Each round:
 Connections: the replicator keeps a bounded set of tenant connections open between rounds, each with the
 :class:`~shardlite.files.walcapture.LogFiles` of its file, and always closes a connection before that
 file's descriptors (closing a ``-shm`` descriptor while a connection of the file is open would drop the
-connection's locks).
+connection's locks). A tenant it keeps no connection of, whose cursor continues an open log generation, is
+captured lock-free without opening one (:meth:`NodeReplicator._capture_bare`); a connection is opened for
+snapshots, for what a lock-free read could not take, for a closed cursor and for checkpoints.
+
+Each round's wall time is split by phase in :attr:`RoundStats.phases` (catalog lookup, cursor read,
+connection open, identity read, lock-free read, staging, locked capture, checkpoint; the upload's staged
+read, encoding, PUT and bookkeeping).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from ..errors import ReplicaUnavailable, ShardliteError
 from ..files import walcapture as wc
 from ..files.catalog import TenantRecord
 from ..files.checkpoints import DUE_FRAMES
+from ..files.engine import _track as track_connection  # fork safety: a forked child never closes it
 from ..files.engine import open_connection, set_busy_timeout
 from ..files.staging import Staging, erase_lock
 from ..front.store import Store
@@ -56,12 +63,19 @@ __all__ = ["NodeReplicator", "RoundStats", "pack_name"]
 
 log = logging.getLogger("shardlite.replicate")
 
-#: Tenant connections kept open between rounds (each with its log descriptors).
-KEEP_OPEN = 256
+#: Tenant connections kept open between rounds (each with its log descriptors; ~180 KB of memory and 5 fds
+#: each). Captures of the others open none (``NodeReplicator._capture_bare``), so a few cover the tenants
+#: whose checkpoints and snapshots need one; 256 of them held ~47 MB at 100,000 tenants.
+KEEP_OPEN = 32
+#: Page cache of each kept tenant connection (KiB): a capture reads the identity row and, for a snapshot, the
+#: whole file once; ``KEEP_OPEN`` caches of the default 512 KiB could hold 128 MiB.
+CACHE_KIB = 64
 #: How long a capture waits for a tenant's write lock before leaving it for the next round.
 LOCK_WAIT_MS = 200
-#: Staged bytes per pack (a larger backlog ships in several packs, one per round).
-PACK_BYTES = 64 * 1024 * 1024
+#: Staged bytes per pack (a larger backlog ships in several packs, one per round). A pack is built in memory
+#: (the staged rows, then the encoded pack: about twice this): 16 MiB keeps a replicator draining a backlog
+#: within issue 16's 200 MB, and still drains 32 MiB a second at the 0.5 s interval.
+PACK_BYTES = 16 * 1024 * 1024
 #: Node names usable as they are in an object name (the replica's names are lowercase: module doc of
 #: shardlite.replica.target); any other is hashed.
 _SAFE_NODE = re.compile(r"[a-z0-9_][a-z0-9._-]{0,63}")
@@ -83,10 +97,20 @@ class RoundStats:
     busy: int = 0  #: tenants left for the next round (lock busy)
     deferred: int = 0  #: checkpoints left for a later round (a writer committed faster than the capture)
     failed: int = 0
+    left: int = 0  #: tenants not reached within the round's capture budget (captured by the next round)
     uploaded_packs: int = 0
     uploaded_bytes: int = 0
     upload_error: str | None = None
     errors: dict[str, str] = field(default_factory=dict)
+    #: seconds of wall time per phase of the round (``capture.*`` per step of the captures, ``upload.*``),
+    #: for finding where a slow round went (``replicate run`` logs them for a round longer than its interval)
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, phase: str, since: float) -> float:
+        """Add ``perf_counter() - since`` to ``phase``; returns the new ``perf_counter()``."""
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + (now - since)
+        return now
 
 
 class _Open:
@@ -128,34 +152,77 @@ class NodeReplicator:
         """The tenants marked for the next round."""
         return list(self._marked)
 
-    def reconcile(self, live: dict[str, TenantRecord] | None = None) -> int:
+    def reconcile(self, live: dict[str, str] | None = None) -> int:
         """Mark every live tenant of this node that has no cursor, or a cursor of another file (a new
         generation or incarnation); forget cursors of tenants no longer here. Returns how many it marked.
-        ``live``, when given, receives the catalog record of every live tenant of this node (one pass over
-        the catalog serves the caller too)."""
-        cursors = self.staging.cursors()
-        here = live if live is not None else {}
+        ``live``, when given, receives the file path of every live tenant of this node whose cursor is of its
+        file (one pass over the catalog serves the caller too; paths, not records: at 100,000 tenants a pass
+        holds them all at once)."""
+        marked, after = self.reconcile_slice("", None, live)
+        assert after is None
+        return marked
+
+    def reconcile_slice(self, after: str, limit: int | None, live: dict[str, str] | None = None) -> tuple[
+            int, str | None]:
+        """:meth:`reconcile` for the catalog's tenants whose keys sort after ``after``, at most ``limit`` of them
+        (None: all): returns how many it marked and the key to continue after, or None when the catalog is
+        done. Cursors are compared (and forgotten) in the same key range, so slices in turn make one pass."""
+        here: set[str] = set()
+        seen: list[tuple[str, str, int, str]] = []
+        last: str | None = None
+        count = 0
+        for record in self.store.meta.tenants.iter_tenants(after=after, batch=min(limit or 1000, 1000)):
+            count += 1
+            last = record.key
+            if record.node == self.node:
+                here.add(record.key)
+                seen.append((record.key, record.incarnation, record.generation, self.store.path_of(record)))
+            if limit is not None and count >= limit:
+                break
+        done = limit is None or count < limit
+        cursors = self.staging.identities(after, None if done else last)
         marked = 0
-        for record in self.store.meta.tenants.iter_tenants():
-            if record.node != self.node:
-                continue
-            here[record.key] = record
-            found = cursors.get(record.key)
-            if found is None or (found.incarnation, found.generation) != (record.incarnation, record.generation):
-                self.mark(record.key)
+        for key, incarnation, generation, path in seen:
+            if cursors.get(key) != (incarnation, generation):
+                self.mark(key)
                 marked += 1
-        for key in set(cursors) - here.keys():
+            elif live is not None:
+                live[key] = path
+        for key in cursors.keys() - here:
             self._close(key)
             self.staging.forget(key)
-        return marked
+        return marked, None if done else last
 
     # -- one round -------------------------------------------------------------------------------------
 
-    def run_round(self) -> RoundStats:
-        """Capture what is marked, then upload what is staged (module docstring)."""
+    def run_round(self, *, upload: bool = True, budget: float | None = None) -> RoundStats:
+        """Capture what is marked, then upload what is staged (module docstring). ``upload=False`` only
+        captures and stages (the upload waits for a later call). ``budget``: seconds of captures, after which
+        the tenants not reached yet stay marked for the next call and what was staged is uploaded: a long
+        pass (a first pass over a large node) ships as it goes instead of after its last capture."""
         stats = RoundStats()
+        self._capture_marked(stats, budget)
+        if upload:
+            self._upload(stats)
+        return stats
+
+    def _capture_marked(self, stats: RoundStats, budget: float | None) -> None:
         marked, self._marked = self._marked, {}
-        for key, commits in marked.items():
+        deadline = None if budget is None else time.perf_counter() + budget
+        items = iter(marked.items())
+        started = False
+        for key, commits in items:
+            if deadline is not None and started and time.perf_counter() >= deadline:
+                # the tenants not reached stay marked first, in their order (copied at C speed: a first pass
+                # leaves ~100,000 of them at each tick), then those this round re-marked (busy, failed)
+                rest = {key: commits}
+                rest.update(items)
+                stats.left = len(rest)
+                for again, notes in self._marked.items():
+                    rest.setdefault(again, []).extend(notes)
+                self._marked = rest
+                break
+            started = True
             try:
                 self._capture(key, commits, stats)
             except apsw.BusyError:
@@ -167,8 +234,6 @@ class NodeReplicator:
                 log.warning("replicate: tenant %r on node %r: %s (left for the next round)", key, self.node, exc)
                 self._close(key)
                 self.mark(key, commits)
-        self._upload(stats)
-        return stats
 
     def _connection(self, key: str, path: str) -> _Open:
         opened = self._open.get(key)
@@ -176,9 +241,7 @@ class NodeReplicator:
             self._open.move_to_end(key)
             return opened
         self._close(key)
-        conn = open_connection(path, self.store.settings)
-        set_busy_timeout(conn, LOCK_WAIT_MS)
-        opened = _Open(conn, wc.LogFiles(path), path)
+        opened = _Open(_tenant_connection(path), wc.LogFiles(path), path)
         self._open[key] = opened
         while len(self._open) > KEEP_OPEN:
             _old, evicted = self._open.popitem(last=False)
@@ -190,45 +253,93 @@ class NodeReplicator:
         if opened is not None:
             opened.close()
 
+    @staticmethod
+    def _check_identity(opened: _Open, key: str, record: TenantRecord) -> None:
+        # a read of its own (no lock, no reader left open); it also opens the connection's log, so -shm and
+        # -wal stay the files SQLite uses while the capture reads them without a lock
+        stored = opened.conn.execute("SELECT key, incarnation FROM _shardlite_meta WHERE id = 1").fetchall()
+        if stored != [(key, record.incarnation)]:
+            raise ShardliteError(f"the file of {key!r} holds {stored!r}, not the catalog's tenant")
+
+    def _capture_bare(self, path: str, cursor: wc.Cursor, state: _Staged) -> bool:
+        """The lock-free capture of a tenant this replicator holds no connection of, continuing ``cursor`` (a
+        log generation it captured before, not closed), without opening one: True when it was staged, False
+        when only the connection's path can go on (nothing staged). At 5,000 tenants and more, most noted
+        tenants are not among the ``KEEP_OPEN`` connections, and opening and closing one cost more than the
+        rest of the capture.
+
+        Why no connection is needed here: the captured frames must continue the cursor's log generation (its
+        random salts and the checksum chain from its last frame, :func:`~shardlite.files.walcapture.
+        capture_unlocked`), so they can only come from that tenant's log, which writers never checkpoint (the
+        file's identity was checked by the capture that started the generation); a closed cursor (the next
+        generation, whose salts are new) takes the connection's path. ``-shm`` and ``-wal`` are opened for
+        this capture and closed after it: this process holds no SQLite connection of the file then, so the
+        close drops no lock of its own (walcapture's ``-shm`` trap); a wal-index being rebuilt by a process
+        opening the file reads inconsistently (``NeedsLock``), and one read while its files were replaced
+        yields at most fewer frames, never a wrong one (the rest comes with the next capture)."""
+        with wc.LogFiles(path) as files:
+            got = wc.capture_unlocked(files, cursor)
+        if isinstance(got, wc.NeedsLock):
+            return False
+        state.stage(got)
+        return True
+
     def _capture(self, key: str, commits: list[tuple[int, int]], stats: RoundStats) -> None:
+        t = time.perf_counter()
         record = self.store.meta.tenants.lookup(key)
+        t = stats.timed("capture.lookup", t)
         if record is None or record.node != self.node or record.state not in ("active", "moving"):
             self._close(key)
             return  # dropped or moved away: the node that holds it now captures it
-        opened = self._connection(key, self.store.path_of(record))
-        conn = opened.conn
-        # a read of its own (no lock, no reader left open); it also opens the connection's log, so -shm and
-        # -wal stay the files SQLite uses while the capture reads them without a lock
-        stored = conn.execute("SELECT key, incarnation FROM _shardlite_meta WHERE id = 1").fetchall()
-        if stored != [(key, record.incarnation)]:
-            raise ShardliteError(f"the file of {key!r} holds {stored!r}, not the catalog's tenant")
+        path = self.store.path_of(record)
         found = self.staging.cursor(key)
+        t = stats.timed("capture.cursor", t)
         same_file = found is not None and (found.incarnation, found.generation) == (
             record.incarnation, record.generation)
         cursor = found.cursor if found is not None and same_file else wc.NO_CURSOR
         state = _Staged(self, key, record, commits, stats,
                         found.last_commit_ns if found is not None and same_file else 0,
                         found.captured_ns if found is not None and same_file else 0)
-        # writers of a replicated root never checkpoint: the frames up to the log's last commit stay put
-        # until this replicator's own checkpoint, so they are read and staged without the write lock
-        got = wc.capture_unlocked(opened.files, cursor)
-        if isinstance(got, wc.NeedsLock):  # a snapshot is due, or the log did not read consistently
-            stats.locked += 1
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                state.stage(wc.capture(conn, opened.files, cursor))
-            finally:
-                conn.execute("ROLLBACK")
+        opened = self._open.get(key)
+        if opened is not None and opened.path != path:
+            self._close(key)
+            opened = None
+        if opened is None and cursor.salt and not cursor.closed and self._capture_bare(path, cursor, state):
+            t = stats.timed("capture.bare", t)
+            if state.cursor.frame < DUE_FRAMES:
+                return
         else:
-            state.stage(got)
+            opened = self._connection(key, path)
+            t = stats.timed("capture.open", t)
+            self._check_identity(opened, key, record)
+            t = stats.timed("capture.identity", t)
+            # writers of a replicated root never checkpoint: the frames up to the log's last commit stay put
+            # until this replicator's own checkpoint, so they are read and staged without the write lock
+            got = wc.capture_unlocked(opened.files, cursor)
+            t = stats.timed("capture.read", t)
+            if isinstance(got, wc.NeedsLock):  # a snapshot is due, or the log did not read consistently
+                stats.locked += 1
+                conn = opened.conn
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    state.stage(wc.capture(conn, opened.files, cursor))
+                finally:
+                    conn.execute("ROLLBACK")
+                t = stats.timed("capture.locked", t)
+            else:
+                state.stage(got)
+                t = stats.timed("capture.stage", t)
         if state.cursor.frame >= DUE_FRAMES:
+            if opened is None:
+                opened = self._connection(key, path)
+                self._check_identity(opened, key, record)
             # most of the log is copied under a reader's snapshot, without the lock; the write lock is held
             # only from the capture of the last commits through the checkpoint that may end the log's
             # generation: nothing is checkpointed away before it is captured
             guard = open_connection(opened.path, self.store.settings)
             checkpointer = open_connection(opened.path, self.store.settings)
             try:
-                after, done = wc.checkpoint_briefly_locked(conn, guard, checkpointer, opened.files, state.cursor,
+                after, done = wc.checkpoint_briefly_locked(opened.conn, guard, checkpointer, opened.files, state.cursor,
                                                            state.stage)
             finally:
                 checkpointer.close()
@@ -237,6 +348,7 @@ class NodeReplicator:
                 self.staging.set_cursor(key, record.incarnation, record.generation, after, state.last_commit)
             stats.checkpoints += done
             stats.deferred += not done
+            stats.timed("capture.checkpoint", t)
 
     # -- upload ----------------------------------------------------------------------------------------
 
@@ -256,9 +368,11 @@ class NodeReplicator:
             os.close(lock)
 
     def _upload_staged(self, stats: RoundStats) -> None:
+        t = time.perf_counter()
         staged = self.staging.staged(PACK_BYTES)
         # drop records of plain drops (files/staging.py, "Drops") go in the same pack as their key's last captures
         drops = self.staging.staged_drops(staged)
+        t = stats.timed("upload.read", t)
         if not staged and not drops:
             return
         seq, created = self.staging.next_seq(), self.clock()
@@ -268,6 +382,7 @@ class NodeReplicator:
         blob = pack.encode(self.node, seq, created, items,
                            [pack.Drop(d.key, d.incarnation, d.generation, d.dropped_ns) for d in drops])
         name = pack_name(self.node, seq)
+        t = stats.timed("upload.encode", t)
         try:
             self.target.put(name, blob)
         except ReplicaUnavailable as exc:
@@ -275,11 +390,39 @@ class NodeReplicator:
             log.warning("replicate: node %r: upload of %s failed (%s); %d captures stay staged", self.node,
                         name, exc, len(staged))
             return
+        t = stats.timed("upload.put", t)
         self.staging.shipped(seq, name, created, self.clock(), len(blob), [s.id for s in staged],
                              [d.id for d in drops])
+        stats.timed("upload.shipped", t)
         stats.uploaded_packs += 1
         stats.uploaded_bytes += len(blob)
 
+
+
+def _tenant_connection(path: str) -> apsw.Connection:
+    """The replicator's own connection of a tenant file: an existing file only, no checkpoint on close (the
+    rule: nothing is checkpointed away before it is captured), defensive, no extensions, no ATTACH, the
+    capture's lock wait. It reads the identity row, takes the write lock for locked captures and snapshots
+    (``serialize``), and holds it around checkpoints (run on connections of their own); it never writes.
+    Lighter than :func:`~shardlite.files.engine.open_connection` (no journal-mode check, no pragmas: it
+    never changes a tenant file's settings), which halves the cost of opening one: at 5,000 tenants
+    under writes most captures open a connection (``KEEP_OPEN`` holds a fraction of the node)."""
+    conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOFOLLOW
+                           | apsw.SQLITE_OPEN_EXRESCODE)
+    try:
+        set_busy_timeout(conn, LOCK_WAIT_MS)
+        conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+        conn.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 1)
+        conn.config(apsw.SQLITE_DBCONFIG_TRUSTED_SCHEMA, 0)
+        conn.config(apsw.SQLITE_DBCONFIG_ENABLE_LOAD_EXTENSION, 0)
+        conn.enable_load_extension(False)
+        conn.limit(apsw.SQLITE_LIMIT_ATTACHED, 0)
+        conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+    except BaseException:
+        conn.close()
+        raise
+    track_connection(conn)
+    return conn
 
 
 class _Staged:
