@@ -45,6 +45,8 @@ from ..errors import (
 
 __all__ = [
     "Settings",
+    "harden",
+    "track",
     "SYNCHRONOUS_LEVELS",
     "wal_reset_bug_affected",
     "check_sqlite_version",
@@ -299,6 +301,18 @@ def _busy_handler(timeout_ms: int) -> Callable[[int], bool]:
 Authorizer = Callable[[int, str | None, str | None, str | None, str | None], int]
 
 
+def harden(conn: apsw.Connection) -> None:
+    """The settings every connection to a shardlite file gets: closing it never checkpoints (the pool evicting
+    an idle tenant must not turn into a checkpoint and an fsync: the WAL stays valid on disk), defensive
+    mode, untrusted schema, no extensions, no ATTACH."""
+    conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+    conn.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 1)
+    conn.config(apsw.SQLITE_DBCONFIG_TRUSTED_SCHEMA, 0)
+    conn.config(apsw.SQLITE_DBCONFIG_ENABLE_LOAD_EXTENSION, 0)
+    conn.enable_load_extension(False)
+    conn.limit(apsw.SQLITE_LIMIT_ATTACHED, 0)
+
+
 def open_connection(
     path: str,
     settings: Settings,
@@ -321,14 +335,7 @@ def open_connection(
     conn = apsw.Connection(path, flags=flags)
     try:
         set_busy_timeout(conn, settings.busy_timeout_ms)
-        # Closing a connection (the pool evicting an idle tenant) must not turn into a checkpoint and an
-        # fsync: the WAL stays valid on disk and the next writer's autocheckpoint folds it in.
-        conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
-        conn.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 1)
-        conn.config(apsw.SQLITE_DBCONFIG_TRUSTED_SCHEMA, 0)
-        conn.config(apsw.SQLITE_DBCONFIG_ENABLE_LOAD_EXTENSION, 0)
-        conn.enable_load_extension(False)
-        conn.limit(apsw.SQLITE_LIMIT_ATTACHED, 0)
+        harden(conn)
         if not readonly:
             _switch_to_wal(conn, settings.busy_timeout_ms / 1000)
         conn.execute(f"PRAGMA synchronous={settings.synchronous}")
@@ -339,7 +346,7 @@ def open_connection(
     except BaseException:
         conn.close()
         raise
-    _track(conn)
+    track(conn)
     return conn
 
 
@@ -370,7 +377,8 @@ _abandoned: list[Any] = []  # inherited objects a child keeps alive forever and 
 _child_hooks: list[Callable[[], None]] = []
 
 
-def _track(conn: apsw.Connection) -> None:
+def track(conn: apsw.Connection) -> None:
+    """Count ``conn`` among this process's connections that a forked child abandons (never closes)."""
     with _tracked_lock:
         _tracked.add(conn)
 

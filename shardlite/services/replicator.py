@@ -53,8 +53,8 @@ from ..errors import ReplicaUnavailable, ShardliteError
 from ..files import walcapture as wc
 from ..files.catalog import TenantRecord
 from ..files.checkpoints import DUE_FRAMES
-from ..files.engine import _track as track_connection  # fork safety: a forked child never closes it
-from ..files.engine import open_connection, set_busy_timeout
+from ..files.engine import harden, open_connection, set_busy_timeout
+from ..files.engine import track as track_connection  # fork safety: a forked child never closes it
 from ..files.staging import Staging, erase_lock
 from ..front.store import Store
 from ..replica.target import ReplicaTarget
@@ -411,12 +411,7 @@ def _tenant_connection(path: str) -> apsw.Connection:
                            | apsw.SQLITE_OPEN_EXRESCODE)
     try:
         set_busy_timeout(conn, LOCK_WAIT_MS)
-        conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
-        conn.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 1)
-        conn.config(apsw.SQLITE_DBCONFIG_TRUSTED_SCHEMA, 0)
-        conn.config(apsw.SQLITE_DBCONFIG_ENABLE_LOAD_EXTENSION, 0)
-        conn.enable_load_extension(False)
-        conn.limit(apsw.SQLITE_LIMIT_ATTACHED, 0)
+        harden(conn)
         conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
     except BaseException:
         conn.close()
