@@ -21,7 +21,6 @@ Rules kept here:
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 import weakref
@@ -54,6 +53,7 @@ from ..files.sanitize import foreign_references, tenant_objects
 from ..files.schema import SchemaSpec, Step
 from ..files.tenant import Personaliser, open_tenant
 from ..meta.choose import store_for
+from ..meta.nodes import check_node_name
 from ..meta.replica_record import record_replica
 from ..meta.store import MetaStore
 from .tenant_create import TenantCreation
@@ -61,18 +61,7 @@ from .tenant_reads import TenantReads
 from .transaction import DEFAULT_MAX_OUTBOX, Emitter, TransactionClosed
 from .wakes import Wakes
 
-__all__ = ["Store", "NODE_NAME_RE", "check_node_name"]
-
-#: A node's name (``\Z``, not ``$``: ``$`` would let a final newline pass).
-NODE_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-
-
-def check_node_name(name: object) -> str:
-    """``name`` if it is a valid node name, else :class:`ConfigurationError` saying what one looks like."""
-    if not isinstance(name, str) or not NODE_NAME_RE.fullmatch(name):
-        raise ConfigurationError(f"invalid node name {name!r}: use 1 to 64 letters, digits, '_', '.' or '-', "
-                                 "starting with a letter or digit")
-    return name
+__all__ = ["Store"]
 
 _LIVE = ("active", "moving")
 _BEGIN = INTERNAL_SQL + "BEGIN IMMEDIATE"

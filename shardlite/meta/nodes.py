@@ -27,13 +27,25 @@ Rules every backend keeps (each has a test in ``tests/test_meta_nodes.py``):
 from __future__ import annotations
 
 import builtins
+import re
 from collections.abc import Sequence
 from typing import Final, Protocol
 
 from ..errors import ConfigurationError
 from ..files.catalog import Node
 
-__all__ = ["NodeRegistry", "Node", "NODE_STATES", "check_node_row"]
+__all__ = ["NodeRegistry", "Node", "NODE_STATES", "NODE_NAME_RE", "check_node_name", "check_node_row"]
+
+#: A node's name (``\Z``, not ``$``: ``$`` would let a final newline pass).
+NODE_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+
+
+def check_node_name(name: object) -> str:
+    """``name`` if it is a valid node name, else :class:`ConfigurationError` saying what one looks like."""
+    if not isinstance(name, str) or not NODE_NAME_RE.fullmatch(name):
+        raise ConfigurationError(f"invalid node name {name!r}: use 1 to 64 letters, digits, '_', '.' or '-', "
+                                 "starting with a letter or digit")
+    return name
 
 #: The states a node may have.
 NODE_STATES: Final = ("active", "draining")
@@ -104,7 +116,7 @@ class NodeRegistry(Protocol):
 
 def check_node_row(name: str, path: str, weight: int, state: str) -> None:
     """:class:`~shardlite.ConfigurationError` unless a node row is storable (the checks every backend makes
-    before writing; the name's syntax is :func:`shardlite.front.store.check_node_name`'s business)."""
+    before writing; the name's syntax is :func:`check_node_name`'s business)."""
     if not isinstance(name, str) or not name:
         raise ConfigurationError(f"invalid node name {name!r}")
     if not isinstance(path, str) or not path or "\0" in path:

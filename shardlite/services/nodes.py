@@ -16,7 +16,8 @@ from typing import Any
 from ..errors import ConfigurationError
 from ..files.catalog import Node
 from ..files.engine import ensure_private_dir
-from ..front.store import Store, check_node_name
+from ..front.store import Store
+from ..meta.nodes import check_node_name
 
 __all__ = ["Nodes"]
 

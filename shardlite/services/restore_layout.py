@@ -33,9 +33,10 @@ from ..files.catalog import Node
 from ..files.engine import Settings, ensure_private_dir
 from ..files.globaldb import APP_DB_NAME, GLOBAL_DB_NAME
 from ..files.sanitize import shown
-from ..front.store import NODE_NAME_RE, Store
+from ..front.store import Store
 from ..meta import MetaStore
 from ..meta.choose import store_for
+from ..meta.nodes import NODE_NAME_RE
 from ..meta.record import RECORD_NAME, read_record
 from . import manifest as mf
 
