@@ -171,7 +171,7 @@ def ask_shipped(node_path: str, key: str, timeout: float) -> None:
                             raise Unconfirmed(error)
                         return
             except TimeoutError:
-                raise Unconfirmed(f"{why} within {timeout:g} s" if why.startswith("no ") else why) from None
+                raise _timed_out(why, timeout) from None
             except (OSError, EOFError, ValueError) as exc:  # TimeoutError (an OSError) is caught above
                 why = _why_not(exc)
             finally:
@@ -179,6 +179,11 @@ def ask_shipped(node_path: str, key: str, timeout: float) -> None:
             time.sleep(min(RETRY_PAUSE, max(0.0, deadline - time.monotonic())))
     finally:
         address.close()
+
+
+def _timed_out(why: str, timeout: float) -> Unconfirmed:
+    """The bound went by: the last reason seen (no replicator at all says how long it was waited for)."""
+    return Unconfirmed(f"{why} within {timeout:g} s" if why.startswith("no ") else why)
 
 
 async def ask_shipped_async(node_path: str, key: str, timeout: float) -> None:
@@ -216,7 +221,7 @@ async def ask_shipped_async(node_path: str, key: str, timeout: float) -> None:
                     raise Unconfirmed(error)
                 return
             except TimeoutError:
-                raise Unconfirmed(f"{why} within {timeout:g} s" if why.startswith("no ") else why) from None
+                raise _timed_out(why, timeout) from None
             except (OSError, EOFError, ValueError) as exc:  # TimeoutError (an OSError) is caught above
                 why = _why_not(exc)
             finally:
