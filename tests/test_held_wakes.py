@@ -14,49 +14,16 @@ No timing assertions: waits poll with a deadline.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from helpers_routers import internal_rows
+from helpers_outbox import SCHEMA, applied, emit, marker, record, wait_for
 
-from shardlite import Router, UnknownTenant
-from shardlite.core.outbox import Event
+from shardlite import Router
 from shardlite.front import wakes as wakes_module
 
 pytestmark = pytest.mark.usefixtures("any_meta")  # both metadata backends
-
-SCHEMA = ["CREATE TABLE applied(id INTEGER PRIMARY KEY, source TEXT NOT NULL, n INTEGER NOT NULL)"]
-DEADLINE = 30.0
-
-
-def record(tx: Any, event: Event) -> None:
-    tx.execute("INSERT INTO applied(source, n) VALUES (?, ?)", (event.source, event.payload["n"]))
-
-
-def applied(router: Router, dest: str = "dst:1") -> list[int]:
-    try:
-        return [n for (n,) in router.query(dest, "SELECT n FROM applied ORDER BY id")]
-    except UnknownTenant:  # before the first delivery creates it
-        return []
-
-
-def marker(router: Router, key: str) -> int | None:
-    (row,) = internal_rows(router, key, "SELECT parked_version FROM _shardlite_relay WHERE id = 1")
-    return None if row[0] is None else int(row[0])
-
-
-def emit(router: Router, n: int, source: str = "src:1", dest: str = "dst:1", topic: str = "t") -> None:
-    with router.transaction(source) as tx:
-        tx.emit(dest, topic, {"n": n})
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def parked(router: Router, key: str = "src:1") -> bool:

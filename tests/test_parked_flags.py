@@ -23,47 +23,18 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
+from helpers_outbox import DEADLINE, SCHEMA, applied, emit, marker, record, wait_for
 from helpers_routers import internal_rows
 
 from shardlite import AsyncRouter, Router
-from shardlite.core.outbox import Event
 
 pytestmark = pytest.mark.usefixtures("any_meta")  # both metadata backends
-
-SCHEMA = ["CREATE TABLE applied(id INTEGER PRIMARY KEY, source TEXT NOT NULL, n INTEGER NOT NULL)"]
-DEADLINE = 30.0
-
-
-def record(tx: Any, event: Event) -> None:
-    tx.execute("INSERT INTO applied(source, n) VALUES (?, ?)", (event.source, event.payload["n"]))
-
-
-def applied(router: Router, dest: str = "dst:1") -> list[int]:
-    return [n for (n,) in router.query(dest, "SELECT n FROM applied ORDER BY id")]
-
-
-def marker(router: Router, key: str) -> int | None:
-    (row,) = internal_rows(router, key, "SELECT parked_version FROM _shardlite_relay WHERE id = 1")
-    return None if row[0] is None else int(row[0])
 
 
 def outbox(router: Router, key: str) -> list[int]:
     return [int(r[0]) for r in internal_rows(router, key, "SELECT seq FROM _shardlite_outbox ORDER BY seq")]
-
-
-def emit(router: Router, n: int, source: str = "src:1", dest: str = "dst:1") -> None:
-    with router.transaction(source) as tx:
-        tx.emit(dest, "t", {"n": n})
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def spy_flags(router: Router | AsyncRouter) -> list[list[str]]:
