@@ -44,7 +44,11 @@ def claim_source(store: Store, source: str, now: float, *, relay_id: str, lease:
     """Take ``source``'s lease for ``relay_id`` (``lease`` seconds from ``now``) and read a batch of its
     outbox, planned against ``handlers``; ``held`` (the sources whose lease this relay holds) follows.
     :class:`ClaimedElsewhere` when another relay's lease is live. Locks are waited for ``wait_ms`` at most."""
-    found = store.read_on_writer(source, _PEEK.format(batch=int(batch)), move_wait=0.0, wait_ms=wait_ms)
+    peek = _PEEK.format(batch=int(batch))
+    try:  # the write connection, open already for a source written lately, without waiting for it ...
+        found = store.read_on_writer(source, peek, move_wait=0.0, wait_ms=0)
+    except Busy:  # ... or a read connection while this process uses it (an application batch stays open)
+        found = store.read_internal(source, peek, move_wait=0.0)
     claimed_by, claimed_until, incarnation = found[0][:3]
     if claimed_by == relay_id and claimed_until - now > lease / 4:
         rows = [OutboxRow(*row[3:]) for row in found if row[3] is not None]
