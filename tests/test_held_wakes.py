@@ -199,3 +199,17 @@ def test_a_pass_delivers_what_a_source_committed_while_this_process_holds_its_wr
         holder.join(30)
     router.relay.drain(timeout=30)
     assert applied(router) == [0, 1]  # acknowledged later: applied once
+
+
+def test_a_background_pass_takes_a_whole_chunk_of_due_sources(make_router: Callable[..., Router]) -> None:
+    """A pass of a relay that was not told about the commits (another process emitted them, as under
+    ``shardlite relay run``) lists up to ``sources_per_pass`` due sources at once, so their events for one
+    destination share its transaction: 100 sources flagged elsewhere are delivered by one pass."""
+    emitter = make_router(schema=SCHEMA)
+    relay_side = make_router(emitter.root, schema=SCHEMA)
+    relay_side.handler("t")(record)
+    for n in range(100):
+        emit(emitter, n, source=f"src:{n}")
+    stats = relay_side.relay.run_once()
+    assert stats.sources == 100
+    assert sorted(applied(relay_side)) == list(range(100))

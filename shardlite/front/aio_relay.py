@@ -99,7 +99,7 @@ class AsyncRelay:
                     pass
                 self._event.clear()
 
-    async def run_once(self, *, limit: int = 64, every: bool = False) -> PassStats:
+    async def run_once(self, *, limit: int = 256, every: bool = False) -> PassStats:
         """One pass on a worker thread (see :meth:`Relay.run_once <shardlite.services.relay.Relay.run_once>`)."""
         result: PassStats = await self._call(lambda: self.sync.run_once(limit=limit, every=every))
         return result

@@ -226,7 +226,7 @@ class Relay:
 
     # -- passes -----------------------------------------------------------------------------------------
 
-    def run_once(self, *, limit: int = 64, every: bool = False) -> PassStats:
+    def run_once(self, *, limit: int = 256, every: bool = False) -> PassStats:
         """One pass over every due, unclaimed source (at most ``limit``); ``every`` ignores due times (parked
         flags excepted: ``drain()`` sweeps them first). Sweeps the parked flags first when it is time."""
         if not every and self.sweeper.due():
