@@ -35,7 +35,7 @@ def spy_writes(router: Router) -> list[str]:
     """Record every metadata write of the pending-work index that an emit or a relay pass can make."""
     pending = router._store.meta.pending
     calls: list[str] = []
-    for name in ("flag_many", "park", "wake_many", "set_due", "clear_many"):
+    for name in ("flag_many", "park", "park_many", "wake_many", "set_due", "clear_many"):
         real = getattr(pending, name)
 
         def spy(*args: Any, _name: str = name, _real: Any = real) -> Any:
@@ -122,7 +122,8 @@ def test_a_flag_woken_elsewhere_is_parked_again(make_router: Callable[..., Route
         # the woken flag is due now: this relay parks it again, after this notify or at its own next look at
         # the due flags (which may come first on a loaded machine), with a write of its own either way
         router.relay.notify("src:1")
-        wait_for(lambda: "park" in writes and parked(router), "the relay parking the flag woken behind its back")
+        wait_for(lambda: bool({"park", "park_many"} & set(writes)) and parked(router),
+                 "the relay parking the flag woken behind its back")
         again = router._store.meta.pending.row("src:1")
         assert again is not None and again.version == flag.version and marker(router, "src:1") == flag.version
     finally:

@@ -166,6 +166,26 @@ def test_park_is_a_compare_and_set_on_the_version_and_hides_the_flag_from_due(me
     assert again is not None and again.parked is not None and again.parked >= parked.parked
 
 
+def test_park_many_parks_in_one_unit_the_flags_whose_version_holds(meta: MetaStore) -> None:
+    pending = meta.pending
+    pending.flag_many(["user:a", "user:b", "user:c"])
+    rows = {k: pending.row(k) for k in ("user:a", "user:b", "user:c")}
+    a, b, c = rows["user:a"], rows["user:b"], rows["user:c"]
+    assert a is not None and b is not None and c is not None
+    assert pending.park_many([]) == []
+    before = time.time()
+    parked = pending.park_many([("user:c", c.version), ("user:none", 3), ("user:b", b.version + 1),
+                                ("user:a", a.version), ("user:\x00", 1)])
+    assert parked == ["user:c", "user:a"]  # in the order given; a moved version, no flag or NUL: not parked
+    for key, row in (("user:a", a), ("user:c", c)):
+        now = pending.row(key)
+        assert now is not None and now.parked is not None and before <= now.parked <= time.time()
+        assert (now.version, now.due, now.since) == (row.version, row.due, row.since)
+    assert pending.row("user:b") == b
+    assert [r.key for r in pending.due(time.time() + 10, 10)] == ["user:b"]
+    assert pending.park_many([("user:a", a.version)]) == ["user:a"]  # parked already: still parked
+
+
 def test_flag_many_and_set_due_un_park_a_parked_flag(meta: MetaStore) -> None:
     pending = meta.pending
     pending.set_due("user:a", time.time() + 3600)  # due far later, then parked

@@ -5,6 +5,8 @@
   in order per (source, destination), every file passes ``PRAGMA integrity_check``;
 * a relay killed at each step of its protocol (``Relay.fault``: "claimed", "delivered", "acknowledged"),
   in particular between the destination's commit and the source's acknowledgement: no duplicate effect;
+  and killed after parking flags ahead of the acknowledgements ("parked-ahead": parked flags over events
+  still in the outboxes): nothing lost, no duplicate effect;
 * two relays at once over the same tenants (two subprocesses, or a subprocess and the test process): no
   duplicate effect, order kept.
 
@@ -262,6 +264,28 @@ def test_relay_killed_at_each_step_of_the_protocol_has_no_duplicate_effect(
     by_pid = expect_exactly_once(router, emitter.sent)
     if first_source_events is not None:
         assert by_pid.get(killer) == first_source_events  # redelivery had no effect: not re-applied
+    assert sum(by_pid.values()) == emitter.total
+    expect_intact(router)
+
+
+def test_relay_killed_after_parking_flags_ahead_loses_nothing(tmp_path: Path, router: Router, app: str) -> None:
+    emitter = Emitter(router, random.Random("ahead"))
+    emitter.burst(20)
+    drain_all(router)  # every source drained: its flag parked, its file names the version
+    emitter.burst(20)
+    wakes = router._store.emitter.wakes
+    if wakes is not None:
+        wakes.flush()
+    proc = relay_process(tmp_path, app, once=True, T_FAULT="parked-ahead", T_LEASE="0.3")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, (out, err)
+    pending = router._store.meta.pending
+    stranded = [s for s in SOURCES if internal_rows(router, s, "SELECT count(*) FROM _shardlite_outbox")[0][0]
+                and (flag := pending.row(s)) is not None and flag.parked is not None]
+    assert stranded, "the kill left parked flags over events still in their outboxes"
+    emitter.burst(10)
+    drain_all(router)  # its sweep wakes the parked sources that hold events
+    by_pid = expect_exactly_once(router, emitter.sent)
     assert sum(by_pid.values()) == emitter.total
     expect_intact(router)
 

@@ -12,6 +12,12 @@ while a spurious one costs a relay one look. The rules that keep it so (see :mod
   leaves the outbox empty, and *parks* the flag if the version is unchanged (:meth:`PendingWork.park`): a
   parked flag is kept but is not due, so relays stop looking at it. An emitter that flagged it meanwhile
   changed the version, so its flag stays due;
+* *parking ahead*: a relay holding the source's lease may instead park the flag (:meth:`PendingWork.park_many`,
+  one call for many sources) just *before* the transaction that empties the outbox, with the version the
+  file's marker names; when that transaction then finds events left (an emitter committed after the relay
+  read the outbox: it saw the outbox non-empty, so it neither flagged nor woke), or fails, the relay makes the
+  flag due again afterwards (:meth:`PendingWork.set_due`, :meth:`PendingWork.wake_many`). A relay killed
+  between leaves events under a parked flag: the sweep below wakes it;
 * a parked flag is made due again by a *wake-up* (:meth:`PendingWork.wake_many`), which need not be
   durable: the tenant file records the version it parked (``_shardlite_relay.parked_version``, written
   only after the park succeeded), and an emitter that finds its outbox empty and that marker set knows a
@@ -131,6 +137,14 @@ class PendingWork(Protocol):
         off``): a park lost in a crash of the store leaves the flag due, which costs a relay one look.
         Relays call it under the source's write lock, with the outbox empty, before they record the version
         in the tenant file (module doc)."""
+        ...
+
+    def park_many(self, pairs: Sequence[tuple[str, int]]) -> builtins.list[str]:
+        """:meth:`park` for each ``(key, version)`` in one atomic unit (and one round trip): returns the keys
+        whose flag had that version and is now parked, in the order given; the others are left as they are.
+        May be non-durable like :meth:`park`. Relays call it for the sources a pass is about to leave empty,
+        just before their acknowledging transactions, and make due again each one whose transaction left
+        events or failed (module doc: parking ahead)."""
         ...
 
     def wake_many(self, pairs: Sequence[tuple[str, int]]) -> builtins.list[tuple[str, int]]:

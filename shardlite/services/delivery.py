@@ -99,6 +99,11 @@ class Claim:
     #: earliest of those destinations is tried again
     deferred: int = 0
     deferred_until: float | None = None
+    #: how many events the claim read, and whether that was a whole batch (more may follow)
+    read: int = 0
+    full: bool = False
+    #: the flag version the source's file recorded as parked when the claim read it (None: no marker)
+    marker: int | None = None
 
     def defer(self, count: int, until: float) -> None:
         self.deferred += count

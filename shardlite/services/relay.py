@@ -34,7 +34,12 @@ One pass over a set of sources (every due one, up to ``sources_per_pass``):
    is skipped (no metadata round trip under the lock) when this relay parked that very version and no
    wake-up of it was written by this process since, unless the index listed the source as due in this pass:
    the flag is then still parked, or was woken by another process and costs one more look (held wake-ups,
-   :mod:`shardlite.front.wakes`). A source
+   :mod:`shardlite.front.wakes`). *Parking ahead*: before the acknowledgements, the flags of the sources
+   whose acknowledgement will leave the outbox empty (everything read was delivered, not a whole batch) are
+   parked in one metadata call (``park_many``), with the version the file names, so that those
+   acknowledgements make no metadata round trip under the lock; one that finds events left (emitted after
+   step 1) or fails makes its flag due again (one ``wake_many`` at the end of the pass; at once on a failed
+   commit). A crash in between leaves events under a parked flag, which the sweep wakes. A source
    an application transaction holds locked is acknowledged after the free ones, waiting
    at most ``ACK_WAIT_MS``; one still locked is acknowledged by a later pass (never counted as a failure).
 
@@ -124,6 +129,8 @@ class Relay:
         self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._skip_until: dict[str, float] = {}
         self._hot: set[str] = set()  # sources this process just emitted from: passed at once
+        #: (source, version) of flags parked ahead whose acknowledgement left events: woken at the pass's end
+        self._unpark: list[tuple[str, int]] = []
         self._held: set[str] = set()  # sources whose lease this relay (probably) holds
         #: source -> the version this relay parked its flag with, while no wake-up of it was written here since
         #: (see _acknowledge: such a flag is still parked unless another process woke it)
@@ -144,7 +151,8 @@ class Relay:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        #: Test hook: called with a step name ("claimed", "delivered", "acknowledged") during each pass, and
+        #: Test hook: called with a step name ("claimed", "delivered", "parked-ahead" when flags were parked
+        #: ahead, "acknowledged") during each pass, and
         #: by :meth:`retry_dead` ("re-emitting": before the source's commit of a re-emit; "re-emitted": between
         #: that commit and the letter's deletion), so crash tests can kill the process at an exact point.
         self.fault: Callable[[str], None] | None = None
@@ -345,20 +353,60 @@ class Relay:
         # An application transaction may hold a source's lock for a while (a group-commit batch stays open
         # for a loop iteration): acknowledge the free sources first, then those that were busy, waiting a
         # little; one still locked is acknowledged by a later pass (its events redelivered: a no-op then).
+        ahead = self._park_ahead(claimed)
+        if ahead and self.fault is not None:
+            self.fault("parked-ahead")
         busy: list[Claim] = []
         for claim in claimed:
             try:
-                self._acknowledge(claim, stats, wait_ms=0)
+                self._acknowledge(claim, stats, wait_ms=0, ahead=ahead.get(claim.source), keep_on_busy=True)
             except Busy:
                 busy.append(claim)
             except TenantMoving as exc:
                 log.debug("relay: could not acknowledge %r now (%s)", claim.source, exc)
         for claim in busy:
             try:
-                self._acknowledge(claim, stats, wait_ms=ACK_WAIT_MS)
+                self._acknowledge(claim, stats, wait_ms=ACK_WAIT_MS, ahead=ahead.get(claim.source))
             except (Busy, TenantMoving) as exc:
                 log.debug("relay: %r stays unacknowledged until a later pass (%s)", claim.source, exc)
+        if self._unpark:
+            self._wake_parked_ahead()
         return stats
+
+    def _wake_parked_ahead(self) -> None:
+        """Make due, in one metadata call, the flags parked ahead whose acknowledgement left events (emitted
+        after the pass read the outbox); a flag gone meanwhile is written again. If the store cannot be
+        reached, the sweep of parked flags wakes them (it is requested)."""
+        pairs, self._unpark = self._unpark, []
+        pending = self.store.meta.pending
+        try:
+            missing = pending.wake_many(pairs)
+            if missing:
+                pending.flag_many([key for key, _ in missing])
+        except Exception as exc:  # noqa: BLE001 - a parked source holding events: what the sweep repairs
+            log.debug("relay: could not wake %d flag(s) parked ahead (%s)", len(pairs), exc)
+            self.sweeper.request()
+
+    def _park_ahead(self, claims: list[Claim]) -> dict[str, int]:
+        """Park, in one metadata call, the flags of the sources whose acknowledgement is about to leave their
+        outbox empty (everything read was delivered, not a whole batch) and whose file names a parked version
+        that this relay does not know to be parked still: ``{source: version}`` of those parked. The
+        acknowledgement then needs no metadata call under the source's write lock, and makes the flag due
+        again when it finds events left or fails (the rules: :mod:`shardlite.meta.pending`, parking ahead).
+        A failure here parks nothing: each acknowledgement parks its own flag then, as without this step."""
+        wanted = [(claim.source, claim.marker) for claim in claims
+                  if claim.marker is not None and not claim.full and claim.read == len(claim.delivered)
+                  and not claim.failed and not claim.dead and not claim.deferred and not claim.work.waiting
+                  and not claim.work.unhandled
+                  and (self._parked.get(claim.source) != claim.marker or claim.source in self._due_now)]
+        if not wanted:
+            return {}
+        try:
+            parked = set(self.store.meta.pending.park_many(wanted))
+        except Exception as exc:  # noqa: BLE001 - each acknowledgement parks its own flag instead
+            log.debug("relay: could not park %d flag(s) ahead (%s)", len(wanted), exc)
+            return {}
+        return {source: version for source, version in wanted if source in parked}
 
     def _held_back(self, source: str, now: float, stats: PassStats) -> bool:
         """True when ``source`` backs off after failing, or waits after being found moving (as a source or
@@ -453,12 +501,16 @@ class Relay:
         held, self._held = self._held, set()
         release_leases(self.store, held, relay_id=self.id, wait_ms=LOCK_WAIT_MS, report=self.report)
 
-    def _acknowledge(self, claim: Claim, stats: PassStats, wait_ms: int | None = None) -> None:
+    def _acknowledge(self, claim: Claim, stats: PassStats, wait_ms: int | None = None,
+                     ahead: int | None = None, keep_on_busy: bool = False) -> None:
         """In the source: delete what was delivered, count failures (backoff or dead letter), renew the
         lease when less than half of it is left. A source left empty has its flag parked under its write
-        lock (:func:`~shardlite.services.relay_sweep.park_emptied`); one whose remaining events are due later
-        gets its flag's due time moved. Busy and TenantMoving propagate (nothing was written; a flag parked
-        is un-parked); any other error is the source's failure (reported, backed off: the flag due again)."""
+        lock (:func:`~shardlite.services.relay_sweep.park_emptied`), unless :meth:`_park_ahead` parked it with
+        the version the file still records (``ahead``); one whose remaining events are due later gets its
+        flag's due time moved, and one parked ahead that kept events is made due again. Busy and
+        TenantMoving propagate (nothing was written; a flag parked is un-parked); any other error is the
+        source's failure (reported, backed off: the flag due again). ``keep_on_busy``: on Busy, a flag
+        parked ahead stays parked, for the caller's second attempt (which un-parks it if that fails too)."""
         store, policy = self.store, self.policy
         pending, letters = store.meta.pending, store.meta.dead_letters
         source, delivered, failed, dead = claim.source, claim.delivered, claim.failed, claim.dead
@@ -476,7 +528,9 @@ class Relay:
                 remaining, marker = int(left[0][0]), left[0][1]
                 if remaining == 0:  # under the source's write lock: an emitter after this commit sees the marker
                     ticket = wakes.ticket() if wakes is not None else 0
-                    if marker is not None and self._parked.get(source) == marker and source not in self._due_now:
+                    if ahead is not None and marker == ahead:
+                        parked = ahead  # parked ahead with the version the file records
+                    elif marker is not None and self._parked.get(source) == marker and source not in self._due_now:
                         # This relay parked the flag with the version the file records, no wake-up of it was
                         # written here since and the index did not list it as due: it is still parked (or
                         # woken by another process, and then due: one more look, whose pass parks it).
@@ -492,8 +546,10 @@ class Relay:
             self._parked.pop(source, None)
             self._forget_source(source)
             return
-        except (Busy, TenantMoving):
+        except (Busy, TenantMoving) as exc:
             self._parked.pop(source, None)
+            if parked is None and not (keep_on_busy and isinstance(exc, Busy)):
+                parked = ahead
             if parked is not None:  # parked, then the commit failed: the events are still there
                 try:
                     pending.wake_many([(source, parked)])
@@ -525,6 +581,10 @@ class Relay:
         held = claim.work.waiting + len(claim.work.unhandled) + retrying + claim.deferred
         due = next_due(now, remaining=remaining, held=held, retry_due=next_due_at,
                        unhandled=bool(claim.work.unhandled), recheck=self.unhandled_recheck)
+        if ahead is not None:  # parked ahead, and events were left (due now): un-parked after the pass's acks
+            self._parked.pop(source, None)
+            self._unpark.append((source, ahead))
+            return
         if due <= now and marker is not None and self._parked.get(source) == marker and wakes is not None \
                 and wakes.queued(source):
             # The flag this relay parked, with a wake-up of it queued here and not settled (this ack left

@@ -25,9 +25,11 @@ log = logging.getLogger("shardlite.relay")
 _READ_OUTBOX = ("SELECT seq, dest, topic, payload, created, attempts, next_at, origin FROM _shardlite_outbox "
                 "ORDER BY seq LIMIT {batch:d}")
 #: A source whose lease this relay still holds is read, not claimed: the claim row, the file's incarnation
-#: and a batch of its outbox in one snapshot (one row with NULL event columns when the outbox is empty).
-_PEEK = ("SELECT r.claimed_by, r.claimed_until, m.incarnation, o.seq, o.dest, o.topic, o.payload, o.created, "
-         "o.attempts, o.next_at, o.origin FROM _shardlite_meta AS m JOIN _shardlite_relay AS r ON r.id = 1 "
+#: and parked-flag marker, and a batch of its outbox in one snapshot (one row with NULL event columns when the
+#: outbox is empty).
+_PEEK = ("SELECT r.claimed_by, r.claimed_until, m.incarnation, r.parked_version, o.seq, o.dest, o.topic, "
+         "o.payload, o.created, o.attempts, o.next_at, o.origin "
+         "FROM _shardlite_meta AS m JOIN _shardlite_relay AS r ON r.id = 1 "
          "LEFT JOIN (SELECT * FROM _shardlite_outbox ORDER BY seq LIMIT {batch:d}) AS o WHERE m.id = 1 ORDER BY o.seq")
 
 
@@ -49,17 +51,17 @@ def claim_source(store: Store, source: str, now: float, *, relay_id: str, lease:
         found = store.read_on_writer(source, peek, move_wait=0.0, wait_ms=0)
     except Busy:  # ... or a read connection while this process uses it (an application batch stays open)
         found = store.read_internal(source, peek, move_wait=0.0)
-    claimed_by, claimed_until, incarnation = found[0][:3]
+    claimed_by, claimed_until, incarnation, marker = found[0][:4]
     if claimed_by == relay_id and claimed_until - now > lease / 4:
-        rows = [OutboxRow(*row[3:]) for row in found if row[3] is not None]
-        return Claim(source, str(incarnation), plan(rows, handlers, now), float(claimed_until))
+        rows = [OutboxRow(*row[4:]) for row in found if row[4] is not None]
+        return _claim(source, str(incarnation), rows, handlers, now, float(claimed_until), batch, marker)
     if claimed_by not in (None, relay_id) and claimed_until > now:
         held.discard(source)
         raise ClaimedElsewhere(float(claimed_until))
     with store.writing(source, create=False, wait_ms=wait_ms, move_wait=0) as handle:
         claim: list[Any] = store.internal(
-            handle, "SELECT claimed_by, claimed_until FROM _shardlite_relay WHERE id = 1").fetchall()
-        claimed_by, claimed_until = claim[0]
+            handle, "SELECT claimed_by, claimed_until, parked_version FROM _shardlite_relay WHERE id = 1").fetchall()
+        claimed_by, claimed_until, marker = claim[0]
         if claimed_by not in (None, relay_id) and claimed_until > now:
             held.discard(source)
             raise ClaimedElsewhere(float(claimed_until))
@@ -68,7 +70,13 @@ def claim_source(store: Store, source: str, now: float, *, relay_id: str, lease:
         held.add(source)
         found = store.internal(handle, _READ_OUTBOX.format(batch=int(batch))).fetchall()
         rows = [OutboxRow(*row) for row in found]
-        return Claim(source, handle.incarnation, plan(rows, handlers, now), now + lease)
+        return _claim(source, handle.incarnation, rows, handlers, now, now + lease, batch, marker)
+
+
+def _claim(source: str, incarnation: str, rows: list[OutboxRow], handlers: dict[str, Handler], now: float,
+           until: float, batch: int, marker: Any) -> Claim:
+    return Claim(source, incarnation, plan(rows, handlers, now), until, read=len(rows), full=len(rows) >= batch,
+                 marker=None if marker is None else int(marker))
 
 
 def release_leases(store: Store, held: set[str], *, relay_id: str, wait_ms: int,

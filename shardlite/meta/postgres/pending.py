@@ -55,6 +55,9 @@ _CLEAR = "DELETE FROM shardlite.pending WHERE key = %s AND version = %s"
 _NOT_DURABLE = "(SELECT set_config('synchronous_commit', 'off', true)) AS nd"
 _PARK = (f"UPDATE shardlite.pending AS p SET parked = %s FROM {_NOT_DURABLE} "
          "WHERE p.key = %s AND p.version = %s AND nd.set_config IS NOT NULL RETURNING 1")
+_PARK_MANY = ("WITH w(k, v) AS (SELECT * FROM unnest(%s::text[], %s::bigint[])) "
+              f"UPDATE shardlite.pending AS p SET parked = %s FROM w, {_NOT_DURABLE} "
+              "WHERE p.key = w.k AND p.version = w.v AND nd.set_config IS NOT NULL RETURNING p.key")
 _WAKE = ("WITH w(k, v) AS (SELECT * FROM unnest(%s::text[], %s::bigint[])), "
          f"woken AS (UPDATE shardlite.pending AS p SET parked = NULL, due = %s FROM w, {_NOT_DURABLE} "
          "WHERE p.key = w.k AND p.version = w.v AND p.parked IS NOT NULL AND nd.set_config IS NOT NULL "
@@ -137,6 +140,16 @@ class PgPending:
             return False
         params = (time.time(), key, int(version))
         return statement(self.pool, lambda conn: conn.execute(_PARK, params).fetchone() is not None)
+
+    def park_many(self, pairs: Sequence[tuple[str, int]]) -> builtins.list[str]:
+        given = [(key, int(version)) for key, version in pairs]
+        wanted = sorted({pair for pair in given if not has_nul(pair[0])})  # the flaggers' lock order
+        if not wanted:
+            return []
+        params = ([k for k, _ in wanted], [v for _, v in wanted], time.time())
+        found = statement(self.pool, lambda conn: conn.execute(_PARK_MANY, params).fetchall())
+        parked = {str(k) for (k,) in found}
+        return [key for key, _ in given if key in parked]
 
     def wake_many(self, pairs: Sequence[tuple[str, int]]) -> builtins.list[tuple[str, int]]:
         given = [(key, int(version)) for key, version in pairs]

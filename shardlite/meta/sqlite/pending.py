@@ -111,6 +111,22 @@ class SqlitePending:
         except UNAVAILABLE as exc:
             raise unavailable(exc, self.db.path, "parking a pending-work flag") from exc
 
+    def park_many(self, pairs: Sequence[tuple[str, int]]) -> builtins.list[str]:
+        wanted = [(key, int(version)) for key, version in pairs]
+        if not wanted:
+            return []
+        now = time.time()
+        parked: set[str] = set()
+        try:
+            with self.db.write() as conn:
+                for key, version in wanted:
+                    conn.execute(_PARK, (now, key, version))
+                    if conn.changes():
+                        parked.add(key)
+        except UNAVAILABLE as exc:
+            raise unavailable(exc, self.db.path, "parking pending-work flags") from exc
+        return [key for key, _ in wanted if key in parked]
+
     def wake_many(self, pairs: Sequence[tuple[str, int]]) -> builtins.list[tuple[str, int]]:
         wanted = [(key, int(version)) for key, version in pairs]
         if not wanted:
