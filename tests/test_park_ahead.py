@@ -1,4 +1,4 @@
-"""Parking ahead (:meth:`shardlite.services.relay.Relay._park_ahead`, the rules: :mod:`shardlite.meta.pending`),
+"""Parking ahead (:func:`shardlite.services.relay_sweep.park_ahead`; the rules: :mod:`shardlite.meta.pending`),
 over both metadata backends: a pass parks the flags of the sources it is about to leave empty in one
 metadata call before their acknowledgements, and makes a flag due again when its acknowledgement found
 events left or could not be written, so no event is ever left under a parked flag by a relay that lives on.

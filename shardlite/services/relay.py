@@ -86,7 +86,7 @@ from .delivery import DONE, UNAVAILABLE, Claim, Deliverer, Group, Handler, Handl
 from .relay_ack import settle_outbox
 from .relay_health import LOG_INTERVAL, ErrorLog, PassStats, Troubles, describe, error_kind, error_text
 from .relay_lease import ClaimedElsewhere, claim_source, release_leases
-from .relay_sweep import Sweeper, park_emptied
+from .relay_sweep import Sweeper, park_ahead, park_emptied, wake_parked_ahead
 
 __all__ = ["Relay", "PassStats", "Handler", "HandlerRegistry", "LEASE_SECONDS", "ACK_WAIT_MS", "LOCK_WAIT_MS",
            "LOG_INTERVAL"]
@@ -353,7 +353,7 @@ class Relay:
         # An application transaction may hold a source's lock for a while (a group-commit batch stays open
         # for a loop iteration): acknowledge the free sources first, then those that were busy, waiting a
         # little; one still locked is acknowledged by a later pass (its events redelivered: a no-op then).
-        ahead = self._park_ahead(claimed)
+        ahead = park_ahead(self.store.meta.pending, claimed, self._parked, self._due_now)
         if ahead and self.fault is not None:
             self.fault("parked-ahead")
         busy: list[Claim] = []
@@ -370,43 +370,10 @@ class Relay:
             except (Busy, TenantMoving) as exc:
                 log.debug("relay: %r stays unacknowledged until a later pass (%s)", claim.source, exc)
         if self._unpark:
-            self._wake_parked_ahead()
+            unpark, self._unpark = self._unpark, []
+            if not wake_parked_ahead(self.store.meta.pending, unpark):
+                self.sweeper.request()
         return stats
-
-    def _wake_parked_ahead(self) -> None:
-        """Make due, in one metadata call, the flags parked ahead whose acknowledgement left events (emitted
-        after the pass read the outbox); a flag gone meanwhile is written again. If the store cannot be
-        reached, the sweep of parked flags wakes them (it is requested)."""
-        pairs, self._unpark = self._unpark, []
-        pending = self.store.meta.pending
-        try:
-            missing = pending.wake_many(pairs)
-            if missing:
-                pending.flag_many([key for key, _ in missing])
-        except Exception as exc:  # noqa: BLE001 - a parked source holding events: what the sweep repairs
-            log.debug("relay: could not wake %d flag(s) parked ahead (%s)", len(pairs), exc)
-            self.sweeper.request()
-
-    def _park_ahead(self, claims: list[Claim]) -> dict[str, int]:
-        """Park, in one metadata call, the flags of the sources whose acknowledgement is about to leave their
-        outbox empty (everything read was delivered, not a whole batch) and whose file names a parked version
-        that this relay does not know to be parked still: ``{source: version}`` of those parked. The
-        acknowledgement then needs no metadata call under the source's write lock, and makes the flag due
-        again when it finds events left or fails (the rules: :mod:`shardlite.meta.pending`, parking ahead).
-        A failure here parks nothing: each acknowledgement parks its own flag then, as without this step."""
-        wanted = [(claim.source, claim.marker) for claim in claims
-                  if claim.marker is not None and not claim.full and claim.read == len(claim.delivered)
-                  and not claim.failed and not claim.dead and not claim.deferred and not claim.work.waiting
-                  and not claim.work.unhandled
-                  and (self._parked.get(claim.source) != claim.marker or claim.source in self._due_now)]
-        if not wanted:
-            return {}
-        try:
-            parked = set(self.store.meta.pending.park_many(wanted))
-        except Exception as exc:  # noqa: BLE001 - each acknowledgement parks its own flag instead
-            log.debug("relay: could not park %d flag(s) ahead (%s)", len(wanted), exc)
-            return {}
-        return {source: version for source, version in wanted if source in parked}
 
     def _held_back(self, source: str, now: float, stats: PassStats) -> bool:
         """True when ``source`` backs off after failing, or waits after being found moving (as a source or
@@ -505,8 +472,9 @@ class Relay:
                      ahead: int | None = None, keep_on_busy: bool = False) -> None:
         """In the source: delete what was delivered, count failures (backoff or dead letter), renew the
         lease when less than half of it is left. A source left empty has its flag parked under its write
-        lock (:func:`~shardlite.services.relay_sweep.park_emptied`), unless :meth:`_park_ahead` parked it with
-        the version the file still records (``ahead``); one whose remaining events are due later gets its
+        lock (:func:`~shardlite.services.relay_sweep.park_emptied`), unless the pass parked it ahead
+        (:func:`~shardlite.services.relay_sweep.park_ahead`) with the version the file still records
+        (``ahead``); one whose remaining events are due later gets its
         flag's due time moved, and one parked ahead that kept events is made due again. Busy and
         TenantMoving propagate (nothing was written; a flag parked is un-parked); any other error is the
         source's failure (reported, backed off: the flag due again). ``keep_on_busy``: on Busy, a flag

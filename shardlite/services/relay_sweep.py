@@ -37,8 +37,10 @@ from ..files.pool import Handle
 
 if TYPE_CHECKING:
     from ..front.store import Store
+    from ..meta.pending import PendingWork
+    from .delivery import Claim
 
-__all__ = ["Sweeper", "SweepStats", "park_emptied", "SWEEP_INTERVAL", "PARK_TTL"]
+__all__ = ["Sweeper", "SweepStats", "park_emptied", "park_ahead", "wake_parked_ahead", "SWEEP_INTERVAL", "PARK_TTL"]
 
 log = logging.getLogger("shardlite.relay")
 
@@ -71,6 +73,42 @@ def park_emptied(store: Store, handle: Handle, source: str, marker: int | None) 
     if marker is not None:
         store.internal(handle, _CLEAR_MARKER)
     return None
+
+
+def park_ahead(pending: PendingWork, claims: list[Claim], parked: dict[str, int], due_now: set[str]) -> dict[str, int]:
+    """Park, in one metadata call, the flags of the sources whose acknowledgement is about to leave their
+    outbox empty (everything ``claims`` read was delivered, not a whole batch) and whose file names a parked
+    version not known to be parked still (``parked``: what this relay parked, unless ``due_now`` lists the
+    source): ``{source: version}`` of those parked. The acknowledgement then needs no metadata call under the
+    source's write lock, and makes the flag due again when it finds events left or fails (the rules:
+    :mod:`shardlite.meta.pending`, parking ahead). A failure here parks nothing: each acknowledgement parks
+    its own flag then, as without this step."""
+    wanted = [(claim.source, claim.marker) for claim in claims
+              if claim.marker is not None and not claim.full and claim.read == len(claim.delivered)
+              and not claim.failed and not claim.dead and not claim.deferred and not claim.work.waiting
+              and not claim.work.unhandled and (parked.get(claim.source) != claim.marker or claim.source in due_now)]
+    if not wanted:
+        return {}
+    try:
+        done = set(pending.park_many(wanted))
+    except Exception as exc:  # noqa: BLE001 - each acknowledgement parks its own flag instead
+        log.debug("relay: could not park %d flag(s) ahead (%s)", len(wanted), exc)
+        return {}
+    return {source: version for source, version in wanted if source in done}
+
+
+def wake_parked_ahead(pending: PendingWork, pairs: list[tuple[str, int]]) -> bool:
+    """Make due, in one metadata call, the flags parked ahead (``(source, version)``) whose acknowledgement
+    left events (emitted after the pass read the outbox); a flag gone meanwhile is written again. False when
+    the store could not be reached: those sources hold events under parked flags, what a sweep repairs."""
+    try:
+        missing = pending.wake_many(pairs)
+        if missing:
+            pending.flag_many([key for key, _ in missing])
+    except Exception as exc:  # noqa: BLE001 - the caller asks for a sweep
+        log.debug("relay: could not wake %d flag(s) parked ahead (%s)", len(pairs), exc)
+        return False
+    return True
 
 
 class SweepStats:
