@@ -167,41 +167,6 @@ def test_a_held_wake_up_queued_while_the_flusher_is_timed_is_written_after_hold_
         router.relay.stop()
 
 
-def test_a_pass_delivers_what_a_source_committed_while_this_process_holds_its_write_connection(
-        make_router: Callable[..., Router]) -> None:
-    """The relay's look at a source it holds the lease of reads the outbox on a read connection when this
-    process's application is using the source's write connection (an open transaction, or a group-commit
-    batch of the AsyncRouter): the committed events are delivered now instead of waiting for that
-    transaction to end. The acknowledgement waits for it (the events stay until a later pass settles them)."""
-    import threading
-
-    router = make_router(schema=SCHEMA)
-    router.handler("t")(record)
-    emit(router, 0)
-    router.relay.run_once(every=True)  # the first pass claims the source: the next looks are reads
-    assert applied(router) == [0]
-    emit(router, 1)  # committed
-    inside, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with router.transaction("src:1") as tx:  # this process's write connection of src:1, in use
-            tx.execute("SELECT 1")
-            inside.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        assert inside.wait(30)
-        router.relay.run_once(every=True)
-        assert applied(router) == [0, 1]  # delivered while the write connection stayed in use
-    finally:
-        release.set()
-        holder.join(30)
-    router.relay.drain(timeout=30)
-    assert applied(router) == [0, 1]  # acknowledged later: applied once
-
-
 def test_a_background_pass_takes_a_whole_chunk_of_due_sources(make_router: Callable[..., Router]) -> None:
     """A pass of a relay that was not told about the commits (another process emitted them, as under
     ``shardlite relay run``) lists up to ``sources_per_pass`` due sources at once, so their events for one

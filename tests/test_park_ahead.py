@@ -106,24 +106,31 @@ def test_an_acknowledgement_that_cannot_be_written_un_parks_the_flag_parked_ahea
     emitter._store.emitter.wakes.flush()
     inside, release = threading.Event(), threading.Event()
 
-    def hold() -> None:  # the relaying process's own write connection of src:1, in use meanwhile
+    def hold() -> None:  # the relaying process's own write connection of src:1, in use from then on
         with relay_side.transaction("src:1") as tx:
             tx.execute("SELECT 1")
             inside.set()
             release.wait(30)
 
     holder = threading.Thread(target=hold)
-    holder.start()
+
+    def take_the_source(step: str) -> None:  # after the deliveries and the park, before the acknowledgement
+        if step == "parked-ahead" and not holder.is_alive():
+            holder.start()
+            assert inside.wait(30)
+
+    relay_side.relay.fault = take_the_source
     try:
-        assert inside.wait(30)
         calls = spy(relay_side)
         relay_side.relay.run_once()
-        assert "park_many" in calls and "wake_many" in calls
+        assert holder.is_alive() and "park_many" in calls and "wake_many" in calls
         assert applied(relay_side) == [0, 1]  # delivered, not acknowledged
         assert parked_version(relay_side, "src:1") is None  # due: the next pass acknowledges it
     finally:
+        relay_side.relay.fault = None
         release.set()
-        holder.join(30)
+        if holder.is_alive():
+            holder.join(30)
     relay_side.relay.drain(timeout=30)
     assert applied(relay_side) == [0, 1]
     assert parked_version(relay_side, "src:1") is not None

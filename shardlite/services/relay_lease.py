@@ -47,10 +47,10 @@ def claim_source(store: Store, source: str, now: float, *, relay_id: str, lease:
     outbox, planned against ``handlers``; ``held`` (the sources whose lease this relay holds) follows.
     :class:`ClaimedElsewhere` when another relay's lease is live. Locks are waited for ``wait_ms`` at most."""
     peek = _PEEK.format(batch=int(batch))
-    try:  # the write connection, open already for a source written lately, without waiting for it ...
-        found = store.read_on_writer(source, peek, move_wait=0.0, wait_ms=0)
-    except Busy:  # ... or a read connection while this process uses it (an application batch stays open)
-        found = store.read_internal(source, peek, move_wait=0.0)
+    # On the write connection: a read connection would be taken from under this process's own readers (the
+    # AsyncRouter's reads on the event loop fall back to a worker thread when theirs is busy), which cost the
+    # chat workload ~6 % (benchmarks/meta.py m7, A/B).
+    found = store.read_on_writer(source, peek, move_wait=0.0, wait_ms=wait_ms)
     claimed_by, claimed_until, incarnation, marker = found[0][:4]
     if claimed_by == relay_id and claimed_until - now > lease / 4:
         rows = [OutboxRow(*row[4:]) for row in found if row[4] is not None]
