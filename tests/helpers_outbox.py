@@ -1,6 +1,7 @@
-"""Shared pieces of the outbox relay tests (tests/test_parked_flags.py, tests/test_held_wakes.py): one
-destination table, a handler that records what it applied, a source's parked-flag marker, and waits that poll
-with a deadline (no timing assertions)."""
+"""Shared pieces of the outbox relay tests (tests/test_parked_flags.py, tests/test_held_wakes.py,
+tests/test_park_ahead.py): one destination table, a handler that records what it applied, a source's
+parked-flag marker, a spy on the pending-work index, and waits that poll with a deadline (no timing
+assertions)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,21 @@ def marker(router: Router, key: str) -> int | None:
     """The flag version ``key``'s file recorded when its relay parked the flag (None: no marker)."""
     (row,) = internal_rows(router, key, "SELECT parked_version FROM _shardlite_relay WHERE id = 1")
     return None if row[0] is None else int(row[0])
+
+
+def spy_pending(router: Router, names: tuple[str, ...]) -> list[str]:
+    """Record, in order, every call of the pending-work index methods ``names`` made through ``router``."""
+    pending = router._store.meta.pending
+    calls: list[str] = []
+    for name in names:
+        real = getattr(pending, name)
+
+        def spy(*args: Any, _name: str = name, _real: Any = real) -> Any:
+            calls.append(_name)
+            return _real(*args)
+
+        setattr(pending, name, spy)
+    return calls
 
 
 def emit(router: Router, n: int, source: str = "src:1", dest: str = "dst:1", topic: str = "t") -> None:

@@ -15,10 +15,9 @@ No timing assertions: waits poll with a deadline.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import pytest
-from helpers_outbox import SCHEMA, applied, emit, marker, record, wait_for
+from helpers_outbox import SCHEMA, applied, emit, marker, record, spy_pending, wait_for
 
 from shardlite import Router
 from shardlite.front import wakes as wakes_module
@@ -33,17 +32,7 @@ def parked(router: Router, key: str = "src:1") -> bool:
 
 def spy_writes(router: Router) -> list[str]:
     """Record every metadata write of the pending-work index that an emit or a relay pass can make."""
-    pending = router._store.meta.pending
-    calls: list[str] = []
-    for name in ("flag_many", "park", "park_many", "wake_many", "set_due", "clear_many"):
-        real = getattr(pending, name)
-
-        def spy(*args: Any, _name: str = name, _real: Any = real) -> Any:
-            calls.append(_name)
-            return _real(*args)
-
-        setattr(pending, name, spy)
-    return calls
+    return spy_pending(router, ("flag_many", "park", "park_many", "wake_many", "set_due", "clear_many"))
 
 
 def running_relay_with_parked_source(make_router: Callable[..., Router]) -> Router:

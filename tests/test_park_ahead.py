@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
 
 import pytest
-from helpers_outbox import SCHEMA, applied, emit, marker, record
+from helpers_outbox import SCHEMA, applied, emit, marker, record, spy_pending
 
 from shardlite import Router
 
@@ -20,16 +19,7 @@ pytestmark = pytest.mark.usefixtures("any_meta")  # both metadata backends
 
 def spy(router: Router) -> list[str]:
     """Record the pending-work index calls a relay pass makes."""
-    pending = router._store.meta.pending
-    calls: list[str] = []
-    for name in ("park", "park_many", "wake_many", "set_due", "row"):
-        real = getattr(pending, name)
-
-        def wrapper(*args: Any, _name: str = name, _real: Any = real) -> Any:
-            calls.append(_name)
-            return _real(*args)
-        setattr(pending, name, wrapper)
-    return calls
+    return spy_pending(router, ("park", "park_many", "wake_many", "set_due", "row"))
 
 
 def pair(make_router: Callable[..., Router]) -> tuple[Router, Router]:
