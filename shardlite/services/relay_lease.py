@@ -48,8 +48,8 @@ def claim_source(store: Store, source: str, now: float, *, relay_id: str, lease:
     :class:`ClaimedElsewhere` when another relay's lease is live. Locks are waited for ``wait_ms`` at most."""
     peek = _PEEK.format(batch=int(batch))
     # On the write connection: a read connection would be taken from under this process's own readers (the
-    # AsyncRouter's reads on the event loop fall back to a worker thread when theirs is busy), which cost the
-    # chat workload ~6 % (benchmarks/meta.py m7, A/B).
+    # AsyncRouter's reads on the event loop fall back to a worker thread when theirs is busy), which made the
+    # chat workload (benchmarks/chat_workload.py, PostgreSQL metadata) ~6 % slower in an A/B of both.
     found = store.read_on_writer(source, peek, move_wait=0.0, wait_ms=wait_ms)
     claimed_by, claimed_until, incarnation, marker = found[0][:4]
     if claimed_by == relay_id and claimed_until - now > lease / 4:
