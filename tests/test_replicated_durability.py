@@ -226,10 +226,10 @@ def test_s3_outage_local_writes_go_on_replicated_writes_fail_then_recover(
             assert front.query(replicated, "user:b") >= {40}
 
             server.start()  # back: the same routers, no restart
-            write(replicated, "user:b", 41)
+            for key in keys:  # the backlog of the outage ships (the replicator retries its upload every tick;
+                front.wait_replicated(replicated, key, DEADLINE)  # an attempt under way may take ~3 s to fail)
+            write(replicated, "user:b", 41)  # then replicated writes are confirmed again
             write(replicated, "user:a", 42)
-            for key in keys:  # the backlog of the outage ships too
-                front.wait_replicated(replicated, key, DEADLINE)
             for n in range(43, 46):
                 write(local, keys[n % 2], n)
         finally:
