@@ -82,6 +82,8 @@ def test_a_drop_with_the_replicator_stopped_keeps_every_write(
         _write(router, "user:a", "a one")
         _write(router, "user:gone", "captured")
         _ship(router)
+        _write(router, "user:gone", "captured as frames")
+        _ship(router)
         acked = [_write(router, "user:gone", f"uncaptured {i}") for i in range(5)]
         expected = _rows(router, "user:gone")
         before_drop = time.time_ns()
@@ -90,10 +92,10 @@ def test_a_drop_with_the_replicator_stopped_keeps_every_write(
         assert total["drops_staged"] == 1 and total["staged"] == 1  # the tail, staged by the drop itself
         target = make_replica_target()
         _ship(router)
-        assert _kinds(target, "user:gone") == ["snapshot", "frames"]
+        assert _kinds(target, "user:gone") == ["snapshot", "frames", "frames"]  # the replicator's, then the drop's
         assert _restored_rows(router, target, "user:gone", before_drop, "user:back1") == expected
         assert _restored_rows(router, target, "user:gone", None, "user:back2") == expected
-        assert _restored_rows(router, target, "user:gone", acked[2], "user:back3") == expected[:4]
+        assert _restored_rows(router, target, "user:gone", acked[2], "user:back3") == expected[:5]
         assert _rows(router, "user:a") == ["a one"]
 
 
