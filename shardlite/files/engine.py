@@ -383,24 +383,6 @@ def track(conn: apsw.Connection) -> None:
         _tracked.add(conn)
 
 
-def tracked_of(path: str) -> int:
-    """How many of this process's tracked connections (:func:`track`) are open on the file ``path``: a
-    process may read a tenant's ``-shm`` with a descriptor of its own only while it has none (the ``-shm``
-    trap, :mod:`shardlite.files.walcapture`)."""
-    want = os.path.realpath(path)
-    with _tracked_lock:
-        conns = list(_tracked)
-    count = 0
-    for conn in conns:
-        try:
-            name = conn.filename
-        except apsw.ConnectionClosedError:
-            continue
-        if name and os.path.realpath(name) == want:
-            count += 1
-    return count
-
-
 def abandon(objects: list[Any]) -> None:
     """In a forked child: keep ``objects`` (SQLite handles of the parent) alive for ever, never used nor
     closed (a close could wait on a mutex a parent thread held at the fork)."""

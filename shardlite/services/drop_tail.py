@@ -1,37 +1,41 @@
 """A dropped tenant's last commits: captured by the drop itself and staged with its drop record.
 
-A plain drop on a replicated root deletes the tenant's file. Without this module, the commits its node's
+A plain drop on a replicated root deletes the tenant's file. Before this module, the commits its node's
 replicator had not captured by then (its lag; everything since its last capture when it was down or behind)
 were lost from the replica, so a one-tenant restore at a time before the drop (the way a drop is undone)
 missed them. :func:`fence_and_stage` closes that hole (docs/replication.md, "Drops"):
 
-1. **Capture, then fence, under one write lock.** ``BEGIN IMMEDIATE`` on a connection of the file of its own;
-   the identity checked; the commits after the tenant's cursor captured exactly as the replicator captures
-   them (:func:`~shardlite.files.walcapture.capture`: frames continuing the cursor's salts and checksum chain,
-   or a snapshot when there is no cursor of this file or the history cannot continue); then the retired
-   marker written and committed in the same transaction. No commit can fall between the capture and the
-   fence, and every later transaction of any process finds the marker.
-2. **Stage the tail and the drop record in one transaction** of the node's staging
+1. **Fence, then read the log under the write lock.** On a connection of its own, ``BEGIN IMMEDIATE``, the
+   identity checked, the retired marker written and committed; its WAL hook reports the frame count after
+   that commit, SQLite's own ``mxFrame`` (``fence_mx``). Then ``BEGIN IMMEDIATE`` again: no frame can change
+   while the log is read. Every later transaction of any process finds the marker and writes nothing. (A
+   file fenced already, by a killed or outrun run of this drop, gets no frame from the fence: SQLite skips
+   a write that changes nothing; its log then ends where its checksum chain does, see :func:`_tail`.)
+2. **The tail**: the frames after the tenant's cursor, read from ``-wal`` and verified as the replicator's
+   captures are (salts, the checksum chain continued from the cursor, or from the log header when the cursor
+   is ``closed`` and this is the next generation), all the way to ``fence_mx``, whose frame must be a commit
+   frame. The tail is those frames up to the commit before the fence's own: exactly the commits acknowledged
+   before the drop, continuing the cursor. When the history cannot continue (no cursor of this file, a log
+   generation gone by uncaptured, frames that do not verify), the tail is a **snapshot** instead
+   (``serialize`` inside the held transaction), timed at the tenant's last noted commit before the fence.
+3. **Stage the tail and the drop record in one transaction** of the node's staging
    (:meth:`~shardlite.files.staging.Staging.stage_drop`, ``synchronous=FULL``), only if the stored cursor is
-   still the one the capture continued. The replicator's captures are staged under the same check, so the
-   two never stage conflicting captures of one tenant: whichever stages second gets
-   :class:`~shardlite.files.staging.StaleCursor`, and the drop captures again (its fence is already there).
-3. A drop killed anywhere and run again: before the staging transaction nothing of the tail is staged and
-   the rerun captures again (the log still holds every frame: writers of a replicated root never
+   still the one the tail continues. The replicator's captures are staged under the same check, so the two
+   never stage conflicting captures of one tenant: whichever stages second gets
+   :class:`~shardlite.files.staging.StaleCursor`, and the drop reads the tail again from the new cursor.
+4. A drop killed anywhere and run again: before the staging transaction nothing of the tail is staged and
+   the rerun reads it again (the log still holds every frame: writers of a replicated root never
    checkpoint, and the replicator skips a tenant that is not live); after it, the record is there and the
    rerun stages nothing more. So the tail is staged once, before its drop record.
 
-Commit times come from the writers' change notes (:mod:`shardlite.files.notesfile`), read from the offsets the
-replicator stored (everything before them was captured): a point-in-time restore puts each commit at the time
-it was acknowledged. A commit without a note gets the capture's time (later than the commit: never a restore
-point before it happened).
+No descriptor of ``-shm`` or of the database file is opened (the "-shm trap", :mod:`shardlite.files.walcapture`:
+the dropping process usually holds pool connections of the file): ``fence_mx`` comes from SQLite's WAL hook,
+and ``-wal``, which carries no locks, is read with a descriptor of its own.
 
-The ``-shm`` trap (:mod:`shardlite.files.walcapture`): the capture reads ``-shm`` with a descriptor of its own,
-so it runs only when this process has no other SQLite connection of the file: the drop closes its pool's
-handles of the tenant first. When one stays open (a thread of this process holds it), no descriptor of
-``-shm`` is opened: the tail is a snapshot (``serialize`` inside the held transaction), timed at the capture.
-Descriptors whose file gained a connection of this process meanwhile are kept open (:data:`_LINGERING`) until
-a later drop finds the file without one.
+Commit times come from the writers' change notes (:mod:`shardlite.files.notesfile`), read from the offsets the
+replicator stored (everything before them was captured; it keeps a ``dropping`` tenant marked, so it stores
+none past its notes meanwhile): a point-in-time restore puts each commit at the time it was acknowledged. A
+commit without a note is timed at the capture (later than the commit: never a restore point before it).
 """
 
 from __future__ import annotations
@@ -41,40 +45,36 @@ import time
 
 import apsw
 
+from ..core import walformat as wf
 from ..errors import Busy, IdentityMismatch
 from ..files import notesfile
 from ..files import walcapture as wc
 from ..files.catalog import TenantRecord
 from ..files.copying import open_source
-from ..files.engine import tracked_of
+from ..files.rawio import pread_all
 from ..files.staging import Staging, StaleCursor, Tail
 from ..front.store import Store
 
 __all__ = ["fence_and_stage", "ATTEMPTS", "NOTES_BYTES"]
 
-#: Captures a drop takes at most when the replicator keeps staging the tenant meanwhile (each of its captures
-#: was in flight before the drop began: it skips a tenant that is not live).
+#: Reads of the tail a drop takes at most when the replicator keeps staging the tenant meanwhile (each of its
+#: captures was in flight before the drop began: it skips a tenant that is not live).
 ATTEMPTS = 5
 #: Bytes of change notes a drop reads at most for its commit times (a replicator down for long leaves a large
 #: backlog; commits past this bound are timed at the capture).
 NOTES_BYTES = 256 << 20
-#: Log descriptors kept open because a connection of their file appeared in this process during the capture.
-_LINGERING: list[wc.LogFiles] = []
 
 
 def fence_and_stage(store: Store, record: TenantRecord, path: str) -> None:
     """Fence ``record``'s file at ``path`` and stage its uncaptured commits and its drop record in its node's
-    staging (module docstring). The caller has set the tenant ``dropping`` and closed this process's pool
-    handles of it. :class:`~shardlite.Busy` when the file or the staging stayed locked (the tenant stays
-    ``dropping``: run the drop again)."""
-    _close_lingering()
+    staging (module docstring). The caller has set the tenant ``dropping``. :class:`~shardlite.Busy` when the
+    file or the staging stayed locked (the tenant stays ``dropping``: run the drop again)."""
     node_path = store.node_path(record.node)
-    busy_ms = max(5000, store.settings.busy_timeout_ms)
     for _attempt in range(ATTEMPTS):
         try:
             staging = Staging(node_path)
             try:
-                staging.conn.set_busy_timeout(busy_ms)
+                staging.conn.set_busy_timeout(max(5000, store.settings.busy_timeout_ms))
                 if staging.drop_staged(record.key, record.incarnation):
                     return  # a run killed after its staging transaction: fenced, tail and record staged
                 found = staging.cursor(record.key)
@@ -82,12 +82,12 @@ def fence_and_stage(store: Store, record: TenantRecord, path: str) -> None:
                                                                                         record.generation)
                 cursor = found.cursor if found is not None and same else wc.NO_CURSOR
                 previous = found.captured_ns if found is not None and same else 0
-                tail = _capture_and_fence(store, record, path, cursor, previous, staging)
+                tail = _fence_and_read(store, record, path, cursor, previous, staging)
                 try:
                     staging.stage_drop(record.key, record.incarnation, record.generation, time.time_ns(), tail)
                     return
                 except StaleCursor:
-                    continue  # the replicator staged a capture meanwhile: capture from its cursor
+                    continue  # the replicator staged a capture meanwhile: read the tail from its cursor
             finally:
                 staging.close()
         except apsw.BusyError as exc:
@@ -97,63 +97,115 @@ def fence_and_stage(store: Store, record: TenantRecord, path: str) -> None:
                "attempts); the tenant is fenced and left 'dropping': run the drop again")
 
 
-def _capture_and_fence(store: Store, record: TenantRecord, path: str, cursor: wc.Cursor, previous: int,
-                       staging: Staging) -> Tail | None:
-    """Step 1 of the module docstring; None when the file is gone (nothing left to capture or fence)."""
+def _fence_and_read(store: Store, record: TenantRecord, path: str, cursor: wc.Cursor, previous: int,
+                    staging: Staging) -> Tail | None:
+    """Steps 1 and 2 of the module docstring; None when the file is gone (nothing left to fence or read)."""
     if not os.path.exists(path):
         return None
+    note = store.note_hook(record.node, record.key)
+    after_commit: list[int] = []
+
+    def hook(conn: apsw.Connection, dbname: str, frames: int) -> int:
+        after_commit.append(frames)  # SQLite's mxFrame right after the fence's commit
+        return note(conn, dbname, frames) if note is not None else apsw.SQLITE_OK
+
     conn = open_source(path, busy_timeout_ms=store.settings.busy_timeout_ms)
-    hook = store.note_hook(record.node, record.key)
-    if hook is not None:
-        conn.set_wal_hook(hook)  # the fence is a commit like any other: noted
-    files = wc.LogFiles(path) if tracked_of(path) == 0 else None
     try:
+        conn.set_wal_hook(hook)  # the fence is a commit like any other: noted
+        fenced_ns = _locked(conn, record, path, fence=True)
+        _locked(conn, record, path, fence=False)  # the write lock again: the log stays as the fence left it
         try:
-            conn.execute("BEGIN IMMEDIATE")
-        except apsw.BusyError as exc:
-            raise Busy(f"tenant {record.key!r}: {path} stayed locked past the busy timeout ({exc}); nothing "
-                       "was changed: run the drop again") from None
-        try:
-            stored = conn.execute("SELECT key, incarnation FROM _shardlite_meta WHERE id = 1").fetchall()
-            if stored != [(record.key, record.incarnation)]:
-                raise IdentityMismatch(f"{path} does not hold incarnation {record.incarnation} of "
-                                       f"{record.key!r}: refusing to fence it")
-            got = None
-            if files is not None:
-                try:
-                    got = wc.capture(conn, files, cursor)
-                except wc.CaptureError:
-                    got = None  # the log did not read as SQLite wrote it: the snapshot stands for it
-            snapshot_only = got is None
-            if got is None:
-                got = _snapshot(conn)
-            captured = time.time_ns()  # after the capture read the log: every commit in it is older
+            got = _tail(path, cursor, after_commit[-1] if after_commit else None)
+            if got is None:  # the history does not continue here: the file as of the fence
+                image = conn.serialize("main")
+                if image is None:
+                    raise wc.CaptureError(f"{path} could not be serialized")
+                size = int.from_bytes(image[16:18], "big") if len(image) >= 100 else 0
+                size = 65536 if size == 1 else size
+                got = wc.Capture([], bytes(image), wc.Cursor(b"", 0, 0, (0, 0), size), size)
+            captured = time.time_ns()
+        finally:
+            conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+    if got.empty:
+        return Tail(got, [], captured, cursor)
+    notes = _notes_of(store.node_path(record.node), record.key, staging)
+    if got.snapshot is not None:  # timed at the last commit noted before the fence (else at the fence)
+        before = [t for _frames, t in notes if previous < t < fenced_ns]
+        return Tail(got, [(0, max(before, default=fenced_ns))], captured, cursor)
+    return Tail(got, wc.commit_times(got, notes, captured, previous), captured, cursor)
+
+
+def _locked(conn: apsw.Connection, record: TenantRecord, path: str, *, fence: bool) -> int:
+    """``BEGIN IMMEDIATE`` on ``conn`` and the identity check; with ``fence``, the retired marker written and
+    committed (returns the time just before the marker was written), else the transaction left open."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except apsw.BusyError as exc:
+        raise Busy(f"tenant {record.key!r}: {path} stayed locked past the busy timeout ({exc}); nothing was "
+                   "changed: run the drop again") from None
+    try:
+        stored = conn.execute("SELECT key, incarnation FROM _shardlite_meta WHERE id = 1").fetchall()
+        if stored != [(record.key, record.incarnation)]:
+            raise IdentityMismatch(f"{path} does not hold incarnation {record.incarnation} of {record.key!r}: "
+                                   "refusing to fence it")
+        began = time.time_ns()
+        if fence:
             conn.execute("UPDATE _shardlite_meta SET retired = 'dropped' WHERE id = 1")
             conn.execute("COMMIT")
-        except BaseException:
-            if not conn.get_autocommit():
-                conn.execute("ROLLBACK")
-            raise
+        return began
+    except BaseException:
+        if not conn.get_autocommit():
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _tail(path: str, cursor: wc.Cursor, fence_mx: int | None) -> wc.Capture | None:
+    """The committed frames after ``cursor`` up to the commit before the fence's (whose commit frame is
+    ``fence_mx``), read from ``-wal`` and verified through ``fence_mx``; None when the history cannot continue
+    from ``cursor`` in this log or the frames do not verify (then a snapshot stands for the tail).
+
+    ``fence_mx`` None: the fence wrote no frame (the file was fenced already, by a run of this drop that was
+    killed or that the replicator outran: SQLite skips a write that changes nothing). No transaction has
+    written since that fence (each finds the marker first), so the log ends at the last commit its checksum
+    chain reaches, and the tail is every commit after the cursor, that fence included (restores clear the
+    marker)."""
+    try:
+        fd = os.open(path + "-wal", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # -wal carries no locks
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            header = wf.parse_wal_header(pread_all(fd, wf.WAL_HEADER_SIZE, 0))
+        except wf.WalFormatError:
+            return None
+        if cursor.salt and header.salt == cursor.salt:
+            first, seed = cursor.frame + 1, cursor.checksum
+        elif (cursor.salt and cursor.closed and header.checkpoint_seq == (cursor.checkpoint_seq + 1) & 0xFFFFFFFF
+              and header.page_size == cursor.page_size):
+            first, seed = 1, header.checksum
+        else:  # no cursor of this file, or a log generation went by uncaptured
+            return None
+        start = wf.frame_offset(first, header.page_size)
+        end = os.fstat(fd).st_size if fence_mx is None else wf.frame_offset(fence_mx + 1, header.page_size)
+        body = pread_all(fd, max(0, end - start), start)
     finally:
-        conn.close()  # the connection first: then the -shm descriptor holds no lock of ours
-        if files is not None:
-            if tracked_of(path):
-                _LINGERING.append(files)  # closing it now would drop that connection's locks
-            else:
-                files.close()
-    notes = [] if snapshot_only or got.empty else _notes_of(store.node_path(record.node), record.key, staging)
-    return Tail(got, wc.commit_times(got, notes, captured, previous) if not got.empty else [], captured, cursor)
-
-
-def _snapshot(conn: apsw.Connection) -> wc.Capture:
-    """The database at its last commit, read inside ``conn``'s held transaction without any descriptor of its
-    own; no log position (a history ends with it: the drop follows)."""
-    image = conn.serialize("main")
-    if image is None:
-        raise wc.CaptureError("the database could not be serialized")
-    size = int.from_bytes(image[16:18], "big") if len(image) >= 100 else 0
-    size = 65536 if size == 1 else size
-    return wc.Capture([], bytes(image), wc.Cursor(b"", 0, 0, (0, 0), size), size)
+        os.close(fd)
+    frames = list(wf.read_frames(body, first, header.page_size, header.salt))
+    good = wf.verify_chain(header, frames, seed)
+    if fence_mx is None:
+        tail = wf.committed(frames[:good])
+    else:
+        count = fence_mx - first + 1
+        if count < 1 or len(frames) != count or good != count or not frames[-1].header.commit_size:
+            return None
+        tail = wf.committed(frames[:-1])  # the fence's frames are the last commit's
+    if not tail:
+        return wc.Capture([], None, cursor, header.page_size)
+    last = tail[-1]
+    after = wc.Cursor(header.salt, header.checkpoint_seq, last.number, last.header.checksum, header.page_size)
+    return wc.Capture(tail, None, after, header.page_size)
 
 
 def _notes_of(node_path: str, key: str, staging: Staging) -> list[tuple[int, int]]:
@@ -171,10 +223,3 @@ def _notes_of(node_path: str, key: str, staging: Staging) -> list[tuple[int, int
             budget -= got.offset - at
             at = got.offset
     return found
-
-
-def _close_lingering() -> None:
-    for files in list(_LINGERING):
-        if tracked_of(files.path) == 0:
-            _LINGERING.remove(files)
-            files.close()

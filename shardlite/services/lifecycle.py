@@ -49,10 +49,7 @@ def drop(store: Store, key: object) -> None:
     store.forget(canon)
     if store.replicate is None:
         fence_file(store, record, path, "dropped")
-    else:
-        # this process's connections of the file first: the drop reads its log with descriptors of its own
-        # (the "-shm trap", files/walcapture.py), to stage the commits its replicator had not captured
-        _discard_handles(store, canon)
+    else:  # the fence, and the commits the replicator had not captured staged with the drop record
         drop_tail.fence_and_stage(store, record, path)
     store.meta.tenants.set_state(canon, "dropped", expect_generation=record.generation, expect_states=("dropping",))
     _discard_handles(store, canon)
