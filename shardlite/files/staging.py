@@ -9,11 +9,12 @@ upload and that transaction re-uploads the same pack under the same name.
 
 Drops: a plain drop of a tenant on a replicated root stages a **drop record** here (table ``drops``: key,
 incarnation, generation, when), written by the dropping process itself (:meth:`Staging.stage_drop`, called by
-:func:`shardlite.services.lifecycle.drop`) in one transaction with ``synchronous=FULL``, so it survives a crash
-of either process and a power loss once the drop goes on, and is there whether a replicator runs or not. The
-replicator ships it in its next pack (:meth:`staged_drops`, then :meth:`shipped`, which deletes the rows in
-the transaction that records the pack), never before a capture of the same key staged earlier: a drop record
-reaches the replica no earlier than the history it ends. The dropping process stages the tenant's uncaptured
+:func:`shardlite.services.drop_tail.fence_and_stage` from :func:`shardlite.services.lifecycle.drop`) in one
+transaction with ``synchronous=FULL``, so it survives a crash of either process and a power loss once the drop
+goes on, and is there whether a replicator runs or not. The replicator ships it in its next pack
+(:meth:`staged_drops`, then :meth:`shipped`, which deletes the rows in the transaction that records the pack),
+never before a capture of the same key staged earlier: a drop record reaches the replica no earlier than the
+history it ends. The dropping process stages the tenant's uncaptured
 log tail in the same transaction as the record (:mod:`shardlite.services.drop_tail`), so every commit made
 before the drop's fence is in the history, replicator running or not.
 
