@@ -14,9 +14,9 @@ transaction with ``synchronous=FULL``, so it survives a crash of either process 
 goes on, and is there whether a replicator runs or not. The replicator ships it in its next pack
 (:meth:`staged_drops`, then :meth:`shipped`, which deletes the rows in the transaction that records the pack),
 never before a capture of the same key staged earlier: a drop record reaches the replica no earlier than the
-history it ends. The dropping process stages the tenant's uncaptured
-log tail in the same transaction as the record (:mod:`shardlite.services.drop_tail`), so every commit made
-before the drop's fence is in the history, replicator running or not.
+history it ends. The dropping process stages the tenant's uncaptured log tail in the same transaction as the
+record (:mod:`shardlite.services.drop_tail`), so every commit made before the drop's fence is in the history,
+replicator running or not.
 
 Two processes may capture one tenant (its replicator, and a drop staging the tail), so a capture is staged
 only if it still continues the stored cursor (``expect``, compared inside the ``BEGIN IMMEDIATE`` transaction
