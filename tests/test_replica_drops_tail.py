@@ -365,3 +365,35 @@ def test_a_drop_killed_after_its_fence_stages_the_tail_when_run_again(
         assert _kinds(target, "user:k") == ["snapshot", "frames"]
         assert _restored_rows(router, target, "user:k", acked[-1], "user:back") == expected
         assert _restored_rows(router, target, "user:k", None, "user:latest") == expected
+
+
+def test_a_confirmation_for_a_tenant_left_dropping_is_answered(
+        tmp_path: Path, make_replica_target: TargetFactory) -> None:
+    """The replicator keeps a 'dropping' tenant marked (so its notes offsets wait for the drop), but a
+    durability confirmation for it is answered (the tenant is no longer on the node), not kept waiting round
+    after round while a killed drop leaves it 'dropping'."""
+    import socket
+
+    from shardlite.services.confirmations import Request
+
+    with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=make_replica_target.url()) as router:
+        _write(router, "user:d", "one")
+        run = Replication(router._store)
+        try:
+            run.run_round()
+            record = router._store.meta.tenants.lookup("user:d")
+            assert record is not None
+            router._store.meta.tenants.set_state("user:d", "dropping", expect_generation=record.generation,
+                                                 expect_states=("active",))  # a drop killed after this step
+            node = run.nodes[record.node]
+            node.replicator.mark("user:d")
+            ours, theirs = socket.socketpair()
+            with ours, theirs:
+                node.waiting.append(Request("user:d", theirs))
+                run.run_round()
+                assert "user:d" in node.replicator.marked()  # still marked: the drop is not through
+                assert node.waiting == []
+                answer = ours.recv(4096)
+                assert answer[:1] == b"\x01" and b"any more" in answer
+        finally:
+            run.close()

@@ -135,6 +135,8 @@ class NodeReplicator:
         self._open: OrderedDict[str, _Open] = OrderedDict()
         #: tenants to capture, with the (frames, commit time) notes read for them since their last capture
         self._marked: dict[str, list[tuple[int, int]]] = {}
+        #: tenants of the last round kept marked only because their drop is under way (``_capture``)
+        self.dropping: set[str] = set()
 
     def close(self) -> None:
         while self._open:
@@ -208,6 +210,7 @@ class NodeReplicator:
 
     def _capture_marked(self, stats: RoundStats, budget: float | None) -> None:
         marked, self._marked = self._marked, {}
+        self.dropping = set()
         deadline = None if budget is None else time.perf_counter() + budget
         items = iter(marked.items())
         started = False
@@ -299,6 +302,7 @@ class NodeReplicator:
             # are stored only when nothing is marked) until the drop is through
             self._close(key)
             self.mark(key, commits)
+            self.dropping.add(key)
             return
         if record is None or record.node != self.node or record.state not in ("active", "moving"):
             self._close(key)
