@@ -17,7 +17,8 @@ missed them. :func:`fence_and_stage` closes that hole (docs/replication.md, "Dro
    frame. The tail is those frames up to the commit before the fence's own: exactly the commits acknowledged
    before the drop, continuing the cursor. When the history cannot continue (no cursor of this file, a log
    generation gone by uncaptured, frames that do not verify), the tail is a **snapshot** instead
-   (``serialize`` inside the held transaction), timed at the tenant's last noted commit before the fence.
+   (``serialize`` inside the held transaction), timed at the note of the log's last commit before the fence
+   (else at the fence: a snapshot is never timed before a commit it holds).
 3. **Stage the tail and the drop record in one transaction** of the node's staging
    (:meth:`~shardlite.files.staging.Staging.stage_drop`, ``synchronous=FULL``), only if the stored cursor is
    still the one the tail continues. The replicator's captures are staged under the same check, so the two
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import apsw
 
@@ -115,8 +117,11 @@ def _fence_and_read(store: Store, record: TenantRecord, path: str, cursor: wc.Cu
         fenced_ns = _locked(conn, record, path, fence=True)
         _locked(conn, record, path, fence=False)  # the write lock again: the log stays as the fence left it
         try:
-            got = _tail(path, cursor, after_commit[-1] if after_commit else None)
+            fence_mx = after_commit[-1] if after_commit else None
+            got = _tail(path, cursor, fence_mx)
+            last = None
             if got is None:  # the history does not continue here: the file as of the fence
+                last = _last_commit(path, fence_mx)
                 image = conn.serialize("main")
                 if image is None:
                     raise wc.CaptureError(f"{path} could not be serialized")
@@ -131,9 +136,9 @@ def _fence_and_read(store: Store, record: TenantRecord, path: str, cursor: wc.Cu
     if got.empty:
         return Tail(got, [], captured, cursor)
     notes = _notes_of(store.node_path(record.node), record.key, staging)
-    if got.snapshot is not None:  # timed at the last commit noted before the fence (else at the fence)
-        before = [t for _frames, t in notes if previous < t < fenced_ns]
-        return Tail(got, [(0, max(before, default=fenced_ns))], captured, cursor)
+    if got.snapshot is not None:  # timed at the note of the last commit before the fence, else at the fence
+        noted = [t for frames, t in notes if frames == last and previous < t < fenced_ns]
+        return Tail(got, [(0, max(noted, default=fenced_ns))], captured, cursor)
     return Tail(got, wc.commit_times(got, notes, captured, previous), captured, cursor)
 
 
@@ -171,6 +176,37 @@ def _tail(path: str, cursor: wc.Cursor, fence_mx: int | None) -> wc.Capture | No
     written since that fence (each finds the marker first), so the log ends at the last commit its checksum
     chain reaches, and the tail is every commit after the cursor, that fence included (restores clear the
     marker)."""
+    def after_cursor(header: wf.WalHeader) -> tuple[int, tuple[int, int]] | None:
+        if cursor.salt and header.salt == cursor.salt:
+            return cursor.frame + 1, cursor.checksum
+        if (cursor.salt and cursor.closed and header.checkpoint_seq == (cursor.checkpoint_seq + 1) & 0xFFFFFFFF
+                and header.page_size == cursor.page_size):
+            return 1, header.checksum
+        return None  # no cursor of this file, or a log generation went by uncaptured
+
+    got = _committed_before_fence(path, after_cursor, fence_mx)
+    if got is None:
+        return None
+    header, tail = got
+    if not tail:
+        return wc.Capture([], None, cursor, header.page_size)
+    last = tail[-1]
+    after = wc.Cursor(header.salt, header.checkpoint_seq, last.number, last.header.checksum, header.page_size)
+    return wc.Capture(tail, None, after, header.page_size)
+
+
+def _last_commit(path: str, fence_mx: int | None) -> int | None:
+    """The frame of the log's last commit before the fence's (from frame 1 of its generation), for a snapshot's
+    time; None when there is none or the log does not verify."""
+    got = _committed_before_fence(path, lambda header: (1, header.checksum), fence_mx)
+    return got[1][-1].number if got is not None and got[1] else None
+
+
+def _committed_before_fence(path: str, start: Callable[[wf.WalHeader], tuple[int, tuple[int, int]] | None],
+                            fence_mx: int | None) -> tuple[wf.WalHeader, list[wf.Frame]] | None:
+    """The log's header and its committed frames from ``start(header)`` (first frame, checksum seed) up to the
+    commit before the fence's (:func:`_tail`), verified; None when ``start`` says the history does not
+    continue in this log, or the frames do not verify through ``fence_mx``."""
     try:
         fd = os.open(path + "-wal", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # -wal carries no locks
     except FileNotFoundError:
@@ -180,32 +216,23 @@ def _tail(path: str, cursor: wc.Cursor, fence_mx: int | None) -> wc.Capture | No
             header = wf.parse_wal_header(pread_all(fd, wf.WAL_HEADER_SIZE, 0))
         except wf.WalFormatError:
             return None
-        if cursor.salt and header.salt == cursor.salt:
-            first, seed = cursor.frame + 1, cursor.checksum
-        elif (cursor.salt and cursor.closed and header.checkpoint_seq == (cursor.checkpoint_seq + 1) & 0xFFFFFFFF
-              and header.page_size == cursor.page_size):
-            first, seed = 1, header.checksum
-        else:  # no cursor of this file, or a log generation went by uncaptured
+        began = start(header)
+        if began is None:
             return None
-        start = wf.frame_offset(first, header.page_size)
+        first, seed = began
+        at = wf.frame_offset(first, header.page_size)
         end = os.fstat(fd).st_size if fence_mx is None else wf.frame_offset(fence_mx + 1, header.page_size)
-        body = pread_all(fd, max(0, end - start), start)
+        body = pread_all(fd, max(0, end - at), at)
     finally:
         os.close(fd)
     frames = list(wf.read_frames(body, first, header.page_size, header.salt))
     good = wf.verify_chain(header, frames, seed)
     if fence_mx is None:
-        tail = wf.committed(frames[:good])
-    else:
-        count = fence_mx - first + 1
-        if count < 1 or len(frames) != count or good != count or not frames[-1].header.commit_size:
-            return None
-        tail = wf.committed(frames[:-1])  # the fence's frames are the last commit's
-    if not tail:
-        return wc.Capture([], None, cursor, header.page_size)
-    last = tail[-1]
-    after = wc.Cursor(header.salt, header.checkpoint_seq, last.number, last.header.checksum, header.page_size)
-    return wc.Capture(tail, None, after, header.page_size)
+        return header, wf.committed(frames[:good])
+    count = fence_mx - first + 1
+    if count < 1 or len(frames) != count or good != count or not frames[-1].header.commit_size:
+        return None
+    return header, wf.committed(frames[:-1])  # the fence's frames are the last commit's
 
 
 def _notes_of(node_path: str, key: str, staging: Staging) -> list[tuple[int, int]]:
