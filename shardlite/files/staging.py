@@ -9,11 +9,19 @@ upload and that transaction re-uploads the same pack under the same name.
 
 Drops: a plain drop of a tenant on a replicated root stages a **drop record** here (table ``drops``: key,
 incarnation, generation, when), written by the dropping process itself (:meth:`Staging.stage_drop`, called by
-:func:`shardlite.services.lifecycle.drop`) in one transaction with ``synchronous=FULL``, so it survives a crash
-of either process and a power loss once the drop goes on, and is there whether a replicator runs or not. The
-replicator ships it in its next pack (:meth:`staged_drops`, then :meth:`shipped`, which deletes the rows in
-the transaction that records the pack), never before a capture of the same key staged earlier: a drop record
-reaches the replica no earlier than the history it ends.
+:func:`shardlite.services.drop_tail.fence_and_stage` from :func:`shardlite.services.lifecycle.drop`) in one
+transaction with ``synchronous=FULL``, so it survives a crash of either process and a power loss once the drop
+goes on, and is there whether a replicator runs or not. The replicator ships it in its next pack
+(:meth:`staged_drops`, then :meth:`shipped`, which deletes the rows in the transaction that records the pack),
+never before a capture of the same key staged earlier: a drop record reaches the replica no earlier than the
+history it ends. The dropping process stages the tenant's uncaptured log tail in the same transaction as the
+record (:mod:`shardlite.services.drop_tail`), so every commit made before the drop's fence is in the history,
+replicator running or not.
+
+Two processes may capture one tenant (its replicator, and a drop staging the tail), so a capture is staged
+only if it still continues the stored cursor (``expect``, compared inside the ``BEGIN IMMEDIATE`` transaction
+that stages it) and no drop record of its incarnation is staged: otherwise :class:`StaleCursor`, nothing
+staged (the other process's capture already holds those commits; a stale one would repeat or rewind them).
 
 Durability: ``synchronous=NORMAL``. A process crash loses nothing (the OS keeps written pages). A power
 loss may lose the last staged rows *and* the cursor rows written with them, while the tenant's checkpoint
@@ -35,11 +43,12 @@ from typing import Any, NamedTuple, cast
 import apsw
 
 from ..core import walformat as wf
+from ..errors import Busy
 from .engine import ensure_private_dir
-from .walcapture import Capture, Cursor
+from .walcapture import NO_CURSOR, Capture, Cursor
 
 __all__ = ["Staging", "Staged", "StagedDrop", "TenantCursor", "STAGING_DIR", "ERASE_LOCK", "erase_lock", "Erased",
-           "DROPS_PER_PACK"]
+           "DROPS_PER_PACK", "StaleCursor", "Tail", "ANY_CURSOR"]
 
 STAGING_DIR = ".replica"
 #: The node's erase lock (``<node>/.replica/erase.lock``): an erase holds it while it removes a tenant from the
@@ -71,6 +80,26 @@ def erase_lock(node_path: str, *, wait: float | None) -> int | None:
     except BaseException:
         os.close(fd)
         raise
+
+
+class StaleCursor(Busy):
+    """Another process staged a capture of this tenant (or its drop record) since this capture read its cursor:
+    nothing was staged. The replicator leaves the tenant for its next round; a drop captures again."""
+
+
+class Tail(NamedTuple):
+    """A capture staged with a drop record (:meth:`Staging.stage_drop`): the commits of the dropped file that
+    its cursor did not reach, with their (frame, commit time), the capture's time, and the cursor it continued
+    (:data:`~shardlite.files.walcapture.NO_CURSOR`: the tenant had none of this file)."""
+
+    capture: Capture
+    commits: list[tuple[int, int]]
+    captured_ns: int
+    expect: Cursor  #: the stored cursor it continued (NO_CURSOR: none of this file)
+
+
+#: ``expect`` of :meth:`Staging.stage` that checks nothing (tests, tools that stage by hand).
+ANY_CURSOR = Cursor(b"*", -1, -1, (-1, -1), -1)
 
 
 class Erased(NamedTuple):
@@ -226,9 +255,13 @@ class Staging:
              cursor.page_size, int(cursor.closed), captured_ns, last_commit_ns))
 
     def set_cursor(self, key: str, incarnation: str, generation: int, cursor: Cursor, last_commit_ns: int) -> None:
-        """Store a cursor that moved without new data (a checkpoint closed its log generation)."""
+        """Store a cursor that moved without new data (a checkpoint closed its log generation); nothing once the
+        incarnation's drop record is staged (the drop forgot the cursor)."""
         old = self.cursor(key)
         with self._write():
+            if self.conn.execute("SELECT 1 FROM drops WHERE key = ? AND incarnation = ?",
+                                 (key, incarnation)).fetchone() is not None:
+                return
             self._put_cursor(key, incarnation, generation, cursor, old.captured_ns if old else 0, last_commit_ns)
 
     def forget(self, key: str) -> None:
@@ -238,21 +271,45 @@ class Staging:
     # -- captures --------------------------------------------------------------------------------------
 
     def stage(self, key: str, incarnation: str, generation: int, got: Capture, commits: list[tuple[int, int]],
-              captured_ns: int) -> None:
-        """Stage ``got`` (not empty) with its commits' (frame, time) and store its cursor, in one transaction."""
+              captured_ns: int, expect: Cursor = ANY_CURSOR) -> None:
+        """Stage ``got`` (not empty) with its commits' (frame, time) and store its cursor, in one transaction.
+        ``expect``: the cursor the capture continued (:data:`~shardlite.files.walcapture.NO_CURSOR`: none of
+        this file); :class:`StaleCursor` (nothing staged) when the stored one differs or the incarnation's drop
+        record is staged (module docstring)."""
+        with self._write():
+            self._check_cursor(key, incarnation, generation, expect)
+            self._insert_capture(key, incarnation, generation, got, commits, captured_ns)
+
+    def _insert_capture(self, key: str, incarnation: str, generation: int, got: Capture,
+                        commits: list[tuple[int, int]], captured_ns: int) -> None:
         if got.snapshot is not None:
             kind, salt, first, last, data = "snapshot", got.cursor.salt.hex(), 0, got.cursor.frame, got.snapshot
         else:
             kind, salt, first, last = "frames", got.cursor.salt.hex(), got.frames[0].number, got.frames[-1].number
             data = b"".join(wf.encode_frame(frame) for frame in got.frames)
-        last_commit = commits[-1][1] if commits else captured_ns
-        with self._write():
-            self.conn.execute(
-                "INSERT INTO staged(key, incarnation, generation, kind, page_size, salt, first, last, commits, "
-                "captured_ns, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (key, incarnation, generation, kind, got.page_size, salt, first, last, json.dumps(commits),
-                 captured_ns, data))
-            self._put_cursor(key, incarnation, generation, got.cursor, captured_ns, last_commit)
+        self.conn.execute(
+            "INSERT INTO staged(key, incarnation, generation, kind, page_size, salt, first, last, commits, "
+            "captured_ns, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key, incarnation, generation, kind, got.page_size, salt, first, last, json.dumps(commits),
+             captured_ns, data))
+        self._put_cursor(key, incarnation, generation, got.cursor, captured_ns,
+                         commits[-1][1] if commits else captured_ns)
+
+    def _check_cursor(self, key: str, incarnation: str, generation: int, expect: Cursor) -> None:
+        """Inside a write transaction: :class:`StaleCursor` unless the stored cursor of ``key`` is ``expect``
+        (:data:`NO_CURSOR`: no cursor of this file) and no drop record of ``incarnation`` is staged."""
+        if expect is ANY_CURSOR:
+            return
+        if self.conn.execute("SELECT 1 FROM drops WHERE key = ? AND incarnation = ?",
+                             (key, incarnation)).fetchone() is not None:
+            raise StaleCursor(f"tenant {key!r}: its drop record is staged (the drop staged its last commits)")
+        stored = self.cursor(key)
+        if stored is None or (stored.incarnation, stored.generation) != (incarnation, generation):
+            current = NO_CURSOR
+        else:
+            current = stored.cursor
+        if current != expect:
+            raise StaleCursor(f"tenant {key!r}: another process staged a capture since this one read its cursor")
 
     def staged(self, limit_bytes: int) -> list[Staged]:
         """The oldest staged captures, at least one, stopping once ``limit_bytes`` are reached."""
@@ -309,21 +366,37 @@ class Staging:
 
     # -- drop records --------------------------------------------------------------------------------------
 
-    def stage_drop(self, key: str, incarnation: str, generation: int, dropped_ns: int) -> bool:
+    def stage_drop(self, key: str, incarnation: str, generation: int, dropped_ns: int,
+                   tail: Tail | None = None) -> bool:
         """Stage the drop record of incarnation ``incarnation`` of ``key`` and forget its cursor (the tenant
-        is no longer on this node), in one transaction with ``synchronous=FULL``: durable when this returns
-        (module docstring). A record of the same incarnation already staged is kept, with its time (a drop
-        run again after a crash). Returns whether a record was added."""
+        is no longer on this node), with ``tail`` (the commits its cursor had not reached, when not empty)
+        staged before it, in one transaction with ``synchronous=FULL``: durable when this returns (module
+        docstring). A record of the same incarnation already staged is kept, with its time, and the tail is
+        then not staged again (a drop run again after a crash: the first run staged it). Returns whether a
+        record was added. :class:`StaleCursor` (nothing staged) when ``tail`` no longer continues the stored
+        cursor: the replicator staged a capture meanwhile; capture again."""
         self.conn.execute("PRAGMA synchronous=FULL")
         try:
             with self._write():
-                self.conn.execute("INSERT OR IGNORE INTO drops(key, incarnation, generation, dropped_ns) "
+                if self.conn.execute("SELECT 1 FROM drops WHERE key = ? AND incarnation = ?",
+                                     (key, incarnation)).fetchone() is not None:
+                    return False
+                if tail is not None:
+                    self._check_cursor(key, incarnation, generation, tail.expect)
+                    if not tail.capture.empty:
+                        self._insert_capture(key, incarnation, generation, tail.capture, tail.commits,
+                                             tail.captured_ns)
+                self.conn.execute("INSERT INTO drops(key, incarnation, generation, dropped_ns) "
                                   "VALUES (?, ?, ?, ?)", (key, incarnation, generation, dropped_ns))
-                added = self.conn.changes() > 0
                 self.conn.execute("DELETE FROM cursors WHERE key = ? AND incarnation = ?", (key, incarnation))
         finally:
             self.conn.execute("PRAGMA synchronous=NORMAL")
-        return added
+        return True
+
+    def drop_staged(self, key: str, incarnation: str) -> bool:
+        """Whether the drop record of incarnation ``incarnation`` of ``key`` is staged (not shipped yet)."""
+        return self.conn.execute("SELECT 1 FROM drops WHERE key = ? AND incarnation = ?",
+                                 (key, incarnation)).fetchone() is not None
 
     def staged_drops(self, shipping: list[Staged], limit: int = DROPS_PER_PACK) -> list[StagedDrop]:
         """The oldest staged drop records (at most ``limit``) that may ship in a pack with the captures

@@ -3,9 +3,11 @@
 * :func:`drop` fences the file (the retired marker, written inside its own write lock, so a process that
   still has it open finds it in its next transaction), records the tombstone in the catalog, closes this
   process's handles and deletes the file with its WAL and SHM. The key's generation is never reused. On a
-  replicated root it stages a drop record in the node's staging between the fence and the tombstone
-  (:meth:`shardlite.files.staging.Staging.stage_drop`), which the node's replicator ships in its next pack:
-  a whole-root restore at a time after the drop leaves the tenant out.
+  replicated root the fence is written in the write lock that captures the commits the node's replicator
+  had not captured yet, and those are staged with a drop record in the node's staging before the tombstone
+  (:func:`shardlite.services.drop_tail.fence_and_stage`), which the node's replicator ships in its next pack:
+  a whole-root restore at a time after the drop leaves the tenant out, and a one-tenant restore at a time
+  before it holds every commit acknowledged until then.
 * :func:`fence_file` is that fence, also used when a restore replaces a live tenant.
 * :func:`migrate_all` opens every live tenant (opening migrates a tenant that is behind), in parallel.
 """
@@ -26,6 +28,7 @@ from ..files.copying import remove_db_files, write_locked
 from ..files.engine import fsync_dir
 from ..files.staging import Staging
 from ..front.store import Store
+from . import drop_tail
 
 __all__ = ["drop", "stage_drop", "fence_file", "migrate_all"]
 
@@ -44,18 +47,24 @@ def drop(store: Store, key: object) -> None:
                                      expect_states=("active",))
     path = store.path_of(record)
     store.forget(canon)
-    fence_file(store, record, path, "dropped")
-    if store.replicate is not None:
-        stage_drop(store, record)
+    if store.replicate is None:
+        fence_file(store, record, path, "dropped")
+    else:  # the fence, and the commits the replicator had not captured staged with the drop record
+        drop_tail.fence_and_stage(store, record, path)
     store.meta.tenants.set_state(canon, "dropped", expect_generation=record.generation, expect_states=("dropping",))
+    _discard_handles(store, canon)
+    remove_db_files(path)
+    fsync_dir(os.path.dirname(path))
+
+
+def _discard_handles(store: Store, canon: str) -> None:
+    """Close this process's pool handles of ``canon`` (those another thread holds past the busy timeout stay)."""
     for handle in store.pool.handles():
         if handle.key == canon and handle.enter(store.settings.busy_timeout_ms / 1000):
             try:
                 store.pool.discard(handle)
             finally:
                 handle.exit()
-    remove_db_files(path)
-    fsync_dir(os.path.dirname(path))
 
 
 def stage_drop(store: Store, record: TenantRecord) -> None:

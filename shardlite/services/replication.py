@@ -404,7 +404,7 @@ class Replication:
             error: str | None = None
             if key in stats.errors:
                 error = f"the capture of the tenant failed ({stats.errors[key]})"
-            elif key in marked:
+            elif key in marked and key not in node.replicator.dropping:
                 node.waiting.append(request)  # busy: the next round captures it
                 continue
             elif key in staged:

@@ -55,7 +55,7 @@ from ..files.catalog import TenantRecord
 from ..files.checkpoints import DUE_FRAMES
 from ..files.engine import harden, open_connection, set_busy_timeout
 from ..files.engine import track as track_connection  # fork safety: a forked child never closes it
-from ..files.staging import Staging, erase_lock
+from ..files.staging import Staging, StaleCursor, erase_lock
 from ..front.store import Store
 from ..replica.target import ReplicaTarget
 
@@ -135,6 +135,8 @@ class NodeReplicator:
         self._open: OrderedDict[str, _Open] = OrderedDict()
         #: tenants to capture, with the (frames, commit time) notes read for them since their last capture
         self._marked: dict[str, list[tuple[int, int]]] = {}
+        #: tenants of the last round kept marked only because their drop is under way (``_capture``)
+        self.dropping: set[str] = set()
 
     def close(self) -> None:
         while self._open:
@@ -208,6 +210,7 @@ class NodeReplicator:
 
     def _capture_marked(self, stats: RoundStats, budget: float | None) -> None:
         marked, self._marked = self._marked, {}
+        self.dropping = set()
         deadline = None if budget is None else time.perf_counter() + budget
         items = iter(marked.items())
         started = False
@@ -225,6 +228,11 @@ class NodeReplicator:
             started = True
             try:
                 self._capture(key, commits, stats)
+            except StaleCursor:
+                # a drop staged this tenant's last commits meanwhile (or moved its cursor): the next round finds
+                # it dropped, or continues from the cursor the drop left
+                self._close(key)
+                self.mark(key, commits)
             except apsw.BusyError:
                 stats.busy += 1
                 self.mark(key, commits)
@@ -288,6 +296,14 @@ class NodeReplicator:
         t = time.perf_counter()
         record = self.store.meta.tenants.lookup(key)
         t = stats.timed("capture.lookup", t)
+        if record is not None and record.node == self.node and record.state == "dropping":
+            # the drop captures its last commits itself (services/drop_tail.py) and times them from the notes
+            # after the offsets this replicator stored; kept marked, the tenant holds those offsets back (they
+            # are stored only when nothing is marked) until the drop is through
+            self._close(key)
+            self.mark(key, commits)
+            self.dropping.add(key)
+            return
         if record is None or record.node != self.node or record.state not in ("active", "moving"):
             self._close(key)
             return  # dropped or moved away: the node that holds it now captures it
@@ -299,7 +315,7 @@ class NodeReplicator:
         cursor = found.cursor if found is not None and same_file else wc.NO_CURSOR
         state = _Staged(self, key, record, commits, stats,
                         found.last_commit_ns if found is not None and same_file else 0,
-                        found.captured_ns if found is not None and same_file else 0)
+                        found.captured_ns if found is not None and same_file else 0, cursor)
         opened = self._open.get(key)
         if opened is not None and opened.path != path:
             self._close(key)
@@ -427,21 +443,25 @@ class _Staged:
     __slots__ = ("rep", "key", "record", "commits", "stats", "last_commit", "previous", "cursor", "counted")
 
     def __init__(self, rep: NodeReplicator, key: str, record: TenantRecord, commits: list[tuple[int, int]],
-                 stats: RoundStats, last_commit: int, previous: int) -> None:
+                 stats: RoundStats, last_commit: int, previous: int, cursor: wc.Cursor) -> None:
         self.rep, self.key, self.record, self.commits, self.stats = rep, key, record, commits, stats
         self.last_commit, self.previous = last_commit, previous
-        self.cursor = wc.NO_CURSOR
+        self.cursor = cursor  #: the stored cursor the next capture continues (checked when it is staged)
         self.counted = False  #: this tenant is counted in ``stats.captured``
 
     def stage(self, got: wc.Capture) -> None:
-        """Stage ``got`` (durable when this returns) unless it is empty; its cursor becomes the current one."""
-        self.cursor = got.cursor
+        """Stage ``got`` (durable when this returns) unless it is empty; its cursor becomes the current one.
+        :class:`~shardlite.files.staging.StaleCursor` (nothing staged) when a drop staged the tenant's last
+        commits since its cursor was read (files/staging.py: two processes may capture one tenant)."""
         if got.empty:
+            self.cursor = got.cursor
             return
         # taken after the capture read the log: every commit it holds was made before this time
         now = self.rep.clock()
         times = wc.commit_times(got, self.commits, now, self.previous)
-        self.rep.staging.stage(self.key, self.record.incarnation, self.record.generation, got, times, now)
+        self.rep.staging.stage(self.key, self.record.incarnation, self.record.generation, got, times, now,
+                               expect=self.cursor)
+        self.cursor = got.cursor
         if not self.counted:
             self.stats.captured += 1
             self.counted = True
