@@ -123,7 +123,8 @@ def test_erase_leaves_no_object_holding_the_tenant(setup: tuple[shardlite.Router
     assert receipt["replica"] == target.url
     assert {o["object"] for o in receipt["objects"]} == set(before) & set(packs_before)
     assert all(o["action"] == "rewritten" for o in receipt["objects"])  # every pack also held the others
-    # the erase's drop staged a drop record and forgot the cursor (lifecycle.stage_drop); the erase removed the record
+    # the erase's drop staged a drop record and forgot the cursor (drop_tail.fence_and_stage); the erase
+    # removed the record
     assert receipt["staged"][0]["captures_removed"] == 1 and receipt["staged"][0]["drop_records_removed"] == 1
     assert replicator.staging.cursor(VICTIM) is None and replicator.staging.drops_count() == 0
     assert receipt["totals"]["captures_removed"] == 5 + 1

@@ -11,7 +11,7 @@ to erase a person's data: the key is the person, so every history of the key goe
 2. **Drop** the live tenant as a plain drop does (fence, catalog tombstone, files deleted), unless it is
    already dropped; the key's dead letters (event payloads it emitted) go from the live metadata too.
 3. **Scan** the header of every pack for entries and drop records of the key (one ranged GET per pack).
-4. **Staging**: on every node, the key's staged captures, drop records (``lifecycle.stage_drop``) and cursor
+4. **Staging**: on every node, the key's staged captures, drop records (``drop_tail.fence_and_stage``) and cursor
    are deleted and its incarnations recorded as erased, in one transaction (``secure_delete`` on), then the
    staging file is vacuumed and its log truncated: neither these captures nor those of packs shipped earlier
    linger in its free pages. A capture that was in flight during the drop and stages the key's frames

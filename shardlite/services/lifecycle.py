@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,11 +25,10 @@ from ..errors import Busy, IdentityMismatch, TenantMoving, UnknownTenant
 from ..files.catalog import TenantRecord
 from ..files.copying import remove_db_files, write_locked
 from ..files.engine import fsync_dir
-from ..files.staging import Staging
 from ..front.store import Store
 from . import drop_tail
 
-__all__ = ["drop", "stage_drop", "fence_file", "migrate_all"]
+__all__ = ["drop", "fence_file", "migrate_all"]
 
 
 def drop(store: Store, key: object) -> None:
@@ -65,24 +63,6 @@ def _discard_handles(store: Store, canon: str) -> None:
                 store.pool.discard(handle)
             finally:
                 handle.exit()
-
-
-def stage_drop(store: Store, record: TenantRecord) -> None:
-    """Record the drop of ``record``'s incarnation in its node's staging, for the replica. Called after the
-    fence: every commit of the incarnation is older than the record's time. Before the tombstone: a drop
-    killed in between is left ``dropping`` and run again, which stages the record then (a record already
-    staged keeps its time). :class:`~shardlite.Busy` when the staging stayed locked (the drop stays
-    ``dropping``: run it again)."""
-    try:
-        staging = Staging(store.node_path(record.node))
-        try:
-            staging.conn.set_busy_timeout(max(5000, store.settings.busy_timeout_ms))
-            staging.stage_drop(record.key, record.incarnation, record.generation, time.time_ns())
-        finally:
-            staging.close()
-    except apsw.BusyError as exc:
-        raise Busy(f"tenant {record.key!r}: the replication staging of node {record.node!r} stayed locked ({exc}); "
-                   "the tenant is fenced and left 'dropping': run the drop again") from None
 
 
 def fence_file(store: Store, record: TenantRecord, path: str, marker: str) -> None:
