@@ -3,9 +3,9 @@
 A pack's header is read with one ranged GET (a second when it is longer than the first read), and only
 the byte ranges of the tenants asked for are fetched after it, so restoring one tenant reads a few
 kilobytes per pack, not the packs; reading every tenant (a whole root) fetches each pack's payload in one
-request instead. A one-tenant read skips the packs the replica's index (written by compaction,
-:mod:`shardlite.services.replica_index`) knows hold none of the keys, and reads the header of every other
-pack, so a missing or stale index costs time, never captures. Captures of an erased incarnation (a tombstone
+request instead. A one-tenant read reads only the packs the replica's key index
+(:mod:`shardlite.services.replica_index`) names for the keys or does not cover, several at once; a missing
+or stale index costs time (every header read), never captures. Captures of an erased incarnation (a tombstone
 ``v1/erased/<hash>.erased`` names it: :func:`tombstone_name`) are never returned, so a restore never brings an
 erased tenant back, even from a pack an interrupted erase had not rewritten yet. Everything read is untrusted:
 headers are validated whole (:func:`shardlite.core.pack.decode_header`) and every entry's bytes are checked
@@ -15,11 +15,13 @@ against its digest.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import xxhash
 
 from ..core import pack, timeline
+from ..errors import ReplicaObjectMissing
 from ..replica.target import ReplicaTarget
 from . import replica_index
 
@@ -76,20 +78,36 @@ def erased_names(target: ReplicaTarget) -> set[str]:
 def captures_of(target: ReplicaTarget, keys: Iterable[str] | None, *,
                 on_pack: Callable[[PackInfo], None] | None = None) -> dict[str, list[timeline.Capture]]:
     """Every capture of each of ``keys`` (None: of every tenant) in the replica, with its bytes (digest
-    checked)."""
+    checked). With ``keys`` (and no ``on_pack``), only the packs the key index names or does not cover
+    are read, in parallel (:func:`shardlite.services.replica_index.candidates`); anything the index says
+    that the replica contradicts (a pack gone or changed since) and a missing or damaged index make it read
+    every pack's header instead."""
     wanted = set(keys) if keys is not None else None
-    erased = erased_names(target)
+    if wanted is not None and on_pack is None:
+        with ThreadPoolExecutor(replica_index.READERS) as pool:
+            erased = pool.submit(erased_names, target)
+            found = replica_index.candidates(target, wanted, pool)
+            if found is not None:
+                try:
+                    return _read_packs(target, sorted(found.packs.items()), wanted, erased.result(), pool)
+                except (pack.PackError, ReplicaObjectMissing):
+                    pass  # the index named a pack deleted or rewritten since: read every header
+            erased.result()
+    return _read_packs(target, list_packs(target), wanted, erased_names(target), None, on_pack)
+
+
+def _read_packs(target: ReplicaTarget, packs: Iterable[tuple[str, int]], wanted: set[str] | None, erased: set[str],
+                pool: ThreadPoolExecutor | None, on_pack: Callable[[PackInfo], None] | None = None) -> dict[
+                    str, list[timeline.Capture]]:
     found: dict[str, list[timeline.Capture]] = {key: [] for key in wanted or ()}
-    index = replica_index.read_index(target) if wanted is not None else None
-    skip = replica_index.Skip(index, wanted) if index is not None and wanted is not None else None
-    for name, size in list_packs(target):
-        if skip is not None and skip(name, size):
-            continue
+
+    def one(name: str, size: int) -> list[tuple[str, timeline.Capture]]:
         info = read_header(target, name, size)
         if on_pack is not None:
             on_pack(info)
         # every tenant (a whole root): the payload in one read, not one request per capture
         payload = target.get_range(name, info.payload_at, size - info.payload_at) if wanted is None else None
+        out = []
         for position, entry in enumerate(info.header.entries):
             if wanted is not None and entry.key not in wanted:
                 continue
@@ -101,5 +119,12 @@ def captures_of(target: ReplicaTarget, keys: Iterable[str] | None, *,
                 data = target.get_range(name, info.payload_at + entry.offset, entry.length)
             pack.check_bytes(entry, data)
             order = (entry.captured_ns, info.header.seq, position)
-            found.setdefault(entry.key, []).append(timeline.Capture(order, entry, data, info.header.node))
+            out.append((entry.key, timeline.Capture(order, entry, data, info.header.node)))
+        return out
+
+    results = (pool.map(lambda item: one(*item), packs) if pool is not None
+               else (one(name, size) for name, size in packs))
+    for got in results:
+        for key, capture in got:
+            found.setdefault(key, []).append(capture)
     return found
