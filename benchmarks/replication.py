@@ -83,7 +83,7 @@ ROWS_PER_TENANT = 3
 WRITE_RATE = 200
 POLL_S = 0.05
 TICK = os.sysconf("SC_CLK_TCK")
-ROW_NAMES = ("idle", "writes", "cost", "durable", "restore", "100k", "litestream")
+ROW_NAMES = ("idle", "writes", "cost", "durable", "restore", "longrun", "100k", "litestream")
 
 
 def key_of(i: int) -> str:
@@ -607,6 +607,12 @@ def run(args: argparse.Namespace, tmp: str, server: Any) -> Bench:  # noqa: C901
                         b.rows.append(litestream_writes_row(f"lw{count}", count, b.extra[f"writes_{count}"],
                                                             theirs["writes"]))
                         log_row(b.rows[-1])
+        if "longrun" in args.only:
+            from replication_longrun import long_restore_rows
+
+            for row in long_restore_rows(b, tenants=200 if args.quick else 1_000, packs=1_200 if args.quick else 7_200):
+                b.rows.append(row)
+                log_row(row)
         if "cost" in args.only:
             cost_rows(b)
         if "durable" in args.only:
@@ -863,7 +869,7 @@ class _NoIndex:
         return getattr(self._target, name)
 
     def list(self, prefix: str = "") -> Any:
-        return iter(()) if prefix.startswith("v1/index/") else self._target.list(prefix)
+        return iter(()) if prefix.startswith("v1/keyindex/") else self._target.list(prefix)
 
 
 def main(argv: list[str] | None = None) -> int:
