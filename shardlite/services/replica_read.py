@@ -54,13 +54,18 @@ def list_packs(target: ReplicaTarget) -> Iterator[tuple[str, int]]:
 def read_header(target: ReplicaTarget, name: str, size: int) -> PackInfo:
     """The validated header of pack ``name`` of ``size`` bytes (:class:`~shardlite.core.pack.PackError`
     when it is not a valid pack)."""
+    return _read_header(target, name, size)[0]
+
+
+def _read_header(target: ReplicaTarget, name: str, size: int) -> tuple[PackInfo, bytes]:
+    """:func:`read_header`, and the pack's first bytes read for it (a small pack: all of it)."""
     head = target.get_range(name, 0, min(size, FIRST_READ))
     if len(head) >= len(pack.MAGIC) + 4 and head[:len(pack.MAGIC)] == pack.MAGIC:
         need = len(pack.MAGIC) + 4 + int.from_bytes(head[len(pack.MAGIC):len(pack.MAGIC) + 4], "big")
         if need > len(head) and need <= min(size, len(pack.MAGIC) + 4 + pack.MAX_HEADER):
             head += target.get_range(name, len(head), need - len(head))
     header, payload_at = pack.decode_header(head, size=size)
-    return PackInfo(name, size, header, payload_at)
+    return PackInfo(name, size, header, payload_at), head
 
 
 def tombstone_name(incarnation: str) -> str:
@@ -84,15 +89,15 @@ def captures_of(target: ReplicaTarget, keys: Iterable[str] | None, *,
     every pack's header instead."""
     wanted = set(keys) if keys is not None else None
     if wanted is not None and on_pack is None:
-        with ThreadPoolExecutor(replica_index.READERS) as pool:
-            erased = pool.submit(erased_names, target)
-            found = replica_index.candidates(target, wanted, pool)
-            if found is not None:
-                try:
-                    return _read_packs(target, sorted(found.packs.items()), wanted, erased.result(), pool)
-                except (pack.PackError, ReplicaObjectMissing):
-                    pass  # the index named a pack deleted or rewritten since: read every header
-            erased.result()
+        pool = replica_index.readers()
+        erased = pool.submit(erased_names, target)
+        found = replica_index.candidates(target, wanted, pool)
+        if found is not None:
+            try:
+                return _read_packs(target, sorted(found.packs.items()), wanted, erased.result(), pool)
+            except (pack.PackError, ReplicaObjectMissing):
+                pass  # the index named a pack deleted or rewritten since: read every header
+        erased.result()
     return _read_packs(target, list_packs(target), wanted, erased_names(target), None, on_pack)
 
 
@@ -102,7 +107,7 @@ def _read_packs(target: ReplicaTarget, packs: Iterable[tuple[str, int]], wanted:
     found: dict[str, list[timeline.Capture]] = {key: [] for key in wanted or ()}
 
     def one(name: str, size: int) -> list[tuple[str, timeline.Capture]]:
-        info = read_header(target, name, size)
+        info, head = _read_header(target, name, size)
         if on_pack is not None:
             on_pack(info)
         # every tenant (a whole root): the payload in one read, not one request per capture
@@ -113,8 +118,11 @@ def _read_packs(target: ReplicaTarget, packs: Iterable[tuple[str, int]], wanted:
                 continue
             if erased and tombstone_name(entry.incarnation) in erased:
                 continue  # an erased history: never restored
+            start = info.payload_at + entry.offset
             if payload is not None:
                 data = payload[entry.offset:entry.offset + entry.length]
+            elif start + entry.length <= len(head):  # read with the header already
+                data = head[start:start + entry.length]
             else:
                 data = target.get_range(name, info.payload_at + entry.offset, entry.length)
             pack.check_bytes(entry, data)
