@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -174,26 +174,28 @@ class Candidates(NamedTuple):
     covered: int  #: numbered packs the index let the restore leave unread (at most: sequence numbers)
 
 
-def candidates(target: ReplicaTarget, keys: set[str], pool: ThreadPoolExecutor) -> Candidates | None:
+def candidates(target: ReplicaTarget, keys: set[str], pool: ThreadPoolExecutor,
+               on_pack: Callable[[str, int], None] | None = None) -> Candidates | None:
     """The packs that may hold captures of ``keys``: those the newest base index and its newest segment
     list for their digests, the compaction packs they do not cover, and every numbered pack past their
     coverage (listed per node, :data:`TAIL_BLOCK` names a request, until a block of names past the coverage
     holds none). None when there is no usable base index (damaged, missing, foreign): the caller reads every
     header. A pack not returned holds none of the keys, whatever the replica's state: covered packs are
     final (a replicator re-uploads only a pack it never recorded as shipped, and indexes cover only recorded
-    ones); an erase only takes keys out of a pack."""
+    ones); an erase only takes keys out of a pack. ``on_pack(name, size)`` is called for each as soon as it
+    is known (perhaps twice for one name), so its reading can start before the tails are listed."""
     listed = list(target.list(KEYINDEX_PREFIX))
     base = _latest(listed, BASE_PREFIX)
     if base is None:
         return None
     try:
-        return _candidates(target, keys, pool, listed, base)
+        return _candidates(target, keys, pool, listed, base, on_pack or (lambda _name, _size: None))
     except (ValueError, ReplicaObjectMissing):
         return None  # damaged, or replaced by a compaction meanwhile
 
 
 def _candidates(target: ReplicaTarget, keys: set[str], pool: ThreadPoolExecutor, listed: list[tuple[str, int]],
-                base: tuple[str, int]) -> Candidates | None:
+                base: tuple[str, int], on_pack: Callable[[str, int], None]) -> Candidates | None:
     digests = {keyindex.digest(key) for key in keys}
     # the segment's head is read beside the base's (a segment is named after its base's time)
     seg = _latest(listed, SEGMENT_PREFIX + base[0][len(BASE_PREFIX):][:20] + "-")
@@ -215,45 +217,69 @@ def _candidates(target: ReplicaTarget, keys: set[str], pool: ThreadPoolExecutor,
             seg_rows = None  # a damaged segment: the base's coverage, and the tail listed after it
     coverage = metas[-1].coverage
     parts = set(coverage) | {name[len(NODE_PREFIX):] for name, _ in listed if name.startswith(NODE_PREFIX)}
-    tails = {part: pool.submit(_tail, target, part, coverage.get(part, 0)) for part in sorted(parts)}
+    tails = {part: _Tail(target, pool, part, coverage.get(part, 0)) for part in sorted(parts)}
     packs: dict[str, int] = {}
+
+    def add(name: str, size: int) -> None:
+        if name not in packs:
+            packs[name] = size
+            on_pack(name, size)
+
+    for meta in metas:
+        for name, size in meta.unreadable:
+            add(name, size)
     for name, size, _keys in base_rows.result():
-        packs[name] = size
+        add(name, size)
     if seg_rows is not None:
         # a damaged section of the segment whose coverage the tails start from: ValueError, every header read
         for name, size, _keys in seg_rows.result():
-            packs[name] = min(size, packs.get(name, size))
+            add(name, size)
     covered_extra = {name for meta in metas for name in meta.extra}
-    for meta in metas:
-        packs.update(meta.unreadable)
     covered = 0
     for part, tail in tails.items():
         found, compacted = tail.result()
-        packs.update(found)
-        packs.update((name, size) for name, size in compacted if name not in covered_extra)
+        for name, size in found:
+            add(name, size)
+        for name, size in compacted:
+            if name not in covered_extra:
+                add(name, size)
         covered += coverage.get(part, 0)
     return Candidates(packs, covered)
 
 
-def _tail(target: ReplicaTarget, part: str, high: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """Node folder ``part``'s numbered packs past sequence ``high``, and its compaction packs."""
-    folder = f"v1/packs/{part}/"
-    found: list[tuple[str, int]] = []
-    block = (high + 1) // TAIL_BLOCK
-    while True:
-        some = False
-        for name, size in target.list(f"{folder}{block:018d}"):
+class _Tail:
+    """Node folder ``part``'s numbered packs past sequence ``high``, and its compaction packs: the first two
+    blocks and the compaction packs listed at once, further blocks one after the other."""
+
+    def __init__(self, target: ReplicaTarget, pool: ThreadPoolExecutor, part: str, high: int) -> None:
+        self.target, self.high = target, high
+        self.folder = f"v1/packs/{part}/"
+        self.block = (high + 1) // TAIL_BLOCK
+        self.first = [pool.submit(self._list, self.block), pool.submit(self._list, self.block + 1)]
+        self.compacted = pool.submit(lambda: [(name, size) for name, size in target.list(f"{self.folder}compact-")
+                                              if name.endswith(".pack")])
+
+    def _list(self, block: int) -> list[tuple[str, int]]:
+        found = []
+        for name, size in self.target.list(f"{self.folder}{block:018d}"):
             seq = keyindex.pack_seq(name)
-            if seq is not None and seq[1] > high:
+            if seq is not None and seq[1] > self.high:
                 found.append((name, size))
-                some = True
-        # sequence numbers follow each other, so a whole block of them past the coverage with no pack is the
-        # end: only an erase deletes a numbered pack a compaction did not plan, and it writes a segment
-        # covering every pack it may delete first (SegmentWriter.run, erase.py), so no gap lies past it
-        if not some and block * TAIL_BLOCK > high:
-            break
-        block += 1
-    return found, [(name, size) for name, size in target.list(f"{folder}compact-") if name.endswith(".pack")]
+        return found
+
+    def result(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        found: list[tuple[str, int]] = []
+        block = self.block
+        while True:
+            some = self.first[block - self.block].result() if block - self.block < 2 else self._list(block)
+            found += some
+            # sequence numbers follow each other, so a whole block of them past the coverage with no pack is
+            # the end: only an erase deletes a numbered pack a compaction did not plan, and it writes a segment
+            # covering every pack it may delete first (SegmentWriter.run, erase.py), so no gap lies past it
+            if not some and block * TAIL_BLOCK > self.high:
+                break
+            block += 1
+        return found, self.compacted.result()
 
 
 def write_base(target: ReplicaTarget, created_ns: int, coverage: dict[str, int], rows: Iterable[keyindex.PackRow],

@@ -15,7 +15,7 @@ against its digest.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import xxhash
@@ -91,48 +91,54 @@ def captures_of(target: ReplicaTarget, keys: Iterable[str] | None, *,
     if wanted is not None and on_pack is None:
         pool = replica_index.readers()
         erased = pool.submit(erased_names, target)
-        found = replica_index.candidates(target, wanted, pool)
-        if found is not None:
+        reads: dict[str, Future[list[tuple[str, timeline.Capture]]]] = {}
+
+        def start(name: str, size: int) -> None:  # each pack's reading starts as soon as it is named
+            if name not in reads:
+                reads[name] = pool.submit(_read_one, target, name, size, wanted, None)
+
+        if replica_index.candidates(target, wanted, pool, start) is not None:
             try:
-                return _read_packs(target, sorted(found.packs.items()), wanted, erased.result(), pool)
+                return _collect(wanted, [reads[name].result() for name in sorted(reads)], erased.result())
             except (pack.PackError, ReplicaObjectMissing):
                 pass  # the index named a pack deleted or rewritten since: read every header
         erased.result()
-    return _read_packs(target, list_packs(target), wanted, erased_names(target), None, on_pack)
+    erased_now = erased_names(target)
+    return _collect(wanted, (_read_one(target, name, size, wanted, on_pack) for name, size in list_packs(target)),
+                    erased_now)
 
 
-def _read_packs(target: ReplicaTarget, packs: Iterable[tuple[str, int]], wanted: set[str] | None, erased: set[str],
-                pool: ThreadPoolExecutor | None, on_pack: Callable[[PackInfo], None] | None = None) -> dict[
-                    str, list[timeline.Capture]]:
+def _read_one(target: ReplicaTarget, name: str, size: int, wanted: set[str] | None,
+              on_pack: Callable[[PackInfo], None] | None) -> list[tuple[str, timeline.Capture]]:
+    """The captures of ``wanted`` (None: every tenant) in pack ``name``, digests checked."""
+    info, head = _read_header(target, name, size)
+    if on_pack is not None:
+        on_pack(info)
+    # every tenant (a whole root): the payload in one read, not one request per capture
+    payload = target.get_range(name, info.payload_at, size - info.payload_at) if wanted is None else None
+    out = []
+    for position, entry in enumerate(info.header.entries):
+        if wanted is not None and entry.key not in wanted:
+            continue
+        start = info.payload_at + entry.offset
+        if payload is not None:
+            data = payload[entry.offset:entry.offset + entry.length]
+        elif start + entry.length <= len(head):  # read with the header already
+            data = head[start:start + entry.length]
+        else:
+            data = target.get_range(name, start, entry.length)
+        pack.check_bytes(entry, data)
+        order = (entry.captured_ns, info.header.seq, position)
+        out.append((entry.key, timeline.Capture(order, entry, data, info.header.node)))
+    return out
+
+
+def _collect(wanted: set[str] | None, results: Iterable[list[tuple[str, timeline.Capture]]],
+             erased: set[str]) -> dict[str, list[timeline.Capture]]:
     found: dict[str, list[timeline.Capture]] = {key: [] for key in wanted or ()}
-
-    def one(name: str, size: int) -> list[tuple[str, timeline.Capture]]:
-        info, head = _read_header(target, name, size)
-        if on_pack is not None:
-            on_pack(info)
-        # every tenant (a whole root): the payload in one read, not one request per capture
-        payload = target.get_range(name, info.payload_at, size - info.payload_at) if wanted is None else None
-        out = []
-        for position, entry in enumerate(info.header.entries):
-            if wanted is not None and entry.key not in wanted:
-                continue
-            if erased and tombstone_name(entry.incarnation) in erased:
-                continue  # an erased history: never restored
-            start = info.payload_at + entry.offset
-            if payload is not None:
-                data = payload[entry.offset:entry.offset + entry.length]
-            elif start + entry.length <= len(head):  # read with the header already
-                data = head[start:start + entry.length]
-            else:
-                data = target.get_range(name, info.payload_at + entry.offset, entry.length)
-            pack.check_bytes(entry, data)
-            order = (entry.captured_ns, info.header.seq, position)
-            out.append((entry.key, timeline.Capture(order, entry, data, info.header.node)))
-        return out
-
-    results = (pool.map(lambda item: one(*item), packs) if pool is not None
-               else (one(name, size) for name, size in packs))
     for got in results:
         for key, capture in got:
+            if erased and tombstone_name(capture.entry.incarnation) in erased:
+                continue  # an erased history: never restored
             found.setdefault(key, []).append(capture)
     return found
