@@ -41,7 +41,9 @@ root restored from the replica takes its metadata from the last snapshot at or b
 The same process compacts the replica by its retention windows (:mod:`shardlite.services.replica_retention`)
 every :data:`~shardlite.services.replica_retention.COMPACT_EVERY` seconds (the time of the last compaction is
 in the replica, so restarts do not postpone it), under ``<root>/.replica/compact.lock``; a failed compaction
-is logged and tried again at the next interval.
+is logged and tried again at the next interval. Between compactions it writes the key index's segment every
+:data:`~shardlite.services.replica_index.SEGMENT_EVERY` seconds (the packs shipped since), and before this
+process's first upload for a node, the node's marker (:func:`~shardlite.services.replica_index.node_marker`).
 """
 
 from __future__ import annotations
