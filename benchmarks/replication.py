@@ -608,11 +608,13 @@ def run(args: argparse.Namespace, tmp: str, server: Any) -> Bench:  # noqa: C901
                                                             theirs["writes"]))
                         log_row(b.rows[-1])
         if "longrun" in args.only:
-            from replication_longrun import long_restore_rows
+            from replication_longrun import index_lookup_row, long_restore_rows
 
             for row in long_restore_rows(b, tenants=200 if args.quick else 1_000, packs=1_200 if args.quick else 7_200):
                 b.rows.append(row)
                 log_row(row)
+            b.rows.append(index_lookup_row(b, packs=20_000 if args.quick else 200_000))
+            log_row(b.rows[-1])
         if "cost" in args.only:
             cost_rows(b)
         if "durable" in args.only:
