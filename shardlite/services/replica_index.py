@@ -59,8 +59,10 @@ __all__ = ["HORIZON_NAME", "Horizon", "key_digest", "read_horizon", "write_horiz
 #: PUT every 15 s beside a pack every 0.5 s (+3 % PUTs); a one-tenant restore reads the headers of the packs
 #: shipped since the last segment, at most about 15 s of packs (30 at the default interval).
 SEGMENT_EVERY = 15.0
-#: Pack headers a :class:`SegmentWriter` reads at most in one run (the rest in the next runs).
-HEADERS_PER_RUN = 2000
+#: Pack headers a :class:`SegmentWriter` reads at most in one run (the rest in the next runs): 30 a run at
+#: the default interval; more only when catching up, and then at most about a second of reads inside the
+#: replicator's loop.
+HEADERS_PER_RUN = 240
 
 HORIZON_NAME = "v1/retention/horizon.json"
 _MAX_HORIZON = 1 << 20
