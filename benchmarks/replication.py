@@ -86,7 +86,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 #: the Litestream side's first sync: listed every SETTLE_S, given at least FIRST_SYNC_MAX (or tenants / 10 s)
 SETTLE_S = 20.0
 FIRST_SYNC_MAX = 600.0
-ROW_NAMES = ("idle", "writes", "cost", "durable", "restore", "100k", "litestream")
+ROW_NAMES = ("idle", "writes", "cost", "durable", "restore", "longrun", "100k", "litestream")
 
 
 def key_of(i: int) -> str:
@@ -681,6 +681,14 @@ def run(args: argparse.Namespace, tmp: str, server: Any) -> Bench:  # noqa: C901
                         b.rows.append(litestream_writes_row(f"lw{count}", count, b.extra[f"writes_{count}"],
                                                             theirs["writes"]))
                         log_row(b.rows[-1])
+        if "longrun" in args.only:
+            from replication_longrun import index_lookup_row, long_restore_rows
+
+            for row in long_restore_rows(b, tenants=200 if args.quick else 1_000, packs=1_200 if args.quick else 7_200):
+                b.rows.append(row)
+                log_row(row)
+            b.rows.append(index_lookup_row(b, packs=20_000 if args.quick else 200_000))
+            log_row(b.rows[-1])
         if "cost" in args.only:
             cost_rows(b)
         if "durable" in args.only:
@@ -940,7 +948,7 @@ class _NoIndex:
         return getattr(self._target, name)
 
     def list(self, prefix: str = "") -> Any:
-        return iter(()) if prefix.startswith("v1/index/") else self._target.list(prefix)
+        return iter(()) if prefix.startswith("v1/keyindex/") else self._target.list(prefix)
 
 
 def main(argv: list[str] | None = None) -> int:

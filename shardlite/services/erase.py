@@ -60,7 +60,7 @@ from ..files.copying import inert
 from ..files.staging import Staging, erase_lock
 from ..front.store import Store
 from ..replica.target import ReplicaTarget, open_target, redact
-from . import lifecycle
+from . import lifecycle, replica_index
 from .replica_read import list_packs, read_header, tombstone_name
 
 __all__ = ["erase", "LOCK_WAIT"]
@@ -271,6 +271,9 @@ def erase(store: Store, key: object, *, target: ReplicaTarget | None = None,
             if not existed:
                 target.put_if_absent(stone, json.dumps({"version": 1, "erased": _iso(started)}).encode("utf-8"))
             tombstones.append({"object": stone, "action": "present" if existed else "written"})
+        # the key index's segment first covers every pack shipped (all are recorded: the node locks are held),
+        # so the packs deleted below leave no gap past its coverage (services/replica_index.py, _tail)
+        replica_index.SegmentWriter().run(store, target, locked=True)
         objects = [_rewrite(target, name, canon) for name in hits]
         snapshots_read, snapshots = _scrub_snapshots(target, canon, unreadable)
         for _name, path in nodes:

@@ -1,12 +1,27 @@
 """The replica's pack index and retention horizon: small objects a compaction writes so that restoring one
 tenant does not read every pack's header, and so that a restore before the retention window is refused.
 
-**Index** ``v1/index/<time>.index``: for every pack the compaction kept (and the packs it wrote), its name,
-its size and the digests of the keys it holds (the first 64 bits of xxh3-128 of the key: no key is written in
-clear, and a collision only costs one header read). A one-tenant restore lists the packs as before, and skips
-a listed pack whose name and size the index holds without the key; a pack the index does not know (uploaded
-since, or rewritten by an erase: another size) has its header read as before. A missing, damaged or foreign
-index is ignored (every header is read): the index can make a restore faster, never different.
+**Key index** (format: :mod:`shardlite.core.keyindex`): which packs hold which tenants, sharded by key digest
+inside each object so that a lookup reads its head and one section (two ranged GETs) whatever its size:
+
+* a **base** ``v1/keyindex/base/<time>.kidx``, written by each compaction: every pack it kept or wrote, and as
+  coverage per node the highest pack sequence number its replicator had recorded as shipped;
+* a **segment** ``v1/keyindex/seg/<base time>-<time>.kidx``, written by the replication service every
+  :data:`SEGMENT_EVERY` seconds (:class:`SegmentWriter`; one PUT, the previous segment deleted): every pack
+  shipped since the base, read from the nodes' staging pack lists (recorded, hence final) and their headers;
+* a **node marker** ``v1/keyindex/nodes/<node folder>``, written once when a replication service takes a
+  node, before the node's first upload: a restore finds a node no index covers yet without listing every pack.
+
+A one-tenant restore (:func:`candidates`) reads the newest base and its newest segment, lists each node's
+packs past the coverage (a request per :data:`TAIL_BLOCK` sequence numbers, usually two) and its compaction
+packs, and reads the headers of those and of the packs the index lists for the key, in parallel. So it reads
+a few objects and the headers of the last interval or so, however many packs a week of replication left.
+A pack the index covers is never re-read: coverage is by sequence number, and only packs recorded as
+shipped are covered (a replicator uploads a pack again under the same name, possibly with more captures, only
+after a crash before it recorded it); an erase only takes keys out of packs (the index may name a key a pack
+no longer holds, or a pack deleted since: the restore then reads every header, :mod:`replica_read`). A
+missing, damaged or foreign base is ignored (every header is read), a damaged segment head too (the base's
+coverage is used): the index can make a restore faster, never different.
 
 **Horizon** ``v1/retention/horizon.json``: when the last compaction ran and the windows it applied. A tenant's
 history before ``compacted_ns - window(key)`` may be gone, so restores before it are refused
@@ -17,35 +32,40 @@ Both come back from storage as untrusted input: validated whole (sizes, counts, 
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
 import msgspec
 import xxhash
 
-from ..core import retention, timeline
+from ..core import keyindex, pack, retention, timeline
 from ..errors import ConfigurationError, ReplicaError, ReplicaObjectMissing
-from ..replica.target import ReplicaTarget, check_name
+from ..files.staging import STAGING_DIR, Staging, erase_lock
+from ..front.store import Store
+from ..replica.target import ReplicaTarget
+from .replicator import pack_name
 
-__all__ = ["INDEX_PREFIX", "HORIZON_NAME", "IndexPack", "Index", "Horizon", "key_digest", "encode_index",
-           "decode_index", "read_index", "index_name", "read_horizon", "write_horizon", "check_time",
-           "retention_start", "Skip", "without_expired"]
+__all__ = ["HORIZON_NAME", "Horizon", "key_digest", "read_horizon", "write_horizon", "check_time",
+           "retention_start", "without_expired", "KEYINDEX_PREFIX", "BASE_PREFIX", "SEGMENT_PREFIX", "NODE_PREFIX",
+           "base_name", "segment_name", "node_part", "node_marker", "read_head", "read_shards", "read_all",
+           "Candidates", "candidates", "write_base", "prune", "part_coverage", "SegmentWriter", "SEGMENT_EVERY",
+           "HEADERS_PER_RUN", "READERS", "readers"]
 
-INDEX_PREFIX = "v1/index/"
+#: Seconds between two segments of the key index (the replication service's :class:`SegmentWriter`): one
+#: PUT every 15 s beside a pack every 0.5 s (+3 % PUTs); a one-tenant restore reads the headers of the packs
+#: shipped since the last segment, at most about 15 s of packs (30 at the default interval).
+SEGMENT_EVERY = 15.0
+#: Pack headers a :class:`SegmentWriter` reads at most in one run (the rest in the next runs): 30 a run at
+#: the default interval; more only when catching up, and then at most about a second of reads inside the
+#: replicator's loop.
+HEADERS_PER_RUN = 240
+
 HORIZON_NAME = "v1/retention/horizon.json"
-_MAGIC = b"SLINDEX1\n"
-#: The largest index read (about 4 million pack-key pairs).
-MAX_INDEX = 128 * 1024 * 1024
 _MAX_HORIZON = 1 << 20
-
-
-class IndexPack(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
-    name: str
-    size: int
-    keys: list[str]  #: :func:`key_digest` of each key with an entry in the pack
-
-
-class Index(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    version: int
-    created_ns: int
-    packs: list[IndexPack]
 
 
 class Horizon(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -61,64 +81,381 @@ def key_digest(key: str) -> str:
     return xxhash.xxh3_128_hexdigest(key.encode("utf-8"))[:16]
 
 
-def index_name(created_ns: int) -> str:
-    return f"{INDEX_PREFIX}{created_ns:020d}.index"
+# -- the key index (shardlite.core.keyindex): where, and reading it --------------------------------------------
+
+KEYINDEX_PREFIX = "v1/keyindex/"
+BASE_PREFIX = KEYINDEX_PREFIX + "base/"
+SEGMENT_PREFIX = KEYINDEX_PREFIX + "seg/"
+NODE_PREFIX = KEYINDEX_PREFIX + "nodes/"
+#: The index before the key index (one object listing every pack): deleted by the next compaction.
+LEGACY_PREFIX = "v1/index/"
+#: The largest index object read.
+MAX_INDEX = 4 * 1024 * 1024 * 1024
+#: Bytes read first from an index object: its head (meta and shard table) when the index is not huge.
+FIRST_READ = 128 * 1024
+#: Numbered packs per listing of a node's tail (names ``<seq:020d>``: a prefix of 18 digits holds 100; a
+#: listing of 1,000 names costs more to parse than the headers of a few packs).
+TAIL_BLOCK = 100
+#: Threads reading index objects, listings and pack headers at once (one pool per process, kept: starting a
+#: thread costs milliseconds on a busy machine, more than the request it would make).
+READERS = 8
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+_POOL_LOCK = threading.Lock()
 
 
-def encode_index(index: Index) -> bytes:
-    body = msgspec.json.encode(index)
-    return _MAGIC + xxhash.xxh3_128_hexdigest(body).encode("ascii") + b"\n" + body
+def readers() -> ThreadPoolExecutor:
+    """The process's pool of :data:`READERS` threads for replica reads (a new one in a forked child). Tasks
+    submitted to it never wait for other tasks of it."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[0] != os.getpid():
+            _POOL = (os.getpid(), ThreadPoolExecutor(READERS, thread_name_prefix="shardlite-replica-read"))
+        return _POOL[1]
 
 
-def decode_index(data: bytes) -> Index:
-    """The index in ``data``, validated whole (:class:`ValueError` otherwise)."""
-    head = len(_MAGIC) + 33
-    if len(data) < head or data[:len(_MAGIC)] != _MAGIC or data[head - 1:head] != b"\n":
-        raise ValueError("not a shardlite pack index")
-    body = data[head:]
-    if xxhash.xxh3_128_hexdigest(body).encode("ascii") != data[len(_MAGIC):head - 1]:
-        raise ValueError("the pack index does not match its digest (damaged)")
-    try:
-        index = msgspec.json.decode(body, type=Index)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise ValueError(f"the pack index is invalid: {exc}") from None
-    if index.version != 1 or index.created_ns < 0:
-        raise ValueError("unsupported pack index version")
-    for item in index.packs:
-        check_name(item.name)
-        if not item.name.startswith("v1/packs/") or not item.name.endswith(".pack") or item.size < 0:
-            raise ValueError("the pack index names an object that is not a pack")
-        if any(len(k) != 16 or k.strip("0123456789abcdef") for k in item.keys):
-            raise ValueError("the pack index holds an invalid key digest")
-    return index
+def base_name(created_ns: int) -> str:
+    return f"{BASE_PREFIX}{created_ns:020d}.kidx"
 
 
-def read_index(target: ReplicaTarget) -> Index | None:
-    """The newest index in the replica, or None when there is none or it cannot be used (damaged, too big,
-    unreachable for a moment): the caller reads every header instead."""
-    try:
-        found = [(name, size) for name, size in target.list(INDEX_PREFIX) if name.endswith(".index")]
-        if not found:
-            return None
-        name, size = found[-1]
-        if size > MAX_INDEX:
-            return None
-        return decode_index(target.get(name))
-    except (ValueError, ReplicaError):
+def segment_name(base_ns: int, created_ns: int) -> str:
+    return f"{SEGMENT_PREFIX}{base_ns:020d}-{created_ns:020d}.kidx"
+
+
+def node_part(node: str) -> str:
+    """The folder of ``node``'s packs in ``v1/packs/``."""
+    return pack_name(node, 0).split("/")[2]
+
+
+def node_marker(node: str) -> str:
+    """The object that says ``node`` uploads packs: written before its first upload (the replication
+    service, when it takes the node), so a restore finds a node no index covers yet without listing every
+    pack."""
+    return f"{NODE_PREFIX}{node_part(node)}"
+
+
+def read_head(target: ReplicaTarget, name: str, size: int) -> keyindex.Head:
+    """The validated head of index object ``name`` of ``size`` bytes (:class:`ValueError` otherwise)."""
+    if not 0 < size <= MAX_INDEX:
+        raise ValueError("the key index is empty or too large")
+    data = target.get_range(name, 0, min(size, FIRST_READ))
+    need = keyindex.head_size(data)
+    if need > len(data) and need <= size:
+        data += target.get_range(name, len(data), need - len(data))
+    return keyindex.decode_head(data, size)
+
+
+def read_shards(target: ReplicaTarget, name: str, head: keyindex.Head, digests: set[int]) -> list[keyindex.PackRow]:
+    """The rows of the shards ``digests`` fall in, with only those digests kept."""
+    rows: list[keyindex.PackRow] = []
+    for shard in sorted({keyindex.shard_of(d, head.meta.shards) for d in digests}):
+        offset, length, _check = head.table[shard]
+        section = keyindex.decode_shard(head, shard, target.get_range(name, offset, length) if length else b"")
+        rows += [(pack, size, hit) for pack, size, keys in section if (hit := [k for k in keys if k in digests])]
+    return rows
+
+
+def read_all(target: ReplicaTarget, name: str, size: int) -> tuple[keyindex.Meta, list[keyindex.PackRow]]:
+    """Every row of index object ``name`` (a segment writer taking over another's segment)."""
+    if not 0 < size <= MAX_INDEX:
+        raise ValueError("the key index is empty or too large")
+    data = target.get(name)
+    head = keyindex.decode_head(data, len(data))
+    rows: list[keyindex.PackRow] = []
+    for shard, (offset, length, _check) in enumerate(head.table):
+        rows += keyindex.decode_shard(head, shard, data[offset:offset + length])
+    return head.meta, rows
+
+
+def _latest(listed: list[tuple[str, int]], prefix: str) -> tuple[str, int] | None:
+    found = [(name, size) for name, size in listed if name.startswith(prefix) and name.endswith(".kidx")]
+    return max(found) if found else None
+
+
+class Candidates(NamedTuple):
+    packs: dict[str, int]  #: pack name -> size (the index's, or the listing's): read each header
+    covered: int  #: numbered packs the index let the restore leave unread (at most: sequence numbers)
+
+
+def candidates(target: ReplicaTarget, keys: set[str], pool: ThreadPoolExecutor,
+               on_pack: Callable[[str, int], None] | None = None) -> Candidates | None:
+    """The packs that may hold captures of ``keys``: those the newest base index and its newest segment
+    list for their digests, the compaction packs they do not cover, and every numbered pack past their
+    coverage (listed per node, :data:`TAIL_BLOCK` names a request, until a block of names past the coverage
+    holds none). None when there is no usable base index (damaged, missing, foreign): the caller reads every
+    header. A pack not returned holds none of the keys, whatever the replica's state: covered packs are
+    final (a replicator re-uploads only a pack it never recorded as shipped, and indexes cover only recorded
+    ones); an erase only takes keys out of a pack. ``on_pack(name, size)`` is called for each as soon as it
+    is known (perhaps twice for one name), so its reading can start before the tails are listed."""
+    listed = list(target.list(KEYINDEX_PREFIX))
+    base = _latest(listed, BASE_PREFIX)
+    if base is None:
         return None
+    try:
+        return _candidates(target, keys, pool, listed, base, on_pack or (lambda _name, _size: None))
+    except (ValueError, ReplicaObjectMissing):
+        return None  # damaged, or replaced by a compaction meanwhile
 
 
-class Skip:
-    """Which packs a restore of ``keys`` need not open: those the index holds, at the listed size, without
-    any of the keys."""
+def _candidates(target: ReplicaTarget, keys: set[str], pool: ThreadPoolExecutor, listed: list[tuple[str, int]],
+                base: tuple[str, int], on_pack: Callable[[str, int], None]) -> Candidates | None:
+    digests = {keyindex.digest(key) for key in keys}
+    # the segment's head is read beside the base's (a segment is named after its base's time)
+    seg = _latest(listed, SEGMENT_PREFIX + base[0][len(BASE_PREFIX):][:20] + "-")
+    seg_read = pool.submit(read_head, target, *seg) if seg is not None else None
+    base_head = read_head(target, *base)
+    if base_head.meta.kind != "base":
+        return None
+    base_rows = pool.submit(read_shards, target, base[0], base_head, digests)
+    metas = [base_head.meta]
+    seg_rows = None
+    if seg is not None and seg_read is not None:
+        try:
+            seg_head = seg_read.result()
+            if (seg_head.meta.kind == "segment" and seg_head.meta.base_ns == base_head.meta.created_ns
+                    and all(seg_head.meta.coverage.get(p, -1) >= s for p, s in base_head.meta.coverage.items())):
+                seg_rows = pool.submit(read_shards, target, seg[0], seg_head, digests)
+                metas.append(seg_head.meta)
+        except (ValueError, ReplicaError):
+            seg_rows = None  # a damaged segment: the base's coverage, and the tail listed after it
+    coverage = metas[-1].coverage
+    parts = set(coverage) | {name[len(NODE_PREFIX):] for name, _ in listed if name.startswith(NODE_PREFIX)}
+    tails = {part: _Tail(target, pool, part, coverage.get(part, 0)) for part in sorted(parts)}
+    packs: dict[str, int] = {}
 
-    def __init__(self, index: Index, keys: set[str]) -> None:
-        wanted = {key_digest(key) for key in keys}
-        self._known = {item.name: (item.size, not wanted.isdisjoint(item.keys)) for item in index.packs}
+    def add(name: str, size: int) -> None:
+        if name not in packs:
+            packs[name] = size
+            on_pack(name, size)
 
-    def __call__(self, name: str, size: int) -> bool:
-        known = self._known.get(name)
-        return known is not None and known[0] == size and not known[1]
+    for meta in metas:
+        for name, size in meta.unreadable:
+            add(name, size)
+    for name, size, _keys in base_rows.result():
+        add(name, size)
+    if seg_rows is not None:
+        # a damaged section of the segment whose coverage the tails start from: ValueError, every header read
+        for name, size, _keys in seg_rows.result():
+            add(name, size)
+    covered_extra = {name for meta in metas for name in meta.extra}
+    covered = 0
+    for part, tail in tails.items():
+        found, compacted = tail.result()
+        for name, size in found:
+            add(name, size)
+        for name, size in compacted:
+            if name not in covered_extra:
+                add(name, size)
+        covered += coverage.get(part, 0)
+    return Candidates(packs, covered)
+
+
+class _Tail:
+    """Node folder ``part``'s numbered packs past sequence ``high``, and its compaction packs: the first two
+    blocks and the compaction packs listed at once, further blocks one after the other."""
+
+    def __init__(self, target: ReplicaTarget, pool: ThreadPoolExecutor, part: str, high: int) -> None:
+        self.target, self.high = target, high
+        self.folder = f"v1/packs/{part}/"
+        self.block = (high + 1) // TAIL_BLOCK
+        self.first = [pool.submit(self._list, self.block), pool.submit(self._list, self.block + 1)]
+        self.compacted = pool.submit(lambda: [(name, size) for name, size in target.list(f"{self.folder}compact-")
+                                              if name.endswith(".pack")])
+
+    def _list(self, block: int) -> list[tuple[str, int]]:
+        found = []
+        for name, size in self.target.list(f"{self.folder}{block:018d}"):
+            seq = keyindex.pack_seq(name)
+            if seq is not None and seq[1] > self.high:
+                found.append((name, size))
+        return found
+
+    def result(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        found: list[tuple[str, int]] = []
+        block = self.block
+        while True:
+            some = self.first[block - self.block].result() if block - self.block < 2 else self._list(block)
+            found += some
+            # sequence numbers follow each other, so a whole block of them past the coverage with no pack is
+            # the end: only an erase deletes a numbered pack a compaction did not plan, and it writes a segment
+            # covering every pack it may delete first (SegmentWriter.run, erase.py), so no gap lies past it
+            if not some and block * TAIL_BLOCK > self.high:
+                break
+            block += 1
+        return found, self.compacted.result()
+
+
+def write_base(target: ReplicaTarget, created_ns: int, coverage: dict[str, int], rows: Iterable[keyindex.PackRow],
+               extra: Iterable[str]) -> str:
+    """Write a base index (a compaction's); its name."""
+    name = base_name(created_ns)
+    target.put(name, keyindex.encode("base", created_ns, created_ns, coverage, rows, extra=extra))
+    return name
+
+
+def prune(target: ReplicaTarget, base: str) -> int:
+    """Delete the index objects older than base index ``base`` (older bases, their segments, the legacy
+    index); how many."""
+    created = base[len(BASE_PREFIX):-len(".kidx")]
+    old = [name for name, _ in target.list(KEYINDEX_PREFIX)
+           if (name.startswith(BASE_PREFIX) and name < base)
+           or (name.startswith(SEGMENT_PREFIX) and name[len(SEGMENT_PREFIX):][:20] < created)]
+    old += [name for name, _ in target.list(LEGACY_PREFIX)]
+    if old:
+        target.delete_many(old)
+    return len(old)
+
+
+def part_coverage(store: Store, listed: Iterable[str]) -> dict[str, int]:
+    """Per node folder, the highest sequence number an index may cover: the highest its replicator recorded
+    as shipped (a pack uploaded and not recorded may be uploaded again with other captures after a crash);
+    for a folder without a staging file here (a node gone), the highest listed."""
+    out: dict[str, int] = {}
+    for name in listed:
+        seq = keyindex.pack_seq(name)
+        if seq is not None:
+            out[seq[0]] = max(out.get(seq[0], 0), seq[1])
+    for node in store.meta.nodes.list():
+        part = node_part(node.name)
+        path = store.node_path(node.name)
+        if not os.path.exists(os.path.join(path, STAGING_DIR, "staging.db")):
+            out.setdefault(part, 0)  # every node of the root is covered (from 0: none of its packs yet)
+            continue
+        staging = Staging(path)
+        try:
+            out[part] = staging.next_seq() - 1
+        finally:
+            staging.close()
+    return out
+
+
+class SegmentWriter:
+    """Writes the segment of the newest base index every :data:`SEGMENT_EVERY` seconds (the replication
+    service that holds the root's metadata lock): one object covering every pack its node replicators
+    recorded as shipped since the base, so that a one-tenant restore reads the headers of at most the packs
+    of the last interval or so besides those holding the tenant. It keeps the segment's rows in memory and
+    reads only the headers of packs shipped since its last segment (at most :data:`HEADERS_PER_RUN` a
+    run); a segment it did not write (another process, before a restart) is read back whole first. With no
+    base index yet it writes an empty one (coverage: nothing), so a replica never compacted gets segments
+    too."""
+
+    def __init__(self) -> None:
+        self.base_ns: int | None = None
+        self.written: str | None = None
+        self.coverage: dict[str, int] = {}
+        self.rows: dict[str, tuple[int, list[int]]] = {}
+        self.unreadable: dict[str, int] = {}
+
+    def run(self, store: Store, target: ReplicaTarget, now_ns: int | None = None, *,
+            locked: bool = False) -> str | None:
+        """Bring the segment up to date; the name of the segment written (None: nothing new, or an erase is
+        running: it writes the segment itself). It takes the root's erase lock (``locked``: the caller, an
+        erase, holds it), so a segment written before an erase's deletes is never followed by one that
+        covers less."""
+        fd = None if locked else erase_lock(store.root, wait=None)
+        if not locked and fd is None:
+            return None
+        try:
+            return self._run(store, target, now_ns)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _run(self, store: Store, target: ReplicaTarget, now_ns: int | None) -> str | None:
+        now = time.time_ns() if now_ns is None else now_ns
+        listed = list(target.list(KEYINDEX_PREFIX))
+        base = _latest(listed, BASE_PREFIX)
+        head = None
+        if base is not None:
+            try:
+                head = read_head(target, *base)
+            except ValueError:
+                head = None  # damaged: a new empty base supersedes it
+        if head is None or head.meta.kind != "base":
+            created = max(now, _time_in(base[0], BASE_PREFIX) + 1 if base is not None else 0)
+            # every node this root has is covered up to sequence 0: a restore lists all its packs until the
+            # first segment says more (a node with no marker yet is found all the same)
+            known = {node_part(node.name): 0 for node in store.meta.nodes.list()}
+            write_base(target, created, known, [], [])
+            head = keyindex.Head(keyindex.Meta(1, "base", created, created, known, [], [], 1), [], 0)
+        base_ns = head.meta.created_ns
+        segment = _latest(listed, SEGMENT_PREFIX + f"{base_ns:020d}-")
+        if self.base_ns != base_ns or (segment is not None and segment[0] != self.written):
+            self._start(target, head.meta, segment)
+        changed = self._add(store, target)
+        if not changed:
+            return None
+        last = _time_in(self.written[-26:], "-") if self.written else 0
+        name = segment_name(base_ns, max(now, last + 1, base_ns))
+        target.put(name, keyindex.encode(
+            "segment", max(now, last + 1, base_ns), base_ns, self.coverage,
+            [(pack, size, keys) for pack, (size, keys) in self.rows.items()],
+            unreadable=self.unreadable.items()))
+        self.written = name
+        old = [n for n, _ in listed if n.startswith(SEGMENT_PREFIX) and n < name]
+        if old:
+            target.delete_many(old)
+        return name
+
+    def _start(self, target: ReplicaTarget, base: keyindex.Meta, segment: tuple[str, int] | None) -> None:
+        self.base_ns, self.written = base.base_ns, None
+        self.coverage, self.rows, self.unreadable = dict(base.coverage), {}, {}
+        if segment is None:
+            return
+        try:
+            meta, rows = read_all(target, *segment)
+        except (ValueError, ReplicaError):
+            return  # damaged or gone: rebuilt from the base's coverage
+        if meta.kind != "segment" or meta.base_ns != base.created_ns or any(
+                meta.coverage.get(p, -1) < s for p, s in base.coverage.items()):
+            return
+        self.coverage, self.unreadable, self.written = dict(meta.coverage), dict(meta.unreadable), segment[0]
+        for name, size, keys in rows:
+            have = self.rows.get(name)
+            self.rows[name] = (size, sorted(set(keys) | set(have[1] if have else ())))
+
+    def _add(self, store: Store, target: ReplicaTarget) -> bool:
+        budget = HEADERS_PER_RUN
+        changed = False
+        for node in store.meta.nodes.list():
+            if node_part(node.name) not in self.coverage:
+                self.coverage[node_part(node.name)] = 0
+                changed = True
+            path = store.node_path(node.name)
+            if budget <= 0 or not os.path.exists(os.path.join(path, STAGING_DIR, "staging.db")):
+                continue
+            part = node_part(node.name)
+            staging = Staging(path)
+            try:
+                shipped = list(staging.conn.execute(
+                    "SELECT seq, name, bytes FROM packs WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (self.coverage.get(part, 0), budget)))
+            finally:
+                staging.close()
+            for seq, name, size in shipped:
+                if name != pack_name(node.name, seq):
+                    break  # not this node's numbering: leave the rest to the restores' listing
+                budget -= 1
+                if size > 0:
+                    from .replica_read import read_header
+
+                    try:
+                        info = read_header(target, name, size)
+                        keys = sorted({keyindex.digest(entry.key) for entry in info.header.entries})
+                        if keys:
+                            self.rows[name] = (size, keys)
+                    except ReplicaObjectMissing:
+                        pass  # deleted since (a compaction, an erase): it holds nothing
+                    except pack.PackError:
+                        self.unreadable[name] = size
+                self.coverage[part] = seq
+                changed = True
+        return changed
+
+
+def _time_in(name: str, prefix: str) -> int:
+    """The 20-digit time after ``prefix`` in an index object's name (0 when there is none)."""
+    text = name[len(prefix):len(prefix) + 20]
+    return int(text) if len(text) == 20 and text.isdigit() else 0
 
 
 def write_horizon(target: ReplicaTarget, compacted_ns: int, windows: retention.Windows,

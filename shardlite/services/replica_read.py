@@ -3,9 +3,9 @@
 A pack's header is read with one ranged GET (a second when it is longer than the first read), and only
 the byte ranges of the tenants asked for are fetched after it, so restoring one tenant reads a few
 kilobytes per pack, not the packs; reading every tenant (a whole root) fetches each pack's payload in one
-request instead. A one-tenant read skips the packs the replica's index (written by compaction,
-:mod:`shardlite.services.replica_index`) knows hold none of the keys, and reads the header of every other
-pack, so a missing or stale index costs time, never captures. Captures of an erased incarnation (a tombstone
+request instead. A one-tenant read reads only the packs the replica's key index
+(:mod:`shardlite.services.replica_index`) names for the keys or does not cover, several at once; a missing
+or stale index costs time (every header read), never captures. Captures of an erased incarnation (a tombstone
 ``v1/erased/<hash>.erased`` names it: :func:`tombstone_name`) are never returned, so a restore never brings an
 erased tenant back, even from a pack an interrupted erase had not rewritten yet. Everything read is untrusted:
 headers are validated whole (:func:`shardlite.core.pack.decode_header`) and every entry's bytes are checked
@@ -15,11 +15,13 @@ against its digest.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import xxhash
 
 from ..core import pack, timeline
+from ..errors import ReplicaObjectMissing
 from ..replica.target import ReplicaTarget
 from . import replica_index
 
@@ -52,13 +54,18 @@ def list_packs(target: ReplicaTarget) -> Iterator[tuple[str, int]]:
 def read_header(target: ReplicaTarget, name: str, size: int) -> PackInfo:
     """The validated header of pack ``name`` of ``size`` bytes (:class:`~shardlite.core.pack.PackError`
     when it is not a valid pack)."""
+    return _read_header(target, name, size)[0]
+
+
+def _read_header(target: ReplicaTarget, name: str, size: int) -> tuple[PackInfo, bytes]:
+    """:func:`read_header`, and the pack's first bytes read for it (a small pack: all of it)."""
     head = target.get_range(name, 0, min(size, FIRST_READ))
     if len(head) >= len(pack.MAGIC) + 4 and head[:len(pack.MAGIC)] == pack.MAGIC:
         need = len(pack.MAGIC) + 4 + int.from_bytes(head[len(pack.MAGIC):len(pack.MAGIC) + 4], "big")
         if need > len(head) and need <= min(size, len(pack.MAGIC) + 4 + pack.MAX_HEADER):
             head += target.get_range(name, len(head), need - len(head))
     header, payload_at = pack.decode_header(head, size=size)
-    return PackInfo(name, size, header, payload_at)
+    return PackInfo(name, size, header, payload_at), head
 
 
 def tombstone_name(incarnation: str) -> str:
@@ -76,30 +83,62 @@ def erased_names(target: ReplicaTarget) -> set[str]:
 def captures_of(target: ReplicaTarget, keys: Iterable[str] | None, *,
                 on_pack: Callable[[PackInfo], None] | None = None) -> dict[str, list[timeline.Capture]]:
     """Every capture of each of ``keys`` (None: of every tenant) in the replica, with its bytes (digest
-    checked)."""
+    checked). With ``keys`` (and no ``on_pack``), only the packs the key index names or does not cover
+    are read, in parallel (:func:`shardlite.services.replica_index.candidates`); anything the index says
+    that the replica contradicts (a pack gone or changed since) and a missing or damaged index make it read
+    every pack's header instead."""
     wanted = set(keys) if keys is not None else None
-    erased = erased_names(target)
-    found: dict[str, list[timeline.Capture]] = {key: [] for key in wanted or ()}
-    index = replica_index.read_index(target) if wanted is not None else None
-    skip = replica_index.Skip(index, wanted) if index is not None and wanted is not None else None
-    for name, size in list_packs(target):
-        if skip is not None and skip(name, size):
+    if wanted is not None and on_pack is None:
+        pool = replica_index.readers()
+        erased = pool.submit(erased_names, target)
+        reads: dict[str, Future[list[tuple[str, timeline.Capture]]]] = {}
+
+        def start(name: str, size: int) -> None:  # each pack's reading starts as soon as it is named
+            if name not in reads:
+                reads[name] = pool.submit(_read_one, target, name, size, wanted, None)
+
+        if replica_index.candidates(target, wanted, pool, start) is not None:
+            try:
+                return _collect(wanted, [reads[name].result() for name in sorted(reads)], erased.result())
+            except (pack.PackError, ReplicaObjectMissing):
+                pass  # the index named a pack deleted or rewritten since: read every header
+        erased.result()
+    erased_now = erased_names(target)
+    return _collect(wanted, (_read_one(target, name, size, wanted, on_pack) for name, size in list_packs(target)),
+                    erased_now)
+
+
+def _read_one(target: ReplicaTarget, name: str, size: int, wanted: set[str] | None,
+              on_pack: Callable[[PackInfo], None] | None) -> list[tuple[str, timeline.Capture]]:
+    """The captures of ``wanted`` (None: every tenant) in pack ``name``, digests checked."""
+    info, head = _read_header(target, name, size)
+    if on_pack is not None:
+        on_pack(info)
+    # every tenant (a whole root): the payload in one read, not one request per capture
+    payload = target.get_range(name, info.payload_at, size - info.payload_at) if wanted is None else None
+    out = []
+    for position, entry in enumerate(info.header.entries):
+        if wanted is not None and entry.key not in wanted:
             continue
-        info = read_header(target, name, size)
-        if on_pack is not None:
-            on_pack(info)
-        # every tenant (a whole root): the payload in one read, not one request per capture
-        payload = target.get_range(name, info.payload_at, size - info.payload_at) if wanted is None else None
-        for position, entry in enumerate(info.header.entries):
-            if wanted is not None and entry.key not in wanted:
-                continue
-            if erased and tombstone_name(entry.incarnation) in erased:
+        start = info.payload_at + entry.offset
+        if payload is not None:
+            data = payload[entry.offset:entry.offset + entry.length]
+        elif start + entry.length <= len(head):  # read with the header already
+            data = head[start:start + entry.length]
+        else:
+            data = target.get_range(name, start, entry.length)
+        pack.check_bytes(entry, data)
+        order = (entry.captured_ns, info.header.seq, position)
+        out.append((entry.key, timeline.Capture(order, entry, data, info.header.node)))
+    return out
+
+
+def _collect(wanted: set[str] | None, results: Iterable[list[tuple[str, timeline.Capture]]],
+             erased: set[str]) -> dict[str, list[timeline.Capture]]:
+    found: dict[str, list[timeline.Capture]] = {key: [] for key in wanted or ()}
+    for got in results:
+        for key, capture in got:
+            if erased and tombstone_name(capture.entry.incarnation) in erased:
                 continue  # an erased history: never restored
-            if payload is not None:
-                data = payload[entry.offset:entry.offset + entry.length]
-            else:
-                data = target.get_range(name, info.payload_at + entry.offset, entry.length)
-            pack.check_bytes(entry, data)
-            order = (entry.captured_ns, info.header.seq, position)
-            found.setdefault(entry.key, []).append(timeline.Capture(order, entry, data, info.header.node))
+            found.setdefault(key, []).append(capture)
     return found

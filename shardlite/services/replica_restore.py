@@ -83,8 +83,15 @@ def restore_tenant(store: Store, target: ReplicaTarget, key: object, *, as_key: 
     replica holds no commit of ``key`` at that time; :class:`~shardlite.ConfigurationError` when the time lies
     before the key's retention window as of the replica's last compaction."""
     canon = canonical(key)
-    horizon = replica_index.check_time(target, canon, at_ns, format_time(at_ns) if at_ns is not None else "")
-    captures = replica_index.without_expired(horizon, replica_read.captures_of(target, [canon])[canon])
+    # the retention horizon is read beside the captures (a time before the window is refused all the same)
+    checked = replica_index.readers().submit(replica_index.check_time, target, canon, at_ns,
+                                             format_time(at_ns) if at_ns is not None else "")
+    try:
+        found_captures = replica_read.captures_of(target, [canon])[canon]
+    except BaseException:
+        checked.result()  # a refused time is the answer before a damaged replica's
+        raise
+    captures = replica_index.without_expired(checked.result(), found_captures)
     found = _image_at(captures, at_ns, canon)
     if found is None:
         when = "" if at_ns is None else f" at or before {format_time(at_ns)}"

@@ -17,15 +17,17 @@ A compaction, in this order (each step safe to repeat: a kill -9 at any point, t
 4. The tombstones are listed again: an erase that ran meanwhile makes this compaction delete the packs it just
    wrote and stop (run it again), so a snapshot never brings back an erased history.
 5. **Horizon and index** (:mod:`shardlite.services.replica_index`): the windows and the compaction's time (a
-   restore before a tenant's window is refused from now on), then the index of the packs that stay.
-6. **Delete** the planned packs, older indexes, and metadata snapshots outside the longest window (the newest
-   at or before its start stays: a whole-root restore at the window's start needs it).
+   restore before a tenant's window is refused from now on), then the base key index of the packs that stay
+   (a restore that read the previous one and meets a pack deleted below reads every header instead).
+6. **Delete** the planned packs, older key indexes (bases, their segments), and metadata snapshots outside the
+   longest window (the newest at or before its start stays: a whole-root restore at the window's start needs
+   it).
 7. **Prune** every node staging's pack list of the deleted packs (:meth:`Staging.forget_packs`).
 
 One compaction at a time per root: ``<root>/.replica/compact.lock`` (``flock``). Between compactions the
-replicator refreshes the pack index every :data:`COMPACT_EVERY` / 12 seconds (:func:`refresh_index`: the
-headers of the packs uploaded since), so a one-tenant restore reads at most a few minutes of packs' headers
-besides those holding the tenant.
+replicator writes a key index segment every :data:`~shardlite.services.replica_index.SEGMENT_EVERY` seconds
+(:func:`refresh_index`: the headers of the packs shipped since), so a one-tenant restore reads the headers of
+at most the last half minute or so of packs besides those holding the tenant.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ..core import metasnap, pack, retention, timeline
+from ..core import keyindex, metasnap, pack, retention, timeline
 from ..errors import Busy, ReplicaError
 from ..files.staging import STAGING_DIR, Staging, erase_lock
 from ..front.store import Store
@@ -92,35 +94,13 @@ def compact_lock(store: Store) -> int | None:
     return _try_lock(os.path.join(store.root, STAGING_DIR), "compact.lock")
 
 
-def refresh_index(target: ReplicaTarget, now_ns: int | None = None) -> int | None:
-    """Bring the pack index up to date between compactions: packs uploaded (or rewritten by an erase) since
-    it was written are added from their headers, packs gone are dropped. None when the replica has no index
-    (a compaction writes the first), else how many packs were added. A pack whose header cannot be read is
-    left out (a restore reads its header and reports it). The caller holds the compaction lock."""
-    index = replica_index.read_index(target)
-    if index is None:
-        return None
-    listed = dict(replica_read.list_packs(target))
-    known = [item for item in index.packs if listed.get(item.name) == item.size]
-    have = {item.name for item in known}
-    new = [(name, size) for name, size in listed.items() if name not in have]
-    if not new and len(known) == len(index.packs):
-        return 0
-    items = list(known)
-    for name, size in new:
-        try:
-            info = replica_read.read_header(target, name, size)
-        except pack.PackError:
-            continue
-        items.append(replica_index.IndexPack(name, size, sorted({replica_index.key_digest(e.key)
-                                                                 for e in info.header.entries})))
-    created = max(time.time_ns() if now_ns is None else now_ns, index.created_ns + 1)
-    name = replica_index.index_name(created)
-    target.put(name, replica_index.encode_index(replica_index.Index(1, created, sorted(items, key=lambda i: i.name))))
-    older = [old for old, _ in target.list(replica_index.INDEX_PREFIX) if old < name]
-    if older:
-        target.delete_many(older)
-    return len(new)
+def refresh_index(store: Store, target: ReplicaTarget, now_ns: int | None = None,
+                  writer: replica_index.SegmentWriter | None = None) -> str | None:
+    """Bring the key index up to date between compactions: a segment covering the packs shipped since the
+    base (:class:`~shardlite.services.replica_index.SegmentWriter`; a writer kept between calls reads only
+    the headers shipped since its last run). The segment's name, None when nothing was shipped since. The
+    caller holds the compaction lock."""
+    return (writer or replica_index.SegmentWriter()).run(store, target, now_ns)
 
 
 def compaction_due(target: ReplicaTarget, now_ns: int) -> bool:
@@ -306,20 +286,30 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
     expired = {replica_index.key_digest(item.capture.entry.incarnation) for item in located
                if item.pack in keep and item.capture.entry.key in gone_keys}
     replica_index.write_horizon(target, now, windows, sorted(expired))
-    items = [replica_index.IndexPack(name, info.size, sorted({replica_index.key_digest(e.key)
-                                                              for e in info.header.entries}))
-             for name, info in sorted(infos.items()) if name in keep]
-    items += [replica_index.IndexPack(name, size, sorted({replica_index.key_digest(k) for k in keys}))
-              for name, size, keys in written]
-    report.index = replica_index.index_name(now)
-    target.put(report.index, replica_index.encode_index(replica_index.Index(1, now, items)))
+    # the key index of what stays: numbered packs up to what each replicator recorded as shipped (a pack
+    # uploaded and not recorded yet may be uploaded again with more captures: restores read it), every
+    # compaction pack kept or written
+    coverage = replica_index.part_coverage(store, infos)
+    rows: list[keyindex.PackRow] = []
+    extra: list[str] = []
+    for name, info in sorted(infos.items()):
+        seq = keyindex.pack_seq(name)
+        if name not in keep or (seq is not None and seq[1] > coverage.get(seq[0], 0)):
+            continue
+        if seq is None:
+            extra.append(name)
+        rows.append((name, info.size, sorted({keyindex.digest(e.key) for e in info.header.entries})))
+    for name, size, keys in written:
+        extra.append(name)
+        rows.append((name, size, sorted({keyindex.digest(k) for k in keys})))
+    newest = max((int(n[len(replica_index.BASE_PREFIX):][:20]) for n, _ in target.list(replica_index.BASE_PREFIX)
+                  if n[len(replica_index.BASE_PREFIX):][:20].isdigit()), default=-1)
+    report.index = replica_index.write_base(target, max(now, newest + 1), coverage, rows, extra)
     if planned.delete:
         target.delete_many(planned.delete)
     report.deleted_packs = len(planned.delete)
     report.deleted_bytes = sum(infos[name].size for name in planned.delete)
-    old_indexes = [name for name, _ in target.list(replica_index.INDEX_PREFIX) if name < report.index]
-    if old_indexes:
-        target.delete_many(old_indexes)
+    replica_index.prune(target, report.index)
     report.meta_deleted = _prune_meta(target, now - windows.longest())
     report.staging_rows = _prune_staging(store, planned.delete)
     report.seconds = time.monotonic() - started

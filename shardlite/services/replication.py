@@ -41,7 +41,9 @@ root restored from the replica takes its metadata from the last snapshot at or b
 The same process compacts the replica by its retention windows (:mod:`shardlite.services.replica_retention`)
 every :data:`~shardlite.services.replica_retention.COMPACT_EVERY` seconds (the time of the last compaction is
 in the replica, so restarts do not postpone it), under ``<root>/.replica/compact.lock``; a failed compaction
-is logged and tried again at the next interval.
+is logged and tried again at the next interval. Between compactions it writes the key index's segment every
+:data:`~shardlite.services.replica_index.SEGMENT_EVERY` seconds (the packs shipped since), and before this
+process's first upload for a node, the node's marker (:func:`~shardlite.services.replica_index.node_marker`).
 """
 
 from __future__ import annotations
@@ -57,11 +59,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core import metasnap
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, ShardliteError
 from ..files import notesfile
 from ..files.staging import STAGING_DIR, erase_lock
 from ..front.store import Store
 from ..replica.target import ReplicaTarget, open_target
+from . import replica_index
 from .backup import standalone_image
 from .confirmations import ConfirmServer, Request
 from .replicator import NodeReplicator, RoundStats
@@ -142,6 +145,8 @@ class Replication:
         self._wake = threading.Event()
         self.confirmed = 0  #: confirmation requests answered "shipped"
         self._compact_checked: float | None = None
+        self._segments = replica_index.SegmentWriter()  #: the key index's segments (_compact_round)
+        self._unmarked: set[str] = set()  #: nodes taken whose key index marker is not written yet
         #: seconds of the last round's root-wide phases (metadata snapshot, compaction or index refresh)
         self.last_extra: dict[str, float] = {}
         self.compactions: list[Any] = []  #: reports of the compactions this process ran
@@ -182,7 +187,20 @@ class Replication:
                         "durability='replicated' will not be confirmed", name, path, exc)
         offsets = replicator.staging.notes_offsets()
         self.nodes[name] = _Node(name, path, fd, replicator, offsets, dict(offsets), confirm=confirm)
+        self._unmarked.add(name)
         log.info("replicate: this process replicates node %r", name)
+
+    def _mark_nodes(self) -> None:
+        """The key index's marker of each node taken since (replica_index.node_marker), before its first
+        upload by this process, so a one-tenant restore finds a node no index covers yet. A target that
+        cannot be reached now: again at the next upload (its uploads fail then too)."""
+        for name in sorted(self._unmarked):
+            try:
+                self.target.put_if_absent(replica_index.node_marker(name), b"shardlite node\n")
+            except ShardliteError as exc:
+                log.warning("replicate: node %r: cannot write its key index marker (%s); trying again", name, exc)
+                return
+            self._unmarked.discard(name)
 
     def _claim_nodes(self) -> None:
         for node in self.store.meta.nodes.list():
@@ -202,6 +220,7 @@ class Replication:
         ``loop``: a tick of :meth:`run`, whose reconcile pass runs after the upload (module docstring)."""
         if upload:
             self._claim_nodes()
+            self._mark_nodes()
         out = {}
         for node in self.nodes.values():
             out[node.name] = self._round(node, upload=upload, budget=budget, loop=loop)
@@ -260,13 +279,13 @@ class Replication:
         self.meta_snapshots += 1
 
     def _compact_round(self) -> None:
-        """Compact when due, else refresh the pack index (checked every COMPACT_EVERY / 12 seconds by this
+        """Compact when due, else write the key index's segment (checked every SEGMENT_EVERY seconds by this
         process, which holds the root's metadata lock, so one process per root does it)."""
         from . import replica_retention as rr
 
         now = self.clock()
         if self._meta_fd is None or (self._compact_checked is not None
-                                     and now - self._compact_checked < rr.COMPACT_EVERY / 12):
+                                     and now - self._compact_checked < replica_index.SEGMENT_EVERY):
             return
         self._compact_checked = now
         fd: int | None = None
@@ -277,11 +296,11 @@ class Replication:
                 return  # `replicate compact` is running
             if due:
                 self.compactions.append(rr.compact(self.store, self.target))
-            else:
-                rr.refresh_index(self.target)  # the packs uploaded since, for one-tenant restores
+            # the packs shipped since the last segment, for one-tenant restores (after a compaction: since it)
+            rr.refresh_index(self.store, self.target, writer=self._segments)
         except Exception as exc:  # noqa: BLE001 - a failed compaction never stops replication
-            log.warning("replicate: compaction failed (%s: %s); trying again in %.0f s", type(exc).__name__, exc,
-                        rr.COMPACT_EVERY / 12)
+            log.warning("replicate: compaction or key index segment failed (%s: %s); trying again in %.0f s",
+                        type(exc).__name__, exc, replica_index.SEGMENT_EVERY)
         finally:
             if fd is not None:
                 os.close(fd)
