@@ -166,12 +166,6 @@ def long_restore_rows(b: Any, tenants: int = 1_000, packs: int = PACKS, reps: in
             replica_read.captures_of(target, [victim])
             reads.append(time.perf_counter() - began)
         log("r2l: the read path alone (captures_of): " + ", ".join(f"{v * 1e3:.0f} ms" for v in reads))
-        if os.environ.get("SHARDLITE_PROFILE"):
-            import cProfile
-
-            cProfile.runctx("for _ in range(5): replica_read.captures_of(target, [victim])", globals(),
-                            {"replica_read": replica_read, "target": target, "victim": victim},
-                            os.environ["SHARDLITE_PROFILE"])
         fast = [one(target, f"restored-l:{r}") for r in range(reps)]
         fabricate(TAIL_MOST - TAIL - 1)
         real_write(done + TAIL_MOST)
