@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 
 import pytest
-from helpers_outbox import SCHEMA, applied, emit, marker, record, spy_pending
+from helpers_outbox import SCHEMA, applied, emit, marker, record, spy_pending, wait_for
 
 from shardlite import Router
 
@@ -47,6 +47,7 @@ def test_a_pass_parks_the_flags_it_empties_in_one_call(make_router: Callable[...
     for n, source in enumerate(sources):  # the marker is set: the emitter wakes the parked flags
         emit(emitter, 100 + n, source=source)
     emitter._store.emitter.wakes.flush()
+    wait_for(lambda: all(parked_version(relay_side, s) is None for s in sources), "the 20 wake-ups")
     calls = spy(relay_side)
     stats = relay_side.relay.run_once()
     assert stats.delivered == 20
