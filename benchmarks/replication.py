@@ -74,6 +74,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from compare import loadavg, log, print_markdown_rows  # noqa: E402
+from replication_longrun import NoKeyIndex  # noqa: E402
 
 import shardlite  # noqa: E402
 
@@ -926,7 +927,7 @@ def compacted_restores(b: Bench, router: Any, target: Any, reps: int) -> list[tu
             # on one key, each side first in every other pair
             hide = not later_ns and (r % 2 == 1) != ((r // 2) % 2 == 1)
             t0 = time.perf_counter()
-            restore_tenant(store, _NoIndex(target) if hide else target, key_of(r // 2 if not later_ns else r),
+            restore_tenant(store, NoKeyIndex(target) if hide else target, key_of(r // 2 if not later_ns else r),
                            as_key=f"restored-{rid}{'n' if hide else ''}:{r}")
             (scans if hide else seconds).append(time.perf_counter() - t0)
         what = (f"the replica holds {packs} packs (compaction: {took:.1f} s, {report.deleted_packs} of {report.packs} "
@@ -936,19 +937,6 @@ def compacted_restores(b: Bench, router: Any, target: Any, reps: int) -> list[tu
             out.append(("r2n", f"the same restore with the index hidden (every header read), alternating with r2i; "
                                f"{what}", scans))
     return out
-
-
-class _NoIndex:
-    """A replica target whose pack index cannot be listed (a restore then reads every pack's header)."""
-
-    def __init__(self, target: Any) -> None:
-        self._target = target
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._target, name)
-
-    def list(self, prefix: str = "") -> Any:
-        return iter(()) if prefix.startswith("v1/keyindex/") else self._target.list(prefix)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,3 +106,23 @@ def make_replica_target(replica_backend: str, tmp_path: pathlib.Path, request: p
 @pytest.fixture
 def replica_target(make_replica_target: TargetFactory) -> ReplicaTarget:
     return make_replica_target("main")
+
+
+def crashing_target_code(*methods: str) -> str:
+    """The start of a ``python -c`` script for kill -9 tests of replica writers: ``target`` is the replica at
+    ``sys.argv[2]`` whose ``methods`` (e.g. ``put``, ``delete_many``) SIGKILL the process right after their
+    ``sys.argv[3]``-th call in all returned. ``shardlite`` is imported; the caller appends what to run."""
+    wraps = "".join(f"target.{name} = crash(target.{name})\n" for name in methods)
+    return ("import os, signal, sys\n"
+            "import shardlite\n"
+            "from shardlite.replica.target import open_target\n"
+            "target = open_target(sys.argv[2])\n"
+            "calls = {'n': 0}\n"
+            "def crash(real):\n"
+            "    def call(*a, **k):\n"
+            "        out = real(*a, **k)\n"
+            "        calls['n'] += 1\n"
+            "        if calls['n'] == int(sys.argv[3]):\n"
+            "            os.kill(os.getpid(), signal.SIGKILL)\n"
+            "        return out\n"
+            "    return call\n" + wraps)

@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 import pytest
 import xxhash
-from helpers_s3 import TargetFactory
+from helpers_s3 import TargetFactory, crashing_target_code
 from helpers_wal import rows_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -294,23 +294,8 @@ def test_random_histories_never_leave_a_pack_holding_the_key_out(world: World, s
 
 
 _CRASHING = (
-    "import os, signal, sys\n"
-    "import shardlite\n"
-    "from shardlite.replica.target import open_target\n"
+    crashing_target_code("put", "put_if_absent", "delete_many") +
     "from shardlite.services import erase, replica_retention\n"
-    "target = open_target(sys.argv[2])\n"
-    "calls = {'n': 0}\n"
-    "def crash(real):\n"
-    "    def call(*a, **k):\n"
-    "        out = real(*a, **k)\n"
-    "        calls['n'] += 1\n"
-    "        if calls['n'] == int(sys.argv[3]):\n"
-    "            os.kill(os.getpid(), signal.SIGKILL)\n"
-    "        return out\n"
-    "    return call\n"
-    "target.put = crash(target.put)\n"
-    "target.put_if_absent = crash(target.put_if_absent)\n"
-    "target.delete_many = crash(target.delete_many)\n"
     "router = shardlite.Router(sys.argv[1])\n"
     "if sys.argv[4] == 'erase':\n"
     "    erase.erase(router._store, 'victim', target=target)\n"

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers_s3 import TargetFactory
+from helpers_s3 import TargetFactory, crashing_target_code
 from helpers_wal import rows_of
 
 import shardlite
@@ -225,22 +225,8 @@ def test_a_compaction_killed_at_any_step_and_run_again_ends_the_same(
     codes = []
     for crash_at in (1, 2, 3, 4):  # after the compaction pack written, the horizon, the index, the first delete
         code = (
-            "import os, signal, sys\n"
-            "import shardlite\n"
-            "from shardlite.replica.target import open_target\n"
+            crashing_target_code("put", "delete_many") +
             "from shardlite.services import replica_retention\n"
-            "target = open_target(sys.argv[2])\n"
-            "calls = {'n': 0}\n"
-            "def crash(real):\n"
-            "    def call(*a, **k):\n"
-            "        out = real(*a, **k)\n"
-            "        calls['n'] += 1\n"
-            "        if calls['n'] == int(sys.argv[3]):\n"
-            "            os.kill(os.getpid(), signal.SIGKILL)\n"
-            "        return out\n"
-            "    return call\n"
-            "target.put = crash(target.put)\n"
-            "target.delete_many = crash(target.delete_many)\n"
             "router = shardlite.Router(sys.argv[1])\n"
             "replica_retention.compact(router._store, target, now_ns=int(sys.argv[4]))\n"
         )
