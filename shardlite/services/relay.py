@@ -83,7 +83,7 @@ from ..errors import Busy, MetaUnavailable, TenantMoving, UnknownTenant
 from ..front.store import Store
 from . import relay_ops
 from .delivery import DONE, UNAVAILABLE, Claim, Deliverer, Group, Handler, HandlerRegistry, describe_tenant
-from .relay_ack import settle_outbox
+from .relay_ack import move_flag, settle_outbox
 from .relay_health import LOG_INTERVAL, ErrorLog, PassStats, Troubles, describe, error_kind, error_text
 from .relay_lease import ClaimedElsewhere, claim_source, release_leases
 from .relay_sweep import Sweeper, park_ahead, park_emptied, wake_parked_ahead
@@ -553,18 +553,7 @@ class Relay:
             self._parked.pop(source, None)
             self._unpark.append((source, ahead))
             return
-        if due <= now and marker is not None and self._parked.get(source) == marker and wakes is not None \
-                and wakes.queued(source):
-            # The flag this relay parked, with a wake-up of it queued here and not settled (this ack left
-            # events): that wake-up un-parks it when written (HOLD_MAX at the latest) unless a later pass of
-            # this relay settles it, and no other relay can take the source meanwhile (the lease). The read
-            # below would find it parked and write nothing, or only bring that forward.
-            return
-        flag = pending.row(source)
-        current = flag.due if flag is not None else None
-        if current is None or (abs(current - due) > 1e-3 and not (current <= now and due <= now)):
-            self._parked.pop(source, None)
-            pending.set_due(source, due)
+        move_flag(pending, wakes, self._parked, source, marker, due, now)
 
     def _forget_source(self, source: str) -> None:
         self._parked.pop(source, None)

@@ -1,5 +1,6 @@
 """What a relay's acknowledgement writes into a source's outbox, inside the source's write transaction
-(:meth:`shardlite.services.relay.Relay._acknowledge` holds it and decides about the flag afterwards)."""
+(:meth:`shardlite.services.relay.Relay._acknowledge` holds it), and the flag of a source it left events in
+(:func:`move_flag`, after the commit)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from ..core.outbox import RetryPolicy
 from ..files.pool import Handle
 from ..files.schema import REMEMBER_LAST_SEQ
 from ..front.store import Store
-from ..meta.pending import DeadLetter, DeadLetters
+from ..front.wakes import Wakes
+from ..meta.pending import DeadLetter, DeadLetters, PendingWork
 from .delivery import Claim
 from .relay_health import PassStats
 
-__all__ = ["settle_outbox"]
+__all__ = ["settle_outbox", "move_flag"]
 
 
 def settle_outbox(store: Store, handle: Handle, claim: Claim, policy: RetryPolicy, letters: DeadLetters, now: float,
@@ -44,3 +46,23 @@ def settle_outbox(store: Store, handle: Handle, claim: Claim, policy: RetryPolic
         letters.add(DeadLetter(claim.source, row.incarnation(handle.incarnation), seq, row.dest, row.topic, row.payload,
                                row.created, max(row.attempts + 1, 1), error.replace("\x00", "\ufffd"), time.time()))
     return next_due_at
+
+
+def move_flag(pending: PendingWork, wakes: Wakes | None, parked: dict[str, int], source: str, marker: int | None,
+              due: float, now: float) -> None:
+    """After an acknowledgement of ``source`` that left events (not parked ahead): make its flag due at
+    ``due`` unless it already is (one read, and a write only when the due time must move). ``parked`` is the
+    relay's record of the versions it parked (a flag moved here is no longer parked by it); ``marker`` the
+    version the file records."""
+    if due <= now and marker is not None and parked.get(source) == marker and wakes is not None \
+            and wakes.queued(source):
+        # The flag this relay parked, with a wake-up of it queued here and not settled (this ack left
+        # events): that wake-up un-parks it when written (HOLD_MAX at the latest) unless a later pass of
+        # this relay settles it, and no other relay can take the source meanwhile (the lease). The read
+        # below would find it parked and write nothing, or only bring that forward.
+        return
+    flag = pending.row(source)
+    current = flag.due if flag is not None else None
+    if current is None or (abs(current - due) > 1e-3 and not (current <= now and due <= now)):
+        parked.pop(source, None)
+        pending.set_due(source, due)
