@@ -26,8 +26,12 @@ to erase a person's data: the key is the person, so every history of the key goe
    the old object under the same name (a target's ``put`` is atomic: a reader sees the whole old or the whole
    new pack, never both nor a duplicate), and is read back and compared before the next pack; a pack left
    with no entry and no drop record is deleted and checked gone.
-7. **Metadata snapshots** holding dead letters or a pending-work row of the key are rewritten without them
-   (the image opened inert, the rows deleted, vacuumed; same name, read back and compared).
+7. **Metadata**: every metadata delta is deleted (they are made against the snapshots this step rewrites, and
+   may hold the key's rows themselves; the replicator is told to take a snapshot next:
+   :func:`shardlite.services.replica_meta.note_erase`), then the snapshots holding dead letters or a
+   pending-work row of the key are rewritten without them (the image opened inert, the rows deleted,
+   vacuumed; same name, read back and compared). Restore points of the metadata over the last minutes are
+   then the snapshots' alone.
 
 Idempotent and crash-safe: each step can be repeated, so ``erase`` after a kill -9 at any point finishes the
 job; on a key already erased it reports what it finds (nothing left, its tombstone present). A damaged pack
@@ -60,7 +64,7 @@ from ..files.copying import inert
 from ..files.staging import Staging, erase_lock
 from ..front.store import Store
 from ..replica.target import ReplicaTarget, open_target, redact
-from . import lifecycle, replica_index
+from . import lifecycle, replica_index, replica_meta
 from .replica_read import list_packs, read_header, tombstone_name
 
 __all__ = ["erase", "LOCK_WAIT"]
@@ -275,6 +279,9 @@ def erase(store: Store, key: object, *, target: ReplicaTarget | None = None,
         # so the packs deleted below leave no gap past its coverage (services/replica_index.py, _tail)
         replica_index.SegmentWriter().run(store, target, locked=True)
         objects = [_rewrite(target, name, canon) for name in hits]
+        # the deltas are made against the snapshots rewritten below, and may hold the key's rows themselves
+        replica_meta.note_erase(store.root)
+        deltas_deleted = replica_meta.delete_deltas(target)
         snapshots_read, snapshots = _scrub_snapshots(target, canon, unreadable)
         for _name, path in nodes:
             staging = Staging(path)
@@ -293,7 +300,7 @@ def erase(store: Store, key: object, *, target: ReplicaTarget | None = None,
                    staged=staged, objects=objects, tombstones=tombstones, unreadable=unreadable,
                    complete=not unreadable and all(s["staging_scrubbed"] for s in staged),
                    totals=_totals(objects, staged),
-                   snapshots_scanned=snapshots_read, snapshots=snapshots,
+                   snapshots_scanned=snapshots_read, snapshots=snapshots, metadata_deltas_deleted=deltas_deleted,
                    metadata_snapshots="the key's catalog row is kept (identifiers, no tenant data), as the live "
                                       "catalog's tombstone keeps it",
                    finished=_iso(time.time_ns()))
@@ -346,7 +353,8 @@ def describe(receipt: dict[str, Any]) -> list[str]:
     lines.append(f"  total: {totals['objects_rewritten']} objects rewritten, {totals['objects_deleted']} deleted, "
                  f"{totals['captures_removed']} captures ({totals['bytes_removed']} bytes of the tenant) removed")
     lines.append(f"  metadata snapshots: {receipt['snapshots_scanned']} scanned, {len(receipt['snapshots'])} "
-                 f"rewritten; {receipt['metadata_snapshots']}")
+                 f"rewritten, {receipt['metadata_deltas_deleted']} metadata deltas deleted; "
+                 f"{receipt['metadata_snapshots']}")
     if receipt["already_erased"]:
         lines.append("  (already erased: nothing of it was left)")
     if not receipt["complete"]:

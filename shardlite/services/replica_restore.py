@@ -8,8 +8,9 @@ generation and incarnation, events kept only under the tenant's own key). Nothin
 step fails.
 
 ``restore_root_from_replica`` restores a whole root into a new or empty directory: it writes the replica's
-state at the requested time as a backup directory (:func:`materialize`: the last metadata snapshot at or
-before the time, each tenant live at that time at its last commit at or before it) and restores that with
+state at the requested time as a backup directory (:func:`materialize`: the metadata at its newest restore
+point at or before the time (a snapshot, or a delta applied to one: :mod:`shardlite.services.replica_meta`),
+each tenant live at that time at its last commit at or before it) and restores that with
 every check of a restore from a backup (:func:`shardlite.services.restore.restore_root`). Which tenants were
 live at the time is :func:`live_at`'s: the snapshot's catalog, corrected by what happened between the
 snapshot and the time: tenants created since, and tenants dropped since (the drop records a plain drop
@@ -35,13 +36,13 @@ from typing import Any
 import apsw
 import xxhash
 
-from ..core import metasnap, pack, timeline
+from ..core import pack, timeline
 from ..core.keys import canonical
 from ..errors import ConfigurationError, ShardliteError, UnknownTenant
 from ..front.store import Store
 from ..replica.target import ReplicaTarget
 from . import manifest as mf
-from . import replica_index, replica_read
+from . import replica_index, replica_meta, replica_read
 from .restore import RootRestore, install_image, open_image, restore_root
 
 __all__ = ["restore_tenant", "restore_root_from_replica", "materialize", "live_at", "parse_time", "format_time"]
@@ -106,24 +107,6 @@ def restore_tenant(store: Store, target: ReplicaTarget, key: object, *, as_key: 
             "incarnation": record.incarnation}
 
 
-def _meta_snapshot(target: ReplicaTarget, at_ns: int | None) -> tuple[metasnap.Header, bytes, bytes]:
-    """The last metadata snapshot at or before ``at_ns`` (None: the last one), validated."""
-    best: tuple[int, str] | None = None
-    for name, _size in target.list(metasnap.PREFIX):
-        when = metasnap.time_of(name)
-        if when is not None and (at_ns is None or when <= at_ns) and (best is None or when > best[0]):
-            best = (when, name)
-    if best is None:
-        until = "" if at_ns is None else f" at or before {format_time(at_ns)}"
-        raise ConfigurationError(f"the replica {target.url} holds no metadata snapshot{until} (a replicator uploads "
-                                 "the first one in its first round); restore tenants one by one with --key")
-    try:
-        return metasnap.decode(target.get(best[1]))
-    except metasnap.MetaSnapError as exc:
-        raise ConfigurationError(f"the replica's metadata snapshot {best[1]} is damaged ({exc}); pick an earlier "
-                                 "time with --at") from None
-
-
 def _catalog(global_db: bytes) -> dict[str, tuple[str, int, str, int, str]]:
     """key -> (node, generation, incarnation, schema_version, state) of the snapshot's catalog."""
     conn = open_image(global_db)
@@ -183,12 +166,14 @@ def _replay(plan: timeline.Replay, key: str) -> bytearray:
 
 def materialize(target: ReplicaTarget, dest: str, at_ns: int | None = None) -> dict[str, Any]:
     """Write into the empty directory ``dest`` a backup (the layout :mod:`shardlite.services.manifest`
-    reads) of the root as the replica holds it at ``at_ns`` (None: the latest): the last metadata snapshot
-    at or before that time, and every tenant live at that time (:func:`live_at`: the snapshot's catalog, the
-    histories created since, and the drop records of plain drops, also those after the snapshot) at its last
-    commit at or before it, on the node whose replicator captured that commit. Returns the manifest."""
+    reads) of the root as the replica holds it at ``at_ns`` (None: the latest): the metadata at its newest
+    restore point at or before that time (:func:`~shardlite.services.replica_meta.meta_at`), and every tenant
+    live at that time (:func:`live_at`: that metadata's catalog, the histories created since, and the drop
+    records of plain drops, also those after it) at its last commit at or before it, on the node whose
+    replicator captured that commit. Returns the manifest."""
     horizon = replica_index.check_time(target, None, at_ns, format_time(at_ns) if at_ns is not None else "")
-    header, global_db, app_global_db = _meta_snapshot(target, at_ns)
+    meta = replica_meta.meta_at(target, at_ns, format_time)
+    global_db, app_global_db = meta.global_db, meta.app_global_db
     catalog = _catalog(global_db)
     limit = at_ns if at_ns is not None else time.time_ns()
     drops: dict[str, list[pack.Drop]] = {}
@@ -206,7 +191,7 @@ def materialize(target: ReplicaTarget, dest: str, at_ns: int | None = None) -> d
         point = plan.point
         started = next(c.entry.commits[0][1] for c in plan.chosen if c.entry.kind == "snapshot")
         row = catalog.get(key)
-        if not live_at(row, point.incarnation, started, header.created_ns, drops.get(key, []), limit):
+        if not live_at(row, point.incarnation, started, meta.created_ns, drops.get(key, []), limit):
             continue
         image = _replay(plan, key)
         checksum = xxhash.xxh3_128_hexdigest(bytes(image))
@@ -226,7 +211,7 @@ def materialize(target: ReplicaTarget, dest: str, at_ns: int | None = None) -> d
         checksum = xxhash.xxh3_128_hexdigest(data)
         _write(os.path.join(dest, mf.global_file(checksum, stem)), data)
         parts[stem] = {"file": mf.global_file(checksum, stem), "checksum": checksum}
-    manifest = {"format": mf.FORMAT, "created": header.created_ns / 1e9, "root": header.root, "tenants": entries,
+    manifest = {"format": mf.FORMAT, "created": meta.created_ns / 1e9, "root": meta.root, "tenants": entries,
                 "global": parts["global"], "app_global": parts["app_global"], "copied": len(entries), "skipped": 0}
     _write(os.path.join(dest, mf.MANIFEST), json.dumps(manifest, sort_keys=True).encode("utf-8"))
     return manifest

@@ -21,7 +21,7 @@ A compaction, in this order (each step safe to repeat: a kill -9 at any point, t
    (a restore that read the previous one and meets a pack deleted below reads every header instead).
 6. **Delete** the planned packs, older key indexes (bases, their segments), and metadata snapshots outside the
    longest window (the newest at or before its start stays: a whole-root restore at the window's start needs
-   it).
+   it), with the metadata deltas made against the snapshots deleted (:func:`shardlite.services.replica_meta.prune`).
 7. **Prune** every node staging's pack list of the deleted packs (:meth:`Staging.forget_packs`).
 
 One compaction at a time per root: ``<root>/.replica/compact.lock`` (``flock``). Between compactions the
@@ -44,7 +44,7 @@ from ..files.staging import STAGING_DIR, Staging, erase_lock
 from ..front.store import Store
 from ..meta.replica_record import recorded_windows
 from ..replica.target import ReplicaTarget
-from . import replica_index, replica_read
+from . import replica_index, replica_meta, replica_read
 from .replicator import pack_name
 
 __all__ = ["compact", "CompactionReport", "COMPACT_EVERY", "erased_incarnations",
@@ -70,7 +70,7 @@ class CompactionReport:
     snapshot_bytes: int = 0
     written: list[str] = field(default_factory=list)  #: compaction packs written
     pinned: list[str] = field(default_factory=list)  #: tenants whose history could not be compacted
-    meta_deleted: int = 0
+    meta_deleted: int = 0  #: metadata snapshots and deltas deleted
     staging_rows: int = 0
     index: str = ""
     seconds: float = 0.0
@@ -203,16 +203,6 @@ def _write_packs(target: ReplicaTarget, built: list[tuple[str, pack.Entry, bytes
     return written
 
 
-def _prune_meta(target: ReplicaTarget, start_ns: int) -> int:
-    """Delete metadata snapshots before ``start_ns`` but the newest of them."""
-    times = sorted((t, name) for name, _ in target.list(metasnap.PREFIX) if (t := metasnap.time_of(name)) is not None)
-    old = [name for t, name in times if t <= start_ns]
-    gone = old[:-1]
-    if gone:
-        target.delete_many(gone)
-    return len(gone)
-
-
 def _prune_staging(store: Store, deleted: list[str]) -> int:
     rows = 0
     for node in store.meta.nodes.list():
@@ -310,7 +300,7 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
     report.deleted_packs = len(planned.delete)
     report.deleted_bytes = sum(infos[name].size for name in planned.delete)
     replica_index.prune(target, report.index)
-    report.meta_deleted = _prune_meta(target, now - windows.longest())
+    report.meta_deleted = replica_meta.prune(target, now - windows.longest())
     report.staging_rows = _prune_staging(store, planned.delete)
     report.seconds = time.monotonic() - started
     log.info("replicate: compaction deleted %d of %d packs, wrote %d snapshots in %d packs", report.deleted_packs,

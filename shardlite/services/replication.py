@@ -32,11 +32,13 @@ every marked tenant captured, one upload. A round or tick whose wall time exceed
 (INFO) with the seconds of each of its phases (``RoundStats.phases``).
 
 The root's metadata (catalog, nodes, accounts, sessions: a ``global.db``-schema export, whichever backend
-holds it) and the app's global tables go to the replica as one snapshot object
-(:mod:`shardlite.core.metasnap`) at the first round and then every :data:`META_EVERY` seconds when they
-changed (with PostgreSQL metadata, whose changes a file's size and time do not show: every
-:data:`META_EVERY` seconds), uploaded by the one process that holds ``<root>/.replica/meta.lock``. A whole
-root restored from the replica takes its metadata from the last snapshot at or before the restore time.
+holds it) and the app's global tables go to the replica as snapshots (:mod:`shardlite.core.metasnap`) at the
+first round and then every :data:`META_EVERY` seconds when they changed, and in between, with the metadata
+embedded, as deltas (the pages changed since the last snapshot: :mod:`shardlite.core.metadelta`) at most
+every :data:`META_DELTA_EVERY` seconds when they changed (with PostgreSQL metadata, whose changes a file's
+size and time do not show: snapshots every :data:`META_EVERY` seconds). The one process that holds
+``<root>/.replica/meta.lock`` uploads them (:mod:`shardlite.services.replica_meta`). A whole root restored
+from the replica takes its metadata from the newest snapshot or delta at or before the restore time.
 
 The same process compacts the replica by its retention windows (:mod:`shardlite.services.replica_retention`)
 every :data:`~shardlite.services.replica_retention.COMPACT_EVERY` seconds (the time of the last compaction is
@@ -51,25 +53,24 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core import metasnap
 from ..errors import ConfigurationError, ShardliteError
 from ..files import notesfile
-from ..files.staging import STAGING_DIR, erase_lock
+from ..files.staging import STAGING_DIR
 from ..front.store import Store
 from ..replica.target import ReplicaTarget, open_target
 from . import replica_index
-from .backup import standalone_image
 from .confirmations import ConfirmServer, Request
+from .replica_meta import MetaUploader
 from .replicator import NodeReplicator, RoundStats
 
-__all__ = ["Replication", "INTERVAL", "CAPTURE_TICKS", "RECONCILE_EVERY", "RECONCILE_SHARE", "META_EVERY"]
+__all__ = ["Replication", "INTERVAL", "CAPTURE_TICKS", "RECONCILE_EVERY", "RECONCILE_SHARE", "META_EVERY",
+           "META_DELTA_EVERY"]
 
 log = logging.getLogger("shardlite.replicate")
 
@@ -91,6 +92,9 @@ RECONCILE_SHARE = 0.004
 RECONCILE_SLICE = 1000
 #: Seconds between metadata snapshots (taken only when the metadata changed, where that can be seen).
 META_EVERY = 30.0
+#: Seconds between metadata deltas at least (taken only when the metadata changed, between snapshots, and less
+#: often when they cost more than a share of a core: :mod:`shardlite.services.replica_meta`).
+META_DELTA_EVERY = INTERVAL
 #: A log last written this long before its tenant's last capture is taken as captured at the reconcile
 #: pass's first look at it (the file's time is coarser than the capture's clock).
 FIRST_LOOK_MARGIN_NS = 1_000_000_000
@@ -137,10 +141,9 @@ class Replication:
         self.clock = clock
         self.nodes: dict[str, _Node] = {}
         self.standby: set[str] = set()
-        self._meta_fd: int | None = None
-        self._meta_at: float | None = None
-        self._meta_seen: tuple[int, ...] | None = None
-        self.meta_snapshots = 0  #: metadata snapshots this process uploaded
+        #: the root's metadata snapshots and deltas (uploaded while this process holds the metadata lock)
+        self.meta = MetaUploader(store, self.target, lambda: _try_lock(os.path.join(store.root, STAGING_DIR),
+                                                                       "meta.lock"), clock)
         #: set when a writer asks for a confirmation (or the loop must stop): the next round starts at once
         self._wake = threading.Event()
         self.confirmed = 0  #: confirmation requests answered "shipped"
@@ -151,6 +154,11 @@ class Replication:
         self.last_extra: dict[str, float] = {}
         self.compactions: list[Any] = []  #: reports of the compactions this process ran
 
+    @property
+    def meta_snapshots(self) -> int:
+        """Metadata snapshots this process uploaded."""
+        return self.meta.snapshots
+
     def close(self) -> None:
         for node in self.nodes.values():
             if node.confirm is not None:
@@ -160,9 +168,7 @@ class Replication:
             node.replicator.close()
             os.close(node.lock_fd)  # releases the node for a standby
         self.nodes.clear()
-        if self._meta_fd is not None:
-            os.close(self._meta_fd)
-            self._meta_fd = None
+        self.meta.close()
         if self._owns_target:
             self.target.close()
 
@@ -232,51 +238,8 @@ class Replication:
             self.last_extra = {"meta": t1 - t, "compact": time.perf_counter() - t1}
         return out
 
-    def _meta_signature(self) -> tuple[int, ...] | None:
-        """Sizes and times of the files holding the metadata and the app's global tables; None when the
-        metadata is not in a local file (PostgreSQL)."""
-        paths = [self.store.meta.app_global_path]
-        if self.store.meta.local:
-            paths.append(os.path.join(self.store.root, "global.db"))
-        found: list[int] = []
-        for path in paths:
-            for suffix in ("", "-wal"):
-                try:
-                    info = os.stat(path + suffix)
-                    found += [info.st_size, info.st_mtime_ns]
-                except FileNotFoundError:
-                    found += [0, 0]
-        return tuple(found) if self.store.meta.local else None
-
     def _meta_round(self) -> None:
-        if self._meta_fd is None:
-            self._meta_fd = _try_lock(os.path.join(self.store.root, STAGING_DIR), "meta.lock")
-            if self._meta_fd is None:
-                return  # another process uploads the metadata snapshots
-        now = self.clock()
-        if self._meta_at is not None and now - self._meta_at < META_EVERY:
-            return
-        seen = self._meta_signature()
-        if seen is not None and seen == self._meta_seen:
-            self._meta_at = now
-            return
-        # the root's erase lock from the export to the upload: an erase waits for a snapshot being taken (and
-        # then rewrites it), and the snapshot waits for an erase (module doc of shardlite.services.erase)
-        lock = erase_lock(self.store.root, wait=None)
-        if lock is None:
-            return  # an erase is running: the snapshot is taken at the next round
-        try:
-            with tempfile.TemporaryDirectory(dir=os.path.join(self.store.root, STAGING_DIR)) as scratch:
-                with self.store.meta.export_global(scratch) as path:
-                    global_db = standalone_image(path)
-            app_global_db = standalone_image(self.store.meta.app_global_path)
-            created = time.time_ns()
-            self.target.put(metasnap.object_name(created),
-                            metasnap.encode(created, self.store.root, global_db, app_global_db))
-        finally:
-            os.close(lock)
-        self._meta_seen, self._meta_at = seen, now
-        self.meta_snapshots += 1
+        self.meta.round(every=META_EVERY, delta_every=META_DELTA_EVERY)
 
     def _compact_round(self) -> None:
         """Compact when due, else write the key index's segment (checked every SEGMENT_EVERY seconds by this
@@ -284,7 +247,7 @@ class Replication:
         from . import replica_retention as rr
 
         now = self.clock()
-        if self._meta_fd is None or (self._compact_checked is not None
+        if self.meta.fd is None or (self._compact_checked is not None
                                      and now - self._compact_checked < replica_index.SEGMENT_EVERY):
             return
         self._compact_checked = now
