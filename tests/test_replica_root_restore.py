@@ -14,7 +14,6 @@ from helpers_s3 import TargetFactory
 import shardlite
 from shardlite.core import metasnap
 from shardlite.services.replica_restore import format_time, materialize, restore_root_from_replica
-from shardlite.services import replication as replication_module
 from shardlite.services.replication import Replication
 
 SCHEMA = {"user": ["CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"],
@@ -43,9 +42,8 @@ def metasnap_times(factory: TargetFactory) -> list[int]:
     return sorted(t for name, _ in target.list(metasnap.PREFIX) if (t := metasnap.time_of(name)) is not None)
 
 
-def test_a_whole_root_comes_back_at_the_latest_state_and_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_a_whole_root_comes_back_at_the_latest_state_and_at_a_time(tmp_path: Path,
                                                                    make_replica_target: TargetFactory) -> None:
-    monkeypatch.setattr(replication_module, "META_DELTA_EVERY", 0.0)  # a delta at every round that sees a change
     url = make_replica_target.url()
     keys = ["user:a", "user:b", "org:x"]
     with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=url, nodes=["n1", "n2"]) as router:

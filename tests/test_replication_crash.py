@@ -1,7 +1,9 @@
 """Disk loss after kill -9: writers and the replicator killed at random moments, the root deleted, every
 tenant restored from the replica. Every write acknowledged more than the lag bound before the kill is
 there exactly once, and each tenant comes back as a prefix of its acknowledged writes (never a hole). With
-``durability="replicated"`` every acknowledged write is there, whenever the kill came."""
+``durability="replicated"`` every acknowledged write is there, whenever the kill came. The writers register
+accounts too (metadata): every account registered more than the lag bound before the kill is there (the
+metadata's deltas, not only its 30 s snapshots)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from helpers_cli import run_script, shardlite_command
@@ -37,6 +40,7 @@ durability = sys.argv[3] if len(sys.argv) > 3 else "local"
 router = shardlite.Router(sys.argv[1], schema=SCHEMA, durability=durability, durability_timeout=20.0)
 keys = sys.argv[2].split(",")
 n = 0
+next_account = 0.0
 while True:
     n += 1
     key = keys[n % len(keys)]
@@ -48,6 +52,11 @@ while True:
         sys.stdout.flush()
         continue
     sys.stdout.write(f"{key} {n} {time.time_ns()}\\n")
+    if time.monotonic() >= next_account:  # an account every 0.2 s, however slow the writes
+        next_account = time.monotonic() + 0.2
+        email = f"w{os.getpid()}-{n}@example.com"
+        router.accounts.register(email)
+        sys.stdout.write(f"account {email} {time.time_ns()}\\n")
     sys.stdout.flush()
     time.sleep(0.002)
 """
@@ -67,11 +76,17 @@ def _replicator(root: str, env: dict[str, str]) -> subprocess.Popen[str]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def _write_kill_restore(tmp_path: Path, factory: TargetFactory, seed: int, durability: str
-                        ) -> tuple[dict[str, dict[int, int]], dict[str, list[int]], int]:
+class Run(NamedTuple):
+    acked: dict[str, dict[int, int]]  #: per key, acknowledged n -> when
+    rows: dict[str, list[int]]  #: per key, the restored rows
+    killed_ns: int
+    accounts: dict[str, int]  #: registered e-mail address -> when
+    restored_accounts: set[str]  #: the addresses the restored root holds
+
+
+def _write_kill_restore(tmp_path: Path, factory: TargetFactory, seed: int, durability: str) -> Run:
     """Two writers and a replicator, the replicator killed -9 once and restarted, then everything killed -9 at
-    once, the root deleted and restored from the replica: (acknowledged n -> time per key, the restored rows
-    per key, the time of the kill)."""
+    once, the root deleted and restored from the replica."""
     rng = random.Random(seed)
     url = factory.url(f"crash{seed}")
     root = str(tmp_path / "root")
@@ -108,11 +123,16 @@ def _write_kill_restore(tmp_path: Path, factory: TargetFactory, seed: int, durab
                 proc.kill()
             proc.wait()
     acked: dict[str, dict[int, int]] = {key: {} for key in KEYS}
+    accounts: dict[str, int] = {}
     for proc, line_one in zip(writers, first, strict=False):
         assert proc.stdout is not None
         for line in [line_one, *proc.stdout.read().splitlines()]:
             parts = line.split()
-            if len(parts) == 3:  # a torn last line is no acknowledgement
+            if len(parts) != 3 or not parts[2].isdigit():
+                continue  # a torn last line is no acknowledgement
+            if parts[0] == "account":
+                accounts[parts[1]] = int(parts[2])
+            else:
                 acked[parts[0]][int(parts[1])] = int(parts[2])
         proc.stdout.close()
         assert proc.stderr is not None
@@ -125,13 +145,23 @@ def _write_kill_restore(tmp_path: Path, factory: TargetFactory, seed: int, durab
     assert sorted(done.tenants) == sorted(KEYS)
     with shardlite.Router(str(tmp_path / "new"), schema=SCHEMA, create=False) as router:
         rows = {key: [n for (n,) in router.query(key, "SELECT n FROM log ORDER BY n")] for key in KEYS}
-    return acked, rows, killed_ns
+        restored_accounts = {email for email in accounts if router.accounts.by_email(email) is not None}
+    return Run(acked, rows, killed_ns, accounts, restored_accounts)
+
+
+def _accounts_within_the_lag(run: Run) -> None:
+    must = {email for email, at in run.accounts.items() if at < run.killed_ns - LAG_BOUND_S * 1e9}
+    assert len(must) >= 3, "the test registered too few accounts early enough to check"
+    missing = sorted(must - run.restored_accounts)
+    assert not missing, f"{len(missing)} accounts registered > {LAG_BOUND_S} s before the kill are lost: {missing[:5]}"
 
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_disk_loss_after_kill_9_loses_only_the_lag(tmp_path: Path, make_replica_target: TargetFactory,
                                                    seed: int) -> None:
-    acked, restored, killed_ns = _write_kill_restore(tmp_path, make_replica_target, seed, "local")
+    run = _write_kill_restore(tmp_path, make_replica_target, seed, "local")
+    acked, restored, killed_ns = run.acked, run.rows, run.killed_ns
+    _accounts_within_the_lag(run)
     for key in KEYS:
         rows = restored[key]
         ordered = sorted(acked[key])
@@ -149,7 +179,9 @@ def test_disk_loss_after_kill_9_loses_only_the_lag(tmp_path: Path, make_replica_
 @pytest.mark.parametrize("seed", [3, 4])
 def test_disk_loss_after_kill_9_with_replicated_durability_loses_no_acknowledged_write(
         tmp_path: Path, make_replica_target: TargetFactory, seed: int) -> None:
-    acked, restored, _killed_ns = _write_kill_restore(tmp_path, make_replica_target, seed, "replicated")
+    run = _write_kill_restore(tmp_path, make_replica_target, seed, "replicated")
+    acked, restored = run.acked, run.rows
+    _accounts_within_the_lag(run)
     for key in KEYS:
         rows = restored[key]
         assert len(acked[key]) >= 5, f"{key}: the test acknowledged too few writes to check"

@@ -10,8 +10,8 @@ once per upload interval):
   snapshot is ``every`` seconds old (``META_EVERY`` of :mod:`shardlite.services.replication`, 30 s), and
   whenever a delta would not be smaller than half the images;
 * between snapshots, with the metadata embedded (``global.db``), a **delta** when it changed: the pages that
-  differ from the last snapshot's, at most once per upload interval, and less often when taking them costs
-  more than :data:`DELTA_SHARE` of a core (each delta reads both images whole). So accounts, sessions and the
+  differ from the last snapshot's, at most once per upload interval (``META_DELTA_EVERY`` seconds apart at
+  least), and less often when taking them costs more than :data:`DELTA_SHARE` of a core (each delta reads both images whole). So accounts, sessions and the
   catalog reach the replica about one interval after they change, not one snapshot interval. With the
   metadata on PostgreSQL (whose export is a new file each time, with no stable pages) only snapshots are
   taken, every ``every`` seconds;
@@ -131,7 +131,8 @@ class MetaUploader:
         self._snap_at: float | None = None  #: clock time of the last snapshot (or of the last look at one)
         self._delta_at = 0.0
         self._delta_every = 0.0
-        self._seen: tuple[int, ...] | None = None  #: the files' signature at the last upload
+        self._seen: tuple[int, ...] | None = None  #: the files' signature at the last look at their images
+        self._last: tuple[str, str] | None = None  #: the digests of the images last uploaded
         self._erase_seen = b""
         self._deltas: list[tuple[int, str]] | None = None  #: deltas in the replica (time, name), once listed
         self.snapshots = 0  #: snapshots this process uploaded
@@ -143,20 +144,20 @@ class MetaUploader:
             self.fd = None
 
     def _signature(self) -> tuple[int, ...] | None:
-        """Sizes and times of the files holding the metadata and the app's global tables; None when the
-        metadata is not in a local file (PostgreSQL)."""
-        paths = [self.store.meta.app_global_path]
-        if self.store.meta.local:
-            paths.append(os.path.join(self.store.root, "global.db"))
+        """Sizes and times of the files holding the metadata and the app's global tables, and of an erase's
+        note; None when the metadata is not in a local file (PostgreSQL)."""
+        if not self.store.meta.local:
+            return None
+        paths = [self.store.meta.app_global_path, os.path.join(self.store.root, "global.db")]
         found: list[int] = []
-        for path in paths:
-            for suffix in ("", "-wal"):
-                try:
-                    info = os.stat(path + suffix)
-                    found += [info.st_size, info.st_mtime_ns]
-                except FileNotFoundError:
-                    found += [0, 0]
-        return tuple(found) if self.store.meta.local else None
+        for path in [p + suffix for p in paths for suffix in ("", "-wal")] + [
+                os.path.join(self.store.root, STAGING_DIR, ERASE_NOTE)]:
+            try:
+                info = os.stat(path)
+                found += [info.st_size, info.st_mtime_ns]
+            except FileNotFoundError:
+                found += [0, 0]
+        return tuple(found)
 
     def round(self, *, every: float, delta_every: float) -> None:
         """Upload what is due (module docstring): a snapshot when the last one is ``every`` seconds old and the
@@ -180,25 +181,34 @@ class MetaUploader:
         if lock is None:
             return  # an erase is running: the next round uploads
         try:
-            noted = _erase_noted(self.store.root)
-            if noted != self._erase_seen:
-                self._base, snapshot_due = None, True
-            created = time.time_ns()
-            spent = time.thread_time()
-            global_db, app_global_db = _images(self.store)
-            if not snapshot_due and self._upload_delta(created, global_db, app_global_db):
-                self._delta_every = (time.thread_time() - spent) / DELTA_SHARE
-                self._delta_at, self._seen = now, seen
-                return
-            self._upload_snapshot(created, global_db, app_global_db)
-            self._erase_seen = noted
+            self._upload(now, seen, snapshot_due)
         finally:
             os.close(lock)
-        self._snap_at = self._delta_at = now
+
+    def _upload(self, now: float, seen: tuple[int, ...] | None, snapshot_due: bool) -> None:
+        """Read both images and upload them as a delta or a snapshot, or nothing when they are the images
+        last uploaded (a file rewritten with the same content: a checkpoint)."""
+        noted = _erase_noted(self.store.root)
+        erased = noted != self._erase_seen  # the snapshots may have been rewritten: the next upload is one
+        created = time.time_ns()
+        spent = time.thread_time()
+        global_db, app_global_db = _images(self.store)
+        digests = (xxhash.xxh3_128_hexdigest(global_db), xxhash.xxh3_128_hexdigest(app_global_db))
         self._seen = seen
+        if digests == self._last and not erased:
+            if snapshot_due:
+                self._snap_at = now
+            return
+        if not snapshot_due and not erased and self._upload_delta(created, global_db, app_global_db):
+            self._delta_every = (time.thread_time() - spent) / DELTA_SHARE
+            self._delta_at, self._last = now, digests
+            return
+        self._upload_snapshot(created, global_db, app_global_db, digests)
+        self._erase_seen, self._last = noted, digests
+        self._snap_at = self._delta_at = now
         self._prune_deltas(created)
 
-    def _upload_snapshot(self, created: int, global_db: bytes, app_global_db: bytes) -> None:
+    def _upload_snapshot(self, created: int, global_db: bytes, app_global_db: bytes, digests: tuple[str, str]) -> None:
         name = metasnap.object_name(created)
         self.target.put(name, metasnap.encode(created, self.store.root, global_db, app_global_db))
         self.snapshots += 1
@@ -208,7 +218,6 @@ class MetaUploader:
                 sizes = (metadelta.page_size_of(global_db), metadelta.page_size_of(app_global_db))
             except metadelta.MetaDeltaError:
                 return  # not page-aligned (cannot happen with SQLite's images): snapshots only
-            digests = (xxhash.xxh3_128_hexdigest(global_db), xxhash.xxh3_128_hexdigest(app_global_db))
             self._base = _Base(name, created, digests, sizes, (metadelta.page_digests(global_db, sizes[0]),
                                                                metadelta.page_digests(app_global_db, sizes[1])))
 

@@ -34,8 +34,8 @@ every marked tenant captured, one upload. A round or tick whose wall time exceed
 The root's metadata (catalog, nodes, accounts, sessions: a ``global.db``-schema export, whichever backend
 holds it) and the app's global tables go to the replica as snapshots (:mod:`shardlite.core.metasnap`) at the
 first round and then every :data:`META_EVERY` seconds when they changed, and in between, with the metadata
-embedded, as deltas (the pages changed since the last snapshot: :mod:`shardlite.core.metadelta`) at most
-every :data:`META_DELTA_EVERY` seconds when they changed (with PostgreSQL metadata, whose changes a file's
+embedded, as deltas (the pages changed since the last snapshot: :mod:`shardlite.core.metadelta`) at the
+uploads that see them changed (with PostgreSQL metadata, whose changes a file's
 size and time do not show: snapshots every :data:`META_EVERY` seconds). The one process that holds
 ``<root>/.replica/meta.lock`` uploads them (:mod:`shardlite.services.replica_meta`). A whole root restored
 from the replica takes its metadata from the newest snapshot or delta at or before the restore time.
@@ -92,9 +92,9 @@ RECONCILE_SHARE = 0.004
 RECONCILE_SLICE = 1000
 #: Seconds between metadata snapshots (taken only when the metadata changed, where that can be seen).
 META_EVERY = 30.0
-#: Seconds between metadata deltas at least (taken only when the metadata changed, between snapshots, and less
+#: Seconds between metadata deltas at least: 0, a delta at every upload that sees the metadata changed (less
 #: often when they cost more than a share of a core: :mod:`shardlite.services.replica_meta`).
-META_DELTA_EVERY = INTERVAL
+META_DELTA_EVERY = 0.0
 #: A log last written this long before its tenant's last capture is taken as captured at the reconcile
 #: pass's first look at it (the file's time is coarser than the capture's clock).
 FIRST_LOOK_MARGIN_NS = 1_000_000_000

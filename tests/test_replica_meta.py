@@ -1,0 +1,225 @@
+"""The metadata in the replica between snapshots (shardlite.services.replica_meta): deltas carry accounts,
+sessions and the catalog to the replica about one interval after they change; a restore reads the newest
+snapshot or delta at or before its time; unusable deltas fall back to an earlier point; old deltas, orphaned
+deltas and an erase's deltas go; PostgreSQL metadata is snapshots only."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+from helpers_s3 import TargetFactory
+
+import shardlite
+from shardlite.core import metadelta, metasnap
+from shardlite.errors import ConfigurationError
+from shardlite.replica.target import ReplicaTarget
+from shardlite.services import replica_meta
+from shardlite.services import replication as replication_module
+from shardlite.services.replica_restore import materialize, restore_root_from_replica
+from shardlite.services.replication import Replication
+
+SCHEMA = {"user": ["CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"]}
+
+
+@pytest.fixture(autouse=True)
+def _a_delta_at_every_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rounds follow each other without waiting: a delta whenever the metadata changed, a snapshot only at
+    the first round (or when a test says so)."""
+    monkeypatch.setattr(replication_module, "META_DELTA_EVERY", 0.0)
+    monkeypatch.setattr(replica_meta, "DELTA_SHARE", 1e9)  # no wait after a delta's cost either
+    monkeypatch.setattr(replication_module, "META_EVERY", 3600.0)
+
+
+def _names(target: ReplicaTarget, prefix: str) -> list[str]:
+    return sorted(name for name, _size in target.list(prefix))
+
+
+def _emails(root: Path, emails: list[str]) -> set[str]:
+    with shardlite.Router(root, schema=SCHEMA, create=False) as back:
+        return {email for email in emails if back.accounts.by_email(email) is not None}
+
+
+def test_an_account_registered_after_the_snapshot_comes_back_from_a_delta(
+        tmp_path: Path, make_replica_target: TargetFactory) -> None:
+    url = make_replica_target.url()
+    with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=url) as router:
+        run = Replication(router._store)
+        try:
+            router.accounts.register("first@example.com")
+            run.run_round()
+            assert (run.meta.snapshots, run.meta.deltas) == (1, 0)
+            run.run_round()
+            assert (run.meta.snapshots, run.meta.deltas) == (1, 0)  # nothing changed: nothing uploaded
+            between = time.time_ns()
+            router.accounts.register("second@example.com")
+            with router.transaction("user:a") as tx:  # a new tenant: a catalog row
+                tx.execute("INSERT INTO notes(body) VALUES ('a')")
+            run.run_round()
+            assert (run.meta.snapshots, run.meta.deltas) == (1, 1)
+            router.accounts.register("third@example.com")
+            run.run_round()
+            assert (run.meta.snapshots, run.meta.deltas) == (1, 2)
+        finally:
+            run.close()
+    target = make_replica_target()
+    deltas = _names(target, metadelta.PREFIX)
+    assert len(deltas) == 2 and all(d.startswith(metadelta.PREFIX) for d in deltas)
+    emails = ["first@example.com", "second@example.com", "third@example.com"]
+    done = restore_root_from_replica(target, str(tmp_path / "back"))
+    assert sorted(done.tenants) == ["user:a"]
+    assert _emails(tmp_path / "back", emails) == set(emails)
+    restore_root_from_replica(target, str(tmp_path / "at"), at_ns=between)  # the snapshot's point
+    assert _emails(tmp_path / "at", emails) == {"first@example.com"}
+    second_ns = metadelta.times_of(deltas[0])
+    assert second_ns is not None
+    restore_root_from_replica(target, str(tmp_path / "at2"), at_ns=second_ns[0])  # the first delta's point
+    assert _emails(tmp_path / "at2", emails) == {"first@example.com", "second@example.com"}
+
+
+def _three_points(tmp_path: Path, url: str) -> None:
+    """A snapshot (one account), then two deltas (a second account, then a third)."""
+    with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=url) as router:
+        run = Replication(router._store)
+        try:
+            for email in ("a@example.com", "b@example.com", "c@example.com"):
+                router.accounts.register(email)
+                run.run_round()
+            assert (run.meta.snapshots, run.meta.deltas) == (1, 2)
+        finally:
+            run.close()
+
+
+def test_an_unusable_delta_gives_the_point_before_it(tmp_path: Path, make_replica_target: TargetFactory,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    _three_points(tmp_path, make_replica_target.url())
+    target = make_replica_target()
+    first, last = _names(target, metadelta.PREFIX)
+    emails = ["a@example.com", "b@example.com", "c@example.com"]
+    target.put(last, target.get(last)[:-10])  # damaged
+    with caplog.at_level(logging.WARNING, logger="shardlite.replicate"):
+        restore_root_from_replica(target, str(tmp_path / "back"))
+    assert _emails(tmp_path / "back", emails) == {"a@example.com", "b@example.com"}
+    assert any(last in record.getMessage() for record in caplog.records)
+    # a delta made against another snapshot (say, one an erase rewrote) is not applied to it
+    (snapshot,) = _names(target, metasnap.PREFIX)
+    header, global_db, app_global_db = metasnap.decode(target.get(snapshot))
+    changed = bytearray(global_db)
+    changed[-1] ^= 1  # a byte of the last page's free space: a valid image, not the one the delta knows
+    target.put(snapshot, metasnap.encode(header.created_ns, header.root, bytes(changed), app_global_db))
+    restore_root_from_replica(target, str(tmp_path / "back2"))
+    assert _emails(tmp_path / "back2", emails) == {"a@example.com"}
+    # no snapshot: nothing to apply a delta to, and the error says what to do
+    target.delete_many([snapshot])
+    with pytest.raises(ConfigurationError, match="no metadata snapshot"):
+        materialize(target, str(tmp_path / "none"))
+    assert first in _names(target, metadelta.PREFIX)
+
+
+def test_deltas_older_than_the_fine_window_go_with_the_next_snapshot_and_orphans_with_retention(
+        tmp_path: Path, make_replica_target: TargetFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = make_replica_target.url()
+    target = make_replica_target()
+    with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=url) as router:
+        run = Replication(router._store)
+        try:
+            for email in ("a@example.com", "b@example.com", "c@example.com"):
+                router.accounts.register(email)
+                run.run_round()
+            assert len(_names(target, metadelta.PREFIX)) == 2
+            run.run_round()  # unchanged: no snapshot, no pruning
+            assert len(_names(target, metadelta.PREFIX)) == 2
+            monkeypatch.setattr(replica_meta, "FINE_WINDOW", 0.0)
+            monkeypatch.setattr(replication_module, "META_EVERY", 0.0)
+            router.accounts.register("d@example.com")
+            run.run_round()  # a snapshot: the deltas before it are older than the (empty) fine window
+            assert run.meta.snapshots == 2
+            assert _names(target, metadelta.PREFIX) == []
+            monkeypatch.setattr(replication_module, "META_EVERY", 3600.0)
+            router.accounts.register("e@example.com")
+            run.run_round()
+            (kept,) = _names(target, metadelta.PREFIX)
+        finally:
+            run.close()
+    snapshots = _names(target, metasnap.PREFIX)
+    orphan = metadelta.object_name(time.time_ns(), 5)  # made against a snapshot the replica does not hold
+    target.put(orphan, target.get(kept))
+    assert replica_meta.prune(target, 0) == 1  # the orphan only: no snapshot is before the window's start
+    assert _names(target, metadelta.PREFIX) == [kept] and _names(target, metasnap.PREFIX) == snapshots
+    assert replica_meta.prune(target, time.time_ns()) == 1  # the older snapshot; the newest stays with its delta
+    assert _names(target, metasnap.PREFIX) == snapshots[-1:] and _names(target, metadelta.PREFIX) == [kept]
+    restore_root_from_replica(target, str(tmp_path / "back"))
+    assert _emails(tmp_path / "back", ["d@example.com", "e@example.com"]) == {"d@example.com", "e@example.com"}
+
+
+def test_an_erase_deletes_the_deltas_and_the_next_upload_is_a_snapshot(
+        tmp_path: Path, make_replica_target: TargetFactory) -> None:
+    url = make_replica_target.url()
+    target = make_replica_target()
+    with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=url) as router:
+        run = Replication(router._store)
+        try:
+            router.accounts.register("a@example.com")
+            run.run_round()
+            with router.transaction("user:gone") as tx:
+                tx.execute("INSERT INTO notes(body) VALUES ('personal')")
+            router.accounts.register("b@example.com")
+            run.run_round()
+            assert run.meta.deltas == 1 and len(_names(target, metadelta.PREFIX)) == 1
+            receipt = router.drop("user:gone", erase=True)
+            assert receipt["metadata_deltas_deleted"] == 1
+            assert _names(target, metadelta.PREFIX) == []
+            router.accounts.register("c@example.com")
+            run.run_round()  # the erase may have rewritten the snapshot: a snapshot, not a delta against it
+            assert (run.meta.snapshots, run.meta.deltas) == (2, 1)
+            router.accounts.register("d@example.com")
+            run.run_round()
+            assert run.meta.deltas == 2
+        finally:
+            run.close()
+    done = restore_root_from_replica(target, str(tmp_path / "back"))
+    assert "user:gone" not in done.tenants
+    emails = ["a@example.com", "b@example.com", "c@example.com", "d@example.com"]
+    assert _emails(tmp_path / "back", emails) == set(emails)
+
+
+def test_postgresql_metadata_is_replicated_as_snapshots_only(any_meta: str, tmp_path: Path,
+                                                            make_replica_target: TargetFactory) -> None:
+    url = make_replica_target.url()
+    with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=url) as router:
+        run = Replication(router._store)
+        try:
+            router.accounts.register("a@example.com")
+            run.run_round()
+            router.accounts.register("b@example.com")
+            run.run_round()
+            expected = (1, 0) if any_meta == "postgresql" else (1, 1)
+            assert (run.meta.snapshots, run.meta.deltas) == expected
+        finally:
+            run.close()
+
+
+def test_a_delta_as_large_as_half_the_images_is_a_snapshot_instead(tmp_path: Path,
+                                                                  make_replica_target: TargetFactory) -> None:
+    url = make_replica_target.url()
+    with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=url) as router:
+        run = Replication(router._store)
+        try:
+            run.run_round()
+            for i in range(3000):  # many more pages than the snapshot had
+                router.accounts.register(f"u{i}@example.com", bio="x" * 100)
+            run.run_round()
+            assert (run.meta.snapshots, run.meta.deltas) == (2, 0)
+            router.accounts.register("one.more@example.com")
+            run.run_round()
+            assert (run.meta.snapshots, run.meta.deltas) == (2, 1)
+        finally:
+            run.close()
+    target = make_replica_target()
+    (delta,) = _names(target, metadelta.PREFIX)
+    header, _g, _a = metadelta.decode(target.get(delta))
+    snapshot = _names(target, metasnap.PREFIX)[-1]
+    assert header.base == snapshot
+    assert len(target.get(delta)) < len(target.get(snapshot)) // 4
