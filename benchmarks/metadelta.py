@@ -64,7 +64,8 @@ def measure(tenants: int, rounds: int) -> str:
     return (f"{tenants:>7,} tenants: snapshot {snapshot_size / 1e6:.1f} MB; delta {sizes[0] / 1e3:.0f}-"
             f"{sizes[-1] / 1e3:.0f} KB (cumulative, {rounds} rounds of 20 accounts); per delta CPU "
             f"{1e3 * statistics.median(cpu):.1f} ms (min {1e3 * min(cpu):.1f}), wall "
-            f"{1e3 * statistics.median(wall):.1f} ms; cadence floor {statistics.median(cpu) / replica_meta.DELTA_SHARE:.2f} s")
+            f"{1e3 * statistics.median(wall):.1f} ms; cadence floor "
+            f"{statistics.median(cpu) / replica_meta.DELTA_SHARE:.2f} s")
 
 
 def main() -> None:
