@@ -124,3 +124,15 @@ def test_hostile_headers_are_refused(fields: dict[str, object]) -> None:
     except metadelta.MetaDeltaError:
         return
     assert len(body) == len(got.global_db.pages) * got.global_db.page_size
+
+
+def test_a_length_past_the_base_and_the_pages_is_refused_before_anything_is_allocated() -> None:
+    header, body, _ = metadelta.decode(_BLOB)
+    huge = metadelta.PartDelta(header.global_db.base_digest, 1 << 40, header.global_db.digest, 4096,
+                               header.global_db.pages)
+    try:
+        metadelta.apply(_BASE, huge, body)
+    except metadelta.MetaDeltaError as exc:
+        assert "length" in str(exc)
+    else:
+        raise AssertionError("a delta longer than its base and its pages was applied")

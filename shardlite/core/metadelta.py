@@ -175,6 +175,10 @@ def apply(base: bytes, part: PartDelta, body: bytes) -> bytes:
     records."""
     if xxhash.xxh3_128_hexdigest(base) != part.base_digest:
         raise MetaDeltaError("the metadata delta was made against another snapshot than the one it names")
+    if part.length > max(len(base), (part.pages[-1] + 1) * part.page_size if part.pages else 0):
+        # every page past the base's end is a changed page: a longer result without them is damage (and
+        # would be a zero-filled allocation of whatever length a hostile header names)
+        raise MetaDeltaError("the metadata delta names a length its pages do not reach (damaged)")
     out = bytearray(base[:part.length])
     out.extend(bytes(part.length - len(out)))
     size = part.page_size
