@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers_cli import run_script
+from helpers_procs import child_env
 from helpers_s3 import TargetFactory
 
 import shardlite
@@ -223,3 +225,31 @@ def test_a_delta_as_large_as_half_the_images_is_a_snapshot_instead(tmp_path: Pat
     snapshot = _names(target, metasnap.PREFIX)[-1]
     assert header.base == snapshot
     assert len(target.get(delta)) < len(target.get(snapshot)) // 4
+
+
+def test_status_says_what_the_replica_holds_of_the_metadata(tmp_path: Path,
+                                                          make_replica_target: TargetFactory) -> None:
+    url = make_replica_target.url()
+    root = tmp_path / "root"
+    with shardlite.Router(root, schema=SCHEMA, replicate=url) as router:
+        run = Replication(router._store)
+        try:
+            assert run.status()["metadata"] is None
+            router.accounts.register("a@example.com")
+            run.run_round()
+            run.run_round()  # a first read of app_global.db may touch its time: the next look settles it
+            first = run.status()["metadata"]
+            assert first["object"].startswith(metasnap.PREFIX) and first["changed_since"] is False
+            assert first["lag_s"] == 0.0
+            time.sleep(0.01)  # a file time after the record's (not a timing assertion: ordering only)
+            router.accounts.register("b@example.com")
+            pending = run.status()["metadata"]
+            assert pending["changed_since"] is True and pending["object"] == first["object"]
+            run.run_round()
+            second = run.status()["metadata"]
+            assert second["object"].startswith(metadelta.PREFIX) and second["changed_since"] is False
+        finally:
+            run.close()
+    ran = run_script("--root", str(root), "replicate", "status", env=child_env())
+    assert ran.returncode == 0, ran.stderr
+    assert f"metadata: {second['object']}" in ran.stdout and "unchanged since" in ran.stdout

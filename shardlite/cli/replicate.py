@@ -94,6 +94,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     total = report["total"]
     echo(f"replica: {literal(report['target'])}; tenants {total['tenants']}, max lag {total['max_lag_s']:.1f} s, "
          f"staged captures {total['staged']}, staged drops {total['drops_staged']}, packs {total['packs']}")
+    meta = report["metadata"]
+    if meta is None:
+        echo("metadata: not uploaded yet (a replicator uploads it in its first round)")
+    else:
+        since = {True: f", changed since: up to {meta['lag_s']:.1f} s behind", False: ", unchanged since",
+                 None: ""}[meta["changed_since"]]
+        echo(f"metadata: {meta['object']}, as of {replica_restore.format_time(meta['as_of_ns'])} "
+             f"({meta['age_s']:.1f} s ago){since}")
     print_table("nodes", ["node", "staged", "staged bytes", "staged drops", "packs", "pack bytes", "last pack"],
                 [[name, n["staged"], n["staged_bytes"], n["drops_staged"], n["packs"], n["pack_bytes"],
                   n["last_pack"] or "-"] for name, n in sorted(report["nodes"].items())])

@@ -5,18 +5,21 @@
 once per upload interval):
 
 * nothing is uploaded while the files holding the metadata and the app's global tables (``global.db``,
-  ``app_global.db`` and their logs) keep their sizes and times since the last upload;
+  ``app_global.db`` and their logs) and an erase's note keep their sizes and times since the last look,
+  nor when the images read are those last uploaded (a checkpoint rewrites a file, not its content);
 * a **snapshot** (both images whole) at the first round, then when the metadata changed and the last
   snapshot is ``every`` seconds old (``META_EVERY`` of :mod:`shardlite.services.replication`, 30 s), and
   whenever a delta would not be smaller than half the images;
 * between snapshots, with the metadata embedded (``global.db``), a **delta** when it changed: the pages that
   differ from the last snapshot's, at most once per upload interval (``META_DELTA_EVERY`` seconds apart at
-  least), and less often when taking them costs more than :data:`DELTA_SHARE` of a core (each delta reads both images whole). So accounts, sessions and the
-  catalog reach the replica about one interval after they change, not one snapshot interval. With the
-  metadata on PostgreSQL (whose export is a new file each time, with no stable pages) only snapshots are
-  taken, every ``every`` seconds;
+  least), and less often when taking them costs more than :data:`DELTA_SHARE` of a core (each delta reads
+  both images whole). So accounts, sessions and the catalog reach the replica about one interval after
+  they change, not one snapshot interval. With the metadata on PostgreSQL (whose export is a new file each
+  time, with no stable pages) only snapshots are taken, every ``every`` seconds;
 * after each snapshot, the deltas older than :data:`FINE_WINDOW` are deleted: older restore points of the
-  metadata are the snapshots alone.
+  metadata are the snapshots alone;
+* after each look, :data:`SHIPPED` records the object last uploaded and the time as of which the replica
+  holds the metadata, for ``replicate status`` (:func:`shipped`).
 
 Everything is read and uploaded under the root's erase lock (:func:`~shardlite.files.staging.erase_lock`),
 and a snapshot's time, like a delta's, is taken *before* its images are read: a commit acknowledged before
@@ -31,6 +34,7 @@ logged and the next older point is tried; a damaged snapshot is an error that sa
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -48,7 +52,7 @@ from ..front.store import Store
 from ..replica.target import ReplicaTarget
 from .backup import standalone_image
 
-__all__ = ["MetaUploader", "MetaImage", "meta_at", "note_erase", "prune", "DELTA_SHARE", "FINE_WINDOW"]
+__all__ = ["MetaUploader", "MetaImage", "meta_at", "note_erase", "prune", "shipped", "DELTA_SHARE", "FINE_WINDOW"]
 
 log = logging.getLogger("shardlite.replicate")
 
@@ -61,6 +65,8 @@ DELTA_SHARE = 0.05
 FINE_WINDOW = 600.0
 #: The file an erase writes before it rewrites snapshots (:func:`note_erase`).
 ERASE_NOTE = "meta-erased"
+#: The file the uploader records its last upload in, for ``replicate status`` (:func:`shipped`).
+SHIPPED = "meta-shipped.json"
 
 
 class MetaImage(NamedTuple):
@@ -133,6 +139,8 @@ class MetaUploader:
         self._delta_every = 0.0
         self._seen: tuple[int, ...] | None = None  #: the files' signature at the last look at their images
         self._last: tuple[str, str] | None = None  #: the digests of the images last uploaded
+        self._last_object = ""  #: the name of the object last uploaded, and when
+        self._uploaded_ns = 0
         self._erase_seen = b""
         self._deltas: list[tuple[int, str]] | None = None  #: deltas in the replica (time, name), once listed
         self.snapshots = 0  #: snapshots this process uploaded
@@ -198,20 +206,35 @@ class MetaUploader:
         if digests == self._last and not erased:
             if snapshot_due:
                 self._snap_at = now
-            return
-        if not snapshot_due and not erased and self._upload_delta(created, global_db, app_global_db):
+        elif not snapshot_due and not erased and self._upload_delta(created, global_db, app_global_db):
             self._delta_every = (time.thread_time() - spent) / DELTA_SHARE
             self._delta_at, self._last = now, digests
-            return
-        self._upload_snapshot(created, global_db, app_global_db, digests)
-        self._erase_seen, self._last = noted, digests
-        self._snap_at = self._delta_at = now
-        self._prune_deltas(created)
+        else:
+            self._upload_snapshot(created, global_db, app_global_db, digests)
+            self._erase_seen, self._last = noted, digests
+            self._snap_at = self._delta_at = now
+            self._prune_deltas(created)
+        self._record(created)
+
+    def _record(self, as_of_ns: int) -> None:
+        """Write :data:`SHIPPED` for ``replicate status``: the object last uploaded and the time as of which the
+        replica holds the metadata (that upload's, or a later look that found the same images). Not fsynced:
+        a crash loses a status line, never metadata."""
+        record = {"object": self._last_object, "uploaded_ns": self._uploaded_ns, "as_of_ns": as_of_ns}
+        directory = os.path.join(self.store.root, STAGING_DIR)
+        try:
+            fd, temp = tempfile.mkstemp(dir=directory, prefix=".meta-shipped-")
+            with os.fdopen(fd, "w") as handle:
+                json.dump(record, handle)
+            os.replace(temp, os.path.join(directory, SHIPPED))
+        except OSError as exc:
+            log.warning("replicate: cannot record the metadata's last upload for `replicate status` (%s)", exc)
 
     def _upload_snapshot(self, created: int, global_db: bytes, app_global_db: bytes, digests: tuple[str, str]) -> None:
         name = metasnap.object_name(created)
         self.target.put(name, metasnap.encode(created, self.store.root, global_db, app_global_db))
         self.snapshots += 1
+        self._last_object, self._uploaded_ns = name, time.time_ns()
         self._base = None
         if self.store.meta.local:
             try:
@@ -244,6 +267,7 @@ class MetaUploader:
         name = metadelta.object_name(created, base.created_ns)
         self.target.put(name, metadelta.encode(created, self.store.root, base.name, parts))
         self.deltas += 1
+        self._last_object, self._uploaded_ns = name, time.time_ns()
         if self._deltas is not None:
             self._deltas.append((created, name))
         return True
@@ -263,6 +287,31 @@ class MetaUploader:
         except ShardliteError as exc:
             log.warning("replicate: cannot delete old metadata deltas (%s); trying again later", exc)
             self._deltas = None
+
+
+def shipped(store: Store, now_ns: int) -> dict[str, object] | None:
+    """For ``replicate status``: the object last uploaded, when, the time as of which the replica holds the
+    metadata and its age, and whether the metadata's files changed since (None with PostgreSQL metadata,
+    whose changes they do not show; then ``lag_s`` is that age, an upper bound); None before any upload."""
+    try:
+        with open(os.path.join(store.root, STAGING_DIR, SHIPPED), "rb") as handle:
+            record = json.loads(handle.read(4096))
+        name, uploaded, as_of = str(record["object"]), int(record["uploaded_ns"]), int(record["as_of_ns"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # nothing uploaded yet (or a damaged status file: the next upload rewrites it)
+    changed: bool | None = None
+    if store.meta.local:
+        times = []
+        for path in (store.meta.app_global_path, os.path.join(store.root, "global.db")):
+            for suffix in ("", "-wal"):
+                try:
+                    times.append(os.stat(path + suffix).st_mtime_ns)
+                except FileNotFoundError:
+                    pass
+        changed = max(times, default=0) > as_of
+    age = max(0, now_ns - as_of) / 1e9
+    return {"object": name, "uploaded_ns": uploaded, "as_of_ns": as_of, "age_s": age, "changed_since": changed,
+            "lag_s": 0.0 if changed is False else age}
 
 
 def _listing(target: ReplicaTarget) -> tuple[list[tuple[int, str, int]], dict[int, str]]:

@@ -64,7 +64,7 @@ from ..files import notesfile
 from ..files.staging import STAGING_DIR
 from ..front.store import Store
 from ..replica.target import ReplicaTarget, open_target
-from . import replica_index
+from . import replica_index, replica_meta
 from .confirmations import ConfirmServer, Request
 from .replica_meta import MetaUploader
 from .replicator import NodeReplicator, RoundStats
@@ -523,4 +523,5 @@ def status(store: Store, now_ns: int | None = None, *, owned: set[str] | None = 
                       "staged": sum(n["staged"] for n in nodes.values()),
                       "drops_staged": sum(n["drops_staged"] for n in nodes.values()),
                       "packs": sum(n["packs"] for n in nodes.values())},
+            "metadata": replica_meta.shipped(store, now),
             "owned": sorted(owned or ()), "standby": sorted(standby or ())}
