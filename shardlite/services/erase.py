@@ -65,7 +65,7 @@ from ..files.staging import Staging, erase_lock
 from ..front.store import Store
 from ..replica.target import ReplicaTarget, open_target, redact
 from . import lifecycle, replica_index, replica_meta
-from .replica_read import list_packs, read_header, tombstone_name
+from .replica_read import list_packs, read_headers, tombstone_name
 
 __all__ = ["erase", "LOCK_WAIT"]
 
@@ -237,13 +237,11 @@ def erase(store: Store, key: object, *, target: ReplicaTarget | None = None,
         nodes_hit = {live["node"]} if "node" in live else set()
         hits: list[str] = []
         unreadable: list[dict[str, str]] = []
-        packs = 0
-        for name, size in list_packs(target):
-            packs += 1
-            try:
-                info = read_header(target, name, size)
-            except pack.PackError as exc:
-                unreadable.append({"object": name, "error": str(exc)})
+        listed = list(list_packs(target))
+        packs = len(listed)
+        for name, info in read_headers(target, listed).items():
+            if isinstance(info, pack.PackError):
+                unreadable.append({"object": name, "error": str(info)})
                 continue
             mine = [entry for entry in info.header.entries if entry.key == canon]
             mine_dropped = [drop for drop in info.header.drops if drop.key == canon]  # identifiers: they go too

@@ -22,10 +22,11 @@ import xxhash
 
 from ..core import pack, timeline
 from ..errors import ReplicaObjectMissing
+from ..files.headercache import HeaderCache
 from ..replica.target import ReplicaTarget
 from . import replica_index
 
-__all__ = ["PackInfo", "list_packs", "read_header", "captures_of", "PACKS_PREFIX", "ERASED_PREFIX",
+__all__ = ["PackInfo", "list_packs", "read_header", "read_headers", "captures_of", "PACKS_PREFIX", "ERASED_PREFIX",
            "tombstone_name", "erased_names"]
 
 PACKS_PREFIX = "v1/packs/"
@@ -66,6 +67,49 @@ def _read_header(target: ReplicaTarget, name: str, size: int) -> tuple[PackInfo,
             head += target.get_range(name, len(head), need - len(head))
     header, payload_at = pack.decode_header(head, size=size)
     return PackInfo(name, size, header, payload_at), head
+
+
+#: Headers read at once by :func:`read_headers` (each read holds up to :data:`FIRST_READ` bytes until its
+#: header is decoded).
+HEADER_BATCH = 256
+
+
+def read_headers(target: ReplicaTarget, listed: list[tuple[str, int]], *, cache: HeaderCache | None = None,
+                 final: Callable[[str], bool] = lambda name: False) -> dict[str, PackInfo | pack.PackError]:
+    """The header of every pack of ``listed`` ((name, size), in that order), or the
+    :class:`~shardlite.core.pack.PackError` that says why it is not a valid pack: headers in ``cache`` under
+    the same name and size are decoded from it (validated like bytes from the replica); the others are read
+    from the replica in parallel (:func:`shardlite.services.replica_index.readers`), and those of packs
+    ``final`` says will not change are added to the cache (:mod:`shardlite.files.headercache`), whose rows
+    of packs not listed are deleted. A replica that cannot be reached raises."""
+    sizes = dict(listed)
+    out: dict[str, PackInfo | pack.PackError] = {}
+    for name, head in (cache.lookup(sizes) if cache is not None else {}).items():
+        try:
+            header, payload_at = pack.decode_header(head, size=sizes[name])
+        except pack.PackError:
+            continue  # a damaged cache row: read from the replica below
+        out[name] = PackInfo(name, sizes[name], header, payload_at)
+    missing = [(name, size) for name, size in listed if name not in out]
+    pool = replica_index.readers()
+    for at in range(0, len(missing), HEADER_BATCH):
+        batch = missing[at:at + HEADER_BATCH]
+        futures = [pool.submit(_read_header, target, name, size) for name, size in batch]
+        rows = []
+        for (name, size), future in zip(batch, futures, strict=True):
+            try:
+                info, head = future.result()
+            except pack.PackError as exc:
+                out[name] = exc
+                continue
+            out[name] = info
+            if final(name):
+                rows.append((name, size, bytes(head[:info.payload_at])))
+        if cache is not None and rows:
+            cache.store(rows)
+    if cache is not None:
+        cache.retain(sizes)
+    return {name: out[name] for name, _size in listed}
 
 
 def tombstone_name(incarnation: str) -> str:

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 from ..core import keyindex, metasnap, pack, retention, timeline
 from ..errors import Busy, ReplicaError
+from ..files.headercache import HeaderCache
 from ..files.staging import STAGING_DIR, Staging, erase_lock
 from ..front.store import Store
 from ..meta.replica_record import recorded_windows
@@ -118,6 +119,13 @@ def compaction_due(target: ReplicaTarget, now_ns: int) -> bool:
             return False
         since = min(times)
     return now_ns - since >= COMPACT_EVERY * 1e9
+
+
+def _final(name: str, shipped: dict[str, int]) -> bool:
+    """Whether pack ``name``'s header can be cached: a compaction pack, or a numbered pack its replicator
+    recorded as shipped (:mod:`shardlite.files.headercache`)."""
+    seq = keyindex.pack_seq(name)
+    return seq is None or seq[1] <= shipped.get(seq[0], -1)
 
 
 def _compacted_name(node: str, created_ns: int, part: int) -> str:
@@ -240,9 +248,18 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
     infos: dict[str, replica_read.PackInfo] = {}
     located: list[retention.Located] = []
     drops: list[retention.LocatedDrop] = []
-    for name, size in replica_read.list_packs(target):
-        info = replica_read.read_header(target, name, size)
-        infos[name] = info
+    listed = list(replica_read.list_packs(target))
+    # recorded as shipped before the listing: a pack above it may still be uploaded again, so it is not cached
+    shipped = replica_index.part_coverage(store, [name for name, _size in listed])
+    cache = HeaderCache(os.path.join(store.root, STAGING_DIR))
+    try:
+        read = replica_read.read_headers(target, listed, cache=cache, final=lambda name: _final(name, shipped))
+    finally:
+        cache.close()
+    for name, found in read.items():
+        if isinstance(found, pack.PackError):
+            raise found
+        info = infos[name] = found
         drops.extend(retention.LocatedDrop(name, drop.key, drop.incarnation, drop.dropped_ns)
                      for drop in info.header.drops if not (tombstones and is_erased(tombstones, drop.incarnation)))
         for position, entry in enumerate(info.header.entries):

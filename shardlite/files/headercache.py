@@ -1,0 +1,82 @@
+"""A local cache of pack headers, so that a compaction reads from the replica only the headers of packs it has
+not seen (``<root>/.replica/headers.db``).
+
+A compaction plans from every pack's header. Packs accumulate over the retention window (one per node per
+upload interval with writes: about 7,200 an hour, 1.2 million over the default 7 days), and reading each one's
+header again every hour would cost a ranged GET per pack per hour. The headers of *final* packs do not change:
+
+* a numbered pack up to the sequence number its node's replicator recorded as shipped (one not recorded yet
+  may be uploaded again, with other captures, after a crash: it is never cached);
+* a compaction pack (written once by a compaction);
+* except that an erase rewrites a pack under the same name without the erased key's entries and drop
+  records. That makes it strictly smaller (every entry and every drop record takes bytes of the header), so
+  the cache is keyed by name *and size*: a rewritten pack misses and is read again.
+
+What the cache holds is read back through :func:`shardlite.core.pack.decode_header` like bytes from the
+replica (validated whole): a damaged cache file costs reads, never a wrong plan's validation. Rows of packs no
+longer listed are deleted after each use. Losing the file (or a crash while it is written: it is a cache,
+``synchronous=NORMAL``) costs one compaction's reads. One user at a time: the compaction, under the root's
+compaction lock.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import apsw
+
+from .engine import ensure_private_dir
+
+__all__ = ["HeaderCache", "FILE_NAME"]
+
+FILE_NAME = "headers.db"
+_SCHEMA = "CREATE TABLE IF NOT EXISTS headers(name TEXT PRIMARY KEY, size INTEGER NOT NULL, head BLOB NOT NULL)"
+
+
+class HeaderCache:
+    """Cached pack headers of one root (module docstring). Not thread-safe."""
+
+    def __init__(self, directory: str) -> None:
+        ensure_private_dir(directory)
+        self.path = os.path.join(directory, FILE_NAME)
+        if not os.path.exists(self.path):  # created 0600 before SQLite opens it
+            try:
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+            except FileExistsError:
+                pass
+        self.conn = apsw.Connection(self.path, flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOFOLLOW)
+        try:
+            self.conn.set_busy_timeout(5000)
+            self.conn.execute("PRAGMA journal_mode=WAL").fetchall()
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute(_SCHEMA)
+        except apsw.Error:
+            self.conn.close()
+            raise
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def lookup(self, listed: dict[str, int]) -> dict[str, bytes]:
+        """The cached first bytes (magic, length, header) of every pack of ``listed`` (name -> size) whose
+        name and size are cached."""
+        found: dict[str, bytes] = {}
+        for name, size, head in self.conn.execute("SELECT name, size, head FROM headers"):
+            if listed.get(name) == size and isinstance(head, bytes):
+                found[name] = head
+        return found
+
+    def store(self, rows: Iterable[tuple[str, int, bytes]]) -> None:
+        """Cache (name, size, first bytes) of final packs."""
+        with self.conn:
+            self.conn.executemany("INSERT OR REPLACE INTO headers(name, size, head) VALUES (?, ?, ?)", rows)
+
+    def retain(self, listed: Iterable[str]) -> int:
+        """Delete the rows of packs not in ``listed``; how many went."""
+        keep = set(listed)
+        gone = [(name,) for (name,) in self.conn.execute("SELECT name FROM headers") if name not in keep]
+        if gone:
+            with self.conn:
+                self.conn.executemany("DELETE FROM headers WHERE name = ?", gone)
+        return len(gone)
