@@ -26,7 +26,7 @@ def _delta(base: bytes, image: bytes, other_base: bytes = b"", other: bytes = b"
         found = metadelta.diff(metadelta.page_digests(old, size), size, new)
         assert found is not None
         parts.append(metadelta.part_of(xxhash.xxh3_128_hexdigest(old), new, *found))
-    return metadelta.encode(7, "/root", "v1/meta/00000000000000000005.meta", parts)
+    return metadelta.encode(7, 6, "/root", "v1/meta/00000000000000000005.meta", parts)
 
 
 def test_a_delta_holds_only_the_changed_pages_and_applies_to_its_base() -> None:
@@ -78,6 +78,9 @@ def test_names() -> None:
     assert metadelta.times_of("v1/metadelta/12-3.delta") is None
     assert metadelta.times_of("v1/meta/00000000000000000012.meta") is None
     assert metadelta.times_of(name + "x") is None
+    assert metadelta.times_of(name + "\n") is None
+    arabic = "".join(chr(0x660 + int(c)) for c in f"{12:020d}")  # digits to \\d, not to an object name
+    assert metadelta.times_of(f"v1/metadelta/{arabic}-{3:020d}.delta") is None
 
 
 _, _BASE = _image([(i, "b" * 100) for i in range(300)])
@@ -116,7 +119,7 @@ def test_hostile_headers_are_refused(fields: dict[str, object]) -> None:
 
     part = {"base_digest": "0" * 32, "length": fields["length"], "digest": fields["digest"],
             "page_size": fields["page_size"], "pages": fields["pages"]}
-    header = msgspec.json.encode({"version": 1, "created_ns": 1, "root": "/r", "base": "b",
+    header = msgspec.json.encode({"version": 1, "created_ns": 1, "read_ns": 0, "root": "/r", "base": "b",
                                   "global_db": part, "app_global_db": part})
     data = metadelta.MAGIC + len(header).to_bytes(4, "big") + header + b"\0" * 4096
     try:
@@ -126,13 +129,34 @@ def test_hostile_headers_are_refused(fields: dict[str, object]) -> None:
     assert len(body) == len(got.global_db.pages) * got.global_db.page_size
 
 
-def test_a_length_past_the_base_and_the_pages_is_refused_before_anything_is_allocated() -> None:
-    header, body, _ = metadelta.decode(_BLOB)
-    huge = metadelta.PartDelta(header.global_db.base_digest, 1 << 40, header.global_db.digest, 4096,
-                               header.global_db.pages)
+def _refused(part: metadelta.PartDelta, body: bytes, words: str) -> None:
     try:
-        metadelta.apply(_BASE, huge, body)
+        metadelta.apply(_BASE, part, body)
     except metadelta.MetaDeltaError as exc:
-        assert "length" in str(exc)
+        assert words in str(exc)
     else:
-        raise AssertionError("a delta longer than its base and its pages was applied")
+        raise AssertionError("a damaged delta was applied")
+
+
+def test_a_length_past_the_base_without_its_pages_is_refused_before_anything_is_allocated() -> None:
+    header, body, _ = metadelta.decode(_BLOB)
+    digest = header.global_db.base_digest
+    past = len(_BASE) // 4096 + (1 << 18)  # one page a gigabyte past the base's end
+    for pages, length, body_of in ((header.global_db.pages, 1 << 40, body),
+                                   ([past], (past + 1) * 4096, b"\0" * 4096)):
+        _refused(metadelta.PartDelta(digest, length, header.global_db.digest, 4096, pages), body_of, "past")
+
+
+def test_a_header_longer_than_its_pages_need_is_refused() -> None:
+    import msgspec
+
+    part = {"base_digest": "0" * 32, "length": 0, "digest": "0" * 32, "page_size": 4096, "pages": [0] * 100_000}
+    header = msgspec.json.encode({"version": 1, "created_ns": 1, "read_ns": 0, "root": "/r", "base": "b",
+                                  "global_db": part, "app_global_db": part})
+    data = metadelta.MAGIC + len(header).to_bytes(4, "big") + header + b"\0" * 4096
+    try:
+        metadelta.decode(data)
+    except metadelta.MetaDeltaError as exc:
+        assert "longer than its pages" in str(exc)
+    else:
+        raise AssertionError("a header of 100,000 page numbers over one page was decoded")

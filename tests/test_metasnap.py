@@ -31,3 +31,23 @@ def test_damage_is_refused_or_harmless(flips: list[tuple[int, int]], cut: int) -
     except metasnap.MetaSnapError:
         return
     assert (g, a) == (b"g" * 300, b"a" * 50)
+
+
+def test_version_2_records_when_the_read_began() -> None:
+    import msgspec
+    import xxhash
+
+    header, _g, _a = metasnap.decode(metasnap.encode(123, "/data", b"g", b"a", read_ns=100))
+    assert (header.version, header.read_time, header.created_ns) == (2, 100, 123)
+    header, _g, _a = metasnap.decode(metasnap.encode(123, "/data", b"g", b"a"))
+    assert (header.version, header.read_time) == (1, 123)  # written before read_ns: its own time
+    for fields in ({"version": 2}, {"version": 1, "read_ns": 5}, {"version": 2, "read_ns": 124},
+                   {"version": 2, "read_ns": -1}):
+        empty = {"length": 0, "digest": xxhash.xxh3_128_hexdigest(b"")}  # valid parts: only the times are wrong
+        raw = {"version": 1, "created_ns": 123, "root": "/r", "global_db": empty, "app_global_db": empty} | fields
+        head = msgspec.json.encode(raw)
+        try:
+            metasnap.decode(metasnap.MAGIC + len(head).to_bytes(4, "big") + head)
+        except metasnap.MetaSnapError:
+            continue
+        raise AssertionError(f"a header with {fields} was accepted")

@@ -16,9 +16,9 @@ from helpers_s3 import TargetFactory
 
 import shardlite
 from shardlite.core import metadelta, metasnap
-from shardlite.errors import ConfigurationError
+from shardlite.errors import ConfigurationError, ReplicaUnavailable
 from shardlite.replica.target import ReplicaTarget
-from shardlite.services import replica_meta
+from shardlite.services import replica_meta, replica_meta_read
 from shardlite.services import replication as replication_module
 from shardlite.services.replica_restore import materialize, restore_root_from_replica
 from shardlite.services.replication import Replication
@@ -148,9 +148,9 @@ def test_deltas_older_than_the_fine_window_go_with_the_next_snapshot_and_orphans
     snapshots = _names(target, metasnap.PREFIX)
     orphan = metadelta.object_name(time.time_ns(), 5)  # made against a snapshot the replica does not hold
     target.put(orphan, target.get(kept))
-    assert replica_meta.prune(target, 0) == 1  # the orphan only: no snapshot is before the window's start
+    assert replica_meta_read.prune(target, 0) == 1  # the orphan only: no snapshot is before the window's start
     assert _names(target, metadelta.PREFIX) == [kept] and _names(target, metasnap.PREFIX) == snapshots
-    assert replica_meta.prune(target, time.time_ns()) == 1  # the older snapshot; the newest stays with its delta
+    assert replica_meta_read.prune(target, time.time_ns()) == 1  # the older snapshot; the newest stays with its delta
     assert _names(target, metasnap.PREFIX) == snapshots[-1:] and _names(target, metadelta.PREFIX) == [kept]
     restore_root_from_replica(target, str(tmp_path / "back"))
     assert _emails(tmp_path / "back", ["d@example.com", "e@example.com"]) == {"d@example.com", "e@example.com"}
@@ -253,3 +253,133 @@ def test_status_says_what_the_replica_holds_of_the_metadata(tmp_path: Path,
     ran = run_script("--root", str(root), "replicate", "status", env=child_env())
     assert ran.returncode == 0, ran.stderr
     assert f"metadata: {second['object']}" in ran.stdout and "unchanged since" in ran.stdout
+
+
+class FailingPuts:
+    """A real target whose next ``fail`` puts raise ReplicaUnavailable (the S3 server gone for a moment)."""
+
+    def __init__(self, target: ReplicaTarget) -> None:
+        self.target, self.fail = target, 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.target, name)
+
+    def put(self, name: str, data: bytes) -> None:
+        if self.fail:
+            self.fail -= 1
+            raise ReplicaUnavailable("the replica is gone for a moment")
+        self.target.put(name, data)
+
+
+def test_a_failed_upload_is_tried_again_at_the_next_round(tmp_path: Path,
+                                                          make_replica_target: TargetFactory) -> None:
+    url = make_replica_target.url()
+    target = FailingPuts(make_replica_target())
+    with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=url) as router:
+        run = Replication(router._store, target)  # type: ignore[arg-type]
+        try:
+            router.accounts.register("a@example.com")
+            run.run_round()
+            router.accounts.register("b@example.com")
+            target.fail = 1
+            with pytest.raises(ReplicaUnavailable):
+                run._meta_round()
+            run.run_round()  # nothing changed in the files since: the delta is uploaded all the same
+            assert (run.meta.snapshots, run.meta.deltas) == (1, 1)
+        finally:
+            run.close()
+    restore_root_from_replica(make_replica_target(), str(tmp_path / "back"))
+    assert _emails(tmp_path / "back", ["a@example.com", "b@example.com"]) == {"a@example.com", "b@example.com"}
+
+
+def test_a_snapshot_follows_the_deltas_once_the_interval_passed_even_without_a_new_change(
+        tmp_path: Path, make_replica_target: TargetFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(replication_module, "META_EVERY", 30.0)
+    clock = [1000.0]
+    url = make_replica_target.url()
+    with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=url) as router:
+        run = Replication(router._store, clock=lambda: clock[0])
+        try:
+            run.run_round()
+            router.accounts.register("a@example.com")
+            clock[0] += 1
+            run.run_round()
+            assert (run.meta.snapshots, run.meta.deltas) == (1, 1)
+            clock[0] += 10
+            run.run_round()  # nothing changed, the interval has not passed: nothing
+            assert (run.meta.snapshots, run.meta.deltas) == (1, 1)
+            clock[0] += 30
+            run.run_round()  # nothing changed since the delta, but a snapshot must stand for it before it goes
+            assert (run.meta.snapshots, run.meta.deltas) == (2, 1)
+            clock[0] += 300
+            run.run_round()  # idle: nothing
+            assert (run.meta.snapshots, run.meta.deltas) == (2, 1)
+            router.accounts.register("b@example.com")
+            run.run_round()  # the first change after a long idle time: a snapshot (the interval has passed)
+            assert (run.meta.snapshots, run.meta.deltas) == (3, 1)
+        finally:
+            run.close()
+
+
+def test_an_erase_with_no_replicator_running_keeps_what_the_deltas_held(tmp_path: Path,
+                                                                       make_replica_target: TargetFactory) -> None:
+    url = make_replica_target.url()
+    target = make_replica_target()
+    with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=url) as router:
+        run = Replication(router._store)
+        try:
+            router.accounts.register("a@example.com")
+            run.run_round()
+            router.accounts.register("b@example.com")
+            run.run_round()
+            assert run.meta.deltas == 1
+        finally:
+            run.close()  # the replicator stops
+        receipt = router.drop("user:never-existed", erase=True)
+        assert receipt["metadata_deltas_deleted"] == 1 and receipt["metadata_snapshot_taken"]
+    assert _names(target, metadelta.PREFIX) == []
+    restore_root_from_replica(target, str(tmp_path / "back"))
+    assert _emails(tmp_path / "back", ["a@example.com", "b@example.com"]) == {"a@example.com", "b@example.com"}
+
+
+class DeletingGets:
+    """A real target that deletes an object right before reading it (pruned between a listing and a read)."""
+
+    def __init__(self, target: ReplicaTarget, doomed: set[str]) -> None:
+        self.target, self.doomed, self.gets = target, doomed, []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.target, name)
+
+    def get(self, name: str) -> bytes:
+        self.gets.append(name)
+        if name in self.doomed:
+            self.target.delete_many([name])
+        return self.target.get(name)
+
+
+def test_a_delta_gone_meanwhile_or_a_damaged_snapshot_read_once(tmp_path: Path,
+                                                                make_replica_target: TargetFactory) -> None:
+    _three_points(tmp_path, make_replica_target.url())
+    target = make_replica_target()
+    first, last = _names(target, metadelta.PREFIX)
+    (snapshot,) = _names(target, metasnap.PREFIX)
+    meta = replica_meta_read.meta_at(DeletingGets(target, {last}), None)  # type: ignore[arg-type]
+    assert meta.objects == (snapshot, first)
+    target.put(snapshot, target.get(snapshot)[:-1])  # damaged
+    counting = DeletingGets(target, set())
+    with pytest.raises(ConfigurationError, match="damaged"):
+        replica_meta_read.meta_at(counting, None)  # type: ignore[arg-type]
+    assert counting.gets.count(snapshot) == 1 and first in counting.gets  # both deltas tried, one GET of it
+
+
+def test_a_hostile_status_file_is_no_status(tmp_path: Path, make_replica_target: TargetFactory) -> None:
+    root = tmp_path / "root"
+    with shardlite.Router(root, schema=SCHEMA, replicate=make_replica_target.url()) as router:
+        status = root / ".replica" / replica_meta.SHIPPED
+        status.parent.mkdir(mode=0o700, exist_ok=True)
+        for text in ('{"object": "v1/meta/00000000000000000001.meta", "uploaded_ns": Infinity, "as_of_ns": 1}',
+                     '{"object": "v1/meta/00000000000000000001.meta", "uploaded_ns": 1, "as_of_ns": 1e300}',
+                     '{"object": "../../etc/passwd", "uploaded_ns": 1, "as_of_ns": 1}', "[1, 2", "\x00\xff"):
+            status.write_text(text)
+            assert replica_meta.shipped(router._store, time.time_ns()) is None, text

@@ -25,7 +25,7 @@ from shardlite.errors import ConfigurationError, UnknownTenant
 from shardlite.files.staging import Staging
 from shardlite.meta.replica_record import record_windows
 from shardlite.replica.target import ReplicaTarget
-from shardlite.services import replica_index, replica_read, replica_restore, replica_retention
+from shardlite.services import replica_index, replica_meta_read, replica_read, replica_restore, replica_retention
 from shardlite.services.replication import Replication
 
 SCHEMA = {prefix: ["CREATE TABLE notes(id INTEGER PRIMARY KEY, body BLOB)"] for prefix in ("user", "dm")}
@@ -259,7 +259,7 @@ def test_metadata_snapshots_outside_the_window_go_but_the_base_one(tmp_path: os.
     target = open_target(f"file://{os.path.join(tmp_path, 'rep')}")
     for t in (10, 20, 30, 40, 50):
         target.put(metasnap.object_name(t * DAY), b"x")
-    assert replica_retention._prune_meta(target, 35 * DAY) == 2
+    assert replica_meta_read.prune(target, 35 * DAY) == 2
     assert [metasnap.time_of(n) for n, _ in target.list(metasnap.PREFIX)] == [30 * DAY, 40 * DAY, 50 * DAY]
     target.close()
 

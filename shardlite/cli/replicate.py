@@ -100,7 +100,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         since = {True: f", changed since: up to {meta['lag_s']:.1f} s behind", False: ", unchanged since",
                  None: ""}[meta["changed_since"]]
-        echo(f"metadata: {meta['object']}, as of {replica_restore.format_time(meta['as_of_ns'])} "
+        echo(f"metadata: {literal(meta['object'])}, as of {replica_restore.format_time(meta['as_of_ns'])} "
              f"({meta['age_s']:.1f} s ago){since}")
     print_table("nodes", ["node", "staged", "staged bytes", "staged drops", "packs", "pack bytes", "last pack"],
                 [[name, n["staged"], n["staged_bytes"], n["drops_staged"], n["packs"], n["pack_bytes"],

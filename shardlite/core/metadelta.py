@@ -38,7 +38,11 @@ _LEN = struct.Struct(">I")
 _MAX_HEADER = 64 * 1024 * 1024
 #: A part's page size when its image is empty (no page to compare: any valid size does).
 _EMPTY_PAGE = 4096
-_NAME = re.compile(r"^v1/metadelta/(\d{20})-(\d{20})\.delta$")
+_NAME = re.compile(r"v1/metadelta/([0-9]{20})-([0-9]{20})\.delta", re.ASCII)
+#: Header bytes allowed besides the page lists (the root's path and the fixed fields)
+_HEADER_FIXED = 64 * 1024
+#: Header bytes allowed per page of payload (a page number and its comma, in both parts' lists)
+_HEADER_PER_PAGE = 24
 
 
 class MetaDeltaError(ValueError):
@@ -57,8 +61,12 @@ class PartDelta(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``created_ns`` (also in the name) is taken after the images were read: the delta holds nothing later;
+    ``read_ns`` before: every commit acknowledged before it is in it."""
+
     version: int
     created_ns: int
+    read_ns: int
     root: str
     base: str
     global_db: PartDelta
@@ -73,7 +81,7 @@ def object_name(created_ns: int, base_ns: int) -> str:
 
 def times_of(name: str) -> tuple[int, int] | None:
     """(its time, its base's time) from a name :func:`object_name` made; None for any other name."""
-    match = _NAME.match(name)
+    match = _NAME.fullmatch(name)
     return None if match is None else (int(match.group(1)), int(match.group(2)))
 
 
@@ -117,12 +125,12 @@ def part_of(base_digest: str, image: bytes, page_size: int, pages: list[int]) ->
     return PartDelta(base_digest, len(image), xxhash.xxh3_128_hexdigest(image), page_size, list(pages)), body
 
 
-def encode(created_ns: int, root: str, base: str, parts: list[tuple[PartDelta, bytes]]) -> bytes:
-    """A delta taken at ``created_ns`` against the snapshot named ``base``, from its two parts made by
-    :func:`part_of` (``global.db``'s, then ``app_global.db``'s)."""
+def encode(created_ns: int, read_ns: int, root: str, base: str, parts: list[tuple[PartDelta, bytes]]) -> bytes:
+    """A delta whose images were read from ``read_ns`` to ``created_ns``, against the snapshot named ``base``,
+    from its two parts made by :func:`part_of` (``global.db``'s, then ``app_global.db``'s)."""
     if len(parts) != 2:
         raise ValueError("a delta has two parts: global.db and app_global.db")
-    header = msgspec.json.encode(Header(1, created_ns, root, base, parts[0][0], parts[1][0]))
+    header = msgspec.json.encode(Header(1, created_ns, read_ns, root, base, parts[0][0], parts[1][0]))
     return b"".join([MAGIC, _LEN.pack(len(header)), header, parts[0][1], parts[1][1]])
 
 
@@ -150,12 +158,16 @@ def decode(data: bytes) -> tuple[Header, bytes, bytes]:
     start = len(MAGIC) + _LEN.size
     if length > _MAX_HEADER or len(data) < start + length:
         raise MetaDeltaError("the metadata delta's header is damaged")
+    if length > _HEADER_FIXED + _HEADER_PER_PAGE * ((len(data) - start - length) // 512):
+        raise MetaDeltaError("the metadata delta's header is longer than its pages can need (damaged)")
     try:
         header = msgspec.json.decode(data[start:start + length], type=Header)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise MetaDeltaError(f"the metadata delta's header is invalid: {exc}") from None
-    if header.version != 1 or header.created_ns < 0:
+    if header.version != 1:
         raise MetaDeltaError(f"metadata delta version {header.version} is not supported")
+    if not 0 <= header.read_ns <= header.created_ns:
+        raise MetaDeltaError("the metadata delta's times are invalid")
     at = start + length
     bodies = []
     for part in (header.global_db, header.app_global_db):
@@ -175,13 +187,16 @@ def apply(base: bytes, part: PartDelta, body: bytes) -> bytes:
     records."""
     if xxhash.xxh3_128_hexdigest(base) != part.base_digest:
         raise MetaDeltaError("the metadata delta was made against another snapshot than the one it names")
-    if part.length > max(len(base), (part.pages[-1] + 1) * part.page_size if part.pages else 0):
-        # every page past the base's end is a changed page: a longer result without them is damage (and
-        # would be a zero-filled allocation of whatever length a hostile header names)
-        raise MetaDeltaError("the metadata delta names a length its pages do not reach (damaged)")
+    size = part.page_size
+    if len(base) % size:
+        raise MetaDeltaError("the metadata delta's page size does not divide its snapshot's image")
+    past = range(len(base) // size, part.length // size)
+    if len(past) and (len(part.pages) < len(past) or part.pages[-len(past):] != list(past)):
+        # every page past the base's end is a changed page: without them the result would be zero-filled
+        # (and a hostile header could name any length)
+        raise MetaDeltaError("the metadata delta lacks pages past its snapshot's end (damaged)")
     out = bytearray(base[:part.length])
     out.extend(bytes(part.length - len(out)))
-    size = part.page_size
     for i, n in enumerate(part.pages):
         out[n * size:(n + 1) * size] = body[i * size:(i + 1) * size]
     result = bytes(out)

@@ -47,7 +47,8 @@ from ..errors import Busy
 from .engine import ensure_private_dir
 from .walcapture import NO_CURSOR, Capture, Cursor
 
-__all__ = ["Staging", "Staged", "StagedDrop", "TenantCursor", "STAGING_DIR", "ERASE_LOCK", "erase_lock", "Erased",
+__all__ = ["Staging", "Staged", "StagedDrop", "TenantCursor", "STAGING_DIR", "ERASE_LOCK", "META_UPLOAD_LOCK",
+           "erase_lock", "Erased",
            "DROPS_PER_PACK", "StaleCursor", "Tail", "ANY_CURSOR"]
 
 STAGING_DIR = ".replica"
@@ -55,17 +56,21 @@ STAGING_DIR = ".replica"
 #: staging and rewrites the replica's packs; the replicator holds it from reading what is staged to recording
 #: the pack as shipped, so no pack is built from rows an erase is removing (docs/replication.md, "Erase").
 ERASE_LOCK = "erase.lock"
+#: The root's lock held while the metadata's snapshots and deltas are read and uploaded, and by an erase, which
+#: rewrites them (services/replica_meta.py); a compaction does not take it.
+META_UPLOAD_LOCK = "meta-upload.lock"
 #: Drop records shipped in one pack at most (a larger backlog goes in the next packs).
 DROPS_PER_PACK = 10_000
 
 
-def erase_lock(node_path: str, *, wait: float | None) -> int | None:
-    """A descriptor holding ``flock(LOCK_EX)`` on the node's erase lock, or None when another process holds it
-    and ``wait`` seconds went by (``wait=None``: do not wait). Closing the descriptor releases it. The lock
-    file is a file of its own: ``flock`` never touches a tenant's files nor SQLite's POSIX locks."""
+def erase_lock(node_path: str, *, wait: float | None, name: str = ERASE_LOCK) -> int | None:
+    """A descriptor holding ``flock(LOCK_EX)`` on the node's erase lock (or the lock file ``name`` beside it:
+    :data:`META_UPLOAD_LOCK`), or None when another process holds it and ``wait`` seconds went by
+    (``wait=None``: do not wait). Closing the descriptor releases it. The lock file is a file of its own:
+    ``flock`` never touches a tenant's files nor SQLite's POSIX locks."""
     directory = os.path.join(node_path, STAGING_DIR)
     ensure_private_dir(directory)
-    fd = os.open(os.path.join(directory, ERASE_LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     deadline = None if wait is None else time.monotonic() + wait
     try:
         while True:

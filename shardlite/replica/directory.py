@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator
 
 from ..errors import ConfigurationError, ReplicaObjectMissing, ReplicaUnavailable
 from ..files.engine import ensure_private_dir, fsync_dir
-from .target import TargetLocation, check_name, check_prefix
+from .target import TargetLocation, check_name, check_prefix, is_name
 
 __all__ = ["DirectoryTarget"]
 
@@ -244,8 +244,8 @@ class DirectoryTarget:
             if stat.S_ISDIR(st.st_mode):
                 if (name + "/").startswith(prefix) or prefix.startswith(name + "/"):
                     self._walk(entry.path, name, prefix, found)
-            elif stat.S_ISREG(st.st_mode) and name.startswith(prefix):
-                found.append((name, st.st_size))
+            elif stat.S_ISREG(st.st_mode) and name.startswith(prefix) and is_name(name):
+                found.append((name, st.st_size))  # any other file (not a valid object name) is not ours
 
     # -- deleting --------------------------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..errors import ConfigurationError, ReplicaError, ReplicaObjectMissing, ReplicaUnavailable
-from .target import TargetLocation, check_name, check_prefix
+from .target import TargetLocation, check_name, check_prefix, is_name
 
 __all__ = ["S3Target", "CONNECT_TIMEOUT", "READ_TIMEOUT", "MAX_ATTEMPTS", "DELETE_BATCH"]
 
@@ -249,7 +249,7 @@ class S3Target:
             for page in pages:
                 for item in page.get("Contents") or ():
                     name = str(item["Key"])[skip:]
-                    if _is_name(name):  # anything else under the prefix (a folder marker, a stranger's key) is not ours
+                    if is_name(name):  # anything else under the prefix (a folder marker, a stranger's key) is not ours
                         found.append((name, int(item["Size"])))
         found.sort()  # SeaweedFS and MinIO list folder by folder: "a/b" before "a-b"; S3 sorts by code point
         return iter(found)
@@ -275,11 +275,3 @@ class S3Target:
 
     def close(self) -> None:
         self._client.close()
-
-
-def _is_name(text: str) -> bool:
-    try:
-        check_name(text)
-    except ValueError:
-        return False
-    return True

@@ -39,6 +39,7 @@ __all__ = [
     "open_target",
     "redact",
     "check_name",
+    "is_name",
     "check_prefix",
     "MAX_NAME",
     "MAX_SEGMENT",
@@ -133,6 +134,15 @@ class ReplicaTarget(Protocol):
     def close(self) -> None:
         """Release connections (idempotent); the target is not used afterwards."""
         ...
+
+
+def is_name(text: str) -> bool:
+    """Whether ``text`` is a valid object name (a listing skips any other: a file or key that is not ours)."""
+    try:
+        check_name(text)
+    except ValueError:
+        return False
+    return True
 
 
 def check_name(name: object) -> str:

@@ -26,12 +26,13 @@ to erase a person's data: the key is the person, so every history of the key goe
    the old object under the same name (a target's ``put`` is atomic: a reader sees the whole old or the whole
    new pack, never both nor a duplicate), and is read back and compared before the next pack; a pack left
    with no entry and no drop record is deleted and checked gone.
-7. **Metadata**: every metadata delta is deleted (they are made against the snapshots this step rewrites, and
-   may hold the key's rows themselves; the replicator is told to take a snapshot next:
-   :func:`shardlite.services.replica_meta.note_erase`), then the snapshots holding dead letters or a
-   pending-work row of the key are rewritten without them (the image opened inert, the rows deleted,
-   vacuumed; same name, read back and compared). Restore points of the metadata over the last minutes are
-   then the snapshots' alone.
+7. **Metadata** (under the root's metadata upload lock too, taken with the erase locks): when deltas exist, a
+   snapshot of the live metadata (after step 2) is uploaded, then every delta is deleted (they are made
+   against the snapshots this step rewrites, and may hold the key's rows themselves; the replicator is told
+   to take a snapshot next: :func:`shardlite.services.replica_meta.note_erase`); then the snapshots holding
+   dead letters or a pending-work row of the key are rewritten without them (the image opened inert, the
+   rows deleted, vacuumed; same name, read back and compared). Restore points of the metadata over the last
+   minutes are then the snapshots' alone.
 
 Idempotent and crash-safe: each step can be repeated, so ``erase`` after a kill -9 at any point finishes the
 job; on a key already erased it reports what it finds (nothing left, its tombstone present). A damaged pack
@@ -64,7 +65,7 @@ from ..files.copying import inert
 from ..files.staging import Staging, erase_lock
 from ..front.store import Store
 from ..replica.target import ReplicaTarget, open_target, redact
-from . import lifecycle, replica_index, replica_meta
+from . import lifecycle, replica_index, replica_meta, replica_meta_read
 from .replica_read import list_packs, read_headers, tombstone_name
 
 __all__ = ["erase", "LOCK_WAIT"]
@@ -230,6 +231,13 @@ def erase(store: Store, key: object, *, target: ReplicaTarget | None = None,
     # the root's erase lock first: a metadata snapshot being taken (it holds the lock from the export to the
     # upload) is listed before the dead letters go, and every later one is taken without them
     fds = _lock_all([("the root", store.root), *[(f"node {name!r}", path) for name, path in nodes]], lock_wait)
+    upload = replica_meta.upload_lock(store.root, wait=lock_wait)  # no metadata upload while snapshots change
+    if upload is None:
+        for fd in fds:
+            os.close(fd)
+        raise Busy(f"the root's metadata upload lock stayed taken for {lock_wait:.0f} s; nothing was erased yet: "
+                   "retry")
+    fds.append(upload)
     try:
         live = _drop_live(store, canon)
         receipt["live"] = live
@@ -277,9 +285,12 @@ def erase(store: Store, key: object, *, target: ReplicaTarget | None = None,
         # so the packs deleted below leave no gap past its coverage (services/replica_index.py, _tail)
         replica_index.SegmentWriter().run(store, target, locked=True)
         objects = [_rewrite(target, name, canon) for name in hits]
-        # the deltas are made against the snapshots rewritten below, and may hold the key's rows themselves
+        # the deltas are made against the snapshots rewritten below, and may hold the key's rows themselves:
+        # a snapshot of the live metadata (after the drop) first stands for the newest of them
         replica_meta.note_erase(store.root)
-        deltas_deleted = replica_meta.delete_deltas(target)
+        deltas = replica_meta_read.delta_names(target)
+        fresh = replica_meta.snapshot_now(store, target) if deltas else None
+        deltas_deleted = replica_meta_read.delete_deltas(target, deltas)
         snapshots_read, snapshots = _scrub_snapshots(target, canon, unreadable)
         for _name, path in nodes:
             staging = Staging(path)
@@ -299,6 +310,7 @@ def erase(store: Store, key: object, *, target: ReplicaTarget | None = None,
                    complete=not unreadable and all(s["staging_scrubbed"] for s in staged),
                    totals=_totals(objects, staged),
                    snapshots_scanned=snapshots_read, snapshots=snapshots, metadata_deltas_deleted=deltas_deleted,
+                   metadata_snapshot_taken=fresh,
                    metadata_snapshots="the key's catalog row is kept (identifiers, no tenant data), as the live "
                                       "catalog's tombstone keeps it",
                    finished=_iso(time.time_ns()))

@@ -1,35 +1,37 @@
-"""The root's metadata in the replica: snapshots (:mod:`shardlite.core.metasnap`) and, between them, deltas
-(:mod:`shardlite.core.metadelta`), uploaded by one process per root; and the metadata a restore reads.
+"""Uploading the root's metadata to the replica: snapshots (:mod:`shardlite.core.metasnap`) and, between them,
+deltas (:mod:`shardlite.core.metadelta`), by one process per root; reading them is
+:mod:`shardlite.services.replica_meta_read`.
 
-**Uploading** (:class:`MetaUploader`, run by the replication process that holds ``<root>/.replica/meta.lock``
-once per upload interval):
+:class:`MetaUploader` runs in the replication process that holds ``<root>/.replica/meta.lock``, once per
+upload interval:
 
-* nothing is uploaded while the files holding the metadata and the app's global tables (``global.db``,
-  ``app_global.db`` and their logs) and an erase's note keep their sizes and times since the last look,
-  nor when the images read are those last uploaded (a checkpoint rewrites a file, not its content);
-* a **snapshot** (both images whole) at the first round, then when the metadata changed and the last
-  snapshot is ``every`` seconds old (``META_EVERY`` of :mod:`shardlite.services.replication`, 30 s), and
-  whenever a delta would not be smaller than half the images;
-* between snapshots, with the metadata embedded (``global.db``), a **delta** when it changed: the pages that
+* it looks at the metadata only when the files holding it and the app's global tables (``global.db``,
+  ``app_global.db``, their logs) or an erase's note changed size or time since the last look, or when a
+  snapshot is due; it uploads nothing when the images it reads are those it last uploaded (a checkpoint
+  rewrites a file, not its content);
+* a **snapshot** (both images whole) at the first look, then once ``every`` seconds (``META_EVERY`` of
+  :mod:`shardlite.services.replication`, 30 s) have passed since the last snapshot and anything changed since
+  it (the files, or a delta uploaded since), and whenever a delta would not be smaller than half the images;
+* otherwise, with the metadata embedded (``global.db``), a **delta** when the files changed: the pages that
   differ from the last snapshot's, at most once per upload interval (``META_DELTA_EVERY`` seconds apart at
   least), and less often when taking them costs more than :data:`DELTA_SHARE` of a core (each delta reads
-  both images whole). So accounts, sessions and the catalog reach the replica about one interval after
-  they change, not one snapshot interval. With the metadata on PostgreSQL (whose export is a new file each
-  time, with no stable pages) only snapshots are taken, every ``every`` seconds;
-* after each snapshot, the deltas older than :data:`FINE_WINDOW` are deleted: older restore points of the
-  metadata are the snapshots alone;
-* after each look, :data:`SHIPPED` records the object last uploaded and the time as of which the replica
-  holds the metadata, for ``replicate status`` (:func:`shipped`).
+  both images whole). So accounts, sessions and the catalog reach the replica about one interval after they
+  change. With the metadata on PostgreSQL (whose export is a new file each time, with no stable pages) only
+  snapshots are taken, every ``every`` seconds;
+* after each snapshot, the deltas older than :data:`FINE_WINDOW` are deleted: a snapshot at most ``every``
+  seconds after them holds what they held, so older restore points are about ``every`` seconds apart;
+* after each look at the images, :data:`SHIPPED` records the object last uploaded and the time as of which
+  the replica holds the metadata, for ``replicate status`` (:func:`shipped`).
 
-Everything is read and uploaded under the root's erase lock (:func:`~shardlite.files.staging.erase_lock`),
-and a snapshot's time, like a delta's, is taken *before* its images are read: a commit acknowledged before
-that time is in them. An erase rewrites snapshots (:mod:`shardlite.services.erase`), after which the deltas
-made against them no longer apply: it deletes every delta and calls :func:`note_erase` first, and an uploader
-that sees the note takes a snapshot next instead of a delta.
+A point's time (its name) is taken *after* its images were read: it holds nothing later. Its ``read_ns``,
+taken before, is the time every commit acknowledged before is in it. Nothing is recorded as uploaded before
+the upload succeeded: a failed upload is tried again at the next look.
 
-**Reading** (:func:`meta_at`): the newest restore point at or before a time, a snapshot or a delta applied
-to its snapshot. A delta that cannot be used (its snapshot deleted or rewritten since, or damaged) is
-logged and the next older point is tried; a damaged snapshot is an error that says to pick an earlier time.
+Everything is read and uploaded under the root's metadata upload lock
+(:data:`~shardlite.files.staging.META_UPLOAD_LOCK`), which an erase holds while it rewrites snapshots
+(:mod:`shardlite.services.erase`): an erase first calls :func:`note_erase`, uploads a snapshot of the live
+metadata when deltas exist (:func:`snapshot_now`) and deletes every delta (they were made against snapshots
+it may rewrite); an uploader that sees the note takes a snapshot next instead of a delta.
 """
 
 from __future__ import annotations
@@ -40,44 +42,35 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import xxhash
 
 from ..core import metadelta, metasnap
-from ..errors import ConfigurationError, ShardliteError
-from ..files.staging import STAGING_DIR, erase_lock
+from ..files.staging import META_UPLOAD_LOCK, STAGING_DIR, erase_lock
 from ..front.store import Store
 from ..replica.target import ReplicaTarget
 from .backup import standalone_image
 
-__all__ = ["MetaUploader", "MetaImage", "meta_at", "note_erase", "prune", "shipped", "DELTA_SHARE", "FINE_WINDOW"]
+__all__ = ["MetaUploader", "note_erase", "upload_lock", "snapshot_now", "shipped", "DELTA_SHARE", "FINE_WINDOW"]
 
 log = logging.getLogger("shardlite.replicate")
 
 #: The share of a core deltas may take: after a delta whose images cost ``c`` seconds of CPU to read and
-#: compare, the next waits at least ``c / DELTA_SHARE`` seconds (a ``global.db`` of 100,000 tenants reads in
-#: tens of milliseconds, so about one delta a second there).
+#: compare, the next waits at least ``c / DELTA_SHARE`` seconds (``benchmarks/metadelta.py``: 35-53 ms for the
+#: 19 MB ``global.db`` of 100,000 tenants, so about one delta a second there).
 DELTA_SHARE = 0.05
 #: Seconds a delta is kept after a newer snapshot: restore points of the metadata are one interval apart over
-#: the last ten minutes, one snapshot interval apart before that.
+#: the last ten minutes, about one snapshot interval apart before that.
 FINE_WINDOW = 600.0
 #: The file an erase writes before it rewrites snapshots (:func:`note_erase`).
 ERASE_NOTE = "meta-erased"
 #: The file the uploader records its last upload in, for ``replicate status`` (:func:`shipped`).
 SHIPPED = "meta-shipped.json"
-
-
-class MetaImage(NamedTuple):
-    """The metadata as of one restore point: its time, the root it came from, both images, and the objects
-    it was read from."""
-
-    created_ns: int
-    root: str
-    global_db: bytes
-    app_global_db: bytes
-    objects: tuple[str, ...]
+#: A file written this recently (ns) may be written again within the same tick of the file clock without its
+#: size or time changing: its signature is not trusted as "seen" (the next round looks again).
+RECENT_NS = 50_000_000
 
 
 @dataclass
@@ -90,6 +83,11 @@ class _Base:
     digests: tuple[str, str]
     page_sizes: tuple[int, int]
     pages: tuple[list[int], list[int]]
+
+
+def upload_lock(root: str, *, wait: float | None) -> int | None:
+    """The root's metadata upload lock (module docstring): a descriptor, or None when ``wait`` went by."""
+    return erase_lock(root, wait=wait, name=META_UPLOAD_LOCK)
 
 
 def note_erase(root: str) -> None:
@@ -116,15 +114,28 @@ def _erase_noted(root: str) -> bytes:
 
 def _images(store: Store) -> tuple[bytes, bytes]:
     """Both images as of now (``global.db``'s schema, whichever backend holds the metadata)."""
-    with tempfile.TemporaryDirectory(dir=os.path.join(store.root, STAGING_DIR)) as scratch:
-        with store.meta.export_global(scratch) as path:
+    scratch = (nullcontext(None) if store.meta.local
+               else tempfile.TemporaryDirectory(dir=os.path.join(store.root, STAGING_DIR)))
+    with scratch as directory:
+        with store.meta.export_global(directory or store.root) as path:
             global_db = standalone_image(path)
     return global_db, standalone_image(store.meta.app_global_path)
 
 
+def snapshot_now(store: Store, target: ReplicaTarget) -> str:
+    """Upload a snapshot of the live metadata now (an erase, after its drop); its name. The caller holds the
+    metadata upload lock."""
+    read_ns = time.time_ns()
+    global_db, app_global_db = _images(store)
+    created = time.time_ns()
+    name = metasnap.object_name(created)
+    target.put(name, metasnap.encode(created, store.root, global_db, app_global_db, read_ns=read_ns))
+    return name
+
+
 class MetaUploader:
     """Uploads the root's metadata snapshots and deltas (module docstring). One per replication process;
-    only the process holding the root's metadata lock uploads."""
+    only the process holding the root's metadata lock (``lock()`` returns its descriptor) uploads."""
 
     def __init__(self, store: Store, target: ReplicaTarget, lock: Callable[[], int | None],
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -134,15 +145,16 @@ class MetaUploader:
         self.clock = clock
         self.fd: int | None = None  #: the metadata lock's descriptor, once held
         self._base: _Base | None = None
-        self._snap_at: float | None = None  #: clock time of the last snapshot (or of the last look at one)
+        self._snap_at: float | None = None  #: clock time of the last snapshot uploaded
+        self._outstanding = False  #: a delta was uploaded since the last snapshot
         self._delta_at = 0.0
         self._delta_every = 0.0
         self._seen: tuple[int, ...] | None = None  #: the files' signature at the last look at their images
         self._last: tuple[str, str] | None = None  #: the digests of the images last uploaded
-        self._last_object = ""  #: the name of the object last uploaded, and when
-        self._uploaded_ns = 0
         self._erase_seen = b""
         self._deltas: list[tuple[int, str]] | None = None  #: deltas in the replica (time, name), once listed
+        self._last_object = ""  #: the name of the object last uploaded, and when
+        self._uploaded_ns = 0
         self.snapshots = 0  #: snapshots this process uploaded
         self.deltas = 0  #: deltas this process uploaded
 
@@ -151,9 +163,9 @@ class MetaUploader:
             os.close(self.fd)
             self.fd = None
 
-    def _signature(self) -> tuple[int, ...] | None:
+    def _signature(self) -> tuple[tuple[int, ...], int] | None:
         """Sizes and times of the files holding the metadata and the app's global tables, and of an erase's
-        note; None when the metadata is not in a local file (PostgreSQL)."""
+        note, with the newest time; None when the metadata is not in a local file (PostgreSQL)."""
         if not self.store.meta.local:
             return None
         paths = [self.store.meta.app_global_path, os.path.join(self.store.root, "global.db")]
@@ -165,60 +177,63 @@ class MetaUploader:
                 found += [info.st_size, info.st_mtime_ns]
             except FileNotFoundError:
                 found += [0, 0]
-        return tuple(found)
+        return tuple(found), max(found[1::2])
 
     def round(self, *, every: float, delta_every: float) -> None:
-        """Upload what is due (module docstring): a snapshot when the last one is ``every`` seconds old and the
-        metadata changed, else a delta when it changed and ``delta_every`` seconds (at least) went by."""
+        """Upload what is due (module docstring): a snapshot once ``every`` seconds passed since the last one
+        and anything changed since, else a delta when the files changed and ``delta_every`` seconds (at least)
+        went by since the last delta."""
         if self.fd is None:
             self.fd = self._lock()
             if self.fd is None:
                 return  # another process uploads the metadata
         now = self.clock()
-        seen = self._signature()
-        snapshot_due = self._snap_at is None or now - self._snap_at >= every
-        if seen is not None and seen == self._seen:
-            if snapshot_due:
-                self._snap_at = now  # unchanged: the next snapshot is one interval after a change is seen
+        signature = self._signature()
+        seen = None if signature is None else signature[0]
+        changed = seen is None or seen != self._seen
+        snapshot_due = self._snap_at is None or (now - self._snap_at >= every and (changed or self._outstanding))
+        if not snapshot_due and (seen is None or not changed
+                                 or now - self._delta_at < max(delta_every, self._delta_every)):
             return
-        if not snapshot_due and (seen is None or now - self._delta_at < max(delta_every, self._delta_every)):
-            return
-        # the root's erase lock from the read to the upload: an erase waits for an upload under way (and then
-        # rewrites the snapshots), and an upload waits for an erase (module doc of shardlite.services.erase)
-        lock = erase_lock(self.store.root, wait=None)
+        lock = upload_lock(self.store.root, wait=None)
         if lock is None:
-            return  # an erase is running: the next round uploads
+            return  # an erase is rewriting the snapshots: the next round looks again
         try:
-            self._upload(now, seen, snapshot_due)
+            self._upload(now, signature, snapshot_due)
         finally:
             os.close(lock)
 
-    def _upload(self, now: float, seen: tuple[int, ...] | None, snapshot_due: bool) -> None:
-        """Read both images and upload them as a delta or a snapshot, or nothing when they are the images
-        last uploaded (a file rewritten with the same content: a checkpoint)."""
+    def _upload(self, now: float, signature: tuple[tuple[int, ...], int] | None, snapshot_due: bool) -> None:
+        """Read both images; upload them as a delta or a snapshot, or nothing when they are the images last
+        uploaded and no snapshot must stand for the deltas since the last one."""
         noted = _erase_noted(self.store.root)
         erased = noted != self._erase_seen  # the snapshots may have been rewritten: the next upload is one
-        created = time.time_ns()
+        read_ns = time.time_ns()
         spent = time.thread_time()
         global_db, app_global_db = _images(self.store)
+        created = time.time_ns()
         digests = (xxhash.xxh3_128_hexdigest(global_db), xxhash.xxh3_128_hexdigest(app_global_db))
-        self._seen = seen
-        if digests == self._last and not erased:
-            if snapshot_due:
-                self._snap_at = now
-        elif not snapshot_due and not erased and self._upload_delta(created, global_db, app_global_db):
+        if digests == self._last and not erased and not (snapshot_due and self._outstanding):
+            if signature is None:
+                self._snap_at = now  # PostgreSQL: the next export one interval later
+        elif not snapshot_due and not erased and self._upload_delta(created, read_ns, global_db, app_global_db):
             self._delta_every = (time.thread_time() - spent) / DELTA_SHARE
-            self._delta_at, self._last = now, digests
+            self._delta_at, self._outstanding = now, True
         else:
-            self._upload_snapshot(created, global_db, app_global_db, digests)
-            self._erase_seen, self._last = noted, digests
+            self._upload_snapshot(created, read_ns, global_db, app_global_db, digests)
+            self._erase_seen = noted
             self._snap_at = self._delta_at = now
+            self._outstanding = False
             self._prune_deltas(created)
-        self._record(created)
+        self._last = digests
+        # a file written within the file clock's tick may change again without its signature changing
+        recent = signature is not None and signature[1] >= time.time_ns() - RECENT_NS
+        self._seen = None if signature is None or recent else signature[0]
+        self._record(read_ns)
 
     def _record(self, as_of_ns: int) -> None:
         """Write :data:`SHIPPED` for ``replicate status``: the object last uploaded and the time as of which the
-        replica holds the metadata (that upload's, or a later look that found the same images). Not fsynced:
+        replica holds the metadata (that upload's, or a later look's that found the same images). Not fsynced:
         a crash loses a status line, never metadata."""
         record = {"object": self._last_object, "uploaded_ns": self._uploaded_ns, "as_of_ns": as_of_ns}
         directory = os.path.join(self.store.root, STAGING_DIR)
@@ -230,9 +245,10 @@ class MetaUploader:
         except OSError as exc:
             log.warning("replicate: cannot record the metadata's last upload for `replicate status` (%s)", exc)
 
-    def _upload_snapshot(self, created: int, global_db: bytes, app_global_db: bytes, digests: tuple[str, str]) -> None:
+    def _upload_snapshot(self, created: int, read_ns: int, global_db: bytes, app_global_db: bytes,
+                         digests: tuple[str, str]) -> None:
         name = metasnap.object_name(created)
-        self.target.put(name, metasnap.encode(created, self.store.root, global_db, app_global_db))
+        self.target.put(name, metasnap.encode(created, self.store.root, global_db, app_global_db, read_ns=read_ns))
         self.snapshots += 1
         self._last_object, self._uploaded_ns = name, time.time_ns()
         self._base = None
@@ -244,7 +260,7 @@ class MetaUploader:
             self._base = _Base(name, created, digests, sizes, (metadelta.page_digests(global_db, sizes[0]),
                                                                metadelta.page_digests(app_global_db, sizes[1])))
 
-    def _upload_delta(self, created: int, global_db: bytes, app_global_db: bytes) -> bool:
+    def _upload_delta(self, created: int, read_ns: int, global_db: bytes, app_global_db: bytes) -> bool:
         """Upload a delta against the last snapshot; False when a snapshot should be taken instead (no
         snapshot of this process yet, another page size, or a delta not smaller than half the images)."""
         base = self._base
@@ -265,7 +281,7 @@ class MetaUploader:
         if 2 * changed >= len(global_db) + len(app_global_db):
             return False
         name = metadelta.object_name(created, base.created_ns)
-        self.target.put(name, metadelta.encode(created, self.store.root, base.name, parts))
+        self.target.put(name, metadelta.encode(created, read_ns, self.store.root, base.name, parts))
         self.deltas += 1
         self._last_object, self._uploaded_ns = name, time.time_ns()
         if self._deltas is not None:
@@ -273,7 +289,7 @@ class MetaUploader:
         return True
 
     def _prune_deltas(self, now_ns: int) -> None:
-        """Delete the deltas older than :data:`FINE_WINDOW` (after a snapshot: a newer point exists). A
+        """Delete the deltas older than :data:`FINE_WINDOW` (after a snapshot, which holds what they held). A
         failure is logged; the next snapshot, or the next compaction, tries again."""
         try:
             if self._deltas is None:
@@ -284,21 +300,29 @@ class MetaUploader:
             if old:
                 self.target.delete_many(old)
                 self._deltas = [(t, name) for t, name in self._deltas if t >= horizon]
-        except ShardliteError as exc:
+        except Exception as exc:  # noqa: BLE001 - pruning is housekeeping: the next snapshot tries again
             log.warning("replicate: cannot delete old metadata deltas (%s); trying again later", exc)
             self._deltas = None
+
+
+#: Times accepted in the status file (ns since the epoch: up to the year 2262)
+_MAX_NS = (1 << 63) - 1
 
 
 def shipped(store: Store, now_ns: int) -> dict[str, object] | None:
     """For ``replicate status``: the object last uploaded, when, the time as of which the replica holds the
     metadata and its age, and whether the metadata's files changed since (None with PostgreSQL metadata,
-    whose changes they do not show; then ``lag_s`` is that age, an upper bound); None before any upload."""
+    whose changes they do not show; then ``lag_s`` is that age, an upper bound); None before any upload, or
+    when the status file is not one the uploader wrote."""
     try:
         with open(os.path.join(store.root, STAGING_DIR, SHIPPED), "rb") as handle:
             record = json.loads(handle.read(4096))
-        name, uploaded, as_of = str(record["object"]), int(record["uploaded_ns"]), int(record["as_of_ns"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # nothing uploaded yet (or a damaged status file: the next upload rewrites it)
+        name, uploaded, as_of = record["object"], record["uploaded_ns"], record["as_of_ns"]
+    except (OSError, ValueError, KeyError, TypeError, ArithmeticError):
+        return None  # nothing uploaded yet (or a damaged status file: the next look rewrites it)
+    if (not isinstance(name, str) or (metasnap.time_of(name) is None and metadelta.times_of(name) is None)
+            or not all(isinstance(v, int) and 0 <= v <= _MAX_NS for v in (uploaded, as_of))):
+        return None
     changed: bool | None = None
     if store.meta.local:
         times = []
@@ -312,82 +336,3 @@ def shipped(store: Store, now_ns: int) -> dict[str, object] | None:
     age = max(0, now_ns - as_of) / 1e9
     return {"object": name, "uploaded_ns": uploaded, "as_of_ns": as_of, "age_s": age, "changed_since": changed,
             "lag_s": 0.0 if changed is False else age}
-
-
-def _listing(target: ReplicaTarget) -> tuple[list[tuple[int, str, int]], dict[int, str]]:
-    """The deltas (time, name, base time) and the snapshots (time -> name) in the replica. Deltas are listed
-    first: a delta is uploaded after its snapshot, so every snapshot a listed delta needs is in the second
-    listing unless it was deleted."""
-    deltas = [(d[0], name, d[1]) for name, _ in target.list(metadelta.PREFIX) if (d := metadelta.times_of(name))]
-    snapshots = {t: name for name, _ in target.list(metasnap.PREFIX) if (t := metasnap.time_of(name)) is not None}
-    return deltas, snapshots
-
-
-def prune(target: ReplicaTarget, start_ns: int) -> int:
-    """Retention: delete the snapshots before ``start_ns`` but the newest of them, then every delta whose
-    snapshot is gone (and, with them, deltas left by a crash). Returns how many objects went."""
-    deltas, snapshots = _listing(target)
-    times = sorted(snapshots)
-    old = [t for t in times if t <= start_ns][:-1]
-    if old:
-        target.delete_many([snapshots[t] for t in old])
-    kept = set(times) - set(old)
-    orphans = [name for _t, name, base in deltas if base not in kept]
-    if orphans:
-        target.delete_many(orphans)
-    return len(old) + len(orphans)
-
-
-def delete_deltas(target: ReplicaTarget) -> int:
-    """Delete every delta (an erase rewrites the snapshots they were made against). How many went."""
-    names = [name for name, _ in target.list(metadelta.PREFIX) if metadelta.times_of(name) is not None]
-    if names:
-        target.delete_many(names)
-    return len(names)
-
-
-def _snapshot(target: ReplicaTarget, name: str, cache: dict[str, tuple[metasnap.Header, bytes, bytes]]) -> tuple[
-        metasnap.Header, bytes, bytes]:
-    if name not in cache:
-        try:
-            cache[name] = metasnap.decode(target.get(name))
-        except metasnap.MetaSnapError as exc:
-            raise ConfigurationError(f"the replica's metadata snapshot {name} is damaged ({exc}); pick an earlier "
-                                     "time with --at") from None
-    return cache[name]
-
-
-def _from_delta(target: ReplicaTarget, name: str, base: str,
-                cache: dict[str, tuple[metasnap.Header, bytes, bytes]]) -> MetaImage:
-    header, global_pages, app_pages = metadelta.decode(target.get(name))
-    if header.base != base or metadelta.times_of(name) != (header.created_ns, metasnap.time_of(base)):
-        raise metadelta.MetaDeltaError("its header does not match its name")
-    _base_header, global_db, app_global_db = _snapshot(target, base, cache)
-    return MetaImage(header.created_ns, header.root, metadelta.apply(global_db, header.global_db, global_pages),
-                     metadelta.apply(app_global_db, header.app_global_db, app_pages), (base, name))
-
-
-def meta_at(target: ReplicaTarget, at_ns: int | None,
-            describe: Callable[[int], str] = str) -> MetaImage:
-    """The metadata at the newest restore point at or before ``at_ns`` (None: the newest), validated (module
-    docstring). ``describe`` formats a time for messages."""
-    deltas, snapshots = _listing(target)
-    points: list[tuple[int, int, str, str | None]] = [(t, 1, name, None) for t, name in snapshots.items()]
-    points += [(t, 0, name, snapshots.get(base)) for t, name, base in deltas]
-    points = sorted((p for p in points if at_ns is None or p[0] <= at_ns), reverse=True)
-    cache: dict[str, tuple[metasnap.Header, bytes, bytes]] = {}
-    for t, is_snapshot, name, base in points:
-        if is_snapshot:
-            header, global_db, app_global_db = _snapshot(target, name, cache)
-            return MetaImage(header.created_ns, header.root, global_db, app_global_db, (name,))
-        if base is None:
-            log.warning("restore: metadata delta %s skipped: its snapshot is no longer in the replica", name)
-            continue
-        try:
-            return _from_delta(target, name, base, cache)
-        except (metadelta.MetaDeltaError, ConfigurationError) as exc:
-            log.warning("restore: metadata delta %s of %s skipped (%s); an earlier restore point is used", name,
-                        describe(t), exc)
-    until = "" if at_ns is None else f" at or before {describe(at_ns)}"
-    raise ConfigurationError(f"the replica {target.url} holds no metadata snapshot{until} (a replicator uploads "
-                             "the first one in its first round); restore tenants one by one with --key")

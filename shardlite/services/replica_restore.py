@@ -9,7 +9,7 @@ step fails.
 
 ``restore_root_from_replica`` restores a whole root into a new or empty directory: it writes the replica's
 state at the requested time as a backup directory (:func:`materialize`: the metadata at its newest restore
-point at or before the time (a snapshot, or a delta applied to one: :mod:`shardlite.services.replica_meta`),
+point at or before the time (a snapshot, or a delta applied to one: :mod:`shardlite.services.replica_meta_read`),
 each tenant live at that time at its last commit at or before it) and restores that with
 every check of a restore from a backup (:func:`shardlite.services.restore.restore_root`). Which tenants were
 live at the time is :func:`live_at`'s: the snapshot's catalog, corrected by what happened between the
@@ -42,7 +42,7 @@ from ..errors import ConfigurationError, ShardliteError, UnknownTenant
 from ..front.store import Store
 from ..replica.target import ReplicaTarget
 from . import manifest as mf
-from . import replica_index, replica_meta, replica_read
+from . import replica_index, replica_meta_read, replica_read
 from .restore import RootRestore, install_image, open_image, restore_root
 
 __all__ = ["restore_tenant", "restore_root_from_replica", "materialize", "live_at", "parse_time", "format_time"]
@@ -128,9 +128,9 @@ def _write(path: str, data: bytes) -> None:
 def live_at(row: tuple[str, int, str, int, str] | None, incarnation: str, started_ns: int, snapshot_ns: int,
             drops: list[pack.Drop], at_ns: int) -> bool:
     """Whether a whole-root restore at ``at_ns`` holds a key whose history to replay there is incarnation
-    ``incarnation`` (first restorable at ``started_ns``), given the key's row in the metadata snapshot taken at
-    ``snapshot_ns`` (``row``: node, generation, incarnation, schema version, state; None: no row) and the key's
-    drop records in the replica (``drops``):
+    ``incarnation`` (first restorable at ``started_ns``), given the key's row in the metadata snapshot whose
+    reading began at ``snapshot_ns`` (``row``: node, generation, incarnation, schema version, state; None: no
+    row) and the key's drop records in the replica (``drops``):
 
     * a drop record of that incarnation at or before the time: dropped then, so absent (a drop after the
       snapshot, which its catalog cannot show);
@@ -167,12 +167,12 @@ def _replay(plan: timeline.Replay, key: str) -> bytearray:
 def materialize(target: ReplicaTarget, dest: str, at_ns: int | None = None) -> dict[str, Any]:
     """Write into the empty directory ``dest`` a backup (the layout :mod:`shardlite.services.manifest`
     reads) of the root as the replica holds it at ``at_ns`` (None: the latest): the metadata at its newest
-    restore point at or before that time (:func:`~shardlite.services.replica_meta.meta_at`), and every tenant
+    restore point at or before that time (:func:`~shardlite.services.replica_meta_read.meta_at`), and every tenant
     live at that time (:func:`live_at`: that metadata's catalog, the histories created since, and the drop
     records of plain drops, also those after it) at its last commit at or before it, on the node whose
     replicator captured that commit. Returns the manifest."""
     horizon = replica_index.check_time(target, None, at_ns, format_time(at_ns) if at_ns is not None else "")
-    meta = replica_meta.meta_at(target, at_ns, format_time)
+    meta = replica_meta_read.meta_at(target, at_ns, format_time)
     global_db, app_global_db = meta.global_db, meta.app_global_db
     catalog = _catalog(global_db)
     limit = at_ns if at_ns is not None else time.time_ns()
@@ -191,7 +191,7 @@ def materialize(target: ReplicaTarget, dest: str, at_ns: int | None = None) -> d
         point = plan.point
         started = next(c.entry.commits[0][1] for c in plan.chosen if c.entry.kind == "snapshot")
         row = catalog.get(key)
-        if not live_at(row, point.incarnation, started, meta.created_ns, drops.get(key, []), limit):
+        if not live_at(row, point.incarnation, started, meta.read_ns, drops.get(key, []), limit):
             continue
         image = _replay(plan, key)
         checksum = xxhash.xxh3_128_hexdigest(bytes(image))

@@ -21,7 +21,8 @@ A compaction, in this order (each step safe to repeat: a kill -9 at any point, t
    (a restore that read the previous one and meets a pack deleted below reads every header instead).
 6. **Delete** the planned packs, older key indexes (bases, their segments), and metadata snapshots outside the
    longest window (the newest at or before its start stays: a whole-root restore at the window's start needs
-   it), with the metadata deltas made against the snapshots deleted (:func:`shardlite.services.replica_meta.prune`).
+   it), with the metadata deltas made against the snapshots deleted
+   (:func:`shardlite.services.replica_meta_read.prune`).
 7. **Prune** every node staging's pack list of the deleted packs (:meth:`Staging.forget_packs`).
 
 One compaction at a time per root: ``<root>/.replica/compact.lock`` (``flock``). Between compactions the
@@ -45,7 +46,7 @@ from ..files.staging import STAGING_DIR, Staging, erase_lock
 from ..front.store import Store
 from ..meta.replica_record import recorded_windows
 from ..replica.target import ReplicaTarget
-from . import replica_index, replica_meta, replica_read
+from . import replica_index, replica_meta_read, replica_read
 from .replicator import pack_name
 
 __all__ = ["compact", "CompactionReport", "COMPACT_EVERY", "erased_incarnations",
@@ -317,7 +318,7 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
     report.deleted_packs = len(planned.delete)
     report.deleted_bytes = sum(infos[name].size for name in planned.delete)
     replica_index.prune(target, report.index)
-    report.meta_deleted = replica_meta.prune(target, now - windows.longest())
+    report.meta_deleted = replica_meta_read.prune(target, now - windows.longest())
     report.staging_rows = _prune_staging(store, planned.delete)
     report.seconds = time.monotonic() - started
     log.info("replicate: compaction deleted %d of %d packs, wrote %d snapshots in %d packs", report.deleted_packs,
