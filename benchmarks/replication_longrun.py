@@ -178,7 +178,7 @@ def long_restore_rows(b: Any, tenants: int = 1_000, packs: int = PACKS, reps: in
         for _ in range(3):
             counting = Counting(target)
             began = time.perf_counter()
-            replica_retention.compact(store, counting)  # type: ignore[arg-type]
+            replica_retention.compact(store, counting)
             compactions.append((time.perf_counter() - began, counting.gets))
     finally:
         replication.close()
