@@ -14,8 +14,8 @@ upload interval:
   it (the files, or a delta uploaded since), and whenever a delta would not be smaller than half the images;
 * otherwise, with the metadata embedded (``global.db``), a **delta** when the files changed: the pages that
   differ from the last snapshot's, at most once per upload interval (``META_DELTA_EVERY`` seconds apart at
-  least), and less often when taking them costs more than :data:`DELTA_SHARE` of a core (each delta reads
-  both images whole). So accounts, sessions and the catalog reach the replica about one interval after they
+  least), and less often when looking at the images costs more than :data:`DELTA_SHARE` of a core (each look
+  reads both images whole). So accounts, sessions and the catalog reach the replica about one interval after they
   change. With the metadata on PostgreSQL (whose export is a new file each time, with no stable pages) only
   snapshots are taken, every ``every`` seconds;
 * after each snapshot, the deltas older than :data:`FINE_WINDOW` are deleted: a snapshot at most ``every``
@@ -147,8 +147,8 @@ class MetaUploader:
         self._base: _Base | None = None
         self._snap_at: float | None = None  #: clock time of the last snapshot uploaded
         self._outstanding = False  #: a delta was uploaded since the last snapshot
-        self._delta_at = 0.0
-        self._delta_every = 0.0
+        self._looked_at = 0.0  #: clock time of the last look at the images
+        self._look_every = 0.0  #: seconds the last look's CPU time asks between looks (DELTA_SHARE)
         self._seen: tuple[int, ...] | None = None  #: the files' signature at the last look at their images
         self._last: tuple[str, str] | None = None  #: the digests of the images last uploaded
         self._erase_seen = b""
@@ -181,8 +181,8 @@ class MetaUploader:
 
     def round(self, *, every: float, delta_every: float) -> None:
         """Upload what is due (module docstring): a snapshot once ``every`` seconds passed since the last one
-        and anything changed since, else a delta when the files changed and ``delta_every`` seconds (at least)
-        went by since the last delta."""
+        and anything changed since, else a delta when the files changed and ``delta_every`` seconds (at least,
+        and as many as the last look's CPU time asks: :data:`DELTA_SHARE`) went by since the last look."""
         if self.fd is None:
             self.fd = self._lock()
             if self.fd is None:
@@ -193,7 +193,7 @@ class MetaUploader:
         changed = seen is None or seen != self._seen
         snapshot_due = self._snap_at is None or (now - self._snap_at >= every and (changed or self._outstanding))
         if not snapshot_due and (seen is None or not changed
-                                 or now - self._delta_at < max(delta_every, self._delta_every)):
+                                 or now - self._looked_at < max(delta_every, self._look_every)):
             return
         lock = upload_lock(self.store.root, wait=None)
         if lock is None:
@@ -217,15 +217,15 @@ class MetaUploader:
             if signature is None:
                 self._snap_at = now  # PostgreSQL: the next export one interval later
         elif not snapshot_due and not erased and self._upload_delta(created, read_ns, global_db, app_global_db):
-            self._delta_every = (time.thread_time() - spent) / DELTA_SHARE
-            self._delta_at, self._outstanding = now, True
+            self._outstanding = True
         else:
             self._upload_snapshot(created, read_ns, global_db, app_global_db, digests)
             self._erase_seen = noted
-            self._snap_at = self._delta_at = now
+            self._snap_at = now
             self._outstanding = False
             self._prune_deltas(created)
-        self._last = digests
+        self._last, self._looked_at = digests, now
+        self._look_every = (time.thread_time() - spent) / DELTA_SHARE  # looks (and deltas) within the share
         # a file written within the file clock's tick may change again without its signature changing
         recent = signature is not None and signature[1] >= time.time_ns() - RECENT_NS
         self._seen = None if signature is None or recent else signature[0]
