@@ -4,10 +4,12 @@
 to erase a person's data: the key is the person, so every history of the key goes, whatever its incarnation
 (earlier tenants under the same key included). In order:
 
-1. **Lock** the root's and every node's erase lock (:func:`shardlite.files.staging.erase_lock`). A node's
-   replicator takes its node's lock from reading its staged captures to recording the pack as shipped, and
-   the metadata snapshots are taken under the root's, so while an erase holds them no pack or snapshot is
-   being built or uploaded, and every one uploaded before is in the replica's listing.
+1. **Lock** the root's and every node's erase lock (:func:`shardlite.files.staging.erase_lock`), then the
+   root's metadata upload lock (:func:`shardlite.services.replica_meta.upload_lock`). A node's replicator
+   takes its node's lock from reading its staged captures to recording the pack as shipped, and the
+   metadata's snapshots and deltas are read and uploaded under the upload lock, so while an erase holds them
+   no pack, snapshot or delta is being built or uploaded, and every one uploaded before is in the replica's
+   listing.
 2. **Drop** the live tenant as a plain drop does (fence, catalog tombstone, files deleted), unless it is
    already dropped; the key's dead letters (event payloads it emitted) go from the live metadata too.
 3. **Scan** the header of every pack for entries and drop records of the key (one ranged GET per pack).
@@ -228,8 +230,9 @@ def erase(store: Store, key: object, *, target: ReplicaTarget | None = None,
     target = target if target is not None else open_target(store.replicate)
     receipt["replica"] = redact(target.url)
     nodes = _nodes(store)
-    # the root's erase lock first: a metadata snapshot being taken (it holds the lock from the export to the
-    # upload) is listed before the dead letters go, and every later one is taken without them
+    # the erase locks, then the metadata upload lock: a snapshot or delta being taken (its uploader holds that
+    # lock from reading the images to the upload) is listed before the dead letters go, every later one is
+    # taken without them
     fds = _lock_all([("the root", store.root), *[(f"node {name!r}", path) for name, path in nodes]], lock_wait)
     upload = replica_meta.upload_lock(store.root, wait=lock_wait)  # no metadata upload while snapshots change
     if upload is None:
