@@ -6,18 +6,23 @@ deltas and an erase's deltas go; PostgreSQL metadata is snapshots only."""
 from __future__ import annotations
 
 import logging
+import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from helpers_cli import run_script
 from helpers_procs import child_env
-from helpers_s3 import TargetFactory
+from helpers_s3 import TargetFactory, crashing_target_code
 
 import shardlite
 from shardlite.core import metadelta, metasnap
 from shardlite.errors import ConfigurationError, ReplicaUnavailable
-from shardlite.replica.target import ReplicaTarget
+from shardlite.meta.replica_record import REPLICATE_NAME
+from shardlite.replica.target import ReplicaTarget, open_target
 from shardlite.services import replica_meta, replica_meta_read
 from shardlite.services import replication as replication_module
 from shardlite.services.replica_restore import materialize, restore_root_from_replica
@@ -383,3 +388,54 @@ def test_a_hostile_status_file_is_no_status(tmp_path: Path, make_replica_target:
                      '{"object": "../../etc/passwd", "uploaded_ns": 1, "as_of_ns": 1}', "[1, 2", "\x00\xff"):
             status.write_text(text)
             assert replica_meta.shipped(router._store, time.time_ns()) is None, text
+
+
+_ERASE_KILLED = crashing_target_code("put", "put_if_absent", "delete_many") + (
+    "from shardlite.services import erase\n"
+    "router = shardlite.Router(sys.argv[1])\n"
+    "erase.erase(router._store, 'user:gone', target=target)\n")
+
+
+def test_kill_9_after_each_write_of_an_erase_keeps_every_account(tmp_path: Path) -> None:
+    """An erase killed after each of its writes (PUT, delete) in turn, each time from the same replica and root
+    (copied aside; a directory target: the order of the writes is the target's business, not the point),
+    then run again: after every kill a whole-root restore holds every account the deltas held (never the
+    snapshot's older state alone), and after the rerun no delta is left and the tenant is gone."""
+    first = tmp_path / "first"
+    url = "file://" + str(first / "replica")
+    emails = ["a@example.com", "b@example.com", "c@example.com"]
+    with shardlite.Router(first / "root", schema=SCHEMA, replicate=url) as router:
+        run = Replication(router._store)
+        try:
+            router.accounts.register(emails[0])
+            run.run_round()
+            with router.transaction("user:gone") as tx:
+                tx.execute("INSERT INTO notes(body) VALUES ('personal')")
+            for email in emails[1:]:
+                router.accounts.register(email)
+                run.run_round()
+            assert (run.meta.snapshots, run.meta.deltas) == (1, 2)
+        finally:
+            run.close()
+    for kill_after in range(1, 30):
+        case = tmp_path / f"kill-{kill_after}"
+        shutil.copytree(first, case)
+        case_url = "file://" + str(case / "replica")
+        with shardlite.Router(case / "root", create=False) as router:  # the copy's recorded location moves
+            router._store.meta.kv.put(REPLICATE_NAME, case_url)
+        ran = subprocess.run([sys.executable, "-c", _ERASE_KILLED, str(case / "root"), case_url, str(kill_after)],
+                             capture_output=True, text=True, env=child_env(), timeout=300)
+        target = open_target(case_url)
+        if ran.returncode == 0:
+            break  # no write left to kill after: the erase ran whole
+        assert ran.returncode == -signal.SIGKILL, ran.stderr
+        restore_root_from_replica(target, str(case / "after-kill"))
+        assert _emails(case / "after-kill", emails) == set(emails), kill_after
+        ran = run_script("--root", str(case / "root"), "tenants", "drop", "user:gone", "--erase", env=child_env())
+        assert ran.returncode == 0, ran.stderr
+        assert _names(target, metadelta.PREFIX) == [], kill_after
+        done = restore_root_from_replica(target, str(case / "end"))
+        assert "user:gone" not in done.tenants and _emails(case / "end", emails) == set(emails), kill_after
+    else:
+        raise AssertionError("the erase never finished")
+    assert kill_after >= 5  # tombstone, segment, pack, snapshot, deltas: each write was a kill point
