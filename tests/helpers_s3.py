@@ -24,6 +24,7 @@ import pathlib
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import pytest
 from helpers_real import missing_component
@@ -126,3 +127,18 @@ def crashing_target_code(*methods: str) -> str:
             "            os.kill(os.getpid(), signal.SIGKILL)\n"
             "        return out\n"
             "    return call\n" + wraps)
+
+
+class CountingTarget:
+    """A real replica target that counts the pack headers read from it (a ranged GET from a pack's first
+    byte), for tests of what a restore or a compaction reads."""
+
+    def __init__(self, target: ReplicaTarget) -> None:
+        self.target, self.headers = target, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.target, name)
+
+    def get_range(self, name: str, start: int, length: int) -> bytes:
+        self.headers += start == 0 and name.startswith("v1/packs/")
+        return self.target.get_range(name, start, length)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import apsw
-from helpers_s3 import TargetFactory
+from helpers_s3 import CountingTarget, TargetFactory
 
 import shardlite
 from shardlite.core import pack
@@ -23,20 +23,6 @@ from shardlite.services.replication import Replication
 from shardlite.services.replicator import pack_name
 
 SCHEMA = {"user": ["CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"]}
-
-
-class CountingTarget:
-    """Counts the pack headers read from the replica (a ranged GET from a pack's first byte)."""
-
-    def __init__(self, target: ReplicaTarget) -> None:
-        self.target, self.headers = target, 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.target, name)
-
-    def get_range(self, name: str, start: int, length: int) -> bytes:
-        self.headers += start == 0 and name.startswith("v1/packs/")
-        return self.target.get_range(name, start, length)
 
 
 def _pack_of_one_snapshot(node: str, name: str) -> bytes:

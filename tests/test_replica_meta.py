@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,18 @@ def _a_delta_at_every_round(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(replication_module, "META_EVERY", 3600.0)
 
 
+@contextmanager
+def _replicating(root: Path, url: str, target: ReplicaTarget | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> Iterator[tuple[shardlite.Router, Replication]]:
+    """A router of a new root replicating to ``url``, and a replication service of it (closed after)."""
+    with shardlite.Router(root, schema=SCHEMA, replicate=url) as router:
+        run = Replication(router._store, target, clock=clock)
+        try:
+            yield router, run
+        finally:
+            run.close()
+
+
 def _names(target: ReplicaTarget, prefix: str) -> list[str]:
     return sorted(name for name, _size in target.list(prefix))
 
@@ -52,25 +66,21 @@ def _emails(root: Path, emails: list[str]) -> set[str]:
 def test_an_account_registered_after_the_snapshot_comes_back_from_a_delta(
         tmp_path: Path, make_replica_target: TargetFactory) -> None:
     url = make_replica_target.url()
-    with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=url) as router:
-        run = Replication(router._store)
-        try:
-            router.accounts.register("first@example.com")
-            run.run_round()
-            assert (run.meta.snapshots, run.meta.deltas) == (1, 0)
-            run.run_round()
-            assert (run.meta.snapshots, run.meta.deltas) == (1, 0)  # nothing changed: nothing uploaded
-            between = time.time_ns()
-            router.accounts.register("second@example.com")
-            with router.transaction("user:a") as tx:  # a new tenant: a catalog row
-                tx.execute("INSERT INTO notes(body) VALUES ('a')")
-            run.run_round()
-            assert (run.meta.snapshots, run.meta.deltas) == (1, 1)
-            router.accounts.register("third@example.com")
-            run.run_round()
-            assert (run.meta.snapshots, run.meta.deltas) == (1, 2)
-        finally:
-            run.close()
+    with _replicating(tmp_path / "root", url) as (router, run):
+        router.accounts.register("first@example.com")
+        run.run_round()
+        assert (run.meta.snapshots, run.meta.deltas) == (1, 0)
+        run.run_round()
+        assert (run.meta.snapshots, run.meta.deltas) == (1, 0)  # nothing changed: nothing uploaded
+        between = time.time_ns()
+        router.accounts.register("second@example.com")
+        with router.transaction("user:a") as tx:  # a new tenant: a catalog row
+            tx.execute("INSERT INTO notes(body) VALUES ('a')")
+        run.run_round()
+        assert (run.meta.snapshots, run.meta.deltas) == (1, 1)
+        router.accounts.register("third@example.com")
+        run.run_round()
+        assert (run.meta.snapshots, run.meta.deltas) == (1, 2)
     target = make_replica_target()
     deltas = _names(target, metadelta.PREFIX)
     assert len(deltas) == 2 and all(d.startswith(metadelta.PREFIX) for d in deltas)
@@ -88,15 +98,11 @@ def test_an_account_registered_after_the_snapshot_comes_back_from_a_delta(
 
 def _three_points(tmp_path: Path, url: str) -> None:
     """A snapshot (one account), then two deltas (a second account, then a third)."""
-    with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=url) as router:
-        run = Replication(router._store)
-        try:
-            for email in ("a@example.com", "b@example.com", "c@example.com"):
-                router.accounts.register(email)
-                run.run_round()
-            assert (run.meta.snapshots, run.meta.deltas) == (1, 2)
-        finally:
-            run.close()
+    with _replicating(tmp_path / "root", url) as (router, run):
+        for email in ("a@example.com", "b@example.com", "c@example.com"):
+            router.accounts.register(email)
+            run.run_round()
+        assert (run.meta.snapshots, run.meta.deltas) == (1, 2)
 
 
 def test_an_unusable_delta_gives_the_point_before_it(tmp_path: Path, make_replica_target: TargetFactory,
@@ -129,27 +135,23 @@ def test_deltas_older_than_the_fine_window_go_with_the_next_snapshot_and_orphans
         tmp_path: Path, make_replica_target: TargetFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     url = make_replica_target.url()
     target = make_replica_target()
-    with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=url) as router:
-        run = Replication(router._store)
-        try:
-            for email in ("a@example.com", "b@example.com", "c@example.com"):
-                router.accounts.register(email)
-                run.run_round()
-            assert len(_names(target, metadelta.PREFIX)) == 2
-            run.run_round()  # unchanged: no snapshot, no pruning
-            assert len(_names(target, metadelta.PREFIX)) == 2
-            monkeypatch.setattr(replica_meta, "FINE_WINDOW", 0.0)
-            monkeypatch.setattr(replication_module, "META_EVERY", 0.0)
-            router.accounts.register("d@example.com")
-            run.run_round()  # a snapshot: the deltas before it are older than the (empty) fine window
-            assert run.meta.snapshots == 2
-            assert _names(target, metadelta.PREFIX) == []
-            monkeypatch.setattr(replication_module, "META_EVERY", 3600.0)
-            router.accounts.register("e@example.com")
+    with _replicating(tmp_path / "root", url) as (router, run):
+        for email in ("a@example.com", "b@example.com", "c@example.com"):
+            router.accounts.register(email)
             run.run_round()
-            (kept,) = _names(target, metadelta.PREFIX)
-        finally:
-            run.close()
+        assert len(_names(target, metadelta.PREFIX)) == 2
+        run.run_round()  # unchanged: no snapshot, no pruning
+        assert len(_names(target, metadelta.PREFIX)) == 2
+        monkeypatch.setattr(replica_meta, "FINE_WINDOW", 0.0)
+        monkeypatch.setattr(replication_module, "META_EVERY", 0.0)
+        router.accounts.register("d@example.com")
+        run.run_round()  # a snapshot: the deltas before it are older than the (empty) fine window
+        assert run.meta.snapshots == 2
+        assert _names(target, metadelta.PREFIX) == []
+        monkeypatch.setattr(replication_module, "META_EVERY", 3600.0)
+        router.accounts.register("e@example.com")
+        run.run_round()
+        (kept,) = _names(target, metadelta.PREFIX)
     snapshots = _names(target, metasnap.PREFIX)
     orphan = metadelta.object_name(time.time_ns(), 5)  # made against a snapshot the replica does not hold
     target.put(orphan, target.get(kept))
@@ -165,27 +167,23 @@ def test_an_erase_deletes_the_deltas_and_the_next_upload_is_a_snapshot(
         tmp_path: Path, make_replica_target: TargetFactory) -> None:
     url = make_replica_target.url()
     target = make_replica_target()
-    with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=url) as router:
-        run = Replication(router._store)
-        try:
-            router.accounts.register("a@example.com")
-            run.run_round()
-            with router.transaction("user:gone") as tx:
-                tx.execute("INSERT INTO notes(body) VALUES ('personal')")
-            router.accounts.register("b@example.com")
-            run.run_round()
-            assert run.meta.deltas == 1 and len(_names(target, metadelta.PREFIX)) == 1
-            receipt = router.drop("user:gone", erase=True)
-            assert receipt["metadata_deltas_deleted"] == 1
-            assert _names(target, metadelta.PREFIX) == []
-            router.accounts.register("c@example.com")
-            run.run_round()  # the erase may have rewritten the snapshot: a snapshot, not a delta against it
-            assert (run.meta.snapshots, run.meta.deltas) == (2, 1)
-            router.accounts.register("d@example.com")
-            run.run_round()
-            assert run.meta.deltas == 2
-        finally:
-            run.close()
+    with _replicating(tmp_path / "root", url) as (router, run):
+        router.accounts.register("a@example.com")
+        run.run_round()
+        with router.transaction("user:gone") as tx:
+            tx.execute("INSERT INTO notes(body) VALUES ('personal')")
+        router.accounts.register("b@example.com")
+        run.run_round()
+        assert run.meta.deltas == 1 and len(_names(target, metadelta.PREFIX)) == 1
+        receipt = router.drop("user:gone", erase=True)
+        assert receipt["metadata_deltas_deleted"] == 1
+        assert _names(target, metadelta.PREFIX) == []
+        router.accounts.register("c@example.com")
+        run.run_round()  # the erase may have rewritten the snapshot: a snapshot, not a delta against it
+        assert (run.meta.snapshots, run.meta.deltas) == (2, 1)
+        router.accounts.register("d@example.com")
+        run.run_round()
+        assert run.meta.deltas == 2
     done = restore_root_from_replica(target, str(tmp_path / "back"))
     assert "user:gone" not in done.tenants
     emails = ["a@example.com", "b@example.com", "c@example.com", "d@example.com"]
@@ -195,35 +193,27 @@ def test_an_erase_deletes_the_deltas_and_the_next_upload_is_a_snapshot(
 def test_postgresql_metadata_is_replicated_as_snapshots_only(any_meta: str, tmp_path: Path,
                                                             make_replica_target: TargetFactory) -> None:
     url = make_replica_target.url()
-    with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=url) as router:
-        run = Replication(router._store)
-        try:
-            router.accounts.register("a@example.com")
-            run.run_round()
-            router.accounts.register("b@example.com")
-            run.run_round()
-            expected = (1, 0) if any_meta == "postgresql" else (1, 1)
-            assert (run.meta.snapshots, run.meta.deltas) == expected
-        finally:
-            run.close()
+    with _replicating(tmp_path / "root", url) as (router, run):
+        router.accounts.register("a@example.com")
+        run.run_round()
+        router.accounts.register("b@example.com")
+        run.run_round()
+        expected = (1, 0) if any_meta == "postgresql" else (1, 1)
+        assert (run.meta.snapshots, run.meta.deltas) == expected
 
 
 def test_a_delta_as_large_as_half_the_images_is_a_snapshot_instead(tmp_path: Path,
                                                                   make_replica_target: TargetFactory) -> None:
     url = make_replica_target.url()
-    with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=url) as router:
-        run = Replication(router._store)
-        try:
-            run.run_round()
-            for i in range(3000):  # many more pages than the snapshot had
-                router.accounts.register(f"u{i}@example.com", bio="x" * 100)
-            run.run_round()
-            assert (run.meta.snapshots, run.meta.deltas) == (2, 0)
-            router.accounts.register("one.more@example.com")
-            run.run_round()
-            assert (run.meta.snapshots, run.meta.deltas) == (2, 1)
-        finally:
-            run.close()
+    with _replicating(tmp_path / "root", url) as (router, run):
+        run.run_round()
+        for i in range(3000):  # many more pages than the snapshot had
+            router.accounts.register(f"u{i}@example.com", bio="x" * 100)
+        run.run_round()
+        assert (run.meta.snapshots, run.meta.deltas) == (2, 0)
+        router.accounts.register("one.more@example.com")
+        run.run_round()
+        assert (run.meta.snapshots, run.meta.deltas) == (2, 1)
     target = make_replica_target()
     (delta,) = _names(target, metadelta.PREFIX)
     header, _g, _a = metadelta.decode(target.get(delta))
@@ -236,25 +226,21 @@ def test_status_says_what_the_replica_holds_of_the_metadata(tmp_path: Path,
                                                           make_replica_target: TargetFactory) -> None:
     url = make_replica_target.url()
     root = tmp_path / "root"
-    with shardlite.Router(root, schema=SCHEMA, replicate=url) as router:
-        run = Replication(router._store)
-        try:
-            assert run.status()["metadata"] is None
-            router.accounts.register("a@example.com")
-            run.run_round()
-            run.run_round()  # a first read of app_global.db may touch its time: the next look settles it
-            first = run.status()["metadata"]
-            assert first["object"].startswith(metasnap.PREFIX) and first["changed_since"] is False
-            assert first["lag_s"] == 0.0
-            time.sleep(0.01)  # a file time after the record's (not a timing assertion: ordering only)
-            router.accounts.register("b@example.com")
-            pending = run.status()["metadata"]
-            assert pending["changed_since"] is True and pending["object"] == first["object"]
-            run.run_round()
-            second = run.status()["metadata"]
-            assert second["object"].startswith(metadelta.PREFIX) and second["changed_since"] is False
-        finally:
-            run.close()
+    with _replicating(root, url) as (router, run):
+        assert run.status()["metadata"] is None
+        router.accounts.register("a@example.com")
+        run.run_round()
+        run.run_round()  # a first read of app_global.db may touch its time: the next look settles it
+        first = run.status()["metadata"]
+        assert first["object"].startswith(metasnap.PREFIX) and first["changed_since"] is False
+        assert first["lag_s"] == 0.0
+        time.sleep(0.01)  # a file time after the record's (not a timing assertion: ordering only)
+        router.accounts.register("b@example.com")
+        pending = run.status()["metadata"]
+        assert pending["changed_since"] is True and pending["object"] == first["object"]
+        run.run_round()
+        second = run.status()["metadata"]
+        assert second["object"].startswith(metadelta.PREFIX) and second["changed_since"] is False
     ran = run_script("--root", str(root), "replicate", "status", env=child_env())
     assert ran.returncode == 0, ran.stderr
     assert f"metadata: {second['object']}" in ran.stdout and "unchanged since" in ran.stdout
@@ -280,19 +266,15 @@ def test_a_failed_upload_is_tried_again_at_the_next_round(tmp_path: Path,
                                                           make_replica_target: TargetFactory) -> None:
     url = make_replica_target.url()
     target = FailingPuts(make_replica_target())
-    with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=url) as router:
-        run = Replication(router._store, target)  # type: ignore[arg-type]
-        try:
-            router.accounts.register("a@example.com")
-            run.run_round()
-            router.accounts.register("b@example.com")
-            target.fail = 1
-            with pytest.raises(ReplicaUnavailable):
-                run._meta_round()
-            run.run_round()  # nothing changed in the files since: the delta is uploaded all the same
-            assert (run.meta.snapshots, run.meta.deltas) == (1, 1)
-        finally:
-            run.close()
+    with _replicating(tmp_path / "root", url, target) as (router, run):  # type: ignore[arg-type]
+        router.accounts.register("a@example.com")
+        run.run_round()
+        router.accounts.register("b@example.com")
+        target.fail = 1
+        with pytest.raises(ReplicaUnavailable):
+            run._meta_round()
+        run.run_round()  # nothing changed in the files since: the delta is uploaded all the same
+        assert (run.meta.snapshots, run.meta.deltas) == (1, 1)
     restore_root_from_replica(make_replica_target(), str(tmp_path / "back"))
     assert _emails(tmp_path / "back", ["a@example.com", "b@example.com"]) == {"a@example.com", "b@example.com"}
 
@@ -302,28 +284,24 @@ def test_a_snapshot_follows_the_deltas_once_the_interval_passed_even_without_a_n
     monkeypatch.setattr(replication_module, "META_EVERY", 30.0)
     clock = [1000.0]
     url = make_replica_target.url()
-    with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=url) as router:
-        run = Replication(router._store, clock=lambda: clock[0])
-        try:
-            run.run_round()
-            router.accounts.register("a@example.com")
-            clock[0] += 1
-            run.run_round()
-            assert (run.meta.snapshots, run.meta.deltas) == (1, 1)
-            clock[0] += 10
-            run.run_round()  # nothing changed, the interval has not passed: nothing
-            assert (run.meta.snapshots, run.meta.deltas) == (1, 1)
-            clock[0] += 30
-            run.run_round()  # nothing changed since the delta, but a snapshot must stand for it before it goes
-            assert (run.meta.snapshots, run.meta.deltas) == (2, 1)
-            clock[0] += 300
-            run.run_round()  # idle: nothing
-            assert (run.meta.snapshots, run.meta.deltas) == (2, 1)
-            router.accounts.register("b@example.com")
-            run.run_round()  # the first change after a long idle time: a snapshot (the interval has passed)
-            assert (run.meta.snapshots, run.meta.deltas) == (3, 1)
-        finally:
-            run.close()
+    with _replicating(tmp_path / "root", url, clock=lambda: clock[0]) as (router, run):
+        run.run_round()
+        router.accounts.register("a@example.com")
+        clock[0] += 1
+        run.run_round()
+        assert (run.meta.snapshots, run.meta.deltas) == (1, 1)
+        clock[0] += 10
+        run.run_round()  # nothing changed, the interval has not passed: nothing
+        assert (run.meta.snapshots, run.meta.deltas) == (1, 1)
+        clock[0] += 30
+        run.run_round()  # nothing changed since the delta, but a snapshot must stand for it before it goes
+        assert (run.meta.snapshots, run.meta.deltas) == (2, 1)
+        clock[0] += 300
+        run.run_round()  # idle: nothing
+        assert (run.meta.snapshots, run.meta.deltas) == (2, 1)
+        router.accounts.register("b@example.com")
+        run.run_round()  # the first change after a long idle time: a snapshot (the interval has passed)
+        assert (run.meta.snapshots, run.meta.deltas) == (3, 1)
 
 
 def test_an_erase_with_no_replicator_running_keeps_what_the_deltas_held(tmp_path: Path,
@@ -351,7 +329,8 @@ class DeletingGets:
     """A real target that deletes an object right before reading it (pruned between a listing and a read)."""
 
     def __init__(self, target: ReplicaTarget, doomed: set[str]) -> None:
-        self.target, self.doomed, self.gets = target, doomed, []
+        self.target, self.doomed = target, doomed
+        self.gets: list[str] = []
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.target, name)
@@ -404,19 +383,15 @@ def test_kill_9_after_each_write_of_an_erase_keeps_every_account(tmp_path: Path)
     first = tmp_path / "first"
     url = "file://" + str(first / "replica")
     emails = ["a@example.com", "b@example.com", "c@example.com"]
-    with shardlite.Router(first / "root", schema=SCHEMA, replicate=url) as router:
-        run = Replication(router._store)
-        try:
-            router.accounts.register(emails[0])
+    with _replicating(first / "root", url) as (router, run):
+        router.accounts.register(emails[0])
+        run.run_round()
+        with router.transaction("user:gone") as tx:
+            tx.execute("INSERT INTO notes(body) VALUES ('personal')")
+        for email in emails[1:]:
+            router.accounts.register(email)
             run.run_round()
-            with router.transaction("user:gone") as tx:
-                tx.execute("INSERT INTO notes(body) VALUES ('personal')")
-            for email in emails[1:]:
-                router.accounts.register(email)
-                run.run_round()
-            assert (run.meta.snapshots, run.meta.deltas) == (1, 2)
-        finally:
-            run.close()
+        assert (run.meta.snapshots, run.meta.deltas) == (1, 2)
     for kill_after in range(1, 30):
         case = tmp_path / f"kill-{kill_after}"
         shutil.copytree(first, case)

@@ -13,10 +13,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from helpers_s3 import TargetFactory, crashing_target_code
+from helpers_s3 import CountingTarget, TargetFactory, crashing_target_code
 from helpers_wal import rows_of
 
 import shardlite
@@ -143,20 +142,6 @@ def test_compaction_keeps_every_restore_inside_the_window(world: World) -> None:
         staging.close()
     assert len(names) < packs_before
     assert all(target.head(name) is not None for name in names[:-1])
-
-
-class CountingTarget:
-    """Counts the pack headers read (a ranged GET from a pack's first byte)."""
-
-    def __init__(self, target: ReplicaTarget) -> None:
-        self.target, self.headers = target, 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.target, name)
-
-    def get_range(self, name: str, start: int, length: int) -> bytes:
-        self.headers += start == 0 and name.startswith("v1/packs/")
-        return self.target.get_range(name, start, length)
 
 
 def _holding(target: ReplicaTarget, key: str) -> set[str]:
