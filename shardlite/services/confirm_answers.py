@@ -84,9 +84,9 @@ def decide(store: Store, node: str, replicator: NodeReplicator, requests: list[R
         elif key in staged:
             if stats.upload_error is None:
                 out.again.append(request)  # a backlog of more than one pack: the next round ships more
-            elif stats.upload_blocked and request.identity is not None and not _live_here(
-                    record_of(key), node, request.identity):
-                out.later.append(request)  # an erase of its dropped file may be running: it decides
+            elif request.identity is not None and not _live_here(record_of(key), node, request.identity):
+                # the upload failed or waits for an erase, and the file is gone from here: its drop answers
+                _after_drop(out, node, replicator, request, request.identity, record_of(key), stats)
             else:
                 out.answers.append((request, f"the upload to the replica failed ({stats.upload_error})", False))
         elif _live_here(record_of(key), node, request.identity):
