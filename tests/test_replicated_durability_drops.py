@@ -331,3 +331,49 @@ def test_several_writer_processes_and_a_drop_meanwhile(tmp_path: Path, make_repl
     assert 0 in old and not old & new
     assert acked <= old | new
     assert acked & old and acked & new  # the drop came while they wrote
+
+
+def test_a_request_is_confirmed_only_for_the_file_it_names(tmp_path: Path, make_replica_target: TargetFactory) -> None:
+    """A replicator in this process answers requests naming a file: the dropped file by its shipped drop, the
+    later tenant under the same key by its own captures; a request naming a file that is neither (another
+    incarnation, another generation of the live one) is not confirmed, although the key is live and captured."""
+    import socket
+
+    from shardlite.services.confirmations import Identity, Request
+    from shardlite.services.replication import Replication
+
+    def ask(run: Replication, node: str, key: str, identity: Identity) -> bytes:
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            run.nodes[node].waiting.append(Request(key, theirs, identity))
+            for _ in range(20):
+                run.run_round()
+                if not run.nodes[node].waiting:
+                    return ours.recv(4096)
+        raise AssertionError("no answer within 20 rounds")
+
+    with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=make_replica_target.url()) as router:
+        with router.transaction("user:x") as tx:
+            tx.execute("INSERT INTO log(n) VALUES (1)")
+        first = router._store.meta.tenants.lookup("user:x")
+        assert first is not None
+        router.drop("user:x")  # its tail (never captured) is staged with the drop record
+        with router.transaction("user:x") as tx:
+            tx.execute("INSERT INTO log(n) VALUES (2)")
+        second = router._store.meta.tenants.lookup("user:x")
+        assert second is not None and second.incarnation != first.incarnation
+        run = Replication(router._store)
+        try:
+            run.run_round()  # takes the node
+            old = Identity(first.incarnation, first.generation)
+            new = Identity(second.incarnation, second.generation)
+            assert ask(run, first.node, "user:x", old) == b"\x00"  # its drop's pack shipped
+            assert ask(run, second.node, "user:x", new) == b"\x00"  # captured, as any live file
+            for other in (Identity("0" * 32, first.generation), Identity(second.incarnation, second.generation + 1),
+                          Identity(first.incarnation, second.generation)):
+                answer = ask(run, second.node, "user:x", other)
+                assert answer[:1] == b"\x01" and b"not on node" in answer, (other, answer)
+        finally:
+            run.close()
+        assert sorted(_rows_by_incarnation(make_replica_target(), "user:x").values(), key=min) == [{1}, {2}]
+
