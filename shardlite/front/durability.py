@@ -91,9 +91,9 @@ class Durability:
             "(wait_replicated); repeating the transaction applies it twice unless it is idempotent")
 
     def _erased(self, canon: str, why: str) -> TenantErased:
-        return TenantErased(f"tenant {canon!r}: the write was committed, but not confirmed durable in the replica "
-                            f"{self.store.replicate} before {why}. This is final: waiting again gives the same "
-                            "answer")
+        return TenantErased(f"tenant {canon!r}: the write was committed, then erased before it was confirmed "
+                            f"durable in the replica {self.store.replicate}: {why}. This is final: waiting again "
+                            "gives the same answer")
 
     def wait(self, canon: str, timeout: float | None = None, *, handle: Handle | None = None) -> None:
         """Block until every commit to ``canon`` made so far (``handle``: through that connection) is in the
