@@ -377,3 +377,44 @@ def test_a_request_is_confirmed_only_for_the_file_it_names(tmp_path: Path, make_
             run.close()
         assert sorted(_rows_by_incarnation(make_replica_target(), "user:x").values(), key=min) == [{1}, {2}]
 
+
+
+def test_a_request_for_a_file_whose_drop_is_under_way_waits_for_it(
+        tmp_path: Path, make_replica_target: TargetFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tenant is 'dropping' and its drop has staged nothing yet (fencing, or killed before its staging): a
+    request naming its file is neither confirmed nor refused at once, since the drop will stage the write; it
+    waits for the drop's pack, and gets an error naming the fix once it has waited LATER_LIMIT."""
+    import socket
+
+    from shardlite.services import confirm_answers
+    from shardlite.services.confirmations import Identity, Request
+    from shardlite.services.replication import Replication
+
+    with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=make_replica_target.url()) as router:
+        with router.transaction("user:d") as tx:
+            tx.execute("INSERT INTO log(n) VALUES (1)")
+        record = router._store.meta.tenants.lookup("user:d")
+        assert record is not None
+        run = Replication(router._store)
+        try:
+            run.run_round()
+            router._store.meta.tenants.set_state("user:d", "dropping", expect_generation=record.generation,
+                                                 expect_states=("active",))  # a drop killed after this step
+            node = run.nodes[record.node]
+            ours, theirs = socket.socketpair()
+            with ours, theirs:
+                ours.setblocking(False)
+                node.waiting.append(Request("user:d", theirs, Identity(record.incarnation, record.generation)))
+                for _ in range(3):
+                    run.run_round()
+                    assert len(node.waiting) == 1  # kept: the drop stages the write when it goes on
+                    with pytest.raises(BlockingIOError):
+                        ours.recv(4096)
+                monkeypatch.setattr(confirm_answers, "LATER_LIMIT", 0.0)
+                run.run_round()
+                assert node.waiting == []
+                ours.setblocking(True)
+                answer = ours.recv(4096)
+                assert answer[:1] == b"\x01" and b"run the drop again" in answer, answer
+        finally:
+            run.close()

@@ -477,10 +477,11 @@ class Staging:
     # -- erase ----------------------------------------------------------------------------------------------
 
     def erase(self, key: str, incarnations: list[str], erased_ns: int) -> Erased:
-        """Forget every staged capture and the cursor of ``key`` (any incarnation) and record ``incarnations``
-        (with those found here) as erased, in one transaction: the replicator never uploads a capture of an
-        erased incarnation staged later by a capture that was in flight (:meth:`discard_erased`). The caller
-        holds the node's erase lock."""
+        """Forget every staged capture, drop record (staged or recorded as shipped) and the cursor of ``key``
+        (any incarnation) and record ``incarnations`` (with those found here) as erased, in one transaction:
+        the replicator never uploads a capture of an erased incarnation staged later by a capture that was in
+        flight (:meth:`discard_erased`), and a confirmation request for a write to one is answered "erased".
+        The caller holds the node's erase lock."""
         # secure_delete: the erased captures' bytes are overwritten, not left in free pages of this file; the
         # scrub afterwards removes what earlier deletes (shipped packs) left in free pages, and the log.
         self.conn.execute("PRAGMA secure_delete=ON")
