@@ -264,8 +264,10 @@ import shardlite
 root, key, first, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 schema = {"user": ["CREATE TABLE log(n INTEGER PRIMARY KEY)"]}
 with shardlite.Router(root, schema=schema, durability="replicated", durability_timeout=60.0) as router:
-    n = first
+    n, retries = first, 0
     while n < first + count:
+        if retries > 500:
+            sys.exit("the writes kept failing")
         try:
             with router.transaction(key) as tx:
                 tx.execute("INSERT INTO log(n) VALUES (?)", (n,))
@@ -273,6 +275,7 @@ with shardlite.Router(root, schema=schema, durability="replicated", durability_t
             print("unconfirmed", n, str(exc).replace("\\n", " "), flush=True)
         except shardlite.ShardliteError as exc:  # not committed (the drop fenced the file): again
             print("retry", n, type(exc).__name__, flush=True)
+            retries += 1
             continue
         else:
             print("ack", n, flush=True)
