@@ -35,6 +35,7 @@ from .errors import (
     StorageError,
     StorageFull,
     StorageReadOnly,
+    TenantErased,
     TenantMoving,
     UnknownAccount,
     UnknownTenant,
@@ -89,5 +90,6 @@ __all__ = [
     "ReplicaError",
     "ReplicaUnavailable",
     "ReplicationUnavailable",
+    "TenantErased",
     "__version__",
 ]

@@ -40,6 +40,7 @@ __all__ = [
     "ReplicaError",
     "ReplicaUnavailable",
     "ReplicationUnavailable",
+    "TenantErased",
     "ReplicaObjectMissing",
 ]
 
@@ -192,6 +193,14 @@ class ReplicationUnavailable(ShardliteError):
     that waiting again is safe: ``router.wait_replicated(key)`` asks again; repeating the transaction itself
     would apply it twice unless it is idempotent. Check ``shardlite replicate status`` and the replicator's
     log."""
+
+
+class TenantErased(ShardliteError):
+    """A write of a router with ``durability="replicated"`` was committed, and its tenant was then dropped with
+    ``erase`` (``Router.drop(key, erase=True)``, ``shardlite tenants drop KEY --erase``) before the write was
+    confirmed: the write was removed from the replica **on purpose**, with the tenant's whole history (and its
+    file from the node). Not retryable: nothing of the tenant is kept anywhere, by design; a caller that still
+    needs the data writes it again, to a new tenant."""
 
 
 class ReplicaObjectMissing(ReplicaError, KeyError):

@@ -106,7 +106,11 @@ def test_a_replicator_that_never_answers_ends_at_the_bound(tmp_path: Path) -> No
         server.close()
 
 
-@pytest.mark.parametrize("junk", [b"HTTP/1.1 GET /\r\n\r\n", b"SLAK\xff\xff" + b"x" * 10, b"SLAK\x00\x02\xff\xfe", b""])
+@pytest.mark.parametrize("junk", [
+    b"HTTP/1.1 GET /\r\n\r\n", b"SLAK\xff\xff" + b"x" * 10, b"SLAK\x00\x02\xff\xfe", b"",
+    # requests naming the file written to: cut short, an incarnation that is not UTF-8, a key past its bound
+    b"SLAI\x00\x01a\x20abc", b"SLAI\x00\x01a\x02\xff\xfe" + bytes(8),
+    b"SLAI\x04\x01" + b"k" * 1025 + b"\x00" + bytes(8)])
 def test_hostile_requests_are_dropped_and_the_server_goes_on(tmp_path: Path, junk: bytes) -> None:
     node = _node(tmp_path)
     server = c.ConfirmServer(node, lambda: None)
@@ -123,6 +127,39 @@ def test_hostile_requests_are_dropped_and_the_server_goes_on(tmp_path: Path, jun
         seen = _answer_all(server, None, stop)
         c.ask_shipped(node, "user:ok", 10.0)
         assert seen == ["user:ok"]
+    finally:
+        stop.set()
+        server.close()
+
+
+def test_a_request_names_the_file_written_and_an_erased_answer_is_its_own(tmp_path: Path) -> None:
+    """A request may name the file the writer committed to (incarnation, generation): the server hands it on
+    whole; the answer "erased" raises ErasedAnswer (an Unconfirmed) on both clients, and is sent only to a
+    request that named its file (a key-only request gets a plain error)."""
+    node = _node(tmp_path)
+    server = c.ConfirmServer(node, lambda: None)
+    seen: list[c.Request] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            for request in server.take():
+                seen.append(request)
+                server.answer(request, "erased on purpose", erased=True)
+            time.sleep(0.01)
+    threading.Thread(target=loop, daemon=True).start()
+    try:
+        identity = c.Identity("ab" * 16, 2**40 + 3)
+        with pytest.raises(c.ErasedAnswer, match="erased on purpose"):
+            c.ask_shipped(node, "user:é", 10.0, identity)
+        with pytest.raises(c.ErasedAnswer, match="erased on purpose"):
+            asyncio.run(c.ask_shipped_async(node, "user:b", 10.0, c.Identity("x", 1)))
+        with pytest.raises(c.Unconfirmed, match="erased on purpose") as caught:
+            c.ask_shipped(node, "user:c", 10.0)
+        assert not isinstance(caught.value, c.ErasedAnswer)
+        assert [(r.key, r.identity) for r in seen] == [("user:é", identity), ("user:b", ("x", 1)), ("user:c", None)]
+        with pytest.raises(c.Unconfirmed, match="does not fit"):
+            c.ask_shipped(node, "user:d", 1.0, c.Identity("i" * 256, 1))
     finally:
         stop.set()
         server.close()

@@ -53,6 +53,7 @@ EXPECTED_ALL = [
     "ReplicaError",
     "ReplicaUnavailable",
     "ReplicationUnavailable",
+    "TenantErased",
     "__version__",
 ]
 
@@ -90,7 +91,7 @@ def test_error_tree() -> None:
                                 "InvalidPassword", "UnknownAccount", "ManifestInvalid", "BackupFailed",
                                 "QueryTimeout", "ResultTooLarge", "MoveFailed", "NodeFull",
                                 "StorageError", "StorageFull", "StorageReadOnly", "ReplicaError",
-                                "ReplicaUnavailable", "ReplicationUnavailable"]:
+                                "ReplicaUnavailable", "ReplicationUnavailable", "TenantErased"]:
         cls = getattr(shardlite, name)
         assert inspect.isclass(cls) and issubclass(cls, base), name
     # a refusal is also what APSW code already catches for "not authorized"
@@ -102,6 +103,9 @@ def test_error_tree() -> None:
     assert issubclass(shardlite.ReplicaUnavailable, shardlite.ReplicaError)
     # committed locally, only not confirmed: never one of the errors Router.run retries (shardlite.core.retrying)
     assert not issubclass(shardlite.ReplicationUnavailable, (shardlite.Busy, shardlite.TenantMoving))
+    # erased on purpose: final, neither retried nor taken for "not confirmed yet"
+    assert not issubclass(shardlite.TenantErased, (shardlite.Busy, shardlite.TenantMoving,
+                                                   shardlite.ReplicationUnavailable))
 
 
 def test_location_fields() -> None:

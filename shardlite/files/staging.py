@@ -16,7 +16,11 @@ goes on, and is there whether a replicator runs or not. The replicator ships it 
 never before a capture of the same key staged earlier: a drop record reaches the replica no earlier than the
 history it ends. The dropping process stages the tenant's uncaptured log tail in the same transaction as the
 record (:mod:`shardlite.services.drop_tail`), so every commit made before the drop's fence is in the history,
-replicator running or not.
+replicator running or not. The transaction that records a pack holding drop records also records each of them
+as shipped (table ``drops_shipped``: key, incarnation, generation, the pack, when), kept
+:data:`SHIPPED_DROPS_KEEP` seconds: a writer's confirmation request for a commit to a file dropped meanwhile
+is answered by it (:mod:`shardlite.services.confirm_answers`), whenever the request comes and whichever
+process ships the pack.
 
 Two processes may capture one tenant (its replicator, and a drop staging the tail), so a capture is staged
 only if it still continues the stored cursor (``expect``, compared inside the ``BEGIN IMMEDIATE`` transaction
@@ -48,8 +52,7 @@ from .engine import ensure_private_dir
 from .walcapture import NO_CURSOR, Capture, Cursor
 
 __all__ = ["Staging", "Staged", "StagedDrop", "TenantCursor", "STAGING_DIR", "ERASE_LOCK", "META_UPLOAD_LOCK",
-           "erase_lock", "Erased",
-           "DROPS_PER_PACK", "StaleCursor", "Tail", "ANY_CURSOR"]
+           "erase_lock", "Erased", "DROPS_PER_PACK", "SHIPPED_DROPS_KEEP", "StaleCursor", "Tail", "ANY_CURSOR"]
 
 STAGING_DIR = ".replica"
 #: The node's erase lock (``<node>/.replica/erase.lock``): an erase holds it while it removes a tenant from the
@@ -61,6 +64,10 @@ ERASE_LOCK = "erase.lock"
 META_UPLOAD_LOCK = "meta-upload.lock"
 #: Drop records shipped in one pack at most (a larger backlog goes in the next packs).
 DROPS_PER_PACK = 10_000
+#: Seconds a shipped drop record stays recorded as shipped (``drops_shipped``): a confirmation request for a
+#: commit to the dropped file is answered "shipped" until then (a writer waits ``durability_timeout``, 10 s by
+#: default; ``wait_replicated`` as long as it is told). Pruned when later drop records ship.
+SHIPPED_DROPS_KEEP = 86_400
 
 
 def erase_lock(node_path: str, *, wait: float | None, name: str = ERASE_LOCK) -> int | None:
@@ -141,6 +148,11 @@ CREATE TABLE IF NOT EXISTS drops(
     id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, incarnation TEXT NOT NULL,
     generation INTEGER NOT NULL, dropped_ns INTEGER NOT NULL, UNIQUE(key, incarnation)
 ) STRICT;
+CREATE TABLE IF NOT EXISTS drops_shipped(
+    key TEXT NOT NULL, incarnation TEXT NOT NULL, generation INTEGER NOT NULL, pack TEXT NOT NULL,
+    shipped_ns INTEGER NOT NULL, PRIMARY KEY(key, incarnation)
+) STRICT;
+CREATE INDEX IF NOT EXISTS drops_shipped_by_time ON drops_shipped(shipped_ns);
 """
 #: The tables :data:`_SCHEMA` makes.
 _TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _SCHEMA))
@@ -362,12 +374,19 @@ class Staging:
     def shipped(self, seq: int, name: str, created_ns: int, uploaded_ns: int, size: int, ids: list[int],
                 drop_ids: list[int] | None = None) -> None:
         """Record pack ``seq`` as uploaded and drop its staged rows (captures ``ids``, drop records
-        ``drop_ids``), in one transaction."""
+        ``drop_ids``, recorded as shipped: module docstring), in one transaction."""
         with self._write():
             self.conn.execute("INSERT INTO packs VALUES (?, ?, ?, ?, ?, ?)",
                               (seq, name, created_ns, uploaded_ns, size, len(ids)))
             self.conn.executemany("DELETE FROM staged WHERE id = ?", [(i,) for i in ids])
-            self.conn.executemany("DELETE FROM drops WHERE id = ?", [(i,) for i in drop_ids or ()])
+            if drop_ids:  # a pack without drop records writes nothing more than before
+                now = time.time_ns()
+                self.conn.executemany(
+                    "INSERT OR REPLACE INTO drops_shipped SELECT key, incarnation, generation, ?, ? FROM drops "
+                    "WHERE id = ?", [(name, now, i) for i in drop_ids])
+                self.conn.executemany("DELETE FROM drops WHERE id = ?", [(i,) for i in drop_ids])
+                self.conn.execute("DELETE FROM drops_shipped WHERE shipped_ns < ?",
+                                  (now - SHIPPED_DROPS_KEEP * 1_000_000_000,))
 
     # -- drop records --------------------------------------------------------------------------------------
 
@@ -412,6 +431,17 @@ class Staging:
             "SELECT id, key, incarnation, generation, dropped_ns FROM drops AS d WHERE NOT EXISTS "
             "(SELECT 1 FROM staged AS s WHERE s.key = d.key AND s.id > ?) ORDER BY id LIMIT ?", (after, limit))]
 
+    def drop_shipped(self, key: str, incarnation: str, generation: int) -> str | None:
+        """The pack that shipped the drop record of (``key``, ``incarnation``, ``generation``), if it shipped
+        less than :data:`SHIPPED_DROPS_KEEP` seconds ago (and was not erased since)."""
+        row = self.conn.execute("SELECT pack FROM drops_shipped WHERE key = ? AND incarnation = ? AND generation = ?",
+                                (key, incarnation, generation)).fetchone()
+        return None if row is None else str(row[0])
+
+    def is_erased(self, incarnation: str) -> bool:
+        """Whether ``incarnation`` is recorded as erased on this node (:meth:`erase`)."""
+        return self.conn.execute("SELECT 1 FROM erased WHERE incarnation = ?", (incarnation,)).fetchone() is not None
+
     def drops_count(self) -> int:
         """Staged drop records (not uploaded yet)."""
         row = self.conn.execute("SELECT count(*) FROM drops").fetchone()
@@ -451,10 +481,11 @@ class Staging:
     # -- erase ----------------------------------------------------------------------------------------------
 
     def erase(self, key: str, incarnations: list[str], erased_ns: int) -> Erased:
-        """Forget every staged capture and the cursor of ``key`` (any incarnation) and record ``incarnations``
-        (with those found here) as erased, in one transaction: the replicator never uploads a capture of an
-        erased incarnation staged later by a capture that was in flight (:meth:`discard_erased`). The caller
-        holds the node's erase lock."""
+        """Forget every staged capture, drop record (staged or recorded as shipped) and the cursor of ``key``
+        (any incarnation) and record ``incarnations`` (with those found here) as erased, in one transaction:
+        the replicator never uploads a capture of an erased incarnation staged later by a capture that was in
+        flight (:meth:`discard_erased`), and a confirmation request for a write to one is answered "erased".
+        The caller holds the node's erase lock."""
         # secure_delete: the erased captures' bytes are overwritten, not left in free pages of this file; the
         # scrub afterwards removes what earlier deletes (shipped packs) left in free pages, and the log.
         self.conn.execute("PRAGMA secure_delete=ON")
@@ -464,12 +495,17 @@ class Staging:
             found = {str(inc) for inc, _n, _b in rows}
             cursor = self.conn.execute("SELECT incarnation FROM cursors WHERE key = ?", (key,)).fetchall()
             found.update(str(inc) for (inc,) in cursor)
+            # drops recorded as shipped: their incarnations are erased too (a confirmation request for a write
+            # to one is answered "erased", not "shipped"), and the key's rows go
+            found.update(str(inc) for (inc,) in self.conn.execute(
+                "SELECT incarnation FROM drops_shipped WHERE key = ?", (key,)))
             self.conn.executemany("INSERT OR IGNORE INTO erased VALUES (?, ?)",
                                   [(inc, erased_ns) for inc in sorted(found | set(incarnations))])
             self.conn.execute("DELETE FROM staged WHERE key = ?", (key,))
             self.conn.execute("DELETE FROM cursors WHERE key = ?", (key,))
             self.conn.execute("DELETE FROM drops WHERE key = ?", (key,))
             drops = self.conn.changes()
+            self.conn.execute("DELETE FROM drops_shipped WHERE key = ?", (key,))
         scrubbed = self.scrub()
         captures = size = 0
         for _inc, count, length in rows:

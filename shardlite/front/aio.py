@@ -41,7 +41,14 @@ import apsw
 from ..core.keys import canonical
 from ..core.outbox import DEFAULT_MAX_PAYLOAD, RetryPolicy
 from ..core.retrying import RETRYABLE, Backoff
-from ..errors import ConfigurationError, MetaUnavailable, ReplicationUnavailable, ShardliteError, StatementNotAllowed
+from ..errors import (
+    ConfigurationError,
+    MetaUnavailable,
+    ReplicationUnavailable,
+    ShardliteError,
+    StatementNotAllowed,
+    TenantErased,
+)
 from ..files.catalog import Location
 from ..files.engine import Settings
 from ..files.pool import Handle
@@ -248,7 +255,7 @@ class _AsyncScope(AsyncTransaction):
             # the batch (see module doc).
             await outcome.wait(batch.loop)
         if self._router._durability.replicated:
-            await self._router._confirm(outcome, self.key)
+            await self._router._confirm(outcome, self.key, handle)
 
     def _exit_nested(self, handle: Handle, depth: int, failed: bool) -> None:
         _, rollback, release = nested_savepoint(depth)
@@ -407,17 +414,19 @@ class AsyncRouter(HandlerRegistry, GroupCommit, Reads, Admin):
 
     # -- plumbing -------------------------------------------------------------------------------------
 
-    async def _confirm(self, outcome: Round, canon: str) -> None:
+    async def _confirm(self, outcome: Round, canon: str, handle: Handle) -> None:
         """durability="replicated": wait until the committed batch ``outcome`` is in the replica. The batch
         asks once for all its members (front.durability); a member's cancellation cancels only its own wait."""
         task = outcome.confirm
         if task is None:
-            task = outcome.confirm = asyncio.ensure_future(self._durability.wait_async(canon))
+            task = outcome.confirm = asyncio.ensure_future(self._durability.wait_async(canon, handle=handle))
             task.add_done_callback(_retrieved_confirm)
         try:
             await asyncio.shield(task)
         except ReplicationUnavailable as exc:  # each member its own exception object (their tracebacks differ)
             raise ReplicationUnavailable(str(exc)) from None
+        except TenantErased as exc:
+            raise TenantErased(str(exc)) from None
 
     def _flag_refusal(self, handle: Handle, key: str) -> MetaUnavailable:
         """The error for a batch member that needs its tenant's pending-work flag written (it emitted the

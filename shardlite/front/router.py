@@ -120,7 +120,7 @@ class _Scope(Transaction):
             store.release(handle)
         if exc_type is None and self._router._durability.replicated:
             # committed and its connection released: now wait for the replica (front.durability)
-            self._router._durability.wait(self.key)
+            self._router._durability.wait(self.key, handle=handle)
 
 
 class Router(HandlerRegistry):

@@ -130,6 +130,13 @@ class TenantCreation:
                 raise ConfigurationError(f"the catalog names node {name!r} but does not know its path")
         return path
 
+    def node_name_at(self, path: str) -> str | None:
+        """The name of the node whose directory is ``path`` (as :meth:`node_path` gives it), None if unknown."""
+        for name, found in self._node_paths.items():
+            if found == path:
+                return name
+        return None
+
     def propose(self, key: str) -> str:
         """The node the ring proposes for a new tenant (active nodes only). A node whose disk has less
         than :data:`PLACEMENT_RESERVE` free gets no new tenant: the ring over the other active nodes

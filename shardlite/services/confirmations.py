@@ -17,14 +17,25 @@ The replicator takes every request received before a round into that round (one 
 upload for all: the group commit of confirmations) and starts the round at once instead of waiting for its
 interval.
 
-Answers: ``OK``, or an error with its cause (the upload failed, the capture failed, the tenant moved or was
-dropped meanwhile). A writer that gets no answer within its bound (no replicator runs for the node, the
-socket is stale, the target hangs) stops waiting. Either way the writer raises
-:class:`~shardlite.ReplicationUnavailable`: its commit stands locally and is *not confirmed* in the replica.
+A request names the file the writer committed to as well: the tenant's (key, incarnation, generation), from
+the writer's own connection. The replicator confirms a request only for that file: by a capture of it while
+it is live on the node, or, once it was dropped, by its drop's pack (the drop staged the file's uncaptured
+log tail with its drop record, :mod:`shardlite.services.drop_tail`: every commit made before the drop's fence
+ships in that pack or before it). So a later tenant under the same key never confirms an earlier one's write,
+nor the reverse (:mod:`shardlite.services.confirm_answers` decides every answer).
+
+Answers: ``OK``, or an error with its cause (the upload failed, the capture failed, the tenant moved
+meanwhile), or **erased**: the tenant was dropped with ``erase`` before the write was confirmed, and its
+whole history, this write included, was removed from the replica on purpose. A writer that gets no answer
+within its bound (no replicator runs for the node, the socket is stale, the target hangs) stops waiting. An
+error, or no answer, makes the writer raise :class:`~shardlite.ReplicationUnavailable`: its commit stands
+locally and is *not confirmed* in the replica; erased raises :class:`~shardlite.TenantErased`.
 
 Wire format (hostile input on both sides: sizes are bounded, anything else closes the connection):
-request ``b"SLAK" + >H length + key (UTF-8, at most 1,024 bytes)``; answer ``b"\\x00"`` (shipped) or
-``b"\\x01" + >H length + message (UTF-8)``.
+request ``b"SLAI" + >H length + key (UTF-8, at most 1,024 bytes) + >B length + incarnation (UTF-8, at most
+255 bytes) + >Q generation``, or (the key only, for any file of the tenant now on the node) ``b"SLAK" + >H
+length + key``; answer ``b"\\x00"`` (shipped), ``b"\\x01" + >H length + message (UTF-8)`` (not confirmed) or
+``b"\\x02" + >H length + message`` (erased).
 
 Socket paths longer than ``sun_path`` allows (about 107 bytes: deep test directories) are reached through
 ``/proc/self/fd/<descriptor of the directory>/replicator.sock`` (Linux). The descriptors this module opens
@@ -44,20 +55,28 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ..files.engine import ensure_private_dir
 from ..files.staging import STAGING_DIR
 
 __all__ = ["SOCKET_NAME", "MAX_KEY_BYTES", "Request", "ConfirmServer", "ask_shipped", "ask_shipped_async",
-           "Unconfirmed", "socket_path"]
+           "Unconfirmed", "ErasedAnswer", "Identity", "socket_path"]
 
 log = logging.getLogger("shardlite.replicate")
 
 SOCKET_NAME = "replicator.sock"
 MAGIC = b"SLAK"
+#: A request naming the file written to (module docstring)
+MAGIC_IDENTITY = b"SLAI"
 _HEAD = struct.Struct(">H")
+_GENERATION = struct.Struct(">Q")
 #: Longest key a request may carry (shardlite's keys are at most 512 bytes).
 MAX_KEY_BYTES = 1024
+#: Longest incarnation a request may carry (shardlite's are 32 hex digits).
+MAX_INCARNATION_BYTES = 255
+#: Longest request: magic, key, incarnation, generation.
+MAX_REQUEST_BYTES = 4 + 2 + MAX_KEY_BYTES + 1 + MAX_INCARNATION_BYTES + 8
 #: Longest error message an answer may carry.
 MAX_MESSAGE_BYTES = 4096
 #: Connections the server keeps at once (requests being read plus requests waiting for their round).
@@ -72,6 +91,18 @@ _SUN_PATH_MAX = 100
 
 class Unconfirmed(Exception):  # noqa: N818 - internal: turned into ReplicationUnavailable by the front ends
     """A confirmation did not come: ``args[0]`` says why, for the writer's error message."""
+
+
+class ErasedAnswer(Unconfirmed):
+    """The answer "erased": the written file's tenant was dropped with ``erase`` before the write was confirmed
+    (turned into :class:`~shardlite.TenantErased` by the front ends)."""
+
+
+class Identity(NamedTuple):
+    """The file a writer committed to: its tenant's incarnation and the generation of its file."""
+
+    incarnation: str
+    generation: int
 
 
 def socket_path(node_path: str) -> str:
@@ -100,29 +131,74 @@ class _Address:
             self._dir_fd = None
 
 
-def _request(key: str) -> bytes:
+def _request(key: str, identity: Identity | None) -> bytes:
     raw = key.encode("utf-8")
     if len(raw) > MAX_KEY_BYTES:
         raise Unconfirmed("the key is too long for a confirmation request")
-    return MAGIC + _HEAD.pack(len(raw)) + raw
+    if identity is None:
+        return MAGIC + _HEAD.pack(len(raw)) + raw
+    inc = identity.incarnation.encode("utf-8")
+    if len(inc) > MAX_INCARNATION_BYTES or not 0 <= identity.generation < 1 << 64:
+        raise Unconfirmed("the tenant's identity does not fit a confirmation request")
+    return (MAGIC_IDENTITY + _HEAD.pack(len(raw)) + raw + bytes([len(inc)]) + inc
+            + _GENERATION.pack(identity.generation))
 
 
-def _parse_answer(data: bytes) -> tuple[bool, str | None]:
-    """(complete, error message or None) of an answer read so far; ValueError for a malformed one."""
+def _parse_request(data: bytes) -> tuple[str, Identity | None] | bool:
+    """A request read so far: (key, identity or None) when whole, False while incomplete, True when malformed
+    (hostile input: a wrong magic, a size past its bound, text that is not UTF-8)."""
+    magic = data[:4]
+    if not (MAGIC.startswith(magic) or MAGIC_IDENTITY.startswith(magic)):
+        return True
+    if len(data) < 6:
+        return False
+    (size,) = _HEAD.unpack_from(data, 4)
+    if size > MAX_KEY_BYTES:
+        return True
+    end = 6 + size
+    if magic == MAGIC:
+        if len(data) < end:
+            return False
+        identity = None
+    else:
+        if len(data) < end + 1:
+            return False
+        inc_size = data[end]
+        if len(data) < end + 1 + inc_size + 8:
+            return False
+        try:
+            incarnation = data[end + 1:end + 1 + inc_size].decode("utf-8")
+        except UnicodeDecodeError:
+            return True
+        (generation,) = _GENERATION.unpack_from(data, end + 1 + inc_size)
+        identity = Identity(incarnation, generation)
+    try:
+        return data[6:end].decode("utf-8"), identity
+    except UnicodeDecodeError:
+        return True
+
+
+def _parse_answer(data: bytes) -> tuple[bool, str | None, bool]:
+    """(complete, error message or None, erased) of an answer read so far; ValueError for a malformed one."""
     if not data:
-        return False, None
+        return False, None, False
     if data[:1] == b"\x00":
-        return True, None
-    if data[:1] != b"\x01":
+        return True, None, False
+    if data[:1] not in (b"\x01", b"\x02"):
         raise ValueError("not a confirmation answer")
     if len(data) < 3:
-        return False, None
+        return False, None, False
     (size,) = _HEAD.unpack_from(data, 1)
     if size > MAX_MESSAGE_BYTES:
         raise ValueError("a confirmation answer too long")
     if len(data) < 3 + size:
-        return False, None
-    return True, data[3:3 + size].decode("utf-8", "replace")
+        return False, None, False
+    return True, data[3:3 + size].decode("utf-8", "replace"), data[:1] == b"\x02"
+
+
+def _raise_for(error: str | None, erased: bool) -> None:
+    if error is not None:
+        raise ErasedAnswer(error) if erased else Unconfirmed(error)
 
 
 _NOBODY = (FileNotFoundError, ConnectionRefusedError)
@@ -140,13 +216,15 @@ def _why_not(exc: BaseException) -> str:
     return f"the node's replicator socket cannot be reached ({exc})"
 
 
-def ask_shipped(node_path: str, key: str, timeout: float) -> None:
-    """Ask the replicator of ``node_path`` to ship ``key``'s commits made so far and wait for its answer, at
-    most ``timeout`` seconds (module docstring). Returns once they are in the replica; :class:`Unconfirmed`
-    otherwise. A replicator that is not there, or goes away while the request waits, is tried again until
-    the bound (the next one captures after receiving the request: the contract holds across restarts)."""
+def ask_shipped(node_path: str, key: str, timeout: float, identity: Identity | None = None) -> None:
+    """Ask the replicator of ``node_path`` to ship ``key``'s commits made so far (``identity``: those of that
+    file of the tenant, dropped meanwhile or not) and wait for its answer, at most ``timeout`` seconds (module
+    docstring). Returns once they are in the replica; :class:`ErasedAnswer` when they were erased on purpose,
+    :class:`Unconfirmed` otherwise. A replicator that is not there, or goes away while the request waits, is
+    tried again until the bound (the next one captures after receiving the request: the contract holds across
+    restarts)."""
     deadline = time.monotonic() + timeout
-    request = _request(key)
+    request = _request(key, identity)
     address = _Address(socket_path(node_path))
     why = "no replicator answered for this node"
     try:
@@ -165,10 +243,9 @@ def ask_shipped(node_path: str, key: str, timeout: float) -> None:
                     if not chunk:
                         raise EOFError
                     data += chunk
-                    done, error = _parse_answer(data)
+                    done, error, erased = _parse_answer(data)
                     if done:
-                        if error is not None:
-                            raise Unconfirmed(error)
+                        _raise_for(error, erased)
                         return
             except TimeoutError:
                 raise _timed_out(why, timeout) from None
@@ -186,16 +263,16 @@ def _timed_out(why: str, timeout: float) -> Unconfirmed:
     return Unconfirmed(f"{why} within {timeout:g} s" if why.startswith("no ") else why)
 
 
-async def ask_shipped_async(node_path: str, key: str, timeout: float) -> None:
+async def ask_shipped_async(node_path: str, key: str, timeout: float, identity: Identity | None = None) -> None:
     """:func:`ask_shipped` for the event loop: the socket is non-blocking and every wait is awaited, so the
     loop serves other tasks meanwhile."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    request = _request(key)
+    request = _request(key, identity)
     address = _Address(socket_path(node_path))
     why = "no replicator answered for this node"
 
-    async def once(sock: socket.socket) -> str | None:
+    async def once(sock: socket.socket) -> tuple[str | None, bool]:
         await loop.sock_connect(sock, address.address)
         await loop.sock_sendall(sock, request)
         data = b""
@@ -204,9 +281,9 @@ async def ask_shipped_async(node_path: str, key: str, timeout: float) -> None:
             if not chunk:
                 raise EOFError
             data += chunk
-            done, error = _parse_answer(data)
+            done, error, erased = _parse_answer(data)
             if done:
-                return error
+                return error, erased
 
     try:
         while True:
@@ -216,9 +293,8 @@ async def ask_shipped_async(node_path: str, key: str, timeout: float) -> None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             sock.setblocking(False)
             try:
-                error = await asyncio.wait_for(once(sock), left)
-                if error is not None:
-                    raise Unconfirmed(error)
+                error, erased = await asyncio.wait_for(once(sock), left)
+                _raise_for(error, erased)
                 return
             except TimeoutError:
                 raise _timed_out(why, timeout) from None
@@ -236,10 +312,12 @@ async def ask_shipped_async(node_path: str, key: str, timeout: float) -> None:
 
 @dataclass
 class Request:
-    """A request received whole: the tenant, and the connection its answer goes to."""
+    """A request received whole: the tenant (with the file written to, when the writer named it), and the
+    connection its answer goes to."""
 
     key: str
     conn: socket.socket
+    identity: Identity | None = None
     received: float = field(default_factory=time.monotonic)
 
 
@@ -293,14 +371,14 @@ class ConfirmServer:
             out, self._queue = self._queue, []
         return out
 
-    def answer(self, request: Request, error: str | None) -> None:
-        """Answer ``request`` (``error`` None: shipped) and close its connection. A writer that is gone (it
-        stopped waiting) is no error."""
+    def answer(self, request: Request, error: str | None, *, erased: bool = False) -> None:
+        """Answer ``request`` (``error`` None: shipped; ``erased``: the error says the write was erased on
+        purpose) and close its connection. A writer that is gone (it stopped waiting) is no error."""
         if error is None:
             data = b"\x00"
         else:
             raw = error.encode("utf-8")[:MAX_MESSAGE_BYTES]
-            data = b"\x01" + _HEAD.pack(len(raw)) + raw
+            data = (b"\x02" if erased and request.identity is not None else b"\x01") + _HEAD.pack(len(raw)) + raw
         try:
             request.conn.setblocking(True)
             request.conn.settimeout(1.0)  # a local socket with an empty buffer: one small write never waits
@@ -380,33 +458,21 @@ class ConfirmServer:
               sock: socket.socket) -> None:
         state = reading[sock]
         try:
-            chunk = sock.recv(6 + MAX_KEY_BYTES - len(state.data))
+            chunk = sock.recv(MAX_REQUEST_BYTES - len(state.data))
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             chunk = b""
         state.data += chunk
-        key: str | None = None
-        bad = not chunk
-        if len(state.data) >= 4 and state.data[:4] != MAGIC:
-            bad = True
-        elif len(state.data) >= 6:
-            (size,) = _HEAD.unpack_from(state.data, 4)
-            if size > MAX_KEY_BYTES:
-                bad = True
-            elif len(state.data) >= 6 + size:
-                try:
-                    key = state.data[6:6 + size].decode("utf-8")
-                    bad = False
-                except UnicodeDecodeError:
-                    bad = True
-        if key is None and not bad:
-            return
+        got = _parse_request(state.data)
+        if got is False and chunk and len(state.data) < MAX_REQUEST_BYTES:
+            return  # more to come
         selector.unregister(sock)
         del reading[sock]
-        if key is None:
+        if not isinstance(got, tuple):  # malformed, or the writer closed (or filled the bound) before the end
             sock.close()
             return
+        key, identity = got
         with self._lock:
-            self._queue.append(Request(key, sock))
+            self._queue.append(Request(key, sock, identity))
         self._on_request()

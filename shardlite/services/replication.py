@@ -64,7 +64,7 @@ from ..files import notesfile
 from ..files.staging import STAGING_DIR
 from ..front.store import Store
 from ..replica.target import ReplicaTarget, open_target
-from . import replica_index, replica_meta
+from . import confirm_answers, replica_index, replica_meta
 from .confirmations import ConfirmServer, Request
 from .replica_meta import MetaUploader
 from .replicator import NodeReplicator, RoundStats
@@ -375,38 +375,16 @@ class Replication:
         return stats
 
     def _answer(self, node: _Node, requests: list[Request], stats: RoundStats) -> None:
-        """Answer the confirmation requests of a round: shipped once the tenant was captured in it and nothing
-        of it is left staged; an error when the upload or its capture failed, or it is no longer on this node;
-        kept for the next round (started at once) when its lock was busy or the backlog needs more packs."""
-        marked = set(node.replicator.marked())
-        staged = node.replicator.staging.keys_staged({r.key for r in requests})
-        here: dict[str, bool] = {}
-        for request in requests:
-            key = request.key
-            error: str | None = None
-            if key in stats.errors:
-                error = f"the capture of the tenant failed ({stats.errors[key]})"
-            elif key in marked and key not in node.replicator.dropping:
-                node.waiting.append(request)  # busy: the next round captures it
-                continue
-            elif key in staged:
-                if stats.upload_error is None:
-                    node.waiting.append(request)  # a backlog of more than one pack: the next round ships more
-                    continue
-                error = f"the upload to the replica failed ({stats.upload_error})"
-            else:
-                if key not in here:
-                    record = self.store.meta.tenants.lookup(key)
-                    here[key] = record is not None and record.node == node.name and record.state in (
-                        "active", "moving")
-                if not here[key]:
-                    error = (f"the tenant is not on node {node.name!r} any more (moved or dropped while the write "
-                             "waited): its commit may ship from its new node")
+        """Answer the confirmation requests of a round (:mod:`shardlite.services.confirm_answers` decides);
+        those it keeps wait in ``node.waiting``: for the next round at once, or for the next tick."""
+        decided = confirm_answers.decide(self.store, node.name, node.replicator, requests, stats)
+        for request, error, erased in decided.answers:
             if error is None:
                 self.confirmed += 1
             if node.confirm is not None:
-                node.confirm.answer(request, error)
-        if node.waiting:
+                node.confirm.answer(request, error, erased=erased)
+        node.waiting = decided.again + decided.later
+        if decided.again:
             self._wake.set()
 
     def run(self, stop: threading.Event, *, interval: float = INTERVAL, parent: int | None = None) -> None:

@@ -101,6 +101,8 @@ class RoundStats:
     uploaded_packs: int = 0
     uploaded_bytes: int = 0
     upload_error: str | None = None
+    #: the upload waited for an erase (it held the node's erase lock): ``upload_error`` says so
+    upload_blocked: bool = False
     errors: dict[str, str] = field(default_factory=dict)
     #: seconds of wall time per phase of the round (``capture.*`` per step of the captures, ``upload.*``),
     #: for finding where a slow round went (``replicate run`` logs them for a round longer than its interval)
@@ -374,6 +376,7 @@ class NodeReplicator:
         lock = erase_lock(self.staging_node_path, wait=None)
         if lock is None:
             stats.upload_error = "an erase holds the node's erase lock; the captures stay staged for the next round"
+            stats.upload_blocked = True
             return
         try:
             # A capture in flight when an erase ran may have staged frames of the erased tenant after it:
