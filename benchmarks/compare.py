@@ -128,7 +128,10 @@ def fmt_ratio(ratio: float, target: float | None, time_ratio: bool) -> str:
     text = f"{ratio:.2f}"
     if target is not None:
         shown, real = float(text), ratio
-        passes = (lambda x: x <= target) if time_ratio else (lambda x: x >= target)
+
+        def passes(x: float) -> bool:
+            return x <= target if time_ratio else x >= target
+
         if passes(shown) != passes(real):
             text = f"{ratio:.3f}"
     return text

@@ -387,7 +387,7 @@ class Bench:
         self.scenarios: dict[int, tuple[str, str, Replicator]] = {}
 
     def url(self, prefix: str) -> str:
-        return self.server.url(prefix)
+        return str(self.server.url(prefix))
 
     def target(self, prefix: str) -> Any:
         from shardlite.replica.target import open_target
@@ -849,7 +849,9 @@ def restore_rows(b: Bench, count: int) -> None:
             time.sleep(b.args.interval * 0.3)
         log(f"restore: waiting for the 2 MB tenant to ship ({len(times)} commits)")
         b.wait_synced(rep, root, count + 1, timeout=120)
-        path = router._store.path_of(router._store.meta.tenants.lookup(big))
+        record = router._store.meta.tenants.lookup(big)
+        assert record is not None, "the 2 MB tenant was written above"
+        path = router._store.path_of(record)
         size = sum(os.path.getsize(path + s) for s in ("", "-wal") if os.path.exists(path + s))  # never checkpointed
         whole: list[float] = []
         one: list[float] = []

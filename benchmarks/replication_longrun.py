@@ -23,10 +23,13 @@ import random
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from compare import log
+
+if TYPE_CHECKING:
+    from shardlite.replica.target import ReplicaTarget
 
 SCHEMA = ["CREATE TABLE w(id INTEGER PRIMARY KEY, v TEXT NOT NULL)"]
 PACKS = 7_200
@@ -53,7 +56,8 @@ class NoKeyIndex:
 
 class Counting:
     def __init__(self, target: Any) -> None:
-        self._target, self.gets, self.lists = target, 0, 0
+        self._target: ReplicaTarget = target
+        self.gets, self.lists = 0, 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._target, name)
@@ -111,7 +115,7 @@ def long_restore_rows(b: Any, tenants: int = 1_000, packs: int = PACKS, reps: in
         real = 0
 
         def fabricate(count: int) -> None:
-            jobs = []
+            jobs: list[tuple[int, str, int, bytes]] = []
             for _ in range(count):
                 seq = staging.next_seq() + len(jobs)
                 now = time.time_ns()

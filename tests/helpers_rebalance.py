@@ -1,6 +1,7 @@
 """Helpers for the rebalance recovery tests (``test_rebalance_recovery.py``, the kill -9 tests in
 ``test_rebalance_procs.py``): populate tenants, read the journal and the catalog directly (read-only APSW,
-independent of the router under test), check files and the state a tenant is left in.
+independent of the router under test), check files and the state a tenant is left in; and the move of the
+replica tests (``test_replica_drops.py``, ``test_erase.py``): a node added, the plan applied.
 
 Nothing here sleeps to make a point: :func:`wait_for` polls a condition with a generous deadline.
 """
@@ -31,6 +32,18 @@ def populate(router: Router, count: int, *, prefix: str = "user", rows: int = 1)
             for j in range(rows):
                 tx.execute("INSERT INTO t(v) VALUES (?)", (f"{key}/{j}",))
     return keys
+
+
+def move_to_a_new_node(router: Router, keys: list[str], node: str = "n2") -> list[str]:
+    """Adds ``node`` (under the root), plans and applies a rebalance; returns the keys of ``keys`` it moved onto
+    ``node`` (at least one, or the test fails)."""
+    router.nodes.add(node)
+    router.rebalance.plan()
+    router.rebalance.apply()
+    moved = [key for key in keys if (record := router._store.meta.tenants.lookup(key)) is not None
+             and record.node == node]
+    assert moved, "the ring moved nothing to the new node"
+    return moved
 
 
 def contents(router: Router) -> dict[str, list[tuple[Any, ...]]]:

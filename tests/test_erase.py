@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from helpers_cli import run_script
 from helpers_procs import child_env
+from helpers_rebalance import move_to_a_new_node
 from helpers_s3 import TargetFactory
 from helpers_wal import rows_of
 
@@ -342,11 +343,7 @@ def test_a_moved_tenant_is_erased_from_both_nodes_and_an_import_under_its_key_re
         try:
             one.reconcile()
             one.run_round()
-            router.nodes.add("n2")
-            router.rebalance.plan()
-            router.rebalance.apply()
-            moved = [k for k in keys if router._store.meta.tenants.lookup(k).node == "n2"]  # type: ignore[union-attr]
-            assert moved, "the ring moved nothing to the new node"
+            moved = move_to_a_new_node(router, keys)
             victim = moved[0]
             two = NodeReplicator(router._store, "n2", target)
             for key in moved:  # opened once by a writer after the move, as an app's next write does

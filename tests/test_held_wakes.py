@@ -21,6 +21,7 @@ from helpers_outbox import SCHEMA, applied, emit, marker, record, spy_pending, w
 
 from shardlite import Router
 from shardlite.front import wakes as wakes_module
+from shardlite.front.wakes import Wakes
 
 pytestmark = pytest.mark.usefixtures("any_meta")  # both metadata backends
 
@@ -49,17 +50,27 @@ def running_relay_with_parked_source(make_router: Callable[..., Router]) -> Rout
     return router
 
 
-def test_a_relay_holding_the_lease_delivers_a_parked_source_without_metadata_writes(
-        make_router: Callable[..., Router]) -> None:
+def held_wake_ups(make_router: Callable[..., Router], monkeypatch: pytest.MonkeyPatch,
+                  hold_max: float | None = None) -> tuple[Router, Wakes, list[str]]:
+    """The set-up of the held wake-up tests: ``HOLD_MAX`` set to ``hold_max`` (when given) before the router,
+    a router from :func:`running_relay_with_parked_source`, its emitter's held wake-ups, and a spy on its
+    metadata writes started after the park."""
+    if hold_max is not None:
+        monkeypatch.setattr(wakes_module, "HOLD_MAX", hold_max)
     router = running_relay_with_parked_source(make_router)
+    wakes = router._store.emitter.wakes
+    assert wakes is not None
+    return router, wakes, spy_writes(router)
+
+
+def test_a_relay_holding_the_lease_delivers_a_parked_source_without_metadata_writes(
+        make_router: Callable[..., Router], monkeypatch: pytest.MonkeyPatch) -> None:
+    router, wakes, writes = held_wake_ups(make_router, monkeypatch)
     try:
         version = marker(router, "src:1")
-        writes = spy_writes(router)
         for n in (1, 2, 3):
             emit(router, n)
             wait_for(lambda n=n: applied(router)[-1:] == [n], f"event {n}")  # type: ignore[misc]
-        wakes = router._store.emitter.wakes
-        assert wakes is not None
         wait_for(lambda: not wakes.keys(), "the relay settling the held wake-ups")
         assert writes == [], "nothing written to the pending-work index: the flag was never un-parked"
         flag = router._store.meta.pending.row("src:1")
@@ -70,11 +81,9 @@ def test_a_relay_holding_the_lease_delivers_a_parked_source_without_metadata_wri
     assert applied(router) == [0, 1, 2, 3]
 
 
-def test_a_held_wake_up_is_written_when_the_relay_stops(make_router: Callable[..., Router]) -> None:
-    router = running_relay_with_parked_source(make_router)
-    wakes = router._store.emitter.wakes
-    assert wakes is not None
-    writes = spy_writes(router)
+def test_a_held_wake_up_is_written_when_the_relay_stops(make_router: Callable[..., Router],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    router, wakes, writes = held_wake_ups(make_router, monkeypatch)
     try:
         emit(router, 1, topic="unhandled")  # no handler here: it stays in the outbox, its wake-up unsettled
         assert wakes.queued("src:1"), "held while the relay runs and holds the lease"
@@ -86,11 +95,7 @@ def test_a_held_wake_up_is_written_when_the_relay_stops(make_router: Callable[..
 
 def test_a_held_wake_up_is_written_after_hold_max(make_router: Callable[..., Router],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(wakes_module, "HOLD_MAX", 0.2)
-    router = running_relay_with_parked_source(make_router)
-    wakes = router._store.emitter.wakes
-    assert wakes is not None
-    writes = spy_writes(router)
+    router, wakes, writes = held_wake_ups(make_router, monkeypatch, hold_max=0.2)
     try:
         emit(router, 1, topic="unhandled")
         wait_for(lambda: wakes.pending_count() == 0 and "wake_many" in writes,
@@ -139,11 +144,7 @@ def test_a_held_wake_up_queued_while_the_flusher_is_timed_is_written_after_hold_
         make_router: Callable[..., Router], monkeypatch: pytest.MonkeyPatch) -> None:
     """A second held wake-up does not signal the flusher (it is timed for the first one already): it is
     still written within HOLD_MAX of the source's first queuing, with the relay running."""
-    monkeypatch.setattr(wakes_module, "HOLD_MAX", 0.3)
-    router = running_relay_with_parked_source(make_router)
-    wakes = router._store.emitter.wakes
-    assert wakes is not None
-    writes = spy_writes(router)
+    router, wakes, writes = held_wake_ups(make_router, monkeypatch, hold_max=0.3)
     try:
         emit(router, 1, topic="unhandled")  # no handler here: it stays in the outbox, its wake-up unsettled
         wait_for(lambda: wakes._until is not None or "wake_many" in writes, "the flusher timing the held wake-up")

@@ -7,7 +7,6 @@ import pathlib
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 from helpers_meta import open_meta
@@ -88,6 +87,7 @@ sys.path.insert(0, sys.argv[1])
 from helpers_meta import open_meta
 store = open_meta(sys.argv[2], sys.argv[3], create=False)
 go = sys.argv[4]
+print("ready", flush=True)
 while not os.path.exists(go):
     time.sleep(0.001)
 print(store.kv.put_if_absent("replicate", sys.argv[5]), flush=True)
@@ -102,7 +102,8 @@ def test_put_if_absent_race_of_processes_has_one_winner(meta: MetaStore, meta_ba
     values = [f"file:///replica/{i}" for i in range(6)]
     children = [subprocess.Popen([sys.executable, "-c", _RACER, tests_dir, meta_backend, root, str(go), value],
                                  stdout=subprocess.PIPE, text=True) for value in values]
-    time.sleep(1.0)  # every child opened its store and waits for the signal
+    for child in children:  # every child opened its store and waits for the signal
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
     go.touch()
     answers = []
     for child in children:

@@ -20,7 +20,10 @@ from pathlib import Path
 import msgspec
 import pytest
 from helpers_cli import run_script
+from helpers_drops import SCHEMA, rows, write
+from helpers_drops import snapshots_stay_old as snapshots_stay_old
 from helpers_procs import child_env, spawn, write_script
+from helpers_rebalance import move_to_a_new_node
 from helpers_s3 import TargetFactory
 
 import shardlite
@@ -31,30 +34,13 @@ from shardlite.services import replica_read, replica_retention, replication
 from shardlite.services.replica_restore import live_at, restore_root_from_replica, restore_tenant
 from shardlite.services.replication import Replication
 
-SCHEMA = {"user": ["CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"]}
-
-
-@pytest.fixture(autouse=True)
-def _snapshots_stay_old(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One metadata snapshot per replication process (its first round): every drop below comes after it."""
-    monkeypatch.setattr(replication, "META_EVERY", 3600.0)
-
-
-def _write(router: shardlite.Router, key: str, body: str) -> None:
-    with router.transaction(key) as tx:
-        tx.execute("INSERT INTO notes(body) VALUES (?)", (body,))
-
-
-def _rows(router: shardlite.Router, key: str) -> list[tuple[object, ...]]:
-    return [tuple(r) for r in router.query(key, "SELECT id, body FROM notes ORDER BY id")]
-
 
 def _restored(target: ReplicaTarget, dest: Path, at_ns: int | None = None) -> dict[str, list[tuple[object, ...]]]:
     """Every tenant of a whole root restored from ``target`` at ``at_ns`` into ``dest``, with its rows."""
     done = restore_root_from_replica(target, str(dest), at_ns=at_ns)
     with shardlite.Router(dest, schema=SCHEMA, create=False) as back:
         assert sorted(back.tenants()) == sorted(done.tenants)
-        return {key: _rows(back, key) for key in done.tenants}
+        return {key: rows(back, key) for key in done.tenants}
 
 
 def _drops(target: ReplicaTarget) -> list[pack.Drop]:
@@ -77,19 +63,27 @@ def replicated(tmp_path: Path, make_replica_target: TargetFactory) -> Iterator[
     router.close()
 
 
-def test_a_drop_after_the_last_snapshot_leaves_the_tenant_out_from_then_on(
-        tmp_path: Path, replicated: tuple[shardlite.Router, Replication, ReplicaTarget]) -> None:
-    router, run, target = replicated
+@pytest.fixture
+def shipped(replicated: tuple[shardlite.Router, Replication, ReplicaTarget]) -> tuple[
+        shardlite.Router, Replication, ReplicaTarget]:
+    """``replicated`` after a first write to ``user:a`` and ``user:gone`` and a round that shipped them."""
+    router, run, _target = replicated
     for key in ("user:a", "user:gone"):
-        _write(router, key, f"{key} one")
+        write(router, key, f"{key} one")
     run.run_round()
-    _write(router, "user:gone", "the last write")
-    _write(router, "user:a", "a two")
+    return replicated
+
+
+def test_a_drop_after_the_last_snapshot_leaves_the_tenant_out_from_then_on(
+        tmp_path: Path, shipped: tuple[shardlite.Router, Replication, ReplicaTarget]) -> None:
+    router, run, target = shipped
+    write(router, "user:gone", "the last write")
+    write(router, "user:a", "a two")
     run.run_round()
     before_drop = time.time_ns()  # after the last write to user:gone was shipped, before its drop
     gone = router._store.meta.tenants.lookup("user:gone")
     assert gone is not None
-    expected = {key: _rows(router, key) for key in ("user:a", "user:gone")}
+    expected = {key: rows(router, key) for key in ("user:a", "user:gone")}
     router.drop("user:gone")
     after_drop = time.time_ns()
     assert replication.status(router._store)["total"]["drops_staged"] == 1
@@ -106,23 +100,23 @@ def test_a_drop_after_the_last_snapshot_leaves_the_tenant_out_from_then_on(
     assert _restored(target, tmp_path / "before", before_drop) == expected  # present, with its last write
     # one tenant at a time, the dropped history is still there: that is how a drop is undone
     restore_tenant(router._store, target, "user:gone")
-    assert _rows(router, "user:gone") == expected["user:gone"]
+    assert rows(router, "user:gone") == expected["user:gone"]
 
 
 def test_a_drop_then_a_new_tenant_under_the_same_key(
         tmp_path: Path, replicated: tuple[shardlite.Router, Replication, ReplicaTarget]) -> None:
     router, run, target = replicated
-    _write(router, "user:b", "b stays")
-    _write(router, "user:x", "first tenant")
+    write(router, "user:b", "b stays")
+    write(router, "user:x", "first tenant")
     run.run_round()
-    first = _rows(router, "user:x")
+    first = rows(router, "user:x")
     before_drop = time.time_ns()
     router.drop("user:x")
     run.run_round()
     between = time.time_ns()  # dropped, not created again yet
-    _write(router, "user:x", "second tenant")
+    write(router, "user:x", "second tenant")
     run.run_round()
-    second = _rows(router, "user:x")
+    second = rows(router, "user:x")
     assert second == [(1, "second tenant")] and run.meta_snapshots == 1
 
     assert _restored(target, tmp_path / "latest")["user:x"] == second
@@ -142,19 +136,15 @@ def test_a_move_after_the_snapshot_is_no_drop(tmp_path: Path, make_replica_targe
         run = Replication(router._store)
         try:
             for key in keys:
-                _write(router, key, f"{key} before the move")
+                write(router, key, f"{key} before the move")
             run.run_round()
-            router.nodes.add("n2")
-            router.rebalance.plan()
-            router.rebalance.apply()
-            moved = [key for key in keys if router._store.meta.tenants.lookup(key).node == "n2"]  # type: ignore[union-attr]
-            assert moved, "the ring moved nothing to the new node"
+            moved = move_to_a_new_node(router, keys)
             for key in moved:
-                _write(router, key, f"{key} after the move")
+                write(router, key, f"{key} after the move")
             run.run_round()
             run.run_round()
             assert run.meta_snapshots == 1
-            expected = {key: _rows(router, key) for key in keys}
+            expected = {key: rows(router, key) for key in keys}
         finally:
             run.close()
     target = make_replica_target()
@@ -168,11 +158,11 @@ def test_a_drop_while_no_replicator_runs_ships_when_one_starts(
         run = Replication(router._store)
         try:
             for key in ("user:a", "user:gone"):
-                _write(router, key, f"{key} one")
+                write(router, key, f"{key} one")
             run.run_round()
         finally:
             run.close()
-        expected = {key: _rows(router, key) for key in ("user:a", "user:gone")}
+        expected = {key: rows(router, key) for key in ("user:a", "user:gone")}
         before_drop = time.time_ns()
         router.drop("user:gone")
         after_drop = time.time_ns()
@@ -217,17 +207,14 @@ def test_the_async_router_drop_records_the_drop_too(tmp_path: Path, make_replica
 
 
 def test_compaction_keeps_the_drop_records_its_window_needs(
-        tmp_path: Path, replicated: tuple[shardlite.Router, Replication, ReplicaTarget]) -> None:
-    router, run, target = replicated
-    for key in ("user:a", "user:gone"):
-        _write(router, key, f"{key} one")
-    run.run_round()
+        tmp_path: Path, shipped: tuple[shardlite.Router, Replication, ReplicaTarget]) -> None:
+    router, run, target = shipped
     router.drop("user:gone")
     run.run_round()  # the drop record alone in a pack: compaction would have deleted it as empty
     [drop_pack] = [name for name, size in replica_read.list_packs(target)
                    if replica_read.read_header(target, name, size).header.drops]
     assert not replica_read.read_header(target, drop_pack, target.head(drop_pack) or 0).header.entries
-    expected = {"user:a": _rows(router, "user:a")}
+    expected = {"user:a": rows(router, "user:a")}
     replica_retention.compact(router._store, target)
     assert target.head(drop_pack) is not None  # kept: the dropped tenant's history is inside its window
     assert _restored(target, tmp_path / "compacted") == expected
@@ -238,13 +225,10 @@ def test_compaction_keeps_the_drop_records_its_window_needs(
 
 
 def test_erase_removes_the_drop_records_of_the_key(
-        replicated: tuple[shardlite.Router, Replication, ReplicaTarget]) -> None:
-    router, run, target = replicated
-    for key in ("user:a", "user:gone"):
-        _write(router, key, f"{key} one")
-    run.run_round()
+        shipped: tuple[shardlite.Router, Replication, ReplicaTarget]) -> None:
+    router, run, target = shipped
     router.drop("user:gone")
-    _write(router, "user:a", "beside the drop record")
+    write(router, "user:a", "beside the drop record")
     run.run_round()
     assert [d.key for d in _drops(target)] == ["user:gone"]
     receipt = router.drop("user:gone", erase=True)
@@ -406,8 +390,8 @@ def test_kill_9_of_the_replicator_and_of_a_dropping_process_loses_no_drop(
     victims = keys[:16]
     with shardlite.Router(root, schema=SCHEMA, replicate=url, nodes=["n1", "n2"]) as router:
         for key in keys:
-            _write(router, key, f"{key} data")
-        rows = {key: _rows(router, key) for key in keys}
+            write(router, key, f"{key} data")
+        data = {key: rows(router, key) for key in keys}
     replicator_script = write_script(tmp_path, "replicator.py", REPLICATOR)
 
     def replicator() -> subprocess.Popen[str]:
@@ -467,8 +451,8 @@ def test_kill_9_of_the_replicator_and_of_a_dropping_process_loses_no_drop(
     assert first_snapshot < min(records.values()) and len(_snapshot_times(target)) == 2
     assert any(t <= middle for t in records.values())  # some drops lie between the snapshots
     at_middle = _restored(target, tmp_path / "middle", middle)
-    assert at_middle == {key: rows[key] for key in keys if records.get(key, middle + 1) > middle}
-    assert _restored(target, tmp_path / "latest") == {key: rows[key] for key in keys if key not in records}
+    assert at_middle == {key: data[key] for key in keys if records.get(key, middle + 1) > middle}
+    assert _restored(target, tmp_path / "latest") == {key: data[key] for key in keys if key not in records}
     ran = run_script("--root", root, "replicate", "status", "--json", env=env)
     assert ran.returncode == 0, ran.stderr
     assert not set(dropped) & set(msgspec.json.decode(ran.stdout)["tenants"])

@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from helpers_drops import SCHEMA, bodies, write
+from helpers_drops import snapshots_stay_old as snapshots_stay_old
 from helpers_procs import child_env, spawn, write_script
 from helpers_s3 import TargetFactory
 
@@ -26,24 +28,6 @@ from shardlite.replica.target import ReplicaTarget
 from shardlite.services import replica_read, replication
 from shardlite.services.replica_restore import restore_tenant
 from shardlite.services.replication import Replication
-
-SCHEMA = {"user": ["CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"]}
-
-
-@pytest.fixture(autouse=True)
-def _snapshots_stay_old(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(replication, "META_EVERY", 3600.0)
-
-
-def _write(router: shardlite.Router, key: str, body: str) -> int:
-    """One write transaction; returns the time it was acknowledged (ns)."""
-    with router.transaction(key) as tx:
-        tx.execute("INSERT INTO notes(body) VALUES (?)", (body,))
-    return time.time_ns()
-
-
-def _rows(router: shardlite.Router, key: str) -> list[str]:
-    return [str(r[0]) for r in router.query(key, "SELECT body FROM notes ORDER BY id")]
 
 
 def _ship(router: shardlite.Router) -> None:
@@ -63,7 +47,7 @@ def _ship(router: shardlite.Router) -> None:
 def _restored_rows(router: shardlite.Router, target: ReplicaTarget, key: str, at_ns: int | None,
                    as_key: str) -> list[str]:
     restore_tenant(router._store, target, key, as_key=as_key, at_ns=at_ns)
-    return _rows(router, as_key)
+    return bodies(router, as_key)
 
 
 def _kinds(target: ReplicaTarget, key: str) -> list[str]:
@@ -79,13 +63,13 @@ def test_a_drop_with_the_replicator_stopped_keeps_every_write(
     starts: a restore at a time just before the drop holds every write, and one between two writes holds
     exactly those before it (each commit keeps its acknowledged time, from the writers' notes)."""
     with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=make_replica_target.url()) as router:
-        _write(router, "user:a", "a one")
-        _write(router, "user:gone", "captured")
+        write(router, "user:a", "a one")
+        write(router, "user:gone", "captured")
         _ship(router)
-        _write(router, "user:gone", "captured as frames")
+        write(router, "user:gone", "captured as frames")
         _ship(router)
-        acked = [_write(router, "user:gone", f"uncaptured {i}") for i in range(5)]
-        expected = _rows(router, "user:gone")
+        acked = [write(router, "user:gone", f"uncaptured {i}") for i in range(5)]
+        expected = bodies(router, "user:gone")
         before_drop = time.time_ns()
         router.drop("user:gone")
         total = replication.status(router._store)["total"]
@@ -96,7 +80,7 @@ def test_a_drop_with_the_replicator_stopped_keeps_every_write(
         assert _restored_rows(router, target, "user:gone", before_drop, "user:back1") == expected
         assert _restored_rows(router, target, "user:gone", None, "user:back2") == expected
         assert _restored_rows(router, target, "user:gone", acked[2], "user:back3") == expected[:5]
-        assert _rows(router, "user:a") == ["a one"]
+        assert bodies(router, "user:a") == ["a one"]
 
 
 def test_a_tenant_never_captured_is_staged_as_a_snapshot(
@@ -105,8 +89,8 @@ def test_a_tenant_never_captured_is_staged_as_a_snapshot(
     commit (its note): a restore at a time before the drop holds every write."""
     with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=make_replica_target.url()) as router:
         for i in range(4):
-            _write(router, "user:new", f"write {i}")
-        expected = _rows(router, "user:new")
+            write(router, "user:new", f"write {i}")
+        expected = bodies(router, "user:new")
         before_drop = time.time_ns()
         router.drop("user:new")
         target = make_replica_target()
@@ -126,7 +110,7 @@ def test_a_drop_with_the_replicator_running_keeps_every_write(
     keys = [f"user:{i}" for i in range(12)]
     with shardlite.Router(root, schema=SCHEMA, replicate=url) as router:
         for key in keys:
-            _write(router, key, f"{key} first")
+            write(router, key, f"{key} first")
     replicator = subprocess.Popen([sys.executable, "-m", "shardlite", "--root", root, "replicate", "run",
                                    "--interval", "0.02"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                   text=True, env=child_env())
@@ -141,10 +125,10 @@ def test_a_drop_with_the_replicator_running_keeps_every_write(
                 time.sleep(0.02)
             for key in keys:
                 for i in range(rng.randint(1, 30)):
-                    _write(router, key, f"{key} {i}")
+                    write(router, key, f"{key} {i}")
                     if rng.random() < 0.2:
                         time.sleep(0.01)
-                expected[key] = _rows(router, key)
+                expected[key] = bodies(router, key)
                 before[key] = time.time_ns()
                 router.drop(key)
             deadline = time.monotonic() + 60
@@ -202,10 +186,10 @@ def test_kill_9_of_a_dropping_process_and_a_rerun_keep_every_write(
     keys = [f"user:{i}" for i in range(10)]
     with shardlite.Router(root, schema=SCHEMA, replicate=url) as router:
         for key in keys[:5]:  # half captured before, half never
-            _write(router, key, f"{key} early")
+            write(router, key, f"{key} early")
         _ship(router)
         for key in keys[5:]:
-            _write(router, key, f"{key} early")
+            write(router, key, f"{key} early")
     writes = 20
     dropper = spawn(write_script(tmp_path, "dropper.py", DROPPER), root, ",".join(keys), str(writes),
                     env=child_env())
@@ -252,10 +236,10 @@ def test_erase_after_a_drop_with_the_replicator_stopped_leaves_nothing(
     marker = f"ERASE-ME-{uuid.uuid4().hex}"
     with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=make_replica_target.url()) as router:
         for key in ("user:x", "user:y", "user:keep"):
-            _write(router, key, f"{key} first {marker if key != 'user:keep' else 'plain'}")
+            write(router, key, f"{key} first {marker if key != 'user:keep' else 'plain'}")
         _ship(router)
         for key in ("user:x", "user:y"):
-            _write(router, key, f"{key} uncaptured {marker}")
+            write(router, key, f"{key} uncaptured {marker}")
         router.drop("user:x")  # its tail staged; then erased
         router.drop("user:x", erase=True)
         router.drop("user:y", erase=True)  # the erase drops it: its tail staged, then erased
@@ -274,7 +258,7 @@ def test_a_stale_capture_is_not_staged(tmp_path: Path, make_replica_target: Targ
     """Two processes capturing one tenant: a capture staged against a cursor that moved meanwhile, or after
     the tenant's drop record, raises StaleCursor and stages nothing."""
     with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=make_replica_target.url()) as router:
-        _write(router, "user:s", "one")
+        write(router, "user:s", "one")
         _ship(router)
         record = router._store.meta.tenants.lookup("user:s")
         assert record is not None
@@ -320,11 +304,11 @@ def test_a_drop_outrun_by_the_replicator_reads_its_tail_again(
 
     monkeypatch.setattr(drop_tail, "_fence_and_read", read_then_outrun)
     with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=make_replica_target.url()) as router:
-        _write(router, "user:r", "captured")
+        write(router, "user:r", "captured")
         _ship(router)
         for i in range(3):
-            _write(router, "user:r", f"late {i}")
-        expected = _rows(router, "user:r")
+            write(router, "user:r", f"late {i}")
+        expected = bodies(router, "user:r")
         before_drop = time.time_ns()
         router.drop("user:r")
         assert outrun and outrun[0] >= 3
@@ -348,10 +332,10 @@ def test_a_drop_killed_after_its_fence_stages_the_tail_when_run_again(
         raise Killed
 
     with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=make_replica_target.url()) as router:
-        _write(router, "user:k", "captured")
+        write(router, "user:k", "captured")
         _ship(router)
-        acked = [_write(router, "user:k", f"late {i}") for i in range(4)]
-        expected = _rows(router, "user:k")
+        acked = [write(router, "user:k", f"late {i}") for i in range(4)]
+        expected = bodies(router, "user:k")
         with monkeypatch.context() as patched:
             patched.setattr(Staging, "stage_drop", killed)
             with pytest.raises(Killed):
@@ -377,7 +361,7 @@ def test_a_confirmation_for_a_tenant_left_dropping_is_answered(
     from shardlite.services.confirmations import Request
 
     with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=make_replica_target.url()) as router:
-        _write(router, "user:d", "one")
+        write(router, "user:d", "one")
         run = Replication(router._store)
         try:
             run.run_round()
