@@ -1,5 +1,5 @@
 """Shared pieces of the drop tests (tests/test_replica_drops.py, tests/test_replica_drops_tail.py): their one
-table, the fixture that keeps metadata snapshots older than every drop, and a write and reads of that table.
+table, the fixture that keeps the replica's metadata older than every drop, and a write and reads of that table.
 
 Import the fixture under its own name (``from helpers_drops import snapshots_stay_old as snapshots_stay_old``):
 it is autouse, so it holds for every test of the importing module."""
@@ -18,8 +18,10 @@ SCHEMA = {"user": ["CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"]}
 
 @pytest.fixture(autouse=True)
 def snapshots_stay_old(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One metadata snapshot per replication process (its first round): every drop below comes after it."""
+    """One metadata snapshot per replication process (its first round) and no delta: every drop below comes after
+    the metadata the replica holds, so only the drop records can tell a restore of it."""
     monkeypatch.setattr(replication, "META_EVERY", 3600.0)
+    monkeypatch.setattr(replication, "META_DELTA_EVERY", 3600.0)
 
 
 def write(router: shardlite.Router, key: str, body: str) -> int:

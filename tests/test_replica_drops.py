@@ -356,6 +356,7 @@ REPLICATOR = """
 import sys
 from shardlite.services import replication
 replication.META_EVERY = 3600.0  # one metadata snapshot, at the first round: every drop comes after it
+replication.META_DELTA_EVERY = 3600.0  # and no delta
 from shardlite.cli import main
 sys.exit(main(sys.argv[1:]))
 """
