@@ -178,7 +178,8 @@ def long_restore_rows(b: Any, tenants: int = 1_000, packs: int = PACKS, reps: in
         expected = [tuple(r) for r in router.query(victim, "SELECT id, v FROM w ORDER BY id")]
         most = [one(target, f"restored-lm:{r}") for r in range(reps)]
         slow = [one(NoKeyIndex(target), f"restored-lo:{r}") for r in range(old_reps)]
-        compactions: list[tuple[float, int]] = []  # the first reads every header (in parallel), the next ones only the headers not cached
+        # the first compaction reads every header (in parallel), the next ones only the headers not cached
+        compactions: list[tuple[float, int]] = []
         for _ in range(3):
             counting = Counting(target)
             began = time.perf_counter()

@@ -1,10 +1,10 @@
 """Plain drops reach the replica as drop records, so a whole-root restore gives the root as it was at its time: a
 tenant dropped at or before the time is absent, one dropped after it is present with its data, also when the
 drop came after the last metadata snapshot (the snapshots here are kept provably older than the drops:
-``META_EVERY`` is an hour). On both targets: a drop then a restore at the latest state and between the last
-write and the drop; a drop then a new tenant under the same key; a move after the snapshot; a drop while no
-replicator runs; compaction keeping the drop records it needs; erase taking them away; kill -9 of the
-replicator and of a dropping process."""
+``META_EVERY`` is an hour, and no metadata delta is taken). On both targets: a drop then a restore at the
+latest state and between the last write and the drop; a drop then a new tenant under the same key; a move
+after the snapshot; a drop while no replicator runs; compaction keeping the drop records it needs; erase
+taking them away; kill -9 of the replicator and of a dropping process."""
 
 from __future__ import annotations
 
