@@ -41,6 +41,7 @@ def measure(tenants: int, rounds: int) -> str:
         for i in range(tenants // 10):
             router.accounts.register(f"person{i}@example.com", name=f"Person {i}")
         target = open_target(url)
+        share, replica_meta.DELTA_SHARE = replica_meta.DELTA_SHARE, 1e9  # every delta is timed, not the cadence
         uploader = replica_meta.MetaUploader(router._store, target, lambda: os.open(base, os.O_RDONLY))
         try:
             uploader.round(every=3600.0, delta_every=0.0)
@@ -50,7 +51,6 @@ def measure(tenants: int, rounds: int) -> str:
             for r in range(rounds):
                 for j in range(20):
                     router.accounts.register(f"later{r}-{j}@example.com")
-                uploader._delta_every = 0.0  # the benchmark times every delta, not the cadence
                 before = uploader.deltas
                 c0, t0 = time.thread_time(), time.perf_counter()
                 uploader.round(every=3600.0, delta_every=0.0)
@@ -61,11 +61,12 @@ def measure(tenants: int, rounds: int) -> str:
         finally:
             uploader.close()
             target.close()
+            replica_meta.DELTA_SHARE = share
     return (f"{tenants:>7,} tenants: snapshot {snapshot_size / 1e6:.1f} MB; delta {sizes[0] / 1e3:.0f}-"
             f"{sizes[-1] / 1e3:.0f} KB (cumulative, {rounds} rounds of 20 accounts); per delta CPU "
             f"{1e3 * statistics.median(cpu):.1f} ms (min {1e3 * min(cpu):.1f}), wall "
             f"{1e3 * statistics.median(wall):.1f} ms; cadence floor "
-            f"{statistics.median(cpu) / replica_meta.DELTA_SHARE:.2f} s")
+            f"{statistics.median(cpu) / share:.2f} s")
 
 
 def main() -> None:
