@@ -57,9 +57,9 @@ __all__ = ["MetaUploader", "note_erase", "upload_lock", "snapshot_now", "shipped
 
 log = logging.getLogger("shardlite.replicate")
 
-#: The share of a core deltas may take: after a delta whose images cost ``c`` seconds of CPU to read and
-#: compare, the next waits at least ``c / DELTA_SHARE`` seconds (``benchmarks/metadelta.py``: 40 ms for the
-#: 19 MB ``global.db`` of 100,000 tenants, so a look every 0.8 s at most there).
+#: The share of a core looks at the images (and deltas) may take: after a look that cost ``c`` seconds of CPU to
+#: read, compare and upload, the next waits at least ``c / DELTA_SHARE`` seconds (``benchmarks/metadelta.py``:
+#: 40 ms for the 19 MB ``global.db`` of 100,000 tenants, so a look every 0.8 s at most there).
 DELTA_SHARE = 0.05
 #: Seconds a delta is kept after a newer snapshot: restore points of the metadata are one interval apart over
 #: the last ten minutes, about one snapshot interval apart before that.
