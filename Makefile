@@ -25,8 +25,8 @@ quickstart: $(STAMP)
 # starts its own throwaway PostgreSQL and S3 servers, and a module's tests share its fixtures.
 # `make test TEST_TMPDIR=/dev/shm` puts the tests' temporary files (tmp_path, the throwaway servers' directories)
 # on tmpfs: their fsyncs then cost nothing (tests/test_rebalance.py: 33 s against 63 s, back to back; the whole
-# suite 10:27 against 23:30, under less load). Not the default: tests/test_checkpoints.py's sustained FULL writes test assumes a FULL
-# commit costs an fsync and fails there under CPU contention. A run holds 1-2 GB there while it runs (pyproject
+# suite 10:27 against 23:30, under less load). Not the default: tests/test_checkpoints.py's sustained FULL
+# writes test assumes a FULL commit costs an fsync and fails there under CPU contention. A run holds 1-2 GB there while it runs (pyproject
 # keeps only failed tests' directories afterwards).
 TEST_TMPDIR ?=
 
