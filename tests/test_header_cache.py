@@ -103,3 +103,24 @@ def test_a_compaction_reads_only_the_headers_it_has_not_seen(tmp_path: Path,
         finally:
             run.close()
     assert oct(os.stat(root / STAGING_DIR / FILE_NAME).st_mode & 0o777) == "0o600"
+
+
+def test_a_cache_file_that_is_not_a_database_starts_again_empty(tmp_path: Path,
+                                                                make_replica_target: TargetFactory) -> None:
+    url = make_replica_target.url()
+    target = make_replica_target()
+    root = tmp_path / "root"
+    with shardlite.Router(root, schema=SCHEMA, replicate=url) as router:
+        run = Replication(router._store, target)
+        try:
+            for i in range(3):
+                with router.transaction("user:a") as tx:
+                    tx.execute("INSERT INTO notes(body) VALUES (?)", (f"note {i}",))
+                run.run_round()
+            packs = dict(replica_read.list_packs(target))
+            assert _headers_read(router._store, target) == len(packs)
+            (root / STAGING_DIR / FILE_NAME).write_bytes(b"not a database, " * 512)
+            assert _headers_read(router._store, target) == len(packs)  # read again, and cached again
+            assert _cached(root) == packs and _headers_read(router._store, target) == 0
+        finally:
+            run.close()

@@ -13,7 +13,8 @@ header again every hour would cost a ranged GET per pack per hour. The headers o
   the cache is keyed by name *and size*: a rewritten pack misses and is read again.
 
 What the cache holds is read back through :func:`shardlite.core.pack.decode_header` like bytes from the
-replica (validated whole): a damaged cache file costs reads, never a wrong plan's validation. Rows of packs no
+replica (validated whole); a damaged row, or a damaged file (started again empty), costs reads, never a
+wrong plan. Rows of packs no
 longer listed are deleted after each use. Losing the file (or a crash while it is written: it is a cache,
 ``synchronous=NORMAL``) costs one compaction's reads. One user at a time: the compaction, under the root's
 compaction lock.
@@ -21,12 +22,16 @@ compaction lock.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from collections.abc import Iterable
 
 import apsw
 
 from .engine import ensure_private_dir
+
+log = logging.getLogger("shardlite.replicate")
 
 __all__ = ["HeaderCache", "FILE_NAME"]
 
@@ -40,20 +45,32 @@ class HeaderCache:
     def __init__(self, directory: str) -> None:
         ensure_private_dir(directory)
         self.path = os.path.join(directory, FILE_NAME)
+        try:
+            self.conn = self._open()
+        except apsw.Error as exc:  # not a database any more (damaged): a cache, so it starts again empty
+            log.warning("replicate: the pack header cache %s cannot be read (%s); starting it again", self.path, exc)
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path + suffix)
+            self.conn = self._open()
+
+    def _open(self) -> apsw.Connection:
         if not os.path.exists(self.path):  # created 0600 before SQLite opens it
             try:
                 os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
             except FileExistsError:
                 pass
-        self.conn = apsw.Connection(self.path, flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOFOLLOW)
+        conn = apsw.Connection(self.path, flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOFOLLOW)
         try:
-            self.conn.set_busy_timeout(5000)
-            self.conn.execute("PRAGMA journal_mode=WAL").fetchall()
-            self.conn.execute("PRAGMA synchronous=NORMAL")
-            self.conn.execute(_SCHEMA)
+            conn.set_busy_timeout(5000)
+            conn.execute("PRAGMA journal_mode=WAL").fetchall()
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(_SCHEMA)
+            conn.execute("SELECT count(*) FROM headers").fetchall()
         except apsw.Error:
-            self.conn.close()
+            conn.close()
             raise
+        return conn
 
     def close(self) -> None:
         self.conn.close()
@@ -62,21 +79,31 @@ class HeaderCache:
         """The cached first bytes (magic, length, header) of every pack of ``listed`` (name -> size) whose
         name and size are cached."""
         found: dict[str, bytes] = {}
-        for name, size, head in self.conn.execute("SELECT name, size, head FROM headers"):
-            if listed.get(name) == size and isinstance(head, bytes):
-                found[name] = head
+        try:
+            for name, size, head in self.conn.execute("SELECT name, size, head FROM headers"):
+                if listed.get(name) == size and isinstance(head, bytes):
+                    found[name] = head
+        except apsw.Error as exc:  # damaged pages: what was found so far, the rest read from the replica
+            log.warning("replicate: the pack header cache %s is damaged (%s)", self.path, exc)
         return found
 
     def store(self, rows: Iterable[tuple[str, int, bytes]]) -> None:
-        """Cache (name, size, first bytes) of final packs."""
-        with self.conn:
-            self.conn.executemany("INSERT OR REPLACE INTO headers(name, size, head) VALUES (?, ?, ?)", rows)
+        """Cache (name, size, first bytes) of final packs (a damaged file: logged, not cached)."""
+        try:
+            with self.conn:
+                self.conn.executemany("INSERT OR REPLACE INTO headers(name, size, head) VALUES (?, ?, ?)", rows)
+        except apsw.Error as exc:
+            log.warning("replicate: the pack header cache %s cannot be written (%s)", self.path, exc)
 
     def retain(self, listed: Iterable[str]) -> int:
         """Delete the rows of packs not in ``listed``; how many went."""
         keep = set(listed)
-        gone = [(name,) for (name,) in self.conn.execute("SELECT name FROM headers") if name not in keep]
-        if gone:
-            with self.conn:
-                self.conn.executemany("DELETE FROM headers WHERE name = ?", gone)
+        try:
+            gone = [(name,) for (name,) in self.conn.execute("SELECT name FROM headers") if name not in keep]
+            if gone:
+                with self.conn:
+                    self.conn.executemany("DELETE FROM headers WHERE name = ?", gone)
+        except apsw.Error as exc:
+            log.warning("replicate: the pack header cache %s cannot be pruned (%s)", self.path, exc)
+            return 0
         return len(gone)
