@@ -21,7 +21,7 @@ from helpers_wal import rows_of
 import shardlite
 from shardlite.core import timeline
 from shardlite.replica.target import ReplicaTarget
-from shardlite.services import replica_read
+from shardlite.services import erase, replica_read
 from shardlite.services.replica_restore import restore_tenant
 from shardlite.services.replicator import NodeReplicator, RoundStats
 
@@ -210,6 +210,10 @@ def test_a_plain_drop_keeps_the_history(setup: tuple[shardlite.Router, NodeRepli
     assert holders(target, b"kept")  # still there
     restored = restore_tenant(router._store, target, "user:a", at_ns=before_drop)
     assert restored["key"] == "user:a" and _live(router, "user:a") == rows
+    # an erase afterwards also forgets that the drop's record shipped (the staging's drops_shipped), and says so
+    receipt = router.drop("user:a", erase=True)
+    assert [s["shipped_drop_records_removed"] for s in receipt["staged"]] == [1]
+    assert "1 records of shipped drops removed" in "\n".join(erase.describe(receipt))
 
 
 def test_erase_without_a_replica_drops_and_says_so(tmp_path: Path) -> None:

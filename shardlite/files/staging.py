@@ -123,6 +123,7 @@ class Erased(NamedTuple):
     cursor: bool
     scrubbed: bool  #: the file was rewritten without free pages and its log emptied (:meth:`Staging.scrub`)
     drops: int = 0  #: staged drop records of the key removed
+    shipped_drops: int = 0  #: records of the key's drop records shipped (``drops_shipped``) removed
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cursors(
@@ -506,12 +507,13 @@ class Staging:
             self.conn.execute("DELETE FROM drops WHERE key = ?", (key,))
             drops = self.conn.changes()
             self.conn.execute("DELETE FROM drops_shipped WHERE key = ?", (key,))
+            shipped_drops = self.conn.changes()
         scrubbed = self.scrub()
         captures = size = 0
         for _inc, count, length in rows:
             captures += int(cast(int, count))
             size += int(cast(int, length or 0))
-        return Erased(sorted(found), captures, size, bool(cursor), scrubbed, drops)
+        return Erased(sorted(found), captures, size, bool(cursor), scrubbed, drops, shipped_drops)
 
     def scrub(self) -> bool:
         """Rewrite this file without free pages (``VACUUM``: rows deleted before, such as the captures of

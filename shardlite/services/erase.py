@@ -270,12 +270,13 @@ def erase(store: Store, key: object, *, target: ReplicaTarget | None = None,
                            "replica history not erased yet: run the erase again") from None
             finally:
                 staging.close()
-            if got.captures or got.cursor or got.drops or not got.scrubbed:
+            if got.captures or got.cursor or got.drops or got.shipped_drops or not got.scrubbed:
                 staged.append({"node": name, "captures_removed": got.captures, "bytes_removed": got.bytes,
                                "cursor_removed": got.cursor, "drop_records_removed": got.drops,
+                               "shipped_drop_records_removed": got.shipped_drops,
                                "incarnations": got.incarnations, "staging_scrubbed": got.scrubbed})
                 incarnations.update(got.incarnations)
-            if got.captures or got.cursor or got.drops:
+            if got.captures or got.cursor or got.drops or got.shipped_drops:
                 nodes_hit.add(name)
         tombstones = []
         for incarnation in sorted(incarnations):
@@ -350,7 +351,9 @@ def describe(receipt: dict[str, Any]) -> list[str]:
     lines.append(f"  nodes: {', '.join(repr(n) for n in receipt['nodes']) or 'none'}")
     for found in receipt["staged"]:
         lines.append(f"  staging of node {found['node']!r}: {found['captures_removed']} staged captures "
-                     f"({found['bytes_removed']} bytes) removed, cursor removed: {found['cursor_removed']}"
+                     f"({found['bytes_removed']} bytes) removed, cursor removed: {found['cursor_removed']}, "
+                     f"{found['drop_records_removed']} staged drop records and "
+                     f"{found['shipped_drop_records_removed']} records of shipped drops removed"
                      + ("" if found["staging_scrubbed"] else "; NOT VACUUMED: its replicator held the file (free "
                         "pages may keep shipped captures): run the erase again"))
     for done in receipt["objects"]:
