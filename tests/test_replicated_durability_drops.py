@@ -19,7 +19,7 @@ from typing import Any
 
 import apsw
 import pytest
-from helpers_procs import DEADLINE, child_env, spawn, write_script
+from helpers_procs import DEADLINE, child_env, close_pipes, kill9, spawn, write_script
 from helpers_s3 import TargetFactory, separate_s3_server
 
 import shardlite
@@ -321,12 +321,8 @@ def test_several_writer_processes_and_a_drop_meanwhile(tmp_path: Path, make_repl
             admin.wait_replicated("user:s", timeout=DEADLINE)
     finally:
         for proc in writers:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            for stream in (proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
+            kill9(proc)
+            close_pipes(proc)
         _stop(replicator)
     unconfirmed = [line for w in lines.values() for line in w if line[0] == "unconfirmed"]
     assert unconfirmed == []
