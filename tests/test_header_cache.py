@@ -36,10 +36,18 @@ def _pack_of_one_snapshot(node: str, name: str) -> bytes:
     return pack.encode(node, seq, now, [(entry, image)])
 
 
-def _headers_read(store: Any, target: ReplicaTarget) -> int:
+def _headers_read(store: Any, target: ReplicaTarget, later: int = 0) -> int:
     counting = CountingTarget(target)
-    replica_retention.compact(store, counting, now_ns=time.time_ns())  # type: ignore[arg-type]
+    replica_retention.compact(store, counting, now_ns=time.time_ns() + later)  # type: ignore[arg-type]
     return counting.headers
+
+
+def _damage(root: Path, sql: str, name: str) -> None:
+    conn = apsw.Connection(str(root / STAGING_DIR / FILE_NAME))
+    try:
+        conn.execute(sql, (name,))
+    finally:
+        conn.close()
 
 
 def _cached(root: Path) -> dict[str, int]:
@@ -91,15 +99,15 @@ def test_a_compaction_reads_only_the_headers_it_has_not_seen(tmp_path: Path,
             assert rewritten or deleted
             assert _headers_read(store, target) == len(rewritten)
             assert not set(deleted) & set(_cached(root))  # forgotten with the packs
-            # a damaged cache row: read again from the replica, and the compaction plans the same
+            # a damaged summary (it fails its check): read again from the replica
             name = next(iter(_cached(root)))
-            conn = apsw.Connection(str(root / STAGING_DIR / FILE_NAME))
-            try:
-                conn.execute("UPDATE headers SET head = ? WHERE name = ?", (b"SLPACK1\n\0\0\0\x05{bad", name))
-            finally:
-                conn.close()
+            _damage(root, "UPDATE headers SET keys = zeroblob(8) WHERE name = ?", name)
             assert _headers_read(store, target) == 1
             assert _headers_read(store, target) == 0
+            # a damaged header: decoded only when the pack is old enough to be planned over, then read again
+            _damage(root, "UPDATE headers SET head = X'534C5041434B310A000000057B626164' WHERE name = ?", name)
+            assert _headers_read(store, target) == 0  # inside every window: its summary is all a compaction reads
+            assert _headers_read(store, target, later=8 * 86_400 * 10**9) == 1
         finally:
             run.close()
     assert oct(os.stat(root / STAGING_DIR / FILE_NAME).st_mode & 0o777) == "0o600"

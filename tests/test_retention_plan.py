@@ -181,3 +181,81 @@ def test_longest_prefix_wins_and_hostile_records_are_refused() -> None:
                 '{"prefixes": {"a\\u200b": 86400000000000}}']:
         with pytest.raises(rt.RetentionError):
             rt.decode_windows(bad)
+
+
+def _old_and_recent(located: list[rt.Located], cutoff: int) -> tuple[list[rt.Located], set[str]]:
+    """The captures of the packs holding nothing newer than ``cutoff`` (what a compaction plans over:
+    shardlite.services.compact_scan), and the keys of the other packs."""
+    newest: dict[str, int] = {}
+    for item in located:
+        newest[item.pack] = max(newest.get(item.pack, 0), item.capture.entry.captured_ns)
+    old = [item for item in located if newest[item.pack] <= cutoff]
+    return old, {item.capture.entry.key for item in located if newest[item.pack] > cutoff}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(replicas(), st.integers(0, 100), st.data())
+def test_a_plan_over_the_old_packs_only_keeps_what_the_whole_plan_keeps(replica: tuple[list[rt.Located], int],
+                                                                         back: int, data: st.DataObject) -> None:
+    """A compaction plans over the packs older than the latest retention start only, told which keys the
+    others hold: it deletes nothing the plan over every pack keeps, and restores from every retention start on
+    reach the same commits."""
+    located, now = replica
+    windows = rt.Windows(default=rt.parse_duration("7d"), prefixes={"dm:": rt.parse_duration("30d")})
+    scale = rt.DAY_NS // max(1, back)
+    starts = _start_of(now, windows, scale)
+    live = set(data.draw(st.sets(st.sampled_from(KEYS))))
+    erased = set(data.draw(st.sets(st.sampled_from(KEYS), max_size=1)))
+    old, recent = _old_and_recent(located, max(starts.values()))
+    whole = rt.plan(located, starts.__getitem__, live=live, erased=erased)
+    part = rt.plan(old, starts.__getitem__, live=live, erased=erased, recent=recent.__contains__)
+    assert set(part.delete) <= {item.pack for item in old}
+    if not whole.pinned:
+        assert set(part.delete) <= set(whole.delete)
+    assert set(part.expired) <= set(whole.expired)
+    after = _after(located, part)
+    for key in set(KEYS) - erased:
+        caps = [item.capture for item in located if item.capture.entry.key == key]
+        if not caps or (key not in live and max(c.entry.captured_ns for c in caps) < starts[key]):
+            continue
+        times = sorted({starts[key]} | {t for c in caps for _f, t in c.entry.commits if t >= starts[key]}
+                       | {now + 10})
+        try:
+            expected = _points(located, key, times)
+        except timeline.TimelineError:
+            continue
+        assert _points(after, key, times) == expected, key
+
+
+def _drop_world() -> tuple[list[rt.Located], list[rt.LocatedDrop]]:
+    """Tenant a:1 (incarnation i): a snapshot and frames in old packs p1, p2; its drop record in pack p3."""
+    snap = _entry("a:1", "i", 1, "snapshot", "00000000000000aa", 0, 3, [(3, 100)], 101)
+    frames = _entry("a:1", "i", 1, "frames", "00000000000000aa", 4, 5, [(5, 200)], 201)
+    located = [rt.Located("p1", timeline.Capture((101, 1, 0), snap, b"")),
+               rt.Located("p2", timeline.Capture((201, 2, 0), frames, b""))]
+    return located, [rt.LocatedDrop("p3", "a:1", "i", 300)]
+
+
+def test_a_partial_plan_never_expires_a_key_the_packs_it_does_not_see_may_hold() -> None:
+    """The drop record lies in a pack the plan does not see (newer than the cutoff): the dropped tenant was live
+    inside its window, so its history stays; seen whole, the same plan keeps it too."""
+    located, drops = _drop_world()
+    whole = rt.plan(located, lambda _key: 250, live=set(), packs=["p1", "p2", "p3"], drops=drops)
+    assert whole.expired == [] and "p2" in whole.keep or whole.snapshots
+    blind = rt.plan(located, lambda _key: 250, live=set(), packs=["p1", "p2"])
+    assert blind.expired == ["a:1"] and blind.delete == ["p1", "p2"]  # what a plan told nothing would do
+    told = rt.plan(located, lambda _key: 250, live=set(), packs=["p1", "p2"], recent={"a:1"}.__contains__)
+    assert told.expired == [] and (told.snapshots or set(told.keep) == {"p1", "p2"})
+
+
+def test_a_drop_record_stays_while_packs_the_plan_does_not_see_may_hold_its_tenant() -> None:
+    """The drop record lies in an old pack, a capture of the dropped incarnation in a newer one: the record's
+    pack stays (a whole-root restore after the drop must leave the tenant out)."""
+    located, _drops = _drop_world()
+    old_drop = [rt.LocatedDrop("p0", "a:1", "i", 240)]
+    seen = [item for item in located if item.pack == "p1"]  # p2 is past the cutoff: not seen
+    blind = rt.plan(seen, lambda _key: 250, live=set(), packs=["p0", "p1"], drops=old_drop)
+    assert set(blind.delete) == {"p0", "p1"}
+    told = rt.plan(seen, lambda _key: 250, live=set(), packs=["p0", "p1"], drops=old_drop,
+                   recent={"a:1"}.__contains__)
+    assert "p0" in told.keep

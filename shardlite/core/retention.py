@@ -118,6 +118,10 @@ class Windows(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """The longest window (what whole-root restores and metadata snapshots keep)."""
         return max([self.default, *self.prefixes.values()])
 
+    def shortest(self) -> int:
+        """The shortest window (``now`` minus it is the latest retention start of any key)."""
+        return min([self.default, *self.prefixes.values()])
+
 
 def window_for(windows: Windows, key: str) -> int:
     """The window of ``key``: its longest matching prefix's, else the default."""
@@ -221,10 +225,11 @@ def _same(before: list[Capture], after: list[Capture], start: int) -> bool:
 
 
 def _with_drops(kept: set[str], by_key: dict[str, list[Located]], through: dict[str, list[Located]],
-                drops: list[LocatedDrop], expired: list[str]) -> set[str]:
+                drops: list[LocatedDrop], expired: list[str], recent: Callable[[str], bool]) -> set[str]:
     """``kept`` plus the packs of the drop records whose incarnation keeps a capture in a kept pack or a new
-    snapshot (module doc), until nothing more is added (a pack kept for a drop record keeps its captures).
-    Captures of ``expired`` keys left in kept packs do not count: restores ignore them (the horizon)."""
+    snapshot (module doc), or whose key ``recent`` says may have one in a pack the plan does not see, until
+    nothing more is added (a pack kept for a drop record keeps its captures). Captures of ``expired`` keys left
+    in kept packs do not count: restores ignore them (the horizon)."""
     if not drops:
         return kept
     gone = set(expired)
@@ -232,17 +237,31 @@ def _with_drops(kept: set[str], by_key: dict[str, list[Located]], through: dict[
         alive = {(key, item.capture.entry.incarnation) for key, items in by_key.items() if key not in gone
                  for item in items if item.pack in kept}
         alive |= {(key, items[-1].capture.entry.incarnation) for key, items in through.items()}
-        extra = {drop.pack for drop in drops if (drop.key, drop.incarnation) in alive} - kept
+        extra = {drop.pack for drop in drops if (drop.key, drop.incarnation) in alive or recent(drop.key)} - kept
         if not extra:
             return kept
         kept = kept | extra
 
 
+def _never(_key: str) -> bool:
+    return False
+
+
 def plan(located: Iterable[Located], start_of: Callable[[str], int], *, live: Iterable[str] = (),
-         erased: Iterable[str] = (), packs: Iterable[str] = (), drops: Iterable[LocatedDrop] = ()) -> Plan:
+         erased: Iterable[str] = (), packs: Iterable[str] = (), drops: Iterable[LocatedDrop] = (),
+         recent: Callable[[str], bool] = _never) -> Plan:
     """What a compaction does (module doc). ``start_of(key)``: the key's retention start (ns); ``live``: the
     keys the catalog holds now; ``erased``: keys with an erase tombstone; ``packs``: every pack name (packs
-    with no entry are deleted too); ``drops``: the drop records in the packs."""
+    with no entry are deleted too); ``drops``: the drop records in the packs.
+
+    The plan may see only some of the replica's packs (a *partial* plan: those holding nothing newer than the
+    latest retention start, see :mod:`shardlite.services.compact_scan`) provided every pack it does not see
+    is kept, and ``recent(key)`` is true for every key that may have a capture or a drop record in one of
+    them: such a key is never expired, its drop records stay, and of its histories only the one a restore at
+    its retention start replays loses captures (those before its base). So a partial plan keeps at least what
+    the whole plan would: the captures it does not see are kept, and its base is at or before the whole
+    plan's (a capture it does not see ends after the ones it sees, or belongs to a history that starts after
+    them: a key's files follow each other in time)."""
     live_set, erased_set = set(live), set(erased)
     drop_list = [drop for drop in drops if drop.key not in erased_set]
     dropped_at: dict[str, int] = {}
@@ -266,7 +285,8 @@ def plan(located: Iterable[Located], start_of: Callable[[str], int], *, live: It
             continue  # erased: nothing kept, never a snapshot (no resurrection)
         start = starts[key] = start_of(key)
         caps = [item.capture for item in items]
-        if key not in live_set and max(c.entry.captured_ns for c in caps) < start and dropped_at.get(key, -1) < start:
+        if (key not in live_set and max(c.entry.captured_ns for c in caps) < start and dropped_at.get(key, -1) < start
+                and not recent(key)):
             expired.append(key)
             continue  # dropped before its window began
         keep: list[Capture] = []
@@ -284,6 +304,8 @@ def plan(located: Iterable[Located], start_of: Callable[[str], int], *, live: It
             first = next((i for i, c in enumerate(group) if c.entry.kind == "snapshot"), None)
             if first is not None and group[first].entry.commits[0][1] > start:
                 keep.extend(group[first:])
+            elif recent(key):
+                keep.extend(group)  # a partial plan may not see what supersedes it: kept whole
         if at_start is not None:
             group, base, whole = at_start.chosen, at_start.base, at_start.whole
             keep.extend(group[whole + 1:])
@@ -297,7 +319,8 @@ def plan(located: Iterable[Located], start_of: Callable[[str], int], *, live: It
         needed[key] = {where[id(c)] for c in keep}
     pinned: set[str] = set()
     while True:
-        kept = _with_drops(set().union(*needed.values()) if needed else set(), by_key, through, drop_list, expired)
+        kept = _with_drops(set().union(*needed.values()) if needed else set(), by_key, through, drop_list, expired,
+                           recent)
         deletable = all_packs - kept
         for key in list(through):
             if not any(item.pack in deletable for item in through[key]):
@@ -319,6 +342,7 @@ def plan(located: Iterable[Located], start_of: Callable[[str], int], *, live: It
             through.pop(key, None)
             needed[key] = {item.pack for item in by_key[key]}
     snapshots = [Snapshot(key, items) for key, items in sorted(through.items())]
-    kept = _with_drops(set().union(*needed.values()) if needed else set(), by_key, through, drop_list, expired)
+    kept = _with_drops(set().union(*needed.values()) if needed else set(), by_key, through, drop_list, expired,
+                           recent)
     return Plan(snapshots, sorted(all_packs - kept), sorted(kept), sorted(pinned), sorted(expired))
 

@@ -22,11 +22,11 @@ import xxhash
 
 from ..core import pack, timeline
 from ..errors import ReplicaObjectMissing
-from ..files.headercache import HeaderCache
 from ..replica.target import ReplicaTarget
 from . import replica_index
 
-__all__ = ["PackInfo", "list_packs", "read_header", "read_headers", "captures_of", "PACKS_PREFIX", "ERASED_PREFIX",
+__all__ = ["PackInfo", "list_packs", "read_header", "read_header_and_bytes", "read_headers", "captures_of",
+           "PACKS_PREFIX", "ERASED_PREFIX",
            "tombstone_name", "erased_names"]
 
 PACKS_PREFIX = "v1/packs/"
@@ -55,10 +55,10 @@ def list_packs(target: ReplicaTarget) -> Iterator[tuple[str, int]]:
 def read_header(target: ReplicaTarget, name: str, size: int) -> PackInfo:
     """The validated header of pack ``name`` of ``size`` bytes (:class:`~shardlite.core.pack.PackError`
     when it is not a valid pack)."""
-    return _read_header(target, name, size)[0]
+    return read_header_and_bytes(target, name, size)[0]
 
 
-def _read_header(target: ReplicaTarget, name: str, size: int) -> tuple[PackInfo, bytes]:
+def read_header_and_bytes(target: ReplicaTarget, name: str, size: int) -> tuple[PackInfo, bytes]:
     """:func:`read_header`, and the pack's first bytes read for it (a small pack: all of it)."""
     head = target.get_range(name, 0, min(size, FIRST_READ))
     if len(head) >= len(pack.MAGIC) + 4 and head[:len(pack.MAGIC)] == pack.MAGIC:
@@ -74,42 +74,22 @@ def _read_header(target: ReplicaTarget, name: str, size: int) -> tuple[PackInfo,
 HEADER_BATCH = 256
 
 
-def read_headers(target: ReplicaTarget, listed: list[tuple[str, int]], *, cache: HeaderCache | None = None,
-                 final: Callable[[str], bool] = lambda name: False) -> dict[str, PackInfo | pack.PackError]:
+def read_headers(target: ReplicaTarget, listed: list[tuple[str, int]]) -> dict[str, PackInfo | pack.PackError]:
     """The header of every pack of ``listed`` ((name, size), in that order), or the
-    :class:`~shardlite.core.pack.PackError` that says why it is not a valid pack: headers in ``cache`` under
-    the same name and size are decoded from it (validated like bytes from the replica); the others are read
-    from the replica in parallel (:func:`shardlite.services.replica_index.readers`), and those of packs
-    ``final`` says will not change are added to the cache (:mod:`shardlite.files.headercache`), whose rows
-    of packs not listed are deleted. A replica that cannot be reached raises."""
-    sizes = dict(listed)
+    :class:`~shardlite.core.pack.PackError` that says why it is not a valid pack, read from the replica in
+    parallel (:func:`shardlite.services.replica_index.readers`). A replica that cannot be reached raises. (A
+    compaction reads through its header cache instead: :mod:`shardlite.services.compact_scan`.)"""
     out: dict[str, PackInfo | pack.PackError] = {}
-    for name, head in (cache.lookup(sizes) if cache is not None else {}).items():
-        try:
-            header, payload_at = pack.decode_header(head, size=sizes[name])
-        except pack.PackError:
-            continue  # a damaged cache row: read from the replica below
-        out[name] = PackInfo(name, sizes[name], header, payload_at)
-    missing = [(name, size) for name, size in listed if name not in out]
     pool = replica_index.readers()
-    for at in range(0, len(missing), HEADER_BATCH):
-        batch = missing[at:at + HEADER_BATCH]
-        futures = [pool.submit(_read_header, target, name, size) for name, size in batch]
-        rows = []
-        for (name, size), future in zip(batch, futures, strict=True):
+    for at in range(0, len(listed), HEADER_BATCH):
+        batch = listed[at:at + HEADER_BATCH]
+        futures = [pool.submit(read_header_and_bytes, target, name, size) for name, size in batch]
+        for (name, _size), future in zip(batch, futures, strict=True):
             try:
-                info, head = future.result()
+                out[name] = future.result()[0]
             except pack.PackError as exc:
                 out[name] = exc
-                continue
-            out[name] = info
-            if final(name):
-                rows.append((name, size, bytes(head[:info.payload_at])))
-        if cache is not None and rows:
-            cache.store(rows)
-    if cache is not None:
-        cache.retain(sizes)
-    return {name: out[name] for name, _size in listed}
+    return out
 
 
 def tombstone_name(incarnation: str) -> str:
@@ -155,7 +135,7 @@ def captures_of(target: ReplicaTarget, keys: Iterable[str] | None, *,
 def _read_one(target: ReplicaTarget, name: str, size: int, wanted: set[str] | None,
               on_pack: Callable[[PackInfo], None] | None) -> list[tuple[str, timeline.Capture]]:
     """The captures of ``wanted`` (None: every tenant) in pack ``name``, digests checked."""
-    info, head = _read_header(target, name, size)
+    info, head = read_header_and_bytes(target, name, size)
     if on_pack is not None:
         on_pack(info)
     # every tenant (a whole root): the payload in one read, not one request per capture

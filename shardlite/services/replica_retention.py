@@ -3,9 +3,12 @@ every :data:`COMPACT_EVERY` seconds).
 
 A compaction, in this order (each step safe to repeat: a kill -9 at any point, then a rerun, is fine):
 
-1. **Read** every pack's header (validated whole), the root's windows (:mod:`shardlite.meta.replica_record`),
-   the live catalog, and the erase tombstones (:func:`erased_incarnations`).
-2. **Plan** (:func:`shardlite.core.retention.plan`): which packs go, and which tenants get a new base
+1. **Read** a summary of every pack and the headers (validated whole) of the packs older than the latest
+   retention start and of the compaction packs: only those can go (:mod:`shardlite.services.compact_scan`,
+   through the root's header cache), the root's windows (:mod:`shardlite.meta.replica_record`), the live
+   catalog, and the erase tombstones (:func:`erased_incarnations`).
+2. **Plan** (:func:`shardlite.core.retention.plan`, over those headers, told which keys the other packs may
+   hold): which packs go, and which tenants get a new base
    snapshot (the image at the end of their last capture at or before their retention start). A pack holding
    the drop record of a plain drop stays while any capture of the dropped incarnation does (a whole-root
    restore after the drop needs the record to leave the tenant out).
@@ -46,7 +49,7 @@ from ..files.staging import STAGING_DIR, Staging, erase_lock
 from ..front.store import Store
 from ..meta.replica_record import recorded_windows
 from ..replica.target import ReplicaTarget
-from . import replica_index, replica_meta_read, replica_read
+from . import compact_scan, replica_index, replica_meta_read, replica_read
 from .replicator import pack_name
 
 __all__ = ["compact", "CompactionReport", "COMPACT_EVERY", "erased_incarnations",
@@ -246,21 +249,23 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
     report = CompactionReport(now)
     windows = recorded_windows(store.meta.kv)
     tombstones = erased_incarnations(target)
-    infos: dict[str, replica_read.PackInfo] = {}
     located: list[retention.Located] = []
     drops: list[retention.LocatedDrop] = []
     listed = list(replica_read.list_packs(target))
     # recorded as shipped before the listing: a pack above it may still be uploaded again, so it is not cached
     shipped = replica_index.part_coverage(store, [name for name, _size in listed])
+    # only what is older than every retention start can be deleted or snapshotted: the plan reads the headers
+    # of those packs (and of the compaction packs) only (compact_scan)
+    cutoff = now - windows.shortest()
     cache = HeaderCache(os.path.join(store.root, STAGING_DIR))
     try:
-        read = replica_read.read_headers(target, listed, cache=cache, final=lambda name: _final(name, shipped))
+        scanned = compact_scan.scan(target, listed, cache, final=lambda name: _final(name, shipped),
+                                    planned=lambda name, summary: keyindex.pack_seq(name) is None
+                                    or summary.newest_ns <= cutoff)
     finally:
         cache.close()
-    for name, found in read.items():
-        if isinstance(found, pack.PackError):
-            raise found
-        info = infos[name] = found
+    infos = scanned.planned
+    for name, info in infos.items():
         drops.extend(retention.LocatedDrop(name, drop.key, drop.incarnation, drop.dropped_ns)
                      for drop in info.header.drops if not (tombstones and is_erased(tombstones, drop.incarnation)))
         for position, entry in enumerate(info.header.entries):
@@ -268,7 +273,10 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
                 continue  # an erased history: never kept, never snapshotted
             located.append(retention.Located(name, timeline.Capture(
                 (entry.captured_ns, info.header.seq, position), entry, b"", info.header.node)))
-    report.packs = len(infos)
+    report.packs = len(listed)
+    # keys that may have captures or drop records in the packs the plan does not see (kept whatever it says)
+    recent = {digest for name, summary in scanned.summaries.items() if name not in infos
+              for digest in summary.all_digests()}
     live = {record.key for record in store.meta.tenants.iter_tenants() if record.state in ("active", "moving")}
     starts: dict[str, int] = {}
 
@@ -277,7 +285,8 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
             starts[key] = now - retention.window_for(windows, key)
         return starts[key]
 
-    planned = retention.plan(located, start_of, live=live, packs=infos, drops=drops)
+    planned = retention.plan(located, start_of, live=live, packs=infos, drops=drops,
+                             recent=lambda key: keyindex.digest(key) in recent)
     report.pinned = planned.pinned
     built = _build(target, infos, planned.snapshots)
     written = _write_packs(target, built, now)
@@ -297,16 +306,19 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
     # the key index of what stays: numbered packs up to what each replicator recorded as shipped (a pack
     # uploaded and not recorded yet may be uploaded again with more captures: restores read it), every
     # compaction pack kept or written
-    coverage = replica_index.part_coverage(store, infos)
+    coverage = replica_index.part_coverage(store, [name for name, _size in listed])
     rows: list[keyindex.PackRow] = []
     extra: list[str] = []
-    for name, info in sorted(infos.items()):
+    for name, size in listed:
         seq = keyindex.pack_seq(name)
-        if name not in keep or (seq is not None and seq[1] > coverage.get(seq[0], 0)):
+        if (name in infos and name not in keep) or (seq is not None and seq[1] > coverage.get(seq[0], 0)):
             continue
         if seq is None:
             extra.append(name)
-        rows.append((name, info.size, sorted({keyindex.digest(e.key) for e in info.header.entries})))
+        held = infos.get(name)
+        digests = (sorted({keyindex.digest(e.key) for e in held.header.entries}) if held is not None
+                   else scanned.summaries[name].key_digests())
+        rows.append((name, size, digests))
     for name, size, keys in written:
         extra.append(name)
         rows.append((name, size, sorted({keyindex.digest(k) for k in keys})))
