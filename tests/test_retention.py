@@ -19,7 +19,7 @@ from helpers_s3 import CountingTarget, TargetFactory, crashing_target_code
 from helpers_wal import rows_of
 
 import shardlite
-from shardlite.core import retention, timeline
+from shardlite.core import keyindex, retention, rollup, timeline
 from shardlite.errors import ConfigurationError, UnknownTenant
 from shardlite.files.staging import Staging
 from shardlite.meta.replica_record import record_windows
@@ -103,7 +103,9 @@ def test_compaction_keeps_every_restore_inside_the_window(world: World) -> None:
     now, start = _window_start_inside(world)
     report = replica_retention.compact(store, target, now_ns=now)
     assert report.deleted_packs > 0 and report.snapshots > 0 and report.pinned == []
-    assert len(list(replica_read.list_packs(target))) == packs_before - report.deleted_packs + len(report.written)
+    assert report.rolled_packs > 0 and report.rollup_parts  # what stays of the numbered packs is joined
+    assert len(list(replica_read.list_packs(target))) == (packs_before - report.deleted_packs - report.rolled_packs
+                                                          + len(report.written) + len(report.rollup_parts))
     for key in ("user:1", "user:2"):
         for t, _after_t in world.states[key]:
             if t >= start:
@@ -141,7 +143,8 @@ def test_compaction_keeps_every_restore_inside_the_window(world: World) -> None:
     finally:
         staging.close()
     assert len(names) < packs_before
-    assert all(target.head(name) is not None for name in names[:-1])
+    # every row names a pack still there but the one kept for its sequence number (its pack joined a rollup)
+    assert len([name for name in names if target.head(name) is None]) <= 1
 
 
 def _holding(target: ReplicaTarget, key: str) -> set[str]:
@@ -208,10 +211,14 @@ def test_a_compaction_killed_at_any_step_and_run_again_ends_the_same(
     finally:
         world.close()
     codes = []
-    for crash_at in (1, 2, 3, 4):  # after the compaction pack written, the horizon, the index, the first delete
+    # after the compaction pack written, each rollup part (small parts: several), the run's marker, the horizon,
+    # the index, each delete
+    for crash_at in range(1, 10):
         code = (
             crashing_target_code("put", "delete_many") +
+            "from shardlite.core import rollup\n"
             "from shardlite.services import replica_retention\n"
+            "rollup.PART_HEADER = 2048\n"
             "router = shardlite.Router(sys.argv[1])\n"
             "replica_retention.compact(router._store, target, now_ns=int(sys.argv[4]))\n"
         )
@@ -223,13 +230,16 @@ def test_a_compaction_killed_at_any_step_and_run_again_ends_the_same(
         for key, states in inside.items():
             for t, rows in states:
                 assert _rows(target, key, t) == rows, (crash_at, key)
-    assert codes.count(-9) >= 3  # killed at successive steps of successive runs (a run after a kill has less to do)
+    assert codes.count(-9) >= 4  # killed at successive steps of successive runs (a run after a kill has less to do)
     router = shardlite.Router(root)
     try:
         target = make_replica_target()
         replica_retention.compact(router._store, target, now_ns=now)
         again = replica_retention.compact(router._store, target, now_ns=now)
-        assert (again.snapshots, again.deleted_packs) == (0, 0)
+        assert (again.snapshots, again.deleted_packs, again.rolled_packs) == (0, 0, 0)
+        listing = rollup.sort_out(target.list(replica_read.PACKS_PREFIX))
+        assert listing.hidden == [] and listing.spent == []  # nothing left over from the killed runs
+        assert not [name for name, _size in listing.packs if keyindex.pack_seq(name) is not None]  # all joined
         for key, states in inside.items():
             for t, rows in states:
                 assert _rows(target, key, t) == rows

@@ -95,12 +95,12 @@ def chosen_history(captures: Sequence[Capture], at_ns: int | None) -> list[Captu
 
 class Replay(NamedTuple):
     """How :func:`image_at` reaches a commit: from snapshot ``chosen[base]``, the captures ``steps`` (index in
-    ``chosen``, last frame replayed from it), ending at ``point``; ``whole``: the last index of ``chosen``
+    ``chosen``, first and last frame replayed from it), ending at ``point``; ``whole``: the last index of ``chosen``
     replayed to its end (a capture ending at or before the time)."""
 
     chosen: list[Capture]
     base: int
-    steps: list[tuple[int, int]]
+    steps: list[tuple[int, int, int]]
     point: Point
     whole: int
 
@@ -111,7 +111,9 @@ def plan_replay(captures: Sequence[Capture], at_ns: int | None = None) -> Replay
 
     A frames capture that a snapshot of the same log position already covers (same log generation, frames
     ending at or before the snapshot's: compaction writes such snapshots, see
-    :mod:`shardlite.core.retention`) is skipped, whichever of the two sorts first."""
+    :mod:`shardlite.core.retention`) is skipped, whichever of the two sorts first; one that begins at or before
+    the position and ends after it (a compaction's rollup, :mod:`shardlite.core.rollup`) replays only its
+    frames after it."""
     chosen = chosen_history(captures, at_ns)
     if chosen is None:
         return None
@@ -121,7 +123,7 @@ def plan_replay(captures: Sequence[Capture], at_ns: int | None = None) -> Replay
     snap = chosen[base].entry
     salt, last = snap.salt, snap.last
     point = Point(snap.commits[0][1], snap.incarnation, snap.generation, snap.last)
-    steps: list[tuple[int, int]] = []
+    steps: list[tuple[int, int, int]] = []
     whole = base
     for index in range(base + 1, len(chosen)):
         entry = chosen[index].entry
@@ -138,15 +140,19 @@ def plan_replay(captures: Sequence[Capture], at_ns: int | None = None) -> Replay
         if entry.salt == salt and entry.last <= last:
             whole = index  # covered by a snapshot of this log position (compaction)
             continue
-        upto = [f for f, t in entry.commits if t <= limit]
+        # frames a snapshot of this log generation already stands for are skipped (a compaction's rollup may
+        # join captures around the position a base snapshot stands for; a committed frame of one log
+        # generation never changes, so overlapping captures hold the same frames)
+        start = last + 1 if entry.salt == salt else 1
+        upto = [f for f, t in entry.commits if t <= limit and f >= start]
         if not upto:
             break
-        if entry.salt == salt and entry.first != last + 1:
+        if entry.salt == salt and entry.first > start:
             raise TimelineError(f"{entry.key!r}: frames {entry.first}-{entry.last} do not continue frame {last}")
         if entry.salt != salt and entry.first != 1:
             raise TimelineError(f"{entry.key!r}: a log generation starts at frame {entry.first}, not 1")
         end = upto[-1]
-        steps.append((index, end))
+        steps.append((index, start, end))
         salt, last = entry.salt, entry.last
         point = point._replace(time_ns=dict(entry.commits)[end], frame=end)
         if end != entry.last:
@@ -165,7 +171,7 @@ def replay(plan: Replay) -> bytearray:
     """The image ``plan`` reaches (the captures' bytes, checked as SQLite's recovery checks frames)."""
     chosen = plan.chosen
     image = bytearray(chosen[plan.base].data)
-    for index, end in plan.steps:
+    for index, start, end in plan.steps:
         got = chosen[index]
         entry = got.entry
         frames = list(wf.read_frames(got.data, entry.first, entry.page_size, bytes.fromhex(entry.salt)))
@@ -175,7 +181,7 @@ def replay(plan: Replay) -> bytearray:
         # (with room to spare) is a crafted or damaged capture, refused before it allocates anything
         bound = 2 * (len(image) + len(got.data)) + (1 << 20)
         try:
-            wf.replay(image, [f for f in frames if f.number <= end], entry.page_size, max_bytes=bound)
+            wf.replay(image, [f for f in frames if start <= f.number <= end], entry.page_size, max_bytes=bound)
         except wf.WalFormatError as exc:
             raise TimelineError(f"{entry.key!r}: {exc}") from None
     return image

@@ -19,6 +19,7 @@ longer, never a capture lost.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,11 +48,12 @@ class Summary:
 
 
 def _ints(blob: bytes) -> list[int]:
-    return [int.from_bytes(blob[at:at + 8], "big") for at in range(0, len(blob), 8)]
+    return list(struct.unpack(f">{len(blob) // 8}Q", blob))
 
 
 def _blob(keys: set[str]) -> bytes:
-    return b"".join(d.to_bytes(8, "big") for d in sorted({keyindex.digest(key) for key in keys}))
+    digests = sorted({keyindex.digest(key) for key in keys})
+    return struct.pack(f">{len(digests)}Q", *digests)
 
 
 def summarize(header: pack.Header) -> Summary:

@@ -248,7 +248,7 @@ def erase(store: Store, key: object, *, target: ReplicaTarget | None = None,
         nodes_hit = {live["node"]} if "node" in live else set()
         hits: list[str] = []
         unreadable: list[dict[str, str]] = []
-        listed = list(list_packs(target))
+        listed = list_packs(target, every=True)
         packs = len(listed)
         for name, info in read_headers(target, listed).items():
             if isinstance(info, pack.PackError):

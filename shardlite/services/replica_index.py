@@ -42,7 +42,7 @@ from typing import NamedTuple
 import msgspec
 import xxhash
 
-from ..core import keyindex, pack, retention, timeline
+from ..core import keyindex, pack, retention, rollup, timeline
 from ..errors import ConfigurationError, ReplicaError, ReplicaObjectMissing
 from ..files.staging import STAGING_DIR, Staging, erase_lock
 from ..front.store import Store
@@ -238,20 +238,25 @@ def _candidates(target: ReplicaTarget, keys: set[str], pool: ThreadPoolExecutor,
             add(name, size)
     covered_extra = {name for meta in metas for name in meta.extra}
     covered = 0
+    markers: list[tuple[str, int]] = []
     for part, tail in tails.items():
         found, compacted = tail.result()
         for name, size in found:
             add(name, size)
         for name, size in compacted:
-            if name not in covered_extra:
+            if not name.endswith(".pack"):
+                markers.append((name, size))
+            elif name not in covered_extra:
                 add(name, size)
         covered += coverage.get(part, 0)
-    return Candidates(packs, covered)
+    # a rollup's parts are read once its marker is listed, and the numbered packs it supersedes from then on
+    # are not (core/rollup.py): the index may be older than the rollup
+    return Candidates(dict(rollup.sort_out([*packs.items(), *markers]).packs), covered)
 
 
 class _Tail:
-    """Node folder ``part``'s numbered packs past sequence ``high``, and its compaction packs: the first two
-    blocks and the compaction packs listed at once, further blocks one after the other."""
+    """Node folder ``part``'s numbered packs past sequence ``high``, and its compaction packs and rollup markers:
+    the first two blocks and the compaction packs listed at once, further blocks one after the other."""
 
     def __init__(self, target: ReplicaTarget, pool: ThreadPoolExecutor, part: str, high: int) -> None:
         self.target, self.high = target, high
@@ -259,7 +264,7 @@ class _Tail:
         self.block = (high + 1) // TAIL_BLOCK
         self.first = [pool.submit(self._list, self.block), pool.submit(self._list, self.block + 1)]
         self.compacted = pool.submit(lambda: [(name, size) for name, size in target.list(f"{self.folder}compact-")
-                                              if name.endswith(".pack")])
+                                              if name.endswith((".pack", ".done"))])  # .done: rollup markers
 
     def _list(self, block: int) -> list[tuple[str, int]]:
         found = []

@@ -14,13 +14,13 @@ against its digest.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 import xxhash
 
-from ..core import pack, timeline
+from ..core import pack, rollup, timeline
 from ..errors import ReplicaObjectMissing
 from ..replica.target import ReplicaTarget
 from . import replica_index
@@ -45,11 +45,14 @@ class PackInfo:
     payload_at: int
 
 
-def list_packs(target: ReplicaTarget) -> Iterator[tuple[str, int]]:
-    """(name, size) of every pack in the replica, in name order (per node, by sequence)."""
-    for name, size in target.list(PACKS_PREFIX):
-        if name.endswith(".pack"):
-            yield name, size
+def list_packs(target: ReplicaTarget, *, every: bool = False) -> list[tuple[str, int]]:
+    """(name, size) of every pack readers read, in name order (per node, by sequence): not the numbered packs
+    a compaction's rollup supersedes, nor the parts of a rollup left unfinished
+    (:func:`shardlite.core.rollup.sort_out`). ``every``: every pack (an erase scrubs what readers ignore too)."""
+    listed = list(target.list(PACKS_PREFIX))
+    if every:
+        return [(name, size) for name, size in listed if name.endswith(".pack")]
+    return rollup.sort_out(listed).packs
 
 
 def read_header(target: ReplicaTarget, name: str, size: int) -> PackInfo:
@@ -121,9 +124,10 @@ def captures_of(target: ReplicaTarget, keys: Iterable[str] | None, *,
             if name not in reads:
                 reads[name] = pool.submit(_read_one, target, name, size, wanted, None)
 
-        if replica_index.candidates(target, wanted, pool, start) is not None:
+        found = replica_index.candidates(target, wanted, pool, start)
+        if found is not None:
             try:
-                return _collect(wanted, [reads[name].result() for name in sorted(reads)], erased.result())
+                return _collect(wanted, [reads[name].result() for name in sorted(found.packs)], erased.result())
             except (pack.PackError, ReplicaObjectMissing):
                 pass  # the index named a pack deleted or rewritten since: read every header
         erased.result()

@@ -42,14 +42,14 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ..core import keyindex, metasnap, pack, retention, timeline
+from ..core import keyindex, metasnap, pack, retention, rollup, timeline
 from ..errors import Busy, ReplicaError
 from ..files.headercache import HeaderCache
 from ..files.staging import STAGING_DIR, Staging, erase_lock
 from ..front.store import Store
 from ..meta.replica_record import recorded_windows
 from ..replica.target import ReplicaTarget
-from . import compact_scan, replica_index, replica_meta_read, replica_read
+from . import compact_rollup, compact_scan, replica_index, replica_meta_read, replica_read
 from .replicator import pack_name
 
 __all__ = ["compact", "CompactionReport", "COMPACT_EVERY", "erased_incarnations",
@@ -75,6 +75,8 @@ class CompactionReport:
     snapshot_bytes: int = 0
     written: list[str] = field(default_factory=list)  #: compaction packs written
     pinned: list[str] = field(default_factory=list)  #: tenants whose history could not be compacted
+    rolled_packs: int = 0  #: numbered packs joined into rollups
+    rollup_parts: list[str] = field(default_factory=list)  #: rollup parts written
     meta_deleted: int = 0  #: metadata snapshots and deltas deleted
     staging_rows: int = 0
     index: str = ""
@@ -251,7 +253,10 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
     tombstones = erased_incarnations(target)
     located: list[retention.Located] = []
     drops: list[retention.LocatedDrop] = []
-    listed = list(replica_read.list_packs(target))
+    # rollups (core/rollup.py): what readers ignore (parts of unfinished runs, numbered packs a run superseded)
+    # is deleted below; everything else is listed
+    listing = rollup.sort_out(target.list(replica_read.PACKS_PREFIX))
+    listed = listing.packs
     # recorded as shipped before the listing: a pack above it may still be uploaded again, so it is not cached
     shipped = replica_index.part_coverage(store, [name for name, _size in listed])
     # only what is older than every retention start can be deleted or snapshotted: the plan reads the headers
@@ -293,8 +298,15 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
     report.written = [name for name, _size, _keys in written]
     report.snapshots = len(built)
     report.snapshot_bytes = sum(len(image) for _node, _entry, image in built)
+    runs = compact_rollup.choose(listed, scanned.summaries, final=lambda name: _final(name, shipped), now_ns=now,
+                                 deleting=set(planned.delete))
+    rolled = [compact_rollup.roll(target, run, now) for run in runs]
+    joined = {name for done in rolled for name, _size in done.run.packs}
+    report.rolled_packs = len(joined)
+    report.rollup_parts = [name for done in rolled for name, _size, _keys in done.parts]
     if erased_incarnations(target) != tombstones:
-        target.delete_many(report.written)
+        target.delete_many([done.marker for done in rolled])
+        target.delete_many(report.written + report.rollup_parts)
         raise Busy("an erase ran during the compaction: its snapshots were deleted and nothing else was; run "
                    "`shardlite replicate compact` again")
     keep = set(planned.keep)
@@ -311,7 +323,8 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
     extra: list[str] = []
     for name, size in listed:
         seq = keyindex.pack_seq(name)
-        if (name in infos and name not in keep) or (seq is not None and seq[1] > coverage.get(seq[0], 0)):
+        if ((name in infos and name not in keep) or name in joined
+                or (seq is not None and seq[1] > coverage.get(seq[0], 0))):
             continue
         if seq is None:
             extra.append(name)
@@ -319,21 +332,29 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
         digests = (sorted({keyindex.digest(e.key) for e in held.header.entries}) if held is not None
                    else scanned.summaries[name].key_digests())
         rows.append((name, size, digests))
-    for name, size, keys in written:
+    for name, size, keys in [*written, *(part for done in rolled for part in done.parts)]:
         extra.append(name)
         rows.append((name, size, sorted({keyindex.digest(k) for k in keys})))
     newest = max((int(n[len(replica_index.BASE_PREFIX):][:20]) for n, _ in target.list(replica_index.BASE_PREFIX)
                   if n[len(replica_index.BASE_PREFIX):][:20].isdigit()), default=-1)
     report.index = replica_index.write_base(target, max(now, newest + 1), coverage, rows, extra)
+    # first what runs superseded (so that a run's parts never go while a pack it superseded is left), then the plan's
+    superseded = sorted(joined | set(listing.hidden))
+    if superseded:
+        target.delete_many(superseded)
     if planned.delete:
         target.delete_many(planned.delete)
+    if listing.spent:
+        target.delete_many(listing.spent)
+    sizes = dict(listed)
     report.deleted_packs = len(planned.delete)
-    report.deleted_bytes = sum(infos[name].size for name in planned.delete)
+    report.deleted_bytes = sum(sizes[name] for name in planned.delete)
     replica_index.prune(target, report.index)
     report.meta_deleted = replica_meta_read.prune(target, now - windows.longest())
-    report.staging_rows = _prune_staging(store, planned.delete)
+    report.staging_rows = _prune_staging(store, [*planned.delete, *superseded])
     report.seconds = time.monotonic() - started
-    log.info("replicate: compaction deleted %d of %d packs, wrote %d snapshots in %d packs", report.deleted_packs,
-             report.packs, report.snapshots, len(report.written))
+    log.info("replicate: compaction deleted %d of %d packs, wrote %d snapshots in %d packs, joined %d packs into %d",
+             report.deleted_packs, report.packs, report.snapshots, len(report.written), report.rolled_packs,
+             len(report.rollup_parts))
     return report
 
