@@ -254,8 +254,11 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
     located: list[retention.Located] = []
     drops: list[retention.LocatedDrop] = []
     # rollups (core/rollup.py): what readers ignore (parts of unfinished runs, numbered packs a run superseded)
-    # is deleted below; everything else is listed
+    # and markers of runs with nothing left go first (this compaction may write a part or a marker of the same
+    # name: a rerun at the same time); everything else is listed
     listing = rollup.sort_out(target.list(replica_read.PACKS_PREFIX))
+    if listing.hidden or listing.spent:
+        target.delete_many([*listing.hidden, *listing.spent])
     listed = listing.packs
     # recorded as shipped before the listing: a pack above it may still be uploaded again, so it is not cached
     shipped = replica_index.part_coverage(store, [name for name, _size in listed])
@@ -339,19 +342,17 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
                   if n[len(replica_index.BASE_PREFIX):][:20].isdigit()), default=-1)
     report.index = replica_index.write_base(target, max(now, newest + 1), coverage, rows, extra)
     # first what runs superseded (so that a run's parts never go while a pack it superseded is left), then the plan's
-    superseded = sorted(joined | set(listing.hidden))
+    superseded = sorted(joined)
     if superseded:
         target.delete_many(superseded)
     if planned.delete:
         target.delete_many(planned.delete)
-    if listing.spent:
-        target.delete_many(listing.spent)
     sizes = dict(listed)
     report.deleted_packs = len(planned.delete)
     report.deleted_bytes = sum(sizes[name] for name in planned.delete)
     replica_index.prune(target, report.index)
     report.meta_deleted = replica_meta_read.prune(target, now - windows.longest())
-    report.staging_rows = _prune_staging(store, [*planned.delete, *superseded])
+    report.staging_rows = _prune_staging(store, [*planned.delete, *superseded, *listing.hidden])
     report.seconds = time.monotonic() - started
     log.info("replicate: compaction deleted %d of %d packs, wrote %d snapshots in %d packs, joined %d packs into %d",
              report.deleted_packs, report.packs, report.snapshots, len(report.written), report.rolled_packs,
