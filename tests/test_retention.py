@@ -261,9 +261,11 @@ def test_metadata_snapshots_outside_the_window_go_but_the_base_one(tmp_path: os.
 
 def test_a_dropped_tenant_past_its_window_is_not_restored_from_a_pack_kept_for_another(world: World) -> None:
     """The first captures of two tenants (snapshots) share a pack; one is dropped. Past the window the pack
-    stays (the other's snapshot is its base), but nothing of the dropped one is restored from it; the pack
-    that holds only the drop's record goes (nothing it ends is restorable any more)."""
-    world.write("user:1")
+    stays (the other's snapshot is its base, and most of the pack: it is not copied), but nothing of the
+    dropped one is restored from it; the pack that holds only the drop's record goes (nothing it ends is
+    restorable any more)."""
+    for _ in range(12):
+        world.write("user:1")
     world.write("user:gone")
     world.replication.run_round()
     world.router.drop("user:gone")
@@ -271,6 +273,9 @@ def test_a_dropped_tenant_past_its_window_is_not_restored_from_a_pack_kept_for_a
     store, target = world.router._store, world.target
     packs = [name for name, _size in replica_read.list_packs(target)]
     assert len(packs) == 2  # the second holds the drop record alone
+    sizes = {e.key: e.length for e in replica_read.read_header(target, packs[0], dict(
+        replica_read.list_packs(target))[packs[0]]).header.entries}
+    assert sizes["user:1"] > sizes["user:gone"]
     now = time.time_ns() + 8 * DAY
     report = replica_retention.compact(store, target, now_ns=now)
     assert report.deleted_packs == 1 and report.snapshots == 0

@@ -259,3 +259,28 @@ def test_a_drop_record_stays_while_packs_the_plan_does_not_see_may_hold_its_tena
     told = rt.plan(seen, lambda _key: 250, live=set(), packs=["p0", "p1"], drops=old_drop,
                    recent={"a:1"}.__contains__)
     assert "p0" in told.keep
+
+
+def test_a_base_is_copied_out_of_a_pack_that_would_otherwise_go_but_a_pack_of_bases_stays() -> None:
+    """An idle tenant's base snapshot in a pack whose other captures all go (a rollup part, a busy pack): the
+    snapshot is copied into the compaction's snapshots and the pack goes, when the base is at most half of it.
+    A pack of bases alone (a compaction pack) stays as it is: no copy at every compaction."""
+    idle = _entry("a:1", "i", 1, "snapshot", "00000000000000aa", 0, 3, [(3, 100)], 101)
+    busy = _entry("a:2", "j", 1, "snapshot", "00000000000000bb", 0, 1, [(1, 100)], 102)
+    busy_frames = [_entry("a:2", "j", 1, "frames", "00000000000000bb", 2 + 4 * n, 5 + 4 * n, [(5 + 4 * n, 110 + n)],
+                          111 + n) for n in range(3)]
+    later = _entry("a:2", "j", 1, "frames", "00000000000000bb", 14, 14, [(14, 400)], 401)
+    located = [rt.Located("part", timeline.Capture((101, 0, 0), idle, b"")),
+               rt.Located("part", timeline.Capture((102, 0, 1), busy, b""))]
+    located += [rt.Located("part", timeline.Capture((111 + n, 0, 2 + n), e, b"")) for n, e in enumerate(busy_frames)]
+    located.append(rt.Located("p9", timeline.Capture((401, 9, 0), later, b"")))
+    result = rt.plan(located, lambda _key: 300, live={"a:1", "a:2"})
+    assert result.delete == ["part"] and result.keep == ["p9"]
+    assert sorted(s.key for s in result.snapshots) == ["a:1", "a:2"]
+    [copied] = [s for s in result.snapshots if s.key == "a:1"]
+    assert [i.capture.entry for i in copied.through] == [idle]  # the base itself, copied
+    # the compacted replica: a pack of the two bases and p9; the next plan leaves it alone
+    after = [rt.Located("compact", rt.snapshot_capture(snap, n)) for n, snap in enumerate(result.snapshots)]
+    after.append(located[-1])
+    again = rt.plan(after, lambda _key: 350, live={"a:1", "a:2"})
+    assert (again.snapshots, again.delete) == ([], [])

@@ -8,10 +8,11 @@ any compaction; earlier times are refused.
 
 **Compaction plan** (:func:`plan`, entries only: no bytes). For each tenant, the history
 :func:`shardlite.core.timeline.image_at` would replay at the retention start keeps a *base*: the image at the
-end of the last capture that ends at or before the start (a new snapshot, written by the compaction, unless
-that capture is a snapshot already); every capture after it is kept, and so is every history that starts
-after the retention start. A pack is deleted when none of its entries is kept. Then the plan checks itself:
-for every tenant, at the retention start and at every history start and commit after it, the commit a
+end of the last capture that ends at or before the start (a new snapshot, written by the compaction, unless that
+capture is a snapshot already: then it stays where it is, or is copied when its pack would go otherwise and it
+is at most half of that pack, see :func:`_carry`); every capture after it is kept, and so is every history that
+starts after the retention start. A pack is deleted when none of its entries is kept. Then the plan checks
+itself: for every tenant, at the retention start and at every history start and commit after it, the commit a
 restore reaches after the compaction must be the one it reached before; a tenant that fails keeps all its
 captures and gets no snapshot (its packs stay), until nothing fails.
 
@@ -243,6 +244,23 @@ def _with_drops(kept: set[str], by_key: dict[str, list[Located]], through: dict[
         kept = kept | extra
 
 
+def _carry(carry: dict[str, Located], deletable: set[str], held: dict[str, int], needed: dict[str, set[str]],
+           through: dict[str, list[Located]]) -> None:
+    """Decide, for each base that is a snapshot already, whether its pack stays for it or it is copied into the
+    compaction's snapshots so that the pack can go: copied when nothing else keeps the pack and the bases it
+    would keep are at most half of its bytes (a rollup part or a busy pack kept for an idle tenant's base goes;
+    a compaction pack of bases stays, rather than be copied again at every compaction)."""
+    carried: dict[str, int] = {}
+    for item in carry.values():
+        carried[item.pack] = carried.get(item.pack, 0) + item.capture.entry.length
+    for key, item in carry.items():
+        if item.pack in deletable and 2 * carried[item.pack] <= held[item.pack]:
+            through[key] = [item]
+        else:
+            needed[key] |= {item.pack}
+    carry.clear()
+
+
 def _never(_key: str) -> bool:
     return False
 
@@ -277,6 +295,7 @@ def plan(located: Iterable[Located], start_of: Callable[[str], int], *, live: It
         for item in items:
             where[id(item.capture)] = item.pack
     needed: dict[str, set[str]] = {}  # key -> packs it keeps
+    carry: dict[str, Located] = {}  # key -> its base, a snapshot already (kept where it is, or copied)
     through: dict[str, list[Located]] = {}  # key -> base..end captures a new snapshot stands for
     starts: dict[str, int] = {}
     expired: list[str] = []
@@ -312,16 +331,23 @@ def plan(located: Iterable[Located], start_of: Callable[[str], int], *, live: It
             end = group[whole].entry
             same = [c for c in group[base:whole + 1]
                     if c.entry.kind == "snapshot" and (c.entry.salt, c.entry.last) == (end.salt, end.last)]
-            if same:
-                keep.append(same[-1])  # a snapshot of the base position exists (an earlier compaction's)
+            if same:  # a snapshot of the base position exists (an earlier compaction's): kept, or carried
+                carry[key] = Located(where[id(same[-1])], same[-1])
             else:
                 through[key] = [Located(where[id(c)], c) for c in group[base:whole + 1]]
         needed[key] = {where[id(c)] for c in keep}
+    held: dict[str, int] = {}
+    for items in by_key.values():
+        for item in items:
+            held[item.pack] = held.get(item.pack, 0) + item.capture.entry.length
     pinned: set[str] = set()
     while True:
         kept = _with_drops(set().union(*needed.values()) if needed else set(), by_key, through, drop_list, expired,
                            recent)
         deletable = all_packs - kept
+        if carry:
+            _carry(carry, deletable, held, needed, through)
+            continue
         for key in list(through):
             if not any(item.pack in deletable for item in through[key]):
                 needed[key] |= {item.pack for item in through.pop(key)}  # nothing of it goes: no snapshot

@@ -3,8 +3,9 @@ reading them, and writing and checking the parts and the run's marker.
 
 A run is chosen per node folder among the packs readers see, in sequence order: numbered packs whose replicator
 recorded them as shipped (final: never uploaded again), whose newest capture and drop record are older than
-:data:`ROLLUP_AFTER_NS`, each at most :data:`RUN_BYTES`. A pack that does not qualify ends the run (a run's range
-must hold nothing else that readers see); a pack the compaction's plan deletes is left out without ending it.
+:data:`ROLLUP_AFTER_NS`, each at most :data:`RUN_BYTES`, all within one :data:`SPAN_NS` of the clock. A pack that
+does not qualify ends the run (a run's range must hold nothing else that readers see); a pack the compaction's
+plan deletes is left out without ending it.
 A run holds at most :data:`RUN_BYTES` of packs and at least :data:`MIN_RUN` of them, and one compaction reads at
 most :data:`BUDGET_BYTES` for its rollups: a backlog (a replica older than rollups) is joined over several.
 
@@ -24,10 +25,14 @@ from ..replica.target import ReplicaTarget
 from . import replica_index
 from .compact_scan import Summary
 
-__all__ = ["Run", "Rolled", "choose", "roll", "ROLLUP_AFTER_NS", "RUN_BYTES", "BUDGET_BYTES", "MIN_RUN"]
+__all__ = ["Run", "Rolled", "choose", "roll", "ROLLUP_AFTER_NS", "SPAN_NS", "RUN_BYTES", "BUDGET_BYTES", "MIN_RUN"]
 
 #: Packs are joined once everything in them is this old (ns): an hour.
 ROLLUP_AFTER_NS = 3600 * 10**9
+#: A run's packs lie within one span of this many ns (by their newest times: an hour of the clock), so that a part
+#: is never much wider than that: a compaction's plan reads a part once everything in it is older than the latest
+#: retention start, so what the part holds is kept up to that much past its window.
+SPAN_NS = 3600 * 10**9
 #: Bytes of packs read for one run (held in memory with its parts).
 RUN_BYTES = 128 * 1024 * 1024
 #: Bytes of packs one compaction reads for its rollups.
@@ -57,7 +62,7 @@ def choose(packs: list[tuple[str, int]], summaries: dict[str, Summary], *, final
     runs: list[Run] = []
     budget = BUDGET_BYTES
     current: Run | None = None
-    size = 0
+    size = span = 0
 
     def close() -> None:
         nonlocal current, size, budget
@@ -80,12 +85,12 @@ def choose(packs: list[tuple[str, int]], summaries: dict[str, Summary], *, final
                 or pack_size > RUN_BYTES):
             close()
             continue
-        if current is not None and size + pack_size > min(RUN_BYTES, budget):
+        if current is not None and (size + pack_size > min(RUN_BYTES, budget) or summary.newest_ns // SPAN_NS != span):
             close()
         if pack_size > budget:
             break
         if current is None:
-            current = Run(folder, seq[1], seq[1], [])
+            current, span = Run(folder, seq[1], seq[1], []), summary.newest_ns // SPAN_NS
         current.packs.append((name, pack_size))
         current.last = seq[1]
         size += pack_size
