@@ -142,3 +142,18 @@ class CountingTarget:
     def get_range(self, name: str, start: int, length: int) -> bytes:
         self.headers += start == 0 and name.startswith("v1/packs/")
         return self.target.get_range(name, start, length)
+
+
+def copy_replicated(first: pathlib.Path, case: pathlib.Path) -> str:
+    """A copy at ``case`` of a root ``first/root`` replicating to ``file://first/replica`` (for kill -9 tests
+    that start each kill from the same state), its recorded replica location moved to the copy's: its URL."""
+    import shutil
+
+    import shardlite
+    from shardlite.meta.replica_record import REPLICATE_NAME
+
+    shutil.copytree(first, case)
+    url = "file://" + str(case / "replica")
+    with shardlite.Router(case / "root", create=False) as router:
+        router._store.meta.kv.put(REPLICATE_NAME, url)
+    return url

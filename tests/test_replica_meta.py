@@ -6,7 +6,6 @@ deltas and an erase's deltas go; PostgreSQL metadata is snapshots only."""
 from __future__ import annotations
 
 import logging
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,12 +17,11 @@ from pathlib import Path
 import pytest
 from helpers_cli import run_script
 from helpers_procs import child_env
-from helpers_s3 import TargetFactory, crashing_target_code
+from helpers_s3 import TargetFactory, copy_replicated, crashing_target_code
 
 import shardlite
 from shardlite.core import metadelta, metasnap
 from shardlite.errors import ConfigurationError, ReplicaUnavailable
-from shardlite.meta.replica_record import REPLICATE_NAME
 from shardlite.replica.target import ReplicaTarget, open_target
 from shardlite.services import replica_meta, replica_meta_read
 from shardlite.services import replication as replication_module
@@ -394,10 +392,7 @@ def test_kill_9_after_each_write_of_an_erase_keeps_every_account(tmp_path: Path)
         assert (run.meta.snapshots, run.meta.deltas) == (1, 2)
     for kill_after in range(1, 30):
         case = tmp_path / f"kill-{kill_after}"
-        shutil.copytree(first, case)
-        case_url = "file://" + str(case / "replica")
-        with shardlite.Router(case / "root", create=False) as router:  # the copy's recorded location moves
-            router._store.meta.kv.put(REPLICATE_NAME, case_url)
+        case_url = copy_replicated(first, case)
         ran = subprocess.run([sys.executable, "-c", _ERASE_KILLED, str(case / "root"), case_url, str(kill_after)],
                              capture_output=True, text=True, env=child_env(), timeout=300)
         target = open_target(case_url)

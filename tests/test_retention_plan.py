@@ -91,6 +91,23 @@ def _points(located: list[rt.Located], key: str, times: list[int]) -> list[timel
     return [timeline.point_at(caps, t) for t in times]
 
 
+def _restores_unchanged(before: list[rt.Located], after: list[rt.Located], keys: set[str], starts: dict[str, int],
+                        live: set[str], now: int) -> None:
+    """Restores of each of ``keys`` at its retention start and at every commit after it reach the same commit
+    from ``after`` as from ``before`` (but for a key dropped and expired: nothing is promised)."""
+    for key in keys:
+        caps = [item.capture for item in before if item.capture.entry.key == key]
+        if not caps or (key not in live and max(c.entry.captured_ns for c in caps) < starts[key]):
+            continue
+        times = sorted({starts[key]} | {t for c in caps for _f, t in c.entry.commits if t >= starts[key]}
+                       | {now + 10})
+        try:
+            expected = _points(before, key, times)
+        except timeline.TimelineError:
+            continue
+        assert _points(after, key, times) == expected, key
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(replicas(), st.integers(0, 100), st.data())
 def test_restores_inside_the_window_reach_the_same_commits(replica: tuple[list[rt.Located], int], back: int,
@@ -108,19 +125,7 @@ def test_restores_inside_the_window_reach_the_same_commits(replica: tuple[list[r
     for snap in result.snapshots:
         assert snap.key not in erased
         assert snap.through[0].capture.entry.kind == "snapshot"
-    for key in KEYS:
-        caps = [item.capture for item in located if item.capture.entry.key == key]
-        if not caps or key in erased:
-            continue
-        if key not in live and max(c.entry.captured_ns for c in caps) < starts[key]:
-            continue  # dropped and expired: nothing is promised
-        times = sorted({starts[key]} | {t for c in caps for _f, t in c.entry.commits if t >= starts[key]}
-                       | {now + 10})
-        try:
-            expected = _points(located, key, times)
-        except timeline.TimelineError:
-            continue
-        assert _points(after, key, times) == expected, key
+    _restores_unchanged(located, after, set(KEYS) - erased, starts, live, now)
     # a second compaction over the compacted replica: no new snapshot, restores unchanged
     again = rt.plan(after, starts.__getitem__, live=live, erased=erased)
     assert again.snapshots == []
@@ -213,18 +218,7 @@ def test_a_plan_over_the_old_packs_only_keeps_what_the_whole_plan_keeps(replica:
     if not whole.pinned:
         assert set(part.delete) <= set(whole.delete)
     assert set(part.expired) <= set(whole.expired)
-    after = _after(located, part)
-    for key in set(KEYS) - erased:
-        caps = [item.capture for item in located if item.capture.entry.key == key]
-        if not caps or (key not in live and max(c.entry.captured_ns for c in caps) < starts[key]):
-            continue
-        times = sorted({starts[key]} | {t for c in caps for _f, t in c.entry.commits if t >= starts[key]}
-                       | {now + 10})
-        try:
-            expected = _points(located, key, times)
-        except timeline.TimelineError:
-            continue
-        assert _points(after, key, times) == expected, key
+    _restores_unchanged(located, _after(located, part), set(KEYS) - erased, starts, live, now)
 
 
 def _drop_world() -> tuple[list[rt.Located], list[rt.LocatedDrop]]:

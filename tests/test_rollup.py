@@ -15,12 +15,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from helpers_s3 import CountingTarget, TargetFactory, crashing_target_code
+from helpers_s3 import CountingTarget, TargetFactory, copy_replicated, crashing_target_code
 from test_retention import KEYS, World, _holding, _rows
 
 import shardlite
 from shardlite.core import keyindex, rollup
-from shardlite.meta.replica_record import REPLICATE_NAME
 from shardlite.replica.target import ReplicaTarget, open_target
 from shardlite.services import replica_read, replica_retention
 
@@ -111,10 +110,7 @@ def test_a_compaction_killed_after_each_write_leaves_every_capture_read_once(tmp
     kills = 0
     for kill_after in range(1, 40):
         case = tmp_path / f"kill-{kill_after}"
-        shutil.copytree(first, case)
-        case_url = "file://" + str(case / "replica")
-        with shardlite.Router(case / "root", create=False) as router:  # the copy's recorded location moves
-            router._store.meta.kv.put(REPLICATE_NAME, case_url)
+        case_url = copy_replicated(first, case)
         ran = subprocess.run([sys.executable, "-c", _COMPACT_KILLED, str(case / "root"), case_url, str(kill_after),
                               str(now)], capture_output=True, timeout=120, env=os.environ.copy())
         assert ran.returncode in (-9, 0), ran.stderr.decode()[-2000:]

@@ -74,8 +74,9 @@ def cmd_compact(args: argparse.Namespace) -> int:
         return 0
     echo(f"compacted {literal(store.replicate)} at {format_time(report.compacted_ns)}: deleted {report.deleted_packs} "
          f"of {report.packs} packs ({report.deleted_bytes} bytes), wrote {report.snapshots} base snapshots "
-         f"({report.snapshot_bytes} bytes) in {len(report.written)} packs, deleted {report.meta_deleted} metadata "
-         f"snapshots ({report.seconds:.2f} s)")
+         f"({report.snapshot_bytes} bytes) in {len(report.written)} packs, joined {report.rolled_packs} packs older "
+         f"than an hour into {len(report.rollup_parts)}, deleted {report.meta_deleted} metadata snapshots "
+         f"({report.seconds:.2f} s)")
     if report.pinned:
         echo(f"kept whole (their history could not be compacted): {', '.join(literal(k) for k in report.pinned)}")
     return 0
@@ -94,5 +95,6 @@ def register(actions: argparse._SubParsersAction) -> None:  # type: ignore[type-
     ret.set_defaults(func=cmd_retention)
     comp = actions.add_parser(
         "compact", help="compact the replica now: base snapshots at each tenant's window start, older packs "
-                        "and metadata snapshots deleted (a replicator does it every hour)")
+                        "and metadata snapshots deleted, packs older than an hour joined into a few larger "
+                        "ones (a replicator does it every hour)")
     comp.set_defaults(func=cmd_compact)
