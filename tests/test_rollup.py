@@ -133,3 +133,21 @@ def test_a_compaction_killed_after_each_write_leaves_every_capture_read_once(tmp
             _once(target, key)
         shutil.rmtree(case)
     assert kills >= 6  # parts, the marker, horizon, index, the deletes: each write was a kill point
+
+
+def test_a_rollup_leaves_out_what_an_erase_tombstone_names(tmp_path: Path, make_replica_target: TargetFactory) -> None:
+    """Captures of an incarnation with an erase tombstone (an erase's in-flight captures, shipped after it) are
+    not carried into the parts."""
+    world = World(str(tmp_path / "root"), make_replica_target.url(), make_replica_target(), seed=9)
+    try:
+        world.history(8)
+        store, target = world.router._store, world.target
+        [incarnation] = {c.entry.incarnation for c in replica_read.captures_of(target, ["user:1"])["user:1"]}
+        target.put(replica_read.tombstone_name(incarnation), b"")
+        report = replica_retention.compact(store, target, now_ns=time.time_ns() + 2 * HOUR)
+        assert report.rolled_packs and report.rollup_parts
+        held = {e.incarnation for name, size in replica_read.list_packs(target)
+                for e in replica_read.read_header(target, name, size).header.entries}
+        assert incarnation not in held and held
+    finally:
+        world.close()

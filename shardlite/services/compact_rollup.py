@@ -104,8 +104,9 @@ def _read(target: ReplicaTarget, name: str) -> tuple[pack.Header, list[tuple[pac
     return header, [(entry, pack.entry_bytes(blob, payload_at, entry)) for entry in header.entries]
 
 
-def roll(target: ReplicaTarget, run: Run, created_ns: int) -> Rolled:
-    """Join ``run``: read its packs, write its parts and check them, then its marker. Raises
+def roll(target: ReplicaTarget, run: Run, created_ns: int, erased: Callable[[str], bool]) -> Rolled:
+    """Join ``run``: read its packs, write its parts and check them, then its marker. Captures and drop records
+    of an incarnation ``erased`` says has an erase tombstone are left out (readers ignore them anyway). Raises
     :class:`~shardlite.core.pack.PackError` for a pack that is not valid (nothing of the run written then)."""
     pool = replica_index.readers()
     read = [pool.submit(_read, target, name) for name, _size in run.packs]
@@ -115,8 +116,8 @@ def roll(target: ReplicaTarget, run: Run, created_ns: int) -> Rolled:
     for future in read:
         header, items = future.result()
         node = header.node
-        captures.extend(items)
-        drops.extend(header.drops)
+        captures.extend(item for item in items if not erased(item[0].incarnation))
+        drops.extend(drop for drop in header.drops if not erased(drop.incarnation))
     if len(drops) > pack.MAX_DROPS:
         raise ReplicaError(f"a run of {len(run.packs)} packs holds more than {pack.MAX_DROPS} drop records")
     joined = rollup.coalesce(captures)

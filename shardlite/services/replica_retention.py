@@ -303,7 +303,8 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
     report.snapshot_bytes = sum(len(image) for _node, _entry, image in built)
     runs = compact_rollup.choose(listed, scanned.summaries, final=lambda name: _final(name, shipped), now_ns=now,
                                  deleting=set(planned.delete))
-    rolled = [compact_rollup.roll(target, run, now) for run in runs]
+    rolled = [compact_rollup.roll(target, run, now, lambda inc: bool(tombstones) and is_erased(tombstones, inc))
+              for run in runs]
     joined = {name for done in rolled for name, _size in done.run.packs}
     report.rolled_packs = len(joined)
     report.rollup_parts = [name for done in rolled for name, _size, _keys in done.parts]
