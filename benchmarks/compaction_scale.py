@@ -148,9 +148,6 @@ def main() -> None:
             _now(store, target, node, args.packs)
         print(f"{args.packs:,} packs written in {time.perf_counter() - began:.0f} s", flush=True)
         if args.span_hours:
-            began = time.perf_counter()
-            replica_read.captures_of(target, ["t:1"])
-            print(f"one-tenant read of t:1 before compacting: {time.perf_counter() - began:.2f} s", flush=True)
             runs = [("backlog", 0)] * 8 + [("an hour later", 3600 * 10**9), ("again", 3600 * 10**9)]
         else:
             runs = [("cold cache", 0), ("warm cache", 0)]

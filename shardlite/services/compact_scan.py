@@ -1,13 +1,14 @@
 """What a compaction reads of a replica: a summary of every pack, and the headers of only the packs it plans over.
 
-A replica holds every pack of the retention window (one per node per upload interval: about 7,200 an hour for a
-busy node, 1.2 million over 7 days). A compaction that decoded every header each hour would hold the whole
-window in memory and spend minutes of CPU on it. But it can only delete, or snapshot, what is older than the
-latest retention start (``now`` minus the shortest window): a pack holding a capture or a drop record newer than
-that is kept whatever the plan says. So a compaction plans over the *old* packs only: those whose newest capture
-and drop record are at or before that cutoff, and every compaction pack (they hold earlier compactions' base
-snapshots, whose times are old). Of the others it needs only what :func:`shardlite.core.retention.plan` asks of
-packs it does not see, the keys that may be in them (``recent``), and the key index their keys.
+A replica holds every pack of the retention window (one per node per upload interval: about 7,200 an hour for a busy
+node, 1.2 million over 7 days). A compaction that decoded every header each hour would hold the whole window in
+memory and spend minutes of CPU on it. But it can only delete, or snapshot, what is older than the latest retention
+start (``now`` minus the shortest window): a pack holding a capture or a drop record newer than that is kept
+whatever the plan says. So a compaction plans over the *old* packs only: those whose newest capture and drop record
+are at or before that cutoff (a compaction pack holds base snapshots, which carry the times of the captures they
+stand for: old ones; a rollup part, its run's). Of the others it needs only what
+:func:`shardlite.core.retention.plan` asks of packs it does not see, the keys that may be in them (``recent``), and
+the key index their keys.
 
 That is a :class:`Summary` per pack: the newest time in it and the 64-bit digests
 (:func:`shardlite.core.keyindex.digest`) of the keys of its entries and of its drop records. Summaries of final

@@ -4,7 +4,7 @@ every :data:`COMPACT_EVERY` seconds).
 A compaction, in this order (each step safe to repeat: a kill -9 at any point, then a rerun, is fine):
 
 1. **Read** a summary of every pack and the headers (validated whole) of the packs older than the latest
-   retention start and of the compaction packs: only those can go (:mod:`shardlite.services.compact_scan`,
+   retention start: only those can go (:mod:`shardlite.services.compact_scan`,
    through the root's header cache), the root's windows (:mod:`shardlite.meta.replica_record`), the live
    catalog, and the erase tombstones (:func:`erased_incarnations`).
 2. **Plan** (:func:`shardlite.core.retention.plan`, over those headers, told which keys the other packs may
@@ -263,13 +263,12 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
     # recorded as shipped before the listing: a pack above it may still be uploaded again, so it is not cached
     shipped = replica_index.part_coverage(store, [name for name, _size in listed])
     # only what is older than every retention start can be deleted or snapshotted: the plan reads the headers
-    # of those packs (and of the compaction packs) only (compact_scan)
+    # of those packs only (compact_scan)
     cutoff = now - windows.shortest()
     cache = HeaderCache(os.path.join(store.root, STAGING_DIR))
     try:
         scanned = compact_scan.scan(target, listed, cache, final=lambda name: _final(name, shipped),
-                                    planned=lambda name, summary: keyindex.pack_seq(name) is None
-                                    or summary.newest_ns <= cutoff)
+                                    planned=lambda _name, summary: summary.newest_ns <= cutoff)
     finally:
         cache.close()
     infos = scanned.planned
