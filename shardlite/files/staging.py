@@ -47,6 +47,7 @@ from typing import Any, NamedTuple, cast
 import apsw
 
 from ..core import walformat as wf
+from ..core.keyindex import pack_seq
 from ..errors import Busy
 from .engine import ensure_private_dir
 from .walcapture import NO_CURSOR, Capture, Cursor
@@ -475,7 +476,11 @@ class Staging:
             assert top is not None
             gone = 0
             for name in names:
-                self.conn.execute("DELETE FROM packs WHERE name = ? AND seq < ?", (name, int(top[0])))
+                numbered = pack_seq(name)  # a row is found by its sequence number (the key), not by a scan
+                if numbered is None:
+                    continue  # a compaction pack: never a row here
+                self.conn.execute("DELETE FROM packs WHERE seq = ? AND name = ? AND seq < ?",
+                                  (numbered[1], name, int(top[0])))
                 gone += self.conn.changes()
         return gone
 
