@@ -13,10 +13,10 @@ of packs read them as they are). In a part:
   continuing the last) are one entry: its frames, and every commit with its time, so every point a restore
   could reach before is still there (:func:`coalesce`; at most :data:`MAX_COMMITS` commits and
   :data:`MAX_ENTRY_BYTES` bytes an entry, so no header grows without bound);
-* entries are ordered by key digest and cut into parts of at most :data:`PART_HEADER` header bytes and
+* entries are ordered by key digest and cut into parts of about :data:`PART_HEADER` header bytes and at most
   :data:`PART_BYTES` payload bytes (:func:`split`), so one tenant's captures of a run lie in one or two parts
   and a one-tenant restore reads only those headers;
-* the drop records of the run are in part 0 (:func:`split` is given them).
+* the drop records of the run are in part 0.
 
 A run's parts become visible together: after the last part, the compaction writes the run's **marker**
 ``v1/packs/<node folder>/compact-<created>-<first>-<last>.done`` (empty). A marked run *supersedes* the numbered
@@ -42,12 +42,13 @@ from . import keyindex, pack
 __all__ = ["RunName", "Listing", "parse", "part_name", "marker_name", "sort_out", "coalesce", "split",
            "MAX_COMMITS", "MAX_ENTRY_BYTES", "PART_HEADER", "PART_BYTES"]
 
-#: The most commits one joined entry lists (about 60 KB of header).
-MAX_COMMITS = 2048
+#: The most commits one joined entry lists (about 40 KB of header).
+MAX_COMMITS = 1024
 #: The most bytes of frames one joined entry holds.
 MAX_ENTRY_BYTES = 16 * 1024 * 1024
-#: A part's header is cut near this many bytes (a restore of one tenant reads the whole header of its parts).
-PART_HEADER = 256 * 1024
+#: A part's header is cut near this many bytes: a restore of one tenant reads the whole header of each part
+#: holding it, and one ranged GET of 64 KiB (``replica_read.FIRST_READ``) reads one this size whole.
+PART_HEADER = 48 * 1024
 #: A part's payload is cut near this many bytes.
 PART_BYTES = 64 * 1024 * 1024
 
