@@ -276,10 +276,10 @@ def plan(located: Iterable[Located], start_of: Callable[[str], int], *, live: It
     latest retention start, see :mod:`shardlite.services.compact_scan`) provided every pack it does not see
     is kept, and ``recent(key)`` is true for every key that may have a capture or a drop record in one of
     them: such a key is never expired, its drop records stay, and of its histories only the one a restore at
-    its retention start replays loses captures (those before its base). So a partial plan keeps at least what
-    the whole plan would: the captures it does not see are kept, and its base is at or before the whole
-    plan's (a capture it does not see ends after the ones it sees, or belongs to a history that starts after
-    them: a key's files follow each other in time)."""
+    its retention start replays loses captures (those before its base). So a partial plan changes nothing a
+    restore from the retention start on reaches: the captures it does not see are kept, and a restore replays
+    from the last snapshot at or before its time (Hypothesis, ``tests/test_retention_plan.py``, compares a
+    plan over the old packs with one over every pack: it deletes no pack the whole plan keeps)."""
     live_set, erased_set = set(live), set(erased)
     drop_list = [drop for drop in drops if drop.key not in erased_set]
     dropped_at: dict[str, int] = {}
