@@ -3,6 +3,8 @@ every :data:`COMPACT_EVERY` seconds).
 
 A compaction, in this order (each step safe to repeat: a kill -9 at any point, then a rerun, is fine):
 
+0. **Clear** what readers ignore (:func:`shardlite.core.rollup.sort_out`): parts of rollup runs a killed
+   compaction left without a marker, numbered packs a marked run superseded, markers of runs with nothing left.
 1. **Read** a summary of every pack and the headers (validated whole) of the packs older than the latest
    retention start: only those can go (:mod:`shardlite.services.compact_scan`,
    through the root's header cache), the root's windows (:mod:`shardlite.meta.replica_record`), the live
@@ -17,16 +19,20 @@ A compaction, in this order (each step safe to repeat: a kill -9 at any point, t
    time), then **verify** them: each is read back whole and every entry checked against its digest. Nothing has
    been deleted yet, so a crash here leaves extra snapshots of positions the history already holds, which
    restores skip (:func:`shardlite.core.timeline.plan_replay`) and the next compaction plans around.
-4. The tombstones are listed again: an erase that ran meanwhile makes this compaction delete the packs it just
-   wrote and stop (run it again), so a snapshot never brings back an erased history.
+3b. **Join** each node's packs older than an hour into rollup parts, each read back and compared, then each
+   run's marker (:mod:`shardlite.services.compact_rollup`): from the marker on, readers read the parts and
+   ignore the packs joined.
+4. The tombstones are listed again: an erase that ran meanwhile makes this compaction delete the packs and parts
+   it just wrote (markers first) and stop (run it again), so a snapshot never brings back an erased history.
 5. **Horizon and index** (:mod:`shardlite.services.replica_index`): the windows and the compaction's time (a
    restore before a tenant's window is refused from now on), then the base key index of the packs that stay
    (a restore that read the previous one and meets a pack deleted below reads every header instead).
-6. **Delete** the planned packs, older key indexes (bases, their segments), and metadata snapshots outside the
+6. **Delete** the packs the rollups joined (first: a part never goes while a pack its run superseded is left),
+   the planned packs, older key indexes (bases, their segments), and metadata snapshots outside the
    longest window (the newest at or before its start stays: a whole-root restore at the window's start needs
    it), with the metadata deltas made against the snapshots deleted
    (:func:`shardlite.services.replica_meta_read.prune`).
-7. **Prune** every node staging's pack list of the deleted packs (:meth:`Staging.forget_packs`).
+7. **Prune** every node staging's pack list of the deleted and joined packs (:meth:`Staging.forget_packs`).
 
 One compaction at a time per root: ``<root>/.replica/compact.lock`` (``flock``). Between compactions the
 replicator writes a key index segment every :data:`~shardlite.services.replica_index.SEGMENT_EVERY` seconds
