@@ -226,7 +226,9 @@ CTRL_C_TEST = """
 import os, pathlib, signal
 
 def test_waits_for_ctrl_c(pg_server, pg_dsn):
-    pathlib.Path(os.environ["REPORT"]).write_text(pg_server.datadir)
+    report = pathlib.Path(os.environ["REPORT"])
+    report.with_suffix(".tmp").write_text(pg_server.datadir)
+    report.with_suffix(".tmp").replace(report)  # whole when it appears: the outer test reads it at once
     signal.pause()  # until the SIGINT
 """
 

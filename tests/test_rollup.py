@@ -14,14 +14,15 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from helpers_s3 import CountingTarget, TargetFactory, copy_replicated, crashing_target_code
 from test_retention import KEYS, World, _holding, _rows
 
 import shardlite
-from shardlite.core import keyindex, rollup
+from shardlite.core import keyindex, pack, rollup, timeline
 from shardlite.replica.target import ReplicaTarget, open_target
-from shardlite.services import replica_read, replica_retention
+from shardlite.services import compact_rollup, compact_scan, replica_index, replica_read, replica_retention
 
 HOUR = 3600 * 10**9
 
@@ -149,5 +150,130 @@ def test_a_rollup_leaves_out_what_an_erase_tombstone_names(tmp_path: Path, make_
         held = {e.incarnation for name, size in replica_read.list_packs(target)
                 for e in replica_read.read_header(target, name, size).header.entries}
         assert incarnation not in held and held
+    finally:
+        world.close()
+
+
+def _summary(newest: int, drops: int = 0) -> compact_scan.Summary:
+    return compact_scan.Summary(newest, b"", b"".join(n.to_bytes(8, "big") for n in range(drops)))
+
+
+def test_a_run_ends_at_a_pack_the_plan_deletes_and_at_too_many_drop_records() -> None:
+    """A run's marker hides every numbered pack of its range at once, so a pack the plan deletes ends the run
+    (a restore may still need what that pack's neighbours hold); and a run holds at most half of MAX_DROPS drop
+    records (more would make its first part invalid, and every later compaction fail on it)."""
+    old = time.time_ns() - 3 * HOUR
+    names = [(f"v1/packs/n1/{seq:020d}.pack", 100) for seq in range(1, 9)]
+    summaries = {name: _summary(old) for name, _ in names}
+    runs = compact_rollup.choose(names, summaries, final=lambda _n: True, now_ns=time.time_ns(),
+                                 deleting={names[3][0]})
+    assert [(r.first, r.last, len(r.packs)) for r in runs] == [(1, 3, 3), (5, 8, 4)]
+    heavy = {name: _summary(old, pack.MAX_DROPS // 5) for name, _ in names}
+    runs = compact_rollup.choose(names, heavy, final=lambda _n: True, now_ns=time.time_ns(), deleting=set())
+    assert [(r.first, r.last) for r in runs] == [(1, 2), (3, 4), (5, 6), (7, 8)]
+
+
+def test_drop_records_past_max_drops_are_spread_over_parts(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setattr(pack, "MAX_DROPS", 4)
+    target = open_target("file://" + str(tmp_path / "replica"))
+    names = []
+    for seq in (1, 2, 3):
+        drops = [pack.Drop(f"user:{seq}-{n}", "i" * 32, 1, 1000 + n) for n in range(3)]
+        names.append((f"v1/packs/n1/{seq:020d}.pack", len(blob := pack.encode("n1", seq, 1000, [], drops))))
+        target.put(names[-1][0], blob)
+    done = compact_rollup.roll(target, compact_rollup.Run("v1/packs/n1/", 1, 3, names), 5000, lambda _inc: False)
+    assert len(done.parts) == 3  # 9 drop records, 4 a part, no captures
+    held = sorted(d.key for name, size, _keys in done.parts
+                  for d in replica_read.read_header(target, name, size).header.drops)
+    assert held == sorted(f"user:{seq}-{n}" for seq in (1, 2, 3) for n in range(3))
+    assert [name for name, _ in replica_read.list_packs(target)] == [name for name, _s, _k in done.parts]
+
+
+def test_a_snapshot_sorted_before_the_capture_it_ends_does_not_hide_that_capture_s_commits() -> None:
+    """A compaction's base snapshot sorts before the capture whose end it stands for: a restore at a time inside
+    that capture still reaches the commit at or before the time (not the one before the capture)."""
+    salt = "00000000000000aa"
+    first = pack.Entry("a:1", "i", 1, "snapshot", 512, salt, 0, 3, [(3, 100)], 101, 0, 512, "0" * 32)
+    frames = pack.Entry("a:1", "i", 1, "frames", 512, salt, 4, 9, [(5, 200), (7, 280), (9, 300)], 301, 0,
+                        6 * (24 + 512), "0" * 32)
+    base = pack.Entry("a:1", "i", 1, "snapshot", 512, salt, 0, 9, [(9, 300)], 301, 0, 512, "0" * 32)
+    before = [timeline.Capture((101, 1, 0), first, b""), timeline.Capture((301, 2, 0), frames, b"")]
+    after = [*before, timeline.Capture((301, 0, 0), base, b"")]
+    for at in (150, 200, 285, 300, 400):
+        assert timeline.point_at(after, at) == timeline.point_at(before, at), at
+    assert timeline.point_at(after, 285).frame == 7
+
+
+def test_a_restore_reads_the_parts_of_a_node_folder_no_tail_lists(tmp_path: Path) -> None:
+    """A node gone from the catalog, with no key index node marker (a legacy replicator): once its packs are all
+    joined, no tail lists its folder, yet the parts the index names for the key are read (their markers too)."""
+    url = "file://" + str(tmp_path / "replica")
+    world = World(str(tmp_path / "root"), url, open_target(url), seed=3)
+    try:
+        world.history(12)
+        store, target = world.router._store, world.target
+        want = _rows(target, "user:1", time.time_ns())
+        now = time.time_ns() + 2 * HOUR
+        assert replica_retention.compact(store, target, now_ns=now).rollup_parts
+        nodes = store.meta.nodes
+
+        class NoNodes:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(nodes, name)
+
+            def list(self) -> list[Any]:
+                return []
+
+        store.meta.nodes = NoNodes()  # type: ignore[assignment]
+        try:
+            replica_retention.compact(store, target, now_ns=now + 60 * 10**9)
+        finally:
+            store.meta.nodes = nodes  # type: ignore[assignment]
+        target.delete_many([name for name, _ in target.list(replica_index.NODE_PREFIX)])
+        found = replica_index.candidates(target, {"user:1"}, replica_index.readers())
+        assert found is not None and found.packs and all(rollup.parse(name) for name in found.packs)
+        assert _rows(target, "user:1", time.time_ns()) == want
+    finally:
+        world.close()
+
+
+def test_a_restore_that_read_a_base_older_than_a_compaction_reads_the_newer_one(tmp_path: Path) -> None:
+    """A restore that listed the key index before a compaction wrote a new base and deleted a rollup's range of
+    packs (more than a tail block) must not stop its tail at that gap: it notices the newer base and uses it."""
+    url = "file://" + str(tmp_path / "replica")
+    world = World(str(tmp_path / "root"), url, open_target(url), seed=4)
+    try:
+        store, target = world.router._store, world.target
+        world.write("user:1")
+        world.replication.run_round()
+        first = time.time_ns()
+        replica_retention.compact(store, target, now_ns=first)  # a base covering the first pack
+        [(old_base, _size)] = list(target.list(replica_index.BASE_PREFIX))
+        old_bytes = target.get(old_base)
+        for _ in range(3 * replica_index.TAIL_BLOCK):  # more packs than the tail blocks listed at once, joined below
+            world.write("user:2")
+            world.replication.run_round()
+        report = replica_retention.compact(store, target, now_ns=time.time_ns() + 2 * HOUR)
+        assert report.rolled_packs > replica_index.TAIL_BLOCK
+        world.write("user:1")  # a pack past the gap the rollup left
+        world.replication.run_round()
+        want = world.states["user:1"][-1][1]
+        target.put(old_base, old_bytes)  # the base the restore listed first (a listing from before)
+        listings = {"n": 0}
+        real_list = target.list
+
+        def listing(prefix: str = "") -> Any:
+            if prefix == replica_index.KEYINDEX_PREFIX and listings["n"] == 0:
+                listings["n"] += 1
+                return iter([(old_base, len(old_bytes))])
+            return real_list(prefix)
+
+        last = max(name for name, _size in replica_read.list_packs(target) if keyindex.pack_seq(name))
+        target.list = listing  # type: ignore[method-assign]
+        found = replica_index.candidates(target, {"user:1"}, replica_index.readers())
+        assert found is not None and listings["n"] == 1
+        assert last in found.packs  # the pack past the gap, holding the last write
+        listings["n"] = 0
+        assert _rows(target, "user:1", time.time_ns()) == want
     finally:
         world.close()

@@ -135,7 +135,13 @@ def test_names_and_listings() -> None:
         n for n, _ in other]
     assert set(marked.hidden) == {n for n, _ in numbered if 3 <= int(n[-25:-5]) <= 9}
     assert marked.markers == [marker] and marked.spent == []
-    # a part deleted later (a plan, an erase): the run stays marked, its numbered packs stay ignored
-    assert rollup.sort_out([*numbered, (marker, 0)]).hidden == [n for n, _ in numbered if 3 <= int(n[-25:-5]) <= 9]
-    # nothing of the run left: the marker is spent
-    assert rollup.sort_out([numbered[0], (marker, 0)]).spent == [marker]
+    # a part deleted later (a plan, an erase): the run stays marked while another part is left
+    other = rollup.part_name(F, 5, 3, 9, 1)
+    assert rollup.sort_out([*numbered, (other, 5), (marker, 0)]).hidden == [
+        n for n, _ in numbered if 3 <= int(n[-25:-5]) <= 9]
+    # no part of the run left (or a crafted marker, or sequence numbers started again): it hides nothing, and
+    # it is spent
+    alone = rollup.sort_out([*numbered, (marker, 0)])
+    assert alone.packs == numbered and alone.hidden == [] and alone.spent == [marker]
+    crafted = rollup.sort_out([*numbered, (rollup.marker_name(F, 1, 1, 10**19), 0)])
+    assert crafted.packs == numbered and crafted.hidden == []

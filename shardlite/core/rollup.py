@@ -16,7 +16,7 @@ of packs read them as they are). In a part:
 * entries are ordered by key digest and cut into parts of about :data:`PART_HEADER` header bytes and at most
   :data:`PART_BYTES` payload bytes (:func:`split`), so one tenant's captures of a run lie in one or two parts
   and a one-tenant restore reads only those headers;
-* the drop records of the run are in part 0.
+* the drop records of the run are in the first parts, at most :data:`~shardlite.core.pack.MAX_DROPS` a part.
 
 A run's parts become visible together: after the last part, the compaction writes the run's **marker**
 ``v1/packs/<node folder>/compact-<created>-<first>-<last>.done`` (empty). A marked run *supersedes* the numbered
@@ -24,7 +24,9 @@ packs ``first``..``last`` of its folder: every reader ignores them (:func:`sort_
 them. The parts of a run without a marker (a compaction killed while writing them) are ignored by readers and
 deleted by the next compaction. So a kill -9 at any point leaves each capture visible exactly once: in the
 numbered packs until the marker is written, in the parts from then on. A part may later go like any pack (a
-compaction's plan, an erase): the marker stays until neither a part nor a numbered pack of its range is left.
+compaction's plan, an erase); a marker hides numbered packs only while a part of its run is listed (compactions
+delete the packs a run superseded right after its marker, so by the time its parts go none is left); a marker
+with no part left is deleted by the next compaction.
 
 Pure: no I/O.
 """
@@ -96,22 +98,25 @@ class Listing(NamedTuple):
     packs: list[tuple[str, int]]  #: (name, size) of the packs readers read, in listing order
     hidden: list[str]  #: packs readers ignore: parts of unmarked runs, numbered packs of marked runs
     markers: list[str]
-    spent: list[str]  #: markers of runs of which neither a part nor a numbered pack is left
+    spent: list[str]  #: markers of runs with no part left
 
 
 def sort_out(listed: Iterable[tuple[str, int]]) -> Listing:
     """The objects listed under ``v1/packs/`` sorted out for readers (module doc)."""
     items = list(listed)
     marked: set[tuple[str, int, int, int]] = set()
+    with_parts: set[tuple[str, int, int, int]] = set()
     for name, _size in items:
         run = parse(name)
-        if run is not None and run.part < 0:
-            marked.add(run[:4])
+        if run is not None:
+            (marked if run.part < 0 else with_parts).add(run[:4])
+    # a marker hides numbered packs only while a part of its run is listed: one with no part left supersedes
+    # nothing (a crafted marker, or a node folder whose sequence numbers started again, never hides packs)
+    marked &= with_parts
     ranges: dict[str, list[tuple[int, int]]] = {}
     for folder, _created, first, last in marked:
         ranges.setdefault(folder, []).append((first, last))
     packs, hidden, markers = [], [], []
-    left: set[tuple[str, int, int, int]] = set()  # marked runs with a part or a numbered pack left
     for name, size in items:
         run = parse(name)
         if run is not None and run.part < 0:
@@ -121,19 +126,15 @@ def sort_out(listed: Iterable[tuple[str, int]]) -> Listing:
             continue
         if run is not None:
             ok = run[:4] in marked
-            left.add(run[:4])
         else:
             numbered = _NUMBERED.fullmatch(name)
-            within = [] if numbered is None else [
-                (numbered.group(1), first, last) for first, last in ranges.get(numbered.group(1), ())
-                if first <= int(numbered.group(2)) <= last]
-            ok = not within
-            left.update(ident for ident in marked if (ident[0], ident[2], ident[3]) in within)
+            ok = numbered is None or not any(first <= int(numbered.group(2)) <= last
+                                             for first, last in ranges.get(numbered.group(1), ()))
         if ok:
             packs.append((name, size))
         else:
             hidden.append(name)
-    spent = [name for name in markers if (run := parse(name)) is not None and run[:4] not in left]
+    spent = [name for name in markers if (run := parse(name)) is not None and run[:4] not in with_parts]
     return Listing(packs, hidden, markers, spent)
 
 

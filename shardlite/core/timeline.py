@@ -111,7 +111,8 @@ def plan_replay(captures: Sequence[Capture], at_ns: int | None = None) -> Replay
 
     A frames capture that a snapshot of the same log position already covers (same log generation, frames
     ending at or before the snapshot's: compaction writes such snapshots, see
-    :mod:`shardlite.core.retention`) is skipped, whichever of the two sorts first; one that begins at or before
+    :mod:`shardlite.core.retention`) is skipped, whichever of the two sorts first (and a snapshot past the time
+    does not end the replay: the capture it stands for may hold commits before the time); one that begins at or before
     the position and ends after it (a compaction's rollup, :mod:`shardlite.core.rollup`) replays only its
     frames after it."""
     chosen = chosen_history(captures, at_ns)
@@ -129,7 +130,8 @@ def plan_replay(captures: Sequence[Capture], at_ns: int | None = None) -> Replay
         entry = chosen[index].entry
         if entry.kind == "snapshot":
             if entry.commits[0][1] > limit:
-                break
+                continue  # later than the time; a compaction's snapshot sorts before the capture it ends, whose
+                # earlier commits may still be at or before it (a later capture's commits are after it: break)
             if entry.salt == salt and entry.last == last:
                 whole = index  # the same log position again (a compaction's snapshot): nothing to replay
                 continue

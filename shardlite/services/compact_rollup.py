@@ -3,9 +3,11 @@ reading them, and writing and checking the parts and the run's marker.
 
 A run is chosen per node folder among the packs readers see, in sequence order: numbered packs whose replicator
 recorded them as shipped (final: never uploaded again), whose newest capture and drop record are older than
-:data:`ROLLUP_AFTER_NS`, each at most :data:`RUN_BYTES`, all within one :data:`SPAN_NS` of the clock. A pack that
-does not qualify ends the run (a run's range must hold nothing else that readers see); a pack the compaction's
-plan deletes is left out without ending it.
+:data:`ROLLUP_AFTER_NS`, each at most :data:`RUN_BYTES`, all within one :data:`SPAN_NS` of the clock, with at most
+half of :data:`~shardlite.core.pack.MAX_DROPS` drop records together (by their keys). A pack that does not
+qualify ends the run, and so does a pack the compaction's plan deletes: a run's marker hides every numbered pack
+of its range, and until the new horizon refuses the times only those held (it is written before the runs, but
+a run's range must hold nothing that a restore may still need from elsewhere).
 A run holds at most :data:`RUN_BYTES` of packs and at least :data:`MIN_RUN` of them, and one compaction reads at
 most :data:`BUDGET_BYTES` for its rollups: a backlog (a replica older than rollups) is joined over several.
 
@@ -62,14 +64,14 @@ def choose(packs: list[tuple[str, int]], summaries: dict[str, Summary], *, final
     runs: list[Run] = []
     budget = BUDGET_BYTES
     current: Run | None = None
-    size = span = 0
+    size = span = dropped = 0
 
     def close() -> None:
-        nonlocal current, size, budget
+        nonlocal current, size, budget, dropped
         if current is not None and len(current.packs) >= MIN_RUN:
             runs.append(current)
             budget -= size
-        current, size = None, 0
+        current, size, dropped = None, 0, 0
 
     for name, pack_size in packs:
         seq = keyindex.pack_seq(name)
@@ -78,14 +80,14 @@ def choose(packs: list[tuple[str, int]], summaries: dict[str, Summary], *, final
         folder = name.rsplit("/", 1)[0] + "/"
         if current is not None and current.folder != folder:
             close()
-        if name in deleting:
-            continue
         summary = summaries.get(name)
-        if (summary is None or not final(name) or summary.newest_ns > now_ns - ROLLUP_AFTER_NS
+        if (name in deleting or summary is None or not final(name) or summary.newest_ns > now_ns - ROLLUP_AFTER_NS
                 or pack_size > RUN_BYTES):
             close()
             continue
-        if current is not None and (size + pack_size > min(RUN_BYTES, budget) or summary.newest_ns // SPAN_NS != span):
+        drops = len(summary.dropped) // 8
+        if current is not None and (size + pack_size > min(RUN_BYTES, budget) or summary.newest_ns // SPAN_NS != span
+                                    or dropped + drops > pack.MAX_DROPS // 2):
             close()
         if pack_size > budget:
             break
@@ -94,6 +96,7 @@ def choose(packs: list[tuple[str, int]], summaries: dict[str, Summary], *, final
         current.packs.append((name, pack_size))
         current.last = seq[1]
         size += pack_size
+        dropped += drops
     close()
     return runs
 
@@ -104,10 +107,11 @@ def _read(target: ReplicaTarget, name: str) -> tuple[pack.Header, list[tuple[pac
     return header, [(entry, pack.entry_bytes(blob, payload_at, entry)) for entry in header.entries]
 
 
-def roll(target: ReplicaTarget, run: Run, created_ns: int, erased: Callable[[str], bool]) -> Rolled:
+def roll(target: ReplicaTarget, run: Run, created_ns: int, left_out: Callable[[str], bool]) -> Rolled:
     """Join ``run``: read its packs, write its parts and check them, then its marker. Captures and drop records
-    of an incarnation ``erased`` says has an erase tombstone are left out (readers ignore them anyway). Raises
-    :class:`~shardlite.core.pack.PackError` for a pack that is not valid (nothing of the run written then)."""
+    of an incarnation ``left_out`` names (an erase tombstone, a dropped tenant past its window: readers ignore
+    them) are not carried. Raises :class:`~shardlite.core.pack.PackError` for a pack that is not valid (nothing
+    of the run written then)."""
     pool = replica_index.readers()
     read = [pool.submit(_read, target, name) for name, _size in run.packs]
     captures: list[tuple[pack.Entry, bytes]] = []
@@ -116,16 +120,17 @@ def roll(target: ReplicaTarget, run: Run, created_ns: int, erased: Callable[[str
     for future in read:
         header, items = future.result()
         node = header.node
-        captures.extend(item for item in items if not erased(item[0].incarnation))
-        drops.extend(drop for drop in header.drops if not erased(drop.incarnation))
-    if len(drops) > pack.MAX_DROPS:
-        raise ReplicaError(f"a run of {len(run.packs)} packs holds more than {pack.MAX_DROPS} drop records")
+        captures.extend(item for item in items if not left_out(item[0].incarnation))
+        drops.extend(drop for drop in header.drops if not left_out(drop.incarnation))
     joined = rollup.coalesce(captures)
     parts = rollup.split(joined) if joined or drops else []
+    # drop records: at most MAX_DROPS a part (more parts, without captures, if a run holds more)
+    drop_parts = [drops[at:at + pack.MAX_DROPS] for at in range(0, len(drops), pack.MAX_DROPS)]
+    parts += [[] for _ in range(len(drop_parts) - len(parts))]
     written: list[tuple[str, int, list[str]]] = []
     for number, items in enumerate(parts):
         name = rollup.part_name(run.folder, created_ns, run.first, run.last, number)
-        blob = pack.encode(node, 0, created_ns, items, drops if number == 0 else None)
+        blob = pack.encode(node, 0, created_ns, items, drop_parts[number] if number < len(drop_parts) else None)
         target.put(name, blob)
         if target.get(name) != blob:
             raise ReplicaError(f"the rollup part {name} read back differs from what was written")

@@ -187,13 +187,20 @@ def candidates(target: ReplicaTarget, keys: set[str], pool: ThreadPoolExecutor,
     ones); an erase only takes keys out of a pack. ``on_pack(name, size)`` is called for each as soon as it
     is known (perhaps twice for one name), so its reading can start before the tails are listed."""
     listed = list(target.list(KEYINDEX_PREFIX))
-    base = _latest(listed, BASE_PREFIX)
-    if base is None:
-        return None
-    try:
-        return _candidates(target, keys, pool, listed, base, on_pack or (lambda _name, _size: None))
-    except (ValueError, ReplicaObjectMissing):
-        return None  # damaged, or replaced by a compaction meanwhile
+    for _attempt in range(3):
+        base = _latest(listed, BASE_PREFIX)
+        if base is None:
+            return None
+        try:
+            found = _candidates(target, keys, pool, listed, base, on_pack or (lambda _name, _size: None))
+        except (ValueError, ReplicaObjectMissing):
+            return None  # damaged, or replaced by a compaction meanwhile
+        # a compaction that wrote a newer base meanwhile may have deleted packs past this one's coverage (a
+        # rollup joins a range of them): the tails listed after it could stop at that gap, so read it again
+        listed = list(target.list(KEYINDEX_PREFIX))
+        if found is None or _latest(listed, BASE_PREFIX) == base:
+            return found
+    return None
 
 
 def _candidates(target: ReplicaTarget, keys: set[str], pool: ThreadPoolExecutor, listed: list[tuple[str, int]],
@@ -249,6 +256,10 @@ def _candidates(target: ReplicaTarget, keys: set[str], pool: ThreadPoolExecutor,
             elif name not in covered_extra:
                 add(name, size)
         covered += coverage.get(part, 0)
+    # the markers of node folders the index names packs of but no tail lists (a node gone from the catalog)
+    for part in sorted({name.split("/")[2] for name in packs} - set(tails)):
+        markers.extend((name, size) for name, size in target.list(f"v1/packs/{part}/compact-")
+                       if name.endswith(".done"))
     # a rollup's parts are read once its marker is listed, and the numbered packs it supersedes from then on
     # are not (core/rollup.py): the index may be older than the rollup
     return Candidates(dict(rollup.sort_out([*packs.items(), *markers]).packs), covered)
@@ -281,8 +292,9 @@ class _Tail:
             some = self.first[block - self.block].result() if block - self.block < 2 else self._list(block)
             found += some
             # sequence numbers follow each other, so a whole block of them past the coverage with no pack is
-            # the end: only an erase deletes a numbered pack a compaction did not plan, and it writes a segment
-            # covering every pack it may delete first (SegmentWriter.run, erase.py), so no gap lies past it
+            # the end: an erase writes a segment covering every pack it may delete first (SegmentWriter.run,
+            # erase.py), and a compaction (its plan, its rollups) deletes packs only after writing a base
+            # covering them, which candidates() notices and reads instead
             if not some and block * TAIL_BLOCK > self.high:
                 break
             block += 1

@@ -257,6 +257,10 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
     report = CompactionReport(now)
     windows = recorded_windows(store.meta.kv)
     tombstones = erased_incarnations(target)
+    try:
+        previous = replica_index.read_horizon(target)
+    except Exception:  # noqa: BLE001 - a damaged horizon: this compaction writes a new one
+        previous = None
     located: list[retention.Located] = []
     drops: list[retention.LocatedDrop] = []
     # rollups (core/rollup.py): what readers ignore (parts of unfinished runs, numbered packs a run superseded)
@@ -266,7 +270,8 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
     if listing.hidden or listing.spent:
         target.delete_many([*listing.hidden, *listing.spent])
     listed = listing.packs
-    # recorded as shipped before the listing: a pack above it may still be uploaded again, so it is not cached
+    # what each replicator recorded as shipped (read after the listing: a pack listed above it may still be
+    # uploaded again, so it is not cached; one recorded meanwhile is cached only from the next compaction on)
     shipped = replica_index.part_coverage(store, [name for name, _size in listed])
     # only what is older than every retention start can be deleted or snapshotted: the plan reads the headers
     # of those packs only (compact_scan)
@@ -306,16 +311,8 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
     report.written = [name for name, _size, _keys in written]
     report.snapshots = len(built)
     report.snapshot_bytes = sum(len(image) for _node, _entry, image in built)
-    runs = compact_rollup.choose(listed, scanned.summaries, final=lambda name: _final(name, shipped), now_ns=now,
-                                 deleting=set(planned.delete))
-    rolled = [compact_rollup.roll(target, run, now, lambda inc: bool(tombstones) and is_erased(tombstones, inc))
-              for run in runs]
-    joined = {name for done in rolled for name, _size in done.run.packs}
-    report.rolled_packs = len(joined)
-    report.rollup_parts = [name for done in rolled for name, _size, _keys in done.parts]
     if erased_incarnations(target) != tombstones:
-        target.delete_many([done.marker for done in rolled])
-        target.delete_many(report.written + report.rollup_parts)
+        target.delete_many(report.written)
         raise Busy("an erase ran during the compaction: its snapshots were deleted and nothing else was; run "
                    "`shardlite replicate compact` again")
     keep = set(planned.keep)
@@ -323,7 +320,23 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
     gone_keys = set(planned.expired)
     expired = {replica_index.key_digest(item.capture.entry.incarnation) for item in located
                if item.pack in keep and item.capture.entry.key in gone_keys}
+    # the horizon before any rollup marker: a marker hides the packs of its range at once, and restores before
+    # the new window start must be refused by then
     replica_index.write_horizon(target, now, windows, sorted(expired))
+    ignored = expired | set(previous.expired if previous is not None else ())
+    runs = compact_rollup.choose(listed, scanned.summaries, final=lambda name: _final(name, shipped), now_ns=now,
+                                 deleting=set(planned.delete))
+    rolled = [compact_rollup.roll(target, run, now, lambda inc: (bool(tombstones) and is_erased(tombstones, inc))
+                                  or replica_index.key_digest(inc) in ignored)
+              for run in runs]
+    joined = {name for done in rolled for name, _size in done.run.packs}
+    report.rolled_packs = len(joined)
+    report.rollup_parts = [name for done in rolled for name, _size, _keys in done.parts]
+    if erased_incarnations(target) != tombstones:
+        target.delete_many([done.marker for done in rolled])
+        target.delete_many(report.written + report.rollup_parts)
+        raise Busy("an erase ran during the compaction: its snapshots and rollups were deleted and nothing else "
+                   "was; run `shardlite replicate compact` again")
     # the key index of what stays: numbered packs up to what each replicator recorded as shipped (a pack
     # uploaded and not recorded yet may be uploaded again with more captures: restores read it), every
     # compaction pack kept or written
