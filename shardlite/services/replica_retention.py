@@ -19,14 +19,17 @@ A compaction, in this order (each step safe to repeat: a kill -9 at any point, t
    time), then **verify** them: each is read back whole and every entry checked against its digest. Nothing has
    been deleted yet, so a crash here leaves extra snapshots of positions the history already holds, which
    restores skip (:func:`shardlite.core.timeline.plan_replay`) and the next compaction plans around.
-3b. **Join** each node's packs older than an hour into rollup parts, each read back and compared, then each
+4. The tombstones are listed again: an erase that ran meanwhile makes this compaction delete the packs it just
+   wrote and stop (run it again), so a snapshot never brings back an erased history.
+5. **Horizon** (:mod:`shardlite.services.replica_index`): the windows and the compaction's time (a restore
+   before a tenant's window is refused from now on).
+5b. **Join** each node's packs older than an hour into rollup parts, each read back and compared, then each
    run's marker (:mod:`shardlite.services.compact_rollup`): from the marker on, readers read the parts and
-   ignore the packs joined.
-4. The tombstones are listed again: an erase that ran meanwhile makes this compaction delete the packs and parts
-   it just wrote (markers first) and stop (run it again), so a snapshot never brings back an erased history.
-5. **Horizon and index** (:mod:`shardlite.services.replica_index`): the windows and the compaction's time (a
-   restore before a tenant's window is refused from now on), then the base key index of the packs that stay
-   (a restore that read the previous one and meets a pack deleted below reads every header instead).
+   ignore the packs joined (a run never holds a pack the plan deletes). Incarnations with a tombstone or that
+   the horizon ignores are not carried. The tombstones are listed once more (an erase meanwhile: markers, parts
+   and snapshots deleted, stop).
+5c. **Index**: the base key index of the packs and parts that stay (a restore that read the previous one and
+   meets a pack deleted below reads every header instead; one that notices the newer base uses it).
 6. **Delete** the packs the rollups joined (first: a part never goes while a pack its run superseded is left),
    the planned packs, older key indexes (bases, their segments), and metadata snapshots outside the
    longest window (the newest at or before its start stays: a whole-root restore at the window's start needs
