@@ -78,6 +78,15 @@ def _start_of(now: int, windows: rt.Windows, scale: int) -> dict[str, int]:
     return {key: now - rt.window_for(windows, key) // scale for key in KEYS}
 
 
+def _drawn(now: int, back: int, data: st.DataObject) -> tuple[dict[str, int], set[str], set[str]]:
+    """Retention starts of windows of "7d" and "30d" (prefix dm:) scaled down to the drawn clock (1 day = 1 unit
+    of the scale), and drawn live and erased keys."""
+    windows = rt.Windows(default=rt.parse_duration("7d"), prefixes={"dm:": rt.parse_duration("30d")})
+    starts = _start_of(now, windows, rt.DAY_NS // max(1, back))
+    live = set(data.draw(st.sets(st.sampled_from(KEYS))))
+    return starts, live, set(data.draw(st.sets(st.sampled_from(KEYS), max_size=1)))
+
+
 def _after(located: list[rt.Located], result: rt.Plan) -> list[rt.Located]:
     gone = set(result.delete)
     out = [item for item in located if item.pack not in gone]
@@ -113,12 +122,7 @@ def _restores_unchanged(before: list[rt.Located], after: list[rt.Located], keys:
 def test_restores_inside_the_window_reach_the_same_commits(replica: tuple[list[rt.Located], int], back: int,
                                                            data: st.DataObject) -> None:
     located, now = replica
-    # windows of "7d" and "30d" scaled down to the drawn clock (1 day = 1 unit of the scale)
-    windows = rt.Windows(default=rt.parse_duration("7d"), prefixes={"dm:": rt.parse_duration("30d")})
-    scale = rt.DAY_NS // max(1, back)
-    starts = _start_of(now, windows, scale)
-    live = set(data.draw(st.sets(st.sampled_from(KEYS))))
-    erased = set(data.draw(st.sets(st.sampled_from(KEYS), max_size=1)))
+    starts, live, erased = _drawn(now, back, data)
     result = rt.plan(located, starts.__getitem__, live=live, erased=erased)
     assert set(result.delete).isdisjoint(result.keep)
     after = _after(located, result)
@@ -206,11 +210,7 @@ def test_a_plan_over_the_old_packs_only_keeps_what_the_whole_plan_keeps(replica:
     others hold: it deletes nothing the plan over every pack keeps, and restores from every retention start on
     reach the same commits."""
     located, now = replica
-    windows = rt.Windows(default=rt.parse_duration("7d"), prefixes={"dm:": rt.parse_duration("30d")})
-    scale = rt.DAY_NS // max(1, back)
-    starts = _start_of(now, windows, scale)
-    live = set(data.draw(st.sets(st.sampled_from(KEYS))))
-    erased = set(data.draw(st.sets(st.sampled_from(KEYS), max_size=1)))
+    starts, live, erased = _drawn(now, back, data)
     old, recent = _old_and_recent(located, max(starts.values()))
     whole = rt.plan(located, starts.__getitem__, live=live, erased=erased)
     part = rt.plan(old, starts.__getitem__, live=live, erased=erased, recent=recent.__contains__)
