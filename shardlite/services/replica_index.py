@@ -449,8 +449,11 @@ class SegmentWriter:
             finally:
                 staging.close()
             for seq, name, size in shipped:
-                if name != pack_name(node.name, seq):
-                    break  # not this node's numbering: leave the rest to the restores' listing
+                if name != pack_name(node.name, seq) or seq != self.coverage.get(part, 0) + 1:
+                    # not this node's numbering, or packs this staging did not write lie before it (a root
+                    # restored from this replica continues past them): left to the restores' listing until a
+                    # compaction's base, built from the listing, covers them
+                    break
                 budget -= 1
                 if size > 0:
                     from .replica_read import read_header

@@ -48,14 +48,14 @@ from dataclasses import dataclass, field
 import apsw
 import xxhash
 
-from ..core import pack
-from ..errors import ReplicaUnavailable, ShardliteError
+from ..core import keyindex, pack, rollup
+from ..errors import ReplicaObjectMissing, ReplicaUnavailable, ShardliteError
 from ..files import walcapture as wc
 from ..files.catalog import TenantRecord
 from ..files.checkpoints import DUE_FRAMES
 from ..files.engine import harden, open_connection, set_busy_timeout
 from ..files.engine import track as track_connection  # fork safety: a forked child never closes it
-from ..files.staging import Staging, StaleCursor, erase_lock
+from ..files.staging import Staged, StagedDrop, Staging, StaleCursor, erase_lock
 from ..front.store import Store
 from ..replica.target import ReplicaTarget
 
@@ -139,6 +139,8 @@ class NodeReplicator:
         self._marked: dict[str, list[tuple[int, int]]] = {}
         #: tenants of the last round kept marked only because their drop is under way (``_capture``)
         self.dropping: set[str] = set()
+        #: the lowest sequence number this process uploads under (:meth:`_sequence_floor`; None: not read yet)
+        self._floor: int | None = None
 
     def close(self) -> None:
         while self._open:
@@ -386,6 +388,48 @@ class NodeReplicator:
         finally:
             os.close(lock)
 
+    def _sequence_floor(self, staged: list[Staged], drops: list[StagedDrop]) -> int:
+        """The lowest sequence number this node's next pack may take: past every numbered pack (and rollup run) in
+        the node's folder of the replica that this staging did not write. A root restored from a replica, then
+        replicating to it again, starts a new staging at sequence 1: uploading under those names would overwrite
+        the first root's packs, its history. The one pack this staging may have uploaded without recording it (a
+        crash between the two: it is uploaded again under the same name, with more captures) is told apart by
+        its captures: every one of them is still staged here."""
+        top = self.staging.next_seq() - 1
+        folder = pack_name(self.node, 0).rsplit("/", 1)[0] + "/"
+        seqs: dict[int, int] = {}
+        for name, size in self.target.list(folder):
+            numbered = keyindex.pack_seq(name)
+            run = rollup.parse(name) if numbered is None else None
+            if numbered is not None:
+                seqs[numbered[1]] = size
+            elif run is not None:
+                seqs.setdefault(run.last, -1)
+        foreign = max((seq for seq in seqs if seq > top + 1), default=0)
+        if seqs.get(top + 1, -1) >= 0 and not self._ours(pack_name(self.node, top + 1), seqs[top + 1], staged,
+                                                        drops):
+            foreign = max(foreign, top + 1)
+        if foreign:
+            log.warning("replicate: node %r: the replica holds packs up to %d this node's staging did not write "
+                        "(a root restored from this replica?); its packs continue at %d", self.node, foreign,
+                        foreign + 1)
+        return max(top + 1, foreign + 1)
+
+    def _ours(self, name: str, size: int, staged: list[Staged], drops: list[StagedDrop]) -> bool:
+        """Whether pack ``name`` holds only captures and drop records staged here (module doc: an upload this
+        staging did not record)."""
+        from .replica_read import read_header  # replica_read imports this module (through replica_index)
+
+        try:
+            header = read_header(self.target, name, size).header
+        except (pack.PackError, ReplicaObjectMissing):
+            return False
+        mine = {(s.key, s.incarnation, s.generation, s.first, s.last) for s in staged}
+        mine_drops = {(d.key, d.incarnation, d.generation) for d in drops}
+        return bool(header.entries or header.drops) and all(
+            (e.key, e.incarnation, e.generation, e.first, e.last) in mine for e in header.entries) and all(
+            (d.key, d.incarnation, d.generation) in mine_drops for d in header.drops)
+
     def _upload_staged(self, stats: RoundStats) -> None:
         t = time.perf_counter()
         staged = self.staging.staged(PACK_BYTES)
@@ -394,7 +438,15 @@ class NodeReplicator:
         t = stats.timed("upload.read", t)
         if not staged and not drops:
             return
-        seq, created = self.staging.next_seq(), self.clock()
+        if self._floor is None:
+            try:
+                self._floor = self._sequence_floor(staged, drops)
+            except ReplicaUnavailable as exc:
+                stats.upload_error = str(exc)
+                log.warning("replicate: node %r: the replica could not be listed (%s); %d captures stay staged",
+                            self.node, exc, len(staged))
+                return
+        seq, created = max(self.staging.next_seq(), self._floor), self.clock()
         items = [(pack.Entry(s.key, s.incarnation, s.generation, "snapshot" if s.kind == "snapshot" else "frames",
                              s.page_size, s.salt, s.first, s.last, s.commits, s.captured_ns, 0, 0), s.data)
                  for s in staged]

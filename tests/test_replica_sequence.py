@@ -1,0 +1,100 @@
+"""Pack sequence numbers of a node folder another staging wrote (shardlite.services.replicator,
+NodeReplicator._sequence_floor), on both targets: a root restored from a replica and then replicating to the
+same replica continues past the first root's packs instead of overwriting them, so the history before the
+restore stays restorable; a pack this staging uploaded without recording it is still uploaded again under its
+own name."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from helpers_s3 import TargetFactory
+from helpers_wal import rows_of
+
+import shardlite
+from shardlite.core import timeline
+from shardlite.files.staging import Staging
+from shardlite.services import replica_read, replica_restore
+from shardlite.services.replication import Replication
+from shardlite.services.replicator import pack_name
+
+SCHEMA = {"t": ["CREATE TABLE w(v INTEGER)"]}
+
+
+def _rows(target: object, key: str, at: int | None) -> list[tuple[object, ...]] | None:
+    found = timeline.image_at(replica_read.captures_of(target, [key])[key], at)  # type: ignore[arg-type]
+    return None if found is None else rows_of(found[0], "SELECT v FROM w ORDER BY v")
+
+
+def test_a_restored_root_replicating_to_the_same_replica_continues_past_its_packs(
+        tmp_path: Path, make_replica_target: TargetFactory) -> None:
+    url, target = make_replica_target.url(), make_replica_target()
+    with shardlite.Router(tmp_path / "a", schema=SCHEMA, replicate=url) as router:
+        run = Replication(router._store, target)
+        try:
+            for value in range(3):
+                with router.transaction("t:1") as tx:
+                    tx.execute("INSERT INTO w VALUES (?)", (value,))
+                run.run_round()
+        finally:
+            run.close()
+    before = {name: target.get(name) for name, _size in replica_read.list_packs(target)}
+    assert len(before) == 3
+    between = time.time_ns()
+    replica_restore.restore_root_from_replica(target, str(tmp_path / "b"))
+    with shardlite.Router(tmp_path / "b", replicate=url) as router:
+        run = Replication(router._store, target)
+        try:
+            for value in (10, 11):
+                with router.transaction("t:1") as tx:
+                    tx.execute("INSERT INTO w VALUES (?)", (value,))
+                run.run_round()
+        finally:
+            run.close()
+        node = router.nodes.list()[0].name
+    after = dict(replica_read.list_packs(target))
+    assert all(target.get(name) == blob for name, blob in before.items())  # the first root's packs, untouched
+    assert pack_name(node, 4) in after and len(after) > 3
+    assert _rows(target, "t:1", between) == [(0,), (1,), (2,)]  # before the restore: the first root's history
+    assert _rows(target, "t:1", None) == [(0,), (1,), (2,), (10,), (11,)]
+
+
+def test_a_pack_uploaded_and_not_recorded_is_uploaded_again_under_its_name(
+        tmp_path: Path, make_replica_target: TargetFactory) -> None:
+    """The replicator killed between an upload and its record: the next process uploads the same captures again
+    under the same name (it holds only captures still staged here), not past it."""
+    url, target = make_replica_target.url(), make_replica_target()
+    with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=url) as router:
+        run = Replication(router._store, target)
+        try:
+            with router.transaction("t:1") as tx:
+                tx.execute("INSERT INTO w VALUES (1)")
+            run.run_round()
+            node = router.nodes.list()[0].name
+            replicator = run.nodes[node].replicator
+            real = replicator.staging.shipped
+            replicator.staging.shipped = lambda *a, **k: None  # type: ignore[method-assign]
+            with router.transaction("t:1") as tx:
+                tx.execute("INSERT INTO w VALUES (2)")
+            run.run_round()  # uploaded, not recorded
+            replicator.staging.shipped = real  # type: ignore[method-assign]
+        finally:
+            run.close()
+        staging = Staging(router._store.node_path(node))
+        try:
+            assert staging.next_seq() == 2
+        finally:
+            staging.close()
+        assert pack_name(node, 2) in dict(replica_read.list_packs(target))
+        run = Replication(router._store, target)  # a new process: its floor is read from the replica
+        try:
+            with router.transaction("t:1") as tx:
+                tx.execute("INSERT INTO w VALUES (3)")
+            run.run_round()
+        finally:
+            run.close()
+        assert sorted(replica_read.list_packs(target)) == sorted(
+            [(pack_name(node, 1), dict(replica_read.list_packs(target))[pack_name(node, 1)]),
+             (pack_name(node, 2), dict(replica_read.list_packs(target))[pack_name(node, 2)])])
+        assert _rows(target, "t:1", None) == [(1,), (2,), (3,)]
