@@ -4,12 +4,11 @@ reading them, and writing and checking the parts and the run's marker.
 A run is chosen per node folder among the packs readers see, in sequence order: numbered packs whose replicator
 recorded them as shipped (final: never uploaded again), whose newest capture and drop record are older than
 :data:`ROLLUP_AFTER_NS`, each at most :data:`RUN_BYTES`, all within one :data:`SPAN_NS` of the clock, with at most
-half of :data:`~shardlite.core.pack.MAX_DROPS` drop records together (by their keys). A pack that does not
-qualify ends the run, and so does a pack the compaction's plan deletes: a run's marker hides every numbered pack
-of its range, and until the new horizon refuses the times only those held (it is written before the runs, but
-a run's range must hold nothing that a restore may still need from elsewhere).
-A run holds at most :data:`RUN_BYTES` of packs and at least :data:`MIN_RUN` of them, and one compaction reads at
-most :data:`BUDGET_BYTES` for its rollups: a backlog (a replica older than rollups) is joined over several.
+half of :data:`~shardlite.core.pack.MAX_DROPS` drop records together (by their keys). A pack that does not qualify
+ends the run, and so does a pack the compaction's plan deletes (a run's marker hides every numbered pack of its
+range at once, so a range holds only packs whose captures its parts carry). A run holds at most :data:`RUN_BYTES` of
+packs and at least :data:`MIN_RUN` of them, and one compaction reads at most :data:`BUDGET_BYTES` for its rollups: a
+backlog (a replica older than rollups) is joined over several.
 
 The packs of a run are read whole, each entry checked against its digest; the parts are written, each read back
 and compared byte for byte, and only then the marker, which makes them what readers read instead of the

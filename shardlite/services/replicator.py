@@ -397,17 +397,17 @@ class NodeReplicator:
         its captures: every one of them is still staged here."""
         top = self.staging.next_seq() - 1
         folder = pack_name(self.node, 0).rsplit("/", 1)[0] + "/"
-        seqs: dict[int, int] = {}
+        seqs: dict[int, int] = {}  # numbered pack -> size
+        joined = 0  # the highest sequence number a rollup run joined (runs join recorded packs only)
         for name, size in self.target.list(folder):
             numbered = keyindex.pack_seq(name)
             run = rollup.parse(name) if numbered is None else None
             if numbered is not None:
                 seqs[numbered[1]] = size
             elif run is not None:
-                seqs.setdefault(run.last, -1)
-        foreign = max((seq for seq in seqs if seq > top + 1), default=0)
-        if seqs.get(top + 1, -1) >= 0 and not self._ours(pack_name(self.node, top + 1), seqs[top + 1], staged,
-                                                        drops):
+                joined = max(joined, run.last)
+        foreign = max([seq for seq in seqs if seq > top + 1] + [joined if joined > top else 0])
+        if top + 1 in seqs and not self._ours(pack_name(self.node, top + 1), seqs[top + 1], staged, drops):
             foreign = max(foreign, top + 1)
         if foreign:
             log.warning("replicate: node %r: the replica holds packs up to %d this node's staging did not write "
