@@ -20,7 +20,8 @@ from helpers_s3 import CountingTarget, TargetFactory, copy_replicated, crashing_
 from test_retention import KEYS, World, _holding, _rows
 
 import shardlite
-from shardlite.core import keyindex, pack, rollup, timeline
+from shardlite.core import keyindex, pack, retention, rollup, timeline
+from shardlite.meta.replica_record import record_windows
 from shardlite.replica.target import ReplicaTarget, open_target
 from shardlite.services import compact_rollup, compact_scan, replica_index, replica_read, replica_retention
 
@@ -275,5 +276,29 @@ def test_a_restore_that_read_a_base_older_than_a_compaction_reads_the_newer_one(
         assert last in found.packs  # the pack past the gap, holding the last write
         listings["n"] = 0
         assert _rows(target, "user:1", time.time_ns()) == want
+    finally:
+        world.close()
+
+
+def test_a_rollup_leaves_out_a_dropped_tenant_past_its_window(tmp_path: Path,
+                                                              make_replica_target: TargetFactory) -> None:
+    """A dropped tenant past its window whose captures stay in packs kept for another (a longer window): the
+    horizon makes restores ignore them, and a rollup of those packs does not carry them."""
+    world = World(str(tmp_path / "root"), make_replica_target.url(), make_replica_target(), seed=6)
+    try:
+        store, target = world.router._store, world.target
+        record_windows(store.meta.kv, retention.Windows(prefixes={"dm:": 30 * retention.DAY_NS}))
+        for _ in range(4):
+            world.write("dm:1")
+            world.write("user:gone")
+            world.replication.run_round()
+        world.router.drop("user:gone")
+        world.replication.run_round()
+        report = replica_retention.compact(store, target, now_ns=time.time_ns() + 8 * retention.DAY_NS)
+        assert report.rolled_packs >= 2
+        held = {e.key for name, size in replica_read.list_packs(target)
+                for e in replica_read.read_header(target, name, size).header.entries}
+        assert "dm:1" in held and "user:gone" not in held
+        assert _rows(target, "dm:1", time.time_ns()) == world.states["dm:1"][-1][1]
     finally:
         world.close()
