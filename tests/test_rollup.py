@@ -40,9 +40,13 @@ def _once(target: ReplicaTarget, key: str) -> None:
     assert [ident for ident, count in seen.items() if count > 1] == [], key
 
 
+def _headers(target: ReplicaTarget) -> list[pack.Header]:
+    """The headers of the packs readers read."""
+    return [replica_read.read_header(target, name, size).header for name, size in replica_read.list_packs(target)]
+
+
 def _drops(target: ReplicaTarget) -> list[tuple[str, int]]:
-    return sorted((d.key, d.dropped_ns) for name, size in replica_read.list_packs(target)
-                  for d in replica_read.read_header(target, name, size).header.drops)
+    return sorted((d.key, d.dropped_ns) for header in _headers(target) for d in header.drops)
 
 
 def test_a_rollup_keeps_every_restore_point_and_replaces_the_numbered_packs(
@@ -148,8 +152,7 @@ def test_a_rollup_leaves_out_what_an_erase_tombstone_names(tmp_path: Path, make_
         target.put(replica_read.tombstone_name(incarnation), b"")
         report = replica_retention.compact(store, target, now_ns=time.time_ns() + 2 * HOUR)
         assert report.rolled_packs and report.rollup_parts
-        held = {e.incarnation for name, size in replica_read.list_packs(target)
-                for e in replica_read.read_header(target, name, size).header.entries}
+        held = {e.incarnation for header in _headers(target) for e in header.entries}
         assert incarnation not in held and held
     finally:
         world.close()
@@ -296,9 +299,39 @@ def test_a_rollup_leaves_out_a_dropped_tenant_past_its_window(tmp_path: Path,
         world.replication.run_round()
         report = replica_retention.compact(store, target, now_ns=time.time_ns() + 8 * retention.DAY_NS)
         assert report.rolled_packs >= 2
-        held = {e.key for name, size in replica_read.list_packs(target)
-                for e in replica_read.read_header(target, name, size).header.entries}
+        held = {e.key for header in _headers(target) for e in header.entries}
         assert "dm:1" in held and "user:gone" not in held
         assert _rows(target, "dm:1", time.time_ns()) == world.states["dm:1"][-1][1]
+    finally:
+        world.close()
+
+
+def test_a_run_with_a_damaged_pack_is_left_as_it_is_and_the_compaction_goes_on(tmp_path: Path,
+                                                                               monkeypatch: Any) -> None:
+    """A pack whose payload is damaged (its header reads; a capture's bytes fail their digest): its run is not
+    joined and the compaction reports it, the other runs are joined, and every restore point the damage
+    leaves is kept (a failure of one pack never stops retention for the root)."""
+    url = "file://" + str(tmp_path / "replica")
+    world = World(str(tmp_path / "root"), url, open_target(url), seed=8)
+    try:
+        world.history(10)
+        store, target = world.router._store, world.target
+        numbered = _numbered(target)
+        damaged = numbered[1]
+        blob = bytearray(target.get(damaged))
+        blob[-1] ^= 0xFF  # the last capture's bytes
+        target.put(damaged, bytes(blob))
+        # two runs (as if the plan deleted the sixth pack): the damaged pack's, and one after it
+        runs = compact_rollup.choose(replica_read.list_packs(target), {name: _summary(0) for name in numbered},
+                                     final=lambda _n: True, now_ns=time.time_ns(), deleting={numbered[5]})
+        assert len(runs) == 2 and damaged in dict(runs[0].packs)
+        monkeypatch.setattr(compact_rollup, "choose", lambda *_a, **_k: runs)
+        report = replica_retention.compact(store, target, now_ns=time.time_ns() + 2 * HOUR)
+        assert list(report.rollups_skipped) == [runs[0].packs[0][0]] and "digest" in report.rollups_skipped[
+            runs[0].packs[0][0]]
+        assert report.rolled_packs == len(runs[1].packs) and report.rollup_parts
+        left = _numbered(target)
+        assert damaged in left and not set(dict(runs[1].packs)) & set(left)
+        assert rollup.sort_out(target.list(replica_read.PACKS_PREFIX)).hidden == []
     finally:
         world.close()

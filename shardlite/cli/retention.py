@@ -79,6 +79,8 @@ def cmd_compact(args: argparse.Namespace) -> int:
          f"({report.seconds:.2f} s)")
     if report.pinned:
         echo(f"kept whole (their history could not be compacted): {', '.join(literal(k) for k in report.pinned)}")
+    for first, why in report.rollups_skipped.items():
+        echo(f"not joined (left as they are): the run from {literal(first)}: {literal(why)}")
     return 0
 
 

@@ -21,12 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..core import keyindex, pack, rollup
-from ..errors import ReplicaError
+from ..errors import ReplicaError, ReplicaUnavailable
 from ..replica.target import ReplicaTarget
 from . import replica_index
 from .compact_scan import Summary
 
-__all__ = ["Run", "Rolled", "choose", "roll", "ROLLUP_AFTER_NS", "SPAN_NS", "RUN_BYTES", "BUDGET_BYTES", "MIN_RUN"]
+__all__ = ["Run", "Rolled", "choose", "roll", "roll_all", "ROLLUP_AFTER_NS", "SPAN_NS", "RUN_BYTES", "BUDGET_BYTES",
+           "MIN_RUN"]
 
 #: Packs are joined once everything in them is this old (ns): an hour.
 ROLLUP_AFTER_NS = 3600 * 10**9
@@ -137,3 +138,21 @@ def roll(target: ReplicaTarget, run: Run, created_ns: int, left_out: Callable[[s
     marker = rollup.marker_name(run.folder, created_ns, run.first, run.last)
     target.put(marker, b"")
     return Rolled(run, written, marker)
+
+
+def roll_all(target: ReplicaTarget, runs: list[Run], created_ns: int, left_out: Callable[[str], bool]
+             ) -> tuple[list[Rolled], dict[str, str]]:
+    """:func:`roll` each of ``runs``; the runs joined, and (first pack's name -> why) those left as they are: a run
+    holding a pack that is not valid (a damaged payload) or gone, or whose part read back differs, is not joined,
+    and the other runs are (a rollup saves objects; a damaged pack is reported, never a reason to stop retention
+    for the whole root). A replica that cannot be reached raises."""
+    done: list[Rolled] = []
+    skipped: dict[str, str] = {}
+    for run in runs:
+        try:
+            done.append(roll(target, run, created_ns, left_out))
+        except ReplicaUnavailable:
+            raise
+        except (pack.PackError, ReplicaError) as exc:  # parts written and not marked are ignored, then deleted
+            skipped[run.packs[0][0]] = str(exc)
+    return done, skipped

@@ -86,6 +86,8 @@ class CompactionReport:
     pinned: list[str] = field(default_factory=list)  #: tenants whose history could not be compacted
     rolled_packs: int = 0  #: numbered packs joined into rollups
     rollup_parts: list[str] = field(default_factory=list)  #: rollup parts written
+    #: runs not joined (their first pack -> why: a damaged or missing pack): left as they are
+    rollups_skipped: dict[str, str] = field(default_factory=dict)
     meta_deleted: int = 0  #: metadata snapshots and deltas deleted
     staging_rows: int = 0
     index: str = ""
@@ -329,9 +331,11 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
     ignored = expired | set(previous.expired if previous is not None else ())
     runs = compact_rollup.choose(listed, scanned.summaries, final=lambda name: _final(name, shipped), now_ns=now,
                                  deleting=set(planned.delete))
-    rolled = [compact_rollup.roll(target, run, now, lambda inc: (bool(tombstones) and is_erased(tombstones, inc))
-                                  or replica_index.key_digest(inc) in ignored)
-              for run in runs]
+    rolled, report.rollups_skipped = compact_rollup.roll_all(
+        target, runs, now, lambda inc: (bool(tombstones) and is_erased(tombstones, inc))
+        or replica_index.key_digest(inc) in ignored)
+    for first, why in report.rollups_skipped.items():
+        log.warning("replicate: the rollup of the run from %s was left as it is: %s", first, why)
     joined = {name for done in rolled for name, _size in done.run.packs}
     report.rolled_packs = len(joined)
     report.rollup_parts = [name for done in rolled for name, _size, _keys in done.parts]
