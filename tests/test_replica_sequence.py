@@ -105,3 +105,25 @@ def test_a_pack_uploaded_and_not_recorded_is_uploaded_again_under_its_name(
             [(pack_name(node, 1), dict(replica_read.list_packs(target))[pack_name(node, 1)]),
              (pack_name(node, 2), dict(replica_read.list_packs(target))[pack_name(node, 2)])])
         assert _rows(target, "t:1", None) == [(1,), (2,), (3,)]
+
+
+def test_a_crafted_pack_name_does_not_push_the_numbering_past_what_a_replicator_reaches(
+        tmp_path: Path, make_replica_target: TargetFactory) -> None:
+    """An object named like the last possible pack (20 nines) in a node's folder is ignored for the numbering:
+    uploads go on at the next sequence number (it would otherwise overflow the staging's integers and stop the
+    node's replication for good)."""
+    url, target = make_replica_target.url(), make_replica_target()
+    with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=url) as router:
+        node = router.nodes.list()[0].name
+        crafted = pack_name(node, 0).replace("0" * 20, "9" * 20)
+        target.put(crafted, b"not a pack")
+        run = Replication(router._store, target)
+        try:
+            for value in (1, 2):
+                with router.transaction("t:1") as tx:
+                    tx.execute("INSERT INTO w VALUES (?)", (value,))
+                run.run_round()
+        finally:
+            run.close()
+    names = {name for name, _size in target.list("v1/packs/")}
+    assert {pack_name(node, 1), pack_name(node, 2), crafted} <= names

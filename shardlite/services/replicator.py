@@ -126,6 +126,11 @@ class _Open:
         self.files.close()
 
 
+#: The highest pack sequence number taken from a replica's listing (two packs a second for fifteen million years):
+#: a name past it is not a replicator's.
+MAX_SEQ = 10**15
+
+
 class NodeReplicator:
     """Replicates the tenants of node ``node`` of ``store``'s root to ``target`` (module docstring)."""
 
@@ -402,7 +407,10 @@ class NodeReplicator:
         for name, size in self.target.list(folder):
             numbered = keyindex.pack_seq(name)
             run = rollup.parse(name) if numbered is None else None
-            if numbered is not None:
+            if (numbered[1] if numbered is not None else run.last if run is not None else 0) > MAX_SEQ:
+                log.warning("replicate: node %r: %r names a sequence number no replicator reaches; ignored",
+                            self.node, name)  # a crafted name must not push the numbering past what SQLite holds
+            elif numbered is not None:
                 seqs[numbered[1]] = size
             elif run is not None:
                 joined = max(joined, run.last)
