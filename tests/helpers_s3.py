@@ -131,17 +131,19 @@ def crashing_target_code(*methods: str) -> str:
 
 class CountingTarget:
     """A real replica target that counts the pack headers read from it (a ranged GET from a pack's first
-    byte), for tests of what a restore or a compaction reads."""
+    byte) and the bytes of packs read, for tests of what a restore or a compaction reads."""
 
     def __init__(self, target: ReplicaTarget) -> None:
-        self.target, self.headers = target, 0
+        self.target, self.headers, self.pack_bytes = target, 0, 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.target, name)
 
     def get_range(self, name: str, start: int, length: int) -> bytes:
         self.headers += start == 0 and name.startswith("v1/packs/")
-        return self.target.get_range(name, start, length)
+        data = self.target.get_range(name, start, length)
+        self.pack_bytes += len(data) if name.startswith("v1/packs/") else 0
+        return data
 
 
 def copy_replicated(first: pathlib.Path, case: pathlib.Path) -> str:

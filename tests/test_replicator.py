@@ -231,6 +231,52 @@ def test_the_replicator_checkpoints_a_big_log_and_the_history_goes_on(
     assert _replicated(target, "user:a") == _live(router, "user:a")
 
 
+def test_a_busy_tenant_gets_refreshed_snapshots_and_a_restore_reads_only_from_the_last(
+        setup: tuple[shardlite.Router, NodeReplicator, ReplicaTarget]) -> None:
+    """A small tenant rewritten thousands of times: each checkpoint that closes its log after frames of more
+    than its size (bounds lowered here) adds a refreshed snapshot. Every restore point stays exact, and a
+    restore at the latest commit fetches the last snapshot and what follows it, not the whole history."""
+    from helpers_s3 import CountingTarget
+
+    from shardlite.services.replica_restore import restore_tenant
+
+    router, replicator, target = setup
+    replicator.refresh_ratio, replicator.refresh_floor = 1, 64 * 1024
+    _write(router, "user:a", "v0")
+    replicator.reconcile()
+    replicator.run_round()
+    # (a round's last commit time, the body then): without the writers' notes a commit's time is its capture's
+    points = [(replicator.staging.cursor("user:a").last_commit_ns, "v0")]  # type: ignore[union-attr]
+    refreshed = 0
+    for batch in range(4):
+        for n in range(1, 1101):  # past DUE_FRAMES frames: each round checkpoints (one page per commit)
+            with router.transaction("user:a") as tx:
+                tx.execute("UPDATE notes SET body = ? WHERE id = 1", (f"v{batch}.{n}",))
+        replicator.mark("user:a")
+        stats = replicator.run_round()
+        assert stats.checkpoints == 1 and stats.failed == 0, stats
+        refreshed += stats.refreshed
+        points.append((replicator.staging.cursor("user:a").last_commit_ns, f"v{batch}.1100"))  # type: ignore[union-attr]
+    assert refreshed == 4  # one per closed log: each saw more frames than the database since the last
+    captures = replica_read.captures_of(target, ["user:a"])["user:a"]
+    assert sum(c.entry.kind == "snapshot" for c in captures) == 5  # the first capture and the refreshes
+    assert _replicated(target, "user:a") == _live(router, "user:a")
+    counting = CountingTarget(target)
+    restore_tenant(router._store, counting, "user:a", as_key="user:latest")  # type: ignore[arg-type]
+    assert _live(router, "user:latest") == _live(router, "user:a")
+    history = sum(c.entry.length for c in captures)
+    last = max(c for c in captures if c.entry.kind == "snapshot")
+    after = sum(c.entry.length for c in captures if c.order > last.order)
+    assert counting.pack_bytes < history / 3, (counting.pack_bytes, history)
+    assert counting.pack_bytes >= last.entry.length + after
+    for i, (when, body) in enumerate(points):  # every restore point as before, also right before a refresh's
+        restore_tenant(router._store, target, "user:a", as_key=f"user:at{i}", at_ns=when)
+        assert _live(router, f"user:at{i}") == [(1, body)]
+        if i:
+            restore_tenant(router._store, target, "user:a", as_key=f"user:before{i}", at_ns=when - 1)
+            assert _live(router, f"user:before{i}") == [(1, points[i - 1][1])]
+
+
 def test_a_round_with_a_capture_budget_ships_what_it_captured_and_keeps_the_rest_marked(
         setup: tuple[shardlite.Router, NodeReplicator, ReplicaTarget]) -> None:
     router, replicator, target = setup

@@ -72,11 +72,11 @@ class History:
         self.cursor = wc.capture_then_checkpoint(self.lock, self.ckpt, self.files, self.cursor, self.keep)
         return self.cursor
 
-    def checkpoint_briefly_locked(self) -> bool:
+    def checkpoint_briefly_locked(self, refresh: Callable[[wc.Capture], None] | None = None) -> bool:
         guard = open_wal(self.path)
         try:
             self.cursor, done = wc.checkpoint_briefly_locked(self.lock, guard, self.ckpt, self.files, self.cursor,
-                                                             self.keep)
+                                                             self.keep, refresh=refresh)
         finally:
             guard.close()
         return done
@@ -393,3 +393,46 @@ def test_a_briefly_locked_checkpoint_copies_only_what_was_captured(
     got = h.capture()
     assert got.snapshot is None and got.frames[0].number == 1 and h.rows() == _rows(conn)
     assert h.fell_back == ["no history yet: a snapshot"]
+
+
+def test_refreshed_snapshots_under_a_busy_writer_are_the_database_at_their_closed_cursor(
+        db: tuple[str, apsw.Connection, list[History]]) -> None:
+    """A writer process commits continuously while briefly locked checkpoints run with ``refresh``: every
+    refreshed snapshot is exactly the database after the commit its (closed) cursor names, equal to the
+    history replayed to there; with the snapshots in it, the history still replays to the writer's last
+    commit. Writers never wait for the snapshot's read (it runs after the lock is let go)."""
+    path, conn, histories = db
+    h = _history(histories, path)
+    h.capture()
+    refreshed: list[tuple[int, wc.Capture]] = []  # (captures before it, the snapshot)
+
+    def keep_refresh(got: wc.Capture) -> None:
+        assert got.snapshot is not None and got.cursor == h.cursor._replace(closed=True)
+        refreshed.append((len(h.captures), got))
+        h.keep(got)
+
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, path, "1500"], stdout=subprocess.PIPE, text=True)
+    rounds = 0
+    try:
+        while writer.poll() is None:
+            if rounds % 4 == 3:
+                h.checkpoint_briefly_locked(refresh=keep_refresh)
+            else:
+                h.capture()
+            rounds += 1
+        assert writer.stdout is not None and writer.stdout.read().strip() == "done"
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+        writer.wait()
+        assert writer.stdout is not None
+        writer.stdout.close()
+    h.capture()
+    assert len(refreshed) >= 2, (rounds, len(refreshed))
+    for before, snap in refreshed:
+        assert snap.snapshot is not None
+        [(n,)] = rows_of(snap.snapshot, "SELECT n FROM c")
+        assert isinstance(n, int) and rows_of(snap.snapshot) == _model(n)
+        assert rows_of(wc.image_at(h.captures[:before])) == rows_of(snap.snapshot)
+    assert h.rows() == _model(1500) == _rows(conn)  # replayed from the last refreshed snapshot on
+    assert h.fell_back == ["no history yet: a snapshot"]  # no gap: the restarted logs were continued

@@ -58,7 +58,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 else:
                     for node, stats in rounds.items():
                         echo(f"node {literal(node)}: captured {stats.captured} ({stats.snapshots} snapshots), "
-                             f"checkpoints {stats.checkpoints} ({stats.deferred} deferred), busy {stats.busy}, "
+                             f"checkpoints {stats.checkpoints} ({stats.deferred} deferred, {stats.refreshed} snapshots "
+                             f"refreshed), busy {stats.busy}, "
                              f"failed {stats.failed}, "
                              f"packs uploaded {stats.uploaded_packs} ({stats.uploaded_bytes} bytes)"
                              + (f", upload failed: {literal(stats.upload_error)}" if stats.upload_error else ""))

@@ -37,6 +37,9 @@ class Capture(NamedTuple):
     entry: Entry
     data: bytes
     node: str = ""  #: the node whose replicator took it
+    #: (pack name, offset) of the bytes when they were not read yet (``data`` is then empty): a reader
+    #: fetches only what :func:`plan_replay` needs (:func:`shardlite.services.replica_read.fill`)
+    where: tuple[str, int] | None = None
 
 
 class Point(NamedTuple):
@@ -172,6 +175,8 @@ def point_at(captures: Sequence[Capture], at_ns: int | None = None) -> Point | N
 def replay(plan: Replay) -> bytearray:
     """The image ``plan`` reaches (the captures' bytes, checked as SQLite's recovery checks frames)."""
     chosen = plan.chosen
+    if any(chosen[index].where is not None for index in (plan.base, *(step[0] for step in plan.steps))):
+        raise ValueError("replay() needs the bytes of the captures it replays (replica_read.fill)")
     image = bytearray(chosen[plan.base].data)
     for index, start, end in plan.steps:
         got = chosen[index]

@@ -131,7 +131,8 @@ CREATE TABLE IF NOT EXISTS cursors(
     key TEXT PRIMARY KEY, incarnation TEXT NOT NULL, generation INTEGER NOT NULL,
     salt BLOB NOT NULL, ckpt_seq INTEGER NOT NULL, frame INTEGER NOT NULL, c1 INTEGER NOT NULL,
     c2 INTEGER NOT NULL, page_size INTEGER NOT NULL, closed INTEGER NOT NULL,
-    captured_ns INTEGER NOT NULL, last_commit_ns INTEGER NOT NULL
+    captured_ns INTEGER NOT NULL, last_commit_ns INTEGER NOT NULL,
+    frame_bytes INTEGER NOT NULL DEFAULT 0, image_bytes INTEGER NOT NULL DEFAULT 0
 ) STRICT;
 CREATE TABLE IF NOT EXISTS staged(
     id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, incarnation TEXT NOT NULL,
@@ -158,6 +159,8 @@ CREATE INDEX IF NOT EXISTS drops_shipped_by_time ON drops_shipped(shipped_ns);
 """
 #: The tables :data:`_SCHEMA` makes.
 _TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _SCHEMA))
+#: Columns added to ``cursors`` since its first layout (a staging file written before gets them, 0).
+_ADDED_CURSOR_COLUMNS = ("frame_bytes", "image_bytes")
 
 
 class TenantCursor(NamedTuple):
@@ -168,6 +171,10 @@ class TenantCursor(NamedTuple):
     cursor: Cursor
     captured_ns: int
     last_commit_ns: int
+    #: bytes of frames staged for this file since its last snapshot (what a restore at its end replays)
+    frame_bytes: int = 0
+    #: bytes of the file's last snapshot staged (0: none staged since this count began)
+    image_bytes: int = 0
 
 
 class Staged(NamedTuple):
@@ -220,6 +227,12 @@ class Staging:
         if not have >= _TABLES:  # a reader (`replicate status`) of a complete file writes nothing
             with self._write():
                 self.conn.execute(_SCHEMA)
+        columns = {str(row[1]) for row in self.conn.execute("PRAGMA table_info(cursors)")}
+        if not columns >= set(_ADDED_CURSOR_COLUMNS):
+            with self._write():
+                for column in _ADDED_CURSOR_COLUMNS:
+                    if column not in columns:
+                        self.conn.execute(f"ALTER TABLE cursors ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self.conn.close()
@@ -227,12 +240,13 @@ class Staging:
     # -- cursors ---------------------------------------------------------------------------------------
 
     _CURSOR_COLUMNS = ("incarnation, generation, salt, ckpt_seq, frame, c1, c2, page_size, closed, captured_ns, "
-                       "last_commit_ns")
+                       "last_commit_ns, frame_bytes, image_bytes")
 
     @staticmethod
     def _tenant_cursor(row: tuple[Any, ...]) -> TenantCursor:
-        inc, gen, salt, seq, frame, c1, c2, size, closed, captured, last = row
-        return TenantCursor(inc, gen, Cursor(salt, seq, frame, (c1, c2), size, bool(closed)), captured, last)
+        inc, gen, salt, seq, frame, c1, c2, size, closed, captured, last, frame_bytes, image_bytes = row
+        return TenantCursor(inc, gen, Cursor(salt, seq, frame, (c1, c2), size, bool(closed)), captured, last,
+                            frame_bytes, image_bytes)
 
     def cursor(self, key: str) -> TenantCursor | None:
         for row in self.conn.execute(f"SELECT {self._CURSOR_COLUMNS} FROM cursors WHERE key = ?", (key,)):
@@ -266,12 +280,21 @@ class Staging:
         return [row[0] for row in self.conn.execute("SELECT key FROM cursors ORDER BY key")]
 
     def _put_cursor(self, key: str, incarnation: str, generation: int, cursor: Cursor, captured_ns: int,
-                    last_commit_ns: int) -> None:
+                    last_commit_ns: int, sizes: tuple[int, int]) -> None:
         c1, c2 = cursor.checksum
         self.conn.execute(
-            "INSERT OR REPLACE INTO cursors VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT OR REPLACE INTO cursors(key, {self._CURSOR_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "?, ?)",
             (key, incarnation, generation, cursor.salt, cursor.checkpoint_seq, cursor.frame, c1, c2,
-             cursor.page_size, int(cursor.closed), captured_ns, last_commit_ns))
+             cursor.page_size, int(cursor.closed), captured_ns, last_commit_ns, *sizes))
+
+    def _sizes(self, key: str, incarnation: str, generation: int) -> tuple[int, int]:
+        """(frame_bytes, image_bytes) stored for ``key`` when its cursor is of this file, else (0, 0)."""
+        for inc, gen, frame_bytes, image_bytes in self.conn.execute(
+                "SELECT incarnation, generation, frame_bytes, image_bytes FROM cursors WHERE key = ?", (key,)):
+            if (inc, gen) == (incarnation, generation):
+                return int(frame_bytes), int(image_bytes)
+        return 0, 0
 
     def set_cursor(self, key: str, incarnation: str, generation: int, cursor: Cursor, last_commit_ns: int) -> None:
         """Store a cursor that moved without new data (a checkpoint closed its log generation); nothing once the
@@ -281,7 +304,8 @@ class Staging:
             if self.conn.execute("SELECT 1 FROM drops WHERE key = ? AND incarnation = ?",
                                  (key, incarnation)).fetchone() is not None:
                 return
-            self._put_cursor(key, incarnation, generation, cursor, old.captured_ns if old else 0, last_commit_ns)
+            self._put_cursor(key, incarnation, generation, cursor, old.captured_ns if old else 0, last_commit_ns,
+                             self._sizes(key, incarnation, generation))
 
     def forget(self, key: str) -> None:
         with self._write():
@@ -301,18 +325,21 @@ class Staging:
 
     def _insert_capture(self, key: str, incarnation: str, generation: int, got: Capture,
                         commits: list[tuple[int, int]], captured_ns: int) -> None:
+        frame_bytes, image_bytes = self._sizes(key, incarnation, generation)
         if got.snapshot is not None:
             kind, salt, first, last, data = "snapshot", got.cursor.salt.hex(), 0, got.cursor.frame, got.snapshot
+            frame_bytes, image_bytes = 0, len(data)
         else:
             kind, salt, first, last = "frames", got.cursor.salt.hex(), got.frames[0].number, got.frames[-1].number
             data = b"".join(wf.encode_frame(frame) for frame in got.frames)
+            frame_bytes += len(data)
         self.conn.execute(
             "INSERT INTO staged(key, incarnation, generation, kind, page_size, salt, first, last, commits, "
             "captured_ns, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (key, incarnation, generation, kind, got.page_size, salt, first, last, json.dumps(commits),
              captured_ns, data))
         self._put_cursor(key, incarnation, generation, got.cursor, captured_ns,
-                         commits[-1][1] if commits else captured_ns)
+                         commits[-1][1] if commits else captured_ns, (frame_bytes, image_bytes))
 
     def _check_cursor(self, key: str, incarnation: str, generation: int, expect: Cursor) -> None:
         """Inside a write transaction: :class:`StaleCursor` unless the stored cursor of ``key`` is ``expect``

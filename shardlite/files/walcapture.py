@@ -305,7 +305,8 @@ LOCKED_FRAMES = 256
 
 def checkpoint_briefly_locked(lock: apsw.Connection, guard: apsw.Connection, checkpointer: apsw.Connection,
                               files: LogFiles, cursor: Cursor, stage: Callable[[Capture], None], *,
-                              locked_frames: int = LOCKED_FRAMES) -> tuple[Cursor, bool]:
+                              locked_frames: int = LOCKED_FRAMES,
+                              refresh: Callable[[Capture], None] | None = None) -> tuple[Cursor, bool]:
     """A checkpoint of ``files.path`` that holds the write lock only for its last few frames. Returns (the
     cursor to store, whether the checkpoint under the lock ran; the cursor is ``closed`` when it copied
     every frame). ``lock``, ``guard`` and ``checkpointer`` are three connections of the file with no
@@ -321,6 +322,14 @@ def checkpoint_briefly_locked(lock: apsw.Connection, guard: apsw.Connection, che
        next capture a snapshot), and :func:`capture_then_checkpoint`'s steps run under it: the rest
        captured and staged, a passive checkpoint. Otherwise (a writer outruns the capture) nothing more
        is done: the log stays, the next round tries again.
+
+    3. ``refresh`` (optional): when the checkpoint closed the log generation, ``guard`` begins a read
+       transaction before the write lock is let go. Every frame is in the database file then, so that
+       transaction sees exactly the commit the cursor names, and writers go on meanwhile (the first restarts
+       the log; SQLite backfills nothing past a reader on read mark 0, so the file stays as it is). The
+       database is serialized in it and ``refresh`` gets a snapshot capture at the closed cursor (a
+       refreshed snapshot, :mod:`shardlite.core.refresh`); a database that cannot be serialized gets none
+       (the history is whole without it).
 
     ``apsw.BusyError`` when the write lock stays busy past ``lock``'s busy timeout: what step 1 staged
     stays staged (``stage`` stored it with its cursor); the rest of the checkpoint waits for a later call."""
@@ -340,10 +349,30 @@ def checkpoint_briefly_locked(lock: apsw.Connection, guard: apsw.Connection, che
         lock.execute("BEGIN IMMEDIATE")
     finally:
         guard.execute("COMMIT")
+    reading = False
     try:
-        return _locked_capture_and_checkpoint(lock, checkpointer, files, cursor, stage), True
+        after = _locked_capture_and_checkpoint(lock, checkpointer, files, cursor, stage)
+        if refresh is not None and after.closed:
+            guard.execute("BEGIN")
+            reading = True
+            try:
+                guard.execute("PRAGMA schema_version").fetchall()  # its snapshot: the database at the closed cursor
+            except BaseException:
+                reading = False
+                guard.execute("ROLLBACK")
+                raise
     finally:
         lock.execute("ROLLBACK")
+    if reading:
+        try:
+            image = guard.serialize("main")
+        except apsw.Error:
+            image = None  # no refreshed snapshot this time: the history is whole without it
+        finally:
+            guard.execute("COMMIT")
+        if image is not None and refresh is not None:
+            refresh(Capture([], bytes(image), after, after.page_size))
+    return after, True
 
 
 def capture_then_checkpoint(lock: apsw.Connection, checkpointer: apsw.Connection, files: LogFiles,

@@ -25,7 +25,7 @@ from ..errors import ReplicaObjectMissing
 from ..replica.target import ReplicaTarget
 from . import replica_index
 
-__all__ = ["PackInfo", "list_packs", "read_header", "read_header_and_bytes", "read_headers", "captures_of",
+__all__ = ["PackInfo", "list_packs", "read_header", "read_header_and_bytes", "read_headers", "captures_of", "fill",
            "PACKS_PREFIX", "ERASED_PREFIX",
            "tombstone_name", "erased_names"]
 
@@ -108,13 +108,20 @@ def erased_names(target: ReplicaTarget) -> set[str]:
 
 
 def captures_of(target: ReplicaTarget, keys: Iterable[str] | None, *,
-                on_pack: Callable[[PackInfo], None] | None = None) -> dict[str, list[timeline.Capture]]:
+                on_pack: Callable[[PackInfo], None] | None = None,
+                lazy: bool = False) -> dict[str, list[timeline.Capture]]:
     """Every capture of each of ``keys`` (None: of every tenant) in the replica, with its bytes (digest
     checked). With ``keys`` (and no ``on_pack``), only the packs the key index names or does not cover
     are read, in parallel (:func:`shardlite.services.replica_index.candidates`); anything the index says
     that the replica contradicts (a pack gone or changed since) and a missing or damaged index make it read
-    every pack's header instead."""
+    every pack's header instead.
+
+    ``lazy`` (with ``keys``): a capture whose bytes did not come with its pack's header is returned without
+    them (``where`` set, ``data`` empty); :func:`fill` fetches those a replay needs (a restore reads only the
+    captures from the last snapshot on, not a busy tenant's whole history)."""
     wanted = set(keys) if keys is not None else None
+    if lazy and wanted is None:
+        raise ValueError("lazy reads are for named keys")
     if wanted is not None and on_pack is None:
         pool = replica_index.readers()
         erased = pool.submit(erased_names, target)
@@ -122,7 +129,7 @@ def captures_of(target: ReplicaTarget, keys: Iterable[str] | None, *,
 
         def start(name: str, size: int) -> None:  # each pack's reading starts as soon as it is named
             if name not in reads:
-                reads[name] = pool.submit(_read_one, target, name, size, wanted, None)
+                reads[name] = pool.submit(_read_one, target, name, size, wanted, None, lazy)
 
         found = replica_index.candidates(target, wanted, pool, start)
         if found is not None:
@@ -132,13 +139,14 @@ def captures_of(target: ReplicaTarget, keys: Iterable[str] | None, *,
                 pass  # the index named a pack deleted or rewritten since: read every header
         erased.result()
     erased_now = erased_names(target)
-    return _collect(wanted, (_read_one(target, name, size, wanted, on_pack) for name, size in list_packs(target)),
-                    erased_now)
+    return _collect(wanted, (_read_one(target, name, size, wanted, on_pack, lazy)
+                             for name, size in list_packs(target)), erased_now)
 
 
 def _read_one(target: ReplicaTarget, name: str, size: int, wanted: set[str] | None,
-              on_pack: Callable[[PackInfo], None] | None) -> list[tuple[str, timeline.Capture]]:
-    """The captures of ``wanted`` (None: every tenant) in pack ``name``, digests checked."""
+              on_pack: Callable[[PackInfo], None] | None, lazy: bool = False) -> list[tuple[str, timeline.Capture]]:
+    """The captures of ``wanted`` (None: every tenant) in pack ``name``, digests checked; ``lazy``: those whose
+    bytes are not in the first read come without them (:func:`captures_of`)."""
     info, head = read_header_and_bytes(target, name, size)
     if on_pack is not None:
         on_pack(info)
@@ -153,12 +161,33 @@ def _read_one(target: ReplicaTarget, name: str, size: int, wanted: set[str] | No
             data = payload[entry.offset:entry.offset + entry.length]
         elif start + entry.length <= len(head):  # read with the header already
             data = head[start:start + entry.length]
+        elif lazy:
+            order = (entry.captured_ns, info.header.seq, position)
+            out.append((entry.key, timeline.Capture(order, entry, b"", info.header.node, (name, start))))
+            continue
         else:
             data = target.get_range(name, start, entry.length)
         pack.check_bytes(entry, data)
         order = (entry.captured_ns, info.header.seq, position)
         out.append((entry.key, timeline.Capture(order, entry, data, info.header.node)))
     return out
+
+
+def _fetch(target: ReplicaTarget, got: timeline.Capture) -> timeline.Capture:
+    assert got.where is not None
+    name, start = got.where
+    data = target.get_range(name, start, got.entry.length)
+    pack.check_bytes(got.entry, data)
+    return got._replace(data=data, where=None)
+
+
+def fill(target: ReplicaTarget, captures: list[timeline.Capture]) -> list[timeline.Capture]:
+    """``captures`` with the bytes of those read lazily (:func:`captures_of`) fetched, in parallel, digests
+    checked (:class:`~shardlite.core.pack.PackError`; :class:`~shardlite.ReplicaObjectMissing` when a pack
+    went since its header was read: a compaction deleted it, read the captures again)."""
+    pool = replica_index.readers()
+    futures = {i: pool.submit(_fetch, target, got) for i, got in enumerate(captures) if got.where is not None}
+    return [futures[i].result() if i in futures else got for i, got in enumerate(captures)]
 
 
 def _collect(wanted: set[str] | None, results: Iterable[list[tuple[str, timeline.Capture]]],

@@ -38,7 +38,7 @@ import xxhash
 
 from ..core import pack, timeline
 from ..core.keys import canonical
-from ..errors import ConfigurationError, ShardliteError, UnknownTenant
+from ..errors import ConfigurationError, ReplicaObjectMissing, ShardliteError, UnknownTenant
 from ..front.store import Store
 from ..replica.target import ReplicaTarget
 from . import manifest as mf
@@ -67,10 +67,20 @@ def format_time(ns: int) -> str:
     return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def _image_at(captures: list[timeline.Capture], at_ns: int | None, key: str) -> tuple[bytearray, timeline.Point] | None:
-    """:func:`shardlite.core.timeline.image_at`, a damaged history reported as what to do next."""
+def _image_at(target: ReplicaTarget, captures: list[timeline.Capture], at_ns: int | None,
+              key: str) -> tuple[bytearray, timeline.Point] | None:
+    """:func:`shardlite.core.timeline.image_at` over captures read lazily: only the bytes of the captures the
+    replay needs (from the last snapshot at or before the time on) are fetched; a damaged history is
+    reported as what to do next. :class:`~shardlite.ReplicaObjectMissing` when a pack went since its header
+    was read."""
     try:
-        return timeline.image_at(captures, at_ns)
+        plan = timeline.plan_replay(captures, at_ns)
+        if plan is None:
+            return None
+        needed = [plan.base, *(step[0] for step in plan.steps)]
+        fetched = dict(zip(needed, replica_read.fill(target, [plan.chosen[i] for i in needed]), strict=True))
+        chosen = [fetched.get(i, got) for i, got in enumerate(plan.chosen)]
+        return timeline.replay(plan._replace(chosen=chosen)), plan.point
     except timeline.TimelineError as exc:
         raise ShardliteError(f"the replica's history of {key!r} cannot be replayed ({exc}); nothing was restored: "
                              "restore an earlier time with --at, or from a backup") from None
@@ -87,13 +97,21 @@ def restore_tenant(store: Store, target: ReplicaTarget, key: object, *, as_key: 
     # the retention horizon is read beside the captures (a time before the window is refused all the same)
     checked = replica_index.readers().submit(replica_index.check_time, target, canon, at_ns,
                                              format_time(at_ns) if at_ns is not None else "")
-    try:
-        found_captures = replica_read.captures_of(target, [canon])[canon]
-    except BaseException:
-        checked.result()  # a refused time is the answer before a damaged replica's
-        raise
-    captures = replica_index.without_expired(checked.result(), found_captures)
-    found = _image_at(captures, at_ns, canon)
+    found: tuple[bytearray, timeline.Point] | None = None
+    for lazy in (True, False):  # a pack deleted between its header's read and its bytes': read again, whole
+        try:
+            found_captures = replica_read.captures_of(target, [canon], lazy=lazy)[canon]
+        except BaseException:
+            checked.result()  # a refused time is the answer before a damaged replica's
+            raise
+        captures = replica_index.without_expired(checked.result(), found_captures)
+        try:
+            found = _image_at(target, captures, at_ns, canon)
+        except (pack.PackError, ReplicaObjectMissing):
+            if not lazy:
+                raise
+            continue
+        break
     if found is None:
         when = "" if at_ns is None else f" at or before {format_time(at_ns)}"
         raise UnknownTenant(f"the replica {target.url} holds no commit of tenant {canon!r}{when}; "

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import apsw
 import xxhash
 
-from ..core import keyindex, pack, rollup
+from ..core import keyindex, pack, refresh, rollup
 from ..errors import ReplicaObjectMissing, ReplicaUnavailable, ShardliteError
 from ..files import walcapture as wc
 from ..files.catalog import TenantRecord
@@ -94,6 +94,7 @@ class RoundStats:
     snapshots: int = 0
     locked: int = 0  #: tenants captured under the write lock (snapshots, a lock-free read that did not verify)
     checkpoints: int = 0
+    refreshed: int = 0  #: snapshots taken after a checkpoint for tenants whose frames outgrew their last one
     busy: int = 0  #: tenants left for the next round (lock busy)
     deferred: int = 0  #: checkpoints left for a later round (a writer committed faster than the capture)
     failed: int = 0
@@ -146,6 +147,8 @@ class NodeReplicator:
         self.dropping: set[str] = set()
         #: the lowest sequence number this process uploads under (:meth:`_sequence_floor`; None: not read yet)
         self._floor: int | None = None
+        #: when a tenant's snapshot is refreshed (:func:`shardlite.core.refresh.snapshot_due`'s bounds)
+        self.refresh_ratio, self.refresh_floor = refresh.REFRESH_RATIO, refresh.REFRESH_FLOOR
 
     def close(self) -> None:
         while self._open:
@@ -363,9 +366,13 @@ class NodeReplicator:
             # generation: nothing is checkpointed away before it is captured
             guard = open_connection(opened.path, self.store.settings)
             checkpointer = open_connection(opened.path, self.store.settings)
+            stored = self.staging.cursor(key)
+            due = stored is not None and (stored.incarnation, stored.generation) == (
+                record.incarnation, record.generation) and state.last_commit > 0 and refresh.snapshot_due(
+                stored.frame_bytes, stored.image_bytes, ratio=self.refresh_ratio, floor=self.refresh_floor)
             try:
                 after, done = wc.checkpoint_briefly_locked(opened.conn, guard, checkpointer, opened.files, state.cursor,
-                                                           state.stage)
+                                                           state.stage, refresh=state.refresh if due else None)
             finally:
                 checkpointer.close()
                 guard.close()
@@ -530,3 +537,17 @@ class _Staged:
             self.counted = True
         self.stats.snapshots += got.snapshot is not None
         self.last_commit, self.previous = times[-1][1], now
+
+    def refresh(self, got: wc.Capture) -> None:
+        """Stage ``got``, a refreshed snapshot at the log position the last staged capture ended
+        (:mod:`shardlite.core.refresh`), timed as that capture's last commit. Skipped when another process
+        staged a capture of the tenant meanwhile (the history is whole without it)."""
+        now = self.rep.clock()
+        try:
+            self.rep.staging.stage(self.key, self.record.incarnation, self.record.generation, got,
+                                   [(got.cursor.frame, self.last_commit)], now, expect=self.cursor)
+        except StaleCursor:
+            return
+        self.cursor = got.cursor
+        self.previous = now
+        self.stats.refreshed += 1
