@@ -5,7 +5,10 @@ node's replicator (one process at a time: :class:`~shardlite.services.replicator
 node's replicator lock), besides an erase and a drop (below), each in transactions of its own. A capture
 and its tenant's new cursor are stored in one transaction, so a cursor never runs ahead of what is staged;
 the rows of a pack are deleted in the transaction that records the pack as uploaded, so a crash between the
-upload and that transaction re-uploads the same pack under the same name.
+upload and that transaction re-uploads the same pack under the same name. A cursor also counts the bytes
+of frames staged for its file since the file's last snapshot, and that snapshot's size (``frame_bytes``,
+``image_bytes``: when a refreshed snapshot is due, :mod:`shardlite.core.refresh`); a file written before
+they existed gets both as 0 when opened.
 
 Drops: a plain drop of a tenant on a replicated root stages a **drop record** here (table ``drops``: key,
 incarnation, generation, when), written by the dropping process itself (:meth:`Staging.stage_drop`, called by

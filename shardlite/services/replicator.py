@@ -11,7 +11,9 @@ docs/replication.md). Each round:
    did not read consistently without it, and for a checkpoint: a log that holds ``DUE_FRAMES`` frames or
    more is checkpointed by :func:`~shardlite.files.walcapture.checkpoint_briefly_locked`: what was
    captured is copied under a short read transaction, then the lock is held only to capture and stage the
-   last few commits and finish the checkpoint (with too many, it waits for a later round). Writers of a
+   last few commits and finish the checkpoint (with too many, it waits for a later round); a checkpoint that
+   closes the log of a tenant whose frames outgrew its last snapshot adds a new one
+   (:mod:`shardlite.core.refresh`), read after the lock is let go. Writers of a
    replicated root never checkpoint, so nothing is checkpointed away before it is captured, and no frame
    up to the log's last commit changes under a lock-free read. A tenant whose lock is busy stays marked
    for the next round; a tenant that fails (damaged file, moved away) is reported and skipped: one tenant
