@@ -42,6 +42,7 @@ __all__ = [
     "ReplicationUnavailable",
     "TenantErased",
     "ReplicaObjectMissing",
+    "ReplicaDamaged",
 ]
 
 
@@ -201,6 +202,18 @@ class TenantErased(ShardliteError):
     confirmed: the write was removed from the replica **on purpose**, with the tenant's whole history (and its
     file from the node). Not retryable: nothing of the tenant is kept anywhere, by design; a caller that still
     needs the data writes it again, to a new tenant."""
+
+
+class ReplicaDamaged(ReplicaError):
+    """Objects of the replica are not what shardlite wrote (damaged, truncated or crafted: a pack whose header
+    or bytes fail their checks), and a restore would have needed them. Nothing was restored. ``objects``
+    lists (object name, what is wrong). The message says what to do: restore with ``skip_damaged=True``
+    (``--skip-damaged``) from every other object, whose report lists the skipped ones (commits only they held
+    are missing then), or restore from a backup."""
+
+    def __init__(self, message: str, objects: list[tuple[str, str]]) -> None:
+        super().__init__(message)
+        self.objects = objects
 
 
 class ReplicaObjectMissing(ReplicaError, KeyError):

@@ -51,6 +51,7 @@ EXPECTED_ALL = [
     "MetaConflict",
     "MetaUnavailable",
     "ReplicaError",
+    "ReplicaDamaged",
     "ReplicaUnavailable",
     "ReplicationUnavailable",
     "TenantErased",

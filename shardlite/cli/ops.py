@@ -69,6 +69,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise CliError("name the backup directory (SRC) or a replica (--from URL)")
     if args.at is not None:
         raise CliError("--at applies to a replica (--from URL); a backup holds one point in time")
+    if args.skip_damaged:
+        raise CliError("--skip-damaged applies to a replica (--from URL); a backup is checked whole and refused "
+                       "when damaged")
     root = root_of(args)
     node_paths = parse_node_paths(args.node_path or [])
     if root_state(root) != "live":
@@ -220,6 +223,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--key", help="restore one tenant")
     p.add_argument("--as", dest="as_key", help="with --key: restore it under another key")
     p.add_argument("--force", action="store_true", help="replace live tenants")
+    p.add_argument("--skip-damaged", action="store_true",
+                   help="with --from: leave out replica objects that fail their checks (damaged, truncated, not "
+                        "written by shardlite) instead of restoring nothing; commits only they held are missing "
+                        "then, and each one left out is printed")
     p.add_argument("--globals", action="store_true",
                    help="also restore accounts, sessions and app global tables into a root without tenants "
                         "(a new or empty root gets them anyway)")

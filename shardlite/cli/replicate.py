@@ -113,6 +113,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_damaged(damaged: list[dict[str, str]]) -> None:
+    for bad in damaged:
+        echo(f"warning: left out {literal(bad['object'])}, which failed its checks ({literal(bad['error'])}): "
+             "commits only it held are missing from what was restored", err=True)
+
+
 def restore_from_replica(args: argparse.Namespace) -> int:
     """`shardlite restore --from URL [--key K [--as K2]] [--at TIME] [--force] [--node-path NAME=DIR]`: a
     whole root into a new or empty root, or one tenant into a live one."""
@@ -131,10 +137,16 @@ def restore_from_replica(args: argparse.Namespace) -> int:
                 raise CliError(f"{root} is new or empty: restore the whole root first (without --key), then "
                                "single tenants into it")
             done = replica_restore.restore_root_from_replica(target, root, at_ns=at_ns,
-                                                             node_paths=parse_node_paths(args.node_path or []))
+                                                             node_paths=parse_node_paths(args.node_path or []),
+                                                             skip_damaged=args.skip_damaged)
+            _warn_damaged(done.damaged)
+            for skipped in done.left_out:
+                echo(f"warning: left out tenant {literal(skipped['key'])}: {literal(skipped['error'])}; restore it "
+                     "alone (--key, with --at before the gap)", err=True)
             if args.json:
                 emit_json({"root": done.root, "created": done.created, "restored": done.tenants,
-                           "at": replica_restore.format_time(at_ns) if at_ns is not None else None})
+                           "at": replica_restore.format_time(at_ns) if at_ns is not None else None,
+                           "damaged": done.damaged, "left_out": done.left_out})
             else:
                 echo(f"restored {len(done.tenants)} tenants and the global data from {literal(target.url)} "
                      f"into {literal(done.root)} (each tenant with a new generation and incarnation)")
@@ -144,9 +156,10 @@ def restore_from_replica(args: argparse.Namespace) -> int:
                            "(--root NEW); name one tenant with --key to restore it here")
         with open_router(args) as router:
             done_one = replica_restore.restore_tenant(router._store, target, args.key, as_key=args.as_key,
-                                                      at_ns=at_ns, force=args.force)
+                                                      at_ns=at_ns, force=args.force, skip_damaged=args.skip_damaged)
     finally:
         target.close()
+    _warn_damaged(done_one["damaged"])
     if args.json:
         emit_json(done_one)
     else:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import xxhash
 
 from ..core import pack, rollup, timeline
-from ..errors import ReplicaObjectMissing
+from ..errors import ReplicaDamaged, ReplicaObjectMissing
 from ..replica.target import ReplicaTarget
 from . import replica_index
 
@@ -108,8 +108,8 @@ def erased_names(target: ReplicaTarget) -> set[str]:
 
 
 def captures_of(target: ReplicaTarget, keys: Iterable[str] | None, *,
-                on_pack: Callable[[PackInfo], None] | None = None,
-                lazy: bool = False) -> dict[str, list[timeline.Capture]]:
+                on_pack: Callable[[PackInfo], None] | None = None, lazy: bool = False,
+                damaged: list[tuple[str, str]] | None = None) -> dict[str, list[timeline.Capture]]:
     """Every capture of each of ``keys`` (None: of every tenant) in the replica, with its bytes (digest
     checked). With ``keys`` (and no ``on_pack``), only the packs the key index names or does not cover
     are read, in parallel (:func:`shardlite.services.replica_index.candidates`); anything the index says
@@ -118,7 +118,12 @@ def captures_of(target: ReplicaTarget, keys: Iterable[str] | None, *,
 
     ``lazy`` (with ``keys``): a capture whose bytes did not come with its pack's header is returned without
     them (``where`` set, ``data`` empty); :func:`fill` fetches those a replay needs (a restore reads only the
-    captures from the last snapshot on, not a busy tenant's whole history)."""
+    captures from the last snapshot on, not a busy tenant's whole history).
+
+    A pack that fails its checks (its header, or the bytes of a capture asked for: damaged, truncated or not
+    written by shardlite) raises :class:`~shardlite.ReplicaDamaged` naming every such pack once all were read;
+    with ``damaged`` (a list) they are skipped instead, each appended to it as (name, what is wrong). (A pack
+    the key index names that fails is not counted here: every pack is read again, and it is met there.)"""
     wanted = set(keys) if keys is not None else None
     if lazy and wanted is None:
         raise ValueError("lazy reads are for named keys")
@@ -139,8 +144,27 @@ def captures_of(target: ReplicaTarget, keys: Iterable[str] | None, *,
                 pass  # the index named a pack deleted or rewritten since: read every header
         erased.result()
     erased_now = erased_names(target)
-    return _collect(wanted, (_read_one(target, name, size, wanted, on_pack, lazy)
-                             for name, size in list_packs(target)), erased_now)
+    results, bad = [], []
+    for name, size in list_packs(target):
+        try:
+            results.append(_read_one(target, name, size, wanted, on_pack, lazy))
+        except pack.PackError as exc:
+            bad.append((name, str(exc)))
+    if bad and damaged is None:
+        raise ReplicaDamaged(damaged_message(target, bad), bad)
+    if damaged is not None:
+        damaged.extend(bad)
+    return _collect(wanted, results, erased_now)
+
+
+def damaged_message(target: ReplicaTarget, bad: list[tuple[str, str]]) -> str:
+    """What :class:`~shardlite.ReplicaDamaged` says: the objects (the first five), and what to do."""
+    shown = "; ".join(f"{name!r} ({reason})" for name, reason in bad[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return (f"{len(bad)} object(s) of the replica {target.url} failed their checks (damaged, truncated or not "
+            f"written by shardlite): {shown}{more}. Nothing was restored: restore with --skip-damaged "
+            "(skip_damaged=True) to use every other object (commits only these held are then missing; the report "
+            "lists them), or restore from a backup")
 
 
 def _read_one(target: ReplicaTarget, name: str, size: int, wanted: set[str] | None,
@@ -148,8 +172,6 @@ def _read_one(target: ReplicaTarget, name: str, size: int, wanted: set[str] | No
     """The captures of ``wanted`` (None: every tenant) in pack ``name``, digests checked; ``lazy``: those whose
     bytes are not in the first read come without them (:func:`captures_of`)."""
     info, head = read_header_and_bytes(target, name, size)
-    if on_pack is not None:
-        on_pack(info)
     # every tenant (a whole root): the payload in one read, not one request per capture
     payload = target.get_range(name, info.payload_at, size - info.payload_at) if wanted is None else None
     out = []
@@ -170,6 +192,8 @@ def _read_one(target: ReplicaTarget, name: str, size: int, wanted: set[str] | No
         pack.check_bytes(entry, data)
         order = (entry.captured_ns, info.header.seq, position)
         out.append((entry.key, timeline.Capture(order, entry, data, info.header.node)))
+    if on_pack is not None:  # a pack whose bytes fail is not half used
+        on_pack(info)
     return out
 
 

@@ -87,20 +87,24 @@ def _image_at(target: ReplicaTarget, captures: list[timeline.Capture], at_ns: in
 
 
 def restore_tenant(store: Store, target: ReplicaTarget, key: object, *, as_key: object | None = None,
-                   at_ns: int | None = None, force: bool = False) -> dict[str, Any]:
+                   at_ns: int | None = None, force: bool = False, skip_damaged: bool = False) -> dict[str, Any]:
     """Restore tenant ``key`` (as ``as_key`` when given) from ``target`` at its last commit at or before
     ``at_ns`` (None: the latest). Returns what was restored: the key, the commit's time and frame, the
     history it came from, the new generation and incarnation. :class:`~shardlite.UnknownTenant` when the
     replica holds no commit of ``key`` at that time; :class:`~shardlite.ConfigurationError` when the time lies
-    before the key's retention window as of the replica's last compaction."""
+    before the key's retention window as of the replica's last compaction. A pack it needed that fails its
+    checks raises :class:`~shardlite.ReplicaDamaged`; with ``skip_damaged`` it is left out and listed under
+    ``damaged`` (object, what is wrong) in what is returned."""
     canon = canonical(key)
+    damaged: list[tuple[str, str]] = []
     # the retention horizon is read beside the captures (a time before the window is refused all the same)
     checked = replica_index.readers().submit(replica_index.check_time, target, canon, at_ns,
                                              format_time(at_ns) if at_ns is not None else "")
     found: tuple[bytearray, timeline.Point] | None = None
     for lazy in (True, False):  # a pack deleted between its header's read and its bytes': read again, whole
         try:
-            found_captures = replica_read.captures_of(target, [canon], lazy=lazy)[canon]
+            found_captures = replica_read.captures_of(target, [canon], lazy=lazy,
+                                                      damaged=damaged if skip_damaged else None)[canon]
         except BaseException:
             checked.result()  # a refused time is the answer before a damaged replica's
             raise
@@ -122,7 +126,11 @@ def restore_tenant(store: Store, target: ReplicaTarget, key: object, *, as_key: 
     return {"key": record.key, "from_key": canon, "commit_time": format_time(point.time_ns),
             "commit_ns": point.time_ns, "frame": point.frame, "from_incarnation": point.incarnation,
             "from_generation": point.generation, "generation": record.generation,
-            "incarnation": record.incarnation}
+            "incarnation": record.incarnation, "damaged": _listed(damaged)}
+
+
+def _listed(damaged: list[tuple[str, str]]) -> list[dict[str, str]]:
+    return [{"object": name, "error": reason} for name, reason in sorted(set(damaged))]
 
 
 def _catalog(global_db: bytes) -> dict[str, tuple[str, int, str, int, str]]:
@@ -182,13 +190,18 @@ def _replay(plan: timeline.Replay, key: str) -> bytearray:
                              "restore an earlier time with --at, or from a backup") from None
 
 
-def materialize(target: ReplicaTarget, dest: str, at_ns: int | None = None) -> dict[str, Any]:
+def materialize(target: ReplicaTarget, dest: str, at_ns: int | None = None,
+                damaged: list[tuple[str, str]] | None = None,
+                left_out: list[tuple[str, str]] | None = None) -> dict[str, Any]:
     """Write into the empty directory ``dest`` a backup (the layout :mod:`shardlite.services.manifest`
     reads) of the root as the replica holds it at ``at_ns`` (None: the latest): the metadata at its newest
     restore point at or before that time (:func:`~shardlite.services.replica_meta_read.meta_at`), and every tenant
     live at that time (:func:`live_at`: that metadata's catalog, the histories created since, and the drop
     records of plain drops, also those after it) at its last commit at or before it, on the node whose
-    replicator captured that commit. Returns the manifest."""
+    replicator captured that commit. Returns the manifest. A pack that fails its checks raises
+    :class:`~shardlite.ReplicaDamaged`; with ``damaged`` (a list) it is left out and appended to it. A tenant
+    whose history cannot be replayed raises; with ``left_out`` (a list) it is left out and appended to it as
+    (key, why)."""
     horizon = replica_index.check_time(target, None, at_ns, format_time(at_ns) if at_ns is not None else "")
     meta = replica_meta_read.meta_at(target, at_ns, format_time)
     global_db, app_global_db = meta.global_db, meta.app_global_db
@@ -200,10 +213,16 @@ def materialize(target: ReplicaTarget, dest: str, at_ns: int | None = None) -> d
         for drop in info.header.drops:
             drops.setdefault(drop.key, []).append(drop)
 
-    everything = replica_read.captures_of(target, None, on_pack=drops_in)
+    everything = replica_read.captures_of(target, None, on_pack=drops_in, damaged=damaged)
     entries: dict[str, Any] = {}
     for key, captures in sorted(everything.items()):
-        plan = _plan(replica_index.without_expired(horizon, captures), limit, key)
+        try:
+            plan = _plan(replica_index.without_expired(horizon, captures), limit, key)
+        except ShardliteError as exc:
+            if left_out is None:
+                raise
+            left_out.append((key, str(exc)))
+            continue
         if plan is None:
             continue
         point = plan.point
@@ -211,7 +230,13 @@ def materialize(target: ReplicaTarget, dest: str, at_ns: int | None = None) -> d
         row = catalog.get(key)
         if not live_at(row, point.incarnation, started, meta.read_ns, drops.get(key, []), limit):
             continue
-        image = _replay(plan, key)
+        try:
+            image = _replay(plan, key)
+        except ShardliteError as exc:
+            if left_out is None:
+                raise
+            left_out.append((key, str(exc)))
+            continue
         checksum = xxhash.xxh3_128_hexdigest(bytes(image))
         name = mf.tenant_file(key, checksum)
         os.makedirs(os.path.join(dest, os.path.dirname(name)), mode=0o700, exist_ok=True)
@@ -236,14 +261,23 @@ def materialize(target: ReplicaTarget, dest: str, at_ns: int | None = None) -> d
 
 
 def restore_root_from_replica(target: ReplicaTarget, root: str, *, at_ns: int | None = None,
-                              node_paths: Mapping[str, str] | None = None) -> RootRestore:
+                              node_paths: Mapping[str, str] | None = None, skip_damaged: bool = False) -> RootRestore:
     """Restore a whole root (nodes, metadata, the app's global tables, every tenant) from the replica into
     ``root``, a new or empty data root, as it was at ``at_ns`` (None: the latest; :func:`materialize`), with
-    every check of a restore from a backup (:func:`shardlite.services.restore.restore_root`)."""
+    every check of a restore from a backup (:func:`shardlite.services.restore.restore_root`). A pack that
+    fails its checks raises :class:`~shardlite.ReplicaDamaged` before anything is written, and so does a
+    tenant whose history cannot be replayed (a ShardliteError naming it); with ``skip_damaged`` such a pack is
+    left out and listed in ``damaged`` of what is returned, such a tenant in ``left_out`` (restore it alone at
+    an earlier time: ``restore_tenant(..., at_ns=..., skip_damaged=True)``)."""
+    damaged: list[tuple[str, str]] = []
+    left_out: list[tuple[str, str]] = []
     root = os.path.abspath(root)
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".shardlite-replica-restore-", dir=parent) as scratch:
         os.chmod(scratch, 0o700)
-        materialize(target, scratch, at_ns)
-        return restore_root(scratch, root, node_paths=node_paths)
+        materialize(target, scratch, at_ns, damaged if skip_damaged else None, left_out if skip_damaged else None)
+        done = restore_root(scratch, root, node_paths=node_paths)
+        done.damaged = _listed(damaged)
+        done.left_out = [{"key": key, "error": reason} for key, reason in left_out]
+        return done

@@ -36,7 +36,7 @@ import secrets
 import stat
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import apsw
@@ -417,6 +417,10 @@ class RootRestore:
     nodes: list[NodePlan]
     tenants: list[str]
     globals: dict[str, int]
+    #: objects of a replica left out as damaged (``skip_damaged``): [{"object", "error"}]
+    damaged: list[dict[str, str]] = field(default_factory=list)
+    #: tenants of a replica left out, their history not replayable (``skip_damaged``): [{"key", "error"}]
+    left_out: list[dict[str, str]] = field(default_factory=list)
 
 
 def restore_root(src: str, root: str, *, node_paths: Mapping[str, str] | None = None,
