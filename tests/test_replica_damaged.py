@@ -6,6 +6,7 @@ default a restore that read it restores nothing and raises ReplicaDamaged naming
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from helpers_s3 import TargetFactory
 
 import shardlite
 from shardlite.replica.target import ReplicaTarget
-from shardlite.services import replica_meta, replica_read
+from shardlite.services import replica_index, replica_meta, replica_read, replica_retention
 from shardlite.services.replica_restore import restore_root_from_replica, restore_tenant
 from shardlite.services.replication import Replication
 
@@ -39,21 +40,22 @@ def _damage(target: ReplicaTarget, name: str, at: int) -> None:
 @pytest.fixture
 def replicated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_replica_target: TargetFactory) -> tuple[
         str, dict[str, list[tuple[object, ...]]], str]:
-    """A root replicated in three rounds: user:a in the first and third, user:b in all three; the second
-    pack, holding only user:b's commit, is damaged afterwards. Returns (URL, the tenants' rows, that pack)."""
+    """A root replicated in three rounds: user:a and user:c in the first and third, user:b in all three; the
+    second pack, holding only user:b's commit, is damaged afterwards. Returns (URL, the tenants' rows, that
+    pack)."""
     monkeypatch.setattr(replica_meta, "DELTA_SHARE", 1e9)
     url = make_replica_target.url()
     with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=url) as router:
         replication = Replication(router._store)
         try:
             for round_ in range(3):
-                for key in ("user:a", "user:b"):
+                for key in ("user:a", "user:b", "user:c"):
                     if key == "user:b" or round_ != 1:
                         _write(router, key, f"{key} {round_}")
                 replication.run_round()
         finally:
             replication.close()
-        rows = {key: _rows(router, key) for key in ("user:a", "user:b")}
+        rows = {key: _rows(router, key) for key in ("user:a", "user:b", "user:c")}
     target = make_replica_target()
     packs = [name for name, _size in replica_read.list_packs(target)]
     assert len(packs) == 3
@@ -115,7 +117,7 @@ def test_a_whole_root_restore_refuses_before_writing_then_restores_every_other_o
     assert [d["object"] for d in done.damaged] == [bad]
     # user:b's second commit was only in it: its history has a hole, so it is left out and said so
     assert [d["key"] for d in done.left_out] == ["user:b"] and "cannot be replayed" in done.left_out[0]["error"]
-    assert done.tenants == ["user:a"]
+    assert sorted(done.tenants) == ["user:a", "user:c"]
     first = replica_read.list_packs(target)[0]
     [entry] = [e for e in replica_read.read_header(target, *first).header.entries if e.key == "user:b"]
     with shardlite.Router(tmp_path / "back", schema=SCHEMA, create=False) as back:
@@ -141,3 +143,36 @@ def test_the_cli_says_what_to_do_and_warns_for_what_it_left_out(
     code, _out, err = run_cli(capsys, "restore", str(tmp_path / "nothing"), "--root", str(tmp_path / "r2"),
                               "--skip-damaged")
     assert code != 0 and "applies to a replica" in err
+
+
+def test_a_compaction_keeps_a_damaged_pack_and_goes_on_without_expiring_anything(
+        tmp_path: Path, replicated: tuple[str, dict[str, list[tuple[object, ...]]], str],
+        make_replica_target: TargetFactory) -> None:
+    """A damaged header used to stop every compaction of the root. Now the pack is kept and reported, the
+    rest is compacted, and no history expires while it is there (it may hold any key's drop record or
+    captures): a tenant dropped more than its window ago stays restorable."""
+    url, rows, bad = replicated
+    target = make_replica_target()
+    with shardlite.Router(tmp_path / "root", schema=SCHEMA, create=False) as router:
+        router.drop("user:a")
+        replication = Replication(router._store)
+        try:
+            replication.run_round()  # ships the drop record
+        finally:
+            replication.close()
+        _damage(target, bad, 30)
+        later = time.time_ns() + 8 * 86_400 * 10**9  # past the 7-day window: user:a's drop is older than it
+        report = replica_retention.compact(router._store, target, now_ns=later)
+    assert list(report.damaged) == [bad] and "header" in report.damaged[bad]
+    # the compaction went through (user:b's history has a hole: kept whole, said so; nothing expired)
+    assert report.pinned == ["user:b"] and report.index
+    horizon = replica_index.read_horizon(target)
+    assert horizon is not None and horizon.expired == []
+    assert bad in [name for name, _size in replica_read.list_packs(target)]
+    with shardlite.Router(tmp_path / "live", schema=SCHEMA) as live:
+        with pytest.raises(shardlite.ReplicaDamaged):  # the key index lists it as unreadable: every restore reads it
+            restore_tenant(live._store, target, "user:a")
+        done = restore_tenant(live._store, target, "user:a", skip_damaged=True)  # not expired
+        assert _rows(live, "user:a") == rows["user:a"] and [d["object"] for d in done["damaged"]] == [bad]
+        restore_tenant(live._store, target, "user:c", skip_damaged=True)
+        assert _rows(live, "user:c") == rows["user:c"]

@@ -81,6 +81,9 @@ def cmd_compact(args: argparse.Namespace) -> int:
         echo(f"kept whole (their history could not be compacted): {', '.join(literal(k) for k in report.pinned)}")
     for first, why in report.rollups_skipped.items():
         echo(f"not joined (left as they are): the run from {literal(first)}: {literal(why)}")
+    for name, why in report.damaged.items():
+        echo(f"damaged, kept (no tenant's history expires while it is there; restores that need it stop and "
+             f"name it, or leave it out with --skip-damaged): {literal(name)}: {literal(why)}")
     return 0
 
 

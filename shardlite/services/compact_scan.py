@@ -65,8 +65,10 @@ def summarize(header: pack.Header) -> Summary:
 
 @dataclass
 class Scan:
-    summaries: dict[str, Summary]  #: every pack listed
+    summaries: dict[str, Summary]  #: every pack listed whose header is valid
     planned: dict[str, PackInfo]  #: the headers of the packs planned over, in listing order
+    #: packs listed whose header is not valid (damaged, truncated, crafted) -> what is wrong: no summary, no plan
+    damaged: dict[str, str]
 
 
 def scan(target: ReplicaTarget, listed: list[tuple[str, int]], cache: HeaderCache, *, final: Callable[[str], bool],
@@ -74,8 +76,8 @@ def scan(target: ReplicaTarget, listed: list[tuple[str, int]], cache: HeaderCach
     """The summary of every pack of ``listed`` ((name, size)), and the header of those ``planned`` says a
     compaction plans over. Summaries and headers of packs in ``cache`` (same name and size) come from it; the
     others are read from the replica in parallel, and those of packs ``final`` says will not change are cached.
-    Rows of packs not listed are deleted from the cache. A pack that is not valid raises its
-    :class:`~shardlite.core.pack.PackError` (nothing is decided on a replica that cannot be read whole)."""
+    Rows of packs not listed are deleted from the cache. A pack whose header is not valid is in ``damaged``
+    only: the caller decides nothing from it (it keeps it, and assumes it may hold any key)."""
     sizes = dict(listed)
     summaries = {name: Summary(*row) for name, row in cache.summaries(sizes).items()}
     infos: dict[str, PackInfo] = {}
@@ -91,13 +93,18 @@ def scan(target: ReplicaTarget, listed: list[tuple[str, int]], cache: HeaderCach
         if name not in infos:
             summaries.pop(name, None)
     missing = [(name, size) for name, size in listed if name not in summaries]
+    damaged: dict[str, str] = {}
     pool = replica_index.readers()
     for at in range(0, len(missing), HEADER_BATCH):
         batch = missing[at:at + HEADER_BATCH]
         futures = [pool.submit(read_header_and_bytes, target, name, size) for name, size in batch]
         rows = []
         for (name, size), future in zip(batch, futures, strict=True):
-            info, head = future.result()
+            try:
+                info, head = future.result()
+            except pack.PackError as exc:
+                damaged[name] = str(exc)
+                continue
             summary = summaries[name] = summarize(info.header)
             if planned(name, summary):
                 infos[name] = info
@@ -107,4 +114,4 @@ def scan(target: ReplicaTarget, listed: list[tuple[str, int]], cache: HeaderCach
         if rows:
             cache.store(rows)
     cache.retain(sizes)
-    return Scan(summaries, {name: infos[name] for name, _size in listed if name in infos})
+    return Scan(summaries, {name: infos[name] for name, _size in listed if name in infos}, damaged)

@@ -302,10 +302,12 @@ class _Tail:
 
 
 def write_base(target: ReplicaTarget, created_ns: int, coverage: dict[str, int], rows: Iterable[keyindex.PackRow],
-               extra: Iterable[str]) -> str:
-    """Write a base index (a compaction's); its name."""
+               extra: Iterable[str], unreadable: Iterable[tuple[str, int]] = ()) -> str:
+    """Write a base index (a compaction's); its name. ``unreadable``: covered packs whose header is not valid
+    ((name, size): restores read them themselves)."""
     name = base_name(created_ns)
-    target.put(name, keyindex.encode("base", created_ns, created_ns, coverage, rows, extra=extra))
+    target.put(name, keyindex.encode("base", created_ns, created_ns, coverage, rows, extra=extra,
+                                     unreadable=unreadable))
     return name
 
 

@@ -88,6 +88,8 @@ class CompactionReport:
     rollup_parts: list[str] = field(default_factory=list)  #: rollup parts written
     #: runs not joined (their first pack -> why: a damaged or missing pack): left as they are
     rollups_skipped: dict[str, str] = field(default_factory=dict)
+    #: packs whose header is not valid (name -> why): kept, and while one is there no tenant's history expires
+    damaged: dict[str, str] = field(default_factory=dict)
     meta_deleted: int = 0  #: metadata snapshots and deltas deleted
     staging_rows: int = 0
     index: str = ""
@@ -297,9 +299,15 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
             located.append(retention.Located(name, timeline.Capture(
                 (entry.captured_ns, info.header.seq, position), entry, b"", info.header.node)))
     report.packs = len(listed)
-    # keys that may have captures or drop records in the packs the plan does not see (kept whatever it says)
+    report.damaged = dict(scanned.damaged)
+    for name, why in report.damaged.items():
+        log.warning("replicate: the pack %r is damaged (%s): it is kept, and while it is there no tenant's history "
+                    "expires (it may hold any key); restores that read it say so", name, why)
+    # keys that may have captures or drop records in the packs the plan does not see (kept whatever it says); a
+    # damaged pack may hold any
     recent = {digest for name, summary in scanned.summaries.items() if name not in infos
               for digest in summary.all_digests()}
+    anything_recent = bool(scanned.damaged)
     live = {record.key for record in store.meta.tenants.iter_tenants() if record.state in ("active", "moving")}
     starts: dict[str, int] = {}
 
@@ -309,7 +317,7 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
         return starts[key]
 
     planned = retention.plan(located, start_of, live=live, packs=infos, drops=drops,
-                             recent=lambda key: keyindex.digest(key) in recent)
+                             recent=lambda key: anything_recent or keyindex.digest(key) in recent)
     report.pinned = planned.pinned
     built = _build(target, infos, planned.snapshots)
     written = _write_packs(target, built, now)
@@ -350,6 +358,7 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
     coverage = replica_index.part_coverage(store, [name for name, _size in listed])
     rows: list[keyindex.PackRow] = []
     extra: list[str] = []
+    unreadable: list[tuple[str, int]] = []
     for name, size in listed:
         seq = keyindex.pack_seq(name)
         if ((name in infos and name not in keep) or name in joined
@@ -357,6 +366,9 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
             continue
         if seq is None:
             extra.append(name)
+        if name in scanned.damaged:  # restores read it themselves (and say it is damaged)
+            unreadable.append((name, size))
+            continue
         held = infos.get(name)
         digests = (sorted({keyindex.digest(e.key) for e in held.header.entries}) if held is not None
                    else scanned.summaries[name].key_digests())
@@ -366,7 +378,7 @@ def _compact(store: Store, target: ReplicaTarget, now_ns: int | None) -> Compact
         rows.append((name, size, sorted({keyindex.digest(k) for k in keys})))
     newest = max((int(n[len(replica_index.BASE_PREFIX):][:20]) for n, _ in target.list(replica_index.BASE_PREFIX)
                   if n[len(replica_index.BASE_PREFIX):][:20].isdigit()), default=-1)
-    report.index = replica_index.write_base(target, max(now, newest + 1), coverage, rows, extra)
+    report.index = replica_index.write_base(target, max(now, newest + 1), coverage, rows, extra, unreadable)
     # first what runs superseded (so that a run's parts never go while a pack it superseded is left), then the plan's
     superseded = sorted(joined)
     if superseded:
