@@ -116,7 +116,7 @@ class _Counting:
 
 def test_reading_every_tenant_reads_each_pack_payload_at_once(router: shardlite.Router, tmp_path: Path) -> None:
     """A whole-root restore read one ranged GET per capture (27 s for 1,000 tenants on SeaweedFS)."""
-    from shardlite.core.pack import PackError
+    from shardlite import ReplicaDamaged
     from shardlite.replica.target import open_target
     from shardlite.services import replica_read
 
@@ -138,8 +138,9 @@ def test_reading_every_tenant_reads_each_pack_payload_at_once(router: shardlite.
         data = bytearray(path.read_bytes())
         data[-1] ^= 0xFF  # damage the last capture's bytes
         path.write_bytes(bytes(data))
-        with pytest.raises(PackError):
+        with pytest.raises(ReplicaDamaged) as caught:  # named, with what to do (tests/test_replica_damaged.py)
             replica_read.captures_of(target, None)
+        assert [bad for bad, _why in caught.value.objects] == [name]
     finally:
         target.close()
 

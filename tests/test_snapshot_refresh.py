@@ -4,16 +4,27 @@ staged since a tenant file's last snapshot, and a staging file written before th
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import apsw
+import pytest
+from helpers_s3 import TargetFactory
 from hypothesis import given
 from hypothesis import strategies as st
 
+import shardlite
 from shardlite.core import walformat as wf
 from shardlite.core.refresh import REFRESH_FLOOR, REFRESH_RATIO, snapshot_due
 from shardlite.files import walcapture as wc
 from shardlite.files.staging import Staging
+from shardlite.services import replica_meta
+from shardlite.services.replica_restore import restore_tenant
+from shardlite.services.replication import Replication
+
+SCHEMA = {"user": ["CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"]}
 
 
 @given(st.integers(0, 1 << 40), st.integers(0, 1 << 36), st.integers(1, 64), st.integers(1, 1 << 30))
@@ -97,3 +108,50 @@ def test_a_staging_written_before_the_count_gets_it(tmp_path: Path) -> None:
         assert found is not None and found.frame_bytes == len(wf.encode_frame(_frames(8, 1)[0]))
     finally:
         staging.close()
+
+
+def test_a_commit_made_while_a_refreshed_snapshot_is_read_keeps_its_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_replica_target: TargetFactory) -> None:
+    """Writers go on while the replicator reads a refreshed snapshot; a commit made then is timed by its
+    writer's note like any other, so a restore at a time right after it holds it (the refresh is staged with
+    the capture time of the capture it follows: a later one would make the next capture ignore that note)."""
+    monkeypatch.setattr(replica_meta, "DELTA_SHARE", 1e9)
+    real = wc.checkpoint_briefly_locked
+    during: list[int] = []
+
+    with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=make_replica_target.url()) as router:
+        def briefly_locked(*args: Any, refresh: Callable[[wc.Capture], None] | None = None, **kwargs: Any) -> Any:
+            if refresh is None:
+                return real(*args, **kwargs)
+
+            def commit_then_refresh(got: wc.Capture) -> None:  # the lock is let go, the image read: a writer commits
+                with router.transaction("user:a") as tx:
+                    tx.execute("UPDATE notes SET body = 'during' WHERE id = 1")
+                during.append(time.time_ns())
+                refresh(got)
+            return real(*args, refresh=commit_then_refresh, **kwargs)
+
+        monkeypatch.setattr(wc, "checkpoint_briefly_locked", briefly_locked)
+        replication = Replication(router._store)
+        try:
+            with router.transaction("user:a") as tx:
+                tx.execute("INSERT INTO notes(id, body) VALUES (1, 'first')")
+            replication.run_round()
+            for node in replication.nodes.values():
+                node.replicator.refresh_ratio, node.replicator.refresh_floor = 1, 64 * 1024
+            for n in range(1100):  # past DUE_FRAMES: the next round checkpoints and refreshes
+                with router.transaction("user:a") as tx:
+                    tx.execute("UPDATE notes SET body = ? WHERE id = 1", (f"v{n}",))
+            replication.run_round()
+            assert len(during) == 1
+            with router.transaction("user:a") as tx:
+                tx.execute("UPDATE notes SET body = 'after' WHERE id = 1")
+            replication.run_round()
+        finally:
+            replication.close()
+    target = make_replica_target()
+    with shardlite.Router(tmp_path / "live", schema=SCHEMA) as live:
+        restore_tenant(live._store, target, "user:a", at_ns=during[0])
+        assert [tuple(r) for r in live.query("user:a", "SELECT body FROM notes")] == [("during",)]
+        restore_tenant(live._store, target, "user:a", as_key="user:latest")
+        assert [tuple(r) for r in live.query("user:latest", "SELECT body FROM notes")] == [("after",)]

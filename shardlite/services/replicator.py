@@ -543,13 +543,16 @@ class _Staged:
     def refresh(self, got: wc.Capture) -> None:
         """Stage ``got``, a refreshed snapshot at the log position the last staged capture ended
         (:mod:`shardlite.core.refresh`), timed as that capture's last commit. Skipped when another process
-        staged a capture of the tenant meanwhile (the history is whole without it)."""
-        now = self.rep.clock()
+        staged a capture of the tenant meanwhile (the history is whole without it).
+
+        Its capture time is that of the capture it follows (taken before the write lock was let go), not the
+        clock now: writers commit while the image is read, and the next capture ignores notes at or before
+        the stored capture time, so a later one would time those commits late."""
+        captured = self.previous or self.rep.clock()
         try:
             self.rep.staging.stage(self.key, self.record.incarnation, self.record.generation, got,
-                                   [(got.cursor.frame, self.last_commit)], now, expect=self.cursor)
+                                   [(got.cursor.frame, self.last_commit)], captured, expect=self.cursor)
         except StaleCursor:
             return
         self.cursor = got.cursor
-        self.previous = now
         self.stats.refreshed += 1
