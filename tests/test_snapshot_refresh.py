@@ -4,6 +4,7 @@ staged since a tenant file's last snapshot, and a staging file written before th
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import apsw
 import pytest
+from helpers_procs import spawn, write_script
 from helpers_s3 import TargetFactory
 from hypothesis import given
 from hypothesis import strategies as st
@@ -20,7 +22,8 @@ from shardlite.core import walformat as wf
 from shardlite.core.refresh import REFRESH_FLOOR, REFRESH_RATIO, snapshot_due
 from shardlite.files import walcapture as wc
 from shardlite.files.staging import Staging
-from shardlite.services import replica_meta
+from shardlite.replica.target import open_target as make_target
+from shardlite.services import replica_meta, replica_read
 from shardlite.services.replica_restore import restore_tenant
 from shardlite.services.replication import Replication
 
@@ -155,3 +158,93 @@ def test_a_commit_made_while_a_refreshed_snapshot_is_read_keeps_its_time(
         assert [tuple(r) for r in live.query("user:a", "SELECT body FROM notes")] == [("during",)]
         restore_tenant(live._store, target, "user:a", as_key="user:latest")
         assert [tuple(r) for r in live.query("user:latest", "SELECT body FROM notes")] == [("after",)]
+
+
+KILLED_AT_A_REFRESH = """
+import os, signal, sys
+import shardlite
+from shardlite.files import walcapture as wc
+from shardlite.services.replication import Replication
+
+root, point = sys.argv[1], sys.argv[2]
+real = wc.checkpoint_briefly_locked
+
+
+def briefly_locked(*args, refresh=None, **kwargs):
+    if refresh is None:
+        return real(*args, **kwargs)
+
+    def killed(got):
+        if point == "before":  # the image read, nothing staged
+            os.kill(os.getpid(), signal.SIGKILL)
+        refresh(got)
+        os.kill(os.getpid(), signal.SIGKILL)  # staged, the closed cursor not stored, nothing uploaded
+    return real(*args, refresh=killed, **kwargs)
+
+
+wc.checkpoint_briefly_locked = briefly_locked
+with shardlite.Router(root, create=False) as router:
+    replication = Replication(router._store)
+    for node in replication.nodes.values():
+        node.replicator.refresh_ratio, node.replicator.refresh_floor = 1, 64 * 1024
+    print("ready", flush=True)
+    while True:
+        replication.run_round()
+"""
+
+
+@pytest.mark.parametrize("point", ["before", "after"])
+def test_a_replicator_killed_around_a_refresh_loses_nothing(tmp_path: Path, point: str) -> None:
+    """kill -9 of the replicator right after it read a refreshed snapshot's image (nothing staged), or right
+    after it staged it (nothing uploaded): the closed cursor was stored first, so the next replicator continues
+    the next log generation with frames (no snapshot for a gap), the refresh is there exactly when it was
+    staged, the latest restore is exact and every restore point is a state the tenant went through."""
+    url = "file://" + os.fspath(tmp_path / "replica")
+    with shardlite.Router(tmp_path / "root", schema=SCHEMA, replicate=url) as router:
+        with router.transaction("user:a") as tx:
+            tx.execute("INSERT INTO notes(id, body) VALUES (1, 'v0')")
+        first = Replication(router._store)
+        try:
+            first.run_round()  # the tenant's history starts with its snapshot
+        finally:
+            first.close()
+        times: list[int] = []  # a time right after each commit n (n = 1, 2, ...)
+        replicator = spawn(write_script(tmp_path, "killed.py", KILLED_AT_A_REFRESH), router.root, point)
+        try:
+            assert replicator.stdout is not None and replicator.stdout.readline().strip() == "ready"
+            for n in range(1, 1201):  # past DUE_FRAMES: once the writes pause, a checkpoint and a refresh
+                with router.transaction("user:a") as tx:
+                    tx.execute("UPDATE notes SET body = ? WHERE id = 1", (f"v{n}",))
+                times.append(time.time_ns())
+            replicator.wait(timeout=120)
+        finally:
+            if replicator.poll() is None:
+                replicator.kill()
+            replicator.communicate()
+        assert replicator.returncode == -signal.SIGKILL, "the replicator never reached a refresh"
+        for n in range(1201, 1204):  # the next log generation
+            with router.transaction("user:a") as tx:
+                tx.execute("UPDATE notes SET body = ? WHERE id = 1", (f"v{n}",))
+            times.append(time.time_ns())
+        replication = Replication(router._store)
+        try:
+            for _ in range(2):
+                replication.run_round()
+        finally:
+            replication.close()
+    target = make_target(url)
+    history = replica_read.captures_of(target, ["user:a"])["user:a"]
+    snapshots = [c for c in history if c.entry.kind == "snapshot"]
+    assert len(snapshots) == (1 if point == "before" else 2)  # no snapshot for a gap; the staged refresh shipped
+    with shardlite.Router(tmp_path / "live", schema=SCHEMA) as live:
+        restore_tenant(live._store, target, "user:a", as_key="user:latest")
+        assert [tuple(r) for r in live.query("user:latest", "SELECT body FROM notes")] == [("v1203",)]
+        reached = []
+        for n in range(1, 1204, 67):  # a commit timed by its note or, when captured first, a little later
+            restore_tenant(live._store, target, "user:a", as_key=f"user:at{n}", at_ns=times[n - 1])
+            [(body,)] = [tuple(r) for r in live.query(f"user:at{n}", "SELECT body FROM notes")]
+            assert isinstance(body, str) and int(body[1:]) <= n
+            reached.append(int(body[1:]))
+        assert reached == sorted(reached)
+        restore_tenant(live._store, target, "user:a", as_key="user:end", at_ns=times[-1])  # noted before the round
+        assert [tuple(r) for r in live.query("user:end", "SELECT body FROM notes")] == [("v1203",)]

@@ -305,7 +305,7 @@ LOCKED_FRAMES = 256
 
 def checkpoint_briefly_locked(lock: apsw.Connection, guard: apsw.Connection, checkpointer: apsw.Connection,
                               files: LogFiles, cursor: Cursor, stage: Callable[[Capture], None], *,
-                              locked_frames: int = LOCKED_FRAMES,
+                              locked_frames: int = LOCKED_FRAMES, closed: Callable[[Cursor], None] | None = None,
                               refresh: Callable[[Capture], None] | None = None) -> tuple[Cursor, bool]:
     """A checkpoint of ``files.path`` that holds the write lock only for its last few frames. Returns (the
     cursor to store, whether the checkpoint under the lock ran; the cursor is ``closed`` when it copied
@@ -323,7 +323,10 @@ def checkpoint_briefly_locked(lock: apsw.Connection, guard: apsw.Connection, che
        captured and staged, a passive checkpoint. Otherwise (a writer outruns the capture) nothing more
        is done: the log stays, the next round tries again.
 
-    3. ``refresh`` (optional): when the checkpoint closed the log generation, ``guard`` begins a read
+    3. When the checkpoint closed the log generation, ``closed`` (optional) gets the closed cursor as soon as
+       the write lock is let go, to store it before anything else runs (a crash after it continues the next
+       generation from its frame 1; before it, the next capture is a snapshot).
+    4. ``refresh`` (optional): when the checkpoint closed the log generation, ``guard`` begins a read
        transaction before the write lock is let go. Every frame is in the database file then, so that
        transaction sees exactly the commit the cursor names, and writers go on meanwhile (the first restarts
        the log; SQLite backfills nothing past a reader on read mark 0, so the file stays as it is). The
@@ -363,6 +366,13 @@ def checkpoint_briefly_locked(lock: apsw.Connection, guard: apsw.Connection, che
                 raise
     finally:
         lock.execute("ROLLBACK")
+    if closed is not None and after.closed:
+        try:
+            closed(after)
+        except BaseException:
+            if reading:
+                guard.execute("COMMIT")
+            raise
     if reading:
         try:
             image = guard.serialize("main")

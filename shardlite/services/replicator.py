@@ -373,13 +373,12 @@ class NodeReplicator:
                 record.incarnation, record.generation) and state.last_commit > 0 and refresh.snapshot_due(
                 stored.frame_bytes, stored.image_bytes, ratio=self.refresh_ratio, floor=self.refresh_floor)
             try:
-                after, done = wc.checkpoint_briefly_locked(opened.conn, guard, checkpointer, opened.files, state.cursor,
-                                                           state.stage, refresh=state.refresh if due else None)
+                _after, done = wc.checkpoint_briefly_locked(opened.conn, guard, checkpointer, opened.files,
+                                                            state.cursor, state.stage, closed=state.closed,
+                                                            refresh=state.refresh if due else None)
             finally:
                 checkpointer.close()
                 guard.close()
-            if after.closed:
-                self.staging.set_cursor(key, record.incarnation, record.generation, after, state.last_commit)
             stats.checkpoints += done
             stats.deferred += not done
             stats.timed("capture.checkpoint", t)
@@ -539,6 +538,12 @@ class _Staged:
             self.counted = True
         self.stats.snapshots += got.snapshot is not None
         self.last_commit, self.previous = times[-1][1], now
+
+    def closed(self, cursor: wc.Cursor) -> None:
+        """Store ``cursor``, closed by a checkpoint that copied the whole log (nothing new to stage)."""
+        self.rep.staging.set_cursor(self.key, self.record.incarnation, self.record.generation, cursor,
+                                    self.last_commit)
+        self.cursor = cursor
 
     def refresh(self, got: wc.Capture) -> None:
         """Stage ``got``, a refreshed snapshot at the log position the last staged capture ended
