@@ -26,6 +26,7 @@ from ..replica.target import ReplicaTarget
 from . import replica_index
 
 __all__ = ["PackInfo", "list_packs", "read_header", "read_header_and_bytes", "read_headers", "captures_of", "fill",
+           "read_pack",
            "PACKS_PREFIX", "ERASED_PREFIX",
            "tombstone_name", "erased_names"]
 
@@ -134,7 +135,7 @@ def captures_of(target: ReplicaTarget, keys: Iterable[str] | None, *,
 
         def start(name: str, size: int) -> None:  # each pack's reading starts as soon as it is named
             if name not in reads:
-                reads[name] = pool.submit(_read_one, target, name, size, wanted, None, lazy)
+                reads[name] = pool.submit(read_pack, target, name, size, wanted, None, lazy)
 
         found = replica_index.candidates(target, wanted, pool, start)
         if found is not None:
@@ -147,7 +148,7 @@ def captures_of(target: ReplicaTarget, keys: Iterable[str] | None, *,
     results, bad = [], []
     for name, size in list_packs(target):
         try:
-            results.append(_read_one(target, name, size, wanted, on_pack, lazy))
+            results.append(read_pack(target, name, size, wanted, on_pack, lazy))
         except pack.PackError as exc:
             bad.append((name, str(exc)))
     if bad and damaged is None:
@@ -167,7 +168,7 @@ def damaged_message(target: ReplicaTarget, bad: list[tuple[str, str]]) -> str:
             "lists them), or restore from a backup")
 
 
-def _read_one(target: ReplicaTarget, name: str, size: int, wanted: set[str] | None,
+def read_pack(target: ReplicaTarget, name: str, size: int, wanted: set[str] | None,
               on_pack: Callable[[PackInfo], None] | None, lazy: bool = False) -> list[tuple[str, timeline.Capture]]:
     """The captures of ``wanted`` (None: every tenant) in pack ``name``, digests checked; ``lazy``: those whose
     bytes are not in the first read come without them (:func:`captures_of`)."""

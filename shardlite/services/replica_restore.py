@@ -42,7 +42,7 @@ from ..errors import ConfigurationError, ReplicaObjectMissing, ShardliteError, U
 from ..front.store import Store
 from ..replica.target import ReplicaTarget
 from . import manifest as mf
-from . import replica_index, replica_meta_read, replica_read
+from . import replica_index, replica_meta_read, replica_read, replica_since
 from .restore import RootRestore, install_image, open_image, restore_root
 
 __all__ = ["restore_tenant", "restore_root_from_replica", "materialize", "live_at", "parse_time", "format_time"]
@@ -103,8 +103,12 @@ def restore_tenant(store: Store, target: ReplicaTarget, key: object, *, as_key: 
     found: tuple[bytearray, timeline.Point] | None = None
     for lazy in (True, False):  # a pack deleted between its header's read and its bytes': read again, whole
         try:
-            found_captures = replica_read.captures_of(target, [canon], lazy=lazy,
-                                                      damaged=damaged if skip_damaged else None)[canon]
+            since = None
+            if lazy:  # from the last snapshot at or before the time on (a restore needs nothing older)
+                since = replica_since.captures_since_snapshot(
+                    target, canon, at_ns, lambda got: bool(replica_index.without_expired(checked.result(), [got])))
+            found_captures = since[0] if since is not None else replica_read.captures_of(
+                target, [canon], lazy=lazy, damaged=damaged if skip_damaged else None)[canon]
         except BaseException:
             checked.result()  # a refused time is the answer before a damaged replica's
             raise
