@@ -9,8 +9,9 @@ Usage::
 
 Each measurement builds its own root in a child process: 500 rows of 4 KB, then ``--commits`` commits that
 each rewrite one row, an in-process ``NodeReplicator`` round (capture, checkpoint when due, upload) after
-every 500. Then it times ``restore_tenant`` at the latest commit and at the middle of the history, and
-counts the bytes of packs each read. Prints one line per measurement; run under ``uptime`` to read it.
+every 500. A compaction then writes the key index (as the hourly one does; nothing is old enough to join or
+delete). Then it times ``restore_tenant`` at the latest commit and at the middle of the history, and counts
+the bytes of packs each read and its GETs of packs. Prints one line per measurement; run under ``uptime`` to read it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Counting:
 def measure(url: str, commits: int, refresh: bool) -> str:
     import shardlite
     from shardlite.replica.target import open_target
+    from shardlite.services import replica_retention
     from shardlite.services.replica_restore import restore_tenant
     from shardlite.services.replicator import NodeReplicator
 
@@ -77,6 +79,7 @@ def measure(url: str, commits: int, refresh: bool) -> str:
             refreshed += replicator.run_round().refreshed
         finally:
             replicator.close()
+        replica_retention.compact(router._store, target)
         sizes = [size for _name, size in target.list("v1/packs/")]
         out = []
         for label, at in (("latest", None), ("middle", middle)):
