@@ -27,7 +27,7 @@ None: the caller reads the way :func:`~shardlite.services.replica_read.captures_
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from ..core import keyindex, pack, rollup, timeline
 from ..errors import ReplicaObjectMissing
@@ -61,15 +61,17 @@ def captures_since_snapshot(target: ReplicaTarget, key: str, at_ns: int | None,
     if found is None:
         erased.result()
         return None
-    folders: dict[str, dict[int, list[tuple[str, int]]]] = {}
+    folders: dict[str, list[tuple[int, str, int]]] = {}
     always: list[tuple[str, int]] = []
     for name, size in found.packs.items():
         where = _order(name)
         if where is None:
             always.append((name, size))
         else:
-            folders.setdefault(where[0], {}).setdefault(where[1], []).append((name, size))
-    queues = {folder: sorted(by_order.items(), reverse=True) for folder, by_order in folders.items()}
+            folders.setdefault(where[0], []).append((where[1], name, size))
+    # each folder's packs newest first (a run's parts have one place: their order among them does not matter)
+    queues = {folder: [(name, size) for _o, name, size in sorted(packs, reverse=True)]
+              for folder, packs in folders.items()}
     tombstones = erased.result()
     wanted = {key}
 
@@ -81,24 +83,37 @@ def captures_since_snapshot(target: ReplicaTarget, key: str, at_ns: int | None,
                 if not (tombstones and tombstone_name(c.entry.incarnation) in tombstones)]
 
     reads = [start(name, size) for name, size in always]
+    pending: dict[Future[list[tuple[str, timeline.Capture]]], str] = {}
+
+    def top_up() -> None:  # as many reads in flight as there are readers, taking the folders in turn
+        while len(pending) < replica_index.READERS and queues:
+            for folder in list(queues):
+                if len(pending) >= replica_index.READERS:
+                    break
+                name, size = queues[folder].pop(0)
+                pending[start(name, size)] = folder
+                if not queues[folder]:
+                    del queues[folder]
+
     captures: list[timeline.Capture] = []
     left = 0
     try:
-        while queues:
-            # the newest unread packs of each folder, as many as there are readers (as fast as reading them all)
-            started = {folder: [start(name, size) for _o, group in queue[:replica_index.READERS]
-                                for name, size in group] for folder, queue in queues.items()}
-            for folder, futures in started.items():
-                del queues[folder][:replica_index.READERS]
-                got = [c for future in futures for c in kept(future)]
+        top_up()
+        while pending:
+            done, _running = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                folder = pending.pop(future)
+                got = kept(future)
                 captures.extend(got)
-                if any(_stops(c, at_ns, usable) for c in got):
-                    left += sum(len(group) for _o, group in queues[folder])
-                    queues[folder] = []
-            queues = {folder: queue for folder, queue in queues.items() if queue}
+                # every newer pack of the folder was started before this one: the older ones are not needed
+                if folder in queues and any(_stops(c, at_ns, usable) for c in got):
+                    left += len(queues.pop(folder))
+            top_up()
         for future in reads:
             captures.extend(kept(future))
     except (pack.PackError, ReplicaObjectMissing):
+        for future in [*pending, *reads]:
+            future.cancel()
         return None
     return captures, left
 
