@@ -3,6 +3,10 @@ the rows of a database image."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from collections.abc import Callable
+
 import apsw
 
 
@@ -30,3 +34,22 @@ def rows_of(image: bytes | bytearray, sql: str = "SELECT id, v FROM t ORDER BY i
         return list(conn.execute(sql))
     finally:
         conn.close()
+
+
+def beside_writer(code: str, args: list[str], step: Callable[[int], None]) -> int:
+    """Start ``python -c code *args`` (a writer that prints ``done`` when it has made its commits) and call
+    ``step(round)`` until it exits; checks it said ``done``, and kills it if a step raised. How many rounds."""
+    writer = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
+    rounds = 0
+    try:
+        while writer.poll() is None:
+            step(rounds)
+            rounds += 1
+        assert writer.stdout is not None and writer.stdout.read().strip() == "done"
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+        writer.wait()
+        assert writer.stdout is not None
+        writer.stdout.close()
+    return rounds

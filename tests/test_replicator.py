@@ -5,14 +5,12 @@ by the replicator with the history continuing."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import apsw
 import pytest
 from helpers_s3 import TargetFactory
-from helpers_wal import rows_of
+from helpers_wal import beside_writer, rows_of
 
 import shardlite
 from shardlite.core import timeline
@@ -180,27 +178,20 @@ def test_a_writer_that_still_checkpoints_leaves_no_hole(
     # process holds on the file goes; with the router's connection still open, a connection opened next may
     # see itself alone and truncate the -shm the other has mapped (a SIGBUS here in a clean-clone CI run)
     assert router._store.pool.close_all() == []
-    writer = subprocess.Popen([sys.executable, "-c", _OLD_WRITER, path, "2000"], stdout=subprocess.PIPE, text=True)
-    locked = rounds = 0
-    try:
-        while writer.poll() is None:
-            if not kept:
-                _forget_connections(replicator)
-            replicator.mark("user:a")
-            stats = replicator.run_round()
-            assert stats.failed == 0, stats.errors
-            locked += stats.locked
-            rounds += 1
-        assert writer.stdout is not None and writer.stdout.read().strip() == "done"
-    finally:
-        if writer.poll() is None:
-            writer.kill()
-        writer.wait()
-        assert writer.stdout is not None
-        writer.stdout.close()
+    locked = [0]
+
+    def step(_round: int) -> None:
+        if not kept:
+            _forget_connections(replicator)
+        replicator.mark("user:a")
+        stats = replicator.run_round()
+        assert stats.failed == 0, stats.errors
+        locked[0] += stats.locked
+
+    rounds = beside_writer(_OLD_WRITER, [path, "2000"], step)
     replicator.mark("user:a")
     assert replicator.run_round().failed == 0
-    assert rounds > 2 and locked > 0  # the restarted logs were caught (a gap: a snapshot under the lock)
+    assert rounds > 2 and locked[0] > 0  # the restarted logs were caught (a gap: a snapshot under the lock)
     _forget_connections(replicator)  # its log descriptors closed before the router opens the file again
     assert _replicated(target, "user:a") == _live(router, "user:a")
 

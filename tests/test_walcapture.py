@@ -4,13 +4,12 @@ log restarts, checkpoints that did not go through a capture, and a writer in ano
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 
 import apsw
 import pytest
-from helpers_wal import open_wal, rows_of
+from helpers_wal import beside_writer, open_wal, rows_of
 
 from shardlite.files import walcapture as wc
 
@@ -179,24 +178,15 @@ def test_captures_keep_up_with_a_writer_in_another_process(db: tuple[str, apsw.C
     path, conn = db
     h = History(path)
     h.capture()
-    writer = subprocess.Popen([sys.executable, "-c", _WRITER, path, "3000"], stdout=subprocess.PIPE, text=True)
-    rounds = [0]
-    try:
-        while writer.poll() is None:
-            if rounds[0] % 3 == 2:
-                h.checkpoint()
-            else:
-                h.capture()
-            rounds[0] += 1
-        assert writer.stdout is not None and writer.stdout.read().strip() == "done"
-    finally:
-        if writer.poll() is None:
-            writer.kill()
-        writer.wait()
-        assert writer.stdout is not None
-        writer.stdout.close()
+    def step(round_: int) -> None:
+        if round_ % 3 == 2:
+            h.checkpoint()
+        else:
+            h.capture()
+
+    rounds = beside_writer(_WRITER, [path, "3000"], step)
     h.checkpoint()
-    assert rounds[0] > 5
+    assert rounds > 5
     assert h.rows() == _rows(conn)
     assert sum(1 for c in h.captures if c.snapshot is not None) == 1
 

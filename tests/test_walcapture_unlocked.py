@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import apsw
 import pytest
-from helpers_wal import open_wal, rows_of
+from helpers_wal import beside_writer, open_wal, rows_of
 
 from shardlite.core import walformat as wf
 from shardlite.files import walcapture as wc
@@ -306,25 +306,15 @@ def test_lock_free_captures_of_a_busy_writer_replay_every_captured_commit(
     h = _history(histories, path)
     h.capture()
     commits = 1500
-    writer = subprocess.Popen([sys.executable, "-c", _WRITER, path, str(commits)], stdout=subprocess.PIPE,
-                              text=True)
-    rounds = 0
-    try:
-        while writer.poll() is None:
-            if rounds % 10 == 9:
-                h.checkpoint()
-            elif rounds % 10 == 4:
-                h.checkpoint_briefly_locked()
-            else:
-                h.capture()
-            rounds += 1
-        assert writer.stdout is not None and writer.stdout.read().strip() == "done"
-    finally:
-        if writer.poll() is None:
-            writer.kill()
-        writer.wait()
-        assert writer.stdout is not None
-        writer.stdout.close()
+    def step(round_: int) -> None:
+        if round_ % 10 == 9:
+            h.checkpoint()
+        elif round_ % 10 == 4:
+            h.checkpoint_briefly_locked()
+        else:
+            h.capture()
+
+    rounds = beside_writer(_WRITER, [path, str(commits)], step)
     h.capture()
     assert h.unlocked > rounds // 2 and h.captures[0].snapshot is not None
     # replay commit by commit: the image at every captured commit is one the writer made
@@ -411,22 +401,13 @@ def test_refreshed_snapshots_under_a_busy_writer_are_the_database_at_their_close
         refreshed.append((len(h.captures), got))
         h.keep(got)
 
-    writer = subprocess.Popen([sys.executable, "-c", _WRITER, path, "1500"], stdout=subprocess.PIPE, text=True)
-    rounds = 0
-    try:
-        while writer.poll() is None:
-            if rounds % 4 == 3:
-                h.checkpoint_briefly_locked(refresh=keep_refresh)
-            else:
-                h.capture()
-            rounds += 1
-        assert writer.stdout is not None and writer.stdout.read().strip() == "done"
-    finally:
-        if writer.poll() is None:
-            writer.kill()
-        writer.wait()
-        assert writer.stdout is not None
-        writer.stdout.close()
+    def step(round_: int) -> None:
+        if round_ % 4 == 3:
+            h.checkpoint_briefly_locked(refresh=keep_refresh)
+        else:
+            h.capture()
+
+    rounds = beside_writer(_WRITER, [path, "1500"], step)
     h.capture()
     assert len(refreshed) >= 2, (rounds, len(refreshed))
     for before, snap in refreshed:
