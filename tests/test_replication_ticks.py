@@ -109,3 +109,35 @@ def test_the_loop_reconciles_in_slices_and_a_slice_finds_a_log_changed_without_a
     # the slice of user:c marked it (after that tick's captures); the next tick captured it
     assert captured == [0, 0, 0, 1] and not node.replicator.marked()
     assert node.replicator.staging.staged_count() == (0, 0)
+
+
+def test_commits_made_after_the_tick_read_the_notes_keep_their_noted_times(
+        replication: tuple[shardlite.Router, Replication], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A fast writer commits between a tick's read of the notes and the capture of its tenant: the capture
+    holds those commits too. They used to get the capture's time (late: a restore at a time right after one
+    missed it, and its note was ignored afterwards); the capture now reads the notes again first."""
+    import time
+
+    from shardlite.replica.target import open_target
+    from shardlite.services.replica_restore import restore_tenant
+    from shardlite.services.replicator import NodeReplicator
+
+    router, rep = replication
+    after: list[tuple[int, str]] = []  # (a time right after a commit, its body)
+    real = NodeReplicator._capture_marked
+
+    def writes_first(self: NodeReplicator, *args: object, **kwargs: object) -> None:
+        for n in range(30):  # after this round's notes were read, before its captures
+            _write(router, "user:a", f"late {n}")
+            after.append((time.time_ns(), f"late {n}"))
+        real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(NodeReplicator, "_capture_marked", writes_first)
+    _write(router, "user:a", "noted")
+    rep.run_round()
+    monkeypatch.setattr(NodeReplicator, "_capture_marked", real)
+    rep.run_round()
+    target = open_target("file://" + str(tmp_path / "replica"))
+    for i, (when, body) in enumerate(after[::7]):
+        restore_tenant(router._store, target, "user:a", as_key=f"user:at{i}", at_ns=when)
+        assert [tuple(r) for r in router.query(f"user:at{i}", "SELECT body FROM notes ORDER BY id")][-1] == (body,)

@@ -192,7 +192,8 @@ class Replication:
             log.warning("replicate: node %r: cannot serve confirmations on %s (%s); writers with "
                         "durability='replicated' will not be confirmed", name, path, exc)
         offsets = replicator.staging.notes_offsets()
-        self.nodes[name] = _Node(name, path, fd, replicator, offsets, dict(offsets), confirm=confirm)
+        node = self.nodes[name] = _Node(name, path, fd, replicator, offsets, dict(offsets), confirm=confirm)
+        replicator.read_notes = lambda: self._read_notes(node)
         self._unmarked.add(name)
         log.info("replicate: this process replicates node %r", name)
 

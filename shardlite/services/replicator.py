@@ -149,6 +149,9 @@ class NodeReplicator:
         self.dropping: set[str] = set()
         #: the lowest sequence number this process uploads under (:meth:`_sequence_floor`; None: not read yet)
         self._floor: int | None = None
+        #: reads the writers' notes written since the last read and marks their tenants (set by the replication
+        #: service); a capture holding commits without a note calls it before it times them (:class:`_Staged`)
+        self.read_notes: Callable[[], None] | None = None
         #: when a tenant's snapshot is refreshed (:func:`shardlite.core.refresh.snapshot_due`'s bounds)
         self.refresh_ratio, self.refresh_floor = refresh.REFRESH_RATIO, refresh.REFRESH_FLOOR
 
@@ -530,6 +533,12 @@ class _Staged:
         # taken after the capture read the log: every commit it holds was made before this time
         now = self.rep.clock()
         times = wc.commit_times(got, self.commits, now, self.previous)
+        if self.rep.read_notes is not None and any(at == now for _frame, at in times):
+            # commits made after this tick read the notes: read the notes again (a commit's note is written as
+            # it commits), or they would be timed at this capture, late, and their notes ignored afterwards
+            self.rep.read_notes()
+            self.commits = [*self.commits, *self.rep._marked.get(self.key, ())]
+            times = wc.commit_times(got, self.commits, now, self.previous)
         self.rep.staging.stage(self.key, self.record.incarnation, self.record.generation, got, times, now,
                                expect=self.cursor)
         self.cursor = got.cursor
