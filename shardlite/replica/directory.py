@@ -237,13 +237,14 @@ class DirectoryTarget:
             if entry.name.startswith("."):  # temporary files, never objects
                 continue
             name = entry.name if rel == "." else f"{rel}/{entry.name}"
+            if not ((name + "/").startswith(prefix) or prefix.startswith(name + "/")):
+                continue  # outside the prefix (no stat: a tail's listing names 100 of a folder of thousands)
             try:
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # deleted meanwhile
             if stat.S_ISDIR(st.st_mode):
-                if (name + "/").startswith(prefix) or prefix.startswith(name + "/"):
-                    self._walk(entry.path, name, prefix, found)
+                self._walk(entry.path, name, prefix, found)
             elif stat.S_ISREG(st.st_mode) and name.startswith(prefix) and is_name(name):
                 found.append((name, st.st_size))  # any other file (not a valid object name) is not ours
 
