@@ -268,6 +268,50 @@ def test_a_busy_tenant_gets_refreshed_snapshots_and_a_restore_reads_only_from_th
             assert _live(router, f"user:before{i}") == [(1, points[i - 1][1])]
 
 
+def test_the_locked_allowance_doubles_with_each_deferral_and_has_no_bound_at_the_limit() -> None:
+    from shardlite.files.walcapture import LOCKED_FRAMES
+
+    allowances = [replicator_module.locked_allowance(n) for n in range(replicator_module.DEFER_LIMIT + 2)]
+    assert allowances[:replicator_module.DEFER_LIMIT] == [LOCKED_FRAMES << n for n in range(5)]
+    assert all(a >= 1 << 62 for a in allowances[replicator_module.DEFER_LIMIT:])
+
+
+def test_checkpoints_deferred_in_a_row_widen_the_locked_part_until_one_runs(
+        setup: tuple[shardlite.Router, NodeReplicator, ReplicaTarget], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer that outruns every capture made every checkpoint wait for a later round, and its log grew
+    without end: each deferral now doubles what the next checkpoint takes the lock for, then any amount."""
+    from shardlite.files import walcapture as wc
+
+    router, replicator, target = setup
+    _write(router, "user:a", "first")
+    replicator.reconcile()
+    replicator.run_round()
+    for n in range(1100):  # past DUE_FRAMES frames in the log
+        _write(router, "user:a", f"row {n}")
+    real = wc.checkpoint_briefly_locked
+    asked: list[int] = []
+
+    def outrun(*args: object, locked_frames: int, **kwargs: object) -> tuple[wc.Cursor, bool]:
+        asked.append(locked_frames)
+        if len(asked) <= replicator_module.DEFER_LIMIT:  # a writer committed more than that meanwhile
+            return args[4], False  # type: ignore[return-value]
+        return real(*args, locked_frames=locked_frames, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(wc, "checkpoint_briefly_locked", outrun)
+    deferred = 0
+    for _ in range(replicator_module.DEFER_LIMIT + 2):
+        replicator.mark("user:a")
+        stats = replicator.run_round()
+        deferred += stats.deferred
+    assert deferred == replicator_module.DEFER_LIMIT
+    assert asked[:replicator_module.DEFER_LIMIT + 1] == [
+        replicator_module.locked_allowance(n) for n in range(replicator_module.DEFER_LIMIT + 1)]
+    cursor = replicator.staging.cursor("user:a")
+    assert cursor is not None and cursor.cursor.closed  # the checkpoint at the limit ran
+    assert asked[-1] == wc.LOCKED_FRAMES  # and the count starts again
+    assert _replicated(target, "user:a") == _live(router, "user:a")
+
+
 def test_a_round_with_a_capture_budget_ships_what_it_captured_and_keeps_the_rest_marked(
         setup: tuple[shardlite.Router, NodeReplicator, ReplicaTarget]) -> None:
     router, replicator, target = setup

@@ -83,6 +83,21 @@ PACK_BYTES = 16 * 1024 * 1024
 _SAFE_NODE = re.compile(r"[a-z0-9_][a-z0-9._-]{0,63}")
 
 
+#: Checkpoints deferred in a row after which the next one takes the write lock whatever a writer committed since
+#: its lock-free capture.
+DEFER_LIMIT = 5
+
+
+def locked_allowance(deferrals: int) -> int:
+    """How many frames committed since a checkpoint's lock-free capture it still takes the write lock for, after
+    ``deferrals`` checkpoints of the tenant deferred in a row: ``LOCKED_FRAMES``, doubled at each deferral, and no
+    bound after :data:`DEFER_LIMIT`. A writer that never pauses would otherwise defer every checkpoint and its log
+    would grow without end; this way it waits, now and then, for the capture of what it committed meanwhile."""
+    if deferrals >= DEFER_LIMIT:
+        return 1 << 62
+    return wc.LOCKED_FRAMES << deferrals
+
+
 def pack_name(node: str, seq: int) -> str:
     """The object name of pack ``seq`` of ``node`` (a node name outside the safe characters is hashed)."""
     safe = _SAFE_NODE.fullmatch(node)
@@ -149,6 +164,9 @@ class NodeReplicator:
         self.dropping: set[str] = set()
         #: the lowest sequence number this process uploads under (:meth:`_sequence_floor`; None: not read yet)
         self._floor: int | None = None
+        #: checkpoints deferred in a row per tenant (a writer outran the capture): each one widens the next
+        #: checkpoint's locked part (:func:`locked_allowance`)
+        self._deferrals: dict[str, int] = {}
         #: reads the writers' notes written since the last read and marks their tenants (set by the replication
         #: service); a capture holding commits without a note calls it before it times them (:class:`_Staged`)
         self.read_notes: Callable[[], None] | None = None
@@ -274,6 +292,7 @@ class NodeReplicator:
         return opened
 
     def _close(self, key: str) -> None:
+        self._deferrals.pop(key, None)
         opened = self._open.pop(key, None)
         if opened is not None:
             opened.close()
@@ -375,13 +394,19 @@ class NodeReplicator:
             due = stored is not None and (stored.incarnation, stored.generation) == (
                 record.incarnation, record.generation) and state.last_commit > 0 and refresh.snapshot_due(
                 stored.frame_bytes, stored.image_bytes, ratio=self.refresh_ratio, floor=self.refresh_floor)
+            deferrals = self._deferrals.get(key, 0)
             try:
                 _after, done = wc.checkpoint_briefly_locked(opened.conn, guard, checkpointer, opened.files,
                                                             state.cursor, state.stage, closed=state.closed,
-                                                            refresh=state.refresh if due else None)
+                                                            refresh=state.refresh if due else None,
+                                                            locked_frames=locked_allowance(deferrals))
             finally:
                 checkpointer.close()
                 guard.close()
+            if done:
+                self._deferrals.pop(key, None)
+            else:
+                self._deferrals[key] = deferrals + 1
             stats.checkpoints += done
             stats.deferred += not done
             stats.timed("capture.checkpoint", t)
