@@ -28,6 +28,19 @@ def _rows(target: object, key: str, at: int | None) -> list[tuple[object, ...]] 
     return None if found is None else rows_of(found[0], "SELECT v FROM w ORDER BY v")
 
 
+def _replicate(router: shardlite.Router, target: object, values: list[int]) -> None:
+    """In a replication service of its own (a process's first uploads): each of ``values`` written to ``t:1``,
+    then a round."""
+    run = Replication(router._store, target)  # type: ignore[arg-type]
+    try:
+        for value in values:
+            with router.transaction("t:1") as tx:
+                tx.execute("INSERT INTO w VALUES (?)", (value,))
+            run.run_round()
+    finally:
+        run.close()
+
+
 @pytest.mark.parametrize("joined", [False, True], ids=["packs", "rollup"])
 def test_a_restored_root_replicating_to_the_same_replica_continues_past_its_packs(
         tmp_path: Path, make_replica_target: TargetFactory, joined: bool) -> None:
@@ -35,14 +48,7 @@ def test_a_restored_root_replicating_to_the_same_replica_continues_past_its_pack
     its sequence numbers went)."""
     url, target = make_replica_target.url(), make_replica_target()
     with shardlite.Router(tmp_path / "a", schema=SCHEMA, replicate=url) as router:
-        run = Replication(router._store, target)
-        try:
-            for value in range(3):
-                with router.transaction("t:1") as tx:
-                    tx.execute("INSERT INTO w VALUES (?)", (value,))
-                run.run_round()
-        finally:
-            run.close()
+        _replicate(router, target, [0, 1, 2])
         if joined:
             report = replica_retention.compact(router._store, target, now_ns=time.time_ns() + 2 * 3600 * 10**9)
             assert report.rolled_packs == 3
@@ -51,14 +57,7 @@ def test_a_restored_root_replicating_to_the_same_replica_continues_past_its_pack
     between = time.time_ns()
     replica_restore.restore_root_from_replica(target, str(tmp_path / "b"))
     with shardlite.Router(tmp_path / "b", replicate=url) as router:
-        run = Replication(router._store, target)
-        try:
-            for value in (10, 11):
-                with router.transaction("t:1") as tx:
-                    tx.execute("INSERT INTO w VALUES (?)", (value,))
-                run.run_round()
-        finally:
-            run.close()
+        _replicate(router, target, [10, 11])
         node = router.nodes.list()[0].name
     after = dict(replica_read.list_packs(target))
     assert all(target.get(name) == blob for name, blob in before.items())  # the first root's packs, untouched
@@ -94,16 +93,8 @@ def test_a_pack_uploaded_and_not_recorded_is_uploaded_again_under_its_name(
         finally:
             staging.close()
         assert pack_name(node, 2) in dict(replica_read.list_packs(target))
-        run = Replication(router._store, target)  # a new process: its floor is read from the replica
-        try:
-            with router.transaction("t:1") as tx:
-                tx.execute("INSERT INTO w VALUES (3)")
-            run.run_round()
-        finally:
-            run.close()
-        assert sorted(replica_read.list_packs(target)) == sorted(
-            [(pack_name(node, 1), dict(replica_read.list_packs(target))[pack_name(node, 1)]),
-             (pack_name(node, 2), dict(replica_read.list_packs(target))[pack_name(node, 2)])])
+        _replicate(router, target, [3])  # a new process: its floor is read from the replica
+        assert [name for name, _size in replica_read.list_packs(target)] == [pack_name(node, 1), pack_name(node, 2)]
         assert _rows(target, "t:1", None) == [(1,), (2,), (3,)]
 
 
@@ -117,13 +108,6 @@ def test_a_crafted_pack_name_does_not_push_the_numbering_past_what_a_replicator_
         node = router.nodes.list()[0].name
         crafted = pack_name(node, 0).replace("0" * 20, "9" * 20)
         target.put(crafted, b"not a pack")
-        run = Replication(router._store, target)
-        try:
-            for value in (1, 2):
-                with router.transaction("t:1") as tx:
-                    tx.execute("INSERT INTO w VALUES (?)", (value,))
-                run.run_round()
-        finally:
-            run.close()
+        _replicate(router, target, [1, 2])
     names = {name for name, _size in target.list("v1/packs/")}
     assert {pack_name(node, 1), pack_name(node, 2), crafted} <= names
