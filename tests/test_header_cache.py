@@ -16,7 +16,8 @@ from helpers_s3 import CountingTarget, TargetFactory
 import shardlite
 from shardlite.core import pack
 from shardlite.files.headercache import FILE_NAME
-from shardlite.files.staging import STAGING_DIR, Staging
+from shardlite.files.replica_locks import STAGING_DIR
+from shardlite.files.staging import Staging
 from shardlite.replica.target import ReplicaTarget
 from shardlite.services import replica_read, replica_retention
 from shardlite.services.replication import Replication

@@ -39,172 +39,41 @@ generation and takes a snapshot (:mod:`shardlite.files.walcapture`), so history 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
-import re
 import time
 from collections.abc import Iterator
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import apsw
 
 from ..core import walformat as wf
 from ..core.keyindex import pack_seq
-from ..errors import Busy
 from .engine import ensure_private_dir
+from .replica_locks import STAGING_DIR
+from .staging_rows import (
+    ADDED_CURSOR_COLUMNS,
+    ANY_CURSOR,
+    SCHEMA,
+    TABLES,
+    Erased,
+    Staged,
+    StagedDrop,
+    StaleCursor,
+    Tail,
+    TenantCursor,
+)
 from .walcapture import NO_CURSOR, Capture, Cursor
 
-__all__ = ["Staging", "Staged", "StagedDrop", "TenantCursor", "STAGING_DIR", "ERASE_LOCK", "META_UPLOAD_LOCK",
-           "erase_lock", "Erased", "DROPS_PER_PACK", "SHIPPED_DROPS_KEEP", "StaleCursor", "Tail", "ANY_CURSOR"]
+__all__ = ["Staging", "Staged", "StagedDrop", "TenantCursor", "Erased", "DROPS_PER_PACK", "SHIPPED_DROPS_KEEP",
+           "StaleCursor", "Tail", "ANY_CURSOR"]
 
-STAGING_DIR = ".replica"
-#: The node's erase lock (``<node>/.replica/erase.lock``): an erase holds it while it removes a tenant from the
-#: staging and rewrites the replica's packs; the replicator holds it from reading what is staged to recording
-#: the pack as shipped, so no pack is built from rows an erase is removing (docs/replication.md, "Erase").
-ERASE_LOCK = "erase.lock"
-#: The root's lock held while the metadata's snapshots and deltas are read and uploaded, and by an erase, which
-#: rewrites them (services/replica_meta.py); a compaction does not take it.
-META_UPLOAD_LOCK = "meta-upload.lock"
 #: Drop records shipped in one pack at most (a larger backlog goes in the next packs).
 DROPS_PER_PACK = 10_000
 #: Seconds a shipped drop record stays recorded as shipped (``drops_shipped``): a confirmation request for a
 #: commit to the dropped file is answered "shipped" until then (a writer waits ``durability_timeout``, 10 s by
 #: default; ``wait_replicated`` as long as it is told). Pruned when later drop records ship.
 SHIPPED_DROPS_KEEP = 86_400
-
-
-def erase_lock(node_path: str, *, wait: float | None, name: str = ERASE_LOCK) -> int | None:
-    """A descriptor holding ``flock(LOCK_EX)`` on the node's erase lock (or the lock file ``name`` beside it:
-    :data:`META_UPLOAD_LOCK`), or None when another process holds it and ``wait`` seconds went by
-    (``wait=None``: do not wait). Closing the descriptor releases it. The lock file is a file of its own:
-    ``flock`` never touches a tenant's files nor SQLite's POSIX locks."""
-    directory = os.path.join(node_path, STAGING_DIR)
-    ensure_private_dir(directory)
-    fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    deadline = None if wait is None else time.monotonic() + wait
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                if deadline is None or time.monotonic() >= deadline:
-                    os.close(fd)
-                    return None
-                time.sleep(0.02)
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-class StaleCursor(Busy):
-    """Another process staged a capture of this tenant (or its drop record) since this capture read its cursor:
-    nothing was staged. The replicator leaves the tenant for its next round; a drop captures again."""
-
-
-class Tail(NamedTuple):
-    """A capture staged with a drop record (:meth:`Staging.stage_drop`): the commits of the dropped file that
-    its cursor did not reach, with their (frame, commit time), the capture's time, and the cursor it continued
-    (:data:`~shardlite.files.walcapture.NO_CURSOR`: the tenant had none of this file)."""
-
-    capture: Capture
-    commits: list[tuple[int, int]]
-    captured_ns: int
-    expect: Cursor  #: the stored cursor it continued (NO_CURSOR: none of this file)
-
-
-#: ``expect`` of :meth:`Staging.stage` that checks nothing (tests, tools that stage by hand).
-ANY_CURSOR = Cursor(b"*", -1, -1, (-1, -1), -1)
-
-
-class Erased(NamedTuple):
-    """What :meth:`Staging.erase` removed of one key."""
-
-    incarnations: list[str]  #: of the staged captures and the cursor removed
-    captures: int
-    bytes: int
-    cursor: bool
-    scrubbed: bool  #: the file was rewritten without free pages and its log emptied (:meth:`Staging.scrub`)
-    drops: int = 0  #: staged drop records of the key removed
-    shipped_drops: int = 0  #: records of the key's drop records shipped (``drops_shipped``) removed
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS cursors(
-    key TEXT PRIMARY KEY, incarnation TEXT NOT NULL, generation INTEGER NOT NULL,
-    salt BLOB NOT NULL, ckpt_seq INTEGER NOT NULL, frame INTEGER NOT NULL, c1 INTEGER NOT NULL,
-    c2 INTEGER NOT NULL, page_size INTEGER NOT NULL, closed INTEGER NOT NULL,
-    captured_ns INTEGER NOT NULL, last_commit_ns INTEGER NOT NULL,
-    frame_bytes INTEGER NOT NULL DEFAULT 0, image_bytes INTEGER NOT NULL DEFAULT 0
-) STRICT;
-CREATE TABLE IF NOT EXISTS staged(
-    id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, incarnation TEXT NOT NULL,
-    generation INTEGER NOT NULL, kind TEXT NOT NULL, page_size INTEGER NOT NULL, salt TEXT NOT NULL,
-    first INTEGER NOT NULL, last INTEGER NOT NULL, commits TEXT NOT NULL, captured_ns INTEGER NOT NULL,
-    data BLOB NOT NULL
-) STRICT;
-CREATE INDEX IF NOT EXISTS staged_by_key ON staged(key);
-CREATE TABLE IF NOT EXISTS packs(
-    seq INTEGER PRIMARY KEY, name TEXT NOT NULL, created_ns INTEGER NOT NULL, uploaded_ns INTEGER NOT NULL,
-    bytes INTEGER NOT NULL, entries INTEGER NOT NULL
-) STRICT;
-CREATE TABLE IF NOT EXISTS notes_read(file TEXT PRIMARY KEY, offset INTEGER NOT NULL) STRICT;
-CREATE TABLE IF NOT EXISTS erased(incarnation TEXT PRIMARY KEY, erased_ns INTEGER NOT NULL) STRICT;
-CREATE TABLE IF NOT EXISTS drops(
-    id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, incarnation TEXT NOT NULL,
-    generation INTEGER NOT NULL, dropped_ns INTEGER NOT NULL, UNIQUE(key, incarnation)
-) STRICT;
-CREATE TABLE IF NOT EXISTS drops_shipped(
-    key TEXT NOT NULL, incarnation TEXT NOT NULL, generation INTEGER NOT NULL, pack TEXT NOT NULL,
-    shipped_ns INTEGER NOT NULL, PRIMARY KEY(key, incarnation)
-) STRICT;
-CREATE INDEX IF NOT EXISTS drops_shipped_by_time ON drops_shipped(shipped_ns);
-"""
-#: The tables :data:`_SCHEMA` makes.
-_TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _SCHEMA))
-#: Columns added to ``cursors`` since its first layout (a staging file written before gets them, 0).
-_ADDED_CURSOR_COLUMNS = ("frame_bytes", "image_bytes")
-
-
-class TenantCursor(NamedTuple):
-    """A tenant's cursor with the identity of the file it was taken on."""
-
-    incarnation: str
-    generation: int
-    cursor: Cursor
-    captured_ns: int
-    last_commit_ns: int
-    #: bytes of frames staged for this file since its last snapshot (what a restore at its end replays)
-    frame_bytes: int = 0
-    #: bytes of the file's last snapshot staged (0: none staged since this count began)
-    image_bytes: int = 0
-
-
-class Staged(NamedTuple):
-    """One staged capture, as it goes into a pack."""
-
-    id: int
-    key: str
-    incarnation: str
-    generation: int
-    kind: str
-    page_size: int
-    salt: str
-    first: int
-    last: int
-    commits: list[tuple[int, int]]
-    captured_ns: int
-    data: bytes
-
-
-class StagedDrop(NamedTuple):
-    """One staged drop record, as it goes into a pack (:class:`shardlite.core.pack.Drop`)."""
-
-    id: int
-    key: str
-    incarnation: str
-    generation: int
-    dropped_ns: int
 
 
 class Staging:
@@ -227,13 +96,13 @@ class Staging:
         self.conn.execute("PRAGMA journal_mode=WAL").fetchall()
         self.conn.execute("PRAGMA synchronous=NORMAL")
         have = {str(name) for (name,) in self.conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
-        if not have >= _TABLES:  # a reader (`replicate status`) of a complete file writes nothing
+        if not have >= TABLES:  # a reader (`replicate status`) of a complete file writes nothing
             with self._write():
-                self.conn.execute(_SCHEMA)
+                self.conn.execute(SCHEMA)
         columns = {str(row[1]) for row in self.conn.execute("PRAGMA table_info(cursors)")}
-        if not columns >= set(_ADDED_CURSOR_COLUMNS):
+        if not columns >= set(ADDED_CURSOR_COLUMNS):
             with self._write():
-                for column in _ADDED_CURSOR_COLUMNS:
+                for column in ADDED_CURSOR_COLUMNS:
                     if column not in columns:
                         self.conn.execute(f"ALTER TABLE cursors ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
 

@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from ..files.engine import ensure_private_dir
-from ..files.staging import STAGING_DIR
+from ..files.replica_locks import STAGING_DIR
 
 __all__ = ["SOCKET_NAME", "MAX_KEY_BYTES", "Request", "ConfirmServer", "ask_shipped", "ask_shipped_async",
            "Unconfirmed", "ErasedAnswer", "Identity", "socket_path"]

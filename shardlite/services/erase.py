@@ -4,7 +4,7 @@
 to erase a person's data: the key is the person, so every history of the key goes, whatever its incarnation
 (earlier tenants under the same key included). In order:
 
-1. **Lock** the root's and every node's erase lock (:func:`shardlite.files.staging.erase_lock`), then the
+1. **Lock** the root's and every node's erase lock (:func:`shardlite.files.replica_locks.erase_lock`), then the
    root's metadata upload lock (:func:`shardlite.services.replica_meta.upload_lock`). A node's replicator
    takes its node's lock from reading its staged captures to recording the pack as shipped, and the
    metadata's snapshots and deltas are read and uploaded under the upload lock, so while an erase holds them
@@ -64,7 +64,8 @@ from ..core import metasnap, pack
 from ..core.keys import canonical
 from ..errors import Busy, ReplicaError
 from ..files.copying import inert
-from ..files.staging import Staging, erase_lock
+from ..files.replica_locks import erase_lock
+from ..files.staging import Staging
 from ..front.store import Store
 from ..replica.target import ReplicaTarget, open_target, redact
 from . import lifecycle, replica_index, replica_meta, replica_meta_read

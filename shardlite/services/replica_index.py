@@ -44,7 +44,8 @@ import xxhash
 
 from ..core import keyindex, pack, retention, rollup, timeline
 from ..errors import ConfigurationError, ReplicaError, ReplicaObjectMissing
-from ..files.staging import STAGING_DIR, Staging, erase_lock
+from ..files.replica_locks import STAGING_DIR, erase_lock
+from ..files.staging import Staging
 from ..front.store import Store
 from ..replica.target import ReplicaTarget
 from .replicator import pack_name

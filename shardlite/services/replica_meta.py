@@ -28,7 +28,7 @@ taken before, is the time every commit acknowledged before is in it. Nothing is 
 the upload succeeded: a failed upload is tried again at the next look.
 
 Everything is read and uploaded under the root's metadata upload lock
-(:data:`~shardlite.files.staging.META_UPLOAD_LOCK`), which an erase holds while it rewrites snapshots
+(:data:`~shardlite.files.replica_locks.META_UPLOAD_LOCK`), which an erase holds while it rewrites snapshots
 (:mod:`shardlite.services.erase`): an erase first calls :func:`note_erase`, uploads a snapshot of the live
 metadata when deltas exist (:func:`snapshot_now`) and deletes every delta (they were made against snapshots
 it may rewrite); an uploader that sees the note takes a snapshot next instead of a delta.
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import xxhash
 
 from ..core import metadelta, metasnap
-from ..files.staging import META_UPLOAD_LOCK, STAGING_DIR, erase_lock
+from ..files.replica_locks import META_UPLOAD_LOCK, STAGING_DIR, erase_lock
 from ..front.store import Store
 from ..replica.target import ReplicaTarget
 from .backup import standalone_image

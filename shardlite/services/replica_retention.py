@@ -54,7 +54,8 @@ from dataclasses import dataclass, field
 from ..core import keyindex, metasnap, pack, retention, rollup, timeline
 from ..errors import Busy, ReplicaError
 from ..files.headercache import HeaderCache
-from ..files.staging import STAGING_DIR, Staging, erase_lock
+from ..files.replica_locks import STAGING_DIR, erase_lock
+from ..files.staging import Staging
 from ..front.store import Store
 from ..meta.replica_record import recorded_windows
 from ..replica.target import ReplicaTarget

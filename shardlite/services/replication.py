@@ -61,7 +61,7 @@ from typing import Any
 
 from ..errors import ConfigurationError, ShardliteError
 from ..files import notesfile
-from ..files.staging import STAGING_DIR
+from ..files.replica_locks import STAGING_DIR
 from ..front.store import Store
 from ..replica.target import ReplicaTarget, open_target
 from . import confirm_answers, replica_index, replica_meta

@@ -20,7 +20,7 @@ docs/replication.md). Each round:
    never stops the others.
 2. **Upload** what is staged as one pack per round (:mod:`shardlite.core.pack`) named
    ``v1/packs/<node>/<seq>.pack``; the staged rows are dropped only after the upload succeeded. The upload
-   holds the node's erase lock (:func:`~shardlite.files.staging.erase_lock`; skipped for the round while an
+   holds the node's erase lock (:func:`~shardlite.files.replica_locks.erase_lock`; skipped for the round while an
    erase holds it) and first drops staged captures of erased incarnations (:mod:`shardlite.services.erase`). A target
    that cannot be reached (:class:`~shardlite.ReplicaUnavailable`) leaves everything staged for the next
    round: writes go on, the backlog ships when the target is back.
@@ -57,7 +57,8 @@ from ..files.catalog import TenantRecord
 from ..files.checkpoints import DUE_FRAMES
 from ..files.engine import harden, open_connection, set_busy_timeout
 from ..files.engine import track as track_connection  # fork safety: a forked child never closes it
-from ..files.staging import Staged, StagedDrop, Staging, StaleCursor, erase_lock
+from ..files.replica_locks import erase_lock
+from ..files.staging import Staged, StagedDrop, Staging, StaleCursor
 from ..front.store import Store
 from ..replica.target import ReplicaTarget
 
