@@ -1,5 +1,5 @@
-"""Pack sequence numbers of a node folder another staging wrote (shardlite.services.replicator,
-NodeReplicator._sequence_floor), on both targets: a root restored from a replica and then replicating to the
+"""Pack sequence numbers of a node folder another staging wrote (shardlite.services.pack_upload,
+PackUploader._sequence_floor), on both targets: a root restored from a replica and then replicating to the
 same replica continues past the first root's packs instead of overwriting them, so the history before the
 restore stays restorable; a pack this staging uploaded without recording it is still uploaded again under its
 own name."""

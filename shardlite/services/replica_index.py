@@ -48,7 +48,7 @@ from ..files.replica_locks import STAGING_DIR, erase_lock
 from ..files.staging import Staging
 from ..front.store import Store
 from ..replica.target import ReplicaTarget
-from .replicator import pack_name
+from .pack_upload import pack_name
 
 __all__ = ["HORIZON_NAME", "Horizon", "key_digest", "read_horizon", "write_horizon", "check_time",
            "retention_start", "without_expired", "KEYINDEX_PREFIX", "BASE_PREFIX", "SEGMENT_PREFIX", "NODE_PREFIX",

@@ -60,7 +60,7 @@ from ..front.store import Store
 from ..meta.replica_record import recorded_windows
 from ..replica.target import ReplicaTarget
 from . import compact_rollup, compact_scan, replica_index, replica_meta_read, replica_read
-from .replicator import pack_name
+from .pack_upload import pack_name
 
 __all__ = ["compact", "CompactionReport", "COMPACT_EVERY", "erased_incarnations",
            "compaction_due", "compact_lock", "refresh_index"]

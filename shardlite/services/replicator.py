@@ -18,12 +18,9 @@ docs/replication.md). Each round:
    up to the log's last commit changes under a lock-free read. A tenant whose lock is busy stays marked
    for the next round; a tenant that fails (damaged file, moved away) is reported and skipped: one tenant
    never stops the others.
-2. **Upload** what is staged as one pack per round (:mod:`shardlite.core.pack`) named
-   ``v1/packs/<node>/<seq>.pack``; the staged rows are dropped only after the upload succeeded. The upload
-   holds the node's erase lock (:func:`~shardlite.files.replica_locks.erase_lock`; skipped for the round while an
-   erase holds it) and first drops staged captures of erased incarnations (:mod:`shardlite.services.erase`). A target
-   that cannot be reached (:class:`~shardlite.ReplicaUnavailable`) leaves everything staged for the next
-   round: writes go on, the backlog ships when the target is back.
+2. **Upload** what is staged as one pack per round (:mod:`shardlite.services.pack_upload`): the staged rows
+   are dropped only after the upload succeeded; a target that cannot be reached leaves everything staged for
+   the next round.
 
 Connections: the replicator keeps a bounded set of tenant connections open between rounds, each with the
 :class:`~shardlite.files.walcapture.LogFiles` of its file, and always closes a connection before that
@@ -40,29 +37,26 @@ read, encoding, PUT and bookkeeping).
 from __future__ import annotations
 
 import logging
-import os
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import apsw
-import xxhash
 
-from ..core import keyindex, pack, refresh, rollup
-from ..errors import ReplicaObjectMissing, ReplicaUnavailable, ShardliteError
+from ..core import refresh
+from ..errors import ShardliteError
 from ..files import walcapture as wc
 from ..files.catalog import TenantRecord
 from ..files.checkpoints import DUE_FRAMES
 from ..files.engine import harden, open_connection, set_busy_timeout
 from ..files.engine import track as track_connection  # fork safety: a forked child never closes it
-from ..files.replica_locks import erase_lock
-from ..files.staging import Staged, StagedDrop, Staging, StaleCursor
+from ..files.staging import Staging, StaleCursor
 from ..front.store import Store
 from ..replica.target import ReplicaTarget
+from .pack_upload import PackUploader, pack_name
 
-__all__ = ["NodeReplicator", "RoundStats", "pack_name"]
+__all__ = ["NodeReplicator", "RoundStats", "pack_name"]  # pack_name: services/pack_upload.py
 
 log = logging.getLogger("shardlite.replicate")
 
@@ -75,15 +69,6 @@ KEEP_OPEN = 32
 CACHE_KIB = 64
 #: How long a capture waits for a tenant's write lock before leaving it for the next round.
 LOCK_WAIT_MS = 200
-#: Staged bytes per pack (a larger backlog ships in several packs, one per round). A pack is built in memory
-#: (the staged rows, then the encoded pack: about twice this): 16 MiB keeps a replicator draining a backlog
-#: within issue 16's 200 MB, and still drains 32 MiB a second at the 0.5 s interval.
-PACK_BYTES = 16 * 1024 * 1024
-#: Node names usable as they are in an object name (the replica's names are lowercase: module doc of
-#: shardlite.replica.target); any other is hashed.
-_SAFE_NODE = re.compile(r"[a-z0-9_][a-z0-9._-]{0,63}")
-
-
 #: Checkpoints deferred in a row after which the next one takes the write lock whatever a writer committed since
 #: its lock-free capture.
 DEFER_LIMIT = 5
@@ -97,13 +82,6 @@ def locked_allowance(deferrals: int) -> int:
     if deferrals >= DEFER_LIMIT:
         return 1 << 62
     return wc.LOCKED_FRAMES << deferrals
-
-
-def pack_name(node: str, seq: int) -> str:
-    """The object name of pack ``seq`` of ``node`` (a node name outside the safe characters is hashed)."""
-    safe = _SAFE_NODE.fullmatch(node)
-    part = node if safe else "x-" + xxhash.xxh3_64_hexdigest(node.encode("utf-8"))
-    return f"v1/packs/{part}/{seq:020d}.pack"
 
 
 @dataclass
@@ -145,11 +123,6 @@ class _Open:
         self.files.close()
 
 
-#: The highest pack sequence number taken from a replica's listing (two packs a second for fifteen million years):
-#: a name past it is not a replicator's.
-MAX_SEQ = 10**15
-
-
 class NodeReplicator:
     """Replicates the tenants of node ``node`` of ``store``'s root to ``target`` (module docstring)."""
 
@@ -163,8 +136,8 @@ class NodeReplicator:
         self._marked: dict[str, list[tuple[int, int]]] = {}
         #: tenants of the last round kept marked only because their drop is under way (``_capture``)
         self.dropping: set[str] = set()
-        #: the lowest sequence number this process uploads under (:meth:`_sequence_floor`; None: not read yet)
-        self._floor: int | None = None
+        #: uploads what is staged, one pack per round (:mod:`shardlite.services.pack_upload`)
+        self.uploader = PackUploader(node, target, self.staging, self.staging_node_path, clock)
         #: checkpoints deferred in a row per tenant (a writer outran the capture): each one widens the next
         #: checkpoint's locked part (:func:`locked_allowance`)
         self._deferrals: dict[str, int] = {}
@@ -241,7 +214,7 @@ class NodeReplicator:
         stats = RoundStats()
         self._capture_marked(stats, budget)
         if upload:
-            self._upload(stats)
+            self.uploader.upload(stats)
         return stats
 
     def _capture_marked(self, stats: RoundStats, budget: float | None) -> None:
@@ -413,107 +386,6 @@ class NodeReplicator:
             stats.timed("capture.checkpoint", t)
 
     # -- upload ----------------------------------------------------------------------------------------
-
-    def _upload(self, stats: RoundStats) -> None:
-        if not self.staging.has_staged():
-            return
-        lock = erase_lock(self.staging_node_path, wait=None)
-        if lock is None:
-            stats.upload_error = "an erase holds the node's erase lock; the captures stay staged for the next round"
-            stats.upload_blocked = True
-            return
-        try:
-            # A capture in flight when an erase ran may have staged frames of the erased tenant after it:
-            # they are dropped here, under the erase lock, never uploaded (docs/replication.md, "Erase").
-            self.staging.discard_erased()
-            self._upload_staged(stats)
-        finally:
-            os.close(lock)
-
-    def _sequence_floor(self, staged: list[Staged], drops: list[StagedDrop]) -> int:
-        """The lowest sequence number this node's next pack may take: past every numbered pack (and rollup run) in
-        the node's folder of the replica that this staging did not write. A root restored from a replica, then
-        replicating to it again, starts a new staging at sequence 1: uploading under those names would overwrite
-        the first root's packs, its history. The one pack this staging may have uploaded without recording it (a
-        crash between the two: it is uploaded again under the same name, with more captures) is told apart by
-        its captures: every one of them is still staged here."""
-        top = self.staging.next_seq() - 1
-        folder = pack_name(self.node, 0).rsplit("/", 1)[0] + "/"
-        seqs: dict[int, int] = {}  # numbered pack -> size
-        joined = 0  # the highest sequence number a rollup run joined (runs join recorded packs only)
-        for name, size in self.target.list(folder):
-            numbered = keyindex.pack_seq(name)
-            run = rollup.parse(name) if numbered is None else None
-            if (numbered[1] if numbered is not None else run.last if run is not None else 0) > MAX_SEQ:
-                log.warning("replicate: node %r: %r names a sequence number no replicator reaches; ignored",
-                            self.node, name)  # a crafted name must not push the numbering past what SQLite holds
-            elif numbered is not None:
-                seqs[numbered[1]] = size
-            elif run is not None:
-                joined = max(joined, run.last)
-        foreign = max([seq for seq in seqs if seq > top + 1] + [joined if joined > top else 0])
-        if top + 1 in seqs and not self._ours(pack_name(self.node, top + 1), seqs[top + 1], staged, drops):
-            foreign = max(foreign, top + 1)
-        if foreign:
-            log.warning("replicate: node %r: the replica holds packs up to %d this node's staging did not write "
-                        "(a root restored from this replica?); its packs continue at %d", self.node, foreign,
-                        foreign + 1)
-        return max(top + 1, foreign + 1)
-
-    def _ours(self, name: str, size: int, staged: list[Staged], drops: list[StagedDrop]) -> bool:
-        """Whether pack ``name`` holds only captures and drop records staged here (module doc: an upload this
-        staging did not record)."""
-        from .replica_read import read_header  # replica_read imports this module (through replica_index)
-
-        try:
-            header = read_header(self.target, name, size).header
-        except (pack.PackError, ReplicaObjectMissing):
-            return False
-        mine = {(s.key, s.incarnation, s.generation, s.first, s.last) for s in staged}
-        mine_drops = {(d.key, d.incarnation, d.generation) for d in drops}
-        return bool(header.entries or header.drops) and all(
-            (e.key, e.incarnation, e.generation, e.first, e.last) in mine for e in header.entries) and all(
-            (d.key, d.incarnation, d.generation) in mine_drops for d in header.drops)
-
-    def _upload_staged(self, stats: RoundStats) -> None:
-        t = time.perf_counter()
-        staged = self.staging.staged(PACK_BYTES)
-        # drop records of plain drops (files/staging.py, "Drops") go in the same pack as their key's last captures
-        drops = self.staging.staged_drops(staged)
-        t = stats.timed("upload.read", t)
-        if not staged and not drops:
-            return
-        if self._floor is None:
-            try:
-                self._floor = self._sequence_floor(staged, drops)
-            except ReplicaUnavailable as exc:
-                stats.upload_error = str(exc)
-                log.warning("replicate: node %r: the replica could not be listed (%s); %d captures stay staged",
-                            self.node, exc, len(staged))
-                return
-        seq, created = max(self.staging.next_seq(), self._floor), self.clock()
-        items = [(pack.Entry(s.key, s.incarnation, s.generation, "snapshot" if s.kind == "snapshot" else "frames",
-                             s.page_size, s.salt, s.first, s.last, s.commits, s.captured_ns, 0, 0), s.data)
-                 for s in staged]
-        blob = pack.encode(self.node, seq, created, items,
-                           [pack.Drop(d.key, d.incarnation, d.generation, d.dropped_ns) for d in drops])
-        name = pack_name(self.node, seq)
-        t = stats.timed("upload.encode", t)
-        try:
-            self.target.put(name, blob)
-        except ReplicaUnavailable as exc:
-            stats.upload_error = str(exc)
-            log.warning("replicate: node %r: upload of %s failed (%s); %d captures stay staged", self.node,
-                        name, exc, len(staged))
-            return
-        t = stats.timed("upload.put", t)
-        self.staging.shipped(seq, name, created, self.clock(), len(blob), [s.id for s in staged],
-                             [d.id for d in drops])
-        stats.timed("upload.shipped", t)
-        stats.uploaded_packs += 1
-        stats.uploaded_bytes += len(blob)
-
-
 
 def _tenant_connection(path: str) -> apsw.Connection:
     """The replicator's own connection of a tenant file: an existing file only, no checkpoint on close (the
