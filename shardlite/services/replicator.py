@@ -355,7 +355,9 @@ class NodeReplicator:
             else:
                 state.stage(got)
                 t = stats.timed("capture.stage", t)
-        if state.cursor.frame >= DUE_FRAMES:
+        # a closed cursor: a checkpoint copied its whole log into the database file, and no writer has restarted
+        # the log since (a write would have moved the cursor to the next generation): nothing to checkpoint
+        if state.cursor.frame >= DUE_FRAMES and not state.cursor.closed:
             if opened is None:
                 opened = self._connection(key, path)
                 self._check_identity(opened, key, record)
