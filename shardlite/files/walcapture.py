@@ -60,9 +60,9 @@ import apsw
 from ..core import walformat as wf
 from .rawio import pread_all
 
-__all__ = ["Cursor", "Capture", "CaptureError", "LogFiles", "NeedsLock", "capture", "capture_unlocked",
-           "capture_then_checkpoint", "checkpoint_briefly_locked", "log_end", "LOCKED_FRAMES", "image_at",
-           "commit_times", "NO_CURSOR", "SHM_READ_ATTEMPTS"]
+__all__ = ["Cursor", "Capture", "CaptureError", "LogFiles", "NeedsLock", "capture", "capture_locked",
+           "capture_unlocked", "capture_then_checkpoint", "checkpoint_briefly_locked", "log_end", "LOCKED_FRAMES",
+           "image_at", "commit_times", "NO_CURSOR", "SHM_READ_ATTEMPTS"]
 
 
 class CaptureError(Exception):
@@ -143,15 +143,29 @@ class LogFiles:
         self.close()
 
 
-def _snapshot(conn: apsw.Connection, shm: wf.ShmHeader, cursor_of: Cursor) -> Capture:
-    image = conn.serialize("main")  # the held transaction's view: the database at the log's last commit
+def _snapshot(conn: apsw.Connection, due: _SnapshotDue) -> Capture:
+    """The snapshot ``due`` names, serialized by ``conn`` in a transaction begun while the write lock was held
+    (its view: the database at the log's last commit)."""
+    image = conn.serialize("main")
     if image is None:
         raise CaptureError("the database could not be serialized")
+    shm = due.shm
     # a log no frame was ever written to has page size 0 in its wal-index: the database header says it
     page_size = shm.page_size or (int.from_bytes(image[16:18], "big") if len(image) >= 100 else 0)
     page_size = 65536 if page_size == 1 else page_size
-    cursor = Cursor(shm.salt, cursor_of.checkpoint_seq, shm.mx_frame, shm.frame_checksum, page_size)
+    cursor = Cursor(shm.salt, due.checkpoint_seq, shm.mx_frame, shm.frame_checksum, page_size, due.closed)
     return Capture([], bytes(image), cursor, page_size)
+
+
+class _SnapshotDue(NamedTuple):
+    """Read under the write lock: the history needs a snapshot, at the log's last commit (``shm``). ``closed``
+    when every frame of the log was already in the database file then (a checkpoint copied them all): the
+    next writer may restart the log, and the history continues from the next generation's frame 1, as after
+    a checkpoint of the replicator's own (:class:`Cursor`), instead of taking a second snapshot."""
+
+    shm: wf.ShmHeader
+    checkpoint_seq: int
+    closed: bool
 
 
 class _Gap(NamedTuple):
@@ -223,19 +237,66 @@ def capture(conn: apsw.Connection, files: LogFiles, cursor: Cursor) -> Capture:
     does not read consistently."""
     if conn.txn_state("main") != apsw.SQLITE_TXN_WRITE:
         raise ValueError("capture() needs the file's write lock held by conn (BEGIN IMMEDIATE)")
+    got = _read_locked(files, cursor)
+    return _snapshot(conn, got) if isinstance(got, _SnapshotDue) else got
+
+
+def capture_locked(lock: apsw.Connection, files: LogFiles, cursor: Cursor, *,
+                   reader: apsw.Connection | None = None) -> Capture:
+    """:func:`capture` with the write lock taken on ``lock`` (``BEGIN IMMEDIATE``, its busy timeout applies;
+    ``apsw.BusyError`` with nothing done) and let go before this returns.
+
+    ``reader`` (optional, a second connection of the file with no transaction open): when a snapshot is due,
+    ``reader`` begins a read transaction while the lock is held, and the image is serialized in it after the
+    lock is let go, so writers wait only for the wal-index read, not for a copy of the whole database (a
+    second per GiB). What it reads is still the database at the cursor's commit: its transaction began
+    then, a reader's read mark keeps any later checkpoint from copying past it, and writers of a replicated
+    root never checkpoint; nor can the log restart under the cursor unless every frame was copied already
+    (the reader is then on read mark 0 and reads the database file, which nothing changes meanwhile), and
+    that cursor is ``closed``."""
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        got = _read_locked(files, cursor)
+        if not isinstance(got, _SnapshotDue):
+            return got
+        if reader is None:
+            return _snapshot(lock, got)
+        reader.execute("BEGIN")
+        try:
+            reader.execute("PRAGMA schema_version").fetchall()  # its snapshot: the database at the cursor
+        except BaseException:
+            reader.execute("ROLLBACK")
+            raise
+    finally:
+        lock.execute("ROLLBACK")
+    try:
+        return _snapshot(reader, got)
+    finally:
+        reader.execute("COMMIT")
+
+
+def _read_locked(files: LogFiles, cursor: Cursor) -> Capture | _SnapshotDue:
+    """Under the write lock: the frames after ``cursor``, or the snapshot due when the history does not
+    continue from it."""
     path = files.path
     shm_fd = files.shm()
     if shm_fd is None:
         raise CaptureError(f"{path}-shm is missing although a connection holds the write lock")
     shm = _read_shm(path, shm_fd, 1)  # nobody can change it while the write lock is held
     if shm.mx_frame == 0:  # a log with no commit (new, or restarted): nothing new, the cursor stands
-        return _snapshot(conn, shm, cursor) if not cursor.salt else Capture([], None, cursor, shm.page_size)
+        return _SnapshotDue(shm, 0, False) if not cursor.salt else Capture([], None, cursor, shm.page_size)
     wal_fd = files.wal()
     if wal_fd is None:
         raise CaptureError(f"{path}-wal is missing but the wal-index says it holds {shm.mx_frame} frames")
     got = _continue(path, wal_fd, cursor, shm)
     if isinstance(got, _Gap):
-        return _snapshot(conn, shm, cursor._replace(checkpoint_seq=got.checkpoint_seq))
+        # only a checkpoint of another process can copy frames while the write lock is held, never past
+        # ``mxFrame``, and only the write lock's holder restarts the log: a count read here stays true
+        try:
+            backfilled = wf.parse_backfill(pread_all(shm_fd, 4, wf.SHM_BACKFILL_OFFSET))
+        except (wf.WalFormatError, OSError):
+            backfilled = 0
+        return _SnapshotDue(shm, got.checkpoint_seq, backfilled >= shm.mx_frame)
     return got
 
 

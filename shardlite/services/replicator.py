@@ -37,6 +37,7 @@ read, encoding, PUT and bookkeeping).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -69,6 +70,24 @@ KEEP_OPEN = 32
 CACHE_KIB = 64
 #: How long a capture waits for a tenant's write lock before leaving it for the next round.
 LOCK_WAIT_MS = 200
+#: Tenants whose database file and log hold at least this many bytes get a snapshot read after the write lock is
+#: let go (:func:`~shardlite.files.walcapture.capture_locked`'s ``reader``); a smaller one is copied under the
+#: lock (opening that reader costs about what copying a MiB does).
+UNLOCKED_SNAPSHOT_BYTES = 1024 * 1024
+
+
+def _file_bytes(path: str) -> int:
+    """The bytes of a tenant's database file and log (a replicated root's writers never checkpoint: its data
+    may be in either)."""
+    total = 0
+    for name in (path, path + "-wal"):
+        try:
+            total += os.stat(name).st_size
+        except OSError:
+            pass
+    return total
+
+
 #: Checkpoints deferred in a row after which the next one takes the write lock whatever a writer committed since
 #: its lock-free capture.
 DEFER_LIMIT = 5
@@ -345,12 +364,14 @@ class NodeReplicator:
             t = stats.timed("capture.read", t)
             if isinstance(got, wc.NeedsLock):  # a snapshot is due, or the log did not read consistently
                 stats.locked += 1
-                conn = opened.conn
-                conn.execute("BEGIN IMMEDIATE")
+                # a large file's snapshot is read after the write lock is let go, by a reader whose transaction
+                # began under it; a small one's copy costs less than opening that reader
+                reader = _tenant_connection(path) if _file_bytes(path) >= UNLOCKED_SNAPSHOT_BYTES else None
                 try:
-                    state.stage(wc.capture(conn, opened.files, cursor))
+                    state.stage(wc.capture_locked(opened.conn, opened.files, cursor, reader=reader))
                 finally:
-                    conn.execute("ROLLBACK")
+                    if reader is not None:
+                        reader.close()
                 t = stats.timed("capture.locked", t)
             else:
                 state.stage(got)

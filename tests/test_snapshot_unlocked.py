@@ -1,0 +1,183 @@
+"""Snapshots read after the write lock is let go (walcapture.capture_locked with a reader): writers commit
+while the image is serialized, the image is the database at the cursor, and the history continues from it
+without a second snapshot, also when every frame of the log was already in the database file (the cursor is
+then closed, and the log restarts under the read)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import apsw
+import pytest
+from helpers_s3 import TargetFactory
+from helpers_wal import beside_writer, open_wal, rows_of
+
+import shardlite
+from shardlite.core import timeline
+from shardlite.core import walformat as wf
+from shardlite.files import walcapture as wc
+from shardlite.services import replica_read
+from shardlite.services import replicator as replicator_module
+from shardlite.services.replicator import NodeReplicator
+
+
+class WritesFirst:
+    """A reader connection whose ``serialize`` first commits a row through ``writer`` (busy timeout 0: it
+    fails at once if the write lock is still held), so the image is read after a commit it must not hold."""
+
+    def __init__(self, reader: apsw.Connection, writer: apsw.Connection) -> None:
+        self.reader, self.writer, self.wrote = reader, writer, 0
+
+    def execute(self, sql: str) -> apsw.Cursor:
+        return self.reader.execute(sql)
+
+    def serialize(self, name: str) -> bytes | None:
+        self.writer.execute("INSERT INTO t(v) VALUES ('during the read')")
+        self.wrote += 1
+        return self.reader.serialize(name)
+
+
+@pytest.fixture
+def tenant(tmp_path: os.PathLike[str]) -> Iterator[tuple[str, apsw.Connection, apsw.Connection, wc.LogFiles]]:
+    path = os.path.join(tmp_path, "t.db")
+    conn = open_wal(path)
+    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+    for n in range(20):
+        conn.execute("INSERT INTO t(v) VALUES (?)", (f"row {n}",))
+    lock = open_wal(path)
+    lock.execute("SELECT 1 FROM sqlite_master").fetchall()  # opens the log, as the replicator's connection does
+    conn.set_busy_timeout(0)
+    files = wc.LogFiles(path)
+    yield path, conn, lock, files
+    conn.close()
+    lock.close()
+    files.close()  # after every connection of the file (walcapture's -shm trap)
+
+
+def _rows(conn: apsw.Connection) -> list[tuple[object, ...]]:
+    return list(conn.execute("SELECT id, v FROM t ORDER BY id"))
+
+
+def _salt(files: wc.LogFiles) -> bytes:
+    fd = files.shm()
+    assert fd is not None
+    return wf.parse_shm_header(os.pread(fd, 2 * wf.SHM_HEADER_SIZE, 0)).salt
+
+
+def _snapshot_during_a_write(tenant: tuple[str, apsw.Connection, apsw.Connection, wc.LogFiles]) -> wc.Capture:
+    path, conn, lock, files = tenant
+    before = _rows(conn)
+    reader = open_wal(path)
+    try:
+        hooked = WritesFirst(reader, conn)
+        got = wc.capture_locked(lock, files, wc.NO_CURSOR, reader=hooked)  # type: ignore[arg-type]
+    finally:
+        reader.close()
+    assert hooked.wrote == 1  # the write went through while the image was read: the lock was let go
+    assert got.snapshot is not None and rows_of(got.snapshot, "SELECT id, v FROM t ORDER BY id") == before
+    return got
+
+
+def test_a_first_snapshot_is_read_after_the_lock_and_the_history_continues_in_the_same_log(
+        tenant: tuple[str, apsw.Connection, apsw.Connection, wc.LogFiles]) -> None:
+    _path, conn, _lock, files = tenant
+    salt = _salt(files)
+    got = _snapshot_during_a_write(tenant)
+    assert not got.cursor.closed and got.cursor.salt == salt == _salt(files)  # frames not in the file: no restart
+    after = wc.capture_unlocked(files, got.cursor)
+    assert isinstance(after, wc.Capture) and after.snapshot is None and len(after.frames) >= 1
+    assert rows_of(wc.image_at([got, after]), "SELECT id, v FROM t ORDER BY id") == _rows(conn)
+
+
+@pytest.mark.parametrize("read_after_the_lock", [True, False])
+def test_a_snapshot_of_a_log_copied_whole_is_closed_and_the_restarted_log_continues_it(
+        tenant: tuple[str, apsw.Connection, apsw.Connection, wc.LogFiles], read_after_the_lock: bool) -> None:
+    """Every frame is in the database file (a checkpoint of another process copied them): the next write
+    restarts the log, and the history continues from its frame 1 instead of taking a second snapshot."""
+    path, conn, lock, files = tenant
+    checkpointer = open_wal(path)
+    try:
+        log, copied = checkpointer.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+    finally:
+        checkpointer.close()
+    assert log == copied > 0
+    salt = _salt(files)
+    if read_after_the_lock:
+        got = _snapshot_during_a_write(tenant)  # its write restarts the log under the read (read mark 0)
+        assert _salt(files) != salt
+    else:
+        got = wc.capture_locked(lock, files, wc.NO_CURSOR)
+        assert got.snapshot is not None
+        conn.execute("INSERT INTO t(v) VALUES ('after the snapshot')")
+        assert _salt(files) != salt
+    assert got.cursor.closed and got.cursor.salt == salt
+    after = wc.capture_unlocked(files, got.cursor)
+    assert isinstance(after, wc.Capture) and after.snapshot is None and after.frames[0].number == 1
+    assert rows_of(wc.image_at([got, after]), "SELECT id, v FROM t ORDER BY id") == _rows(conn)
+
+
+def test_a_log_not_copied_whole_gives_an_open_cursor(
+        tenant: tuple[str, apsw.Connection, apsw.Connection, wc.LogFiles]) -> None:
+    """Frames the database file does not hold yet: the snapshot's cursor is not closed (a restarted log could
+    not continue it; none can restart before those frames are captured and copied)."""
+    _path, _conn, lock, files = tenant
+    got = wc.capture_locked(lock, files, wc.NO_CURSOR)
+    assert got.snapshot is not None and not got.cursor.closed and got.cursor.frame > 0
+
+
+WRITER = r"""
+import sys, apsw
+conn = apsw.Connection(sys.argv[1])
+conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+conn.execute("PRAGMA wal_autocheckpoint=0")
+conn.set_busy_timeout(10000)
+for n in range(int(sys.argv[2])):
+    conn.execute("UPDATE notes SET body = ? WHERE id = ?", (f"w{n}".ljust(300, "."), 1 + n % 50))
+conn.close()
+print("done")
+"""
+
+
+def test_a_large_tenant_is_first_captured_beside_a_busy_writer_without_a_copy_under_the_lock(
+        tmp_path: os.PathLike[str], make_replica_target: TargetFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tenant past ``UNLOCKED_SNAPSHOT_BYTES`` gets its first snapshot read by a second connection after the
+    write lock is let go, while a writer process commits; the replica then holds exactly the live tenant."""
+    url = make_replica_target.url()
+    router = shardlite.Router(os.path.join(tmp_path, "root"),
+                              schema={"user": ["CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"]},
+                              replicate=url)
+    target = make_replica_target()
+    replicator = NodeReplicator(router._store, router.nodes.list()[0].name, target)
+    readers: list[bool] = []
+    real = wc.capture_locked
+
+    def recording(*args: object, reader: apsw.Connection | None = None) -> wc.Capture:
+        got = real(*args, reader=reader)  # type: ignore[arg-type]
+        readers.append(reader is not None and got.snapshot is not None)
+        return got
+
+    monkeypatch.setattr(wc, "capture_locked", recording)
+    try:
+        with router.transaction("user:big") as tx:
+            tx.executemany("INSERT INTO notes(body) VALUES (?)", [("x" * 1000,) for _ in range(3000)])
+        path = router._store.path_of(router._store.meta.tenants.lookup("user:big"))  # type: ignore[arg-type]
+        assert os.path.getsize(path) + os.path.getsize(path + "-wal") >= replicator_module.UNLOCKED_SNAPSHOT_BYTES
+        replicator.reconcile()
+
+        def step(_round: int) -> None:
+            replicator.mark("user:big")
+            replicator.run_round()
+
+        beside_writer(WRITER, [path, "400"], step)
+        step(0)
+        assert readers and readers[0]  # the first capture: a snapshot read after the lock
+        stats = replicator.run_round()
+        assert stats.snapshots == 0
+        found = timeline.image_at(replica_read.captures_of(target, ["user:big"])["user:big"])
+        assert found is not None
+        live = [tuple(r) for r in router.query("user:big", "SELECT id, body FROM notes ORDER BY id")]
+        assert rows_of(found[0], "SELECT id, body FROM notes ORDER BY id") == live
+    finally:
+        replicator.close()
+        router.close()
