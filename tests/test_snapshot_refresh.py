@@ -19,7 +19,14 @@ from hypothesis import strategies as st
 
 import shardlite
 from shardlite.core import walformat as wf
-from shardlite.core.refresh import REFRESH_FLOOR, REFRESH_RATIO, snapshot_due
+from shardlite.core.refresh import (
+    AGE_DIVISOR,
+    REFRESH_AGE_NS,
+    REFRESH_FLOOR,
+    REFRESH_RATIO,
+    aged_snapshot_due,
+    snapshot_due,
+)
 from shardlite.files import walcapture as wc
 from shardlite.files.staging import Staging
 from shardlite.replica.target import open_target as make_target
@@ -46,6 +53,25 @@ def test_the_defaults() -> None:
     assert not snapshot_due(REFRESH_RATIO * big - 1, big) and snapshot_due(REFRESH_RATIO * big, big)
 
 
+@given(st.integers(0, 1 << 62), st.integers(0, 1 << 62), st.integers(0, 1 << 40), st.integers(0, 1 << 36),
+       st.integers(1, 1 << 50), st.integers(1, 64))
+def test_a_snapshot_is_due_by_age_once_old_enough_and_the_frames_reach_its_share(
+        now: int, snapshot_ns: int, frame_bytes: int, image_bytes: int, age: int, divisor: int) -> None:
+    due = aged_snapshot_due(now, snapshot_ns, frame_bytes, image_bytes, age_ns=age, divisor=divisor)
+    assert due == (frame_bytes > 0 and snapshot_ns > 0 and now - snapshot_ns >= age
+                   and frame_bytes * divisor >= image_bytes)
+    if due:  # later, or with more frames, it stays due
+        assert aged_snapshot_due(now + 1, snapshot_ns, frame_bytes + 1, image_bytes, age_ns=age, divisor=divisor)
+
+
+def test_the_age_defaults() -> None:
+    day, image = REFRESH_AGE_NS, 1 << 20
+    assert not aged_snapshot_due(10 + day - 1, 10, image, image)  # younger than a day
+    assert aged_snapshot_due(10 + day, 10, image // AGE_DIVISOR, image)
+    assert not aged_snapshot_due(10 + day, 10, image // AGE_DIVISOR - 1, image)  # too few frames for its size
+    assert not aged_snapshot_due(10 + day, 10, 0, image) and not aged_snapshot_due(10 + day, 0, image, image)
+
+
 def _frames(first: int, count: int, page_size: int = 512) -> list[wf.Frame]:
     out = []
     for number in range(first, first + count):
@@ -66,7 +92,7 @@ def test_the_staging_counts_frames_since_the_last_snapshot_per_file(tmp_path: Pa
     try:
         staging.stage("user:a", "inc1", 1, _capture(None, b"x" * 4096, 0), [(0, 1)], 1)
         found = staging.cursor("user:a")
-        assert found is not None and (found.frame_bytes, found.image_bytes) == (0, 4096)
+        assert found is not None and (found.frame_bytes, found.image_bytes, found.snapshot_ns) == (0, 4096, 1)
         staging.stage("user:a", "inc1", 1, _capture(_frames(1, 3), None, 3), [(3, 2)], 2)
         staging.stage("user:a", "inc1", 1, _capture(_frames(4, 2), None, 5), [(5, 3)], 3)
         found = staging.cursor("user:a")
@@ -76,9 +102,10 @@ def test_the_staging_counts_frames_since_the_last_snapshot_per_file(tmp_path: Pa
         staging.set_cursor("user:a", "inc1", 1, found.cursor._replace(closed=True), 3)  # a checkpoint keeps them
         found = staging.cursor("user:a")
         assert found is not None and (found.frame_bytes, found.image_bytes) == (5 * frame, 4096)
+        assert found.snapshot_ns == 1
         staging.stage("user:a", "inc1", 1, _capture(None, b"y" * 1024, 5), [(5, 3)], 4)  # a refreshed snapshot
         found = staging.cursor("user:a")
-        assert found is not None and (found.frame_bytes, found.image_bytes) == (0, 1024)
+        assert found is not None and (found.frame_bytes, found.image_bytes, found.snapshot_ns) == (0, 1024, 4)
         staging.stage("user:a", "inc1", 1, _capture(_frames(1, 1), None, 1), [(1, 5)], 5)
         staging.stage("user:a", "inc2", 2, _capture(_frames(1, 2), None, 2), [(2, 6)], 6)  # another file: anew
         found = staging.cursor("user:a")
@@ -106,9 +133,11 @@ def test_a_staging_written_before_the_count_gets_it(tmp_path: Path) -> None:
         found = staging.cursor("user:a")
         assert found is not None and found.cursor.frame == 7 and found.last_commit_ns == 9
         assert (found.frame_bytes, found.image_bytes) == (0, 0)
+        assert found.snapshot_ns == 10  # a snapshot's age counts from the last capture before the count began
         staging.stage("user:a", "inc1", 1, _capture(_frames(8, 1), None, 8), [(8, 11)], 11)
         found = staging.cursor("user:a")
         assert found is not None and found.frame_bytes == len(wf.encode_frame(_frames(8, 1)[0]))
+        assert found.snapshot_ns == 10
     finally:
         staging.close()
 

@@ -181,3 +181,90 @@ def test_a_large_tenant_is_first_captured_beside_a_busy_writer_without_a_copy_un
     finally:
         replicator.close()
         router.close()
+
+
+def test_a_snapshot_at_the_cursor_is_read_after_the_lock_and_none_once_a_writer_committed_past_it(
+        tenant: tuple[str, apsw.Connection, apsw.Connection, wc.LogFiles]) -> None:
+    """An aged refresh (core/refresh.py): a snapshot at the position the last capture reached, its image read
+    after the lock while a writer commits; when the log has moved past the cursor there is none (a later
+    capture tries again)."""
+    path, conn, lock, files = tenant
+    first = wc.capture_locked(lock, files, wc.NO_CURSOR)
+    conn.execute("INSERT INTO t(v) VALUES ('captured')")
+    frames = wc.capture_unlocked(files, first.cursor)
+    assert isinstance(frames, wc.Capture) and frames.frames
+    at = _rows(conn)
+    reader = open_wal(path)
+    try:
+        hooked = WritesFirst(reader, conn)
+        got = wc.snapshot_at_cursor(lock, hooked, files, frames.cursor)  # type: ignore[arg-type]
+        assert hooked.wrote == 1 and got is not None and got.cursor == frames.cursor
+        assert got.snapshot is not None and rows_of(got.snapshot, "SELECT id, v FROM t ORDER BY id") == at
+        assert rows_of(wc.image_at([first, frames]), "SELECT id, v FROM t ORDER BY id") == at  # the same point
+        assert wc.snapshot_at_cursor(lock, reader, files, frames.cursor) is None  # the write moved the log on
+        later = wc.capture_unlocked(files, frames.cursor)
+        assert isinstance(later, wc.Capture)
+        again = wc.snapshot_at_cursor(lock, reader, files, later.cursor)
+        assert again is not None and again.snapshot is not None
+        assert rows_of(again.snapshot, "SELECT id, v FROM t ORDER BY id") == _rows(conn)
+    finally:
+        reader.close()
+
+
+def test_a_tenant_that_writes_a_little_every_hour_gets_a_snapshot_a_day(
+        tmp_path: os.PathLike[str], make_replica_target: TargetFactory) -> None:
+    """A small tenant written once an hour never reaches the ratio bound nor a checkpoint; after a day its
+    next capture adds a snapshot, so a restore reads about a day of history, not a week. A large tenant
+    written as little gets none (its frames stay below a quarter of its size). Every restore point stays
+    exact."""
+    from shardlite.services.replica_restore import restore_tenant
+
+    hour = 3600 * 1_000_000_000
+    now = [1_800_000_000 * 1_000_000_000]
+    url = make_replica_target.url()
+    router = shardlite.Router(os.path.join(tmp_path, "root"),
+                              schema={"user": ["CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"]},
+                              replicate=url)
+    target = make_replica_target()
+    replicator = NodeReplicator(router._store, router.nodes.list()[0].name, target, clock=lambda: now[0])
+
+    def live(key: str) -> list[tuple[object, ...]]:
+        return [tuple(r) for r in router.query(key, "SELECT id, body FROM notes ORDER BY id")]
+
+    try:
+        with router.transaction("user:small") as tx:
+            tx.execute("INSERT INTO notes(body) VALUES ('h0')")
+        with router.transaction("user:big") as tx:
+            tx.executemany("INSERT INTO notes(body) VALUES (?)", [("x" * 4000,) for _ in range(500)])
+        replicator.reconcile()
+        assert replicator.run_round().snapshots == 2
+        points: list[tuple[int, str]] = []
+        refreshed: list[int] = []
+        for h in range(1, 31):
+            now[0] += hour
+            for key in ("user:small", "user:big"):
+                with router.transaction(key) as tx:
+                    tx.execute("UPDATE notes SET body = ? WHERE id = 1", (f"h{h}",))
+                replicator.mark(key)
+            stats = replicator.run_round()
+            assert stats.failed == 0 and stats.checkpoints == 0, stats
+            refreshed += [h] * stats.refreshed
+            cursor = replicator.staging.cursor("user:small")
+            assert cursor is not None
+            points.append((cursor.last_commit_ns, f"h{h}"))
+        assert refreshed == [24]  # one, a day after the first snapshot: the small tenant's
+        captures = replica_read.captures_of(target, ["user:small", "user:big"])
+        assert [c.entry.kind for c in captures["user:big"]].count("snapshot") == 1
+        small = captures["user:small"]
+        assert [c.entry.kind for c in small].count("snapshot") == 2
+        restore_tenant(router._store, target, "user:small", as_key="user:latest")
+        assert live("user:latest") == live("user:small")
+        # a restore at the latest commit replays from the refresh: its 6 hours of frames, not the 30 before
+        last = max(c for c in small if c.entry.kind == "snapshot")
+        assert sum(c.entry.kind == "frames" for c in small if c.order > last.order) == 6
+        for i, (when, body) in enumerate(points):  # every restore point, before and after the refresh
+            restore_tenant(router._store, target, "user:small", as_key=f"user:at{i}", at_ns=when)
+            assert live(f"user:at{i}") == [(1, body)]
+    finally:
+        replicator.close()
+        router.close()

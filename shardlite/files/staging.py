@@ -6,9 +6,10 @@ node's replicator lock), besides an erase and a drop (below), each in transactio
 and its tenant's new cursor are stored in one transaction, so a cursor never runs ahead of what is staged;
 the rows of a pack are deleted in the transaction that records the pack as uploaded, so a crash between the
 upload and that transaction re-uploads the same pack under the same name. A cursor also counts the bytes
-of frames staged for its file since the file's last snapshot, and that snapshot's size (``frame_bytes``,
-``image_bytes``: when a refreshed snapshot is due, :mod:`shardlite.core.refresh`); a file written before
-they existed gets both as 0 when opened.
+of frames staged for its file since the file's last snapshot, that snapshot's size and its capture time
+(``frame_bytes``, ``image_bytes``, ``snapshot_ns``: when a refreshed snapshot is due,
+:mod:`shardlite.core.refresh`); a file written before they existed gets the sizes as 0 and the time as its
+last capture's when opened.
 
 Drops: a plain drop of a tenant on a replicated root stages a **drop record** here (table ``drops``: key,
 incarnation, generation, when), written by the dropping process itself (:meth:`Staging.stage_drop`, called by
@@ -105,6 +106,8 @@ class Staging:
                 for column in ADDED_CURSOR_COLUMNS:
                     if column not in columns:
                         self.conn.execute(f"ALTER TABLE cursors ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+                if "snapshot_ns" not in columns:  # the age of a snapshot staged before counts from then on
+                    self.conn.execute("UPDATE cursors SET snapshot_ns = captured_ns")
 
     def close(self) -> None:
         self.conn.close()
@@ -112,13 +115,13 @@ class Staging:
     # -- cursors ---------------------------------------------------------------------------------------
 
     _CURSOR_COLUMNS = ("incarnation, generation, salt, ckpt_seq, frame, c1, c2, page_size, closed, captured_ns, "
-                       "last_commit_ns, frame_bytes, image_bytes")
+                       "last_commit_ns, frame_bytes, image_bytes, snapshot_ns")
 
     @staticmethod
     def _tenant_cursor(row: tuple[Any, ...]) -> TenantCursor:
-        inc, gen, salt, seq, frame, c1, c2, size, closed, captured, last, frame_bytes, image_bytes = row
+        inc, gen, salt, seq, frame, c1, c2, size, closed, captured, last, frame_bytes, image_bytes, snapped = row
         return TenantCursor(inc, gen, Cursor(salt, seq, frame, (c1, c2), size, bool(closed)), captured, last,
-                            frame_bytes, image_bytes)
+                            frame_bytes, image_bytes, snapped)
 
     def cursor(self, key: str) -> TenantCursor | None:
         for row in self.conn.execute(f"SELECT {self._CURSOR_COLUMNS} FROM cursors WHERE key = ?", (key,)):
@@ -152,21 +155,23 @@ class Staging:
         return [row[0] for row in self.conn.execute("SELECT key FROM cursors ORDER BY key")]
 
     def _put_cursor(self, key: str, incarnation: str, generation: int, cursor: Cursor, captured_ns: int,
-                    last_commit_ns: int, sizes: tuple[int, int]) -> None:
+                    last_commit_ns: int, sizes: tuple[int, int, int]) -> None:
         c1, c2 = cursor.checksum
         self.conn.execute(
             f"INSERT OR REPLACE INTO cursors(key, {self._CURSOR_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-            "?, ?)",
+            "?, ?, ?)",
             (key, incarnation, generation, cursor.salt, cursor.checkpoint_seq, cursor.frame, c1, c2,
              cursor.page_size, int(cursor.closed), captured_ns, last_commit_ns, *sizes))
 
-    def _sizes(self, key: str, incarnation: str, generation: int) -> tuple[int, int]:
-        """(frame_bytes, image_bytes) stored for ``key`` when its cursor is of this file, else (0, 0)."""
-        for inc, gen, frame_bytes, image_bytes in self.conn.execute(
-                "SELECT incarnation, generation, frame_bytes, image_bytes FROM cursors WHERE key = ?", (key,)):
+    def _sizes(self, key: str, incarnation: str, generation: int) -> tuple[int, int, int]:
+        """(frame_bytes, image_bytes, snapshot_ns) stored for ``key`` when its cursor is of this file, else
+        (0, 0, 0)."""
+        for inc, gen, frame_bytes, image_bytes, snapshot_ns in self.conn.execute(
+                "SELECT incarnation, generation, frame_bytes, image_bytes, snapshot_ns FROM cursors WHERE key = ?",
+                (key,)):
             if (inc, gen) == (incarnation, generation):
-                return int(frame_bytes), int(image_bytes)
-        return 0, 0
+                return int(frame_bytes), int(image_bytes), int(snapshot_ns)
+        return 0, 0, 0
 
     def set_cursor(self, key: str, incarnation: str, generation: int, cursor: Cursor, last_commit_ns: int) -> None:
         """Store a cursor that moved without new data (a checkpoint closed its log generation); nothing once the
@@ -197,21 +202,22 @@ class Staging:
 
     def _insert_capture(self, key: str, incarnation: str, generation: int, got: Capture,
                         commits: list[tuple[int, int]], captured_ns: int) -> None:
-        frame_bytes, image_bytes = self._sizes(key, incarnation, generation)
+        frame_bytes, image_bytes, snapshot_ns = self._sizes(key, incarnation, generation)
         if got.snapshot is not None:
             kind, salt, first, last, data = "snapshot", got.cursor.salt.hex(), 0, got.cursor.frame, got.snapshot
-            frame_bytes, image_bytes = 0, len(data)
+            frame_bytes, image_bytes, snapshot_ns = 0, len(data), captured_ns
         else:
             kind, salt, first, last = "frames", got.cursor.salt.hex(), got.frames[0].number, got.frames[-1].number
             data = b"".join(wf.encode_frame(frame) for frame in got.frames)
             frame_bytes += len(data)
+            snapshot_ns = snapshot_ns or captured_ns  # no snapshot counted for this file yet: from now on
         self.conn.execute(
             "INSERT INTO staged(key, incarnation, generation, kind, page_size, salt, first, last, commits, "
             "captured_ns, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (key, incarnation, generation, kind, got.page_size, salt, first, last, json.dumps(commits),
              captured_ns, data))
         self._put_cursor(key, incarnation, generation, got.cursor, captured_ns,
-                         commits[-1][1] if commits else captured_ns, (frame_bytes, image_bytes))
+                         commits[-1][1] if commits else captured_ns, (frame_bytes, image_bytes, snapshot_ns))
 
     def _check_cursor(self, key: str, incarnation: str, generation: int, expect: Cursor) -> None:
         """Inside a write transaction: :class:`StaleCursor` unless the stored cursor of ``key`` is ``expect``

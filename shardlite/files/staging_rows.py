@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS cursors(
     salt BLOB NOT NULL, ckpt_seq INTEGER NOT NULL, frame INTEGER NOT NULL, c1 INTEGER NOT NULL,
     c2 INTEGER NOT NULL, page_size INTEGER NOT NULL, closed INTEGER NOT NULL,
     captured_ns INTEGER NOT NULL, last_commit_ns INTEGER NOT NULL,
-    frame_bytes INTEGER NOT NULL DEFAULT 0, image_bytes INTEGER NOT NULL DEFAULT 0
+    frame_bytes INTEGER NOT NULL DEFAULT 0, image_bytes INTEGER NOT NULL DEFAULT 0,
+    snapshot_ns INTEGER NOT NULL DEFAULT 0
 ) STRICT;
 CREATE TABLE IF NOT EXISTS staged(
     id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, incarnation TEXT NOT NULL,
@@ -78,7 +79,7 @@ CREATE INDEX IF NOT EXISTS drops_shipped_by_time ON drops_shipped(shipped_ns);
 #: The tables :data:`SCHEMA` makes.
 TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", SCHEMA))
 #: Columns added to ``cursors`` since its first layout (a staging file written before gets them, 0).
-ADDED_CURSOR_COLUMNS = ("frame_bytes", "image_bytes")
+ADDED_CURSOR_COLUMNS = ("frame_bytes", "image_bytes", "snapshot_ns")
 
 
 class TenantCursor(NamedTuple):
@@ -93,6 +94,9 @@ class TenantCursor(NamedTuple):
     frame_bytes: int = 0
     #: bytes of the file's last snapshot staged (0: none staged since this count began)
     image_bytes: int = 0
+    #: when the file's last snapshot was staged (its capture time, ns; a cursor older than this count: the time
+    #: the count began)
+    snapshot_ns: int = 0
 
 
 class Staged(NamedTuple):

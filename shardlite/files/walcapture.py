@@ -61,8 +61,8 @@ from ..core import walformat as wf
 from .rawio import pread_all
 
 __all__ = ["Cursor", "Capture", "CaptureError", "LogFiles", "NeedsLock", "capture", "capture_locked",
-           "capture_unlocked", "capture_then_checkpoint", "checkpoint_briefly_locked", "log_end", "LOCKED_FRAMES",
-           "image_at", "commit_times", "NO_CURSOR", "SHM_READ_ATTEMPTS"]
+           "capture_unlocked", "capture_then_checkpoint", "checkpoint_briefly_locked", "snapshot_at_cursor",
+           "log_end", "LOCKED_FRAMES", "image_at", "commit_times", "NO_CURSOR", "SHM_READ_ATTEMPTS"]
 
 
 class CaptureError(Exception):
@@ -273,6 +273,40 @@ def capture_locked(lock: apsw.Connection, files: LogFiles, cursor: Cursor, *,
         return _snapshot(reader, got)
     finally:
         reader.execute("COMMIT")
+
+
+def snapshot_at_cursor(lock: apsw.Connection, reader: apsw.Connection, files: LogFiles,
+                       cursor: Cursor) -> Capture | None:
+    """A snapshot of ``files.path`` at ``cursor`` (a refreshed snapshot, :mod:`shardlite.core.refresh`), or None
+    when the log no longer ends at the cursor (a writer committed since it was captured: a later capture
+    tries again). The write lock is taken on ``lock`` (its busy timeout applies; ``apsw.BusyError`` with
+    nothing done) only to read the wal-index and begin ``reader``'s read transaction, which then sees exactly
+    the commit the cursor names; the image is serialized after the lock is let go, as in
+    :func:`capture_locked`, whose argument for what the reader sees applies."""
+    shm_fd = files.shm()
+    if shm_fd is None or not cursor.salt:
+        return None
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        shm = _read_shm(files.path, shm_fd, 1)
+        if shm.salt != cursor.salt or shm.mx_frame != cursor.frame or (
+                cursor.frame and shm.frame_checksum != cursor.checksum):
+            return None
+        reader.execute("BEGIN")
+        try:
+            reader.execute("PRAGMA schema_version").fetchall()  # its snapshot: the database at the cursor
+        except BaseException:
+            reader.execute("ROLLBACK")
+            raise
+    finally:
+        lock.execute("ROLLBACK")
+    try:
+        image = reader.serialize("main")
+    finally:
+        reader.execute("COMMIT")
+    if image is None:
+        return None
+    return Capture([], bytes(image), cursor, cursor.page_size)
 
 
 def _read_locked(files: LogFiles, cursor: Cursor) -> Capture | _SnapshotDue:

@@ -163,8 +163,10 @@ class NodeReplicator:
         #: reads the writers' notes written since the last read and marks their tenants (set by the replication
         #: service); a capture holding commits without a note calls it before it times them (:class:`_Staged`)
         self.read_notes: Callable[[], None] | None = None
-        #: when a tenant's snapshot is refreshed (:func:`shardlite.core.refresh.snapshot_due`'s bounds)
+        #: when a tenant's snapshot is refreshed (:func:`shardlite.core.refresh.snapshot_due`'s bounds, and
+        #: :func:`~shardlite.core.refresh.aged_snapshot_due`'s age in ns)
         self.refresh_ratio, self.refresh_floor = refresh.REFRESH_RATIO, refresh.REFRESH_FLOOR
+        self.refresh_age = refresh.REFRESH_AGE_NS
 
     def close(self) -> None:
         while self._open:
@@ -351,8 +353,6 @@ class NodeReplicator:
             opened = None
         if opened is None and cursor.salt and not cursor.closed and self._capture_bare(path, cursor, state):
             t = stats.timed("capture.bare", t)
-            if state.cursor.frame < DUE_FRAMES:
-                return
         else:
             opened = self._connection(key, path)
             t = stats.timed("capture.open", t)
@@ -379,34 +379,65 @@ class NodeReplicator:
         # a closed cursor: a checkpoint copied its whole log into the database file, and no writer has restarted
         # the log since (a write would have moved the cursor to the next generation): nothing to checkpoint
         if state.cursor.frame >= DUE_FRAMES and not state.cursor.closed:
-            if opened is None:
-                opened = self._connection(key, path)
-                self._check_identity(opened, key, record)
-            # most of the log is copied under a reader's snapshot, without the lock; the write lock is held
-            # only from the capture of the last commits through the checkpoint that may end the log's
-            # generation: nothing is checkpointed away before it is captured
-            guard = open_connection(opened.path, self.store.settings)
-            checkpointer = open_connection(opened.path, self.store.settings)
-            stored = self.staging.cursor(key)
-            due = stored is not None and (stored.incarnation, stored.generation) == (
-                record.incarnation, record.generation) and state.last_commit > 0 and refresh.snapshot_due(
-                stored.frame_bytes, stored.image_bytes, ratio=self.refresh_ratio, floor=self.refresh_floor)
-            deferrals = self._deferrals.get(key, 0)
-            try:
-                _after, done = wc.checkpoint_briefly_locked(opened.conn, guard, checkpointer, opened.files,
-                                                            state.cursor, state.stage, closed=state.closed,
-                                                            refresh=state.refresh if due else None,
-                                                            locked_frames=locked_allowance(deferrals))
-            finally:
-                checkpointer.close()
-                guard.close()
-            if done:
-                self._deferrals.pop(key, None)
-            else:
-                self._deferrals[key] = deferrals + 1
-            stats.checkpoints += done
-            stats.deferred += not done
-            stats.timed("capture.checkpoint", t)
+            self._checkpoint(key, record, self._identified(key, path, record, opened), state, stats, t)
+        elif found is not None and same_file and 0 < found.snapshot_ns <= self.clock() - self.refresh_age:
+            self._refresh_aged(key, path, record, state, stats)
+
+    def _identified(self, key: str, path: str, record: TenantRecord, opened: _Open | None) -> _Open:
+        """``opened``, or a connection of the tenant's file opened now and its identity checked."""
+        if opened is None:
+            opened = self._connection(key, path)
+            self._check_identity(opened, key, record)
+        return opened
+
+    def _checkpoint(self, key: str, record: TenantRecord, opened: _Open, state: _Staged, stats: RoundStats,
+                    t: float) -> None:
+        """Checkpoint the tenant's log, briefly locked, with a refreshed snapshot when one is due by the ratio
+        bound (:mod:`shardlite.core.refresh`)."""
+        # most of the log is copied under a reader's snapshot, without the lock; the write lock is held
+        # only from the capture of the last commits through the checkpoint that may end the log's
+        # generation: nothing is checkpointed away before it is captured
+        guard = open_connection(opened.path, self.store.settings)
+        checkpointer = open_connection(opened.path, self.store.settings)
+        stored = self.staging.cursor(key)
+        due = stored is not None and (stored.incarnation, stored.generation) == (
+            record.incarnation, record.generation) and state.last_commit > 0 and refresh.snapshot_due(
+            stored.frame_bytes, stored.image_bytes, ratio=self.refresh_ratio, floor=self.refresh_floor)
+        deferrals = self._deferrals.get(key, 0)
+        try:
+            _after, done = wc.checkpoint_briefly_locked(opened.conn, guard, checkpointer, opened.files,
+                                                        state.cursor, state.stage, closed=state.closed,
+                                                        refresh=state.refresh if due else None,
+                                                        locked_frames=locked_allowance(deferrals))
+        finally:
+            checkpointer.close()
+            guard.close()
+        if done:
+            self._deferrals.pop(key, None)
+        else:
+            self._deferrals[key] = deferrals + 1
+        stats.checkpoints += done
+        stats.deferred += not done
+        stats.timed("capture.checkpoint", t)
+
+    def _refresh_aged(self, key: str, path: str, record: TenantRecord, state: _Staged, stats: RoundStats) -> None:
+        """A refreshed snapshot at the cursor this capture reached, when one is due by age
+        (:func:`shardlite.core.refresh.aged_snapshot_due`, judged on the counts stored after this capture)."""
+        stored = self.staging.cursor(key)
+        if stored is None or (stored.incarnation, stored.generation) != (record.incarnation, record.generation) \
+                or stored.cursor != state.cursor or state.last_commit <= 0 or not refresh.aged_snapshot_due(
+                    self.clock(), stored.snapshot_ns, stored.frame_bytes, stored.image_bytes, age_ns=self.refresh_age):
+            return
+        t = time.perf_counter()
+        opened = self._identified(key, path, record, self._open.get(key))
+        reader = _tenant_connection(path)
+        try:
+            got = wc.snapshot_at_cursor(opened.conn, reader, opened.files, state.cursor)
+        finally:
+            reader.close()
+        if got is not None:  # None: a writer committed since the capture; a later one tries again
+            state.refresh(got)
+        stats.timed("capture.refresh", t)
 
     # -- upload ----------------------------------------------------------------------------------------
 
