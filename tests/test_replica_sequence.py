@@ -2,7 +2,7 @@
 PackUploader._sequence_floor), on both targets: a root restored from a replica and then replicating to the
 same replica continues past the first root's packs instead of overwriting them, so the history before the
 restore stays restorable; a pack this staging uploaded without recording it is still uploaded again under its
-own name."""
+own name; two roots numbering packs in one folder at once never overwrite each other's (PackUploader._put)."""
 
 from __future__ import annotations
 
@@ -111,3 +111,43 @@ def test_a_crafted_pack_name_does_not_push_the_numbering_past_what_a_replicator_
         _replicate(router, target, [1, 2])
     names = {name for name, _size in target.list("v1/packs/")}
     assert {pack_name(node, 1), pack_name(node, 2), crafted} <= names
+
+
+def test_two_roots_numbering_packs_in_one_folder_never_overwrite_each_other(
+        tmp_path: Path, make_replica_target: TargetFactory) -> None:
+    """Two roots replicating to one location under the same node name (a misconfiguration), both running: each
+    computed its next number before the other uploaded under it. The later upload is refused instead of
+    replacing the other's pack (put if absent), says why, and ships under the next free number; both
+    histories stay whole."""
+    from shardlite.services.replicator import NodeReplicator
+
+    url, target = make_replica_target.url(), make_replica_target()
+    with shardlite.Router(tmp_path / "a", schema=SCHEMA, replicate=url) as a, \
+            shardlite.Router(tmp_path / "b", schema=SCHEMA, replicate=url) as b:
+        node = a.nodes.list()[0].name
+        assert b.nodes.list()[0].name == node
+        ra, rb = NodeReplicator(a._store, node, target), NodeReplicator(b._store, node, target)
+        try:
+            def write(router: shardlite.Router, replicator: NodeReplicator, key: str, value: int) -> str | None:
+                with router.transaction(key) as tx:
+                    tx.execute("INSERT INTO w VALUES (?)", (value,))
+                replicator.reconcile()
+                replicator.mark(key)
+                return replicator.run_round().upload_error
+
+            assert write(a, ra, "t:a", 1) is None  # a: pack 1
+            assert write(b, rb, "t:b", 1) is None  # b lists the folder, continues past a's: pack 2
+            theirs = target.get(pack_name(node, 2))
+            refused = write(a, ra, "t:a", 2)  # a's next number is 2, taken by b meanwhile
+            assert refused is not None and "another writer" in refused
+            assert target.get(pack_name(node, 2)) == theirs
+            assert ra.run_round().upload_error is None  # a lists again: pack 3
+            assert "another writer" in (write(b, rb, "t:b", 2) or "")  # b's next number, 3, is a's now
+            assert rb.run_round().upload_error is None  # b goes on past it: pack 4
+            assert write(b, rb, "t:b", 3) is None
+            assert target.get(pack_name(node, 2)) == theirs
+        finally:
+            ra.close()
+            rb.close()
+    assert _rows(target, "t:a", None) == [(1,), (2,)]
+    assert _rows(target, "t:b", None) == [(1,), (2,), (3,)]

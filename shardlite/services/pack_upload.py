@@ -126,6 +126,19 @@ class PackUploader:
             (e.key, e.incarnation, e.generation, e.first, e.last) in mine for e in header.entries) and all(
             (d.key, d.incarnation, d.generation) in mine_drops for d in header.drops)
 
+    def _put(self, name: str, blob: bytes, staged: list[Staged], drops: list[StagedDrop]) -> bool:
+        """Upload ``blob`` as ``name`` unless that name holds another writer's pack: False then, nothing
+        written. A pack is never overwritten but by its own staging's upload again (an upload not recorded
+        before a crash, :meth:`_ours`), so two writers numbering packs in one folder (two roots replicating
+        to one location under the same node name) can lose neither's history, whatever their timing."""
+        if self.target.put_if_absent(name, blob):
+            return True
+        sizes = [size for listed, size in self.target.list(name) if listed == name]
+        if not sizes or not self._ours(name, sizes[0], staged, drops):
+            return False
+        self.target.put(name, blob)
+        return True
+
     def _upload_staged(self, stats: RoundStats) -> None:
         t = time.perf_counter()
         staged = self.staging.staged(PACK_BYTES)
@@ -151,11 +164,19 @@ class PackUploader:
         name = pack_name(self.node, seq)
         t = stats.timed("upload.encode", t)
         try:
-            self.target.put(name, blob)
+            stored = self._put(name, blob, staged, drops)
         except ReplicaUnavailable as exc:
             stats.upload_error = str(exc)
             log.warning("replicate: node %r: upload of %s failed (%s); %d captures stay staged", self.node,
                         name, exc, len(staged))
+            return
+        if not stored:
+            self.floor = None  # the next round lists the folder again and continues past it
+            stats.upload_error = (f"{name} in the replica was uploaded by another writer: is another root "
+                                  "replicating to this location with the same node name? Its packs are left as "
+                                  "they are; this node's captures stay staged and ship under the next free "
+                                  "number")
+            log.error("replicate: node %r: %s", self.node, stats.upload_error)
             return
         t = stats.timed("upload.put", t)
         self.staging.shipped(seq, name, created, self.clock(), len(blob), [s.id for s in staged],
