@@ -91,10 +91,11 @@ def test_a_first_snapshot_is_read_after_the_lock_and_the_history_continues_in_th
 
 
 @pytest.mark.parametrize("read_after_the_lock", [True, False])
-def test_a_snapshot_of_a_log_copied_whole_is_closed_and_the_restarted_log_continues_it(
+def test_a_snapshot_of_a_log_copied_whole_then_restarted_is_followed_by_another_snapshot(
         tenant: tuple[str, apsw.Connection, apsw.Connection, wc.LogFiles], read_after_the_lock: bool) -> None:
-    """Every frame is in the database file (a checkpoint of another process copied them): the next write
-    restarts the log, and the history continues from its frame 1 instead of taking a second snapshot."""
+    """Every frame is in the database file (a checkpoint of another process copied them) when the snapshot is
+    taken: its cursor stays open, so once the next write restarts the log, the next capture is another
+    snapshot, exact, never frames continuing past commits it cannot see."""
     path, conn, lock, files = tenant
     checkpointer = open_wal(path)
     try:
@@ -105,25 +106,90 @@ def test_a_snapshot_of_a_log_copied_whole_is_closed_and_the_restarted_log_contin
     salt = _salt(files)
     if read_after_the_lock:
         got = _snapshot_during_a_write(tenant)  # its write restarts the log under the read (read mark 0)
-        assert _salt(files) != salt
     else:
         got = wc.capture_locked(lock, files, wc.NO_CURSOR)
-        assert got.snapshot is not None
         conn.execute("INSERT INTO t(v) VALUES ('after the snapshot')")
-        assert _salt(files) != salt
-    assert got.cursor.closed and got.cursor.salt == salt
-    after = wc.capture_unlocked(files, got.cursor)
-    assert isinstance(after, wc.Capture) and after.snapshot is None and after.frames[0].number == 1
-    assert rows_of(wc.image_at([got, after]), "SELECT id, v FROM t ORDER BY id") == _rows(conn)
+    assert _salt(files) != salt and not got.cursor.closed and got.cursor.salt == salt
+    assert isinstance(wc.capture_unlocked(files, got.cursor), wc.NeedsLock)
+    again = wc.capture_locked(lock, files, got.cursor)
+    assert again.snapshot is not None and rows_of(again.snapshot, "SELECT id, v FROM t ORDER BY id") == _rows(conn)
 
 
-def test_a_log_not_copied_whole_gives_an_open_cursor(
+def test_commits_appended_to_a_log_copied_whole_are_never_skipped(
         tenant: tuple[str, apsw.Connection, apsw.Connection, wc.LogFiles]) -> None:
-    """Frames the database file does not hold yet: the snapshot's cursor is not closed (a restarted log could
-    not continue it; none can restart before those frames are captured and copied)."""
-    _path, _conn, lock, files = tenant
-    got = wc.capture_locked(lock, files, wc.NO_CURSOR)
-    assert got.snapshot is not None and not got.cursor.closed and got.cursor.frame > 0
+    """A reader holding the log keeps the next writer from restarting it: the writer appends to the same
+    generation, and a checkpoint of another process may copy those frames and let the log restart before a
+    capture reads them. The history must not go on from the next generation's frame 1 past them."""
+    path, conn, lock, files = tenant
+    conn.execute("CREATE TABLE u(id INTEGER PRIMARY KEY, v TEXT)")
+    query = "SELECT 't', id, v FROM t UNION ALL SELECT 'u', id, v FROM u"
+    reader, foreign = open_wal(path), open_wal(path)
+    try:
+        reader.execute("BEGIN")
+        reader.execute(query).fetchall()  # its read mark: the log's end
+        log, copied = foreign.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+        assert log == copied > 0
+        got = wc.capture_locked(lock, files, wc.NO_CURSOR)
+        salt = _salt(files)
+        conn.execute("INSERT INTO u(v) VALUES ('appended')")  # no restart: the reader holds a read mark
+        assert _salt(files) == salt
+        reader.execute("COMMIT")
+        foreign.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)  # copies it; the next write restarts
+        conn.execute("INSERT INTO t(v) VALUES ('after the restart')")
+        assert _salt(files) != salt
+        after = wc.capture_unlocked(files, got.cursor)
+        if isinstance(after, wc.NeedsLock):
+            after = wc.capture_locked(lock, files, got.cursor)
+        assert rows_of(wc.image_at([got, after]), query) == list(conn.execute(query))
+    finally:
+        reader.close()
+        foreign.close()
+
+
+def test_a_closed_log_restarted_by_another_connection_continues_and_a_skipped_generation_is_a_gap(
+        tenant: tuple[str, apsw.Connection, apsw.Connection, wc.LogFiles]) -> None:
+    """The link between log generations is the first salt word (one more at each restart, whoever restarts);
+    the checkpoint sequence in the header is each connection's own count, so a closed log restarted by
+    another writer than the last one was taken for a gap (a whole snapshot after every such checkpoint)."""
+    path, conn, lock, files = tenant
+    other = open_wal(path)
+    checkpointer = open_wal(path)
+    try:
+        history = [wc.capture_locked(lock, files, wc.NO_CURSOR)]
+        for writer in (other, conn, other, other, conn):  # restarts by alternating connections
+            cursor = wc.capture_then_checkpoint(lock, checkpointer, files, history[-1].cursor, history.append)
+            assert cursor.closed
+            writer.execute("INSERT INTO t(v) VALUES ('next generation')")
+            after = wc.capture_unlocked(files, cursor)
+            assert isinstance(after, wc.Capture) and after.frames[0].number == 1, after
+            history.append(after)
+        assert rows_of(wc.image_at(history), "SELECT id, v FROM t ORDER BY id") == _rows(conn)
+        cursor = wc.capture_then_checkpoint(lock, checkpointer, files, history[-1].cursor, history.append)
+        conn.execute("INSERT INTO t(v) VALUES ('a generation nobody captures')")
+        checkpointer.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)  # a checkpoint not through a capture
+        other.execute("INSERT INTO t(v) VALUES ('the one after')")
+        assert isinstance(wc.capture_unlocked(files, cursor), wc.NeedsLock)  # two restarts on: a gap
+        got = wc.capture_locked(lock, files, cursor)
+        assert got.snapshot is not None and rows_of(got.snapshot, "SELECT id, v FROM t ORDER BY id") == _rows(conn)
+    finally:
+        other.close()
+        checkpointer.close()
+
+
+def test_a_snapshot_read_after_the_lock_is_timed_while_the_lock_was_held(
+        tenant: tuple[str, apsw.Connection, apsw.Connection, wc.LogFiles]) -> None:
+    """Commits made while the image is read come after the capture's time (its notes are then not taken as the
+    snapshot's), so the next capture times them by their notes."""
+    path, conn, lock, files = tenant
+    ticks = iter(range(100, 200))
+    reader = open_wal(path)
+    try:
+        hooked = WritesFirst(reader, conn)
+        got = wc.capture_locked(lock, files, wc.NO_CURSOR, reader=hooked, clock=lambda: next(ticks))  # type: ignore[arg-type]
+    finally:
+        reader.close()
+    assert hooked.wrote == 1 and got.taken_ns == 100  # read once, under the lock, before the write
+    assert wc.capture_locked(lock, files, got.cursor, clock=lambda: next(ticks)).taken_ns == 0  # frames: none
 
 
 WRITER = r"""
@@ -152,8 +218,8 @@ def test_a_large_tenant_is_first_captured_beside_a_busy_writer_without_a_copy_un
     readers: list[bool] = []
     real = wc.capture_locked
 
-    def recording(*args: object, reader: apsw.Connection | None = None) -> wc.Capture:
-        got = real(*args, reader=reader)  # type: ignore[arg-type]
+    def recording(*args: object, reader: apsw.Connection | None = None, **kwargs: object) -> wc.Capture:
+        got = real(*args, reader=reader, **kwargs)  # type: ignore[arg-type]
         readers.append(reader is not None and got.snapshot is not None)
         return got
 
@@ -265,6 +331,48 @@ def test_a_tenant_that_writes_a_little_every_hour_gets_a_snapshot_a_day(
         for i, (when, body) in enumerate(points):  # every restore point, before and after the refresh
             restore_tenant(router._store, target, "user:small", as_key=f"user:at{i}", at_ns=when)
             assert live(f"user:at{i}") == [(1, body)]
+    finally:
+        replicator.close()
+        router.close()
+
+
+def test_a_commit_made_while_a_first_snapshot_is_read_keeps_its_noted_time(
+        tmp_path: os.PathLike[str], make_replica_target: TargetFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replicator stages a snapshot read after the lock with the time taken under it: a commit made during
+    the read is timed by its writer's note at the next capture, not at that capture (a restore at a time in
+    between would miss it)."""
+    import time
+
+    url = make_replica_target.url()
+    router = shardlite.Router(os.path.join(tmp_path, "root"),
+                              schema={"user": ["CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"]},
+                              replicate=url)
+    replicator = NodeReplicator(router._store, router.nodes.list()[0].name, make_replica_target())
+    monkeypatch.setattr(replicator_module, "UNLOCKED_SNAPSHOT_BYTES", 0)
+    made: dict[str, int] = {}
+    real = wc._snapshot
+
+    def commit_during_the_read(conn: apsw.Connection, due: object, taken_ns: int = 0) -> wc.Capture:
+        if taken_ns and not made:  # the lock is let go: a writer commits, then the image is read
+            with router.transaction("user:a") as tx:
+                tx.execute("INSERT INTO notes(body) VALUES ('during the read')")
+            made["at"] = time.time_ns()
+        return real(conn, due, taken_ns)  # type: ignore[arg-type]
+
+    try:
+        with router.transaction("user:a") as tx:
+            tx.execute("INSERT INTO notes(body) VALUES ('first')")
+        path = router._store.path_of(router._store.meta.tenants.lookup("user:a"))  # type: ignore[arg-type]
+        monkeypatch.setattr(wc, "_snapshot", commit_during_the_read)
+        replicator.mark("user:a")
+        replicator.run_round(upload=False)
+        assert made, "the snapshot was not read after the lock"
+        with open(path + "-shm", "rb") as shm:
+            frame = wf.parse_shm_header(shm.read(2 * wf.SHM_HEADER_SIZE)).mx_frame
+        replicator.mark("user:a", [(frame, made["at"])])  # the writer's note of that commit
+        replicator.run_round(upload=False)
+        frames = [s for s in replicator.staging.staged(1 << 30) if s.kind == "frames"]
+        assert dict(frames[-1].commits)[frame] == made["at"]
     finally:
         replicator.close()
         router.close()

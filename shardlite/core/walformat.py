@@ -40,15 +40,12 @@ __all__ = [
     "WAL_HEADER_SIZE", "FRAME_HEADER_SIZE", "SHM_HEADER_SIZE", "WAL_MAGIC_LE", "WAL_MAGIC_BE", "WAL_VERSION",
     "WalHeader", "FrameHeader", "ShmHeader", "Frame", "WalFormatError",
     "checksum", "parse_wal_header", "parse_frame_header", "parse_shm_header", "frame_offset", "read_frames",
-    "committed", "replay", "verify_chain", "encode_frame", "SHM_BACKFILL_OFFSET", "parse_backfill",
+    "committed", "replay", "verify_chain", "encode_frame",
 ]
 
 WAL_HEADER_SIZE = 32
 FRAME_HEADER_SIZE = 24
 SHM_HEADER_SIZE = 48
-#: Where the wal-index's checkpoint information starts, after the header's two copies: its first word,
-#: ``nBackfill``, counts the frames a checkpoint has copied into the database file (reset when the log restarts).
-SHM_BACKFILL_OFFSET = 2 * SHM_HEADER_SIZE
 WAL_MAGIC_LE = 0x377F0682
 WAL_MAGIC_BE = 0x377F0683
 WAL_VERSION = 3007000
@@ -177,14 +174,6 @@ def parse_shm_header(data: bytes, byteorder: str = sys.byteorder) -> ShmHeader:
     if checksum(first[:40], 0, 0, byteorder == "big") != stored:
         raise WalFormatError("the wal-index header's checksum does not match")
     return ShmHeader(change, bool(big), size, mx_frame, n_page, (f1, f2), bytes(first[32:40]))
-
-
-def parse_backfill(data: bytes, byteorder: str = sys.byteorder) -> int:
-    """``nBackfill`` from the 4 bytes at :data:`SHM_BACKFILL_OFFSET` of a ``-shm`` file (machine byte order):
-    the frames of the log already copied into the database file."""
-    if len(data) != 4:
-        raise WalFormatError(f"nBackfill is 4 bytes, got {len(data)}")
-    return int.from_bytes(data, "little" if byteorder == "little" else "big")
 
 
 def frame_offset(index: int, page_size: int) -> int:

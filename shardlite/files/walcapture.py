@@ -26,8 +26,8 @@ must make it durable), then a passive checkpoint on a second connection *while t
 held*, so no frame can be added between the capture and the checkpoint. :func:`checkpoint_briefly_locked`
 does the bulk of it first without the lock (copying only captured frames, under a reader's snapshot), so
 the lock covers the last few commits only. When that checkpoint copied every
-frame, the cursor is marked ``closed``: the next log generation (salt 1 and the checkpoint sequence one
-higher) continues it from frame 1. Any other change of generation (a checkpoint that did not go through
+frame, the cursor is marked ``closed``: the next log generation (its first salt word one higher,
+:func:`follows_closed`) continues it from frame 1. Any other change of generation (a checkpoint that did not go through
 here, such as one run by hand with the ``sqlite3`` shell) is a gap: the capture then returns a snapshot
 (the whole database at the log's last commit, read inside the held transaction) instead of frames, and
 the history goes on from it. Autocheckpoint and checkpoint-on-close must be off on every connection of a
@@ -62,7 +62,7 @@ from .rawio import pread_all
 
 __all__ = ["Cursor", "Capture", "CaptureError", "LogFiles", "NeedsLock", "capture", "capture_locked",
            "capture_unlocked", "capture_then_checkpoint", "checkpoint_briefly_locked", "snapshot_at_cursor",
-           "log_end", "LOCKED_FRAMES", "image_at", "commit_times", "NO_CURSOR", "SHM_READ_ATTEMPTS"]
+           "follows_closed", "log_end", "LOCKED_FRAMES", "image_at", "commit_times", "NO_CURSOR", "SHM_READ_ATTEMPTS"]
 
 
 class CaptureError(Exception):
@@ -93,6 +93,9 @@ class Capture(NamedTuple):
     snapshot: bytes | None  #: the database image at the log's last commit, when the history had a gap
     cursor: Cursor  #: the cursor after this capture
     page_size: int
+    #: for a snapshot read after the write lock was let go: the clock read while it was held (0: none), which
+    #: its caller takes as the capture's time (every commit it holds was made before, none made after)
+    taken_ns: int = 0
 
     @property
     def empty(self) -> bool:
@@ -143,7 +146,7 @@ class LogFiles:
         self.close()
 
 
-def _snapshot(conn: apsw.Connection, due: _SnapshotDue) -> Capture:
+def _snapshot(conn: apsw.Connection, due: _SnapshotDue, taken_ns: int = 0) -> Capture:
     """The snapshot ``due`` names, serialized by ``conn`` in a transaction begun while the write lock was held
     (its view: the database at the log's last commit)."""
     image = conn.serialize("main")
@@ -153,19 +156,20 @@ def _snapshot(conn: apsw.Connection, due: _SnapshotDue) -> Capture:
     # a log no frame was ever written to has page size 0 in its wal-index: the database header says it
     page_size = shm.page_size or (int.from_bytes(image[16:18], "big") if len(image) >= 100 else 0)
     page_size = 65536 if page_size == 1 else page_size
-    cursor = Cursor(shm.salt, due.checkpoint_seq, shm.mx_frame, shm.frame_checksum, page_size, due.closed)
-    return Capture([], bytes(image), cursor, page_size)
+    cursor = Cursor(shm.salt, due.checkpoint_seq, shm.mx_frame, shm.frame_checksum, page_size)
+    return Capture([], bytes(image), cursor, page_size, taken_ns)
 
 
 class _SnapshotDue(NamedTuple):
-    """Read under the write lock: the history needs a snapshot, at the log's last commit (``shm``). ``closed``
-    when every frame of the log was already in the database file then (a checkpoint copied them all): the
-    next writer may restart the log, and the history continues from the next generation's frame 1, as after
-    a checkpoint of the replicator's own (:class:`Cursor`), instead of taking a second snapshot."""
+    """Read under the write lock: the history needs a snapshot, at the log's last commit (``shm``).
+
+    Its cursor is never ``closed``, even when a checkpoint of another process had copied every frame: a
+    writer restarts the log only when no reader holds a read mark of it, else it appends to the same
+    generation, and that other process may copy those frames and let the log restart before a capture reads
+    them; a closed cursor would then continue from the next generation's frame 1 past them."""
 
     shm: wf.ShmHeader
     checkpoint_seq: int
-    closed: bool
 
 
 class _Gap(NamedTuple):
@@ -197,6 +201,21 @@ def _read_shm(path: str, shm_fd: int, attempts: int) -> wf.ShmHeader:
     raise AssertionError("unreachable")
 
 
+def follows_closed(cursor: Cursor, header: wf.WalHeader) -> bool:
+    """Whether the log whose header is ``header`` is the generation right after ``cursor``'s, which a
+    checkpoint closed (copied whole): the history then continues from its frame 1.
+
+    The link is the first salt word: SQLite adds one to it at every restart of a log (``walRestartHdr``), in
+    whichever connection restarts it. The checkpoint sequence in the header is no such link: it is the
+    restarting connection's own count (two connections restarting a log in turn write 1, 1, 2, ...), so it
+    made a closed log restarted by another writer than the last one look like a gap, and took a snapshot. A
+    first salt word more than one further means a generation went by uncaptured: a gap. A log file made anew
+    gets random salts, which look like a next generation once in 2**32."""
+    if not (cursor.salt and cursor.closed and header.salt != cursor.salt and header.page_size == cursor.page_size):
+        return False
+    return int.from_bytes(header.salt[:4], "big") == (int.from_bytes(cursor.salt[:4], "big") + 1) & 0xFFFFFFFF
+
+
 def _continue(path: str, wal_fd: int, cursor: Cursor, shm: wf.ShmHeader) -> Capture | _Gap:
     """The frames after ``cursor`` up to the wal-index's ``mxFrame`` (``shm.mx_frame`` > 0), verified, or a
     :class:`_Gap`. :class:`CaptureError` when the log does not read as the wal-index says it is."""
@@ -208,9 +227,7 @@ def _continue(path: str, wal_fd: int, cursor: Cursor, shm: wf.ShmHeader) -> Capt
         raise CaptureError(f"{path}-wal: its header does not match the wal-index")
     if cursor.salt and header.salt == cursor.salt and shm.mx_frame >= cursor.frame:
         first, seed = cursor.frame + 1, cursor.checksum
-    elif (cursor.salt and header.salt != cursor.salt and cursor.closed
-          and header.checkpoint_seq == (cursor.checkpoint_seq + 1) & 0xFFFFFFFF
-          and header.page_size == cursor.page_size):
+    elif follows_closed(cursor, header):
         first, seed = 1, header.checksum
     else:  # nothing captured yet, a generation went by uncaptured, or the log shrank: a snapshot
         return _Gap(header.checkpoint_seq)
@@ -242,7 +259,7 @@ def capture(conn: apsw.Connection, files: LogFiles, cursor: Cursor) -> Capture:
 
 
 def capture_locked(lock: apsw.Connection, files: LogFiles, cursor: Cursor, *,
-                   reader: apsw.Connection | None = None) -> Capture:
+                   reader: apsw.Connection | None = None, clock: Callable[[], int] | None = None) -> Capture:
     """:func:`capture` with the write lock taken on ``lock`` (``BEGIN IMMEDIATE``, its busy timeout applies;
     ``apsw.BusyError`` with nothing done) and let go before this returns.
 
@@ -252,8 +269,11 @@ def capture_locked(lock: apsw.Connection, files: LogFiles, cursor: Cursor, *,
     second per GiB). What it reads is still the database at the cursor's commit: its transaction began
     then, a reader's read mark keeps any later checkpoint from copying past it, and writers of a replicated
     root never checkpoint; nor can the log restart under the cursor unless every frame was copied already
-    (the reader is then on read mark 0 and reads the database file, which nothing changes meanwhile), and
-    that cursor is ``closed``."""
+    (the reader is then on read mark 0 and reads the database file, which nothing changes meanwhile; a log
+    restarted then is a new generation to the cursor, and the next capture takes another snapshot).
+
+    ``clock`` (optional): read while the lock is held when the image is read after it, as the capture's
+    :attr:`Capture.taken_ns` (commits made during the read come after it, so their notes still time them)."""
     lock.execute("BEGIN IMMEDIATE")
     try:
         got = _read_locked(files, cursor)
@@ -261,6 +281,7 @@ def capture_locked(lock: apsw.Connection, files: LogFiles, cursor: Cursor, *,
             return got
         if reader is None:
             return _snapshot(lock, got)
+        taken = clock() if clock is not None else 0
         reader.execute("BEGIN")
         try:
             reader.execute("PRAGMA schema_version").fetchall()  # its snapshot: the database at the cursor
@@ -270,7 +291,7 @@ def capture_locked(lock: apsw.Connection, files: LogFiles, cursor: Cursor, *,
     finally:
         lock.execute("ROLLBACK")
     try:
-        return _snapshot(reader, got)
+        return _snapshot(reader, got, taken)
     finally:
         reader.execute("COMMIT")
 
@@ -318,19 +339,13 @@ def _read_locked(files: LogFiles, cursor: Cursor) -> Capture | _SnapshotDue:
         raise CaptureError(f"{path}-shm is missing although a connection holds the write lock")
     shm = _read_shm(path, shm_fd, 1)  # nobody can change it while the write lock is held
     if shm.mx_frame == 0:  # a log with no commit (new, or restarted): nothing new, the cursor stands
-        return _SnapshotDue(shm, 0, False) if not cursor.salt else Capture([], None, cursor, shm.page_size)
+        return _SnapshotDue(shm, 0) if not cursor.salt else Capture([], None, cursor, shm.page_size)
     wal_fd = files.wal()
     if wal_fd is None:
         raise CaptureError(f"{path}-wal is missing but the wal-index says it holds {shm.mx_frame} frames")
     got = _continue(path, wal_fd, cursor, shm)
     if isinstance(got, _Gap):
-        # only a checkpoint of another process can copy frames while the write lock is held, never past
-        # ``mxFrame``, and only the write lock's holder restarts the log: a count read here stays true
-        try:
-            backfilled = wf.parse_backfill(pread_all(shm_fd, 4, wf.SHM_BACKFILL_OFFSET))
-        except (wf.WalFormatError, OSError):
-            backfilled = 0
-        return _SnapshotDue(shm, got.checkpoint_seq, backfilled >= shm.mx_frame)
+        return _SnapshotDue(shm, got.checkpoint_seq)
     return got
 
 

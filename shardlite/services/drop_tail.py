@@ -179,8 +179,7 @@ def _tail(path: str, cursor: wc.Cursor, fence_mx: int | None) -> wc.Capture | No
     def after_cursor(header: wf.WalHeader) -> tuple[int, tuple[int, int]] | None:
         if cursor.salt and header.salt == cursor.salt:
             return cursor.frame + 1, cursor.checksum
-        if (cursor.salt and cursor.closed and header.checkpoint_seq == (cursor.checkpoint_seq + 1) & 0xFFFFFFFF
-                and header.page_size == cursor.page_size):
+        if wc.follows_closed(cursor, header):
             return 1, header.checksum
         return None  # no cursor of this file, or a log generation went by uncaptured
 

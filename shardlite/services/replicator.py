@@ -368,7 +368,7 @@ class NodeReplicator:
                 # began under it; a small one's copy costs less than opening that reader
                 reader = _tenant_connection(path) if _file_bytes(path) >= UNLOCKED_SNAPSHOT_BYTES else None
                 try:
-                    state.stage(wc.capture_locked(opened.conn, opened.files, cursor, reader=reader))
+                    state.stage(wc.capture_locked(opened.conn, opened.files, cursor, reader=reader, clock=self.clock))
                 finally:
                     if reader is not None:
                         reader.close()
@@ -425,10 +425,18 @@ class NodeReplicator:
         (:func:`shardlite.core.refresh.aged_snapshot_due`, judged on the counts stored after this capture)."""
         stored = self.staging.cursor(key)
         if stored is None or (stored.incarnation, stored.generation) != (record.incarnation, record.generation) \
-                or stored.cursor != state.cursor or state.last_commit <= 0 or not refresh.aged_snapshot_due(
-                    self.clock(), stored.snapshot_ns, stored.frame_bytes, stored.image_bytes, age_ns=self.refresh_age):
+                or stored.cursor != state.cursor or state.last_commit <= 0:
+            return
+        # a staging file written before the snapshot's size was counted: the file's size stands for it, so a
+        # large tenant is not copied whole a day after an upgrade for a few frames
+        image = stored.image_bytes or _file_bytes(path)
+        if not refresh.aged_snapshot_due(self.clock(), stored.snapshot_ns, stored.frame_bytes, image,
+                                         age_ns=self.refresh_age):
             return
         t = time.perf_counter()
+        with wc.LogFiles(path) as files:  # no lock, no connection: a log gone on past the cursor waits
+            if wc.log_end(files) not in (None, (state.cursor.salt, state.cursor.frame)):
+                return
         opened = self._identified(key, path, record, self._open.get(key))
         reader = _tenant_connection(path)
         try:
@@ -482,8 +490,9 @@ class _Staged:
         if got.empty:
             self.cursor = got.cursor
             return
-        # taken after the capture read the log: every commit it holds was made before this time
-        now = self.rep.clock()
+        # taken after the capture read the log (or, for a snapshot read after the write lock, while it was held):
+        # every commit it holds was made before this time, and none it lacks
+        now = got.taken_ns or self.rep.clock()
         times = wc.commit_times(got, self.commits, now, self.previous)
         if self.rep.read_notes is not None and any(at == now for _frame, at in times):
             # commits made after this tick read the notes: read the notes again (a commit's note is written as
