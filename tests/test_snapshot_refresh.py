@@ -277,3 +277,37 @@ def test_a_replicator_killed_around_a_refresh_loses_nothing(tmp_path: Path, poin
         assert reached == sorted(reached)
         restore_tenant(live._store, target, "user:a", as_key="user:end", at_ns=times[-1])  # noted before the round
         assert [tuple(r) for r in live.query("user:end", "SELECT body FROM notes")] == [("v1203",)]
+
+
+def test_two_processes_opening_an_old_staging_file_at_once_both_migrate_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process adds the new columns between this one's look at them and its write: the write looks
+    again inside its transaction instead of failing on a duplicate column."""
+    import contextlib
+    from collections.abc import Iterator
+
+    node = os.fspath(tmp_path / "n1")
+    Staging(node).close()
+    conn = apsw.Connection(os.path.join(node, ".replica", "staging.db"))
+    conn.execute("ALTER TABLE cursors DROP COLUMN snapshot_ns")  # the layout before that column
+    conn.close()
+    real = Staging._write
+    others: list[Staging] = []
+    started: list[bool] = []
+
+    @contextlib.contextmanager
+    def another_opens_first(self: Staging) -> Iterator[None]:
+        if not started:
+            started.append(True)
+            others.append(Staging(node))  # migrates the file meanwhile
+        with real(self):
+            yield
+
+    monkeypatch.setattr(Staging, "_write", another_opens_first)
+    staging = Staging(node)
+    try:
+        assert len(others) == 1 and staging._columns() >= {"snapshot_ns", "frame_bytes", "image_bytes"}
+    finally:
+        staging.close()
+        for other in others:
+            other.close()

@@ -100,9 +100,9 @@ class Staging:
         if not have >= TABLES:  # a reader (`replicate status`) of a complete file writes nothing
             with self._write():
                 self.conn.execute(SCHEMA)
-        columns = {str(row[1]) for row in self.conn.execute("PRAGMA table_info(cursors)")}
-        if not columns >= set(ADDED_CURSOR_COLUMNS):
-            with self._write():
+        if not self._columns() >= set(ADDED_CURSOR_COLUMNS):
+            with self._write():  # read again inside: another process may have added them since
+                columns = self._columns()
                 for column in ADDED_CURSOR_COLUMNS:
                     if column not in columns:
                         self.conn.execute(f"ALTER TABLE cursors ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
@@ -111,6 +111,9 @@ class Staging:
 
     def close(self) -> None:
         self.conn.close()
+
+    def _columns(self) -> set[str]:
+        return {str(row[1]) for row in self.conn.execute("PRAGMA table_info(cursors)")}
 
     # -- cursors ---------------------------------------------------------------------------------------
 
