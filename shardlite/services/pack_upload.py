@@ -172,10 +172,10 @@ class PackUploader:
             return
         if not stored:
             self.floor = None  # the next round lists the folder again and continues past it
-            stats.upload_error = (f"{name} in the replica was uploaded by another writer: is another root "
-                                  "replicating to this location with the same node name? Its packs are left as "
-                                  "they are; this node's captures stay staged and ship under the next free "
-                                  "number")
+            stats.upload_error = (f"{name} in the replica was uploaded by another writer (or deleted as this "
+                                  "upload was refused): is another root replicating to this location with the "
+                                  "same node name? Its packs are left as they are; this node's captures stay "
+                                  "staged and ship under the next free number")
             log.error("replicate: node %r: %s", self.node, stats.upload_error)
             return
         t = stats.timed("upload.put", t)
