@@ -117,6 +117,8 @@ SAMPLES: dict[tuple[str, ...], Sample] = {
                                                                              "prefixes": {"dm:": "30d"}}]),
     ("replicate", "compact"): Sample(lambda r: [], setup=_replicated,
                                      check=lambda r, out, router: out[0]["deleted_packs"] == 0),
+    ("replicate", "adopt"): Sample(lambda r: [], setup=_replicated,
+                                   check=lambda r, out, router: out[0]["adopted"] is None),
     ("accounts", "show"): Sample(lambda r: [EMAIL], check=lambda r, out, router: out[0]["email"] == EMAIL),
     ("sessions", "purge"): Sample(lambda r: [], check=lambda r, out, router: out == [{"purged": 0}]),
     ("backup",): Sample(lambda r: [os.fspath(r.dir / "backup")],

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import ConfigurationError
 from ..replica.target import open_target, parse_target
-from ..services import replica_restore
+from ..services import replica_owners, replica_restore
 from ..services.replication import INTERVAL, Replication
 from ..services.replication import status as replication_status
 from ..services.replicator_child import set_parent_death_signal
@@ -50,38 +50,67 @@ def cmd_run(args: argparse.Namespace) -> int:
         except ConfigurationError as exc:
             raise CliError(str(exc)) from exc
         try:
-            if args.once:
-                rounds = replication.run_round()
-                report = {node: asdict(stats) for node, stats in rounds.items()}
-                if args.json:
-                    emit_json({"nodes": report, "standby": sorted(replication.standby)})
-                else:
-                    for node, stats in rounds.items():
-                        echo(f"node {literal(node)}: captured {stats.captured} ({stats.snapshots} snapshots), "
-                             f"checkpoints {stats.checkpoints} ({stats.deferred} deferred, {stats.refreshed} snapshots "
-                             f"refreshed), busy {stats.busy}, "
-                             f"failed {stats.failed}, "
-                             f"packs uploaded {stats.uploaded_packs} ({stats.uploaded_bytes} bytes)"
-                             + (f", upload failed: {literal(stats.upload_error)}" if stats.upload_error else ""))
-                    for node in sorted(replication.standby):
-                        echo(f"node {literal(node)}: replicated by another process (standby)")
-                return 0
-            if args.parent is None:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    signal.signal(sig, lambda *_: stop.set())
-            if not args.json:
-                echo(f"replicating {router.root} to {literal(router._store.replicate)} every {args.interval:g} s; "
-                     "Ctrl-C stops it")
-            replication.run(stop, interval=args.interval, parent=args.parent)
-            if args.parent is not None:  # the app closed its router: ship what it committed before that
-                try:
-                    replication.run_round()
-                except Exception as exc:  # noqa: BLE001 - the next replicator resumes from the staging
-                    logging.getLogger("shardlite.replicate").warning(
-                        "replicate: the last round failed (%s: %s)", type(exc).__name__, exc)
-            return 0
+            return _run(args, router, replication, stop)
+        except ConfigurationError as exc:  # the replica is another root's (services/replica_owners.py)
+            raise CliError(str(exc)) from exc
         finally:
             replication.close()
+
+
+def _run(args: argparse.Namespace, router: Any, replication: Replication, stop: threading.Event) -> int:
+    """``replicate run`` once the replication service is made: one round (``--once``), or rounds until stopped."""
+    if args.once:
+        rounds = replication.run_round()
+        report = {node: asdict(stats) for node, stats in rounds.items()}
+        if args.json:
+            emit_json({"nodes": report, "standby": sorted(replication.standby)})
+        else:
+            for node, stats in rounds.items():
+                echo(f"node {literal(node)}: captured {stats.captured} ({stats.snapshots} snapshots), "
+                     f"checkpoints {stats.checkpoints} ({stats.deferred} deferred, {stats.refreshed} snapshots "
+                     f"refreshed), busy {stats.busy}, "
+                     f"failed {stats.failed}, "
+                     f"packs uploaded {stats.uploaded_packs} ({stats.uploaded_bytes} bytes)"
+                     + (f", upload failed: {literal(stats.upload_error)}" if stats.upload_error else ""))
+            for node in sorted(replication.standby):
+                echo(f"node {literal(node)}: replicated by another process (standby)")
+        return 0
+    if args.parent is None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    if not args.json:
+        echo(f"replicating {router.root} to {literal(router._store.replicate)} every {args.interval:g} s; "
+             "Ctrl-C stops it")
+    replication.run(stop, interval=args.interval, parent=args.parent)
+    if args.parent is not None:  # the app closed its router: ship what it committed before that
+        try:
+            replication.run_round()
+        except Exception as exc:  # noqa: BLE001 - the next replicator resumes from the staging
+            logging.getLogger("shardlite.replicate").warning(
+                "replicate: the last round failed (%s: %s)", type(exc).__name__, exc)
+    return 0
+
+
+def cmd_adopt(args: argparse.Namespace) -> int:
+    with open_router(args) as router:
+        store = router._store
+        if store.replicate is None:
+            raise CliError(f"{router.root} does not replicate (shardlite init --replicate URL)")
+        target = open_target(store.replicate)
+        try:
+            adopted = replica_owners.adopt(target, store.meta.kv)
+        except ConfigurationError as exc:
+            raise CliError(str(exc)) from exc
+        finally:
+            target.close()
+    if args.json:
+        emit_json({"replica": store.replicate, "adopted": adopted})
+    elif adopted is None:
+        echo(f"{literal(store.replicate)} has no owner but this root: nothing to adopt")
+    else:
+        echo(f"{router.root} continues the root that owns {literal(store.replicate)} (owner {adopted}): its next "
+             "`replicate run` takes the replica over, and that root's replicator is refused from its next start")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -186,4 +215,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     status = actions.add_parser("status", help="per tenant and in total: last captured commit, lag, staged "
                                                "captures and drops, packs uploaded")
     status.set_defaults(func=cmd_status)
+    adopt = actions.add_parser(
+        "adopt", help="this root continues the root that owns its replica location (restored from that root's "
+                      "backup, or copied from it): its replicator takes the location over",
+        description="A replica location belongs to one root; another root's replicator is refused there. Run "
+                    "this once on a root that continues the owner (a restore from the replica records it by "
+                    "itself). The owner's own replicator, if it still runs, is refused from its next start.")
+    adopt.set_defaults(func=cmd_adopt)
     register_retention(actions)

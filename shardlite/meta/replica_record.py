@@ -16,22 +16,35 @@ The replica's retention windows (:mod:`shardlite.core.retention`: a default, 7 d
 prefix overrides) are the kv value ``replicate_retention`` (JSON; last writer wins; absent: the defaults).
 A recorded value is read back as hostile input: a damaged one is a :class:`ConfigurationError`, never a
 window silently shorter than the one set.
+
+The root's replica owner id (the kv value ``replicate_owner``, 32 hex digits, made by the first process that
+replicates the root) names it in its replica's owner marker, and ``replicate_adopted`` (JSON list) holds the
+owner ids of the roots this one continues (recorded by a restore from their replica, or by
+``replicate adopt``), whose replica it takes over (:mod:`shardlite.core.replica_owner`).
 """
 
 from __future__ import annotations
 
+import json
+import secrets
+
 from ..core import retention
+from ..core.replica_owner import valid_owner
 from ..errors import ConfigurationError
 from ..replica.target import parse_target
 from .kv import MetaKV
 
-__all__ = ["REPLICATE_NAME", "RETENTION_NAME", "recorded_replica", "record_replica", "recorded_windows",
-           "record_windows"]
+__all__ = ["REPLICATE_NAME", "RETENTION_NAME", "OWNER_NAME", "ADOPTED_NAME", "recorded_replica", "record_replica",
+           "recorded_windows", "record_windows", "replica_owner", "adopted_owners", "record_adopted"]
 
 #: The kv name of the root's replica location.
 REPLICATE_NAME = "replicate"
 #: The kv name of the replica's retention windows.
 RETENTION_NAME = "replicate_retention"
+#: The kv name of the root's replica owner id.
+OWNER_NAME = "replicate_owner"
+#: The kv name of the owner ids of the roots this root continues.
+ADOPTED_NAME = "replicate_adopted"
 
 
 def recorded_windows(kv: MetaKV) -> retention.Windows:
@@ -71,3 +84,39 @@ def record_replica(kv: MetaKV, root: str, replicate: str | None) -> str | None:
             f"{root} replicates to {stored} (recorded in its metadata), but replicate= (--replicate) names "
             f"{wanted}: leave it out, or give the recorded location")
     return stored
+
+
+def replica_owner(kv: MetaKV) -> str:
+    """The root's replica owner id, made now if it has none (the first writer wins a race)."""
+    owner = kv.get(OWNER_NAME)
+    if owner is None:
+        owner = kv.put_if_absent(OWNER_NAME, secrets.token_hex(16))
+    if not valid_owner(owner):
+        raise ConfigurationError(f"the root's recorded replica owner id {owner!r} is damaged (32 hex digits "
+                                 "expected): nothing is uploaded until it is repaired")
+    return owner
+
+
+def adopted_owners(kv: MetaKV) -> frozenset[str]:
+    """The owner ids of the roots this root continues (empty when none was recorded)."""
+    text = kv.get(ADOPTED_NAME)
+    if text is None:
+        return frozenset()
+    try:
+        found = json.loads(text)
+    except ValueError:
+        found = None
+    if not isinstance(found, list) or not all(valid_owner(o) for o in found):
+        raise ConfigurationError("the root's record of the replica histories it continues is damaged: record them "
+                                 "again with `shardlite replicate adopt`")
+    return frozenset(found)
+
+
+def record_adopted(kv: MetaKV, owners: frozenset[str]) -> frozenset[str]:
+    """Add ``owners`` to the roots this root continues (their replica becomes this root's at its next
+    replication start); returns every one recorded."""
+    if not all(valid_owner(o) for o in owners):
+        raise ConfigurationError("not owner ids: " + ", ".join(sorted(map(repr, owners))))
+    every = adopted_owners(kv) | owners
+    kv.put(ADOPTED_NAME, json.dumps(sorted(every)))
+    return every

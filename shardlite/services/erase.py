@@ -68,7 +68,7 @@ from ..files.replica_locks import erase_lock
 from ..files.staging import Staging
 from ..front.store import Store
 from ..replica.target import ReplicaTarget, open_target, redact
-from . import lifecycle, replica_index, replica_meta, replica_meta_read
+from . import lifecycle, replica_index, replica_meta, replica_meta_read, replica_owners
 from .replica_read import list_packs, read_headers, tombstone_name
 
 __all__ = ["erase", "LOCK_WAIT"]
@@ -230,6 +230,12 @@ def erase(store: Store, key: object, *, target: ReplicaTarget | None = None,
     owned = target is None
     target = target if target is not None else open_target(store.replicate)
     receipt["replica"] = redact(target.url)
+    try:  # a location another root replicates to is not this root's to rewrite: nothing is erased then
+        replica_owners.claim(target, store.meta.kv, store.replicate)
+    except BaseException:
+        if owned:
+            target.close()
+        raise
     nodes = _nodes(store)
     # the erase locks, then the metadata upload lock: a snapshot or delta being taken (its uploader holds that
     # lock from reading the images to the upload) is listed before the dead letters go, every later one is

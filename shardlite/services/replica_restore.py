@@ -40,9 +40,10 @@ from ..core import pack, timeline
 from ..core.keys import canonical
 from ..errors import ConfigurationError, ReplicaObjectMissing, ShardliteError, UnknownTenant
 from ..front.store import Store
+from ..meta.replica_record import record_adopted
 from ..replica.target import ReplicaTarget
 from . import manifest as mf
-from . import replica_index, replica_meta_read, replica_read, replica_since
+from . import replica_index, replica_meta_read, replica_owners, replica_read, replica_since
 from .restore import RootRestore, install_image, open_image, restore_root
 
 __all__ = ["restore_tenant", "restore_root_from_replica", "materialize", "live_at", "parse_time", "format_time"]
@@ -276,12 +277,20 @@ def restore_root_from_replica(target: ReplicaTarget, root: str, *, at_ns: int | 
     damaged: list[tuple[str, str]] = []
     left_out: list[tuple[str, str]] = []
     root = os.path.abspath(root)
+    # the new root continues the one that owns this replica: it may take the location over
+    # (services/replica_owners.py) if it is given it to replicate to
+    _present, owner = replica_owners.owner_of(target)
+
+    def adopt(store: Store) -> None:
+        if owner is not None:
+            record_adopted(store.meta.kv, frozenset({owner}))
+
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".shardlite-replica-restore-", dir=parent) as scratch:
         os.chmod(scratch, 0o700)
         materialize(target, scratch, at_ns, damaged if skip_damaged else None, left_out if skip_damaged else None)
-        done = restore_root(scratch, root, node_paths=node_paths)
+        done = restore_root(scratch, root, node_paths=node_paths, finish=adopt)
         done.damaged = _listed(damaged)
         done.left_out = [{"key": key, "error": reason} for key, reason in left_out]
         return done

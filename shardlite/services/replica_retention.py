@@ -59,7 +59,7 @@ from ..files.staging import Staging
 from ..front.store import Store
 from ..meta.replica_record import recorded_windows
 from ..replica.target import ReplicaTarget
-from . import compact_rollup, compact_scan, replica_index, replica_meta_read, replica_read
+from . import compact_rollup, compact_scan, replica_index, replica_meta_read, replica_owners, replica_read
 from .pack_upload import pack_name
 
 __all__ = ["compact", "CompactionReport", "COMPACT_EVERY", "erased_incarnations",
@@ -250,6 +250,8 @@ def compact(store: Store, target: ReplicaTarget, *, now_ns: int | None = None) -
     holds the compaction lock (:func:`compact_lock`). It holds the root's erase lock throughout (an erase
     waits for it, and a compaction finding an erase under way is :class:`~shardlite.Busy`), so a snapshot
     it writes never holds a tenant an erase has already scanned the replica for."""
+    # a location another root replicates to is not this root's to compact (replica_owners)
+    replica_owners.claim(target, store.meta.kv, store.replicate or target.url)
     fd = erase_lock(store.root, wait=None)
     if fd is None:
         raise Busy("an erase (tenants drop --erase) is running on this root: compact again once it is done")

@@ -46,6 +46,10 @@ in the replica, so restarts do not postpone it), under ``<root>/.replica/compact
 is logged and tried again at the next interval. Between compactions it writes the key index's segment every
 :data:`~shardlite.services.replica_index.SEGMENT_EVERY` seconds (the packs shipped since), and before this
 process's first upload for a node, the node's marker (:func:`~shardlite.services.replica_index.node_marker`).
+
+Before its first upload a process checks that the replica is this root's (:func:`~shardlite.services.
+replica_owners.claim`): a location another root replicates to raises :class:`~shardlite.ConfigurationError`
+and :meth:`Replication.run` stops with it; a replica that cannot be reached leaves uploads for later.
 """
 
 from __future__ import annotations
@@ -59,12 +63,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConfigurationError, ShardliteError
+from ..errors import ConfigurationError, ReplicaUnavailable, ShardliteError
 from ..files import notesfile
 from ..files.replica_locks import STAGING_DIR
 from ..front.store import Store
 from ..replica.target import ReplicaTarget, open_target
-from . import confirm_answers, replica_index, replica_meta
+from . import confirm_answers, replica_index, replica_meta, replica_owners
 from .confirmations import ConfirmServer, Request
 from .replica_meta import MetaUploader
 from .replicator import NodeReplicator, RoundStats
@@ -153,6 +157,9 @@ class Replication:
         #: seconds of the last round's root-wide phases (metadata snapshot, compaction or index refresh)
         self.last_extra: dict[str, float] = {}
         self.compactions: list[Any] = []  #: reports of the compactions this process ran
+        #: this root's owner id once the replica's owner marker said it may write there (None: not checked yet;
+        #: nothing is uploaded before, :mod:`shardlite.services.replica_owners`)
+        self.owner: str | None = None
 
     @property
     def meta_snapshots(self) -> int:
@@ -225,6 +232,13 @@ class Replication:
         """Captures on every node, and (``upload``, or on a node with confirmation requests) the upload;
         the root-wide work (claiming free nodes, the metadata snapshot, compaction) only with ``upload``.
         ``loop``: a tick of :meth:`run`, whose reconcile pass runs after the upload (module docstring)."""
+        if upload and self.owner is None:
+            try:
+                self.owner = replica_owners.claim(self.target, self.store.meta.kv, self.store.replicate or "")
+            except ReplicaUnavailable as exc:
+                log.warning("replicate: the replica's owner marker cannot be read (%s); captures go on, uploads "
+                            "wait", exc)
+                upload = False
         if upload:
             self._claim_nodes()
             self._mark_nodes()
@@ -337,7 +351,7 @@ class Replication:
         t0 = time.perf_counter()
         requests = node.waiting + (node.confirm.take() if node.confirm is not None else [])
         node.waiting = []
-        upload = upload or bool(requests)
+        upload = (upload or bool(requests)) and self.owner is not None
         for request in requests:
             node.replicator.mark(request.key)
         self._read_notes(node)
@@ -408,6 +422,8 @@ class Replication:
             upload = uploaded is None or started - uploaded >= interval - tick / 2
             try:
                 stats = self._tick(upload=upload, budget=interval, loop=True)
+            except ConfigurationError:
+                raise  # the replica belongs to another root (replica_owners.claim): nothing to retry
             except Exception as exc:  # noqa: BLE001 - one failed round never stops replication
                 log.warning("replicate: round failed (%s: %s); retrying in %.1f s", type(exc).__name__, exc,
                             interval)

@@ -424,7 +424,8 @@ class RootRestore:
 
 
 def restore_root(src: str, root: str, *, node_paths: Mapping[str, str] | None = None,
-                 keys: Iterable[object] | None = None, progress: Callable[[str], None] | None = None) -> RootRestore:
+                 keys: Iterable[object] | None = None, progress: Callable[[str], None] | None = None,
+                 finish: Callable[[Store], None] | None = None) -> RootRestore:
     """Restore the backup directory ``src`` into ``root``, a data root that does not exist yet (or holds no
     ``global.db``) or is empty (:func:`~shardlite.services.restore_layout.root_state`); a live root is refused
     (:class:`ConfigurationError`: :func:`restore` restores into one).
@@ -435,7 +436,9 @@ def restore_root(src: str, root: str, *, node_paths: Mapping[str, str] | None = 
     ring proposes, checked as :func:`restore` checks them. The manifest, the global copy and the layout are
     all checked before anything is made. When it fails, what it made is taken back
     (:class:`~shardlite.services.restore_layout.RootUndo`): a new root is removed again, an empty root gets its
-    default node list back, except once tenants were registered (the error says which)."""
+    default node list back, except once tenants were registered (the error says which). ``finish`` (optional)
+    runs on the new root's store once everything is in, before it is closed; a failure there takes the restore
+    back as any other."""
     src, root = _lockable(src), os.path.abspath(root)
     if os.path.commonpath([src, root]) in (src, root):
         raise ConfigurationError(f"the new root {root} and the backup {src} overlap; restore into another directory")
@@ -454,7 +457,8 @@ def restore_root(src: str, root: str, *, node_paths: Mapping[str, str] | None = 
             active = {plan.name for plan in plans if plan.state == "active"}
             with claimed_root(root) as made_root:
                 return _fill_root(src, root, made_root, manifest, sources, plans, keys, progress,
-                                  lambda key: entries[key]["node"] if entries[key]["node"] in active else None)
+                                  lambda key: entries[key]["node"] if entries[key]["node"] in active else None,
+                                  finish)
         finally:
             for source, _ in sources.values():
                 source.close()
@@ -462,11 +466,14 @@ def restore_root(src: str, root: str, *, node_paths: Mapping[str, str] | None = 
 
 def _fill_root(src: str, root: str, made_root: str | None, manifest: dict[str, Any],
                sources: dict[str, tuple[apsw.Connection, str]], plans: list[NodePlan], keys: Iterable[object] | None,
-               progress: Callable[[str], None] | None, placement: Callable[[str], str | None]) -> RootRestore:
+               progress: Callable[[str], None] | None, placement: Callable[[str], str | None],
+               finish: Callable[[Store], None] | None = None) -> RootRestore:
     store, undo = open_root_with_layout(root, plans, made_root)
     try:
         copied = copy_globals(store, src, sources)
         restored = _restore(store, src, manifest, keys, None, False, progress, placement)
+        if finish is not None:
+            finish(store)
     except BaseException as exc:
         taken_back = undo.run(store)
         if not isinstance(exc, ShardliteError) or isinstance(exc, RootChanged):
