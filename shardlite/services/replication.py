@@ -160,6 +160,8 @@ class Replication:
         #: this root's owner id once the replica's owner marker said it may write there (None: not checked yet;
         #: nothing is uploaded before, :mod:`shardlite.services.replica_owners`)
         self.owner: str | None = None
+        #: why the last check of the owner marker could not be made (the replica unreachable), else None
+        self._claim_error: str | None = None
 
     @property
     def meta_snapshots(self) -> int:
@@ -232,15 +234,11 @@ class Replication:
         """Captures on every node, and (``upload``, or on a node with confirmation requests) the upload;
         the root-wide work (claiming free nodes, the metadata snapshot, compaction) only with ``upload``.
         ``loop``: a tick of :meth:`run`, whose reconcile pass runs after the upload (module docstring)."""
-        if upload and self.owner is None:
-            try:
-                self.owner = replica_owners.claim(self.target, self.store.meta.kv, self.store.replicate or "")
-            except ReplicaUnavailable as exc:
-                log.warning("replicate: the replica's owner marker cannot be read (%s); captures go on, uploads "
-                            "wait", exc)
-                upload = False
         if upload:
-            self._claim_nodes()
+            self._claim_nodes()  # local (the nodes' locks and confirmation sockets), whatever the replica says
+        if upload and not self._owned():
+            upload = False
+        if upload:
             self._mark_nodes()
         out = {}
         for node in self.nodes.values():
@@ -252,6 +250,19 @@ class Replication:
             self._compact_round()
             self.last_extra = {"meta": t1 - t, "compact": time.perf_counter() - t1}
         return out
+
+    def _owned(self) -> bool:
+        """Whether this root may upload to the replica, checking its owner marker if it was not yet
+        (:func:`~shardlite.services.replica_owners.claim`; :class:`~shardlite.ConfigurationError` when the
+        location is another root's). False while the replica cannot be reached (``_claim_error`` says so)."""
+        if self.owner is None:
+            try:
+                self.owner = replica_owners.claim(self.target, self.store.meta.kv, self.store.replicate or "")
+                self._claim_error = None
+            except ReplicaUnavailable as exc:
+                self._claim_error = f"the replica could not be reached to check whose it is ({exc})"
+                log.warning("replicate: %s; captures go on, uploads wait", self._claim_error)
+        return self.owner is not None
 
     def _meta_round(self) -> None:
         self.meta.round(every=META_EVERY, delta_every=META_DELTA_EVERY)
@@ -351,7 +362,8 @@ class Replication:
         t0 = time.perf_counter()
         requests = node.waiting + (node.confirm.take() if node.confirm is not None else [])
         node.waiting = []
-        upload = (upload or bool(requests)) and self.owner is not None
+        wanted = upload or bool(requests)
+        upload = wanted and self._owned()
         for request in requests:
             node.replicator.mark(request.key)
         self._read_notes(node)
@@ -362,6 +374,8 @@ class Replication:
             self._reconcile(node)
         t2 = time.perf_counter()
         stats = node.replicator.run_round(upload=upload, budget=budget)
+        if wanted and not upload and stats.upload_error is None:
+            stats.upload_error = self._claim_error
         stats.phases["notes"] = t1 - t0
         if reconcile and not loop:
             stats.phases["reconcile"] = t2 - t1
