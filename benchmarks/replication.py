@@ -800,8 +800,8 @@ def cost_rows(b: Bench) -> None:
 
     ns = argparse.Namespace(rounds=b.args.rounds, round_time=b.args.round_time)
     try:
-        rows, notes = rw.run_all(ns, os.path.join(b.tmp, "cost"), replica=b.url("cost"), replicator=start,
-                                 ids=("c1", "c2"))
+        rows, notes = rw.run_all(ns, os.path.join(b.tmp, "cost"), replica=lambda name: b.url(f"cost-{name}"),
+                                 replicator=start, ids=("c1", "c2"))
     except shardlite.ShardliteError as exc:  # a writer that gave up (Busy) is this row's result, not a crash
         rows = [{"id": "c", "what": "routed sync and async write tx with replicate= (a replicator running) vs none",
                  "shardlite": f"a write failed: {type(exc).__name__}: {str(exc)[:160]}", "baseline": "-",

@@ -52,22 +52,23 @@ from shardlite.files.noteswriter import NotesWriter  # noqa: E402
 TARGET = 0.85
 
 
-def run_all(args: argparse.Namespace, tmp: str, *, replica: str | None = None,
+def run_all(args: argparse.Namespace, tmp: str, *, replica: Callable[[str], str] | None = None,
             replicator: Callable[[str], Callable[[], None]] | None = None,
             ids: tuple[str, str] = ("r1", "r2")) -> tuple[list[dict[str, Any]], list[str]]:
-    """The rows. ``replica``: the replicated sides' location (default a ``file://`` directory under ``tmp``);
+    """The rows. ``replica(name)``: the location of the replicated side ``name`` (a location belongs to one
+    root; default a ``file://`` directory under ``tmp``);
     ``replicator(root)``: when given, called once each replicated root exists (before its side is measured)
     to start a replicator on it, returning what stops it (``benchmarks/replication.py`` runs
     ``shardlite replicate run`` there); ``ids``: the two rows' ids."""
     rows: list[dict[str, Any]] = []
     extra_notes: list[str] = []
-    replica = replica or "file://" + os.path.join(tmp, "replica")
+    location = replica or (lambda name: "file://" + os.path.join(tmp, f"replica-{name}"))
     running = "a replicator running" if replicator is not None else "no replicator"
     stops: list[Callable[[], None]] = []
     loop = asyncio.new_event_loop()
     try:
         plain = w.make_router(os.path.join(tmp, "plain"))
-        replicated = w.make_router(os.path.join(tmp, "replicated"), replicate=replica)
+        replicated = w.make_router(os.path.join(tmp, "replicated"), replicate=location("sync"))
         if replicator is not None:
             stops.append(replicator(os.path.join(tmp, "replicated")))
         try:
@@ -87,7 +88,7 @@ def run_all(args: argparse.Namespace, tmp: str, *, replica: str | None = None,
             plain.close()
             replicated.close()
         plain_ar = w.make_async_router(os.path.join(tmp, "aplain"), loop)
-        replicated_ar = w.make_async_router(os.path.join(tmp, "areplicated"), loop, replicate=replica)
+        replicated_ar = w.make_async_router(os.path.join(tmp, "areplicated"), loop, replicate=location("async"))
         if replicator is not None:
             stops.append(replicator(os.path.join(tmp, "areplicated")))
         try:
