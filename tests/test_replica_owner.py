@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,16 @@ def test_a_second_root_given_the_same_location_is_refused_before_it_uploads_anyt
             with pytest.raises(ConfigurationError, match="another root's history") as refused:
                 _round(b, target, 2)
             assert "replicate adopt" in str(refused.value)
+            run = Replication(b._store, target)
+            stop = threading.Event()
+            timer = threading.Timer(30, stop.set)  # were the refusal retried, run() would return at this stop
+            timer.start()
+            try:
+                with pytest.raises(ConfigurationError, match="another root's history"):
+                    run.run(stop, interval=0.05)  # stops with the refusal instead of retrying it
+            finally:
+                timer.cancel()
+                run.close()
             assert _objects(target) == before  # no pack, metadata snapshot or marker of b
             with pytest.raises(ConfigurationError, match="another root's history"):
                 replica_retention.compact(b._store, target)

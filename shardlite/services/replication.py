@@ -162,6 +162,8 @@ class Replication:
         self.owner: str | None = None
         #: why the last check of the owner marker could not be made (the replica unreachable), else None
         self._claim_error: str | None = None
+        #: the refusal of the replica's owner marker (another root's location), once one was raised
+        self.refused: ConfigurationError | None = None
 
     @property
     def meta_snapshots(self) -> int:
@@ -259,6 +261,9 @@ class Replication:
             try:
                 self.owner = replica_owners.claim(self.target, self.store.meta.kv, self.store.replicate or "")
                 self._claim_error = None
+            except ConfigurationError as exc:
+                self.refused = exc
+                raise
             except ReplicaUnavailable as exc:
                 self._claim_error = f"the replica could not be reached to check whose it is ({exc})"
                 log.warning("replicate: %s; captures go on, uploads wait", self._claim_error)
@@ -436,8 +441,10 @@ class Replication:
             upload = uploaded is None or started - uploaded >= interval - tick / 2
             try:
                 stats = self._tick(upload=upload, budget=interval, loop=True)
-            except ConfigurationError:
-                raise  # the replica belongs to another root (replica_owners.claim): nothing to retry
+            except ConfigurationError as exc:
+                if exc is self.refused:
+                    raise  # the replica belongs to another root (replica_owners.claim): nothing to retry
+                log.warning("replicate: round failed (%s); retrying in %.1f s", exc, interval)
             except Exception as exc:  # noqa: BLE001 - one failed round never stops replication
                 log.warning("replicate: round failed (%s: %s); retrying in %.1f s", type(exc).__name__, exc,
                             interval)
