@@ -21,6 +21,7 @@ from ..services.restore_layout import root_state
 from .common import CliError, echo, emit_json, literal, log_to_stderr, open_router, print_table, root_of
 from .ops import parse_node_paths
 from .retention import register as register_retention
+from .retention import replica_of
 
 
 def _watch_parent(parent: int, stop: threading.Event) -> bool:
@@ -94,15 +95,8 @@ def _run(args: argparse.Namespace, router: Any, replication: Replication, stop: 
 def cmd_adopt(args: argparse.Namespace) -> int:
     with open_router(args) as router:
         store = router._store
-        if store.replicate is None:
-            raise CliError(f"{router.root} does not replicate (shardlite init --replicate URL)")
-        target = open_target(store.replicate)
-        try:
+        with replica_of(router.root, store.replicate) as target:
             adopted = replica_owners.adopt(target, store.meta.kv)
-        except ConfigurationError as exc:
-            raise CliError(str(exc)) from exc
-        finally:
-            target.close()
     if args.json:
         emit_json({"replica": store.replicate, "adopted": adopted})
     elif adopted is None:

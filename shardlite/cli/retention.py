@@ -4,16 +4,34 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import asdict
 
 from ..core import retention
 from ..errors import ConfigurationError
 from ..meta.replica_record import record_windows, recorded_windows
-from ..replica.target import open_target
+from ..replica.target import ReplicaTarget, open_target
 from ..services import replica_retention
 from ..services.replica_restore import format_time
 from .common import CliError, echo, emit_json, literal, open_router, print_table
+
+
+@contextlib.contextmanager
+def replica_of(root: str, replicate: str | None) -> Iterator[ReplicaTarget]:
+    """The replica target of a root that replicates to ``replicate`` (closed after the block):
+    :class:`CliError` when it does not replicate, and for a :class:`ConfigurationError` raised in the block
+    (the location is another root's: services/replica_owners.py)."""
+    if replicate is None:
+        raise CliError(f"{root} does not replicate (shardlite init --replicate URL)")
+    target = open_target(replicate)
+    try:
+        yield target
+    except ConfigurationError as exc:
+        raise CliError(str(exc)) from exc
+    finally:
+        target.close()
 
 
 def _show(windows: retention.Windows) -> dict[str, object]:
@@ -55,20 +73,15 @@ def cmd_retention(args: argparse.Namespace) -> int:
 def cmd_compact(args: argparse.Namespace) -> int:
     with open_router(args) as router:
         store = router._store
-        if store.replicate is None:
-            raise CliError(f"{router.root} does not replicate (shardlite init --replicate URL)")
-        fd = replica_retention.compact_lock(store)
-        if fd is None:
-            raise CliError(f"a compaction of {router.root}'s replica is running (a replicator or another "
-                           "`replicate compact`): wait for it")
-        target = open_target(store.replicate)
-        try:
-            report = replica_retention.compact(store, target)
-        except ConfigurationError as exc:
-            raise CliError(str(exc)) from exc
-        finally:
-            target.close()
-            os.close(fd)
+        with replica_of(router.root, store.replicate) as target:
+            fd = replica_retention.compact_lock(store)
+            if fd is None:
+                raise CliError(f"a compaction of {router.root}'s replica is running (a replicator or another "
+                               "`replicate compact`): wait for it")
+            try:
+                report = replica_retention.compact(store, target)
+            finally:
+                os.close(fd)
     if args.json:
         emit_json(asdict(report))
         return 0

@@ -282,18 +282,24 @@ def capture_locked(lock: apsw.Connection, files: LogFiles, cursor: Cursor, *,
         if reader is None:
             return _snapshot(lock, got)
         taken = clock() if clock is not None else 0
-        reader.execute("BEGIN")
-        try:
-            reader.execute("PRAGMA schema_version").fetchall()  # its snapshot: the database at the cursor
-        except BaseException:
-            reader.execute("ROLLBACK")
-            raise
+        _begin_read(reader)  # its snapshot: the database at the cursor
     finally:
         lock.execute("ROLLBACK")
     try:
         return _snapshot(reader, got, taken)
     finally:
         reader.execute("COMMIT")
+
+
+def _begin_read(conn: apsw.Connection) -> None:
+    """Begin a read transaction on ``conn`` now: its snapshot is the database as of this call (a ``BEGIN``
+    alone takes it at the first read). Nothing is left open when it fails."""
+    conn.execute("BEGIN")
+    try:
+        conn.execute("PRAGMA schema_version").fetchall()
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def snapshot_at_cursor(lock: apsw.Connection, reader: apsw.Connection, files: LogFiles,
@@ -313,12 +319,7 @@ def snapshot_at_cursor(lock: apsw.Connection, reader: apsw.Connection, files: Lo
         if shm.salt != cursor.salt or shm.mx_frame != cursor.frame or (
                 cursor.frame and shm.frame_checksum != cursor.checksum):
             return None
-        reader.execute("BEGIN")
-        try:
-            reader.execute("PRAGMA schema_version").fetchall()  # its snapshot: the database at the cursor
-        except BaseException:
-            reader.execute("ROLLBACK")
-            raise
+        _begin_read(reader)  # its snapshot: the database at the cursor
     finally:
         lock.execute("ROLLBACK")
     try:
@@ -466,14 +467,8 @@ def checkpoint_briefly_locked(lock: apsw.Connection, guard: apsw.Connection, che
     try:
         after = _locked_capture_and_checkpoint(lock, checkpointer, files, cursor, stage)
         if refresh is not None and after.closed:
-            guard.execute("BEGIN")
+            _begin_read(guard)  # its snapshot: the database at the closed cursor
             reading = True
-            try:
-                guard.execute("PRAGMA schema_version").fetchall()  # its snapshot: the database at the closed cursor
-            except BaseException:
-                reading = False
-                guard.execute("ROLLBACK")
-                raise
     finally:
         lock.execute("ROLLBACK")
     if closed is not None and after.closed:
