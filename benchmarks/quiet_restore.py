@@ -61,7 +61,8 @@ def measure(url: str, hours: int, aged: bool) -> str:
     now = [time.time_ns() - (hours + 2) * HOUR_NS]
     keys = [f"user:{n}" for n in range(TENANTS)]
     busy = [f"user:busy{n}" for n in range(BUSY)]
-    with shardlite.Router(os.path.join(tempfile.mkdtemp(), "root"), schema=SCHEMA, replicate=url) as router:
+    scratch = tempfile.TemporaryDirectory(prefix="quiet-restore-")
+    with scratch, shardlite.Router(os.path.join(scratch.name, "root"), schema=SCHEMA, replicate=url) as router:
         record_windows(router._store.meta.kv, retention.Windows(default=30 * 24 * HOUR_NS))
         target = open_target(url)
         replicator = NodeReplicator(router._store, "n1", target, clock=lambda: now[0])
@@ -111,12 +112,12 @@ def main() -> None:
         return
     from shardlite.testing.s3 import seaweedfs
 
-    with seaweedfs() as server:
+    with seaweedfs() as server, tempfile.TemporaryDirectory(prefix="quiet-replicas-") as replicas:
         env = dict(os.environ)
         env.update(server.env())
         for round_ in range(args.rounds):  # alternating targets and settings: the machine's load hits all
             for aged in ("on", "off"):
-                for url in ("file://" + os.path.join(tempfile.mkdtemp(), "replica"),
+                for url in ("file://" + os.path.join(replicas, f"{round_}-{aged}"),
                             server.url(f"quiet{round_}-{aged}")):
                     subprocess.run([sys.executable, __file__, "--child", url, str(args.hours), aged], env=env,
                                    check=True)

@@ -21,7 +21,7 @@ from shardlite.core import replica_owner as ro
 from shardlite.errors import ConfigurationError
 from shardlite.replica.target import ReplicaTarget
 from shardlite.services import replica_owners, replica_read, replica_restore, replica_retention
-from shardlite.services.replication import Replication
+from shardlite.services.replication import OWNER_RECHECK, Replication
 
 SCHEMA = {"t": ["CREATE TABLE w(v INTEGER)"]}
 OWNER = "0" * 31 + "1"
@@ -101,14 +101,23 @@ def test_a_root_restored_from_the_replica_takes_it_over_and_the_old_root_is_refu
     url, target = make_replica_target.url(), make_replica_target()
     with shardlite.Router(tmp_path / "a", schema=SCHEMA, replicate=url) as a:
         _round(a, target, 1)
-    replica_restore.restore_root_from_replica(target, str(tmp_path / "b"))
-    with shardlite.Router(tmp_path / "b", replicate=url) as b:
-        _round(b, target, 2)  # the restored root continues the history
-        owner = b._store.meta.kv.get("replicate_owner")
-    assert replica_owners.owner_of(target) == (True, owner)
+    clock = [0.0]
     with shardlite.Router(tmp_path / "a", create=False) as a:
+        still_running = Replication(a._store, target, clock=lambda: clock[0])  # the old root goes on meanwhile
+        try:
+            still_running.run_round()
+            replica_restore.restore_root_from_replica(target, str(tmp_path / "b"))
+            with shardlite.Router(tmp_path / "b", replicate=url) as b:
+                _round(b, target, 2)  # the restored root continues the history
+                owner = b._store.meta.kv.get("replicate_owner")
+            assert replica_owners.owner_of(target) == (True, owner)
+            clock[0] += OWNER_RECHECK  # the old root's next check of the marker: it stops writing there
+            with pytest.raises(ConfigurationError, match="taken over"):
+                still_running.run_round()
+        finally:
+            still_running.close()
         with pytest.raises(ConfigurationError, match="another root's history"):
-            _round(a, target, 3)
+            _round(a, target, 3)  # and from its next start
 
 
 def test_replicate_adopt_lets_a_root_continue_the_owner_and_replicate_run_stops_with_the_error(
@@ -134,3 +143,48 @@ def test_replicate_adopt_lets_a_root_continue_the_owner_and_replicate_run_stops_
     assert cli("b", "run", "--once").returncode == 0
     assert "t:2" in replica_read.captures_of(target, ["t:2"])
     assert cli("a", "run", "--once").returncode == 2
+
+
+def test_a_replica_unreachable_at_the_first_round_stages_the_captures_and_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The S3 server is down, so the owner marker cannot be read: the round captures and stages, uploads
+    nothing, and `run_round` (as `replicate run --once`) raises the replica's error instead of reporting
+    success."""
+    from helpers_s3 import separate_s3_server
+
+    from shardlite.errors import ReplicaUnavailable
+    from shardlite.files.staging import Staging
+
+    with separate_s3_server() as server:  # a server of its own: stopping it disturbs no other test
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        a = shardlite.Router(tmp_path / "a", schema=SCHEMA, replicate=server.url("down"))
+        server.stop()
+    with a:
+        with a.transaction("t:1") as tx:
+            tx.execute("INSERT INTO w VALUES (1)")
+        run = Replication(a._store)
+        try:
+            with pytest.raises(ReplicaUnavailable):
+                run.run_round()
+        finally:
+            run.close()
+        staging = Staging(a._store.node_path(a.nodes.list()[0].name))
+        try:
+            assert staging.staged_count()[0] == 1
+        finally:
+            staging.close()
+
+
+def test_replicate_adopt_repairs_damaged_records(tmp_path: Path, make_replica_target: TargetFactory) -> None:
+    url, target = make_replica_target.url(), make_replica_target()
+    with shardlite.Router(tmp_path / "a", schema=SCHEMA, replicate=url) as a:
+        _round(a, target, 1)
+        kv = a._store.meta.kv
+        kv.put("replicate_owner", "not an id")
+        kv.put("replicate_adopted", "[damaged")
+        with pytest.raises(ConfigurationError, match="replicate adopt"):
+            _round(a, target, 2)
+        assert replica_owners.adopt(target, kv) is not None  # the old id, in the marker: taken over
+        _round(a, target, 3)
+        assert replica_owners.owner_of(target) == (True, kv.get("replicate_owner"))

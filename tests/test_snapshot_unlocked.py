@@ -336,6 +336,18 @@ def test_a_tenant_that_writes_a_little_every_hour_gets_a_snapshot_a_day(
         router.close()
 
 
+def _mx_frame_elsewhere(path: str) -> int:
+    """The log's last commit frame, read from ``-shm`` by another process: this one holds connections of the
+    file, and closing a descriptor of ``-shm`` here would drop their locks (walcapture's ``-shm`` trap)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from shardlite.core import walformat as wf; "
+            "print(wf.parse_shm_header(open(sys.argv[1], 'rb').read(2 * wf.SHM_HEADER_SIZE)).mx_frame)")
+    return int(subprocess.run([sys.executable, "-c", code, path + "-shm"], capture_output=True, text=True,
+                              check=True).stdout)
+
+
 def test_a_commit_made_while_a_first_snapshot_is_read_keeps_its_noted_time(
         tmp_path: os.PathLike[str], make_replica_target: TargetFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """The replicator stages a snapshot read after the lock with the time taken under it: a commit made during
@@ -367,12 +379,72 @@ def test_a_commit_made_while_a_first_snapshot_is_read_keeps_its_noted_time(
         replicator.mark("user:a")
         replicator.run_round(upload=False)
         assert made, "the snapshot was not read after the lock"
-        with open(path + "-shm", "rb") as shm:
-            frame = wf.parse_shm_header(shm.read(2 * wf.SHM_HEADER_SIZE)).mx_frame
+        frame = _mx_frame_elsewhere(path)
         replicator.mark("user:a", [(frame, made["at"])])  # the writer's note of that commit
         replicator.run_round(upload=False)
         frames = [s for s in replicator.staging.staged(1 << 30) if s.kind == "frames"]
         assert dict(frames[-1].commits)[frame] == made["at"]
+    finally:
+        replicator.close()
+        router.close()
+
+
+PROBE = r"""
+import fcntl, os, struct, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+found = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 128, 1, 0))
+kind, _whence, _start, _len, pid = struct.unpack("hhqqi", found)
+print(0 if kind == fcntl.F_UNLCK else pid)
+"""
+
+WRITE_ONE = r"""
+import apsw, sys
+conn = apsw.Connection(sys.argv[1])
+conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+conn.execute("PRAGMA wal_autocheckpoint=0")
+conn.execute("UPDATE notes SET body = ? WHERE id = 1", (sys.argv[2],))
+conn.close()
+"""
+
+
+def test_an_aged_refresh_keeps_this_process_s_locks_on_the_tenant_s_wal_index(
+        tmp_path: os.PathLike[str], make_replica_target: TargetFactory) -> None:
+    """The refresh's lock-free look at the log's end goes through the kept connection's descriptors: a
+    descriptor of ``-shm`` opened and closed beside that connection would drop every lock this process holds
+    on it (walcapture's ``-shm`` trap), and a writer process could then re-initialise the wal-index under the
+    connection. Its read lock on the wal-index's DMS byte (offset 128) must still be held after the refresh."""
+    import subprocess
+    import sys
+
+    url = make_replica_target.url()
+    root = os.path.join(tmp_path, "root")
+    with shardlite.Router(root, schema={"user": ["CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"]},
+                          replicate=url) as router:
+        with router.transaction("user:a") as tx:
+            tx.execute("INSERT INTO notes(body) VALUES ('h0')")
+    hour = 3600 * 1_000_000_000
+    now = [1_800_000_000 * 1_000_000_000]
+    router = shardlite.Router(root, create=False)  # no tenant connection of its own: writes come from processes
+    replicator = NodeReplicator(router._store, router.nodes.list()[0].name, make_replica_target(),
+                                clock=lambda: now[0])
+    path = router._store.path_of(router._store.meta.tenants.lookup("user:a"))  # type: ignore[arg-type]
+
+    def holder() -> int:
+        out = subprocess.run([sys.executable, "-c", PROBE, path + "-shm"], capture_output=True, text=True, check=True)
+        return int(out.stdout)
+
+    try:
+        replicator.reconcile()
+        replicator.run_round()
+        assert "user:a" in replicator._open and holder() == os.getpid()
+        refreshed = 0
+        for h in range(1, 26):
+            now[0] += hour
+            subprocess.run([sys.executable, "-c", WRITE_ONE, path, f"h{h}"], check=True)
+            replicator.mark("user:a")
+            refreshed += replicator.run_round().refreshed
+        assert refreshed == 1 and "user:a" in replicator._open
+        assert holder() == os.getpid()
     finally:
         replicator.close()
         router.close()

@@ -18,8 +18,10 @@ The format, in short:
   header's for the first frame): a frame belongs to the log only if its salts match the header's and the
   chain of checksums holds up to it;
 * a log is restarted (frames written from the start again) only after a checkpoint copied every frame;
-  the restart increments salt 1 and the checkpoint sequence and draws a new salt 2, so frames of the old
-  generation never pass for frames of the new one;
+  the restart increments salt 1 and draws a new salt 2, so frames of the old generation never pass for
+  frames of the new one (the header's checkpoint sequence is the restarting connection's own count, and a
+  header written anew into an emptied log file by a connection that never restarted one gets random
+  salts);
 * the wal-index (``-shm``) starts with two copies of a 48-byte header in the machine's byte order that
   holds, among others, ``mxFrame``: the last frame of the last commit. While a connection holds the
   database's write lock, frames 1 to ``mxFrame`` are exactly the committed log; without the lock they

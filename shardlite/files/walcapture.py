@@ -27,11 +27,15 @@ held*, so no frame can be added between the capture and the checkpoint. :func:`c
 does the bulk of it first without the lock (copying only captured frames, under a reader's snapshot), so
 the lock covers the last few commits only. When that checkpoint copied every
 frame, the cursor is marked ``closed``: the next log generation (its first salt word one higher,
-:func:`follows_closed`) continues it from frame 1. Any other change of generation (a checkpoint that did not go through
-here, such as one run by hand with the ``sqlite3`` shell) is a gap: the capture then returns a snapshot
-(the whole database at the log's last commit, read inside the held transaction) instead of frames, and
-the history goes on from it. Autocheckpoint and checkpoint-on-close must be off on every connection of a
-replicated tenant (shardlite's connections close without checkpointing; see ``open_connection``).
+:func:`follows_closed`) continues it from frame 1. Any other change of generation is a gap: the capture
+then returns a snapshot (the whole database at the log's last commit) instead of frames, and the history
+goes on from it. A checkpoint that did not go through here (a writer opened before the root replicated,
+the ``sqlite3`` shell) usually makes such a gap, but not always: after a closed cursor, a writer that a
+reader's read mark kept from restarting the log appends to the old generation, and if such a checkpoint
+copies those frames and the log restarts before a capture reads them, the next generation follows the
+closed cursor and those commits are missing from the history (docs/replication.md, "Writers").
+Autocheckpoint and checkpoint-on-close must be off on every connection of a replicated tenant (shardlite's
+connections close without checkpointing; see ``open_connection``).
 
 Reading ``-shm`` with a file descriptor of our own has one trap: POSIX record locks belong to a process
 and a file, and closing *any* descriptor of a file drops every lock the process holds on it, SQLite's
@@ -209,8 +213,10 @@ def follows_closed(cursor: Cursor, header: wf.WalHeader) -> bool:
     whichever connection restarts it. The checkpoint sequence in the header is no such link: it is the
     restarting connection's own count (two connections restarting a log in turn write 1, 1, 2, ...), so it
     made a closed log restarted by another writer than the last one look like a gap, and took a snapshot. A
-    first salt word more than one further means a generation went by uncaptured: a gap. A log file made anew
-    gets random salts, which look like a next generation once in 2**32."""
+    first salt word more than one further means a generation went by uncaptured: a gap. A header written
+    anew (a log file emptied by a TRUNCATE checkpoint, or created again, then written by a connection that
+    never restarted a log) gets random salts: a gap too (a snapshot), except once in 2**32, when they look
+    like the next generation."""
     if not (cursor.salt and cursor.closed and header.salt != cursor.salt and header.page_size == cursor.page_size):
         return False
     return int.from_bytes(header.salt[:4], "big") == (int.from_bytes(cursor.salt[:4], "big") + 1) & 0xFFFFFFFF

@@ -93,7 +93,8 @@ def replica_owner(kv: MetaKV) -> str:
         owner = kv.put_if_absent(OWNER_NAME, secrets.token_hex(16))
     if not valid_owner(owner):
         raise ConfigurationError(f"the root's recorded replica owner id {owner!r} is damaged (32 hex digits "
-                                 "expected): nothing is uploaded until it is repaired")
+                                 "expected): nothing is uploaded until it is repaired: `shardlite replicate adopt` "
+                                 "gives the root a new one and takes its replica over")
     return owner
 
 
@@ -112,11 +113,17 @@ def adopted_owners(kv: MetaKV) -> frozenset[str]:
     return frozenset(found)
 
 
-def record_adopted(kv: MetaKV, owners: frozenset[str]) -> frozenset[str]:
+def record_adopted(kv: MetaKV, owners: frozenset[str], *, repair: bool = False) -> frozenset[str]:
     """Add ``owners`` to the roots this root continues (their replica becomes this root's at its next
-    replication start); returns every one recorded."""
+    replication start); returns every one recorded. ``repair``: a damaged record is replaced, not refused."""
     if not all(valid_owner(o) for o in owners):
         raise ConfigurationError("not owner ids: " + ", ".join(sorted(map(repr, owners))))
-    every = adopted_owners(kv) | owners
+    try:
+        earlier = adopted_owners(kv)
+    except ConfigurationError:
+        if not repair:
+            raise
+        earlier = frozenset()
+    every = earlier | owners
     kv.put(ADOPTED_NAME, json.dumps(sorted(every)))
     return every

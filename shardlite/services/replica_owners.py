@@ -13,14 +13,16 @@ owner as a root this one continues (``replicate adopt``, and every whole-root re
 from __future__ import annotations
 
 import logging
+import secrets
 
 from ..core import replica_owner as ro
-from ..errors import ConfigurationError, ReplicaObjectMissing
+from ..core.replica_owner import valid_owner
+from ..errors import ConfigurationError, ReplicaObjectMissing, ReplicaUnavailable
 from ..meta.kv import MetaKV
 from ..meta.replica_record import OWNER_NAME, adopted_owners, record_adopted, replica_owner
 from ..replica.target import ReplicaTarget
 
-__all__ = ["OWNER_MARKER", "claim", "owner_of", "adopt"]
+__all__ = ["OWNER_MARKER", "claim", "still_ours", "owner_of", "adopt"]
 
 log = logging.getLogger("shardlite.replicate")
 
@@ -61,14 +63,33 @@ def claim(target: ReplicaTarget, kv: MetaKV, url: str) -> str:
                      judged.found)
             return owner
         raise ConfigurationError(ro.refusal(url, judged.found))
-    raise ConfigurationError(f"the owner marker of the replica {url} keeps changing: is another root starting to "
-                             "replicate there too?")
+    raise ReplicaUnavailable(f"the owner marker of the replica {url} kept changing while it was read (another root "
+                             "starting to replicate there?): try again")
+
+
+def still_ours(target: ReplicaTarget, owner: str, url: str) -> None:
+    """Check again that the replica ``target`` at ``url`` is root ``owner``'s: :class:`ConfigurationError` when
+    its marker names another root now (a root that continues this one took the location over), so this root
+    stops writing there; :class:`~shardlite.ReplicaUnavailable` when it cannot be read. A marker gone is
+    written again."""
+    try:
+        data = target.get_range(OWNER_MARKER, 0, _READ)
+    except ReplicaObjectMissing:
+        target.put_if_absent(OWNER_MARKER, ro.marker(owner))
+        return
+    found = ro.owner_in(data)
+    if found != owner:
+        raise ConfigurationError(ro.refusal(url, found) + " (it was taken over while this root replicated there)")
 
 
 def adopt(target: ReplicaTarget, kv: MetaKV) -> str | None:
     """Record the root that owns the replica ``target`` as one this root continues, so this root takes the
     location over at its next replication start; returns that root's owner id (None: the location has no
-    owner, or it is this root's). :class:`ConfigurationError` when the marker names no owner id."""
+    owner, or it is this root's). :class:`ConfigurationError` when the marker names no owner id. It also
+    repairs this root's records: a damaged owner id is replaced by a new one, a damaged list of adopted roots
+    by this one."""
+    if not valid_owner(kv.get(OWNER_NAME) or "0" * 32):
+        kv.put(OWNER_NAME, secrets.token_hex(16))
     present, found = owner_of(target)
     if not present:
         return None
@@ -76,5 +97,5 @@ def adopt(target: ReplicaTarget, kv: MetaKV) -> str | None:
         raise ConfigurationError(f"the replica's {OWNER_MARKER} is not a shardlite owner marker; nothing adopted")
     if found == kv.get(OWNER_NAME):
         return None
-    record_adopted(kv, frozenset({found}))
+    record_adopted(kv, frozenset({found}), repair=True)
     return found

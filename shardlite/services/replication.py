@@ -96,6 +96,9 @@ RECONCILE_SHARE = 0.004
 RECONCILE_SLICE = 1000
 #: Seconds between metadata snapshots (taken only when the metadata changed, where that can be seen).
 META_EVERY = 30.0
+#: Seconds between checks that the replica's owner marker still names this root (one GET): a root restored from
+#: the replica that takes it over stops this one's uploads within this time.
+OWNER_RECHECK = 30.0
 #: Seconds between metadata deltas at least: 0, a delta at every upload that sees the metadata changed (less
 #: often when they cost more than a share of a core: :mod:`shardlite.services.replica_meta`).
 META_DELTA_EVERY = 0.0
@@ -162,6 +165,9 @@ class Replication:
         self.owner: str | None = None
         #: why the last check of the owner marker could not be made (the replica unreachable), else None
         self._claim_error: str | None = None
+        self._claim_exc: ReplicaUnavailable | None = None
+        #: when the owner marker was last found to name this root (``clock``)
+        self._owner_checked = 0.0
         #: the refusal of the replica's owner marker (another root's location), once one was raised
         self.refused: ConfigurationError | None = None
 
@@ -236,6 +242,7 @@ class Replication:
         """Captures on every node, and (``upload``, or on a node with confirmation requests) the upload;
         the root-wide work (claiming free nodes, the metadata snapshot, compaction) only with ``upload``.
         ``loop``: a tick of :meth:`run`, whose reconcile pass runs after the upload (module docstring)."""
+        wanted = upload
         if upload:
             self._claim_nodes()  # local (the nodes' locks and confirmation sockets), whatever the replica says
         if upload and not self._owned():
@@ -245,6 +252,11 @@ class Replication:
         out = {}
         for node in self.nodes.values():
             out[node.name] = self._round(node, upload=upload, budget=budget, loop=loop)
+        if wanted and not upload:  # the replica's owner could not be checked: nothing was uploaded
+            for stats in out.values():
+                stats.upload_error = stats.upload_error or self._claim_error
+            if not loop and self._claim_exc is not None:
+                raise self._claim_exc  # run_round (`replicate run --once`): the captures are staged, the upload not
         if upload:
             t = time.perf_counter()
             self._meta_round()
@@ -257,16 +269,25 @@ class Replication:
         """Whether this root may upload to the replica, checking its owner marker if it was not yet
         (:func:`~shardlite.services.replica_owners.claim`; :class:`~shardlite.ConfigurationError` when the
         location is another root's). False while the replica cannot be reached (``_claim_error`` says so)."""
-        if self.owner is None:
-            try:
-                self.owner = replica_owners.claim(self.target, self.store.meta.kv, self.store.replicate or "")
-                self._claim_error = None
-            except ConfigurationError as exc:
-                self.refused = exc
-                raise
-            except ReplicaUnavailable as exc:
-                self._claim_error = f"the replica could not be reached to check whose it is ({exc})"
-                log.warning("replicate: %s; captures go on, uploads wait", self._claim_error)
+        url = self.store.replicate or ""
+        try:
+            if self.owner is None:
+                self.owner = replica_owners.claim(self.target, self.store.meta.kv, url)
+                self._owner_checked = self.clock()
+            elif self.clock() - self._owner_checked >= OWNER_RECHECK:
+                # a root restored from this replica may have taken it over since: stop writing there then
+                replica_owners.still_ours(self.target, self.owner, url)
+                self._owner_checked = self.clock()
+            self._claim_error = self._claim_exc = None
+        except ConfigurationError as exc:
+            self.refused = exc
+            raise
+        except ReplicaUnavailable as exc:
+            if self.owner is not None:
+                return True  # checked before; this round's uploads meet the same error and report it
+            self._claim_exc = exc
+            self._claim_error = f"the replica could not be reached to check whose it is ({exc})"
+            log.warning("replicate: %s; captures go on, uploads wait", self._claim_error)
         return self.owner is not None
 
     def _meta_round(self) -> None:

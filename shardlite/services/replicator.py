@@ -383,6 +383,17 @@ class NodeReplicator:
         elif found is not None and same_file and 0 < found.snapshot_ns <= self.clock() - self.refresh_age:
             self._refresh_aged(key, path, record, state, stats)
 
+    def _log_end(self, key: str, path: str) -> tuple[bytes, int] | None:
+        """:func:`~shardlite.files.walcapture.log_end` of the tenant's file, without a lock: through the
+        descriptors of the connection this replicator keeps of it, else through descriptors opened and closed
+        for the read (this process then holds no connection of the file, so the close drops no lock of its:
+        walcapture's ``-shm`` trap, as in :meth:`_capture_bare`)."""
+        opened = self._open.get(key)
+        if opened is not None and opened.path == path:
+            return wc.log_end(opened.files)
+        with wc.LogFiles(path) as files:
+            return wc.log_end(files)
+
     def _identified(self, key: str, path: str, record: TenantRecord, opened: _Open | None) -> _Open:
         """``opened``, or a connection of the tenant's file opened now and its identity checked."""
         if opened is None:
@@ -434,9 +445,8 @@ class NodeReplicator:
                                          age_ns=self.refresh_age):
             return
         t = time.perf_counter()
-        with wc.LogFiles(path) as files:  # no lock, no connection: a log gone on past the cursor waits
-            if wc.log_end(files) not in (None, (state.cursor.salt, state.cursor.frame)):
-                return
+        if self._log_end(key, path) not in (None, (state.cursor.salt, state.cursor.frame)):
+            return  # a writer committed since the capture: no lock taken for a snapshot that cannot be had
         opened = self._identified(key, path, record, self._open.get(key))
         reader = _tenant_connection(path)
         try:
