@@ -5,9 +5,10 @@ The location's owner marker, ``v1/owner``, names the root that replicates there.
 checks it before its first upload (:func:`claim`): it is written when absent (atomically: of two roots
 starting at once, one wins), taken over when it is a root this one adopted, and otherwise refuses the root
 with :class:`~shardlite.ConfigurationError`, before any pack, metadata snapshot or compaction of this root
-lands among another root's. A compaction run by hand checks it too. :func:`adopt` records the location's
-owner as a root this one continues (``replicate adopt``, and every whole-root restore from a replica).
-
+lands among another root's; a running process checks it again every
+:data:`~shardlite.services.replication.OWNER_RECHECK` seconds (:func:`still_ours`) and stops once another root
+took the location over. Compactions and erases claim it too. :func:`adopt` records the location's owner as a
+root this one continues (``replicate adopt``, and every whole-root restore from a replica).
 """
 
 from __future__ import annotations
