@@ -103,7 +103,8 @@ def cmd_adopt(args: argparse.Namespace) -> int:
         echo(f"{literal(store.replicate)} has no owner but this root: nothing to adopt")
     else:
         echo(f"{router.root} continues the root that owns {literal(store.replicate)} (owner {adopted}): its next "
-             "`replicate run` takes the replica over, and that root's replicator is refused from its next start")
+             "`replicate run` takes the replica over, and that root's replicator, if it still runs, stops within "
+             "30 s (or is refused at its next start)")
     return 0
 
 
@@ -214,6 +215,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                       "backup, or copied from it): its replicator takes the location over",
         description="A replica location belongs to one root; another root's replicator is refused there. Run "
                     "this once on a root that continues the owner (a restore from the replica records it by "
-                    "itself). The owner's own replicator, if it still runs, is refused from its next start.")
+                    "itself). The owner's own replicator, if it still runs, stops within 30 s once this root's "
+                    "replicator took the location over (stop it first).")
     adopt.set_defaults(func=cmd_adopt)
     register_retention(actions)
