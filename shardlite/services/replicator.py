@@ -386,7 +386,7 @@ class NodeReplicator:
     def _log_end(self, key: str, path: str) -> tuple[bytes, int] | None:
         """:func:`~shardlite.files.walcapture.log_end` of the tenant's file, without a lock: through the
         descriptors of the connection this replicator keeps of it, else through descriptors opened and closed
-        for the read (this process then holds no connection of the file, so the close drops no lock of its:
+        for the read (this process then holds no connection of the file, so the close drops no lock of its own:
         walcapture's ``-shm`` trap, as in :meth:`_capture_bare`)."""
         opened = self._open.get(key)
         if opened is not None and opened.path == path:
@@ -457,7 +457,6 @@ class NodeReplicator:
             state.refresh(got)
         stats.timed("capture.refresh", t)
 
-    # -- upload ----------------------------------------------------------------------------------------
 
 def _tenant_connection(path: str) -> apsw.Connection:
     """The replicator's own connection of a tenant file: an existing file only, no checkpoint on close (the
