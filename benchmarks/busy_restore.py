@@ -54,7 +54,8 @@ def measure(url: str, commits: int, refresh: bool) -> str:
     from shardlite.services.replicator import NodeReplicator
 
     rng = random.Random(1)
-    with shardlite.Router(os.path.join(tempfile.mkdtemp(), "root"), schema=SCHEMA, replicate=url) as router:
+    scratch = tempfile.TemporaryDirectory(prefix="busy-restore-")
+    with scratch, shardlite.Router(os.path.join(scratch.name, "root"), schema=SCHEMA, replicate=url) as router:
         target = open_target(url)
         replicator = NodeReplicator(router._store, "n1", target)
         if not refresh:
@@ -93,6 +94,21 @@ def measure(url: str, commits: int, refresh: bool) -> str:
             f"replica={sum(sizes) / 1e6:.0f} MB refreshed={refreshed} restore " + ", ".join(out))
 
 
+def run_children(script: str, name: str, rounds: int, size: int) -> None:
+    """Run ``script --child URL SIZE on|off`` for each round, setting and target (a directory, then a throwaway
+    SeaweedFS on loopback), alternating, so that the machine's load hits every measurement alike."""
+    from shardlite.testing.s3 import seaweedfs
+
+    with seaweedfs() as server, tempfile.TemporaryDirectory(prefix=f"{name}-replicas-") as replicas:
+        env = dict(os.environ)
+        env.update(server.env())
+        for round_ in range(rounds):
+            for setting in ("on", "off"):
+                for url in ("file://" + os.path.join(replicas, f"{round_}-{setting}"),
+                            server.url(f"{name}{round_}-{setting}")):
+                    subprocess.run([sys.executable, script, "--child", url, str(size), setting], env=env, check=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--commits", type=int, default=20000)
@@ -102,17 +118,7 @@ def main() -> None:
     if args.child:
         print(measure(args.child[0], int(args.child[1]), args.child[2] == "on"), flush=True)
         return
-    from shardlite.testing.s3 import seaweedfs
-
-    with seaweedfs() as server:
-        env = dict(os.environ)
-        env.update(server.env())
-        for round_ in range(args.rounds):  # alternating targets and settings: the machine's load hits all
-            for refresh in ("on", "off"):
-                for url in ("file://" + os.path.join(tempfile.mkdtemp(), "replica"),
-                            server.url(f"busy{round_}-{refresh}")):
-                    subprocess.run([sys.executable, __file__, "--child", url, str(args.commits), refresh], env=env,
-                                   check=True)
+    run_children(__file__, "busy", args.rounds, args.commits)
 
 
 if __name__ == "__main__":

@@ -21,32 +21,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from busy_restore import Counting, run_children  # noqa: E402  (one counting target, one child runner)
 
 SCHEMA = {"user": ["CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"]}
 TENANTS, BUSY, ROUNDS_PER_HOUR = 50, 10, 4
 HOUR_NS = 3600 * 1_000_000_000
-
-
-class Counting:
-    """A replica target counting the GETs and bytes of packs read from it."""
-
-    def __init__(self, target: Any) -> None:
-        self.target, self.pack_bytes, self.gets = target, 0, 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.target, name)
-
-    def get_range(self, name: str, start: int, length: int) -> bytes:
-        data: bytes = self.target.get_range(name, start, length)
-        if name.startswith("v1/packs/"):
-            self.pack_bytes += len(data)
-            self.gets += 1
-        return data
 
 
 def measure(url: str, hours: int, aged: bool) -> str:
@@ -110,17 +94,7 @@ def main() -> None:
     if args.child:
         print(measure(args.child[0], int(args.child[1]), args.child[2] == "on"), flush=True)
         return
-    from shardlite.testing.s3 import seaweedfs
-
-    with seaweedfs() as server, tempfile.TemporaryDirectory(prefix="quiet-replicas-") as replicas:
-        env = dict(os.environ)
-        env.update(server.env())
-        for round_ in range(args.rounds):  # alternating targets and settings: the machine's load hits all
-            for aged in ("on", "off"):
-                for url in ("file://" + os.path.join(replicas, f"{round_}-{aged}"),
-                            server.url(f"quiet{round_}-{aged}")):
-                    subprocess.run([sys.executable, __file__, "--child", url, str(args.hours), aged], env=env,
-                                   check=True)
+    run_children(__file__, "quiet", args.rounds, args.hours)
 
 
 if __name__ == "__main__":
