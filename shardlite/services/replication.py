@@ -164,7 +164,6 @@ class Replication:
         #: nothing is uploaded before, :mod:`shardlite.services.replica_owners`)
         self.owner: str | None = None
         #: why the last check of the owner marker could not be made (the replica unreachable), else None
-        self._claim_error: str | None = None
         self._claim_exc: ReplicaUnavailable | None = None
         #: when the owner marker was last found to name this root (``clock``)
         self._owner_checked = 0.0
@@ -254,7 +253,7 @@ class Replication:
             out[node.name] = self._round(node, upload=upload, budget=budget, loop=loop)
         if wanted and not upload:  # the replica's owner could not be checked: nothing was uploaded
             for stats in out.values():
-                stats.upload_error = stats.upload_error or self._claim_error
+                stats.upload_error = stats.upload_error or self._claim_error()
             if not loop and self._claim_exc is not None:
                 raise self._claim_exc  # run_round (`replicate run --once`): the captures are staged, the upload not
         if upload:
@@ -268,7 +267,7 @@ class Replication:
     def _owned(self) -> bool:
         """Whether this root may upload to the replica, checking its owner marker if it was not yet
         (:func:`~shardlite.services.replica_owners.claim`; :class:`~shardlite.ConfigurationError` when the
-        location is another root's). False while the replica cannot be reached (``_claim_error`` says so)."""
+        location is another root's). False while the replica cannot be reached (:meth:`_claim_error` says so)."""
         url = self.store.replicate or ""
         try:
             if self.owner is None:
@@ -278,7 +277,7 @@ class Replication:
                 # a root restored from this replica may have taken it over since: stop writing there then
                 replica_owners.still_ours(self.target, self.owner, url)
                 self._owner_checked = self.clock()
-            self._claim_error = self._claim_exc = None
+            self._claim_exc = None
         except ConfigurationError as exc:
             self.refused = exc
             raise
@@ -286,9 +285,14 @@ class Replication:
             if self.owner is not None:
                 return True  # checked before; this round's uploads meet the same error and report it
             self._claim_exc = exc
-            self._claim_error = f"the replica could not be reached to check whose it is ({exc})"
-            log.warning("replicate: %s; captures go on, uploads wait", self._claim_error)
+            log.warning("replicate: %s; captures go on, uploads wait", self._claim_error())
         return self.owner is not None
+
+    def _claim_error(self) -> str | None:
+        """Why the owner marker could not be checked at the last try (None: it was, or it was not tried)."""
+        if self._claim_exc is None:
+            return None
+        return f"the replica could not be reached to check whose it is ({self._claim_exc})"
 
     def _meta_round(self) -> None:
         self.meta.round(every=META_EVERY, delta_every=META_DELTA_EVERY)
@@ -401,7 +405,7 @@ class Replication:
         t2 = time.perf_counter()
         stats = node.replicator.run_round(upload=upload, budget=budget)
         if wanted and not upload and stats.upload_error is None:
-            stats.upload_error = self._claim_error
+            stats.upload_error = self._claim_error()
         stats.phases["notes"] = t1 - t0
         if reconcile and not loop:
             stats.phases["reconcile"] = t2 - t1
